@@ -1,0 +1,167 @@
+// CPU kernels of the masked cosine: OpenMP row / element passes around MKL GEMMs.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "masked_cosine_driver.h"
+#include "masked_cosine_math.h"
+
+namespace dpm_ops {
+namespace masked_cosine {
+namespace {
+
+constexpr int64_t kRowGrain = 16;
+constexpr int64_t kElementGrain = 16384;
+
+struct CpuKernels {
+  // scaled = v * inv_norm(v) * mult (mult omitted: 1);  second = mult^2, or scaled^2 without mult.
+  static void prepare_rows(const at::Tensor& v, const at::Tensor& mult, double eps, at::Tensor& scaled,
+                           at::Tensor& second, at::Tensor& inv) {
+    AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "masked_cosine_prepare_rows", [&] {
+      const int64_t rows = v.size(0), cols = v.size(1);
+      const scalar_t* vp = v.const_data_ptr<scalar_t>();
+      const scalar_t* mp = mult.defined() ? mult.const_data_ptr<scalar_t>() : nullptr;
+      scalar_t* sp = scaled.data_ptr<scalar_t>();
+      scalar_t* qp = second.data_ptr<scalar_t>();
+      scalar_t* ip = inv.data_ptr<scalar_t>();
+      std::atomic<bool> finite{true};
+      at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const scalar_t* row = vp + r * cols;
+          scalar_t sum_sq = 0;
+          for (int64_t c = 0; c < cols; ++c) sum_sq += row[c] * row[c];
+          bool row_finite = std::isfinite(sum_sq);
+          const scalar_t s = inv_norm(sum_sq, scalar_t(eps));
+          ip[r] = s;
+          for (int64_t c = 0; c < cols; ++c) {
+            const int64_t i = r * cols + c;
+            if (mp) {
+              row_finite &= std::isfinite(mp[i]);
+              sp[i] = row[c] * s * mp[i];
+              qp[i] = mp[i] * mp[i];
+            } else {
+              sp[i] = row[c] * s;
+              qp[i] = sp[i] * sp[i];
+            }
+          }
+          if (!row_finite) finite = false;
+        }
+      });
+      TORCH_CHECK(finite, "masked_cosine: ", mp ? "x or mask" : "protos", " contains non-finite values");
+    });
+  }
+
+  static void cosine_epilogue(at::Tensor& num, const at::Tensor& den_sq, double eps) {
+    AT_DISPATCH_FLOATING_TYPES(num.scalar_type(), "masked_cosine_epilogue", [&] {
+      scalar_t* np = num.data_ptr<scalar_t>();
+      const scalar_t* dp = den_sq.const_data_ptr<scalar_t>();
+      at::parallel_for(0, num.numel(), kElementGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) np[i] = cosine(np[i], dp[i], scalar_t(eps));
+      });
+    });
+  }
+
+  static void backward_coefs(const at::Tensor& grad, const at::Tensor& out, const at::Tensor& den_sq, double eps,
+                             at::Tensor& g_num, at::Tensor& h) {
+    AT_DISPATCH_FLOATING_TYPES(den_sq.scalar_type(), "masked_cosine_backward_coefs", [&] {
+      const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+      const scalar_t* op = out.const_data_ptr<scalar_t>();
+      const scalar_t* dp = den_sq.const_data_ptr<scalar_t>();
+      scalar_t* np = g_num.data_ptr<scalar_t>();
+      scalar_t* hp = h.data_ptr<scalar_t>();
+      at::parallel_for(0, den_sq.numel(), kElementGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const auto coef = backward_coef(gp[i], op[i], dp[i], scalar_t(eps));
+          np[i] = coef.g_num;
+          hp[i] = coef.h;
+        }
+      });
+    });
+  }
+
+  // For each row: the normalised row vh = v * inv, the gradient w.r.t. vh from `grad_hat(r, c, vh)`,
+  // then the gradient through the normalisation into `grad_v`.
+  template <typename scalar_t, typename GradHat>
+  static void rows_normalize_backward(const scalar_t* v, const scalar_t* inv, int64_t rows, int64_t cols,
+                                      scalar_t eps, scalar_t* grad_v, GradHat grad_hat) {
+    at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* row = v + r * cols;
+        scalar_t* grow = grad_v + r * cols;
+        scalar_t dot = 0;
+        for (int64_t c = 0; c < cols; ++c) {
+          const scalar_t vh = row[c] * inv[r];
+          grow[c] = grad_hat(r, c, vh);  // staged in the output, rescaled below
+          dot += vh * grow[c];
+        }
+        const bool clamped = inv[r] >= scalar_t(1) / eps;
+        for (int64_t c = 0; c < cols; ++c)
+          grow[c] = normalize_backward(grow[c], row[c] * inv[r], dot, inv[r], clamped);
+      }
+    });
+  }
+
+  static void query_rows_backward(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& inv,
+                                  const at::Tensor& u, const at::Tensor& v, double eps, at::Tensor& grad_x,
+                                  at::Tensor& grad_mask) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "masked_cosine_query_backward", [&] {
+      const int64_t cols = x.size(1);
+      const scalar_t* mp = mask.const_data_ptr<scalar_t>();
+      const scalar_t* up = u.const_data_ptr<scalar_t>();
+      const scalar_t* vp = v.const_data_ptr<scalar_t>();
+      scalar_t* gm = grad_mask.data_ptr<scalar_t>();
+      rows_normalize_backward<scalar_t>(
+          x.const_data_ptr<scalar_t>(), inv.const_data_ptr<scalar_t>(), x.size(0), cols, scalar_t(eps),
+          grad_x.data_ptr<scalar_t>(), [&](int64_t r, int64_t c, scalar_t xh) {
+            const int64_t i = r * cols + c;
+            gm[i] = grad_mask_value(xh, mp[i], up[i], vp[i]);
+            return grad_query_hat(mp[i], up[i]);
+          });
+    });
+  }
+
+  static void proto_rows_backward(const at::Tensor& protos, const at::Tensor& inv, const at::Tensor& up,
+                                  const at::Tensor& vp, double eps, at::Tensor& grad_protos) {
+    AT_DISPATCH_FLOATING_TYPES(protos.scalar_type(), "masked_cosine_proto_backward", [&] {
+      const int64_t cols = protos.size(1);
+      const scalar_t* upp = up.const_data_ptr<scalar_t>();
+      const scalar_t* vpp = vp.const_data_ptr<scalar_t>();
+      rows_normalize_backward<scalar_t>(
+          protos.const_data_ptr<scalar_t>(), inv.const_data_ptr<scalar_t>(), protos.size(0), cols, scalar_t(eps),
+          grad_protos.data_ptr<scalar_t>(), [&](int64_t r, int64_t c, scalar_t ph) {
+            const int64_t i = r * cols + c;
+            return grad_proto_hat(ph, upp[i], vpp[i]);
+          });
+    });
+  }
+};
+
+// fp16 / bf16 are computed in fp32 on the CPU; results are returned in the input dtype.
+at::Tensor as_compute(const at::Tensor& t) {
+  const bool reduced = t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+  return (reduced ? t.to(at::kFloat) : t).contiguous();
+}
+
+at::Tensor masked_cosine_cpu(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& protos, double eps) {
+  check_inputs(x, mask, protos, eps);
+  return forward<CpuKernels>(as_compute(x), as_compute(mask), as_compute(protos), eps).to(x.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_cosine_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                                        const at::Tensor& mask,
+                                                                        const at::Tensor& protos,
+                                                                        const at::Tensor& out, double eps) {
+  check_inputs(x, mask, protos, eps);
+  auto [gx, gm, gp] = backward<CpuKernels>(as_compute(grad), as_compute(x), as_compute(mask), as_compute(protos),
+                                           as_compute(out), eps);
+  return {gx.to(x.scalar_type()), gm.to(x.scalar_type()), gp.to(x.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dpm_ops, CPU, m) {
+  m.impl("masked_cosine", &masked_cosine_cpu);
+  m.impl("masked_cosine_backward", &masked_cosine_backward_cpu);
+}
+
+}  // namespace masked_cosine
+}  // namespace dpm_ops

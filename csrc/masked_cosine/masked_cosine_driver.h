@@ -1,0 +1,90 @@
+// The masked cosine as GEMMs plus fused row/element passes, written once for any device.
+//
+// `Kernels` supplies the element and row passes for one device (CPU loops or CUDA
+// kernels, both built on masked_cosine_math.h); the GEMMs go to ATen (MKL / cuBLAS).
+// Intermediates are held in the accumulation type (fp32, or fp64 for fp64 inputs).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace dpm_ops {
+namespace masked_cosine {
+
+// The prepared operands of both GEMMs.
+struct Prepared {
+  at::Tensor query_scaled;  // xh * m            (B, C)
+  at::Tensor mask_sq;       // m * m             (B, C)
+  at::Tensor query_inv;     // 1/max(|x|, eps)   (B)
+  at::Tensor proto_hat;     // ph                (K, C)
+  at::Tensor proto_hat_sq;  // ph * ph           (K, C)
+  at::Tensor proto_inv;     // 1/max(|p|, eps)   (K)
+};
+
+// Argument checks shared by every device's entry point (Python checks the same first,
+// with the same messages, so direct torch.ops callers get them too).
+inline void check_inputs(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& protos, double eps) {
+  TORCH_CHECK_VALUE(x.dim() == 2, "masked_cosine: x must be 2-D (B, C), got ", x.dim(), "-D");
+  TORCH_CHECK_VALUE(protos.dim() == 2, "masked_cosine: protos must be 2-D (K, C), got ", protos.dim(), "-D");
+  TORCH_CHECK_VALUE(mask.sizes() == x.sizes(), "masked_cosine: mask must have the shape of x ", x.sizes(),
+              ", got ", mask.sizes());
+  TORCH_CHECK_VALUE(protos.size(1) == x.size(1), "masked_cosine: protos must have C = ", x.size(1),
+              " columns like x, got ", protos.size(1));
+  TORCH_CHECK_VALUE(at::isFloatingType(x.scalar_type()), "masked_cosine: x must be floating point, got ",
+              x.scalar_type());
+  TORCH_CHECK_VALUE(mask.scalar_type() == x.scalar_type() && protos.scalar_type() == x.scalar_type(),
+              "masked_cosine: x, mask and protos must share one dtype, got ", x.scalar_type(), ", ",
+              mask.scalar_type(), ", ", protos.scalar_type());
+  TORCH_CHECK_VALUE(mask.device() == x.device() && protos.device() == x.device(),
+              "masked_cosine: x, mask and protos must be on one device, got ", x.device(), ", ",
+              mask.device(), ", ", protos.device());
+  TORCH_CHECK_VALUE(eps > 0, "masked_cosine: eps must be > 0, got ", eps);
+}
+
+inline at::ScalarType accumulation_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+template <class Kernels>
+Prepared prepare(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& protos, double eps) {
+  const auto opts = x.options().dtype(accumulation_type(x.scalar_type()));
+  const int64_t B = x.size(0), K = protos.size(0), C = x.size(1);
+  Prepared p{at::empty({B, C}, opts), at::empty({B, C}, opts), at::empty({B}, opts),
+             at::empty({K, C}, opts), at::empty({K, C}, opts), at::empty({K}, opts)};
+  Kernels::prepare_rows(x, mask, eps, p.query_scaled, p.mask_sq, p.query_inv);
+  Kernels::prepare_rows(protos, at::Tensor(), eps, p.proto_hat, p.proto_hat_sq, p.proto_inv);
+  return p;
+}
+
+// Forward through two GEMMs: C = ((Xh*M) Ph^T) / max(sqrt(M^2 (Ph^2)^T), eps).
+template <class Kernels>
+at::Tensor forward(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& protos, double eps) {
+  const Prepared p = prepare<Kernels>(x, mask, protos, eps);
+  at::Tensor num = at::mm(p.query_scaled, p.proto_hat.t());
+  const at::Tensor den_sq = at::mm(p.mask_sq, p.proto_hat_sq.t());
+  Kernels::cosine_epilogue(num, den_sq, eps);  // in place: num becomes C
+  return num.to(x.scalar_type());
+}
+
+// Backward from the forward output `out`: recomputes den^2 (one GEMM) rather than
+// keeping a (B, K) buffer alive between forward and backward.
+template <class Kernels>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad, const at::Tensor& x,
+                                                        const at::Tensor& mask, const at::Tensor& protos,
+                                                        const at::Tensor& out, double eps) {
+  const Prepared p = prepare<Kernels>(x, mask, protos, eps);
+  const at::Tensor den_sq = at::mm(p.mask_sq, p.proto_hat_sq.t());
+  at::Tensor g_num = at::empty_like(den_sq), h = at::empty_like(den_sq);
+  Kernels::backward_coefs(grad, out, den_sq, eps, g_num, h);
+
+  const at::Tensor u = at::mm(g_num, p.proto_hat), v = at::mm(h, p.proto_hat_sq);
+  const at::Tensor up = at::mm(g_num.t(), p.query_scaled), vp = at::mm(h.t(), p.mask_sq);
+  at::Tensor grad_x = at::empty_like(x), grad_mask = at::empty_like(mask), grad_protos = at::empty_like(protos);
+  Kernels::query_rows_backward(x, mask, p.query_inv, u, v, eps, grad_x, grad_mask);
+  Kernels::proto_rows_backward(protos, p.proto_inv, up, vp, eps, grad_protos);
+  return {grad_x, grad_mask, grad_protos};
+}
+
+}  // namespace masked_cosine
+}  // namespace dpm_ops

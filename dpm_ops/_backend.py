@@ -1,0 +1,73 @@
+"""Which implementation of an op runs: "reference" | "cpp" | "cuda" | "triton".
+
+Default: CUDA tensors go to the CUDA kernel (or Triton when the extension has no CUDA), CPU tensors
+to the C++ kernel (or the reference when the extension is missing). `backend=` on an op, or the
+environment variable DPM_OPS_BACKEND, forces one; a forced backend that cannot run raises.
+"""
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from ._extension import load_extension
+
+BACKENDS = ("reference", "cpp", "cuda", "triton")
+ENV_VAR = "DPM_OPS_BACKEND"
+
+
+@functools.lru_cache(maxsize=None)
+def extension():
+    return load_extension()
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def backends() -> dict:
+    """{name: (available, why not)} for this process."""
+    module, missing = extension()
+    cuda_gpu = torch.cuda.is_available()
+    has_triton = importlib.util.find_spec("triton") is not None
+    report = {"reference": (True, "")}
+    report["cpp"] = (module is not None, missing)
+    if module is None:
+        report["cuda"] = (False, missing)
+    elif not module.with_cuda:
+        report["cuda"] = (False, "the extension was built without CUDA (CPU torch or no CUDA toolkit)")
+    else:
+        report["cuda"] = (cuda_gpu, "" if cuda_gpu else "no CUDA GPU is visible")
+    if not has_triton:
+        report["triton"] = (False, "triton is not installed (pip install triton)")
+    else:
+        ok = cuda_gpu or triton_interpreted()
+        report["triton"] = (ok, "" if ok else "no CUDA GPU and TRITON_INTERPRET is not 1")
+    return report
+
+
+def resolve(backend, device: torch.device) -> str:
+    """The backend to run for tensors on `device`."""
+    backend = backend or os.environ.get(ENV_VAR) or None
+    if backend is None:
+        available = backends()
+        if device.type == "cuda":
+            for name in ("cuda", "triton", "reference"):
+                if available[name][0]:
+                    return name
+        return "cpp" if available["cpp"][0] else "reference"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    ok, why = backends()[backend]
+    if not ok:
+        raise RuntimeError(f"dpm_ops backend {backend!r} is not available: {why}")
+    if backend == "cpp" and device.type != "cpu":
+        raise ValueError(f"backend 'cpp' runs on CPU tensors, got tensors on {device}")
+    if backend == "cuda" and device.type != "cuda":
+        raise ValueError(f"backend 'cuda' runs on CUDA tensors, got tensors on {device}")
+    if backend == "triton" and device.type != "cuda" and not triton_interpreted():
+        raise ValueError("backend 'triton' runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), "
+                         f"got tensors on {device}")
+    return backend

@@ -1,0 +1,49 @@
+"""Where the C++/CUDA sources are and how they are compiled.
+
+The one list of sources, shared by setup.py (ahead-of-time build) and dpm_ops._extension
+(compile on first import); CMakeLists.txt applies the same globbing rule. Standard library only:
+setup.py loads this file before dpm_ops is importable.
+"""
+
+import os
+from pathlib import Path
+
+# Sources travel inside the package (dpm_ops/_csrc) when installed without a compiled extension.
+BUNDLED_DIR = "_csrc"
+SOURCE_DIRS = ("csrc", "python_bindings")
+
+
+def source_root() -> Path:
+    package = Path(__file__).resolve().parent
+    bundled = package / BUNDLED_DIR
+    return bundled if bundled.is_dir() else package.parent
+
+
+def is_cuda_source(path: Path) -> bool:
+    return path.suffix == ".cu" or path.name.endswith("_cuda.cpp")
+
+
+def sources(root: Path, with_cuda: bool) -> list:
+    """Every .cpp / .cu under csrc/ and python_bindings/; CUDA ones only when building CUDA."""
+    found = []
+    for sub in SOURCE_DIRS:
+        for path in sorted((root / sub).rglob("*")):
+            if path.suffix in (".cpp", ".cu") and (with_cuda or not is_cuda_source(path)):
+                found.append(str(path))
+    return found
+
+
+def cuda_arch_flags() -> list:
+    """sm_80 and sm_90 unless TORCH_CUDA_ARCH_LIST says otherwise (torch then adds its own flags)."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return []
+    return ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+
+
+def compile_flags(torch_version: str, with_cuda: bool) -> dict:
+    defines = [f'-DDPM_OPS_TORCH_VERSION="{torch_version}"'] + (["-DDPM_OPS_WITH_CUDA"] if with_cuda else [])
+    return {
+        "cxx": ["-O3", "-std=c++17", "-fopenmp"] + defines,
+        "nvcc": ["-O3", "-std=c++17"] + defines + cuda_arch_flags(),
+        "ldflags": ["-fopenmp"],
+    }

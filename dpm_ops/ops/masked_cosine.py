@@ -1,0 +1,127 @@
+"""DPM's masked prototype cosine as a torch custom op, with every backend behind one call.
+
+    C[b,k] = < n(x_b), n(m_b ⊙ n(p_k)) >,  n(v) = v / max(||v||, eps)       (dpm.md §3)
+
+Schemas: ``dpm_ops::masked_cosine`` / ``dpm_ops::masked_cosine_backward`` (declared in
+python_bindings/module.cpp, C++ kernels for CPU and CUDA) and ``dpm_ops::masked_cosine_triton`` /
+``..._triton_backward`` (Triton kernels). Both share the fake (meta) functions and the autograd
+formula below; the reference (masked_cosine_reference.py) is differentiated by torch itself.
+"""
+
+import torch
+
+from .. import _backend
+from .masked_cosine_reference import masked_cosine_reference
+
+ARCCOS_CLIP = 1e-5  # DPM's test metric clips the cosine to [-1+1e-5, 1-1e-5] before arccos
+
+
+def check_masked_cosine_args(x, mask, protos, eps) -> None:
+    """ValueError naming the argument for anything the kernels cannot take."""
+    for name, t in (("x", x), ("mask", mask), ("protos", protos)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"masked_cosine: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"masked_cosine: x must be 2-D (B, C), got shape {tuple(x.shape)}")
+    if protos.dim() != 2:
+        raise ValueError(f"masked_cosine: protos must be 2-D (K, C), got shape {tuple(protos.shape)}")
+    if mask.shape != x.shape:
+        raise ValueError(f"masked_cosine: mask must have the shape of x {tuple(x.shape)}, got {tuple(mask.shape)}")
+    if protos.shape[1] != x.shape[1]:
+        raise ValueError(f"masked_cosine: protos must have C = {x.shape[1]} columns like x, got {protos.shape[1]}")
+    if not x.is_floating_point():
+        raise ValueError(f"masked_cosine: x must be floating point, got {x.dtype}")
+    if mask.dtype != x.dtype or protos.dtype != x.dtype:
+        raise ValueError(f"masked_cosine: x, mask and protos must share one dtype, got {x.dtype}, {mask.dtype}, "
+                         f"{protos.dtype}")
+    if mask.device != x.device or protos.device != x.device:
+        raise ValueError(f"masked_cosine: x, mask and protos must be on one device, got {x.device}, "
+                         f"{mask.device}, {protos.device}")
+    if not eps > 0:
+        raise ValueError(f"masked_cosine: eps must be > 0, got {eps}")
+
+
+def check_finite(**tensors) -> None:
+    """One device sync for all of them; skipped while compiling (a data-dependent branch)."""
+    if torch.compiler.is_compiling():
+        return
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()])
+    if not bool(finite.all()):
+        bad = [name for name, ok in zip(tensors, finite.tolist()) if not ok]
+        raise ValueError(f"masked_cosine: {', '.join(bad)} contains non-finite values (NaN or inf)")
+
+
+def _fake_forward(x, mask, protos, eps=1e-12):
+    return x.new_empty((x.shape[0], protos.shape[0]))
+
+
+def _fake_backward(grad, x, mask, protos, out, eps):
+    return torch.empty_like(x), torch.empty_like(mask), torch.empty_like(protos)
+
+
+def _setup_context(ctx, inputs, output):
+    x, mask, protos, eps = inputs
+    ctx.save_for_backward(x, mask, protos, output)
+    ctx.eps = eps
+
+
+def _autograd_backward(backward_op):
+    def backward(ctx, grad):
+        x, mask, protos, out = ctx.saved_tensors
+        grad_x, grad_mask, grad_protos = backward_op(grad, x, mask, protos, out, ctx.eps)
+        return grad_x, grad_mask, grad_protos, None
+    return backward
+
+
+def _register(forward_op, backward_op) -> None:
+    torch.library.register_fake(forward_op)(_fake_forward)
+    torch.library.register_fake(backward_op)(_fake_backward)
+    torch.library.register_autograd(forward_op, _autograd_backward(backward_op), setup_context=_setup_context)
+
+
+if _backend.extension()[0] is not None:
+    _register(torch.ops.dpm_ops.masked_cosine.default, torch.ops.dpm_ops.masked_cosine_backward.default)
+
+
+@torch.library.custom_op("dpm_ops::masked_cosine_triton", mutates_args=())
+def masked_cosine_triton(x: torch.Tensor, mask: torch.Tensor, protos: torch.Tensor, eps: float) -> torch.Tensor:
+    from ..triton import masked_cosine as kernels
+    return kernels.masked_cosine_forward(x, mask, protos, eps)
+
+
+@torch.library.custom_op("dpm_ops::masked_cosine_triton_backward", mutates_args=())
+def masked_cosine_triton_backward(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, protos: torch.Tensor,
+                                  out: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..triton import masked_cosine as kernels
+    return kernels.masked_cosine_backward(grad, x, mask, protos, out, eps)
+
+
+_register(masked_cosine_triton, masked_cosine_triton_backward)
+
+
+def masked_cosine(x: torch.Tensor, mask: torch.Tensor, protos: torch.Tensor, eps: float = 1e-12,
+                  backend: str | None = None) -> torch.Tensor:
+    """Masked prototype cosine C (B, K) of features x (B, C), masks (B, C) and prototypes (K, C).
+
+    Differentiable in x, mask and protos. ``backend`` forces "reference" | "cpp" | "cuda" | "triton"
+    (default: by device, see dpm_ops.backends()).
+    """
+    check_masked_cosine_args(x, mask, protos, eps)
+    name = _backend.resolve(backend, x.device)
+    if name != "cpp":  # the C++ CPU kernel checks finiteness inside its first pass, for free
+        check_finite(x=x, mask=mask, protos=protos)
+    if name == "reference":
+        return masked_cosine_reference(x, mask, protos, eps)
+    if name == "triton":
+        return torch.ops.dpm_ops.masked_cosine_triton(x, mask, protos, eps)
+    return torch.ops.dpm_ops.masked_cosine(x, mask, protos, eps)
+
+
+def masked_arccos_distance(q: torch.Tensor, q_mask: torch.Tensor, g: torch.Tensor,
+                           backend: str | None = None) -> torch.Tensor:
+    """DPM's test distance (dpm.md §3.1): arccos(clip(<q̂, n(m_q ⊙ ĝ)>, -1+1e-5, 1-1e-5)), (Q, G).
+
+    Only the query's mask is used, applied to the gallery features (asymmetric by design).
+    """
+    cos = masked_cosine(q, q_mask, g, backend=backend)
+    return torch.arccos(torch.clamp(cos, -1 + ARCCOS_CLIP, 1 - ARCCOS_CLIP))
