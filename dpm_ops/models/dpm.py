@@ -1,0 +1,135 @@
+"""DPM: Dynamic Prototype Mask for occluded person re-ID (ACM MM 2022), spec dpm.md.
+
+Structure (parameter names in brackets):
+
+* ``backbone`` [backbone.*]: TransReID ViT-B/16, overlapping patches, camera SIE (``vit.py``);
+* ``mask_generator`` [mask_generator.conv_stack.*, mask_generator.attfc.*]: the Hierarchical Mask
+  Generator, turning the pre-LN patch tokens after blocks 2, 4, 10, 12 into a soft channel mask
+  ``m ∈ (0,1)^C``;
+* ``bottleneck`` [bottleneck.*]: BNNeck, bias frozen;
+* ``classifier`` [classifier.weight]: (K, C) prototypes, xavier init, no bias, shared by the plain
+  logits ``f_bn Wᵀ`` and the masked-cosine ArcFace logits.
+
+``backbone`` + ``mask_generator`` is the test-time model (144,832,512 parameters for ViT-B/16,
+stride 11, 8 cameras). The official unused 1000-way ``base.fc`` is not carried.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from dpm_ops.losses.arcface import masked_arcface_logits
+
+from .param_groups import bnneck, sgd_param_groups
+from .vit import ViTReID
+
+
+class ConvBNReLU(nn.Sequential):
+    """3x3 conv (with bias) + BN + ReLU; indices 0 / 1 match the official ``conv3x3_block``."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels),
+                         nn.ReLU(inplace=True))
+
+
+class HierarchicalMaskGenerator(nn.Module):
+    """Tapped token grids, concatenated on channels (in tap order) ->
+    conv(L·C→2C)+BN+ReLU, maxpool 2 -> conv(2C→C)+BN+ReLU, maxpool 2 -> conv(C→C)+BN+ReLU,
+    global max-pool -> ``attfc`` (zero init) -> sigmoid.
+
+    Convs and BNs keep PyTorch's default init (the official ``_init_weights`` skips them); the zero
+    ``attfc`` makes the mask exactly 0.5 at start, so the masked cosine starts as the plain cosine.
+    """
+
+    def __init__(self, embed_dim: int, grid_size: tuple[int, int], num_levels: int = 4):
+        super().__init__()
+        if min(grid_size) < 4:
+            raise ValueError(f"patch grid {grid_size} is too small for two 2x2 max-pools")
+        self.grid_size = grid_size
+        self.conv_stack = nn.Sequential(
+            ConvBNReLU(num_levels * embed_dim, 2 * embed_dim), nn.MaxPool2d(2, 2),
+            ConvBNReLU(2 * embed_dim, embed_dim), nn.MaxPool2d(2, 2),
+            ConvBNReLU(embed_dim, embed_dim), nn.AdaptiveMaxPool2d(1),
+        )
+        self.attfc = nn.Linear(embed_dim, embed_dim)
+        nn.init.zeros_(self.attfc.weight)
+        nn.init.zeros_(self.attfc.bias)
+
+    def forward(self, tapped_tokens: Sequence[torch.Tensor]) -> torch.Tensor:
+        grids = [tokens.transpose(1, 2).unflatten(2, self.grid_size) for tokens in tapped_tokens]
+        pooled = self.conv_stack(torch.cat(grids, dim=1)).flatten(1)  # flatten, not squeeze: B may be 1
+        return torch.sigmoid(self.attfc(pooled))
+
+
+class DPMTrainOutput(NamedTuple):
+    plain_logits: torch.Tensor   # (B, K) f_bn Wᵀ
+    masked_logits: torch.Tensor  # (B, K) s·ArcFace(masked cosine); margin on the target iff labels given
+    feature: torch.Tensor        # (B, C) pre-BN CLS feature (triplet loss, test descriptor)
+    mask: torch.Tensor           # (B, C) soft channel mask
+    hem_logits: torch.Tensor     # (B, heads, N) last block's pre-softmax CLS->patch logits
+
+
+class DPMEvalOutput(NamedTuple):
+    feature: torch.Tensor        # (B, C) pre-BN CLS feature
+    mask: torch.Tensor           # (B, C)
+
+
+class DPMParamGroups(NamedTuple):
+    main: list            # backbone, classifier, BNNeck weight: the scheduled optimizer
+    mask_generator: list  # conv stack + attfc: the second optimizer, constant lr
+
+
+class DPM(nn.Module):
+    """Defaults are the Occluded-Duke configuration (stride 11, ArcFace m = 0.5); Market and Duke use
+    ``stride=12, arcface_margin=0.3``. Width, depth and image size are options for small builds;
+    ``mask_tap_blocks`` are 0-based block indices (blocks 2, 4, 10, 12 of 12 by default)."""
+
+    def __init__(self, num_classes: int, num_cameras: int = 0, *, img_size: Sequence[int] = (256, 128),
+                 patch_size: int = 16, stride: int = 11, embed_dim: int = 768, depth: int = 12,
+                 num_heads: int = 12, mlp_ratio: float = 4.0, drop_path_rate: float = 0.1,
+                 sie_coef: float = 3.0, mask_tap_blocks: Sequence[int] = (1, 3, 9, 11),
+                 arcface_scale: float = 30.0, arcface_margin: float = 0.5, easy_margin: bool = False):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError("DPM needs num_classes >= 1: its classifier weights are the prototypes")
+        self.mask_tap_blocks = tuple(mask_tap_blocks)
+        self.arcface_scale, self.arcface_margin, self.easy_margin = arcface_scale, arcface_margin, easy_margin
+        self.backbone = ViTReID(img_size, patch_size, stride, embed_dim=embed_dim, depth=depth,
+                                num_heads=num_heads, mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate,
+                                num_cameras=num_cameras, sie_coef=sie_coef)
+        if any(not 0 <= i < depth for i in self.mask_tap_blocks):
+            raise ValueError(f"mask_tap_blocks {self.mask_tap_blocks} must lie in [0, {depth - 1}]")
+        self.mask_generator = HierarchicalMaskGenerator(embed_dim, self.backbone.grid_size,
+                                                        len(self.mask_tap_blocks))
+        self.bottleneck = bnneck(embed_dim)
+        self.classifier = nn.Linear(embed_dim, num_classes, bias=False)
+        nn.init.xavier_uniform_(self.classifier.weight)
+
+    def forward(self, images: torch.Tensor, cam_label: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None):
+        """Train mode: ``DPMTrainOutput``; pass ``labels`` to get the ArcFace margin on the target
+        logit (without them ``masked_logits = s·cos``). Eval mode: ``DPMEvalOutput(feature, mask)``."""
+        features = self.backbone.forward_features(images, cam_label, self.mask_tap_blocks,
+                                                  return_cls_logits=self.training)
+        mask = self.mask_generator(features.tapped_tokens)
+        if not self.training:
+            return DPMEvalOutput(features.cls_feature, mask)
+        bn_feature = self.bottleneck(features.cls_feature)
+        masked_logits = masked_arcface_logits(bn_feature, mask, self.classifier.weight, labels,
+                                              self.arcface_scale, self.arcface_margin, self.easy_margin)
+        return DPMTrainOutput(self.classifier(bn_feature), masked_logits, features.cls_feature, mask,
+                              features.cls_logits)
+
+    def optimizer_param_groups(self, base_lr: float = 0.008, weight_decay: float = 1e-4,
+                               bias_lr_factor: float = 2.0,
+                               weight_decay_bias: Optional[float] = None) -> DPMParamGroups:
+        """Groups for DPM's two SGD optimizers (momentum 0.9 is the optimizer's argument)."""
+        mask_params = {id(p) for p in self.mask_generator.parameters()}
+        main = [(n, p) for n, p in self.named_parameters() if id(p) not in mask_params]
+        options = dict(base_lr=base_lr, weight_decay=weight_decay, bias_lr_factor=bias_lr_factor,
+                       weight_decay_bias=weight_decay_bias)
+        return DPMParamGroups(sgd_param_groups(main, **options),
+                              sgd_param_groups(self.mask_generator.named_parameters(), **options))

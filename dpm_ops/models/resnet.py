@@ -1,0 +1,124 @@
+"""ResNet-50 (torchvision state-dict names) and MaskReID's ResNet-50 variant.
+
+``MaskReIDResNet50`` is NOT the paper's network: it is the modern variant of maskreid.md §10 row 8.
+Raw and masked images go through separate ResNet stems (``conv1``/``bn1``, both loadable from the
+same ImageNet weights), are concatenated (128 channels) and mapped back to 64 channels by a 1x1
+``stream_fuse`` conv initialised to the average of the two streams, so an ImageNet ResNet-50 trunk
+(layer1..layer4) applies unchanged. Levels = layer2 / layer3 / layer4 (512 / 1024 / 2048), fused
+like MaskReID (pool -> concat 3584 -> FC 256 -> BN -> L2). ``last_stride=1`` (the usual re-ID
+choice) keeps layer4 at 1/16 resolution.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .maskreid import SkippedFusionHead
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, in_channels: int, width: int, stride: int = 1):
+        super().__init__()
+        out_channels = width * self.expansion
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, padding=1, bias=False)  # stride on the 3x3 (v1.5)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                                            nn.BatchNorm2d(out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+class ResNet50(nn.Module):
+    """torchvision's ResNet-50 without ``fc`` (23,508,032 parameters); ``layers`` and ``width``
+    only exist to build small versions for tests."""
+
+    def __init__(self, last_stride: int = 2, layers: Sequence[int] = (3, 4, 6, 3), width: int = 64):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 7, 2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        channels = width
+        strides = (1, 2, 2, last_stride)
+        for index, (blocks, stride) in enumerate(zip(layers, strides)):
+            stage_width = width * 2**index
+            stage = []
+            for block in range(blocks):
+                stage.append(Bottleneck(channels, stage_width, stride if block == 0 else 1))
+                channels = stage_width * Bottleneck.expansion
+            setattr(self, f"layer{index + 1}", nn.Sequential(*stage))
+        self.level_channels = [width * 2**i * Bottleneck.expansion for i in range(4)]
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def stem(self, images: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn1(self.conv1(images)))
+
+    def stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """layer1..layer4 outputs from the (pre-max-pool) stem output."""
+        outputs = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            outputs.append(x)
+        return outputs
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.maxpool(self.stem(images)))[-1]
+
+
+class ResNetStem(nn.Module):
+    """conv1 + bn1 + ReLU, named like torchvision so the same ImageNet tensors load into it."""
+
+    def __init__(self, width: int = 64):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 7, 2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn1(self.conv1(images)))
+
+
+class MaskReIDResNet50(nn.Module):
+    """Modern MaskReID variant (not the paper's network); same call and outputs as ``MaskReID``.
+    ``trunk`` holds torchvision's keys and runs the raw stream's stem."""
+
+    def __init__(self, num_classes: int = 0, *, embed_dim: int = 256, skip: str = "avg",
+                 fuse_levels: bool = True, level_norm: Optional[str] = None, last_stride: int = 1,
+                 layers: Sequence[int] = (3, 4, 6, 3), width: int = 64):
+        super().__init__()
+        self.trunk = ResNet50(last_stride, layers, width)
+        self.masked_stem = ResNetStem(width)
+        self.stream_fuse = nn.Conv2d(2 * width, width, 1, bias=False)
+        with torch.no_grad():
+            identity = torch.eye(width).view(width, width, 1, 1)
+            self.stream_fuse.weight.copy_(0.5 * torch.cat([identity, identity], 1))
+        self.head = SkippedFusionHead(self.trunk.level_channels[1:], embed_dim, skip, fuse_levels,
+                                      level_norm, num_classes)
+
+    def levels(self, raw: torch.Tensor, masked: torch.Tensor) -> list[torch.Tensor]:
+        if raw.shape != masked.shape:
+            raise ValueError(f"raw {tuple(raw.shape)} and masked {tuple(masked.shape)} images differ in shape")
+        x = self.stream_fuse(torch.cat([self.trunk.stem(raw), self.masked_stem(masked)], 1))
+        return self.trunk.stages(self.trunk.maxpool(x))[1:]
+
+    def forward(self, raw: torch.Tensor, masked: torch.Tensor):
+        return self.head(self.levels(raw, masked))

@@ -1,0 +1,156 @@
+"""Loading pretrained weights from files on disk (nothing is downloaded).
+
+Layouts recognised (after unwrapping a ``'model'`` / ``'state_dict'`` entry and stripping
+``'module.'``):
+
+* ``timm_vit``: a timm / JAX-ported ViT-B/16 (e.g. ``jx_vit_base_p16_224-80ecf9dd.pth``) into the
+  ``backbone`` of DPM or the ViT baseline. Keys containing ``head`` or ``dist`` are dropped (the
+  official rule), a 2-D ``patch_embed.proj.weight`` is reshaped to a conv kernel, and ``pos_embed``
+  is resized to the model's patch grid (below).
+* ``dpm_official``: an official DPM checkpoint (``base.* / classifier / bottleneck``): ``base.ConvLayer``
+  and ``base.attfc`` go to ``mask_generator``, the rest of ``base`` to ``backbone``; the unused
+  1000-way ``base.fc`` is dropped.
+* ``torchvision_resnet50``: into ``MaskReIDResNet50``: ``fc`` dropped, everything under ``trunk``,
+  and ``conv1`` / ``bn1`` also into the masked stream's stem.
+* ``native``: a state dict of the model itself.
+
+``pos_embed`` resize (TransReID's ``resize_pos_embed``): the CLS slot is kept; the source grid
+(square, else TransReID's 2:1 rule) is resized to ``(num_y, num_x)`` with bilinear interpolation,
+``align_corners=False``, no antialias.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable, NamedTuple, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .resnet import MaskReIDResNet50
+from .vit import ViTReID
+
+StateDict = dict[str, torch.Tensor]
+
+
+class LoadReport(NamedTuple):
+    layout: str
+    loaded: list[str]      # model keys filled from the checkpoint
+    missing: list[str]     # model keys the checkpoint did not provide (they keep their init)
+    unexpected: list[str]  # checkpoint keys with no place in the model
+    dropped: list[str]     # checkpoint keys discarded on purpose (classification heads)
+
+
+def infer_grid(num_patches: int) -> tuple[int, int]:
+    """Square grid if ``num_patches`` is a square, else TransReID's 2:1 rule (22x11, 21x10, 16x8)."""
+    side = math.isqrt(num_patches)
+    if side * side == num_patches:
+        return side, side
+    width = math.isqrt(num_patches // 2)
+    if width and num_patches % width == 0:
+        return num_patches // width, width
+    raise ValueError(f"cannot infer the patch grid of a {num_patches}-token position embedding")
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+    """(1, 1 + N_src, C) -> (1, 1 + num_y·num_x, C), CLS slot kept."""
+    cls_slot, grid = pos_embed[:, :1], pos_embed[:, 1:]
+    source_grid = infer_grid(grid.shape[1])
+    dim = grid.shape[2]
+    grid = grid.float().reshape(1, *source_grid, dim).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=tuple(grid_size), mode="bilinear", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos_embed.dtype)
+    return torch.cat([cls_slot, grid], dim=1)
+
+
+def _read_state_dict(source: Union[str, os.PathLike, StateDict]) -> StateDict:
+    state = source if isinstance(source, dict) else torch.load(source, map_location="cpu", weights_only=True)
+    for wrapper in ("model", "state_dict"):
+        if isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+
+
+def _detect_layout(state: StateDict) -> str:
+    if any(k.startswith("base.") for k in state):
+        return "dpm_official"
+    if "cls_token" in state or "blocks.0.attn.qkv.weight" in state:
+        return "timm_vit"
+    if "layer1.0.conv1.weight" in state:
+        return "torchvision_resnet50"
+    return "native"
+
+
+# Each mapper turns one checkpoint key into the model keys it fills; [] means dropped on purpose.
+def _timm_targets(key: str) -> list[str]:
+    return [] if "head" in key or "dist" in key else [f"backbone.{key}"]
+
+
+def _dpm_official_targets(key: str) -> list[str]:
+    renames = (("base.ConvLayer.", "mask_generator.conv_stack."), ("base.attfc.", "mask_generator.attfc."),
+               ("base.", "backbone."))
+    if key.startswith("base.fc."):
+        return []
+    for old, new in renames:
+        if key.startswith(old):
+            return [new + key[len(old):]]
+    return [key]
+
+
+def _torchvision_targets(key: str) -> list[str]:
+    if key.startswith("fc."):
+        return []
+    if key.startswith(("conv1.", "bn1.")):
+        return [f"trunk.{key}", f"masked_stem.{key}"]
+    return [f"trunk.{key}"]
+
+
+_MAPPERS: dict[str, Callable[[str], list[str]]] = {
+    "timm_vit": _timm_targets, "dpm_official": _dpm_official_targets,
+    "torchvision_resnet50": _torchvision_targets, "native": lambda key: [key],
+}
+
+
+def load_pretrained(model: nn.Module, source: Union[str, os.PathLike, StateDict]) -> LoadReport:
+    """Load ``source`` (a ``.pth`` path or an already loaded state dict) into ``model``.
+
+    Raises ValueError naming the key on a shape mismatch, or when the checkpoint layout does not
+    fit the model. Missing and unexpected keys are reported, not raised.
+    """
+    state = _read_state_dict(source)
+    layout = _detect_layout(state)
+    backbone = getattr(model, "backbone", None)
+    is_vit = isinstance(backbone, ViTReID)
+    fits = {"timm_vit": is_vit, "dpm_official": is_vit,
+            "torchvision_resnet50": isinstance(model, MaskReIDResNet50), "native": True}
+    if not fits[layout]:
+        raise ValueError(f"a {layout} checkpoint cannot be loaded into {type(model).__name__}")
+
+    own = model.state_dict()
+    to_load: StateDict = {}
+    unexpected, dropped = [], []
+    for key, tensor in state.items():
+        if layout == "timm_vit" and key == "patch_embed.proj.weight" and tensor.dim() == 2:
+            tensor = tensor.reshape(own["backbone.patch_embed.proj.weight"].shape)
+        targets = _MAPPERS[layout](key)
+        if not targets:
+            dropped.append(key)
+        for target in targets:
+            if target not in own:
+                unexpected.append(key)
+                continue
+            if is_vit and target == "backbone.pos_embed" and tensor.shape != own[target].shape:
+                if tensor.dim() != 3 or tensor.shape[-1] != own[target].shape[-1]:
+                    raise ValueError(f"checkpoint key {key!r} -> {target!r}: shape {tuple(tensor.shape)} "
+                                     f"cannot be resized to {tuple(own[target].shape)}")
+                tensor = resize_pos_embed(tensor, backbone.grid_size)
+            if tensor.shape != own[target].shape:
+                raise ValueError(f"checkpoint key {key!r} -> model key {target!r}: shape "
+                                 f"{tuple(tensor.shape)} does not match the model's {tuple(own[target].shape)}")
+            to_load[target] = tensor
+    model.load_state_dict(to_load, strict=False)
+    return LoadReport(layout, sorted(to_load), sorted(set(own) - set(to_load)), sorted(set(unexpected)),
+                      sorted(dropped))
