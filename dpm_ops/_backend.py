@@ -5,7 +5,6 @@ to the C++ kernel (or the reference when the extension is missing). `backend=` o
 environment variable DPM_OPS_BACKEND, forces one; a forced backend that cannot run raises.
 """
 
-import functools
 import importlib.util
 import os
 
@@ -17,19 +16,21 @@ BACKENDS = ("reference", "cpp", "cuda", "triton")
 ENV_VAR = "DPM_OPS_BACKEND"
 
 
-@functools.lru_cache(maxsize=None)
+# Loaded once at import (not lazily): torch.compile then reads plain module state, never imports.
+_EXTENSION = load_extension()
+
+
 def extension():
-    return load_extension()
+    """(dpm_ops._C module or None, why it is missing)."""
+    return _EXTENSION
 
 
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@functools.lru_cache(maxsize=None)
-def backends() -> dict:
-    """{name: (available, why not)} for this process."""
-    module, missing = extension()
+def _availability() -> dict:
+    module, missing = _EXTENSION
     cuda_gpu = torch.cuda.is_available()
     has_triton = importlib.util.find_spec("triton") is not None
     report = {"reference": (True, "")}
@@ -48,11 +49,19 @@ def backends() -> dict:
     return report
 
 
+_AVAILABILITY = _availability()
+
+
+def backends() -> dict:
+    """{name: (available, why not)} for this process, e.g. {"cuda": (False, "no CUDA GPU is visible")}."""
+    return dict(_AVAILABILITY)
+
+
 def resolve(backend, device: torch.device) -> str:
     """The backend to run for tensors on `device`."""
     backend = backend or os.environ.get(ENV_VAR) or None
     if backend is None:
-        available = backends()
+        available = _AVAILABILITY
         if device.type == "cuda":
             for name in ("cuda", "triton", "reference"):
                 if available[name][0]:
@@ -60,7 +69,7 @@ def resolve(backend, device: torch.device) -> str:
         return "cpp" if available["cpp"][0] else "reference"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    ok, why = backends()[backend]
+    ok, why = _AVAILABILITY[backend]
     if not ok:
         raise RuntimeError(f"dpm_ops backend {backend!r} is not available: {why}")
     if backend == "cpp" and device.type != "cpu":

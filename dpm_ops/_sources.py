@@ -43,7 +43,7 @@ def cuda_arch_flags() -> list:
 def compile_flags(torch_version: str, with_cuda: bool) -> dict:
     defines = [f'-DDPM_OPS_TORCH_VERSION="{torch_version}"'] + (["-DDPM_OPS_WITH_CUDA"] if with_cuda else [])
     return {
-        "cxx": ["-O3", "-std=c++17", "-fopenmp"] + defines,
-        "nvcc": ["-O3", "-std=c++17"] + defines + cuda_arch_flags(),
+        "cxx": ["-O3", "-fopenmp"] + defines,  # torch adds its own -std
+        "nvcc": ["-O3"] + defines + cuda_arch_flags(),
         "ldflags": ["-fopenmp"],
     }

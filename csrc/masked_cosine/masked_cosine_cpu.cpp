@@ -23,19 +23,20 @@ struct CpuKernels {
       scalar_t* sp = scaled.data_ptr<scalar_t>();
       scalar_t* qp = second.data_ptr<scalar_t>();
       scalar_t* ip = inv.data_ptr<scalar_t>();
-      std::atomic<bool> finite{true};
+      std::atomic<bool> v_finite{true}, mult_finite{true};
       at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           const scalar_t* row = vp + r * cols;
           scalar_t sum_sq = 0;
           for (int64_t c = 0; c < cols; ++c) sum_sq += row[c] * row[c];
-          bool row_finite = std::isfinite(sum_sq);
+          if (!std::isfinite(sum_sq)) v_finite = false;
           const scalar_t s = inv_norm(sum_sq, scalar_t(eps));
           ip[r] = s;
+          bool row_mult_finite = true;
           for (int64_t c = 0; c < cols; ++c) {
             const int64_t i = r * cols + c;
             if (mp) {
-              row_finite &= std::isfinite(mp[i]);
+              row_mult_finite &= std::isfinite(mp[i]);
               sp[i] = row[c] * s * mp[i];
               qp[i] = mp[i] * mp[i];
             } else {
@@ -43,10 +44,12 @@ struct CpuKernels {
               qp[i] = sp[i] * sp[i];
             }
           }
-          if (!row_finite) finite = false;
+          if (!row_mult_finite) mult_finite = false;
         }
       });
-      TORCH_CHECK(finite, "masked_cosine: ", mp ? "x or mask" : "protos", " contains non-finite values");
+      // The first pass over the data doubles as the finiteness check, for free.
+      TORCH_CHECK_VALUE(v_finite, "masked_cosine: ", mp ? "x" : "protos", " contains non-finite values (NaN or inf)");
+      TORCH_CHECK_VALUE(mult_finite, "masked_cosine: mask contains non-finite values (NaN or inf)");
     });
   }
 

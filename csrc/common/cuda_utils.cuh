@@ -1,0 +1,64 @@
+// Small device helpers shared by the CUDA kernels (no torch headers).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "dtype.h"
+#include "host_device.h"
+
+namespace dpm_ops {
+
+template <> struct Acc<__half> { using type = float; };
+template <> struct Acc<__nv_bfloat16> { using type = float; };
+
+template <typename A> __device__ __forceinline__ A to_acc(float v) { return A(v); }
+template <typename A> __device__ __forceinline__ A to_acc(double v) { return A(v); }
+template <typename A> __device__ __forceinline__ A to_acc(__half v) { return A(__half2float(v)); }
+template <typename A> __device__ __forceinline__ A to_acc(__nv_bfloat16 v) { return A(__bfloat162float(v)); }
+
+template <typename T> __device__ __forceinline__ T from_acc(float v);
+template <typename T> __device__ __forceinline__ T from_acc(double v);
+template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
+template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
+template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+
+// Sum over the block (any blockDim.x that is a multiple of 32, at most 1024); every thread gets it.
+template <typename A> __device__ A block_sum(A v) {
+  __shared__ A warp_sums[32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  A total = A(0);
+  for (int w = 0; w < int(blockDim.x + 31) / 32; ++w) total += warp_sums[w];
+  __syncthreads();  // warp_sums may be reused by the next call
+  return total;
+}
+
+template <typename T> struct TypeTag { using type = T; };
+
+// Calls f(TypeTag<T>{}) with the storage type T named by `dtype`.
+template <typename F> void dispatch_dtype(Dtype dtype, F&& f) {
+  switch (dtype) {
+    case Dtype::kFloat: f(TypeTag<float>{}); break;
+    case Dtype::kDouble: f(TypeTag<double>{}); break;
+    case Dtype::kHalf: f(TypeTag<__half>{}); break;
+    case Dtype::kBFloat16: f(TypeTag<__nv_bfloat16>{}); break;
+  }
+}
+
+#define DPM_CUDA_CHECK_LAUNCH()                                                               \
+  do {                                                                                        \
+    const cudaError_t err = cudaGetLastError();                                               \
+    if (err != cudaSuccess)                                                                   \
+      throw std::runtime_error(std::string("dpm_ops CUDA kernel launch failed: ") + cudaGetErrorString(err)); \
+  } while (0)
+
+}  // namespace dpm_ops

@@ -1,0 +1,181 @@
+"""masked_cosine / masked_arccos_distance: every backend against the reference (dpm.md §3)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import backend_params, device_for
+from dpm_ops.ops import masked_arccos_distance, masked_cosine, masked_cosine_reference
+
+KERNEL_BACKENDS = backend_params("cpp", "cuda", "triton")
+ALL_BACKENDS = backend_params("reference", "cpp", "cuda", "triton")
+
+# (B, K, C): empty, single, C not a multiple of any block size, several tiles.
+SHAPES = [(0, 5, 8), (3, 0, 8), (1, 1, 1), (1, 7, 13), (5, 1, 33), (17, 35, 70), (65, 66, 40)]
+
+
+def make_inputs(B, K, C, dtype, device, seed=0, requires_grad=False):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, generator=gen, dtype=dtype)
+    mask = torch.rand(B, C, generator=gen, dtype=dtype)
+    protos = torch.randn(K, C, generator=gen, dtype=dtype)
+    return [t.to(device).requires_grad_(requires_grad) for t in (x, mask, protos)]
+
+
+def per_pair_cosine(x, mask, protos, eps=1e-12):
+    """The spec's definition taken literally, one (b, k) pair at a time (as the official loop)."""
+    out = torch.empty(x.shape[0], protos.shape[0], dtype=x.dtype)
+    for b in range(x.shape[0]):
+        masked = mask[b] * F.normalize(protos, dim=1, eps=eps)
+        out[b] = F.normalize(masked, dim=1, eps=eps) @ F.normalize(x[b], dim=0, eps=eps)
+    return out
+
+
+def tolerances(dtype):
+    return {"atol": 1e-12, "rtol": 1e-10} if dtype == torch.float64 else {"atol": 2e-5, "rtol": 1e-4}
+
+
+def test_reference_matches_the_per_pair_definition():
+    x, mask, protos = make_inputs(6, 9, 21, torch.float64, "cpu")
+    torch.testing.assert_close(masked_cosine_reference(x, mask, protos), per_pair_cosine(x, mask, protos))
+
+
+def test_half_mask_gives_the_plain_cosine():
+    # DPM's zero-initialised mask generator outputs sigmoid(0) = 0.5 everywhere: C is the plain cosine.
+    x, _, protos = make_inputs(4, 6, 16, torch.float64, "cpu")
+    plain = F.normalize(x, dim=1) @ F.normalize(protos, dim=1).t()
+    torch.testing.assert_close(masked_cosine(x, torch.full_like(x, 0.5), protos), plain)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_and_backward_match_reference(backend, dtype, shape):
+    device = device_for(backend)
+    x, mask, protos = make_inputs(*shape, dtype, device, seed=sum(shape), requires_grad=True)
+    grad = torch.randn(shape[0], shape[1], dtype=dtype, device=device)
+    expected = masked_cosine_reference(x, mask, protos)
+    expected_grads = torch.autograd.grad(expected, (x, mask, protos), grad, allow_unused=True)
+    out = masked_cosine(x, mask, protos, backend=backend)
+    grads = torch.autograd.grad(out, (x, mask, protos), grad, allow_unused=True)
+    assert out.dtype == dtype and out.shape == (shape[0], shape[1])
+    torch.testing.assert_close(out, expected, **tolerances(dtype))
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, torch.zeros_like(got) if want is None else want, **tolerances(dtype))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_non_contiguous_inputs(backend):
+    device = device_for(backend)
+    x, mask, protos = make_inputs(40, 30, 24, torch.float32, device)
+    x_t = x.t().contiguous().t()  # column-major
+    mask_s = torch.cat([mask, mask], dim=1)[:, ::2]  # strided
+    protos_t = protos.t().contiguous().t()
+    expected = masked_cosine_reference(x, mask_s, protos)
+    torch.testing.assert_close(masked_cosine(x_t, mask_s, protos_t, backend=backend), expected,
+                               **tolerances(torch.float32))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_gradient_of_a_sum_arrives_with_stride_zero(backend):
+    device = device_for(backend)
+    x, mask, protos = make_inputs(5, 7, 9, torch.float64, device, requires_grad=True)
+    masked_cosine(x, mask, protos, backend=backend).sum().backward()
+    expected = torch.autograd.grad(masked_cosine_reference(x, mask, protos).sum(), (x, mask, protos))
+    for got, want in zip((x.grad, mask.grad, protos.grad), expected):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_zero_rows_take_the_eps_branch(backend):
+    # A zero feature, a zero prototype and a zero mask row: the clamps of F.normalize decide.
+    device = device_for(backend)
+    x, mask, protos = make_inputs(4, 5, 12, torch.float64, device)
+    x[1] = 0
+    protos[2] = 0
+    mask[3] = 0
+    out = masked_cosine(x, mask, protos, backend=backend)
+    torch.testing.assert_close(out, masked_cosine_reference(x, mask, protos))
+    assert torch.all(out[1] == 0) and torch.all(out[:, 2] == 0) and torch.all(out[3] == 0)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_gradcheck_float64(backend):
+    device = device_for(backend)
+    inputs = make_inputs(3, 4, 6, torch.float64, device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, m, p: masked_cosine(x, m, p, backend=backend), inputs)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_large_shape(backend):
+    if backend == "triton" and device_for(backend).type == "cpu":
+        pytest.skip("the Triton interpreter costs ~0.4 ms per program; large shapes run on GPU only")
+    device = device_for(backend)
+    x, mask, protos = make_inputs(300, 1000, 768, torch.float32, device)
+    torch.testing.assert_close(masked_cosine(x, mask, protos, backend=backend),
+                               masked_cosine_reference(x, mask, protos), **tolerances(torch.float32))
+
+
+@pytest.mark.parametrize("backend", backend_params("cuda", "triton"))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_on_gpu(backend, dtype):
+    if not torch.cuda.is_available():
+        pytest.skip("fp16/bf16 kernels run on GPU (the Triton interpreter mis-handles bf16)")
+    x, mask, protos = make_inputs(70, 90, 200, dtype, "cuda", requires_grad=True)
+    expected = masked_cosine_reference(*(t.float() for t in (x, mask, protos)))
+    out = masked_cosine(x, mask, protos, backend=backend)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (x, mask, protos))
+
+
+def test_cpp_accepts_half_inputs_on_cpu():
+    x, mask, protos = make_inputs(6, 8, 10, torch.bfloat16, "cpu")
+    out = masked_cosine(x, mask, protos, backend="cpp")
+    assert out.dtype == torch.bfloat16
+    expected = masked_cosine_reference(*(t.float() for t in (x, mask, protos)))
+    torch.testing.assert_close(out.float(), expected, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_masked_arccos_distance(backend):
+    device = device_for(backend)
+    q, q_mask, g = make_inputs(6, 11, 16, torch.float32, device)
+    g[3] = q[0]  # an exact match: cosine 1 with a full mask -> clipped, not NaN
+    q_mask[0] = 1.0
+    dist = masked_arccos_distance(q, q_mask, g, backend=backend)
+    cos = masked_cosine_reference(q, q_mask, g).clamp(-1 + 1e-5, 1 - 1e-5)
+    torch.testing.assert_close(dist, torch.arccos(cos), atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(dist).all()
+    assert dist[0, 3] == pytest.approx(math.acos(1 - 1e-5), abs=1e-4)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("bad, message", [
+    (lambda x, m, p: (x[0], m[0], p), "x must be 2-D"),
+    (lambda x, m, p: (x, m, p[0]), "protos must be 2-D"),
+    (lambda x, m, p: (x, m[:, :-1], p), "mask must have the shape of x"),
+    (lambda x, m, p: (x, m, p[:, :-1]), "protos must have C = "),
+    (lambda x, m, p: (x, m.double(), p), "must share one dtype"),
+    (lambda x, m, p: (x.long(), m.long(), p.long()), "must be floating point"),
+    (lambda x, m, p: (x.index_fill(0, torch.tensor([1], device=x.device), float("nan")), m, p), "x contains non-finite"),
+    (lambda x, m, p: (x, m, p.index_fill(1, torch.tensor([2], device=p.device), float("inf"))), "protos contains non-finite"),
+])
+def test_bad_input_names_the_argument(backend, bad, message):
+    x, mask, protos = make_inputs(3, 4, 5, torch.float32, device_for(backend))
+    with pytest.raises(ValueError, match=message):
+        masked_cosine(*bad(x, mask, protos), backend=backend)
+
+
+def test_bad_eps_and_backend():
+    x, mask, protos = make_inputs(2, 3, 4, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        masked_cosine(x, mask, protos, eps=0.0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        masked_cosine(x, mask, protos, backend="opencl")
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="one device"):
+            masked_cosine(x, mask.cuda(), protos)
