@@ -1,0 +1,12 @@
+"""Re-ID evaluation: distances, exact k-NN, Market-1501 CMC/mAP/mINP and k-reciprocal re-ranking.
+
+All functions take numpy arrays or torch tensors (CPU or CUDA); see each docstring for the
+exact semantics and tie rules (spec rerank_eval.md).
+"""
+
+from .distance import METRICS, knn, pairwise_distance
+from .rank import AP_MODES, RankResult, evaluate_rank
+from .rerank import re_ranking, rerank_features
+
+__all__ = ["AP_MODES", "METRICS", "RankResult", "evaluate_rank", "knn", "pairwise_distance", "re_ranking",
+           "rerank_features"]

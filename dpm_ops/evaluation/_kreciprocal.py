@@ -1,0 +1,125 @@
+"""Sparse stages of k-reciprocal re-ranking on fixed-width neighbour lists.
+
+Input of every stage: `neighbours`, (N, W) int64, each row's nearest items ordered by
+(normalised distance, index), W >= k1 + 1 (or N). The sets and weights live in sparse
+(row, col, value) lists sorted by (row, col); nothing here is N x N. Each function is one
+hot loop that a CPU/CUDA kernel can replace with the same inputs and outputs.
+
+Notation and equations: spec rerank_eval.md §1.3.
+"""
+
+import torch
+
+from ._ragged import expand_segments, segment_starts
+
+_ELEMENT_BUDGET = 1 << 24  # temporaries per chunk, in elements
+
+
+def _row_chunks(num_rows: int, elements_per_row: int):
+    step = max(1, _ELEMENT_BUDGET // max(1, elements_per_row))
+    for start in range(0, num_rows, step):
+        yield start, min(start + step, num_rows)
+
+
+def reciprocal_neighbours(neighbours: torch.Tensor, k: int):
+    """N(i, k) = the first k + 1 neighbours, and the mask of those j with i in N(j, k)."""
+    forward = neighbours[:, :k + 1]
+    width = forward.shape[1]
+    reciprocal = torch.empty(forward.shape, dtype=torch.bool, device=forward.device)
+    for start, stop in _row_chunks(len(forward), width * width):
+        items = torch.arange(start, stop, device=forward.device)
+        backward = forward[forward[start:stop]]  # (rows, width, width)
+        reciprocal[start:stop] = (backward == items[:, None, None]).any(dim=2)
+    return forward, reciprocal
+
+
+def expanded_neighbourhoods(neighbours: torch.Tensor, k1: int, half_k1: int):
+    """R*(i) as (rows, cols), sorted by (row, col).
+
+    R*(i) = R(i, k1) united with every R(c, half_k1), c in R(i, k1), that shares more than
+    two thirds of its items with R(i, k1) (the integer test 3 |overlap| > 2 |R(c, half_k1)|).
+    """
+    num_items = len(neighbours)
+    forward, reciprocal = reciprocal_neighbours(neighbours, k1)
+    half_forward, half_reciprocal = reciprocal_neighbours(neighbours, half_k1)
+    half_size = half_reciprocal.sum(dim=1)
+    width, half_width = forward.shape[1], half_forward.shape[1]
+    keys = []
+    for start, stop in _row_chunks(num_items, width * half_width * width):
+        items = torch.arange(start, stop, device=neighbours.device)
+        own, own_mask = forward[start:stop], reciprocal[start:stop]
+        # For every candidate c = own[i, p]: the items of N(c, half_k1) and which are reciprocal.
+        candidate_items = half_forward[own]
+        candidate_mask = half_reciprocal[own]
+        in_own_set = ((candidate_items[..., None] == own[:, None, None, :]) & own_mask[:, None, None, :]).any(dim=3)
+        overlap = (in_own_set & candidate_mask).sum(dim=2)
+        accepted = own_mask & (3 * overlap > 2 * half_size[own])
+        added = accepted[..., None] & candidate_mask
+        members = torch.cat([
+            items[:, None].expand_as(own)[own_mask] * num_items + own[own_mask],
+            items[:, None, None].expand_as(candidate_items)[added] * num_items + candidate_items[added],
+        ])
+        keys.append(torch.unique(members))
+    keys = torch.cat(keys)
+    return keys // num_items, keys % num_items
+
+
+def encode_weights(rows: torch.Tensor, distances: torch.Tensor, num_items: int) -> torch.Tensor:
+    """V[i, j] = exp(-d(i, j)) / sum over R*(i), for the (rows, cols) entries of R*."""
+    kernel = torch.exp(-distances)
+    totals = torch.zeros(num_items, dtype=kernel.dtype, device=kernel.device).index_add_(0, rows, kernel)
+    return kernel / totals[rows]
+
+
+def query_expansion(rows, cols, values, sources: torch.Tensor, num_items: int):
+    """V_qe[i] = mean of the rows V[sources[i, t]] (t < sources.shape[1]), as sorted (rows, cols, values).
+
+    Contributions to one entry are summed in t order, as numpy's mean over axis 0 does.
+    """
+    row_counts = torch.bincount(rows, minlength=num_items)
+    row_starts = segment_starts(row_counts)
+    num_sources = sources.shape[1]
+    out_rows, out_cols, out_values = [], [], []
+    average_row = max(1, len(rows) // num_items)
+    for start, stop in _row_chunks(num_items, num_sources * average_row * 4):
+        block = sources[start:stop].reshape(-1)
+        segment, position = expand_segments(row_starts[block], row_counts[block])
+        owner = start + torch.div(segment, num_sources, rounding_mode="floor")
+        keys, inverse = torch.unique(owner * num_items + cols[position], return_inverse=True)
+        sums = torch.zeros(len(keys), dtype=values.dtype, device=values.device).index_add_(0, inverse, values[position])
+        out_rows.append(keys // num_items)
+        out_cols.append(keys % num_items)
+        out_values.append(sums / num_sources)
+    return torch.cat(out_rows), torch.cat(out_cols), torch.cat(out_values)
+
+
+def jaccard_blend_(out: torch.Tensor, rows, cols, values, lambda_value: float) -> torch.Tensor:
+    """out (Q, G) holds the normalised query-gallery distance d; overwritten in place by
+    (1 - lambda) * Jaccard + lambda * d, Jaccard = 1 - m / (2 - m), m = sum_k min(V[q,k], V[g,k]).
+
+    m is a sparse min-sum: every non-zero V[q, k] of a query meets the gallery rows holding
+    column k (an inverted index, CSC of the gallery rows); pairs with no common column keep
+    m = 0, i.e. Jaccard 1.
+    """
+    num_query, num_gallery = out.shape
+    num_items = num_query + num_gallery
+    in_gallery = rows >= num_query
+    gallery_cols = cols[in_gallery]
+    by_column = torch.argsort(gallery_cols, stable=True)
+    gallery_rows = rows[in_gallery][by_column] - num_query
+    gallery_values = values[in_gallery][by_column]
+    column_counts = torch.bincount(gallery_cols, minlength=num_items)
+    column_starts = segment_starts(column_counts)
+    query_row_starts = torch.searchsorted(rows, torch.arange(num_query + 1, device=rows.device))
+
+    for start, stop in _row_chunks(num_query, num_gallery):
+        first, last = query_row_starts[start].item(), query_row_starts[stop].item()
+        entry_rows, entry_cols, entry_values = rows[first:last], cols[first:last], values[first:last]
+        entry, position = expand_segments(column_starts[entry_cols], column_counts[entry_cols])
+        overlap = torch.zeros((stop - start) * num_gallery, dtype=out.dtype, device=out.device)
+        overlap.index_add_(0, (entry_rows[entry] - start) * num_gallery + gallery_rows[position],
+                           torch.minimum(entry_values[entry], gallery_values[position]))
+        overlap = overlap.view(stop - start, num_gallery)
+        jaccard = 1 - overlap / (2 - overlap)
+        out[start:stop] = jaccard * (1 - lambda_value) + out[start:stop] * lambda_value
+    return out
