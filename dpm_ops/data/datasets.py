@@ -1,0 +1,644 @@
+"""Loaders for the published re-ID folder layouts and the dataset registry.
+
+Each loader returns a :class:`ReIDSplits` with 0-based camera ids and train pids relabelled
+0..N-1. Layouts, filename patterns and counts follow ``shared/spec/datasets.md``; MSMT17, which
+that spec does not cover, follows the dataset's release (list files, see :func:`load_msmt17`).
+
+Rules shared by every loader:
+
+* pid -1 (junk, Market-1501) is dropped at load time; distractor pid 0 is kept in the gallery.
+* A camera outside the dataset's range, a filename that does not parse, a missing folder or an
+  empty split raises :class:`DatasetError` / :class:`DatasetNotFoundError` naming the file/folder.
+* Split counts: when a split's (ids, images) differ from the published ones, ``check_counts``
+  decides: ``"warn"`` (default for public datasets, since a partial copy is a legitimate dev setup)
+  emits a :class:`DatasetCountWarning` naming the split, expected and found; ``"error"`` raises
+  :class:`DatasetError`; ``"off"`` skips the check. The synthetic set defaults to ``"error"``
+  because its manifest states its exact counts.
+* ``with_masks=True`` attaches the MaskReID foreground masks (layout in :mod:`.masks`) and checks
+  that they mirror the images one to one.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+from PIL import Image, UnidentifiedImageError
+
+from .errors import DatasetCountWarning, DatasetError, DatasetNotFoundError
+from .masks import build_mask_index
+from .records import ImageRecord, ReIDSplits
+
+JUNK_PID = -1
+COUNT_POLICIES = ("warn", "error", "off")
+SYNTHETIC_MANIFEST = "synthetic.json"
+
+# Market-style name: pid (may be -1) then "_c" and the 1-based camera digit (datasets.md §2).
+MARKET_NAME = re.compile(r"([-\d]+)_c(\d)")
+# Occluded-REID / Partial-REID name: <pid>_<nn>.<ext>
+PID_INDEX_NAME = re.compile(r"(\d+)_(\d+)$")
+
+MARKET_FOLDERS = ("bounding_box_train", "query", "bounding_box_test")
+
+# (ids, images) per split, datasets.md §1; the Market gallery count is after junk removal and
+# counts distractor pid 0 as one id.
+PUBLISHED_COUNTS = {
+    "market1501": {"train": (751, 12936), "query": (750, 3368), "gallery": (751, 15913)},
+    "dukemtmc": {"train": (702, 16522), "query": (702, 2228), "gallery": (1110, 17661)},
+    "occluded_duke": {"train": (702, 15618), "query": (519, 2210), "gallery": (1110, 17661)},
+    "cuhk03_np_labeled": {"train": (767, 7368), "query": (700, 1400), "gallery": (700, 5328)},
+    "cuhk03_np_detected": {"train": (767, 7365), "query": (700, 1400), "gallery": (700, 5332)},
+    "occluded_reid": {"query": (200, 1000), "gallery": (200, 1000)},
+    "partial_reid": {"query": (60, 300), "gallery": (60, 300)},
+    # MSMT17 release numbers; train with list_val merged (TransReID) / list_train alone.
+    "msmt17": {"train": (1041, 32621), "query": (3060, 11659), "gallery": (3060, 82161)},
+    "msmt17_no_val": {"train": (1041, 30248), "query": (3060, 11659), "gallery": (3060, 82161)},
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# shared helpers
+
+
+def _find_dataset_dir(root: str, candidates: Iterable[str], required: Iterable[str], title: str) -> str:
+    """First of ``root/<candidate>`` that contains every ``required`` entry."""
+    root = os.path.abspath(os.path.expanduser(str(root)))
+    if not os.path.isdir(root):
+        raise DatasetNotFoundError(f"{title}: dataset root not found: {root}")
+    required = list(required)
+    tried = []
+    for candidate in candidates:
+        folder = os.path.normpath(os.path.join(root, candidate))
+        if not os.path.isdir(folder):
+            tried.append(folder)
+            continue
+        missing = [name for name in required if not os.path.exists(os.path.join(folder, name))]
+        if not missing:
+            return folder
+        tried.append(f"{folder} (lacks {', '.join(missing)})")
+    raise DatasetNotFoundError(
+        f"{title}: no folder with {', '.join(required)} under {root}; looked at: " + "; ".join(tried)
+    )
+
+
+def _list_images(folder: str, suffix: str, recursive: bool = False) -> list[str]:
+    if not os.path.isdir(folder):
+        raise DatasetNotFoundError(f"folder not found: {folder}")
+    pattern = f"**/*{suffix}" if recursive else f"*{suffix}"
+    paths = sorted(str(p) for p in Path(folder).glob(pattern) if p.is_file())
+    if not paths:
+        raise DatasetError(f"no *{suffix} images in {folder}")
+    return paths
+
+
+def _check_camera(path: str, camera: int, num_cams: int) -> int:
+    """1-based camera from a filename -> 0-based index, rejecting cameras outside the dataset."""
+    if not 1 <= camera <= num_cams:
+        raise DatasetError(f"camera c{camera} outside 1..{num_cams} in {path} (wrong dataset layout?)")
+    return camera - 1
+
+
+def _parse_market_folder(folder: str, suffix: str, num_cams: int) -> list[ImageRecord]:
+    """Every image of a Market-style folder, junk included, with 0-based camids."""
+    records = []
+    for path in _list_images(folder, suffix):
+        match = MARKET_NAME.match(os.path.basename(path))
+        if match is None:
+            raise DatasetError(f"filename does not match <pid>_c<camera>...: {path}")
+        pid, camera = int(match.group(1)), int(match.group(2))
+        if pid < JUNK_PID:
+            raise DatasetError(f"negative pid other than -1 in {path}")
+        records.append(ImageRecord(path, pid, _check_camera(path, camera, num_cams)))
+    return records
+
+
+def _relabel(train: list[ImageRecord]) -> tuple[list[ImageRecord], dict[int, int]]:
+    pid_map = {pid: label for label, pid in enumerate(sorted({r.pid for r in train}))}
+    return [r._replace(pid=pid_map[r.pid]) for r in train], pid_map
+
+
+def _check_counts(name: str, splits: dict[str, list[ImageRecord]], expected: dict, policy: str) -> None:
+    if policy not in COUNT_POLICIES:
+        raise ValueError(f"check_counts must be one of {COUNT_POLICIES}, got {policy!r}")
+    if policy == "off":
+        return
+    for split_name, (want_ids, want_images) in expected.items():
+        records = splits[split_name]
+        ids, images = len({r.pid for r in records}), len(records)
+        if (ids, images) == (want_ids, want_images):
+            continue
+        message = (
+            f"{name} {split_name}: found {ids} ids / {images} images, the full dataset has "
+            f"{want_ids} ids / {want_images} images"
+        )
+        if policy == "error":
+            raise DatasetError(message)
+        warnings.warn(message + " (partial copy?)", DatasetCountWarning, stacklevel=4)
+
+
+def _verify_readable(paths: Iterable[str], kind: str) -> None:
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+            raise DatasetError(f"unreadable {kind}: {path} ({error})") from error
+
+
+def _assemble(
+    name: str,
+    dataset_dir: str,
+    *,
+    train: list[ImageRecord],
+    query: list[ImageRecord],
+    gallery: list[ImageRecord],
+    num_cams: int,
+    expected_counts: Optional[dict],
+    check_counts: str,
+    with_masks: bool,
+    mask_root: Optional[str],
+    verify_images: bool,
+    occluded_paths: Optional[frozenset[str]] = None,
+) -> ReIDSplits:
+    """Drop junk, relabel train, check counts, attach masks: the common tail of every loader."""
+    all_images = sorted({r.path for r in (*train, *query, *gallery)})
+    junk = sum(r.pid == JUNK_PID for r in (*train, *query, *gallery))
+    train, query, gallery = ([r for r in split if r.pid != JUNK_PID] for split in (train, query, gallery))
+    for split_name, split in (("query", query), ("gallery", gallery)):
+        if not split:
+            raise DatasetError(f"{name}: the {split_name} split of {dataset_dir} is empty")
+    if expected_counts:
+        _check_counts(name, {"train": train, "query": query, "gallery": gallery}, expected_counts, check_counts)
+    train, pid_map = _relabel(train)
+
+    mask_paths = None
+    if with_masks:
+        mask_paths = build_mask_index(all_images, dataset_dir, mask_root)
+    if verify_images:
+        _verify_readable(all_images, "image")
+        if mask_paths is not None:
+            _verify_readable(mask_paths.values(), "mask")
+    return ReIDSplits(
+        name=name,
+        root=dataset_dir,
+        train=train,
+        query=query,
+        gallery=gallery,
+        num_cams=num_cams,
+        train_pid_map=pid_map,
+        mask_paths=mask_paths,
+        occluded_paths=occluded_paths,
+        junk_dropped=junk,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Market-style layouts: Market-1501, DukeMTMC-reID, Occluded-Duke, CUHK03-NP, synthetic
+
+
+def _load_market_style(
+    name: str,
+    dataset_dir: str,
+    *,
+    suffix: str,
+    num_cams: int,
+    expected_counts: Optional[dict],
+    check_counts: str,
+    with_masks: bool,
+    mask_root: Optional[str],
+    verify_images: bool,
+    occluded: Callable[[list[ImageRecord], list[ImageRecord], list[ImageRecord]], Optional[frozenset]] = (
+        lambda train, query, gallery: None
+    ),
+) -> ReIDSplits:
+    train, query, gallery = (
+        _parse_market_folder(os.path.join(dataset_dir, folder), suffix, num_cams) for folder in MARKET_FOLDERS
+    )
+    return _assemble(
+        name,
+        dataset_dir,
+        train=train,
+        query=query,
+        gallery=gallery,
+        num_cams=num_cams,
+        expected_counts=expected_counts,
+        check_counts=check_counts,
+        with_masks=with_masks,
+        mask_root=mask_root,
+        verify_images=verify_images,
+        occluded_paths=occluded(train, query, gallery),
+    )
+
+
+def load_market1501(
+    root: str,
+    *,
+    with_masks: bool = False,
+    mask_root: Optional[str] = None,
+    check_counts: str = "warn",
+    verify_images: bool = False,
+) -> ReIDSplits:
+    """Market-1501: ``Market-1501-v15.09.15/{bounding_box_train,query,bounding_box_test}/*.jpg``.
+
+    ``root`` may be the dataset folder itself or a parent holding ``Market-1501-v15.09.15``,
+    ``market1501/Market-1501-v15.09.15`` or ``market1501``. The gallery is 15,913 images after the
+    3,819 junk boxes are dropped; distractors (pid 0) stay.
+    """
+    dataset_dir = _find_dataset_dir(
+        root,
+        ["", "Market-1501-v15.09.15", "market1501/Market-1501-v15.09.15", "market1501", "Market-1501"],
+        MARKET_FOLDERS,
+        "Market-1501",
+    )
+    return _load_market_style(
+        "market1501",
+        dataset_dir,
+        suffix=".jpg",
+        num_cams=6,
+        expected_counts=PUBLISHED_COUNTS["market1501"],
+        check_counts=check_counts,
+        with_masks=with_masks,
+        mask_root=mask_root,
+        verify_images=verify_images,
+    )
+
+
+def load_dukemtmc_reid(
+    root: str,
+    *,
+    with_masks: bool = False,
+    mask_root: Optional[str] = None,
+    check_counts: str = "warn",
+    verify_images: bool = False,
+) -> ReIDSplits:
+    """DukeMTMC-reID: ``DukeMTMC-reID/{bounding_box_train,query,bounding_box_test}/*.jpg``, cams 1-8.
+
+    ``root`` may be the dataset folder, or a parent holding ``DukeMTMC-reID`` or
+    ``dukemtmc-reid/DukeMTMC-reID``.
+    """
+    dataset_dir = _find_dataset_dir(
+        root, ["", "DukeMTMC-reID", "dukemtmc-reid/DukeMTMC-reID", "dukemtmc-reid"], MARKET_FOLDERS, "DukeMTMC-reID"
+    )
+    return _load_market_style(
+        "dukemtmc",
+        dataset_dir,
+        suffix=".jpg",
+        num_cams=8,
+        expected_counts=PUBLISHED_COUNTS["dukemtmc"],
+        check_counts=check_counts,
+        with_masks=with_masks,
+        mask_root=mask_root,
+        verify_images=verify_images,
+    )
+
+
+def load_occluded_duke(
+    root: str,
+    *,
+    with_masks: bool = False,
+    mask_root: Optional[str] = None,
+    check_counts: str = "warn",
+    verify_images: bool = False,
+) -> ReIDSplits:
+    """Occluded-Duke: ``Occluded_Duke/{bounding_box_train,query,bounding_box_test}/*.jpg``, cams 1-8.
+
+    Every query is occluded (datasets.md §1), so ``occluded_paths`` holds the query images; which
+    ~10% of the gallery is occluded is not published.
+    """
+    dataset_dir = _find_dataset_dir(
+        root, ["", "Occluded_Duke", "occluded_duke", "Occluded-Duke"], MARKET_FOLDERS, "Occluded-Duke"
+    )
+    return _load_market_style(
+        "occluded_duke",
+        dataset_dir,
+        suffix=".jpg",
+        num_cams=8,
+        expected_counts=PUBLISHED_COUNTS["occluded_duke"],
+        check_counts=check_counts,
+        with_masks=with_masks,
+        mask_root=mask_root,
+        verify_images=verify_images,
+        occluded=lambda train, query, gallery: frozenset(r.path for r in query),
+    )
+
+
+def load_cuhk03_np(
+    root: str,
+    *,
+    variant: str = "labeled",
+    with_masks: bool = False,
+    mask_root: Optional[str] = None,
+    check_counts: str = "warn",
+    verify_images: bool = False,
+) -> ReIDSplits:
+    """CUHK03-NP: ``cuhk03-np/{labeled,detected}/{bounding_box_train,query,bounding_box_test}/*.png``.
+
+    Names are Market-like (``NNNN_cK_...png``); the camera is the view within a camera pair (1-2).
+    ``root`` may be the variant folder, the ``cuhk03-np`` folder or its parent.
+    """
+    if variant not in ("labeled", "detected"):
+        raise ValueError(f"CUHK03-NP variant must be 'labeled' or 'detected', got {variant!r}")
+    dataset_dir = _find_dataset_dir(
+        root, ["", variant, f"cuhk03-np/{variant}", f"CUHK03-NP/{variant}"], MARKET_FOLDERS, f"CUHK03-NP {variant}"
+    )
+    name = f"cuhk03_np_{variant}"
+    return _load_market_style(
+        name,
+        dataset_dir,
+        suffix=".png",
+        num_cams=2,
+        expected_counts=PUBLISHED_COUNTS[name],
+        check_counts=check_counts,
+        with_masks=with_masks,
+        mask_root=mask_root,
+        verify_images=verify_images,
+    )
+
+
+def read_synthetic_manifest(dataset_dir: str) -> dict:
+    path = os.path.join(dataset_dir, SYNTHETIC_MANIFEST)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError as error:
+        raise DatasetNotFoundError(
+            f"not a synthetic dataset, {path} is missing (generate one with `dpm-reid synth --out DIR`)"
+        ) from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DatasetError(f"corrupt synthetic manifest {path}: {error}") from error
+
+
+def load_synthetic(
+    root: str,
+    *,
+    with_masks: bool = False,
+    mask_root: Optional[str] = None,
+    check_counts: str = "error",
+    verify_images: bool = False,
+) -> ReIDSplits:
+    """A set written by :mod:`dpm_ops.data.synth`: Market layout plus ``synthetic.json``.
+
+    The manifest gives the camera count, the exact split counts and which images are occluded.
+    """
+    dataset_dir = _find_dataset_dir(root, [""], (*MARKET_FOLDERS, SYNTHETIC_MANIFEST), "synthetic dataset")
+    manifest = read_synthetic_manifest(dataset_dir)
+    try:
+        num_cams = int(manifest["config"]["cameras"])
+        expected = {split: tuple(counts) for split, counts in manifest["counts"].items()}
+        occluded = frozenset(os.path.join(dataset_dir, name) for name in manifest["occlusion"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise DatasetError(f"corrupt synthetic manifest {os.path.join(dataset_dir, SYNTHETIC_MANIFEST)}: {error!r}")
+    return _load_market_style(
+        "synthetic",
+        dataset_dir,
+        suffix=".jpg",
+        num_cams=num_cams,
+        expected_counts=expected,
+        check_counts=check_counts,
+        with_masks=with_masks,
+        mask_root=mask_root,
+        verify_images=verify_images,
+        occluded=lambda train, query, gallery: occluded,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# test-only sets with query = occluded/partial (camera 0) and gallery = whole body (camera 1)
+
+
+def _parse_pid_index_folder(folder: str, suffix: str, camid: int, per_identity_dirs: bool) -> list[ImageRecord]:
+    """Images named ``<pid>_<nn><suffix>``; the camera is fixed by the folder, never by ``nn``
+    (parsing ``nn`` as a camera is the fast-reid bug of datasets.md §8)."""
+    records = []
+    for path in _list_images(folder, suffix, recursive=per_identity_dirs):
+        relative = Path(os.path.relpath(path, folder))
+        match = PID_INDEX_NAME.match(relative.stem)
+        if match is None:
+            raise DatasetError(f"filename does not match <pid>_<nn>{suffix}: {path}")
+        pid = int(match.group(1))
+        if per_identity_dirs:
+            if len(relative.parts) != 2 or not relative.parts[0].isdigit() or int(relative.parts[0]) != pid:
+                raise DatasetError(f"expected <pid>/<pid>_<nn>{suffix}, got {path}")
+        elif len(relative.parts) != 1:
+            raise DatasetError(f"unexpected sub-folder in {path}")
+        records.append(ImageRecord(path, pid, camid))
+    return records
+
+
+def load_occluded_reid(
+    root: str,
+    *,
+    gallery_camid: int = 1,
+    with_masks: bool = False,
+    mask_root: Optional[str] = None,
+    check_counts: str = "warn",
+    verify_images: bool = False,
+) -> ReIDSplits:
+    """Occluded-REID (test only): ``Occluded_REID/{occluded_body_images,whole_body_images}/<pid>/<pid>_<nn>.tif``.
+
+    Query = occluded images with camera 0, gallery = whole-body images with camera ``gallery_camid``
+    (1 by default as in PVPM/BPBReID; DPM's ``Rename.py`` gives the gallery Market camera index 2,
+    which matters for its SIE camera embedding). The train split is empty: train on Market-1501.
+    """
+    dataset_dir = _find_dataset_dir(
+        root,
+        ["", "Occluded_REID", "OccludedREID", "Occluded-REID", "occluded_reid"],
+        ("occluded_body_images", "whole_body_images"),
+        "Occluded-REID",
+    )
+    if gallery_camid == 0:
+        raise ValueError("gallery_camid must differ from the query camera 0")
+    query = _parse_pid_index_folder(os.path.join(dataset_dir, "occluded_body_images"), ".tif", 0, True)
+    gallery = _parse_pid_index_folder(os.path.join(dataset_dir, "whole_body_images"), ".tif", gallery_camid, True)
+    return _assemble(
+        "occluded_reid",
+        dataset_dir,
+        train=[],
+        query=query,
+        gallery=gallery,
+        num_cams=gallery_camid + 1,
+        expected_counts=PUBLISHED_COUNTS["occluded_reid"],
+        check_counts=check_counts,
+        with_masks=with_masks,
+        mask_root=mask_root,
+        verify_images=verify_images,
+        occluded_paths=frozenset(r.path for r in query),
+    )
+
+
+def load_partial_reid(
+    root: str,
+    *,
+    with_masks: bool = False,
+    mask_root: Optional[str] = None,
+    check_counts: str = "warn",
+    verify_images: bool = False,
+) -> ReIDSplits:
+    """Partial-REID (test only): ``Partial_REID/{partial_body_images,whole_body_images}/<pid:03d>_<nn:02d>.jpg``.
+
+    Query = partial images with camera 0, gallery = whole-body images with camera 1; the partial
+    queries are reported as occluded.
+    """
+    dataset_dir = _find_dataset_dir(
+        root,
+        ["", "Partial_REID", "Partial-REID", "partial_reid", "PartialREID"],
+        ("partial_body_images", "whole_body_images"),
+        "Partial-REID",
+    )
+    query = _parse_pid_index_folder(os.path.join(dataset_dir, "partial_body_images"), ".jpg", 0, False)
+    gallery = _parse_pid_index_folder(os.path.join(dataset_dir, "whole_body_images"), ".jpg", 1, False)
+    return _assemble(
+        "partial_reid",
+        dataset_dir,
+        train=[],
+        query=query,
+        gallery=gallery,
+        num_cams=2,
+        expected_counts=PUBLISHED_COUNTS["partial_reid"],
+        check_counts=check_counts,
+        with_masks=with_masks,
+        mask_root=mask_root,
+        verify_images=verify_images,
+        occluded_paths=frozenset(r.path for r in query),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# MSMT17: list files
+
+
+MSMT17_VERSIONS = {"MSMT17_V1": ("train", "test"), "MSMT17_V2": ("mask_train_v2", "mask_test_v2")}
+MSMT17_CAMERAS = 15
+
+
+def _parse_msmt_list(list_path: str, image_dir: str) -> list[ImageRecord]:
+    """Lines ``<pid folder>/<pid>_<index>_<camera>_<date+time>_..._.jpg <pid>``, camera 1-15."""
+    if not os.path.isfile(list_path):
+        raise DatasetNotFoundError(f"MSMT17 list file not found: {list_path}")
+    records = []
+    with open(list_path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            fields = line.split()
+            parts = os.path.basename(fields[0]).split("_") if len(fields) == 2 else []
+            if len(parts) < 3 or not fields[1].lstrip("-").isdigit() or not parts[2].isdigit():
+                raise DatasetError(f"{list_path}:{line_number}: expected '<relative path> <pid>', got {line.strip()!r}")
+            path = os.path.join(image_dir, fields[0])
+            if not os.path.isfile(path):
+                raise DatasetNotFoundError(f"{list_path}:{line_number}: image not found: {path}")
+            records.append(ImageRecord(path, int(fields[1]), _check_camera(path, int(parts[2]), MSMT17_CAMERAS)))
+    if not records:
+        raise DatasetError(f"MSMT17 list file is empty: {list_path}")
+    return records
+
+
+def load_msmt17(
+    root: str,
+    *,
+    include_val: bool = True,
+    with_masks: bool = False,
+    mask_root: Optional[str] = None,
+    check_counts: str = "warn",
+    verify_images: bool = False,
+) -> ReIDSplits:
+    """MSMT17 (V1 or V2): ``MSMT17_V1/{train,test}/`` (V2: ``mask_train_v2``, ``mask_test_v2``) plus
+    ``list_{train,val,query,gallery}.txt`` whose lines are ``<pid>/<name>.jpg <pid>``.
+
+    The camera (1-15) is the third ``_`` field of the name. ``include_val`` merges ``list_val``
+    into train (TransReID's choice; 32,621 train images) — turn it off for the 30,248-image split.
+    """
+    tried = []
+    for version, (train_folder, test_folder) in MSMT17_VERSIONS.items():
+        try:
+            dataset_dir = _find_dataset_dir(
+                root,
+                ["", version, f"msmt17/{version}", f"MSMT17/{version}"],
+                (train_folder, test_folder, "list_train.txt", "list_query.txt", "list_gallery.txt"),
+                "MSMT17",
+            )
+            break
+        except DatasetNotFoundError as error:
+            tried.append(str(error))
+    else:
+        raise DatasetNotFoundError(" | ".join(tried))
+
+    train_dir, test_dir = (os.path.join(dataset_dir, folder) for folder in (train_folder, test_folder))
+    train = _parse_msmt_list(os.path.join(dataset_dir, "list_train.txt"), train_dir)
+    if include_val:
+        train += _parse_msmt_list(os.path.join(dataset_dir, "list_val.txt"), train_dir)
+    query = _parse_msmt_list(os.path.join(dataset_dir, "list_query.txt"), test_dir)
+    gallery = _parse_msmt_list(os.path.join(dataset_dir, "list_gallery.txt"), test_dir)
+    return _assemble(
+        "msmt17",
+        dataset_dir,
+        train=train,
+        query=query,
+        gallery=gallery,
+        num_cams=MSMT17_CAMERAS,
+        expected_counts=PUBLISHED_COUNTS["msmt17" if include_val else "msmt17_no_val"],
+        check_counts=check_counts,
+        with_masks=with_masks,
+        mask_root=mask_root,
+        verify_images=verify_images,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# registry
+
+_LOADERS: dict[str, Callable[..., ReIDSplits]] = {
+    "market1501": load_market1501,
+    "dukemtmc": load_dukemtmc_reid,
+    "occluded_duke": load_occluded_duke,
+    "occluded_reid": load_occluded_reid,
+    "partial_reid": load_partial_reid,
+    "cuhk03_np": load_cuhk03_np,
+    "cuhk03_np_labeled": functools.partial(load_cuhk03_np, variant="labeled"),
+    "cuhk03_np_detected": functools.partial(load_cuhk03_np, variant="detected"),
+    "msmt17": load_msmt17,
+    "synthetic": load_synthetic,
+}
+
+_ALIASES = {
+    "market": "market1501",
+    "market_1501": "market1501",
+    "duke": "dukemtmc",
+    "dukemtmc_reid": "dukemtmc",
+    "dukemtmcreid": "dukemtmc",
+    "occ_duke": "occluded_duke",
+    "occ_reid": "occluded_reid",
+    "cuhk03np": "cuhk03_np",
+    "msmt": "msmt17",
+    "synth": "synthetic",
+}
+
+
+def _canonical(name: str) -> str:
+    key = name.strip().lower().replace("-", "_")
+    return _ALIASES.get(key, key)
+
+
+def register_dataset(name: str, loader: Callable[..., ReIDSplits]) -> None:
+    """Add a loader ``loader(root, **kw) -> ReIDSplits`` under ``name``."""
+    key = _canonical(name)
+    if key in _LOADERS:
+        raise ValueError(f"dataset {name!r} is already registered")
+    _LOADERS[key] = loader
+
+
+def available_datasets() -> list[str]:
+    return sorted(_LOADERS)
+
+
+def build_dataset(name: str, root: str, **kwargs) -> ReIDSplits:
+    """Load dataset ``name`` from ``root``; ``kwargs`` go to its loader (``with_masks``, ...)."""
+    key = _canonical(name)
+    if key not in _LOADERS:
+        raise DatasetError(f"unknown dataset {name!r}; available: {', '.join(available_datasets())}")
+    return _LOADERS[key](root, **kwargs)

@@ -1,0 +1,92 @@
+"""A torch Dataset over :class:`ImageRecord` lists and a DataLoader helper."""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .errors import DatasetError
+from .image_io import read_image, read_mask
+from .records import ImageRecord
+from .samplers import SampleRef
+from .transforms import Transform, masked_image
+
+
+class ImageDataset(Dataset):
+    """Reads images (and foreground masks) with Pillow and applies a transform.
+
+    An item is a dict: ``image`` (tensor), ``pid``, ``camid``, ``index`` and ``path``; with
+    ``mask_paths`` also ``mask`` (1, H, W) in {0, 1} and ``masked`` (MaskReID's masked input,
+    ``mask * image``), both produced by the transform's paired mode so they stay aligned.
+
+    Indexing with a :class:`SampleRef` ``(index, seed)`` (what the identity samplers yield) seeds
+    the transform with ``seed``, making the sample's augmentation independent of worker
+    scheduling; a plain int uses the torch RNG of the worker.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        transform: Transform,
+        mask_paths: Optional[Mapping[str, str]] = None,
+    ):
+        self.records = list(records)
+        self.transform = transform
+        self.mask_paths = mask_paths
+        if mask_paths is not None:
+            missing = [r.path for r in self.records if r.path not in mask_paths]
+            if missing:
+                raise DatasetError(f"{len(missing)} image(s) have no mask, first: {missing[0]}")
+
+    @property
+    def pids(self) -> list[int]:
+        return [record.pid for record in self.records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: Union[int, SampleRef, tuple]) -> dict:
+        if isinstance(key, tuple):
+            index, seed = key
+            generator = torch.Generator().manual_seed(int(seed))
+        else:
+            index, generator = key, None
+        record = self.records[index]
+        image = read_image(record.path)
+        item = {"pid": record.pid, "camid": record.camid, "index": int(index), "path": record.path}
+        if self.mask_paths is None:
+            item["image"] = self.transform(image, generator)
+            return item
+        mask = read_mask(self.mask_paths[record.path], expected_size=image.size)
+        image_tensor, mask_tensor = self.transform.pair(image, mask, generator)
+        item.update(image=image_tensor, mask=mask_tensor, masked=masked_image(image_tensor, mask_tensor))
+        return item
+
+
+def build_dataloader(
+    dataset: ImageDataset,
+    *,
+    batch_sampler: Optional[Sampler] = None,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    seed: int = 0,
+    pin_memory: bool = False,
+    persistent_workers: bool = False,
+) -> DataLoader:
+    """A training loader (with an identity ``batch_sampler``) or, without one, an evaluation
+    loader that keeps the dataset order in batches of ``batch_size`` (DPM tests with 256).
+
+    ``seed`` fixes the torch RNG of the workers, which only matters for plain-int indexing.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    common = dict(
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=persistent_workers and num_workers > 0,
+        generator=generator,
+    )
+    if batch_sampler is not None:
+        return DataLoader(dataset, batch_sampler=batch_sampler, **common)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, **common)

@@ -1,0 +1,219 @@
+"""Identity batch samplers for DPM (P x K) and MaskReID (1 id x P + N singles).
+
+Both are batch samplers (``DataLoader(batch_sampler=...)``), deterministic in (seed, epoch), with
+
+* ``set_epoch(epoch)`` to reshuffle per epoch (as ``DistributedSampler``);
+* ``state_dict()`` / ``load_state_dict()`` holding (seed, epoch, position): after loading, the next
+  iteration resumes the same epoch at batch ``position`` with exactly the batches an uninterrupted
+  run would have drawn. With DataLoader workers the sampler runs ahead of the training loop
+  (prefetching), so pass the number of batches the loop consumed: ``state_dict(consumed_batches=i)``;
+* ``rank`` / ``world_size`` for DDP (see each class for how batches are split).
+
+Each batch element is a :class:`SampleRef` ``(index, seed)``: the dataset index and a per-sample
+augmentation seed drawn from the same (seed, epoch) stream. :class:`~dpm_ops.data.loader.ImageDataset`
+seeds its transforms with it, so augmentation too is identical after a resume, whatever the worker count.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterator, NamedTuple, Optional, Sequence
+
+import numpy as np
+from torch.utils.data import Sampler
+
+
+class SampleRef(NamedTuple):
+    index: int
+    seed: int
+
+
+def _pid_groups(pids: Sequence[int]) -> dict[int, list[int]]:
+    groups: dict[int, list[int]] = defaultdict(list)
+    for index, pid in enumerate(pids):
+        groups[int(pid)].append(index)
+    return dict(sorted(groups.items()))
+
+
+class _EpochBatchSampler(Sampler[list[SampleRef]]):
+    """Shared epoch / position / rank bookkeeping; subclasses build one epoch's global batches."""
+
+    def __init__(self, pids: Sequence[int], seed: int, rank: int, world_size: int):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        self.groups = _pid_groups(pids)
+        if not self.groups:
+            raise ValueError("cannot sample from an empty dataset")
+        self.seed = int(seed)
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self._cache: tuple[tuple[int, int], list[list[SampleRef]]] | None = None
+        self._start = 0  # batch to resume from, set by load_state_dict, used once
+        self._yielded = 0  # batches handed out in the current epoch
+
+    def _rng(self) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch])
+
+    def _global_batches(self, rng: np.random.Generator) -> list[list[int]]:
+        raise NotImplementedError
+
+    def _split_for_rank(self, batches: list[list[SampleRef]]) -> list[list[SampleRef]]:
+        raise NotImplementedError
+
+    def _rank_batches(self) -> list[list[SampleRef]]:
+        """This rank's batches for the current epoch (cached: len() and iter() share them)."""
+        key = (self.seed, self.epoch)
+        if self._cache is None or self._cache[0] != key:
+            rng = self._rng()
+            batches = self._attach_seeds(self._global_batches(rng), rng)
+            self._cache = (key, self._split_for_rank(batches))
+        return self._cache[1]
+
+    def _attach_seeds(self, batches: list[list[int]], rng: np.random.Generator) -> list[list[SampleRef]]:
+        total = sum(len(batch) for batch in batches)
+        seeds = iter(rng.integers(0, 2**63 - 1, size=total).tolist())
+        return [[SampleRef(index, next(seeds)) for index in batch] for batch in batches]
+
+    def __iter__(self) -> Iterator[list[SampleRef]]:
+        batches = self._rank_batches()
+        start, self._start = self._start, 0
+        self._yielded = start
+        for batch in batches[start:]:
+            self._yielded += 1
+            yield batch
+
+    def __len__(self) -> int:
+        """Batches per epoch for this rank (a resumed epoch yields ``len - position`` of them)."""
+        return len(self._rank_batches())
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self._start = 0
+        self.epoch = int(epoch)
+
+    def state_dict(self, consumed_batches: Optional[int] = None) -> dict:
+        position = self._yielded if consumed_batches is None else int(consumed_batches)
+        return {"seed": self.seed, "epoch": self.epoch, "position": position, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("world_size", self.world_size) != self.world_size:
+            raise ValueError(
+                f"sampler state saved with world_size={state['world_size']} cannot resume with {self.world_size}"
+            )
+        self.seed = int(state["seed"])
+        self.epoch = int(state["epoch"])
+        self._start = int(state["position"])
+        self._yielded = self._start
+
+
+class RandomIdentityBatchSampler(_EpochBatchSampler):
+    """DPM / TransReID's sampler: batches of ``num_ids`` identities x ``num_instances`` images.
+
+    Per epoch, each identity's images are shuffled and cut into chunks of ``num_instances``; an
+    identity with fewer images is first padded by drawing ``num_instances`` with replacement, and a
+    trailing partial chunk is dropped. Batches take one chunk from each of ``num_ids`` random
+    identities that still have chunks, until fewer than ``num_ids`` identities remain (dpm.md §7.3).
+
+    Distributed: every rank builds the same global batches and takes its share of the identities
+    of each one (``num_ids / world_size`` ids x ``num_instances``), so the global batch equals the
+    single-process batch; ``num_ids`` must be divisible by ``world_size``.
+    """
+
+    def __init__(
+        self,
+        pids: Sequence[int],
+        num_ids: int = 16,
+        num_instances: int = 4,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        super().__init__(pids, seed, rank, world_size)
+        if num_ids < 1 or num_instances < 1:
+            raise ValueError("num_ids and num_instances must be positive")
+        if num_ids % world_size:
+            raise ValueError(f"num_ids={num_ids} is not divisible by world_size={world_size}")
+        if len(self.groups) < num_ids:
+            raise ValueError(f"P x K sampling needs at least num_ids={num_ids} identities, the data has {len(self.groups)}")
+        self.num_ids = num_ids
+        self.num_instances = num_instances
+
+    def _global_batches(self, rng: np.random.Generator) -> list[list[int]]:
+        chunks: dict[int, list[list[int]]] = {}
+        for pid, indices in self.groups.items():
+            if len(indices) < self.num_instances:
+                pool = rng.choice(indices, size=self.num_instances, replace=True).tolist()
+            else:
+                pool = rng.permutation(indices).tolist()
+            usable = len(pool) - len(pool) % self.num_instances
+            chunks[pid] = [pool[i : i + self.num_instances] for i in range(0, usable, self.num_instances)]
+        available = list(chunks)
+        batches = []
+        while len(available) >= self.num_ids:
+            chosen = [available[i] for i in rng.choice(len(available), size=self.num_ids, replace=False)]
+            batches.append([chunks[pid].pop(0) for pid in chosen])
+            available = [pid for pid in available if chunks[pid]]
+        return [[index for chunk in batch for index in chunk] for batch in batches]
+
+    def _split_for_rank(self, batches: list[list[SampleRef]]) -> list[list[SampleRef]]:
+        share = (self.num_ids // self.world_size) * self.num_instances
+        return [batch[self.rank * share : (self.rank + 1) * share] for batch in batches]
+
+
+class MaskReIDBatchSampler(_EpochBatchSampler):
+    """MaskReID's ranking batch (maskreid.md §5): ``num_positives`` images of one anchor identity
+    followed by one image each of ``num_negatives`` other distinct identities (10 + 54 = 64).
+
+    The anchor identities of an epoch are a permutation of all identities, so an epoch is one
+    batch per identity (maskreid.md §8.3), or ``batches_per_epoch`` batches cycling through
+    fresh permutations. An anchor with fewer than ``num_positives`` images is sampled with
+    replacement (the paper does not say; the spec's reconstruction). The anchor's images are
+    always the first ``num_positives`` positions of a batch.
+
+    Distributed: a batch is one ranking problem and is not split; rank r takes global batches
+    r, r + world_size, ... (the epoch is cut to a multiple of ``world_size``).
+    """
+
+    def __init__(
+        self,
+        pids: Sequence[int],
+        num_positives: int = 10,
+        num_negatives: int = 54,
+        batches_per_epoch: Optional[int] = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        super().__init__(pids, seed, rank, world_size)
+        if num_positives < 2 or num_negatives < 1:
+            raise ValueError("need num_positives >= 2 and num_negatives >= 1")
+        if len(self.groups) < num_negatives + 1:
+            raise ValueError(
+                f"a MaskReID batch needs {num_negatives + 1} distinct identities, the data has {len(self.groups)}"
+            )
+        self.num_positives = num_positives
+        self.num_negatives = num_negatives
+        self.batches_per_epoch = batches_per_epoch or len(self.groups)
+        self._pid_list = list(self.groups)
+
+    def _global_batches(self, rng: np.random.Generator) -> list[list[int]]:
+        anchors: list[int] = []
+        while len(anchors) < self.batches_per_epoch:
+            anchors += rng.permutation(len(self._pid_list)).tolist()
+        batches = []
+        for anchor in anchors[: self.batches_per_epoch]:
+            indices = self.groups[self._pid_list[anchor]]
+            replace = len(indices) < self.num_positives
+            batch = rng.choice(indices, size=self.num_positives, replace=replace).tolist()
+            others = rng.choice(len(self._pid_list) - 1, size=self.num_negatives, replace=False)
+            for other in others.tolist():
+                pid = self._pid_list[other + (other >= anchor)]  # skip the anchor identity
+                group = self.groups[pid]
+                batch.append(group[int(rng.integers(len(group)))])
+            batches.append(batch)
+        return batches
+
+    def _split_for_rank(self, batches: list[list[SampleRef]]) -> list[list[SampleRef]]:
+        usable = len(batches) - len(batches) % self.world_size
+        return batches[self.rank : usable : self.world_size]

@@ -1,0 +1,351 @@
+"""Image transforms for DPM and MaskReID, and paired image + mask transforms (torch and Pillow only).
+
+Every transform is a callable ``t(image, generator=None)``; random ones draw their parameters from
+``generator`` (a ``torch.Generator``; the global torch RNG when None), so a sample's augmentation
+is reproducible from one seed. ``t.pair(image, mask, generator)`` applies the same geometry to an
+image and its foreground mask (same resize, flip, padding and crop window; masks use nearest
+resampling and zero padding), while photometric steps (colour jitter, normalisation, random
+erasing) touch the image only. After :class:`ToTensor` the mask is a float tensor (1, H, W) in {0, 1}.
+
+Recipes (``shared/spec/dpm.md`` §7.3, ``maskreid.md`` §3.1/§5):
+
+* DPM train: bicubic resize 256x128, [colour jitter], flip 0.5, pad 10, random crop 256x128,
+  to tensor, normalise mean = std = 0.5, timm-style random erasing (p 0.5, pixel mode).
+  DPM test: bilinear resize 256x128, to tensor, normalise.
+* MaskReID (DGD's pipeline): resize 160x64, random crop 144x56 + flip at train, centre crop at test;
+  subtract DGD's mean pixel on the 0-255 scale without dividing by a std. The masked input is
+  ``mask * image`` in normalised space, i.e. background = the mean pixel (see :func:`masked_image`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance, ImageOps
+
+DPM_MEAN = (0.5, 0.5, 0.5)
+DPM_STD = (0.5, 0.5, 0.5)
+# DGD's Caffe mean pixel is BGR (102, 102, 101); in RGB on the [0, 1] scale:
+MASKREID_MEAN = (101 / 255, 102 / 255, 102 / 255)
+# DGD subtracts the mean on the 0-255 scale and does not divide: std 1/255 undoes ToTensor's 1/255.
+MASKREID_STD = (1 / 255, 1 / 255, 1 / 255)
+
+_RESAMPLING = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
+
+
+def _uniform(generator: Optional[torch.Generator], low: float, high: float) -> float:
+    return low + (high - low) * torch.rand((), generator=generator).item()
+
+
+def _randint(generator: Optional[torch.Generator], low: int, high: int) -> int:
+    """Uniform integer in [low, high], both inclusive."""
+    return int(torch.randint(low, high + 1, (), generator=generator).item())
+
+
+class Transform:
+    """Base: photometric by default, i.e. ``pair`` transforms the image and passes the mask through."""
+
+    def __call__(self, image, generator: Optional[torch.Generator] = None):
+        raise NotImplementedError
+
+    def pair(self, image, mask, generator: Optional[torch.Generator] = None):
+        return self(image, generator), mask
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{key}={value!r}" for key, value in vars(self).items())
+        return f"{type(self).__name__}({fields})"
+
+
+class Compose(Transform):
+    def __init__(self, transforms: Sequence[Transform]):
+        self.transforms = list(transforms)
+
+    def __call__(self, image, generator=None):
+        for transform in self.transforms:
+            image = transform(image, generator)
+        return image
+
+    def pair(self, image, mask, generator=None):
+        for transform in self.transforms:
+            image, mask = transform.pair(image, mask, generator)
+        return image, mask
+
+
+class Resize(Transform):
+    """Resize a PIL image to ``size = (height, width)``."""
+
+    def __init__(self, size: tuple[int, int], interpolation: str = "bilinear"):
+        if interpolation not in _RESAMPLING:
+            raise ValueError(f"interpolation must be one of {sorted(_RESAMPLING)}")
+        self.size = tuple(size)
+        self.interpolation = interpolation
+
+    def __call__(self, image, generator=None):
+        height, width = self.size
+        return image.resize((width, height), _RESAMPLING[self.interpolation])
+
+    def pair(self, image, mask, generator=None):
+        height, width = self.size
+        return self(image), mask.resize((width, height), Image.Resampling.NEAREST)
+
+
+class RandomHorizontalFlip(Transform):
+    def __init__(self, p: float = 0.5):
+        self.p = p
+
+    def __call__(self, image, generator=None):
+        return self.pair(image, None, generator)[0]
+
+    def pair(self, image, mask, generator=None):
+        if torch.rand((), generator=generator).item() < self.p:
+            image = ImageOps.mirror(image)
+            mask = None if mask is None else ImageOps.mirror(mask)
+        return image, mask
+
+
+class Pad(Transform):
+    """Pad every side by ``padding`` pixels with ``fill`` (masks are padded with background)."""
+
+    def __init__(self, padding: int, fill: int = 0):
+        self.padding = padding
+        self.fill = fill
+
+    def __call__(self, image, generator=None):
+        return ImageOps.expand(image, border=self.padding, fill=self.fill)
+
+    def pair(self, image, mask, generator=None):
+        return self(image), ImageOps.expand(mask, border=self.padding, fill=0)
+
+
+class RandomCrop(Transform):
+    """Crop a random ``size = (height, width)`` window (uniform over all positions)."""
+
+    def __init__(self, size: tuple[int, int]):
+        self.size = tuple(size)
+
+    def _window(self, image, generator) -> tuple[int, int, int, int]:
+        height, width = self.size
+        if image.height < height or image.width < width:
+            raise ValueError(f"cannot crop {width}x{height} from a {image.width}x{image.height} image")
+        top = _randint(generator, 0, image.height - height)
+        left = _randint(generator, 0, image.width - width)
+        return left, top, left + width, top + height
+
+    def __call__(self, image, generator=None):
+        return image.crop(self._window(image, generator))
+
+    def pair(self, image, mask, generator=None):
+        window = self._window(image, generator)
+        return image.crop(window), mask.crop(window)
+
+
+class CenterCrop(Transform):
+    def __init__(self, size: tuple[int, int]):
+        self.size = tuple(size)
+
+    def _window(self, image) -> tuple[int, int, int, int]:
+        height, width = self.size
+        if image.height < height or image.width < width:
+            raise ValueError(f"cannot crop {width}x{height} from a {image.width}x{image.height} image")
+        top = (image.height - height) // 2
+        left = (image.width - width) // 2
+        return left, top, left + width, top + height
+
+    def __call__(self, image, generator=None):
+        return image.crop(self._window(image))
+
+    def pair(self, image, mask, generator=None):
+        window = self._window(image)
+        return image.crop(window), mask.crop(window)
+
+
+class ColorJitter(Transform):
+    """Random brightness, contrast, saturation and hue, applied in a random order.
+
+    Factors are drawn uniformly from [max(0, 1 - x), 1 + x]; the hue shift from [-hue, hue] of a
+    full turn (hue <= 0.5).
+    """
+
+    def __init__(self, brightness: float = 0.0, contrast: float = 0.0, saturation: float = 0.0, hue: float = 0.0):
+        if not 0.0 <= hue <= 0.5:
+            raise ValueError("hue must be in [0, 0.5]")
+        self.brightness, self.contrast, self.saturation, self.hue = brightness, contrast, saturation, hue
+
+    @staticmethod
+    def _shift_hue(image: Image.Image, shift: float) -> Image.Image:
+        hsv = np.array(image.convert("HSV"))
+        hsv[..., 0] = (hsv[..., 0].astype(np.int16) + int(round(shift * 255))) % 256
+        return Image.fromarray(hsv, "HSV").convert("RGB")
+
+    def __call__(self, image, generator=None):
+        steps = []
+        if self.brightness > 0:
+            factor = _uniform(generator, max(0.0, 1 - self.brightness), 1 + self.brightness)
+            steps.append(lambda im, f=factor: ImageEnhance.Brightness(im).enhance(f))
+        if self.contrast > 0:
+            factor = _uniform(generator, max(0.0, 1 - self.contrast), 1 + self.contrast)
+            steps.append(lambda im, f=factor: ImageEnhance.Contrast(im).enhance(f))
+        if self.saturation > 0:
+            factor = _uniform(generator, max(0.0, 1 - self.saturation), 1 + self.saturation)
+            steps.append(lambda im, f=factor: ImageEnhance.Color(im).enhance(f))
+        if self.hue > 0:
+            shift = _uniform(generator, -self.hue, self.hue)
+            steps.append(lambda im, s=shift: self._shift_hue(im, s))
+        for index in torch.randperm(len(steps), generator=generator).tolist():
+            image = steps[index](image)
+        return image
+
+
+class ToTensor(Transform):
+    """PIL RGB -> float tensor (3, H, W) in [0, 1]; masks -> float tensor (1, H, W) in {0, 1}."""
+
+    def __call__(self, image, generator=None):
+        array = np.array(image.convert("RGB"), dtype=np.uint8)
+        return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
+
+    def pair(self, image, mask, generator=None):
+        foreground = np.array(mask.convert("L"), dtype=np.uint8) >= 128
+        return self(image), torch.from_numpy(foreground).float().unsqueeze(0)
+
+
+class Normalize(Transform):
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+
+    def __call__(self, tensor, generator=None):
+        mean = torch.tensor(self.mean, dtype=tensor.dtype).view(-1, 1, 1)
+        std = torch.tensor(self.std, dtype=tensor.dtype).view(-1, 1, 1)
+        return (tensor - mean) / std
+
+
+class RandomErasing(Transform):
+    """timm-style random erasing on a normalised tensor (timm 0.4.9 defaults, dpm.md §7.3).
+
+    With probability ``probability`` erase ``count`` rectangles (count uniform in 1..max_count),
+    each of area U(area) * image area / count and log-uniform aspect ratio in ``aspect``, trying up
+    to ``attempts`` times per rectangle to fit it inside the image. ``mode``: ``"pixel"`` fills with
+    per-pixel N(0, 1) noise, ``"rand"`` with one N(0, 1) value per channel, ``"const"`` with 0.
+    """
+
+    def __init__(
+        self,
+        probability: float = 0.5,
+        area: tuple[float, float] = (0.02, 1 / 3),
+        aspect: tuple[float, float] = (0.3, 1 / 0.3),
+        mode: str = "pixel",
+        max_count: int = 1,
+        attempts: int = 10,
+    ):
+        if mode not in ("pixel", "rand", "const"):
+            raise ValueError("mode must be 'pixel', 'rand' or 'const'")
+        self.probability = probability
+        self.area = tuple(area)
+        self.aspect = tuple(aspect)
+        self.mode = mode
+        self.max_count = max_count
+        self.attempts = attempts
+
+    def __call__(self, tensor, generator=None):
+        if torch.rand((), generator=generator).item() >= self.probability:
+            return tensor
+        tensor = tensor.clone()
+        channels, height, width = tensor.shape
+        count = _randint(generator, 1, self.max_count)
+        log_aspect = (math.log(self.aspect[0]), math.log(self.aspect[1]))
+        for _ in range(count):
+            for _ in range(self.attempts):
+                target_area = _uniform(generator, *self.area) * height * width / count
+                aspect = math.exp(_uniform(generator, *log_aspect))
+                box_h = int(round(math.sqrt(target_area * aspect)))
+                box_w = int(round(math.sqrt(target_area / aspect)))
+                if box_w < width and box_h < height:
+                    top = _randint(generator, 0, height - box_h)
+                    left = _randint(generator, 0, width - box_w)
+                    tensor[:, top : top + box_h, left : left + box_w] = self._fill(channels, box_h, box_w, tensor.dtype, generator)
+                    break
+        return tensor
+
+    def _fill(self, channels, height, width, dtype, generator) -> torch.Tensor:
+        if self.mode == "pixel":
+            return torch.randn((channels, height, width), generator=generator, dtype=dtype)
+        if self.mode == "rand":
+            return torch.randn((channels, 1, 1), generator=generator, dtype=dtype)
+        return torch.zeros((channels, 1, 1), dtype=dtype)
+
+
+def masked_image(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """MaskReID's masked input from a normalised image and its {0, 1} mask.
+
+    The paper fills the background with the mean pixel: mask * x + (1 - mask) * mean, which after
+    normalisation is simply mask * normalised(x).
+    """
+    return image * mask
+
+
+# ---------------------------------------------------------------------------------------------
+# recipes
+
+
+def dpm_train_transforms(
+    size: tuple[int, int] = (256, 128),
+    padding: int = 10,
+    flip: float = 0.5,
+    erasing: float = 0.5,
+    color_jitter: bool = False,
+    mean: Sequence[float] = DPM_MEAN,
+    std: Sequence[float] = DPM_STD,
+) -> Compose:
+    """DPM's training pipeline; ``color_jitter`` is its Occluded-REID setting."""
+    steps: list[Transform] = [Resize(size, "bicubic")]
+    if color_jitter:
+        steps.append(ColorJitter(brightness=0.3, contrast=0.3, saturation=0.2, hue=0.2))
+    steps += [RandomHorizontalFlip(flip), Pad(padding), RandomCrop(size), ToTensor(), Normalize(mean, std)]
+    if erasing > 0:
+        steps.append(RandomErasing(probability=erasing, mode="pixel", max_count=1))
+    return Compose(steps)
+
+
+def dpm_test_transforms(size: tuple[int, int] = (256, 128), mean=DPM_MEAN, std=DPM_STD) -> Compose:
+    return Compose([Resize(size, "bilinear"), ToTensor(), Normalize(mean, std)])
+
+
+def maskreid_train_transforms(
+    resize: tuple[int, int] = (160, 64),
+    crop: tuple[int, int] = (144, 56),
+    flip: float = 0.5,
+    erasing: float = 0.0,
+    mean: Sequence[float] = MASKREID_MEAN,
+    std: Sequence[float] = MASKREID_STD,
+) -> Compose:
+    """DGD's pipeline used by MaskReID; random erasing (off by default) is not in the paper."""
+    steps: list[Transform] = [Resize(resize, "bilinear"), RandomCrop(crop), RandomHorizontalFlip(flip), ToTensor(), Normalize(mean, std)]
+    if erasing > 0:
+        steps.append(RandomErasing(probability=erasing, mode="pixel"))
+    return Compose(steps)
+
+
+def maskreid_test_transforms(
+    resize: tuple[int, int] = (160, 64), crop: tuple[int, int] = (144, 56), mean=MASKREID_MEAN, std=MASKREID_STD
+) -> Compose:
+    return Compose([Resize(resize, "bilinear"), CenterCrop(crop), ToTensor(), Normalize(mean, std)])
+
+
+_RECIPES = {
+    "dpm": (dpm_train_transforms, dpm_test_transforms),
+    "maskreid": (maskreid_train_transforms, maskreid_test_transforms),
+}
+
+
+def build_transforms(recipe: str, train: bool, **options) -> Compose:
+    """``build_transforms("dpm", train=True, color_jitter=True)`` and the like."""
+    if recipe not in _RECIPES:
+        raise ValueError(f"unknown transform recipe {recipe!r}; available: {sorted(_RECIPES)}")
+    return _RECIPES[recipe][0 if train else 1](**options)
