@@ -1,0 +1,416 @@
+"""Dataset loaders on tiny generated folder trees in every published layout (datasets.md)."""
+
+import os
+import warnings
+
+import pytest
+from PIL import Image
+
+from dpm_ops.data import (
+    DatasetCountWarning,
+    DatasetError,
+    DatasetNotFoundError,
+    ImageDataset,
+    available_datasets,
+    build_dataset,
+    register_dataset,
+)
+from dpm_ops.data import datasets as datasets_module
+from dpm_ops.data.masks import mask_path_for
+from dpm_ops.data.transforms import dpm_test_transforms
+
+
+def write_image(path, colour=(200, 30, 30), size=(8, 16)):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+
+
+def write_mask(image_path, dataset_dir, size=(8, 16)):
+    path = mask_path_for(str(image_path), str(dataset_dir))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("1", size, 1).save(path)
+
+
+def make_market_tree(base, folder_names=None):
+    """A Market-1501 tree with train ids 2 and 7, query id 3 and 5, junk and distractors."""
+    root = base / "Market-1501-v15.09.15"
+    names = folder_names or {
+        "bounding_box_train": ["0002_c1s1_000451_03.jpg", "0002_c2s1_000551_01.jpg", "0007_c6s4_002452_02.jpg"],
+        "query": ["0003_c1s1_000151_00.jpg", "0005_c3s2_000301_00.jpg"],
+        "bounding_box_test": [
+            "0003_c2s1_000201_01.jpg",
+            "0003_c1s1_000161_02.jpg",
+            "0005_c4s2_000401_01.jpg",
+            "0000_c1s1_000811_05.jpg",  # distractor
+            "-1_c3s1_000901_04.jpg",  # junk
+            "-1_c5s1_000911_02.jpg",  # junk
+        ],
+    }
+    for folder, files in names.items():
+        for name in files:
+            write_image(root / folder / name)
+    return root
+
+
+def load_quietly(name, root, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DatasetCountWarning)
+        return build_dataset(name, root, **kwargs)
+
+
+# --------------------------------------------------------------------------------- Market-1501
+
+
+def test_market_parses_pids_cameras_junk_and_distractors(tmp_path):
+    root = make_market_tree(tmp_path)
+    data = load_quietly("market1501", root)
+    assert data.num_cams == 6
+    assert sorted((r.pid, r.camid) for r in data.train) == [(0, 0), (0, 1), (1, 5)]
+    assert data.train_pid_map == {2: 0, 7: 1}
+    assert sorted((r.pid, r.camid) for r in data.query) == [(3, 0), (5, 2)]
+    gallery = sorted((r.pid, r.camid) for r in data.gallery)
+    assert gallery == [(0, 0), (3, 0), (3, 1), (5, 3)]  # distractor pid 0 kept, junk gone
+    assert data.junk_dropped == 2
+    assert all(os.path.isabs(r.path) and os.path.isfile(r.path) for r in data.gallery)
+    assert data.occluded_paths is None and data.is_occluded(data.query[0]) is None
+
+
+@pytest.mark.parametrize("nesting", ["", "market1501"])
+def test_market_found_from_parent_folders(tmp_path, nesting):
+    make_market_tree(tmp_path / nesting if nesting else tmp_path)
+    data = load_quietly("Market-1501", tmp_path)  # alias, case and dash tolerant
+    assert data.root.endswith("Market-1501-v15.09.15")
+
+
+def test_count_check_warns_naming_the_split_errors_or_stays_silent(tmp_path, monkeypatch):
+    root = make_market_tree(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_dataset("market1501", root)
+    messages = [str(w.message) for w in caught if issubclass(w.category, DatasetCountWarning)]
+    assert len(messages) == 3
+    assert messages[0].startswith("market1501 train: found 2 ids / 3 images, the full dataset has 751 ids / 12936")
+    assert messages[2].startswith("market1501 gallery: found 3 ids / 4 images")
+    with pytest.raises(DatasetError, match="market1501 train"):
+        build_dataset("market1501", root, check_counts="error")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_dataset("market1501", root, check_counts="off")
+        # a "full" dataset: counts equal to the published ones -> no warning even in error mode
+        monkeypatch.setitem(
+            datasets_module.PUBLISHED_COUNTS,
+            "market1501",
+            {"train": (2, 3), "query": (2, 2), "gallery": (3, 4)},
+        )
+        build_dataset("market1501", root, check_counts="error")
+    with pytest.raises(ValueError, match="check_counts"):
+        build_dataset("market1501", root, check_counts="sometimes")
+
+
+def test_published_counts_follow_the_spec():
+    counts = datasets_module.PUBLISHED_COUNTS
+    assert counts["market1501"]["gallery"] == (751, 15913)
+    assert counts["occluded_duke"] == {"train": (702, 15618), "query": (519, 2210), "gallery": (1110, 17661)}
+    assert counts["cuhk03_np_detected"]["gallery"] == (700, 5332)
+    assert counts["occluded_reid"]["query"] == (200, 1000)
+    assert counts["partial_reid"]["gallery"] == (60, 300)
+
+
+def test_market_rejects_camera_seven(tmp_path):
+    root = make_market_tree(tmp_path)
+    write_image(root / "bounding_box_test" / "0003_c7s1_000201_01.jpg")
+    with pytest.raises(DatasetError, match=r"c7 outside 1\.\.6 in .*0003_c7s1_000201_01\.jpg"):
+        load_quietly("market1501", root)
+
+
+def test_bad_filename_is_named(tmp_path):
+    root = make_market_tree(tmp_path)
+    write_image(root / "query" / "person3.jpg")
+    with pytest.raises(DatasetError, match=r"person3\.jpg"):
+        load_quietly("market1501", root)
+
+
+def test_missing_root_and_wrong_layout_name_the_folder(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="dataset root not found") as info:
+        build_dataset("market1501", tmp_path / "nowhere")
+    assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, ValueError)
+    assert str(tmp_path / "nowhere") in str(info.value)
+
+    root = tmp_path / "Market-1501-v15.09.15"
+    write_image(root / "bounding_box_train" / "0002_c1s1_000451_03.jpg")
+    write_image(root / "bounding_box_test" / "0003_c2s1_000201_01.jpg")
+    with pytest.raises(DatasetNotFoundError, match=r"Market-1501-v15\.09\.15 \(lacks query\)"):
+        build_dataset("market1501", tmp_path)
+
+
+def test_empty_split_folder_is_named(tmp_path):
+    root = make_market_tree(tmp_path)
+    for name in os.listdir(root / "query"):
+        os.remove(root / "query" / name)
+    with pytest.raises(DatasetError, match=r"no \*\.jpg images in .*query"):
+        load_quietly("market1501", root)
+
+
+# --------------------------------------------------------------------------- Duke / Occluded-Duke
+
+
+def make_duke_tree(root):
+    files = {
+        "bounding_box_train": ["0001_c1_f0046985.jpg", "0001_c8_f0047105.jpg", "0004_c2_f0001234.jpg"],
+        "query": ["0005_c2_f0046985.jpg", "0009_c7_f0100000.jpg"],
+        "bounding_box_test": ["0005_c3_f0047225.jpg", "0009_c8_f0100120.jpg", "0012_c1_f0000120.jpg"],
+    }
+    for folder, names in files.items():
+        for name in names:
+            write_image(root / folder / name)
+    return root
+
+
+def test_duke_cameras_one_to_eight(tmp_path):
+    make_duke_tree(tmp_path / "DukeMTMC-reID")
+    data = load_quietly("dukemtmc", tmp_path)
+    assert data.num_cams == 8
+    assert sorted(r.camid for r in data.train) == [0, 1, 7]
+    assert sorted(r.pid for r in data.gallery) == [5, 9, 12]  # distractor ids are real ids
+    write_image(tmp_path / "DukeMTMC-reID" / "query" / "0010_c9_f0000001.jpg")
+    with pytest.raises(DatasetError, match="c9 outside 1..8"):
+        load_quietly("duke", tmp_path)
+
+
+def test_occluded_duke_marks_every_query_occluded(tmp_path):
+    make_duke_tree(tmp_path / "Occluded_Duke")
+    data = load_quietly("occluded_duke", tmp_path)
+    assert data.name == "occluded_duke"
+    assert all(data.is_occluded(r) for r in data.query)
+    assert not any(data.is_occluded(r) for r in data.gallery)
+
+
+# ---------------------------------------------------------------------------------- CUHK03-NP
+
+
+@pytest.mark.parametrize("variant", ["labeled", "detected"])
+def test_cuhk03_np_variants(tmp_path, variant):
+    for other in ("labeled", "detected"):
+        base = tmp_path / "cuhk03-np" / other
+        pid = 1 if other == variant else 50
+        write_image(base / "bounding_box_train" / f"{pid:04d}_c1_1.png")
+        write_image(base / "bounding_box_train" / f"{pid:04d}_c2_2.png")
+        write_image(base / "query" / f"{pid + 1:04d}_c1_1.png")
+        write_image(base / "bounding_box_test" / f"{pid + 1:04d}_c2_3.png")
+    data = load_quietly(f"cuhk03_np_{variant}", tmp_path)
+    assert data.name == f"cuhk03_np_{variant}" and data.num_cams == 2
+    assert data.train_pid_map == {1: 0}
+    assert [r.camid for r in data.query] == [0] and [r.camid for r in data.gallery] == [1]
+    assert load_quietly("cuhk03_np", tmp_path, variant=variant).train_pid_map == {1: 0}
+
+
+def test_cuhk03_np_rejects_third_view_and_bad_variant(tmp_path):
+    base = tmp_path / "cuhk03-np" / "labeled"
+    for folder, name in (("bounding_box_train", "0001_c1_1.png"), ("query", "0002_c1_1.png"), ("bounding_box_test", "0002_c3_1.png")):
+        write_image(base / folder / name)
+    with pytest.raises(DatasetError, match="c3 outside 1..2"):
+        load_quietly("cuhk03_np", tmp_path)
+    with pytest.raises(ValueError, match="variant"):
+        build_dataset("cuhk03_np", tmp_path, variant="both")
+
+
+# ------------------------------------------------------------------ Occluded-REID / Partial-REID
+
+
+def make_occluded_reid_tree(root, ids=(1, 2), per_id=3):
+    for pid in ids:
+        for index in range(1, per_id + 1):
+            write_image(root / "occluded_body_images" / f"{pid:03d}" / f"{pid:03d}_{index:02d}.tif")
+            write_image(root / "whole_body_images" / f"{pid:03d}" / f"{pid:03d}_{index:02d}.tif")
+    return root
+
+
+def test_occluded_reid_cameras_come_from_the_folder_not_the_index(tmp_path):
+    make_occluded_reid_tree(tmp_path / "Occluded_REID")
+    data = load_quietly("occluded_reid", tmp_path)
+    assert data.train == [] and data.num_train_pids == 0
+    assert {r.camid for r in data.query} == {0} and {r.camid for r in data.gallery} == {1}
+    assert sorted({r.pid for r in data.query}) == [1, 2] and len(data.query) == 6
+    assert all(r.path.endswith(".tif") for r in data.query)
+    assert all(data.is_occluded(r) for r in data.query) and not any(data.is_occluded(r) for r in data.gallery)
+    renamed = load_quietly("occluded_reid", tmp_path, gallery_camid=2)  # DPM's Rename.py cameras
+    assert {r.camid for r in renamed.gallery} == {2} and renamed.num_cams == 3
+
+
+def test_occluded_reid_wants_tif_in_pid_folders(tmp_path):
+    root = tmp_path / "Occluded_REID"
+    make_occluded_reid_tree(root)
+    write_image(root / "whole_body_images" / "002" / "003_01.tif")
+    with pytest.raises(DatasetError, match=r"<pid>/<pid>_<nn>\.tif.*003_01\.tif"):
+        load_quietly("occluded_reid", root)
+
+    jpg_root = tmp_path / "jpg" / "Occluded_REID"
+    write_image(jpg_root / "occluded_body_images" / "001" / "001_01.jpg")
+    write_image(jpg_root / "whole_body_images" / "001" / "001_01.jpg")
+    with pytest.raises(DatasetError, match=r"no \*\.tif images in .*occluded_body_images"):
+        load_quietly("occluded_reid", jpg_root)
+
+
+def test_partial_reid(tmp_path):
+    root = tmp_path / "Partial_REID"
+    for pid in (1, 7):
+        for index in (1, 2):
+            write_image(root / "partial_body_images" / f"{pid:03d}_{index:02d}.jpg")
+            write_image(root / "whole_body_images" / f"{pid:03d}_{index:02d}.jpg")
+    data = load_quietly("partial_reid", tmp_path)
+    assert sorted((r.pid, r.camid) for r in data.query) == [(1, 0), (1, 0), (7, 0), (7, 0)]
+    assert {r.camid for r in data.gallery} == {1}
+    write_image(root / "whole_body_images" / "seven_01.jpg")
+    with pytest.raises(DatasetError, match=r"seven_01\.jpg"):
+        load_quietly("partial_reid", tmp_path)
+
+
+# ------------------------------------------------------------------------------------- MSMT17
+
+
+def make_msmt_tree(base, version="MSMT17_V1"):
+    train_folder, test_folder = datasets_module.MSMT17_VERSIONS[version]
+    root = base / version
+    lists = {
+        ("list_train.txt", train_folder): [("0000/0000_000_01_0303morning_0015_0.jpg", 0), ("0001/0001_003_15_0303noon_0101_1.jpg", 1)],
+        ("list_val.txt", train_folder): [("0001/0001_004_07_0303noon_0102_0.jpg", 1)],
+        ("list_query.txt", test_folder): [("0000/0000_000_02_0113morning_0001_0.jpg", 0)],
+        ("list_gallery.txt", test_folder): [("0000/0000_001_03_0113morning_0010_0.jpg", 0), ("0002/0002_000_11_0113noon_0003_1.jpg", 2)],
+    }
+    for (list_name, folder), entries in lists.items():
+        for relative, _ in entries:
+            write_image(root / folder / relative)
+        (root / list_name).write_text("".join(f"{relative} {pid}\n" for relative, pid in entries))
+    return root
+
+
+@pytest.mark.parametrize("version", ["MSMT17_V1", "MSMT17_V2"])
+def test_msmt17_list_files(tmp_path, version):
+    make_msmt_tree(tmp_path, version)
+    data = load_quietly("msmt17", tmp_path)
+    assert data.num_cams == 15
+    assert sorted((r.pid, r.camid) for r in data.train) == [(0, 0), (1, 6), (1, 14)]
+    assert len(load_quietly("msmt17", tmp_path, include_val=False).train) == 2
+    assert [(r.pid, r.camid) for r in data.query] == [(0, 1)]
+    assert sorted(r.camid for r in data.gallery) == [2, 10]
+
+
+def test_msmt17_bad_lines_missing_images_and_cameras(tmp_path):
+    root = make_msmt_tree(tmp_path)
+    (root / "list_query.txt").write_text("0000/0000_000_02_0113morning_0001_0.jpg\n")
+    with pytest.raises(DatasetError, match=r"list_query\.txt:1: expected"):
+        load_quietly("msmt17", tmp_path)
+    (root / "list_query.txt").write_text("0000/0000_999_02_0113morning_0001_0.jpg 0\n")
+    with pytest.raises(DatasetNotFoundError, match=r"list_query\.txt:1: image not found: .*0000_999_02"):
+        load_quietly("msmt17", tmp_path)
+    write_image(root / "test" / "0000" / "0000_000_16_0113morning_0001_0.jpg")
+    (root / "list_query.txt").write_text("0000/0000_000_16_0113morning_0001_0.jpg 0\n")
+    with pytest.raises(DatasetError, match="c16 outside 1..15"):
+        load_quietly("msmt17", tmp_path)
+
+
+# ------------------------------------------------------------------------------ MaskReID masks
+
+
+def add_masks(dataset_dir):
+    for folder in ("bounding_box_train", "query", "bounding_box_test"):
+        for name in os.listdir(dataset_dir / folder):
+            write_mask(dataset_dir / folder / name, dataset_dir)
+
+
+def test_masks_mirror_the_image_tree_one_to_one(tmp_path):
+    root = make_market_tree(tmp_path)
+    add_masks(root)  # junk images get masks too: the tree mirrors the files on disk
+    data = load_quietly("market1501", root, with_masks=True)
+    assert len(data.mask_paths) == 11
+    query_image = data.query[0].path
+    assert data.mask_paths[query_image] == str(root / "query_seg" / (os.path.basename(query_image)[:-4] + ".png"))
+    assert data.mask_paths[query_image] == mask_path_for(query_image, str(root))
+    assert load_quietly("market1501", root).mask_paths is None
+
+
+def test_missing_and_orphan_masks_are_named(tmp_path):
+    root = make_market_tree(tmp_path)
+    add_masks(root)
+    missing = root / "bounding_box_test_seg" / "0005_c4s2_000401_01.png"
+    os.remove(missing)
+    with pytest.raises(DatasetNotFoundError, match=r"1 image\(s\) have no mask, first: .*0005_c4s2_000401_01\.png"):
+        load_quietly("market1501", root, with_masks=True)
+    Image.new("1", (8, 16), 1).save(missing)
+    Image.new("1", (8, 16), 1).save(root / "query_seg" / "0099_c1s1_000001_00.png")
+    with pytest.raises(DatasetError, match=r"1 mask\(s\) have no image, first: .*0099_c1s1_000001_00\.png"):
+        load_quietly("market1501", root, with_masks=True)
+
+
+def test_missing_mask_folder_and_separate_mask_root(tmp_path):
+    root = make_occluded_reid_tree(tmp_path / "Occluded_REID", ids=(1,), per_id=1)
+    with pytest.raises(DatasetNotFoundError, match=r"mask folder not found: .*occluded_body_images_seg"):
+        load_quietly("occluded_reid", root, with_masks=True)
+    mask_root = tmp_path / "masks"
+    for folder in ("occluded_body_images", "whole_body_images"):
+        path = mask_root / f"{folder}_seg" / "001" / "001_01.png"
+        os.makedirs(path.parent)
+        Image.new("1", (8, 16), 1).save(path)
+    data = load_quietly("occluded_reid", root, with_masks=True, mask_root=str(mask_root))
+    assert data.mask_paths[data.query[0].path] == str(mask_root / "occluded_body_images_seg" / "001" / "001_01.png")
+
+
+# ----------------------------------------------------------------------------- unreadable files
+
+
+def test_unreadable_image_named_at_load_with_verify_and_at_read(tmp_path):
+    root = make_market_tree(tmp_path)
+    broken = root / "query" / "0005_c3s2_000301_00.jpg"
+    broken.write_bytes(b"not a jpeg at all")
+    data = load_quietly("market1501", root)  # header check is opt-in: loading stays cheap
+    with pytest.raises(DatasetError, match=r"unreadable image: .*0005_c3s2_000301_00\.jpg"):
+        load_quietly("market1501", root, verify_images=True)
+    dataset = ImageDataset(data.query, dpm_test_transforms((16, 8)))
+    index = [r.path for r in data.query].index(str(broken))
+    with pytest.raises(DatasetError, match=r"unreadable image: .*0005_c3s2_000301_00\.jpg"):
+        dataset[index]
+
+
+def test_unreadable_or_mismatched_mask_named_at_read(tmp_path):
+    root = make_market_tree(tmp_path)
+    add_masks(root)
+    data = load_quietly("market1501", root, with_masks=True)
+    dataset = ImageDataset(data.query, dpm_test_transforms((16, 8)), data.mask_paths)
+    assert dataset[0]["mask"].shape == (1, 16, 8)
+    mask_path = data.mask_paths[data.query[0].path]
+    Image.new("1", (9, 16), 1).save(mask_path)
+    with pytest.raises(DatasetError, match=r"mask .* is 9x16 but its image is 8x16"):
+        dataset[0]
+    with open(mask_path, "wb") as handle:
+        handle.write(b"\x89PNG garbage")
+    with pytest.raises(DatasetError, match="unreadable mask: " + ".*" + os.path.basename(mask_path)):
+        dataset[0]
+
+
+# ------------------------------------------------------------------------------------ registry
+
+
+def test_registry_names_errors_and_registration(tmp_path):
+    names = available_datasets()
+    for name in ("market1501", "dukemtmc", "occluded_duke", "occluded_reid", "partial_reid",
+                 "cuhk03_np_labeled", "cuhk03_np_detected", "msmt17", "synthetic"):
+        assert name in names
+    with pytest.raises(DatasetError, match=r"unknown dataset 'viper'; available: .*market1501"):
+        build_dataset("viper", tmp_path)
+
+    def load_custom(root, **kwargs):
+        return ("custom", root, kwargs)
+
+    register_dataset("custom_set_for_test", load_custom)
+    try:
+        assert build_dataset("custom-set-for-test", tmp_path, flag=1) == ("custom", tmp_path, {"flag": 1})
+        with pytest.raises(ValueError, match="already registered"):
+            register_dataset("custom_set_for_test", load_custom)
+    finally:
+        datasets_module._LOADERS.pop("custom_set_for_test")
+
+
+def test_synthetic_loader_needs_a_manifest(tmp_path):
+    make_market_tree(tmp_path)
+    with pytest.raises(DatasetNotFoundError, match=r"synthetic\.json"):
+        build_dataset("synthetic", tmp_path / "Market-1501-v15.09.15")

@@ -1,0 +1,114 @@
+"""The synthetic occluded re-ID set: determinism, Market layout, masks, manifest and CLI."""
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dpm_ops.data import DatasetError, SynthConfig, build_dataset, ensure_synthetic_dataset, generate_synthetic_dataset
+from dpm_ops.data.synth import main
+
+TINY = SynthConfig(seed=3, ids=8, cameras=3, width=32, height=64, train_images=(3, 4), id_cameras=(2, 3),
+                   gallery_per_camera=(1, 2), distractors=0.2, junk=0.2, query_occlusion=0.6)
+
+MARKET_NAME = re.compile(r"^(\d{4}|-1)_c(\d)s(\d)_(\d{6})_(\d{2})\.jpg$")
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory):
+    return generate_synthetic_dataset(tmp_path_factory.mktemp("synth") / "set", TINY, progress=False)
+
+
+def file_bytes(root):
+    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+def test_same_seed_same_bytes_other_seed_other_images(tiny_set, tmp_path):
+    again = generate_synthetic_dataset(tmp_path / "again", TINY, progress=False)
+    assert file_bytes(tiny_set) == file_bytes(again)
+    other = generate_synthetic_dataset(tmp_path / "other", SynthConfig(**{**TINY.__dict__, "seed": 4}), progress=False)
+    assert file_bytes(other) != file_bytes(tiny_set)
+
+
+def test_market_layout_names_and_image_size(tiny_set):
+    for folder in ("bounding_box_train", "query", "bounding_box_test"):
+        names = os.listdir(tiny_set / folder)
+        assert names and all(MARKET_NAME.match(name) for name in names), names
+        masks = sorted(os.listdir(tiny_set / f"{folder}_seg"))
+        assert masks == sorted(name[:-4] + ".png" for name in names)
+    assert all(MARKET_NAME.match(n).group(5) == "00" for n in os.listdir(tiny_set / "query"))
+    assert all(1 <= int(MARKET_NAME.match(n).group(2)) <= 3 for n in os.listdir(tiny_set / "bounding_box_test"))
+    any_image = next((tiny_set / "query").iterdir())
+    with Image.open(any_image) as image:
+        assert image.size == (32, 64) and image.mode == "RGB"
+
+
+def test_loader_reads_it_with_masks_and_exact_counts(tiny_set):
+    data = build_dataset("synthetic", tiny_set, with_masks=True)  # counts checked in error mode
+    manifest = json.loads((tiny_set / "synthetic.json").read_text())
+    assert manifest["format"] == "dpm_ops.synthetic/1" and manifest["config"]["seed"] == 3
+    assert [len({r.pid for r in data.train}), len(data.train)] == manifest["counts"]["train"]
+    assert data.junk_dropped > 0 and any(r.pid == 0 for r in data.gallery)
+    assert data.num_train_pids == 4 and data.num_cams == 3
+    test_ids = {r.pid for r in data.query}
+    assert not test_ids & set(data.train_pid_map), "train and test identities must be disjoint"
+    for query in data.query:  # every query has a true match in another camera
+        assert any(g.pid == query.pid and g.camid != query.camid for g in data.gallery)
+    assert len(data.mask_paths) == len(data.train) + len(data.query) + len(data.gallery) + data.junk_dropped
+
+
+def test_occluded_queries_are_recorded_and_lose_visible_body(tiny_set):
+    data = build_dataset("synthetic", tiny_set, with_masks=True)
+    manifest = json.loads((tiny_set / "synthetic.json").read_text())
+    occluded = [r for r in data.query if data.is_occluded(r)]
+    clean = [r for r in data.query if not data.is_occluded(r)]
+    assert occluded and clean
+    for key, entry in manifest["occlusion"].items():
+        assert (tiny_set / key).is_file()
+        assert entry["occluder"] in ("ground", "side", "pole", "board", "person")
+        assert 0.05 <= entry["hidden"] < 1.0
+
+    def visible(record):
+        return (np.asarray(Image.open(data.mask_paths[record.path])) > 0).mean()
+
+    assert np.mean([visible(r) for r in occluded]) < 0.85 * np.mean([visible(r) for r in clean])
+
+
+def test_refuses_to_overwrite_unless_forced_and_synthetic(tiny_set, tmp_path):
+    with pytest.raises(DatasetError, match="--force"):
+        generate_synthetic_dataset(tiny_set, TINY, progress=False)
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"x")
+    with pytest.raises(DatasetError, match="not a synthetic dataset"):
+        generate_synthetic_dataset(foreign, TINY, progress=False, force=True)
+    assert (foreign / "holiday.jpg").exists()
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_ensure_reuses_a_matching_set(tmp_path):
+    config = SynthConfig(**{**TINY.__dict__, "ids": 4, "distractors": 0.0, "junk": 0.0})
+    out = ensure_synthetic_dataset(tmp_path / "set", config, progress=False)
+    stamp = (out / "synthetic.json").stat().st_mtime_ns
+    assert ensure_synthetic_dataset(out, config, progress=False) == out
+    assert (out / "synthetic.json").stat().st_mtime_ns == stamp
+
+
+def test_cli(tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["--out", str(out), "--seed", "1", "--ids", "4", "--cameras", "2", "--width", "16", "--height", "32",
+            "--train-images", "2,3", "--quiet"]
+    assert main(args) == 0
+    assert "wrote" in capsys.readouterr().out
+    manifest = json.loads((out / "synthetic.json").read_text())
+    assert manifest["config"]["cameras"] == 2 and manifest["config"]["train_images"] == [2, 3]
+    assert main(args) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(args + ["--force"]) == 0
+    assert main(["--out", str(tmp_path / "bad"), "--cameras", "12", "--quiet"]) == 2
+    assert "cameras must be in 2..9" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "bad"), "--query-occlusion", "1.5"])
