@@ -1,0 +1,157 @@
+"""Identity samplers: batch composition, determinism, resume position, DDP split, DataLoader use."""
+
+from collections import Counter
+
+import pytest
+import torch
+from PIL import Image
+
+from dpm_ops.data import ImageDataset, ImageRecord, MaskReIDBatchSampler, RandomIdentityBatchSampler, build_dataloader
+from dpm_ops.data.transforms import dpm_train_transforms
+
+# pid -> number of images: a mix of rich identities and ones with fewer than K = 4 images
+IMAGES_PER_PID = {10: 9, 11: 4, 12: 1, 13: 2, 14: 6, 15: 5, 16: 8, 17: 3, 18: 4, 19: 12}
+PIDS = [pid for pid, count in IMAGES_PER_PID.items() for _ in range(count)]
+
+
+def flat(batches):
+    return [[ref.index for ref in batch] for batch in batches]
+
+
+def test_pk_batches_have_p_ids_times_k_images():
+    sampler = RandomIdentityBatchSampler(PIDS, num_ids=3, num_instances=4, seed=0)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) > 0
+    for batch in flat(batches):
+        counts = Counter(PIDS[index] for index in batch)
+        assert len(batch) == 12 and len(counts) == 3 and set(counts.values()) == {4}
+        for pid in counts:  # identities with >= K images are drawn without replacement within a chunk
+            chunk = [index for index in batch if PIDS[index] == pid]
+            if IMAGES_PER_PID[pid] >= 4:
+                assert len(set(chunk)) == 4
+    used = Counter(PIDS[index] for batch in flat(batches) for index in set(batch))
+    assert used[12] == 1  # the single-image identity is padded by replacement
+
+
+def test_pk_epoch_uses_each_chunk_once():
+    sampler = RandomIdentityBatchSampler(PIDS, num_ids=2, num_instances=4, seed=1)
+    appearances = Counter(PIDS[index] for batch in flat(sampler) for index in batch)
+    for pid, count in IMAGES_PER_PID.items():
+        assert appearances[pid] <= 4 * max(1, count // 4)
+    indices = [index for batch in flat(sampler) for index in batch if IMAGES_PER_PID[PIDS[index]] >= 4]
+    assert len(indices) == len(set(indices)), "no image repeats within an epoch for rich identities"
+
+
+def test_deterministic_by_seed_and_epoch():
+    def batches(seed, epoch):
+        sampler = RandomIdentityBatchSampler(PIDS, num_ids=3, num_instances=4, seed=seed)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    assert batches(0, 2) == batches(0, 2)  # indices and augmentation seeds
+    assert batches(0, 2) != batches(0, 3)
+    assert batches(0, 2) != batches(1, 2)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: RandomIdentityBatchSampler(PIDS, num_ids=2, num_instances=4, seed=7),
+    lambda: MaskReIDBatchSampler(PIDS, num_positives=3, num_negatives=4, seed=7),
+])
+def test_resume_mid_epoch_continues_exactly(make):
+    reference = make()
+    reference.set_epoch(1)
+    uninterrupted = list(reference)
+
+    first = make()
+    first.set_epoch(1)
+    iterator = iter(first)
+    seen = [next(iterator) for _ in range(3)]
+    state = first.state_dict()
+    assert state == {"seed": 7, "epoch": 1, "position": 3, "world_size": 1}
+
+    resumed = make()
+    resumed.load_state_dict(state)
+    resumed.set_epoch(1)  # the training loop calls this again; same epoch keeps the position
+    assert seen + list(resumed) == uninterrupted
+    assert list(resumed) == uninterrupted, "the next pass starts the epoch from its beginning"
+
+    prefetching = make()  # with workers the loop tells how many batches it consumed
+    prefetching.set_epoch(1)
+    assert prefetching.state_dict(consumed_batches=2)["position"] == 2
+    moved_on = make()
+    moved_on.load_state_dict(state)
+    moved_on.set_epoch(2)
+    assert len(list(moved_on)) == len(moved_on), "a new epoch starts at batch 0"
+
+
+def test_state_from_another_world_size_is_refused():
+    state = RandomIdentityBatchSampler(PIDS, num_ids=2, num_instances=2, world_size=2, rank=0).state_dict()
+    with pytest.raises(ValueError, match="world_size=2"):
+        RandomIdentityBatchSampler(PIDS, num_ids=2, num_instances=2).load_state_dict(state)
+
+
+def test_distributed_pk_splits_every_global_batch_by_identity():
+    single = flat(RandomIdentityBatchSampler(PIDS, num_ids=4, num_instances=2, seed=3))
+    ranks = [flat(RandomIdentityBatchSampler(PIDS, num_ids=4, num_instances=2, seed=3, rank=r, world_size=2)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == len(single)
+    for whole, part0, part1 in zip(single, *ranks):
+        assert part0 + part1 == whole
+        assert len({PIDS[i] for i in part0}) == 2 and not {PIDS[i] for i in part0} & {PIDS[i] for i in part1}
+    with pytest.raises(ValueError, match="divisible"):
+        RandomIdentityBatchSampler(PIDS, num_ids=3, num_instances=2, world_size=2, rank=1)
+
+
+def test_maskreid_batch_is_one_identity_then_distinct_singles():
+    sampler = MaskReIDBatchSampler(PIDS, num_positives=5, num_negatives=6, seed=0)
+    batches = flat(sampler)
+    assert len(batches) == len(IMAGES_PER_PID)  # an epoch = one batch per identity
+    anchors = []
+    for batch in batches:
+        assert len(batch) == 11
+        anchor = PIDS[batch[0]]
+        anchors.append(anchor)
+        assert all(PIDS[index] == anchor for index in batch[:5])
+        negatives = [PIDS[index] for index in batch[5:]]
+        assert len(set(negatives)) == 6 and anchor not in negatives
+        if IMAGES_PER_PID[anchor] >= 5:
+            assert len(set(batch[:5])) == 5
+    assert sorted(anchors) == sorted(IMAGES_PER_PID), "each identity is the anchor once per epoch"
+    assert len(MaskReIDBatchSampler(PIDS, 5, 6, batches_per_epoch=23)) == 23
+    with pytest.raises(ValueError, match="needs 11 distinct identities"):
+        MaskReIDBatchSampler(PIDS, num_positives=10, num_negatives=10)
+
+
+def test_distributed_maskreid_deals_whole_batches():
+    single = list(MaskReIDBatchSampler(PIDS, 3, 4, seed=2))
+    ranks = [list(MaskReIDBatchSampler(PIDS, 3, 4, seed=2, rank=r, world_size=3)) for r in range(3)]
+    assert all(len(r) == 3 for r in ranks)  # 10 batches cut to 9
+    assert [ranks[i % 3][i // 3] for i in range(9)] == single[:9]
+
+
+@pytest.fixture()
+def image_dataset(tmp_path):
+    records = []
+    for index, pid in enumerate(PIDS):
+        path = tmp_path / f"{pid:04d}_c1s1_{index:06d}_01.jpg"
+        Image.new("RGB", (8, 16), (pid * 10 % 256, index * 7 % 256, 90)).save(path)
+        records.append(ImageRecord(str(path), pid, 0))
+    return ImageDataset(records, dpm_train_transforms(size=(16, 8), padding=2))
+
+
+def test_dataloader_batches_and_augmentation_do_not_depend_on_workers(image_dataset):
+    def run(workers):
+        sampler = RandomIdentityBatchSampler(image_dataset.pids, num_ids=2, num_instances=4, seed=5)
+        loader = build_dataloader(image_dataset, batch_sampler=sampler, num_workers=workers)
+        return [(batch["image"], batch["pid"], batch["index"]) for batch in loader]
+
+    serial, parallel = run(0), run(2)
+    assert len(serial) == len(parallel) > 0
+    for (image_a, pid_a, index_a), (image_b, pid_b, index_b) in zip(serial, parallel):
+        assert image_a.shape == (8, 3, 16, 8)
+        assert torch.equal(pid_a, pid_b) and torch.equal(index_a, index_b) and torch.equal(image_a, image_b)
+
+
+def test_eval_loader_keeps_dataset_order(image_dataset):
+    loader = build_dataloader(image_dataset, batch_size=16)
+    indices = torch.cat([batch["index"] for batch in loader]).tolist()
+    assert indices == list(range(len(image_dataset)))

@@ -1,0 +1,156 @@
+"""Transforms: recipes, determinism, random erasing, and paired image + mask alignment."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dpm_ops.data.transforms import (
+    MASKREID_MEAN,
+    ColorJitter,
+    Compose,
+    Normalize,
+    Pad,
+    RandomCrop,
+    RandomErasing,
+    RandomHorizontalFlip,
+    Resize,
+    ToTensor,
+    build_transforms,
+    dpm_train_transforms,
+    masked_image,
+)
+
+RED, BLUE = (255, 0, 0), (0, 0, 255)
+
+
+def person_with_mask(width=16, height=32):
+    """A blue image with a red, deliberately asymmetric L-shaped 'person' and its mask."""
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[4:28, 3:7] = 255  # tall bar on the left
+    mask[20:28, 7:12] = 255  # foot to the right
+    image = np.zeros((height, width, 3), dtype=np.uint8)
+    image[...] = BLUE
+    image[mask > 0] = RED
+    return Image.fromarray(image), Image.fromarray(mask, "L")
+
+
+def generator(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_paired_dpm_train_keeps_image_and_mask_aligned():
+    image, mask = person_with_mask()
+    transform = dpm_train_transforms(size=(32, 16), padding=4, erasing=0.0)
+    flipped = shifted = 0
+    reference_image, reference_mask = transform.pair(image, mask, generator(0))
+    for seed in range(40):
+        out_image, out_mask = transform.pair(image, mask, generator(seed))
+        assert out_image.shape == (3, 32, 16) and out_mask.shape == (1, 32, 16)
+        assert set(out_mask.unique().tolist()) <= {0.0, 1.0}
+        red = (out_image[0] > 0.9) & (out_image[2] < -0.9)  # normalised: red channel 1, blue -1
+        assert torch.equal(red, out_mask[0].bool()), f"image and mask disagree for seed {seed}"
+        left_heavy = out_mask[0, :, :8].sum() > out_mask[0, :, 8:].sum()
+        flipped += not left_heavy
+        shifted += not torch.equal(out_mask, reference_mask)
+    assert 5 < flipped < 35 and shifted > 30  # the flip and the crop really vary
+
+
+def test_paired_maskreid_resize_and_centre_crop_stay_aligned():
+    image, mask = person_with_mask(32, 80)
+    for train in (True, False):
+        transform = build_transforms("maskreid", train=train)
+        out_image, out_mask = transform.pair(image, mask, generator(7))
+        assert out_image.shape == (3, 144, 56) and out_mask.shape == (1, 144, 56)
+        # bilinear image vs nearest mask: agree everywhere except a 1-2 px boundary band
+        red = out_image[0] > out_image[2]
+        disagreement = (red != out_mask[0].bool()).float().mean().item()
+        assert disagreement < 0.03
+
+
+def test_photometric_steps_leave_the_mask_alone():
+    image, mask = person_with_mask()
+    steps = Compose([ColorJitter(0.3, 0.3, 0.2, 0.2), ToTensor(), Normalize((0.5,) * 3, (0.5,) * 3), RandomErasing(1.0)])
+    _, out_mask = steps.pair(image, mask, generator(1))
+    assert torch.equal(out_mask, ToTensor().pair(image, mask)[1])
+
+
+def test_same_generator_seed_same_output_and_seeds_differ():
+    image, _ = person_with_mask()
+    transform = dpm_train_transforms(size=(32, 16), padding=4, color_jitter=True)
+    first = transform(image, generator(5))
+    assert torch.equal(first, transform(image, generator(5)))
+    assert any(not torch.equal(first, transform(image, generator(seed))) for seed in range(6, 10))
+
+
+def test_dpm_recipes_shapes_and_normalisation():
+    white = Image.new("RGB", (64, 128), (255, 255, 255))
+    test = build_transforms("dpm", train=False)
+    out = test(white)
+    assert out.shape == (3, 256, 128) and torch.allclose(out, torch.ones_like(out))
+    assert torch.allclose(test(Image.new("RGB", (64, 128))), -torch.ones(3, 256, 128))
+    train = build_transforms("dpm", train=True)
+    assert train(white, generator(0)).shape == (3, 256, 128)
+    names = [type(step).__name__ for step in train.transforms]
+    assert names == ["Resize", "RandomHorizontalFlip", "Pad", "RandomCrop", "ToTensor", "Normalize", "RandomErasing"]
+    assert train.transforms[0].interpolation == "bicubic" and test.transforms[0].interpolation == "bilinear"
+    jitter = build_transforms("dpm", train=True, color_jitter=True)
+    assert [type(step).__name__ for step in jitter.transforms][:3] == ["Resize", "ColorJitter", "RandomHorizontalFlip"]
+    with pytest.raises(ValueError, match="unknown transform recipe"):
+        build_transforms("resnet", train=True)
+
+
+def test_maskreid_mean_pixel_maps_to_zero_and_masked_background_is_zero():
+    mean_pixel = tuple(int(round(c * 255)) for c in MASKREID_MEAN)
+    out = build_transforms("maskreid", train=False)(Image.new("RGB", (64, 160), mean_pixel))
+    assert out.abs().max().item() < 1e-3
+    image, mask = person_with_mask(64, 160)
+    normalised, mask_tensor = build_transforms("maskreid", train=False).pair(image, mask)
+    composite = masked_image(normalised, mask_tensor)
+    assert torch.all(composite[:, mask_tensor[0] == 0] == 0)
+    assert torch.equal(composite[:, mask_tensor[0] == 1], normalised[:, mask_tensor[0] == 1])
+    # on the 0-255 scale, as DGD: red (255) minus the mean 101
+    assert normalised[0, mask_tensor[0] == 1].max().item() == pytest.approx(255 - 101, abs=1e-3)
+
+
+def test_random_erasing_area_fill_and_probability():
+    tensor = torch.full((3, 64, 32), 5.0)
+    erase = RandomErasing(probability=1.0, mode="pixel")
+    areas = []
+    for seed in range(30):
+        out = erase(tensor, generator(seed))
+        changed = (out != 5.0).any(0)
+        rows, cols = changed.any(1).nonzero(), changed.any(0).nonzero()
+        box_h, box_w = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+        assert changed.sum() == box_h * box_w, "one solid rectangle"
+        areas.append(box_h * box_w / (64 * 32))
+        noise = out[:, changed]
+        assert noise.std().item() > 0.5 and abs(noise.mean().item()) < 1.0  # N(0, 1) pixels
+    assert 0.015 <= min(areas) and max(areas) <= 0.4
+    assert torch.equal(RandomErasing(probability=0.0)(tensor, generator(0)), tensor)
+    assert tensor.eq(5.0).all(), "input untouched"
+    hits = sum(not torch.equal(RandomErasing(0.5)(tensor, generator(s)), tensor) for s in range(200))
+    assert 70 < hits < 130
+
+
+def test_color_jitter_changes_colour_only():
+    image, _ = person_with_mask()
+    jittered = ColorJitter(hue=0.5)(image, generator(3))
+    assert jittered.size == image.size
+    before, after = np.asarray(image), np.asarray(jittered)
+    assert not np.array_equal(before, after)
+    red_before = (before == RED).all(-1)
+    assert len(np.unique(after[red_before].reshape(-1, 3), axis=0)) == 1  # one region, one colour
+
+
+def test_geometry_primitives():
+    image, mask = person_with_mask()
+    flipped, flipped_mask = RandomHorizontalFlip(1.0).pair(image, mask)
+    assert np.array_equal(np.asarray(flipped_mask), np.asarray(mask)[:, ::-1])
+    padded, padded_mask = Pad(3).pair(image, mask)
+    assert padded.size == (22, 38) and np.asarray(padded_mask)[:3].max() == 0
+    assert Resize((8, 4), "nearest")(image).size == (4, 8)
+    with pytest.raises(ValueError, match="cannot crop 20x10"):
+        RandomCrop((10, 20))(image)
+    with pytest.raises(ValueError, match="interpolation"):
+        Resize((8, 4), "lanczos5")
