@@ -43,7 +43,7 @@ def extension_and_cmdclass():
               "pip install --no-build-isolation .", file=sys.stderr)
         return [], {"build_py": BuildPyWithSources}
     with_cuda = os.environ.get("FORCE_CUDA") == "1" or (torch.version.cuda is not None and CUDA_HOME is not None)
-    flags = src.compile_flags(torch.__version__, with_cuda)
+    flags = src.compile_flags(with_cuda)
     rel = [os.path.relpath(p, ROOT) for p in src.sources(ROOT, with_cuda)]
     kind = CUDAExtension if with_cuda else CppExtension
     compile_args = {"cxx": flags["cxx"], "nvcc": flags["nvcc"]} if with_cuda else flags["cxx"]

@@ -32,7 +32,7 @@ def compile_on_import():
     build_dir.mkdir(parents=True, exist_ok=True)
     print(f"dpm_ops: compiling the C++{'/CUDA' if with_cuda else ''} ops for torch {torch.__version__} "
           f"into {build_dir} (first import only)...", file=sys.stderr, flush=True)
-    flags = _sources.compile_flags(torch.__version__, with_cuda)
+    flags = _sources.compile_flags(with_cuda)
     return load(name="_C", sources=_sources.sources(_sources.source_root(), with_cuda),
                 extra_cflags=flags["cxx"], extra_cuda_cflags=flags["nvcc"], extra_ldflags=flags["ldflags"],
                 build_directory=str(build_dir), is_python_module=True, verbose=False)
@@ -46,9 +46,10 @@ def load_extension():
         except ImportError as error:  # not built, or built for another torch (undefined symbols)
             reason = f"dpm_ops._C could not be imported ({error})"
         else:  # it loaded, so its registrations are live; a version change is worth a word only
-            if module.torch_version != torch.__version__:
-                print(f"dpm_ops: the extension was built for torch {module.torch_version}, running "
-                      f"{torch.__version__}; reinstall dpm_ops if ops misbehave", file=sys.stderr)
+            built = ".".join(map(str, module.torch_version))
+            if built != torch.__version__.split("+")[0]:
+                print(f"dpm_ops: the extension was built for torch {built}, running {torch.__version__}; "
+                      "reinstall dpm_ops if ops misbehave", file=sys.stderr)
             return module, ""
         if not (_sources.source_root() / "csrc").is_dir():
             return None, reason + "; no bundled sources to compile"

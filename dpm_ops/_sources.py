@@ -40,8 +40,8 @@ def cuda_arch_flags() -> list:
     return ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
 
 
-def compile_flags(torch_version: str, with_cuda: bool) -> dict:
-    defines = [f'-DDPM_OPS_TORCH_VERSION="{torch_version}"'] + (["-DDPM_OPS_WITH_CUDA"] if with_cuda else [])
+def compile_flags(with_cuda: bool) -> dict:
+    defines = ["-DDPM_OPS_WITH_CUDA"] if with_cuda else []
     return {
         "cxx": ["-O3", "-fopenmp"] + defines,  # torch adds its own -std
         "nvcc": ["-O3"] + defines + cuda_arch_flags(),

@@ -3,6 +3,7 @@
 // fake (meta) and autograd registrations live in Python (dpm_ops/ops/).
 #include <Python.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 TORCH_LIBRARY(dpm_ops, m) {
   m.def("masked_cosine(Tensor x, Tensor mask, Tensor protos, float eps=1e-12) -> Tensor");
@@ -28,6 +29,7 @@ PyMODINIT_FUNC PyInit__C(void) {
 #else
   PyModule_AddIntConstant(module, "with_openmp", 0);
 #endif
-  PyModule_AddStringConstant(module, "torch_version", DPM_OPS_TORCH_VERSION);
+  PyModule_AddObject(module, "torch_version",
+                     Py_BuildValue("(iii)", TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR, TORCH_VERSION_PATCH));
   return module;
 }
