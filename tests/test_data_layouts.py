@@ -206,7 +206,11 @@ def test_cuhk03_np_variants(tmp_path, variant):
 
 def test_cuhk03_np_rejects_third_view_and_bad_variant(tmp_path):
     base = tmp_path / "cuhk03-np" / "labeled"
-    for folder, name in (("bounding_box_train", "0001_c1_1.png"), ("query", "0002_c1_1.png"), ("bounding_box_test", "0002_c3_1.png")):
+    for folder, name in (
+        ("bounding_box_train", "0001_c1_1.png"),
+        ("query", "0002_c1_1.png"),
+        ("bounding_box_test", "0002_c3_1.png"),
+    ):
         write_image(base / folder / name)
     with pytest.raises(DatasetError, match="c3 outside 1..2"):
         load_quietly("cuhk03_np", tmp_path)
@@ -272,10 +276,16 @@ def make_msmt_tree(base, version="MSMT17_V1"):
     train_folder, test_folder = datasets_module.MSMT17_VERSIONS[version]
     root = base / version
     lists = {
-        ("list_train.txt", train_folder): [("0000/0000_000_01_0303morning_0015_0.jpg", 0), ("0001/0001_003_15_0303noon_0101_1.jpg", 1)],
+        ("list_train.txt", train_folder): [
+            ("0000/0000_000_01_0303morning_0015_0.jpg", 0),
+            ("0001/0001_003_15_0303noon_0101_1.jpg", 1),
+        ],
         ("list_val.txt", train_folder): [("0001/0001_004_07_0303noon_0102_0.jpg", 1)],
         ("list_query.txt", test_folder): [("0000/0000_000_02_0113morning_0001_0.jpg", 0)],
-        ("list_gallery.txt", test_folder): [("0000/0000_001_03_0113morning_0010_0.jpg", 0), ("0002/0002_000_11_0113noon_0003_1.jpg", 2)],
+        ("list_gallery.txt", test_folder): [
+            ("0000/0000_001_03_0113morning_0010_0.jpg", 0),
+            ("0002/0002_000_11_0113noon_0003_1.jpg", 2),
+        ],
     }
     for (list_name, folder), entries in lists.items():
         for relative, _ in entries:
@@ -392,8 +402,17 @@ def test_unreadable_or_mismatched_mask_named_at_read(tmp_path):
 
 def test_registry_names_errors_and_registration(tmp_path):
     names = available_datasets()
-    for name in ("market1501", "dukemtmc", "occluded_duke", "occluded_reid", "partial_reid",
-                 "cuhk03_np_labeled", "cuhk03_np_detected", "msmt17", "synthetic"):
+    for name in (
+        "market1501",
+        "dukemtmc",
+        "occluded_duke",
+        "occluded_reid",
+        "partial_reid",
+        "cuhk03_np_labeled",
+        "cuhk03_np_detected",
+        "msmt17",
+        "synthetic",
+    ):
         assert name in names
     with pytest.raises(DatasetError, match=r"unknown dataset 'viper'; available: .*market1501"):
         build_dataset("viper", tmp_path)

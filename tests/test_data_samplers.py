@@ -53,10 +53,13 @@ def test_deterministic_by_seed_and_epoch():
     assert batches(0, 2) != batches(1, 2)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: RandomIdentityBatchSampler(PIDS, num_ids=2, num_instances=4, seed=7),
-    lambda: MaskReIDBatchSampler(PIDS, num_positives=3, num_negatives=4, seed=7),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: RandomIdentityBatchSampler(PIDS, num_ids=2, num_instances=4, seed=7),
+        lambda: MaskReIDBatchSampler(PIDS, num_positives=3, num_negatives=4, seed=7),
+    ],
+)
 def test_resume_mid_epoch_continues_exactly(make):
     reference = make()
     reference.set_epoch(1)
@@ -92,7 +95,9 @@ def test_state_from_another_world_size_is_refused():
 
 def test_distributed_pk_splits_every_global_batch_by_identity():
     single = flat(RandomIdentityBatchSampler(PIDS, num_ids=4, num_instances=2, seed=3))
-    ranks = [flat(RandomIdentityBatchSampler(PIDS, num_ids=4, num_instances=2, seed=3, rank=r, world_size=2)) for r in (0, 1)]
+    ranks = [
+        flat(RandomIdentityBatchSampler(PIDS, num_ids=4, num_instances=2, seed=3, rank=r, world_size=2)) for r in (0, 1)
+    ]
     assert len(ranks[0]) == len(ranks[1]) == len(single)
     for whole, part0, part1 in zip(single, *ranks):
         assert part0 + part1 == whole

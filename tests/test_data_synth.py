@@ -8,11 +8,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dpm_ops.data import DatasetError, SynthConfig, build_dataset, ensure_synthetic_dataset, generate_synthetic_dataset
-from dpm_ops.data.synth import main
+from dpm_ops.data import DatasetError, build_dataset
+from dpm_ops.data.synth import SynthConfig, ensure_synthetic_dataset, generate_synthetic_dataset, main
 
-TINY = SynthConfig(seed=3, ids=8, cameras=3, width=32, height=64, train_images=(3, 4), id_cameras=(2, 3),
-                   gallery_per_camera=(1, 2), distractors=0.2, junk=0.2, query_occlusion=0.6)
+TINY = SynthConfig(
+    seed=3,
+    ids=8,
+    cameras=3,
+    width=32,
+    height=64,
+    train_images=(3, 4),
+    id_cameras=(2, 3),
+    gallery_per_camera=(1, 2),
+    distractors=0.2,
+    junk=0.2,
+    query_occlusion=0.6,
+)
 
 MARKET_NAME = re.compile(r"^(\d{4}|-1)_c(\d)s(\d)_(\d{6})_(\d{2})\.jpg$")
 
@@ -99,8 +110,23 @@ def test_ensure_reuses_a_matching_set(tmp_path):
 
 def test_cli(tmp_path, capsys):
     out = tmp_path / "cli"
-    args = ["--out", str(out), "--seed", "1", "--ids", "4", "--cameras", "2", "--width", "16", "--height", "32",
-            "--train-images", "2,3", "--quiet"]
+    args = [
+        "--out",
+        str(out),
+        "--seed",
+        "1",
+        "--ids",
+        "4",
+        "--cameras",
+        "2",
+        "--width",
+        "16",
+        "--height",
+        "32",
+        "--train-images",
+        "2,3",
+        "--quiet",
+    ]
     assert main(args) == 0
     assert "wrote" in capsys.readouterr().out
     manifest = json.loads((out / "synthetic.json").read_text())

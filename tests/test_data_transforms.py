@@ -70,7 +70,9 @@ def test_paired_maskreid_resize_and_centre_crop_stay_aligned():
 
 def test_photometric_steps_leave_the_mask_alone():
     image, mask = person_with_mask()
-    steps = Compose([ColorJitter(0.3, 0.3, 0.2, 0.2), ToTensor(), Normalize((0.5,) * 3, (0.5,) * 3), RandomErasing(1.0)])
+    steps = Compose(
+        [ColorJitter(0.3, 0.3, 0.2, 0.2), ToTensor(), Normalize((0.5,) * 3, (0.5,) * 3), RandomErasing(1.0)]
+    )
     _, out_mask = steps.pair(image, mask, generator(1))
     assert torch.equal(out_mask, ToTensor().pair(image, mask)[1])
 

@@ -1,5 +1,6 @@
-"""The data layer: dataset loaders and registry, the synthetic occluded set, transforms,
-identity samplers and the image Dataset / DataLoader helpers."""
+"""The data layer: dataset loaders and registry, transforms, identity samplers and the image
+Dataset / DataLoader helpers. The synthetic set's generator is :mod:`dpm_ops.data.synth` (imported
+on demand, so ``python -m dpm_ops.data.synth`` runs cleanly); its loader is ``build_dataset("synthetic", root)``."""
 
 from .datasets import (
     available_datasets,
@@ -19,7 +20,6 @@ from .loader import ImageDataset, build_dataloader
 from .masks import mask_path_for
 from .records import ImageRecord, ReIDSplits
 from .samplers import MaskReIDBatchSampler, RandomIdentityBatchSampler, SampleRef
-from .synth import SynthConfig, ensure_synthetic_dataset, generate_synthetic_dataset
 from .transforms import build_transforms, masked_image
 
 __all__ = [
@@ -32,13 +32,10 @@ __all__ = [
     "RandomIdentityBatchSampler",
     "ReIDSplits",
     "SampleRef",
-    "SynthConfig",
     "available_datasets",
     "build_dataloader",
     "build_dataset",
     "build_transforms",
-    "ensure_synthetic_dataset",
-    "generate_synthetic_dataset",
     "load_cuhk03_np",
     "load_dukemtmc_reid",
     "load_market1501",

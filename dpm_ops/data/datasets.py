@@ -392,7 +392,8 @@ def load_synthetic(
         expected = {split: tuple(counts) for split, counts in manifest["counts"].items()}
         occluded = frozenset(os.path.join(dataset_dir, name) for name in manifest["occlusion"])
     except (KeyError, TypeError, ValueError) as error:
-        raise DatasetError(f"corrupt synthetic manifest {os.path.join(dataset_dir, SYNTHETIC_MANIFEST)}: {error!r}")
+        manifest_path = os.path.join(dataset_dir, SYNTHETIC_MANIFEST)
+        raise DatasetError(f"corrupt synthetic manifest {manifest_path}: {error!r}") from error
     return _load_market_style(
         "synthetic",
         dataset_dir,

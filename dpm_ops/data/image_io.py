@@ -35,7 +35,6 @@ def read_mask(path: str, expected_size: tuple[int, int] | None = None) -> Image.
     mask = _open(path, "mask").convert("L")
     if expected_size is not None and mask.size != tuple(expected_size):
         raise DatasetError(
-            f"mask {path} is {mask.size[0]}x{mask.size[1]} but its image is "
-            f"{expected_size[0]}x{expected_size[1]}"
+            f"mask {path} is {mask.size[0]}x{mask.size[1]} but its image is {expected_size[0]}x{expected_size[1]}"
         )
     return mask.point(lambda value: 255 if value >= MASK_THRESHOLD else 0)

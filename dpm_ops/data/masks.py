@@ -33,9 +33,7 @@ def mask_path_for(image_path: str, dataset_dir: str, mask_root: str | None = Non
     return str(mirrored.with_suffix(MASK_SUFFIX))
 
 
-def build_mask_index(
-    image_paths: Iterable[str], dataset_dir: str, mask_root: str | None = None
-) -> dict[str, str]:
+def build_mask_index(image_paths: Iterable[str], dataset_dir: str, mask_root: str | None = None) -> dict[str, str]:
     """Map every image to its mask and check the mask tree covers the images one to one.
 
     ``image_paths`` must be every image the dataset has on disk in the mirrored folders, junk
@@ -48,19 +46,14 @@ def build_mask_index(
             raise DatasetNotFoundError(f"mask folder not found: {folder}")
 
     expected = set(mask_of.values())
-    on_disk = {
-        str(path) for folder in mask_folders for path in Path(folder).rglob("*" + MASK_SUFFIX)
-    }
+    on_disk = {str(path) for folder in mask_folders for path in Path(folder).rglob("*" + MASK_SUFFIX)}
     missing = sorted(expected - on_disk)
     if missing:
-        raise DatasetNotFoundError(
-            f"{len(missing)} image(s) have no mask, first: {missing[0]}"
-        )
+        raise DatasetNotFoundError(f"{len(missing)} image(s) have no mask, first: {missing[0]}")
     orphans = sorted(on_disk - expected)
     if orphans:
         raise DatasetError(
-            f"{len(orphans)} mask(s) have no image, first: {orphans[0]} "
-            "(the mask tree does not mirror the image tree)"
+            f"{len(orphans)} mask(s) have no image, first: {orphans[0]} (the mask tree does not mirror the image tree)"
         )
     return mask_of
 

@@ -135,7 +135,9 @@ class RandomIdentityBatchSampler(_EpochBatchSampler):
         if num_ids % world_size:
             raise ValueError(f"num_ids={num_ids} is not divisible by world_size={world_size}")
         if len(self.groups) < num_ids:
-            raise ValueError(f"P x K sampling needs at least num_ids={num_ids} identities, the data has {len(self.groups)}")
+            raise ValueError(
+                f"P x K sampling needs at least num_ids={num_ids} identities, the data has {len(self.groups)}"
+            )
         self.num_ids = num_ids
         self.num_instances = num_instances
 

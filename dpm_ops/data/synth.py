@@ -73,28 +73,29 @@ class SynthConfig:
     jpeg_quality: int = 90
 
     def __post_init__(self) -> None:
-        if self.ids < 2:
-            raise ValueError("ids must be at least 2 (one train and one test identity)")
+        if not 2 <= self.ids <= 4999:
+            raise ValueError("ids must be in 2..4999 (one train and one test identity; 4-digit pids)")
         if not 2 <= self.cameras <= 9:
             raise ValueError("cameras must be in 2..9 (Market names hold one camera digit)")
         if not (2 <= self.id_cameras[0] <= self.id_cameras[1] <= self.cameras):
             raise ValueError("id_cameras must satisfy 2 <= low <= high <= cameras")
         if self.width < 16 or self.height < 32:
             raise ValueError("images must be at least 16 wide and 32 high")
-        if self.queries_per_id < 1:
-            raise ValueError("queries_per_id must be at least 1")
+        if self.queries_per_id < 1 or self.supersample < 1:
+            raise ValueError("queries_per_id and supersample must be at least 1")
+        for name in ("train_images", "gallery_per_camera"):
+            low, high = getattr(self, name)
+            if not 1 <= low <= high:  # every query needs a true match in the gallery
+                raise ValueError(f"{name} must satisfy 1 <= low <= high")
         if self.distractors < 0 or self.junk < 0:
             raise ValueError("distractors and junk must be non-negative shares")
         if not 0.0 < self.hidden_range[0] < self.hidden_range[1] < 1.0:
             raise ValueError("hidden_range must satisfy 0 < low < high < 1")
 
     def to_json(self) -> dict:
-        return {key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_json(cls, data: dict) -> "SynthConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in data.items() if key in fields})
+        return {
+            key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(self).items()
+        }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +156,11 @@ def random_appearance(rng: np.random.Generator) -> Appearance:
         hat=_hsv(rng),
         top=top,
         top_second=_garment_colour(rng),
-        top_pattern=str(rng.choice(["solid", "hstripes", "vstripes", "checks", "dots", "twotone"], p=[0.3, 0.2, 0.1, 0.15, 0.1, 0.15])),
+        top_pattern=str(
+            rng.choice(
+                ["solid", "hstripes", "vstripes", "checks", "dots", "twotone"], p=[0.3, 0.2, 0.1, 0.15, 0.1, 0.15]
+            )
+        ),
         pattern_period=float(rng.uniform(0.03, 0.07)),
         long_sleeves=bool(rng.random() < 0.5),
         logo=_hsv(rng) if rng.random() < 0.35 else None,
@@ -307,32 +312,67 @@ def draw_person(layer: Image.Image, look: Appearance, pose: Pose) -> None:
     for points in legs:
         paint.polygon(points, look.skin)
     bottom_texture = _pattern_layer(
-        layer.size, look.bottom, tuple(max(0, c - 60) for c in look.bottom), look.bottom_pattern,
-        look.pattern_period * u, (cx, waist_y),
+        layer.size,
+        look.bottom,
+        tuple(max(0, c - 60) for c in look.bottom),
+        look.bottom_pattern,
+        look.pattern_period * u,
+        (cx, waist_y),
     )
-    hip_band = [(cx - waist_half, waist_y - 0.01 * u), (cx + waist_half, waist_y - 0.01 * u),
-                (cx + hip_half, waist_y + 0.09 * u), (cx - hip_half, waist_y + 0.09 * u)]
+    hip_band = [
+        (cx - waist_half, waist_y - 0.01 * u),
+        (cx + waist_half, waist_y - 0.01 * u),
+        (cx + hip_half, waist_y + 0.09 * u),
+        (cx - hip_half, waist_y + 0.09 * u),
+    ]
     if look.bottom_style == "trousers":
         paint.textured([*legs, hip_band], bottom_texture)
     elif look.bottom_style == "shorts":
         fraction = (knee_y - waist_y) / (ankle_y - waist_y)
-        shorts = [[p[0], (p[0][0] + (p[1][0] - p[0][0]) * fraction, knee_y),
-                   (p[3][0] + (p[2][0] - p[3][0]) * fraction, knee_y), p[3]] for p in legs]
+        shorts = [
+            [
+                p[0],
+                (p[0][0] + (p[1][0] - p[0][0]) * fraction, knee_y),
+                (p[3][0] + (p[2][0] - p[3][0]) * fraction, knee_y),
+                p[3],
+            ]
+            for p in legs
+        ]
         paint.textured([*shorts, hip_band], bottom_texture)
     else:
         flare = 0.16 * u * wide
-        paint.textured([[(cx - waist_half, waist_y - 0.01 * u), (cx + waist_half, waist_y - 0.01 * u),
-                         (cx + flare, knee_y + 0.01 * u), (cx - flare, knee_y + 0.01 * u)]], bottom_texture)
+        paint.textured(
+            [
+                [
+                    (cx - waist_half, waist_y - 0.01 * u),
+                    (cx + waist_half, waist_y - 0.01 * u),
+                    (cx + flare, knee_y + 0.01 * u),
+                    (cx - flare, knee_y + 0.01 * u),
+                ]
+            ],
+            bottom_texture,
+        )
     for sign in (-1, 1):
         foot_x = cx + sign * (hip_half - leg_width / 2 + pose.stance * u)
-        paint.ellipse([foot_x - 0.045 * u * wide, ankle_y - 0.015 * u, foot_x + 0.045 * u * wide, ankle_y + 0.035 * u], look.shoes)
+        paint.ellipse(
+            [foot_x - 0.045 * u * wide, ankle_y - 0.015 * u, foot_x + 0.045 * u * wide, ankle_y + 0.035 * u], look.shoes
+        )
 
     # torso
-    torso = [(cx - shoulder_half * 0.8, shoulder_y - 0.01 * u), (cx + shoulder_half * 0.8, shoulder_y - 0.01 * u),
-             (cx + shoulder_half, shoulder_y + 0.04 * u), (cx + waist_half, waist_y + 0.02 * u),
-             (cx - waist_half, waist_y + 0.02 * u), (cx - shoulder_half, shoulder_y + 0.04 * u)]
+    torso = [
+        (cx - shoulder_half * 0.8, shoulder_y - 0.01 * u),
+        (cx + shoulder_half * 0.8, shoulder_y - 0.01 * u),
+        (cx + shoulder_half, shoulder_y + 0.04 * u),
+        (cx + waist_half, waist_y + 0.02 * u),
+        (cx - waist_half, waist_y + 0.02 * u),
+        (cx - shoulder_half, shoulder_y + 0.04 * u),
+    ]
     top_texture = _pattern_layer(
-        layer.size, look.top, look.top_second, look.top_pattern, look.pattern_period * u,
+        layer.size,
+        look.top,
+        look.top_second,
+        look.top_pattern,
+        look.pattern_period * u,
         (cx, shoulder_y + 0.17 * u if look.top_pattern == "twotone" else shoulder_y),
     )
     paint.textured([torso], top_texture)
@@ -344,22 +384,32 @@ def draw_person(layer: Image.Image, look: Appearance, pose: Pose) -> None:
         swing = pose.arm_swing if sign > 0 else -pose.arm_swing
         hand = (shoulder[0] + sign * 0.03 * u + swing * u, shoulder_y + 0.36 * u)
         paint.polygon(_limb(shoulder, hand, arm_width, arm_width * 0.8), look.skin)
-        sleeve_end = hand if look.long_sleeves else (
-            shoulder[0] + (hand[0] - shoulder[0]) * 0.4, shoulder[1] + (hand[1] - shoulder[1]) * 0.4)
+        sleeve_end = (
+            hand
+            if look.long_sleeves
+            else (shoulder[0] + (hand[0] - shoulder[0]) * 0.4, shoulder[1] + (hand[1] - shoulder[1]) * 0.4)
+        )
         paint.textured([_limb(shoulder, sleeve_end, arm_width * 1.1, arm_width * 0.95)], top_texture)
         paint.ellipse([hand[0] - 0.025 * u, hand[1] - 0.02 * u, hand[0] + 0.025 * u, hand[1] + 0.035 * u], look.skin)
         if look.bag == "handbag" and sign == side:
             paint.line([hand, (hand[0], hand[1] + 0.04 * u)], look.bag_colour, 0.01 * u)
-            paint.rectangle([hand[0] - 0.05 * u, hand[1] + 0.04 * u, hand[0] + 0.05 * u, hand[1] + 0.12 * u], look.bag_colour)
+            paint.rectangle(
+                [hand[0] - 0.05 * u, hand[1] + 0.04 * u, hand[0] + 0.05 * u, hand[1] + 0.12 * u], look.bag_colour
+            )
 
     # bags drawn over the torso
     if look.bag == "backpack":
         if pose.back_view:
-            paint.rectangle([cx - shoulder_half * 0.7, shoulder_y + 0.03 * u, cx + shoulder_half * 0.7, waist_y - 0.02 * u], look.bag_colour)
+            paint.rectangle(
+                [cx - shoulder_half * 0.7, shoulder_y + 0.03 * u, cx + shoulder_half * 0.7, waist_y - 0.02 * u],
+                look.bag_colour,
+            )
         else:
             for sign in (-1, 1):
                 x = cx + sign * shoulder_half * 0.55
-                paint.line([(x, shoulder_y - 0.01 * u), (x - sign * 0.01 * u, waist_y - 0.06 * u)], look.bag_colour, 0.025 * u)
+                paint.line(
+                    [(x, shoulder_y - 0.01 * u), (x - sign * 0.01 * u, waist_y - 0.06 * u)], look.bag_colour, 0.025 * u
+                )
     elif look.bag == "shoulder":
         strap_top = (cx - side * shoulder_half * 0.6, shoulder_y)
         bag_x = cx + side * (waist_half + 0.03 * u)
@@ -373,19 +423,33 @@ def draw_person(layer: Image.Image, look: Appearance, pose: Pose) -> None:
     head_box = [cx - head_rx, head_cy - head_ry, cx + head_rx, head_cy + head_ry]
     paint.rectangle([cx - 0.025 * u, head_cy + 0.04 * u, cx + 0.025 * u, shoulder_y + 0.005 * u], look.skin)
     if look.hair_style == "long":
-        paint.rectangle([cx - head_rx * 1.05, head_cy, cx + head_rx * 1.05, shoulder_y + (0.1 if pose.back_view else 0.03) * u], look.hair)
+        paint.rectangle(
+            [cx - head_rx * 1.05, head_cy, cx + head_rx * 1.05, shoulder_y + (0.1 if pose.back_view else 0.03) * u],
+            look.hair,
+        )
     paint.ellipse(head_box, look.hair if pose.back_view else look.skin)
     if look.hair_style in ("short", "long"):
-        paint.draw.chord([head_box[0] - 0.004 * u, head_box[1] - 0.006 * u, head_box[2] + 0.004 * u, head_box[3]],
-                         180, 360, fill=(*look.hair, 255))
+        paint.draw.chord(
+            [head_box[0] - 0.004 * u, head_box[1] - 0.006 * u, head_box[2] + 0.004 * u, head_box[3]],
+            180,
+            360,
+            fill=(*look.hair, 255),
+        )
     else:
-        paint.draw.chord([head_box[0] - 0.006 * u, head_box[1] - 0.01 * u, head_box[2] + 0.006 * u, head_box[3] - 0.02 * u],
-                         180, 360, fill=(*look.hat, 255))
+        paint.draw.chord(
+            [head_box[0] - 0.006 * u, head_box[1] - 0.01 * u, head_box[2] + 0.006 * u, head_box[3] - 0.02 * u],
+            180,
+            360,
+            fill=(*look.hat, 255),
+        )
         if look.hair_style == "hat":
             paint.rectangle([cx - head_rx * 1.5, head_cy - 0.02 * u, cx + head_rx * 1.5, head_cy - 0.005 * u], look.hat)
         else:
             visor = -1 if pose.back_view else 1
-            paint.rectangle([cx - head_rx * 0.2 * visor, head_cy - 0.02 * u, cx + head_rx * 1.4 * visor, head_cy - 0.005 * u], look.hat)
+            paint.rectangle(
+                [cx - head_rx * 0.2 * visor, head_cy - 0.02 * u, cx + head_rx * 1.4 * visor, head_cy - 0.005 * u],
+                look.hat,
+            )
 
 
 def _textured_block(size: tuple, rng: np.random.Generator) -> Image.Image:
@@ -393,15 +457,22 @@ def _textured_block(size: tuple, rng: np.random.Generator) -> Image.Image:
     kind = rng.choice(["crate", "car", "bush"])
     if kind == "crate":
         base = (int(rng.integers(120, 190)), int(rng.integers(80, 130)), int(rng.integers(40, 80)))
-        texture = _pattern_layer(size, base, tuple(int(c * 0.75) for c in base), "hstripes", float(rng.uniform(8, 20)), (0, 0))
+        texture = _pattern_layer(
+            size, base, tuple(int(c * 0.75) for c in base), "hstripes", float(rng.uniform(8, 20)), (0, 0)
+        )
     elif kind == "car":
         texture = Image.new("RGB", size, _hsv(rng, value=(0.3, 0.9)))
     else:
-        texture = Image.new("RGB", size, (int(rng.integers(20, 60)), int(rng.integers(70, 130)), int(rng.integers(20, 60))))
+        texture = Image.new(
+            "RGB", size, (int(rng.integers(20, 60)), int(rng.integers(70, 130)), int(rng.integers(20, 60)))
+        )
         draw = ImageDraw.Draw(texture)
         for _ in range(40):
             x, y, r = rng.uniform(0, size[0]), rng.uniform(0, size[1]), rng.uniform(3, 10)
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=(int(rng.integers(20, 80)), int(rng.integers(90, 160)), int(rng.integers(20, 70))))
+            draw.ellipse(
+                [x - r, y - r, x + r, y + r],
+                fill=(int(rng.integers(20, 80)), int(rng.integers(90, 160)), int(rng.integers(20, 70))),
+            )
     return texture
 
 
@@ -439,9 +510,13 @@ def draw_occluder(layer: Image.Image, kind: str, pose: Pose, rng: np.random.Gene
         offset = rng.choice([-1, 1]) * rng.uniform(0.5, 1.1) * 2 * half_body
         grow = rng.uniform(1.0, 1.15)
         other = Pose(
-            centre_x=pose.centre_x + offset, top=pose.top + u * (1 - grow) + u * rng.uniform(0.0, 0.08),
-            height=u * grow, back_view=bool(rng.random() < 0.5), arm_swing=float(rng.uniform(-0.04, 0.05)),
-            stance=float(rng.uniform(0.0, 0.05)), squash=float(rng.uniform(0.85, 1.0)),
+            centre_x=pose.centre_x + offset,
+            top=pose.top + u * (1 - grow) + u * rng.uniform(0.0, 0.08),
+            height=u * grow,
+            back_view=bool(rng.random() < 0.5),
+            arm_swing=float(rng.uniform(-0.04, 0.05)),
+            stance=float(rng.uniform(0.0, 0.05)),
+            squash=float(rng.uniform(0.85, 1.0)),
         )
         draw_person(layer, look, other)
     else:
@@ -506,7 +581,10 @@ def _make_camera(rng: np.random.Generator, canvas_w: int, canvas_h: int) -> Came
     else:
         for _ in range(300):
             x, y = rng.uniform(0, canvas_w * 2), rng.uniform(horizon, canvas_h)
-            draw.line([(x, y), (x + rng.uniform(-2, 2), y - canvas_h * 0.015)], fill=_hsv(rng, hue=0.3 + rng.uniform(-0.05, 0.05), value=(0.2, 0.6)))
+            draw.line(
+                [(x, y), (x + rng.uniform(-2, 2), y - canvas_h * 0.015)],
+                fill=_hsv(rng, hue=0.3 + rng.uniform(-0.05, 0.05), value=(0.2, 0.6)),
+            )
     return Camera(
         background=background,
         gain=rng.uniform(0.8, 1.2, size=3),
@@ -554,17 +632,41 @@ def _plan(config: SynthConfig) -> tuple[list[_Job], list[int]]:
         cams = cameras_of_identity()
         for _ in range(int(rng.integers(config.train_images[0], config.train_images[1] + 1))):
             camera = int(rng.choice(cams))
-            jobs.append(_Job("bounding_box_train", name_for(pids[identity], camera, int(rng.integers(1, 6))), identity,
-                             camera, bool(rng.random() < config.train_occlusion), False))
+            jobs.append(
+                _Job(
+                    "bounding_box_train",
+                    name_for(pids[identity], camera, int(rng.integers(1, 6))),
+                    identity,
+                    camera,
+                    bool(rng.random() < config.train_occlusion),
+                    False,
+                )
+            )
     for identity in test_ids:
         cams = cameras_of_identity()
         for camera in rng.permutation(cams)[: config.queries_per_id].tolist():
-            jobs.append(_Job("query", name_for(pids[identity], camera, 0), identity, camera,
-                             bool(rng.random() < config.query_occlusion), False))
+            jobs.append(
+                _Job(
+                    "query",
+                    name_for(pids[identity], camera, 0),
+                    identity,
+                    camera,
+                    bool(rng.random() < config.query_occlusion),
+                    False,
+                )
+            )
         for camera in cams:
             for _ in range(int(rng.integers(config.gallery_per_camera[0], config.gallery_per_camera[1] + 1))):
-                jobs.append(_Job("bounding_box_test", name_for(pids[identity], camera, int(rng.integers(1, 6))), identity,
-                                 camera, bool(rng.random() < config.gallery_occlusion), False))
+                jobs.append(
+                    _Job(
+                        "bounding_box_test",
+                        name_for(pids[identity], camera, int(rng.integers(1, 6))),
+                        identity,
+                        camera,
+                        bool(rng.random() < config.gallery_occlusion),
+                        False,
+                    )
+                )
     identity_gallery = sum(job.folder == "bounding_box_test" for job in jobs)
     for pid, share in ((0, config.distractors), (-1, config.junk)):
         for _ in range(int(round(share * identity_gallery))):
@@ -572,7 +674,9 @@ def _plan(config: SynthConfig) -> tuple[list[_Job], list[int]]:
             name = name_for(0, camera, int(rng.integers(1, 6)))
             if pid < 0:
                 name = "-1" + name[4:]
-            jobs.append(_Job("bounding_box_test", name, -1, camera, bool(rng.random() < config.gallery_occlusion), pid < 0))
+            jobs.append(
+                _Job("bounding_box_test", name, -1, camera, bool(rng.random() < config.gallery_occlusion), pid < 0)
+            )
     return jobs, pids
 
 
@@ -633,8 +737,9 @@ def _render(job: _Job, config: SynthConfig, identities: list[Appearance], camera
     return image, mask.convert("1"), occlusion
 
 
-def generate_synthetic_dataset(out: str | os.PathLike, config: SynthConfig = SynthConfig(), *, progress: bool = True,
-                               force: bool = False) -> Path:
+def generate_synthetic_dataset(
+    out: str | os.PathLike, config: SynthConfig = SynthConfig(), *, progress: bool = True, force: bool = False
+) -> Path:
     """Write the dataset to ``out`` and return its path.
 
     The set is built in a temporary sibling folder and renamed into place at the end, so an
@@ -647,15 +752,21 @@ def generate_synthetic_dataset(out: str | os.PathLike, config: SynthConfig = Syn
             raise DatasetError(f"output path exists and is not a folder: {out}")
         is_synthetic = (out / SYNTHETIC_MANIFEST).is_file()
         if any(out.iterdir()) and not (force and is_synthetic):
-            hint = "pass --force to replace it" if is_synthetic else "it is not a synthetic dataset; choose another --out"
+            hint = (
+                "pass --force to replace it" if is_synthetic else "it is not a synthetic dataset; choose another --out"
+            )
             raise DatasetError(f"output folder is not empty: {out} ({hint})")
     out.parent.mkdir(parents=True, exist_ok=True)
 
     jobs, pids = _plan(config)
     identities = [random_appearance(np.random.default_rng([config.seed, _STREAM_IDENTITY, pid])) for pid in pids]
     factor = config.supersample
-    cameras = [_make_camera(np.random.default_rng([config.seed, _STREAM_CAMERA, c]), config.width * factor, config.height * factor)
-               for c in range(config.cameras)]
+    cameras = [
+        _make_camera(
+            np.random.default_rng([config.seed, _STREAM_CAMERA, c]), config.width * factor, config.height * factor
+        )
+        for c in range(config.cameras)
+    ]
 
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -696,7 +807,9 @@ def _split_counts(jobs: list[_Job], pids: list[int]) -> dict:
     return counts
 
 
-def ensure_synthetic_dataset(out: str | os.PathLike, config: SynthConfig = SynthConfig(), *, progress: bool = True) -> Path:
+def ensure_synthetic_dataset(
+    out: str | os.PathLike, config: SynthConfig = SynthConfig(), *, progress: bool = True
+) -> Path:
     """Return ``out`` if it already holds the set of this config, generating it otherwise."""
     out = Path(out).expanduser().resolve()
     if (out / SYNTHETIC_MANIFEST).is_file():
@@ -734,27 +847,70 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dpm-reid synth",
         description="Generate the synthetic occluded re-ID dataset (Market-1501 layout + masks + synthetic.json).",
     )
-    parser.add_argument("--out", required=True, help="output folder (created; must be empty or a synthetic set with --force)")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="random seed; same seed, same bytes (default %(default)s)")
-    parser.add_argument("--ids", type=int, default=defaults.ids, help="identities in all, half train / half test (default %(default)s)")
-    parser.add_argument("--cameras", type=int, default=defaults.cameras, help="number of cameras, 2-9 (default %(default)s)")
+    parser.add_argument(
+        "--out", required=True, help="output folder (created; must be empty or a synthetic set with --force)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=defaults.seed, help="random seed; same seed, same bytes (default %(default)s)"
+    )
+    parser.add_argument(
+        "--ids", type=int, default=defaults.ids, help="identities in all, half train / half test (default %(default)s)"
+    )
+    parser.add_argument(
+        "--cameras", type=int, default=defaults.cameras, help="number of cameras, 2-9 (default %(default)s)"
+    )
     parser.add_argument("--width", type=int, default=defaults.width, help="image width (default %(default)s)")
     parser.add_argument("--height", type=int, default=defaults.height, help="image height (default %(default)s)")
-    parser.add_argument("--train-images", type=_int_range, default=defaults.train_images, metavar="LOW,HIGH",
-                        help="images per train identity (default %(default)s)")
-    parser.add_argument("--gallery-per-camera", type=_int_range, default=defaults.gallery_per_camera, metavar="LOW,HIGH",
-                        help="gallery images per test identity and camera (default %(default)s)")
-    parser.add_argument("--queries-per-id", type=int, default=defaults.queries_per_id, help="queries per test identity (default %(default)s)")
-    parser.add_argument("--distractors", type=float, default=defaults.distractors,
-                        help="pid 0 gallery images, as a share of the identities' gallery images (default %(default)s)")
-    parser.add_argument("--junk", type=float, default=defaults.junk,
-                        help="pid -1 (junk) gallery images, same unit (default %(default)s)")
-    parser.add_argument("--query-occlusion", type=_probability, default=defaults.query_occlusion,
-                        help="share of occluded queries (default %(default)s)")
-    parser.add_argument("--gallery-occlusion", type=_probability, default=defaults.gallery_occlusion,
-                        help="share of occluded gallery images (default %(default)s)")
-    parser.add_argument("--train-occlusion", type=_probability, default=defaults.train_occlusion,
-                        help="share of occluded train images (default %(default)s)")
+    parser.add_argument(
+        "--train-images",
+        type=_int_range,
+        default=defaults.train_images,
+        metavar="LOW,HIGH",
+        help="images per train identity (default %(default)s)",
+    )
+    parser.add_argument(
+        "--gallery-per-camera",
+        type=_int_range,
+        default=defaults.gallery_per_camera,
+        metavar="LOW,HIGH",
+        help="gallery images per test identity and camera (default %(default)s)",
+    )
+    parser.add_argument(
+        "--queries-per-id",
+        type=int,
+        default=defaults.queries_per_id,
+        help="queries per test identity (default %(default)s)",
+    )
+    parser.add_argument(
+        "--distractors",
+        type=float,
+        default=defaults.distractors,
+        help="pid 0 gallery images, as a share of the identities' gallery images (default %(default)s)",
+    )
+    parser.add_argument(
+        "--junk",
+        type=float,
+        default=defaults.junk,
+        help="pid -1 (junk) gallery images, same unit (default %(default)s)",
+    )
+    parser.add_argument(
+        "--query-occlusion",
+        type=_probability,
+        default=defaults.query_occlusion,
+        help="share of occluded queries (default %(default)s)",
+    )
+    parser.add_argument(
+        "--gallery-occlusion",
+        type=_probability,
+        default=defaults.gallery_occlusion,
+        help="share of occluded gallery images (default %(default)s)",
+    )
+    parser.add_argument(
+        "--train-occlusion",
+        type=_probability,
+        default=defaults.train_occlusion,
+        help="share of occluded train images (default %(default)s)",
+    )
     parser.add_argument("--force", action="store_true", help="replace an existing synthetic dataset in --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -764,10 +920,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = SynthConfig(
-            seed=args.seed, ids=args.ids, cameras=args.cameras, width=args.width, height=args.height,
-            train_images=args.train_images, gallery_per_camera=args.gallery_per_camera,
-            queries_per_id=args.queries_per_id, distractors=args.distractors, junk=args.junk,
-            query_occlusion=args.query_occlusion, gallery_occlusion=args.gallery_occlusion,
+            seed=args.seed,
+            ids=args.ids,
+            cameras=args.cameras,
+            width=args.width,
+            height=args.height,
+            train_images=args.train_images,
+            gallery_per_camera=args.gallery_per_camera,
+            queries_per_id=args.queries_per_id,
+            distractors=args.distractors,
+            junk=args.junk,
+            query_occlusion=args.query_occlusion,
+            gallery_occlusion=args.gallery_occlusion,
             train_occlusion=args.train_occlusion,
             id_cameras=(2, min(SynthConfig.id_cameras[1], args.cameras)),
         )

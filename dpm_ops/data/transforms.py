@@ -269,7 +269,9 @@ class RandomErasing(Transform):
                 if box_w < width and box_h < height:
                     top = _randint(generator, 0, height - box_h)
                     left = _randint(generator, 0, width - box_w)
-                    tensor[:, top : top + box_h, left : left + box_w] = self._fill(channels, box_h, box_w, tensor.dtype, generator)
+                    tensor[:, top : top + box_h, left : left + box_w] = self._fill(
+                        channels, box_h, box_w, tensor.dtype, generator
+                    )
                     break
         return tensor
 
@@ -326,7 +328,13 @@ def maskreid_train_transforms(
     std: Sequence[float] = MASKREID_STD,
 ) -> Compose:
     """DGD's pipeline used by MaskReID; random erasing (off by default) is not in the paper."""
-    steps: list[Transform] = [Resize(resize, "bilinear"), RandomCrop(crop), RandomHorizontalFlip(flip), ToTensor(), Normalize(mean, std)]
+    steps: list[Transform] = [
+        Resize(resize, "bilinear"),
+        RandomCrop(crop),
+        RandomHorizontalFlip(flip),
+        ToTensor(),
+        Normalize(mean, std),
+    ]
     if erasing > 0:
         steps.append(RandomErasing(probability=erasing, mode="pixel"))
     return Compose(steps)
