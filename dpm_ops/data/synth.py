@@ -864,14 +864,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--train-images",
         type=_int_range,
-        default=defaults.train_images,
+        default="{},{}".format(*defaults.train_images),
         metavar="LOW,HIGH",
         help="images per train identity (default %(default)s)",
     )
     parser.add_argument(
         "--gallery-per-camera",
         type=_int_range,
-        default=defaults.gallery_per_camera,
+        default="{},{}".format(*defaults.gallery_per_camera),
         metavar="LOW,HIGH",
         help="gallery images per test identity and camera (default %(default)s)",
     )
