@@ -84,6 +84,7 @@ def test_resume_mid_epoch_continues_exactly(make):
     moved_on = make()
     moved_on.load_state_dict(state)
     moved_on.set_epoch(2)
+    assert moved_on.state_dict()["position"] == 0
     assert len(list(moved_on)) == len(moved_on), "a new epoch starts at batch 0"
 
 

@@ -89,7 +89,7 @@ class _EpochBatchSampler(Sampler[list[SampleRef]]):
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
-            self._start = 0
+            self._start = self._yielded = 0
         self.epoch = int(epoch)
 
     def state_dict(self, consumed_batches: Optional[int] = None) -> dict:
