@@ -21,15 +21,17 @@ import torch.nn.functional as F
 
 from dpm_ops.ops import masked_cosine
 
+from ._precision import at_least_fp32, common_at_least_fp32
+
 
 def arcface_logits(cosine: torch.Tensor, labels: torch.Tensor, scale: float = 30.0, margin: float = 0.5,
                    easy_margin: bool = False, clamp_eps: float = 1e-7) -> torch.Tensor:
-    """``s · (onehot·φ(cos) + (1 − onehot)·cos)`` in fp32.
+    """``s · (onehot·φ(cos) + (1 − onehot)·cos)`` in (at least) fp32.
 
     Only the sqrt's argument is clamped (cos to ``[−1+ε, 1−ε]``): the original has no clamp and can
     produce NaNs under AMP; everywhere else the raw cosine is used, as in the official ``MArcface``.
     """
-    cosine = cosine.float()
+    cosine = at_least_fp32(cosine)
     target_cos = cosine.gather(1, labels.view(-1, 1)).squeeze(1)
     target_sin = torch.sqrt(1.0 - target_cos.clamp(-1.0 + clamp_eps, 1.0 - clamp_eps).pow(2))
     phi = target_cos * math.cos(margin) - target_sin * math.sin(margin)
@@ -46,9 +48,9 @@ def masked_arcface_logits(features: torch.Tensor, mask: torch.Tensor, weight: to
                           labels: torch.Tensor | None, scale: float = 30.0, margin: float = 0.5,
                           easy_margin: bool = False, clamp_eps: float = 1e-7) -> torch.Tensor:
     """Masked prototype cosine of BN features vs ``weight`` rows, as ArcFace logits (``s·cos`` when
-    ``labels`` is None). Computed in fp32 even under autocast."""
+    ``labels`` is None). Computed in (at least) fp32, even under autocast."""
     with torch.autocast(device_type=features.device.type, enabled=False):
-        cosine = masked_cosine(features.float(), mask.float(), weight.float(), eps=1e-12)
+        cosine = masked_cosine(*common_at_least_fp32(features, mask, weight), eps=1e-12)
         if labels is None:
             return scale * cosine
         return arcface_logits(cosine, labels, scale, margin, easy_margin, clamp_eps)

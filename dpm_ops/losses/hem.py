@@ -10,12 +10,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ._precision import at_least_fp32
+
 
 def hem_loss(cls_logits: torch.Tensor, eps: float = 1e-6, reduction: str = "sum") -> torch.Tensor:
     """``cls_logits``: (B, heads, N) pre-softmax, scaled logits of the last block."""
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' (official) or 'mean', got {reduction!r}")
-    a = cls_logits.float()
+    a = at_least_fp32(cls_logits)
     a_hat = a / torch.sqrt((a * a).sum(-1, keepdim=True) + eps)
     gram = a_hat @ a_hat.transpose(1, 2)
     heads = a.shape[1]

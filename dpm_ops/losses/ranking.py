@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ._precision import at_least_fp32
+
 NEG_MODES = ("literal", "violating_only")
 POS_MODES = ("hardest", "all")
 
@@ -33,7 +35,7 @@ def maskreid_ranking_loss(embeddings: torch.Tensor, labels: torch.Tensor, alpha:
         raise ValueError(f"neg_mode must be one of {NEG_MODES}, got {neg_mode!r}")
     if pos_mode not in POS_MODES:
         raise ValueError(f"pos_mode must be one of {POS_MODES}, got {pos_mode!r}")
-    x = embeddings.float()
+    x = at_least_fp32(embeddings)
     sim = x @ x.t()
     same = labels.unsqueeze(1) == labels.unsqueeze(0)
     eye = torch.eye(len(labels), dtype=torch.bool, device=sim.device)

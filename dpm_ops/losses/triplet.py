@@ -11,10 +11,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._precision import at_least_fp32
+
 
 def pairwise_euclidean(features: torch.Tensor) -> torch.Tensor:
-    """(B, B) distances by the expansion the original uses, in fp32."""
-    x = features.float()
+    """(B, B) distances by the expansion the original uses, in at least fp32."""
+    x = at_least_fp32(features)
     squared = (x * x).sum(1)
     return (squared.unsqueeze(1) + squared.unsqueeze(0) - 2.0 * (x @ x.t())).clamp_min(1e-12).sqrt()
 

@@ -1,0 +1,393 @@
+"""DPM and the ViT baseline (spec dpm.md §1-§7): shapes, counts, inits, quirks, gradients, compile.
+
+Most tests use a tiny width/depth at the real 256x128 input, so the patch grids are the real ones
+(22x11 at stride 11, 21x10 at stride 12); the full ViT-B/16 is built on the meta device for
+parameter counts and once for real for one shape check.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dpm_ops.losses import DPMLoss, MaskedArcFaceLoss
+from dpm_ops.models import DPM, ViTBaseline, build_model
+
+COMPILE_BACKEND = os.environ.get("DPM_OPS_COMPILE_BACKEND", "aot_eager")
+TINY = dict(embed_dim=32, depth=4, num_heads=4, mask_tap_blocks=(0, 1, 2, 3))
+NUM_CLASSES, NUM_CAMERAS = 6, 3
+GRIDS = {11: (22, 11), 12: (21, 10)}
+
+
+def tiny_dpm(stride=11, **options):
+    torch.manual_seed(0)
+    return build_model("dpm", NUM_CLASSES, NUM_CAMERAS, stride=stride, **{**TINY, **options})
+
+
+def batch(size=4, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(size, 3, 256, 128, generator=generator)
+    cams = torch.arange(size) % NUM_CAMERAS
+    labels = torch.arange(size) // 2 % NUM_CLASSES  # pairs of identities, as a P x K batch
+    return images, cams, labels
+
+
+def capture_bn_feature(model):
+    """Forward hook on the BNNeck: the BN feature the classifier sees."""
+    captured = {}
+    model.bottleneck.register_forward_hook(lambda module, args, out: captured.__setitem__("f_bn", out))
+    return captured
+
+
+# ---------------------------------------------------------------- shapes
+
+@pytest.mark.parametrize("stride", [11, 12])
+def test_train_and_eval_shapes(stride):
+    model = tiny_dpm(stride)
+    num_y, num_x = GRIDS[stride]
+    assert model.backbone.grid_size == (num_y, num_x)
+    assert model.backbone.pos_embed.shape == (1, 1 + num_y * num_x, 32)
+    images, cams, labels = batch(4)
+    out = model(images, cam_label=cams, labels=labels)
+    assert out.plain_logits.shape == (4, NUM_CLASSES)
+    assert out.masked_logits.shape == (4, NUM_CLASSES)
+    assert out.feature.shape == (4, 32)
+    assert out.mask.shape == (4, 32)
+    assert out.hem_logits.shape == (4, 4, num_y * num_x)
+    model.eval()
+    with torch.no_grad():
+        eval_out = model(images[:1], cam_label=cams[:1])  # batch 1: the official squeeze() broke here
+    assert len(eval_out) == 2
+    assert eval_out.feature.shape == (1, 32) and eval_out.mask.shape == (1, 32)
+
+
+@pytest.mark.parametrize("stride", [11, 12])
+def test_mask_generator_train_mode_batch_of_one(stride):
+    """flatten(1), not squeeze(): a single image keeps its batch dimension in train mode too."""
+    model = tiny_dpm(stride)
+    images, cams, _ = batch(1)
+    features = model.backbone.forward_features(images, cams, model.mask_tap_blocks)
+    assert model.mask_generator(features.tapped_tokens).shape == (1, 32)
+
+
+def test_full_vit_b16_eval_shape():
+    torch.manual_seed(0)
+    model = build_model("dpm", 702, 8).eval()
+    with torch.no_grad():
+        feature, mask = model(torch.randn(1, 3, 256, 128), cam_label=torch.tensor([7]))
+    assert feature.shape == (1, 768) and mask.shape == (1, 768)
+    assert torch.all(mask == 0.5)
+
+
+# ---------------------------------------------------------------- parameter counts (spec §9)
+
+def count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("stride,cameras,classes,test_time,total", [
+    (11, 8, 702, 144_832_512, 145_373_184),    # Occluded-Duke
+    (12, 8, 702, 144_807_936, 145_348_608),    # DukeMTMC-reID
+    (12, 6, 751, 144_806_400, 145_384_704),    # Market-1501 / Occluded-REID
+])
+def test_full_parameter_counts(stride, cameras, classes, test_time, total):
+    with torch.device("meta"):
+        model = build_model("dpm", classes, cameras, stride=stride)
+    assert count(model.backbone) + count(model.mask_generator) == test_time
+    assert count(model) == total
+    assert count(model.mask_generator.conv_stack) == 58_401_792
+    assert count(model.mask_generator.attfc) == 590_592
+    assert count(model.bottleneck) == 1_536
+    assert count(model.classifier) == classes * 768
+    assert not any(p.shape[0] == 1000 for p in model.parameters())  # no dead 1000-way fc
+
+
+def test_occluded_duke_backbone_components():
+    with torch.device("meta"):
+        model = build_model("dpm", 702, 8)
+    backbone = model.backbone
+    assert count(backbone) == 85_840_128
+    assert count(backbone.patch_embed) == 590_592
+    assert backbone.pos_embed.numel() == 186_624 and backbone.sie_embed.numel() == 6_144
+    assert all(count(block) == 7_087_872 for block in backbone.blocks)
+
+
+def test_vit_baseline_count_and_outputs():
+    with torch.device("meta"):
+        full = build_model("vit_baseline", 702, 8)
+    assert count(full) == 85_840_128 + 1_536 + 702 * 768
+    torch.manual_seed(0)
+    model = build_model("vit_baseline", NUM_CLASSES, NUM_CAMERAS, **{k: v for k, v in TINY.items()
+                                                                      if k != "mask_tap_blocks"})
+    assert not hasattr(model, "mask_generator")
+    images, cams, labels = batch(4)
+    out = model(images, cam_label=cams, labels=labels)
+    assert out.logits.shape == (4, NUM_CLASSES) and out.feature.shape == (4, 32)
+    assert model.classifier.bias is None
+    assert abs(model.classifier.weight.std().item() - 0.001) < 0.0005
+    model.eval()
+    with torch.no_grad():
+        assert model(images[:1], cam_label=cams[:1]).shape == (1, 32)
+
+
+# ---------------------------------------------------------------- inits (spec §1.2, §3, §5)
+
+def test_initialisation_rules():
+    model = tiny_dpm()
+    backbone = model.backbone
+    assert torch.all(model.mask_generator.attfc.weight == 0) and torch.all(model.mask_generator.attfc.bias == 0)
+    # the conv stack keeps PyTorch's defaults: kaiming_uniform(a=√5) -> |w| <= 1/sqrt(fan_in), nonzero bias
+    conv = model.mask_generator.conv_stack[0][0]
+    assert conv.weight.abs().max() <= 1 / math.sqrt(conv.weight[0].numel())
+    assert conv.bias.abs().sum() > 0
+    bn = model.mask_generator.conv_stack[0][1]
+    assert torch.all(bn.weight == 1) and torch.all(bn.bias == 0)
+    # classifier: xavier_uniform, no bias
+    weight = model.classifier.weight
+    bound = math.sqrt(6 / (NUM_CLASSES + 32))
+    assert model.classifier.bias is None
+    assert weight.abs().max() <= bound and weight.abs().max() > 0.8 * bound
+    # BNNeck: weight 1, bias 0 and frozen
+    assert torch.all(model.bottleneck.weight == 1) and torch.all(model.bottleneck.bias == 0)
+    assert not model.bottleneck.bias.requires_grad and model.bottleneck.weight.requires_grad
+    # ViT: trunc_normal(.02) Linear weights, zero biases, LN (1, 0) with eps 1e-6, qkv bias
+    fc1 = backbone.blocks[0].mlp.fc1
+    assert abs(fc1.weight.std().item() - 0.02) < 0.002 and torch.all(fc1.bias == 0)
+    assert backbone.blocks[0].attn.qkv.bias is not None
+    assert all(m.eps == 1e-6 for m in model.modules() if isinstance(m, torch.nn.LayerNorm))
+    assert torch.all(backbone.norm.weight == 1) and torch.all(backbone.norm.bias == 0)
+    proj = backbone.patch_embed.proj
+    assert proj.kernel_size == (16, 16) and proj.stride == (11, 11)
+    assert abs(proj.weight.std().item() - math.sqrt(2 / (16 * 16 * 32))) < 0.001
+    for token in (backbone.cls_token, backbone.pos_embed, backbone.sie_embed):
+        assert token.abs().sum() > 0 and token.abs().max() < 0.2
+
+
+def test_drop_path_rates_and_sie_coefficient():
+    with torch.device("meta"):
+        model = build_model("dpm", 702, 8)
+    rates = [block.drop_path.drop_prob for block in model.backbone.blocks]
+    assert rates == pytest.approx([0.1 * i / 11 for i in range(12)])
+    assert model.backbone.sie_coef == 3.0
+    assert model.backbone.sie_embed.shape == (8, 1, 768)
+    assert model.mask_tap_blocks == (1, 3, 9, 11)
+    assert model.arcface_scale == 30.0 and model.arcface_margin == 0.5 and not model.easy_margin
+
+
+def test_camera_embedding_is_added_to_every_token():
+    model = tiny_dpm()
+    images, _, _ = batch(1)
+    backbone = model.backbone
+    with torch.no_grad():
+        delta = backbone.embed(images, torch.tensor([2])) - backbone.embed(images, torch.tensor([0]))
+    expected = 3.0 * (backbone.sie_embed[2] - backbone.sie_embed[0])  # (1, C), CLS token included
+    torch.testing.assert_close(delta, expected.expand_as(delta[0]).unsqueeze(0))
+    with pytest.raises(ValueError, match="cam_label"):
+        model(images)
+
+
+# ---------------------------------------------------------------- attention, HEM logits, mask taps
+
+def explicit_attention(attn, x):
+    """softmax(q kᵀ · scale) v, the official explicit attention; also returns the full logits."""
+    batch_size, tokens, dim = x.shape
+    qkv = attn.qkv(x).reshape(batch_size, tokens, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    logits = q @ k.transpose(-2, -1) * (dim // attn.num_heads) ** -0.5
+    out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(batch_size, tokens, dim)
+    return attn.proj(out), logits
+
+
+def test_sdpa_attention_and_hem_logits_match_explicit_attention():
+    model = tiny_dpm().eval()
+    images, cams, _ = batch(2)
+    backbone = model.backbone
+    with torch.no_grad():
+        features = backbone.forward_features(images, cams, return_cls_logits=True)
+        x = backbone.embed(images, cams)
+        for block in backbone.blocks:
+            attn_out, logits = explicit_attention(block.attn, block.norm1(x))
+            x = x + attn_out
+            x = x + block.mlp(block.norm2(x))
+    torch.testing.assert_close(features.cls_feature, backbone.norm(x)[:, 0], atol=1e-5, rtol=1e-5)
+    # last block, CLS query row, patch keys only, pre-softmax and already scaled
+    torch.testing.assert_close(features.cls_logits, logits[:, :, 0, 1:], atol=1e-5, rtol=1e-5)
+
+
+def test_mask_generator_reads_pre_ln_tokens_row_major():
+    model = tiny_dpm(12).eval()
+    torch.nn.init.normal_(model.mask_generator.attfc.weight, std=0.5)
+    images, cams, _ = batch(2)
+    backbone, generator = model.backbone, model.mask_generator
+    num_y, num_x = GRIDS[12]
+    with torch.no_grad():
+        x = backbone.embed(images, cams)
+        grids = []
+        for block in backbone.blocks:
+            x = x + explicit_attention(block.attn, block.norm1(x))[0]
+            x = x + block.mlp(block.norm2(x))
+            # token n sits at (n // num_x, n % num_x)
+            grids.append(x[:, 1:].reshape(2, num_y, num_x, -1).permute(0, 3, 1, 2))
+        z = torch.cat(grids, 1)  # tap order: blocks 0, 1, 2, 3
+        stack = generator.conv_stack
+        z = F.max_pool2d(stack[0](z), 2)            # 21x10 -> 10x5
+        z = F.max_pool2d(stack[2](z), 2)            # -> 5x2
+        expected = torch.sigmoid(generator.attfc(stack[4](z).amax((2, 3))))
+        _, mask = model(images, cam_label=cams)
+    torch.testing.assert_close(mask, expected, atol=1e-5, rtol=1e-5)
+    assert (mask - 0.5).abs().max() > 1e-3  # the check above is not trivially 0.5 == 0.5
+
+
+# ---------------------------------------------------------------- classifier: shared weight, zero-init mask
+
+def test_zero_init_mask_makes_masked_cosine_the_plain_cosine():
+    model = tiny_dpm()
+    captured = capture_bn_feature(model)
+    images, cams, labels = batch(4)
+    out = model(images, cam_label=cams)  # no labels: masked_logits = s · cos, no margin
+    assert torch.all(out.mask == 0.5)
+    f_bn, weight = captured["f_bn"], model.classifier.weight
+    plain_cosine = F.normalize(f_bn, dim=1) @ F.normalize(weight, dim=1).t()
+    torch.testing.assert_close(out.masked_logits, 30.0 * plain_cosine, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.plain_logits, f_bn @ weight.t())  # same W, unnormalised, no bias
+
+
+def test_arcface_margin_only_on_target_logit():
+    model = tiny_dpm()
+    torch.nn.init.normal_(model.mask_generator.attfc.weight, std=0.5)
+    images, cams, labels = batch(4)
+    torch.manual_seed(5)
+    without = model(images, cam_label=cams)
+    torch.manual_seed(5)  # same drop-path draws
+    with_margin = model(images, cam_label=cams, labels=labels)
+    target = F.one_hot(labels, NUM_CLASSES).bool()
+    torch.testing.assert_close(with_margin.masked_logits[~target], without.masked_logits[~target])
+    cos = (without.masked_logits[target] / 30.0).double()
+    expected = 30.0 * torch.cos(torch.arccos(cos) + 0.5)  # all targets here have θ < π − m
+    assert torch.all(cos > math.cos(math.pi - 0.5))
+    torch.testing.assert_close(with_margin.masked_logits[target].double(), expected, atol=1e-4, rtol=1e-5)
+
+
+def test_model_logits_agree_with_masked_arcface_loss():
+    model = tiny_dpm()
+    torch.nn.init.normal_(model.mask_generator.attfc.weight, std=0.5)
+    captured = capture_bn_feature(model)
+    images, cams, labels = batch(4)
+    out = model(images, cam_label=cams, labels=labels)
+    from_logits = 0.5 * F.cross_entropy(out.plain_logits, labels) + 0.5 * F.cross_entropy(out.masked_logits, labels)
+    from_features = MaskedArcFaceLoss()(captured["f_bn"], out.mask, model.classifier.weight, labels)
+    torch.testing.assert_close(from_logits, from_features)
+
+
+# ---------------------------------------------------------------- the two optimisers (spec §7.1)
+
+def parameter_snapshot(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def changed(model, before):
+    return {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+
+
+def test_param_groups_follow_spec():
+    model = tiny_dpm()
+    groups = model.optimizer_param_groups()
+    mask_ids = {id(p) for p in model.mask_generator.parameters()}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    main_ids = {id(p) for g in groups.main for p in g["params"]}
+    mask_group_ids = {id(p) for g in groups.mask_generator for p in g["params"]}
+    assert mask_group_ids == mask_ids  # conv stack + attfc, BN affine parameters included
+    assert main_ids == trainable - mask_ids
+    assert id(model.bottleneck.bias) not in main_ids | mask_group_ids  # frozen
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in groups.main + groups.mask_generator:
+        assert group["weight_decay"] == 1e-4  # biases, norms, tokens and SIE included
+        is_bias = group["name"] == "biases"
+        assert group["lr"] == pytest.approx(0.016 if is_bias else 0.008)
+        assert all(names[id(p)].endswith(".bias") == is_bias for p in group["params"])
+    with torch.device("meta"):
+        full = build_model("dpm", 702, 8)
+    full_groups = full.optimizer_param_groups()
+    assert sum(p.numel() for g in full_groups.main for p in g["params"]) == 145_373_184 - 768 - 58_992_384
+    assert sum(p.numel() for g in full_groups.mask_generator for p in g["params"]) == 58_992_384
+
+
+def test_two_pass_training_gradients_and_steps():
+    model = tiny_dpm()
+    criterion = DPMLoss()
+    images, cams, labels = batch(4)
+    mask_names = {f"mask_generator.{n}" for n, _ in model.mask_generator.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+
+    # With the zero-initialised attfc, nothing flows back through it at the first step.
+    out = model(images, cam_label=cams, labels=labels)
+    criterion(out, labels).backward()
+    conv_grads = [p.grad for p in model.mask_generator.conv_stack.parameters()]
+    assert all(g is not None and torch.all(g == 0) for g in conv_grads)
+    assert model.mask_generator.attfc.weight.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+
+    torch.nn.init.normal_(model.mask_generator.attfc.weight, std=0.02)  # a trained attfc
+    groups = model.optimizer_param_groups()
+    optimizer = torch.optim.SGD(groups.main, momentum=0.9)
+    mask_optimizer = torch.optim.SGD(groups.mask_generator, momentum=0.9)
+
+    # Pass 1: the loss reaches backbone, classifier, BNNeck weight and mask generator...
+    optimizer.zero_grad()
+    out = model(images, cam_label=cams, labels=labels)
+    # ... the mask itself carries gradient into the backbone (taps are pre-LN block outputs) ...
+    (mask_grad,) = torch.autograd.grad(out.mask.sum(), model.backbone.blocks[0].mlp.fc2.weight,
+                                       retain_graph=True)
+    assert mask_grad.abs().sum() > 0
+    criterion(out, labels).backward()
+    reached = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert reached == trainable
+    # Only the conv biases feeding a train-mode BN may see a zero gradient (BN removes the mean).
+    zero = {n for n in reached if model.get_parameter(n).grad.abs().sum() == 0}
+    assert zero <= {f"mask_generator.conv_stack.{i}.0.bias" for i in (0, 2, 4)}
+    # ... but only the first optimizer steps.
+    before = parameter_snapshot(model)
+    optimizer.step()
+    assert changed(model, before) == trainable - mask_names
+
+    # Pass 2: a fresh forward with the updated backbone; only the mask generator steps.
+    mask_optimizer.zero_grad()
+    out = model(images, cam_label=cams, labels=labels)
+    criterion(out, labels).backward()
+    before = parameter_snapshot(model)
+    mask_optimizer.step()
+    assert changed(model, before) == mask_names
+
+
+# ---------------------------------------------------------------- build_model, errors, compile
+
+def test_build_model_names_and_errors():
+    assert isinstance(tiny_dpm(), DPM)
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("transreid", 10)
+    with pytest.raises(ValueError, match="mask_tap_blocks"):
+        build_model("dpm", 10, 2, embed_dim=32, depth=4, num_heads=4)  # default taps need 12 blocks
+    with pytest.raises(ValueError, match="image"):
+        tiny_dpm()(torch.randn(2, 3, 128, 64), cam_label=torch.tensor([0, 1]))
+    assert isinstance(build_model("vit_baseline", 10, 2, embed_dim=32, depth=1, num_heads=4), ViTBaseline)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_torch_compile_fullgraph(train):
+    torch._dynamo.reset()
+    model = tiny_dpm(drop_path_rate=0.0)
+    torch.nn.init.normal_(model.mask_generator.attfc.weight, std=0.02)
+    model.train(train)
+    compiled = torch.compile(model, backend=COMPILE_BACKEND, fullgraph=True)
+    images, cams, labels = batch(4)
+    expected = model(images, cam_label=cams, labels=labels)
+    actual = compiled(images, cam_label=cams, labels=labels)
+    assert type(actual) is type(expected)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+    if train:
+        DPMLoss()(actual, labels).backward()
+        assert model.mask_generator.attfc.weight.grad.abs().sum() > 0
+        assert model.backbone.patch_embed.proj.weight.grad.abs().sum() > 0
