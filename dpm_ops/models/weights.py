@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Callable, NamedTuple, Optional, Union
+from typing import Callable, NamedTuple, Union
 
 import torch
 import torch.nn as nn
@@ -59,7 +59,7 @@ def resize_pos_embed(pos_embed: torch.Tensor, grid_size: tuple[int, int]) -> tor
     cls_slot, grid = pos_embed[:, :1], pos_embed[:, 1:]
     source_grid = infer_grid(grid.shape[1])
     dim = grid.shape[2]
-    grid = grid.float().reshape(1, *source_grid, dim).permute(0, 3, 1, 2)
+    grid = grid.to(torch.promote_types(grid.dtype, torch.float32)).reshape(1, *source_grid, dim).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=tuple(grid_size), mode="bilinear", align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos_embed.dtype)
     return torch.cat([cls_slot, grid], dim=1)

@@ -1,0 +1,329 @@
+"""Each loss against a brute-force, per-element transcription of its spec equation (float64), in
+value and gradient. The brute forces loop the way the official code or the paper's formula reads;
+they share no code with dpm_ops.losses."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dpm_ops.losses import (BaselineReIDLoss, DPMLoss, HEMLoss, MaskReIDRankingLoss, MaskedArcFaceLoss,
+                            SoftMarginTripletLoss, arcface_logits, hem_loss, masked_arcface_cross_entropy,
+                            masked_arcface_logits, maskreid_ranking_loss)
+from dpm_ops.models import DPMTrainOutput, ViTBaselineTrainOutput
+
+DOUBLE = dict(dtype=torch.float64)
+
+
+def leaves(*tensors):
+    return [t.detach().clone().requires_grad_(True) for t in tensors]
+
+
+def assert_same_value_and_grad(loss_fn, reference_fn, inputs, atol=1e-9, rtol=1e-7):
+    ours, theirs = leaves(*inputs), leaves(*inputs)
+    value, expected = loss_fn(*ours), reference_fn(*theirs)
+    torch.testing.assert_close(value, expected, atol=atol, rtol=rtol)
+    grads = torch.autograd.grad(value, ours)
+    expected_grads = torch.autograd.grad(expected, theirs)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+
+
+def brute_cross_entropy(logits, labels):
+    rows = [-(logits[b, labels[b]] - torch.log(torch.exp(logits[b]).sum())) for b in range(len(labels))]
+    return torch.stack(rows).mean()
+
+
+# ---------------------------------------------------------------- masked ArcFace (dpm.md §3)
+
+def official_masked_arcface_logits(x, mask, weight, labels, s, m, easy_margin):
+    """MArcface's per-sample loop, margin branch by branch."""
+    w_hat = weight / weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    rows = []
+    for b in range(x.shape[0]):
+        f_hat = x[b] / x[b].norm().clamp_min(1e-12)
+        masked_protos = mask[b] * w_hat
+        masked_protos = masked_protos / masked_protos.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        cos = masked_protos @ f_hat
+        row = []
+        for k in range(weight.shape[0]):
+            c = cos[k]
+            if k == labels[b]:
+                phi = c * math.cos(m) - torch.sqrt(1 - c * c) * math.sin(m)
+                if easy_margin:
+                    phi = phi if c > 0 else c
+                else:
+                    phi = phi if c > math.cos(math.pi - m) else c - math.sin(math.pi - m) * m
+                c = phi
+            row.append(s * c)
+        rows.append(torch.stack(row))
+    return torch.stack(rows)
+
+
+def arcface_inputs(batch=5, classes=7, dim=16, seed=0, anti_aligned=()):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(classes, dim, generator=generator, **DOUBLE)
+    labels = torch.randint(0, classes, (batch,), generator=generator)
+    x = torch.randn(batch, dim, generator=generator, **DOUBLE) * 3
+    for b in anti_aligned:  # far past θ = π − m: the linear fallback branch
+        x[b] = -weight[labels[b]] * 5 + 0.1 * torch.randn(dim, generator=generator, **DOUBLE)
+    mask = torch.rand(batch, dim, generator=generator, **DOUBLE)
+    for b in anti_aligned:  # a near-uniform mask barely rotates the prototype
+        mask[b] = 0.5 + 0.01 * mask[b]
+    return x, mask, weight, labels
+
+
+@pytest.mark.parametrize("margin,easy_margin", [(0.5, False), (0.3, False), (0.5, True)])
+def test_masked_arcface_cross_entropy_matches_official_loop(margin, easy_margin):
+    x, mask, weight, labels = arcface_inputs(anti_aligned=(1, 3))
+    cos_target = masked_arcface_logits(x, mask, weight, None, scale=1.0).gather(1, labels[:, None])
+    assert (cos_target < math.cos(math.pi - margin)).sum() == 2  # both branches are exercised
+
+    def ours(x, mask, weight):
+        return masked_arcface_cross_entropy(x, mask, weight, labels, 30.0, margin, easy_margin)
+
+    def reference(x, mask, weight):
+        plain = brute_cross_entropy(x @ weight.t(), labels)
+        masked = brute_cross_entropy(official_masked_arcface_logits(x, mask, weight, labels, 30.0, margin,
+                                                                    easy_margin), labels)
+        return 0.5 * plain + 0.5 * masked
+
+    assert_same_value_and_grad(ours, reference, (x, mask, weight))
+
+
+def test_masked_arcface_loss_module_defaults_and_weights():
+    loss = MaskedArcFaceLoss()
+    assert (loss.scale, loss.margin, loss.easy_margin, loss.plain_weight, loss.masked_weight) == (30.0, 0.5, False,
+                                                                                                  0.5, 0.5)
+    x, mask, weight, labels = arcface_inputs()
+    masked_only = MaskedArcFaceLoss(plain_weight=0.0, masked_weight=1.0)(x, mask, weight, labels)
+    expected = brute_cross_entropy(official_masked_arcface_logits(x, mask, weight, labels, 30.0, 0.5, False), labels)
+    torch.testing.assert_close(masked_only, expected)
+    torch.testing.assert_close(loss(x, mask, weight, labels), masked_arcface_cross_entropy(x, mask, weight, labels))
+
+
+def test_arcface_clamp_keeps_gradients_finite_at_cos_one():
+    cosine = torch.tensor([[1.0, 0.2, -1.0], [-1.0, 1.0, 0.0]], requires_grad=True)
+    labels = torch.tensor([0, 0])  # target cos = 1 and = -1: sqrt(1 - cos²) = 0 without the clamp
+    logits = arcface_logits(cosine, labels)
+    F.cross_entropy(logits, labels).backward()
+    assert torch.isfinite(logits).all() and torch.isfinite(cosine.grad).all()
+    # non-target entries keep the raw cosine
+    torch.testing.assert_close(logits[0, 1:], 30.0 * cosine[0, 1:].detach())
+    # the target at cos = 1 gets cos(0 + m) up to the clamp
+    assert logits[0, 0].item() == pytest.approx(30 * math.cos(0.5), abs=1e-2)
+    # a feature lying on its prototype: the masked cosine is 1 in fp32
+    weight = torch.randn(4, 8)
+    x = weight[[2]].clone().requires_grad_(True)
+    loss = masked_arcface_cross_entropy(x, torch.full((1, 8), 0.5), weight, torch.tensor([2]))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+
+
+def test_masked_arcface_logits_run_in_fp32_under_autocast():
+    x, mask, weight, labels = (t.float() if t.is_floating_point() else t for t in arcface_inputs())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = masked_arcface_logits(x.bfloat16(), mask.bfloat16(), weight, labels)
+    assert logits.dtype == torch.float32
+    reference = official_masked_arcface_logits(x.bfloat16().double(), mask.bfloat16().double(), weight.double(),
+                                               labels, 30.0, 0.5, False)
+    torch.testing.assert_close(logits.double(), reference, atol=1e-4, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- batch-hard soft-margin triplet (dpm.md §6)
+
+def brute_triplet(x, labels):
+    losses = []
+    for a in range(len(labels)):
+        dist = [torch.sqrt(torch.clamp(((x[a] - x[j]) ** 2).sum(), min=1e-12)) for j in range(len(labels))]
+        same = [j for j in range(len(labels)) if labels[j] == labels[a]]  # the anchor itself included
+        positive = max((dist[j] for j in same), key=lambda d: d.item())
+        negative = min((dist[j] for j in range(len(labels)) if j not in same), key=lambda d: d.item())
+        losses.append(torch.log(1 + torch.exp(positive - negative)))
+    return torch.stack(losses).mean()
+
+
+def test_triplet_matches_brute_force():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 6, generator=generator, **DOUBLE) * 4  # un-normalised on purpose
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    assert_same_value_and_grad(lambda x: SoftMarginTripletLoss()(x, labels), lambda x: brute_triplet(x, labels),
+                               (x,), atol=1e-7, rtol=1e-6)
+
+
+def test_triplet_anchor_counts_as_its_own_positive():
+    x = torch.tensor([[0.0, 0.0], [0.0, 0.0], [3.0, 4.0], [3.0, 4.0]], **DOUBLE)
+    labels = torch.tensor([0, 0, 1, 1])
+    # positives coincide: d_ap = sqrt(1e-12) = 1e-6; d_an = 5
+    expected = torch.nn.SoftMarginLoss()(torch.full((4,), 5.0 - 1e-6, **DOUBLE), torch.ones(4, **DOUBLE))
+    torch.testing.assert_close(SoftMarginTripletLoss()(x, labels), expected)
+
+
+# ---------------------------------------------------------------- HEM (dpm.md §4)
+
+def brute_hem(a):
+    batch, heads, patches = a.shape
+    total = a.new_zeros(())
+    for b in range(batch):
+        rows = [a[b, h] / torch.sqrt((a[b, h] ** 2).sum() + 1e-6) for h in range(heads)]
+        for i in range(heads):
+            for j in range(heads):
+                total = total + ((rows[i] * rows[j]).sum() - (1.0 if i == j else 0.0)) ** 2
+    return total / heads ** 2
+
+
+def test_hem_loss_matches_brute_force_summed_over_batch():
+    a = torch.randn(3, 12, 20, generator=torch.Generator().manual_seed(0), **DOUBLE)
+    assert_same_value_and_grad(lambda a: HEMLoss()(a), brute_hem, (a,))
+    torch.testing.assert_close(hem_loss(a, reduction="mean"), brute_hem(a) / 3)
+
+
+def test_hem_loss_extremes():
+    identical_heads = torch.ones(3, 12, 20, **DOUBLE)
+    # G = all ones: 132 off-diagonal ones per sample, / 144, summed over the batch of 3
+    assert hem_loss(identical_heads).item() == pytest.approx(3 * 132 / 144, rel=1e-6)
+    orthogonal = 10.0 * torch.eye(12, 20, **DOUBLE).expand(2, 12, 20)
+    assert hem_loss(orthogonal).item() < 1e-14
+    assert hem_loss(identical_heads.bfloat16()).dtype == torch.float32
+    with pytest.raises(ValueError, match="reduction"):
+        hem_loss(orthogonal, reduction="none")
+
+
+# ---------------------------------------------------------------- MaskReID ranking loss (maskreid.md §4.2)
+
+def brute_ranking(x, labels, alpha=0.15, lam=2.0, neg_mode="literal", pos_mode="hardest"):
+    n = len(labels)
+    sim = [[(x[k] * x[j]).sum() for j in range(n)] for k in range(n)]
+    per_anchor = []
+    for k in range(n):
+        positives = [i for i in range(n) if i != k and labels[i] == labels[k]]
+        negatives = [j for j in range(n) if labels[j] != labels[k]]
+        if not positives:
+            continue
+        if pos_mode == "hardest":
+            references = [min((sim[k][i] for i in positives), key=lambda d: d.item())]
+        else:
+            references = [sim[k][i] for i in positives]
+        summed = x.new_zeros(())
+        for reference in references:
+            for j in negatives:
+                z = sim[k][j] - reference + alpha
+                if neg_mode == "literal":
+                    summed = summed + torch.exp(torch.clamp(z, min=0))
+                elif z > 0:
+                    summed = summed + torch.exp(z)
+        pull = sum((sim[k][i] - 1) ** 2 for i in positives) * lam / (2 * len(positives))
+        per_anchor.append(torch.log(1 + summed) + pull)
+    return torch.stack(per_anchor).mean()
+
+
+def ranking_batch(seed=0):
+    """The paper's batch shape, shrunk: one identity with 4 images, 6 single-image identities."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.tensor([7, 7, 7, 7, 1, 2, 3, 4, 5, 6])
+    base = torch.randn(8, generator=generator, **DOUBLE)
+    x = torch.randn(10, 8, generator=generator, **DOUBLE) * 0.6
+    x[:4] += base  # positives close enough that some negatives satisfy the margin and some do not
+    return F.normalize(x, dim=1), labels
+
+
+@pytest.mark.parametrize("neg_mode", ["literal", "violating_only"])
+@pytest.mark.parametrize("pos_mode", ["hardest", "all"])
+def test_ranking_loss_matches_brute_force(neg_mode, pos_mode):
+    for x, labels in (ranking_batch(), (F.normalize(torch.randn(9, 5, **DOUBLE), dim=1),
+                                        torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2]))):
+        loss = MaskReIDRankingLoss(neg_mode=neg_mode, pos_mode=pos_mode)
+        assert_same_value_and_grad(lambda x: loss(x, labels),
+                                   lambda x: brute_ranking(x, labels, neg_mode=neg_mode, pos_mode=pos_mode), (x,))
+
+
+def test_ranking_loss_closed_form_gradient():
+    """Spec §4.2's gradients: ∂L/∂s_kj = w_j, ∂L/∂s_k^{p*} = −Σ w_j, ∂L/∂s_ki += (λ/|P|)(s_ki − 1),
+    averaged over anchors, then through S = X Xᵀ."""
+    x, labels = ranking_batch(3)
+    alpha, lam = 0.15, 2.0
+    sim = x @ x.t()
+    grad_sim = torch.zeros_like(sim)
+    anchors = [k for k in range(10) if (labels == labels[k]).sum() > 1]
+    for k in anchors:
+        positives = [i for i in range(10) if i != k and labels[i] == labels[k]]
+        negatives = [j for j in range(10) if labels[j] != labels[k]]
+        hardest = min(positives, key=lambda i: sim[k, i].item())
+        z = sim[k, negatives] - sim[k, hardest] + alpha
+        w = torch.where(z > 0, torch.exp(z), torch.zeros_like(z)) / (1 + torch.exp(z.clamp_min(0)).sum())
+        grad_sim[k, negatives] += w / len(anchors)
+        grad_sim[k, hardest] -= w.sum() / len(anchors)
+        for i in positives:
+            grad_sim[k, i] += lam / len(positives) * (sim[k, i] - 1) / len(anchors)
+    closed_form = (grad_sim + grad_sim.t()) @ x
+    leaf = x.clone().requires_grad_(True)
+    (autograd,) = torch.autograd.grad(maskreid_ranking_loss(leaf, labels), leaf)
+    assert closed_form.abs().max() > 1e-3
+    torch.testing.assert_close(autograd, closed_form)
+
+
+def test_ranking_loss_literal_floor_with_the_papers_batch():
+    """10 images of one identity + 54 singletons, every constraint satisfied: the literal Eq. 5 stays
+    at log(1 + 54) (only the 10 are anchors), the violating-only reading at 0."""
+    x = torch.zeros(64, 4, **DOUBLE)
+    x[:10, 0] = 1.0
+    x[10:, 0] = -1.0
+    labels = torch.cat([torch.zeros(10, dtype=torch.long), torch.arange(1, 55)])
+    assert maskreid_ranking_loss(x, labels).item() == pytest.approx(math.log(55))
+    assert maskreid_ranking_loss(x, labels, neg_mode="violating_only").item() == 0.0
+    defaults = MaskReIDRankingLoss()
+    assert (defaults.alpha, defaults.lam, defaults.neg_mode, defaults.pos_mode) == (0.15, 2.0, "literal", "hardest")
+    with pytest.raises(ValueError, match="neg_mode"):
+        MaskReIDRankingLoss(neg_mode="soft")
+
+
+# ---------------------------------------------------------------- DPM total (dpm.md §6) and the baseline
+
+def fake_dpm_output(batch=8, classes=5, dim=12, heads=12, patches=30, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, **DOUBLE)
+
+    return DPMTrainOutput(randn(batch, classes), randn(batch, classes) * 5, randn(batch, dim),
+                          torch.rand(batch, dim, generator=generator, **DOUBLE), randn(batch, heads, patches))
+
+
+@pytest.mark.parametrize("hem_weight", [0.1, 0.01])
+def test_dpm_loss_combines_terms_per_spec(hem_weight):
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 4, 4])
+
+    output = fake_dpm_output()
+
+    def ours(plain, masked, feature, hem_logits):  # the mask enters through masked_logits only
+        return DPMLoss(hem_weight=hem_weight)(DPMTrainOutput(plain, masked, feature, output.mask, hem_logits),
+                                              labels)
+
+    def reference(plain, masked, feature, hem_logits):
+        id_loss = (0.5 * brute_cross_entropy(plain, labels) + 0.5 * brute_cross_entropy(masked, labels)
+                   + hem_weight * brute_hem(hem_logits))
+        return id_loss + brute_triplet(feature, labels)
+
+    inputs = (output.plain_logits, output.masked_logits, output.feature, output.hem_logits)
+    assert_same_value_and_grad(ours, reference, inputs, atol=1e-7, rtol=1e-6)
+
+
+def test_dpm_loss_defaults_terms_and_outer_weights():
+    output, labels = fake_dpm_output(), torch.tensor([0, 0, 1, 1, 2, 2, 4, 4])
+    criterion = DPMLoss()
+    assert (criterion.hem_weight, criterion.id_weight, criterion.triplet_weight) == (0.1, 1.0, 1.0)
+    terms = criterion.terms(output, labels)
+    assert set(terms) == {"id_plain", "id_masked", "hem", "triplet"}
+    weighted = DPMLoss(id_weight=2.0, triplet_weight=3.0)(output, labels)
+    expected = (2.0 * (0.5 * terms["id_plain"] + 0.5 * terms["id_masked"] + 0.1 * terms["hem"])
+                + 3.0 * terms["triplet"])
+    torch.testing.assert_close(weighted, expected)
+
+
+def test_baseline_loss():
+    generator = torch.Generator().manual_seed(0)
+    logits, feature = torch.randn(6, 4, generator=generator, **DOUBLE), torch.randn(6, 8, generator=generator, **DOUBLE)
+    labels = torch.tensor([0, 0, 1, 1, 3, 3])
+    value = BaselineReIDLoss()(ViTBaselineTrainOutput(logits, feature), labels)
+    torch.testing.assert_close(value, brute_cross_entropy(logits, labels) + brute_triplet(feature, labels))

@@ -1,0 +1,232 @@
+"""load_pretrained with tiny fake checkpoints in each layout. Key lists are written out here from
+the layouts themselves (timm 0.4 ViT, official DPM §1.3, torchvision ResNet-50), not from our
+modules, so a renamed parameter on our side fails these tests."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dpm_ops.models import build_model, load_pretrained, resize_pos_embed
+
+C, DEPTH, CAMERAS, CLASSES = 32, 4, 3, 6
+TINY_VIT = dict(embed_dim=C, depth=DEPTH, num_heads=4)
+TINY_DPM = dict(TINY_VIT, mask_tap_blocks=(0, 1, 2, 3))
+
+
+def random_state(shapes, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in shapes.items():
+        if key.endswith("num_batches_tracked"):
+            state[key] = torch.tensor(17)
+        elif key.endswith("running_var"):
+            state[key] = torch.rand(shape, generator=generator) + 0.5
+        else:
+            state[key] = torch.randn(shape, generator=generator)
+    return state
+
+
+def vit_shapes(prefix, num_tokens):
+    shapes = {f"{prefix}cls_token": (1, 1, C), f"{prefix}pos_embed": (1, num_tokens, C),
+              f"{prefix}patch_embed.proj.weight": (C, 3, 16, 16), f"{prefix}patch_embed.proj.bias": (C,),
+              f"{prefix}norm.weight": (C,), f"{prefix}norm.bias": (C,)}
+    for i in range(DEPTH):
+        block = f"{prefix}blocks.{i}."
+        shapes.update({block + "norm1.weight": (C,), block + "norm1.bias": (C,),
+                       block + "attn.qkv.weight": (3 * C, C), block + "attn.qkv.bias": (3 * C,),
+                       block + "attn.proj.weight": (C, C), block + "attn.proj.bias": (C,),
+                       block + "norm2.weight": (C,), block + "norm2.bias": (C,),
+                       block + "mlp.fc1.weight": (4 * C, C), block + "mlp.fc1.bias": (4 * C,),
+                       block + "mlp.fc2.weight": (C, 4 * C), block + "mlp.fc2.bias": (C,)})
+    return shapes
+
+
+def bn_shapes(prefix, channels):
+    return {f"{prefix}{name}": (channels,) for name in ("weight", "bias", "running_mean", "running_var")} | {
+        f"{prefix}num_batches_tracked": ()}
+
+
+def timm_checkpoint():
+    shapes = vit_shapes("", 1 + 14 * 14) | {"head.weight": (1000, C), "head.bias": (1000,)}
+    return random_state(shapes)
+
+
+def official_dpm_checkpoint(num_tokens=1 + 22 * 11, cameras=CAMERAS):
+    shapes = vit_shapes("base.", num_tokens) | {"base.sie_embed": (cameras, 1, C)}
+    for index, (c_in, c_out) in zip((0, 2, 4), ((4 * C, 2 * C), (2 * C, C), (C, C))):
+        shapes |= {f"base.ConvLayer.{index}.0.weight": (c_out, c_in, 3, 3), f"base.ConvLayer.{index}.0.bias": (c_out,)}
+        shapes |= bn_shapes(f"base.ConvLayer.{index}.1.", c_out)
+    shapes |= {"base.attfc.weight": (C, C), "base.attfc.bias": (C,), "base.fc.weight": (1000, C),
+               "base.fc.bias": (1000,), "classifier.weight": (CLASSES, C)}
+    shapes |= bn_shapes("bottleneck.", C)
+    return random_state(shapes, seed=1)
+
+
+def torchvision_resnet_checkpoint(width=8):
+    shapes = {"conv1.weight": (width, 3, 7, 7)} | bn_shapes("bn1.", width)
+    in_channels = width
+    for stage in range(1, 5):
+        planes = width * 2 ** (stage - 1)
+        block = f"layer{stage}.0."
+        shapes |= {block + "conv1.weight": (planes, in_channels, 1, 1), block + "conv2.weight": (planes, planes, 3, 3),
+                   block + "conv3.weight": (4 * planes, planes, 1, 1),
+                   block + "downsample.0.weight": (4 * planes, in_channels, 1, 1)}
+        for bn, channels in (("bn1.", planes), ("bn2.", planes), ("bn3.", 4 * planes), ("downsample.1.", 4 * planes)):
+            shapes |= bn_shapes(block + bn, channels)
+        in_channels = 4 * planes
+    shapes |= {"fc.weight": (1000, in_channels), "fc.bias": (1000,)}
+    return random_state(shapes, seed=2)
+
+
+def bilinear_reference(grid, out_h, out_w):
+    """PyTorch's align_corners=False bilinear, written out: src = (dst + 0.5)·in/out − 0.5, floored at 0."""
+    in_h, in_w, _ = grid.shape
+
+    def taps(out_size, in_size):
+        result = []
+        for dst in range(out_size):
+            src = max((dst + 0.5) * in_size / out_size - 0.5, 0.0)
+            low = int(math.floor(src))
+            high = min(low + 1, in_size - 1)
+            result.append((low, high, src - low))
+        return result
+
+    out = np.zeros((out_h, out_w, grid.shape[2]))
+    for y, (y0, y1, ly) in enumerate(taps(out_h, in_h)):
+        for x, (x0, x1, lx) in enumerate(taps(out_w, in_w)):
+            out[y, x] = ((1 - ly) * ((1 - lx) * grid[y0, x0] + lx * grid[y0, x1])
+                         + ly * ((1 - lx) * grid[y1, x0] + lx * grid[y1, x1]))
+    return out
+
+
+def test_pos_embed_resize_matches_written_out_bilinear():
+    pos_embed = torch.randn(1, 1 + 14 * 14, 5, dtype=torch.float64)
+    resized = resize_pos_embed(pos_embed, (22, 11))
+    assert resized.shape == (1, 1 + 242, 5)
+    torch.testing.assert_close(resized[:, 0], pos_embed[:, 0])  # CLS slot kept
+    expected = bilinear_reference(pos_embed[0, 1:].reshape(14, 14, 5).numpy(), 22, 11)
+    np.testing.assert_allclose(resized[0, 1:].reshape(22, 11, 5).numpy(), expected, atol=1e-12)
+    # a 2:1 source grid (an official stride-12 checkpoint, 21x10) is recognised too
+    official = torch.randn(1, 1 + 210, 5, dtype=torch.float64)
+    expected = bilinear_reference(official[0, 1:].reshape(21, 10, 5).numpy(), 22, 11)
+    np.testing.assert_allclose(resize_pos_embed(official, (22, 11))[0, 1:].reshape(22, 11, 5).numpy(), expected,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("model_name", ["dpm", "vit_baseline"])
+def test_timm_vit_checkpoint(tmp_path, model_name):
+    checkpoint = timm_checkpoint()
+    path = tmp_path / "jx_vit_tiny.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in checkpoint.items()}}, path)
+    torch.manual_seed(0)
+    options = TINY_DPM if model_name == "dpm" else TINY_VIT
+    model = build_model(model_name, CLASSES, CAMERAS, stride=11, **options)
+    sie_before = model.backbone.sie_embed.detach().clone()
+    report = load_pretrained(model, path)
+    assert report.layout == "timm_vit"
+    assert report.dropped == ["head.bias", "head.weight"]
+    assert report.unexpected == []
+    assert len(report.loaded) == len(checkpoint) - 2
+    assert "backbone.sie_embed" in report.missing and "classifier.weight" in report.missing
+    assert all(not key.startswith("backbone.") or key == "backbone.sie_embed" for key in report.missing)
+    backbone = model.backbone
+    torch.testing.assert_close(backbone.blocks[3].mlp.fc2.weight, checkpoint["blocks.3.mlp.fc2.weight"])
+    torch.testing.assert_close(backbone.blocks[0].attn.qkv.bias, checkpoint["blocks.0.attn.qkv.bias"])
+    torch.testing.assert_close(backbone.patch_embed.proj.weight, checkpoint["patch_embed.proj.weight"])
+    torch.testing.assert_close(backbone.pos_embed, resize_pos_embed(checkpoint["pos_embed"], (22, 11)))
+    torch.testing.assert_close(backbone.sie_embed, sie_before)  # keeps its init
+    if model_name == "dpm":
+        assert torch.all(model.mask_generator.attfc.weight == 0)
+
+
+def test_timm_checkpoint_with_flat_patch_weight():
+    checkpoint = timm_checkpoint()
+    checkpoint["patch_embed.proj.weight"] = checkpoint["patch_embed.proj.weight"].reshape(C, -1)
+    model = build_model("vit_baseline", CLASSES, CAMERAS, stride=12, **TINY_VIT)
+    load_pretrained(model, checkpoint)
+    torch.testing.assert_close(model.backbone.patch_embed.proj.weight.flatten(1), checkpoint["patch_embed.proj.weight"])
+    assert model.backbone.pos_embed.shape == (1, 1 + 21 * 10, C)
+
+
+def test_official_dpm_checkpoint(tmp_path):
+    checkpoint = official_dpm_checkpoint()
+    path = tmp_path / "transformer_150.pth"
+    torch.save({f"module.{k}": v for k, v in checkpoint.items()}, path)
+    model = build_model("dpm", CLASSES, CAMERAS, stride=11, **TINY_DPM)
+    report = load_pretrained(model, path)
+    assert report.layout == "dpm_official"
+    assert report.missing == [] and report.unexpected == []
+    assert report.dropped == ["base.fc.bias", "base.fc.weight"]
+    expected_pairs = {
+        "base.ConvLayer.0.0.weight": model.mask_generator.conv_stack[0][0].weight,
+        "base.ConvLayer.2.1.running_var": model.mask_generator.conv_stack[2][1].running_var,
+        "base.ConvLayer.4.1.num_batches_tracked": model.mask_generator.conv_stack[4][1].num_batches_tracked,
+        "base.attfc.weight": model.mask_generator.attfc.weight,
+        "base.sie_embed": model.backbone.sie_embed,
+        "base.pos_embed": model.backbone.pos_embed,
+        "base.blocks.2.attn.proj.weight": model.backbone.blocks[2].attn.proj.weight,
+        "classifier.weight": model.classifier.weight,
+        "bottleneck.running_mean": model.bottleneck.running_mean,
+        "bottleneck.bias": model.bottleneck.bias,
+    }
+    for key, tensor in expected_pairs.items():
+        torch.testing.assert_close(tensor, checkpoint[key], msg=key)
+    assert not model.bottleneck.bias.requires_grad  # still frozen after loading
+    model.eval()
+    with torch.no_grad():
+        feature, mask = model(torch.randn(1, 3, 256, 128), cam_label=torch.tensor([1]))
+    assert feature.shape == (1, C) and not torch.all(mask == 0.5)
+
+
+def test_official_stride12_checkpoint_into_stride11_model_resizes_pos_embed():
+    checkpoint = official_dpm_checkpoint(num_tokens=1 + 21 * 10)
+    model = build_model("dpm", CLASSES, CAMERAS, stride=11, **TINY_DPM)
+    load_pretrained(model, checkpoint)
+    torch.testing.assert_close(model.backbone.pos_embed, resize_pos_embed(checkpoint["base.pos_embed"], (22, 11)))
+
+
+def test_shape_mismatch_names_the_key():
+    model = build_model("dpm", CLASSES, 8, stride=11, **TINY_DPM)  # 8 cameras, checkpoint has 3
+    with pytest.raises(ValueError, match=r"base\.sie_embed"):
+        load_pretrained(model, official_dpm_checkpoint())
+    wrong_classes = build_model("dpm", CLASSES + 1, CAMERAS, stride=11, **TINY_DPM)
+    with pytest.raises(ValueError, match=r"classifier\.weight"):
+        load_pretrained(wrong_classes, official_dpm_checkpoint())
+    with pytest.raises(ValueError, match="cannot be loaded"):
+        load_pretrained(model, torchvision_resnet_checkpoint())
+
+
+def test_torchvision_resnet50_checkpoint(tmp_path):
+    checkpoint = torchvision_resnet_checkpoint()
+    path = tmp_path / "resnet50.pth"
+    torch.save(checkpoint, path)
+    model = build_model("maskreid_resnet50", 4, layers=(1, 1, 1, 1), width=8)
+    report = load_pretrained(model, path)
+    assert report.layout == "torchvision_resnet50"
+    assert report.dropped == ["fc.bias", "fc.weight"] and report.unexpected == []
+    assert {k for k in report.missing if not k.startswith("head.")} == {"stream_fuse.weight"}
+    assert "masked_stem.conv1.weight" in report.loaded and "trunk.layer4.0.downsample.0.weight" in report.loaded
+    for key, tensor in checkpoint.items():
+        if not key.startswith("fc."):
+            torch.testing.assert_close(model.trunk.state_dict()[key], tensor, msg=key)
+    for key in ("conv1.weight", "bn1.running_mean", "bn1.weight"):
+        torch.testing.assert_close(model.masked_stem.state_dict()[key], checkpoint[key])
+
+
+def test_native_round_trip_for_every_model(tmp_path):
+    builds = {"dpm": dict(TINY_DPM), "vit_baseline": dict(TINY_VIT),
+              "maskreid": dict(stem_channels=4, base_width=4),
+              "maskreid_resnet50": dict(layers=(1, 1, 1, 1), width=8)}
+    for name, options in builds.items():
+        torch.manual_seed(0)
+        source = build_model(name, CLASSES, CAMERAS, **options)
+        path = tmp_path / f"{name}.pth"
+        torch.save(source.state_dict(), path)
+        torch.manual_seed(1)
+        target = build_model(name, CLASSES, CAMERAS, **options)
+        report = load_pretrained(target, path)
+        assert report.layout == "native" and report.missing == [] and report.unexpected == []
+        for key, tensor in source.state_dict().items():
+            torch.testing.assert_close(target.state_dict()[key], tensor, msg=f"{name}: {key}")
