@@ -43,7 +43,7 @@ def _split_evenly(total: int, parts: int) -> np.ndarray:
 
 def make_reid_features(num_query: int = 3368, num_gallery: int = 15913, num_ids: int = 750,
                        num_distractors: int = 2798, dim: int = 768, latent_dim: int = 64,
-                       num_cams: int = 6, camera_shift: float = 0.45, noise: float = 0.62,
+                       num_cams: int = 6, camera_shift: float = 0.45, noise: float = 0.87,
                        feature_noise: float = 0.02, seed: int = 0) -> ReidFeatures:
     """Market-1501-like features by default (3,368 queries, 15,913 gallery images, 768-d)."""
     num_matching = num_gallery - num_distractors

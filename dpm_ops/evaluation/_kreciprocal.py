@@ -13,6 +13,7 @@ import torch
 from ._ragged import expand_segments, segment_starts
 
 _ELEMENT_BUDGET = 1 << 24  # temporaries per chunk, in elements
+_MEMBERSHIP_BUDGET = 1 << 26  # bytes of the membership bitmap
 
 
 def _row_chunks(num_rows: int, elements_per_row: int):
@@ -40,26 +41,33 @@ def expanded_neighbourhoods(neighbours: torch.Tensor, k1: int, half_k1: int):
     two thirds of its items with R(i, k1) (the integer test 3 |overlap| > 2 |R(c, half_k1)|).
     """
     num_items = len(neighbours)
+    device = neighbours.device
     forward, reciprocal = reciprocal_neighbours(neighbours, k1)
     half_forward, half_reciprocal = reciprocal_neighbours(neighbours, half_k1)
     half_size = half_reciprocal.sum(dim=1)
-    width, half_width = forward.shape[1], half_forward.shape[1]
+    chunk_rows = max(1, min(num_items, _ELEMENT_BUDGET // forward.shape[1] // half_forward.shape[1],
+                            _MEMBERSHIP_BUDGET // num_items))
+    # Row-local membership bitmap of R(i, k1): set for a chunk, probed, then cleared again, so
+    # it is zeroed once whatever N.
+    member = torch.zeros(chunk_rows * num_items, dtype=torch.bool, device=device)
     keys = []
-    for start, stop in _row_chunks(num_items, width * half_width * width):
-        items = torch.arange(start, stop, device=neighbours.device)
+    for start in range(0, num_items, chunk_rows):
+        stop = min(start + chunk_rows, num_items)
         own, own_mask = forward[start:stop], reciprocal[start:stop]
-        # For every candidate c = own[i, p]: the items of N(c, half_k1) and which are reciprocal.
-        candidate_items = half_forward[own]
+        local = torch.arange(stop - start, device=device)[:, None] * num_items
+        own_slots = (local + own)[own_mask]
+        member[own_slots] = True
+        # For every candidate c = own[i, p]: the items t of N(c, half_k1), which of them are in
+        # R(c, half_k1), and which are in R(i, k1).
+        candidates = half_forward[own]
         candidate_mask = half_reciprocal[own]
-        in_own_set = ((candidate_items[..., None] == own[:, None, None, :]) & own_mask[:, None, None, :]).any(dim=3)
+        in_own_set = member[local[:, :, None] + candidates]
+        member[own_slots] = False
         overlap = (in_own_set & candidate_mask).sum(dim=2)
         accepted = own_mask & (3 * overlap > 2 * half_size[own])
         added = accepted[..., None] & candidate_mask
-        members = torch.cat([
-            items[:, None].expand_as(own)[own_mask] * num_items + own[own_mask],
-            items[:, None, None].expand_as(candidate_items)[added] * num_items + candidate_items[added],
-        ])
-        keys.append(torch.unique(members))
+        first_key = start * num_items
+        keys.append(first_key + torch.unique(torch.cat([own_slots, (local[:, :, None] + candidates)[added]])))
     keys = torch.cat(keys)
     return keys // num_items, keys % num_items
 
@@ -112,6 +120,7 @@ def jaccard_blend_(out: torch.Tensor, rows, cols, values, lambda_value: float) -
     column_starts = segment_starts(column_counts)
     query_row_starts = torch.searchsorted(rows, torch.arange(num_query + 1, device=rows.device))
 
+    keep, jaccard_weight = lambda_value, 1 - lambda_value
     for start, stop in _row_chunks(num_query, num_gallery):
         first, last = query_row_starts[start].item(), query_row_starts[stop].item()
         entry_rows, entry_cols, entry_values = rows[first:last], cols[first:last], values[first:last]
@@ -119,7 +128,12 @@ def jaccard_blend_(out: torch.Tensor, rows, cols, values, lambda_value: float) -
         overlap = torch.zeros((stop - start) * num_gallery, dtype=out.dtype, device=out.device)
         overlap.index_add_(0, (entry_rows[entry] - start) * num_gallery + gallery_rows[position],
                            torch.minimum(entry_values[entry], gallery_values[position]))
-        overlap = overlap.view(stop - start, num_gallery)
-        jaccard = 1 - overlap / (2 - overlap)
-        out[start:stop] = jaccard * (1 - lambda_value) + out[start:stop] * lambda_value
+        # Most pairs share no column (m = 0, Jaccard 1): blend those densely, the rest sparsely,
+        # with the reference's operation order so both give the same float32 numbers.
+        shared = torch.nonzero(overlap).flatten()
+        m = overlap[shared]
+        block = out[start:stop].view(-1)
+        blended = (1 - m / (2 - m)) * jaccard_weight + block[shared] * keep
+        block.mul_(keep).add_(jaccard_weight)
+        block[shared] = blended
     return out

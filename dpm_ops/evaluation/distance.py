@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _inputs
-from ._select import TIE_MARGIN, merge_smallest, resolve_smallest, smallest
+from ._select import TIE_MARGIN, RunningSmallest, resolve_smallest
 
 METRICS = ("euclidean", "sqeuclidean", "cosine")
 TILE_ROWS = 1024
@@ -80,25 +80,19 @@ def knn(x, y, k: int, metric: str = "euclidean"):
     k = _inputs.check_count("k", k, 1)
     if k > num_y:
         raise ValueError(f"k must be <= the number of rows of y ({num_y}), got {k}")
-    candidates = min(k + TIE_MARGIN, num_y)
     distances, indices = [], []
     for start in range(0, len(xs.features), TILE_ROWS):
         x_tile, x_norms = xs.rows(start, start + TILE_ROWS)
-        best_values = best_indices = None
+        nearest = RunningSmallest(len(x_tile), min(k + TIE_MARGIN, num_y), x_tile.dtype, x_tile.device)
         for column in range(0, num_y, TILE_COLUMNS):
             y_tile, y_norms = ys.rows(column, column + TILE_COLUMNS)
-            values, position = smallest(raw_distance(x_tile, x_norms, y_tile, y_norms, metric), candidates)
-            position += column
-            if best_values is None:
-                best_values, best_indices = values, position
-            else:
-                best_values, best_indices = merge_smallest(best_values, best_indices, values, position, candidates)
+            nearest.offer(0, len(x_tile), raw_distance(x_tile, x_norms, y_tile, y_norms, metric), column)
 
         def full_rows(rows, x_tile=x_tile, x_norms=x_norms):
             return finish_distance(raw_distance(x_tile[rows], x_norms[rows], ys.features, ys.squared_norms, metric),
                                    metric)
 
-        values, position = resolve_smallest(best_values, best_indices, k, num_y,
+        values, position = resolve_smallest(nearest.values, nearest.indices, k, num_y,
                                             lambda raw, rows: finish_distance(raw.clone(), metric), full_rows)
         distances.append(values)
         indices.append(position)

@@ -6,18 +6,13 @@ the same pid are its matches (distractors, pid 0, stay as negatives); a query wi
 left is skipped and counted.
 
 Ranks: the gallery is ordered by (distance, gallery index), exactly what a stable argsort of
-the row gives, and ranks count kept items only. A match's rank is therefore
-1 + #{kept items (d, g) < (d_match, match)}, found for all matches of a query at once:
-
-* sort the query's few matches by (distance, index);
-* bucket every gallery item by the number of matches at most as close (`searchsorted`) and
-  count the buckets: that gives, for each match, the items strictly closer;
-* items at exactly a match's distance are found from their bucket and counted when their
-  index is lower;
-* removed items were counted like the others, so subtract those that precede each match.
-
-Only the query's pid group is ever handled item by item; everything else is a few dense passes
-over the (chunk, G) distances, with no per-row sort.
+the row gives, and ranks count kept items only, so a match's rank is
+1 + #{kept items g : (d_g, g) < (d_match, match)}. Only items no farther than the query's
+farthest match can precede a match, so each query's candidates are the items with
+d <= (largest match distance), about 2 % of the gallery on Market-1501. Those few are ordered
+by (query, distance, index) and a running count of kept items gives every match's rank; the
+gallery row is touched only by one comparison and one compaction pass. Queries' matches are
+found through pid groups of the gallery, never by comparing every pid.
 """
 
 from dataclasses import dataclass
@@ -27,6 +22,7 @@ import torch
 
 from . import _inputs
 from ._ragged import expand_segments, segment_starts
+from ._select import order_keys
 
 AP_MODES = ("standard", "trapezoid")
 _CHUNK_ELEMENTS = 1 << 22
@@ -43,10 +39,10 @@ class RankResult:
 
 
 class _IdentityGroups:
-    """Gallery items grouped by pid, ascending gallery index within a group."""
+    """Gallery items grouped by pid."""
 
     def __init__(self, g_pids: torch.Tensor):
-        self.order = torch.argsort(g_pids, stable=True)
+        self.order = torch.argsort(g_pids)
         self.pids, self.counts = torch.unique_consecutive(g_pids[self.order], return_counts=True)
         self.starts = segment_starts(self.counts)
 
@@ -58,53 +54,40 @@ class _IdentityGroups:
         return query, self.order[position]
 
 
-def _preceding(values, indices, query, item, distance, ties_only: bool):
-    """Per (query, match slot): how many of the given items precede that match in
-    (distance, index) order; ties_only counts only items at exactly the match's distance."""
-    match_values, match_indices = values[query], indices[query]
-    before = (distance[:, None] == match_values) & (item[:, None] < match_indices)
-    if not ties_only:
-        before |= distance[:, None] < match_values
-    return torch.zeros(values.shape, dtype=torch.long, device=values.device).index_add_(0, query, before.long())
+def _running_count(flags: torch.Tensor, segment_begin: torch.Tensor, segment: torch.Tensor):
+    """Inclusive running count of `flags` (0/1) restarted at every segment of consecutive entries."""
+    running = torch.cumsum(flags, 0)
+    before_segment = (running - flags)[segment_begin]
+    return running - before_segment[segment]
 
 
-def match_ranks(dist: torch.Tensor, query, item, removed):
-    """Ranks of the matches of every query of a chunk.
+def match_ranks(dist: torch.Tensor, q_pids, q_camids, g_pids, g_camids, groups: _IdentityGroups):
+    """Every match of a chunk of queries with its rank and its ordinal among the query's matches.
 
-    dist (B, G) distances; (query, item, removed): every gallery item sharing a query's pid,
-    grouped by query with ascending item index, and whether the camera removes it.
-    Returns (num_matches (B,), ranks (B, max matches)) with ranks ascending per query; slots
-    past a query's number of matches are padding.
+    dist (B, G) distances of the queries with labels q_pids / q_camids (B,).
+    Returns (query, rank, ordinal, num_matches (B,)), the first three per match, grouped by
+    query in rank order.
     """
-    num_rows, num_gallery = dist.shape
-    match_query, match_item = query[~removed], item[~removed]
-    num_matches = torch.bincount(match_query, minlength=num_rows)
-    width = int(num_matches.max())
-    if width == 0:
-        return num_matches, None
-    slot = torch.arange(len(match_query), device=dist.device) - segment_starts(num_matches)[match_query]
-    values = torch.full((num_rows, width), float("inf"), dtype=dist.dtype, device=dist.device)
-    indices = torch.full((num_rows, width), num_gallery, dtype=torch.long, device=dist.device)
-    values[match_query, slot] = dist[match_query, match_item]
-    indices[match_query, slot] = match_item
-    values, order = torch.sort(values, dim=1, stable=True)  # indices were ascending: (value, index) order
-    indices = indices.gather(1, order)
+    num_rows = len(dist)
+    member_query, member_item = groups.members(q_pids)
+    is_match = g_camids[member_item] != q_camids[member_query]
+    farthest = torch.full((num_rows,), -float("inf"), dtype=dist.dtype, device=dist.device)
+    farthest.scatter_reduce_(0, member_query[is_match], dist[member_query[is_match], member_item[is_match]], "amax")
 
-    bins = width + 1
-    flat = torch.searchsorted(values, dist, right=True)
-    flat += torch.arange(num_rows, device=dist.device)[:, None] * bins
-    closer = torch.bincount(flat.view(-1), minlength=num_rows * bins).view(num_rows, bins).cumsum(dim=1)[:, :width]
+    query, item = torch.nonzero(dist <= farthest[:, None], as_tuple=True)  # row-major: index ascending
+    if len(query) == 0:
+        return query, query, query, torch.zeros(num_rows, dtype=torch.long, device=dist.device)
+    order = torch.sort((query << 32) | order_keys(dist[query, item]), stable=True).indices  # (query, distance, index)
+    query, item = query[order], item[order]
+    same_pid = g_pids[item] == q_pids[query]
+    kept = ~(same_pid & (g_camids[item] == q_camids[query]))
+    match = same_pid & kept
 
-    # An item at exactly a match's distance lands in the bucket right after that match.
-    previous_match = torch.cat([torch.full((num_rows, 1), -float("inf"), dtype=dist.dtype, device=dist.device),
-                                values], dim=1).view(-1)
-    tie_query, tie_item = torch.nonzero(previous_match[flat] == dist, as_tuple=True)
-    tied_before = _preceding(values, indices, tie_query, tie_item, dist[tie_query, tie_item], ties_only=True)
-
-    removed_query, removed_item = query[removed], item[removed]
-    removed_before = _preceding(values, indices, removed_query, removed_item,
-                                dist[removed_query, removed_item], ties_only=False)
-    return num_matches, 1 + closer + tied_before - removed_before
+    num_candidates = torch.bincount(query, minlength=num_rows)
+    segment_begin = segment_starts(num_candidates).clamp_(max=len(query) - 1)
+    rank = _running_count(kept.long(), segment_begin, query)
+    ordinal = _running_count(match.long(), segment_begin, query)
+    return query[match], rank[match], ordinal[match], torch.bincount(query[match], minlength=num_rows)
 
 
 def _labels(name: str, value, length: int, device) -> torch.Tensor:
@@ -144,28 +127,27 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
     step = max(1, _CHUNK_ELEMENTS // num_gallery)
     for start in range(0, num_query, step):
         stop = min(start + step, num_query)
-        chunk = dist[start:stop].to(dtype).contiguous()
-        _inputs.check_finite("distmat", chunk)
-        query, item = groups.members(q_pids[start:stop])
-        removed = g_camids[item] == q_camids[start + query]
-        num_matches, ranks = match_ranks(chunk, query, item, removed)
+        chunk = dist[start:stop].to(dtype)
+        if not bool(torch.isfinite(chunk.sum())):  # one cheap pass; the exact check only on failure
+            _inputs.check_finite("distmat", chunk)
+        query, rank, ordinal, num_matches = match_ranks(chunk, q_pids[start:stop], q_camids[start:stop],
+                                                        g_pids, g_camids, groups)
         valid = num_matches > 0
         num_skipped += int((~valid).sum())
-        if ranks is None:
+        if len(query) == 0:
             continue
-        num_matches, ranks = num_matches[valid], ranks[valid]
-        found = torch.arange(1, ranks.shape[1] + 1, device=device, dtype=torch.float64)
-        in_use = found <= num_matches[:, None]
-        rank_values = ranks.double()
-        precision = found / rank_values
+        rank, ordinal = rank.double(), ordinal.double()
+        precision = ordinal / rank
         if ap == "trapezoid":
             # Precision just before the match: (i - 1) / (r - 1), or 1 at rank 1.
-            before = torch.where(ranks > 1, (found - 1) / (rank_values - 1).clamp_min(1), 1.0)
-            precision = (precision + before) / 2
-        all_ap.append((precision * in_use).sum(dim=1) / num_matches)
-        first_ranks.append(ranks[:, 0])
-        last_ranks = rank_values.gather(1, (num_matches - 1)[:, None])[:, 0]
-        inverse_penalty.append(num_matches / last_ranks)
+            precision = (precision + torch.where(rank > 1, (ordinal - 1) / (rank - 1).clamp_min(1), 1.0)) / 2
+        ap_sum = torch.zeros(stop - start, dtype=torch.float64, device=device).index_add_(0, query, precision)
+        matches = num_matches[valid].double()
+        all_ap.append(ap_sum[valid] / matches)
+        is_first = ordinal == 1
+        is_last = ordinal == num_matches[query]
+        first_ranks.append(rank[is_first].long())
+        inverse_penalty.append(matches / rank[is_last])
 
     num_valid = num_query - num_skipped
     if num_valid == 0:

@@ -21,13 +21,14 @@ import torch
 
 from . import _inputs
 from ._kreciprocal import encode_weights, expanded_neighbourhoods, jaccard_blend_, query_expansion
-from ._select import TIE_MARGIN, merge_smallest, resolve_smallest, smallest
+from ._select import TIE_MARGIN, RunningSmallest, resolve_smallest, smallest_in_rows
 from .distance import raw_distance
 
 INPUTS = ("euclidean", "squared")
 _ROW_BLOCK_ELEMENTS = 1 << 23
 _FEATURE_TILE = 2048
-_PAIR_CHUNK = 1 << 14
+_PAIR_CHUNK = 1 << 16
+_FEATURE_PAIR_CHUNK = 1 << 12
 
 
 class _DenseDistances:
@@ -65,9 +66,9 @@ class _DenseDistances:
         for start in range(0, n, step):
             stop = min(start + step, n)
             block = self._pooled_rows(start, stop)
-            self.row_max[start:stop] = block.max(dim=1).values
+            self.row_max[start:stop] = block.amax(dim=1)
             block /= self.row_max[start:stop, None]
-            values, indices = smallest(block, width + TIE_MARGIN)
+            values, indices = smallest_in_rows(block, width + TIE_MARGIN)
             neighbours[start:stop] = resolve_smallest(values, indices, width, n, lambda v, rows: v,
                                                       lambda rows: block[rows])[1]
             if start < q:
@@ -101,6 +102,7 @@ class _FeatureDistances:
         self.num_query = len(qf)
         self.num_items = len(self.features)
         self.row_max = None
+        self.nearest = None
 
     def _tile(self, row_start, row_stop, col_start, col_stop) -> torch.Tensor:
         x, y = self.features, self.norms
@@ -119,50 +121,58 @@ class _FeatureDistances:
     def scan(self, width: int):
         n, q = self.num_items, self.num_query
         device = self.features.device
-        count = min(width + TIE_MARGIN, n)
-        best_values = torch.full((n, count), float("inf"), dtype=torch.float32, device=device)
-        best_indices = torch.full((n, count), -1, dtype=torch.long, device=device)
+        self.nearest = RunningSmallest(n, min(width + TIE_MARGIN, n), torch.float32, device)
         self.row_max = torch.zeros(n, dtype=torch.float32, device=device)
         out = torch.empty(q, n - q, dtype=torch.float32, device=device)
+        starts = range(0, n, _FEATURE_TILE)
+        # Diagonal tiles first: every row then holds candidates (from its own tile, where
+        # re-ID data ordered by identity keeps most neighbours) before any tile is offered
+        # transposed, so all later offers take the cheap threshold path.
+        tiles = [(start, start) for start in starts] + [(r, c) for r in starts for c in starts if c > r]
+        for row_start, col_start in tiles:
+            row_stop, col_stop = min(row_start + _FEATURE_TILE, n), min(col_start + _FEATURE_TILE, n)
+            block = self._tile(row_start, row_stop, col_start, col_stop)
+            if row_start < q and col_stop > q:
+                query_stop, gallery_start = min(row_stop, q), max(col_start, q)
+                out[row_start:query_stop, gallery_start - q:col_stop - q] = \
+                    block[:query_stop - row_start, gallery_start - col_start:]
+            torch.maximum(self.row_max[row_start:row_stop], block.amax(dim=1), out=self.row_max[row_start:row_stop])
+            self.nearest.offer(row_start, row_stop, block, col_start)
+            if col_start != row_start:
+                torch.maximum(self.row_max[col_start:col_stop], block.amax(dim=0),
+                              out=self.row_max[col_start:col_stop])
+                self.nearest.offer(col_start, col_stop, block, row_start, transposed=True)
 
-        def update(start, stop, values, indices):
-            best_values[start:stop], best_indices[start:stop] = merge_smallest(
-                best_values[start:stop], best_indices[start:stop], values, indices, count)
-
-        tile = _FEATURE_TILE
-        for row_start in range(0, n, tile):
-            row_stop = min(row_start + tile, n)
-            for col_start in range(row_start, n, tile):
-                col_stop = min(col_start + tile, n)
-                block = self._tile(row_start, row_stop, col_start, col_stop)
-                if row_start < q and col_stop > q:
-                    query_stop, gallery_start = min(row_stop, q), max(col_start, q)
-                    out[row_start:query_stop, gallery_start - q:col_stop - q] = \
-                        block[:query_stop - row_start, gallery_start - col_start:]
-                torch.maximum(self.row_max[row_start:row_stop], block.max(dim=1).values,
-                              out=self.row_max[row_start:row_stop])
-                values, indices = smallest(block, count, dim=1)
-                update(row_start, row_stop, values, indices + col_start)
-                if col_start != row_start:
-                    torch.maximum(self.row_max[col_start:col_stop], block.max(dim=0).values,
-                                  out=self.row_max[col_start:col_stop])
-                    values, indices = smallest(block, count, dim=0)
-                    update(col_start, col_stop, values.T, indices.T + row_start)
-
-        neighbours = resolve_smallest(best_values, best_indices, width, n,
+        neighbours = resolve_smallest(self.nearest.values, self.nearest.indices, width, n,
                                       lambda values, rows: values / self.row_max[rows, None], self._full_rows)[1]
         out /= self.row_max[:q, None]
         return neighbours, out
 
     def pair_distances(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        x, y = self.features, self.norms
-        values = torch.empty(len(rows), dtype=torch.float32, device=rows.device)
+        """d(i, j) / max_j' d(i, j') for pairs of items."""
+        squared = torch.empty(len(rows), dtype=torch.float32, device=rows.device)
         for start in range(0, len(rows), _PAIR_CHUNK):
-            r, c = rows[start:start + _PAIR_CHUNK], cols[start:start + _PAIR_CHUNK]
+            squared[start:start + _PAIR_CHUNK] = self._pair_squared(rows[start:start + _PAIR_CHUNK],
+                                                                    cols[start:start + _PAIR_CHUNK])
+        return squared / self.row_max[rows]
+
+    def _pair_squared(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Most pairs are in the scan's candidate lists (in either direction: the distance is
+        symmetric); the others are computed from the features, a few thousand at a time."""
+        squared = torch.empty(len(rows), dtype=torch.float32, device=rows.device)
+        missing = torch.ones(len(rows), dtype=torch.bool, device=rows.device)
+        for owner, other in ((rows, cols), (cols, rows)):
+            hit = self.nearest.indices[owner] == other[:, None]
+            found = hit.any(dim=1) & missing
+            slot = hit[found].long().argmax(dim=1, keepdim=True)
+            squared[found] = self.nearest.values[owner[found]].gather(1, slot)[:, 0]
+            missing &= ~found
+        x, norms = self.features, self.norms
+        for pairs in torch.nonzero(missing).flatten().split(_FEATURE_PAIR_CHUNK):
+            r, c = rows[pairs], cols[pairs]
             dots = (x[r] * x[c]).sum(dim=1)
-            squared = (y[c] - 2 * dots + y[r]).clamp_min_(0.0).to(torch.float32)
-            values[start:start + _PAIR_CHUNK] = squared.masked_fill_(r == c, 0.0)
-        return values / self.row_max[rows]
+            squared[pairs] = (norms[c] - 2 * dots + norms[r]).clamp_min_(0.0).to(torch.float32).masked_fill_(r == c, 0.0)
+        return squared
 
 
 def _check_parameters(k1, k2, lambda_value):
