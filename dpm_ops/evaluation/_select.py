@@ -18,6 +18,7 @@ These loops are the ones a fused distance + top-k kernel replaces.
 import torch
 
 TIE_MARGIN = 4
+STREAM_TILE = 2048  # columns per tile offered by smallest_in_rows
 _GROUP = 8
 
 
@@ -108,12 +109,12 @@ class RunningSmallest:
         self.indices[start:stop] = all_indices[take].view(num_rows, count)
 
 
-def smallest_in_rows(block: torch.Tensor, count: int, tile: int = 2048):
+def smallest_in_rows(block: torch.Tensor, count: int):
     """The `count` smallest entries of every row of a wide block (unordered, ties arbitrary),
     streaming column tiles through `RunningSmallest`."""
     running = RunningSmallest(len(block), min(count, block.shape[1]), block.dtype, block.device)
-    for start in range(0, block.shape[1], tile):
-        running.offer(0, len(block), block[:, start:start + tile], start)
+    for start in range(0, block.shape[1], STREAM_TILE):
+        running.offer(0, len(block), block[:, start:start + STREAM_TILE], start)
     return running.values, running.indices
 
 

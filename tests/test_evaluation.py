@@ -1,0 +1,207 @@
+"""evaluate_rank against the vectorised numpy reference and hand-worked cases; distances and knn."""
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.reference.eval_numpy import evaluate_rank_numpy
+from dpm_ops.evaluation import _select, distance, evaluate_rank, knn, pairwise_distance, rank
+
+CUDA = torch.cuda.is_available()
+
+
+def random_problem(num_query, num_gallery, seed, levels=None, num_ids=8, num_cams=3):
+    """Random labels; distances quantised to `levels` values make many exact ties."""
+    rng = np.random.default_rng(seed)
+    dist = rng.random((num_query, num_gallery))
+    if levels:
+        dist = np.round(dist * levels) / levels
+    return (dist, rng.integers(0, num_ids, num_query), rng.integers(0, num_ids, num_gallery),
+            rng.integers(0, num_cams, num_query), rng.integers(0, num_cams, num_gallery))
+
+
+def assert_matches_reference(result, expected):
+    np.testing.assert_array_equal(result.cmc, expected["cmc"])
+    assert result.num_valid == expected["num_valid"]
+    np.testing.assert_allclose(result.all_AP, expected["all_AP"], rtol=1e-12, atol=0)
+    assert result.mAP == pytest.approx(expected["mAP"], rel=1e-12, abs=0)
+    assert result.mINP == pytest.approx(expected["mINP"], rel=1e-12, abs=0)
+
+
+@pytest.fixture(params=["one chunk", "many chunks"])
+def chunks(request, monkeypatch):
+    if request.param == "many chunks":
+        monkeypatch.setattr(rank, "_CHUNK_ELEMENTS", 700)
+    return request.param
+
+
+@pytest.mark.parametrize("num_query, num_gallery, seed, levels", [(1, 5, 0, None), (30, 200, 1, None),
+                                                                  (60, 500, 2, 20), (40, 300, 3, 3)])
+@pytest.mark.parametrize("ap", ["standard", "trapezoid"])
+def test_matches_reference(chunks, num_query, num_gallery, seed, levels, ap):
+    dist, q_pids, g_pids, q_cams, g_cams = random_problem(num_query, num_gallery, seed, levels)
+    q_pids[0], q_cams[0], g_pids[0], g_cams[0] = 1, 0, 1, 1  # at least one valid query
+    for max_rank in (1, 10, 50):
+        expected = evaluate_rank_numpy(dist, q_pids, g_pids, q_cams, g_cams, max_rank, ap)
+        assert_matches_reference(evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank, ap), expected)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_dtypes_and_torch_inputs(dtype):
+    dist, q_pids, g_pids, q_cams, g_cams = random_problem(50, 300, 4, levels=50)
+    dist = dist.astype(dtype)
+    expected = evaluate_rank_numpy(dist, q_pids, g_pids, q_cams, g_cams)
+    assert_matches_reference(evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams), expected)
+    tensors = [torch.from_numpy(a) for a in (dist, q_pids, g_pids, q_cams, g_cams)]
+    assert_matches_reference(evaluate_rank(*tensors), expected)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_cuda_matches_reference():
+    dist, q_pids, g_pids, q_cams, g_cams = random_problem(80, 700, 5, levels=30)
+    expected = evaluate_rank_numpy(dist, q_pids, g_pids, q_cams, g_cams)
+    tensors = [torch.from_numpy(a).cuda() for a in (dist, q_pids, g_pids, q_cams, g_cams)]
+    assert_matches_reference(evaluate_rank(*tensors), expected)
+
+
+def test_hand_worked_distractor_and_same_camera_removal():
+    # Query pid 1, camera 0. Sorted gallery: distractor (pid 0) 0.05, same pid + camera 0.1
+    # (removed), pid 2 0.2, match 0.3, match 0.9: matches at ranks 3 and 4 out of 4 kept.
+    dist = np.array([[0.1, 0.2, 0.3, 0.05, 0.9]])
+    args = ([1], [1, 2, 1, 0, 1], [0], [0, 1, 1, 1, 2])
+    result = evaluate_rank(dist, *args, max_rank=5)
+    np.testing.assert_array_equal(result.cmc, [0, 0, 1, 1, 1])
+    assert result.all_AP[0] == pytest.approx((1 / 3 + 2 / 4) / 2, rel=1e-15)
+    assert result.mINP == pytest.approx(2 / 4, rel=1e-15)
+    assert (result.num_valid, result.num_skipped) == (1, 0)
+    # Official trapezoid: (1/3 + 0/2) / 2 and (2/4 + 1/3) / 2, averaged.
+    trapezoid = evaluate_rank(dist, *args, max_rank=5, ap="trapezoid")
+    assert trapezoid.mAP == pytest.approx(((1 / 3) / 2 + (2 / 4 + 1 / 3) / 2) / 2, rel=1e-15)
+    np.testing.assert_array_equal(trapezoid.cmc, result.cmc)
+
+
+def test_hand_worked_ties_follow_gallery_index():
+    # Gallery 0..4 all at distance 0.5 except item 3 (0.2). Query pid 1 camera 0: items 1 and 3
+    # match, item 0 (same pid, same camera) is removed. Kept order: 3, 1, 2, 4 -> ranks 1, 2.
+    dist = np.array([[0.5, 0.5, 0.5, 0.2, 0.5]])
+    result = evaluate_rank(dist, [1], [1, 1, 2, 1, 3], [0], [0, 1, 1, 2, 1], max_rank=3)
+    assert result.all_AP[0] == 1.0 and result.mINP == 1.0
+    # Same distances, the tied match now behind two tied negatives: order 3, 0, 1, 2 -> ranks 1, 4.
+    result = evaluate_rank(dist, [1], [2, 5, 1, 1, 3], [0], [1, 1, 1, 2, 1], max_rank=3)
+    np.testing.assert_array_equal(result.cmc, [1, 1, 1])
+    assert result.all_AP[0] == pytest.approx((1 / 1 + 2 / 4) / 2, rel=1e-15)
+    assert result.mINP == pytest.approx(2 / 4, rel=1e-15)
+    # -0.0 and +0.0 tie too: the match at index 1 stays behind index 0.
+    result = evaluate_rank(np.array([[0.0, -0.0]], dtype=np.float32), [1], [2, 1], [0], [1, 1])
+    assert result.all_AP[0] == 0.5 and result.cmc[0] == 0.0 and result.cmc[1] == 1.0
+
+
+def test_hand_worked_query_without_match_is_skipped():
+    dist = np.array([[0.3, 0.1, 0.2], [0.3, 0.1, 0.2]])
+    # Query 0 (pid 1, cam 0) only has its own camera's image; query 1 (pid 2) matches item 2.
+    result = evaluate_rank(dist, [1, 2], [1, 3, 2], [0, 0], [0, 1, 1], max_rank=3)
+    assert (result.num_valid, result.num_skipped) == (1, 1)
+    np.testing.assert_array_equal(result.cmc, [0, 1, 1])
+    np.testing.assert_array_equal(result.all_AP, [0.5])
+    assert result.mAP == 0.5 and result.mINP == 0.5
+    with pytest.raises(ValueError, match="no query has a match"):
+        evaluate_rank(dist, [1, 4], [1, 3, 2], [0, 0], [0, 1, 1])
+
+
+def test_cmc_longer_than_gallery():
+    result = evaluate_rank(np.array([[0.2, 0.1]]), [1], [1, 2], [0], [1, 1], max_rank=4)
+    np.testing.assert_array_equal(result.cmc, [0, 1, 1, 1])
+
+
+def test_bad_input():
+    dist, q_pids, g_pids, q_cams, g_cams = random_problem(4, 6, 6)
+    cases = [
+        (lambda: evaluate_rank(dist[0], q_pids, g_pids, q_cams, g_cams), "distmat"),
+        (lambda: evaluate_rank(dist[:0], q_pids[:0], g_pids, q_cams[:0], g_cams), "distmat"),
+        (lambda: evaluate_rank(dist[:, :0], q_pids, g_pids[:0], q_cams, g_cams[:0]), "distmat"),
+        (lambda: evaluate_rank(np.where(dist > 0.5, np.nan, dist), q_pids, g_pids, q_cams, g_cams), "distmat"),
+        (lambda: evaluate_rank(np.where(dist > 0.5, -np.inf, dist), q_pids, g_pids, q_cams, g_cams), "distmat"),
+        (lambda: evaluate_rank((dist * 10).astype(np.int64), q_pids, g_pids, q_cams, g_cams), "distmat"),
+        (lambda: evaluate_rank(dist, q_pids[:3], g_pids, q_cams, g_cams), "q_pids"),
+        (lambda: evaluate_rank(dist, q_pids, g_pids[1:], q_cams, g_cams), "g_pids"),
+        (lambda: evaluate_rank(dist, q_pids, g_pids, q_cams[:, None], g_cams), "q_camids"),
+        (lambda: evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams[:2]), "g_camids"),
+        (lambda: evaluate_rank(dist, q_pids.astype(float), g_pids, q_cams, g_cams), "q_pids"),
+        (lambda: evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank=0), "max_rank"),
+        (lambda: evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, ap="interpolated"), "ap"),
+    ]
+    for call, name in cases:
+        with pytest.raises(ValueError, match=name):
+            call()
+
+
+def brute_force_distance(x, y, metric):
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    if metric == "cosine":
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        y = y / np.linalg.norm(y, axis=1, keepdims=True)
+        return 1 - x @ y.T
+    squared = ((x[:, None] - y[None]) ** 2).sum(-1)
+    return np.sqrt(squared) if metric == "euclidean" else squared
+
+
+@pytest.mark.parametrize("metric", distance.METRICS)
+def test_pairwise_distance(metric, monkeypatch):
+    rng = np.random.default_rng(7)
+    x, y = rng.standard_normal((37, 9)).astype(np.float32), rng.standard_normal((23, 9)).astype(np.float32)
+    monkeypatch.setattr(distance, "TILE_ROWS", 8)
+    result = pairwise_distance(x, y, metric)
+    assert isinstance(result, np.ndarray) and result.dtype == np.float32 and result.shape == (37, 23)
+    np.testing.assert_allclose(result, brute_force_distance(x, y, metric), rtol=1e-5, atol=1e-5)
+    result = pairwise_distance(torch.from_numpy(x).double(), torch.from_numpy(y).half(), metric)
+    assert result.dtype == torch.float64
+    np.testing.assert_allclose(result.numpy(), brute_force_distance(x, y.astype(np.float16), metric), atol=1e-12)
+
+
+@pytest.mark.parametrize("metric", distance.METRICS)
+@pytest.mark.parametrize("tiles", ["default tiles", "tiny tiles"])
+def test_knn_is_a_stable_sort_of_the_distances(metric, tiles, monkeypatch):
+    if tiles == "tiny tiles":
+        monkeypatch.setattr(distance, "TILE_ROWS", 7)
+        monkeypatch.setattr(distance, "TILE_COLUMNS", 20)
+    # Rows of four +-1 in six dimensions: every distance and cosine is exact in float32 whatever
+    # the tiling, and equal values are everywhere, straddling the k-th place.
+    rng = np.random.default_rng(8)
+
+    def rows(count):
+        signs = rng.choice([-1.0, 1.0], (count, 6))
+        signs[np.arange(count)[:, None], np.argsort(rng.random((count, 6)), axis=1)[:, :2]] = 0
+        return signs.astype(np.float32)
+
+    x, y = rows(30), rows(90)
+    full = pairwise_distance(x, y, metric)
+    order = np.argsort(full, axis=1, kind="stable")
+    for k in (1, 5, 13, 90):
+        values, indices = knn(x, y, k, metric)
+        np.testing.assert_array_equal(indices, order[:, :k])
+        np.testing.assert_array_equal(values, np.take_along_axis(full, order[:, :k], axis=1))
+
+
+def test_resolve_smallest_after_a_rounding_transform():
+    # Candidates: the two smallest raw values (1.0 at index 1, 2.0 at index 3). floor() merges
+    # 2.0 with the left-out 2.5 at index 2, which then comes first by index.
+    raw = torch.tensor([[5.0, 1.0, 2.5, 2.0, 4.0, 3.0]])
+    values, indices = _select.resolve_smallest(
+        torch.tensor([[2.0, 1.0]]), torch.tensor([[3, 1]]), 2, 6,
+        lambda v, rows: torch.floor(v), lambda rows: torch.floor(raw[rows]))
+    np.testing.assert_array_equal(indices, [[1, 2]])
+    np.testing.assert_array_equal(values, [[1.0, 2.0]])
+    # With one candidate to spare and nothing merged, the candidates decide alone.
+    values, indices = _select.resolve_smallest(
+        torch.tensor([[2.0, 1.0, 2.5]]), torch.tensor([[3, 1, 2]]), 2, 6, lambda v, rows: v, lambda rows: 1 / 0)
+    np.testing.assert_array_equal(indices, [[1, 3]])
+
+
+def test_knn_bad_input():
+    x, y = np.ones((3, 4), np.float32), np.ones((5, 4), np.float32)
+    for call, name in [(lambda: knn(x, y, 0), "k"), (lambda: knn(x, y, 6), "k"), (lambda: knn(x, y, 2, "l1"), "metric"),
+                       (lambda: knn(x, y[:, :3], 2), "feature dimension"), (lambda: knn(x[:0], y, 2), "x"),
+                       (lambda: knn(x, y[:0], 1), "y"), (lambda: pairwise_distance(x, y * np.nan), "y"),
+                       (lambda: pairwise_distance(x, y, "hamming"), "metric")]:
+        with pytest.raises(ValueError, match=name):
+            call()

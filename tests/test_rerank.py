@@ -1,0 +1,189 @@
+"""k-reciprocal re-ranking against the dense numpy port of the reference (benchmarks/reference)."""
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.reference import rerank_numpy
+from benchmarks.reference.synthetic_features import MARKET1501, make_reid_features, scaled
+from dpm_ops.evaluation import _kreciprocal, _select, re_ranking, rerank, rerank_features
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(params=["default tiles", "tiny tiles"])
+def tiles(request, monkeypatch):
+    """Run each case once as shipped and once with tiles and chunks so small that every
+    streaming path (threshold offers, transposed tiles, chunk seams) is exercised."""
+    if request.param == "tiny tiles":
+        monkeypatch.setattr(rerank, "_FEATURE_TILE", 40)
+        monkeypatch.setattr(rerank, "_ROW_BLOCK_ELEMENTS", 4000)
+        monkeypatch.setattr(rerank, "_PAIR_CHUNK", 256)
+        monkeypatch.setattr(rerank, "_FEATURE_PAIR_CHUNK", 64)
+        monkeypatch.setattr(_select, "STREAM_TILE", 36)
+        monkeypatch.setattr(_kreciprocal, "_ELEMENT_BUDGET", 20000)
+        monkeypatch.setattr(_kreciprocal, "_MEMBERSHIP_BUDGET", 8000)
+    return request.param
+
+
+def random_features(num_query, num_gallery, dim, seed):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((num_query, dim)).astype(np.float32),
+            rng.standard_normal((num_gallery, dim)).astype(np.float32))
+
+
+@functools.lru_cache(maxsize=None)
+def reference_from_distances(num_query, num_gallery, dim, seed, k1, k2, lambda_value):
+    q_g, q_q, g_g = exact_distances(*random_features(num_query, num_gallery, dim, seed))
+    return rerank_numpy.re_ranking(q_g.astype(np.float32), q_q.astype(np.float32), g_g.astype(np.float32),
+                                   k1, k2, lambda_value)
+
+
+@functools.lru_cache(maxsize=None)
+def reference_from_features(num_query, num_gallery, dim, seed, k1, k2, lambda_value):
+    return rerank_numpy.re_ranking_from_features(*random_features(num_query, num_gallery, dim, seed),
+                                                 k1, k2, lambda_value)
+
+
+def exact_distances(query, gallery):
+    """Euclidean distances in float64 from differences: exactly 0 between equal features."""
+    def cdist(a, b):
+        return np.sqrt(((a.astype(np.float64)[:, None] - b.astype(np.float64)[None]) ** 2).sum(-1))
+    return cdist(query, gallery), cdist(query, query), cdist(gallery, gallery)
+
+
+def assert_same_ranking(result, expected, atol):
+    assert result.shape == expected.shape and result.dtype == np.float32
+    np.testing.assert_allclose(result, expected, rtol=0, atol=atol)
+    np.testing.assert_array_equal(np.argsort(result, axis=1, kind="stable"),
+                                  np.argsort(expected, axis=1, kind="stable"))
+
+
+@pytest.mark.parametrize("num_query, num_gallery, dim, seed", [(12, 60, 8, 0), (25, 110, 5, 1), (3, 5, 4, 2),
+                                                               (30, 4, 6, 3)])
+@pytest.mark.parametrize("k1, k2, lambda_value", [(20, 6, 0.3), (7, 1, 0.0), (5, 3, 1.0), (9, 6, 0.3),
+                                                  (2, 2, 0.3), (1, 1, 0.3)])
+def test_re_ranking_matches_reference(tiles, num_query, num_gallery, dim, seed, k1, k2, lambda_value):
+    # k1 = 5, 7, 9, 1 round k1 / 2 half to even (2, 4, 4, 0); (3, 5) and (30, 4) have G < k1 + 1.
+    q_g, q_q, g_g = (d.astype(np.float32) for d in exact_distances(*random_features(num_query, num_gallery, dim, seed)))
+    expected = reference_from_distances(num_query, num_gallery, dim, seed, k1, k2, lambda_value)
+    assert_same_ranking(re_ranking(q_g, q_q, g_g, k1, k2, lambda_value), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_query, num_gallery, dim, seed", [(12, 60, 8, 0), (25, 110, 5, 1), (3, 5, 4, 2),
+                                                               (20, 90, 16, 4)])
+@pytest.mark.parametrize("k1, k2, lambda_value", [(20, 6, 0.3), (7, 1, 0.0), (9, 3, 1.0), (4, 8, 0.3)])
+def test_rerank_features_matches_reference(tiles, num_query, num_gallery, dim, seed, k1, k2, lambda_value):
+    query, gallery = random_features(num_query, num_gallery, dim, seed)
+    expected = reference_from_features(num_query, num_gallery, dim, seed, k1, k2, lambda_value)
+    assert_same_ranking(rerank_features(query, gallery, k1, k2, lambda_value), expected, atol=1e-5)
+
+
+@functools.lru_cache(maxsize=None)
+def reid_like_case():
+    data = make_reid_features(**scaled(MARKET1501, 0.015), dim=64, seed=3)
+    return data, rerank_numpy.re_ranking_from_features(data.query, data.gallery)
+
+
+def test_rerank_features_on_reid_like_features(tiles):
+    data, expected = reid_like_case()
+    assert_same_ranking(rerank_features(data.query, data.gallery), expected, atol=1e-5)
+
+
+def test_duplicated_features_tie_by_index(tiles):
+    query, gallery = random_features(10, 40, 6, 5)
+    gallery[7] = gallery[3]                    # gallery duplicates
+    gallery[20:23] = query[2]                  # a query duplicated three times in the gallery
+    q_g, q_q, g_g = exact_distances(query, gallery)
+    assert (q_g == 0).sum() == 3 and (g_g == 0).sum() == 40 + 2 + 6
+    for k1, k2 in ((20, 6), (3, 2), (1, 1)):
+        expected = rerank_numpy.re_ranking(q_g, q_q, g_g, k1, k2, 0.3)
+        assert_same_ranking(re_ranking(q_g, q_q, g_g, k1, k2, 0.3), expected, atol=1e-6)
+    # From features, the GEMM gives equal features a distance of a few ulps rather than 0, so
+    # only neighbourhoods wide enough to hold all copies are independent of the tie order.
+    for k1, k2 in ((20, 6), (3, 2)):
+        expected = rerank_numpy.re_ranking(*(d.astype(np.float32) for d in (q_g, q_q, g_g)), k1, k2, 0.3)
+        np.testing.assert_allclose(rerank_features(query, gallery, k1, k2, 0.3), expected, rtol=0, atol=1e-5)
+
+
+def test_nonzero_self_distance_from_gemm_rounding(tiles):
+    # Far from the origin, |x|^2 + |y|^2 - 2 x.y loses the small distances: the GEMM puts the
+    # self-distance above 0 and near-duplicates at about the same level.
+    rng = np.random.default_rng(6)
+    offset = np.full(32, 5.0, dtype=np.float32)
+    query = offset + rng.standard_normal((15, 32)).astype(np.float32)
+    gallery = np.concatenate([offset + rng.standard_normal((50, 32)), query[:5] + 1e-4]).astype(np.float32)
+    q_g = rerank_numpy.euclidean_distances(query, gallery)
+    q_q = rerank_numpy.euclidean_distances(query, query)
+    g_g = rerank_numpy.euclidean_distances(gallery, gallery)
+    assert np.diagonal(g_g).max() > 0 and np.diagonal(q_q).max() > 0
+    # Dense input: the given matrices, self-distances included, decide the ranks.
+    expected = rerank_numpy.re_ranking(q_g, q_q, g_g)
+    assert_same_ranking(re_ranking(q_g, q_q, g_g), expected, atol=1e-6)
+    # Features: d(i, i) = 0 exactly, as in the reference fed with cdist-like distances.
+    expected = rerank_numpy.re_ranking_from_features(query, gallery)
+    np.testing.assert_allclose(rerank_features(query, gallery), expected, rtol=0, atol=1e-5)
+
+
+def test_squared_input_switch():
+    q_g, q_q, g_g = (d.astype(np.float32) for d in exact_distances(*random_features(10, 30, 4, 7)))
+    squared = [d * d for d in (q_g, q_q, g_g)]
+    expected = rerank_numpy.re_ranking(*squared, input="squared")
+    assert_same_ranking(re_ranking(*squared, input="squared"), expected, atol=1e-6)
+    np.testing.assert_allclose(re_ranking(*squared, input="squared"), re_ranking(q_g, q_q, g_g), atol=1e-6)
+    # torchreid passes squared distances as if Euclidean: the reference then uses d^4.
+    expected = rerank_numpy.re_ranking(*squared)
+    assert_same_ranking(re_ranking(*squared, input="euclidean"), expected, atol=1e-6)
+
+
+def test_float64_and_torch_inputs():
+    query, gallery = random_features(8, 25, 5, 8)
+    q_g, q_q, g_g = exact_distances(query, gallery)
+    expected = rerank_numpy.re_ranking(q_g, q_q, g_g)
+    result = re_ranking(torch.from_numpy(q_g), torch.from_numpy(q_q), torch.from_numpy(g_g))
+    assert isinstance(result, torch.Tensor) and result.dtype == torch.float32
+    assert_same_ranking(result.numpy(), expected, atol=1e-6)
+    gallery = gallery.astype(np.float16)
+    expected = rerank_numpy.re_ranking_from_features(query, gallery.astype(np.float32))
+    result = rerank_features(torch.from_numpy(query).double(), torch.from_numpy(gallery))
+    assert isinstance(result, torch.Tensor) and result.dtype == torch.float32
+    assert_same_ranking(result.numpy(), expected, atol=1e-5)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_cuda_matches_cpu():
+    query, gallery = random_features(30, 120, 16, 9)
+    expected = rerank_features(query, gallery)
+    result = rerank_features(torch.from_numpy(query).cuda(), torch.from_numpy(gallery).cuda())
+    assert result.is_cuda
+    np.testing.assert_allclose(result.cpu().numpy(), expected, atol=1e-5)
+
+
+def test_bad_input():
+    query, gallery = random_features(4, 6, 3, 10)
+    q_g, q_q, g_g = (d.astype(np.float32) for d in exact_distances(query, gallery))
+    cases = [
+        (lambda: rerank_features(query[:0], gallery), "qf"),
+        (lambda: rerank_features(query, gallery[:0]), "gf"),
+        (lambda: rerank_features(query, gallery[:, :2]), "feature dimension"),
+        (lambda: rerank_features(query[0], gallery), "qf"),
+        (lambda: rerank_features(np.where(query > 0, np.nan, query), gallery), "qf"),
+        (lambda: rerank_features(query, np.full_like(gallery, np.inf)), "gf"),
+        (lambda: re_ranking(q_g[:0], q_q[:0, :0], g_g), "q_g_dist"),
+        (lambda: re_ranking(q_g, q_q[:3], g_g), "q_q_dist"),
+        (lambda: re_ranking(q_g, q_q, g_g[:, :5]), "g_g_dist"),
+        (lambda: re_ranking(np.where(q_g > 1, np.nan, q_g), q_q, g_g), "q_g_dist"),
+        (lambda: re_ranking(q_g, q_q, np.full_like(g_g, np.inf)), "g_g_dist"),
+        (lambda: re_ranking(q_g.astype(np.int64), q_q, g_g), "q_g_dist"),
+        (lambda: re_ranking(q_g, q_q, g_g, input="cosine"), "input"),
+    ]
+    for k1, k2, lambda_value, name in [(0, 6, 0.3, "k1"), (2.5, 6, 0.3, "k1"), (20, 0, 0.3, "k2"), (True, 6, 0.3, "k1"),
+                                       (20, 6, -0.1, "lambda_value"), (20, 6, 1.5, "lambda_value"),
+                                       (20, 6, float("nan"), "lambda_value")]:
+        cases.append((lambda k1=k1, k2=k2, lam=lambda_value: rerank_features(query, gallery, k1, k2, lam), name))
+        cases.append((lambda k1=k1, k2=k2, lam=lambda_value: re_ranking(q_g, q_q, g_g, k1, k2, lam), name))
+    for call, name in cases:
+        with pytest.raises(ValueError, match=name):
+            call()
