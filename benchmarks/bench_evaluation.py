@@ -1,0 +1,192 @@
+"""evaluate_rank and rerank_features against the numpy references, timed in the same run.
+
+Targets (issue 3), at Market-1501 scale (Q = 3,368, G = 15,913, 768-d synthetic features with
+re-ID-like neighbourhoods, benchmarks/reference/synthetic_features.py):
+
+* CPU: rerank_features >= 20x the dense numpy re-ranking (its distance matrices included) with
+  a peak <= 3 GB; evaluate_rank >= 25x the vectorised numpy evaluation;
+* GPU (H100): rerank_features <= 10 ms, evaluate_rank <= 2 ms; at MSMT17 scale
+  (Q = 11,659, G = 82,161) rerank_features <= 1 s within 4 GB beyond its output;
+* CPU at MSMT17 scale: rerank_features within 24 GB.
+
+The default "smoke" size (1/25 of Market) keeps `pytest benchmarks/ --benchmark-disable`
+short; Market and MSMT17 cases are marked `slow`. Peak memory is the growth of the resident
+set (CPU, measured in a fresh process after the inputs are built) or of allocated CUDA memory.
+"""
+
+import functools
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.conftest import median_of
+from benchmarks.reference.eval_numpy import evaluate_rank_numpy
+from benchmarks.reference.rerank_numpy import re_ranking_from_features
+from benchmarks.reference.synthetic_features import MARKET1501, MSMT17, make_reid_features, scaled
+from dpm_ops.evaluation import evaluate_rank, pairwise_distance, rerank_features
+
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+SCALES = {"smoke": (MARKET1501, 0.04), "market1501": (MARKET1501, 1.0), "msmt17": (MSMT17, 1.0)}
+SMOKE = pytest.param("smoke")
+MARKET = pytest.param("market1501", marks=pytest.mark.slow)
+GB = 1e9
+
+
+@functools.lru_cache(maxsize=1)
+def reid_data(scale: str):
+    preset, factor = SCALES[scale]
+    return make_reid_features(**scaled(preset, factor), seed=0)
+
+
+@functools.lru_cache(maxsize=1)
+def query_gallery_distances(scale: str):
+    data = reid_data(scale)
+    return pairwise_distance(data.query, data.gallery)
+
+
+def _on_device(*arrays, device):
+    return [torch.from_numpy(array).to(device) for array in arrays]
+
+
+# Each case builds its inputs and returns the call to time.
+def rerank_reference(scale, device):
+    data = reid_data(scale)
+    return lambda: re_ranking_from_features(data.query, data.gallery)
+
+
+def rerank_dpm_ops(scale, device):
+    data = reid_data(scale)
+    query, gallery = _on_device(data.query, data.gallery, device=device)
+    return lambda: rerank_features(query, gallery)
+
+
+def evaluate_reference(scale, device):
+    data = reid_data(scale)
+    labels = (data.query_pids, data.gallery_pids, data.query_camids, data.gallery_camids)
+    distmat = query_gallery_distances(scale)
+    return lambda: evaluate_rank_numpy(distmat, *labels)
+
+
+def evaluate_dpm_ops(scale, device):
+    data = reid_data(scale)
+    distmat, *labels = _on_device(query_gallery_distances(scale), data.query_pids, data.gallery_pids,
+                                  data.query_camids, data.gallery_camids, device=device)
+    return lambda: evaluate_rank(distmat, *labels)
+
+
+CASES = {"rerank numpy reference": rerank_reference, "rerank dpm_ops": rerank_dpm_ops,
+         "evaluate numpy reference": evaluate_reference, "evaluate dpm_ops": evaluate_dpm_ops}
+
+
+def _resident_kb(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def child_peak_growth(case: str, scale: str) -> None:
+    """Run in a fresh process: build the inputs, reset the peak, run once, print the growth."""
+    run = CASES[case](scale, "cpu")
+    baseline = _resident_kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+    run()
+    print((_resident_kb("VmHWM") - baseline) * 1024)
+
+
+def peak_memory(case: str, scale: str, device: str) -> int:
+    """Bytes the call adds at its peak to what its inputs already hold."""
+    if device == "cuda":
+        run = CASES[case](scale, device)
+        torch.cuda.synchronize()
+        baseline = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - baseline
+    code = "import sys; from benchmarks.bench_evaluation import child_peak_growth; child_peak_growth(*sys.argv[1:])"
+    done = subprocess.run([sys.executable, "-c", code, case, scale], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    return int(done.stdout.split()[-1])
+
+
+def group_name(op, scale):
+    data = reid_data(scale)
+    return f"{op} {scale} {len(data.query)}x{len(data.gallery)}x{data.query.shape[1]} {DEVICE}"
+
+
+PEAKS = {}  # (case, scale) -> peak memory growth in bytes, for the target checks
+
+
+def _time_case(timed, benchmark, op, case, scale, rounds):
+    device = "cpu" if "numpy" in case else DEVICE
+    data = reid_data(scale)
+    median = timed(CASES[case](scale, device), group=group_name(op, scale), name=case, device=device,
+                   rounds=rounds, iterations=1, num_query=len(data.query), num_gallery=len(data.gallery),
+                   dim=data.query.shape[1])
+    if median is not None:
+        PEAKS[(case, scale)] = peak_memory(case, scale, device)
+        benchmark.extra_info["peak_memory_gb"] = PEAKS[(case, scale)] / GB
+
+
+@pytest.mark.parametrize("scale", [SMOKE, MARKET])
+@pytest.mark.parametrize("case", ["evaluate numpy reference", "evaluate dpm_ops"])
+def bench_evaluate_rank(timed, benchmark, case, scale):
+    _time_case(timed, benchmark, "evaluate_rank", case, scale, rounds=3)
+
+
+@pytest.mark.parametrize("scale", [SMOKE, MARKET])  # the Market reference: ~30 s and ~8 GB per run
+@pytest.mark.parametrize("case", ["rerank numpy reference", "rerank dpm_ops"])
+def bench_rerank_features(timed, benchmark, case, scale):
+    _time_case(timed, benchmark, "rerank_features", case, scale, rounds=1 if scale == "market1501" else 3)
+
+
+@pytest.mark.slow
+def bench_rerank_features_msmt17(timed, benchmark):
+    _time_case(timed, benchmark, "rerank_features", "rerank dpm_ops", "msmt17", rounds=1)
+
+
+def _speedup(op, scale):
+    group = group_name(op, scale)
+    base = median_of(group, f"{op.split('_')[0]} numpy reference")
+    ours = median_of(group, f"{op.split('_')[0]} dpm_ops")
+    if base is None or ours is None:
+        pytest.skip("timings not recorded (benchmarks disabled or a case was deselected)")
+    return base / ours
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(GPU, reason="CPU targets")
+def bench_cpu_targets():
+    evaluate = _speedup("evaluate_rank", "market1501")
+    rerank = _speedup("rerank_features", "market1501")
+    peak = PEAKS[("rerank dpm_ops", "market1501")] / GB
+    reference_peak = PEAKS[("rerank numpy reference", "market1501")] / GB
+    print(f"\nMarket-1501 scale: evaluate_rank {evaluate:.1f}x numpy; rerank_features {rerank:.1f}x the dense "
+          f"reference, peak {peak:.2f} GB (reference {reference_peak:.2f} GB)")
+    msmt_peak = PEAKS.get(("rerank dpm_ops", "msmt17"))
+    if msmt_peak is not None:
+        print(f"MSMT17 scale: rerank_features peak {msmt_peak / GB:.2f} GB")
+        assert msmt_peak <= 24 * GB, f"rerank_features needs {msmt_peak / GB:.1f} GB at MSMT17 scale, target <= 24 GB"
+    assert peak <= 3.0, f"rerank_features peaks at {peak:.2f} GB at Market scale, target <= 3 GB"
+    assert evaluate >= 25, f"evaluate_rank is {evaluate:.1f}x the numpy evaluation, target >= 25x"
+    assert rerank >= 20, f"rerank_features is {rerank:.1f}x the numpy re-ranking, target >= 20x"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not GPU, reason="GPU targets")
+def bench_gpu_targets():
+    rerank = median_of(group_name("rerank_features", "market1501"), "rerank dpm_ops")
+    evaluate = median_of(group_name("evaluate_rank", "market1501"), "evaluate dpm_ops")
+    msmt = median_of(group_name("rerank_features", "msmt17"), "rerank dpm_ops")
+    if None in (rerank, evaluate, msmt):
+        pytest.skip("timings not recorded (benchmarks disabled or a case was deselected)")
+    data = reid_data("msmt17")
+    beyond_output = (PEAKS[("rerank dpm_ops", "msmt17")] - 4 * len(data.query) * len(data.gallery)) / GB
+    print(f"\n{torch.cuda.get_device_name()}: rerank_features {rerank * 1e3:.1f} ms, evaluate_rank "
+          f"{evaluate * 1e3:.2f} ms at Market scale; rerank_features {msmt:.2f} s and {beyond_output:.2f} GB beyond "
+          f"its output at MSMT17 scale")
+    assert rerank <= 10e-3 and evaluate <= 2e-3, "Market-scale targets: rerank_features <= 10 ms, evaluate_rank <= 2 ms"
+    assert msmt <= 1.0 and beyond_output <= 4.0, "MSMT17-scale target: rerank_features <= 1 s within 4 GB beyond output"
