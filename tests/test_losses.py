@@ -146,17 +146,18 @@ def brute_triplet(x, labels):
 
 def test_triplet_matches_brute_force():
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(8, 6, generator=generator, **DOUBLE) * 4  # un-normalised on purpose
-    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    x = torch.randn(9, 6, generator=generator, **DOUBLE) * 4  # un-normalised on purpose
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4])
     assert_same_value_and_grad(lambda x: SoftMarginTripletLoss()(x, labels), lambda x: brute_triplet(x, labels),
                                (x,), atol=1e-7, rtol=1e-6)
 
 
 def test_triplet_anchor_counts_as_its_own_positive():
-    x = torch.tensor([[0.0, 0.0], [0.0, 0.0], [3.0, 4.0], [3.0, 4.0]], **DOUBLE)
-    labels = torch.tensor([0, 0, 1, 1])
-    # positives coincide: d_ap = sqrt(1e-12) = 1e-6; d_an = 5
-    expected = torch.nn.SoftMarginLoss()(torch.full((4,), 5.0 - 1e-6, **DOUBLE), torch.ones(4, **DOUBLE))
+    x = torch.tensor([[0.0, 0.0], [0.0, 0.0], [3.0, 4.0], [3.0, 4.0], [0.0, 10.0]], **DOUBLE)
+    labels = torch.tensor([0, 0, 1, 1, 2])  # identity 2 appears once: its only positive is itself
+    # d_ap = sqrt(1e-12) = 1e-6 for every anchor; d_an = 5, 5, 5, 5 and |(0,10) − (3,4)| = sqrt(45)
+    d_an = torch.tensor([5.0, 5.0, 5.0, 5.0, math.sqrt(45.0)], **DOUBLE)
+    expected = torch.nn.SoftMarginLoss()(d_an - 1e-6, torch.ones(5, **DOUBLE))
     torch.testing.assert_close(SoftMarginTripletLoss()(x, labels), expected)
 
 

@@ -176,6 +176,15 @@ def test_drop_path_rates_and_sie_coefficient():
     assert model.arcface_scale == 30.0 and model.arcface_margin == 0.5 and not model.easy_margin
 
 
+def test_no_camera_embedding_for_one_camera_or_none():
+    """TransReID builds the SIE only for more than one camera."""
+    for cameras in (0, 1):
+        with torch.device("meta"):
+            model = build_model("dpm", 702, cameras)
+        assert model.backbone.sie_embed is None
+        assert count(model.backbone) == 85_840_128 - 6_144
+
+
 def test_camera_embedding_is_added_to_every_token():
     model = tiny_dpm()
     images, _, _ = batch(1)

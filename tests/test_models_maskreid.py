@@ -118,6 +118,25 @@ def test_skip_operator_changes_the_pooling():
         build_model("maskreid", 0, skip="attention")
 
 
+def test_inception_modules_written_out():
+    torch.manual_seed(0)
+    model = build_model("maskreid", 0, **TINY).eval()
+    x = torch.randn(2, 24, 36, 14)  # input of inception 2a: 6w channels at w = 4
+    a, b = model.inception_2a, model.inception_2b
+    with torch.no_grad():
+        branch4 = a.branch4[1](F.avg_pool2d(x, 3, 1, 1))  # pad counted, like Caffe's AVE pooling
+        expected_a = torch.cat([a.branch1(x), a.branch2[1](a.branch2[0](x)),
+                                a.branch3[2](a.branch3[1](a.branch3[0](x))), branch4], 1)
+        torch.testing.assert_close(a(x), expected_a)
+        y = a(x)
+        expected_b = torch.cat([b.branch1[1](b.branch1[0](y)), b.branch2[2](b.branch2[1](b.branch2[0](y))),
+                                F.max_pool2d(y, 3, 2, 1)], 1)
+        torch.testing.assert_close(b(y), expected_b)
+    assert expected_b.shape == (2, 8 + 8 + 32, 18, 7)
+    assert b.branch1[1][0].stride == (2, 2) and b.branch2[1][0].stride == (1, 1)
+    assert b.branch2[2][0].stride == (2, 2)
+
+
 def test_separate_stems_and_dgd_init():
     torch.manual_seed(0)
     model = build_model("maskreid", 0, **TINY)
