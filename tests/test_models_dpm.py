@@ -290,6 +290,19 @@ def test_model_logits_agree_with_masked_arcface_loss():
     torch.testing.assert_close(from_logits, from_features)
 
 
+def test_bf16_autocast_train_step_keeps_the_classifier_math_in_fp32():
+    model = tiny_dpm()
+    torch.nn.init.normal_(model.mask_generator.attfc.weight, std=0.02)
+    images, cams, labels = batch(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images, cam_label=cams, labels=labels)
+        loss = DPMLoss()(out, labels)
+    assert out.plain_logits.dtype == torch.bfloat16 and out.masked_logits.dtype == torch.float32
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 # ---------------------------------------------------------------- the two optimisers (spec §7.1)
 
 def parameter_snapshot(model):
