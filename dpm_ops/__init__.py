@@ -1,7 +1,7 @@
 """dpm_ops: fused kernels and pipelines for occluded / mask-based person re-ID (DPM, MaskReID)."""
 
-from . import ops
+from . import evaluation, ops
 from ._backend import backends
 
 __version__ = "0.1.0"
-__all__ = ["ops", "backends", "__version__"]
+__all__ = ["evaluation", "ops", "backends", "__version__"]
