@@ -1,16 +1,12 @@
-// The extension module dpm_ops._C: declares every op schema of the `dpm_ops` namespace once.
-// Kernels register themselves per device next to their code (csrc/<op>/<op>_{cpu,cuda}.cpp);
-// fake (meta) and autograd registrations live in Python (dpm_ops/ops/).
+// The extension module dpm_ops._C and the `dpm_ops` op namespace. Each op declares its schemas once,
+// in python_bindings/<op>.cpp (a TORCH_LIBRARY_FRAGMENT); kernels register themselves per device next
+// to their code (csrc/<op>/<op>_{cpu,cuda}.cpp); fake (meta) and autograd registrations live in
+// Python (dpm_ops/ops/<op>.py).
 #include <Python.h>
 #include <torch/library.h>
 #include <torch/version.h>
 
-TORCH_LIBRARY(dpm_ops, m) {
-  m.def("masked_cosine(Tensor x, Tensor mask, Tensor protos, float eps=1e-12) -> Tensor");
-  m.def(
-      "masked_cosine_backward(Tensor grad, Tensor x, Tensor mask, Tensor protos, Tensor out, float eps)"
-      " -> (Tensor, Tensor, Tensor)");
-}
+TORCH_LIBRARY(dpm_ops, m) {}
 
 // A plain Python module, so `import dpm_ops._C` loads the library and its registrations.
 // It also says how it was built, for dpm_ops.backends().

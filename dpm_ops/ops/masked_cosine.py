@@ -3,7 +3,7 @@
     C[b,k] = < n(x_b), n(m_b ⊙ n(p_k)) >,  n(v) = v / max(||v||, eps)       (dpm.md §3)
 
 Schemas: ``dpm_ops::masked_cosine`` / ``dpm_ops::masked_cosine_backward`` (declared in
-python_bindings/module.cpp, C++ kernels for CPU and CUDA) and ``dpm_ops::masked_cosine_triton`` /
+python_bindings/masked_cosine.cpp, C++ kernels for CPU and CUDA) and ``dpm_ops::masked_cosine_triton`` /
 ``..._triton_backward`` (Triton kernels). Both share the fake (meta) functions and the autograd
 formula below; the reference (masked_cosine_reference.py) is differentiated by torch itself.
 """

@@ -1,0 +1,10 @@
+// Schemas of DPM's masked prototype cosine (kernels: csrc/masked_cosine/, fake + autograd:
+// dpm_ops/ops/masked_cosine.py).
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(dpm_ops, m) {
+  m.def("masked_cosine(Tensor x, Tensor mask, Tensor protos, float eps=1e-12) -> Tensor");
+  m.def(
+      "masked_cosine_backward(Tensor grad, Tensor x, Tensor mask, Tensor protos, Tensor out, float eps)"
+      " -> (Tensor, Tensor, Tensor)");
+}
