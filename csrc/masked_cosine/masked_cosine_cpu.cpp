@@ -12,8 +12,26 @@ namespace {
 constexpr int64_t kRowGrain = 16;
 constexpr int64_t kElementGrain = 16384;
 
+// Vectorised row helpers (omp simd: the reductions may be reordered, as in any BLAS).
+template <typename scalar_t> scalar_t row_sum_sq(const scalar_t* row, int64_t cols) {
+  scalar_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t c = 0; c < cols; ++c) sum += row[c] * row[c];
+  return sum;
+}
+
+// A row is finite iff its sum of squares is, unless huge finite values overflow the sum:
+// the exact scan only runs then.
+template <typename scalar_t> bool row_finite(const scalar_t* row, int64_t cols, scalar_t sum_sq) {
+  if (std::isfinite(sum_sq)) return true;
+  for (int64_t c = 0; c < cols; ++c)
+    if (!std::isfinite(row[c])) return false;
+  return true;
+}
+
 struct CpuKernels {
   // scaled = v * inv_norm(v) * mult (mult omitted: 1);  second = mult^2, or scaled^2 without mult.
+  // The first pass over the data doubles as the finiteness check, for free.
   static void prepare_rows(const at::Tensor& v, const at::Tensor& mult, double eps, at::Tensor& scaled,
                            at::Tensor& second, at::Tensor& inv) {
     AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "masked_cosine_prepare_rows", [&] {
@@ -27,27 +45,31 @@ struct CpuKernels {
       at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           const scalar_t* row = vp + r * cols;
-          scalar_t sum_sq = 0;
-          for (int64_t c = 0; c < cols; ++c) sum_sq += row[c] * row[c];
-          if (!std::isfinite(sum_sq)) v_finite = false;
+          scalar_t* srow = sp + r * cols;
+          scalar_t* qrow = qp + r * cols;
+          const scalar_t sum_sq = row_sum_sq(row, cols);
+          if (!row_finite(row, cols, sum_sq)) v_finite = false;
           const scalar_t s = inv_norm(sum_sq, scalar_t(eps));
           ip[r] = s;
-          bool row_mult_finite = true;
-          for (int64_t c = 0; c < cols; ++c) {
-            const int64_t i = r * cols + c;
-            if (mp) {
-              row_mult_finite &= std::isfinite(mp[i]);
-              sp[i] = row[c] * s * mp[i];
-              qp[i] = mp[i] * mp[i];
-            } else {
-              sp[i] = row[c] * s;
-              qp[i] = sp[i] * sp[i];
+          if (mp) {
+            const scalar_t* mrow = mp + r * cols;
+            scalar_t mult_sum_sq = 0;
+            _Pragma("omp simd reduction(+ : mult_sum_sq)")
+            for (int64_t c = 0; c < cols; ++c) {
+              srow[c] = row[c] * s * mrow[c];
+              qrow[c] = mrow[c] * mrow[c];
+              mult_sum_sq += qrow[c];
+            }
+            if (!row_finite(mrow, cols, mult_sum_sq)) mult_finite = false;
+          } else {
+            _Pragma("omp simd")
+            for (int64_t c = 0; c < cols; ++c) {
+              srow[c] = row[c] * s;
+              qrow[c] = srow[c] * srow[c];
             }
           }
-          if (!row_mult_finite) mult_finite = false;
         }
       });
-      // The first pass over the data doubles as the finiteness check, for free.
       TORCH_CHECK_VALUE(v_finite, "masked_cosine: ", mp ? "x" : "protos", " contains non-finite values (NaN or inf)");
       TORCH_CHECK_VALUE(mult_finite, "masked_cosine: mask contains non-finite values (NaN or inf)");
     });
@@ -58,6 +80,7 @@ struct CpuKernels {
       scalar_t* np = num.data_ptr<scalar_t>();
       const scalar_t* dp = den_sq.const_data_ptr<scalar_t>();
       at::parallel_for(0, num.numel(), kElementGrain, [&](int64_t begin, int64_t end) {
+        _Pragma("omp simd")
         for (int64_t i = begin; i < end; ++i) np[i] = cosine(np[i], dp[i], scalar_t(eps));
       });
     });
@@ -72,6 +95,7 @@ struct CpuKernels {
       scalar_t* np = g_num.data_ptr<scalar_t>();
       scalar_t* hp = h.data_ptr<scalar_t>();
       at::parallel_for(0, den_sq.numel(), kElementGrain, [&](int64_t begin, int64_t end) {
+        _Pragma("omp simd")
         for (int64_t i = begin; i < end; ++i) {
           const auto coef = backward_coef(gp[i], op[i], dp[i], scalar_t(eps));
           np[i] = coef.g_num;
@@ -91,12 +115,14 @@ struct CpuKernels {
         const scalar_t* row = v + r * cols;
         scalar_t* grow = grad_v + r * cols;
         scalar_t dot = 0;
+#pragma omp simd reduction(+ : dot)
         for (int64_t c = 0; c < cols; ++c) {
           const scalar_t vh = row[c] * inv[r];
           grow[c] = grad_hat(r, c, vh);  // staged in the output, rescaled below
           dot += vh * grow[c];
         }
         const bool clamped = inv[r] >= scalar_t(1) / eps;
+#pragma omp simd
         for (int64_t c = 0; c < cols; ++c)
           grow[c] = normalize_backward(grow[c], row[c] * inv[r], dot, inv[r], clamped);
       }
@@ -144,18 +170,23 @@ at::Tensor as_compute(const at::Tensor& t) {
   return (reduced ? t.to(at::kFloat) : t).contiguous();
 }
 
-at::Tensor masked_cosine_cpu(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& protos, double eps) {
+std::tuple<at::Tensor, at::Tensor> masked_cosine_train_cpu(const at::Tensor& x, const at::Tensor& mask,
+                                                           const at::Tensor& protos, double eps) {
   check_inputs(x, mask, protos, eps);
-  return forward<CpuKernels>(as_compute(x), as_compute(mask), as_compute(protos), eps).to(x.scalar_type());
+  auto [out, den_sq] = forward<CpuKernels>(as_compute(x), as_compute(mask), as_compute(protos), eps);
+  return {out.to(x.scalar_type()), den_sq};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_cosine_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
-                                                                        const at::Tensor& mask,
-                                                                        const at::Tensor& protos,
-                                                                        const at::Tensor& out, double eps) {
+at::Tensor masked_cosine_cpu(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& protos, double eps) {
+  return std::get<0>(masked_cosine_train_cpu(x, mask, protos, eps));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_cosine_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mask, const at::Tensor& protos,
+    const at::Tensor& out, const std::optional<at::Tensor>& den_sq, double eps) {
   check_inputs(x, mask, protos, eps);
   auto [gx, gm, gp] = backward<CpuKernels>(as_compute(grad), as_compute(x), as_compute(mask), as_compute(protos),
-                                           as_compute(out), eps);
+                                           as_compute(out), den_sq, eps);
   return {gx.to(x.scalar_type()), gm.to(x.scalar_type()), gp.to(x.scalar_type())};
 }
 
@@ -163,6 +194,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_cosine_backward_cpu(const 
 
 TORCH_LIBRARY_IMPL(dpm_ops, CPU, m) {
   m.impl("masked_cosine", &masked_cosine_cpu);
+  m.impl("masked_cosine_train", &masked_cosine_train_cpu);
   m.impl("masked_cosine_backward", &masked_cosine_backward_cpu);
 }
 

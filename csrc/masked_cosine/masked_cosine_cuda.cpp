@@ -51,8 +51,9 @@ struct CudaKernels {
   }
 };
 
-at::Tensor masked_cosine_cuda(const at::Tensor& x_in, const at::Tensor& mask_in, const at::Tensor& protos_in,
-                              double eps) {
+// The fused forward; writes den^2 too when `den_sq` is defined (the training variant).
+at::Tensor fused_forward(const at::Tensor& x_in, const at::Tensor& mask_in, const at::Tensor& protos_in, double eps,
+                         const at::Tensor& den_sq) {
   check_inputs(x_in, mask_in, protos_in, eps);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), mask = mask_in.contiguous(), protos = protos_in.contiguous();
@@ -65,25 +66,42 @@ at::Tensor masked_cosine_cuda(const at::Tensor& x_in, const at::Tensor& mask_in,
   cuda::prepare_rows(dtype, protos.const_data_ptr(), nullptr, K, C, eps, nullptr, nullptr, inv_p.data_ptr(),
                      stream());
   cuda::forward(dtype, x.const_data_ptr(), mask.const_data_ptr(), protos.const_data_ptr(), inv_x.const_data_ptr(),
-                inv_p.const_data_ptr(), B, K, C, eps, out.data_ptr(), stream());
+                inv_p.const_data_ptr(), B, K, C, eps, out.data_ptr(), den_sq.defined() ? den_sq.data_ptr() : nullptr,
+                stream());
   return out;
+}
+
+at::Tensor masked_cosine_cuda(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& protos, double eps) {
+  return fused_forward(x, mask, protos, eps, at::Tensor());
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_cosine_train_cuda(const at::Tensor& x, const at::Tensor& mask,
+                                                            const at::Tensor& protos, double eps) {
+  check_inputs(x, mask, protos, eps);
+  at::Tensor den_sq =
+      at::empty({x.size(0), protos.size(0)}, x.options().dtype(accumulation_type(x.scalar_type())));
+  at::Tensor out = fused_forward(x, mask, protos, eps, den_sq);
+  return {out, den_sq};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_cosine_backward_cuda(const at::Tensor& grad,
                                                                          const at::Tensor& x,
                                                                          const at::Tensor& mask,
                                                                          const at::Tensor& protos,
-                                                                         const at::Tensor& out, double eps) {
+                                                                         const at::Tensor& out,
+                                                                         const std::optional<at::Tensor>& den_sq,
+                                                                         double eps) {
   check_inputs(x, mask, protos, eps);
   const c10::cuda::CUDAGuard guard(x.device());
   return backward<CudaKernels>(grad.contiguous(), x.contiguous(), mask.contiguous(), protos.contiguous(),
-                               out.contiguous(), eps);
+                               out.contiguous(), den_sq, eps);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dpm_ops, CUDA, m) {
   m.impl("masked_cosine", &masked_cosine_cuda);
+  m.impl("masked_cosine_train", &masked_cosine_train_cuda);
   m.impl("masked_cosine_backward", &masked_cosine_backward_cuda);
 }
 

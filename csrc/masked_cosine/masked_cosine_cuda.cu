@@ -21,7 +21,7 @@ template <typename T, typename A>
 __global__ void __launch_bounds__(kTileThreads)
 forward_kernel(const T* __restrict__ x, const T* __restrict__ mask, const T* __restrict__ protos,
                const A* __restrict__ inv_x, const A* __restrict__ inv_p, int64_t B, int64_t K, int64_t C, A eps,
-               T* __restrict__ out) {
+               T* __restrict__ out, A* __restrict__ den_sq_out) {
   // Operands transposed in shared memory (C-step major) so the inner loop reads rows of TM / TN.
   __shared__ A scaled_s[BK][BM];
   __shared__ A mask_sq_s[BK][BM];
@@ -84,7 +84,9 @@ forward_kernel(const T* __restrict__ x, const T* __restrict__ mask, const T* __r
 #pragma unroll
     for (int j = 0; j < TN; ++j) {
       const int64_t k = k0 + tx * TN + j;
-      if (k < K) out[b * K + k] = from_acc<T>(cosine(num[i][j], den_sq[i][j], eps));
+      if (k >= K) continue;
+      out[b * K + k] = from_acc<T>(cosine(num[i][j], den_sq[i][j], eps));
+      if (den_sq_out != nullptr) den_sq_out[b * K + k] = den_sq[i][j];
     }
   }
 }
@@ -193,7 +195,8 @@ void prepare_rows(Dtype dtype, const void* v, const void* mult, int64_t rows, in
 }
 
 void forward(Dtype dtype, const void* x, const void* mask, const void* protos, const void* inv_x,
-             const void* inv_p, int64_t B, int64_t K, int64_t C, double eps, void* out, cudaStream_t stream) {
+             const void* inv_p, int64_t B, int64_t K, int64_t C, double eps, void* out, void* den_sq,
+             cudaStream_t stream) {
   if (B == 0 || K == 0) return;
   const dim3 grid(static_cast<unsigned int>((K + BN - 1) / BN), static_cast<unsigned int>((B + BM - 1) / BM));
   dispatch_dtype(dtype, [&](auto tag) {
@@ -201,7 +204,8 @@ void forward(Dtype dtype, const void* x, const void* mask, const void* protos, c
     using A = acc_t<T>;
     forward_kernel<T, A><<<grid, kTileThreads, 0, stream>>>(
         static_cast<const T*>(x), static_cast<const T*>(mask), static_cast<const T*>(protos),
-        static_cast<const A*>(inv_x), static_cast<const A*>(inv_p), B, K, C, A(eps), static_cast<T*>(out));
+        static_cast<const A*>(inv_x), static_cast<const A*>(inv_p), B, K, C, A(eps), static_cast<T*>(out),
+        static_cast<A*>(den_sq));
   });
   DPM_CUDA_CHECK_LAUNCH();
 }

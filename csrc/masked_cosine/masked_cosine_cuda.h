@@ -19,10 +19,11 @@ namespace cuda {
 void prepare_rows(Dtype dtype, const void* v, const void* mult, int64_t rows, int64_t cols, double eps,
                   void* scaled, void* second, void* inv, cudaStream_t stream);
 
-// The fused forward: both dot products per (b, k) from one pass over C, C written once.
-// inv_x (B) and inv_p (K) come from prepare_rows.
+// The fused forward: both dot products per (b, k) from one pass over C, C written once
+// (and den^2, in `acc`, when den_sq is non-null). inv_x (B) and inv_p (K) come from prepare_rows.
 void forward(Dtype dtype, const void* x, const void* mask, const void* protos, const void* inv_x,
-             const void* inv_p, int64_t B, int64_t K, int64_t C, double eps, void* out, cudaStream_t stream);
+             const void* inv_p, int64_t B, int64_t K, int64_t C, double eps, void* out, void* den_sq,
+             cudaStream_t stream);
 
 // g_num = g / max(den, eps), h = g*C/den^2 (0 where den <= eps); grad and out in `dtype`.
 void backward_coefs(Dtype dtype, const void* grad, const void* out, const void* den_sq, int64_t n, double eps,

@@ -7,6 +7,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <tuple>
 
 namespace dpm_ops {
@@ -58,23 +59,27 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& 
 }
 
 // Forward through two GEMMs: C = ((Xh*M) Ph^T) / max(sqrt(M^2 (Ph^2)^T), eps).
+// Returns (C in the input dtype, den^2 in the accumulation dtype).
 template <class Kernels>
-at::Tensor forward(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& protos, double eps) {
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& protos,
+                                           double eps) {
   const Prepared p = prepare<Kernels>(x, mask, protos, eps);
   at::Tensor num = at::mm(p.query_scaled, p.proto_hat.t());
-  const at::Tensor den_sq = at::mm(p.mask_sq, p.proto_hat_sq.t());
+  at::Tensor den_sq = at::mm(p.mask_sq, p.proto_hat_sq.t());
   Kernels::cosine_epilogue(num, den_sq, eps);  // in place: num becomes C
-  return num.to(x.scalar_type());
+  return {num.to(x.scalar_type()), den_sq};
 }
 
-// Backward from the forward output `out`: recomputes den^2 (one GEMM) rather than
-// keeping a (B, K) buffer alive between forward and backward.
+// Backward from the forward output `out` and, when the training forward kept it, den^2;
+// without it den^2 is recomputed (one GEMM) rather than kept alive since the forward.
 template <class Kernels>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad, const at::Tensor& x,
                                                         const at::Tensor& mask, const at::Tensor& protos,
-                                                        const at::Tensor& out, double eps) {
+                                                        const at::Tensor& out,
+                                                        const std::optional<at::Tensor>& saved_den_sq, double eps) {
   const Prepared p = prepare<Kernels>(x, mask, protos, eps);
-  const at::Tensor den_sq = at::mm(p.mask_sq, p.proto_hat_sq.t());
+  const at::Tensor den_sq = saved_den_sq.has_value() ? saved_den_sq->contiguous()
+                                                     : at::mm(p.mask_sq, p.proto_hat_sq.t());
   at::Tensor g_num = at::empty_like(den_sq), h = at::empty_like(den_sq);
   Kernels::backward_coefs(grad, out, den_sq, eps, g_num, h);
 

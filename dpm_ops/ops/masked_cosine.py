@@ -2,10 +2,11 @@
 
     C[b,k] = < n(x_b), n(m_b ⊙ n(p_k)) >,  n(v) = v / max(||v||, eps)       (dpm.md §3)
 
-Schemas: ``dpm_ops::masked_cosine`` / ``dpm_ops::masked_cosine_backward`` (declared in
-python_bindings/masked_cosine.cpp, C++ kernels for CPU and CUDA) and ``dpm_ops::masked_cosine_triton`` /
-``..._triton_backward`` (Triton kernels). Both share the fake (meta) functions and the autograd
-formula below; the reference (masked_cosine_reference.py) is differentiated by torch itself.
+Schemas: ``dpm_ops::masked_cosine``, ``dpm_ops::masked_cosine_train`` (also returns den^2, which its
+backward reuses: the path taken when a gradient is needed) and ``dpm_ops::masked_cosine_backward``
+(declared in python_bindings/masked_cosine.cpp, C++ kernels for CPU and CUDA), and
+``dpm_ops::masked_cosine_triton`` / ``..._triton_backward`` (Triton kernels). All share the fake (meta)
+functions and the autograd formula below; the reference (masked_cosine_reference.py) is differentiated by torch itself.
 """
 
 import torch
@@ -55,7 +56,12 @@ def _fake_forward(x, mask, protos, eps=1e-12):
     return x.new_empty((x.shape[0], protos.shape[0]))
 
 
-def _fake_backward(grad, x, mask, protos, out, eps):
+def _fake_train_forward(x, mask, protos, eps=1e-12):
+    accumulation = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return _fake_forward(x, mask, protos), x.new_empty((x.shape[0], protos.shape[0]), dtype=accumulation)
+
+
+def _fake_backward(grad, x, mask, protos, out, *den_sq_and_eps):
     return torch.empty_like(x), torch.empty_like(mask), torch.empty_like(protos)
 
 
@@ -65,22 +71,43 @@ def _setup_context(ctx, inputs, output):
     ctx.eps = eps
 
 
-def _autograd_backward(backward_op):
+def _setup_train_context(ctx, inputs, output):
+    x, mask, protos, eps = inputs
+    out, den_sq = output
+    ctx.mark_non_differentiable(den_sq)
+    ctx.save_for_backward(x, mask, protos, out, den_sq)
+    ctx.eps = eps
+
+
+def _backward_recomputing_den(backward_op, pass_den: bool):
+    """Autograd backward of a forward that did not keep den^2 (the backward recomputes it)."""
     def backward(ctx, grad):
         x, mask, protos, out = ctx.saved_tensors
-        grad_x, grad_mask, grad_protos = backward_op(grad, x, mask, protos, out, ctx.eps)
+        extra = (None, ctx.eps) if pass_den else (ctx.eps,)
+        grad_x, grad_mask, grad_protos = backward_op(grad, x, mask, protos, out, *extra)
         return grad_x, grad_mask, grad_protos, None
     return backward
 
 
-def _register(forward_op, backward_op) -> None:
+def _backward_with_den(ctx, grad, _grad_den_sq):
+    x, mask, protos, out, den_sq = ctx.saved_tensors
+    grad_x, grad_mask, grad_protos = torch.ops.dpm_ops.masked_cosine_backward(grad, x, mask, protos, out, den_sq,
+                                                                              ctx.eps)
+    return grad_x, grad_mask, grad_protos, None
+
+
+def _register(forward_op, backward_op, pass_den: bool) -> None:
     torch.library.register_fake(forward_op)(_fake_forward)
     torch.library.register_fake(backward_op)(_fake_backward)
-    torch.library.register_autograd(forward_op, _autograd_backward(backward_op), setup_context=_setup_context)
+    torch.library.register_autograd(forward_op, _backward_recomputing_den(backward_op, pass_den),
+                                    setup_context=_setup_context)
 
 
 if _backend.extension()[0] is not None:
-    _register(torch.ops.dpm_ops.masked_cosine.default, torch.ops.dpm_ops.masked_cosine_backward.default)
+    _register(torch.ops.dpm_ops.masked_cosine.default, torch.ops.dpm_ops.masked_cosine_backward.default, True)
+    torch.library.register_fake(torch.ops.dpm_ops.masked_cosine_train.default)(_fake_train_forward)
+    torch.library.register_autograd(torch.ops.dpm_ops.masked_cosine_train.default, _backward_with_den,
+                                    setup_context=_setup_train_context)
 
 
 @torch.library.custom_op("dpm_ops::masked_cosine_triton", mutates_args=())
@@ -96,7 +123,7 @@ def masked_cosine_triton_backward(grad: torch.Tensor, x: torch.Tensor, mask: tor
     return kernels.masked_cosine_backward(grad, x, mask, protos, out, eps)
 
 
-_register(masked_cosine_triton, masked_cosine_triton_backward)
+_register(masked_cosine_triton, masked_cosine_triton_backward, False)
 
 
 def masked_cosine(x: torch.Tensor, mask: torch.Tensor, protos: torch.Tensor, eps: float = 1e-12,
@@ -114,6 +141,8 @@ def masked_cosine(x: torch.Tensor, mask: torch.Tensor, protos: torch.Tensor, eps
         return masked_cosine_reference(x, mask, protos, eps)
     if name == "triton":
         return torch.ops.dpm_ops.masked_cosine_triton(x, mask, protos, eps)
+    if torch.is_grad_enabled() and (x.requires_grad or mask.requires_grad or protos.requires_grad):
+        return torch.ops.dpm_ops.masked_cosine_train(x, mask, protos, eps)[0]  # keeps den^2 for the backward
     return torch.ops.dpm_ops.masked_cosine(x, mask, protos, eps)
 
 
