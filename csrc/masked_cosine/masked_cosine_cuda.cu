@@ -129,48 +129,44 @@ __global__ void backward_coefs_kernel(const T* __restrict__ grad, const T* __res
   }
 }
 
-// One block per row: the gradient w.r.t. the normalised row, then through the normalisation.
-template <typename T, typename A>
-__global__ void query_rows_backward_kernel(const T* __restrict__ x, const T* __restrict__ mask,
-                                           const A* __restrict__ inv, const A* __restrict__ u,
-                                           const A* __restrict__ v, int64_t cols, A eps, T* __restrict__ grad_x,
-                                           T* __restrict__ grad_mask) {
-  const int64_t row = blockIdx.x;
-  const A s = inv[row];
-  A dot = A(0);
-  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-    const int64_t i = row * cols + c;
-    const A xh = to_acc<A>(x[i]) * s, mv = to_acc<A>(mask[i]);
-    grad_mask[i] = from_acc<T>(grad_mask_value(xh, mv, u[i], v[i]));
-    dot += xh * grad_query_hat(mv, u[i]);
+// The gradient w.r.t. one element of a normalised row, for query rows (also writing grad_mask,
+// once, on the first pass) and for prototype rows.
+template <typename T, typename A> struct QueryRowGrad {
+  const T* mask;
+  const A* u;
+  const A* v;
+  T* grad_mask;
+  __device__ A operator()(int64_t i, A xh, bool first_pass) const {
+    const A mv = to_acc<A>(mask[i]);
+    if (first_pass) grad_mask[i] = from_acc<T>(grad_mask_value(xh, mv, u[i], v[i]));
+    return grad_query_hat(mv, u[i]);
   }
-  dot = block_sum(dot);
-  const bool clamped = s >= A(1) / eps;
-  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-    const int64_t i = row * cols + c;
-    const A xh = to_acc<A>(x[i]) * s;
-    grad_x[i] = from_acc<T>(normalize_backward(grad_query_hat(to_acc<A>(mask[i]), u[i]), xh, dot, s, clamped));
-  }
-}
+};
 
-template <typename T, typename A>
-__global__ void proto_rows_backward_kernel(const T* __restrict__ protos, const A* __restrict__ inv,
-                                           const A* __restrict__ up, const A* __restrict__ vp, int64_t cols, A eps,
-                                           T* __restrict__ grad_protos) {
+template <typename A> struct ProtoRowGrad {
+  const A* up;
+  const A* vp;
+  __device__ A operator()(int64_t i, A ph, bool) const { return grad_proto_hat(ph, up[i], vp[i]); }
+};
+
+// One block per row: the gradient w.r.t. the normalised row, then through the normalisation.
+template <typename T, typename A, class RowGrad>
+__global__ void rows_normalize_backward_kernel(const T* __restrict__ v, const A* __restrict__ inv, int64_t cols,
+                                               A eps, RowGrad grad_hat, T* __restrict__ grad_v) {
   const int64_t row = blockIdx.x;
   const A s = inv[row];
   A dot = A(0);
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
     const int64_t i = row * cols + c;
-    const A ph = to_acc<A>(protos[i]) * s;
-    dot += ph * grad_proto_hat(ph, up[i], vp[i]);
+    const A vh = to_acc<A>(v[i]) * s;
+    dot += vh * grad_hat(i, vh, true);
   }
   dot = block_sum(dot);
   const bool clamped = s >= A(1) / eps;
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
     const int64_t i = row * cols + c;
-    const A ph = to_acc<A>(protos[i]) * s;
-    grad_protos[i] = from_acc<T>(normalize_backward(grad_proto_hat(ph, up[i], vp[i]), ph, dot, s, clamped));
+    const A vh = to_acc<A>(v[i]) * s;
+    grad_v[i] = from_acc<T>(normalize_backward(grad_hat(i, vh, false), vh, dot, s, clamped));
   }
 }
 
@@ -230,10 +226,10 @@ void query_rows_backward(Dtype dtype, const void* x, const void* mask, const voi
   dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
-    query_rows_backward_kernel<T, A><<<static_cast<unsigned int>(rows), kRowThreads, 0, stream>>>(
-        static_cast<const T*>(x), static_cast<const T*>(mask), static_cast<const A*>(inv),
-        static_cast<const A*>(u), static_cast<const A*>(v), cols, A(eps), static_cast<T*>(grad_x),
-        static_cast<T*>(grad_mask));
+    const QueryRowGrad<T, A> grad_hat{static_cast<const T*>(mask), static_cast<const A*>(u),
+                                      static_cast<const A*>(v), static_cast<T*>(grad_mask)};
+    rows_normalize_backward_kernel<T, A><<<static_cast<unsigned int>(rows), kRowThreads, 0, stream>>>(
+        static_cast<const T*>(x), static_cast<const A*>(inv), cols, A(eps), grad_hat, static_cast<T*>(grad_x));
   });
   DPM_CUDA_CHECK_LAUNCH();
 }
@@ -244,9 +240,10 @@ void proto_rows_backward(Dtype dtype, const void* protos, const void* inv, const
   dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
-    proto_rows_backward_kernel<T, A><<<static_cast<unsigned int>(rows), kRowThreads, 0, stream>>>(
-        static_cast<const T*>(protos), static_cast<const A*>(inv), static_cast<const A*>(up),
-        static_cast<const A*>(vp), cols, A(eps), static_cast<T*>(grad_protos));
+    const ProtoRowGrad<A> grad_hat{static_cast<const A*>(up), static_cast<const A*>(vp)};
+    rows_normalize_backward_kernel<T, A><<<static_cast<unsigned int>(rows), kRowThreads, 0, stream>>>(
+        static_cast<const T*>(protos), static_cast<const A*>(inv), cols, A(eps), grad_hat,
+        static_cast<T*>(grad_protos));
   });
   DPM_CUDA_CHECK_LAUNCH();
 }

@@ -3,7 +3,7 @@
 Forward: one program per (B-tile, K-tile) streams C in chunks and accumulates both dot products,
 num = (xh*m)·ph and den² = (m*m)·(ph*ph), from the same loaded tiles, then writes C once.
 Backward: the same kernel in "coefficient" mode turns the upstream gradient into
-g_num = g/den' and h = g*C/den² (fp32/fp64, (B,K)); two more kernels stream those against the
+g_num = g/den' and h = g*C/den² (fp32/fp64, (B,K)); one more kernel streams those against the
 prototypes (for x and mask) and against the queries (for protos); the cheap row-normalisation
 backward then runs in torch.
 fp32 dots use IEEE precision (no TF32), fp16/bf16 tiles use tensor cores with fp32 accumulation.
@@ -69,74 +69,58 @@ def _masked_cosine_tile_kernel(x_ptr, m_ptr, p_ptr, inv_x_ptr, inv_p_ptr, out_pt
 
 
 @triton.jit
-def _query_grad_kernel(x_ptr, m_ptr, p_ptr, inv_x_ptr, inv_p_ptr, g_num_ptr, h_ptr, grad_xh_ptr, grad_m_ptr,
-                       B, K, C, IEEE: tl.constexpr,
-                       BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
-    """u = G_num @ Ph, v = H @ Ph²  ->  grad_xh = m*u, grad_m = xh*u - m*v   (tile of B x C)."""
-    pid_b = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    rows_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    in_b = rows_b < B
+def _coef_grad_kernel(x_ptr, m_ptr, inv_x_ptr, p_ptr, inv_p_ptr, g_num_ptr, h_ptr, out1_ptr, out2_ptr, B, K, C,
+                      FOR_QUERY: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Streams the (B, K) coefficients against the other side's rows, for a (rows x C) tile:
+
+    FOR_QUERY (rows b, inner k): u = G_num @ Ph, v = H @ Ph²  ->  out1 = grad_xh = m*u, out2 = grad_m = xh*u - m*v
+    else (rows k, inner b): up = G_numᵀ @ (Xh*M), vp = Hᵀ @ M²  ->  out1 = grad_ph = up - ph*vp
+    The coefficients are fp32/fp64, so the dots are IEEE whatever the input dtype.
+    """
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     in_c = c < C
     acc_t = inv_x_ptr.dtype.element_ty
-    u = tl.zeros((BLOCK_B, BLOCK_C), dtype=acc_t)
-    v = tl.zeros((BLOCK_B, BLOCK_C), dtype=acc_t)
-    for k0 in range(0, K, BLOCK_K):
-        rows_k = k0 + tl.arange(0, BLOCK_K)
-        in_k = rows_k < K
-        cmask = in_b[:, None] & in_k[None, :]
-        coef_offs = rows_b[:, None].to(tl.int64) * K + rows_k[None, :]
+    if FOR_QUERY:
+        num_rows, num_inner, stride_row, stride_inner = B, K, K, 1
+    else:
+        num_rows, num_inner, stride_row, stride_inner = K, B, 1, K
+    in_r = rows < num_rows
+    acc1 = tl.zeros((BLOCK_R, BLOCK_C), dtype=acc_t)
+    acc2 = tl.zeros((BLOCK_R, BLOCK_C), dtype=acc_t)
+    for i0 in range(0, num_inner, BLOCK_I):
+        inner = i0 + tl.arange(0, BLOCK_I)
+        in_i = inner < num_inner
+        coef_offs = rows[:, None].to(tl.int64) * stride_row + inner[None, :].to(tl.int64) * stride_inner
+        cmask = in_r[:, None] & in_i[None, :]
         g_num = tl.load(g_num_ptr + coef_offs, mask=cmask, other=0.0)
         h = tl.load(h_ptr + coef_offs, mask=cmask, other=0.0)
-        inv_p = tl.load(inv_p_ptr + rows_k, mask=in_k, other=0.0)
-        p = tl.load(p_ptr + rows_k[:, None].to(tl.int64) * C + c[None, :], mask=in_k[:, None] & in_c[None, :],
-                    other=0.0).to(acc_t)
-        ph = p * inv_p[:, None]
-        u += _dot(g_num, ph, IEEE, p_ptr.dtype.element_ty)
-        v += _dot(h, ph * ph, IEEE, p_ptr.dtype.element_ty)
-    qoffs = rows_b[:, None].to(tl.int64) * C + c[None, :]
-    qmask = in_b[:, None] & in_c[None, :]
-    inv_x = tl.load(inv_x_ptr + rows_b, mask=in_b, other=0.0)
-    x = tl.load(x_ptr + qoffs, mask=qmask, other=0.0).to(acc_t)
-    m = tl.load(m_ptr + qoffs, mask=qmask, other=0.0).to(acc_t)
-    tl.store(grad_xh_ptr + qoffs, m * u, mask=qmask)
-    tl.store(grad_m_ptr + qoffs, (x * inv_x[:, None]) * u - m * v, mask=qmask)
-
-
-@triton.jit
-def _proto_grad_kernel(x_ptr, m_ptr, inv_x_ptr, p_ptr, inv_p_ptr, g_num_ptr, h_ptr, grad_ph_ptr,
-                       B, K, C, IEEE: tl.constexpr,
-                       BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
-    """up = G_numᵀ @ (Xh*M), vp = Hᵀ @ M²  ->  grad_ph = up - ph*vp   (tile of K x C)."""
-    pid_k = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    rows_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    in_k = rows_k < K
-    in_c = c < C
-    acc_t = inv_x_ptr.dtype.element_ty
-    up = tl.zeros((BLOCK_K, BLOCK_C), dtype=acc_t)
-    vp = tl.zeros((BLOCK_K, BLOCK_C), dtype=acc_t)
-    for b0 in range(0, B, BLOCK_B):
-        rows_b = b0 + tl.arange(0, BLOCK_B)
-        in_b = rows_b < B
-        coef_offs = rows_b[None, :].to(tl.int64) * K + rows_k[:, None]  # transposed (K x B) view
-        cmask = in_k[:, None] & in_b[None, :]
-        g_num_t = tl.load(g_num_ptr + coef_offs, mask=cmask, other=0.0)
-        h_t = tl.load(h_ptr + coef_offs, mask=cmask, other=0.0)
-        qoffs = rows_b[:, None].to(tl.int64) * C + c[None, :]
-        qmask = in_b[:, None] & in_c[None, :]
-        inv_x = tl.load(inv_x_ptr + rows_b, mask=in_b, other=0.0)
-        x = tl.load(x_ptr + qoffs, mask=qmask, other=0.0).to(acc_t)
-        m = tl.load(m_ptr + qoffs, mask=qmask, other=0.0).to(acc_t)
-        up += _dot(g_num_t, x * inv_x[:, None] * m, IEEE, x_ptr.dtype.element_ty)
-        vp += _dot(h_t, m * m, IEEE, x_ptr.dtype.element_ty)
-    poffs = rows_k[:, None].to(tl.int64) * C + c[None, :]
-    pmask = in_k[:, None] & in_c[None, :]
-    inv_p = tl.load(inv_p_ptr + rows_k, mask=in_k, other=0.0)
-    ph = tl.load(p_ptr + poffs, mask=pmask, other=0.0).to(acc_t) * inv_p[:, None]
-    tl.store(grad_ph_ptr + poffs, up - ph * vp, mask=pmask)
+        offs = inner[:, None].to(tl.int64) * C + c[None, :]
+        omask = in_i[:, None] & in_c[None, :]
+        if FOR_QUERY:  # the other side: prototypes, (ph, ph²)
+            inv_p = tl.load(inv_p_ptr + inner, mask=in_i, other=0.0)
+            first = tl.load(p_ptr + offs, mask=omask, other=0.0).to(acc_t) * inv_p[:, None]
+            second = first * first
+        else:  # the other side: queries, (xh*m, m²)
+            inv_x = tl.load(inv_x_ptr + inner, mask=in_i, other=0.0)
+            m = tl.load(m_ptr + offs, mask=omask, other=0.0).to(acc_t)
+            first = tl.load(x_ptr + offs, mask=omask, other=0.0).to(acc_t) * inv_x[:, None] * m
+            second = m * m
+        acc1 += tl.dot(g_num, first, input_precision="ieee")
+        acc2 += tl.dot(h, second, input_precision="ieee")
+    own = rows[:, None].to(tl.int64) * C + c[None, :]
+    own_mask = in_r[:, None] & in_c[None, :]
+    if FOR_QUERY:
+        inv_x = tl.load(inv_x_ptr + rows, mask=in_r, other=0.0)
+        x = tl.load(x_ptr + own, mask=own_mask, other=0.0).to(acc_t)
+        m = tl.load(m_ptr + own, mask=own_mask, other=0.0).to(acc_t)
+        tl.store(out1_ptr + own, m * acc1, mask=own_mask)
+        tl.store(out2_ptr + own, (x * inv_x[:, None]) * acc1 - m * acc2, mask=own_mask)
+    else:
+        inv_p = tl.load(inv_p_ptr + rows, mask=in_r, other=0.0)
+        ph = tl.load(p_ptr + own, mask=own_mask, other=0.0).to(acc_t) * inv_p[:, None]
+        tl.store(out1_ptr + own, acc1 - ph * acc2, mask=own_mask)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -183,22 +167,21 @@ def masked_cosine_backward(grad, x, mask, protos, out, eps):
         return torch.zeros_like(x), torch.zeros_like(mask), torch.zeros_like(protos)
     grad, x, mask, protos, out = (t.contiguous() for t in (grad, x, mask, protos, out))
     acc = _acc_dtype(x.dtype)
-    ieee = _ieee(x.dtype)
     inv_x, inv_p = _inv_norm(x, eps), _inv_norm(protos, eps)
     g_num = torch.empty((B, K), dtype=acc, device=x.device)
     h = torch.empty_like(g_num)
     _masked_cosine_tile_kernel[_grid(B, K)](
         x, mask, protos, inv_x, inv_p, out, grad, g_num, h, B, K, C, eps,
-        COEFS=True, IEEE=ieee, BLOCK_B=BLOCK_ROWS, BLOCK_K=BLOCK_COLS, BLOCK_C=32)
+        COEFS=True, IEEE=_ieee(x.dtype), BLOCK_B=BLOCK_ROWS, BLOCK_K=BLOCK_COLS, BLOCK_C=32)
     grad_xh = torch.empty((B, C), dtype=acc, device=x.device)
     grad_m = torch.empty_like(grad_xh)
-    _query_grad_kernel[_grid(B, C)](
-        x, mask, protos, inv_x, inv_p, g_num, h, grad_xh, grad_m, B, K, C, IEEE=True,
-        BLOCK_B=BLOCK_ROWS, BLOCK_K=32, BLOCK_C=BLOCK_COLS)
+    _coef_grad_kernel[_grid(B, C)](
+        x, mask, inv_x, protos, inv_p, g_num, h, grad_xh, grad_m, B, K, C, FOR_QUERY=True,
+        BLOCK_R=BLOCK_ROWS, BLOCK_I=32, BLOCK_C=BLOCK_COLS)
     grad_ph = torch.empty((K, C), dtype=acc, device=x.device)
-    _proto_grad_kernel[_grid(K, C)](
-        x, mask, inv_x, protos, inv_p, g_num, h, grad_ph, B, K, C, IEEE=True,
-        BLOCK_B=32, BLOCK_K=BLOCK_ROWS, BLOCK_C=BLOCK_COLS)
+    _coef_grad_kernel[_grid(K, C)](
+        x, mask, inv_x, protos, inv_p, g_num, h, grad_ph, grad_ph, B, K, C, FOR_QUERY=False,
+        BLOCK_R=BLOCK_ROWS, BLOCK_I=32, BLOCK_C=BLOCK_COLS)
     grad_x = _normalize_backward(grad_xh, x, inv_x, eps)
     grad_p = _normalize_backward(grad_ph, protos, inv_p, eps)
     return grad_x.to(x.dtype), grad_m.to(mask.dtype), grad_p.to(protos.dtype)
