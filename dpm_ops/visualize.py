@@ -52,7 +52,8 @@ def _save(fig: Figure, out_png) -> str:
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(out_png)}.{os.getpid()}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=DPI, format="png")
+        # zlib level 4: 2-3x faster than Pillow's default 6 on photo mosaics, ~2 % larger
+        fig.savefig(tmp, dpi=DPI, format="png", pil_kwargs={"compress_level": 4})
         os.replace(tmp, out_png)  # a reader never sees a half-written picture
     finally:
         if os.path.exists(tmp):
@@ -272,6 +273,7 @@ def plot_ranked_lists(query_paths: Sequence, gallery_paths: Sequence, distmat, q
     if q_occluded is not None and len(q_occluded) != len(query_paths):
         raise ValueError(f"q_occluded must have length {len(query_paths)}, got {len(q_occluded)}")
     ap = query_average_precision(dist, q_pids, g_pids, q_camids, g_camids)
+    top_k = min(top_k, dist.shape[1])
     q_pids, q_camids = np.asarray(q_pids, dtype=np.int64), np.asarray(q_camids, dtype=np.int64)
     g_pids, g_camids = np.asarray(g_pids, dtype=np.int64), np.asarray(g_camids, dtype=np.int64)
     valid = np.flatnonzero(~np.isnan(ap))
@@ -376,7 +378,7 @@ def plot_mask_heatmaps(images: Sequence, masks, out_png, *, token_maps=None, all
     fig = _new_figure(width, height)
     panel_rows = 3 if token_maps is not None else 2
     grid = fig.add_gridspec(panel_rows + 1, count, height_ratios=[1.0] * panel_rows + [0.9], hspace=0.35,
-                            wspace=0.15, left=0.06, right=0.90, top=0.94, bottom=0.07)
+                            wspace=0.15, left=0.06, right=0.90, top=0.88, bottom=0.07)
     heat = None
     for i in range(count):
         thumb = np.asarray(_thumbnail(images[i]))
@@ -401,7 +403,8 @@ def plot_mask_heatmaps(images: Sequence, masks, out_png, *, token_maps=None, all
     colorbar_ax = fig.add_axes((0.92, 0.38, 0.015, 0.25))
     fig.colorbar(heat, cax=colorbar_ax).set_label("mask value", fontsize=7)
     fig.suptitle(f"DPM channel masks ({channels} channels, ordered by mean mask"
-                 f"{'; middle row: patch energy in kept channels' if token_maps is not None else ''})", fontsize=9)
+                 f"{'; middle row: patch energy in kept channels' if token_maps is not None else ''})", fontsize=9,
+                 y=0.985)
 
     ax = fig.add_subplot(grid[panel_rows, :])
     positions = np.arange(channels)
