@@ -21,6 +21,7 @@ from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -344,12 +345,13 @@ def plot_mask_heatmaps(images: Sequence, masks, out_png, *, token_maps=None, all
        onto the image, not something DPM computes;
     3. the mask itself, C values laid out in a grid with the channels ordered by their mean mask
        over ``all_masks`` (the whole query set; default ``masks``), highest first, so the same
-       cell is the same channel in every column and a query's deviations from the typical mask
-       stand out (colour scale 0..1);
+       cell is the same channel in every column (colour scale 0..1);
+    4. the query's deviation from that mean mask (diverging scale, symmetric), which shows what
+       the mask generator changes for this particular image;
 
     and below, the population profile: the mean mask of every channel (same order) over clean
     and occluded queries (``all_occluded`` labels ``all_masks``), which shows whether occluded
-    queries switch more channels off. Image: ``max(700, 110·B)`` x 820 pixels (B = len(images)).
+    queries switch more channels off. Image: ``max(700, 110·B)`` x 960 pixels (B = len(images)).
     """
     masks = _array("masks", masks, 2, np.float64)
     count, channels = masks.shape
@@ -372,39 +374,52 @@ def plot_mask_heatmaps(images: Sequence, masks, out_png, *, token_maps=None, all
     if titles is not None and len(titles) != count:
         raise ValueError(f"titles must have length {count}, got {len(titles)}")
 
-    order = np.argsort(-population.mean(axis=0), kind="stable")
+    mean_mask = population.mean(axis=0)
+    order = np.argsort(-mean_mask, kind="stable")
     columns = max(1, math.ceil(math.sqrt(channels / 2)))  # a 2:1 grid, like a pedestrian crop
-    width, height = max(700, 110 * count), 820
+    width, height = max(700, 110 * count), 960
     fig = _new_figure(width, height)
-    panel_rows = 3 if token_maps is not None else 2
+    rows = ["query"] + (["kept-channel\npatch energy"] if token_maps is not None else []) + ["mask m", "m − mean m"]
+    panel_rows = len(rows)
     grid = fig.add_gridspec(panel_rows + 1, count, height_ratios=[1.0] * panel_rows + [0.9], hspace=0.35,
-                            wspace=0.15, left=0.06, right=0.90, top=0.88, bottom=0.07)
-    heat = None
+                            wspace=0.15, left=0.07, right=0.88, top=0.90, bottom=0.06)
+    deviation = masks - mean_mask
+    spread = max(float(np.abs(deviation).max()), 1e-3)
+    if token_maps is not None:
+        norm = TwoSlopeNorm(vmin=min(float(token_maps.min()), 1 - 1e-3), vcenter=1.0,
+                            vmax=max(float(token_maps.max()), 1 + 1e-3))
+    images_drawn = {}
     for i in range(count):
         thumb = np.asarray(_thumbnail(images[i]))
-        ax = fig.add_subplot(grid[0, i])
-        ax.imshow(thumb)
+        axes = [fig.add_subplot(grid[r, i]) for r in range(panel_rows)]
+        axes[0].imshow(thumb)
         label = titles[i] if titles is not None else f"q{i}"
         if occluded is not None:
             label += "\noccluded" if bool(occluded[i]) else "\nclean"
-        ax.set_title(f"{label}\nmean m {masks[i].mean():.2f}", fontsize=7)
-        ax.axis("off")
+        axes[0].set_title(f"{label}\nmean m {masks[i].mean():.2f}", fontsize=7)
         if token_maps is not None:
-            ax = fig.add_subplot(grid[1, i])
-            ax.imshow(thumb)
             h, w = thumb.shape[:2]
-            ax.imshow(token_maps[i], cmap="coolwarm", alpha=0.55, extent=(-0.5, w - 0.5, h - 0.5, -0.5),
-                      interpolation="bilinear", vmin=min(token_maps.min(), 1 - 1e-3), vmax=max(token_maps.max(), 1 + 1e-3))
-            ax.axis("off")
-        ax = fig.add_subplot(grid[panel_rows - 1, i])
-        heat = ax.imshow(_channel_grid(masks[i][order], columns), cmap="viridis", vmin=0.0, vmax=1.0,
-                         interpolation="nearest")
-        ax.axis("off")
-    colorbar_ax = fig.add_axes((0.92, 0.38, 0.015, 0.25))
-    fig.colorbar(heat, cax=colorbar_ax).set_label("mask value", fontsize=7)
-    fig.suptitle(f"DPM channel masks ({channels} channels, ordered by mean mask"
-                 f"{'; middle row: patch energy in kept channels' if token_maps is not None else ''})", fontsize=9,
-                 y=0.985)
+            axes[1].imshow(thumb)
+            images_drawn["energy"] = axes[1].imshow(token_maps[i], cmap="coolwarm", norm=norm, alpha=0.55,
+                                                    extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="bilinear")
+        images_drawn["mask"] = axes[-2].imshow(_channel_grid(masks[i][order], columns), cmap="viridis", vmin=0.0,
+                                               vmax=1.0, interpolation="nearest")
+        images_drawn["deviation"] = axes[-1].imshow(_channel_grid(deviation[i][order], columns), cmap="PuOr",
+                                                    vmin=-spread, vmax=spread, interpolation="nearest")
+        for ax in axes:
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+        if i == 0:
+            for ax, name in zip(axes, rows):
+                ax.set_ylabel(name, fontsize=7)
+    for r, key in enumerate(["energy"] * (token_maps is not None) + ["mask", "deviation"], start=1):
+        box = grid[r, count - 1].get_position(fig)
+        colorbar_ax = fig.add_axes((0.90, box.y0 + 0.1 * box.height, 0.012, 0.8 * box.height))
+        fig.colorbar(images_drawn[key], cax=colorbar_ax).ax.tick_params(labelsize=6)
+    fig.suptitle(f"DPM channel masks: {channels} channels in a grid, ordered by the mean mask over "
+                 f"{len(population)} queries (highest first)", fontsize=9, y=0.985)
 
     ax = fig.add_subplot(grid[panel_rows, :])
     positions = np.arange(channels)

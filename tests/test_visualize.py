@@ -189,10 +189,10 @@ def test_plot_mask_heatmaps(tmp_path, images):
     out = visualize.plot_mask_heatmaps(queries, masks, tmp_path / "masks.png", token_maps=rng.random((3, 8, 4)) * 2,
                                        all_masks=population, occluded=[True, False, True],
                                        all_occluded=[i % 2 == 0 for i in range(10)], titles=["a", "b", "c"])
-    assert png_size(out) == (700, 820)
+    assert png_size(out) == (700, 960)
     many = [Image.new("RGB", (8, 16), (i * 20, 0, 0)) for i in range(8)]  # PIL images, no token maps
     out = visualize.plot_mask_heatmaps(many, rng.random((8, 5)), tmp_path / "many.png")
-    assert png_size(out) == (880, 820)
+    assert png_size(out) == (880, 960)
 
 
 def test_channel_grid_keeps_channel_order():

@@ -385,7 +385,8 @@ def write_pictures(out_dir: str, metrics: dict, distmat, query: FeatureSet, gall
     from dpm_ops import visualize  # matplotlib only when pictures are asked for
 
     written = [os.path.join(out_dir, "cmc.png")]
-    visualize.plot_cmc(metrics, written[-1])
+    dataset = f" on {splits.name}" if splits is not None else ""
+    visualize.plot_cmc(metrics, written[-1], title=f"CMC: {model_name}{dataset}")
     occluded = None
     if subsets:
         occluded = np.zeros(len(query), dtype=bool)
