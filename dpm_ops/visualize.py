@@ -76,6 +76,19 @@ def _array(name: str, value, ndim: int, dtype=None) -> np.ndarray:
     return array
 
 
+def _floats(name: str, value) -> np.ndarray:
+    """A 2-D floating-point array, float32 kept as it is (no float64 copy of a large matrix)."""
+    array = _array(name, value, 2)
+    if array.dtype.kind != "f":
+        try:
+            array = array.astype(np.float64)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{name} must hold numbers, got {array.dtype}") from error
+        if not np.isfinite(array).all():
+            raise ValueError(f"{name} contains NaN or inf")
+    return array
+
+
 def _labels(name: str, value, length: int) -> np.ndarray:
     array = _array(name, value, 1)
     if array.dtype.kind not in "iu":
@@ -112,12 +125,13 @@ def _cmc_percent(name: str, value) -> np.ndarray:
     if isinstance(value, Mapping):
         if "cmc" not in value:
             raise ValueError(f"{name} has no 'cmc' curve")
-        curve = _array(name, value["cmc"], 1, np.float64)
-        percent = True
+        curve = _array(name, value["cmc"], 1, np.float64)  # evaluate_model's curves are in percent
     else:
-        curve = _array(name, getattr(value, "cmc", value), 1, np.float64)
-        percent = hasattr(value, "cmc") is False and bool(curve.size) and curve.max() > 1.0
-        curve = curve if percent else curve * 100.0
+        is_result = hasattr(value, "cmc")  # a RankResult: fractions
+        curve = _array(name, value.cmc if is_result else value, 1, np.float64)
+        percent = not is_result and curve.size > 0 and curve.max() > 1.0
+        if not percent:
+            curve = curve * 100.0
     if curve.size == 0:
         raise ValueError(f"{name} is an empty CMC curve")
     if curve.min() < 0 or curve.max() > 100.0 + 1e-6 or np.any(np.diff(curve) < -1e-9):
@@ -238,7 +252,7 @@ def query_average_precision(distmat, q_pids, g_pids, q_camids, g_camids) -> np.n
     """AP of every query under the Market-1501 protocol (NaN for a query without a match)."""
     from dpm_ops.evaluation import evaluate_rank
 
-    dist = _array("distmat", distmat, 2, np.float64)
+    dist = _floats("distmat", distmat)
     num_query, num_gallery = dist.shape
     q_pids, q_camids = _labels("q_pids", q_pids, num_query), _labels("q_camids", q_camids, num_query)
     g_pids, g_camids = _labels("g_pids", g_pids, num_gallery), _labels("g_camids", g_camids, num_gallery)
@@ -265,7 +279,7 @@ def plot_ranked_lists(query_paths: Sequence, gallery_paths: Sequence, distmat, q
     if which not in ("best", "worst"):
         raise ValueError(f"which must be 'best' or 'worst', got {which!r}")
     num_queries, top_k = _positive_int("num_queries", num_queries), _positive_int("top_k", top_k)
-    dist = _array("distmat", distmat, 2, np.float64)
+    dist = _floats("distmat", distmat)
     if dist.shape != (len(query_paths), len(gallery_paths)):
         raise ValueError(f"distmat must be (len(query_paths), len(gallery_paths)) = "
                          f"({len(query_paths)}, {len(gallery_paths)}), got {dist.shape}")

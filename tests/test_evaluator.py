@@ -251,6 +251,24 @@ def test_unlabelled_dataset_reports_all_only(splits):
     assert len(table.splitlines()) == 3 and table.splitlines()[2].split()[0] == "all"
 
 
+def test_subset_without_queries_is_left_out(splits):
+    all_occluded = dataclasses.replace(splits, occluded_paths=frozenset(r.path for r in splits.query))
+    metrics = evaluate_model(tiny_model("vit_baseline"), all_occluded, model_name="vit_baseline", image_size=(64, 32),
+                             pictures=False, progress=False)
+    assert set(metrics) == {"all", "occluded"}  # Occluded-REID style: every query occluded
+    assert flat({"x": metrics["occluded"]}) == pytest.approx(flat({"x": metrics["all"]}))
+
+
+def test_bfloat16_autocast_gives_float32_features(splits):
+    model = tiny_model("dpm")
+    loader = loader_for(splits, splits.query[:5], "dpm")
+    full = extract_features(model, loader, model_name="dpm", progress=False)
+    half = extract_features(model, loader, model_name="dpm", amp_dtype=torch.bfloat16, progress=False)
+    assert half.features.dtype == torch.float32 and half.masks.dtype == torch.float32
+    assert torch.allclose(half.features, full.features, atol=0.1)
+    assert not torch.equal(half.features, full.features)  # autocast did run
+
+
 def test_format_metrics_table():
     row = {"rank1": 50.0, "rank5": 75.25, "rank10": 90.0, "mAP": 41.26, "mINP": 12.0, "num_query": 12,
            "num_valid": 12, "cmc": [50.0]}

@@ -158,6 +158,13 @@ def _test_transform(model_name: str, image_size):
     return build_transforms("dpm", train=False, size=size)
 
 
+def _input_size(model_name: str, image_size) -> tuple[int, int]:
+    """The network input size actually used (for metrics.json)."""
+    if image_size is not None:
+        return tuple(image_size)
+    return MASKREID_CROP if model_name in MASKREID_MODELS else (256, 128)
+
+
 def _check_image_size(image_size):
     if image_size is None:
         return None
@@ -368,7 +375,8 @@ def evaluate_model(model: torch.nn.Module, splits: ReIDSplits, *, model_name: st
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
         settings = {"model": model_name, "dataset": splits.name, "distance": metric, "rerank": bool(rerank),
-                    "image_size": list(image_size) if image_size else None, "max_rank": max_rank}
+                    "image_size": list(_input_size(model_name, image_size)), "max_rank": max_rank,
+                    "num_query": len(query), "num_gallery": len(gallery)}
         if rerank:
             settings.update(k1=k1, k2=k2, lambda_value=lambda_value)
         write_json_atomic(os.path.join(out_dir, "metrics.json"), {**metrics, "settings": settings})
