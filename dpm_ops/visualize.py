@@ -233,7 +233,7 @@ def plot_loss_curves(jsonl_path, out_png, *, title: Optional[str] = None) -> str
         twin.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
         handles.append(line)
         labels.append("lr")
-    ax.legend(handles, labels, loc="upper right", fontsize=8)
+    ax.legend(handles, labels, loc="best", fontsize=8)
     ax.set_title(title or f"training losses ({os.path.basename(os.fspath(jsonl_path))})")
     return _save(fig, out_png)
 
