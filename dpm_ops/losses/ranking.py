@@ -15,6 +15,9 @@ Options (the paper's text is ambiguous, see the spec):
   ``neg_mode="violating_only"``: only negatives with a positive hinge argument enter the sum.
 * ``pos_mode="hardest"`` (default): Eq. 5's hardest positive.
   ``pos_mode="all"``: every (positive, negative) pair as in Eq. 4, with Eq. 5's margin and hinge.
+* ``fused=True`` (default): the fused op ``dpm_ops.ops.maskreid_ranking_loss`` (one kernel pass with
+  the closed-form gradient; the plain-torch reference where no kernel backend is available);
+  ``fused=False``: the plain-torch reference (``dpm_ops.ops.maskreid_ranking_loss_reference``).
 """
 
 from __future__ import annotations
@@ -22,59 +25,32 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ._precision import at_least_fp32
-
-NEG_MODES = ("literal", "violating_only")
-POS_MODES = ("hardest", "all")
+from ..ops.maskreid_ranking_loss import maskreid_ranking_loss as fused_maskreid_ranking_loss
+from ..ops.maskreid_ranking_loss_reference import NEG_MODES, POS_MODES, maskreid_ranking_loss_reference
 
 
 def maskreid_ranking_loss(embeddings: torch.Tensor, labels: torch.Tensor, alpha: float = 0.15,
-                          lam: float = 2.0, neg_mode: str = "literal", pos_mode: str = "hardest"
-                          ) -> torch.Tensor:
-    if neg_mode not in NEG_MODES:
-        raise ValueError(f"neg_mode must be one of {NEG_MODES}, got {neg_mode!r}")
-    if pos_mode not in POS_MODES:
-        raise ValueError(f"pos_mode must be one of {POS_MODES}, got {pos_mode!r}")
-    x = at_least_fp32(embeddings)
-    sim = x @ x.t()
-    same = labels.unsqueeze(1) == labels.unsqueeze(0)
-    eye = torch.eye(len(labels), dtype=torch.bool, device=sim.device)
-    positive = same & ~eye
-    negative = ~same
-    num_positive = positive.sum(1)
-    is_anchor = num_positive > 0
-
-    if pos_mode == "hardest":
-        hardest = sim.masked_fill(~positive, float("inf")).min(1).values
-        hardest = torch.where(is_anchor, hardest, torch.zeros_like(hardest))  # keep non-anchors finite
-        hinge_arg = sim - hardest.unsqueeze(1) + alpha           # (k, j)
-        pairs = negative
-    else:
-        hinge_arg = sim.unsqueeze(1) - sim.unsqueeze(2) + alpha  # (k, i, j): s_kj − s_ki + α
-        pairs = positive.unsqueeze(2) & negative.unsqueeze(1)
-    if neg_mode == "literal":
-        terms = torch.exp(torch.relu(hinge_arg))
-    else:
-        terms = torch.where(hinge_arg > 0, torch.exp(hinge_arg), torch.zeros_like(hinge_arg))
-    summed = (terms * pairs).flatten(1).sum(1)
-    rank_term = torch.log1p(summed)
-    pull_term = lam / (2.0 * num_positive.clamp_min(1)) * ((sim - 1.0).pow(2) * positive).sum(1)
-    per_anchor = (rank_term + pull_term) * is_anchor
-    return per_anchor.sum() / is_anchor.sum().clamp_min(1)
+                          lam: float = 2.0, neg_mode: str = "literal", pos_mode: str = "hardest",
+                          fused: bool = True) -> torch.Tensor:
+    if fused:
+        return fused_maskreid_ranking_loss(embeddings, labels, alpha, lam, neg_mode, pos_mode)
+    return maskreid_ranking_loss_reference(embeddings, labels, alpha, lam, neg_mode, pos_mode)
 
 
 class MaskReIDRankingLoss(nn.Module):
     """Eq. 5 with the paper's α = 0.15, λ = 2 on L2-normalised embeddings."""
 
     def __init__(self, alpha: float = 0.15, lam: float = 2.0, neg_mode: str = "literal",
-                 pos_mode: str = "hardest"):
+                 pos_mode: str = "hardest", fused: bool = True):
         super().__init__()
         if neg_mode not in NEG_MODES or pos_mode not in POS_MODES:
             raise ValueError(f"neg_mode must be in {NEG_MODES} and pos_mode in {POS_MODES}")
-        self.alpha, self.lam, self.neg_mode, self.pos_mode = alpha, lam, neg_mode, pos_mode
+        self.alpha, self.lam, self.neg_mode, self.pos_mode, self.fused = alpha, lam, neg_mode, pos_mode, fused
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return maskreid_ranking_loss(embeddings, labels, self.alpha, self.lam, self.neg_mode, self.pos_mode)
+        return maskreid_ranking_loss(embeddings, labels, self.alpha, self.lam, self.neg_mode, self.pos_mode,
+                                     self.fused)
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, lam={self.lam}, neg_mode={self.neg_mode!r}, pos_mode={self.pos_mode!r}"
+        return (f"alpha={self.alpha}, lam={self.lam}, neg_mode={self.neg_mode!r}, pos_mode={self.pos_mode!r}, "
+                f"fused={self.fused}")

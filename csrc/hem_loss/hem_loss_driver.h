@@ -1,0 +1,39 @@
+// ATen side of the HEM loss shared by the CPU and CUDA entry points: argument checks (the same
+// messages as the Python checks, for direct torch.ops callers).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <string>
+
+namespace dpm_ops {
+namespace hem {
+
+// Returns whether the reduction is the mean.
+inline bool check_inputs(const at::Tensor& cls_logits, double eps, const std::string& reduction) {
+  TORCH_CHECK_VALUE(cls_logits.dim() == 3, "hem_loss: cls_logits must be 3-D (B, heads, N), got ",
+                    cls_logits.dim(), "-D");
+  TORCH_CHECK_VALUE(at::isFloatingType(cls_logits.scalar_type()), "hem_loss: cls_logits must be floating point, got ",
+                    cls_logits.scalar_type());
+  TORCH_CHECK_VALUE(eps > 0 && std::isfinite(eps), "hem_loss: eps must be finite and > 0, got ", eps);
+  TORCH_CHECK_VALUE(reduction == "sum" || reduction == "mean",
+                    "hem_loss: reduction must be 'sum' (official) or 'mean', got '", reduction, "'");
+  return reduction == "mean";
+}
+
+inline at::Tensor as_compute(const at::Tensor& t) {
+  const bool reduced = t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+  return (reduced ? t.to(at::kFloat) : t).contiguous();
+}
+
+inline at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The reduction's weight per sample; the mean of no sample is NaN, like torch's.
+inline double sample_weight(int64_t batch, bool mean) {
+  if (!mean) return 1.0;
+  return batch > 0 ? 1.0 / double(batch) : std::nan("");
+}
+
+}  // namespace hem
+}  // namespace dpm_ops

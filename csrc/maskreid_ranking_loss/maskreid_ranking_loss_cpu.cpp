@@ -1,0 +1,65 @@
+// CPU kernel of MaskReID's ranking loss: S = X Xᵀ (MKL), then one OpenMP pass over the anchor rows
+// that mines, sums and writes the closed-form dL/dS, and a symmetrising pass (dL/dX = (G + Gᵀ) X).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "maskreid_ranking_loss_driver.h"
+#include "maskreid_ranking_loss_math.h"
+
+namespace dpm_ops {
+namespace maskreid_ranking {
+namespace {
+
+constexpr int64_t kRowGrain = 8;
+
+// Returns (loss, G + Gᵀ) with G = dL/dS, both in the compute dtype.
+std::tuple<at::Tensor, at::Tensor> maskreid_ranking_loss_cpu(const at::Tensor& embeddings, const at::Tensor& labels_in,
+                                                             double alpha, double lam, c10::string_view neg_mode,
+                                                             c10::string_view pos_mode) {
+  check_inputs(embeddings, labels_in);
+  const Options<double> options = parse_options(alpha, lam, std::string(neg_mode), std::string(pos_mode));
+  const at::Tensor x = as_compute(embeddings);
+  const at::Tensor labels = labels_in.to(at::kLong).contiguous();
+  const int64_t n = x.size(0);
+  const at::Tensor sim = at::mm(x, x.t()).contiguous();
+  at::Tensor coef = at::empty({n, n}, x.options());
+  at::Tensor loss = at::empty({}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "maskreid_ranking_loss_cpu", [&] {
+    const scalar_t* s = sim.const_data_ptr<scalar_t>();
+    const int64_t* lp = labels.const_data_ptr<int64_t>();
+    scalar_t* cp = coef.data_ptr<scalar_t>();
+    const SerialReduce serial;
+    std::atomic<int64_t> anchors{0};
+    at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+      int64_t local = 0;
+      for (int64_t k = begin; k < end; ++k) local += num_positives(lp, k, n, 0, 1, serial) > 0;
+      anchors += local;
+    });
+    const scalar_t scale = scalar_t(1) / scalar_t(anchors.load() > 0 ? anchors.load() : 1);
+    const Options<scalar_t> o = cast<scalar_t>(options);
+    std::vector<scalar_t> row_losses(n);
+    at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k)
+        row_losses[k] = row_loss(s + k * n, lp, k, n, o, scale, 0, 1, serial, cp + k * n);
+    });
+    // G + Gᵀ in place, one (k, j > k) pair per visit; G's diagonal is 0 (a sample is neither its
+    // own positive nor negative).
+    at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k)
+        for (int64_t j = k + 1; j < n; ++j) cp[k * n + j] = cp[j * n + k] = cp[k * n + j] + cp[j * n + k];
+    });
+    scalar_t total = 0;  // fixed order: deterministic
+    for (int64_t k = 0; k < n; ++k) total += row_losses[k];
+    loss.fill_(total);
+  });
+  return {loss, coef};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dpm_ops, CPU, m) { m.impl("maskreid_ranking_loss", &maskreid_ranking_loss_cpu); }
+
+}  // namespace maskreid_ranking
+}  // namespace dpm_ops

@@ -1,0 +1,51 @@
+// ATen side of the ranking loss shared by the CPU and CUDA entry points: argument checks (the same
+// messages as the Python checks, for direct torch.ops callers) and the similarity GEMM.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+
+#include "maskreid_ranking_loss_math.h"
+
+namespace dpm_ops {
+namespace maskreid_ranking {
+
+inline Options<double> parse_options(double alpha, double lam, const std::string& neg_mode,
+                                     const std::string& pos_mode) {
+  TORCH_CHECK_VALUE(neg_mode == "literal" || neg_mode == "violating_only",
+                    "maskreid_ranking_loss: neg_mode must be 'literal' or 'violating_only', got '", neg_mode, "'");
+  TORCH_CHECK_VALUE(pos_mode == "hardest" || pos_mode == "all",
+                    "maskreid_ranking_loss: pos_mode must be 'hardest' or 'all', got '", pos_mode, "'");
+  TORCH_CHECK_VALUE(std::isfinite(alpha), "maskreid_ranking_loss: alpha must be finite, got ", alpha);
+  TORCH_CHECK_VALUE(std::isfinite(lam), "maskreid_ranking_loss: lam must be finite, got ", lam);
+  return Options<double>{alpha, lam, neg_mode == "violating_only", pos_mode == "all"};
+}
+
+inline void check_inputs(const at::Tensor& embeddings, const at::Tensor& labels) {
+  TORCH_CHECK_VALUE(embeddings.dim() == 2, "maskreid_ranking_loss: embeddings must be 2-D (B, D), got ",
+                    embeddings.dim(), "-D");
+  TORCH_CHECK_VALUE(at::isFloatingType(embeddings.scalar_type()),
+                    "maskreid_ranking_loss: embeddings must be floating point, got ", embeddings.scalar_type());
+  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == embeddings.size(0),
+                    "maskreid_ranking_loss: labels must be 1-D with B = ", embeddings.size(0),
+                    " entries, got shape ", labels.sizes());
+  TORCH_CHECK_VALUE(!at::isFloatingType(labels.scalar_type()) && !at::isComplexType(labels.scalar_type()),
+                    "maskreid_ranking_loss: labels must be integer, got ", labels.scalar_type());
+  TORCH_CHECK_VALUE(labels.device() == embeddings.device(),
+                    "maskreid_ranking_loss: embeddings and labels must be on one device, got ",
+                    embeddings.device(), ", ", labels.device());
+}
+
+// fp16 / bf16 are computed in fp32 (as the reference's at_least_fp32); the loss comes out in that dtype.
+inline at::Tensor as_compute(const at::Tensor& t) {
+  const bool reduced = t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+  return (reduced ? t.to(at::kFloat) : t).contiguous();
+}
+
+template <typename A> Options<A> cast(const Options<double>& o) {
+  return Options<A>{A(o.alpha), A(o.lam), o.violating_only, o.all_positives};
+}
+
+}  // namespace maskreid_ranking
+}  // namespace dpm_ops

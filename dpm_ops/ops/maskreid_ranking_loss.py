@@ -1,0 +1,101 @@
+"""MaskReID's ranking loss (maskreid.md §4.2, Eq. 5) as a fused torch custom op.
+
+Schema ``dpm_ops::maskreid_ranking_loss(embeddings, labels, alpha, lam, neg_mode, pos_mode) ->
+(loss, coef)`` (python_bindings/maskreid_ranking_loss.cpp; C++ kernels for CPU and CUDA) and
+``dpm_ops::maskreid_ranking_loss_triton`` (Triton). One forward computes S = X Xᵀ, mines each
+anchor row, sums the loss and writes the closed-form ``coef = G + Gᵀ`` with G = dL/dS, so the
+backward is a single GEMM: ``dL/dX = grad · coef X``. The maths is the reference's
+(maskreid_ranking_loss_reference.py, differentiated by torch itself).
+"""
+
+import math
+
+import torch
+
+from .. import _backend
+from .maskreid_ranking_loss_reference import NEG_MODES, POS_MODES, maskreid_ranking_loss_reference
+
+
+def check_ranking_args(embeddings, labels, alpha, lam, neg_mode, pos_mode) -> None:
+    """ValueError naming the argument for anything the kernels cannot take."""
+    for name, t in (("embeddings", embeddings), ("labels", labels)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"maskreid_ranking_loss: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if embeddings.dim() != 2:
+        raise ValueError(f"maskreid_ranking_loss: embeddings must be 2-D (B, D), got shape {tuple(embeddings.shape)}")
+    if not embeddings.is_floating_point():
+        raise ValueError(f"maskreid_ranking_loss: embeddings must be floating point, got {embeddings.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(f"maskreid_ranking_loss: labels must be 1-D with B = {embeddings.shape[0]} entries, "
+                         f"got shape {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"maskreid_ranking_loss: labels must be integer, got {labels.dtype}")
+    if labels.device != embeddings.device:
+        raise ValueError(f"maskreid_ranking_loss: embeddings and labels must be on one device, got "
+                         f"{embeddings.device}, {labels.device}")
+    for name, value in (("alpha", alpha), ("lam", lam)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"maskreid_ranking_loss: {name} must be a finite number, got {value!r}")
+    if neg_mode not in NEG_MODES:
+        raise ValueError(f"maskreid_ranking_loss: neg_mode must be one of {NEG_MODES}, got {neg_mode!r}")
+    if pos_mode not in POS_MODES:
+        raise ValueError(f"maskreid_ranking_loss: pos_mode must be one of {POS_MODES}, got {pos_mode!r}")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fake_forward(embeddings, labels, alpha, lam, neg_mode, pos_mode):
+    acc = compute_dtype(embeddings.dtype)
+    n = embeddings.shape[0]
+    return embeddings.new_empty((), dtype=acc), embeddings.new_empty((n, n), dtype=acc)
+
+
+def _setup_context(ctx, inputs, output):
+    embeddings = inputs[0]
+    _, coef = output
+    ctx.mark_non_differentiable(coef)
+    ctx.save_for_backward(embeddings, coef)
+
+
+def _backward(ctx, grad, _grad_coef):
+    embeddings, coef = ctx.saved_tensors
+    grad_x = (coef @ embeddings.to(coef.dtype)) * grad  # dL/dX = (G + Gᵀ) X, scaled by the upstream gradient
+    return grad_x.to(embeddings.dtype), None, None, None, None, None
+
+
+def _register(forward_op) -> None:
+    torch.library.register_fake(forward_op)(_fake_forward)
+    torch.library.register_autograd(forward_op, _backward, setup_context=_setup_context)
+
+
+if _backend.extension()[0] is not None:
+    _register(torch.ops.dpm_ops.maskreid_ranking_loss.default)
+
+
+@torch.library.custom_op("dpm_ops::maskreid_ranking_loss_triton", mutates_args=())
+def maskreid_ranking_loss_triton(embeddings: torch.Tensor, labels: torch.Tensor, alpha: float, lam: float,
+                                 neg_mode: str, pos_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..triton import maskreid_ranking_loss as kernels
+    return kernels.ranking_loss_forward(embeddings, labels, alpha, lam, neg_mode, pos_mode)
+
+
+_register(maskreid_ranking_loss_triton)
+
+
+def maskreid_ranking_loss(embeddings: torch.Tensor, labels: torch.Tensor, alpha: float = 0.15, lam: float = 2.0,
+                          neg_mode: str = "literal", pos_mode: str = "hardest", backend: str | None = None
+                          ) -> torch.Tensor:
+    """Eq. 5 of MaskReID on (B, D) L2-normalised embeddings and (B,) integer identity labels: the mean
+    over anchors (samples with a positive) of the per-anchor loss, a 0-d tensor in at least fp32.
+
+    ``neg_mode`` "literal" | "violating_only", ``pos_mode`` "hardest" | "all" (see the reference).
+    ``backend`` forces "reference" | "cpp" | "cuda" | "triton" (default: by device).
+    """
+    check_ranking_args(embeddings, labels, alpha, lam, neg_mode, pos_mode)
+    name = _backend.resolve(backend, embeddings.device)
+    if name == "reference":
+        return maskreid_ranking_loss_reference(embeddings, labels, alpha, lam, neg_mode, pos_mode)
+    op = torch.ops.dpm_ops.maskreid_ranking_loss_triton if name == "triton" else torch.ops.dpm_ops.maskreid_ranking_loss
+    return op(embeddings, labels, float(alpha), float(lam), neg_mode, pos_mode)[0]
