@@ -1,0 +1,37 @@
+// CUDA entry point of MaskReID's ranking loss: S = X Xᵀ (cuBLAS), then the row kernels. Built only with CUDA.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "maskreid_ranking_loss_cuda.h"
+#include "maskreid_ranking_loss_driver.h"
+
+namespace dpm_ops {
+namespace maskreid_ranking {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> maskreid_ranking_loss_cuda(const at::Tensor& embeddings,
+                                                              const at::Tensor& labels_in, double alpha, double lam,
+                                                              c10::string_view neg_mode, c10::string_view pos_mode) {
+  check_inputs(embeddings, labels_in);
+  const Options<double> o = parse_options(alpha, lam, std::string(neg_mode), std::string(pos_mode));
+  const c10::cuda::CUDAGuard guard(embeddings.device());
+  const at::Tensor x = as_compute(embeddings);
+  const at::Tensor labels = labels_in.to(at::kLong).contiguous();
+  const int64_t n = x.size(0);
+  const at::Tensor sim = at::mm(x, x.t()).contiguous();
+  at::Tensor coef = at::empty({n, n}, x.options()), loss = at::empty({}, x.options());
+  at::Tensor row_losses = at::empty({n}, x.options()), num_pos = at::empty({n}, labels.options());
+  cuda::forward(x.scalar_type() == at::kDouble ? Dtype::kDouble : Dtype::kFloat, sim.const_data_ptr(),
+                labels.const_data_ptr<int64_t>(), n, o.alpha, o.lam, o.violating_only, o.all_positives,
+                num_pos.data_ptr<int64_t>(), row_losses.data_ptr(), coef.data_ptr(), loss.data_ptr(),
+                c10::cuda::getCurrentCUDAStream().stream());
+  return {loss, coef};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dpm_ops, CUDA, m) { m.impl("maskreid_ranking_loss", &maskreid_ranking_loss_cuda); }
+
+}  // namespace maskreid_ranking
+}  // namespace dpm_ops
