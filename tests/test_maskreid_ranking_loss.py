@@ -1,0 +1,224 @@
+"""maskreid_ranking_loss: every backend against the reference (maskreid.md §4.2, Eq. 5), in value and gradient."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dpm_ops
+from conftest import backend_params, device_for
+from dpm_ops.losses import MaskReIDRankingLoss
+from dpm_ops.losses import maskreid_ranking_loss as loss_module_function
+from dpm_ops.ops import maskreid_ranking_loss, maskreid_ranking_loss_reference
+
+KERNEL_BACKENDS = backend_params("cpp", "cuda", "triton")
+MODES = [(n, p) for n in ("literal", "violating_only") for p in ("hardest", "all")]
+
+
+def tolerances(dtype):
+    return {"atol": 1e-12, "rtol": 1e-10} if dtype == torch.float64 else {"atol": 2e-6, "rtol": 2e-5}
+
+
+def batch(labels, dim, dtype=torch.float64, seed=0, device="cpu", spread=0.7):
+    """L2-normalised embeddings, same-identity samples clustered so that some negatives satisfy the
+    margin and some do not."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.as_tensor(labels)
+    centres = torch.randn(int(labels.max()) + 1 if len(labels) else 1, dim, generator=gen, dtype=torch.float64)
+    x = centres[labels] + spread * torch.randn(len(labels), dim, generator=gen, dtype=torch.float64)
+    return F.normalize(x, dim=1).to(device, dtype), labels.to(device)
+
+
+def paper_labels(identity_images=10, singletons=54):
+    return [0] * identity_images + list(range(1, singletons + 1))
+
+
+# (labels, D): batch of one, a lone pair, no positive at all, no negative at all, the paper's
+# 10 + 54 batch at MaskReID's 256-d, P×K batches, random labels with singletons.
+CASES = {
+    "one": ([5], 8),
+    "pair": ([3, 3], 5),
+    "no-positive": (list(range(7)), 6),
+    "no-negative": ([2] * 6, 9),
+    "paper": (paper_labels(), 256),
+    "pk": ([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3], 33),
+    "random": (torch.randint(0, 9, (37,), generator=torch.Generator().manual_seed(1)).tolist(), 17),
+}
+
+
+def value_and_grad(fn, x, labels, **kw):
+    leaf = x.detach().clone().requires_grad_(True)
+    value = fn(leaf, labels, **kw)
+    (grad,) = torch.autograd.grad(value * 1.3, leaf)  # an upstream gradient other than 1
+    return value.detach(), grad
+
+
+def assert_matches_reference(x, labels, backend, **kw):
+    value, grad = value_and_grad(lambda e, l, **k: maskreid_ranking_loss(e, l, backend=backend, **k), x, labels, **kw)
+    expected, expected_grad = value_and_grad(maskreid_ranking_loss_reference, x, labels, **kw)
+    assert value.dtype == expected.dtype and value.shape == ()
+    assert grad.dtype == x.dtype
+    torch.testing.assert_close(value, expected, **tolerances(x.dtype))
+    torch.testing.assert_close(grad, expected_grad, **tolerances(x.dtype))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("neg_mode, pos_mode", MODES)
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_reference(backend, neg_mode, pos_mode, case, dtype):
+    if backend == "triton" and case == "paper" and dtype == torch.float64 and not torch.cuda.is_available():
+        pytest.skip("the Triton interpreter runs the 64 rows in ~1.5 s; the fp32 case covers it")
+    labels, dim = CASES[case]
+    x, labels = batch(labels, dim, dtype, seed=len(labels), device=device_for(backend))
+    assert_matches_reference(x, labels, backend, neg_mode=neg_mode, pos_mode=pos_mode)
+
+
+def test_edge_case_values():
+    x, labels = batch(list(range(7)), 6)
+    assert maskreid_ranking_loss(x, labels).item() == 0.0  # no anchor: 0, not NaN
+    x, labels = batch([2] * 6, 9)
+    x.requires_grad_(True)
+    only_pull = maskreid_ranking_loss(x, labels)  # no negative: log(1 + 0) + the pull term
+    sim = x @ x.t()
+    pull = ((sim - 1) ** 2).sum() / 5 * 2.0 / 2 / 6  # λ/(2|P|) Σ over the 6 anchors' 5 positives, mean over 6
+    torch.testing.assert_close(only_pull, pull)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("neg_mode, pos_mode", MODES)
+def test_ties_in_the_hardest_mining_and_at_the_hinge(backend, neg_mode, pos_mode):
+    """Exact ties: two identical hardest positives (torch.min's first index takes the gradient) and,
+    with α = 0, a negative exactly as similar as the hardest positive (z = 0: term exp(0) = 1 in the
+    literal reading, 0 in violating_only, zero weight in both)."""
+    device = device_for(backend)
+    e = torch.eye(4, dtype=torch.float64)
+    x = torch.stack([e[0], (e[0] + e[1]) / 2, e[1], e[1], e[0] * 0.5 + e[2] * 0.5, e[3], e[2]]).to(device)
+    labels = torch.tensor([0, 0, 0, 0, 1, 2, 1], device=device)
+    for alpha in (0.0, 0.15):
+        assert_matches_reference(x, labels, backend, alpha=alpha, neg_mode=neg_mode, pos_mode=pos_mode)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_options_and_label_dtypes(backend):
+    device = device_for(backend)
+    x, labels = batch(CASES["pk"][0], 20, device=device)
+    assert_matches_reference(x, labels.int(), backend, alpha=0.3, lam=0.5)
+    assert_matches_reference(x, labels.to(torch.uint8), backend, alpha=-0.1, lam=0.0)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_non_contiguous_embeddings(backend):
+    device = device_for(backend)
+    x, labels = batch(CASES["random"][0], 17, torch.float32, device=device)
+    strided = torch.cat([x, x], dim=1)[:, ::2]
+    transposed = x.t().contiguous().t()
+    for y in (strided, transposed):
+        assert not y.is_contiguous()
+        assert_matches_reference(y, labels, backend, pos_mode="all")
+
+
+def test_cpp_takes_bfloat16_in_fp32():
+    x, labels = batch(CASES["pk"][0], 16, torch.bfloat16)
+    value, grad = value_and_grad(lambda e, l: maskreid_ranking_loss(e, l, backend="cpp"), x, labels)
+    expected, expected_grad = value_and_grad(maskreid_ranking_loss_reference, x, labels)
+    assert value.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    torch.testing.assert_close(value, expected)
+    torch.testing.assert_close(grad, expected_grad)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("neg_mode, pos_mode", MODES)
+def test_gradcheck_float64(backend, neg_mode, pos_mode):
+    x, labels = batch([0, 0, 0, 1, 1, 2, 3], 5, device=device_for(backend), spread=1.0)
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda e: maskreid_ranking_loss(e, labels, neg_mode=neg_mode, pos_mode=pos_mode, backend=backend), (x,),
+        fast_mode=True)
+
+
+def _op_for(backend):
+    if backend == "triton":
+        return torch.ops.dpm_ops.maskreid_ranking_loss_triton
+    return torch.ops.dpm_ops.maskreid_ranking_loss
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("neg_mode, pos_mode", [("literal", "hardest"), ("violating_only", "all")])
+def test_opcheck(backend, neg_mode, pos_mode):
+    x, labels = batch([0, 0, 1, 1, 1, 2], 7, device=device_for(backend))
+    x.requires_grad_(True)
+    torch.library.opcheck(_op_for(backend), (x, labels, 0.15, 2.0, neg_mode, pos_mode))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    x, labels = batch([0, 0, 1, 1, 1, 2, 2], 6, device=device_for(backend))
+    x.requires_grad_(True)
+
+    def loss(x, labels):
+        return maskreid_ranking_loss(F.normalize(x * 2, dim=1), labels, pos_mode="all", backend=backend)
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    value = compiled(x, labels)
+    (grad,) = torch.autograd.grad(value, x)
+    expected = maskreid_ranking_loss_reference(F.normalize(x * 2, dim=1), labels, pos_mode="all")
+    torch.testing.assert_close(value, expected)
+    torch.testing.assert_close(grad, torch.autograd.grad(expected, x)[0])
+
+
+@pytest.mark.parametrize("neg_mode, pos_mode", MODES)
+def test_loss_module_runs_the_fused_op_by_default(neg_mode, pos_mode):
+    x, labels = batch(paper_labels(4, 12), 32)
+    fused = value_and_grad(lambda e, l: MaskReIDRankingLoss(neg_mode=neg_mode, pos_mode=pos_mode)(e, l), x, labels)
+    plain = value_and_grad(lambda e, l: loss_module_function(e, l, neg_mode=neg_mode, pos_mode=pos_mode, fused=False),
+                           x, labels)
+    for got, want in zip(fused, plain):
+        torch.testing.assert_close(got, want, **tolerances(torch.float64))
+    if dpm_ops.backends()["cpp"][0]:  # the fused op is what autograd recorded
+        assert "dpm_ops_maskreid_ranking_loss" in loss_module_function(x.requires_grad_(True), labels).grad_fn.name()
+    assert MaskReIDRankingLoss().fused and not MaskReIDRankingLoss(fused=False).fused
+
+
+def test_literal_floor_with_the_papers_batch():
+    """Every constraint satisfied: the literal Eq. 5 stays at log(1 + 54), the violating-only reading at 0."""
+    x = torch.zeros(64, 4, dtype=torch.float64)
+    x[:10, 0] = 1.0
+    x[10:, 0] = -1.0
+    labels = torch.tensor(paper_labels())
+    assert maskreid_ranking_loss(x, labels).item() == pytest.approx(math.log(55))
+    assert maskreid_ranking_loss(x, labels, neg_mode="violating_only").item() == 0.0
+    assert maskreid_ranking_loss(x, labels, pos_mode="all").item() == pytest.approx(math.log(1 + 9 * 54))
+
+
+@pytest.mark.parametrize("backend", backend_params("reference", "cpp", "cuda", "triton"))
+@pytest.mark.parametrize("bad, message", [
+    (lambda x, l: (x[0], l, {}), "embeddings must be 2-D"),
+    (lambda x, l: (x.long(), l, {}), "embeddings must be floating point"),
+    (lambda x, l: (x, l[:-1], {}), "labels must be 1-D with B = 6"),
+    (lambda x, l: (x, l[None], {}), "labels must be 1-D"),
+    (lambda x, l: (x, l.float(), {}), "labels must be integer"),
+    (lambda x, l: (x, l, {"alpha": float("nan")}), "alpha must be a finite number"),
+    (lambda x, l: (x, l, {"lam": "2"}), "lam must be a finite number"),
+    (lambda x, l: (x, l, {"neg_mode": "soft"}), "neg_mode must be one of"),
+    (lambda x, l: (x, l, {"pos_mode": "easiest"}), "pos_mode must be one of"),
+    (lambda x, l: (x, [0, 0, 1, 1, 2, 2], {}), "labels must be a torch.Tensor"),
+])
+def test_bad_input_names_the_argument(backend, bad, message):
+    x, labels = batch([0, 0, 1, 1, 2, 2], 4, torch.float32, device=device_for(backend))
+    x, labels, kw = bad(x, labels)
+    with pytest.raises(ValueError, match=message):
+        maskreid_ranking_loss(x, labels, backend=backend, **kw)
+
+
+def test_direct_op_calls_check_too():
+    x, labels = batch([0, 0, 1], 4)
+    with pytest.raises(ValueError, match="neg_mode must be 'literal' or 'violating_only'"):
+        torch.ops.dpm_ops.maskreid_ranking_loss(x, labels, 0.15, 2.0, "soft", "hardest")
+    with pytest.raises(ValueError, match="labels must be 1-D"):
+        torch.ops.dpm_ops.maskreid_ranking_loss(x, labels[:2], 0.15, 2.0, "literal", "hardest")
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="one device"):
+            maskreid_ranking_loss(x.cuda(), labels)
