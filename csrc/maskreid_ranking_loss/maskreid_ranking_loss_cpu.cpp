@@ -3,6 +3,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "maskreid_ranking_loss_driver.h"
@@ -12,7 +14,11 @@ namespace dpm_ops {
 namespace maskreid_ranking {
 namespace {
 
-constexpr int64_t kRowGrain = 8;
+// Work (similarity entries touched) per OpenMP task: small batches run on one thread, since a
+// parallel region costs more than their whole row pass (and much more on a busy machine).
+constexpr int64_t kWorkGrain = 1 << 15;
+
+int64_t row_grain(int64_t work_per_row) { return std::max<int64_t>(1, kWorkGrain / std::max<int64_t>(1, work_per_row)); }
 
 // Returns (loss, G + Gᵀ) with G = dL/dS, both in the compute dtype.
 std::tuple<at::Tensor, at::Tensor> maskreid_ranking_loss_cpu(const at::Tensor& embeddings, const at::Tensor& labels_in,
@@ -31,8 +37,9 @@ std::tuple<at::Tensor, at::Tensor> maskreid_ranking_loss_cpu(const at::Tensor& e
     const int64_t* lp = labels.const_data_ptr<int64_t>();
     scalar_t* cp = coef.data_ptr<scalar_t>();
     const SerialReduce serial;
+    const int64_t grain = row_grain(n), rows_grain = row_grain(options.all_positives ? n * n : n);
     std::atomic<int64_t> anchors{0};
-    at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
       int64_t local = 0;
       for (int64_t k = begin; k < end; ++k) local += num_positives(lp, k, n, 0, 1, serial) > 0;
       anchors += local;
@@ -40,13 +47,13 @@ std::tuple<at::Tensor, at::Tensor> maskreid_ranking_loss_cpu(const at::Tensor& e
     const scalar_t scale = scalar_t(1) / scalar_t(anchors.load() > 0 ? anchors.load() : 1);
     const Options<scalar_t> o = cast<scalar_t>(options);
     std::vector<scalar_t> row_losses(n);
-    at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n, rows_grain, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k)
         row_losses[k] = row_loss(s + k * n, lp, k, n, o, scale, 0, 1, serial, cp + k * n);
     });
     // G + Gᵀ in place, one (k, j > k) pair per visit; G's diagonal is 0 (a sample is neither its
     // own positive nor negative).
-    at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k)
         for (int64_t j = k + 1; j < n; ++j) cp[k * n + j] = cp[j * n + k] = cp[k * n + j] + cp[j * n + k];
     });
