@@ -152,6 +152,7 @@ def test_loss_module_runs_the_fused_op_by_default(reduction):
 @pytest.mark.parametrize("bad, message", [
     (lambda a: (a[0], {}), "cls_logits must be 3-D"),
     (lambda a: (a.long(), {}), "cls_logits must be floating point"),
+    (lambda a: (a[:, :0], {}), "cls_logits must have at least one head"),
     (lambda a: (a, {"eps": 0.0}), "eps must be finite and > 0"),
     (lambda a: (a, {"eps": float("inf")}), "eps must be finite and > 0"),
     (lambda a: (a, {"reduction": "none"}), "reduction must be 'sum'"),
@@ -169,3 +170,9 @@ def test_direct_op_calls_check_too():
         torch.ops.dpm_ops.hem_loss(a, 1e-6, "none")
     with pytest.raises(ValueError, match="cls_logits must be 3-D"):
         torch.ops.dpm_ops.hem_loss_backward(torch.tensor(1.0, dtype=a.dtype), a[0], 1e-6, "sum")
+
+
+@pytest.mark.parametrize("backend", backend_params("cpp", "cuda"))
+def test_large_batch_runs_the_parallel_passes(backend):
+    """A batch big enough for several OpenMP tasks per pass (DPM's 64 × 12 Grams run on one thread)."""
+    assert_matches_reference(logits((300, 12, 242), torch.float32, device_for(backend)), backend)

@@ -222,3 +222,12 @@ def test_direct_op_calls_check_too():
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="one device"):
             maskreid_ranking_loss(x.cuda(), labels)
+
+
+@pytest.mark.parametrize("backend", backend_params("cpp", "cuda"))
+@pytest.mark.parametrize("pos_mode, n", [("hardest", 400), ("all", 120)])
+def test_large_batch_runs_the_parallel_row_pass(backend, pos_mode, n):
+    """Batches big enough for several OpenMP tasks per pass (the paper's batch runs on one thread)."""
+    labels = torch.randint(0, n // 4, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+    x, labels = batch(labels, 24, torch.float32, device=device_for(backend))
+    assert_matches_reference(x, labels, backend, pos_mode=pos_mode, neg_mode="violating_only")

@@ -25,8 +25,8 @@ Dtype dtype_of(const at::Tensor& t) {
 Dtype checked_dtype(const at::Tensor& logits) {
   const Dtype dtype = dtype_of(logits);
   TORCH_CHECK_VALUE(cuda::shared_bytes(dtype, logits.size(1)) <= kSharedLimit, "hem_loss: cls_logits has ",
-                    logits.size(1), " heads; the CUDA kernel keeps heads² Gram entries in shared memory and takes "
-                    "at most ~55 (fp64) / ~78 (fp32) heads");
+                    logits.size(1), " heads; the CUDA kernel keeps 2·heads² Gram entries in shared memory and takes "
+                    "at most 54 (fp64) / 77 (fp32) heads");
   return dtype;
 }
 

@@ -14,6 +14,8 @@ namespace hem {
 inline bool check_inputs(const at::Tensor& cls_logits, double eps, const std::string& reduction) {
   TORCH_CHECK_VALUE(cls_logits.dim() == 3, "hem_loss: cls_logits must be 3-D (B, heads, N), got ",
                     cls_logits.dim(), "-D");
+  TORCH_CHECK_VALUE(cls_logits.size(1) > 0, "hem_loss: cls_logits must have at least one head, got shape ",
+                    cls_logits.sizes());
   TORCH_CHECK_VALUE(at::isFloatingType(cls_logits.scalar_type()), "hem_loss: cls_logits must be floating point, got ",
                     cls_logits.scalar_type());
   TORCH_CHECK_VALUE(eps > 0 && std::isfinite(eps), "hem_loss: eps must be finite and > 0, got ", eps);
