@@ -8,4 +8,6 @@ TORCH_LIBRARY_FRAGMENT(dpm_ops, m) {
   m.def(
       "maskreid_ranking_loss(Tensor embeddings, Tensor labels, float alpha, float lam, str neg_mode,"
       " str pos_mode) -> (Tensor, Tensor)");
+  // dL/dX = grad · coef X, in the embeddings' dtype (grad: the 0-d upstream gradient of the loss).
+  m.def("maskreid_ranking_loss_backward(Tensor grad, Tensor embeddings, Tensor coef) -> Tensor");
 }

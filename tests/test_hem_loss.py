@@ -176,3 +176,17 @@ def test_direct_op_calls_check_too():
 def test_large_batch_runs_the_parallel_passes(backend):
     """A batch big enough for several OpenMP tasks per pass (DPM's 64 × 12 Grams run on one thread)."""
     assert_matches_reference(logits((300, 12, 242), torch.float32, device_for(backend)), backend)
+
+
+@pytest.mark.parametrize("backend", backend_params("cpp", "cuda"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_autocast_keeps_the_math_in_fp32(backend, dtype):
+    """Under bf16 autocast (DPM's training) the fused op's inner GEMMs stay fp32, as the logits given."""
+    device = device_for(backend)
+    a = logits((4, 12, 50), dtype, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        value, grad = value_and_grad(lambda t: hem_loss(t, backend=backend), a)
+    expected, expected_grad = value_and_grad(lambda t: hem_loss_reference(t.float()), a)
+    assert value.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(value, expected)
+    torch.testing.assert_close(grad, expected_grad)

@@ -150,6 +150,10 @@ def test_opcheck(backend, neg_mode, pos_mode):
     x, labels = batch([0, 0, 1, 1, 1, 2], 7, device=device_for(backend))
     x.requires_grad_(True)
     torch.library.opcheck(_op_for(backend), (x, labels, 0.15, 2.0, neg_mode, pos_mode))
+    _, coef = _op_for(backend)(x.detach(), labels, 0.15, 2.0, neg_mode, pos_mode)
+    backward = (torch.ops.dpm_ops.maskreid_ranking_loss_triton_backward if backend == "triton"
+                else torch.ops.dpm_ops.maskreid_ranking_loss_backward)
+    torch.library.opcheck(backward, (torch.tensor(0.5, dtype=x.dtype, device=x.device), x.detach().float(), coef))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -231,3 +235,16 @@ def test_large_batch_runs_the_parallel_row_pass(backend, pos_mode, n):
     labels = torch.randint(0, n // 4, (n,), generator=torch.Generator().manual_seed(n)).tolist()
     x, labels = batch(labels, 24, torch.float32, device=device_for(backend))
     assert_matches_reference(x, labels, backend, pos_mode=pos_mode, neg_mode="violating_only")
+
+
+@pytest.mark.parametrize("backend", backend_params("cpp", "cuda"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_autocast_keeps_the_math_in_fp32(backend, dtype):
+    """Under bf16 autocast the fused op's similarity GEMM stays fp32, as the embeddings given."""
+    x, labels = batch(CASES["pk"][0], 16, dtype, device=device_for(backend))
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        value, grad = value_and_grad(lambda e, l: maskreid_ranking_loss(e, l, backend=backend), x, labels)
+    expected, expected_grad = value_and_grad(lambda e, l: maskreid_ranking_loss_reference(e.float(), l), x, labels)
+    assert value.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(value, expected)
+    torch.testing.assert_close(grad, expected_grad)

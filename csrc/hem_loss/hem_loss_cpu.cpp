@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "../common/no_autocast.h"
 #include "hem_loss_driver.h"
 #include "hem_loss_math.h"
 
@@ -39,6 +40,7 @@ std::tuple<at::Tensor, at::Tensor> normalised_grams(const at::Tensor& a, double 
 }
 
 at::Tensor hem_loss_cpu(const at::Tensor& cls_logits, double eps, c10::string_view reduction) {
+  const NoAutocastGuard no_autocast;
   const bool mean = check_inputs(cls_logits, eps, std::string(reduction));
   const at::Tensor a = as_compute(cls_logits);
   const int64_t batch = a.size(0), heads = a.size(1);
@@ -59,6 +61,7 @@ at::Tensor hem_loss_cpu(const at::Tensor& cls_logits, double eps, c10::string_vi
 
 at::Tensor hem_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& cls_logits, double eps,
                                  c10::string_view reduction) {
+  const NoAutocastGuard no_autocast;
   const bool mean = check_inputs(cls_logits, eps, std::string(reduction));
   const at::Tensor a = as_compute(cls_logits);
   const int64_t batch = a.size(0), heads = a.size(1), n = a.size(2);

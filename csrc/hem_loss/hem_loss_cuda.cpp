@@ -3,6 +3,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../common/no_autocast.h"
 #include "hem_loss_cuda.h"
 #include "hem_loss_driver.h"
 
@@ -31,6 +32,7 @@ Dtype checked_dtype(const at::Tensor& logits) {
 }
 
 at::Tensor hem_loss_cuda(const at::Tensor& cls_logits, double eps, c10::string_view reduction) {
+  const NoAutocastGuard no_autocast;
   const bool mean = check_inputs(cls_logits, eps, std::string(reduction));
   const c10::cuda::CUDAGuard guard(cls_logits.device());
   const at::Tensor a = cls_logits.contiguous();
@@ -44,6 +46,7 @@ at::Tensor hem_loss_cuda(const at::Tensor& cls_logits, double eps, c10::string_v
 
 at::Tensor hem_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& cls_logits, double eps,
                                   c10::string_view reduction) {
+  const NoAutocastGuard no_autocast;
   const bool mean = check_inputs(cls_logits, eps, std::string(reduction));
   const c10::cuda::CUDAGuard guard(cls_logits.device());
   const at::Tensor a = cls_logits.contiguous();

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <vector>
 
+#include "../common/no_autocast.h"
 #include "maskreid_ranking_loss_driver.h"
 #include "maskreid_ranking_loss_math.h"
 
@@ -24,6 +25,7 @@ int64_t row_grain(int64_t work_per_row) { return std::max<int64_t>(1, kWorkGrain
 std::tuple<at::Tensor, at::Tensor> maskreid_ranking_loss_cpu(const at::Tensor& embeddings, const at::Tensor& labels_in,
                                                              double alpha, double lam, c10::string_view neg_mode,
                                                              c10::string_view pos_mode) {
+  const NoAutocastGuard no_autocast;
   check_inputs(embeddings, labels_in);
   const Options<double> options = parse_options(alpha, lam, std::string(neg_mode), std::string(pos_mode));
   const at::Tensor x = as_compute(embeddings);
@@ -64,9 +66,18 @@ std::tuple<at::Tensor, at::Tensor> maskreid_ranking_loss_cpu(const at::Tensor& e
   return {loss, coef};
 }
 
+at::Tensor maskreid_ranking_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& embeddings,
+                                              const at::Tensor& coef) {
+  const NoAutocastGuard no_autocast;
+  return backward(grad, embeddings, coef);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dpm_ops, CPU, m) { m.impl("maskreid_ranking_loss", &maskreid_ranking_loss_cpu); }
+TORCH_LIBRARY_IMPL(dpm_ops, CPU, m) {
+  m.impl("maskreid_ranking_loss", &maskreid_ranking_loss_cpu);
+  m.impl("maskreid_ranking_loss_backward", &maskreid_ranking_loss_backward_cpu);
+}
 
 }  // namespace maskreid_ranking
 }  // namespace dpm_ops

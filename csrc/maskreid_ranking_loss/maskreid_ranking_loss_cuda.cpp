@@ -3,6 +3,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../common/no_autocast.h"
 #include "maskreid_ranking_loss_cuda.h"
 #include "maskreid_ranking_loss_driver.h"
 
@@ -13,6 +14,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> maskreid_ranking_loss_cuda(const at::Tensor& embeddings,
                                                               const at::Tensor& labels_in, double alpha, double lam,
                                                               c10::string_view neg_mode, c10::string_view pos_mode) {
+  const NoAutocastGuard no_autocast;
   check_inputs(embeddings, labels_in);
   const Options<double> o = parse_options(alpha, lam, std::string(neg_mode), std::string(pos_mode));
   const c10::cuda::CUDAGuard guard(embeddings.device());
@@ -29,9 +31,19 @@ std::tuple<at::Tensor, at::Tensor> maskreid_ranking_loss_cuda(const at::Tensor& 
   return {loss, coef};
 }
 
+at::Tensor maskreid_ranking_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& embeddings,
+                                               const at::Tensor& coef) {
+  const NoAutocastGuard no_autocast;
+  const c10::cuda::CUDAGuard guard(embeddings.device());
+  return backward(grad, embeddings, coef);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dpm_ops, CUDA, m) { m.impl("maskreid_ranking_loss", &maskreid_ranking_loss_cuda); }
+TORCH_LIBRARY_IMPL(dpm_ops, CUDA, m) {
+  m.impl("maskreid_ranking_loss", &maskreid_ranking_loss_cuda);
+  m.impl("maskreid_ranking_loss_backward", &maskreid_ranking_loss_backward_cuda);
+}
 
 }  // namespace maskreid_ranking
 }  // namespace dpm_ops

@@ -43,6 +43,16 @@ inline at::Tensor as_compute(const at::Tensor& t) {
   return (reduced ? t.to(at::kFloat) : t).contiguous();
 }
 
+// dL/dX = grad · coef X (coef = G + Gᵀ from the forward), in the embeddings' dtype. The same ATen
+// code for every device: one GEMM and a scale.
+inline at::Tensor backward(const at::Tensor& grad, const at::Tensor& embeddings, const at::Tensor& coef) {
+  TORCH_CHECK_VALUE(coef.dim() == 2 && coef.size(0) == embeddings.size(0) && coef.size(1) == embeddings.size(0),
+                    "maskreid_ranking_loss_backward: coef must be (B, B) for B = ", embeddings.size(0),
+                    " embeddings, got ", coef.sizes());
+  const at::Tensor x = embeddings.to(coef.scalar_type());
+  return at::mm(coef, x).mul_(grad.to(coef.scalar_type())).to(embeddings.scalar_type());
+}
+
 template <typename A> Options<A> cast(const Options<double>& o) {
   return Options<A>{A(o.alpha), A(o.lam), o.violating_only, o.all_positives};
 }

@@ -1,12 +1,12 @@
 """MaskReID's ranking loss (maskreid.md §4.2, Eq. 5) as a fused torch custom op.
 
-Schema ``dpm_ops::maskreid_ranking_loss(embeddings, labels, alpha, lam, neg_mode, pos_mode) ->
-(loss, coef)`` (python_bindings/maskreid_ranking_loss.cpp; C++ kernels for CPU and CUDA) and
-``dpm_ops::maskreid_ranking_loss_triton`` (Triton). One forward computes S = X Xᵀ, mines each
-anchor row, sums the loss and writes the closed-form ``coef = G + Gᵀ`` with G = dL/dS, so the
-backward is a single GEMM: ``dL/dX = grad · coef X``. The maths is the reference's
-(maskreid_ranking_loss_reference.py, differentiated by torch itself).
-"""
+Schemas ``dpm_ops::maskreid_ranking_loss(embeddings, labels, alpha, lam, neg_mode, pos_mode) ->
+(loss, coef)`` and ``dpm_ops::maskreid_ranking_loss_backward(grad, embeddings, coef)``
+(python_bindings/maskreid_ranking_loss.cpp; C++ kernels for CPU and CUDA), and
+``dpm_ops::maskreid_ranking_loss_triton`` / ``..._triton_backward`` (Triton). One forward computes
+S = X Xᵀ, mines each anchor row, sums the loss and writes the closed-form ``coef = G + Gᵀ`` with
+G = dL/dS, so the backward is a single GEMM: ``dL/dX = grad · coef X``. The maths is the
+reference's (maskreid_ranking_loss_reference.py, differentiated by torch itself)."""
 
 import math
 
@@ -59,19 +59,26 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(embeddings, coef)
 
 
-def _backward(ctx, grad, _grad_coef):
-    embeddings, coef = ctx.saved_tensors
-    grad_x = (coef @ embeddings.to(coef.dtype)) * grad  # dL/dX = (G + Gᵀ) X, scaled by the upstream gradient
-    return grad_x.to(embeddings.dtype), None, None, None, None, None
+def _fake_backward(grad, embeddings, coef):
+    return torch.empty_like(embeddings)
 
 
-def _register(forward_op) -> None:
+def _make_backward(backward_op):
+    def backward(ctx, grad, _grad_coef):
+        embeddings, coef = ctx.saved_tensors
+        return backward_op(grad, embeddings, coef), None, None, None, None, None
+    return backward
+
+
+def _register(forward_op, backward_op) -> None:
     torch.library.register_fake(forward_op)(_fake_forward)
-    torch.library.register_autograd(forward_op, _backward, setup_context=_setup_context)
+    torch.library.register_fake(backward_op)(_fake_backward)
+    torch.library.register_autograd(forward_op, _make_backward(backward_op), setup_context=_setup_context)
 
 
 if _backend.extension()[0] is not None:
-    _register(torch.ops.dpm_ops.maskreid_ranking_loss.default)
+    _register(torch.ops.dpm_ops.maskreid_ranking_loss.default,
+              torch.ops.dpm_ops.maskreid_ranking_loss_backward.default)
 
 
 @torch.library.custom_op("dpm_ops::maskreid_ranking_loss_triton", mutates_args=())
@@ -81,7 +88,16 @@ def maskreid_ranking_loss_triton(embeddings: torch.Tensor, labels: torch.Tensor,
     return kernels.ranking_loss_forward(embeddings, labels, alpha, lam, neg_mode, pos_mode)
 
 
-_register(maskreid_ranking_loss_triton)
+@torch.library.custom_op("dpm_ops::maskreid_ranking_loss_triton_backward", mutates_args=())
+def maskreid_ranking_loss_triton_backward(grad: torch.Tensor, embeddings: torch.Tensor,
+                                          coef: torch.Tensor) -> torch.Tensor:
+    # The closed form is one GEMM: torch's (as the C++ backward does with ATen), kept in the compute
+    # dtype even under autocast.
+    with torch.autocast(embeddings.device.type, enabled=False):
+        return (torch.mm(coef, embeddings.to(coef.dtype)) * grad).to(embeddings.dtype)
+
+
+_register(maskreid_ranking_loss_triton, maskreid_ranking_loss_triton_backward)
 
 
 def maskreid_ranking_loss(embeddings: torch.Tensor, labels: torch.Tensor, alpha: float = 0.15, lam: float = 2.0,
