@@ -140,6 +140,21 @@ def test_cpp_accepts_half_inputs_on_cpu():
     torch.testing.assert_close(out.float(), expected, atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("backend", backend_params("cpp", "cuda"))
+def test_autocast_leaves_the_inner_gemms_in_the_input_dtype(backend):
+    """Under bf16 autocast the op's own GEMMs must not be recast (the buffers around them are fp32)."""
+    device = device_for(backend)
+    x, mask, protos = make_inputs(6, 9, 20, torch.float32, device, requires_grad=True)
+    expected = masked_cosine_reference(x, mask, protos)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        got = masked_cosine(x, mask, protos, backend=backend)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, **tolerances(torch.float32))
+    grads = torch.autograd.grad(got.sum(), (x, mask, protos))
+    for g, e in zip(grads, torch.autograd.grad(expected.sum(), (x, mask, protos))):
+        torch.testing.assert_close(g, e, **tolerances(torch.float32))
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_masked_arccos_distance(backend):
     device = device_for(backend)

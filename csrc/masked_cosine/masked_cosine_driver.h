@@ -7,6 +7,8 @@
 
 #include <ATen/ATen.h>
 
+#include "../common/no_autocast.h"
+
 #include <optional>
 #include <tuple>
 
@@ -63,6 +65,7 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& 
 template <class Kernels>
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& protos,
                                            double eps) {
+  const NoAutocastGuard no_autocast;
   const Prepared p = prepare<Kernels>(x, mask, protos, eps);
   at::Tensor num = at::mm(p.query_scaled, p.proto_hat.t());
   at::Tensor den_sq = at::mm(p.mask_sq, p.proto_hat_sq.t());
@@ -77,6 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad, 
                                                         const at::Tensor& mask, const at::Tensor& protos,
                                                         const at::Tensor& out,
                                                         const std::optional<at::Tensor>& saved_den_sq, double eps) {
+  const NoAutocastGuard no_autocast;
   const Prepared p = prepare<Kernels>(x, mask, protos, eps);
   const at::Tensor den_sq = saved_den_sq.has_value() ? saved_den_sq->contiguous()
                                                      : at::mm(p.mask_sq, p.proto_hat_sq.t());
