@@ -1,6 +1,9 @@
 """Fused ops of dpm_ops (torch custom ops under the ``dpm_ops`` namespace)."""
 
+from .hierarchical_mask_pool import hierarchical_mask_pool
+from .hierarchical_mask_pool_reference import hierarchical_mask_pool_reference
 from .masked_cosine import masked_arccos_distance, masked_cosine
 from .masked_cosine_reference import masked_cosine_reference
 
-__all__ = ["masked_cosine", "masked_arccos_distance", "masked_cosine_reference"]
+__all__ = ["hierarchical_mask_pool", "hierarchical_mask_pool_reference", "masked_arccos_distance", "masked_cosine",
+           "masked_cosine_reference"]
