@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from dpm_ops.losses.arcface import masked_arcface_logits
+from dpm_ops.ops import hierarchical_mask_pool
 
 from .param_groups import bnneck, sgd_param_groups
 from .vit import ViTReID
@@ -33,6 +34,14 @@ class ConvBNReLU(nn.Sequential):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels),
                          nn.ReLU(inplace=True))
+
+
+class GlobalMaxPool(nn.Module):
+    """``AdaptiveMaxPool2d(1)`` + flatten: (B, C, H, W) -> (B, C), by the fused pooling op (a tied
+    maximum shares its gradient, as ``amax``; after the ReLU ties are at 0, where no gradient flows)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return hierarchical_mask_pool([x], None, "max")
 
 
 class HierarchicalMaskGenerator(nn.Module):
@@ -52,7 +61,7 @@ class HierarchicalMaskGenerator(nn.Module):
         self.conv_stack = nn.Sequential(
             ConvBNReLU(num_levels * embed_dim, 2 * embed_dim), nn.MaxPool2d(2, 2),
             ConvBNReLU(2 * embed_dim, embed_dim), nn.MaxPool2d(2, 2),
-            ConvBNReLU(embed_dim, embed_dim), nn.AdaptiveMaxPool2d(1),
+            ConvBNReLU(embed_dim, embed_dim), GlobalMaxPool(),
         )
         self.attfc = nn.Linear(embed_dim, embed_dim)
         nn.init.zeros_(self.attfc.weight)
@@ -60,7 +69,7 @@ class HierarchicalMaskGenerator(nn.Module):
 
     def forward(self, tapped_tokens: Sequence[torch.Tensor]) -> torch.Tensor:
         grids = [tokens.transpose(1, 2).unflatten(2, self.grid_size) for tokens in tapped_tokens]
-        pooled = self.conv_stack(torch.cat(grids, dim=1)).flatten(1)  # flatten, not squeeze: B may be 1
+        pooled = self.conv_stack(torch.cat(grids, dim=1))  # (B, C): no squeeze, B may be 1
         return torch.sigmoid(self.attfc(pooled))
 
 
