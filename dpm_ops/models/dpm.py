@@ -81,6 +81,19 @@ class DPMTrainOutput(NamedTuple):
     hem_logits: torch.Tensor     # (B, heads, N) last block's pre-softmax CLS->patch logits
 
 
+class DPMLossInputs(NamedTuple):
+    """Train output with ``loss_inputs=True``: what the fused ID loss needs instead of the logits
+    (``DPMLoss`` computes both CE branches from it with ``dpm_ops.ops.masked_arcface_ce``)."""
+    bn_feature: torch.Tensor     # (B, C) BNNeck feature f_bn
+    mask: torch.Tensor           # (B, C) soft channel mask
+    weight: torch.Tensor         # (K, C) classifier weight = prototypes
+    feature: torch.Tensor        # (B, C) pre-BN CLS feature (triplet loss)
+    hem_logits: torch.Tensor     # (B, heads, N)
+    scale: float                 # the model's ArcFace s, m and easy_margin
+    margin: float
+    easy_margin: bool
+
+
 class DPMEvalOutput(NamedTuple):
     feature: torch.Tensor        # (B, C) pre-BN CLS feature
     mask: torch.Tensor           # (B, C)
@@ -100,8 +113,10 @@ class DPM(nn.Module):
                  patch_size: int = 16, stride: int = 11, embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, drop_path_rate: float = 0.1,
                  sie_coef: float = 3.0, mask_tap_blocks: Sequence[int] = (1, 3, 9, 11),
-                 arcface_scale: float = 30.0, arcface_margin: float = 0.5, easy_margin: bool = False):
+                 arcface_scale: float = 30.0, arcface_margin: float = 0.5, easy_margin: bool = False,
+                 loss_inputs: bool = False):
         super().__init__()
+        self.loss_inputs = loss_inputs
         if num_classes < 1:
             raise ValueError("DPM needs num_classes >= 1: its classifier weights are the prototypes")
         self.mask_tap_blocks = tuple(mask_tap_blocks)
@@ -120,13 +135,18 @@ class DPM(nn.Module):
     def forward(self, images: torch.Tensor, cam_label: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None):
         """Train mode: ``DPMTrainOutput``; pass ``labels`` to get the ArcFace margin on the target
-        logit (without them ``masked_logits = s·cos``). Eval mode: ``DPMEvalOutput(feature, mask)``."""
+        logit (without them ``masked_logits = s·cos``). With ``loss_inputs=True`` (constructor) train mode
+        returns ``DPMLossInputs`` instead: no logits, for the fused loss. Eval mode:
+        ``DPMEvalOutput(feature, mask)``."""
         features = self.backbone.forward_features(images, cam_label, self.mask_tap_blocks,
                                                   return_cls_logits=self.training)
         mask = self.mask_generator(features.tapped_tokens)
         if not self.training:
             return DPMEvalOutput(features.cls_feature, mask)
         bn_feature = self.bottleneck(features.cls_feature)
+        if self.loss_inputs:
+            return DPMLossInputs(bn_feature, mask, self.classifier.weight, features.cls_feature, features.cls_logits,
+                                 self.arcface_scale, self.arcface_margin, self.easy_margin)
         masked_logits = masked_arcface_logits(bn_feature, mask, self.classifier.weight, labels,
                                               self.arcface_scale, self.arcface_margin, self.easy_margin)
         return DPMTrainOutput(self.classifier(bn_feature), masked_logits, features.cls_feature, mask,
