@@ -101,20 +101,28 @@ def _op_for(backend):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_opcheck(backend):
+@pytest.mark.parametrize("with_grad", [True, False])
+def test_opcheck(backend, with_grad):
     features, mask, weight, labels = make_inputs(5, 7, 6, torch.float64, device_for(backend), seed=3)
-    args = (*[t.requires_grad_(True) for t in (features, mask, weight)], labels, 30.0, 0.5, False, 1e-7, 0.5, 0.5)
+    args = (*[t.requires_grad_(with_grad) for t in (features, mask, weight)], labels, 30.0, 0.5, False, 1e-7, 0.5,
+            0.5, with_grad)
     torch.library.opcheck(_op_for(backend), args)
 
 
-@pytest.mark.parametrize("backend", backend_params("cpp", "cuda"))
-def test_opcheck_backward_op(backend):
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_gradients_only_when_autograd_needs_them(backend):
     features, mask, weight, labels = make_inputs(5, 7, 6, torch.float64, device_for(backend), seed=3)
+    expected = masked_arcface_cross_entropy(features, mask, weight, labels, fused=False)
     scalars = (30.0, 0.5, False, 1e-7, 0.5, 0.5)
-    _, masked_lse, plain_lse = torch.ops.dpm_ops.masked_arcface_ce(features, mask, weight, labels, *scalars)
-    torch.library.opcheck(torch.ops.dpm_ops.masked_arcface_ce_backward,
-                          (torch.tensor(1.5, dtype=torch.float64, device=features.device), features, mask, weight,
-                           labels, masked_lse, plain_lse, *scalars))
+    loss, *grads = _op_for(backend)(features, mask, weight, labels, *scalars, False)
+    torch.testing.assert_close(loss, expected)
+    assert all(g.numel() == 0 for g in grads)
+    loss, *grads = _op_for(backend)(features, mask, weight, labels, *scalars, True)
+    torch.testing.assert_close(loss, expected)
+    assert [g.shape for g in grads] == [features.shape, mask.shape, weight.shape]
+    with torch.no_grad():  # the public function asks for none under no_grad
+        torch.testing.assert_close(masked_arcface_ce(features.requires_grad_(True), mask, weight, labels,
+                                                     backend=backend), expected)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

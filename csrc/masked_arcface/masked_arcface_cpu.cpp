@@ -1,4 +1,5 @@
 // CPU kernels of the fused masked ArcFace cross-entropy: OpenMP row passes between MKL GEMMs.
+// Each row pass computes the rows' CE and, in place, the gradient coefficients the next GEMMs take.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -48,73 +49,64 @@ struct CpuKernels {
     });
   }
 
-  // Per row: cosines, ArcFace logits, both log-sum-exps and the row's weighted CE.
-  static void forward_rows(const at::Tensor& num, const at::Tensor& den_sq, const at::Tensor& plain,
-                           const at::Tensor& labels, const Params& p, at::Tensor masked_lse, at::Tensor plain_lse,
-                           at::Tensor row_loss) {
-    AT_DISPATCH_FLOATING_TYPES(num.scalar_type(), "masked_arcface_forward_rows", [&] {
+  // Per row: cosines, ArcFace logits, their log-sum-exp; row_loss = masked_w · (lse − l[y])
+  // (the batch mean comes later). With `with_grad`, in place: num -> g_num, den_sq -> h of dLoss/dcos.
+  static void masked_rows(at::Tensor num, at::Tensor den_sq, const at::Tensor& labels, const Params& p,
+                          int64_t batch, bool with_grad, at::Tensor row_loss) {
+    AT_DISPATCH_FLOATING_TYPES(num.scalar_type(), "masked_arcface_masked_rows", [&] {
       using A = scalar_t;
       const Margin<A> m = make_margin<A>(p.scale, p.margin, p.easy_margin, p.clamp_eps);
+      const A g = A(p.masked_weight) / A(batch);
       const int64_t K = num.size(1);
-      const A *np = num.const_data_ptr<A>(), *dp = den_sq.const_data_ptr<A>();
-      const A* pp = static_cast<const A*>(data_or_null(plain));
+      A *np = num.data_ptr<A>(), *dp = den_sq.data_ptr<A>(), *loss = row_loss.data_ptr<A>();
       const int64_t* lp = labels.const_data_ptr<int64_t>();
-      A *mlse = masked_lse.data_ptr<A>(), *plse = plain_lse.data_ptr<A>(), *loss = row_loss.data_ptr<A>();
       std::atomic<bool> labels_ok{true};
       at::parallel_for(0, num.size(0), kRowGrain, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           const int64_t y = lp[r];
           if (y < 0 || y >= K) {
             labels_ok = false;
-            loss[r] = mlse[r] = A(NAN);
             continue;
           }
-          const A* nr = np + r * K;
-          const A* dr = dp + r * K;
+          A *nr = np + r * K, *dr = dp + r * K;
           Lse<A> acc = lse_empty<A>();
           for (int64_t k = 0; k < K; ++k) acc = lse_add(acc, arc_logit(cosine(nr[k], dr[k], A(kEps)), k == y, m));
-          mlse[r] = lse_value(acc);
-          A value = A(p.masked_weight) * (mlse[r] - arc_logit(cosine(nr[y], dr[y], A(kEps)), true, m));
-          if (pp) {
-            const A* pr = pp + r * K;
-            Lse<A> pacc = lse_empty<A>();
-            for (int64_t k = 0; k < K; ++k) pacc = lse_add(pacc, pr[k]);
-            plse[r] = lse_value(pacc);
-            value += A(p.plain_weight) * (plse[r] - pr[y]);
+          const A lse = lse_value(acc);
+          loss[r] = A(p.masked_weight) * (lse - arc_logit(cosine(nr[y], dr[y], A(kEps)), true, m));
+          if (!with_grad) continue;
+          for (int64_t k = 0; k < K; ++k) {
+            const A c = cosine(nr[k], dr[k], A(kEps));
+            const A prob = exp_of(arc_logit(c, k == y, m) - lse);
+            const auto coef = backward_coef(grad_cosine(c, k == y, prob, g, m), c, dr[k], A(kEps));
+            nr[k] = coef.g_num;
+            dr[k] = coef.h;
           }
-          loss[r] = value;
         }
       });
       TORCH_CHECK_VALUE(labels_ok, "masked_arcface_cross_entropy: labels must lie in [0, K = ", K, ")");
     });
   }
 
-  // In place: num -> g_num, den_sq -> h (masked_cosine's backward coefficients of dLoss/dcos),
-  // plain -> dLoss/dplain_logit.
-  static void backward_rows(const at::Tensor& grad, at::Tensor num, at::Tensor den_sq, at::Tensor plain,
-                            const at::Tensor& labels, const at::Tensor& masked_lse, const at::Tensor& plain_lse,
-                            const Params& p, int64_t batch) {
-    AT_DISPATCH_FLOATING_TYPES(num.scalar_type(), "masked_arcface_backward_rows", [&] {
+  // Per row of plain logits: row_loss += plain_w · (lse − plain[y]); with `with_grad`, in place:
+  // plain -> dLoss/dplain.
+  static void plain_rows(at::Tensor plain, const at::Tensor& labels, const Params& p, int64_t batch, bool with_grad,
+                         at::Tensor row_loss) {
+    AT_DISPATCH_FLOATING_TYPES(plain.scalar_type(), "masked_arcface_plain_rows", [&] {
       using A = scalar_t;
-      const Margin<A> m = make_margin<A>(p.scale, p.margin, p.easy_margin, p.clamp_eps);
-      const A g = grad.to(num.scalar_type()).item<A>() / A(batch);
-      const A g_masked = g * A(p.masked_weight), g_plain = g * A(p.plain_weight);
-      const int64_t K = num.size(1);
-      A *np = num.data_ptr<A>(), *dp = den_sq.data_ptr<A>();
-      A* pp = plain.defined() ? plain.data_ptr<A>() : nullptr;
+      const A g = A(p.plain_weight) / A(batch);
+      const int64_t K = plain.size(1);
+      A *pp = plain.data_ptr<A>(), *loss = row_loss.data_ptr<A>();
       const int64_t* lp = labels.const_data_ptr<int64_t>();
-      const A *mlse = masked_lse.const_data_ptr<A>(), *plse = plain_lse.const_data_ptr<A>();
-      at::parallel_for(0, num.size(0), kRowGrain, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, plain.size(0), kRowGrain, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
-          const int64_t y = lp[r];
-          for (int64_t k = 0, i = r * K; k < K; ++k, ++i) {
-            const A c = cosine(np[i], dp[i], A(kEps));
-            const A prob = exp_of(arc_logit(c, k == y, m) - mlse[r]);
-            const auto coef = backward_coef(grad_cosine(c, k == y, prob, g_masked, m), c, dp[i], A(kEps));
-            np[i] = coef.g_num;
-            dp[i] = coef.h;
-            if (pp) pp[i] = grad_plain(exp_of(pp[i] - plse[r]), k == y, g_plain);
-          }
+          A* pr = pp + r * K;
+          const int64_t y = lp[r];  // checked by masked_rows
+          Lse<A> acc = lse_empty<A>();
+          for (int64_t k = 0; k < K; ++k) acc = lse_add(acc, pr[k]);
+          const A lse = lse_value(acc);
+          loss[r] += A(p.plain_weight) * (lse - pr[y]);
+          if (with_grad)
+            for (int64_t k = 0; k < K; ++k) pr[k] = grad_plain(exp_of(pr[k] - lse), k == y, g);
         }
       });
     });
@@ -179,29 +171,20 @@ Params params(double scale, double margin, bool easy_margin, double clamp_eps, d
   return {scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_arcface_ce_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_arcface_ce_cpu(
     const at::Tensor& features, const at::Tensor& mask, const at::Tensor& weight, const at::Tensor& labels,
-    double scale, double margin, bool easy_margin, double clamp_eps, double plain_weight, double masked_weight) {
+    double scale, double margin, bool easy_margin, double clamp_eps, double plain_weight, double masked_weight,
+    bool with_grad) {
   const Params p = params(scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight);
   check_inputs(features, mask, weight, labels, p);
-  return forward<CpuKernels>(features.contiguous(), mask.contiguous(), weight.contiguous(), labels.contiguous(), p);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_arcface_ce_backward_cpu(
-    const at::Tensor& grad, const at::Tensor& features, const at::Tensor& mask, const at::Tensor& weight,
-    const at::Tensor& labels, const at::Tensor& masked_lse, const at::Tensor& plain_lse, double scale, double margin,
-    bool easy_margin, double clamp_eps, double plain_weight, double masked_weight) {
-  const Params p = params(scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight);
-  check_inputs(features, mask, weight, labels, p);
-  return backward<CpuKernels>(grad, features.contiguous(), mask.contiguous(), weight.contiguous(),
-                              labels.contiguous(), masked_lse.contiguous(), plain_lse.contiguous(), p);
+  return forward<CpuKernels>(features.contiguous(), mask.contiguous(), weight.contiguous(), labels.contiguous(), p,
+                             with_grad);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dpm_ops, CPU, m) {
   m.impl("masked_arcface_ce", &masked_arcface_ce_cpu);
-  m.impl("masked_arcface_ce_backward", &masked_arcface_ce_backward_cpu);
 }
 
 }  // namespace masked_arcface

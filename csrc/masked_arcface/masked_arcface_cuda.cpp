@@ -17,7 +17,6 @@ Dtype dtype_of(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? Dt
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
-void* mutable_or_null(at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
 cuda::LossParams loss_params(const Params& p) {
   return {p.scale, p.margin, p.clamp_eps, p.plain_weight, p.masked_weight, p.easy_margin};
@@ -29,20 +28,15 @@ struct CudaKernels {
     masked_cosine::cuda::prepare_rows(dtype_of(v), v.const_data_ptr(), data_or_null(mult), v.size(0), v.size(1), eps,
                                       scaled.data_ptr(), second.data_ptr(), inv.data_ptr(), stream());
   }
-  static void forward_rows(const at::Tensor& num, const at::Tensor& den_sq, const at::Tensor& plain,
-                           const at::Tensor& labels, const Params& p, at::Tensor masked_lse, at::Tensor plain_lse,
-                           at::Tensor row_loss) {
-    cuda::forward_rows(dtype_of(num), num.const_data_ptr(), den_sq.const_data_ptr(), data_or_null(plain),
-                       labels.const_data_ptr<int64_t>(), num.size(0), num.size(1), loss_params(p),
-                       masked_lse.data_ptr(), plain_lse.data_ptr(), row_loss.data_ptr(), stream());
+  static void masked_rows(at::Tensor num, at::Tensor den_sq, const at::Tensor& labels, const Params& p,
+                          int64_t batch, bool with_grad, at::Tensor row_loss) {
+    cuda::masked_rows(dtype_of(num), num.data_ptr(), den_sq.data_ptr(), labels.const_data_ptr<int64_t>(),
+                      num.size(0), num.size(1), batch, with_grad, loss_params(p), row_loss.data_ptr(), stream());
   }
-  static void backward_rows(const at::Tensor& grad, at::Tensor num, at::Tensor den_sq, at::Tensor plain,
-                            const at::Tensor& labels, const at::Tensor& masked_lse, const at::Tensor& plain_lse,
-                            const Params& p, int64_t batch) {
-    const at::Tensor g = grad.to(num.scalar_type()).contiguous();
-    cuda::backward_rows(dtype_of(num), g.const_data_ptr(), num.data_ptr(), den_sq.data_ptr(), mutable_or_null(plain),
-                        labels.const_data_ptr<int64_t>(), masked_lse.const_data_ptr(), plain_lse.const_data_ptr(),
-                        num.size(0), num.size(1), batch, loss_params(p), stream());
+  static void plain_rows(at::Tensor plain, const at::Tensor& labels, const Params& p, int64_t batch, bool with_grad,
+                         at::Tensor row_loss) {
+    cuda::plain_rows(dtype_of(plain), plain.data_ptr(), labels.const_data_ptr<int64_t>(), plain.size(0),
+                     plain.size(1), batch, with_grad, loss_params(p), row_loss.data_ptr(), stream());
   }
   static void query_rows_backward(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& inv,
                                   const at::Tensor& u, const at::Tensor& v, const at::Tensor& plain_grad,
@@ -66,31 +60,21 @@ Params params(double scale, double margin, bool easy_margin, double clamp_eps, d
   return {scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_arcface_ce_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_arcface_ce_cuda(
     const at::Tensor& features, const at::Tensor& mask, const at::Tensor& weight, const at::Tensor& labels,
-    double scale, double margin, bool easy_margin, double clamp_eps, double plain_weight, double masked_weight) {
+    double scale, double margin, bool easy_margin, double clamp_eps, double plain_weight, double masked_weight,
+    bool with_grad) {
   const Params p = params(scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight);
   check_inputs(features, mask, weight, labels, p);
   const c10::cuda::CUDAGuard guard(features.device());
-  return forward<CudaKernels>(features.contiguous(), mask.contiguous(), weight.contiguous(), labels.contiguous(), p);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_arcface_ce_backward_cuda(
-    const at::Tensor& grad, const at::Tensor& features, const at::Tensor& mask, const at::Tensor& weight,
-    const at::Tensor& labels, const at::Tensor& masked_lse, const at::Tensor& plain_lse, double scale, double margin,
-    bool easy_margin, double clamp_eps, double plain_weight, double masked_weight) {
-  const Params p = params(scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight);
-  check_inputs(features, mask, weight, labels, p);
-  const c10::cuda::CUDAGuard guard(features.device());
-  return backward<CudaKernels>(grad, features.contiguous(), mask.contiguous(), weight.contiguous(),
-                               labels.contiguous(), masked_lse.contiguous(), plain_lse.contiguous(), p);
+  return forward<CudaKernels>(features.contiguous(), mask.contiguous(), weight.contiguous(), labels.contiguous(), p,
+                              with_grad);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dpm_ops, CUDA, m) {
   m.impl("masked_arcface_ce", &masked_arcface_ce_cuda);
-  m.impl("masked_arcface_ce_backward", &masked_arcface_ce_backward_cuda);
 }
 
 }  // namespace masked_arcface

@@ -18,17 +18,16 @@ struct LossParams {
   bool easy_margin;
 };
 
-// One block per row of the chunk (rows x K): the rows' masked (and plain, when `plain` is non-null)
-// log-sum-exps and weighted CE values. Out-of-range labels give NaN (the caller checks them first).
-void forward_rows(Dtype dtype, const void* num, const void* den_sq, const void* plain, const int64_t* labels,
-                  int64_t rows, int64_t K, LossParams p, void* masked_lse, void* plain_lse, void* row_loss,
-                  cudaStream_t stream);
+// One block per row of the chunk (rows x K): row_loss = masked_w · (lse − l[y]) of the ArcFace logits;
+// with `with_grad`, in place num -> g_num, den_sq -> h (masked_cosine_math.h) of dLoss/dcos for a unit
+// upstream gradient (`batch`: the B of the mean). Out-of-range labels give NaN (checked before).
+void masked_rows(Dtype dtype, void* num, void* den_sq, const int64_t* labels, int64_t rows, int64_t K, int64_t batch,
+                 bool with_grad, LossParams p, void* row_loss, cudaStream_t stream);
 
-// In place, per element: num -> g_num, den_sq -> h, plain -> dLoss/dplain; `grad` is the loss's
-// upstream gradient (one element, device memory), `batch` the full B of the mean.
-void backward_rows(Dtype dtype, const void* grad, void* num, void* den_sq, void* plain, const int64_t* labels,
-                   const void* masked_lse, const void* plain_lse, int64_t rows, int64_t K, int64_t batch,
-                   LossParams p, cudaStream_t stream);
+// One block per row of plain logits: row_loss += plain_w · (lse − plain[y]); with `with_grad`, in
+// place plain -> dLoss/dplain.
+void plain_rows(Dtype dtype, void* plain, const int64_t* labels, int64_t rows, int64_t K, int64_t batch,
+                bool with_grad, LossParams p, void* row_loss, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace masked_arcface

@@ -1,7 +1,6 @@
 // The fused masked ArcFace cross-entropy written once for any device: GEMMs through ATen
 // (MKL / cuBLAS) over row chunks, each chunk's (rows, K) products consumed by one fused row pass.
-// The chunks are sized so that all (·, K) buffers together never exceed one (B, K) matrix; the
-// backward recomputes the products instead of keeping any (B, K) matrix from the forward.
+// Two (rows, K) buffers of ceil(B/2) rows: never more than one (B, K) matrix's worth.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -39,86 +38,86 @@ inline void check_inputs(const at::Tensor& features, const at::Tensor& mask, con
                     p.clamp_eps);
 }
 
-// Rows per chunk so that `buffers` (rows, K) matrices hold at most B·K elements (at least 1 row).
-inline int64_t rows_per_chunk(int64_t B, int buffers) { return std::max<int64_t>(1, (B + buffers - 1) / buffers); }
+// Rows per chunk so that the two (rows, K) buffers together hold at most B·K elements.
+inline int64_t rows_per_chunk(int64_t B) { return std::max<int64_t>(1, (B + 1) / 2); }
 
-struct ChunkBuffers {
-  at::Tensor num, den_sq, plain;  // (rows, K); plain undefined without the plain branch
-};
-
-inline ChunkBuffers chunk_products(const masked_cosine::Prepared& prep, const at::Tensor& features,
-                                   const at::Tensor& weight, bool with_plain, int64_t r0, int64_t n,
-                                   ChunkBuffers& storage) {
-  ChunkBuffers c{storage.num.narrow(0, 0, n), storage.den_sq.narrow(0, 0, n),
-                 with_plain ? storage.plain.narrow(0, 0, n) : at::Tensor()};
-  at::mm_out(c.num, prep.query_scaled.narrow(0, r0, n), prep.proto_hat.t());
-  at::mm_out(c.den_sq, prep.mask_sq.narrow(0, r0, n), prep.proto_hat_sq.t());
-  if (with_plain) at::mm_out(c.plain, features.narrow(0, r0, n), weight.t());
-  return c;
-}
-
-inline ChunkBuffers allocate_chunk(const at::Tensor& features, int64_t rows, int64_t K, bool with_plain) {
-  const auto opts = features.options();
-  return {at::empty({rows, K}, opts), at::empty({rows, K}, opts),
-          with_plain ? at::empty({rows, K}, opts) : at::Tensor()};
-}
-
-// Returns (loss (0-dim), masked row lse (B), plain row lse (B; zeros without the plain branch)).
-template <class Kernels>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& features, const at::Tensor& mask,
-                                                       const at::Tensor& weight, const at::Tensor& labels,
-                                                       const Params& p) {
-  const int64_t B = features.size(0), K = weight.size(0);
-  const bool with_plain = p.plain_weight != 0;
-  const masked_cosine::Prepared prep = masked_cosine::prepare<Kernels>(features, mask, weight, kEps);
-  at::Tensor masked_lse = at::empty({B}, features.options()), plain_lse = at::zeros({B}, features.options());
-  at::Tensor row_loss = at::empty({B}, features.options());
-  const int64_t chunk = rows_per_chunk(B, with_plain ? 3 : 2);
-  ChunkBuffers storage = allocate_chunk(features, std::min(chunk, B), K, with_plain);
-  for (int64_t r0 = 0; r0 < B; r0 += chunk) {
-    const int64_t n = std::min(chunk, B - r0);
-    const ChunkBuffers c = chunk_products(prep, features, weight, with_plain, r0, n, storage);
-    Kernels::forward_rows(c.num, c.den_sq, c.plain, labels.narrow(0, r0, n), p, masked_lse.narrow(0, r0, n),
-                          plain_lse.narrow(0, r0, n), row_loss.narrow(0, r0, n));
+// out = a·b (first chunk: out may be uninitialised) or out += a·b.
+inline void accumulate_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool first) {
+  if (first) {
+    at::mm_out(out, a, b);
+  } else {
+    out.addmm_(a, b);
   }
-  return {row_loss.sum().div_(static_cast<double>(B)), masked_lse, plain_lse};
 }
 
-// Gradients w.r.t. (features, mask, weight) of grad · loss.
+// The loss (0-dim) and, with `with_grad`, its gradients w.r.t. (features, mask, weight) for a unit
+// upstream gradient (the loss is a scalar: autograd's backward only rescales them). Gradients are
+// computed in the same pass, like a fused linear cross-entropy: per chunk of rows, the masked
+// cosine's num and den² go into the two buffers, one row pass turns them into the rows' CE and, in
+// place, into the backward coefficients g_num and h (masked_cosine_math.h), which four GEMMs consume;
+// then the plain logits go into the first buffer, one row pass gives their CE and, in place, their
+// gradient, which two GEMMs consume. 9 GEMMs in all (eager autograd: 10), no (B, K) matrix kept.
+// Without `with_grad` the gradients are empty (0-element) tensors.
 template <class Kernels>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad, const at::Tensor& features,
-                                                        const at::Tensor& mask, const at::Tensor& weight,
-                                                        const at::Tensor& labels, const at::Tensor& masked_lse,
-                                                        const at::Tensor& plain_lse, const Params& p) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& features, const at::Tensor& mask,
+                                                                   const at::Tensor& weight, const at::Tensor& labels,
+                                                                   const Params& p, bool with_grad) {
   const int64_t B = features.size(0), K = weight.size(0);
   const bool with_plain = p.plain_weight != 0;
   const masked_cosine::Prepared prep = masked_cosine::prepare<Kernels>(features, mask, weight, kEps);
-  at::Tensor grad_features = at::empty_like(features), grad_mask = at::empty_like(mask);
-  at::Tensor up = at::zeros_like(weight), vp = at::zeros_like(weight);
-  at::Tensor grad_weight_plain = with_plain ? at::zeros_like(weight) : at::Tensor();
-  const int64_t chunk = rows_per_chunk(B, with_plain ? 3 : 2);
-  ChunkBuffers storage = allocate_chunk(features, std::min(chunk, B), K, with_plain);
+  at::Tensor row_loss = at::empty({B}, features.options());
+  at::Tensor grad_features, grad_mask, up, vp, grad_weight_plain;
+  if (with_grad) {
+    grad_features = at::empty_like(features);
+    grad_mask = at::empty_like(mask);
+    // Accumulators: the first chunk overwrites them (zeros only when there is no chunk at all).
+    auto accumulator = [&] { return B == 0 ? at::zeros_like(weight) : at::empty_like(weight); };
+    up = accumulator();
+    vp = accumulator();
+    if (with_plain) grad_weight_plain = accumulator();
+  }
+  const int64_t chunk = rows_per_chunk(B);
+  at::Tensor first = at::empty({std::min(chunk, B), K}, features.options()), second = at::empty_like(first);
   for (int64_t r0 = 0; r0 < B; r0 += chunk) {
     const int64_t n = std::min(chunk, B - r0);
-    const ChunkBuffers c = chunk_products(prep, features, weight, with_plain, r0, n, storage);
-    // In place: num -> g_num, den_sq -> h (masked_cosine's coefficients), plain -> its logit gradient.
-    Kernels::backward_rows(grad, c.num, c.den_sq, c.plain, labels.narrow(0, r0, n), masked_lse.narrow(0, r0, n),
-                           plain_lse.narrow(0, r0, n), p, B);
-    const at::Tensor u = at::mm(c.num, prep.proto_hat), v = at::mm(c.den_sq, prep.proto_hat_sq);
-    up.addmm_(c.num.t(), prep.query_scaled.narrow(0, r0, n));
-    vp.addmm_(c.den_sq.t(), prep.mask_sq.narrow(0, r0, n));
+    const bool first_chunk = r0 == 0;
+    at::Tensor num = first.narrow(0, 0, n), den_sq = second.narrow(0, 0, n);
+    const at::Tensor y = labels.narrow(0, r0, n);
+    at::Tensor loss = row_loss.narrow(0, r0, n);
+    at::mm_out(num, prep.query_scaled.narrow(0, r0, n), prep.proto_hat.t());
+    at::mm_out(den_sq, prep.mask_sq.narrow(0, r0, n), prep.proto_hat_sq.t());
+    Kernels::masked_rows(num, den_sq, y, p, B, with_grad, loss);  // num -> g_num, den_sq -> h
+    at::Tensor u, v;
+    if (with_grad) {
+      u = at::mm(num, prep.proto_hat);
+      v = at::mm(den_sq, prep.proto_hat_sq);
+      accumulate_mm(up, num.t(), prep.query_scaled.narrow(0, r0, n), first_chunk);
+      accumulate_mm(vp, den_sq.t(), prep.mask_sq.narrow(0, r0, n), first_chunk);
+    }
     at::Tensor plain_grad_features;
     if (with_plain) {
-      plain_grad_features = at::mm(c.plain, weight);
-      grad_weight_plain.addmm_(c.plain.t(), features.narrow(0, r0, n));
+      at::Tensor plain = first.narrow(0, 0, n);
+      at::mm_out(plain, features.narrow(0, r0, n), weight.t());
+      Kernels::plain_rows(plain, y, p, B, with_grad, loss);  // plain -> dLoss/dplain
+      if (with_grad) {
+        plain_grad_features = at::mm(plain, weight);
+        accumulate_mm(grad_weight_plain, plain.t(), features.narrow(0, r0, n), first_chunk);
+      }
     }
-    at::Tensor gf = grad_features.narrow(0, r0, n), gm = grad_mask.narrow(0, r0, n);
-    Kernels::query_rows_backward(features.narrow(0, r0, n), mask.narrow(0, r0, n), prep.query_inv.narrow(0, r0, n),
-                                 u, v, plain_grad_features, gf, gm);
+    if (with_grad) {
+      at::Tensor gf = grad_features.narrow(0, r0, n), gm = grad_mask.narrow(0, r0, n);
+      Kernels::query_rows_backward(features.narrow(0, r0, n), mask.narrow(0, r0, n),
+                                   prep.query_inv.narrow(0, r0, n), u, v, plain_grad_features, gf, gm);
+    }
+  }
+  at::Tensor loss = row_loss.sum().div_(static_cast<double>(B));
+  if (!with_grad) {
+    const at::Tensor none = at::empty({0}, features.options());
+    return {loss, none, none.clone(), none.clone()};
   }
   at::Tensor grad_weight = at::empty_like(weight);
   Kernels::proto_rows_backward(weight, prep.proto_inv, up, vp, grad_weight_plain, grad_weight);
-  return {grad_features, grad_mask, grad_weight};
+  return {loss, grad_features, grad_mask, grad_weight};
 }
 
 }  // namespace masked_arcface

@@ -5,9 +5,10 @@ One tile kernel, grid (B tiles, K tiles), streams C once per tile for both dot p
 cosine (and the plain logits f·wᵀ), then, in the epilogue:
 * forward: the tile's partial log-sum-exp per row (max, sum) of the ArcFace and plain logits, and the
   target logits; partials (B, K/BLOCK_K) are merged in torch. No (B, K) matrix is written at all.
-* backward (per row chunk, chunks sized like the C++ driver's): the masked cosine's coefficients
-  g_num, h and the plain logits' gradient; the GEMMs against the prototypes / queries then run in torch
-  (cuBLAS), and the rows' normalisation backward reuses the masked cosine's Triton helpers.
+* gradients (for a unit upstream gradient, when autograd needs them; per row chunk of ceil(B/2) rows
+  as the C++ driver): the tile recomputed, the masked cosine's coefficients g_num, h and the plain
+  logits' gradient; the GEMMs against the prototypes / queries then run in torch (cuBLAS), and the
+  rows' normalisation backward reuses the masked cosine's Triton helpers.
 """
 
 import math
@@ -115,8 +116,8 @@ def _margin_args(scale, margin, easy_margin, clamp_eps):
                 mm=math.sin(math.pi - margin) * margin, lo=-1.0 + clamp_eps, hi=1.0 - clamp_eps)
 
 
-def _rows_per_chunk(B, buffers):
-    return max(1, -(-B // buffers))
+def _rows_per_chunk(B):
+    return max(1, -(-B // 2))  # the (rows, K) coefficient buffers hold at most ~one (B, K) matrix in all
 
 
 def forward(features, mask, weight, labels, scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight):
@@ -147,8 +148,9 @@ def forward(features, mask, weight, labels, scale, margin, easy_margin, clamp_ep
     return row_loss.sum() / B, masked_lse, plain_lse
 
 
-def backward(grad, features, mask, weight, labels, masked_lse, plain_lse, scale, margin, easy_margin, clamp_eps,
-             plain_weight, masked_weight):
+def gradients(features, mask, weight, labels, masked_lse, plain_lse, scale, margin, easy_margin, clamp_eps,
+              plain_weight, masked_weight):
+    """Gradients of the loss w.r.t. (features, mask, weight), for a unit upstream gradient."""
     B, C = features.shape
     K = weight.shape[0]
     f, m, w, labels = features.contiguous(), mask.contiguous(), weight.contiguous(), labels.contiguous()
@@ -162,11 +164,12 @@ def backward(grad, features, mask, weight, labels, masked_lse, plain_lse, scale,
     up, vp = torch.zeros_like(w), torch.zeros_like(w)
     grad_w_plain = torch.zeros_like(w)
     grad_f, grad_m = torch.empty_like(f), torch.empty_like(m)
-    chunk = _rows_per_chunk(B, 3 if with_plain else 2)
+    chunk = _rows_per_chunk(B)
     rows = min(chunk, B)
     g_num = torch.empty((rows, K), dtype=f.dtype, device=f.device)
-    h, gp = torch.empty_like(g_num), torch.empty_like(g_num)
-    grad = grad.to(f.dtype).reshape(1).contiguous()
+    h = torch.empty_like(g_num)
+    gp = torch.empty((rows if with_plain else 0, K), dtype=f.dtype, device=f.device)
+    grad = torch.ones(1, dtype=f.dtype, device=f.device)
     for r0 in range(0, B, chunk):
         n = min(chunk, B - r0)
         _arcface_tile_kernel[(triton.cdiv(n, BLOCK_B), triton.cdiv(K, BLOCK_K))](
@@ -185,3 +188,15 @@ def backward(grad, features, mask, weight, labels, masked_lse, plain_lse, scale,
             grad_w_plain.addmm_(gp[:n].t(), f[rs])
     grad_w = _normalize_backward(up - wh * vp, w, inv_w, EPS) + grad_w_plain
     return grad_f, grad_m, grad_w
+
+
+def loss_and_grads(features, mask, weight, labels, scale, margin, easy_margin, clamp_eps, plain_weight,
+                   masked_weight, with_grad):
+    """The dpm_ops::masked_arcface_ce_triton op: (loss, grad_features, grad_mask, grad_weight)."""
+    loss, masked_lse, plain_lse = forward(features, mask, weight, labels, scale, margin, easy_margin, clamp_eps,
+                                          plain_weight, masked_weight)
+    if not with_grad:
+        empty = features.new_empty((0,))
+        return loss, empty, empty.clone(), empty.clone()
+    return (loss, *gradients(features, mask, weight, labels, masked_lse, plain_lse, scale, margin, easy_margin,
+                             clamp_eps, plain_weight, masked_weight))
