@@ -26,6 +26,7 @@ const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_dat
 struct CpuKernels {
   // The masked cosine's GEMM operands (see masked_cosine::prepare): scaled = v·inv·mult and
   // second = mult² (or scaled = v·inv, second = scaled² without mult), inv = 1/max(‖v‖, eps).
+  // Branch-free inner loops with `omp simd` so that they vectorise (the extension is built with -fopenmp).
   static void prepare_rows(const at::Tensor& v, const at::Tensor& mult, double eps, at::Tensor& scaled,
                            at::Tensor& second, at::Tensor& inv) {
     AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "masked_arcface_prepare_rows", [&] {
@@ -36,13 +37,26 @@ struct CpuKernels {
       at::parallel_for(0, v.size(0), 16, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           const scalar_t* row = vp + r * cols;
+          scalar_t* srow = sp + r * cols;
+          scalar_t* qrow = qp + r * cols;
           scalar_t sum_sq = 0;
+          _Pragma("omp simd reduction(+ : sum_sq)")
           for (int64_t c = 0; c < cols; ++c) sum_sq += row[c] * row[c];
           const scalar_t s = inv_norm(sum_sq, scalar_t(eps));
           ip[r] = s;
-          for (int64_t c = 0, i = r * cols; c < cols; ++c, ++i) {
-            sp[i] = mp ? row[c] * s * mp[i] : row[c] * s;
-            qp[i] = mp ? mp[i] * mp[i] : sp[i] * sp[i];
+          if (mp) {
+            const scalar_t* mrow = mp + r * cols;
+            _Pragma("omp simd")
+            for (int64_t c = 0; c < cols; ++c) {
+              srow[c] = row[c] * s * mrow[c];
+              qrow[c] = mrow[c] * mrow[c];
+            }
+          } else {
+            _Pragma("omp simd")
+            for (int64_t c = 0; c < cols; ++c) {
+              srow[c] = row[c] * s;
+              qrow[c] = srow[c] * srow[c];
+            }
           }
         }
       });
@@ -112,22 +126,27 @@ struct CpuKernels {
     });
   }
 
-  // Rows' gradient through the normalisation (staged in the output, rescaled in a second sweep).
-  template <typename A, typename GradHat>
+  // Rows' gradient through the normalisation, from the gradient w.r.t. the normalised row staged in
+  // `grad_v`; adds `extra` (the plain branch's gradient) when given. Vectorised sweeps.
+  template <typename A>
   static void rows_normalize_backward(const A* v, const A* inv, int64_t rows, int64_t cols, const A* extra,
-                                      A* grad_v, GradHat grad_hat) {
+                                      A* grad_v) {
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const A* row = v + r * cols;
         A* grow = grad_v + r * cols;
+        const A s = inv[r];
         A dot = 0;
-        for (int64_t c = 0; c < cols; ++c) {
-          grow[c] = grad_hat(r, c, row[c] * inv[r]);
-          dot += row[c] * inv[r] * grow[c];
+        _Pragma("omp simd reduction(+ : dot)")
+        for (int64_t c = 0; c < cols; ++c) dot += row[c] * s * grow[c];
+        const bool clamped = s >= A(1) / A(kEps);  // loop-invariant: the compiler unswitches it
+        _Pragma("omp simd")
+        for (int64_t c = 0; c < cols; ++c) grow[c] = normalize_backward(grow[c], row[c] * s, dot, s, clamped);
+        if (extra) {
+          const A* erow = extra + r * cols;
+          _Pragma("omp simd")
+          for (int64_t c = 0; c < cols; ++c) grow[c] += erow[c];
         }
-        const bool clamped = inv[r] >= A(1) / A(kEps);
-        for (int64_t c = 0, i = r * cols; c < cols; ++c, ++i)
-          grow[c] = normalize_backward(grow[c], row[c] * inv[r], dot, inv[r], clamped) + (extra ? extra[i] : A(0));
       }
     });
   }
@@ -137,16 +156,18 @@ struct CpuKernels {
                                   at::Tensor& grad_x, at::Tensor& grad_mask) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "masked_arcface_query_backward", [&] {
       using A = scalar_t;
-      const int64_t cols = x.size(1);
-      const A *mp = mask.const_data_ptr<A>(), *up = u.const_data_ptr<A>(), *vp = v.const_data_ptr<A>();
-      A* gm = grad_mask.data_ptr<A>();
-      rows_normalize_backward<A>(x.const_data_ptr<A>(), inv.const_data_ptr<A>(), x.size(0), cols,
-                                 static_cast<const A*>(data_or_null(plain_grad)), grad_x.data_ptr<A>(),
-                                 [&](int64_t r, int64_t c, A xh) {
-                                   const int64_t i = r * cols + c;
-                                   gm[i] = grad_mask_value(xh, mp[i], up[i], vp[i]);
-                                   return grad_query_hat(mp[i], up[i]);
-                                 });
+      const int64_t n = x.numel(), cols = x.size(1);
+      const A *xp = x.const_data_ptr<A>(), *ip = inv.const_data_ptr<A>(), *mp = mask.const_data_ptr<A>();
+      const A *up = u.const_data_ptr<A>(), *vp = v.const_data_ptr<A>();
+      A *gx = grad_x.data_ptr<A>(), *gm = grad_mask.data_ptr<A>();
+      at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
+        _Pragma("omp simd")
+        for (int64_t i = begin; i < end; ++i) {
+          gm[i] = grad_mask_value(xp[i] * ip[i / cols], mp[i], up[i], vp[i]);
+          gx[i] = grad_query_hat(mp[i], up[i]);  // staged: the gradient w.r.t. the normalised row
+        }
+      });
+      rows_normalize_backward<A>(xp, ip, x.size(0), cols, static_cast<const A*>(data_or_null(plain_grad)), gx);
     });
   }
 
@@ -155,13 +176,17 @@ struct CpuKernels {
     AT_DISPATCH_FLOATING_TYPES(protos.scalar_type(), "masked_arcface_proto_backward", [&] {
       using A = scalar_t;
       const int64_t cols = protos.size(1);
+      const A *pp = protos.const_data_ptr<A>(), *ip = inv.const_data_ptr<A>();
       const A *upp = up.const_data_ptr<A>(), *vpp = vp.const_data_ptr<A>();
-      rows_normalize_backward<A>(protos.const_data_ptr<A>(), inv.const_data_ptr<A>(), protos.size(0), cols,
-                                 static_cast<const A*>(data_or_null(plain_grad)), grad_protos.data_ptr<A>(),
-                                 [&](int64_t r, int64_t c, A ph) {
-                                   const int64_t i = r * cols + c;
-                                   return grad_proto_hat(ph, upp[i], vpp[i]);
-                                 });
+      A* gp = grad_protos.data_ptr<A>();
+      at::parallel_for(0, protos.size(0), 16, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const A s = ip[r];
+          _Pragma("omp simd")
+          for (int64_t c = r * cols; c < (r + 1) * cols; ++c) gp[c] = grad_proto_hat(pp[c] * s, upp[c], vpp[c]);
+        }
+      });
+      rows_normalize_backward<A>(pp, ip, protos.size(0), cols, static_cast<const A*>(data_or_null(plain_grad)), gp);
     });
   }
 };
