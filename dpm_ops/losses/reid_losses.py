@@ -4,7 +4,8 @@ DPM:  L = id_w·(0.5·CE(plain) + 0.5·CE(masked ArcFace) + λ_HEM·L_HEM) + tri
 with λ_HEM = 0.1 (0.01 for Occluded-REID) and both outer weights 1. From the model's ``DPMTrainOutput``
 the ArcFace margin is already in ``masked_logits`` when the model was called with ``labels`` (as the
 official ``MArcface``). From ``DPMLossInputs`` (``DPM(..., loss_inputs=True)``) both CE branches come from
-the fused ``masked_arcface_cross_entropy`` (``fused=True``, the default; the same value and gradients).
+the fused ``masked_arcface_cross_entropy``. ``fused=True`` (the default) runs the fused kernels (ArcFace
+CE, batch-hard triplet) where available, with the same values and gradients as ``fused=False``.
 """
 
 from __future__ import annotations
@@ -35,13 +36,13 @@ class DPMLoss(nn.Module):
                                                    plain_weight=self.plain_weight,
                                                    masked_weight=self.masked_weight, fused=self.fused),
                 "hem": hem_loss(output.hem_logits),
-                "triplet": batch_hard_soft_margin_triplet(output.feature, labels),
+                "triplet": batch_hard_soft_margin_triplet(output.feature, labels, fused=self.fused),
             }
         return {
             "id_plain": F.cross_entropy(output.plain_logits, labels),
             "id_masked": F.cross_entropy(output.masked_logits, labels),
             "hem": hem_loss(output.hem_logits),
-            "triplet": batch_hard_soft_margin_triplet(output.feature, labels),
+            "triplet": batch_hard_soft_margin_triplet(output.feature, labels, fused=self.fused),
         }
 
     def forward(self, output, labels: torch.Tensor) -> torch.Tensor:
