@@ -66,7 +66,8 @@ def test_large_margin_takes_softplus_linear_branch(backend):
 def test_gradcheck_float64(backend):
     features, labels = make_inputs(6, 5, 3, torch.float64, device_for(backend), seed=1)
     x = features.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda t: batch_hard_triplet(t, labels, backend=backend), (x,))
+    assert torch.autograd.gradcheck(lambda t: batch_hard_triplet(t, labels, backend=backend), (x,),
+                                    fast_mode=backend == "triton")  # the Triton interpreter is slow
 
 
 def _op_for(backend):

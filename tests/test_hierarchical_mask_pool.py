@@ -20,7 +20,7 @@ CASES = [
     (2, [(9, 7, 11), (2, 3, 5)], None),
     (0, [(3, 4, 4), (2, 2, 2)], (8, 8)),
     (3, [(0, 4, 4), (2, 2, 2)], (8, 8)),
-    (33, [(70, 5, 2)], None),
+    (9, [(70, 5, 2)], None),
 ]
 
 
@@ -136,7 +136,7 @@ def test_gradcheck_float64(backend, mode, with_mask):
     features, mask = make_inputs(2, [(3, 4, 3), (2, 2, 5)], (8, 10) if with_mask else None, torch.float64,
                                  device, requires_grad=True, binary=False)
     assert torch.autograd.gradcheck(lambda a, b: hierarchical_mask_pool([a, b], mask, mode, backend=backend),
-                                    features)
+                                    features, fast_mode=backend == "triton")  # the Triton interpreter is slow
 
 
 def _op_for(backend):
