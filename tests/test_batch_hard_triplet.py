@@ -71,7 +71,8 @@ def test_gradcheck_float64(backend):
 
 
 def _op_for(backend):
-    return torch.ops.dpm_ops.batch_hard_triplet if backend in ("cpp", "cuda") else torch.ops.dpm_ops.batch_hard_triplet_triton
+    ops = torch.ops.dpm_ops
+    return ops.batch_hard_triplet if backend in ("cpp", "cuda") else ops.batch_hard_triplet_triton
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

@@ -99,7 +99,8 @@ def test_gradcheck_float64(backend):
 
 
 def _op_for(backend):
-    return torch.ops.dpm_ops.masked_arcface_ce if backend in ("cpp", "cuda") else torch.ops.dpm_ops.masked_arcface_ce_triton
+    ops = torch.ops.dpm_ops
+    return ops.masked_arcface_ce if backend in ("cpp", "cuda") else ops.masked_arcface_ce_triton
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

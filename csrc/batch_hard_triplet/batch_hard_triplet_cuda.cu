@@ -107,8 +107,8 @@ template <typename F> void dispatch_float(Dtype dtype, F&& f) {
 
 }  // namespace
 
-void mine(Dtype dtype, const void* sq, const void* gram, const int64_t* labels, int64_t B, int64_t* pos_index, int64_t* neg_index, void* pos_dist, void* neg_dist, uint8_t* live, void* row_loss,
-          cudaStream_t stream) {
+void mine(Dtype dtype, const void* sq, const void* gram, const int64_t* labels, int64_t B, int64_t* pos_index,
+          int64_t* neg_index, void* pos_dist, void* neg_dist, uint8_t* live, void* row_loss, cudaStream_t stream) {
   if (B == 0) return;
   dispatch_float(dtype, [&](auto tag) {
     using A = typename decltype(tag)::type;

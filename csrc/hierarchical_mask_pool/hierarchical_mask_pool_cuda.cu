@@ -54,7 +54,8 @@ __device__ RowView locate(const LevelPack& p, int64_t r) {
   const int l = find_level(p.level, p.count, r);
   const LevelDesc& d = p.level[l];
   const int64_t local = r - d.row_begin, b = local / d.channels;
-  return {l, b, local * d.height * d.width, d.height * d.width, b * p.total_channels + d.out_offset + local % d.channels};
+  const int64_t hw = d.height * d.width;
+  return {l, b, local * hw, hw, b * p.total_channels + d.out_offset + local % d.channels};
 }
 
 template <typename T, typename A, bool kMax, bool kBackward>

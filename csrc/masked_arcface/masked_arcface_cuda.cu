@@ -43,7 +43,8 @@ masked_rows_kernel(A* __restrict__ num, A* __restrict__ den_sq, const int64_t* _
   A* nr = num + r * K;
   A* dr = den_sq + r * K;
   Lse<A> acc = lse_empty<A>();
-  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) acc = lse_add(acc, arc_logit(cosine(nr[k], dr[k], A(kEps)), k == y, m));
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x)
+    acc = lse_add(acc, arc_logit(cosine(nr[k], dr[k], A(kEps)), k == y, m));
   const A lse = lse_value(block_lse(acc));
   const bool valid = y >= 0 && y < K;
   if (threadIdx.x == 0)

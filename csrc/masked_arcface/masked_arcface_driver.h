@@ -34,8 +34,8 @@ inline void check_inputs(const at::Tensor& features, const at::Tensor& mask, con
                     "masked_arcface_cross_entropy: labels must be int64 on the features' device, got ",
                     labels.scalar_type(), " on ", labels.device());
   TORCH_CHECK_VALUE(weight.size(0) > 0, "masked_arcface_cross_entropy: weight must have at least one class");
-  TORCH_CHECK_VALUE(p.clamp_eps >= 0 && p.clamp_eps < 1, "masked_arcface_cross_entropy: clamp_eps must lie in [0, 1), got ",
-                    p.clamp_eps);
+  TORCH_CHECK_VALUE(p.clamp_eps >= 0 && p.clamp_eps < 1,
+                    "masked_arcface_cross_entropy: clamp_eps must lie in [0, 1), got ", p.clamp_eps);
 }
 
 // Rows per chunk so that the two (rows, K) buffers together hold at most B·K elements.

@@ -3,7 +3,8 @@
 //
 //   cos[b,k]  masked prototype cosine;  y = labels[b]
 //   target:   sin = sqrt(1 - clamp(cos, -1+ce, 1-ce)^2),  phi = cos·cos m − sin·sin m
-//             phi := cos > th ? phi : cos − mm   (th = cos(π−m), mm = sin(π−m)·m; easy_margin: cos > 0 ? phi : cos)
+//             phi := cos > th ? phi : cos − mm   (th = cos(π−m), mm = sin(π−m)·m;
+//                                                  easy_margin: cos > 0 ? phi : cos)
 //   logits    l[b,k] = s·(k == y ? phi : cos)
 //   loss      plain_w · mean_b CE(f Wᵀ) + masked_w · mean_b CE(l),   CE = lse_k(l) − l[y]
 //

@@ -14,7 +14,8 @@ from .vit_baseline import ViTBaseline, ViTBaselineTrainOutput
 from .weights import LoadReport, load_pretrained, resize_pos_embed
 
 __all__ = [
-    "DPM", "DPMEvalOutput", "DPMLossInputs", "DPMParamGroups", "DPMTrainOutput", "HierarchicalMaskGenerator", "LoadReport",
+    "DPM", "DPMEvalOutput", "DPMLossInputs", "DPMParamGroups", "DPMTrainOutput", "HierarchicalMaskGenerator",
+    "LoadReport",
     "MODEL_NAMES", "MaskReID", "MaskReIDResNet50", "MaskReIDTrainOutput", "ResNet50", "SkippedFusionHead",
     "ViTBaseline", "ViTBaselineTrainOutput", "ViTReID", "build_model", "load_pretrained", "resize_pos_embed",
 ]
