@@ -234,3 +234,40 @@ def test_direct_op_call_checks_too(backend):
         torch.ops.dpm_ops.hierarchical_mask_pool(features, mask, "sum")
     with pytest.raises(ValueError, match="mask must be"):
         torch.ops.dpm_ops.hierarchical_mask_pool(features, mask[:, 0:1, :, :].expand(2, 2, 8, 10), "avg")
+
+
+@pytest.mark.parametrize("skip", ["avg", "max", "conv_avg"])
+@pytest.mark.parametrize("level_norm", [None, "bn", "l2"])
+@pytest.mark.parametrize("fuse_levels", [True, False])
+def test_skipped_fusion_head_pools_as_the_per_level_loop(skip, level_norm, fuse_levels):
+    # MaskReID's skipped fusing layer now pools every level in one fused call; it must equal the
+    # per-level global pool + per-level norm + concat it replaced (value and gradients).
+    from dpm_ops.models import SkippedFusionHead
+    torch.manual_seed(0)
+    head = SkippedFusionHead([6, 8, 10], embed_dim=4, skip=skip, fuse_levels=fuse_levels, level_norm=level_norm)
+    levels = [torch.randn(3, c, h, w, requires_grad=True) for c, h, w in ((6, 9, 4), (8, 5, 2), (10, 3, 2))]
+
+    def per_level_loop(levels):
+        levels = levels if fuse_levels else levels[-1:]
+        vectors = []
+        for index, level in enumerate(levels):
+            if head.skip_convs is not None and index < len(head.skip_convs):
+                level = head.skip_convs[index](level)
+            vector = level.amax((2, 3)) if skip == "max" else level.mean((2, 3))
+            if head.level_bns is not None:
+                vector = head.level_bns[index](vector)
+            elif level_norm == "l2":
+                vector = F.normalize(vector, dim=1)
+            vectors.append(vector)
+        return torch.cat(vectors, 1)
+
+    got = head.pool_levels(levels)
+    want = per_level_loop(levels)
+    torch.testing.assert_close(got, want)
+    weights = torch.randn_like(want)
+    for g, w in zip(torch.autograd.grad((got * weights).sum(), levels, allow_unused=True),
+                    torch.autograd.grad((want * weights).sum(), levels, allow_unused=True)):
+        if w is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, w)
