@@ -20,18 +20,33 @@ int64_t row_grain(const LevelPack& p) {
   return max_of<int64_t>(1, kElementGrain / hw);
 }
 
-// Where row r of the pack reads and writes.
+// Where a row of the pack reads and writes.
 struct Row {
   int level;
   int64_t b, offset, hw;  // offset: of the row in its level's (B, C, H, W) buffer
   int64_t out_index;      // in the (B, sum C) output
 };
 
-Row locate(const LevelPack& p, int64_t r) {
-  const int l = find_level(p.level, p.count, r);
-  const LevelDesc& d = p.level[l];
-  const int64_t local = r - d.row_begin, b = local / d.channels, c = local % d.channels;
-  return {l, b, local * d.height * d.width, d.height * d.width, b * p.total_channels + d.out_offset + c};
+// Calls f(row) for the rows [begin, end), walking (level, b, c) incrementally: rows are short, so
+// no per-row search or division.
+template <typename F> void for_each_row(const LevelPack& p, int64_t begin, int64_t end, F&& f) {
+  if (begin >= end) return;
+  int l = find_level(p.level, p.count, begin);
+  int64_t local = begin - p.level[l].row_begin;
+  int64_t b = local / p.level[l].channels, c = local % p.level[l].channels;
+  for (int64_t r = begin; r < end; ++r) {
+    const LevelDesc& d = p.level[l];
+    const int64_t hw = d.height * d.width;
+    f(Row{l, b, (b * d.channels + c) * hw, hw, b * p.total_channels + d.out_offset + c});
+    if (++c == d.channels) {
+      c = 0;
+      if (++b == p.batch) {
+        b = 0;
+        ++l;
+        while (l < p.count && p.level[l].channels == 0) ++l;  // levels without rows
+      }
+    }
+  }
 }
 
 struct CpuKernels {
@@ -74,17 +89,26 @@ struct CpuKernels {
       const scalar_t* sp = sums.defined() ? sums.const_data_ptr<scalar_t>() : nullptr;
       scalar_t* op = out.data_ptr<scalar_t>();
       at::parallel_for(0, p.total_rows, row_grain(p), [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          const Row row = locate(p, r);
+        for_each_row(p, begin, end, [&](const Row& row) {
           const LevelDesc& d = p.level[row.level];
           const scalar_t* x = static_cast<const scalar_t*>(d.data) + row.offset;
           const scalar_t* w = wp ? wp + row.b * p.total_hw + d.weight_offset : nullptr;
           scalar_t v;
-          if (max_mode) {
+          if (max_mode && !w) {
+            // Branch-free (vectorisable) max; NaN tracked apart, as torch.amax propagates it.
+            v = x[0];
+            bool nan = false;
+            _Pragma("omp simd reduction(max : v) reduction(|| : nan)")
+            for (int64_t i = 1; i < row.hw; ++i) {
+              v = x[i] > v ? x[i] : v;
+              nan = nan || x[i] != x[i];
+            }
+            if (nan || x[0] != x[0]) v = std::numeric_limits<scalar_t>::quiet_NaN();
+          } else if (max_mode) {
             scalar_t best = -std::numeric_limits<scalar_t>::infinity();
             bool any = false;
             for (int64_t i = 0; i < row.hw; ++i)
-              if (!w || selected(w[i])) {
+              if (selected(w[i])) {
                 best = max_update(best, x[i]);
                 any = true;
               }
@@ -92,14 +116,16 @@ struct CpuKernels {
           } else {
             scalar_t sum = 0;
             if (w) {
+              _Pragma("omp simd reduction(+ : sum)")
               for (int64_t i = 0; i < row.hw; ++i) sum += w[i] * x[i];
             } else {
+              _Pragma("omp simd reduction(+ : sum)")
               for (int64_t i = 0; i < row.hw; ++i) sum += x[i];
             }
             v = safe_divide(sum, sp ? sp[row.b * p.count + row.level] : scalar_t(row.hw));
           }
           op[row.out_index] = v;
-        }
+        });
       });
     });
   }
@@ -112,24 +138,34 @@ struct CpuKernels {
       const scalar_t* wp = weights.defined() ? weights.const_data_ptr<scalar_t>() : nullptr;
       const scalar_t* sp = sums.defined() ? sums.const_data_ptr<scalar_t>() : nullptr;
       at::parallel_for(0, p.total_rows, row_grain(p), [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          const Row row = locate(p, r);
+        for_each_row(p, begin, end, [&](const Row& row) {
           const LevelDesc& d = p.level[row.level];
           const scalar_t* x = static_cast<const scalar_t*>(d.data) + row.offset;
           scalar_t* gx = static_cast<scalar_t*>(d.grad) + row.offset;
           const scalar_t* w = wp ? wp + row.b * p.total_hw + d.weight_offset : nullptr;
           const scalar_t g = gp[row.out_index];
-          auto weight = [&](int64_t i) { return w ? w[i] : scalar_t(1); };
           if (max_mode) {
             const scalar_t o = op[row.out_index];
             int64_t ties = 0;
-            for (int64_t i = 0; i < row.hw; ++i) ties += selected(weight(i)) && x[i] == o;
-            for (int64_t i = 0; i < row.hw; ++i) gx[i] = max_grad(g, x[i], o, weight(i), ties);
+            if (w) {
+              for (int64_t i = 0; i < row.hw; ++i) ties += selected(w[i]) && x[i] == o;
+              for (int64_t i = 0; i < row.hw; ++i) gx[i] = max_grad(g, x[i], o, w[i], ties);
+            } else {
+              _Pragma("omp simd reduction(+ : ties)")
+              for (int64_t i = 0; i < row.hw; ++i) ties += x[i] == o;
+              _Pragma("omp simd")
+              for (int64_t i = 0; i < row.hw; ++i) gx[i] = max_grad(g, x[i], o, scalar_t(1), ties);
+            }
+          } else if (w) {
+            const scalar_t total = sp[row.b * p.count + row.level];
+            _Pragma("omp simd")
+            for (int64_t i = 0; i < row.hw; ++i) gx[i] = avg_grad(g, w[i], total);
           } else {
-            const scalar_t total = sp ? sp[row.b * p.count + row.level] : scalar_t(row.hw);
-            for (int64_t i = 0; i < row.hw; ++i) gx[i] = avg_grad(g, weight(i), total);
+            const scalar_t value = avg_grad(g, scalar_t(1), scalar_t(row.hw));  // the same for every cell
+            _Pragma("omp simd")
+            for (int64_t i = 0; i < row.hw; ++i) gx[i] = value;
           }
-        }
+        });
       });
     });
   }
