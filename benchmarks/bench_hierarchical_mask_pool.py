@@ -2,8 +2,8 @@
 
 Shapes: MaskReID's three levels at batch 64 (384x36x14, 768x18x7, 1536x9x4, mask 144x56) and DPM's
 HMG global max-pool (B=64, 768x5x2). Targets (CPU): the C++ kernel >= 1.3x eager on forward+backward
-of the masked MaskReID levels (>= 1.1x unmasked) (one pass over all levels instead of one pool + one cat per level); parity on
-the tiny HMG pool.
+of the masked MaskReID levels, >= 1.1x unmasked (one pass over all levels instead of a pool and a cat
+per level); parity on the tiny HMG pool.
 """
 
 import pytest
