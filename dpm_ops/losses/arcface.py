@@ -7,8 +7,10 @@ The classifier weight ``W`` (K, C) holds one "prototype" per identity. Two logit
   into ArcFace logits: the target class gets the additive angular margin ``cos(θ + m)`` (with the
   official ``easy_margin=False`` fallback ``cos θ − m·sin m`` past ``θ = π − m``), then ``× s``.
 
-The loss is ``0.5·CE(plain) + 0.5·CE(masked ArcFace)``. ``masked_arcface_cross_entropy`` is the one
-function a fused kernel (masked cosine + margin + scale + CE) replaces.
+The loss is ``0.5·CE(plain) + 0.5·CE(masked ArcFace)``. ``masked_arcface_cross_entropy`` computes it
+with the fused kernel ``dpm_ops.ops.masked_arcface_ce`` (masked cosine + margin + scale + CE, both
+branches, never more than one (B, K) matrix) by default (``fused=True``), and with the plain-torch
+reference below when ``fused=False``, when the extension is missing or ``DPM_OPS_BACKEND=reference``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dpm_ops.ops import masked_cosine
+from dpm_ops import _backend
+from dpm_ops.ops import masked_arcface_ce, masked_cosine
 
 from ._precision import at_least_fp32, common_at_least_fp32
 
@@ -56,11 +59,24 @@ def masked_arcface_logits(features: torch.Tensor, mask: torch.Tensor, weight: to
         return arcface_logits(cosine, labels, scale, margin, easy_margin, clamp_eps)
 
 
+def fused_available(device: torch.device) -> bool:
+    """Whether the fused kernel runs for tensors on ``device`` (the reference path otherwise)."""
+    return _backend.resolve(None, device) != "reference"
+
+
 def masked_arcface_cross_entropy(features: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
                                  labels: torch.Tensor, scale: float = 30.0, margin: float = 0.5,
                                  easy_margin: bool = False, clamp_eps: float = 1e-7,
-                                 plain_weight: float = 0.5, masked_weight: float = 0.5) -> torch.Tensor:
-    """``plain_weight·CE(features Wᵀ, y) + masked_weight·CE(masked ArcFace logits, y)``, batch means."""
+                                 plain_weight: float = 0.5, masked_weight: float = 0.5,
+                                 fused: bool = True) -> torch.Tensor:
+    """``plain_weight·CE(features Wᵀ, y) + masked_weight·CE(masked ArcFace logits, y)``, batch means.
+
+    ``fused=True`` runs ``dpm_ops.ops.masked_arcface_ce`` where available (same value and gradients;
+    both branches in at least fp32, also under autocast); ``fused=False`` is the reference."""
+    if fused and fused_available(features.device):
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            return masked_arcface_ce(*common_at_least_fp32(features, mask, weight), labels, scale, margin,
+                                     easy_margin, clamp_eps, plain_weight, masked_weight)
     plain = F.cross_entropy(F.linear(features, weight), labels)
     masked = F.cross_entropy(
         masked_arcface_logits(features, mask, weight, labels, scale, margin, easy_margin, clamp_eps), labels)
@@ -72,17 +88,18 @@ class MaskedArcFaceLoss(nn.Module):
     Market / Duke use ``margin=0.3``."""
 
     def __init__(self, scale: float = 30.0, margin: float = 0.5, easy_margin: bool = False,
-                 clamp_eps: float = 1e-7, plain_weight: float = 0.5, masked_weight: float = 0.5):
+                 clamp_eps: float = 1e-7, plain_weight: float = 0.5, masked_weight: float = 0.5,
+                 fused: bool = True):
         super().__init__()
         self.scale, self.margin, self.easy_margin, self.clamp_eps = scale, margin, easy_margin, clamp_eps
-        self.plain_weight, self.masked_weight = plain_weight, masked_weight
+        self.plain_weight, self.masked_weight, self.fused = plain_weight, masked_weight, fused
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
                 labels: torch.Tensor) -> torch.Tensor:
         return masked_arcface_cross_entropy(features, mask, weight, labels, self.scale, self.margin,
                                             self.easy_margin, self.clamp_eps, self.plain_weight,
-                                            self.masked_weight)
+                                            self.masked_weight, self.fused)
 
     def extra_repr(self) -> str:
         return (f"scale={self.scale}, margin={self.margin}, easy_margin={self.easy_margin}, "
-                f"plain_weight={self.plain_weight}, masked_weight={self.masked_weight}")
+                f"plain_weight={self.plain_weight}, masked_weight={self.masked_weight}, fused={self.fused}")

@@ -1,8 +1,11 @@
 """Total training losses of DPM (spec dpm.md §6) and of the ViT baseline.
 
 DPM:  L = id_w·(0.5·CE(plain) + 0.5·CE(masked ArcFace) + λ_HEM·L_HEM) + tri_w·L_TRI,
-with λ_HEM = 0.1 (0.01 for Occluded-REID) and both outer weights 1. The ArcFace margin is already
-in ``masked_logits`` when the model was called with ``labels`` (as the official ``MArcface``).
+with λ_HEM = 0.1 (0.01 for Occluded-REID) and both outer weights 1. From the model's ``DPMTrainOutput``
+the ArcFace margin is already in ``masked_logits`` when the model was called with ``labels`` (as the
+official ``MArcface``). From ``DPMLossInputs`` (``DPM(..., loss_inputs=True)``) both CE branches come from
+the fused ``masked_arcface_cross_entropy``. ``fused=True`` (the default) runs the fused kernels (ArcFace
+CE, batch-hard triplet) where available, with the same values and gradients as ``fused=False``.
 """
 
 from __future__ import annotations
@@ -11,36 +14,48 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .arcface import masked_arcface_cross_entropy
 from .hem import hem_loss
 from .triplet import batch_hard_soft_margin_triplet
 
 
 class DPMLoss(nn.Module):
     def __init__(self, hem_weight: float = 0.1, id_weight: float = 1.0, triplet_weight: float = 1.0,
-                 plain_weight: float = 0.5, masked_weight: float = 0.5):
+                 plain_weight: float = 0.5, masked_weight: float = 0.5, fused: bool = True):
         super().__init__()
         self.hem_weight, self.id_weight, self.triplet_weight = hem_weight, id_weight, triplet_weight
-        self.plain_weight, self.masked_weight = plain_weight, masked_weight
+        self.plain_weight, self.masked_weight, self.fused = plain_weight, masked_weight, fused
 
     def terms(self, output, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Unweighted terms, for logging; ``output`` is the model's ``DPMTrainOutput``."""
+        """Unweighted terms, for logging; ``output`` is the model's ``DPMTrainOutput`` (terms id_plain,
+        id_masked) or ``DPMLossInputs`` (term id: the already weighted sum of both CE branches)."""
+        if hasattr(output, "bn_feature"):  # DPMLossInputs (duck-typed: losses do not import models)
+            return {
+                "id": masked_arcface_cross_entropy(output.bn_feature, output.mask, output.weight, labels,
+                                                   output.scale, output.margin, output.easy_margin,
+                                                   plain_weight=self.plain_weight,
+                                                   masked_weight=self.masked_weight, fused=self.fused),
+                "hem": hem_loss(output.hem_logits),
+                "triplet": batch_hard_soft_margin_triplet(output.feature, labels, fused=self.fused),
+            }
         return {
             "id_plain": F.cross_entropy(output.plain_logits, labels),
             "id_masked": F.cross_entropy(output.masked_logits, labels),
             "hem": hem_loss(output.hem_logits),
-            "triplet": batch_hard_soft_margin_triplet(output.feature, labels),
+            "triplet": batch_hard_soft_margin_triplet(output.feature, labels, fused=self.fused),
         }
 
     def forward(self, output, labels: torch.Tensor) -> torch.Tensor:
         t = self.terms(output, labels)
-        id_loss = (self.plain_weight * t["id_plain"] + self.masked_weight * t["id_masked"]
-                   + self.hem_weight * t["hem"])
+        classification = (t["id"] if "id" in t
+                          else self.plain_weight * t["id_plain"] + self.masked_weight * t["id_masked"])
+        id_loss = classification + self.hem_weight * t["hem"]
         return self.id_weight * id_loss + self.triplet_weight * t["triplet"]
 
     def extra_repr(self) -> str:
         return (f"hem_weight={self.hem_weight}, id_weight={self.id_weight}, "
                 f"triplet_weight={self.triplet_weight}, plain_weight={self.plain_weight}, "
-                f"masked_weight={self.masked_weight}")
+                f"masked_weight={self.masked_weight}, fused={self.fused}")
 
 
 class BaselineReIDLoss(nn.Module):

@@ -11,7 +11,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dpm_ops.ops import batch_hard_triplet
+
 from ._precision import at_least_fp32
+from .arcface import fused_available
 
 
 def pairwise_euclidean(features: torch.Tensor) -> torch.Tensor:
@@ -21,7 +24,12 @@ def pairwise_euclidean(features: torch.Tensor) -> torch.Tensor:
     return (squared.unsqueeze(1) + squared.unsqueeze(0) - 2.0 * (x @ x.t())).clamp_min(1e-12).sqrt()
 
 
-def batch_hard_soft_margin_triplet(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def batch_hard_soft_margin_triplet(features: torch.Tensor, labels: torch.Tensor, fused: bool = True) -> torch.Tensor:
+    """``fused=True`` runs ``dpm_ops.ops.batch_hard_triplet`` where available (same value and gradient,
+    in at least fp32, also under autocast); ``fused=False`` (or no extension) is the reference below."""
+    if fused and fused_available(features.device):
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            return batch_hard_triplet(at_least_fp32(features), labels)
     dist = pairwise_euclidean(features)
     same = labels.unsqueeze(1) == labels.unsqueeze(0)
     hardest_positive = dist.masked_fill(~same, float("-inf")).max(1).values
@@ -33,5 +41,9 @@ def batch_hard_soft_margin_triplet(features: torch.Tensor, labels: torch.Tensor)
 class SoftMarginTripletLoss(nn.Module):
     """Batch-hard triplet with a soft margin (``NO_MARGIN: True``), on pre-BN features."""
 
+    def __init__(self, fused: bool = True):
+        super().__init__()
+        self.fused = fused
+
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return batch_hard_soft_margin_triplet(features, labels)
+        return batch_hard_soft_margin_triplet(features, labels, self.fused)

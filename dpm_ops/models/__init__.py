@@ -5,7 +5,7 @@
     load_pretrained(model, "jx_vit_base_p16_224-80ecf9dd.pth")
 """
 
-from .dpm import DPM, DPMEvalOutput, DPMParamGroups, DPMTrainOutput, HierarchicalMaskGenerator
+from .dpm import DPM, DPMEvalOutput, DPMLossInputs, DPMParamGroups, DPMTrainOutput, HierarchicalMaskGenerator
 from .factory import MODEL_NAMES, build_model
 from .maskreid import MaskReID, MaskReIDTrainOutput, SkippedFusionHead
 from .resnet import MaskReIDResNet50, ResNet50
@@ -14,7 +14,8 @@ from .vit_baseline import ViTBaseline, ViTBaselineTrainOutput
 from .weights import LoadReport, load_pretrained, resize_pos_embed
 
 __all__ = [
-    "DPM", "DPMEvalOutput", "DPMParamGroups", "DPMTrainOutput", "HierarchicalMaskGenerator", "LoadReport",
+    "DPM", "DPMEvalOutput", "DPMLossInputs", "DPMParamGroups", "DPMTrainOutput", "HierarchicalMaskGenerator",
+    "LoadReport",
     "MODEL_NAMES", "MaskReID", "MaskReIDResNet50", "MaskReIDTrainOutput", "ResNet50", "SkippedFusionHead",
     "ViTBaseline", "ViTBaselineTrainOutput", "ViTReID", "build_model", "load_pretrained", "resize_pos_embed",
 ]

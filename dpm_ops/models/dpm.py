@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from dpm_ops.losses.arcface import masked_arcface_logits
+from dpm_ops.ops import hierarchical_mask_pool
 
 from .param_groups import bnneck, sgd_param_groups
 from .vit import ViTReID
@@ -33,6 +34,14 @@ class ConvBNReLU(nn.Sequential):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels),
                          nn.ReLU(inplace=True))
+
+
+class GlobalMaxPool(nn.Module):
+    """``AdaptiveMaxPool2d(1)`` + flatten: (B, C, H, W) -> (B, C), by the fused pooling op (a tied
+    maximum shares its gradient, as ``amax``; after the ReLU ties are at 0, where no gradient flows)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return hierarchical_mask_pool([x], None, "max")
 
 
 class HierarchicalMaskGenerator(nn.Module):
@@ -52,7 +61,7 @@ class HierarchicalMaskGenerator(nn.Module):
         self.conv_stack = nn.Sequential(
             ConvBNReLU(num_levels * embed_dim, 2 * embed_dim), nn.MaxPool2d(2, 2),
             ConvBNReLU(2 * embed_dim, embed_dim), nn.MaxPool2d(2, 2),
-            ConvBNReLU(embed_dim, embed_dim), nn.AdaptiveMaxPool2d(1),
+            ConvBNReLU(embed_dim, embed_dim), GlobalMaxPool(),
         )
         self.attfc = nn.Linear(embed_dim, embed_dim)
         nn.init.zeros_(self.attfc.weight)
@@ -60,7 +69,7 @@ class HierarchicalMaskGenerator(nn.Module):
 
     def forward(self, tapped_tokens: Sequence[torch.Tensor]) -> torch.Tensor:
         grids = [tokens.transpose(1, 2).unflatten(2, self.grid_size) for tokens in tapped_tokens]
-        pooled = self.conv_stack(torch.cat(grids, dim=1)).flatten(1)  # flatten, not squeeze: B may be 1
+        pooled = self.conv_stack(torch.cat(grids, dim=1))  # (B, C): no squeeze, B may be 1
         return torch.sigmoid(self.attfc(pooled))
 
 
@@ -70,6 +79,19 @@ class DPMTrainOutput(NamedTuple):
     feature: torch.Tensor        # (B, C) pre-BN CLS feature (triplet loss, test descriptor)
     mask: torch.Tensor           # (B, C) soft channel mask
     hem_logits: torch.Tensor     # (B, heads, N) last block's pre-softmax CLS->patch logits
+
+
+class DPMLossInputs(NamedTuple):
+    """Train output with ``loss_inputs=True``: what the fused ID loss needs instead of the logits
+    (``DPMLoss`` computes both CE branches from it with ``dpm_ops.ops.masked_arcface_ce``)."""
+    bn_feature: torch.Tensor     # (B, C) BNNeck feature f_bn
+    mask: torch.Tensor           # (B, C) soft channel mask
+    weight: torch.Tensor         # (K, C) classifier weight = prototypes
+    feature: torch.Tensor        # (B, C) pre-BN CLS feature (triplet loss)
+    hem_logits: torch.Tensor     # (B, heads, N)
+    scale: float                 # the model's ArcFace s, m and easy_margin
+    margin: float
+    easy_margin: bool
 
 
 class DPMEvalOutput(NamedTuple):
@@ -91,8 +113,10 @@ class DPM(nn.Module):
                  patch_size: int = 16, stride: int = 11, embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, drop_path_rate: float = 0.1,
                  sie_coef: float = 3.0, mask_tap_blocks: Sequence[int] = (1, 3, 9, 11),
-                 arcface_scale: float = 30.0, arcface_margin: float = 0.5, easy_margin: bool = False):
+                 arcface_scale: float = 30.0, arcface_margin: float = 0.5, easy_margin: bool = False,
+                 loss_inputs: bool = False):
         super().__init__()
+        self.loss_inputs = loss_inputs
         if num_classes < 1:
             raise ValueError("DPM needs num_classes >= 1: its classifier weights are the prototypes")
         self.mask_tap_blocks = tuple(mask_tap_blocks)
@@ -111,13 +135,18 @@ class DPM(nn.Module):
     def forward(self, images: torch.Tensor, cam_label: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None):
         """Train mode: ``DPMTrainOutput``; pass ``labels`` to get the ArcFace margin on the target
-        logit (without them ``masked_logits = s·cos``). Eval mode: ``DPMEvalOutput(feature, mask)``."""
+        logit (without them ``masked_logits = s·cos``). With ``loss_inputs=True`` (constructor) train mode
+        returns ``DPMLossInputs`` instead: no logits, for the fused loss. Eval mode:
+        ``DPMEvalOutput(feature, mask)``."""
         features = self.backbone.forward_features(images, cam_label, self.mask_tap_blocks,
                                                   return_cls_logits=self.training)
         mask = self.mask_generator(features.tapped_tokens)
         if not self.training:
             return DPMEvalOutput(features.cls_feature, mask)
         bn_feature = self.bottleneck(features.cls_feature)
+        if self.loss_inputs:
+            return DPMLossInputs(bn_feature, mask, self.classifier.weight, features.cls_feature, features.cls_logits,
+                                 self.arcface_scale, self.arcface_margin, self.easy_margin)
         masked_logits = masked_arcface_logits(bn_feature, mask, self.classifier.weight, labels,
                                               self.arcface_scale, self.arcface_margin, self.easy_margin)
         return DPMTrainOutput(self.classifier(bn_feature), masked_logits, features.cls_feature, mask,

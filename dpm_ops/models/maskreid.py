@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dpm_ops.ops import hierarchical_mask_pool
+
 SKIP_MODES = ("avg", "max", "conv_avg")
 LEVEL_NORMS = (None, "bn", "l2")
 
@@ -106,16 +108,17 @@ class SkippedFusionHead(nn.Module):
 
     def pool_levels(self, levels: Sequence[torch.Tensor]) -> torch.Tensor:
         levels = list(levels) if self.fuse_levels else [levels[-1]]
-        vectors = []
-        for index, level in enumerate(levels):
-            if self.skip_convs is not None and index < len(self.skip_convs):
-                level = self.skip_convs[index](level)
-            vector = level.amax((2, 3)) if self.skip == "max" else level.mean((2, 3))
-            if self.level_bns is not None:
-                vector = self.level_bns[index](vector)
-            elif self.level_norm == "l2":
-                vector = F.normalize(vector, dim=1)
-            vectors.append(vector)
+        if self.skip_convs is not None:
+            levels = [conv(level) for conv, level in zip(self.skip_convs, levels)] + levels[len(self.skip_convs):]
+        # Every level's global average / max pool in one fused launch, already concatenated.
+        pooled = hierarchical_mask_pool(levels, None, "max" if self.skip == "max" else "avg")
+        if self.level_norm is None:
+            return pooled
+        vectors = pooled.split([level.shape[1] for level in levels], 1)
+        if self.level_bns is not None:
+            vectors = [bn(vector) for bn, vector in zip(self.level_bns, vectors)]
+        else:
+            vectors = [F.normalize(vector, dim=1) for vector in vectors]
         return torch.cat(vectors, 1)
 
     def forward(self, levels: Sequence[torch.Tensor]):

@@ -1,0 +1,81 @@
+// CUDA entry points of the fused masked ArcFace cross-entropy: the shared chunked driver with cuBLAS
+// GEMMs, this op's row passes, and the masked cosine's CUDA row kernels. Built only with CUDA.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../masked_cosine/masked_cosine_cuda.h"
+#include "masked_arcface_cuda.h"
+#include "masked_arcface_driver.h"
+
+namespace dpm_ops {
+namespace masked_arcface {
+namespace {
+
+Dtype dtype_of(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? Dtype::kDouble : Dtype::kFloat; }
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
+
+cuda::LossParams loss_params(const Params& p) {
+  return {p.scale, p.margin, p.clamp_eps, p.plain_weight, p.masked_weight, p.easy_margin};
+}
+
+struct CudaKernels {
+  static void prepare_rows(const at::Tensor& v, const at::Tensor& mult, double eps, at::Tensor& scaled,
+                           at::Tensor& second, at::Tensor& inv) {
+    masked_cosine::cuda::prepare_rows(dtype_of(v), v.const_data_ptr(), data_or_null(mult), v.size(0), v.size(1), eps,
+                                      scaled.data_ptr(), second.data_ptr(), inv.data_ptr(), stream());
+  }
+  static void masked_rows(at::Tensor num, at::Tensor den_sq, const at::Tensor& labels, const Params& p,
+                          int64_t batch, bool with_grad, at::Tensor row_loss) {
+    cuda::masked_rows(dtype_of(num), num.data_ptr(), den_sq.data_ptr(), labels.const_data_ptr<int64_t>(),
+                      num.size(0), num.size(1), batch, with_grad, loss_params(p), row_loss.data_ptr(), stream());
+  }
+  static void plain_rows(at::Tensor plain, const at::Tensor& labels, const Params& p, int64_t batch, bool with_grad,
+                         at::Tensor row_loss) {
+    cuda::plain_rows(dtype_of(plain), plain.data_ptr(), labels.const_data_ptr<int64_t>(), plain.size(0),
+                     plain.size(1), batch, with_grad, loss_params(p), row_loss.data_ptr(), stream());
+  }
+  static void query_rows_backward(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& inv,
+                                  const at::Tensor& u, const at::Tensor& v, const at::Tensor& plain_grad,
+                                  at::Tensor& grad_x, at::Tensor& grad_mask) {
+    masked_cosine::cuda::query_rows_backward(dtype_of(x), x.const_data_ptr(), mask.const_data_ptr(),
+                                             inv.const_data_ptr(), u.const_data_ptr(), v.const_data_ptr(), x.size(0),
+                                             x.size(1), kEps, grad_x.data_ptr(), grad_mask.data_ptr(), stream());
+    if (plain_grad.defined()) grad_x.add_(plain_grad);
+  }
+  static void proto_rows_backward(const at::Tensor& protos, const at::Tensor& inv, const at::Tensor& up,
+                                  const at::Tensor& vp, const at::Tensor& plain_grad, at::Tensor& grad_protos) {
+    masked_cosine::cuda::proto_rows_backward(dtype_of(protos), protos.const_data_ptr(), inv.const_data_ptr(),
+                                             up.const_data_ptr(), vp.const_data_ptr(), protos.size(0), protos.size(1),
+                                             kEps, grad_protos.data_ptr(), stream());
+    if (plain_grad.defined()) grad_protos.add_(plain_grad);
+  }
+};
+
+Params params(double scale, double margin, bool easy_margin, double clamp_eps, double plain_weight,
+              double masked_weight) {
+  return {scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_arcface_ce_cuda(
+    const at::Tensor& features, const at::Tensor& mask, const at::Tensor& weight, const at::Tensor& labels,
+    double scale, double margin, bool easy_margin, double clamp_eps, double plain_weight, double masked_weight,
+    bool with_grad) {
+  const Params p = params(scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight);
+  check_inputs(features, mask, weight, labels, p);
+  const c10::cuda::CUDAGuard guard(features.device());
+  return forward<CudaKernels>(features.contiguous(), mask.contiguous(), weight.contiguous(), labels.contiguous(), p,
+                              with_grad);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dpm_ops, CUDA, m) {
+  m.impl("masked_arcface_ce", &masked_arcface_ce_cuda);
+}
+
+}  // namespace masked_arcface
+}  // namespace dpm_ops

@@ -1,0 +1,134 @@
+"""Hierarchical masked pooling as a torch custom op: every level pooled in one launch.
+
+    features: [x_l (B, C_l, H_l, W_l)],  mask: (B, 1, H, W) or None  ->  (B, Σ C_l)
+
+per level the masked average (``mode="avg"``) or masked max (``"max"``) over H_l x W_l, the mask
+resized to the level by area averaging; the exact rule (and the empty-mask case) is in
+hierarchical_mask_pool_reference.py. Used by MaskReID's skipped fusing layer (maskreid.md §3.2) and
+DPM's HMG global max-pool (dpm.md §2.2).
+
+Schemas: ``dpm_ops::hierarchical_mask_pool`` / ``..._backward`` (python_bindings/hierarchical_mask_pool.cpp,
+C++ kernels for CPU and CUDA) and ``dpm_ops::hierarchical_mask_pool_triton`` / ``..._triton_backward``;
+both share the fake functions and the autograd formula below. Gradients flow to the features only:
+the mask is a constant weight.
+"""
+
+from typing import Optional, Sequence
+
+import torch
+
+from .. import _backend
+from .hierarchical_mask_pool_reference import hierarchical_mask_pool_reference
+
+MODES = ("avg", "max")
+MAX_LEVELS = 16  # the packed launch's descriptor table (csrc/hierarchical_mask_pool/*_math.h)
+
+
+def check_hierarchical_mask_pool_args(features, mask, mode) -> None:
+    """ValueError naming the argument for anything the kernels cannot take."""
+    if mode not in MODES:
+        raise ValueError(f"hierarchical_mask_pool: mode must be one of {MODES}, got {mode!r}")
+    if not isinstance(features, (list, tuple)) or len(features) == 0:
+        raise ValueError("hierarchical_mask_pool: features must be a non-empty list of (B, C, H, W) tensors")
+    if len(features) > MAX_LEVELS:
+        raise ValueError(f"hierarchical_mask_pool: features may hold at most {MAX_LEVELS} maps, got {len(features)}")
+    for i, f in enumerate(features):
+        if not isinstance(f, torch.Tensor):
+            raise ValueError(f"hierarchical_mask_pool: features[{i}] must be a torch.Tensor, got {type(f).__name__}")
+        if f.dim() != 4:
+            raise ValueError(f"hierarchical_mask_pool: features[{i}] must be 4-D (B, C, H, W), got shape "
+                             f"{tuple(f.shape)}")
+        if not f.is_floating_point():
+            raise ValueError(f"hierarchical_mask_pool: features[{i}] must be floating point, got {f.dtype}")
+        if f.shape[2] == 0 or f.shape[3] == 0:
+            raise ValueError(f"hierarchical_mask_pool: features[{i}] has an empty spatial size {tuple(f.shape)}")
+        first = features[0]
+        if f.shape[0] != first.shape[0]:
+            raise ValueError(f"hierarchical_mask_pool: features[{i}] has batch {f.shape[0]}, features[0] has "
+                             f"{first.shape[0]}")
+        if f.dtype != first.dtype or f.device != first.device:
+            raise ValueError(f"hierarchical_mask_pool: features[{i}] must share dtype and device with features[0], "
+                             f"got {f.dtype} on {f.device} vs {first.dtype} on {first.device}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise ValueError(f"hierarchical_mask_pool: mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        B = features[0].shape[0]
+        if mask.dim() != 4 or mask.shape[0] != B or mask.shape[1] != 1 or mask.shape[2] == 0 or mask.shape[3] == 0:
+            raise ValueError(f"hierarchical_mask_pool: mask must be (B, 1, H, W) with B = {B}, got "
+                             f"{tuple(mask.shape)}")
+        if mask.device != features[0].device:
+            raise ValueError(f"hierarchical_mask_pool: mask must be on the features' device {features[0].device}, "
+                             f"got {mask.device}")
+        if mask.is_complex():
+            raise ValueError(f"hierarchical_mask_pool: mask must be real (bool, integer or float), got {mask.dtype}")
+
+
+def _fake_forward(features, mask, mode):
+    return features[0].new_empty((features[0].shape[0], sum(f.shape[1] for f in features)))
+
+
+def _fake_backward(grad, features, mask, out, mode):
+    return [torch.empty_like(f) for f in features]
+
+
+def _setup_context(ctx, inputs, output):
+    features, mask, mode = inputs
+    ctx.save_for_backward(mask, output, *features)
+    ctx.mode = mode
+
+
+def _autograd_backward(backward_op):
+    def backward(ctx, grad):
+        mask, out, *features = ctx.saved_tensors
+        return list(backward_op(grad, features, mask, out, ctx.mode)), None, None
+    return backward
+
+
+def _register(forward_op, backward_op) -> None:
+    torch.library.register_fake(forward_op)(_fake_forward)
+    torch.library.register_fake(backward_op)(_fake_backward)
+    torch.library.register_autograd(forward_op, _autograd_backward(backward_op), setup_context=_setup_context)
+
+
+if _backend.extension()[0] is not None:
+    _register(torch.ops.dpm_ops.hierarchical_mask_pool.default,
+              torch.ops.dpm_ops.hierarchical_mask_pool_backward.default)
+
+
+@torch.library.custom_op("dpm_ops::hierarchical_mask_pool_triton", mutates_args=())
+def hierarchical_mask_pool_triton(features: list[torch.Tensor], mask: Optional[torch.Tensor],
+                                  mode: str) -> torch.Tensor:
+    from ..triton import hierarchical_mask_pool as kernels
+    return kernels.hierarchical_mask_pool_forward(features, mask, mode)
+
+
+@torch.library.custom_op("dpm_ops::hierarchical_mask_pool_triton_backward", mutates_args=())
+def hierarchical_mask_pool_triton_backward(grad: torch.Tensor, features: list[torch.Tensor],
+                                           mask: Optional[torch.Tensor], out: torch.Tensor,
+                                           mode: str) -> list[torch.Tensor]:
+    from ..triton import hierarchical_mask_pool as kernels
+    return kernels.hierarchical_mask_pool_backward(grad, features, mask, out, mode)
+
+
+_register(hierarchical_mask_pool_triton, hierarchical_mask_pool_triton_backward)
+
+
+def hierarchical_mask_pool(features: Sequence[torch.Tensor], mask: Optional[torch.Tensor] = None,
+                           mode: str = "avg", backend: Optional[str] = None) -> torch.Tensor:
+    """Per-level masked average / max pooling of ``features`` [(B, C_l, H_l, W_l)], concatenated (B, Σ C_l).
+
+    ``mask`` (B, 1, H, W), any real dtype (e.g. a bool foreground mask), is resized to each level by
+    area averaging and used as constant weights (no gradient); levels whose resized mask is all zero
+    for a sample pool to 0. ``mask=None`` is plain global average / max pooling. ``backend`` forces
+    "reference" | "cpp" | "cuda" | "triton" (default: by device, see dpm_ops.backends()).
+    """
+    check_hierarchical_mask_pool_args(features, mask, mode)
+    features = list(features)
+    if mask is not None:
+        mask = mask.detach().to(features[0].dtype)
+    name = _backend.resolve(backend, features[0].device)
+    if name == "reference":
+        return hierarchical_mask_pool_reference(features, mask, mode)
+    if name == "triton":
+        return torch.ops.dpm_ops.hierarchical_mask_pool_triton(features, mask, mode)
+    return torch.ops.dpm_ops.hierarchical_mask_pool(features, mask, mode)

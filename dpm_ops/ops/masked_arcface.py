@@ -1,0 +1,120 @@
+"""DPM's ID loss fused: masked cosine + ArcFace margin + scale + cross-entropy (+ the plain branch).
+
+    loss = plain_w · CE(f Wᵀ, y) + masked_w · CE(s · ArcFace_m(masked_cosine(f, m, W)), y)
+
+value and gradients equal to ``dpm_ops.losses.masked_arcface_cross_entropy(..., fused=False)`` (the
+reference, which the maths in csrc/masked_arcface/masked_arcface_math.h transcribes, quirks included).
+The kernels never hold more than one (B, K) matrix: logits are produced row-chunk by row-chunk and
+consumed at once. Since the loss is a scalar, the gradients (for a unit upstream gradient) are computed
+in the same pass when autograd needs them (``with_grad``), as a fused linear cross-entropy does; the
+backward only rescales them. That takes 9 GEMMs where eager autograd takes 10, and no recomputation.
+
+Schemas: ``dpm_ops::masked_arcface_ce`` (python_bindings/masked_arcface.cpp; C++ kernels for CPU and
+CUDA) and ``dpm_ops::masked_arcface_ce_triton``; both share the fake function and autograd below.
+"""
+
+from typing import Optional
+
+import torch
+
+from .. import _backend
+from .masked_cosine import check_masked_cosine_args
+
+
+def check_masked_arcface_args(features, mask, weight, labels, clamp_eps) -> None:
+    """ValueError naming the argument (shapes, dtypes, devices; the label range is checked by the
+    C++ CPU kernel for free, elsewhere with one sync outside torch.compile)."""
+    check_masked_cosine_args(features, mask, weight, 1e-12)
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"masked_arcface_cross_entropy: labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dim() != 1 or labels.shape[0] != features.shape[0]:
+        raise ValueError(f"masked_arcface_cross_entropy: labels must be 1-D of length B = {features.shape[0]}, got "
+                         f"shape {tuple(labels.shape)}")
+    if labels.dtype != torch.int64:
+        raise ValueError(f"masked_arcface_cross_entropy: labels must be int64, got {labels.dtype}")
+    if labels.device != features.device:
+        raise ValueError(f"masked_arcface_cross_entropy: labels must be on the features' device {features.device}, "
+                         f"got {labels.device}")
+    if weight.shape[0] == 0:
+        raise ValueError("masked_arcface_cross_entropy: weight must have at least one class (K >= 1)")
+    if not 0 <= clamp_eps < 1:
+        raise ValueError(f"masked_arcface_cross_entropy: clamp_eps must lie in [0, 1), got {clamp_eps}")
+
+
+def check_label_range(labels: torch.Tensor, num_classes: int) -> None:
+    if torch.compiler.is_compiling() or labels.numel() == 0:
+        return
+    lo, hi = torch.aminmax(labels)
+    if int(lo) < 0 or int(hi) >= num_classes:
+        raise ValueError(f"masked_arcface_cross_entropy: labels must lie in [0, K = {num_classes})")
+
+
+def _fake_forward(features, mask, weight, labels, scale, margin, easy_margin, clamp_eps, plain_weight,
+                  masked_weight, with_grad):
+    if not with_grad:
+        return (features.new_empty(()), features.new_empty((0,)), features.new_empty((0,)),
+                features.new_empty((0,)))
+    return features.new_empty(()), torch.empty_like(features), torch.empty_like(mask), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    _, grad_features, grad_mask, grad_weight = output
+    ctx.save_for_backward(grad_features, grad_mask, grad_weight)
+    ctx.mark_non_differentiable(grad_features, grad_mask, grad_weight)
+
+
+def _backward(ctx, grad, *_unused):
+    # The loss is a scalar: its gradients were computed with the forward, for a unit upstream gradient.
+    grad_features, grad_mask, grad_weight = ctx.saved_tensors
+    if grad_weight.dim() != 2:
+        raise RuntimeError("masked_arcface_ce: called with with_grad=False, so it cannot be differentiated")
+    return (grad * grad_features, grad * grad_mask, grad * grad_weight) + (None,) * 8
+
+
+def _register(forward_op) -> None:
+    torch.library.register_fake(forward_op)(_fake_forward)
+    torch.library.register_autograd(forward_op, _backward, setup_context=_setup_context)
+
+
+if _backend.extension()[0] is not None:
+    _register(torch.ops.dpm_ops.masked_arcface_ce.default)
+
+
+@torch.library.custom_op("dpm_ops::masked_arcface_ce_triton", mutates_args=())
+def masked_arcface_ce_triton(features: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                             scale: float, margin: float, easy_margin: bool, clamp_eps: float, plain_weight: float,
+                             masked_weight: float,
+                             with_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..triton import masked_arcface as kernels
+    return kernels.loss_and_grads(features, mask, weight, labels, scale, margin, easy_margin, clamp_eps,
+                                  plain_weight, masked_weight, with_grad)
+
+
+_register(masked_arcface_ce_triton)
+
+
+def masked_arcface_ce(features: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                      scale: float = 30.0, margin: float = 0.5, easy_margin: bool = False, clamp_eps: float = 1e-7,
+                      plain_weight: float = 0.5, masked_weight: float = 0.5,
+                      backend: Optional[str] = None) -> torch.Tensor:
+    """The fused loss (0-dim) on float32 / float64 inputs of one dtype; differentiable in features,
+    mask and weight. ``backend``: "cpp" | "cuda" | "triton" (None: by device). The reference is
+    ``dpm_ops.losses.masked_arcface_cross_entropy(..., fused=False)``, which also handles promotion
+    from fp16 / bf16 and autocast."""
+    check_masked_arcface_args(features, mask, weight, labels, clamp_eps)
+    if features.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"masked_arcface_cross_entropy: features must be float32 or float64, got {features.dtype}")
+    name = _backend.resolve(backend, features.device)
+    if name == "reference":
+        raise ValueError("masked_arcface_ce is the fused kernel; its reference is "
+                         "dpm_ops.losses.masked_arcface_cross_entropy(..., fused=False)")
+    # Gradients are computed in the forward pass, so only when autograd will ask for them.
+    with_grad = torch.is_grad_enabled() and (features.requires_grad or mask.requires_grad or weight.requires_grad)
+    args = (features, mask, weight, labels, float(scale), float(margin), bool(easy_margin), float(clamp_eps),
+            float(plain_weight), float(masked_weight), with_grad)
+    if name == "triton":
+        check_label_range(labels, weight.shape[0])
+        return torch.ops.dpm_ops.masked_arcface_ce_triton(*args)[0]
+    if name == "cuda":
+        check_label_range(labels, weight.shape[0])
+    return torch.ops.dpm_ops.masked_arcface_ce(*args)[0]

@@ -1,0 +1,202 @@
+"""Triton kernels of the fused masked ArcFace cross-entropy (maths: csrc/masked_arcface/masked_arcface_math.h,
+reference: dpm_ops.losses.masked_arcface_cross_entropy(..., fused=False)).
+
+One tile kernel, grid (B tiles, K tiles), streams C once per tile for both dot products of the masked
+cosine (and the plain logits f·wᵀ), then, in the epilogue:
+* forward: the tile's partial log-sum-exp per row (max, sum) of the ArcFace and plain logits, and the
+  target logits; partials (B, K/BLOCK_K) are merged in torch. No (B, K) matrix is written at all.
+* gradients (for a unit upstream gradient, when autograd needs them; per row chunk of ceil(B/2) rows
+  as the C++ driver): the tile recomputed, the masked cosine's coefficients g_num, h and the plain
+  logits' gradient; the GEMMs against the prototypes / queries then run in torch (cuBLAS), and the
+  rows' normalisation backward reuses the masked cosine's Triton helpers.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .masked_cosine import _acc_dtype, _dot, _ieee, _inv_norm, _normalize_backward
+
+EPS = 1e-12
+BLOCK_B = 32
+BLOCK_K = 32
+BLOCK_C = 32
+
+
+@triton.jit
+def _arcface_tile_kernel(f_ptr, m_ptr, w_ptr, inv_f_ptr, inv_w_ptr, labels_ptr, part_ptr, target_ptr,
+                         grad_ptr, mlse_ptr, plse_ptr, gnum_ptr, h_ptr, gp_ptr,
+                         row0, n_rows, B, K, C, n_ktiles, scale, cos_m, sin_m, th, mm, lo, hi, plain_w, masked_w,
+                         inv_batch, eps,
+                         EASY: tl.constexpr, WITH_PLAIN: tl.constexpr, BACKWARD: tl.constexpr, IEEE: tl.constexpr,
+                         BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_b = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    local = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    rows = row0 + local
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    in_b = local < n_rows
+    in_k = ks < K
+    acc_t = inv_f_ptr.dtype.element_ty
+    inv_f = tl.load(inv_f_ptr + rows, mask=in_b, other=0.0)
+    inv_w = tl.load(inv_w_ptr + ks, mask=in_k, other=0.0)
+    num = tl.zeros((BLOCK_B, BLOCK_K), dtype=acc_t)
+    den_sq = tl.zeros((BLOCK_B, BLOCK_K), dtype=acc_t)
+    plain = tl.zeros((BLOCK_B, BLOCK_K), dtype=acc_t)
+    cols = tl.arange(0, BLOCK_C)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + cols
+        in_c = c < C
+        qmask = in_b[:, None] & in_c[None, :]
+        f = tl.load(f_ptr + rows[:, None].to(tl.int64) * C + c[None, :], mask=qmask, other=0.0).to(acc_t)
+        m = tl.load(m_ptr + rows[:, None].to(tl.int64) * C + c[None, :], mask=qmask, other=0.0).to(acc_t)
+        w = tl.load(w_ptr + ks[:, None].to(tl.int64) * C + c[None, :], mask=in_k[:, None] & in_c[None, :],
+                    other=0.0).to(acc_t)
+        wh = w * inv_w[:, None]
+        num += _dot(f * inv_f[:, None] * m, tl.trans(wh), IEEE, w_ptr.dtype.element_ty)
+        den_sq += _dot(m * m, tl.trans(wh * wh), IEEE, w_ptr.dtype.element_ty)
+        if WITH_PLAIN:
+            plain += _dot(f, tl.trans(w), IEEE, w_ptr.dtype.element_ty)
+    den = tl.sqrt(den_sq)
+    cos = num / tl.maximum(den, eps)
+    labels = tl.load(labels_ptr + rows, mask=in_b, other=-1)
+    valid = in_b[:, None] & in_k[None, :]
+    is_t = (labels[:, None] == ks[None, :]) & valid
+    # The target's phi(cos) and its slope: clamp only inside the sqrt (bounds inclusive, as torch.clamp).
+    inside = (cos >= lo) & (cos <= hi)
+    cc = tl.minimum(tl.maximum(cos, lo), hi)
+    sine = tl.sqrt(1.0 - cc * cc)
+    phi = cos * cos_m - sine * sin_m
+    dphi = cos_m + tl.where(inside, sin_m * cos / sine, 0.0)
+    if EASY:
+        keep = cos > 0.0
+        phi = tl.where(keep, phi, cos)
+    else:
+        keep = cos > th
+        phi = tl.where(keep, phi, cos - mm)
+    dphi = tl.where(keep, dphi, 1.0)
+    logit = scale * tl.where(is_t, phi, cos)
+    if not BACKWARD:
+        part = rows.to(tl.int64) * n_ktiles + pid_k
+        lm = tl.where(valid, logit, float("-inf"))
+        mx = tl.where(in_b, tl.max(lm, axis=1), 0.0)  # padding rows: no -inf - -inf
+        sm = tl.sum(tl.where(valid, tl.exp(lm - mx[:, None]), 0.0), axis=1)
+        tl.store(part_ptr + part, mx, mask=in_b)
+        tl.store(part_ptr + B * n_ktiles + part, sm, mask=in_b)
+        has_t = tl.sum(is_t.to(tl.int32), axis=1) > 0
+        tl.store(target_ptr + rows, tl.sum(tl.where(is_t, logit, 0.0), axis=1), mask=in_b & has_t)
+        if WITH_PLAIN:
+            lp = tl.where(valid, plain, float("-inf"))
+            mxp = tl.where(in_b, tl.max(lp, axis=1), 0.0)
+            sp = tl.sum(tl.where(valid, tl.exp(lp - mxp[:, None]), 0.0), axis=1)
+            tl.store(part_ptr + 2 * B * n_ktiles + part, mxp, mask=in_b)
+            tl.store(part_ptr + 3 * B * n_ktiles + part, sp, mask=in_b)
+            tl.store(target_ptr + B + rows, tl.sum(tl.where(is_t, plain, 0.0), axis=1), mask=in_b & has_t)
+    else:
+        g = tl.load(grad_ptr).to(acc_t) * inv_batch
+        mlse = tl.load(mlse_ptr + rows, mask=in_b, other=0.0)
+        prob = tl.exp(logit - mlse[:, None])
+        onehot = tl.where(is_t, 1.0, 0.0)
+        gcos = scale * (g * masked_w) * (prob - onehot) * tl.where(is_t, dphi, 1.0)
+        live = den > eps
+        g_num = gcos / tl.maximum(den, eps)
+        h = tl.where(live, gcos * cos / tl.where(live, den_sq, 1.0), 0.0)
+        offs = local[:, None].to(tl.int64) * K + ks[None, :]
+        tl.store(gnum_ptr + offs, g_num, mask=valid)
+        tl.store(h_ptr + offs, h, mask=valid)
+        if WITH_PLAIN:
+            plse = tl.load(plse_ptr + rows, mask=in_b, other=0.0)
+            tl.store(gp_ptr + offs, (g * plain_w) * (tl.exp(plain - plse[:, None]) - onehot), mask=valid)
+
+
+def _margin_args(scale, margin, easy_margin, clamp_eps):
+    return dict(scale=scale, cos_m=math.cos(margin), sin_m=math.sin(margin), th=math.cos(math.pi - margin),
+                mm=math.sin(math.pi - margin) * margin, lo=-1.0 + clamp_eps, hi=1.0 - clamp_eps)
+
+
+def _rows_per_chunk(B):
+    return max(1, -(-B // 2))  # the (rows, K) coefficient buffers hold at most ~one (B, K) matrix in all
+
+
+def forward(features, mask, weight, labels, scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight):
+    B, C = features.shape
+    K = weight.shape[0]
+    acc = _acc_dtype(features.dtype)
+    f, m, w, labels = features.contiguous(), mask.contiguous(), weight.contiguous(), labels.contiguous()
+    with_plain = plain_weight != 0
+    n_ktiles = triton.cdiv(K, BLOCK_K)
+    parts = torch.zeros((4, B, n_ktiles), dtype=acc, device=f.device)
+    targets = torch.zeros((2, B), dtype=acc, device=f.device)
+    if B > 0:
+        _arcface_tile_kernel[(triton.cdiv(B, BLOCK_B), n_ktiles)](
+            f, m, w, _inv_norm(f, EPS), _inv_norm(w, EPS), labels, parts, targets, parts, parts, parts, parts, parts,
+            parts, 0, B, B, K, C, n_ktiles, **_margin_args(scale, margin, easy_margin, clamp_eps), plain_w=plain_weight,
+            masked_w=masked_weight, inv_batch=1.0, eps=EPS, EASY=easy_margin, WITH_PLAIN=with_plain, BACKWARD=False,
+            IEEE=_ieee(f.dtype), BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, BLOCK_C=BLOCK_C)
+
+    def merge(maxes, sums):
+        top = maxes.amax(1)
+        return top + (sums * torch.exp(maxes - top[:, None])).sum(1).log()
+
+    masked_lse = merge(parts[0], parts[1])
+    plain_lse = merge(parts[2], parts[3]) if with_plain else torch.zeros_like(masked_lse)
+    row_loss = masked_weight * (masked_lse - targets[0])
+    if with_plain:
+        row_loss = row_loss + plain_weight * (plain_lse - targets[1])
+    return row_loss.sum() / B, masked_lse, plain_lse
+
+
+def gradients(features, mask, weight, labels, masked_lse, plain_lse, scale, margin, easy_margin, clamp_eps,
+              plain_weight, masked_weight):
+    """Gradients of the loss w.r.t. (features, mask, weight), for a unit upstream gradient."""
+    B, C = features.shape
+    K = weight.shape[0]
+    f, m, w, labels = features.contiguous(), mask.contiguous(), weight.contiguous(), labels.contiguous()
+    masked_lse, plain_lse = masked_lse.contiguous(), plain_lse.contiguous()
+    with_plain = plain_weight != 0
+    inv_f, inv_w = _inv_norm(f, EPS), _inv_norm(w, EPS)
+    fh_m = f * inv_f[:, None] * m
+    m_sq = m * m
+    wh = w * inv_w[:, None]
+    wh_sq = wh * wh
+    up, vp = torch.zeros_like(w), torch.zeros_like(w)
+    grad_w_plain = torch.zeros_like(w)
+    grad_f, grad_m = torch.empty_like(f), torch.empty_like(m)
+    chunk = _rows_per_chunk(B)
+    rows = min(chunk, B)
+    g_num = torch.empty((rows, K), dtype=f.dtype, device=f.device)
+    h = torch.empty_like(g_num)
+    gp = torch.empty((rows if with_plain else 0, K), dtype=f.dtype, device=f.device)
+    grad = torch.ones(1, dtype=f.dtype, device=f.device)
+    for r0 in range(0, B, chunk):
+        n = min(chunk, B - r0)
+        _arcface_tile_kernel[(triton.cdiv(n, BLOCK_B), triton.cdiv(K, BLOCK_K))](
+            f, m, w, inv_f, inv_w, labels, g_num, g_num, grad, masked_lse, plain_lse, g_num, h, gp,
+            r0, n, B, K, C, 1, **_margin_args(scale, margin, easy_margin, clamp_eps), plain_w=plain_weight,
+            masked_w=masked_weight, inv_batch=1.0 / B, eps=EPS, EASY=easy_margin, WITH_PLAIN=with_plain,
+            BACKWARD=True, IEEE=_ieee(f.dtype), BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, BLOCK_C=BLOCK_C)
+        gn, hh, rs = g_num[:n], h[:n], slice(r0, r0 + n)
+        u, v = gn @ wh, hh @ wh_sq
+        up.addmm_(gn.t(), fh_m[rs])
+        vp.addmm_(hh.t(), m_sq[rs])
+        grad_m[rs] = f[rs] * inv_f[rs, None] * u - m[rs] * v
+        grad_f[rs] = _normalize_backward(m[rs] * u, f[rs], inv_f[rs], EPS)
+        if with_plain:
+            grad_f[rs] += gp[:n] @ w
+            grad_w_plain.addmm_(gp[:n].t(), f[rs])
+    grad_w = _normalize_backward(up - wh * vp, w, inv_w, EPS) + grad_w_plain
+    return grad_f, grad_m, grad_w
+
+
+def loss_and_grads(features, mask, weight, labels, scale, margin, easy_margin, clamp_eps, plain_weight,
+                   masked_weight, with_grad):
+    """The dpm_ops::masked_arcface_ce_triton op: (loss, grad_features, grad_mask, grad_weight)."""
+    loss, masked_lse, plain_lse = forward(features, mask, weight, labels, scale, margin, easy_margin, clamp_eps,
+                                          plain_weight, masked_weight)
+    if not with_grad:
+        empty = features.new_empty((0,))
+        return loss, empty, empty.clone(), empty.clone()
+    return (loss, *gradients(features, mask, weight, labels, masked_lse, plain_lse, scale, margin, easy_margin,
+                             clamp_eps, plain_weight, masked_weight))

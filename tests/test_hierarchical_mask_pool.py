@@ -1,0 +1,273 @@
+"""hierarchical_mask_pool: every backend against the reference; opcheck, gradcheck, torch.compile."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import backend_params, device_for
+from dpm_ops.ops import hierarchical_mask_pool, hierarchical_mask_pool_reference
+
+KERNEL_BACKENDS = backend_params("cpp", "cuda", "triton")
+ALL_BACKENDS = backend_params("reference", "cpp", "cuda", "triton")
+
+# (B, [(C_l, H_l, W_l)], mask (H, W) or None): MaskReID-like levels (small C), odd sizes, one cell,
+# upsampled masks, empty batch / channels, one level.
+CASES = [
+    (3, [(5, 9, 7), (4, 4, 3), (6, 2, 1)], (18, 14)),
+    (2, [(7, 36, 14), (3, 18, 7), (5, 9, 4)], (144, 56)),
+    (1, [(1, 1, 1)], (1, 1)),
+    (4, [(3, 5, 6)], (3, 2)),
+    (2, [(9, 7, 11), (2, 3, 5)], None),
+    (0, [(3, 4, 4), (2, 2, 2)], (8, 8)),
+    (3, [(0, 4, 4), (2, 2, 2)], (8, 8)),
+    (9, [(70, 5, 2)], None),
+]
+
+
+def make_inputs(B, levels, mask_hw, dtype, device, seed=0, requires_grad=False, binary=True):
+    gen = torch.Generator().manual_seed(seed)
+    features = [torch.randn(B, C, H, W, generator=gen, dtype=dtype).to(device).requires_grad_(requires_grad)
+                for C, H, W in levels]
+    mask = None
+    if mask_hw is not None:
+        mask = torch.rand(B, 1, *mask_hw, generator=gen, dtype=dtype)
+        mask = (mask > 0.4).to(dtype) if binary else mask
+        mask = mask.to(device)
+    return features, mask
+
+
+def tolerances(dtype):
+    return {"atol": 1e-12, "rtol": 1e-10} if dtype == torch.float64 else {"atol": 1e-5, "rtol": 1e-5}
+
+
+def test_reference_is_plain_global_pooling_without_mask_and_with_a_full_mask():
+    features, _ = make_inputs(2, [(3, 5, 4), (2, 3, 3)], None, torch.float64, "cpu")
+    ones = torch.ones(2, 1, 10, 8, dtype=torch.float64)
+    for mode, pool in (("avg", lambda x: x.mean((2, 3))), ("max", lambda x: x.amax((2, 3)))):
+        expected = torch.cat([pool(f) for f in features], 1)
+        torch.testing.assert_close(hierarchical_mask_pool_reference(features, None, mode), expected)
+        torch.testing.assert_close(hierarchical_mask_pool_reference(features, ones, mode), expected)
+
+
+def test_reference_resizes_by_area_and_weights_the_average():
+    # A 4x4 mask over a 2x2 level: each cell is the foreground fraction of its 2x2 block.
+    x = torch.arange(4.0, dtype=torch.float64).view(1, 1, 2, 2)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 1], [0, 0, 0, 0], [0, 0, 1, 1]], dtype=torch.float64)
+    w = torch.tensor([1.0, 0.25, 0.0, 0.5], dtype=torch.float64)
+    out = hierarchical_mask_pool_reference([x], mask.view(1, 1, 4, 4), "avg")
+    torch.testing.assert_close(out, (w * x.flatten()).sum().view(1, 1) / w.sum())
+    out_max = hierarchical_mask_pool_reference([x], mask.view(1, 1, 4, 4), "max")
+    assert out_max.item() == 3.0  # cell 2 (value 2) has no foreground; cell 3 has some
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("mode", ["avg", "max"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_forward_and_backward_match_reference(backend, mode, dtype, case):
+    B, levels, mask_hw = CASES[case]
+    device = device_for(backend)
+    features, mask = make_inputs(B, levels, mask_hw, dtype, device, seed=case, requires_grad=True,
+                                 binary=mode == "max")
+    expected = hierarchical_mask_pool_reference(features, mask, mode)
+    out = hierarchical_mask_pool(features, mask, mode, backend=backend)
+    assert out.dtype == dtype and out.shape == (B, sum(c for c, _, _ in levels))
+    torch.testing.assert_close(out, expected, **tolerances(dtype))
+    grad = torch.randn_like(expected)
+    want = torch.autograd.grad(expected, features, grad, allow_unused=True)
+    got = torch.autograd.grad(out, features, grad, allow_unused=True)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, torch.zeros_like(g) if w is None else w, **tolerances(dtype))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("mode", ["avg", "max"])
+def test_all_masked_out_levels_pool_to_zero_with_zero_gradient(backend, mode):
+    device = device_for(backend)
+    features, mask = make_inputs(3, [(4, 6, 5), (2, 3, 2)], (12, 10), torch.float64, device, requires_grad=True)
+    mask[1] = 0
+    out = hierarchical_mask_pool(features, mask, mode, backend=backend)
+    torch.testing.assert_close(out, hierarchical_mask_pool_reference(features, mask, mode))
+    assert torch.all(out[1] == 0)
+    grads = torch.autograd.grad(out.sum(), features)
+    assert all(torch.all(g[1] == 0) for g in grads)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_max_ties_share_the_gradient_like_amax(backend):
+    # Post-ReLU maps are full of zeros: the gradient of a tied max is split evenly (torch.amax's rule).
+    device = device_for(backend)
+    x = torch.zeros(2, 3, 4, 4, dtype=torch.float64, device=device)
+    x[0, 0, 1, 1] = x[0, 0, 2, 3] = 1.0
+    x.requires_grad_(True)
+    out = hierarchical_mask_pool([x], None, "max", backend=backend)
+    (got,) = torch.autograd.grad(out.sum(), x)
+    (want,) = torch.autograd.grad(x.amax((2, 3)).sum(), x)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("mode", ["avg", "max"])
+def test_soft_bool_and_non_contiguous_inputs(backend, mode):
+    device = device_for(backend)
+    features, mask = make_inputs(4, [(6, 8, 6), (5, 4, 3)], (16, 12), torch.float32, device)
+    features = [features[0].to(memory_format=torch.channels_last), features[1].transpose(2, 3)]
+    bool_mask = mask > 0
+    expected = hierarchical_mask_pool_reference(features, bool_mask.float(), mode)
+    torch.testing.assert_close(hierarchical_mask_pool(features, bool_mask, mode, backend=backend), expected,
+                               **tolerances(torch.float32))
+    soft = torch.rand_like(mask)
+    torch.testing.assert_close(hierarchical_mask_pool(features, soft, mode, backend=backend),
+                               hierarchical_mask_pool_reference(features, soft, mode), **tolerances(torch.float32))
+
+
+def test_mask_gets_no_gradient():
+    features, mask = make_inputs(2, [(3, 4, 4)], (8, 8), torch.float64, "cpu", requires_grad=True)
+    mask.requires_grad_(True)
+    hierarchical_mask_pool(features, mask).sum().backward()
+    assert mask.grad is None and features[0].grad is not None
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("mode", ["avg", "max"])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_gradcheck_float64(backend, mode, with_mask):
+    device = device_for(backend)
+    features, mask = make_inputs(2, [(3, 4, 3), (2, 2, 5)], (8, 10) if with_mask else None, torch.float64,
+                                 device, requires_grad=True, binary=False)
+    assert torch.autograd.gradcheck(lambda a, b: hierarchical_mask_pool([a, b], mask, mode, backend=backend),
+                                    features, fast_mode=backend == "triton")  # the Triton interpreter is slow
+
+
+def _op_for(backend):
+    if backend in ("cpp", "cuda"):
+        return torch.ops.dpm_ops.hierarchical_mask_pool
+    return torch.ops.dpm_ops.hierarchical_mask_pool_triton
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("mode", ["avg", "max"])
+def test_opcheck(backend, mode):
+    features, mask = make_inputs(2, [(3, 4, 3), (2, 2, 5)], (8, 10), torch.float64, device_for(backend),
+                                 requires_grad=True, binary=False)
+    torch.library.opcheck(_op_for(backend), (features, mask, mode))
+    torch.library.opcheck(_op_for(backend), (features, None, mode))
+
+
+@pytest.mark.parametrize("backend", backend_params("cpp", "cuda"))
+def test_opcheck_backward_op(backend):
+    features, mask = make_inputs(2, [(3, 4, 3), (2, 2, 5)], (8, 10), torch.float64, device_for(backend))
+    out = torch.ops.dpm_ops.hierarchical_mask_pool(features, mask, "max")
+    torch.library.opcheck(torch.ops.dpm_ops.hierarchical_mask_pool_backward,
+                          (torch.randn_like(out), features, mask, out, "max"))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    features, mask = make_inputs(2, [(3, 4, 3), (2, 2, 5)], (8, 10), torch.float64, device_for(backend),
+                                 requires_grad=True)
+
+    def loss(a, b, mask):
+        return (hierarchical_mask_pool([F.relu(a), b * 2], mask, "avg", backend=backend) ** 2).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    value = compiled(*features, mask)
+    expected = (hierarchical_mask_pool_reference([F.relu(features[0]), features[1] * 2], mask, "avg") ** 2).sum()
+    torch.testing.assert_close(value, expected)
+    for got, want in zip(torch.autograd.grad(value, features), torch.autograd.grad(expected, features)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_large_shape(backend):
+    if backend == "triton" and device_for(backend).type == "cpu":
+        pytest.skip("the Triton interpreter is slow; large shapes run on GPU only")
+    device = device_for(backend)
+    features, mask = make_inputs(64, [(384, 36, 14), (768, 18, 7), (1536, 9, 4)], (144, 56), torch.float32,
+                                 device)
+    for mode in ("avg", "max"):
+        torch.testing.assert_close(hierarchical_mask_pool(features, mask, mode, backend=backend),
+                                   hierarchical_mask_pool_reference(features, mask, mode), **tolerances(torch.float32))
+
+
+@pytest.mark.parametrize("backend", backend_params("cpp", "cuda", "triton"))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision(backend, dtype):
+    if backend != "cpp" and not torch.cuda.is_available():
+        pytest.skip("fp16/bf16 GPU kernels run on GPU (the Triton interpreter mis-handles bf16)")
+    features, mask = make_inputs(5, [(7, 6, 5), (3, 3, 3)], (12, 10), dtype, device_for(backend),
+                                 requires_grad=True)
+    for mode in ("avg", "max"):
+        out = hierarchical_mask_pool(features, mask, mode, backend=backend)
+        assert out.dtype == dtype
+        expected = hierarchical_mask_pool_reference([f.float() for f in features], mask.float(), mode)
+        torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+        grads = torch.autograd.grad(out.float().sum(), features)
+        assert all(g.dtype == dtype and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("bad, message", [
+    (lambda f, m: ([], m, "avg"), "features must be a non-empty list"),
+    (lambda f, m: (f[0], m, "avg"), "features must be a non-empty list"),
+    (lambda f, m: ([f[0][0]], m, "avg"), r"features\[0\] must be 4-D"),
+    (lambda f, m: ([f[0], f[1][:1]], m, "avg"), r"features\[1\] has batch 1"),
+    (lambda f, m: ([f[0], f[1].double()], m, "avg"), r"features\[1\] must share dtype"),
+    (lambda f, m: ([f[0].long()], m, "avg"), r"features\[0\] must be floating point"),
+    (lambda f, m: ([f[0][:, :, :0]], m, "avg"), r"features\[0\] has an empty spatial size"),
+    (lambda f, m: (f, m[:, 0], "avg"), "mask must be"),
+    (lambda f, m: (f, m[:1], "avg"), "mask must be"),
+    (lambda f, m: (f, m, "sum"), "mode must be one of"),
+    (lambda f, m: ([f[0]] * 17, m, "avg"), "at most 16"),
+])
+def test_bad_input_names_the_argument(backend, bad, message):
+    features, mask = make_inputs(2, [(3, 4, 3), (2, 2, 5)], (8, 10), torch.float32, device_for(backend))
+    with pytest.raises(ValueError, match=message):
+        hierarchical_mask_pool(*bad(features, mask), backend=backend)
+
+
+@pytest.mark.parametrize("backend", backend_params("cpp"))
+def test_direct_op_call_checks_too(backend):
+    features, mask = make_inputs(2, [(3, 4, 3)], (8, 10), torch.float32, "cpu")
+    with pytest.raises(ValueError, match="mode must be"):
+        torch.ops.dpm_ops.hierarchical_mask_pool(features, mask, "sum")
+    with pytest.raises(ValueError, match="mask must be"):
+        torch.ops.dpm_ops.hierarchical_mask_pool(features, mask[:, 0:1, :, :].expand(2, 2, 8, 10), "avg")
+
+
+@pytest.mark.parametrize("skip", ["avg", "max", "conv_avg"])
+@pytest.mark.parametrize("level_norm", [None, "bn", "l2"])
+@pytest.mark.parametrize("fuse_levels", [True, False])
+def test_skipped_fusion_head_pools_as_the_per_level_loop(skip, level_norm, fuse_levels):
+    # MaskReID's skipped fusing layer now pools every level in one fused call; it must equal the
+    # per-level global pool + per-level norm + concat it replaced (value and gradients).
+    from dpm_ops.models import SkippedFusionHead
+    torch.manual_seed(0)
+    head = SkippedFusionHead([6, 8, 10], embed_dim=4, skip=skip, fuse_levels=fuse_levels, level_norm=level_norm)
+    levels = [torch.randn(3, c, h, w, requires_grad=True) for c, h, w in ((6, 9, 4), (8, 5, 2), (10, 3, 2))]
+
+    def per_level_loop(levels):
+        levels = levels if fuse_levels else levels[-1:]
+        vectors = []
+        for index, level in enumerate(levels):
+            if head.skip_convs is not None and index < len(head.skip_convs):
+                level = head.skip_convs[index](level)
+            vector = level.amax((2, 3)) if skip == "max" else level.mean((2, 3))
+            if head.level_bns is not None:
+                vector = head.level_bns[index](vector)
+            elif level_norm == "l2":
+                vector = F.normalize(vector, dim=1)
+            vectors.append(vector)
+        return torch.cat(vectors, 1)
+
+    got = head.pool_levels(levels)
+    want = per_level_loop(levels)
+    torch.testing.assert_close(got, want)
+    weights = torch.randn_like(want)
+    for g, w in zip(torch.autograd.grad((got * weights).sum(), levels, allow_unused=True),
+                    torch.autograd.grad((want * weights).sum(), levels, allow_unused=True)):
+        if w is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, w)
