@@ -1,0 +1,360 @@
+"""Evaluation engine on a tiny synthetic occluded set with tiny random DPM / ViT / MaskReID models."""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from dpm_ops.data import ImageDataset, build_dataloader, build_dataset, build_transforms
+from dpm_ops.data.synth import SynthConfig, ensure_synthetic_dataset
+from dpm_ops.engine import evaluator
+from dpm_ops.engine.evaluator import (
+    FeatureSet,
+    compute_distances,
+    evaluate_model,
+    extract_features,
+    format_metrics_table,
+    query_subsets,
+)
+from dpm_ops.evaluation import evaluate_rank, pairwise_distance, re_ranking, rerank_features
+from dpm_ops.models import build_model
+from dpm_ops.ops import masked_arccos_distance
+
+CONFIG = SynthConfig(seed=5, ids=14, cameras=3, width=32, height=64, train_images=(2, 2), id_cameras=(2, 3),
+                     gallery_per_camera=(1, 2), distractors=0.2, junk=0.0, query_occlusion=0.5,
+                     gallery_occlusion=0.2)
+VIT = dict(embed_dim=32, depth=4, num_heads=4, patch_size=8, stride=8, img_size=(64, 32), drop_path_rate=0.0)
+SIZE = {"dpm": (64, 32), "vit_baseline": (64, 32), "maskreid": None}
+METRIC_KEYS = {"rank1", "rank5", "rank10", "mAP", "mINP", "num_query", "num_valid", "cmc"}
+
+
+@pytest.fixture(scope="module")
+def dataset_root(tmp_path_factory):
+    return str(ensure_synthetic_dataset(tmp_path_factory.mktemp("synth") / "set", CONFIG, progress=False))
+
+
+@pytest.fixture(scope="module")
+def splits(dataset_root):
+    return build_dataset("synthetic", dataset_root, with_masks=True)
+
+
+def tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    if name == "dpm":
+        model = build_model("dpm", 7, 3, mask_tap_blocks=(0, 1, 2, 3), **VIT)
+        # the zero-initialised attfc gives m = 0.5 everywhere (plain cosine); make the masks vary
+        torch.nn.init.normal_(model.mask_generator.attfc.weight, std=0.5)
+        torch.nn.init.normal_(model.mask_generator.attfc.bias, std=1.0)
+        return model
+    if name == "vit_baseline":
+        return build_model("vit_baseline", 7, 3, **VIT)
+    return build_model(name, 0, stem_channels=4, base_width=4)
+
+
+def loader_for(splits, records, name):
+    transform = evaluator._test_transform(name, SIZE[name])
+    masks = splits.mask_paths if name == "maskreid" else None
+    return build_dataloader(ImageDataset(records, transform, mask_paths=masks), batch_size=5)
+
+
+def direct_metrics(distmat, query, gallery, rows=None):
+    q_pids, q_camids = query.pids, query.camids
+    if rows is not None:
+        distmat, q_pids, q_camids = distmat[rows], q_pids[rows], q_camids[rows]
+    return evaluate_rank(distmat, q_pids, gallery.pids, q_camids, gallery.camids)
+
+
+def flat(metrics: dict) -> dict:
+    """{(subset, key, i): number} so pytest.approx can compare nested metrics."""
+    out = {}
+    for subset, values in metrics.items():
+        for key, value in values.items():
+            for i, v in enumerate(value if isinstance(value, list) else [value]):
+                out[subset, key, i] = v
+    return out
+
+
+def assert_same(metrics: dict, result, num_query: int):
+    assert metrics["rank1"] == pytest.approx(100 * result.cmc[0])
+    assert metrics["rank5"] == pytest.approx(100 * result.cmc[4])
+    assert metrics["rank10"] == pytest.approx(100 * result.cmc[9])
+    assert metrics["mAP"] == pytest.approx(100 * result.mAP)
+    assert metrics["mINP"] == pytest.approx(100 * result.mINP)
+    assert metrics["cmc"] == pytest.approx(list(100 * result.cmc))
+    assert metrics["num_valid"] == result.num_valid and metrics["num_query"] == num_query
+
+
+# ------------------------------------------------------------------------------------ extraction
+
+
+@pytest.mark.parametrize("name", ["dpm", "vit_baseline", "maskreid"])
+def test_extract_features_follows_the_test_recipe(splits, name):
+    model = tiny_model(name).train()
+    records = splits.query[:7]
+    features = extract_features(model, loader_for(splits, records, name), model_name=name, progress=False)
+    assert model.training  # mode restored
+    assert features.features.dtype == torch.float32 and features.features.shape[0] == 7
+    assert features.paths == [r.path for r in records]
+    assert features.pids.tolist() == [r.pid for r in records]
+    assert features.camids.tolist() == [r.camid for r in records]
+    assert torch.allclose(features.features.norm(dim=1), torch.ones(7), atol=1e-5)
+    # the same images through the model by hand: eval mode, no flip, L2-normalised descriptor
+    batch = next(iter(loader_for(splits, records, name)))
+    with torch.no_grad():
+        model.eval()
+        if name == "maskreid":
+            expected, mask = model(batch["image"], batch["masked"]), None
+        elif name == "dpm":
+            expected, mask = model(batch["image"], cam_label=batch["camid"])
+        else:
+            expected, mask = model(batch["image"], cam_label=batch["camid"]), None
+    assert torch.allclose(features.features[:5], F.normalize(expected, dim=1), atol=1e-5)
+    if name == "dpm":
+        assert features.masks.shape == features.features.shape
+        assert torch.allclose(features.masks[:5], mask, atol=1e-6)
+        assert features.masks.std() > 0.05
+    else:
+        assert features.masks is None
+
+
+def test_extract_features_errors(splits):
+    model = tiny_model("vit_baseline")
+    loader = loader_for(splits, splits.query[:3], "vit_baseline")
+    with pytest.raises(ValueError, match="model_name"):
+        extract_features(model, loader, model_name="transreid", progress=False)
+    small = build_model("vit_baseline", 7, 2, **VIT)  # two camera embeddings, the set has three
+    with pytest.raises(ValueError, match="camera id 2"):
+        extract_features(small, loader_for(splits, [r for r in splits.query if r.camid == 2][:2], "vit_baseline"),
+                         model_name="vit_baseline", progress=False)
+    with pytest.raises(ValueError, match="paired"):
+        extract_features(tiny_model("maskreid"), loader_for(splits, splits.query[:2], "dpm"), model_name="maskreid",
+                         progress=False)
+
+
+# ------------------------------------------------------------------------------------ evaluate_model
+
+
+@pytest.mark.parametrize("name", ["dpm", "vit_baseline", "maskreid"])
+def test_evaluate_model_equals_direct_evaluate_rank(splits, name, tmp_path):
+    model = tiny_model(name)
+    metrics = evaluate_model(model, splits, model_name=name, image_size=SIZE[name], batch_size=6,
+                             out_dir=str(tmp_path), pictures=False, progress=False)
+    assert set(metrics) == {"all", "clean", "occluded"}
+    for values in metrics.values():
+        assert set(values) == METRIC_KEYS and len(values["cmc"]) == 50
+        assert 0 <= values["rank1"] <= values["rank5"] <= values["rank10"] <= 100
+    subsets = query_subsets(splits, splits.query)
+    assert metrics["clean"]["num_query"] + metrics["occluded"]["num_query"] == len(splits.query)
+    assert metrics["occluded"]["num_query"] == sum(bool(splits.is_occluded(r)) for r in splits.query) > 0
+
+    query = extract_features(model, loader_for(splits, splits.query, name), model_name=name, progress=False)
+    gallery = extract_features(model, loader_for(splits, splits.gallery, name), model_name=name, progress=False)
+    if name == "dpm":  # the query-masked arccos distance of dpm.md §3.1
+        distmat = masked_arccos_distance(query.features, query.masks, gallery.features)
+    else:  # Euclidean distance of the L2-normalised descriptors
+        distmat = pairwise_distance(query.features, gallery.features, "euclidean")
+    assert_same(metrics["all"], direct_metrics(distmat, query, gallery), len(splits.query))
+    for subset in ("clean", "occluded"):
+        rows = subsets[subset]
+        assert_same(metrics[subset], direct_metrics(distmat, query, gallery, rows), len(rows))
+
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert flat({k: v for k, v in saved.items() if k != "settings"}) == pytest.approx(flat(metrics))
+    assert saved["settings"]["distance"] == ("masked_arccos" if name == "dpm" else "euclidean")
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_rerank_path(splits):
+    dpm, vit = tiny_model("dpm"), tiny_model("vit_baseline")
+    options = dict(image_size=(64, 32), batch_size=8, pictures=False, progress=False, k1=6, k2=3, lambda_value=0.4)
+    dpm_metrics = evaluate_model(dpm, splits, model_name="dpm", rerank=True, **options)
+    vit_metrics = evaluate_model(vit, splits, model_name="vit_baseline", rerank=True, **options)
+
+    q = extract_features(dpm, loader_for(splits, splits.query, "dpm"), model_name="dpm", progress=False)
+    g = extract_features(dpm, loader_for(splits, splits.gallery, "dpm"), model_name="dpm", progress=False)
+    expected = re_ranking(masked_arccos_distance(q.features, q.masks, g.features),
+                          masked_arccos_distance(q.features, q.masks, q.features),
+                          masked_arccos_distance(g.features, g.masks, g.features), k1=6, k2=3, lambda_value=0.4)
+    assert not torch.allclose(expected, masked_arccos_distance(q.features, q.masks, g.features))
+    assert_same(dpm_metrics["all"], direct_metrics(expected, q, g), len(splits.query))
+
+    q = extract_features(vit, loader_for(splits, splits.query, "vit_baseline"), model_name="vit_baseline",
+                         progress=False)
+    g = extract_features(vit, loader_for(splits, splits.gallery, "vit_baseline"), model_name="vit_baseline",
+                         progress=False)
+    expected = rerank_features(q.features, g.features, k1=6, k2=3, lambda_value=0.4)
+    assert_same(vit_metrics["all"], direct_metrics(expected, q, g), len(splits.query))
+    rows = query_subsets(splits, splits.query)["occluded"]
+    assert_same(vit_metrics["occluded"], direct_metrics(expected, q, g, rows), len(rows))
+
+
+def test_distance_choices():
+    generator = torch.Generator().manual_seed(0)
+    feats = lambda n: F.normalize(torch.randn(n, 16, generator=generator), dim=1)  # noqa: E731
+    q = FeatureSet(feats(6), torch.rand(6, 16, generator=generator), torch.arange(6), torch.zeros(6, dtype=torch.long),
+                   ["q"] * 6)
+    g = FeatureSet(feats(9), torch.rand(9, 16, generator=generator), torch.arange(9) % 6,
+                   torch.ones(9, dtype=torch.long), ["g"] * 9)
+    euclidean = compute_distances(q, g, "euclidean")
+    cosine = compute_distances(q, g, "cosine")
+    assert torch.allclose(cosine, euclidean.square() / 2, atol=1e-5)  # unit vectors: same ranking
+    # cosine re-ranking is the Euclidean one (the row normalisation removes the factor 2)
+    assert torch.allclose(compute_distances(q, g, "cosine", rerank=True, k1=3, k2=2),
+                          compute_distances(q, g, "euclidean", rerank=True, k1=3, k2=2), atol=1e-5)
+    assert evaluator.resolve_distance("auto", "dpm") == "masked_arccos"
+    assert evaluator.resolve_distance("auto", "maskreid") == "euclidean"
+    with pytest.raises(ValueError, match="channel masks"):
+        evaluator.resolve_distance("masked_arccos", "vit_baseline")
+    with pytest.raises(ValueError, match="distance"):
+        evaluator.resolve_distance("manhattan", "dpm")
+
+
+def test_explicit_cosine_matches_euclidean_metrics(splits):
+    model = tiny_model("vit_baseline")
+    options = dict(model_name="vit_baseline", image_size=(64, 32), batch_size=16, pictures=False, progress=False)
+    euclidean = evaluate_model(model, splits, distance="euclidean", **options)
+    cosine = evaluate_model(model, splits, distance="cosine", **options)
+    assert cosine["all"]["mAP"] == pytest.approx(euclidean["all"]["mAP"], abs=1e-6)
+
+
+def test_bad_arguments(splits):
+    model = tiny_model("vit_baseline")
+    options = dict(image_size=(64, 32), pictures=False, progress=False)
+    with pytest.raises(ValueError, match="model_name"):
+        evaluate_model(model, splits, model_name="resnet", **options)
+    with pytest.raises(ValueError, match="max_rank"):
+        evaluate_model(model, splits, model_name="vit_baseline", max_rank=5, **options)
+    with pytest.raises(ValueError, match="image_size"):
+        evaluate_model(model, splits, model_name="vit_baseline", image_size=(64,), pictures=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate_model(model, splits, model_name="vit_baseline", batch_size=0, **options)
+    with pytest.raises(ValueError, match="with_masks"):
+        evaluate_model(tiny_model("maskreid"), dataclasses.replace(splits, mask_paths=None), model_name="maskreid",
+                       pictures=False, progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        evaluate_model(model, dataclasses.replace(splits, query=[]), model_name="vit_baseline", **options)
+
+
+def test_unlabelled_dataset_reports_all_only(splits):
+    unlabelled = dataclasses.replace(splits, occluded_paths=None)
+    metrics = evaluate_model(tiny_model("vit_baseline"), unlabelled, model_name="vit_baseline", image_size=(64, 32),
+                             pictures=False, progress=False)
+    assert set(metrics) == {"all"}
+    table = format_metrics_table(metrics)
+    assert table.splitlines()[0].split() == ["queries", "Rank-1", "Rank-5", "Rank-10", "mAP", "mINP", "#queries"]
+    assert len(table.splitlines()) == 3 and table.splitlines()[2].split()[0] == "all"
+
+
+def test_subset_without_queries_is_left_out(splits):
+    all_occluded = dataclasses.replace(splits, occluded_paths=frozenset(r.path for r in splits.query))
+    metrics = evaluate_model(tiny_model("vit_baseline"), all_occluded, model_name="vit_baseline", image_size=(64, 32),
+                             pictures=False, progress=False)
+    assert set(metrics) == {"all", "occluded"}  # Occluded-REID style: every query occluded
+    assert flat({"x": metrics["occluded"]}) == pytest.approx(flat({"x": metrics["all"]}))
+
+
+def test_bfloat16_autocast_gives_float32_features(splits):
+    model = tiny_model("dpm")
+    loader = loader_for(splits, splits.query[:5], "dpm")
+    full = extract_features(model, loader, model_name="dpm", progress=False)
+    half = extract_features(model, loader, model_name="dpm", amp_dtype=torch.bfloat16, progress=False)
+    assert half.features.dtype == torch.float32 and half.masks.dtype == torch.float32
+    assert torch.allclose(half.features, full.features, atol=0.1)
+    assert not torch.equal(half.features, full.features)  # autocast did run
+
+
+def test_format_metrics_table():
+    row = {"rank1": 50.0, "rank5": 75.25, "rank10": 90.0, "mAP": 41.26, "mINP": 12.0, "num_query": 12,
+           "num_valid": 12, "cmc": [50.0]}
+    table = format_metrics_table({"all": row, "clean": {**row, "num_query": 4}, "settings": {"distance": "x"}})
+    lines = table.splitlines()
+    assert [line.split()[0] for line in lines[2:]] == ["all", "clean"]
+    assert lines[2].split()[1:] == ["50.0", "75.2", "90.0", "41.3", "12.0", "12"]
+    with pytest.raises(ValueError, match="no subset"):
+        format_metrics_table({"settings": {}})
+    with pytest.raises(ValueError, match="malformed"):
+        format_metrics_table({"all": {"mAP": 1.0}})
+    with pytest.raises(ValueError, match="dict"):
+        format_metrics_table([row])
+
+
+def test_metrics_json_is_written_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.json"
+    evaluator.write_json_atomic(str(path), {"all": {"mAP": 1.0}})
+    assert json.loads(path.read_text()) == {"all": {"mAP": 1.0}}
+
+    def failing_dump(payload, handle, **kwargs):
+        handle.write('{"all": ')  # a crash half-way through the write
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(evaluator.json, "dump", failing_dump)
+    with pytest.raises(RuntimeError, match="disk full"):
+        evaluator.write_json_atomic(str(path), {"all": {"mAP": 2.0}})
+    assert json.loads(path.read_text()) == {"all": {"mAP": 1.0}}  # the old file, whole
+    assert os.listdir(tmp_path) == ["metrics.json"]  # no temporary left behind
+
+
+def test_pictures_are_written(splits, tmp_path):
+    evaluate_model(tiny_model("dpm"), splits, model_name="dpm", image_size=(64, 32), batch_size=16,
+                   out_dir=str(tmp_path), progress=False)
+    for name in ("metrics.json", "cmc.png", "ranked_best.png", "ranked_worst.png", "masks.png"):
+        assert (tmp_path / name).stat().st_size > 1000, name
+
+
+def test_dpm_token_maps_are_neutral_for_a_flat_mask(splits):
+    model = tiny_model("dpm")
+    paths = [r.path for r in splits.query[:3]]
+    camids = torch.tensor([r.camid for r in splits.query[:3]])
+    transform = evaluator._test_transform("dpm", (64, 32))
+    flat = evaluator.dpm_token_maps(model, paths, camids, torch.full((3, 32), 0.3), transform)
+    assert flat.shape == (3, 8, 4) and np.allclose(flat, 1.0, atol=1e-5)
+    mask = torch.zeros(3, 32)
+    mask[:, :16] = 1.0
+    half = evaluator.dpm_token_maps(model, paths, camids, mask, transform)
+    assert not np.allclose(half, 1.0) and (half >= 0).all() and (half <= 2.0 + 1e-5).all()
+
+
+# ------------------------------------------------------------------------------------ DDP
+
+
+def _ddp_worker(rank, world, init_file, root, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        splits = build_dataset("synthetic", root, with_masks=True)
+        splits = dataclasses.replace(splits, query=splits.query[:-1])  # odd counts: uneven shards
+        model = torch.nn.parallel.DistributedDataParallel(tiny_model("dpm"))
+        metrics = evaluate_model(model, splits, model_name="dpm", image_size=(64, 32), batch_size=4,
+                                 out_dir=out_dir if rank == 0 else None, pictures=False, progress=False)
+        transform = evaluator._test_transform("dpm", (64, 32))
+        gathered = evaluator._extract_split(model, splits.gallery, splits, "dpm", transform, batch_size=4,
+                                            num_workers=0, device="cpu", amp_dtype=None, progress=False, desc="g")
+        torch.save({"metrics": metrics, "gallery": gathered}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_gloo_gather_equals_single_process(dataset_root, splits, tmp_path):
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), dataset_root, str(tmp_path)), nprocs=2, join=True)
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    assert rank1["metrics"] is None and rank1["gallery"] is None
+
+    single_splits = dataclasses.replace(splits, query=splits.query[:-1])
+    model = tiny_model("dpm")
+    single = evaluate_model(model, single_splits, model_name="dpm", image_size=(64, 32), batch_size=7,
+                            pictures=False, progress=False)
+    assert flat(rank0["metrics"]) == pytest.approx(flat(single), abs=1e-6)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert flat({"all": saved["all"]}) == pytest.approx(flat({"all": single["all"]}), abs=1e-6)
+    gallery = extract_features(model, loader_for(splits, splits.gallery, "dpm"), model_name="dpm", progress=False)
+    assert rank0["gallery"].paths == gallery.paths  # gathered back in dataset order
+    assert torch.allclose(rank0["gallery"].features, gallery.features, atol=1e-5)
+    assert torch.allclose(rank0["gallery"].masks, gallery.masks, atol=1e-5)
+    assert torch.equal(rank0["gallery"].pids, gallery.pids)
