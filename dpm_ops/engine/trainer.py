@@ -614,28 +614,18 @@ class Trainer:
             self._close_logs()
 
     def _plot_losses(self) -> None:
-        try:
-            from dpm_ops.visualize import plot_loss_curves
-        except ImportError:
-            return
+        from dpm_ops.visualize import plot_loss_curves
+
         jsonl = self.output_dir / "train_log.jsonl"
         if jsonl.is_file() and jsonl.stat().st_size:
             plot_loss_curves(str(jsonl), str(self.output_dir / "loss_curves.png"))
 
 
-def _evaluator():
-    try:
-        from .evaluator import evaluate_model, format_metrics_table
-    except ImportError:  # the evaluation engine is not merged in yet
-        from ._fallback_eval import evaluate_model, format_metrics_table
-        return evaluate_model, format_metrics_table, False
-    return evaluate_model, format_metrics_table, True
-
-
 def evaluate_with_config(model: nn.Module, splits: ReIDSplits, config: dict, *, device: torch.device,
                          amp_dtype=None, out_dir=None, pictures=None, progress=True,
                          log: Callable[[str], None] = print) -> Optional[dict]:
-    evaluate_model, format_table, ddp_aware = _evaluator()
+    from .evaluator import evaluate_model, format_metrics_table
+
     ev = config["eval"]
     info = distributed.current()
     options = dict(model_name=config["model"]["name"], image_size=tuple(config["input"]["size"]),
@@ -645,15 +635,11 @@ def evaluate_with_config(model: nn.Module, splits: ReIDSplits, config: dict, *, 
                    out_dir=str(out_dir) if out_dir is not None and info.is_main else None,
                    pictures=ev["pictures"] if pictures is None else pictures, progress=progress)
     was_training = model.training
-    if ddp_aware or not info.enabled:
-        metrics = evaluate_model(model, splits, **options)
-    else:
-        metrics = evaluate_model(model, splits, **options) if info.is_main else None
-        distributed.barrier()
+    metrics = evaluate_model(model, splits, **options)  # every rank extracts a shard; rank 0 ranks
     model.train(was_training)
     if info.is_main and metrics is not None:
         log(f"evaluation on {splits.name} ({len(splits.query)} queries, {len(splits.gallery)} gallery):\n"
-            + format_table(metrics))
+            + format_metrics_table(metrics))
     return metrics if info.is_main else None
 
 
