@@ -50,6 +50,7 @@ def test_overrides_are_typed():
     ("solver.epochs=many", "solver.epochs"),
     ("solver.epochs=2.5", "solver.epochs"),
     ("solver.amp=fp8", "solver.amp"),
+    ("solver.optimizer=rmsprop", "solver.optimizer"),
     ("input.size=[1]", "input.size"),
     ("model.options.depthh=2", "model.options.depthh"),
     ("model.options.depth=two", "model.options.depth"),

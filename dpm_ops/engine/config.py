@@ -103,6 +103,8 @@ SCHEMA: dict = {
         "ranking_pos_mode": _f("hardest", str, ("hardest", "all")),
     },
     "solver": {
+        # the papers use SGD; AdamW is an option for small ViTs trained from scratch
+        "optimizer": _f("sgd", str, ("sgd", "adamw")),
         "base_lr": _f(0.008, float),
         "bias_lr_factor": _f(2.0, float),
         "momentum": _f(0.9, float),

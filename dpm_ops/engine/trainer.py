@@ -259,7 +259,9 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
 
-    def _optimizer(self, groups: list, momentum: float) -> torch.optim.SGD:
+    def _optimizer(self, groups: list, momentum: float) -> torch.optim.Optimizer:
+        if self.config["solver"]["optimizer"] == "adamw":  # an option, not in the papers' recipes
+            return torch.optim.AdamW(groups, lr=groups[0]["lr"])
         return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=momentum)
 
     def _build_stages(self, iters_per_epoch: dict) -> list[Stage]:
