@@ -219,7 +219,7 @@ def _check_value(key: str, field: Field, value: Any) -> Any:
             value = float(value)
         except ValueError:
             pass
-    if kind in (int, float) and isinstance(value, bool) or not isinstance(value, kind):
+    if (kind in (int, float) and isinstance(value, bool)) or not isinstance(value, kind):
         raise ConfigError(f"config key {key}: expected {kind.__name__}, got {value!r}")
     if field.choices is not None and value not in field.choices:
         raise ConfigError(f"config key {key}: {value!r} is not one of {', '.join(map(str, field.choices))}")
