@@ -1,0 +1,382 @@
+"""Training / evaluation configs: a typed schema of defaults, YAML files and ``key=value`` overrides.
+
+A config is a nested dict with the sections below. A YAML file gives any subset of the keys (plus an
+optional ``base: OTHER`` naming another file or built-in config it extends); everything else keeps
+the schema's default. ``key=value`` overrides use dotted keys (``solver.base_lr=0.01``) and YAML
+values (``input.size=[128,64]``, ``model.options.depth=4``). Every key is checked: an unknown key,
+a value of the wrong type or outside its choices raises :class:`ConfigError`, one line naming the key.
+
+Two sections are free-form mappings checked against their target: ``model.options`` (keyword
+arguments of the model class named by ``model.name``, see :func:`dpm_ops.models.build_model`) and
+``dataset.synth`` (fields of :class:`dpm_ops.data.synth.SynthConfig`, used when the synthetic set
+is generated on the fly).
+
+Built-in configs live in ``dpm_ops/configs/*.yaml`` and are named without the suffix
+(``synthetic_dpm``); see :func:`available_configs`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import os
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+MODEL_NAMES = ("dpm", "vit_baseline", "maskreid", "maskreid_resnet50")
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message is one line naming the key or file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    type: Any  # a type, a tuple of types, or "list" / "size" / "mapping" pseudo types
+    default: Any
+    choices: Optional[tuple] = None
+    nullable: bool = False
+
+
+def _f(default, type_=None, choices=None, nullable=False) -> Field:
+    return Field(type_ if type_ is not None else type(default), default, choices, nullable)
+
+
+# The schema. Defaults are DPM's Occluded-Duke recipe (dpm.md §6-7) where a key concerns DPM.
+SCHEMA: dict = {
+    "model": {
+        "name": _f("dpm", str, MODEL_NAMES),
+        # keyword arguments of the model class (stride, arcface_margin, embed_dim, depth, ...)
+        "options": _f({}, "mapping"),
+        # a .pth to start from: timm ViT (jx_vit_base_p16_224), official DPM, torchvision ResNet-50
+        "pretrained": _f(None, str, nullable=True),
+    },
+    "dataset": {
+        "name": _f("synthetic", str),
+        "root": _f("~/.cache/dpm_ops/synthetic", str),
+        # evaluate on another dataset's query/gallery (DPM: train Market-1501, test Occluded-REID)
+        "test_name": _f(None, str, nullable=True),
+        "test_root": _f(None, str, nullable=True),  # None: same as root
+        "with_masks": _f(None, bool, nullable=True),  # None: masks iff the model is MaskReID
+        "mask_root": _f(None, str, nullable=True),
+        "check_counts": _f("warn", str, ("warn", "error", "off")),
+        "generate": _f(True, bool),  # synthetic set only: generate it (SynthConfig from `synth`) if absent
+        "synth": _f({}, "mapping"),  # SynthConfig fields for the generated set
+    },
+    "input": {
+        "recipe": _f("dpm", str, ("dpm", "maskreid")),
+        "size": _f([256, 128], "size"),  # (height, width) the model sees
+        "resize": _f([160, 64], "size"),  # maskreid recipe: resize before the crop to `size`
+        "padding": _f(10, int),
+        "flip": _f(0.5, float),
+        "erasing": _f(0.5, float),
+        "color_jitter": _f(False, bool),
+    },
+    "sampler": {
+        "kind": _f("pk", str, ("pk", "maskreid")),
+        "num_ids": _f(16, int),  # P x K: identities per (global) batch
+        "num_instances": _f(4, int),
+        "num_positives": _f(10, int),  # MaskReID: 1 id x 10 + 54 singles
+        "num_negatives": _f(54, int),
+        "batches_per_epoch": _f(None, int, nullable=True),
+    },
+    "dataloader": {
+        "num_workers": _f(0, int),
+        "pin_memory": _f(False, bool),
+    },
+    "loss": {
+        # DPM: L = id_w·(plain_w·CE + masked_w·CE_arcface + hem_w·L_HEM) + tri_w·L_TRI
+        "hem_weight": _f(0.1, float),
+        "id_weight": _f(1.0, float),
+        "triplet_weight": _f(1.0, float),
+        "plain_weight": _f(0.5, float),
+        "masked_weight": _f(0.5, float),
+        # MaskReID ranking loss (Eq. 5)
+        "ranking_alpha": _f(0.15, float),
+        "ranking_lambda": _f(2.0, float),
+        "ranking_neg_mode": _f("literal", str, ("literal", "violating_only")),
+        "ranking_pos_mode": _f("hardest", str, ("hardest", "all")),
+    },
+    "solver": {
+        # the papers use SGD; AdamW is an option for small ViTs trained from scratch
+        "optimizer": _f("sgd", str, ("sgd", "adamw")),
+        "base_lr": _f(0.008, float),
+        "bias_lr_factor": _f(2.0, float),
+        "momentum": _f(0.9, float),
+        "weight_decay": _f(1e-4, float),
+        "weight_decay_bias": _f(None, float, nullable=True),  # None: same as weight_decay
+        "epochs": _f(150, int),
+        "schedule": _f("warmup_cosine", str, ("warmup_cosine", "poly", "constant")),
+        "warmup_epochs": _f(5, int),
+        "warmup_factor": _f(0.01, float),  # warmup starts at warmup_factor · base_lr
+        "min_lr_factor": _f(0.002, float),  # cosine floor: min_lr_factor · base_lr (all groups)
+        "poly_power": _f(0.5, float),
+        "mask_lr": _f(None, float, nullable=True),  # DPM mask generator, constant; None: base_lr
+        "two_pass": _f(True, bool),  # DPM: separate second pass for the mask generator
+        "amp": _f("auto", str, ("auto", "off", "bf16", "fp16")),  # auto: bf16 on CUDA, off on CPU
+    },
+    "pretrain": {
+        # MaskReID stage 1: softmax pre-training on the train set before the ranking stage
+        "epochs": _f(0, int),
+        "base_lr": _f(0.1, float),
+        "schedule": _f("poly", str, ("warmup_cosine", "poly", "constant")),
+        "sampler": _f("pk", str, ("pk", "maskreid")),
+    },
+    "train": {
+        "seed": _f(1234, int),
+        "device": _f("auto", str),  # auto | cpu | cuda | cuda:N
+        "log_period": _f(10, int),  # iterations between log lines / JSONL records
+        "checkpoint_every_iters": _f(0, int),  # mid-epoch checkpoints (0: epoch ends only)
+        "checkpoint_period": _f(0, int),  # keep epoch_NNN.pt every N epochs (0: only last.pt / final.pt)
+        "eval_period": _f(0, int),  # evaluate every N epochs (0: only after training)
+        "stop_after_iters": _f(None, int, nullable=True),  # testing hook: stop like a kill after N iterations
+        "progress": _f(True, bool),
+        "deterministic": _f(False, bool),
+    },
+    "eval": {
+        "batch_size": _f(256, int),
+        "num_workers": _f(0, int),
+        "distance": _f("auto", str),
+        "rerank": _f(False, bool),
+        "k1": _f(20, int),
+        "k2": _f(6, int),
+        "lambda_value": _f(0.3, float),
+        "max_rank": _f(50, int),
+        "pictures": _f(True, bool),
+    },
+}
+
+TOP_LEVEL_EXTRA = ("base", "name", "description")
+
+
+def defaults() -> dict:
+    def build(node):
+        return {k: build(v) if isinstance(v, dict) else copy.deepcopy(v.default) for k, v in node.items()}
+
+    return build(SCHEMA)
+
+
+def available_configs() -> list[str]:
+    return sorted(path.stem for path in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A file path, or the name of a built-in config (with or without ``.yaml``)."""
+    path = Path(os.path.expanduser(str(name_or_path)))
+    if path.is_file():
+        return path
+    builtin = CONFIG_DIR / (path.name if path.suffix in (".yaml", ".yml") else path.name + ".yaml")
+    if path.parent == Path(".") and builtin.is_file():
+        return builtin
+    raise ConfigError(
+        f"config not found: {name_or_path} (a YAML file, or a built-in: {', '.join(available_configs())})"
+    )
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except OSError as error:
+        raise ConfigError(f"cannot read config {path}: {error.strerror or error}") from error
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"invalid YAML in {path}{where}: {getattr(error, 'problem', error)}") from error
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _check_value(key: str, field: Field, value: Any) -> Any:
+    if value is None:
+        if field.nullable:
+            return None
+        raise ConfigError(f"config key {key}: null is not allowed")
+    kind = field.type
+    if kind == "mapping":
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if kind == "size":
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value, value]
+        if (not isinstance(value, (list, tuple)) or len(value) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+            raise ConfigError(f"config key {key}: expected [height, width] of positive ints, got {value!r}")
+        return [int(v) for v in value]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if (kind in (int, float) and isinstance(value, bool)) or not isinstance(value, kind):
+        raise ConfigError(f"config key {key}: expected {kind.__name__}, got {value!r}")
+    if field.choices is not None and value not in field.choices:
+        raise ConfigError(f"config key {key}: {value!r} is not one of {', '.join(map(str, field.choices))}")
+    return value
+
+
+def _merge(config: dict, data: dict, schema: dict, prefix: str, origin: str) -> None:
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in schema:
+            raise ConfigError(f"unknown config key {full!r} in {origin}")
+        node = schema[key]
+        if isinstance(node, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {full}: expected a section (mapping), got {value!r}")
+            _merge(config[key], value, node, full + ".", origin)
+        elif node.type == "mapping" and isinstance(value, dict) and isinstance(config[key], dict):
+            config[key] = {**config[key], **value}  # mappings merge key by key over a base config
+        else:
+            config[key] = _check_value(full, node, value)
+
+
+def _load_file(path: Path, seen: tuple = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config {path} extends itself (base chain: {' -> '.join(map(str, seen))})")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    for key in TOP_LEVEL_EXTRA:
+        data.pop(key, None)
+    config = _load_file(_base_path(path, str(base)), seen + (path,)) if base is not None else defaults()
+    _merge(config, data, SCHEMA, "", str(path))
+    return config
+
+
+def _base_path(path: Path, base: str) -> Path:
+    """``base`` relative to the file that names it, else a built-in name."""
+    sibling = path.parent / str(base)
+    if sibling.is_file():
+        return sibling
+    return resolve_config_path(str(base))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:
+    for text in overrides:
+        key, value = parse_override(text)
+        parts = key.split(".")
+        node, schema = config, SCHEMA
+        for depth, part in enumerate(parts):
+            if isinstance(schema, Field) and schema.type == "mapping":
+                # inside a free-form mapping: the rest of the key is one entry of it
+                node[".".join(parts[depth:])] = value
+                break
+            if not isinstance(schema, dict) or part not in schema:
+                raise ConfigError(f"unknown config key {key!r} (override {text!r})")
+            schema = schema[part]
+            if depth == len(parts) - 1:
+                if isinstance(schema, dict):
+                    raise ConfigError(f"config key {key!r} is a section; set one of its keys")
+                node[part] = _check_value(key, schema, value)
+            else:
+                node = node[part]
+    return config
+
+
+def load_config(name_or_path: Optional[str] = None, overrides: Iterable[str] = ()) -> dict:
+    """Defaults, then the file (and its ``base`` chain), then the overrides; validated."""
+    config = _load_file(resolve_config_path(name_or_path)) if name_or_path else defaults()
+    apply_overrides(config, overrides)
+    validate(config)
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# checks of the free-form sections and cross-field rules
+
+
+def _model_class(name: str):
+    from dpm_ops import models
+
+    return {"dpm": models.DPM, "vit_baseline": models.ViTBaseline, "maskreid": models.MaskReID,
+            "maskreid_resnet50": models.MaskReIDResNet50}[name]
+
+
+_MODEL_OPTION_RESERVED = ("num_classes", "num_cameras")
+
+
+def _check_against_signature(section: str, options: dict, defaults_: dict) -> None:
+    for key, value in options.items():
+        full = f"{section}.{key}"
+        if key not in defaults_:
+            raise ConfigError(f"unknown config key {full!r} (valid: {', '.join(sorted(defaults_))})")
+        default = defaults_[key]
+        if default is None or value is None:
+            continue
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, (int, float)):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
+                ok = False
+        elif isinstance(default, (tuple, list)):
+            ok = isinstance(value, (list, tuple))  # lengths are the model's to check
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            raise ConfigError(f"config key {full}: expected a value like {default!r}, got {value!r}")
+
+
+def model_option_defaults(name: str) -> dict:
+    parameters = inspect.signature(_model_class(name).__init__).parameters
+    return {k: p.default for k, p in parameters.items()
+            if k not in ("self", *_MODEL_OPTION_RESERVED) and p.kind is not p.VAR_KEYWORD}
+
+
+def synth_option_defaults() -> dict:
+    from dpm_ops.data.synth import SynthConfig
+
+    return {f.name: getattr(SynthConfig(), f.name) for f in dataclasses.fields(SynthConfig)}
+
+
+def validate(config: dict) -> None:
+    _check_against_signature("model.options", config["model"]["options"],
+                             model_option_defaults(config["model"]["name"]))
+    _check_against_signature("dataset.synth", config["dataset"]["synth"], synth_option_defaults())
+    name = config["model"]["name"]
+    is_maskreid = name.startswith("maskreid")
+    if is_maskreid and config["input"]["recipe"] != "maskreid":
+        raise ConfigError(f"config key input.recipe: model {name} needs the 'maskreid' recipe")
+    if not is_maskreid and config["input"]["recipe"] != "dpm":
+        raise ConfigError(f"config key input.recipe: model {name} needs the 'dpm' recipe")
+    if config["dataset"]["with_masks"] is False and is_maskreid:
+        raise ConfigError(f"config key dataset.with_masks: model {name} needs foreground masks")
+    positive = [("solver.epochs", config["solver"]["epochs"]), ("train.log_period", config["train"]["log_period"]),
+                ("eval.batch_size", config["eval"]["batch_size"])]
+    for key, value in positive:
+        if value < 1:
+            raise ConfigError(f"config key {key}: must be at least 1, got {value}")
+    for key in ("checkpoint_every_iters", "checkpoint_period", "eval_period"):
+        if config["train"][key] < 0:
+            raise ConfigError(f"config key train.{key}: must be >= 0")
+    if config["solver"]["warmup_epochs"] < 0 or config["pretrain"]["epochs"] < 0:
+        raise ConfigError("config key solver.warmup_epochs / pretrain.epochs: must be >= 0")
+    if config["pretrain"]["epochs"] and not is_maskreid:
+        raise ConfigError(f"config key pretrain.epochs: softmax pre-training is MaskReID's; model is {name}")
+
+
+def dump_config(config: dict) -> str:
+    return yaml.safe_dump(config, sort_keys=False, default_flow_style=None)

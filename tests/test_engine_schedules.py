@@ -1,0 +1,48 @@
+"""The spec's warmup-cosine values (dpm.md §7.2), poly, and the stateful wrapper."""
+
+import math
+
+import pytest
+import torch
+
+from dpm_ops.engine.schedules import LRSchedule, poly_lr, warmup_cosine_lr
+
+
+def dpm_lr(t, value=0.008, total=150):
+    return warmup_cosine_lr(value, t, total, warmup=5, warmup_init=8e-5, lr_min=1.6e-5)
+
+
+def test_warmup_cosine_matches_the_spec():
+    assert [round(dpm_lr(t), 6) for t in range(1, 5)] == [1.664e-3, 3.248e-3, 4.832e-3, 6.416e-3]
+    assert dpm_lr(0) == pytest.approx(8e-5)
+    assert dpm_lr(5) == pytest.approx(1.6e-5 + 0.5 * (0.008 - 1.6e-5) * (1 + math.cos(math.pi * 5 / 150)))
+    assert dpm_lr(50) == pytest.approx(6.00e-3, abs=5e-6)
+    assert dpm_lr(100) == pytest.approx(2.01e-3, abs=5e-6)
+    assert dpm_lr(149) == pytest.approx(1.69e-5, abs=5e-8)
+    assert dpm_lr(150) == 1.6e-5
+    # biases warm up from the same absolute init and end at the same absolute floor
+    assert warmup_cosine_lr(0.016, 1, 150, 5, 8e-5, 1.6e-5) == pytest.approx(8e-5 + (0.016 - 8e-5) / 5)
+    assert warmup_cosine_lr(0.016, 150, 150, 5, 8e-5, 1.6e-5) == 1.6e-5
+
+
+def test_poly():
+    assert poly_lr(0.01, 0, 100, 0.5) == 0.01
+    assert poly_lr(0.01, 75, 100, 0.5) == pytest.approx(0.005)
+    assert poly_lr(0.01, 100, 100, 0.5) == 0.0
+
+
+def test_schedule_sets_every_group_and_resumes():
+    params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+    opt = torch.optim.SGD([{"params": params[:1], "lr": 0.008}, {"params": params[1:], "lr": 0.016}], lr=0.008)
+    sch = LRSchedule(opt, "warmup_cosine", 150, base_lr=0.008, warmup=5)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([8e-5, 8e-5])
+    sch.step(50)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([dpm_lr(50), dpm_lr(50, 0.016)])
+    other = torch.optim.SGD([{"params": params[:1], "lr": 0.008}, {"params": params[1:], "lr": 0.016}], lr=0.008)
+    resumed = LRSchedule(other, "warmup_cosine", 150, base_lr=0.008, warmup=5)
+    resumed.load_state_dict(sch.state_dict())
+    assert [g["lr"] for g in other.param_groups] == [g["lr"] for g in opt.param_groups]
+    with pytest.raises(ValueError, match="total"):
+        LRSchedule(other, "warmup_cosine", 10, base_lr=0.008, warmup=5).load_state_dict(sch.state_dict())
+    with pytest.raises(ValueError, match="schedule"):
+        LRSchedule(other, "step", 10, base_lr=0.008)
