@@ -37,7 +37,7 @@ def test_short_run_loss_falls(tmp_path, tiny_root):
     assert [r["step"] for r in records] == list(range(1, len(records) + 1))
     for record in records:
         assert isinstance(record["step"], int) and isinstance(record["epoch"], int)
-        assert {"lr", "loss", "loss/id_plain", "loss/id_masked", "loss/hem", "loss/triplet"} <= set(record)
+        assert {"lr", "loss", "loss/id", "loss/hem", "loss/triplet"} <= set(record)  # id: both fused CE branches
         assert all(math.isfinite(v) for v in record.values())
     first = sum(r["loss"] for r in records[:4]) / 4
     last = sum(r["loss"] for r in records[-4:]) / 4

@@ -63,6 +63,21 @@ def test_train_and_eval_shapes(stride):
     assert eval_out.feature.shape == (1, 32) and eval_out.mask.shape == (1, 32)
 
 
+def test_neck_feat_selects_the_eval_feature():
+    """"before" (official) returns the pre-BN CLS feature, "after" its BNNeck output; same mask."""
+    images, cams, _ = batch(3)
+    before = tiny_dpm(neck_feat="before").eval()
+    after = tiny_dpm(neck_feat="after").eval()
+    captured = capture_bn_feature(after)
+    with torch.no_grad():
+        out_before, out_after = before(images, cam_label=cams), after(images, cam_label=cams)
+    torch.testing.assert_close(out_after.feature, captured["f_bn"])
+    torch.testing.assert_close(after.bottleneck(out_before.feature), out_after.feature)
+    torch.testing.assert_close(out_before.mask, out_after.mask)
+    with pytest.raises(ValueError, match="neck_feat"):
+        tiny_dpm(neck_feat="middle")
+
+
 @pytest.mark.parametrize("stride", [11, 12])
 def test_mask_generator_train_mode_batch_of_one(stride):
     """flatten(1), not squeeze(): a single image keeps its batch dimension in train mode too."""

@@ -143,6 +143,8 @@ def model_arguments(config: dict, splits: ReIDSplits) -> dict:
     else:
         num_classes, num_cameras = splits.num_train_pids, splits.num_cams
         options.setdefault("img_size", list(config["input"]["size"]))
+    if name == "dpm":
+        options.setdefault("loss_inputs", True)  # train mode hands DPMLoss the fused ArcFace CE's inputs
     return {"num_classes": num_classes, "num_cameras": num_cameras, "options": options}
 
 

@@ -28,6 +28,9 @@ from .param_groups import bnneck, sgd_param_groups
 from .vit import ViTReID
 
 
+NECK_FEATS = ("before", "after")
+
+
 class ConvBNReLU(nn.Sequential):
     """3x3 conv (with bias) + BN + ReLU; indices 0 / 1 match the official ``conv3x3_block``."""
 
@@ -107,16 +110,20 @@ class DPMParamGroups(NamedTuple):
 class DPM(nn.Module):
     """Defaults are the Occluded-Duke configuration (stride 11, ArcFace m = 0.5); Market and Duke use
     ``stride=12, arcface_margin=0.3``. Width, depth and image size are options for small builds;
-    ``mask_tap_blocks`` are 0-based block indices (blocks 2, 4, 10, 12 of 12 by default)."""
+    ``mask_tap_blocks`` are 0-based block indices (blocks 2, 4, 10, 12 of 12 by default).
+    ``neck_feat``: the feature eval mode returns, ``"before"`` the BNNeck (the official configs'
+    ``TEST.NECK_FEAT``, whose masks were learnt on BNNeck features) or ``"after"`` it."""
 
     def __init__(self, num_classes: int, num_cameras: int = 0, *, img_size: Sequence[int] = (256, 128),
                  patch_size: int = 16, stride: int = 11, embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, drop_path_rate: float = 0.1,
                  sie_coef: float = 3.0, mask_tap_blocks: Sequence[int] = (1, 3, 9, 11),
                  arcface_scale: float = 30.0, arcface_margin: float = 0.5, easy_margin: bool = False,
-                 loss_inputs: bool = False):
+                 loss_inputs: bool = False, neck_feat: str = "before"):
         super().__init__()
-        self.loss_inputs = loss_inputs
+        if neck_feat not in NECK_FEATS:
+            raise ValueError(f"neck_feat must be one of {NECK_FEATS}, got {neck_feat!r}")
+        self.loss_inputs, self.neck_feat = loss_inputs, neck_feat
         if num_classes < 1:
             raise ValueError("DPM needs num_classes >= 1: its classifier weights are the prototypes")
         self.mask_tap_blocks = tuple(mask_tap_blocks)
@@ -142,7 +149,8 @@ class DPM(nn.Module):
                                                   return_cls_logits=self.training)
         mask = self.mask_generator(features.tapped_tokens)
         if not self.training:
-            return DPMEvalOutput(features.cls_feature, mask)
+            feature = self.bottleneck(features.cls_feature) if self.neck_feat == "after" else features.cls_feature
+            return DPMEvalOutput(feature, mask)
         bn_feature = self.bottleneck(features.cls_feature)
         if self.loss_inputs:
             return DPMLossInputs(bn_feature, mask, self.classifier.weight, features.cls_feature, features.cls_logits,
