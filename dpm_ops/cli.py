@@ -65,8 +65,8 @@ def _eval(args) -> int:
 
     from dpm_ops.engine import load_checkpoint, load_config
     from dpm_ops.engine import distributed
-    from dpm_ops.engine.trainer import (build_model_from_args, evaluate_with_config, load_splits, prepare_synthetic,
-                                        resolve_amp, resolve_device)
+    from dpm_ops.engine.trainer import (build_model_from_args, eval_model_arguments, evaluate_with_config,
+                                        load_splits, prepare_synthetic, resolve_amp, resolve_device)
 
     config = load_config(args.config, args.overrides)
     state = load_checkpoint(args.weights, model_name=config["model"]["name"])
@@ -76,7 +76,8 @@ def _eval(args) -> int:
         device = torch.device("cuda", info.local_rank)
     prepare_synthetic(config, progress=config["train"]["progress"] and info.is_main)
     splits = load_splits(config)
-    model = build_model_from_args(state["model_name"], state["model_args"])
+    model = build_model_from_args(state["model_name"],
+                                  eval_model_arguments(state["model_name"], state["model_args"], config))
     model.load_state_dict(state["model"])
     model.to(device).eval()
     output = Path(args.output) if args.output else Path(args.weights).resolve().parent.parent / "eval"

@@ -107,3 +107,14 @@ def test_module_entry_point():
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "dpm-reid: error: unknown config key 'solver.nope' (override 'solver.nope=1')"]
+
+
+def test_eval_takes_eval_time_options_from_its_config():
+    """`dpm-reid eval` builds the checkpoint's architecture, with the config's eval-only options."""
+    from dpm_ops.engine.trainer import eval_model_arguments
+
+    saved = {"num_classes": 5, "num_cameras": 2, "options": {"embed_dim": 32, "neck_feat": "before"}}
+    config = {"model": {"options": {"embed_dim": 64, "neck_feat": "after"}}}
+    args = eval_model_arguments("dpm", saved, config)
+    assert args == {"num_classes": 5, "num_cameras": 2, "options": {"embed_dim": 32, "neck_feat": "after"}}
+    assert eval_model_arguments("vit_baseline", saved, config) == saved

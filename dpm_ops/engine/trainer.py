@@ -148,6 +148,17 @@ def model_arguments(config: dict, splits: ReIDSplits) -> dict:
     return {"num_classes": num_classes, "num_cameras": num_cameras, "options": options}
 
 
+# Model options that change only what eval mode returns, not the weights: `dpm-reid eval` takes them
+# from its config (overrides included) rather than from the checkpoint.
+EVAL_TIME_OPTIONS = {"dpm": ("neck_feat",)}
+
+
+def eval_model_arguments(name: str, checkpoint_args: dict, config: dict) -> dict:
+    chosen = {key: config["model"]["options"][key] for key in EVAL_TIME_OPTIONS.get(name, ())
+              if key in config["model"]["options"]}
+    return {**checkpoint_args, "options": {**checkpoint_args["options"], **chosen}}
+
+
 def build_model_from_args(name: str, args: dict) -> nn.Module:
     options = {k: tuple(v) if isinstance(v, list) else v for k, v in args["options"].items()}
     try:
