@@ -116,6 +116,55 @@ template <typename A> struct ThreadLists {
   }
 };
 
+constexpr int64_t kProbe = 32;  // columns tested together before any list is touched
+
+// dots (rows, cols) -> distances in place, one metric per loop so each loop vectorises.
+template <typename A>
+void finish_tile(A* dots, int64_t rows, int64_t cols, const A* row_norms, const A* col_norms, Metric metric) {
+  for (int64_t r = 0; r < rows; ++r) {
+    A* line = dots + r * cols;
+    const A xn = row_norms[r];
+    switch (metric) {
+      case Metric::kCosine:
+        for (int64_t c = 0; c < cols; ++c) line[c] = pair_distance(line[c], xn, col_norms[c], Metric::kCosine);
+        break;
+      case Metric::kSqEuclidean:
+        for (int64_t c = 0; c < cols; ++c) line[c] = pair_distance(line[c], xn, col_norms[c], Metric::kSqEuclidean);
+        break;
+      case Metric::kEuclidean:
+        for (int64_t c = 0; c < cols; ++c) line[c] = pair_distance(line[c], xn, col_norms[c], Metric::kEuclidean);
+        break;
+    }
+  }
+}
+
+// Maximum of n >= 0 values (0 when empty; distances are >= 0 except cosine's, whose row maximum
+// always includes d(i, i) = 0 too), through lanes of partial maxima so it vectorises.
+template <typename A> A range_max(const A* v, int64_t n) {
+  constexpr int kLanes = 16;
+  A lanes[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes)
+    for (int l = 0; l < kLanes; ++l) lanes[l] = v[c + l] > lanes[l] ? v[c + l] : lanes[l];
+  A top = A(0);
+  for (; c < n; ++c) top = v[c] > top ? v[c] : top;
+  for (int l = 0; l < kLanes; ++l) top = lanes[l] > top ? lanes[l] : top;
+  return top;
+}
+
+// Offers line[first, end) (column ids offset + c) to one row's list, with the row's limit in a
+// register: the common case is one well-predicted comparison per value.
+template <typename A, typename Lists>
+void offer_line(Lists& lists, int64_t row, const A* line, int64_t first, int64_t end, int64_t offset) {
+  A limit = lists.limit[row];
+  for (int64_t c = first; c < end; ++c) {
+    if (line[c] <= limit) {
+      lists.offer(row, line[c], offset + c);
+      limit = lists.limit[row];
+    }
+  }
+}
+
 template <typename A>
 void self_knn_impl(const Operand& xs, int64_t k, int64_t m, Metric metric, bool normalize, int64_t cross_rows,
                  at::Tensor& values, at::Tensor& indices, at::Tensor& row_max, at::Tensor& cross) {
@@ -147,34 +196,36 @@ void self_knn_impl(const Operand& xs, int64_t k, int64_t m, Metric metric, bool 
       at::Tensor tile = tile_view(buffer, nr, nc);
       at::mm_out(tile, xs.rows.narrow(0, r0, nr), xs.rows.narrow(0, c0, nc).t());
       A* dots = tile.data_ptr<A>();
+      finish_tile(dots, nr, nc, norms + r0, norms + c0, metric);
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t row = r0 + r;
-        A* line = dots + r * nc;
+        const A* line = dots + r * nc;
         // In a diagonal tile only c > r is used, offered both ways, so d(i, j) and d(j, i) are
         // the same number; d(i, i) is 0.
         const int64_t first = diagonal ? r + 1 : 0;
-        A line_max = diagonal ? A(0) : own.row_max[row];
-        for (int64_t c = first; c < nc; ++c) {
-          const A d = pair_distance(line[c], norms[row], norms[c0 + c], metric);
-          line[c] = d;
-          line_max = d > line_max ? d : line_max;
-          own.offer(row, d, c0 + c);
-        }
+        own.row_max[row] = std::max(own.row_max[row], range_max(line + first, nc - first));
+        offer_line(own, row, line, first, nc, c0);
         if (diagonal) own.offer(row, A(0), row);
-        own.row_max[row] = std::max(own.row_max[row], line_max);
         if (row < cross_rows) {
           const int64_t from = std::max(first, cross_rows - c0);
-          for (int64_t c = from; c < nc; ++c) cross_out[row * cross_cols + (c0 + c - cross_rows)] = line[c];
+          if (from < nc) std::copy(line + from, line + nc, cross_out + row * cross_cols + (c0 + from - cross_rows));
         }
       }
-      // Transposed: each column's list gets the tile's rows.
+      // Transposed: each column's list gets the tile's rows. Elementwise maxima vectorise; the
+      // candidate test runs on blocks of columns and opens only those with a value under a limit.
+      A* column_max = own.row_max.data() + c0;
+      const A* column_limit = own.limit.data() + c0;
       for (int64_t r = 0; r < nr; ++r) {
         const A* line = dots + r * nc;
         const int64_t first = diagonal ? r + 1 : 0;
-        for (int64_t c = first; c < nc; ++c) {
-          const int64_t column = c0 + c;
-          own.row_max[column] = std::max(own.row_max[column], line[c]);
-          own.offer(column, line[c], r0 + r);
+        for (int64_t c = first; c < nc; ++c) column_max[c] = line[c] > column_max[c] ? line[c] : column_max[c];
+        for (int64_t c0b = first; c0b < nc; c0b += kProbe) {
+          const int64_t c1b = std::min(nc, c0b + kProbe);
+          bool any = false;
+          for (int64_t c = c0b; c < c1b; ++c) any |= line[c] <= column_limit[c];
+          if (!any) continue;
+          for (int64_t c = c0b; c < c1b; ++c)
+            if (line[c] <= column_limit[c]) own.offer(c0 + c, line[c], r0 + r);
         }
       }
     }
