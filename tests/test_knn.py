@@ -208,8 +208,7 @@ def test_knn_torch_compile_fullgraph(backend):
         return (values ** 2).sum() + indices.sum()
 
     value = torch.compile(loss, fullgraph=True, backend="aot_eager")(x, y)
-    expected = loss.__wrapped__(x, y) if hasattr(loss, "__wrapped__") else loss(x, y)
-    torch.testing.assert_close(value, expected)
+    torch.testing.assert_close(value, loss(x, y))
     got = torch.autograd.grad(value, (x, y))
     reference = knn_reference(x * 2, y, 5)
     want = torch.autograd.grad((reference[0] ** 2).sum(), (x, y))

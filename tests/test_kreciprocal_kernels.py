@@ -1,5 +1,5 @@
-"""The C++ k-reciprocal stages (csrc/kreciprocal/) against the torch stages they replace
-(dpm_ops/evaluation/_kreciprocal.py), and re-ranking end to end through both paths."""
+"""The C++ k-reciprocal stages (csrc/kreciprocal/) and the evaluator kernel (csrc/rank/) against the
+torch stages they replace (dpm_ops/evaluation/_kreciprocal.py, rank.py), end to end through both paths."""
 
 import numpy as np
 import pytest
@@ -86,3 +86,23 @@ def test_kernel_and_torch_paths_agree(monkeypatch, k1, k2, lambda_value):
     for got, expected in zip(kernels, torch_path):
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
         np.testing.assert_array_equal(np.argsort(got, axis=1, kind="stable"), np.argsort(expected, axis=1, kind="stable"))
+
+
+@pytest.mark.parametrize("levels", [None, 4])
+def test_match_ranks_kernel_and_torch_paths_agree(monkeypatch, levels):
+    # Quantised distances make ties everywhere, decided by gallery index on both paths.
+    from dpm_ops.evaluation import evaluate_rank
+    rng = np.random.default_rng(11)
+    dist = rng.random((70, 400)).astype(np.float32)
+    if levels:
+        dist = np.round(dist * levels) / levels
+    labels = (rng.integers(0, 10, 70), rng.integers(0, 10, 400), rng.integers(0, 3, 70), rng.integers(0, 3, 400))
+    offsets, ranks = torch.ops.dpm_ops.match_ranks(torch.from_numpy(dist), *(torch.from_numpy(a) for a in
+                                                                          (labels[0], labels[1], labels[2], labels[3])))
+    assert len(offsets) == 71 and bool((ranks[offsets[1:] - 1] <= 400).all())
+    kernel = evaluate_rank(dist, *labels, max_rank=20, ap="trapezoid")
+    monkeypatch.setenv("DPM_OPS_BACKEND", "reference")
+    torch_path = evaluate_rank(dist, *labels, max_rank=20, ap="trapezoid")
+    np.testing.assert_array_equal(kernel.cmc, torch_path.cmc)
+    np.testing.assert_array_equal(kernel.all_AP, torch_path.all_AP)
+    assert (kernel.mAP, kernel.mINP, kernel.num_valid) == (torch_path.mAP, torch_path.mINP, torch_path.num_valid)
