@@ -10,5 +10,7 @@ TORCH_LIBRARY_FRAGMENT(dpm_ops, m) {
   m.def(
       "kreciprocal_query_expansion(Tensor row_ptr, Tensor cols, Tensor values, Tensor sources)"
       " -> (Tensor row_ptr, Tensor cols, Tensor values)");
-  m.def("kreciprocal_jaccard_blend_(Tensor(a!) out, Tensor row_ptr, Tensor cols, Tensor values, float lambda_value) -> ()");
+  m.def(
+      "kreciprocal_jaccard_blend_(Tensor(a!) out, Tensor row_ptr, Tensor cols, Tensor values, float lambda_value, "
+      "Tensor? row_scale=None) -> ()");
 }

@@ -253,7 +253,7 @@ void knn(Dtype dtype, const void* x, const void* y, const void* x_norms, const v
          int64_t D, int64_t k, int metric, bool self, void* out_values, int64_t* out_indices, void* row_max,
          void* cross, int64_t cross_rows, cudaStream_t stream) {
   if (M == 0) return;
-  if (k > kMaxSharedK) throw std::runtime_error("dpm_ops knn: the CUDA kernel takes k <= 1024");
+  if (k > kMaxSharedK) throw std::runtime_error("dpm_ops knn: the CUDA kernel takes k <= 256");
   const unsigned int blocks = static_cast<unsigned int>((M + kRows - 1) / kRows);
   auto launch = [&](auto tag) {
     using A = typename decltype(tag)::type;

@@ -23,7 +23,7 @@ void knn(Dtype dtype, const void* x, const void* y, const void* x_norms, const v
          int64_t D, int64_t k, int metric, bool self, void* out_values, int64_t* out_indices, void* row_max,
          void* cross, int64_t cross_rows, cudaStream_t stream);
 
-constexpr int64_t kMaxSharedK = 1024;
+constexpr int64_t kMaxSharedK = 256;  // 32 lists of k (value, index) pairs in shared memory
 
 }  // namespace cuda
 }  // namespace knn

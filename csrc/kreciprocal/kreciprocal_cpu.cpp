@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <mutex>
 #include <vector>
 
 #include "../common/host_device.h"
@@ -32,8 +33,8 @@ void check_neighbours(const at::Tensor& neighbours) {
                     neighbours.scalar_type());
 }
 
-// R*(i) for every item, as CSR (row_ptr, cols). Two passes (sizes, then items): the sets are
-// cheap to recompute and this needs no bound on their size in memory.
+// R*(i) for every item, as CSR (row_ptr, cols). R(c, kh) is computed once per item; each
+// thread keeps the sets of its rows until the sizes are known, then copies them in place.
 std::tuple<at::Tensor, at::Tensor> expand_cpu(const at::Tensor& neighbours_in, int64_t k1, int64_t half_k1) {
   check_neighbours(neighbours_in);
   TORCH_CHECK_VALUE(k1 >= 1 && half_k1 >= 0, "kreciprocal: need k1 >= 1 and half_k1 >= 0, got ", k1, ", ", half_k1);
@@ -41,20 +42,28 @@ std::tuple<at::Tensor, at::Tensor> expand_cpu(const at::Tensor& neighbours_in, i
   const int64_t N = neighbours.size(0), width = neighbours.size(1);
   const int64_t count1 = std::min(k1 + 1, width), count_h = std::min(half_k1 + 1, width);
   const int64_t* nb = neighbours.const_data_ptr<int64_t>();
-  std::vector<int64_t> sizes(N);
-  auto each_row = [&](auto&& emit) {
-    at::parallel_for(0, N, kRowGrain, [&](int64_t begin, int64_t end) {
-      std::vector<int64_t> own(count1), half(count_h), out(count1 * (count_h + 1));
-      for (int64_t i = begin; i < end; ++i)
-        emit(i, out.data(), expanded_set(nb, width, i, count1, count_h, own.data(), half.data(), out.data()));
-    });
-  };
-  each_row([&](int64_t i, const int64_t*, int64_t size) { sizes[i] = size; });
+  std::vector<int64_t> half_sets(N * count_h), half_sizes(N), sizes(N);
+  at::parallel_for(0, N, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c)
+      half_sizes[c] = reciprocal_set(nb, width, c, count_h, half_sets.data() + c * count_h);
+  });
+  std::mutex lock;
+  std::vector<std::pair<int64_t, std::vector<int64_t>>> pieces;  // (first row, its rows' items)
+  at::parallel_for(0, N, kRowGrain, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> own(count1), out(count1 * (count_h + 1)), items;
+    for (int64_t i = begin; i < end; ++i) {
+      sizes[i] = expanded_set(nb, width, i, count1, count_h, half_sets.data(), half_sizes.data(), own.data(),
+                              out.data());
+      items.insert(items.end(), out.begin(), out.begin() + sizes[i]);
+    }
+    const std::lock_guard<std::mutex> guard(lock);
+    pieces.emplace_back(begin, std::move(items));
+  });
   at::Tensor row_ptr = prefix_sum(sizes, neighbours.options());
-  at::Tensor cols = at::empty({row_ptr[N].item<int64_t>()}, neighbours.options());
   const int64_t* rp = row_ptr.const_data_ptr<int64_t>();
+  at::Tensor cols = at::empty({rp[N]}, neighbours.options());
   int64_t* cp = cols.data_ptr<int64_t>();
-  each_row([&](int64_t i, const int64_t* items, int64_t size) { std::copy(items, items + size, cp + rp[i]); });
+  for (const auto& piece : pieces) std::copy(piece.second.begin(), piece.second.end(), cp + rp[piece.first]);
   return {row_ptr, cols};
 }
 
@@ -182,12 +191,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> query_expansion_cpu(const at::Ten
   return {out_ptr, out_cols, out_values};
 }
 
-// out (Q, G) holds the normalised query-gallery distance d; overwritten in place by
+// out (Q, G) holds the normalised query-gallery distance d (or, with row_scale, the distance
+// before its division by row_scale[q], done here in float32 as the reference does); overwritten in place by
 // (1 - lambda) Jaccard + lambda d with m(q, g) = sum_k min(V[q, k], V[Q + g, k]), found through an
 // inverted index (the gallery rows of every column) and summed per pair in the query's column
 // order, as the reference does.
 void jaccard_blend_cpu(at::Tensor& out, const at::Tensor& row_ptr_in, const at::Tensor& cols_in,
-                       const at::Tensor& values_in, double lambda_value) {
+                       const at::Tensor& values_in, double lambda_value, const c10::optional<at::Tensor>& scale_in) {
   TORCH_CHECK_VALUE(out.dim() == 2 && out.scalar_type() == at::kFloat && out.is_contiguous(),
                     "kreciprocal: out must be a contiguous 2-D float32 tensor");
   const at::Tensor row_ptr = row_ptr_in.contiguous(), cols = cols_in.contiguous();
@@ -211,6 +221,12 @@ void jaccard_blend_cpu(at::Tensor& out, const at::Tensor& row_ptr_in, const at::
     }
   const float jaccard_weight = float(1.0 - lambda_value), keep = float(lambda_value);
   float* op = out.data_ptr<float>();
+  at::Tensor scale;
+  if (scale_in.has_value()) {
+    scale = scale_in->to(at::kFloat).contiguous();
+    TORCH_CHECK_VALUE(scale.dim() == 1 && scale.size(0) >= Q, "kreciprocal: row_scale must hold one value per query");
+  }
+  const float* sp = scale.defined() ? scale.const_data_ptr<float>() : nullptr;
   at::parallel_for(0, Q, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> overlap(G, 0.f);
     for (int64_t q = begin; q < end; ++q) {
@@ -221,6 +237,8 @@ void jaccard_blend_cpu(at::Tensor& out, const at::Tensor& row_ptr_in, const at::
           overlap[holder[s]] += std::min(v, holder_value[s]);
       }
       float* row = op + q * G;
+      if (sp != nullptr)
+        for (int64_t g = 0; g < G; ++g) row[g] /= sp[q];  // the row-max normalisation, fused
       for (int64_t g = 0; g < G; ++g) {
         // Pairs sharing no column: Jaccard 1, written as the reference computes it.
         row[g] = overlap[g] != 0.f ? jaccard_blend(overlap[g], row[g], jaccard_weight, keep)

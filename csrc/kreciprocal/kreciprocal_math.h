@@ -37,15 +37,17 @@ DPM_HD bool contains(const int64_t* items, int64_t size, int64_t v) {
 }
 
 // R*(i): R(i, k1) united with every R(c, kh), c in R(i, k1), with 3 |R(c, kh) & R(i, k1)| >
-// 2 |R(c, kh)|; unique and sorted ascending. `own` needs count1 slots, `half` count_h slots,
-// `out` count1 * (count_h + 1) slots (the most R* can hold). Returns |R*(i)|.
+// 2 |R(c, kh)|; unique and sorted ascending. half_sets / half_sizes: R(c, kh) of every item
+// (row c at half_sets + c * count_h), computed once. `own` needs count1 slots, `out`
+// count1 * (count_h + 1) (the most R* can hold). Returns |R*(i)|.
 DPM_HD int64_t expanded_set(const int64_t* neighbours, int64_t width, int64_t i, int64_t count1, int64_t count_h,
-                            int64_t* own, int64_t* half, int64_t* out) {
+                            const int64_t* half_sets, const int64_t* half_sizes, int64_t* own, int64_t* out) {
   const int64_t own_size = reciprocal_set(neighbours, width, i, count1, own);
   int64_t size = 0;
   for (int64_t p = 0; p < own_size; ++p) out[size++] = own[p];
   for (int64_t p = 0; p < own_size; ++p) {
-    const int64_t half_size = reciprocal_set(neighbours, width, own[p], count_h, half);
+    const int64_t* half = half_sets + own[p] * count_h;
+    const int64_t half_size = half_sizes[own[p]];
     int64_t overlap = 0;
     for (int64_t q = 0; q < half_size; ++q) overlap += contains(own, own_size, half[q]);
     if (3 * overlap > 2 * half_size)

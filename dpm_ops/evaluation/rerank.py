@@ -43,6 +43,7 @@ class _DenseDistances:
         self.squared_input = squared_input
         self.dtype = _inputs.compute_dtype(q_g)
         self.row_max = None
+        self.out_scale = None  # scan returns the query-gallery block already normalised
 
     def _squared(self, values: torch.Tensor) -> torch.Tensor:
         values = values.to(self.dtype)
@@ -115,6 +116,7 @@ class _FeatureDistances:
         self.num_items = len(self.features)
         self.row_max = None
         self.nearest = None
+        self.out_scale = None  # set by the kernel scan: its query-gallery block is not yet normalised
 
     def _tile(self, row_start, row_stop, col_start, col_stop) -> torch.Tensor:
         x, y = self.features, self.norms
@@ -171,7 +173,8 @@ class _FeatureDistances:
                                                    normalize=True, cross_rows=q)
         self.row_max = row_max.to(torch.float32)
         self.nearest = _Candidates(values.to(torch.float32), indices)
-        return indices[:, :width].contiguous(), cross.to(torch.float32).div_(self.row_max[:q, None])
+        self.out_scale = self.row_max[:q]  # the Jaccard kernel divides by it in its own pass
+        return indices[:, :width].contiguous(), cross.to(torch.float32)
 
     def csr_pair_distances(self, row_ptr, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """pair_distances of the entries of a CSR set, in one C++ call (lookups, else features)."""
@@ -223,7 +226,7 @@ def _rerank_kernels(source, neighbours, out, k1: int, k2: int, lambda_value: flo
     if k2 != 1:
         row_ptr, cols, weights = torch.ops.dpm_ops.kreciprocal_query_expansion(row_ptr, cols, weights,
                                                                               neighbours[:, :k2].contiguous())
-    torch.ops.dpm_ops.kreciprocal_jaccard_blend_(out, row_ptr, cols, weights, lambda_value)
+    torch.ops.dpm_ops.kreciprocal_jaccard_blend_(out, row_ptr, cols, weights, lambda_value, source.out_scale)
     return out
 
 
@@ -232,6 +235,8 @@ def _rerank(source, k1: int, k2: int, lambda_value: float) -> torch.Tensor:
     neighbours, out = source.scan(min(max(k1 + 1, k2), n))
     if _backend.resolve(None, neighbours.device) == "cpp":
         return _rerank_kernels(source, neighbours, out, k1, k2, lambda_value)
+    if source.out_scale is not None:
+        out.div_(source.out_scale[:, None])
     rows, cols = expanded_neighbourhoods(neighbours, k1, round(k1 / 2))  # round() is half-to-even, as np.around
     weights = encode_weights(rows, source.pair_distances(rows, cols), n)
     if k2 != 1:
