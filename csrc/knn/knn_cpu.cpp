@@ -58,6 +58,26 @@ at::Tensor tile_view(at::Tensor& buffer, int64_t rows, int64_t cols) {
   return buffer.narrow(0, 0, rows * cols).view({rows, cols});
 }
 
+// dots (rows, cols) -> distances in place, one metric per loop so each loop vectorises.
+template <typename A>
+void finish_tile(A* dots, int64_t rows, int64_t cols, const A* row_norms, const A* col_norms, Metric metric) {
+  for (int64_t r = 0; r < rows; ++r) {
+    A* line = dots + r * cols;
+    const A xn = row_norms[r];
+    switch (metric) {
+      case Metric::kCosine:
+        for (int64_t c = 0; c < cols; ++c) line[c] = pair_distance(line[c], xn, col_norms[c], Metric::kCosine);
+        break;
+      case Metric::kSqEuclidean:
+        for (int64_t c = 0; c < cols; ++c) line[c] = pair_distance(line[c], xn, col_norms[c], Metric::kSqEuclidean);
+        break;
+      case Metric::kEuclidean:
+        for (int64_t c = 0; c < cols; ++c) line[c] = pair_distance(line[c], xn, col_norms[c], Metric::kEuclidean);
+        break;
+    }
+  }
+}
+
 template <typename A>
 void knn_impl(const Operand& xs, const Operand& ys, int64_t k, Metric metric, at::Tensor& values, at::Tensor& indices) {
   const int64_t M = xs.rows.size(0), Ny = ys.rows.size(0);
@@ -79,14 +99,18 @@ void knn_impl(const Operand& xs, const Operand& ys, int64_t k, Metric metric, at
         const int64_t nc = std::min(kColumnBlock, Ny - c0);
         at::Tensor tile = tile_view(buffer, nr, nc);
         at::mm_out(tile, xs.rows.narrow(0, r0, nr), ys.rows.narrow(0, c0, nc).t());
-        const A* dots = tile.const_data_ptr<A>();
+        A* dots = tile.data_ptr<A>();
+        finish_tile(dots, nr, nc, x_norms + r0, y_norms + c0, metric);  // vectorised, sqrt included
         for (int64_t r = 0; r < nr; ++r) {
           SortedList<A>& list = lists[r];
-          const A xn = x_norms[r0 + r];
           const A* row = dots + r * nc;
+          // The list's last value in a register: most values stop at one comparison.
+          A limit = list.full() ? list.last_value() : std::numeric_limits<A>::infinity();
           for (int64_t c = 0; c < nc; ++c) {
-            const A d = pair_distance(row[c], xn, y_norms[c0 + c], metric);
-            if (list.accepts(d, c0 + c)) list.insert(d, c0 + c);
+            if (row[c] <= limit) {
+              list.insert(row[c], c0 + c);
+              if (list.full()) limit = list.last_value();
+            }
           }
         }
       }
@@ -117,26 +141,6 @@ template <typename A> struct ThreadLists {
 };
 
 constexpr int64_t kProbe = 32;  // columns tested together before any list is touched
-
-// dots (rows, cols) -> distances in place, one metric per loop so each loop vectorises.
-template <typename A>
-void finish_tile(A* dots, int64_t rows, int64_t cols, const A* row_norms, const A* col_norms, Metric metric) {
-  for (int64_t r = 0; r < rows; ++r) {
-    A* line = dots + r * cols;
-    const A xn = row_norms[r];
-    switch (metric) {
-      case Metric::kCosine:
-        for (int64_t c = 0; c < cols; ++c) line[c] = pair_distance(line[c], xn, col_norms[c], Metric::kCosine);
-        break;
-      case Metric::kSqEuclidean:
-        for (int64_t c = 0; c < cols; ++c) line[c] = pair_distance(line[c], xn, col_norms[c], Metric::kSqEuclidean);
-        break;
-      case Metric::kEuclidean:
-        for (int64_t c = 0; c < cols; ++c) line[c] = pair_distance(line[c], xn, col_norms[c], Metric::kEuclidean);
-        break;
-    }
-  }
-}
 
 // Maximum of n >= 0 values (0 when empty; distances are >= 0 except cosine's, whose row maximum
 // always includes d(i, i) = 0 too), through lanes of partial maxima so it vectorises.
