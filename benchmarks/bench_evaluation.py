@@ -140,7 +140,10 @@ def bench_evaluate_rank(timed, benchmark, case, scale):
 @pytest.mark.parametrize("scale", [SMOKE, MARKET])  # the Market reference: ~30 s and ~8 GB per run
 @pytest.mark.parametrize("case", ["rerank numpy reference", "rerank dpm_ops"])
 def bench_rerank_features(timed, benchmark, case, scale):
-    _time_case(timed, benchmark, "rerank_features", case, scale, rounds=1 if scale == "market1501" else 3)
+    # The Market reference takes ~40 s, one round; dpm_ops takes a few seconds, whose single sample
+    # a shared machine's load swings by 2x: the median of 3.
+    _time_case(timed, benchmark, "rerank_features", case, scale,
+               rounds=1 if scale == "market1501" and "numpy" in case else 3)
 
 
 @pytest.mark.slow

@@ -13,6 +13,11 @@ d <= (largest match distance), about 2 % of the gallery on Market-1501. Those fe
 by (query, distance, index) and a running count of kept items gives every match's rank; the
 gallery row is touched only by one comparison and one compaction pass. Queries' matches are
 found through pid groups of the gallery, never by comparing every pid.
+
+Where the C++/CUDA extension is available the ranks come from one kernel (csrc/rank/,
+`match_ranks`): per query, its matches from the pid groups, then a single pass over the row in
+which every kept item no farther than the farthest match adds one to the ranks of the matches it
+precedes. The torch path below computes the same ranks and is the fallback.
 """
 
 from dataclasses import dataclass
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import _backend
 from . import _inputs
 from ._ragged import expand_segments, segment_starts
 from ._select import order_keys
@@ -90,6 +96,16 @@ def match_ranks(dist: torch.Tensor, q_pids, q_camids, g_pids, g_camids, groups: 
     return query[match], rank[match], ordinal[match], torch.bincount(query[match], minlength=num_rows)
 
 
+def kernel_match_ranks(dist: torch.Tensor, q_pids, q_camids, g_pids, g_camids):
+    """match_ranks through the C++/CUDA kernel (csrc/rank/): one pass over each gallery row
+    ranks all of a query's matches (a kept item adds one to the ranks of the matches after it)."""
+    offsets, rank = torch.ops.dpm_ops.match_ranks(dist, q_pids, g_pids, q_camids, g_camids)
+    num_matches = offsets.diff()
+    query = torch.repeat_interleave(torch.arange(len(dist), device=dist.device), num_matches)
+    ordinal = torch.arange(len(rank), device=dist.device) - offsets[query] + 1
+    return query, rank, ordinal, num_matches
+
+
 def _labels(name: str, value, length: int, device) -> torch.Tensor:
     labels = _inputs.as_tensor(name, value, 1, device)
     if labels.is_floating_point() or labels.is_complex():
@@ -121,17 +137,23 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
     g_pids = _labels("g_pids", g_pids, num_gallery, device)
     g_camids = _labels("g_camids", g_camids, num_gallery, device)
     dtype = _inputs.compute_dtype(dist)
-    groups = _IdentityGroups(g_pids)
+    use_kernel = _backend.resolve(None, device) in ("cpp", "cuda")
+    groups = None if use_kernel else _IdentityGroups(g_pids)
 
     all_ap, first_ranks, inverse_penalty, num_skipped = [], [], [], 0
-    step = max(1, _CHUNK_ELEMENTS // num_gallery)
+    # The kernel keeps only the matches' ranks, so it takes the whole matrix in one call.
+    step = num_query if use_kernel else max(1, _CHUNK_ELEMENTS // num_gallery)
     for start in range(0, num_query, step):
         stop = min(start + step, num_query)
         chunk = dist[start:stop].to(dtype)
         if not bool(torch.isfinite(chunk.sum())):  # one cheap pass; the exact check only on failure
             _inputs.check_finite("distmat", chunk)
-        query, rank, ordinal, num_matches = match_ranks(chunk, q_pids[start:stop], q_camids[start:stop],
-                                                        g_pids, g_camids, groups)
+        if use_kernel:
+            query, rank, ordinal, num_matches = kernel_match_ranks(chunk, q_pids[start:stop], q_camids[start:stop],
+                                                                   g_pids, g_camids)
+        else:
+            query, rank, ordinal, num_matches = match_ranks(chunk, q_pids[start:stop], q_camids[start:stop],
+                                                            g_pids, g_camids, groups)
         valid = num_matches > 0
         num_skipped += int((~valid).sum())
         if len(query) == 0:

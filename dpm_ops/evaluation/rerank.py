@@ -19,6 +19,8 @@ import numbers
 
 import torch
 
+from .. import _backend
+from ..ops.knn import self_knn
 from . import _inputs
 from ._kreciprocal import encode_weights, expanded_neighbourhoods, jaccard_blend_, query_expansion
 from ._select import TIE_MARGIN, RunningSmallest, resolve_smallest, smallest_in_rows
@@ -41,6 +43,7 @@ class _DenseDistances:
         self.squared_input = squared_input
         self.dtype = _inputs.compute_dtype(q_g)
         self.row_max = None
+        self.out_scale = None  # scan returns the query-gallery block already normalised
 
     def _squared(self, values: torch.Tensor) -> torch.Tensor:
         values = values.to(self.dtype)
@@ -75,6 +78,9 @@ class _DenseDistances:
                 out[start:min(stop, q)] = block[:min(stop, q) - start, q:]
         return neighbours, out
 
+    def csr_pair_distances(self, row_ptr, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        return self.pair_distances(rows, cols)
+
     def pair_distances(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         q = self.num_query
         values = torch.empty(len(rows), dtype=self.q_g.dtype, device=rows.device)
@@ -87,6 +93,13 @@ class _DenseDistances:
         ):
             values[mask] = matrix[r[mask], c[mask]].to(values.dtype)
         return self._squared(values) / self.row_max[rows]
+
+
+class _Candidates:
+    """Each row's nearest items (indices) and their squared distances (values), in any order."""
+
+    def __init__(self, values: torch.Tensor, indices: torch.Tensor):
+        self.values, self.indices = values, indices
 
 
 class _FeatureDistances:
@@ -103,6 +116,7 @@ class _FeatureDistances:
         self.num_items = len(self.features)
         self.row_max = None
         self.nearest = None
+        self.out_scale = None  # set by the kernel scan: its query-gallery block is not yet normalised
 
     def _tile(self, row_start, row_stop, col_start, col_stop) -> torch.Tensor:
         x, y = self.features, self.norms
@@ -119,6 +133,8 @@ class _FeatureDistances:
         return block / self.row_max[rows, None]
 
     def scan(self, width: int):
+        if _backend.resolve(None, self.features.device) in ("cpp", "cuda"):
+            return self._scan_kernel(width)
         n, q = self.num_items, self.num_query
         device = self.features.device
         self.nearest = RunningSmallest(n, min(width + TIE_MARGIN, n), torch.float32, device)
@@ -147,6 +163,24 @@ class _FeatureDistances:
                                       lambda values, rows: values / self.row_max[rows, None], self._full_rows)[1]
         out /= self.row_max[:q, None]
         return neighbours, out
+
+    def _scan_kernel(self, width: int):
+        """The same scan as one fused op (dpm_ops.ops.self_knn): upper-triangle GEMM tiles, each
+        offered to its rows and columns, exact (value / row max, index) order, the row maxima and
+        the query-gallery block; keeps width + TIE_MARGIN candidates for pair_distances."""
+        n, q = self.num_items, self.num_query
+        values, indices, row_max, cross = self_knn(self.features, min(width + TIE_MARGIN, n), "sqeuclidean",
+                                                   normalize=True, cross_rows=q)
+        self.row_max = row_max.to(torch.float32)
+        self.nearest = _Candidates(values.to(torch.float32), indices)
+        self.out_scale = self.row_max[:q]  # the Jaccard kernel divides by it in its own pass
+        return indices[:, :width].contiguous(), cross.to(torch.float32)
+
+    def csr_pair_distances(self, row_ptr, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """pair_distances of the entries of a CSR set, in one C++ call (lookups, else features)."""
+        squared = torch.ops.dpm_ops.kreciprocal_pair_sqdist(self.features, self.nearest.values, self.nearest.indices,
+                                                            row_ptr, cols)
+        return squared / self.row_max[rows]
 
     def pair_distances(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """d(i, j) / max_j' d(i, j') for pairs of items."""
@@ -183,9 +217,26 @@ def _check_parameters(k1, k2, lambda_value):
     return k1, k2, float(lambda_value)
 
 
+def _rerank_kernels(source, neighbours, out, k1: int, k2: int, lambda_value: float) -> torch.Tensor:
+    """The sparse stages as C++ kernels (csrc/kreciprocal/), on CSR sets: same maths and float order."""
+    n = source.num_items
+    row_ptr, cols = torch.ops.dpm_ops.kreciprocal_expand(neighbours, k1, round(k1 / 2))
+    rows = torch.repeat_interleave(torch.arange(n, device=cols.device), row_ptr.diff())
+    weights = encode_weights(rows, source.csr_pair_distances(row_ptr, rows, cols), n)
+    if k2 != 1:
+        row_ptr, cols, weights = torch.ops.dpm_ops.kreciprocal_query_expansion(row_ptr, cols, weights,
+                                                                              neighbours[:, :k2].contiguous())
+    torch.ops.dpm_ops.kreciprocal_jaccard_blend_(out, row_ptr, cols, weights, lambda_value, source.out_scale)
+    return out
+
+
 def _rerank(source, k1: int, k2: int, lambda_value: float) -> torch.Tensor:
     n = source.num_items
     neighbours, out = source.scan(min(max(k1 + 1, k2), n))
+    if _backend.resolve(None, neighbours.device) == "cpp":
+        return _rerank_kernels(source, neighbours, out, k1, k2, lambda_value)
+    if source.out_scale is not None:
+        out.div_(source.out_scale[:, None])
     rows, cols = expanded_neighbourhoods(neighbours, k1, round(k1 / 2))  # round() is half-to-even, as np.around
     weights = encode_weights(rows, source.pair_distances(rows, cols), n)
     if k2 != 1:

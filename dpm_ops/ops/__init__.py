@@ -5,6 +5,8 @@ from .hem_loss import hem_loss
 from .hem_loss_reference import hem_loss_reference
 from .hierarchical_mask_pool import hierarchical_mask_pool
 from .hierarchical_mask_pool_reference import hierarchical_mask_pool_reference
+from .knn import knn, self_knn
+from .knn_reference import knn_reference, self_knn_reference
 from .masked_arcface import masked_arcface_ce
 from .masked_cosine import masked_arccos_distance, masked_cosine
 from .masked_cosine_reference import masked_cosine_reference
@@ -13,6 +15,7 @@ from .maskreid_ranking_loss_reference import maskreid_ranking_loss_reference
 
 __all__ = [
     "batch_hard_triplet", "hem_loss", "hem_loss_reference", "hierarchical_mask_pool",
-    "hierarchical_mask_pool_reference", "masked_arccos_distance", "masked_arcface_ce", "masked_cosine",
-    "masked_cosine_reference", "maskreid_ranking_loss", "maskreid_ranking_loss_reference",
+    "hierarchical_mask_pool_reference", "knn", "knn_reference", "masked_arccos_distance", "masked_arcface_ce",
+    "masked_cosine", "masked_cosine_reference", "maskreid_ranking_loss", "maskreid_ranking_loss_reference",
+    "self_knn", "self_knn_reference",
 ]

@@ -1,0 +1,262 @@
+// CPU kernels of the sparse k-reciprocal stages (per-row logic: kreciprocal_math.h). Sets and
+// weights are CSR (row_ptr (N + 1), cols ascending per row, values); rows run in parallel, each
+// thread with its own scratch, so the Python side issues one call per stage.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <mutex>
+#include <vector>
+
+#include "../common/host_device.h"
+#include "kreciprocal_math.h"
+
+namespace dpm_ops {
+namespace kreciprocal {
+namespace {
+
+constexpr int64_t kRowGrain = 256;
+
+at::Tensor prefix_sum(const std::vector<int64_t>& counts, const at::TensorOptions& options) {
+  at::Tensor row_ptr = at::empty({int64_t(counts.size()) + 1}, options.dtype(at::kLong));
+  int64_t* p = row_ptr.data_ptr<int64_t>();
+  p[0] = 0;
+  for (size_t i = 0; i < counts.size(); ++i) p[i + 1] = p[i] + counts[i];
+  return row_ptr;
+}
+
+void check_neighbours(const at::Tensor& neighbours) {
+  TORCH_CHECK_VALUE(neighbours.dim() == 2 && neighbours.scalar_type() == at::kLong,
+                    "kreciprocal: neighbours must be a 2-D int64 tensor, got ", neighbours.sizes(), " ",
+                    neighbours.scalar_type());
+}
+
+// R*(i) for every item, as CSR (row_ptr, cols). R(c, kh) is computed once per item; each
+// thread keeps the sets of its rows until the sizes are known, then copies them in place.
+std::tuple<at::Tensor, at::Tensor> expand_cpu(const at::Tensor& neighbours_in, int64_t k1, int64_t half_k1) {
+  check_neighbours(neighbours_in);
+  TORCH_CHECK_VALUE(k1 >= 1 && half_k1 >= 0, "kreciprocal: need k1 >= 1 and half_k1 >= 0, got ", k1, ", ", half_k1);
+  const at::Tensor neighbours = neighbours_in.contiguous();
+  const int64_t N = neighbours.size(0), width = neighbours.size(1);
+  const int64_t count1 = std::min(k1 + 1, width), count_h = std::min(half_k1 + 1, width);
+  const int64_t* nb = neighbours.const_data_ptr<int64_t>();
+  std::vector<int64_t> half_sets(N * count_h), half_sizes(N), sizes(N);
+  at::parallel_for(0, N, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c)
+      half_sizes[c] = reciprocal_set(nb, width, c, count_h, half_sets.data() + c * count_h);
+  });
+  std::mutex lock;
+  std::vector<std::pair<int64_t, std::vector<int64_t>>> pieces;  // (first row, its rows' items)
+  at::parallel_for(0, N, kRowGrain, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> own(count1), out(count1 * (count_h + 1)), items;
+    for (int64_t i = begin; i < end; ++i) {
+      sizes[i] = expanded_set(nb, width, i, count1, count_h, half_sets.data(), half_sizes.data(), own.data(),
+                              out.data());
+      items.insert(items.end(), out.begin(), out.begin() + sizes[i]);
+    }
+    const std::lock_guard<std::mutex> guard(lock);
+    pieces.emplace_back(begin, std::move(items));
+  });
+  at::Tensor row_ptr = prefix_sum(sizes, neighbours.options());
+  const int64_t* rp = row_ptr.const_data_ptr<int64_t>();
+  at::Tensor cols = at::empty({rp[N]}, neighbours.options());
+  int64_t* cp = cols.data_ptr<int64_t>();
+  for (const auto& piece : pieces) std::copy(piece.second.begin(), piece.second.end(), cp + rp[piece.first]);
+  return {row_ptr, cols};
+}
+
+// Squared Euclidean distance of every (row, col) entry of a CSR, as float32: read from the
+// candidate lists of the scan when the pair is there (either direction; the scan's values are
+// symmetric), else |x_c|^2 - 2 x_r.x_c + |x_r|^2 from the features.
+template <typename A>
+void pair_sqdist_impl(const at::Tensor& features, const at::Tensor& cand_values, const at::Tensor& cand_indices,
+                      const at::Tensor& row_ptr, const at::Tensor& cols, at::Tensor& out) {
+  const int64_t N = features.size(0), D = features.size(1), m = cand_indices.size(1);
+  const A* x = features.const_data_ptr<A>();
+  const float* cv = cand_values.const_data_ptr<float>();
+  const int64_t* ci = cand_indices.const_data_ptr<int64_t>();
+  const int64_t* rp = row_ptr.const_data_ptr<int64_t>();
+  const int64_t* cp = cols.const_data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  auto lookup = [&](int64_t owner, int64_t other, float& value) {
+    for (int64_t p = 0; p < m; ++p)
+      if (ci[owner * m + p] == other) {
+        value = cv[owner * m + p];
+        return true;
+      }
+    return false;
+  };
+  at::parallel_for(0, N, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t e = rp[r]; e < rp[r + 1]; ++e) {
+        const int64_t c = cp[e];
+        float value;
+        if (lookup(r, c, value) || lookup(c, r, value)) {
+          op[e] = value;
+          continue;
+        }
+        if (c == r) {
+          op[e] = 0.f;
+          continue;
+        }
+        A dot = 0, nr = 0, nc = 0;
+        for (int64_t d = 0; d < D; ++d) {
+          dot += x[r * D + d] * x[c * D + d];
+          nr += x[r * D + d] * x[r * D + d];
+          nc += x[c * D + d] * x[c * D + d];
+        }
+        const A squared = nc - A(2) * dot + nr;
+        op[e] = float(squared > A(0) ? squared : A(0));
+      }
+    }
+  });
+}
+
+at::Tensor pair_sqdist_cpu(const at::Tensor& features_in, const at::Tensor& cand_values_in,
+                           const at::Tensor& cand_indices_in, const at::Tensor& row_ptr_in, const at::Tensor& cols_in) {
+  TORCH_CHECK_VALUE(features_in.dim() == 2 && at::isFloatingType(features_in.scalar_type()),
+                    "kreciprocal: features must be a 2-D floating tensor");
+  const at::Tensor features =
+      features_in.to(features_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+  const at::Tensor cand_values = cand_values_in.to(at::kFloat).contiguous(), cand_indices = cand_indices_in.contiguous();
+  const at::Tensor row_ptr = row_ptr_in.contiguous(), cols = cols_in.contiguous();
+  at::Tensor out = at::empty({cols.size(0)}, cols.options().dtype(at::kFloat));
+  if (features.scalar_type() == at::kDouble) pair_sqdist_impl<double>(features, cand_values, cand_indices, row_ptr, cols, out);
+  else pair_sqdist_impl<float>(features, cand_values, cand_indices, row_ptr, cols, out);
+  return out;
+}
+
+// V_qe[i] = mean of the rows V[sources[i, t]], t < sources.shape[1], summed in t order (as numpy's
+// mean over axis 0) in float32, then divided by the count. CSR in, CSR out (cols ascending).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> query_expansion_cpu(const at::Tensor& row_ptr_in,
+                                                                   const at::Tensor& cols_in,
+                                                                   const at::Tensor& values_in,
+                                                                   const at::Tensor& sources_in) {
+  check_neighbours(sources_in);
+  const at::Tensor row_ptr = row_ptr_in.contiguous(), cols = cols_in.contiguous();
+  const at::Tensor values = values_in.to(at::kFloat).contiguous(), sources = sources_in.contiguous();
+  const int64_t N = row_ptr.size(0) - 1, k2 = sources.size(1);
+  TORCH_CHECK_VALUE(sources.size(0) == N, "kreciprocal: sources must have one row per item");
+  const int64_t* rp = row_ptr.const_data_ptr<int64_t>();
+  const int64_t* cp = cols.const_data_ptr<int64_t>();
+  const float* vp = values.const_data_ptr<float>();
+  const int64_t* sp = sources.const_data_ptr<int64_t>();
+  std::vector<int64_t> sizes(N);
+  at::Tensor out_ptr, out_cols, out_values;
+  int64_t* ocp = nullptr;
+  float* ovp = nullptr;
+  const int64_t* orp = nullptr;
+  auto each_row = [&](bool fill) {
+    at::parallel_for(0, N, kRowGrain, [&](int64_t begin, int64_t end) {
+      std::vector<float> sum(N);
+      std::vector<int64_t> stamp(N, -1), touched;
+      for (int64_t i = begin; i < end; ++i) {
+        touched.clear();
+        for (int64_t t = 0; t < k2; ++t) {
+          const int64_t s = sp[i * k2 + t];
+          for (int64_t e = rp[s]; e < rp[s + 1]; ++e) {
+            const int64_t c = cp[e];
+            if (stamp[c] != i) {
+              stamp[c] = i;
+              sum[c] = vp[e];
+              touched.push_back(c);
+            } else {
+              sum[c] += vp[e];
+            }
+          }
+        }
+        if (!fill) {
+          sizes[i] = int64_t(touched.size());
+          continue;
+        }
+        std::sort(touched.begin(), touched.end());
+        for (size_t p = 0; p < touched.size(); ++p) {
+          ocp[orp[i] + p] = touched[p];
+          ovp[orp[i] + p] = sum[touched[p]] / float(k2);
+        }
+      }
+    });
+  };
+  each_row(false);
+  out_ptr = prefix_sum(sizes, row_ptr.options());
+  const int64_t nnz = out_ptr[N].item<int64_t>();
+  out_cols = at::empty({nnz}, cols.options());
+  out_values = at::empty({nnz}, values.options());
+  orp = out_ptr.const_data_ptr<int64_t>();
+  ocp = out_cols.data_ptr<int64_t>();
+  ovp = out_values.data_ptr<float>();
+  each_row(true);
+  return {out_ptr, out_cols, out_values};
+}
+
+// out (Q, G) holds the normalised query-gallery distance d (or, with row_scale, the distance
+// before its division by row_scale[q], done here in float32 as the reference does); overwritten in place by
+// (1 - lambda) Jaccard + lambda d with m(q, g) = sum_k min(V[q, k], V[Q + g, k]), found through an
+// inverted index (the gallery rows of every column) and summed per pair in the query's column
+// order, as the reference does.
+void jaccard_blend_cpu(at::Tensor& out, const at::Tensor& row_ptr_in, const at::Tensor& cols_in,
+                       const at::Tensor& values_in, double lambda_value, const c10::optional<at::Tensor>& scale_in) {
+  TORCH_CHECK_VALUE(out.dim() == 2 && out.scalar_type() == at::kFloat && out.is_contiguous(),
+                    "kreciprocal: out must be a contiguous 2-D float32 tensor");
+  const at::Tensor row_ptr = row_ptr_in.contiguous(), cols = cols_in.contiguous();
+  const at::Tensor values = values_in.to(at::kFloat).contiguous();
+  const int64_t Q = out.size(0), G = out.size(1), N = Q + G;
+  TORCH_CHECK_VALUE(row_ptr.size(0) == N + 1, "kreciprocal: row_ptr must have Q + G + 1 entries");
+  const int64_t* rp = row_ptr.const_data_ptr<int64_t>();
+  const int64_t* cp = cols.const_data_ptr<int64_t>();
+  const float* vp = values.const_data_ptr<float>();
+  // Inverted index of the gallery rows: a counting sort by column keeps rows ascending.
+  std::vector<int64_t> column_start(N + 1, 0);
+  for (int64_t e = rp[Q]; e < rp[N]; ++e) ++column_start[cp[e] + 1];
+  for (int64_t c = 0; c < N; ++c) column_start[c + 1] += column_start[c];
+  std::vector<int64_t> holder(rp[N] - rp[Q]), cursor(column_start.begin(), column_start.end() - 1);
+  std::vector<float> holder_value(holder.size());
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t e = rp[Q + g]; e < rp[Q + g + 1]; ++e) {
+      const int64_t slot = cursor[cp[e]]++;
+      holder[slot] = g;
+      holder_value[slot] = vp[e];
+    }
+  const float jaccard_weight = float(1.0 - lambda_value), keep = float(lambda_value);
+  float* op = out.data_ptr<float>();
+  at::Tensor scale;
+  if (scale_in.has_value()) {
+    scale = scale_in->to(at::kFloat).contiguous();
+    TORCH_CHECK_VALUE(scale.dim() == 1 && scale.size(0) >= Q, "kreciprocal: row_scale must hold one value per query");
+  }
+  const float* sp = scale.defined() ? scale.const_data_ptr<float>() : nullptr;
+  at::parallel_for(0, Q, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> overlap(G, 0.f);
+    for (int64_t q = begin; q < end; ++q) {
+      for (int64_t e = rp[q]; e < rp[q + 1]; ++e) {
+        const int64_t c = cp[e];
+        const float v = vp[e];
+        for (int64_t s = column_start[c]; s < column_start[c + 1]; ++s)
+          overlap[holder[s]] += std::min(v, holder_value[s]);
+      }
+      float* row = op + q * G;
+      if (sp != nullptr)
+        for (int64_t g = 0; g < G; ++g) row[g] /= sp[q];  // the row-max normalisation, fused
+      for (int64_t g = 0; g < G; ++g) {
+        // Pairs sharing no column: Jaccard 1, written as the reference computes it.
+        row[g] = overlap[g] != 0.f ? jaccard_blend(overlap[g], row[g], jaccard_weight, keep)
+                                   : jaccard_weight + row[g] * keep;
+        overlap[g] = 0.f;
+      }
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dpm_ops, CPU, m) {
+  m.impl("kreciprocal_expand", &expand_cpu);
+  m.impl("kreciprocal_pair_sqdist", &pair_sqdist_cpu);
+  m.impl("kreciprocal_query_expansion", &query_expansion_cpu);
+  m.impl("kreciprocal_jaccard_blend_", &jaccard_blend_cpu);
+}
+
+}  // namespace kreciprocal
+}  // namespace dpm_ops

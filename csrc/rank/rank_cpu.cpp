@@ -1,0 +1,71 @@
+// CPU kernel of the sort-free evaluator (per-query logic: rank_math.h): queries in parallel, one
+// pass over the gallery per query for the match count and one for the ranks.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "rank_groups.h"
+#include "rank_math.h"
+
+namespace dpm_ops {
+namespace rank {
+namespace {
+
+void check_labels(const at::Tensor& t, int64_t length, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == length && t.scalar_type() == at::kLong, "rank: ", name,
+                    " must be a 1-D int64 tensor of length ", length);
+}
+
+// (offsets (Q + 1), ranks): the ranks of query q's matches, ascending, are ranks[offsets[q]:offsets[q + 1]].
+std::tuple<at::Tensor, at::Tensor> match_ranks_cpu(const at::Tensor& dist_in, const at::Tensor& q_pids_in,
+                                                   const at::Tensor& g_pids_in, const at::Tensor& q_cams_in,
+                                                   const at::Tensor& g_cams_in) {
+  TORCH_CHECK_VALUE(dist_in.dim() == 2 && at::isFloatingType(dist_in.scalar_type()),
+                    "rank: distmat must be a 2-D floating tensor");
+  const at::Tensor dist = dist_in.scalar_type() == at::kDouble ? dist_in.contiguous()
+                                                               : dist_in.to(at::kFloat).contiguous();
+  const int64_t Q = dist.size(0), G = dist.size(1);
+  const at::Tensor q_pids = q_pids_in.contiguous(), g_pids = g_pids_in.contiguous();
+  const at::Tensor q_cams = q_cams_in.contiguous(), g_cams = g_cams_in.contiguous();
+  check_labels(q_pids, Q, "q_pids");
+  check_labels(q_cams, Q, "q_camids");
+  check_labels(g_pids, G, "g_pids");
+  check_labels(g_cams, G, "g_camids");
+  const int64_t *qp = q_pids.const_data_ptr<int64_t>(), *gp = g_pids.const_data_ptr<int64_t>();
+  const int64_t *qc = q_cams.const_data_ptr<int64_t>(), *gc = g_cams.const_data_ptr<int64_t>();
+  const PidGroups groups(q_pids, g_pids);
+  const int64_t *members = groups.order.const_data_ptr<int64_t>(), *gs = groups.start.const_data_ptr<int64_t>();
+  const int64_t* gl = groups.length.const_data_ptr<int64_t>();
+  at::Tensor offsets = at::empty({Q + 1}, q_pids.options());
+  int64_t* off = offsets.data_ptr<int64_t>();
+  std::vector<int64_t> counts(Q);
+  for (int64_t q = 0; q < Q; ++q) counts[q] = count_matches(members + gs[q], gl[q], gc, qc[q]);
+  off[0] = 0;
+  for (int64_t q = 0; q < Q; ++q) off[q + 1] = off[q] + counts[q];
+  at::Tensor ranks = at::empty({off[Q]}, q_pids.options());
+  int64_t* rp = ranks.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "match_ranks_cpu", [&] {
+    const scalar_t* dp = dist.const_data_ptr<scalar_t>();
+    at::parallel_for(0, Q, 16, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> match_d;
+      std::vector<int64_t> match_idx;
+      for (int64_t q = begin; q < end; ++q) {
+        const int64_t n = counts[q];
+        match_d.resize(n);
+        match_idx.resize(n);
+        match_ranks(dp + q * G, gp, gc, G, qp[q], qc[q], members + gs[q], gl[q], n, match_d.data(), match_idx.data(),
+                    rp + off[q]);
+      }
+    });
+  });
+  return {offsets, ranks};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dpm_ops, CPU, m) { m.impl("match_ranks", &match_ranks_cpu); }
+
+}  // namespace rank
+}  // namespace dpm_ops

@@ -1,0 +1,59 @@
+// CUDA entry point of the sort-free evaluator (kernels: rank_cuda.cu). Built only with CUDA.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "rank_cuda.h"
+#include "rank_groups.h"
+
+namespace dpm_ops {
+namespace rank {
+namespace {
+
+void check_labels(const at::Tensor& t, int64_t length, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == length && t.scalar_type() == at::kLong, "rank: ", name,
+                    " must be a 1-D int64 tensor of length ", length);
+}
+
+std::tuple<at::Tensor, at::Tensor> match_ranks_cuda(const at::Tensor& dist_in, const at::Tensor& q_pids_in,
+                                                    const at::Tensor& g_pids_in, const at::Tensor& q_cams_in,
+                                                    const at::Tensor& g_cams_in) {
+  TORCH_CHECK_VALUE(dist_in.dim() == 2 && at::isFloatingType(dist_in.scalar_type()),
+                    "rank: distmat must be a 2-D floating tensor");
+  const c10::cuda::CUDAGuard guard(dist_in.device());
+  const at::Tensor dist = dist_in.scalar_type() == at::kDouble ? dist_in.contiguous()
+                                                               : dist_in.to(at::kFloat).contiguous();
+  const int64_t Q = dist.size(0), G = dist.size(1);
+  const at::Tensor q_pids = q_pids_in.contiguous(), g_pids = g_pids_in.contiguous();
+  const at::Tensor q_cams = q_cams_in.contiguous(), g_cams = g_cams_in.contiguous();
+  check_labels(q_pids, Q, "q_pids");
+  check_labels(q_cams, Q, "q_camids");
+  check_labels(g_pids, G, "g_pids");
+  check_labels(g_cams, G, "g_camids");
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const PidGroups groups(q_pids, g_pids);
+  at::Tensor counts = at::empty({Q}, q_pids.options());
+  cuda::count_matches(groups.order.const_data_ptr<int64_t>(), groups.start.const_data_ptr<int64_t>(),
+                      groups.length.const_data_ptr<int64_t>(), q_cams.const_data_ptr<int64_t>(),
+                      g_cams.const_data_ptr<int64_t>(), Q, counts.data_ptr<int64_t>(), stream);
+  at::Tensor offsets = at::cat({at::zeros({1}, counts.options()), counts.cumsum(0)});
+  const int64_t total = offsets[Q].item<int64_t>();
+  at::Tensor ranks = at::empty({total}, q_pids.options());
+  at::Tensor match_d = at::empty({total}, dist.options());
+  at::Tensor match_idx = at::empty({total}, q_pids.options());
+  cuda::match_ranks(dist.scalar_type() == at::kDouble ? Dtype::kDouble : Dtype::kFloat, dist.const_data_ptr(),
+                    q_pids.const_data_ptr<int64_t>(), g_pids.const_data_ptr<int64_t>(),
+                    q_cams.const_data_ptr<int64_t>(), g_cams.const_data_ptr<int64_t>(), Q, G,
+                    groups.order.const_data_ptr<int64_t>(), groups.start.const_data_ptr<int64_t>(),
+                    groups.length.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(), match_d.data_ptr(), match_idx.data_ptr<int64_t>(),
+                    ranks.data_ptr<int64_t>(), stream);
+  return {offsets, ranks};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dpm_ops, CUDA, m) { m.impl("match_ranks", &match_ranks_cuda); }
+
+}  // namespace rank
+}  // namespace dpm_ops

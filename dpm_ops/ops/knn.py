@@ -1,0 +1,183 @@
+"""Fused distance + top-k (k-nearest neighbours) as torch custom ops, every backend behind one call.
+
+    knn(x, y, k, metric)  ->  (distances (M, k), indices (M, k) int64)
+
+the k rows of y nearest to every row of x, sorted by (distance, index): equal distances keep the
+lower index first, exactly the first k entries of a stable sort of the full distance row. Metrics
+and dtypes: knn_reference.py. Nothing (M, N)-sized is stored: the kernels compute distance tiles
+and merge each into per-row sorted lists.
+
+Schemas (python_bindings/knn.cpp): ``dpm_ops::knn`` (C++ CPU / CUDA kernels, csrc/knn/) and
+``dpm_ops::self_knn`` (one set against itself, upper-triangle tiles only, each offered to its rows
+and its columns: half the GEMM work; with the row maxima re-ranking needs). ``dpm_ops::knn_triton``
+is the Triton kernel. The distances are differentiable in x and y (through the selected pairs; the
+indices are not), for knn on every backend; self_knn has no autograd formula (re-ranking does not
+need one; use the reference backend to differentiate it).
+"""
+
+import numbers
+
+import torch
+
+from .. import _backend
+from .knn_reference import COSINE_EPS, METRICS, compute_dtype, knn_reference, self_knn_reference
+
+
+def _check_tensor(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"knn: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"knn: {name} must be 2-D (rows, features), got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise ValueError(f"knn: {name} must be floating point, got {t.dtype}")
+
+
+def _check_k(k, limit, what):
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= limit:
+        raise ValueError(f"knn: k must be an integer in [1, {limit}] (the number of rows of {what}), got {k!r}")
+
+
+def _check_metric(metric):
+    if metric not in METRICS:
+        raise ValueError(f"knn: metric must be one of {METRICS}, got {metric!r}")
+
+
+def check_finite(**tensors) -> None:
+    """One sync for all of them; skipped while compiling (a data-dependent branch)."""
+    if torch.compiler.is_compiling():
+        return
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()])
+    if not bool(finite.all()):
+        bad = [name for name, ok in zip(tensors, finite.tolist()) if not ok]
+        raise ValueError(f"knn: {', '.join(bad)} contains non-finite values (NaN or inf)")
+
+
+# ---- fake (meta) functions and autograd, shared by the C++/CUDA and Triton ops -----------------
+
+def _fake_knn(x, y, k, metric="euclidean"):
+    return x.new_empty((x.shape[0], k)), x.new_empty((x.shape[0], k), dtype=torch.long)
+
+
+def _fake_self_knn(x, k, metric="sqeuclidean", normalize=False, cross_rows=0):
+    n = x.shape[0]
+    return (x.new_empty((n, k)), x.new_empty((n, k), dtype=torch.long), x.new_empty((n,)),
+            x.new_empty((cross_rows, n - cross_rows)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, y, k, metric = inputs
+    distances, indices = output
+    ctx.save_for_backward(x, y, distances, indices)
+    ctx.metric = metric
+    ctx.mark_non_differentiable(indices)
+
+
+def knn_distance_backward(grad, x, y, distances, indices, metric):
+    """Gradients of the selected distances D[i, t] = d(x_i, y_{indices[i, t]}) w.r.t. x and y.
+
+    sqeuclidean: dD/dx = 2 (x - y); euclidean: (x - y) / D (0 where D = 0, as torch.cdist);
+    cosine: -(y^ - c x^) / max(|x|, eps) with c = x^.y^ (y^ / eps where |x| <= eps); symmetric in y.
+    The y gradient is scattered over the selected rows.
+    """
+    neighbours = y[indices]                          # (M, k, D)
+    if metric == "cosine":
+        x_norm = x.norm(dim=1, keepdim=True)
+        y_norm = neighbours.norm(dim=2, keepdim=True)
+        x_hat = x / x_norm.clamp_min(COSINE_EPS)
+        y_hat = neighbours / y_norm.clamp_min(COSINE_EPS)
+        cos = (x_hat[:, None, :] * y_hat).sum(dim=2, keepdim=True)
+        dx = torch.where(x_norm[:, None] > COSINE_EPS, y_hat - cos * x_hat[:, None, :], y_hat) / \
+            x_norm[:, None].clamp_min(COSINE_EPS)
+        dy = torch.where(y_norm > COSINE_EPS, x_hat[:, None, :] - cos * y_hat, x_hat[:, None, :].expand_as(y_hat)) / \
+            y_norm.clamp_min(COSINE_EPS)
+        dx, dy = -dx, -dy
+    else:
+        diff = x[:, None, :] - neighbours
+        if metric == "sqeuclidean":
+            coef = 2 * (distances > 0).to(diff.dtype)[..., None]
+        else:
+            coef = torch.where(distances > 0, 1 / torch.where(distances > 0, distances, 1), 0)[..., None]
+        dx, dy = coef * diff, -coef * diff
+    g = grad[..., None]
+    grad_x = (g * dx).sum(dim=1)
+    grad_y = torch.zeros_like(y).index_add_(0, indices.flatten(), (g * dy).flatten(0, 1))
+    return grad_x, grad_y
+
+
+def _backward(ctx, grad_distances, grad_indices):
+    x, y, distances, indices = ctx.saved_tensors
+    grad_x, grad_y = knn_distance_backward(grad_distances, x, y, distances, indices, ctx.metric)
+    return grad_x, grad_y, None, None
+
+
+if _backend.extension()[0] is not None:
+    torch.library.register_fake(torch.ops.dpm_ops.knn.default)(_fake_knn)
+    torch.library.register_fake(torch.ops.dpm_ops.self_knn.default)(_fake_self_knn)
+    torch.library.register_autograd(torch.ops.dpm_ops.knn.default, _backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("dpm_ops::knn_triton", mutates_args=())
+def knn_triton(x: torch.Tensor, y: torch.Tensor, k: int, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..triton import knn as kernels
+    return kernels.knn_forward(x, y, k, metric)
+
+
+torch.library.register_fake(knn_triton)(_fake_knn)
+torch.library.register_autograd(knn_triton, _backward, setup_context=_setup_context)
+
+
+# ---- public functions ----------------------------------------------------------------------------
+
+def knn(x: torch.Tensor, y: torch.Tensor, k: int, metric: str = "euclidean", backend: str | None = None):
+    """The k nearest rows of y (N, D) for every row of x (M, D): (distances (M, k), indices (M, k)).
+
+    Sorted ascending, ties broken by (distance, index). k must be in [1, N] (a ValueError
+    otherwise; the CUDA kernel also takes k <= 256); M = 0 gives empty results. float16/bfloat16/float32 are computed and returned in
+    float32, float64 in float64 (mixed: the wider). Distances are differentiable in x and y.
+    ``backend``: "reference" | "cpp" | "cuda" | "triton" (default: by device, dpm_ops.backends()).
+    """
+    _check_tensor("x", x)
+    _check_tensor("y", y)
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"knn: x and y must have the same feature dimension, got {x.shape[1]} and {y.shape[1]}")
+    if x.device != y.device:
+        raise ValueError(f"knn: x and y must be on one device, got {x.device} and {y.device}")
+    _check_k(k, y.shape[0], "y")
+    _check_metric(metric)
+    check_finite(x=x, y=y)
+    dtype = compute_dtype(x, y)
+    x, y = x.to(dtype), y.to(dtype)
+    name = _backend.resolve(backend, x.device)
+    if name == "reference":
+        return knn_reference(x, y, k, metric)
+    if name == "triton":
+        return torch.ops.dpm_ops.knn_triton(x, y, k, metric)
+    return torch.ops.dpm_ops.knn(x, y, k, metric)
+
+
+def self_knn(x: torch.Tensor, k: int, metric: str = "sqeuclidean", normalize: bool = False, cross_rows: int = 0,
+             backend: str | None = None):
+    """The k nearest rows of x (N, D) for every row of x, itself included at distance 0.
+
+    Returns (distances (N, k), indices (N, k), row_max (N,), cross (cross_rows, N - cross_rows)):
+    rows sorted by (distance, index), or with ``normalize`` by (distance / row_max, index) (the
+    distances returned stay un-normalised); row_max[i] = max_j d(i, j); cross = d[:cross_rows,
+    cross_rows:]. The kernels compute only the tiles on and above the diagonal (half the GEMM
+    work) and d(i, j) is the same number as d(j, i). No Triton kernel: backend "triton" runs the
+    reference. Not differentiable through the C++/CUDA kernels.
+    """
+    _check_tensor("x", x)
+    _check_k(k, x.shape[0], "x")
+    _check_metric(metric)
+    if isinstance(cross_rows, bool) or not isinstance(cross_rows, numbers.Integral) or \
+            not 0 <= cross_rows <= x.shape[0]:
+        raise ValueError(f"knn: cross_rows must be an integer in [0, {x.shape[0]}], got {cross_rows!r}")
+    check_finite(x=x)
+    x = x.to(compute_dtype(x))
+    name = _backend.resolve(backend, x.device)
+    if name in ("reference", "triton"):
+        return self_knn_reference(x, k, metric, bool(normalize), int(cross_rows))
+    return torch.ops.dpm_ops.self_knn(x, k, metric, bool(normalize), int(cross_rows))
+
+
+__all__ = ["METRICS", "knn", "knn_reference", "self_knn", "self_knn_reference", "knn_distance_backward"]

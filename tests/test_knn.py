@@ -1,0 +1,216 @@
+"""knn / self_knn (fused distance + top-k): every backend against the reference (knn_reference.py).
+
+Features are rows of four +-1 entries (the rest 0): every distance and cosine is exact in float32
+whatever the tiling, and equal values are everywhere, so indices are compared exactly, ties by
+(value, index) included, straddling the k-th place.
+"""
+
+import pytest
+import torch
+
+from conftest import backend_params, device_for
+from dpm_ops.ops import knn, knn_reference, self_knn, self_knn_reference
+
+KERNEL_BACKENDS = backend_params("cpp", "cuda", "triton")
+ALL_BACKENDS = backend_params("reference", "cpp", "cuda", "triton")
+METRICS = ("euclidean", "sqeuclidean", "cosine")
+
+
+def sign_rows(count, dim=8, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (count, dim), generator=gen).to(dtype) * 2 - 1
+    keep = torch.rand(count, dim, generator=gen).argsort(dim=1)[:, :4]
+    return torch.zeros(count, dim, dtype=dtype).scatter_(1, keep, signs.gather(1, keep))
+
+
+def random_rows(count, dim, seed, dtype=torch.float64):
+    return torch.randn(count, dim, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def interpreted(backend):
+    return backend == "triton" and device_for(backend).type == "cpu"
+
+
+# (M, N, k): one row, k = N, odd sizes across tile edges, empty x.
+SHAPES = [(1, 1, 1), (1, 7, 3), (37, 75, 13), (30, 90, 90), (0, 5, 2), (65, 33, 1)]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_knn_matches_reference_exactly(backend, metric, shape):
+    M, N, k = shape
+    if interpreted(backend) and k > 20:
+        pytest.skip("k rounds per tile cost seconds in the Triton interpreter; k = N is covered by (1, 1, 1)")
+    device = device_for(backend)
+    x, y = sign_rows(M, seed=M).to(device), sign_rows(N, seed=N + 1).to(device)
+    values, indices = knn(x, y, k, metric, backend=backend)
+    expected_values, expected_indices = knn_reference(x, y, k, metric)
+    assert values.shape == (M, k) and indices.shape == (M, k) and indices.dtype == torch.long
+    torch.testing.assert_close(indices, expected_indices, rtol=0, atol=0)
+    torch.testing.assert_close(values, expected_values, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_knn_large_and_float64(backend):
+    if interpreted(backend):
+        pytest.skip("the Triton interpreter is too slow for large shapes; they run on GPU")
+    device = device_for(backend)
+    x, y = sign_rows(700, 24, seed=3).to(device), sign_rows(5000, 24, seed=4).to(device)
+    for k in (21, 40):  # register lists and shared-memory lists on the GPU
+        torch.testing.assert_close(knn(x, y, k, backend=backend), knn_reference(x, y, k), rtol=0, atol=1e-6)
+    x, y = random_rows(300, 33, 5).to(device), random_rows(2100, 33, 6).to(device)
+    values, indices = knn(x, y, 7, "euclidean", backend=backend)
+    expected_values, expected_indices = knn_reference(x, y, 7)
+    assert values.dtype == torch.float64
+    torch.testing.assert_close(values, expected_values, rtol=0, atol=1e-10)
+    assert torch.equal(indices, expected_indices)  # random float64 data: no ties
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_knn_non_contiguous_and_half_inputs(backend):
+    device = device_for(backend)
+    x, y = sign_rows(20, 10, seed=7).to(device), sign_rows(50, 10, seed=8).to(device)
+    x_strided = torch.stack([x, x], dim=2).flatten(1)[:, ::2]  # strided columns, same values as x
+    y_transposed = y.t().contiguous().t()
+    expected = knn_reference(x, y, 9)
+    torch.testing.assert_close(knn(x_strided, y_transposed, 9, backend=backend), expected, rtol=0, atol=1e-6)
+    values, indices = knn(x.half(), y.bfloat16(), 9, backend=backend)  # exact in half: computed in float32
+    assert values.dtype == torch.float32
+    torch.testing.assert_close((values, indices), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("metric", METRICS)
+def test_knn_gradcheck_float64(backend, metric):
+    device = device_for(backend)
+    rows, k = ((3, 5), 2) if interpreted(backend) else ((5, 9), 4)  # each call costs ~0.1 s interpreted
+    x = random_rows(rows[0], 4, 10).to(device).requires_grad_()
+    y = random_rows(rows[1], 4, 11).to(device).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: knn(a, b, k, metric, backend=backend)[0], (x, y))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_knn_gradient_matches_reference(backend):
+    device = device_for(backend)
+    for metric in METRICS:
+        x = random_rows(6, 5, 12).to(device).requires_grad_()
+        y = random_rows(11, 5, 13).to(device).requires_grad_()
+        grad = random_rows(6, 3, 14).to(device)
+        expected = torch.autograd.grad(knn_reference(x, y, 3, metric)[0], (x, y), grad)
+        got = torch.autograd.grad(knn(x, y, 3, metric, backend=backend)[0], (x, y), grad)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_knn_bad_input_names_the_argument(backend):
+    device = device_for(backend)
+    x, y = sign_rows(3, 4).to(device), sign_rows(5, 4, seed=1).to(device)
+    nan_x = x.clone()
+    nan_x[1, 2] = float("nan")
+    inf_y = y.clone()
+    inf_y[0, 0] = float("inf")
+    cases = [
+        (lambda: knn(x, y, 6, backend=backend), "k must be an integer in \\[1, 5\\]"),  # k > rows of y
+        (lambda: knn(x, y, 0, backend=backend), "k must"),
+        (lambda: knn(x, y, True, backend=backend), "k must"),
+        (lambda: knn(x, y, 2, "l1", backend=backend), "metric"),
+        (lambda: knn(x[0], y, 2, backend=backend), "x must be 2-D"),
+        (lambda: knn(x, y[:, :3], 2, backend=backend), "feature dimension"),
+        (lambda: knn(x.long(), y, 2, backend=backend), "x must be floating"),
+        (lambda: knn(nan_x, y, 2, backend=backend), "x contains non-finite"),
+        (lambda: knn(x, inf_y, 2, backend=backend), "y contains non-finite"),
+        (lambda: knn(x, y[:0], 1, backend=backend), "k must"),  # empty y: no k is possible
+        (lambda: self_knn(x, 4, backend=backend), "k must"),
+        (lambda: self_knn(x, 2, cross_rows=4, backend=backend), "cross_rows"),
+        (lambda: self_knn(nan_x, 2, backend=backend), "x contains non-finite"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
+def test_cpp_schema_checks_direct_calls():
+    x = sign_rows(3, 4)
+    with pytest.raises(ValueError, match="k must be in"):
+        torch.ops.dpm_ops.knn(x, x, 4, "euclidean")
+    with pytest.raises(ValueError, match="metric"):
+        torch.ops.dpm_ops.self_knn(x, 2, "hamming", False, 0)
+
+
+# ---- self_knn ------------------------------------------------------------------------------------
+
+SELF_BACKENDS = backend_params("cpp", "cuda")
+
+
+@pytest.mark.parametrize("backend", SELF_BACKENDS)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("n, k, cross_rows", [(1, 1, 0), (2, 2, 1), (45, 7, 11), (300, 25, 60), (1500, 21, 400)])
+def test_self_knn_matches_reference_exactly(backend, metric, normalize, n, k, cross_rows):
+    # Ties everywhere: rows with equal values at the k-th place take the full-row fallback too.
+    x = sign_rows(n, seed=n).to(device_for(backend))
+    got = self_knn(x, k, metric, normalize, cross_rows, backend=backend)
+    expected = self_knn_reference(x, k, metric, normalize, cross_rows)
+    torch.testing.assert_close(got[1], expected[1], rtol=0, atol=0)
+    for g, e in zip((got[0], got[2], got[3]), (expected[0], expected[2], expected[3])):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", SELF_BACKENDS)
+def test_self_knn_random_features_are_symmetric(backend):
+    # Random float32 features: the kernel's d(i, j) and d(j, i) are one number (upper-triangle
+    # tiles offered both ways) and d(i, i) = 0; the order matches the reference up to GEMM rounding.
+    x = random_rows(2500, 48, 20, torch.float32).to(device_for(backend))
+    values, indices, row_max, cross = self_knn(x, 30, "sqeuclidean", True, 700, backend=backend)
+    assert torch.equal(indices[:, 0], torch.arange(len(x), device=x.device)) and bool((values[:, 0] == 0).all())
+    lookup = {}
+    for i, (row_values, row_indices) in enumerate(zip(values.tolist(), indices.tolist())):
+        for v, j in zip(row_values, row_indices):
+            lookup[(i, j)] = v
+    shared = [(i, j) for (i, j) in lookup if (j, i) in lookup]
+    assert len(shared) > len(x) and all(lookup[(i, j)] == lookup[(j, i)] for i, j in shared)
+    expected_values, expected_indices, expected_max, expected_cross = self_knn_reference(x, 30, "sqeuclidean", True,
+                                                                                         700)
+    assert (indices == expected_indices).float().mean() > 0.999
+    torch.testing.assert_close(row_max, expected_max, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cross, expected_cross, rtol=1e-5, atol=1e-4)
+
+
+# ---- op registration: opcheck and torch.compile -------------------------------------------------
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_knn_opcheck(backend):
+    device = device_for(backend)
+    x = random_rows(6, 5, 30).to(device).requires_grad_()
+    y = random_rows(10, 5, 31).to(device).requires_grad_()
+    op = torch.ops.dpm_ops.knn_triton if backend == "triton" else torch.ops.dpm_ops.knn
+    for metric in METRICS:
+        torch.library.opcheck(op, (x, y, 4, metric))
+
+
+@pytest.mark.parametrize("backend", SELF_BACKENDS)
+def test_self_knn_opcheck(backend):
+    x = random_rows(20, 5, 32).to(device_for(backend))
+    torch.library.opcheck(torch.ops.dpm_ops.self_knn, (x, 6, "sqeuclidean", True, 7))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_knn_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    device = device_for(backend)
+    x = random_rows(7, 6, 33).to(device).requires_grad_()
+    y = random_rows(12, 6, 34).to(device).requires_grad_()
+
+    def loss(x, y):
+        values, indices = knn(x * 2, y, 5, "euclidean", backend=backend)
+        return (values ** 2).sum() + indices.sum()
+
+    value = torch.compile(loss, fullgraph=True, backend="aot_eager")(x, y)
+    torch.testing.assert_close(value, loss(x, y))
+    got = torch.autograd.grad(value, (x, y))
+    reference = knn_reference(x * 2, y, 5)
+    want = torch.autograd.grad((reference[0] ** 2).sum(), (x, y))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)

@@ -1,0 +1,108 @@
+"""The C++ k-reciprocal stages (csrc/kreciprocal/) and the evaluator kernel (csrc/rank/) against the
+torch stages they replace (dpm_ops/evaluation/_kreciprocal.py, rank.py), end to end through both paths."""
+
+import numpy as np
+import pytest
+import torch
+
+import dpm_ops
+from benchmarks.reference import rerank_numpy
+from dpm_ops.evaluation import _kreciprocal, re_ranking, rerank_features
+
+pytestmark = pytest.mark.skipif(not dpm_ops.backends()["cpp"][0], reason="needs the C++ extension")
+
+
+def neighbour_lists(n, width, seed):
+    """Rows ordered by a random symmetric distance, self first: realistic reciprocity."""
+    gen = torch.Generator().manual_seed(seed)
+    points = torch.randn(n, 3, generator=gen, dtype=torch.float64)
+    dist = torch.cdist(points, points)
+    dist.fill_diagonal_(-1)
+    return torch.sort(dist, dim=1, stable=True).indices[:, :width].contiguous()
+
+
+def csr_rows(row_ptr):
+    return torch.repeat_interleave(torch.arange(len(row_ptr) - 1), row_ptr.diff())
+
+
+@pytest.mark.parametrize("n, k1, kh, width", [(60, 20, 10, 21), (200, 7, 4, 8), (5, 20, 10, 5), (40, 1, 0, 6),
+                                              (90, 9, 4, 12)])
+def test_expand_matches_torch(n, k1, kh, width):
+    neighbours = neighbour_lists(n, width, n + k1)
+    rows, cols = _kreciprocal.expanded_neighbourhoods(neighbours, k1, kh)
+    row_ptr, kernel_cols = torch.ops.dpm_ops.kreciprocal_expand(neighbours, k1, kh)
+    assert torch.equal(csr_rows(row_ptr), rows) and torch.equal(kernel_cols, cols)
+
+
+@pytest.mark.parametrize("k2", [1, 2, 6])
+def test_query_expansion_matches_torch(k2):
+    n = 150
+    neighbours = neighbour_lists(n, 21, k2)
+    rows, cols = _kreciprocal.expanded_neighbourhoods(neighbours, 20, 10)
+    values = torch.rand(len(rows), generator=torch.Generator().manual_seed(k2))
+    expected = _kreciprocal.query_expansion(rows, cols, values, neighbours[:, :k2], n)
+    row_ptr, got_cols, got_values = torch.ops.dpm_ops.kreciprocal_query_expansion(
+        torch.ops.dpm_ops.kreciprocal_expand(neighbours, 20, 10)[0], cols, values, neighbours[:, :k2].contiguous())
+    assert torch.equal(csr_rows(row_ptr), expected[0]) and torch.equal(got_cols, expected[1])
+    torch.testing.assert_close(got_values, expected[2], rtol=0, atol=0)  # same sums, same order
+
+
+@pytest.mark.parametrize("lambda_value", [0.0, 0.3, 1.0])
+def test_jaccard_blend_matches_torch(lambda_value):
+    q, g = 30, 120
+    neighbours = neighbour_lists(q + g, 21, 3)
+    row_ptr, cols = torch.ops.dpm_ops.kreciprocal_expand(neighbours, 20, 10)
+    rows = csr_rows(row_ptr)
+    values = torch.rand(len(rows), generator=torch.Generator().manual_seed(4))
+    values = values / torch.zeros(q + g).index_add_(0, rows, values)[rows]  # rows sum to 1, as V
+    out = torch.rand(q, g, generator=torch.Generator().manual_seed(5))
+    expected = _kreciprocal.jaccard_blend_(out.clone(), rows, cols, values, lambda_value)
+    got = out.clone()
+    torch.ops.dpm_ops.kreciprocal_jaccard_blend_(got, row_ptr, cols, values, lambda_value)
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-7)
+
+
+def test_pair_sqdist_lookups_and_features():
+    x = torch.randn(50, 6, generator=torch.Generator().manual_seed(6))
+    values, indices, _, _ = torch.ops.dpm_ops.self_knn(x, 5, "sqeuclidean", False, 0)
+    row_ptr = torch.arange(0, 51 * 50, 50)  # every pair: most are not in the candidate lists
+    cols = torch.arange(50).repeat(50)
+    got = torch.ops.dpm_ops.kreciprocal_pair_sqdist(x, values, indices, row_ptr, cols).view(50, 50)
+    expected = torch.cdist(x.double(), x.double()).square().float()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert bool((got.diagonal() == 0).all())
+    assert torch.equal(got.gather(1, indices), values)  # candidates are read, not recomputed
+
+
+@pytest.mark.parametrize("k1, k2, lambda_value", [(20, 6, 0.3), (7, 1, 0.0), (9, 3, 1.0), (4, 8, 0.3)])
+def test_kernel_and_torch_paths_agree(monkeypatch, k1, k2, lambda_value):
+    rng = np.random.default_rng(k1)
+    query, gallery = rng.standard_normal((25, 16)).astype(np.float32), rng.standard_normal((110, 16)).astype(np.float32)
+    q_g, q_q, g_g = (rerank_numpy.euclidean_distances(a, b) for a, b in
+                     ((query, gallery), (query, query), (gallery, gallery)))
+    kernels = rerank_features(query, gallery, k1, k2, lambda_value), re_ranking(q_g, q_q, g_g, k1, k2, lambda_value)
+    monkeypatch.setenv("DPM_OPS_BACKEND", "reference")  # default resolution -> the torch stages
+    torch_path = rerank_features(query, gallery, k1, k2, lambda_value), re_ranking(q_g, q_q, g_g, k1, k2, lambda_value)
+    for got, expected in zip(kernels, torch_path):
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(np.argsort(got, axis=1, kind="stable"), np.argsort(expected, axis=1, kind="stable"))
+
+
+@pytest.mark.parametrize("levels", [None, 4])
+def test_match_ranks_kernel_and_torch_paths_agree(monkeypatch, levels):
+    # Quantised distances make ties everywhere, decided by gallery index on both paths.
+    from dpm_ops.evaluation import evaluate_rank
+    rng = np.random.default_rng(11)
+    dist = rng.random((70, 400)).astype(np.float32)
+    if levels:
+        dist = np.round(dist * levels) / levels
+    labels = (rng.integers(0, 10, 70), rng.integers(0, 10, 400), rng.integers(0, 3, 70), rng.integers(0, 3, 400))
+    offsets, ranks = torch.ops.dpm_ops.match_ranks(torch.from_numpy(dist), *(torch.from_numpy(a) for a in
+                                                                          (labels[0], labels[1], labels[2], labels[3])))
+    assert len(offsets) == 71 and bool((ranks[offsets[1:] - 1] <= 400).all())
+    kernel = evaluate_rank(dist, *labels, max_rank=20, ap="trapezoid")
+    monkeypatch.setenv("DPM_OPS_BACKEND", "reference")
+    torch_path = evaluate_rank(dist, *labels, max_rank=20, ap="trapezoid")
+    np.testing.assert_array_equal(kernel.cmc, torch_path.cmc)
+    np.testing.assert_array_equal(kernel.all_AP, torch_path.all_AP)
+    assert (kernel.mAP, kernel.mINP, kernel.num_valid) == (torch_path.mAP, torch_path.mINP, torch_path.num_valid)
