@@ -55,7 +55,7 @@ def bench_train_forward_backward(timed, backend, dtype):
         torch.autograd.grad(out, (x, mask, protos), grad)
 
     timed(step, group=group_name("fwd+bwd", TRAIN, dtype), name=backend, device=DEVICE,
-          flop=3 * forward_flop(TRAIN), shape=TRAIN, dtype=str(dtype), backend=backend)
+          flop=3 * forward_flop(TRAIN), rounds=15, iterations=5, shape=TRAIN, dtype=str(dtype), backend=backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
