@@ -6,25 +6,22 @@
 
 #include "batch_hard_triplet_cuda.h"
 #include "batch_hard_triplet_driver.h"
+#include "../common/aten_cuda.h"
 
 namespace dpm_ops {
 namespace batch_hard_triplet {
 namespace {
 
-Dtype dtype_of(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? Dtype::kDouble : Dtype::kFloat; }
-
-cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-
 struct CudaKernels {
   static void mine(const at::Tensor& sq, const at::Tensor& gram, const at::Tensor& labels, Mined& m) {
     cuda::mine(dtype_of(gram), sq.const_data_ptr(), gram.const_data_ptr(), labels.const_data_ptr<int64_t>(),
                gram.size(0), m.pos_index.data_ptr<int64_t>(), m.neg_index.data_ptr<int64_t>(), m.pos_dist.data_ptr(),
-               m.neg_dist.data_ptr(), m.live.data_ptr<uint8_t>(), m.row_loss.data_ptr(), stream());
+               m.neg_dist.data_ptr(), m.live.data_ptr<uint8_t>(), m.row_loss.data_ptr(), current_stream());
   }
   static void gradient(const at::Tensor& x, const Mined& m, int64_t batch, at::Tensor& grad) {
     cuda::gradient(dtype_of(x), x.const_data_ptr(), m.pos_index.const_data_ptr<int64_t>(),
                    m.neg_index.const_data_ptr<int64_t>(), m.pos_dist.const_data_ptr(), m.neg_dist.const_data_ptr(),
-                   m.live.const_data_ptr<uint8_t>(), batch, x.size(1), grad.data_ptr(), stream());
+                   m.live.const_data_ptr<uint8_t>(), batch, x.size(1), grad.data_ptr(), current_stream());
   }
 };
 

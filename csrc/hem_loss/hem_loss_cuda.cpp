@@ -6,22 +6,13 @@
 #include "../common/no_autocast.h"
 #include "hem_loss_cuda.h"
 #include "hem_loss_driver.h"
+#include "../common/aten_cuda.h"
 
 namespace dpm_ops {
 namespace hem {
 namespace {
 
 constexpr int64_t kSharedLimit = 48 * 1024;  // without the opt-in for larger dynamic shared memory
-
-Dtype dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return Dtype::kFloat;
-    case at::kDouble: return Dtype::kDouble;
-    case at::kHalf: return Dtype::kHalf;
-    case at::kBFloat16: return Dtype::kBFloat16;
-    default: TORCH_CHECK_VALUE(false, "hem_loss: unsupported dtype ", t.scalar_type());
-  }
-}
 
 Dtype checked_dtype(const at::Tensor& logits) {
   const Dtype dtype = dtype_of(logits);
@@ -40,7 +31,7 @@ at::Tensor hem_loss_cuda(const at::Tensor& cls_logits, double eps, c10::string_v
   const auto acc = a.options().dtype(compute_type(a.scalar_type()));
   at::Tensor per_sample = at::empty({a.size(0)}, acc), loss = at::empty({}, acc);
   cuda::forward(dtype, a.const_data_ptr(), a.size(0), a.size(1), a.size(2), eps, sample_weight(a.size(0), mean),
-                per_sample.data_ptr(), loss.data_ptr(), c10::cuda::getCurrentCUDAStream().stream());
+                per_sample.data_ptr(), loss.data_ptr(), current_stream());
   return loss;
 }
 
@@ -54,7 +45,7 @@ at::Tensor hem_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& cls_
   const at::Tensor g = grad.to(compute_type(a.scalar_type())).contiguous();
   at::Tensor grad_a = at::empty_like(a);
   cuda::backward(dtype, g.const_data_ptr(), a.const_data_ptr(), a.size(0), a.size(1), a.size(2), eps,
-                 sample_weight(a.size(0), mean), grad_a.data_ptr(), c10::cuda::getCurrentCUDAStream().stream());
+                 sample_weight(a.size(0), mean), grad_a.data_ptr(), current_stream());
   return grad_a;
 }
 

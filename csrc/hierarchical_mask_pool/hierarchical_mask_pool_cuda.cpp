@@ -6,41 +6,28 @@
 
 #include "hierarchical_mask_pool_cuda.h"
 #include "hierarchical_mask_pool_driver.h"
+#include "../common/aten_cuda.h"
 
 namespace dpm_ops {
 namespace hierarchical_mask_pool {
 namespace {
-
-Dtype dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return Dtype::kFloat;
-    case at::kDouble: return Dtype::kDouble;
-    case at::kHalf: return Dtype::kHalf;
-    case at::kBFloat16: return Dtype::kBFloat16;
-    default: TORCH_CHECK_VALUE(false, "hierarchical_mask_pool: unsupported dtype ", t.scalar_type());
-  }
-}
-
-cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-
-const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 
 struct CudaKernels {
   static at::Tensor prepare(const at::Tensor& t) { return t.contiguous(); }
 
   static void resize_mask(const at::Tensor& mask, const LevelPack& p, at::Tensor& weights, at::Tensor& sums) {
     cuda::resize_mask(dtype_of(mask), mask.const_data_ptr(), mask.size(2), mask.size(3), p, weights.data_ptr(),
-                      sums.data_ptr(), stream());
+                      sums.data_ptr(), current_stream());
   }
   static void pool(const LevelPack& p, const at::Tensor& weights, const at::Tensor& sums, bool max_mode,
                    at::Tensor& out) {
     cuda::pool_forward(dtype_of(out), p, data_or_null(weights), data_or_null(sums), max_mode, out.data_ptr(),
-                       stream());
+                       current_stream());
   }
   static void pool_backward(const LevelPack& p, const at::Tensor& grad, const at::Tensor& weights,
                             const at::Tensor& sums, const at::Tensor& out, bool max_mode) {
     cuda::pool_backward(dtype_of(grad), p, grad.const_data_ptr(), data_or_null(weights), data_or_null(sums),
-                        out.const_data_ptr(), max_mode, stream());
+                        out.const_data_ptr(), max_mode, current_stream());
   }
 };
 

@@ -8,6 +8,7 @@
 
 #include "knn_cuda.h"
 #include "knn_math.h"
+#include "../common/aten_cuda.h"
 
 namespace dpm_ops {
 namespace knn {
@@ -38,8 +39,6 @@ void check_features(const at::Tensor& t, const char* name) {
 }
 
 at::ScalarType compute_type(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-Dtype dtype_of(at::ScalarType t) { return t == at::kDouble ? Dtype::kDouble : Dtype::kFloat; }
-cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& x, const at::Tensor& y, int64_t k,
                                             c10::string_view metric_name) {
@@ -57,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& x, const at::Tenso
   at::Tensor indices = at::empty({x.size(0), k}, x.options().dtype(at::kLong));
   cuda::knn(dtype_of(type), xs.rows.const_data_ptr(), ys.rows.const_data_ptr(), xs.norms.const_data_ptr(),
             ys.norms.const_data_ptr(), x.size(0), y.size(0), x.size(1), k, int(metric), false, values.data_ptr(),
-            indices.data_ptr<int64_t>(), nullptr, nullptr, 0, stream());
+            indices.data_ptr<int64_t>(), nullptr, nullptr, 0, current_stream());
   return {values, indices};
 }
 
@@ -85,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> self_knn_cuda(const a
   cuda::knn(dtype_of(type), xs.rows.const_data_ptr(), xs.rows.const_data_ptr(), xs.norms.const_data_ptr(),
             xs.norms.const_data_ptr(), N, N, x.size(1), m, int(metric), true, raw.data_ptr(),
             raw_indices.data_ptr<int64_t>(), row_max.data_ptr(), cross_rows > 0 ? cross.data_ptr() : nullptr,
-            cross_rows, stream());
+            cross_rows, current_stream());
   if (!normalize) return {raw, raw_indices, row_max, cross};
 
   const at::Tensor scale = at::where(row_max > 0, row_max, at::ones_like(row_max)).unsqueeze(1);

@@ -7,16 +7,11 @@
 #include "../masked_cosine/masked_cosine_cuda.h"
 #include "masked_arcface_cuda.h"
 #include "masked_arcface_driver.h"
+#include "../common/aten_cuda.h"
 
 namespace dpm_ops {
 namespace masked_arcface {
 namespace {
-
-Dtype dtype_of(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? Dtype::kDouble : Dtype::kFloat; }
-
-cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-
-const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 
 cuda::LossParams loss_params(const Params& p) {
   return {p.scale, p.margin, p.clamp_eps, p.plain_weight, p.masked_weight, p.easy_margin};
@@ -26,31 +21,33 @@ struct CudaKernels {
   static void prepare_rows(const at::Tensor& v, const at::Tensor& mult, double eps, at::Tensor& scaled,
                            at::Tensor& second, at::Tensor& inv) {
     masked_cosine::cuda::prepare_rows(dtype_of(v), v.const_data_ptr(), data_or_null(mult), v.size(0), v.size(1), eps,
-                                      scaled.data_ptr(), second.data_ptr(), inv.data_ptr(), stream());
+                                      scaled.data_ptr(), second.data_ptr(), inv.data_ptr(), current_stream());
   }
   static void masked_rows(at::Tensor num, at::Tensor den_sq, const at::Tensor& labels, const Params& p,
                           int64_t batch, bool with_grad, at::Tensor row_loss) {
     cuda::masked_rows(dtype_of(num), num.data_ptr(), den_sq.data_ptr(), labels.const_data_ptr<int64_t>(),
-                      num.size(0), num.size(1), batch, with_grad, loss_params(p), row_loss.data_ptr(), stream());
+                      num.size(0), num.size(1), batch, with_grad, loss_params(p), row_loss.data_ptr(),
+                      current_stream());
   }
   static void plain_rows(at::Tensor plain, const at::Tensor& labels, const Params& p, int64_t batch, bool with_grad,
                          at::Tensor row_loss) {
     cuda::plain_rows(dtype_of(plain), plain.data_ptr(), labels.const_data_ptr<int64_t>(), plain.size(0),
-                     plain.size(1), batch, with_grad, loss_params(p), row_loss.data_ptr(), stream());
+                     plain.size(1), batch, with_grad, loss_params(p), row_loss.data_ptr(), current_stream());
   }
   static void query_rows_backward(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& inv,
                                   const at::Tensor& u, const at::Tensor& v, const at::Tensor& plain_grad,
                                   at::Tensor& grad_x, at::Tensor& grad_mask) {
     masked_cosine::cuda::query_rows_backward(dtype_of(x), x.const_data_ptr(), mask.const_data_ptr(),
                                              inv.const_data_ptr(), u.const_data_ptr(), v.const_data_ptr(), x.size(0),
-                                             x.size(1), kEps, grad_x.data_ptr(), grad_mask.data_ptr(), stream());
+                                             x.size(1), kEps, grad_x.data_ptr(), grad_mask.data_ptr(),
+                                             current_stream());
     if (plain_grad.defined()) grad_x.add_(plain_grad);
   }
   static void proto_rows_backward(const at::Tensor& protos, const at::Tensor& inv, const at::Tensor& up,
                                   const at::Tensor& vp, const at::Tensor& plain_grad, at::Tensor& grad_protos) {
     masked_cosine::cuda::proto_rows_backward(dtype_of(protos), protos.const_data_ptr(), inv.const_data_ptr(),
                                              up.const_data_ptr(), vp.const_data_ptr(), protos.size(0), protos.size(1),
-                                             kEps, grad_protos.data_ptr(), stream());
+                                             kEps, grad_protos.data_ptr(), current_stream());
     if (plain_grad.defined()) grad_protos.add_(plain_grad);
   }
 };

@@ -6,48 +6,35 @@
 
 #include "masked_cosine_cuda.h"
 #include "masked_cosine_driver.h"
+#include "../common/aten_cuda.h"
 
 namespace dpm_ops {
 namespace masked_cosine {
 namespace {
 
-Dtype dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return Dtype::kFloat;
-    case at::kDouble: return Dtype::kDouble;
-    case at::kHalf: return Dtype::kHalf;
-    case at::kBFloat16: return Dtype::kBFloat16;
-    default: TORCH_CHECK_VALUE(false, "masked_cosine: unsupported dtype ", t.scalar_type());
-  }
-}
-
-cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-
-const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
-
 struct CudaKernels {
   static void prepare_rows(const at::Tensor& v, const at::Tensor& mult, double eps, at::Tensor& scaled,
                            at::Tensor& second, at::Tensor& inv) {
     cuda::prepare_rows(dtype_of(v), v.const_data_ptr(), data_or_null(mult), v.size(0), v.size(1), eps,
-                       scaled.data_ptr(), second.data_ptr(), inv.data_ptr(), stream());
+                       scaled.data_ptr(), second.data_ptr(), inv.data_ptr(), current_stream());
   }
   static void backward_coefs(const at::Tensor& grad, const at::Tensor& out, const at::Tensor& den_sq, double eps,
                              at::Tensor& g_num, at::Tensor& h) {
     cuda::backward_coefs(dtype_of(grad), grad.const_data_ptr(), out.const_data_ptr(), den_sq.const_data_ptr(),
-                         den_sq.numel(), eps, g_num.data_ptr(), h.data_ptr(), stream());
+                         den_sq.numel(), eps, g_num.data_ptr(), h.data_ptr(), current_stream());
   }
   static void query_rows_backward(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& inv,
                                   const at::Tensor& u, const at::Tensor& v, double eps, at::Tensor& grad_x,
                                   at::Tensor& grad_mask) {
     cuda::query_rows_backward(dtype_of(x), x.const_data_ptr(), mask.const_data_ptr(), inv.const_data_ptr(),
                               u.const_data_ptr(), v.const_data_ptr(), x.size(0), x.size(1), eps, grad_x.data_ptr(),
-                              grad_mask.data_ptr(), stream());
+                              grad_mask.data_ptr(), current_stream());
   }
   static void proto_rows_backward(const at::Tensor& protos, const at::Tensor& inv, const at::Tensor& up,
                                   const at::Tensor& vp, double eps, at::Tensor& grad_protos) {
     cuda::proto_rows_backward(dtype_of(protos), protos.const_data_ptr(), inv.const_data_ptr(), up.const_data_ptr(),
                               vp.const_data_ptr(), protos.size(0), protos.size(1), eps, grad_protos.data_ptr(),
-                              stream());
+                              current_stream());
   }
 };
 
@@ -62,12 +49,13 @@ at::Tensor fused_forward(const at::Tensor& x_in, const at::Tensor& mask_in, cons
   at::Tensor inv_x = at::empty({B}, acc), inv_p = at::empty({K}, acc);
   at::Tensor out = at::empty({B, K}, x.options());
   const Dtype dtype = dtype_of(x);
-  cuda::prepare_rows(dtype, x.const_data_ptr(), nullptr, B, C, eps, nullptr, nullptr, inv_x.data_ptr(), stream());
+  cuda::prepare_rows(dtype, x.const_data_ptr(), nullptr, B, C, eps, nullptr, nullptr, inv_x.data_ptr(),
+                     current_stream());
   cuda::prepare_rows(dtype, protos.const_data_ptr(), nullptr, K, C, eps, nullptr, nullptr, inv_p.data_ptr(),
-                     stream());
+                     current_stream());
   cuda::forward(dtype, x.const_data_ptr(), mask.const_data_ptr(), protos.const_data_ptr(), inv_x.const_data_ptr(),
                 inv_p.const_data_ptr(), B, K, C, eps, out.data_ptr(), den_sq.defined() ? den_sq.data_ptr() : nullptr,
-                stream());
+                current_stream());
   return out;
 }
 
