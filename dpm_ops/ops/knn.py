@@ -20,6 +20,7 @@ import numbers
 import torch
 
 from .. import _backend
+from ._checks import check_finite
 from .knn_reference import COSINE_EPS, METRICS, compute_dtype, knn_reference, self_knn_reference
 
 
@@ -40,16 +41,6 @@ def _check_k(k, limit, what):
 def _check_metric(metric):
     if metric not in METRICS:
         raise ValueError(f"knn: metric must be one of {METRICS}, got {metric!r}")
-
-
-def check_finite(**tensors) -> None:
-    """One sync for all of them; skipped while compiling (a data-dependent branch)."""
-    if torch.compiler.is_compiling():
-        return
-    finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()])
-    if not bool(finite.all()):
-        bad = [name for name, ok in zip(tensors, finite.tolist()) if not ok]
-        raise ValueError(f"knn: {', '.join(bad)} contains non-finite values (NaN or inf)")
 
 
 # ---- fake (meta) functions and autograd, shared by the C++/CUDA and Triton ops -----------------
@@ -144,7 +135,7 @@ def knn(x: torch.Tensor, y: torch.Tensor, k: int, metric: str = "euclidean", bac
         raise ValueError(f"knn: x and y must be on one device, got {x.device} and {y.device}")
     _check_k(k, y.shape[0], "y")
     _check_metric(metric)
-    check_finite(x=x, y=y)
+    check_finite("knn", x=x, y=y)
     dtype = compute_dtype(x, y)
     x, y = x.to(dtype), y.to(dtype)
     name = _backend.resolve(backend, x.device)
@@ -172,7 +163,7 @@ def self_knn(x: torch.Tensor, k: int, metric: str = "sqeuclidean", normalize: bo
     if isinstance(cross_rows, bool) or not isinstance(cross_rows, numbers.Integral) or \
             not 0 <= cross_rows <= x.shape[0]:
         raise ValueError(f"knn: cross_rows must be an integer in [0, {x.shape[0]}], got {cross_rows!r}")
-    check_finite(x=x)
+    check_finite("knn", x=x)
     x = x.to(compute_dtype(x))
     name = _backend.resolve(backend, x.device)
     if name in ("reference", "triton"):

@@ -12,6 +12,7 @@ functions and the autograd formula below; the reference (masked_cosine_reference
 import torch
 
 from .. import _backend
+from ._checks import check_finite
 from .masked_cosine_reference import masked_cosine_reference
 
 ARCCOS_CLIP = 1e-5  # DPM's test metric clips the cosine to [-1+1e-5, 1-1e-5] before arccos
@@ -40,16 +41,6 @@ def check_masked_cosine_args(x, mask, protos, eps) -> None:
                          f"{mask.device}, {protos.device}")
     if not eps > 0:
         raise ValueError(f"masked_cosine: eps must be > 0, got {eps}")
-
-
-def check_finite(**tensors) -> None:
-    """One device sync for all of them; skipped while compiling (a data-dependent branch)."""
-    if torch.compiler.is_compiling():
-        return
-    finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()])
-    if not bool(finite.all()):
-        bad = [name for name, ok in zip(tensors, finite.tolist()) if not ok]
-        raise ValueError(f"masked_cosine: {', '.join(bad)} contains non-finite values (NaN or inf)")
 
 
 def _fake_forward(x, mask, protos, eps=1e-12):
@@ -136,7 +127,7 @@ def masked_cosine(x: torch.Tensor, mask: torch.Tensor, protos: torch.Tensor, eps
     check_masked_cosine_args(x, mask, protos, eps)
     name = _backend.resolve(backend, x.device)
     if name != "cpp":  # the C++ CPU kernel checks finiteness inside its first pass, for free
-        check_finite(x=x, mask=mask, protos=protos)
+        check_finite("masked_cosine", x=x, mask=mask, protos=protos)
     if name == "reference":
         return masked_cosine_reference(x, mask, protos, eps)
     if name == "triton":

@@ -1,0 +1,14 @@
+"""Input checks shared by the ops' Python entry points."""
+
+import torch
+
+
+def check_finite(op: str, **tensors) -> None:
+    """ValueError naming every tensor with a NaN or inf: one device sync for all of them; skipped
+    while compiling (a data-dependent branch)."""
+    if torch.compiler.is_compiling():
+        return
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()])
+    if not bool(finite.all()):
+        bad = [name for name, ok in zip(tensors, finite.tolist()) if not ok]
+        raise ValueError(f"{op}: {', '.join(bad)} contains non-finite values (NaN or inf)")
