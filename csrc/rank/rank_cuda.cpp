@@ -11,26 +11,14 @@ namespace dpm_ops {
 namespace rank {
 namespace {
 
-void check_labels(const at::Tensor& t, int64_t length, const char* name) {
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == length && t.scalar_type() == at::kLong, "rank: ", name,
-                    " must be a 1-D int64 tensor of length ", length);
-}
-
 std::tuple<at::Tensor, at::Tensor> match_ranks_cuda(const at::Tensor& dist_in, const at::Tensor& q_pids_in,
                                                     const at::Tensor& g_pids_in, const at::Tensor& q_cams_in,
                                                     const at::Tensor& g_cams_in) {
-  TORCH_CHECK_VALUE(dist_in.dim() == 2 && at::isFloatingType(dist_in.scalar_type()),
-                    "rank: distmat must be a 2-D floating tensor");
   const c10::cuda::CUDAGuard guard(dist_in.device());
-  const at::Tensor dist = dist_in.scalar_type() == at::kDouble ? dist_in.contiguous()
-                                                               : dist_in.to(at::kFloat).contiguous();
+  const MatchInputs in(dist_in, q_pids_in, g_pids_in, q_cams_in, g_cams_in);
+  const at::Tensor &dist = in.dist, &q_pids = in.q_pids, &g_pids = in.g_pids, &q_cams = in.q_cams,
+                   &g_cams = in.g_cams;
   const int64_t Q = dist.size(0), G = dist.size(1);
-  const at::Tensor q_pids = q_pids_in.contiguous(), g_pids = g_pids_in.contiguous();
-  const at::Tensor q_cams = q_cams_in.contiguous(), g_cams = g_cams_in.contiguous();
-  check_labels(q_pids, Q, "q_pids");
-  check_labels(q_cams, Q, "q_camids");
-  check_labels(g_pids, G, "g_pids");
-  check_labels(g_cams, G, "g_camids");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const PidGroups groups(q_pids, g_pids);
   at::Tensor counts = at::empty({Q}, q_pids.options());

@@ -1,11 +1,37 @@
-// Gallery items grouped by pid, and each query's group, built with ATen on the tensors' device
-// (shared by the CPU and CUDA entry points of the evaluator).
+// The evaluator's checked inputs, and gallery items grouped by pid with each query's group, built
+// with ATen on the tensors' device (shared by the CPU and CUDA entry points of the evaluator).
 #pragma once
 
 #include <ATen/ATen.h>
 
 namespace dpm_ops {
 namespace rank {
+
+inline void check_labels(const at::Tensor& t, int64_t length, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == length && t.scalar_type() == at::kLong, "rank: ", name,
+                    " must be a 1-D int64 tensor of length ", length);
+}
+
+inline at::Tensor checked_distances(const at::Tensor& dist) {
+  TORCH_CHECK_VALUE(dist.dim() == 2 && at::isFloatingType(dist.scalar_type()),
+                    "rank: distmat must be a 2-D floating tensor");
+  return dist.scalar_type() == at::kDouble ? dist.contiguous() : dist.to(at::kFloat).contiguous();
+}
+
+// Distances (Q, G) in fp32 or fp64 and contiguous int64 labels, checked.
+struct MatchInputs {
+  at::Tensor dist, q_pids, g_pids, q_cams, g_cams;
+
+  MatchInputs(const at::Tensor& dist_in, const at::Tensor& q_pids_in, const at::Tensor& g_pids_in,
+              const at::Tensor& q_cams_in, const at::Tensor& g_cams_in)
+      : dist(checked_distances(dist_in)), q_pids(q_pids_in.contiguous()), g_pids(g_pids_in.contiguous()),
+        q_cams(q_cams_in.contiguous()), g_cams(g_cams_in.contiguous()) {
+    check_labels(q_pids, dist.size(0), "q_pids");
+    check_labels(q_cams, dist.size(0), "q_camids");
+    check_labels(g_pids, dist.size(1), "g_pids");
+    check_labels(g_cams, dist.size(1), "g_camids");
+  }
+};
 
 struct PidGroups {
   at::Tensor order;   // gallery indices sorted by (pid, index)
