@@ -13,6 +13,7 @@ import math
 import torch
 
 from .. import _backend
+from ._registration import register_forward_backward
 from .hem_loss_reference import REDUCTIONS, hem_loss_reference
 
 
@@ -55,9 +56,8 @@ def _make_backward(backward_op):
 
 
 def _register(forward_op, backward_op) -> None:
-    torch.library.register_fake(forward_op)(_fake_forward)
-    torch.library.register_fake(backward_op)(_fake_backward)
-    torch.library.register_autograd(forward_op, _make_backward(backward_op), setup_context=_setup_context)
+    register_forward_backward(forward_op, backward_op, fake_forward=_fake_forward, fake_backward=_fake_backward,
+                              make_backward=_make_backward, setup_context=_setup_context)
 
 
 if _backend.extension()[0] is not None:

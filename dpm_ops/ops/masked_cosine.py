@@ -13,6 +13,7 @@ import torch
 
 from .. import _backend
 from ._checks import check_finite
+from ._registration import register_forward_backward
 from .masked_cosine_reference import masked_cosine_reference
 
 ARCCOS_CLIP = 1e-5  # DPM's test metric clips the cosine to [-1+1e-5, 1-1e-5] before arccos
@@ -88,10 +89,9 @@ def _backward_with_den(ctx, grad, _grad_den_sq):
 
 
 def _register(forward_op, backward_op, pass_den: bool) -> None:
-    torch.library.register_fake(forward_op)(_fake_forward)
-    torch.library.register_fake(backward_op)(_fake_backward)
-    torch.library.register_autograd(forward_op, _backward_recomputing_den(backward_op, pass_den),
-                                    setup_context=_setup_context)
+    register_forward_backward(forward_op, backward_op, fake_forward=_fake_forward, fake_backward=_fake_backward,
+                              make_backward=lambda op: _backward_recomputing_den(op, pass_den),
+                              setup_context=_setup_context)
 
 
 if _backend.extension()[0] is not None:
