@@ -9,11 +9,14 @@
 //             at the end, with each row's maximum.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <omp.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <exception>
 #include <limits>
+#include <mutex>
 #include <vector>
 
 #include "knn_math.h"
@@ -35,13 +38,38 @@ Metric parse_metric(c10::string_view name) {
   TORCH_CHECK_VALUE(false, "knn: metric must be one of euclidean, sqeuclidean, cosine, got ", name);
 }
 
+// The OpenMP regions below call ATen (at::empty, at::mm_out) from their own threads: each thread
+// takes the caller's thread-local state (grad mode, dispatch-key exclusions, autocast), and an
+// exception there is kept and rethrown on the calling thread after the region (it must not escape
+// an OpenMP thread).
+class RegionErrors {
+ public:
+  template <class F> bool ok(F&& f) {
+    try {
+      f();
+      return true;
+    } catch (...) {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      if (!first_) first_ = std::current_exception();
+      return false;
+    }
+  }
+  void rethrow() const {
+    if (first_) std::rethrow_exception(first_);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::exception_ptr first_;
+};
+
 at::ScalarType compute_type(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 // Rows in the compute type (unit rows for cosine, with F.normalize's eps) and their squared norms.
 struct Operand {
   at::Tensor rows, norms;
   Operand(const at::Tensor& v, Metric metric, at::ScalarType type) {
-    rows = v.to(type).contiguous();
+    rows = v.detach().to(type).contiguous();  // the op's autograd is registered apart
     if (metric == Metric::kCosine) rows = (rows / rows.norm(2, {1}, true).clamp_min(1e-12)).contiguous();
     norms = (rows * rows).sum(1).contiguous();
   }
@@ -86,9 +114,13 @@ void knn_impl(const Operand& xs, const Operand& ys, int64_t k, Metric metric, at
   A* out_values = values.data_ptr<A>();
   int64_t* out_indices = indices.data_ptr<int64_t>();
   const int64_t num_blocks = (M + kRowBlock - 1) / kRowBlock;
+  const at::ThreadLocalState caller_state;
+  RegionErrors errors;
 #pragma omp parallel
   {
-    at::Tensor buffer = at::empty({kRowBlock * std::min(kColumnBlock, Ny)}, xs.rows.options());
+    const at::ThreadLocalStateGuard state_guard(caller_state);
+    at::Tensor buffer;
+    errors.ok([&] { buffer = at::empty({kRowBlock * std::min(kColumnBlock, Ny)}, xs.rows.options()); });
     std::vector<SortedList<A>> lists(kRowBlock);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t block = 0; block < num_blocks; ++block) {
@@ -97,8 +129,12 @@ void knn_impl(const Operand& xs, const Operand& ys, int64_t k, Metric metric, at
         lists[r] = SortedList<A>{out_values + (r0 + r) * k, out_indices + (r0 + r) * k, 0, int(k)};
       for (int64_t c0 = 0; c0 < Ny; c0 += kColumnBlock) {
         const int64_t nc = std::min(kColumnBlock, Ny - c0);
-        at::Tensor tile = tile_view(buffer, nr, nc);
-        at::mm_out(tile, xs.rows.narrow(0, r0, nr), ys.rows.narrow(0, c0, nc).t());
+        at::Tensor tile;
+        if (!errors.ok([&] {
+              tile = tile_view(buffer, nr, nc);
+              at::mm_out(tile, xs.rows.narrow(0, r0, nr), ys.rows.narrow(0, c0, nc).t());
+            }))
+          continue;
         A* dots = tile.data_ptr<A>();
         finish_tile(dots, nr, nc, x_norms + r0, y_norms + c0, metric);  // vectorised, sqrt included
         for (int64_t r = 0; r < nr; ++r) {
@@ -116,6 +152,7 @@ void knn_impl(const Operand& xs, const Operand& ys, int64_t k, Metric metric, at
       }
     }
   }
+  errors.rethrow();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -188,17 +225,25 @@ void self_knn_impl(const Operand& xs, int64_t k, int64_t m, Metric metric, bool 
   state.reserve(num_threads);
   for (int t = 0; t < num_threads; ++t) state.emplace_back(N, m);
 
+  const at::ThreadLocalState caller_state;
+  RegionErrors errors;
 #pragma omp parallel num_threads(num_threads)
   {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
     ThreadLists<A>& own = state[omp_get_thread_num()];
-    at::Tensor buffer = at::empty({std::min(kSelfTile, N) * std::min(kSelfTile, N)}, xs.rows.options());
+    at::Tensor buffer;
+    errors.ok([&] { buffer = at::empty({std::min(kSelfTile, N) * std::min(kSelfTile, N)}, xs.rows.options()); });
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < int64_t(tiles.size()); ++t) {
       const int64_t r0 = tiles[t].first * kSelfTile, c0 = tiles[t].second * kSelfTile;
       const int64_t nr = std::min(kSelfTile, N - r0), nc = std::min(kSelfTile, N - c0);
       const bool diagonal = r0 == c0;
-      at::Tensor tile = tile_view(buffer, nr, nc);
-      at::mm_out(tile, xs.rows.narrow(0, r0, nr), xs.rows.narrow(0, c0, nc).t());
+      at::Tensor tile;
+      if (!errors.ok([&] {
+            tile = tile_view(buffer, nr, nc);
+            at::mm_out(tile, xs.rows.narrow(0, r0, nr), xs.rows.narrow(0, c0, nc).t());
+          }))
+        continue;
       A* dots = tile.data_ptr<A>();
       finish_tile(dots, nr, nc, norms + r0, norms + c0, metric);
       for (int64_t r = 0; r < nr; ++r) {
@@ -234,6 +279,7 @@ void self_knn_impl(const Operand& xs, int64_t k, int64_t m, Metric metric, bool 
       }
     }
   }
+  errors.rethrow();
 
   // Merge the threads' lists; order by (value / row max, index) when normalising.
   A* out_values = values.data_ptr<A>();
