@@ -106,3 +106,102 @@ def test_match_ranks_kernel_and_torch_paths_agree(monkeypatch, levels):
     np.testing.assert_array_equal(kernel.cmc, torch_path.cmc)
     np.testing.assert_array_equal(kernel.all_AP, torch_path.all_AP)
     assert (kernel.mAP, kernel.mINP, kernel.num_valid) == (torch_path.mAP, torch_path.mINP, torch_path.num_valid)
+
+
+# CUDA kernels (csrc/kreciprocal/kreciprocal_cuda.*) against the CPU kernels on the same inputs: the
+# per-row maths is shared (kreciprocal_math.h) and rounded op by op, so the results are equal bit for bit.
+def needs_cuda(test):
+    available, why = dpm_ops.backends()["cuda"]
+    return pytest.mark.cuda(pytest.mark.skipif(not available, reason=why or "cuda")(test))
+
+
+def on_cuda(*tensors):
+    return [t.cuda() if isinstance(t, torch.Tensor) else t for t in tensors]
+
+
+def assert_same(got, expected):
+    for g, e in zip(got, expected):
+        assert g.device.type == "cuda" and torch.equal(g.cpu(), e)
+
+
+@pytest.mark.parametrize("n, k1, kh, width", [(60, 20, 10, 21), (200, 7, 4, 8), (5, 20, 10, 5), (40, 1, 0, 6),
+                                              (0, 20, 10, 21), (40000, 20, 10, 21)])
+@needs_cuda
+def test_expand_cuda_matches_cpu(n, k1, kh, width):
+    if n <= 5000:
+        neighbours = neighbour_lists(n, width, n + k1)
+    else:  # more rows than the kernel's scratch threads (grid-stride loop): items on a shuffled ring
+        offsets = torch.tensor([0] + [s * (t + 1) for t in range(width) for s in (1, -1)][:width - 1])
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(n))
+        neighbours = torch.empty(n, width, dtype=torch.long)
+        neighbours[perm] = perm[(torch.arange(n)[:, None] + offsets) % n]
+    expected = torch.ops.dpm_ops.kreciprocal_expand(neighbours, k1, kh)
+    assert_same(torch.ops.dpm_ops.kreciprocal_expand(neighbours.cuda(), k1, kh), expected)
+
+
+@pytest.mark.parametrize("k2", [1, 2, 6])
+@needs_cuda
+def test_query_expansion_cuda_matches_cpu(k2):
+    n = 150
+    neighbours = neighbour_lists(n, 21, k2)
+    row_ptr, cols = torch.ops.dpm_ops.kreciprocal_expand(neighbours, 20, 10)
+    values = torch.rand(len(cols), generator=torch.Generator().manual_seed(k2))
+    sources = neighbours[:, :k2].contiguous()
+    expected = torch.ops.dpm_ops.kreciprocal_query_expansion(row_ptr, cols, values, sources)
+    assert_same(torch.ops.dpm_ops.kreciprocal_query_expansion(*on_cuda(row_ptr, cols, values, sources)), expected)
+
+
+@pytest.mark.parametrize("lambda_value, scaled", [(0.0, False), (0.3, True), (1.0, False), (0.3, False)])
+@needs_cuda
+def test_jaccard_blend_cuda_matches_cpu(lambda_value, scaled):
+    q, g = 700, 900  # more queries than the kernel's blocks (grid-stride loop)
+    neighbours = neighbour_lists(q + g, 21, 3)
+    row_ptr, cols = torch.ops.dpm_ops.kreciprocal_expand(neighbours, 20, 10)
+    rows = csr_rows(row_ptr)
+    values = torch.rand(len(rows), generator=torch.Generator().manual_seed(4))
+    values = values / torch.zeros(q + g).index_add_(0, rows, values)[rows]
+    out = torch.rand(q, g, generator=torch.Generator().manual_seed(5))
+    scale = torch.rand(q + g, generator=torch.Generator().manual_seed(6)) + 0.5 if scaled else None
+    expected = out.clone()
+    torch.ops.dpm_ops.kreciprocal_jaccard_blend_(expected, row_ptr, cols, values, lambda_value, scale)
+    got = out.cuda()
+    torch.ops.dpm_ops.kreciprocal_jaccard_blend_(got, *on_cuda(row_ptr, cols, values), lambda_value,
+                                                 None if scale is None else scale.cuda())
+    assert_same([got], [expected])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@needs_cuda
+def test_pair_sqdist_cuda_matches_cpu(dtype):
+    x = torch.randn(50, 37, generator=torch.Generator().manual_seed(6), dtype=dtype)
+    values, indices, _, _ = torch.ops.dpm_ops.self_knn(x, 5, "sqeuclidean", False, 0)
+    values = values.float()
+    sizes = torch.randint(0, 60, (50,), generator=torch.Generator().manual_seed(8))
+    sizes[3] = 0  # an empty row: the kernel finds each entry's row by binary search
+    row_ptr = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+    cols = torch.randint(0, 50, (int(row_ptr[-1]),), generator=torch.Generator().manual_seed(7))
+    expected = torch.ops.dpm_ops.kreciprocal_pair_sqdist(x, values, indices, row_ptr, cols)
+    assert_same([torch.ops.dpm_ops.kreciprocal_pair_sqdist(*on_cuda(x, values, indices, row_ptr, cols))], [expected])
+
+
+@pytest.mark.parametrize("k1, k2, lambda_value", [(20, 6, 0.3), (7, 1, 0.0), (4, 8, 1.0)])
+@needs_cuda
+def test_rerank_on_cuda_uses_kernels_and_matches_cpu(monkeypatch, k1, k2, lambda_value):
+    rng = np.random.default_rng(k1)
+    query = torch.from_numpy(rng.standard_normal((40, 16)).astype(np.float32))
+    gallery = torch.from_numpy(rng.standard_normal((150, 16)).astype(np.float32))
+    q_g, q_q, g_g = torch.cdist(query, gallery), torch.cdist(query, query), torch.cdist(gallery, gallery)
+    expected = re_ranking(q_g, q_q, g_g, k1, k2, lambda_value), rerank_features(query, gallery, k1, k2, lambda_value)
+    calls = []
+    for name in ("kreciprocal_expand", "kreciprocal_jaccard_blend_"):
+        op = getattr(torch.ops.dpm_ops, name)
+        monkeypatch.setattr(torch.ops.dpm_ops, name, lambda *a, _op=op, _name=name: calls.append(_name) or _op(*a),
+                            raising=False)
+    got = (re_ranking(q_g.cuda(), q_q.cuda(), g_g.cuda(), k1, k2, lambda_value),
+           rerank_features(query.cuda(), gallery.cuda(), k1, k2, lambda_value))
+    assert calls.count("kreciprocal_expand") == 2 and calls.count("kreciprocal_jaccard_blend_") == 2
+    # Same pipeline and kernels; the torch steps between them (exp, index_add_, the GPU's GEMM for
+    # features) round differently on the GPU.
+    assert got[0].device.type == "cuda" and got[1].device.type == "cuda"
+    torch.testing.assert_close(got[0].cpu(), expected[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(got[1].cpu(), expected[1], rtol=0, atol=1e-5)

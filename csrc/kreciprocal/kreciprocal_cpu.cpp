@@ -67,9 +67,8 @@ std::tuple<at::Tensor, at::Tensor> expand_cpu(const at::Tensor& neighbours_in, i
   return {row_ptr, cols};
 }
 
-// Squared Euclidean distance of every (row, col) entry of a CSR, as float32: read from the
-// candidate lists of the scan when the pair is there (either direction; the scan's values are
-// symmetric), else |x_c|^2 - 2 x_r.x_c + |x_r|^2 from the features.
+// Squared Euclidean distance of every (row, col) entry of a CSR, as float32 (pair_sqdist of
+// kreciprocal_math.h: candidate lists first, else the features).
 template <typename A>
 void pair_sqdist_impl(const at::Tensor& features, const at::Tensor& cand_values, const at::Tensor& cand_indices,
                       const at::Tensor& row_ptr, const at::Tensor& cols, at::Tensor& out) {
@@ -80,37 +79,9 @@ void pair_sqdist_impl(const at::Tensor& features, const at::Tensor& cand_values,
   const int64_t* rp = row_ptr.const_data_ptr<int64_t>();
   const int64_t* cp = cols.const_data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
-  auto lookup = [&](int64_t owner, int64_t other, float& value) {
-    for (int64_t p = 0; p < m; ++p)
-      if (ci[owner * m + p] == other) {
-        value = cv[owner * m + p];
-        return true;
-      }
-    return false;
-  };
   at::parallel_for(0, N, kRowGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      for (int64_t e = rp[r]; e < rp[r + 1]; ++e) {
-        const int64_t c = cp[e];
-        float value;
-        if (lookup(r, c, value) || lookup(c, r, value)) {
-          op[e] = value;
-          continue;
-        }
-        if (c == r) {
-          op[e] = 0.f;
-          continue;
-        }
-        A dot = 0, nr = 0, nc = 0;
-        for (int64_t d = 0; d < D; ++d) {
-          dot += x[r * D + d] * x[c * D + d];
-          nr += x[r * D + d] * x[r * D + d];
-          nc += x[c * D + d] * x[c * D + d];
-        }
-        const A squared = nc - A(2) * dot + nr;
-        op[e] = float(squared > A(0) ? squared : A(0));
-      }
-    }
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t e = rp[r]; e < rp[r + 1]; ++e) op[e] = pair_sqdist(x, D, cv, ci, m, r, cp[e]);
   });
 }
 
@@ -148,34 +119,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> query_expansion_cpu(const at::Ten
   int64_t* ocp = nullptr;
   float* ovp = nullptr;
   const int64_t* orp = nullptr;
+  // Two passes over the rows (expansion_row of kreciprocal_math.h): sizes, then the columns in place.
   auto each_row = [&](bool fill) {
     at::parallel_for(0, N, kRowGrain, [&](int64_t begin, int64_t end) {
-      std::vector<float> sum(N);
-      std::vector<int64_t> stamp(N, -1), touched;
+      std::vector<int64_t> cursor(k2);
       for (int64_t i = begin; i < end; ++i) {
-        touched.clear();
-        for (int64_t t = 0; t < k2; ++t) {
-          const int64_t s = sp[i * k2 + t];
-          for (int64_t e = rp[s]; e < rp[s + 1]; ++e) {
-            const int64_t c = cp[e];
-            if (stamp[c] != i) {
-              stamp[c] = i;
-              sum[c] = vp[e];
-              touched.push_back(c);
-            } else {
-              sum[c] += vp[e];
-            }
-          }
-        }
-        if (!fill) {
-          sizes[i] = int64_t(touched.size());
-          continue;
-        }
-        std::sort(touched.begin(), touched.end());
-        for (size_t p = 0; p < touched.size(); ++p) {
-          ocp[orp[i] + p] = touched[p];
-          ovp[orp[i] + p] = sum[touched[p]] / float(k2);
-        }
+        if (fill) expansion_row(rp, cp, vp, sp + i * k2, k2, cursor.data(), ocp + orp[i], ovp + orp[i]);
+        else sizes[i] = expansion_row(rp, cp, vp, sp + i * k2, k2, cursor.data(), nullptr, nullptr);
       }
     });
   };
@@ -234,15 +184,13 @@ void jaccard_blend_cpu(at::Tensor& out, const at::Tensor& row_ptr_in, const at::
         const int64_t c = cp[e];
         const float v = vp[e];
         for (int64_t s = column_start[c]; s < column_start[c + 1]; ++s)
-          overlap[holder[s]] += std::min(v, holder_value[s]);
+          overlap[holder[s]] += min_share(v, holder_value[s]);
       }
       float* row = op + q * G;
       if (sp != nullptr)
         for (int64_t g = 0; g < G; ++g) row[g] /= sp[q];  // the row-max normalisation, fused
       for (int64_t g = 0; g < G; ++g) {
-        // Pairs sharing no column: Jaccard 1, written as the reference computes it.
-        row[g] = overlap[g] != 0.f ? jaccard_blend(overlap[g], row[g], jaccard_weight, keep)
-                                   : jaccard_weight + row[g] * keep;
+        row[g] = blend_entry(overlap[g], row[g], jaccard_weight, keep);
         overlap[g] = 0.f;
       }
     }

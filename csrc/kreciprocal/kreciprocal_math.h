@@ -1,5 +1,6 @@
 // Per-row logic of k-reciprocal re-ranking on fixed-width neighbour lists (spec rerank_eval.md
-// §1.3), shared by the CPU kernels and any device port: plain pointers, no allocation.
+// §1.3), shared by the CPU kernels (kreciprocal_cpu.cpp) and the CUDA kernels (kreciprocal_cuda.cu):
+// plain pointers and caller-owned scratch, no allocation.
 //
 // neighbours: (N, width) row-major, each row's nearest items in (normalised distance, index)
 // order, the item itself normally first. N(i, k) = the first k + 1 entries.
@@ -11,6 +12,49 @@
 
 namespace dpm_ops {
 namespace kreciprocal {
+
+// Products and sums rounded one operation at a time: nvcc would contract a * b + c into an fma,
+// and the CUDA kernels must give the CPU kernels' (and the torch stages') numbers bit for bit.
+DPM_HD float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+DPM_HD double mul_rn(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+DPM_HD float add_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+DPM_HD double add_rn(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+template <typename A> DPM_HD A sub_rn(A a, A b) { return add_rn(a, -b); }
+
+// The row of the CSR entry e: the last r < rows with row_ptr[r] <= e (empty rows are skipped).
+DPM_HD int64_t row_of_entry(const int64_t* row_ptr, int64_t rows, int64_t e) {
+  int64_t lo = 0, hi = rows;
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (row_ptr[mid] <= e) lo = mid;
+    else hi = mid;
+  }
+  return lo;
+}
 
 // i in N(j, k)?
 DPM_HD bool in_first(const int64_t* neighbours, int64_t width, int64_t j, int64_t count, int64_t i) {
@@ -64,10 +108,73 @@ DPM_HD int64_t expanded_set(const int64_t* neighbours, int64_t width, int64_t i,
   return size;
 }
 
+// Squared Euclidean distance of items r and c as float32: read from the candidate lists of the
+// scan ((N, m) values / indices) when the pair is there (either direction; the scan's values are
+// symmetric), 0 for r == c, else |x_c|^2 - 2 x_r.x_c + |x_r|^2 from the (N, D) features, summed
+// in feature order and clamped at 0.
+template <typename A>
+DPM_HD float pair_sqdist(const A* x, int64_t D, const float* cand_values, const int64_t* cand_indices, int64_t m,
+                         int64_t r, int64_t c) {
+  for (int64_t p = 0; p < m; ++p)
+    if (cand_indices[r * m + p] == c) return cand_values[r * m + p];
+  for (int64_t p = 0; p < m; ++p)
+    if (cand_indices[c * m + p] == r) return cand_values[c * m + p];
+  if (c == r) return 0.f;
+  A dot = 0, nr = 0, nc = 0;
+  for (int64_t d = 0; d < D; ++d) {
+    const A xr = x[r * D + d], xc = x[c * D + d];
+    dot = add_rn(dot, mul_rn(xr, xc));
+    nr = add_rn(nr, mul_rn(xr, xr));
+    nc = add_rn(nc, mul_rn(xc, xc));
+  }
+  const A squared = add_rn(sub_rn(nc, mul_rn(A(2), dot)), nr);
+  return float(squared > A(0) ? squared : A(0));
+}
+
+// One row of V_qe = the mean of the CSR rows V[sources[t]], t < k2 (cols ascending in each): a
+// k2-way merge of those rows, each column's values summed in t order (as numpy's mean over axis
+// 0) in float32, then divided by k2. cursor: k2 scratch slots. With out_cols == nullptr it only
+// counts. Returns the number of columns of the row.
+DPM_HD int64_t expansion_row(const int64_t* row_ptr, const int64_t* cols, const float* values, const int64_t* sources,
+                             int64_t k2, int64_t* cursor, int64_t* out_cols, float* out_values) {
+  for (int64_t t = 0; t < k2; ++t) cursor[t] = row_ptr[sources[t]];
+  int64_t size = 0;
+  for (;;) {
+    int64_t next = -1;  // the smallest column not yet merged
+    for (int64_t t = 0; t < k2; ++t)
+      if (cursor[t] < row_ptr[sources[t] + 1] && (next < 0 || cols[cursor[t]] < next)) next = cols[cursor[t]];
+    if (next < 0) return size;
+    float sum = 0.f;
+    bool first = true;
+    for (int64_t t = 0; t < k2; ++t)
+      if (cursor[t] < row_ptr[sources[t] + 1] && cols[cursor[t]] == next) {
+        sum = first ? values[cursor[t]] : add_rn(sum, values[cursor[t]]);
+        first = false;
+        ++cursor[t];
+      }
+    if (out_cols != nullptr) {
+      out_cols[size] = next;
+      out_values[size] = sum / float(k2);
+    }
+    ++size;
+  }
+}
+
+// One pair's share of the min-sum m: min(V[q, k], V[g, k]) (as std::min picks).
+DPM_HD float min_share(float query_value, float gallery_value) {
+  return gallery_value < query_value ? gallery_value : query_value;
+}
+
 // Jaccard distance from the min-sum m of two rows that both sum to 1, blended with the
 // normalised distance d, in the reference's float order: (1 - m / (2 - m)) * (1 - lambda) + d * lambda.
 template <typename A> DPM_HD A jaccard_blend(A m, A d, A jaccard_weight, A keep) {
-  return (A(1) - m / (A(2) - m)) * jaccard_weight + d * keep;
+  return add_rn(mul_rn(A(1) - m / (A(2) - m), jaccard_weight), mul_rn(d, keep));
+}
+
+// The blended entry of one (query, gallery) pair with min-sum m: pairs sharing no column (m = 0,
+// Jaccard 1) written as the reference computes them, jaccard_weight + d * lambda.
+DPM_HD float blend_entry(float m, float d, float jaccard_weight, float keep) {
+  return m != 0.f ? jaccard_blend(m, d, jaccard_weight, keep) : add_rn(jaccard_weight, mul_rn(d, keep));
 }
 
 }  // namespace kreciprocal

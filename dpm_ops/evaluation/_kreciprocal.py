@@ -3,7 +3,9 @@
 Input of every stage: `neighbours`, (N, W) int64, each row's nearest items ordered by
 (normalised distance, index), W >= k1 + 1 (or N). The sets and weights live in sparse
 (row, col, value) lists sorted by (row, col); nothing here is N x N. Each function is one
-hot loop that a CPU/CUDA kernel can replace with the same inputs and outputs.
+hot loop that the C++ and CUDA kernels of csrc/kreciprocal/ replace with the same maths, on CPU
+and CUDA tensors alike (rerank._rerank_kernels); these torch versions run where the extension,
+or its CUDA part for GPU tensors, is missing.
 
 Notation and equations: spec rerank_eval.md §1.3.
 """

@@ -218,7 +218,8 @@ def _check_parameters(k1, k2, lambda_value):
 
 
 def _rerank_kernels(source, neighbours, out, k1: int, k2: int, lambda_value: float) -> torch.Tensor:
-    """The sparse stages as C++ kernels (csrc/kreciprocal/), on CSR sets: same maths and float order."""
+    """The sparse stages as C++ / CUDA kernels (csrc/kreciprocal/, one per device), on CSR sets: same
+    maths and float order as the torch stages."""
     n = source.num_items
     row_ptr, cols = torch.ops.dpm_ops.kreciprocal_expand(neighbours, k1, round(k1 / 2))
     rows = torch.repeat_interleave(torch.arange(n, device=cols.device), row_ptr.diff())
@@ -233,7 +234,8 @@ def _rerank_kernels(source, neighbours, out, k1: int, k2: int, lambda_value: flo
 def _rerank(source, k1: int, k2: int, lambda_value: float) -> torch.Tensor:
     n = source.num_items
     neighbours, out = source.scan(min(max(k1 + 1, k2), n))
-    if _backend.resolve(None, neighbours.device) == "cpp":
+    # The torch stages remain for builds without the extension (or without CUDA, on GPU tensors).
+    if _backend.resolve(None, neighbours.device) in ("cpp", "cuda"):
         return _rerank_kernels(source, neighbours, out, k1, k2, lambda_value)
     if source.out_scale is not None:
         out.div_(source.out_scale[:, None])

@@ -1,0 +1,159 @@
+// CUDA entry points of the sparse k-reciprocal stages (kernels: kreciprocal_cuda.cu): the same
+// schemas, checks and outputs as the CPU kernels. Ragged outputs in two passes: the kernels count,
+// at::cumsum makes row_ptr, the kernels fill. Built only with CUDA.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../common/aten_cuda.h"
+#include "kreciprocal_cuda.h"
+
+namespace dpm_ops {
+namespace kreciprocal {
+namespace {
+
+void check_neighbours(const at::Tensor& neighbours) {
+  TORCH_CHECK_VALUE(neighbours.dim() == 2 && neighbours.scalar_type() == at::kLong,
+                    "kreciprocal: neighbours must be a 2-D int64 tensor, got ", neighbours.sizes(), " ",
+                    neighbours.scalar_type());
+}
+
+void check_device(const at::Tensor& t, const at::Tensor& like, const char* name) {
+  TORCH_CHECK_VALUE(t.device() == like.device(), "kreciprocal: ", name, " must be on ", like.device(), ", got ",
+                    t.device());
+}
+
+// row_ptr (rows + 1) = [0, cumsum(sizes)], the exclusive scan of the count pass.
+at::Tensor row_pointers(const at::Tensor& sizes) {
+  return at::cat({at::zeros({1}, sizes.options()), at::cumsum(sizes, 0)});
+}
+
+at::Tensor scratch_for(int64_t rows, int64_t slots_per_thread, const at::TensorOptions& options) {
+  return at::empty({cuda::scratch_threads(rows) * std::max<int64_t>(slots_per_thread, 1)}, options.dtype(at::kLong));
+}
+
+std::tuple<at::Tensor, at::Tensor> expand_cuda(const at::Tensor& neighbours_in, int64_t k1, int64_t half_k1) {
+  check_neighbours(neighbours_in);
+  TORCH_CHECK_VALUE(k1 >= 1 && half_k1 >= 0, "kreciprocal: need k1 >= 1 and half_k1 >= 0, got ", k1, ", ", half_k1);
+  const c10::cuda::CUDAGuard guard(neighbours_in.device());
+  const at::Tensor neighbours = neighbours_in.contiguous();
+  const int64_t N = neighbours.size(0), width = neighbours.size(1);
+  const int64_t count1 = std::min(k1 + 1, width), count_h = std::min(half_k1 + 1, width);
+  const cudaStream_t stream = current_stream();
+  const int64_t* nb = neighbours.const_data_ptr<int64_t>();
+  at::Tensor half_sets = at::empty({N * count_h}, neighbours.options());
+  at::Tensor half_sizes = at::empty({N}, neighbours.options()), sizes = at::empty({N}, neighbours.options());
+  cuda::half_sets(nb, N, width, count_h, half_sets.data_ptr<int64_t>(), half_sizes.data_ptr<int64_t>(), stream);
+  at::Tensor scratch = scratch_for(N, count1 * (count_h + 2), neighbours.options());
+  cuda::expand_count(nb, N, width, count1, count_h, half_sets.const_data_ptr<int64_t>(),
+                     half_sizes.const_data_ptr<int64_t>(), scratch.data_ptr<int64_t>(), sizes.data_ptr<int64_t>(),
+                     stream);
+  at::Tensor row_ptr = row_pointers(sizes);
+  at::Tensor cols = at::empty({row_ptr[N].item<int64_t>()}, neighbours.options());
+  cuda::expand_fill(nb, N, width, count1, count_h, half_sets.const_data_ptr<int64_t>(),
+                    half_sizes.const_data_ptr<int64_t>(), scratch.data_ptr<int64_t>(),
+                    row_ptr.const_data_ptr<int64_t>(), cols.data_ptr<int64_t>(), stream);
+  return {row_ptr, cols};
+}
+
+at::Tensor pair_sqdist_cuda(const at::Tensor& features_in, const at::Tensor& cand_values_in,
+                            const at::Tensor& cand_indices_in, const at::Tensor& row_ptr_in, const at::Tensor& cols_in) {
+  TORCH_CHECK_VALUE(features_in.dim() == 2 && at::isFloatingType(features_in.scalar_type()),
+                    "kreciprocal: features must be a 2-D floating tensor");
+  TORCH_CHECK_VALUE(cand_indices_in.dim() == 2 && cand_indices_in.scalar_type() == at::kLong,
+                    "kreciprocal: cand_indices must be a 2-D int64 tensor");
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>(cand_values_in, "cand_values"),
+                                {cand_indices_in, "cand_indices"}, {row_ptr_in, "row_ptr"}, {cols_in, "cols"}})
+    check_device(t, features_in, name);
+  const c10::cuda::CUDAGuard guard(features_in.device());
+  const at::Tensor features =
+      features_in.to(features_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+  const at::Tensor cand_values = cand_values_in.to(at::kFloat).contiguous(), cand_indices = cand_indices_in.contiguous();
+  const at::Tensor row_ptr = row_ptr_in.contiguous(), cols = cols_in.contiguous();
+  TORCH_CHECK_VALUE(row_ptr.size(0) == features.size(0) + 1, "kreciprocal: row_ptr must have N + 1 entries");
+  at::Tensor out = at::empty({cols.size(0)}, cols.options().dtype(at::kFloat));
+  cuda::pair_sqdist(dtype_of(features), features.const_data_ptr(), features.size(0), features.size(1),
+                    cand_values.const_data_ptr<float>(), cand_indices.const_data_ptr<int64_t>(), cand_indices.size(1),
+                    row_ptr.const_data_ptr<int64_t>(), cols.const_data_ptr<int64_t>(), cols.size(0),
+                    out.data_ptr<float>(), current_stream());
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> query_expansion_cuda(const at::Tensor& row_ptr_in,
+                                                                    const at::Tensor& cols_in,
+                                                                    const at::Tensor& values_in,
+                                                                    const at::Tensor& sources_in) {
+  check_neighbours(sources_in);
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>(cols_in, "cols"), {values_in, "values"},
+                                {sources_in, "sources"}})
+    check_device(t, row_ptr_in, name);
+  const c10::cuda::CUDAGuard guard(row_ptr_in.device());
+  const at::Tensor row_ptr = row_ptr_in.contiguous(), cols = cols_in.contiguous();
+  const at::Tensor values = values_in.to(at::kFloat).contiguous(), sources = sources_in.contiguous();
+  const int64_t N = row_ptr.size(0) - 1, k2 = sources.size(1);
+  TORCH_CHECK_VALUE(sources.size(0) == N, "kreciprocal: sources must have one row per item");
+  const cudaStream_t stream = current_stream();
+  at::Tensor scratch = scratch_for(N, k2, row_ptr.options());
+  at::Tensor sizes = at::empty({N}, row_ptr.options());
+  cuda::query_expansion_count(row_ptr.const_data_ptr<int64_t>(), cols.const_data_ptr<int64_t>(),
+                              sources.const_data_ptr<int64_t>(), N, k2, scratch.data_ptr<int64_t>(),
+                              sizes.data_ptr<int64_t>(), stream);
+  at::Tensor out_ptr = row_pointers(sizes);
+  const int64_t nnz = out_ptr[N].item<int64_t>();
+  at::Tensor out_cols = at::empty({nnz}, cols.options()), out_values = at::empty({nnz}, values.options());
+  cuda::query_expansion_fill(row_ptr.const_data_ptr<int64_t>(), cols.const_data_ptr<int64_t>(),
+                             values.const_data_ptr<float>(), sources.const_data_ptr<int64_t>(), N, k2,
+                             scratch.data_ptr<int64_t>(), out_ptr.const_data_ptr<int64_t>(),
+                             out_cols.data_ptr<int64_t>(), out_values.data_ptr<float>(), stream);
+  return {out_ptr, out_cols, out_values};
+}
+
+void jaccard_blend_cuda(at::Tensor& out, const at::Tensor& row_ptr_in, const at::Tensor& cols_in,
+                        const at::Tensor& values_in, double lambda_value, const c10::optional<at::Tensor>& scale_in) {
+  TORCH_CHECK_VALUE(out.dim() == 2 && out.scalar_type() == at::kFloat && out.is_contiguous(),
+                    "kreciprocal: out must be a contiguous 2-D float32 tensor");
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>(row_ptr_in, "row_ptr"), {cols_in, "cols"},
+                                {values_in, "values"}})
+    check_device(t, out, name);
+  const c10::cuda::CUDAGuard guard(out.device());
+  const at::Tensor row_ptr = row_ptr_in.contiguous(), cols = cols_in.contiguous();
+  const at::Tensor values = values_in.to(at::kFloat).contiguous();
+  const int64_t Q = out.size(0), G = out.size(1), N = Q + G;
+  TORCH_CHECK_VALUE(row_ptr.size(0) == N + 1, "kreciprocal: row_ptr must have Q + G + 1 entries");
+  at::Tensor scale;
+  if (scale_in.has_value()) {
+    check_device(*scale_in, out, "row_scale");
+    scale = scale_in->to(at::kFloat).contiguous();
+    TORCH_CHECK_VALUE(scale.dim() == 1 && scale.size(0) >= Q, "kreciprocal: row_scale must hold one value per query");
+  }
+  if (Q == 0 || G == 0) return;
+  // Inverted index of the gallery rows: their entries stably sorted by column (rows stay
+  // ascending within a column, as the CPU kernel's counting sort leaves them).
+  const int64_t gallery_first = row_ptr[Q].item<int64_t>(), gallery_last = row_ptr[N].item<int64_t>();
+  const at::Tensor gallery_cols = cols.slice(0, gallery_first, gallery_last);
+  const at::Tensor gallery_rows = at::repeat_interleave(row_ptr.slice(0, Q).diff(), gallery_last - gallery_first);
+  const at::Tensor by_column = std::get<1>(gallery_cols.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
+  const at::Tensor holder = gallery_rows.index_select(0, by_column).contiguous();
+  const at::Tensor holder_value = values.slice(0, gallery_first, gallery_last).index_select(0, by_column).contiguous();
+  const at::Tensor column_start = row_pointers(at::bincount(gallery_cols, {}, N));
+  at::Tensor overlap = at::zeros({cuda::jaccard_blocks(Q) * G}, values.options());
+  cuda::jaccard_blend(out.data_ptr<float>(), Q, G, row_ptr.const_data_ptr<int64_t>(), cols.const_data_ptr<int64_t>(),
+                      values.const_data_ptr<float>(), column_start.const_data_ptr<int64_t>(),
+                      holder.const_data_ptr<int64_t>(), holder_value.const_data_ptr<float>(),
+                      scale.defined() ? scale.const_data_ptr<float>() : nullptr, float(1.0 - lambda_value),
+                      float(lambda_value), overlap.data_ptr<float>(), current_stream());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dpm_ops, CUDA, m) {
+  m.impl("kreciprocal_expand", &expand_cuda);
+  m.impl("kreciprocal_pair_sqdist", &pair_sqdist_cuda);
+  m.impl("kreciprocal_query_expansion", &query_expansion_cuda);
+  m.impl("kreciprocal_jaccard_blend_", &jaccard_blend_cuda);
+}
+
+}  // namespace kreciprocal
+}  // namespace dpm_ops
