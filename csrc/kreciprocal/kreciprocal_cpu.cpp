@@ -122,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> query_expansion_cpu(const at::Ten
   // Two passes over the rows (expansion_row of kreciprocal_math.h): sizes, then the columns in place.
   auto each_row = [&](bool fill) {
     at::parallel_for(0, N, kRowGrain, [&](int64_t begin, int64_t end) {
-      std::vector<int64_t> cursor(k2);
+      std::vector<int64_t> cursor(2 * k2);
       for (int64_t i = begin; i < end; ++i) {
         if (fill) expansion_row(rp, cp, vp, sp + i * k2, k2, cursor.data(), ocp + orp[i], ovp + orp[i]);
         else sizes[i] = expansion_row(rp, cp, vp, sp + i * k2, k2, cursor.data(), nullptr, nullptr);

@@ -95,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> query_expansion_cuda(const at::Te
   const int64_t N = row_ptr.size(0) - 1, k2 = sources.size(1);
   TORCH_CHECK_VALUE(sources.size(0) == N, "kreciprocal: sources must have one row per item");
   const cudaStream_t stream = current_stream();
-  at::Tensor scratch = scratch_for(N, k2, row_ptr.options());
+  at::Tensor scratch = scratch_for(N, 2 * k2, row_ptr.options());
   at::Tensor sizes = at::empty({N}, row_ptr.options());
   cuda::query_expansion_count(row_ptr.const_data_ptr<int64_t>(), cols.const_data_ptr<int64_t>(),
                               sources.const_data_ptr<int64_t>(), N, k2, scratch.data_ptr<int64_t>(),

@@ -53,7 +53,7 @@ __global__ void query_expansion_kernel(const int64_t* row_ptr, const int64_t* co
                                        int64_t* sizes, const int64_t* out_row_ptr, int64_t* out_cols,
                                        float* out_values) {
   const int64_t t = thread_index();
-  int64_t* cursor = scratch + t * k2;
+  int64_t* cursor = scratch + t * 2 * k2;
   for (int64_t i = t; i < N; i += thread_count()) {
     if (out_cols == nullptr) {
       sizes[i] = expansion_row(row_ptr, cols, values, sources + i * k2, k2, cursor, nullptr, nullptr);

@@ -39,7 +39,7 @@ void pair_sqdist(Dtype dtype, const void* features, int64_t N, int64_t D, const 
                  float* out, cudaStream_t stream);
 
 // Query expansion over sources (N, k2): count pass (sizes) and fill pass (out_cols / out_values at
-// out_row_ptr). scratch: k2 slots per thread.
+// out_row_ptr). scratch: 2 * k2 slots per thread.
 void query_expansion_count(const int64_t* row_ptr, const int64_t* cols, const int64_t* sources, int64_t N,
                            int64_t k2, int64_t* scratch, int64_t* sizes, cudaStream_t stream);
 void query_expansion_fill(const int64_t* row_ptr, const int64_t* cols, const float* values, const int64_t* sources,

@@ -133,21 +133,28 @@ DPM_HD float pair_sqdist(const A* x, int64_t D, const float* cand_values, const 
 
 // One row of V_qe = the mean of the CSR rows V[sources[t]], t < k2 (cols ascending in each): a
 // k2-way merge of those rows, each column's values summed in t order (as numpy's mean over axis
-// 0) in float32, then divided by k2. cursor: k2 scratch slots. With out_cols == nullptr it only
-// counts. Returns the number of columns of the row.
+// 0) in float32, then divided by k2. cursor: 2 * k2 scratch slots (positions, then row ends).
+// With out_cols == nullptr it only counts. Returns the number of columns of the row.
 DPM_HD int64_t expansion_row(const int64_t* row_ptr, const int64_t* cols, const float* values, const int64_t* sources,
                              int64_t k2, int64_t* cursor, int64_t* out_cols, float* out_values) {
-  for (int64_t t = 0; t < k2; ++t) cursor[t] = row_ptr[sources[t]];
+  int64_t* end = cursor + k2;
+  for (int64_t t = 0; t < k2; ++t) {
+    cursor[t] = row_ptr[sources[t]];
+    end[t] = row_ptr[sources[t] + 1];
+  }
+  constexpr int64_t kDone = INT64_MAX;  // above every column: the head of an exhausted row
   int64_t size = 0;
   for (;;) {
-    int64_t next = -1;  // the smallest column not yet merged
-    for (int64_t t = 0; t < k2; ++t)
-      if (cursor[t] < row_ptr[sources[t] + 1] && (next < 0 || cols[cursor[t]] < next)) next = cols[cursor[t]];
-    if (next < 0) return size;
+    int64_t next = kDone;  // the smallest column not yet merged
+    for (int64_t t = 0; t < k2; ++t) {
+      const int64_t head = cursor[t] < end[t] ? cols[cursor[t]] : kDone;
+      next = head < next ? head : next;
+    }
+    if (next == kDone) return size;
     float sum = 0.f;
     bool first = true;
     for (int64_t t = 0; t < k2; ++t)
-      if (cursor[t] < row_ptr[sources[t] + 1] && cols[cursor[t]] == next) {
+      if (cursor[t] < end[t] && cols[cursor[t]] == next) {
         sum = first ? values[cursor[t]] : add_rn(sum, values[cursor[t]]);
         first = false;
         ++cursor[t];
