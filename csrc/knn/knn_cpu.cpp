@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "knn_math.h"
+#include "knn_operands.h"
 
 namespace dpm_ops {
 namespace knn {
@@ -28,15 +29,7 @@ namespace {
 constexpr int64_t kRowBlock = 256;     // knn: rows of x per task
 constexpr int64_t kColumnBlock = 2048; // knn: columns of y per GEMM tile
 constexpr int64_t kSelfTile = 1024;    // self_knn: square tiles
-constexpr int64_t kTieMargin = 4;      // self_knn with row-max normalisation: extra candidates
 constexpr int64_t kFullRowBatch = 64;  // rows recomputed per GEMM when the margin is not enough
-
-Metric parse_metric(c10::string_view name) {
-  if (name == "euclidean") return Metric::kEuclidean;
-  if (name == "sqeuclidean") return Metric::kSqEuclidean;
-  if (name == "cosine") return Metric::kCosine;
-  TORCH_CHECK_VALUE(false, "knn: metric must be one of euclidean, sqeuclidean, cosine, got ", name);
-}
 
 // The OpenMP regions below call ATen (at::empty, at::mm_out) from their own threads: each thread
 // takes the caller's thread-local state (grad mode, dispatch-key exclusions, autocast), and an
@@ -62,24 +55,6 @@ class RegionErrors {
   std::mutex mutex_;
   std::exception_ptr first_;
 };
-
-at::ScalarType compute_type(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
-// Rows in the compute type (unit rows for cosine, with F.normalize's eps) and their squared norms.
-struct Operand {
-  at::Tensor rows, norms;
-  Operand(const at::Tensor& v, Metric metric, at::ScalarType type) {
-    rows = v.detach().to(type).contiguous();  // the op's autograd is registered apart
-    if (metric == Metric::kCosine) rows = (rows / rows.norm(2, {1}, true).clamp_min(1e-12)).contiguous();
-    norms = (rows * rows).sum(1).contiguous();
-  }
-};
-
-void check_features(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.dim() == 2, "knn: ", name, " must be 2-D (rows, features), got ", t.dim(), "-D");
-  TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), "knn: ", name, " must be floating point, got ",
-                    t.scalar_type());
-}
 
 // A contiguous (rows, cols) view on the front of a flat per-thread buffer.
 at::Tensor tile_view(at::Tensor& buffer, int64_t rows, int64_t cols) {

@@ -8,37 +8,12 @@
 
 #include "knn_cuda.h"
 #include "knn_math.h"
+#include "knn_operands.h"
 #include "../common/aten_cuda.h"
 
 namespace dpm_ops {
 namespace knn {
 namespace {
-
-constexpr int64_t kTieMargin = 4;  // as the CPU kernel: extra candidates for the row-max order
-
-Metric parse_metric(c10::string_view name) {
-  if (name == "euclidean") return Metric::kEuclidean;
-  if (name == "sqeuclidean") return Metric::kSqEuclidean;
-  if (name == "cosine") return Metric::kCosine;
-  TORCH_CHECK_VALUE(false, "knn: metric must be one of euclidean, sqeuclidean, cosine, got ", name);
-}
-
-struct Operand {
-  at::Tensor rows, norms;
-  Operand(const at::Tensor& v, Metric metric, at::ScalarType type) {
-    rows = v.to(type).contiguous();
-    if (metric == Metric::kCosine) rows = (rows / rows.norm(2, {1}, true).clamp_min(1e-12)).contiguous();
-    norms = (rows * rows).sum(1).contiguous();
-  }
-};
-
-void check_features(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.dim() == 2, "knn: ", name, " must be 2-D (rows, features), got ", t.dim(), "-D");
-  TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), "knn: ", name, " must be floating point, got ",
-                    t.scalar_type());
-}
-
-at::ScalarType compute_type(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& x, const at::Tensor& y, int64_t k,
                                             c10::string_view metric_name) {
