@@ -74,6 +74,29 @@ def test_pair_sqdist_lookups_and_features():
     assert torch.equal(got.gather(1, indices), values)  # candidates are read, not recomputed
 
 
+def test_ops_pass_opcheck_with_data_dependent_sizes():
+    """Fake registrations (dpm_ops/ops/kreciprocal.py): ragged outputs as unbacked sizes."""
+    q, g = 12, 40
+    neighbours = neighbour_lists(q + g, 11, 7)
+    row_ptr, cols = torch.ops.dpm_ops.kreciprocal_expand(neighbours, 10, 5)
+    values = torch.rand(len(cols), generator=torch.Generator().manual_seed(8))
+    x = torch.randn(q + g, 6, generator=torch.Generator().manual_seed(9))
+    knn_values, knn_indices, _, _ = torch.ops.dpm_ops.self_knn(x, 5, "sqeuclidean", False, 0)
+    out = torch.rand(q, g, generator=torch.Generator().manual_seed(10))
+    dist = torch.rand(q, g, generator=torch.Generator().manual_seed(11))
+    pids = torch.randint(0, 6, (q + g,), generator=torch.Generator().manual_seed(12))
+    cams = torch.randint(0, 3, (q + g,), generator=torch.Generator().manual_seed(13))
+    cases = [
+        (torch.ops.dpm_ops.kreciprocal_expand, (neighbours, 10, 5)),
+        (torch.ops.dpm_ops.kreciprocal_pair_sqdist, (x, knn_values, knn_indices, row_ptr, cols)),
+        (torch.ops.dpm_ops.kreciprocal_query_expansion, (row_ptr, cols, values, neighbours[:, :3].contiguous())),
+        (torch.ops.dpm_ops.kreciprocal_jaccard_blend_, (out, row_ptr, cols, values, 0.3)),
+        (torch.ops.dpm_ops.match_ranks, (dist, pids[:q], pids[q:], cams[:q], cams[q:])),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
 @pytest.mark.parametrize("k1, k2, lambda_value", [(20, 6, 0.3), (7, 1, 0.0), (9, 3, 1.0), (4, 8, 0.3)])
 def test_kernel_and_torch_paths_agree(monkeypatch, k1, k2, lambda_value):
     rng = np.random.default_rng(k1)
