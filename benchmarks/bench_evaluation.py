@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.conftest import median_of
+from benchmarks.conftest import median_of, speedup
 from benchmarks.reference.eval_numpy import evaluate_rank_numpy
 from benchmarks.reference.rerank_numpy import re_ranking_from_features
 from benchmarks.reference.synthetic_features import MARKET1501, MSMT17, make_reid_features, scaled
@@ -152,12 +152,8 @@ def bench_rerank_features_msmt17(timed, benchmark):
 
 
 def _speedup(op, scale):
-    group = group_name(op, scale)
-    base = median_of(group, f"{op.split('_')[0]} numpy reference")
-    ours = median_of(group, f"{op.split('_')[0]} dpm_ops")
-    if base is None or ours is None:
-        pytest.skip("timings not recorded (benchmarks disabled or a case was deselected)")
-    return base / ours
+    prefix = op.split("_")[0]
+    return speedup(group_name(op, scale), f"{prefix} dpm_ops", f"{prefix} numpy reference")
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.conftest import median_of
+from benchmarks.conftest import speedup
 from dpm_ops.losses import DPMLoss, maskreid_ranking_loss
 from dpm_ops.models import build_model
 
@@ -94,10 +94,7 @@ def bench_train_step(timed, monkeypatch, name, ops):
 @pytest.mark.parametrize("name", sorted(STEPS))
 def bench_gpu_model_targets(name):
     group = f"{name} train step {DEVICE}"
-    eager, fused = median_of(group, "eager"), median_of(group, "fused")
-    if eager is None or fused is None:
-        pytest.skip("timings not recorded (benchmarks disabled or a case was skipped)")
-    speedup, mfu = eager / fused, MFU[name]
-    print(f"\n{name}: fused step {speedup:.2f}x eager, {mfu:.0%} MFU")
+    ratio, mfu = speedup(group, "fused", "eager"), MFU[name]
+    print(f"\n{name}: fused step {ratio:.2f}x eager, {mfu:.0%} MFU")
     if name == "dpm":
-        assert mfu >= 0.45 and speedup >= 2.5, f"DPM fused step: {mfu:.0%} MFU, {speedup:.2f}x eager (>= 45%, 2.5x)"
+        assert mfu >= 0.45 and ratio >= 2.5, f"DPM fused step: {mfu:.0%} MFU, {ratio:.2f}x eager (>= 45%, 2.5x)"

@@ -65,3 +65,12 @@ def timed(benchmark, request):
 def median_of(group, name):
     return _MEDIANS.get((group, name))
 
+
+def speedup(group, name, baseline="reference"):
+    """median(baseline) / median(name) from this session; skips the calling check when a timing is
+    missing (benchmarks disabled, or a case skipped or deselected)."""
+    base, other = median_of(group, baseline), median_of(group, name)
+    if base is None or other is None:
+        pytest.skip("timings not recorded (benchmarks disabled, or a case was skipped or deselected)")
+    return base / other
+
