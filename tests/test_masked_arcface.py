@@ -207,6 +207,10 @@ def test_dpm_loss_on_loss_inputs_equals_the_logits_path():
     (lambda f, m, w, y: (f, m, w, y + 100), r"labels must lie in \[0, K = 7\)"),
     (lambda f, m, w, y: (f, m, w, y - 100), r"labels must lie in \[0, K = 7\)"),
     (lambda f, m, w, y: (f.half(), m.half(), w.half(), y), "float32 or float64"),
+    (lambda f, m, w, y: (f.index_fill(0, torch.tensor([1], device=f.device), float("nan")), m, w, y),
+     "features contains non-finite"),
+    (lambda f, m, w, y: (f, m, w.index_fill(1, torch.tensor([2], device=w.device), float("inf")), y),
+     "weight contains non-finite"),
 ])
 def test_bad_input_names_the_argument(backend, bad, message):
     features, mask, weight, labels = make_inputs(4, 7, 6, torch.float32, device_for(backend))

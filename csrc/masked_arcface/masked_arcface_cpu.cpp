@@ -5,6 +5,7 @@
 
 #include <atomic>
 
+#include "../masked_cosine/masked_cosine_cpu_kernels.h"
 #include "masked_arcface_driver.h"
 
 namespace dpm_ops {
@@ -23,46 +24,9 @@ constexpr int64_t kRowGrain = 4;
 
 const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 
-struct CpuKernels {
-  // The masked cosine's GEMM operands (see masked_cosine::prepare): scaled = v·inv·mult and
-  // second = mult² (or scaled = v·inv, second = scaled² without mult), inv = 1/max(‖v‖, eps).
-  // Branch-free inner loops with `omp simd` so that they vectorise (the extension is built with -fopenmp).
-  static void prepare_rows(const at::Tensor& v, const at::Tensor& mult, double eps, at::Tensor& scaled,
-                           at::Tensor& second, at::Tensor& inv) {
-    AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "masked_arcface_prepare_rows", [&] {
-      const int64_t cols = v.size(1);
-      const scalar_t* vp = v.const_data_ptr<scalar_t>();
-      const scalar_t* mp = static_cast<const scalar_t*>(data_or_null(mult));
-      scalar_t *sp = scaled.data_ptr<scalar_t>(), *qp = second.data_ptr<scalar_t>(), *ip = inv.data_ptr<scalar_t>();
-      at::parallel_for(0, v.size(0), 16, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          const scalar_t* row = vp + r * cols;
-          scalar_t* srow = sp + r * cols;
-          scalar_t* qrow = qp + r * cols;
-          scalar_t sum_sq = 0;
-          _Pragma("omp simd reduction(+ : sum_sq)")
-          for (int64_t c = 0; c < cols; ++c) sum_sq += row[c] * row[c];
-          const scalar_t s = inv_norm(sum_sq, scalar_t(eps));
-          ip[r] = s;
-          if (mp) {
-            const scalar_t* mrow = mp + r * cols;
-            _Pragma("omp simd")
-            for (int64_t c = 0; c < cols; ++c) {
-              srow[c] = row[c] * s * mrow[c];
-              qrow[c] = mrow[c] * mrow[c];
-            }
-          } else {
-            _Pragma("omp simd")
-            for (int64_t c = 0; c < cols; ++c) {
-              srow[c] = row[c] * s;
-              qrow[c] = srow[c] * srow[c];
-            }
-          }
-        }
-      });
-    });
-  }
-
+// The masked cosine's CPU passes (prepare_rows: the GEMM operands, with the finiteness check),
+// plus the loss rows and the backward row passes with the plain branch's gradient added.
+struct CpuKernels : masked_cosine::CpuKernels {
   // Per row: cosines, ArcFace logits, their log-sum-exp; row_loss = masked_w · (lse − l[y])
   // (the batch mean comes later). With `with_grad`, in place: num -> g_num, den_sq -> h of dLoss/dcos.
   static void masked_rows(at::Tensor num, at::Tensor den_sq, const at::Tensor& labels, const Params& p,

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from .. import _backend
+from ._checks import check_finite
 from .masked_cosine import check_masked_cosine_args
 
 
@@ -108,6 +109,7 @@ def masked_arcface_ce(features: torch.Tensor, mask: torch.Tensor, weight: torch.
     if name == "reference":
         raise ValueError("masked_arcface_ce is the fused kernel; its reference is "
                          "dpm_ops.losses.masked_arcface_cross_entropy(..., fused=False)")
+    check_finite("masked_arcface_cross_entropy", features=features, mask=mask, weight=weight)
     # Gradients are computed in the forward pass, so only when autograd will ask for them.
     with_grad = torch.is_grad_enabled() and (features.requires_grad or mask.requires_grad or weight.requires_grad)
     args = (features, mask, weight, labels, float(scale), float(margin), bool(easy_margin), float(clamp_eps),
