@@ -56,12 +56,15 @@ DPM_HD int64_t row_of_entry(const int64_t* row_ptr, int64_t rows, int64_t e) {
   return lo;
 }
 
-// i in N(j, k)?
-DPM_HD bool in_first(const int64_t* neighbours, int64_t width, int64_t j, int64_t count, int64_t i) {
-  const int64_t* row = neighbours + j * width;
-  for (int64_t p = 0; p < count; ++p)
-    if (row[p] == i) return true;
+DPM_HD bool contains(const int64_t* items, int64_t size, int64_t v) {
+  for (int64_t p = 0; p < size; ++p)
+    if (items[p] == v) return true;
   return false;
+}
+
+// i in N(j, k)? (the first `count` entries of row j)
+DPM_HD bool in_first(const int64_t* neighbours, int64_t width, int64_t j, int64_t count, int64_t i) {
+  return contains(neighbours + j * width, count, i);
 }
 
 // R(i, k) = {j in N(i, k) : i in N(j, k)} in the order of N(i, k), with count = k + 1 (capped
@@ -72,12 +75,6 @@ DPM_HD int64_t reciprocal_set(const int64_t* neighbours, int64_t width, int64_t 
   for (int64_t p = 0; p < count; ++p)
     if (in_first(neighbours, width, row[p], count, i)) out[size++] = row[p];
   return size;
-}
-
-DPM_HD bool contains(const int64_t* items, int64_t size, int64_t v) {
-  for (int64_t p = 0; p < size; ++p)
-    if (items[p] == v) return true;
-  return false;
 }
 
 // R*(i): R(i, k1) united with every R(c, kh), c in R(i, k1), with 3 |R(c, kh) & R(i, k1)| >
