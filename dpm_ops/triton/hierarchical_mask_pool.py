@@ -28,6 +28,16 @@ def _level_of_program(desc_ptr, num_levels, pid):
 
 
 @triton.jit
+def _cell_weights(w_ptr, b, total_hw, weight_offset, c, m2, HAS_MASK: tl.constexpr):
+    """Weights of cells c of the rows' samples b: the resized mask, or 1 on every valid cell."""
+    if HAS_MASK:
+        w = tl.load(w_ptr + b[:, None] * total_hw + weight_offset + c[None, :], mask=m2, other=0.0)
+    else:
+        w = tl.where(m2, 1.0, 0.0).to(w_ptr.dtype.element_ty)
+    return w
+
+
+@triton.jit
 def _pool_kernel(desc_ptr, w_ptr, wsum_ptr, out_ptr, grad_ptr, B, num_levels, total_channels, total_hw,
                  MAX_MODE: tl.constexpr, HAS_MASK: tl.constexpr, BACKWARD: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_HW: tl.constexpr):
@@ -57,10 +67,7 @@ def _pool_kernel(desc_ptr, w_ptr, wsum_ptr, out_ptr, grad_ptr, B, num_levels, to
             c = c0 + cells
             m2 = in_rows[:, None] & (c < hw)[None, :]
             x = tl.load(x_ptr + rows[:, None].to(tl.int64) * hw + c[None, :], mask=m2, other=0.0).to(acc_t)
-            if HAS_MASK:
-                w = tl.load(w_ptr + b[:, None] * total_hw + weight_offset + c[None, :], mask=m2, other=0.0)
-            else:
-                w = tl.where(m2, 1.0, 0.0).to(acc_t)
+            w = _cell_weights(w_ptr, b, total_hw, weight_offset, c, m2, HAS_MASK)
             if MAX_MODE:
                 cand = tl.where(w > 0, x, float("-inf"))
                 best = tl.maximum(best, tl.max(cand, axis=1), propagate_nan=tl.PropagateNan.ALL)
@@ -81,19 +88,13 @@ def _pool_kernel(desc_ptr, w_ptr, wsum_ptr, out_ptr, grad_ptr, B, num_levels, to
                 c = c0 + cells
                 m2 = in_rows[:, None] & (c < hw)[None, :]
                 x = tl.load(x_ptr + rows[:, None].to(tl.int64) * hw + c[None, :], mask=m2, other=0.0).to(acc_t)
-                if HAS_MASK:
-                    w = tl.load(w_ptr + b[:, None] * total_hw + weight_offset + c[None, :], mask=m2, other=0.0)
-                else:
-                    w = tl.where(m2, 1.0, 0.0).to(acc_t)
+                w = _cell_weights(w_ptr, b, total_hw, weight_offset, c, m2, HAS_MASK)
                 ties += tl.sum(tl.where((w > 0) & (x == o[:, None]), 1.0, 0.0).to(acc_t), axis=1)
         for c0 in range(0, hw, BLOCK_HW):
             c = c0 + cells
             m2 = in_rows[:, None] & (c < hw)[None, :]
             offs = rows[:, None].to(tl.int64) * hw + c[None, :]
-            if HAS_MASK:
-                w = tl.load(w_ptr + b[:, None] * total_hw + weight_offset + c[None, :], mask=m2, other=0.0)
-            else:
-                w = tl.where(m2, 1.0, 0.0).to(acc_t)
+            w = _cell_weights(w_ptr, b, total_hw, weight_offset, c, m2, HAS_MASK)
             if MAX_MODE:
                 x = tl.load(x_ptr + offs, mask=m2, other=0.0).to(acc_t)
                 hit = (w > 0) & (x == o[:, None]) & (ties[:, None] > 0)
