@@ -326,11 +326,7 @@ void self_knn_impl(const Operand& xs, int64_t k, int64_t m, Metric metric, bool 
 
 std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& x, const at::Tensor& y, int64_t k,
                                            c10::string_view metric_name) {
-  check_features(x, "x");
-  check_features(y, "y");
-  TORCH_CHECK_VALUE(x.size(1) == y.size(1), "knn: x and y must have the same feature dimension, got ", x.size(1),
-                    " and ", y.size(1));
-  TORCH_CHECK_VALUE(k >= 1 && k <= y.size(0), "knn: k must be in [1, rows of y = ", y.size(0), "], got ", k);
+  check_knn_args(x, y, k);
   const Metric metric = parse_metric(metric_name);
   const at::ScalarType type = compute_type(x.scalar_type() == at::kDouble ? x : y);
   const int64_t M = x.size(0), Ny = y.size(0);
@@ -346,11 +342,8 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& x, const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> self_knn_cpu(const at::Tensor& x, int64_t k,
                                                                         c10::string_view metric_name,
                                                                         bool normalize, int64_t cross_rows) {
-  check_features(x, "x");
+  check_self_knn_args(x, k, cross_rows);
   const int64_t N = x.size(0);
-  TORCH_CHECK_VALUE(k >= 1 && k <= N, "self_knn: k must be in [1, rows of x = ", N, "], got ", k);
-  TORCH_CHECK_VALUE(cross_rows >= 0 && cross_rows <= N, "self_knn: cross_rows must be in [0, ", N, "], got ",
-                    cross_rows);
   const Metric metric = parse_metric(metric_name);
   const at::ScalarType type = compute_type(x);
   const Operand xs(x, metric, type);

@@ -17,11 +17,7 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& x, const at::Tensor& y, int64_t k,
                                             c10::string_view metric_name) {
-  check_features(x, "x");
-  check_features(y, "y");
-  TORCH_CHECK_VALUE(x.size(1) == y.size(1), "knn: x and y must have the same feature dimension, got ", x.size(1),
-                    " and ", y.size(1));
-  TORCH_CHECK_VALUE(k >= 1 && k <= y.size(0), "knn: k must be in [1, rows of y = ", y.size(0), "], got ", k);
+  check_knn_args(x, y, k);
   TORCH_CHECK_VALUE(k <= cuda::kMaxSharedK, "knn: the CUDA kernel takes k <= ", cuda::kMaxSharedK, ", got ", k);
   const c10::cuda::CUDAGuard guard(x.device());
   const Metric metric = parse_metric(metric_name);
@@ -41,11 +37,8 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& x, const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> self_knn_cuda(const at::Tensor& x, int64_t k,
                                                                          c10::string_view metric_name, bool normalize,
                                                                          int64_t cross_rows) {
-  check_features(x, "x");
+  check_self_knn_args(x, k, cross_rows);
   const int64_t N = x.size(0);
-  TORCH_CHECK_VALUE(k >= 1 && k <= N, "self_knn: k must be in [1, rows of x = ", N, "], got ", k);
-  TORCH_CHECK_VALUE(cross_rows >= 0 && cross_rows <= N, "self_knn: cross_rows must be in [0, ", N, "], got ",
-                    cross_rows);
   const c10::cuda::CUDAGuard guard(x.device());
   const Metric metric = parse_metric(metric_name);
   const at::ScalarType type = compute_type(x);

@@ -24,6 +24,22 @@ inline void check_features(const at::Tensor& t, const char* name) {
                     t.scalar_type());
 }
 
+inline void check_knn_args(const at::Tensor& x, const at::Tensor& y, int64_t k) {
+  check_features(x, "x");
+  check_features(y, "y");
+  TORCH_CHECK_VALUE(x.size(1) == y.size(1), "knn: x and y must have the same feature dimension, got ", x.size(1),
+                    " and ", y.size(1));
+  TORCH_CHECK_VALUE(k >= 1 && k <= y.size(0), "knn: k must be in [1, rows of y = ", y.size(0), "], got ", k);
+}
+
+inline void check_self_knn_args(const at::Tensor& x, int64_t k, int64_t cross_rows) {
+  check_features(x, "x");
+  const int64_t N = x.size(0);
+  TORCH_CHECK_VALUE(k >= 1 && k <= N, "self_knn: k must be in [1, rows of x = ", N, "], got ", k);
+  TORCH_CHECK_VALUE(cross_rows >= 0 && cross_rows <= N, "self_knn: cross_rows must be in [0, ", N, "], got ",
+                    cross_rows);
+}
+
 inline at::ScalarType compute_type(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
