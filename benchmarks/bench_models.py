@@ -1,11 +1,16 @@
-"""DPM and MaskReID training steps (forward + backward of the full loss): images/s with dpm_ops' fused
-kernels against the same model on the eager reference ops, in the same run.
+"""DPM and MaskReID training steps: images/s with dpm_ops' fused kernels against the same model on
+the eager reference ops, in the same run.
 
-"Eager" forces every dpm_ops op to its plain-PyTorch reference (DPM_OPS_BACKEND=reference) and runs
-the model uncompiled; "fused" uses the default backends (C++ on CPU, CUDA / Triton on a GPU) and, on a
-GPU, torch.compile. On a GPU the configuration is the paper's (ViT-B/16, stride 11, 256×128, batch 64,
-bf16 autocast) and MFU goes to extra_info; targets (issue: models/losses): >= 45% MFU and >= 2.5x the
-eager step. On the CPU a small configuration is timed and reported, without targets.
+DPM's step is the official two-pass update (engine/trainer.py): forward, loss, backward and an SGD
+step of everything but the mask generator, then a fresh forward / backward stepping the mask
+generator only; the fused variant feeds the fused ArcFace CE (``loss_inputs=True``, as the trainer
+does). MaskReID's step is forward + backward of the ranking loss. "Eager" forces every dpm_ops op to
+its plain-PyTorch reference (DPM_OPS_BACKEND=reference) and runs the model uncompiled; "fused" uses
+the default backends (C++ on CPU, CUDA / Triton on a GPU) and, on a GPU, torch.compile of the
+forward + loss. On a GPU the configuration is the paper's (ViT-B/16, stride 11, 256×128, batch 64,
+bf16 autocast) and MFU (FLOPs counted by torch's FlopCounterMode over the whole step, against the
+bf16 dense peak) goes to extra_info; target (issue: GPU half): DPM >= 40% MFU on an H100 / H200, the
+ratio to eager reported. On the CPU a small configuration is timed and reported, without targets.
 """
 
 
@@ -13,13 +18,12 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.conftest import speedup
+from benchmarks.conftest import gpu_peaks, speedup
 from dpm_ops.losses import DPMLoss, maskreid_ranking_loss
 from dpm_ops.models import build_model
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
-H100_BF16_DENSE_FLOPS = 989e12
 NUM_CLASSES = 702
 
 # (model options, batch, image size): the paper's setting on a GPU, a small one on the CPU.
@@ -34,17 +38,24 @@ MFU = {}  # model name -> fraction of the bf16 peak reached by the fused step
 def _dpm_step(fused):
     options, batch, (height, width) = DPM_SETTING
     torch.manual_seed(0)
-    model = build_model("dpm", NUM_CLASSES, num_cameras=8, **options).to(DEVICE).train()
+    model = build_model("dpm", NUM_CLASSES, num_cameras=8, loss_inputs=fused, **options).to(DEVICE).train()
     criterion = DPMLoss()
+    main, mask = (torch.optim.SGD(groups, momentum=0.9) for groups in model.optimizer_param_groups())
     images = torch.randn(batch, 3, height, width, device=DEVICE)
     cams = torch.randint(0, 8, (batch,), device=DEVICE)
     labels = torch.arange(batch, device=DEVICE) // 4  # P x K batches: 4 images per identity
 
-    def step():
+    def forward_loss():
         with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=GPU):
-            loss = criterion(model(images, cam_label=cams, labels=labels), labels)
-        loss.backward()
-    return model, (torch.compile(step) if fused and GPU else step), batch
+            return criterion(model(images, cam_label=cams, labels=labels), labels)
+    forward_loss = torch.compile(forward_loss) if fused and GPU else forward_loss
+
+    def step():
+        for optimizer in (main, mask):  # pass 1: all but the mask generator; pass 2: the mask generator
+            optimizer.zero_grad(set_to_none=True)
+            forward_loss().backward()
+            optimizer.step()
+    return model, step, batch
 
 
 def _maskreid_step(fused):
@@ -73,7 +84,7 @@ def _step_flop(step):
 
 @pytest.mark.parametrize("ops", ["eager", "fused"])
 @pytest.mark.parametrize("name", sorted(STEPS))
-def bench_train_step(timed, monkeypatch, name, ops):
+def bench_train_step(timed, benchmark, monkeypatch, name, ops):
     if ops == "eager":
         monkeypatch.setenv("DPM_OPS_BACKEND", "reference")
     else:
@@ -85,8 +96,9 @@ def bench_train_step(timed, monkeypatch, name, ops):
     if median is not None:
         images_per_s = batch / median
         print(f"\n{name} {ops}: {images_per_s:.1f} images/s")
-        if GPU and ops == "fused":
-            MFU[name] = flop / median / H100_BF16_DENSE_FLOPS
+        if GPU and ops == "fused" and gpu_peaks() is not None:
+            MFU[name] = flop / median / gpu_peaks()[0]["bf16"]
+            benchmark.extra_info["mfu"] = MFU[name]
     model.zero_grad(set_to_none=True)
 
 
@@ -94,7 +106,9 @@ def bench_train_step(timed, monkeypatch, name, ops):
 @pytest.mark.parametrize("name", sorted(STEPS))
 def bench_gpu_model_targets(name):
     group = f"{name} train step {DEVICE}"
-    ratio, mfu = speedup(group, "fused", "eager"), MFU[name]
-    print(f"\n{name}: fused step {ratio:.2f}x eager, {mfu:.0%} MFU")
+    ratio = speedup(group, "fused", "eager")
+    if name not in MFU:
+        pytest.skip(f"no peak figures for {torch.cuda.get_device_name()}: MFU not computed")
+    print(f"\n{name}: fused step {ratio:.2f}x eager, {MFU[name]:.0%} MFU")
     if name == "dpm":
-        assert mfu >= 0.45 and ratio >= 2.5, f"DPM fused step: {mfu:.0%} MFU, {ratio:.2f}x eager (>= 45%, 2.5x)"
+        assert MFU[name] >= 0.40, f"DPM fused two-pass step: {MFU[name]:.0%} MFU, target >= 40%"

@@ -62,6 +62,35 @@ def timed(benchmark, request):
     return run
 
 
+# Dense peaks of the GPUs the targets were set for (H100 / H200 SXM: the same SMs and clocks, H200 with
+# HBM3e): FLOP/s per arithmetic and memory bandwidth in bytes/s. Elsewhere roofline fractions are
+# reported as unknown and the targets that need them are skipped.
+_HOPPER_SXM_FLOPS = {"bf16": 989e12, "fp16": 989e12, "tf32": 494e12, "fp32": 67e12, "fp64": 67e12}
+_HOPPER_SXM_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}
+
+
+def gpu_peaks():
+    """({arithmetic: FLOP/s}, bytes/s) of this GPU, or None when its peaks are not known here."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    if "PCIe" in name or "NVL" in name:  # lower clocks and power: other peaks
+        return None
+    for model, bandwidth in _HOPPER_SXM_BANDWIDTH.items():
+        if model in name:
+            return _HOPPER_SXM_FLOPS, bandwidth
+    return None
+
+
+def roofline_fraction(seconds, flop, bytes_moved, arithmetic):
+    """The roofline's lower bound on the time (compute or memory, whichever binds) over the time taken."""
+    peaks = gpu_peaks()
+    if peaks is None or seconds is None:
+        return None
+    flops, bandwidth = peaks
+    return max(flop / flops[arithmetic], bytes_moved / bandwidth) / seconds
+
+
 def median_of(group, name):
     return _MEDIANS.get((group, name))
 
