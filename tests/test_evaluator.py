@@ -178,10 +178,14 @@ def test_rerank_path(splits):
 
     q = extract_features(dpm, loader_for(splits, splits.query, "dpm"), model_name="dpm", progress=False)
     g = extract_features(dpm, loader_for(splits, splits.gallery, "dpm"), model_name="dpm", progress=False)
-    expected = re_ranking(masked_arccos_distance(q.features, q.masks, g.features),
-                          masked_arccos_distance(q.features, q.masks, q.features),
-                          masked_arccos_distance(g.features, g.masks, g.features), k1=6, k2=3, lambda_value=0.4)
-    assert not torch.allclose(expected, masked_arccos_distance(q.features, q.masks, g.features))
+    # The masked distance is asymmetric; DPM's path re-ranks it with each item's own row (mask).
+    q_g, q_q, g_g = (masked_arccos_distance(q.features, q.masks, g.features),
+                     masked_arccos_distance(q.features, q.masks, q.features),
+                     masked_arccos_distance(g.features, g.masks, g.features))
+    assert not torch.allclose(g_g, g_g.T)
+    expected = re_ranking(q_g, q_q.T, g_g.T, k1=6, k2=3, lambda_value=0.4)  # the reference reads columns
+    assert torch.equal(expected, re_ranking(q_g, q_q, g_g, k1=6, k2=3, lambda_value=0.4, orientation="rows"))
+    assert not torch.allclose(expected, q_g)
     assert_same(dpm_metrics["all"], direct_metrics(expected, q, g), len(splits.query))
 
     q = extract_features(vit, loader_for(splits, splits.query, "vit_baseline"), model_name="vit_baseline",

@@ -138,6 +138,34 @@ def test_squared_input_switch():
     assert_same_ranking(re_ranking(*squared, input="euclidean"), expected, atol=1e-6)
 
 
+def asymmetric_case(num_query, num_gallery, seed):
+    rng = np.random.default_rng(seed)
+    return (rng.uniform(size=(num_query, num_gallery)).astype(np.float32),
+            rng.uniform(size=(num_query, num_query)).astype(np.float32),
+            rng.uniform(size=(num_gallery, num_gallery)).astype(np.float32))
+
+
+@pytest.mark.parametrize("num_query, num_gallery, seed, k1, k2", [(2, 3, 0, 2, 1), (2, 3, 1, 2, 1), (9, 40, 2, 20, 6),
+                                                                   (15, 50, 3, 5, 3), (30, 4, 4, 7, 2)])
+def test_asymmetric_input_matches_reference(tiles, num_query, num_gallery, seed, k1, k2):
+    # The reference reads item i's distances from column i (column max, then transpose).
+    q_g, q_q, g_g = asymmetric_case(num_query, num_gallery, seed)
+    expected = rerank_numpy.re_ranking(q_g, q_q, g_g, k1, k2, 0.3)
+    assert_same_ranking(re_ranking(q_g, q_q, g_g, k1, k2, 0.3), expected, atol=1e-6)
+    # orientation="rows" reads row i: the reference fed with the transposed q_q / g_g.
+    rows = re_ranking(q_g, q_q, g_g, k1, k2, 0.3, orientation="rows")
+    assert_same_ranking(rows, rerank_numpy.re_ranking(q_g, q_q.T, g_g.T, k1, k2, 0.3), atol=1e-6)
+    np.testing.assert_array_equal(re_ranking(q_g, q_q.T, g_g.T, k1, k2, 0.3, orientation="rows"),
+                                  re_ranking(q_g, q_q, g_g, k1, k2, 0.3))
+
+
+def test_orientations_differ_only_for_asymmetric_input():
+    q_g, q_q, g_g = asymmetric_case(2, 3, 0)
+    assert np.abs(re_ranking(q_g, q_q, g_g, 2, 1) - re_ranking(q_g, q_q, g_g, 2, 1, orientation="rows")).max() > 0.1
+    q_g, q_q, g_g = (d.astype(np.float32) for d in exact_distances(*random_features(10, 30, 4, 7)))
+    np.testing.assert_array_equal(re_ranking(q_g, q_q, g_g), re_ranking(q_g, q_q, g_g, orientation="rows"))
+
+
 def test_float64_and_torch_inputs():
     query, gallery = random_features(8, 25, 5, 8)
     q_g, q_q, g_g = exact_distances(query, gallery)
@@ -178,6 +206,7 @@ def test_bad_input():
         (lambda: re_ranking(q_g, q_q, np.full_like(g_g, np.inf)), "g_g_dist"),
         (lambda: re_ranking(q_g.astype(np.int64), q_q, g_g), "q_g_dist"),
         (lambda: re_ranking(q_g, q_q, g_g, input="cosine"), "input"),
+        (lambda: re_ranking(q_g, q_q, g_g, orientation="columns"), "orientation"),
     ]
     for k1, k2, lambda_value, name in [(0, 6, 0.3, "k1"), (2.5, 6, 0.3, "k1"), (20, 0, 0.3, "k2"), (True, 6, 0.3, "k1"),
                                        (20, 6, -0.1, "lambda_value"), (20, 6, 1.5, "lambda_value"),

@@ -4,7 +4,8 @@ spec rerank_eval.md §1.3: the test oracle and speed baseline of dpm_ops re-rank
 Semantics of the "ranklist" reference (q_g, q_q, g_g distances in, Q x G distances out):
 
 1. pool queries and gallery (queries first, N = Q + G), square the Euclidean input (skipped
-   for input="squared"), cast to float32 and divide every row by its maximum over all N;
+   for input="squared"), cast to float32, divide every column by its maximum over all N and
+   transpose: item i's distances are column i of the pooled matrix;
 2. rank every row; N(i, k) is the first k + 1 entries;
 3. R(i, k) = {j in N(i, k) : i in N(j, k)};
 4. R*(i) = R(i, k1) united with every R(c, kh), c in R(i, k1), kh = round-half-even(k1 / 2),
@@ -15,10 +16,11 @@ Semantics of the "ranklist" reference (q_g, q_q, g_g distances in, Q x G distanc
    m = sum_k min(V[q, k], V[j, k]), found through an inverted index of V's columns;
 8. (1 - lambda) * Jaccard + lambda * d, sliced to the gallery columns.
 
-Two deliberate choices, both from spec §1.5: the rows are ranked with a *stable* argsort so
-ties are ordered by (value, index) (the original's quicksort leaves them unspecified), and row
-normalisation divides each row by its own maximum (the original's column max followed by a
-transpose is the same thing for the symmetric pooled matrix).
+One deliberate change, from spec §1.5: the rows are ranked with a *stable* argsort so ties
+are ordered by (value, index) (the original's quicksort leaves them unspecified). The column
+max and transpose are kept as the original has them: for an asymmetric q_q / g_g they decide
+which of d(i, j) and d(j, i) is item i's distance to j. The transpose is copied to a
+contiguous array, which changes no value and keeps the argsort fast.
 """
 
 import numpy as np
@@ -45,7 +47,8 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3, inpu
         pooled = np.square(pooled)
     dist = pooled.astype(np.float32, copy=False)
     del pooled
-    dist /= dist.max(axis=1, keepdims=True)
+    dist /= dist.max(axis=0)
+    dist = np.ascontiguousarray(dist.T)
     num_all = dist.shape[0]
     rank = np.argsort(dist, axis=1, kind="stable")
     half_k1 = int(np.around(k1 / 2.0))

@@ -220,10 +220,13 @@ def compute_distances(query: FeatureSet, gallery: FeatureSet, distance: str, *, 
     Re-ranking: Euclidean / cosine features go through ``rerank_features`` (never an N x N
     matrix; for unit-length features the cosine distance 1 - cos = ||q - g||² / 2 and the
     re-ranked result is the same). DPM's masked arccos goes through ``re_ranking`` with the q-g
-    matrix, q-q with each query's own mask and g-g with each gallery item's own mask (the row's
-    mask, as the test metric uses the query's); the angle is the geodesic distance between unit
-    vectors, so it is passed as ``input="euclidean"`` and squared inside like a Euclidean
-    distance (the angle ~ the chord for near neighbours).
+    matrix, q-q with each query's own mask and g-g with each gallery item's own mask. That
+    distance is asymmetric, and it is re-ranked with ``orientation="rows"``: every item's
+    neighbourhood is ranked under its own mask, as the test metric ranks the gallery under the
+    query's. (The reference's reading, ``orientation="reference"``, would rank item i by the
+    other items' masks, column i.) The angle is the geodesic distance between unit vectors, so
+    it is passed as ``input="euclidean"`` and squared inside like a Euclidean distance (the
+    angle ~ the chord for near neighbours).
     """
     device = torch.device(device)
     qf, gf = query.features.to(device), gallery.features.to(device)
@@ -236,7 +239,8 @@ def compute_distances(query: FeatureSet, gallery: FeatureSet, distance: str, *, 
             return q_g
         q_q = masked_arccos_distance(qf, qm, qf)
         g_g = masked_arccos_distance(gf, gm, gf)
-        return re_ranking(q_g, q_q, g_g, k1=k1, k2=k2, lambda_value=lambda_value, input="euclidean")
+        return re_ranking(q_g, q_q, g_g, k1=k1, k2=k2, lambda_value=lambda_value, input="euclidean",
+                          orientation="rows")
     if rerank:
         if distance == "cosine":
             qf, gf = F.normalize(qf, dim=1), F.normalize(gf, dim=1)

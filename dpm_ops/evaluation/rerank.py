@@ -12,7 +12,19 @@ float32, every row divided by its maximum over all N items (queries included), k
 sets on the first k1 + 1 neighbours, expansion with kh = round-half-even(k1 / 2) and the
 strict 2/3 test, Gaussian weights normalised per row, query expansion over the k2 nearest
 (self included, skipped when k2 == 1), Jaccard over all N columns, blend with the normalised
-distance. Ranks order equal distances by item index (queries first), as a stable argsort does.
+distance.
+
+Which entry is item i's distance to item j: the reference divides the pooled matrix by its
+column maxima and transposes it, so item i reads *column* i, d(i, j) = pooled[j, i]. For
+symmetric q_q / g_g that is row i; for asymmetric ones (DPM's query-masked distance) it is not,
+and `re_ranking(orientation="reference")`, the default, reads columns exactly as the reference
+does, while `orientation="rows"` reads d(i, j) = pooled[i, j] (q_q[i, j], g_g[i, j]). The
+q-g block is read the same way by both: the reference pools q_g above and its transpose below.
+
+Ties: ranks order equal distances by item index (queries first), as a stable argsort does.
+The reference (and torchreid / fast-reid) rank with numpy's default, unstable quicksort, whose
+order among exactly equal distances depends on the machine and numpy build; exact ties are the
+one place where results may differ from theirs.
 """
 
 import numbers
@@ -27,6 +39,7 @@ from ._select import TIE_MARGIN, RunningSmallest, resolve_smallest, smallest_in_
 from .distance import raw_distance
 
 INPUTS = ("euclidean", "squared")
+ORIENTATIONS = ("reference", "rows")
 _ROW_BLOCK_ELEMENTS = 1 << 23
 _FEATURE_TILE = 2048
 _PAIR_CHUNK = 1 << 16
@@ -247,17 +260,25 @@ def _rerank(source, k1: int, k2: int, lambda_value: float) -> torch.Tensor:
 
 
 def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
-               input: str = "euclidean"):
+               input: str = "euclidean", orientation: str = "reference"):
     """k-reciprocal re-ranked (Q, G) float32 distances from q_g (Q, G), q_q (Q, Q), g_g (G, G).
 
     input="euclidean": the matrices hold Euclidean distances and are squared inside, as the
     reference does. input="squared": they hold squared Euclidean distances, used as they are
     (the same result, without the square). torchreid's engine passes squared distances to the
     reference, which squares them again; `input="euclidean"` on such matrices reproduces that.
+
+    orientation (matters only for asymmetric q_q / g_g): "reference" reads item i's distances
+    from column i of q_q / g_g and normalises by the column maximum, as the reference's column
+    max and transpose do (what torchreid / fast-reid users get); "rows" reads row i,
+    d(i, j) = q_q[i, j], so an item's neighbourhood comes from its own row (for DPM's
+    query-masked distance: ranked under the item's own mask). `orientation="rows"` on
+    (q_g, q_q.T, g_g.T) equals the default on (q_g, q_q, g_g).
     numpy in, numpy out; torch in, torch out on the same device.
     """
     k1, k2, lambda_value = _check_parameters(k1, k2, lambda_value)
     _inputs.check_choice("input", input, INPUTS)
+    _inputs.check_choice("orientation", orientation, ORIENTATIONS)
     q_g = _inputs.as_floats("q_g_dist", q_g_dist, 2)
     num_query, num_gallery = q_g.shape
     q_q = _inputs.as_floats("q_q_dist", q_q_dist, 2, device=q_g.device)
@@ -267,6 +288,8 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6, lambda_v
     if g_g.shape != (num_gallery, num_gallery):
         raise ValueError(f"g_g_dist must be ({num_gallery}, {num_gallery}) for {num_gallery} gallery items, "
                          f"got {tuple(g_g.shape)}")
+    if orientation == "reference":
+        q_q, g_g = q_q.T, g_g.T  # strided views: rows are read a block at a time and copied anyway
     source = _DenseDistances(q_g, q_q, g_g, squared_input=input == "squared")
     return _inputs.like_input(_rerank(source, k1, k2, lambda_value), q_g_dist)
 
