@@ -113,6 +113,75 @@ def test_cmc_longer_than_gallery():
     np.testing.assert_array_equal(result.cmc, [0, 1, 1, 1])
 
 
+def torchreid_cuhk03_cmc(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, num_repeats, seed):
+    """torchreid's eval_cuhk03 CMC loop (ranked list, one item per kept identity, cumsum capped at
+    1, averaged over repeats), with its np.random.choice replaced by evaluate_rank's documented
+    draws: a torch.Generator(seed), one float64 u per (query, identity) and repetition,
+    identities in ascending pid order, item floor(u * n) of the n kept ones in index order."""
+    pids = np.unique(g_pids)
+    generator = torch.Generator().manual_seed(seed)
+    draws = [torch.rand(len(q_pids), len(pids), dtype=torch.float64, generator=generator).numpy()
+             for _ in range(num_repeats)]
+    indices = np.argsort(distmat, axis=1, kind="stable")
+    all_cmc = []
+    for q in range(len(q_pids)):
+        order = indices[q]
+        keep = ~((g_pids[order] == q_pids[q]) & (g_camids[order] == q_camids[q]))
+        raw_cmc = (g_pids[order] == q_pids[q])[keep]
+        if not raw_cmc.any():
+            continue
+        kept_items = order[keep]
+        cmc = np.zeros(max_rank)
+        for draw in draws:
+            mask = np.zeros(len(raw_cmc), dtype=bool)
+            for p_index, pid in enumerate(pids):
+                members = np.sort(kept_items[g_pids[kept_items] == pid])
+                if len(members):
+                    mask[kept_items == members[int(draw[q, p_index] * len(members))]] = True
+            drawn_cmc = np.minimum(raw_cmc[mask].cumsum(), 1)[:max_rank]
+            cmc += np.concatenate([drawn_cmc, np.ones(max_rank - len(drawn_cmc))]) / num_repeats
+        all_cmc.append(cmc)
+    return np.mean(all_cmc, axis=0)
+
+
+@pytest.mark.parametrize("num_query, num_gallery, seed, levels", [(5, 12, 4, None), (30, 200, 1, None),
+                                                                  (40, 300, 3, 3)])
+def test_cuhk03_matches_torchreid_loop(chunks, num_query, num_gallery, seed, levels):
+    problem = random_problem(num_query, num_gallery, seed, levels)
+    market = evaluate_rank(*problem, max_rank=10)
+    for draw_seed, repeats in ((0, 10), (7, 3)):
+        result = evaluate_rank(*problem, max_rank=10, protocol="cuhk03", num_repeats=repeats, seed=draw_seed)
+        np.testing.assert_allclose(result.cmc, torchreid_cuhk03_cmc(*problem, 10, repeats, draw_seed),
+                                   rtol=0, atol=1e-12)
+        # AP and mINP are those of the full kept gallery, as in torchreid's eval_cuhk03.
+        np.testing.assert_array_equal(result.all_AP, market.all_AP)
+        assert (result.mINP, result.num_valid) == (market.mINP, market.num_valid)
+
+
+def test_cuhk03_is_seeded():
+    problem = random_problem(30, 200, 1)
+    first, again = (evaluate_rank(*problem, protocol="cuhk03").cmc for _ in range(2))
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, evaluate_rank(*problem, protocol="cuhk03", seed=1).cmc)
+
+
+def test_cuhk03_draws_are_uniform():
+    # Query pid 1 on camera 0; gallery: pid 1 at indices 0 (camera 0: removed), 1, 2; pid 2 at
+    # 3, 4; pid 3 at 5. The match is item 1 (d 0.2) or 2 (d 0.6), pid 2's item 3 (0.1) or
+    # 4 (0.5), pid 3's item 0.4: exact rank-1 rate P(match 1) P(item 4) = 1/4, and rank <= 2 is
+    # missed only for match 2 after items 3 and 5 (1/4) or 4 and 5 (1/4).
+    dist = np.array([[0.0, 0.2, 0.6, 0.1, 0.5, 0.4]])
+    labels = ([1], [1, 1, 1, 2, 2, 3], [0], [0, 1, 1, 1, 1, 1])
+    result = evaluate_rank(dist, *labels, max_rank=3, protocol="cuhk03", num_repeats=20000)
+    np.testing.assert_allclose(result.cmc, [0.25, 0.5, 1.0], atol=0.015)
+    # One gallery item per identity: no randomness, the Market CMC.
+    dist, q_pids, g_pids, q_cams, g_cams = random_problem(20, 8, 9)
+    g_pids = np.arange(8)
+    market = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank=8)
+    cuhk03 = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank=8, protocol="cuhk03")
+    np.testing.assert_array_equal(cuhk03.cmc, market.cmc)
+
+
 def test_bad_input():
     dist, q_pids, g_pids, q_cams, g_cams = random_problem(4, 6, 6)
     cases = [
@@ -129,6 +198,10 @@ def test_bad_input():
         (lambda: evaluate_rank(dist, q_pids.astype(float), g_pids, q_cams, g_cams), "q_pids"),
         (lambda: evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank=0), "max_rank"),
         (lambda: evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, ap="interpolated"), "ap"),
+        (lambda: evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, protocol="cuhk"), "protocol"),
+        (lambda: evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, protocol="cuhk03", num_repeats=0), "num_repeats"),
+        (lambda: evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, protocol="cuhk03", seed=-1), "seed"),
+        (lambda: evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, protocol="cuhk03", seed=1.5), "seed"),
     ]
     for call, name in cases:
         with pytest.raises(ValueError, match=name):

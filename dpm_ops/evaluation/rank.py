@@ -14,6 +14,16 @@ by (query, distance, index) and a running count of kept items gives every match'
 gallery row is touched only by one comparison and one compaction pass. Queries' matches are
 found through pid groups of the gallery, never by comparing every pid.
 
+CUHK03 single-gallery-shot (protocol="cuhk03", torchreid / fast-reid `use_metric_cuhk03`):
+per query, after the same removal, one gallery item is drawn per identity among its kept items,
+the CMC is that of the query's match among the drawn items, and it is averaged over
+`num_repeats` draws (10, as theirs); AP and mINP stay those of the full kept gallery (their
+`eval_cuhk03` computes AP the same way and reports no mINP). Their draws come from numpy's
+global, unseeded RNG; ours from a `torch.Generator` seeded with `seed` (default 0), so a run is
+reproducible and the same on every device: repetition r draws one float64 u per (query,
+identity), identities in ascending pid order, and takes the floor(u * n)-th of the identity's n
+kept items in gallery-index order.
+
 Where the C++/CUDA extension is available the ranks come from one kernel (csrc/rank/,
 `match_ranks`): per query, its matches from the pid groups, then a single pass over the row in
 which every kept item no farther than the farthest match adds one to the ranks of the matches it
@@ -31,6 +41,7 @@ from ._ragged import expand_segments, segment_starts
 from ._select import order_keys
 
 AP_MODES = ("standard", "trapezoid")
+PROTOCOLS = ("market1501", "cuhk03")
 _CHUNK_ELEMENTS = 1 << 22
 
 
@@ -48,7 +59,7 @@ class _IdentityGroups:
     """Gallery items grouped by pid."""
 
     def __init__(self, g_pids: torch.Tensor):
-        self.order = torch.argsort(g_pids)
+        self.order = torch.argsort(g_pids, stable=True)  # members in gallery-index order
         self.pids, self.counts = torch.unique_consecutive(g_pids[self.order], return_counts=True)
         self.starts = segment_starts(self.counts)
 
@@ -106,6 +117,44 @@ def kernel_match_ranks(dist: torch.Tensor, q_pids, q_camids, g_pids, g_camids):
     return query, rank, ordinal, num_matches
 
 
+def single_shot_match_ranks(dist: torch.Tensor, q_pids, q_camids, g_pids, g_camids, num_repeats: int,
+                            seed: int):
+    """CUHK03 single-gallery-shot: (num_repeats, V) rank of each valid query's match among one
+    drawn gallery item per identity, and the valid-query mask (Q,).
+
+    Only the query's own identity loses items (those on its camera), so each draw is one
+    uniform number per (query, identity): the drawn item of every other identity is a gather,
+    and the match's rank is 1 + the number of other identities whose drawn item precedes it in
+    (distance, index) order.
+    """
+    num_query, device = len(dist), dist.device
+    groups = _IdentityGroups(g_pids)
+    num_groups = len(groups.pids)
+    own = torch.searchsorted(groups.pids, q_pids).clamp_(max=num_groups - 1)
+    member_query, member_item = groups.members(q_pids)
+    kept = g_camids[member_item] != q_camids[member_query]
+    member_item = member_item[kept]
+    num_kept = torch.bincount(member_query[kept], minlength=num_query)
+    valid = num_kept > 0
+    first_kept = segment_starts(num_kept)
+    sizes = groups.counts.expand(num_query, num_groups).clone()
+    sizes[torch.arange(num_query, device=device), own] = num_kept
+    queries = torch.arange(num_query, device=device)[valid]
+    generator = torch.Generator().manual_seed(seed)
+    ranks = []
+    for _ in range(num_repeats):
+        # drawn on the CPU so that every device draws the same items
+        draw = (torch.rand(num_query, num_groups, dtype=torch.float64, generator=generator).to(device) * sizes).long()
+        drawn = groups.order[groups.starts + draw]                                     # (Q, P)
+        match = member_item[first_kept[valid] + draw[queries, own[valid]]]             # (V,)
+        drawn, match_dist = drawn[valid], dist[queries, match][:, None]
+        drawn_dist = dist[queries[:, None], drawn]
+        before = (drawn_dist < match_dist) | ((drawn_dist == match_dist) & (drawn < match[:, None]))
+        before[torch.arange(len(queries), device=device), own[valid]] = False
+        ranks.append(1 + before.sum(dim=1))
+    return torch.stack(ranks), valid
+
+
 def _labels(name: str, value, length: int, device) -> torch.Tensor:
     labels = _inputs.as_tensor(name, value, 1, device)
     if labels.is_floating_point() or labels.is_complex():
@@ -116,15 +165,24 @@ def _labels(name: str, value, length: int, device) -> torch.Tensor:
 
 
 def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50,
-                  ap: str = "standard") -> RankResult:
+                  ap: str = "standard", protocol: str = "market1501", num_repeats: int = 10,
+                  seed: int = 0) -> RankResult:
     """Market-1501 CMC, mAP and mINP of a (Q, G) distance matrix (numpy or torch, CPU or CUDA,
     float16/32/64). ap="standard": non-interpolated AP (torchreid, fast-reid);
     ap="trapezoid": the official Market MATLAB AP, mean of (i / r_i + (i-1) / (r_i - 1)) / 2.
 
-    The CMC always has max_rank entries; past the number of gallery items it stays at 1.
+    protocol="cuhk03": the CMC is CUHK03's single-gallery-shot CMC, averaged over num_repeats
+    seeded draws of one gallery item per identity (module docstring); mAP / mINP unchanged.
+    num_repeats and seed are used by that protocol only.
+
+    The CMC always has max_rank entries; past the number of gallery items (identities, for
+    cuhk03) it stays at 1.
     """
     max_rank = _inputs.check_count("max_rank", max_rank, 1)
     _inputs.check_choice("ap", ap, AP_MODES)
+    _inputs.check_choice("protocol", protocol, PROTOCOLS)
+    num_repeats = _inputs.check_count("num_repeats", num_repeats, 1)
+    seed = _inputs.check_count("seed", seed, 0)
     dist = _inputs.as_tensor("distmat", distmat, 2)
     if not dist.is_floating_point():
         raise ValueError(f"distmat must hold floating-point distances, got {dist.dtype}")
@@ -176,8 +234,12 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
         raise ValueError("no query has a match in the gallery (same pid on another camera); "
                          "check q_pids / g_pids / q_camids / g_camids")
     all_ap = torch.cat(all_ap).cpu().numpy()
-    first_ranks = torch.cat(first_ranks).clamp_(max=max_rank + 1)
+    if protocol == "cuhk03":
+        first_ranks = single_shot_match_ranks(dist, q_pids, q_camids, g_pids, g_camids, num_repeats, seed)[0]
+    else:
+        first_ranks = torch.cat(first_ranks)
+    first_ranks = first_ranks.flatten().clamp_(max=max_rank + 1)
     first_rank_counts = torch.bincount(first_ranks, minlength=max_rank + 2)[1:max_rank + 1]
-    cmc = (first_rank_counts.cumsum(0).double() / num_valid).cpu().numpy()
+    cmc = (first_rank_counts.cumsum(0).double() / len(first_ranks)).cpu().numpy()
     return RankResult(cmc=cmc, mAP=float(all_ap.mean()), mINP=float(torch.cat(inverse_penalty).cpu().numpy().mean()),
                       all_AP=all_ap, num_valid=num_valid, num_skipped=num_skipped)
