@@ -75,6 +75,39 @@ def test_market_parses_pids_cameras_junk_and_distractors(tmp_path):
     assert data.occluded_paths is None and data.is_occluded(data.query[0]) is None
 
 
+def test_market_multi_query_reads_gt_bbox(tmp_path):
+    root = make_market_tree(tmp_path)
+    assert load_quietly("market1501", root).multi_query is None  # only when asked for
+    with pytest.raises(DatasetNotFoundError, match="gt_bbox"):
+        load_quietly("market1501", root, multi_query=True)
+    for name in ("0003_c1s1_000151_00.jpg", "0003_c1s1_000171_00.jpg", "0003_c2s1_000201_00.jpg",
+                 "0005_c3s2_000301_00.jpg", "0002_c1s1_000451_00.jpg"):
+        write_image(root / "gt_bbox" / name)
+    data = load_quietly("market1501", root, multi_query=True)
+    assert sorted((r.pid, r.camid) for r in data.multi_query) == [(2, 0), (3, 0), (3, 0), (3, 1), (5, 2)]
+    assert all(os.path.isfile(r.path) for r in data.multi_query)
+    assert sorted((r.pid, r.camid) for r in data.query) == [(3, 0), (5, 2)]  # the splits are unchanged
+    # With masks, gt_bbox needs its gt_bbox_seg mirror like every other folder.
+    for path in [*(r.path for r in (*data.train, *data.query, *data.gallery)),
+                 *(str(p) for p in (root / "bounding_box_test").glob("-1_*"))]:
+        write_mask(path, root)
+    with pytest.raises(DatasetNotFoundError, match="gt_bbox_seg"):
+        load_quietly("market1501", root, multi_query=True, with_masks=True)
+    for record in data.multi_query:
+        write_mask(record.path, root)
+    masked = load_quietly("market1501", root, multi_query=True, with_masks=True)
+    assert all(r.path in masked.mask_paths for r in masked.multi_query)
+
+
+def test_dataset_options():
+    assert {"camids", "with_masks"} <= datasets_module.dataset_options("occluded_reid")
+    assert "multi_query" in datasets_module.dataset_options("market")
+    assert "camids" not in datasets_module.dataset_options("market1501")
+    assert "variant" not in datasets_module.dataset_options("cuhk03_np_labeled")  # fixed by the alias
+    with pytest.raises(DatasetError, match="unknown dataset"):
+        datasets_module.dataset_options("nope")
+
+
 @pytest.mark.parametrize("nesting", ["", "market1501"])
 def test_market_found_from_parent_folders(tmp_path, nesting):
     make_market_tree(tmp_path / nesting if nesting else tmp_path)
@@ -237,8 +270,12 @@ def test_occluded_reid_cameras_come_from_the_folder_not_the_index(tmp_path):
     assert sorted({r.pid for r in data.query}) == [1, 2] and len(data.query) == 6
     assert all(r.path.endswith(".tif") for r in data.query)
     assert all(data.is_occluded(r) for r in data.query) and not any(data.is_occluded(r) for r in data.gallery)
-    renamed = load_quietly("occluded_reid", tmp_path, gallery_camid=2)  # DPM's Rename.py cameras
-    assert {r.camid for r in renamed.gallery} == {2} and renamed.num_cams == 3
+    renamed = load_quietly("occluded_reid", tmp_path, camids=(0, 2))  # DPM's Rename.py cameras
+    assert {r.camid for r in renamed.query} == {0} and {r.camid for r in renamed.gallery} == {2}
+    assert renamed.num_cams == 3
+    for camids in ((1, 1), (0, -1), (0,), (0, 1.0), "02"):
+        with pytest.raises(ValueError, match="camids"):
+            load_quietly("occluded_reid", tmp_path, camids=camids)
 
 
 def test_occluded_reid_wants_tif_in_pid_folders(tmp_path):
@@ -264,6 +301,8 @@ def test_partial_reid(tmp_path):
     data = load_quietly("partial_reid", tmp_path)
     assert sorted((r.pid, r.camid) for r in data.query) == [(1, 0), (1, 0), (7, 0), (7, 0)]
     assert {r.camid for r in data.gallery} == {1}
+    swapped = load_quietly("partial_reid", tmp_path, camids=(3, 0))
+    assert {r.camid for r in swapped.query} == {3} and {r.camid for r in swapped.gallery} == {0}
     write_image(root / "whole_body_images" / "seven_01.jpg")
     with pytest.raises(DatasetError, match=r"seven_01\.jpg"):
         load_quietly("partial_reid", tmp_path)

@@ -21,6 +21,7 @@ Rules shared by every loader:
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import re
@@ -44,6 +45,7 @@ MARKET_NAME = re.compile(r"([-\d]+)_c(\d)")
 PID_INDEX_NAME = re.compile(r"(\d+)_(\d+)$")
 
 MARKET_FOLDERS = ("bounding_box_train", "query", "bounding_box_test")
+MARKET_MULTI_QUERY_FOLDER = "gt_bbox"
 
 # (ids, images) per split, datasets.md §1; the Market gallery count is after junk removal and
 # counts distractor pid 0 as one id.
@@ -164,9 +166,10 @@ def _assemble(
     mask_root: Optional[str],
     verify_images: bool,
     occluded_paths: Optional[frozenset[str]] = None,
+    multi_query: Optional[list[ImageRecord]] = None,
 ) -> ReIDSplits:
     """Drop junk, relabel train, check counts, attach masks: the common tail of every loader."""
-    all_images = sorted({r.path for r in (*train, *query, *gallery)})
+    all_images = sorted({r.path for r in (*train, *query, *gallery, *(multi_query or ()))})
     junk = sum(r.pid == JUNK_PID for r in (*train, *query, *gallery))
     train, query, gallery = ([r for r in split if r.pid != JUNK_PID] for split in (train, query, gallery))
     for split_name, split in (("query", query), ("gallery", gallery)):
@@ -194,6 +197,7 @@ def _assemble(
         mask_paths=mask_paths,
         occluded_paths=occluded_paths,
         junk_dropped=junk,
+        multi_query=multi_query,
     )
 
 
@@ -215,10 +219,18 @@ def _load_market_style(
     occluded: Callable[[list[ImageRecord], list[ImageRecord], list[ImageRecord]], Optional[frozenset]] = (
         lambda train, query, gallery: None
     ),
+    multi_query_folder: Optional[str] = None,
 ) -> ReIDSplits:
     train, query, gallery = (
         _parse_market_folder(os.path.join(dataset_dir, folder), suffix, num_cams) for folder in MARKET_FOLDERS
     )
+    multi_query = None
+    if multi_query_folder is not None:
+        folder = os.path.join(dataset_dir, multi_query_folder)
+        if not os.path.isdir(folder):
+            raise DatasetNotFoundError(f"{name}: multi-query needs the {multi_query_folder}/ folder, not found in "
+                                       f"{dataset_dir}")
+        multi_query = [r for r in _parse_market_folder(folder, suffix, num_cams) if r.pid != JUNK_PID]
     return _assemble(
         name,
         dataset_dir,
@@ -232,6 +244,7 @@ def _load_market_style(
         mask_root=mask_root,
         verify_images=verify_images,
         occluded_paths=occluded(train, query, gallery),
+        multi_query=multi_query,
     )
 
 
@@ -242,12 +255,17 @@ def load_market1501(
     mask_root: Optional[str] = None,
     check_counts: str = "warn",
     verify_images: bool = False,
+    multi_query: bool = False,
 ) -> ReIDSplits:
     """Market-1501: ``Market-1501-v15.09.15/{bounding_box_train,query,bounding_box_test}/*.jpg``.
 
     ``root`` may be the dataset folder itself or a parent holding ``Market-1501-v15.09.15``,
     ``market1501/Market-1501-v15.09.15`` or ``market1501``. The gallery is 15,913 images after the
     3,819 junk boxes are dropped; distractors (pid 0) stay.
+
+    ``multi_query=True`` also reads ``gt_bbox/`` (the 25,259 hand-drawn boxes of all 1,501 ids)
+    into ``multi_query``, the pools of the multi-query protocol (and, with masks, its
+    ``gt_bbox_seg`` mirror).
     """
     dataset_dir = _find_dataset_dir(
         root,
@@ -265,6 +283,7 @@ def load_market1501(
         with_masks=with_masks,
         mask_root=mask_root,
         verify_images=verify_images,
+        multi_query_folder=MARKET_MULTI_QUERY_FOLDER if multi_query else None,
     )
 
 
@@ -431,10 +450,21 @@ def _parse_pid_index_folder(folder: str, suffix: str, camid: int, per_identity_d
     return records
 
 
+def _check_split_camids(camids) -> tuple[int, int]:
+    """(query camera, gallery camera) of a test-only set: two different non-negative integers."""
+    if (not isinstance(camids, (tuple, list)) or len(camids) != 2
+            or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in camids)):
+        raise ValueError(f"camids must be (query camid, gallery camid), two integers >= 0, got {camids!r}")
+    if camids[0] == camids[1]:
+        raise ValueError(f"camids must give query and gallery different cameras (the same camera removes every "
+                         f"match), got {tuple(camids)}")
+    return int(camids[0]), int(camids[1])
+
+
 def load_occluded_reid(
     root: str,
     *,
-    gallery_camid: int = 1,
+    camids: tuple[int, int] = (0, 1),
     with_masks: bool = False,
     mask_root: Optional[str] = None,
     check_counts: str = "warn",
@@ -442,19 +472,19 @@ def load_occluded_reid(
 ) -> ReIDSplits:
     """Occluded-REID (test only): ``Occluded_REID/{occluded_body_images,whole_body_images}/<pid>/<pid>_<nn>.tif``.
 
-    Query = occluded images with camera 0, gallery = whole-body images with camera ``gallery_camid``
-    (1 by default as in PVPM/BPBReID; DPM's ``Rename.py`` gives the gallery Market camera index 2,
-    which matters for its SIE camera embedding). The train split is empty: train on Market-1501.
+    Query = occluded images, gallery = whole-body images, with the cameras ``camids`` =
+    (query, gallery): (0, 1) by default as in PVPM/BPBReID; DPM's ``Rename.py`` names them
+    ``_c1`` / ``_c3s3``, i.e. (0, 2), and the camera picks DPM's SIE embedding (datasets.md §6).
+    The train split is empty: train on Market-1501.
     """
+    query_camid, gallery_camid = _check_split_camids(camids)
     dataset_dir = _find_dataset_dir(
         root,
         ["", "Occluded_REID", "OccludedREID", "Occluded-REID", "occluded_reid"],
         ("occluded_body_images", "whole_body_images"),
         "Occluded-REID",
     )
-    if gallery_camid == 0:
-        raise ValueError("gallery_camid must differ from the query camera 0")
-    query = _parse_pid_index_folder(os.path.join(dataset_dir, "occluded_body_images"), ".tif", 0, True)
+    query = _parse_pid_index_folder(os.path.join(dataset_dir, "occluded_body_images"), ".tif", query_camid, True)
     gallery = _parse_pid_index_folder(os.path.join(dataset_dir, "whole_body_images"), ".tif", gallery_camid, True)
     return _assemble(
         "occluded_reid",
@@ -462,7 +492,7 @@ def load_occluded_reid(
         train=[],
         query=query,
         gallery=gallery,
-        num_cams=gallery_camid + 1,
+        num_cams=max(query_camid, gallery_camid) + 1,
         expected_counts=PUBLISHED_COUNTS["occluded_reid"],
         check_counts=check_counts,
         with_masks=with_masks,
@@ -475,6 +505,7 @@ def load_occluded_reid(
 def load_partial_reid(
     root: str,
     *,
+    camids: tuple[int, int] = (0, 1),
     with_masks: bool = False,
     mask_root: Optional[str] = None,
     check_counts: str = "warn",
@@ -482,24 +513,25 @@ def load_partial_reid(
 ) -> ReIDSplits:
     """Partial-REID (test only): ``Partial_REID/{partial_body_images,whole_body_images}/<pid:03d>_<nn:02d>.jpg``.
 
-    Query = partial images with camera 0, gallery = whole-body images with camera 1; the partial
-    queries are reported as occluded.
+    Query = partial images, gallery = whole-body images, with the cameras ``camids`` = (query,
+    gallery), (0, 1) by default; the partial queries are reported as occluded.
     """
+    query_camid, gallery_camid = _check_split_camids(camids)
     dataset_dir = _find_dataset_dir(
         root,
         ["", "Partial_REID", "Partial-REID", "partial_reid", "PartialREID"],
         ("partial_body_images", "whole_body_images"),
         "Partial-REID",
     )
-    query = _parse_pid_index_folder(os.path.join(dataset_dir, "partial_body_images"), ".jpg", 0, False)
-    gallery = _parse_pid_index_folder(os.path.join(dataset_dir, "whole_body_images"), ".jpg", 1, False)
+    query = _parse_pid_index_folder(os.path.join(dataset_dir, "partial_body_images"), ".jpg", query_camid, False)
+    gallery = _parse_pid_index_folder(os.path.join(dataset_dir, "whole_body_images"), ".jpg", gallery_camid, False)
     return _assemble(
         "partial_reid",
         dataset_dir,
         train=[],
         query=query,
         gallery=gallery,
-        num_cams=2,
+        num_cams=max(query_camid, gallery_camid) + 1,
         expected_counts=PUBLISHED_COUNTS["partial_reid"],
         check_counts=check_counts,
         with_masks=with_masks,
@@ -635,6 +667,17 @@ def register_dataset(name: str, loader: Callable[..., ReIDSplits]) -> None:
 
 def available_datasets() -> list[str]:
     return sorted(_LOADERS)
+
+
+def dataset_options(name: str) -> frozenset[str]:
+    """The keyword options the loader of dataset ``name`` takes (``camids``, ``multi_query``, ...)."""
+    key = _canonical(name)
+    if key not in _LOADERS:
+        raise DatasetError(f"unknown dataset {name!r}; available: {', '.join(available_datasets())}")
+    loader = _LOADERS[key]
+    keywords = getattr(loader, "keywords", None) or {}  # functools.partial: its bound options are fixed
+    parameters = inspect.signature(loader).parameters
+    return frozenset(k for k, p in parameters.items() if p.kind is p.KEYWORD_ONLY and k not in keywords)
 
 
 def build_dataset(name: str, root: str, **kwargs) -> ReIDSplits:

@@ -35,6 +35,9 @@ class ReIDSplits:
     # paths of images known to be occluded (or partial); None when the dataset does not say
     occluded_paths: Optional[frozenset[str]] = None
     junk_dropped: int = 0
+    # Market-1501's hand-drawn gt_bbox boxes, the multi-query pools (every id, original pids);
+    # None unless the loader was asked for them
+    multi_query: Optional[list[ImageRecord]] = None
 
     @property
     def num_train_pids(self) -> int:
