@@ -66,7 +66,7 @@ def _eval(args) -> int:
     from dpm_ops.engine import load_checkpoint, load_config
     from dpm_ops.engine import distributed
     from dpm_ops.engine.trainer import (build_model_from_args, eval_model_arguments, evaluate_with_config,
-                                        load_splits, prepare_synthetic, resolve_amp, resolve_device)
+                                        load_splits, prepare_synthetic, resolve_device)
 
     config = load_config(args.config, args.overrides)
     state = load_checkpoint(args.weights, model_name=config["model"]["name"])
@@ -81,8 +81,8 @@ def _eval(args) -> int:
     model.load_state_dict(state["model"])
     model.to(device).eval()
     output = Path(args.output) if args.output else Path(args.weights).resolve().parent.parent / "eval"
-    evaluate_with_config(model, splits, config, device=device, amp_dtype=resolve_amp(config["solver"]["amp"], device),
-                         out_dir=output, progress=config["train"]["progress"] and info.is_main)
+    evaluate_with_config(model, splits, config, device=device, out_dir=output,
+                         progress=config["train"]["progress"] and info.is_main)
     if info.is_main:
         print(f"metrics written to {output / 'metrics.json'}")
     return 0

@@ -27,6 +27,9 @@ def test_paper_values():
     assert reid["model"]["options"]["stride"] == 12 and reid["model"]["options"]["arcface_margin"] == 0.3
     assert reid["loss"]["hem_weight"] == 0.01 and reid["input"]["color_jitter"] is True
     assert reid["solver"]["epochs"] == 50 and reid["dataset"]["test_name"] == "occluded_reid"
+    assert reid["dataset"]["test_camids"] == [0, 2]  # the official Rename.py cameras (datasets.md §6)
+    for name in ("dpm_occluded_duke", "dpm_market_occluded_reid", "dpm_dukemtmc"):
+        assert load_config(name)["eval"]["amp"] == "off"  # fp32 test, whatever the training precision
     duke = load_config("dpm_dukemtmc")
     assert duke["model"]["options"]["stride"] == 12 and duke["model"]["options"]["arcface_margin"] == 0.3
     mr = load_config("maskreid_market1501")
@@ -56,6 +59,16 @@ def test_overrides_are_typed():
     ("model.options.depth=two", "model.options.depth"),
     ("dataset.synth.idz=3", "dataset.synth.idz"),
     ("solver", "key=value"),
+    ("eval.amp=fp8", "eval.amp"),
+    ("eval.protocol=cuhk", "eval.protocol"),
+    ("eval.cuhk03_repeats=0", "eval.cuhk03_repeats"),
+    ("eval.cuhk03_seed=-1", "eval.cuhk03_seed"),
+    ("eval.multi_query=mean", "eval.multi_query"),
+    ("dataset.test_camids=[0,0]", "dataset.test_camids"),
+    ("dataset.test_camids=[0,-2]", "dataset.test_camids"),
+    ("dataset.test_camids=2", "dataset.test_camids"),
+    ("dataset.test_camids=[0,2]", "dataset.test_name"),
+    ("eval.multi_query=avg", "eval.multi_query"),
 ])
 def test_bad_override_is_one_line_naming_the_key(override, needle):
     with pytest.raises(ConfigError) as info:
@@ -90,6 +103,23 @@ def test_base_chain(tmp_path):
     (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
     with pytest.raises(ConfigError, match="extends itself"):
         load_config(str(tmp_path / "loop.yaml"))
+
+
+def test_evaluation_keys():
+    config = load_config(None, ["eval.amp=bf16", "eval.protocol=cuhk03", "eval.cuhk03_repeats=3", "eval.cuhk03_seed=7",
+                                "solver.amp=off", "eval.multi_query=off"])
+    assert (config["eval"]["amp"], config["eval"]["protocol"]) == ("bf16", "cuhk03")
+    assert (config["eval"]["cuhk03_repeats"], config["eval"]["cuhk03_seed"]) == (3, 7)
+    assert config["solver"]["amp"] == "off" and config["eval"]["multi_query"] == "off"  # YAML's bare off
+    assert load_config(None)["eval"]["amp"] == "off"
+    config = load_config(None, ["dataset.name=market1501", "eval.multi_query=max"])
+    assert config["eval"]["multi_query"] == "max"
+    config = load_config(None, ["dataset.name=market1501", "dataset.test_name=partial_reid", "dataset.test_camids=[1,0]"])
+    assert config["dataset"]["test_camids"] == [1, 0]
+    with pytest.raises(ConfigError, match="dataset.test_camids: the test set occluded_duke"):
+        load_config(None, ["dataset.test_name=occluded_duke", "dataset.test_camids=[0,2]"])
+    with pytest.raises(ConfigError, match="eval.multi_query: the test set occluded_reid"):
+        load_config(None, ["dataset.name=market1501", "dataset.test_name=occluded_reid", "eval.multi_query=avg"])
 
 
 def test_cross_field_rules():

@@ -20,6 +20,7 @@ from dpm_ops.engine.evaluator import (
     evaluate_model,
     extract_features,
     format_metrics_table,
+    pool_multi_query,
     query_subsets,
 )
 from dpm_ops.evaluation import evaluate_rank, pairwise_distance, re_ranking, rerank_features
@@ -243,6 +244,93 @@ def test_bad_arguments(splits):
                        pictures=False, progress=False)
     with pytest.raises(ValueError, match="empty"):
         evaluate_model(model, dataclasses.replace(splits, query=[]), model_name="vit_baseline", **options)
+    for bad, name in ((dict(protocol="cuhk"), "protocol"), (dict(num_repeats=0), "num_repeats"),
+                      (dict(seed=-1), "seed"), (dict(multi_query="mean"), "multi_query"),
+                      (dict(multi_query="avg"), "gt_bbox")):  # the synthetic set has no pools
+        with pytest.raises(ValueError, match=name):
+            evaluate_model(model, splits, model_name="vit_baseline", **bad, **options)
+
+
+def test_cuhk03_protocol(splits, tmp_path):
+    model = tiny_model("vit_baseline")
+    metrics = evaluate_model(model, splits, model_name="vit_baseline", image_size=(64, 32), protocol="cuhk03",
+                             num_repeats=4, seed=3, out_dir=str(tmp_path), pictures=False, progress=False)
+    q = extract_features(model, loader_for(splits, splits.query, "vit_baseline"), model_name="vit_baseline",
+                         progress=False)
+    g = extract_features(model, loader_for(splits, splits.gallery, "vit_baseline"), model_name="vit_baseline",
+                         progress=False)
+    distmat = pairwise_distance(q.features, g.features, "euclidean")
+    expected = evaluate_rank(distmat, q.pids, g.pids, q.camids, g.camids, protocol="cuhk03", num_repeats=4, seed=3)
+    assert_same(metrics["all"], expected, len(splits.query))
+    assert metrics["all"]["cmc"] != pytest.approx(list(100 * direct_metrics(distmat, q, g).cmc))
+    settings = json.loads((tmp_path / "metrics.json").read_text())["settings"]
+    assert (settings["protocol"], settings["num_repeats"], settings["seed"], settings["amp"]) == ("cuhk03", 4, 3, "off")
+
+
+def with_pools(splits):
+    """The synthetic splits with multi-query pools: for every query, its own image (same file
+    name, as in Market-1501's gt_bbox) for half of them, plus two gallery images relabelled to the
+    query's pid and camera, and an image of another (pid, camera) that no query has."""
+    pools = []
+    for index, record in enumerate(splits.query):
+        if index % 2:
+            pools.append(record)
+        for other in (splits.gallery[index % len(splits.gallery)], splits.gallery[(3 * index + 1) % len(splits.gallery)]):
+            pools.append(other._replace(pid=record.pid, camid=record.camid))
+    pools.append(splits.gallery[0]._replace(pid=10_000, camid=0))
+    return dataclasses.replace(splits, multi_query=pools)
+
+
+@pytest.mark.parametrize("mode", ["avg", "max"])
+def test_pool_multi_query(splits, mode):
+    pooled_splits = with_pools(splits)
+    model = tiny_model("dpm")
+    q = extract_features(model, loader_for(splits, splits.query, "dpm"), model_name="dpm", progress=False)
+    pool = extract_features(model, loader_for(splits, pooled_splits.multi_query, "dpm"), model_name="dpm",
+                            progress=False)
+    result = pool_multi_query(q, pool, mode)
+    assert result.paths == q.paths and torch.equal(result.pids, q.pids) and torch.equal(result.camids, q.camids)
+    reduce = (lambda x: x.mean(0)) if mode == "avg" else (lambda x: x.amax(0))
+    for row, path in enumerate(q.paths):
+        key = (int(q.pids[row]), int(q.camids[row]))
+        members = [i for i, r in enumerate(pooled_splits.multi_query) if (r.pid, r.camid) == key]
+        features, masks = pool.features[members], pool.masks[members]
+        if path not in {r.path for r in pooled_splits.multi_query}:  # the query counts once, as its own box
+            features, masks = torch.cat([features, q.features[row:row + 1]]), torch.cat([masks, q.masks[row:row + 1]])
+        torch.testing.assert_close(result.features[row], F.normalize(reduce(features), dim=0))
+        torch.testing.assert_close(result.masks[row], reduce(masks))
+    with pytest.raises(ValueError, match="mode"):
+        pool_multi_query(q, pool, "off")
+
+
+def test_multi_query_in_evaluate_model(splits, tmp_path):
+    pooled_splits = with_pools(splits)
+    model = tiny_model("vit_baseline")
+    options = dict(model_name="vit_baseline", image_size=(64, 32), pictures=False, progress=False)
+    metrics = evaluate_model(model, pooled_splits, multi_query="max", out_dir=str(tmp_path), **options)
+    q = extract_features(model, loader_for(splits, splits.query, "vit_baseline"), model_name="vit_baseline",
+                         progress=False)
+    g = extract_features(model, loader_for(splits, splits.gallery, "vit_baseline"), model_name="vit_baseline",
+                         progress=False)
+    pool = extract_features(model, loader_for(splits, pooled_splits.multi_query, "vit_baseline"),
+                            model_name="vit_baseline", progress=False)
+    pooled = pool_multi_query(q, pool, "max")
+    distmat = pairwise_distance(pooled.features, g.features, "euclidean")
+    assert_same(metrics["all"], direct_metrics(distmat, pooled, g), len(splits.query))
+    single = evaluate_model(model, pooled_splits, **options)
+    assert metrics["all"]["mAP"] != pytest.approx(single["all"]["mAP"])
+    assert json.loads((tmp_path / "metrics.json").read_text())["settings"]["multi_query"] == "max"
+
+
+def test_test_camids_pick_the_sie_embedding(splits):
+    # DPM on Occluded-REID: the gallery camera selects the SIE embedding, so it changes every gallery feature.
+    model = tiny_model("dpm")
+    camera = lambda camid: [r._replace(camid=camid) for r in splits.gallery[:4]]  # noqa: E731
+    one, two = (extract_features(model, loader_for(splits, camera(c), "dpm"), model_name="dpm", progress=False)
+                for c in (1, 2))
+    assert not torch.allclose(one.features, two.features)
+    with pytest.raises(ValueError, match=r"camera id 3 .* 3 camera embeddings \(SIE\).*0\.\.2"):
+        extract_features(model, loader_for(splits, camera(3), "dpm"), model_name="dpm", progress=False)
 
 
 def test_unlabelled_dataset_reports_all_only(splits):

@@ -62,6 +62,9 @@ SCHEMA: dict = {
         # evaluate on another dataset's query/gallery (DPM: train Market-1501, test Occluded-REID)
         "test_name": _f(None, str, nullable=True),
         "test_root": _f(None, str, nullable=True),  # None: same as root
+        # [query camid, gallery camid] of a test set with one camera per split (occluded_reid,
+        # partial_reid); None: the loader's (0, 1). DPM's Occluded-REID convention is [0, 2].
+        "test_camids": _f(None, "camid_pair", nullable=True),
         "with_masks": _f(None, bool, nullable=True),  # None: masks iff the model is MaskReID
         "mask_root": _f(None, str, nullable=True),
         "check_counts": _f("warn", str, ("warn", "error", "off")),
@@ -118,7 +121,8 @@ SCHEMA: dict = {
         "poly_power": _f(0.5, float),
         "mask_lr": _f(None, float, nullable=True),  # DPM mask generator, constant; None: base_lr
         "two_pass": _f(True, bool),  # DPM: separate second pass for the mask generator
-        "amp": _f("auto", str, ("auto", "off", "bf16", "fp16")),  # auto: bf16 on CUDA, off on CPU
+        # auto: bf16 on CUDA, off on CPU; the official DPM / TransReID code trains under fp16
+        "amp": _f("auto", str, ("auto", "off", "bf16", "fp16")),
     },
     "pretrain": {
         # MaskReID stage 1: softmax pre-training on the train set before the ranking stage
@@ -148,6 +152,14 @@ SCHEMA: dict = {
         "lambda_value": _f(0.3, float),
         "max_rank": _f(50, int),
         "pictures": _f(True, bool),
+        # feature extraction precision, whatever the training's: off = fp32 (the official test)
+        "amp": _f("off", str, ("off", "auto", "bf16", "fp16")),
+        # market1501: standard CMC; cuhk03: single-gallery-shot CMC over cuhk03_repeats seeded draws
+        "protocol": _f("market1501", str, ("market1501", "cuhk03")),
+        "cuhk03_repeats": _f(10, int),
+        "cuhk03_seed": _f(0, int),
+        # Market-1501 multi-query: pool the query's identity's gt_bbox boxes under its camera
+        "multi_query": _f("off", str, ("off", "avg", "max")),
     },
 }
 
@@ -205,6 +217,13 @@ def _check_value(key: str, field: Field, value: Any) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"config key {key}: expected a mapping, got {value!r}")
         return dict(value)
+    if kind == "camid_pair":
+        if (not isinstance(value, (list, tuple)) or len(value) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+                or value[0] == value[1]):
+            raise ConfigError(f"config key {key}: expected [query camid, gallery camid], two different ints >= 0, "
+                              f"got {value!r}")
+        return [int(v) for v in value]
     if kind == "size":
         if isinstance(value, int) and not isinstance(value, bool):
             value = [value, value]
@@ -212,6 +231,8 @@ def _check_value(key: str, field: Field, value: Any) -> Any:
                 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
             raise ConfigError(f"config key {key}: expected [height, width] of positive ints, got {value!r}")
         return [int(v) for v in value]
+    if kind is str and isinstance(value, bool) and field.choices and ("on" if value else "off") in field.choices:
+        value = "on" if value else "off"  # YAML 1.1 reads a bare off / on as a boolean
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if kind is float and isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
@@ -365,17 +386,45 @@ def validate(config: dict) -> None:
     if config["dataset"]["with_masks"] is False and is_maskreid:
         raise ConfigError(f"config key dataset.with_masks: model {name} needs foreground masks")
     positive = [("solver.epochs", config["solver"]["epochs"]), ("train.log_period", config["train"]["log_period"]),
-                ("eval.batch_size", config["eval"]["batch_size"])]
+                ("eval.batch_size", config["eval"]["batch_size"]),
+                ("eval.cuhk03_repeats", config["eval"]["cuhk03_repeats"])]
     for key, value in positive:
         if value < 1:
             raise ConfigError(f"config key {key}: must be at least 1, got {value}")
     for key in ("checkpoint_every_iters", "checkpoint_period", "eval_period"):
         if config["train"][key] < 0:
             raise ConfigError(f"config key train.{key}: must be >= 0")
+    if config["eval"]["cuhk03_seed"] < 0:
+        raise ConfigError("config key eval.cuhk03_seed: must be >= 0")
+    _check_dataset_options(config)
     if config["solver"]["warmup_epochs"] < 0 or config["pretrain"]["epochs"] < 0:
         raise ConfigError("config key solver.warmup_epochs / pretrain.epochs: must be >= 0")
     if config["pretrain"]["epochs"] and not is_maskreid:
         raise ConfigError(f"config key pretrain.epochs: softmax pre-training is MaskReID's; model is {name}")
+
+
+def _check_dataset_options(config: dict) -> None:
+    """dataset.test_camids and eval.multi_query need a test set whose loader takes them."""
+    from dpm_ops.data.datasets import dataset_options
+    from dpm_ops.data.errors import DatasetError
+
+    data = config["dataset"]
+    test_name = data["test_name"] or data["name"]
+    wanted = []
+    if data["test_camids"] is not None:
+        if not data["test_name"]:
+            raise ConfigError("config key dataset.test_camids: set dataset.test_name (the test-only set it applies to)")
+        wanted.append(("dataset.test_camids", "camids", "a test set with one camera per split (occluded_reid, "
+                                                         "partial_reid)"))
+    if config["eval"]["multi_query"] != "off":
+        wanted.append(("eval.multi_query", "multi_query", "market1501's gt_bbox/ pools"))
+    for key, option, needs in wanted:
+        try:
+            options = dataset_options(test_name)
+        except DatasetError:
+            return  # an unregistered name: build_dataset reports it when the data is loaded
+        if option not in options:
+            raise ConfigError(f"config key {key}: the test set {test_name} has no such option; it needs {needs}")
 
 
 def dump_config(config: dict) -> str:

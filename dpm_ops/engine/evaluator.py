@@ -11,6 +11,13 @@ Test recipes (specs dpm.md §3.1 / §7.4, maskreid.md §6):
 * ``maskreid`` / ``maskreid_resnet50``: ``model(raw, masked)`` on the paired image + foreground
   mask loader, Euclidean distance of the (already L2-normalised) 256-d descriptor.
 
+Precision: features are extracted in fp32 unless an autocast dtype is passed (the official
+code trains under fp16 autocast and tests in fp32; the config's ``eval.amp`` chooses).
+
+Protocols: Market-1501 single-query CMC / mAP / mINP; CUHK03 single-gallery-shot CMC
+(``protocol="cuhk03"``, see :func:`dpm_ops.evaluation.evaluate_rank`); Market-1501 multi-query
+(``multi_query="avg" | "max"``, :func:`pool_multi_query`).
+
 Under ``torch.distributed`` every rank extracts a contiguous shard of the query and gallery
 lists and rank 0 gathers them (in dataset order) and computes everything.
 """
@@ -31,7 +38,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dpm_ops.data import ImageDataset, ReIDSplits, build_dataloader, build_transforms
-from dpm_ops.evaluation import evaluate_rank, pairwise_distance, re_ranking, rerank_features
+from dpm_ops.evaluation import PROTOCOLS, evaluate_rank, pairwise_distance, re_ranking, rerank_features
 from dpm_ops.models import MODEL_NAMES
 from dpm_ops.ops import masked_arccos_distance
 
@@ -41,6 +48,7 @@ MASKREID_MODELS = ("maskreid", "maskreid_resnet50")
 MASKREID_CROP = (144, 56)
 MASKREID_MARGIN = (16, 8)
 SUBSETS = ("all", "clean", "occluded")
+MULTI_QUERY = ("off", "avg", "max")
 
 
 @dataclasses.dataclass
@@ -80,8 +88,9 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _model_cameras(model: torch.nn.Module) -> int:
-    backbone = getattr(model, "backbone", None)
-    return int(getattr(backbone, "num_cameras", 0) or 0)
+    """Rows of the SIE camera embedding the camera ids index (0: the model takes no camera)."""
+    embedding = getattr(getattr(model, "backbone", None), "sie_embed", None)
+    return 0 if embedding is None else int(embedding.shape[0])
 
 
 def _forward(model, batch: dict, model_name: str, device: torch.device):
@@ -125,7 +134,9 @@ def extract_features(model: torch.nn.Module, loader, *, model_name: str, device=
                                      "mask_paths); load the dataset with masks")
                 if num_cameras and int(batch["camid"].max()) >= num_cameras:
                     raise ValueError(f"camera id {int(batch['camid'].max())} in {batch['path'][0]!r}'s batch is "
-                                     f"out of range for the model's {num_cameras} camera embeddings")
+                                     f"out of range for the model's {num_cameras} camera embeddings (SIE): test "
+                                     f"camera ids must be 0..{num_cameras - 1} (dataset.test_camids for a "
+                                     "test-only set)")
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     feature, mask = _forward(model, batch, model_name, device)
                 feature = feature.float()
@@ -202,6 +213,37 @@ def _extract_split(model, records, splits, model_name, transform, *, batch_size,
     return FeatureSet.concat(gathered) if rank == 0 else None
 
 
+def pool_multi_query(query: FeatureSet, pool: FeatureSet, mode: str) -> FeatureSet:
+    """Market-1501 multi-query (Zheng et al. 2015): every query's descriptor becomes the mean
+    (``"avg"``) or element-wise maximum (``"max"``) of the descriptors of all ``pool`` images
+    (gt_bbox) with its pid and camera, L2-normalised again (every recipe compares unit-length
+    descriptors); DPM's channel masks are pooled the same way. The query image is one of those
+    boxes in Market-1501 (same file name); a query whose file is not in ``pool`` is added to its
+    own pool, so no query is pooled without its own image. Labels and paths stay the query's.
+    """
+    if mode not in MULTI_QUERY[1:]:
+        raise ValueError(f"mode must be one of {MULTI_QUERY[1:]}, got {mode!r}")
+    if (query.masks is None) != (pool.masks is None) and len(pool):
+        raise ValueError("query and pool must both have DPM masks or both have none")
+    pooled_names = {os.path.basename(path) for path in pool.paths}
+    own = torch.tensor([os.path.basename(path) not in pooled_names for path in query.paths], dtype=torch.bool)
+    own_images = FeatureSet(query.features[own], None if query.masks is None else query.masks[own],
+                            query.pids[own], query.camids[own], [query.paths[i] for i in torch.nonzero(own).flatten()])
+    members = FeatureSet.concat([pool, own_images])
+    keys = torch.stack([torch.cat([members.pids, query.pids]), torch.cat([members.camids, query.camids])], dim=1)
+    groups, group_of = torch.unique(keys, dim=0, return_inverse=True)
+    member_group, query_group = group_of[:len(members)], group_of[len(members):]
+    reduce = "mean" if mode == "avg" else "amax"
+
+    def pooled(values: torch.Tensor) -> torch.Tensor:
+        out = values.new_zeros(len(groups), values.shape[1])
+        index = member_group[:, None].expand_as(values)
+        return out.scatter_reduce_(0, index, values, reduce, include_self=False)[query_group]
+
+    return FeatureSet(F.normalize(pooled(members.features), dim=1),
+                      None if query.masks is None else pooled(members.masks), query.pids, query.camids, query.paths)
+
+
 def resolve_distance(distance: str, model_name: str) -> str:
     """The metric "auto" stands for: DPM's masked arccos, Euclidean for the others."""
     if distance not in DISTANCES:
@@ -249,13 +291,13 @@ def compute_distances(query: FeatureSet, gallery: FeatureSet, distance: str, *, 
 
 
 def _subset_metrics(distmat, query: FeatureSet, gallery: FeatureSet, rows: Optional[torch.Tensor],
-                    max_rank: int) -> Optional[dict]:
+                    max_rank: int, protocol: dict) -> Optional[dict]:
     q_pids, q_camids = query.pids, query.camids
     if rows is not None:
         distmat, q_pids, q_camids = distmat[rows.to(distmat.device)], q_pids[rows], q_camids[rows]
     device = distmat.device
     result = evaluate_rank(distmat, q_pids.to(device), gallery.pids.to(device), q_camids.to(device),
-                           gallery.camids.to(device), max_rank=max_rank)
+                           gallery.camids.to(device), max_rank=max_rank, **protocol)
     cmc = [100.0 * float(v) for v in result.cmc]
     return {"rank1": cmc[0], "rank5": cmc[4], "rank10": cmc[9], "mAP": 100.0 * result.mAP,
             "mINP": 100.0 * result.mINP, "num_query": int(len(q_pids)), "num_valid": int(result.num_valid),
@@ -273,17 +315,19 @@ def query_subsets(splits: ReIDSplits, query_records) -> dict:
 
 
 def rank_metrics(distmat, query: FeatureSet, gallery: FeatureSet, subsets: Optional[dict] = None,
-                 max_rank: int = 50) -> dict:
-    """{"all": {...}, "clean": {...}, "occluded": {...}} (percent) from a (Q, G) distance matrix.
+                 max_rank: int = 50, protocol: str = "market1501", num_repeats: int = 10, seed: int = 0) -> dict:
+    """{"all": {...}, "clean": {...}, "occluded": {...}} (percent) from a (Q, G) distance matrix;
+    protocol / num_repeats / seed as in ``evaluate_rank``.
 
     A subset with no query, or with no query that has a match, is left out (with a warning for
     the latter)."""
-    metrics = {"all": _subset_metrics(distmat, query, gallery, None, max_rank)}
+    protocol = dict(protocol=protocol, num_repeats=num_repeats, seed=seed)
+    metrics = {"all": _subset_metrics(distmat, query, gallery, None, max_rank, protocol)}
     for name, rows in (subsets or {}).items():
         if len(rows) == 0:
             continue
         try:
-            metrics[name] = _subset_metrics(distmat, query, gallery, rows, max_rank)
+            metrics[name] = _subset_metrics(distmat, query, gallery, rows, max_rank, protocol)
         except ValueError as error:
             if "no query has a match" not in str(error):
                 raise
@@ -336,6 +380,7 @@ def evaluate_model(model: torch.nn.Module, splits: ReIDSplits, *, model_name: st
                    batch_size: int = 128, num_workers: int = 0, device="cpu",
                    amp_dtype: Optional[torch.dtype] = None, distance: str = "auto", rerank: bool = False,
                    k1: int = 20, k2: int = 6, lambda_value: float = 0.3, max_rank: int = 50,
+                   protocol: str = "market1501", num_repeats: int = 10, seed: int = 0, multi_query: str = "off",
                    out_dir: Optional[str] = None, pictures: bool = True, progress: bool = True) -> Optional[dict]:
     """Evaluate ``model`` on ``splits.query`` against ``splits.gallery``.
 
@@ -343,7 +388,11 @@ def evaluate_model(model: torch.nn.Module, splits: ReIDSplits, *, model_name: st
     ViT models; MaskReID resizes to 160x64 and centre-crops 144x56, and an explicit size is the
     crop). ``distance``: "auto" (the model's test metric, see the module docstring), "euclidean",
     "cosine" or "masked_arccos" (DPM only). ``rerank``: k-reciprocal re-ranking with k1, k2,
-    lambda_value. Returns ``{"all": {...}, "clean": {...}, "occluded": {...}}`` (clean/occluded:
+    lambda_value. ``amp_dtype``: extract under autocast to that dtype (None: fp32).
+    ``protocol`` / ``num_repeats`` / ``seed``: as in ``evaluate_rank`` ("cuhk03": CUHK03's
+    single-gallery-shot CMC). ``multi_query`` "avg" / "max": Market-1501 multi-query, each query
+    pooled with the ``splits.multi_query`` (gt_bbox) images of its pid and camera
+    (:func:`pool_multi_query`). Returns ``{"all": {...}, "clean": {...}, "occluded": {...}}`` (clean/occluded:
     query subsets against the same gallery, present when the dataset labels occlusion), each
     with rank1, rank5, rank10, mAP, mINP (percent), num_query, num_valid and the CMC curve
     ``cmc`` (max_rank values, percent). With ``out_dir``: writes ``metrics.json`` (atomically;
@@ -363,24 +412,44 @@ def evaluate_model(model: torch.nn.Module, splits: ReIDSplits, *, model_name: st
         raise ValueError(f"splits {splits.name!r} has an empty query or gallery list")
     if model_name in MASKREID_MODELS and splits.mask_paths is None:
         raise ValueError(f"{model_name} needs foreground masks: load {splits.name!r} with with_masks=True")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    for name, value, minimum in (("num_repeats", num_repeats, 1), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if multi_query not in MULTI_QUERY:
+        raise ValueError(f"multi_query must be one of {MULTI_QUERY}, got {multi_query!r}")
+    if multi_query != "off" and splits.multi_query is None:
+        raise ValueError(f"multi_query={multi_query!r} needs the multi-query pools of {splits.name!r} "
+                         "(Market-1501's gt_bbox/: load it with multi_query=True)")
 
     transform = _test_transform(model_name, image_size)
     common = dict(batch_size=batch_size, num_workers=num_workers, device=device, amp_dtype=amp_dtype,
                   progress=progress)
     query = _extract_split(model, splits.query, splits, model_name, transform, desc="query", **common)
     gallery = _extract_split(model, splits.gallery, splits, model_name, transform, desc="gallery", **common)
+    pool = None
+    if multi_query != "off":
+        wanted = {(r.pid, r.camid) for r in splits.query}
+        pool = _extract_split(model, [r for r in splits.multi_query if (r.pid, r.camid) in wanted], splits, model_name,
+                              transform, desc="multi-query", **common)
     if query is None:  # not rank 0
         return None
+    if pool is not None:
+        query = pool_multi_query(query, pool, multi_query)
 
     distmat = compute_distances(query, gallery, metric, rerank=rerank, k1=k1, k2=k2, lambda_value=lambda_value,
                                 device=device)
     subsets = query_subsets(splits, splits.query)
-    metrics = rank_metrics(distmat, query, gallery, subsets, max_rank)
+    metrics = rank_metrics(distmat, query, gallery, subsets, max_rank, protocol, num_repeats, seed)
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
         settings = {"model": model_name, "dataset": splits.name, "distance": metric, "rerank": bool(rerank),
                     "image_size": list(_input_size(model_name, image_size)), "max_rank": max_rank,
-                    "num_query": len(query), "num_gallery": len(gallery)}
+                    "num_query": len(query), "num_gallery": len(gallery), "protocol": protocol,
+                    "multi_query": multi_query, "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off"}
+        if protocol == "cuhk03":
+            settings.update(num_repeats=num_repeats, seed=seed)
         if rerank:
             settings.update(k1=k1, k2=k2, lambda_value=lambda_value)
         write_json_atomic(os.path.join(out_dir, "metrics.json"), {**metrics, "settings": settings})

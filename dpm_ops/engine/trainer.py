@@ -112,22 +112,28 @@ def prepare_synthetic(config: dict, *, progress: bool = True) -> None:
 
 
 def load_splits(config: dict) -> ReIDSplits:
-    """Train split of ``dataset``, query/gallery of ``dataset`` or of ``dataset.test_name``."""
+    """Train split of ``dataset``, query/gallery of ``dataset`` or of ``dataset.test_name``
+    (with its ``dataset.test_camids``); the test set's gt_bbox pools with ``eval.multi_query``."""
     data = config["dataset"]
     with_masks = data["with_masks"] if data["with_masks"] is not None else is_maskreid(config["model"]["name"])
     options = dict(with_masks=with_masks, mask_root=data["mask_root"])
     if data["check_counts"] != "warn" or data["name"].lower() not in ("synthetic", "synth"):
         options["check_counts"] = data["check_counts"]
-    splits = build_dataset(data["name"], os.path.expanduser(data["root"]), **options)
+    test_options = {"multi_query": True} if config["eval"]["multi_query"] != "off" else {}
+    if data["test_camids"] is not None:
+        test_options["camids"] = tuple(data["test_camids"])
+    splits = build_dataset(data["name"], os.path.expanduser(data["root"]), **options,
+                           **({} if data["test_name"] else test_options))
     if data["test_name"]:
         test = build_dataset(data["test_name"], os.path.expanduser(data["test_root"] or data["root"]),
-                             with_masks=with_masks, mask_root=data["mask_root"], check_counts=data["check_counts"])
+                             with_masks=with_masks, mask_root=data["mask_root"], check_counts=data["check_counts"],
+                             **test_options)
         mask_paths = None
         if with_masks:
             mask_paths = {**(splits.mask_paths or {}), **(test.mask_paths or {})}
         splits = dataclasses.replace(splits, name=f"{splits.name}->{test.name}", query=test.query,
                                      gallery=test.gallery, mask_paths=mask_paths,
-                                     occluded_paths=test.occluded_paths)
+                                     occluded_paths=test.occluded_paths, multi_query=test.multi_query)
     if not splits.train:
         raise DatasetError(f"dataset {data['name']} at {data['root']} has no training images")
     return splits
@@ -605,9 +611,8 @@ class Trainer:
 
     def evaluate(self, out_dir: Optional[Path] = None, pictures: Optional[bool] = None) -> Optional[dict]:
         """Metrics on rank 0 (None on the other ranks)."""
-        return evaluate_with_config(self.model, self.splits, self.config, device=self.device,
-                                    amp_dtype=self.amp_dtype, out_dir=out_dir, pictures=pictures,
-                                    progress=self.progress, log=self.log)
+        return evaluate_with_config(self.model, self.splits, self.config, device=self.device, out_dir=out_dir,
+                                    pictures=pictures, progress=self.progress, log=self.log)
 
     def run(self) -> dict:
         try:
@@ -637,16 +642,21 @@ class Trainer:
 
 
 def evaluate_with_config(model: nn.Module, splits: ReIDSplits, config: dict, *, device: torch.device,
-                         amp_dtype=None, out_dir=None, pictures=None, progress=True,
+                         out_dir=None, pictures=None, progress=True,
                          log: Callable[[str], None] = print) -> Optional[dict]:
+    """``evaluate_model`` with the config's ``eval`` section. Features are extracted under
+    ``eval.amp`` (fp32 by default), never under the training's ``solver.amp``: the official code
+    trains under fp16 autocast and tests in fp32."""
     from .evaluator import evaluate_model, format_metrics_table
 
     ev = config["eval"]
     info = distributed.current()
     options = dict(model_name=config["model"]["name"], image_size=tuple(config["input"]["size"]),
                    batch_size=ev["batch_size"], num_workers=ev["num_workers"], device=str(device),
-                   amp_dtype=amp_dtype, distance=ev["distance"], rerank=ev["rerank"], k1=ev["k1"], k2=ev["k2"],
-                   lambda_value=ev["lambda_value"], max_rank=ev["max_rank"],
+                   amp_dtype=resolve_amp(ev["amp"], device), distance=ev["distance"], rerank=ev["rerank"],
+                   k1=ev["k1"], k2=ev["k2"], lambda_value=ev["lambda_value"], max_rank=ev["max_rank"],
+                   protocol=ev["protocol"], num_repeats=ev["cuhk03_repeats"], seed=ev["cuhk03_seed"],
+                   multi_query=ev["multi_query"],
                    out_dir=str(out_dir) if out_dir is not None and info.is_main else None,
                    pictures=ev["pictures"] if pictures is None else pictures, progress=progress)
     was_training = model.training
