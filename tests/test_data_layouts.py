@@ -99,6 +99,28 @@ def test_market_multi_query_reads_gt_bbox(tmp_path):
     assert all(r.path in masked.mask_paths for r in masked.multi_query)
 
 
+@pytest.mark.filterwarnings("ignore::dpm_ops.data.DatasetCountWarning")
+def test_config_reaches_the_test_set_options(tmp_path):
+    from dpm_ops.engine.config import load_config
+    from dpm_ops.engine.trainer import load_splits
+
+    root = make_market_tree(tmp_path)
+    make_occluded_reid_tree(tmp_path / "Occluded_REID")
+    common = [f"dataset.root={root}", "dataset.name=market1501", f"dataset.test_root={tmp_path}"]
+    # DPM's shipped Occluded-REID config: query camera 0, gallery camera 2 (datasets.md §6).
+    shipped = load_config("dpm_market_occluded_reid", common)
+    splits = load_splits(shipped)
+    assert {r.camid for r in splits.query} == {0} and {r.camid for r in splits.gallery} == {2}
+    assert splits.name == "market1501->occluded_reid" and len(splits.train) == 3
+    default = load_splits(load_config("dpm_market_occluded_reid", [*common, "dataset.test_camids=null"]))
+    assert {r.camid for r in default.gallery} == {1}
+    # eval.multi_query loads the gt_bbox pools of the set that provides the queries.
+    write_image(root / "gt_bbox" / "0003_c1s1_000151_00.jpg")
+    pooled = load_splits(load_config(None, [*common[:2], "eval.multi_query=avg"]))
+    assert [(r.pid, r.camid) for r in pooled.multi_query] == [(3, 0)]
+    assert load_splits(load_config(None, common[:2])).multi_query is None
+
+
 def test_dataset_options():
     assert {"camids", "with_masks"} <= datasets_module.dataset_options("occluded_reid")
     assert "multi_query" in datasets_module.dataset_options("market")

@@ -361,6 +361,18 @@ def test_bfloat16_autocast_gives_float32_features(splits):
     assert not torch.equal(half.features, full.features)  # autocast did run
 
 
+def test_evaluation_precision_is_eval_amp_not_solver_amp(splits, monkeypatch):
+    from dpm_ops.engine.config import load_config
+    from dpm_ops.engine.trainer import evaluate_with_config
+
+    seen = {}
+    monkeypatch.setattr(evaluator, "evaluate_model", lambda model, splits, **options: seen.update(options))
+    for overrides, expected in ((["solver.amp=bf16"], None), (["solver.amp=off", "eval.amp=bf16"], torch.bfloat16),
+                                (["eval.amp=fp16"], torch.float16), (["eval.amp=auto"], None)):  # auto: off on CPU
+        evaluate_with_config(tiny_model("dpm"), splits, load_config(None, overrides), device=torch.device("cpu"))
+        assert seen["amp_dtype"] is expected, overrides
+
+
 def test_format_metrics_table():
     row = {"rank1": 50.0, "rank5": 75.25, "rank10": 90.0, "mAP": 41.26, "mINP": 12.0, "num_query": 12,
            "num_valid": 12, "cmc": [50.0]}
