@@ -6,8 +6,11 @@ the same pid are its matches (distractors, pid 0, stay as negatives); a query wi
 left is skipped and counted.
 
 Ranks: the gallery is ordered by (distance, gallery index), exactly what a stable argsort of
-the row gives, and ranks count kept items only, so a match's rank is
-1 + #{kept items g : (d_g, g) < (d_match, match)}. Only items no farther than the query's
+the row gives, on every machine. torchreid and fast-reid sort with numpy's default argsort,
+which is not stable: its order among exactly equal distances depends on the machine and the
+numpy build (numpy 2.4's SIMD sort on an AVX-512 CPU turns [1, 1, 0, 0] into [3, 2, 1, 0]),
+so exact ties are the one place where their numbers and ours may differ. Ranks count kept
+items only, so a match's rank is 1 + #{kept items g : (d_g, g) < (d_match, match)}. Only items no farther than the query's
 farthest match can precede a match, so each query's candidates are the items with
 d <= (largest match distance), about 2 % of the gallery on Market-1501. Those few are ordered
 by (query, distance, index) and a running count of kept items gives every match's rank; the
@@ -15,8 +18,9 @@ gallery row is touched only by one comparison and one compaction pass. Queries' 
 found through pid groups of the gallery, never by comparing every pid.
 
 CUHK03 single-gallery-shot (protocol="cuhk03", torchreid / fast-reid `use_metric_cuhk03`):
-per query, after the same removal, one gallery item is drawn per identity among its kept items,
-the CMC is that of the query's match among the drawn items, and it is averaged over
+per query, after the same removal, one gallery item is drawn per identity among its kept items
+(distractor pid 0 counts as one identity, as in theirs), the CMC is that of the query's match
+among the drawn items, and it is averaged over
 `num_repeats` draws (10, as theirs); AP and mINP stay those of the full kept gallery (their
 `eval_cuhk03` computes AP the same way and reports no mINP). Their draws come from numpy's
 global, unseeded RNG; ours from a `torch.Generator` seeded with `seed` (default 0), so a run is

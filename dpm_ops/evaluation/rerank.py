@@ -22,9 +22,10 @@ does, while `orientation="rows"` reads d(i, j) = pooled[i, j] (q_q[i, j], g_g[i,
 q-g block is read the same way by both: the reference pools q_g above and its transpose below.
 
 Ties: ranks order equal distances by item index (queries first), as a stable argsort does.
-The reference (and torchreid / fast-reid) rank with numpy's default, unstable quicksort, whose
-order among exactly equal distances depends on the machine and numpy build; exact ties are the
-one place where results may differ from theirs.
+The reference (and torchreid / fast-reid) rank with numpy's default argsort, which is not
+stable: its order among exactly equal distances depends on the machine and the numpy build
+(numpy 2.4's SIMD sort turns [1, 1, 0, 0] into [3, 2, 1, 0] on an AVX-512 CPU), so exact ties
+are the one place where results may differ from theirs.
 """
 
 import numbers
