@@ -59,7 +59,8 @@ from .config import ConfigError, dump_config
 from .schedules import LRSchedule
 
 # config keys that may differ between a killed run and its resumption
-RESUME_FREE_KEYS = {("train", "stop_after_iters"), ("train", "progress"), ("train", "device")}
+RESUME_FREE_KEYS = {("train", "stop_after_iters"), ("train", "progress"), ("train", "device"),
+                    ("dataset", "test_camids")}  # test cameras: evaluation only
 RESUME_FREE_SECTIONS = {"eval", "dataloader"}
 
 
