@@ -114,7 +114,8 @@ def test_evaluation_keys():
     assert load_config(None)["eval"]["amp"] == "off"
     config = load_config(None, ["dataset.name=market1501", "eval.multi_query=max"])
     assert config["eval"]["multi_query"] == "max"
-    config = load_config(None, ["dataset.name=market1501", "dataset.test_name=partial_reid", "dataset.test_camids=[1,0]"])
+    config = load_config(None, ["dataset.name=market1501", "dataset.test_name=partial_reid",
+                                "dataset.test_camids=[1,0]"])
     assert config["dataset"]["test_camids"] == [1, 0]
     with pytest.raises(ConfigError, match="dataset.test_camids: the test set occluded_duke"):
         load_config(None, ["dataset.test_name=occluded_duke", "dataset.test_camids=[0,2]"])

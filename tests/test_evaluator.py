@@ -275,8 +275,8 @@ def with_pools(splits):
     for index, record in enumerate(splits.query):
         if index % 2:
             pools.append(record)
-        for other in (splits.gallery[index % len(splits.gallery)], splits.gallery[(3 * index + 1) % len(splits.gallery)]):
-            pools.append(other._replace(pid=record.pid, camid=record.camid))
+        for other in (index, 3 * index + 1):
+            pools.append(splits.gallery[other % len(splits.gallery)]._replace(pid=record.pid, camid=record.camid))
     pools.append(splits.gallery[0]._replace(pid=10_000, camid=0))
     return dataclasses.replace(splits, multi_query=pools)
 

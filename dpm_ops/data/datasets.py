@@ -450,7 +450,7 @@ def _parse_pid_index_folder(folder: str, suffix: str, camid: int, per_identity_d
     return records
 
 
-def _check_split_camids(camids) -> tuple[int, int]:
+def check_split_camids(camids) -> tuple[int, int]:
     """(query camera, gallery camera) of a test-only set: two different non-negative integers."""
     if (not isinstance(camids, (tuple, list)) or len(camids) != 2
             or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in camids)):
@@ -477,7 +477,7 @@ def load_occluded_reid(
     ``_c1`` / ``_c3s3``, i.e. (0, 2), and the camera picks DPM's SIE embedding (datasets.md §6).
     The train split is empty: train on Market-1501.
     """
-    query_camid, gallery_camid = _check_split_camids(camids)
+    query_camid, gallery_camid = check_split_camids(camids)
     dataset_dir = _find_dataset_dir(
         root,
         ["", "Occluded_REID", "OccludedREID", "Occluded-REID", "occluded_reid"],
@@ -516,7 +516,7 @@ def load_partial_reid(
     Query = partial images, gallery = whole-body images, with the cameras ``camids`` = (query,
     gallery), (0, 1) by default; the partial queries are reported as occluded.
     """
-    query_camid, gallery_camid = _check_split_camids(camids)
+    query_camid, gallery_camid = check_split_camids(camids)
     dataset_dir = _find_dataset_dir(
         root,
         ["", "Partial_REID", "Partial-REID", "partial_reid", "PartialREID"],

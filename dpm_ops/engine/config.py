@@ -218,12 +218,12 @@ def _check_value(key: str, field: Field, value: Any) -> Any:
             raise ConfigError(f"config key {key}: expected a mapping, got {value!r}")
         return dict(value)
     if kind == "camid_pair":
-        if (not isinstance(value, (list, tuple)) or len(value) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
-                or value[0] == value[1]):
-            raise ConfigError(f"config key {key}: expected [query camid, gallery camid], two different ints >= 0, "
-                              f"got {value!r}")
-        return [int(v) for v in value]
+        from dpm_ops.data.datasets import check_split_camids
+
+        try:
+            return list(check_split_camids(value))
+        except ValueError as error:
+            raise ConfigError(f"config key {key}: {error}") from error
     if kind == "size":
         if isinstance(value, int) and not isinstance(value, bool):
             value = [value, value]

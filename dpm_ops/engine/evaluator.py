@@ -228,7 +228,7 @@ def pool_multi_query(query: FeatureSet, pool: FeatureSet, mode: str) -> FeatureS
     pooled_names = {os.path.basename(path) for path in pool.paths}
     own = torch.tensor([os.path.basename(path) not in pooled_names for path in query.paths], dtype=torch.bool)
     own_images = FeatureSet(query.features[own], None if query.masks is None else query.masks[own],
-                            query.pids[own], query.camids[own], [query.paths[i] for i in torch.nonzero(own).flatten()])
+                            query.pids[own], query.camids[own], [p for p, o in zip(query.paths, own.tolist()) if o])
     members = FeatureSet.concat([pool, own_images])
     keys = torch.stack([torch.cat([members.pids, query.pids]), torch.cat([members.camids, query.camids])], dim=1)
     groups, group_of = torch.unique(keys, dim=0, return_inverse=True)
@@ -291,13 +291,13 @@ def compute_distances(query: FeatureSet, gallery: FeatureSet, distance: str, *, 
 
 
 def _subset_metrics(distmat, query: FeatureSet, gallery: FeatureSet, rows: Optional[torch.Tensor],
-                    max_rank: int, protocol: dict) -> Optional[dict]:
+                    max_rank: int, options: dict) -> Optional[dict]:
     q_pids, q_camids = query.pids, query.camids
     if rows is not None:
         distmat, q_pids, q_camids = distmat[rows.to(distmat.device)], q_pids[rows], q_camids[rows]
     device = distmat.device
     result = evaluate_rank(distmat, q_pids.to(device), gallery.pids.to(device), q_camids.to(device),
-                           gallery.camids.to(device), max_rank=max_rank, **protocol)
+                           gallery.camids.to(device), max_rank=max_rank, **options)
     cmc = [100.0 * float(v) for v in result.cmc]
     return {"rank1": cmc[0], "rank5": cmc[4], "rank10": cmc[9], "mAP": 100.0 * result.mAP,
             "mINP": 100.0 * result.mINP, "num_query": int(len(q_pids)), "num_valid": int(result.num_valid),
@@ -321,13 +321,13 @@ def rank_metrics(distmat, query: FeatureSet, gallery: FeatureSet, subsets: Optio
 
     A subset with no query, or with no query that has a match, is left out (with a warning for
     the latter)."""
-    protocol = dict(protocol=protocol, num_repeats=num_repeats, seed=seed)
-    metrics = {"all": _subset_metrics(distmat, query, gallery, None, max_rank, protocol)}
+    options = dict(protocol=protocol, num_repeats=num_repeats, seed=seed)
+    metrics = {"all": _subset_metrics(distmat, query, gallery, None, max_rank, options)}
     for name, rows in (subsets or {}).items():
         if len(rows) == 0:
             continue
         try:
-            metrics[name] = _subset_metrics(distmat, query, gallery, rows, max_rank, protocol)
+            metrics[name] = _subset_metrics(distmat, query, gallery, rows, max_rank, options)
         except ValueError as error:
             if "no query has a match" not in str(error):
                 raise
@@ -392,10 +392,10 @@ def evaluate_model(model: torch.nn.Module, splits: ReIDSplits, *, model_name: st
     ``protocol`` / ``num_repeats`` / ``seed``: as in ``evaluate_rank`` ("cuhk03": CUHK03's
     single-gallery-shot CMC). ``multi_query`` "avg" / "max": Market-1501 multi-query, each query
     pooled with the ``splits.multi_query`` (gt_bbox) images of its pid and camera
-    (:func:`pool_multi_query`). Returns ``{"all": {...}, "clean": {...}, "occluded": {...}}`` (clean/occluded:
-    query subsets against the same gallery, present when the dataset labels occlusion), each
-    with rank1, rank5, rank10, mAP, mINP (percent), num_query, num_valid and the CMC curve
-    ``cmc`` (max_rank values, percent). With ``out_dir``: writes ``metrics.json`` (atomically;
+    (:func:`pool_multi_query`). Returns ``{"all": {...}, "clean": {...}, "occluded": {...}}``
+    (clean/occluded: query subsets against the same gallery, present when the dataset labels
+    occlusion), each with rank1, rank5, rank10, mAP, mINP (percent), num_query, num_valid and the
+    CMC curve ``cmc`` (max_rank values, percent). With ``out_dir``: writes ``metrics.json`` (atomically;
     the metrics plus a ``settings`` entry) and, with ``pictures``, cmc.png, ranked_best.png,
     ranked_worst.png and (DPM) masks.png.
 

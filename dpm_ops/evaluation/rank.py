@@ -10,19 +10,19 @@ the row gives, on every machine. torchreid and fast-reid sort with numpy's defau
 which is not stable: its order among exactly equal distances depends on the machine and the
 numpy build (numpy 2.4's SIMD sort on an AVX-512 CPU turns [1, 1, 0, 0] into [3, 2, 1, 0]),
 so exact ties are the one place where their numbers and ours may differ. Ranks count kept
-items only, so a match's rank is 1 + #{kept items g : (d_g, g) < (d_match, match)}. Only items no farther than the query's
-farthest match can precede a match, so each query's candidates are the items with
-d <= (largest match distance), about 2 % of the gallery on Market-1501. Those few are ordered
-by (query, distance, index) and a running count of kept items gives every match's rank; the
-gallery row is touched only by one comparison and one compaction pass. Queries' matches are
-found through pid groups of the gallery, never by comparing every pid.
+items only, so a match's rank is 1 + #{kept items g : (d_g, g) < (d_match, match)}. Only items
+no farther than the query's farthest match can precede a match, so each query's candidates are
+the items with d <= (largest match distance), about 2 % of the gallery on Market-1501. Those
+few are ordered by (query, distance, index) and a running count of kept items gives every
+match's rank; the gallery row is touched only by one comparison and one compaction pass.
+Queries' matches are found through pid groups of the gallery, never by comparing every pid.
 
 CUHK03 single-gallery-shot (protocol="cuhk03", torchreid / fast-reid `use_metric_cuhk03`):
 per query, after the same removal, one gallery item is drawn per identity among its kept items
 (distractor pid 0 counts as one identity, as in theirs), the CMC is that of the query's match
-among the drawn items, and it is averaged over
-`num_repeats` draws (10, as theirs); AP and mINP stay those of the full kept gallery (their
-`eval_cuhk03` computes AP the same way and reports no mINP). Their draws come from numpy's
+among the drawn items, and it is averaged over `num_repeats` draws (10, as theirs); AP and
+mINP stay those of the full kept gallery (their `eval_cuhk03` computes AP the same way and
+reports no mINP). Their draws come from numpy's
 global, unseeded RNG; ours from a `torch.Generator` seeded with `seed` (default 0), so a run is
 reproducible and the same on every device: repetition r draws one float64 u per (query,
 identity), identities in ascending pid order, and takes the floor(u * n)-th of the identity's n
@@ -123,8 +123,8 @@ def kernel_match_ranks(dist: torch.Tensor, q_pids, q_camids, g_pids, g_camids):
 
 def single_shot_match_ranks(dist: torch.Tensor, q_pids, q_camids, g_pids, g_camids, num_repeats: int,
                             seed: int):
-    """CUHK03 single-gallery-shot: (num_repeats, V) rank of each valid query's match among one
-    drawn gallery item per identity, and the valid-query mask (Q,).
+    """CUHK03 single-gallery-shot: (num_repeats, V) rank of each valid query's match (V queries
+    keep one) among one drawn gallery item per identity.
 
     Only the query's own identity loses items (those on its camera), so each draw is one
     uniform number per (query, identity): the drawn item of every other identity is a gather,
@@ -156,7 +156,7 @@ def single_shot_match_ranks(dist: torch.Tensor, q_pids, q_camids, g_pids, g_cami
         before = (drawn_dist < match_dist) | ((drawn_dist == match_dist) & (drawn < match[:, None]))
         before[torch.arange(len(queries), device=device), own[valid]] = False
         ranks.append(1 + before.sum(dim=1))
-    return torch.stack(ranks), valid
+    return torch.stack(ranks)
 
 
 def _labels(name: str, value, length: int, device) -> torch.Tensor:
@@ -239,7 +239,7 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
                          "check q_pids / g_pids / q_camids / g_camids")
     all_ap = torch.cat(all_ap).cpu().numpy()
     if protocol == "cuhk03":
-        first_ranks = single_shot_match_ranks(dist, q_pids, q_camids, g_pids, g_camids, num_repeats, seed)[0]
+        first_ranks = single_shot_match_ranks(dist, q_pids, q_camids, g_pids, g_camids, num_repeats, seed)
     else:
         first_ranks = torch.cat(first_ranks)
     first_ranks = first_ranks.flatten().clamp_(max=max_rank + 1)
