@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_input_device
+
 BLOCK_N = 64
 
 
@@ -64,6 +66,7 @@ def _block_h(heads: int) -> int:
     return max(16, triton.next_power_of_2(heads))  # tl.dot needs >= 16
 
 
+@on_input_device
 def hem_loss_forward(cls_logits: torch.Tensor, eps: float, reduction: str) -> torch.Tensor:
     B, H, N = cls_logits.shape
     acc = _acc_dtype(cls_logits.dtype)
@@ -75,6 +78,7 @@ def hem_loss_forward(cls_logits: torch.Tensor, eps: float, reduction: str) -> to
     return per_sample.sum() * _weight(B, reduction)
 
 
+@on_input_device
 def hem_loss_backward(grad: torch.Tensor, cls_logits: torch.Tensor, eps: float, reduction: str) -> torch.Tensor:
     B, H, N = cls_logits.shape
     out = torch.empty_like(cls_logits, memory_format=torch.contiguous_format)

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_input_device
+
 
 @triton.jit
 def _log1p(t):
@@ -68,6 +70,7 @@ def _ranking_row_kernel(x_ptr, labels_ptr, row_loss_ptr, anchor_ptr, coef_ptr, n
     tl.store(coef_ptr + k.to(tl.int64) * n + idx, tl.where(anchor, g, 0.0), mask=valid)
 
 
+@on_input_device
 def ranking_loss_forward(embeddings: torch.Tensor, labels: torch.Tensor, alpha: float, lam: float, neg_mode: str,
                          pos_mode: str):
     """(loss, coef = G + Gᵀ) with G = dL/dS, as the C++ op returns them."""
