@@ -9,6 +9,8 @@ cosine (and the plain logits f·wᵀ), then, in the epilogue:
   as the C++ driver): the tile recomputed, the masked cosine's coefficients g_num, h and the plain
   logits' gradient; the GEMMs against the prototypes / queries then run in torch (cuBLAS), and the
   rows' normalisation backward reuses the masked cosine's Triton helpers.
+The tile's dots follow triton/_precision.py (fp32: IEEE, or TF32 under torch's "high"/"medium"
+matmul precision, as the torch GEMMs of the gradients; fp64: fp64).
 """
 
 import math
