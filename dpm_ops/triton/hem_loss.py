@@ -6,7 +6,7 @@ Backward (same program, GRAD): a second pass over the chunks writes
 dL/dA = r ⊙ (c (G − I) Â − Â ⊙ d), c = 4w/heads², d_h = c ((G − I) G)_hh.
 The Gram and the mixing products are IEEE dots in fp32 (fp64 for fp64 logits) whatever torch's
 matmul precision (triton/_precision.py is for the GEMM-sized kernels): a (heads x heads) Gram per
-sample is little work, and G − I is a difference of near-equal numbers.
+sample is little work next to streaming the logits.
 """
 
 import torch
