@@ -105,5 +105,5 @@ def knn_forward(x: torch.Tensor, y: torch.Tensor, k: int, metric: str):
     _knn_kernel[(triton.cdiv(M, BLOCK_M),)](
         x, y, x_norms, y_norms, values, indices, M, y.shape[0], D, k, METRIC=_METRIC_IDS[metric],
         KP=kp, NO_INDEX=_NO_INDEX, PRECISION=dot_precision(x.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        BLOCK_D=BLOCK_D, num_warps=8 if kp >= 128 else 4)  # the (BLOCK_M, kp) lists: spread over more threads
+        BLOCK_D=BLOCK_D, num_warps=8 if kp >= 256 else 4)  # the (BLOCK_M, kp) lists: spread over more threads
     return values, indices
