@@ -160,7 +160,7 @@ def _forward(features, mask, weight, labels, scale, margin, easy_margin, clamp_e
 
 
 def _gradients(features, mask, weight, labels, masked_lse, plain_lse, scale, margin, easy_margin, clamp_eps,
-              plain_weight, masked_weight):
+               plain_weight, masked_weight):
     """Gradients of the loss w.r.t. (features, mask, weight), for a unit upstream gradient."""
     B, C = features.shape
     K = weight.shape[0]
@@ -207,9 +207,9 @@ def loss_and_grads(features, mask, weight, labels, scale, margin, easy_margin, c
                    masked_weight, with_grad):
     """The dpm_ops::masked_arcface_ce_triton op: (loss, grad_features, grad_mask, grad_weight)."""
     loss, masked_lse, plain_lse = _forward(features, mask, weight, labels, scale, margin, easy_margin, clamp_eps,
-                                          plain_weight, masked_weight)
+                                           plain_weight, masked_weight)
     if not with_grad:
         empty = features.new_empty((0,))
         return loss, empty, empty.clone(), empty.clone()
     return (loss, *_gradients(features, mask, weight, labels, masked_lse, plain_lse, scale, margin, easy_margin,
-                             clamp_eps, plain_weight, masked_weight))
+                              clamp_eps, plain_weight, masked_weight))

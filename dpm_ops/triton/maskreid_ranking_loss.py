@@ -4,8 +4,8 @@ csrc/maskreid_ranking_loss/maskreid_ranking_loss_math.h).
 The similarities S = X Xᵀ come from one GEMM in torch (the reference's, with torch's precision
 settings); one program per anchor row k then mines its row s (positives, hardest positive with
 first-index ties, negatives), sums the hinge terms and writes the row's closed-form dL/dS; in
-pos_mode "all" the row's (positive, negative) pairs are visited BLOCK_P positives at a time (the
-kernel holds O(n) per row: sized for training batches, n up to a few thousand). Torch then takes
+pos_mode "all" the row's (positive, negative) pairs are visited BLOCK_P positives at a time, never
+as one n × n tile (a program holds O(n) values: sized for training batches). Torch then takes
 the mean over anchors and symmetrises (coef = (G + Gᵀ) / #anchors): a handful of n² element ops.
 """
 
