@@ -25,3 +25,35 @@ def device_for(backend: str) -> torch.device:
     if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+@pytest.fixture(params=["highest", "high"])
+def fp32_matmul_precision(request):
+    """Each torch fp32 matmul precision in turn (the Triton GEMM tiles follow it: IEEE, then TF32),
+    restored afterwards."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(request.param)
+    yield request.param
+    torch.set_float32_matmul_precision(before)
+
+
+def fp32_tolerances(precision: str) -> dict:
+    """IEEE fp32, or TF32's 10-bit mantissa (the interpreter may multiply in full precision)."""
+    return {"atol": 2e-5, "rtol": 1e-4} if precision == "highest" else {"atol": 1e-2, "rtol": 1e-2}
+
+
+def record_launches(monkeypatch, module, kernel_name: str) -> list:
+    """Stands in for `module.kernel_name` (a Triton kernel): every launch still runs, and its keyword
+    arguments (the constexprs) are appended to the returned list."""
+    kernel = getattr(module, kernel_name)
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs)
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(module, kernel_name, Recorder())
+    return launches

@@ -8,7 +8,7 @@ whatever the tiling, and equal values are everywhere, so indices are compared ex
 import pytest
 import torch
 
-from conftest import backend_params, device_for
+from conftest import backend_params, device_for, record_launches
 from dpm_ops.ops import knn, knn_reference, self_knn, self_knn_reference
 
 KERNEL_BACKENDS = backend_params("cpp", "cuda", "triton")
@@ -78,6 +78,31 @@ def test_knn_non_contiguous_and_half_inputs(backend):
     values, indices = knn(x.half(), y.bfloat16(), 9, backend=backend)  # exact in half: computed in float32
     assert values.dtype == torch.float32
     torch.testing.assert_close((values, indices), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", backend_params("triton"))
+def test_triton_fp32_follows_the_matmul_precision(backend, fp32_matmul_precision, monkeypatch):
+    # Sign rows: every distance is exact in TF32 too, so the reference is matched exactly either way.
+    from dpm_ops.triton import knn as kernels
+    launches = record_launches(monkeypatch, kernels, "_knn_kernel")
+    device = device_for(backend)
+    x, y = sign_rows(37, 40, seed=9).to(device), sign_rows(75, 40, seed=10).to(device)
+    for metric in METRICS:
+        torch.testing.assert_close(knn(x, y, 13, metric, backend=backend), knn_reference(x, y, 13, metric),
+                                   rtol=0, atol=1e-6)
+    want = "ieee" if fp32_matmul_precision == "highest" else "tf32"
+    assert {launch["PRECISION"] for launch in launches} == {want}
+    knn(x.double(), y.double(), 3, backend=backend)
+    assert launches[-1]["PRECISION"] == "ieee"  # fp64 stays fp64
+
+
+@pytest.mark.parametrize("backend", backend_params("cuda", "triton"))
+def test_gpu_kernels_cap_k_at_256(backend):
+    device = device_for(backend)
+    x, y = sign_rows(2, seed=11).to(device), sign_rows(300, seed=12).to(device)
+    kernel = {"cuda": "CUDA", "triton": "Triton"}[backend]
+    with pytest.raises(ValueError, match=f"knn: the {kernel} kernel takes k <= 256, got 257"):
+        knn(x, y, 257, backend=backend)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

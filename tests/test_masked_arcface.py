@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import backend_params, device_for
+from conftest import backend_params, device_for, fp32_tolerances, record_launches
 from dpm_ops.losses import DPMLoss, MaskedArcFaceLoss, masked_arcface_cross_entropy
 from dpm_ops.ops import masked_arcface_ce
 from test_models_dpm import batch, tiny_dpm
@@ -32,14 +32,14 @@ def tolerances(dtype):
     return {"atol": 1e-11, "rtol": 1e-9} if dtype == torch.float64 else {"atol": 2e-5, "rtol": 1e-4}
 
 
-def check_against_reference(backend, features, mask, weight, labels, **options):
+def check_against_reference(backend, features, mask, weight, labels, tol=None, **options):
     inputs = [t.detach().requires_grad_(True) for t in (features, mask, weight)]
     expected = masked_arcface_cross_entropy(*inputs, labels, fused=False, **options)
     want = torch.autograd.grad(expected, inputs)
     value = masked_arcface_ce(*inputs, labels, backend=backend, **options)
     got = torch.autograd.grad(value, inputs)
     assert value.shape == () and value.dtype == features.dtype
-    tol = tolerances(features.dtype)
+    tol = tol or tolerances(features.dtype)
     torch.testing.assert_close(value, expected, **tol)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, **tol)
@@ -50,6 +50,18 @@ def check_against_reference(backend, features, mask, weight, labels, **options):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_matches_reference(backend, dtype, shape):
     check_against_reference(backend, *make_inputs(*shape, dtype, device_for(backend), seed=sum(shape)))
+
+
+@pytest.mark.parametrize("backend", backend_params("triton"))
+@pytest.mark.parametrize("shape", [(1, 7, 13), (40, 66, 33)])
+def test_triton_fp32_follows_the_matmul_precision(backend, shape, fp32_matmul_precision, monkeypatch):
+    from dpm_ops.triton import masked_arcface as kernels
+    launches = record_launches(monkeypatch, kernels, "_arcface_tile_kernel")
+    check_against_reference(backend, *make_inputs(*shape, torch.float32, device_for(backend), seed=3),
+                            tol=fp32_tolerances(fp32_matmul_precision))
+    assert len(launches) >= 2  # the forward tiles and the gradients' recomputed tiles
+    want = "ieee" if fp32_matmul_precision == "highest" else "tf32"
+    assert {launch["PRECISION"] for launch in launches} == {want}
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import backend_params, device_for
+from conftest import backend_params, device_for, fp32_tolerances, record_launches
 from dpm_ops.ops import masked_arccos_distance, masked_cosine, masked_cosine_reference
 
 KERNEL_BACKENDS = backend_params("cpp", "cuda", "triton")
@@ -120,16 +120,42 @@ def test_large_shape(backend):
 
 @pytest.mark.parametrize("backend", backend_params("cuda", "triton"))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_reduced_precision_on_gpu(backend, dtype):
-    if not torch.cuda.is_available():
-        pytest.skip("fp16/bf16 kernels run on GPU (the Triton interpreter mis-handles bf16)")
-    x, mask, protos = make_inputs(70, 90, 200, dtype, "cuda", requires_grad=True)
-    expected = masked_cosine_reference(*(t.float() for t in (x, mask, protos)))
+@pytest.mark.parametrize("shape", [(1, 1, 1), (17, 35, 70), (70, 140, 200)])
+def test_reduced_precision(backend, dtype, shape):
+    """fp16/bf16: tensor-core dots on fp16/bf16 operands, fp32 accumulation."""
+    if not torch.cuda.is_available() and (backend == "cuda" or dtype == torch.bfloat16):
+        pytest.skip("bf16 tl.dot needs a GPU: the Triton interpreter multiplies its bit patterns "
+                    "(triton-lang/triton#11584)")
+    device = device_for(backend)
+    x, mask, protos = make_inputs(*shape, dtype, device, requires_grad=True)
+    full = [t.detach().float().requires_grad_() for t in (x, mask, protos)]
+    expected = masked_cosine_reference(*full)
     out = masked_cosine(x, mask, protos, backend=backend)
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
     out.sum().backward()
-    assert all(torch.isfinite(t.grad).all() for t in (x, mask, protos))
+    expected.sum().backward()
+    for got, want in zip((x, mask, protos), full):
+        scale = want.grad.abs().max().item()
+        torch.testing.assert_close(got.grad.float(), want.grad, atol=2e-2 * scale + 1e-3, rtol=2e-2)
+
+
+@pytest.mark.parametrize("backend", backend_params("triton"))
+@pytest.mark.parametrize("shape", [(1, 7, 13), (17, 35, 70), (70, 140, 200)])
+def test_triton_fp32_follows_the_matmul_precision(backend, shape, fp32_matmul_precision, monkeypatch):
+    from dpm_ops.triton import masked_cosine as kernels
+    tiles = record_launches(monkeypatch, kernels, "_masked_cosine_tile_kernel")
+    coefs = record_launches(monkeypatch, kernels, "_coef_grad_kernel")
+    x, mask, protos = make_inputs(*shape, torch.float32, device_for(backend), requires_grad=True)
+    out = masked_cosine(x, mask, protos, backend=backend)
+    grads = torch.autograd.grad(out.sum(), (x, mask, protos))
+    expected = masked_cosine_reference(x, mask, protos)
+    torch.testing.assert_close(out, expected, **fp32_tolerances(fp32_matmul_precision))
+    for got, want in zip(grads, torch.autograd.grad(expected.sum(), (x, mask, protos))):
+        torch.testing.assert_close(got, want, **fp32_tolerances(fp32_matmul_precision))
+    assert len(tiles) == 2 and len(coefs) == 2  # forward and coefficient tiles; both coefficient GEMMs
+    want = "ieee" if fp32_matmul_precision == "highest" else "tf32"
+    assert {launch["PRECISION"] for launch in tiles + coefs} == {want}
 
 
 def test_cpp_accepts_half_inputs_on_cpu():

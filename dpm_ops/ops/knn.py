@@ -123,8 +123,9 @@ def knn(x: torch.Tensor, y: torch.Tensor, k: int, metric: str = "euclidean", bac
     """The k nearest rows of y (N, D) for every row of x (M, D): (distances (M, k), indices (M, k)).
 
     Sorted ascending, ties broken by (distance, index). k must be in [1, N] (a ValueError
-    otherwise; the CUDA kernel also takes k <= 256); M = 0 gives empty results. float16/bfloat16/float32 are computed and returned in
-    float32, float64 in float64 (mixed: the wider). Distances are differentiable in x and y.
+    otherwise; the CUDA and Triton kernels also take k <= 256); M = 0 gives empty results.
+    float16/bfloat16/float32 are computed and returned in float32, float64 in float64 (mixed: the
+    wider). Distances are differentiable in x and y.
     ``backend``: "reference" | "cpp" | "cuda" | "triton" (default: by device, dpm_ops.backends()).
     """
     _check_tensor("x", x)

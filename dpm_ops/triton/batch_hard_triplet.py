@@ -10,12 +10,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_input_device
+
 MIN_SQUARED = 1e-12
 
 
 @triton.jit
 def _mine_kernel(gram_ptr, sq_ptr, labels_ptr, pos_idx_ptr, neg_idx_ptr, pos_d2_ptr, neg_d2_ptr, loss_ptr, B,
-                 BLOCK: tl.constexpr):
+                 MIN_SQUARED: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.program_id(0)
     j = tl.arange(0, BLOCK)
     valid = j < B
@@ -39,6 +41,7 @@ def _mine_kernel(gram_ptr, sq_ptr, labels_ptr, pos_idx_ptr, neg_idx_ptr, pos_d2_
     tl.store(loss_ptr + i, tl.where(v > 20.0, v, tl.log(1.0 + tl.exp(tl.minimum(v, 20.0)))).to(acc_t))
 
 
+@on_input_device
 def loss_and_grad(features, labels, with_grad):
     """The dpm_ops::batch_hard_triplet_triton op: (loss, grad for a unit upstream gradient or empty)."""
     x, labels = features.contiguous(), labels.contiguous()
@@ -50,7 +53,7 @@ def loss_and_grad(features, labels, with_grad):
     pos_d2, neg_d2, row_loss = (torch.empty(B, dtype=x.dtype, device=x.device) for _ in range(3))
     if B > 0:
         _mine_kernel[(B,)](gram, sq, labels, pos_idx, neg_idx, pos_d2, neg_d2, row_loss, B,
-                           BLOCK=triton.next_power_of_2(B))
+                           MIN_SQUARED=MIN_SQUARED, BLOCK=triton.next_power_of_2(B))
     loss = row_loss.sum() / B
     if not with_grad:
         return loss, x.new_empty((0,))

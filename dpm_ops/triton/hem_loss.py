@@ -4,12 +4,16 @@ One program per sample streams its (heads × N) logits in chunks and accumulates
 R = A Aᵀ; the norms are R's diagonal, G = r_h r_i R_hi. Forward: the sample's ‖G − I‖²_F / heads².
 Backward (same program, GRAD): a second pass over the chunks writes
 dL/dA = r ⊙ (c (G − I) Â − Â ⊙ d), c = 4w/heads², d_h = c ((G − I) G)_hh.
-The Gram and the mixing products are IEEE dots in fp32 (fp64 for fp64 logits).
+The Gram and the mixing products are IEEE dots in fp32 (fp64 for fp64 logits) whatever torch's
+matmul precision (triton/_precision.py is for the GEMM-sized kernels): a (heads x heads) Gram per
+sample is little work next to streaming the logits.
 """
 
 import torch
 import triton
 import triton.language as tl
+
+from ._device import on_input_device
 
 BLOCK_N = 64
 
@@ -64,6 +68,7 @@ def _block_h(heads: int) -> int:
     return max(16, triton.next_power_of_2(heads))  # tl.dot needs >= 16
 
 
+@on_input_device
 def hem_loss_forward(cls_logits: torch.Tensor, eps: float, reduction: str) -> torch.Tensor:
     B, H, N = cls_logits.shape
     acc = _acc_dtype(cls_logits.dtype)
@@ -75,6 +80,7 @@ def hem_loss_forward(cls_logits: torch.Tensor, eps: float, reduction: str) -> to
     return per_sample.sum() * _weight(B, reduction)
 
 
+@on_input_device
 def hem_loss_backward(grad: torch.Tensor, cls_logits: torch.Tensor, eps: float, reduction: str) -> torch.Tensor:
     B, H, N = cls_logits.shape
     out = torch.empty_like(cls_logits, memory_format=torch.contiguous_format)

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from ..ops.hierarchical_mask_pool_reference import resize_mask
+from ._device import on_input_device
 
 BLOCK_R = 16
 BLOCK_HW = 64
@@ -139,6 +140,7 @@ def _launch(features, grads, mask, mode, out, grad):
                            BACKWARD=grad is not None, BLOCK_R=BLOCK_R, BLOCK_HW=BLOCK_HW)
 
 
+@on_input_device
 def hierarchical_mask_pool_forward(features, mask, mode):
     features = [f.contiguous() for f in features]
     out = torch.empty((features[0].shape[0], sum(f.shape[1] for f in features)), dtype=features[0].dtype,
@@ -147,6 +149,7 @@ def hierarchical_mask_pool_forward(features, mask, mode):
     return out
 
 
+@on_input_device
 def hierarchical_mask_pool_backward(grad, features, mask, out, mode):
     features = [f.contiguous() for f in features]
     grads = [torch.empty_like(f) for f in features]

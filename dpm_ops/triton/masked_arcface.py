@@ -9,6 +9,8 @@ cosine (and the plain logits f·wᵀ), then, in the epilogue:
   as the C++ driver): the tile recomputed, the masked cosine's coefficients g_num, h and the plain
   logits' gradient; the GEMMs against the prototypes / queries then run in torch (cuBLAS), and the
   rows' normalisation backward reuses the masked cosine's Triton helpers.
+The tile's dots follow triton/_precision.py (fp32: IEEE, or TF32 under torch's "high"/"medium"
+matmul precision, as the torch GEMMs of the gradients; fp64: fp64).
 """
 
 import math
@@ -17,12 +19,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .masked_cosine import _acc_dtype, _dot, _ieee, _inv_norm, _normalize_backward
+from ._device import on_input_device
+from ._precision import dot, dot_precision
+from .masked_cosine import _acc_dtype, _inv_norm, _normalize_backward
 
 EPS = 1e-12
 BLOCK_B = 32
 BLOCK_K = 32
-BLOCK_C = 32
 
 
 @triton.jit
@@ -30,7 +33,7 @@ def _arcface_tile_kernel(f_ptr, m_ptr, w_ptr, inv_f_ptr, inv_w_ptr, labels_ptr, 
                          grad_ptr, mlse_ptr, plse_ptr, gnum_ptr, h_ptr, gp_ptr,
                          row0, n_rows, B, K, C, n_ktiles, scale, cos_m, sin_m, th, mm, lo, hi, plain_w, masked_w,
                          inv_batch, eps,
-                         EASY: tl.constexpr, WITH_PLAIN: tl.constexpr, BACKWARD: tl.constexpr, IEEE: tl.constexpr,
+                         EASY: tl.constexpr, WITH_PLAIN: tl.constexpr, BACKWARD: tl.constexpr, PRECISION: tl.constexpr,
                          BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -40,6 +43,7 @@ def _arcface_tile_kernel(f_ptr, m_ptr, w_ptr, inv_f_ptr, inv_w_ptr, labels_ptr, 
     in_b = local < n_rows
     in_k = ks < K
     acc_t = inv_f_ptr.dtype.element_ty
+    in_t = w_ptr.dtype.element_ty
     inv_f = tl.load(inv_f_ptr + rows, mask=in_b, other=0.0)
     inv_w = tl.load(inv_w_ptr + ks, mask=in_k, other=0.0)
     num = tl.zeros((BLOCK_B, BLOCK_K), dtype=acc_t)
@@ -55,10 +59,10 @@ def _arcface_tile_kernel(f_ptr, m_ptr, w_ptr, inv_f_ptr, inv_w_ptr, labels_ptr, 
         w = tl.load(w_ptr + ks[:, None].to(tl.int64) * C + c[None, :], mask=in_k[:, None] & in_c[None, :],
                     other=0.0).to(acc_t)
         wh = w * inv_w[:, None]
-        num += _dot(f * inv_f[:, None] * m, tl.trans(wh), IEEE, w_ptr.dtype.element_ty)
-        den_sq += _dot(m * m, tl.trans(wh * wh), IEEE, w_ptr.dtype.element_ty)
+        num = dot(f * inv_f[:, None] * m, tl.trans(wh), num, PRECISION, in_t)
+        den_sq = dot(m * m, tl.trans(wh * wh), den_sq, PRECISION, in_t)
         if WITH_PLAIN:
-            plain += _dot(f, tl.trans(w), IEEE, w_ptr.dtype.element_ty)
+            plain = dot(f, tl.trans(w), plain, PRECISION, in_t)
     den = tl.sqrt(den_sq)
     cos = num / tl.maximum(den, eps)
     labels = tl.load(labels_ptr + rows, mask=in_b, other=-1)
@@ -116,14 +120,21 @@ def _margin_args(scale, margin, easy_margin, clamp_eps):
                 mm=math.sin(math.pi - margin) * margin, lo=-1.0 + clamp_eps, hi=1.0 - clamp_eps)
 
 
+def _c_block(precision: str) -> int:
+    """FMA (IEEE / fp64) dots hold whole operand tiles per thread: a narrow C chunk keeps the three
+    accumulators spill-free; tensor cores take 32 (128-byte fp32 rows)."""
+    return 16 if precision == "ieee" else 32
+
+
 def _rows_per_chunk(B):
     return max(1, -(-B // 2))  # the (rows, K) coefficient buffers hold at most ~one (B, K) matrix in all
 
 
-def forward(features, mask, weight, labels, scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight):
+def _forward(features, mask, weight, labels, scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight):
     B, C = features.shape
     K = weight.shape[0]
     acc = _acc_dtype(features.dtype)
+    precision = dot_precision(features.dtype)
     f, m, w, labels = features.contiguous(), mask.contiguous(), weight.contiguous(), labels.contiguous()
     with_plain = plain_weight != 0
     n_ktiles = triton.cdiv(K, BLOCK_K)
@@ -134,7 +145,7 @@ def forward(features, mask, weight, labels, scale, margin, easy_margin, clamp_ep
             f, m, w, _inv_norm(f, EPS), _inv_norm(w, EPS), labels, parts, targets, parts, parts, parts, parts, parts,
             parts, 0, B, B, K, C, n_ktiles, **_margin_args(scale, margin, easy_margin, clamp_eps), plain_w=plain_weight,
             masked_w=masked_weight, inv_batch=1.0, eps=EPS, EASY=easy_margin, WITH_PLAIN=with_plain, BACKWARD=False,
-            IEEE=_ieee(f.dtype), BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, BLOCK_C=BLOCK_C)
+            PRECISION=precision, BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, BLOCK_C=_c_block(precision))
 
     def merge(maxes, sums):
         top = maxes.amax(1)
@@ -148,11 +159,12 @@ def forward(features, mask, weight, labels, scale, margin, easy_margin, clamp_ep
     return row_loss.sum() / B, masked_lse, plain_lse
 
 
-def gradients(features, mask, weight, labels, masked_lse, plain_lse, scale, margin, easy_margin, clamp_eps,
-              plain_weight, masked_weight):
+def _gradients(features, mask, weight, labels, masked_lse, plain_lse, scale, margin, easy_margin, clamp_eps,
+               plain_weight, masked_weight):
     """Gradients of the loss w.r.t. (features, mask, weight), for a unit upstream gradient."""
     B, C = features.shape
     K = weight.shape[0]
+    precision = dot_precision(features.dtype)
     f, m, w, labels = features.contiguous(), mask.contiguous(), weight.contiguous(), labels.contiguous()
     masked_lse, plain_lse = masked_lse.contiguous(), plain_lse.contiguous()
     with_plain = plain_weight != 0
@@ -176,7 +188,7 @@ def gradients(features, mask, weight, labels, masked_lse, plain_lse, scale, marg
             f, m, w, inv_f, inv_w, labels, g_num, g_num, grad, masked_lse, plain_lse, g_num, h, gp,
             r0, n, B, K, C, 1, **_margin_args(scale, margin, easy_margin, clamp_eps), plain_w=plain_weight,
             masked_w=masked_weight, inv_batch=1.0 / B, eps=EPS, EASY=easy_margin, WITH_PLAIN=with_plain,
-            BACKWARD=True, IEEE=_ieee(f.dtype), BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, BLOCK_C=BLOCK_C)
+            BACKWARD=True, PRECISION=precision, BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, BLOCK_C=_c_block(precision))
         gn, hh, rs = g_num[:n], h[:n], slice(r0, r0 + n)
         u, v = gn @ wh, hh @ wh_sq
         up.addmm_(gn.t(), fh_m[rs])
@@ -190,13 +202,14 @@ def gradients(features, mask, weight, labels, masked_lse, plain_lse, scale, marg
     return grad_f, grad_m, grad_w
 
 
+@on_input_device
 def loss_and_grads(features, mask, weight, labels, scale, margin, easy_margin, clamp_eps, plain_weight,
                    masked_weight, with_grad):
     """The dpm_ops::masked_arcface_ce_triton op: (loss, grad_features, grad_mask, grad_weight)."""
-    loss, masked_lse, plain_lse = forward(features, mask, weight, labels, scale, margin, easy_margin, clamp_eps,
-                                          plain_weight, masked_weight)
+    loss, masked_lse, plain_lse = _forward(features, mask, weight, labels, scale, margin, easy_margin, clamp_eps,
+                                           plain_weight, masked_weight)
     if not with_grad:
         empty = features.new_empty((0,))
         return loss, empty, empty.clone(), empty.clone()
-    return (loss, *gradients(features, mask, weight, labels, masked_lse, plain_lse, scale, margin, easy_margin,
-                             clamp_eps, plain_weight, masked_weight))
+    return (loss, *_gradients(features, mask, weight, labels, masked_lse, plain_lse, scale, margin, easy_margin,
+                              clamp_eps, plain_weight, masked_weight))

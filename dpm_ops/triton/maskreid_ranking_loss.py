@@ -1,16 +1,19 @@
 """Triton kernel of MaskReID's ranking loss (maths: dpm_ops/ops/maskreid_ranking_loss_reference.py,
 csrc/maskreid_ranking_loss/maskreid_ranking_loss_math.h).
 
-One program per anchor row k computes its similarity row s = X x_k (streaming D in chunks), mines it
-(positives, hardest positive with first-index ties, negatives), sums the hinge terms and writes the
-row's closed-form dL/dS; in pos_mode "all" the (positive, negative) pairs of the row form one n × n
-tile, so the kernel is sized for training batches (n up to a few hundred). Torch then takes the
-mean over anchors and symmetrises (coef = (G + Gᵀ) / #anchors): a handful of n² element ops.
+The similarities S = X Xᵀ come from one GEMM in torch (the reference's, with torch's precision
+settings); one program per anchor row k then mines its row s (positives, hardest positive with
+first-index ties, negatives), sums the hinge terms and writes the row's closed-form dL/dS; in
+pos_mode "all" the row's (positive, negative) pairs are visited BLOCK_P positives at a time, never
+as one n × n tile (a program holds O(n) values: sized for training batches). Torch then takes
+the mean over anchors and symmetrises (coef = (G + Gᵀ) / #anchors): a handful of n² element ops.
 """
 
 import torch
 import triton
 import triton.language as tl
+
+from ._device import on_input_device
 
 
 @triton.jit
@@ -21,38 +24,42 @@ def _log1p(t):
 
 
 @triton.jit
-def _ranking_row_kernel(x_ptr, labels_ptr, row_loss_ptr, anchor_ptr, coef_ptr, n, D, alpha, lam,
+def _ranking_row_kernel(sim_ptr, labels_ptr, row_loss_ptr, anchor_ptr, coef_ptr, n, alpha, lam,
                         VIOLATING_ONLY: tl.constexpr, ALL_POSITIVES: tl.constexpr,
-                        BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+                        BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
     k = tl.program_id(0)
     acc_t = row_loss_ptr.dtype.element_ty
     idx = tl.arange(0, BLOCK_B)
     valid = idx < n
-    s = tl.zeros((BLOCK_B,), dtype=acc_t)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        in_d = d < D
-        xk = tl.load(x_ptr + k.to(tl.int64) * D + d, mask=in_d, other=0.0).to(acc_t)
-        xs = tl.load(x_ptr + idx[:, None].to(tl.int64) * D + d[None, :], mask=valid[:, None] & in_d[None, :],
-                     other=0.0).to(acc_t)
-        s += tl.sum(xs * xk[None, :], 1)
+    row = sim_ptr + k.to(tl.int64) * n
+    s = tl.load(row + idx, mask=valid, other=0.0)
     labels = tl.load(labels_ptr + idx, mask=valid, other=0)
     label_k = tl.load(labels_ptr + k)
     pos = valid & (labels == label_k) & (idx != k)
     neg = valid & (labels != label_k)
     num_pos = tl.sum(pos.to(tl.int32), 0)
-    hardest = tl.min(tl.where(pos, s, float("inf")), 0)
-    hardest_idx = tl.min(tl.where(pos & (s == hardest), idx, BLOCK_B), 0)  # first index among ties
     pull = tl.sum(tl.where(pos, (s - 1.0) * (s - 1.0), 0.0), 0)
     satisfied = 0.0 if VIOLATING_ONLY else 1.0  # literal Eq. 5: exp(max(z, 0)) = 1 for z <= 0
     if ALL_POSITIVES:
-        z = s[None, :] - s[:, None] + alpha  # (reference i, negative j)
-        pair = pos[:, None] & neg[None, :]
-        weight = tl.where(pair & (z > 0), tl.exp(z), 0.0)
-        total = tl.sum(tl.sum(tl.where(pair, tl.where(z > 0, tl.exp(z), satisfied), 0.0), 1), 0)
-        neg_weight = tl.sum(weight, 0)  # Σ_i w_ij, per negative j
-        pos_weight = tl.sum(weight, 1)  # Σ_j w_ij, per positive i
+        # The (reference i, negative j) pairs, BLOCK_P reference rows at a time (a whole n x n tile
+        # would not fit in registers); w_ij summed over i for the negatives, over j for the positives.
+        total = tl.zeros((), dtype=acc_t)
+        neg_weight = tl.zeros((BLOCK_B,), dtype=acc_t)
+        pos_weight = tl.zeros((BLOCK_B,), dtype=acc_t)
+        for i0 in range(0, n, BLOCK_P):
+            i = i0 + tl.arange(0, BLOCK_P)
+            s_i = tl.load(row + i, mask=i < n, other=0.0)
+            labels_i = tl.load(labels_ptr + i, mask=i < n, other=0)
+            pair = ((i < n) & (labels_i == label_k) & (i != k))[:, None] & neg[None, :]
+            z = s[None, :] - s_i[:, None] + alpha
+            weight = tl.where(pair & (z > 0), tl.exp(z), 0.0)
+            total += tl.sum(tl.sum(tl.where(pair, tl.where(z > 0, tl.exp(z), satisfied), 0.0), 1), 0)
+            neg_weight += tl.sum(weight, 0)
+            # the chunk's row sums, placed at their rows of the full vector
+            pos_weight += tl.sum(tl.where(i[:, None] == idx[None, :], tl.sum(weight, 1)[:, None], 0.0), 0)
     else:
+        hardest = tl.min(tl.where(pos, s, float("inf")), 0)
+        hardest_idx = tl.min(tl.where(pos & (s == hardest), idx, BLOCK_B), 0)  # first index among ties
         z = s - hardest + alpha
         weight = tl.where(neg & (z > 0), tl.exp(z), 0.0)
         total = tl.sum(tl.where(neg, tl.where(z > 0, tl.exp(z), satisfied), 0.0), 0)
@@ -68,19 +75,23 @@ def _ranking_row_kernel(x_ptr, labels_ptr, row_loss_ptr, anchor_ptr, coef_ptr, n
     tl.store(coef_ptr + k.to(tl.int64) * n + idx, tl.where(anchor, g, 0.0), mask=valid)
 
 
+@on_input_device
 def ranking_loss_forward(embeddings: torch.Tensor, labels: torch.Tensor, alpha: float, lam: float, neg_mode: str,
                          pos_mode: str):
     """(loss, coef = G + Gᵀ) with G = dL/dS, as the C++ op returns them."""
-    n, D = embeddings.shape
+    n = embeddings.shape[0]
     acc = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
-    x = embeddings.contiguous()
-    row_loss = torch.zeros(n, dtype=acc, device=x.device)
-    anchor = torch.zeros(n, dtype=acc, device=x.device)
-    coef = torch.zeros((n, n), dtype=acc, device=x.device)
+    device = embeddings.device
+    with torch.autocast(device.type, enabled=False):  # the reference's GEMM, in the compute dtype
+        x = embeddings.to(acc)
+        sim = (x @ x.t()).contiguous()
+    row_loss = torch.zeros(n, dtype=acc, device=device)
+    anchor = torch.zeros(n, dtype=acc, device=device)
+    coef = torch.zeros((n, n), dtype=acc, device=device)
     if n > 0:
         block_b = max(16, triton.next_power_of_2(n))
-        _ranking_row_kernel[(n,)](x, labels.to(torch.int64).contiguous(), row_loss, anchor, coef, n, D, alpha, lam,
+        _ranking_row_kernel[(n,)](sim, labels.to(torch.int64).contiguous(), row_loss, anchor, coef, n, alpha, lam,
                                   VIOLATING_ONLY=neg_mode == "violating_only", ALL_POSITIVES=pos_mode == "all",
-                                  BLOCK_B=block_b, BLOCK_D=max(16, min(128, 4096 // block_b)))
+                                  BLOCK_B=block_b, BLOCK_P=max(1, min(block_b, 2048 // block_b)))
     count = anchor.sum().clamp_min(1.0)
     return row_loss.sum() / count, (coef + coef.t()) / count

@@ -1,0 +1,28 @@
+"""The device guard of every Triton launcher: Triton launches on the *current* CUDA device, not on
+its tensors' (tensors on cuda:1 with cuda:0 current would run on the wrong GPU)."""
+
+import functools
+
+import torch
+
+
+def _first_device(args):
+    for arg in args:
+        if isinstance(arg, (list, tuple)):  # the pooling launchers take a list of feature maps
+            arg = next((t for t in arg if isinstance(t, torch.Tensor)), None)
+        if isinstance(arg, torch.Tensor):
+            return arg.device
+    return None
+
+
+def on_input_device(launcher):
+    """`launcher` run with its first tensor argument's CUDA device current."""
+    @functools.wraps(launcher)
+    def launch(*args, **kwargs):
+        device = _first_device(args)
+        if device is None or device.type != "cuda":
+            return launcher(*args, **kwargs)
+        with torch.cuda.device(device):
+            return launcher(*args, **kwargs)
+    return launch
+

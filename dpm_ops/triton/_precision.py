@@ -1,0 +1,30 @@
+"""The one rule for how the Triton GEMM tiles multiply, read from torch at every launch:
+
+* float16 / bfloat16 inputs: tensor cores, operands in the input dtype, fp32 accumulation;
+* float32: torch.get_float32_matmul_precision(), as torch's own matmuls: "highest" (the default)
+  exact IEEE fp32 products, "high" / "medium" TF32 tensor cores (fp32 accumulation);
+* float64: fp64 products.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """The PRECISION constexpr of `dot` for kernel inputs of `dtype`."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return "input"
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+@triton.jit
+def dot(a, b, acc, PRECISION: tl.constexpr, in_t: tl.constexpr):
+    """acc + a @ b; PRECISION "input": the operands in the fp16 / bf16 input dtype `in_t`."""
+    if PRECISION == "input":
+        acc = tl.dot(a.to(in_t), b.to(in_t), acc)
+    else:
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
