@@ -25,3 +25,11 @@ def device_for(backend: str) -> torch.device:
     if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+@pytest.fixture
+def float32_matmul_precision():
+    """torch.set_float32_matmul_precision for one test; the previous setting is restored after it."""
+    before = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(before)
