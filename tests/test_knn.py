@@ -254,6 +254,17 @@ def test_self_knn_opcheck(backend):
     torch.library.opcheck(torch.ops.dpm_ops.self_knn, (x, 6, "sqeuclidean", True, 7))
 
 
+@pytest.mark.parametrize("backend", SELF_BACKENDS)
+def test_opcheck_half_inputs(backend):
+    # Direct calls with bfloat16 rows (the CUDA path takes them as they are): float32 distances,
+    # and the fake functions say so.
+    x = random_rows(6, 5, 33, torch.float32).to(torch.bfloat16).to(device_for(backend))
+    y = random_rows(20, 5, 34, torch.float32).to(torch.bfloat16).to(device_for(backend))
+    assert torch.ops.dpm_ops.knn(x, y, 4, "euclidean")[0].dtype == torch.float32
+    torch.library.opcheck(torch.ops.dpm_ops.knn, (x, y, 4, "euclidean"))
+    torch.library.opcheck(torch.ops.dpm_ops.self_knn, (y, 4, "sqeuclidean", True, 3))
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_knn_torch_compile_fullgraph(backend):
     torch._dynamo.reset()

@@ -46,14 +46,16 @@ def _check_metric(metric):
 
 # ---- fake (meta) functions and autograd, shared by the C++/CUDA and Triton ops -----------------
 
+# Distances come in the compute dtype (float16 / bfloat16 inputs reach the CUDA op as they are).
 def _fake_knn(x, y, k, metric="euclidean"):
-    return x.new_empty((x.shape[0], k)), x.new_empty((x.shape[0], k), dtype=torch.long)
+    dtype = compute_dtype(x, y)
+    return x.new_empty((x.shape[0], k), dtype=dtype), x.new_empty((x.shape[0], k), dtype=torch.long)
 
 
 def _fake_self_knn(x, k, metric="sqeuclidean", normalize=False, cross_rows=0):
-    n = x.shape[0]
-    return (x.new_empty((n, k)), x.new_empty((n, k), dtype=torch.long), x.new_empty((n,)),
-            x.new_empty((cross_rows, n - cross_rows)))
+    n, dtype = x.shape[0], compute_dtype(x)
+    return (x.new_empty((n, k), dtype=dtype), x.new_empty((n, k), dtype=torch.long), x.new_empty((n,), dtype=dtype),
+            x.new_empty((cross_rows, n - cross_rows), dtype=dtype))
 
 
 def _setup_context(ctx, inputs, output):
