@@ -6,8 +6,9 @@ TORCH_LIBRARY_FRAGMENT(dpm_ops, m) {
   // The k nearest rows of y for every row of x, sorted by (distance, index).
   m.def("knn(Tensor x, Tensor y, int k, str metric=\"euclidean\") -> (Tensor distances, Tensor indices)");
   // The k nearest rows of x for every row of x itself (self at distance 0), from the upper-triangle
-  // tiles only; with normalize, ordered by (distance / row max, index). Also every row's maximum
-  // and the block [0:cross_rows, cross_rows:] of the distance matrix.
+  // tiles only on the CPU, from every row in full on CUDA; with normalize, ordered by
+  // (distance / row max, index). Also every row's maximum and the block [0:cross_rows, cross_rows:]
+  // of the distance matrix.
   m.def(
       "self_knn(Tensor x, int k, str metric=\"sqeuclidean\", bool normalize=False, int cross_rows=0)"
       " -> (Tensor distances, Tensor indices, Tensor row_max, Tensor cross)");

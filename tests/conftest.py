@@ -27,14 +27,19 @@ def device_for(backend: str) -> torch.device:
     return torch.device("cpu")
 
 
-@pytest.fixture(params=["highest", "high"])
-def fp32_matmul_precision(request):
-    """Each torch fp32 matmul precision in turn (the Triton GEMM tiles follow it: IEEE, then TF32),
-    restored afterwards."""
+@pytest.fixture
+def float32_matmul_precision():
+    """torch.set_float32_matmul_precision for one test; the previous setting is restored after it."""
     before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(request.param)
-    yield request.param
+    yield torch.set_float32_matmul_precision
     torch.set_float32_matmul_precision(before)
+
+
+@pytest.fixture(params=["highest", "high"])
+def fp32_matmul_precision(request, float32_matmul_precision):
+    """Each torch fp32 matmul precision in turn (the Triton GEMM tiles follow it: IEEE, then TF32)."""
+    float32_matmul_precision(request.param)
+    return request.param
 
 
 def fp32_tolerances(precision: str) -> dict:

@@ -110,6 +110,20 @@ def test_module_and_function_default_to_the_fused_kernel(monkeypatch):
     assert calls == []
 
 
+@pytest.mark.parametrize("backend", backend_params("cpp", "cuda"))
+def test_kernel_under_bf16_autocast_keeps_its_gram_in_fp32(backend):
+    # The op's Gram GEMM must not be recast to bf16 by autocast (the mining pass reads fp32).
+    features, labels = make_inputs(16, 64, 4, torch.float32, device_for(backend), seed=7)
+    x = features.requires_grad_(True)
+    expected = batch_hard_triplet(x, labels, backend=backend)
+    (expected_grad,) = torch.autograd.grad(expected, x)
+    with torch.autocast(features.device.type, dtype=torch.bfloat16):
+        got = batch_hard_triplet(x, labels, backend=backend)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, **tolerances(torch.float32))
+    torch.testing.assert_close(torch.autograd.grad(got, x)[0], expected_grad, **tolerances(torch.float32))
+
+
 def test_fused_triplet_under_bf16_autocast_runs_in_fp32():
     features, labels = make_inputs(8, 16, 4, torch.float32, "cpu", seed=6)
     with torch.autocast("cpu", dtype=torch.bfloat16):

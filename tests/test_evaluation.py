@@ -64,6 +64,19 @@ def test_cuda_matches_reference():
     assert_matches_reference(evaluate_rank(*tensors), expected)
 
 
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("moved", range(5))
+def test_match_ranks_kernel_wants_one_device(moved):
+    # A mixed-device call reaches the CUDA kernel (the higher dispatch key): the shared input check
+    # names the argument instead of reading host memory as device memory.
+    names = ("distmat", "q_pids", "g_pids", "q_camids", "g_camids")
+    args = [torch.from_numpy(a).cuda() for a in random_problem(4, 9, 6)]
+    args[moved] = args[moved].cpu()
+    named = names[1] if moved == 0 else names[moved]  # a CPU distmat: the first label is off its device
+    with pytest.raises(ValueError, match=f"{named} must be on distmat's device"):
+        torch.ops.dpm_ops.match_ranks(*args)
+
+
 def test_hand_worked_distractor_and_same_camera_removal():
     # Query pid 1, camera 0. Sorted gallery: distractor (pid 0) 0.05, same pid + camera 0.1
     # (removed), pid 2 0.2, match 0.3, match 0.9: matches at ranks 3 and 4 out of 4 kept.

@@ -5,11 +5,14 @@ whatever the tiling, and equal values are everywhere, so indices are compared ex
 (value, index) included, straddling the k-th place.
 """
 
+import math
+
 import pytest
 import torch
 
 from conftest import backend_params, device_for, record_launches
 from dpm_ops.ops import knn, knn_reference, self_knn, self_knn_reference
+from dpm_ops.ops.knn_reference import pairwise_distance_reference
 
 KERNEL_BACKENDS = backend_params("cpp", "cuda", "triton")
 ALL_BACKENDS = backend_params("reference", "cpp", "cuda", "triton")
@@ -105,6 +108,46 @@ def test_gpu_kernels_cap_k_at_256(backend):
         knn(x, y, 257, backend=backend)
 
 
+def neighbour_overlap(indices, expected):
+    """The fraction of the expected neighbours found in each row's returned set."""
+    return (indices[:, :, None] == expected[:, None, :]).any(dim=2).float().mean().item()
+
+
+# fp32 distances under "highest" (IEEE fp32) and "high" (TF32 tensor cores) against fp64.
+PRECISION_TOLERANCES = {"highest": {"atol": 1e-4, "rtol": 1e-5}, "high": {"atol": 2e-2, "rtol": 2e-3}}
+
+
+@pytest.mark.parametrize("backend", backend_params("cuda"))
+@pytest.mark.parametrize("precision", ["highest", "high"])
+@pytest.mark.parametrize("metric", METRICS)
+def test_knn_cuda_float32_follows_the_matmul_precision(backend, precision, metric, float32_matmul_precision):
+    float32_matmul_precision(precision)
+    x, y = random_rows(300, 256, 40, torch.float32).cuda(), random_rows(3000, 256, 41, torch.float32).cuda()
+    values, indices = knn(x, y, 20, metric, backend=backend)
+    full = pairwise_distance_reference(x.double(), y.double(), metric)
+    torch.testing.assert_close(values.double(), full.gather(1, indices), **PRECISION_TOLERANCES[precision])
+    assert neighbour_overlap(indices, knn_reference(x.double(), y.double(), 20, metric)[1]) > 0.95
+    assert bool((values[:, 1:] >= values[:, :-1]).all())
+
+
+@pytest.mark.parametrize("backend", backend_params("cuda"))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("metric", METRICS)
+def test_knn_cuda_half_inputs_run_on_tensor_cores(backend, dtype, metric):
+    # bf16 / fp16 operands, fp32 products: exact products of the rounded inputs for the Euclidean
+    # metrics; for cosine the unit rows are rounded to the dtype too (a bf16 tolerance).
+    x = random_rows(300, 64, 42, torch.float32).to(dtype).cuda()
+    y = random_rows(2000, 64, 43, torch.float32).to(dtype).cuda()
+    values, indices = knn(x, y, 40, metric, backend=backend)  # k > 32: the shared-memory lists
+    assert values.dtype == torch.float32
+    full = pairwise_distance_reference(x.double(), y.double(), metric)
+    tol = {"atol": 1e-2, "rtol": 1e-2} if metric == "cosine" else {"atol": 1e-3, "rtol": 1e-4}
+    torch.testing.assert_close(values.double(), full.gather(1, indices), **tol)
+    assert neighbour_overlap(indices, knn_reference(x.double(), y.double(), 40, metric)[1]) > 0.9
+    got = self_knn(x, 10, metric, True, 100, backend=backend)
+    assert got[0].dtype == torch.float32 and bool((got[1][:, 0] == torch.arange(len(x), device="cuda")).all())
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("metric", METRICS)
 def test_knn_gradcheck_float64(backend, metric):
@@ -185,7 +228,7 @@ def test_self_knn_matches_reference_exactly(backend, metric, normalize, n, k, cr
 
 @pytest.mark.parametrize("backend", SELF_BACKENDS)
 def test_self_knn_random_features_are_symmetric(backend):
-    # Random float32 features: the kernel's d(i, j) and d(j, i) are one number (upper-triangle
+    # Random float32 features: the CPU kernel's d(i, j) and d(j, i) are one number (upper-triangle
     # tiles offered both ways) and d(i, i) = 0; the order matches the reference up to GEMM rounding.
     x = random_rows(2500, 48, 20, torch.float32).to(device_for(backend))
     values, indices, row_max, cross = self_knn(x, 30, "sqeuclidean", True, 700, backend=backend)
@@ -195,12 +238,27 @@ def test_self_knn_random_features_are_symmetric(backend):
         for v, j in zip(row_values, row_indices):
             lookup[(i, j)] = v
     shared = [(i, j) for (i, j) in lookup if (j, i) in lookup]
-    assert len(shared) > len(x) and all(lookup[(i, j)] == lookup[(j, i)] for i, j in shared)
+    assert len(shared) > len(x)
+    if backend == "cpp":
+        assert all(lookup[(i, j)] == lookup[(j, i)] for i, j in shared)
+    else:  # CUDA: every row in full through cuBLAS, d(i, j) and d(j, i) are two GEMM entries
+        assert all(math.isclose(lookup[(i, j)], lookup[(j, i)], rel_tol=1e-5, abs_tol=1e-4) for i, j in shared)
     expected_values, expected_indices, expected_max, expected_cross = self_knn_reference(x, 30, "sqeuclidean", True,
                                                                                          700)
     assert (indices == expected_indices).float().mean() > 0.999
     torch.testing.assert_close(row_max, expected_max, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cross, expected_cross, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", SELF_BACKENDS)
+def test_autocast_leaves_the_gemms_in_the_compute_type(backend):
+    # The ops' own GEMMs must not be recast to bf16 by autocast: the same numbers with and without.
+    device = device_for(backend)
+    x, y = random_rows(40, 16, 50, torch.float32).to(device), random_rows(300, 16, 51, torch.float32).to(device)
+    expected = knn(x, y, 5, backend=backend), self_knn(y, 5, "sqeuclidean", True, 10, backend=backend)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        got = knn(x, y, 5, backend=backend), self_knn(y, 5, "sqeuclidean", True, 10, backend=backend)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 # ---- op registration: opcheck and torch.compile -------------------------------------------------
@@ -219,6 +277,17 @@ def test_knn_opcheck(backend):
 def test_self_knn_opcheck(backend):
     x = random_rows(20, 5, 32).to(device_for(backend))
     torch.library.opcheck(torch.ops.dpm_ops.self_knn, (x, 6, "sqeuclidean", True, 7))
+
+
+@pytest.mark.parametrize("backend", SELF_BACKENDS)
+def test_opcheck_half_inputs(backend):
+    # Direct calls with bfloat16 rows (the CUDA path takes them as they are): float32 distances,
+    # and the fake functions say so.
+    x = random_rows(6, 5, 33, torch.float32).to(torch.bfloat16).to(device_for(backend))
+    y = random_rows(20, 5, 34, torch.float32).to(torch.bfloat16).to(device_for(backend))
+    assert torch.ops.dpm_ops.knn(x, y, 4, "euclidean")[0].dtype == torch.float32
+    torch.library.opcheck(torch.ops.dpm_ops.knn, (x, y, 4, "euclidean"))
+    torch.library.opcheck(torch.ops.dpm_ops.self_knn, (y, 4, "sqeuclidean", True, 3))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

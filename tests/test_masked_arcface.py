@@ -186,6 +186,22 @@ def test_fused_loss_under_bf16_autocast_runs_in_fp32():
     torch.testing.assert_close(fused, reference)
 
 
+@pytest.mark.parametrize("backend", backend_params("cpp", "cuda"))
+def test_kernel_under_bf16_autocast_keeps_its_gemms_in_fp32(backend):
+    # The op's inner GEMMs must not be recast to bf16 by autocast (its row passes read fp32).
+    device = device_for(backend)
+    inputs = make_inputs(12, 40, 64, torch.float32, device, seed=9)
+    features, mask, weight = (t.requires_grad_(True) for t in inputs[:3])
+    expected = masked_arcface_ce(features, mask, weight, inputs[3], backend=backend)
+    expected_grads = torch.autograd.grad(expected, (features, mask, weight))
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        got = masked_arcface_ce(features, mask, weight, inputs[3], backend=backend)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, **tolerances(torch.float32))
+    for g, e in zip(torch.autograd.grad(got, (features, mask, weight)), expected_grads):
+        torch.testing.assert_close(g, e, **tolerances(torch.float32))
+
+
 def test_dpm_loss_on_loss_inputs_equals_the_logits_path():
     # The same DPM, once returning logits (margin applied by the model) and once the fused loss's inputs.
     model = tiny_dpm()

@@ -158,6 +158,52 @@ def test_triton_fp32_follows_the_matmul_precision(backend, shape, fp32_matmul_pr
     assert {launch["PRECISION"] for launch in tiles + coefs} == {want}
 
 
+# TF32 rounds the fp32 operands to 10 mantissa bits; bf16 to 7 (the products stay fp32).
+PRECISION_TOLERANCES = {"highest": {"atol": 2e-5, "rtol": 1e-4}, "high": {"atol": 3e-3, "rtol": 3e-3}}
+
+
+@pytest.mark.parametrize("backend", backend_params("cuda"))
+@pytest.mark.parametrize("precision", ["highest", "high"])
+def test_cuda_float32_follows_the_matmul_precision(backend, precision, float32_matmul_precision):
+    # The GEMMs are cuBLAS's: "highest" is IEEE fp32, "high" TF32 tensor cores (visibly different).
+    x, mask, protos = make_inputs(256, 512, 1024, torch.float32, "cuda", seed=3, requires_grad=True)
+    grad = torch.randn(256, 512, dtype=torch.float32, generator=torch.Generator().manual_seed(4)).cuda()
+    inputs64 = [t.detach().double().requires_grad_(True) for t in (x, mask, protos)]
+    expected = masked_cosine_reference(*inputs64)
+    expected_grads = torch.autograd.grad(expected, inputs64, grad.double())
+    float32_matmul_precision("highest")
+    exact = masked_cosine(x, mask, protos, backend=backend).detach()
+    float32_matmul_precision(precision)
+    out = masked_cosine(x, mask, protos, backend=backend)
+    grads = torch.autograd.grad(out, (x, mask, protos), grad)
+    tol = PRECISION_TOLERANCES[precision]
+    torch.testing.assert_close(out.double(), expected, **tol)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got.double(), want, **tol)
+    assert torch.equal(out.detach(), exact) == (precision == "highest")
+
+
+@pytest.mark.parametrize("backend", backend_params("cuda"))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_reduced_precision_gradients(backend, dtype):
+    # bf16 / fp16 operands on tensor cores (fp32 products): value and gradients within the dtype's
+    # rounding of the fp32 reference on the same (rounded) inputs.
+    x, mask, protos = make_inputs(128, 300, 512, dtype, "cuda", seed=5, requires_grad=True)
+    inputs32 = [t.detach().float().requires_grad_(True) for t in (x, mask, protos)]
+    expected = masked_cosine_reference(*inputs32)
+    grad = torch.randn(128, 300, generator=torch.Generator().manual_seed(6)).cuda()
+    expected_grads = torch.autograd.grad(expected, inputs32, grad)
+    out = masked_cosine(x, mask, protos, backend=backend)
+    grads = torch.autograd.grad(out, (x, mask, protos), grad.to(dtype))
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+    trained, den_sq = torch.ops.dpm_ops.masked_cosine_train(x.detach(), mask.detach(), protos.detach(), 1e-12)
+    assert trained.dtype == dtype and den_sq.dtype == torch.float32
+    torch.testing.assert_close(trained, out.detach())
+    for got, want in zip(grads, expected_grads):
+        assert ((got.float() - want).norm() / want.norm()).item() < 2e-2
+
+
 def test_cpp_accepts_half_inputs_on_cpu():
     x, mask, protos = make_inputs(6, 8, 10, torch.bfloat16, "cpu")
     out = masked_cosine(x, mask, protos, backend="cpp")

@@ -8,6 +8,7 @@
 
 #include <tuple>
 
+#include "../common/no_autocast.h"
 #include "batch_hard_triplet_math.h"
 
 namespace dpm_ops {
@@ -36,6 +37,7 @@ struct Mined {
 // Returns (loss (0-dim), grad (B, C) for a unit upstream gradient, or an empty tensor).
 template <class Kernels>
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& features, const at::Tensor& labels, bool with_grad) {
+  const NoAutocastGuard no_autocast;  // the Gram GEMM stays in the features' dtype under autocast
   const int64_t B = features.size(0);
   const auto opts = features.options();
   const at::Tensor gram = at::mm(features, features.t());

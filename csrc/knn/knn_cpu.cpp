@@ -21,6 +21,7 @@
 
 #include "knn_math.h"
 #include "knn_operands.h"
+#include "../common/no_autocast.h"
 
 namespace dpm_ops {
 namespace knn {
@@ -327,6 +328,7 @@ void self_knn_impl(const Operand& xs, int64_t k, int64_t m, Metric metric, bool 
 std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& x, const at::Tensor& y, int64_t k,
                                            c10::string_view metric_name) {
   check_knn_args(x, y, k);
+  const NoAutocastGuard no_autocast;  // the GEMMs stay in the compute type (the OpenMP threads inherit it)
   const Metric metric = parse_metric(metric_name);
   const at::ScalarType type = compute_type(x.scalar_type() == at::kDouble ? x : y);
   const int64_t M = x.size(0), Ny = y.size(0);
@@ -343,6 +345,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> self_knn_cpu(const at
                                                                         c10::string_view metric_name,
                                                                         bool normalize, int64_t cross_rows) {
   check_self_knn_args(x, k, cross_rows);
+  const NoAutocastGuard no_autocast;
   const int64_t N = x.size(0);
   const Metric metric = parse_metric(metric_name);
   const at::ScalarType type = compute_type(x);

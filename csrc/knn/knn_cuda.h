@@ -1,6 +1,6 @@
-// Torch-free launchers of the CUDA kernels of the fused distance + top-k (raw pointers, sizes, a
-// stream), so nvcc compile-checks them without torch or a GPU. Inputs are contiguous row-major in
-// the compute type (kFloat or kDouble); for cosine the rows are already unit vectors.
+// Torch-free launcher of the CUDA selection kernel of the distance + top-k (raw pointers, sizes, a
+// stream), so nvcc compile-checks it without torch or a GPU. The dot products come from cuBLAS
+// (knn_cuda.cpp); arrays are contiguous row-major in the accumulation type (kFloat or kDouble).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -13,17 +13,19 @@ namespace dpm_ops {
 namespace knn {
 namespace cuda {
 
-// For every row of x (M, D): the k smallest (distance, index) pairs over the rows of y (N, D),
-// sorted; metric as knn::Metric. Also, when `row_max` is non-null, every row's maximum distance;
-// with `self` (x == y) d(i, i) = 0; when `cross` is non-null, rows < cross_rows write their
-// distances to columns >= cross_rows into cross (cross_rows, N - cross_rows).
-// k <= 32 keeps each row's list in registers (one entry per lane of a warp); larger k in shared
-// memory (k <= kMaxSharedK).
-void knn(Dtype dtype, const void* x, const void* y, const void* x_norms, const void* y_norms, int64_t M, int64_t N,
-         int64_t D, int64_t k, int metric, bool self, void* out_values, int64_t* out_indices, void* row_max,
-         void* cross, int64_t cross_rows, cudaStream_t stream);
+// For the rows row0 .. row0 + rows - 1 of x, given their dot products with the N rows of y
+// (`dots`, (rows, N)) and the squared norms of both sets (knn_math.h; unused for cosine): each
+// row's k smallest (distance, index) pairs, sorted, into out_values / out_indices (M, k); metric as
+// knn::Metric. Also, when `row_max` is non-null, every row's maximum distance; with `self` (x == y)
+// d(i, i) = 0; when `cross` is non-null, rows < cross_rows write their distances to columns
+// >= cross_rows into cross (cross_rows, N - cross_rows). x_norms, out_*, row_max and cross are
+// indexed by the global row. k <= 32 keeps the lists in registers, larger k in shared memory
+// (k <= kMaxSharedK).
+void select(Dtype dtype, const void* dots, const void* x_norms, const void* y_norms, int64_t rows, int64_t row0,
+            int64_t N, int64_t k, int metric, bool self, void* out_values, int64_t* out_indices, void* row_max,
+            void* cross, int64_t cross_rows, cudaStream_t stream);
 
-constexpr int64_t kMaxSharedK = 256;  // 32 lists of k (value, index) pairs in shared memory
+constexpr int64_t kMaxSharedK = 256;  // 8 lists of k (value, index) pairs in shared memory
 
 }  // namespace cuda
 }  // namespace knn

@@ -44,14 +44,18 @@ inline at::ScalarType compute_type(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Rows in the compute type (unit rows for cosine, with F.normalize's eps) and their squared norms.
+// Rows in the compute type (unit rows for cosine, with F.normalize's eps), their squared norms, and
+// the rows as GEMM operand in `gemm_type` (the compute type, or bf16 / fp16 for tensor cores:
+// common/gemm.h; then the same tensor, or the rows rounded to it).
 struct Operand {
-  at::Tensor rows, norms;
-  Operand(const at::Tensor& v, Metric metric, at::ScalarType type) {
+  at::Tensor rows, norms, gemm;
+  Operand(const at::Tensor& v, Metric metric, at::ScalarType type, at::ScalarType gemm_type) {
     rows = v.detach().to(type).contiguous();  // the op's autograd is registered apart
     if (metric == Metric::kCosine) rows = (rows / rows.norm(2, {1}, true).clamp_min(1e-12)).contiguous();
     norms = (rows * rows).sum(1).contiguous();
+    gemm = rows.to(gemm_type);
   }
+  Operand(const at::Tensor& v, Metric metric, at::ScalarType type) : Operand(v, metric, type, type) {}
 };
 
 }  // namespace knn

@@ -18,10 +18,15 @@ cuda::LossParams loss_params(const Params& p) {
 }
 
 struct CudaKernels {
+  // features are fp32 / fp64 (checked): fp32 operands follow the float32 matmul precision
+  // (TF32 tensor cores under "high" / "medium"), and the row passes read fp32 products.
+  static constexpr auto operand_type = masked_cosine::accumulation_operands;
+
   static void prepare_rows(const at::Tensor& v, const at::Tensor& mult, double eps, at::Tensor& scaled,
                            at::Tensor& second, at::Tensor& inv) {
-    masked_cosine::cuda::prepare_rows(dtype_of(v), v.const_data_ptr(), data_or_null(mult), v.size(0), v.size(1), eps,
-                                      scaled.data_ptr(), second.data_ptr(), inv.data_ptr(), current_stream());
+    masked_cosine::cuda::prepare_rows(dtype_of(v), dtype_of(scaled), v.const_data_ptr(), data_or_null(mult),
+                                      v.size(0), v.size(1), eps, scaled.data_ptr(), second.data_ptr(), inv.data_ptr(),
+                                      current_stream());
   }
   static void masked_rows(at::Tensor num, at::Tensor den_sq, const at::Tensor& labels, const Params& p,
                           int64_t batch, bool with_grad, at::Tensor row_loss) {

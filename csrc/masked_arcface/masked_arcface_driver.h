@@ -7,6 +7,7 @@
 
 #include <tuple>
 
+#include "../common/no_autocast.h"
 #include "../masked_cosine/masked_cosine_driver.h"
 #include "masked_arcface_math.h"
 
@@ -62,6 +63,7 @@ template <class Kernels>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& features, const at::Tensor& mask,
                                                                    const at::Tensor& weight, const at::Tensor& labels,
                                                                    const Params& p, bool with_grad) {
+  const NoAutocastGuard no_autocast;  // the GEMMs below stay in the features' dtype under autocast
   const int64_t B = features.size(0), K = weight.size(0);
   const bool with_plain = p.plain_weight != 0;
   const masked_cosine::Prepared prep = masked_cosine::prepare<Kernels>(features, mask, weight, kEps);

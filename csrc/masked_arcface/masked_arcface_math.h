@@ -77,8 +77,8 @@ template <typename A> DPM_HD Lse<A> lse_empty() { return {-A(INFINITY), A(0)}; }
 template <typename A> DPM_HD Lse<A> lse_merge(Lse<A> a, Lse<A> b) {
   if (b.max == -A(INFINITY)) return a;
   if (a.max == -A(INFINITY)) return b;
-  return a.max >= b.max ? Lse<A>{a.max, a.sum + b.sum * exp_of(b.max - a.max)}
-                        : Lse<A>{b.max, b.sum + a.sum * exp_of(a.max - b.max)};
+  const Lse<A> hi = a.max >= b.max ? a : b, lo = a.max >= b.max ? b : a;
+  return {hi.max, hi.sum + lo.sum * exp_of(lo.max - hi.max)};  // one exp per merge
 }
 
 template <typename A> DPM_HD Lse<A> lse_add(Lse<A> a, A v) { return lse_merge(a, Lse<A>{v, A(1)}); }

@@ -34,6 +34,8 @@ template <typename scalar_t> inline bool row_finite(const scalar_t* row, int64_t
 }
 
 struct CpuKernels {
+  static constexpr auto operand_type = accumulation_operands;  // fp32 / fp64 operands (MKL)
+
   // scaled = v * inv_norm(v) * mult (mult omitted: 1);  second = mult^2, or scaled^2 without mult.
   // The first pass over the data doubles as the finiteness check, for free.
   static void prepare_rows(const at::Tensor& v, const at::Tensor& mult, double eps, at::Tensor& scaled,

@@ -1,5 +1,5 @@
-// CUDA entry points of the masked cosine: the fused forward kernel, and the shared GEMM driver
-// (cuBLAS) with the CUDA element / row kernels for the backward. Built only with CUDA.
+// CUDA entry points of the masked cosine: the shared GEMM driver (cuBLAS, on tensor cores as
+// common/gemm.h says) with the CUDA element / row kernels. Built only with CUDA.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -13,10 +13,16 @@ namespace masked_cosine {
 namespace {
 
 struct CudaKernels {
+  static constexpr auto operand_type = input_operands;  // bf16 / fp16 GEMMs on tensor cores
+
   static void prepare_rows(const at::Tensor& v, const at::Tensor& mult, double eps, at::Tensor& scaled,
                            at::Tensor& second, at::Tensor& inv) {
-    cuda::prepare_rows(dtype_of(v), v.const_data_ptr(), data_or_null(mult), v.size(0), v.size(1), eps,
-                       scaled.data_ptr(), second.data_ptr(), inv.data_ptr(), current_stream());
+    cuda::prepare_rows(dtype_of(v), dtype_of(scaled), v.const_data_ptr(), data_or_null(mult), v.size(0), v.size(1),
+                       eps, scaled.data_ptr(), second.data_ptr(), inv.data_ptr(), current_stream());
+  }
+  static void cosine_epilogue(at::Tensor& num, const at::Tensor& den_sq, double eps) {
+    cuda::cosine_epilogue(dtype_of(num), num.data_ptr(), den_sq.const_data_ptr(), num.numel(), eps,
+                          current_stream());
   }
   static void backward_coefs(const at::Tensor& grad, const at::Tensor& out, const at::Tensor& den_sq, double eps,
                              at::Tensor& g_num, at::Tensor& h) {
@@ -38,38 +44,15 @@ struct CudaKernels {
   }
 };
 
-// The fused forward; writes den^2 too when `den_sq` is defined (the training variant).
-at::Tensor fused_forward(const at::Tensor& x_in, const at::Tensor& mask_in, const at::Tensor& protos_in, double eps,
-                         const at::Tensor& den_sq) {
-  check_inputs(x_in, mask_in, protos_in, eps);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous(), mask = mask_in.contiguous(), protos = protos_in.contiguous();
-  const int64_t B = x.size(0), K = protos.size(0), C = x.size(1);
-  const auto acc = x.options().dtype(accumulation_type(x.scalar_type()));
-  at::Tensor inv_x = at::empty({B}, acc), inv_p = at::empty({K}, acc);
-  at::Tensor out = at::empty({B, K}, x.options());
-  const Dtype dtype = dtype_of(x);
-  cuda::prepare_rows(dtype, x.const_data_ptr(), nullptr, B, C, eps, nullptr, nullptr, inv_x.data_ptr(),
-                     current_stream());
-  cuda::prepare_rows(dtype, protos.const_data_ptr(), nullptr, K, C, eps, nullptr, nullptr, inv_p.data_ptr(),
-                     current_stream());
-  cuda::forward(dtype, x.const_data_ptr(), mask.const_data_ptr(), protos.const_data_ptr(), inv_x.const_data_ptr(),
-                inv_p.const_data_ptr(), B, K, C, eps, out.data_ptr(), den_sq.defined() ? den_sq.data_ptr() : nullptr,
-                current_stream());
-  return out;
-}
-
-at::Tensor masked_cosine_cuda(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& protos, double eps) {
-  return fused_forward(x, mask, protos, eps, at::Tensor());
-}
-
 std::tuple<at::Tensor, at::Tensor> masked_cosine_train_cuda(const at::Tensor& x, const at::Tensor& mask,
                                                             const at::Tensor& protos, double eps) {
   check_inputs(x, mask, protos, eps);
-  at::Tensor den_sq =
-      at::empty({x.size(0), protos.size(0)}, x.options().dtype(accumulation_type(x.scalar_type())));
-  at::Tensor out = fused_forward(x, mask, protos, eps, den_sq);
-  return {out, den_sq};
+  const c10::cuda::CUDAGuard guard(x.device());
+  return forward<CudaKernels>(x.contiguous(), mask.contiguous(), protos.contiguous(), eps);
+}
+
+at::Tensor masked_cosine_cuda(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& protos, double eps) {
+  return std::get<0>(masked_cosine_train_cuda(x, mask, protos, eps));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_cosine_backward_cuda(const at::Tensor& grad,

@@ -13,87 +13,11 @@ namespace {
 
 constexpr int kRowThreads = 256;
 
-// Fused forward tile: BM x BN outputs per block, 256 threads of TM x TN outputs each, C in BK steps.
-constexpr int BM = 64, BN = 64, BK = 16, TM = 4, TN = 4;
-constexpr int kTileThreads = (BM / TM) * (BN / TN);
-
-template <typename T, typename A>
-__global__ void __launch_bounds__(kTileThreads)
-forward_kernel(const T* __restrict__ x, const T* __restrict__ mask, const T* __restrict__ protos,
-               const A* __restrict__ inv_x, const A* __restrict__ inv_p, int64_t B, int64_t K, int64_t C, A eps,
-               T* __restrict__ out, A* __restrict__ den_sq_out) {
-  // Operands transposed in shared memory (C-step major) so the inner loop reads rows of TM / TN.
-  __shared__ A scaled_s[BK][BM];
-  __shared__ A mask_sq_s[BK][BM];
-  __shared__ A proto_s[BK][BN];
-  const int tid = threadIdx.x;
-  const int ty = tid / (BN / TN), tx = tid % (BN / TN);
-  const int64_t b0 = int64_t(blockIdx.y) * BM, k0 = int64_t(blockIdx.x) * BN;
-
-  A num[TM][TN], den_sq[TM][TN];
-#pragma unroll
-  for (int i = 0; i < TM; ++i)
-#pragma unroll
-    for (int j = 0; j < TN; ++j) num[i][j] = den_sq[i][j] = A(0);
-
-  for (int64_t c0 = 0; c0 < C; c0 += BK) {
-    for (int i = tid; i < BM * BK; i += kTileThreads) {
-      const int r = i / BK, cc = i % BK;  // consecutive threads walk along C: coalesced
-      const int64_t b = b0 + r, c = c0 + cc;
-      A xv = A(0), mv = A(0);
-      if (b < B && c < C) {
-        xv = to_acc<A>(x[b * C + c]) * inv_x[b];
-        mv = to_acc<A>(mask[b * C + c]);
-      }
-      scaled_s[cc][r] = xv * mv;
-      mask_sq_s[cc][r] = mv * mv;
-    }
-    for (int i = tid; i < BN * BK; i += kTileThreads) {
-      const int r = i / BK, cc = i % BK;
-      const int64_t k = k0 + r, c = c0 + cc;
-      proto_s[cc][r] = (k < K && c < C) ? to_acc<A>(protos[k * C + c]) * inv_p[k] : A(0);
-    }
-    __syncthreads();
-#pragma unroll
-    for (int cc = 0; cc < BK; ++cc) {
-      A a[TM], m2[TM], ph[TN], ph2[TN];
-#pragma unroll
-      for (int i = 0; i < TM; ++i) {
-        a[i] = scaled_s[cc][ty * TM + i];
-        m2[i] = mask_sq_s[cc][ty * TM + i];
-      }
-#pragma unroll
-      for (int j = 0; j < TN; ++j) {
-        ph[j] = proto_s[cc][tx * TN + j];
-        ph2[j] = ph[j] * ph[j];
-      }
-#pragma unroll
-      for (int i = 0; i < TM; ++i)
-#pragma unroll
-        for (int j = 0; j < TN; ++j) {
-          num[i][j] += a[i] * ph[j];
-          den_sq[i][j] += m2[i] * ph2[j];
-        }
-    }
-    __syncthreads();
-  }
-#pragma unroll
-  for (int i = 0; i < TM; ++i) {
-    const int64_t b = b0 + ty * TM + i;
-    if (b >= B) continue;
-#pragma unroll
-    for (int j = 0; j < TN; ++j) {
-      const int64_t k = k0 + tx * TN + j;
-      if (k >= K) continue;
-      out[b * K + k] = from_acc<T>(cosine(num[i][j], den_sq[i][j], eps));
-      if (den_sq_out != nullptr) den_sq_out[b * K + k] = den_sq[i][j];
-    }
-  }
-}
-
-template <typename T, typename A>
+// One block per row; the operands are written in O (the accumulation type A, or the input type T
+// for tensor-core GEMMs), computed in A.
+template <typename T, typename A, typename O>
 __global__ void prepare_rows_kernel(const T* __restrict__ v, const T* __restrict__ mult, int64_t cols, A eps,
-                                    A* __restrict__ scaled, A* __restrict__ second, A* __restrict__ inv) {
+                                    O* __restrict__ scaled, O* __restrict__ second, A* __restrict__ inv) {
   const int64_t row = blockIdx.x;
   const T* vr = v + row * cols;
   A sum_sq = A(0);
@@ -103,19 +27,25 @@ __global__ void prepare_rows_kernel(const T* __restrict__ v, const T* __restrict
   }
   const A s = inv_norm(block_sum(sum_sq), eps);
   if (threadIdx.x == 0) inv[row] = s;
-  if (scaled == nullptr) return;
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
     const int64_t i = row * cols + c;
     const A e = to_acc<A>(vr[c]) * s;
     if (mult != nullptr) {
       const A mv = to_acc<A>(mult[i]);
-      scaled[i] = e * mv;
-      second[i] = mv * mv;
+      scaled[i] = from_acc<O>(e * mv);
+      second[i] = from_acc<O>(mv * mv);
     } else {
-      scaled[i] = e;
-      second[i] = e * e;
+      scaled[i] = from_acc<O>(e);
+      second[i] = from_acc<O>(e * e);
     }
   }
+}
+
+// In place: num (the numerator GEMM's product) becomes the cosine.
+template <typename A>
+__global__ void cosine_epilogue_kernel(A* __restrict__ num, const A* __restrict__ den_sq, int64_t n, A eps) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    num[i] = cosine(num[i], den_sq[i], eps);
 }
 
 template <typename T, typename A>
@@ -177,32 +107,33 @@ unsigned int blocks_for(int64_t n, int threads) {
 
 }  // namespace
 
-void prepare_rows(Dtype dtype, const void* v, const void* mult, int64_t rows, int64_t cols, double eps,
-                  void* scaled, void* second, void* inv, cudaStream_t stream) {
+void prepare_rows(Dtype dtype, Dtype operand, const void* v, const void* mult, int64_t rows, int64_t cols,
+                  double eps, void* scaled, void* second, void* inv, cudaStream_t stream) {
   if (rows == 0) return;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
-    prepare_rows_kernel<T, A><<<static_cast<unsigned int>(rows), kRowThreads, 0, stream>>>(
-        static_cast<const T*>(v), static_cast<const T*>(mult), cols, A(eps), static_cast<A*>(scaled),
-        static_cast<A*>(second), static_cast<A*>(inv));
+    auto launch = [&](auto operand_tag) {
+      using O = typename decltype(operand_tag)::type;
+      prepare_rows_kernel<T, A, O><<<static_cast<unsigned int>(rows), kRowThreads, 0, stream>>>(
+          static_cast<const T*>(v), static_cast<const T*>(mult), cols, A(eps), static_cast<O*>(scaled),
+          static_cast<O*>(second), static_cast<A*>(inv));
+    };
+    if (operand == dtype) launch(TypeTag<T>{});
+    else launch(TypeTag<A>{});
   });
   DPM_CUDA_CHECK_LAUNCH();
 }
 
-void forward(Dtype dtype, const void* x, const void* mask, const void* protos, const void* inv_x,
-             const void* inv_p, int64_t B, int64_t K, int64_t C, double eps, void* out, void* den_sq,
-             cudaStream_t stream) {
-  if (B == 0 || K == 0) return;
-  const dim3 grid(static_cast<unsigned int>((K + BN - 1) / BN), static_cast<unsigned int>((B + BM - 1) / BM));
-  dispatch_dtype(dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    using A = acc_t<T>;
-    forward_kernel<T, A><<<grid, kTileThreads, 0, stream>>>(
-        static_cast<const T*>(x), static_cast<const T*>(mask), static_cast<const T*>(protos),
-        static_cast<const A*>(inv_x), static_cast<const A*>(inv_p), B, K, C, A(eps), static_cast<T*>(out),
-        static_cast<A*>(den_sq));
-  });
+void cosine_epilogue(Dtype acc, void* num, const void* den_sq, int64_t n, double eps, cudaStream_t stream) {
+  if (n == 0) return;
+  auto launch = [&](auto tag) {
+    using A = typename decltype(tag)::type;
+    cosine_epilogue_kernel<A><<<blocks_for(n, kRowThreads), kRowThreads, 0, stream>>>(
+        static_cast<A*>(num), static_cast<const A*>(den_sq), n, A(eps));
+  };
+  if (acc == Dtype::kDouble) launch(TypeTag<double>{});
+  else launch(TypeTag<float>{});
   DPM_CUDA_CHECK_LAUNCH();
 }
 

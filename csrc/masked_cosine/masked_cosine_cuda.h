@@ -14,16 +14,13 @@ namespace cuda {
 
 // Accumulators, inverse norms and coefficients are `acc` = double for kDouble, float otherwise.
 
-// inv[r] = 1/max(||v_r||, eps); with `scaled`/`second` non-null also the GEMM operands:
+// inv[r] = 1/max(||v_r||, eps) and the GEMM operands, in `operand` (`dtype` or `acc`):
 // scaled = v*inv*mult, second = mult^2 (or scaled = v*inv, second = scaled^2 without mult).
-void prepare_rows(Dtype dtype, const void* v, const void* mult, int64_t rows, int64_t cols, double eps,
-                  void* scaled, void* second, void* inv, cudaStream_t stream);
+void prepare_rows(Dtype dtype, Dtype operand, const void* v, const void* mult, int64_t rows, int64_t cols,
+                  double eps, void* scaled, void* second, void* inv, cudaStream_t stream);
 
-// The fused forward: both dot products per (b, k) from one pass over C, C written once
-// (and den^2, in `acc`, when den_sq is non-null). inv_x (B) and inv_p (K) come from prepare_rows.
-void forward(Dtype dtype, const void* x, const void* mask, const void* protos, const void* inv_x,
-             const void* inv_p, int64_t B, int64_t K, int64_t C, double eps, void* out, void* den_sq,
-             cudaStream_t stream);
+// In place over n elements of `acc` (kFloat or kDouble): num = num / max(sqrt(den_sq), eps).
+void cosine_epilogue(Dtype acc, void* num, const void* den_sq, int64_t n, double eps, cudaStream_t stream);
 
 // g_num = g / max(den, eps), h = g*C/den^2 (0 where den <= eps); grad and out in `dtype`.
 void backward_coefs(Dtype dtype, const void* grad, const void* out, const void* den_sq, int64_t n, double eps,

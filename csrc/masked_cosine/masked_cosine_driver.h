@@ -1,12 +1,15 @@
 // The masked cosine as GEMMs plus fused row/element passes, written once for any device.
 //
 // `Kernels` supplies the element and row passes for one device (CPU loops or CUDA
-// kernels, both built on masked_cosine_math.h); the GEMMs go to ATen (MKL / cuBLAS).
-// Intermediates are held in the accumulation type (fp32, or fp64 for fp64 inputs).
+// kernels, both built on masked_cosine_math.h) and the dtype of the GEMM operands
+// (Kernels::operand_type); the GEMMs go to ATen (MKL / cuBLAS: why and with which precision,
+// common/gemm.h). Products and intermediates are held in the accumulation type (fp32, or fp64
+// for fp64 inputs).
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include "../common/gemm.h"
 #include "../common/no_autocast.h"
 
 #include <optional>
@@ -15,7 +18,8 @@
 namespace dpm_ops {
 namespace masked_cosine {
 
-// The prepared operands of both GEMMs.
+// The prepared operands of both GEMMs (in Kernels::operand_type) and the inverse norms (in the
+// accumulation type).
 struct Prepared {
   at::Tensor query_scaled;  // xh * m            (B, C)
   at::Tensor mask_sq;       // m * m             (B, C)
@@ -24,6 +28,12 @@ struct Prepared {
   at::Tensor proto_hat_sq;  // ph * ph           (K, C)
   at::Tensor proto_inv;     // 1/max(|p|, eps)   (K)
 };
+
+// GEMM operand policies of the Kernels structs. In the accumulation type: exact fp32 / fp64
+// operands (the CPU: MKL has no faster reduced-precision path to trade for). In the input dtype:
+// bf16 / fp16 operands for tensor cores, products in fp32 (CUDA).
+inline at::ScalarType accumulation_operands(at::ScalarType input) { return accumulation_type(input); }
+inline at::ScalarType input_operands(at::ScalarType input) { return input; }
 
 // Argument checks shared by every device's entry point (Python checks the same first,
 // with the same messages, so direct torch.ops callers get them too).
@@ -45,16 +55,13 @@ inline void check_inputs(const at::Tensor& x, const at::Tensor& mask, const at::
   TORCH_CHECK_VALUE(eps > 0, "masked_cosine: eps must be > 0, got ", eps);
 }
 
-inline at::ScalarType accumulation_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 template <class Kernels>
 Prepared prepare(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& protos, double eps) {
   const auto opts = x.options().dtype(accumulation_type(x.scalar_type()));
+  const auto operand = x.options().dtype(Kernels::operand_type(x.scalar_type()));
   const int64_t B = x.size(0), K = protos.size(0), C = x.size(1);
-  Prepared p{at::empty({B, C}, opts), at::empty({B, C}, opts), at::empty({B}, opts),
-             at::empty({K, C}, opts), at::empty({K, C}, opts), at::empty({K}, opts)};
+  Prepared p{at::empty({B, C}, operand), at::empty({B, C}, operand), at::empty({B}, opts),
+             at::empty({K, C}, operand), at::empty({K, C}, operand), at::empty({K}, opts)};
   Kernels::prepare_rows(x, mask, eps, p.query_scaled, p.mask_sq, p.query_inv);
   Kernels::prepare_rows(protos, at::Tensor(), eps, p.proto_hat, p.proto_hat_sq, p.proto_inv);
   return p;
@@ -67,8 +74,8 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
                                            double eps) {
   const NoAutocastGuard no_autocast;
   const Prepared p = prepare<Kernels>(x, mask, protos, eps);
-  at::Tensor num = at::mm(p.query_scaled, p.proto_hat.t());
-  at::Tensor den_sq = at::mm(p.mask_sq, p.proto_hat_sq.t());
+  at::Tensor num = mm_acc(p.query_scaled, p.proto_hat.t());
+  at::Tensor den_sq = mm_acc(p.mask_sq, p.proto_hat_sq.t());
   Kernels::cosine_epilogue(num, den_sq, eps);  // in place: num becomes C
   return {num.to(x.scalar_type()), den_sq};
 }
@@ -83,12 +90,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad, 
   const NoAutocastGuard no_autocast;
   const Prepared p = prepare<Kernels>(x, mask, protos, eps);
   const at::Tensor den_sq = saved_den_sq.has_value() ? saved_den_sq->contiguous()
-                                                     : at::mm(p.mask_sq, p.proto_hat_sq.t());
+                                                     : mm_acc(p.mask_sq, p.proto_hat_sq.t());
   at::Tensor g_num = at::empty_like(den_sq), h = at::empty_like(den_sq);
   Kernels::backward_coefs(grad, out, den_sq, eps, g_num, h);
+  // The coefficients (accumulation type) enter the GEMMs as operands like the others.
+  const at::ScalarType operand = p.query_scaled.scalar_type();
+  g_num = g_num.to(operand);
+  h = h.to(operand);
 
-  const at::Tensor u = at::mm(g_num, p.proto_hat), v = at::mm(h, p.proto_hat_sq);
-  const at::Tensor up = at::mm(g_num.t(), p.query_scaled), vp = at::mm(h.t(), p.mask_sq);
+  const at::Tensor u = mm_acc(g_num, p.proto_hat), v = mm_acc(h, p.proto_hat_sq);
+  const at::Tensor up = mm_acc(g_num.t(), p.query_scaled), vp = mm_acc(h.t(), p.mask_sq);
   at::Tensor grad_x = at::empty_like(x), grad_mask = at::empty_like(mask), grad_protos = at::empty_like(protos);
   Kernels::query_rows_backward(x, mask, p.query_inv, u, v, eps, grad_x, grad_mask);
   Kernels::proto_rows_backward(protos, p.proto_inv, up, vp, eps, grad_protos);

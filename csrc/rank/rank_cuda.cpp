@@ -14,8 +14,8 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> match_ranks_cuda(const at::Tensor& dist_in, const at::Tensor& q_pids_in,
                                                     const at::Tensor& g_pids_in, const at::Tensor& q_cams_in,
                                                     const at::Tensor& g_cams_in) {
-  const c10::cuda::CUDAGuard guard(dist_in.device());
-  const MatchInputs in(dist_in, q_pids_in, g_pids_in, q_cams_in, g_cams_in);
+  const MatchInputs in(dist_in, q_pids_in, g_pids_in, q_cams_in, g_cams_in);  // checks first: one device
+  const c10::cuda::CUDAGuard guard(in.dist.device());
   const at::Tensor &dist = in.dist, &q_pids = in.q_pids, &g_pids = in.g_pids, &q_cams = in.q_cams,
                    &g_cams = in.g_cams;
   const int64_t Q = dist.size(0), G = dist.size(1);

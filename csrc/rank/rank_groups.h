@@ -7,9 +7,11 @@
 namespace dpm_ops {
 namespace rank {
 
-inline void check_labels(const at::Tensor& t, int64_t length, const char* name) {
+inline void check_labels(const at::Tensor& t, int64_t length, const at::Device& device, const char* name) {
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == length && t.scalar_type() == at::kLong, "rank: ", name,
                     " must be a 1-D int64 tensor of length ", length);
+  TORCH_CHECK_VALUE(t.device() == device, "rank: ", name, " must be on distmat's device ", device, ", got ",
+                    t.device());
 }
 
 inline at::Tensor checked_distances(const at::Tensor& dist) {
@@ -26,10 +28,10 @@ struct MatchInputs {
               const at::Tensor& q_cams_in, const at::Tensor& g_cams_in)
       : dist(checked_distances(dist_in)), q_pids(q_pids_in.contiguous()), g_pids(g_pids_in.contiguous()),
         q_cams(q_cams_in.contiguous()), g_cams(g_cams_in.contiguous()) {
-    check_labels(q_pids, dist.size(0), "q_pids");
-    check_labels(q_cams, dist.size(0), "q_camids");
-    check_labels(g_pids, dist.size(1), "g_pids");
-    check_labels(g_cams, dist.size(1), "g_camids");
+    check_labels(q_pids, dist.size(0), dist.device(), "q_pids");
+    check_labels(q_cams, dist.size(0), dist.device(), "q_camids");
+    check_labels(g_pids, dist.size(1), dist.device(), "g_pids");
+    check_labels(g_cams, dist.size(1), dist.device(), "g_camids");
   }
 };
 

@@ -179,9 +179,10 @@ class _FeatureDistances:
         return neighbours, out
 
     def _scan_kernel(self, width: int):
-        """The same scan as one fused op (dpm_ops.ops.self_knn): upper-triangle GEMM tiles, each
-        offered to its rows and columns, exact (value / row max, index) order, the row maxima and
-        the query-gallery block; keeps width + TIE_MARGIN candidates for pair_distances."""
+        """The same scan as one fused op (dpm_ops.ops.self_knn: on the CPU upper-triangle GEMM tiles,
+        each offered to its rows and columns; on CUDA cuBLAS row blocks, every row in full), exact
+        (value / row max, index) order, the row maxima and the query-gallery block; keeps width +
+        TIE_MARGIN candidates for pair_distances."""
         n, q = self.num_items, self.num_query
         values, indices, row_max, cross = self_knn(self.features, min(width + TIE_MARGIN, n), "sqeuclidean",
                                                    normalize=True, cross_rows=q)

@@ -4,12 +4,13 @@
 
 the k rows of y nearest to every row of x, sorted by (distance, index): equal distances keep the
 lower index first, exactly the first k entries of a stable sort of the full distance row. Metrics
-and dtypes: knn_reference.py. Nothing (M, N)-sized is stored: the kernels compute distance tiles
-and merge each into per-row sorted lists.
+and dtypes: knn_reference.py. Nothing (M, N)-sized is stored: the kernels compute GEMM tiles (CPU)
+or row blocks of at most 512 MiB (CUDA, cuBLAS) and merge each into per-row sorted lists.
 
 Schemas (python_bindings/knn.cpp): ``dpm_ops::knn`` (C++ CPU / CUDA kernels, csrc/knn/) and
-``dpm_ops::self_knn`` (one set against itself, upper-triangle tiles only, each offered to its rows
-and its columns: half the GEMM work; with the row maxima re-ranking needs). ``dpm_ops::knn_triton``
+``dpm_ops::self_knn`` (one set against itself, with the row maxima re-ranking needs; on the CPU from
+the upper-triangle tiles only, each offered to its rows and its columns: half the GEMM work; on
+CUDA from every row in full). ``dpm_ops::knn_triton``
 is the Triton kernel. The distances are differentiable in x and y (through the selected pairs; the
 indices are not), for knn on every backend; self_knn has no autograd formula (re-ranking does not
 need one; use the reference backend to differentiate it).
@@ -45,14 +46,16 @@ def _check_metric(metric):
 
 # ---- fake (meta) functions and autograd, shared by the C++/CUDA and Triton ops -----------------
 
+# Distances come in the compute dtype (float16 / bfloat16 inputs reach the CUDA op as they are).
 def _fake_knn(x, y, k, metric="euclidean"):
-    return x.new_empty((x.shape[0], k)), x.new_empty((x.shape[0], k), dtype=torch.long)
+    dtype = compute_dtype(x, y)
+    return x.new_empty((x.shape[0], k), dtype=dtype), x.new_empty((x.shape[0], k), dtype=torch.long)
 
 
 def _fake_self_knn(x, k, metric="sqeuclidean", normalize=False, cross_rows=0):
-    n = x.shape[0]
-    return (x.new_empty((n, k)), x.new_empty((n, k), dtype=torch.long), x.new_empty((n,)),
-            x.new_empty((cross_rows, n - cross_rows)))
+    n, dtype = x.shape[0], compute_dtype(x)
+    return (x.new_empty((n, k), dtype=dtype), x.new_empty((n, k), dtype=torch.long), x.new_empty((n,), dtype=dtype),
+            x.new_empty((cross_rows, n - cross_rows), dtype=dtype))
 
 
 def _setup_context(ctx, inputs, output):
@@ -97,7 +100,9 @@ def knn_distance_backward(grad, x, y, distances, indices, metric):
 
 def _backward(ctx, grad_distances, grad_indices):
     x, y, distances, indices = ctx.saved_tensors
-    grad_x, grad_y = knn_distance_backward(grad_distances, x, y, distances, indices, ctx.metric)
+    # float16 / bfloat16 inputs (CUDA) differentiate in the distances' float32, like the others.
+    grad_x, grad_y = knn_distance_backward(grad_distances, x.to(distances.dtype), y.to(distances.dtype), distances,
+                                           indices, ctx.metric)
     return grad_x, grad_y, None, None
 
 
@@ -124,8 +129,11 @@ def knn(x: torch.Tensor, y: torch.Tensor, k: int, metric: str = "euclidean", bac
 
     Sorted ascending, ties broken by (distance, index). k must be in [1, N] (a ValueError
     otherwise; the CUDA and Triton kernels also take k <= 256); M = 0 gives empty results.
-    float16/bfloat16/float32 are computed and returned in float32, float64 in float64 (mixed: the
-    wider). Distances are differentiable in x and y.
+    float16/bfloat16/float32 are returned in float32, float64 in float64 (mixed: the wider). The dot
+    products follow torch's precision rules: float32 uses torch.get_float32_matmul_precision()
+    ("high" / "medium": TF32 tensor cores, on CUDA and Triton); on CUDA, float16 / bfloat16 inputs of one
+    dtype run their cuBLAS GEMM on tensor cores with float32 accumulation (cosine: the unit rows rounded
+    to that dtype). Distances are differentiable in x and y.
     ``backend``: "reference" | "cpp" | "cuda" | "triton" (default: by device, dpm_ops.backends()).
     """
     _check_tensor("x", x)
@@ -137,9 +145,12 @@ def knn(x: torch.Tensor, y: torch.Tensor, k: int, metric: str = "euclidean", bac
     _check_k(k, y.shape[0], "y")
     _check_metric(metric)
     check_finite("knn", x=x, y=y)
+    name = _backend.resolve(backend, x.device)
+    if name == "cuda" and x.dtype == y.dtype:
+        # float16 / bfloat16 reach the CUDA kernel as they are: its GEMM runs on tensor cores.
+        return torch.ops.dpm_ops.knn(x, y, k, metric)
     dtype = compute_dtype(x, y)
     x, y = x.to(dtype), y.to(dtype)
-    name = _backend.resolve(backend, x.device)
     if name == "reference":
         return knn_reference(x, y, k, metric)
     if name == "triton":
@@ -154,9 +165,11 @@ def self_knn(x: torch.Tensor, k: int, metric: str = "sqeuclidean", normalize: bo
     Returns (distances (N, k), indices (N, k), row_max (N,), cross (cross_rows, N - cross_rows)):
     rows sorted by (distance, index), or with ``normalize`` by (distance / row_max, index) (the
     distances returned stay un-normalised); row_max[i] = max_j d(i, j); cross = d[:cross_rows,
-    cross_rows:]. The kernels compute only the tiles on and above the diagonal (half the GEMM
-    work) and d(i, j) is the same number as d(j, i). No Triton kernel: backend "triton" runs the
-    reference. Not differentiable through the C++/CUDA kernels.
+    cross_rows:]. The CPU kernel computes only the tiles on and above the diagonal (half the GEMM
+    work), so d(i, j) is the same number as d(j, i); the CUDA kernel scans every row in full (the
+    whole GEMM, through cuBLAS with the precision rules of knn), where d(i, j) and d(j, i) are two
+    GEMM entries, equal in exact arithmetic but not promised bitwise equal. No Triton kernel:
+    backend "triton" runs the reference. Not differentiable through the C++/CUDA kernels.
     """
     _check_tensor("x", x)
     _check_k(k, x.shape[0], "x")
@@ -165,10 +178,11 @@ def self_knn(x: torch.Tensor, k: int, metric: str = "sqeuclidean", normalize: bo
             not 0 <= cross_rows <= x.shape[0]:
         raise ValueError(f"knn: cross_rows must be an integer in [0, {x.shape[0]}], got {cross_rows!r}")
     check_finite("knn", x=x)
-    x = x.to(compute_dtype(x))
     name = _backend.resolve(backend, x.device)
     if name in ("reference", "triton"):
-        return self_knn_reference(x, k, metric, bool(normalize), int(cross_rows))
+        return self_knn_reference(x.to(compute_dtype(x)), k, metric, bool(normalize), int(cross_rows))
+    if name != "cuda":  # the CUDA kernel takes float16 / bfloat16 as they are (tensor-core GEMM)
+        x = x.to(compute_dtype(x))
     return torch.ops.dpm_ops.self_knn(x, k, metric, bool(normalize), int(cross_rows))
 
 

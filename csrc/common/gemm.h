@@ -1,0 +1,34 @@
+// The GEMMs of the GEMM-shaped ops (masked cosine, masked ArcFace CE, knn / self_knn) on every
+// device, with fused epilogue / selection kernels around them.
+//
+// Design: the products go to ATen GEMMs (MKL on the CPU, cuBLAS on CUDA) rather than hand-written
+// tiles. Hopper's tensor-core peak needs wgmma + TMA pipelines, which cuBLAS emits; a hand-written
+// mma.sync tile would reach a fraction of it, and could not be run here before shipping. The fully
+// fused single-pass kernels are the Triton backend (dpm_ops/triton/).
+//
+// Precision follows PyTorch's rules because ATen applies them: fp32 operands honour
+// torch.get_float32_matmul_precision() ("highest": IEEE fp32, the default; "high" / "medium": TF32
+// tensor cores), fp64 stays fp64, and bf16 / fp16 operands run on tensor cores with fp32
+// accumulation, their product returned in fp32 through aten::mm.dtype (CUDA only, torch >= 2.8).
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace dpm_ops {
+
+// fp32 for fp32 / fp16 / bf16, fp64 for fp64: the type products and intermediates are held in.
+inline at::ScalarType accumulation_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// a @ b in the accumulation type of the operands' dtype.
+inline at::Tensor mm_acc(const at::Tensor& a, const at::Tensor& b) {
+  const at::ScalarType acc = accumulation_type(a.scalar_type());
+  return a.scalar_type() == acc ? at::mm(a, b) : at::mm(a, b, acc);
+}
+
+// out = a @ b, `out` in the accumulation type of the operands' dtype.
+inline void mm_acc_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == out.scalar_type()) at::mm_out(out, a, b);
+  else at::mm_out(out, a, b, out.scalar_type());
+}
+
+}  // namespace dpm_ops
