@@ -104,7 +104,8 @@ def run_command(cmd: list, timeout: float, env=None) -> tuple:
     return ("ok" if proc.returncode == 0 else "failed"), proc.returncode, output
 
 
-_COUNT = re.compile(r"(\d+)(?:/\d+)? (passed|failed|skipped|errors?|xfailed|xpassed|deselected|(?:tests? )?collected)\b")
+_COUNT = re.compile(r"(\d+)(?:/\d+)? (passed|failed|skipped|errors?|xfailed|xpassed|deselected|"
+                    r"(?:tests? )?collected)\b")
 
 
 def pytest_counts(output: str) -> dict:

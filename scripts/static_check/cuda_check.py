@@ -15,7 +15,6 @@ import argparse
 import importlib.util
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -25,8 +24,8 @@ from pathlib import Path
 
 sys.dont_write_bytecode = True
 
-from ptx_tools import (GEMM_OPS, SMEM_OPTIN_LIMIT, parse_ptxas_log, print_table, ptx_entries,  # noqa: E402
-                       fma_counts, uses_tensor_cores)
+from ptx_tools import (GEMM_OPS, SMEM_OPTIN_LIMIT, fma_counts, parse_ptxas_log, print_table,  # noqa: E402
+                       ptx_entries, short_name, uses_tensor_cores)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -73,18 +72,6 @@ def compile_one(nvcc: str, source: Path, flags: list, arch: int, tmp: str):
 def demangle(names: list) -> dict:
     out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True).stdout
     return dict(zip(names, out.splitlines()))
-
-
-def short_name(demangled: str) -> str:
-    """'void dpm_ops::knn::cuda::(anonymous namespace)::knn_kernel<float, true>(float const*, ...)'
-    -> 'knn_kernel<float, true>': return type, namespaces and parameter list dropped."""
-    depth, cut = 0, len(demangled)
-    for i, ch in enumerate(demangled):
-        depth += (ch == "<") - (ch == ">")
-        if ch == "(" and depth == 0 and not demangled.startswith("(anonymous namespace)", i):
-            cut = i  # the parameter list
-            break
-    return re.sub(r"(?:\w+::|\(anonymous namespace\)::)+", "", demangled[:cut]).removeprefix("void ")
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,4 @@
-"""What the Triton and CUDA static checks share: ptxas -v log parsing, PTX instruction counts,
+"""What the Triton and CUDA static checks share: ptxas -v log parsing, PTX instruction counts, kernel names,
 the architectures' limits and the table printer. Standard library only."""
 
 import re
@@ -74,6 +74,18 @@ def fma_counts(ptx: str) -> tuple:
         unchained += previous not in (op.strip() for op in m.group(2).split(","))
         previous = m.group(1)
     return total, unchained
+
+
+def short_name(demangled: str) -> str:
+    """'void dpm_ops::knn::cuda::(anonymous namespace)::knn_kernel<float, true>(float const*, ...)'
+    -> 'knn_kernel<float, true>': return type, namespaces and parameter list dropped."""
+    depth, cut = 0, len(demangled)
+    for i, ch in enumerate(demangled):
+        depth += (ch == "<") - (ch == ">")
+        if ch == "(" and depth == 0 and not demangled.startswith("(anonymous namespace)", i):
+            cut = i  # the parameter list
+            break
+    return re.sub(r"(?:\w+::|\(anonymous namespace\)::)+", "", demangled[:cut]).removeprefix("void ")
 
 
 def print_table(rows: list, headers: list) -> None:
