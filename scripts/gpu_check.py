@@ -54,6 +54,8 @@ class Run:
         self.start = time.time()
         self.deadline = self.start + budget
         self.steps = []
+        self.running = None  # the step under way, its files so far
+        self.benchmarks = None  # benchmarks.json: the first file's header, every file's benchmarks
         self.lock = threading.Lock()
         out.mkdir(parents=True, exist_ok=True)
         if any(out.iterdir()):  # the logs are appended to
@@ -72,16 +74,32 @@ class Run:
                 f.write(text[:LOG_CAP - size])
 
     def record(self, step: dict) -> None:
+        self.running = None
         self.steps.append(step)
         self.write_summary()
 
+    def file_done(self, result: dict) -> None:
+        with self.lock:
+            self.running["files"].append(result)
+            self.write_summary()
+
+    def add_benchmarks(self, path: Path) -> None:
+        with self.lock:
+            data = json.loads(path.read_text())
+            if self.benchmarks is None:
+                self.benchmarks = data
+            else:
+                self.benchmarks["benchmarks"] += data["benchmarks"]
+            (self.out / "benchmarks.json").write_text(json.dumps(self.benchmarks, indent=1))
+
     def write_summary(self) -> None:
         elapsed = round(time.time() - self.start, 1)
+        steps = self.steps + ([self.running] if self.running else [])
         summary = {"dry_run": self.dry_run, "elapsed_s": elapsed, "budget_s": round(self.deadline - self.start),
-                   "steps": self.steps}
+                   "steps": steps}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         lines = [f"gpu_check{' --dry-run' if self.dry_run else ''}: {elapsed} s of {summary['budget_s']} s"]
-        for s in self.steps:
+        for s in steps:
             counts = " ".join(f"{k}={v}" for k, v in s.get("counts", {}).items())
             notes = "; ".join(s.get("problems", [])) or s.get("reason", "")
             lines.append(f"{s['name']:<12} {s['status']:<9} {s['seconds']:>7.1f} s  {counts}{notes}")
@@ -117,35 +135,31 @@ def pytest_counts(output: str) -> dict:
 
 
 def run_pytest_files(run: Run, files: list, args: list, log: str, jobs: int, file_s: float, min_s: float,
-                     json_out=None) -> dict:
+                     benchmarks=False) -> dict:
     """Each file in its own pytest process (jobs at once; a dry run collects them all in one process),
-    output appended to `log` file by file."""
-    merged = None
+    output appended to `log` and the summary updated file by file."""
 
     def one(paths):
-        nonlocal merged
         rel = " ".join(str(p.relative_to(REPO)) for p in paths)
         if run.left() < (DRY_RUN_MIN_FILE_S if run.dry_run else min_s):
-            return dict(file=rel, status="skipped", seconds=0.0, counts={}, reason="budget")
-        timeout = min(file_s, run.left())
+            result = dict(file=rel, status="skipped", seconds=0.0, counts={}, reason="budget")
+            run.file_done(result)
+            return result
         start = time.time()
         with tempfile.TemporaryDirectory() as tmp:
             bench_json = Path(tmp, "b.json")
-            extra = [f"--benchmark-json={bench_json}"] if json_out else []
-            status, code, output = run_command([sys.executable, *PYTEST, *rel.split(), *args, *extra], timeout)
-            if json_out and bench_json.exists() and bench_json.stat().st_size:  # none when collecting only
-                with run.lock:  # one benchmarks.json: the first file's header, every file's benchmarks
-                    data = json.loads(bench_json.read_text())
-                    if merged is None:
-                        merged = data
-                    else:
-                        merged["benchmarks"] += data["benchmarks"]
-                    (run.out / json_out).write_text(json.dumps(merged, indent=1))
+            extra = [f"--benchmark-json={bench_json}"] if benchmarks else []
+            status, code, output = run_command([sys.executable, *PYTEST, *rel.split(), *args, *extra],
+                                               min(file_s, run.left()))
+            if bench_json.exists() and bench_json.stat().st_size:  # none when collecting only
+                run.add_benchmarks(bench_json)
         if code == 5:  # pytest: no test selected in this file
             status = "empty"
         seconds = round(time.time() - start, 1)
         run.append(log, f"\n===== {rel}: {status} in {seconds} s ({' '.join([*PYTEST, *args])})\n{output}")
-        return dict(file=rel, status=status, seconds=seconds, counts=pytest_counts(output))
+        result = dict(file=rel, status=status, seconds=seconds, counts=pytest_counts(output))
+        run.file_done(result)
+        return result
 
     with ThreadPoolExecutor(max(1, jobs)) as pool:
         results = list(pool.map(one, [files] if run.dry_run else [[f] for f in files]))
@@ -160,6 +174,7 @@ def run_pytest_files(run: Run, files: list, args: list, log: str, jobs: int, fil
 
 def step(run: Run, name: str, fn) -> None:
     start = time.time()
+    run.running = dict(name=name, status="running", seconds=0.0, files=[])
     result = fn()
     run.record(dict(name=name, seconds=round(time.time() - start, 1), **result))
     print(f"[gpu_check] {name}: {result['status']} ({time.time() - start:.0f} s, {run.left():.0f} s left)", flush=True)
@@ -174,8 +189,7 @@ def environment(run: Run) -> dict:
     if shutil.which("nvidia-smi"):
         text += run_command(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv"], 30)[2]
     run.append("environment.txt", text)
-    found = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
-    if status == "ok" and not run.dry_run and found and found[-1]["gpu"] is None:
+    if status == "ok" and not run.dry_run and last_json(output)["gpu"] is None:
         return dict(status="failed", reason="torch sees no CUDA GPU")
     return dict(status=status)
 
@@ -193,9 +207,14 @@ def build(run: Run) -> dict:
     probe = "import dpm_ops, json; print(json.dumps(dpm_ops.backends()))"
     probe_status, _, output = run_command([sys.executable, "-c", probe], 120)
     run.append("build.log", f"\n===== dpm_ops.backends()\n{output}")
-    if probe_status != "ok" or (not run.dry_run and '"cuda": [true' not in output):
+    if status in ("ok", "skipped") and (probe_status != "ok" or not (run.dry_run or last_json(output)["cuda"][0])):
         status = "failed"
     return dict(status=status)
+
+
+def last_json(output: str) -> dict:
+    """The probe's JSON line (warnings may come around it)."""
+    return json.loads([line for line in output.splitlines() if line.startswith("{")][-1])
 
 
 def main(argv=None) -> int:
@@ -216,10 +235,9 @@ def main(argv=None) -> int:
                                                 jobs, TEST_FILE_S, MIN_TEST_FILE_S))
     # Timed runs: one at a time.
     step(run, "benchmarks", lambda: run_pytest_files(run, kernels, ["-m", "not slow", *collect], "benchmarks.log",
-                                                     1, BENCH_FILE_S, MIN_BENCH_FILE_S,
-                                                     json_out="benchmarks.json"))
+                                                     1, BENCH_FILE_S, MIN_BENCH_FILE_S, benchmarks=True))
     step(run, "models", lambda: run_pytest_files(run, [models], ["-m", "not slow", *collect], "benchmarks.log", 1,
-                                                 MODELS_S, MIN_MODELS_S, json_out="benchmarks.json"))
+                                                 MODELS_S, MIN_MODELS_S, benchmarks=True))
 
     files = [p for p in run.out.rglob("*") if p.is_file()]
     problems = [f"{len(files)} files > {MAX_FILES}"] if len(files) > MAX_FILES else []

@@ -2,7 +2,8 @@
 """Ahead-of-time compile every Triton kernel of dpm_ops/triton/ for sm_90 and sm_80, without a GPU.
 
 The project's own launchers run at the shapes the library runs, on meta tensors (shapes and dtypes,
-no memory, so the MSMT17 shapes cost nothing). Triton's driver is replaced by one that only names
+no memory, so the MSMT17 shapes cost nothing; the launchers' torch code must not read values, which
+would sync a GPU anyway). Triton's driver is replaced by one that only names
 a target, and JITFunction.run always takes its warmup path: Triton's real binder specialises the
 launch exactly as on a GPU (dtypes, i32/i64, divisibility by 16, constexprs) and compiles it, and
 the launch itself is skipped. Triton's in-memory kernel cache dedupes identical specialisations,
@@ -148,6 +149,7 @@ def calls_dot(kernel) -> bool:
 
 def install_aot_launches(check: Check, owners: dict) -> None:
     """Make every kernel launch compile for check.arch instead of running."""
+    import torch
     import triton
     import triton.runtime.jit as tjit
     from triton.backends.compiler import GPUTarget
@@ -201,6 +203,14 @@ def install_aot_launches(check: Check, owners: dict) -> None:
         return compiled
 
     tjit.JITFunction.run = aot_run
+
+    class MetaAutocast(torch.autocast):
+        """torch.autocast knows no meta device: a launcher's torch.autocast(x.device.type, ...) gets the CPU's."""
+
+        def __init__(self, device_type, *args, **kwargs):
+            super().__init__("cpu" if device_type == "meta" else device_type, *args, **kwargs)
+
+    torch.autocast = MetaAutocast
 
 
 def new_variant(check: Check, fn, module: str, compiled, log: str, seconds: float) -> Variant:
