@@ -3,16 +3,16 @@
 
 The project's own launchers run at the shapes the library runs, on meta tensors (shapes and dtypes,
 no memory, so the MSMT17 shapes cost nothing; the launchers' torch code must not read values, which
-would sync a GPU anyway). Triton's driver is replaced by one that only names
-a target, and JITFunction.run always takes its warmup path: Triton's real binder specialises the
-launch exactly as on a GPU (dtypes, i32/i64, divisibility by 16, constexprs) and compiles it, and
-the launch itself is skipped. Triton's in-memory kernel cache dedupes identical specialisations,
-so each distinct (kernel, signature, constexprs, target) is compiled once; ptxas -v (which Triton
-runs anyway) gives registers and spills. One process per architecture, in parallel.
+would sync a GPU anyway). Triton's driver is replaced by one that only names a target, and
+JITFunction.run always takes its warmup path: Triton's real binder specialises the launch exactly as
+on a GPU (dtypes, i32/i64, divisibility by 16, constexprs) and compiles it; the launch is skipped.
+Triton's in-memory kernel cache dedupes identical specialisations, so each distinct (kernel,
+signature, constexprs, target) is compiled once; ptxas -v (which Triton runs anyway) gives
+registers and spills. One process per architecture, in parallel.
 
 Fails on: a compile error, a launcher exception, a grid over the hardware limits, shared memory
-over the architecture's opt-in limit, register spills in fp32/bf16/fp16 variants (fp64 ones are
-printed), a GEMM-shaped kernel without tensor-core instructions on sm_90 in TF32 or bf16 mode
+over the architecture's opt-in limit, register spills (fp64-only variants' are printed, not failed),
+a GEMM-shaped kernel without tensor-core instructions on sm_90 in TF32 or bf16 mode
 (GEMM_OPS), and a kernel that no case launches. Nothing is written into the repository
 (no bytecode; Triton's cache lives in a temporary folder, removed at exit).
 
@@ -21,6 +21,7 @@ printed), a GEMM-shaped kernel without tensor-core instructions on sm_90 in TF32
 
 import argparse
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -31,6 +32,7 @@ import sys
 import tempfile
 import time
 import types
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,10 +105,7 @@ class Check:
                 else message for message, (_, cases) in self.failed.items()]
 
     def causes(self) -> dict:
-        counts = {}
-        for cause, _ in self.failed.values():
-            counts[cause] = counts.get(cause, 0) + 1
-        return counts
+        return dict(Counter(cause for cause, _ in self.failed.values()))
 
 
 def import_triton_modules(repo: str) -> dict:
@@ -117,7 +116,6 @@ def import_triton_modules(repo: str) -> dict:
         package.__path__ = [os.path.join(repo, sub)]
         sys.modules[name] = package
     sys.path.insert(0, repo)
-    import importlib
     return {info.name: importlib.import_module(f"dpm_ops.triton.{info.name}")
             for info in pkgutil.iter_modules([os.path.join(repo, "dpm_ops", "triton")])}
 
@@ -172,14 +170,13 @@ def install_aot_launches(check: Check, owners: dict) -> None:
     triton.knobs.nvidia.dump_ptxas_log = True  # Triton prints its own ptxas -v log: captured below
     triton_run = tjit.JITFunction.run
 
-    def aot_run(self, *args, grid, warmup, **kwargs):
+    def aot_run(self, *args, grid, warmup, **kwargs):  # warmup or not, nothing is launched
         name = self.fn.__name__
         check.launched.add(self)
         params = self.signature.parameters
         bound = self.signature.bind(*args, **{k: v for k, v in kwargs.items() if k in params})
         bound.apply_defaults()
-        grid = tuple(grid(bound.arguments) if callable(grid) else grid) + (1, 1)
-        grid = grid[:3]
+        grid = (tuple(grid(bound.arguments) if callable(grid) else grid) + (1, 1))[:3]
         if any(g > limit for g, limit in zip(grid, GRID_LIMITS)):
             check.fail("grid", f"{name}: grid {grid} over the limits {GRID_LIMITS}", [check.case.name])
         log = io.StringIO()
@@ -189,7 +186,7 @@ def install_aot_launches(check: Check, owners: dict) -> None:
                 compiled = triton_run(self, *args, grid=grid, warmup=True, **kwargs)
         except Exception as error:  # noqa: BLE001 (every compile error is reported, then the next case runs)
             lines = str(error).strip().splitlines() or [""]
-            check.fail("compile error", f"{name}: {type(error).__name__}: {lines[-1][:300]}", [check.case.name])
+            check.fail("compile error", f"{name}: {type(error).__name__}: {lines[-1][:200]}", [check.case.name])
             return None
         variant = check.variants.get(compiled.hash)
         if variant is None:
@@ -231,7 +228,7 @@ def new_variant(check: Check, fn, module: str, compiled, log: str, seconds: floa
     return Variant(kernel=md.name, module=module, arch=check.arch, signature=",".join(types_),
                    constexprs=constexprs, specialisation=" ".join(folded + aligned) or "-",
                    regs=usage.regs, spill_stores=usage.spill_stores, spill_loads=usage.spill_loads, smem=md.shared,
-                   warps=md.num_warps, stages=getattr(md, "num_stages", 0),
+                   warps=md.num_warps, stages=md.num_stages,
                    tensor_cores=uses_tensor_cores(compiled.asm["ptx"]), compile_s=round(seconds, 2))
 
 
