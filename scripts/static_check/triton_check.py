@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import types
 from collections import Counter
 from dataclasses import dataclass, field
@@ -185,8 +186,7 @@ def install_aot_launches(check: Check, owners: dict) -> None:
             with contextlib.redirect_stdout(log):
                 compiled = triton_run(self, *args, grid=grid, warmup=True, **kwargs)
         except Exception as error:  # noqa: BLE001 (every compile error is reported, then the next case runs)
-            lines = str(error).strip().splitlines() or [""]
-            check.fail("compile error", f"{name}: {type(error).__name__}: {lines[-1][:200]}", [check.case.name])
+            check.fail("compile error", f"{name}: {compile_error_summary(error)}", [check.case.name])
             return None
         variant = check.variants.get(compiled.hash)
         if variant is None:
@@ -208,6 +208,27 @@ def install_aot_launches(check: Check, owners: dict) -> None:
             super().__init__("cpu" if device_type == "meta" else device_type, *args, **kwargs)
 
     torch.autocast = MetaAutocast
+
+
+def compile_error_summary(error: Exception) -> str:
+    """One line: the kernel source line a compile error points at, and its root cause. Triton chains a CompilationError
+    (source excerpt, caret) per call level above the root (an AssertionError in tl.dot, a NameError...)."""
+    chain = [error]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    root = chain[-1]
+    if type(root).__name__ == "CompilationError":  # raised by the code generator itself: message last
+        message = str(root).strip().splitlines()[-1]
+    else:  # e.g. a bare assert inside tl.dot: its source line says what failed
+        frames = traceback.extract_tb(root.__traceback__)
+        message = f"{type(root).__name__}: {str(root) or (frames[-1].line if frames else '')}"
+    located = [e for e in chain if type(e).__name__ == "CompilationError"]
+    if located:
+        lines = str(located[-1]).splitlines()
+        caret = next((i for i, line in enumerate(lines) if line.strip() == "^"), None)
+        code = f" `{lines[caret - 1].strip()}`" if caret else ""
+        message = f"{lines[0].rstrip(':')}{code}: {message}"
+    return message[:300]
 
 
 def new_variant(check: Check, fn, module: str, compiled, log: str, seconds: float) -> Variant:
