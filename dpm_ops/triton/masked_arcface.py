@@ -120,10 +120,11 @@ def _margin_args(scale, margin, easy_margin, clamp_eps):
                 mm=math.sin(math.pi - margin) * margin, lo=-1.0 + clamp_eps, hi=1.0 - clamp_eps)
 
 
-def _c_block(precision: str) -> int:
+def _tile_options(precision: str) -> dict:
     """FMA (IEEE / fp64) dots hold whole operand tiles per thread: a narrow C chunk keeps the three
-    accumulators spill-free; tensor cores take 32 (128-byte fp32 rows)."""
-    return 16 if precision == "ieee" else 32
+    accumulators spill-free; tensor cores take 32 (128-byte fp32 rows) over 8 warps (with 4, Triton
+    3.6's ptxas spilled a few bytes on sm_80)."""
+    return dict(BLOCK_C=16, num_warps=4) if precision == "ieee" else dict(BLOCK_C=32, num_warps=8)
 
 
 def _rows_per_chunk(B):
@@ -145,7 +146,7 @@ def _forward(features, mask, weight, labels, scale, margin, easy_margin, clamp_e
             f, m, w, _inv_norm(f, EPS), _inv_norm(w, EPS), labels, parts, targets, parts, parts, parts, parts, parts,
             parts, 0, B, B, K, C, n_ktiles, **_margin_args(scale, margin, easy_margin, clamp_eps), plain_w=plain_weight,
             masked_w=masked_weight, inv_batch=1.0, eps=EPS, EASY=easy_margin, WITH_PLAIN=with_plain, BACKWARD=False,
-            PRECISION=precision, BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, BLOCK_C=_c_block(precision))
+            PRECISION=precision, BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, **_tile_options(precision))
 
     def merge(maxes, sums):
         top = maxes.amax(1)
@@ -188,7 +189,7 @@ def _gradients(features, mask, weight, labels, masked_lse, plain_lse, scale, mar
             f, m, w, inv_f, inv_w, labels, g_num, g_num, grad, masked_lse, plain_lse, g_num, h, gp,
             r0, n, B, K, C, 1, **_margin_args(scale, margin, easy_margin, clamp_eps), plain_w=plain_weight,
             masked_w=masked_weight, inv_batch=1.0 / B, eps=EPS, EASY=easy_margin, WITH_PLAIN=with_plain,
-            BACKWARD=True, PRECISION=precision, BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, BLOCK_C=_c_block(precision))
+            BACKWARD=True, PRECISION=precision, BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, **_tile_options(precision))
         gn, hh, rs = g_num[:n], h[:n], slice(r0, r0 + n)
         u, v = gn @ wh, hh @ wh_sq
         up.addmm_(gn.t(), fh_m[rs])
