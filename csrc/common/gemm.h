@@ -10,17 +10,41 @@
 // torch.get_float32_matmul_precision() ("highest": IEEE fp32, the default; "high" / "medium": TF32
 // tensor cores), fp64 stays fp64, and bf16 / fp16 operands run on tensor cores with fp32
 // accumulation, their product returned in fp32 through aten::mm.dtype (CUDA only, torch >= 2.8).
+//
+// CPU fp32 products go to oneDNN where torch has it: MKL picks its code path by CPU vendor, and on
+// non-Intel x86 CPUs (AMD EPYC with AVX-512) runs its generic path (MKL_VERBOSE: "Intel(R)
+// Architecture processors"), 1.6-2.5x slower at the masked cosine's shapes than oneDNN, which
+// dispatches on the instruction set itself. oneDNN's fp32 matmul is IEEE fp32 (unless the user opts
+// into reduced precision through torch.backends.mkldnn): results differ from MKL's in summation order only.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <optional>
+#include <vector>
 
 namespace dpm_ops {
 
 // fp32 for fp32 / fp16 / bf16, fp64 for fp64: the type products and intermediates are held in.
 inline at::ScalarType accumulation_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// a (M, K) @ b (K, N) for fp32 CPU tensors: oneDNN when torch was built with it, else at::mm.
+inline at::Tensor cpu_mm_fp32(const at::Tensor& a, const at::Tensor& b) {
+  // mkldnn::_linear_pointwise(X, W, B?, attr, scalars, algorithm) = X @ W^T, looked up once and called
+  // boxed (its schema is stable; its C++ signature is torch's internal business).
+  static const std::optional<c10::OperatorHandle> linear =
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  if (!linear.has_value() || a.numel() == 0 || b.numel() == 0) return at::mm(a, b);
+  std::vector<c10::IValue> stack{a, b.t(), c10::IValue(), c10::IValue("none"),
+                                 c10::IValue(c10::List<std::optional<at::Scalar>>()), c10::IValue()};
+  linear->callBoxed(&stack);
+  return stack.front().toTensor();
+}
+
 // a @ b in the accumulation type of the operands' dtype.
 inline at::Tensor mm_acc(const at::Tensor& a, const at::Tensor& b) {
+  if (a.is_cpu() && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat) return cpu_mm_fp32(a, b);
   const at::ScalarType acc = accumulation_type(a.scalar_type());
   return a.scalar_type() == acc ? at::mm(a, b) : at::mm(a, b, acc);
 }
