@@ -251,6 +251,13 @@ def _check_value(key: str, field: Field, value: Any) -> Any:
     return value
 
 
+def current_choice(section: str, key: str, value: Any) -> Any:
+    """``value`` of config key section.key under its current name: a saved (checkpoint) config may
+    hold a choice renamed since, e.g. loss.ranking_pos_mode 'all', now 'all_eq5'."""
+    field = SCHEMA.get(section, {}).get(key)
+    return field.renamed.get(value, value) if isinstance(field, Field) and field.renamed else value
+
+
 def _merge(config: dict, data: dict, schema: dict, prefix: str, origin: str) -> None:
     for key, value in data.items():
         full = f"{prefix}{key}"
