@@ -285,6 +285,8 @@ def test_direct_op_calls_check_too():
         torch.ops.dpm_ops.maskreid_ranking_loss(x, labels, 0.15, 2.0, "violating_only", "eq4")
     with pytest.raises(ValueError, match="labels must be 1-D"):
         torch.ops.dpm_ops.maskreid_ranking_loss(x, labels[:2], 0.15, 2.0, "literal", "hardest")
+    with pytest.raises(ValueError, match="pos_mode 'all' was renamed 'all_eq5'"):
+        torch.ops.dpm_ops.maskreid_ranking_loss_triton(x, labels, 0.15, 2.0, "literal", "all")
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="one device"):
             maskreid_ranking_loss(x.cuda(), labels)

@@ -1,5 +1,5 @@
-// exp / log / log1p (and softplus, sigmoid) for host and device code, one overload per precision (like square_root in
-// host_device.h) so float code never silently widens to double.
+// exp / log / log1p, softplus and sigmoid for host and device code, one overload per precision (like
+// square_root in host_device.h) so float code never silently widens to double.
 #pragma once
 
 #include <cmath>
@@ -16,7 +16,9 @@ DPM_HD float logarithm(float v) { return logf(v); }
 DPM_HD double logarithm(double v) { return ::log(v); }
 
 // log(1 + e^t) and 1 / (1 + e^-t) without overflow for large |t|.
-template <typename A> DPM_HD A softplus(A t) { return max_of(t, A(0)) + log_one_plus(exponential(t < A(0) ? t : -t)); }
+template <typename A> DPM_HD A softplus(A t) {
+  return max_of(t, A(0)) + log_one_plus(exponential(t < A(0) ? t : -t));  // max(t, 0) + log(1 + e^-|t|)
+}
 template <typename A> DPM_HD A sigmoid(A t) {
   const A e = exponential(t < A(0) ? t : -t);  // e^-|t| <= 1
   return t < A(0) ? e / (A(1) + e) : A(1) / (A(1) + e);

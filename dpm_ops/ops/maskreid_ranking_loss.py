@@ -81,6 +81,7 @@ if _backend.extension()[0] is not None:
 @torch.library.custom_op("dpm_ops::maskreid_ranking_loss_triton", mutates_args=())
 def maskreid_ranking_loss_triton(embeddings: torch.Tensor, labels: torch.Tensor, alpha: float, lam: float,
                                  neg_mode: str, pos_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    check_modes(neg_mode, pos_mode)  # for direct torch.ops callers, as the C++ op's parse_options
     from ..triton import maskreid_ranking_loss as kernels
     return kernels.ranking_loss_forward(embeddings, labels, alpha, lam, neg_mode, pos_mode)
 

@@ -47,15 +47,15 @@ def _ranking_row_kernel(sim_ptr, labels_ptr, row_loss_ptr, anchor_ptr, coef_ptr,
         hardest = tl.where(num_pos > 0, tl.min(tl.where(pos, s, float("inf")), 0), 0.0)
         neg_exp = tl.exp(tl.where(neg, s - top, float("-inf")))  # each <= 1, exactly 0 off the set
         pos_exp = tl.exp(tl.where(pos, hardest - s, float("-inf")))
-        neg_sum = tl.maximum(tl.sum(neg_exp, 0), 1.0)  # already >= 1 for a non-empty set
+        # >= 1 already for a non-empty set (its largest term is 1); 1 keeps an empty set's log finite
+        neg_sum = tl.maximum(tl.sum(neg_exp, 0), 1.0)
         pos_sum = tl.maximum(tl.sum(pos_exp, 0), 1.0)
         t = (top + tl.log(neg_sum)) + (tl.log(pos_sum) - hardest)
         e = tl.exp(-tl.abs(t))  # e^-|t| <= 1: softplus and sigmoid without overflow
         sig = tl.where(t < 0, e / (1.0 + e), 1.0 / (1.0 + e))
         # no negative: log(1 + 0) = 0 and no gradient
         loss = tl.where(has_neg, tl.maximum(t, 0.0) + _log1p(e), 0.0)
-        g = tl.where(neg, sig / neg_sum * neg_exp, 0.0) - tl.where(pos, sig / pos_sum * pos_exp, 0.0)
-        g = tl.where(has_neg, g, 0.0)
+        g = tl.where(has_neg, sig * (neg_exp / neg_sum - pos_exp / pos_sum), 0.0)
     else:
         satisfied = 0.0 if VIOLATING_ONLY else 1.0  # literal Eq. 5: exp(max(z, 0)) = 1 for z <= 0
         if POS_MODE == "all_eq5":
