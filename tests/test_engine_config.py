@@ -69,6 +69,8 @@ def test_overrides_are_typed():
     ("dataset.test_camids=2", "dataset.test_camids"),
     ("dataset.test_camids=[0,2]", "dataset.test_name"),
     ("eval.multi_query=avg", "eval.multi_query"),
+    ("loss.ranking_pos_mode=eq5", "loss.ranking_pos_mode"),
+    ("loss.ranking_pos_mode=all", "'all' was renamed 'all_eq5' (choices: hardest, all_eq5, eq4)"),
 ])
 def test_bad_override_is_one_line_naming_the_key(override, needle):
     with pytest.raises(ConfigError) as info:
@@ -123,7 +125,19 @@ def test_evaluation_keys():
         load_config(None, ["dataset.name=market1501", "dataset.test_name=occluded_reid", "eval.multi_query=avg"])
 
 
+def test_ranking_modes_are_the_ops():
+    from dpm_ops.engine.config import SCHEMA
+    from dpm_ops.ops.maskreid_ranking_loss_reference import NEG_MODES, POS_MODES, RENAMED_POS_MODES
+
+    loss = SCHEMA["loss"]
+    assert loss["ranking_neg_mode"].choices == NEG_MODES and loss["ranking_pos_mode"].choices == POS_MODES
+    assert loss["ranking_pos_mode"].renamed == RENAMED_POS_MODES
+    assert load_config(None, ["loss.ranking_pos_mode=eq4"])["loss"]["ranking_pos_mode"] == "eq4"
+
+
 def test_cross_field_rules():
+    with pytest.raises(ConfigError, match="ranking_neg_mode: does not apply to ranking_pos_mode eq4"):
+        load_config(None, ["loss.ranking_pos_mode=eq4", "loss.ranking_neg_mode=violating_only"])
     with pytest.raises(ConfigError, match="input.recipe"):
         load_config(None, ["model.name=maskreid"])
     with pytest.raises(ConfigError, match="pretrain.epochs"):

@@ -97,6 +97,15 @@ def test_resume_errors(tmp_path, tiny_root):
     changed = config_for(tmp_path, tiny_root, overrides=["solver.base_lr=0.5"])
     with pytest.raises(CheckpointError, match="solver.base_lr"):
         train(changed, tmp_path / "run", resume=True)
+    # a checkpoint from before the rename of pos_mode 'all' resumes under the new name
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    state["config"]["loss"]["ranking_pos_mode"] = "all"
+    torch.save(state, last)
+    with pytest.raises(CheckpointError, match="ranking_pos_mode is 'hardest' but the checkpoint was trained with "
+                                              "'all_eq5'"):
+        train(config, tmp_path / "run", resume=True)
+    train(config_for(tmp_path, tiny_root, overrides=["loss.ranking_pos_mode=all_eq5"]), tmp_path / "run", resume=True)
     other_model = config_for(tmp_path, tiny_root, "vit_baseline")
     with pytest.raises(CheckpointError, match="holds a 'dpm' model, not 'vit_baseline'"):
         train(other_model, tmp_path / "run", resume=True)

@@ -202,6 +202,10 @@ def brute_ranking(x, labels, alpha=0.15, lam=2.0, neg_mode="literal", pos_mode="
         negatives = [j for j in range(n) if labels[j] != labels[k]]
         if not positives:
             continue
+        if pos_mode == "eq4":  # Eq. 4 as printed: the double sum, no margin, hinge or pull
+            summed = sum((torch.exp(sim[k][j] - sim[k][i]) for i in positives for j in negatives), x.new_zeros(()))
+            per_anchor.append(torch.log(1 + summed))
+            continue
         if pos_mode == "hardest":
             references = [min((sim[k][i] for i in positives), key=lambda d: d.item())]
         else:
@@ -229,8 +233,8 @@ def ranking_batch(seed=0):
     return F.normalize(x, dim=1), labels
 
 
-@pytest.mark.parametrize("neg_mode", ["literal", "violating_only"])
-@pytest.mark.parametrize("pos_mode", ["hardest", "all"])
+@pytest.mark.parametrize("neg_mode, pos_mode", [(n, p) for n in ("literal", "violating_only")
+                                                 for p in ("hardest", "all_eq5")] + [("literal", "eq4")])
 def test_ranking_loss_matches_brute_force(neg_mode, pos_mode):
     for x, labels in (ranking_batch(), (F.normalize(torch.randn(9, 5, **DOUBLE), dim=1),
                                         torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2]))):
@@ -277,6 +281,10 @@ def test_ranking_loss_literal_floor_with_the_papers_batch():
     assert (defaults.alpha, defaults.lam, defaults.neg_mode, defaults.pos_mode) == (0.15, 2.0, "literal", "hardest")
     with pytest.raises(ValueError, match="neg_mode"):
         MaskReIDRankingLoss(neg_mode="soft")
+    with pytest.raises(ValueError, match="pos_mode 'all' was renamed 'all_eq5'"):
+        MaskReIDRankingLoss(pos_mode="all")
+    with pytest.raises(ValueError, match="neg_mode does not apply to pos_mode 'eq4'"):
+        MaskReIDRankingLoss(neg_mode="violating_only", pos_mode="eq4")
 
 
 # ---------------------------------------------------------------- DPM total (dpm.md §6) and the baseline

@@ -1,4 +1,5 @@
-"""maskreid_ranking_loss: every backend against the reference (maskreid.md §4.2, Eq. 5), in value and gradient."""
+"""maskreid_ranking_loss: every backend against the reference (maskreid.md §4.1–4.2, Eqs. 5 and 4), in value and
+gradient."""
 
 import math
 
@@ -13,7 +14,8 @@ from dpm_ops.losses import maskreid_ranking_loss as loss_module_function
 from dpm_ops.ops import maskreid_ranking_loss, maskreid_ranking_loss_reference
 
 KERNEL_BACKENDS = backend_params("cpp", "cuda", "triton")
-MODES = [(n, p) for n in ("literal", "violating_only") for p in ("hardest", "all")]
+# neg_mode is Eq. 5's hinge: Eq. 4 ("eq4") takes only the default
+MODES = [(n, p) for n in ("literal", "violating_only") for p in ("hardest", "all_eq5")] + [("literal", "eq4")]
 
 
 def tolerances(dtype):
@@ -34,11 +36,13 @@ def paper_labels(identity_images=10, singletons=54):
     return [0] * identity_images + list(range(1, singletons + 1))
 
 
-# (labels, D): batch of one, a lone pair, no positive at all, no negative at all, the paper's
-# 10 + 54 batch at MaskReID's 256-d, P×K batches, random labels with singletons.
+# (labels, D): batch of one, a lone pair (anchors without negatives) and n = 2 apart (no anchor), no
+# positive at all, no negative at all, the paper's 10 + 54 batch at MaskReID's 256-d, P×K batches,
+# random labels with singletons.
 CASES = {
     "one": ([5], 8),
     "pair": ([3, 3], 5),
+    "pair-apart": ([3, 4], 5),
     "no-positive": (list(range(7)), 6),
     "no-negative": ([2] * 6, 9),
     "paper": (paper_labels(), 256),
@@ -109,14 +113,60 @@ def test_options_and_label_dtypes(backend):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_non_contiguous_embeddings(backend):
+@pytest.mark.parametrize("pos_mode", ["all_eq5", "eq4"])
+def test_non_contiguous_embeddings(backend, pos_mode):
     device = device_for(backend)
     x, labels = batch(CASES["random"][0], 17, torch.float32, device=device)
     strided = torch.cat([x, x], dim=1)[:, ::2]
     transposed = x.t().contiguous().t()
     for y in (strided, transposed):
         assert not y.is_contiguous()
-        assert_matches_reference(y, labels, backend, pos_mode="all")
+        assert_matches_reference(y, labels, backend, pos_mode=pos_mode)
+
+
+def literal_eq4(x, labels):
+    """Eq. 4 as printed: the double sum over (positive, negative) pairs, mean over anchors."""
+    sim = x @ x.t()
+    losses = []
+    for k in range(len(labels)):
+        positives = [i for i in range(len(labels)) if i != k and labels[i] == labels[k]]
+        negatives = [j for j in range(len(labels)) if labels[j] != labels[k]]
+        if positives:
+            pairs = [torch.exp(sim[k, j] - sim[k, i]) for i in positives for j in negatives]
+            losses.append(torch.log(1 + sum(pairs, sim.new_zeros(()))))
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("backend", backend_params("reference", "cpp", "cuda", "triton"))
+def test_eq4_by_hand(backend):
+    """e1, e2, (e1 + e2)/√2 of one identity, −e1 and e3 singletons: anchors 0, 1, 2 with
+    s = 0, 1/√2 | −1, 0;  0, 1/√2 | 0, 0;  1/√2, 1/√2 | −1/√2, 0  (positives | negatives), and
+    L_k = log(1 + Σ_i Σ_j exp(s_kj − s_ki)) = log(1 + Σ_j exp(s_kj) · Σ_i exp(−s_ki))."""
+    device = device_for(backend)
+    r = 1 / math.sqrt(2)
+    x = torch.tensor([[1, 0, 0], [0, 1, 0], [r, r, 0], [-1, 0, 0], [0, 0, 1]], dtype=torch.float64, device=device)
+    labels = torch.tensor([0, 0, 0, 1, 2], device=device)
+    by_hand = (math.log(1 + (math.exp(-1) + 1) * (1 + math.exp(-r)))
+               + math.log(1 + 2 * (1 + math.exp(-r)))
+               + math.log(1 + (math.exp(-r) + 1) * 2 * math.exp(-r))) / 3
+    value, grad = value_and_grad(lambda e, l: maskreid_ranking_loss(e, l, pos_mode="eq4", backend=backend), x, labels)
+    assert value.item() == pytest.approx(by_hand, rel=1e-14)
+    _, literal_grad = value_and_grad(lambda e, l: literal_eq4(e, l), x, labels)
+    torch.testing.assert_close(grad, literal_grad, **tolerances(torch.float64))
+
+
+@pytest.mark.parametrize("backend", backend_params("reference", "cpp", "cuda", "triton"))
+def test_eq4_is_stable_where_the_double_sum_overflows(backend):
+    """Unnormalised fp32 embeddings with |s| up to ~150: exp(s_kj − s_ki) overflows fp32, the
+    log-sum-exp form does not; the fp64 double sum is the truth."""
+    x, labels = batch(CASES["pk"][0], 8, torch.float64, device=device_for(backend), spread=3.0)
+    x = x * 12
+    assert not literal_eq4(x.float(), labels).isfinite()  # some exp(s_kj − s_ki) is past fp32's range
+    value, grad = value_and_grad(lambda e, l: maskreid_ranking_loss(e, l, pos_mode="eq4", backend=backend),
+                                 x.float(), labels)
+    expected, expected_grad = value_and_grad(literal_eq4, x, labels)
+    torch.testing.assert_close(value, expected.float())
+    torch.testing.assert_close(grad, expected_grad.float())
 
 
 def test_cpp_takes_bfloat16_in_fp32():
@@ -145,7 +195,8 @@ def _op_for(backend):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.parametrize("neg_mode, pos_mode", [("literal", "hardest"), ("violating_only", "all")])
+@pytest.mark.parametrize("neg_mode, pos_mode", [("literal", "hardest"), ("violating_only", "all_eq5"),
+                                               ("literal", "eq4")])
 def test_opcheck(backend, neg_mode, pos_mode):
     x, labels = batch([0, 0, 1, 1, 1, 2], 7, device=device_for(backend))
     x.requires_grad_(True)
@@ -163,12 +214,12 @@ def test_torch_compile_fullgraph(backend):
     x.requires_grad_(True)
 
     def loss(x, labels):
-        return maskreid_ranking_loss(F.normalize(x * 2, dim=1), labels, pos_mode="all", backend=backend)
+        return maskreid_ranking_loss(F.normalize(x * 2, dim=1), labels, pos_mode="all_eq5", backend=backend)
 
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
     value = compiled(x, labels)
     (grad,) = torch.autograd.grad(value, x)
-    expected = maskreid_ranking_loss_reference(F.normalize(x * 2, dim=1), labels, pos_mode="all")
+    expected = maskreid_ranking_loss_reference(F.normalize(x * 2, dim=1), labels, pos_mode="all_eq5")
     torch.testing.assert_close(value, expected)
     torch.testing.assert_close(grad, torch.autograd.grad(expected, x)[0])
 
@@ -187,14 +238,16 @@ def test_loss_module_runs_the_fused_op_by_default(neg_mode, pos_mode):
 
 
 def test_literal_floor_with_the_papers_batch():
-    """Every constraint satisfied: the literal Eq. 5 stays at log(1 + 54), the violating-only reading at 0."""
+    """Every constraint satisfied: the literal Eq. 5 stays at log(1 + 54), the violating-only reading at 0,
+    Eq. 4 (no hinge) at log(1 + 9·54·e⁻²): each pair still adds exp(s_kj − s_ki) = exp(−1 − 1)."""
     x = torch.zeros(64, 4, dtype=torch.float64)
     x[:10, 0] = 1.0
     x[10:, 0] = -1.0
     labels = torch.tensor(paper_labels())
     assert maskreid_ranking_loss(x, labels).item() == pytest.approx(math.log(55))
     assert maskreid_ranking_loss(x, labels, neg_mode="violating_only").item() == 0.0
-    assert maskreid_ranking_loss(x, labels, pos_mode="all").item() == pytest.approx(math.log(1 + 9 * 54))
+    assert maskreid_ranking_loss(x, labels, pos_mode="all_eq5").item() == pytest.approx(math.log(1 + 9 * 54))
+    assert maskreid_ranking_loss(x, labels, pos_mode="eq4").item() == pytest.approx(math.log(1 + 9 * 54 * math.exp(-2)))
 
 
 @pytest.mark.parametrize("backend", backend_params("reference", "cpp", "cuda", "triton"))
@@ -208,6 +261,9 @@ def test_literal_floor_with_the_papers_batch():
     (lambda x, l: (x, l, {"lam": "2"}), "lam must be a finite number"),
     (lambda x, l: (x, l, {"neg_mode": "soft"}), "neg_mode must be one of"),
     (lambda x, l: (x, l, {"pos_mode": "easiest"}), "pos_mode must be one of"),
+    (lambda x, l: (x, l, {"pos_mode": "all"}), "pos_mode 'all' was renamed 'all_eq5' .*Eq. 4 is 'eq4'"),
+    (lambda x, l: (x, l, {"pos_mode": "eq4", "neg_mode": "violating_only"}),
+     "neg_mode does not apply to pos_mode 'eq4'"),
     (lambda x, l: (x, [0, 0, 1, 1, 2, 2], {}), "labels must be a torch.Tensor"),
 ])
 def test_bad_input_names_the_argument(backend, bad, message):
@@ -221,20 +277,29 @@ def test_direct_op_calls_check_too():
     x, labels = batch([0, 0, 1], 4)
     with pytest.raises(ValueError, match="neg_mode must be 'literal' or 'violating_only'"):
         torch.ops.dpm_ops.maskreid_ranking_loss(x, labels, 0.15, 2.0, "soft", "hardest")
+    with pytest.raises(ValueError, match="pos_mode 'all' was renamed 'all_eq5'"):
+        torch.ops.dpm_ops.maskreid_ranking_loss(x, labels, 0.15, 2.0, "literal", "all")
+    with pytest.raises(ValueError, match="pos_mode must be 'hardest', 'all_eq5' or 'eq4'"):
+        torch.ops.dpm_ops.maskreid_ranking_loss(x, labels, 0.15, 2.0, "literal", "easiest")
+    with pytest.raises(ValueError, match="neg_mode does not apply to pos_mode 'eq4'"):
+        torch.ops.dpm_ops.maskreid_ranking_loss(x, labels, 0.15, 2.0, "violating_only", "eq4")
     with pytest.raises(ValueError, match="labels must be 1-D"):
         torch.ops.dpm_ops.maskreid_ranking_loss(x, labels[:2], 0.15, 2.0, "literal", "hardest")
+    with pytest.raises(ValueError, match="pos_mode 'all' was renamed 'all_eq5'"):
+        torch.ops.dpm_ops.maskreid_ranking_loss_triton(x, labels, 0.15, 2.0, "literal", "all")
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="one device"):
             maskreid_ranking_loss(x.cuda(), labels)
 
 
 @pytest.mark.parametrize("backend", backend_params("cpp", "cuda"))
-@pytest.mark.parametrize("pos_mode, n", [("hardest", 400), ("all", 120)])
+@pytest.mark.parametrize("pos_mode, n", [("hardest", 400), ("all_eq5", 120), ("eq4", 400)])
 def test_large_batch_runs_the_parallel_row_pass(backend, pos_mode, n):
     """Batches big enough for several OpenMP tasks per pass (the paper's batch runs on one thread)."""
     labels = torch.randint(0, n // 4, (n,), generator=torch.Generator().manual_seed(n)).tolist()
     x, labels = batch(labels, 24, torch.float32, device=device_for(backend))
-    assert_matches_reference(x, labels, backend, pos_mode=pos_mode, neg_mode="violating_only")
+    assert_matches_reference(x, labels, backend, pos_mode=pos_mode,
+                             neg_mode="literal" if pos_mode == "eq4" else "violating_only")
 
 
 @pytest.mark.parametrize("backend", backend_params("cpp", "cuda"))

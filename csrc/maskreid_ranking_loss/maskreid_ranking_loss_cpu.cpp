@@ -39,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor> maskreid_ranking_loss_cpu(const at::Tensor& e
     const int64_t* lp = labels.const_data_ptr<int64_t>();
     scalar_t* cp = coef.data_ptr<scalar_t>();
     const SerialReduce serial;
-    const int64_t grain = row_grain(n), rows_grain = row_grain(options.all_positives ? n * n : n);
+    const int64_t grain = row_grain(n), rows_grain = row_grain(options.pos_mode == PosMode::kAllEq5 ? n * n : n);
     std::atomic<int64_t> anchors{0};
     at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
       int64_t local = 0;

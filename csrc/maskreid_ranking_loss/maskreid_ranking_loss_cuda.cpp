@@ -25,9 +25,8 @@ std::tuple<at::Tensor, at::Tensor> maskreid_ranking_loss_cuda(const at::Tensor& 
   at::Tensor coef = at::empty({n, n}, x.options()), loss = at::empty({}, x.options());
   at::Tensor row_losses = at::empty({n}, x.options()), num_pos = at::empty({n}, labels.options());
   cuda::forward(x.scalar_type() == at::kDouble ? Dtype::kDouble : Dtype::kFloat, sim.const_data_ptr(),
-                labels.const_data_ptr<int64_t>(), n, o.alpha, o.lam, o.violating_only, o.all_positives,
-                num_pos.data_ptr<int64_t>(), row_losses.data_ptr(), coef.data_ptr(), loss.data_ptr(),
-                c10::cuda::getCurrentCUDAStream().stream());
+                labels.const_data_ptr<int64_t>(), n, o, num_pos.data_ptr<int64_t>(), row_losses.data_ptr(),
+                coef.data_ptr(), loss.data_ptr(), c10::cuda::getCurrentCUDAStream().stream());
   return {loss, coef};
 }
 

@@ -58,16 +58,15 @@ unsigned int blocks_for(int64_t n, int per_block) {
 
 }  // namespace
 
-void forward(Dtype acc, const void* sim, const int64_t* labels, int64_t n, double alpha, double lam,
-             bool violating_only, bool all_positives, int64_t* num_pos, void* row_losses, void* coef, void* loss,
-             cudaStream_t stream) {
+void forward(Dtype acc, const void* sim, const int64_t* labels, int64_t n, const Options<double>& options,
+             int64_t* num_pos, void* row_losses, void* coef, void* loss, cudaStream_t stream) {
   const auto run = [&](auto tag) {
     using A = typename decltype(tag)::type;
     A* loss_out = static_cast<A*>(loss);
     if (n > 0) {
       const unsigned int row_blocks = static_cast<unsigned int>((n + kWarpsPerBlock - 1) / kWarpsPerBlock);
       positives_kernel<<<row_blocks, kThreads, 0, stream>>>(labels, n, num_pos);
-      const Options<A> o{A(alpha), A(lam), violating_only, all_positives};
+      const Options<A> o = cast<A>(options);
       rows_kernel<A><<<row_blocks, kThreads, 0, stream>>>(static_cast<const A*>(sim), labels, num_pos, n, o,
                                                           static_cast<A*>(row_losses), static_cast<A*>(coef));
       symmetrize_kernel<A><<<blocks_for(n * n, 256), 256, 0, stream>>>(static_cast<A*>(coef), n);

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "../common/dtype.h"
+#include "maskreid_ranking_loss_math.h"
 
 namespace dpm_ops {
 namespace maskreid_ranking {
@@ -15,9 +16,8 @@ namespace cuda {
 // From the similarity S = X Xᵀ (n × n, `acc` = kFloat or kDouble) and int64 labels: one warp per
 // row mines, sums and writes dL/dS; then coef = G + Gᵀ in place and loss[0] = the anchor mean.
 // `num_pos` (n int64) and `row_losses` (n acc) are scratch.
-void forward(Dtype acc, const void* sim, const int64_t* labels, int64_t n, double alpha, double lam,
-             bool violating_only, bool all_positives, int64_t* num_pos, void* row_losses, void* coef, void* loss,
-             cudaStream_t stream);
+void forward(Dtype acc, const void* sim, const int64_t* labels, int64_t n, const Options<double>& options,
+             int64_t* num_pos, void* row_losses, void* coef, void* loss, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace maskreid_ranking

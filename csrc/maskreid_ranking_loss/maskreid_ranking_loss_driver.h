@@ -15,11 +15,19 @@ inline Options<double> parse_options(double alpha, double lam, const std::string
                                      const std::string& pos_mode) {
   TORCH_CHECK_VALUE(neg_mode == "literal" || neg_mode == "violating_only",
                     "maskreid_ranking_loss: neg_mode must be 'literal' or 'violating_only', got '", neg_mode, "'");
-  TORCH_CHECK_VALUE(pos_mode == "hardest" || pos_mode == "all",
-                    "maskreid_ranking_loss: pos_mode must be 'hardest' or 'all', got '", pos_mode, "'");
+  TORCH_CHECK_VALUE(pos_mode != "all",
+                    "maskreid_ranking_loss: pos_mode 'all' was renamed 'all_eq5' (Eq. 5's margin, hinge and pull "
+                    "over every positive); the paper's Eq. 4 is 'eq4'");
+  TORCH_CHECK_VALUE(pos_mode == "hardest" || pos_mode == "all_eq5" || pos_mode == "eq4",
+                    "maskreid_ranking_loss: pos_mode must be 'hardest', 'all_eq5' or 'eq4', got '", pos_mode, "'");
+  TORCH_CHECK_VALUE(pos_mode != "eq4" || neg_mode == "literal",
+                    "maskreid_ranking_loss: neg_mode does not apply to pos_mode 'eq4' (no margin, no hinge): leave it "
+                    "'literal', got '", neg_mode, "'");
   TORCH_CHECK_VALUE(std::isfinite(alpha), "maskreid_ranking_loss: alpha must be finite, got ", alpha);
   TORCH_CHECK_VALUE(std::isfinite(lam), "maskreid_ranking_loss: lam must be finite, got ", lam);
-  return Options<double>{alpha, lam, neg_mode == "violating_only", pos_mode == "all"};
+  const PosMode mode = pos_mode == "hardest" ? PosMode::kHardest
+                       : pos_mode == "all_eq5" ? PosMode::kAllEq5 : PosMode::kEq4;
+  return Options<double>{alpha, lam, neg_mode == "violating_only", mode};
 }
 
 inline void check_inputs(const at::Tensor& embeddings, const at::Tensor& labels) {
@@ -51,10 +59,6 @@ inline at::Tensor backward(const at::Tensor& grad, const at::Tensor& embeddings,
                     " embeddings, got ", coef.sizes());
   const at::Tensor x = embeddings.to(coef.scalar_type());
   return at::mm(coef, x).mul_(grad.to(coef.scalar_type())).to(embeddings.scalar_type());
-}
-
-template <typename A> Options<A> cast(const Options<double>& o) {
-  return Options<A>{A(o.alpha), A(o.lam), o.violating_only, o.all_positives};
 }
 
 }  // namespace maskreid_ranking

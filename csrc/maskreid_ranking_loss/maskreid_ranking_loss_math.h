@@ -1,14 +1,20 @@
-// Per-row maths of MaskReID's ranking loss (maskreid.md §4.2, Eq. 5), shared by the CPU and CUDA
-// kernels. For anchor k (a sample with at least one positive) of the similarity row s = S[k, :]:
+// Per-row maths of MaskReID's ranking loss (maskreid.md §4.1–4.2), shared by the CPU and CUDA
+// kernels. For anchor k (a sample with at least one positive) of the similarity row s = S[k, :],
+// positives P (same identity, k excluded) and negatives N:
 //
+// Eq. 5 (pos_mode "hardest", and "all_eq5" = Eq. 5's terms over every positive):
 //   z_j  = s_j − s_ref + α,      term(z) = exp(max(z, 0))  (literal)  |  exp(z)·[z > 0]  (violating_only)
 //   L_k  = log(1 + Σ term(z)) + λ/(2|P|) Σ_{i∈P} (s_i − 1)²
-//
 // with s_ref the hardest positive (min over P, ties to the first index like torch.min) and the sum
-// over negatives j, or (pos_mode "all") s_ref every positive i and the sum over all (i, j) pairs.
+// over negatives j ("hardest"), or s_ref every positive i and the sum over all (i, j) pairs ("all_eq5").
 // Closed-form gradient (the same for both neg modes: relu's gradient at 0 is 0):
 //   w(z) = exp(z)·[z > 0] / (1 + Σ term),
 //   dL_k/ds_j = Σ_refs w(z)  (j ∈ N),   dL_k/ds_ref −= Σ_j w(z),   dL_k/ds_i += λ/|P| (s_i − 1)  (i ∈ P).
+//
+// Eq. 4 (pos_mode "eq4"; no α, hinge or λ): L_k = log(1 + Σ_{i∈P} Σ_{j∈N} exp(s_j − s_i)). The double
+// sum factors into Σ_j exp(s_j) · Σ_i exp(−s_i), so with a = LSE_{j∈N} s_j and b = LSE_{i∈P} −s_i:
+//   L_k = softplus(a + b),   dL_k/ds_j = σ(a + b)·softmax_N(s)_j,   dL_k/ds_i = −σ(a + b)·softmax_P(−s)_i,
+// O(n) per row and stable for any similarity range; an anchor without negatives has L_k = 0.
 //
 // Row functions walk columns start, start + step, ... and combine partial results with `reduce`
 // (SerialReduce on the CPU: one thread per row; WarpReduce on the GPU: one warp per row).
@@ -22,12 +28,18 @@
 namespace dpm_ops {
 namespace maskreid_ranking {
 
+enum class PosMode { kHardest, kAllEq5, kEq4 };  // pos_mode "hardest" | "all_eq5" | "eq4"
+
 template <typename A> struct Options {
-  A alpha;
-  A lam;
-  bool violating_only;  // neg_mode "violating_only" (else "literal")
-  bool all_positives;   // pos_mode "all" (else "hardest")
+  A alpha;              // Eq. 5 only
+  A lam;                // Eq. 5 only
+  bool violating_only;  // neg_mode "violating_only" (else "literal"); Eq. 5 only
+  PosMode pos_mode;
 };
+
+template <typename A> Options<A> cast(const Options<double>& o) {
+  return Options<A>{A(o.alpha), A(o.lam), o.violating_only, o.pos_mode};
+}
 
 template <typename A> DPM_HD A hinge_term(A z, bool violating_only) {
   if (z > A(0)) return exponential(z);
@@ -37,20 +49,23 @@ template <typename A> DPM_HD A hinge_term(A z, bool violating_only) {
 // d term / dz, without the 1/(1 + Σ term) of the log.
 template <typename A> DPM_HD A hinge_weight(A z) { return z > A(0) ? exponential(z) : A(0); }
 
-// The hardest-positive candidate; index −1 means none.
-template <typename A> struct MinIndex {
+// A similarity and its column (the hardest positive, Eq. 4's most similar negative); index −1 means none.
+template <typename A> struct Candidate {
   A value;
   int64_t index;
 };
 
-// The smaller similarity, ties to the smaller index (symmetric in its arguments).
-struct PickMin {
-  template <typename A> DPM_HD MinIndex<A> operator()(MinIndex<A> a, MinIndex<A> b) const {
+// The smaller (kMin) or larger similarity, ties to the smaller index (symmetric in its arguments).
+template <bool kMin> struct PickExtreme {
+  template <typename A> DPM_HD Candidate<A> operator()(Candidate<A> a, Candidate<A> b) const {
     if (b.index < 0) return a;
     if (a.index < 0) return b;
-    return (b.value < a.value || (b.value == a.value && b.index < a.index)) ? b : a;
+    const bool better = kMin ? b.value < a.value : b.value > a.value;
+    return (better || (b.value == a.value && b.index < a.index)) ? b : a;
   }
 };
+using PickMin = PickExtreme<true>;
+using PickMax = PickExtreme<false>;
 
 DPM_HD bool is_positive(const int64_t* labels, int64_t k, int64_t c) { return c != k && labels[c] == labels[k]; }
 DPM_HD bool is_negative(const int64_t* labels, int64_t k, int64_t c) { return labels[c] != labels[k]; }
@@ -65,7 +80,7 @@ DPM_HD int64_t num_positives(const int64_t* labels, int64_t k, int64_t n, int64_
 }
 
 // Σ_{i∈P} w-numerator of the pairs (reference i, negative j = c) when c is negative, or of the
-// pairs (reference c, every negative j) when c is positive: pos_mode "all"'s O(n) column sums.
+// pairs (reference c, every negative j) when c is positive: pos_mode "all_eq5"'s O(n) column sums.
 template <typename A>
 DPM_HD A all_pairs_column_weight(const A* s, const int64_t* labels, int64_t k, int64_t n, int64_t c, A alpha,
                                  bool c_negative) {
@@ -77,6 +92,45 @@ DPM_HD A all_pairs_column_weight(const A* s, const int64_t* labels, int64_t k, i
   return total;
 }
 
+template <typename A> DPM_HD void zero_row(A* coef, int64_t n, int64_t start, int64_t step) {
+  if (coef != nullptr)
+    for (int64_t c = start; c < n; c += step) coef[c] = A(0);
+}
+
+// Eq. 4's loss of anchor row k times `scale` (see the top), given its hardest positive (b's shift);
+// with `coef` non-null also writes the row's dL/dS (times scale) at the columns this thread walks.
+template <typename A, class Reduce>
+DPM_HD A eq4_row_loss(const A* s, const int64_t* labels, int64_t k, int64_t n, A hardest, A scale, int64_t start,
+                      int64_t step, const Reduce& reduce, A* coef) {
+  Candidate<A> top{A(0), -1};  // the most similar negative: a's shift
+  for (int64_t c = start; c < n; c += step)
+    if (is_negative(labels, k, c)) top = PickMax()(top, Candidate<A>{s[c], c});
+  top = reduce.pick(top, PickMax());
+  if (top.index < 0) {  // no negative: log(1 + 0), no gradient
+    zero_row(coef, n, start, step);
+    return A(0);
+  }
+  A neg_sum = A(0), pos_sum = A(0);  // Σ_N exp(s_j − max), Σ_P exp(min − s_i): both in [1, n]
+  for (int64_t c = start; c < n; c += step) {
+    if (is_negative(labels, k, c)) neg_sum += exponential(s[c] - top.value);
+    else if (is_positive(labels, k, c)) pos_sum += exponential(hardest - s[c]);
+  }
+  neg_sum = reduce.sum(neg_sum);
+  pos_sum = reduce.sum(pos_sum);
+  const A t = (top.value + logarithm(neg_sum)) + (logarithm(pos_sum) - hardest);  // a + b
+  const A loss = softplus(t) * scale;
+  if (coef == nullptr) return loss;
+
+  const A g = sigmoid(t) * scale, neg_coef = g / neg_sum, pos_coef = g / pos_sum;
+  for (int64_t c = start; c < n; c += step) {
+    A v = A(0);
+    if (is_negative(labels, k, c)) v = neg_coef * exponential(s[c] - top.value);
+    else if (is_positive(labels, k, c)) v = -pos_coef * exponential(hardest - s[c]);
+    coef[c] = v;
+  }
+  return loss;
+}
+
 // Loss of row k times `scale` (1 / number of anchors), 0 for a non-anchor; with `coef` non-null also
 // writes the row's dL/dS (times scale) at the columns this thread walks.
 template <typename A, class Reduce>
@@ -84,28 +138,30 @@ DPM_HD A row_loss(const A* s, const int64_t* labels, int64_t k, int64_t n, const
                   int64_t start, int64_t step, const Reduce& reduce, A* coef) {
   // Positives: count, hardest, and the pull term's sum of squares.
   int64_t num_pos = 0;
-  MinIndex<A> hardest{A(0), -1};
+  Candidate<A> hardest{A(0), -1};
   A pull = A(0);
   for (int64_t c = start; c < n; c += step) {
     if (!is_positive(labels, k, c)) continue;
     ++num_pos;
-    hardest = PickMin()(hardest, MinIndex<A>{s[c], c});
+    hardest = PickMin()(hardest, Candidate<A>{s[c], c});
     pull += (s[c] - A(1)) * (s[c] - A(1));
   }
   num_pos = reduce.sum(num_pos);
   if (num_pos == 0) {  // not an anchor: no loss, no gradient
-    if (coef != nullptr)
-      for (int64_t c = start; c < n; c += step) coef[c] = A(0);
+    zero_row(coef, n, start, step);
     return A(0);
   }
   hardest = reduce.pick(hardest, PickMin());
+  if (o.pos_mode == PosMode::kEq4)
+    return eq4_row_loss(s, labels, k, n, hardest.value, scale, start, step, reduce, coef);
   pull = reduce.sum(pull);
 
   // The hinge sum, and (hardest mode) the weight the hardest positive collects.
+  const bool all_pairs = o.pos_mode == PosMode::kAllEq5;
   A total = A(0), weight_total = A(0);
   for (int64_t c = start; c < n; c += step) {
     if (!is_negative(labels, k, c)) continue;
-    if (o.all_positives) {
+    if (all_pairs) {
       for (int64_t i = 0; i < n; ++i)
         if (is_positive(labels, k, i)) total += hinge_term(s[c] - s[i] + o.alpha, o.violating_only);
     } else {
@@ -124,11 +180,11 @@ DPM_HD A row_loss(const A* s, const int64_t* labels, int64_t k, int64_t n, const
   for (int64_t c = start; c < n; c += step) {
     A g = A(0);
     if (is_negative(labels, k, c)) {
-      g = inv * (o.all_positives ? all_pairs_column_weight(s, labels, k, n, c, o.alpha, true)
+      g = inv * (all_pairs ? all_pairs_column_weight(s, labels, k, n, c, o.alpha, true)
                                  : hinge_weight(s[c] - hardest.value + o.alpha));
     } else if (c != k) {  // a positive
       g = pull_coef * (s[c] - A(1));
-      if (o.all_positives)
+      if (all_pairs)
         g -= inv * all_pairs_column_weight(s, labels, k, n, c, o.alpha, false);
       else if (c == hardest.index)
         g -= inv * weight_total;

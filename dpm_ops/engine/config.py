@@ -41,10 +41,11 @@ class Field:
     default: Any
     choices: Optional[tuple] = None
     nullable: bool = False
+    renamed: Optional[dict] = None  # old choice -> its new name, refused with that name
 
 
-def _f(default, type_=None, choices=None, nullable=False) -> Field:
-    return Field(type_ if type_ is not None else type(default), default, choices, nullable)
+def _f(default, type_=None, choices=None, nullable=False, renamed=None) -> Field:
+    return Field(type_ if type_ is not None else type(default), default, choices, nullable, renamed)
 
 
 # The schema. Defaults are DPM's Occluded-Duke recipe (dpm.md §6-7) where a key concerns DPM.
@@ -99,11 +100,11 @@ SCHEMA: dict = {
         "triplet_weight": _f(1.0, float),
         "plain_weight": _f(0.5, float),
         "masked_weight": _f(0.5, float),
-        # MaskReID ranking loss (Eq. 5)
+        # MaskReID ranking loss: Eq. 5 (pos_mode hardest | all_eq5), or Eq. 4 (eq4: no alpha, lambda, neg_mode)
         "ranking_alpha": _f(0.15, float),
         "ranking_lambda": _f(2.0, float),
         "ranking_neg_mode": _f("literal", str, ("literal", "violating_only")),
-        "ranking_pos_mode": _f("hardest", str, ("hardest", "all")),
+        "ranking_pos_mode": _f("hardest", str, ("hardest", "all_eq5", "eq4"), renamed={"all": "all_eq5"}),
     },
     "solver": {
         # the papers use SGD; AdamW is an option for small ViTs trained from scratch
@@ -242,9 +243,19 @@ def _check_value(key: str, field: Field, value: Any) -> Any:
             pass
     if (kind in (int, float) and isinstance(value, bool)) or not isinstance(value, kind):
         raise ConfigError(f"config key {key}: expected {kind.__name__}, got {value!r}")
+    if field.renamed and value in field.renamed:
+        raise ConfigError(f"config key {key}: {value!r} was renamed {field.renamed[value]!r} "
+                          f"(choices: {', '.join(map(str, field.choices))})")
     if field.choices is not None and value not in field.choices:
         raise ConfigError(f"config key {key}: {value!r} is not one of {', '.join(map(str, field.choices))}")
     return value
+
+
+def current_choice(section: str, key: str, value: Any) -> Any:
+    """``value`` of config key section.key under its current name: a saved (checkpoint) config may
+    hold a choice renamed since, e.g. loss.ranking_pos_mode 'all', now 'all_eq5'."""
+    field = SCHEMA.get(section, {}).get(key)
+    return field.renamed.get(value, value) if isinstance(field, Field) and field.renamed else value
 
 
 def _merge(config: dict, data: dict, schema: dict, prefix: str, origin: str) -> None:
@@ -399,6 +410,9 @@ def validate(config: dict) -> None:
     _check_dataset_options(config)
     if config["solver"]["warmup_epochs"] < 0 or config["pretrain"]["epochs"] < 0:
         raise ConfigError("config key solver.warmup_epochs / pretrain.epochs: must be >= 0")
+    if config["loss"]["ranking_pos_mode"] == "eq4" and config["loss"]["ranking_neg_mode"] != "literal":
+        raise ConfigError("config key loss.ranking_neg_mode: does not apply to ranking_pos_mode eq4 (no margin, "
+                          "no hinge); leave it literal")
     if config["pretrain"]["epochs"] and not is_maskreid:
         raise ConfigError(f"config key pretrain.epochs: softmax pre-training is MaskReID's; model is {name}")
 

@@ -55,7 +55,7 @@ from dpm_ops.models.param_groups import sgd_param_groups
 from . import distributed
 from .checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, make_checkpoint, restore_rng_state,
                          save_checkpoint)
-from .config import ConfigError, dump_config
+from .config import ConfigError, current_choice, dump_config
 from .schedules import LRSchedule
 
 # config keys that may differ between a killed run and its resumption
@@ -414,7 +414,7 @@ class Trainer:
             for key, value in values.items():
                 if (section, key) in RESUME_FREE_KEYS:
                     continue
-                old = saved.get(section, {}).get(key)
+                old = current_choice(section, key, saved.get(section, {}).get(key))
                 if old != value:
                     raise CheckpointError(f"--resume: config key {section}.{key} is {value!r} but the "
                                           f"checkpoint was trained with {old!r}")

@@ -1,20 +1,23 @@
-"""MaskReID ranking loss (spec maskreid.md §4.2, Eq. 5).
+"""MaskReID ranking loss (spec maskreid.md §4.1–4.2: Eq. 5, and Eq. 4 as an option).
 
 For an anchor k with positives P (same identity, anchor excluded) and negatives N, on
-L2-normalised embeddings with ``s_kj = x_kᵀ x_j``:
+L2-normalised embeddings with ``s_kj = x_kᵀ x_j``, Eq. 5 (the paper's training loss) is
 
     L_k = log(1 + Σ_{j∈N} exp([s_kj − s_k^{p*} + α]_+)) + λ/(2|P|) Σ_{i∈P} (s_ki − 1)²,
-    s_k^{p*} = min_{i∈P} s_ki  (the hardest positive),  α = 0.15,  λ = 2.
+    s_k^{p*} = min_{i∈P} s_ki  (the hardest positive),  α = 0.15,  λ = 2,
 
+and Eq. 4 is ``L_k = log(1 + Σ_{i∈P} Σ_{j∈N} exp(s_kj − s_ki))`` (no margin, hinge or pull term).
 Anchors are the samples with at least one positive (with the paper's 10 + 54 batch: the 10 images
 of the sampled identity); the batch loss is their mean.
 
 Options (the paper's text is ambiguous, see the spec):
+* ``pos_mode="hardest"`` (default): Eq. 5's hardest positive.
+  ``pos_mode="all_eq5"``: Eq. 5's margin, hinge and pull term over every (positive, negative) pair
+  (formerly ``"all"``, which is now refused with this name).
+  ``pos_mode="eq4"``: Eq. 4; ``alpha``, ``lam`` are unused and ``neg_mode`` must stay "literal".
 * ``neg_mode="literal"`` (default): Eq. 5 as printed; a satisfied negative still adds exp(0) = 1,
   so the first term never drops below log(1 + |N|).
   ``neg_mode="violating_only"``: only negatives with a positive hinge argument enter the sum.
-* ``pos_mode="hardest"`` (default): Eq. 5's hardest positive.
-  ``pos_mode="all"``: every (positive, negative) pair as in Eq. 4, with Eq. 5's margin and hinge.
 * ``fused=True`` (default): the fused op ``dpm_ops.ops.maskreid_ranking_loss`` (one kernel pass with
   the closed-form gradient; the plain-torch reference where no kernel backend is available);
   ``fused=False``: the plain-torch reference (``dpm_ops.ops.maskreid_ranking_loss_reference``).
@@ -26,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.maskreid_ranking_loss import maskreid_ranking_loss as fused_maskreid_ranking_loss
-from ..ops.maskreid_ranking_loss_reference import NEG_MODES, POS_MODES, maskreid_ranking_loss_reference
+from ..ops.maskreid_ranking_loss_reference import check_modes, maskreid_ranking_loss_reference
 
 
 def maskreid_ranking_loss(embeddings: torch.Tensor, labels: torch.Tensor, alpha: float = 0.15,
@@ -38,13 +41,12 @@ def maskreid_ranking_loss(embeddings: torch.Tensor, labels: torch.Tensor, alpha:
 
 
 class MaskReIDRankingLoss(nn.Module):
-    """Eq. 5 with the paper's α = 0.15, λ = 2 on L2-normalised embeddings."""
+    """Eq. 5 with the paper's α = 0.15, λ = 2 on L2-normalised embeddings (or Eq. 4: ``pos_mode="eq4"``)."""
 
     def __init__(self, alpha: float = 0.15, lam: float = 2.0, neg_mode: str = "literal",
                  pos_mode: str = "hardest", fused: bool = True):
         super().__init__()
-        if neg_mode not in NEG_MODES or pos_mode not in POS_MODES:
-            raise ValueError(f"neg_mode must be in {NEG_MODES} and pos_mode in {POS_MODES}")
+        check_modes(neg_mode, pos_mode)
         self.alpha, self.lam, self.neg_mode, self.pos_mode, self.fused = alpha, lam, neg_mode, pos_mode, fused
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

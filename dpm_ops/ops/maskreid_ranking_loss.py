@@ -1,4 +1,4 @@
-"""MaskReID's ranking loss (maskreid.md §4.2, Eq. 5) as a fused torch custom op.
+"""MaskReID's ranking loss (maskreid.md §4.1–4.2, Eq. 5 and the Eq. 4 option) as a fused torch custom op.
 
 Schemas ``dpm_ops::maskreid_ranking_loss(embeddings, labels, alpha, lam, neg_mode, pos_mode) ->
 (loss, coef)`` and ``dpm_ops::maskreid_ranking_loss_backward(grad, embeddings, coef)``
@@ -14,7 +14,7 @@ import torch
 
 from .. import _backend
 from ._registration import register_forward_backward
-from .maskreid_ranking_loss_reference import NEG_MODES, POS_MODES, maskreid_ranking_loss_reference
+from .maskreid_ranking_loss_reference import check_modes, maskreid_ranking_loss_reference
 
 
 def check_ranking_args(embeddings, labels, alpha, lam, neg_mode, pos_mode) -> None:
@@ -37,10 +37,7 @@ def check_ranking_args(embeddings, labels, alpha, lam, neg_mode, pos_mode) -> No
     for name, value in (("alpha", alpha), ("lam", lam)):
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"maskreid_ranking_loss: {name} must be a finite number, got {value!r}")
-    if neg_mode not in NEG_MODES:
-        raise ValueError(f"maskreid_ranking_loss: neg_mode must be one of {NEG_MODES}, got {neg_mode!r}")
-    if pos_mode not in POS_MODES:
-        raise ValueError(f"maskreid_ranking_loss: pos_mode must be one of {POS_MODES}, got {pos_mode!r}")
+    check_modes(neg_mode, pos_mode)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -84,6 +81,7 @@ if _backend.extension()[0] is not None:
 @torch.library.custom_op("dpm_ops::maskreid_ranking_loss_triton", mutates_args=())
 def maskreid_ranking_loss_triton(embeddings: torch.Tensor, labels: torch.Tensor, alpha: float, lam: float,
                                  neg_mode: str, pos_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    check_modes(neg_mode, pos_mode)  # for direct torch.ops callers, as the C++ op's parse_options
     from ..triton import maskreid_ranking_loss as kernels
     return kernels.ranking_loss_forward(embeddings, labels, alpha, lam, neg_mode, pos_mode)
 
@@ -103,10 +101,11 @@ _register(maskreid_ranking_loss_triton, maskreid_ranking_loss_triton_backward)
 def maskreid_ranking_loss(embeddings: torch.Tensor, labels: torch.Tensor, alpha: float = 0.15, lam: float = 2.0,
                           neg_mode: str = "literal", pos_mode: str = "hardest", backend: str | None = None
                           ) -> torch.Tensor:
-    """Eq. 5 of MaskReID on (B, D) L2-normalised embeddings and (B,) integer identity labels: the mean
-    over anchors (samples with a positive) of the per-anchor loss, a 0-d tensor in at least fp32.
+    """Eq. 5 (or Eq. 4) of MaskReID on (B, D) L2-normalised embeddings and (B,) integer identity labels:
+    the mean over anchors (samples with a positive) of the per-anchor loss, a 0-d tensor in at least fp32.
 
-    ``neg_mode`` "literal" | "violating_only", ``pos_mode`` "hardest" | "all" (see the reference).
+    ``pos_mode`` "hardest" (Eq. 5) | "all_eq5" (Eq. 5 over every positive) | "eq4" (Eq. 4: no ``alpha``,
+    ``lam`` or ``neg_mode``); ``neg_mode`` "literal" | "violating_only" (see the reference).
     ``backend`` forces "reference" | "cpp" | "cuda" | "triton" (default: by device).
     """
     check_ranking_args(embeddings, labels, alpha, lam, neg_mode, pos_mode)
