@@ -358,8 +358,8 @@ def cases(mods: dict) -> list:
 
     ranking = mods["maskreid_ranking_loss"]
     n, dim = RANKING_BATCH
-    for pos_mode in ("hardest", "all"):
-        for neg_mode in ("literal", "violating_only"):
+    for pos_mode in ("hardest", "all_eq5", "eq4"):
+        for neg_mode in ("literal",) if pos_mode == "eq4" else ("literal", "violating_only"):  # eq4: no hinge
             add("maskreid_ranking_loss", f"n{n} D{dim} {pos_mode} {neg_mode}", FLOATS,
                 lambda d, pos_mode=pos_mode, neg_mode=neg_mode: lambda: ranking.ranking_loss_forward(
                     t(n, dim, dtype=d), t(n, dtype=torch.int64), 0.15, 2.0, neg_mode, pos_mode))
