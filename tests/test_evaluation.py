@@ -24,6 +24,7 @@ def assert_matches_reference(result, expected):
     np.testing.assert_array_equal(result.cmc, expected["cmc"])
     assert result.num_valid == expected["num_valid"]
     np.testing.assert_allclose(result.all_AP, expected["all_AP"], rtol=1e-12, atol=0)
+    np.testing.assert_allclose(result.all_INP, expected["all_INP"], rtol=1e-12, atol=0)
     assert result.mAP == pytest.approx(expected["mAP"], rel=1e-12, abs=0)
     assert result.mINP == pytest.approx(expected["mINP"], rel=1e-12, abs=0)
 
@@ -116,6 +117,7 @@ def test_hand_worked_query_without_match_is_skipped():
     assert (result.num_valid, result.num_skipped) == (1, 1)
     np.testing.assert_array_equal(result.cmc, [0, 1, 1])
     np.testing.assert_array_equal(result.all_AP, [0.5])
+    np.testing.assert_array_equal(result.all_INP, [0.5])  # valid queries only, as all_AP
     assert result.mAP == 0.5 and result.mINP == 0.5
     with pytest.raises(ValueError, match="no query has a match"):
         evaluate_rank(dist, [1, 4], [1, 3, 2], [0, 0], [0, 1, 1])

@@ -43,7 +43,7 @@ def _chunk_metrics(distmat, q_pids, g_pids, q_camids, g_camids, ap):
 
 
 def evaluate_rank_numpy(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, ap="standard"):
-    """Returns a dict with cmc (max_rank,), mAP, mINP, all_AP (per valid query), num_valid."""
+    """Returns a dict with cmc (max_rank,), mAP, mINP, all_AP and all_INP (per valid query), num_valid."""
     if ap not in ("standard", "trapezoid"):
         raise ValueError(f"ap must be 'standard' or 'trapezoid', got {ap!r}")
     distmat = np.asarray(distmat)
@@ -58,4 +58,4 @@ def evaluate_rank_numpy(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50
     if len(all_ap) == 0:
         raise ValueError("no query has a match in the gallery")
     cmc = (first_match[:, None] <= np.arange(1, max_rank + 1)).mean(axis=0)
-    return dict(cmc=cmc, mAP=all_ap.mean(), mINP=inp.mean(), all_AP=all_ap, num_valid=len(all_ap))
+    return dict(cmc=cmc, mAP=all_ap.mean(), mINP=inp.mean(), all_AP=all_ap, all_INP=inp, num_valid=len(all_ap))

@@ -55,6 +55,7 @@ class RankResult:
     mAP: float
     mINP: float
     all_AP: np.ndarray   # AP of every valid query, in query order
+    all_INP: np.ndarray  # inverse negative penalty of every valid query, in query order (fast-reid's all_INP)
     num_valid: int       # queries with at least one match left
     num_skipped: int     # queries without one
 
@@ -238,6 +239,7 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
         raise ValueError("no query has a match in the gallery (same pid on another camera); "
                          "check q_pids / g_pids / q_camids / g_camids")
     all_ap = torch.cat(all_ap).cpu().numpy()
+    all_inp = torch.cat(inverse_penalty).cpu().numpy()
     if protocol == "cuhk03":
         first_ranks = single_shot_match_ranks(dist, q_pids, q_camids, g_pids, g_camids, num_repeats, seed)
     else:
@@ -245,5 +247,5 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
     first_ranks = first_ranks.flatten().clamp_(max=max_rank + 1)
     first_rank_counts = torch.bincount(first_ranks, minlength=max_rank + 2)[1:max_rank + 1]
     cmc = (first_rank_counts.cumsum(0).double() / len(first_ranks)).cpu().numpy()
-    return RankResult(cmc=cmc, mAP=float(all_ap.mean()), mINP=float(torch.cat(inverse_penalty).cpu().numpy().mean()),
-                      all_AP=all_ap, num_valid=num_valid, num_skipped=num_skipped)
+    return RankResult(cmc=cmc, mAP=float(all_ap.mean()), mINP=float(all_inp.mean()), all_AP=all_ap, all_INP=all_inp,
+                      num_valid=num_valid, num_skipped=num_skipped)
