@@ -1,0 +1,109 @@
+"""The installed torchreid (0.2.5) and fast-reid (1.4.0) evaluation code, loaded file by file.
+
+Their package `__init__`s import torchvision, faiss, tensorboard and more, so neither package is
+imported: `find_spec` of a top-level package locates its directory without running its
+`__init__`, and rank.py / rerank.py are executed from their files as stand-alone modules. Both
+rank.py files try to import their Cython `evaluate_cy` and fall back to Python on ImportError;
+loaded this way that import fails (torchreid's absolute import is blocked while the file runs,
+fast-reid's relative one has no parent package), so the modules' `evaluate_rank` is the Python
+code. fast-reid ships rank_cy.pyx; `fastreid_rank_cy()` compiles it with Cython and returns the
+extension module (its `evaluate_cy` is what fast-reid's `evaluate_rank` calls when the Cython is
+built). torchreid 0.2.5's sdist ships no rank_cy.pyx, so its users always run the Python code.
+
+Nothing is patched: numpy 2 has `np.bool` again (the one removed alias these files use).
+"""
+
+import functools
+import hashlib
+import importlib.machinery
+import importlib.util
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import pytest
+
+VERSIONS = {"torchreid": "0.2.5", "fastreid": "1.4.0"}
+_FILES = {
+    "torchreid_rank": ("torchreid", "reid/metrics/rank.py"),
+    "torchreid_rerank": ("torchreid", "reid/utils/rerank.py"),
+    "fastreid_rank": ("fastreid", "evaluation/rank.py"),
+    "fastreid_rerank": ("fastreid", "evaluation/rerank.py"),
+}
+INSTALL_HINT = "pip install --no-deps -r requirements-peers.txt"
+
+
+def package_dir(package: str):
+    """The installed package's directory, or None; the package itself is not imported."""
+    spec = importlib.util.find_spec(package)
+    return None if spec is None else Path(next(iter(spec.submodule_search_locations)))
+
+
+def missing_reason(package: str):
+    """Why the peer's code cannot be loaded here, or None."""
+    if package_dir(package) is None:
+        return f"{package}=={VERSIONS[package]} is not installed ({INSTALL_HINT})"
+    return None
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(f"_peer_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    blocked = {package: sys.modules.get(package) for package in VERSIONS}
+    try:
+        for package in VERSIONS:  # None in sys.modules: importing the package raises ImportError
+            sys.modules[package] = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Cython evaluation is unavailable"
+            spec.loader.exec_module(module)
+    finally:
+        for package, previous in blocked.items():
+            if previous is None:
+                del sys.modules[package]
+            else:
+                sys.modules[package] = previous
+    return module
+
+
+@functools.cache
+def load(name: str):
+    """One of the peers' files as a module ("torchreid_rank", "fastreid_rerank", ...); skips the
+    calling test when the peer is not installed."""
+    package, relative = _FILES[name]
+    reason = missing_reason(package)
+    if reason:
+        pytest.skip(reason)
+    return _load(name, package_dir(package) / relative)
+
+
+@functools.cache
+def fastreid_rank_cy():
+    """fast-reid's rank_cy.pyx compiled (once per source, Cython and numpy version, in the temp dir)."""
+    reason = missing_reason("fastreid")
+    if reason:
+        pytest.skip(reason)
+    try:
+        import Cython
+    except ImportError:
+        pytest.skip(f"Cython is not installed ({INSTALL_HINT})")
+    import numpy
+
+    source = package_dir("fastreid") / "evaluation/rank_cylib/rank_cy.pyx"
+    key = hashlib.sha256(source.read_bytes() + f"{Cython.__version__} {numpy.__version__} {sys.version}".encode())
+    build_dir = Path(tempfile.gettempdir()) / f"dpm_ops-fastreid-rank_cy-{key.hexdigest()[:16]}"
+    built = list(build_dir.glob("rank_cy*.so"))
+    if not built:
+        build_dir.mkdir(exist_ok=True)
+        (build_dir / "rank_cy.pyx").write_bytes(source.read_bytes())
+        setup = ("from setuptools import Extension, setup; from Cython.Build import cythonize; import numpy; "
+                 "setup(ext_modules=cythonize([Extension('rank_cy', ['rank_cy.pyx'], "
+                 "include_dirs=[numpy.get_include()])], quiet=True), script_args=['build_ext', '--inplace'])")
+        subprocess.run([sys.executable, "-c", setup], cwd=build_dir, check=True, capture_output=True)
+        built = list(build_dir.glob("rank_cy*.so"))
+    loader = importlib.machinery.ExtensionFileLoader("rank_cy", str(built[0]))
+    spec = importlib.util.spec_from_file_location("rank_cy", built[0], loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module

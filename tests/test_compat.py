@@ -1,0 +1,212 @@
+"""dpm_ops.compat.torchreid / .fastreid against the installed torchreid 0.2.5 and fast-reid 1.4.0:
+their Python and Cython evaluation and their re-ranking, on the same random cases.
+
+The peers are loaded file by file (benchmarks/reference/peers.py); every test that needs one skips
+with the install line when it is missing. Distances come from clustered features and have no exact
+ties (where the peers' unstable argsort and our (distance, index) order may differ).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.reference import peers
+from benchmarks.reference.synthetic_features import make_reid_features
+from dpm_ops import evaluation
+from dpm_ops.compat import fastreid, torchreid
+
+# (num_query, num_gallery, num_ids, num_distractors, seed): Market-like with same-camera junk and
+# pid 0 distractors; the last two are tiny galleries (fewer items than max_rank = 50).
+CASES = [(30, 200, 20, 40, 0), (60, 400, 40, 0, 1), (25, 150, 15, 60, 2), (12, 30, 6, 6, 3), (8, 14, 4, 2, 4)]
+TINY = CASES[-2:]
+MAX_RANKS = (1, 5, 50)
+
+
+def euclidean(a, b):
+    return np.sqrt(((a.astype(np.float64)[:, None] - b.astype(np.float64)[None]) ** 2).sum(-1))
+
+
+def labelled_case(num_query, num_gallery, num_ids, num_distractors, seed, dtype=np.float64):
+    """(distmat, q_pids, g_pids, q_camids, g_camids), with two queries that have no match: an
+    identity absent from the gallery, and one whose only gallery image is on the query's camera."""
+    data = make_reid_features(num_query=num_query, num_gallery=num_gallery, num_ids=num_ids,
+                              num_distractors=num_distractors, dim=32, latent_dim=8, num_cams=3, seed=seed)
+    rng = np.random.default_rng(seed)
+    query = np.concatenate([data.query, rng.standard_normal((2, 32)).astype(np.float32)])
+    gallery = np.concatenate([data.gallery, rng.standard_normal((1, 32)).astype(np.float32)])
+    q_pids = np.r_[data.query_pids, num_ids + 1, num_ids + 2]
+    g_pids = np.r_[data.gallery_pids, num_ids + 2]
+    q_camids = np.r_[data.query_camids, 0, 0]
+    g_camids = np.r_[data.gallery_camids, 0]
+    return euclidean(query, gallery).astype(dtype), q_pids, g_pids, q_camids, g_camids
+
+
+def min_kept(distmat, q_pids, g_pids, q_camids, g_camids):
+    """The fewest gallery items any query with a match keeps (same pid and camera removed)."""
+    junk = (q_pids[:, None] == g_pids) & (q_camids[:, None] == g_camids)
+    match = (q_pids[:, None] == g_pids) & ~junk
+    return int((~junk).sum(1)[match.any(1)].min())
+
+
+def check_cmc(cmc, expected, length):
+    assert cmc.dtype == np.float32 and cmc.shape == (length,)
+    np.testing.assert_allclose(cmc, expected[:length], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("max_rank", MAX_RANKS)
+def test_evaluate_rank_follows_dpm_ops(case, max_rank):
+    # The peers' CMC length, min(max_rank, G); past the kept items it stays at 1.
+    args = labelled_case(*case)
+    result = evaluation.evaluate_rank(*args, max_rank=max_rank)
+    length = min(max_rank, case[1] + 1)
+    cmc, mAP = torchreid.evaluate_rank(*args, max_rank=max_rank)
+    check_cmc(cmc, result.cmc, length)
+    assert type(mAP) is np.float64 and mAP == result.mAP
+    cmc, all_AP, all_INP = fastreid.evaluate_rank(*args, max_rank=max_rank, use_cython=False)
+    check_cmc(cmc, result.cmc, length)
+    np.testing.assert_array_equal(all_AP, result.all_AP)
+    np.testing.assert_array_equal(all_INP, result.all_INP)
+
+
+@pytest.mark.parametrize("case", [case for case in CASES if case not in TINY])
+@pytest.mark.parametrize("max_rank", MAX_RANKS)
+@pytest.mark.parametrize("peer", ["torchreid", "fastreid"])
+def test_market1501_matches_peer_python(case, max_rank, peer):
+    args = labelled_case(*case)
+    assert min_kept(*args) >= max_rank  # where their Python is defined (test_peer_python_fails_on_tiny_galleries)
+    expected = peers.load(f"{peer}_rank").evaluate_rank(*args, max_rank=max_rank, use_cython=False)
+    compat = {"torchreid": torchreid, "fastreid": fastreid}[peer]
+    result = compat.evaluate_rank(*args, max_rank=max_rank)
+    check_cmc(result[0], expected[0], len(expected[0]))
+    for ours, theirs in zip(result[1:], expected[1:]):  # mAP, or all_AP and all_INP
+        np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("max_rank", MAX_RANKS)
+def test_market1501_matches_fastreid_cython(case, max_rank):
+    # float32 distances: the Cython code casts to float32 (test_float64_distances_are_not_rounded).
+    args = labelled_case(*case, dtype=np.float32)
+    cmc, all_AP, all_INP = peers.fastreid_rank_cy().evaluate_cy(*args, max_rank)
+    ours = fastreid.evaluate_rank(*args, max_rank=max_rank)
+    # Past a query's kept items their CMC reads a stale buffer (test_fastreid_cython_stale_cmc).
+    valid_length = min(len(cmc), min_kept(*args))
+    check_cmc(ours[0][:valid_length], cmc, valid_length)
+    np.testing.assert_allclose(ours[1], all_AP, rtol=0, atol=1e-6)  # theirs: float32 sums
+    np.testing.assert_allclose(ours[2], all_INP, rtol=0, atol=1e-6)
+
+
+def deterministic_cuhk03_case(seed):
+    """One gallery image per identity (a single-gallery-shot draw has one choice), every query
+    keeping its match on another camera."""
+    rng = np.random.default_rng(seed)
+    g_pids = rng.permutation(40)
+    distmat = rng.random((15, 40))
+    q_pids = g_pids[:15]
+    return distmat, q_pids, g_pids, np.zeros(15, np.int64), np.ones(40, np.int64)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("max_rank", MAX_RANKS)
+def test_cuhk03_matches_peers(seed, max_rank):
+    args = deterministic_cuhk03_case(seed)
+    expected = [peers.load(f"{peer}_rank").eval_cuhk03(*args, max_rank) for peer in ("torchreid", "fastreid")]
+    expected.append(peers.fastreid_rank_cy().evaluate_cy(*args, max_rank, use_metric_cuhk03=True))
+    for compat in (torchreid, fastreid):
+        cmc, mAP = compat.evaluate_rank(*args, max_rank=max_rank, use_metric_cuhk03=True)
+        for theirs in expected:
+            check_cmc(cmc, theirs[0], len(theirs[0]))
+            assert mAP == pytest.approx(theirs[1], rel=0, abs=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_cuhk03_map_matches_peers(case):
+    # Random draws: the CMC differs draw by draw (ours seeded, theirs numpy's global RNG); the mAP
+    # is that of the whole kept gallery.
+    args = labelled_case(*case, dtype=np.float32)
+    expected = [peers.load(f"{peer}_rank").eval_cuhk03(*args, 50)[1] for peer in ("torchreid", "fastreid")]
+    expected.append(peers.fastreid_rank_cy().evaluate_cy(*args, 50, use_metric_cuhk03=True)[1])
+    cmc, mAP = torchreid.evaluate_rank(*args, use_metric_cuhk03=True)
+    assert cmc.shape == (min(50, case[1] + 1),) and np.all(np.diff(cmc) >= 0) and cmc[-1] == 1
+    np.testing.assert_allclose(mAP, expected, rtol=0, atol=1e-6)
+    assert fastreid.evaluate_rank(*args, use_metric_cuhk03=True)[1] == mAP
+
+
+def test_fastreid_cython_stale_cmc():
+    # Query 0 (pid 1) keeps all 4 items, its match last: their CMC buffer holds [0, 0, 0, 1].
+    # Query 1 (pid 2, camera 0) keeps 2, items 1 and 2 (its pid, its camera) removed, its match
+    # first: they write [1, 1] and read the stale 0 at rank 3. The CMC stays at 1 past the kept items.
+    distmat = np.array([[0.1, 0.2, 0.3, 0.4], [0.1, 0.2, 0.3, 0.4]], np.float32)
+    args = distmat, np.array([1, 2]), np.array([2, 2, 2, 1]), np.array([0, 0]), np.array([1, 0, 0, 1])
+    cmc_cy = peers.fastreid_rank_cy().evaluate_cy(*args, 4)[0]
+    np.testing.assert_array_equal(cmc_cy, [0.5, 0.5, 0.0, 1.0])
+    np.testing.assert_array_equal(fastreid.evaluate_rank(*args, max_rank=4)[0], [0.5, 0.5, 0.5, 1.0])
+    np.testing.assert_array_equal(torchreid.evaluate_rank(*args, max_rank=4)[0], [0.5, 0.5, 0.5, 1.0])
+
+
+@pytest.mark.parametrize("peer", ["torchreid", "fastreid"])
+def test_peer_python_fails_on_tiny_galleries(peer):
+    # Fewer kept items than min(max_rank, G) for some query: their per-query CMCs are ragged.
+    args = labelled_case(*TINY[-1])
+    with pytest.raises(ValueError, match="inhomogeneous"):
+        peers.load(f"{peer}_rank").evaluate_rank(*args, use_cython=False)
+
+
+def test_float64_distances_are_not_rounded():
+    # Distances 1 + 1e-9 apart: float32 makes them equal, float64 ranks the match second.
+    distmat = np.array([[1.0 + 2e-9, 1.0 + 1e-9, 1.0]])
+    args = distmat, np.array([1]), np.array([1, 2, 3]), np.array([0]), np.array([1, 1, 1])
+    expected = peers.load("fastreid_rank").evaluate_rank(*args, max_rank=3, use_cython=False)
+    ours = fastreid.evaluate_rank(*args, max_rank=3)
+    np.testing.assert_array_equal(ours[0], [0, 0, 1])
+    for a, b in zip(ours, expected):
+        np.testing.assert_array_equal(a, b)
+
+
+def rerank_case(num_query, num_gallery, seed):
+    data = make_reid_features(num_query=num_query, num_gallery=num_gallery, num_ids=num_gallery // 5,
+                              num_distractors=num_gallery // 5, dim=32, latent_dim=8, num_cams=3, seed=seed)
+    return (euclidean(data.query, data.gallery), euclidean(data.query, data.query),
+            euclidean(data.gallery, data.gallery))
+
+
+# k1 >= N (every item a neighbour) in the last two; k2 == 1 skips query expansion.
+@pytest.mark.parametrize("num_query, num_gallery, seed, k1, k2, lambda_value",
+                         [(20, 80, 0, 20, 6, 0.3), (30, 120, 1, 10, 3, 0.1), (15, 60, 2, 20, 1, 0.5),
+                          (5, 12, 3, 20, 6, 0.3), (4, 10, 4, 30, 20, 0.0)])
+@pytest.mark.parametrize("peer", ["torchreid", "fastreid"])
+def test_re_ranking_matches_peer(num_query, num_gallery, seed, k1, k2, lambda_value, peer):
+    distances = rerank_case(num_query, num_gallery, seed)
+    expected = peers.load(f"{peer}_rerank").re_ranking(*distances, k1=k1, k2=k2, lambda_value=lambda_value)
+    compat = {"torchreid": torchreid, "fastreid": fastreid}[peer]
+    ours = compat.re_ranking(*distances, k1=k1, k2=k2, lambda_value=lambda_value)
+    assert ours.dtype == expected.dtype == np.float32 and ours.shape == expected.shape
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-6)
+
+
+def test_re_ranking_returns_numpy_for_torch_input():
+    distances = rerank_case(5, 20, 0)
+    ours = torchreid.re_ranking(*(torch.from_numpy(d) for d in distances))
+    assert isinstance(ours, np.ndarray)
+    np.testing.assert_array_equal(ours, fastreid.re_ranking(*distances))
+
+
+@pytest.mark.parametrize("compat", [torchreid, fastreid])
+def test_bad_input_names_the_argument(compat):
+    distmat, q_pids, g_pids, q_camids, g_camids = labelled_case(*TINY[-1])
+    with pytest.raises(ValueError, match="distmat must be 2-D"):
+        compat.evaluate_rank(distmat[0], q_pids, g_pids, q_camids, g_camids)
+    with pytest.raises(ValueError, match="g_pids must have length"):
+        compat.evaluate_rank(distmat, q_pids, g_pids[1:], q_camids, g_camids)
+    with pytest.raises(ValueError, match="max_rank must be an integer >= 1"):
+        compat.evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=0)
+    with pytest.raises(ValueError, match="no query has a match"):
+        compat.evaluate_rank(distmat, q_pids + 1000, g_pids, q_camids, g_camids)
+    q_g, q_q, g_g = rerank_case(5, 20, 0)
+    with pytest.raises(ValueError, match="k1 must be an integer >= 1"):
+        compat.re_ranking(q_g, q_q, g_g, k1=0)
+    with pytest.raises(ValueError, match="lambda_value must be a number in"):
+        compat.re_ranking(q_g, q_q, g_g, lambda_value=2)
+    with pytest.raises(ValueError, match="g_g_dist must be"):
+        compat.re_ranking(q_g, q_q, q_q)
