@@ -100,7 +100,9 @@ def fastreid_rank_cy():
         setup = ("from setuptools import Extension, setup; from Cython.Build import cythonize; import numpy; "
                  "setup(ext_modules=cythonize([Extension('rank_cy', ['rank_cy.pyx'], "
                  "include_dirs=[numpy.get_include()])], quiet=True), script_args=['build_ext', '--inplace'])")
-        subprocess.run([sys.executable, "-c", setup], cwd=build_dir, check=True, capture_output=True)
+        done = subprocess.run([sys.executable, "-c", setup], cwd=build_dir, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"building fast-reid's rank_cy.pyx failed:\n{done.stderr[-4000:]}")
         built = list(build_dir.glob("rank_cy*.so"))
     loader = importlib.machinery.ExtensionFileLoader("rank_cy", str(built[0]))
     spec = importlib.util.spec_from_file_location("rank_cy", built[0], loader=loader)
