@@ -16,6 +16,7 @@ Nothing is patched: numpy 2 has `np.bool` again (the one removed alias these fil
 import functools
 import hashlib
 import importlib.machinery
+import importlib.metadata
 import importlib.util
 import subprocess
 import sys
@@ -43,8 +44,12 @@ def package_dir(package: str):
 
 def missing_reason(package: str):
     """Why the peer's code cannot be loaded here, or None."""
-    if package_dir(package) is None:
-        return f"{package}=={VERSIONS[package]} is not installed ({INSTALL_HINT})"
+    try:
+        installed = importlib.metadata.version(package)  # reads the dist-info, imports nothing
+    except importlib.metadata.PackageNotFoundError:
+        installed = None
+    if installed != VERSIONS[package] or package_dir(package) is None:
+        return f"{package}=={VERSIONS[package]} is not installed, found {installed} ({INSTALL_HINT})"
     return None
 
 
