@@ -11,7 +11,7 @@
 // tensor cores), fp64 stays fp64, and bf16 / fp16 operands run on tensor cores with fp32
 // accumulation, their product returned in fp32 through aten::mm.dtype (CUDA only, torch >= 2.8).
 //
-// CPU fp32 products go to oneDNN where torch has it: MKL picks its code path by CPU vendor, and on
+// mm_acc's CPU fp32 products (the masked cosine's GEMMs) go to oneDNN where torch has it: MKL picks its code path by CPU vendor, and on
 // non-Intel x86 CPUs (AMD EPYC with AVX-512) runs its generic path (MKL_VERBOSE: "Intel(R)
 // Architecture processors"), 1.6-2.5x slower at the masked cosine's shapes than oneDNN, which
 // dispatches on the instruction set itself. oneDNN's fp32 matmul is IEEE fp32 (unless the user opts

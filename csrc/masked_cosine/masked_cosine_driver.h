@@ -93,13 +93,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad, 
                                                      : mm_acc(p.mask_sq, p.proto_hat_sq.t());
   at::Tensor g_num = at::empty_like(den_sq), h = at::empty_like(den_sq);
   Kernels::backward_coefs(grad, out, den_sq, eps, g_num, h);
-  // The coefficients (accumulation type) enter the GEMMs as operands like the others.
-  const at::ScalarType operand = p.query_scaled.scalar_type();
+  // The coefficients enter the GEMMs in the operand type, except fp16's: h = g*C/den^2 passes
+  // fp16's 65504 for small masks, so fp16 runs these four GEMMs in the accumulation type (bf16 has
+  // fp32's range). `.to` is a no-op where the types already agree (the CPU, fp32, fp64).
+  const at::ScalarType operand =
+      p.query_scaled.scalar_type() == at::kHalf ? den_sq.scalar_type() : p.query_scaled.scalar_type();
   g_num = g_num.to(operand);
   h = h.to(operand);
 
-  const at::Tensor u = mm_acc(g_num, p.proto_hat), v = mm_acc(h, p.proto_hat_sq);
-  const at::Tensor up = mm_acc(g_num.t(), p.query_scaled), vp = mm_acc(h.t(), p.mask_sq);
+  const at::Tensor u = mm_acc(g_num, p.proto_hat.to(operand)), v = mm_acc(h, p.proto_hat_sq.to(operand));
+  const at::Tensor up = mm_acc(g_num.t(), p.query_scaled.to(operand)), vp = mm_acc(h.t(), p.mask_sq.to(operand));
   at::Tensor grad_x = at::empty_like(x), grad_mask = at::empty_like(mask), grad_protos = at::empty_like(protos);
   Kernels::query_rows_backward(x, mask, p.query_inv, u, v, eps, grad_x, grad_mask);
   Kernels::proto_rows_backward(protos, p.proto_inv, up, vp, eps, grad_protos);

@@ -26,6 +26,8 @@ from typing import Any, Iterable, Optional
 
 import yaml
 
+from ..ops.maskreid_ranking_loss_reference import RENAMED_POS_MODES
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 MODEL_NAMES = ("dpm", "vit_baseline", "maskreid", "maskreid_resnet50")
@@ -104,7 +106,7 @@ SCHEMA: dict = {
         "ranking_alpha": _f(0.15, float),
         "ranking_lambda": _f(2.0, float),
         "ranking_neg_mode": _f("literal", str, ("literal", "violating_only")),
-        "ranking_pos_mode": _f("hardest", str, ("hardest", "all_eq5", "eq4"), renamed={"all": "all_eq5"}),
+        "ranking_pos_mode": _f("hardest", str, ("hardest", "all_eq5", "eq4"), renamed=RENAMED_POS_MODES),
     },
     "solver": {
         # the papers use SGD; AdamW is an option for small ViTs trained from scratch

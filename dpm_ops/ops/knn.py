@@ -4,8 +4,9 @@
 
 the k rows of y nearest to every row of x, sorted by (distance, index): equal distances keep the
 lower index first, exactly the first k entries of a stable sort of the full distance row. Metrics
-and dtypes: knn_reference.py. Nothing (M, N)-sized is stored: the kernels compute GEMM tiles (CPU)
-or row blocks of at most 512 MiB (CUDA, cuBLAS) and merge each into per-row sorted lists.
+and dtypes: knn_reference.py. At most a bounded block of dot products is held at a time: GEMM tiles
+(CPU, Triton) or row blocks of at most 512 MiB (CUDA, cuBLAS; the whole (M, N) matrix when it fits),
+each merged into per-row sorted lists.
 
 Schemas (python_bindings/knn.cpp): ``dpm_ops::knn`` (C++ CPU / CUDA kernels, csrc/knn/) and
 ``dpm_ops::self_knn`` (one set against itself, with the row maxima re-ranking needs; on the CPU from
@@ -146,11 +147,9 @@ def knn(x: torch.Tensor, y: torch.Tensor, k: int, metric: str = "euclidean", bac
     _check_metric(metric)
     check_finite("knn", x=x, y=y)
     name = _backend.resolve(backend, x.device)
-    if name == "cuda" and x.dtype == y.dtype:
-        # float16 / bfloat16 reach the CUDA kernel as they are: its GEMM runs on tensor cores.
-        return torch.ops.dpm_ops.knn(x, y, k, metric)
-    dtype = compute_dtype(x, y)
-    x, y = x.to(dtype), y.to(dtype)
+    if not (name == "cuda" and x.dtype == y.dtype):  # the CUDA kernel's GEMM takes float16 / bfloat16 as they are
+        dtype = compute_dtype(x, y)
+        x, y = x.to(dtype), y.to(dtype)
     if name == "reference":
         return knn_reference(x, y, k, metric)
     if name == "triton":

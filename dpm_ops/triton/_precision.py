@@ -27,5 +27,5 @@ def dot(a, b, acc, PRECISION: tl.constexpr, in_t: tl.constexpr):
         acc = tl.dot(a.to(in_t), b.to(in_t), acc)
     else:
         # out_dtype spelled out: Triton 3.6 asserts it equals an fp64 accumulator's type (3.9 infers it)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+        acc = tl.dot(a, b.to(a.dtype), acc, input_precision=PRECISION, out_dtype=acc.dtype)  # fp16 b: see masked cosine
     return acc

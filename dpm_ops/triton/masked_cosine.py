@@ -187,7 +187,9 @@ def masked_cosine_backward(grad, x, mask, protos, out, eps):
     g_num = torch.empty((B, K), dtype=acc, device=x.device)
     h = torch.empty_like(g_num)
     _tiles(a, m2, protos, inv_p, out, grad, g_num, h, eps, coefs=True)
-    precision = dot_precision(x.dtype)
+    # fp16 coefficients would overflow (h = g*C/den^2 passes 65504 for small masks): fp16 inputs take
+    # the fp32 coefficients on TF32 tensor cores (their operands widened); bf16 has fp32's range.
+    precision = "tf32" if x.dtype == torch.float16 else dot_precision(x.dtype)
     blocks = _coef_blocks(precision)
 
     def grid(rows):

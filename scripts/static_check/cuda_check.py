@@ -2,7 +2,7 @@
 """Compile every CUDA kernel (csrc/**/*.cu, torch-free) for sm_90 with nvcc -Xptxas -v, without a GPU.
 
 Prints registers, spills, stack and static shared memory of every kernel instantiation (demangled:
-forward_kernel<__nv_bfloat16, float>), and fails on: an nvcc error, spills in a non-double
+prepare_rows_kernel<__nv_bfloat16, __nv_bfloat16, float>), and fails on: an nvcc error, spills in a non-double
 instantiation, static shared memory over the opt-in limit, and, in the GEMM-shaped ops (GEMM_OPS),
 a kernel that still runs a SIMT GEMM loop: many fp32/fp64 FMAs in its PTX and no tensor-core
 instruction. The sources and flags are the build's (dpm_ops/_sources.py, torch's nvcc defines);
@@ -31,8 +31,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 # A kernel of a GEMM-shaped op with at least this many unchained fp32/fp64 FMAs in its PTX
 # (ptx_tools.fma_counts) and no tensor-core instruction still runs a SIMT GEMM tile. An unrolled
-# register tile issues TM x TN independent FMAs per depth step times the unrolled depth: 512 in
-# today's masked-cosine forward (4 x 4 outputs x 2 dots x 16 steps), 128 in knn's distance tile.
+# register tile issues TM x TN independent FMAs per depth step times the unrolled depth: 512 in the
+# SIMT masked-cosine forward this check was written against (4 x 4 outputs x 2 dots x 16 steps), 128
+# in the old knn distance tile (both replaced by cuBLAS GEMMs since).
 # Epilogue, normalisation and selection kernels have few: 1 in the row kernels, 40 to 70 in the
 # log-sum-exp rows of masked ArcFace and MaskReID's ranking rows (their exp/log/division
 # expansions are FMA chains, 250 FMAs in all in fp64, which the raw count would flag).

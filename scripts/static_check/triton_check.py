@@ -288,11 +288,12 @@ RANKING_BATCH = (64, 256)  # MaskReID fine-tuning: 10 positives + 54 singles, 25
 # fp16/bf16 in fp32), masked ArcFace and the batch-hard triplet (the ops take fp32/fp64 only).
 FLOATS = ("fp32", "bf16", "fp64")
 FP32_FP64 = ("fp32", "fp64")
+MASKED_COSINE_FLOATS = FLOATS + ("fp16",)  # its fp16 backward takes its own (TF32) coefficient path
 
 
 def cases(mods: dict) -> list:
     import torch
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
     out = []
 
     def add(op, label, dtype_names, make):
@@ -308,11 +309,11 @@ def cases(mods: dict) -> list:
 
     mc = mods["masked_cosine"]
     for label, (B, K, C) in MASKED_COSINE_SHAPES.items():
-        add("masked_cosine", f"fwd {label}", FLOATS,
+        add("masked_cosine", f"fwd {label}", MASKED_COSINE_FLOATS,
             lambda d, B=B, K=K, C=C: lambda: mc.masked_cosine_forward(t(B, C, dtype=d), t(B, C, dtype=d),
                                                                       t(K, C, dtype=d), 1e-12))
     B, K, C = DPM_TRAIN.values()
-    add("masked_cosine", "bwd dpm train B64 K702 C768", FLOATS,
+    add("masked_cosine", "bwd dpm train B64 K702 C768", MASKED_COSINE_FLOATS,
         lambda d: lambda: mc.masked_cosine_backward(t(B, K, dtype=d), t(B, C, dtype=d), t(B, C, dtype=d),
                                                     t(K, C, dtype=d), t(B, K, dtype=d), 1e-12))
 
