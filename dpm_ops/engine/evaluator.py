@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from dpm_ops.data import ImageDataset, ReIDSplits, build_dataloader, build_transforms
 from dpm_ops.evaluation import PROTOCOLS, evaluate_rank, pairwise_distance, re_ranking, rerank_features
+from dpm_ops.evaluation._inputs import check_count
 from dpm_ops.models import MODEL_NAMES
 from dpm_ops.ops import masked_arccos_distance
 
@@ -414,9 +415,8 @@ def evaluate_model(model: torch.nn.Module, splits: ReIDSplits, *, model_name: st
         raise ValueError(f"{model_name} needs foreground masks: load {splits.name!r} with with_masks=True")
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    for name, value, minimum in (("num_repeats", num_repeats, 1), ("seed", seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    check_count("num_repeats", num_repeats, 1)
+    check_count("seed", seed, 0)
     if multi_query not in MULTI_QUERY:
         raise ValueError(f"multi_query must be one of {MULTI_QUERY}, got {multi_query!r}")
     if multi_query != "off" and splits.multi_query is None:

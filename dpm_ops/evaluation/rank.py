@@ -68,9 +68,13 @@ class _IdentityGroups:
         self.pids, self.counts = torch.unique_consecutive(g_pids[self.order], return_counts=True)
         self.starts = segment_starts(self.counts)
 
+    def group_of(self, q_pids: torch.Tensor) -> torch.Tensor:
+        """Each query's group: its pid's, or a neighbour's where the gallery lacks the pid (check pids[group])."""
+        return torch.searchsorted(self.pids, q_pids).clamp_(max=len(self.pids) - 1)
+
     def members(self, q_pids: torch.Tensor):
         """(query position, gallery index) of every gallery item sharing a query's pid."""
-        group = torch.searchsorted(self.pids, q_pids).clamp_(max=len(self.pids) - 1)
+        group = self.group_of(q_pids)
         lengths = torch.where(self.pids[group] == q_pids, self.counts[group], 0)
         query, position = expand_segments(self.starts[group], lengths)
         return query, self.order[position]
@@ -135,7 +139,7 @@ def single_shot_match_ranks(dist: torch.Tensor, q_pids, q_camids, g_pids, g_cami
     num_query, device = len(dist), dist.device
     groups = _IdentityGroups(g_pids)
     num_groups = len(groups.pids)
-    own = torch.searchsorted(groups.pids, q_pids).clamp_(max=num_groups - 1)
+    own = groups.group_of(q_pids)
     member_query, member_item = groups.members(q_pids)
     kept = g_camids[member_item] != q_camids[member_query]
     member_item = member_item[kept]

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from ._device import on_input_device
 from ._precision import dot, dot_precision
-from .masked_cosine import _acc_dtype, _inv_norm, _normalize_backward
+from .masked_cosine import _acc_dtype, _inv_norm, _normalize_backward, _prepared
 
 EPS = 1e-12
 BLOCK_B = 32
@@ -170,10 +170,7 @@ def _gradients(features, mask, weight, labels, masked_lse, plain_lse, scale, mar
     masked_lse, plain_lse = masked_lse.contiguous(), plain_lse.contiguous()
     with_plain = plain_weight != 0
     inv_f, inv_w = _inv_norm(f, EPS), _inv_norm(w, EPS)
-    fh_m = f * inv_f[:, None] * m
-    m_sq = m * m
-    wh = w * inv_w[:, None]
-    wh_sq = wh * wh
+    (fh_m, m_sq), (wh, wh_sq) = _prepared(f, inv_f, m), _prepared(w, inv_w)
     up, vp = torch.zeros_like(w), torch.zeros_like(w)
     grad_w_plain = torch.zeros_like(w)
     grad_f, grad_m = torch.empty_like(f), torch.empty_like(m)
