@@ -26,8 +26,11 @@ graph holds standard ONNX operators only.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -124,11 +127,12 @@ def _as_tuple(outputs) -> tuple[torch.Tensor, ...]:
     return tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
 
 
-def _check_out_path(path, argument: str, suffix_hint: str) -> Path:
-    """A file path whose folder exists or can be made, checked before any long work."""
+def check_output_path(path, argument: str = "path", suffix_hint: str = "a file name") -> Path:
+    """``path`` as a Path, if it is a file path whose folder exists or can be made (it is made);
+    an :class:`ExportError` naming ``argument`` otherwise. Cheap: call it before long work."""
     path = Path(os.path.expanduser(str(path)))
     if path.is_dir():
-        raise ExportError(f"{argument} {path} is a directory; give a file name ({suffix_hint})")
+        raise ExportError(f"{argument} {path} is a directory; give {suffix_hint}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -160,7 +164,7 @@ def export_onnx(model: torch.nn.Module, path, *, image_size: Optional[Sequence[i
     _check_int("batch", batch, 2)
     if opset not in OPSETS:
         raise ExportError(f"opset must be in {OPSETS.start}..{OPSETS.stop - 1}, got {opset!r}")
-    path = _check_out_path(path, "path", "e.g. model.onnx")
+    path = check_output_path(path, "path", "a file name, e.g. model.onnx")
     if check:
         _import_onnxruntime()  # fail before the export, not after it
     input_names, output_names = _signature(kind, kind not in MASKREID_MODELS and _model_cameras(model) > 0)
@@ -174,7 +178,7 @@ def export_onnx(model: torch.nn.Module, path, *, image_size: Optional[Sequence[i
         # TorchScript one: it translates scaled_dot_product_attention and LayerNorm directly, and
         # torch.export proves the graph valid for every batch size (a shape guard on the batch is an
         # error at export time, not a graph silently specialised to the example batch).
-        with torch.no_grad(), forced_backend("reference"):
+        with torch.no_grad(), forced_backend("reference"), _quiet_exporter():
             program = torch.onnx.export(model, example, None, input_names=input_names, output_names=output_names,
                                         dynamic_shapes=tuple({0: batch_axis} for _ in example), opset_version=opset,
                                         dynamo=True, verbose=False)
@@ -190,6 +194,23 @@ def export_onnx(model: torch.nn.Module, path, *, image_size: Optional[Sequence[i
         result.max_relative_error = check_onnx(model, path, batch_sizes=result.checked_batches, rtol=rtol,
                                                image_size=size)
     return result
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence the exporter's notes that concern torch, not the user: torchvision ops it cannot
+    register (torchvision is not needed), a pytree deprecation inside torch.export, and that the two
+    inputs share one batch axis (they do, by design)."""
+    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry_log.level
+    registry_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=r"# The axis name: batch will not be used", category=UserWarning)
+            yield
+    finally:
+        registry_log.setLevel(level)
 
 
 def _import_onnxruntime():
@@ -319,7 +340,7 @@ def save_features_npz(path, features: FeatureSet, model: torch.nn.Module) -> Pat
     ``features`` (N, D) float32, ``masks`` (N, D) float32 (DPM only), ``pids`` / ``camids`` (N,) int64,
     ``model`` and ``distance`` (the model's test metric: "masked_arccos" for DPM, else "euclidean")."""
     kind = model_kind(model)
-    path = _check_out_path(path, "path", "e.g. features.npz")
+    path = check_output_path(path, "path", "a file name, e.g. features.npz")
     arrays = {"paths": np.array(features.paths, dtype=str), "features": features.features.numpy(),
               "pids": features.pids.numpy(), "camids": features.camids.numpy(), "model": np.array(kind),
               "distance": np.array(resolve_distance("auto", kind))}

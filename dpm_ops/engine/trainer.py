@@ -174,6 +174,15 @@ def build_model_from_args(name: str, args: dict) -> nn.Module:
         raise ConfigError(f"config key model.options: {error}") from error
 
 
+def model_from_checkpoint(state: dict, config: dict) -> nn.Module:
+    """The checkpoint's architecture (with the config's eval-time options) and weights, in eval mode:
+    what `dpm-reid eval`, `export` and `extract` run."""
+    model = build_model_from_args(state["model_name"], eval_model_arguments(state["model_name"], state["model_args"],
+                                                                             config))
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
 def train_transform(config: dict):
     inp = config["input"]
     if inp["recipe"] == "dpm":
