@@ -9,18 +9,13 @@ import sys
 import pytest
 
 from dpm_ops.cli import main
-from engine_utils import TINY_SYNTH, tiny_config, write_config
+from engine_utils import synth_argv, tiny_config, write_config
 
 
 @pytest.fixture(scope="module")
 def tiny_set(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "set"
-    s = TINY_SYNTH
-    argv = ["synth", "--out", str(out), "--seed", str(s["seed"]), "--ids", str(s["ids"]), "--cameras",
-            str(s["cameras"]), "--width", str(s["width"]), "--height", str(s["height"]), "--train-images",
-            "{},{}".format(*s["train_images"]), "--gallery-per-camera", "{},{}".format(*s["gallery_per_camera"]),
-            "--quiet"]
-    assert main(argv) == 0
+    assert main(synth_argv(out)) == 0
     return out
 
 
