@@ -125,8 +125,8 @@ def _export(args) -> int:
     try:
         result = export_onnx(model, args.out, image_size=tuple(config["input"]["size"]), batch=args.batch,
                              opset=args.opset or DEFAULT_OPSET, check=not args.no_check)
-    except ImportError as error:
-        raise ExportError(f"{error}, or pass --no-check") from error
+    except ImportError as error:  # onnxscript, or onnxruntime for the check (--no-check skips it)
+        raise ExportError(str(error)) from error
     print(f"wrote {result.path} (opset {result.opset}): inputs {', '.join(result.input_names)} -> outputs "
           f"{', '.join(result.output_names)}, batch axis dynamic, images {result.image_size[0]}x{result.image_size[1]}")
     if result.max_relative_error is not None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import logging
 import os
 import warnings
@@ -165,8 +166,9 @@ def export_onnx(model: torch.nn.Module, path, *, image_size: Optional[Sequence[i
     if opset not in OPSETS:
         raise ExportError(f"opset must be in {OPSETS.start}..{OPSETS.stop - 1}, got {opset!r}")
     path = check_output_path(path, "path", "a file name, e.g. model.onnx")
+    _require("onnxscript", "the ONNX export")  # torch's exporter imports it; fail before the long part
     if check:
-        _import_onnxruntime()  # fail before the export, not after it
+        _require("onnxruntime", "check=True")
     input_names, output_names = _signature(kind, kind not in MASKREID_MODELS and _model_cameras(model) > 0)
     example = _example_inputs(model, kind, size, batch, seed=0)
     batch_axis = torch.export.Dim("batch", min=1)
@@ -213,12 +215,12 @@ def _quiet_exporter():
         registry_log.setLevel(level)
 
 
-def _import_onnxruntime():
+def _require(module: str, needed_for: str):
+    """Import an optional dependency, or an ImportError that says what needs it and how to get it."""
     try:
-        import onnxruntime
+        return importlib.import_module(module)
     except ImportError as error:
-        raise ImportError("checking the ONNX file needs onnxruntime (pip install onnxruntime)") from error
-    return onnxruntime
+        raise ImportError(f"{needed_for} needs {module} (pip install {module})") from error
 
 
 def check_onnx(model: torch.nn.Module, path, *, batch_sizes: Sequence[int] = (2, 3), rtol: float = 1e-4,
@@ -226,7 +228,7 @@ def check_onnx(model: torch.nn.Module, path, *, batch_sizes: Sequence[int] = (2,
     """Run the ONNX file in onnxruntime (CPU) on random inputs at each of ``batch_sizes`` and compare
     every output with ``model``'s eval forward (its default, fused backend). Returns, per output, the
     largest ``max|onnx - torch| / max|torch|``; raises :class:`OnnxCheckError` above ``rtol``."""
-    ort = _import_onnxruntime()
+    ort = _require("onnxruntime", "check_onnx")
     kind = model_kind(model)
     size = _input_size(model, kind, image_size)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -283,7 +283,7 @@ def test_cli_extract(tmp_path, tiny_set):
     assert str(saved["model"]) == "dpm" and str(saved["distance"]) == "masked_arccos"
 
 
-def test_cli_export_and_extract_errors_are_one_line(tmp_path, tiny_set, capsys):
+def test_cli_export_and_extract_errors_are_one_line(tmp_path, tiny_set, capsys, monkeypatch):
     config, weights, _ = checkpointed(tmp_path, tiny_set, "dpm")
     baseline = write_config(tmp_path / "baseline.yaml", tiny_config(tiny_set, "vit_baseline"))
     (tmp_path / "file").write_text("")
@@ -300,6 +300,9 @@ def test_cli_export_and_extract_errors_are_one_line(tmp_path, tiny_set, capsys):
     assert_one_line_error(capsys, export(*common, "--out", str(tmp_path / "file" / "m.onnx")), "--out",
                           "cannot create its folder")
     assert_one_line_error(capsys, export(*common, "--out", str(tmp_path / "m.onnx"), "--opset", "9"), "opset")
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "onnxruntime", None)
+        assert_one_line_error(capsys, export(*common, "--out", str(tmp_path / "m.onnx")), "needs onnxruntime")
 
     def extract(images, out=tmp_path / "f.npz"):
         return main(["extract", *common, "--images", str(images), "--out", str(out)])
