@@ -228,6 +228,8 @@ def check_onnx(model: torch.nn.Module, path, *, batch_sizes: Sequence[int] = (2,
     """Run the ONNX file in onnxruntime (CPU) on random inputs at each of ``batch_sizes`` and compare
     every output with ``model``'s eval forward (its default, fused backend). Returns, per output, the
     largest ``max|onnx - torch| / max|torch|``; raises :class:`OnnxCheckError` above ``rtol``."""
+    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not rtol > 0:
+        raise ExportError(f"rtol must be a positive number, got {rtol!r}")
     ort = _require("onnxruntime", "check_onnx")
     kind = model_kind(model)
     size = _input_size(model, kind, image_size)

@@ -25,7 +25,7 @@ from dpm_ops.engine import load_config
 from dpm_ops.engine.checkpoint import make_checkpoint, save_checkpoint
 from dpm_ops.engine.evaluator import evaluate_model
 from dpm_ops.engine.trainer import build_model_from_args, load_splits, model_arguments
-from dpm_ops.export import ExportError, export_onnx, extract_folder, find_images, save_features_npz
+from dpm_ops.export import ExportError, OnnxCheckError, check_onnx, export_onnx, extract_folder, find_images, save_features_npz
 from dpm_ops.models import MODEL_NAMES, build_model
 from dpm_ops.ops import masked_arccos_distance
 from engine_utils import TINY_VIT, synth_argv, tiny_config, write_config
@@ -112,6 +112,12 @@ def test_export_matches_onnxruntime_at_two_batch_sizes(tmp_path, name):
     assert result.checked_batches == (2, 3) and max(result.max_relative_error.values()) <= 1e-4
     assert_standard_onnx(path)
     assert_onnxruntime_matches(path, model, name, size)
+    other, _ = tiny_model(name)  # the same architecture with other weights: the check must see it
+    nn.init.normal_(next(other.parameters()))
+    with pytest.raises(OnnxCheckError, match="differ from PyTorch's"):
+        check_onnx(other, path, image_size=size)
+    with pytest.raises(ExportError, match="rtol must be a positive number"):
+        check_onnx(model, path, image_size=size, rtol=0)
 
 
 def test_forced_backend_overrides_the_environment_and_is_restored(monkeypatch):
