@@ -192,7 +192,7 @@ def test_extracted_npz_evaluates_as_the_evaluator_does(tmp_path, tiny_set, monke
     assert list(query["paths"]) == sorted(p.name for p in (tiny_set / "query").iterdir())
     assert ("masks" in query.files) == (name == "dpm")
     assert query["pids"][0] == int(query["paths"][0].split("_")[0])
-    namespace = {"np": np, "torch": torch}
+    namespace = {}
     monkeypatch.chdir(tmp_path)
     exec(readme_deploy_snippets()[1], namespace)  # the README's evaluate_rank snippet, as written
     splits = load_splits(load_config(str(tmp_path / f"{name}.yaml"), []))
