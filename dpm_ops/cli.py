@@ -10,8 +10,7 @@
 ``--config`` takes a YAML file or a built-in name (``dpm-reid configs`` lists them). Multi-GPU:
 ``torchrun --nproc_per_node N -m dpm_ops train --config ...``. Bad input (a missing dataset folder,
 a wrong layout, an unreadable image, another model's checkpoint, an unknown config key, an --out
-that cannot be written) ends with
-one ``dpm-reid: error: ...`` line and exit code 2.
+that cannot be written) ends with one ``dpm-reid: error: ...`` line and exit code 2.
 """
 
 from __future__ import annotations
@@ -121,10 +120,10 @@ def _export(args) -> int:
     from dpm_ops.export import DEFAULT_OPSET, ExportError, check_output_path, export_onnx
 
     check_output_path(args.out, "--out", "a file name, e.g. model.onnx")
-    config, model = _checkpoint_model(args)
+    config, model = _checkpoint_model(args)  # exported on the CPU: the graph does not depend on the device
     try:
         result = export_onnx(model, args.out, image_size=tuple(config["input"]["size"]), batch=args.batch,
-                             opset=args.opset or DEFAULT_OPSET, check=not args.no_check)
+                             opset=DEFAULT_OPSET if args.opset is None else args.opset, check=not args.no_check)
     except ImportError as error:  # onnxscript, or onnxruntime for the check (--no-check skips it)
         raise ExportError(str(error)) from error
     print(f"wrote {result.path} (opset {result.opset}): inputs {', '.join(result.input_names)} -> outputs "

@@ -177,8 +177,8 @@ def build_model_from_args(name: str, args: dict) -> nn.Module:
 def model_from_checkpoint(state: dict, config: dict) -> nn.Module:
     """The checkpoint's architecture (with the config's eval-time options) and weights, in eval mode:
     what `dpm-reid eval`, `export` and `extract` run."""
-    model = build_model_from_args(state["model_name"], eval_model_arguments(state["model_name"], state["model_args"],
-                                                                             config))
+    name = state["model_name"]
+    model = build_model_from_args(name, eval_model_arguments(name, state["model_args"], config))
     model.load_state_dict(state["model"])
     return model.eval()
 
