@@ -46,9 +46,9 @@ from dpm_ops.engine.checkpoint import atomic_write
 from dpm_ops.engine.evaluator import (MASKREID_CROP, MASKREID_MODELS, FeatureSet, _check_image_size,
                                       _model_cameras, _test_transform, extract_features, resolve_distance)
 
-# Opset 18 is the one torch's ONNX function library (torchlib) is written in, so the exporter needs no
-# version-conversion pass; onnxruntime runs it since 1.14 (TensorRT since 8.6), the widest reach among
-# the opsets that have LayerNormalization (17+). 23 is the newest the torch 2.13 exporter emits.
+# Opset 18 is the one torch's ONNX function library (torchlib) is written in, so the graph needs no
+# pass through onnx's version converter (which a lower opset would; LayerNormalization needs 17
+# anyway), and onnxruntime runs it since 1.14. 23 is the newest the torch 2.13 exporter emits.
 DEFAULT_OPSET = 18
 OPSETS = range(18, 24)
 # protobuf cannot serialise a model over 2 GB: larger weights go to an external data file
