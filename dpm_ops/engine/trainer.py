@@ -75,9 +75,13 @@ class TrainingStopped(Exception):
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    device = torch.device(name)  # load_config checked that it parses and is cpu or cuda
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"config key train.device: {name} requested but CUDA is not available")
+        raise ConfigError(f"config key train.device: {name} requested but CUDA is not available here "
+                          f"(torch {torch.__version__}, torch.cuda.is_available() is False); use cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"config key train.device: {name} requested but this machine has "
+                          f"{torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -98,17 +102,13 @@ def prepare_synthetic(config: dict, *, progress: bool = True) -> None:
     if data["name"].lower() not in ("synthetic", "synth") or not data["generate"]:
         return
     from dpm_ops.data.datasets import SYNTHETIC_MANIFEST
-    from dpm_ops.data.synth import SynthConfig, ensure_synthetic_dataset
+    from dpm_ops.data.synth import ensure_synthetic_dataset, synth_config
 
     root = Path(os.path.expanduser(data["root"]))
     if distributed.current().is_main and not (root / SYNTHETIC_MANIFEST).is_file():
-        options = {k: tuple(v) if isinstance(v, list) else v for k, v in data["synth"].items()}
-        try:
-            synth_config = SynthConfig(**options)
-        except ValueError as error:
-            raise ConfigError(f"config key dataset.synth: {error}") from error
         print(f"dpm-reid: generating the synthetic dataset in {root} (absent)", file=sys.stderr)
-        ensure_synthetic_dataset(root, synth_config, progress=progress)
+        # dataset.synth was checked by load_config
+        ensure_synthetic_dataset(root, synth_config(data["synth"]), progress=progress)
     distributed.barrier()
 
 
