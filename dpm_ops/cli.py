@@ -51,9 +51,10 @@ def _default_output(config_arg: str) -> Path:
 
 def _train(args) -> int:
     from dpm_ops.engine import load_config, train
+    from dpm_ops.engine.checkpoint import make_output_folder
 
     config = load_config(args.config, args.overrides)
-    output = Path(args.output) if args.output else _default_output(args.config)
+    output = make_output_folder(args.output or _default_output(args.config), "--output")
     result = train(config, output, resume=args.resume)
     if result["finished"] and result["metrics"] is not None:
         print(f"run folder: {output}")
@@ -65,22 +66,24 @@ def _eval(args) -> int:
 
     from dpm_ops.engine import load_checkpoint, load_config
     from dpm_ops.engine import distributed
-    from dpm_ops.engine.trainer import (build_model_from_args, eval_model_arguments, evaluate_with_config,
-                                        load_splits, prepare_synthetic, resolve_device)
+    from dpm_ops.engine.checkpoint import load_model_state, make_output_folder
+    from dpm_ops.engine.trainer import (build_model_from_args, check_model_fits_data, eval_model_arguments,
+                                        evaluate_with_config, load_splits, prepare_synthetic, resolve_device)
 
     config = load_config(args.config, args.overrides)
     state = load_checkpoint(args.weights, model_name=config["model"]["name"])
+    output = make_output_folder(args.output or Path(args.weights).resolve().parent.parent / "eval", "--output")
     device = resolve_device(config["train"]["device"])
     info = distributed.init_distributed(device)
     if device.type == "cuda" and info.enabled:
         device = torch.device("cuda", info.local_rank)
     prepare_synthetic(config, progress=config["train"]["progress"] and info.is_main)
     splits = load_splits(config)
+    check_model_fits_data(state["model_args"], config, splits, f"checkpoint {args.weights}")
     model = build_model_from_args(state["model_name"],
                                   eval_model_arguments(state["model_name"], state["model_args"], config))
-    model.load_state_dict(state["model"])
+    load_model_state(model, state["model"], args.weights)
     model.to(device).eval()
-    output = Path(args.output) if args.output else Path(args.weights).resolve().parent.parent / "eval"
     evaluate_with_config(model, splits, config, device=device, out_dir=output,
                          progress=config["train"]["progress"] and info.is_main)
     if info.is_main:

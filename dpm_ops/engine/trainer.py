@@ -53,8 +53,8 @@ from dpm_ops.models import build_model, load_pretrained
 from dpm_ops.models.param_groups import sgd_param_groups
 
 from . import distributed
-from .checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, make_checkpoint, restore_rng_state,
-                         save_checkpoint)
+from .checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, load_model_state, make_checkpoint,
+                         make_output_folder, remove_stale_temporaries, restore_rng_state, save_checkpoint)
 from .config import ConfigError, current_choice, dump_config
 from .schedules import LRSchedule
 
@@ -155,6 +155,22 @@ def model_arguments(config: dict, splits: ReIDSplits) -> dict:
     return {"num_classes": num_classes, "num_cameras": num_cameras, "options": options}
 
 
+def check_model_fits_data(model_args: dict, config: dict, splits: ReIDSplits, source: str) -> None:
+    """What the test images need from the model, checked before any work: a ViT's input size (its
+    position embedding is sized for one patch grid) and its SIE camera embedding (one row per
+    camera of the training set). ``source`` names the model's origin in the message."""
+    size = model_args["options"].get("img_size")
+    if size is not None and list(size) != list(config["input"]["size"]):
+        raise ConfigError(f"{source} takes {size[0]}x{size[1]} images but config key input.size is "
+                          f"{list(config['input']['size'])}; set input.size={list(size)}")
+    num_cameras = model_args["num_cameras"]
+    highest = max((r.camid for r in (*splits.query, *splits.gallery)), default=-1)
+    if num_cameras and highest >= num_cameras:
+        raise ConfigError(f"{source} has {num_cameras} camera embeddings (SIE, one per training camera) but the "
+                          f"test set {splits.name} has camera ids up to {highest} ({highest + 1} cameras); evaluate on a set with "
+                          f"at most {num_cameras} cameras, or map a one-camera-per-split set with dataset.test_camids")
+
+
 # Model options that change only what eval mode returns, not the weights: `dpm-reid eval` takes them
 # from its config (overrides included) rather than from the checkpoint.
 EVAL_TIME_OPTIONS = {"dpm": ("neck_feat",)}
@@ -223,6 +239,8 @@ class Trainer:
         self.dist = distributed.init_distributed(self.device)
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
+        if self.dist.is_main:  # only rank 0 writes files
+            make_output_folder(self.output_dir, "output_dir")
         self.amp_dtype = resolve_amp(config["solver"]["amp"], self.device)
         self.log_stream = log_stream if log_stream is not None else sys.stdout
         self._log_file = None
@@ -339,6 +357,7 @@ class Trainer:
         prepare_synthetic(config, progress=self.progress)
         self.splits = load_splits(config)
         self.model_args = model_arguments(config, self.splits)
+        check_model_fits_data(self.model_args, config, self.splits, f"model {self.model_name}")
         self.model = build_model_from_args(self.model_name, self.model_args)
         if config["model"]["pretrained"]:
             path = os.path.expanduser(config["model"]["pretrained"])
@@ -431,7 +450,7 @@ class Trainer:
         if training["world_size"] != self.dist.world_size:
             raise CheckpointError(f"--resume: {path} was written by {training['world_size']} process(es), "
                                   f"this run has {self.dist.world_size}")
-        self.model.load_state_dict(state["model"])
+        load_model_state(self.model, state["model"], path)
         for i, stage in enumerate(self.stages):
             for n, opt in stage.optimizers.items():
                 opt.load_state_dict(training["optimizers"][f"{i}/{n}"])
@@ -529,6 +548,10 @@ class Trainer:
                     start_stage, start_epoch = start_stage + 1, 1
             else:
                 start_consumed, sampler_state = p["consumed"], training["sampler"]
+        if self.dist.is_main:  # a run killed mid-write left them; this run owns the folder
+            for folder in (self.output_dir, self.checkpoint_dir):
+                for path in remove_stale_temporaries(folder):
+                    self.log(f"removed {path.name}, a temporary left by an interrupted write")
         self._open_logs(resume_step)
         if self.dist.is_main:
             (self.output_dir / "config.yaml").write_text(dump_config(self.config), encoding="utf-8")
