@@ -151,7 +151,8 @@ SCHEMA: dict = {
         "epochs": _f(150, int, bounds=AT_LEAST_1),
         "schedule": _f("warmup_cosine", str, ("warmup_cosine", "poly", "constant")),
         "warmup_epochs": _f(5, int, bounds=NON_NEGATIVE),
-        "warmup_factor": _f(0.01, float, bounds=Bounds(0, 1, low_open=True)),  # warmup starts at warmup_factor · base_lr
+        # warmup starts at warmup_factor · base_lr
+        "warmup_factor": _f(0.01, float, bounds=Bounds(0, 1, low_open=True)),
         "min_lr_factor": _f(0.002, float, bounds=SHARE),  # cosine floor: min_lr_factor · base_lr (all groups)
         "poly_power": _f(0.5, float, bounds=POSITIVE),
         "mask_lr": _f(None, float, nullable=True, bounds=POSITIVE),  # DPM mask generator, constant; None: base_lr
@@ -171,9 +172,11 @@ SCHEMA: dict = {
         "device": _f("auto", "device"),  # auto | cpu | cuda | cuda:N
         "log_period": _f(10, int, bounds=AT_LEAST_1),  # iterations between log lines / JSONL records
         "checkpoint_every_iters": _f(0, int, bounds=NON_NEGATIVE),  # mid-epoch checkpoints (0: epoch ends only)
-        "checkpoint_period": _f(0, int, bounds=NON_NEGATIVE),  # keep epoch_NNN.pt every N epochs (0: only last.pt / final.pt)
+        # keep epoch_NNN.pt every N epochs (0: only last.pt / final.pt)
+        "checkpoint_period": _f(0, int, bounds=NON_NEGATIVE),
         "eval_period": _f(0, int, bounds=NON_NEGATIVE),  # evaluate every N epochs (0: only after training)
-        "stop_after_iters": _f(None, int, nullable=True, bounds=AT_LEAST_1),  # testing hook: stop like a kill after N iterations
+        # testing hook: stop like a kill after N iterations
+        "stop_after_iters": _f(None, int, nullable=True, bounds=AT_LEAST_1),
         "progress": _f(True, bool),
         "deterministic": _f(False, bool),
     },

@@ -167,8 +167,9 @@ def check_model_fits_data(model_args: dict, config: dict, splits: ReIDSplits, so
     highest = max((r.camid for r in (*splits.query, *splits.gallery)), default=-1)
     if num_cameras and highest >= num_cameras:
         raise ConfigError(f"{source} has {num_cameras} camera embeddings (SIE, one per training camera) but the "
-                          f"test set {splits.name} has camera ids up to {highest} ({highest + 1} cameras); evaluate on a set with "
-                          f"at most {num_cameras} cameras, or map a one-camera-per-split set with dataset.test_camids")
+                          f"test set {splits.name} has camera ids up to {highest} ({highest + 1} cameras); evaluate "
+                          f"on a set with at most {num_cameras} cameras, or map a one-camera-per-split set with "
+                          "dataset.test_camids")
 
 
 # Model options that change only what eval mode returns, not the weights: `dpm-reid eval` takes them
