@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import uuid
-import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+from dpm_ops.models.weights import WeightsError, read_torch_file
 
 FORMAT = "dpm_ops.checkpoint/1"
 TEMPORARY_SUFFIX = ".tmp"  # atomic_write's temporaries: .<name>.<random>.tmp next to <name>
@@ -125,9 +125,9 @@ def load_checkpoint(path: str | os.PathLike, *, model_name: Optional[str] = None
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         # our own files hold numpy / python RNG states, so full unpickling is needed (trusted input)
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, OSError, ValueError) as error:
-        raise CheckpointError(f"unreadable checkpoint {path}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from error
+        state = read_torch_file(path, weights_only=False, map_location=map_location)
+    except WeightsError as error:
+        raise CheckpointError(f"unreadable checkpoint: {error}") from error
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not a dpm_ops training checkpoint (no '{FORMAT}' tag); "

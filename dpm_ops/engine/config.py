@@ -90,6 +90,8 @@ SCHEMA: dict = {
         "options": _f({}, "mapping"),
         # a .pth to start from: timm ViT (jx_vit_base_p16_224), official DPM, torchvision ResNet-50
         "pretrained": _f(None, str, nullable=True),
+        # allow a pretrained file that fills only part of the model's backbone (never none of it)
+        "pretrained_partial": _f(False, bool),
     },
     "dataset": {
         "name": _f("synthetic", str),

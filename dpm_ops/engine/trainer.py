@@ -49,7 +49,7 @@ from tqdm import tqdm
 from dpm_ops.data import (DatasetError, ImageDataset, MaskReIDBatchSampler, RandomIdentityBatchSampler,
                           ReIDSplits, build_dataloader, build_dataset, build_transforms)
 from dpm_ops.losses import BaselineReIDLoss, DPMLoss, MaskReIDRankingLoss, batch_hard_soft_margin_triplet
-from dpm_ops.models import build_model, load_pretrained
+from dpm_ops.models import WeightsError, build_model, load_pretrained
 from dpm_ops.models.param_groups import sgd_param_groups
 
 from . import distributed
@@ -362,12 +362,10 @@ class Trainer:
         self.model = build_model_from_args(self.model_name, self.model_args)
         if config["model"]["pretrained"]:
             path = os.path.expanduser(config["model"]["pretrained"])
-            if not os.path.isfile(path):
-                raise CheckpointError(f"pretrained weights not found: {path} (config key model.pretrained)")
             try:
-                report = load_pretrained(self.model, path)
-            except (ValueError, RuntimeError) as error:
-                raise CheckpointError(f"cannot load pretrained weights {path}: {error}") from error
+                report = load_pretrained(self.model, path, partial=config["model"]["pretrained_partial"])
+            except WeightsError as error:
+                raise CheckpointError(f"config key model.pretrained: {error}") from error
             self.log(f"pretrained {path}: layout {report.layout}, {len(report.loaded)} tensors loaded")
         self.model.to(self.device)
         self.model.train()
