@@ -135,6 +135,6 @@ def test_cli(tmp_path, capsys):
     assert "--force" in capsys.readouterr().err
     assert main(args + ["--force"]) == 0
     assert main(["--out", str(tmp_path / "bad"), "--cameras", "12", "--quiet"]) == 2
-    assert "cameras must be in 2..9" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["--out", str(tmp_path / "bad"), "--query-occlusion", "1.5"])
+    assert "--cameras: must be an integer in 2..9" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "bad"), "--query-occlusion", "1.5"]) == 2
+    assert "--query-occlusion: must be a probability in [0, 1], got 1.5" in capsys.readouterr().err
