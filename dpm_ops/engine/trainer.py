@@ -547,11 +547,11 @@ class Trainer:
                     start_stage, start_epoch = start_stage + 1, 1
             else:
                 start_consumed, sampler_state = p["consumed"], training["sampler"]
+        self._open_logs(resume_step)
         if self.dist.is_main:  # a run killed mid-write left them; this run owns the folder
             for folder in (self.output_dir, self.checkpoint_dir):
                 for path in remove_stale_temporaries(folder):
                     self.log(f"removed {path.name}, a temporary left by an interrupted write")
-        self._open_logs(resume_step)
         if self.dist.is_main:
             (self.output_dir / "config.yaml").write_text(dump_config(self.config), encoding="utf-8")
         self.log(self.splits.summary())
