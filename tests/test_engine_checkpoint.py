@@ -133,9 +133,10 @@ def test_stale_temporaries_are_removed(tmp_path):
     stale = [tmp_path / ".last.pt.0123abcd.tmp", tmp_path / ".metrics.json.99.tmp"]
     for path in stale:
         path.write_bytes(b"half")
-    (tmp_path / "notes.tmp").write_text("not ours")  # not an atomic_write temporary: kept
+    for name in ("notes.tmp", ".cache.tmp"):  # not shaped like an atomic_write temporary: kept
+        (tmp_path / name).write_text("not ours")
     assert sorted(remove_stale_temporaries(tmp_path)) == sorted(stale)
-    assert sorted(os.listdir(tmp_path)) == ["last.pt", "notes.tmp"]
+    assert sorted(os.listdir(tmp_path)) == [".cache.tmp", "last.pt", "notes.tmp"]
     assert remove_stale_temporaries(tmp_path / "absent") == []
 
 
@@ -162,3 +163,9 @@ def test_output_folder_is_checked_before_work(tmp_path):
     with pytest.raises(CheckpointError, match=r"--output .*a_file/run: cannot create the folder"):
         make_output_folder(tmp_path / "a_file" / "run", "--output")
     assert make_output_folder(tmp_path / "new" / "run", "--output").is_dir()
+
+
+def test_read_only_output_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # root may write anywhere: pretend
+    with pytest.raises(CheckpointError, match=r"output_dir .*: the folder is not writable"):
+        make_output_folder(tmp_path, "output_dir")

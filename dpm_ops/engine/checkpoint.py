@@ -79,7 +79,7 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    stale = [p for p in folder.glob(f".*{TEMPORARY_SUFFIX}") if p.is_file()]
+    stale = [p for p in folder.glob(f".*.*{TEMPORARY_SUFFIX}") if p.is_file()]  # .<name>.<random>.tmp
     for path in stale:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()

@@ -25,6 +25,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+import torch
 import yaml
 
 from ..evaluation import PROTOCOLS
@@ -302,17 +303,13 @@ DEVICE_TYPES = ("cpu", "cuda")
 def _check_device(key: str, value: Any) -> str:
     """"auto" or a torch device string of a type the engine runs on; whether CUDA is there is
     checked when the run starts (:func:`dpm_ops.engine.trainer.resolve_device`)."""
-    import torch
-
-    if not isinstance(value, str):
-        raise ConfigError(f"config key {key}: expected auto, cpu, cuda or cuda:N, got {value!r}")
     if value == "auto":
         return value
     try:
-        device = torch.device(value)
+        parsed = torch.device(value) if isinstance(value, str) else None
     except (RuntimeError, ValueError):
-        device = None
-    if device is None or device.type not in DEVICE_TYPES:
+        parsed = None
+    if parsed is None or parsed.type not in DEVICE_TYPES:
         raise ConfigError(f"config key {key}: expected auto, cpu, cuda or cuda:N, got {value!r}")
     return value
 
