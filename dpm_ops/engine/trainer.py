@@ -548,11 +548,10 @@ class Trainer:
             else:
                 start_consumed, sampler_state = p["consumed"], training["sampler"]
         self._open_logs(resume_step)
-        if self.dist.is_main:  # a run killed mid-write left them; this run owns the folder
-            for folder in (self.output_dir, self.checkpoint_dir):
+        if self.dist.is_main:
+            for folder in (self.output_dir, self.checkpoint_dir):  # this run owns them: no writer is active
                 for path in remove_stale_temporaries(folder):
                     self.log(f"removed {path.name}, a temporary left by an interrupted write")
-        if self.dist.is_main:
             (self.output_dir / "config.yaml").write_text(dump_config(self.config), encoding="utf-8")
         self.log(self.splits.summary())
         self.log(f"model {self.model_name}: {sum(p.numel() for p in self.model.parameters()):,} parameters; "
