@@ -25,6 +25,7 @@ lists and rank 0 gathers them (in dataset order) and computes everything.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import warnings
@@ -340,7 +341,13 @@ def rank_metrics(distmat, query: FeatureSet, gallery: FeatureSet, subsets: Optio
 def write_json_atomic(path: str, payload) -> None:
     """Write JSON atomically (:func:`dpm_ops.engine.checkpoint.atomic_write`): a reader, or a run
     killed half-way, never sees a partial file."""
-    atomic_write(path, lambda handle: handle.write((json.dumps(payload, indent=1) + "\n").encode("utf-8")))
+    def write(handle) -> None:
+        text = io.TextIOWrapper(handle, encoding="utf-8")
+        json.dump(payload, text, indent=1)
+        text.write("\n")
+        text.detach()  # flushed; the binary handle stays atomic_write's to sync and close
+
+    atomic_write(path, write)
 
 
 def format_metrics_table(metrics: dict) -> str:
