@@ -3,8 +3,10 @@
 A config is a nested dict with the sections below. A YAML file gives any subset of the keys (plus an
 optional ``base: OTHER`` naming another file or built-in config it extends); everything else keeps
 the schema's default. ``key=value`` overrides use dotted keys (``solver.base_lr=0.01``) and YAML
-values (``input.size=[128,64]``, ``model.options.depth=4``). Every key is checked: an unknown key,
-a value of the wrong type or outside its choices raises :class:`ConfigError`, one line naming the key.
+values (``input.size=[128,64]``, ``model.options.depth=4``). Every key is checked when the config
+loads, before any data is read: an unknown key, a value of the wrong type, outside its choices or
+outside the range declared beside its field (:class:`Bounds`; floats must be finite) raises
+:class:`ConfigError`, one line naming the key and what was expected.
 
 Two sections are free-form mappings checked against their target: ``model.options`` (keyword
 arguments of the model class named by ``model.name``, see :func:`dpm_ops.models.build_model`) and
