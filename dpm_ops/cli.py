@@ -72,9 +72,10 @@ def _default_output(config_arg: str) -> Path:
 
 def _train(args) -> int:
     from dpm_ops.engine import load_config, train
+    from dpm_ops.engine.checkpoint import make_output_folder
 
     config = load_config(args.config, args.overrides)
-    output = Path(args.output) if args.output else _default_output(args.config)
+    output = make_output_folder(args.output or _default_output(args.config), "--output")
     result = train(config, output, resume=args.resume)
     if result["finished"] and result["metrics"] is not None:
         print(f"run folder: {output}")
@@ -86,19 +87,21 @@ def _eval(args) -> int:
 
     from dpm_ops.engine import load_checkpoint, load_config
     from dpm_ops.engine import distributed
-    from dpm_ops.engine.trainer import (evaluate_with_config, load_splits, model_from_checkpoint, prepare_synthetic,
-                                        resolve_device)
+    from dpm_ops.engine.checkpoint import make_output_folder
+    from dpm_ops.engine.trainer import (check_model_fits_data, evaluate_with_config, load_splits,
+                                        model_from_checkpoint, prepare_synthetic, resolve_device)
 
     config = load_config(args.config, args.overrides)
     state = load_checkpoint(args.weights, model_name=config["model"]["name"])
+    output = make_output_folder(args.output or Path(args.weights).resolve().parent.parent / "eval", "--output")
     device = resolve_device(config["train"]["device"])
     info = distributed.init_distributed(device)
     if device.type == "cuda" and info.enabled:
         device = torch.device("cuda", info.local_rank)
     prepare_synthetic(config, progress=config["train"]["progress"] and info.is_main)
     splits = load_splits(config)
-    model = model_from_checkpoint(state, config).to(device)
-    output = Path(args.output) if args.output else Path(args.weights).resolve().parent.parent / "eval"
+    check_model_fits_data(state["model_args"], config, splits, f"checkpoint {args.weights}")
+    model = model_from_checkpoint(state, config, args.weights).to(device)
     evaluate_with_config(model, splits, config, device=device, out_dir=output,
                          progress=config["train"]["progress"] and info.is_main)
     if info.is_main:
@@ -109,11 +112,12 @@ def _eval(args) -> int:
 def _checkpoint_model(args):
     """(config, the checkpoint's model in eval mode on the CPU), as `dpm-reid eval` builds it."""
     from dpm_ops.engine import load_checkpoint, load_config
-    from dpm_ops.engine.trainer import model_from_checkpoint
+    from dpm_ops.engine.trainer import check_input_size, model_from_checkpoint
 
     config = load_config(args.config, args.overrides)
     state = load_checkpoint(args.weights, model_name=config["model"]["name"])
-    return config, model_from_checkpoint(state, config)
+    check_input_size(state["model_args"], config, f"checkpoint {args.weights}")
+    return config, model_from_checkpoint(state, config, args.weights)
 
 
 def _export(args) -> int:
