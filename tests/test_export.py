@@ -315,6 +315,15 @@ def test_cli_export_and_extract_errors_are_one_line(tmp_path, tiny_set, capsys, 
     assert_one_line_error(capsys, export(*common, "--out", str(tmp_path / "file" / "m.onnx")), "--out",
                           "cannot create its folder")
     assert_one_line_error(capsys, export(*common, "--out", str(tmp_path / "m.onnx"), "--opset", "9"), "opset")
+    assert_one_line_error(capsys, export(*common, "--out", str(tmp_path / "m.onnx"), "input.size=[96,48]"),
+                          str(weights), "input.size")
+    dropped = tmp_path / "dropped.pt"
+    state = torch.load(weights, weights_only=False)
+    state["model"].pop(next(iter(state["model"])))
+    torch.save(state, dropped)
+    assert_one_line_error(capsys, main(["extract", "--config", str(config), "--weights", str(dropped), "--images",
+                                        str(tiny_set / "query"), "--out", str(tmp_path / "f.npz")]),
+                          str(dropped), "missing")
     with monkeypatch.context() as patch:
         patch.setitem(sys.modules, "onnxruntime", None)
         assert_one_line_error(capsys, export(*common, "--out", str(tmp_path / "m.onnx")), "needs onnxruntime")
