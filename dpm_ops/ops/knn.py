@@ -51,7 +51,7 @@ STRATEGIES = ("auto", "certified", "direct")
 _CERTIFIED_MIN_WORK = 1 << 30  # rows x columns x features below which the direct path is as fast
 
 
-def _check_strategy(strategy):
+def check_strategy(strategy):
     if strategy not in STRATEGIES:
         raise ValueError(f"knn: strategy must be one of {STRATEGIES}, got {strategy!r}")
 
@@ -73,7 +73,7 @@ def _check_magnitude(dtype, **tensors):
                              "pass float64)")
 
 
-def _bf16_gemm_is_fast() -> bool:
+def bf16_gemm_is_fast() -> bool:
     """Whether this CPU has bf16 dot-product instructions (AVX-512 BF16 / AMX), which torch's
     oneDNN bf16 GEMM uses: there the certified search's stage 1 runs ~2x faster than fp32."""
     capability = torch._C._cpu._get_cpu_capability()
@@ -88,7 +88,7 @@ def _use_certified(strategy, name, rows, columns, dim):
                              f"got backend {name!r}; use strategy='direct' or 'auto'")
         return True
     return strategy == "auto" and name == "cpp" and rows * columns * dim >= _CERTIFIED_MIN_WORK and \
-        _bf16_gemm_is_fast()
+        bf16_gemm_is_fast()
 
 
 # ---- fake (meta) functions and autograd, shared by the C++/CUDA and Triton ops -----------------
@@ -206,7 +206,7 @@ def knn(x: torch.Tensor, y: torch.Tensor, k: int, metric: str = "euclidean", bac
         raise ValueError(f"knn: x and y must be on one device, got {x.device} and {y.device}")
     _check_k(k, y.shape[0], "y")
     _check_metric(metric)
-    _check_strategy(strategy)
+    check_strategy(strategy)
     check_finite("knn", x=x, y=y)
     _check_magnitude(compute_dtype(x, y), x=x, y=y)
     name = _backend.resolve(backend, x.device)
@@ -244,7 +244,7 @@ def self_knn(x: torch.Tensor, k: int, metric: str = "sqeuclidean", normalize: bo
     if isinstance(cross_rows, bool) or not isinstance(cross_rows, numbers.Integral) or \
             not 0 <= cross_rows <= x.shape[0]:
         raise ValueError(f"knn: cross_rows must be an integer in [0, {x.shape[0]}], got {cross_rows!r}")
-    _check_strategy(strategy)
+    check_strategy(strategy)
     check_finite("knn", x=x)
     _check_magnitude(compute_dtype(x), x=x)
     name = _backend.resolve(backend, x.device)
