@@ -228,3 +228,13 @@ def test_strategy_argument():
         knn(x, x, 1, backend="reference", strategy="certified")
     with pytest.raises(ValueError, match="strategy='certified' runs on the C.. CPU kernels"):
         self_knn(x, 1, backend="reference", strategy="certified")
+
+
+def test_rerank_features_certified_matches_direct():
+    from dpm_ops.evaluation import rerank_features
+    query, gallery = reid_like(150, 1200, seed=4)
+    certified = rerank_features(query, gallery, strategy="certified")
+    direct = rerank_features(query, gallery, strategy="direct")
+    torch.testing.assert_close(certified, direct, rtol=0, atol=1e-5)  # rerank_features' own float tolerance
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        rerank_features(query, gallery, strategy="approximate")

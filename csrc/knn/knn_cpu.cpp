@@ -529,21 +529,37 @@ template <typename A> A row_dot(const A* a, const A* b, int64_t D) {
   return sum;
 }
 
-// One stage-1 tile: bf16 dot products -> lower and upper distance bounds (rows, cols).
-template <typename A>
-void tile_bounds(const at::Tensor& dots_bf16, const float* row_scales, const float* col_scales, const A* row_norms,
-                 const A* col_norms, Metric metric, A* lower, A* upper) {
-  const int64_t rows = dots_bf16.size(0), cols = dots_bf16.size(1);
-  at::Tensor dots = dots_bf16.to(at::kFloat);
-  const float* s = dots.const_data_ptr<float>();
+// One stage-1 tile: bf16 dot products -> lower and upper distance bounds (rows, cols); the metric a
+// template argument so each loop vectorises.
+template <Metric kMetric, typename A>
+void tile_bounds_for(const float* s, int64_t rows, int64_t cols, const float* row_scales, const float* col_scales,
+                     const A* row_norms, const A* col_norms, A* lower, A* upper) {
   for (int64_t r = 0; r < rows; ++r) {
     const A xn = row_norms[r];
     const float a = row_scales[r];
     for (int64_t c = 0; c < cols; ++c) {
       const A dot = A(s[r * cols + c]), e = A(a * col_scales[c]);
-      lower[r * cols + c] = pair_distance(dot + e, xn, col_norms[c], metric);
-      upper[r * cols + c] = pair_distance(dot - e, xn, col_norms[c], metric);
+      lower[r * cols + c] = pair_distance(dot + e, xn, col_norms[c], kMetric);
+      upper[r * cols + c] = pair_distance(dot - e, xn, col_norms[c], kMetric);
     }
+  }
+}
+
+template <typename A>
+void tile_bounds(const at::Tensor& dots_bf16, const float* row_scales, const float* col_scales, const A* row_norms,
+                 const A* col_norms, Metric metric, A* lower, A* upper) {
+  const int64_t rows = dots_bf16.size(0), cols = dots_bf16.size(1);
+  const at::Tensor dots = dots_bf16.to(at::kFloat).contiguous();
+  const float* s = dots.const_data_ptr<float>();
+  switch (metric) {
+    case Metric::kCosine:
+      return tile_bounds_for<Metric::kCosine>(s, rows, cols, row_scales, col_scales, row_norms, col_norms, lower, upper);
+    case Metric::kSqEuclidean:
+      return tile_bounds_for<Metric::kSqEuclidean>(s, rows, cols, row_scales, col_scales, row_norms, col_norms, lower,
+                                                   upper);
+    case Metric::kEuclidean:
+      return tile_bounds_for<Metric::kEuclidean>(s, rows, cols, row_scales, col_scales, row_norms, col_norms, lower,
+                                                 upper);
   }
 }
 
