@@ -486,6 +486,35 @@ template <typename A> struct CertifiedLists {
   A& max_lower(int64_t row) { return upper.row_max[row]; }
   bool wants(int64_t row, A lower, A up) { return lower <= upper.limit[row] || (track_max && up >= max_lower(row)); }
 
+  // One tile line's bounds [first, end) offered to `row` (items offset + c), as offer_line does for
+  // the direct path: blocks of kProbe values are tested branch-free against the row's limits first.
+  void offer_to_row(int64_t row, const A* lo, const A* up, int64_t first, int64_t end, int64_t offset) {
+    const A no_max = std::numeric_limits<A>::infinity();
+    for (int64_t b = first; b < end; b += kProbe) {
+      const int64_t stop = std::min(end, b + kProbe);
+      const A limit = upper.limit[row], top = track_max ? max_lower(row) : no_max;
+      bool any = false;
+      for (int64_t c = b; c < stop; ++c) any |= (lo[c] <= limit) | (up[c] >= top);
+      if (!any) continue;
+      for (int64_t c = b; c < stop; ++c)
+        if (wants(row, lo[c], up[c])) offer(row, lo[c], up[c], offset + c);
+    }
+  }
+
+  // The same line offered transposed: column c to row offset + c, as item `index`.
+  void offer_to_columns(int64_t index, const A* lo, const A* up, int64_t first, int64_t end, int64_t offset) {
+    const A* limit = upper.limit.data() + offset;
+    const A* top = upper.row_max.data() + offset;
+    for (int64_t b = first; b < end; b += kProbe) {
+      const int64_t stop = std::min(end, b + kProbe);
+      bool any = false;
+      for (int64_t c = b; c < stop; ++c) any |= (lo[c] <= limit[c]) | (up[c] >= top[c]);
+      if (!any) continue;
+      for (int64_t c = b; c < stop; ++c)
+        if (wants(offset + c, lo[c], up[c])) offer(offset + c, lo[c], up[c], index);
+    }
+  }
+
   // After an overflow only the upper bounds are still collected (their limit is what a rescan of
   // the row needs).
   void offer(int64_t row, A lower, A up, int64_t index) {
@@ -605,10 +634,7 @@ void knn_certified_pass(const Operand& xs, const Operand& ys, const at::Tensor& 
                           y_norms + c0, metric, lower.data(), upper.data());
             }))
           break;
-        for (int64_t r = 0; r < nr; ++r)
-          for (int64_t c = 0; c < nc; ++c)
-            if (lists.wants(r, lower[r * nc + c], upper[r * nc + c]))
-              lists.offer(r, lower[r * nc + c], upper[r * nc + c], c0 + c);
+        for (int64_t r = 0; r < nr; ++r) lists.offer_to_row(r, &lower[r * nc], &upper[r * nc], 0, nc, c0);
       }
       // Stage 2: the kept items' distances as the direct path computes them, in (value, index) order.
       for (int64_t r = 0; r < nr; ++r) {
@@ -740,11 +766,9 @@ void self_knn_certified_impl(const Operand& xs, const at::Tensor& scales, int64_
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t row = r0 + r;
         if (diagonal) own.offer(row, A(0), A(0), row);
-        for (int64_t c = diagonal ? r + 1 : 0; c < nc; ++c) {
-          const A lo = lower[r * nc + c], up = upper[r * nc + c];
-          if (own.wants(row, lo, up)) own.offer(row, lo, up, c0 + c);
-          if (own.wants(c0 + c, lo, up)) own.offer(c0 + c, lo, up, row);
-        }
+        const int64_t first = diagonal ? r + 1 : 0;
+        own.offer_to_row(row, &lower[r * nc], &upper[r * nc], first, nc, c0);
+        own.offer_to_columns(row, &lower[r * nc], &upper[r * nc], first, nc, c0);
       }
     }
   }
