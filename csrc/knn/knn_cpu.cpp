@@ -7,6 +7,10 @@
 //             matrix is symmetric) and each is offered to its rows and, transposed, to its
 //             columns. Lists are per thread (two threads may offer to the same row) and merged
 //             at the end, with each row's maximum.
+//   knn with k a large share of N: whole rows, partially sorted (knn_row_sort_impl).
+//   knn_certified / self_knn_certified: the same tilings with a bf16 GEMM and per-pair error
+//             bounds picking each row's candidates, recomputed in the compute type (the certified
+//             two-stage search, below and docs/certified_knn.md).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
