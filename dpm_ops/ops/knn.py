@@ -15,6 +15,10 @@ CUDA from every row in full). ``dpm_ops::knn_triton``
 is the Triton kernel. The distances are differentiable in x and y (through the selected pairs; the
 indices are not), for knn on every backend; self_knn has no autograd formula (re-ranking does not
 need one; use the reference backend to differentiate it).
+
+``strategy="certified"`` runs ``dpm_ops::knn_certified`` / ``dpm_ops::self_knn_certified`` (C++ CPU):
+a bf16 GEMM with a rigorous per-pair error bound picks each row's candidates, recomputed as the
+direct path computes them (docs/certified_knn.md).
 """
 
 import numbers
