@@ -562,37 +562,29 @@ template <typename A> A row_dot(const A* a, const A* b, int64_t D) {
   return sum;
 }
 
-// One stage-1 tile: bf16 dot products -> lower and upper distance bounds (rows, cols); the metric a
-// template argument so each loop vectorises.
+// One line of a stage-1 tile: bf16 dot products -> lower and upper distance bounds, computed line by
+// line into buffers that stay in L1 (no tile-sized pass through memory); the metric a template
+// argument so the loop vectorises.
 template <Metric kMetric, typename A>
-void tile_bounds_for(const float* s, int64_t rows, int64_t cols, const float* row_scales, const float* col_scales,
-                     const A* row_norms, const A* col_norms, A* lower, A* upper) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const A xn = row_norms[r];
-    const float a = row_scales[r];
-    for (int64_t c = 0; c < cols; ++c) {
-      const A dot = A(s[r * cols + c]), e = A(a * col_scales[c]);
-      lower[r * cols + c] = pair_distance(dot + e, xn, col_norms[c], kMetric);
-      upper[r * cols + c] = pair_distance(dot - e, xn, col_norms[c], kMetric);
-    }
+void line_bounds_for(const at::BFloat16* s, int64_t cols, float row_scale, const float* col_scales, A row_norm,
+                     const A* col_norms, A* lower, A* upper) {
+  for (int64_t c = 0; c < cols; ++c) {
+    const A dot = A(static_cast<float>(s[c])), e = A(row_scale * col_scales[c]);
+    lower[c] = pair_distance(dot + e, row_norm, col_norms[c], kMetric);
+    upper[c] = pair_distance(dot - e, row_norm, col_norms[c], kMetric);
   }
 }
 
 template <typename A>
-void tile_bounds(const at::Tensor& dots_bf16, const float* row_scales, const float* col_scales, const A* row_norms,
+void line_bounds(const at::BFloat16* s, int64_t cols, float row_scale, const float* col_scales, A row_norm,
                  const A* col_norms, Metric metric, A* lower, A* upper) {
-  const int64_t rows = dots_bf16.size(0), cols = dots_bf16.size(1);
-  const at::Tensor dots = dots_bf16.to(at::kFloat).contiguous();
-  const float* s = dots.const_data_ptr<float>();
   switch (metric) {
     case Metric::kCosine:
-      return tile_bounds_for<Metric::kCosine>(s, rows, cols, row_scales, col_scales, row_norms, col_norms, lower, upper);
+      return line_bounds_for<Metric::kCosine>(s, cols, row_scale, col_scales, row_norm, col_norms, lower, upper);
     case Metric::kSqEuclidean:
-      return tile_bounds_for<Metric::kSqEuclidean>(s, rows, cols, row_scales, col_scales, row_norms, col_norms, lower,
-                                                   upper);
+      return line_bounds_for<Metric::kSqEuclidean>(s, cols, row_scale, col_scales, row_norm, col_norms, lower, upper);
     case Metric::kEuclidean:
-      return tile_bounds_for<Metric::kEuclidean>(s, rows, cols, row_scales, col_scales, row_norms, col_norms, lower,
-                                                 upper);
+      return line_bounds_for<Metric::kEuclidean>(s, cols, row_scale, col_scales, row_norm, col_norms, lower, upper);
   }
 }
 
@@ -624,8 +616,7 @@ void knn_certified_pass(const Operand& xs, const Operand& ys, const at::Tensor& 
 #pragma omp parallel
   {
     const at::ThreadLocalStateGuard state_guard(caller_state);
-    const int64_t tile_size = kRowBlock * std::min(kColumnBlock, Ny);
-    std::vector<A> lower(tile_size), upper(tile_size);
+    std::vector<A> lower(std::min(kColumnBlock, Ny)), upper(std::min(kColumnBlock, Ny));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t block = 0; block < num_blocks; ++block) {
       const int64_t r0 = block * kRowBlock, nr = std::min(kRowBlock, M - r0);
@@ -633,12 +624,14 @@ void knn_certified_pass(const Operand& xs, const Operand& ys, const at::Tensor& 
       std::copy(limits.begin() + r0, limits.begin() + r0 + nr, lists.upper.limit.begin());
       for (int64_t c0 = 0; c0 < Ny; c0 += kColumnBlock) {
         const int64_t nc = std::min(kColumnBlock, Ny - c0);
-        if (!errors.ok([&] {
-              tile_bounds(at::mm(xb.narrow(0, r0, nr), yb.narrow(0, c0, nc).t()), xa + r0, ya + c0, x_norms + r0,
-                          y_norms + c0, metric, lower.data(), upper.data());
-            }))
-          break;
-        for (int64_t r = 0; r < nr; ++r) lists.offer_to_row(r, &lower[r * nc], &upper[r * nc], 0, nc, c0);
+        at::Tensor tile;
+        if (!errors.ok([&] { tile = at::mm(xb.narrow(0, r0, nr), yb.narrow(0, c0, nc).t()).contiguous(); })) break;
+        const at::BFloat16* dots = tile.const_data_ptr<at::BFloat16>();
+        for (int64_t r = 0; r < nr; ++r) {
+          line_bounds(dots + r * nc, nc, xa[r0 + r], ya + c0, x_norms[r0 + r], y_norms + c0, metric, lower.data(),
+                      upper.data());
+          lists.offer_to_row(r, lower.data(), upper.data(), 0, nc, c0);
+        }
       }
       // Stage 2: the kept items' distances as the direct path computes them, in (value, index) order.
       for (int64_t r = 0; r < nr; ++r) {
@@ -742,7 +735,7 @@ void self_knn_certified_impl(const Operand& xs, const at::Tensor& scales, int64_
     const at::ThreadLocalStateGuard state_guard(caller_state);
     CertifiedLists<A>& own = state[omp_get_thread_num()];
     const int64_t tile_size = std::min(kSelfTile, N) * std::min(kSelfTile, N);
-    std::vector<A> lower(tile_size), upper(tile_size);
+    std::vector<A> lower(std::min(kSelfTile, N)), upper(std::min(kSelfTile, N));
     at::Tensor buffer;
     errors.ok([&] { buffer = at::empty({tile_size}, xs.rows.options()); });
 #pragma omp for schedule(dynamic, 1)
@@ -750,19 +743,19 @@ void self_knn_certified_impl(const Operand& xs, const at::Tensor& scales, int64_
       const int64_t r0 = edges[tiles[t].first], nr = edges[tiles[t].first + 1] - r0;
       const int64_t c0 = edges[tiles[t].second], nc = edges[tiles[t].second + 1] - c0;
       const bool diagonal = r0 == c0, in_cross = r0 < cross_rows && c0 >= cross_rows;
+      at::Tensor bf16_tile;
+      const A* exact = nullptr;  // the cross block's distances (lower = upper), else bounds from bf16_tile
       if (!errors.ok([&] {
             if (in_cross) {
               at::Tensor tile = tile_view(buffer, nr, nc);
               at::mm_out(tile, xs.rows.narrow(0, r0, nr), xs.rows.narrow(0, c0, nc).t());
               A* dots = tile.data_ptr<A>();
               finish_tile(dots, nr, nc, norms + r0, norms + c0, metric);
-              std::copy(dots, dots + nr * nc, lower.begin());
-              std::copy(dots, dots + nr * nc, upper.begin());
               for (int64_t r = 0; r < nr; ++r)
                 std::copy(dots + r * nc, dots + (r + 1) * nc, cross_out + (r0 + r) * cross_cols + (c0 - cross_rows));
+              exact = dots;
             } else {
-              tile_bounds(at::mm(xb.narrow(0, r0, nr), xb.narrow(0, c0, nc).t()), scale + r0, scale + c0,
-                          norms + r0, norms + c0, metric, lower.data(), upper.data());
+              bf16_tile = at::mm(xb.narrow(0, r0, nr), xb.narrow(0, c0, nc).t()).contiguous();
             }
           }))
         continue;
@@ -771,8 +764,13 @@ void self_knn_certified_impl(const Operand& xs, const at::Tensor& scales, int64_
         const int64_t row = r0 + r;
         if (diagonal) own.offer(row, A(0), A(0), row);
         const int64_t first = diagonal ? r + 1 : 0;
-        own.offer_to_row(row, &lower[r * nc], &upper[r * nc], first, nc, c0);
-        own.offer_to_columns(row, &lower[r * nc], &upper[r * nc], first, nc, c0);
+        const A* lo = exact ? exact + r * nc : lower.data();
+        const A* up = exact ? exact + r * nc : upper.data();
+        if (!exact)
+          line_bounds(bf16_tile.const_data_ptr<at::BFloat16>() + r * nc, nc, scale[row], scale + c0, norms[row],
+                      norms + c0, metric, lower.data(), upper.data());
+        own.offer_to_row(row, lo, up, first, nc, c0);
+        own.offer_to_columns(row, lo, up, first, nc, c0);
       }
     }
   }
@@ -956,11 +954,15 @@ std::tuple<at::Tensor, at::Tensor> knn_certified_bounds_cpu(const at::Tensor& x,
   TORCH_CHECK_VALUE(x_scales.defined() && y_scales.defined(),
                     "knn_certified_bounds: rows too large (norm > 2^60) or too long (D >= 2^20) for the bound");
   at::Tensor lower = at::empty({x.size(0), y.size(0)}, x.options().dtype(type)), upper = at::empty_like(lower);
-  const at::Tensor dots = at::mm(xs.rows.to(at::kFloat).to(at::kBFloat16), ys.rows.to(at::kFloat).to(at::kBFloat16).t());
+  const at::Tensor dots =
+      at::mm(xs.rows.to(at::kFloat).to(at::kBFloat16), ys.rows.to(at::kFloat).to(at::kBFloat16).t()).contiguous();
+  const int64_t N = y.size(0);
   AT_DISPATCH_FLOATING_TYPES(type, "knn_certified_bounds", [&] {
-    tile_bounds(dots, x_scales.const_data_ptr<float>(), y_scales.const_data_ptr<float>(),
-                xs.norms.const_data_ptr<scalar_t>(), ys.norms.const_data_ptr<scalar_t>(), metric,
-                lower.data_ptr<scalar_t>(), upper.data_ptr<scalar_t>());
+    for (int64_t r = 0; r < x.size(0); ++r)
+      line_bounds(dots.const_data_ptr<at::BFloat16>() + r * N, N, x_scales.const_data_ptr<float>()[r],
+                  y_scales.const_data_ptr<float>(), xs.norms.const_data_ptr<scalar_t>()[r],
+                  ys.norms.const_data_ptr<scalar_t>(), metric, lower.data_ptr<scalar_t>() + r * N,
+                  upper.data_ptr<scalar_t>() + r * N);
   });
   return {lower, upper};
 }
