@@ -7,7 +7,9 @@ re-ID-like neighbourhoods, benchmarks/reference/synthetic_features.py):
   a peak <= 3 GB; evaluate_rank >= 25x the vectorised numpy evaluation;
 * GPU (H100 / H200): rerank_features <= 20 ms, evaluate_rank <= 2 ms; at MSMT17 scale
   (Q = 11,659, G = 82,161) rerank_features <= 1 s within 4 GB beyond its output;
-* CPU at MSMT17 scale: rerank_features within 24 GB.
+* CPU at MSMT17 scale: rerank_features within 24 GB;
+* CPU (issue 13): rerank_features with the certified neighbour search <= 0.6x the direct one, on
+  CPUs with bf16 dot-product instructions (AVX-512 BF16 / AMX); elsewhere the ratio is reported.
 
 The default "smoke" size (1/25 of Market) keeps `pytest benchmarks/ --benchmark-disable`
 short; the numpy references at Market scale and every MSMT17 case are marked `slow`, and so are the
@@ -29,6 +31,8 @@ from benchmarks.reference.eval_numpy import evaluate_rank_numpy
 from benchmarks.reference.rerank_numpy import re_ranking_from_features
 from benchmarks.reference.synthetic_features import MARKET1501, MSMT17, make_reid_features, scaled
 from dpm_ops.evaluation import evaluate_rank, pairwise_distance, rerank_features
+from dpm_ops.evaluation._select import TIE_MARGIN
+from dpm_ops.ops.knn import bf16_gemm_is_fast
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
@@ -179,6 +183,38 @@ def bench_cpu_targets():
     assert peak <= 3.0, f"rerank_features peaks at {peak:.2f} GB at Market scale, target <= 3 GB"
     assert evaluate >= 25, f"evaluate_rank is {evaluate:.1f}x the numpy evaluation, target >= 25x"
     assert rerank >= 20, f"rerank_features is {rerank:.1f}x the numpy re-ranking, target >= 20x"
+
+
+# rerank_features with the certified two-stage neighbour search against the direct one (issue 13,
+# docs/certified_knn.md), in the same run; the certified case reports its candidate sets.
+@pytest.mark.skipif(GPU, reason="the certified search runs on the C++ CPU kernels")
+@pytest.mark.parametrize("scale", ["smoke", pytest.param("market1501", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("strategy", ["direct", "certified"])
+def bench_rerank_features_strategy(timed, benchmark, strategy, scale):
+    data = reid_data(scale)
+    query, gallery = _on_device(data.query, data.gallery, device="cpu")
+    timed(lambda: rerank_features(query, gallery, strategy=strategy), group=group_name("rerank_features strategy", scale),
+          name=f"rerank {strategy}", device="cpu", rounds=3, iterations=1, num_query=len(query),
+          num_gallery=len(gallery), dim=query.shape[1])
+    if strategy == "certified":  # rerank_features' own self_knn call (k1 = 20: 21 neighbours + the tie margin)
+        counts = torch.ops.dpm_ops.self_knn_certified(torch.cat([query, gallery]), 21 + TIE_MARGIN, "sqeuclidean",
+                                                      True, len(query))[4]
+        certified = counts[counts >= 0].double()
+        benchmark.extra_info.update(candidates_mean=float(certified.mean()), candidates_max=int(certified.max()),
+                                    fallback_rate=float((counts < 0).double().mean()), bf16_gemm_fast=bf16_gemm_is_fast())
+        print(f"\n{scale}: candidates per row mean {float(certified.mean()):.1f}, max {int(certified.max())}; "
+              f"fallback rate {float((counts < 0).double().mean()):.4f}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(GPU, reason="CPU targets")
+def bench_cpu_certified_rerank_target():
+    ratio = 1 / speedup(group_name("rerank_features strategy", "market1501"), "rerank certified", "rerank direct")
+    print(f"\nMarket-1501 scale: rerank_features certified / direct = {ratio:.2f}")
+    if not bf16_gemm_is_fast():
+        pytest.skip(f"reported, not asserted: this CPU has no bf16 dot-product instructions (certified / direct "
+                    f"{ratio:.2f}); the target is for AVX-512 BF16 / AMX CPUs")
+    assert ratio <= 0.6, f"certified rerank_features takes {ratio:.2f}x the direct one, target <= 0.6x"
 
 
 @pytest.mark.skipif(not GPU, reason="GPU targets")

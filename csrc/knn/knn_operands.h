@@ -56,6 +56,13 @@ struct Operand {
     gemm = rows.to(gemm_type);
   }
   Operand(const at::Tensor& v, Metric metric, at::ScalarType type) : Operand(v, metric, type, type) {}
+  // The rows `ids` (int64) only.
+  Operand take(const at::Tensor& ids) const {
+    return Operand(rows.index_select(0, ids), norms.index_select(0, ids), gemm.index_select(0, ids));
+  }
+
+ private:
+  Operand(at::Tensor r, at::Tensor n, at::Tensor g) : rows(std::move(r)), norms(std::move(n)), gemm(std::move(g)) {}
 };
 
 }  // namespace knn

@@ -33,7 +33,7 @@ import numbers
 import torch
 
 from .. import _backend
-from ..ops.knn import self_knn
+from ..ops.knn import check_strategy, self_knn
 from . import _inputs
 from ._kreciprocal import encode_weights, expanded_neighbourhoods, jaccard_blend_, query_expansion
 from ._select import TIE_MARGIN, RunningSmallest, resolve_smallest, smallest_in_rows
@@ -122,8 +122,9 @@ class _FeatureDistances:
     columns). The distance of an item to itself is set to 0, as scipy's cdist gives, so GEMM
     rounding never lets a near-duplicate outrank the item itself."""
 
-    def __init__(self, qf: torch.Tensor, gf: torch.Tensor):
+    def __init__(self, qf: torch.Tensor, gf: torch.Tensor, strategy: str = "auto"):
         dtype = _inputs.compute_dtype(qf if qf.dtype == torch.float64 else gf)
+        self.strategy = strategy
         self.features = torch.cat([qf.to(dtype), gf.to(dtype)]).contiguous()
         self.norms = (self.features * self.features).sum(dim=1)
         self.num_query = len(qf)
@@ -147,7 +148,7 @@ class _FeatureDistances:
         return block / self.row_max[rows, None]
 
     def scan(self, width: int):
-        if _backend.resolve(None, self.features.device) in ("cpp", "cuda"):
+        if _backend.resolve(None, self.features.device) in ("cpp", "cuda") or self.strategy == "certified":
             return self._scan_kernel(width)
         n, q = self.num_items, self.num_query
         device = self.features.device
@@ -185,7 +186,7 @@ class _FeatureDistances:
         TIE_MARGIN candidates for pair_distances."""
         n, q = self.num_items, self.num_query
         values, indices, row_max, cross = self_knn(self.features, min(width + TIE_MARGIN, n), "sqeuclidean",
-                                                   normalize=True, cross_rows=q)
+                                                   normalize=True, cross_rows=q, strategy=self.strategy)
         self.row_max = row_max.to(torch.float32)
         self.nearest = _Candidates(values.to(torch.float32), indices)
         self.out_scale = self.row_max[:q]  # the Jaccard kernel divides by it in its own pass
@@ -296,7 +297,7 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6, lambda_v
     return _inputs.like_input(_rerank(source, k1, k2, lambda_value), q_g_dist)
 
 
-def rerank_features(qf, gf, k1: int = 20, k2: int = 6, lambda_value: float = 0.3):
+def rerank_features(qf, gf, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, strategy: str = "auto"):
     """`re_ranking` of the Euclidean distances of query features qf (Q, D) and gallery
     features gf (G, D), without ever holding an N x N matrix.
 
@@ -306,11 +307,14 @@ def rerank_features(qf, gf, k1: int = 20, k2: int = 6, lambda_value: float = 0.3
     fixed-size tiles. Equal to `re_ranking` on the Euclidean distances of the same features
     (up to float rounding, <= 1e-5) wherever no exact tie decides a neighbourhood; ties are
     broken by (distance, index), queries before gallery, and d(i, i) is exactly 0.
+    ``strategy``: the neighbour search's, as for dpm_ops.ops.self_knn ("auto" | "certified" |
+    "direct"; "certified": the C++ CPU kernels only).
     """
     k1, k2, lambda_value = _check_parameters(k1, k2, lambda_value)
+    check_strategy(strategy)
     query = _inputs.as_floats("qf", qf, 2)
     gallery = _inputs.as_floats("gf", gf, 2, device=query.device)
     if query.shape[1] != gallery.shape[1]:
         raise ValueError(f"qf and gf must have the same feature dimension, got {query.shape[1]} and {gallery.shape[1]}")
-    source = _FeatureDistances(query, gallery)
+    source = _FeatureDistances(query, gallery, strategy)
     return _inputs.like_input(_rerank(source, k1, k2, lambda_value), qf)

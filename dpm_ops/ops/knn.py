@@ -15,6 +15,10 @@ CUDA from every row in full). ``dpm_ops::knn_triton``
 is the Triton kernel. The distances are differentiable in x and y (through the selected pairs; the
 indices are not), for knn on every backend; self_knn has no autograd formula (re-ranking does not
 need one; use the reference backend to differentiate it).
+
+``strategy="certified"`` runs ``dpm_ops::knn_certified`` / ``dpm_ops::self_knn_certified`` (C++ CPU):
+a bf16 GEMM with a rigorous per-pair error bound picks each row's candidates, recomputed as the
+direct path computes them (docs/certified_knn.md).
 """
 
 import numbers
@@ -29,6 +33,8 @@ from .knn_reference import COSINE_EPS, METRICS, compute_dtype, knn_reference, se
 def _check_tensor(name, t):
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"knn: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_meta:
+        raise ValueError(f"knn: {name} must hold data (a CPU or CUDA tensor), got a meta tensor")
     if t.dim() != 2:
         raise ValueError(f"knn: {name} must be 2-D (rows, features), got shape {tuple(t.shape)}")
     if not t.is_floating_point():
@@ -43,6 +49,50 @@ def _check_k(k, limit, what):
 def _check_metric(metric):
     if metric not in METRICS:
         raise ValueError(f"knn: metric must be one of {METRICS}, got {metric!r}")
+
+
+STRATEGIES = ("auto", "certified", "direct")
+_CERTIFIED_MIN_WORK = 1 << 30  # rows x columns x features below which the direct path is as fast
+
+
+def check_strategy(strategy):
+    if strategy not in STRATEGIES:
+        raise ValueError(f"knn: strategy must be one of {STRATEGIES}, got {strategy!r}")
+
+
+def _check_magnitude(dtype, **tensors):
+    """ValueError naming a tensor whose values would overflow the distances' squared norms and dot
+    products in `dtype` (|v|^2 summed over D features): a wrong answer otherwise. Skipped while
+    compiling (a data-dependent branch)."""
+    if torch.compiler.is_compiling():
+        return
+    for name, t in tensors.items():
+        if t.numel() == 0:
+            continue
+        limit = (torch.finfo(dtype).max / (4 * t.shape[1])) ** 0.5
+        largest = float(t.detach().abs().amax())
+        if largest > limit:
+            raise ValueError(f"knn: {name} has values of magnitude up to {largest:.3g}; {dtype} distances over "
+                             f"{t.shape[1]} features need magnitudes <= {limit:.3g} (scale the features down, or "
+                             "pass float64)")
+
+
+def bf16_gemm_is_fast() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (AVX-512 BF16 / AMX), which torch's
+    oneDNN bf16 GEMM uses: there the certified search's stage 1 runs ~2x faster than fp32."""
+    capability = torch._C._cpu._get_cpu_capability()
+    return bool(capability.get("avx512_bf16") or capability.get("amx_bf16"))
+
+
+def _use_certified(strategy, name, rows, columns, dim):
+    """Resolves `strategy` for the backend `name`: the certified search runs on the C++ CPU kernels."""
+    if strategy == "certified":
+        if name != "cpp":
+            raise ValueError("knn: strategy='certified' runs on the C++ CPU kernels (backend 'cpp'), "
+                             f"got backend {name!r}; use strategy='direct' or 'auto'")
+        return True
+    return strategy == "auto" and name == "cpp" and rows * columns * dim >= _CERTIFIED_MIN_WORK and \
+        bf16_gemm_is_fast()
 
 
 # ---- fake (meta) functions and autograd, shared by the C++/CUDA and Triton ops -----------------
@@ -61,7 +111,7 @@ def _fake_self_knn(x, k, metric="sqeuclidean", normalize=False, cross_rows=0):
 
 def _setup_context(ctx, inputs, output):
     x, y, k, metric = inputs
-    distances, indices = output
+    distances, indices = output[:2]
     ctx.save_for_backward(x, y, distances, indices)
     ctx.metric = metric
     ctx.mark_non_differentiable(indices)
@@ -99,7 +149,7 @@ def knn_distance_backward(grad, x, y, distances, indices, metric):
     return grad_x, grad_y
 
 
-def _backward(ctx, grad_distances, grad_indices):
+def _backward(ctx, grad_distances, *grad_rest):
     x, y, distances, indices = ctx.saved_tensors
     # float16 / bfloat16 inputs (CUDA) differentiate in the distances' float32, like the others.
     grad_x, grad_y = knn_distance_backward(grad_distances, x.to(distances.dtype), y.to(distances.dtype), distances,
@@ -111,6 +161,13 @@ if _backend.extension()[0] is not None:
     torch.library.register_fake(torch.ops.dpm_ops.knn.default)(_fake_knn)
     torch.library.register_fake(torch.ops.dpm_ops.self_knn.default)(_fake_self_knn)
     torch.library.register_autograd(torch.ops.dpm_ops.knn.default, _backward, setup_context=_setup_context)
+    torch.library.register_fake(torch.ops.dpm_ops.knn_certified.default)(
+        lambda x, y, k, metric="euclidean": (*_fake_knn(x, y, k, metric), x.new_empty((x.shape[0],), dtype=torch.long)))
+    torch.library.register_fake(torch.ops.dpm_ops.self_knn_certified.default)(
+        lambda x, k, metric="sqeuclidean", normalize=False, cross_rows=0: (
+            *_fake_self_knn(x, k, metric, normalize, cross_rows), x.new_empty((x.shape[0],), dtype=torch.long)))
+    torch.library.register_autograd(torch.ops.dpm_ops.knn_certified.default, _backward,
+                                    setup_context=_setup_context)
 
 
 @torch.library.custom_op("dpm_ops::knn_triton", mutates_args=())
@@ -125,7 +182,8 @@ torch.library.register_autograd(knn_triton, _backward, setup_context=_setup_cont
 
 # ---- public functions ----------------------------------------------------------------------------
 
-def knn(x: torch.Tensor, y: torch.Tensor, k: int, metric: str = "euclidean", backend: str | None = None):
+def knn(x: torch.Tensor, y: torch.Tensor, k: int, metric: str = "euclidean", backend: str | None = None,
+        strategy: str = "auto"):
     """The k nearest rows of y (N, D) for every row of x (M, D): (distances (M, k), indices (M, k)).
 
     Sorted ascending, ties broken by (distance, index). k must be in [1, N] (a ValueError
@@ -136,6 +194,13 @@ def knn(x: torch.Tensor, y: torch.Tensor, k: int, metric: str = "euclidean", bac
     dtype run their cuBLAS GEMM on tensor cores with float32 accumulation (cosine: the unit rows rounded
     to that dtype). Distances are differentiable in x and y.
     ``backend``: "reference" | "cpp" | "cuda" | "triton" (default: by device, dpm_ops.backends()).
+    ``strategy``: "certified" (C++ CPU kernels only, a ValueError elsewhere) runs the certified
+    two-stage search (docs/certified_knn.md): a bf16 GEMM with a rigorous error bound picks each
+    row's candidates, whose distances are then computed as the direct path does: the same
+    neighbours in the same order, distances within a few ulp (summation order). "direct" computes
+    every distance in the compute dtype. "auto" (default): certified on the C++ backend where the
+    CPU has bf16 dot-product instructions and the problem is large, else direct.
+    Values whose squared norms would overflow the compute dtype are a ValueError.
     """
     _check_tensor("x", x)
     _check_tensor("y", y)
@@ -145,11 +210,16 @@ def knn(x: torch.Tensor, y: torch.Tensor, k: int, metric: str = "euclidean", bac
         raise ValueError(f"knn: x and y must be on one device, got {x.device} and {y.device}")
     _check_k(k, y.shape[0], "y")
     _check_metric(metric)
+    check_strategy(strategy)
     check_finite("knn", x=x, y=y)
+    _check_magnitude(compute_dtype(x, y), x=x, y=y)
     name = _backend.resolve(backend, x.device)
+    certified = _use_certified(strategy, name, x.shape[0], y.shape[0], x.shape[1])
     if not (name == "cuda" and x.dtype == y.dtype):  # the CUDA kernel's GEMM takes float16 / bfloat16 as they are
         dtype = compute_dtype(x, y)
         x, y = x.to(dtype), y.to(dtype)
+    if certified:
+        return torch.ops.dpm_ops.knn_certified(x, y, k, metric)[:2]
     if name == "reference":
         return knn_reference(x, y, k, metric)
     if name == "triton":
@@ -158,7 +228,7 @@ def knn(x: torch.Tensor, y: torch.Tensor, k: int, metric: str = "euclidean", bac
 
 
 def self_knn(x: torch.Tensor, k: int, metric: str = "sqeuclidean", normalize: bool = False, cross_rows: int = 0,
-             backend: str | None = None):
+             backend: str | None = None, strategy: str = "auto"):
     """The k nearest rows of x (N, D) for every row of x, itself included at distance 0.
 
     Returns (distances (N, k), indices (N, k), row_max (N,), cross (cross_rows, N - cross_rows)):
@@ -169,6 +239,8 @@ def self_knn(x: torch.Tensor, k: int, metric: str = "sqeuclidean", normalize: bo
     whole GEMM, through cuBLAS with the precision rules of knn), where d(i, j) and d(j, i) are two
     GEMM entries, equal in exact arithmetic but not promised bitwise equal. No Triton kernel:
     backend "triton" runs the reference. Not differentiable through the C++/CUDA kernels.
+    ``strategy``: as for knn; the certified search keeps the upper-triangle tiles and takes the
+    cross block's tiles from the compute-dtype GEMM (they are returned in full anyway).
     """
     _check_tensor("x", x)
     _check_k(k, x.shape[0], "x")
@@ -176,8 +248,13 @@ def self_knn(x: torch.Tensor, k: int, metric: str = "sqeuclidean", normalize: bo
     if isinstance(cross_rows, bool) or not isinstance(cross_rows, numbers.Integral) or \
             not 0 <= cross_rows <= x.shape[0]:
         raise ValueError(f"knn: cross_rows must be an integer in [0, {x.shape[0]}], got {cross_rows!r}")
+    check_strategy(strategy)
     check_finite("knn", x=x)
+    _check_magnitude(compute_dtype(x), x=x)
     name = _backend.resolve(backend, x.device)
+    if _use_certified(strategy, name, x.shape[0], x.shape[0] // 2, x.shape[1]):  # half the GEMM
+        return torch.ops.dpm_ops.self_knn_certified(x.to(compute_dtype(x)), k, metric, bool(normalize),
+                                                    int(cross_rows))[:4]
     if name in ("reference", "triton"):
         return self_knn_reference(x.to(compute_dtype(x)), k, metric, bool(normalize), int(cross_rows))
     if name != "cuda":  # the CUDA kernel takes float16 / bfloat16 as they are (tensor-core GEMM)
@@ -185,4 +262,4 @@ def self_knn(x: torch.Tensor, k: int, metric: str = "sqeuclidean", normalize: bo
     return torch.ops.dpm_ops.self_knn(x, k, metric, bool(normalize), int(cross_rows))
 
 
-__all__ = ["METRICS", "knn", "knn_reference", "self_knn", "self_knn_reference", "knn_distance_backward"]
+__all__ = ["METRICS", "STRATEGIES", "knn", "knn_reference", "self_knn", "self_knn_reference", "knn_distance_backward"]

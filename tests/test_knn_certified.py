@@ -1,0 +1,243 @@
+"""The certified two-stage knn / self_knn (docs/certified_knn.md) against the direct path.
+
+Tolerance (issue 13): stage 2 sums each candidate's dot product in a fixed lane order, the direct
+path in its GEMM's order, so distances agree within the fp32 rounding of the distance
+computation, tau = 2 gamma_D (|x|^2 + |y|^2) on the squared (or cosine) distance; the neighbours
+and their order must be the same in every row where the direct path is unambiguous, i.e. where
+its first k + 1 distances are more than 2 tau apart. Each test counts those rows and requires
+most rows to be covered. Inputs with distances exact in fp32 (small integers) must match bit
+for bit, ties included.
+"""
+
+import pytest
+import torch
+
+from benchmarks.reference.synthetic_features import make_reid_features
+from conftest import backend_params
+from dpm_ops.ops import knn, self_knn
+from dpm_ops.ops.knn_reference import COSINE_EPS, pairwise_distance_reference
+
+pytestmark = list(backend_params("cpp")[0].marks)
+
+U32 = 2.0 ** -24
+
+
+def squared(d, metric):
+    return d * d if metric == "euclidean" else d
+
+
+def row_tolerance(x, y, metric, dtype):
+    """tau per row of x: 2 gamma_D (max |x|^2 + |y|^2) in the compute dtype's unit."""
+    u = 2.0 ** -53 if dtype == torch.float64 else U32
+    dim = x.shape[1]
+    gamma = dim * u / (1 - dim * u)
+    if metric == "cosine":
+        scale = torch.full((len(x),), 2.0, dtype=torch.float64)
+    else:
+        scale = x.double().pow(2).sum(1) + y.double().pow(2).sum(1).max()
+    return 2 * gamma * scale + 8 * u  # + a few ulp of the formula's own rounding near 0 / 1
+
+
+def check_same_knn(x, y, k, metric, strategy_result=None, min_covered=0.5):
+    """Certified vs direct within the tolerance; returns (rows covered, rows)."""
+    dc, ic = strategy_result or knn(x, y, k, metric, backend="cpp", strategy="certified")
+    dd, idd = knn(x, y, k, metric, backend="cpp", strategy="direct")
+    dtype = dd.dtype
+    tau = row_tolerance(x, y, metric, dtype)
+    assert dc.dtype == dd.dtype and ic.dtype == torch.long
+    gap = (squared(dc.double(), metric) - squared(dd.double(), metric)).abs()
+    assert bool((gap <= tau[:, None]).all()), f"distances differ by up to {float(gap.max()):.3g}"
+    # Rows where the direct path's first k + 1 distances are more than 2 tau apart.
+    wider, _ = knn(x, y, min(k + 1, len(y)), metric, backend="cpp", strategy="direct")
+    steps = squared(wider.double(), metric).diff(dim=1)
+    unambiguous = (steps > 2 * tau[:, None]).all(dim=1)
+    assert torch.equal(ic[unambiguous], idd[unambiguous])
+    covered = int(unambiguous.sum())
+    print(f"certified == direct: indices equal in all {covered} unambiguous rows of {len(x)}; distances within tau "
+          "in every row")
+    assert covered >= min_covered * len(x), f"only {covered} of {len(x)} rows unambiguous"
+    return covered, len(x)
+
+
+def sign_rows(count, dim=16, seed=0, dtype=torch.float32):
+    """Rows of four +-1 entries: every distance exact in fp32, equal values everywhere."""
+    gen = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (count, dim), generator=gen).to(dtype) * 2 - 1
+    keep = torch.rand(count, dim, generator=gen).argsort(dim=1)[:, :4]
+    return torch.zeros(count, dim, dtype=dtype).scatter_(1, keep, signs.gather(1, keep))
+
+
+def gaussian(count, dim, seed, dtype=torch.float32):
+    return torch.randn(count, dim, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def reid_like(num_query, num_gallery, seed=0):
+    f = make_reid_features(num_query=num_query, num_gallery=num_gallery, num_ids=num_gallery // 20,
+                           num_distractors=num_gallery // 5, dim=256, seed=seed)
+    return torch.from_numpy(f.query), torch.from_numpy(f.gallery)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
+def test_random_rows_match_direct(metric):
+    x, y = gaussian(150, 64, 0), gaussian(2300, 64, 1)  # two column tiles
+    covered, rows = check_same_knn(x, y, 10, metric)
+    assert covered > 0.9 * rows
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_reid_like_features_match_direct(metric):
+    query, gallery = reid_like(120, 1500)
+    x = query * 3.0 if metric == "euclidean" else query  # not unit rows: norms enter the formula
+    result = torch.ops.dpm_ops.knn_certified(x, gallery, 21, metric)
+    assert bool((result[2] >= 21).all()), "every row certified, none fell back"
+    check_same_knn(x, gallery, 21, metric, result[:2])
+
+
+def test_tie_heavy_exact_input_is_bitwise_identical():
+    x, y = sign_rows(90), sign_rows(700, seed=1)
+    for metric in ("euclidean", "sqeuclidean", "cosine"):
+        certified = knn(x, y, 37, metric, backend="cpp", strategy="certified")
+        direct = knn(x, y, 37, metric, backend="cpp", strategy="direct")
+        assert torch.equal(certified[0], direct[0]) and torch.equal(certified[1], direct[1]), metric
+
+
+def test_duplicate_heavy_rows_fall_back_and_match():
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(40, 32, generator=gen)
+    y = torch.cat([base[torch.arange(40).repeat(30)], torch.randn(200, 32, generator=gen)])  # 30 copies each
+    x = torch.cat([base[:10], torch.randn(10, 32, generator=gen)])
+    k = 5
+    _, _, counts = torch.ops.dpm_ops.knn_certified(x, y, k, "sqeuclidean")
+    check_same_knn(x, y, k, "sqeuclidean", min_covered=0.0)
+    # Copies of a row tie at its distance: 30 candidates each, certified (cap 256).
+    assert bool((counts[:10] >= 30).all())
+    # Far more copies than the cap: those rows fall back to the direct path, with the same result.
+    others = 5 + torch.randn(100, 32, generator=gen)  # a cluster far from the copies
+    many = torch.cat([base[:1].repeat(600, 1), others])
+    x = torch.cat([base[:1], others[:2] + 0.1])
+    _, _, counts = torch.ops.dpm_ops.knn_certified(x, many, k, "sqeuclidean")
+    assert counts[0] == -1 and bool((counts[1:] > 0).all())
+    check_same_knn(x, many, k, "sqeuclidean", min_covered=0.0)
+
+
+@pytest.mark.parametrize("rows, cols, k", [(1, 1, 1), (4, 5, 5), (0, 3, 2), (7, 3, 3), (3, 130, 130)])
+def test_tiny_and_k_at_least_n(rows, cols, k):
+    x, y = gaussian(rows, 8, 4), gaussian(cols, 8, 5)
+    certified = knn(x, y, k, "euclidean", backend="cpp", strategy="certified")
+    assert certified[0].shape == (rows, k) and certified[1].shape == (rows, k)
+    if rows:
+        check_same_knn(x, y, k, "euclidean", certified, min_covered=0.0)
+
+
+def test_float64_and_non_contiguous_inputs():
+    base = gaussian(300, 96, 6, torch.float64)
+    x, y = base[:60, ::2], base.T.contiguous().T[60:, 1::2]  # strided views
+    assert not x.is_contiguous() and not y.is_contiguous()
+    d, i = knn(x, y, 9, "euclidean", backend="cpp", strategy="certified")
+    assert d.dtype == torch.float64
+    check_same_knn(x, y, 9, "euclidean", (d, i))
+    x32 = gaussian(200, 64, 7)[:, ::2]
+    check_same_knn(x32, gaussian(900, 32, 8).T.contiguous().T, 6, "cosine")
+
+
+def test_distances_are_differentiable():
+    x, y = gaussian(20, 16, 9).requires_grad_(), gaussian(200, 16, 10).requires_grad_()
+    d, _ = knn(x, y, 4, "euclidean", backend="cpp", strategy="certified")
+    d.sum().backward()
+    x2, y2 = x.detach().clone().requires_grad_(), y.detach().clone().requires_grad_()
+    knn(x2, y2, 4, "euclidean", backend="cpp", strategy="direct")[0].sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(y.grad, y2.grad)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_self_knn_matches_direct(normalize):
+    query, gallery = reid_like(300, 2000, seed=2)
+    x = torch.cat([query, gallery])
+    n, q, k = len(x), len(query), 25
+    cert = torch.ops.dpm_ops.self_knn_certified(x, k, "sqeuclidean", normalize, q)
+    direct = self_knn(x, k, "sqeuclidean", normalize, q, backend="cpp", strategy="direct")
+    assert bool((cert[4] >= k).all())
+    tau = row_tolerance(x, x, "sqeuclidean", torch.float32)
+    torch.testing.assert_close(cert[2], direct[2], atol=float(tau.max()), rtol=0)       # row maxima
+    torch.testing.assert_close(cert[3], direct[3], atol=float(tau.max()), rtol=0)       # the cross block
+    assert bool(((cert[0] - direct[0]).abs() <= tau[:, None]).all())
+    key = direct[0] / direct[2][:, None] if normalize else direct[0]
+    unambiguous = (key.diff(dim=1) > 4 * tau[:, None] / direct[2][:, None]).all(dim=1) if normalize else \
+        (key.diff(dim=1) > 2 * tau[:, None]).all(dim=1)
+    assert torch.equal(cert[1][unambiguous], direct[1][unambiguous])
+    print(f"self_knn certified == direct: indices equal in all {int(unambiguous.sum())} unambiguous rows of {n}")
+    assert int(unambiguous.sum()) > 0.5 * n, f"{int(unambiguous.sum())} of {n} rows unambiguous"
+
+
+def test_self_knn_exact_input_is_bitwise_identical():
+    x = sign_rows(1300, seed=11)  # two tiles, split at cross_rows
+    for normalize in (False, True):
+        cert = self_knn(x, 30, "euclidean", normalize, 500, backend="cpp", strategy="certified")
+        direct = self_knn(x, 30, "euclidean", normalize, 500, backend="cpp", strategy="direct")
+        for a, b in zip(cert, direct):
+            assert torch.equal(a, b)
+
+
+def _adversarial_rows():
+    gen = torch.Generator().manual_seed(12)
+    offset = torch.randn(1, 48, generator=gen) * 1e3
+    return {
+        "large norms": (torch.randn(30, 48, generator=gen) * 1e15, torch.randn(200, 48, generator=gen) * 1e15),
+        # x ~ y with a large common part: the squared distance cancels almost all of |x|^2 + |y|^2
+        "cancellation": (offset + torch.randn(30, 48, generator=gen) * 1e-2,
+                         offset + torch.randn(200, 48, generator=gen) * 1e-2),
+        "mixed magnitudes": (torch.randn(30, 48, generator=gen) * torch.logspace(-20, 10, 48),
+                             torch.randn(200, 48, generator=gen) * torch.logspace(-20, 10, 48)),
+        "tiny": (torch.randn(30, 48, generator=gen) * 1e-30, torch.randn(200, 48, generator=gen) * 1e-30),
+    }
+
+
+@pytest.mark.parametrize("case", list(_adversarial_rows()))
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
+def test_bound_contains_direct_and_float64_truth(case, metric):
+    x, y = _adversarial_rows()[case]
+    lower, upper = torch.ops.dpm_ops.knn_certified_bounds(x, y, metric)
+    assert bool((lower <= upper).all())
+    # The direct path's fp32 values, two summation orders (ATen's GEMM, the C++ kernel's tiles) ...
+    for direct in (torch.ops.dpm_ops.knn(x, y, len(y), metric),):
+        values = torch.empty_like(lower).scatter_(1, direct[1], direct[0])
+        assert bool(((lower <= values) & (values <= upper)).all())
+    reference = pairwise_distance_reference(x, y, metric)
+    assert bool(((lower <= reference) & (reference <= upper)).all())
+    # ... and the float64 truth, rounded to the compute dtype the direct path would produce from
+    # an exact dot product: the same monotone formula, so it lies inside too.
+    if metric == "cosine":
+        xn = torch.nn.functional.normalize(x.double(), dim=1, eps=COSINE_EPS)  # the spec's v / max(|v|, eps)
+        yn = torch.nn.functional.normalize(y.double(), dim=1, eps=COSINE_EPS)
+        truth = 1 - xn @ yn.T
+    else:
+        sq_x, sq_y = x.pow(2).sum(1), y.pow(2).sum(1)       # the direct path's own fp32 norms
+        truth = ((sq_x[:, None] + sq_y[None, :]).double() - 2 * (x.double() @ y.double().T)).clamp_min(0)
+        truth = truth.sqrt() if metric == "euclidean" else truth
+    slack = 4 * U32 * truth.abs() + 1e-300
+    assert bool(((lower.double() <= truth + slack) & (truth - slack <= upper.double())).all())
+    # The certified search on these inputs: the direct path's result.
+    check_same_knn(x, y, 7, metric, min_covered=0.0)
+
+
+def test_strategy_argument():
+    x = gaussian(5, 4, 13)
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        knn(x, x, 1, strategy="fast")
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        self_knn(x, 1, strategy=None)
+    with pytest.raises(ValueError, match="strategy='certified' runs on the C.. CPU kernels"):
+        knn(x, x, 1, backend="reference", strategy="certified")
+    with pytest.raises(ValueError, match="strategy='certified' runs on the C.. CPU kernels"):
+        self_knn(x, 1, backend="reference", strategy="certified")
+
+
+def test_rerank_features_certified_matches_direct():
+    from dpm_ops.evaluation import rerank_features
+    query, gallery = reid_like(150, 1200, seed=4)
+    certified = rerank_features(query, gallery, strategy="certified")
+    direct = rerank_features(query, gallery, strategy="direct")
+    torch.testing.assert_close(certified, direct, rtol=0, atol=1e-5)  # rerank_features' own float tolerance
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        rerank_features(query, gallery, strategy="approximate")
