@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import _backend
+from ._checks import check_finite_rows
 from ._registration import register_forward_backward
 from .hierarchical_mask_pool_reference import hierarchical_mask_pool_reference
 
@@ -126,6 +127,9 @@ def hierarchical_mask_pool(features: Sequence[torch.Tensor], mask: Optional[torc
     features = list(features)
     if mask is not None:
         mask = mask.detach().to(features[0].dtype)
+    # Per (sample, channel) plane: finite, and within what the masked sums can take without overflow.
+    planes = {f"features[{i}]": f.flatten(2) for i, f in enumerate(features)}
+    check_finite_rows("hierarchical_mask_pool", **planes, **({} if mask is None else {"mask": mask.flatten(2)}))
     name = _backend.resolve(backend, features[0].device)
     if name == "reference":
         return hierarchical_mask_pool_reference(features, mask, mode)

@@ -8,20 +8,17 @@ S = X Xᵀ, mines each anchor row, sums the loss and writes the closed-form ``co
 G = dL/dS, so the backward is a single GEMM: ``dL/dX = grad · coef X``. The maths is the
 reference's (maskreid_ranking_loss_reference.py, differentiated by torch itself)."""
 
-import math
-
 import torch
 
 from .. import _backend
+from ._checks import check_finite_rows, check_number, check_tensors
 from ._registration import register_forward_backward
 from .maskreid_ranking_loss_reference import check_modes, maskreid_ranking_loss_reference
 
 
 def check_ranking_args(embeddings, labels, alpha, lam, neg_mode, pos_mode) -> None:
     """ValueError naming the argument for anything the kernels cannot take."""
-    for name, t in (("embeddings", embeddings), ("labels", labels)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"maskreid_ranking_loss: {name} must be a torch.Tensor, got {type(t).__name__}")
+    check_tensors("maskreid_ranking_loss", embeddings=embeddings, labels=labels)
     if embeddings.dim() != 2:
         raise ValueError(f"maskreid_ranking_loss: embeddings must be 2-D (B, D), got shape {tuple(embeddings.shape)}")
     if not embeddings.is_floating_point():
@@ -35,9 +32,9 @@ def check_ranking_args(embeddings, labels, alpha, lam, neg_mode, pos_mode) -> No
         raise ValueError(f"maskreid_ranking_loss: embeddings and labels must be on one device, got "
                          f"{embeddings.device}, {labels.device}")
     for name, value in (("alpha", alpha), ("lam", lam)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"maskreid_ranking_loss: {name} must be a finite number, got {value!r}")
+        check_number("maskreid_ranking_loss", name, value)
     check_modes(neg_mode, pos_mode)
+    check_finite_rows("maskreid_ranking_loss", embeddings=embeddings)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
