@@ -16,12 +16,17 @@ def check_tensors(op: str, **values) -> None:
 
 def check_finite(op: str, **tensors) -> None:
     """ValueError naming every tensor with a NaN or inf: one device sync for all of them; skipped
-    while compiling (a data-dependent branch)."""
+    while compiling (a data-dependent branch). Each tensor is summed (one vectorised reduction, no
+    temporary of its size; NaN and inf reach the sum); only a tensor whose sum is not finite, which
+    huge finite values can also cause, is scanned exactly."""
     if torch.compiler.is_compiling():
         return
-    finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()])
-    if not bool(finite.all()):
-        bad = [name for name, ok in zip(tensors, finite.tolist()) if not ok]
+    sums = torch.stack([t.sum(dtype=compute_dtype(t.dtype)).double() for t in tensors.values()])
+    finite_sums = torch.isfinite(sums).tolist()
+    if all(finite_sums):
+        return
+    bad = [name for (name, t), ok in zip(tensors.items(), finite_sums) if not ok and not bool(torch.isfinite(t).all())]
+    if bad:
         raise ValueError(f"{op}: {', '.join(bad)} contains non-finite values (NaN or inf)")
 
 
@@ -35,6 +40,18 @@ def row_norm_limit(dtype: torch.dtype) -> float:
     norms, Gram entries and squared distances (|x|^2 + |y|^2 + 2|x.y| <= 4 max |x|^2) stay finite.
     Beyond it finite input would overflow into inf, or into 0 after a normalisation."""
     return math.sqrt(torch.finfo(compute_dtype(dtype)).max) / 2
+
+
+def too_large_message(op: str, name: str, dtype: torch.dtype, limit: str) -> str:
+    return f"{op}: {name} is too large in magnitude: {limit} in {str(dtype).removeprefix('torch.')} arithmetic"
+
+
+def check_no_overflow(op: str, name: str, result: torch.Tensor) -> None:
+    """ValueError when `result`, computed from input already checked finite, is not finite: the
+    input was too large for the arithmetic. A check after the fact, for ops whose output is small
+    next to their input (one sync, no pass over the input)."""
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(result).all()):
+        raise ValueError(too_large_message(op, name, compute_dtype(result.dtype), "its sums overflow"))
 
 
 def check_finite_rows(op: str, arithmetic: torch.dtype | None = None, **tensors) -> None:
@@ -62,8 +79,7 @@ def check_finite_rows(op: str, arithmetic: torch.dtype | None = None, **tensors)
     check_finite(op, **failed)
     name = next(iter(failed))
     dtype = arithmetic_of[name]
-    raise ValueError(f"{op}: {name} is too large in magnitude: row norms must stay below {row_norm_limit(dtype):.3g} "
-                     f"in {str(dtype).removeprefix('torch.')} arithmetic")
+    raise ValueError(too_large_message(op, name, dtype, f"row norms must stay below {row_norm_limit(dtype):.3g}"))
 
 
 def check_number(op: str, name: str, value, positive: bool = False) -> float:

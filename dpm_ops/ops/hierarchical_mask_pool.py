@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import _backend
-from ._checks import check_finite_rows
+from ._checks import check_finite, check_finite_rows, check_no_overflow
 from ._registration import register_forward_backward
 from .hierarchical_mask_pool_reference import hierarchical_mask_pool_reference
 
@@ -127,12 +127,18 @@ def hierarchical_mask_pool(features: Sequence[torch.Tensor], mask: Optional[torc
     features = list(features)
     if mask is not None:
         mask = mask.detach().to(features[0].dtype)
-    # Per (sample, channel) plane: finite, and within what the masked sums can take without overflow.
-    planes = {f"features[{i}]": f.flatten(2) for i, f in enumerate(features)}
-    check_finite_rows("hierarchical_mask_pool", **planes, **({} if mask is None else {"mask": mask.flatten(2)}))
+    # The input is checked finite (the mask, small, also in magnitude: it weighs the sums); the
+    # masked averages' overflow is found in the (B, sum C_l) output, not by a second pass over the maps.
+    check_finite("hierarchical_mask_pool", **{f"features[{i}]": f for i, f in enumerate(features)})
+    if mask is not None:
+        check_finite_rows("hierarchical_mask_pool", mask=mask.flatten(1))
     name = _backend.resolve(backend, features[0].device)
     if name == "reference":
-        return hierarchical_mask_pool_reference(features, mask, mode)
-    if name == "triton":
-        return torch.ops.dpm_ops.hierarchical_mask_pool_triton(features, mask, mode)
-    return torch.ops.dpm_ops.hierarchical_mask_pool(features, mask, mode)
+        out = hierarchical_mask_pool_reference(features, mask, mode)
+    elif name == "triton":
+        out = torch.ops.dpm_ops.hierarchical_mask_pool_triton(features, mask, mode)
+    else:
+        out = torch.ops.dpm_ops.hierarchical_mask_pool(features, mask, mode)
+    if mode == "avg":  # a max of finite values cannot overflow
+        check_no_overflow("hierarchical_mask_pool", "features", out)
+    return out
