@@ -153,8 +153,8 @@ def test_loss_module_runs_the_fused_op_by_default(reduction):
     (lambda a: (a[0], {}), "cls_logits must be 3-D"),
     (lambda a: (a.long(), {}), "cls_logits must be floating point"),
     (lambda a: (a[:, :0], {}), "cls_logits must have at least one head"),
-    (lambda a: (a, {"eps": 0.0}), "eps must be finite and > 0"),
-    (lambda a: (a, {"eps": float("inf")}), "eps must be finite and > 0"),
+    (lambda a: (a, {"eps": 0.0}), "eps must be a finite number > 0"),
+    (lambda a: (a, {"eps": float("inf")}), "eps must be a finite number > 0"),
     (lambda a: (a, {"reduction": "none"}), "reduction must be 'sum'"),
     (lambda a: (a.tolist(), {}), "cls_logits must be a torch.Tensor"),
 ])

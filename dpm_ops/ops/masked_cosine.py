@@ -140,5 +140,8 @@ def masked_arccos_distance(q: torch.Tensor, q_mask: torch.Tensor, g: torch.Tenso
 
     Only the query's mask is used, applied to the gallery features (asymmetric by design).
     """
+    # Values checked under this function's own names (masked_cosine's shape checks name x / mask / protos).
+    check_tensors("masked_arccos_distance", q=q, q_mask=q_mask, g=g)
+    check_finite_rows("masked_arccos_distance", q=q, q_mask=q_mask, g=g)
     cos = masked_cosine(q, q_mask, g, backend=backend)
     return torch.arccos(torch.clamp(cos, -1 + ARCCOS_CLIP, 1 - ARCCOS_CLIP))
