@@ -252,7 +252,7 @@ def test_kreciprocal_pair_sqdist_index_range(what):
         row_ptr[-1] += 100
     elif what == "row_ptr_order":
         row_ptr = row_ptr.clone()
-        row_ptr[2], row_ptr[3] = row_ptr[3] + 1, row_ptr[2]
+        row_ptr[2] = row_ptr[3] + 1  # [0, 2, 7, 6, ...]: decreasing
     else:
         cand_values = cand_values[:3]
     with pytest.raises(ValueError, match=message):
