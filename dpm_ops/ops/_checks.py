@@ -14,6 +14,12 @@ def check_tensors(op: str, **values) -> None:
             raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
 
 
+def check_batch(op: str, name: str, t: torch.Tensor) -> None:
+    """A loss is a mean over the batch: an empty one has no value (torch's mean of nothing is NaN)."""
+    if t.shape[0] == 0:
+        raise ValueError(f"{op}: {name} must hold at least one sample (B >= 1), got shape {tuple(t.shape)}")
+
+
 def check_finite(op: str, **tensors) -> None:
     """ValueError naming every tensor with a NaN or inf: one device sync for all of them; skipped
     while compiling (a data-dependent branch). Each tensor is summed (one vectorised reduction, no
@@ -54,13 +60,15 @@ def check_no_overflow(op: str, name: str, result: torch.Tensor) -> None:
         raise ValueError(too_large_message(op, name, compute_dtype(result.dtype), "its sums overflow"))
 
 
-def check_finite_rows(op: str, arithmetic: torch.dtype | None = None, **tensors) -> None:
+def check_finite_rows(op: str, arithmetic: torch.dtype | None = None, max_norm: float | None = None,
+                      **tensors) -> None:
     """check_finite, and also a ValueError for a tensor whose rows (last dimension) are too large in
     norm for its compute type (row_norm_limit): the condition under which the GEMM-based kernels
     give the exact answer. One reduction per tensor (no temporary of the tensor's size) and one
     device sync for all; the exact finiteness scan runs only when a tensor fails. Skipped while
     compiling. `arithmetic`: the dtype the caller computes in when it is not the tensors' compute
-    dtype (float32 for the re-ranking pipeline, as the reference). The C++ CPU masked cosine applies the same rule inside its first pass
+    dtype (float32 for the re-ranking pipeline, as the reference); `max_norm`: a tighter limit the
+    op's own arithmetic needs (the ranking loss exponentiates similarities). The C++ CPU masked cosine applies the same rule inside its first pass
     (csrc/masked_cosine/masked_cosine_cpu_kernels.h), with the same messages."""
     if torch.compiler.is_compiling():
         return
@@ -70,16 +78,15 @@ def check_finite_rows(op: str, arithmetic: torch.dtype | None = None, **tensors)
     largest = torch.stack([torch.linalg.vector_norm(t, dim=-1, dtype=compute_dtype(t.dtype)).amax().double()
                            for t in tensors.values()])
     arithmetic_of = {name: arithmetic or compute_dtype(t.dtype) for name, t in tensors.items()}
-    limits = torch.tensor([row_norm_limit(arithmetic_of[name]) for name in tensors], dtype=torch.float64,
-                          device=largest.device)
+    limit_of = {name: min(row_norm_limit(dtype), max_norm or math.inf) for name, dtype in arithmetic_of.items()}
+    limits = torch.tensor(list(limit_of.values()), dtype=torch.float64, device=largest.device)
     ok = largest <= limits  # False for NaN
     if bool(ok.all()):
         return
     failed = {name: t for (name, t), good in zip(tensors.items(), ok.tolist()) if not good}
     check_finite(op, **failed)
     name = next(iter(failed))
-    dtype = arithmetic_of[name]
-    raise ValueError(too_large_message(op, name, dtype, f"row norms must stay below {row_norm_limit(dtype):.3g}"))
+    raise ValueError(too_large_message(op, name, arithmetic_of[name], f"row norms must stay below {limit_of[name]:.3g}"))
 
 
 def check_number(op: str, name: str, value, positive: bool = False) -> float:

@@ -11,7 +11,7 @@ keeping anything) and writes the closed-form gradient. The maths is the referenc
 import torch
 
 from .. import _backend
-from ._checks import check_finite_rows, check_number
+from ._checks import check_batch, check_finite_rows, check_number
 from ._registration import register_forward_backward
 from .hem_loss_reference import REDUCTIONS, hem_loss_reference
 
@@ -30,6 +30,8 @@ def check_hem_args(cls_logits, eps, reduction) -> None:
     check_number("hem_loss", "eps", eps, positive=True)
     if reduction not in REDUCTIONS:
         raise ValueError(f"hem_loss: reduction must be 'sum' (official) or 'mean', got {reduction!r}")
+    if reduction == "mean":  # the sum over no samples is 0; their mean has no value
+        check_batch("hem_loss", "cls_logits", cls_logits)
     check_finite_rows("hem_loss", cls_logits=cls_logits)  # each (sample, head) row is normalised
 
 

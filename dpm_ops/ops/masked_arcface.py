@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from ._checks import check_finite_rows, check_number
+from ._checks import check_batch, check_finite_rows, check_number
 from .masked_cosine import check_masked_cosine_args
 
 
@@ -37,6 +37,7 @@ def check_masked_arcface_args(features, mask, weight, labels, scale, margin, cla
     if labels.device != features.device:
         raise ValueError(f"masked_arcface_cross_entropy: labels must be on the features' device {features.device}, "
                          f"got {labels.device}")
+    check_batch("masked_arcface_cross_entropy", "features", features)
     if weight.shape[0] == 0:
         raise ValueError("masked_arcface_cross_entropy: weight must have at least one class (K >= 1)")
     for name, value in (("scale", scale), ("margin", margin), ("plain_weight", plain_weight),
