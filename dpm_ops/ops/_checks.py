@@ -52,12 +52,15 @@ def too_large_message(op: str, name: str, dtype: torch.dtype, limit: str) -> str
     return f"{op}: {name} is too large in magnitude: {limit} in {str(dtype).removeprefix('torch.')} arithmetic"
 
 
-def check_no_overflow(op: str, name: str, result: torch.Tensor) -> None:
-    """ValueError when `result`, computed from input already checked finite, is not finite: the
-    input was too large for the arithmetic. A check after the fact, for ops whose output is small
-    next to their input (one sync, no pass over the input)."""
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(result).all()):
-        raise ValueError(too_large_message(op, name, compute_dtype(result.dtype), "its sums overflow"))
+def check_result_finite(op: str, result: torch.Tensor, **inputs) -> None:
+    """check_finite of `inputs` done through the result, for ops whose every output is a sum over
+    its inputs (NaN and inf reach it) and whose output is small next to them: one sync on the
+    output, no pass over the input. A non-finite result names the non-finite input, or, when all
+    are finite, the sums overflowed: the input is too large in magnitude."""
+    if torch.compiler.is_compiling() or bool(torch.isfinite(result).all()):
+        return
+    check_finite(op, **inputs)
+    raise ValueError(too_large_message(op, ", ".join(inputs), compute_dtype(result.dtype), "its sums overflow"))
 
 
 def check_finite_rows(op: str, arithmetic: torch.dtype | None = None, max_norm: float | None = None,
