@@ -25,8 +25,8 @@ from dpm_ops.ops.maskreid_ranking_loss_reference import NEG_MODES, POS_MODES, ma
 from tests._strategies import (FULL_DTYPES, assert_close, backends, dtypes, is_tame, labels, outcome, sizes,
                                tensors)
 
-FEW = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-MANY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FEW = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+MANY = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 KERNELS = ("reference", "cpp", "triton")
 
 
