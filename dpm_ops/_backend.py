@@ -3,8 +3,11 @@
 Default: CUDA tensors go to the CUDA kernel (or Triton when the extension has no CUDA), CPU tensors
 to the C++ kernel (or the reference when the extension is missing). `backend=` on an op, or the
 environment variable DPM_OPS_BACKEND, forces one; a forced backend that cannot run raises.
+``with forced_backend(name):`` forces one for every op called inside (e.g. the plain-torch
+reference while a model is exported to ONNX, where the fused ops have no ONNX translation).
 """
 
+import contextlib
 import importlib.util
 import os
 
@@ -57,9 +60,26 @@ def backends() -> dict:
     return dict(_AVAILABILITY)
 
 
+# Set by forced_backend(): plain module state, read by resolve() like the environment variable.
+_FORCED = None
+
+
+@contextlib.contextmanager
+def forced_backend(backend: str):
+    """Within the block, ops called without ``backend=`` run ``backend`` (it overrides DPM_OPS_BACKEND)."""
+    global _FORCED
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    previous, _FORCED = _FORCED, backend
+    try:
+        yield
+    finally:
+        _FORCED = previous
+
+
 def resolve(backend, device: torch.device) -> str:
     """The backend to run for tensors on `device`."""
-    backend = backend or os.environ.get(ENV_VAR) or None
+    backend = backend or _FORCED or os.environ.get(ENV_VAR) or None
     if backend is None:
         available = _AVAILABILITY
         if device.type == "cuda":

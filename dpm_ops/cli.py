@@ -2,13 +2,15 @@
 
     dpm-reid train --config synthetic_dpm [--output DIR] [--resume] [key=value ...]
     dpm-reid eval  --config synthetic_dpm --weights runs/synthetic_dpm/checkpoints/final.pt
+    dpm-reid export --config synthetic_dpm --weights CKPT --out model.onnx [--batch N] [--opset N]
+    dpm-reid extract --config synthetic_dpm --weights CKPT --images DIR --out features.npz [--camera N]
     dpm-reid synth --out DIR [--ids N ...]
     dpm-reid configs
 
 ``--config`` takes a YAML file or a built-in name (``dpm-reid configs`` lists them). Multi-GPU:
 ``torchrun --nproc_per_node N -m dpm_ops train --config ...``. Bad input (a missing dataset folder,
-a wrong layout, an unreadable image, another model's checkpoint, an unknown config key) ends with
-one ``dpm-reid: error: ...`` line and exit code 2.
+a wrong layout, an unreadable image, another model's checkpoint, an unknown config key, an --out
+that cannot be written) ends with one ``dpm-reid: error: ...`` line and exit code 2.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ EXIT_USAGE = 2
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpm-reid", description="Occluded / mask-based person re-ID: "
                                      "train and evaluate DPM, its ViT baseline and MaskReID.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,synth,configs}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,export,extract,synth,configs}")
 
     train = sub.add_parser("train", help="train (or resume), then evaluate and print the metrics table")
     train.add_argument("--config", required=True, help="YAML file or built-in config name")
@@ -39,6 +41,25 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--output", help="folder for metrics.json and pictures (default: next to the weights)")
     ev.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.rerank=true")
 
+    ex = sub.add_parser("export", help="export a checkpoint's test-time model to ONNX, checked by onnxruntime")
+    ex.add_argument("--config", required=True, help="YAML file or built-in config name (the one it was trained with)")
+    ex.add_argument("--weights", required=True, help="a checkpoint written by `dpm-reid train`")
+    ex.add_argument("--out", required=True, help="the .onnx file to write")
+    ex.add_argument("--batch", type=int, default=2, help="example batch the graph is traced with (>= 2; the batch "
+                    "axis stays dynamic; the check runs at N and N+1)")
+    ex.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
+    ex.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
+    ex.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+    fx = sub.add_parser("extract", help="features (and DPM masks) of every image under a folder, to an .npz")
+    fx.add_argument("--config", required=True, help="YAML file or built-in config name (the one it was trained with)")
+    fx.add_argument("--weights", required=True, help="a checkpoint written by `dpm-reid train`")
+    fx.add_argument("--images", required=True, help="folder of images (searched recursively)")
+    fx.add_argument("--out", required=True, help="the .npz file to write")
+    fx.add_argument("--camera", type=int, default=None, help="0-based camera id of every image (models with a "
+                    "camera embedding; default: from Market-style names <pid>_c<camera>...)")
+    fx.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.batch_size=64")
+
     sub.add_parser("synth", help="generate the synthetic occluded re-ID dataset (see `dpm-reid synth -h`)",
                    add_help=False)
     sub.add_parser("configs", help="list the built-in configs")
@@ -51,9 +72,10 @@ def _default_output(config_arg: str) -> Path:
 
 def _train(args) -> int:
     from dpm_ops.engine import load_config, train
+    from dpm_ops.engine.checkpoint import make_output_folder
 
     config = load_config(args.config, args.overrides)
-    output = Path(args.output) if args.output else _default_output(args.config)
+    output = make_output_folder(args.output or _default_output(args.config), "--output")
     result = train(config, output, resume=args.resume)
     if result["finished"] and result["metrics"] is not None:
         print(f"run folder: {output}")
@@ -65,26 +87,73 @@ def _eval(args) -> int:
 
     from dpm_ops.engine import load_checkpoint, load_config
     from dpm_ops.engine import distributed
-    from dpm_ops.engine.trainer import (build_model_from_args, eval_model_arguments, evaluate_with_config,
-                                        load_splits, prepare_synthetic, resolve_device)
+    from dpm_ops.engine.checkpoint import make_output_folder
+    from dpm_ops.engine.trainer import (check_model_fits_data, evaluate_with_config, load_splits,
+                                        model_from_checkpoint, prepare_synthetic, resolve_device)
 
     config = load_config(args.config, args.overrides)
     state = load_checkpoint(args.weights, model_name=config["model"]["name"])
+    output = make_output_folder(args.output or Path(args.weights).resolve().parent.parent / "eval", "--output")
     device = resolve_device(config["train"]["device"])
     info = distributed.init_distributed(device)
     if device.type == "cuda" and info.enabled:
         device = torch.device("cuda", info.local_rank)
     prepare_synthetic(config, progress=config["train"]["progress"] and info.is_main)
     splits = load_splits(config)
-    model = build_model_from_args(state["model_name"],
-                                  eval_model_arguments(state["model_name"], state["model_args"], config))
-    model.load_state_dict(state["model"])
-    model.to(device).eval()
-    output = Path(args.output) if args.output else Path(args.weights).resolve().parent.parent / "eval"
+    check_model_fits_data(state["model_args"], config, splits, f"checkpoint {args.weights}")
+    model = model_from_checkpoint(state, config, args.weights).to(device)
     evaluate_with_config(model, splits, config, device=device, out_dir=output,
                          progress=config["train"]["progress"] and info.is_main)
     if info.is_main:
         print(f"metrics written to {output / 'metrics.json'}")
+    return 0
+
+
+def _checkpoint_model(args):
+    """(config, the checkpoint's model in eval mode on the CPU), as `dpm-reid eval` builds it."""
+    from dpm_ops.engine import load_checkpoint, load_config
+    from dpm_ops.engine.trainer import check_input_size, model_from_checkpoint
+
+    config = load_config(args.config, args.overrides)
+    state = load_checkpoint(args.weights, model_name=config["model"]["name"])
+    check_input_size(state["model_args"], config, f"checkpoint {args.weights}")
+    return config, model_from_checkpoint(state, config, args.weights)
+
+
+def _export(args) -> int:
+    from dpm_ops.export import DEFAULT_OPSET, ExportError, check_output_path, export_onnx
+
+    check_output_path(args.out, "--out", "a file name, e.g. model.onnx")
+    config, model = _checkpoint_model(args)  # exported on the CPU: the graph does not depend on the device
+    try:
+        result = export_onnx(model, args.out, image_size=tuple(config["input"]["size"]), batch=args.batch,
+                             opset=DEFAULT_OPSET if args.opset is None else args.opset, check=not args.no_check)
+    except ImportError as error:  # onnxscript, or onnxruntime for the check (--no-check skips it)
+        raise ExportError(str(error)) from error
+    print(f"wrote {result.path} (opset {result.opset}): inputs {', '.join(result.input_names)} -> outputs "
+          f"{', '.join(result.output_names)}, batch axis dynamic, images {result.image_size[0]}x{result.image_size[1]}")
+    if result.max_relative_error is not None:
+        errors = ", ".join(f"{name} {error:.1e}" for name, error in result.max_relative_error.items())
+        print(f"onnxruntime matches PyTorch at batch {' and '.join(map(str, result.checked_batches))}: "
+              f"max relative error {errors}")
+    return 0
+
+
+def _extract(args) -> int:
+    from dpm_ops.engine.trainer import resolve_amp, resolve_device
+    from dpm_ops.export import check_output_path, extract_folder, save_features_npz
+
+    out = check_output_path(args.out, "--out", "a file name, e.g. features.npz")
+    config, model = _checkpoint_model(args)
+    device = resolve_device(config["train"]["device"])
+    ev = config["eval"]
+    features = extract_folder(model.to(device), args.images, image_size=tuple(config["input"]["size"]),
+                              camid=args.camera, batch_size=ev["batch_size"], num_workers=ev["num_workers"],
+                              device=device, amp_dtype=resolve_amp(ev["amp"], device),
+                              progress=config["train"]["progress"])
+    save_features_npz(out, features, model)
+    masks = ", masks" if features.masks is not None else ""
+    print(f"wrote {out}: {len(features)} images, features {tuple(features.features.shape)}{masks}")
     return 0
 
 
@@ -116,14 +185,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from dpm_ops.data import DatasetError
     from dpm_ops.engine import CheckpointError, ConfigError
     from dpm_ops.engine import distributed
+    from dpm_ops.export import ExportError, OnnxCheckError
 
+    commands = {"train": _train, "eval": _eval, "export": _export, "extract": _extract}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
-            return _train(args) if args.command == "train" else _eval(args)
-    except (ConfigError, CheckpointError, DatasetError) as error:
+            return commands[args.command](args)
+    except (ConfigError, CheckpointError, DatasetError, ExportError) as error:
         print(f"dpm-reid: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
+    except OnnxCheckError as error:  # not the user's input: the exported graph computes something else
+        print(f"dpm-reid: error: {_one_line(error)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("dpm-reid: interrupted (resume with --resume)", file=sys.stderr)
         return 130

@@ -15,6 +15,15 @@ TINY_VIT = {"patch_size": 8, "stride": 8, "embed_dim": 32, "depth": 2, "num_head
             "drop_path_rate": 0.1}
 
 
+def synth_argv(out) -> list[str]:
+    """`dpm-reid synth` arguments that write the tiny set to ``out``."""
+    s = TINY_SYNTH
+    return ["synth", "--out", str(out), "--seed", str(s["seed"]), "--ids", str(s["ids"]), "--cameras",
+            str(s["cameras"]), "--width", str(s["width"]), "--height", str(s["height"]), "--train-images",
+            "{},{}".format(*s["train_images"]), "--gallery-per-camera", "{},{}".format(*s["gallery_per_camera"]),
+            "--quiet"]
+
+
 def tiny_config(root, model: str = "dpm", **sections) -> dict:
     """A config dict (as a YAML file would hold it) for ``model`` on the tiny set at ``root``."""
     options = dict(TINY_VIT)

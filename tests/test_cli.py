@@ -9,18 +9,13 @@ import sys
 import pytest
 
 from dpm_ops.cli import main
-from engine_utils import TINY_SYNTH, tiny_config, write_config
+from engine_utils import synth_argv, tiny_config, write_config
 
 
 @pytest.fixture(scope="module")
 def tiny_set(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "set"
-    s = TINY_SYNTH
-    argv = ["synth", "--out", str(out), "--seed", str(s["seed"]), "--ids", str(s["ids"]), "--cameras",
-            str(s["cameras"]), "--width", str(s["width"]), "--height", str(s["height"]), "--train-images",
-            "{},{}".format(*s["train_images"]), "--gallery-per-camera", "{},{}".format(*s["gallery_per_camera"]),
-            "--quiet"]
-    assert main(argv) == 0
+    assert main(synth_argv(out)) == 0
     return out
 
 
@@ -118,3 +113,133 @@ def test_eval_takes_eval_time_options_from_its_config():
     args = eval_model_arguments("dpm", saved, config)
     assert args == {"num_classes": 5, "num_cameras": 2, "options": {"embed_dim": 32, "neck_feat": "after"}}
     assert eval_model_arguments("vit_baseline", saved, config) == saved
+
+
+# Every bad value fails at load time, before the data is read or a step is trained.
+@pytest.mark.parametrize("override, needle", [
+    ("eval.distance=bogus", "config key eval.distance"),
+    ("eval.k1=0", "config key eval.k1"),
+    ("eval.lambda_value=2.0", "config key eval.lambda_value"),
+    ("eval.max_rank=5", "config key eval.max_rank"),
+    ("solver.base_lr=.nan", "config key solver.base_lr: expected a finite number"),
+    ("train.seed=-1", "config key train.seed"),
+    ("train.device=meta", "config key train.device"),
+    ("sampler.kind=maskreid", "config key sampler.kind"),
+    ("solver.amp=of", "config key solver.amp"),
+])
+def test_bad_values_fail_before_any_work(tmp_path, capsys, override, needle, monkeypatch):
+    import dpm_ops.engine.trainer as trainer
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the data was read before the config was checked")
+
+    monkeypatch.setattr(trainer, "load_splits", no_work)
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path / "no_set", "dpm"))
+    for command in (["train"], ["eval", "--weights", str(tmp_path / "final.pt")]):
+        code = main([*command, "--config", str(config), "--output", str(tmp_path / "run"), override])
+        assert_one_line_error(capsys, code, needle)
+
+
+def test_unusable_output_is_one_line(tmp_path, tiny_set, capsys):
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_set, "dpm"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    checkpoint = _fresh_checkpoint(tmp_path, config)
+    for output, needle in ((a_file, "exists and is not a folder"), (a_file / "run", "cannot create the folder")):
+        code = main(["train", "--config", str(config), "--output", str(output)])
+        assert_one_line_error(capsys, code, f"--output {output}: {needle}")
+        code = main(["eval", "--config", str(config), "--weights", str(checkpoint), "--output", str(output)])
+        assert_one_line_error(capsys, code, f"--output {output}: {needle}")
+
+
+def _fresh_checkpoint(tmp_path, config_path, edit=None, name="final.pt"):
+    """An untrained checkpoint of the config's model on its data (what `train` would write)."""
+    import torch
+
+    from dpm_ops.engine import load_config
+    from dpm_ops.engine.checkpoint import make_checkpoint
+    from dpm_ops.engine.trainer import build_model_from_args, load_splits, model_arguments
+
+    config = load_config(str(config_path))
+    args = model_arguments(config, load_splits(config))
+    state = make_checkpoint(config["model"]["name"], args, config, build_model_from_args(config["model"]["name"], args)
+                            .state_dict())
+    if edit is not None:
+        edit(state)
+    torch.save(state, tmp_path / name)
+    return tmp_path / name
+
+
+def _drop_first_tensor(state):
+    state["model"].pop(next(iter(state["model"])))
+
+
+def _reshape_a_tensor(state):
+    state["model"]["classifier.weight"] = state["model"]["classifier.weight"][:, :5]
+
+
+def _set_option(key, value):
+    return lambda state: state["model_args"]["options"].update({key: value})
+
+
+def _set_cameras(count):
+    return lambda state: state["model_args"].update(num_cameras=count)
+
+
+@pytest.mark.parametrize("edit, overrides, needles", [
+    (_drop_first_tensor, [], ["does not fit the DPM", "missing: backbone.cls_token"]),
+    (_reshape_a_tensor, [], ["shape differs: classifier.weight (10, 5) vs the model's (10, 32)"]),
+    (lambda state: state.pop("model_args"), [], ["no model_args"]),
+    (_set_option("depth", 3), [], ["missing: backbone.blocks.2."]),
+    (_set_cameras(2), [], ["has 2 camera embeddings (SIE", "camera ids up to 2 (3 cameras)"]),
+    (None, ["input.size=[128,64]"], ["takes 64x32 images but config key input.size is [128, 64]"]),
+])
+def test_eval_checkpoint_that_does_not_fit(tmp_path, tiny_set, capsys, edit, overrides, needles):
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_set, "dpm"))
+    checkpoint = _fresh_checkpoint(tmp_path, config, edit)
+    code = main(["eval", "--config", str(config), "--weights", str(checkpoint), "--output", str(tmp_path / "ev"),
+                 *overrides])
+    assert_one_line_error(capsys, code, str(checkpoint), *needles)
+
+
+def test_pretrained_that_cannot_be_used_is_one_line(tmp_path, tiny_set, capsys):
+    import torch
+
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_set, "dpm"))
+    text = tmp_path / "notes.pth"
+    text.write_text("not weights\n")
+    other = tmp_path / "other.pth"
+    torch.save({"encoder.weight": torch.zeros(2)}, other)
+    fresh = _fresh_checkpoint(tmp_path, config)
+    partial = tmp_path / "partial.pth"
+    torch.save({k: v for k, v in torch.load(fresh, weights_only=False)["model"].items() if "blocks.1." not in k},
+               partial)
+    out = ["--output", str(tmp_path / "run")]
+    for path, needle in ((text, "is not a PyTorch file"), (other, "no tensor fits DPM"),
+                         (partial, "leaves 12 backbone tensors of DPM at their init")):
+        code = main(["train", "--config", str(config), *out, f"model.pretrained={path}"])
+        assert_one_line_error(capsys, code, f"config key model.pretrained: {path}", needle)
+    code = main(["train", "--config", str(config), *out, f"model.pretrained={partial}",
+                 "model.pretrained_partial=true", "train.stop_after_iters=1"])
+    assert code == 0 and "layout native, 48 tensors loaded" in capsys.readouterr().out
+
+
+def test_stale_temporaries_are_removed_on_start_and_resume(tmp_path, tiny_set, capsys):
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_set, "dpm"))
+    run = tmp_path / "run"
+
+    def plant():
+        stale = [run / "checkpoints" / ".last.pt.k1ll3d.tmp", run / ".metrics.json.k1ll3d.tmp"]
+        for path in stale:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"half a file")
+        return stale
+
+    stale = plant()
+    args = ["train", "--config", str(config), "--output", str(run)]
+    assert main([*args, "train.checkpoint_every_iters=1", "train.stop_after_iters=1"]) == 0
+    assert not any(path.exists() for path in stale) and (run / "checkpoints" / "last.pt").is_file()
+    stale = plant()
+    assert main([*args, "--resume", "train.checkpoint_every_iters=1", "train.stop_after_iters=2"]) == 0
+    assert not any(path.exists() for path in stale)
+    assert "a temporary left by an interrupted write" in (run / "train.log").read_text()

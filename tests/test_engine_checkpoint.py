@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from dpm_ops.engine.checkpoint import (CheckpointError, atomic_write, capture_rng_state, load_checkpoint,
-                                       make_checkpoint, restore_rng_state, save_checkpoint)
+                                       load_model_state, make_checkpoint, make_output_folder, remove_stale_temporaries,
+                                       restore_rng_state, save_checkpoint)
 
 
 def state(model_name="dpm", value=1.0):
@@ -84,3 +85,87 @@ def test_rng_state_round_trip():
     expected = (random.random(), np.random.rand(), torch.rand(1))
     restore_rng_state(saved)
     assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+
+
+def test_text_file_is_an_unreadable_checkpoint(tmp_path):
+    """torch.load raises KeyError on a text file: still one CheckpointError naming the file."""
+    (tmp_path / "notes.pt").write_text("hello\n")
+    with pytest.raises(CheckpointError, match=r"unreadable checkpoint: .*notes\.pt is not a PyTorch file"):
+        load_checkpoint(tmp_path / "notes.pt")
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda s: s.pop("model_args"), "no model_args"),
+    (lambda s: s["model_args"].pop("num_cameras"), "model_args must hold int num_classes, int num_cameras"),
+    (lambda s: s["model_args"].update(options=None), "model_args must hold"),
+    (lambda s: s.update(model={"w": [1.0]}), "no model state dict"),
+])
+def test_checkpoint_structure_is_checked_on_load(tmp_path, edit, needle):
+    broken = state()
+    edit(broken)
+    path = tmp_path / "broken.pt"
+    torch.save(broken, path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert needle in str(info.value) and "broken.pt" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_tensors_that_do_not_fit_the_model_are_named(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    good = model.state_dict()
+    load_model_state(model, dict(good), "ok.pt")
+    cases = {
+        "missing: 0.bias": {k: v for k, v in good.items() if k != "0.bias"},
+        "unexpected: 2.weight": {**good, "2.weight": torch.zeros(1)},
+        "shape differs: 1.weight (2, 4) vs the model's (2, 3)": {**good, "1.weight": torch.zeros(2, 4)},
+    }
+    for needle, tensors in cases.items():
+        with pytest.raises(CheckpointError) as info:
+            load_model_state(model, tensors, "runs/x/final.pt")
+        assert needle in str(info.value) and "runs/x/final.pt" in str(info.value), str(info.value)
+    many = {k: v for k, v in good.items() if not k.startswith("0.")} | {f"x{i}": torch.zeros(1) for i in range(5)}
+    with pytest.raises(CheckpointError, match=r"unexpected: x0, x1, x2 and 2 more"):
+        load_model_state(model, many, "f.pt")
+
+
+def test_stale_temporaries_are_removed(tmp_path):
+    save_checkpoint(tmp_path / "last.pt", state())
+    stale = [tmp_path / ".last.pt.0123abcd.tmp", tmp_path / ".metrics.json.99.tmp"]
+    for path in stale:
+        path.write_bytes(b"half")
+    for name in ("notes.tmp", ".cache.tmp"):  # not shaped like an atomic_write temporary: kept
+        (tmp_path / name).write_text("not ours")
+    assert sorted(remove_stale_temporaries(tmp_path)) == sorted(stale)
+    assert sorted(os.listdir(tmp_path)) == [".cache.tmp", "last.pt", "notes.tmp"]
+    assert remove_stale_temporaries(tmp_path / "absent") == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_one_permission_policy_for_every_file_written(tmp_path, umask):
+    """Checkpoints and metrics.json are created like any other file: the umask decides."""
+    from dpm_ops.engine.evaluator import write_json_atomic
+
+    old = os.umask(umask)
+    try:
+        save_checkpoint(tmp_path / "last.pt", state())
+        write_json_atomic(str(tmp_path / "metrics.json"), {"rank1": 1.0})
+        (tmp_path / "train.log").write_text("log")
+    finally:
+        os.umask(old)
+    modes = {name: os.stat(tmp_path / name).st_mode & 0o777 for name in ("last.pt", "metrics.json", "train.log")}
+    assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def test_output_folder_is_checked_before_work(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(CheckpointError, match=r"--output .*a_file: exists and is not a folder"):
+        make_output_folder(tmp_path / "a_file", "--output")
+    with pytest.raises(CheckpointError, match=r"--output .*a_file/run: cannot create the folder"):
+        make_output_folder(tmp_path / "a_file" / "run", "--output")
+    assert make_output_folder(tmp_path / "new" / "run", "--output").is_dir()
+
+
+def test_read_only_output_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # root may write anywhere: pretend
+    with pytest.raises(CheckpointError, match=r"output_dir .*: the folder is not writable"):
+        make_output_folder(tmp_path, "output_dir")

@@ -144,3 +144,91 @@ def test_cross_field_rules():
         load_config(None, ["pretrain.epochs=3"])
     config = apply_overrides(defaults(), ["train.stop_after_iters=5"])
     assert config["train"]["stop_after_iters"] == 5
+
+
+# Ranges, not just types: every bad value fails at load time, before any training, one line naming
+# the key and what was expected.
+@pytest.mark.parametrize("override, needle", [
+    ("eval.distance=bogus", "eval.distance: 'bogus' is not one of auto, euclidean, cosine, masked_arccos"),
+    ("eval.k1=0", "eval.k1: expected a value >= 1"),
+    ("eval.k2=-1", "eval.k2: expected a value >= 1"),
+    ("eval.lambda_value=2.0", "eval.lambda_value: expected a value in [0, 1]"),
+    ("eval.max_rank=5", "eval.max_rank: expected a value >= 10"),
+    ("eval.batch_size=0", "eval.batch_size: expected a value >= 1"),
+    ("eval.num_workers=-1", "eval.num_workers: expected a value >= 0"),
+    ("solver.base_lr=-1", "solver.base_lr: expected a value > 0, got -1.0"),
+    ("solver.base_lr=0", "solver.base_lr: expected a value > 0"),
+    ("solver.base_lr=.nan", "solver.base_lr: expected a finite number, got nan"),
+    ("solver.base_lr=nan", "solver.base_lr: expected a finite number, got nan"),
+    ("solver.base_lr=.inf", "solver.base_lr: expected a finite number, got inf"),
+    ("solver.momentum=1.0", "solver.momentum: expected a value in [0, 1)"),
+    ("solver.warmup_factor=0", "solver.warmup_factor: expected a value in (0, 1]"),
+    ("solver.mask_lr=-0.1", "solver.mask_lr: expected a value > 0"),
+    ("solver.epochs=0", "solver.epochs: expected a value >= 1"),
+    ("pretrain.base_lr=-1", "pretrain.base_lr: expected a value > 0"),
+    ("loss.hem_weight=.nan", "loss.hem_weight: expected a finite number"),
+    ("loss.triplet_weight=-1", "loss.triplet_weight: expected a value >= 0"),
+    ("input.padding=-5", "input.padding: expected a value >= 0, got -5"),
+    ("input.flip=2.0", "input.flip: expected a value in [0, 1], got 2.0"),
+    ("input.erasing=-1.0", "input.erasing: expected a value in [0, 1], got -1.0"),
+    ("train.seed=-1", "train.seed: expected a value in [0, 9223372036854775807], got -1"),
+    ("train.seed=18446744073709551616", "train.seed: expected a value in [0, 9223372036854775807]"),
+    ("train.device=bogus", "train.device: expected auto, cpu, cuda or cuda:N, got 'bogus'"),
+    ("train.device=meta", "train.device: expected auto, cpu, cuda or cuda:N, got 'meta'"),
+    ("train.device=cuda:x", "train.device: expected auto, cpu, cuda or cuda:N"),
+    ("train.device=3", "train.device: expected auto, cpu, cuda or cuda:N, got 3"),
+    ("train.log_period=0", "train.log_period: expected a value >= 1"),
+    ("train.stop_after_iters=0", "train.stop_after_iters: expected a value >= 1"),
+    ("dataloader.num_workers=-1", "dataloader.num_workers: expected a value >= 0, got -1"),
+    ("sampler.num_ids=0", "sampler.num_ids: expected a value >= 1"),
+    ("sampler.num_positives=1", "sampler.num_positives: expected a value >= 2"),
+    ("sampler.kind=maskreid", "sampler.kind: model dpm trains on P x K batches ('pk')"),
+    ("model.name=vit_baseline model.options={} eval.distance=masked_arccos", "eval.distance: distance='masked_arccos' needs DPM's"),
+    ("model.options.drop_path_rate=.nan", "model.options.drop_path_rate: expected a finite number"),
+    ("dataset.synth.junk=.nan", "dataset.synth.junk: expected a finite number"),
+    ("dataset.synth.junk=-1.0", "dataset.synth.junk: must be a finite non-negative share"),
+    ("dataset.synth.seed=-1", "dataset.synth.seed: must be an integer >= 0"),
+    ("dataset.synth.query_occlusion=1.5", "dataset.synth.query_occlusion: must be a probability in [0, 1]"),
+    ("dataset.synth.train_images=[3,1]", "dataset.synth.train_images: must be integers LOW,HIGH"),
+])
+def test_values_are_range_checked_at_load_time(override, needle):
+    with pytest.raises(ConfigError) as info:
+        load_config("synthetic_dpm", override.split())
+    message = str(info.value)
+    assert needle in message and "\n" not in message, message
+
+
+def test_every_number_declares_its_range():
+    """A constraint beside every numeric field: a new key cannot skip the range check."""
+    from dpm_ops.engine.config import SCHEMA
+
+    unbounded = [f"{section}.{key}" for section, fields in SCHEMA.items() for key, field in fields.items()
+                 if field.type in (int, float) and field.bounds is None]
+    assert unbounded == []
+    for section, fields in SCHEMA.items():
+        for key, field in fields.items():
+            if field.bounds is not None and field.default is not None:
+                assert field.default in field.bounds, f"{section}.{key}"
+
+
+def test_yaml_off_is_the_documented_string_in_files(tmp_path):
+    path = tmp_path / "off.yaml"
+    path.write_text("solver: {amp: off}\ndataset: {check_counts: off}\neval: {amp: off, multi_query: off}\n")
+    config = load_config(str(path))
+    assert (config["solver"]["amp"], config["dataset"]["check_counts"]) == ("off", "off")
+    assert (config["eval"]["amp"], config["eval"]["multi_query"]) == ("off", "off")
+
+
+def test_cuda_device_without_cuda_is_named(monkeypatch):
+    import torch
+
+    from dpm_ops.engine.trainer import resolve_device
+
+    assert load_config(None, ["train.device=cuda:1"])["train"]["device"] == "cuda:1"  # checked when the run starts
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"train.device: cuda:1 requested but CUDA is not available"):
+        resolve_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"train.device: cuda:1 requested but this machine has 1 CUDA device"):
+        resolve_device("cuda:1")

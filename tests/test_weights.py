@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpm_ops.models import build_model, load_pretrained, resize_pos_embed
+from dpm_ops.models import WeightsError, build_model, load_pretrained, resize_pos_embed
 
 C, DEPTH, CAMERAS, CLASSES = 32, 4, 3, 6
 TINY_VIT = dict(embed_dim=C, depth=DEPTH, num_heads=4)
@@ -230,3 +230,58 @@ def test_native_round_trip_for_every_model(tmp_path):
         assert report.layout == "native" and report.missing == [] and report.unexpected == []
         for key, tensor in source.state_dict().items():
             torch.testing.assert_close(target.state_dict()[key], tensor, msg=f"{name}: {key}")
+
+
+def _write_pickled_tensor(path):
+    torch.save(torch.zeros(3), path)
+
+
+@pytest.mark.parametrize("kind, write, needle", [
+    ("random bytes", lambda p: p.write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8))),
+     "is not a PyTorch file written by torch.save"),
+    ("empty", lambda p: p.write_bytes(b""), "is not a PyTorch file written by torch.save"),
+    ("text", lambda p: p.write_text("hello, weights\n"), "is not a PyTorch file written by torch.save"),
+    ("pickled tensor", _write_pickled_tensor, "holds a Tensor, not a state dict"),
+    ("non-tensor entry", lambda p: torch.save({"cls_token": torch.zeros(1), "epoch": 3}, p),
+     "entry 'epoch' holds a int, not a tensor"),
+])
+def test_unusable_files_are_one_weights_error_naming_the_file(tmp_path, kind, write, needle):
+    path = tmp_path / "weights.pth"
+    write(path)
+    model = build_model("vit_baseline", CLASSES, CAMERAS, stride=12, **TINY_VIT)
+    with pytest.raises(WeightsError) as info:
+        load_pretrained(model, path)
+    message = str(info.value)
+    assert isinstance(info.value, ValueError) and needle in message and str(path) in message, (kind, message)
+    assert "\n" not in message
+
+
+def test_missing_file_and_wrong_source_type():
+    model = build_model("vit_baseline", CLASSES, CAMERAS, stride=12, **TINY_VIT)
+    with pytest.raises(WeightsError, match="pretrained weights not found: nowhere.pth"):
+        load_pretrained(model, "nowhere.pth")
+    with pytest.raises(WeightsError, match="a .pth path or a state dict, got int"):
+        load_pretrained(model, 3)
+
+
+def test_loading_nothing_is_an_error_even_when_partial():
+    model = build_model("vit_baseline", CLASSES, CAMERAS, stride=12, **TINY_VIT)
+    unrelated = {"encoder.layer.0.weight": torch.zeros(2, 2)}  # another model's state dict
+    for partial in (False, True):
+        with pytest.raises(WeightsError, match="no tensor fits ViTBaseline .*'encoder.layer.0.weight'"):
+            load_pretrained(model, unrelated, partial=partial)
+
+
+def test_partial_backbone_needs_partial_true():
+    checkpoint = {k: v for k, v in timm_checkpoint().items() if not k.startswith("blocks.3.")}
+    model = build_model("vit_baseline", CLASSES, CAMERAS, stride=12, **TINY_VIT)
+    with pytest.raises(WeightsError, match=r"leaves 12 backbone tensors of ViTBaseline at their init .*"
+                                           r"'backbone.blocks.3.norm1.weight'.*pretrained_partial"):
+        load_pretrained(model, checkpoint)
+    report = load_pretrained(model, checkpoint, partial=True)
+    assert "backbone.blocks.3.norm1.weight" in report.missing
+    torch.testing.assert_close(model.backbone.blocks[2].mlp.fc1.weight, checkpoint["blocks.2.mlp.fc1.weight"])
+    resnet = build_model("maskreid_resnet50", 4, layers=(1, 1, 1, 1), width=8)
+    no_layer4 = {k: v for k, v in torchvision_resnet_checkpoint().items() if not k.startswith("layer4.")}
+    with pytest.raises(WeightsError, match="backbone tensors of MaskReIDResNet50 .*'trunk.layer4"):
+        load_pretrained(resnet, no_layer4)

@@ -39,10 +39,12 @@ JUNK_PID = -1
 COUNT_POLICIES = ("warn", "error", "off")
 SYNTHETIC_MANIFEST = "synthetic.json"
 
+# Numbers in file names are ASCII digits: str.isdigit and \d also accept characters int() refuses.
+INTEGER = re.compile(r"-?[0-9]+")
 # Market-style name: pid (may be -1) then "_c" and the 1-based camera digit (datasets.md §2).
-MARKET_NAME = re.compile(r"([-\d]+)_c(\d)")
+MARKET_NAME = re.compile(r"(-?[0-9]+)_c([0-9])")
 # Occluded-REID / Partial-REID name: <pid>_<nn>.<ext>
-PID_INDEX_NAME = re.compile(r"(\d+)_(\d+)$")
+PID_INDEX_NAME = re.compile(r"([0-9]+)_([0-9]+)$")
 
 MARKET_FOLDERS = ("bounding_box_train", "query", "bounding_box_test")
 MARKET_MULTI_QUERY_FOLDER = "gt_bbox"
@@ -442,7 +444,7 @@ def _parse_pid_index_folder(folder: str, suffix: str, camid: int, per_identity_d
             raise DatasetError(f"filename does not match <pid>_<nn>{suffix}: {path}")
         pid = int(match.group(1))
         if per_identity_dirs:
-            if len(relative.parts) != 2 or not relative.parts[0].isdigit() or int(relative.parts[0]) != pid:
+            if len(relative.parts) != 2 or not INTEGER.fullmatch(relative.parts[0]) or int(relative.parts[0]) != pid:
                 raise DatasetError(f"expected <pid>/<pid>_<nn>{suffix}, got {path}")
         elif len(relative.parts) != 1:
             raise DatasetError(f"unexpected sub-folder in {path}")
@@ -560,7 +562,7 @@ def _parse_msmt_list(list_path: str, image_dir: str) -> list[ImageRecord]:
                 continue
             fields = line.split()
             parts = os.path.basename(fields[0]).split("_") if len(fields) == 2 else []
-            if len(parts) < 3 or not fields[1].lstrip("-").isdigit() or not parts[2].isdigit():
+            if len(parts) < 3 or not INTEGER.fullmatch(fields[1]) or not INTEGER.fullmatch(parts[2]):
                 raise DatasetError(f"{list_path}:{line_number}: expected '<relative path> <pid>', got {line.strip()!r}")
             path = os.path.join(image_dir, fields[0])
             if not os.path.isfile(path):

@@ -50,6 +50,41 @@ OCCLUDER_KINDS = ("ground", "side", "pole", "board", "person")
 _STREAM_PLAN, _STREAM_CAMERA, _STREAM_IDENTITY, _STREAM_IMAGE = range(4)
 
 
+class SynthOptionError(ValueError):
+    """A :class:`SynthConfig` field is out of range; ``option`` names the field."""
+
+    def __init__(self, option: str, problem: str):
+        super().__init__(f"{option} {problem}")
+        self.option, self.problem = option, problem
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+def _check_int(name: str, value, low: int, high: Optional[int], why: str = "") -> None:
+    if not _is_int(value) or value < low or (high is not None and value > high):
+        wanted = f"in {low}..{high}" if high is not None else f">= {low}"
+        raise SynthOptionError(name, f"must be an integer {wanted}{f' ({why})' if why else ''}, got {value!r}")
+
+
+def _check_int_range(name: str, value, low: int, high: Optional[int]) -> None:
+    if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(map(_is_int, value))
+            and low <= value[0] <= value[1] and (high is None or value[1] <= high)):
+        bound = f" <= {high}" if high is not None else ""
+        raise SynthOptionError(name, f"must be integers LOW,HIGH with {low} <= LOW <= HIGH{bound}, got {value!r}")
+
+
+def _check_float(name: str, value, wanted: str, ok) -> None:
+    if not _is_real(value) or not ok(value):
+        raise SynthOptionError(name, f"must be {wanted}, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class SynthConfig:
     """Size and difficulty of the synthetic set (defaults: ~6.5k images in about a minute)."""
@@ -73,29 +108,37 @@ class SynthConfig:
     jpeg_quality: int = 90
 
     def __post_init__(self) -> None:
-        if not 2 <= self.ids <= 4999:
-            raise ValueError("ids must be in 2..4999 (one train and one test identity; 4-digit pids)")
-        if not 2 <= self.cameras <= 9:
-            raise ValueError("cameras must be in 2..9 (Market names hold one camera digit)")
-        if not (2 <= self.id_cameras[0] <= self.id_cameras[1] <= self.cameras):
-            raise ValueError("id_cameras must satisfy 2 <= low <= high <= cameras")
-        if self.width < 16 or self.height < 32:
-            raise ValueError("images must be at least 16 wide and 32 high")
-        if self.queries_per_id < 1 or self.supersample < 1:
-            raise ValueError("queries_per_id and supersample must be at least 1")
-        for name in ("train_images", "gallery_per_camera"):
-            low, high = getattr(self, name)
-            if not 1 <= low <= high:  # every query needs a true match in the gallery
-                raise ValueError(f"{name} must satisfy 1 <= low <= high")
-        if self.distractors < 0 or self.junk < 0:
-            raise ValueError("distractors and junk must be non-negative shares")
-        if not 0.0 < self.hidden_range[0] < self.hidden_range[1] < 1.0:
-            raise ValueError("hidden_range must satisfy 0 < low < high < 1")
+        # every rule names the field it checks: the config reports dataset.synth.<field>, the
+        # command line --<field>
+        _check_int("seed", self.seed, 0, None, "a non-negative seed")
+        _check_int("ids", self.ids, 2, 4999, "one train and one test identity; 4-digit pids")
+        _check_int("cameras", self.cameras, 2, 9, "Market names hold one camera digit")
+        _check_int("width", self.width, 16, None, "images must be at least 16 wide")
+        _check_int("height", self.height, 32, None, "images must be at least 32 high")
+        _check_int("queries_per_id", self.queries_per_id, 1, None)
+        _check_int("supersample", self.supersample, 1, None)
+        _check_int("jpeg_quality", self.jpeg_quality, 1, 100, "PIL's JPEG quality")
+        _check_int_range("id_cameras", self.id_cameras, 2, self.cameras)
+        for name in ("train_images", "gallery_per_camera"):  # every query needs a true match in the gallery
+            _check_int_range(name, getattr(self, name), 1, None)
+        for name in ("distractors", "junk"):
+            _check_float(name, getattr(self, name), "a finite non-negative share", lambda v: v >= 0)
+        for name in ("query_occlusion", "gallery_occlusion", "train_occlusion"):
+            _check_float(name, getattr(self, name), "a probability in [0, 1]", lambda v: 0 <= v <= 1)
+        hidden = self.hidden_range
+        if not (isinstance(hidden, (tuple, list)) and len(hidden) == 2 and all(_is_real(v) for v in hidden)
+                and 0.0 < hidden[0] < hidden[1] < 1.0):
+            raise SynthOptionError("hidden_range", f"must satisfy 0 < low < high < 1, got {hidden!r}")
 
     def to_json(self) -> dict:
         return {
             key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(self).items()
         }
+
+
+def synth_config(options: dict) -> SynthConfig:
+    """A SynthConfig from config-file options (YAML lists for the tuple fields)."""
+    return SynthConfig(**{key: tuple(value) if isinstance(value, list) else value for key, value in options.items()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -756,7 +799,6 @@ def generate_synthetic_dataset(
                 "pass --force to replace it" if is_synthetic else "it is not a synthetic dataset; choose another --out"
             )
             raise DatasetError(f"output folder is not empty: {out} ({hint})")
-    out.parent.mkdir(parents=True, exist_ok=True)
 
     jobs, pids = _plan(config)
     identities = [random_appearance(np.random.default_rng([config.seed, _STREAM_IDENTITY, pid])) for pid in pids]
@@ -768,7 +810,11 @@ def generate_synthetic_dataset(
         for c in range(config.cameras)
     ]
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as error:
+        raise DatasetError(f"cannot create the output folder {out}: {error.strerror or error}") from error
     try:
         for folder in MARKET_FOLDERS:
             (staging / folder).mkdir()
@@ -824,21 +870,12 @@ def ensure_synthetic_dataset(
 
 
 def _int_range(text: str) -> tuple[int, int]:
+    """"N" or "LOW,HIGH"; the values are SynthConfig's to check."""
     low, _, high = text.partition(",")
     try:
-        values = (int(low), int(high or low))
+        return int(low), int(high or low)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected N or LOW,HIGH, got {text!r}") from None
-    if values[0] > values[1] or values[0] < 0:
-        raise argparse.ArgumentTypeError(f"bad range {text!r}")
-    return values
-
-
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -895,19 +932,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--query-occlusion",
-        type=_probability,
+        type=float,
         default=defaults.query_occlusion,
         help="share of occluded queries (default %(default)s)",
     )
     parser.add_argument(
         "--gallery-occlusion",
-        type=_probability,
+        type=float,
         default=defaults.gallery_occlusion,
         help="share of occluded gallery images (default %(default)s)",
     )
     parser.add_argument(
         "--train-occlusion",
-        type=_probability,
+        type=float,
         default=defaults.train_occlusion,
         help="share of occluded train images (default %(default)s)",
     )
@@ -937,8 +974,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
         start = time.perf_counter()
         out = generate_synthetic_dataset(args.out, config, progress=not args.quiet, force=args.force)
-    except ValueError as error:  # a bad option or DatasetError (unusable --out)
-        print(f"dpm-reid synth: error: {error}", file=sys.stderr)
+    except SynthOptionError as error:
+        print(f"dpm-reid synth: error: --{error.option.replace('_', '-')}: {error.problem}", file=sys.stderr)
+        return 2
+    except DatasetError as error:  # an unusable --out
+        print(f"dpm-reid synth: error: --out: {error}", file=sys.stderr)
         return 2
     manifest = read_synthetic_manifest(str(out))
     counts = manifest["counts"]

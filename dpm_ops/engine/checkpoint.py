@@ -18,19 +18,21 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
-import tempfile
-import zipfile
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from dpm_ops.models.weights import WeightsError, read_torch_file
+
 FORMAT = "dpm_ops.checkpoint/1"
+TEMPORARY_SUFFIX = ".tmp"  # atomic_write's temporaries: .<name>.<random>.tmp next to <name>
 
 
 class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable, not ours, or belongs to another model."""
+    """A checkpoint is missing, unreadable, not ours, or belongs to another model (or does not fit
+    it); or a run folder cannot be written."""
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -42,22 +44,60 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def _temporary_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}{TEMPORARY_SUFFIX}")
+
+
 def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call ``write(file_object)`` on a temporary file next to ``path``, then move it into place."""
+    """Call ``write(binary_file)`` on a temporary file next to ``path``, then move it into place.
+
+    One permission policy for every file a run writes (checkpoints, metrics.json, logs): the
+    umask's, as a plain ``open`` gives. A checkpoint holds nothing more private than the metrics
+    and logs next to it, and a run folder is usually shared; whoever wants it private sets a
+    umask (077) or the folder's permissions, and then every file follows."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = _temporary_name(path)
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with open(tmp, "xb") as handle:  # "x": never another's file; created with the umask's mode
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
+        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
+            os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+    return path
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries that :func:`atomic_write` left in ``folder`` when the process was
+    killed mid-write (a full checkpoint each). Call it only where no other writer is active: at
+    the start of a run, which owns its folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.glob(f".*.*{TEMPORARY_SUFFIX}") if p.is_file()]  # .<name>.<random>.tmp
+    for path in stale:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return stale
+
+
+def make_output_folder(path: str | os.PathLike, name: str) -> Path:
+    """Create the folder ``path`` (or accept an existing one) before any work starts; ``name`` is
+    the argument that gave it (``--output``, ``output_dir``), named in the error."""
+    path = Path(os.path.expanduser(str(path)))
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{name} {path}: exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CheckpointError(f"{name} {path}: cannot create the folder ({error.strerror or error})") from error
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise CheckpointError(f"{name} {path}: the folder is not writable")
     return path
 
 
@@ -85,20 +125,61 @@ def load_checkpoint(path: str | os.PathLike, *, model_name: Optional[str] = None
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         # our own files hold numpy / python RNG states, so full unpickling is needed (trusted input)
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, OSError, ValueError) as error:
-        raise CheckpointError(f"unreadable checkpoint {path}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from error
+        state = read_torch_file(path, weights_only=False, map_location=map_location)
+    except WeightsError as error:
+        raise CheckpointError(f"unreadable checkpoint: {error}") from error
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not a dpm_ops training checkpoint (no '{FORMAT}' tag); "
             "pretrained backbone weights go in model.pretrained instead"
         )
+    _check_structure(path, state)
     if model_name is not None and state["model_name"] != model_name:
         raise CheckpointError(
             f"checkpoint {path} holds a {state['model_name']!r} model, not {model_name!r} "
             "(use the config it was trained with)"
         )
     return state
+
+
+def _check_structure(path: Path, state: dict) -> None:
+    """What rebuilding the model needs: its name, its arguments and a state dict of tensors."""
+    args = state.get("model_args")
+    problem = None
+    if not isinstance(state.get("model_name"), str):
+        problem = "no model_name"
+    elif not isinstance(args, dict):
+        problem = "no model_args (the model's num_classes, num_cameras and options)"
+    elif not (isinstance(args.get("num_classes"), int) and isinstance(args.get("num_cameras"), int)
+              and isinstance(args.get("options"), dict)):
+        problem = f"model_args must hold int num_classes, int num_cameras and an options mapping, got {args!r}"
+    elif not isinstance(state.get("model"), dict) or not all(
+            isinstance(value, torch.Tensor) for value in state["model"].values()):
+        problem = "no model state dict (a mapping of tensors)"
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path}: {problem}")
+
+
+def _listed(names: list, limit: int = 3) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def load_model_state(model: torch.nn.Module, state_dict: dict, path: str | os.PathLike) -> None:
+    """``model.load_state_dict(state_dict)`` after checking that every tensor fits: a
+    CheckpointError naming ``path`` and what differs (missing, unexpected, reshaped tensors)
+    instead of torch's multi-line RuntimeError."""
+    own = model.state_dict()
+    missing = [key for key in own if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in own]
+    reshaped = [f"{key} {tuple(state_dict[key].shape)} vs the model's {tuple(own[key].shape)}"
+                for key in own if key in state_dict and state_dict[key].shape != own[key].shape]
+    problems = [f"{label}: {_listed(names)}" for label, names in
+                (("missing", missing), ("unexpected", unexpected), ("shape differs", reshaped)) if names]
+    if problems:
+        raise CheckpointError(f"checkpoint {path} does not fit the {type(model).__name__} its model_args describe "
+                              f"({'; '.join(problems)})")
+    model.load_state_dict(state_dict)
 
 
 def capture_rng_state() -> dict:

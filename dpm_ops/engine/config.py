@@ -3,8 +3,10 @@
 A config is a nested dict with the sections below. A YAML file gives any subset of the keys (plus an
 optional ``base: OTHER`` naming another file or built-in config it extends); everything else keeps
 the schema's default. ``key=value`` overrides use dotted keys (``solver.base_lr=0.01``) and YAML
-values (``input.size=[128,64]``, ``model.options.depth=4``). Every key is checked: an unknown key,
-a value of the wrong type or outside its choices raises :class:`ConfigError`, one line naming the key.
+values (``input.size=[128,64]``, ``model.options.depth=4``). Every key is checked when the config
+loads, before any data is read: an unknown key, a value of the wrong type, outside its choices or
+outside the range declared beside its field (:class:`Bounds`; floats must be finite) raises
+:class:`ConfigError`, one line naming the key and what was expected.
 
 Two sections are free-form mappings checked against their target: ``model.options`` (keyword
 arguments of the model class named by ``model.name``, see :func:`dpm_ops.models.build_model`) and
@@ -20,13 +22,17 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+import torch
 import yaml
 
+from ..evaluation import PROTOCOLS
 from ..ops.maskreid_ranking_loss_reference import RENAMED_POS_MODES
+from .evaluator import DISTANCES, MULTI_QUERY, resolve_distance
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -38,16 +44,45 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The range a number must lie in, declared beside its field in the schema."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False  # low itself excluded: a positive value
+    high_open: bool = False
+
+    def __contains__(self, value) -> bool:
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def describe(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low}"
+        return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+
+
+POSITIVE = Bounds(0, low_open=True)
+NON_NEGATIVE = Bounds(0)
+AT_LEAST_1 = Bounds(1)
+SHARE = Bounds(0, 1)  # a probability or a fraction
+# torch.manual_seed takes 64 bits: a non-negative 63-bit seed plus the process rank stays within them
+SEED = Bounds(0, 2**63 - 1)
+
+
+@dataclasses.dataclass(frozen=True)
 class Field:
-    type: Any  # a type, a tuple of types, or "list" / "size" / "mapping" pseudo types
+    type: Any  # a type, a tuple of types, or "size" / "mapping" / "camid_pair" / "device" pseudo types
     default: Any
     choices: Optional[tuple] = None
     nullable: bool = False
     renamed: Optional[dict] = None  # old choice -> its new name, refused with that name
+    bounds: Optional[Bounds] = None  # numbers only; floats must also be finite
 
 
-def _f(default, type_=None, choices=None, nullable=False, renamed=None) -> Field:
-    return Field(type_ if type_ is not None else type(default), default, choices, nullable, renamed)
+def _f(default, type_=None, choices=None, nullable=False, renamed=None, bounds=None) -> Field:
+    return Field(type_ if type_ is not None else type(default), default, choices, nullable, renamed, bounds)
 
 
 # The schema. Defaults are DPM's Occluded-Duke recipe (dpm.md §6-7) where a key concerns DPM.
@@ -58,6 +93,8 @@ SCHEMA: dict = {
         "options": _f({}, "mapping"),
         # a .pth to start from: timm ViT (jx_vit_base_p16_224), official DPM, torchvision ResNet-50
         "pretrained": _f(None, str, nullable=True),
+        # allow a pretrained file that fills only part of the model's backbone (never none of it)
+        "pretrained_partial": _f(False, bool),
     },
     "dataset": {
         "name": _f("synthetic", str),
@@ -78,91 +115,94 @@ SCHEMA: dict = {
         "recipe": _f("dpm", str, ("dpm", "maskreid")),
         "size": _f([256, 128], "size"),  # (height, width) the model sees
         "resize": _f([160, 64], "size"),  # maskreid recipe: resize before the crop to `size`
-        "padding": _f(10, int),
-        "flip": _f(0.5, float),
-        "erasing": _f(0.5, float),
+        "padding": _f(10, int, bounds=NON_NEGATIVE),
+        "flip": _f(0.5, float, bounds=SHARE),
+        "erasing": _f(0.5, float, bounds=SHARE),
         "color_jitter": _f(False, bool),
     },
     "sampler": {
         "kind": _f("pk", str, ("pk", "maskreid")),
-        "num_ids": _f(16, int),  # P x K: identities per (global) batch
-        "num_instances": _f(4, int),
-        "num_positives": _f(10, int),  # MaskReID: 1 id x 10 + 54 singles
-        "num_negatives": _f(54, int),
-        "batches_per_epoch": _f(None, int, nullable=True),
+        "num_ids": _f(16, int, bounds=AT_LEAST_1),  # P x K: identities per (global) batch
+        "num_instances": _f(4, int, bounds=AT_LEAST_1),
+        "num_positives": _f(10, int, bounds=Bounds(2)),  # MaskReID: 1 id x 10 + 54 singles
+        "num_negatives": _f(54, int, bounds=AT_LEAST_1),
+        "batches_per_epoch": _f(None, int, nullable=True, bounds=AT_LEAST_1),
     },
     "dataloader": {
-        "num_workers": _f(0, int),
+        "num_workers": _f(0, int, bounds=NON_NEGATIVE),
         "pin_memory": _f(False, bool),
     },
     "loss": {
         # DPM: L = id_w·(plain_w·CE + masked_w·CE_arcface + hem_w·L_HEM) + tri_w·L_TRI
-        "hem_weight": _f(0.1, float),
-        "id_weight": _f(1.0, float),
-        "triplet_weight": _f(1.0, float),
-        "plain_weight": _f(0.5, float),
-        "masked_weight": _f(0.5, float),
+        "hem_weight": _f(0.1, float, bounds=NON_NEGATIVE),
+        "id_weight": _f(1.0, float, bounds=NON_NEGATIVE),
+        "triplet_weight": _f(1.0, float, bounds=NON_NEGATIVE),
+        "plain_weight": _f(0.5, float, bounds=NON_NEGATIVE),
+        "masked_weight": _f(0.5, float, bounds=NON_NEGATIVE),
         # MaskReID ranking loss: Eq. 5 (pos_mode hardest | all_eq5), or Eq. 4 (eq4: no alpha, lambda, neg_mode)
-        "ranking_alpha": _f(0.15, float),
-        "ranking_lambda": _f(2.0, float),
+        "ranking_alpha": _f(0.15, float, bounds=NON_NEGATIVE),
+        "ranking_lambda": _f(2.0, float, bounds=POSITIVE),
         "ranking_neg_mode": _f("literal", str, ("literal", "violating_only")),
         "ranking_pos_mode": _f("hardest", str, ("hardest", "all_eq5", "eq4"), renamed=RENAMED_POS_MODES),
     },
     "solver": {
         # the papers use SGD; AdamW is an option for small ViTs trained from scratch
         "optimizer": _f("sgd", str, ("sgd", "adamw")),
-        "base_lr": _f(0.008, float),
-        "bias_lr_factor": _f(2.0, float),
-        "momentum": _f(0.9, float),
-        "weight_decay": _f(1e-4, float),
-        "weight_decay_bias": _f(None, float, nullable=True),  # None: same as weight_decay
-        "epochs": _f(150, int),
+        "base_lr": _f(0.008, float, bounds=POSITIVE),
+        "bias_lr_factor": _f(2.0, float, bounds=POSITIVE),
+        "momentum": _f(0.9, float, bounds=Bounds(0, 1, high_open=True)),
+        "weight_decay": _f(1e-4, float, bounds=NON_NEGATIVE),
+        "weight_decay_bias": _f(None, float, nullable=True, bounds=NON_NEGATIVE),  # None: same as weight_decay
+        "epochs": _f(150, int, bounds=AT_LEAST_1),
         "schedule": _f("warmup_cosine", str, ("warmup_cosine", "poly", "constant")),
-        "warmup_epochs": _f(5, int),
-        "warmup_factor": _f(0.01, float),  # warmup starts at warmup_factor · base_lr
-        "min_lr_factor": _f(0.002, float),  # cosine floor: min_lr_factor · base_lr (all groups)
-        "poly_power": _f(0.5, float),
-        "mask_lr": _f(None, float, nullable=True),  # DPM mask generator, constant; None: base_lr
+        "warmup_epochs": _f(5, int, bounds=NON_NEGATIVE),
+        # warmup starts at warmup_factor · base_lr
+        "warmup_factor": _f(0.01, float, bounds=Bounds(0, 1, low_open=True)),
+        "min_lr_factor": _f(0.002, float, bounds=SHARE),  # cosine floor: min_lr_factor · base_lr (all groups)
+        "poly_power": _f(0.5, float, bounds=POSITIVE),
+        "mask_lr": _f(None, float, nullable=True, bounds=POSITIVE),  # DPM mask generator, constant; None: base_lr
         "two_pass": _f(True, bool),  # DPM: separate second pass for the mask generator
         # auto: bf16 on CUDA, off on CPU; the official DPM / TransReID code trains under fp16
         "amp": _f("auto", str, ("auto", "off", "bf16", "fp16")),
     },
     "pretrain": {
         # MaskReID stage 1: softmax pre-training on the train set before the ranking stage
-        "epochs": _f(0, int),
-        "base_lr": _f(0.1, float),
+        "epochs": _f(0, int, bounds=NON_NEGATIVE),
+        "base_lr": _f(0.1, float, bounds=POSITIVE),
         "schedule": _f("poly", str, ("warmup_cosine", "poly", "constant")),
         "sampler": _f("pk", str, ("pk", "maskreid")),
     },
     "train": {
-        "seed": _f(1234, int),
-        "device": _f("auto", str),  # auto | cpu | cuda | cuda:N
-        "log_period": _f(10, int),  # iterations between log lines / JSONL records
-        "checkpoint_every_iters": _f(0, int),  # mid-epoch checkpoints (0: epoch ends only)
-        "checkpoint_period": _f(0, int),  # keep epoch_NNN.pt every N epochs (0: only last.pt / final.pt)
-        "eval_period": _f(0, int),  # evaluate every N epochs (0: only after training)
-        "stop_after_iters": _f(None, int, nullable=True),  # testing hook: stop like a kill after N iterations
+        "seed": _f(1234, int, bounds=SEED),
+        "device": _f("auto", "device"),  # auto | cpu | cuda | cuda:N
+        "log_period": _f(10, int, bounds=AT_LEAST_1),  # iterations between log lines / JSONL records
+        "checkpoint_every_iters": _f(0, int, bounds=NON_NEGATIVE),  # mid-epoch checkpoints (0: epoch ends only)
+        # keep epoch_NNN.pt every N epochs (0: only last.pt / final.pt)
+        "checkpoint_period": _f(0, int, bounds=NON_NEGATIVE),
+        "eval_period": _f(0, int, bounds=NON_NEGATIVE),  # evaluate every N epochs (0: only after training)
+        # testing hook: stop like a kill after N iterations
+        "stop_after_iters": _f(None, int, nullable=True, bounds=AT_LEAST_1),
         "progress": _f(True, bool),
         "deterministic": _f(False, bool),
     },
     "eval": {
-        "batch_size": _f(256, int),
-        "num_workers": _f(0, int),
-        "distance": _f("auto", str),
+        "batch_size": _f(256, int, bounds=AT_LEAST_1),
+        "num_workers": _f(0, int, bounds=NON_NEGATIVE),
+        "distance": _f("auto", str, DISTANCES),
         "rerank": _f(False, bool),
-        "k1": _f(20, int),
-        "k2": _f(6, int),
-        "lambda_value": _f(0.3, float),
-        "max_rank": _f(50, int),
+        "k1": _f(20, int, bounds=AT_LEAST_1),
+        "k2": _f(6, int, bounds=AT_LEAST_1),
+        "lambda_value": _f(0.3, float, bounds=SHARE),
+        "max_rank": _f(50, int, bounds=Bounds(10)),  # Rank-10 is reported
         "pictures": _f(True, bool),
         # feature extraction precision, whatever the training's: off = fp32 (the official test)
         "amp": _f("off", str, ("off", "auto", "bf16", "fp16")),
         # market1501: standard CMC; cuhk03: single-gallery-shot CMC over cuhk03_repeats seeded draws
-        "protocol": _f("market1501", str, ("market1501", "cuhk03")),
-        "cuhk03_repeats": _f(10, int),
-        "cuhk03_seed": _f(0, int),
+        "protocol": _f("market1501", str, PROTOCOLS),
+        "cuhk03_repeats": _f(10, int, bounds=AT_LEAST_1),
+        "cuhk03_seed": _f(0, int, bounds=SEED),
         # Market-1501 multi-query: pool the query's identity's gt_bbox boxes under its camera
-        "multi_query": _f("off", str, ("off", "avg", "max")),
+        "multi_query": _f("off", str, MULTI_QUERY),
     },
 }
 
@@ -234,6 +274,8 @@ def _check_value(key: str, field: Field, value: Any) -> Any:
                 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
             raise ConfigError(f"config key {key}: expected [height, width] of positive ints, got {value!r}")
         return [int(v) for v in value]
+    if kind == "device":
+        return _check_device(key, value)
     if kind is str and isinstance(value, bool) and field.choices and ("on" if value else "off") in field.choices:
         value = "on" if value else "off"  # YAML 1.1 reads a bare off / on as a boolean
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -245,11 +287,32 @@ def _check_value(key: str, field: Field, value: Any) -> Any:
             pass
     if (kind in (int, float) and isinstance(value, bool)) or not isinstance(value, kind):
         raise ConfigError(f"config key {key}: expected {kind.__name__}, got {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"config key {key}: expected a finite number, got {value!r}")
+    if field.bounds is not None and value not in field.bounds:
+        raise ConfigError(f"config key {key}: expected a value {field.bounds.describe()}, got {value!r}")
     if field.renamed and value in field.renamed:
         raise ConfigError(f"config key {key}: {value!r} was renamed {field.renamed[value]!r} "
                           f"(choices: {', '.join(map(str, field.choices))})")
     if field.choices is not None and value not in field.choices:
         raise ConfigError(f"config key {key}: {value!r} is not one of {', '.join(map(str, field.choices))}")
+    return value
+
+
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def _check_device(key: str, value: Any) -> str:
+    """"auto" or a torch device string of a type the engine runs on; whether CUDA is there is
+    checked when the run starts (:func:`dpm_ops.engine.trainer.resolve_device`)."""
+    if value == "auto":
+        return value
+    try:
+        parsed = torch.device(value) if isinstance(value, str) else None
+    except (RuntimeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.type not in DEVICE_TYPES:
+        raise ConfigError(f"config key {key}: expected auto, cpu, cuda or cuda:N, got {value!r}")
     return value
 
 
@@ -372,6 +435,8 @@ def _check_against_signature(section: str, options: dict, defaults_: dict) -> No
             ok = isinstance(value, type(default))
         if not ok:
             raise ConfigError(f"config key {full}: expected a value like {default!r}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key {full}: expected a finite number, got {value!r}")
 
 
 def model_option_defaults(name: str) -> dict:
@@ -398,25 +463,35 @@ def validate(config: dict) -> None:
         raise ConfigError(f"config key input.recipe: model {name} needs the 'dpm' recipe")
     if config["dataset"]["with_masks"] is False and is_maskreid:
         raise ConfigError(f"config key dataset.with_masks: model {name} needs foreground masks")
-    positive = [("solver.epochs", config["solver"]["epochs"]), ("train.log_period", config["train"]["log_period"]),
-                ("eval.batch_size", config["eval"]["batch_size"]),
-                ("eval.cuhk03_repeats", config["eval"]["cuhk03_repeats"])]
-    for key, value in positive:
-        if value < 1:
-            raise ConfigError(f"config key {key}: must be at least 1, got {value}")
-    for key in ("checkpoint_every_iters", "checkpoint_period", "eval_period"):
-        if config["train"][key] < 0:
-            raise ConfigError(f"config key train.{key}: must be >= 0")
-    if config["eval"]["cuhk03_seed"] < 0:
-        raise ConfigError("config key eval.cuhk03_seed: must be >= 0")
+    if not is_maskreid and config["sampler"]["kind"] != "pk":
+        raise ConfigError(f"config key sampler.kind: model {name} trains on P x K batches ('pk'); "
+                          f"'{config['sampler']['kind']}' is MaskReID's")
+    _check_eval_distance(config)
+    _check_synth_options(config)
     _check_dataset_options(config)
-    if config["solver"]["warmup_epochs"] < 0 or config["pretrain"]["epochs"] < 0:
-        raise ConfigError("config key solver.warmup_epochs / pretrain.epochs: must be >= 0")
     if config["loss"]["ranking_pos_mode"] == "eq4" and config["loss"]["ranking_neg_mode"] != "literal":
         raise ConfigError("config key loss.ranking_neg_mode: does not apply to ranking_pos_mode eq4 (no margin, "
                           "no hinge); leave it literal")
     if config["pretrain"]["epochs"] and not is_maskreid:
         raise ConfigError(f"config key pretrain.epochs: softmax pre-training is MaskReID's; model is {name}")
+
+
+def _check_eval_distance(config: dict) -> None:
+    try:
+        resolve_distance(config["eval"]["distance"], config["model"]["name"])
+    except ValueError as error:
+        raise ConfigError(f"config key eval.distance: {error}") from error
+
+
+def _check_synth_options(config: dict) -> None:
+    """The synthetic set's options are checked by SynthConfig itself, at load time rather than
+    when the set is generated."""
+    from dpm_ops.data.synth import SynthOptionError, synth_config
+
+    try:
+        synth_config(config["dataset"]["synth"])
+    except SynthOptionError as error:
+        raise ConfigError(f"config key dataset.synth.{error.option}: {error.problem}") from error
 
 
 def _check_dataset_options(config: dict) -> None:

@@ -25,9 +25,9 @@ lists and rank 0 gathers them (in dataset order) and computes everything.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
-import uuid
 import warnings
 from typing import Optional, Sequence
 
@@ -42,6 +42,8 @@ from dpm_ops.evaluation import PROTOCOLS, evaluate_rank, pairwise_distance, re_r
 from dpm_ops.evaluation._inputs import check_count
 from dpm_ops.models import MODEL_NAMES
 from dpm_ops.ops import masked_arccos_distance
+
+from .checkpoint import atomic_write
 
 DISTANCES = ("auto", "euclidean", "cosine", "masked_arccos")
 MASKREID_MODELS = ("maskreid", "maskreid_resnet50")
@@ -339,22 +341,15 @@ def rank_metrics(distmat, query: FeatureSet, gallery: FeatureSet, subsets: Optio
 
 
 def write_json_atomic(path: str, payload) -> None:
-    """Write JSON to a temporary file in the same folder, then rename it over ``path``: a reader
-    (or a run killed half-way) never sees a partial file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as handle:  # plain open: the umask's permissions
-            json.dump(payload, handle, indent=1)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write JSON atomically (:func:`dpm_ops.engine.checkpoint.atomic_write`): a reader, or a run
+    killed half-way, never sees a partial file."""
+    def write(handle) -> None:
+        text = io.TextIOWrapper(handle, encoding="utf-8")
+        json.dump(payload, text, indent=1)
+        text.write("\n")
+        text.detach()  # flushed; the binary handle stays atomic_write's to sync and close
+
+    atomic_write(path, write)
 
 
 def format_metrics_table(metrics: dict) -> str:

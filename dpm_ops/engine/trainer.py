@@ -49,12 +49,12 @@ from tqdm import tqdm
 from dpm_ops.data import (DatasetError, ImageDataset, MaskReIDBatchSampler, RandomIdentityBatchSampler,
                           ReIDSplits, build_dataloader, build_dataset, build_transforms)
 from dpm_ops.losses import BaselineReIDLoss, DPMLoss, MaskReIDRankingLoss, batch_hard_soft_margin_triplet
-from dpm_ops.models import build_model, load_pretrained
+from dpm_ops.models import WeightsError, build_model, load_pretrained
 from dpm_ops.models.param_groups import sgd_param_groups
 
 from . import distributed
-from .checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, make_checkpoint, restore_rng_state,
-                         save_checkpoint)
+from .checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, load_model_state, make_checkpoint,
+                         make_output_folder, remove_stale_temporaries, restore_rng_state, save_checkpoint)
 from .config import ConfigError, current_choice, dump_config
 from .schedules import LRSchedule
 
@@ -75,9 +75,13 @@ class TrainingStopped(Exception):
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    device = torch.device(name)  # load_config checked that it parses and is cpu or cuda
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"config key train.device: {name} requested but CUDA is not available")
+        raise ConfigError(f"config key train.device: {name} requested but CUDA is not available here "
+                          f"(torch {torch.__version__}, torch.cuda.is_available() is False); use cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"config key train.device: {name} requested but this machine has "
+                          f"{torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -98,17 +102,13 @@ def prepare_synthetic(config: dict, *, progress: bool = True) -> None:
     if data["name"].lower() not in ("synthetic", "synth") or not data["generate"]:
         return
     from dpm_ops.data.datasets import SYNTHETIC_MANIFEST
-    from dpm_ops.data.synth import SynthConfig, ensure_synthetic_dataset
+    from dpm_ops.data.synth import ensure_synthetic_dataset, synth_config
 
     root = Path(os.path.expanduser(data["root"]))
     if distributed.current().is_main and not (root / SYNTHETIC_MANIFEST).is_file():
-        options = {k: tuple(v) if isinstance(v, list) else v for k, v in data["synth"].items()}
-        try:
-            synth_config = SynthConfig(**options)
-        except ValueError as error:
-            raise ConfigError(f"config key dataset.synth: {error}") from error
         print(f"dpm-reid: generating the synthetic dataset in {root} (absent)", file=sys.stderr)
-        ensure_synthetic_dataset(root, synth_config, progress=progress)
+        # dataset.synth was checked by load_config
+        ensure_synthetic_dataset(root, synth_config(data["synth"]), progress=progress)
     distributed.barrier()
 
 
@@ -155,6 +155,28 @@ def model_arguments(config: dict, splits: ReIDSplits) -> dict:
     return {"num_classes": num_classes, "num_cameras": num_cameras, "options": options}
 
 
+def check_input_size(model_args: dict, config: dict, source: str) -> None:
+    """A ViT's position embedding is sized for one patch grid: the config's input.size must be it."""
+    size = model_args["options"].get("img_size")
+    if size is not None and list(size) != list(config["input"]["size"]):
+        raise ConfigError(f"{source} takes {size[0]}x{size[1]} images but config key input.size is "
+                          f"{list(config['input']['size'])}; set input.size={list(size)}")
+
+
+def check_model_fits_data(model_args: dict, config: dict, splits: ReIDSplits, source: str) -> None:
+    """What the test images need from the model, checked before any work: a ViT's input size (its
+    position embedding is sized for one patch grid) and its SIE camera embedding (one row per
+    camera of the training set). ``source`` names the model's origin in the message."""
+    check_input_size(model_args, config, source)
+    num_cameras = model_args["num_cameras"]
+    highest = max((r.camid for r in (*splits.query, *splits.gallery)), default=-1)
+    if num_cameras and highest >= num_cameras:
+        raise ConfigError(f"{source} has {num_cameras} camera embeddings (SIE, one per training camera) but the "
+                          f"test set {splits.name} has camera ids up to {highest} ({highest + 1} cameras); evaluate "
+                          f"on a set with at most {num_cameras} cameras, or map a one-camera-per-split set with "
+                          "dataset.test_camids")
+
+
 # Model options that change only what eval mode returns, not the weights: `dpm-reid eval` takes them
 # from its config (overrides included) rather than from the checkpoint.
 EVAL_TIME_OPTIONS = {"dpm": ("neck_feat",)}
@@ -172,6 +194,15 @@ def build_model_from_args(name: str, args: dict) -> nn.Module:
         return build_model(name, args["num_classes"], args["num_cameras"], **options)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"config key model.options: {error}") from error
+
+
+def model_from_checkpoint(state: dict, config: dict, path: str | os.PathLike) -> nn.Module:
+    """The checkpoint's architecture (with the config's eval-time options) and weights, in eval mode:
+    what `dpm-reid eval`, `export` and `extract` run. ``path`` names the file in errors."""
+    name = state["model_name"]
+    model = build_model_from_args(name, eval_model_arguments(name, state["model_args"], config))
+    load_model_state(model, state["model"], path)
+    return model.eval()
 
 
 def train_transform(config: dict):
@@ -223,6 +254,8 @@ class Trainer:
         self.dist = distributed.init_distributed(self.device)
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
+        if self.dist.is_main:  # only rank 0 writes files
+            make_output_folder(self.output_dir, "output_dir")
         self.amp_dtype = resolve_amp(config["solver"]["amp"], self.device)
         self.log_stream = log_stream if log_stream is not None else sys.stdout
         self._log_file = None
@@ -339,15 +372,14 @@ class Trainer:
         prepare_synthetic(config, progress=self.progress)
         self.splits = load_splits(config)
         self.model_args = model_arguments(config, self.splits)
+        check_model_fits_data(self.model_args, config, self.splits, f"model {self.model_name}")
         self.model = build_model_from_args(self.model_name, self.model_args)
         if config["model"]["pretrained"]:
             path = os.path.expanduser(config["model"]["pretrained"])
-            if not os.path.isfile(path):
-                raise CheckpointError(f"pretrained weights not found: {path} (config key model.pretrained)")
             try:
-                report = load_pretrained(self.model, path)
-            except (ValueError, RuntimeError) as error:
-                raise CheckpointError(f"cannot load pretrained weights {path}: {error}") from error
+                report = load_pretrained(self.model, path, partial=config["model"]["pretrained_partial"])
+            except WeightsError as error:
+                raise CheckpointError(f"config key model.pretrained: {error}") from error
             self.log(f"pretrained {path}: layout {report.layout}, {len(report.loaded)} tensors loaded")
         self.model.to(self.device)
         self.model.train()
@@ -431,7 +463,7 @@ class Trainer:
         if training["world_size"] != self.dist.world_size:
             raise CheckpointError(f"--resume: {path} was written by {training['world_size']} process(es), "
                                   f"this run has {self.dist.world_size}")
-        self.model.load_state_dict(state["model"])
+        load_model_state(self.model, state["model"], path)
         for i, stage in enumerate(self.stages):
             for n, opt in stage.optimizers.items():
                 opt.load_state_dict(training["optimizers"][f"{i}/{n}"])
@@ -531,6 +563,9 @@ class Trainer:
                 start_consumed, sampler_state = p["consumed"], training["sampler"]
         self._open_logs(resume_step)
         if self.dist.is_main:
+            for folder in (self.output_dir, self.checkpoint_dir):  # this run owns them: no writer is active
+                for path in remove_stale_temporaries(folder):
+                    self.log(f"removed {path.name}, a temporary left by an interrupted write")
             (self.output_dir / "config.yaml").write_text(dump_config(self.config), encoding="utf-8")
         self.log(self.splits.summary())
         self.log(f"model {self.model_name}: {sum(p.numel() for p in self.model.parameters()):,} parameters; "

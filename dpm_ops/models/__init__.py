@@ -11,11 +11,12 @@ from .maskreid import MaskReID, MaskReIDTrainOutput, SkippedFusionHead
 from .resnet import MaskReIDResNet50, ResNet50
 from .vit import ViTReID
 from .vit_baseline import ViTBaseline, ViTBaselineTrainOutput
-from .weights import LoadReport, load_pretrained, resize_pos_embed
+from .weights import LoadReport, WeightsError, load_pretrained, resize_pos_embed
 
 __all__ = [
     "DPM", "DPMEvalOutput", "DPMLossInputs", "DPMParamGroups", "DPMTrainOutput", "HierarchicalMaskGenerator",
     "LoadReport",
     "MODEL_NAMES", "MaskReID", "MaskReIDResNet50", "MaskReIDTrainOutput", "ResNet50", "SkippedFusionHead",
-    "ViTBaseline", "ViTBaselineTrainOutput", "ViTReID", "build_model", "load_pretrained", "resize_pos_embed",
+    "ViTBaseline", "ViTBaselineTrainOutput", "ViTReID", "WeightsError", "build_model", "load_pretrained",
+    "resize_pos_embed",
 ]

@@ -14,6 +14,12 @@ Layouts recognised (after unwrapping a ``'model'`` / ``'state_dict'`` entry and 
   and ``conv1`` / ``bn1`` also into the masked stream's stem.
 * ``native``: a state dict of the model itself.
 
+Every problem raises :class:`WeightsError` (a ``ValueError``) naming the file: missing, not a
+PyTorch weights file, not a state dict, a tensor of the wrong shape, a layout that does not fit
+the model, and a file that fills fewer tensors than the model's backbone needs (:func:`backbone_keys`)
+unless ``partial=True`` (config ``model.pretrained_partial: true``). Loading nothing at all is
+always an error.
+
 ``pos_embed`` resize (TransReID's ``resize_pos_embed``): the CLS slot is kept; the source grid
 (square, else TransReID's 2:1 rule) is resized to ``(num_y, num_x)`` with bilinear interpolation,
 ``align_corners=False``, no antialias.
@@ -33,6 +39,10 @@ from .resnet import MaskReIDResNet50
 from .vit import ViTReID
 
 StateDict = dict[str, torch.Tensor]
+
+
+class WeightsError(ValueError):
+    """Pretrained weights that cannot be loaded into the model; the message names the file."""
 
 
 class LoadReport(NamedTuple):
@@ -65,13 +75,47 @@ def resize_pos_embed(pos_embed: torch.Tensor, grid_size: tuple[int, int]) -> tor
     return torch.cat([cls_slot, grid], dim=1)
 
 
-def _read_state_dict(source: Union[str, os.PathLike, StateDict]) -> StateDict:
-    state = source if isinstance(source, dict) else torch.load(source, map_location="cpu", weights_only=True)
+def read_torch_file(path: Union[str, os.PathLike], *, weights_only: bool = True, map_location="cpu"):
+    """``torch.load``; a file that is not one torch wrote raises WeightsError naming it."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except Exception as error:  # the unpickler fails on foreign bytes in many ways (KeyError on text, ...)
+        raise WeightsError(f"{os.fspath(path)} is not a PyTorch file written by torch.save "
+                           f"(torch.load: {type(error).__name__})") from error
+
+
+def _read_state_dict(source: Union[str, os.PathLike, StateDict], name: str) -> StateDict:
+    if isinstance(source, dict):
+        state = source
+    elif not isinstance(source, (str, os.PathLike)):
+        raise WeightsError(f"source must be a .pth path or a state dict, got {type(source).__name__}")
+    else:
+        if not os.path.isfile(source):
+            raise WeightsError(f"pretrained weights not found: {name}")
+        state = read_torch_file(source)
+    if not isinstance(state, dict):
+        raise WeightsError(f"{name} holds a {type(state).__name__}, not a state dict (tensor names -> tensors)")
     for wrapper in ("model", "state_dict"):
         if isinstance(state.get(wrapper), dict):
             state = state[wrapper]
             break
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise WeightsError(f"{name} is not a state dict: entry {key!r} holds a {type(value).__name__}, "
+                               "not a tensor")
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+
+
+def backbone_keys(model: nn.Module) -> list[str]:
+    """The tensors a pretrained file must fill unless a partial load is asked for: a ViT backbone
+    without its SIE camera embedding (ImageNet weights have none), the ResNet-50 trunk, else every
+    tensor outside the classifiers."""
+    own = model.state_dict()
+    if isinstance(getattr(model, "backbone", None), ViTReID):
+        return [k for k in own if k.startswith("backbone.") and k != "backbone.sie_embed"]
+    if isinstance(model, MaskReIDResNet50):
+        return [k for k in own if k.startswith("trunk.")]
+    return [k for k in own if "classifier." not in f".{k}"]
 
 
 def _detect_layout(state: StateDict) -> str:
@@ -114,20 +158,24 @@ _MAPPERS: dict[str, Callable[[str], list[str]]] = {
 }
 
 
-def load_pretrained(model: nn.Module, source: Union[str, os.PathLike, StateDict]) -> LoadReport:
+def load_pretrained(model: nn.Module, source: Union[str, os.PathLike, StateDict], *,
+                    partial: bool = False) -> LoadReport:
     """Load ``source`` (a ``.pth`` path or an already loaded state dict) into ``model``.
 
-    Raises ValueError naming the key on a shape mismatch, or when the checkpoint layout does not
-    fit the model. Missing and unexpected keys are reported, not raised.
+    Raises :class:`WeightsError` (a ValueError) naming the file: unreadable, not a state dict, a
+    key of the wrong shape, a layout that does not fit the model, nothing loaded, or (unless
+    ``partial``) part of the backbone left unfilled. Other missing and unexpected keys are
+    reported, not raised.
     """
-    state = _read_state_dict(source)
+    name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the state dict"
+    state = _read_state_dict(source, name)
     layout = _detect_layout(state)
     backbone = getattr(model, "backbone", None)
     is_vit = isinstance(backbone, ViTReID)
     fits = {"timm_vit": is_vit, "dpm_official": is_vit,
             "torchvision_resnet50": isinstance(model, MaskReIDResNet50), "native": True}
     if not fits[layout]:
-        raise ValueError(f"a {layout} checkpoint cannot be loaded into {type(model).__name__}")
+        raise WeightsError(f"{name}: a {layout} checkpoint cannot be loaded into {type(model).__name__}")
 
     own = model.state_dict()
     to_load: StateDict = {}
@@ -144,13 +192,21 @@ def load_pretrained(model: nn.Module, source: Union[str, os.PathLike, StateDict]
                 continue
             if is_vit and target == "backbone.pos_embed" and tensor.shape != own[target].shape:
                 if tensor.dim() != 3 or tensor.shape[-1] != own[target].shape[-1]:
-                    raise ValueError(f"checkpoint key {key!r} -> {target!r}: shape {tuple(tensor.shape)} "
-                                     f"cannot be resized to {tuple(own[target].shape)}")
+                    raise WeightsError(f"{name}: checkpoint key {key!r} -> {target!r}: shape "
+                                       f"{tuple(tensor.shape)} cannot be resized to {tuple(own[target].shape)}")
                 tensor = resize_pos_embed(tensor, backbone.grid_size)
             if tensor.shape != own[target].shape:
-                raise ValueError(f"checkpoint key {key!r} -> model key {target!r}: shape "
-                                 f"{tuple(tensor.shape)} does not match the model's {tuple(own[target].shape)}")
+                raise WeightsError(f"{name}: checkpoint key {key!r} -> model key {target!r}: shape "
+                                   f"{tuple(tensor.shape)} does not match the model's {tuple(own[target].shape)}")
             to_load[target] = tensor
+    if not to_load:
+        raise WeightsError(f"{name}: no tensor fits {type(model).__name__} (layout {layout}, "
+                           f"{len(state)} tensors, e.g. {next(iter(state), 'none')!r}): weights of another model?")
+    unfilled = [key for key in backbone_keys(model) if key not in to_load]
+    if unfilled and not partial:
+        raise WeightsError(f"{name}: fills {len(to_load)} tensors but leaves {len(unfilled)} backbone tensors of "
+                           f"{type(model).__name__} at their init (e.g. {unfilled[0]!r}); ask for a partial load "
+                           "(partial=True, config model.pretrained_partial: true) if that is intended")
     model.load_state_dict(to_load, strict=False)
     return LoadReport(layout, sorted(to_load), sorted(set(own) - set(to_load)), sorted(set(unexpected)),
                       sorted(dropped))

@@ -1,0 +1,353 @@
+"""Models that deploy: ONNX export of the test-time forward, and features of a folder of images.
+
+    from dpm_ops.export import export_onnx, extract_folder, save_features_npz
+    export_onnx(model, "dpm.onnx", check=True)            # checked by onnxruntime at two batch sizes
+    features = extract_folder(model, "photos/")           # the model's test transforms, batched
+    save_features_npz("photos.npz", features, model)
+
+The exported graph is the model's eval forward (``B`` is a dynamic axis):
+
+=========================  =====================================================  ==========================
+model                      inputs                                                 outputs
+=========================  =====================================================  ==========================
+``dpm``                    ``images`` (B, 3, H, W) float32, ``camids`` (B,) int64  ``feature`` (B, C) pre-L2,
+                           (only with a camera embedding, 0-based)                ``mask`` (B, C) in (0, 1)
+``vit_baseline``           as DPM                                                 ``feature`` (B, C) pre-L2
+``maskreid`` /             ``raw``, ``masked`` (B, 3, H, W) float32 (``masked`` =  ``feature`` (B, D), unit
+``maskreid_resnet50``      raw * {0, 1} foreground mask, after normalisation)     length
+=========================  =====================================================  ==========================
+
+Images are normalised as the test transforms do (``dpm_ops.data.build_transforms(recipe,
+train=False)``). The fused ``dpm_ops`` custom ops (hierarchical mask pooling in DPM's mask generator
+and MaskReID's fusing layer) have no ONNX translation; the export runs the forward with the
+plain-torch reference backend (:func:`dpm_ops._backend.forced_backend`), the same maths, so the
+graph holds standard ONNX operators only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from dpm_ops._backend import forced_backend
+from dpm_ops.data import ImageDataset, ImageRecord, build_dataloader, masked_image, mask_path_for
+from dpm_ops.data.datasets import MARKET_NAME, _verify_readable
+from dpm_ops.data.errors import DatasetError, DatasetNotFoundError
+from dpm_ops.engine.checkpoint import atomic_write
+from dpm_ops.engine.evaluator import (MASKREID_CROP, MASKREID_MODELS, FeatureSet, _check_image_size,
+                                      _model_cameras, _test_transform, extract_features, resolve_distance)
+
+# Opset 18 is the one torch's ONNX function library (torchlib) is written in, so the graph needs no
+# pass through onnx's version converter (which a lower opset would; LayerNormalization needs 17
+# anyway), and onnxruntime runs it since 1.14. 23 is the newest the torch 2.13 exporter emits.
+DEFAULT_OPSET = 18
+OPSETS = range(18, 24)
+# protobuf cannot serialise a model over 2 GB: larger weights go to an external data file
+_PROTOBUF_LIMIT = 2 * 1024 ** 3
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class ExportError(ValueError):
+    """Bad input to an export or extraction: names the argument and what was expected."""
+
+
+class OnnxCheckError(RuntimeError):
+    """onnxruntime's outputs differ from PyTorch's by more than the tolerance."""
+
+
+@dataclasses.dataclass
+class ExportResult:
+    path: Path
+    model_name: str
+    input_names: list[str]
+    output_names: list[str]
+    opset: int
+    image_size: tuple[int, int]
+    # per output, the largest max|onnx - torch| / max|torch| over the checked batches (None: not checked)
+    max_relative_error: Optional[dict[str, float]] = None
+    checked_batches: tuple[int, ...] = ()
+
+
+def model_kind(model: torch.nn.Module) -> str:
+    """The build_model name of ``model``: "dpm", "vit_baseline", "maskreid" or "maskreid_resnet50"."""
+    from dpm_ops.models import DPM, MaskReID, MaskReIDResNet50, ViTBaseline
+
+    for cls, name in ((DPM, "dpm"), (ViTBaseline, "vit_baseline"), (MaskReID, "maskreid"),
+                      (MaskReIDResNet50, "maskreid_resnet50")):
+        if isinstance(model, cls):
+            return name
+    raise ExportError("model must be a DPM, ViTBaseline, MaskReID or MaskReIDResNet50 (dpm_ops.models.build_model), "
+                      f"got {type(model).__name__}")
+
+
+def _input_size(model: torch.nn.Module, kind: str, image_size) -> tuple[int, int]:
+    """The ViT models' size is fixed by their position embedding; MaskReID's is the test crop."""
+    try:
+        image_size = _check_image_size(image_size)
+    except ValueError as error:
+        raise ExportError(str(error)) from error
+    if kind in MASKREID_MODELS:
+        return image_size or MASKREID_CROP
+    own = tuple(model.backbone.patch_embed.img_size)
+    if image_size is not None and image_size != own:
+        raise ExportError(f"image_size {image_size} differs from the model's input size {own} (its position "
+                          "embedding fixes it)")
+    return own
+
+
+def _signature(kind: str, has_cameras: bool) -> tuple[list[str], list[str]]:
+    if kind in MASKREID_MODELS:
+        return ["raw", "masked"], ["feature"]
+    inputs = ["images", "camids"] if has_cameras else ["images"]
+    return inputs, (["feature", "mask"] if kind == "dpm" else ["feature"])
+
+
+def _example_inputs(model, kind: str, image_size, batch: int, seed: int) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    images = torch.randn(batch, 3, *image_size, generator=generator)
+    if kind in MASKREID_MODELS:
+        foreground = (torch.rand(batch, 1, *image_size, generator=generator) > 0.3).float()
+        return images.to(device), masked_image(images, foreground).to(device)
+    cameras = _model_cameras(model)
+    if cameras:
+        return images.to(device), torch.randint(0, cameras, (batch,), generator=generator).to(device)
+    return (images.to(device),)
+
+
+def _as_tuple(outputs) -> tuple[torch.Tensor, ...]:
+    return tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
+
+
+def check_output_path(path, argument: str = "path", suffix_hint: str = "a file name") -> Path:
+    """``path`` as a Path, if it is a file path whose folder exists or can be made (it is made);
+    an :class:`ExportError` naming ``argument`` otherwise. Cheap: call it before long work."""
+    path = Path(os.path.expanduser(str(path)))
+    if path.is_dir():
+        raise ExportError(f"{argument} {path} is a directory; give {suffix_hint}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ExportError(f"{argument} {path}: cannot create its folder ({error.strerror or error})") from error
+    if not os.access(path.parent, os.W_OK):
+        raise ExportError(f"{argument} {path}: its folder is not writable")
+    return path
+
+
+def _check_int(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ExportError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def export_onnx(model: torch.nn.Module, path, *, image_size: Optional[Sequence[int]] = None, batch: int = 2,
+                opset: int = DEFAULT_OPSET, check: bool = False, rtol: float = 1e-4) -> ExportResult:
+    """Export ``model``'s eval forward to the ONNX file ``path`` (weights inside it up to 2 GB) with a
+    dynamic batch axis; the inputs and outputs are in the module docstring.
+
+    ``image_size`` (height, width): MaskReID's input (default its 144x56 test crop); the ViT models'
+    is their own. ``batch`` (>= 2: torch.export specialises a size-1 axis) is the example batch the
+    graph is traced with. ``check=True`` runs the file in onnxruntime (CPU) at ``batch`` and
+    ``batch + 1`` and compares with PyTorch's eval outputs (:func:`check_onnx`). The model's
+    train / eval mode is restored after.
+    """
+    kind = model_kind(model)
+    size = _input_size(model, kind, image_size)
+    _check_int("batch", batch, 2)
+    if opset not in OPSETS:
+        raise ExportError(f"opset must be in {OPSETS.start}..{OPSETS.stop - 1}, got {opset!r}")
+    path = check_output_path(path, "path", "a file name, e.g. model.onnx")
+    _require("onnxscript", "the ONNX export")  # torch's exporter imports it; fail before the long part
+    if check:
+        _require("onnxruntime", "check=True")
+    input_names, output_names = _signature(kind, kind not in MASKREID_MODELS and _model_cameras(model) > 0)
+    example = _example_inputs(model, kind, size, batch, seed=0)
+    batch_axis = torch.export.Dim("batch", min=1)
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    was_training = model.training
+    model.eval()
+    try:
+        # The dynamo exporter (torch.export, non-strict; torch 2.13's default) rather than the deprecated
+        # TorchScript one: it translates scaled_dot_product_attention and LayerNorm directly, and
+        # torch.export proves the graph valid for every batch size (a shape guard on the batch is an
+        # error at export time, not a graph silently specialised to the example batch).
+        with torch.no_grad(), forced_backend("reference"), _quiet_exporter():
+            program = torch.onnx.export(model, example, None, input_names=input_names, output_names=output_names,
+                                        dynamic_shapes=tuple({0: batch_axis} for _ in example), opset_version=opset,
+                                        dynamo=True, verbose=False)
+    finally:
+        model.train(was_training)
+    if weight_bytes > _PROTOBUF_LIMIT:
+        program.save(str(path), external_data=True)
+    else:  # one self-contained file, written atomically
+        atomic_write(path, lambda handle: handle.write(program.model_proto.SerializeToString()))
+    result = ExportResult(path, kind, input_names, output_names, opset, size)
+    if check:
+        result.checked_batches = (batch, batch + 1)
+        result.max_relative_error = check_onnx(model, path, batch_sizes=result.checked_batches, rtol=rtol,
+                                               image_size=size)
+    return result
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence the exporter's notes that concern torch, not the user: torchvision ops it cannot
+    register (torchvision is not needed), a pytree deprecation inside torch.export, and that the two
+    inputs share one batch axis (they do, by design)."""
+    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry_log.level
+    registry_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=r"# The axis name: batch will not be used", category=UserWarning)
+            yield
+    finally:
+        registry_log.setLevel(level)
+
+
+def _require(module: str, needed_for: str):
+    """Import an optional dependency, or an ImportError that says what needs it and how to get it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise ImportError(f"{needed_for} needs {module} (pip install {module})") from error
+
+
+def check_onnx(model: torch.nn.Module, path, *, batch_sizes: Sequence[int] = (2, 3), rtol: float = 1e-4,
+               image_size: Optional[Sequence[int]] = None, seed: int = 1) -> dict[str, float]:
+    """Run the ONNX file in onnxruntime (CPU) on random inputs at each of ``batch_sizes`` and compare
+    every output with ``model``'s eval forward (its default, fused backend). Returns, per output, the
+    largest ``max|onnx - torch| / max|torch|``; raises :class:`OnnxCheckError` above ``rtol``."""
+    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not rtol > 0:
+        raise ExportError(f"rtol must be a positive number, got {rtol!r}")
+    ort = _require("onnxruntime", "check_onnx")
+    kind = model_kind(model)
+    size = _input_size(model, kind, image_size)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    input_names = [node.name for node in session.get_inputs()]
+    output_names = [node.name for node in session.get_outputs()]
+    errors = dict.fromkeys(output_names, 0.0)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batch_sizes:
+            inputs = _example_inputs(model, kind, size, _check_int("batch_sizes", batch, 1), seed + batch)
+            if len(inputs) != len(input_names):
+                raise OnnxCheckError(f"{path} takes inputs {input_names}, the model {len(inputs)}")
+            with torch.no_grad():
+                expected = [t.float().cpu().numpy() for t in _as_tuple(model(*inputs))]
+            got = session.run(None, {name: t.cpu().numpy() for name, t in zip(input_names, inputs)})
+            for name, want, have in zip(output_names, expected, got):
+                if have.shape != want.shape:
+                    raise OnnxCheckError(f"output {name!r}: onnxruntime gives shape {have.shape}, PyTorch "
+                                         f"{want.shape} (batch {batch})")
+                scale = max(float(np.abs(want).max()), np.finfo(np.float32).tiny)
+                errors[name] = max(errors[name], float(np.abs(have - want).max()) / scale)
+    finally:
+        model.train(was_training)
+    bad = {name: error for name, error in errors.items() if not error <= rtol}
+    if bad:
+        raise OnnxCheckError(f"onnxruntime's outputs differ from PyTorch's by more than rtol={rtol}: "
+                             + ", ".join(f"{name} {error:.2e}" for name, error in bad.items()))
+    return errors
+
+
+# --------------------------------------------------------------------------- features of a folder
+
+
+def find_images(folder) -> list[str]:
+    """Relative paths (POSIX, sorted) of every image under ``folder``, recursively, by extension
+    (case-insensitive): .jpg .jpeg .png .bmp .tif .tiff .webp."""
+    root = Path(os.path.expanduser(str(folder)))
+    if not root.is_dir():
+        raise DatasetNotFoundError(f"images folder not found: {root}")
+    found = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                   if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not found:
+        raise DatasetError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) under {root}")
+    return found
+
+
+def _labels_from_name(path: str) -> tuple[int, Optional[int]]:
+    """(pid, 0-based camera) of a Market-style name ``<pid>_c<camera>...``; (-1, None) otherwise."""
+    match = MARKET_NAME.match(os.path.basename(path))
+    if match is None or int(match.group(2)) < 1:
+        return -1, None
+    return int(match.group(1)), int(match.group(2)) - 1
+
+
+def extract_folder(model: torch.nn.Module, folder, *, image_size: Optional[Sequence[int]] = None,
+                   camid: Optional[int] = None, batch_size: int = 64, num_workers: int = 0, device=None,
+                   amp_dtype: Optional[torch.dtype] = None, progress: bool = True) -> FeatureSet:
+    """Features of every image under ``folder`` (:func:`find_images`), with the model's test
+    transforms and the evaluator's extraction (:func:`dpm_ops.engine.evaluator.extract_features`):
+    L2-normalised features, DPM's channel masks, in the order of the relative paths.
+
+    ``pids`` / ``camids`` come from Market-style names (``0001_c2s1_...``: pid 1, camera 1), -1 where a
+    name is not one. A model with a camera embedding needs every image's camera: from the names, or
+    ``camid`` (0-based) for all of them. MaskReID reads each image's foreground mask from the
+    ``<folder>_seg`` mirror tree (``.png``, the dataset layout of ``dpm_ops.data.masks``).
+    ``image_size`` as in :func:`export_onnx`. ``device``: the model's by default.
+    """
+    kind = model_kind(model)
+    size = _input_size(model, kind, image_size)
+    _check_int("batch_size", batch_size, 1)
+    _check_int("num_workers", num_workers, 0)
+    root = Path(os.path.expanduser(str(folder)))
+    relative = find_images(root)
+    absolute = [str(root / name) for name in relative]
+    labels = [_labels_from_name(name) for name in relative]
+    cameras = _model_cameras(model) if kind not in MASKREID_MODELS else 0
+    if camid is not None:
+        _check_int("camid", camid, 0)
+        labels = [(pid, camid) for pid, _ in labels]
+    if cameras:
+        for name, (_, camera) in zip(relative, labels):
+            if camera is None:
+                raise ExportError(f"the model has a camera embedding but {name} names no camera (<pid>_c<camera>...); "
+                                  "pass camid (--camera) for every image")
+            if camera >= cameras:
+                raise ExportError(f"camera {camera} of {name} is out of range for the model's {cameras} camera "
+                                  f"embeddings (0..{cameras - 1})")
+    mask_paths = None
+    if kind in MASKREID_MODELS:
+        mask_paths = {path: mask_path_for(path, str(root.parent)) for path in absolute}
+        missing = [mask for mask in mask_paths.values() if not os.path.isfile(mask)]
+        if missing:
+            raise DatasetNotFoundError(f"{kind} needs each image's foreground mask; {len(missing)} missing, "
+                                       f"first: {missing[0]}")
+        _verify_readable(mask_paths.values(), "mask")
+    _verify_readable(absolute, "image")  # before the long part: an unreadable file is named up front
+    records = [ImageRecord(path, pid, -1 if camera is None else camera)
+               for path, (pid, camera) in zip(absolute, labels)]
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    dataset = ImageDataset(records, _test_transform(kind, size), mask_paths=mask_paths)
+    loader = build_dataloader(dataset, batch_size=batch_size, num_workers=num_workers,
+                              pin_memory=device.type == "cuda")
+    features = extract_features(model, loader, model_name=kind, device=device, amp_dtype=amp_dtype,
+                                progress=progress, desc="extract")
+    return dataclasses.replace(features, paths=relative)
+
+
+def save_features_npz(path, features: FeatureSet, model: torch.nn.Module) -> Path:
+    """Write ``features`` (from :func:`extract_folder`) to an ``.npz`` (atomically): ``paths`` (N,) str,
+    ``features`` (N, D) float32, ``masks`` (N, D) float32 (DPM only), ``pids`` / ``camids`` (N,) int64,
+    ``model`` and ``distance`` (the model's test metric: "masked_arccos" for DPM, else "euclidean")."""
+    kind = model_kind(model)
+    path = check_output_path(path, "path", "a file name, e.g. features.npz")
+    arrays = {"paths": np.array(features.paths, dtype=str), "features": features.features.numpy(),
+              "pids": features.pids.numpy(), "camids": features.camids.numpy(), "model": np.array(kind),
+              "distance": np.array(resolve_distance("auto", kind))}
+    if features.masks is not None:
+        arrays["masks"] = features.masks.numpy()
+    return atomic_write(path, lambda handle: np.savez(handle, **arrays))

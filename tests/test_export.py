@@ -1,0 +1,344 @@
+"""ONNX export (onnxruntime against PyTorch at two batch sizes, no dpm_ops op in the graph) and
+features of a folder of images (the .npz feeds evaluate_rank), through the Python API, the README's
+snippets and the dpm-reid command."""
+
+import contextlib
+import io
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dpm_ops import _backend
+from dpm_ops.cli import main
+from dpm_ops.data import DatasetError, DatasetNotFoundError
+from dpm_ops.engine import load_config
+from dpm_ops.engine.checkpoint import make_checkpoint, save_checkpoint
+from dpm_ops.engine.evaluator import evaluate_model
+from dpm_ops.engine.trainer import build_model_from_args, load_splits, model_arguments
+from dpm_ops.export import ExportError, OnnxCheckError, check_onnx, export_onnx, extract_folder, find_images, save_features_npz
+from dpm_ops.models import MODEL_NAMES, build_model
+from dpm_ops.ops import masked_arccos_distance
+from engine_utils import TINY_VIT, synth_argv, tiny_config, write_config
+from test_cli import assert_one_line_error
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+VIT_SIZE = (64, 32)
+MASKREID_SIZE = (36, 16)
+
+
+def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
+    """A fresh model's DPM mask is constant (zero attfc) and its BN statistics are the identity:
+    random ones make every output depend on every part of the graph."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.running_mean.copy_(0.1 * torch.randn(module.running_mean.shape, generator=generator))
+                module.running_var.copy_(0.5 + torch.rand(module.running_var.shape, generator=generator))
+        attfc = getattr(getattr(model, "mask_generator", None), "attfc", None)
+        if attfc is not None:
+            attfc.weight.copy_(0.5 * torch.randn(attfc.weight.shape, generator=generator))
+    return model.eval()
+
+
+def tiny_model(name: str):
+    """(model, input size): the named architecture at test size, 3 cameras for the ViT models."""
+    if name == "maskreid":
+        return randomise(build_model(name, 0, stem_channels=4, base_width=4, embed_dim=16)), MASKREID_SIZE
+    if name == "maskreid_resnet50":
+        return randomise(build_model(name, 0, layers=(1, 1, 1, 1), width=8, embed_dim=16)), VIT_SIZE
+    options = dict(TINY_VIT, img_size=VIT_SIZE, **({"mask_tap_blocks": (0, 1)} if name == "dpm" else {}))
+    return randomise(build_model(name, 5, 3, **options)), VIT_SIZE
+
+
+def inputs_for(name: str, size, batch: int, seed: int) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, *size, generator=generator)
+    if name.startswith("maskreid"):
+        return {"raw": images, "masked": images * (torch.rand(batch, 1, *size, generator=generator) > 0.5)}
+    return {"images": images, "camids": torch.randint(0, 3, (batch,), generator=generator)}
+
+
+def assert_standard_onnx(path: Path, opset: int = 18) -> None:
+    """Only standard ONNX operators (no dpm_ops custom op, no leftover function) and the weights
+    inside the file."""
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    assert {node.domain for node in model.graph.node} <= {"", "ai.onnx"}
+    assert not [node.op_type for node in model.graph.node if "dpm" in node.op_type.lower()]
+    assert not model.functions
+    assert all(init.data_location == onnx.TensorProto.DEFAULT for init in model.graph.initializer)
+    assert [(o.domain, o.version) for o in model.opset_import] == [("", opset)]
+    assert os.listdir(path.parent) == [path.name]  # no external data file
+
+
+def assert_onnxruntime_matches(path: Path, model: nn.Module, name: str, size) -> None:
+    """Independently of check_onnx: the names, and other batch sizes than the check's, against
+    PyTorch's eval forward on its default (fused) backend."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    expected_inputs = ["raw", "masked"] if name.startswith("maskreid") else ["images", "camids"]
+    assert [node.name for node in session.get_inputs()] == expected_inputs
+    expected_outputs = ["feature", "mask"] if name == "dpm" else ["feature"]
+    assert [node.name for node in session.get_outputs()] == expected_outputs
+    for batch in (1, 5):
+        inputs = inputs_for(name, size, batch, seed=batch)
+        with torch.no_grad():
+            want = model(*inputs.values())
+        want = [t.numpy() for t in (want if isinstance(want, tuple) else (want,))]
+        got = session.run(None, {key: value.numpy() for key, value in inputs.items()})
+        for have, reference in zip(got, want):
+            assert have.shape == reference.shape and have.shape[0] == batch
+            assert np.abs(have - reference).max() <= 1e-4 * np.abs(reference).max()
+    if name == "dpm":
+        assert np.ptp(got[1]) > 0.1  # a mask that varies: a wrong mask would show
+
+
+# DPM is exported through the command (dpm_export below); the others through the API, one at the
+# newest opset the exporter emits.
+API_EXPORTS = [("vit_baseline", 18), ("maskreid", 18), ("maskreid_resnet50", 23)]
+
+
+def test_every_model_name_has_an_export_test():
+    assert sorted(["dpm", *(name for name, _ in API_EXPORTS)]) == sorted(MODEL_NAMES)
+
+
+@pytest.mark.parametrize("name, opset", API_EXPORTS)
+def test_export_matches_onnxruntime_at_two_batch_sizes(tmp_path, name, opset):
+    model, size = tiny_model(name)
+    path = tmp_path / "model.onnx"
+    result = export_onnx(model, path, image_size=size, opset=opset, check=True)
+    assert result.checked_batches == (2, 3) and max(result.max_relative_error.values()) <= 1e-4
+    assert_standard_onnx(path, opset)
+    assert_onnxruntime_matches(path, model, name, size)
+    other, _ = tiny_model(name)  # the same architecture with other weights: the check must see it
+    nn.init.normal_(next(other.parameters()))
+    with pytest.raises(OnnxCheckError, match="differ from PyTorch's"):
+        check_onnx(other, path, image_size=size)
+    with pytest.raises(ExportError, match="rtol must be a positive number"):
+        check_onnx(model, path, image_size=size, rtol=0)
+
+
+@pytest.mark.skipif(not _backend.backends()["cpp"][0], reason="needs the compiled C++ backend")
+def test_forced_backend_overrides_the_environment_and_is_restored(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv(_backend.ENV_VAR, "cpp")
+    with _backend.forced_backend("reference"):
+        assert _backend.resolve(None, cpu) == "reference"
+        assert _backend.resolve("cpp", cpu) == "cpp"  # an explicit backend= still wins
+    assert _backend.resolve(None, cpu) == "cpp"
+    with pytest.raises(KeyError), _backend.forced_backend("reference"):
+        raise KeyError("restored after an error too")
+    assert _backend.resolve(None, cpu) == "cpp"
+    with pytest.raises(ValueError, match="backend must be one of"), _backend.forced_backend("onnx"):
+        pass
+
+
+def test_export_bad_input(tmp_path, monkeypatch):
+    model, _ = tiny_model("vit_baseline")
+    path = tmp_path / "m.onnx"
+    with pytest.raises(ExportError, match="model must be a DPM"):
+        export_onnx(nn.Linear(2, 2), path)
+    with pytest.raises(ExportError, match="batch must be an integer >= 2"):
+        export_onnx(model, path, batch=1)
+    with pytest.raises(ExportError, match="opset must be in 18..23"):
+        export_onnx(model, path, opset=11)
+    with pytest.raises(ExportError, match="differs from the model's input size"):
+        export_onnx(model, path, image_size=(128, 64))
+    with pytest.raises(ExportError, match="is a directory"):
+        export_onnx(model, tmp_path)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ExportError, match="cannot create its folder"):
+        export_onnx(model, tmp_path / "file" / "m.onnx")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(ImportError, match="needs onnxruntime"):
+        export_onnx(model, path, check=True)
+    assert not path.exists()  # every check ran before the export
+
+
+def readme_deploy_snippets() -> list[str]:
+    section = README.read_text(encoding="utf-8").split("## Deploy (ONNX)", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory):
+    """The tiny synthetic set without its junk (pid -1) images, which the dataset loader drops."""
+    root = tmp_path_factory.mktemp("export") / "set"
+    assert main(synth_argv(root)) == 0
+    for junk in root.glob("*/-1_*"):
+        junk.unlink()
+    return root
+
+
+def checkpointed(tmp_path, root, name: str):
+    """(config file, checkpoint of a freshly built model, model): built as `dpm-reid train` builds it."""
+    config_path = write_config(tmp_path / f"{name}.yaml", tiny_config(root, name))
+    config = load_config(str(config_path), [])
+    args = model_arguments(config, load_splits(config))
+    model = randomise(build_model_from_args(name, args))
+    weights = tmp_path / f"{name}.pt"
+    save_checkpoint(weights, make_checkpoint(name, args, config, model.state_dict()))
+    return config_path, weights, model
+
+
+@pytest.mark.parametrize("name", ["dpm", "vit_baseline"])
+def test_extracted_npz_evaluates_as_the_evaluator_does(tmp_path, tiny_set, monkeypatch, name):
+    _, _, model = checkpointed(tmp_path, tiny_set, name)
+    for split, folder in (("query", "query"), ("gallery", "bounding_box_test")):
+        features = extract_folder(model, tiny_set / folder, progress=False)
+        save_features_npz(tmp_path / f"{split}.npz", features, model)
+    query = np.load(tmp_path / "query.npz")
+    assert list(query["paths"]) == sorted(p.name for p in (tiny_set / "query").iterdir())
+    assert ("masks" in query.files) == (name == "dpm")
+    assert query["pids"][0] == int(query["paths"][0].split("_")[0])
+    namespace = {}
+    monkeypatch.chdir(tmp_path)
+    exec(readme_deploy_snippets()[1], namespace)  # the README's evaluate_rank snippet, as written
+    splits = load_splits(load_config(str(tmp_path / f"{name}.yaml"), []))
+    expected = evaluate_model(model, splits, model_name=name, image_size=VIT_SIZE, progress=False, pictures=False)
+    result = namespace["result"]
+    assert 100 * result.mAP == pytest.approx(expected["all"]["mAP"], abs=1e-4)
+    assert [100 * float(v) for v in result.cmc[:10]] == pytest.approx(expected["all"]["cmc"][:10], abs=1e-4)
+
+
+def test_extract_maskreid_reads_the_seg_tree_and_names_bad_files(tmp_path, tiny_set):
+    model, _ = tiny_model("maskreid")
+    features = extract_folder(model, tiny_set / "query", image_size=MASKREID_SIZE, progress=False)
+    assert features.features.shape == (len(list((tiny_set / "query").iterdir())), 16)
+    assert torch.allclose(features.features.norm(dim=1), torch.ones(len(features)))
+
+    copy = tmp_path / "query"
+    shutil.copytree(tiny_set / "query", copy)
+    shutil.copytree(tiny_set / "query_seg", tmp_path / "query_seg")
+    victim = sorted((tmp_path / "query_seg").iterdir())[0]
+    victim.unlink()
+    with pytest.raises(DatasetNotFoundError, match=victim.name):
+        extract_folder(model, copy, image_size=MASKREID_SIZE, progress=False)
+
+    dpm, _ = tiny_model("dpm")
+    bad = sorted(copy.iterdir())[3]
+    bad.write_bytes(b"not an image")
+    with pytest.raises(DatasetError, match=f"unreadable image: .*{bad.name}"):
+        extract_folder(dpm, copy, progress=False)
+    (tmp_path / "anonymous").mkdir()
+    shutil.copy(sorted(copy.iterdir())[0], tmp_path / "anonymous" / "person.jpg")
+    with pytest.raises(ExportError, match="person.jpg names no camera"):
+        extract_folder(dpm, tmp_path / "anonymous", progress=False)
+    assert extract_folder(dpm, tmp_path / "anonymous", camid=2, progress=False).camids.tolist() == [2]
+    with pytest.raises(ExportError, match="out of range"):
+        extract_folder(dpm, tmp_path / "anonymous", camid=3, progress=False)
+
+
+def test_find_images_is_recursive_sorted_and_by_extension(tmp_path):
+    for name in ("b/2.JPG", "b/1.png", "a.jpeg", "c/d/e.webp", "notes.txt", "b/x.npy"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    assert find_images(tmp_path) == ["a.jpeg", "b/1.png", "b/2.JPG", "c/d/e.webp"]
+    with pytest.raises(DatasetNotFoundError, match="images folder not found"):
+        find_images(tmp_path / "missing")
+    (tmp_path / "c" / "d" / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no images"):
+        find_images(tmp_path / "c" / "d" / "empty")
+
+
+@pytest.fixture(scope="module")
+def dpm_export(tmp_path_factory, tiny_set):
+    """(model, dpm.onnx, printed output): `dpm-reid export` of a DPM checkpoint, run once."""
+    folder = tmp_path_factory.mktemp("dpm_export")
+    config, weights, model = checkpointed(folder, tiny_set, "dpm")
+    out = folder / "deploy" / "dpm.onnx"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["export", "--config", str(config), "--weights", str(weights), "--out", str(out), "--batch",
+                     "3"]) == 0
+    return model, out, printed.getvalue()
+
+
+def test_cli_export_dpm(dpm_export):
+    model, path, printed = dpm_export
+    assert "inputs images, camids -> outputs feature, mask" in printed and "batch 3 and 4" in printed
+    assert_standard_onnx(path)
+    assert_onnxruntime_matches(path, model, "dpm", VIT_SIZE)
+
+
+def test_readme_dpm_distance_from_onnx_outputs_matches_the_evaluator(dpm_export, monkeypatch):
+    model, path, _ = dpm_export
+    query, gallery = inputs_for("dpm", VIT_SIZE, 3, seed=1), inputs_for("dpm", VIT_SIZE, 7, seed=2)
+    namespace = {"q_images": query["images"].numpy(), "q_camids": query["camids"].numpy(),
+                 "g_images": gallery["images"].numpy(), "g_camids": gallery["camids"].numpy()}
+    monkeypatch.chdir(path.parent)
+    exec(readme_deploy_snippets()[0], namespace)
+    with torch.no_grad():
+        (qf, qm), (gf, _) = model(*query.values()), model(*gallery.values())
+    # the evaluator: L2-normalised features, then the query-masked arccos
+    expected = masked_arccos_distance(F.normalize(qf, dim=1), qm, F.normalize(gf, dim=1)).numpy()
+    assert namespace["distmat"].shape == (3, 7)
+    np.testing.assert_allclose(namespace["distmat"], expected, atol=1e-4)
+
+
+def test_cli_extract(tmp_path, tiny_set):
+    config, weights, model = checkpointed(tmp_path, tiny_set, "dpm")
+    npz = tmp_path / "new" / "folder" / "query.npz"
+    assert main(["extract", "--config", str(config), "--weights", str(weights), "--images",
+                 str(tiny_set / "query"), "--out", str(npz)]) == 0
+    saved = np.load(npz)
+    expected = extract_folder(model, tiny_set / "query", progress=False)
+    np.testing.assert_allclose(saved["features"], expected.features.numpy(), atol=1e-6)
+    np.testing.assert_allclose(saved["masks"], expected.masks.numpy(), atol=1e-6)
+    assert str(saved["model"]) == "dpm" and str(saved["distance"]) == "masked_arccos"
+
+
+def test_cli_export_and_extract_errors_are_one_line(tmp_path, tiny_set, capsys, monkeypatch):
+    config, weights, _ = checkpointed(tmp_path, tiny_set, "dpm")
+    baseline = write_config(tmp_path / "baseline.yaml", tiny_config(tiny_set, "vit_baseline"))
+    (tmp_path / "file").write_text("")
+    common = ["--config", str(config), "--weights", str(weights)]
+
+    def export(*argv):
+        return main(["export", *argv])
+
+    assert_one_line_error(capsys, export("--config", str(config), "--weights", str(tmp_path / "none.pt"), "--out",
+                                         str(tmp_path / "m.onnx")), "checkpoint not found", "none.pt")
+    assert_one_line_error(capsys, export("--config", str(baseline), "--weights", str(weights), "--out",
+                                         str(tmp_path / "m.onnx")), "holds a 'dpm' model, not 'vit_baseline'")
+    assert_one_line_error(capsys, export(*common, "--out", str(tmp_path)), "--out", "is a directory")
+    assert_one_line_error(capsys, export(*common, "--out", str(tmp_path / "file" / "m.onnx")), "--out",
+                          "cannot create its folder")
+    assert_one_line_error(capsys, export(*common, "--out", str(tmp_path / "m.onnx"), "--opset", "9"), "opset")
+    assert_one_line_error(capsys, export(*common, "--out", str(tmp_path / "m.onnx"), "input.size=[96,48]"),
+                          str(weights), "input.size")
+    dropped = tmp_path / "dropped.pt"
+    state = torch.load(weights, weights_only=False)
+    state["model"].pop(next(iter(state["model"])))
+    torch.save(state, dropped)
+    assert_one_line_error(capsys, main(["extract", "--config", str(config), "--weights", str(dropped), "--images",
+                                        str(tiny_set / "query"), "--out", str(tmp_path / "f.npz")]),
+                          str(dropped), "missing")
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "onnxruntime", None)
+        assert_one_line_error(capsys, export(*common, "--out", str(tmp_path / "m.onnx")), "needs onnxruntime")
+
+    def extract(images, out=tmp_path / "f.npz"):
+        return main(["extract", *common, "--images", str(images), "--out", str(out)])
+
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(capsys, extract(tmp_path / "empty"), "no images", "empty")
+    assert_one_line_error(capsys, extract(tmp_path / "missing"), "images folder not found", "missing")
+    assert_one_line_error(capsys, extract(tiny_set / "query", tmp_path / "file" / "f.npz"), "--out",
+                          "cannot create its folder")
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_set / "query", corrupt)
+    victim = sorted(corrupt.iterdir())[5]
+    victim.write_bytes(b"garbage")
+    assert_one_line_error(capsys, extract(corrupt), "unreadable image", victim.name)
+    assert not (tmp_path / "f.npz").exists() and not (tmp_path / "m.onnx").exists()
