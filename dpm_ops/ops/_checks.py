@@ -31,7 +31,8 @@ def check_finite(op: str, **tensors) -> None:
     finite_sums = torch.isfinite(sums).tolist()
     if all(finite_sums):
         return
-    bad = [name for (name, t), ok in zip(tensors.items(), finite_sums) if not ok and not bool(torch.isfinite(t).all())]
+    bad = [name for (name, t), ok in zip(tensors.items(), finite_sums)
+           if not ok and not bool(torch.isfinite(t).all())]
     if bad:
         raise ValueError(f"{op}: {', '.join(bad)} contains non-finite values (NaN or inf)")
 
@@ -71,8 +72,9 @@ def check_finite_rows(op: str, arithmetic: torch.dtype | None = None, max_norm: 
     device sync for all; the exact finiteness scan runs only when a tensor fails. Skipped while
     compiling. `arithmetic`: the dtype the caller computes in when it is not the tensors' compute
     dtype (float32 for the re-ranking pipeline, as the reference); `max_norm`: a tighter limit the
-    op's own arithmetic needs (the ranking loss exponentiates similarities). The C++ CPU masked cosine applies the same rule inside its first pass
-    (csrc/masked_cosine/masked_cosine_cpu_kernels.h), with the same messages."""
+    op's own arithmetic needs (the ranking loss exponentiates similarities). The C++ CPU masked
+    cosine applies the same rule inside its first pass (csrc/masked_cosine/masked_cosine_cpu_kernels.h),
+    with the same messages."""
     if torch.compiler.is_compiling():
         return
     tensors = {name: t for name, t in tensors.items() if t.numel() > 0}
