@@ -7,6 +7,12 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
+
+# CI runs the property tests (test_properties.py) reproducibly: the same examples on every run.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -44,6 +44,7 @@ def test_matches_reference(chunks, num_query, num_gallery, seed, levels, ap):
     q_pids[0], q_cams[0], g_pids[0], g_cams[0] = 1, 0, 1, 1  # at least one valid query
     for max_rank in (1, 10, 50):
         expected = evaluate_rank_numpy(dist, q_pids, g_pids, q_cams, g_cams, max_rank, ap)
+        expected["cmc"] = expected["cmc"][:num_gallery]  # a max_rank past the gallery is cut to it
         assert_matches_reference(evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank, ap), expected)
 
 
@@ -123,9 +124,16 @@ def test_hand_worked_query_without_match_is_skipped():
         evaluate_rank(dist, [1, 4], [1, 3, 2], [0, 0], [0, 1, 1])
 
 
-def test_cmc_longer_than_gallery():
-    result = evaluate_rank(np.array([[0.2, 0.1]]), [1], [1, 2], [0], [1, 1], max_rank=4)
-    np.testing.assert_array_equal(result.cmc, [0, 1, 1, 1])
+def test_max_rank_beyond_gallery_is_cut_to_it():
+    """As torchreid: a warning and a CMC of the gallery's length, so the work stays bounded by the
+    gallery (max_rank = 10**9 once allocated gigabytes)."""
+    with pytest.warns(UserWarning, match="exceeds the gallery size 2"):
+        result = evaluate_rank(np.array([[0.2, 0.1]]), [1], [1, 2], [0], [1, 1], max_rank=4)
+    np.testing.assert_array_equal(result.cmc, [0, 1])
+    dist = np.random.default_rng(0).random((6, 20))
+    with pytest.warns(UserWarning, match="exceeds the gallery size 20"):
+        result = evaluate_rank(dist, np.arange(6) % 3, np.arange(20) % 3, np.zeros(6, int), np.ones(20, int), max_rank=10**9)
+    assert len(result.cmc) == 20 and result.cmc[-1] == 1
 
 
 def torchreid_cuhk03_cmc(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, num_repeats, seed):

@@ -259,7 +259,7 @@ def test_bad_input_names_the_argument(backend, bad, message):
 
 def test_bad_eps_and_backend():
     x, mask, protos = make_inputs(2, 3, 4, torch.float32, "cpu")
-    with pytest.raises(ValueError, match="eps must be > 0"):
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
         masked_cosine(x, mask, protos, eps=0.0)
     with pytest.raises(ValueError, match="backend must be one of"):
         masked_cosine(x, mask, protos, backend="opencl")

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "../common/host_device.h"
+#include "kreciprocal_checks.h"
 #include "kreciprocal_math.h"
 
 namespace dpm_ops {
@@ -25,12 +26,6 @@ at::Tensor prefix_sum(const std::vector<int64_t>& counts, const at::TensorOption
   p[0] = 0;
   for (size_t i = 0; i < counts.size(); ++i) p[i + 1] = p[i] + counts[i];
   return row_ptr;
-}
-
-void check_neighbours(const at::Tensor& neighbours) {
-  TORCH_CHECK_VALUE(neighbours.dim() == 2 && neighbours.scalar_type() == at::kLong,
-                    "kreciprocal: neighbours must be a 2-D int64 tensor, got ", neighbours.sizes(), " ",
-                    neighbours.scalar_type());
 }
 
 // R*(i) for every item, as CSR (row_ptr, cols). R(c, kh) is computed once per item; each
@@ -89,6 +84,13 @@ at::Tensor pair_sqdist_cpu(const at::Tensor& features_in, const at::Tensor& cand
                            const at::Tensor& cand_indices_in, const at::Tensor& row_ptr_in, const at::Tensor& cols_in) {
   TORCH_CHECK_VALUE(features_in.dim() == 2 && at::isFloatingType(features_in.scalar_type()),
                     "kreciprocal: features must be a 2-D floating tensor");
+  const int64_t N = features_in.size(0);
+  check_index_tensor(cand_indices_in, 2, "cand_indices");
+  TORCH_CHECK_VALUE(cand_indices_in.size(0) == N && cand_values_in.sizes() == cand_indices_in.sizes(),
+                    "kreciprocal: cand_values and cand_indices must both be (", N, ", m), got ", cand_values_in.sizes(),
+                    " and ", cand_indices_in.sizes());
+  check_index_range(cand_indices_in, N, "cand_indices");
+  check_csr(row_ptr_in, cols_in, N, N);
   const at::Tensor features =
       features_in.to(features_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
   const at::Tensor cand_values = cand_values_in.to(at::kFloat).contiguous(), cand_indices = cand_indices_in.contiguous();
@@ -105,11 +107,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> query_expansion_cpu(const at::Ten
                                                                    const at::Tensor& cols_in,
                                                                    const at::Tensor& values_in,
                                                                    const at::Tensor& sources_in) {
-  check_neighbours(sources_in);
+  check_index_tensor(row_ptr_in, 1, "row_ptr");
+  const int64_t N = row_ptr_in.size(0) - 1;
+  check_csr(row_ptr_in, cols_in, N, N, &values_in);
+  check_index_tensor(sources_in, 2, "sources");
+  TORCH_CHECK_VALUE(sources_in.size(0) == N, "kreciprocal: sources must have one row per item");
+  check_index_range(sources_in, N, "sources");
   const at::Tensor row_ptr = row_ptr_in.contiguous(), cols = cols_in.contiguous();
   const at::Tensor values = values_in.to(at::kFloat).contiguous(), sources = sources_in.contiguous();
-  const int64_t N = row_ptr.size(0) - 1, k2 = sources.size(1);
-  TORCH_CHECK_VALUE(sources.size(0) == N, "kreciprocal: sources must have one row per item");
+  const int64_t k2 = sources.size(1);
   const int64_t* rp = row_ptr.const_data_ptr<int64_t>();
   const int64_t* cp = cols.const_data_ptr<int64_t>();
   const float* vp = values.const_data_ptr<float>();
@@ -150,10 +156,10 @@ void jaccard_blend_cpu(at::Tensor& out, const at::Tensor& row_ptr_in, const at::
                        const at::Tensor& values_in, double lambda_value, const c10::optional<at::Tensor>& scale_in) {
   TORCH_CHECK_VALUE(out.dim() == 2 && out.scalar_type() == at::kFloat && out.is_contiguous(),
                     "kreciprocal: out must be a contiguous 2-D float32 tensor");
+  const int64_t Q = out.size(0), G = out.size(1), N = Q + G;
+  check_csr(row_ptr_in, cols_in, N, N, &values_in);
   const at::Tensor row_ptr = row_ptr_in.contiguous(), cols = cols_in.contiguous();
   const at::Tensor values = values_in.to(at::kFloat).contiguous();
-  const int64_t Q = out.size(0), G = out.size(1), N = Q + G;
-  TORCH_CHECK_VALUE(row_ptr.size(0) == N + 1, "kreciprocal: row_ptr must have Q + G + 1 entries");
   const int64_t* rp = row_ptr.const_data_ptr<int64_t>();
   const int64_t* cp = cols.const_data_ptr<int64_t>();
   const float* vp = values.const_data_ptr<float>();

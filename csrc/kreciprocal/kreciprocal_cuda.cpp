@@ -8,17 +8,12 @@
 #include <algorithm>
 
 #include "../common/aten_cuda.h"
+#include "kreciprocal_checks.h"
 #include "kreciprocal_cuda.h"
 
 namespace dpm_ops {
 namespace kreciprocal {
 namespace {
-
-void check_neighbours(const at::Tensor& neighbours) {
-  TORCH_CHECK_VALUE(neighbours.dim() == 2 && neighbours.scalar_type() == at::kLong,
-                    "kreciprocal: neighbours must be a 2-D int64 tensor, got ", neighbours.sizes(), " ",
-                    neighbours.scalar_type());
-}
 
 void check_device(const at::Tensor& t, const at::Tensor& like, const char* name) {
   TORCH_CHECK_VALUE(t.device() == like.device(), "kreciprocal: ", name, " must be on ", like.device(), ", got ",
@@ -62,17 +57,21 @@ at::Tensor pair_sqdist_cuda(const at::Tensor& features_in, const at::Tensor& can
                             const at::Tensor& cand_indices_in, const at::Tensor& row_ptr_in, const at::Tensor& cols_in) {
   TORCH_CHECK_VALUE(features_in.dim() == 2 && at::isFloatingType(features_in.scalar_type()),
                     "kreciprocal: features must be a 2-D floating tensor");
-  TORCH_CHECK_VALUE(cand_indices_in.dim() == 2 && cand_indices_in.scalar_type() == at::kLong,
-                    "kreciprocal: cand_indices must be a 2-D int64 tensor");
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>(cand_values_in, "cand_values"),
                                 {cand_indices_in, "cand_indices"}, {row_ptr_in, "row_ptr"}, {cols_in, "cols"}})
     check_device(t, features_in, name);
   const c10::cuda::CUDAGuard guard(features_in.device());
+  const int64_t N = features_in.size(0);
+  check_index_tensor(cand_indices_in, 2, "cand_indices");
+  TORCH_CHECK_VALUE(cand_indices_in.size(0) == N && cand_values_in.sizes() == cand_indices_in.sizes(),
+                    "kreciprocal: cand_values and cand_indices must both be (", N, ", m), got ", cand_values_in.sizes(),
+                    " and ", cand_indices_in.sizes());
+  check_index_range(cand_indices_in, N, "cand_indices");
+  check_csr(row_ptr_in, cols_in, N, N);
   const at::Tensor features =
       features_in.to(features_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
   const at::Tensor cand_values = cand_values_in.to(at::kFloat).contiguous(), cand_indices = cand_indices_in.contiguous();
   const at::Tensor row_ptr = row_ptr_in.contiguous(), cols = cols_in.contiguous();
-  TORCH_CHECK_VALUE(row_ptr.size(0) == features.size(0) + 1, "kreciprocal: row_ptr must have N + 1 entries");
   at::Tensor out = at::empty({cols.size(0)}, cols.options().dtype(at::kFloat));
   cuda::pair_sqdist(dtype_of(features), features.const_data_ptr(), features.size(0), features.size(1),
                     cand_values.const_data_ptr<float>(), cand_indices.const_data_ptr<int64_t>(), cand_indices.size(1),
@@ -85,15 +84,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> query_expansion_cuda(const at::Te
                                                                     const at::Tensor& cols_in,
                                                                     const at::Tensor& values_in,
                                                                     const at::Tensor& sources_in) {
-  check_neighbours(sources_in);
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>(cols_in, "cols"), {values_in, "values"},
                                 {sources_in, "sources"}})
     check_device(t, row_ptr_in, name);
   const c10::cuda::CUDAGuard guard(row_ptr_in.device());
+  check_index_tensor(row_ptr_in, 1, "row_ptr");
+  const int64_t N = row_ptr_in.size(0) - 1;
+  check_csr(row_ptr_in, cols_in, N, N, &values_in);
+  check_index_tensor(sources_in, 2, "sources");
+  TORCH_CHECK_VALUE(sources_in.size(0) == N, "kreciprocal: sources must have one row per item");
+  check_index_range(sources_in, N, "sources");
   const at::Tensor row_ptr = row_ptr_in.contiguous(), cols = cols_in.contiguous();
   const at::Tensor values = values_in.to(at::kFloat).contiguous(), sources = sources_in.contiguous();
-  const int64_t N = row_ptr.size(0) - 1, k2 = sources.size(1);
-  TORCH_CHECK_VALUE(sources.size(0) == N, "kreciprocal: sources must have one row per item");
+  const int64_t k2 = sources.size(1);
   const cudaStream_t stream = current_stream();
   at::Tensor scratch = scratch_for(N, 2 * k2, row_ptr.options());
   at::Tensor sizes = at::empty({N}, row_ptr.options());
@@ -118,10 +121,10 @@ void jaccard_blend_cuda(at::Tensor& out, const at::Tensor& row_ptr_in, const at:
                                 {values_in, "values"}})
     check_device(t, out, name);
   const c10::cuda::CUDAGuard guard(out.device());
+  const int64_t Q = out.size(0), G = out.size(1), N = Q + G;
+  check_csr(row_ptr_in, cols_in, N, N, &values_in);
   const at::Tensor row_ptr = row_ptr_in.contiguous(), cols = cols_in.contiguous();
   const at::Tensor values = values_in.to(at::kFloat).contiguous();
-  const int64_t Q = out.size(0), G = out.size(1), N = Q + G;
-  TORCH_CHECK_VALUE(row_ptr.size(0) == N + 1, "kreciprocal: row_ptr must have Q + G + 1 entries");
   at::Tensor scale;
   if (scale_in.has_value()) {
     check_device(*scale_in, out, "row_scale");

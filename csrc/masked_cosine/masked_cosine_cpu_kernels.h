@@ -6,6 +6,8 @@
 
 #include <atomic>
 #include <cmath>
+#include <cstdio>
+#include <limits>
 
 #include "masked_cosine_driver.h"
 #include "masked_cosine_math.h"
@@ -24,13 +26,28 @@ template <typename scalar_t> inline scalar_t row_sum_sq(const scalar_t* row, int
   return sum;
 }
 
-// A row is finite iff its sum of squares is, unless huge finite values overflow the sum:
-// the exact scan only runs then.
-template <typename scalar_t> inline bool row_finite(const scalar_t* row, int64_t cols, scalar_t sum_sq) {
-  if (std::isfinite(sum_sq)) return true;
+// A row's check, free in the pass that sums its squares, the same rule as the Python entry points
+// (dpm_ops/ops/_checks.py): its values are finite and its squared norm stays within max / 4, the
+// bound every later product and distance keeps under (beyond it huge finite values overflow the
+// sums into inf, and the normalised row into 0). The exact scan runs only when the sum fails.
+enum class RowState { kOk, kNonFinite, kTooLarge };
+
+template <typename scalar_t> inline RowState row_state(const scalar_t* row, int64_t cols, scalar_t sum_sq) {
+  if (sum_sq <= std::numeric_limits<scalar_t>::max() / 4) return RowState::kOk;
   for (int64_t c = 0; c < cols; ++c)
-    if (!std::isfinite(row[c])) return false;
-  return true;
+    if (!std::isfinite(row[c])) return RowState::kNonFinite;
+  return RowState::kTooLarge;
+}
+
+// The Python entry points' messages, word for word.
+template <typename scalar_t> void check_row_states(const char* name, bool non_finite, bool too_large) {
+  TORCH_CHECK_VALUE(!non_finite, "masked_cosine: ", name, " contains non-finite values (NaN or inf)");
+  if (too_large) {
+    char limit[32];
+    std::snprintf(limit, sizeof(limit), "%.3g", double(std::sqrt(std::numeric_limits<scalar_t>::max()) / 2));
+    TORCH_CHECK_VALUE(false, "masked_cosine: ", name, " is too large in magnitude: row norms must stay below ", limit,
+                      " in ", sizeof(scalar_t) == 8 ? "float64" : "float32", " arithmetic");
+  }
 }
 
 struct CpuKernels {
@@ -47,14 +64,18 @@ struct CpuKernels {
       scalar_t* sp = scaled.data_ptr<scalar_t>();
       scalar_t* qp = second.data_ptr<scalar_t>();
       scalar_t* ip = inv.data_ptr<scalar_t>();
-      std::atomic<bool> v_finite{true}, mult_finite{true};
+      std::atomic<bool> v_non_finite{false}, v_too_large{false}, mult_non_finite{false}, mult_too_large{false};
+      const auto note = [](RowState state, std::atomic<bool>& non_finite, std::atomic<bool>& too_large) {
+        if (state == RowState::kNonFinite) non_finite = true;
+        if (state == RowState::kTooLarge) too_large = true;
+      };
       at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           const scalar_t* row = vp + r * cols;
           scalar_t* srow = sp + r * cols;
           scalar_t* qrow = qp + r * cols;
           const scalar_t sum_sq = row_sum_sq(row, cols);
-          if (!row_finite(row, cols, sum_sq)) v_finite = false;
+          note(row_state(row, cols, sum_sq), v_non_finite, v_too_large);
           const scalar_t s = inv_norm(sum_sq, scalar_t(eps));
           ip[r] = s;
           if (mp) {
@@ -66,7 +87,7 @@ struct CpuKernels {
               qrow[c] = mrow[c] * mrow[c];
               mult_sum_sq += qrow[c];
             }
-            if (!row_finite(mrow, cols, mult_sum_sq)) mult_finite = false;
+            note(row_state(mrow, cols, mult_sum_sq), mult_non_finite, mult_too_large);
           } else {
             _Pragma("omp simd")
             for (int64_t c = 0; c < cols; ++c) {
@@ -76,8 +97,8 @@ struct CpuKernels {
           }
         }
       });
-      TORCH_CHECK_VALUE(v_finite, "masked_cosine: ", mp ? "x" : "protos", " contains non-finite values (NaN or inf)");
-      TORCH_CHECK_VALUE(mult_finite, "masked_cosine: mask contains non-finite values (NaN or inf)");
+      check_row_states<scalar_t>(mp ? "x" : "protos", v_non_finite, v_too_large);
+      check_row_states<scalar_t>("mask", mult_non_finite, mult_too_large);
     });
   }
 

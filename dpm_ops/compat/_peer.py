@@ -9,8 +9,8 @@ def rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, use_metric_cuhk0
     """(cmc, dpm_ops RankResult): cmc as the peers return it, float32 with min(max_rank, G) entries."""
     result = evaluation.evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=max_rank,
                                       protocol="cuhk03" if use_metric_cuhk03 else "market1501")
-    # The peers cut max_rank down to the gallery size (after evaluate_rank has checked distmat).
-    return result.cmc[:min(max_rank, np.shape(distmat)[1])].astype(np.float32), result
+    # evaluate_rank cuts max_rank down to the gallery size, with a warning, as the peers do.
+    return result.cmc.astype(np.float32), result
 
 
 def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3):

@@ -302,7 +302,9 @@ def _subset_metrics(distmat, query: FeatureSet, gallery: FeatureSet, rows: Optio
     result = evaluate_rank(distmat, q_pids.to(device), gallery.pids.to(device), q_camids.to(device),
                            gallery.camids.to(device), max_rank=max_rank, **options)
     cmc = [100.0 * float(v) for v in result.cmc]
-    return {"rank1": cmc[0], "rank5": cmc[4], "rank10": cmc[9], "mAP": 100.0 * result.mAP,
+    # A gallery smaller than max_rank cuts the CMC to its size, past which it would stay at its last value.
+    rank = {k: cmc[min(k, len(cmc)) - 1] if len(cmc) == len(gallery.pids) else cmc[k - 1] for k in (1, 5, 10)}
+    return {"rank1": rank[1], "rank5": rank[5], "rank10": rank[10], "mAP": 100.0 * result.mAP,
             "mINP": 100.0 * result.mINP, "num_query": int(len(q_pids)), "num_valid": int(result.num_valid),
             "cmc": cmc}
 

@@ -9,37 +9,49 @@ import numbers
 import numpy as np
 import torch
 
+from ..ops._checks import check_finite, check_finite_rows, compute_dtype as _compute_dtype
+
+_NUMERIC_KINDS = "biuf"  # numpy dtype kinds: bool, signed / unsigned integer, float
+
 
 def as_tensor(name: str, value, ndim: int, device=None) -> torch.Tensor:
-    if isinstance(value, np.ndarray):
-        tensor = torch.from_numpy(value) if value.flags.writeable else torch.from_numpy(value.copy())
-    elif isinstance(value, torch.Tensor):
+    if isinstance(value, torch.Tensor):
         tensor = value.detach()
+        if tensor.is_meta:
+            raise ValueError(f"{name} is a meta tensor (shape only, no values)")
     else:
-        tensor = torch.as_tensor(np.asarray(value))
+        try:
+            array = np.asarray(value)
+        except ValueError as error:  # ragged nested sequences
+            raise ValueError(f"{name} must be an array of numbers: {error}") from None
+        if array.dtype.kind not in _NUMERIC_KINDS:
+            raise ValueError(f"{name} must hold numbers, got {type(value).__name__} of {array.dtype}")
+        tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
     if tensor.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(tensor.shape)}")
     return tensor if device is None else tensor.to(device)
 
 
-def as_floats(name: str, value, ndim: int, device=None) -> torch.Tensor:
+def as_floats(op: str, name: str, value, ndim: int, device=None, vectors: bool = False,
+              arithmetic: torch.dtype | None = None) -> torch.Tensor:
+    """A non-empty floating-point tensor of finite values; `vectors`: its rows are feature vectors,
+    whose norms must also stay within what the GEMM-based code can square in its compute dtype, or
+    in `arithmetic` (ops._checks.check_finite_rows)."""
     tensor = as_tensor(name, value, ndim, device)
     if not tensor.is_floating_point():
         raise ValueError(f"{name} must hold floating-point values, got {tensor.dtype}")
     if tensor.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(tensor.shape)})")
-    check_finite(name, tensor)
+    if vectors:
+        check_finite_rows(op, arithmetic, **{name: tensor})
+    else:
+        check_finite(op, **{name: tensor})
     return tensor
-
-
-def check_finite(name: str, tensor: torch.Tensor) -> None:
-    if not bool(torch.isfinite(tensor).all()):
-        raise ValueError(f"{name} contains NaN or inf")
 
 
 def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
     """float64 stays float64; float16 / bfloat16 / float32 are computed in float32."""
-    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    return _compute_dtype(tensor.dtype)
 
 
 def check_count(name: str, value, minimum: int) -> int:

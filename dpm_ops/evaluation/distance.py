@@ -45,10 +45,10 @@ def finish_distance(raw: torch.Tensor, metric: str) -> torch.Tensor:
     return raw.sqrt_() if metric == "euclidean" else raw
 
 
-def _check_tensors(x, y, metric):
+def _check_tensors(op, x, y, metric):
     _inputs.check_choice("metric", metric, METRICS)
-    x_t = _inputs.as_floats("x", x, 2)
-    y_t = _inputs.as_floats("y", y, 2, device=x_t.device)
+    x_t = _inputs.as_floats(op, "x", x, 2, vectors=True)
+    y_t = _inputs.as_floats(op, "y", y, 2, device=x_t.device, vectors=True)
     if x_t.shape[1] != y_t.shape[1]:
         raise ValueError(f"x and y must have the same feature dimension, got {x_t.shape[1]} and {y_t.shape[1]}")
     return x_t, y_t
@@ -59,8 +59,8 @@ def _operands(x_t, y_t, metric):
     return _Operand(x_t, metric, dtype), _Operand(y_t, metric, dtype)
 
 
-def _check_pair(x, y, metric):
-    return _operands(*_check_tensors(x, y, metric), metric)
+def _check_pair(op, x, y, metric):
+    return _operands(*_check_tensors(op, x, y, metric), metric)
 
 
 def pairwise_distance(x, y, metric: str = "euclidean"):
@@ -69,7 +69,7 @@ def pairwise_distance(x, y, metric: str = "euclidean"):
     Computed in row tiles written straight into the output, so calling it on tiles of x
     gives a tiled result with no extra temporaries.
     """
-    xs, ys = _check_pair(x, y, metric)
+    xs, ys = _check_pair("pairwise_distance", x, y, metric)
     out = torch.empty(len(xs.features), len(ys.features), dtype=xs.features.dtype, device=xs.features.device)
     for start in range(0, len(out), TILE_ROWS):
         tile = out[start:start + TILE_ROWS]
@@ -88,7 +88,7 @@ def knn(x, y, k: int, metric: str = "euclidean"):
     comes first, as a stable sort of the full distance row would give. Distances are computed
     tile by tile and merged into running top-k lists, so memory stays O(M k + tile) whatever N.
     """
-    x_t, y_t = _check_tensors(x, y, metric)
+    x_t, y_t = _check_tensors("knn", x, y, metric)
     num_y = len(y_t)
     k = _inputs.check_count("k", k, 1)
     if k > num_y:

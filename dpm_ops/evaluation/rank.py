@@ -34,12 +34,14 @@ which every kept item no farther than the farthest match adds one to the ranks o
 precedes. The torch path below computes the same ranks and is the fallback.
 """
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .. import _backend
+from ..ops._checks import check_finite
 from . import _inputs
 from ._ragged import expand_segments, segment_starts
 from ._select import order_keys
@@ -51,7 +53,7 @@ _CHUNK_ELEMENTS = 1 << 22
 
 @dataclass
 class RankResult:
-    cmc: np.ndarray      # (max_rank,) share of valid queries matched within rank 1..max_rank
+    cmc: np.ndarray      # (min(max_rank, G),) share of valid queries matched within rank 1..max_rank
     mAP: float
     mINP: float
     all_AP: np.ndarray   # AP of every valid query, in query order
@@ -184,8 +186,10 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
     seeded draws of one gallery item per identity (module docstring); mAP / mINP unchanged.
     num_repeats and seed are used by that protocol only.
 
-    The CMC always has max_rank entries; past the number of gallery items (identities, for
-    cuhk03) it stays at 1.
+    The CMC has min(max_rank, G) entries: a max_rank above the gallery size G is cut to G with a
+    warning, as torchreid does (every valid query has matched within G ranks, so the CMC would only
+    repeat 1 past it, and the work stays bounded by the gallery). Past the number of kept items
+    (identities, for cuhk03) it stays at 1.
     """
     max_rank = _inputs.check_count("max_rank", max_rank, 1)
     _inputs.check_choice("ap", ap, AP_MODES)
@@ -198,6 +202,10 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
     num_query, num_gallery = dist.shape
     if num_query == 0 or num_gallery == 0:
         raise ValueError(f"distmat is empty (shape {tuple(dist.shape)}): need at least one query and one gallery item")
+    if max_rank > num_gallery:
+        warnings.warn(f"evaluate_rank: max_rank {max_rank} exceeds the gallery size {num_gallery}; the CMC has "
+                      f"{num_gallery} entries", stacklevel=2)
+        max_rank = num_gallery
     device = dist.device
     q_pids = _labels("q_pids", q_pids, num_query, device)
     q_camids = _labels("q_camids", q_camids, num_query, device)
@@ -214,7 +222,7 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
         stop = min(start + step, num_query)
         chunk = dist[start:stop].to(dtype)
         if not bool(torch.isfinite(chunk.sum())):  # one cheap pass; the exact check only on failure
-            _inputs.check_finite("distmat", chunk)
+            check_finite("evaluate_rank", distmat=chunk)
         if use_kernel:
             query, rank, ordinal, num_matches = kernel_match_ranks(chunk, q_pids[start:stop], q_camids[start:stop],
                                                                    g_pids, g_camids)

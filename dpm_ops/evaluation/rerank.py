@@ -33,6 +33,7 @@ import numbers
 import torch
 
 from .. import _backend
+from ..ops._checks import row_norm_limit
 from ..ops.knn import check_strategy, self_knn
 from . import _inputs
 from ._kreciprocal import encode_weights, expanded_neighbourhoods, jaccard_blend_, query_expansion
@@ -45,6 +46,12 @@ _ROW_BLOCK_ELEMENTS = 1 << 23
 _FEATURE_TILE = 2048
 _PAIR_CHUNK = 1 << 16
 _FEATURE_PAIR_CHUNK = 1 << 12
+
+
+def _row_scale(row_max: torch.Tensor) -> torch.Tensor:
+    """What each row is divided by: its maximum, or 1 where that is 0 (every distance of the row
+    is 0, e.g. identical features), where the reference's 0 / 0 would make every result NaN."""
+    return torch.where(row_max > 0, row_max, torch.ones_like(row_max))
 
 
 class _DenseDistances:
@@ -83,7 +90,7 @@ class _DenseDistances:
         for start in range(0, n, step):
             stop = min(start + step, n)
             block = self._pooled_rows(start, stop)
-            self.row_max[start:stop] = block.amax(dim=1)
+            self.row_max[start:stop] = _row_scale(block.amax(dim=1))
             block /= self.row_max[start:stop, None]
             values, indices = smallest_in_rows(block, width + TIE_MARGIN)
             neighbours[start:stop] = resolve_smallest(values, indices, width, n, lambda v, rows: v,
@@ -174,6 +181,7 @@ class _FeatureDistances:
                               out=self.row_max[col_start:col_stop])
                 self.nearest.offer(col_start, col_stop, block, row_start, transposed=True)
 
+        self.row_max = _row_scale(self.row_max)
         neighbours = resolve_smallest(self.nearest.values, self.nearest.indices, width, n,
                                       lambda values, rows: values / self.row_max[rows, None], self._full_rows)[1]
         out /= self.row_max[:q, None]
@@ -187,7 +195,7 @@ class _FeatureDistances:
         n, q = self.num_items, self.num_query
         values, indices, row_max, cross = self_knn(self.features, min(width + TIE_MARGIN, n), "sqeuclidean",
                                                    normalize=True, cross_rows=q, strategy=self.strategy)
-        self.row_max = row_max.to(torch.float32)
+        self.row_max = _row_scale(row_max.to(torch.float32))
         self.nearest = _Candidates(values.to(torch.float32), indices)
         self.out_scale = self.row_max[:q]  # the Jaccard kernel divides by it in its own pass
         return indices[:, :width].contiguous(), cross.to(torch.float32)
@@ -231,6 +239,20 @@ def _check_parameters(k1, k2, lambda_value):
     if isinstance(lambda_value, bool) or not isinstance(lambda_value, numbers.Real) or not 0.0 <= lambda_value <= 1.0:
         raise ValueError(f"lambda_value must be a number in [0, 1], got {lambda_value!r}")
     return k1, k2, float(lambda_value)
+
+
+def _check_distance_range(input: str, **matrices) -> None:
+    """Squared distances must be >= 0 (a negative one has no Euclidean meaning and breaks the row
+    normalisation), and every distance small enough for the float32 pipeline to square it (as the
+    reference, it works in float32 whatever the input's dtype): one device sync."""
+    limit = row_norm_limit(torch.float32)
+    bounds = torch.stack([torch.stack(torch.aminmax(m)).double() for m in matrices.values()]).tolist()
+    for (name, _), (low, high) in zip(matrices.items(), bounds):
+        if input == "squared" and low < 0:
+            raise ValueError(f"re_ranking: {name} must hold squared distances >= 0 (input='squared'), got {low:g}")
+        if max(high, -low) > limit:
+            raise ValueError(f"re_ranking: {name} is too large in magnitude: distances must stay below {limit:.3g}, "
+                             "the range of the float32 pipeline")
 
 
 def _rerank_kernels(source, neighbours, out, k1: int, k2: int, lambda_value: float) -> torch.Tensor:
@@ -282,15 +304,16 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6, lambda_v
     k1, k2, lambda_value = _check_parameters(k1, k2, lambda_value)
     _inputs.check_choice("input", input, INPUTS)
     _inputs.check_choice("orientation", orientation, ORIENTATIONS)
-    q_g = _inputs.as_floats("q_g_dist", q_g_dist, 2)
+    q_g = _inputs.as_floats("re_ranking", "q_g_dist", q_g_dist, 2)
     num_query, num_gallery = q_g.shape
-    q_q = _inputs.as_floats("q_q_dist", q_q_dist, 2, device=q_g.device)
-    g_g = _inputs.as_floats("g_g_dist", g_g_dist, 2, device=q_g.device)
+    q_q = _inputs.as_floats("re_ranking", "q_q_dist", q_q_dist, 2, device=q_g.device)
+    g_g = _inputs.as_floats("re_ranking", "g_g_dist", g_g_dist, 2, device=q_g.device)
     if q_q.shape != (num_query, num_query):
         raise ValueError(f"q_q_dist must be ({num_query}, {num_query}) for {num_query} queries, got {tuple(q_q.shape)}")
     if g_g.shape != (num_gallery, num_gallery):
         raise ValueError(f"g_g_dist must be ({num_gallery}, {num_gallery}) for {num_gallery} gallery items, "
                          f"got {tuple(g_g.shape)}")
+    _check_distance_range(input, q_g_dist=q_g, q_q_dist=q_q, g_g_dist=g_g)
     if orientation == "reference":
         q_q, g_g = q_q.T, g_g.T  # strided views: rows are read a block at a time and copied anyway
     source = _DenseDistances(q_g, q_q, g_g, squared_input=input == "squared")
@@ -312,8 +335,10 @@ def rerank_features(qf, gf, k1: int = 20, k2: int = 6, lambda_value: float = 0.3
     """
     k1, k2, lambda_value = _check_parameters(k1, k2, lambda_value)
     check_strategy(strategy)
-    query = _inputs.as_floats("qf", qf, 2)
-    gallery = _inputs.as_floats("gf", gf, 2, device=query.device)
+    # The pipeline is float32 (as the reference) whatever the features' dtype.
+    query = _inputs.as_floats("rerank_features", "qf", qf, 2, vectors=True, arithmetic=torch.float32)
+    gallery = _inputs.as_floats("rerank_features", "gf", gf, 2, device=query.device, vectors=True,
+                                arithmetic=torch.float32)
     if query.shape[1] != gallery.shape[1]:
         raise ValueError(f"qf and gf must have the same feature dimension, got {query.shape[1]} and {gallery.shape[1]}")
     source = _FeatureDistances(query, gallery, strategy)

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 
 from dpm_ops import _backend
 from dpm_ops.ops import masked_arcface_ce, masked_cosine
+from dpm_ops.ops._checks import check_finite_rows, check_tensors
+from dpm_ops.ops.masked_arcface import check_label_range, check_masked_arcface_args
 
 from ._precision import at_least_fp32, common_at_least_fp32
 
@@ -73,10 +75,16 @@ def masked_arcface_cross_entropy(features: torch.Tensor, mask: torch.Tensor, wei
 
     ``fused=True`` runs ``dpm_ops.ops.masked_arcface_ce`` where available (same value and gradients;
     both branches in at least fp32, also under autocast); ``fused=False`` is the reference."""
+    check_tensors("masked_arcface_cross_entropy", features=features, mask=mask, weight=weight)
     if fused and fused_available(features.device):
         with torch.autocast(device_type=features.device.type, enabled=False):
             return masked_arcface_ce(*common_at_least_fp32(features, mask, weight), labels, scale, margin,
                                      easy_margin, clamp_eps, plain_weight, masked_weight)
+    # The reference takes what the fused op takes (fp16 / bf16 too), with the same checks.
+    check_masked_arcface_args(*common_at_least_fp32(features, mask, weight), labels, scale, margin, clamp_eps,
+                              plain_weight, masked_weight)
+    check_finite_rows("masked_arcface_cross_entropy", features=features, mask=mask, weight=weight)
+    check_label_range(labels, weight.shape[0])
     plain = F.cross_entropy(F.linear(features, weight), labels)
     masked = F.cross_entropy(
         masked_arcface_logits(features, mask, weight, labels, scale, margin, easy_margin, clamp_eps), labels)

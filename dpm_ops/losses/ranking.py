@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.maskreid_ranking_loss import maskreid_ranking_loss as fused_maskreid_ranking_loss
-from ..ops.maskreid_ranking_loss_reference import check_modes, maskreid_ranking_loss_reference
+from ..ops.maskreid_ranking_loss_reference import check_modes
 
 
 def maskreid_ranking_loss(embeddings: torch.Tensor, labels: torch.Tensor, alpha: float = 0.15,
@@ -37,7 +37,8 @@ def maskreid_ranking_loss(embeddings: torch.Tensor, labels: torch.Tensor, alpha:
                           fused: bool = True) -> torch.Tensor:
     if fused:
         return fused_maskreid_ranking_loss(embeddings, labels, alpha, lam, neg_mode, pos_mode)
-    return maskreid_ranking_loss_reference(embeddings, labels, alpha, lam, neg_mode, pos_mode)
+    return fused_maskreid_ranking_loss(embeddings, labels, alpha, lam, neg_mode, pos_mode,
+                                       backend="reference")  # checked like the fused op
 
 
 class MaskReIDRankingLoss(nn.Module):

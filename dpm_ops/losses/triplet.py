@@ -12,6 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dpm_ops.ops import batch_hard_triplet
+from dpm_ops.ops._checks import check_tensors
+from dpm_ops.ops.batch_hard_triplet import check_batch_hard_triplet_args
 
 from ._precision import at_least_fp32
 from .arcface import fused_available
@@ -27,9 +29,11 @@ def pairwise_euclidean(features: torch.Tensor) -> torch.Tensor:
 def batch_hard_soft_margin_triplet(features: torch.Tensor, labels: torch.Tensor, fused: bool = True) -> torch.Tensor:
     """``fused=True`` runs ``dpm_ops.ops.batch_hard_triplet`` where available (same value and gradient,
     in at least fp32, also under autocast); ``fused=False`` (or no extension) is the reference below."""
+    check_tensors("batch_hard_triplet", features=features)
     if fused and fused_available(features.device):
         with torch.autocast(device_type=features.device.type, enabled=False):
             return batch_hard_triplet(at_least_fp32(features), labels)
+    check_batch_hard_triplet_args(at_least_fp32(features), labels)  # the fused op's checks
     dist = pairwise_euclidean(features)
     same = labels.unsqueeze(1) == labels.unsqueeze(0)
     hardest_positive = dist.masked_fill(~same, float("-inf")).max(1).values

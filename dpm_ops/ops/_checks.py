@@ -1,17 +1,105 @@
-"""Input checks shared by the ops' Python entry points."""
+"""Input checks shared by the ops' Python entry points and the evaluation API: each kind of check
+lives here once, with one message, so every op and backend reports a bad argument the same way."""
+
+import math
+import numbers
 
 import torch
 
 
+def check_tensors(op: str, **values) -> None:
+    """ValueError naming the first argument that is not a torch.Tensor."""
+    for name, value in values.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def check_batch(op: str, name: str, t: torch.Tensor) -> None:
+    """A loss is a mean over the batch: an empty one has no value (torch's mean of nothing is NaN)."""
+    if t.shape[0] == 0:
+        raise ValueError(f"{op}: {name} must hold at least one sample (B >= 1), got shape {tuple(t.shape)}")
+
+
 def check_finite(op: str, **tensors) -> None:
     """ValueError naming every tensor with a NaN or inf: one device sync for all of them; skipped
-    while compiling (a data-dependent branch)."""
+    while compiling (a data-dependent branch). Each tensor is summed (one vectorised reduction, no
+    temporary of its size; NaN and inf reach the sum); only a tensor whose sum is not finite, which
+    huge finite values can also cause, is scanned exactly."""
     if torch.compiler.is_compiling():
         return
-    finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()])
-    if not bool(finite.all()):
-        bad = [name for name, ok in zip(tensors, finite.tolist()) if not ok]
+    sums = torch.stack([t.sum(dtype=compute_dtype(t.dtype)).double() for t in tensors.values()])
+    finite_sums = torch.isfinite(sums).tolist()
+    if all(finite_sums):
+        return
+    bad = [name for (name, t), ok in zip(tensors.items(), finite_sums)
+           if not ok and not bool(torch.isfinite(t).all())]
+    if bad:
         raise ValueError(f"{op}: {', '.join(bad)} contains non-finite values (NaN or inf)")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the ops compute in: float64 stays float64, the rest (fp32 / fp16 / bf16) is fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def row_norm_limit(dtype: torch.dtype) -> float:
+    """The largest row norm the ops take in `dtype`'s compute type: sqrt(max) / 2, so that squared
+    norms, Gram entries and squared distances (|x|^2 + |y|^2 + 2|x.y| <= 4 max |x|^2) stay finite.
+    Beyond it finite input would overflow into inf, or into 0 after a normalisation."""
+    return math.sqrt(torch.finfo(compute_dtype(dtype)).max) / 2
+
+
+def too_large_message(op: str, name: str, dtype: torch.dtype, limit: str) -> str:
+    return f"{op}: {name} is too large in magnitude: {limit} in {str(dtype).removeprefix('torch.')} arithmetic"
+
+
+def check_result_finite(op: str, result: torch.Tensor, **inputs) -> None:
+    """check_finite of `inputs` done through the result, for ops whose every output is a sum over
+    its inputs (NaN and inf reach it) and whose output is small next to them: one sync on the
+    output, no pass over the input. A non-finite result names the non-finite input, or, when all
+    are finite, the sums overflowed: the input is too large in magnitude."""
+    if torch.compiler.is_compiling() or bool(torch.isfinite(result).all()):
+        return
+    check_finite(op, **inputs)
+    raise ValueError(too_large_message(op, ", ".join(inputs), compute_dtype(result.dtype), "its sums overflow"))
+
+
+def check_finite_rows(op: str, arithmetic: torch.dtype | None = None, max_norm: float | None = None,
+                      **tensors) -> None:
+    """check_finite, and also a ValueError for a tensor whose rows (last dimension) are too large in
+    norm for its compute type (row_norm_limit): the condition under which the GEMM-based kernels
+    give the exact answer. One reduction per tensor (no temporary of the tensor's size) and one
+    device sync for all; the exact finiteness scan runs only when a tensor fails. Skipped while
+    compiling. `arithmetic`: the dtype the caller computes in when it is not the tensors' compute
+    dtype (float32 for the re-ranking pipeline, as the reference); `max_norm`: a tighter limit the
+    op's own arithmetic needs (the ranking loss exponentiates similarities). The C++ CPU masked
+    cosine applies the same rule inside its first pass (csrc/masked_cosine/masked_cosine_cpu_kernels.h),
+    with the same messages."""
+    if torch.compiler.is_compiling():
+        return
+    tensors = {name: t for name, t in tensors.items() if t.numel() > 0}
+    if not tensors:
+        return
+    largest = torch.stack([torch.linalg.vector_norm(t, dim=-1, dtype=compute_dtype(t.dtype)).amax().double()
+                           for t in tensors.values()])
+    arithmetic_of = {name: arithmetic or compute_dtype(t.dtype) for name, t in tensors.items()}
+    limit_of = {name: min(row_norm_limit(dtype), max_norm or math.inf) for name, dtype in arithmetic_of.items()}
+    limits = torch.tensor(list(limit_of.values()), dtype=torch.float64, device=largest.device)
+    ok = largest <= limits  # False for NaN
+    if bool(ok.all()):
+        return
+    failed = {name: t for (name, t), good in zip(tensors.items(), ok.tolist()) if not good}
+    check_finite(op, **failed)
+    name = next(iter(failed))
+    raise ValueError(too_large_message(op, name, arithmetic_of[name], f"row norms must stay below {limit_of[name]:.3g}"))
+
+
+def check_number(op: str, name: str, value, positive: bool = False) -> float:
+    """A finite real number (not a bool; > 0 when `positive`), as a float; else a ValueError naming it."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+            or (positive and not value > 0)):
+        raise ValueError(f"{op}: {name} must be a finite number{' > 0' if positive else ''}, got {value!r}")
+    return float(value)
 
 
 KNN_GPU_MAX_K = 256  # the GPU kernels' per-row lists: CUDA's shared memory (csrc/knn/knn_cuda.h), Triton's registers

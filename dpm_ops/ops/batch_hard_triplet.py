@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from .. import _backend
+from ._checks import check_batch, check_finite_rows
 
 
 def check_batch_hard_triplet_args(features, labels) -> None:
@@ -35,6 +36,8 @@ def check_batch_hard_triplet_args(features, labels) -> None:
     if labels.device != features.device:
         raise ValueError(f"batch_hard_triplet: labels must be on the features' device {features.device}, got "
                          f"{labels.device}")
+    check_batch("batch_hard_triplet", "features", features)
+    check_finite_rows("batch_hard_triplet", features=features)
 
 
 def _fake(features, labels, with_grad):

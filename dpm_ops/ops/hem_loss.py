@@ -8,11 +8,10 @@ keeping anything) and writes the closed-form gradient. The maths is the referenc
 (hem_loss_reference.py, differentiated by torch itself).
 """
 
-import math
-
 import torch
 
 from .. import _backend
+from ._checks import check_batch, check_finite_rows, check_number
 from ._registration import register_forward_backward
 from .hem_loss_reference import REDUCTIONS, hem_loss_reference
 
@@ -28,10 +27,12 @@ def check_hem_args(cls_logits, eps, reduction) -> None:
                          f"{tuple(cls_logits.shape)}")
     if not cls_logits.is_floating_point():
         raise ValueError(f"hem_loss: cls_logits must be floating point, got {cls_logits.dtype}")
-    if not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"hem_loss: eps must be finite and > 0, got {eps!r}")
+    check_number("hem_loss", "eps", eps, positive=True)
     if reduction not in REDUCTIONS:
         raise ValueError(f"hem_loss: reduction must be 'sum' (official) or 'mean', got {reduction!r}")
+    if reduction == "mean":  # the sum over no samples is 0; their mean has no value
+        check_batch("hem_loss", "cls_logits", cls_logits)
+    check_finite_rows("hem_loss", cls_logits=cls_logits)  # each (sample, head) row is normalised
 
 
 def _fake_forward(cls_logits, eps, reduction):

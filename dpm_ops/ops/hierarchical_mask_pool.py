@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import _backend
+from ._checks import check_finite, check_finite_rows, check_result_finite
 from ._registration import register_forward_backward
 from .hierarchical_mask_pool_reference import hierarchical_mask_pool_reference
 
@@ -126,9 +127,22 @@ def hierarchical_mask_pool(features: Sequence[torch.Tensor], mask: Optional[torc
     features = list(features)
     if mask is not None:
         mask = mask.detach().to(features[0].dtype)
+    # The mask, small, is checked up front (also in magnitude: it weighs the sums). The maps: a max
+    # can skip a NaN (the Triton kernel's does), so max mode checks them before; every average sums
+    # all of its map's values (a NaN or inf times a zero weight is NaN), so avg mode finds NaN, inf
+    # and overflow in its small (B, sum C_l) output instead of a second pass over the maps.
+    named = {f"features[{i}]": f for i, f in enumerate(features)}
+    if mode == "max":
+        check_finite("hierarchical_mask_pool", **named)
+    if mask is not None:
+        check_finite_rows("hierarchical_mask_pool", mask=mask.flatten(1))
     name = _backend.resolve(backend, features[0].device)
     if name == "reference":
-        return hierarchical_mask_pool_reference(features, mask, mode)
-    if name == "triton":
-        return torch.ops.dpm_ops.hierarchical_mask_pool_triton(features, mask, mode)
-    return torch.ops.dpm_ops.hierarchical_mask_pool(features, mask, mode)
+        out = hierarchical_mask_pool_reference(features, mask, mode)
+    elif name == "triton":
+        out = torch.ops.dpm_ops.hierarchical_mask_pool_triton(features, mask, mode)
+    else:
+        out = torch.ops.dpm_ops.hierarchical_mask_pool(features, mask, mode)
+    if mode == "avg":
+        check_result_finite("hierarchical_mask_pool", out, **named)
+    return out

@@ -26,7 +26,7 @@ import numbers
 import torch
 
 from .. import _backend
-from ._checks import check_finite
+from ._checks import check_finite_rows
 from .knn_reference import COSINE_EPS, METRICS, compute_dtype, knn_reference, self_knn_reference
 
 
@@ -58,23 +58,6 @@ _CERTIFIED_MIN_WORK = 1 << 30  # rows x columns x features below which the direc
 def check_strategy(strategy):
     if strategy not in STRATEGIES:
         raise ValueError(f"knn: strategy must be one of {STRATEGIES}, got {strategy!r}")
-
-
-def _check_magnitude(dtype, **tensors):
-    """ValueError naming a tensor whose values would overflow the distances' squared norms and dot
-    products in `dtype` (|v|^2 summed over D features): a wrong answer otherwise. Skipped while
-    compiling (a data-dependent branch)."""
-    if torch.compiler.is_compiling():
-        return
-    for name, t in tensors.items():
-        if t.numel() == 0:
-            continue
-        limit = (torch.finfo(dtype).max / (4 * t.shape[1])) ** 0.5
-        largest = float(t.detach().abs().amax())
-        if largest > limit:
-            raise ValueError(f"knn: {name} has values of magnitude up to {largest:.3g}; {dtype} distances over "
-                             f"{t.shape[1]} features need magnitudes <= {limit:.3g} (scale the features down, or "
-                             "pass float64)")
 
 
 def bf16_gemm_is_fast() -> bool:
@@ -211,8 +194,7 @@ def knn(x: torch.Tensor, y: torch.Tensor, k: int, metric: str = "euclidean", bac
     _check_k(k, y.shape[0], "y")
     _check_metric(metric)
     check_strategy(strategy)
-    check_finite("knn", x=x, y=y)
-    _check_magnitude(compute_dtype(x, y), x=x, y=y)
+    check_finite_rows("knn", compute_dtype(x, y), x=x, y=y)
     name = _backend.resolve(backend, x.device)
     certified = _use_certified(strategy, name, x.shape[0], y.shape[0], x.shape[1])
     if not (name == "cuda" and x.dtype == y.dtype):  # the CUDA kernel's GEMM takes float16 / bfloat16 as they are
@@ -249,8 +231,7 @@ def self_knn(x: torch.Tensor, k: int, metric: str = "sqeuclidean", normalize: bo
             not 0 <= cross_rows <= x.shape[0]:
         raise ValueError(f"knn: cross_rows must be an integer in [0, {x.shape[0]}], got {cross_rows!r}")
     check_strategy(strategy)
-    check_finite("knn", x=x)
-    _check_magnitude(compute_dtype(x), x=x)
+    check_finite_rows("knn", x=x)
     name = _backend.resolve(backend, x.device)
     if _use_certified(strategy, name, x.shape[0], x.shape[0] // 2, x.shape[1]):  # half the GEMM
         return torch.ops.dpm_ops.self_knn_certified(x.to(compute_dtype(x)), k, metric, bool(normalize),

@@ -18,13 +18,14 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from ._checks import check_finite
+from ._checks import check_batch, check_finite_rows, check_number
 from .masked_cosine import check_masked_cosine_args
 
 
-def check_masked_arcface_args(features, mask, weight, labels, clamp_eps) -> None:
-    """ValueError naming the argument (shapes, dtypes, devices; the label range is checked by the
-    C++ CPU kernel for free, elsewhere with one sync outside torch.compile)."""
+def check_masked_arcface_args(features, mask, weight, labels, scale, margin, clamp_eps, plain_weight,
+                              masked_weight) -> None:
+    """ValueError naming the argument (shapes, dtypes, devices, numbers; the label range is checked by
+    the C++ CPU kernel for free, elsewhere with one sync outside torch.compile: check_label_range)."""
     check_masked_cosine_args(features, mask, weight, 1e-12)
     if not isinstance(labels, torch.Tensor):
         raise ValueError(f"masked_arcface_cross_entropy: labels must be a torch.Tensor, got {type(labels).__name__}")
@@ -36,13 +37,18 @@ def check_masked_arcface_args(features, mask, weight, labels, clamp_eps) -> None
     if labels.device != features.device:
         raise ValueError(f"masked_arcface_cross_entropy: labels must be on the features' device {features.device}, "
                          f"got {labels.device}")
+    check_batch("masked_arcface_cross_entropy", "features", features)
     if weight.shape[0] == 0:
         raise ValueError("masked_arcface_cross_entropy: weight must have at least one class (K >= 1)")
-    if not 0 <= clamp_eps < 1:
+    for name, value in (("scale", scale), ("margin", margin), ("plain_weight", plain_weight),
+                        ("masked_weight", masked_weight)):
+        check_number("masked_arcface_cross_entropy", name, value)
+    if not 0 <= check_number("masked_arcface_cross_entropy", "clamp_eps", clamp_eps) < 1:
         raise ValueError(f"masked_arcface_cross_entropy: clamp_eps must lie in [0, 1), got {clamp_eps}")
 
 
 def check_label_range(labels: torch.Tensor, num_classes: int) -> None:
+    """One sync: every label is a class of the weight (an index into the (B, K) logits)."""
     if torch.compiler.is_compiling() or labels.numel() == 0:
         return
     lo, hi = torch.aminmax(labels)
@@ -102,14 +108,14 @@ def masked_arcface_ce(features: torch.Tensor, mask: torch.Tensor, weight: torch.
     mask and weight. ``backend``: "cpp" | "cuda" | "triton" (None: by device). The reference is
     ``dpm_ops.losses.masked_arcface_cross_entropy(..., fused=False)``, which also handles promotion
     from fp16 / bf16 and autocast."""
-    check_masked_arcface_args(features, mask, weight, labels, clamp_eps)
+    check_masked_arcface_args(features, mask, weight, labels, scale, margin, clamp_eps, plain_weight, masked_weight)
     if features.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"masked_arcface_cross_entropy: features must be float32 or float64, got {features.dtype}")
     name = _backend.resolve(backend, features.device)
     if name == "reference":
         raise ValueError("masked_arcface_ce is the fused kernel; its reference is "
                          "dpm_ops.losses.masked_arcface_cross_entropy(..., fused=False)")
-    check_finite("masked_arcface_cross_entropy", features=features, mask=mask, weight=weight)
+    check_finite_rows("masked_arcface_cross_entropy", features=features, mask=mask, weight=weight)
     # Gradients are computed in the forward pass, so only when autograd will ask for them.
     with_grad = torch.is_grad_enabled() and (features.requires_grad or mask.requires_grad or weight.requires_grad)
     args = (features, mask, weight, labels, float(scale), float(margin), bool(easy_margin), float(clamp_eps),

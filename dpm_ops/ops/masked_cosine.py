@@ -12,7 +12,7 @@ functions and the autograd formula below; the reference (masked_cosine_reference
 import torch
 
 from .. import _backend
-from ._checks import check_finite
+from ._checks import check_finite_rows, check_number, check_tensors
 from ._registration import register_forward_backward
 from .masked_cosine_reference import masked_cosine_reference
 
@@ -21,9 +21,7 @@ ARCCOS_CLIP = 1e-5  # DPM's test metric clips the cosine to [-1+1e-5, 1-1e-5] be
 
 def check_masked_cosine_args(x, mask, protos, eps) -> None:
     """ValueError naming the argument for anything the kernels cannot take."""
-    for name, t in (("x", x), ("mask", mask), ("protos", protos)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"masked_cosine: {name} must be a torch.Tensor, got {type(t).__name__}")
+    check_tensors("masked_cosine", x=x, mask=mask, protos=protos)
     if x.dim() != 2:
         raise ValueError(f"masked_cosine: x must be 2-D (B, C), got shape {tuple(x.shape)}")
     if protos.dim() != 2:
@@ -40,8 +38,7 @@ def check_masked_cosine_args(x, mask, protos, eps) -> None:
     if mask.device != x.device or protos.device != x.device:
         raise ValueError(f"masked_cosine: x, mask and protos must be on one device, got {x.device}, "
                          f"{mask.device}, {protos.device}")
-    if not eps > 0:
-        raise ValueError(f"masked_cosine: eps must be > 0, got {eps}")
+    check_number("masked_cosine", "eps", eps, positive=True)
 
 
 def _fake_forward(x, mask, protos, eps=1e-12):
@@ -126,8 +123,8 @@ def masked_cosine(x: torch.Tensor, mask: torch.Tensor, protos: torch.Tensor, eps
     """
     check_masked_cosine_args(x, mask, protos, eps)
     name = _backend.resolve(backend, x.device)
-    if name != "cpp":  # the C++ CPU kernel checks finiteness inside its first pass, for free
-        check_finite("masked_cosine", x=x, mask=mask, protos=protos)
+    if name != "cpp":  # the C++ CPU kernel applies the same check inside its first pass, for free
+        check_finite_rows("masked_cosine", x=x, mask=mask, protos=protos)
     if name == "reference":
         return masked_cosine_reference(x, mask, protos, eps)
     if name == "triton":
@@ -143,5 +140,8 @@ def masked_arccos_distance(q: torch.Tensor, q_mask: torch.Tensor, g: torch.Tenso
 
     Only the query's mask is used, applied to the gallery features (asymmetric by design).
     """
+    # Values checked under this function's own names (masked_cosine's shape checks name x / mask / protos).
+    check_tensors("masked_arccos_distance", q=q, q_mask=q_mask, g=g)
+    check_finite_rows("masked_arccos_distance", q=q, q_mask=q_mask, g=g)
     cos = masked_cosine(q, q_mask, g, backend=backend)
     return torch.arccos(torch.clamp(cos, -1 + ARCCOS_CLIP, 1 - ARCCOS_CLIP))

@@ -13,15 +13,14 @@ import math
 import torch
 
 from .. import _backend
+from ._checks import check_batch, check_finite_rows, check_number, check_tensors, compute_dtype
 from ._registration import register_forward_backward
 from .maskreid_ranking_loss_reference import check_modes, maskreid_ranking_loss_reference
 
 
 def check_ranking_args(embeddings, labels, alpha, lam, neg_mode, pos_mode) -> None:
     """ValueError naming the argument for anything the kernels cannot take."""
-    for name, t in (("embeddings", embeddings), ("labels", labels)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"maskreid_ranking_loss: {name} must be a torch.Tensor, got {type(t).__name__}")
+    check_tensors("maskreid_ranking_loss", embeddings=embeddings, labels=labels)
     if embeddings.dim() != 2:
         raise ValueError(f"maskreid_ranking_loss: embeddings must be 2-D (B, D), got shape {tuple(embeddings.shape)}")
     if not embeddings.is_floating_point():
@@ -35,9 +34,23 @@ def check_ranking_args(embeddings, labels, alpha, lam, neg_mode, pos_mode) -> No
         raise ValueError(f"maskreid_ranking_loss: embeddings and labels must be on one device, got "
                          f"{embeddings.device}, {labels.device}")
     for name, value in (("alpha", alpha), ("lam", lam)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"maskreid_ranking_loss: {name} must be a finite number, got {value!r}")
+        check_number("maskreid_ranking_loss", name, value)
     check_modes(neg_mode, pos_mode)
+    check_batch("maskreid_ranking_loss", "embeddings", embeddings)
+    max_norm = None if pos_mode == "eq4" else exp_safe_norm(compute_dtype(embeddings.dtype), alpha, len(embeddings))
+    check_finite_rows("maskreid_ranking_loss", max_norm=max_norm, embeddings=embeddings)
+
+
+def exp_safe_norm(dtype: torch.dtype, alpha: float, batch: int) -> float:
+    """Eq. 5 sums up to B^2 terms exp(s_kj - s_ki + alpha) with |s| <= max |x|^2: the largest row
+    norm for which that sum stays finite in `dtype` (6.3 in float32 at B = 64, alpha = 0.15; MaskReID's
+    embeddings are L2-normalised). Eq. 4 takes log-sum-exps and needs no such bound."""
+    budget = math.log(torch.finfo(dtype).max) - 2 * math.log(batch) - max(alpha, 0.0)
+    if budget <= 0:
+        raise ValueError(f"maskreid_ranking_loss: alpha must stay below {budget + alpha:.3g} at B = {batch} "
+                         f"(exp(alpha) summed over B^2 pairs overflows {str(dtype).removeprefix('torch.')}), "
+                         f"got {alpha!r}")
+    return math.sqrt(budget / 2)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

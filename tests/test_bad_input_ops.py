@@ -1,0 +1,282 @@
+"""Bad input into the ops and the evaluation API (issue 9, "Ops and evaluation"): each cause gets a
+ValueError naming the argument, on every backend, or a defined correct answer; never a crash, a
+torch TypeError / IndexError or a silently wrong number."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import dpm_ops
+from dpm_ops.evaluation import evaluate_rank, pairwise_distance, re_ranking, rerank_features
+from dpm_ops.losses import batch_hard_soft_margin_triplet, masked_arcface_cross_entropy
+from dpm_ops.ops import (batch_hard_triplet, hem_loss, hierarchical_mask_pool, masked_arccos_distance,
+                         masked_arcface_ce, masked_cosine, maskreid_ranking_loss)
+from tests.conftest import backend_params
+
+ALL = backend_params("reference", "cpp", "triton")
+FUSED = backend_params("cpp", "triton")  # ops whose reference is the loss module's fused=False path
+NAN, INF = float("nan"), float("inf")
+needs_cpp = pytest.mark.skipif(not dpm_ops.backends()["cpp"][0], reason="needs the C++ extension")
+
+
+def poisoned(t: torch.Tensor, value: float) -> torch.Tensor:
+    t = t.clone()
+    t.view(-1)[t.numel() // 2] = value
+    return t
+
+
+def labels4():
+    return torch.tensor([0, 0, 1, 1])
+
+
+# One call per op, with its float inputs by name: every one gets the same NaN / inf check, and the
+# same magnitude check (rows whose norm passes sqrt(float max) / 2 would overflow their squares).
+def cosine_call(backend, x, mask, protos):
+    return masked_cosine(x, mask, protos, backend=backend)
+
+
+def arccos_call(backend, q, q_mask, g):
+    return masked_arccos_distance(q, q_mask, g, backend=backend)
+
+
+OP_CALLS = {
+    "masked_cosine": (ALL, cosine_call, lambda: dict(x=torch.randn(4, 6), mask=torch.rand(4, 6),
+                                                     protos=torch.randn(3, 6))),
+    "masked_arccos_distance": (ALL, arccos_call, lambda: dict(q=torch.randn(4, 6), q_mask=torch.rand(4, 6),
+                                                              g=torch.randn(3, 6))),
+    "masked_arcface_ce": (FUSED, lambda b, features, mask, weight: masked_arcface_ce(
+        features, mask, weight, torch.tensor([0, 1, 2, 0]), backend=b),
+        lambda: dict(features=torch.randn(4, 6), mask=torch.rand(4, 6), weight=torch.randn(3, 6))),
+    "batch_hard_triplet": (FUSED, lambda b, features: batch_hard_triplet(features, labels4(), backend=b),
+                           lambda: dict(features=torch.randn(4, 6))),
+    "hem_loss": (ALL, lambda b, cls_logits: hem_loss(cls_logits, backend=b),
+                 lambda: dict(cls_logits=torch.randn(2, 3, 5))),
+    "maskreid_ranking_loss": (ALL, lambda b, embeddings: maskreid_ranking_loss(embeddings, labels4(), backend=b),
+                              lambda: dict(embeddings=torch.nn.functional.normalize(torch.randn(4, 6), dim=1))),
+    "hierarchical_mask_pool max": (ALL, lambda b, features, mask: hierarchical_mask_pool([features], mask, "max",
+                                                                                         backend=b),
+                                   lambda: dict(features=torch.randn(2, 3, 4, 4), mask=torch.rand(2, 1, 8, 8))),
+    "hierarchical_mask_pool avg": (ALL, lambda b, features, mask: hierarchical_mask_pool([features], mask, "avg",
+                                                                                         backend=b),
+                                   lambda: dict(features=torch.randn(2, 3, 4, 4), mask=torch.rand(2, 1, 8, 8))),
+}
+OP_CASES = [pytest.param(op, backend.values[0], marks=backend.marks, id=f"{op}-{backend.values[0]}")
+            for op, (backends, _, _) in OP_CALLS.items() for backend in backends]
+MESSAGE_NAME = {"features": "features(\\[0\\])?"}
+
+
+@pytest.mark.parametrize("op, backend", OP_CASES)
+@pytest.mark.parametrize("value", [NAN, INF, -INF])
+def test_non_finite_input_is_a_value_error(op, backend, value):
+    """Before: the triplet loss gave 0.6931 for NaN features, a NaN mask in max mode pooled to finite
+    values on C++ and 0 on the reference, HEM and the ranking loss returned NaN."""
+    _, call, make = OP_CALLS[op]
+    for name in make():
+        inputs = make()
+        inputs[name] = poisoned(inputs[name], value)
+        with pytest.raises(ValueError, match=f"{MESSAGE_NAME.get(name, name)} contains non-finite values"):
+            call(backend, **inputs)
+
+
+@pytest.mark.parametrize("op, backend", [case for case in OP_CASES if "max" not in case.values[0]])
+def test_finite_input_too_large_for_float32_is_a_value_error(op, backend):
+    """Before: masked_cosine of magnitude-1e19 features and prototypes was an all-zero matrix."""
+    _, call, make = OP_CALLS[op]
+    name = next(iter(make()))
+    inputs = make()
+    inputs[name] = inputs[name].sign() * 3e38 if "pool" in op else inputs[name].sign() * 1e19
+    with pytest.raises(ValueError, match=f"{MESSAGE_NAME.get(name, name)} is too large in magnitude"):
+        call(backend, **inputs)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_masked_cosine_at_the_magnitude_limit_is_exact(backend):
+    """Just inside the limit the answer is the scale-invariant cosine, not a rejection."""
+    x, mask, protos = torch.randn(4, 6, dtype=torch.float64), torch.rand(4, 6, dtype=torch.float64), \
+        torch.randn(3, 6, dtype=torch.float64)
+    expected = masked_cosine(x, mask, protos, backend="reference")
+    scale = 1e18 / x.norm(dim=1).max()
+    got = masked_cosine((x * scale).float(), (mask * scale).float(), (protos * scale).float(), backend=backend)
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="x is too large in magnitude: row norms must stay below 9.22e\\+18 in float32"):
+        masked_cosine(x.float() * 1e19, mask.float(), protos.float(), backend=backend)
+
+
+@pytest.mark.parametrize("loss, kwargs", [
+    (batch_hard_soft_margin_triplet, {}),
+    (masked_arcface_cross_entropy, dict(mask=torch.rand(4, 6), weight=torch.randn(3, 6))),
+])
+def test_reference_losses_check_like_the_fused_ops(loss, kwargs):
+    features = poisoned(torch.randn(4, 6), NAN)
+    labels = torch.tensor([0, 0, 1, 2]) if kwargs else labels4()
+    with pytest.raises(ValueError, match="features contains non-finite values"):
+        loss(features, labels=labels, fused=False, **kwargs)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("name, value", [("scale", NAN), ("margin", INF), ("plain_weight", "a"),
+                                         ("clamp_eps", None), ("masked_weight", -INF)])
+def test_arcface_numbers(fused, name, value):
+    args = torch.randn(4, 6), torch.rand(4, 6), torch.randn(3, 6), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+        masked_arcface_cross_entropy(*args, fused=fused, **{name: value})
+
+
+def test_unfused_arcface_label_out_of_range():
+    """Before: an IndexError from gather (label >= K) or a NaN loss."""
+    args = torch.randn(4, 6), torch.rand(4, 6), torch.randn(3, 6)
+    for labels in (torch.tensor([0, 1, 3, 0]), torch.tensor([0, -1, 2, 0])):
+        with pytest.raises(ValueError, match="labels must lie in \\[0, K = 3\\)"):
+            masked_arcface_cross_entropy(*args, labels, fused=False)
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda v: masked_cosine(torch.ones(2, 3), torch.ones(2, 3), torch.ones(2, 3), eps=v), "eps"),
+    (lambda v: hem_loss(torch.ones(2, 3, 4), eps=v), "eps"),
+    (lambda v: maskreid_ranking_loss(torch.ones(4, 3), labels4(), alpha=v), "alpha"),
+])
+@pytest.mark.parametrize("value", ["a", None, NAN, INF, True])
+def test_numbers_of_the_wrong_kind(call, name, value):
+    with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+        call(value)
+
+
+@pytest.mark.parametrize("labels", [list("abcdef"), [object()] * 6, None, [[1], [2, 3]]])
+def test_evaluate_rank_labels_of_the_wrong_kind(labels):
+    """Before: a torch / numpy TypeError."""
+    dist = np.random.default_rng(0).random((6, 8))
+    with pytest.raises(ValueError, match="q_pids must"):
+        evaluate_rank(dist, labels, np.arange(8) % 3, np.zeros(6, int), np.ones(8, int))
+
+
+@pytest.mark.parametrize("value", [[["a", "b"]], [[None, 1.0]], None])
+def test_pairwise_distance_values_of_the_wrong_kind(value):
+    with pytest.raises(ValueError, match="x must"):
+        pairwise_distance(value, np.ones((3, 2)))
+
+
+META = torch.empty(6, 8, device="meta")
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda: evaluate_rank(META, np.arange(6), np.arange(8), np.zeros(6), np.ones(8)), "distmat"),
+    (lambda: re_ranking(META, torch.zeros(6, 6), torch.zeros(8, 8)), "q_g_dist"),
+    (lambda: re_ranking(torch.zeros(6, 8), torch.zeros(6, 6), torch.empty(8, 8, device="meta")), "g_g_dist"),
+    (lambda: rerank_features(META, torch.zeros(3, 8)), "qf"),
+    (lambda: pairwise_distance(torch.zeros(3, 8), META), "y"),
+])
+def test_meta_tensors(call, name):
+    """Before: NotImplementedError from a data access on a meta tensor."""
+    with pytest.raises(ValueError, match=f"{name} is a meta tensor"):
+        call()
+
+
+def test_re_ranking_rows_whose_largest_distance_is_zero():
+    """Before: all-NaN (0 / 0 in the row normalisation). Such a row keeps its zero distances, which
+    gives what a constant row gives, shifted by lambda * the constant."""
+    q, g, lam = 3, 5, 0.3
+    zeros = re_ranking(np.zeros((q, g)), np.zeros((q, q)), np.zeros((g, g)), k1=2, k2=2, lambda_value=lam)
+    ones = re_ranking(np.ones((q, g)), np.ones((q, q)), np.ones((g, g)), k1=2, k2=2, lambda_value=lam)
+    np.testing.assert_allclose(zeros, ones - lam, atol=1e-6)
+    identical = rerank_features(np.ones((q, 4)), np.ones((g, 4)), k1=2, k2=2, lambda_value=lam)
+    np.testing.assert_allclose(identical, zeros, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["q_g_dist", "q_q_dist", "g_g_dist"])
+def test_re_ranking_negative_squared_distances(name):
+    """Before: all-NaN for a negative input="squared" matrix."""
+    mats = dict(q_g_dist=np.ones((3, 5)), q_q_dist=np.ones((3, 3)), g_g_dist=np.ones((5, 5)))
+    mats[name] = mats[name].copy()
+    mats[name][0, 1] = -0.5
+    with pytest.raises(ValueError, match=f"{name} must hold squared distances >= 0"):
+        re_ranking(**mats, input="squared")
+    assert np.isfinite(re_ranking(**mats)).all()  # Euclidean input is squared: the reference's rule
+
+
+def test_re_ranking_and_features_too_large_for_float32():
+    """The pipeline is float32 whatever the input dtype: distances it would square past float32's
+    range, or features whose squared distances would, are rejected instead of giving NaN."""
+    with pytest.raises(ValueError, match="q_g_dist is too large in magnitude"):
+        re_ranking(np.full((2, 3), 1e20), np.zeros((2, 2)), np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="gf is too large in magnitude: row norms must stay below 9.22e\\+18 in float32"):
+        rerank_features(np.ones((2, 3)), np.full((3, 3), 1e30))
+    with pytest.raises(ValueError, match="x is too large in magnitude"):
+        pairwise_distance(np.full((2, 3), 1e19, dtype=np.float32), np.ones((3, 3), dtype=np.float32))
+
+
+def test_evaluate_rank_huge_max_rank_is_bounded_by_the_gallery():
+    dist = np.random.default_rng(1).random((6, 20))
+    args = np.arange(6) % 3, np.arange(20) % 3, np.zeros(6, int), np.ones(20, int)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        huge = evaluate_rank(dist, *args, max_rank=10**9)
+    np.testing.assert_array_equal(huge.cmc, evaluate_rank(dist, *args, max_rank=20).cmc)
+
+
+# The k-reciprocal kernels are reachable as torch.ops.dpm_ops.*: every index argument is range-checked.
+def _neighbours(n=6, width=4):
+    return torch.stack([torch.roll(torch.arange(n), -i)[:width] for i in range(n)])
+
+
+def _csr(n=6):
+    return torch.ops.dpm_ops.kreciprocal_expand(_neighbours(n), 3, 2)
+
+
+@needs_cpp
+@pytest.mark.parametrize("bad", [-1, 6, 2**40])
+def test_kreciprocal_expand_index_range(bad):
+    neighbours = _neighbours()
+    neighbours[2, 1] = bad
+    with pytest.raises(ValueError, match="neighbours must hold indices in \\[0, 6\\)"):
+        torch.ops.dpm_ops.kreciprocal_expand(neighbours, 3, 2)
+
+
+@needs_cpp
+@pytest.mark.parametrize("what", ["cand_indices", "cols", "row_ptr_end", "row_ptr_order", "cand_shape"])
+def test_kreciprocal_pair_sqdist_index_range(what):
+    row_ptr, cols = _csr()
+    features, cand_values, cand_indices = torch.randn(6, 3), torch.rand(6, 4), _neighbours()
+    message = {"cand_indices": "cand_indices must hold indices", "cols": "cols must hold indices",
+               "row_ptr_end": "row_ptr must start at 0", "row_ptr_order": "row_ptr must start at 0",
+               "cand_shape": "cand_values and cand_indices must both be"}[what]
+    if what == "cand_indices":
+        cand_indices = cand_indices.clone()
+        cand_indices[0, 0] = 99
+    elif what == "cols":
+        cols = cols.clone()
+        cols[-1] = 6
+    elif what == "row_ptr_end":
+        row_ptr = row_ptr.clone()
+        row_ptr[-1] += 100
+    elif what == "row_ptr_order":
+        row_ptr = row_ptr.clone()
+        row_ptr[2] = row_ptr[3] + 1  # [0, 2, 7, 6, ...]: decreasing
+    else:
+        cand_values = cand_values[:3]
+    with pytest.raises(ValueError, match=message):
+        torch.ops.dpm_ops.kreciprocal_pair_sqdist(features, cand_values, cand_indices, row_ptr, cols)
+
+
+@needs_cpp
+def test_kreciprocal_query_expansion_and_jaccard_index_range():
+    row_ptr, cols = _csr()
+    values = torch.rand(len(cols))
+    sources = _neighbours()[:, :2].clone()
+    sources[1, 1] = -3
+    with pytest.raises(ValueError, match="sources must hold indices in \\[0, 6\\)"):
+        torch.ops.dpm_ops.kreciprocal_query_expansion(row_ptr, cols, values, sources)
+    with pytest.raises(ValueError, match="values must be 1-D with"):
+        torch.ops.dpm_ops.kreciprocal_query_expansion(row_ptr, cols, values[:-1], _neighbours()[:, :2])
+    bad_cols = cols.clone()
+    bad_cols[0] = 1 << 50
+    with pytest.raises(ValueError, match="cols must hold indices in \\[0, 6\\)"):
+        torch.ops.dpm_ops.kreciprocal_jaccard_blend_(torch.zeros(2, 4), row_ptr, bad_cols, values, 0.3)
+    short = row_ptr.clone()
+    short[3] = short[4] + 5
+    with pytest.raises(ValueError, match="row_ptr must start at 0, never decrease"):
+        torch.ops.dpm_ops.kreciprocal_jaccard_blend_(torch.zeros(2, 4), short, cols, values, 0.3)
+    out = torch.zeros(2, 4)
+    torch.ops.dpm_ops.kreciprocal_jaccard_blend_(out, row_ptr, cols, values, 0.3)  # the valid call still runs
+    assert torch.isfinite(out).all()
