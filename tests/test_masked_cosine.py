@@ -140,6 +140,24 @@ def test_reduced_precision(backend, dtype, shape):
         torch.testing.assert_close(got.grad.float(), want.grad, atol=2e-2 * scale + 1e-3, rtol=2e-2)
 
 
+@pytest.mark.parametrize("backend", backend_params("cuda", "triton"))
+def test_float16_small_masks(backend):
+    """Mask values below 2^-7 square into fp16 subnormals (and xh*m too): fp16 inputs take fp32 GEMM
+    operands, so the cosine stays right (|C| came out 1.2 on fp16 operands for masks of 3e-4)."""
+    device = device_for(backend)
+    x, mask, protos = make_inputs(9, 20, 64, torch.float16, device, requires_grad=True)
+    mask = (mask.detach() * 3e-4).half().requires_grad_()
+    full = [t.detach().float().requires_grad_() for t in (x, mask, protos)]
+    expected = masked_cosine_reference(*full)
+    out = masked_cosine(x, mask, protos, backend=backend)
+    torch.testing.assert_close(out.float(), expected, atol=2e-3, rtol=2e-3)
+    out.sum().backward()
+    expected.sum().backward()
+    for got, want in zip((x, mask, protos), full):
+        scale = want.grad.abs().max().item()
+        torch.testing.assert_close(got.grad.float(), want.grad, atol=2e-2 * scale, rtol=2e-2)
+
+
 @pytest.mark.parametrize("backend", backend_params("triton"))
 @pytest.mark.parametrize("shape", [(1, 7, 13), (17, 35, 70), (70, 140, 200)])
 def test_triton_fp32_follows_the_matmul_precision(backend, shape, fp32_matmul_precision, monkeypatch):

@@ -42,10 +42,6 @@ def test_masked_cosine(data, b, k, c, dtype, backend, arccos):
     assume(interpreter_can_run(backend, dtype))
     x, mask, protos = (data.draw(tensors(shape, dtype, positive=name == "mask"), label=name)
                        for name, shape in (("x", (b, c)), ("mask", (b, c)), ("protos", (k, c))))
-    # Known, left to a follow-up: the Triton forward feeds m*m to its fp16 dot, and squares of mask
-    # values below 2^-7 leave fp16's normal range (|C| came out as 1.2 for a mask of 3e-4).
-    small_mask = bool(((mask != 0) & (mask.abs() < 2**-7)).any())
-    assume(not (backend == "triton" and dtype == torch.float16 and small_mask))
     op = masked_arccos_distance if arccos else masked_cosine
     got = outcome(lambda: op(x, mask, protos, backend=backend))
     if got is None:

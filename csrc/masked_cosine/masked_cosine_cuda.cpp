@@ -13,7 +13,7 @@ namespace masked_cosine {
 namespace {
 
 struct CudaKernels {
-  static constexpr auto operand_type = input_operands;  // bf16 / fp16 GEMMs on tensor cores
+  static constexpr auto operand_type = input_operands;  // bf16 GEMMs on tensor cores, fp16 in fp32
 
   static void prepare_rows(const at::Tensor& v, const at::Tensor& mult, double eps, at::Tensor& scaled,
                            at::Tensor& second, at::Tensor& inv) {

@@ -31,9 +31,11 @@ struct Prepared {
 
 // GEMM operand policies of the Kernels structs. In the accumulation type: exact fp32 / fp64
 // operands (the CPU: MKL has no faster reduced-precision path to trade for). In the input dtype:
-// bf16 / fp16 operands for tensor cores, products in fp32 (CUDA).
+// bf16 operands for tensor cores, products in fp32 (CUDA); fp16's range is too narrow for the
+// operands (mask values below 2^-7 square into subnormals, and xh*m too for small masks), so fp16
+// inputs take fp32 operands (the Triton kernels do the same).
 inline at::ScalarType accumulation_operands(at::ScalarType input) { return accumulation_type(input); }
-inline at::ScalarType input_operands(at::ScalarType input) { return input; }
+inline at::ScalarType input_operands(at::ScalarType input) { return input == at::kHalf ? at::kFloat : input; }
 
 // Argument checks shared by every device's entry point (Python checks the same first,
 // with the same messages, so direct torch.ops callers get them too).
@@ -93,16 +95,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad, 
                                                      : mm_acc(p.mask_sq, p.proto_hat_sq.t());
   at::Tensor g_num = at::empty_like(den_sq), h = at::empty_like(den_sq);
   Kernels::backward_coefs(grad, out, den_sq, eps, g_num, h);
-  // The coefficients enter the GEMMs in the operand type, except fp16's: h = g*C/den^2 passes
-  // fp16's 65504 for small masks, so fp16 runs these four GEMMs in the accumulation type (bf16 has
-  // fp32's range). `.to` is a no-op where the types already agree (the CPU, fp32, fp64).
-  const at::ScalarType operand =
-      p.query_scaled.scalar_type() == at::kHalf ? den_sq.scalar_type() : p.query_scaled.scalar_type();
+  // The coefficients enter the GEMMs in the operand type (bf16 has fp32's range, fp16 inputs have
+  // fp32 operands); `.to` is a no-op where the types already agree.
+  const at::ScalarType operand = p.query_scaled.scalar_type();
   g_num = g_num.to(operand);
   h = h.to(operand);
 
-  const at::Tensor u = mm_acc(g_num, p.proto_hat.to(operand)), v = mm_acc(h, p.proto_hat_sq.to(operand));
-  const at::Tensor up = mm_acc(g_num.t(), p.query_scaled.to(operand)), vp = mm_acc(h.t(), p.mask_sq.to(operand));
+  const at::Tensor u = mm_acc(g_num, p.proto_hat), v = mm_acc(h, p.proto_hat_sq);
+  const at::Tensor up = mm_acc(g_num.t(), p.query_scaled), vp = mm_acc(h.t(), p.mask_sq);
   at::Tensor grad_x = at::empty_like(x), grad_mask = at::empty_like(mask), grad_protos = at::empty_like(protos);
   Kernels::query_rows_backward(x, mask, p.query_inv, u, v, eps, grad_x, grad_mask);
   Kernels::proto_rows_backward(protos, p.proto_inv, up, vp, eps, grad_protos);

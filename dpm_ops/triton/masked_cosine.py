@@ -131,16 +131,28 @@ def _inv_norm(v: torch.Tensor, eps: float) -> torch.Tensor:
     return v.to(_acc_dtype(v.dtype)).norm(dim=1).clamp_min(eps).reciprocal()
 
 
+def _operand_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The prepared operands' dtype: the input dtype, except fp16, whose range is too narrow for
+    them (mask values below 2^-7 square into subnormals, and x̂ ⊙ mask too for small masks): fp16
+    inputs take fp32 operands on TF32 tensor cores (_operand_precision), as bf16 has fp32's range."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def _operand_precision(dtype: torch.dtype) -> str:
+    return "tf32" if dtype == torch.float16 else dot_precision(dtype)
+
+
 def _prepared(v: torch.Tensor, inv: torch.Tensor, mask: torch.Tensor | None = None):
     """(v̂ ⊙ mask, mask²) with v̂ = v * inv (rows), or (v̂, v̂²) without a mask: the dots' operands,
-    computed in the accumulation dtype and stored in the input dtype (the dots' operand dtype)."""
+    computed in the accumulation dtype and stored in the dots' operand dtype (_operand_dtype)."""
     v_hat = v.to(inv.dtype) * inv[:, None]
     if mask is None:
         first, second = v_hat, v_hat * v_hat
     else:
         m = mask.to(inv.dtype)
         first, second = v_hat * m, m * m
-    return first.to(v.dtype).contiguous(), second.to(v.dtype).contiguous()
+    operand = _operand_dtype(v.dtype)
+    return first.to(operand).contiguous(), second.to(operand).contiguous()
 
 
 def _normalize_backward(grad_hat: torch.Tensor, v: torch.Tensor, inv: torch.Tensor, eps: float) -> torch.Tensor:
@@ -155,7 +167,7 @@ def _tiles(a, m2, protos, inv_p, out, grad, g_num, h, eps, coefs):
     """The tile kernel over (B, K), forward (coefs=False) or coefficient mode."""
     B, C = a.shape
     K = protos.shape[0]
-    precision = dot_precision(a.dtype)
+    precision = _operand_precision(protos.dtype)
     blocks = _tile_blocks(precision, a.element_size(), coefs)
     grid = (triton.cdiv(B, blocks["BLOCK_B"]), triton.cdiv(K, blocks["BLOCK_K"]))
     _masked_cosine_tile_kernel[grid](a, m2, protos, inv_p, out, grad, g_num, h, B, K, C, eps, COEFS=coefs,
@@ -187,9 +199,9 @@ def masked_cosine_backward(grad, x, mask, protos, out, eps):
     g_num = torch.empty((B, K), dtype=acc, device=x.device)
     h = torch.empty_like(g_num)
     _tiles(a, m2, protos, inv_p, out, grad, g_num, h, eps, coefs=True)
-    # fp16 coefficients would overflow (h = g*C/den^2 passes 65504 for small masks): fp16 inputs take
-    # the fp32 coefficients on TF32 tensor cores (their operands widened); bf16 has fp32's range.
-    precision = "tf32" if x.dtype == torch.float16 else dot_precision(x.dtype)
+    # The coefficients stay fp32 (h = g*C/den^2 passes fp16's 65504 for small masks), streamed against
+    # the prepared operands: fp16 inputs on TF32 tensor cores, as in the tiles.
+    precision = _operand_precision(x.dtype)
     blocks = _coef_blocks(precision)
 
     def grid(rows):
