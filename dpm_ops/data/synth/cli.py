@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
+import typing
 from typing import Optional, Sequence
 
 from ..datasets import read_synthetic_manifest
@@ -22,8 +24,29 @@ def _int_range(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected N or LOW,HIGH, got {text!r}") from None
 
 
+def _flag(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _option_fields() -> list[dataclasses.Field]:
+    """The SynthConfig fields that are command-line options, in declaration order."""
+    return [field for field in dataclasses.fields(SynthConfig) if "help" in field.metadata]
+
+
+def _add_option(parser: argparse.ArgumentParser, field: dataclasses.Field, field_type) -> None:
+    """``--<field-name>`` with the field's default and help; a pair of ints is typed as LOW,HIGH."""
+    flag, help_text = _flag(field.name), field.metadata["help"] + " (default %(default)s)"
+    if field_type == tuple[int, int]:
+        # a string default goes through the type like a typed value, and reads as typed in -h
+        parser.add_argument(flag, type=_int_range, default="{},{}".format(*field.default), metavar="LOW,HIGH",
+                            help=help_text)
+    elif field_type in (int, float):
+        parser.add_argument(flag, type=field_type, default=field.default, help=help_text)
+    else:
+        raise TypeError(f"SynthConfig.{field.name}: no command-line form for {field_type}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    defaults = SynthConfig()
     parser = argparse.ArgumentParser(
         prog="dpm-reid synth",
         description="Generate the synthetic occluded re-ID dataset (Market-1501 layout + masks + synthetic.json).",
@@ -31,67 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out", required=True, help="output folder (created; must be empty or a synthetic set with --force)"
     )
-    parser.add_argument(
-        "--seed", type=int, default=defaults.seed, help="random seed; same seed, same bytes (default %(default)s)"
-    )
-    parser.add_argument(
-        "--ids", type=int, default=defaults.ids, help="identities in all, half train / half test (default %(default)s)"
-    )
-    parser.add_argument(
-        "--cameras", type=int, default=defaults.cameras, help="number of cameras, 2-9 (default %(default)s)"
-    )
-    parser.add_argument("--width", type=int, default=defaults.width, help="image width (default %(default)s)")
-    parser.add_argument("--height", type=int, default=defaults.height, help="image height (default %(default)s)")
-    parser.add_argument(
-        "--train-images",
-        type=_int_range,
-        default="{},{}".format(*defaults.train_images),
-        metavar="LOW,HIGH",
-        help="images per train identity (default %(default)s)",
-    )
-    parser.add_argument(
-        "--gallery-per-camera",
-        type=_int_range,
-        default="{},{}".format(*defaults.gallery_per_camera),
-        metavar="LOW,HIGH",
-        help="gallery images per test identity and camera (default %(default)s)",
-    )
-    parser.add_argument(
-        "--queries-per-id",
-        type=int,
-        default=defaults.queries_per_id,
-        help="queries per test identity (default %(default)s)",
-    )
-    parser.add_argument(
-        "--distractors",
-        type=float,
-        default=defaults.distractors,
-        help="pid 0 gallery images, as a share of the identities' gallery images (default %(default)s)",
-    )
-    parser.add_argument(
-        "--junk",
-        type=float,
-        default=defaults.junk,
-        help="pid -1 (junk) gallery images, same unit (default %(default)s)",
-    )
-    parser.add_argument(
-        "--query-occlusion",
-        type=float,
-        default=defaults.query_occlusion,
-        help="share of occluded queries (default %(default)s)",
-    )
-    parser.add_argument(
-        "--gallery-occlusion",
-        type=float,
-        default=defaults.gallery_occlusion,
-        help="share of occluded gallery images (default %(default)s)",
-    )
-    parser.add_argument(
-        "--train-occlusion",
-        type=float,
-        default=defaults.train_occlusion,
-        help="share of occluded train images (default %(default)s)",
-    )
+    field_types = typing.get_type_hints(SynthConfig)
+    for field in _option_fields():
+        _add_option(parser, field, field_types[field.name])
     parser.add_argument("--force", action="store_true", help="replace an existing synthetic dataset in --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -99,27 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    options = {field.name: getattr(args, field.name) for field in _option_fields()}
     try:
-        config = SynthConfig(
-            seed=args.seed,
-            ids=args.ids,
-            cameras=args.cameras,
-            width=args.width,
-            height=args.height,
-            train_images=args.train_images,
-            gallery_per_camera=args.gallery_per_camera,
-            queries_per_id=args.queries_per_id,
-            distractors=args.distractors,
-            junk=args.junk,
-            query_occlusion=args.query_occlusion,
-            gallery_occlusion=args.gallery_occlusion,
-            train_occlusion=args.train_occlusion,
-            id_cameras=(2, min(SynthConfig.id_cameras[1], args.cameras)),
-        )
+        # each identity appears in at most as many cameras as the set has
+        config = SynthConfig(**options, id_cameras=(2, min(SynthConfig.id_cameras[1], args.cameras)))
         start = time.perf_counter()
         out = generate_synthetic_dataset(args.out, config, progress=not args.quiet, force=args.force)
     except SynthOptionError as error:
-        print(f"dpm-reid synth: error: --{error.option.replace('_', '-')}: {error.problem}", file=sys.stderr)
+        print(f"dpm-reid synth: error: {_flag(error.option)}: {error.problem}", file=sys.stderr)
         return 2
     except DatasetError as error:  # an unusable --out
         print(f"dpm-reid synth: error: --out: {error}", file=sys.stderr)

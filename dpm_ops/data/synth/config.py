@@ -43,24 +43,36 @@ def _check_float(name: str, value, wanted: str, ok) -> None:
         raise SynthOptionError(name, f"must be {wanted}, got {value!r}")
 
 
+def _option(default, help: str):
+    """A field that is also a ``dpm-reid synth`` option; ``help`` is its help text."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass(frozen=True)
 class SynthConfig:
-    """Size and difficulty of the synthetic set (defaults: ~6.5k images in about a minute)."""
+    """Size and difficulty of the synthetic set (defaults: ~6.5k images in about a minute).
 
-    seed: int = 0
-    ids: int = 600  # identities in all; half train, half test (Market-style disjoint ids)
-    cameras: int = 6
-    width: int = 128
-    height: int = 256
-    train_images: tuple[int, int] = (6, 12)  # per train identity, inclusive range
+    The fields made with :func:`_option` are the command line's options (:mod:`.cli` builds its
+    parser from them); the others are reached through the API and the config file only.
+    """
+
+    seed: int = _option(0, "random seed; same seed, same bytes")
+    # half train, half test: Market-style disjoint ids
+    ids: int = _option(600, "identities in all, half train / half test")
+    cameras: int = _option(6, "number of cameras, 2-9")
+    width: int = _option(128, "image width")
+    height: int = _option(256, "image height")
+    train_images: tuple[int, int] = _option((6, 12), "images per train identity")  # inclusive range
     id_cameras: tuple[int, int] = (2, 4)  # cameras each identity appears in
-    queries_per_id: int = 2  # at most one query per (id, camera), as in Market
-    gallery_per_camera: tuple[int, int] = (1, 3)  # gallery images per (test id, camera)
-    distractors: float = 0.1  # pid 0 gallery images of outsiders, as a share of the id gallery
-    junk: float = 0.03  # pid -1 badly framed gallery images (dropped by the loader), same unit
-    query_occlusion: float = 0.75  # probability that an image is occluded, per split
-    gallery_occlusion: float = 0.15
-    train_occlusion: float = 0.2
+    # at most one query per (id, camera), as in Market
+    queries_per_id: int = _option(2, "queries per test identity")
+    gallery_per_camera: tuple[int, int] = _option((1, 3), "gallery images per test identity and camera")
+    distractors: float = _option(0.1, "pid 0 gallery images, as a share of the identities' gallery images")
+    # badly framed boxes, dropped by the loader
+    junk: float = _option(0.03, "pid -1 (junk) gallery images, same unit")
+    query_occlusion: float = _option(0.75, "share of occluded queries")  # per image, a probability
+    gallery_occlusion: float = _option(0.15, "share of occluded gallery images")
+    train_occlusion: float = _option(0.2, "share of occluded train images")
     hidden_range: tuple[float, float] = (0.25, 0.6)  # fraction of the body an occluder hides
     supersample: int = 2  # draw at this factor, then downsample (anti-aliasing)
     jpeg_quality: int = 90
