@@ -201,19 +201,69 @@ class Painter:
         self.layer.paste(patch, (left, top), shape)
 
 
-def draw_person(layer: Image.Image, look: Appearance, pose: Pose) -> None:
-    """Draw a pedestrian (head, hair, torso, arms, legs, shoes, bag) onto an RGBA layer."""
-    paint = Painter(layer)
-    u = pose.height
-    cx, top = pose.centre_x, pose.top
-    wide = look.build * pose.squash
-    shoulder_y, waist_y, knee_y, ankle_y = top + 0.16 * u, top + 0.50 * u, top + 0.72 * u, top + 0.95 * u
-    shoulder_half, waist_half = 0.125 * u * wide, 0.10 * u * wide
-    hip_half = 0.105 * u * wide
-    leg_width = 0.085 * u * wide
-    side = look.bag_side
+@dataclasses.dataclass(frozen=True)
+class _Body:
+    """Where the body's parts are on the canvas: heights and half-widths in pixels."""
 
-    # legs and bottom garment
+    u: float  # body height, the unit of every proportion
+    cx: float
+    top: float
+    wide: float  # build x view squash
+    shoulder_y: float
+    waist_y: float
+    knee_y: float
+    ankle_y: float
+    shoulder_half: float
+    waist_half: float
+    hip_half: float
+    leg_width: float
+
+    @classmethod
+    def of(cls, look: Appearance, pose: Pose) -> "_Body":
+        u, top = pose.height, pose.top
+        wide = look.build * pose.squash
+        return cls(
+            u=u,
+            cx=pose.centre_x,
+            top=top,
+            wide=wide,
+            shoulder_y=top + 0.16 * u,
+            waist_y=top + 0.50 * u,
+            knee_y=top + 0.72 * u,
+            ankle_y=top + 0.95 * u,
+            shoulder_half=0.125 * u * wide,
+            waist_half=0.10 * u * wide,
+            hip_half=0.105 * u * wide,
+            leg_width=0.085 * u * wide,
+        )
+
+
+def draw_person(layer: Image.Image, look: Appearance, pose: Pose) -> None:
+    """Draw a pedestrian (head, hair, torso, arms, legs, shoes, bag) onto an RGBA layer.
+
+    Back to front: legs and bottom garment, torso, arms, bags, head.
+    """
+    paint = Painter(layer)
+    body = _Body.of(look, pose)
+    _draw_legs(paint, look, pose, body)
+    top_texture = pattern_layer(
+        layer.size,
+        look.top,
+        look.top_second,
+        look.top_pattern,
+        look.pattern_period * body.u,
+        (body.cx, body.shoulder_y + 0.17 * body.u if look.top_pattern == "twotone" else body.shoulder_y),
+    )
+    _draw_torso(paint, body, top_texture)
+    _draw_arms(paint, look, pose, body, top_texture)
+    _draw_bag(paint, look, pose, body)
+    _draw_head(paint, look, pose, body)
+
+
+def _draw_legs(paint: Painter, look: Appearance, pose: Pose, body: _Body) -> None:
+    """Skin legs, the bottom garment (trousers, shorts or skirt) over them, and the shoes."""
+    u, cx, waist_y, knee_y, ankle_y = body.u, body.cx, body.waist_y, body.knee_y, body.ankle_y
+    hip_half, waist_half, leg_width = body.hip_half, body.waist_half, body.leg_width
     legs = []
     for sign in (-1, 1):
         hip = (cx + sign * (hip_half - leg_width / 2), waist_y)
@@ -222,7 +272,7 @@ def draw_person(layer: Image.Image, look: Appearance, pose: Pose) -> None:
     for points in legs:
         paint.polygon(points, look.skin)
     bottom_texture = pattern_layer(
-        layer.size,
+        paint.layer.size,
         look.bottom,
         tuple(max(0, c - 60) for c in look.bottom),
         look.bottom_pattern,
@@ -250,7 +300,7 @@ def draw_person(layer: Image.Image, look: Appearance, pose: Pose) -> None:
         ]
         paint.textured([*shorts, hip_band], bottom_texture)
     else:
-        flare = 0.16 * u * wide
+        flare = 0.16 * u * body.wide
         paint.textured(
             [
                 [
@@ -265,32 +315,30 @@ def draw_person(layer: Image.Image, look: Appearance, pose: Pose) -> None:
     for sign in (-1, 1):
         foot_x = cx + sign * (hip_half - leg_width / 2 + pose.stance * u)
         paint.ellipse(
-            [foot_x - 0.045 * u * wide, ankle_y - 0.015 * u, foot_x + 0.045 * u * wide, ankle_y + 0.035 * u], look.shoes
+            [foot_x - 0.045 * u * body.wide, ankle_y - 0.015 * u, foot_x + 0.045 * u * body.wide, ankle_y + 0.035 * u],
+            look.shoes,
         )
 
-    # torso
+
+def _draw_torso(paint: Painter, body: _Body, top_texture: Image.Image) -> None:
+    u, cx, shoulder_y, shoulder_half, waist_half = body.u, body.cx, body.shoulder_y, body.shoulder_half, body.waist_half
     torso = [
         (cx - shoulder_half * 0.8, shoulder_y - 0.01 * u),
         (cx + shoulder_half * 0.8, shoulder_y - 0.01 * u),
         (cx + shoulder_half, shoulder_y + 0.04 * u),
-        (cx + waist_half, waist_y + 0.02 * u),
-        (cx - waist_half, waist_y + 0.02 * u),
+        (cx + waist_half, body.waist_y + 0.02 * u),
+        (cx - waist_half, body.waist_y + 0.02 * u),
         (cx - shoulder_half, shoulder_y + 0.04 * u),
     ]
-    top_texture = pattern_layer(
-        layer.size,
-        look.top,
-        look.top_second,
-        look.top_pattern,
-        look.pattern_period * u,
-        (cx, shoulder_y + 0.17 * u if look.top_pattern == "twotone" else shoulder_y),
-    )
     paint.textured([torso], top_texture)
 
-    # arms: sleeve in the top's texture, the rest skin
-    arm_width = 0.06 * u * wide
+
+def _draw_arms(paint: Painter, look: Appearance, pose: Pose, body: _Body, top_texture: Image.Image) -> None:
+    """Arms in skin with a sleeve in the top's texture, hands, and a handbag in one hand."""
+    u, cx, shoulder_y = body.u, body.cx, body.shoulder_y
+    arm_width = 0.06 * u * body.wide
     for sign in (-1, 1):
-        shoulder = (cx + sign * (shoulder_half - arm_width / 3), shoulder_y + 0.03 * u)
+        shoulder = (cx + sign * (body.shoulder_half - arm_width / 3), shoulder_y + 0.03 * u)
         swing = pose.arm_swing if sign > 0 else -pose.arm_swing
         hand = (shoulder[0] + sign * 0.03 * u + swing * u, shoulder_y + 0.36 * u)
         paint.polygon(_limb(shoulder, hand, arm_width, arm_width * 0.8), look.skin)
@@ -301,13 +349,17 @@ def draw_person(layer: Image.Image, look: Appearance, pose: Pose) -> None:
         )
         paint.textured([_limb(shoulder, sleeve_end, arm_width * 1.1, arm_width * 0.95)], top_texture)
         paint.ellipse([hand[0] - 0.025 * u, hand[1] - 0.02 * u, hand[0] + 0.025 * u, hand[1] + 0.035 * u], look.skin)
-        if look.bag == "handbag" and sign == side:
+        if look.bag == "handbag" and sign == look.bag_side:
             paint.line([hand, (hand[0], hand[1] + 0.04 * u)], look.bag_colour, 0.01 * u)
             paint.rectangle(
                 [hand[0] - 0.05 * u, hand[1] + 0.04 * u, hand[0] + 0.05 * u, hand[1] + 0.12 * u], look.bag_colour
             )
 
-    # bags drawn over the torso
+
+def _draw_bag(paint: Painter, look: Appearance, pose: Pose, body: _Body) -> None:
+    """A backpack or shoulder bag over the torso, then the chest logo (front view only)."""
+    u, cx, shoulder_y, waist_y, shoulder_half = body.u, body.cx, body.shoulder_y, body.waist_y, body.shoulder_half
+    side = look.bag_side
     if look.bag == "backpack":
         if pose.back_view:
             paint.rectangle(
@@ -322,14 +374,17 @@ def draw_person(layer: Image.Image, look: Appearance, pose: Pose) -> None:
                 )
     elif look.bag == "shoulder":
         strap_top = (cx - side * shoulder_half * 0.6, shoulder_y)
-        bag_x = cx + side * (waist_half + 0.03 * u)
+        bag_x = cx + side * (body.waist_half + 0.03 * u)
         paint.line([strap_top, (bag_x, waist_y - 0.02 * u)], look.bag_colour, 0.018 * u)
         paint.rectangle([bag_x - 0.05 * u, waist_y - 0.03 * u, bag_x + 0.05 * u, waist_y + 0.08 * u], look.bag_colour)
     if look.logo is not None and not pose.back_view:
         paint.ellipse([cx - 0.035 * u, shoulder_y + 0.07 * u, cx + 0.035 * u, shoulder_y + 0.14 * u], look.logo)
 
-    # neck, hair, head, headwear
-    head_rx, head_ry, head_cy = 0.05 * u * (0.9 + 0.1 * wide), 0.068 * u, top + 0.075 * u
+
+def _draw_head(paint: Painter, look: Appearance, pose: Pose, body: _Body) -> None:
+    """Neck, long hair behind, the head (hair from the back), then hair or headwear on top."""
+    u, cx, shoulder_y = body.u, body.cx, body.shoulder_y
+    head_rx, head_ry, head_cy = 0.05 * u * (0.9 + 0.1 * body.wide), 0.068 * u, body.top + 0.075 * u
     head_box = [cx - head_rx, head_cy - head_ry, cx + head_rx, head_cy + head_ry]
     paint.rectangle([cx - 0.025 * u, head_cy + 0.04 * u, cx + 0.025 * u, shoulder_y + 0.005 * u], look.skin)
     if look.hair_style == "long":
@@ -345,18 +400,18 @@ def draw_person(layer: Image.Image, look: Appearance, pose: Pose) -> None:
             360,
             fill=(*look.hair, 255),
         )
+        return
+    paint.draw.chord(
+        [head_box[0] - 0.006 * u, head_box[1] - 0.01 * u, head_box[2] + 0.006 * u, head_box[3] - 0.02 * u],
+        180,
+        360,
+        fill=(*look.hat, 255),
+    )
+    if look.hair_style == "hat":
+        paint.rectangle([cx - head_rx * 1.5, head_cy - 0.02 * u, cx + head_rx * 1.5, head_cy - 0.005 * u], look.hat)
     else:
-        paint.draw.chord(
-            [head_box[0] - 0.006 * u, head_box[1] - 0.01 * u, head_box[2] + 0.006 * u, head_box[3] - 0.02 * u],
-            180,
-            360,
-            fill=(*look.hat, 255),
+        visor = -1 if pose.back_view else 1
+        paint.rectangle(
+            [cx - head_rx * 0.2 * visor, head_cy - 0.02 * u, cx + head_rx * 1.4 * visor, head_cy - 0.005 * u],
+            look.hat,
         )
-        if look.hair_style == "hat":
-            paint.rectangle([cx - head_rx * 1.5, head_cy - 0.02 * u, cx + head_rx * 1.5, head_cy - 0.005 * u], look.hat)
-        else:
-            visor = -1 if pose.back_view else 1
-            paint.rectangle(
-                [cx - head_rx * 0.2 * visor, head_cy - 0.02 * u, cx + head_rx * 1.4 * visor, head_cy - 0.005 * u],
-                look.hat,
-            )
