@@ -9,7 +9,7 @@ import time
 import typing
 from typing import Optional, Sequence
 
-from ..datasets import read_synthetic_manifest
+from ..parsing import read_synthetic_manifest
 from ..errors import DatasetError
 from .config import SynthConfig, SynthOptionError
 from .writing import generate_synthetic_dataset

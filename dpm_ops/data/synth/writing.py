@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 from tqdm import tqdm
 
-from ..datasets import MARKET_FOLDERS, SYNTHETIC_MANIFEST, read_synthetic_manifest
+from ..parsing import MARKET_FOLDERS, SYNTHETIC_MANIFEST, read_synthetic_manifest
 from ..errors import DatasetError
 from ..masks import MASK_FOLDER_SUFFIX
 from .config import SynthConfig
