@@ -42,45 +42,24 @@ def plan_images(config: SynthConfig) -> tuple[list[Job], list[int]]:
         count = int(rng.integers(config.id_cameras[0], config.id_cameras[1] + 1))
         return sorted(rng.choice(config.cameras, size=count, replace=False).tolist())
 
+    def add_identity_image(folder: str, identity: int, camera: int, detection: int, occlusion: float) -> None:
+        # the draws happen in this order: detection (by the caller), name, occlusion
+        name = name_for(pids[identity], camera, detection)
+        jobs.append(Job(folder, name, identity, camera, bool(rng.random() < occlusion), False))
+
     for identity in train_ids:
         cams = cameras_of_identity()
         for _ in range(int(rng.integers(config.train_images[0], config.train_images[1] + 1))):
             camera = int(rng.choice(cams))
-            jobs.append(
-                Job(
-                    "bounding_box_train",
-                    name_for(pids[identity], camera, int(rng.integers(1, 6))),
-                    identity,
-                    camera,
-                    bool(rng.random() < config.train_occlusion),
-                    False,
-                )
-            )
+            add_identity_image("bounding_box_train", identity, camera, int(rng.integers(1, 6)), config.train_occlusion)
     for identity in test_ids:
         cams = cameras_of_identity()
         for camera in rng.permutation(cams)[: config.queries_per_id].tolist():
-            jobs.append(
-                Job(
-                    "query",
-                    name_for(pids[identity], camera, 0),
-                    identity,
-                    camera,
-                    bool(rng.random() < config.query_occlusion),
-                    False,
-                )
-            )
+            add_identity_image("query", identity, camera, 0, config.query_occlusion)
         for camera in cams:
             for _ in range(int(rng.integers(config.gallery_per_camera[0], config.gallery_per_camera[1] + 1))):
-                jobs.append(
-                    Job(
-                        "bounding_box_test",
-                        name_for(pids[identity], camera, int(rng.integers(1, 6))),
-                        identity,
-                        camera,
-                        bool(rng.random() < config.gallery_occlusion),
-                        False,
-                    )
-                )
+                add_identity_image("bounding_box_test", identity, camera, int(rng.integers(1, 6)),
+                                   config.gallery_occlusion)
     identity_gallery = sum(job.folder == "bounding_box_test" for job in jobs)
     for pid, share in ((0, config.distractors), (-1, config.junk)):
         for _ in range(int(round(share * identity_gallery))):
