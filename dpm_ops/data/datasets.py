@@ -16,6 +16,8 @@ Rules shared by every loader:
   because its manifest states its exact counts.
 * ``with_masks=True`` attaches the MaskReID foreground masks (layout in :mod:`.masks`) and checks
   that they mirror the images one to one.
+
+File names, MSMT17 list files and the synthetic manifest are read by :mod:`.parsing`.
 """
 
 from __future__ import annotations

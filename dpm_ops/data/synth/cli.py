@@ -6,11 +6,10 @@ import argparse
 import dataclasses
 import sys
 import time
-import typing
-from typing import Optional, Sequence
+from typing import Optional, Sequence, get_type_hints
 
-from ..parsing import read_synthetic_manifest
 from ..errors import DatasetError
+from ..parsing import read_synthetic_manifest
 from .config import SynthConfig, SynthOptionError
 from .writing import generate_synthetic_dataset
 
@@ -54,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out", required=True, help="output folder (created; must be empty or a synthetic set with --force)"
     )
-    field_types = typing.get_type_hints(SynthConfig)
+    field_types = get_type_hints(SynthConfig)
     for field in _option_fields():
         _add_option(parser, field, field_types[field.name])
     parser.add_argument("--force", action="store_true", help="replace an existing synthetic dataset in --out")

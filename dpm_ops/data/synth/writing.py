@@ -13,9 +13,9 @@ import numpy as np
 from PIL import Image, ImageFilter
 from tqdm import tqdm
 
-from ..parsing import MARKET_FOLDERS, SYNTHETIC_MANIFEST, read_synthetic_manifest
 from ..errors import DatasetError
 from ..masks import MASK_FOLDER_SUFFIX
+from ..parsing import MARKET_FOLDERS, SYNTHETIC_MANIFEST, read_synthetic_manifest
 from .config import SynthConfig
 from .drawing import Appearance, Pose, draw_person, random_appearance, random_pose
 from .planning import STREAM_CAMERA, STREAM_IDENTITY, STREAM_IMAGE, Job, plan_images, split_counts
