@@ -40,7 +40,8 @@ import torch
 
 from dpm_ops._backend import forced_backend
 from dpm_ops.data import ImageDataset, ImageRecord, build_dataloader, masked_image, mask_path_for
-from dpm_ops.data.datasets import MARKET_NAME, _verify_readable
+from dpm_ops.data.datasets import _verify_readable
+from dpm_ops.data.parsing import MARKET_NAME
 from dpm_ops.data.errors import DatasetError, DatasetNotFoundError
 from dpm_ops.engine.checkpoint import atomic_write
 from dpm_ops.engine.evaluator import (MASKREID_CROP, MASKREID_MODELS, FeatureSet, _check_image_size,

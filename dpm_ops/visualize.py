@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -367,6 +367,28 @@ def plot_mask_heatmaps(images: Sequence, masks, out_png, *, token_maps=None, all
     and occluded queries (``all_occluded`` labels ``all_masks``), which shows whether occluded
     queries switch more channels off. Image: ``max(700, 110·B)`` x 960 pixels (B = len(images)).
     """
+    masks, population, token_maps = _check_mask_inputs(images, masks, token_maps, all_masks, occluded, all_occluded,
+                                                       titles)
+    count, channels = masks.shape
+    mean_mask = population.mean(axis=0)
+    order = np.argsort(-mean_mask, kind="stable")
+    fig = _new_figure(max(700, 110 * count), 960)
+    rows = ["query"] + (["kept-channel\npatch energy"] if token_maps is not None else []) + ["mask m", "m − mean m"]
+    grid = fig.add_gridspec(len(rows) + 1, count, height_ratios=[1.0] * len(rows) + [0.9], hspace=0.35,
+                            wspace=0.15, left=0.07, right=0.88, top=0.90, bottom=0.06)
+    images_drawn = _draw_query_columns(fig, grid, rows, images, masks, mean_mask, order, token_maps, occluded, titles)
+    for r, key in enumerate(["energy"] * (token_maps is not None) + ["mask", "deviation"], start=1):
+        box = grid[r, count - 1].get_position(fig)
+        colorbar_ax = fig.add_axes((0.90, box.y0 + 0.1 * box.height, 0.012, 0.8 * box.height))
+        fig.colorbar(images_drawn[key], cax=colorbar_ax).ax.tick_params(labelsize=6)
+    fig.suptitle(f"DPM channel masks: {channels} channels in a grid, ordered by the mean mask over "
+                 f"{len(population)} queries (highest first)", fontsize=9, y=0.985)
+    _draw_population_profile(fig.add_subplot(grid[len(rows), :]), population, order, all_occluded)
+    return _save(fig, out_png)
+
+
+def _check_mask_inputs(images, masks, token_maps, all_masks, occluded, all_occluded, titles):
+    """plot_mask_heatmaps' arguments checked: (masks, population, token_maps) as float64 arrays."""
     masks = _array("masks", masks, 2, np.float64)
     count, channels = masks.shape
     if count == 0 or channels == 0:
@@ -387,16 +409,15 @@ def plot_mask_heatmaps(images: Sequence, masks, out_png, *, token_maps=None, all
             raise ValueError(f"{name} must have length {length}, got {len(flags)}")
     if titles is not None and len(titles) != count:
         raise ValueError(f"titles must have length {count}, got {len(titles)}")
+    return masks, population, token_maps
 
-    mean_mask = population.mean(axis=0)
-    order = np.argsort(-mean_mask, kind="stable")
+
+def _draw_query_columns(fig: Figure, grid, rows: list[str], images: Sequence, masks: np.ndarray,
+                        mean_mask: np.ndarray, order: np.ndarray, token_maps, occluded, titles) -> dict:
+    """One column per query (image, patch energy, mask, deviation from the mean mask); returns the
+    last image drawn of each kind, for the colour bars."""
+    count, channels = masks.shape
     columns = max(1, math.ceil(math.sqrt(channels / 2)))  # a 2:1 grid, like a pedestrian crop
-    width, height = max(700, 110 * count), 960
-    fig = _new_figure(width, height)
-    rows = ["query"] + (["kept-channel\npatch energy"] if token_maps is not None else []) + ["mask m", "m − mean m"]
-    panel_rows = len(rows)
-    grid = fig.add_gridspec(panel_rows + 1, count, height_ratios=[1.0] * panel_rows + [0.9], hspace=0.35,
-                            wspace=0.15, left=0.07, right=0.88, top=0.90, bottom=0.06)
     deviation = masks - mean_mask
     spread = max(float(np.abs(deviation).max()), 1e-3)
     if token_maps is not None:
@@ -405,7 +426,7 @@ def plot_mask_heatmaps(images: Sequence, masks, out_png, *, token_maps=None, all
     images_drawn = {}
     for i in range(count):
         thumb = np.asarray(_thumbnail(images[i]))
-        axes = [fig.add_subplot(grid[r, i]) for r in range(panel_rows)]
+        axes = [fig.add_subplot(grid[r, i]) for r in range(len(rows))]
         axes[0].imshow(thumb)
         label = titles[i] if titles is not None else f"q{i}"
         if occluded is not None:
@@ -428,14 +449,13 @@ def plot_mask_heatmaps(images: Sequence, masks, out_png, *, token_maps=None, all
         if i == 0:
             for ax, name in zip(axes, rows):
                 ax.set_ylabel(name, fontsize=7)
-    for r, key in enumerate(["energy"] * (token_maps is not None) + ["mask", "deviation"], start=1):
-        box = grid[r, count - 1].get_position(fig)
-        colorbar_ax = fig.add_axes((0.90, box.y0 + 0.1 * box.height, 0.012, 0.8 * box.height))
-        fig.colorbar(images_drawn[key], cax=colorbar_ax).ax.tick_params(labelsize=6)
-    fig.suptitle(f"DPM channel masks: {channels} channels in a grid, ordered by the mean mask over "
-                 f"{len(population)} queries (highest first)", fontsize=9, y=0.985)
+    return images_drawn
 
-    ax = fig.add_subplot(grid[panel_rows, :])
+
+def _draw_population_profile(ax, population: np.ndarray, order: np.ndarray, all_occluded) -> None:
+    """The mean mask of every channel (in ``order``) with its 10-90 % band, over all queries or
+    over the clean and the occluded ones."""
+    channels = population.shape[1]
     positions = np.arange(channels)
     groups = [("all queries", np.ones(len(population), dtype=bool))]
     if all_occluded is not None:
@@ -454,4 +474,3 @@ def plot_mask_heatmaps(images: Sequence, masks, out_png, *, token_maps=None, all
     ax.tick_params(labelsize=7)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="upper right")
-    return _save(fig, out_png)

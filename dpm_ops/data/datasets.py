@@ -16,38 +16,38 @@ Rules shared by every loader:
   because its manifest states its exact counts.
 * ``with_masks=True`` attaches the MaskReID foreground masks (layout in :mod:`.masks`) and checks
   that they mirror the images one to one.
+
+File names, MSMT17 list files and the synthetic manifest are read by :mod:`.parsing`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
-import json
 import os
-import re
 import warnings
-from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from PIL import Image, UnidentifiedImageError
 
 from .errors import DatasetCountWarning, DatasetError, DatasetNotFoundError
 from .masks import build_mask_index
+from .parsing import (
+    JUNK_PID,
+    MARKET_FOLDERS,
+    MARKET_MULTI_QUERY_FOLDER,
+    MSMT17_CAMERAS,
+    SYNTHETIC_MANIFEST,
+    find_dataset_dir,
+    parse_market_folder,
+    parse_msmt_list,
+    parse_pid_index_folder,
+    read_synthetic_manifest,
+)
 from .records import ImageRecord, ReIDSplits
 
-JUNK_PID = -1
 COUNT_POLICIES = ("warn", "error", "off")
-SYNTHETIC_MANIFEST = "synthetic.json"
-
-# Numbers in file names are ASCII digits: str.isdigit and \d also accept characters int() refuses.
-INTEGER = re.compile(r"-?[0-9]+")
-# Market-style name: pid (may be -1) then "_c" and the 1-based camera digit (datasets.md §2).
-MARKET_NAME = re.compile(r"(-?[0-9]+)_c([0-9])")
-# Occluded-REID / Partial-REID name: <pid>_<nn>.<ext>
-PID_INDEX_NAME = re.compile(r"([0-9]+)_([0-9]+)$")
-
-MARKET_FOLDERS = ("bounding_box_train", "query", "bounding_box_test")
-MARKET_MULTI_QUERY_FOLDER = "gt_bbox"
 
 # (ids, images) per split, datasets.md §1; the Market gallery count is after junk removal and
 # counts distractor pid 0 as one id.
@@ -67,58 +67,6 @@ PUBLISHED_COUNTS = {
 
 # ---------------------------------------------------------------------------------------------
 # shared helpers
-
-
-def _find_dataset_dir(root: str, candidates: Iterable[str], required: Iterable[str], title: str) -> str:
-    """First of ``root/<candidate>`` that contains every ``required`` entry."""
-    root = os.path.abspath(os.path.expanduser(str(root)))
-    if not os.path.isdir(root):
-        raise DatasetNotFoundError(f"{title}: dataset root not found: {root}")
-    required = list(required)
-    tried = []
-    for candidate in candidates:
-        folder = os.path.normpath(os.path.join(root, candidate))
-        if not os.path.isdir(folder):
-            tried.append(folder)
-            continue
-        missing = [name for name in required if not os.path.exists(os.path.join(folder, name))]
-        if not missing:
-            return folder
-        tried.append(f"{folder} (lacks {', '.join(missing)})")
-    raise DatasetNotFoundError(
-        f"{title}: no folder with {', '.join(required)} under {root}; looked at: " + "; ".join(tried)
-    )
-
-
-def _list_images(folder: str, suffix: str, recursive: bool = False) -> list[str]:
-    if not os.path.isdir(folder):
-        raise DatasetNotFoundError(f"folder not found: {folder}")
-    pattern = f"**/*{suffix}" if recursive else f"*{suffix}"
-    paths = sorted(str(p) for p in Path(folder).glob(pattern) if p.is_file())
-    if not paths:
-        raise DatasetError(f"no *{suffix} images in {folder}")
-    return paths
-
-
-def _check_camera(path: str, camera: int, num_cams: int) -> int:
-    """1-based camera from a filename -> 0-based index, rejecting cameras outside the dataset."""
-    if not 1 <= camera <= num_cams:
-        raise DatasetError(f"camera c{camera} outside 1..{num_cams} in {path} (wrong dataset layout?)")
-    return camera - 1
-
-
-def _parse_market_folder(folder: str, suffix: str, num_cams: int) -> list[ImageRecord]:
-    """Every image of a Market-style folder, junk included, with 0-based camids."""
-    records = []
-    for path in _list_images(folder, suffix):
-        match = MARKET_NAME.match(os.path.basename(path))
-        if match is None:
-            raise DatasetError(f"filename does not match <pid>_c<camera>...: {path}")
-        pid, camera = int(match.group(1)), int(match.group(2))
-        if pid < JUNK_PID:
-            raise DatasetError(f"negative pid other than -1 in {path}")
-        records.append(ImageRecord(path, pid, _check_camera(path, camera, num_cams)))
-    return records
 
 
 def _relabel(train: list[ImageRecord]) -> tuple[list[ImageRecord], dict[int, int]]:
@@ -219,12 +167,12 @@ def _load_market_style(
     mask_root: Optional[str],
     verify_images: bool,
     occluded: Callable[[list[ImageRecord], list[ImageRecord], list[ImageRecord]], Optional[frozenset]] = (
-        lambda train, query, gallery: None
+        lambda train, query, gallery: None  # not published
     ),
     multi_query_folder: Optional[str] = None,
 ) -> ReIDSplits:
     train, query, gallery = (
-        _parse_market_folder(os.path.join(dataset_dir, folder), suffix, num_cams) for folder in MARKET_FOLDERS
+        parse_market_folder(os.path.join(dataset_dir, folder), suffix, num_cams) for folder in MARKET_FOLDERS
     )
     multi_query = None
     if multi_query_folder is not None:
@@ -232,34 +180,34 @@ def _load_market_style(
         if not os.path.isdir(folder):
             raise DatasetNotFoundError(f"{name}: multi-query needs the {multi_query_folder}/ folder, not found in "
                                        f"{dataset_dir}")
-        multi_query = [r for r in _parse_market_folder(folder, suffix, num_cams) if r.pid != JUNK_PID]
-    return _assemble(
-        name,
-        dataset_dir,
-        train=train,
-        query=query,
-        gallery=gallery,
-        num_cams=num_cams,
-        expected_counts=expected_counts,
-        check_counts=check_counts,
-        with_masks=with_masks,
-        mask_root=mask_root,
-        verify_images=verify_images,
-        occluded_paths=occluded(train, query, gallery),
-        multi_query=multi_query,
-    )
+        multi_query = [r for r in parse_market_folder(folder, suffix, num_cams) if r.pid != JUNK_PID]
+    return _assemble(name, dataset_dir, train=train, query=query, gallery=gallery, num_cams=num_cams,
+                     expected_counts=expected_counts, check_counts=check_counts, with_masks=with_masks,
+                     mask_root=mask_root, verify_images=verify_images, occluded_paths=occluded(train, query, gallery),
+                     multi_query=multi_query)
 
 
-def load_market1501(
-    root: str,
-    *,
-    with_masks: bool = False,
-    mask_root: Optional[str] = None,
-    check_counts: str = "warn",
-    verify_images: bool = False,
-    multi_query: bool = False,
-) -> ReIDSplits:
-    """Market-1501: ``Market-1501-v15.09.15/{bounding_box_train,query,bounding_box_test}/*.jpg``.
+@dataclasses.dataclass(frozen=True)
+class MarketLayout:
+    """What tells one Market-style dataset from another: one row, one public loader."""
+
+    name: str  # registry name and PUBLISHED_COUNTS key
+    title: str  # names the dataset in errors
+    folders: tuple[str, ...]  # where under ``root`` the dataset folder may be ("" = root itself)
+    num_cams: int
+    about: str  # the loader's docstring
+    every_query_occluded: bool = False
+    multi_query_folder: Optional[str] = None  # the multi-query pools, where the dataset has them
+
+
+MARKET_LAYOUTS = (
+    MarketLayout(
+        "market1501",
+        "Market-1501",
+        ("", "Market-1501-v15.09.15", "market1501/Market-1501-v15.09.15", "market1501", "Market-1501"),
+        num_cams=6,
+        multi_query_folder=MARKET_MULTI_QUERY_FOLDER,
+        about="""Market-1501: ``Market-1501-v15.09.15/{bounding_box_train,query,bounding_box_test}/*.jpg``.
 
     ``root`` may be the dataset folder itself or a parent holding ``Market-1501-v15.09.15``,
     ``market1501/Market-1501-v15.09.15`` or ``market1501``. The gallery is 15,913 images after the
@@ -268,95 +216,79 @@ def load_market1501(
     ``multi_query=True`` also reads ``gt_bbox/`` (the 25,259 hand-drawn boxes of all 1,501 ids)
     into ``multi_query``, the pools of the multi-query protocol (and, with masks, its
     ``gt_bbox_seg`` mirror).
-    """
-    dataset_dir = _find_dataset_dir(
-        root,
-        ["", "Market-1501-v15.09.15", "market1501/Market-1501-v15.09.15", "market1501", "Market-1501"],
-        MARKET_FOLDERS,
-        "Market-1501",
-    )
-    return _load_market_style(
-        "market1501",
-        dataset_dir,
-        suffix=".jpg",
-        num_cams=6,
-        expected_counts=PUBLISHED_COUNTS["market1501"],
-        check_counts=check_counts,
-        with_masks=with_masks,
-        mask_root=mask_root,
-        verify_images=verify_images,
-        multi_query_folder=MARKET_MULTI_QUERY_FOLDER if multi_query else None,
-    )
-
-
-def load_dukemtmc_reid(
-    root: str,
-    *,
-    with_masks: bool = False,
-    mask_root: Optional[str] = None,
-    check_counts: str = "warn",
-    verify_images: bool = False,
-) -> ReIDSplits:
-    """DukeMTMC-reID: ``DukeMTMC-reID/{bounding_box_train,query,bounding_box_test}/*.jpg``, cams 1-8.
+    """,
+    ),
+    MarketLayout(
+        "dukemtmc",
+        "DukeMTMC-reID",
+        ("", "DukeMTMC-reID", "dukemtmc-reid/DukeMTMC-reID", "dukemtmc-reid"),
+        num_cams=8,
+        about="""DukeMTMC-reID: ``DukeMTMC-reID/{bounding_box_train,query,bounding_box_test}/*.jpg``, cams 1-8.
 
     ``root`` may be the dataset folder, or a parent holding ``DukeMTMC-reID`` or
     ``dukemtmc-reid/DukeMTMC-reID``.
-    """
-    dataset_dir = _find_dataset_dir(
-        root, ["", "DukeMTMC-reID", "dukemtmc-reid/DukeMTMC-reID", "dukemtmc-reid"], MARKET_FOLDERS, "DukeMTMC-reID"
-    )
-    return _load_market_style(
-        "dukemtmc",
-        dataset_dir,
-        suffix=".jpg",
+    """,
+    ),
+    MarketLayout(
+        "occluded_duke",
+        "Occluded-Duke",
+        ("", "Occluded_Duke", "occluded_duke", "Occluded-Duke"),
         num_cams=8,
-        expected_counts=PUBLISHED_COUNTS["dukemtmc"],
-        check_counts=check_counts,
-        with_masks=with_masks,
-        mask_root=mask_root,
-        verify_images=verify_images,
-    )
-
-
-def load_occluded_duke(
-    root: str,
-    *,
-    with_masks: bool = False,
-    mask_root: Optional[str] = None,
-    check_counts: str = "warn",
-    verify_images: bool = False,
-) -> ReIDSplits:
-    """Occluded-Duke: ``Occluded_Duke/{bounding_box_train,query,bounding_box_test}/*.jpg``, cams 1-8.
+        every_query_occluded=True,
+        about="""Occluded-Duke: ``Occluded_Duke/{bounding_box_train,query,bounding_box_test}/*.jpg``, cams 1-8.
 
     Every query is occluded (datasets.md §1), so ``occluded_paths`` holds the query images; which
     ~10% of the gallery is occluded is not published.
-    """
-    dataset_dir = _find_dataset_dir(
-        root, ["", "Occluded_Duke", "occluded_duke", "Occluded-Duke"], MARKET_FOLDERS, "Occluded-Duke"
-    )
-    return _load_market_style(
-        "occluded_duke",
-        dataset_dir,
-        suffix=".jpg",
-        num_cams=8,
-        expected_counts=PUBLISHED_COUNTS["occluded_duke"],
-        check_counts=check_counts,
-        with_masks=with_masks,
-        mask_root=mask_root,
-        verify_images=verify_images,
-        occluded=lambda train, query, gallery: frozenset(r.path for r in query),
-    )
+    """,
+    ),
+)
 
 
-def load_cuhk03_np(
+def _load_market_layout(
+    layout: MarketLayout,
     root: str,
     *,
-    variant: str = "labeled",
     with_masks: bool = False,
     mask_root: Optional[str] = None,
     check_counts: str = "warn",
     verify_images: bool = False,
+    multi_query: bool = False,
 ) -> ReIDSplits:
+    dataset_dir = find_dataset_dir(root, layout.folders, MARKET_FOLDERS, layout.title)
+    every_query = layout.every_query_occluded
+    return _load_market_style(
+        layout.name, dataset_dir, suffix=".jpg", num_cams=layout.num_cams, check_counts=check_counts,
+        expected_counts=PUBLISHED_COUNTS[layout.name], with_masks=with_masks, mask_root=mask_root,
+        verify_images=verify_images, occluded=lambda train, query, gallery: (
+            frozenset(r.path for r in query) if every_query else None),
+        multi_query_folder=layout.multi_query_folder if multi_query else None)
+
+
+def _market_loader(layout: MarketLayout) -> Callable[..., ReIDSplits]:
+    """The loader ``loader(root, **options)`` of one row. Its signature, which
+    :func:`dataset_options` reads, offers ``multi_query`` only where the layout has the pools."""
+    parameters = [
+        parameter
+        for name, parameter in inspect.signature(_load_market_layout).parameters.items()
+        if name != "layout" and (name != "multi_query" or layout.multi_query_folder)
+    ]
+    signature = inspect.Signature(parameters)
+
+    def load(root: str, **options) -> ReIDSplits:
+        signature.bind(root, **options)  # an option the layout lacks is a TypeError, as for a def
+        return _load_market_layout(layout, root, **options)
+
+    load.__signature__ = signature
+    load.__name__ = load.__qualname__ = f"load_{layout.name}"
+    load.__doc__ = layout.about
+    return load
+
+
+load_market1501, load_dukemtmc_reid, load_occluded_duke = (_market_loader(layout) for layout in MARKET_LAYOUTS)
+
+
+def load_cuhk03_np(root: str, *, variant: str = "labeled", with_masks: bool = False, mask_root: Optional[str] = None,
+                   check_counts: str = "warn", verify_images: bool = False) -> ReIDSplits:
     """CUHK03-NP: ``cuhk03-np/{labeled,detected}/{bounding_box_train,query,bounding_box_test}/*.png``.
 
     Names are Market-like (``NNNN_cK_...png``); the camera is the view within a camera pair (1-2).
@@ -364,49 +296,22 @@ def load_cuhk03_np(
     """
     if variant not in ("labeled", "detected"):
         raise ValueError(f"CUHK03-NP variant must be 'labeled' or 'detected', got {variant!r}")
-    dataset_dir = _find_dataset_dir(
+    dataset_dir = find_dataset_dir(
         root, ["", variant, f"cuhk03-np/{variant}", f"CUHK03-NP/{variant}"], MARKET_FOLDERS, f"CUHK03-NP {variant}"
     )
     name = f"cuhk03_np_{variant}"
-    return _load_market_style(
-        name,
-        dataset_dir,
-        suffix=".png",
-        num_cams=2,
-        expected_counts=PUBLISHED_COUNTS[name],
-        check_counts=check_counts,
-        with_masks=with_masks,
-        mask_root=mask_root,
-        verify_images=verify_images,
-    )
+    return _load_market_style(name, dataset_dir, suffix=".png", num_cams=2, expected_counts=PUBLISHED_COUNTS[name],
+                              check_counts=check_counts, with_masks=with_masks, mask_root=mask_root,
+                              verify_images=verify_images)
 
 
-def read_synthetic_manifest(dataset_dir: str) -> dict:
-    path = os.path.join(dataset_dir, SYNTHETIC_MANIFEST)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except FileNotFoundError as error:
-        raise DatasetNotFoundError(
-            f"not a synthetic dataset, {path} is missing (generate one with `dpm-reid synth --out DIR`)"
-        ) from error
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DatasetError(f"corrupt synthetic manifest {path}: {error}") from error
-
-
-def load_synthetic(
-    root: str,
-    *,
-    with_masks: bool = False,
-    mask_root: Optional[str] = None,
-    check_counts: str = "error",
-    verify_images: bool = False,
-) -> ReIDSplits:
+def load_synthetic(root: str, *, with_masks: bool = False, mask_root: Optional[str] = None, check_counts: str = "error",
+                   verify_images: bool = False) -> ReIDSplits:
     """A set written by :mod:`dpm_ops.data.synth`: Market layout plus ``synthetic.json``.
 
     The manifest gives the camera count, the exact split counts and which images are occluded.
     """
-    dataset_dir = _find_dataset_dir(root, [""], (*MARKET_FOLDERS, SYNTHETIC_MANIFEST), "synthetic dataset")
+    dataset_dir = find_dataset_dir(root, [""], (*MARKET_FOLDERS, SYNTHETIC_MANIFEST), "synthetic dataset")
     manifest = read_synthetic_manifest(dataset_dir)
     try:
         num_cams = int(manifest["config"]["cameras"])
@@ -415,41 +320,13 @@ def load_synthetic(
     except (KeyError, TypeError, ValueError) as error:
         manifest_path = os.path.join(dataset_dir, SYNTHETIC_MANIFEST)
         raise DatasetError(f"corrupt synthetic manifest {manifest_path}: {error!r}") from error
-    return _load_market_style(
-        "synthetic",
-        dataset_dir,
-        suffix=".jpg",
-        num_cams=num_cams,
-        expected_counts=expected,
-        check_counts=check_counts,
-        with_masks=with_masks,
-        mask_root=mask_root,
-        verify_images=verify_images,
-        occluded=lambda train, query, gallery: occluded,
-    )
+    return _load_market_style("synthetic", dataset_dir, suffix=".jpg", num_cams=num_cams, expected_counts=expected,
+                              check_counts=check_counts, with_masks=with_masks, mask_root=mask_root,
+                              verify_images=verify_images, occluded=lambda train, query, gallery: occluded)
 
 
 # ---------------------------------------------------------------------------------------------
 # test-only sets with query = occluded/partial (camera 0) and gallery = whole body (camera 1)
-
-
-def _parse_pid_index_folder(folder: str, suffix: str, camid: int, per_identity_dirs: bool) -> list[ImageRecord]:
-    """Images named ``<pid>_<nn><suffix>``; the camera is fixed by the folder, never by ``nn``
-    (parsing ``nn`` as a camera is the fast-reid bug of datasets.md §8)."""
-    records = []
-    for path in _list_images(folder, suffix, recursive=per_identity_dirs):
-        relative = Path(os.path.relpath(path, folder))
-        match = PID_INDEX_NAME.match(relative.stem)
-        if match is None:
-            raise DatasetError(f"filename does not match <pid>_<nn>{suffix}: {path}")
-        pid = int(match.group(1))
-        if per_identity_dirs:
-            if len(relative.parts) != 2 or not INTEGER.fullmatch(relative.parts[0]) or int(relative.parts[0]) != pid:
-                raise DatasetError(f"expected <pid>/<pid>_<nn>{suffix}, got {path}")
-        elif len(relative.parts) != 1:
-            raise DatasetError(f"unexpected sub-folder in {path}")
-        records.append(ImageRecord(path, pid, camid))
-    return records
 
 
 def check_split_camids(camids) -> tuple[int, int]:
@@ -463,15 +340,23 @@ def check_split_camids(camids) -> tuple[int, int]:
     return int(camids[0]), int(camids[1])
 
 
-def load_occluded_reid(
-    root: str,
-    *,
-    camids: tuple[int, int] = (0, 1),
-    with_masks: bool = False,
-    mask_root: Optional[str] = None,
-    check_counts: str = "warn",
-    verify_images: bool = False,
-) -> ReIDSplits:
+def _load_query_gallery_set(name: str, title: str, root: str, folders: list[str], query_folder: str, suffix: str,
+                            per_identity_dirs: bool, camids, **options) -> ReIDSplits:
+    """A test-only set: query = the images of ``query_folder`` (all reported as occluded), gallery
+    = ``whole_body_images``, each split on its own camera of ``camids``."""
+    query_camid, gallery_camid = check_split_camids(camids)
+    dataset_dir = find_dataset_dir(root, folders, (query_folder, "whole_body_images"), title)
+    query = parse_pid_index_folder(os.path.join(dataset_dir, query_folder), suffix, query_camid, per_identity_dirs)
+    gallery = parse_pid_index_folder(os.path.join(dataset_dir, "whole_body_images"), suffix, gallery_camid,
+                                     per_identity_dirs)
+    return _assemble(name, dataset_dir, train=[], query=query, gallery=gallery,
+                     num_cams=max(query_camid, gallery_camid) + 1, expected_counts=PUBLISHED_COUNTS[name],
+                     occluded_paths=frozenset(r.path for r in query), **options)
+
+
+def load_occluded_reid(root: str, *, camids: tuple[int, int] = (0, 1), with_masks: bool = False,
+                       mask_root: Optional[str] = None, check_counts: str = "warn",
+                       verify_images: bool = False) -> ReIDSplits:
     """Occluded-REID (test only): ``Occluded_REID/{occluded_body_images,whole_body_images}/<pid>/<pid>_<nn>.tif``.
 
     Query = occluded images, gallery = whole-body images, with the cameras ``camids`` =
@@ -479,68 +364,24 @@ def load_occluded_reid(
     ``_c1`` / ``_c3s3``, i.e. (0, 2), and the camera picks DPM's SIE embedding (datasets.md §6).
     The train split is empty: train on Market-1501.
     """
-    query_camid, gallery_camid = check_split_camids(camids)
-    dataset_dir = _find_dataset_dir(
-        root,
-        ["", "Occluded_REID", "OccludedREID", "Occluded-REID", "occluded_reid"],
-        ("occluded_body_images", "whole_body_images"),
-        "Occluded-REID",
-    )
-    query = _parse_pid_index_folder(os.path.join(dataset_dir, "occluded_body_images"), ".tif", query_camid, True)
-    gallery = _parse_pid_index_folder(os.path.join(dataset_dir, "whole_body_images"), ".tif", gallery_camid, True)
-    return _assemble(
-        "occluded_reid",
-        dataset_dir,
-        train=[],
-        query=query,
-        gallery=gallery,
-        num_cams=max(query_camid, gallery_camid) + 1,
-        expected_counts=PUBLISHED_COUNTS["occluded_reid"],
-        check_counts=check_counts,
-        with_masks=with_masks,
-        mask_root=mask_root,
-        verify_images=verify_images,
-        occluded_paths=frozenset(r.path for r in query),
-    )
+    return _load_query_gallery_set(
+        "occluded_reid", "Occluded-REID", root, ["", "Occluded_REID", "OccludedREID", "Occluded-REID", "occluded_reid"],
+        "occluded_body_images", ".tif", True, camids,
+        with_masks=with_masks, mask_root=mask_root, check_counts=check_counts, verify_images=verify_images)
 
 
-def load_partial_reid(
-    root: str,
-    *,
-    camids: tuple[int, int] = (0, 1),
-    with_masks: bool = False,
-    mask_root: Optional[str] = None,
-    check_counts: str = "warn",
-    verify_images: bool = False,
-) -> ReIDSplits:
+def load_partial_reid(root: str, *, camids: tuple[int, int] = (0, 1), with_masks: bool = False,
+                      mask_root: Optional[str] = None, check_counts: str = "warn",
+                      verify_images: bool = False) -> ReIDSplits:
     """Partial-REID (test only): ``Partial_REID/{partial_body_images,whole_body_images}/<pid:03d>_<nn:02d>.jpg``.
 
     Query = partial images, gallery = whole-body images, with the cameras ``camids`` = (query,
     gallery), (0, 1) by default; the partial queries are reported as occluded.
     """
-    query_camid, gallery_camid = check_split_camids(camids)
-    dataset_dir = _find_dataset_dir(
-        root,
-        ["", "Partial_REID", "Partial-REID", "partial_reid", "PartialREID"],
-        ("partial_body_images", "whole_body_images"),
-        "Partial-REID",
-    )
-    query = _parse_pid_index_folder(os.path.join(dataset_dir, "partial_body_images"), ".jpg", query_camid, False)
-    gallery = _parse_pid_index_folder(os.path.join(dataset_dir, "whole_body_images"), ".jpg", gallery_camid, False)
-    return _assemble(
-        "partial_reid",
-        dataset_dir,
-        train=[],
-        query=query,
-        gallery=gallery,
-        num_cams=max(query_camid, gallery_camid) + 1,
-        expected_counts=PUBLISHED_COUNTS["partial_reid"],
-        check_counts=check_counts,
-        with_masks=with_masks,
-        mask_root=mask_root,
-        verify_images=verify_images,
-        occluded_paths=frozenset(r.path for r in query),
-    )
+    return _load_query_gallery_set(
+        "partial_reid", "Partial-REID", root, ["", "Partial_REID", "Partial-REID", "partial_reid", "PartialREID"],
+        "partial_body_images", ".jpg", False, camids,
+        with_masks=with_masks, mask_root=mask_root, check_counts=check_counts, verify_images=verify_images)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,40 +389,10 @@ def load_partial_reid(
 
 
 MSMT17_VERSIONS = {"MSMT17_V1": ("train", "test"), "MSMT17_V2": ("mask_train_v2", "mask_test_v2")}
-MSMT17_CAMERAS = 15
 
 
-def _parse_msmt_list(list_path: str, image_dir: str) -> list[ImageRecord]:
-    """Lines ``<pid folder>/<pid>_<index>_<camera>_<date+time>_..._.jpg <pid>``, camera 1-15."""
-    if not os.path.isfile(list_path):
-        raise DatasetNotFoundError(f"MSMT17 list file not found: {list_path}")
-    records = []
-    with open(list_path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            fields = line.split()
-            parts = os.path.basename(fields[0]).split("_") if len(fields) == 2 else []
-            if len(parts) < 3 or not INTEGER.fullmatch(fields[1]) or not INTEGER.fullmatch(parts[2]):
-                raise DatasetError(f"{list_path}:{line_number}: expected '<relative path> <pid>', got {line.strip()!r}")
-            path = os.path.join(image_dir, fields[0])
-            if not os.path.isfile(path):
-                raise DatasetNotFoundError(f"{list_path}:{line_number}: image not found: {path}")
-            records.append(ImageRecord(path, int(fields[1]), _check_camera(path, int(parts[2]), MSMT17_CAMERAS)))
-    if not records:
-        raise DatasetError(f"MSMT17 list file is empty: {list_path}")
-    return records
-
-
-def load_msmt17(
-    root: str,
-    *,
-    include_val: bool = True,
-    with_masks: bool = False,
-    mask_root: Optional[str] = None,
-    check_counts: str = "warn",
-    verify_images: bool = False,
-) -> ReIDSplits:
+def load_msmt17(root: str, *, include_val: bool = True, with_masks: bool = False, mask_root: Optional[str] = None,
+                check_counts: str = "warn", verify_images: bool = False) -> ReIDSplits:
     """MSMT17 (V1 or V2): ``MSMT17_V1/{train,test}/`` (V2: ``mask_train_v2``, ``mask_test_v2``) plus
     ``list_{train,val,query,gallery}.txt`` whose lines are ``<pid>/<name>.jpg <pid>``.
 
@@ -591,7 +402,7 @@ def load_msmt17(
     tried = []
     for version, (train_folder, test_folder) in MSMT17_VERSIONS.items():
         try:
-            dataset_dir = _find_dataset_dir(
+            dataset_dir = find_dataset_dir(
                 root,
                 ["", version, f"msmt17/{version}", f"MSMT17/{version}"],
                 (train_folder, test_folder, "list_train.txt", "list_query.txt", "list_gallery.txt"),
@@ -604,24 +415,15 @@ def load_msmt17(
         raise DatasetNotFoundError(" | ".join(tried))
 
     train_dir, test_dir = (os.path.join(dataset_dir, folder) for folder in (train_folder, test_folder))
-    train = _parse_msmt_list(os.path.join(dataset_dir, "list_train.txt"), train_dir)
+    train = parse_msmt_list(os.path.join(dataset_dir, "list_train.txt"), train_dir)
     if include_val:
-        train += _parse_msmt_list(os.path.join(dataset_dir, "list_val.txt"), train_dir)
-    query = _parse_msmt_list(os.path.join(dataset_dir, "list_query.txt"), test_dir)
-    gallery = _parse_msmt_list(os.path.join(dataset_dir, "list_gallery.txt"), test_dir)
-    return _assemble(
-        "msmt17",
-        dataset_dir,
-        train=train,
-        query=query,
-        gallery=gallery,
-        num_cams=MSMT17_CAMERAS,
-        expected_counts=PUBLISHED_COUNTS["msmt17" if include_val else "msmt17_no_val"],
-        check_counts=check_counts,
-        with_masks=with_masks,
-        mask_root=mask_root,
-        verify_images=verify_images,
-    )
+        train += parse_msmt_list(os.path.join(dataset_dir, "list_val.txt"), train_dir)
+    query = parse_msmt_list(os.path.join(dataset_dir, "list_query.txt"), test_dir)
+    gallery = parse_msmt_list(os.path.join(dataset_dir, "list_gallery.txt"), test_dir)
+    return _assemble("msmt17", dataset_dir, train=train, query=query, gallery=gallery, num_cams=MSMT17_CAMERAS,
+                     expected_counts=PUBLISHED_COUNTS["msmt17" if include_val else "msmt17_no_val"],
+                     check_counts=check_counts, with_masks=with_masks, mask_root=mask_root,
+                     verify_images=verify_images)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,111 @@
+"""The options of the synthetic set: :class:`SynthConfig`, which checks every field itself."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import numpy as np
+
+class SynthOptionError(ValueError):
+    """A :class:`SynthConfig` field is out of range; ``option`` names the field."""
+
+    def __init__(self, option: str, problem: str):
+        super().__init__(f"{option} {problem}")
+        self.option, self.problem = option, problem
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+def _check_int(name: str, value, low: int, high: Optional[int], why: str = "") -> None:
+    if not _is_int(value) or value < low or (high is not None and value > high):
+        wanted = f"in {low}..{high}" if high is not None else f">= {low}"
+        raise SynthOptionError(name, f"must be an integer {wanted}{f' ({why})' if why else ''}, got {value!r}")
+
+
+def _check_int_range(name: str, value, low: int, high: Optional[int]) -> None:
+    if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(map(_is_int, value))
+            and low <= value[0] <= value[1] and (high is None or value[1] <= high)):
+        bound = f" <= {high}" if high is not None else ""
+        raise SynthOptionError(name, f"must be integers LOW,HIGH with {low} <= LOW <= HIGH{bound}, got {value!r}")
+
+
+def _check_float(name: str, value, wanted: str, ok) -> None:
+    if not _is_real(value) or not ok(value):
+        raise SynthOptionError(name, f"must be {wanted}, got {value!r}")
+
+
+def _option(default, help: str):
+    """A field that is also a ``dpm-reid synth`` option; ``help`` is its help text."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthConfig:
+    """Size and difficulty of the synthetic set (defaults: ~6.5k images in about a minute).
+
+    The fields made with :func:`_option` are the command line's options (:mod:`.cli` builds its
+    parser from them); the others are reached through the API and the config file only.
+    """
+
+    seed: int = _option(0, "random seed; same seed, same bytes")
+    # half train, half test: Market-style disjoint ids
+    ids: int = _option(600, "identities in all, half train / half test")
+    cameras: int = _option(6, "number of cameras, 2-9")
+    width: int = _option(128, "image width")
+    height: int = _option(256, "image height")
+    train_images: tuple[int, int] = _option((6, 12), "images per train identity")  # inclusive range
+    id_cameras: tuple[int, int] = (2, 4)  # cameras each identity appears in
+    # at most one query per (id, camera), as in Market
+    queries_per_id: int = _option(2, "queries per test identity")
+    gallery_per_camera: tuple[int, int] = _option((1, 3), "gallery images per test identity and camera")
+    distractors: float = _option(0.1, "pid 0 gallery images, as a share of the identities' gallery images")
+    # badly framed boxes, dropped by the loader
+    junk: float = _option(0.03, "pid -1 (junk) gallery images, same unit")
+    query_occlusion: float = _option(0.75, "share of occluded queries")  # per image, a probability
+    gallery_occlusion: float = _option(0.15, "share of occluded gallery images")
+    train_occlusion: float = _option(0.2, "share of occluded train images")
+    hidden_range: tuple[float, float] = (0.25, 0.6)  # fraction of the body an occluder hides
+    supersample: int = 2  # draw at this factor, then downsample (anti-aliasing)
+    jpeg_quality: int = 90
+
+    def __post_init__(self) -> None:
+        # every rule names the field it checks: the config reports dataset.synth.<field>, the
+        # command line --<field>
+        _check_int("seed", self.seed, 0, None, "a non-negative seed")
+        _check_int("ids", self.ids, 2, 4999, "one train and one test identity; 4-digit pids")
+        _check_int("cameras", self.cameras, 2, 9, "Market names hold one camera digit")
+        _check_int("width", self.width, 16, None, "images must be at least 16 wide")
+        _check_int("height", self.height, 32, None, "images must be at least 32 high")
+        _check_int("queries_per_id", self.queries_per_id, 1, None)
+        _check_int("supersample", self.supersample, 1, None)
+        _check_int("jpeg_quality", self.jpeg_quality, 1, 100, "PIL's JPEG quality")
+        _check_int_range("id_cameras", self.id_cameras, 2, self.cameras)
+        for name in ("train_images", "gallery_per_camera"):  # every query needs a true match in the gallery
+            _check_int_range(name, getattr(self, name), 1, None)
+        for name in ("distractors", "junk"):
+            _check_float(name, getattr(self, name), "a finite non-negative share", lambda v: v >= 0)
+        for name in ("query_occlusion", "gallery_occlusion", "train_occlusion"):
+            _check_float(name, getattr(self, name), "a probability in [0, 1]", lambda v: 0 <= v <= 1)
+        hidden = self.hidden_range
+        if not (isinstance(hidden, (tuple, list)) and len(hidden) == 2 and all(_is_real(v) for v in hidden)
+                and 0.0 < hidden[0] < hidden[1] < 1.0):
+            raise SynthOptionError("hidden_range", f"must satisfy 0 < low < high < 1, got {hidden!r}")
+
+    def to_json(self) -> dict:
+        return {
+            key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(self).items()
+        }
+
+
+def synth_config(options: dict) -> SynthConfig:
+    """A SynthConfig from config-file options (YAML lists for the tuple fields)."""
+    return SynthConfig(**{key: tuple(value) if isinstance(value, list) else value for key, value in options.items()})

@@ -1,0 +1,156 @@
+"""Rendering the planned images and writing the set (images, masks, manifest) atomically."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter
+from tqdm import tqdm
+
+from ..errors import DatasetError
+from ..masks import MASK_FOLDER_SUFFIX
+from ..parsing import MARKET_FOLDERS, SYNTHETIC_MANIFEST, read_synthetic_manifest
+from .config import SynthConfig
+from .drawing import Appearance, Pose, draw_person, random_appearance, random_pose
+from .planning import STREAM_CAMERA, STREAM_IDENTITY, STREAM_IMAGE, Job, plan_images, split_counts
+from .scene import OCCLUDER_KINDS, Camera, draw_occluder, make_camera
+
+MANIFEST_FORMAT = "dpm_ops.synthetic/1"
+
+
+def _occlude(person_alpha: np.ndarray, pose: Pose, rng: np.random.Generator, config: SynthConfig, size: tuple):
+    """Pick an occluder hiding a fraction of the body inside ``hidden_range`` (best of a few tries)."""
+    body = max(1, int(person_alpha.sum()))
+    low, high = config.hidden_range
+    best = None
+    for _ in range(8):
+        kind = str(rng.choice(OCCLUDER_KINDS, p=[0.3, 0.2, 0.1, 0.15, 0.25]))
+        layer = Image.new("RGBA", size, (0, 0, 0, 0))
+        draw_occluder(layer, kind, pose, rng)
+        covered = np.asarray(layer.getchannel("A")) > 127
+        hidden = float((person_alpha & covered).sum()) / body
+        error = 0.0 if low <= hidden <= high else min(abs(hidden - low), abs(hidden - high))
+        if best is None or error < best[0]:
+            best = (error, layer, kind, hidden)
+        if error == 0.0:
+            break
+    return best[1], best[2], best[3]
+
+
+def _render(job: Job, config: SynthConfig, identities: list[Appearance], cameras: list[Camera]):
+    """Draw one image; returns (RGB image, binary mask, occlusion record or None)."""
+    rng = np.random.default_rng([config.seed, STREAM_IMAGE, *job.name.encode("utf-8")])
+    factor = config.supersample
+    size = (config.width * factor, config.height * factor)
+    camera = cameras[job.camera]
+    look = identities[job.identity] if job.identity >= 0 else random_appearance(rng)
+    pose = random_pose(rng, size[0], size[1], camera.person_scale, look.stature)
+    if job.junk:  # a badly framed detection: the person half out of the box
+        shift = rng.choice([-1, 1]) * size[0] * rng.uniform(0.35, 0.55)
+        pose = dataclasses.replace(pose, centre_x=pose.centre_x + shift, top=pose.top + size[1] * rng.uniform(0.0, 0.3))
+
+    offset = int(rng.integers(0, camera.background.width - size[0] + 1))
+    canvas = camera.background.crop((offset, 0, offset + size[0], size[1])).convert("RGBA")
+    person = Image.new("RGBA", size, (0, 0, 0, 0))
+    draw_person(person, look, pose)
+    visible = np.asarray(person.getchannel("A")) > 127
+    canvas.alpha_composite(person)
+
+    occlusion = None
+    if job.occluded:
+        layer, kind, hidden = _occlude(visible, pose, rng, config, size)
+        canvas.alpha_composite(layer)
+        visible = visible & ~(np.asarray(layer.getchannel("A")) > 127)
+        if hidden >= 0.05:
+            occlusion = {"occluder": kind, "hidden": round(hidden, 3)}
+
+    image = canvas.convert("RGB").reduce(factor)
+    mask = Image.fromarray(visible.astype(np.uint8) * 255).reduce(factor).point(lambda v: 255 if v >= 128 else 0)
+    if camera.blur > 0.2:
+        image = image.filter(ImageFilter.GaussianBlur(camera.blur))
+    pixels = np.asarray(image, dtype=np.float32)
+    gain = camera.gain * camera.brightness * rng.uniform(0.9, 1.1)
+    pixels = pixels * gain + rng.normal(0.0, camera.noise, size=pixels.shape)
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    return image, mask.convert("1"), occlusion
+
+
+def generate_synthetic_dataset(
+    out: str | os.PathLike, config: SynthConfig = SynthConfig(), *, progress: bool = True, force: bool = False
+) -> Path:
+    """Write the dataset to ``out`` and return its path.
+
+    The set is built in a temporary sibling folder and renamed into place at the end, so an
+    interrupted run never leaves a half-written dataset behind. An existing ``out`` is replaced
+    only with ``force`` and only if it is empty or itself a synthetic dataset.
+    """
+    out = Path(out).expanduser().resolve()
+    if out.exists():
+        if not out.is_dir():
+            raise DatasetError(f"output path exists and is not a folder: {out}")
+        is_synthetic = (out / SYNTHETIC_MANIFEST).is_file()
+        if any(out.iterdir()) and not (force and is_synthetic):
+            hint = (
+                "pass --force to replace it" if is_synthetic else "it is not a synthetic dataset; choose another --out"
+            )
+            raise DatasetError(f"output folder is not empty: {out} ({hint})")
+
+    jobs, pids = plan_images(config)
+    identities = [random_appearance(np.random.default_rng([config.seed, STREAM_IDENTITY, pid])) for pid in pids]
+    factor = config.supersample
+    cameras = [
+        make_camera(
+            np.random.default_rng([config.seed, STREAM_CAMERA, c]), config.width * factor, config.height * factor
+        )
+        for c in range(config.cameras)
+    ]
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as error:
+        raise DatasetError(f"cannot create the output folder {out}: {error.strerror or error}") from error
+    try:
+        for folder in MARKET_FOLDERS:
+            (staging / folder).mkdir()
+            (staging / (folder + MASK_FOLDER_SUFFIX)).mkdir()
+        occlusion = {}
+        for job in tqdm(jobs, desc="synth", unit="img", disable=not progress):
+            image, mask, occluded = _render(job, config, identities, cameras)
+            image.save(staging / job.folder / job.name, quality=config.jpeg_quality)
+            mask.save((staging / (job.folder + MASK_FOLDER_SUFFIX) / job.name).with_suffix(".png"))
+            if occluded is not None:
+                occlusion[f"{job.folder}/{job.name}"] = occluded
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "config": config.to_json(),
+            "counts": split_counts(jobs, pids),
+            "occlusion": dict(sorted(occlusion.items())),
+        }
+        (staging / SYNTHETIC_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+
+def ensure_synthetic_dataset(
+    out: str | os.PathLike, config: SynthConfig = SynthConfig(), *, progress: bool = True
+) -> Path:
+    """Return ``out`` if it already holds the set of this config, generating it otherwise."""
+    out = Path(out).expanduser().resolve()
+    if (out / SYNTHETIC_MANIFEST).is_file():
+        manifest = read_synthetic_manifest(str(out))
+        if manifest.get("format") == MANIFEST_FORMAT and manifest.get("config") == config.to_json():
+            return out
+    return generate_synthetic_dataset(out, config, progress=progress, force=True)
