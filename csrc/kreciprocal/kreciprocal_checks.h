@@ -49,5 +49,19 @@ inline void check_csr(const at::Tensor& row_ptr, const at::Tensor& cols, int64_t
   check_index_range(cols, num_cols, "cols");
 }
 
+// pair_sqdist's arguments: (N, D) features, (N, m) candidate lists and a CSR of pairs over N items.
+inline void check_pair_sqdist(const at::Tensor& features, const at::Tensor& cand_values,
+                              const at::Tensor& cand_indices, const at::Tensor& row_ptr, const at::Tensor& cols) {
+  TORCH_CHECK_VALUE(features.dim() == 2 && at::isFloatingType(features.scalar_type()),
+                    "kreciprocal: features must be a 2-D floating tensor");
+  const int64_t N = features.size(0);
+  check_index_tensor(cand_indices, 2, "cand_indices");
+  TORCH_CHECK_VALUE(cand_indices.size(0) == N && cand_values.sizes() == cand_indices.sizes(),
+                    "kreciprocal: cand_values and cand_indices must both be (", N, ", m), got ", cand_values.sizes(),
+                    " and ", cand_indices.sizes());
+  check_index_range(cand_indices, N, "cand_indices");
+  check_csr(row_ptr, cols, N, N);
+}
+
 }  // namespace kreciprocal
 }  // namespace dpm_ops

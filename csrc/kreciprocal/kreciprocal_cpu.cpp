@@ -82,15 +82,8 @@ void pair_sqdist_impl(const at::Tensor& features, const at::Tensor& cand_values,
 
 at::Tensor pair_sqdist_cpu(const at::Tensor& features_in, const at::Tensor& cand_values_in,
                            const at::Tensor& cand_indices_in, const at::Tensor& row_ptr_in, const at::Tensor& cols_in) {
-  TORCH_CHECK_VALUE(features_in.dim() == 2 && at::isFloatingType(features_in.scalar_type()),
-                    "kreciprocal: features must be a 2-D floating tensor");
+  check_pair_sqdist(features_in, cand_values_in, cand_indices_in, row_ptr_in, cols_in);
   const int64_t N = features_in.size(0);
-  check_index_tensor(cand_indices_in, 2, "cand_indices");
-  TORCH_CHECK_VALUE(cand_indices_in.size(0) == N && cand_values_in.sizes() == cand_indices_in.sizes(),
-                    "kreciprocal: cand_values and cand_indices must both be (", N, ", m), got ", cand_values_in.sizes(),
-                    " and ", cand_indices_in.sizes());
-  check_index_range(cand_indices_in, N, "cand_indices");
-  check_csr(row_ptr_in, cols_in, N, N);
   const at::Tensor features =
       features_in.to(features_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
   const at::Tensor cand_values = cand_values_in.to(at::kFloat).contiguous(), cand_indices = cand_indices_in.contiguous();
