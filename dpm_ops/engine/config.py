@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import math
 import os
 from pathlib import Path
@@ -33,10 +32,9 @@ import yaml
 from ..evaluation import PROTOCOLS
 from ..ops.maskreid_ranking_loss_reference import RENAMED_POS_MODES
 from .evaluator import DISTANCES, MULTI_QUERY, resolve_distance
+from .recipes import RECIPES
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-MODEL_NAMES = ("dpm", "vit_baseline", "maskreid", "maskreid_resnet50")
 
 
 class ConfigError(ValueError):
@@ -88,7 +86,7 @@ def _f(default, type_=None, choices=None, nullable=False, renamed=None, bounds=N
 # The schema. Defaults are DPM's Occluded-Duke recipe (dpm.md §6-7) where a key concerns DPM.
 SCHEMA: dict = {
     "model": {
-        "name": _f("dpm", str, MODEL_NAMES),
+        "name": _f("dpm", str),  # a name in recipes.RECIPES (checked by validate)
         # keyword arguments of the model class (stride, arcface_margin, embed_dim, depth, ...)
         "options": _f({}, "mapping"),
         # a .pth to start from: timm ViT (jx_vit_base_p16_224), official DPM, torchvision ResNet-50
@@ -405,16 +403,6 @@ def load_config(name_or_path: Optional[str] = None, overrides: Iterable[str] = (
 # checks of the free-form sections and cross-field rules
 
 
-def _model_class(name: str):
-    from dpm_ops import models
-
-    return {"dpm": models.DPM, "vit_baseline": models.ViTBaseline, "maskreid": models.MaskReID,
-            "maskreid_resnet50": models.MaskReIDResNet50}[name]
-
-
-_MODEL_OPTION_RESERVED = ("num_classes", "num_cameras")
-
-
 def _check_against_signature(section: str, options: dict, defaults_: dict) -> None:
     for key, value in options.items():
         full = f"{section}.{key}"
@@ -439,40 +427,37 @@ def _check_against_signature(section: str, options: dict, defaults_: dict) -> No
             raise ConfigError(f"config key {full}: expected a finite number, got {value!r}")
 
 
-def model_option_defaults(name: str) -> dict:
-    parameters = inspect.signature(_model_class(name).__init__).parameters
-    return {k: p.default for k, p in parameters.items()
-            if k not in ("self", *_MODEL_OPTION_RESERVED) and p.kind is not p.VAR_KEYWORD}
-
-
 def synth_option_defaults() -> dict:
     from dpm_ops.data.synth import SynthConfig
 
     return {f.name: getattr(SynthConfig(), f.name) for f in dataclasses.fields(SynthConfig)}
 
 
+SAMPLER_NAMES = {"pk": "P x K batches ('pk')", "maskreid": "MaskReID's 1 id x P + N singles batches ('maskreid')"}
+
+
 def validate(config: dict) -> None:
-    _check_against_signature("model.options", config["model"]["options"],
-                             model_option_defaults(config["model"]["name"]))
-    _check_against_signature("dataset.synth", config["dataset"]["synth"], synth_option_defaults())
     name = config["model"]["name"]
-    is_maskreid = name.startswith("maskreid")
-    if is_maskreid and config["input"]["recipe"] != "maskreid":
-        raise ConfigError(f"config key input.recipe: model {name} needs the 'maskreid' recipe")
-    if not is_maskreid and config["input"]["recipe"] != "dpm":
-        raise ConfigError(f"config key input.recipe: model {name} needs the 'dpm' recipe")
-    if config["dataset"]["with_masks"] is False and is_maskreid:
+    if name not in RECIPES:
+        raise ConfigError(f"config key model.name: {name!r} is not one of {', '.join(RECIPES)}")
+    recipe = RECIPES[name]
+    _check_against_signature("model.options", config["model"]["options"], recipe.option_defaults())
+    _check_against_signature("dataset.synth", config["dataset"]["synth"], synth_option_defaults())
+    if config["input"]["recipe"] != recipe.transform_recipe:
+        raise ConfigError(f"config key input.recipe: model {name} needs the '{recipe.transform_recipe}' recipe")
+    if config["dataset"]["with_masks"] is False and recipe.uses_masks:
         raise ConfigError(f"config key dataset.with_masks: model {name} needs foreground masks")
-    if not is_maskreid and config["sampler"]["kind"] != "pk":
-        raise ConfigError(f"config key sampler.kind: model {name} trains on P x K batches ('pk'); "
-                          f"'{config['sampler']['kind']}' is MaskReID's")
+    kind = config["sampler"]["kind"]
+    if kind not in recipe.sampler_kinds:
+        raise ConfigError(f"config key sampler.kind: model {name} trains on "
+                          f"{' or '.join(SAMPLER_NAMES[k] for k in recipe.sampler_kinds)}; not '{kind}'")
     _check_eval_distance(config)
     _check_synth_options(config)
     _check_dataset_options(config)
     if config["loss"]["ranking_pos_mode"] == "eq4" and config["loss"]["ranking_neg_mode"] != "literal":
         raise ConfigError("config key loss.ranking_neg_mode: does not apply to ranking_pos_mode eq4 (no margin, "
                           "no hinge); leave it literal")
-    if config["pretrain"]["epochs"] and not is_maskreid:
+    if config["pretrain"]["epochs"] and not recipe.has_pretrain_stage:
         raise ConfigError(f"config key pretrain.epochs: softmax pre-training is MaskReID's; model is {name}")
 
 
