@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dpm_ops.data.synth import SynthConfig, generate_synthetic_dataset
-from dpm_ops.engine import RECIPES, evaluate_checkpoint, load_config, train
+from dpm_ops.engine import RECIPES, Hook, evaluate_checkpoint, load_config, train
 from dpm_ops.engine.recipes import Recipe, loss_record, make_optimizer, scheduled_stage
 from engine_utils import TINY_SYNTH, tiny_config, write_config
 
@@ -53,6 +53,17 @@ class ToyRecipe(Recipe):
         return model(batch["image"].to(device)), None
 
 
+class Calls(Hook):
+    def __init__(self):
+        self.steps, self.epochs = [], []
+
+    def after_step(self, trainer, at, losses):
+        self.steps.append(trainer.global_step)
+
+    def after_epoch(self, trainer, at):
+        self.epochs.append(at.run_epoch)
+
+
 def test_a_toy_recipe_trains_and_evaluates(tmp_path, monkeypatch):
     monkeypatch.setitem(RECIPES, "toy", ToyRecipe())  # the registry line
     options = {k: tuple(v) if isinstance(v, list) else v for k, v in TINY_SYNTH.items()}
@@ -61,8 +72,10 @@ def test_a_toy_recipe_trains_and_evaluates(tmp_path, monkeypatch):
     config["model"] = {"name": "toy", "options": {"width": 8}}
     config = load_config(str(write_config(tmp_path / "toy.yaml", config)))
 
-    result = train(config, tmp_path / "run")
+    calls = Calls()
+    result = train(config, tmp_path / "run", hooks=[calls])
     assert result["finished"] and result["global_step"] > 0
+    assert calls.steps == list(range(1, result["global_step"] + 1)) and calls.epochs == [1]
     records = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert records and all(r["loss"] == r["loss/id"] for r in records)
     assert {"all", "clean", "occluded"} <= set(result["metrics"])

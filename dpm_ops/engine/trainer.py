@@ -24,7 +24,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -130,17 +130,9 @@ class StopHook(Hook):
             trainer.stop_reason = f"stopped after {trainer.global_step} iterations (train.stop_after_iters)"
 
 
-class CallbackHook(Hook):
-    def __init__(self, on_iteration: Callable[[int], None]):
-        self.on_iteration = on_iteration
-
-    def after_step(self, trainer, at, losses):
-        self.on_iteration(trainer.global_step)
-
-
 class Trainer:
     def __init__(self, config: dict, output_dir: str | os.PathLike, *, resume: bool = False,
-                 log_stream=None, on_iteration: Optional[Callable[[int], None]] = None):
+                 log_stream=None, hooks: Sequence[Hook] = ()):
         self.config = config
         self.output_dir = Path(output_dir)
         self.resume = resume
@@ -153,8 +145,8 @@ class Trainer:
         self.run_log = RunLog(self.output_dir, log_stream if log_stream is not None else sys.stdout,
                               self.dist.is_main)
         self.progress = config["train"]["progress"] and self.dist.is_main
-        self.hooks: list[Hook] = [LogHook(), *([CallbackHook(on_iteration)] if on_iteration else []),
-                                  CheckpointHook(), PeriodicEvalHook(), StopHook()]
+        # ``hooks`` run after the step is logged, before it may be checkpointed
+        self.hooks: list[Hook] = [LogHook(), *hooks, CheckpointHook(), PeriodicEvalHook(), StopHook()]
         self.global_step = 0
         self.stop_reason: Optional[str] = None
         self.bar = None
