@@ -43,8 +43,8 @@ from dpm_ops.data import ImageDataset, ImageRecord, build_dataloader, masked_ima
 from dpm_ops.data.datasets import MARKET_NAME, _verify_readable
 from dpm_ops.data.errors import DatasetError, DatasetNotFoundError
 from dpm_ops.engine.checkpoint import atomic_write
-from dpm_ops.engine.evaluator import (FeatureSet, _check_image_size, _model_cameras, extract_features,
-                                      resolve_distance, test_transform)
+from dpm_ops.engine.evaluator import (FeatureSet, _check_image_size, _model_cameras, eval_transform,
+                                      extract_features, resolve_distance)
 from dpm_ops.engine.recipes import get_recipe
 
 # Opset 18 is the one torch's ONNX function library (torchlib) is written in, so the graph needs no
@@ -332,7 +332,7 @@ def extract_folder(model: torch.nn.Module, folder, *, image_size: Optional[Seque
     records = [ImageRecord(path, pid, -1 if camera is None else camera)
                for path, (pid, camera) in zip(absolute, labels)]
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    dataset = ImageDataset(records, test_transform(kind, size), mask_paths=mask_paths)
+    dataset = ImageDataset(records, eval_transform(kind, size), mask_paths=mask_paths)
     loader = build_dataloader(dataset, batch_size=batch_size, num_workers=num_workers,
                               pin_memory=device.type == "cuda")
     features = extract_features(model, loader, model_name=kind, device=device, amp_dtype=amp_dtype,

@@ -301,7 +301,7 @@ DEVICE_TYPES = ("cpu", "cuda")
 
 def _check_device(key: str, value: Any) -> str:
     """"auto" or a torch device string of a type the engine runs on; whether CUDA is there is
-    checked when the run starts (:func:`dpm_ops.engine.trainer.resolve_device`)."""
+    checked when the run starts (:func:`dpm_ops.engine.builders.resolve_device`)."""
     if value == "auto":
         return value
     try:

@@ -136,7 +136,7 @@ def extract_features(model: torch.nn.Module, loader, *, model_name: str, device=
 # ------------------------------------------------------------------------------------ helpers
 
 
-def test_transform(model_name: str, image_size=None):
+def eval_transform(model_name: str, image_size=None):
     """The test-time transform of ``model_name`` at network input ``image_size`` (None: the recipe's)."""
     return get_recipe(model_name).test_transform(image_size)
 
