@@ -312,9 +312,7 @@ class Trainer:
         for stage_index in range(start_stage, len(self.stages)):
             stage = self.stages[stage_index]
             for epoch in range(start_epoch if stage_index == start_stage else 1, stage.epochs + 1):
-                at = Position(stage_index, stage, epoch, consumed, len(self.samplers[stage.sampler_kind]),
-                              epoch_offset)
-                if not self._run_epoch(at, sampler_state):
+                if not self._run_epoch(Position(stage_index, stage, epoch, consumed, 0, epoch_offset), sampler_state):
                     return False
                 consumed, sampler_state = 0, None
             epoch_offset += stage.epochs
@@ -327,6 +325,7 @@ class Trainer:
         sampler.set_epoch(at.epoch)
         if sampler_state is not None:
             sampler.load_state_dict(sampler_state)
+        at.total = len(sampler)  # the epoch's batch count: set_epoch draws them
         if not stage.per_iteration_schedule:
             for sch in stage.schedules.values():
                 sch.step(at.epoch)
