@@ -1,9 +1,9 @@
 """DPM and MaskReID training steps: images/s with dpm_ops' fused kernels against the same model on
 the eager reference ops, in the same run.
 
-DPM's step is the official two-pass update (engine/trainer.py): forward, loss, backward and an SGD
+DPM's step is the official two-pass update (engine/recipes/dpm.py): forward, loss, backward and an SGD
 step of everything but the mask generator, then a fresh forward / backward stepping the mask
-generator only; the fused variant feeds the fused ArcFace CE (``loss_inputs=True``, as the trainer
+generator only; the fused variant feeds the fused ArcFace CE (``loss_inputs=True``, as the DPM recipe
 does). MaskReID's step is forward + backward of the ranking loss. "Eager" forces every dpm_ops op to
 its plain-PyTorch reference (DPM_OPS_BACKEND=reference) and runs the model uncompiled; "fused" uses
 the default backends (C++ on CPU, CUDA / Triton on a GPU) and, on a GPU, torch.compile of the

@@ -71,8 +71,7 @@ def _default_output(config_arg: str) -> Path:
 
 
 def _train(args) -> int:
-    from dpm_ops.engine import load_config, train
-    from dpm_ops.engine.checkpoint import make_output_folder
+    from dpm_ops.engine import load_config, make_output_folder, train
 
     config = load_config(args.config, args.overrides)
     output = make_output_folder(args.output or _default_output(args.config), "--output")
@@ -83,41 +82,20 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    import torch
+    from dpm_ops.engine import evaluate_checkpoint, load_config
 
-    from dpm_ops.engine import load_checkpoint, load_config
-    from dpm_ops.engine import distributed
-    from dpm_ops.engine.checkpoint import make_output_folder
-    from dpm_ops.engine.trainer import (check_model_fits_data, evaluate_with_config, load_splits,
-                                        model_from_checkpoint, prepare_synthetic, resolve_device)
-
-    config = load_config(args.config, args.overrides)
-    state = load_checkpoint(args.weights, model_name=config["model"]["name"])
-    output = make_output_folder(args.output or Path(args.weights).resolve().parent.parent / "eval", "--output")
-    device = resolve_device(config["train"]["device"])
-    info = distributed.init_distributed(device)
-    if device.type == "cuda" and info.enabled:
-        device = torch.device("cuda", info.local_rank)
-    prepare_synthetic(config, progress=config["train"]["progress"] and info.is_main)
-    splits = load_splits(config)
-    check_model_fits_data(state["model_args"], config, splits, f"checkpoint {args.weights}")
-    model = model_from_checkpoint(state, config, args.weights).to(device)
-    evaluate_with_config(model, splits, config, device=device, out_dir=output,
-                         progress=config["train"]["progress"] and info.is_main)
-    if info.is_main:
+    metrics, output = evaluate_checkpoint(load_config(args.config, args.overrides), args.weights, args.output)
+    if metrics is not None:  # rank 0
         print(f"metrics written to {output / 'metrics.json'}")
     return 0
 
 
 def _checkpoint_model(args):
     """(config, the checkpoint's model in eval mode on the CPU), as `dpm-reid eval` builds it."""
-    from dpm_ops.engine import load_checkpoint, load_config
-    from dpm_ops.engine.trainer import check_input_size, model_from_checkpoint
+    from dpm_ops.engine import checkpoint_model, load_config
 
     config = load_config(args.config, args.overrides)
-    state = load_checkpoint(args.weights, model_name=config["model"]["name"])
-    check_input_size(state["model_args"], config, f"checkpoint {args.weights}")
-    return config, model_from_checkpoint(state, config, args.weights)
+    return config, checkpoint_model(config, args.weights)
 
 
 def _export(args) -> int:
@@ -140,7 +118,7 @@ def _export(args) -> int:
 
 
 def _extract(args) -> int:
-    from dpm_ops.engine.trainer import resolve_amp, resolve_device
+    from dpm_ops.engine import resolve_amp, resolve_device
     from dpm_ops.export import check_output_path, extract_folder, save_features_npz
 
     out = check_output_path(args.out, "--out", "a file name, e.g. features.npz")

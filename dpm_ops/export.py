@@ -44,8 +44,9 @@ from dpm_ops.data.datasets import _verify_readable
 from dpm_ops.data.parsing import MARKET_NAME
 from dpm_ops.data.errors import DatasetError, DatasetNotFoundError
 from dpm_ops.engine.checkpoint import atomic_write
-from dpm_ops.engine.evaluator import (MASKREID_CROP, MASKREID_MODELS, FeatureSet, _check_image_size,
-                                      _model_cameras, _test_transform, extract_features, resolve_distance)
+from dpm_ops.engine.evaluator import (FeatureSet, _check_image_size, _model_cameras, eval_transform,
+                                      extract_features, resolve_distance)
+from dpm_ops.engine.recipes import get_recipe
 
 # Opset 18 is the one torch's ONNX function library (torchlib) is written in, so the graph needs no
 # pass through onnx's version converter (which a lower opset would; LayerNormalization needs 17
@@ -96,8 +97,8 @@ def _input_size(model: torch.nn.Module, kind: str, image_size) -> tuple[int, int
         image_size = _check_image_size(image_size)
     except ValueError as error:
         raise ExportError(str(error)) from error
-    if kind in MASKREID_MODELS:
-        return image_size or MASKREID_CROP
+    if get_recipe(kind).uses_masks:
+        return image_size or get_recipe(kind).default_test_size
     own = tuple(model.backbone.patch_embed.img_size)
     if image_size is not None and image_size != own:
         raise ExportError(f"image_size {image_size} differs from the model's input size {own} (its position "
@@ -106,7 +107,7 @@ def _input_size(model: torch.nn.Module, kind: str, image_size) -> tuple[int, int
 
 
 def _signature(kind: str, has_cameras: bool) -> tuple[list[str], list[str]]:
-    if kind in MASKREID_MODELS:
+    if get_recipe(kind).uses_masks:
         return ["raw", "masked"], ["feature"]
     inputs = ["images", "camids"] if has_cameras else ["images"]
     return inputs, (["feature", "mask"] if kind == "dpm" else ["feature"])
@@ -116,7 +117,7 @@ def _example_inputs(model, kind: str, image_size, batch: int, seed: int) -> tupl
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     images = torch.randn(batch, 3, *image_size, generator=generator)
-    if kind in MASKREID_MODELS:
+    if get_recipe(kind).uses_masks:
         foreground = (torch.rand(batch, 1, *image_size, generator=generator) > 0.3).float()
         return images.to(device), masked_image(images, foreground).to(device)
     cameras = _model_cameras(model)
@@ -170,7 +171,7 @@ def export_onnx(model: torch.nn.Module, path, *, image_size: Optional[Sequence[i
     _require("onnxscript", "the ONNX export")  # torch's exporter imports it; fail before the long part
     if check:
         _require("onnxruntime", "check=True")
-    input_names, output_names = _signature(kind, kind not in MASKREID_MODELS and _model_cameras(model) > 0)
+    input_names, output_names = _signature(kind, not get_recipe(kind).uses_masks and _model_cameras(model) > 0)
     example = _example_inputs(model, kind, size, batch, seed=0)
     batch_axis = torch.export.Dim("batch", min=1)
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -308,7 +309,7 @@ def extract_folder(model: torch.nn.Module, folder, *, image_size: Optional[Seque
     relative = find_images(root)
     absolute = [str(root / name) for name in relative]
     labels = [_labels_from_name(name) for name in relative]
-    cameras = _model_cameras(model) if kind not in MASKREID_MODELS else 0
+    cameras = _model_cameras(model) if not get_recipe(kind).uses_masks else 0
     if camid is not None:
         _check_int("camid", camid, 0)
         labels = [(pid, camid) for pid, _ in labels]
@@ -321,7 +322,7 @@ def extract_folder(model: torch.nn.Module, folder, *, image_size: Optional[Seque
                 raise ExportError(f"camera {camera} of {name} is out of range for the model's {cameras} camera "
                                   f"embeddings (0..{cameras - 1})")
     mask_paths = None
-    if kind in MASKREID_MODELS:
+    if get_recipe(kind).uses_masks:
         mask_paths = {path: mask_path_for(path, str(root.parent)) for path in absolute}
         missing = [mask for mask in mask_paths.values() if not os.path.isfile(mask)]
         if missing:
@@ -332,7 +333,7 @@ def extract_folder(model: torch.nn.Module, folder, *, image_size: Optional[Seque
     records = [ImageRecord(path, pid, -1 if camera is None else camera)
                for path, (pid, camera) in zip(absolute, labels)]
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    dataset = ImageDataset(records, _test_transform(kind, size), mask_paths=mask_paths)
+    dataset = ImageDataset(records, eval_transform(kind, size), mask_paths=mask_paths)
     loader = build_dataloader(dataset, batch_size=batch_size, num_workers=num_workers,
                               pin_memory=device.type == "cuda")
     features = extract_features(model, loader, model_name=kind, device=device, amp_dtype=amp_dtype,

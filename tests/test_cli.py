@@ -106,7 +106,7 @@ def test_module_entry_point():
 
 def test_eval_takes_eval_time_options_from_its_config():
     """`dpm-reid eval` builds the checkpoint's architecture, with the config's eval-only options."""
-    from dpm_ops.engine.trainer import eval_model_arguments
+    from dpm_ops.engine.builders import eval_model_arguments
 
     saved = {"num_classes": 5, "num_cameras": 2, "options": {"embed_dim": 32, "neck_feat": "before"}}
     config = {"model": {"options": {"embed_dim": 64, "neck_feat": "after"}}}
@@ -128,12 +128,12 @@ def test_eval_takes_eval_time_options_from_its_config():
     ("solver.amp=of", "config key solver.amp"),
 ])
 def test_bad_values_fail_before_any_work(tmp_path, capsys, override, needle, monkeypatch):
-    import dpm_ops.engine.trainer as trainer
+    import dpm_ops.engine.builders as builders
 
     def no_work(*args, **kwargs):
         raise AssertionError("the data was read before the config was checked")
 
-    monkeypatch.setattr(trainer, "load_splits", no_work)
+    monkeypatch.setattr(builders, "load_splits", no_work)
     config = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path / "no_set", "dpm"))
     for command in (["train"], ["eval", "--weights", str(tmp_path / "final.pt")]):
         code = main([*command, "--config", str(config), "--output", str(tmp_path / "run"), override])
@@ -158,7 +158,7 @@ def _fresh_checkpoint(tmp_path, config_path, edit=None, name="final.pt"):
 
     from dpm_ops.engine import load_config
     from dpm_ops.engine.checkpoint import make_checkpoint
-    from dpm_ops.engine.trainer import build_model_from_args, load_splits, model_arguments
+    from dpm_ops.engine.builders import build_model_from_args, load_splits, model_arguments
 
     config = load_config(str(config_path))
     args = model_arguments(config, load_splits(config))

@@ -102,7 +102,7 @@ def test_market_multi_query_reads_gt_bbox(tmp_path):
 @pytest.mark.filterwarnings("ignore::dpm_ops.data.DatasetCountWarning")
 def test_config_reaches_the_test_set_options(tmp_path):
     from dpm_ops.engine.config import load_config
-    from dpm_ops.engine.trainer import load_splits
+    from dpm_ops.engine.builders import load_splits
 
     root = make_market_tree(tmp_path)
     make_occluded_reid_tree(tmp_path / "Occluded_REID")

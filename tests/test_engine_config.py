@@ -222,7 +222,7 @@ def test_yaml_off_is_the_documented_string_in_files(tmp_path):
 def test_cuda_device_without_cuda_is_named(monkeypatch):
     import torch
 
-    from dpm_ops.engine.trainer import resolve_device
+    from dpm_ops.engine.builders import resolve_device
 
     assert load_config(None, ["train.device=cuda:1"])["train"]["device"] == "cuda:1"  # checked when the run starts
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

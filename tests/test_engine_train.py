@@ -131,7 +131,7 @@ def test_dpm_two_pass_updates(tmp_path, tiny_root):
         opt.step = lambda *a, _o=original, _n=name, **k: (calls.append(_n), _o(*a, **k))[1]
     batch = next(iter(trainer.loaders["pk"]))
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    trainer._step(stage, batch, want_terms=False)
+    stage.step(trainer.step_context, batch)
     assert calls == ["main", "mask"]
     changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p)}
     assert any(n.startswith("mask_generator.") for n in changed)

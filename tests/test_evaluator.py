@@ -59,7 +59,7 @@ def tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
 
 
 def loader_for(splits, records, name):
-    transform = evaluator._test_transform(name, SIZE[name])
+    transform = evaluator.eval_transform(name, SIZE[name])
     masks = splits.mask_paths if name == "maskreid" else None
     return build_dataloader(ImageDataset(records, transform, mask_paths=masks), batch_size=5)
 
@@ -363,7 +363,7 @@ def test_bfloat16_autocast_gives_float32_features(splits):
 
 def test_evaluation_precision_is_eval_amp_not_solver_amp(splits, monkeypatch):
     from dpm_ops.engine.config import load_config
-    from dpm_ops.engine.trainer import evaluate_with_config
+    from dpm_ops.engine.builders import evaluate_with_config
 
     seen = {}
     monkeypatch.setattr(evaluator, "evaluate_model", lambda model, splits, **options: seen.update(options))
@@ -415,7 +415,7 @@ def test_dpm_token_maps_are_neutral_for_a_flat_mask(splits):
     model = tiny_model("dpm")
     paths = [r.path for r in splits.query[:3]]
     camids = torch.tensor([r.camid for r in splits.query[:3]])
-    transform = evaluator._test_transform("dpm", (64, 32))
+    transform = evaluator.eval_transform("dpm", (64, 32))
     flat = evaluator.dpm_token_maps(model, paths, camids, torch.full((3, 32), 0.3), transform)
     assert flat.shape == (3, 8, 4) and np.allclose(flat, 1.0, atol=1e-5)
     mask = torch.zeros(3, 32)
@@ -436,7 +436,7 @@ def _ddp_worker(rank, world, init_file, root, out_dir):
         model = torch.nn.parallel.DistributedDataParallel(tiny_model("dpm"))
         metrics = evaluate_model(model, splits, model_name="dpm", image_size=(64, 32), batch_size=4,
                                  out_dir=out_dir if rank == 0 else None, pictures=False, progress=False)
-        transform = evaluator._test_transform("dpm", (64, 32))
+        transform = evaluator.eval_transform("dpm", (64, 32))
         gathered = evaluator._extract_split(model, splits.gallery, splits, "dpm", transform, batch_size=4,
                                             num_workers=0, device="cpu", amp_dtype=None, progress=False, desc="g")
         torch.save({"metrics": metrics, "gallery": gathered}, os.path.join(out_dir, f"rank{rank}.pt"))

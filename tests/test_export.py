@@ -24,7 +24,7 @@ from dpm_ops.data import DatasetError, DatasetNotFoundError
 from dpm_ops.engine import load_config
 from dpm_ops.engine.checkpoint import make_checkpoint, save_checkpoint
 from dpm_ops.engine.evaluator import evaluate_model
-from dpm_ops.engine.trainer import build_model_from_args, load_splits, model_arguments
+from dpm_ops.engine.builders import build_model_from_args, load_splits, model_arguments
 from dpm_ops.export import ExportError, OnnxCheckError, check_onnx, export_onnx, extract_folder, find_images, save_features_npz
 from dpm_ops.models import MODEL_NAMES, build_model
 from dpm_ops.ops import masked_arccos_distance

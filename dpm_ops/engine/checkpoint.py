@@ -3,7 +3,7 @@
 A checkpoint is one ``torch.save`` dict::
 
     format        "dpm_ops.checkpoint/1"
-    model_name    "dpm" | "vit_baseline" | "maskreid" | "maskreid_resnet50"
+    model_name    a name in engine.recipes.RECIPES ("dpm", "vit_baseline", "maskreid", "maskreid_resnet50")
     model_args    {"num_classes": K, "num_cameras": C, "options": {...}}  (enough to rebuild it)
     config        the full training config
     model         the model's state dict (unwrapped from DDP)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import math
 import os
 from pathlib import Path
@@ -32,11 +31,9 @@ import yaml
 
 from ..evaluation import PROTOCOLS
 from ..ops.maskreid_ranking_loss_reference import RENAMED_POS_MODES
-from .evaluator import DISTANCES, MULTI_QUERY, resolve_distance
+from .evaluator import DISTANCES, MULTI_QUERY
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-MODEL_NAMES = ("dpm", "vit_baseline", "maskreid", "maskreid_resnet50")
 
 
 class ConfigError(ValueError):
@@ -88,7 +85,7 @@ def _f(default, type_=None, choices=None, nullable=False, renamed=None, bounds=N
 # The schema. Defaults are DPM's Occluded-Duke recipe (dpm.md §6-7) where a key concerns DPM.
 SCHEMA: dict = {
     "model": {
-        "name": _f("dpm", str, MODEL_NAMES),
+        "name": _f("dpm", str),  # a name in recipes.RECIPES (checked by validate)
         # keyword arguments of the model class (stride, arcface_margin, embed_dim, depth, ...)
         "options": _f({}, "mapping"),
         # a .pth to start from: timm ViT (jx_vit_base_p16_224), official DPM, torchvision ResNet-50
@@ -304,7 +301,7 @@ DEVICE_TYPES = ("cpu", "cuda")
 
 def _check_device(key: str, value: Any) -> str:
     """"auto" or a torch device string of a type the engine runs on; whether CUDA is there is
-    checked when the run starts (:func:`dpm_ops.engine.trainer.resolve_device`)."""
+    checked when the run starts (:func:`dpm_ops.engine.builders.resolve_device`)."""
     if value == "auto":
         return value
     try:
@@ -397,125 +394,10 @@ def load_config(name_or_path: Optional[str] = None, overrides: Iterable[str] = (
     """Defaults, then the file (and its ``base`` chain), then the overrides; validated."""
     config = _load_file(resolve_config_path(name_or_path)) if name_or_path else defaults()
     apply_overrides(config, overrides)
+    from .config_checks import validate  # which imports ConfigError from here: not at the top
+
     validate(config)
     return config
-
-
-# ---------------------------------------------------------------------------------------------
-# checks of the free-form sections and cross-field rules
-
-
-def _model_class(name: str):
-    from dpm_ops import models
-
-    return {"dpm": models.DPM, "vit_baseline": models.ViTBaseline, "maskreid": models.MaskReID,
-            "maskreid_resnet50": models.MaskReIDResNet50}[name]
-
-
-_MODEL_OPTION_RESERVED = ("num_classes", "num_cameras")
-
-
-def _check_against_signature(section: str, options: dict, defaults_: dict) -> None:
-    for key, value in options.items():
-        full = f"{section}.{key}"
-        if key not in defaults_:
-            raise ConfigError(f"unknown config key {full!r} (valid: {', '.join(sorted(defaults_))})")
-        default = defaults_[key]
-        if default is None or value is None:
-            continue
-        if isinstance(default, bool):
-            ok = isinstance(value, bool)
-        elif isinstance(default, (int, float)):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
-                ok = False
-        elif isinstance(default, (tuple, list)):
-            ok = isinstance(value, (list, tuple))  # lengths are the model's to check
-        else:
-            ok = isinstance(value, type(default))
-        if not ok:
-            raise ConfigError(f"config key {full}: expected a value like {default!r}, got {value!r}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"config key {full}: expected a finite number, got {value!r}")
-
-
-def model_option_defaults(name: str) -> dict:
-    parameters = inspect.signature(_model_class(name).__init__).parameters
-    return {k: p.default for k, p in parameters.items()
-            if k not in ("self", *_MODEL_OPTION_RESERVED) and p.kind is not p.VAR_KEYWORD}
-
-
-def synth_option_defaults() -> dict:
-    from dpm_ops.data.synth import SynthConfig
-
-    return {f.name: getattr(SynthConfig(), f.name) for f in dataclasses.fields(SynthConfig)}
-
-
-def validate(config: dict) -> None:
-    _check_against_signature("model.options", config["model"]["options"],
-                             model_option_defaults(config["model"]["name"]))
-    _check_against_signature("dataset.synth", config["dataset"]["synth"], synth_option_defaults())
-    name = config["model"]["name"]
-    is_maskreid = name.startswith("maskreid")
-    if is_maskreid and config["input"]["recipe"] != "maskreid":
-        raise ConfigError(f"config key input.recipe: model {name} needs the 'maskreid' recipe")
-    if not is_maskreid and config["input"]["recipe"] != "dpm":
-        raise ConfigError(f"config key input.recipe: model {name} needs the 'dpm' recipe")
-    if config["dataset"]["with_masks"] is False and is_maskreid:
-        raise ConfigError(f"config key dataset.with_masks: model {name} needs foreground masks")
-    if not is_maskreid and config["sampler"]["kind"] != "pk":
-        raise ConfigError(f"config key sampler.kind: model {name} trains on P x K batches ('pk'); "
-                          f"'{config['sampler']['kind']}' is MaskReID's")
-    _check_eval_distance(config)
-    _check_synth_options(config)
-    _check_dataset_options(config)
-    if config["loss"]["ranking_pos_mode"] == "eq4" and config["loss"]["ranking_neg_mode"] != "literal":
-        raise ConfigError("config key loss.ranking_neg_mode: does not apply to ranking_pos_mode eq4 (no margin, "
-                          "no hinge); leave it literal")
-    if config["pretrain"]["epochs"] and not is_maskreid:
-        raise ConfigError(f"config key pretrain.epochs: softmax pre-training is MaskReID's; model is {name}")
-
-
-def _check_eval_distance(config: dict) -> None:
-    try:
-        resolve_distance(config["eval"]["distance"], config["model"]["name"])
-    except ValueError as error:
-        raise ConfigError(f"config key eval.distance: {error}") from error
-
-
-def _check_synth_options(config: dict) -> None:
-    """The synthetic set's options are checked by SynthConfig itself, at load time rather than
-    when the set is generated."""
-    from dpm_ops.data.synth import SynthOptionError, synth_config
-
-    try:
-        synth_config(config["dataset"]["synth"])
-    except SynthOptionError as error:
-        raise ConfigError(f"config key dataset.synth.{error.option}: {error.problem}") from error
-
-
-def _check_dataset_options(config: dict) -> None:
-    """dataset.test_camids and eval.multi_query need a test set whose loader takes them."""
-    from dpm_ops.data.datasets import dataset_options
-    from dpm_ops.data.errors import DatasetError
-
-    data = config["dataset"]
-    test_name = data["test_name"] or data["name"]
-    wanted = []
-    if data["test_camids"] is not None:
-        if not data["test_name"]:
-            raise ConfigError("config key dataset.test_camids: set dataset.test_name (the test-only set it applies to)")
-        wanted.append(("dataset.test_camids", "camids", "a test set with one camera per split (occluded_reid, "
-                                                         "partial_reid)"))
-    if config["eval"]["multi_query"] != "off":
-        wanted.append(("eval.multi_query", "multi_query", "market1501's gt_bbox/ pools"))
-    for key, option, needs in wanted:
-        try:
-            options = dataset_options(test_name)
-        except DatasetError:
-            return  # an unregistered name: build_dataset reports it when the data is loaded
-        if option not in options:
-            raise ConfigError(f"config key {key}: the test set {test_name} has no such option; it needs {needs}")
 
 
 def dump_config(config: dict) -> str:

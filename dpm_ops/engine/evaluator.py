@@ -2,14 +2,9 @@
 re-ranking, Market-1501 CMC / mAP / mINP on all, clean and occluded queries, metrics.json and
 pictures.
 
-Test recipes (specs dpm.md §3.1 / §7.4, maskreid.md §6):
-
-* ``dpm``: pre-BN CLS feature and HMG channel mask of every image (SIE camera ids passed), no
-  flip; features L2-normalised; distance = query-masked arccos
-  ``arccos(clip(<q̂, n(m_q ⊙ ĝ)>, -1+1e-5, 1-1e-5))`` (only the query's mask is used);
-* ``vit_baseline``: TransReID's test: Euclidean distance of the L2-normalised pre-BN CLS features;
-* ``maskreid`` / ``maskreid_resnet50``: ``model(raw, masked)`` on the paired image + foreground
-  mask loader, Euclidean distance of the (already L2-normalised) 256-d descriptor.
+Each model's test feature, transform and distance come from its recipe (:mod:`.recipes`): DPM's
+query-masked arccos ``arccos(clip(<q̂, n(m_q ⊙ ĝ)>, -1+1e-5, 1-1e-5))`` on its features and channel
+masks, the Euclidean distance of L2-normalised features for the others.
 
 Precision: features are extracted in fp32 unless an autocast dtype is passed (the official
 code trains under fp16 autocast and tests in fp32; the config's ``eval.amp`` chooses).
@@ -37,20 +32,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dpm_ops.data import ImageDataset, ReIDSplits, build_dataloader, build_transforms
+from dpm_ops.data import ImageDataset, ReIDSplits, build_dataloader
 from dpm_ops.evaluation import PROTOCOLS, evaluate_rank, pairwise_distance, re_ranking, rerank_features
 from dpm_ops.evaluation._inputs import check_count
-from dpm_ops.models import MODEL_NAMES
 from dpm_ops.ops import masked_arccos_distance
 
+from . import distributed
 from .checkpoint import atomic_write
+from .recipes import get_recipe
 
 DISTANCES = ("auto", "euclidean", "cosine", "masked_arccos")
-MASKREID_MODELS = ("maskreid", "maskreid_resnet50")
-# DGD / MaskReID test geometry: resize, then centre crop of (resize - margin)
-MASKREID_CROP = (144, 56)
-MASKREID_MARGIN = (16, 8)
-SUBSETS = ("all", "clean", "occluded")
 MULTI_QUERY = ("off", "avg", "max")
 
 
@@ -76,12 +67,6 @@ class FeatureSet:
                           torch.cat([p.camids for p in filled]), [path for p in filled for path in p.paths])
 
 
-def _check_model_name(model_name: str) -> str:
-    if model_name not in MODEL_NAMES:
-        raise ValueError(f"model_name must be one of {MODEL_NAMES}, got {model_name!r}")
-    return model_name
-
-
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     # DDP's forward broadcasts buffers (a collective): with uneven shards the ranks would
     # deadlock, and evaluation needs no gradient sync anyway.
@@ -96,18 +81,6 @@ def _model_cameras(model: torch.nn.Module) -> int:
     return 0 if embedding is None else int(embedding.shape[0])
 
 
-def _forward(model, batch: dict, model_name: str, device: torch.device):
-    images = batch["image"].to(device, non_blocking=True)
-    if model_name in MASKREID_MODELS:
-        return model(images, batch["masked"].to(device, non_blocking=True)), None
-    camids = batch["camid"].to(device, non_blocking=True)
-    out = model(images, cam_label=camids)
-    if model_name == "dpm":
-        feature, mask = out
-        return feature, mask
-    return out, None
-
-
 def extract_features(model: torch.nn.Module, loader, *, model_name: str, device="cpu",
                      amp_dtype: Optional[torch.dtype] = None, progress: bool = True, normalize: bool = True,
                      desc: str = "extract") -> FeatureSet:
@@ -118,21 +91,21 @@ def extract_features(model: torch.nn.Module, loader, *, model_name: str, device=
     ``normalize``: L2-normalise the features (the DPM / TransReID test recipe, ``FEAT_NORM: yes``;
     MaskReID's descriptor is unit-length already). The model's train/eval mode is restored after.
     """
-    model_name = _check_model_name(model_name)
+    recipe = get_recipe(model_name)
     device = torch.device(device)
     model = _unwrap(model)
     param = next(iter(model.parameters()), None)
     if param is not None and param.device.type != device.type:
         raise ValueError(f"device is {device} but the model's parameters are on {param.device}; "
                          f"move the model first or pass device={str(param.device)!r}")
-    num_cameras = _model_cameras(model) if model_name not in MASKREID_MODELS else 0
+    num_cameras = _model_cameras(model)
     features, masks, pids, camids, paths = [], [], [], [], []
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
-                if model_name in MASKREID_MODELS and "masked" not in batch:
+                if recipe.uses_masks and "masked" not in batch:
                     raise ValueError(f"{model_name} needs the paired image + mask loader (ImageDataset with "
                                      "mask_paths); load the dataset with masks")
                 if num_cameras and int(batch["camid"].max()) >= num_cameras:
@@ -141,7 +114,7 @@ def extract_features(model: torch.nn.Module, loader, *, model_name: str, device=
                                      f"camera ids must be 0..{num_cameras - 1} (dataset.test_camids for a "
                                      "test-only set)")
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    feature, mask = _forward(model, batch, model_name, device)
+                    feature, mask = recipe.test_forward(model, batch, device)
                 feature = feature.float()
                 if normalize:
                     feature = F.normalize(feature, dim=1)
@@ -163,20 +136,9 @@ def extract_features(model: torch.nn.Module, loader, *, model_name: str, device=
 # ------------------------------------------------------------------------------------ helpers
 
 
-def _test_transform(model_name: str, image_size):
-    if model_name in MASKREID_MODELS:
-        crop = tuple(image_size) if image_size is not None else MASKREID_CROP
-        resize = (crop[0] + MASKREID_MARGIN[0], crop[1] + MASKREID_MARGIN[1])
-        return build_transforms("maskreid", train=False, resize=resize, crop=crop)
-    size = tuple(image_size) if image_size is not None else (256, 128)
-    return build_transforms("dpm", train=False, size=size)
-
-
-def _input_size(model_name: str, image_size) -> tuple[int, int]:
-    """The network input size actually used (for metrics.json)."""
-    if image_size is not None:
-        return tuple(image_size)
-    return MASKREID_CROP if model_name in MASKREID_MODELS else (256, 128)
+def eval_transform(model_name: str, image_size=None):
+    """The test-time transform of ``model_name`` at network input ``image_size`` (None: the recipe's)."""
+    return get_recipe(model_name).test_transform(image_size)
 
 
 def _check_image_size(image_size):
@@ -188,12 +150,6 @@ def _check_image_size(image_size):
     return tuple(image_size)
 
 
-def _distributed() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _shard(records: list, rank: int, world: int) -> list:
     """Contiguous shards in rank order, so concatenating the gathered parts restores the order."""
     n = len(records)
@@ -202,8 +158,9 @@ def _shard(records: list, rank: int, world: int) -> list:
 
 def _extract_split(model, records, splits, model_name, transform, *, batch_size, num_workers, device, amp_dtype,
                    progress, desc) -> Optional[FeatureSet]:
-    rank, world = _distributed()
-    mask_paths = splits.mask_paths if model_name in MASKREID_MODELS else None
+    info = distributed.current()
+    rank, world = info.rank, info.world_size
+    mask_paths = splits.mask_paths if get_recipe(model_name).uses_masks else None
     dataset = ImageDataset(_shard(records, rank, world), transform, mask_paths=mask_paths)
     loader = build_dataloader(dataset, batch_size=batch_size, num_workers=num_workers,
                               pin_memory=torch.device(device).type == "cuda")
@@ -248,12 +205,13 @@ def pool_multi_query(query: FeatureSet, pool: FeatureSet, mode: str) -> FeatureS
 
 
 def resolve_distance(distance: str, model_name: str) -> str:
-    """The metric "auto" stands for: DPM's masked arccos, Euclidean for the others."""
+    """The metric "auto" stands for (the recipe's: DPM's masked arccos, Euclidean for the others)."""
     if distance not in DISTANCES:
         raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+    recipe = get_recipe(model_name)
     if distance == "auto":
-        return "masked_arccos" if model_name == "dpm" else "euclidean"
-    if distance == "masked_arccos" and model_name != "dpm":
+        return recipe.test_distance
+    if distance == "masked_arccos" and not recipe.test_masks:
         raise ValueError(f"distance='masked_arccos' needs DPM's channel masks; {model_name} has none")
     return distance
 
@@ -399,7 +357,7 @@ def evaluate_model(model: torch.nn.Module, splits: ReIDSplits, *, model_name: st
 
     Under torch.distributed every rank must call it; rank 0 returns the metrics, others None.
     """
-    model_name = _check_model_name(model_name)
+    recipe = get_recipe(model_name)
     image_size = _check_image_size(image_size)
     metric = resolve_distance(distance, model_name)
     if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 10:
@@ -408,7 +366,7 @@ def evaluate_model(model: torch.nn.Module, splits: ReIDSplits, *, model_name: st
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if not splits.query or not splits.gallery:
         raise ValueError(f"splits {splits.name!r} has an empty query or gallery list")
-    if model_name in MASKREID_MODELS and splits.mask_paths is None:
+    if recipe.uses_masks and splits.mask_paths is None:
         raise ValueError(f"{model_name} needs foreground masks: load {splits.name!r} with with_masks=True")
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -420,7 +378,7 @@ def evaluate_model(model: torch.nn.Module, splits: ReIDSplits, *, model_name: st
         raise ValueError(f"multi_query={multi_query!r} needs the multi-query pools of {splits.name!r} "
                          "(Market-1501's gt_bbox/: load it with multi_query=True)")
 
-    transform = _test_transform(model_name, image_size)
+    transform = recipe.test_transform(image_size)
     common = dict(batch_size=batch_size, num_workers=num_workers, device=device, amp_dtype=amp_dtype,
                   progress=progress)
     query = _extract_split(model, splits.query, splits, model_name, transform, desc="query", **common)
@@ -442,7 +400,7 @@ def evaluate_model(model: torch.nn.Module, splits: ReIDSplits, *, model_name: st
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
         settings = {"model": model_name, "dataset": splits.name, "distance": metric, "rerank": bool(rerank),
-                    "image_size": list(_input_size(model_name, image_size)), "max_rank": max_rank,
+                    "image_size": list(recipe.test_input_size(image_size)), "max_rank": max_rank,
                     "num_query": len(query), "num_gallery": len(gallery), "protocol": protocol,
                     "multi_query": multi_query, "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off"}
         if protocol == "cuhk03":
@@ -459,7 +417,8 @@ def evaluate_model(model: torch.nn.Module, splits: ReIDSplits, *, model_name: st
 def write_pictures(out_dir: str, metrics: dict, distmat, query: FeatureSet, gallery: FeatureSet, subsets: dict, *,
                    model=None, splits: Optional[ReIDSplits] = None, model_name: str = "",
                    transform=None, device="cpu", num_queries: int = 8, top_k: int = 10) -> list[str]:
-    """cmc.png, ranked_best.png, ranked_worst.png and, for DPM, masks.png in ``out_dir``."""
+    """cmc.png, ranked_best.png, ranked_worst.png and, for a model with channel masks (DPM),
+    masks.png in ``out_dir``."""
     from dpm_ops import visualize  # matplotlib only when pictures are asked for
 
     written = [os.path.join(out_dir, "cmc.png")]
@@ -475,7 +434,7 @@ def write_pictures(out_dir: str, metrics: dict, distmat, query: FeatureSet, gall
         visualize.plot_ranked_lists(query.paths, gallery.paths, dist_np, query.pids.numpy(), gallery.pids.numpy(),
                                     query.camids.numpy(), gallery.camids.numpy(), out_png=written[-1], which=which,
                                     num_queries=num_queries, top_k=top_k, q_occluded=occluded)
-    if model_name == "dpm" and query.masks is not None and model is not None:
+    if query.masks is not None and model is not None:
         rows = _mask_examples(occluded, len(query), num_queries)
         token_maps = dpm_token_maps(model, [query.paths[i] for i in rows], query.camids[rows], query.masks[rows],
                                     transform, device)

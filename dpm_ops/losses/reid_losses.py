@@ -45,12 +45,15 @@ class DPMLoss(nn.Module):
             "triplet": batch_hard_soft_margin_triplet(output.feature, labels, fused=self.fused),
         }
 
-    def forward(self, output, labels: torch.Tensor) -> torch.Tensor:
-        t = self.terms(output, labels)
+    def total(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The weighted sum of :meth:`terms` (a trainer logs the terms it summed)."""
         classification = (t["id"] if "id" in t
                           else self.plain_weight * t["id_plain"] + self.masked_weight * t["id_masked"])
         id_loss = classification + self.hem_weight * t["hem"]
         return self.id_weight * id_loss + self.triplet_weight * t["triplet"]
+
+    def forward(self, output, labels: torch.Tensor) -> torch.Tensor:
+        return self.total(self.terms(output, labels))
 
     def extra_repr(self) -> str:
         return (f"hem_weight={self.hem_weight}, id_weight={self.id_weight}, "
@@ -65,6 +68,13 @@ class BaselineReIDLoss(nn.Module):
         super().__init__()
         self.id_weight, self.triplet_weight = id_weight, triplet_weight
 
+    def terms(self, output, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Unweighted terms, for logging; ``output`` is the model's ``ViTBaselineTrainOutput``."""
+        return {"id": F.cross_entropy(output.logits, labels),
+                "triplet": batch_hard_soft_margin_triplet(output.feature, labels)}
+
+    def total(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.id_weight * t["id"] + self.triplet_weight * t["triplet"]
+
     def forward(self, output, labels: torch.Tensor) -> torch.Tensor:
-        return (self.id_weight * F.cross_entropy(output.logits, labels)
-                + self.triplet_weight * batch_hard_soft_margin_triplet(output.feature, labels))
+        return self.total(self.terms(output, labels))

@@ -1,0 +1,31 @@
+"""Model recipes: one module per model holds all that differs between models (building, optimizer
+stages and schedules, samplers and transforms, the train step and its loss terms, the test-time
+feature, transform and distance). ``RECIPES`` maps a model name to its recipe; the trainer, the
+evaluator and the config read models only through it. A new model is a new module with a
+:class:`Recipe` subclass and one line here."""
+
+from __future__ import annotations
+
+from .base import Recipe, Stage, StepContext, loss_record, make_optimizer, param_group_options, scheduled_stage
+from .dpm import DPMRecipe
+from .maskreid import MaskReIDRecipe, MaskReIDResNet50Recipe
+from .vit_baseline import ViTBaselineRecipe
+
+RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in (
+    DPMRecipe(), ViTBaselineRecipe(), MaskReIDRecipe(), MaskReIDResNet50Recipe())}
+
+
+def model_names() -> tuple:
+    return tuple(RECIPES)
+
+
+def get_recipe(model_name: str) -> Recipe:
+    """The recipe of ``model_name``; ValueError naming the known models for another name."""
+    recipe = RECIPES.get(model_name) if isinstance(model_name, str) else None
+    if recipe is None:
+        raise ValueError(f"model_name must be one of {model_names()}, got {model_name!r}")
+    return recipe
+
+
+__all__ = ["RECIPES", "Recipe", "Stage", "StepContext", "get_recipe", "loss_record", "make_optimizer",
+           "model_names", "param_group_options", "scheduled_stage"]

@@ -1,0 +1,62 @@
+"""DPM (dpm.md §6-7): two optimizers and a two-pass update; the query-masked arccos distance at test.
+
+Two SGD optimizers (momentum 0.9, biases at ``bias_lr_factor`` x lr, weight decay on every
+parameter). Per iteration, pass 1 steps everything but the mask generator; pass 2 is a fresh
+forward/backward that steps only the mask generator, at a constant lr (no scheduler). The main
+optimizer follows the solver's schedule. One AMP grad scaler (fp16 only) is shared and updated
+after each step. ``solver.two_pass=false``: one forward, both optimizers step on its gradients.
+"""
+
+from __future__ import annotations
+
+from dpm_ops.losses import DPMLoss
+from dpm_ops.models import DPM
+
+from .base import Recipe, StepContext, loss_record, make_optimizer, param_group_options, scheduled_stage
+
+
+class DPMRecipe(Recipe):
+    name = "dpm"
+    model_class = DPM
+    test_distance = "masked_arccos"
+    test_masks = True
+    eval_time_options = ("neck_feat",)
+
+    def model_arguments(self, config: dict, splits) -> dict:
+        args = super().model_arguments(config, splits)
+        args["options"].setdefault("loss_inputs", True)  # train mode hands DPMLoss the fused ArcFace CE's inputs
+        return args
+
+    def build_stages(self, model, config: dict, iters_per_epoch: dict) -> list:
+        solver, common = config["solver"], param_group_options(config)
+        main = make_optimizer(config, model.optimizer_param_groups(base_lr=solver["base_lr"], **common).main)
+        mask_lr = solver["mask_lr"] if solver["mask_lr"] is not None else solver["base_lr"]
+        mask = make_optimizer(config, model.optimizer_param_groups(base_lr=mask_lr, **common).mask_generator)
+        loss = config["loss"]
+        criterion = DPMLoss(loss["hem_weight"], loss["id_weight"], loss["triplet_weight"], loss["plain_weight"],
+                            loss["masked_weight"])
+        two_pass = solver["two_pass"]
+
+        def step(ctx: StepContext, batch: dict) -> dict:
+            images, pids, cams = ctx.to_device(batch, "image", "pid", "camid")
+            main.zero_grad(set_to_none=True)
+            with ctx.autocast():
+                terms = criterion.terms(ctx.model(images, cams, pids), pids)
+                total = criterion.total(terms)
+            if not two_pass:
+                mask.zero_grad(set_to_none=True)
+                ctx.backward_step(total, main, mask)
+                return loss_record(total, terms)
+            ctx.backward_step(total, main)  # pass 1: backbone, classifier, BNNeck
+            mask.zero_grad(set_to_none=True)
+            with ctx.autocast():  # pass 2: fresh forward with the updated backbone
+                second = criterion(ctx.model(images, cams, pids), pids)
+            ctx.backward_step(second, mask)  # mask generator only
+            return loss_record(total, {**terms, "pass2": second})
+
+        return [scheduled_stage(config, "main", {"main": main, "mask": mask}, "pk", iters_per_epoch, step)]
+
+    def test_forward(self, model, batch: dict, device):
+        images, camids = (batch[key].to(device, non_blocking=True) for key in ("image", "camid"))
+        feature, mask = model(images, cam_label=camids)
+        return feature, mask

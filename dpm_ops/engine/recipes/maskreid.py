@@ -1,0 +1,97 @@
+"""MaskReID (maskreid.md §5-6) and its ResNet-50 variant: raw + foreground-masked inputs;
+``pretrain.epochs`` of softmax (ID cross-entropy) pre-training, then ``solver.epochs`` of the ranking
+loss (Eq. 5) on the ``sampler.kind`` batches (1 id x 10 + 54 singles), each stage with its own SGD
+and schedule; Euclidean distance of the (unit-length) 256-d descriptor at test.
+
+Both networks share this recipe: they differ only in the trunk (``MaskReIDRecipe.model_class``).
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from dpm_ops.data import build_transforms
+from dpm_ops.losses import MaskReIDRankingLoss
+from dpm_ops.models import MaskReID, MaskReIDResNet50
+from dpm_ops.models.param_groups import sgd_param_groups
+
+from .base import Recipe, StepContext, loss_record, make_optimizer, param_group_options, scheduled_stage
+
+# DGD / MaskReID test geometry: resize, then centre crop of (resize - margin)
+TEST_CROP = (144, 56)
+TEST_MARGIN = (16, 8)
+
+
+class MaskReIDRecipe(Recipe):
+    name = "maskreid"
+    model_class = MaskReID
+    transform_recipe = "maskreid"
+    default_test_size = TEST_CROP
+    uses_masks = True
+    sampler_kinds = ("pk", "maskreid")
+    has_pretrain_stage = True
+
+    def build(self, num_classes: int, num_cameras: int, **options):
+        return self.model_class(num_classes, **options)  # no camera input
+
+    def model_arguments(self, config: dict, splits) -> dict:
+        # the softmax head exists only for the pre-training stage
+        num_classes = splits.num_train_pids if config["pretrain"]["epochs"] > 0 else 0
+        return {"num_classes": num_classes, "num_cameras": 0, "options": dict(config["model"]["options"])}
+
+    def find_unused_parameters(self, model_args: dict) -> bool:
+        return model_args["num_classes"] > 0  # the softmax head sits idle in the ranking stage
+
+    def train_transform(self, config: dict):
+        inp = config["input"]
+        return build_transforms("maskreid", train=True, resize=tuple(inp["resize"]), crop=tuple(inp["size"]),
+                                flip=inp["flip"], erasing=inp["erasing"])
+
+    def build_stages(self, model, config: dict, iters_per_epoch: dict) -> list:
+        common, stages = param_group_options(config), []
+        pre = config["pretrain"]
+        if pre["epochs"] > 0:
+            optimizer = make_optimizer(config, sgd_param_groups(model.named_parameters(), pre["base_lr"], **common))
+
+            def softmax_step(ctx: StepContext, batch: dict) -> dict:
+                images, masked, pids = ctx.to_device(batch, "image", "masked", "pid")
+                optimizer.zero_grad(set_to_none=True)
+                with ctx.autocast():
+                    loss = F.cross_entropy(ctx.model(images, masked).logits.float(), pids)
+                ctx.backward_step(loss, optimizer)
+                return loss_record(loss, {"softmax": loss})
+
+            stages.append(scheduled_stage(config, "pretrain", {"main": optimizer}, pre["sampler"], iters_per_epoch,
+                                          softmax_step, section="pretrain"))
+        # the softmax head is not trained by the ranking loss
+        params = [(n, p) for n, p in model.named_parameters() if ".classifier." not in f".{n}"]
+        ranking_optimizer = make_optimizer(config, sgd_param_groups(params, config["solver"]["base_lr"], **common))
+        loss = config["loss"]
+        ranking = MaskReIDRankingLoss(loss["ranking_alpha"], loss["ranking_lambda"], loss["ranking_neg_mode"],
+                                      loss["ranking_pos_mode"])
+
+        def ranking_step(ctx: StepContext, batch: dict) -> dict:
+            images, masked, pids = ctx.to_device(batch, "image", "masked", "pid")
+            ranking_optimizer.zero_grad(set_to_none=True)
+            with ctx.autocast():
+                loss = ranking(ctx.model(images, masked).embedding, pids)
+            ctx.backward_step(loss, ranking_optimizer)
+            return loss_record(loss, {"ranking": loss})
+
+        stages.append(scheduled_stage(config, "ranking", {"main": ranking_optimizer}, config["sampler"]["kind"],
+                                      iters_per_epoch, ranking_step))
+        return stages
+
+    def test_transform(self, image_size):
+        crop = self.test_input_size(image_size)
+        return build_transforms("maskreid", train=False, resize=(crop[0] + TEST_MARGIN[0], crop[1] + TEST_MARGIN[1]),
+                                crop=crop)
+
+    def test_forward(self, model, batch: dict, device):
+        images, masked = (batch[key].to(device, non_blocking=True) for key in ("image", "masked"))
+        return model(images, masked), None
+
+
+class MaskReIDResNet50Recipe(MaskReIDRecipe):
+    name = "maskreid_resnet50"
+    model_class = MaskReIDResNet50

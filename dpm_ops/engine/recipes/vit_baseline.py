@@ -1,0 +1,34 @@
+"""The ViT baseline (TransReID without JPM): one optimizer, ID + soft-margin triplet, the solver's
+schedule; Euclidean distance of the L2-normalised pre-BN CLS features at test."""
+
+from __future__ import annotations
+
+from dpm_ops.losses import BaselineReIDLoss
+from dpm_ops.models import ViTBaseline
+
+from .base import Recipe, StepContext, loss_record, make_optimizer, param_group_options, scheduled_stage
+
+
+class ViTBaselineRecipe(Recipe):
+    name = "vit_baseline"
+    model_class = ViTBaseline
+
+    def build_stages(self, model, config: dict, iters_per_epoch: dict) -> list:
+        main = make_optimizer(config, model.optimizer_param_groups(base_lr=config["solver"]["base_lr"],
+                                                                   **param_group_options(config)))
+        criterion = BaselineReIDLoss(config["loss"]["id_weight"], config["loss"]["triplet_weight"])
+
+        def step(ctx: StepContext, batch: dict) -> dict:
+            images, pids, cams = ctx.to_device(batch, "image", "pid", "camid")
+            main.zero_grad(set_to_none=True)
+            with ctx.autocast():
+                terms = criterion.terms(ctx.model(images, cams, pids), pids)
+                total = criterion.total(terms)
+            ctx.backward_step(total, main)
+            return loss_record(total, terms)
+
+        return [scheduled_stage(config, "main", {"main": main}, "pk", iters_per_epoch, step)]
+
+    def test_forward(self, model, batch: dict, device):
+        images, camids = (batch[key].to(device, non_blocking=True) for key in ("image", "camid"))
+        return model(images, cam_label=camids), None

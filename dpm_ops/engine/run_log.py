@@ -1,0 +1,61 @@
+"""A run's logs (rank 0): ``train.log`` (text, also echoed to a stream) and ``train_log.jsonl`` (one
+JSON object per logged step: ``step``, ``epoch``, ``lr``, ``loss``, ``loss/<term>``)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+from tqdm import tqdm
+
+
+class RunLog:
+    def __init__(self, output_dir: Path, stream, enabled: bool):
+        self.output_dir, self.stream, self.enabled = output_dir, stream, enabled
+        self._text = None
+        self._jsonl = None
+
+    def open(self, resume_step: Optional[int]) -> None:
+        """Start both files, or continue them from step ``resume_step`` of a resumed run."""
+        if not self.enabled:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        jsonl = self.output_dir / "train_log.jsonl"
+        if resume_step is not None and jsonl.is_file():
+            # drop records past the checkpoint: the resumed run logs those steps again
+            kept = [line for line in jsonl.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            jsonl.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        elif jsonl.exists():
+            jsonl.unlink()
+        self._jsonl = open(jsonl, "a", encoding="utf-8")
+        self._text = open(self.output_dir / "train.log", "a" if resume_step is not None else "w", encoding="utf-8")
+
+    def close(self) -> None:
+        for handle in (self._jsonl, self._text):
+            if handle is not None:
+                handle.close()
+        self._jsonl = self._text = None
+
+    def message(self, text: str) -> None:
+        """A line in train.log and on the stream."""
+        if not self.enabled:
+            return
+        self._write_text(text)
+        tqdm.write(text, file=self.stream)
+
+    def step(self, record: dict, where: str) -> None:
+        """One logged step: its JSONL record and a train.log line (not echoed: the progress bar shows it)."""
+        if self._jsonl is None:
+            return
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        terms = " ".join(f"{k[5:]} {v:.4f}" for k, v in record.items() if k.startswith("loss/"))
+        self._write_text(f"{where} step {record['step']} lr {record['lr']:.3e} loss {record['loss']:.4f} ({terms})")
+
+    def _write_text(self, text: str) -> None:
+        if self._text is not None:
+            self._text.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+            self._text.flush()
