@@ -13,7 +13,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import dpm_ops  # noqa: E402  (after TRITON_INTERPRET)
+import dpm_ops  # noqa: E402, F401  (imported after TRITON_INTERPRET is set)
 
 # Timings of the current session, {(group, name): seconds}: the median (reported, absolute targets)
 # and the fastest round (ratio targets: other processes on a shared machine only ever add time, so the

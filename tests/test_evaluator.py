@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from dpm_ops.data import ImageDataset, build_dataloader, build_dataset, build_transforms
+from dpm_ops.data import ImageDataset, build_dataloader, build_dataset
 from dpm_ops.data.synth import SynthConfig, ensure_synthetic_dataset
 from dpm_ops.engine import evaluator
 from dpm_ops.engine.evaluator import (

@@ -53,10 +53,6 @@ def exp_safe_norm(dtype: torch.dtype, alpha: float, batch: int) -> float:
     return math.sqrt(budget / 2)
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _fake_forward(embeddings, labels, alpha, lam, neg_mode, pos_mode):
     acc = compute_dtype(embeddings.dtype)
     n = embeddings.shape[0]

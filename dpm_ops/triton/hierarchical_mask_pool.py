@@ -22,9 +22,9 @@ _DATA, _GRAD, _CHANNELS, _HW, _TILE, _OUT, _WEIGHT = range(_DESC)
 @triton.jit
 def _level_of_program(desc_ptr, num_levels, pid):
     level = pid * 0
-    for l in range(1, num_levels):
-        first_tile = tl.load(desc_ptr + l * 7 + 4)
-        level = tl.where(pid >= first_tile, l, level)
+    for candidate in range(1, num_levels):
+        first_tile = tl.load(desc_ptr + candidate * 7 + 4)
+        level = tl.where(pid >= first_tile, candidate, level)
     return level
 
 
@@ -119,7 +119,7 @@ def _launch(features, grads, mask, mode, out, grad):
     B = features[0].shape[0]
     acc = _acc_dtype(features[0].dtype)
     device = features[0].device
-    rows, tiles, table = 0, 0, []
+    tiles, table = 0, []
     out_offset = weight_offset = 0
     for f, gf in zip(features, grads):
         C, hw = f.shape[1], f.shape[2] * f.shape[3]
