@@ -38,9 +38,12 @@ def extension_and_cmdclass():
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
-        print("dpm_ops: torch is not importable in this build environment (build isolation); installing "
-              "without a compiled extension: the ops compile on first import. To compile now: "
-              "pip install --no-build-isolation .", file=sys.stderr)
+        print(
+            "dpm_ops: torch is not importable in this build environment (build isolation); installing "
+            "without a compiled extension: the ops compile on first import. To compile now: "
+            "pip install --no-build-isolation .",
+            file=sys.stderr,
+        )
         return [], {"build_py": BuildPyWithSources}
     with_cuda = os.environ.get("FORCE_CUDA") == "1" or (torch.version.cuda is not None and CUDA_HOME is not None)
     flags = src.compile_flags(with_cuda)

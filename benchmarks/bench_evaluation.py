@@ -77,13 +77,23 @@ def evaluate_reference(scale, device):
 
 def evaluate_dpm_ops(scale, device):
     data = reid_data(scale)
-    distmat, *labels = _on_device(query_gallery_distances(scale), data.query_pids, data.gallery_pids,
-                                  data.query_camids, data.gallery_camids, device=device)
+    distmat, *labels = _on_device(
+        query_gallery_distances(scale),
+        data.query_pids,
+        data.gallery_pids,
+        data.query_camids,
+        data.gallery_camids,
+        device=device,
+    )
     return lambda: evaluate_rank(distmat, *labels)
 
 
-CASES = {"rerank numpy reference": rerank_reference, "rerank dpm_ops": rerank_dpm_ops,
-         "evaluate numpy reference": evaluate_reference, "evaluate dpm_ops": evaluate_dpm_ops}
+CASES = {
+    "rerank numpy reference": rerank_reference,
+    "rerank dpm_ops": rerank_dpm_ops,
+    "evaluate numpy reference": evaluate_reference,
+    "evaluate dpm_ops": evaluate_dpm_ops,
+}
 
 
 def _resident_kb(field: str) -> int:
@@ -110,8 +120,13 @@ def peak_memory(case: str, scale: str, device: str) -> int:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - baseline
     code = "import sys; from benchmarks.bench_evaluation import child_peak_growth; child_peak_growth(*sys.argv[1:])"
-    done = subprocess.run([sys.executable, "-c", code, case, scale], capture_output=True, text=True, check=True,
-                          cwd=Path(__file__).resolve().parents[1])
+    done = subprocess.run(
+        [sys.executable, "-c", code, case, scale],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     return int(done.stdout.split()[-1])
 
 
@@ -126,9 +141,17 @@ PEAKS = {}  # (case, scale) -> peak memory growth in bytes, for the target check
 def _time_case(timed, benchmark, op, case, scale, rounds):
     device = "cpu" if "numpy" in case else DEVICE
     data = reid_data(scale)
-    median = timed(CASES[case](scale, device), group=group_name(op, scale), name=case, device=device,
-                   rounds=rounds, iterations=5 if device == "cuda" else 1, num_query=len(data.query),
-                   num_gallery=len(data.gallery), dim=data.query.shape[1])
+    median = timed(
+        CASES[case](scale, device),
+        group=group_name(op, scale),
+        name=case,
+        device=device,
+        rounds=rounds,
+        iterations=5 if device == "cuda" else 1,
+        num_query=len(data.query),
+        num_gallery=len(data.gallery),
+        dim=data.query.shape[1],
+    )
     if median is not None:
         PEAKS[(case, scale)] = peak_memory(case, scale, device)
         benchmark.extra_info["peak_memory_gb"] = PEAKS[(case, scale)] / GB
@@ -153,8 +176,9 @@ def bench_evaluate_rank(timed, benchmark, case, scale):
 def bench_rerank_features(timed, benchmark, case, scale):
     # The Market reference takes ~40 s, one round; dpm_ops takes a few seconds, whose single sample
     # a shared machine's load swings by 2x: the median of 3.
-    _time_case(timed, benchmark, "rerank_features", case, scale,
-               rounds=1 if scale == "market1501" and "numpy" in case else 3)
+    _time_case(
+        timed, benchmark, "rerank_features", case, scale, rounds=1 if scale == "market1501" and "numpy" in case else 3
+    )
 
 
 @pytest.mark.slow
@@ -174,8 +198,10 @@ def bench_cpu_targets():
     rerank = _speedup("rerank_features", "market1501")
     peak = PEAKS[("rerank dpm_ops", "market1501")] / GB
     reference_peak = PEAKS[("rerank numpy reference", "market1501")] / GB
-    print(f"\nMarket-1501 scale: evaluate_rank {evaluate:.1f}x numpy; rerank_features {rerank:.1f}x the dense "
-          f"reference, peak {peak:.2f} GB (reference {reference_peak:.2f} GB)")
+    print(
+        f"\nMarket-1501 scale: evaluate_rank {evaluate:.1f}x numpy; rerank_features {rerank:.1f}x the dense "
+        f"reference, peak {peak:.2f} GB (reference {reference_peak:.2f} GB)"
+    )
     msmt_peak = PEAKS.get(("rerank dpm_ops", "msmt17"))
     if msmt_peak is not None:
         print(f"MSMT17 scale: rerank_features peak {msmt_peak / GB:.2f} GB")
@@ -193,17 +219,32 @@ def bench_cpu_targets():
 def bench_rerank_features_strategy(timed, benchmark, strategy, scale):
     data = reid_data(scale)
     query, gallery = _on_device(data.query, data.gallery, device="cpu")
-    timed(lambda: rerank_features(query, gallery, strategy=strategy), group=group_name("rerank_features strategy", scale),
-          name=f"rerank {strategy}", device="cpu", rounds=3, iterations=1, num_query=len(query),
-          num_gallery=len(gallery), dim=query.shape[1])
+    timed(
+        lambda: rerank_features(query, gallery, strategy=strategy),
+        group=group_name("rerank_features strategy", scale),
+        name=f"rerank {strategy}",
+        device="cpu",
+        rounds=3,
+        iterations=1,
+        num_query=len(query),
+        num_gallery=len(gallery),
+        dim=query.shape[1],
+    )
     if strategy == "certified":  # rerank_features' own self_knn call (k1 = 20: 21 neighbours + the tie margin)
-        counts = torch.ops.dpm_ops.self_knn_certified(torch.cat([query, gallery]), 21 + TIE_MARGIN, "sqeuclidean",
-                                                      True, len(query))[4]
+        counts = torch.ops.dpm_ops.self_knn_certified(
+            torch.cat([query, gallery]), 21 + TIE_MARGIN, "sqeuclidean", True, len(query)
+        )[4]
         certified = counts[counts >= 0].double()
-        benchmark.extra_info.update(candidates_mean=float(certified.mean()), candidates_max=int(certified.max()),
-                                    fallback_rate=float((counts < 0).double().mean()), bf16_gemm_fast=bf16_gemm_is_fast())
-        print(f"\n{scale}: candidates per row mean {float(certified.mean()):.1f}, max {int(certified.max())}; "
-              f"fallback rate {float((counts < 0).double().mean()):.4f}")
+        benchmark.extra_info.update(
+            candidates_mean=float(certified.mean()),
+            candidates_max=int(certified.max()),
+            fallback_rate=float((counts < 0).double().mean()),
+            bf16_gemm_fast=bf16_gemm_is_fast(),
+        )
+        print(
+            f"\n{scale}: candidates per row mean {float(certified.mean()):.1f}, max {int(certified.max())}; "
+            f"fallback rate {float((counts < 0).double().mean()):.4f}"
+        )
 
 
 @pytest.mark.slow
@@ -212,8 +253,10 @@ def bench_cpu_certified_rerank_target():
     ratio = 1 / speedup(group_name("rerank_features strategy", "market1501"), "rerank certified", "rerank direct")
     print(f"\nMarket-1501 scale: rerank_features certified / direct = {ratio:.2f}")
     if not bf16_gemm_is_fast():
-        pytest.skip(f"reported, not asserted: this CPU has no bf16 dot-product instructions (certified / direct "
-                    f"{ratio:.2f}); the target is for AVX-512 BF16 / AMX CPUs")
+        pytest.skip(
+            f"reported, not asserted: this CPU has no bf16 dot-product instructions (certified / direct "
+            f"{ratio:.2f}); the target is for AVX-512 BF16 / AMX CPUs"
+        )
     assert ratio <= 0.6, f"certified rerank_features takes {ratio:.2f}x the direct one, target <= 0.6x"
 
 
@@ -223,8 +266,10 @@ def bench_gpu_market_targets():
     evaluate = median_of(group_name("evaluate_rank", "market1501"), "evaluate dpm_ops")
     if None in (rerank, evaluate):
         pytest.skip("timings not recorded (benchmarks disabled or a case was deselected)")
-    print(f"\n{torch.cuda.get_device_name()}: rerank_features {rerank * 1e3:.1f} ms, evaluate_rank "
-          f"{evaluate * 1e3:.2f} ms at Market scale")
+    print(
+        f"\n{torch.cuda.get_device_name()}: rerank_features {rerank * 1e3:.1f} ms, evaluate_rank "
+        f"{evaluate * 1e3:.2f} ms at Market scale"
+    )
     assert rerank <= 20e-3 and evaluate <= 2e-3, "Market-scale targets: rerank_features <= 20 ms, evaluate_rank <= 2 ms"
 
 
@@ -236,6 +281,8 @@ def bench_gpu_msmt17_target():
         pytest.skip("timings not recorded (benchmarks disabled or a case was deselected)")
     data = reid_data("msmt17")
     beyond_output = (PEAKS[("rerank dpm_ops", "msmt17")] - 4 * len(data.query) * len(data.gallery)) / GB
-    print(f"\n{torch.cuda.get_device_name()}: rerank_features {msmt:.2f} s and {beyond_output:.2f} GB beyond its "
-          "output at MSMT17 scale")
+    print(
+        f"\n{torch.cuda.get_device_name()}: rerank_features {msmt:.2f} s and {beyond_output:.2f} GB beyond its "
+        "output at MSMT17 scale"
+    )
     assert msmt <= 1.0 and beyond_output <= 4.0, "MSMT17-scale target: rerank_features <= 1 s within 4 GB beyond output"

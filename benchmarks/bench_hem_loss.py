@@ -39,8 +39,18 @@ def bench_forward_backward(timed, backend, dtype):
         loss = hem_loss(logits, backend=backend)
         torch.autograd.grad(loss, logits)
 
-    timed(step, group=group_name(dtype), name=backend, device=DEVICE, rounds=5, iterations=10,
-          bytes_moved=3 * logits.numel() * logits.element_size(), shape=SHAPE, dtype=str(dtype), backend=backend)
+    timed(
+        step,
+        group=group_name(dtype),
+        name=backend,
+        device=DEVICE,
+        rounds=5,
+        iterations=10,
+        bytes_moved=3 * logits.numel() * logits.element_size(),
+        shape=SHAPE,
+        dtype=str(dtype),
+        backend=backend,
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -52,8 +52,17 @@ def bench_forward_backward(timed, backend, case, mode, with_mask):
         out = hierarchical_mask_pool(features, mask, mode, backend=backend)
         torch.autograd.grad(out, features, torch.ones_like(out))
 
-    timed(step, group=group_name(case, mode, with_mask), name=backend, device=DEVICE, rounds=9, case=case,
-          mode=mode, mask=with_mask, backend=backend)
+    timed(
+        step,
+        group=group_name(case, mode, with_mask),
+        name=backend,
+        device=DEVICE,
+        rounds=9,
+        case=case,
+        mode=mode,
+        mask=with_mask,
+        backend=backend,
+    )
 
 
 @pytest.mark.parametrize("case, mode, with_mask", RUNS)

@@ -15,8 +15,8 @@ from dpm_ops.ops import knn, self_knn
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
-SMALL = (512, 2048, 128, 21)            # M, N, D, k
-MARKET = (3368, 15913, 768, 21)          # queries x gallery, 768-d, k1 + 1
+SMALL = (512, 2048, 128, 21)  # M, N, D, k
+MARKET = (3368, 15913, 768, 21)  # queries x gallery, 768-d, k1 + 1
 MARKET_POOLED = (19281, 19281, 768, 25)  # re-ranking's pooled set: k1 + 1 + tie margin
 
 
@@ -44,12 +44,21 @@ def bench_knn(timed, impl, shape):
     x, y = features(M, D, 0), features(N, D, 1)
     fn = (lambda: eager_knn(x, y, k)) if impl.startswith("eager") else (lambda: knn(x, y, k))
     short = shape == SMALL or GPU  # milliseconds a call: more rounds
-    timed(fn, group=group_name("knn", shape), name=impl, device=DEVICE, rounds=7 if short else 3,
-          iterations=3 if short else 1, flop=2 * M * N * D, shape=shape)
+    timed(
+        fn,
+        group=group_name("knn", shape),
+        name=impl,
+        device=DEVICE,
+        rounds=7 if short else 3,
+        iterations=3 if short else 1,
+        flop=2 * M * N * D,
+        shape=shape,
+    )
 
 
-@pytest.mark.parametrize("impl", [pytest.param("eager mm+topk", marks=CPU_SLOW),
-                                  pytest.param("dpm_ops self_knn", marks=CPU_SLOW)])
+@pytest.mark.parametrize(
+    "impl", [pytest.param("eager mm+topk", marks=CPU_SLOW), pytest.param("dpm_ops self_knn", marks=CPU_SLOW)]
+)
 def bench_self_knn_market(timed, impl):
     N, _, D, k = MARKET_POOLED
     x = features(N, D, 2)
@@ -62,8 +71,16 @@ def bench_self_knn_market(timed, impl):
         return torch.topk(full / row_max[:, None], k, dim=1, largest=False), row_max
 
     fn = eager if impl.startswith("eager") else (lambda: self_knn(x, k, "sqeuclidean", True, 3368))
-    timed(fn, group=group_name("self_knn", MARKET_POOLED), name=impl, device=DEVICE, rounds=2, iterations=1,
-          flop=N * N * D, shape=MARKET_POOLED)
+    timed(
+        fn,
+        group=group_name("self_knn", MARKET_POOLED),
+        name=impl,
+        device=DEVICE,
+        rounds=2,
+        iterations=1,
+        flop=N * N * D,
+        shape=MARKET_POOLED,
+    )
 
 
 def _ratio(op, shape, base, ours):

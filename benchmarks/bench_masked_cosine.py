@@ -84,8 +84,18 @@ def bench_train_forward_backward(timed, backend, mode):
         torch.autograd.grad(out, (x, mask, protos), grad)
 
     with matmul_precision(precision):
-        timed(step, group=group_name("fwd+bwd", TRAIN, mode), name=backend, device=DEVICE,
-              flop=3 * forward_flop(TRAIN), rounds=15, iterations=5, shape=TRAIN, mode=mode, backend=backend)
+        timed(
+            step,
+            group=group_name("fwd+bwd", TRAIN, mode),
+            name=backend,
+            device=DEVICE,
+            flop=3 * forward_flop(TRAIN),
+            rounds=15,
+            iterations=5,
+            shape=TRAIN,
+            mode=mode,
+            backend=backend,
+        )
 
 
 @pytest.mark.parametrize("mode", RUN_MODES)
@@ -94,10 +104,19 @@ def bench_test_distance_forward(timed, benchmark, backend, mode):
     dtype, precision = MODES[mode]
     x, mask, protos = inputs(TEST, dtype, requires_grad=False)
     with matmul_precision(precision):
-        median = timed(lambda: masked_cosine(x, mask, protos, backend=backend),
-                       group=group_name("fwd", TEST, mode), name=backend, device=DEVICE, flop=forward_flop(TEST),
-                       bytes_moved=forward_bytes(TEST, dtype), rounds=3 if not GPU else 10,
-                       iterations=1 if not GPU else 5, shape=TEST, mode=mode, backend=backend)
+        median = timed(
+            lambda: masked_cosine(x, mask, protos, backend=backend),
+            group=group_name("fwd", TEST, mode),
+            name=backend,
+            device=DEVICE,
+            flop=forward_flop(TEST),
+            bytes_moved=forward_bytes(TEST, dtype),
+            rounds=3 if not GPU else 10,
+            iterations=1 if not GPU else 5,
+            shape=TEST,
+            mode=mode,
+            backend=backend,
+        )
     arithmetic = "fp32" if mode == "fp32" else mode
     fraction = roofline_fraction(median, forward_flop(TEST), forward_bytes(TEST, dtype), arithmetic)
     if fraction is not None:

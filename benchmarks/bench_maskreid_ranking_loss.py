@@ -44,8 +44,17 @@ def bench_forward_backward(timed, backend, pos_mode):
         loss = maskreid_ranking_loss(x, labels, pos_mode=pos_mode, backend=backend)
         torch.autograd.grad(loss, x)
 
-    timed(step, group=group_name(pos_mode), name=backend, device=DEVICE, rounds=5, iterations=20,
-          shape=(BATCH, DIM), pos_mode=pos_mode, backend=backend)
+    timed(
+        step,
+        group=group_name(pos_mode),
+        name=backend,
+        device=DEVICE,
+        rounds=5,
+        iterations=20,
+        shape=(BATCH, DIM),
+        pos_mode=pos_mode,
+        backend=backend,
+    )
 
 
 def _ratio(pos_mode, backend):

@@ -13,7 +13,6 @@ bf16 dense peak) goes to extra_info; target (issue: GPU half): DPM >= 40% MFU on
 ratio to eager reported. On the CPU a small configuration is timed and reported, without targets.
 """
 
-
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -27,9 +26,15 @@ DEVICE = "cuda" if GPU else "cpu"
 NUM_CLASSES = 702
 
 # (model options, batch, image size): the paper's setting on a GPU, a small one on the CPU.
-DPM_SETTING = (dict(stride=11), 64, (256, 128)) if GPU else (
-    dict(stride=12, embed_dim=192, depth=4, num_heads=3, img_size=(128, 64), mask_tap_blocks=(0, 1, 2, 3)),
-    16, (128, 64))
+DPM_SETTING = (
+    (dict(stride=11), 64, (256, 128))
+    if GPU
+    else (
+        dict(stride=12, embed_dim=192, depth=4, num_heads=3, img_size=(128, 64), mask_tap_blocks=(0, 1, 2, 3)),
+        16,
+        (128, 64),
+    )
+)
 MASKREID_SETTING = (dict(), 64, (144, 56)) if GPU else (dict(stem_channels=16, base_width=16), 16, (144, 56))
 
 MFU = {}  # model name -> fraction of the bf16 peak reached by the fused step
@@ -48,6 +53,7 @@ def _dpm_step(fused):
     def forward_loss():
         with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=GPU):
             return criterion(model(images, cam_label=cams, labels=labels), labels)
+
     forward_loss = torch.compile(forward_loss) if fused and GPU else forward_loss
 
     def step():
@@ -55,6 +61,7 @@ def _dpm_step(fused):
             optimizer.zero_grad(set_to_none=True)
             forward_loss().backward()
             optimizer.step()
+
     return model, step, batch
 
 
@@ -64,12 +71,15 @@ def _maskreid_step(fused):
     model = build_model("maskreid", 0, **options).to(DEVICE).train()
     raw = torch.randn(batch, 3, height, width, device=DEVICE)
     masked = raw * (torch.rand(batch, 1, height, width, device=DEVICE) > 0.5)
-    labels = torch.cat([torch.zeros(10, dtype=torch.long), torch.arange(1, batch - 9)]).to(DEVICE)  # 1 id x 10 + singles
+    labels = torch.cat([torch.zeros(10, dtype=torch.long), torch.arange(1, batch - 9)]).to(
+        DEVICE
+    )  # 1 id x 10 + singles
 
     def step():
         with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=GPU):
             loss = maskreid_ranking_loss(model(raw, masked).embedding, labels)
         loss.backward()
+
     return model, (torch.compile(step) if fused and GPU else step), batch
 
 
@@ -91,8 +101,17 @@ def bench_train_step(timed, benchmark, monkeypatch, name, ops):
         monkeypatch.delenv("DPM_OPS_BACKEND", raising=False)
     model, step, batch = STEPS[name](fused=ops == "fused")
     flop = _step_flop(STEPS[name](fused=False)[1]) if GPU else None
-    median = timed(step, group=f"{name} train step {DEVICE}", name=ops, device=DEVICE, flop=flop,
-                   rounds=3 if GPU else 5, iterations=2 if GPU else 1, batch=batch, ops=ops)
+    median = timed(
+        step,
+        group=f"{name} train step {DEVICE}",
+        name=ops,
+        device=DEVICE,
+        flop=flop,
+        rounds=3 if GPU else 5,
+        iterations=2 if GPU else 1,
+        batch=batch,
+        ops=ops,
+    )
     if median is not None:
         images_per_s = batch / median
         print(f"\n{name} {ops}: {images_per_s:.1f} images/s")

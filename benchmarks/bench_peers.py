@@ -41,8 +41,11 @@ def evaluate_inputs(scale):
 
 def rerank_inputs(scale):
     data = reid_data(scale)
-    return (pairwise_distance(data.query, data.gallery), pairwise_distance(data.query, data.query),
-            pairwise_distance(data.gallery, data.gallery))
+    return (
+        pairwise_distance(data.query, data.gallery),
+        pairwise_distance(data.query, data.query),
+        pairwise_distance(data.gallery, data.gallery),
+    )
 
 
 # Each builds the call to time from the inputs.
@@ -65,8 +68,11 @@ def group_name(op, scale):
 
 
 def params(cases, scales):
-    return [pytest.param(case, scale, marks=() if scale == "smoke" else pytest.mark.slow)
-            for scale in scales for case in cases]
+    return [
+        pytest.param(case, scale, marks=() if scale == "smoke" else pytest.mark.slow)
+        for scale in scales
+        for case in cases
+    ]
 
 
 def _time(timed, op, case, scale, call):
@@ -85,12 +91,14 @@ def bench_re_ranking(timed, case, scale):
     _time(timed, "re_ranking", case, scale, RERANK[case](rerank_inputs(scale)))
 
 
-RATIOS = ([("evaluate_rank", peer, scale) for scale in EVALUATE_SCALES for peer in EVALUATE if peer != DPM_OPS]
-          + [("re_ranking", peer, scale) for scale in RERANK_SCALES for peer in RERANK if peer != DPM_OPS])
+RATIOS = [("evaluate_rank", peer, scale) for scale in EVALUATE_SCALES for peer in EVALUATE if peer != DPM_OPS] + [
+    ("re_ranking", peer, scale) for scale in RERANK_SCALES for peer in RERANK if peer != DPM_OPS
+]
 
 
-@pytest.mark.parametrize("op, peer, scale", [pytest.param(*ratio, marks=() if ratio[2] == "smoke" else pytest.mark.slow)
-                                             for ratio in RATIOS])
+@pytest.mark.parametrize(
+    "op, peer, scale", [pytest.param(*ratio, marks=() if ratio[2] == "smoke" else pytest.mark.slow) for ratio in RATIOS]
+)
 def bench_ratio(op, peer, scale):
     ratio = speedup(group_name(op, scale), DPM_OPS, baseline=peer)
     print(f"\n{group_name(op, scale)}: dpm_ops.compat {ratio:.1f}x {peer}")

@@ -39,6 +39,7 @@ def timed(benchmark, request):
 
     Inner loops amortise launch overhead; a device synchronize closes every timed round.
     """
+
     def run(fn, *, group, name, device, flop=None, bytes_moved=None, rounds=5, iterations=3, **info):
         benchmark.group = group
         benchmark.name = name
@@ -63,6 +64,7 @@ def timed(benchmark, request):
         if bytes_moved is not None:
             benchmark.extra_info["gb_per_s"] = bytes_moved / median / 1e9
         return median
+
     return run
 
 
@@ -106,4 +108,3 @@ def speedup(group, name, baseline="reference"):
     if base is None or other is None:
         pytest.skip("timings not recorded (benchmarks disabled, or a case was skipped or deselected)")
     return base / other
-

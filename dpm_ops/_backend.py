@@ -97,6 +97,7 @@ def resolve(backend, device: torch.device) -> str:
     if backend == "cuda" and device.type != "cuda":
         raise ValueError(f"backend 'cuda' runs on CUDA tensors, got tensors on {device}")
     if backend == "triton" and device.type != "cuda" and not triton_interpreted():
-        raise ValueError("backend 'triton' runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), "
-                         f"got tensors on {device}")
+        raise ValueError(
+            f"backend 'triton' runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got tensors on {device}"
+        )
     return backend

@@ -30,12 +30,23 @@ def compile_on_import():
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and torch.cuda.is_available()
     build_dir = _cache_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
-    print(f"dpm_ops: compiling the C++{'/CUDA' if with_cuda else ''} ops for torch {torch.__version__} "
-          f"into {build_dir} (first import only)...", file=sys.stderr, flush=True)
+    print(
+        f"dpm_ops: compiling the C++{'/CUDA' if with_cuda else ''} ops for torch {torch.__version__} "
+        f"into {build_dir} (first import only)...",
+        file=sys.stderr,
+        flush=True,
+    )
     flags = _sources.compile_flags(with_cuda)
-    return load(name="_C", sources=_sources.sources(_sources.source_root(), with_cuda),
-                extra_cflags=flags["cxx"], extra_cuda_cflags=flags["nvcc"], extra_ldflags=flags["ldflags"],
-                build_directory=str(build_dir), is_python_module=True, verbose=False)
+    return load(
+        name="_C",
+        sources=_sources.sources(_sources.source_root(), with_cuda),
+        extra_cflags=flags["cxx"],
+        extra_cuda_cflags=flags["nvcc"],
+        extra_ldflags=flags["ldflags"],
+        build_directory=str(build_dir),
+        is_python_module=True,
+        verbose=False,
+    )
 
 
 def load_extension():
@@ -48,14 +59,19 @@ def load_extension():
         else:  # it loaded, so its registrations are live; a version change is worth a word only
             built = ".".join(map(str, module.torch_version))
             if built != torch.__version__.split("+")[0]:
-                print(f"dpm_ops: the extension was built for torch {built}, running {torch.__version__}; "
-                      "reinstall dpm_ops if ops misbehave", file=sys.stderr)
+                print(
+                    f"dpm_ops: the extension was built for torch {built}, running {torch.__version__}; "
+                    "reinstall dpm_ops if ops misbehave",
+                    file=sys.stderr,
+                )
             return module, ""
         if not (_sources.source_root() / "csrc").is_dir():
             return None, reason + "; no bundled sources to compile"
     try:
         return compile_on_import(), ""
     except Exception as error:  # a compiler or toolchain problem: keep the pure-torch backends usable
-        print(f"dpm_ops: compiling the ops failed, only the reference/triton backends are available: {error}",
-              file=sys.stderr)
+        print(
+            f"dpm_ops: compiling the ops failed, only the reference/triton backends are available: {error}",
+            file=sys.stderr,
+        )
         return None, f"compiling the ops failed: {error}"

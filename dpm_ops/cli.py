@@ -25,8 +25,10 @@ EXIT_USAGE = 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dpm-reid", description="Occluded / mask-based person re-ID: "
-                                     "train and evaluate DPM, its ViT baseline and MaskReID.")
+    parser = argparse.ArgumentParser(
+        prog="dpm-reid",
+        description="Occluded / mask-based person re-ID: train and evaluate DPM, its ViT baseline and MaskReID.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,export,extract,synth,configs}")
 
     train = sub.add_parser("train", help="train (or resume), then evaluate and print the metrics table")
@@ -45,8 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--config", required=True, help="YAML file or built-in config name (the one it was trained with)")
     ex.add_argument("--weights", required=True, help="a checkpoint written by `dpm-reid train`")
     ex.add_argument("--out", required=True, help="the .onnx file to write")
-    ex.add_argument("--batch", type=int, default=2, help="example batch the graph is traced with (>= 2; the batch "
-                    "axis stays dynamic; the check runs at N and N+1)")
+    ex.add_argument(
+        "--batch",
+        type=int,
+        default=2,
+        help="example batch the graph is traced with (>= 2; the batch axis stays dynamic; the check runs at N and N+1)",
+    )
     ex.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
     ex.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
     ex.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
@@ -56,12 +62,18 @@ def _parser() -> argparse.ArgumentParser:
     fx.add_argument("--weights", required=True, help="a checkpoint written by `dpm-reid train`")
     fx.add_argument("--images", required=True, help="folder of images (searched recursively)")
     fx.add_argument("--out", required=True, help="the .npz file to write")
-    fx.add_argument("--camera", type=int, default=None, help="0-based camera id of every image (models with a "
-                    "camera embedding; default: from Market-style names <pid>_c<camera>...)")
+    fx.add_argument(
+        "--camera",
+        type=int,
+        default=None,
+        help="0-based camera id of every image (models with a "
+        "camera embedding; default: from Market-style names <pid>_c<camera>...)",
+    )
     fx.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.batch_size=64")
 
-    sub.add_parser("synth", help="generate the synthetic occluded re-ID dataset (see `dpm-reid synth -h`)",
-                   add_help=False)
+    sub.add_parser(
+        "synth", help="generate the synthetic occluded re-ID dataset (see `dpm-reid synth -h`)", add_help=False
+    )
     sub.add_parser("configs", help="list the built-in configs")
     return parser
 
@@ -104,16 +116,26 @@ def _export(args) -> int:
     check_output_path(args.out, "--out", "a file name, e.g. model.onnx")
     config, model = _checkpoint_model(args)  # exported on the CPU: the graph does not depend on the device
     try:
-        result = export_onnx(model, args.out, image_size=tuple(config["input"]["size"]), batch=args.batch,
-                             opset=DEFAULT_OPSET if args.opset is None else args.opset, check=not args.no_check)
+        result = export_onnx(
+            model,
+            args.out,
+            image_size=tuple(config["input"]["size"]),
+            batch=args.batch,
+            opset=DEFAULT_OPSET if args.opset is None else args.opset,
+            check=not args.no_check,
+        )
     except ImportError as error:  # onnxscript, or onnxruntime for the check (--no-check skips it)
         raise ExportError(str(error)) from error
-    print(f"wrote {result.path} (opset {result.opset}): inputs {', '.join(result.input_names)} -> outputs "
-          f"{', '.join(result.output_names)}, batch axis dynamic, images {result.image_size[0]}x{result.image_size[1]}")
+    print(
+        f"wrote {result.path} (opset {result.opset}): inputs {', '.join(result.input_names)} -> outputs "
+        f"{', '.join(result.output_names)}, batch axis dynamic, images {result.image_size[0]}x{result.image_size[1]}"
+    )
     if result.max_relative_error is not None:
         errors = ", ".join(f"{name} {error:.1e}" for name, error in result.max_relative_error.items())
-        print(f"onnxruntime matches PyTorch at batch {' and '.join(map(str, result.checked_batches))}: "
-              f"max relative error {errors}")
+        print(
+            f"onnxruntime matches PyTorch at batch {' and '.join(map(str, result.checked_batches))}: "
+            f"max relative error {errors}"
+        )
     return 0
 
 
@@ -125,10 +147,17 @@ def _extract(args) -> int:
     config, model = _checkpoint_model(args)
     device = resolve_device(config["train"]["device"])
     ev = config["eval"]
-    features = extract_folder(model.to(device), args.images, image_size=tuple(config["input"]["size"]),
-                              camid=args.camera, batch_size=ev["batch_size"], num_workers=ev["num_workers"],
-                              device=device, amp_dtype=resolve_amp(ev["amp"], device),
-                              progress=config["train"]["progress"])
+    features = extract_folder(
+        model.to(device),
+        args.images,
+        image_size=tuple(config["input"]["size"]),
+        camid=args.camera,
+        batch_size=ev["batch_size"],
+        num_workers=ev["num_workers"],
+        device=device,
+        amp_dtype=resolve_amp(ev["amp"], device),
+        progress=config["train"]["progress"],
+    )
     save_features_npz(out, features, model)
     masks = ", masks" if features.masks is not None else ""
     print(f"wrote {out}: {len(features)} images, features {tuple(features.features.shape)}{masks}")

@@ -44,8 +44,14 @@ from dpm_ops.data.datasets import _verify_readable
 from dpm_ops.data.parsing import MARKET_NAME
 from dpm_ops.data.errors import DatasetError, DatasetNotFoundError
 from dpm_ops.engine.checkpoint import atomic_write
-from dpm_ops.engine.evaluator import (FeatureSet, _check_image_size, _model_cameras, eval_transform,
-                                      extract_features, resolve_distance)
+from dpm_ops.engine.evaluator import (
+    FeatureSet,
+    _check_image_size,
+    _model_cameras,
+    eval_transform,
+    extract_features,
+    resolve_distance,
+)
 from dpm_ops.engine.recipes import get_recipe
 
 # Opset 18 is the one torch's ONNX function library (torchlib) is written in, so the graph needs no
@@ -54,7 +60,7 @@ from dpm_ops.engine.recipes import get_recipe
 DEFAULT_OPSET = 18
 OPSETS = range(18, 24)
 # protobuf cannot serialise a model over 2 GB: larger weights go to an external data file
-_PROTOBUF_LIMIT = 2 * 1024 ** 3
+_PROTOBUF_LIMIT = 2 * 1024**3
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -83,12 +89,18 @@ def model_kind(model: torch.nn.Module) -> str:
     """The build_model name of ``model``: "dpm", "vit_baseline", "maskreid" or "maskreid_resnet50"."""
     from dpm_ops.models import DPM, MaskReID, MaskReIDResNet50, ViTBaseline
 
-    for cls, name in ((DPM, "dpm"), (ViTBaseline, "vit_baseline"), (MaskReID, "maskreid"),
-                      (MaskReIDResNet50, "maskreid_resnet50")):
+    for cls, name in (
+        (DPM, "dpm"),
+        (ViTBaseline, "vit_baseline"),
+        (MaskReID, "maskreid"),
+        (MaskReIDResNet50, "maskreid_resnet50"),
+    ):
         if isinstance(model, cls):
             return name
-    raise ExportError("model must be a DPM, ViTBaseline, MaskReID or MaskReIDResNet50 (dpm_ops.models.build_model), "
-                      f"got {type(model).__name__}")
+    raise ExportError(
+        "model must be a DPM, ViTBaseline, MaskReID or MaskReIDResNet50 (dpm_ops.models.build_model), "
+        f"got {type(model).__name__}"
+    )
 
 
 def _input_size(model: torch.nn.Module, kind: str, image_size) -> tuple[int, int]:
@@ -101,8 +113,9 @@ def _input_size(model: torch.nn.Module, kind: str, image_size) -> tuple[int, int
         return image_size or get_recipe(kind).default_test_size
     own = tuple(model.backbone.patch_embed.img_size)
     if image_size is not None and image_size != own:
-        raise ExportError(f"image_size {image_size} differs from the model's input size {own} (its position "
-                          "embedding fixes it)")
+        raise ExportError(
+            f"image_size {image_size} differs from the model's input size {own} (its position embedding fixes it)"
+        )
     return own
 
 
@@ -151,8 +164,16 @@ def _check_int(name: str, value, low: int) -> int:
     return value
 
 
-def export_onnx(model: torch.nn.Module, path, *, image_size: Optional[Sequence[int]] = None, batch: int = 2,
-                opset: int = DEFAULT_OPSET, check: bool = False, rtol: float = 1e-4) -> ExportResult:
+def export_onnx(
+    model: torch.nn.Module,
+    path,
+    *,
+    image_size: Optional[Sequence[int]] = None,
+    batch: int = 2,
+    opset: int = DEFAULT_OPSET,
+    check: bool = False,
+    rtol: float = 1e-4,
+) -> ExportResult:
     """Export ``model``'s eval forward to the ONNX file ``path`` (weights inside it up to 2 GB) with a
     dynamic batch axis; the inputs and outputs are in the module docstring.
 
@@ -183,9 +204,17 @@ def export_onnx(model: torch.nn.Module, path, *, image_size: Optional[Sequence[i
         # torch.export proves the graph valid for every batch size (a shape guard on the batch is an
         # error at export time, not a graph silently specialised to the example batch).
         with torch.no_grad(), forced_backend("reference"), _quiet_exporter():
-            program = torch.onnx.export(model, example, None, input_names=input_names, output_names=output_names,
-                                        dynamic_shapes=tuple({0: batch_axis} for _ in example), opset_version=opset,
-                                        dynamo=True, verbose=False)
+            program = torch.onnx.export(
+                model,
+                example,
+                None,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_shapes=tuple({0: batch_axis} for _ in example),
+                opset_version=opset,
+                dynamo=True,
+                verbose=False,
+            )
     finally:
         model.train(was_training)
     if weight_bytes > _PROTOBUF_LIMIT:
@@ -195,8 +224,9 @@ def export_onnx(model: torch.nn.Module, path, *, image_size: Optional[Sequence[i
     result = ExportResult(path, kind, input_names, output_names, opset, size)
     if check:
         result.checked_batches = (batch, batch + 1)
-        result.max_relative_error = check_onnx(model, path, batch_sizes=result.checked_batches, rtol=rtol,
-                                               image_size=size)
+        result.max_relative_error = check_onnx(
+            model, path, batch_sizes=result.checked_batches, rtol=rtol, image_size=size
+        )
     return result
 
 
@@ -225,8 +255,15 @@ def _require(module: str, needed_for: str):
         raise ImportError(f"{needed_for} needs {module} (pip install {module})") from error
 
 
-def check_onnx(model: torch.nn.Module, path, *, batch_sizes: Sequence[int] = (2, 3), rtol: float = 1e-4,
-               image_size: Optional[Sequence[int]] = None, seed: int = 1) -> dict[str, float]:
+def check_onnx(
+    model: torch.nn.Module,
+    path,
+    *,
+    batch_sizes: Sequence[int] = (2, 3),
+    rtol: float = 1e-4,
+    image_size: Optional[Sequence[int]] = None,
+    seed: int = 1,
+) -> dict[str, float]:
     """Run the ONNX file in onnxruntime (CPU) on random inputs at each of ``batch_sizes`` and compare
     every output with ``model``'s eval forward (its default, fused backend). Returns, per output, the
     largest ``max|onnx - torch| / max|torch|``; raises :class:`OnnxCheckError` above ``rtol``."""
@@ -251,16 +288,19 @@ def check_onnx(model: torch.nn.Module, path, *, batch_sizes: Sequence[int] = (2,
             got = session.run(None, {name: t.cpu().numpy() for name, t in zip(input_names, inputs)})
             for name, want, have in zip(output_names, expected, got):
                 if have.shape != want.shape:
-                    raise OnnxCheckError(f"output {name!r}: onnxruntime gives shape {have.shape}, PyTorch "
-                                         f"{want.shape} (batch {batch})")
+                    raise OnnxCheckError(
+                        f"output {name!r}: onnxruntime gives shape {have.shape}, PyTorch {want.shape} (batch {batch})"
+                    )
                 scale = max(float(np.abs(want).max()), np.finfo(np.float32).tiny)
                 errors[name] = max(errors[name], float(np.abs(have - want).max()) / scale)
     finally:
         model.train(was_training)
     bad = {name: error for name, error in errors.items() if not error <= rtol}
     if bad:
-        raise OnnxCheckError(f"onnxruntime's outputs differ from PyTorch's by more than rtol={rtol}: "
-                             + ", ".join(f"{name} {error:.2e}" for name, error in bad.items()))
+        raise OnnxCheckError(
+            f"onnxruntime's outputs differ from PyTorch's by more than rtol={rtol}: "
+            + ", ".join(f"{name} {error:.2e}" for name, error in bad.items())
+        )
     return errors
 
 
@@ -273,8 +313,9 @@ def find_images(folder) -> list[str]:
     root = Path(os.path.expanduser(str(folder)))
     if not root.is_dir():
         raise DatasetNotFoundError(f"images folder not found: {root}")
-    found = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                   if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    found = sorted(
+        p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    )
     if not found:
         raise DatasetError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) under {root}")
     return found
@@ -288,9 +329,18 @@ def _labels_from_name(path: str) -> tuple[int, Optional[int]]:
     return int(match.group(1)), int(match.group(2)) - 1
 
 
-def extract_folder(model: torch.nn.Module, folder, *, image_size: Optional[Sequence[int]] = None,
-                   camid: Optional[int] = None, batch_size: int = 64, num_workers: int = 0, device=None,
-                   amp_dtype: Optional[torch.dtype] = None, progress: bool = True) -> FeatureSet:
+def extract_folder(
+    model: torch.nn.Module,
+    folder,
+    *,
+    image_size: Optional[Sequence[int]] = None,
+    camid: Optional[int] = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device=None,
+    amp_dtype: Optional[torch.dtype] = None,
+    progress: bool = True,
+) -> FeatureSet:
     """Features of every image under ``folder`` (:func:`find_images`), with the model's test
     transforms and the evaluator's extraction (:func:`dpm_ops.engine.evaluator.extract_features`):
     L2-normalised features, DPM's channel masks, in the order of the relative paths.
@@ -316,28 +366,34 @@ def extract_folder(model: torch.nn.Module, folder, *, image_size: Optional[Seque
     if cameras:
         for name, (_, camera) in zip(relative, labels):
             if camera is None:
-                raise ExportError(f"the model has a camera embedding but {name} names no camera (<pid>_c<camera>...); "
-                                  "pass camid (--camera) for every image")
+                raise ExportError(
+                    f"the model has a camera embedding but {name} names no camera (<pid>_c<camera>...); "
+                    "pass camid (--camera) for every image"
+                )
             if camera >= cameras:
-                raise ExportError(f"camera {camera} of {name} is out of range for the model's {cameras} camera "
-                                  f"embeddings (0..{cameras - 1})")
+                raise ExportError(
+                    f"camera {camera} of {name} is out of range for the model's {cameras} camera "
+                    f"embeddings (0..{cameras - 1})"
+                )
     mask_paths = None
     if get_recipe(kind).uses_masks:
         mask_paths = {path: mask_path_for(path, str(root.parent)) for path in absolute}
         missing = [mask for mask in mask_paths.values() if not os.path.isfile(mask)]
         if missing:
-            raise DatasetNotFoundError(f"{kind} needs each image's foreground mask; {len(missing)} missing, "
-                                       f"first: {missing[0]}")
+            raise DatasetNotFoundError(
+                f"{kind} needs each image's foreground mask; {len(missing)} missing, first: {missing[0]}"
+            )
         _verify_readable(mask_paths.values(), "mask")
     _verify_readable(absolute, "image")  # before the long part: an unreadable file is named up front
-    records = [ImageRecord(path, pid, -1 if camera is None else camera)
-               for path, (pid, camera) in zip(absolute, labels)]
+    records = [
+        ImageRecord(path, pid, -1 if camera is None else camera) for path, (pid, camera) in zip(absolute, labels)
+    ]
     device = torch.device(device) if device is not None else next(model.parameters()).device
     dataset = ImageDataset(records, eval_transform(kind, size), mask_paths=mask_paths)
-    loader = build_dataloader(dataset, batch_size=batch_size, num_workers=num_workers,
-                              pin_memory=device.type == "cuda")
-    features = extract_features(model, loader, model_name=kind, device=device, amp_dtype=amp_dtype,
-                                progress=progress, desc="extract")
+    loader = build_dataloader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
+    features = extract_features(
+        model, loader, model_name=kind, device=device, amp_dtype=amp_dtype, progress=progress, desc="extract"
+    )
     return dataclasses.replace(features, paths=relative)
 
 
@@ -347,9 +403,14 @@ def save_features_npz(path, features: FeatureSet, model: torch.nn.Module) -> Pat
     ``model`` and ``distance`` (the model's test metric: "masked_arccos" for DPM, else "euclidean")."""
     kind = model_kind(model)
     path = check_output_path(path, "path", "a file name, e.g. features.npz")
-    arrays = {"paths": np.array(features.paths, dtype=str), "features": features.features.numpy(),
-              "pids": features.pids.numpy(), "camids": features.camids.numpy(), "model": np.array(kind),
-              "distance": np.array(resolve_distance("auto", kind))}
+    arrays = {
+        "paths": np.array(features.paths, dtype=str),
+        "features": features.features.numpy(),
+        "pids": features.pids.numpy(),
+        "camids": features.camids.numpy(),
+        "model": np.array(kind),
+        "distance": np.array(resolve_distance("auto", kind)),
+    }
     if features.masks is not None:
         arrays["masks"] = features.masks.numpy()
     return atomic_write(path, lambda handle: np.savez(handle, **arrays))

@@ -26,10 +26,10 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 DPI = 100
-THUMB = (64, 128)         # thumbnail (width, height) in pixels
-_FRAME = 4                # frame width around gallery thumbnails
-_GAP = 4                  # gap between thumbnails
-_QUERY_GAP = 16           # extra gap between the query and its ranked list
+THUMB = (64, 128)  # thumbnail (width, height) in pixels
+_FRAME = 4  # frame width around gallery thumbnails
+_GAP = 4  # gap between thumbnails
+_QUERY_GAP = 16  # extra gap between the query and its ranked list
 _TOP_BAND, _BOTTOM_BAND = 16, 13
 _MATCH, _WRONG, _QUERY = (46, 160, 67), (214, 39, 40), (60, 60, 60)
 
@@ -108,6 +108,7 @@ def _thumbnail(image, size=THUMB) -> Image.Image:
     """An image path, PIL image or (H, W, 3) uint8 array, resized to ``size`` (width, height)."""
     if isinstance(image, (str, os.PathLike)):
         from dpm_ops.data.image_io import read_image  # errors name the file
+
         image = read_image(os.fspath(image))
     elif isinstance(image, np.ndarray):
         image = Image.fromarray(np.ascontiguousarray(image).astype(np.uint8)).convert("RGB")
@@ -147,8 +148,11 @@ def plot_cmc(metrics_or_cmc, out_png, *, title: Optional[str] = None) -> str:
     name -> curve / RankResult.
     """
     if isinstance(metrics_or_cmc, Mapping):
-        curves = {name: _cmc_percent(f"metrics_or_cmc[{name!r}]", value) for name, value in metrics_or_cmc.items()
-                  if not (isinstance(value, Mapping) and "cmc" not in value)}  # skip e.g. "settings"
+        curves = {
+            name: _cmc_percent(f"metrics_or_cmc[{name!r}]", value)
+            for name, value in metrics_or_cmc.items()
+            if not (isinstance(value, Mapping) and "cmc" not in value)
+        }  # skip e.g. "settings"
         if not curves:
             raise ValueError("metrics_or_cmc holds no CMC curve")
     else:
@@ -157,8 +161,9 @@ def plot_cmc(metrics_or_cmc, out_png, *, title: Optional[str] = None) -> str:
     ax = fig.add_axes((0.11, 0.13, 0.85, 0.78))
     for name, curve in curves.items():
         ranks = np.arange(1, len(curve) + 1)
-        ax.plot(ranks, curve, marker="o" if len(curve) <= 20 else None, markersize=3,
-                label=f"{name} (R1 {curve[0]:.1f}%)")
+        ax.plot(
+            ranks, curve, marker="o" if len(curve) <= 20 else None, markersize=3, label=f"{name} (R1 {curve[0]:.1f}%)"
+        )
     ax.set_xlabel("rank")
     ax.set_ylabel("matching rate (%)")
     ax.set_xlim(1, max(len(c) for c in curves.values()))
@@ -263,9 +268,22 @@ def query_average_precision(distmat, q_pids, g_pids, q_camids, g_camids) -> np.n
     return ap
 
 
-def plot_ranked_lists(query_paths: Sequence, gallery_paths: Sequence, distmat, q_pids, g_pids, q_camids, g_camids,
-                      out_png, *, which: str = "best", num_queries: int = 8, top_k: int = 10,
-                      q_occluded: Optional[Sequence[bool]] = None, thumb_size: tuple[int, int] = THUMB) -> str:
+def plot_ranked_lists(
+    query_paths: Sequence,
+    gallery_paths: Sequence,
+    distmat,
+    q_pids,
+    g_pids,
+    q_camids,
+    g_camids,
+    out_png,
+    *,
+    which: str = "best",
+    num_queries: int = 8,
+    top_k: int = 10,
+    q_occluded: Optional[Sequence[bool]] = None,
+    thumb_size: tuple[int, int] = THUMB,
+) -> str:
     """The ``top_k`` nearest gallery images of the ``num_queries`` queries with the highest
     (``which="best"``) or lowest (``"worst"``) average precision, one row per query.
 
@@ -281,8 +299,10 @@ def plot_ranked_lists(query_paths: Sequence, gallery_paths: Sequence, distmat, q
     num_queries, top_k = _positive_int("num_queries", num_queries), _positive_int("top_k", top_k)
     dist = _floats("distmat", distmat)
     if dist.shape != (len(query_paths), len(gallery_paths)):
-        raise ValueError(f"distmat must be (len(query_paths), len(gallery_paths)) = "
-                         f"({len(query_paths)}, {len(gallery_paths)}), got {dist.shape}")
+        raise ValueError(
+            f"distmat must be (len(query_paths), len(gallery_paths)) = "
+            f"({len(query_paths)}, {len(gallery_paths)}), got {dist.shape}"
+        )
     if dist.size == 0:
         raise ValueError("distmat is empty")
     if q_occluded is not None and len(q_occluded) != len(query_paths):
@@ -310,8 +330,9 @@ def plot_ranked_lists(query_paths: Sequence, gallery_paths: Sequence, distmat, q
         tag = ""
         if q_occluded is not None:
             tag = ", occluded" if bool(q_occluded[q]) else ", clean"
-        texts.append((0, row * row_h + 2, f"query {q}: pid {q_pids[q]}, cam {q_camids[q]}, AP {100 * ap[q]:.1f}%{tag}",
-                      "black"))
+        texts.append(
+            (0, row * row_h + 2, f"query {q}: pid {q_pids[q]}, cam {q_camids[q]}, AP {100 * ap[q]:.1f}%{tag}", "black")
+        )
         ranked = _kept_order(dist[q], q_pids[q], q_camids[q], g_pids, g_camids)[:top_k]
         for k, g in enumerate(ranked):
             x0 = (1 + k) * cell_w + _QUERY_GAP
@@ -338,13 +359,21 @@ def _channel_grid(values: np.ndarray, columns: int) -> np.ndarray:
     """A 1-D channel vector laid out row-major in a grid (NaN padding, drawn blank)."""
     rows = math.ceil(len(values) / columns)
     grid = np.full(rows * columns, np.nan)
-    grid[:len(values)] = values
+    grid[: len(values)] = values
     return grid.reshape(rows, columns)
 
 
-def plot_mask_heatmaps(images: Sequence, masks, out_png, *, token_maps=None, all_masks=None,
-                       occluded: Optional[Sequence[bool]] = None, all_occluded: Optional[Sequence[bool]] = None,
-                       titles: Optional[Sequence[str]] = None) -> str:
+def plot_mask_heatmaps(
+    images: Sequence,
+    masks,
+    out_png,
+    *,
+    token_maps=None,
+    all_masks=None,
+    occluded: Optional[Sequence[bool]] = None,
+    all_occluded: Optional[Sequence[bool]] = None,
+    titles: Optional[Sequence[str]] = None,
+) -> str:
     """DPM's Hierarchical-Mask-Generator output for a few queries (dpm.md §2).
 
     DPM's mask ``m ∈ (0,1)^C`` is a *channel* mask: it selects the subspace of the C-d CLS
@@ -367,22 +396,36 @@ def plot_mask_heatmaps(images: Sequence, masks, out_png, *, token_maps=None, all
     and occluded queries (``all_occluded`` labels ``all_masks``), which shows whether occluded
     queries switch more channels off. Image: ``max(700, 110·B)`` x 960 pixels (B = len(images)).
     """
-    masks, population, token_maps = _check_mask_inputs(images, masks, token_maps, all_masks, occluded, all_occluded,
-                                                       titles)
+    masks, population, token_maps = _check_mask_inputs(
+        images, masks, token_maps, all_masks, occluded, all_occluded, titles
+    )
     count, channels = masks.shape
     mean_mask = population.mean(axis=0)
     order = np.argsort(-mean_mask, kind="stable")
     fig = _new_figure(max(700, 110 * count), 960)
     rows = ["query"] + (["kept-channel\npatch energy"] if token_maps is not None else []) + ["mask m", "m − mean m"]
-    grid = fig.add_gridspec(len(rows) + 1, count, height_ratios=[1.0] * len(rows) + [0.9], hspace=0.35,
-                            wspace=0.15, left=0.07, right=0.88, top=0.90, bottom=0.06)
+    grid = fig.add_gridspec(
+        len(rows) + 1,
+        count,
+        height_ratios=[1.0] * len(rows) + [0.9],
+        hspace=0.35,
+        wspace=0.15,
+        left=0.07,
+        right=0.88,
+        top=0.90,
+        bottom=0.06,
+    )
     images_drawn = _draw_query_columns(fig, grid, rows, images, masks, mean_mask, order, token_maps, occluded, titles)
     for r, key in enumerate(["energy"] * (token_maps is not None) + ["mask", "deviation"], start=1):
         box = grid[r, count - 1].get_position(fig)
         colorbar_ax = fig.add_axes((0.90, box.y0 + 0.1 * box.height, 0.012, 0.8 * box.height))
         fig.colorbar(images_drawn[key], cax=colorbar_ax).ax.tick_params(labelsize=6)
-    fig.suptitle(f"DPM channel masks: {channels} channels in a grid, ordered by the mean mask over "
-                 f"{len(population)} queries (highest first)", fontsize=9, y=0.985)
+    fig.suptitle(
+        f"DPM channel masks: {channels} channels in a grid, ordered by the mean mask over "
+        f"{len(population)} queries (highest first)",
+        fontsize=9,
+        y=0.985,
+    )
     _draw_population_profile(fig.add_subplot(grid[len(rows), :]), population, order, all_occluded)
     return _save(fig, out_png)
 
@@ -412,8 +455,18 @@ def _check_mask_inputs(images, masks, token_maps, all_masks, occluded, all_occlu
     return masks, population, token_maps
 
 
-def _draw_query_columns(fig: Figure, grid, rows: list[str], images: Sequence, masks: np.ndarray,
-                        mean_mask: np.ndarray, order: np.ndarray, token_maps, occluded, titles) -> dict:
+def _draw_query_columns(
+    fig: Figure,
+    grid,
+    rows: list[str],
+    images: Sequence,
+    masks: np.ndarray,
+    mean_mask: np.ndarray,
+    order: np.ndarray,
+    token_maps,
+    occluded,
+    titles,
+) -> dict:
     """One column per query (image, patch energy, mask, deviation from the mean mask); returns the
     last image drawn of each kind, for the colour bars."""
     count, channels = masks.shape
@@ -421,8 +474,9 @@ def _draw_query_columns(fig: Figure, grid, rows: list[str], images: Sequence, ma
     deviation = masks - mean_mask
     spread = max(float(np.abs(deviation).max()), 1e-3)
     if token_maps is not None:
-        norm = TwoSlopeNorm(vmin=min(float(token_maps.min()), 1 - 1e-3), vcenter=1.0,
-                            vmax=max(float(token_maps.max()), 1 + 1e-3))
+        norm = TwoSlopeNorm(
+            vmin=min(float(token_maps.min()), 1 - 1e-3), vcenter=1.0, vmax=max(float(token_maps.max()), 1 + 1e-3)
+        )
     images_drawn = {}
     for i in range(count):
         thumb = np.asarray(_thumbnail(images[i]))
@@ -435,12 +489,20 @@ def _draw_query_columns(fig: Figure, grid, rows: list[str], images: Sequence, ma
         if token_maps is not None:
             h, w = thumb.shape[:2]
             axes[1].imshow(thumb)
-            images_drawn["energy"] = axes[1].imshow(token_maps[i], cmap="coolwarm", norm=norm, alpha=0.55,
-                                                    extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="bilinear")
-        images_drawn["mask"] = axes[-2].imshow(_channel_grid(masks[i][order], columns), cmap="viridis", vmin=0.0,
-                                               vmax=1.0, interpolation="nearest")
-        images_drawn["deviation"] = axes[-1].imshow(_channel_grid(deviation[i][order], columns), cmap="PuOr",
-                                                    vmin=-spread, vmax=spread, interpolation="nearest")
+            images_drawn["energy"] = axes[1].imshow(
+                token_maps[i],
+                cmap="coolwarm",
+                norm=norm,
+                alpha=0.55,
+                extent=(-0.5, w - 0.5, h - 0.5, -0.5),
+                interpolation="bilinear",
+            )
+        images_drawn["mask"] = axes[-2].imshow(
+            _channel_grid(masks[i][order], columns), cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest"
+        )
+        images_drawn["deviation"] = axes[-1].imshow(
+            _channel_grid(deviation[i][order], columns), cmap="PuOr", vmin=-spread, vmax=spread, interpolation="nearest"
+        )
         for ax in axes:
             ax.set_xticks([])
             ax.set_yticks([])

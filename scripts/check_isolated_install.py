@@ -29,11 +29,13 @@ print("compiled on first import and matches the reference:", dpm_ops.__file__)
 def main():
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", tmp / "wheels", str(ROOT)],
-                       check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", tmp / "wheels", str(ROOT)], check=True
+        )
         wheel = next((tmp / "wheels").glob("dpm_ops-*.whl"))
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", tmp / "site", wheel],
-                       check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", tmp / "site", wheel], check=True
+        )
         assert not list((tmp / "site" / "dpm_ops").glob("_C*.so")), "isolated build should not compile"
         env = dict(os.environ, PYTHONPATH=str(tmp / "site"), DPM_OPS_CACHE_DIR=str(tmp / "cache"))
         result = subprocess.run([sys.executable, "-c", CHECK], cwd=tmp, env=env, capture_output=True, text=True)

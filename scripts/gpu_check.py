@@ -71,7 +71,7 @@ class Run:
             if size >= LOG_CAP:
                 return
             with open(path, "a") as f:
-                f.write(text[:LOG_CAP - size])
+                f.write(text[: LOG_CAP - size])
 
     def record(self, step: dict) -> None:
         self.running = None
@@ -95,25 +95,33 @@ class Run:
     def write_summary(self) -> None:
         elapsed = round(time.time() - self.start, 1)
         steps = self.steps + ([self.running] if self.running else [])
-        summary = {"dry_run": self.dry_run, "elapsed_s": elapsed, "budget_s": round(self.deadline - self.start),
-                   "steps": steps}
+        summary = {
+            "dry_run": self.dry_run,
+            "elapsed_s": elapsed,
+            "budget_s": round(self.deadline - self.start),
+            "steps": steps,
+        }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         lines = [f"gpu_check{' --dry-run' if self.dry_run else ''}: {elapsed} s of {summary['budget_s']} s"]
         for s in steps:
             counts = " ".join(f"{k}={v}" for k, v in s.get("counts", {}).items())
             notes = "; ".join(s.get("problems", [])) or s.get("reason", "")
             lines.append(f"{s['name']:<12} {s['status']:<9} {s['seconds']:>7.1f} s  {counts}{notes}")
-            lines += [f"    {f['file']:<44} {f['status']:<9} {f['seconds']:>6.1f} s  "
-                      + " ".join(f"{k}={v}" for k, v in f["counts"].items()) for f in s.get("files", [])
-                      if f["status"] != "ok"]
+            lines += [
+                f"    {f['file']:<44} {f['status']:<9} {f['seconds']:>6.1f} s  "
+                + " ".join(f"{k}={v}" for k, v in f["counts"].items())
+                for f in s.get("files", [])
+                if f["status"] != "ok"
+            ]
         (self.out / "summary.txt").write_text("\n".join(lines) + "\n")
 
 
 def run_command(cmd: list, timeout: float, env=None) -> tuple:
     """(status ok / failed / timeout, return code, output); on timeout the whole process group is
     killed (pytest, torch.compile workers)."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         output = proc.communicate(timeout=max(timeout, 1))[0]
     except subprocess.TimeoutExpired:
@@ -122,8 +130,10 @@ def run_command(cmd: list, timeout: float, env=None) -> tuple:
     return ("ok" if proc.returncode == 0 else "failed"), proc.returncode, output
 
 
-_COUNT = re.compile(r"(\d+)(?:/\d+)? (passed|failed|skipped|errors?|xfailed|xpassed|deselected|"
-                    r"(?:tests? )?collected)\b")
+_COUNT = re.compile(
+    r"(\d+)(?:/\d+)? (passed|failed|skipped|errors?|xfailed|xpassed|deselected|"
+    r"(?:tests? )?collected)\b"
+)
 
 
 def pytest_counts(output: str) -> dict:
@@ -134,8 +144,9 @@ def pytest_counts(output: str) -> dict:
     return {}
 
 
-def run_pytest_files(run: Run, files: list, args: list, log: str, jobs: int, file_s: float, min_s: float,
-                     benchmarks=False) -> dict:
+def run_pytest_files(
+    run: Run, files: list, args: list, log: str, jobs: int, file_s: float, min_s: float, benchmarks=False
+) -> dict:
     """Each file in its own pytest process (jobs at once; a dry run collects them all in one process),
     output appended to `log` and the summary updated file by file."""
 
@@ -149,8 +160,9 @@ def run_pytest_files(run: Run, files: list, args: list, log: str, jobs: int, fil
         with tempfile.TemporaryDirectory() as tmp:
             bench_json = Path(tmp, "b.json")
             extra = [f"--benchmark-json={bench_json}"] if benchmarks else []
-            status, code, output = run_command([sys.executable, *PYTEST, *rel.split(), *args, *extra],
-                                               min(file_s, run.left()))
+            status, code, output = run_command(
+                [sys.executable, *PYTEST, *rel.split(), *args, *extra], min(file_s, run.left())
+            )
             if bench_json.exists() and bench_json.stat().st_size:  # none when collecting only
                 run.add_benchmarks(bench_json)
         if code == 5:  # pytest: no test selected in this file
@@ -181,9 +193,11 @@ def step(run: Run, name: str, fn) -> None:
 
 
 def environment(run: Run) -> dict:
-    probe = ("import torch, json, sys; print(json.dumps(dict(python=sys.version.split()[0], torch=torch.__version__, "
-             "cuda=torch.version.cuda, gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None, "
-             "triton=__import__('triton').__version__, cores=__import__('os').cpu_count())))")
+    probe = (
+        "import torch, json, sys; print(json.dumps(dict(python=sys.version.split()[0], torch=torch.__version__, "
+        "cuda=torch.version.cuda, gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None, "
+        "triton=__import__('triton').__version__, cores=__import__('os').cpu_count())))"
+    )
     status, _, output = run_command([sys.executable, "-c", probe], 60)
     text = output
     if shutil.which("nvidia-smi"):
@@ -197,12 +211,18 @@ def environment(run: Run) -> dict:
 def build(run: Run) -> dict:
     """The extension in place for sm_90 with every core (ninja from the interpreter's bin folder), then
     the backends it reports."""
-    env = dict(os.environ, MAX_JOBS=str(os.cpu_count()), TORCH_CUDA_ARCH_LIST="9.0", FORCE_CUDA="1",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    env = dict(
+        os.environ,
+        MAX_JOBS=str(os.cpu_count()),
+        TORCH_CUDA_ARCH_LIST="9.0",
+        FORCE_CUDA="1",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
     status = "skipped"
     if not run.dry_run:
-        status, _, output = run_command([sys.executable, "setup.py", "build_ext", "--inplace"],
-                                        min(BUILD_S, run.left()), env)
+        status, _, output = run_command(
+            [sys.executable, "setup.py", "build_ext", "--inplace"], min(BUILD_S, run.left()), env
+        )
         run.append("build.log", output)
     probe = "import dpm_ops, json; print(json.dumps(dpm_ops.backends()))"
     probe_status, _, output = run_command([sys.executable, "-c", probe], 120)
@@ -231,13 +251,35 @@ def main(argv=None) -> int:
 
     step(run, "environment", lambda: environment(run))
     step(run, "build", lambda: build(run))
-    step(run, "tests", lambda: run_pytest_files(run, test_files, ["-k", SELECT_GPU_TESTS, *collect], "tests.log",
-                                                jobs, TEST_FILE_S, MIN_TEST_FILE_S))
+    step(
+        run,
+        "tests",
+        lambda: run_pytest_files(
+            run, test_files, ["-k", SELECT_GPU_TESTS, *collect], "tests.log", jobs, TEST_FILE_S, MIN_TEST_FILE_S
+        ),
+    )
     # Timed runs: one at a time.
-    step(run, "benchmarks", lambda: run_pytest_files(run, kernels, ["-m", "not slow", *collect], "benchmarks.log",
-                                                     1, BENCH_FILE_S, MIN_BENCH_FILE_S, benchmarks=True))
-    step(run, "models", lambda: run_pytest_files(run, [models], ["-m", "not slow", *collect], "benchmarks.log", 1,
-                                                 MODELS_S, MIN_MODELS_S, benchmarks=True))
+    step(
+        run,
+        "benchmarks",
+        lambda: run_pytest_files(
+            run,
+            kernels,
+            ["-m", "not slow", *collect],
+            "benchmarks.log",
+            1,
+            BENCH_FILE_S,
+            MIN_BENCH_FILE_S,
+            benchmarks=True,
+        ),
+    )
+    step(
+        run,
+        "models",
+        lambda: run_pytest_files(
+            run, [models], ["-m", "not slow", *collect], "benchmarks.log", 1, MODELS_S, MIN_MODELS_S, benchmarks=True
+        ),
+    )
 
     files = [p for p in run.out.rglob("*") if p.is_file()]
     problems = [f"{len(files)} files > {MAX_FILES}"] if len(files) > MAX_FILES else []

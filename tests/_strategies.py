@@ -52,8 +52,9 @@ def tensors(draw, shape, dtype, scales=SCALES, poison_rate: int = 6, positive: b
     """A tensor of `shape` and `dtype`: normal values times a drawn scale, with (1 in
     `poison_rate`) one entry set to NaN, inf or -inf. `positive`: absolute values (masks, distances)."""
     shape = tuple(shape)
-    values = torch.randn(shape, generator=torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1))),
-                         dtype=torch.float64) * draw(st.sampled_from(scales))
+    values = torch.randn(
+        shape, generator=torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1))), dtype=torch.float64
+    ) * draw(st.sampled_from(scales))
     if positive:
         values = values.abs()
     numel = math.prod(shape)
@@ -64,14 +65,14 @@ def tensors(draw, shape, dtype, scales=SCALES, poison_rate: int = 6, positive: b
 
 @st.composite
 def labels(draw, length: int, num_ids: int = 3):
-    return torch.tensor(draw(st.lists(st.integers(0, num_ids - 1), min_size=length, max_size=length)),
-                        dtype=torch.int64)
+    return torch.tensor(
+        draw(st.lists(st.integers(0, num_ids - 1), min_size=length, max_size=length)), dtype=torch.int64
+    )
 
 
 def is_tame(*ts: torch.Tensor) -> bool:
     """Finite, within TAME_SCALE, and in a dtype that holds them: input every op must accept."""
-    return all(bool(torch.isfinite(t).all()) and (t.numel() == 0 or float(t.abs().max()) <= TAME_SCALE)
-               for t in ts)
+    return all(bool(torch.isfinite(t).all()) and (t.numel() == 0 or float(t.abs().max()) <= TAME_SCALE) for t in ts)
 
 
 def outcome(call):

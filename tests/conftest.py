@@ -23,8 +23,7 @@ import dpm_ops  # noqa: E402  (after TRITON_INTERPRET)
 def backend_params(*names):
     """pytest params for backends, each skipped with the reason dpm_ops.backends() gives."""
     available = dpm_ops.backends()
-    return [pytest.param(n, marks=pytest.mark.skipif(not available[n][0], reason=available[n][1] or n))
-            for n in names]
+    return [pytest.param(n, marks=pytest.mark.skipif(not available[n][0], reason=available[n][1] or n)) for n in names]
 
 
 def device_for(backend: str) -> torch.device:
@@ -64,6 +63,7 @@ def record_launches(monkeypatch, module, kernel_name: str) -> list:
             def launch(*args, **kwargs):
                 launches.append(kwargs)
                 return kernel[grid](*args, **kwargs)
+
             return launch
 
     monkeypatch.setattr(module, kernel_name, Recorder())

@@ -7,21 +7,54 @@ from pathlib import Path
 
 import yaml
 
-TINY_SYNTH = {"seed": 3, "ids": 20, "cameras": 3, "width": 32, "height": 64, "train_images": [4, 6],
-              "id_cameras": [2, 3], "gallery_per_camera": [1, 2], "distractors": 0.1, "junk": 0.0,
-              "query_occlusion": 0.6}
+TINY_SYNTH = {
+    "seed": 3,
+    "ids": 20,
+    "cameras": 3,
+    "width": 32,
+    "height": 64,
+    "train_images": [4, 6],
+    "id_cameras": [2, 3],
+    "gallery_per_camera": [1, 2],
+    "distractors": 0.1,
+    "junk": 0.0,
+    "query_occlusion": 0.6,
+}
 
-TINY_VIT = {"patch_size": 8, "stride": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0,
-            "drop_path_rate": 0.1}
+TINY_VIT = {
+    "patch_size": 8,
+    "stride": 8,
+    "embed_dim": 32,
+    "depth": 2,
+    "num_heads": 2,
+    "mlp_ratio": 2.0,
+    "drop_path_rate": 0.1,
+}
 
 
 def synth_argv(out) -> list[str]:
     """`dpm-reid synth` arguments that write the tiny set to ``out``."""
     s = TINY_SYNTH
-    return ["synth", "--out", str(out), "--seed", str(s["seed"]), "--ids", str(s["ids"]), "--cameras",
-            str(s["cameras"]), "--width", str(s["width"]), "--height", str(s["height"]), "--train-images",
-            "{},{}".format(*s["train_images"]), "--gallery-per-camera", "{},{}".format(*s["gallery_per_camera"]),
-            "--quiet"]
+    return [
+        "synth",
+        "--out",
+        str(out),
+        "--seed",
+        str(s["seed"]),
+        "--ids",
+        str(s["ids"]),
+        "--cameras",
+        str(s["cameras"]),
+        "--width",
+        str(s["width"]),
+        "--height",
+        str(s["height"]),
+        "--train-images",
+        "{},{}".format(*s["train_images"]),
+        "--gallery-per-camera",
+        "{},{}".format(*s["gallery_per_camera"]),
+        "--quiet",
+    ]
 
 
 def tiny_config(root, model: str = "dpm", **sections) -> dict:
@@ -41,8 +74,13 @@ def tiny_config(root, model: str = "dpm", **sections) -> dict:
     if model.startswith("maskreid"):
         config["model"]["options"] = {"stem_channels": 4, "base_width": 4, "embed_dim": 16}
         config["input"] = {"recipe": "maskreid", "resize": [40, 20], "size": [36, 16]}
-        config["sampler"] = {"kind": "maskreid", "num_positives": 3, "num_negatives": 5, "num_ids": 4,
-                             "num_instances": 2}
+        config["sampler"] = {
+            "kind": "maskreid",
+            "num_positives": 3,
+            "num_negatives": 5,
+            "num_ids": 4,
+            "num_instances": 2,
+        }
         config["pretrain"] = {"epochs": 1, "base_lr": 0.01, "sampler": "pk"}
         config["solver"] = {"base_lr": 0.01, "epochs": 1, "schedule": "poly"}
     for section, values in sections.items():

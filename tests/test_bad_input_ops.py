@@ -11,8 +11,15 @@ import torch
 import dpm_ops
 from dpm_ops.evaluation import evaluate_rank, pairwise_distance, re_ranking, rerank_features
 from dpm_ops.losses import batch_hard_soft_margin_triplet, masked_arcface_cross_entropy
-from dpm_ops.ops import (batch_hard_triplet, hem_loss, hierarchical_mask_pool, masked_arccos_distance,
-                         masked_arcface_ce, masked_cosine, maskreid_ranking_loss)
+from dpm_ops.ops import (
+    batch_hard_triplet,
+    hem_loss,
+    hierarchical_mask_pool,
+    masked_arccos_distance,
+    masked_arcface_ce,
+    masked_cosine,
+    maskreid_ranking_loss,
+)
 from tests.conftest import backend_params
 
 ALL = backend_params("reference", "cpp", "triton")
@@ -42,28 +49,54 @@ def arccos_call(backend, q, q_mask, g):
 
 
 OP_CALLS = {
-    "masked_cosine": (ALL, cosine_call, lambda: dict(x=torch.randn(4, 6), mask=torch.rand(4, 6),
-                                                     protos=torch.randn(3, 6))),
-    "masked_arccos_distance": (ALL, arccos_call, lambda: dict(q=torch.randn(4, 6), q_mask=torch.rand(4, 6),
-                                                              g=torch.randn(3, 6))),
-    "masked_arcface_ce": (FUSED, lambda b, features, mask, weight: masked_arcface_ce(
-        features, mask, weight, torch.tensor([0, 1, 2, 0]), backend=b),
-        lambda: dict(features=torch.randn(4, 6), mask=torch.rand(4, 6), weight=torch.randn(3, 6))),
-    "batch_hard_triplet": (FUSED, lambda b, features: batch_hard_triplet(features, labels4(), backend=b),
-                           lambda: dict(features=torch.randn(4, 6))),
-    "hem_loss": (ALL, lambda b, cls_logits: hem_loss(cls_logits, backend=b),
-                 lambda: dict(cls_logits=torch.randn(2, 3, 5))),
-    "maskreid_ranking_loss": (ALL, lambda b, embeddings: maskreid_ranking_loss(embeddings, labels4(), backend=b),
-                              lambda: dict(embeddings=torch.nn.functional.normalize(torch.randn(4, 6), dim=1))),
-    "hierarchical_mask_pool max": (ALL, lambda b, features, mask: hierarchical_mask_pool([features], mask, "max",
-                                                                                         backend=b),
-                                   lambda: dict(features=torch.randn(2, 3, 4, 4), mask=torch.rand(2, 1, 8, 8))),
-    "hierarchical_mask_pool avg": (ALL, lambda b, features, mask: hierarchical_mask_pool([features], mask, "avg",
-                                                                                         backend=b),
-                                   lambda: dict(features=torch.randn(2, 3, 4, 4), mask=torch.rand(2, 1, 8, 8))),
+    "masked_cosine": (
+        ALL,
+        cosine_call,
+        lambda: dict(x=torch.randn(4, 6), mask=torch.rand(4, 6), protos=torch.randn(3, 6)),
+    ),
+    "masked_arccos_distance": (
+        ALL,
+        arccos_call,
+        lambda: dict(q=torch.randn(4, 6), q_mask=torch.rand(4, 6), g=torch.randn(3, 6)),
+    ),
+    "masked_arcface_ce": (
+        FUSED,
+        lambda b, features, mask, weight: masked_arcface_ce(
+            features, mask, weight, torch.tensor([0, 1, 2, 0]), backend=b
+        ),
+        lambda: dict(features=torch.randn(4, 6), mask=torch.rand(4, 6), weight=torch.randn(3, 6)),
+    ),
+    "batch_hard_triplet": (
+        FUSED,
+        lambda b, features: batch_hard_triplet(features, labels4(), backend=b),
+        lambda: dict(features=torch.randn(4, 6)),
+    ),
+    "hem_loss": (
+        ALL,
+        lambda b, cls_logits: hem_loss(cls_logits, backend=b),
+        lambda: dict(cls_logits=torch.randn(2, 3, 5)),
+    ),
+    "maskreid_ranking_loss": (
+        ALL,
+        lambda b, embeddings: maskreid_ranking_loss(embeddings, labels4(), backend=b),
+        lambda: dict(embeddings=torch.nn.functional.normalize(torch.randn(4, 6), dim=1)),
+    ),
+    "hierarchical_mask_pool max": (
+        ALL,
+        lambda b, features, mask: hierarchical_mask_pool([features], mask, "max", backend=b),
+        lambda: dict(features=torch.randn(2, 3, 4, 4), mask=torch.rand(2, 1, 8, 8)),
+    ),
+    "hierarchical_mask_pool avg": (
+        ALL,
+        lambda b, features, mask: hierarchical_mask_pool([features], mask, "avg", backend=b),
+        lambda: dict(features=torch.randn(2, 3, 4, 4), mask=torch.rand(2, 1, 8, 8)),
+    ),
 }
-OP_CASES = [pytest.param(op, backend.values[0], marks=backend.marks, id=f"{op}-{backend.values[0]}")
-            for op, (backends, _, _) in OP_CALLS.items() for backend in backends]
+OP_CASES = [
+    pytest.param(op, backend.values[0], marks=backend.marks, id=f"{op}-{backend.values[0]}")
+    for op, (backends, _, _) in OP_CALLS.items()
+    for backend in backends
+]
 MESSAGE_NAME = {"features": "features(\\[0\\])?"}
 
 
@@ -94,20 +127,28 @@ def test_finite_input_too_large_for_float32_is_a_value_error(op, backend):
 @pytest.mark.parametrize("backend", ALL)
 def test_masked_cosine_at_the_magnitude_limit_is_exact(backend):
     """Just inside the limit the answer is the scale-invariant cosine, not a rejection."""
-    x, mask, protos = torch.randn(4, 6, dtype=torch.float64), torch.rand(4, 6, dtype=torch.float64), \
-        torch.randn(3, 6, dtype=torch.float64)
+    x, mask, protos = (
+        torch.randn(4, 6, dtype=torch.float64),
+        torch.rand(4, 6, dtype=torch.float64),
+        torch.randn(3, 6, dtype=torch.float64),
+    )
     expected = masked_cosine(x, mask, protos, backend="reference")
     scale = 1e18 / x.norm(dim=1).max()
     got = masked_cosine((x * scale).float(), (mask * scale).float(), (protos * scale).float(), backend=backend)
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="x is too large in magnitude: row norms must stay below 9.22e\\+18 in float32"):
+    with pytest.raises(
+        ValueError, match="x is too large in magnitude: row norms must stay below 9.22e\\+18 in float32"
+    ):
         masked_cosine(x.float() * 1e19, mask.float(), protos.float(), backend=backend)
 
 
-@pytest.mark.parametrize("loss, kwargs", [
-    (batch_hard_soft_margin_triplet, {}),
-    (masked_arcface_cross_entropy, dict(mask=torch.rand(4, 6), weight=torch.randn(3, 6))),
-])
+@pytest.mark.parametrize(
+    "loss, kwargs",
+    [
+        (batch_hard_soft_margin_triplet, {}),
+        (masked_arcface_cross_entropy, dict(mask=torch.rand(4, 6), weight=torch.randn(3, 6))),
+    ],
+)
 def test_reference_losses_check_like_the_fused_ops(loss, kwargs):
     features = poisoned(torch.randn(4, 6), NAN)
     labels = torch.tensor([0, 0, 1, 2]) if kwargs else labels4()
@@ -116,8 +157,10 @@ def test_reference_losses_check_like_the_fused_ops(loss, kwargs):
 
 
 @pytest.mark.parametrize("fused", [True, False])
-@pytest.mark.parametrize("name, value", [("scale", NAN), ("margin", INF), ("plain_weight", "a"),
-                                         ("clamp_eps", None), ("masked_weight", -INF)])
+@pytest.mark.parametrize(
+    "name, value",
+    [("scale", NAN), ("margin", INF), ("plain_weight", "a"), ("clamp_eps", None), ("masked_weight", -INF)],
+)
 def test_arcface_numbers(fused, name, value):
     args = torch.randn(4, 6), torch.rand(4, 6), torch.randn(3, 6), torch.tensor([0, 1, 2, 0])
     with pytest.raises(ValueError, match=f"{name} must be a finite number"):
@@ -132,11 +175,14 @@ def test_unfused_arcface_label_out_of_range():
             masked_arcface_cross_entropy(*args, labels, fused=False)
 
 
-@pytest.mark.parametrize("call, name", [
-    (lambda v: masked_cosine(torch.ones(2, 3), torch.ones(2, 3), torch.ones(2, 3), eps=v), "eps"),
-    (lambda v: hem_loss(torch.ones(2, 3, 4), eps=v), "eps"),
-    (lambda v: maskreid_ranking_loss(torch.ones(4, 3), labels4(), alpha=v), "alpha"),
-])
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda v: masked_cosine(torch.ones(2, 3), torch.ones(2, 3), torch.ones(2, 3), eps=v), "eps"),
+        (lambda v: hem_loss(torch.ones(2, 3, 4), eps=v), "eps"),
+        (lambda v: maskreid_ranking_loss(torch.ones(4, 3), labels4(), alpha=v), "alpha"),
+    ],
+)
 @pytest.mark.parametrize("value", ["a", None, NAN, INF, True])
 def test_numbers_of_the_wrong_kind(call, name, value):
     with pytest.raises(ValueError, match=f"{name} must be a finite number"):
@@ -160,13 +206,16 @@ def test_pairwise_distance_values_of_the_wrong_kind(value):
 META = torch.empty(6, 8, device="meta")
 
 
-@pytest.mark.parametrize("call, name", [
-    (lambda: evaluate_rank(META, np.arange(6), np.arange(8), np.zeros(6), np.ones(8)), "distmat"),
-    (lambda: re_ranking(META, torch.zeros(6, 6), torch.zeros(8, 8)), "q_g_dist"),
-    (lambda: re_ranking(torch.zeros(6, 8), torch.zeros(6, 6), torch.empty(8, 8, device="meta")), "g_g_dist"),
-    (lambda: rerank_features(META, torch.zeros(3, 8)), "qf"),
-    (lambda: pairwise_distance(torch.zeros(3, 8), META), "y"),
-])
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda: evaluate_rank(META, np.arange(6), np.arange(8), np.zeros(6), np.ones(8)), "distmat"),
+        (lambda: re_ranking(META, torch.zeros(6, 6), torch.zeros(8, 8)), "q_g_dist"),
+        (lambda: re_ranking(torch.zeros(6, 8), torch.zeros(6, 6), torch.empty(8, 8, device="meta")), "g_g_dist"),
+        (lambda: rerank_features(META, torch.zeros(3, 8)), "qf"),
+        (lambda: pairwise_distance(torch.zeros(3, 8), META), "y"),
+    ],
+)
 def test_meta_tensors(call, name):
     """Before: NotImplementedError from a data access on a meta tensor."""
     with pytest.raises(ValueError, match=f"{name} is a meta tensor"):
@@ -200,7 +249,9 @@ def test_re_ranking_and_features_too_large_for_float32():
     range, or features whose squared distances would, are rejected instead of giving NaN."""
     with pytest.raises(ValueError, match="q_g_dist is too large in magnitude"):
         re_ranking(np.full((2, 3), 1e20), np.zeros((2, 2)), np.zeros((3, 3)))
-    with pytest.raises(ValueError, match="gf is too large in magnitude: row norms must stay below 9.22e\\+18 in float32"):
+    with pytest.raises(
+        ValueError, match="gf is too large in magnitude: row norms must stay below 9.22e\\+18 in float32"
+    ):
         rerank_features(np.ones((2, 3)), np.full((3, 3), 1e30))
     with pytest.raises(ValueError, match="x is too large in magnitude"):
         pairwise_distance(np.full((2, 3), 1e19, dtype=np.float32), np.ones((3, 3), dtype=np.float32))
@@ -238,9 +289,13 @@ def test_kreciprocal_expand_index_range(bad):
 def test_kreciprocal_pair_sqdist_index_range(what):
     row_ptr, cols = _csr()
     features, cand_values, cand_indices = torch.randn(6, 3), torch.rand(6, 4), _neighbours()
-    message = {"cand_indices": "cand_indices must hold indices", "cols": "cols must hold indices",
-               "row_ptr_end": "row_ptr must start at 0", "row_ptr_order": "row_ptr must start at 0",
-               "cand_shape": "cand_values and cand_indices must both be"}[what]
+    message = {
+        "cand_indices": "cand_indices must hold indices",
+        "cols": "cols must hold indices",
+        "row_ptr_end": "row_ptr must start at 0",
+        "row_ptr_order": "row_ptr must start at 0",
+        "cand_shape": "cand_values and cand_indices must both be",
+    }[what]
     if what == "cand_indices":
         cand_indices = cand_indices.clone()
         cand_indices[0, 0] = 99

@@ -66,8 +66,9 @@ def test_large_margin_takes_softplus_linear_branch(backend):
 def test_gradcheck_float64(backend):
     features, labels = make_inputs(6, 5, 3, torch.float64, device_for(backend), seed=1)
     x = features.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda t: batch_hard_triplet(t, labels, backend=backend), (x,),
-                                    fast_mode=backend == "triton")  # the Triton interpreter is slow
+    assert torch.autograd.gradcheck(
+        lambda t: batch_hard_triplet(t, labels, backend=backend), (x,), fast_mode=backend == "triton"
+    )  # the Triton interpreter is slow
 
 
 def _op_for(backend):
@@ -87,8 +88,9 @@ def test_torch_compile_fullgraph(backend):
     torch._dynamo.reset()
     features, labels = make_inputs(8, 6, 4, torch.float64, device_for(backend), seed=4)
     x = features.requires_grad_(True)
-    compiled = torch.compile(lambda t, y: 3.0 * batch_hard_triplet(t * 2, y, backend=backend), fullgraph=True,
-                             backend="aot_eager")
+    compiled = torch.compile(
+        lambda t, y: 3.0 * batch_hard_triplet(t * 2, y, backend=backend), fullgraph=True, backend="aot_eager"
+    )
     value = compiled(x, labels)
     expected = 3.0 * batch_hard_soft_margin_triplet(x * 2, labels, fused=False)
     torch.testing.assert_close(value, expected)
@@ -97,6 +99,7 @@ def test_torch_compile_fullgraph(backend):
 
 def test_module_and_function_default_to_the_fused_kernel(monkeypatch):
     import dpm_ops.losses.triplet as triplet
+
     calls = []
     original = triplet.batch_hard_triplet
     monkeypatch.setattr(triplet, "batch_hard_triplet", lambda *a, **k: calls.append(1) or original(*a, **k))
@@ -133,12 +136,15 @@ def test_fused_triplet_under_bf16_autocast_runs_in_fp32():
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.parametrize("bad, message", [
-    (lambda x, y: (x[0], y), "features must be 2-D"),
-    (lambda x, y: (x.half(), y), "float32 or float64"),
-    (lambda x, y: (x, y[:-1]), "labels must be 1-D of length"),
-    (lambda x, y: (x, y.int()), "labels must be int64"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (lambda x, y: (x[0], y), "features must be 2-D"),
+        (lambda x, y: (x.half(), y), "float32 or float64"),
+        (lambda x, y: (x, y[:-1]), "labels must be 1-D of length"),
+        (lambda x, y: (x, y.int()), "labels must be int64"),
+    ],
+)
 def test_bad_input_names_the_argument(backend, bad, message):
     features, labels = make_inputs(4, 6, 2, torch.float32, device_for(backend))
     with pytest.raises(ValueError, match=message):

@@ -36,12 +36,30 @@ def test_train_then_eval(tmp_path, tiny_set, capsys):
     out = capsys.readouterr().out
     for column in ("Rank-1", "Rank-5", "Rank-10", "mAP", "mINP", "occluded", "clean"):
         assert column in out
-    for name in ("train.log", "train_log.jsonl", "config.yaml", "metrics.json", "checkpoints/final.pt",
-                 "checkpoints/last.pt"):
+    for name in (
+        "train.log",
+        "train_log.jsonl",
+        "config.yaml",
+        "metrics.json",
+        "checkpoints/final.pt",
+        "checkpoints/last.pt",
+    ):
         assert (run / name).is_file(), name
     trained = json.loads((run / "metrics.json").read_text())
-    assert main(["eval", "--config", str(config), "--weights", str(run / "checkpoints" / "final.pt"),
-                 "--output", str(tmp_path / "eval")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--config",
+                str(config),
+                "--weights",
+                str(run / "checkpoints" / "final.pt"),
+                "--output",
+                str(tmp_path / "eval"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == trained
     # resuming a finished run only evaluates again
     assert main(["train", "--config", str(config), "--output", str(run), "--resume", "solver.epochs=1"]) == 0
@@ -68,8 +86,16 @@ def test_bad_inputs_are_one_line(tmp_path, tiny_set, capsys):
 
     assert_one_line_error(capsys, main(["train", "--config", str(config), *out, "solver.lrr=1"]), "solver.lrr")
     assert_one_line_error(capsys, main(["train", "--config", str(tmp_path / "nope.yaml")]), "config not found")
-    code = main(["train", "--config", str(config), *out, "dataset.name=market1501",
-                 f"dataset.root={tmp_path / 'no_such_folder'}"])
+    code = main(
+        [
+            "train",
+            "--config",
+            str(config),
+            *out,
+            "dataset.name=market1501",
+            f"dataset.root={tmp_path / 'no_such_folder'}",
+        ]
+    )
     assert_one_line_error(capsys, code, "no_such_folder")
 
     broken = tmp_path / "broken"
@@ -83,8 +109,9 @@ def test_bad_inputs_are_one_line(tmp_path, tiny_set, capsys):
     victim = sorted((corrupt / "bounding_box_train").glob("*.jpg"))[0]
     victim.write_bytes(b"not a jpeg")
     for workers in (0, 1):
-        code = main(["train", "--config", str(config), *out, f"dataset.root={corrupt}",
-                     f"dataloader.num_workers={workers}"])
+        code = main(
+            ["train", "--config", str(config), *out, f"dataset.root={corrupt}", f"dataloader.num_workers={workers}"]
+        )
         assert_one_line_error(capsys, code, "unreadable image", victim.name)
 
     torch_file = tmp_path / "weights.pth"
@@ -95,13 +122,20 @@ def test_bad_inputs_are_one_line(tmp_path, tiny_set, capsys):
 
 def test_module_entry_point():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "dpm_ops", "configs"], capture_output=True, text=True, env=env,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "dpm_ops", "configs"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert result.returncode == 0 and "synthetic_dpm" in result.stdout and "dpm_occluded_duke" in result.stdout
-    result = subprocess.run([sys.executable, "-m", "dpm_ops", "train", "--config", "synthetic_dpm", "solver.nope=1"],
-                            capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "dpm_ops", "train", "--config", "synthetic_dpm", "solver.nope=1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
-        "dpm-reid: error: unknown config key 'solver.nope' (override 'solver.nope=1')"]
+        "dpm-reid: error: unknown config key 'solver.nope' (override 'solver.nope=1')"
+    ]
 
 
 def test_eval_takes_eval_time_options_from_its_config():
@@ -116,17 +150,20 @@ def test_eval_takes_eval_time_options_from_its_config():
 
 
 # Every bad value fails at load time, before the data is read or a step is trained.
-@pytest.mark.parametrize("override, needle", [
-    ("eval.distance=bogus", "config key eval.distance"),
-    ("eval.k1=0", "config key eval.k1"),
-    ("eval.lambda_value=2.0", "config key eval.lambda_value"),
-    ("eval.max_rank=5", "config key eval.max_rank"),
-    ("solver.base_lr=.nan", "config key solver.base_lr: expected a finite number"),
-    ("train.seed=-1", "config key train.seed"),
-    ("train.device=meta", "config key train.device"),
-    ("sampler.kind=maskreid", "config key sampler.kind"),
-    ("solver.amp=of", "config key solver.amp"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("eval.distance=bogus", "config key eval.distance"),
+        ("eval.k1=0", "config key eval.k1"),
+        ("eval.lambda_value=2.0", "config key eval.lambda_value"),
+        ("eval.max_rank=5", "config key eval.max_rank"),
+        ("solver.base_lr=.nan", "config key solver.base_lr: expected a finite number"),
+        ("train.seed=-1", "config key train.seed"),
+        ("train.device=meta", "config key train.device"),
+        ("sampler.kind=maskreid", "config key sampler.kind"),
+        ("solver.amp=of", "config key solver.amp"),
+    ],
+)
 def test_bad_values_fail_before_any_work(tmp_path, capsys, override, needle, monkeypatch):
     import dpm_ops.engine.builders as builders
 
@@ -162,8 +199,9 @@ def _fresh_checkpoint(tmp_path, config_path, edit=None, name="final.pt"):
 
     config = load_config(str(config_path))
     args = model_arguments(config, load_splits(config))
-    state = make_checkpoint(config["model"]["name"], args, config, build_model_from_args(config["model"]["name"], args)
-                            .state_dict())
+    state = make_checkpoint(
+        config["model"]["name"], args, config, build_model_from_args(config["model"]["name"], args).state_dict()
+    )
     if edit is not None:
         edit(state)
     torch.save(state, tmp_path / name)
@@ -186,19 +224,23 @@ def _set_cameras(count):
     return lambda state: state["model_args"].update(num_cameras=count)
 
 
-@pytest.mark.parametrize("edit, overrides, needles", [
-    (_drop_first_tensor, [], ["does not fit the DPM", "missing: backbone.cls_token"]),
-    (_reshape_a_tensor, [], ["shape differs: classifier.weight (10, 5) vs the model's (10, 32)"]),
-    (lambda state: state.pop("model_args"), [], ["no model_args"]),
-    (_set_option("depth", 3), [], ["missing: backbone.blocks.2."]),
-    (_set_cameras(2), [], ["has 2 camera embeddings (SIE", "camera ids up to 2 (3 cameras)"]),
-    (None, ["input.size=[128,64]"], ["takes 64x32 images but config key input.size is [128, 64]"]),
-])
+@pytest.mark.parametrize(
+    "edit, overrides, needles",
+    [
+        (_drop_first_tensor, [], ["does not fit the DPM", "missing: backbone.cls_token"]),
+        (_reshape_a_tensor, [], ["shape differs: classifier.weight (10, 5) vs the model's (10, 32)"]),
+        (lambda state: state.pop("model_args"), [], ["no model_args"]),
+        (_set_option("depth", 3), [], ["missing: backbone.blocks.2."]),
+        (_set_cameras(2), [], ["has 2 camera embeddings (SIE", "camera ids up to 2 (3 cameras)"]),
+        (None, ["input.size=[128,64]"], ["takes 64x32 images but config key input.size is [128, 64]"]),
+    ],
+)
 def test_eval_checkpoint_that_does_not_fit(tmp_path, tiny_set, capsys, edit, overrides, needles):
     config = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_set, "dpm"))
     checkpoint = _fresh_checkpoint(tmp_path, config, edit)
-    code = main(["eval", "--config", str(config), "--weights", str(checkpoint), "--output", str(tmp_path / "ev"),
-                 *overrides])
+    code = main(
+        ["eval", "--config", str(config), "--weights", str(checkpoint), "--output", str(tmp_path / "ev"), *overrides]
+    )
     assert_one_line_error(capsys, code, str(checkpoint), *needles)
 
 
@@ -212,15 +254,28 @@ def test_pretrained_that_cannot_be_used_is_one_line(tmp_path, tiny_set, capsys):
     torch.save({"encoder.weight": torch.zeros(2)}, other)
     fresh = _fresh_checkpoint(tmp_path, config)
     partial = tmp_path / "partial.pth"
-    torch.save({k: v for k, v in torch.load(fresh, weights_only=False)["model"].items() if "blocks.1." not in k},
-               partial)
+    torch.save(
+        {k: v for k, v in torch.load(fresh, weights_only=False)["model"].items() if "blocks.1." not in k}, partial
+    )
     out = ["--output", str(tmp_path / "run")]
-    for path, needle in ((text, "is not a PyTorch file"), (other, "no tensor fits DPM"),
-                         (partial, "leaves 12 backbone tensors of DPM at their init")):
+    for path, needle in (
+        (text, "is not a PyTorch file"),
+        (other, "no tensor fits DPM"),
+        (partial, "leaves 12 backbone tensors of DPM at their init"),
+    ):
         code = main(["train", "--config", str(config), *out, f"model.pretrained={path}"])
         assert_one_line_error(capsys, code, f"config key model.pretrained: {path}", needle)
-    code = main(["train", "--config", str(config), *out, f"model.pretrained={partial}",
-                 "model.pretrained_partial=true", "train.stop_after_iters=1"])
+    code = main(
+        [
+            "train",
+            "--config",
+            str(config),
+            *out,
+            f"model.pretrained={partial}",
+            "model.pretrained_partial=true",
+            "train.stop_after_iters=1",
+        ]
+    )
     assert code == 0 and "layout native, 48 tensors loaded" in capsys.readouterr().out
 
 

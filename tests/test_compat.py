@@ -29,8 +29,16 @@ def euclidean(a, b):
 def labelled_case(num_query, num_gallery, num_ids, num_distractors, seed, dtype=np.float64):
     """(distmat, q_pids, g_pids, q_camids, g_camids), with two queries that have no match: an
     identity absent from the gallery, and one whose only gallery image is on the query's camera."""
-    data = make_reid_features(num_query=num_query, num_gallery=num_gallery, num_ids=num_ids,
-                              num_distractors=num_distractors, dim=32, latent_dim=8, num_cams=3, seed=seed)
+    data = make_reid_features(
+        num_query=num_query,
+        num_gallery=num_gallery,
+        num_ids=num_ids,
+        num_distractors=num_distractors,
+        dim=32,
+        latent_dim=8,
+        num_cams=3,
+        seed=seed,
+    )
     rng = np.random.default_rng(seed)
     query = np.concatenate([data.query, rng.standard_normal((2, 32)).astype(np.float32)])
     gallery = np.concatenate([data.gallery, rng.standard_normal((1, 32)).astype(np.float32)])
@@ -132,7 +140,7 @@ def test_cuhk03_map_matches_peers(case):
     # Past the number of gallery identities their Cython CMC drops to 0; ours stays at 1.
     num_ids = len(np.unique(args[2]))
     assert cmc.shape == cmc_cy.shape == (min(50, case[1] + 1),) and np.all(np.diff(cmc) >= 0)
-    np.testing.assert_array_equal(cmc[num_ids - 1:], 1)
+    np.testing.assert_array_equal(cmc[num_ids - 1 :], 1)
     np.testing.assert_array_equal(cmc_cy[num_ids:], 0)
     np.testing.assert_allclose(mAP, expected, rtol=0, atol=1e-6)
     assert fastreid.evaluate_rank(*args, use_metric_cuhk03=True)[1] == mAP
@@ -170,16 +178,34 @@ def test_float64_distances_are_not_rounded():
 
 
 def rerank_case(num_query, num_gallery, seed):
-    data = make_reid_features(num_query=num_query, num_gallery=num_gallery, num_ids=num_gallery // 5,
-                              num_distractors=num_gallery // 5, dim=32, latent_dim=8, num_cams=3, seed=seed)
-    return (euclidean(data.query, data.gallery), euclidean(data.query, data.query),
-            euclidean(data.gallery, data.gallery))
+    data = make_reid_features(
+        num_query=num_query,
+        num_gallery=num_gallery,
+        num_ids=num_gallery // 5,
+        num_distractors=num_gallery // 5,
+        dim=32,
+        latent_dim=8,
+        num_cams=3,
+        seed=seed,
+    )
+    return (
+        euclidean(data.query, data.gallery),
+        euclidean(data.query, data.query),
+        euclidean(data.gallery, data.gallery),
+    )
 
 
 # k1 >= N (every item a neighbour) in the last two; k2 == 1 skips query expansion.
-@pytest.mark.parametrize("num_query, num_gallery, seed, k1, k2, lambda_value",
-                         [(20, 80, 0, 20, 6, 0.3), (30, 120, 1, 10, 3, 0.1), (15, 60, 2, 20, 1, 0.5),
-                          (5, 12, 3, 20, 6, 0.3), (4, 10, 4, 30, 20, 0.0)])
+@pytest.mark.parametrize(
+    "num_query, num_gallery, seed, k1, k2, lambda_value",
+    [
+        (20, 80, 0, 20, 6, 0.3),
+        (30, 120, 1, 10, 3, 0.1),
+        (15, 60, 2, 20, 1, 0.5),
+        (5, 12, 3, 20, 6, 0.3),
+        (4, 10, 4, 30, 20, 0.0),
+    ],
+)
 @pytest.mark.parametrize("peer", ["torchreid", "fastreid"])
 def test_re_ranking_matches_peer(num_query, num_gallery, seed, k1, k2, lambda_value, peer):
     distances = rerank_case(num_query, num_gallery, seed)

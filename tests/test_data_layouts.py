@@ -80,16 +80,23 @@ def test_market_multi_query_reads_gt_bbox(tmp_path):
     assert load_quietly("market1501", root).multi_query is None  # only when asked for
     with pytest.raises(DatasetNotFoundError, match="gt_bbox"):
         load_quietly("market1501", root, multi_query=True)
-    for name in ("0003_c1s1_000151_00.jpg", "0003_c1s1_000171_00.jpg", "0003_c2s1_000201_00.jpg",
-                 "0005_c3s2_000301_00.jpg", "0002_c1s1_000451_00.jpg"):
+    for name in (
+        "0003_c1s1_000151_00.jpg",
+        "0003_c1s1_000171_00.jpg",
+        "0003_c2s1_000201_00.jpg",
+        "0005_c3s2_000301_00.jpg",
+        "0002_c1s1_000451_00.jpg",
+    ):
         write_image(root / "gt_bbox" / name)
     data = load_quietly("market1501", root, multi_query=True)
     assert sorted((r.pid, r.camid) for r in data.multi_query) == [(2, 0), (3, 0), (3, 0), (3, 1), (5, 2)]
     assert all(os.path.isfile(r.path) for r in data.multi_query)
     assert sorted((r.pid, r.camid) for r in data.query) == [(3, 0), (5, 2)]  # the splits are unchanged
     # With masks, gt_bbox needs its gt_bbox_seg mirror like every other folder.
-    for path in [*(r.path for r in (*data.train, *data.query, *data.gallery)),
-                 *(str(p) for p in (root / "bounding_box_test").glob("-1_*"))]:
+    for path in [
+        *(r.path for r in (*data.train, *data.query, *data.gallery)),
+        *(str(p) for p in (root / "bounding_box_test").glob("-1_*")),
+    ]:
         write_mask(path, root)
     with pytest.raises(DatasetNotFoundError, match="gt_bbox_seg"):
         load_quietly("market1501", root, multi_query=True, with_masks=True)
@@ -179,8 +186,16 @@ def test_market_rejects_camera_seven(tmp_path):
 
 
 # a pid with a dash inside, two dashes, non-ASCII digits (str.isdigit / \d accept them, int() may not)
-@pytest.mark.parametrize("name", ["person3.jpg", "1-2_c1s1_000001_01.jpg", "--1_c1s1_000001_01.jpg",
-                                  "0\u00b2_c1s1_000001_01.jpg", "0003_c\u0663s1_000001_01.jpg"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "person3.jpg",
+        "1-2_c1s1_000001_01.jpg",
+        "--1_c1s1_000001_01.jpg",
+        "0\u00b2_c1s1_000001_01.jpg",
+        "0003_c\u0663s1_000001_01.jpg",
+    ],
+)
 def test_bad_filename_is_named(tmp_path, name):
     root = make_market_tree(tmp_path)
     write_image(root / "query" / name)
@@ -378,8 +393,11 @@ def test_msmt17_bad_lines_missing_images_and_cameras(tmp_path):
     (root / "list_query.txt").write_text("0000/0000_999_02_0113morning_0001_0.jpg 0\n")
     with pytest.raises(DatasetNotFoundError, match=r"list_query\.txt:1: image not found: .*0000_999_02"):
         load_quietly("msmt17", tmp_path)
-    for line in ("0000/0000_000_02_0113morning_0001_0.jpg --0\n", "0000/0000_000_02_0113morning_0001_0.jpg \u00b2\n",
-                 "0000/0000_000_\u00b2_0113morning_0001_0.jpg 0\n"):
+    for line in (
+        "0000/0000_000_02_0113morning_0001_0.jpg --0\n",
+        "0000/0000_000_02_0113morning_0001_0.jpg \u00b2\n",
+        "0000/0000_000_\u00b2_0113morning_0001_0.jpg 0\n",
+    ):
         (root / "list_query.txt").write_text(line, encoding="utf-8")
         with pytest.raises(DatasetError, match=r"list_query\.txt:1: expected"):
             load_quietly("msmt17", tmp_path)

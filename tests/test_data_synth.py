@@ -140,16 +140,19 @@ def test_cli(tmp_path, capsys):
     assert "--query-occlusion: must be a probability in [0, 1], got 1.5" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("option, value, needle", [
-    ("--junk", "nan", "--junk: must be a finite non-negative share, got nan"),
-    ("--distractors", "-0.5", "--distractors: must be a finite non-negative share"),
-    ("--seed", "-1", "--seed: must be an integer >= 0"),
-    ("--ids", "1", "--ids: must be an integer in 2..4999"),
-    ("--width", "8", "--width: must be an integer >= 16"),
-    ("--train-occlusion", "inf", "--train-occlusion: must be a probability in [0, 1], got inf"),
-    ("--gallery-per-camera", "0,2", "--gallery-per-camera: must be integers LOW,HIGH with 1 <= LOW <= HIGH"),
-    ("--train-images", "3,1", "--train-images: must be integers LOW,HIGH"),
-])
+@pytest.mark.parametrize(
+    "option, value, needle",
+    [
+        ("--junk", "nan", "--junk: must be a finite non-negative share, got nan"),
+        ("--distractors", "-0.5", "--distractors: must be a finite non-negative share"),
+        ("--seed", "-1", "--seed: must be an integer >= 0"),
+        ("--ids", "1", "--ids: must be an integer in 2..4999"),
+        ("--width", "8", "--width: must be an integer >= 16"),
+        ("--train-occlusion", "inf", "--train-occlusion: must be a probability in [0, 1], got inf"),
+        ("--gallery-per-camera", "0,2", "--gallery-per-camera: must be integers LOW,HIGH with 1 <= LOW <= HIGH"),
+        ("--train-images", "3,1", "--train-images: must be integers LOW,HIGH"),
+    ],
+)
 def test_cli_bad_option_is_one_line_naming_it(tmp_path, capsys, option, value, needle):
     assert main(["--out", str(tmp_path / "set"), option, value, "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -160,8 +163,10 @@ def test_cli_bad_option_is_one_line_naming_it(tmp_path, capsys, option, value, n
 def test_cli_unusable_out_is_one_line(tmp_path, capsys):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
-    for out, needle in ((a_file, "output path exists and is not a folder"),
-                        (a_file / "set", "cannot create the output folder")):
+    for out, needle in (
+        (a_file, "output path exists and is not a folder"),
+        (a_file / "set", "cannot create the output folder"),
+    ):
         assert main(["--out", str(out), "--ids", "4", "--quiet"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("dpm-reid synth: error: --out: ") and needle in err[0], err
@@ -170,9 +175,13 @@ def test_cli_unusable_out_is_one_line(tmp_path, capsys):
 def test_synth_config_names_the_field():
     from dpm_ops.data.synth import SynthOptionError
 
-    for fields, option in (({"hidden_range": (0.5, 0.2)}, "hidden_range"), ({"jpeg_quality": 0}, "jpeg_quality"),
-                           ({"ids": "20"}, "ids"), ({"junk": float("nan")}, "junk"),
-                           ({"cameras": 3, "id_cameras": (2, 4)}, "id_cameras")):
+    for fields, option in (
+        ({"hidden_range": (0.5, 0.2)}, "hidden_range"),
+        ({"jpeg_quality": 0}, "jpeg_quality"),
+        ({"ids": "20"}, "ids"),
+        ({"junk": float("nan")}, "junk"),
+        ({"cameras": 3, "id_cameras": (2, 4)}, "id_cameras"),
+    ):
         with pytest.raises(SynthOptionError) as info:
             SynthConfig(**fields)
         assert info.value.option == option and isinstance(info.value, ValueError)

@@ -5,14 +5,24 @@ import os
 import pytest
 import torch
 
-from dpm_ops.engine.checkpoint import (CheckpointError, atomic_write, capture_rng_state, load_checkpoint,
-                                       load_model_state, make_checkpoint, make_output_folder, remove_stale_temporaries,
-                                       restore_rng_state, save_checkpoint)
+from dpm_ops.engine.checkpoint import (
+    CheckpointError,
+    atomic_write,
+    capture_rng_state,
+    load_checkpoint,
+    load_model_state,
+    make_checkpoint,
+    make_output_folder,
+    remove_stale_temporaries,
+    restore_rng_state,
+    save_checkpoint,
+)
 
 
 def state(model_name="dpm", value=1.0):
-    return make_checkpoint(model_name, {"num_classes": 3, "num_cameras": 2, "options": {}}, {"model": {}},
-                           {"w": torch.full((4,), value)})
+    return make_checkpoint(
+        model_name, {"num_classes": 3, "num_cameras": 2, "options": {}}, {"model": {}}, {"w": torch.full((4,), value)}
+    )
 
 
 def test_round_trip_and_tags(tmp_path):
@@ -94,12 +104,15 @@ def test_text_file_is_an_unreadable_checkpoint(tmp_path):
         load_checkpoint(tmp_path / "notes.pt")
 
 
-@pytest.mark.parametrize("edit, needle", [
-    (lambda s: s.pop("model_args"), "no model_args"),
-    (lambda s: s["model_args"].pop("num_cameras"), "model_args must hold int num_classes, int num_cameras"),
-    (lambda s: s["model_args"].update(options=None), "model_args must hold"),
-    (lambda s: s.update(model={"w": [1.0]}), "no model state dict"),
-])
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda s: s.pop("model_args"), "no model_args"),
+        (lambda s: s["model_args"].pop("num_cameras"), "model_args must hold int num_classes, int num_cameras"),
+        (lambda s: s["model_args"].update(options=None), "model_args must hold"),
+        (lambda s: s.update(model={"w": [1.0]}), "no model state dict"),
+    ],
+)
 def test_checkpoint_structure_is_checked_on_load(tmp_path, edit, needle):
     broken = state()
     edit(broken)

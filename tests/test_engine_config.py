@@ -2,12 +2,26 @@
 
 import pytest
 
-from dpm_ops.engine.config import (ConfigError, apply_overrides, available_configs, defaults, load_config,
-                                   resolve_config_path)
+from dpm_ops.engine.config import (
+    ConfigError,
+    apply_overrides,
+    available_configs,
+    defaults,
+    load_config,
+    resolve_config_path,
+)
 
-PAPER_CONFIGS = ["dpm_occluded_duke", "dpm_market_occluded_reid", "dpm_dukemtmc", "maskreid_market1501",
-                 "maskreid_dukemtmc", "vit_baseline_occluded_duke", "vit_baseline_dukemtmc", "synthetic_dpm",
-                 "synthetic_vit_baseline"]
+PAPER_CONFIGS = [
+    "dpm_occluded_duke",
+    "dpm_market_occluded_reid",
+    "dpm_dukemtmc",
+    "maskreid_market1501",
+    "maskreid_dukemtmc",
+    "vit_baseline_occluded_duke",
+    "vit_baseline_dukemtmc",
+    "synthetic_dpm",
+    "synthetic_vit_baseline",
+]
 
 
 def test_builtin_configs_are_shipped_and_valid():
@@ -33,45 +47,60 @@ def test_paper_values():
     duke = load_config("dpm_dukemtmc")
     assert duke["model"]["options"]["stride"] == 12 and duke["model"]["options"]["arcface_margin"] == 0.3
     mr = load_config("maskreid_market1501")
-    assert mr["sampler"]["kind"] == "maskreid" and (mr["sampler"]["num_positives"], mr["sampler"]["num_negatives"]) == (10, 54)
+    assert mr["sampler"]["kind"] == "maskreid" and (mr["sampler"]["num_positives"], mr["sampler"]["num_negatives"]) == (
+        10,
+        54,
+    )
     assert mr["loss"]["ranking_alpha"] == 0.15 and mr["loss"]["ranking_lambda"] == 2.0
     assert mr["pretrain"]["epochs"] > 0 and mr["input"]["size"] == [144, 56]
 
 
 def test_overrides_are_typed():
-    config = load_config("synthetic_dpm", ["solver.base_lr=1", "solver.epochs=3", "input.size=[64,32]",
-                                           "model.options.depth=2", "eval.rerank=true", "dataset.synth.ids=40"])
+    config = load_config(
+        "synthetic_dpm",
+        [
+            "solver.base_lr=1",
+            "solver.epochs=3",
+            "input.size=[64,32]",
+            "model.options.depth=2",
+            "eval.rerank=true",
+            "dataset.synth.ids=40",
+        ],
+    )
     assert config["solver"]["base_lr"] == 1.0 and isinstance(config["solver"]["base_lr"], float)
     assert config["solver"]["epochs"] == 3 and config["input"]["size"] == [64, 32]
     assert config["model"]["options"]["depth"] == 2 and config["eval"]["rerank"] is True
     assert config["dataset"]["synth"]["ids"] == 40
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("solver.lrr=0.1", "solver.lrr"),
-    ("nosection.x=1", "nosection.x"),
-    ("solver.epochs=many", "solver.epochs"),
-    ("solver.epochs=2.5", "solver.epochs"),
-    ("solver.amp=fp8", "solver.amp"),
-    ("solver.optimizer=rmsprop", "solver.optimizer"),
-    ("input.size=[1]", "input.size"),
-    ("model.options.depthh=2", "model.options.depthh"),
-    ("model.options.depth=two", "model.options.depth"),
-    ("dataset.synth.idz=3", "dataset.synth.idz"),
-    ("solver", "key=value"),
-    ("eval.amp=fp8", "eval.amp"),
-    ("eval.protocol=cuhk", "eval.protocol"),
-    ("eval.cuhk03_repeats=0", "eval.cuhk03_repeats"),
-    ("eval.cuhk03_seed=-1", "eval.cuhk03_seed"),
-    ("eval.multi_query=mean", "eval.multi_query"),
-    ("dataset.test_camids=[0,0]", "dataset.test_camids"),
-    ("dataset.test_camids=[0,-2]", "dataset.test_camids"),
-    ("dataset.test_camids=2", "dataset.test_camids"),
-    ("dataset.test_camids=[0,2]", "dataset.test_name"),
-    ("eval.multi_query=avg", "eval.multi_query"),
-    ("loss.ranking_pos_mode=eq5", "loss.ranking_pos_mode"),
-    ("loss.ranking_pos_mode=all", "'all' was renamed 'all_eq5' (choices: hardest, all_eq5, eq4)"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("solver.lrr=0.1", "solver.lrr"),
+        ("nosection.x=1", "nosection.x"),
+        ("solver.epochs=many", "solver.epochs"),
+        ("solver.epochs=2.5", "solver.epochs"),
+        ("solver.amp=fp8", "solver.amp"),
+        ("solver.optimizer=rmsprop", "solver.optimizer"),
+        ("input.size=[1]", "input.size"),
+        ("model.options.depthh=2", "model.options.depthh"),
+        ("model.options.depth=two", "model.options.depth"),
+        ("dataset.synth.idz=3", "dataset.synth.idz"),
+        ("solver", "key=value"),
+        ("eval.amp=fp8", "eval.amp"),
+        ("eval.protocol=cuhk", "eval.protocol"),
+        ("eval.cuhk03_repeats=0", "eval.cuhk03_repeats"),
+        ("eval.cuhk03_seed=-1", "eval.cuhk03_seed"),
+        ("eval.multi_query=mean", "eval.multi_query"),
+        ("dataset.test_camids=[0,0]", "dataset.test_camids"),
+        ("dataset.test_camids=[0,-2]", "dataset.test_camids"),
+        ("dataset.test_camids=2", "dataset.test_camids"),
+        ("dataset.test_camids=[0,2]", "dataset.test_name"),
+        ("eval.multi_query=avg", "eval.multi_query"),
+        ("loss.ranking_pos_mode=eq5", "loss.ranking_pos_mode"),
+        ("loss.ranking_pos_mode=all", "'all' was renamed 'all_eq5' (choices: hardest, all_eq5, eq4)"),
+    ],
+)
 def test_bad_override_is_one_line_naming_the_key(override, needle):
     with pytest.raises(ConfigError) as info:
         load_config("synthetic_dpm", [override])
@@ -108,16 +137,26 @@ def test_base_chain(tmp_path):
 
 
 def test_evaluation_keys():
-    config = load_config(None, ["eval.amp=bf16", "eval.protocol=cuhk03", "eval.cuhk03_repeats=3", "eval.cuhk03_seed=7",
-                                "solver.amp=off", "eval.multi_query=off"])
+    config = load_config(
+        None,
+        [
+            "eval.amp=bf16",
+            "eval.protocol=cuhk03",
+            "eval.cuhk03_repeats=3",
+            "eval.cuhk03_seed=7",
+            "solver.amp=off",
+            "eval.multi_query=off",
+        ],
+    )
     assert (config["eval"]["amp"], config["eval"]["protocol"]) == ("bf16", "cuhk03")
     assert (config["eval"]["cuhk03_repeats"], config["eval"]["cuhk03_seed"]) == (3, 7)
     assert config["solver"]["amp"] == "off" and config["eval"]["multi_query"] == "off"  # YAML's bare off
     assert load_config(None)["eval"]["amp"] == "off"
     config = load_config(None, ["dataset.name=market1501", "eval.multi_query=max"])
     assert config["eval"]["multi_query"] == "max"
-    config = load_config(None, ["dataset.name=market1501", "dataset.test_name=partial_reid",
-                                "dataset.test_camids=[1,0]"])
+    config = load_config(
+        None, ["dataset.name=market1501", "dataset.test_name=partial_reid", "dataset.test_camids=[1,0]"]
+    )
     assert config["dataset"]["test_camids"] == [1, 0]
     with pytest.raises(ConfigError, match="dataset.test_camids: the test set occluded_duke"):
         load_config(None, ["dataset.test_name=occluded_duke", "dataset.test_camids=[0,2]"])
@@ -148,49 +187,55 @@ def test_cross_field_rules():
 
 # Ranges, not just types: every bad value fails at load time, before any training, one line naming
 # the key and what was expected.
-@pytest.mark.parametrize("override, needle", [
-    ("eval.distance=bogus", "eval.distance: 'bogus' is not one of auto, euclidean, cosine, masked_arccos"),
-    ("eval.k1=0", "eval.k1: expected a value >= 1"),
-    ("eval.k2=-1", "eval.k2: expected a value >= 1"),
-    ("eval.lambda_value=2.0", "eval.lambda_value: expected a value in [0, 1]"),
-    ("eval.max_rank=5", "eval.max_rank: expected a value >= 10"),
-    ("eval.batch_size=0", "eval.batch_size: expected a value >= 1"),
-    ("eval.num_workers=-1", "eval.num_workers: expected a value >= 0"),
-    ("solver.base_lr=-1", "solver.base_lr: expected a value > 0, got -1.0"),
-    ("solver.base_lr=0", "solver.base_lr: expected a value > 0"),
-    ("solver.base_lr=.nan", "solver.base_lr: expected a finite number, got nan"),
-    ("solver.base_lr=nan", "solver.base_lr: expected a finite number, got nan"),
-    ("solver.base_lr=.inf", "solver.base_lr: expected a finite number, got inf"),
-    ("solver.momentum=1.0", "solver.momentum: expected a value in [0, 1)"),
-    ("solver.warmup_factor=0", "solver.warmup_factor: expected a value in (0, 1]"),
-    ("solver.mask_lr=-0.1", "solver.mask_lr: expected a value > 0"),
-    ("solver.epochs=0", "solver.epochs: expected a value >= 1"),
-    ("pretrain.base_lr=-1", "pretrain.base_lr: expected a value > 0"),
-    ("loss.hem_weight=.nan", "loss.hem_weight: expected a finite number"),
-    ("loss.triplet_weight=-1", "loss.triplet_weight: expected a value >= 0"),
-    ("input.padding=-5", "input.padding: expected a value >= 0, got -5"),
-    ("input.flip=2.0", "input.flip: expected a value in [0, 1], got 2.0"),
-    ("input.erasing=-1.0", "input.erasing: expected a value in [0, 1], got -1.0"),
-    ("train.seed=-1", "train.seed: expected a value in [0, 9223372036854775807], got -1"),
-    ("train.seed=18446744073709551616", "train.seed: expected a value in [0, 9223372036854775807]"),
-    ("train.device=bogus", "train.device: expected auto, cpu, cuda or cuda:N, got 'bogus'"),
-    ("train.device=meta", "train.device: expected auto, cpu, cuda or cuda:N, got 'meta'"),
-    ("train.device=cuda:x", "train.device: expected auto, cpu, cuda or cuda:N"),
-    ("train.device=3", "train.device: expected auto, cpu, cuda or cuda:N, got 3"),
-    ("train.log_period=0", "train.log_period: expected a value >= 1"),
-    ("train.stop_after_iters=0", "train.stop_after_iters: expected a value >= 1"),
-    ("dataloader.num_workers=-1", "dataloader.num_workers: expected a value >= 0, got -1"),
-    ("sampler.num_ids=0", "sampler.num_ids: expected a value >= 1"),
-    ("sampler.num_positives=1", "sampler.num_positives: expected a value >= 2"),
-    ("sampler.kind=maskreid", "sampler.kind: model dpm trains on P x K batches ('pk')"),
-    ("model.name=vit_baseline model.options={} eval.distance=masked_arccos", "eval.distance: distance='masked_arccos' needs DPM's"),
-    ("model.options.drop_path_rate=.nan", "model.options.drop_path_rate: expected a finite number"),
-    ("dataset.synth.junk=.nan", "dataset.synth.junk: expected a finite number"),
-    ("dataset.synth.junk=-1.0", "dataset.synth.junk: must be a finite non-negative share"),
-    ("dataset.synth.seed=-1", "dataset.synth.seed: must be an integer >= 0"),
-    ("dataset.synth.query_occlusion=1.5", "dataset.synth.query_occlusion: must be a probability in [0, 1]"),
-    ("dataset.synth.train_images=[3,1]", "dataset.synth.train_images: must be integers LOW,HIGH"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("eval.distance=bogus", "eval.distance: 'bogus' is not one of auto, euclidean, cosine, masked_arccos"),
+        ("eval.k1=0", "eval.k1: expected a value >= 1"),
+        ("eval.k2=-1", "eval.k2: expected a value >= 1"),
+        ("eval.lambda_value=2.0", "eval.lambda_value: expected a value in [0, 1]"),
+        ("eval.max_rank=5", "eval.max_rank: expected a value >= 10"),
+        ("eval.batch_size=0", "eval.batch_size: expected a value >= 1"),
+        ("eval.num_workers=-1", "eval.num_workers: expected a value >= 0"),
+        ("solver.base_lr=-1", "solver.base_lr: expected a value > 0, got -1.0"),
+        ("solver.base_lr=0", "solver.base_lr: expected a value > 0"),
+        ("solver.base_lr=.nan", "solver.base_lr: expected a finite number, got nan"),
+        ("solver.base_lr=nan", "solver.base_lr: expected a finite number, got nan"),
+        ("solver.base_lr=.inf", "solver.base_lr: expected a finite number, got inf"),
+        ("solver.momentum=1.0", "solver.momentum: expected a value in [0, 1)"),
+        ("solver.warmup_factor=0", "solver.warmup_factor: expected a value in (0, 1]"),
+        ("solver.mask_lr=-0.1", "solver.mask_lr: expected a value > 0"),
+        ("solver.epochs=0", "solver.epochs: expected a value >= 1"),
+        ("pretrain.base_lr=-1", "pretrain.base_lr: expected a value > 0"),
+        ("loss.hem_weight=.nan", "loss.hem_weight: expected a finite number"),
+        ("loss.triplet_weight=-1", "loss.triplet_weight: expected a value >= 0"),
+        ("input.padding=-5", "input.padding: expected a value >= 0, got -5"),
+        ("input.flip=2.0", "input.flip: expected a value in [0, 1], got 2.0"),
+        ("input.erasing=-1.0", "input.erasing: expected a value in [0, 1], got -1.0"),
+        ("train.seed=-1", "train.seed: expected a value in [0, 9223372036854775807], got -1"),
+        ("train.seed=18446744073709551616", "train.seed: expected a value in [0, 9223372036854775807]"),
+        ("train.device=bogus", "train.device: expected auto, cpu, cuda or cuda:N, got 'bogus'"),
+        ("train.device=meta", "train.device: expected auto, cpu, cuda or cuda:N, got 'meta'"),
+        ("train.device=cuda:x", "train.device: expected auto, cpu, cuda or cuda:N"),
+        ("train.device=3", "train.device: expected auto, cpu, cuda or cuda:N, got 3"),
+        ("train.log_period=0", "train.log_period: expected a value >= 1"),
+        ("train.stop_after_iters=0", "train.stop_after_iters: expected a value >= 1"),
+        ("dataloader.num_workers=-1", "dataloader.num_workers: expected a value >= 0, got -1"),
+        ("sampler.num_ids=0", "sampler.num_ids: expected a value >= 1"),
+        ("sampler.num_positives=1", "sampler.num_positives: expected a value >= 2"),
+        ("sampler.kind=maskreid", "sampler.kind: model dpm trains on P x K batches ('pk')"),
+        (
+            "model.name=vit_baseline model.options={} eval.distance=masked_arccos",
+            "eval.distance: distance='masked_arccos' needs DPM's",
+        ),
+        ("model.options.drop_path_rate=.nan", "model.options.drop_path_rate: expected a finite number"),
+        ("dataset.synth.junk=.nan", "dataset.synth.junk: expected a finite number"),
+        ("dataset.synth.junk=-1.0", "dataset.synth.junk: must be a finite non-negative share"),
+        ("dataset.synth.seed=-1", "dataset.synth.seed: must be an integer >= 0"),
+        ("dataset.synth.query_occlusion=1.5", "dataset.synth.query_occlusion: must be a probability in [0, 1]"),
+        ("dataset.synth.train_images=[3,1]", "dataset.synth.train_images: must be integers LOW,HIGH"),
+    ],
+)
 def test_values_are_range_checked_at_load_time(override, needle):
     with pytest.raises(ConfigError) as info:
         load_config("synthetic_dpm", override.split())
@@ -202,8 +247,12 @@ def test_every_number_declares_its_range():
     """A constraint beside every numeric field: a new key cannot skip the range check."""
     from dpm_ops.engine.config import SCHEMA
 
-    unbounded = [f"{section}.{key}" for section, fields in SCHEMA.items() for key, field in fields.items()
-                 if field.type in (int, float) and field.bounds is None]
+    unbounded = [
+        f"{section}.{key}"
+        for section, fields in SCHEMA.items()
+        for key, field in fields.items()
+        if field.type in (int, float) and field.bounds is None
+    ]
     assert unbounded == []
     for section, fields in SCHEMA.items():
         for key, field in fields.items():

@@ -14,16 +14,24 @@ from engine_utils import tiny_config, write_config
 
 def torchrun(*args, cwd):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "dpm_ops", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "dpm_ops",
+        *args,
+    ]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_two_process_gloo_training(tmp_path):
     config = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path / "set", "dpm"))
     run = tmp_path / "run"
-    killed = torchrun("train", "--config", str(config), "--output", str(run), "train.stop_after_iters=3",
-                      cwd=tmp_path)
+    killed = torchrun("train", "--config", str(config), "--output", str(run), "train.stop_after_iters=3", cwd=tmp_path)
     assert killed.returncode == 0, killed.stderr[-3000:]
     assert load_checkpoint(run / "checkpoints" / "last.pt")["training"]["world_size"] == 2
     result = torchrun("train", "--config", str(config), "--output", str(run), "--resume", cwd=tmp_path)

@@ -18,8 +18,9 @@ class ToyNet(nn.Module):
 
     def __init__(self, num_classes: int, num_cameras: int = 0, *, width: int = 8):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, width, 3, stride=2, padding=1), nn.ReLU(),
-                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.features = nn.Sequential(
+            nn.Conv2d(3, width, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        )
         self.classifier = nn.Linear(width, num_classes)
 
     def forward(self, images):

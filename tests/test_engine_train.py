@@ -15,8 +15,7 @@ from engine_utils import TINY_SYNTH, tiny_config, write_config
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
     options = {k: tuple(v) if isinstance(v, list) else v for k, v in TINY_SYNTH.items()}
-    return generate_synthetic_dataset(tmp_path_factory.mktemp("engine") / "set", SynthConfig(**options),
-                                      progress=False)
+    return generate_synthetic_dataset(tmp_path_factory.mktemp("engine") / "set", SynthConfig(**options), progress=False)
 
 
 def config_for(tmp_path, root, model="dpm", overrides=(), **sections):
@@ -29,8 +28,11 @@ def read_jsonl(path):
 
 
 def test_short_run_loss_falls(tmp_path, tiny_root):
-    config = config_for(tmp_path, tiny_root, overrides=["solver.epochs=6", "solver.base_lr=0.03",
-                                                        "input.erasing=0.0", "train.checkpoint_every_iters=0"])
+    config = config_for(
+        tmp_path,
+        tiny_root,
+        overrides=["solver.epochs=6", "solver.base_lr=0.03", "input.erasing=0.0", "train.checkpoint_every_iters=0"],
+    )
     result = train(config, tmp_path / "run")
     assert result["finished"]
     records = read_jsonl(tmp_path / "run" / "train_log.jsonl")
@@ -44,7 +46,9 @@ def test_short_run_loss_falls(tmp_path, tiny_root):
     assert last < 0.85 * first, (first, last)
     metrics = result["metrics"]
     assert {"all", "clean", "occluded"} <= set(metrics)
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["all"]["num_query"] == metrics["all"]["num_query"]
+    assert (
+        json.loads((tmp_path / "run" / "metrics.json").read_text())["all"]["num_query"] == metrics["all"]["num_query"]
+    )
     log = (tmp_path / "run" / "train.log").read_text()
     assert "Rank-1" in log and "epoch 6/6 done" in log
     final = load_checkpoint(tmp_path / "run" / "checkpoints" / "final.pt", model_name="dpm")
@@ -80,8 +84,15 @@ def test_resume_from_epoch_end_with_workers(tmp_path, tiny_root):
     config = config_for(tmp_path, tiny_root, overrides=["dataloader.num_workers=1", "train.checkpoint_every_iters=3"])
     full = train(config, tmp_path / "full")
     per_epoch = full["global_step"] // 2
-    stop = config_for(tmp_path, tiny_root, overrides=["dataloader.num_workers=1", "train.checkpoint_every_iters=3",
-                                                      f"train.stop_after_iters={per_epoch + 1}"])
+    stop = config_for(
+        tmp_path,
+        tiny_root,
+        overrides=[
+            "dataloader.num_workers=1",
+            "train.checkpoint_every_iters=3",
+            f"train.stop_after_iters={per_epoch + 1}",
+        ],
+    )
     train(stop, tmp_path / "killed")
     resumed = train(config, tmp_path / "killed", resume=True)
     a, b = _final_weights(tmp_path / "full"), _final_weights(tmp_path / "killed")
@@ -102,8 +113,9 @@ def test_resume_errors(tmp_path, tiny_root):
     state = load_checkpoint(last)
     state["config"]["loss"]["ranking_pos_mode"] = "all"
     torch.save(state, last)
-    with pytest.raises(CheckpointError, match="ranking_pos_mode is 'hardest' but the checkpoint was trained with "
-                                              "'all_eq5'"):
+    with pytest.raises(
+        CheckpointError, match="ranking_pos_mode is 'hardest' but the checkpoint was trained with 'all_eq5'"
+    ):
         train(config, tmp_path / "run", resume=True)
     train(config_for(tmp_path, tiny_root, overrides=["loss.ranking_pos_mode=all_eq5"]), tmp_path / "run", resume=True)
     other_model = config_for(tmp_path, tiny_root, "vit_baseline")

@@ -16,8 +16,13 @@ def random_problem(num_query, num_gallery, seed, levels=None, num_ids=8, num_cam
     dist = rng.random((num_query, num_gallery))
     if levels:
         dist = np.round(dist * levels) / levels
-    return (dist, rng.integers(0, num_ids, num_query), rng.integers(0, num_ids, num_gallery),
-            rng.integers(0, num_cams, num_query), rng.integers(0, num_cams, num_gallery))
+    return (
+        dist,
+        rng.integers(0, num_ids, num_query),
+        rng.integers(0, num_ids, num_gallery),
+        rng.integers(0, num_cams, num_query),
+        rng.integers(0, num_cams, num_gallery),
+    )
 
 
 def assert_matches_reference(result, expected):
@@ -36,8 +41,9 @@ def chunks(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("num_query, num_gallery, seed, levels", [(1, 5, 0, None), (30, 200, 1, None),
-                                                                  (60, 500, 2, 20), (40, 300, 3, 3)])
+@pytest.mark.parametrize(
+    "num_query, num_gallery, seed, levels", [(1, 5, 0, None), (30, 200, 1, None), (60, 500, 2, 20), (40, 300, 3, 3)]
+)
 @pytest.mark.parametrize("ap", ["standard", "trapezoid"])
 def test_matches_reference(chunks, num_query, num_gallery, seed, levels, ap):
     dist, q_pids, g_pids, q_cams, g_cams = random_problem(num_query, num_gallery, seed, levels)
@@ -132,7 +138,9 @@ def test_max_rank_beyond_gallery_is_cut_to_it():
     np.testing.assert_array_equal(result.cmc, [0, 1])
     dist = np.random.default_rng(0).random((6, 20))
     with pytest.warns(UserWarning, match="exceeds the gallery size 20"):
-        result = evaluate_rank(dist, np.arange(6) % 3, np.arange(20) % 3, np.zeros(6, int), np.ones(20, int), max_rank=10**9)
+        result = evaluate_rank(
+            dist, np.arange(6) % 3, np.arange(20) % 3, np.zeros(6, int), np.ones(20, int), max_rank=10**9
+        )
     assert len(result.cmc) == 20 and result.cmc[-1] == 1
 
 
@@ -143,8 +151,9 @@ def torchreid_cuhk03_cmc(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, 
     identities in ascending pid order, item floor(u * n) of the n kept ones in index order."""
     pids = np.unique(g_pids)
     generator = torch.Generator().manual_seed(seed)
-    draws = [torch.rand(len(q_pids), len(pids), dtype=torch.float64, generator=generator).numpy()
-             for _ in range(num_repeats)]
+    draws = [
+        torch.rand(len(q_pids), len(pids), dtype=torch.float64, generator=generator).numpy() for _ in range(num_repeats)
+    ]
     indices = np.argsort(distmat, axis=1, kind="stable")
     all_cmc = []
     for q in range(len(q_pids)):
@@ -167,15 +176,17 @@ def torchreid_cuhk03_cmc(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, 
     return np.mean(all_cmc, axis=0)
 
 
-@pytest.mark.parametrize("num_query, num_gallery, seed, levels", [(5, 12, 4, None), (30, 200, 1, None),
-                                                                  (40, 300, 3, 3)])
+@pytest.mark.parametrize(
+    "num_query, num_gallery, seed, levels", [(5, 12, 4, None), (30, 200, 1, None), (40, 300, 3, 3)]
+)
 def test_cuhk03_matches_torchreid_loop(chunks, num_query, num_gallery, seed, levels):
     problem = random_problem(num_query, num_gallery, seed, levels)
     market = evaluate_rank(*problem, max_rank=10)
     for draw_seed, repeats in ((0, 10), (7, 3)):
         result = evaluate_rank(*problem, max_rank=10, protocol="cuhk03", num_repeats=repeats, seed=draw_seed)
-        np.testing.assert_allclose(result.cmc, torchreid_cuhk03_cmc(*problem, 10, repeats, draw_seed),
-                                   rtol=0, atol=1e-12)
+        np.testing.assert_allclose(
+            result.cmc, torchreid_cuhk03_cmc(*problem, 10, repeats, draw_seed), rtol=0, atol=1e-12
+        )
         # AP and mINP are those of the full kept gallery, as in torchreid's eval_cuhk03.
         np.testing.assert_array_equal(result.all_AP, market.all_AP)
         assert (result.mINP, result.num_valid) == (market.mINP, market.num_valid)
@@ -283,21 +294,33 @@ def test_resolve_smallest_after_a_rounding_transform():
     # 2.0 with the left-out 2.5 at index 2, which then comes first by index.
     raw = torch.tensor([[5.0, 1.0, 2.5, 2.0, 4.0, 3.0]])
     values, indices = _select.resolve_smallest(
-        torch.tensor([[2.0, 1.0]]), torch.tensor([[3, 1]]), 2, 6,
-        lambda v, rows: torch.floor(v), lambda rows: torch.floor(raw[rows]))
+        torch.tensor([[2.0, 1.0]]),
+        torch.tensor([[3, 1]]),
+        2,
+        6,
+        lambda v, rows: torch.floor(v),
+        lambda rows: torch.floor(raw[rows]),
+    )
     np.testing.assert_array_equal(indices, [[1, 2]])
     np.testing.assert_array_equal(values, [[1.0, 2.0]])
     # With one candidate to spare and nothing merged, the candidates decide alone.
     values, indices = _select.resolve_smallest(
-        torch.tensor([[2.0, 1.0, 2.5]]), torch.tensor([[3, 1, 2]]), 2, 6, lambda v, rows: v, lambda rows: 1 / 0)
+        torch.tensor([[2.0, 1.0, 2.5]]), torch.tensor([[3, 1, 2]]), 2, 6, lambda v, rows: v, lambda rows: 1 / 0
+    )
     np.testing.assert_array_equal(indices, [[1, 3]])
 
 
 def test_knn_bad_input():
     x, y = np.ones((3, 4), np.float32), np.ones((5, 4), np.float32)
-    for call, name in [(lambda: knn(x, y, 0), "k"), (lambda: knn(x, y, 6), "k"), (lambda: knn(x, y, 2, "l1"), "metric"),
-                       (lambda: knn(x, y[:, :3], 2), "feature dimension"), (lambda: knn(x[:0], y, 2), "x"),
-                       (lambda: knn(x, y[:0], 1), "y"), (lambda: pairwise_distance(x, y * np.nan), "y"),
-                       (lambda: pairwise_distance(x, y, "hamming"), "metric")]:
+    for call, name in [
+        (lambda: knn(x, y, 0), "k"),
+        (lambda: knn(x, y, 6), "k"),
+        (lambda: knn(x, y, 2, "l1"), "metric"),
+        (lambda: knn(x, y[:, :3], 2), "feature dimension"),
+        (lambda: knn(x[:0], y, 2), "x"),
+        (lambda: knn(x, y[:0], 1), "y"),
+        (lambda: pairwise_distance(x, y * np.nan), "y"),
+        (lambda: pairwise_distance(x, y, "hamming"), "metric"),
+    ]:
         with pytest.raises(ValueError, match=name):
             call()

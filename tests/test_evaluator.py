@@ -27,9 +27,20 @@ from dpm_ops.evaluation import evaluate_rank, pairwise_distance, re_ranking, rer
 from dpm_ops.models import build_model
 from dpm_ops.ops import masked_arccos_distance
 
-CONFIG = SynthConfig(seed=5, ids=14, cameras=3, width=32, height=64, train_images=(2, 2), id_cameras=(2, 3),
-                     gallery_per_camera=(1, 2), distractors=0.2, junk=0.0, query_occlusion=0.5,
-                     gallery_occlusion=0.2)
+CONFIG = SynthConfig(
+    seed=5,
+    ids=14,
+    cameras=3,
+    width=32,
+    height=64,
+    train_images=(2, 2),
+    id_cameras=(2, 3),
+    gallery_per_camera=(1, 2),
+    distractors=0.2,
+    junk=0.0,
+    query_occlusion=0.5,
+    gallery_occlusion=0.2,
+)
 VIT = dict(embed_dim=32, depth=4, num_heads=4, patch_size=8, stride=8, img_size=(64, 32), drop_path_rate=0.0)
 SIZE = {"dpm": (64, 32), "vit_baseline": (64, 32), "maskreid": None}
 METRIC_KEYS = {"rank1", "rank5", "rank10", "mAP", "mINP", "num_query", "num_valid", "cmc"}
@@ -131,11 +142,16 @@ def test_extract_features_errors(splits):
         extract_features(model, loader, model_name="transreid", progress=False)
     small = build_model("vit_baseline", 7, 2, **VIT)  # two camera embeddings, the set has three
     with pytest.raises(ValueError, match="camera id 2"):
-        extract_features(small, loader_for(splits, [r for r in splits.query if r.camid == 2][:2], "vit_baseline"),
-                         model_name="vit_baseline", progress=False)
+        extract_features(
+            small,
+            loader_for(splits, [r for r in splits.query if r.camid == 2][:2], "vit_baseline"),
+            model_name="vit_baseline",
+            progress=False,
+        )
     with pytest.raises(ValueError, match="paired"):
-        extract_features(tiny_model("maskreid"), loader_for(splits, splits.query[:2], "dpm"), model_name="maskreid",
-                         progress=False)
+        extract_features(
+            tiny_model("maskreid"), loader_for(splits, splits.query[:2], "dpm"), model_name="maskreid", progress=False
+        )
 
 
 # ------------------------------------------------------------------------------------ evaluate_model
@@ -144,8 +160,16 @@ def test_extract_features_errors(splits):
 @pytest.mark.parametrize("name", ["dpm", "vit_baseline", "maskreid"])
 def test_evaluate_model_equals_direct_evaluate_rank(splits, name, tmp_path):
     model = tiny_model(name)
-    metrics = evaluate_model(model, splits, model_name=name, image_size=SIZE[name], batch_size=6,
-                             out_dir=str(tmp_path), pictures=False, progress=False)
+    metrics = evaluate_model(
+        model,
+        splits,
+        model_name=name,
+        image_size=SIZE[name],
+        batch_size=6,
+        out_dir=str(tmp_path),
+        pictures=False,
+        progress=False,
+    )
     assert set(metrics) == {"all", "clean", "occluded"}
     for values in metrics.values():
         assert set(values) == METRIC_KEYS and len(values["cmc"]) == min(50, len(splits.gallery))  # cut to G
@@ -180,19 +204,23 @@ def test_rerank_path(splits):
     q = extract_features(dpm, loader_for(splits, splits.query, "dpm"), model_name="dpm", progress=False)
     g = extract_features(dpm, loader_for(splits, splits.gallery, "dpm"), model_name="dpm", progress=False)
     # The masked distance is asymmetric; DPM's path re-ranks it with each item's own row (mask).
-    q_g, q_q, g_g = (masked_arccos_distance(q.features, q.masks, g.features),
-                     masked_arccos_distance(q.features, q.masks, q.features),
-                     masked_arccos_distance(g.features, g.masks, g.features))
+    q_g, q_q, g_g = (
+        masked_arccos_distance(q.features, q.masks, g.features),
+        masked_arccos_distance(q.features, q.masks, q.features),
+        masked_arccos_distance(g.features, g.masks, g.features),
+    )
     assert not torch.allclose(g_g, g_g.T)
     expected = re_ranking(q_g, q_q.T, g_g.T, k1=6, k2=3, lambda_value=0.4)  # the reference reads columns
     assert torch.equal(expected, re_ranking(q_g, q_q, g_g, k1=6, k2=3, lambda_value=0.4, orientation="rows"))
     assert not torch.allclose(expected, q_g)
     assert_same(dpm_metrics["all"], direct_metrics(expected, q, g), len(splits.query))
 
-    q = extract_features(vit, loader_for(splits, splits.query, "vit_baseline"), model_name="vit_baseline",
-                         progress=False)
-    g = extract_features(vit, loader_for(splits, splits.gallery, "vit_baseline"), model_name="vit_baseline",
-                         progress=False)
+    q = extract_features(
+        vit, loader_for(splits, splits.query, "vit_baseline"), model_name="vit_baseline", progress=False
+    )
+    g = extract_features(
+        vit, loader_for(splits, splits.gallery, "vit_baseline"), model_name="vit_baseline", progress=False
+    )
     expected = rerank_features(q.features, g.features, k1=6, k2=3, lambda_value=0.4)
     assert_same(vit_metrics["all"], direct_metrics(expected, q, g), len(splits.query))
     rows = query_subsets(splits, splits.query)["occluded"]
@@ -202,16 +230,25 @@ def test_rerank_path(splits):
 def test_distance_choices():
     generator = torch.Generator().manual_seed(0)
     feats = lambda n: F.normalize(torch.randn(n, 16, generator=generator), dim=1)  # noqa: E731
-    q = FeatureSet(feats(6), torch.rand(6, 16, generator=generator), torch.arange(6), torch.zeros(6, dtype=torch.long),
-                   ["q"] * 6)
-    g = FeatureSet(feats(9), torch.rand(9, 16, generator=generator), torch.arange(9) % 6,
-                   torch.ones(9, dtype=torch.long), ["g"] * 9)
+    q = FeatureSet(
+        feats(6), torch.rand(6, 16, generator=generator), torch.arange(6), torch.zeros(6, dtype=torch.long), ["q"] * 6
+    )
+    g = FeatureSet(
+        feats(9),
+        torch.rand(9, 16, generator=generator),
+        torch.arange(9) % 6,
+        torch.ones(9, dtype=torch.long),
+        ["g"] * 9,
+    )
     euclidean = compute_distances(q, g, "euclidean")
     cosine = compute_distances(q, g, "cosine")
     assert torch.allclose(cosine, euclidean.square() / 2, atol=1e-5)  # unit vectors: same ranking
     # cosine re-ranking is the Euclidean one (the row normalisation removes the factor 2)
-    assert torch.allclose(compute_distances(q, g, "cosine", rerank=True, k1=3, k2=2),
-                          compute_distances(q, g, "euclidean", rerank=True, k1=3, k2=2), atol=1e-5)
+    assert torch.allclose(
+        compute_distances(q, g, "cosine", rerank=True, k1=3, k2=2),
+        compute_distances(q, g, "euclidean", rerank=True, k1=3, k2=2),
+        atol=1e-5,
+    )
     assert evaluator.resolve_distance("auto", "dpm") == "masked_arccos"
     assert evaluator.resolve_distance("auto", "maskreid") == "euclidean"
     with pytest.raises(ValueError, match="channel masks"):
@@ -240,25 +277,46 @@ def test_bad_arguments(splits):
     with pytest.raises(ValueError, match="batch_size"):
         evaluate_model(model, splits, model_name="vit_baseline", batch_size=0, **options)
     with pytest.raises(ValueError, match="with_masks"):
-        evaluate_model(tiny_model("maskreid"), dataclasses.replace(splits, mask_paths=None), model_name="maskreid",
-                       pictures=False, progress=False)
+        evaluate_model(
+            tiny_model("maskreid"),
+            dataclasses.replace(splits, mask_paths=None),
+            model_name="maskreid",
+            pictures=False,
+            progress=False,
+        )
     with pytest.raises(ValueError, match="empty"):
         evaluate_model(model, dataclasses.replace(splits, query=[]), model_name="vit_baseline", **options)
-    for bad, name in ((dict(protocol="cuhk"), "protocol"), (dict(num_repeats=0), "num_repeats"),
-                      (dict(seed=-1), "seed"), (dict(multi_query="mean"), "multi_query"),
-                      (dict(multi_query="avg"), "gt_bbox")):  # the synthetic set has no pools
+    for bad, name in (
+        (dict(protocol="cuhk"), "protocol"),
+        (dict(num_repeats=0), "num_repeats"),
+        (dict(seed=-1), "seed"),
+        (dict(multi_query="mean"), "multi_query"),
+        (dict(multi_query="avg"), "gt_bbox"),
+    ):  # the synthetic set has no pools
         with pytest.raises(ValueError, match=name):
             evaluate_model(model, splits, model_name="vit_baseline", **bad, **options)
 
 
 def test_cuhk03_protocol(splits, tmp_path):
     model = tiny_model("vit_baseline")
-    metrics = evaluate_model(model, splits, model_name="vit_baseline", image_size=(64, 32), protocol="cuhk03",
-                             num_repeats=4, seed=3, out_dir=str(tmp_path), pictures=False, progress=False)
-    q = extract_features(model, loader_for(splits, splits.query, "vit_baseline"), model_name="vit_baseline",
-                         progress=False)
-    g = extract_features(model, loader_for(splits, splits.gallery, "vit_baseline"), model_name="vit_baseline",
-                         progress=False)
+    metrics = evaluate_model(
+        model,
+        splits,
+        model_name="vit_baseline",
+        image_size=(64, 32),
+        protocol="cuhk03",
+        num_repeats=4,
+        seed=3,
+        out_dir=str(tmp_path),
+        pictures=False,
+        progress=False,
+    )
+    q = extract_features(
+        model, loader_for(splits, splits.query, "vit_baseline"), model_name="vit_baseline", progress=False
+    )
+    g = extract_features(
+        model, loader_for(splits, splits.gallery, "vit_baseline"), model_name="vit_baseline", progress=False
+    )
     distmat = pairwise_distance(q.features, g.features, "euclidean")
     expected = evaluate_rank(distmat, q.pids, g.pids, q.camids, g.camids, protocol="cuhk03", num_repeats=4, seed=3)
     assert_same(metrics["all"], expected, len(splits.query))
@@ -286,8 +344,9 @@ def test_pool_multi_query(splits, mode):
     pooled_splits = with_pools(splits)
     model = tiny_model("dpm")
     q = extract_features(model, loader_for(splits, splits.query, "dpm"), model_name="dpm", progress=False)
-    pool = extract_features(model, loader_for(splits, pooled_splits.multi_query, "dpm"), model_name="dpm",
-                            progress=False)
+    pool = extract_features(
+        model, loader_for(splits, pooled_splits.multi_query, "dpm"), model_name="dpm", progress=False
+    )
     result = pool_multi_query(q, pool, mode)
     assert result.paths == q.paths and torch.equal(result.pids, q.pids) and torch.equal(result.camids, q.camids)
     reduce = (lambda x: x.mean(0)) if mode == "avg" else (lambda x: x.amax(0))
@@ -296,7 +355,10 @@ def test_pool_multi_query(splits, mode):
         members = [i for i, r in enumerate(pooled_splits.multi_query) if (r.pid, r.camid) == key]
         features, masks = pool.features[members], pool.masks[members]
         if path not in {r.path for r in pooled_splits.multi_query}:  # the query counts once, as its own box
-            features, masks = torch.cat([features, q.features[row:row + 1]]), torch.cat([masks, q.masks[row:row + 1]])
+            features, masks = (
+                torch.cat([features, q.features[row : row + 1]]),
+                torch.cat([masks, q.masks[row : row + 1]]),
+            )
         torch.testing.assert_close(result.features[row], F.normalize(reduce(features), dim=0))
         torch.testing.assert_close(result.masks[row], reduce(masks))
     with pytest.raises(ValueError, match="mode"):
@@ -308,12 +370,15 @@ def test_multi_query_in_evaluate_model(splits, tmp_path):
     model = tiny_model("vit_baseline")
     options = dict(model_name="vit_baseline", image_size=(64, 32), pictures=False, progress=False)
     metrics = evaluate_model(model, pooled_splits, multi_query="max", out_dir=str(tmp_path), **options)
-    q = extract_features(model, loader_for(splits, splits.query, "vit_baseline"), model_name="vit_baseline",
-                         progress=False)
-    g = extract_features(model, loader_for(splits, splits.gallery, "vit_baseline"), model_name="vit_baseline",
-                         progress=False)
-    pool = extract_features(model, loader_for(splits, pooled_splits.multi_query, "vit_baseline"),
-                            model_name="vit_baseline", progress=False)
+    q = extract_features(
+        model, loader_for(splits, splits.query, "vit_baseline"), model_name="vit_baseline", progress=False
+    )
+    g = extract_features(
+        model, loader_for(splits, splits.gallery, "vit_baseline"), model_name="vit_baseline", progress=False
+    )
+    pool = extract_features(
+        model, loader_for(splits, pooled_splits.multi_query, "vit_baseline"), model_name="vit_baseline", progress=False
+    )
     pooled = pool_multi_query(q, pool, "max")
     distmat = pairwise_distance(pooled.features, g.features, "euclidean")
     assert_same(metrics["all"], direct_metrics(distmat, pooled, g), len(splits.query))
@@ -326,8 +391,9 @@ def test_test_camids_pick_the_sie_embedding(splits):
     # DPM on Occluded-REID: the gallery camera selects the SIE embedding, so it changes every gallery feature.
     model = tiny_model("dpm")
     camera = lambda camid: [r._replace(camid=camid) for r in splits.gallery[:4]]  # noqa: E731
-    one, two = (extract_features(model, loader_for(splits, camera(c), "dpm"), model_name="dpm", progress=False)
-                for c in (1, 2))
+    one, two = (
+        extract_features(model, loader_for(splits, camera(c), "dpm"), model_name="dpm", progress=False) for c in (1, 2)
+    )
     assert not torch.allclose(one.features, two.features)
     with pytest.raises(ValueError, match=r"camera id 3 .* 3 camera embeddings \(SIE\).*0\.\.2"):
         extract_features(model, loader_for(splits, camera(3), "dpm"), model_name="dpm", progress=False)
@@ -335,8 +401,14 @@ def test_test_camids_pick_the_sie_embedding(splits):
 
 def test_unlabelled_dataset_reports_all_only(splits):
     unlabelled = dataclasses.replace(splits, occluded_paths=None)
-    metrics = evaluate_model(tiny_model("vit_baseline"), unlabelled, model_name="vit_baseline", image_size=(64, 32),
-                             pictures=False, progress=False)
+    metrics = evaluate_model(
+        tiny_model("vit_baseline"),
+        unlabelled,
+        model_name="vit_baseline",
+        image_size=(64, 32),
+        pictures=False,
+        progress=False,
+    )
     assert set(metrics) == {"all"}
     table = format_metrics_table(metrics)
     assert table.splitlines()[0].split() == ["queries", "Rank-1", "Rank-5", "Rank-10", "mAP", "mINP", "#queries"]
@@ -345,8 +417,14 @@ def test_unlabelled_dataset_reports_all_only(splits):
 
 def test_subset_without_queries_is_left_out(splits):
     all_occluded = dataclasses.replace(splits, occluded_paths=frozenset(r.path for r in splits.query))
-    metrics = evaluate_model(tiny_model("vit_baseline"), all_occluded, model_name="vit_baseline", image_size=(64, 32),
-                             pictures=False, progress=False)
+    metrics = evaluate_model(
+        tiny_model("vit_baseline"),
+        all_occluded,
+        model_name="vit_baseline",
+        image_size=(64, 32),
+        pictures=False,
+        progress=False,
+    )
     assert set(metrics) == {"all", "occluded"}  # Occluded-REID style: every query occluded
     assert flat({"x": metrics["occluded"]}) == pytest.approx(flat({"x": metrics["all"]}))
 
@@ -367,15 +445,27 @@ def test_evaluation_precision_is_eval_amp_not_solver_amp(splits, monkeypatch):
 
     seen = {}
     monkeypatch.setattr(evaluator, "evaluate_model", lambda model, splits, **options: seen.update(options))
-    for overrides, expected in ((["solver.amp=bf16"], None), (["solver.amp=off", "eval.amp=bf16"], torch.bfloat16),
-                                (["eval.amp=fp16"], torch.float16), (["eval.amp=auto"], None)):  # auto: off on CPU
+    for overrides, expected in (
+        (["solver.amp=bf16"], None),
+        (["solver.amp=off", "eval.amp=bf16"], torch.bfloat16),
+        (["eval.amp=fp16"], torch.float16),
+        (["eval.amp=auto"], None),
+    ):  # auto: off on CPU
         evaluate_with_config(tiny_model("dpm"), splits, load_config(None, overrides), device=torch.device("cpu"))
         assert seen["amp_dtype"] is expected, overrides
 
 
 def test_format_metrics_table():
-    row = {"rank1": 50.0, "rank5": 75.25, "rank10": 90.0, "mAP": 41.26, "mINP": 12.0, "num_query": 12,
-           "num_valid": 12, "cmc": [50.0]}
+    row = {
+        "rank1": 50.0,
+        "rank5": 75.25,
+        "rank10": 90.0,
+        "mAP": 41.26,
+        "mINP": 12.0,
+        "num_query": 12,
+        "num_valid": 12,
+        "cmc": [50.0],
+    }
     table = format_metrics_table({"all": row, "clean": {**row, "num_query": 4}, "settings": {"distance": "x"}})
     lines = table.splitlines()
     assert [line.split()[0] for line in lines[2:]] == ["all", "clean"]
@@ -405,8 +495,15 @@ def test_metrics_json_is_written_atomically(tmp_path, monkeypatch):
 
 
 def test_pictures_are_written(splits, tmp_path):
-    evaluate_model(tiny_model("dpm"), splits, model_name="dpm", image_size=(64, 32), batch_size=16,
-                   out_dir=str(tmp_path), progress=False)
+    evaluate_model(
+        tiny_model("dpm"),
+        splits,
+        model_name="dpm",
+        image_size=(64, 32),
+        batch_size=16,
+        out_dir=str(tmp_path),
+        progress=False,
+    )
     for name in ("metrics.json", "cmc.png", "ranked_best.png", "ranked_worst.png", "masks.png"):
         assert (tmp_path / name).stat().st_size > 1000, name
 
@@ -434,11 +531,30 @@ def _ddp_worker(rank, world, init_file, root, out_dir):
         splits = build_dataset("synthetic", root, with_masks=True)
         splits = dataclasses.replace(splits, query=splits.query[:-1])  # odd counts: uneven shards
         model = torch.nn.parallel.DistributedDataParallel(tiny_model("dpm"))
-        metrics = evaluate_model(model, splits, model_name="dpm", image_size=(64, 32), batch_size=4,
-                                 out_dir=out_dir if rank == 0 else None, pictures=False, progress=False)
+        metrics = evaluate_model(
+            model,
+            splits,
+            model_name="dpm",
+            image_size=(64, 32),
+            batch_size=4,
+            out_dir=out_dir if rank == 0 else None,
+            pictures=False,
+            progress=False,
+        )
         transform = evaluator.eval_transform("dpm", (64, 32))
-        gathered = evaluator._extract_split(model, splits.gallery, splits, "dpm", transform, batch_size=4,
-                                            num_workers=0, device="cpu", amp_dtype=None, progress=False, desc="g")
+        gathered = evaluator._extract_split(
+            model,
+            splits.gallery,
+            splits,
+            "dpm",
+            transform,
+            batch_size=4,
+            num_workers=0,
+            device="cpu",
+            amp_dtype=None,
+            progress=False,
+            desc="g",
+        )
         torch.save({"metrics": metrics, "gallery": gathered}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -452,8 +568,9 @@ def test_two_process_gloo_gather_equals_single_process(dataset_root, splits, tmp
 
     single_splits = dataclasses.replace(splits, query=splits.query[:-1])
     model = tiny_model("dpm")
-    single = evaluate_model(model, single_splits, model_name="dpm", image_size=(64, 32), batch_size=7,
-                            pictures=False, progress=False)
+    single = evaluate_model(
+        model, single_splits, model_name="dpm", image_size=(64, 32), batch_size=7, pictures=False, progress=False
+    )
     assert flat(rank0["metrics"]) == pytest.approx(flat(single), abs=1e-6)
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert flat({"all": saved["all"]}) == pytest.approx(flat({"all": single["all"]}), abs=1e-6)

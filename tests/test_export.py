@@ -25,7 +25,15 @@ from dpm_ops.engine import load_config
 from dpm_ops.engine.checkpoint import make_checkpoint, save_checkpoint
 from dpm_ops.engine.evaluator import evaluate_model
 from dpm_ops.engine.builders import build_model_from_args, load_splits, model_arguments
-from dpm_ops.export import ExportError, OnnxCheckError, check_onnx, export_onnx, extract_folder, find_images, save_features_npz
+from dpm_ops.export import (
+    ExportError,
+    OnnxCheckError,
+    check_onnx,
+    export_onnx,
+    extract_folder,
+    find_images,
+    save_features_npz,
+)
 from dpm_ops.models import MODEL_NAMES, build_model
 from dpm_ops.ops import masked_arccos_distance
 from engine_utils import TINY_VIT, synth_argv, tiny_config, write_config
@@ -259,8 +267,9 @@ def dpm_export(tmp_path_factory, tiny_set):
     out = folder / "deploy" / "dpm.onnx"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        assert main(["export", "--config", str(config), "--weights", str(weights), "--out", str(out), "--batch",
-                     "3"]) == 0
+        assert (
+            main(["export", "--config", str(config), "--weights", str(weights), "--out", str(out), "--batch", "3"]) == 0
+        )
     return model, out, printed.getvalue()
 
 
@@ -274,8 +283,12 @@ def test_cli_export_dpm(dpm_export):
 def test_readme_dpm_distance_from_onnx_outputs_matches_the_evaluator(dpm_export, monkeypatch):
     model, path, _ = dpm_export
     query, gallery = inputs_for("dpm", VIT_SIZE, 3, seed=1), inputs_for("dpm", VIT_SIZE, 7, seed=2)
-    namespace = {"q_images": query["images"].numpy(), "q_camids": query["camids"].numpy(),
-                 "g_images": gallery["images"].numpy(), "g_camids": gallery["camids"].numpy()}
+    namespace = {
+        "q_images": query["images"].numpy(),
+        "q_camids": query["camids"].numpy(),
+        "g_images": gallery["images"].numpy(),
+        "g_camids": gallery["camids"].numpy(),
+    }
     monkeypatch.chdir(path.parent)
     exec(readme_deploy_snippets()[0], namespace)
     with torch.no_grad():
@@ -289,8 +302,22 @@ def test_readme_dpm_distance_from_onnx_outputs_matches_the_evaluator(dpm_export,
 def test_cli_extract(tmp_path, tiny_set):
     config, weights, model = checkpointed(tmp_path, tiny_set, "dpm")
     npz = tmp_path / "new" / "folder" / "query.npz"
-    assert main(["extract", "--config", str(config), "--weights", str(weights), "--images",
-                 str(tiny_set / "query"), "--out", str(npz)]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "--config",
+                str(config),
+                "--weights",
+                str(weights),
+                "--images",
+                str(tiny_set / "query"),
+                "--out",
+                str(npz),
+            ]
+        )
+        == 0
+    )
     saved = np.load(npz)
     expected = extract_folder(model, tiny_set / "query", progress=False)
     np.testing.assert_allclose(saved["features"], expected.features.numpy(), atol=1e-6)
@@ -307,23 +334,47 @@ def test_cli_export_and_extract_errors_are_one_line(tmp_path, tiny_set, capsys, 
     def export(*argv):
         return main(["export", *argv])
 
-    assert_one_line_error(capsys, export("--config", str(config), "--weights", str(tmp_path / "none.pt"), "--out",
-                                         str(tmp_path / "m.onnx")), "checkpoint not found", "none.pt")
-    assert_one_line_error(capsys, export("--config", str(baseline), "--weights", str(weights), "--out",
-                                         str(tmp_path / "m.onnx")), "holds a 'dpm' model, not 'vit_baseline'")
+    assert_one_line_error(
+        capsys,
+        export("--config", str(config), "--weights", str(tmp_path / "none.pt"), "--out", str(tmp_path / "m.onnx")),
+        "checkpoint not found",
+        "none.pt",
+    )
+    assert_one_line_error(
+        capsys,
+        export("--config", str(baseline), "--weights", str(weights), "--out", str(tmp_path / "m.onnx")),
+        "holds a 'dpm' model, not 'vit_baseline'",
+    )
     assert_one_line_error(capsys, export(*common, "--out", str(tmp_path)), "--out", "is a directory")
-    assert_one_line_error(capsys, export(*common, "--out", str(tmp_path / "file" / "m.onnx")), "--out",
-                          "cannot create its folder")
+    assert_one_line_error(
+        capsys, export(*common, "--out", str(tmp_path / "file" / "m.onnx")), "--out", "cannot create its folder"
+    )
     assert_one_line_error(capsys, export(*common, "--out", str(tmp_path / "m.onnx"), "--opset", "9"), "opset")
-    assert_one_line_error(capsys, export(*common, "--out", str(tmp_path / "m.onnx"), "input.size=[96,48]"),
-                          str(weights), "input.size")
+    assert_one_line_error(
+        capsys, export(*common, "--out", str(tmp_path / "m.onnx"), "input.size=[96,48]"), str(weights), "input.size"
+    )
     dropped = tmp_path / "dropped.pt"
     state = torch.load(weights, weights_only=False)
     state["model"].pop(next(iter(state["model"])))
     torch.save(state, dropped)
-    assert_one_line_error(capsys, main(["extract", "--config", str(config), "--weights", str(dropped), "--images",
-                                        str(tiny_set / "query"), "--out", str(tmp_path / "f.npz")]),
-                          str(dropped), "missing")
+    assert_one_line_error(
+        capsys,
+        main(
+            [
+                "extract",
+                "--config",
+                str(config),
+                "--weights",
+                str(dropped),
+                "--images",
+                str(tiny_set / "query"),
+                "--out",
+                str(tmp_path / "f.npz"),
+            ]
+        ),
+        str(dropped),
+        "missing",
+    )
     with monkeypatch.context() as patch:
         patch.setitem(sys.modules, "onnxruntime", None)
         assert_one_line_error(capsys, export(*common, "--out", str(tmp_path / "m.onnx")), "needs onnxruntime")
@@ -334,8 +385,9 @@ def test_cli_export_and_extract_errors_are_one_line(tmp_path, tiny_set, capsys, 
     (tmp_path / "empty").mkdir()
     assert_one_line_error(capsys, extract(tmp_path / "empty"), "no images", "empty")
     assert_one_line_error(capsys, extract(tmp_path / "missing"), "images folder not found", "missing")
-    assert_one_line_error(capsys, extract(tiny_set / "query", tmp_path / "file" / "f.npz"), "--out",
-                          "cannot create its folder")
+    assert_one_line_error(
+        capsys, extract(tiny_set / "query", tmp_path / "file" / "f.npz"), "--out", "cannot create its folder"
+    )
     corrupt = tmp_path / "corrupt"
     shutil.copytree(tiny_set / "query", corrupt)
     victim = sorted(corrupt.iterdir())[5]

@@ -60,7 +60,9 @@ def test_matches_reference(backend, reduction, shape, dtype):
 def test_empty_batch_sum_is_zero_mean_is_an_error(backend):
     a = logits((0, 12, 20), device=device_for(backend))
     assert hem_loss(a, backend=backend).item() == 0.0
-    with pytest.raises(ValueError, match="cls_logits must hold at least one sample"):  # was NaN, torch's mean of nothing
+    with pytest.raises(
+        ValueError, match="cls_logits must hold at least one sample"
+    ):  # was NaN, torch's mean of nothing
         hem_loss(a, reduction="mean", backend=backend)
 
 
@@ -113,12 +115,16 @@ def test_opcheck(backend):
     a = logits((3, 5, 9), device=device_for(backend)).requires_grad_(True)
     if backend == "triton":
         torch.library.opcheck(torch.ops.dpm_ops.hem_loss_triton, (a, 1e-6, "sum"))
-        torch.library.opcheck(torch.ops.dpm_ops.hem_loss_triton_backward,
-                              (torch.tensor(0.5, dtype=a.dtype, device=a.device), a.detach(), 1e-6, "mean"))
+        torch.library.opcheck(
+            torch.ops.dpm_ops.hem_loss_triton_backward,
+            (torch.tensor(0.5, dtype=a.dtype, device=a.device), a.detach(), 1e-6, "mean"),
+        )
     else:
         torch.library.opcheck(torch.ops.dpm_ops.hem_loss, (a, 1e-6, "mean"))
-        torch.library.opcheck(torch.ops.dpm_ops.hem_loss_backward,
-                              (torch.tensor(0.5, dtype=a.dtype, device=a.device), a.detach(), 1e-6, "sum"))
+        torch.library.opcheck(
+            torch.ops.dpm_ops.hem_loss_backward,
+            (torch.tensor(0.5, dtype=a.dtype, device=a.device), a.detach(), 1e-6, "sum"),
+        )
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -152,15 +158,18 @@ def test_loss_module_runs_the_fused_op_by_default(reduction):
 
 
 @pytest.mark.parametrize("backend", backend_params("reference", "cpp", "cuda", "triton"))
-@pytest.mark.parametrize("bad, message", [
-    (lambda a: (a[0], {}), "cls_logits must be 3-D"),
-    (lambda a: (a.long(), {}), "cls_logits must be floating point"),
-    (lambda a: (a[:, :0], {}), "cls_logits must have at least one head"),
-    (lambda a: (a, {"eps": 0.0}), "eps must be a finite number > 0"),
-    (lambda a: (a, {"eps": float("inf")}), "eps must be a finite number > 0"),
-    (lambda a: (a, {"reduction": "none"}), "reduction must be 'sum'"),
-    (lambda a: (a.tolist(), {}), "cls_logits must be a torch.Tensor"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (lambda a: (a[0], {}), "cls_logits must be 3-D"),
+        (lambda a: (a.long(), {}), "cls_logits must be floating point"),
+        (lambda a: (a[:, :0], {}), "cls_logits must have at least one head"),
+        (lambda a: (a, {"eps": 0.0}), "eps must be a finite number > 0"),
+        (lambda a: (a, {"eps": float("inf")}), "eps must be a finite number > 0"),
+        (lambda a: (a, {"reduction": "none"}), "reduction must be 'sum'"),
+        (lambda a: (a.tolist(), {}), "cls_logits must be a torch.Tensor"),
+    ],
+)
 def test_bad_input_names_the_argument(backend, bad, message):
     a, kw = bad(logits((2, 3, 4), torch.float32, device_for(backend)))
     with pytest.raises(ValueError, match=message):

@@ -26,8 +26,10 @@ CASES = [
 
 def make_inputs(B, levels, mask_hw, dtype, device, seed=0, requires_grad=False, binary=True):
     gen = torch.Generator().manual_seed(seed)
-    features = [torch.randn(B, C, H, W, generator=gen, dtype=dtype).to(device).requires_grad_(requires_grad)
-                for C, H, W in levels]
+    features = [
+        torch.randn(B, C, H, W, generator=gen, dtype=dtype).to(device).requires_grad_(requires_grad)
+        for C, H, W in levels
+    ]
     mask = None
     if mask_hw is not None:
         mask = torch.rand(B, 1, *mask_hw, generator=gen, dtype=dtype)
@@ -67,8 +69,7 @@ def test_reference_resizes_by_area_and_weights_the_average():
 def test_forward_and_backward_match_reference(backend, mode, dtype, case):
     B, levels, mask_hw = CASES[case]
     device = device_for(backend)
-    features, mask = make_inputs(B, levels, mask_hw, dtype, device, seed=case, requires_grad=True,
-                                 binary=mode == "max")
+    features, mask = make_inputs(B, levels, mask_hw, dtype, device, seed=case, requires_grad=True, binary=mode == "max")
     expected = hierarchical_mask_pool_reference(features, mask, mode)
     out = hierarchical_mask_pool(features, mask, mode, backend=backend)
     assert out.dtype == dtype and out.shape == (B, sum(c for c, _, _ in levels))
@@ -114,11 +115,15 @@ def test_soft_bool_and_non_contiguous_inputs(backend, mode):
     features = [features[0].to(memory_format=torch.channels_last), features[1].transpose(2, 3)]
     bool_mask = mask > 0
     expected = hierarchical_mask_pool_reference(features, bool_mask.float(), mode)
-    torch.testing.assert_close(hierarchical_mask_pool(features, bool_mask, mode, backend=backend), expected,
-                               **tolerances(torch.float32))
+    torch.testing.assert_close(
+        hierarchical_mask_pool(features, bool_mask, mode, backend=backend), expected, **tolerances(torch.float32)
+    )
     soft = torch.rand_like(mask)
-    torch.testing.assert_close(hierarchical_mask_pool(features, soft, mode, backend=backend),
-                               hierarchical_mask_pool_reference(features, soft, mode), **tolerances(torch.float32))
+    torch.testing.assert_close(
+        hierarchical_mask_pool(features, soft, mode, backend=backend),
+        hierarchical_mask_pool_reference(features, soft, mode),
+        **tolerances(torch.float32),
+    )
 
 
 def test_mask_gets_no_gradient():
@@ -133,10 +138,20 @@ def test_mask_gets_no_gradient():
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_gradcheck_float64(backend, mode, with_mask):
     device = device_for(backend)
-    features, mask = make_inputs(2, [(3, 4, 3), (2, 2, 5)], (8, 10) if with_mask else None, torch.float64,
-                                 device, requires_grad=True, binary=False)
-    assert torch.autograd.gradcheck(lambda a, b: hierarchical_mask_pool([a, b], mask, mode, backend=backend),
-                                    features, fast_mode=backend == "triton")  # the Triton interpreter is slow
+    features, mask = make_inputs(
+        2,
+        [(3, 4, 3), (2, 2, 5)],
+        (8, 10) if with_mask else None,
+        torch.float64,
+        device,
+        requires_grad=True,
+        binary=False,
+    )
+    assert torch.autograd.gradcheck(
+        lambda a, b: hierarchical_mask_pool([a, b], mask, mode, backend=backend),
+        features,
+        fast_mode=backend == "triton",
+    )  # the Triton interpreter is slow
 
 
 def _op_for(backend):
@@ -148,8 +163,9 @@ def _op_for(backend):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("mode", ["avg", "max"])
 def test_opcheck(backend, mode):
-    features, mask = make_inputs(2, [(3, 4, 3), (2, 2, 5)], (8, 10), torch.float64, device_for(backend),
-                                 requires_grad=True, binary=False)
+    features, mask = make_inputs(
+        2, [(3, 4, 3), (2, 2, 5)], (8, 10), torch.float64, device_for(backend), requires_grad=True, binary=False
+    )
     torch.library.opcheck(_op_for(backend), (features, mask, mode))
     torch.library.opcheck(_op_for(backend), (features, None, mode))
 
@@ -158,15 +174,17 @@ def test_opcheck(backend, mode):
 def test_opcheck_backward_op(backend):
     features, mask = make_inputs(2, [(3, 4, 3), (2, 2, 5)], (8, 10), torch.float64, device_for(backend))
     out = torch.ops.dpm_ops.hierarchical_mask_pool(features, mask, "max")
-    torch.library.opcheck(torch.ops.dpm_ops.hierarchical_mask_pool_backward,
-                          (torch.randn_like(out), features, mask, out, "max"))
+    torch.library.opcheck(
+        torch.ops.dpm_ops.hierarchical_mask_pool_backward, (torch.randn_like(out), features, mask, out, "max")
+    )
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_torch_compile_fullgraph(backend):
     torch._dynamo.reset()
-    features, mask = make_inputs(2, [(3, 4, 3), (2, 2, 5)], (8, 10), torch.float64, device_for(backend),
-                                 requires_grad=True)
+    features, mask = make_inputs(
+        2, [(3, 4, 3), (2, 2, 5)], (8, 10), torch.float64, device_for(backend), requires_grad=True
+    )
 
     def loss(a, b, mask):
         return (hierarchical_mask_pool([F.relu(a), b * 2], mask, "avg", backend=backend) ** 2).sum()
@@ -184,11 +202,13 @@ def test_large_shape(backend):
     if backend == "triton" and device_for(backend).type == "cpu":
         pytest.skip("the Triton interpreter is slow; large shapes run on GPU only")
     device = device_for(backend)
-    features, mask = make_inputs(64, [(384, 36, 14), (768, 18, 7), (1536, 9, 4)], (144, 56), torch.float32,
-                                 device)
+    features, mask = make_inputs(64, [(384, 36, 14), (768, 18, 7), (1536, 9, 4)], (144, 56), torch.float32, device)
     for mode in ("avg", "max"):
-        torch.testing.assert_close(hierarchical_mask_pool(features, mask, mode, backend=backend),
-                                   hierarchical_mask_pool_reference(features, mask, mode), **tolerances(torch.float32))
+        torch.testing.assert_close(
+            hierarchical_mask_pool(features, mask, mode, backend=backend),
+            hierarchical_mask_pool_reference(features, mask, mode),
+            **tolerances(torch.float32),
+        )
 
 
 @pytest.mark.parametrize("backend", backend_params("cpp", "cuda", "triton"))
@@ -196,8 +216,7 @@ def test_large_shape(backend):
 def test_reduced_precision(backend, dtype):
     if backend != "cpp" and not torch.cuda.is_available():
         pytest.skip("fp16/bf16 GPU kernels run on GPU (the Triton interpreter mis-handles bf16)")
-    features, mask = make_inputs(5, [(7, 6, 5), (3, 3, 3)], (12, 10), dtype, device_for(backend),
-                                 requires_grad=True)
+    features, mask = make_inputs(5, [(7, 6, 5), (3, 3, 3)], (12, 10), dtype, device_for(backend), requires_grad=True)
     for mode in ("avg", "max"):
         out = hierarchical_mask_pool(features, mask, mode, backend=backend)
         assert out.dtype == dtype
@@ -208,19 +227,22 @@ def test_reduced_precision(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize("bad, message", [
-    (lambda f, m: ([], m, "avg"), "features must be a non-empty list"),
-    (lambda f, m: (f[0], m, "avg"), "features must be a non-empty list"),
-    (lambda f, m: ([f[0][0]], m, "avg"), r"features\[0\] must be 4-D"),
-    (lambda f, m: ([f[0], f[1][:1]], m, "avg"), r"features\[1\] has batch 1"),
-    (lambda f, m: ([f[0], f[1].double()], m, "avg"), r"features\[1\] must share dtype"),
-    (lambda f, m: ([f[0].long()], m, "avg"), r"features\[0\] must be floating point"),
-    (lambda f, m: ([f[0][:, :, :0]], m, "avg"), r"features\[0\] has an empty spatial size"),
-    (lambda f, m: (f, m[:, 0], "avg"), "mask must be"),
-    (lambda f, m: (f, m[:1], "avg"), "mask must be"),
-    (lambda f, m: (f, m, "sum"), "mode must be one of"),
-    (lambda f, m: ([f[0]] * 17, m, "avg"), "at most 16"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (lambda f, m: ([], m, "avg"), "features must be a non-empty list"),
+        (lambda f, m: (f[0], m, "avg"), "features must be a non-empty list"),
+        (lambda f, m: ([f[0][0]], m, "avg"), r"features\[0\] must be 4-D"),
+        (lambda f, m: ([f[0], f[1][:1]], m, "avg"), r"features\[1\] has batch 1"),
+        (lambda f, m: ([f[0], f[1].double()], m, "avg"), r"features\[1\] must share dtype"),
+        (lambda f, m: ([f[0].long()], m, "avg"), r"features\[0\] must be floating point"),
+        (lambda f, m: ([f[0][:, :, :0]], m, "avg"), r"features\[0\] has an empty spatial size"),
+        (lambda f, m: (f, m[:, 0], "avg"), "mask must be"),
+        (lambda f, m: (f, m[:1], "avg"), "mask must be"),
+        (lambda f, m: (f, m, "sum"), "mode must be one of"),
+        (lambda f, m: ([f[0]] * 17, m, "avg"), "at most 16"),
+    ],
+)
 def test_bad_input_names_the_argument(backend, bad, message):
     features, mask = make_inputs(2, [(3, 4, 3), (2, 2, 5)], (8, 10), torch.float32, device_for(backend))
     with pytest.raises(ValueError, match=message):
@@ -243,6 +265,7 @@ def test_skipped_fusion_head_pools_as_the_per_level_loop(skip, level_norm, fuse_
     # MaskReID's skipped fusing layer now pools every level in one fused call; it must equal the
     # per-level global pool + per-level norm + concat it replaced (value and gradients).
     from dpm_ops.models import SkippedFusionHead
+
     torch.manual_seed(0)
     head = SkippedFusionHead([6, 8, 10], embed_dim=4, skip=skip, fuse_levels=fuse_levels, level_norm=level_norm)
     levels = [torch.randn(3, c, h, w, requires_grad=True) for c, h, w in ((6, 9, 4), (8, 5, 2), (10, 3, 2))]
@@ -265,8 +288,10 @@ def test_skipped_fusion_head_pools_as_the_per_level_loop(skip, level_norm, fuse_
     want = per_level_loop(levels)
     torch.testing.assert_close(got, want)
     weights = torch.randn_like(want)
-    for g, w in zip(torch.autograd.grad((got * weights).sum(), levels, allow_unused=True),
-                    torch.autograd.grad((want * weights).sum(), levels, allow_unused=True)):
+    for g, w in zip(
+        torch.autograd.grad((got * weights).sum(), levels, allow_unused=True),
+        torch.autograd.grad((want * weights).sum(), levels, allow_unused=True),
+    ):
         if w is None:
             assert g is None
         else:

@@ -87,12 +87,14 @@ def test_knn_non_contiguous_and_half_inputs(backend):
 def test_triton_fp32_follows_the_matmul_precision(backend, fp32_matmul_precision, monkeypatch):
     # Sign rows: every distance is exact in TF32 too, so the reference is matched exactly either way.
     from dpm_ops.triton import knn as kernels
+
     launches = record_launches(monkeypatch, kernels, "_knn_kernel")
     device = device_for(backend)
     x, y = sign_rows(37, 40, seed=9).to(device), sign_rows(75, 40, seed=10).to(device)
     for metric in METRICS:
-        torch.testing.assert_close(knn(x, y, 13, metric, backend=backend), knn_reference(x, y, 13, metric),
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            knn(x, y, 13, metric, backend=backend), knn_reference(x, y, 13, metric), rtol=0, atol=1e-6
+        )
     want = "ieee" if fp32_matmul_precision == "highest" else "tf32"
     assert {launch["PRECISION"] for launch in launches} == {want}
     knn(x.double(), y.double(), 3, backend=backend)
@@ -243,8 +245,9 @@ def test_self_knn_random_features_are_symmetric(backend):
         assert all(lookup[(i, j)] == lookup[(j, i)] for i, j in shared)
     else:  # CUDA: every row in full through cuBLAS, d(i, j) and d(j, i) are two GEMM entries
         assert all(math.isclose(lookup[(i, j)], lookup[(j, i)], rel_tol=1e-5, abs_tol=1e-4) for i, j in shared)
-    expected_values, expected_indices, expected_max, expected_cross = self_knn_reference(x, 30, "sqeuclidean", True,
-                                                                                         700)
+    expected_values, expected_indices, expected_max, expected_cross = self_knn_reference(
+        x, 30, "sqeuclidean", True, 700
+    )
     assert (indices == expected_indices).float().mean() > 0.999
     torch.testing.assert_close(row_max, expected_max, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cross, expected_cross, rtol=1e-5, atol=1e-4)
@@ -262,6 +265,7 @@ def test_autocast_leaves_the_gemms_in_the_compute_type(backend):
 
 
 # ---- op registration: opcheck and torch.compile -------------------------------------------------
+
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_knn_opcheck(backend):
@@ -299,7 +303,7 @@ def test_knn_torch_compile_fullgraph(backend):
 
     def loss(x, y):
         values, indices = knn(x * 2, y, 5, "euclidean", backend=backend)
-        return (values ** 2).sum() + indices.sum()
+        return (values**2).sum() + indices.sum()
 
     value = torch.compile(loss, fullgraph=True, backend="aot_eager")(x, y)
     torch.testing.assert_close(value, loss(x, y))

@@ -19,7 +19,7 @@ from dpm_ops.ops.knn_reference import COSINE_EPS, pairwise_distance_reference
 
 pytestmark = list(backend_params("cpp")[0].marks)
 
-U32 = 2.0 ** -24
+U32 = 2.0**-24
 
 
 def squared(d, metric):
@@ -28,7 +28,7 @@ def squared(d, metric):
 
 def row_tolerance(x, y, metric, dtype):
     """tau per row of x: 2 gamma_D (max |x|^2 + |y|^2) in the compute dtype's unit."""
-    u = 2.0 ** -53 if dtype == torch.float64 else U32
+    u = 2.0**-53 if dtype == torch.float64 else U32
     dim = x.shape[1]
     gamma = dim * u / (1 - dim * u)
     if metric == "cosine":
@@ -53,8 +53,10 @@ def check_same_knn(x, y, k, metric, strategy_result=None, min_covered=0.5):
     unambiguous = (steps > 2 * tau[:, None]).all(dim=1)
     assert torch.equal(ic[unambiguous], idd[unambiguous])
     covered = int(unambiguous.sum())
-    print(f"certified == direct: indices equal in all {covered} unambiguous rows of {len(x)}; distances within tau "
-          "in every row")
+    print(
+        f"certified == direct: indices equal in all {covered} unambiguous rows of {len(x)}; distances within tau "
+        "in every row"
+    )
     assert covered >= min_covered * len(x), f"only {covered} of {len(x)} rows unambiguous"
     return covered, len(x)
 
@@ -72,8 +74,14 @@ def gaussian(count, dim, seed, dtype=torch.float32):
 
 
 def reid_like(num_query, num_gallery, seed=0):
-    f = make_reid_features(num_query=num_query, num_gallery=num_gallery, num_ids=num_gallery // 20,
-                           num_distractors=num_gallery // 5, dim=256, seed=seed)
+    f = make_reid_features(
+        num_query=num_query,
+        num_gallery=num_gallery,
+        num_ids=num_gallery // 20,
+        num_distractors=num_gallery // 5,
+        dim=256,
+        seed=seed,
+    )
     return torch.from_numpy(f.query), torch.from_numpy(f.gallery)
 
 
@@ -159,12 +167,15 @@ def test_self_knn_matches_direct(normalize):
     direct = self_knn(x, k, "sqeuclidean", normalize, q, backend="cpp", strategy="direct")
     assert bool((cert[4] >= k).all())
     tau = row_tolerance(x, x, "sqeuclidean", torch.float32)
-    torch.testing.assert_close(cert[2], direct[2], atol=float(tau.max()), rtol=0)       # row maxima
-    torch.testing.assert_close(cert[3], direct[3], atol=float(tau.max()), rtol=0)       # the cross block
+    torch.testing.assert_close(cert[2], direct[2], atol=float(tau.max()), rtol=0)  # row maxima
+    torch.testing.assert_close(cert[3], direct[3], atol=float(tau.max()), rtol=0)  # the cross block
     assert bool(((cert[0] - direct[0]).abs() <= tau[:, None]).all())
     key = direct[0] / direct[2][:, None] if normalize else direct[0]
-    unambiguous = (key.diff(dim=1) > 4 * tau[:, None] / direct[2][:, None]).all(dim=1) if normalize else \
-        (key.diff(dim=1) > 2 * tau[:, None]).all(dim=1)
+    unambiguous = (
+        (key.diff(dim=1) > 4 * tau[:, None] / direct[2][:, None]).all(dim=1)
+        if normalize
+        else (key.diff(dim=1) > 2 * tau[:, None]).all(dim=1)
+    )
     assert torch.equal(cert[1][unambiguous], direct[1][unambiguous])
     print(f"self_knn certified == direct: indices equal in all {int(unambiguous.sum())} unambiguous rows of {n}")
     assert int(unambiguous.sum()) > 0.5 * n, f"{int(unambiguous.sum())} of {n} rows unambiguous"
@@ -185,10 +196,14 @@ def _adversarial_rows():
     return {
         "large norms": (torch.randn(30, 48, generator=gen) * 1e15, torch.randn(200, 48, generator=gen) * 1e15),
         # x ~ y with a large common part: the squared distance cancels almost all of |x|^2 + |y|^2
-        "cancellation": (offset + torch.randn(30, 48, generator=gen) * 1e-2,
-                         offset + torch.randn(200, 48, generator=gen) * 1e-2),
-        "mixed magnitudes": (torch.randn(30, 48, generator=gen) * torch.logspace(-20, 10, 48),
-                             torch.randn(200, 48, generator=gen) * torch.logspace(-20, 10, 48)),
+        "cancellation": (
+            offset + torch.randn(30, 48, generator=gen) * 1e-2,
+            offset + torch.randn(200, 48, generator=gen) * 1e-2,
+        ),
+        "mixed magnitudes": (
+            torch.randn(30, 48, generator=gen) * torch.logspace(-20, 10, 48),
+            torch.randn(200, 48, generator=gen) * torch.logspace(-20, 10, 48),
+        ),
         "tiny": (torch.randn(30, 48, generator=gen) * 1e-30, torch.randn(200, 48, generator=gen) * 1e-30),
     }
 
@@ -212,7 +227,7 @@ def test_bound_contains_direct_and_float64_truth(case, metric):
         yn = torch.nn.functional.normalize(y.double(), dim=1, eps=COSINE_EPS)
         truth = 1 - xn @ yn.T
     else:
-        sq_x, sq_y = x.pow(2).sum(1), y.pow(2).sum(1)       # the direct path's own fp32 norms
+        sq_x, sq_y = x.pow(2).sum(1), y.pow(2).sum(1)  # the direct path's own fp32 norms
         truth = ((sq_x[:, None] + sq_y[None, :]).double() - 2 * (x.double() @ y.double().T)).clamp_min(0)
         truth = truth.sqrt() if metric == "euclidean" else truth
     slack = 4 * U32 * truth.abs() + 1e-300
@@ -235,6 +250,7 @@ def test_strategy_argument():
 
 def test_rerank_features_certified_matches_direct():
     from dpm_ops.evaluation import rerank_features
+
     query, gallery = reid_like(150, 1200, seed=4)
     certified = rerank_features(query, gallery, strategy="certified")
     direct = rerank_features(query, gallery, strategy="direct")

@@ -28,8 +28,13 @@ SCALES = (1.0, 1e-30, 1e15, 1e20, 1e160)
 
 def _rows(draw, count, dim, dtype):
     scale = draw(st.sampled_from(SCALES))
-    values = draw(st.lists(st.floats(-4, 4, allow_nan=False, width=32) | st.sampled_from([math.nan, math.inf, -math.inf]),
-                           min_size=count * dim, max_size=count * dim))
+    values = draw(
+        st.lists(
+            st.floats(-4, 4, allow_nan=False, width=32) | st.sampled_from([math.nan, math.inf, -math.inf]),
+            min_size=count * dim,
+            max_size=count * dim,
+        )
+    )
     return (torch.tensor(values, dtype=torch.float64).reshape(count, dim) * scale).to(dtype)
 
 
@@ -39,8 +44,13 @@ def knn_cases(draw):
     m, n, dim = draw(st.integers(0, 5)), draw(st.integers(0, 9)), draw(st.integers(1, 4))
     x, y = _rows(draw, m, dim, dtype), _rows(draw, n, dim, dtype)
     k = draw(st.integers(1, n + 2))
-    return x, y, k, draw(st.sampled_from(["euclidean", "sqeuclidean", "cosine"])), \
-        draw(st.sampled_from(["direct", "certified"]))
+    return (
+        x,
+        y,
+        k,
+        draw(st.sampled_from(["euclidean", "sqeuclidean", "cosine"])),
+        draw(st.sampled_from(["direct", "certified"])),
+    )
 
 
 def _squared(d, metric):
@@ -49,7 +59,7 @@ def _squared(d, metric):
 
 def _tolerance(x, y, metric, dtype):
     """8 gamma_D (|x|^2 + |y|^2) + a few ulp, on squared (or cosine) distances."""
-    u = 2.0 ** -53 if dtype == torch.float64 else 2.0 ** -24
+    u = 2.0**-53 if dtype == torch.float64 else 2.0**-24
     gamma = x.shape[1] * u / (1 - x.shape[1] * u)
     largest = [float(t.double().pow(2).sum(1).max()) if len(t) else 0.0 for t in (x, y)]
     size = 2.0 if metric == "cosine" else sum(largest)
@@ -114,6 +124,7 @@ def test_self_knn_correct_or_value_error(case):
 
 # ---- the issue 9 cases, one test each --------------------------------------------------------
 
+
 def test_meta_tensors_are_a_value_error():
     meta = torch.empty(4, 3, device="meta")
     with pytest.raises(ValueError, match="knn: x must hold data"):
@@ -143,7 +154,7 @@ def test_float32_overflow_is_a_value_error_and_float64_is_right(metric):
 
 def test_k_close_to_n_sorts_whole_rows():
     gen = torch.Generator().manual_seed(1)
-    x = (torch.randint(-2, 3, (20, 16), generator=gen)).float()   # exact distances, many ties
+    x = (torch.randint(-2, 3, (20, 16), generator=gen)).float()  # exact distances, many ties
     y = (torch.randint(-2, 3, (20000, 16), generator=gen)).float()
     k = len(y)
     start = time.perf_counter()

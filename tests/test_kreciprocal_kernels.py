@@ -25,8 +25,9 @@ def csr_rows(row_ptr):
     return torch.repeat_interleave(torch.arange(len(row_ptr) - 1), row_ptr.diff())
 
 
-@pytest.mark.parametrize("n, k1, kh, width", [(60, 20, 10, 21), (200, 7, 4, 8), (5, 20, 10, 5), (40, 1, 0, 6),
-                                              (90, 9, 4, 12)])
+@pytest.mark.parametrize(
+    "n, k1, kh, width", [(60, 20, 10, 21), (200, 7, 4, 8), (5, 20, 10, 5), (40, 1, 0, 6), (90, 9, 4, 12)]
+)
 def test_expand_matches_torch(n, k1, kh, width):
     neighbours = neighbour_lists(n, width, n + k1)
     rows, cols = _kreciprocal.expanded_neighbourhoods(neighbours, k1, kh)
@@ -42,7 +43,8 @@ def test_query_expansion_matches_torch(k2):
     values = torch.rand(len(rows), generator=torch.Generator().manual_seed(k2))
     expected = _kreciprocal.query_expansion(rows, cols, values, neighbours[:, :k2], n)
     row_ptr, got_cols, got_values = torch.ops.dpm_ops.kreciprocal_query_expansion(
-        torch.ops.dpm_ops.kreciprocal_expand(neighbours, 20, 10)[0], cols, values, neighbours[:, :k2].contiguous())
+        torch.ops.dpm_ops.kreciprocal_expand(neighbours, 20, 10)[0], cols, values, neighbours[:, :k2].contiguous()
+    )
     assert torch.equal(csr_rows(row_ptr), expected[0]) and torch.equal(got_cols, expected[1])
     torch.testing.assert_close(got_values, expected[2], rtol=0, atol=0)  # same sums, same order
 
@@ -101,27 +103,32 @@ def test_ops_pass_opcheck_with_data_dependent_sizes():
 def test_kernel_and_torch_paths_agree(monkeypatch, k1, k2, lambda_value):
     rng = np.random.default_rng(k1)
     query, gallery = rng.standard_normal((25, 16)).astype(np.float32), rng.standard_normal((110, 16)).astype(np.float32)
-    q_g, q_q, g_g = (rerank_numpy.euclidean_distances(a, b) for a, b in
-                     ((query, gallery), (query, query), (gallery, gallery)))
+    q_g, q_q, g_g = (
+        rerank_numpy.euclidean_distances(a, b) for a, b in ((query, gallery), (query, query), (gallery, gallery))
+    )
     kernels = rerank_features(query, gallery, k1, k2, lambda_value), re_ranking(q_g, q_q, g_g, k1, k2, lambda_value)
     monkeypatch.setenv("DPM_OPS_BACKEND", "reference")  # default resolution -> the torch stages
     torch_path = rerank_features(query, gallery, k1, k2, lambda_value), re_ranking(q_g, q_q, g_g, k1, k2, lambda_value)
     for got, expected in zip(kernels, torch_path):
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
-        np.testing.assert_array_equal(np.argsort(got, axis=1, kind="stable"), np.argsort(expected, axis=1, kind="stable"))
+        np.testing.assert_array_equal(
+            np.argsort(got, axis=1, kind="stable"), np.argsort(expected, axis=1, kind="stable")
+        )
 
 
 @pytest.mark.parametrize("levels", [None, 4])
 def test_match_ranks_kernel_and_torch_paths_agree(monkeypatch, levels):
     # Quantised distances make ties everywhere, decided by gallery index on both paths.
     from dpm_ops.evaluation import evaluate_rank
+
     rng = np.random.default_rng(11)
     dist = rng.random((70, 400)).astype(np.float32)
     if levels:
         dist = np.round(dist * levels) / levels
     labels = (rng.integers(0, 10, 70), rng.integers(0, 10, 400), rng.integers(0, 3, 70), rng.integers(0, 3, 400))
-    offsets, ranks = torch.ops.dpm_ops.match_ranks(torch.from_numpy(dist), *(torch.from_numpy(a) for a in
-                                                                          (labels[0], labels[1], labels[2], labels[3])))
+    offsets, ranks = torch.ops.dpm_ops.match_ranks(
+        torch.from_numpy(dist), *(torch.from_numpy(a) for a in (labels[0], labels[1], labels[2], labels[3]))
+    )
     assert len(offsets) == 71 and bool((ranks[offsets[1:] - 1] <= 400).all())
     kernel = evaluate_rank(dist, *labels, max_rank=20, ap="trapezoid")
     monkeypatch.setenv("DPM_OPS_BACKEND", "reference")
@@ -147,14 +154,16 @@ def assert_same(got, expected):
         assert g.device.type == "cuda" and torch.equal(g.cpu(), e)
 
 
-@pytest.mark.parametrize("n, k1, kh, width", [(60, 20, 10, 21), (200, 7, 4, 8), (5, 20, 10, 5), (40, 1, 0, 6),
-                                              (0, 20, 10, 21), (40000, 20, 10, 21)])
+@pytest.mark.parametrize(
+    "n, k1, kh, width",
+    [(60, 20, 10, 21), (200, 7, 4, 8), (5, 20, 10, 5), (40, 1, 0, 6), (0, 20, 10, 21), (40000, 20, 10, 21)],
+)
 @needs_cuda
 def test_expand_cuda_matches_cpu(n, k1, kh, width):
     if n <= 5000:
         neighbours = neighbour_lists(n, width, n + k1)
     else:  # more rows than the kernel's scratch threads (grid-stride loop): items on a shuffled ring
-        offsets = torch.tensor([0] + [s * (t + 1) for t in range(width) for s in (1, -1)][:width - 1])
+        offsets = torch.tensor([0] + [s * (t + 1) for t in range(width) for s in (1, -1)][: width - 1])
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(n))
         neighbours = torch.empty(n, width, dtype=torch.long)
         neighbours[perm] = perm[(torch.arange(n)[:, None] + offsets) % n]
@@ -188,8 +197,9 @@ def test_jaccard_blend_cuda_matches_cpu(lambda_value, scaled):
     expected = out.clone()
     torch.ops.dpm_ops.kreciprocal_jaccard_blend_(expected, row_ptr, cols, values, lambda_value, scale)
     got = out.cuda()
-    torch.ops.dpm_ops.kreciprocal_jaccard_blend_(got, *on_cuda(row_ptr, cols, values), lambda_value,
-                                                 None if scale is None else scale.cuda())
+    torch.ops.dpm_ops.kreciprocal_jaccard_blend_(
+        got, *on_cuda(row_ptr, cols, values), lambda_value, None if scale is None else scale.cuda()
+    )
     assert_same([got], [expected])
 
 
@@ -218,10 +228,13 @@ def test_rerank_on_cuda_uses_kernels_and_matches_cpu(monkeypatch, k1, k2, lambda
     calls = []
     for name in ("kreciprocal_expand", "kreciprocal_jaccard_blend_"):
         op = getattr(torch.ops.dpm_ops, name)
-        monkeypatch.setattr(torch.ops.dpm_ops, name, lambda *a, _op=op, _name=name: calls.append(_name) or _op(*a),
-                            raising=False)
-    got = (re_ranking(q_g.cuda(), q_q.cuda(), g_g.cuda(), k1, k2, lambda_value),
-           rerank_features(query.cuda(), gallery.cuda(), k1, k2, lambda_value))
+        monkeypatch.setattr(
+            torch.ops.dpm_ops, name, lambda *a, _op=op, _name=name: calls.append(_name) or _op(*a), raising=False
+        )
+    got = (
+        re_ranking(q_g.cuda(), q_q.cuda(), g_g.cuda(), k1, k2, lambda_value),
+        rerank_features(query.cuda(), gallery.cuda(), k1, k2, lambda_value),
+    )
     assert calls.count("kreciprocal_expand") == 2 and calls.count("kreciprocal_jaccard_blend_") == 2
     # Same pipeline and kernels; the torch steps between them (exp, index_add_, the GPU's GEMM for
     # features) round differently on the GPU.

@@ -8,9 +8,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dpm_ops.losses import (BaselineReIDLoss, DPMLoss, HEMLoss, MaskReIDRankingLoss, MaskedArcFaceLoss,
-                            SoftMarginTripletLoss, arcface_logits, hem_loss, masked_arcface_cross_entropy,
-                            masked_arcface_logits, maskreid_ranking_loss)
+from dpm_ops.losses import (
+    BaselineReIDLoss,
+    DPMLoss,
+    HEMLoss,
+    MaskReIDRankingLoss,
+    MaskedArcFaceLoss,
+    SoftMarginTripletLoss,
+    arcface_logits,
+    hem_loss,
+    masked_arcface_cross_entropy,
+    masked_arcface_logits,
+    maskreid_ranking_loss,
+)
 from dpm_ops.models import DPMTrainOutput, ViTBaselineTrainOutput
 
 DOUBLE = dict(dtype=torch.float64)
@@ -36,6 +46,7 @@ def brute_cross_entropy(logits, labels):
 
 
 # ---------------------------------------------------------------- masked ArcFace (dpm.md §3)
+
 
 def official_masked_arcface_logits(x, mask, weight, labels, s, m, easy_margin):
     """MArcface's per-sample loop, margin branch by branch."""
@@ -85,8 +96,9 @@ def test_masked_arcface_cross_entropy_matches_official_loop(margin, easy_margin)
 
     def reference(x, mask, weight):
         plain = brute_cross_entropy(x @ weight.t(), labels)
-        masked = brute_cross_entropy(official_masked_arcface_logits(x, mask, weight, labels, 30.0, margin,
-                                                                    easy_margin), labels)
+        masked = brute_cross_entropy(
+            official_masked_arcface_logits(x, mask, weight, labels, 30.0, margin, easy_margin), labels
+        )
         return 0.5 * plain + 0.5 * masked
 
     assert_same_value_and_grad(ours, reference, (x, mask, weight))
@@ -94,8 +106,13 @@ def test_masked_arcface_cross_entropy_matches_official_loop(margin, easy_margin)
 
 def test_masked_arcface_loss_module_defaults_and_weights():
     loss = MaskedArcFaceLoss()
-    assert (loss.scale, loss.margin, loss.easy_margin, loss.plain_weight, loss.masked_weight) == (30.0, 0.5, False,
-                                                                                                  0.5, 0.5)
+    assert (loss.scale, loss.margin, loss.easy_margin, loss.plain_weight, loss.masked_weight) == (
+        30.0,
+        0.5,
+        False,
+        0.5,
+        0.5,
+    )
     x, mask, weight, labels = arcface_inputs()
     masked_only = MaskedArcFaceLoss(plain_weight=0.0, masked_weight=1.0)(x, mask, weight, labels)
     expected = brute_cross_entropy(official_masked_arcface_logits(x, mask, weight, labels, 30.0, 0.5, False), labels)
@@ -126,12 +143,14 @@ def test_masked_arcface_logits_run_in_fp32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = masked_arcface_logits(x.bfloat16(), mask.bfloat16(), weight, labels)
     assert logits.dtype == torch.float32
-    reference = official_masked_arcface_logits(x.bfloat16().double(), mask.bfloat16().double(), weight.double(),
-                                               labels, 30.0, 0.5, False)
+    reference = official_masked_arcface_logits(
+        x.bfloat16().double(), mask.bfloat16().double(), weight.double(), labels, 30.0, 0.5, False
+    )
     torch.testing.assert_close(logits.double(), reference, atol=1e-4, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- batch-hard soft-margin triplet (dpm.md §6)
+
 
 def brute_triplet(x, labels):
     losses = []
@@ -148,8 +167,9 @@ def test_triplet_matches_brute_force():
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(9, 6, generator=generator, **DOUBLE) * 4  # un-normalised on purpose
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4])
-    assert_same_value_and_grad(lambda x: SoftMarginTripletLoss()(x, labels), lambda x: brute_triplet(x, labels),
-                               (x,), atol=1e-7, rtol=1e-6)
+    assert_same_value_and_grad(
+        lambda x: SoftMarginTripletLoss()(x, labels), lambda x: brute_triplet(x, labels), (x,), atol=1e-7, rtol=1e-6
+    )
 
 
 def test_triplet_anchor_counts_as_its_own_positive():
@@ -163,6 +183,7 @@ def test_triplet_anchor_counts_as_its_own_positive():
 
 # ---------------------------------------------------------------- HEM (dpm.md §4)
 
+
 def brute_hem(a):
     batch, heads, patches = a.shape
     total = a.new_zeros(())
@@ -171,7 +192,7 @@ def brute_hem(a):
         for i in range(heads):
             for j in range(heads):
                 total = total + ((rows[i] * rows[j]).sum() - (1.0 if i == j else 0.0)) ** 2
-    return total / heads ** 2
+    return total / heads**2
 
 
 def test_hem_loss_matches_brute_force_summed_over_batch():
@@ -192,6 +213,7 @@ def test_hem_loss_extremes():
 
 
 # ---------------------------------------------------------------- MaskReID ranking loss (maskreid.md §4.2)
+
 
 def brute_ranking(x, labels, alpha=0.15, lam=2.0, neg_mode="literal", pos_mode="hardest"):
     n = len(labels)
@@ -233,14 +255,19 @@ def ranking_batch(seed=0):
     return F.normalize(x, dim=1), labels
 
 
-@pytest.mark.parametrize("neg_mode, pos_mode", [(n, p) for n in ("literal", "violating_only")
-                                                 for p in ("hardest", "all_eq5")] + [("literal", "eq4")])
+@pytest.mark.parametrize(
+    "neg_mode, pos_mode",
+    [(n, p) for n in ("literal", "violating_only") for p in ("hardest", "all_eq5")] + [("literal", "eq4")],
+)
 def test_ranking_loss_matches_brute_force(neg_mode, pos_mode):
-    for x, labels in (ranking_batch(), (F.normalize(torch.randn(9, 5, **DOUBLE), dim=1),
-                                        torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2]))):
+    for x, labels in (
+        ranking_batch(),
+        (F.normalize(torch.randn(9, 5, **DOUBLE), dim=1), torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])),
+    ):
         loss = MaskReIDRankingLoss(neg_mode=neg_mode, pos_mode=pos_mode)
-        assert_same_value_and_grad(lambda x: loss(x, labels),
-                                   lambda x: brute_ranking(x, labels, neg_mode=neg_mode, pos_mode=pos_mode), (x,))
+        assert_same_value_and_grad(
+            lambda x: loss(x, labels), lambda x: brute_ranking(x, labels, neg_mode=neg_mode, pos_mode=pos_mode), (x,)
+        )
 
 
 def test_ranking_loss_closed_form_gradient():
@@ -289,14 +316,20 @@ def test_ranking_loss_literal_floor_with_the_papers_batch():
 
 # ---------------------------------------------------------------- DPM total (dpm.md §6) and the baseline
 
+
 def fake_dpm_output(batch=8, classes=5, dim=12, heads=12, patches=30, seed=0):
     generator = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
         return torch.randn(*shape, generator=generator, **DOUBLE)
 
-    return DPMTrainOutput(randn(batch, classes), randn(batch, classes) * 5, randn(batch, dim),
-                          torch.rand(batch, dim, generator=generator, **DOUBLE), randn(batch, heads, patches))
+    return DPMTrainOutput(
+        randn(batch, classes),
+        randn(batch, classes) * 5,
+        randn(batch, dim),
+        torch.rand(batch, dim, generator=generator, **DOUBLE),
+        randn(batch, heads, patches),
+    )
 
 
 @pytest.mark.parametrize("hem_weight", [0.1, 0.01])
@@ -306,12 +339,14 @@ def test_dpm_loss_combines_terms_per_spec(hem_weight):
     output = fake_dpm_output()
 
     def ours(plain, masked, feature, hem_logits):  # the mask enters through masked_logits only
-        return DPMLoss(hem_weight=hem_weight)(DPMTrainOutput(plain, masked, feature, output.mask, hem_logits),
-                                              labels)
+        return DPMLoss(hem_weight=hem_weight)(DPMTrainOutput(plain, masked, feature, output.mask, hem_logits), labels)
 
     def reference(plain, masked, feature, hem_logits):
-        id_loss = (0.5 * brute_cross_entropy(plain, labels) + 0.5 * brute_cross_entropy(masked, labels)
-                   + hem_weight * brute_hem(hem_logits))
+        id_loss = (
+            0.5 * brute_cross_entropy(plain, labels)
+            + 0.5 * brute_cross_entropy(masked, labels)
+            + hem_weight * brute_hem(hem_logits)
+        )
         return id_loss + brute_triplet(feature, labels)
 
     inputs = (output.plain_logits, output.masked_logits, output.feature, output.hem_logits)
@@ -325,8 +360,7 @@ def test_dpm_loss_defaults_terms_and_outer_weights():
     terms = criterion.terms(output, labels)
     assert set(terms) == {"id_plain", "id_masked", "hem", "triplet"}
     weighted = DPMLoss(id_weight=2.0, triplet_weight=3.0)(output, labels)
-    expected = (2.0 * (0.5 * terms["id_plain"] + 0.5 * terms["id_masked"] + 0.1 * terms["hem"])
-                + 3.0 * terms["triplet"])
+    expected = 2.0 * (0.5 * terms["id_plain"] + 0.5 * terms["id_masked"] + 0.1 * terms["hem"]) + 3.0 * terms["triplet"]
     torch.testing.assert_close(weighted, expected)
 
 

@@ -15,8 +15,13 @@ KERNEL_BACKENDS = backend_params("cpp", "cuda", "triton")
 
 # (B, K, C): one sample / class, odd sizes, several tiles and chunks.
 SHAPES = [(1, 1, 3), (1, 7, 13), (5, 1, 8), (7, 11, 13), (17, 35, 70), (40, 66, 33)]
-OPTIONS = [dict(), dict(margin=0.3), dict(easy_margin=True), dict(plain_weight=0.0, masked_weight=1.0),
-           dict(plain_weight=0.7, masked_weight=0.2, scale=16.0, clamp_eps=1e-5)]
+OPTIONS = [
+    dict(),
+    dict(margin=0.3),
+    dict(easy_margin=True),
+    dict(plain_weight=0.0, masked_weight=1.0),
+    dict(plain_weight=0.7, masked_weight=0.2, scale=16.0, clamp_eps=1e-5),
+]
 
 
 def make_inputs(B, K, C, dtype, device, seed=0):
@@ -56,9 +61,13 @@ def test_matches_reference(backend, dtype, shape):
 @pytest.mark.parametrize("shape", [(1, 7, 13), (40, 66, 33)])
 def test_triton_fp32_follows_the_matmul_precision(backend, shape, fp32_matmul_precision, monkeypatch):
     from dpm_ops.triton import masked_arcface as kernels
+
     launches = record_launches(monkeypatch, kernels, "_arcface_tile_kernel")
-    check_against_reference(backend, *make_inputs(*shape, torch.float32, device_for(backend), seed=3),
-                            tol=fp32_tolerances(fp32_matmul_precision))
+    check_against_reference(
+        backend,
+        *make_inputs(*shape, torch.float32, device_for(backend), seed=3),
+        tol=fp32_tolerances(fp32_matmul_precision),
+    )
     assert len(launches) >= 2  # the forward tiles and the gradients' recomputed tiles
     want = "ieee" if fp32_matmul_precision == "highest" else "tf32"
     assert {launch["PRECISION"] for launch in launches} == {want}
@@ -90,8 +99,9 @@ def test_margin_branches_and_clamp(backend, easy_margin):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_non_contiguous_inputs(backend):
     features, mask, weight, labels = make_inputs(12, 9, 16, torch.float32, device_for(backend), seed=5)
-    check_against_reference(backend, features.t().contiguous().t(), torch.cat([mask, mask], 1)[:, ::2],
-                            weight.t().contiguous().t(), labels)
+    check_against_reference(
+        backend, features.t().contiguous().t(), torch.cat([mask, mask], 1)[:, ::2], weight.t().contiguous().t(), labels
+    )
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -106,8 +116,9 @@ def test_gradcheck_float64(backend):
     features, mask, weight, labels = make_inputs(4, 5, 6, torch.float64, device_for(backend), seed=1)
     inputs = [t.requires_grad_(True) for t in (features, mask, weight)]
     # fast_mode (random projections): the Triton interpreter costs ~0.1 s per call on the CPU.
-    assert torch.autograd.gradcheck(lambda f, m, w: masked_arcface_ce(f, m, w, labels, backend=backend), inputs,
-                                    fast_mode=backend == "triton")
+    assert torch.autograd.gradcheck(
+        lambda f, m, w: masked_arcface_ce(f, m, w, labels, backend=backend), inputs, fast_mode=backend == "triton"
+    )
 
 
 def _op_for(backend):
@@ -119,8 +130,17 @@ def _op_for(backend):
 @pytest.mark.parametrize("with_grad", [True, False])
 def test_opcheck(backend, with_grad):
     features, mask, weight, labels = make_inputs(5, 7, 6, torch.float64, device_for(backend), seed=3)
-    args = (*[t.requires_grad_(with_grad) for t in (features, mask, weight)], labels, 30.0, 0.5, False, 1e-7, 0.5,
-            0.5, with_grad)
+    args = (
+        *[t.requires_grad_(with_grad) for t in (features, mask, weight)],
+        labels,
+        30.0,
+        0.5,
+        False,
+        1e-7,
+        0.5,
+        0.5,
+        with_grad,
+    )
     torch.library.opcheck(_op_for(backend), args)
 
 
@@ -136,8 +156,9 @@ def test_gradients_only_when_autograd_needs_them(backend):
     torch.testing.assert_close(loss, expected)
     assert [g.shape for g in grads] == [features.shape, mask.shape, weight.shape]
     with torch.no_grad():  # the public function asks for none under no_grad
-        torch.testing.assert_close(masked_arcface_ce(features.requires_grad_(True), mask, weight, labels,
-                                                     backend=backend), expected)
+        torch.testing.assert_close(
+            masked_arcface_ce(features.requires_grad_(True), mask, weight, labels, backend=backend), expected
+        )
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -151,8 +172,9 @@ def test_torch_compile_fullgraph(backend):
 
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
     value = compiled(*inputs, labels)
-    expected = 2.0 * masked_arcface_cross_entropy(inputs[0] * 1.5, inputs[1], inputs[2], labels, margin=0.3,
-                                                  fused=False)
+    expected = 2.0 * masked_arcface_cross_entropy(
+        inputs[0] * 1.5, inputs[1], inputs[2], labels, margin=0.3, fused=False
+    )
     torch.testing.assert_close(value, expected)
     for got, want in zip(torch.autograd.grad(value, inputs), torch.autograd.grad(expected, inputs)):
         torch.testing.assert_close(got, want)
@@ -160,6 +182,7 @@ def test_torch_compile_fullgraph(backend):
 
 def test_loss_function_and_module_default_to_the_fused_kernel(monkeypatch):
     import dpm_ops.losses.arcface as arcface
+
     calls = []
     original = arcface.masked_arcface_ce
     monkeypatch.setattr(arcface, "masked_arcface_ce", lambda *a, **k: calls.append(1) or original(*a, **k))
@@ -180,8 +203,9 @@ def test_fused_loss_under_bf16_autocast_runs_in_fp32():
     features, mask, weight, labels = make_inputs(6, 9, 16, torch.float32, "cpu", seed=8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fused = masked_arcface_cross_entropy(features.bfloat16(), mask.bfloat16(), weight, labels)
-    reference = masked_arcface_cross_entropy(features.bfloat16().float(), mask.bfloat16().float(), weight, labels,
-                                             fused=False)
+    reference = masked_arcface_cross_entropy(
+        features.bfloat16().float(), mask.bfloat16().float(), weight, labels, fused=False
+    )
     assert fused.dtype == torch.float32
     torch.testing.assert_close(fused, reference)
 
@@ -225,21 +249,28 @@ def test_dpm_loss_on_loss_inputs_equals_the_logits_path():
 
 
 @pytest.mark.parametrize("backend", backend_params("cpp", "cuda", "triton"))
-@pytest.mark.parametrize("bad, message", [
-    (lambda f, m, w, y: (f[0], m, w, y), "x must be 2-D"),
-    (lambda f, m, w, y: (f, m[:, :-1], w, y), "mask must have the shape"),
-    (lambda f, m, w, y: (f, m, w[:, :-1], y), "protos must have C"),
-    (lambda f, m, w, y: (f, m, w[:0], y), "at least one class"),
-    (lambda f, m, w, y: (f, m, w, y[:-1]), "labels must be 1-D of length"),
-    (lambda f, m, w, y: (f, m, w, y.int()), "labels must be int64"),
-    (lambda f, m, w, y: (f, m, w, y + 100), r"labels must lie in \[0, K = 7\)"),
-    (lambda f, m, w, y: (f, m, w, y - 100), r"labels must lie in \[0, K = 7\)"),
-    (lambda f, m, w, y: (f.half(), m.half(), w.half(), y), "float32 or float64"),
-    (lambda f, m, w, y: (f.index_fill(0, torch.tensor([1], device=f.device), float("nan")), m, w, y),
-     "features contains non-finite"),
-    (lambda f, m, w, y: (f, m, w.index_fill(1, torch.tensor([2], device=w.device), float("inf")), y),
-     "weight contains non-finite"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (lambda f, m, w, y: (f[0], m, w, y), "x must be 2-D"),
+        (lambda f, m, w, y: (f, m[:, :-1], w, y), "mask must have the shape"),
+        (lambda f, m, w, y: (f, m, w[:, :-1], y), "protos must have C"),
+        (lambda f, m, w, y: (f, m, w[:0], y), "at least one class"),
+        (lambda f, m, w, y: (f, m, w, y[:-1]), "labels must be 1-D of length"),
+        (lambda f, m, w, y: (f, m, w, y.int()), "labels must be int64"),
+        (lambda f, m, w, y: (f, m, w, y + 100), r"labels must lie in \[0, K = 7\)"),
+        (lambda f, m, w, y: (f, m, w, y - 100), r"labels must lie in \[0, K = 7\)"),
+        (lambda f, m, w, y: (f.half(), m.half(), w.half(), y), "float32 or float64"),
+        (
+            lambda f, m, w, y: (f.index_fill(0, torch.tensor([1], device=f.device), float("nan")), m, w, y),
+            "features contains non-finite",
+        ),
+        (
+            lambda f, m, w, y: (f, m, w.index_fill(1, torch.tensor([2], device=w.device), float("inf")), y),
+            "weight contains non-finite",
+        ),
+    ],
+)
 def test_bad_input_names_the_argument(backend, bad, message):
     features, mask, weight, labels = make_inputs(4, 7, 6, torch.float32, device_for(backend))
     with pytest.raises(ValueError, match=message):

@@ -74,8 +74,9 @@ def test_non_contiguous_inputs(backend):
     mask_s = torch.cat([mask, mask], dim=1)[:, ::2]  # strided
     protos_t = protos.t().contiguous().t()
     expected = masked_cosine_reference(x, mask_s, protos)
-    torch.testing.assert_close(masked_cosine(x_t, mask_s, protos_t, backend=backend), expected,
-                               **tolerances(torch.float32))
+    torch.testing.assert_close(
+        masked_cosine(x_t, mask_s, protos_t, backend=backend), expected, **tolerances(torch.float32)
+    )
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -114,8 +115,11 @@ def test_large_shape(backend):
         pytest.skip("the Triton interpreter costs ~0.4 ms per program; large shapes run on GPU only")
     device = device_for(backend)
     x, mask, protos = make_inputs(300, 1000, 768, torch.float32, device)
-    torch.testing.assert_close(masked_cosine(x, mask, protos, backend=backend),
-                               masked_cosine_reference(x, mask, protos), **tolerances(torch.float32))
+    torch.testing.assert_close(
+        masked_cosine(x, mask, protos, backend=backend),
+        masked_cosine_reference(x, mask, protos),
+        **tolerances(torch.float32),
+    )
 
 
 @pytest.mark.parametrize("backend", backend_params("cuda", "triton"))
@@ -124,8 +128,9 @@ def test_large_shape(backend):
 def test_reduced_precision(backend, dtype, shape):
     """fp16/bf16: tensor-core dots on fp16/bf16 operands, fp32 accumulation."""
     if not torch.cuda.is_available() and (backend == "cuda" or dtype == torch.bfloat16):
-        pytest.skip("bf16 tl.dot needs a GPU: the Triton interpreter multiplies its bit patterns "
-                    "(triton-lang/triton#11584)")
+        pytest.skip(
+            "bf16 tl.dot needs a GPU: the Triton interpreter multiplies its bit patterns (triton-lang/triton#11584)"
+        )
     device = device_for(backend)
     x, mask, protos = make_inputs(*shape, dtype, device, requires_grad=True)
     full = [t.detach().float().requires_grad_() for t in (x, mask, protos)]
@@ -162,6 +167,7 @@ def test_float16_small_masks(backend):
 @pytest.mark.parametrize("shape", [(1, 7, 13), (17, 35, 70), (70, 140, 200)])
 def test_triton_fp32_follows_the_matmul_precision(backend, shape, fp32_matmul_precision, monkeypatch):
     from dpm_ops.triton import masked_cosine as kernels
+
     tiles = record_launches(monkeypatch, kernels, "_masked_cosine_tile_kernel")
     coefs = record_launches(monkeypatch, kernels, "_coef_grad_kernel")
     x, mask, protos = make_inputs(*shape, torch.float32, device_for(backend), requires_grad=True)
@@ -259,16 +265,25 @@ def test_masked_arccos_distance(backend):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize("bad, message", [
-    (lambda x, m, p: (x[0], m[0], p), "x must be 2-D"),
-    (lambda x, m, p: (x, m, p[0]), "protos must be 2-D"),
-    (lambda x, m, p: (x, m[:, :-1], p), "mask must have the shape of x"),
-    (lambda x, m, p: (x, m, p[:, :-1]), "protos must have C = "),
-    (lambda x, m, p: (x, m.double(), p), "must share one dtype"),
-    (lambda x, m, p: (x.long(), m.long(), p.long()), "must be floating point"),
-    (lambda x, m, p: (x.index_fill(0, torch.tensor([1], device=x.device), float("nan")), m, p), "x contains non-finite"),
-    (lambda x, m, p: (x, m, p.index_fill(1, torch.tensor([2], device=p.device), float("inf"))), "protos contains non-finite"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (lambda x, m, p: (x[0], m[0], p), "x must be 2-D"),
+        (lambda x, m, p: (x, m, p[0]), "protos must be 2-D"),
+        (lambda x, m, p: (x, m[:, :-1], p), "mask must have the shape of x"),
+        (lambda x, m, p: (x, m, p[:, :-1]), "protos must have C = "),
+        (lambda x, m, p: (x, m.double(), p), "must share one dtype"),
+        (lambda x, m, p: (x.long(), m.long(), p.long()), "must be floating point"),
+        (
+            lambda x, m, p: (x.index_fill(0, torch.tensor([1], device=x.device), float("nan")), m, p),
+            "x contains non-finite",
+        ),
+        (
+            lambda x, m, p: (x, m, p.index_fill(1, torch.tensor([2], device=p.device), float("inf"))),
+            "protos contains non-finite",
+        ),
+    ],
+)
 def test_bad_input_names_the_argument(backend, bad, message):
     x, mask, protos = make_inputs(3, 4, 5, torch.float32, device_for(backend))
     with pytest.raises(ValueError, match=message):

@@ -146,9 +146,11 @@ def test_eq4_by_hand(backend):
     r = 1 / math.sqrt(2)
     x = torch.tensor([[1, 0, 0], [0, 1, 0], [r, r, 0], [-1, 0, 0], [0, 0, 1]], dtype=torch.float64, device=device)
     labels = torch.tensor([0, 0, 0, 1, 2], device=device)
-    by_hand = (math.log(1 + (math.exp(-1) + 1) * (1 + math.exp(-r)))
-               + math.log(1 + 2 * (1 + math.exp(-r)))
-               + math.log(1 + (math.exp(-r) + 1) * 2 * math.exp(-r))) / 3
+    by_hand = (
+        math.log(1 + (math.exp(-1) + 1) * (1 + math.exp(-r)))
+        + math.log(1 + 2 * (1 + math.exp(-r)))
+        + math.log(1 + (math.exp(-r) + 1) * 2 * math.exp(-r))
+    ) / 3
     value, grad = value_and_grad(lambda e, l: maskreid_ranking_loss(e, l, pos_mode="eq4", backend=backend), x, labels)
     assert value.item() == pytest.approx(by_hand, rel=1e-14)
     _, literal_grad = value_and_grad(lambda e, l: literal_eq4(e, l), x, labels)
@@ -162,8 +164,9 @@ def test_eq4_is_stable_where_the_double_sum_overflows(backend):
     x, labels = batch(CASES["pk"][0], 8, torch.float64, device=device_for(backend), spread=3.0)
     x = x * 12
     assert not literal_eq4(x.float(), labels).isfinite()  # some exp(s_kj − s_ki) is past fp32's range
-    value, grad = value_and_grad(lambda e, l: maskreid_ranking_loss(e, l, pos_mode="eq4", backend=backend),
-                                 x.float(), labels)
+    value, grad = value_and_grad(
+        lambda e, l: maskreid_ranking_loss(e, l, pos_mode="eq4", backend=backend), x.float(), labels
+    )
     expected, expected_grad = value_and_grad(literal_eq4, x, labels)
     torch.testing.assert_close(value, expected.float())
     torch.testing.assert_close(grad, expected_grad.float())
@@ -184,8 +187,10 @@ def test_gradcheck_float64(backend, neg_mode, pos_mode):
     x, labels = batch([0, 0, 0, 1, 1, 2, 3], 5, device=device_for(backend), spread=1.0)
     x.requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda e: maskreid_ranking_loss(e, labels, neg_mode=neg_mode, pos_mode=pos_mode, backend=backend), (x,),
-        fast_mode=True)
+        lambda e: maskreid_ranking_loss(e, labels, neg_mode=neg_mode, pos_mode=pos_mode, backend=backend),
+        (x,),
+        fast_mode=True,
+    )
 
 
 def _op_for(backend):
@@ -195,15 +200,19 @@ def _op_for(backend):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.parametrize("neg_mode, pos_mode", [("literal", "hardest"), ("violating_only", "all_eq5"),
-                                               ("literal", "eq4")])
+@pytest.mark.parametrize(
+    "neg_mode, pos_mode", [("literal", "hardest"), ("violating_only", "all_eq5"), ("literal", "eq4")]
+)
 def test_opcheck(backend, neg_mode, pos_mode):
     x, labels = batch([0, 0, 1, 1, 1, 2], 7, device=device_for(backend))
     x.requires_grad_(True)
     torch.library.opcheck(_op_for(backend), (x, labels, 0.15, 2.0, neg_mode, pos_mode))
     _, coef = _op_for(backend)(x.detach(), labels, 0.15, 2.0, neg_mode, pos_mode)
-    backward = (torch.ops.dpm_ops.maskreid_ranking_loss_triton_backward if backend == "triton"
-                else torch.ops.dpm_ops.maskreid_ranking_loss_backward)
+    backward = (
+        torch.ops.dpm_ops.maskreid_ranking_loss_triton_backward
+        if backend == "triton"
+        else torch.ops.dpm_ops.maskreid_ranking_loss_backward
+    )
     torch.library.opcheck(backward, (torch.tensor(0.5, dtype=x.dtype, device=x.device), x.detach().float(), coef))
 
 
@@ -228,8 +237,9 @@ def test_torch_compile_fullgraph(backend):
 def test_loss_module_runs_the_fused_op_by_default(neg_mode, pos_mode):
     x, labels = batch(paper_labels(4, 12), 32)
     fused = value_and_grad(lambda e, l: MaskReIDRankingLoss(neg_mode=neg_mode, pos_mode=pos_mode)(e, l), x, labels)
-    plain = value_and_grad(lambda e, l: loss_module_function(e, l, neg_mode=neg_mode, pos_mode=pos_mode, fused=False),
-                           x, labels)
+    plain = value_and_grad(
+        lambda e, l: loss_module_function(e, l, neg_mode=neg_mode, pos_mode=pos_mode, fused=False), x, labels
+    )
     for got, want in zip(fused, plain):
         torch.testing.assert_close(got, want, **tolerances(torch.float64))
     if dpm_ops.backends()["cpp"][0]:  # the fused op is what autograd recorded
@@ -251,21 +261,26 @@ def test_literal_floor_with_the_papers_batch():
 
 
 @pytest.mark.parametrize("backend", backend_params("reference", "cpp", "cuda", "triton"))
-@pytest.mark.parametrize("bad, message", [
-    (lambda x, l: (x[0], l, {}), "embeddings must be 2-D"),
-    (lambda x, l: (x.long(), l, {}), "embeddings must be floating point"),
-    (lambda x, l: (x, l[:-1], {}), "labels must be 1-D with B = 6"),
-    (lambda x, l: (x, l[None], {}), "labels must be 1-D"),
-    (lambda x, l: (x, l.float(), {}), "labels must be integer"),
-    (lambda x, l: (x, l, {"alpha": float("nan")}), "alpha must be a finite number"),
-    (lambda x, l: (x, l, {"lam": "2"}), "lam must be a finite number"),
-    (lambda x, l: (x, l, {"neg_mode": "soft"}), "neg_mode must be one of"),
-    (lambda x, l: (x, l, {"pos_mode": "easiest"}), "pos_mode must be one of"),
-    (lambda x, l: (x, l, {"pos_mode": "all"}), "pos_mode 'all' was renamed 'all_eq5' .*Eq. 4 is 'eq4'"),
-    (lambda x, l: (x, l, {"pos_mode": "eq4", "neg_mode": "violating_only"}),
-     "neg_mode does not apply to pos_mode 'eq4'"),
-    (lambda x, l: (x, [0, 0, 1, 1, 2, 2], {}), "labels must be a torch.Tensor"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (lambda x, l: (x[0], l, {}), "embeddings must be 2-D"),
+        (lambda x, l: (x.long(), l, {}), "embeddings must be floating point"),
+        (lambda x, l: (x, l[:-1], {}), "labels must be 1-D with B = 6"),
+        (lambda x, l: (x, l[None], {}), "labels must be 1-D"),
+        (lambda x, l: (x, l.float(), {}), "labels must be integer"),
+        (lambda x, l: (x, l, {"alpha": float("nan")}), "alpha must be a finite number"),
+        (lambda x, l: (x, l, {"lam": "2"}), "lam must be a finite number"),
+        (lambda x, l: (x, l, {"neg_mode": "soft"}), "neg_mode must be one of"),
+        (lambda x, l: (x, l, {"pos_mode": "easiest"}), "pos_mode must be one of"),
+        (lambda x, l: (x, l, {"pos_mode": "all"}), "pos_mode 'all' was renamed 'all_eq5' .*Eq. 4 is 'eq4'"),
+        (
+            lambda x, l: (x, l, {"pos_mode": "eq4", "neg_mode": "violating_only"}),
+            "neg_mode does not apply to pos_mode 'eq4'",
+        ),
+        (lambda x, l: (x, [0, 0, 1, 1, 2, 2], {}), "labels must be a torch.Tensor"),
+    ],
+)
 def test_bad_input_names_the_argument(backend, bad, message):
     x, labels = batch([0, 0, 1, 1, 2, 2], 4, torch.float32, device=device_for(backend))
     x, labels, kw = bad(x, labels)
@@ -298,8 +313,9 @@ def test_large_batch_runs_the_parallel_row_pass(backend, pos_mode, n):
     """Batches big enough for several OpenMP tasks per pass (the paper's batch runs on one thread)."""
     labels = torch.randint(0, n // 4, (n,), generator=torch.Generator().manual_seed(n)).tolist()
     x, labels = batch(labels, 24, torch.float32, device=device_for(backend))
-    assert_matches_reference(x, labels, backend, pos_mode=pos_mode,
-                             neg_mode="literal" if pos_mode == "eq4" else "violating_only")
+    assert_matches_reference(
+        x, labels, backend, pos_mode=pos_mode, neg_mode="literal" if pos_mode == "eq4" else "violating_only"
+    )
 
 
 @pytest.mark.parametrize("backend", backend_params("cpp", "cuda"))

@@ -43,6 +43,7 @@ def capture_bn_feature(model):
 
 # ---------------------------------------------------------------- shapes
 
+
 @pytest.mark.parametrize("stride", [11, 12])
 def test_train_and_eval_shapes(stride):
     model = tiny_dpm(stride)
@@ -64,7 +65,7 @@ def test_train_and_eval_shapes(stride):
 
 
 def test_neck_feat_selects_the_eval_feature():
-    """"before" (official) returns the pre-BN CLS feature, "after" its BNNeck output; same mask."""
+    """ "before" (official) returns the pre-BN CLS feature, "after" its BNNeck output; same mask."""
     images, cams, _ = batch(3)
     before = tiny_dpm(neck_feat="before").eval()
     after = tiny_dpm(neck_feat="after").eval()
@@ -98,15 +99,19 @@ def test_full_vit_b16_eval_shape():
 
 # ---------------------------------------------------------------- parameter counts (spec §9)
 
+
 def count(module):
     return sum(p.numel() for p in module.parameters())
 
 
-@pytest.mark.parametrize("stride,cameras,classes,test_time,total", [
-    (11, 8, 702, 144_832_512, 145_373_184),    # Occluded-Duke
-    (12, 8, 702, 144_807_936, 145_348_608),    # DukeMTMC-reID
-    (12, 6, 751, 144_806_400, 145_384_704),    # Market-1501 / Occluded-REID
-])
+@pytest.mark.parametrize(
+    "stride,cameras,classes,test_time,total",
+    [
+        (11, 8, 702, 144_832_512, 145_373_184),  # Occluded-Duke
+        (12, 8, 702, 144_807_936, 145_348_608),  # DukeMTMC-reID
+        (12, 6, 751, 144_806_400, 145_384_704),  # Market-1501 / Occluded-REID
+    ],
+)
 def test_full_parameter_counts(stride, cameras, classes, test_time, total):
     with torch.device("meta"):
         model = build_model("dpm", classes, cameras, stride=stride)
@@ -134,8 +139,9 @@ def test_vit_baseline_count_and_outputs():
         full = build_model("vit_baseline", 702, 8)
     assert count(full) == 85_840_128 + 1_536 + 702 * 768
     torch.manual_seed(0)
-    model = build_model("vit_baseline", NUM_CLASSES, NUM_CAMERAS, **{k: v for k, v in TINY.items()
-                                                                      if k != "mask_tap_blocks"})
+    model = build_model(
+        "vit_baseline", NUM_CLASSES, NUM_CAMERAS, **{k: v for k, v in TINY.items() if k != "mask_tap_blocks"}
+    )
     assert not hasattr(model, "mask_generator")
     images, cams, labels = batch(4)
     out = model(images, cam_label=cams, labels=labels)
@@ -148,6 +154,7 @@ def test_vit_baseline_count_and_outputs():
 
 
 # ---------------------------------------------------------------- inits (spec §1.2, §3, §5)
+
 
 def test_initialisation_rules():
     model = tiny_dpm()
@@ -214,6 +221,7 @@ def test_camera_embedding_is_added_to_every_token():
 
 # ---------------------------------------------------------------- attention, HEM logits, mask taps
 
+
 def explicit_attention(attn, x):
     """softmax(q kᵀ · scale) v, the official explicit attention; also returns the full logits."""
     batch_size, tokens, dim = x.shape
@@ -256,8 +264,8 @@ def test_mask_generator_reads_pre_ln_tokens_row_major():
             grids.append(x[:, 1:].reshape(2, num_y, num_x, -1).permute(0, 3, 1, 2))
         z = torch.cat(grids, 1)  # tap order: blocks 0, 1, 2, 3
         stack = generator.conv_stack
-        z = F.max_pool2d(stack[0](z), 2)            # 21x10 -> 10x5
-        z = F.max_pool2d(stack[2](z), 2)            # -> 5x2
+        z = F.max_pool2d(stack[0](z), 2)  # 21x10 -> 10x5
+        z = F.max_pool2d(stack[2](z), 2)  # -> 5x2
         expected = torch.sigmoid(generator.attfc(stack[4](z).amax((2, 3))))
         _, mask = model(images, cam_label=cams)
     torch.testing.assert_close(mask, expected, atol=1e-5, rtol=1e-5)
@@ -265,6 +273,7 @@ def test_mask_generator_reads_pre_ln_tokens_row_major():
 
 
 # ---------------------------------------------------------------- classifier: shared weight, zero-init mask
+
 
 def test_zero_init_mask_makes_masked_cosine_the_plain_cosine():
     model = tiny_dpm()
@@ -319,6 +328,7 @@ def test_bf16_autocast_train_step_keeps_the_classifier_math_in_fp32():
 
 
 # ---------------------------------------------------------------- the two optimisers (spec §7.1)
+
 
 def parameter_snapshot(model):
     return {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -375,8 +385,7 @@ def test_two_pass_training_gradients_and_steps():
     optimizer.zero_grad()
     out = model(images, cam_label=cams, labels=labels)
     # ... the mask itself carries gradient into the backbone (taps are pre-LN block outputs) ...
-    (mask_grad,) = torch.autograd.grad(out.mask.sum(), model.backbone.blocks[0].mlp.fc2.weight,
-                                       retain_graph=True)
+    (mask_grad,) = torch.autograd.grad(out.mask.sum(), model.backbone.blocks[0].mlp.fc2.weight, retain_graph=True)
     assert mask_grad.abs().sum() > 0
     criterion(out, labels).backward()
     reached = {n for n, p in model.named_parameters() if p.grad is not None}
@@ -399,6 +408,7 @@ def test_two_pass_training_gradients_and_steps():
 
 
 # ---------------------------------------------------------------- build_model, errors, compile
+
 
 def test_build_model_names_and_errors():
     assert isinstance(tiny_dpm(), DPM)

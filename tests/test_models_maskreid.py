@@ -15,8 +15,10 @@ TINY = dict(stem_channels=4, base_width=4)
 
 def pair(size=2, height=144, width=56, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(size, 3, height, width, generator=generator),
-            torch.randn(size, 3, height, width, generator=generator))
+    return (
+        torch.randn(size, 3, height, width, generator=generator),
+        torch.randn(size, 3, height, width, generator=generator),
+    )
 
 
 def conv_bn_params(kernel, in_channels, out_channels):
@@ -44,8 +46,14 @@ def test_full_network_level_shapes_and_parameter_count():
         return 2 * conv_bn_params(1, c_in, c) + 3 * conv_bn_params(3, c, c)
 
     stem = conv_bn_params(3, 3, 32) + 2 * conv_bn_params(3, 32, 32)
-    trunk = (module_a(64, 64) + module_b(256, 64) + module_a(384, 128) + module_b(512, 128)
-             + module_a(768, 256) + module_b(1024, 256))
+    trunk = (
+        module_a(64, 64)
+        + module_b(256, 64)
+        + module_a(384, 128)
+        + module_b(512, 128)
+        + module_a(768, 256)
+        + module_b(1024, 256)
+    )
     head = (384 + 768 + 1536) * 256 + 256 + 2 * 256  # FC 2688 -> 256, BN1d
     assert sum(p.numel() for p in model.parameters()) == 2 * stem + trunk + head == 7_076_608
 
@@ -78,20 +86,24 @@ def test_fusion_head_matches_hand_computation():
         levels = model.levels(raw, masked)
         z = torch.cat([level.mean((2, 3)) for level in levels], 1)
         f = (z @ head.fc.weight.t() + head.fc.bias - head.bn.running_mean) / torch.sqrt(
-            head.bn.running_var + head.bn.eps) * head.bn.weight + head.bn.bias
+            head.bn.running_var + head.bn.eps
+        ) * head.bn.weight + head.bn.bias
         expected = f / f.norm(dim=1, keepdim=True)
         torch.testing.assert_close(model(raw, masked), expected, atol=1e-5, rtol=1e-5)
     assert z.shape[1] == 6 * 4 + 12 * 4 + 24 * 4  # low 6w, middle 12w, high 24w channels
 
 
-@pytest.mark.parametrize("options,fused_dim", [
-    (dict(skip="avg"), 168),
-    (dict(skip="max"), 168),
-    (dict(skip="conv_avg"), 168),
-    (dict(level_norm="l2"), 168),
-    (dict(level_norm="bn"), 168),
-    (dict(fuse_levels=False), 96),  # MaskReID-M: the high level only
-])
+@pytest.mark.parametrize(
+    "options,fused_dim",
+    [
+        (dict(skip="avg"), 168),
+        (dict(skip="max"), 168),
+        (dict(skip="conv_avg"), 168),
+        (dict(level_norm="l2"), 168),
+        (dict(level_norm="bn"), 168),
+        (dict(fuse_levels=False), 96),  # MaskReID-M: the high level only
+    ],
+)
 def test_skip_fusion_options(options, fused_dim):
     torch.manual_seed(0)
     model = build_model("maskreid", 3, **TINY, **options)
@@ -125,12 +137,14 @@ def test_inception_modules_written_out():
     a, b = model.inception_2a, model.inception_2b
     with torch.no_grad():
         branch4 = a.branch4[1](F.avg_pool2d(x, 3, 1, 1))  # pad counted, like Caffe's AVE pooling
-        expected_a = torch.cat([a.branch1(x), a.branch2[1](a.branch2[0](x)),
-                                a.branch3[2](a.branch3[1](a.branch3[0](x))), branch4], 1)
+        expected_a = torch.cat(
+            [a.branch1(x), a.branch2[1](a.branch2[0](x)), a.branch3[2](a.branch3[1](a.branch3[0](x))), branch4], 1
+        )
         torch.testing.assert_close(a(x), expected_a)
         y = a(x)
-        expected_b = torch.cat([b.branch1[1](b.branch1[0](y)), b.branch2[2](b.branch2[1](b.branch2[0](y))),
-                                F.max_pool2d(y, 3, 2, 1)], 1)
+        expected_b = torch.cat(
+            [b.branch1[1](b.branch1[0](y)), b.branch2[2](b.branch2[1](b.branch2[0](y))), F.max_pool2d(y, 3, 2, 1)], 1
+        )
         torch.testing.assert_close(b(y), expected_b)
     assert expected_b.shape == (2, 8 + 8 + 32, 18, 7)
     assert b.branch1[1][0].stride == (2, 2) and b.branch2[1][0].stride == (1, 1)
@@ -174,8 +188,9 @@ def test_resnet50_variant():
         levels = model.levels(raw, masked)
         assert [tuple(level.shape[1:]) for level in levels] == [(64, 8, 4), (128, 4, 2), (256, 4, 2)]  # last stride 1
         # With both stems equal, stream_fuse's init (average) makes the trunk see a plain ResNet stem.
-        model.masked_stem.load_state_dict({k: v for k, v in model.trunk.state_dict().items()
-                                           if k.startswith(("conv1.", "bn1."))})
+        model.masked_stem.load_state_dict(
+            {k: v for k, v in model.trunk.state_dict().items() if k.startswith(("conv1.", "bn1."))}
+        )
         trunk = model.trunk
         plain = trunk.stages(trunk.maxpool(trunk.stem(raw)))[1:]
         for got, want in zip(model.levels(raw, raw), plain):

@@ -46,8 +46,9 @@ def test_both_backward_paths_agree(backend):
     x, mask, protos = _inputs(device_for(backend))
     grad = torch.randn(x.shape[0], protos.shape[0], dtype=x.dtype, device=x.device)
     recomputed = torch.autograd.grad(torch.ops.dpm_ops.masked_cosine(x, mask, protos, 1e-12), (x, mask, protos), grad)
-    kept = torch.autograd.grad(torch.ops.dpm_ops.masked_cosine_train(x, mask, protos, 1e-12)[0], (x, mask, protos),
-                               grad)
+    kept = torch.autograd.grad(
+        torch.ops.dpm_ops.masked_cosine_train(x, mask, protos, 1e-12)[0], (x, mask, protos), grad
+    )
     for a, b in zip(recomputed, kept):
         assert torch.equal(a, b)
 

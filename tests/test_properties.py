@@ -14,16 +14,33 @@ from hypothesis import strategies as st
 from benchmarks.reference import eval_numpy, rerank_numpy
 from dpm_ops.evaluation import evaluate_rank, pairwise_distance, re_ranking, rerank_features
 from dpm_ops.losses import batch_hard_soft_margin_triplet, masked_arcface_cross_entropy
-from dpm_ops.ops import (batch_hard_triplet, hem_loss, hierarchical_mask_pool, masked_arccos_distance,
-                         masked_arcface_ce, masked_cosine, maskreid_ranking_loss)
+from dpm_ops.ops import (
+    batch_hard_triplet,
+    hem_loss,
+    hierarchical_mask_pool,
+    masked_arccos_distance,
+    masked_arcface_ce,
+    masked_cosine,
+    maskreid_ranking_loss,
+)
 from dpm_ops.ops.hem_loss_reference import hem_loss_reference
 from dpm_ops.ops.hierarchical_mask_pool_reference import hierarchical_mask_pool_reference
 from dpm_ops.ops.masked_cosine import ARCCOS_CLIP
 from dpm_ops.ops.masked_cosine_reference import masked_cosine_reference
 from dpm_ops.ops.maskreid_ranking_loss import exp_safe_norm
 from dpm_ops.ops.maskreid_ranking_loss_reference import NEG_MODES, POS_MODES, maskreid_ranking_loss_reference
-from tests._strategies import (FULL_DTYPES, assert_close, backends, dtypes, interpreter_can_run, is_tame, labels,
-                               outcome, sizes, tensors)
+from tests._strategies import (
+    FULL_DTYPES,
+    assert_close,
+    backends,
+    dtypes,
+    interpreter_can_run,
+    is_tame,
+    labels,
+    outcome,
+    sizes,
+    tensors,
+)
 
 FEW = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MANY = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -36,12 +53,15 @@ def largest(t: torch.Tensor, dim=-1) -> float:
 
 
 @FEW
-@given(data=st.data(), b=sizes(), k=sizes(), c=sizes(), dtype=dtypes(), backend=backends(*KERNELS),
-       arccos=st.booleans())
+@given(
+    data=st.data(), b=sizes(), k=sizes(), c=sizes(), dtype=dtypes(), backend=backends(*KERNELS), arccos=st.booleans()
+)
 def test_masked_cosine(data, b, k, c, dtype, backend, arccos):
     assume(interpreter_can_run(backend, dtype))
-    x, mask, protos = (data.draw(tensors(shape, dtype, positive=name == "mask"), label=name)
-                       for name, shape in (("x", (b, c)), ("mask", (b, c)), ("protos", (k, c))))
+    x, mask, protos = (
+        data.draw(tensors(shape, dtype, positive=name == "mask"), label=name)
+        for name, shape in (("x", (b, c)), ("mask", (b, c)), ("protos", (k, c)))
+    )
     op = masked_arccos_distance if arccos else masked_cosine
     got = outcome(lambda: op(x, mask, protos, backend=backend))
     if got is None:
@@ -54,8 +74,14 @@ def test_masked_cosine(data, b, k, c, dtype, backend, arccos):
 
 
 @FEW
-@given(data=st.data(), b=sizes(), c=sizes(), dtype=st.sampled_from(FULL_DTYPES), backend=backends("cpp", "triton"),
-       fused=st.booleans())
+@given(
+    data=st.data(),
+    b=sizes(),
+    c=sizes(),
+    dtype=st.sampled_from(FULL_DTYPES),
+    backend=backends("cpp", "triton"),
+    fused=st.booleans(),
+)
 def test_batch_hard_triplet(data, b, c, dtype, backend, fused):
     features = data.draw(tensors((b, c), dtype), label="features")
     ids = data.draw(labels(b), label="labels")
@@ -72,8 +98,15 @@ def test_batch_hard_triplet(data, b, c, dtype, backend, fused):
 
 
 @FEW
-@given(data=st.data(), b=sizes(), heads=sizes(1, 4), n=sizes(), dtype=dtypes(), backend=backends(*KERNELS),
-       reduction=st.sampled_from(["sum", "mean"]))
+@given(
+    data=st.data(),
+    b=sizes(),
+    heads=sizes(1, 4),
+    n=sizes(),
+    dtype=dtypes(),
+    backend=backends(*KERNELS),
+    reduction=st.sampled_from(["sum", "mean"]),
+)
 def test_hem_loss(data, b, heads, n, dtype, backend, reduction):
     assume(interpreter_can_run(backend, dtype))
     logits = data.draw(tensors((b, heads, n), dtype), label="cls_logits")
@@ -85,15 +118,21 @@ def test_hem_loss(data, b, heads, n, dtype, backend, reduction):
 
 
 @FEW
-@given(data=st.data(), b=sizes(), d=sizes(), dtype=dtypes(), backend=backends(*KERNELS),
-       neg_mode=st.sampled_from(NEG_MODES), pos_mode=st.sampled_from(POS_MODES))
+@given(
+    data=st.data(),
+    b=sizes(),
+    d=sizes(),
+    dtype=dtypes(),
+    backend=backends(*KERNELS),
+    neg_mode=st.sampled_from(NEG_MODES),
+    pos_mode=st.sampled_from(POS_MODES),
+)
 def test_maskreid_ranking_loss(data, b, d, dtype, backend, neg_mode, pos_mode):
     assume(interpreter_can_run(backend, dtype))
     assume(pos_mode != "eq4" or neg_mode == "literal")  # neg_mode does not apply to Eq. 4 (a ValueError)
     embeddings = data.draw(tensors((b, d), dtype), label="embeddings")
     ids = data.draw(labels(b), label="labels")
-    got = outcome(lambda: maskreid_ranking_loss(embeddings, ids, neg_mode=neg_mode, pos_mode=pos_mode,
-                                                backend=backend))
+    got = outcome(lambda: maskreid_ranking_loss(embeddings, ids, neg_mode=neg_mode, pos_mode=pos_mode, backend=backend))
     if got is None:
         exp_safe = pos_mode == "eq4" or b == 0 or largest(embeddings) <= exp_safe_norm(torch.float32, 0.15, b)
         assert not (is_tame(embeddings) and exp_safe) or b == 0
@@ -103,8 +142,17 @@ def test_maskreid_ranking_loss(data, b, d, dtype, backend, neg_mode, pos_mode):
 
 
 @FEW
-@given(data=st.data(), b=sizes(), c=sizes(), h=sizes(1, 4), w=sizes(1, 4), dtype=dtypes(), backend=backends(*KERNELS),
-       mode=st.sampled_from(["avg", "max"]), masked=st.booleans())
+@given(
+    data=st.data(),
+    b=sizes(),
+    c=sizes(),
+    h=sizes(1, 4),
+    w=sizes(1, 4),
+    dtype=dtypes(),
+    backend=backends(*KERNELS),
+    mode=st.sampled_from(["avg", "max"]),
+    masked=st.booleans(),
+)
 def test_hierarchical_mask_pool(data, b, c, h, w, dtype, backend, mode, masked):
     assume(interpreter_can_run(backend, dtype))
     features = data.draw(tensors((b, c, h, w), dtype), label="features")
@@ -118,11 +166,20 @@ def test_hierarchical_mask_pool(data, b, c, h, w, dtype, backend, mode, masked):
 
 
 @FEW
-@given(data=st.data(), b=sizes(), k=sizes(), c=sizes(), dtype=st.sampled_from(FULL_DTYPES),
-       backend=backends("cpp", "triton"), fused=st.booleans())
+@given(
+    data=st.data(),
+    b=sizes(),
+    k=sizes(),
+    c=sizes(),
+    dtype=st.sampled_from(FULL_DTYPES),
+    backend=backends("cpp", "triton"),
+    fused=st.booleans(),
+)
 def test_masked_arcface_cross_entropy(data, b, k, c, dtype, backend, fused):
-    features, mask, weight = (data.draw(tensors(shape, dtype, positive=name == "mask"), label=name)
-                              for name, shape in (("features", (b, c)), ("mask", (b, c)), ("weight", (k, c))))
+    features, mask, weight = (
+        data.draw(tensors(shape, dtype, positive=name == "mask"), label=name)
+        for name, shape in (("features", (b, c)), ("mask", (b, c)), ("weight", (k, c)))
+    )
     ids = data.draw(labels(b, max(k, 1)), label="labels")
     if fused:
         got = outcome(lambda: masked_arcface_ce(features, mask, weight, ids, backend=backend))
@@ -151,8 +208,9 @@ def test_evaluate_rank(data, q, g, dtype, ids):
         has_match = ((q_pids[:, None] == g_pids[None, :]) & (q_cams[:, None] != g_cams[None, :])).any()
         assert not (is_tame(dist) and bool(has_match))
         return
-    expected = eval_numpy.evaluate_rank_numpy(ranked, q_pids.numpy(), g_pids.numpy(), q_cams.numpy(), g_cams.numpy(),
-                                              min(max_rank, g))
+    expected = eval_numpy.evaluate_rank_numpy(
+        ranked, q_pids.numpy(), g_pids.numpy(), q_cams.numpy(), g_cams.numpy(), min(max_rank, g)
+    )
     np.testing.assert_array_equal(got.cmc, expected["cmc"])
     assert got.mAP == pytest.approx(expected["mAP"], rel=1e-12)
     assert got.mINP == pytest.approx(expected["mINP"], rel=1e-12)
@@ -164,11 +222,20 @@ def _distinct_rows(pooled: np.ndarray) -> bool:
 
 
 @MANY
-@given(data=st.data(), q=sizes(), g=sizes(), dtype=dtypes(), squared=st.booleans(),
-       k1=st.integers(1, 4), k2=st.integers(1, 3))
+@given(
+    data=st.data(),
+    q=sizes(),
+    g=sizes(),
+    dtype=dtypes(),
+    squared=st.booleans(),
+    k1=st.integers(1, 4),
+    k2=st.integers(1, 3),
+)
 def test_re_ranking(data, q, g, dtype, squared, k1, k2):
-    q_g, q_q, g_g = (data.draw(tensors(shape, dtype, positive=True, poison_rate=10), label=name)
-                     for name, shape in (("q_g", (q, g)), ("q_q", (q, q)), ("g_g", (g, g))))
+    q_g, q_q, g_g = (
+        data.draw(tensors(shape, dtype, positive=True, poison_rate=10), label=name)
+        for name, shape in (("q_g", (q, g)), ("q_q", (q, q)), ("g_g", (g, g)))
+    )
     if data.draw(st.booleans(), label="negative") and q * g:
         q_g = q_g.clone()
         q_g[0, 0] = -q_g[0, 0] - 1
@@ -204,8 +271,14 @@ def test_rerank_features(data, q, g, d, dtype, k1, k2):
 
 
 @FEW
-@given(data=st.data(), m=sizes(), n=sizes(), d=sizes(), dtype=dtypes(),
-       metric=st.sampled_from(["euclidean", "sqeuclidean", "cosine"]))
+@given(
+    data=st.data(),
+    m=sizes(),
+    n=sizes(),
+    d=sizes(),
+    dtype=dtypes(),
+    metric=st.sampled_from(["euclidean", "sqeuclidean", "cosine"]),
+)
 def test_pairwise_distance(data, m, n, d, dtype, metric):
     x, y = (data.draw(tensors(shape, dtype), label=name) for name, shape in (("x", (m, d)), ("y", (n, d))))
     got = outcome(lambda: pairwise_distance(x, y, metric))
@@ -220,6 +293,6 @@ def test_pairwise_distance(data, m, n, d, dtype, metric):
         truth = torch.cdist(xd, yd) ** (2 if metric == "sqeuclidean" else 1)
         scale = max(largest(x), largest(y))
         # |x|^2 + |y|^2 - 2 x.y: ~eps |x|^2 in the square, ~sqrt(eps) |x| after the root
-        magnitude = 10 * scale ** 2 if metric == "sqeuclidean" else 1e3 * scale
+        magnitude = 10 * scale**2 if metric == "sqeuclidean" else 1e3 * scale
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     assert_close(got, truth, compute, magnitude=magnitude)

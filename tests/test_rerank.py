@@ -30,41 +30,50 @@ def tiles(request, monkeypatch):
 
 def random_features(num_query, num_gallery, dim, seed):
     rng = np.random.default_rng(seed)
-    return (rng.standard_normal((num_query, dim)).astype(np.float32),
-            rng.standard_normal((num_gallery, dim)).astype(np.float32))
+    return (
+        rng.standard_normal((num_query, dim)).astype(np.float32),
+        rng.standard_normal((num_gallery, dim)).astype(np.float32),
+    )
 
 
 @functools.lru_cache(maxsize=None)
 def reference_from_distances(num_query, num_gallery, dim, seed, k1, k2, lambda_value):
     q_g, q_q, g_g = exact_distances(*random_features(num_query, num_gallery, dim, seed))
-    return rerank_numpy.re_ranking(q_g.astype(np.float32), q_q.astype(np.float32), g_g.astype(np.float32),
-                                   k1, k2, lambda_value)
+    return rerank_numpy.re_ranking(
+        q_g.astype(np.float32), q_q.astype(np.float32), g_g.astype(np.float32), k1, k2, lambda_value
+    )
 
 
 @functools.lru_cache(maxsize=None)
 def reference_from_features(num_query, num_gallery, dim, seed, k1, k2, lambda_value):
-    return rerank_numpy.re_ranking_from_features(*random_features(num_query, num_gallery, dim, seed),
-                                                 k1, k2, lambda_value)
+    return rerank_numpy.re_ranking_from_features(
+        *random_features(num_query, num_gallery, dim, seed), k1, k2, lambda_value
+    )
 
 
 def exact_distances(query, gallery):
     """Euclidean distances in float64 from differences: exactly 0 between equal features."""
+
     def cdist(a, b):
         return np.sqrt(((a.astype(np.float64)[:, None] - b.astype(np.float64)[None]) ** 2).sum(-1))
+
     return cdist(query, gallery), cdist(query, query), cdist(gallery, gallery)
 
 
 def assert_same_ranking(result, expected, atol):
     assert result.shape == expected.shape and result.dtype == np.float32
     np.testing.assert_allclose(result, expected, rtol=0, atol=atol)
-    np.testing.assert_array_equal(np.argsort(result, axis=1, kind="stable"),
-                                  np.argsort(expected, axis=1, kind="stable"))
+    np.testing.assert_array_equal(
+        np.argsort(result, axis=1, kind="stable"), np.argsort(expected, axis=1, kind="stable")
+    )
 
 
-@pytest.mark.parametrize("num_query, num_gallery, dim, seed", [(12, 60, 8, 0), (25, 110, 5, 1), (3, 5, 4, 2),
-                                                               (30, 4, 6, 3)])
-@pytest.mark.parametrize("k1, k2, lambda_value", [(20, 6, 0.3), (7, 1, 0.0), (5, 3, 1.0), (9, 6, 0.3),
-                                                  (2, 2, 0.3), (1, 1, 0.3)])
+@pytest.mark.parametrize(
+    "num_query, num_gallery, dim, seed", [(12, 60, 8, 0), (25, 110, 5, 1), (3, 5, 4, 2), (30, 4, 6, 3)]
+)
+@pytest.mark.parametrize(
+    "k1, k2, lambda_value", [(20, 6, 0.3), (7, 1, 0.0), (5, 3, 1.0), (9, 6, 0.3), (2, 2, 0.3), (1, 1, 0.3)]
+)
 def test_re_ranking_matches_reference(tiles, num_query, num_gallery, dim, seed, k1, k2, lambda_value):
     # k1 = 5, 7, 9, 1 round k1 / 2 half to even (2, 4, 4, 0); (3, 5) and (30, 4) have G < k1 + 1.
     q_g, q_q, g_g = (d.astype(np.float32) for d in exact_distances(*random_features(num_query, num_gallery, dim, seed)))
@@ -72,8 +81,9 @@ def test_re_ranking_matches_reference(tiles, num_query, num_gallery, dim, seed, 
     assert_same_ranking(re_ranking(q_g, q_q, g_g, k1, k2, lambda_value), expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("num_query, num_gallery, dim, seed", [(12, 60, 8, 0), (25, 110, 5, 1), (3, 5, 4, 2),
-                                                               (20, 90, 16, 4)])
+@pytest.mark.parametrize(
+    "num_query, num_gallery, dim, seed", [(12, 60, 8, 0), (25, 110, 5, 1), (3, 5, 4, 2), (20, 90, 16, 4)]
+)
 @pytest.mark.parametrize("k1, k2, lambda_value", [(20, 6, 0.3), (7, 1, 0.0), (9, 3, 1.0), (4, 8, 0.3)])
 def test_rerank_features_matches_reference(tiles, num_query, num_gallery, dim, seed, k1, k2, lambda_value):
     query, gallery = random_features(num_query, num_gallery, dim, seed)
@@ -94,8 +104,8 @@ def test_rerank_features_on_reid_like_features(tiles):
 
 def test_duplicated_features_tie_by_index(tiles):
     query, gallery = random_features(10, 40, 6, 5)
-    gallery[7] = gallery[3]                    # gallery duplicates
-    gallery[20:23] = query[2]                  # a query duplicated three times in the gallery
+    gallery[7] = gallery[3]  # gallery duplicates
+    gallery[20:23] = query[2]  # a query duplicated three times in the gallery
     q_g, q_q, g_g = exact_distances(query, gallery)
     assert (q_g == 0).sum() == 3 and (g_g == 0).sum() == 40 + 2 + 6
     for k1, k2 in ((20, 6), (3, 2), (1, 1)):
@@ -140,13 +150,17 @@ def test_squared_input_switch():
 
 def asymmetric_case(num_query, num_gallery, seed):
     rng = np.random.default_rng(seed)
-    return (rng.uniform(size=(num_query, num_gallery)).astype(np.float32),
-            rng.uniform(size=(num_query, num_query)).astype(np.float32),
-            rng.uniform(size=(num_gallery, num_gallery)).astype(np.float32))
+    return (
+        rng.uniform(size=(num_query, num_gallery)).astype(np.float32),
+        rng.uniform(size=(num_query, num_query)).astype(np.float32),
+        rng.uniform(size=(num_gallery, num_gallery)).astype(np.float32),
+    )
 
 
-@pytest.mark.parametrize("num_query, num_gallery, seed, k1, k2", [(2, 3, 0, 2, 1), (2, 3, 1, 2, 1), (9, 40, 2, 20, 6),
-                                                                   (15, 50, 3, 5, 3), (30, 4, 4, 7, 2)])
+@pytest.mark.parametrize(
+    "num_query, num_gallery, seed, k1, k2",
+    [(2, 3, 0, 2, 1), (2, 3, 1, 2, 1), (9, 40, 2, 20, 6), (15, 50, 3, 5, 3), (30, 4, 4, 7, 2)],
+)
 def test_asymmetric_input_matches_reference(tiles, num_query, num_gallery, seed, k1, k2):
     # The reference reads item i's distances from column i (column max, then transpose).
     q_g, q_q, g_g = asymmetric_case(num_query, num_gallery, seed)
@@ -155,8 +169,9 @@ def test_asymmetric_input_matches_reference(tiles, num_query, num_gallery, seed,
     # orientation="rows" reads row i: the reference fed with the transposed q_q / g_g.
     rows = re_ranking(q_g, q_q, g_g, k1, k2, 0.3, orientation="rows")
     assert_same_ranking(rows, rerank_numpy.re_ranking(q_g, q_q.T, g_g.T, k1, k2, 0.3), atol=1e-6)
-    np.testing.assert_array_equal(re_ranking(q_g, q_q.T, g_g.T, k1, k2, 0.3, orientation="rows"),
-                                  re_ranking(q_g, q_q, g_g, k1, k2, 0.3))
+    np.testing.assert_array_equal(
+        re_ranking(q_g, q_q.T, g_g.T, k1, k2, 0.3, orientation="rows"), re_ranking(q_g, q_q, g_g, k1, k2, 0.3)
+    )
 
 
 def test_orientations_differ_only_for_asymmetric_input():
@@ -208,9 +223,15 @@ def test_bad_input():
         (lambda: re_ranking(q_g, q_q, g_g, input="cosine"), "input"),
         (lambda: re_ranking(q_g, q_q, g_g, orientation="columns"), "orientation"),
     ]
-    for k1, k2, lambda_value, name in [(0, 6, 0.3, "k1"), (2.5, 6, 0.3, "k1"), (20, 0, 0.3, "k2"), (True, 6, 0.3, "k1"),
-                                       (20, 6, -0.1, "lambda_value"), (20, 6, 1.5, "lambda_value"),
-                                       (20, 6, float("nan"), "lambda_value")]:
+    for k1, k2, lambda_value, name in [
+        (0, 6, 0.3, "k1"),
+        (2.5, 6, 0.3, "k1"),
+        (20, 0, 0.3, "k2"),
+        (True, 6, 0.3, "k1"),
+        (20, 6, -0.1, "lambda_value"),
+        (20, 6, 1.5, "lambda_value"),
+        (20, 6, float("nan"), "lambda_value"),
+    ]:
         cases.append((lambda k1=k1, k2=k2, lam=lambda_value: rerank_features(query, gallery, k1, k2, lam), name))
         cases.append((lambda k1=k1, k2=k2, lam=lambda_value: re_ranking(q_g, q_q, g_g, k1, k2, lam), name))
     for call, name in cases:

@@ -49,8 +49,7 @@ PTX = """\
 def test_parse_ptxas_log():
     usage = ptx_tools.parse_ptxas_log(PTXAS_LOG)
     assert set(usage) == {"_Z6kernelIfEvPT_", "tile"}  # the non-entry _Z6helperv is not a kernel
-    assert usage["_Z6kernelIfEvPT_"] == ptx_tools.Usage(regs=64, spill_stores=68, spill_loads=76, stack=24,
-                                                        smem=14464)
+    assert usage["_Z6kernelIfEvPT_"] == ptx_tools.Usage(regs=64, spill_stores=68, spill_loads=76, stack=24, smem=14464)
     assert usage["tile"] == ptx_tools.Usage(regs=96) and not usage["tile"].spills
 
 
@@ -63,22 +62,37 @@ def test_ptx_entries_fma_counts_and_tensor_cores():
 
 
 def test_short_name():
-    demangled = ("void dpm_ops::masked_cosine::cuda::(anonymous namespace)::rows_normalize_backward_kernel<float, "
-                 "float, dpm_ops::masked_cosine::cuda::(anonymous namespace)::ProtoRowGrad<float> >(float const*, "
-                 "float const*, long, float, dpm_ops::masked_cosine::cuda::(anonymous namespace)::ProtoRowGrad<float>, "
-                 "float*)")
+    demangled = (
+        "void dpm_ops::masked_cosine::cuda::(anonymous namespace)::rows_normalize_backward_kernel<float, "
+        "float, dpm_ops::masked_cosine::cuda::(anonymous namespace)::ProtoRowGrad<float> >(float const*, "
+        "float const*, long, float, dpm_ops::masked_cosine::cuda::(anonymous namespace)::ProtoRowGrad<float>, "
+        "float*)"
+    )
     assert ptx_tools.short_name(demangled) == "rows_normalize_backward_kernel<float, float, ProtoRowGrad<float> >"
-    assert ptx_tools.short_name("dpm_ops::rank::cuda::(anonymous namespace)::count_kernel(long const*)") == \
-        "count_kernel"
+    assert (
+        ptx_tools.short_name("dpm_ops::rank::cuda::(anonymous namespace)::count_kernel(long const*)") == "count_kernel"
+    )
 
 
 def test_triton_check_one_case(tmp_path):
     """The real tool on the HEM loss (fp32 forward + backward): two variants, compiled, clean."""
     pytest.importorskip("triton")
     report = tmp_path / "report.json"
-    result = subprocess.run([sys.executable, str(TOOLS / "triton_check.py"), "--arch", "90", "--only",
-                             "hem_loss fwd+bwd B64 H12 N210 fp32", "--json", str(report)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(TOOLS / "triton_check.py"),
+            "--arch",
+            "90",
+            "--only",
+            "hem_loss fwd+bwd B64 H12 N210 fp32",
+            "--json",
+            str(report),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     data = json.loads(report.read_text())
     assert data["failures"] == []

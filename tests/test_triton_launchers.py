@@ -15,15 +15,23 @@ from dpm_ops.triton._device import on_input_device  # noqa: E402
 from dpm_ops.triton._precision import dot_precision  # noqa: E402
 
 # The ops' entry points into the Triton kernels (dpm_ops/ops/*.py and the CI's compile checks call these).
-LAUNCHERS = {"masked_cosine": ["masked_cosine_forward", "masked_cosine_backward"], "knn": ["knn_forward"],
-             "hierarchical_mask_pool": ["hierarchical_mask_pool_forward", "hierarchical_mask_pool_backward"],
-             "masked_arcface": ["loss_and_grads"], "batch_hard_triplet": ["loss_and_grad"],
-             "hem_loss": ["hem_loss_forward", "hem_loss_backward"], "maskreid_ranking_loss": ["ranking_loss_forward"]}
+LAUNCHERS = {
+    "masked_cosine": ["masked_cosine_forward", "masked_cosine_backward"],
+    "knn": ["knn_forward"],
+    "hierarchical_mask_pool": ["hierarchical_mask_pool_forward", "hierarchical_mask_pool_backward"],
+    "masked_arcface": ["loss_and_grads"],
+    "batch_hard_triplet": ["loss_and_grad"],
+    "hem_loss": ["hem_loss_forward", "hem_loss_backward"],
+    "maskreid_ranking_loss": ["ranking_loss_forward"],
+}
 
 
 def kernel_modules():
-    return {info.name: importlib.import_module(f"dpm_ops.triton.{info.name}")
-            for info in pkgutil.iter_modules(dpm_ops.triton.__path__) if not info.name.startswith("_")}
+    return {
+        info.name: importlib.import_module(f"dpm_ops.triton.{info.name}")
+        for info in pkgutil.iter_modules(dpm_ops.triton.__path__)
+        if not info.name.startswith("_")
+    }
 
 
 def test_every_public_launcher_is_device_guarded():
@@ -31,8 +39,11 @@ def test_every_public_launcher_is_device_guarded():
     modules = kernel_modules()
     assert set(modules) == set(LAUNCHERS)
     for name, module in modules.items():
-        public = [fn for attr, fn in vars(module).items() if inspect.isfunction(fn) and not attr.startswith("_")
-                  and inspect.unwrap(fn).__module__ == module.__name__]
+        public = [
+            fn
+            for attr, fn in vars(module).items()
+            if inspect.isfunction(fn) and not attr.startswith("_") and inspect.unwrap(fn).__module__ == module.__name__
+        ]
         assert sorted(fn.__name__ for fn in public) == sorted(LAUNCHERS[name]), name
         for fn in public:
             assert fn.__code__ is guarded, f"{name}.{fn.__name__} is not decorated with on_input_device"
@@ -40,6 +51,7 @@ def test_every_public_launcher_is_device_guarded():
 
 class _OnCuda1(torch.Tensor):
     """A CPU tensor that reports cuda:1: what the guard reads."""
+
     @property
     def device(self):
         return torch.device("cuda", 1)

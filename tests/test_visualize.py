@@ -28,22 +28,32 @@ def png_size(path):
 
 
 def test_plot_cmc_inputs(tmp_path):
-    metrics = {"all": {"rank1": 50.0, "cmc": [50.0, 75.0, 100.0]}, "occluded": {"cmc": [25.0, 50.0, 100.0]},
-               "settings": {"distance": "euclidean"}}
-    for name, value in [("dict", metrics), ("array", np.array([0.5, 0.75, 1.0])), ("percent", [10.0, 60.0]),
-                        ("result", evaluate_rank(np.array([[0.1, 0.2]]), [1], [1, 2], [0], [1, 1]))]:
+    metrics = {
+        "all": {"rank1": 50.0, "cmc": [50.0, 75.0, 100.0]},
+        "occluded": {"cmc": [25.0, 50.0, 100.0]},
+        "settings": {"distance": "euclidean"},
+    }
+    for name, value in [
+        ("dict", metrics),
+        ("array", np.array([0.5, 0.75, 1.0])),
+        ("percent", [10.0, 60.0]),
+        ("result", evaluate_rank(np.array([[0.1, 0.2]]), [1], [1, 2], [0], [1, 1])),
+    ]:
         out = visualize.plot_cmc(value, tmp_path / f"{name}.png")
         assert png_size(out) == (600, 400) and (tmp_path / f"{name}.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("bad, match", [
-    ([], "empty"),
-    ([0.9, 0.5], "not a CMC"),
-    ([[0.1, 0.2]], "1-D"),
-    ([0.1, float("nan")], "NaN"),
-    ({"all": {"rank1": 1.0}}, "no CMC"),
-    ({"all": {"cmc": [10.0, 5.0]}}, "not a CMC"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ([], "empty"),
+        ([0.9, 0.5], "not a CMC"),
+        ([[0.1, 0.2]], "1-D"),
+        ([0.1, float("nan")], "NaN"),
+        ({"all": {"rank1": 1.0}}, "no CMC"),
+        ({"all": {"cmc": [10.0, 5.0]}}, "not a CMC"),
+    ],
+)
 def test_plot_cmc_bad_input(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
         visualize.plot_cmc(bad, tmp_path / "cmc.png")
@@ -60,8 +70,19 @@ def test_out_png_must_be_png(tmp_path):
 
 def test_plot_loss_curves(tmp_path):
     log = tmp_path / "train_log.jsonl"
-    lines = [json.dumps({"step": s, "epoch": s // 5, "lr": 0.01 * (1 + s), "loss": 3.0 - 0.1 * s,
-                         "loss/id": 2.0 - 0.05 * s, "loss/triplet": 1.0 - 0.05 * s}) for s in range(10)]
+    lines = [
+        json.dumps(
+            {
+                "step": s,
+                "epoch": s // 5,
+                "lr": 0.01 * (1 + s),
+                "loss": 3.0 - 0.1 * s,
+                "loss/id": 2.0 - 0.05 * s,
+                "loss/triplet": 1.0 - 0.05 * s,
+            }
+        )
+        for s in range(10)
+    ]
     lines.insert(3, "")
     lines.append(json.dumps({"epoch": 1, "eval/mAP": 12.0}))  # no step: ignored
     log.write_text("\n".join(lines) + "\n")
@@ -77,7 +98,7 @@ def test_plot_loss_curves_bad_input(tmp_path):
     log.write_text('{"step": 0, "loss": 1.0}\n{"step": 1, "loss": \n')
     with pytest.raises(ValueError, match=r"log\.jsonl:2: not a JSON line"):
         visualize.plot_loss_curves(log, tmp_path / "loss.png")
-    log.write_text('[1, 2]\n')
+    log.write_text("[1, 2]\n")
     with pytest.raises(ValueError, match="JSON object"):
         visualize.plot_loss_curves(log, tmp_path / "loss.png")
     log.write_text('{"step": 0, "lr": 0.1}\n')
@@ -92,11 +113,13 @@ def test_plot_loss_curves_bad_input(tmp_path):
 GALLERY_COLOURS = [(250, 250, 0), (0, 250, 250), (250, 0, 250), (120, 60, 0), (0, 0, 250), (250, 128, 0)]
 Q_PIDS, Q_CAMS = [1, 2, 3], [0, 0, 0]
 G_PIDS, G_CAMS = [1, 1, 2, 9, 3, 2], [0, 1, 1, 1, 1, 0]
-DIST = np.array([
-    [0.0, 0.1, 0.5, 0.2, 0.9, 0.95],   # g0 is junk (pid 1, cam 0): skipped; match g1 first -> AP 1
-    [0.1, 0.2, 0.6, 0.3, 0.4, 0.05],   # g5 junk; match g2 at rank 5 -> AP 0.2
-    [0.5, 0.5, 0.5, 0.5, 0.3, 0.5],    # match g4 first -> AP 1
-])
+DIST = np.array(
+    [
+        [0.0, 0.1, 0.5, 0.2, 0.9, 0.95],  # g0 is junk (pid 1, cam 0): skipped; match g1 first -> AP 1
+        [0.1, 0.2, 0.6, 0.3, 0.4, 0.05],  # g5 junk; match g2 at rank 5 -> AP 0.2
+        [0.5, 0.5, 0.5, 0.5, 0.3, 0.5],  # match g4 first -> AP 1
+    ]
+)
 
 
 @pytest.fixture
@@ -120,9 +143,21 @@ def assert_slot(picture, row, slot, gallery_index, match):
 
 def test_plot_ranked_lists_best_and_worst(tmp_path, images):
     queries, gallery = images
-    out = visualize.plot_ranked_lists(queries, gallery, DIST, Q_PIDS, G_PIDS, Q_CAMS, G_CAMS, tmp_path / "best.png",
-                                      which="best", num_queries=2, top_k=3, thumb_size=THUMB,
-                                      q_occluded=[True, False, True])
+    out = visualize.plot_ranked_lists(
+        queries,
+        gallery,
+        DIST,
+        Q_PIDS,
+        G_PIDS,
+        Q_CAMS,
+        G_CAMS,
+        tmp_path / "best.png",
+        which="best",
+        num_queries=2,
+        top_k=3,
+        thumb_size=THUMB,
+        q_occluded=[True, False, True],
+    )
     assert png_size(out) == (4 * CELL_W + 16, 2 * ROW_H)
     with Image.open(out) as picture:
         picture = picture.convert("RGB")
@@ -134,8 +169,20 @@ def test_plot_ranked_lists_best_and_worst(tmp_path, images):
         query_centre = pixel(picture, 1, -1, 4 + THUMB[0] // 2, 4 + THUMB[1] // 2)
         assert np.abs(query_centre - 80).max() <= 3  # q2's grey
 
-    out = visualize.plot_ranked_lists(queries, gallery, DIST, Q_PIDS, G_PIDS, Q_CAMS, G_CAMS, tmp_path / "worst.png",
-                                      which="worst", num_queries=1, top_k=10, thumb_size=THUMB)
+    out = visualize.plot_ranked_lists(
+        queries,
+        gallery,
+        DIST,
+        Q_PIDS,
+        G_PIDS,
+        Q_CAMS,
+        G_CAMS,
+        tmp_path / "worst.png",
+        which="worst",
+        num_queries=1,
+        top_k=10,
+        thumb_size=THUMB,
+    )
     # top_k beyond the gallery: 6 slots, and the row holds the 5 non-junk items only
     assert png_size(out) == (7 * CELL_W + 16, ROW_H)
     with Image.open(out) as picture:
@@ -151,21 +198,34 @@ def test_query_average_precision_matches_protocol():
     assert np.isnan(ap).all()  # q0's only same-pid item is junk
 
 
-@pytest.mark.parametrize("change, match", [
-    (dict(which="median"), "which"),
-    (dict(num_queries=0), "num_queries"),
-    (dict(top_k=2.5), "top_k"),
-    (dict(distmat=DIST[:2]), "distmat must be"),
-    (dict(distmat=DIST * np.nan), "NaN"),
-    (dict(q_pids=[1.0, 2.0, 3.0]), "integer"),
-    (dict(g_camids=[0, 1]), "g_camids must have length 6"),
-    (dict(q_occluded=[True]), "q_occluded"),
-    (dict(g_pids=[7, 7, 7, 7, 7, 7]), "no query has"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(which="median"), "which"),
+        (dict(num_queries=0), "num_queries"),
+        (dict(top_k=2.5), "top_k"),
+        (dict(distmat=DIST[:2]), "distmat must be"),
+        (dict(distmat=DIST * np.nan), "NaN"),
+        (dict(q_pids=[1.0, 2.0, 3.0]), "integer"),
+        (dict(g_camids=[0, 1]), "g_camids must have length 6"),
+        (dict(q_occluded=[True]), "q_occluded"),
+        (dict(g_pids=[7, 7, 7, 7, 7, 7]), "no query has"),
+    ],
+)
 def test_plot_ranked_lists_bad_input(tmp_path, images, change, match):
     queries, gallery = images
-    arguments = {**dict(distmat=DIST, q_pids=Q_PIDS, g_pids=G_PIDS, q_camids=Q_CAMS, g_camids=G_CAMS,
-                        out_png=tmp_path / "r.png", thumb_size=THUMB), **change}
+    arguments = {
+        **dict(
+            distmat=DIST,
+            q_pids=Q_PIDS,
+            g_pids=G_PIDS,
+            q_camids=Q_CAMS,
+            g_camids=G_CAMS,
+            out_png=tmp_path / "r.png",
+            thumb_size=THUMB,
+        ),
+        **change,
+    }
     with pytest.raises(ValueError, match=match):
         visualize.plot_ranked_lists(queries, gallery, **arguments)
 
@@ -174,8 +234,17 @@ def test_plot_ranked_lists_unreadable_image(tmp_path, images):
     queries, gallery = images
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="broken.jpg"):
-        visualize.plot_ranked_lists([str(tmp_path / "broken.jpg")] + queries[1:], gallery, DIST, Q_PIDS, G_PIDS,
-                                    Q_CAMS, G_CAMS, tmp_path / "r.png", thumb_size=THUMB)
+        visualize.plot_ranked_lists(
+            [str(tmp_path / "broken.jpg")] + queries[1:],
+            gallery,
+            DIST,
+            Q_PIDS,
+            G_PIDS,
+            Q_CAMS,
+            G_CAMS,
+            tmp_path / "r.png",
+            thumb_size=THUMB,
+        )
 
 
 # ------------------------------------------------------------------------------------ masks
@@ -186,9 +255,16 @@ def test_plot_mask_heatmaps(tmp_path, images):
     rng = np.random.default_rng(0)
     masks = rng.random((3, 48))
     population = rng.random((10, 48))
-    out = visualize.plot_mask_heatmaps(queries, masks, tmp_path / "masks.png", token_maps=rng.random((3, 8, 4)) * 2,
-                                       all_masks=population, occluded=[True, False, True],
-                                       all_occluded=[i % 2 == 0 for i in range(10)], titles=["a", "b", "c"])
+    out = visualize.plot_mask_heatmaps(
+        queries,
+        masks,
+        tmp_path / "masks.png",
+        token_maps=rng.random((3, 8, 4)) * 2,
+        all_masks=population,
+        occluded=[True, False, True],
+        all_occluded=[i % 2 == 0 for i in range(10)],
+        titles=["a", "b", "c"],
+    )
     assert png_size(out) == (700, 960)
     many = [Image.new("RGB", (8, 16), (i * 20, 0, 0)) for i in range(8)]  # PIL images, no token maps
     out = visualize.plot_mask_heatmaps(many, rng.random((8, 5)), tmp_path / "many.png")
@@ -200,15 +276,18 @@ def test_channel_grid_keeps_channel_order():
     assert grid.shape == (3, 3) and grid[0].tolist() == [0, 1, 2] and np.isnan(grid[2, 1:]).all()
 
 
-@pytest.mark.parametrize("change, match", [
-    (dict(masks=np.full((3, 4), 1.5)), r"\[0, 1\]"),
-    (dict(masks=np.zeros((2, 4))), "one entry per mask row"),
-    (dict(masks=np.zeros((3, 0))), "empty"),
-    (dict(token_maps=np.ones((2, 4, 2))), "token_maps"),
-    (dict(all_masks=np.zeros((5, 3))), "all_masks"),
-    (dict(occluded=[True]), "occluded"),
-    (dict(all_occluded=[True, False]), "all_occluded"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(masks=np.full((3, 4), 1.5)), r"\[0, 1\]"),
+        (dict(masks=np.zeros((2, 4))), "one entry per mask row"),
+        (dict(masks=np.zeros((3, 0))), "empty"),
+        (dict(token_maps=np.ones((2, 4, 2))), "token_maps"),
+        (dict(all_masks=np.zeros((5, 3))), "all_masks"),
+        (dict(occluded=[True]), "occluded"),
+        (dict(all_occluded=[True, False]), "all_occluded"),
+    ],
+)
 def test_plot_mask_heatmaps_bad_input(tmp_path, images, change, match):
     queries, _ = images
     arguments = {**dict(masks=np.full((3, 4), 0.5), out_png=tmp_path / "m.png"), **change}

@@ -29,23 +29,39 @@ def random_state(shapes, seed=0):
 
 
 def vit_shapes(prefix, num_tokens):
-    shapes = {f"{prefix}cls_token": (1, 1, C), f"{prefix}pos_embed": (1, num_tokens, C),
-              f"{prefix}patch_embed.proj.weight": (C, 3, 16, 16), f"{prefix}patch_embed.proj.bias": (C,),
-              f"{prefix}norm.weight": (C,), f"{prefix}norm.bias": (C,)}
+    shapes = {
+        f"{prefix}cls_token": (1, 1, C),
+        f"{prefix}pos_embed": (1, num_tokens, C),
+        f"{prefix}patch_embed.proj.weight": (C, 3, 16, 16),
+        f"{prefix}patch_embed.proj.bias": (C,),
+        f"{prefix}norm.weight": (C,),
+        f"{prefix}norm.bias": (C,),
+    }
     for i in range(DEPTH):
         block = f"{prefix}blocks.{i}."
-        shapes.update({block + "norm1.weight": (C,), block + "norm1.bias": (C,),
-                       block + "attn.qkv.weight": (3 * C, C), block + "attn.qkv.bias": (3 * C,),
-                       block + "attn.proj.weight": (C, C), block + "attn.proj.bias": (C,),
-                       block + "norm2.weight": (C,), block + "norm2.bias": (C,),
-                       block + "mlp.fc1.weight": (4 * C, C), block + "mlp.fc1.bias": (4 * C,),
-                       block + "mlp.fc2.weight": (C, 4 * C), block + "mlp.fc2.bias": (C,)})
+        shapes.update(
+            {
+                block + "norm1.weight": (C,),
+                block + "norm1.bias": (C,),
+                block + "attn.qkv.weight": (3 * C, C),
+                block + "attn.qkv.bias": (3 * C,),
+                block + "attn.proj.weight": (C, C),
+                block + "attn.proj.bias": (C,),
+                block + "norm2.weight": (C,),
+                block + "norm2.bias": (C,),
+                block + "mlp.fc1.weight": (4 * C, C),
+                block + "mlp.fc1.bias": (4 * C,),
+                block + "mlp.fc2.weight": (C, 4 * C),
+                block + "mlp.fc2.bias": (C,),
+            }
+        )
     return shapes
 
 
 def bn_shapes(prefix, channels):
     return {f"{prefix}{name}": (channels,) for name in ("weight", "bias", "running_mean", "running_var")} | {
-        f"{prefix}num_batches_tracked": ()}
+        f"{prefix}num_batches_tracked": ()
+    }
 
 
 def timm_checkpoint():
@@ -58,8 +74,13 @@ def official_dpm_checkpoint(num_tokens=1 + 22 * 11, cameras=CAMERAS):
     for index, (c_in, c_out) in zip((0, 2, 4), ((4 * C, 2 * C), (2 * C, C), (C, C))):
         shapes |= {f"base.ConvLayer.{index}.0.weight": (c_out, c_in, 3, 3), f"base.ConvLayer.{index}.0.bias": (c_out,)}
         shapes |= bn_shapes(f"base.ConvLayer.{index}.1.", c_out)
-    shapes |= {"base.attfc.weight": (C, C), "base.attfc.bias": (C,), "base.fc.weight": (1000, C),
-               "base.fc.bias": (1000,), "classifier.weight": (CLASSES, C)}
+    shapes |= {
+        "base.attfc.weight": (C, C),
+        "base.attfc.bias": (C,),
+        "base.fc.weight": (1000, C),
+        "base.fc.bias": (1000,),
+        "classifier.weight": (CLASSES, C),
+    }
     shapes |= bn_shapes("bottleneck.", C)
     return random_state(shapes, seed=1)
 
@@ -70,9 +91,12 @@ def torchvision_resnet_checkpoint(width=8):
     for stage in range(1, 5):
         planes = width * 2 ** (stage - 1)
         block = f"layer{stage}.0."
-        shapes |= {block + "conv1.weight": (planes, in_channels, 1, 1), block + "conv2.weight": (planes, planes, 3, 3),
-                   block + "conv3.weight": (4 * planes, planes, 1, 1),
-                   block + "downsample.0.weight": (4 * planes, in_channels, 1, 1)}
+        shapes |= {
+            block + "conv1.weight": (planes, in_channels, 1, 1),
+            block + "conv2.weight": (planes, planes, 3, 3),
+            block + "conv3.weight": (4 * planes, planes, 1, 1),
+            block + "downsample.0.weight": (4 * planes, in_channels, 1, 1),
+        }
         for bn, channels in (("bn1.", planes), ("bn2.", planes), ("bn3.", 4 * planes), ("downsample.1.", 4 * planes)):
             shapes |= bn_shapes(block + bn, channels)
         in_channels = 4 * planes
@@ -96,8 +120,9 @@ def bilinear_reference(grid, out_h, out_w):
     out = np.zeros((out_h, out_w, grid.shape[2]))
     for y, (y0, y1, ly) in enumerate(taps(out_h, in_h)):
         for x, (x0, x1, lx) in enumerate(taps(out_w, in_w)):
-            out[y, x] = ((1 - ly) * ((1 - lx) * grid[y0, x0] + lx * grid[y0, x1])
-                         + ly * ((1 - lx) * grid[y1, x0] + lx * grid[y1, x1]))
+            out[y, x] = (1 - ly) * ((1 - lx) * grid[y0, x0] + lx * grid[y0, x1]) + ly * (
+                (1 - lx) * grid[y1, x0] + lx * grid[y1, x1]
+            )
     return out
 
 
@@ -111,8 +136,9 @@ def test_pos_embed_resize_matches_written_out_bilinear():
     # a 2:1 source grid (an official stride-12 checkpoint, 21x10) is recognised too
     official = torch.randn(1, 1 + 210, 5, dtype=torch.float64)
     expected = bilinear_reference(official[0, 1:].reshape(21, 10, 5).numpy(), 22, 11)
-    np.testing.assert_allclose(resize_pos_embed(official, (22, 11))[0, 1:].reshape(22, 11, 5).numpy(), expected,
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        resize_pos_embed(official, (22, 11))[0, 1:].reshape(22, 11, 5).numpy(), expected, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("model_name", ["dpm", "vit_baseline"])
@@ -216,9 +242,12 @@ def test_torchvision_resnet50_checkpoint(tmp_path):
 
 
 def test_native_round_trip_for_every_model(tmp_path):
-    builds = {"dpm": dict(TINY_DPM), "vit_baseline": dict(TINY_VIT),
-              "maskreid": dict(stem_channels=4, base_width=4),
-              "maskreid_resnet50": dict(layers=(1, 1, 1, 1), width=8)}
+    builds = {
+        "dpm": dict(TINY_DPM),
+        "vit_baseline": dict(TINY_VIT),
+        "maskreid": dict(stem_channels=4, base_width=4),
+        "maskreid_resnet50": dict(layers=(1, 1, 1, 1), width=8),
+    }
     for name, options in builds.items():
         torch.manual_seed(0)
         source = build_model(name, CLASSES, CAMERAS, **options)
@@ -236,15 +265,24 @@ def _write_pickled_tensor(path):
     torch.save(torch.zeros(3), path)
 
 
-@pytest.mark.parametrize("kind, write, needle", [
-    ("random bytes", lambda p: p.write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8))),
-     "is not a PyTorch file written by torch.save"),
-    ("empty", lambda p: p.write_bytes(b""), "is not a PyTorch file written by torch.save"),
-    ("text", lambda p: p.write_text("hello, weights\n"), "is not a PyTorch file written by torch.save"),
-    ("pickled tensor", _write_pickled_tensor, "holds a Tensor, not a state dict"),
-    ("non-tensor entry", lambda p: torch.save({"cls_token": torch.zeros(1), "epoch": 3}, p),
-     "entry 'epoch' holds a int, not a tensor"),
-])
+@pytest.mark.parametrize(
+    "kind, write, needle",
+    [
+        (
+            "random bytes",
+            lambda p: p.write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8))),
+            "is not a PyTorch file written by torch.save",
+        ),
+        ("empty", lambda p: p.write_bytes(b""), "is not a PyTorch file written by torch.save"),
+        ("text", lambda p: p.write_text("hello, weights\n"), "is not a PyTorch file written by torch.save"),
+        ("pickled tensor", _write_pickled_tensor, "holds a Tensor, not a state dict"),
+        (
+            "non-tensor entry",
+            lambda p: torch.save({"cls_token": torch.zeros(1), "epoch": 3}, p),
+            "entry 'epoch' holds a int, not a tensor",
+        ),
+    ],
+)
 def test_unusable_files_are_one_weights_error_naming_the_file(tmp_path, kind, write, needle):
     path = tmp_path / "weights.pth"
     write(path)
@@ -275,8 +313,11 @@ def test_loading_nothing_is_an_error_even_when_partial():
 def test_partial_backbone_needs_partial_true():
     checkpoint = {k: v for k, v in timm_checkpoint().items() if not k.startswith("blocks.3.")}
     model = build_model("vit_baseline", CLASSES, CAMERAS, stride=12, **TINY_VIT)
-    with pytest.raises(WeightsError, match=r"leaves 12 backbone tensors of ViTBaseline at their init .*"
-                                           r"'backbone.blocks.3.norm1.weight'.*pretrained_partial"):
+    with pytest.raises(
+        WeightsError,
+        match=r"leaves 12 backbone tensors of ViTBaseline at their init .*"
+        r"'backbone.blocks.3.norm1.weight'.*pretrained_partial",
+    ):
         load_pretrained(model, checkpoint)
     report = load_pretrained(model, checkpoint, partial=True)
     assert "backbone.blocks.3.norm1.weight" in report.missing

@@ -27,9 +27,9 @@ def _chunk_metrics(distmat, q_pids, g_pids, q_camids, g_camids, ap):
     valid = num_matches > 0
     matches, kept, num_matches = matches[valid], kept[valid], num_matches[valid]
 
-    kept_rank = np.cumsum(kept, axis=1)          # rank among kept items, read at kept columns
+    kept_rank = np.cumsum(kept, axis=1)  # rank among kept items, read at kept columns
     matches_so_far = np.cumsum(matches, axis=1)
-    safe_rank = np.maximum(kept_rank, 1)         # leading removed items have kept_rank 0
+    safe_rank = np.maximum(kept_rank, 1)  # leading removed items have kept_rank 0
     precision = matches_so_far / safe_rank
     if ap == "trapezoid":
         previous = np.where(kept_rank > 1, (matches_so_far - 1) / np.maximum(kept_rank - 1, 1), 1.0)
@@ -50,8 +50,14 @@ def evaluate_rank_numpy(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50
     q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
     q_camids, g_camids = np.asarray(q_camids), np.asarray(g_camids)
     parts = [
-        _chunk_metrics(distmat[start:start + _QUERY_CHUNK], q_pids[start:start + _QUERY_CHUNK], g_pids,
-                       q_camids[start:start + _QUERY_CHUNK], g_camids, ap)
+        _chunk_metrics(
+            distmat[start : start + _QUERY_CHUNK],
+            q_pids[start : start + _QUERY_CHUNK],
+            g_pids,
+            q_camids[start : start + _QUERY_CHUNK],
+            g_camids,
+            ap,
+        )
         for start in range(0, len(distmat), _QUERY_CHUNK)
     ]
     all_ap, first_match, inp = (np.concatenate(values) for values in zip(*parts))

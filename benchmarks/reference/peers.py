@@ -102,9 +102,11 @@ def fastreid_rank_cy():
     if not built:
         build_dir.mkdir(exist_ok=True)
         (build_dir / "rank_cy.pyx").write_bytes(source.read_bytes())
-        setup = ("from setuptools import Extension, setup; from Cython.Build import cythonize; import numpy; "
-                 "setup(ext_modules=cythonize([Extension('rank_cy', ['rank_cy.pyx'], "
-                 "include_dirs=[numpy.get_include()])], quiet=True), script_args=['build_ext', '--inplace'])")
+        setup = (
+            "from setuptools import Extension, setup; from Cython.Build import cythonize; import numpy; "
+            "setup(ext_modules=cythonize([Extension('rank_cy', ['rank_cy.pyx'], "
+            "include_dirs=[numpy.get_include()])], quiet=True), script_args=['build_ext', '--inplace'])"
+        )
         done = subprocess.run([sys.executable, "-c", setup], cwd=build_dir, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"building fast-reid's rank_cy.pyx failed:\n{done.stderr[-4000:]}")

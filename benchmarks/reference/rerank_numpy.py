@@ -35,8 +35,8 @@ def euclidean_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _k_reciprocal(rank: np.ndarray, item: int, k: int) -> np.ndarray:
-    forward = rank[item, :k + 1]
-    backward = rank[forward, :k + 1]
+    forward = rank[item, : k + 1]
+    backward = rank[forward, : k + 1]
     return forward[(backward == item).any(axis=1)]
 
 

@@ -19,11 +19,11 @@ MSMT17 = dict(num_query=11659, num_gallery=82161, num_ids=3060, num_distractors=
 
 @dataclass
 class ReidFeatures:
-    query: np.ndarray           # (Q, dim) float32, L2-normalised
-    gallery: np.ndarray         # (G, dim) float32, L2-normalised
-    query_pids: np.ndarray      # (Q,) int64, identities 1..num_ids
-    gallery_pids: np.ndarray    # (G,) int64, distractors are 0
-    query_camids: np.ndarray    # (Q,) int64
+    query: np.ndarray  # (Q, dim) float32, L2-normalised
+    gallery: np.ndarray  # (G, dim) float32, L2-normalised
+    query_pids: np.ndarray  # (Q,) int64, identities 1..num_ids
+    gallery_pids: np.ndarray  # (G,) int64, distractors are 0
+    query_camids: np.ndarray  # (Q,) int64
     gallery_camids: np.ndarray  # (G,) int64
 
 
@@ -41,10 +41,19 @@ def _split_evenly(total: int, parts: int) -> np.ndarray:
     return counts
 
 
-def make_reid_features(num_query: int = 3368, num_gallery: int = 15913, num_ids: int = 750,
-                       num_distractors: int = 2798, dim: int = 768, latent_dim: int = 64,
-                       num_cams: int = 6, camera_shift: float = 0.45, noise: float = 0.87,
-                       feature_noise: float = 0.02, seed: int = 0) -> ReidFeatures:
+def make_reid_features(
+    num_query: int = 3368,
+    num_gallery: int = 15913,
+    num_ids: int = 750,
+    num_distractors: int = 2798,
+    dim: int = 768,
+    latent_dim: int = 64,
+    num_cams: int = 6,
+    camera_shift: float = 0.45,
+    noise: float = 0.87,
+    feature_noise: float = 0.02,
+    seed: int = 0,
+) -> ReidFeatures:
     """Market-1501-like features by default (3,368 queries, 15,913 gallery images, 768-d)."""
     num_matching = num_gallery - num_distractors
     if num_matching < 2 * num_ids:
@@ -72,8 +81,7 @@ def make_reid_features(num_query: int = 3368, num_gallery: int = 15913, num_ids:
 
     distractor_cams = rng.integers(0, num_cams, num_distractors)
     distractor_centres = rng.standard_normal((num_distractors, latent_dim))
-    gallery = np.concatenate([images(centres[gallery_ids], gallery_cams),
-                              images(distractor_centres, distractor_cams)])
+    gallery = np.concatenate([images(centres[gallery_ids], gallery_cams), images(distractor_centres, distractor_cams)])
     return ReidFeatures(
         query=images(centres[query_ids], query_cams),
         gallery=gallery,

@@ -7,8 +7,15 @@ from .. import evaluation
 
 def rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, use_metric_cuhk03):
     """(cmc, dpm_ops RankResult): cmc as the peers return it, float32 with min(max_rank, G) entries."""
-    result = evaluation.evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=max_rank,
-                                      protocol="cuhk03" if use_metric_cuhk03 else "market1501")
+    result = evaluation.evaluate_rank(
+        distmat,
+        q_pids,
+        g_pids,
+        q_camids,
+        g_camids,
+        max_rank=max_rank,
+        protocol="cuhk03" if use_metric_cuhk03 else "market1501",
+    )
     # evaluate_rank cuts max_rank down to the gallery size, with a warning, as the peers do.
     return result.cmc.astype(np.float32), result
 

@@ -9,8 +9,7 @@ from ._peer import re_ranking
 __all__ = ["evaluate_rank", "re_ranking"]
 
 
-def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, use_metric_cuhk03=False,
-                  use_cython=True):
+def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, use_metric_cuhk03=False, use_cython=True):
     """(cmc, all_AP, all_INP): cmc float32 (min(max_rank, G),), AP and inverse negative penalty of
     every query with a match (float64, query order), as fast-reid returns them; its ReidEvaluator
     takes their means as mAP and mINP.

@@ -9,8 +9,7 @@ from ._peer import re_ranking
 __all__ = ["evaluate_rank", "re_ranking"]
 
 
-def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, use_metric_cuhk03=False,
-                  use_cython=True):
+def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, use_metric_cuhk03=False, use_cython=True):
     """(cmc, mAP): cmc float32 (min(max_rank, G),), mAP a numpy float64, as torchreid returns them.
 
     use_metric_cuhk03=True: CUHK03 single-gallery-shot CMC over 10 seeded draws. use_cython is

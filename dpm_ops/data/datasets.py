@@ -178,13 +178,25 @@ def _load_market_style(
     if multi_query_folder is not None:
         folder = os.path.join(dataset_dir, multi_query_folder)
         if not os.path.isdir(folder):
-            raise DatasetNotFoundError(f"{name}: multi-query needs the {multi_query_folder}/ folder, not found in "
-                                       f"{dataset_dir}")
+            raise DatasetNotFoundError(
+                f"{name}: multi-query needs the {multi_query_folder}/ folder, not found in {dataset_dir}"
+            )
         multi_query = [r for r in parse_market_folder(folder, suffix, num_cams) if r.pid != JUNK_PID]
-    return _assemble(name, dataset_dir, train=train, query=query, gallery=gallery, num_cams=num_cams,
-                     expected_counts=expected_counts, check_counts=check_counts, with_masks=with_masks,
-                     mask_root=mask_root, verify_images=verify_images, occluded_paths=occluded(train, query, gallery),
-                     multi_query=multi_query)
+    return _assemble(
+        name,
+        dataset_dir,
+        train=train,
+        query=query,
+        gallery=gallery,
+        num_cams=num_cams,
+        expected_counts=expected_counts,
+        check_counts=check_counts,
+        with_masks=with_masks,
+        mask_root=mask_root,
+        verify_images=verify_images,
+        occluded_paths=occluded(train, query, gallery),
+        multi_query=multi_query,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,11 +269,18 @@ def _load_market_layout(
     dataset_dir = find_dataset_dir(root, layout.folders, MARKET_FOLDERS, layout.title)
     every_query = layout.every_query_occluded
     return _load_market_style(
-        layout.name, dataset_dir, suffix=".jpg", num_cams=layout.num_cams, check_counts=check_counts,
-        expected_counts=PUBLISHED_COUNTS[layout.name], with_masks=with_masks, mask_root=mask_root,
-        verify_images=verify_images, occluded=lambda train, query, gallery: (
-            frozenset(r.path for r in query) if every_query else None),
-        multi_query_folder=layout.multi_query_folder if multi_query else None)
+        layout.name,
+        dataset_dir,
+        suffix=".jpg",
+        num_cams=layout.num_cams,
+        check_counts=check_counts,
+        expected_counts=PUBLISHED_COUNTS[layout.name],
+        with_masks=with_masks,
+        mask_root=mask_root,
+        verify_images=verify_images,
+        occluded=lambda train, query, gallery: frozenset(r.path for r in query) if every_query else None,
+        multi_query_folder=layout.multi_query_folder if multi_query else None,
+    )
 
 
 def _market_loader(layout: MarketLayout) -> Callable[..., ReIDSplits]:
@@ -287,8 +306,15 @@ def _market_loader(layout: MarketLayout) -> Callable[..., ReIDSplits]:
 load_market1501, load_dukemtmc_reid, load_occluded_duke = (_market_loader(layout) for layout in MARKET_LAYOUTS)
 
 
-def load_cuhk03_np(root: str, *, variant: str = "labeled", with_masks: bool = False, mask_root: Optional[str] = None,
-                   check_counts: str = "warn", verify_images: bool = False) -> ReIDSplits:
+def load_cuhk03_np(
+    root: str,
+    *,
+    variant: str = "labeled",
+    with_masks: bool = False,
+    mask_root: Optional[str] = None,
+    check_counts: str = "warn",
+    verify_images: bool = False,
+) -> ReIDSplits:
     """CUHK03-NP: ``cuhk03-np/{labeled,detected}/{bounding_box_train,query,bounding_box_test}/*.png``.
 
     Names are Market-like (``NNNN_cK_...png``); the camera is the view within a camera pair (1-2).
@@ -300,13 +326,27 @@ def load_cuhk03_np(root: str, *, variant: str = "labeled", with_masks: bool = Fa
         root, ["", variant, f"cuhk03-np/{variant}", f"CUHK03-NP/{variant}"], MARKET_FOLDERS, f"CUHK03-NP {variant}"
     )
     name = f"cuhk03_np_{variant}"
-    return _load_market_style(name, dataset_dir, suffix=".png", num_cams=2, expected_counts=PUBLISHED_COUNTS[name],
-                              check_counts=check_counts, with_masks=with_masks, mask_root=mask_root,
-                              verify_images=verify_images)
+    return _load_market_style(
+        name,
+        dataset_dir,
+        suffix=".png",
+        num_cams=2,
+        expected_counts=PUBLISHED_COUNTS[name],
+        check_counts=check_counts,
+        with_masks=with_masks,
+        mask_root=mask_root,
+        verify_images=verify_images,
+    )
 
 
-def load_synthetic(root: str, *, with_masks: bool = False, mask_root: Optional[str] = None, check_counts: str = "error",
-                   verify_images: bool = False) -> ReIDSplits:
+def load_synthetic(
+    root: str,
+    *,
+    with_masks: bool = False,
+    mask_root: Optional[str] = None,
+    check_counts: str = "error",
+    verify_images: bool = False,
+) -> ReIDSplits:
     """A set written by :mod:`dpm_ops.data.synth`: Market layout plus ``synthetic.json``.
 
     The manifest gives the camera count, the exact split counts and which images are occluded.
@@ -320,9 +360,18 @@ def load_synthetic(root: str, *, with_masks: bool = False, mask_root: Optional[s
     except (KeyError, TypeError, ValueError) as error:
         manifest_path = os.path.join(dataset_dir, SYNTHETIC_MANIFEST)
         raise DatasetError(f"corrupt synthetic manifest {manifest_path}: {error!r}") from error
-    return _load_market_style("synthetic", dataset_dir, suffix=".jpg", num_cams=num_cams, expected_counts=expected,
-                              check_counts=check_counts, with_masks=with_masks, mask_root=mask_root,
-                              verify_images=verify_images, occluded=lambda train, query, gallery: occluded)
+    return _load_market_style(
+        "synthetic",
+        dataset_dir,
+        suffix=".jpg",
+        num_cams=num_cams,
+        expected_counts=expected,
+        check_counts=check_counts,
+        with_masks=with_masks,
+        mask_root=mask_root,
+        verify_images=verify_images,
+        occluded=lambda train, query, gallery: occluded,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,32 +380,61 @@ def load_synthetic(root: str, *, with_masks: bool = False, mask_root: Optional[s
 
 def check_split_camids(camids) -> tuple[int, int]:
     """(query camera, gallery camera) of a test-only set: two different non-negative integers."""
-    if (not isinstance(camids, (tuple, list)) or len(camids) != 2
-            or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in camids)):
+    if (
+        not isinstance(camids, (tuple, list))
+        or len(camids) != 2
+        or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in camids)
+    ):
         raise ValueError(f"camids must be (query camid, gallery camid), two integers >= 0, got {camids!r}")
     if camids[0] == camids[1]:
-        raise ValueError(f"camids must give query and gallery different cameras (the same camera removes every "
-                         f"match), got {tuple(camids)}")
+        raise ValueError(
+            f"camids must give query and gallery different cameras (the same camera removes every "
+            f"match), got {tuple(camids)}"
+        )
     return int(camids[0]), int(camids[1])
 
 
-def _load_query_gallery_set(name: str, title: str, root: str, folders: list[str], query_folder: str, suffix: str,
-                            per_identity_dirs: bool, camids, **options) -> ReIDSplits:
+def _load_query_gallery_set(
+    name: str,
+    title: str,
+    root: str,
+    folders: list[str],
+    query_folder: str,
+    suffix: str,
+    per_identity_dirs: bool,
+    camids,
+    **options,
+) -> ReIDSplits:
     """A test-only set: query = the images of ``query_folder`` (all reported as occluded), gallery
     = ``whole_body_images``, each split on its own camera of ``camids``."""
     query_camid, gallery_camid = check_split_camids(camids)
     dataset_dir = find_dataset_dir(root, folders, (query_folder, "whole_body_images"), title)
     query = parse_pid_index_folder(os.path.join(dataset_dir, query_folder), suffix, query_camid, per_identity_dirs)
-    gallery = parse_pid_index_folder(os.path.join(dataset_dir, "whole_body_images"), suffix, gallery_camid,
-                                     per_identity_dirs)
-    return _assemble(name, dataset_dir, train=[], query=query, gallery=gallery,
-                     num_cams=max(query_camid, gallery_camid) + 1, expected_counts=PUBLISHED_COUNTS[name],
-                     occluded_paths=frozenset(r.path for r in query), **options)
+    gallery = parse_pid_index_folder(
+        os.path.join(dataset_dir, "whole_body_images"), suffix, gallery_camid, per_identity_dirs
+    )
+    return _assemble(
+        name,
+        dataset_dir,
+        train=[],
+        query=query,
+        gallery=gallery,
+        num_cams=max(query_camid, gallery_camid) + 1,
+        expected_counts=PUBLISHED_COUNTS[name],
+        occluded_paths=frozenset(r.path for r in query),
+        **options,
+    )
 
 
-def load_occluded_reid(root: str, *, camids: tuple[int, int] = (0, 1), with_masks: bool = False,
-                       mask_root: Optional[str] = None, check_counts: str = "warn",
-                       verify_images: bool = False) -> ReIDSplits:
+def load_occluded_reid(
+    root: str,
+    *,
+    camids: tuple[int, int] = (0, 1),
+    with_masks: bool = False,
+    mask_root: Optional[str] = None,
+    check_counts: str = "warn",
+    verify_images: bool = False,
+) -> ReIDSplits:
     """Occluded-REID (test only): ``Occluded_REID/{occluded_body_images,whole_body_images}/<pid>/<pid>_<nn>.tif``.
 
     Query = occluded images, gallery = whole-body images, with the cameras ``camids`` =
@@ -365,23 +443,49 @@ def load_occluded_reid(root: str, *, camids: tuple[int, int] = (0, 1), with_mask
     The train split is empty: train on Market-1501.
     """
     return _load_query_gallery_set(
-        "occluded_reid", "Occluded-REID", root, ["", "Occluded_REID", "OccludedREID", "Occluded-REID", "occluded_reid"],
-        "occluded_body_images", ".tif", True, camids,
-        with_masks=with_masks, mask_root=mask_root, check_counts=check_counts, verify_images=verify_images)
+        "occluded_reid",
+        "Occluded-REID",
+        root,
+        ["", "Occluded_REID", "OccludedREID", "Occluded-REID", "occluded_reid"],
+        "occluded_body_images",
+        ".tif",
+        True,
+        camids,
+        with_masks=with_masks,
+        mask_root=mask_root,
+        check_counts=check_counts,
+        verify_images=verify_images,
+    )
 
 
-def load_partial_reid(root: str, *, camids: tuple[int, int] = (0, 1), with_masks: bool = False,
-                      mask_root: Optional[str] = None, check_counts: str = "warn",
-                      verify_images: bool = False) -> ReIDSplits:
+def load_partial_reid(
+    root: str,
+    *,
+    camids: tuple[int, int] = (0, 1),
+    with_masks: bool = False,
+    mask_root: Optional[str] = None,
+    check_counts: str = "warn",
+    verify_images: bool = False,
+) -> ReIDSplits:
     """Partial-REID (test only): ``Partial_REID/{partial_body_images,whole_body_images}/<pid:03d>_<nn:02d>.jpg``.
 
     Query = partial images, gallery = whole-body images, with the cameras ``camids`` = (query,
     gallery), (0, 1) by default; the partial queries are reported as occluded.
     """
     return _load_query_gallery_set(
-        "partial_reid", "Partial-REID", root, ["", "Partial_REID", "Partial-REID", "partial_reid", "PartialREID"],
-        "partial_body_images", ".jpg", False, camids,
-        with_masks=with_masks, mask_root=mask_root, check_counts=check_counts, verify_images=verify_images)
+        "partial_reid",
+        "Partial-REID",
+        root,
+        ["", "Partial_REID", "Partial-REID", "partial_reid", "PartialREID"],
+        "partial_body_images",
+        ".jpg",
+        False,
+        camids,
+        with_masks=with_masks,
+        mask_root=mask_root,
+        check_counts=check_counts,
+        verify_images=verify_images,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,8 +495,15 @@ def load_partial_reid(root: str, *, camids: tuple[int, int] = (0, 1), with_masks
 MSMT17_VERSIONS = {"MSMT17_V1": ("train", "test"), "MSMT17_V2": ("mask_train_v2", "mask_test_v2")}
 
 
-def load_msmt17(root: str, *, include_val: bool = True, with_masks: bool = False, mask_root: Optional[str] = None,
-                check_counts: str = "warn", verify_images: bool = False) -> ReIDSplits:
+def load_msmt17(
+    root: str,
+    *,
+    include_val: bool = True,
+    with_masks: bool = False,
+    mask_root: Optional[str] = None,
+    check_counts: str = "warn",
+    verify_images: bool = False,
+) -> ReIDSplits:
     """MSMT17 (V1 or V2): ``MSMT17_V1/{train,test}/`` (V2: ``mask_train_v2``, ``mask_test_v2``) plus
     ``list_{train,val,query,gallery}.txt`` whose lines are ``<pid>/<name>.jpg <pid>``.
 
@@ -420,10 +531,19 @@ def load_msmt17(root: str, *, include_val: bool = True, with_masks: bool = False
         train += parse_msmt_list(os.path.join(dataset_dir, "list_val.txt"), train_dir)
     query = parse_msmt_list(os.path.join(dataset_dir, "list_query.txt"), test_dir)
     gallery = parse_msmt_list(os.path.join(dataset_dir, "list_gallery.txt"), test_dir)
-    return _assemble("msmt17", dataset_dir, train=train, query=query, gallery=gallery, num_cams=MSMT17_CAMERAS,
-                     expected_counts=PUBLISHED_COUNTS["msmt17" if include_val else "msmt17_no_val"],
-                     check_counts=check_counts, with_masks=with_masks, mask_root=mask_root,
-                     verify_images=verify_images)
+    return _assemble(
+        "msmt17",
+        dataset_dir,
+        train=train,
+        query=query,
+        gallery=gallery,
+        num_cams=MSMT17_CAMERAS,
+        expected_counts=PUBLISHED_COUNTS["msmt17" if include_val else "msmt17_no_val"],
+        check_counts=check_counts,
+        with_masks=with_masks,
+        mask_root=mask_root,
+        verify_images=verify_images,
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,11 +27,14 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)  # load_config checked that it parses and is cpu or cuda
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"config key train.device: {name} requested but CUDA is not available here "
-                          f"(torch {torch.__version__}, torch.cuda.is_available() is False); use cpu or auto")
+        raise ConfigError(
+            f"config key train.device: {name} requested but CUDA is not available here "
+            f"(torch {torch.__version__}, torch.cuda.is_available() is False); use cpu or auto"
+        )
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"config key train.device: {name} requested but this machine has "
-                          f"{torch.cuda.device_count()} CUDA device(s)")
+        raise ConfigError(
+            f"config key train.device: {name} requested but this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
     return device
 
 
@@ -75,25 +78,39 @@ def load_splits(config: dict) -> ReIDSplits:
     """Train split of ``dataset``, query/gallery of ``dataset`` or of ``dataset.test_name``
     (with its ``dataset.test_camids``); the test set's gt_bbox pools with ``eval.multi_query``."""
     data = config["dataset"]
-    with_masks = data["with_masks"] if data["with_masks"] is not None else get_recipe(config["model"]["name"]).uses_masks
+    with_masks = (
+        data["with_masks"] if data["with_masks"] is not None else get_recipe(config["model"]["name"]).uses_masks
+    )
     options = dict(with_masks=with_masks, mask_root=data["mask_root"])
     if data["check_counts"] != "warn" or data["name"].lower() not in ("synthetic", "synth"):
         options["check_counts"] = data["check_counts"]
     test_options = {"multi_query": True} if config["eval"]["multi_query"] != "off" else {}
     if data["test_camids"] is not None:
         test_options["camids"] = tuple(data["test_camids"])
-    splits = build_dataset(data["name"], os.path.expanduser(data["root"]), **options,
-                           **({} if data["test_name"] else test_options))
+    splits = build_dataset(
+        data["name"], os.path.expanduser(data["root"]), **options, **({} if data["test_name"] else test_options)
+    )
     if data["test_name"]:
-        test = build_dataset(data["test_name"], os.path.expanduser(data["test_root"] or data["root"]),
-                             with_masks=with_masks, mask_root=data["mask_root"], check_counts=data["check_counts"],
-                             **test_options)
+        test = build_dataset(
+            data["test_name"],
+            os.path.expanduser(data["test_root"] or data["root"]),
+            with_masks=with_masks,
+            mask_root=data["mask_root"],
+            check_counts=data["check_counts"],
+            **test_options,
+        )
         mask_paths = None
         if with_masks:
             mask_paths = {**(splits.mask_paths or {}), **(test.mask_paths or {})}
-        splits = dataclasses.replace(splits, name=f"{splits.name}->{test.name}", query=test.query,
-                                     gallery=test.gallery, mask_paths=mask_paths,
-                                     occluded_paths=test.occluded_paths, multi_query=test.multi_query)
+        splits = dataclasses.replace(
+            splits,
+            name=f"{splits.name}->{test.name}",
+            query=test.query,
+            gallery=test.gallery,
+            mask_paths=mask_paths,
+            occluded_paths=test.occluded_paths,
+            multi_query=test.multi_query,
+        )
     if not splits.train:
         raise DatasetError(f"dataset {data['name']} at {data['root']} has no training images")
     return splits
@@ -103,10 +120,18 @@ def build_sampler(kind: str, config: dict, pids: list, rank: int, world_size: in
     s, seed = config["sampler"], config["train"]["seed"]
     try:
         if kind == "pk":
-            return RandomIdentityBatchSampler(pids, s["num_ids"], s["num_instances"], seed=seed, rank=rank,
-                                              world_size=world_size)
-        return MaskReIDBatchSampler(pids, s["num_positives"], s["num_negatives"], s["batches_per_epoch"],
-                                    seed=seed, rank=rank, world_size=world_size)
+            return RandomIdentityBatchSampler(
+                pids, s["num_ids"], s["num_instances"], seed=seed, rank=rank, world_size=world_size
+            )
+        return MaskReIDBatchSampler(
+            pids,
+            s["num_positives"],
+            s["num_negatives"],
+            s["batches_per_epoch"],
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+        )
     except ValueError as error:
         raise ConfigError(f"config section sampler: {error}") from error
 
@@ -124,8 +149,10 @@ def check_input_size(model_args: dict, config: dict, source: str) -> None:
     """A ViT's position embedding is sized for one patch grid: the config's input.size must be it."""
     size = model_args["options"].get("img_size")
     if size is not None and list(size) != list(config["input"]["size"]):
-        raise ConfigError(f"{source} takes {size[0]}x{size[1]} images but config key input.size is "
-                          f"{list(config['input']['size'])}; set input.size={list(size)}")
+        raise ConfigError(
+            f"{source} takes {size[0]}x{size[1]} images but config key input.size is "
+            f"{list(config['input']['size'])}; set input.size={list(size)}"
+        )
 
 
 def check_model_fits_data(model_args: dict, config: dict, splits: ReIDSplits, source: str) -> None:
@@ -136,17 +163,22 @@ def check_model_fits_data(model_args: dict, config: dict, splits: ReIDSplits, so
     num_cameras = model_args["num_cameras"]
     highest = max((r.camid for r in (*splits.query, *splits.gallery)), default=-1)
     if num_cameras and highest >= num_cameras:
-        raise ConfigError(f"{source} has {num_cameras} camera embeddings (SIE, one per training camera) but the "
-                          f"test set {splits.name} has camera ids up to {highest} ({highest + 1} cameras); evaluate "
-                          f"on a set with at most {num_cameras} cameras, or map a one-camera-per-split set with "
-                          "dataset.test_camids")
+        raise ConfigError(
+            f"{source} has {num_cameras} camera embeddings (SIE, one per training camera) but the "
+            f"test set {splits.name} has camera ids up to {highest} ({highest + 1} cameras); evaluate "
+            f"on a set with at most {num_cameras} cameras, or map a one-camera-per-split set with "
+            "dataset.test_camids"
+        )
 
 
 def eval_model_arguments(name: str, checkpoint_args: dict, config: dict) -> dict:
     """The checkpoint's model arguments with the config's eval-time options (e.g. DPM's
     ``neck_feat``: what eval mode returns, not the weights)."""
-    chosen = {key: config["model"]["options"][key] for key in get_recipe(name).eval_time_options
-              if key in config["model"]["options"]}
+    chosen = {
+        key: config["model"]["options"][key]
+        for key in get_recipe(name).eval_time_options
+        if key in config["model"]["options"]
+    }
     return {**checkpoint_args, "options": {**checkpoint_args["options"], **chosen}}
 
 
@@ -179,9 +211,17 @@ def checkpoint_model(config: dict, weights: str | os.PathLike) -> nn.Module:
 # evaluation
 
 
-def evaluate_with_config(model: nn.Module, splits: ReIDSplits, config: dict, *, device: torch.device,
-                         out_dir=None, pictures=None, progress=True,
-                         log: Callable[[str], None] = print) -> Optional[dict]:
+def evaluate_with_config(
+    model: nn.Module,
+    splits: ReIDSplits,
+    config: dict,
+    *,
+    device: torch.device,
+    out_dir=None,
+    pictures=None,
+    progress=True,
+    log: Callable[[str], None] = print,
+) -> Optional[dict]:
     """``evaluate_model`` with the config's ``eval`` section. Features are extracted under
     ``eval.amp`` (fp32 by default), never under the training's ``solver.amp``: the official code
     trains under fp16 autocast and tests in fp32."""
@@ -189,25 +229,41 @@ def evaluate_with_config(model: nn.Module, splits: ReIDSplits, config: dict, *, 
 
     ev = config["eval"]
     info = distributed.current()
-    options = dict(model_name=config["model"]["name"], image_size=tuple(config["input"]["size"]),
-                   batch_size=ev["batch_size"], num_workers=ev["num_workers"], device=str(device),
-                   amp_dtype=resolve_amp(ev["amp"], device), distance=ev["distance"], rerank=ev["rerank"],
-                   k1=ev["k1"], k2=ev["k2"], lambda_value=ev["lambda_value"], max_rank=ev["max_rank"],
-                   protocol=ev["protocol"], num_repeats=ev["cuhk03_repeats"], seed=ev["cuhk03_seed"],
-                   multi_query=ev["multi_query"],
-                   out_dir=str(out_dir) if out_dir is not None and info.is_main else None,
-                   pictures=ev["pictures"] if pictures is None else pictures, progress=progress)
+    options = dict(
+        model_name=config["model"]["name"],
+        image_size=tuple(config["input"]["size"]),
+        batch_size=ev["batch_size"],
+        num_workers=ev["num_workers"],
+        device=str(device),
+        amp_dtype=resolve_amp(ev["amp"], device),
+        distance=ev["distance"],
+        rerank=ev["rerank"],
+        k1=ev["k1"],
+        k2=ev["k2"],
+        lambda_value=ev["lambda_value"],
+        max_rank=ev["max_rank"],
+        protocol=ev["protocol"],
+        num_repeats=ev["cuhk03_repeats"],
+        seed=ev["cuhk03_seed"],
+        multi_query=ev["multi_query"],
+        out_dir=str(out_dir) if out_dir is not None and info.is_main else None,
+        pictures=ev["pictures"] if pictures is None else pictures,
+        progress=progress,
+    )
     was_training = model.training
     metrics = evaluator.evaluate_model(model, splits, **options)  # every rank extracts a shard; rank 0 ranks
     model.train(was_training)
     if info.is_main and metrics is not None:
-        log(f"evaluation on {splits.name} ({len(splits.query)} queries, {len(splits.gallery)} gallery):\n"
-            + evaluator.format_metrics_table(metrics))
+        log(
+            f"evaluation on {splits.name} ({len(splits.query)} queries, {len(splits.gallery)} gallery):\n"
+            + evaluator.format_metrics_table(metrics)
+        )
     return metrics if info.is_main else None
 
 
-def evaluate_checkpoint(config: dict, weights: str | os.PathLike, output: Optional[str | os.PathLike] = None
-                        ) -> tuple[Optional[dict], Path]:
+def evaluate_checkpoint(
+    config: dict, weights: str | os.PathLike, output: Optional[str | os.PathLike] = None
+) -> tuple[Optional[dict], Path]:
     """`dpm-reid eval`: checkpoint ``weights`` on the config's test set (under torchrun too), with
     metrics.json and pictures in ``output`` (default: ``eval/`` beside the run's checkpoints folder).
     Returns (the metrics on rank 0, else None; the output folder)."""

@@ -107,18 +107,23 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
     return atomic_write(path, lambda handle: torch.save(state, handle))
 
 
-def make_checkpoint(model_name: str, model_args: dict, config: dict, model_state: dict,
-                    training: Optional[dict] = None, **extra: Any) -> dict:
-    state = {"format": FORMAT, "model_name": model_name, "model_args": model_args, "config": config,
-             "model": model_state}
+def make_checkpoint(
+    model_name: str, model_args: dict, config: dict, model_state: dict, training: Optional[dict] = None, **extra: Any
+) -> dict:
+    state = {
+        "format": FORMAT,
+        "model_name": model_name,
+        "model_args": model_args,
+        "config": config,
+        "model": model_state,
+    }
     if training is not None:
         state["training"] = training
     state.update(extra)
     return state
 
 
-def load_checkpoint(path: str | os.PathLike, *, model_name: Optional[str] = None,
-                    map_location: Any = "cpu") -> dict:
+def load_checkpoint(path: str | os.PathLike, *, model_name: Optional[str] = None, map_location: Any = "cpu") -> dict:
     """Read a checkpoint written by :func:`save_checkpoint`; with ``model_name``, refuse another model's."""
     path = Path(os.path.expanduser(str(path)))
     if not path.is_file():
@@ -150,11 +155,15 @@ def _check_structure(path: Path, state: dict) -> None:
         problem = "no model_name"
     elif not isinstance(args, dict):
         problem = "no model_args (the model's num_classes, num_cameras and options)"
-    elif not (isinstance(args.get("num_classes"), int) and isinstance(args.get("num_cameras"), int)
-              and isinstance(args.get("options"), dict)):
+    elif not (
+        isinstance(args.get("num_classes"), int)
+        and isinstance(args.get("num_cameras"), int)
+        and isinstance(args.get("options"), dict)
+    ):
         problem = f"model_args must hold int num_classes, int num_cameras and an options mapping, got {args!r}"
     elif not isinstance(state.get("model"), dict) or not all(
-            isinstance(value, torch.Tensor) for value in state["model"].values()):
+        isinstance(value, torch.Tensor) for value in state["model"].values()
+    ):
         problem = "no model state dict (a mapping of tensors)"
     if problem is not None:
         raise CheckpointError(f"checkpoint {path}: {problem}")
@@ -172,13 +181,20 @@ def load_model_state(model: torch.nn.Module, state_dict: dict, path: str | os.Pa
     own = model.state_dict()
     missing = [key for key in own if key not in state_dict]
     unexpected = [key for key in state_dict if key not in own]
-    reshaped = [f"{key} {tuple(state_dict[key].shape)} vs the model's {tuple(own[key].shape)}"
-                for key in own if key in state_dict and state_dict[key].shape != own[key].shape]
-    problems = [f"{label}: {_listed(names)}" for label, names in
-                (("missing", missing), ("unexpected", unexpected), ("shape differs", reshaped)) if names]
+    reshaped = [
+        f"{key} {tuple(state_dict[key].shape)} vs the model's {tuple(own[key].shape)}"
+        for key in own
+        if key in state_dict and state_dict[key].shape != own[key].shape
+    ]
+    problems = [
+        f"{label}: {_listed(names)}"
+        for label, names in (("missing", missing), ("unexpected", unexpected), ("shape differs", reshaped))
+        if names
+    ]
     if problems:
-        raise CheckpointError(f"checkpoint {path} does not fit the {type(model).__name__} its model_args describe "
-                              f"({'; '.join(problems)})")
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the {type(model).__name__} its model_args describe ({'; '.join(problems)})"
+        )
     model.load_state_dict(state_dict)
 
 

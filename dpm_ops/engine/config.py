@@ -267,8 +267,11 @@ def _check_value(key: str, field: Field, value: Any) -> Any:
     if kind == "size":
         if isinstance(value, int) and not isinstance(value, bool):
             value = [value, value]
-        if (not isinstance(value, (list, tuple)) or len(value) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+        if (
+            not isinstance(value, (list, tuple))
+            or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+        ):
             raise ConfigError(f"config key {key}: expected [height, width] of positive ints, got {value!r}")
         return [int(v) for v in value]
     if kind == "device":
@@ -289,8 +292,10 @@ def _check_value(key: str, field: Field, value: Any) -> Any:
     if field.bounds is not None and value not in field.bounds:
         raise ConfigError(f"config key {key}: expected a value {field.bounds.describe()}, got {value!r}")
     if field.renamed and value in field.renamed:
-        raise ConfigError(f"config key {key}: {value!r} was renamed {field.renamed[value]!r} "
-                          f"(choices: {', '.join(map(str, field.choices))})")
+        raise ConfigError(
+            f"config key {key}: {value!r} was renamed {field.renamed[value]!r} "
+            f"(choices: {', '.join(map(str, field.choices))})"
+        )
     if field.choices is not None and value not in field.choices:
         raise ConfigError(f"config key {key}: {value!r} is not one of {', '.join(map(str, field.choices))}")
     return value
@@ -300,7 +305,7 @@ DEVICE_TYPES = ("cpu", "cuda")
 
 
 def _check_device(key: str, value: Any) -> str:
-    """"auto" or a torch device string of a type the engine runs on; whether CUDA is there is
+    """ "auto" or a torch device string of a type the engine runs on; whether CUDA is there is
     checked when the run starts (:func:`dpm_ops.engine.builders.resolve_device`)."""
     if value == "auto":
         return value

@@ -58,14 +58,18 @@ def validate(config: dict) -> None:
         raise ConfigError(f"config key dataset.with_masks: model {name} needs foreground masks")
     kind = config["sampler"]["kind"]
     if kind not in recipe.sampler_kinds:
-        raise ConfigError(f"config key sampler.kind: model {name} trains on "
-                          f"{' or '.join(SAMPLER_NAMES[k] for k in recipe.sampler_kinds)}; not '{kind}'")
+        raise ConfigError(
+            f"config key sampler.kind: model {name} trains on "
+            f"{' or '.join(SAMPLER_NAMES[k] for k in recipe.sampler_kinds)}; not '{kind}'"
+        )
     _check_eval_distance(config)
     _check_synth_options(config)
     _check_dataset_options(config)
     if config["loss"]["ranking_pos_mode"] == "eq4" and config["loss"]["ranking_neg_mode"] != "literal":
-        raise ConfigError("config key loss.ranking_neg_mode: does not apply to ranking_pos_mode eq4 (no margin, "
-                          "no hinge); leave it literal")
+        raise ConfigError(
+            "config key loss.ranking_neg_mode: does not apply to ranking_pos_mode eq4 (no margin, "
+            "no hinge); leave it literal"
+        )
     if config["pretrain"]["epochs"] and not recipe.has_pretrain_stage:
         raise ConfigError(f"config key pretrain.epochs: softmax pre-training is MaskReID's; model is {name}")
 
@@ -99,8 +103,9 @@ def _check_dataset_options(config: dict) -> None:
     if data["test_camids"] is not None:
         if not data["test_name"]:
             raise ConfigError("config key dataset.test_camids: set dataset.test_name (the test-only set it applies to)")
-        wanted.append(("dataset.test_camids", "camids", "a test set with one camera per split (occluded_reid, "
-                                                         "partial_reid)"))
+        wanted.append(
+            ("dataset.test_camids", "camids", "a test set with one camera per split (occluded_reid, partial_reid)")
+        )
     if config["eval"]["multi_query"] != "off":
         wanted.append(("eval.multi_query", "multi_query", "market1501's gt_bbox/ pools"))
     for key, option, needs in wanted:

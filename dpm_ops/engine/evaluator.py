@@ -49,10 +49,10 @@ MULTI_QUERY = ("off", "avg", "max")
 class FeatureSet:
     """Descriptors of one split, in the order of its records."""
 
-    features: torch.Tensor            # (N, D) float32, CPU
-    masks: Optional[torch.Tensor]     # (N, D) float32 DPM channel masks, else None
-    pids: torch.Tensor                # (N,) int64
-    camids: torch.Tensor              # (N,) int64
+    features: torch.Tensor  # (N, D) float32, CPU
+    masks: Optional[torch.Tensor]  # (N, D) float32 DPM channel masks, else None
+    pids: torch.Tensor  # (N,) int64
+    camids: torch.Tensor  # (N,) int64
     paths: list[str]
 
     def __len__(self) -> int:
@@ -63,8 +63,13 @@ class FeatureSet:
         """Concatenate shards in order; empty shards (which carry no feature width) are skipped."""
         filled = [p for p in parts if len(p)] or list(parts[:1])
         masks = None if filled[0].masks is None else torch.cat([p.masks for p in filled])
-        return FeatureSet(torch.cat([p.features for p in filled]), masks, torch.cat([p.pids for p in filled]),
-                          torch.cat([p.camids for p in filled]), [path for p in filled for path in p.paths])
+        return FeatureSet(
+            torch.cat([p.features for p in filled]),
+            masks,
+            torch.cat([p.pids for p in filled]),
+            torch.cat([p.camids for p in filled]),
+            [path for p in filled for path in p.paths],
+        )
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -81,9 +86,17 @@ def _model_cameras(model: torch.nn.Module) -> int:
     return 0 if embedding is None else int(embedding.shape[0])
 
 
-def extract_features(model: torch.nn.Module, loader, *, model_name: str, device="cpu",
-                     amp_dtype: Optional[torch.dtype] = None, progress: bool = True, normalize: bool = True,
-                     desc: str = "extract") -> FeatureSet:
+def extract_features(
+    model: torch.nn.Module,
+    loader,
+    *,
+    model_name: str,
+    device="cpu",
+    amp_dtype: Optional[torch.dtype] = None,
+    progress: bool = True,
+    normalize: bool = True,
+    desc: str = "extract",
+) -> FeatureSet:
     """Run ``model`` over ``loader`` (an evaluation loader of :class:`ImageDataset` items; paired
     image + mask items for MaskReID) in eval mode under ``torch.inference_mode`` and return the
     descriptors on the CPU in float32.
@@ -96,8 +109,10 @@ def extract_features(model: torch.nn.Module, loader, *, model_name: str, device=
     model = _unwrap(model)
     param = next(iter(model.parameters()), None)
     if param is not None and param.device.type != device.type:
-        raise ValueError(f"device is {device} but the model's parameters are on {param.device}; "
-                         f"move the model first or pass device={str(param.device)!r}")
+        raise ValueError(
+            f"device is {device} but the model's parameters are on {param.device}; "
+            f"move the model first or pass device={str(param.device)!r}"
+        )
     num_cameras = _model_cameras(model)
     features, masks, pids, camids, paths = [], [], [], [], []
     was_training = model.training
@@ -106,13 +121,17 @@ def extract_features(model: torch.nn.Module, loader, *, model_name: str, device=
         with torch.inference_mode():
             for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
                 if recipe.uses_masks and "masked" not in batch:
-                    raise ValueError(f"{model_name} needs the paired image + mask loader (ImageDataset with "
-                                     "mask_paths); load the dataset with masks")
+                    raise ValueError(
+                        f"{model_name} needs the paired image + mask loader (ImageDataset with "
+                        "mask_paths); load the dataset with masks"
+                    )
                 if num_cameras and int(batch["camid"].max()) >= num_cameras:
-                    raise ValueError(f"camera id {int(batch['camid'].max())} in {batch['path'][0]!r}'s batch is "
-                                     f"out of range for the model's {num_cameras} camera embeddings (SIE): test "
-                                     f"camera ids must be 0..{num_cameras - 1} (dataset.test_camids for a "
-                                     "test-only set)")
+                    raise ValueError(
+                        f"camera id {int(batch['camid'].max())} in {batch['path'][0]!r}'s batch is "
+                        f"out of range for the model's {num_cameras} camera embeddings (SIE): test "
+                        f"camera ids must be 0..{num_cameras - 1} (dataset.test_camids for a "
+                        "test-only set)"
+                    )
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     feature, mask = recipe.test_forward(model, batch, device)
                 feature = feature.float()
@@ -127,10 +146,12 @@ def extract_features(model: torch.nn.Module, loader, *, model_name: str, device=
     finally:
         model.train(was_training)
     if not features:
-        return FeatureSet(torch.zeros(0, 0), None, torch.zeros(0, dtype=torch.int64),
-                          torch.zeros(0, dtype=torch.int64), [])
-    return FeatureSet(torch.cat(features), torch.cat(masks) if masks else None, torch.cat(pids),
-                      torch.cat(camids), paths)
+        return FeatureSet(
+            torch.zeros(0, 0), None, torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), []
+        )
+    return FeatureSet(
+        torch.cat(features), torch.cat(masks) if masks else None, torch.cat(pids), torch.cat(camids), paths
+    )
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -144,8 +165,11 @@ def eval_transform(model_name: str, image_size=None):
 def _check_image_size(image_size):
     if image_size is None:
         return None
-    if (not isinstance(image_size, (tuple, list)) or len(image_size) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in image_size)):
+    if (
+        not isinstance(image_size, (tuple, list))
+        or len(image_size) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in image_size)
+    ):
         raise ValueError(f"image_size must be (height, width) positive integers, got {image_size!r}")
     return tuple(image_size)
 
@@ -153,19 +177,28 @@ def _check_image_size(image_size):
 def _shard(records: list, rank: int, world: int) -> list:
     """Contiguous shards in rank order, so concatenating the gathered parts restores the order."""
     n = len(records)
-    return records[n * rank // world:n * (rank + 1) // world]
+    return records[n * rank // world : n * (rank + 1) // world]
 
 
-def _extract_split(model, records, splits, model_name, transform, *, batch_size, num_workers, device, amp_dtype,
-                   progress, desc) -> Optional[FeatureSet]:
+def _extract_split(
+    model, records, splits, model_name, transform, *, batch_size, num_workers, device, amp_dtype, progress, desc
+) -> Optional[FeatureSet]:
     info = distributed.current()
     rank, world = info.rank, info.world_size
     mask_paths = splits.mask_paths if get_recipe(model_name).uses_masks else None
     dataset = ImageDataset(_shard(records, rank, world), transform, mask_paths=mask_paths)
-    loader = build_dataloader(dataset, batch_size=batch_size, num_workers=num_workers,
-                              pin_memory=torch.device(device).type == "cuda")
-    part = extract_features(model, loader, model_name=model_name, device=device, amp_dtype=amp_dtype,
-                            progress=progress and rank == 0, desc=desc)
+    loader = build_dataloader(
+        dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=torch.device(device).type == "cuda"
+    )
+    part = extract_features(
+        model,
+        loader,
+        model_name=model_name,
+        device=device,
+        amp_dtype=amp_dtype,
+        progress=progress and rank == 0,
+        desc=desc,
+    )
     if world == 1:
         return part
     gathered = [None] * world if rank == 0 else None
@@ -187,12 +220,17 @@ def pool_multi_query(query: FeatureSet, pool: FeatureSet, mode: str) -> FeatureS
         raise ValueError("query and pool must both have DPM masks or both have none")
     pooled_names = {os.path.basename(path) for path in pool.paths}
     own = torch.tensor([os.path.basename(path) not in pooled_names for path in query.paths], dtype=torch.bool)
-    own_images = FeatureSet(query.features[own], None if query.masks is None else query.masks[own],
-                            query.pids[own], query.camids[own], [p for p, o in zip(query.paths, own.tolist()) if o])
+    own_images = FeatureSet(
+        query.features[own],
+        None if query.masks is None else query.masks[own],
+        query.pids[own],
+        query.camids[own],
+        [p for p, o in zip(query.paths, own.tolist()) if o],
+    )
     members = FeatureSet.concat([pool, own_images])
     keys = torch.stack([torch.cat([members.pids, query.pids]), torch.cat([members.camids, query.camids])], dim=1)
     groups, group_of = torch.unique(keys, dim=0, return_inverse=True)
-    member_group, query_group = group_of[:len(members)], group_of[len(members):]
+    member_group, query_group = group_of[: len(members)], group_of[len(members) :]
     reduce = "mean" if mode == "avg" else "amax"
 
     def pooled(values: torch.Tensor) -> torch.Tensor:
@@ -200,8 +238,13 @@ def pool_multi_query(query: FeatureSet, pool: FeatureSet, mode: str) -> FeatureS
         index = member_group[:, None].expand_as(values)
         return out.scatter_reduce_(0, index, values, reduce, include_self=False)[query_group]
 
-    return FeatureSet(F.normalize(pooled(members.features), dim=1),
-                      None if query.masks is None else pooled(members.masks), query.pids, query.camids, query.paths)
+    return FeatureSet(
+        F.normalize(pooled(members.features), dim=1),
+        None if query.masks is None else pooled(members.masks),
+        query.pids,
+        query.camids,
+        query.paths,
+    )
 
 
 def resolve_distance(distance: str, model_name: str) -> str:
@@ -216,8 +259,17 @@ def resolve_distance(distance: str, model_name: str) -> str:
     return distance
 
 
-def compute_distances(query: FeatureSet, gallery: FeatureSet, distance: str, *, rerank: bool = False, k1: int = 20,
-                      k2: int = 6, lambda_value: float = 0.3, device="cpu") -> torch.Tensor:
+def compute_distances(
+    query: FeatureSet,
+    gallery: FeatureSet,
+    distance: str,
+    *,
+    rerank: bool = False,
+    k1: int = 20,
+    k2: int = 6,
+    lambda_value: float = 0.3,
+    device="cpu",
+) -> torch.Tensor:
     """(Q, G) float32 distances on ``device``; with ``rerank``, k-reciprocal re-ranked.
 
     Re-ranking: Euclidean / cosine features go through ``rerank_features`` (never an N x N
@@ -242,8 +294,7 @@ def compute_distances(query: FeatureSet, gallery: FeatureSet, distance: str, *, 
             return q_g
         q_q = masked_arccos_distance(qf, qm, qf)
         g_g = masked_arccos_distance(gf, gm, gf)
-        return re_ranking(q_g, q_q, g_g, k1=k1, k2=k2, lambda_value=lambda_value, input="euclidean",
-                          orientation="rows")
+        return re_ranking(q_g, q_q, g_g, k1=k1, k2=k2, lambda_value=lambda_value, input="euclidean", orientation="rows")
     if rerank:
         if distance == "cosine":
             qf, gf = F.normalize(qf, dim=1), F.normalize(gf, dim=1)
@@ -251,20 +302,35 @@ def compute_distances(query: FeatureSet, gallery: FeatureSet, distance: str, *, 
     return pairwise_distance(qf, gf, metric=distance)
 
 
-def _subset_metrics(distmat, query: FeatureSet, gallery: FeatureSet, rows: Optional[torch.Tensor],
-                    max_rank: int, options: dict) -> Optional[dict]:
+def _subset_metrics(
+    distmat, query: FeatureSet, gallery: FeatureSet, rows: Optional[torch.Tensor], max_rank: int, options: dict
+) -> Optional[dict]:
     q_pids, q_camids = query.pids, query.camids
     if rows is not None:
         distmat, q_pids, q_camids = distmat[rows.to(distmat.device)], q_pids[rows], q_camids[rows]
     device = distmat.device
-    result = evaluate_rank(distmat, q_pids.to(device), gallery.pids.to(device), q_camids.to(device),
-                           gallery.camids.to(device), max_rank=max_rank, **options)
+    result = evaluate_rank(
+        distmat,
+        q_pids.to(device),
+        gallery.pids.to(device),
+        q_camids.to(device),
+        gallery.camids.to(device),
+        max_rank=max_rank,
+        **options,
+    )
     cmc = [100.0 * float(v) for v in result.cmc]
     # A gallery smaller than max_rank cuts the CMC to its size, past which it would stay at its last value.
     rank = {k: cmc[min(k, len(cmc)) - 1] if len(cmc) == len(gallery.pids) else cmc[k - 1] for k in (1, 5, 10)}
-    return {"rank1": rank[1], "rank5": rank[5], "rank10": rank[10], "mAP": 100.0 * result.mAP,
-            "mINP": 100.0 * result.mINP, "num_query": int(len(q_pids)), "num_valid": int(result.num_valid),
-            "cmc": cmc}
+    return {
+        "rank1": rank[1],
+        "rank5": rank[5],
+        "rank10": rank[10],
+        "mAP": 100.0 * result.mAP,
+        "mINP": 100.0 * result.mINP,
+        "num_query": int(len(q_pids)),
+        "num_valid": int(result.num_valid),
+        "cmc": cmc,
+    }
 
 
 def query_subsets(splits: ReIDSplits, query_records) -> dict:
@@ -277,8 +343,16 @@ def query_subsets(splits: ReIDSplits, query_records) -> dict:
     return {"clean": torch.nonzero(~occluded).flatten(), "occluded": torch.nonzero(occluded).flatten()}
 
 
-def rank_metrics(distmat, query: FeatureSet, gallery: FeatureSet, subsets: Optional[dict] = None,
-                 max_rank: int = 50, protocol: str = "market1501", num_repeats: int = 10, seed: int = 0) -> dict:
+def rank_metrics(
+    distmat,
+    query: FeatureSet,
+    gallery: FeatureSet,
+    subsets: Optional[dict] = None,
+    max_rank: int = 50,
+    protocol: str = "market1501",
+    num_repeats: int = 10,
+    seed: int = 0,
+) -> dict:
     """{"all": {...}, "clean": {...}, "occluded": {...}} (percent) from a (Q, G) distance matrix;
     protocol / num_repeats / seed as in ``evaluate_rank``.
 
@@ -301,6 +375,7 @@ def rank_metrics(distmat, query: FeatureSet, gallery: FeatureSet, subsets: Optio
 def write_json_atomic(path: str, payload) -> None:
     """Write JSON atomically (:func:`dpm_ops.engine.checkpoint.atomic_write`): a reader, or a run
     killed half-way, never sees a partial file."""
+
     def write(handle) -> None:
         text = io.TextIOWrapper(handle, encoding="utf-8")
         json.dump(payload, text, indent=1)
@@ -322,8 +397,10 @@ def format_metrics_table(metrics: dict) -> str:
     lines = [header, "-" * len(header)]
     for name, values in rows:
         try:
-            lines.append(f"{name:<10}{values['rank1']:>8.1f}{values['rank5']:>8.1f}{values['rank10']:>9.1f}"
-                         f"{values['mAP']:>8.1f}{values['mINP']:>8.1f}{values['num_query']:>10d}")
+            lines.append(
+                f"{name:<10}{values['rank1']:>8.1f}{values['rank5']:>8.1f}{values['rank10']:>9.1f}"
+                f"{values['mAP']:>8.1f}{values['mINP']:>8.1f}{values['num_query']:>10d}"
+            )
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"metrics[{name!r}] is malformed: {error!r}") from error
     return "\n".join(lines)
@@ -332,12 +409,30 @@ def format_metrics_table(metrics: dict) -> str:
 # ------------------------------------------------------------------------------------ engine
 
 
-def evaluate_model(model: torch.nn.Module, splits: ReIDSplits, *, model_name: str, image_size=None,
-                   batch_size: int = 128, num_workers: int = 0, device="cpu",
-                   amp_dtype: Optional[torch.dtype] = None, distance: str = "auto", rerank: bool = False,
-                   k1: int = 20, k2: int = 6, lambda_value: float = 0.3, max_rank: int = 50,
-                   protocol: str = "market1501", num_repeats: int = 10, seed: int = 0, multi_query: str = "off",
-                   out_dir: Optional[str] = None, pictures: bool = True, progress: bool = True) -> Optional[dict]:
+def evaluate_model(
+    model: torch.nn.Module,
+    splits: ReIDSplits,
+    *,
+    model_name: str,
+    image_size=None,
+    batch_size: int = 128,
+    num_workers: int = 0,
+    device="cpu",
+    amp_dtype: Optional[torch.dtype] = None,
+    distance: str = "auto",
+    rerank: bool = False,
+    k1: int = 20,
+    k2: int = 6,
+    lambda_value: float = 0.3,
+    max_rank: int = 50,
+    protocol: str = "market1501",
+    num_repeats: int = 10,
+    seed: int = 0,
+    multi_query: str = "off",
+    out_dir: Optional[str] = None,
+    pictures: bool = True,
+    progress: bool = True,
+) -> Optional[dict]:
     """Evaluate ``model`` on ``splits.query`` against ``splits.gallery``.
 
     ``image_size`` (height, width): the network input, default the recipe's ((256, 128) for the
@@ -375,48 +470,90 @@ def evaluate_model(model: torch.nn.Module, splits: ReIDSplits, *, model_name: st
     if multi_query not in MULTI_QUERY:
         raise ValueError(f"multi_query must be one of {MULTI_QUERY}, got {multi_query!r}")
     if multi_query != "off" and splits.multi_query is None:
-        raise ValueError(f"multi_query={multi_query!r} needs the multi-query pools of {splits.name!r} "
-                         "(Market-1501's gt_bbox/: load it with multi_query=True)")
+        raise ValueError(
+            f"multi_query={multi_query!r} needs the multi-query pools of {splits.name!r} "
+            "(Market-1501's gt_bbox/: load it with multi_query=True)"
+        )
 
     transform = recipe.test_transform(image_size)
-    common = dict(batch_size=batch_size, num_workers=num_workers, device=device, amp_dtype=amp_dtype,
-                  progress=progress)
+    common = dict(batch_size=batch_size, num_workers=num_workers, device=device, amp_dtype=amp_dtype, progress=progress)
     query = _extract_split(model, splits.query, splits, model_name, transform, desc="query", **common)
     gallery = _extract_split(model, splits.gallery, splits, model_name, transform, desc="gallery", **common)
     pool = None
     if multi_query != "off":
         wanted = {(r.pid, r.camid) for r in splits.query}
-        pool = _extract_split(model, [r for r in splits.multi_query if (r.pid, r.camid) in wanted], splits, model_name,
-                              transform, desc="multi-query", **common)
+        pool = _extract_split(
+            model,
+            [r for r in splits.multi_query if (r.pid, r.camid) in wanted],
+            splits,
+            model_name,
+            transform,
+            desc="multi-query",
+            **common,
+        )
     if query is None:  # not rank 0
         return None
     if pool is not None:
         query = pool_multi_query(query, pool, multi_query)
 
-    distmat = compute_distances(query, gallery, metric, rerank=rerank, k1=k1, k2=k2, lambda_value=lambda_value,
-                                device=device)
+    distmat = compute_distances(
+        query, gallery, metric, rerank=rerank, k1=k1, k2=k2, lambda_value=lambda_value, device=device
+    )
     subsets = query_subsets(splits, splits.query)
     metrics = rank_metrics(distmat, query, gallery, subsets, max_rank, protocol, num_repeats, seed)
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
-        settings = {"model": model_name, "dataset": splits.name, "distance": metric, "rerank": bool(rerank),
-                    "image_size": list(recipe.test_input_size(image_size)), "max_rank": max_rank,
-                    "num_query": len(query), "num_gallery": len(gallery), "protocol": protocol,
-                    "multi_query": multi_query, "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off"}
+        settings = {
+            "model": model_name,
+            "dataset": splits.name,
+            "distance": metric,
+            "rerank": bool(rerank),
+            "image_size": list(recipe.test_input_size(image_size)),
+            "max_rank": max_rank,
+            "num_query": len(query),
+            "num_gallery": len(gallery),
+            "protocol": protocol,
+            "multi_query": multi_query,
+            "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
+        }
         if protocol == "cuhk03":
             settings.update(num_repeats=num_repeats, seed=seed)
         if rerank:
             settings.update(k1=k1, k2=k2, lambda_value=lambda_value)
         write_json_atomic(os.path.join(out_dir, "metrics.json"), {**metrics, "settings": settings})
         if pictures:
-            write_pictures(out_dir, metrics, distmat, query, gallery, subsets, model=model, splits=splits,
-                           model_name=model_name, transform=transform, device=device)
+            write_pictures(
+                out_dir,
+                metrics,
+                distmat,
+                query,
+                gallery,
+                subsets,
+                model=model,
+                splits=splits,
+                model_name=model_name,
+                transform=transform,
+                device=device,
+            )
     return metrics
 
 
-def write_pictures(out_dir: str, metrics: dict, distmat, query: FeatureSet, gallery: FeatureSet, subsets: dict, *,
-                   model=None, splits: Optional[ReIDSplits] = None, model_name: str = "",
-                   transform=None, device="cpu", num_queries: int = 8, top_k: int = 10) -> list[str]:
+def write_pictures(
+    out_dir: str,
+    metrics: dict,
+    distmat,
+    query: FeatureSet,
+    gallery: FeatureSet,
+    subsets: dict,
+    *,
+    model=None,
+    splits: Optional[ReIDSplits] = None,
+    model_name: str = "",
+    transform=None,
+    device="cpu",
+    num_queries: int = 8,
+    top_k: int = 10,
+) -> list[str]:
     """cmc.png, ranked_best.png, ranked_worst.png and, for a model with channel masks (DPM),
     masks.png in ``out_dir``."""
     from dpm_ops import visualize  # matplotlib only when pictures are asked for
@@ -431,18 +568,35 @@ def write_pictures(out_dir: str, metrics: dict, distmat, query: FeatureSet, gall
     dist_np = distmat.detach().float().cpu().numpy()
     for which in ("best", "worst"):
         written.append(os.path.join(out_dir, f"ranked_{which}.png"))
-        visualize.plot_ranked_lists(query.paths, gallery.paths, dist_np, query.pids.numpy(), gallery.pids.numpy(),
-                                    query.camids.numpy(), gallery.camids.numpy(), out_png=written[-1], which=which,
-                                    num_queries=num_queries, top_k=top_k, q_occluded=occluded)
+        visualize.plot_ranked_lists(
+            query.paths,
+            gallery.paths,
+            dist_np,
+            query.pids.numpy(),
+            gallery.pids.numpy(),
+            query.camids.numpy(),
+            gallery.camids.numpy(),
+            out_png=written[-1],
+            which=which,
+            num_queries=num_queries,
+            top_k=top_k,
+            q_occluded=occluded,
+        )
     if query.masks is not None and model is not None:
         rows = _mask_examples(occluded, len(query), num_queries)
-        token_maps = dpm_token_maps(model, [query.paths[i] for i in rows], query.camids[rows], query.masks[rows],
-                                    transform, device)
+        token_maps = dpm_token_maps(
+            model, [query.paths[i] for i in rows], query.camids[rows], query.masks[rows], transform, device
+        )
         written.append(os.path.join(out_dir, "masks.png"))
-        visualize.plot_mask_heatmaps([query.paths[i] for i in rows], query.masks[rows].numpy(), written[-1],
-                                     token_maps=token_maps, all_masks=query.masks.numpy(),
-                                     occluded=None if occluded is None else occluded[rows],
-                                     all_occluded=occluded)
+        visualize.plot_mask_heatmaps(
+            [query.paths[i] for i in rows],
+            query.masks[rows].numpy(),
+            written[-1],
+            token_maps=token_maps,
+            all_masks=query.masks.numpy(),
+            occluded=None if occluded is None else occluded[rows],
+            all_occluded=occluded,
+        )
     return written
 
 
@@ -457,8 +611,9 @@ def _mask_examples(occluded: Optional[np.ndarray], num_query: int, count: int) -
     return np.concatenate(picks) if picks else np.zeros(0, dtype=np.int64)
 
 
-def dpm_token_maps(model, paths: Sequence[str], camids: torch.Tensor, masks: torch.Tensor, transform,
-                   device="cpu") -> np.ndarray:
+def dpm_token_maps(
+    model, paths: Sequence[str], camids: torch.Tensor, masks: torch.Tensor, transform, device="cpu"
+) -> np.ndarray:
     """(B, H_p, W_p) share of each final-LayerNorm patch token's energy that lies in the channels
     its image's mask keeps, relative to the mask's average: ``Σ_c m_c² t_c² / (Σ_c t_c² · mean_c m_c²)``.
 
@@ -478,10 +633,10 @@ def dpm_token_maps(model, paths: Sequence[str], camids: torch.Tensor, masks: tor
             backbone = model.backbone
             last = len(backbone.blocks) - 1
             feats = backbone.forward_features(images, camids.to(device), (last,))
-            tokens = backbone.norm(feats.tapped_tokens[0]).float()          # (B, N, C)
+            tokens = backbone.norm(feats.tapped_tokens[0]).float()  # (B, N, C)
     finally:
         model.train(was_training)
-    m2 = masks.to(device).float().square()[:, None, :]                      # (B, 1, C)
+    m2 = masks.to(device).float().square()[:, None, :]  # (B, 1, C)
     energy = tokens.square()
     share = (energy * m2).sum(-1) / energy.sum(-1).clamp_min(1e-12) / m2.mean(-1).clamp_min(1e-12)
     return share.reshape(len(paths), *backbone.grid_size).cpu().numpy()

@@ -25,8 +25,11 @@ class RunLog:
         jsonl = self.output_dir / "train_log.jsonl"
         if resume_step is not None and jsonl.is_file():
             # drop records past the checkpoint: the resumed run logs those steps again
-            kept = [line for line in jsonl.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            kept = [
+                line
+                for line in jsonl.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line)["step"] <= resume_step
+            ]
             jsonl.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         elif jsonl.exists():
             jsonl.unlink()

@@ -42,9 +42,18 @@ class LRSchedule:
     ``state_dict`` still records it with the settings, and ``load_state_dict`` checks they match.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, kind: str, total: int, *, base_lr: float,
-                 warmup: int = 0, warmup_factor: float = 0.01, min_lr_factor: float = 0.002,
-                 power: float = 0.5):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        kind: str,
+        total: int,
+        *,
+        base_lr: float,
+        warmup: int = 0,
+        warmup_factor: float = 0.01,
+        min_lr_factor: float = 0.002,
+        power: float = 0.5,
+    ):
         if kind not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {kind!r}")
         if total < 1:
@@ -72,8 +81,15 @@ class LRSchedule:
             group["lr"] = self.lr_at(group["initial_lr"], self.t)
 
     def state_dict(self) -> dict:
-        return {"kind": self.kind, "total": self.total, "t": self.t, "warmup": self.warmup,
-                "warmup_init": self.warmup_init, "lr_min": self.lr_min, "power": self.power}
+        return {
+            "kind": self.kind,
+            "total": self.total,
+            "t": self.t,
+            "warmup": self.warmup,
+            "warmup_init": self.warmup_init,
+            "lr_min": self.lr_min,
+            "power": self.power,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()

@@ -35,17 +35,39 @@ from dpm_ops.data import ImageDataset, build_dataloader
 from dpm_ops.models import WeightsError, load_pretrained
 
 from . import distributed
-from .builders import (build_model_from_args, build_sampler, check_model_fits_data, evaluate_with_config,
-                       init_run_device, load_splits, model_arguments, prepare_synthetic, resolve_amp)
-from .checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, load_model_state, make_checkpoint,
-                         make_output_folder, remove_stale_temporaries, restore_rng_state, save_checkpoint)
+from .builders import (
+    build_model_from_args,
+    build_sampler,
+    check_model_fits_data,
+    evaluate_with_config,
+    init_run_device,
+    load_splits,
+    model_arguments,
+    prepare_synthetic,
+    resolve_amp,
+)
+from .checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    load_checkpoint,
+    load_model_state,
+    make_checkpoint,
+    make_output_folder,
+    remove_stale_temporaries,
+    restore_rng_state,
+    save_checkpoint,
+)
 from .config import current_choice, dump_config
 from .recipes import Stage, StepContext, get_recipe
 from .run_log import RunLog
 
 # config keys that may differ between a killed run and its resumption
-RESUME_FREE_KEYS = {("train", "stop_after_iters"), ("train", "progress"), ("train", "device"),
-                    ("dataset", "test_camids")}  # test cameras: evaluation only
+RESUME_FREE_KEYS = {
+    ("train", "stop_after_iters"),
+    ("train", "progress"),
+    ("train", "device"),
+    ("dataset", "test_camids"),
+}  # test cameras: evaluation only
 RESUME_FREE_SECTIONS = {"eval", "dataloader"}
 
 
@@ -86,8 +108,12 @@ class LogHook(Hook):
         if trainer.global_step % trainer.config["train"]["log_period"] and at.consumed != at.total:
             return
         logged = distributed.mean_across_ranks({k: float(v) for k, v in losses.items()}, trainer.device)
-        record = {"step": trainer.global_step, "epoch": at.run_epoch,
-                  "lr": at.stage.optimizers["main"].param_groups[0]["lr"], **logged}
+        record = {
+            "step": trainer.global_step,
+            "epoch": at.run_epoch,
+            "lr": at.stage.optimizers["main"].param_groups[0]["lr"],
+            **logged,
+        }
         if not all(math.isfinite(v) for v in logged.values()):
             raise FloatingPointError(f"non-finite loss at step {trainer.global_step}: {logged}")
         trainer.run_log.step(record, f"{at.stage.name} epoch {at.epoch} iter {at.consumed}/{at.total}")
@@ -131,8 +157,15 @@ class StopHook(Hook):
 
 
 class Trainer:
-    def __init__(self, config: dict, output_dir: str | os.PathLike, *, resume: bool = False,
-                 log_stream=None, hooks: Sequence[Hook] = ()):
+    def __init__(
+        self,
+        config: dict,
+        output_dir: str | os.PathLike,
+        *,
+        resume: bool = False,
+        log_stream=None,
+        hooks: Sequence[Hook] = (),
+    ):
         self.config = config
         self.output_dir = Path(output_dir)
         self.resume = resume
@@ -142,8 +175,7 @@ class Trainer:
         if self.dist.is_main:  # only rank 0 writes files
             make_output_folder(self.output_dir, "output_dir")
         self.amp_dtype = resolve_amp(config["solver"]["amp"], self.device)
-        self.run_log = RunLog(self.output_dir, log_stream if log_stream is not None else sys.stdout,
-                              self.dist.is_main)
+        self.run_log = RunLog(self.output_dir, log_stream if log_stream is not None else sys.stdout, self.dist.is_main)
         self.progress = config["train"]["progress"] and self.dist.is_main
         # ``hooks`` run after the step is logged, before it may be checkpointed
         self.hooks: list[Hook] = [LogHook(), *hooks, CheckpointHook(), PeriodicEvalHook(), StopHook()]
@@ -185,11 +217,19 @@ class Trainer:
         pids = [r.pid for r in self.splits.train]
         mask_paths = self.splits.mask_paths if recipe.uses_masks else None
         self.dataset = ImageDataset(self.splits.train, recipe.train_transform(config), mask_paths)
-        self.samplers = {k: build_sampler(k, config, pids, self.dist.rank, self.dist.world_size)
-                         for k in recipe.sampler_kinds}
-        self.loaders = {k: build_dataloader(self.dataset, batch_sampler=s, num_workers=config["dataloader"]["num_workers"],
-                                            seed=config["train"]["seed"], pin_memory=config["dataloader"]["pin_memory"])
-                        for k, s in self.samplers.items()}
+        self.samplers = {
+            k: build_sampler(k, config, pids, self.dist.rank, self.dist.world_size) for k in recipe.sampler_kinds
+        }
+        self.loaders = {
+            k: build_dataloader(
+                self.dataset,
+                batch_sampler=s,
+                num_workers=config["dataloader"]["num_workers"],
+                seed=config["train"]["seed"],
+                pin_memory=config["dataloader"]["pin_memory"],
+            )
+            for k, s in self.samplers.items()
+        }
 
     def setup(self) -> None:
         self._seed()
@@ -202,8 +242,10 @@ class Trainer:
         self.ddp_model = self.model
         if self.dist.enabled:
             self.ddp_model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=self.recipe.find_unused_parameters(self.model_args))
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.recipe.find_unused_parameters(self.model_args),
+            )
         self.step_context = StepContext(self.ddp_model, self.device, self.amp_dtype, self.scaler)
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -215,12 +257,20 @@ class Trainer:
     def _training_state(self, at: Position, epoch_done: bool) -> dict:
         sampler = self.samplers[at.stage.sampler_kind]
         return {
-            "progress": {"stage": at.stage_index, "stage_name": at.stage.name, "epoch": at.epoch,
-                         "consumed": at.consumed, "epoch_done": epoch_done, "global_step": self.global_step},
-            "optimizers": {f"{i}/{n}": o.state_dict() for i, s in enumerate(self.stages)
-                           for n, o in s.optimizers.items()},
-            "schedules": {f"{i}/{n}": sch.state_dict() for i, s in enumerate(self.stages)
-                          for n, sch in s.schedules.items()},
+            "progress": {
+                "stage": at.stage_index,
+                "stage_name": at.stage.name,
+                "epoch": at.epoch,
+                "consumed": at.consumed,
+                "epoch_done": epoch_done,
+                "global_step": self.global_step,
+            },
+            "optimizers": {
+                f"{i}/{n}": o.state_dict() for i, s in enumerate(self.stages) for n, o in s.optimizers.items()
+            },
+            "schedules": {
+                f"{i}/{n}": sch.state_dict() for i, s in enumerate(self.stages) for n, sch in s.schedules.items()
+            },
             "scaler": self.scaler.state_dict(),
             "sampler": sampler.state_dict(consumed_batches=at.consumed),
             "world_size": self.dist.world_size,
@@ -247,8 +297,9 @@ class Trainer:
                     continue
                 old = current_choice(section, key, saved.get(section, {}).get(key))
                 if old != value:
-                    raise CheckpointError(f"--resume: config key {section}.{key} is {value!r} but the "
-                                          f"checkpoint was trained with {old!r}")
+                    raise CheckpointError(
+                        f"--resume: config key {section}.{key} is {value!r} but the checkpoint was trained with {old!r}"
+                    )
 
     def load_for_resume(self) -> dict:
         path = self.checkpoint_dir / "last.pt"
@@ -260,8 +311,10 @@ class Trainer:
         if training is None:
             raise CheckpointError(f"--resume: {path} holds weights only, no training state")
         if training["world_size"] != self.dist.world_size:
-            raise CheckpointError(f"--resume: {path} was written by {training['world_size']} process(es), "
-                                  f"this run has {self.dist.world_size}")
+            raise CheckpointError(
+                f"--resume: {path} was written by {training['world_size']} process(es), "
+                f"this run has {self.dist.world_size}"
+            )
         load_model_state(self.model, state["model"], path)
         for i, stage in enumerate(self.stages):
             for n, opt in stage.optimizers.items():
@@ -297,12 +350,16 @@ class Trainer:
                     self.log(f"removed {path.name}, a temporary left by an interrupted write")
             (self.output_dir / "config.yaml").write_text(dump_config(self.config), encoding="utf-8")
         self.log(self.splits.summary())
-        self.log(f"model {self.model_name}: {sum(p.numel() for p in self.model.parameters()):,} parameters; "
-                 f"device {self.device}, amp {self.amp_dtype}, {self.dist.world_size} process(es)")
+        self.log(
+            f"model {self.model_name}: {sum(p.numel() for p in self.model.parameters()):,} parameters; "
+            f"device {self.device}, amp {self.amp_dtype}, {self.dist.world_size} process(es)"
+        )
         if resume_step is not None:
             stage = self.stages[start_stage].name if start_stage < len(self.stages) else "done"
-            self.log(f"resumed from {self.checkpoint_dir / 'last.pt'} at step {resume_step} "
-                     f"(stage {stage}, epoch {start_epoch}, batch {consumed})")
+            self.log(
+                f"resumed from {self.checkpoint_dir / 'last.pt'} at step {resume_step} "
+                f"(stage {stage}, epoch {start_epoch}, batch {consumed})"
+            )
 
     def fit(self) -> bool:
         """Train all stages; False when a hook stopped the run (``train.stop_after_iters``)."""
@@ -329,8 +386,15 @@ class Trainer:
         if not stage.per_iteration_schedule:
             for sch in stage.schedules.values():
                 sch.step(at.epoch)
-        self.bar = tqdm(total=at.total, initial=at.consumed, disable=not self.progress, leave=False, unit="it",
-                        desc=f"{stage.name} epoch {at.epoch}/{stage.epochs}", dynamic_ncols=True)
+        self.bar = tqdm(
+            total=at.total,
+            initial=at.consumed,
+            disable=not self.progress,
+            leave=False,
+            unit="it",
+            desc=f"{stage.name} epoch {at.epoch}/{stage.epochs}",
+            dynamic_ncols=True,
+        )
         started = time.perf_counter()
         for batch in self.loaders[stage.sampler_kind]:
             if stage.per_iteration_schedule:
@@ -347,8 +411,10 @@ class Trainer:
                 self.log(self.stop_reason)
                 return False
         self.bar.close()
-        self.log(f"{stage.name} epoch {at.epoch}/{stage.epochs} done: {at.consumed} iterations in "
-                 f"{time.perf_counter() - started:.1f} s, lr {stage.optimizers['main'].param_groups[0]['lr']:.3e}")
+        self.log(
+            f"{stage.name} epoch {at.epoch}/{stage.epochs} done: {at.consumed} iterations in "
+            f"{time.perf_counter() - started:.1f} s, lr {stage.optimizers['main'].param_groups[0]['lr']:.3e}"
+        )
         for hook in self.hooks:
             hook.after_epoch(self, at)
         return True
@@ -357,25 +423,42 @@ class Trainer:
 
     def evaluate(self, out_dir: Optional[Path] = None, pictures: Optional[bool] = None) -> Optional[dict]:
         """Metrics on rank 0 (None on the other ranks)."""
-        return evaluate_with_config(self.model, self.splits, self.config, device=self.device, out_dir=out_dir,
-                                    pictures=pictures, progress=self.progress, log=self.log)
+        return evaluate_with_config(
+            self.model,
+            self.splits,
+            self.config,
+            device=self.device,
+            out_dir=out_dir,
+            pictures=pictures,
+            progress=self.progress,
+            log=self.log,
+        )
 
     def run(self) -> dict:
         try:
             self.setup()
             finished = self.fit()
             if not finished:
-                return {"finished": False, "global_step": self.global_step, "metrics": None,
-                        "output_dir": str(self.output_dir)}
+                return {
+                    "finished": False,
+                    "global_step": self.global_step,
+                    "metrics": None,
+                    "output_dir": str(self.output_dir),
+                }
             metrics = self.evaluate(out_dir=self.output_dir)
             if self.dist.is_main:
-                final = make_checkpoint(self.model_name, self.model_args, self.config, self.model.state_dict(),
-                                        metrics=metrics)
+                final = make_checkpoint(
+                    self.model_name, self.model_args, self.config, self.model.state_dict(), metrics=metrics
+                )
                 save_checkpoint(self.checkpoint_dir / "final.pt", final)
                 self._plot_losses()
                 self.log(f"final weights: {self.checkpoint_dir / 'final.pt'}")
-            return {"finished": True, "global_step": self.global_step, "metrics": metrics,
-                    "output_dir": str(self.output_dir)}
+            return {
+                "finished": True,
+                "global_step": self.global_step,
+                "metrics": metrics,
+                "output_dir": str(self.output_dir),
+            }
         finally:
             self.run_log.close()
 

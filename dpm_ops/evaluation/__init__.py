@@ -8,5 +8,15 @@ from .distance import METRICS, knn, pairwise_distance
 from .rank import AP_MODES, PROTOCOLS, RankResult, evaluate_rank
 from .rerank import ORIENTATIONS, re_ranking, rerank_features
 
-__all__ = ["AP_MODES", "METRICS", "ORIENTATIONS", "PROTOCOLS", "RankResult", "evaluate_rank", "knn",
-           "pairwise_distance", "re_ranking", "rerank_features"]
+__all__ = [
+    "AP_MODES",
+    "METRICS",
+    "ORIENTATIONS",
+    "PROTOCOLS",
+    "RankResult",
+    "evaluate_rank",
+    "knn",
+    "pairwise_distance",
+    "re_ranking",
+    "rerank_features",
+]

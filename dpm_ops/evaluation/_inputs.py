@@ -32,8 +32,9 @@ def as_tensor(name: str, value, ndim: int, device=None) -> torch.Tensor:
     return tensor if device is None else tensor.to(device)
 
 
-def as_floats(op: str, name: str, value, ndim: int, device=None, vectors: bool = False,
-              arithmetic: torch.dtype | None = None) -> torch.Tensor:
+def as_floats(
+    op: str, name: str, value, ndim: int, device=None, vectors: bool = False, arithmetic: torch.dtype | None = None
+) -> torch.Tensor:
     """A non-empty floating-point tensor of finite values; `vectors`: its rows are feature vectors,
     whose norms must also stay within what the GEMM-based code can square in its compute dtype, or
     in `arithmetic` (ops._checks.check_finite_rows)."""

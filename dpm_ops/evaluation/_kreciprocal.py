@@ -26,7 +26,7 @@ def _row_chunks(num_rows: int, elements_per_row: int):
 
 def reciprocal_neighbours(neighbours: torch.Tensor, k: int):
     """N(i, k) = the first k + 1 neighbours, and the mask of those j with i in N(j, k)."""
-    forward = neighbours[:, :k + 1]
+    forward = neighbours[:, : k + 1]
     width = forward.shape[1]
     reciprocal = torch.empty(forward.shape, dtype=torch.bool, device=forward.device)
     for start, stop in _row_chunks(len(forward), width * width):
@@ -47,8 +47,9 @@ def expanded_neighbourhoods(neighbours: torch.Tensor, k1: int, half_k1: int):
     forward, reciprocal = reciprocal_neighbours(neighbours, k1)
     half_forward, half_reciprocal = reciprocal_neighbours(neighbours, half_k1)
     half_size = half_reciprocal.sum(dim=1)
-    chunk_rows = max(1, min(num_items, _ELEMENT_BUDGET // forward.shape[1] // half_forward.shape[1],
-                            _MEMBERSHIP_BUDGET // num_items))
+    chunk_rows = max(
+        1, min(num_items, _ELEMENT_BUDGET // forward.shape[1] // half_forward.shape[1], _MEMBERSHIP_BUDGET // num_items)
+    )
     # Row-local membership bitmap of R(i, k1): set for a chunk, probed, then cleared again, so
     # it is zeroed once whatever N.
     member = torch.zeros(chunk_rows * num_items, dtype=torch.bool, device=device)
@@ -128,8 +129,11 @@ def jaccard_blend_(out: torch.Tensor, rows, cols, values, lambda_value: float) -
         entry_rows, entry_cols, entry_values = rows[first:last], cols[first:last], values[first:last]
         entry, position = expand_segments(column_starts[entry_cols], column_counts[entry_cols])
         overlap = torch.zeros((stop - start) * num_gallery, dtype=out.dtype, device=out.device)
-        overlap.index_add_(0, (entry_rows[entry] - start) * num_gallery + gallery_rows[position],
-                           torch.minimum(entry_values[entry], gallery_values[position]))
+        overlap.index_add_(
+            0,
+            (entry_rows[entry] - start) * num_gallery + gallery_rows[position],
+            torch.minimum(entry_values[entry], gallery_values[position]),
+        )
         # Most pairs share no column (m = 0, Jaccard 1): blend those densely, the rest sparsely,
         # with the reference's operation order so both give the same float32 numbers.
         shared = torch.nonzero(overlap).flatten()

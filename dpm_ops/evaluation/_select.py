@@ -63,7 +63,8 @@ class RunningSmallest:
             if transposed:
                 values, position = values.T, position.T
             self.values[start:stop], self.indices[start:stop] = merge_smallest(
-                self.values[start:stop], self.indices[start:stop], values, position + column_offset, self.count)
+                self.values[start:stop], self.indices[start:stop], values, position + column_offset, self.count
+            )
             return
         rows, columns = self._below(block, threshold, transposed)
         values = block[columns, rows] if transposed else block[rows, columns]
@@ -114,7 +115,7 @@ def smallest_in_rows(block: torch.Tensor, count: int):
     streaming column tiles through `RunningSmallest`."""
     running = RunningSmallest(len(block), min(count, block.shape[1]), block.dtype, block.device)
     for start in range(0, block.shape[1], STREAM_TILE):
-        running.offer(0, len(block), block[:, start:start + STREAM_TILE], start)
+        running.offer(0, len(block), block[:, start : start + STREAM_TILE], start)
     return running.values, running.indices
 
 

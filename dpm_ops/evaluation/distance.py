@@ -72,7 +72,7 @@ def pairwise_distance(x, y, metric: str = "euclidean"):
     xs, ys = _check_pair("pairwise_distance", x, y, metric)
     out = torch.empty(len(xs.features), len(ys.features), dtype=xs.features.dtype, device=xs.features.device)
     for start in range(0, len(out), TILE_ROWS):
-        tile = out[start:start + TILE_ROWS]
+        tile = out[start : start + TILE_ROWS]
         raw_distance(*xs.rows(start, start + TILE_ROWS), ys.features, ys.squared_norms, metric, out=tile)
         finish_distance(tile, metric)
     return _inputs.like_input(out, x)
@@ -107,11 +107,13 @@ def knn(x, y, k: int, metric: str = "euclidean"):
             nearest.offer(0, len(x_tile), raw_distance(x_tile, x_norms, y_tile, y_norms, metric), column)
 
         def full_rows(rows, x_tile=x_tile, x_norms=x_norms):
-            return finish_distance(raw_distance(x_tile[rows], x_norms[rows], ys.features, ys.squared_norms, metric),
-                                   metric)
+            return finish_distance(
+                raw_distance(x_tile[rows], x_norms[rows], ys.features, ys.squared_norms, metric), metric
+            )
 
-        values, position = resolve_smallest(nearest.values, nearest.indices, k, num_y,
-                                            lambda raw, rows: finish_distance(raw.clone(), metric), full_rows)
+        values, position = resolve_smallest(
+            nearest.values, nearest.indices, k, num_y, lambda raw, rows: finish_distance(raw.clone(), metric), full_rows
+        )
         distances.append(values)
         indices.append(position)
     return (_inputs.like_input(torch.cat(distances), x), _inputs.like_input(torch.cat(indices), x))

@@ -53,13 +53,13 @@ _CHUNK_ELEMENTS = 1 << 22
 
 @dataclass
 class RankResult:
-    cmc: np.ndarray      # (min(max_rank, G),) share of valid queries matched within rank 1..max_rank
+    cmc: np.ndarray  # (min(max_rank, G),) share of valid queries matched within rank 1..max_rank
     mAP: float
     mINP: float
-    all_AP: np.ndarray   # AP of every valid query, in query order
+    all_AP: np.ndarray  # AP of every valid query, in query order
     all_INP: np.ndarray  # inverse negative penalty of every valid query, in query order (fast-reid's all_INP)
-    num_valid: int       # queries with at least one match left
-    num_skipped: int     # queries without one
+    num_valid: int  # queries with at least one match left
+    num_skipped: int  # queries without one
 
 
 class _IdentityGroups:
@@ -128,8 +128,7 @@ def kernel_match_ranks(dist: torch.Tensor, q_pids, q_camids, g_pids, g_camids):
     return query, rank, ordinal, num_matches
 
 
-def single_shot_match_ranks(dist: torch.Tensor, q_pids, q_camids, g_pids, g_camids, num_repeats: int,
-                            seed: int):
+def single_shot_match_ranks(dist: torch.Tensor, q_pids, q_camids, g_pids, g_camids, num_repeats: int, seed: int):
     """CUHK03 single-gallery-shot: (num_repeats, V) rank of each valid query's match (V queries
     keep one) among one drawn gallery item per identity.
 
@@ -156,8 +155,8 @@ def single_shot_match_ranks(dist: torch.Tensor, q_pids, q_camids, g_pids, g_cami
     for _ in range(num_repeats):
         # drawn on the CPU so that every device draws the same items
         draw = (torch.rand(num_query, num_groups, dtype=torch.float64, generator=generator).to(device) * sizes).long()
-        drawn = groups.order[groups.starts + draw]                                     # (Q, P)
-        match = member_item[first_kept[valid] + draw[queries, own[valid]]]             # (V,)
+        drawn = groups.order[groups.starts + draw]  # (Q, P)
+        match = member_item[first_kept[valid] + draw[queries, own[valid]]]  # (V,)
         drawn, match_dist = drawn[valid], dist[queries, match][:, None]
         drawn_dist = dist[queries[:, None], drawn]
         before = (drawn_dist < match_dist) | ((drawn_dist == match_dist) & (drawn < match[:, None]))
@@ -175,9 +174,18 @@ def _labels(name: str, value, length: int, device) -> torch.Tensor:
     return labels.long()
 
 
-def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50,
-                  ap: str = "standard", protocol: str = "market1501", num_repeats: int = 10,
-                  seed: int = 0) -> RankResult:
+def evaluate_rank(
+    distmat,
+    q_pids,
+    g_pids,
+    q_camids,
+    g_camids,
+    max_rank: int = 50,
+    ap: str = "standard",
+    protocol: str = "market1501",
+    num_repeats: int = 10,
+    seed: int = 0,
+) -> RankResult:
     """Market-1501 CMC, mAP and mINP of a (Q, G) distance matrix (numpy or torch, CPU or CUDA,
     float16/32/64). ap="standard": non-interpolated AP (torchreid, fast-reid);
     ap="trapezoid": the official Market MATLAB AP, mean of (i / r_i + (i-1) / (r_i - 1)) / 2.
@@ -203,8 +211,11 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
     if num_query == 0 or num_gallery == 0:
         raise ValueError(f"distmat is empty (shape {tuple(dist.shape)}): need at least one query and one gallery item")
     if max_rank > num_gallery:
-        warnings.warn(f"evaluate_rank: max_rank {max_rank} exceeds the gallery size {num_gallery}; the CMC has "
-                      f"{num_gallery} entries", stacklevel=2)
+        warnings.warn(
+            f"evaluate_rank: max_rank {max_rank} exceeds the gallery size {num_gallery}; the CMC has "
+            f"{num_gallery} entries",
+            stacklevel=2,
+        )
         max_rank = num_gallery
     device = dist.device
     q_pids = _labels("q_pids", q_pids, num_query, device)
@@ -224,11 +235,13 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
         if not bool(torch.isfinite(chunk.sum())):  # one cheap pass; the exact check only on failure
             check_finite("evaluate_rank", distmat=chunk)
         if use_kernel:
-            query, rank, ordinal, num_matches = kernel_match_ranks(chunk, q_pids[start:stop], q_camids[start:stop],
-                                                                   g_pids, g_camids)
+            query, rank, ordinal, num_matches = kernel_match_ranks(
+                chunk, q_pids[start:stop], q_camids[start:stop], g_pids, g_camids
+            )
         else:
-            query, rank, ordinal, num_matches = match_ranks(chunk, q_pids[start:stop], q_camids[start:stop],
-                                                            g_pids, g_camids, groups)
+            query, rank, ordinal, num_matches = match_ranks(
+                chunk, q_pids[start:stop], q_camids[start:stop], g_pids, g_camids, groups
+            )
         valid = num_matches > 0
         num_skipped += int((~valid).sum())
         if len(query) == 0:
@@ -248,8 +261,10 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
 
     num_valid = num_query - num_skipped
     if num_valid == 0:
-        raise ValueError("no query has a match in the gallery (same pid on another camera); "
-                         "check q_pids / g_pids / q_camids / g_camids")
+        raise ValueError(
+            "no query has a match in the gallery (same pid on another camera); "
+            "check q_pids / g_pids / q_camids / g_camids"
+        )
     all_ap = torch.cat(all_ap).cpu().numpy()
     all_inp = torch.cat(inverse_penalty).cpu().numpy()
     if protocol == "cuhk03":
@@ -257,7 +272,14 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
     else:
         first_ranks = torch.cat(first_ranks)
     first_ranks = first_ranks.flatten().clamp_(max=max_rank + 1)
-    first_rank_counts = torch.bincount(first_ranks, minlength=max_rank + 2)[1:max_rank + 1]
+    first_rank_counts = torch.bincount(first_ranks, minlength=max_rank + 2)[1 : max_rank + 1]
     cmc = (first_rank_counts.cumsum(0).double() / len(first_ranks)).cpu().numpy()
-    return RankResult(cmc=cmc, mAP=float(all_ap.mean()), mINP=float(all_inp.mean()), all_AP=all_ap, all_INP=all_inp,
-                      num_valid=num_valid, num_skipped=num_skipped)
+    return RankResult(
+        cmc=cmc,
+        mAP=float(all_ap.mean()),
+        mINP=float(all_inp.mean()),
+        all_AP=all_ap,
+        all_INP=all_inp,
+        num_valid=num_valid,
+        num_skipped=num_skipped,
+    )

@@ -74,10 +74,10 @@ class _DenseDistances:
         q = self.num_query
         blocks = []
         if start < q:
-            blocks.append(torch.cat([self.q_q[start:min(stop, q)], self.q_g[start:min(stop, q)]], dim=1))
+            blocks.append(torch.cat([self.q_q[start : min(stop, q)], self.q_g[start : min(stop, q)]], dim=1))
         if stop > q:
             begin = max(start, q) - q
-            blocks.append(torch.cat([self.q_g[:, begin:stop - q].T, self.g_g[begin:stop - q]], dim=1))
+            blocks.append(torch.cat([self.q_g[:, begin : stop - q].T, self.g_g[begin : stop - q]], dim=1))
         return self._squared(torch.cat(blocks))
 
     def scan(self, width: int):
@@ -93,10 +93,11 @@ class _DenseDistances:
             self.row_max[start:stop] = _row_scale(block.amax(dim=1))
             block /= self.row_max[start:stop, None]
             values, indices = smallest_in_rows(block, width + TIE_MARGIN)
-            neighbours[start:stop] = resolve_smallest(values, indices, width, n, lambda v, rows: v,
-                                                      lambda rows: block[rows])[1]
+            neighbours[start:stop] = resolve_smallest(
+                values, indices, width, n, lambda v, rows: v, lambda rows: block[rows]
+            )[1]
             if start < q:
-                out[start:min(stop, q)] = block[:min(stop, q) - start, q:]
+                out[start : min(stop, q)] = block[: min(stop, q) - start, q:]
         return neighbours, out
 
     def csr_pair_distances(self, row_ptr, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -109,7 +110,7 @@ class _DenseDistances:
         for mask, matrix, r, c in (
             (row_query & col_query, self.q_q, rows, cols),
             (row_query & ~col_query, self.q_g, rows, cols - q),
-            (~row_query & col_query, self.q_g, cols, rows - q),   # g-q block is q_g transposed
+            (~row_query & col_query, self.q_g, cols, rows - q),  # g-q block is q_g transposed
             (~row_query & ~col_query, self.g_g, rows - q, cols - q),
         ):
             values[mask] = matrix[r[mask], c[mask]].to(values.dtype)
@@ -142,8 +143,9 @@ class _FeatureDistances:
 
     def _tile(self, row_start, row_stop, col_start, col_stop) -> torch.Tensor:
         x, y = self.features, self.norms
-        block = raw_distance(x[row_start:row_stop], y[row_start:row_stop], x[col_start:col_stop],
-                             y[col_start:col_stop], "sqeuclidean").to(torch.float32)
+        block = raw_distance(
+            x[row_start:row_stop], y[row_start:row_stop], x[col_start:col_stop], y[col_start:col_stop], "sqeuclidean"
+        ).to(torch.float32)
         if row_start == col_start:
             block.fill_diagonal_(0.0)
         return block
@@ -172,18 +174,24 @@ class _FeatureDistances:
             block = self._tile(row_start, row_stop, col_start, col_stop)
             if row_start < q and col_stop > q:
                 query_stop, gallery_start = min(row_stop, q), max(col_start, q)
-                out[row_start:query_stop, gallery_start - q:col_stop - q] = \
-                    block[:query_stop - row_start, gallery_start - col_start:]
+                out[row_start:query_stop, gallery_start - q : col_stop - q] = block[
+                    : query_stop - row_start, gallery_start - col_start :
+                ]
             torch.maximum(self.row_max[row_start:row_stop], block.amax(dim=1), out=self.row_max[row_start:row_stop])
             self.nearest.offer(row_start, row_stop, block, col_start)
             if col_start != row_start:
-                torch.maximum(self.row_max[col_start:col_stop], block.amax(dim=0),
-                              out=self.row_max[col_start:col_stop])
+                torch.maximum(self.row_max[col_start:col_stop], block.amax(dim=0), out=self.row_max[col_start:col_stop])
                 self.nearest.offer(col_start, col_stop, block, row_start, transposed=True)
 
         self.row_max = _row_scale(self.row_max)
-        neighbours = resolve_smallest(self.nearest.values, self.nearest.indices, width, n,
-                                      lambda values, rows: values / self.row_max[rows, None], self._full_rows)[1]
+        neighbours = resolve_smallest(
+            self.nearest.values,
+            self.nearest.indices,
+            width,
+            n,
+            lambda values, rows: values / self.row_max[rows, None],
+            self._full_rows,
+        )[1]
         out /= self.row_max[:q, None]
         return neighbours, out
 
@@ -193,8 +201,14 @@ class _FeatureDistances:
         (value / row max, index) order, the row maxima and the query-gallery block; keeps width +
         TIE_MARGIN candidates for pair_distances."""
         n, q = self.num_items, self.num_query
-        values, indices, row_max, cross = self_knn(self.features, min(width + TIE_MARGIN, n), "sqeuclidean",
-                                                   normalize=True, cross_rows=q, strategy=self.strategy)
+        values, indices, row_max, cross = self_knn(
+            self.features,
+            min(width + TIE_MARGIN, n),
+            "sqeuclidean",
+            normalize=True,
+            cross_rows=q,
+            strategy=self.strategy,
+        )
         self.row_max = _row_scale(row_max.to(torch.float32))
         self.nearest = _Candidates(values.to(torch.float32), indices)
         self.out_scale = self.row_max[:q]  # the Jaccard kernel divides by it in its own pass
@@ -202,16 +216,18 @@ class _FeatureDistances:
 
     def csr_pair_distances(self, row_ptr, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """pair_distances of the entries of a CSR set, in one C++ call (lookups, else features)."""
-        squared = torch.ops.dpm_ops.kreciprocal_pair_sqdist(self.features, self.nearest.values, self.nearest.indices,
-                                                            row_ptr, cols)
+        squared = torch.ops.dpm_ops.kreciprocal_pair_sqdist(
+            self.features, self.nearest.values, self.nearest.indices, row_ptr, cols
+        )
         return squared / self.row_max[rows]
 
     def pair_distances(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """d(i, j) / max_j' d(i, j') for pairs of items."""
         squared = torch.empty(len(rows), dtype=torch.float32, device=rows.device)
         for start in range(0, len(rows), _PAIR_CHUNK):
-            squared[start:start + _PAIR_CHUNK] = self._pair_squared(rows[start:start + _PAIR_CHUNK],
-                                                                    cols[start:start + _PAIR_CHUNK])
+            squared[start : start + _PAIR_CHUNK] = self._pair_squared(
+                rows[start : start + _PAIR_CHUNK], cols[start : start + _PAIR_CHUNK]
+            )
         return squared / self.row_max[rows]
 
     def _pair_squared(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -229,7 +245,9 @@ class _FeatureDistances:
         for pairs in torch.nonzero(missing).flatten().split(_FEATURE_PAIR_CHUNK):
             r, c = rows[pairs], cols[pairs]
             dots = (x[r] * x[c]).sum(dim=1)
-            squared[pairs] = (norms[c] - 2 * dots + norms[r]).clamp_min_(0.0).to(torch.float32).masked_fill_(r == c, 0.0)
+            squared[pairs] = (
+                (norms[c] - 2 * dots + norms[r]).clamp_min_(0.0).to(torch.float32).masked_fill_(r == c, 0.0)
+            )
         return squared
 
 
@@ -251,8 +269,10 @@ def _check_distance_range(input: str, **matrices) -> None:
         if input == "squared" and low < 0:
             raise ValueError(f"re_ranking: {name} must hold squared distances >= 0 (input='squared'), got {low:g}")
         if max(high, -low) > limit:
-            raise ValueError(f"re_ranking: {name} is too large in magnitude: distances must stay below {limit:.3g}, "
-                             "the range of the float32 pipeline")
+            raise ValueError(
+                f"re_ranking: {name} is too large in magnitude: distances must stay below {limit:.3g}, "
+                "the range of the float32 pipeline"
+            )
 
 
 def _rerank_kernels(source, neighbours, out, k1: int, k2: int, lambda_value: float) -> torch.Tensor:
@@ -263,8 +283,9 @@ def _rerank_kernels(source, neighbours, out, k1: int, k2: int, lambda_value: flo
     rows = torch.repeat_interleave(torch.arange(n, device=cols.device), row_ptr.diff())
     weights = encode_weights(rows, source.csr_pair_distances(row_ptr, rows, cols), n)
     if k2 != 1:
-        row_ptr, cols, weights = torch.ops.dpm_ops.kreciprocal_query_expansion(row_ptr, cols, weights,
-                                                                              neighbours[:, :k2].contiguous())
+        row_ptr, cols, weights = torch.ops.dpm_ops.kreciprocal_query_expansion(
+            row_ptr, cols, weights, neighbours[:, :k2].contiguous()
+        )
     torch.ops.dpm_ops.kreciprocal_jaccard_blend_(out, row_ptr, cols, weights, lambda_value, source.out_scale)
     return out
 
@@ -284,8 +305,16 @@ def _rerank(source, k1: int, k2: int, lambda_value: float) -> torch.Tensor:
     return jaccard_blend_(out, rows, cols, weights, lambda_value)
 
 
-def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
-               input: str = "euclidean", orientation: str = "reference"):
+def re_ranking(
+    q_g_dist,
+    q_q_dist,
+    g_g_dist,
+    k1: int = 20,
+    k2: int = 6,
+    lambda_value: float = 0.3,
+    input: str = "euclidean",
+    orientation: str = "reference",
+):
     """k-reciprocal re-ranked (Q, G) float32 distances from q_g (Q, G), q_q (Q, Q), g_g (G, G).
 
     input="euclidean": the matrices hold Euclidean distances and are squared inside, as the
@@ -311,8 +340,9 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6, lambda_v
     if q_q.shape != (num_query, num_query):
         raise ValueError(f"q_q_dist must be ({num_query}, {num_query}) for {num_query} queries, got {tuple(q_q.shape)}")
     if g_g.shape != (num_gallery, num_gallery):
-        raise ValueError(f"g_g_dist must be ({num_gallery}, {num_gallery}) for {num_gallery} gallery items, "
-                         f"got {tuple(g_g.shape)}")
+        raise ValueError(
+            f"g_g_dist must be ({num_gallery}, {num_gallery}) for {num_gallery} gallery items, got {tuple(g_g.shape)}"
+        )
     _check_distance_range(input, q_g_dist=q_g, q_q_dist=q_q, g_g_dist=g_g)
     if orientation == "reference":
         q_q, g_g = q_q.T, g_g.T  # strided views: rows are read a block at a time and copied anyway
@@ -337,8 +367,9 @@ def rerank_features(qf, gf, k1: int = 20, k2: int = 6, lambda_value: float = 0.3
     check_strategy(strategy)
     # The pipeline is float32 (as the reference) whatever the features' dtype.
     query = _inputs.as_floats("rerank_features", "qf", qf, 2, vectors=True, arithmetic=torch.float32)
-    gallery = _inputs.as_floats("rerank_features", "gf", gf, 2, device=query.device, vectors=True,
-                                arithmetic=torch.float32)
+    gallery = _inputs.as_floats(
+        "rerank_features", "gf", gf, 2, device=query.device, vectors=True, arithmetic=torch.float32
+    )
     if query.shape[1] != gallery.shape[1]:
         raise ValueError(f"qf and gf must have the same feature dimension, got {query.shape[1]} and {gallery.shape[1]}")
     source = _FeatureDistances(query, gallery, strategy)

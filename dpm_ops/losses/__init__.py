@@ -8,7 +8,17 @@ from .reid_losses import BaselineReIDLoss, DPMLoss
 from .triplet import SoftMarginTripletLoss, batch_hard_soft_margin_triplet, pairwise_euclidean
 
 __all__ = [
-    "BaselineReIDLoss", "DPMLoss", "HEMLoss", "MaskReIDRankingLoss", "MaskedArcFaceLoss",
-    "SoftMarginTripletLoss", "arcface_logits", "batch_hard_soft_margin_triplet", "hem_loss",
-    "masked_arcface_cross_entropy", "masked_arcface_logits", "maskreid_ranking_loss", "pairwise_euclidean",
+    "BaselineReIDLoss",
+    "DPMLoss",
+    "HEMLoss",
+    "MaskReIDRankingLoss",
+    "MaskedArcFaceLoss",
+    "SoftMarginTripletLoss",
+    "arcface_logits",
+    "batch_hard_soft_margin_triplet",
+    "hem_loss",
+    "masked_arcface_cross_entropy",
+    "masked_arcface_logits",
+    "maskreid_ranking_loss",
+    "pairwise_euclidean",
 ]

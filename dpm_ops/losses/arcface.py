@@ -29,8 +29,14 @@ from dpm_ops.ops.masked_arcface import check_label_range, check_masked_arcface_a
 from ._precision import at_least_fp32, common_at_least_fp32
 
 
-def arcface_logits(cosine: torch.Tensor, labels: torch.Tensor, scale: float = 30.0, margin: float = 0.5,
-                   easy_margin: bool = False, clamp_eps: float = 1e-7) -> torch.Tensor:
+def arcface_logits(
+    cosine: torch.Tensor,
+    labels: torch.Tensor,
+    scale: float = 30.0,
+    margin: float = 0.5,
+    easy_margin: bool = False,
+    clamp_eps: float = 1e-7,
+) -> torch.Tensor:
     """``s · (onehot·φ(cos) + (1 − onehot)·cos)`` in (at least) fp32.
 
     Only the sqrt's argument is clamped (cos to ``[−1+ε, 1−ε]``): the original has no clamp and can
@@ -44,14 +50,22 @@ def arcface_logits(cosine: torch.Tensor, labels: torch.Tensor, scale: float = 30
         phi = torch.where(target_cos > 0, phi, target_cos)
     else:
         # Past θ = π − m, cos(θ + m) would increase again; ArcFace switches to a linear penalty.
-        phi = torch.where(target_cos > math.cos(math.pi - margin), phi,
-                          target_cos - math.sin(math.pi - margin) * margin)
+        phi = torch.where(
+            target_cos > math.cos(math.pi - margin), phi, target_cos - math.sin(math.pi - margin) * margin
+        )
     return scale * cosine.scatter(1, labels.view(-1, 1), phi.unsqueeze(1))
 
 
-def masked_arcface_logits(features: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
-                          labels: torch.Tensor | None, scale: float = 30.0, margin: float = 0.5,
-                          easy_margin: bool = False, clamp_eps: float = 1e-7) -> torch.Tensor:
+def masked_arcface_logits(
+    features: torch.Tensor,
+    mask: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor | None,
+    scale: float = 30.0,
+    margin: float = 0.5,
+    easy_margin: bool = False,
+    clamp_eps: float = 1e-7,
+) -> torch.Tensor:
     """Masked prototype cosine of BN features vs ``weight`` rows, as ArcFace logits (``s·cos`` when
     ``labels`` is None). Computed in (at least) fp32, even under autocast."""
     with torch.autocast(device_type=features.device.type, enabled=False):
@@ -66,11 +80,19 @@ def fused_available(device: torch.device) -> bool:
     return _backend.resolve(None, device) != "reference"
 
 
-def masked_arcface_cross_entropy(features: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
-                                 labels: torch.Tensor, scale: float = 30.0, margin: float = 0.5,
-                                 easy_margin: bool = False, clamp_eps: float = 1e-7,
-                                 plain_weight: float = 0.5, masked_weight: float = 0.5,
-                                 fused: bool = True) -> torch.Tensor:
+def masked_arcface_cross_entropy(
+    features: torch.Tensor,
+    mask: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    scale: float = 30.0,
+    margin: float = 0.5,
+    easy_margin: bool = False,
+    clamp_eps: float = 1e-7,
+    plain_weight: float = 0.5,
+    masked_weight: float = 0.5,
+    fused: bool = True,
+) -> torch.Tensor:
     """``plain_weight·CE(features Wᵀ, y) + masked_weight·CE(masked ArcFace logits, y)``, batch means.
 
     ``fused=True`` runs ``dpm_ops.ops.masked_arcface_ce`` where available (same value and gradients;
@@ -78,16 +100,26 @@ def masked_arcface_cross_entropy(features: torch.Tensor, mask: torch.Tensor, wei
     check_tensors("masked_arcface_cross_entropy", features=features, mask=mask, weight=weight)
     if fused and fused_available(features.device):
         with torch.autocast(device_type=features.device.type, enabled=False):
-            return masked_arcface_ce(*common_at_least_fp32(features, mask, weight), labels, scale, margin,
-                                     easy_margin, clamp_eps, plain_weight, masked_weight)
+            return masked_arcface_ce(
+                *common_at_least_fp32(features, mask, weight),
+                labels,
+                scale,
+                margin,
+                easy_margin,
+                clamp_eps,
+                plain_weight,
+                masked_weight,
+            )
     # The reference takes what the fused op takes (fp16 / bf16 too), with the same checks.
-    check_masked_arcface_args(*common_at_least_fp32(features, mask, weight), labels, scale, margin, clamp_eps,
-                              plain_weight, masked_weight)
+    check_masked_arcface_args(
+        *common_at_least_fp32(features, mask, weight), labels, scale, margin, clamp_eps, plain_weight, masked_weight
+    )
     check_finite_rows("masked_arcface_cross_entropy", features=features, mask=mask, weight=weight)
     check_label_range(labels, weight.shape[0])
     plain = F.cross_entropy(F.linear(features, weight), labels)
     masked = F.cross_entropy(
-        masked_arcface_logits(features, mask, weight, labels, scale, margin, easy_margin, clamp_eps), labels)
+        masked_arcface_logits(features, mask, weight, labels, scale, margin, easy_margin, clamp_eps), labels
+    )
     return plain_weight * plain + masked_weight * masked
 
 
@@ -95,19 +127,39 @@ class MaskedArcFaceLoss(nn.Module):
     """DPM's ID loss on (BN feature, mask, classifier weight). Defaults: Occluded-Duke (s=30, m=0.5);
     Market / Duke use ``margin=0.3``."""
 
-    def __init__(self, scale: float = 30.0, margin: float = 0.5, easy_margin: bool = False,
-                 clamp_eps: float = 1e-7, plain_weight: float = 0.5, masked_weight: float = 0.5,
-                 fused: bool = True):
+    def __init__(
+        self,
+        scale: float = 30.0,
+        margin: float = 0.5,
+        easy_margin: bool = False,
+        clamp_eps: float = 1e-7,
+        plain_weight: float = 0.5,
+        masked_weight: float = 0.5,
+        fused: bool = True,
+    ):
         super().__init__()
         self.scale, self.margin, self.easy_margin, self.clamp_eps = scale, margin, easy_margin, clamp_eps
         self.plain_weight, self.masked_weight, self.fused = plain_weight, masked_weight, fused
 
-    def forward(self, features: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
-                labels: torch.Tensor) -> torch.Tensor:
-        return masked_arcface_cross_entropy(features, mask, weight, labels, self.scale, self.margin,
-                                            self.easy_margin, self.clamp_eps, self.plain_weight,
-                                            self.masked_weight, self.fused)
+    def forward(
+        self, features: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        return masked_arcface_cross_entropy(
+            features,
+            mask,
+            weight,
+            labels,
+            self.scale,
+            self.margin,
+            self.easy_margin,
+            self.clamp_eps,
+            self.plain_weight,
+            self.masked_weight,
+            self.fused,
+        )
 
     def extra_repr(self) -> str:
-        return (f"scale={self.scale}, margin={self.margin}, easy_margin={self.easy_margin}, "
-                f"plain_weight={self.plain_weight}, masked_weight={self.masked_weight}, fused={self.fused}")
+        return (
+            f"scale={self.scale}, margin={self.margin}, easy_margin={self.easy_margin}, "
+            f"plain_weight={self.plain_weight}, masked_weight={self.masked_weight}, fused={self.fused}"
+        )

@@ -32,28 +32,42 @@ from ..ops.maskreid_ranking_loss import maskreid_ranking_loss as fused_maskreid_
 from ..ops.maskreid_ranking_loss_reference import check_modes
 
 
-def maskreid_ranking_loss(embeddings: torch.Tensor, labels: torch.Tensor, alpha: float = 0.15,
-                          lam: float = 2.0, neg_mode: str = "literal", pos_mode: str = "hardest",
-                          fused: bool = True) -> torch.Tensor:
+def maskreid_ranking_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float = 0.15,
+    lam: float = 2.0,
+    neg_mode: str = "literal",
+    pos_mode: str = "hardest",
+    fused: bool = True,
+) -> torch.Tensor:
     if fused:
         return fused_maskreid_ranking_loss(embeddings, labels, alpha, lam, neg_mode, pos_mode)
-    return fused_maskreid_ranking_loss(embeddings, labels, alpha, lam, neg_mode, pos_mode,
-                                       backend="reference")  # checked like the fused op
+    return fused_maskreid_ranking_loss(
+        embeddings, labels, alpha, lam, neg_mode, pos_mode, backend="reference"
+    )  # checked like the fused op
 
 
 class MaskReIDRankingLoss(nn.Module):
     """Eq. 5 with the paper's α = 0.15, λ = 2 on L2-normalised embeddings (or Eq. 4: ``pos_mode="eq4"``)."""
 
-    def __init__(self, alpha: float = 0.15, lam: float = 2.0, neg_mode: str = "literal",
-                 pos_mode: str = "hardest", fused: bool = True):
+    def __init__(
+        self,
+        alpha: float = 0.15,
+        lam: float = 2.0,
+        neg_mode: str = "literal",
+        pos_mode: str = "hardest",
+        fused: bool = True,
+    ):
         super().__init__()
         check_modes(neg_mode, pos_mode)
         self.alpha, self.lam, self.neg_mode, self.pos_mode, self.fused = alpha, lam, neg_mode, pos_mode, fused
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return maskreid_ranking_loss(embeddings, labels, self.alpha, self.lam, self.neg_mode, self.pos_mode,
-                                     self.fused)
+        return maskreid_ranking_loss(embeddings, labels, self.alpha, self.lam, self.neg_mode, self.pos_mode, self.fused)
 
     def extra_repr(self) -> str:
-        return (f"alpha={self.alpha}, lam={self.lam}, neg_mode={self.neg_mode!r}, pos_mode={self.pos_mode!r}, "
-                f"fused={self.fused}")
+        return (
+            f"alpha={self.alpha}, lam={self.lam}, neg_mode={self.neg_mode!r}, pos_mode={self.pos_mode!r}, "
+            f"fused={self.fused}"
+        )

@@ -20,8 +20,15 @@ from .triplet import batch_hard_soft_margin_triplet
 
 
 class DPMLoss(nn.Module):
-    def __init__(self, hem_weight: float = 0.1, id_weight: float = 1.0, triplet_weight: float = 1.0,
-                 plain_weight: float = 0.5, masked_weight: float = 0.5, fused: bool = True):
+    def __init__(
+        self,
+        hem_weight: float = 0.1,
+        id_weight: float = 1.0,
+        triplet_weight: float = 1.0,
+        plain_weight: float = 0.5,
+        masked_weight: float = 0.5,
+        fused: bool = True,
+    ):
         super().__init__()
         self.hem_weight, self.id_weight, self.triplet_weight = hem_weight, id_weight, triplet_weight
         self.plain_weight, self.masked_weight, self.fused = plain_weight, masked_weight, fused
@@ -31,10 +38,18 @@ class DPMLoss(nn.Module):
         id_masked) or ``DPMLossInputs`` (term id: the already weighted sum of both CE branches)."""
         if hasattr(output, "bn_feature"):  # DPMLossInputs (duck-typed: losses do not import models)
             return {
-                "id": masked_arcface_cross_entropy(output.bn_feature, output.mask, output.weight, labels,
-                                                   output.scale, output.margin, output.easy_margin,
-                                                   plain_weight=self.plain_weight,
-                                                   masked_weight=self.masked_weight, fused=self.fused),
+                "id": masked_arcface_cross_entropy(
+                    output.bn_feature,
+                    output.mask,
+                    output.weight,
+                    labels,
+                    output.scale,
+                    output.margin,
+                    output.easy_margin,
+                    plain_weight=self.plain_weight,
+                    masked_weight=self.masked_weight,
+                    fused=self.fused,
+                ),
                 "hem": hem_loss(output.hem_logits),
                 "triplet": batch_hard_soft_margin_triplet(output.feature, labels, fused=self.fused),
             }
@@ -47,8 +62,9 @@ class DPMLoss(nn.Module):
 
     def total(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         """The weighted sum of :meth:`terms` (a trainer logs the terms it summed)."""
-        classification = (t["id"] if "id" in t
-                          else self.plain_weight * t["id_plain"] + self.masked_weight * t["id_masked"])
+        classification = (
+            t["id"] if "id" in t else self.plain_weight * t["id_plain"] + self.masked_weight * t["id_masked"]
+        )
         id_loss = classification + self.hem_weight * t["hem"]
         return self.id_weight * id_loss + self.triplet_weight * t["triplet"]
 
@@ -56,9 +72,11 @@ class DPMLoss(nn.Module):
         return self.total(self.terms(output, labels))
 
     def extra_repr(self) -> str:
-        return (f"hem_weight={self.hem_weight}, id_weight={self.id_weight}, "
-                f"triplet_weight={self.triplet_weight}, plain_weight={self.plain_weight}, "
-                f"masked_weight={self.masked_weight}, fused={self.fused}")
+        return (
+            f"hem_weight={self.hem_weight}, id_weight={self.id_weight}, "
+            f"triplet_weight={self.triplet_weight}, plain_weight={self.plain_weight}, "
+            f"masked_weight={self.masked_weight}, fused={self.fused}"
+        )
 
 
 class BaselineReIDLoss(nn.Module):
@@ -70,8 +88,10 @@ class BaselineReIDLoss(nn.Module):
 
     def terms(self, output, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Unweighted terms, for logging; ``output`` is the model's ``ViTBaselineTrainOutput``."""
-        return {"id": F.cross_entropy(output.logits, labels),
-                "triplet": batch_hard_soft_margin_triplet(output.feature, labels)}
+        return {
+            "id": F.cross_entropy(output.logits, labels),
+            "triplet": batch_hard_soft_margin_triplet(output.feature, labels),
+        }
 
     def total(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.id_weight * t["id"] + self.triplet_weight * t["triplet"]

@@ -1,8 +1,8 @@
 """Models of dpm_ops: DPM, its ViT baseline, MaskReID and MaskReID's ResNet-50 variant.
 
-    from dpm_ops.models import build_model, load_pretrained
-    model = build_model("dpm", num_classes=702, num_cameras=8)          # Occluded-Duke
-    load_pretrained(model, "jx_vit_base_p16_224-80ecf9dd.pth")
+from dpm_ops.models import build_model, load_pretrained
+model = build_model("dpm", num_classes=702, num_cameras=8)          # Occluded-Duke
+load_pretrained(model, "jx_vit_base_p16_224-80ecf9dd.pth")
 """
 
 from .dpm import DPM, DPMEvalOutput, DPMLossInputs, DPMParamGroups, DPMTrainOutput, HierarchicalMaskGenerator
@@ -14,9 +14,24 @@ from .vit_baseline import ViTBaseline, ViTBaselineTrainOutput
 from .weights import LoadReport, WeightsError, load_pretrained, resize_pos_embed
 
 __all__ = [
-    "DPM", "DPMEvalOutput", "DPMLossInputs", "DPMParamGroups", "DPMTrainOutput", "HierarchicalMaskGenerator",
+    "DPM",
+    "DPMEvalOutput",
+    "DPMLossInputs",
+    "DPMParamGroups",
+    "DPMTrainOutput",
+    "HierarchicalMaskGenerator",
     "LoadReport",
-    "MODEL_NAMES", "MaskReID", "MaskReIDResNet50", "MaskReIDTrainOutput", "ResNet50", "SkippedFusionHead",
-    "ViTBaseline", "ViTBaselineTrainOutput", "ViTReID", "WeightsError", "build_model", "load_pretrained",
+    "MODEL_NAMES",
+    "MaskReID",
+    "MaskReIDResNet50",
+    "MaskReIDTrainOutput",
+    "ResNet50",
+    "SkippedFusionHead",
+    "ViTBaseline",
+    "ViTBaselineTrainOutput",
+    "ViTReID",
+    "WeightsError",
+    "build_model",
+    "load_pretrained",
     "resize_pos_embed",
 ]

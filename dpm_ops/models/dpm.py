@@ -35,8 +35,9 @@ class ConvBNReLU(nn.Sequential):
     """3x3 conv (with bias) + BN + ReLU; indices 0 / 1 match the official ``conv3x3_block``."""
 
     def __init__(self, in_channels: int, out_channels: int):
-        super().__init__(nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels),
-                         nn.ReLU(inplace=True))
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)
+        )
 
 
 class GlobalMaxPool(nn.Module):
@@ -62,9 +63,12 @@ class HierarchicalMaskGenerator(nn.Module):
             raise ValueError(f"patch grid {grid_size} is too small for two 2x2 max-pools")
         self.grid_size = grid_size
         self.conv_stack = nn.Sequential(
-            ConvBNReLU(num_levels * embed_dim, 2 * embed_dim), nn.MaxPool2d(2, 2),
-            ConvBNReLU(2 * embed_dim, embed_dim), nn.MaxPool2d(2, 2),
-            ConvBNReLU(embed_dim, embed_dim), GlobalMaxPool(),
+            ConvBNReLU(num_levels * embed_dim, 2 * embed_dim),
+            nn.MaxPool2d(2, 2),
+            ConvBNReLU(2 * embed_dim, embed_dim),
+            nn.MaxPool2d(2, 2),
+            ConvBNReLU(embed_dim, embed_dim),
+            GlobalMaxPool(),
         )
         self.attfc = nn.Linear(embed_dim, embed_dim)
         nn.init.zeros_(self.attfc.weight)
@@ -77,33 +81,34 @@ class HierarchicalMaskGenerator(nn.Module):
 
 
 class DPMTrainOutput(NamedTuple):
-    plain_logits: torch.Tensor   # (B, K) f_bn Wᵀ
+    plain_logits: torch.Tensor  # (B, K) f_bn Wᵀ
     masked_logits: torch.Tensor  # (B, K) s·ArcFace(masked cosine); margin on the target iff labels given
-    feature: torch.Tensor        # (B, C) pre-BN CLS feature (triplet loss, test descriptor)
-    mask: torch.Tensor           # (B, C) soft channel mask
-    hem_logits: torch.Tensor     # (B, heads, N) last block's pre-softmax CLS->patch logits
+    feature: torch.Tensor  # (B, C) pre-BN CLS feature (triplet loss, test descriptor)
+    mask: torch.Tensor  # (B, C) soft channel mask
+    hem_logits: torch.Tensor  # (B, heads, N) last block's pre-softmax CLS->patch logits
 
 
 class DPMLossInputs(NamedTuple):
     """Train output with ``loss_inputs=True``: what the fused ID loss needs instead of the logits
     (``DPMLoss`` computes both CE branches from it with ``dpm_ops.ops.masked_arcface_ce``)."""
-    bn_feature: torch.Tensor     # (B, C) BNNeck feature f_bn
-    mask: torch.Tensor           # (B, C) soft channel mask
-    weight: torch.Tensor         # (K, C) classifier weight = prototypes
-    feature: torch.Tensor        # (B, C) pre-BN CLS feature (triplet loss)
-    hem_logits: torch.Tensor     # (B, heads, N)
-    scale: float                 # the model's ArcFace s, m and easy_margin
+
+    bn_feature: torch.Tensor  # (B, C) BNNeck feature f_bn
+    mask: torch.Tensor  # (B, C) soft channel mask
+    weight: torch.Tensor  # (K, C) classifier weight = prototypes
+    feature: torch.Tensor  # (B, C) pre-BN CLS feature (triplet loss)
+    hem_logits: torch.Tensor  # (B, heads, N)
+    scale: float  # the model's ArcFace s, m and easy_margin
     margin: float
     easy_margin: bool
 
 
 class DPMEvalOutput(NamedTuple):
-    feature: torch.Tensor        # (B, C) pre-BN CLS feature
-    mask: torch.Tensor           # (B, C)
+    feature: torch.Tensor  # (B, C) pre-BN CLS feature
+    mask: torch.Tensor  # (B, C)
 
 
 class DPMParamGroups(NamedTuple):
-    main: list            # backbone, classifier, BNNeck weight: the scheduled optimizer
+    main: list  # backbone, classifier, BNNeck weight: the scheduled optimizer
     mask_generator: list  # conv stack + attfc: the second optimizer, constant lr
 
 
@@ -114,12 +119,27 @@ class DPM(nn.Module):
     ``neck_feat``: the feature eval mode returns, ``"before"`` the BNNeck (the official configs'
     ``TEST.NECK_FEAT``, whose masks were learnt on BNNeck features) or ``"after"`` it."""
 
-    def __init__(self, num_classes: int, num_cameras: int = 0, *, img_size: Sequence[int] = (256, 128),
-                 patch_size: int = 16, stride: int = 11, embed_dim: int = 768, depth: int = 12,
-                 num_heads: int = 12, mlp_ratio: float = 4.0, drop_path_rate: float = 0.1,
-                 sie_coef: float = 3.0, mask_tap_blocks: Sequence[int] = (1, 3, 9, 11),
-                 arcface_scale: float = 30.0, arcface_margin: float = 0.5, easy_margin: bool = False,
-                 loss_inputs: bool = False, neck_feat: str = "before"):
+    def __init__(
+        self,
+        num_classes: int,
+        num_cameras: int = 0,
+        *,
+        img_size: Sequence[int] = (256, 128),
+        patch_size: int = 16,
+        stride: int = 11,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.1,
+        sie_coef: float = 3.0,
+        mask_tap_blocks: Sequence[int] = (1, 3, 9, 11),
+        arcface_scale: float = 30.0,
+        arcface_margin: float = 0.5,
+        easy_margin: bool = False,
+        loss_inputs: bool = False,
+        neck_feat: str = "before",
+    ):
         super().__init__()
         if neck_feat not in NECK_FEATS:
             raise ValueError(f"neck_feat must be one of {NECK_FEATS}, got {neck_feat!r}")
@@ -128,45 +148,74 @@ class DPM(nn.Module):
             raise ValueError("DPM needs num_classes >= 1: its classifier weights are the prototypes")
         self.mask_tap_blocks = tuple(mask_tap_blocks)
         self.arcface_scale, self.arcface_margin, self.easy_margin = arcface_scale, arcface_margin, easy_margin
-        self.backbone = ViTReID(img_size, patch_size, stride, embed_dim=embed_dim, depth=depth,
-                                num_heads=num_heads, mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate,
-                                num_cameras=num_cameras, sie_coef=sie_coef)
+        self.backbone = ViTReID(
+            img_size,
+            patch_size,
+            stride,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            drop_path_rate=drop_path_rate,
+            num_cameras=num_cameras,
+            sie_coef=sie_coef,
+        )
         if any(not 0 <= i < depth for i in self.mask_tap_blocks):
             raise ValueError(f"mask_tap_blocks {self.mask_tap_blocks} must lie in [0, {depth - 1}]")
-        self.mask_generator = HierarchicalMaskGenerator(embed_dim, self.backbone.grid_size,
-                                                        len(self.mask_tap_blocks))
+        self.mask_generator = HierarchicalMaskGenerator(embed_dim, self.backbone.grid_size, len(self.mask_tap_blocks))
         self.bottleneck = bnneck(embed_dim)
         self.classifier = nn.Linear(embed_dim, num_classes, bias=False)
         nn.init.xavier_uniform_(self.classifier.weight)
 
-    def forward(self, images: torch.Tensor, cam_label: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None):
+    def forward(
+        self, images: torch.Tensor, cam_label: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None
+    ):
         """Train mode: ``DPMTrainOutput``; pass ``labels`` to get the ArcFace margin on the target
         logit (without them ``masked_logits = s·cos``). With ``loss_inputs=True`` (constructor) train mode
         returns ``DPMLossInputs`` instead: no logits, for the fused loss. Eval mode:
         ``DPMEvalOutput(feature, mask)``."""
-        features = self.backbone.forward_features(images, cam_label, self.mask_tap_blocks,
-                                                  return_cls_logits=self.training)
+        features = self.backbone.forward_features(
+            images, cam_label, self.mask_tap_blocks, return_cls_logits=self.training
+        )
         mask = self.mask_generator(features.tapped_tokens)
         if not self.training:
             feature = self.bottleneck(features.cls_feature) if self.neck_feat == "after" else features.cls_feature
             return DPMEvalOutput(feature, mask)
         bn_feature = self.bottleneck(features.cls_feature)
         if self.loss_inputs:
-            return DPMLossInputs(bn_feature, mask, self.classifier.weight, features.cls_feature, features.cls_logits,
-                                 self.arcface_scale, self.arcface_margin, self.easy_margin)
-        masked_logits = masked_arcface_logits(bn_feature, mask, self.classifier.weight, labels,
-                                              self.arcface_scale, self.arcface_margin, self.easy_margin)
-        return DPMTrainOutput(self.classifier(bn_feature), masked_logits, features.cls_feature, mask,
-                              features.cls_logits)
+            return DPMLossInputs(
+                bn_feature,
+                mask,
+                self.classifier.weight,
+                features.cls_feature,
+                features.cls_logits,
+                self.arcface_scale,
+                self.arcface_margin,
+                self.easy_margin,
+            )
+        masked_logits = masked_arcface_logits(
+            bn_feature, mask, self.classifier.weight, labels, self.arcface_scale, self.arcface_margin, self.easy_margin
+        )
+        return DPMTrainOutput(
+            self.classifier(bn_feature), masked_logits, features.cls_feature, mask, features.cls_logits
+        )
 
-    def optimizer_param_groups(self, base_lr: float = 0.008, weight_decay: float = 1e-4,
-                               bias_lr_factor: float = 2.0,
-                               weight_decay_bias: Optional[float] = None) -> DPMParamGroups:
+    def optimizer_param_groups(
+        self,
+        base_lr: float = 0.008,
+        weight_decay: float = 1e-4,
+        bias_lr_factor: float = 2.0,
+        weight_decay_bias: Optional[float] = None,
+    ) -> DPMParamGroups:
         """Groups for DPM's two SGD optimizers (momentum 0.9 is the optimizer's argument)."""
         mask_params = {id(p) for p in self.mask_generator.parameters()}
         main = [(n, p) for n, p in self.named_parameters() if id(p) not in mask_params]
-        options = dict(base_lr=base_lr, weight_decay=weight_decay, bias_lr_factor=bias_lr_factor,
-                       weight_decay_bias=weight_decay_bias)
-        return DPMParamGroups(sgd_param_groups(main, **options),
-                              sgd_param_groups(self.mask_generator.named_parameters(), **options))
+        options = dict(
+            base_lr=base_lr,
+            weight_decay=weight_decay,
+            bias_lr_factor=bias_lr_factor,
+            weight_decay_bias=weight_decay_bias,
+        )
+        return DPMParamGroups(
+            sgd_param_groups(main, **options), sgd_param_groups(self.mask_generator.named_parameters(), **options)
+        )

@@ -51,8 +51,9 @@ class InceptionA(nn.Module):
         super().__init__()
         self.branch1 = ConvBNReLU(in_channels, width, 1)
         self.branch2 = nn.Sequential(ConvBNReLU(in_channels, width, 1), ConvBNReLU(width, width))
-        self.branch3 = nn.Sequential(ConvBNReLU(in_channels, width, 1), ConvBNReLU(width, width),
-                                     ConvBNReLU(width, width))
+        self.branch3 = nn.Sequential(
+            ConvBNReLU(in_channels, width, 1), ConvBNReLU(width, width), ConvBNReLU(width, width)
+        )
         self.branch4 = nn.Sequential(nn.AvgPool2d(3, 1, 1), ConvBNReLU(in_channels, width, 1))
         self.out_channels = 4 * width
 
@@ -67,8 +68,9 @@ class InceptionB(nn.Module):
     def __init__(self, in_channels: int, width: int):
         super().__init__()
         self.branch1 = nn.Sequential(ConvBNReLU(in_channels, width, 1), ConvBNReLU(width, width, stride=2))
-        self.branch2 = nn.Sequential(ConvBNReLU(in_channels, width, 1), ConvBNReLU(width, width),
-                                     ConvBNReLU(width, width, stride=2))
+        self.branch2 = nn.Sequential(
+            ConvBNReLU(in_channels, width, 1), ConvBNReLU(width, width), ConvBNReLU(width, width, stride=2)
+        )
         self.branch3 = nn.MaxPool2d(3, 2, 1)
         self.out_channels = 2 * width + in_channels
 
@@ -77,15 +79,22 @@ class InceptionB(nn.Module):
 
 
 class MaskReIDTrainOutput(NamedTuple):
-    embedding: torch.Tensor          # (B, D) L2-normalised descriptor (ranking loss, retrieval)
-    logits: Optional[torch.Tensor]   # (B, K) softmax head on the pre-L2 feature, if built
+    embedding: torch.Tensor  # (B, D) L2-normalised descriptor (ranking loss, retrieval)
+    logits: Optional[torch.Tensor]  # (B, K) softmax head on the pre-L2 feature, if built
 
 
 class SkippedFusionHead(nn.Module):
     """Levels -> per-level pooled vectors -> concat -> FC -> BN1d -> (L2, optional softmax logits)."""
 
-    def __init__(self, level_channels: Sequence[int], embed_dim: int = 256, skip: str = "avg",
-                 fuse_levels: bool = True, level_norm: Optional[str] = None, num_classes: int = 0):
+    def __init__(
+        self,
+        level_channels: Sequence[int],
+        embed_dim: int = 256,
+        skip: str = "avg",
+        fuse_levels: bool = True,
+        level_norm: Optional[str] = None,
+        num_classes: int = 0,
+    ):
         super().__init__()
         if skip not in SKIP_MODES:
             raise ValueError(f"skip must be one of {SKIP_MODES}, got {skip!r}")
@@ -94,8 +103,7 @@ class SkippedFusionHead(nn.Module):
         self.skip, self.level_norm, self.fuse_levels = skip, level_norm, fuse_levels
         channels = list(level_channels) if fuse_levels else [level_channels[-1]]
         # The skip paths (every level but the highest) get the extra block in "conv_avg" mode.
-        self.skip_convs = nn.ModuleList(
-            ConvBNReLU(c, c, 1) for c in channels[:-1]) if skip == "conv_avg" else None
+        self.skip_convs = nn.ModuleList(ConvBNReLU(c, c, 1) for c in channels[:-1]) if skip == "conv_avg" else None
         self.level_bns = nn.ModuleList(nn.BatchNorm1d(c) for c in channels) if level_norm == "bn" else None
         self.fc = nn.Linear(sum(channels), embed_dim)
         caffe_xavier_(self.fc.weight)
@@ -109,7 +117,7 @@ class SkippedFusionHead(nn.Module):
     def pool_levels(self, levels: Sequence[torch.Tensor]) -> torch.Tensor:
         levels = list(levels) if self.fuse_levels else [levels[-1]]
         if self.skip_convs is not None:
-            levels = [conv(level) for conv, level in zip(self.skip_convs, levels)] + levels[len(self.skip_convs):]
+            levels = [conv(level) for conv, level in zip(self.skip_convs, levels)] + levels[len(self.skip_convs) :]
         # Every level's global average / max pool in one fused launch, already concatenated.
         pooled = hierarchical_mask_pool(levels, None, "max" if self.skip == "max" else "avg")
         if self.level_norm is None:
@@ -135,9 +143,17 @@ class MaskReID(nn.Module):
     descriptor, train mode ``MaskReIDTrainOutput`` (logits only with ``num_classes > 0``, for softmax
     pre-training). ``stem_channels`` and ``base_width`` (32, 64 in the paper) shrink it for tests."""
 
-    def __init__(self, num_classes: int = 0, *, embed_dim: int = 256, skip: str = "avg",
-                 fuse_levels: bool = True, level_norm: Optional[str] = None, stem_channels: int = 32,
-                 base_width: int = 64):
+    def __init__(
+        self,
+        num_classes: int = 0,
+        *,
+        embed_dim: int = 256,
+        skip: str = "avg",
+        fuse_levels: bool = True,
+        level_norm: Optional[str] = None,
+        stem_channels: int = 32,
+        base_width: int = 64,
+    ):
         super().__init__()
         self.raw_stem = self._stem(stem_channels)
         self.masked_stem = self._stem(stem_channels)
@@ -149,14 +165,16 @@ class MaskReID(nn.Module):
         self.inception_2b = InceptionB(self.inception_2a.out_channels, 2 * w)
         self.inception_3a = InceptionA(self.inception_2b.out_channels, 4 * w)
         self.inception_3b = InceptionB(self.inception_3a.out_channels, 4 * w)
-        level_channels = [self.inception_1b.out_channels, self.inception_2b.out_channels,
-                          self.inception_3b.out_channels]
+        level_channels = [
+            self.inception_1b.out_channels,
+            self.inception_2b.out_channels,
+            self.inception_3b.out_channels,
+        ]
         self.head = SkippedFusionHead(level_channels, embed_dim, skip, fuse_levels, level_norm, num_classes)
 
     @staticmethod
     def _stem(channels: int) -> nn.Sequential:
-        return nn.Sequential(ConvBNReLU(3, channels), ConvBNReLU(channels, channels),
-                             ConvBNReLU(channels, channels))
+        return nn.Sequential(ConvBNReLU(3, channels), ConvBNReLU(channels, channels), ConvBNReLU(channels, channels))
 
     def levels(self, raw: torch.Tensor, masked: torch.Tensor) -> list[torch.Tensor]:
         """Low, middle and high level maps (outputs of inception 1b, 2b, 3b)."""

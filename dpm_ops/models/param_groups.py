@@ -7,9 +7,13 @@ from typing import Iterable, Optional
 import torch.nn as nn
 
 
-def sgd_param_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], base_lr: float = 0.008,
-                     weight_decay: float = 1e-4, bias_lr_factor: float = 2.0,
-                     weight_decay_bias: Optional[float] = None) -> list[dict]:
+def sgd_param_groups(
+    named_parameters: Iterable[tuple[str, nn.Parameter]],
+    base_lr: float = 0.008,
+    weight_decay: float = 1e-4,
+    bias_lr_factor: float = 2.0,
+    weight_decay_bias: Optional[float] = None,
+) -> list[dict]:
     """Weights at ``base_lr``; biases at ``base_lr · bias_lr_factor``. Weight decay applies to every
     parameter (LayerNorm, BN, tokens and embeddings included), biases using ``weight_decay_bias``
     (default: the same value). Frozen parameters (e.g. the BNNeck bias) are left out."""

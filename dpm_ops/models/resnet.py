@@ -34,8 +34,9 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = None
         if stride != 1 or in_channels != out_channels:
-            self.downsample = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
-                                            nn.BatchNorm2d(out_channels))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -101,9 +102,18 @@ class MaskReIDResNet50(nn.Module):
     """Modern MaskReID variant (not the paper's network); same call and outputs as ``MaskReID``.
     ``trunk`` holds torchvision's keys and runs the raw stream's stem."""
 
-    def __init__(self, num_classes: int = 0, *, embed_dim: int = 256, skip: str = "avg",
-                 fuse_levels: bool = True, level_norm: Optional[str] = None, last_stride: int = 1,
-                 layers: Sequence[int] = (3, 4, 6, 3), width: int = 64):
+    def __init__(
+        self,
+        num_classes: int = 0,
+        *,
+        embed_dim: int = 256,
+        skip: str = "avg",
+        fuse_levels: bool = True,
+        level_norm: Optional[str] = None,
+        last_stride: int = 1,
+        layers: Sequence[int] = (3, 4, 6, 3),
+        width: int = 64,
+    ):
         super().__init__()
         self.trunk = ResNet50(last_stride, layers, width)
         self.masked_stem = ResNetStem(width)
@@ -111,8 +121,9 @@ class MaskReIDResNet50(nn.Module):
         with torch.no_grad():
             identity = torch.eye(width).view(width, width, 1, 1)
             self.stream_fuse.weight.copy_(0.5 * torch.cat([identity, identity], 1))
-        self.head = SkippedFusionHead(self.trunk.level_channels[1:], embed_dim, skip, fuse_levels,
-                                      level_norm, num_classes)
+        self.head = SkippedFusionHead(
+            self.trunk.level_channels[1:], embed_dim, skip, fuse_levels, level_norm, num_classes
+        )
 
     def levels(self, raw: torch.Tensor, masked: torch.Tensor) -> list[torch.Tensor]:
         if raw.shape != masked.shape:

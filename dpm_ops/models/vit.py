@@ -46,8 +46,7 @@ class DropPath(nn.Module):
 class OverlappingPatchEmbed(nn.Module):
     """``Conv2d(3, C, patch, stride)``: stride < patch makes neighbouring patches overlap."""
 
-    def __init__(self, img_size: tuple[int, int], patch_size: int, stride: int, in_chans: int,
-                 embed_dim: int):
+    def __init__(self, img_size: tuple[int, int], patch_size: int, stride: int, in_chans: int, embed_dim: int):
         super().__init__()
         height, width = img_size
         if height < patch_size or width < patch_size:
@@ -74,8 +73,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, return_cls_logits: bool = False
-                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, return_cls_logits: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, head_dim)
@@ -103,8 +101,15 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: ``x += DropPath(Attn(LN(x))); x += DropPath(MLP(LN(x)))``."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float,
-                 qkv_bias: bool = True, norm_eps: float = 1e-6):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        drop_path: float,
+        qkv_bias: bool = True,
+        norm_eps: float = 1e-6,
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias)
@@ -112,8 +117,7 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, return_cls_logits: bool = False
-                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, return_cls_logits: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         attn_out, cls_logits = self.attn(self.norm1(x), return_cls_logits)
         x = x + self.drop_path(attn_out)
         x = x + self.drop_path(self.mlp(self.norm2(x)))
@@ -121,9 +125,9 @@ class Block(nn.Module):
 
 
 class ViTFeatures(NamedTuple):
-    cls_feature: torch.Tensor             # (B, C): final-LayerNorm CLS token
-    tapped_tokens: list[torch.Tensor]     # per requested block: (B, N, C) pre-LN residual patch tokens
-    cls_logits: Optional[torch.Tensor]    # (B, heads, N) last block's CLS->patch logits, if asked
+    cls_feature: torch.Tensor  # (B, C): final-LayerNorm CLS token
+    tapped_tokens: list[torch.Tensor]  # per requested block: (B, N, C) pre-LN residual patch tokens
+    cls_logits: Optional[torch.Tensor]  # (B, heads, N) last block's CLS->patch logits, if asked
 
 
 class ViTReID(nn.Module):
@@ -133,10 +137,22 @@ class ViTReID(nn.Module):
     tests and benchmarks can build tiny configurations.
     """
 
-    def __init__(self, img_size: Sequence[int] = (256, 128), patch_size: int = 16, stride: int = 11,
-                 in_chans: int = 3, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
-                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path_rate: float = 0.1,
-                 norm_eps: float = 1e-6, num_cameras: int = 0, sie_coef: float = 3.0):
+    def __init__(
+        self,
+        img_size: Sequence[int] = (256, 128),
+        patch_size: int = 16,
+        stride: int = 11,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.1,
+        norm_eps: float = 1e-6,
+        num_cameras: int = 0,
+        sie_coef: float = 3.0,
+    ):
         super().__init__()
         self.embed_dim = embed_dim
         self.num_heads = num_heads
@@ -148,11 +164,11 @@ class ViTReID(nn.Module):
         # TransReID creates the camera embedding only for more than one camera.
         self.num_cameras = num_cameras if num_cameras > 1 else 0
         self.sie_coef = sie_coef
-        self.sie_embed = (nn.Parameter(torch.zeros(self.num_cameras, 1, embed_dim))
-                          if self.num_cameras else None)
+        self.sie_embed = nn.Parameter(torch.zeros(self.num_cameras, 1, embed_dim)) if self.num_cameras else None
         drop_rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, rate, qkv_bias, norm_eps) for rate in drop_rates)
+            Block(embed_dim, num_heads, mlp_ratio, rate, qkv_bias, norm_eps) for rate in drop_rates
+        )
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.reset_parameters()
 
@@ -185,8 +201,13 @@ class ViTReID(nn.Module):
             x = x + self.sie_coef * self.sie_embed[cam_label]
         return x
 
-    def forward_features(self, images: torch.Tensor, cam_label: Optional[torch.Tensor] = None,
-                         tap_blocks: Sequence[int] = (), return_cls_logits: bool = False) -> ViTFeatures:
+    def forward_features(
+        self,
+        images: torch.Tensor,
+        cam_label: Optional[torch.Tensor] = None,
+        tap_blocks: Sequence[int] = (),
+        return_cls_logits: bool = False,
+    ) -> ViTFeatures:
         """Run the ViT, keeping the pre-LN patch tokens after the 0-based blocks in ``tap_blocks``
         and, if asked, the last block's CLS->patch attention logits."""
         last = len(self.blocks) - 1

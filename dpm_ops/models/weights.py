@@ -47,10 +47,10 @@ class WeightsError(ValueError):
 
 class LoadReport(NamedTuple):
     layout: str
-    loaded: list[str]      # model keys filled from the checkpoint
-    missing: list[str]     # model keys the checkpoint did not provide (they keep their init)
+    loaded: list[str]  # model keys filled from the checkpoint
+    missing: list[str]  # model keys the checkpoint did not provide (they keep their init)
     unexpected: list[str]  # checkpoint keys with no place in the model
-    dropped: list[str]     # checkpoint keys discarded on purpose (classification heads)
+    dropped: list[str]  # checkpoint keys discarded on purpose (classification heads)
 
 
 def infer_grid(num_patches: int) -> tuple[int, int]:
@@ -80,8 +80,9 @@ def read_torch_file(path: Union[str, os.PathLike], *, weights_only: bool = True,
     try:
         return torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as error:  # the unpickler fails on foreign bytes in many ways (KeyError on text, ...)
-        raise WeightsError(f"{os.fspath(path)} is not a PyTorch file written by torch.save "
-                           f"(torch.load: {type(error).__name__})") from error
+        raise WeightsError(
+            f"{os.fspath(path)} is not a PyTorch file written by torch.save (torch.load: {type(error).__name__})"
+        ) from error
 
 
 def _read_state_dict(source: Union[str, os.PathLike, StateDict], name: str) -> StateDict:
@@ -101,9 +102,10 @@ def _read_state_dict(source: Union[str, os.PathLike, StateDict], name: str) -> S
             break
     for key, value in state.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise WeightsError(f"{name} is not a state dict: entry {key!r} holds a {type(value).__name__}, "
-                               "not a tensor")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+            raise WeightsError(
+                f"{name} is not a state dict: entry {key!r} holds a {type(value).__name__}, not a tensor"
+            )
+    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
 
 
 def backbone_keys(model: nn.Module) -> list[str]:
@@ -134,13 +136,16 @@ def _timm_targets(key: str) -> list[str]:
 
 
 def _dpm_official_targets(key: str) -> list[str]:
-    renames = (("base.ConvLayer.", "mask_generator.conv_stack."), ("base.attfc.", "mask_generator.attfc."),
-               ("base.", "backbone."))
+    renames = (
+        ("base.ConvLayer.", "mask_generator.conv_stack."),
+        ("base.attfc.", "mask_generator.attfc."),
+        ("base.", "backbone."),
+    )
     if key.startswith("base.fc."):
         return []
     for old, new in renames:
         if key.startswith(old):
-            return [new + key[len(old):]]
+            return [new + key[len(old) :]]
     return [key]
 
 
@@ -153,13 +158,16 @@ def _torchvision_targets(key: str) -> list[str]:
 
 
 _MAPPERS: dict[str, Callable[[str], list[str]]] = {
-    "timm_vit": _timm_targets, "dpm_official": _dpm_official_targets,
-    "torchvision_resnet50": _torchvision_targets, "native": lambda key: [key],
+    "timm_vit": _timm_targets,
+    "dpm_official": _dpm_official_targets,
+    "torchvision_resnet50": _torchvision_targets,
+    "native": lambda key: [key],
 }
 
 
-def load_pretrained(model: nn.Module, source: Union[str, os.PathLike, StateDict], *,
-                    partial: bool = False) -> LoadReport:
+def load_pretrained(
+    model: nn.Module, source: Union[str, os.PathLike, StateDict], *, partial: bool = False
+) -> LoadReport:
     """Load ``source`` (a ``.pth`` path or an already loaded state dict) into ``model``.
 
     Raises :class:`WeightsError` (a ValueError) naming the file: unreadable, not a state dict, a
@@ -172,8 +180,12 @@ def load_pretrained(model: nn.Module, source: Union[str, os.PathLike, StateDict]
     layout = _detect_layout(state)
     backbone = getattr(model, "backbone", None)
     is_vit = isinstance(backbone, ViTReID)
-    fits = {"timm_vit": is_vit, "dpm_official": is_vit,
-            "torchvision_resnet50": isinstance(model, MaskReIDResNet50), "native": True}
+    fits = {
+        "timm_vit": is_vit,
+        "dpm_official": is_vit,
+        "torchvision_resnet50": isinstance(model, MaskReIDResNet50),
+        "native": True,
+    }
     if not fits[layout]:
         raise WeightsError(f"{name}: a {layout} checkpoint cannot be loaded into {type(model).__name__}")
 
@@ -192,21 +204,30 @@ def load_pretrained(model: nn.Module, source: Union[str, os.PathLike, StateDict]
                 continue
             if is_vit and target == "backbone.pos_embed" and tensor.shape != own[target].shape:
                 if tensor.dim() != 3 or tensor.shape[-1] != own[target].shape[-1]:
-                    raise WeightsError(f"{name}: checkpoint key {key!r} -> {target!r}: shape "
-                                       f"{tuple(tensor.shape)} cannot be resized to {tuple(own[target].shape)}")
+                    raise WeightsError(
+                        f"{name}: checkpoint key {key!r} -> {target!r}: shape "
+                        f"{tuple(tensor.shape)} cannot be resized to {tuple(own[target].shape)}"
+                    )
                 tensor = resize_pos_embed(tensor, backbone.grid_size)
             if tensor.shape != own[target].shape:
-                raise WeightsError(f"{name}: checkpoint key {key!r} -> model key {target!r}: shape "
-                                   f"{tuple(tensor.shape)} does not match the model's {tuple(own[target].shape)}")
+                raise WeightsError(
+                    f"{name}: checkpoint key {key!r} -> model key {target!r}: shape "
+                    f"{tuple(tensor.shape)} does not match the model's {tuple(own[target].shape)}"
+                )
             to_load[target] = tensor
     if not to_load:
-        raise WeightsError(f"{name}: no tensor fits {type(model).__name__} (layout {layout}, "
-                           f"{len(state)} tensors, e.g. {next(iter(state), 'none')!r}): weights of another model?")
+        raise WeightsError(
+            f"{name}: no tensor fits {type(model).__name__} (layout {layout}, "
+            f"{len(state)} tensors, e.g. {next(iter(state), 'none')!r}): weights of another model?"
+        )
     unfilled = [key for key in backbone_keys(model) if key not in to_load]
     if unfilled and not partial:
-        raise WeightsError(f"{name}: fills {len(to_load)} tensors but leaves {len(unfilled)} backbone tensors of "
-                           f"{type(model).__name__} at their init (e.g. {unfilled[0]!r}); ask for a partial load "
-                           "(partial=True, config model.pretrained_partial: true) if that is intended")
+        raise WeightsError(
+            f"{name}: fills {len(to_load)} tensors but leaves {len(unfilled)} backbone tensors of "
+            f"{type(model).__name__} at their init (e.g. {unfilled[0]!r}); ask for a partial load "
+            "(partial=True, config model.pretrained_partial: true) if that is intended"
+        )
     model.load_state_dict(to_load, strict=False)
-    return LoadReport(layout, sorted(to_load), sorted(set(own) - set(to_load)), sorted(set(unexpected)),
-                      sorted(dropped))
+    return LoadReport(
+        layout, sorted(to_load), sorted(set(own) - set(to_load)), sorted(set(unexpected)), sorted(dropped)
+    )

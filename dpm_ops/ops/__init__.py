@@ -15,8 +15,19 @@ from .maskreid_ranking_loss import maskreid_ranking_loss
 from .maskreid_ranking_loss_reference import maskreid_ranking_loss_reference
 
 __all__ = [
-    "batch_hard_triplet", "hem_loss", "hem_loss_reference", "hierarchical_mask_pool",
-    "hierarchical_mask_pool_reference", "knn", "knn_reference", "masked_arccos_distance", "masked_arcface_ce",
-    "masked_cosine", "masked_cosine_reference", "maskreid_ranking_loss", "maskreid_ranking_loss_reference",
-    "self_knn", "self_knn_reference",
+    "batch_hard_triplet",
+    "hem_loss",
+    "hem_loss_reference",
+    "hierarchical_mask_pool",
+    "hierarchical_mask_pool_reference",
+    "knn",
+    "knn_reference",
+    "masked_arccos_distance",
+    "masked_arcface_ce",
+    "masked_cosine",
+    "masked_cosine_reference",
+    "maskreid_ranking_loss",
+    "maskreid_ranking_loss_reference",
+    "self_knn",
+    "self_knn_reference",
 ]

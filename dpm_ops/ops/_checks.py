@@ -31,8 +31,7 @@ def check_finite(op: str, **tensors) -> None:
     finite_sums = torch.isfinite(sums).tolist()
     if all(finite_sums):
         return
-    bad = [name for (name, t), ok in zip(tensors.items(), finite_sums)
-           if not ok and not bool(torch.isfinite(t).all())]
+    bad = [name for (name, t), ok in zip(tensors.items(), finite_sums) if not ok and not bool(torch.isfinite(t).all())]
     if bad:
         raise ValueError(f"{op}: {', '.join(bad)} contains non-finite values (NaN or inf)")
 
@@ -64,8 +63,7 @@ def check_result_finite(op: str, result: torch.Tensor, **inputs) -> None:
     raise ValueError(too_large_message(op, ", ".join(inputs), compute_dtype(result.dtype), "its sums overflow"))
 
 
-def check_finite_rows(op: str, arithmetic: torch.dtype | None = None, max_norm: float | None = None,
-                      **tensors) -> None:
+def check_finite_rows(op: str, arithmetic: torch.dtype | None = None, max_norm: float | None = None, **tensors) -> None:
     """check_finite, and also a ValueError for a tensor whose rows (last dimension) are too large in
     norm for its compute type (row_norm_limit): the condition under which the GEMM-based kernels
     give the exact answer. One reduction per tensor (no temporary of the tensor's size) and one
@@ -80,8 +78,9 @@ def check_finite_rows(op: str, arithmetic: torch.dtype | None = None, max_norm: 
     tensors = {name: t for name, t in tensors.items() if t.numel() > 0}
     if not tensors:
         return
-    largest = torch.stack([torch.linalg.vector_norm(t, dim=-1, dtype=compute_dtype(t.dtype)).amax().double()
-                           for t in tensors.values()])
+    largest = torch.stack(
+        [torch.linalg.vector_norm(t, dim=-1, dtype=compute_dtype(t.dtype)).amax().double() for t in tensors.values()]
+    )
     arithmetic_of = {name: arithmetic or compute_dtype(t.dtype) for name, t in tensors.items()}
     limit_of = {name: min(row_norm_limit(dtype), max_norm or math.inf) for name, dtype in arithmetic_of.items()}
     limits = torch.tensor(list(limit_of.values()), dtype=torch.float64, device=largest.device)
@@ -91,13 +90,19 @@ def check_finite_rows(op: str, arithmetic: torch.dtype | None = None, max_norm: 
     failed = {name: t for (name, t), good in zip(tensors.items(), ok.tolist()) if not good}
     check_finite(op, **failed)
     name = next(iter(failed))
-    raise ValueError(too_large_message(op, name, arithmetic_of[name], f"row norms must stay below {limit_of[name]:.3g}"))
+    raise ValueError(
+        too_large_message(op, name, arithmetic_of[name], f"row norms must stay below {limit_of[name]:.3g}")
+    )
 
 
 def check_number(op: str, name: str, value, positive: bool = False) -> float:
     """A finite real number (not a bool; > 0 when `positive`), as a float; else a ValueError naming it."""
-    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
-            or (positive and not value > 0)):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or (positive and not value > 0)
+    ):
         raise ValueError(f"{op}: {name} must be a finite number{' > 0' if positive else ''}, got {value!r}")
     return float(value)
 

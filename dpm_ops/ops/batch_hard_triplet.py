@@ -34,8 +34,9 @@ def check_batch_hard_triplet_args(features, labels) -> None:
     if labels.dtype != torch.int64:
         raise ValueError(f"batch_hard_triplet: labels must be int64, got {labels.dtype}")
     if labels.device != features.device:
-        raise ValueError(f"batch_hard_triplet: labels must be on the features' device {features.device}, got "
-                         f"{labels.device}")
+        raise ValueError(
+            f"batch_hard_triplet: labels must be on the features' device {features.device}, got {labels.device}"
+        )
     check_batch("batch_hard_triplet", "features", features)
     check_finite_rows("batch_hard_triplet", features=features)
 
@@ -67,9 +68,11 @@ if _backend.extension()[0] is not None:
 
 
 @torch.library.custom_op("dpm_ops::batch_hard_triplet_triton", mutates_args=())
-def batch_hard_triplet_triton(features: torch.Tensor, labels: torch.Tensor,
-                              with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_hard_triplet_triton(
+    features: torch.Tensor, labels: torch.Tensor, with_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     from ..triton import batch_hard_triplet as kernels
+
     return kernels.loss_and_grad(features, labels, with_grad)
 
 
@@ -83,8 +86,10 @@ def batch_hard_triplet(features: torch.Tensor, labels: torch.Tensor, backend: Op
     check_batch_hard_triplet_args(features, labels)
     name = _backend.resolve(backend, features.device)
     if name == "reference":
-        raise ValueError("batch_hard_triplet is the fused kernel; its reference is "
-                         "dpm_ops.losses.batch_hard_soft_margin_triplet(..., fused=False)")
+        raise ValueError(
+            "batch_hard_triplet is the fused kernel; its reference is "
+            "dpm_ops.losses.batch_hard_soft_margin_triplet(..., fused=False)"
+        )
     with_grad = torch.is_grad_enabled() and features.requires_grad
     if name == "triton":
         return torch.ops.dpm_ops.batch_hard_triplet_triton(features, labels, with_grad)[0]

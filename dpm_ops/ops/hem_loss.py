@@ -23,8 +23,7 @@ def check_hem_args(cls_logits, eps, reduction) -> None:
     if cls_logits.dim() != 3:
         raise ValueError(f"hem_loss: cls_logits must be 3-D (B, heads, N), got shape {tuple(cls_logits.shape)}")
     if cls_logits.shape[1] == 0:
-        raise ValueError("hem_loss: cls_logits must have at least one head, got shape "
-                         f"{tuple(cls_logits.shape)}")
+        raise ValueError(f"hem_loss: cls_logits must have at least one head, got shape {tuple(cls_logits.shape)}")
     if not cls_logits.is_floating_point():
         raise ValueError(f"hem_loss: cls_logits must be floating point, got {cls_logits.dtype}")
     check_number("hem_loss", "eps", eps, positive=True)
@@ -53,12 +52,19 @@ def _make_backward(backward_op):
     def backward(ctx, grad):
         (cls_logits,) = ctx.saved_tensors
         return backward_op(grad, cls_logits, ctx.eps, ctx.reduction), None, None
+
     return backward
 
 
 def _register(forward_op, backward_op) -> None:
-    register_forward_backward(forward_op, backward_op, fake_forward=_fake_forward, fake_backward=_fake_backward,
-                              make_backward=_make_backward, setup_context=_setup_context)
+    register_forward_backward(
+        forward_op,
+        backward_op,
+        fake_forward=_fake_forward,
+        fake_backward=_fake_backward,
+        make_backward=_make_backward,
+        setup_context=_setup_context,
+    )
 
 
 if _backend.extension()[0] is not None:
@@ -68,20 +74,23 @@ if _backend.extension()[0] is not None:
 @torch.library.custom_op("dpm_ops::hem_loss_triton", mutates_args=())
 def hem_loss_triton(cls_logits: torch.Tensor, eps: float, reduction: str) -> torch.Tensor:
     from ..triton import hem_loss as kernels
+
     return kernels.hem_loss_forward(cls_logits, eps, reduction)
 
 
 @torch.library.custom_op("dpm_ops::hem_loss_triton_backward", mutates_args=())
 def hem_loss_triton_backward(grad: torch.Tensor, cls_logits: torch.Tensor, eps: float, reduction: str) -> torch.Tensor:
     from ..triton import hem_loss as kernels
+
     return kernels.hem_loss_backward(grad, cls_logits, eps, reduction)
 
 
 _register(hem_loss_triton, hem_loss_triton_backward)
 
 
-def hem_loss(cls_logits: torch.Tensor, eps: float = 1e-6, reduction: str = "sum", backend: str | None = None
-             ) -> torch.Tensor:
+def hem_loss(
+    cls_logits: torch.Tensor, eps: float = 1e-6, reduction: str = "sum", backend: str | None = None
+) -> torch.Tensor:
     """HEM loss of the last block's pre-softmax, scaled CLS->patch logits (B, heads, N), as the model's
     ``hem_logits``: Σ_b ‖Â_b Â_bᵀ − I‖²_F / heads² ("sum", official) or its batch mean ("mean");
     a 0-d tensor in at least fp32. ``backend`` forces "reference" | "cpp" | "cuda" | "triton".

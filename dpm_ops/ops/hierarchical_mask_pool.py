@@ -38,29 +38,33 @@ def check_hierarchical_mask_pool_args(features, mask, mode) -> None:
         if not isinstance(f, torch.Tensor):
             raise ValueError(f"hierarchical_mask_pool: features[{i}] must be a torch.Tensor, got {type(f).__name__}")
         if f.dim() != 4:
-            raise ValueError(f"hierarchical_mask_pool: features[{i}] must be 4-D (B, C, H, W), got shape "
-                             f"{tuple(f.shape)}")
+            raise ValueError(
+                f"hierarchical_mask_pool: features[{i}] must be 4-D (B, C, H, W), got shape {tuple(f.shape)}"
+            )
         if not f.is_floating_point():
             raise ValueError(f"hierarchical_mask_pool: features[{i}] must be floating point, got {f.dtype}")
         if f.shape[2] == 0 or f.shape[3] == 0:
             raise ValueError(f"hierarchical_mask_pool: features[{i}] has an empty spatial size {tuple(f.shape)}")
         first = features[0]
         if f.shape[0] != first.shape[0]:
-            raise ValueError(f"hierarchical_mask_pool: features[{i}] has batch {f.shape[0]}, features[0] has "
-                             f"{first.shape[0]}")
+            raise ValueError(
+                f"hierarchical_mask_pool: features[{i}] has batch {f.shape[0]}, features[0] has {first.shape[0]}"
+            )
         if f.dtype != first.dtype or f.device != first.device:
-            raise ValueError(f"hierarchical_mask_pool: features[{i}] must share dtype and device with features[0], "
-                             f"got {f.dtype} on {f.device} vs {first.dtype} on {first.device}")
+            raise ValueError(
+                f"hierarchical_mask_pool: features[{i}] must share dtype and device with features[0], "
+                f"got {f.dtype} on {f.device} vs {first.dtype} on {first.device}"
+            )
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
             raise ValueError(f"hierarchical_mask_pool: mask must be a torch.Tensor or None, got {type(mask).__name__}")
         B = features[0].shape[0]
         if mask.dim() != 4 or mask.shape[0] != B or mask.shape[1] != 1 or mask.shape[2] == 0 or mask.shape[3] == 0:
-            raise ValueError(f"hierarchical_mask_pool: mask must be (B, 1, H, W) with B = {B}, got "
-                             f"{tuple(mask.shape)}")
+            raise ValueError(f"hierarchical_mask_pool: mask must be (B, 1, H, W) with B = {B}, got {tuple(mask.shape)}")
         if mask.device != features[0].device:
-            raise ValueError(f"hierarchical_mask_pool: mask must be on the features' device {features[0].device}, "
-                             f"got {mask.device}")
+            raise ValueError(
+                f"hierarchical_mask_pool: mask must be on the features' device {features[0].device}, got {mask.device}"
+            )
         if mask.is_complex():
             raise ValueError(f"hierarchical_mask_pool: mask must be real (bool, integer or float), got {mask.dtype}")
 
@@ -83,39 +87,54 @@ def _autograd_backward(backward_op):
     def backward(ctx, grad):
         mask, out, *features = ctx.saved_tensors
         return list(backward_op(grad, features, mask, out, ctx.mode)), None, None
+
     return backward
 
 
 def _register(forward_op, backward_op) -> None:
-    register_forward_backward(forward_op, backward_op, fake_forward=_fake_forward, fake_backward=_fake_backward,
-                              make_backward=_autograd_backward, setup_context=_setup_context)
+    register_forward_backward(
+        forward_op,
+        backward_op,
+        fake_forward=_fake_forward,
+        fake_backward=_fake_backward,
+        make_backward=_autograd_backward,
+        setup_context=_setup_context,
+    )
 
 
 if _backend.extension()[0] is not None:
-    _register(torch.ops.dpm_ops.hierarchical_mask_pool.default,
-              torch.ops.dpm_ops.hierarchical_mask_pool_backward.default)
+    _register(
+        torch.ops.dpm_ops.hierarchical_mask_pool.default, torch.ops.dpm_ops.hierarchical_mask_pool_backward.default
+    )
 
 
 @torch.library.custom_op("dpm_ops::hierarchical_mask_pool_triton", mutates_args=())
-def hierarchical_mask_pool_triton(features: list[torch.Tensor], mask: Optional[torch.Tensor],
-                                  mode: str) -> torch.Tensor:
+def hierarchical_mask_pool_triton(
+    features: list[torch.Tensor], mask: Optional[torch.Tensor], mode: str
+) -> torch.Tensor:
     from ..triton import hierarchical_mask_pool as kernels
+
     return kernels.hierarchical_mask_pool_forward(features, mask, mode)
 
 
 @torch.library.custom_op("dpm_ops::hierarchical_mask_pool_triton_backward", mutates_args=())
-def hierarchical_mask_pool_triton_backward(grad: torch.Tensor, features: list[torch.Tensor],
-                                           mask: Optional[torch.Tensor], out: torch.Tensor,
-                                           mode: str) -> list[torch.Tensor]:
+def hierarchical_mask_pool_triton_backward(
+    grad: torch.Tensor, features: list[torch.Tensor], mask: Optional[torch.Tensor], out: torch.Tensor, mode: str
+) -> list[torch.Tensor]:
     from ..triton import hierarchical_mask_pool as kernels
+
     return kernels.hierarchical_mask_pool_backward(grad, features, mask, out, mode)
 
 
 _register(hierarchical_mask_pool_triton, hierarchical_mask_pool_triton_backward)
 
 
-def hierarchical_mask_pool(features: Sequence[torch.Tensor], mask: Optional[torch.Tensor] = None,
-                           mode: str = "avg", backend: Optional[str] = None) -> torch.Tensor:
+def hierarchical_mask_pool(
+    features: Sequence[torch.Tensor],
+    mask: Optional[torch.Tensor] = None,
+    mode: str = "avg",
+    backend: Optional[str] = None,
+) -> torch.Tensor:
     """Per-level masked average / max pooling of ``features`` [(B, C_l, H_l, W_l)], concatenated (B, Σ C_l).
 
     ``mask`` (B, 1, H, W), any real dtype (e.g. a bool foreground mask), is resized to each level by

@@ -71,14 +71,16 @@ def _use_certified(strategy, name, rows, columns, dim):
     """Resolves `strategy` for the backend `name`: the certified search runs on the C++ CPU kernels."""
     if strategy == "certified":
         if name != "cpp":
-            raise ValueError("knn: strategy='certified' runs on the C++ CPU kernels (backend 'cpp'), "
-                             f"got backend {name!r}; use strategy='direct' or 'auto'")
+            raise ValueError(
+                "knn: strategy='certified' runs on the C++ CPU kernels (backend 'cpp'), "
+                f"got backend {name!r}; use strategy='direct' or 'auto'"
+            )
         return True
-    return strategy == "auto" and name == "cpp" and rows * columns * dim >= _CERTIFIED_MIN_WORK and \
-        bf16_gemm_is_fast()
+    return strategy == "auto" and name == "cpp" and rows * columns * dim >= _CERTIFIED_MIN_WORK and bf16_gemm_is_fast()
 
 
 # ---- fake (meta) functions and autograd, shared by the C++/CUDA and Triton ops -----------------
+
 
 # Distances come in the compute dtype (float16 / bfloat16 inputs reach the CUDA op as they are).
 def _fake_knn(x, y, k, metric="euclidean"):
@@ -88,8 +90,12 @@ def _fake_knn(x, y, k, metric="euclidean"):
 
 def _fake_self_knn(x, k, metric="sqeuclidean", normalize=False, cross_rows=0):
     n, dtype = x.shape[0], compute_dtype(x)
-    return (x.new_empty((n, k), dtype=dtype), x.new_empty((n, k), dtype=torch.long), x.new_empty((n,), dtype=dtype),
-            x.new_empty((cross_rows, n - cross_rows), dtype=dtype))
+    return (
+        x.new_empty((n, k), dtype=dtype),
+        x.new_empty((n, k), dtype=torch.long),
+        x.new_empty((n,), dtype=dtype),
+        x.new_empty((cross_rows, n - cross_rows), dtype=dtype),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -107,17 +113,19 @@ def knn_distance_backward(grad, x, y, distances, indices, metric):
     cosine: -(y^ - c x^) / max(|x|, eps) with c = x^.y^ (y^ / eps where |x| <= eps); symmetric in y.
     The y gradient is scattered over the selected rows.
     """
-    neighbours = y[indices]                          # (M, k, D)
+    neighbours = y[indices]  # (M, k, D)
     if metric == "cosine":
         x_norm = x.norm(dim=1, keepdim=True)
         y_norm = neighbours.norm(dim=2, keepdim=True)
         x_hat = x / x_norm.clamp_min(COSINE_EPS)
         y_hat = neighbours / y_norm.clamp_min(COSINE_EPS)
         cos = (x_hat[:, None, :] * y_hat).sum(dim=2, keepdim=True)
-        dx = torch.where(x_norm[:, None] > COSINE_EPS, y_hat - cos * x_hat[:, None, :], y_hat) / \
-            x_norm[:, None].clamp_min(COSINE_EPS)
-        dy = torch.where(y_norm > COSINE_EPS, x_hat[:, None, :] - cos * y_hat, x_hat[:, None, :].expand_as(y_hat)) / \
-            y_norm.clamp_min(COSINE_EPS)
+        dx = torch.where(x_norm[:, None] > COSINE_EPS, y_hat - cos * x_hat[:, None, :], y_hat) / x_norm[
+            :, None
+        ].clamp_min(COSINE_EPS)
+        dy = torch.where(
+            y_norm > COSINE_EPS, x_hat[:, None, :] - cos * y_hat, x_hat[:, None, :].expand_as(y_hat)
+        ) / y_norm.clamp_min(COSINE_EPS)
         dx, dy = -dx, -dy
     else:
         diff = x[:, None, :] - neighbours
@@ -135,8 +143,9 @@ def knn_distance_backward(grad, x, y, distances, indices, metric):
 def _backward(ctx, grad_distances, *grad_rest):
     x, y, distances, indices = ctx.saved_tensors
     # float16 / bfloat16 inputs (CUDA) differentiate in the distances' float32, like the others.
-    grad_x, grad_y = knn_distance_backward(grad_distances, x.to(distances.dtype), y.to(distances.dtype), distances,
-                                           indices, ctx.metric)
+    grad_x, grad_y = knn_distance_backward(
+        grad_distances, x.to(distances.dtype), y.to(distances.dtype), distances, indices, ctx.metric
+    )
     return grad_x, grad_y, None, None
 
 
@@ -145,17 +154,21 @@ if _backend.extension()[0] is not None:
     torch.library.register_fake(torch.ops.dpm_ops.self_knn.default)(_fake_self_knn)
     torch.library.register_autograd(torch.ops.dpm_ops.knn.default, _backward, setup_context=_setup_context)
     torch.library.register_fake(torch.ops.dpm_ops.knn_certified.default)(
-        lambda x, y, k, metric="euclidean": (*_fake_knn(x, y, k, metric), x.new_empty((x.shape[0],), dtype=torch.long)))
+        lambda x, y, k, metric="euclidean": (*_fake_knn(x, y, k, metric), x.new_empty((x.shape[0],), dtype=torch.long))
+    )
     torch.library.register_fake(torch.ops.dpm_ops.self_knn_certified.default)(
         lambda x, k, metric="sqeuclidean", normalize=False, cross_rows=0: (
-            *_fake_self_knn(x, k, metric, normalize, cross_rows), x.new_empty((x.shape[0],), dtype=torch.long)))
-    torch.library.register_autograd(torch.ops.dpm_ops.knn_certified.default, _backward,
-                                    setup_context=_setup_context)
+            *_fake_self_knn(x, k, metric, normalize, cross_rows),
+            x.new_empty((x.shape[0],), dtype=torch.long),
+        )
+    )
+    torch.library.register_autograd(torch.ops.dpm_ops.knn_certified.default, _backward, setup_context=_setup_context)
 
 
 @torch.library.custom_op("dpm_ops::knn_triton", mutates_args=())
 def knn_triton(x: torch.Tensor, y: torch.Tensor, k: int, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
     from ..triton import knn as kernels
+
     return kernels.knn_forward(x, y, k, metric)
 
 
@@ -165,8 +178,15 @@ torch.library.register_autograd(knn_triton, _backward, setup_context=_setup_cont
 
 # ---- public functions ----------------------------------------------------------------------------
 
-def knn(x: torch.Tensor, y: torch.Tensor, k: int, metric: str = "euclidean", backend: str | None = None,
-        strategy: str = "auto"):
+
+def knn(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    k: int,
+    metric: str = "euclidean",
+    backend: str | None = None,
+    strategy: str = "auto",
+):
     """The k nearest rows of y (N, D) for every row of x (M, D): (distances (M, k), indices (M, k)).
 
     Sorted ascending, ties broken by (distance, index). k must be in [1, N] (a ValueError
@@ -209,8 +229,15 @@ def knn(x: torch.Tensor, y: torch.Tensor, k: int, metric: str = "euclidean", bac
     return torch.ops.dpm_ops.knn(x, y, k, metric)
 
 
-def self_knn(x: torch.Tensor, k: int, metric: str = "sqeuclidean", normalize: bool = False, cross_rows: int = 0,
-             backend: str | None = None, strategy: str = "auto"):
+def self_knn(
+    x: torch.Tensor,
+    k: int,
+    metric: str = "sqeuclidean",
+    normalize: bool = False,
+    cross_rows: int = 0,
+    backend: str | None = None,
+    strategy: str = "auto",
+):
     """The k nearest rows of x (N, D) for every row of x, itself included at distance 0.
 
     Returns (distances (N, k), indices (N, k), row_max (N,), cross (cross_rows, N - cross_rows)):
@@ -227,15 +254,19 @@ def self_knn(x: torch.Tensor, k: int, metric: str = "sqeuclidean", normalize: bo
     _check_tensor("x", x)
     _check_k(k, x.shape[0], "x")
     _check_metric(metric)
-    if isinstance(cross_rows, bool) or not isinstance(cross_rows, numbers.Integral) or \
-            not 0 <= cross_rows <= x.shape[0]:
+    if (
+        isinstance(cross_rows, bool)
+        or not isinstance(cross_rows, numbers.Integral)
+        or not 0 <= cross_rows <= x.shape[0]
+    ):
         raise ValueError(f"knn: cross_rows must be an integer in [0, {x.shape[0]}], got {cross_rows!r}")
     check_strategy(strategy)
     check_finite_rows("knn", x=x)
     name = _backend.resolve(backend, x.device)
     if _use_certified(strategy, name, x.shape[0], x.shape[0] // 2, x.shape[1]):  # half the GEMM
-        return torch.ops.dpm_ops.self_knn_certified(x.to(compute_dtype(x)), k, metric, bool(normalize),
-                                                    int(cross_rows))[:4]
+        return torch.ops.dpm_ops.self_knn_certified(
+            x.to(compute_dtype(x)), k, metric, bool(normalize), int(cross_rows)
+        )[:4]
     if name in ("reference", "triton"):
         return self_knn_reference(x.to(compute_dtype(x)), k, metric, bool(normalize), int(cross_rows))
     if name != "cuda":  # the CUDA kernel takes float16 / bfloat16 as they are (tensor-core GEMM)

@@ -39,8 +39,9 @@ def knn_reference(x: torch.Tensor, y: torch.Tensor, k: int, metric: str = "eucli
     return values[:, :k], order[:, :k]
 
 
-def self_knn_reference(x: torch.Tensor, k: int, metric: str = "sqeuclidean", normalize: bool = False,
-                       cross_rows: int = 0):
+def self_knn_reference(
+    x: torch.Tensor, k: int, metric: str = "sqeuclidean", normalize: bool = False, cross_rows: int = 0
+):
     full = pairwise_distance_reference(x, x, metric)
     full = full * (1 - torch.eye(len(x), dtype=full.dtype, device=full.device))  # d(i, i) = 0, keeps autograd
     row_max = full.amax(dim=1) if len(x) else full.new_zeros(0)

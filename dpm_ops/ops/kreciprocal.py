@@ -26,8 +26,11 @@ def _fake_pair_sqdist(features, cand_values, cand_indices, row_ptr, cols):
 
 
 def _fake_query_expansion(row_ptr, cols, values, sources):
-    return (sources.new_empty((sources.shape[0] + 1,), dtype=torch.long), _ragged(cols, torch.long),
-            _ragged(cols, torch.float32))
+    return (
+        sources.new_empty((sources.shape[0] + 1,), dtype=torch.long),
+        _ragged(cols, torch.long),
+        _ragged(cols, torch.float32),
+    )
 
 
 def _fake_jaccard_blend_(out, row_ptr, cols, values, lambda_value, row_scale=None):
@@ -39,7 +42,11 @@ def _fake_match_ranks(distmat, q_pids, g_pids, q_camids, g_camids):
 
 
 if _backend.extension()[0] is not None:
-    for name, fake in (("kreciprocal_expand", _fake_expand), ("kreciprocal_pair_sqdist", _fake_pair_sqdist),
-                       ("kreciprocal_query_expansion", _fake_query_expansion),
-                       ("kreciprocal_jaccard_blend_", _fake_jaccard_blend_), ("match_ranks", _fake_match_ranks)):
+    for name, fake in (
+        ("kreciprocal_expand", _fake_expand),
+        ("kreciprocal_pair_sqdist", _fake_pair_sqdist),
+        ("kreciprocal_query_expansion", _fake_query_expansion),
+        ("kreciprocal_jaccard_blend_", _fake_jaccard_blend_),
+        ("match_ranks", _fake_match_ranks),
+    ):
         torch.library.register_fake(getattr(torch.ops.dpm_ops, name).default)(fake)

@@ -22,26 +22,35 @@ from ._checks import check_batch, check_finite_rows, check_number
 from .masked_cosine import check_masked_cosine_args
 
 
-def check_masked_arcface_args(features, mask, weight, labels, scale, margin, clamp_eps, plain_weight,
-                              masked_weight) -> None:
+def check_masked_arcface_args(
+    features, mask, weight, labels, scale, margin, clamp_eps, plain_weight, masked_weight
+) -> None:
     """ValueError naming the argument (shapes, dtypes, devices, numbers; the label range is checked by
     the C++ CPU kernel for free, elsewhere with one sync outside torch.compile: check_label_range)."""
     check_masked_cosine_args(features, mask, weight, 1e-12)
     if not isinstance(labels, torch.Tensor):
         raise ValueError(f"masked_arcface_cross_entropy: labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dim() != 1 or labels.shape[0] != features.shape[0]:
-        raise ValueError(f"masked_arcface_cross_entropy: labels must be 1-D of length B = {features.shape[0]}, got "
-                         f"shape {tuple(labels.shape)}")
+        raise ValueError(
+            f"masked_arcface_cross_entropy: labels must be 1-D of length B = {features.shape[0]}, got "
+            f"shape {tuple(labels.shape)}"
+        )
     if labels.dtype != torch.int64:
         raise ValueError(f"masked_arcface_cross_entropy: labels must be int64, got {labels.dtype}")
     if labels.device != features.device:
-        raise ValueError(f"masked_arcface_cross_entropy: labels must be on the features' device {features.device}, "
-                         f"got {labels.device}")
+        raise ValueError(
+            f"masked_arcface_cross_entropy: labels must be on the features' device {features.device}, "
+            f"got {labels.device}"
+        )
     check_batch("masked_arcface_cross_entropy", "features", features)
     if weight.shape[0] == 0:
         raise ValueError("masked_arcface_cross_entropy: weight must have at least one class (K >= 1)")
-    for name, value in (("scale", scale), ("margin", margin), ("plain_weight", plain_weight),
-                        ("masked_weight", masked_weight)):
+    for name, value in (
+        ("scale", scale),
+        ("margin", margin),
+        ("plain_weight", plain_weight),
+        ("masked_weight", masked_weight),
+    ):
         check_number("masked_arcface_cross_entropy", name, value)
     if not 0 <= check_number("masked_arcface_cross_entropy", "clamp_eps", clamp_eps) < 1:
         raise ValueError(f"masked_arcface_cross_entropy: clamp_eps must lie in [0, 1), got {clamp_eps}")
@@ -56,11 +65,11 @@ def check_label_range(labels: torch.Tensor, num_classes: int) -> None:
         raise ValueError(f"masked_arcface_cross_entropy: labels must lie in [0, K = {num_classes})")
 
 
-def _fake_forward(features, mask, weight, labels, scale, margin, easy_margin, clamp_eps, plain_weight,
-                  masked_weight, with_grad):
+def _fake_forward(
+    features, mask, weight, labels, scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight, with_grad
+):
     if not with_grad:
-        return (features.new_empty(()), features.new_empty((0,)), features.new_empty((0,)),
-                features.new_empty((0,)))
+        return (features.new_empty(()), features.new_empty((0,)), features.new_empty((0,)), features.new_empty((0,)))
     return features.new_empty(()), torch.empty_like(features), torch.empty_like(mask), torch.empty_like(weight)
 
 
@@ -88,22 +97,42 @@ if _backend.extension()[0] is not None:
 
 
 @torch.library.custom_op("dpm_ops::masked_arcface_ce_triton", mutates_args=())
-def masked_arcface_ce_triton(features: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                             scale: float, margin: float, easy_margin: bool, clamp_eps: float, plain_weight: float,
-                             masked_weight: float,
-                             with_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def masked_arcface_ce_triton(
+    features: torch.Tensor,
+    mask: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    scale: float,
+    margin: float,
+    easy_margin: bool,
+    clamp_eps: float,
+    plain_weight: float,
+    masked_weight: float,
+    with_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..triton import masked_arcface as kernels
-    return kernels.loss_and_grads(features, mask, weight, labels, scale, margin, easy_margin, clamp_eps,
-                                  plain_weight, masked_weight, with_grad)
+
+    return kernels.loss_and_grads(
+        features, mask, weight, labels, scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight, with_grad
+    )
 
 
 _register(masked_arcface_ce_triton)
 
 
-def masked_arcface_ce(features: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                      scale: float = 30.0, margin: float = 0.5, easy_margin: bool = False, clamp_eps: float = 1e-7,
-                      plain_weight: float = 0.5, masked_weight: float = 0.5,
-                      backend: Optional[str] = None) -> torch.Tensor:
+def masked_arcface_ce(
+    features: torch.Tensor,
+    mask: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    scale: float = 30.0,
+    margin: float = 0.5,
+    easy_margin: bool = False,
+    clamp_eps: float = 1e-7,
+    plain_weight: float = 0.5,
+    masked_weight: float = 0.5,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
     """The fused loss (0-dim) on float32 / float64 inputs of one dtype; differentiable in features,
     mask and weight. ``backend``: "cpp" | "cuda" | "triton" (None: by device). The reference is
     ``dpm_ops.losses.masked_arcface_cross_entropy(..., fused=False)``, which also handles promotion
@@ -113,13 +142,26 @@ def masked_arcface_ce(features: torch.Tensor, mask: torch.Tensor, weight: torch.
         raise ValueError(f"masked_arcface_cross_entropy: features must be float32 or float64, got {features.dtype}")
     name = _backend.resolve(backend, features.device)
     if name == "reference":
-        raise ValueError("masked_arcface_ce is the fused kernel; its reference is "
-                         "dpm_ops.losses.masked_arcface_cross_entropy(..., fused=False)")
+        raise ValueError(
+            "masked_arcface_ce is the fused kernel; its reference is "
+            "dpm_ops.losses.masked_arcface_cross_entropy(..., fused=False)"
+        )
     check_finite_rows("masked_arcface_cross_entropy", features=features, mask=mask, weight=weight)
     # Gradients are computed in the forward pass, so only when autograd will ask for them.
     with_grad = torch.is_grad_enabled() and (features.requires_grad or mask.requires_grad or weight.requires_grad)
-    args = (features, mask, weight, labels, float(scale), float(margin), bool(easy_margin), float(clamp_eps),
-            float(plain_weight), float(masked_weight), with_grad)
+    args = (
+        features,
+        mask,
+        weight,
+        labels,
+        float(scale),
+        float(margin),
+        bool(easy_margin),
+        float(clamp_eps),
+        float(plain_weight),
+        float(masked_weight),
+        with_grad,
+    )
     if name == "triton":
         check_label_range(labels, weight.shape[0])
         return torch.ops.dpm_ops.masked_arcface_ce_triton(*args)[0]

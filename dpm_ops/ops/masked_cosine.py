@@ -33,11 +33,13 @@ def check_masked_cosine_args(x, mask, protos, eps) -> None:
     if not x.is_floating_point():
         raise ValueError(f"masked_cosine: x must be floating point, got {x.dtype}")
     if mask.dtype != x.dtype or protos.dtype != x.dtype:
-        raise ValueError(f"masked_cosine: x, mask and protos must share one dtype, got {x.dtype}, {mask.dtype}, "
-                         f"{protos.dtype}")
+        raise ValueError(
+            f"masked_cosine: x, mask and protos must share one dtype, got {x.dtype}, {mask.dtype}, {protos.dtype}"
+        )
     if mask.device != x.device or protos.device != x.device:
-        raise ValueError(f"masked_cosine: x, mask and protos must be on one device, got {x.device}, "
-                         f"{mask.device}, {protos.device}")
+        raise ValueError(
+            f"masked_cosine: x, mask and protos must be on one device, got {x.device}, {mask.device}, {protos.device}"
+        )
     check_number("masked_cosine", "eps", eps, positive=True)
 
 
@@ -70,52 +72,65 @@ def _setup_train_context(ctx, inputs, output):
 
 def _backward_recomputing_den(backward_op, pass_den: bool):
     """Autograd backward of a forward that did not keep den^2 (the backward recomputes it)."""
+
     def backward(ctx, grad):
         x, mask, protos, out = ctx.saved_tensors
         extra = (None, ctx.eps) if pass_den else (ctx.eps,)
         grad_x, grad_mask, grad_protos = backward_op(grad, x, mask, protos, out, *extra)
         return grad_x, grad_mask, grad_protos, None
+
     return backward
 
 
 def _backward_with_den(ctx, grad, _grad_den_sq):
     x, mask, protos, out, den_sq = ctx.saved_tensors
-    grad_x, grad_mask, grad_protos = torch.ops.dpm_ops.masked_cosine_backward(grad, x, mask, protos, out, den_sq,
-                                                                              ctx.eps)
+    grad_x, grad_mask, grad_protos = torch.ops.dpm_ops.masked_cosine_backward(
+        grad, x, mask, protos, out, den_sq, ctx.eps
+    )
     return grad_x, grad_mask, grad_protos, None
 
 
 def _register(forward_op, backward_op, pass_den: bool) -> None:
-    register_forward_backward(forward_op, backward_op, fake_forward=_fake_forward, fake_backward=_fake_backward,
-                              make_backward=lambda op: _backward_recomputing_den(op, pass_den),
-                              setup_context=_setup_context)
+    register_forward_backward(
+        forward_op,
+        backward_op,
+        fake_forward=_fake_forward,
+        fake_backward=_fake_backward,
+        make_backward=lambda op: _backward_recomputing_den(op, pass_den),
+        setup_context=_setup_context,
+    )
 
 
 if _backend.extension()[0] is not None:
     _register(torch.ops.dpm_ops.masked_cosine.default, torch.ops.dpm_ops.masked_cosine_backward.default, True)
     torch.library.register_fake(torch.ops.dpm_ops.masked_cosine_train.default)(_fake_train_forward)
-    torch.library.register_autograd(torch.ops.dpm_ops.masked_cosine_train.default, _backward_with_den,
-                                    setup_context=_setup_train_context)
+    torch.library.register_autograd(
+        torch.ops.dpm_ops.masked_cosine_train.default, _backward_with_den, setup_context=_setup_train_context
+    )
 
 
 @torch.library.custom_op("dpm_ops::masked_cosine_triton", mutates_args=())
 def masked_cosine_triton(x: torch.Tensor, mask: torch.Tensor, protos: torch.Tensor, eps: float) -> torch.Tensor:
     from ..triton import masked_cosine as kernels
+
     return kernels.masked_cosine_forward(x, mask, protos, eps)
 
 
 @torch.library.custom_op("dpm_ops::masked_cosine_triton_backward", mutates_args=())
-def masked_cosine_triton_backward(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, protos: torch.Tensor,
-                                  out: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def masked_cosine_triton_backward(
+    grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, protos: torch.Tensor, out: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..triton import masked_cosine as kernels
+
     return kernels.masked_cosine_backward(grad, x, mask, protos, out, eps)
 
 
 _register(masked_cosine_triton, masked_cosine_triton_backward, False)
 
 
-def masked_cosine(x: torch.Tensor, mask: torch.Tensor, protos: torch.Tensor, eps: float = 1e-12,
-                  backend: str | None = None) -> torch.Tensor:
+def masked_cosine(
+    x: torch.Tensor, mask: torch.Tensor, protos: torch.Tensor, eps: float = 1e-12, backend: str | None = None
+) -> torch.Tensor:
     """Masked prototype cosine C (B, K) of features x (B, C), masks (B, C) and prototypes (K, C).
 
     Differentiable in x, mask and protos. ``backend`` forces "reference" | "cpp" | "cuda" | "triton"
@@ -134,8 +149,9 @@ def masked_cosine(x: torch.Tensor, mask: torch.Tensor, protos: torch.Tensor, eps
     return torch.ops.dpm_ops.masked_cosine(x, mask, protos, eps)
 
 
-def masked_arccos_distance(q: torch.Tensor, q_mask: torch.Tensor, g: torch.Tensor,
-                           backend: str | None = None) -> torch.Tensor:
+def masked_arccos_distance(
+    q: torch.Tensor, q_mask: torch.Tensor, g: torch.Tensor, backend: str | None = None
+) -> torch.Tensor:
     """DPM's test distance (dpm.md §3.1): arccos(clip(<q̂, n(m_q ⊙ ĝ)>, -1+1e-5, 1-1e-5)), (Q, G).
 
     Only the query's mask is used, applied to the gallery features (asymmetric by design).

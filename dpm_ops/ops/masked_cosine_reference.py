@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from .._precision import at_least_fp32
 
 
-def masked_cosine_reference(x: torch.Tensor, mask: torch.Tensor, protos: torch.Tensor,
-                            eps: float = 1e-12) -> torch.Tensor:
+def masked_cosine_reference(
+    x: torch.Tensor, mask: torch.Tensor, protos: torch.Tensor, eps: float = 1e-12
+) -> torch.Tensor:
     dtype = x.dtype
     x, mask, protos = at_least_fp32(x), at_least_fp32(mask), at_least_fp32(protos)
     x_hat = F.normalize(x, dim=1, eps=eps)

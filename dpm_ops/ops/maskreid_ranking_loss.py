@@ -26,13 +26,17 @@ def check_ranking_args(embeddings, labels, alpha, lam, neg_mode, pos_mode) -> No
     if not embeddings.is_floating_point():
         raise ValueError(f"maskreid_ranking_loss: embeddings must be floating point, got {embeddings.dtype}")
     if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
-        raise ValueError(f"maskreid_ranking_loss: labels must be 1-D with B = {embeddings.shape[0]} entries, "
-                         f"got shape {tuple(labels.shape)}")
+        raise ValueError(
+            f"maskreid_ranking_loss: labels must be 1-D with B = {embeddings.shape[0]} entries, "
+            f"got shape {tuple(labels.shape)}"
+        )
     if labels.is_floating_point() or labels.is_complex():
         raise ValueError(f"maskreid_ranking_loss: labels must be integer, got {labels.dtype}")
     if labels.device != embeddings.device:
-        raise ValueError(f"maskreid_ranking_loss: embeddings and labels must be on one device, got "
-                         f"{embeddings.device}, {labels.device}")
+        raise ValueError(
+            f"maskreid_ranking_loss: embeddings and labels must be on one device, got "
+            f"{embeddings.device}, {labels.device}"
+        )
     for name, value in (("alpha", alpha), ("lam", lam)):
         check_number("maskreid_ranking_loss", name, value)
     check_modes(neg_mode, pos_mode)
@@ -47,9 +51,11 @@ def exp_safe_norm(dtype: torch.dtype, alpha: float, batch: int) -> float:
     embeddings are L2-normalised). Eq. 4 takes log-sum-exps and needs no such bound."""
     budget = math.log(torch.finfo(dtype).max) - 2 * math.log(batch) - max(alpha, 0.0)
     if budget <= 0:
-        raise ValueError(f"maskreid_ranking_loss: alpha must stay below {budget + alpha:.3g} at B = {batch} "
-                         f"(exp(alpha) summed over B^2 pairs overflows {str(dtype).removeprefix('torch.')}), "
-                         f"got {alpha!r}")
+        raise ValueError(
+            f"maskreid_ranking_loss: alpha must stay below {budget + alpha:.3g} at B = {batch} "
+            f"(exp(alpha) summed over B^2 pairs overflows {str(dtype).removeprefix('torch.')}), "
+            f"got {alpha!r}"
+        )
     return math.sqrt(budget / 2)
 
 
@@ -74,30 +80,39 @@ def _make_backward(backward_op):
     def backward(ctx, grad, _grad_coef):
         embeddings, coef = ctx.saved_tensors
         return backward_op(grad, embeddings, coef), None, None, None, None, None
+
     return backward
 
 
 def _register(forward_op, backward_op) -> None:
-    register_forward_backward(forward_op, backward_op, fake_forward=_fake_forward, fake_backward=_fake_backward,
-                              make_backward=_make_backward, setup_context=_setup_context)
+    register_forward_backward(
+        forward_op,
+        backward_op,
+        fake_forward=_fake_forward,
+        fake_backward=_fake_backward,
+        make_backward=_make_backward,
+        setup_context=_setup_context,
+    )
 
 
 if _backend.extension()[0] is not None:
-    _register(torch.ops.dpm_ops.maskreid_ranking_loss.default,
-              torch.ops.dpm_ops.maskreid_ranking_loss_backward.default)
+    _register(torch.ops.dpm_ops.maskreid_ranking_loss.default, torch.ops.dpm_ops.maskreid_ranking_loss_backward.default)
 
 
 @torch.library.custom_op("dpm_ops::maskreid_ranking_loss_triton", mutates_args=())
-def maskreid_ranking_loss_triton(embeddings: torch.Tensor, labels: torch.Tensor, alpha: float, lam: float,
-                                 neg_mode: str, pos_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+def maskreid_ranking_loss_triton(
+    embeddings: torch.Tensor, labels: torch.Tensor, alpha: float, lam: float, neg_mode: str, pos_mode: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     check_modes(neg_mode, pos_mode)  # for direct torch.ops callers, as the C++ op's parse_options
     from ..triton import maskreid_ranking_loss as kernels
+
     return kernels.ranking_loss_forward(embeddings, labels, alpha, lam, neg_mode, pos_mode)
 
 
 @torch.library.custom_op("dpm_ops::maskreid_ranking_loss_triton_backward", mutates_args=())
-def maskreid_ranking_loss_triton_backward(grad: torch.Tensor, embeddings: torch.Tensor,
-                                          coef: torch.Tensor) -> torch.Tensor:
+def maskreid_ranking_loss_triton_backward(
+    grad: torch.Tensor, embeddings: torch.Tensor, coef: torch.Tensor
+) -> torch.Tensor:
     # The closed form is one GEMM: torch's (as the C++ backward does with ATen), kept in the compute
     # dtype even under autocast.
     with torch.autocast(embeddings.device.type, enabled=False):
@@ -107,9 +122,15 @@ def maskreid_ranking_loss_triton_backward(grad: torch.Tensor, embeddings: torch.
 _register(maskreid_ranking_loss_triton, maskreid_ranking_loss_triton_backward)
 
 
-def maskreid_ranking_loss(embeddings: torch.Tensor, labels: torch.Tensor, alpha: float = 0.15, lam: float = 2.0,
-                          neg_mode: str = "literal", pos_mode: str = "hardest", backend: str | None = None
-                          ) -> torch.Tensor:
+def maskreid_ranking_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float = 0.15,
+    lam: float = 2.0,
+    neg_mode: str = "literal",
+    pos_mode: str = "hardest",
+    backend: str | None = None,
+) -> torch.Tensor:
     """Eq. 5 (or Eq. 4) of MaskReID on (B, D) L2-normalised embeddings and (B,) integer identity labels:
     the mean over anchors (samples with a positive) of the per-anchor loss, a 0-d tensor in at least fp32.
 

@@ -40,20 +40,29 @@ RENAMED_POS_MODES = {"all": "all_eq5"}
 def check_modes(neg_mode: str, pos_mode: str) -> None:
     """ValueError for a mode no backend takes (one line, naming the argument)."""
     if pos_mode in RENAMED_POS_MODES:
-        raise ValueError(f"maskreid_ranking_loss: pos_mode {pos_mode!r} was renamed {RENAMED_POS_MODES[pos_mode]!r} "
-                         "(Eq. 5's margin, hinge and pull over every positive); the paper's Eq. 4 is 'eq4'")
+        raise ValueError(
+            f"maskreid_ranking_loss: pos_mode {pos_mode!r} was renamed {RENAMED_POS_MODES[pos_mode]!r} "
+            "(Eq. 5's margin, hinge and pull over every positive); the paper's Eq. 4 is 'eq4'"
+        )
     if neg_mode not in NEG_MODES:
         raise ValueError(f"maskreid_ranking_loss: neg_mode must be one of {NEG_MODES}, got {neg_mode!r}")
     if pos_mode not in POS_MODES:
         raise ValueError(f"maskreid_ranking_loss: pos_mode must be one of {POS_MODES}, got {pos_mode!r}")
     if pos_mode == "eq4" and neg_mode != "literal":
-        raise ValueError("maskreid_ranking_loss: neg_mode does not apply to pos_mode 'eq4' (no margin, no hinge): "
-                         f"leave it 'literal', got {neg_mode!r}")
+        raise ValueError(
+            "maskreid_ranking_loss: neg_mode does not apply to pos_mode 'eq4' (no margin, no hinge): "
+            f"leave it 'literal', got {neg_mode!r}"
+        )
 
 
-def maskreid_ranking_loss_reference(embeddings: torch.Tensor, labels: torch.Tensor, alpha: float = 0.15,
-                                    lam: float = 2.0, neg_mode: str = "literal", pos_mode: str = "hardest"
-                                    ) -> torch.Tensor:
+def maskreid_ranking_loss_reference(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float = 0.15,
+    lam: float = 2.0,
+    neg_mode: str = "literal",
+    pos_mode: str = "hardest",
+) -> torch.Tensor:
     check_modes(neg_mode, pos_mode)
     x = at_least_fp32(embeddings)
     sim = x @ x.t()
@@ -68,15 +77,15 @@ def maskreid_ranking_loss_reference(embeddings: torch.Tensor, labels: torch.Tens
         # Σ_i Σ_j exp(s_kj − s_ki) = Σ_j exp(s_kj) · Σ_i exp(−s_ki): log(1 + e^(a + b)) with the two
         # log-sum-exps, stable and O(n) per row. An empty set gives −inf, hence log(1 + 0) = 0;
         # masked_fill's backward zeroes the NaN logsumexp's backward makes on such a row.
-        a = sim.masked_fill(~negative, float("-inf")).logsumexp(1)   # log Σ_{j∈N} exp(s_kj)
+        a = sim.masked_fill(~negative, float("-inf")).logsumexp(1)  # log Σ_{j∈N} exp(s_kj)
         b = (-sim).masked_fill(~positive, float("-inf")).logsumexp(1)  # log Σ_{i∈P} exp(−s_ki)
-        per_anchor = torch.logaddexp(a + b, torch.zeros_like(a))      # log(1 + e^(a + b))
+        per_anchor = torch.logaddexp(a + b, torch.zeros_like(a))  # log(1 + e^(a + b))
         return torch.where(is_anchor, per_anchor, 0.0).sum() / is_anchor.sum().clamp_min(1)
 
     if pos_mode == "hardest":
         hardest = sim.masked_fill(~positive, float("inf")).min(1).values
         hardest = torch.where(is_anchor, hardest, torch.zeros_like(hardest))  # keep non-anchors finite
-        hinge_arg = sim - hardest.unsqueeze(1) + alpha           # (k, j)
+        hinge_arg = sim - hardest.unsqueeze(1) + alpha  # (k, j)
         pairs = negative
     else:
         hinge_arg = sim.unsqueeze(1) - sim.unsqueeze(2) + alpha  # (k, i, j): s_kj − s_ki + α

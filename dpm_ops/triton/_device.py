@@ -17,6 +17,7 @@ def _first_device(args):
 
 def on_input_device(launcher):
     """`launcher` run with its first tensor argument's CUDA device current."""
+
     @functools.wraps(launcher)
     def launch(*args, **kwargs):
         device = _first_device(args)
@@ -24,5 +25,5 @@ def on_input_device(launcher):
             return launcher(*args, **kwargs)
         with torch.cuda.device(device):
             return launcher(*args, **kwargs)
-    return launch
 
+    return launch

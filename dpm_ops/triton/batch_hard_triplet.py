@@ -16,14 +16,28 @@ MIN_SQUARED = 1e-12
 
 
 @triton.jit
-def _mine_kernel(gram_ptr, sq_ptr, labels_ptr, pos_idx_ptr, neg_idx_ptr, pos_d2_ptr, neg_d2_ptr, loss_ptr, B,
-                 MIN_SQUARED: tl.constexpr, BLOCK: tl.constexpr):
+def _mine_kernel(
+    gram_ptr,
+    sq_ptr,
+    labels_ptr,
+    pos_idx_ptr,
+    neg_idx_ptr,
+    pos_d2_ptr,
+    neg_d2_ptr,
+    loss_ptr,
+    B,
+    MIN_SQUARED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     i = tl.program_id(0)
     j = tl.arange(0, BLOCK)
     valid = j < B
     acc_t = sq_ptr.dtype.element_ty
-    d2 = tl.load(sq_ptr + i) + tl.load(sq_ptr + j, mask=valid, other=0.0) \
+    d2 = (
+        tl.load(sq_ptr + i)
+        + tl.load(sq_ptr + j, mask=valid, other=0.0)
         - 2.0 * tl.load(gram_ptr + i.to(tl.int64) * B + j, mask=valid, other=0.0)
+    )
     d = tl.sqrt(tl.maximum(d2, MIN_SQUARED))
     same = tl.load(labels_ptr + j, mask=valid, other=-1) == tl.load(labels_ptr + i)
     pos = tl.where(valid & same, d, float("-inf"))
@@ -52,8 +66,19 @@ def loss_and_grad(features, labels, with_grad):
     neg_idx = torch.empty_like(pos_idx)
     pos_d2, neg_d2, row_loss = (torch.empty(B, dtype=x.dtype, device=x.device) for _ in range(3))
     if B > 0:
-        _mine_kernel[(B,)](gram, sq, labels, pos_idx, neg_idx, pos_d2, neg_d2, row_loss, B,
-                           MIN_SQUARED=MIN_SQUARED, BLOCK=triton.next_power_of_2(B))
+        _mine_kernel[(B,)](
+            gram,
+            sq,
+            labels,
+            pos_idx,
+            neg_idx,
+            pos_d2,
+            neg_d2,
+            row_loss,
+            B,
+            MIN_SQUARED=MIN_SQUARED,
+            BLOCK=triton.next_power_of_2(B),
+        )
     loss = row_loss.sum() / B
     if not with_grad:
         return loss, x.new_empty((0,))

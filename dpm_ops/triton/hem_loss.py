@@ -19,8 +19,19 @@ BLOCK_N = 64
 
 
 @triton.jit
-def _hem_sample_kernel(a_ptr, loss_ptr, grad_ptr, grad_out_ptr, H, N, eps, weight,
-                       GRAD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
+def _hem_sample_kernel(
+    a_ptr,
+    loss_ptr,
+    grad_ptr,
+    grad_out_ptr,
+    H,
+    N,
+    eps,
+    weight,
+    GRAD: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     b = tl.program_id(0)
     acc_t = loss_ptr.dtype.element_ty
     rows = tl.arange(0, BLOCK_H)
@@ -29,8 +40,9 @@ def _hem_sample_kernel(a_ptr, loss_ptr, grad_ptr, grad_out_ptr, H, N, eps, weigh
     gram = tl.zeros((BLOCK_H, BLOCK_H), dtype=acc_t)
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        a = tl.load(base + rows[:, None] * N + cols[None, :], mask=in_h[:, None] & (cols < N)[None, :],
-                    other=0.0).to(acc_t)
+        a = tl.load(base + rows[:, None] * N + cols[None, :], mask=in_h[:, None] & (cols < N)[None, :], other=0.0).to(
+            acc_t
+        )
         gram += tl.dot(a, tl.trans(a), input_precision="ieee")
     eye = rows[:, None] == rows[None, :]
     valid = in_h[:, None] & in_h[None, :]
@@ -75,8 +87,9 @@ def hem_loss_forward(cls_logits: torch.Tensor, eps: float, reduction: str) -> to
     per_sample = torch.zeros(B, dtype=acc, device=cls_logits.device)
     if B > 0 and H > 0:
         a = cls_logits.contiguous()
-        _hem_sample_kernel[(B,)](a, per_sample, per_sample, a, H, N, eps, 1.0,
-                                 GRAD=False, BLOCK_H=_block_h(H), BLOCK_N=BLOCK_N)
+        _hem_sample_kernel[(B,)](
+            a, per_sample, per_sample, a, H, N, eps, 1.0, GRAD=False, BLOCK_H=_block_h(H), BLOCK_N=BLOCK_N
+        )
     return per_sample.sum() * _weight(B, reduction)
 
 
@@ -88,6 +101,17 @@ def hem_loss_backward(grad: torch.Tensor, cls_logits: torch.Tensor, eps: float, 
         return out
     a = cls_logits.contiguous()
     scratch = torch.empty(1, dtype=_acc_dtype(cls_logits.dtype), device=a.device)
-    _hem_sample_kernel[(B,)](a, scratch, grad.reshape(1), out, H, N, eps, _weight(B, reduction),
-                             GRAD=True, BLOCK_H=_block_h(H), BLOCK_N=BLOCK_N)
+    _hem_sample_kernel[(B,)](
+        a,
+        scratch,
+        grad.reshape(1),
+        out,
+        H,
+        N,
+        eps,
+        _weight(B, reduction),
+        GRAD=True,
+        BLOCK_H=_block_h(H),
+        BLOCK_N=BLOCK_N,
+    )
     return out

@@ -39,9 +39,22 @@ def _cell_weights(w_ptr, b, total_hw, weight_offset, c, m2, HAS_MASK: tl.constex
 
 
 @triton.jit
-def _pool_kernel(desc_ptr, w_ptr, wsum_ptr, out_ptr, grad_ptr, B, num_levels, total_channels, total_hw,
-                 MAX_MODE: tl.constexpr, HAS_MASK: tl.constexpr, BACKWARD: tl.constexpr,
-                 BLOCK_R: tl.constexpr, BLOCK_HW: tl.constexpr):
+def _pool_kernel(
+    desc_ptr,
+    w_ptr,
+    wsum_ptr,
+    out_ptr,
+    grad_ptr,
+    B,
+    num_levels,
+    total_channels,
+    total_hw,
+    MAX_MODE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    BACKWARD: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+):
     pid = tl.program_id(0)
     level = _level_of_program(desc_ptr, num_levels, pid)
     d = desc_ptr + level * 7
@@ -123,8 +136,7 @@ def _launch(features, grads, mask, mode, out, grad):
     out_offset = weight_offset = 0
     for f, gf in zip(features, grads):
         C, hw = f.shape[1], f.shape[2] * f.shape[3]
-        table.append([f.data_ptr(), gf.data_ptr() if gf is not None else 0, C, hw, tiles, out_offset,
-                      weight_offset])
+        table.append([f.data_ptr(), gf.data_ptr() if gf is not None else 0, C, hw, tiles, out_offset, weight_offset])
         tiles += triton.cdiv(B * C, BLOCK_R)
         out_offset += C
         weight_offset += hw
@@ -135,16 +147,30 @@ def _launch(features, grads, mask, mode, out, grad):
         w, wsum = _weights(features, mask, acc)
     else:
         w = wsum = torch.empty(0, dtype=acc, device=device)
-    _pool_kernel[(tiles,)](desc, w, wsum, out, grad if grad is not None else out, B, len(features), out_offset,
-                           weight_offset, MAX_MODE=mode == "max", HAS_MASK=mask is not None,
-                           BACKWARD=grad is not None, BLOCK_R=BLOCK_R, BLOCK_HW=BLOCK_HW)
+    _pool_kernel[(tiles,)](
+        desc,
+        w,
+        wsum,
+        out,
+        grad if grad is not None else out,
+        B,
+        len(features),
+        out_offset,
+        weight_offset,
+        MAX_MODE=mode == "max",
+        HAS_MASK=mask is not None,
+        BACKWARD=grad is not None,
+        BLOCK_R=BLOCK_R,
+        BLOCK_HW=BLOCK_HW,
+    )
 
 
 @on_input_device
 def hierarchical_mask_pool_forward(features, mask, mode):
     features = [f.contiguous() for f in features]
-    out = torch.empty((features[0].shape[0], sum(f.shape[1] for f in features)), dtype=features[0].dtype,
-                      device=features[0].device)
+    out = torch.empty(
+        (features[0].shape[0], sum(f.shape[1] for f in features)), dtype=features[0].dtype, device=features[0].device
+    )
     _launch(features, [None] * len(features), mask, mode, out, None)
     return out
 

@@ -35,9 +35,25 @@ def _lexicographic_min(values, indices, NO_INDEX: tl.constexpr):
 
 
 @triton.jit
-def _knn_kernel(x_ptr, y_ptr, xn_ptr, yn_ptr, out_v_ptr, out_i_ptr, M, N, D, K,
-                METRIC: tl.constexpr, KP: tl.constexpr, NO_INDEX: tl.constexpr, PRECISION: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _knn_kernel(
+    x_ptr,
+    y_ptr,
+    xn_ptr,
+    yn_ptr,
+    out_v_ptr,
+    out_i_ptr,
+    M,
+    N,
+    D,
+    K,
+    METRIC: tl.constexpr,
+    KP: tl.constexpr,
+    NO_INDEX: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     in_m = rows < M
     acc_t = xn_ptr.dtype.element_ty
@@ -52,10 +68,12 @@ def _knn_kernel(x_ptr, y_ptr, xn_ptr, yn_ptr, out_v_ptr, out_i_ptr, M, N, D, K,
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             in_d = d < D
-            xt = tl.load(x_ptr + rows[:, None].to(tl.int64) * D + d[None, :], mask=in_m[:, None] & in_d[None, :],
-                         other=0.0)
-            yt = tl.load(y_ptr + cols[:, None].to(tl.int64) * D + d[None, :], mask=in_n[:, None] & in_d[None, :],
-                         other=0.0)
+            xt = tl.load(
+                x_ptr + rows[:, None].to(tl.int64) * D + d[None, :], mask=in_m[:, None] & in_d[None, :], other=0.0
+            )
+            yt = tl.load(
+                y_ptr + cols[:, None].to(tl.int64) * D + d[None, :], mask=in_n[:, None] & in_d[None, :], other=0.0
+            )
             dots = dot(xt, tl.trans(yt), dots, PRECISION, acc_t)
         if METRIC == 2:
             dist = 1.0 - dots
@@ -105,7 +123,23 @@ def knn_forward(x: torch.Tensor, y: torch.Tensor, k: int, metric: str):
     x_norms, y_norms = (x * x).sum(1), (y * y).sum(1)
     kp = triton.next_power_of_2(k)
     _knn_kernel[(triton.cdiv(M, BLOCK_M),)](
-        x, y, x_norms, y_norms, values, indices, M, y.shape[0], D, k, METRIC=_METRIC_IDS[metric],
-        KP=kp, NO_INDEX=_NO_INDEX, PRECISION=dot_precision(x.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        BLOCK_D=BLOCK_D, num_warps=8 if kp >= 256 else 4)  # the (BLOCK_M, kp) lists: spread over more threads
+        x,
+        y,
+        x_norms,
+        y_norms,
+        values,
+        indices,
+        M,
+        y.shape[0],
+        D,
+        k,
+        METRIC=_METRIC_IDS[metric],
+        KP=kp,
+        NO_INDEX=_NO_INDEX,
+        PRECISION=dot_precision(x.dtype),
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_D=BLOCK_D,
+        num_warps=8 if kp >= 256 else 4,
+    )  # the (BLOCK_M, kp) lists: spread over more threads
     return values, indices

@@ -29,12 +29,46 @@ BLOCK_K = 32
 
 
 @triton.jit
-def _arcface_tile_kernel(f_ptr, m_ptr, w_ptr, inv_f_ptr, inv_w_ptr, labels_ptr, part_ptr, target_ptr,
-                         grad_ptr, mlse_ptr, plse_ptr, gnum_ptr, h_ptr, gp_ptr,
-                         row0, n_rows, B, K, C, n_ktiles, scale, cos_m, sin_m, th, mm, lo, hi, plain_w, masked_w,
-                         inv_batch, eps,
-                         EASY: tl.constexpr, WITH_PLAIN: tl.constexpr, BACKWARD: tl.constexpr, PRECISION: tl.constexpr,
-                         BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+def _arcface_tile_kernel(
+    f_ptr,
+    m_ptr,
+    w_ptr,
+    inv_f_ptr,
+    inv_w_ptr,
+    labels_ptr,
+    part_ptr,
+    target_ptr,
+    grad_ptr,
+    mlse_ptr,
+    plse_ptr,
+    gnum_ptr,
+    h_ptr,
+    gp_ptr,
+    row0,
+    n_rows,
+    B,
+    K,
+    C,
+    n_ktiles,
+    scale,
+    cos_m,
+    sin_m,
+    th,
+    mm,
+    lo,
+    hi,
+    plain_w,
+    masked_w,
+    inv_batch,
+    eps,
+    EASY: tl.constexpr,
+    WITH_PLAIN: tl.constexpr,
+    BACKWARD: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     pid_b = tl.program_id(0)
     pid_k = tl.program_id(1)
     local = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -56,8 +90,9 @@ def _arcface_tile_kernel(f_ptr, m_ptr, w_ptr, inv_f_ptr, inv_w_ptr, labels_ptr, 
         qmask = in_b[:, None] & in_c[None, :]
         f = tl.load(f_ptr + rows[:, None].to(tl.int64) * C + c[None, :], mask=qmask, other=0.0).to(acc_t)
         m = tl.load(m_ptr + rows[:, None].to(tl.int64) * C + c[None, :], mask=qmask, other=0.0).to(acc_t)
-        w = tl.load(w_ptr + ks[:, None].to(tl.int64) * C + c[None, :], mask=in_k[:, None] & in_c[None, :],
-                    other=0.0).to(acc_t)
+        w = tl.load(
+            w_ptr + ks[:, None].to(tl.int64) * C + c[None, :], mask=in_k[:, None] & in_c[None, :], other=0.0
+        ).to(acc_t)
         wh = w * inv_w[:, None]
         num = dot(f * inv_f[:, None] * m, tl.trans(wh), num, PRECISION, in_t)
         den_sq = dot(m * m, tl.trans(wh * wh), den_sq, PRECISION, in_t)
@@ -116,8 +151,15 @@ def _arcface_tile_kernel(f_ptr, m_ptr, w_ptr, inv_f_ptr, inv_w_ptr, labels_ptr, 
 
 
 def _margin_args(scale, margin, easy_margin, clamp_eps):
-    return dict(scale=scale, cos_m=math.cos(margin), sin_m=math.sin(margin), th=math.cos(math.pi - margin),
-                mm=math.sin(math.pi - margin) * margin, lo=-1.0 + clamp_eps, hi=1.0 - clamp_eps)
+    return dict(
+        scale=scale,
+        cos_m=math.cos(margin),
+        sin_m=math.sin(margin),
+        th=math.cos(math.pi - margin),
+        mm=math.sin(math.pi - margin) * margin,
+        lo=-1.0 + clamp_eps,
+        hi=1.0 - clamp_eps,
+    )
 
 
 def _tile_options(precision: str) -> dict:
@@ -143,10 +185,39 @@ def _forward(features, mask, weight, labels, scale, margin, easy_margin, clamp_e
     targets = torch.zeros((2, B), dtype=acc, device=f.device)
     if B > 0:
         _arcface_tile_kernel[(triton.cdiv(B, BLOCK_B), n_ktiles)](
-            f, m, w, _inv_norm(f, EPS), _inv_norm(w, EPS), labels, parts, targets, parts, parts, parts, parts, parts,
-            parts, 0, B, B, K, C, n_ktiles, **_margin_args(scale, margin, easy_margin, clamp_eps), plain_w=plain_weight,
-            masked_w=masked_weight, inv_batch=1.0, eps=EPS, EASY=easy_margin, WITH_PLAIN=with_plain, BACKWARD=False,
-            PRECISION=precision, BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, **_tile_options(precision))
+            f,
+            m,
+            w,
+            _inv_norm(f, EPS),
+            _inv_norm(w, EPS),
+            labels,
+            parts,
+            targets,
+            parts,
+            parts,
+            parts,
+            parts,
+            parts,
+            parts,
+            0,
+            B,
+            B,
+            K,
+            C,
+            n_ktiles,
+            **_margin_args(scale, margin, easy_margin, clamp_eps),
+            plain_w=plain_weight,
+            masked_w=masked_weight,
+            inv_batch=1.0,
+            eps=EPS,
+            EASY=easy_margin,
+            WITH_PLAIN=with_plain,
+            BACKWARD=False,
+            PRECISION=precision,
+            BLOCK_B=BLOCK_B,
+            BLOCK_K=BLOCK_K,
+            **_tile_options(precision),
+        )
 
     def merge(maxes, sums):
         top = maxes.amax(1)
@@ -160,8 +231,20 @@ def _forward(features, mask, weight, labels, scale, margin, easy_margin, clamp_e
     return row_loss.sum() / B, masked_lse, plain_lse
 
 
-def _gradients(features, mask, weight, labels, masked_lse, plain_lse, scale, margin, easy_margin, clamp_eps,
-               plain_weight, masked_weight):
+def _gradients(
+    features,
+    mask,
+    weight,
+    labels,
+    masked_lse,
+    plain_lse,
+    scale,
+    margin,
+    easy_margin,
+    clamp_eps,
+    plain_weight,
+    masked_weight,
+):
     """Gradients of the loss w.r.t. (features, mask, weight), for a unit upstream gradient."""
     B, C = features.shape
     K = weight.shape[0]
@@ -183,10 +266,39 @@ def _gradients(features, mask, weight, labels, masked_lse, plain_lse, scale, mar
     for r0 in range(0, B, chunk):
         n = min(chunk, B - r0)
         _arcface_tile_kernel[(triton.cdiv(n, BLOCK_B), triton.cdiv(K, BLOCK_K))](
-            f, m, w, inv_f, inv_w, labels, g_num, g_num, grad, masked_lse, plain_lse, g_num, h, gp,
-            r0, n, B, K, C, 1, **_margin_args(scale, margin, easy_margin, clamp_eps), plain_w=plain_weight,
-            masked_w=masked_weight, inv_batch=1.0 / B, eps=EPS, EASY=easy_margin, WITH_PLAIN=with_plain,
-            BACKWARD=True, PRECISION=precision, BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, **_tile_options(precision))
+            f,
+            m,
+            w,
+            inv_f,
+            inv_w,
+            labels,
+            g_num,
+            g_num,
+            grad,
+            masked_lse,
+            plain_lse,
+            g_num,
+            h,
+            gp,
+            r0,
+            n,
+            B,
+            K,
+            C,
+            1,
+            **_margin_args(scale, margin, easy_margin, clamp_eps),
+            plain_w=plain_weight,
+            masked_w=masked_weight,
+            inv_batch=1.0 / B,
+            eps=EPS,
+            EASY=easy_margin,
+            WITH_PLAIN=with_plain,
+            BACKWARD=True,
+            PRECISION=precision,
+            BLOCK_B=BLOCK_B,
+            BLOCK_K=BLOCK_K,
+            **_tile_options(precision),
+        )
         gn, hh, rs = g_num[:n], h[:n], slice(r0, r0 + n)
         u, v = gn @ wh, hh @ wh_sq
         up.addmm_(gn.t(), fh_m[rs])
@@ -201,13 +313,30 @@ def _gradients(features, mask, weight, labels, masked_lse, plain_lse, scale, mar
 
 
 @on_input_device
-def loss_and_grads(features, mask, weight, labels, scale, margin, easy_margin, clamp_eps, plain_weight,
-                   masked_weight, with_grad):
+def loss_and_grads(
+    features, mask, weight, labels, scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight, with_grad
+):
     """The dpm_ops::masked_arcface_ce_triton op: (loss, grad_features, grad_mask, grad_weight)."""
-    loss, masked_lse, plain_lse = _forward(features, mask, weight, labels, scale, margin, easy_margin, clamp_eps,
-                                           plain_weight, masked_weight)
+    loss, masked_lse, plain_lse = _forward(
+        features, mask, weight, labels, scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight
+    )
     if not with_grad:
         empty = features.new_empty((0,))
         return loss, empty, empty.clone(), empty.clone()
-    return (loss, *_gradients(features, mask, weight, labels, masked_lse, plain_lse, scale, margin, easy_margin,
-                              clamp_eps, plain_weight, masked_weight))
+    return (
+        loss,
+        *_gradients(
+            features,
+            mask,
+            weight,
+            labels,
+            masked_lse,
+            plain_lse,
+            scale,
+            margin,
+            easy_margin,
+            clamp_eps,
+            plain_weight,
+            masked_weight,
+        ),
+    )

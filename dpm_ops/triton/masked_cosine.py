@@ -21,10 +21,25 @@ from ._precision import dot, dot_precision
 
 
 @triton.jit
-def _masked_cosine_tile_kernel(a_ptr, m2_ptr, p_ptr, inv_p_ptr, out_ptr, grad_ptr, g_num_ptr, h_ptr,
-                               B, K, C, eps,
-                               COEFS: tl.constexpr, PRECISION: tl.constexpr,
-                               BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+def _masked_cosine_tile_kernel(
+    a_ptr,
+    m2_ptr,
+    p_ptr,
+    inv_p_ptr,
+    out_ptr,
+    grad_ptr,
+    g_num_ptr,
+    h_ptr,
+    B,
+    K,
+    C,
+    eps,
+    COEFS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     rows_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rows_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     cols = tl.arange(0, BLOCK_C)
@@ -41,8 +56,9 @@ def _masked_cosine_tile_kernel(a_ptr, m2_ptr, p_ptr, inv_p_ptr, out_ptr, grad_pt
         qmask = in_b[:, None] & in_c[None, :]
         a = tl.load(a_ptr + rows_b[:, None].to(tl.int64) * C + c[None, :], mask=qmask, other=0.0)
         m2 = tl.load(m2_ptr + rows_b[:, None].to(tl.int64) * C + c[None, :], mask=qmask, other=0.0)
-        p = tl.load(p_ptr + rows_k[:, None].to(tl.int64) * C + c[None, :], mask=in_k[:, None] & in_c[None, :],
-                    other=0.0).to(acc_t)
+        p = tl.load(
+            p_ptr + rows_k[:, None].to(tl.int64) * C + c[None, :], mask=in_k[:, None] & in_c[None, :], other=0.0
+        ).to(acc_t)
         ph = p * inv_p[:, None]
         num = dot(ph, tl.trans(a), num, PRECISION, in_t)
         den_sq = dot(ph * ph, tl.trans(m2), den_sq, PRECISION, in_t)
@@ -60,10 +76,27 @@ def _masked_cosine_tile_kernel(a_ptr, m2_ptr, p_ptr, inv_p_ptr, out_ptr, grad_pt
 
 
 @triton.jit
-def _coef_grad_kernel(g_num_ptr, h_ptr, first_ptr, second_ptr, x_ptr, m_ptr, inv_x_ptr, p_ptr, inv_p_ptr,
-                      out1_ptr, out2_ptr, B, K, C,
-                      FOR_QUERY: tl.constexpr, PRECISION: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr):
+def _coef_grad_kernel(
+    g_num_ptr,
+    h_ptr,
+    first_ptr,
+    second_ptr,
+    x_ptr,
+    m_ptr,
+    inv_x_ptr,
+    p_ptr,
+    inv_p_ptr,
+    out1_ptr,
+    out2_ptr,
+    B,
+    K,
+    C,
+    FOR_QUERY: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """Streams the (B, K) coefficients against the other side's prepared rows (first, second), for a
     (rows x C) tile:
 
@@ -170,8 +203,9 @@ def _tiles(a, m2, protos, inv_p, out, grad, g_num, h, eps, coefs):
     precision = _operand_precision(protos.dtype)
     blocks = _tile_blocks(precision, a.element_size(), coefs)
     grid = (triton.cdiv(B, blocks["BLOCK_B"]), triton.cdiv(K, blocks["BLOCK_K"]))
-    _masked_cosine_tile_kernel[grid](a, m2, protos, inv_p, out, grad, g_num, h, B, K, C, eps, COEFS=coefs,
-                                     PRECISION=precision, **blocks)
+    _masked_cosine_tile_kernel[grid](
+        a, m2, protos, inv_p, out, grad, g_num, h, B, K, C, eps, COEFS=coefs, PRECISION=precision, **blocks
+    )
 
 
 @on_input_device
@@ -206,14 +240,49 @@ def masked_cosine_backward(grad, x, mask, protos, out, eps):
 
     def grid(rows):
         return (triton.cdiv(rows, blocks["BLOCK_R"]), triton.cdiv(C, blocks["BLOCK_C"]))
+
     ph, ph_sq = _prepared(protos, inv_p)
     grad_xh = torch.empty((B, C), dtype=acc, device=x.device)
     grad_m = torch.empty_like(grad_xh)
-    _coef_grad_kernel[grid(B)](g_num, h, ph, ph_sq, x, mask, inv_x, protos, inv_p, grad_xh, grad_m, B, K, C,
-                               FOR_QUERY=True, PRECISION=precision, **blocks)
+    _coef_grad_kernel[grid(B)](
+        g_num,
+        h,
+        ph,
+        ph_sq,
+        x,
+        mask,
+        inv_x,
+        protos,
+        inv_p,
+        grad_xh,
+        grad_m,
+        B,
+        K,
+        C,
+        FOR_QUERY=True,
+        PRECISION=precision,
+        **blocks,
+    )
     grad_ph = torch.empty((K, C), dtype=acc, device=x.device)
-    _coef_grad_kernel[grid(K)](g_num, h, a, m2, x, mask, inv_x, protos, inv_p, grad_ph, grad_ph, B, K, C,
-                               FOR_QUERY=False, PRECISION=precision, **blocks)
+    _coef_grad_kernel[grid(K)](
+        g_num,
+        h,
+        a,
+        m2,
+        x,
+        mask,
+        inv_x,
+        protos,
+        inv_p,
+        grad_ph,
+        grad_ph,
+        B,
+        K,
+        C,
+        FOR_QUERY=False,
+        PRECISION=precision,
+        **blocks,
+    )
     grad_x = _normalize_backward(grad_xh, x, inv_x, eps)
     grad_p = _normalize_backward(grad_ph, protos, inv_p, eps)
     return grad_x.to(x.dtype), grad_m.to(mask.dtype), grad_p.to(protos.dtype)

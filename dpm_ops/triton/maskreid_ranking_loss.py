@@ -25,9 +25,20 @@ def _log1p(t):
 
 
 @triton.jit
-def _ranking_row_kernel(sim_ptr, labels_ptr, row_loss_ptr, anchor_ptr, coef_ptr, n, alpha, lam,
-                        VIOLATING_ONLY: tl.constexpr, POS_MODE: tl.constexpr,
-                        BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
+def _ranking_row_kernel(
+    sim_ptr,
+    labels_ptr,
+    row_loss_ptr,
+    anchor_ptr,
+    coef_ptr,
+    n,
+    alpha,
+    lam,
+    VIOLATING_ONLY: tl.constexpr,
+    POS_MODE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
     k = tl.program_id(0)
     acc_t = row_loss_ptr.dtype.element_ty
     idx = tl.arange(0, BLOCK_B)
@@ -95,8 +106,9 @@ def _ranking_row_kernel(sim_ptr, labels_ptr, row_loss_ptr, anchor_ptr, coef_ptr,
 
 
 @on_input_device
-def ranking_loss_forward(embeddings: torch.Tensor, labels: torch.Tensor, alpha: float, lam: float, neg_mode: str,
-                         pos_mode: str):
+def ranking_loss_forward(
+    embeddings: torch.Tensor, labels: torch.Tensor, alpha: float, lam: float, neg_mode: str, pos_mode: str
+):
     """(loss, coef = G + Gᵀ) with G = dL/dS, as the C++ op returns them."""
     n = embeddings.shape[0]
     acc = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
@@ -109,8 +121,19 @@ def ranking_loss_forward(embeddings: torch.Tensor, labels: torch.Tensor, alpha: 
     coef = torch.zeros((n, n), dtype=acc, device=device)
     if n > 0:
         block_b = max(16, triton.next_power_of_2(n))
-        _ranking_row_kernel[(n,)](sim, labels.to(torch.int64).contiguous(), row_loss, anchor, coef, n, alpha, lam,
-                                  VIOLATING_ONLY=neg_mode == "violating_only", POS_MODE=pos_mode,
-                                  BLOCK_B=block_b, BLOCK_P=max(1, min(block_b, 2048 // block_b)))
+        _ranking_row_kernel[(n,)](
+            sim,
+            labels.to(torch.int64).contiguous(),
+            row_loss,
+            anchor,
+            coef,
+            n,
+            alpha,
+            lam,
+            VIOLATING_ONLY=neg_mode == "violating_only",
+            POS_MODE=pos_mode,
+            BLOCK_B=block_b,
+            BLOCK_P=max(1, min(block_b, 2048 // block_b)),
+        )
     count = anchor.sum().clamp_min(1.0)
     return row_loss.sum() / count, (coef + coef.t()) / count

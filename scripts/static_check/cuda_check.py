@@ -24,8 +24,16 @@ from pathlib import Path
 
 sys.dont_write_bytecode = True
 
-from ptx_tools import (GEMM_OPS, SMEM_OPTIN_LIMIT, fma_counts, parse_ptxas_log, print_table,  # noqa: E402
-                       ptx_entries, short_name, uses_tensor_cores)
+from ptx_tools import (  # noqa: E402  (after the bytecode switch)
+    GEMM_OPS,
+    SMEM_OPTIN_LIMIT,
+    fma_counts,
+    parse_ptxas_log,
+    print_table,  # noqa: E402
+    ptx_entries,
+    short_name,
+    uses_tensor_cores,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -56,6 +64,7 @@ def build_config(repo: Path):
     sources = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sources)
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+
     flags = [f for f in sources.compile_flags(with_cuda=True)["nvcc"] if not f.startswith("-gencode")]
     return [Path(p) for p in sources.sources(repo, with_cuda=True) if p.endswith(".cu")], COMMON_NVCC_FLAGS + flags
 
@@ -63,8 +72,21 @@ def build_config(repo: Path):
 def compile_one(nvcc: str, source: Path, flags: list, arch: int, tmp: str):
     """nvcc -c with ptxas -v, keeping the PTX: (returncode, ptxas/nvcc log, PTX text)."""
     keep = tempfile.mkdtemp(dir=tmp)
-    cmd = [nvcc, *flags, "-std=c++17", f"-arch=sm_{arch}", "-Xptxas", "-v", "-c", str(source),
-           "-o", os.path.join(keep, "out.o"), "--keep", "--keep-dir", keep]
+    cmd = [
+        nvcc,
+        *flags,
+        "-std=c++17",
+        f"-arch=sm_{arch}",
+        "-Xptxas",
+        "-v",
+        "-c",
+        str(source),
+        "-o",
+        os.path.join(keep, "out.o"),
+        "--keep",
+        "--keep-dir",
+        keep,
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     ptx = Path(keep, source.stem + ".ptx")
     return result.returncode, result.stdout + result.stderr, ptx.read_text() if ptx.exists() else ""
@@ -97,28 +119,56 @@ def main(argv=None) -> int:
             usages[name] = (rel, usage, *fma_counts(body), uses_tensor_cores(body))
     names = demangle(sorted(usages))
     limit = SMEM_OPTIN_LIMIT[args.arch]
-    for mangled, (rel, usage, fmas, unchained, tensor_cores) in sorted(usages.items(), key=lambda kv: (str(kv[1][0]),
-                                                                                           names[kv[0]])):
+    for mangled, (rel, usage, fmas, unchained, tensor_cores) in sorted(
+        usages.items(), key=lambda kv: (str(kv[1][0]), names[kv[0]])
+    ):
         name = short_name(names[mangled])
         where = f"{name} ({rel})"
         if usage.spills and "double" not in name.partition("<")[2]:
-            failures.append(f"{where}: spills {usage.spill_stores} B stores / {usage.spill_loads} B loads "
-                            f"({usage.regs} registers)")
+            failures.append(
+                f"{where}: spills {usage.spill_stores} B stores / {usage.spill_loads} B loads ({usage.regs} registers)"
+            )
         if usage.smem > limit:
             failures.append(f"{where}: {usage.smem} B static shared memory > the opt-in limit {limit} B")
         if rel.parts[1] in GEMM_OPS and unchained >= SIMT_GEMM_MIN_FMAS and not tensor_cores:
-            failures.append(f"{where}: a SIMT GEMM loop ({unchained} unchained FMAs >= {SIMT_GEMM_MIN_FMAS}, "
-                            "no tensor-core instruction): move the GEMM to cuBLAS or tensor cores")
-        kernels.append(dict(file=str(rel), kernel=name, mangled=mangled, regs=usage.regs,
-                            spill_stores=usage.spill_stores, spill_loads=usage.spill_loads, stack=usage.stack,
-                            smem=usage.smem, fmas=fmas, unchained_fmas=unchained,
-                            tensor_cores=tensor_cores))
-    print(f"== nvcc sm_{args.arch}: {len(sources)} files, {len(kernels)} kernel instantiations "
-          f"(flags: {' '.join(flags)})")
-    print_table([[k["file"].split("/")[1], k["kernel"], k["regs"], f"{k['spill_stores']}/{k['spill_loads']}",
-                  k["stack"], k["smem"], f"{k['fmas']}/{k['unchained_fmas']}", "yes" if k["tensor_cores"] else "no"]
-                 for k in kernels],
-                ["op", "kernel", "regs", "spill st/ld", "stack", "smem", "FMAs/unchained", "tensor cores"])
+            failures.append(
+                f"{where}: a SIMT GEMM loop ({unchained} unchained FMAs >= {SIMT_GEMM_MIN_FMAS}, "
+                "no tensor-core instruction): move the GEMM to cuBLAS or tensor cores"
+            )
+        kernels.append(
+            dict(
+                file=str(rel),
+                kernel=name,
+                mangled=mangled,
+                regs=usage.regs,
+                spill_stores=usage.spill_stores,
+                spill_loads=usage.spill_loads,
+                stack=usage.stack,
+                smem=usage.smem,
+                fmas=fmas,
+                unchained_fmas=unchained,
+                tensor_cores=tensor_cores,
+            )
+        )
+    print(
+        f"== nvcc sm_{args.arch}: {len(sources)} files, {len(kernels)} kernel instantiations (flags: {' '.join(flags)})"
+    )
+    print_table(
+        [
+            [
+                k["file"].split("/")[1],
+                k["kernel"],
+                k["regs"],
+                f"{k['spill_stores']}/{k['spill_loads']}",
+                k["stack"],
+                k["smem"],
+                f"{k['fmas']}/{k['unchained_fmas']}",
+                "yes" if k["tensor_cores"] else "no",
+            ]
+            for k in kernels
+        ],
+        ["op", "kernel", "regs", "spill st/ld", "stack", "smem", "FMAs/unchained", "tensor cores"],
+    )
     for failure in failures:
         print(f"FAIL: sm_{args.arch} {failure}")
     print(f"== nvcc sm_{args.arch}: {len(kernels)} kernels, {len(failures)} failures, {time.time() - start:.0f} s")

@@ -23,6 +23,7 @@ _ENTRY = re.compile(r"^\s*(?:\.visible\s+|\.weak\s+)*\.entry\s+([\w$]+)", re.M)
 @dataclass
 class Usage:
     """One kernel's resources as ptxas -v reports them (smem: static shared memory only)."""
+
     regs: int = 0
     spill_stores: int = 0
     spill_loads: int = 0
@@ -42,8 +43,13 @@ def parse_ptxas_log(log: str) -> dict:
             current = usage.setdefault(m.group(1), Usage())
         elif m := re.search(r"Function properties for (\S+)", line):
             current = usage.get(m.group(1))  # None for a non-entry .func: its lines are skipped
-        elif current is not None and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
-                                                     r"(\d+) bytes spill loads", line)):
+        elif current is not None and (
+            m := re.search(
+                r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                r"(\d+) bytes spill loads",
+                line,
+            )
+        ):
             current.stack, current.spill_stores, current.spill_loads = map(int, m.groups())
         elif current is not None and (m := re.search(r"Used (\d+) registers", line)):
             current.regs = int(m.group(1))
@@ -55,8 +61,10 @@ def parse_ptxas_log(log: str) -> dict:
 def ptx_entries(ptx: str) -> dict:
     """{entry name: its PTX text} (each entry runs to the next one; nvcc and Triton inline device functions)."""
     starts = list(_ENTRY.finditer(ptx))
-    return {m.group(1): ptx[m.start():(starts[i + 1].start() if i + 1 < len(starts) else len(ptx))]
-            for i, m in enumerate(starts)}
+    return {
+        m.group(1): ptx[m.start() : (starts[i + 1].start() if i + 1 < len(starts) else len(ptx))]
+        for i, m in enumerate(starts)
+    }
 
 
 def uses_tensor_cores(ptx: str) -> bool:

@@ -40,8 +40,14 @@ from pathlib import Path
 sys.dont_write_bytecode = True
 os.environ["PYTHONDONTWRITEBYTECODE"] = "1"  # the child processes too
 
-from ptx_tools import (GEMM_OPS, GRID_LIMITS, SMEM_OPTIN_LIMIT, parse_ptxas_log, print_table,  # noqa: E402
-                       uses_tensor_cores)
+from ptx_tools import (  # noqa: E402  (after the bytecode switch)
+    GEMM_OPS,
+    GRID_LIMITS,
+    SMEM_OPTIN_LIMIT,
+    parse_ptxas_log,
+    print_table,  # noqa: E402
+    uses_tensor_cores,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -54,8 +60,11 @@ TENSOR_CORE_ARCH = 90
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="90,80", help="compute capabilities, comma-separated (one process each)")
-    ap.add_argument("--only", default=None, help="run only the cases whose name contains this (skips the "
-                                                 "every-kernel-launched check)")
+    ap.add_argument(
+        "--only",
+        default=None,
+        help="run only the cases whose name contains this (skips the every-kernel-launched check)",
+    )
     ap.add_argument("--json", default=None, help="write the variants and failures here")
     ap.add_argument("--repo", default=str(REPO), help="the dpm_ops checkout to check")
     return ap.parse_args(argv)
@@ -67,6 +76,7 @@ def parse_args(argv=None):
 @dataclass
 class Variant:
     """One compiled specialisation and the cases that launched it."""
+
     kernel: str
     module: str
     arch: int
@@ -102,8 +112,10 @@ class Check:
 
     @property
     def failures(self) -> list:
-        return [f"{message} ({cases[0]}{f' and {len(cases) - 1} more' if len(cases) > 1 else ''})" if cases
-                else message for message, (_, cases) in self.failed.items()]
+        return [
+            f"{message} ({cases[0]}{f' and {len(cases) - 1} more' if len(cases) > 1 else ''})" if cases else message
+            for message, (_, cases) in self.failed.items()
+        ]
 
     def causes(self) -> dict:
         return dict(Counter(cause for cause, _ in self.failed.values()))
@@ -117,28 +129,35 @@ def import_triton_modules(repo: str) -> dict:
         package.__path__ = [os.path.join(repo, sub)]
         sys.modules[name] = package
     sys.path.insert(0, repo)
-    return {info.name: importlib.import_module(f"dpm_ops.triton.{info.name}")
-            for info in pkgutil.iter_modules([os.path.join(repo, "dpm_ops", "triton")])}
+    return {
+        info.name: importlib.import_module(f"dpm_ops.triton.{info.name}")
+        for info in pkgutil.iter_modules([os.path.join(repo, "dpm_ops", "triton")])
+    }
 
 
 def jit_functions(modules: dict) -> dict:
     """{JITFunction: short module name} of the @triton.jit functions each module defines."""
     from triton.runtime.jit import JITFunction
-    return {obj: short for short, mod in modules.items() for obj in vars(mod).values()
-            if isinstance(obj, JITFunction) and obj.fn.__module__ == mod.__name__}
+
+    return {
+        obj: short
+        for short, mod in modules.items()
+        for obj in vars(mod).values()
+        if isinstance(obj, JITFunction) and obj.fn.__module__ == mod.__name__
+    }
 
 
 def reached(kernel) -> set:
     """The kernel and the @triton.jit helpers it calls, transitively (names its code loads)."""
     from triton.runtime.jit import JITFunction
+
     seen, todo = set(), [kernel]
     while todo:
         fn = todo.pop()
         if fn in seen:
             continue
         seen.add(fn)
-        todo += [v for name in fn.fn.__code__.co_names
-                 if isinstance(v := fn.fn.__globals__.get(name), JITFunction)]
+        todo += [v for name in fn.fn.__code__.co_names if isinstance(v := fn.fn.__globals__.get(name), JITFunction)]
     return seen
 
 
@@ -156,6 +175,7 @@ def install_aot_launches(check: Check, owners: dict) -> None:
 
     class AheadOfTimeDriver:
         """Just enough of a GPU driver for JITFunction.run's warmup path: a target, no device."""
+
         target = GPUTarget("cuda", check.arch, 32)
 
         def get_current_target(self):
@@ -190,12 +210,12 @@ def install_aot_launches(check: Check, owners: dict) -> None:
             return None
         variant = check.variants.get(compiled.hash)
         if variant is None:
-            variant = check.variants[compiled.hash] = new_variant(check, self, owners[self], compiled,
-                                                                  log.getvalue(), time.time() - start)
+            variant = check.variants[compiled.hash] = new_variant(
+                check, self, owners[self], compiled, log.getvalue(), time.time() - start
+            )
         variant.cases.append(check.case.name)
         variant.dtypes.add(check.case.dtype)
-        if (check.arch == TENSOR_CORE_ARCH and owners[self] in GEMM_OPS and check.case.low_precision
-                and calls_dot(self)):
+        if check.arch == TENSOR_CORE_ARCH and owners[self] in GEMM_OPS and check.case.low_precision and calls_dot(self):
             variant.needs_tensor_cores.append(check.case.name)
         return compiled
 
@@ -238,19 +258,39 @@ def new_variant(check: Check, fn, module: str, compiled, log: str, seconds: floa
         raise RuntimeError(f"no ptxas -v log for {md.name}: Triton's cache answered (TRITON_CACHE_DIR reused?)")
     src = compiled.src
     types_ = list(src.signature.values())
-    constexprs = " ".join(f"{fn.arg_names[path[0]]}={value}" for path, value in sorted(src.constants.items())
-                          if len(path) == 1 and fn.params[path[0]].is_constexpr)
+    constexprs = " ".join(
+        f"{fn.arg_names[path[0]]}={value}"
+        for path, value in sorted(src.constants.items())
+        if len(path) == 1 and fn.params[path[0]].is_constexpr
+    )
     # What else tells same-dtype variants apart: integer arguments equal to 1 (folded into constants)
     # or divisible by 16 (pointers are 16-byte aligned in every launch, so not shown).
-    folded = [f"{fn.arg_names[path[0]]}={value}" for path, value in sorted(src.constants.items())
-              if len(path) == 1 and not fn.params[path[0]].is_constexpr]
-    aligned = [f"{fn.arg_names[path[0]]}%16" for path, attr in sorted(src.attrs.items())
-               if len(path) == 1 and attr and not types_[path[0]].startswith("*")]
-    return Variant(kernel=md.name, module=module, arch=check.arch, signature=",".join(types_),
-                   constexprs=constexprs, specialisation=" ".join(folded + aligned) or "-",
-                   regs=usage.regs, spill_stores=usage.spill_stores, spill_loads=usage.spill_loads, smem=md.shared,
-                   warps=md.num_warps, stages=md.num_stages,
-                   tensor_cores=uses_tensor_cores(compiled.asm["ptx"]), compile_s=round(seconds, 2))
+    folded = [
+        f"{fn.arg_names[path[0]]}={value}"
+        for path, value in sorted(src.constants.items())
+        if len(path) == 1 and not fn.params[path[0]].is_constexpr
+    ]
+    aligned = [
+        f"{fn.arg_names[path[0]]}%16"
+        for path, attr in sorted(src.attrs.items())
+        if len(path) == 1 and attr and not types_[path[0]].startswith("*")
+    ]
+    return Variant(
+        kernel=md.name,
+        module=module,
+        arch=check.arch,
+        signature=",".join(types_),
+        constexprs=constexprs,
+        specialisation=" ".join(folded + aligned) or "-",
+        regs=usage.regs,
+        spill_stores=usage.spill_stores,
+        spill_loads=usage.spill_loads,
+        smem=md.shared,
+        warps=md.num_warps,
+        stages=md.num_stages,
+        tensor_cores=uses_tensor_cores(compiled.asm["ptx"]),
+        compile_s=round(seconds, 2),
+    )
 
 
 # ---- cases: the launchers at the shapes the library runs ------------------------------------------------
@@ -272,14 +312,18 @@ class Case:
 # Workloads (README's datasets): DPM trains Occluded-Duke's 702 identities with batches of 64 and
 # 768-d ViT-B features; test gallery/query sizes; knn's k of re-ranking (k1 21, 50, 100) and the cap.
 DPM_TRAIN = dict(B=64, K=702, C=768)
-MASKED_COSINE_SHAPES = {"dpm train B64 K702 C768": (64, 702, 768),
-                        "occluded-duke test Q2210 G17661": (2210, 17661, 768),
-                        "msmt17 test Q11659 G82161": (11659, 82161, 768)}
+MASKED_COSINE_SHAPES = {
+    "dpm train B64 K702 C768": (64, 702, 768),
+    "occluded-duke test Q2210 G17661": (2210, 17661, 768),
+    "msmt17 test Q11659 G82161": (11659, 82161, 768),
+}
 MARKET = (3368, 15913, 768)
 MSMT17 = (11659, 82161, 768)
 KNN_KS = (21, 50, 100, 256)
-POOL_SHAPES = {"dpm global max pool (64,768,5,2)": [(64, 768, 5, 2)],  # the mask generator's last grid
-               "maskreid 3 levels 36x14/18x7/9x4": [(64, 384, 36, 14), (64, 768, 18, 7), (64, 1536, 9, 4)]}
+POOL_SHAPES = {
+    "dpm global max pool (64,768,5,2)": [(64, 768, 5, 2)],  # the mask generator's last grid
+    "maskreid 3 levels 36x14/18x7/9x4": [(64, 384, 36, 14), (64, 768, 18, 7), (64, 1536, 9, 4)],
+}
 MASKREID_MASK = (64, 1, 144, 56)  # the input size of MaskReID (144x56 foreground masks)
 HEM_SHAPE = (64, 12, 210)  # (B, ViT-B heads, 21x10 patches)
 RANKING_BATCH = (64, 256)  # MaskReID fine-tuning: 10 positives + 54 singles, 256-d embeddings
@@ -293,6 +337,7 @@ MASKED_COSINE_FLOATS = FLOATS + ("fp16",)  # its fp16 backward takes its own (TF
 
 def cases(mods: dict) -> list:
     import torch
+
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
     out = []
 
@@ -309,61 +354,120 @@ def cases(mods: dict) -> list:
 
     mc = mods["masked_cosine"]
     for label, (B, K, C) in MASKED_COSINE_SHAPES.items():
-        add("masked_cosine", f"fwd {label}", MASKED_COSINE_FLOATS,
-            lambda d, B=B, K=K, C=C: lambda: mc.masked_cosine_forward(t(B, C, dtype=d), t(B, C, dtype=d),
-                                                                      t(K, C, dtype=d), 1e-12))
+        add(
+            "masked_cosine",
+            f"fwd {label}",
+            MASKED_COSINE_FLOATS,
+            lambda d, B=B, K=K, C=C: (
+                lambda: mc.masked_cosine_forward(t(B, C, dtype=d), t(B, C, dtype=d), t(K, C, dtype=d), 1e-12)
+            ),
+        )
     B, K, C = DPM_TRAIN.values()
-    add("masked_cosine", "bwd dpm train B64 K702 C768", MASKED_COSINE_FLOATS,
-        lambda d: lambda: mc.masked_cosine_backward(t(B, K, dtype=d), t(B, C, dtype=d), t(B, C, dtype=d),
-                                                    t(K, C, dtype=d), t(B, K, dtype=d), 1e-12))
+    add(
+        "masked_cosine",
+        "bwd dpm train B64 K702 C768",
+        MASKED_COSINE_FLOATS,
+        lambda d: (
+            lambda: mc.masked_cosine_backward(
+                t(B, K, dtype=d), t(B, C, dtype=d), t(B, C, dtype=d), t(K, C, dtype=d), t(B, K, dtype=d), 1e-12
+            )
+        ),
+    )
 
     knn = mods["knn"]
-    for label, (M, N, D), ks, metrics in (("market M3368 N15913 D768", MARKET, KNN_KS, ("euclidean",)),
-                                         ("market M3368 N15913 D768", MARKET, KNN_KS[:1], ("sqeuclidean", "cosine")),
-                                         ("msmt17 M11659 N82161 D768", MSMT17, KNN_KS[:1], ("euclidean",))):
+    for label, (M, N, D), ks, metrics in (
+        ("market M3368 N15913 D768", MARKET, KNN_KS, ("euclidean",)),
+        ("market M3368 N15913 D768", MARKET, KNN_KS[:1], ("sqeuclidean", "cosine")),
+        ("msmt17 M11659 N82161 D768", MSMT17, KNN_KS[:1], ("euclidean",)),
+    ):
         for k in ks:
             for metric in metrics:
-                add("knn", f"{metric} {label} k{k}", FP32_FP64,
-                    lambda d, M=M, N=N, D=D, k=k, metric=metric: lambda: knn.knn_forward(
-                        t(M, D, dtype=d), t(N, D, dtype=d), k, metric))
+                add(
+                    "knn",
+                    f"{metric} {label} k{k}",
+                    FP32_FP64,
+                    lambda d, M=M, N=N, D=D, k=k, metric=metric: (
+                        lambda: knn.knn_forward(t(M, D, dtype=d), t(N, D, dtype=d), k, metric)
+                    ),
+                )
 
     arc = mods["masked_arcface"]
-    for label, easy, plain_weight in (("dpm train B64 K702 C768", False, 0.5),
-                                      ("dpm train easy_margin no plain branch", True, 0.0)):
-        add("masked_arcface", f"fwd+grads {label}", FP32_FP64,
-            lambda d, easy=easy, plain_weight=plain_weight: lambda: arc.loss_and_grads(
-                t(B, C, dtype=d), t(B, C, dtype=d), t(K, C, dtype=d), t(B, dtype=torch.int64), 30.0, 0.5, easy,
-                1e-7, plain_weight, 1.0 - plain_weight, True))
+    for label, easy, plain_weight in (
+        ("dpm train B64 K702 C768", False, 0.5),
+        ("dpm train easy_margin no plain branch", True, 0.0),
+    ):
+        add(
+            "masked_arcface",
+            f"fwd+grads {label}",
+            FP32_FP64,
+            lambda d, easy=easy, plain_weight=plain_weight: (
+                lambda: arc.loss_and_grads(
+                    t(B, C, dtype=d),
+                    t(B, C, dtype=d),
+                    t(K, C, dtype=d),
+                    t(B, dtype=torch.int64),
+                    30.0,
+                    0.5,
+                    easy,
+                    1e-7,
+                    plain_weight,
+                    1.0 - plain_weight,
+                    True,
+                )
+            ),
+        )
 
     pool = mods["hierarchical_mask_pool"]
     for label, levels in POOL_SHAPES.items():
         for mode in ("max", "avg"):
             for with_mask in (False, True):
+
                 def make(d, levels=levels, mode=mode, with_mask=with_mask):
                     def run():
                         feats = [t(*shape, dtype=d) for shape in levels]
                         mask = t(*MASKREID_MASK, dtype=d) if with_mask else None
                         out = pool.hierarchical_mask_pool_forward(feats, mask, mode)
                         pool.hierarchical_mask_pool_backward(out, feats, mask, out, mode)
+
                     return run
+
                 add("hierarchical_mask_pool", f"fwd+bwd {label} {mode} mask={with_mask}", FLOATS, make)
 
     triplet = mods["batch_hard_triplet"]
-    add("batch_hard_triplet", "loss+grad B64 C768", FP32_FP64,
-        lambda d: lambda: triplet.loss_and_grad(t(B, C, dtype=d), t(B, dtype=torch.int64), True))
+    add(
+        "batch_hard_triplet",
+        "loss+grad B64 C768",
+        FP32_FP64,
+        lambda d: lambda: triplet.loss_and_grad(t(B, C, dtype=d), t(B, dtype=torch.int64), True),
+    )
 
     hem = mods["hem_loss"]
-    add("hem_loss", "fwd+bwd B64 H12 N210", FLOATS,
-        lambda d: lambda: (hem.hem_loss_forward(t(*HEM_SHAPE, dtype=d), 1e-6, "sum"),
-                           hem.hem_loss_backward(t(dtype=d), t(*HEM_SHAPE, dtype=d), 1e-6, "sum")))
+    add(
+        "hem_loss",
+        "fwd+bwd B64 H12 N210",
+        FLOATS,
+        lambda d: (
+            lambda: (
+                hem.hem_loss_forward(t(*HEM_SHAPE, dtype=d), 1e-6, "sum"),
+                hem.hem_loss_backward(t(dtype=d), t(*HEM_SHAPE, dtype=d), 1e-6, "sum"),
+            )
+        ),
+    )
 
     ranking = mods["maskreid_ranking_loss"]
     n, dim = RANKING_BATCH
     for pos_mode in ("hardest", "all_eq5", "eq4"):
         for neg_mode in ("literal",) if pos_mode == "eq4" else ("literal", "violating_only"):  # eq4: no hinge
-            add("maskreid_ranking_loss", f"n{n} D{dim} {pos_mode} {neg_mode}", FLOATS,
-                lambda d, pos_mode=pos_mode, neg_mode=neg_mode: lambda: ranking.ranking_loss_forward(
-                    t(n, dim, dtype=d), t(n, dtype=torch.int64), 0.15, 2.0, neg_mode, pos_mode))
+            add(
+                "maskreid_ranking_loss",
+                f"n{n} D{dim} {pos_mode} {neg_mode}",
+                FLOATS,
+                lambda d, pos_mode=pos_mode, neg_mode=neg_mode: (
+                    lambda: ranking.ranking_loss_forward(
+                        t(n, dim, dtype=d), t(n, dtype=torch.int64), 0.15, 2.0, neg_mode, pos_mode
+                    )
+                ),
+            )
     return out
 
 
@@ -382,6 +486,7 @@ def check_arch(args, arch: int) -> int:
     start = time.time()
     import torch
     import triton
+
     modules = import_triton_modules(args.repo)
     owners = jit_functions(modules)
     check = Check(arch)
@@ -393,8 +498,7 @@ def check_arch(args, arch: int) -> int:
         try:
             case.run()
         except Exception as error:  # noqa: BLE001 (the launcher's own code failed, not a compile)
-            check.fail("launcher exception", f"launcher raised {type(error).__name__}: {str(error)[:300]}",
-                       [case.name])
+            check.fail("launcher exception", f"launcher raised {type(error).__name__}: {str(error)[:300]}", [case.name])
     torch.set_float32_matmul_precision("highest")
     if args.only is None:
         covered = set().union(*(reached(fn) for fn in check.launched)) if check.launched else set()
@@ -402,22 +506,50 @@ def check_arch(args, arch: int) -> int:
             check.fail("not launched", f"{owners[fn]}.{fn.fn.__name__}: no case launches it (add one to cases())")
     rows = judge_variants(check)
     seconds = time.time() - start
-    print(f"== sm_{arch}: triton {triton.__version__}, torch {torch.__version__}, {len(selected)} cases, "
-          f"{len(check.variants)} distinct variants")
-    print_table(rows, ["kernel", "dtype", "constexprs", "int args", "regs", "spill st/ld", "smem", "warps",
-                       "tensor cores", "launches", "compile s"])
+    print(
+        f"== sm_{arch}: triton {triton.__version__}, torch {torch.__version__}, {len(selected)} cases, "
+        f"{len(check.variants)} distinct variants"
+    )
+    print_table(
+        rows,
+        [
+            "kernel",
+            "dtype",
+            "constexprs",
+            "int args",
+            "regs",
+            "spill st/ld",
+            "smem",
+            "warps",
+            "tensor cores",
+            "launches",
+            "compile s",
+        ],
+    )
     for note in check.notes:
         print(f"note: {note}")
     for failure in check.failures:
         print(f"FAIL: {failure}")
     causes = ", ".join(f"{cause} {n}" for cause, n in check.causes().items())
-    print(f"== sm_{arch}: {len(check.variants)} variants, {len(check.failures)} failures"
-          f"{f' ({causes})' if causes else ''}, {seconds:.0f} s")
+    print(
+        f"== sm_{arch}: {len(check.variants)} variants, {len(check.failures)} failures"
+        f"{f' ({causes})' if causes else ''}, {seconds:.0f} s"
+    )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"arch": arch, "triton": triton.__version__, "seconds": round(seconds, 1),
-                       "variants": [dict(vars(v), dtypes=sorted(v.dtypes)) for v in check.variants.values()],
-                       "failures": check.failures, "causes": check.causes(), "notes": check.notes}, f, indent=1)
+            json.dump(
+                {
+                    "arch": arch,
+                    "triton": triton.__version__,
+                    "seconds": round(seconds, 1),
+                    "variants": [dict(vars(v), dtypes=sorted(v.dtypes)) for v in check.variants.values()],
+                    "failures": check.failures,
+                    "causes": check.causes(),
+                    "notes": check.notes,
+                },
+                f,
+                indent=1,
+            )
     return 1 if check.failures else 0
 
 
@@ -437,10 +569,26 @@ def judge_variants(check: Check) -> list:
             else:
                 check.fail("spills", message, v.cases)
         if v.needs_tensor_cores and not v.tensor_cores:
-            check.fail("tensor cores", f"{where}: no tensor-core instruction (mma/wgmma) in TF32/bf16 mode",
-                       v.needs_tensor_cores)
-        rows.append([v.kernel, dtype, v.constexprs, v.specialisation, v.regs, f"{v.spill_stores}/{v.spill_loads}",
-                     v.smem, v.warps, "yes" if v.tensor_cores else "no", len(v.cases), v.compile_s])
+            check.fail(
+                "tensor cores",
+                f"{where}: no tensor-core instruction (mma/wgmma) in TF32/bf16 mode",
+                v.needs_tensor_cores,
+            )
+        rows.append(
+            [
+                v.kernel,
+                dtype,
+                v.constexprs,
+                v.specialisation,
+                v.regs,
+                f"{v.spill_stores}/{v.spill_loads}",
+                v.smem,
+                v.warps,
+                "yes" if v.tensor_cores else "no",
+                len(v.cases),
+                v.compile_s,
+            ]
+        )
     return rows
 
 
@@ -459,8 +607,16 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         children = []
         for arch in archs:
-            cmd = [sys.executable, __file__, "--arch", str(arch), "--repo", args.repo,
-                   "--json", os.path.join(tmp, f"{arch}.json")] + (["--only", args.only] if args.only else [])
+            cmd = [
+                sys.executable,
+                __file__,
+                "--arch",
+                str(arch),
+                "--repo",
+                args.repo,
+                "--json",
+                os.path.join(tmp, f"{arch}.json"),
+            ] + (["--only", args.only] if args.only else [])
             children.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         codes = []
         for child in children:  # each child's output in one piece, in --arch order

@@ -15,7 +15,7 @@ from .writing import generate_synthetic_dataset
 
 
 def _int_range(text: str) -> tuple[int, int]:
-    """"N" or "LOW,HIGH"; the values are SynthConfig's to check."""
+    """ "N" or "LOW,HIGH"; the values are SynthConfig's to check."""
     low, _, high = text.partition(",")
     try:
         return int(low), int(high or low)
@@ -37,8 +37,9 @@ def _add_option(parser: argparse.ArgumentParser, field: dataclasses.Field, field
     flag, help_text = _flag(field.name), field.metadata["help"] + " (default %(default)s)"
     if field_type == tuple[int, int]:
         # a string default goes through the type like a typed value, and reads as typed in -h
-        parser.add_argument(flag, type=_int_range, default="{},{}".format(*field.default), metavar="LOW,HIGH",
-                            help=help_text)
+        parser.add_argument(
+            flag, type=_int_range, default="{},{}".format(*field.default), metavar="LOW,HIGH", help=help_text
+        )
     elif field_type in (int, float):
         parser.add_argument(flag, type=field_type, default=field.default, help=help_text)
     else:

@@ -8,6 +8,7 @@ from typing import Optional
 
 import numpy as np
 
+
 class SynthOptionError(ValueError):
     """A :class:`SynthConfig` field is out of range; ``option`` names the field."""
 
@@ -21,8 +22,11 @@ def _is_int(value) -> bool:
 
 
 def _is_real(value) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+    return (
+        isinstance(value, (int, float, np.integer, np.floating))
+        and not isinstance(value, bool)
         and math.isfinite(value)
+    )
 
 
 def _check_int(name: str, value, low: int, high: Optional[int], why: str = "") -> None:
@@ -32,8 +36,13 @@ def _check_int(name: str, value, low: int, high: Optional[int], why: str = "") -
 
 
 def _check_int_range(name: str, value, low: int, high: Optional[int]) -> None:
-    if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(map(_is_int, value))
-            and low <= value[0] <= value[1] and (high is None or value[1] <= high)):
+    if not (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(map(_is_int, value))
+        and low <= value[0] <= value[1]
+        and (high is None or value[1] <= high)
+    ):
         bound = f" <= {high}" if high is not None else ""
         raise SynthOptionError(name, f"must be integers LOW,HIGH with {low} <= LOW <= HIGH{bound}, got {value!r}")
 
@@ -96,8 +105,12 @@ class SynthConfig:
         for name in ("query_occlusion", "gallery_occlusion", "train_occlusion"):
             _check_float(name, getattr(self, name), "a probability in [0, 1]", lambda v: 0 <= v <= 1)
         hidden = self.hidden_range
-        if not (isinstance(hidden, (tuple, list)) and len(hidden) == 2 and all(_is_real(v) for v in hidden)
-                and 0.0 < hidden[0] < hidden[1] < 1.0):
+        if not (
+            isinstance(hidden, (tuple, list))
+            and len(hidden) == 2
+            and all(_is_real(v) for v in hidden)
+            and 0.0 < hidden[0] < hidden[1] < 1.0
+        ):
             raise SynthOptionError("hidden_range", f"must satisfy 0 < low < high < 1, got {hidden!r}")
 
     def to_json(self) -> dict:

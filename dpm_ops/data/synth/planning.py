@@ -58,8 +58,9 @@ def plan_images(config: SynthConfig) -> tuple[list[Job], list[int]]:
             add_identity_image("query", identity, camera, 0, config.query_occlusion)
         for camera in cams:
             for _ in range(int(rng.integers(config.gallery_per_camera[0], config.gallery_per_camera[1] + 1))):
-                add_identity_image("bounding_box_test", identity, camera, int(rng.integers(1, 6)),
-                                   config.gallery_occlusion)
+                add_identity_image(
+                    "bounding_box_test", identity, camera, int(rng.integers(1, 6)), config.gallery_occlusion
+                )
     identity_gallery = sum(job.folder == "bounding_box_test" for job in jobs)
     for pid, share in ((0, config.distractors), (-1, config.junk)):
         for _ in range(int(round(share * identity_gallery))):
@@ -71,7 +72,6 @@ def plan_images(config: SynthConfig) -> tuple[list[Job], list[int]]:
                 Job("bounding_box_test", name, -1, camera, bool(rng.random() < config.gallery_occlusion), pid < 0)
             )
     return jobs, pids
-
 
 
 def split_counts(jobs: list[Job], pids: list[int]) -> dict:

@@ -143,7 +143,6 @@ def generate_synthetic_dataset(
     return out
 
 
-
 def ensure_synthetic_dataset(
     out: str | os.PathLike, config: SynthConfig = SynthConfig(), *, progress: bool = True
 ) -> Path:

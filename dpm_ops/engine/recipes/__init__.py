@@ -11,8 +11,9 @@ from .dpm import DPMRecipe
 from .maskreid import MaskReIDRecipe, MaskReIDResNet50Recipe
 from .vit_baseline import ViTBaselineRecipe
 
-RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in (
-    DPMRecipe(), ViTBaselineRecipe(), MaskReIDRecipe(), MaskReIDResNet50Recipe())}
+RECIPES: dict[str, Recipe] = {
+    recipe.name: recipe for recipe in (DPMRecipe(), ViTBaselineRecipe(), MaskReIDRecipe(), MaskReIDResNet50Recipe())
+}
 
 
 def model_names() -> tuple:
@@ -27,5 +28,15 @@ def get_recipe(model_name: str) -> Recipe:
     return recipe
 
 
-__all__ = ["RECIPES", "Recipe", "Stage", "StepContext", "get_recipe", "loss_record", "make_optimizer",
-           "model_names", "param_group_options", "scheduled_stage"]
+__all__ = [
+    "RECIPES",
+    "Recipe",
+    "Stage",
+    "StepContext",
+    "get_recipe",
+    "loss_record",
+    "make_optimizer",
+    "model_names",
+    "param_group_options",
+    "scheduled_stage",
+]

@@ -71,20 +71,38 @@ def make_optimizer(config: dict, groups: list) -> torch.optim.Optimizer:
 
 def param_group_options(config: dict) -> dict:
     solver = config["solver"]
-    return dict(weight_decay=solver["weight_decay"], bias_lr_factor=solver["bias_lr_factor"],
-                weight_decay_bias=solver["weight_decay_bias"])
+    return dict(
+        weight_decay=solver["weight_decay"],
+        bias_lr_factor=solver["bias_lr_factor"],
+        weight_decay_bias=solver["weight_decay_bias"],
+    )
 
 
-def scheduled_stage(config: dict, name: str, optimizers: dict, sampler_kind: str, iters_per_epoch: dict,
-                    step: TrainStep, *, section: str = "solver") -> Stage:
+def scheduled_stage(
+    config: dict,
+    name: str,
+    optimizers: dict,
+    sampler_kind: str,
+    iters_per_epoch: dict,
+    step: TrainStep,
+    *,
+    section: str = "solver",
+) -> Stage:
     """A stage whose "main" optimizer follows ``section``'s schedule (solver or pretrain) over its
     epochs; the warmup and shape parameters always come from ``solver``."""
     solver, own = config["solver"], config[section]
     kind, epochs = own["schedule"], own["epochs"]
     total = epochs * iters_per_epoch[sampler_kind] if kind == "poly" else epochs
-    schedule = LRSchedule(optimizers["main"], kind, total, base_lr=own["base_lr"], warmup=solver["warmup_epochs"],
-                          warmup_factor=solver["warmup_factor"], min_lr_factor=solver["min_lr_factor"],
-                          power=solver["poly_power"])
+    schedule = LRSchedule(
+        optimizers["main"],
+        kind,
+        total,
+        base_lr=own["base_lr"],
+        warmup=solver["warmup_epochs"],
+        warmup_factor=solver["warmup_factor"],
+        min_lr_factor=solver["min_lr_factor"],
+        power=solver["poly_power"],
+    )
     return Stage(name, epochs, sampler_kind, optimizers, {"main": schedule}, kind == "poly", step)
 
 
@@ -107,8 +125,11 @@ class Recipe:
     def option_defaults(self) -> dict:
         """The model options the config accepts, with their defaults."""
         parameters = inspect.signature(self.model_class.__init__).parameters
-        return {k: p.default for k, p in parameters.items()
-                if k not in ("self", "num_classes", "num_cameras") and p.kind is not p.VAR_KEYWORD}
+        return {
+            k: p.default
+            for k, p in parameters.items()
+            if k not in ("self", "num_classes", "num_cameras") and p.kind is not p.VAR_KEYWORD
+        }
 
     def build(self, num_classes: int, num_cameras: int, **options) -> nn.Module:
         return self.model_class(num_classes, num_cameras, **options)
@@ -126,8 +147,15 @@ class Recipe:
 
     def train_transform(self, config: dict):
         inp = config["input"]
-        return build_transforms("dpm", train=True, size=tuple(inp["size"]), padding=inp["padding"], flip=inp["flip"],
-                                erasing=inp["erasing"], color_jitter=inp["color_jitter"])
+        return build_transforms(
+            "dpm",
+            train=True,
+            size=tuple(inp["size"]),
+            padding=inp["padding"],
+            flip=inp["flip"],
+            erasing=inp["erasing"],
+            color_jitter=inp["color_jitter"],
+        )
 
     def build_stages(self, model: nn.Module, config: dict, iters_per_epoch: dict) -> list[Stage]:
         raise NotImplementedError

@@ -33,8 +33,9 @@ class DPMRecipe(Recipe):
         mask_lr = solver["mask_lr"] if solver["mask_lr"] is not None else solver["base_lr"]
         mask = make_optimizer(config, model.optimizer_param_groups(base_lr=mask_lr, **common).mask_generator)
         loss = config["loss"]
-        criterion = DPMLoss(loss["hem_weight"], loss["id_weight"], loss["triplet_weight"], loss["plain_weight"],
-                            loss["masked_weight"])
+        criterion = DPMLoss(
+            loss["hem_weight"], loss["id_weight"], loss["triplet_weight"], loss["plain_weight"], loss["masked_weight"]
+        )
         two_pass = solver["two_pass"]
 
         def step(ctx: StepContext, batch: dict) -> dict:

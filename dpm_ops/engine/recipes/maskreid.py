@@ -44,8 +44,14 @@ class MaskReIDRecipe(Recipe):
 
     def train_transform(self, config: dict):
         inp = config["input"]
-        return build_transforms("maskreid", train=True, resize=tuple(inp["resize"]), crop=tuple(inp["size"]),
-                                flip=inp["flip"], erasing=inp["erasing"])
+        return build_transforms(
+            "maskreid",
+            train=True,
+            resize=tuple(inp["resize"]),
+            crop=tuple(inp["size"]),
+            flip=inp["flip"],
+            erasing=inp["erasing"],
+        )
 
     def build_stages(self, model, config: dict, iters_per_epoch: dict) -> list:
         common, stages = param_group_options(config), []
@@ -61,14 +67,24 @@ class MaskReIDRecipe(Recipe):
                 ctx.backward_step(loss, optimizer)
                 return loss_record(loss, {"softmax": loss})
 
-            stages.append(scheduled_stage(config, "pretrain", {"main": optimizer}, pre["sampler"], iters_per_epoch,
-                                          softmax_step, section="pretrain"))
+            stages.append(
+                scheduled_stage(
+                    config,
+                    "pretrain",
+                    {"main": optimizer},
+                    pre["sampler"],
+                    iters_per_epoch,
+                    softmax_step,
+                    section="pretrain",
+                )
+            )
         # the softmax head is not trained by the ranking loss
         params = [(n, p) for n, p in model.named_parameters() if ".classifier." not in f".{n}"]
         ranking_optimizer = make_optimizer(config, sgd_param_groups(params, config["solver"]["base_lr"], **common))
         loss = config["loss"]
-        ranking = MaskReIDRankingLoss(loss["ranking_alpha"], loss["ranking_lambda"], loss["ranking_neg_mode"],
-                                      loss["ranking_pos_mode"])
+        ranking = MaskReIDRankingLoss(
+            loss["ranking_alpha"], loss["ranking_lambda"], loss["ranking_neg_mode"], loss["ranking_pos_mode"]
+        )
 
         def ranking_step(ctx: StepContext, batch: dict) -> dict:
             images, masked, pids = ctx.to_device(batch, "image", "masked", "pid")
@@ -78,14 +94,18 @@ class MaskReIDRecipe(Recipe):
             ctx.backward_step(loss, ranking_optimizer)
             return loss_record(loss, {"ranking": loss})
 
-        stages.append(scheduled_stage(config, "ranking", {"main": ranking_optimizer}, config["sampler"]["kind"],
-                                      iters_per_epoch, ranking_step))
+        stages.append(
+            scheduled_stage(
+                config, "ranking", {"main": ranking_optimizer}, config["sampler"]["kind"], iters_per_epoch, ranking_step
+            )
+        )
         return stages
 
     def test_transform(self, image_size):
         crop = self.test_input_size(image_size)
-        return build_transforms("maskreid", train=False, resize=(crop[0] + TEST_MARGIN[0], crop[1] + TEST_MARGIN[1]),
-                                crop=crop)
+        return build_transforms(
+            "maskreid", train=False, resize=(crop[0] + TEST_MARGIN[0], crop[1] + TEST_MARGIN[1]), crop=crop
+        )
 
     def test_forward(self, model, batch: dict, device):
         images, masked = (batch[key].to(device, non_blocking=True) for key in ("image", "masked"))

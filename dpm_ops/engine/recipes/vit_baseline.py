@@ -14,8 +14,9 @@ class ViTBaselineRecipe(Recipe):
     model_class = ViTBaseline
 
     def build_stages(self, model, config: dict, iters_per_epoch: dict) -> list:
-        main = make_optimizer(config, model.optimizer_param_groups(base_lr=config["solver"]["base_lr"],
-                                                                   **param_group_options(config)))
+        main = make_optimizer(
+            config, model.optimizer_param_groups(base_lr=config["solver"]["base_lr"], **param_group_options(config))
+        )
         criterion = BaselineReIDLoss(config["loss"]["id_weight"], config["loss"]["triplet_weight"])
 
         def step(ctx: StepContext, batch: dict) -> dict:
