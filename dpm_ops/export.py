@@ -40,18 +40,18 @@ import torch
 
 from dpm_ops._backend import forced_backend
 from dpm_ops.data import ImageDataset, ImageRecord, build_dataloader, masked_image, mask_path_for
-from dpm_ops.data.datasets import _verify_readable
+from dpm_ops.data.assembly import _verify_readable
 from dpm_ops.data.parsing import MARKET_NAME
 from dpm_ops.data.errors import DatasetError, DatasetNotFoundError
 from dpm_ops.engine.checkpoint import atomic_write
-from dpm_ops.engine.evaluator import (
+from dpm_ops.engine.extraction import (
     FeatureSet,
     _check_image_size,
     _model_cameras,
     eval_transform,
     extract_features,
-    resolve_distance,
 )
+from dpm_ops.engine.scoring import resolve_distance
 from dpm_ops.engine.recipes import get_recipe
 
 # Opset 18 is the one torch's ONNX function library (torchlib) is written in, so the graph needs no
@@ -342,7 +342,7 @@ def extract_folder(
     progress: bool = True,
 ) -> FeatureSet:
     """Features of every image under ``folder`` (:func:`find_images`), with the model's test
-    transforms and the evaluator's extraction (:func:`dpm_ops.engine.evaluator.extract_features`):
+    transforms and the evaluator's extraction (:func:`dpm_ops.engine.extraction.extract_features`):
     L2-normalised features, DPM's channel masks, in the order of the relative paths.
 
     ``pids`` / ``camids`` come from Market-style names (``0001_c2s1_...``: pid 1, camera 1), -1 where a

@@ -381,7 +381,7 @@ def plot_mask_heatmaps(
     spatial or token-level mask in the model. The picture therefore shows, per query (columns):
 
     1. the query image;
-    2. with ``token_maps`` (``(B, H_p, W_p)``, e.g. from ``dpm_ops.engine.evaluator.dpm_token_maps``):
+    2. with ``token_maps`` (``(B, H_p, W_p)``, e.g. from ``dpm_ops.engine.pictures.dpm_token_maps``):
        the image overlaid with each patch token's energy share in the kept channels relative to
        a flat mask (1 = neutral; warm = the patch's features live in channels the mask keeps,
        cold = in channels it suppresses), an inspection aid that projects the channel mask back

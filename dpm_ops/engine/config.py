@@ -31,7 +31,8 @@ import yaml
 
 from ..evaluation import PROTOCOLS
 from ..ops.maskreid_ranking_loss_reference import RENAMED_POS_MODES
-from .evaluator import DISTANCES, MULTI_QUERY
+from .extraction import MULTI_QUERY
+from .scoring import DISTANCES
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
