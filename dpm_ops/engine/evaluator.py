@@ -116,9 +116,8 @@ def evaluate_model(
     occlusion), each with rank1, rank5, rank10, mAP, mINP (percent), num_query, num_valid and the
     CMC curve ``cmc`` (max_rank values, percent). With ``out_dir``: writes ``metrics.json`` (atomically;
     the metrics plus a ``settings`` entry) and, with ``pictures``, cmc.png, ranked_best.png,
-    ranked_worst.png and (DPM) masks.png.
-
-    Under torch.distributed every rank must call it; rank 0 returns the metrics, others None.
+    ranked_worst.png and (DPM) masks.png. Under torch.distributed every rank must call it; rank 0
+    returns the metrics, others None.
     """
     recipe = get_recipe(model_name)
     image_size = _check_image_size(image_size)
@@ -154,8 +153,8 @@ def evaluate_model(
         }
         write_json_atomic(os.path.join(out_dir, "metrics.json"), {**metrics, "settings": settings})
         if pictures:
-            write_pictures(out_dir, metrics, distmat, query, gallery, subsets, model=model, splits=splits,
-                           model_name=model_name, transform=transform, device=device)  # fmt: skip
+            context = dict(model=model, splits=splits, model_name=model_name, transform=transform, device=device)
+            write_pictures(out_dir, metrics, distmat, query, gallery, subsets, **context)
     return metrics
 
 
