@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from dpm_ops.data import build_transforms
+from dpm_ops.models import construct_model
 
 from ..schedules import LRSchedule
 
@@ -132,7 +133,7 @@ class Recipe:
         }
 
     def build(self, num_classes: int, num_cameras: int, **options) -> nn.Module:
-        return self.model_class(num_classes, num_cameras, **options)
+        return construct_model(self.model_class, num_classes, num_cameras, **options)
 
     def model_arguments(self, config: dict, splits) -> dict:
         """{"num_classes", "num_cameras", "options"} of the model trained on ``splits``, as the

@@ -31,9 +31,6 @@ class MaskReIDRecipe(Recipe):
     sampler_kinds = ("pk", "maskreid")
     has_pretrain_stage = True
 
-    def build(self, num_classes: int, num_cameras: int, **options):
-        return self.model_class(num_classes, **options)  # no camera input
-
     def model_arguments(self, config: dict, splits) -> dict:
         # the softmax head exists only for the pre-training stage
         num_classes = splits.num_train_pids if config["pretrain"]["epochs"] > 0 else 0
