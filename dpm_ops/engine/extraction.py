@@ -16,7 +16,7 @@ from tqdm import tqdm
 from dpm_ops.data import ImageDataset, build_dataloader
 
 from . import distributed
-from .recipes import get_recipe
+from .recipes import get_recipe, model_cameras
 
 MULTI_QUERY = ("off", "avg", "max")
 
@@ -56,12 +56,6 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _model_cameras(model: torch.nn.Module) -> int:
-    """Rows of the SIE camera embedding the camera ids index (0: the model takes no camera)."""
-    embedding = getattr(getattr(model, "backbone", None), "sie_embed", None)
-    return 0 if embedding is None else int(embedding.shape[0])
-
-
 def extract_features(
     model: torch.nn.Module,
     loader,
@@ -89,7 +83,7 @@ def extract_features(
             f"device is {device} but the model's parameters are on {param.device}; "
             f"move the model first or pass device={str(param.device)!r}"
         )
-    num_cameras = _model_cameras(model)
+    num_cameras = model_cameras(model)
     features, masks, pids, camids, paths = [], [], [], [], []
     was_training = model.training
     model.eval()

@@ -173,3 +173,43 @@ class Recipe:
     def test_forward(self, model: nn.Module, batch: dict, device: torch.device) -> tuple:
         """(features (B, D), channel masks (B, D) or None) of an evaluation batch, before L2 normalisation."""
         raise NotImplementedError
+
+    # -- export (dpm_ops.export): the eval forward as an ONNX graph
+
+    export_outputs: tuple = ("feature",)  # names of the eval forward's outputs, in order
+
+    def export_input_size(self, model: nn.Module, image_size: Optional[tuple]) -> tuple:
+        """(height, width) of the exported graph's images; ValueError for a size the model cannot take."""
+        return self.test_input_size(image_size)
+
+    def export_inputs(self, model: nn.Module, image_size: tuple, batch: int, generator: torch.Generator) -> dict:
+        """Named random example inputs (CPU) of the eval forward, in its argument order: ``images``
+        (B, 3, H, W) and, for a model with a camera embedding, 0-based ``camids`` (B,)."""
+        images = torch.randn(batch, 3, *image_size, generator=generator)
+        cameras = model_cameras(model)
+        if not cameras:
+            return {"images": images}
+        return {"images": images, "camids": torch.randint(0, cameras, (batch,), generator=generator)}
+
+
+class ViTRecipe(Recipe):
+    """The ViT models' test time: images and camera ids in; the position embedding fixes the input size."""
+
+    def test_forward(self, model: nn.Module, batch: dict, device: torch.device) -> tuple:
+        images, camids = (batch[key].to(device, non_blocking=True) for key in ("image", "camid"))
+        output = model(images, cam_label=camids)
+        return tuple(output) if self.test_masks else (output, None)
+
+    def export_input_size(self, model: nn.Module, image_size: Optional[tuple]) -> tuple:
+        own = tuple(model.backbone.patch_embed.img_size)
+        if image_size is not None and tuple(image_size) != own:
+            raise ValueError(
+                f"image_size {image_size} differs from the model's input size {own} (its position embedding fixes it)"
+            )
+        return own
+
+
+def model_cameras(model: nn.Module) -> int:
+    """Rows of the SIE camera embedding the camera ids index (0: the model takes no camera)."""
+    embedding = getattr(getattr(model, "backbone", None), "sie_embed", None)
+    return 0 if embedding is None else int(embedding.shape[0])

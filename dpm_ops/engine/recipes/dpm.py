@@ -12,15 +12,16 @@ from __future__ import annotations
 from dpm_ops.losses import DPMLoss
 from dpm_ops.models import DPM
 
-from .base import Recipe, StepContext, loss_record, make_optimizer, param_group_options, scheduled_stage
+from .base import StepContext, ViTRecipe, loss_record, make_optimizer, param_group_options, scheduled_stage
 
 
-class DPMRecipe(Recipe):
+class DPMRecipe(ViTRecipe):
     name = "dpm"
     model_class = DPM
     test_distance = "masked_arccos"
     test_masks = True
     eval_time_options = ("neck_feat",)
+    export_outputs = ("feature", "mask")
 
     def model_arguments(self, config: dict, splits) -> dict:
         args = super().model_arguments(config, splits)
@@ -56,8 +57,3 @@ class DPMRecipe(Recipe):
             return loss_record(total, {**terms, "pass2": second})
 
         return [scheduled_stage(config, "main", {"main": main, "mask": mask}, "pk", iters_per_epoch, step)]
-
-    def test_forward(self, model, batch: dict, device):
-        images, camids = (batch[key].to(device, non_blocking=True) for key in ("image", "camid"))
-        feature, mask = model(images, cam_label=camids)
-        return feature, mask

@@ -8,9 +8,10 @@ Both networks share this recipe: they differ only in the trunk (``MaskReIDRecipe
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
-from dpm_ops.data import build_transforms
+from dpm_ops.data import build_transforms, masked_image
 from dpm_ops.losses import MaskReIDRankingLoss
 from dpm_ops.models import MaskReID, MaskReIDResNet50
 from dpm_ops.models.param_groups import sgd_param_groups
@@ -107,6 +108,12 @@ class MaskReIDRecipe(Recipe):
     def test_forward(self, model, batch: dict, device):
         images, masked = (batch[key].to(device, non_blocking=True) for key in ("image", "masked"))
         return model(images, masked), None
+
+    def export_inputs(self, model, image_size: tuple, batch: int, generator) -> dict:
+        """``raw`` and ``masked`` (B, 3, H, W): ``masked`` is ``raw`` times a random {0, 1} foreground."""
+        images = torch.randn(batch, 3, *image_size, generator=generator)
+        foreground = (torch.rand(batch, 1, *image_size, generator=generator) > 0.3).float()
+        return {"raw": images, "masked": masked_image(images, foreground)}
 
 
 class MaskReIDResNet50Recipe(MaskReIDRecipe):

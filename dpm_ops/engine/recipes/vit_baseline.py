@@ -6,10 +6,10 @@ from __future__ import annotations
 from dpm_ops.losses import BaselineReIDLoss
 from dpm_ops.models import ViTBaseline
 
-from .base import Recipe, StepContext, loss_record, make_optimizer, param_group_options, scheduled_stage
+from .base import StepContext, ViTRecipe, loss_record, make_optimizer, param_group_options, scheduled_stage
 
 
-class ViTBaselineRecipe(Recipe):
+class ViTBaselineRecipe(ViTRecipe):
     name = "vit_baseline"
     model_class = ViTBaseline
 
@@ -29,7 +29,3 @@ class ViTBaselineRecipe(Recipe):
             return loss_record(total, terms)
 
         return [scheduled_stage(config, "main", {"main": main}, "pk", iters_per_epoch, step)]
-
-    def test_forward(self, model, batch: dict, device):
-        images, camids = (batch[key].to(device, non_blocking=True) for key in ("image", "camid"))
-        return model(images, cam_label=camids), None
