@@ -95,7 +95,7 @@ def dpm_token_maps(
 
     1 everywhere for a flat mask; > 1 where a patch's features sit in the kept channels, < 1 where
     they sit in the suppressed ones. DPM itself never computes a spatial map (the mask is a channel
-    mask, dpm.md §2); this projects the channel mask back onto the patches for inspection only.
+    mask over the C feature channels); this projects the channel mask back onto the patches for inspection only.
     """
     from dpm_ops.data.image_io import read_image
 

@@ -1,6 +1,6 @@
 """CMC / mAP / mINP under the Market-1501 protocol, without sorting the gallery.
 
-Protocol (torchreid / fast-reid `eval_market1501`, spec rerank_eval.md §3): for each query,
+Protocol (torchreid / fast-reid `eval_market1501`): for each query,
 gallery items with the same pid *and* the same camera are removed; the remaining items with
 the same pid are its matches (distractors, pid 0, stay as negatives); a query with no match
 left is skipped and counted.

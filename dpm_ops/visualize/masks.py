@@ -31,7 +31,7 @@ def plot_mask_heatmaps(
     all_occluded: Optional[Sequence[bool]] = None,
     titles: Optional[Sequence[str]] = None,
 ) -> str:
-    """DPM's Hierarchical-Mask-Generator output for a few queries (dpm.md §2).
+    """DPM's Hierarchical-Mask-Generator output for a few queries.
 
     DPM's mask ``m ∈ (0,1)^C`` is a *channel* mask: it selects the subspace of the C-d CLS
     feature in which the query is compared with the gallery (``<q̂, n(m ⊙ ĝ)>``); there is no

@@ -1,4 +1,4 @@
-"""MaskReID (maskreid.md §5-6) and its ResNet-50 variant: raw + foreground-masked inputs;
+"""MaskReID (arXiv 1804.03864 v1, training and test) and its ResNet-50 variant: raw + foreground-masked inputs;
 ``pretrain.epochs`` of softmax (ID cross-entropy) pre-training, then ``solver.epochs`` of the ranking
 loss (Eq. 5) on the ``sampler.kind`` batches (1 id x 10 + 54 singles), each stage with its own SGD
 and schedule; Euclidean distance of the (unit-length) 256-d descriptor at test.
