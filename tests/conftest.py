@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import settings
 
-# CI runs the property tests (test_properties.py) reproducibly: the same examples on every run.
+# CI runs the property tests (test_*_properties.py) reproducibly: the same examples on every run.
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
