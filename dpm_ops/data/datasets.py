@@ -29,35 +29,9 @@ from typing import Callable, Optional
 
 from .assembly import _assemble
 from .errors import DatasetError, DatasetNotFoundError
-from .layouts import (
-    MARKET_LOADERS,
-    PUBLISHED_COUNTS,
-    load_cuhk03_np,
-    load_dukemtmc_reid,
-    load_market1501,
-    load_occluded_duke,
-    load_synthetic,
-)
+from .layouts import MARKET_LOADERS, PUBLISHED_COUNTS, load_cuhk03_np, load_synthetic
 from .parsing import MSMT17_CAMERAS, find_dataset_dir, parse_msmt_list, parse_pid_index_folder
 from .records import ReIDSplits
-
-# The loaders are importable from here, where the registry is, as before layouts.py held the Market-style ones.
-__all__ = [
-    "PUBLISHED_COUNTS",
-    "available_datasets",
-    "build_dataset",
-    "check_split_camids",
-    "dataset_options",
-    "load_cuhk03_np",
-    "load_dukemtmc_reid",
-    "load_market1501",
-    "load_msmt17",
-    "load_occluded_duke",
-    "load_occluded_reid",
-    "load_partial_reid",
-    "load_synthetic",
-    "register_dataset",
-]
 
 
 # ---------------------------------------------------------------------------------------------
