@@ -1,10 +1,12 @@
 """The common tail of every dataset loader: drop junk, relabel train pids 0..N-1, check the split
-counts against the published ones, attach the foreground masks, optionally verify every file."""
+counts against the published ones, attach the foreground masks, optionally verify every file. And
+the public loader of a layout table's row (:func:`row_loader`)."""
 
 from __future__ import annotations
 
+import inspect
 import warnings
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 from PIL import Image, UnidentifiedImageError
 
@@ -96,3 +98,20 @@ def _assemble(
         junk_dropped=junk,
         multi_query=multi_query,
     )
+
+
+def row_loader(load_row: Callable[..., ReIDSplits], row, omit: tuple = ()) -> Callable[..., ReIDSplits]:
+    """The public loader ``loader(root, **options)`` of one layout-table ``row`` (with ``name`` and
+    ``about``, its docstring): ``load_row(row, root, **options)``. Its signature, which
+    ``dataset_options`` reads, is ``load_row``'s without ``row`` and the options in ``omit``."""
+    parameters = list(inspect.signature(load_row).parameters.values())[1:]
+    signature = inspect.Signature([p for p in parameters if p.name not in omit])
+
+    def load(root: str, **options) -> ReIDSplits:
+        signature.bind(root, **options)  # an option the row lacks is a TypeError, as for a def
+        return load_row(row, root, **options)
+
+    load.__signature__ = signature
+    load.__name__ = load.__qualname__ = f"load_{row.name}"
+    load.__doc__ = row.about
+    return load

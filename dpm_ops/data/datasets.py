@@ -23,11 +23,12 @@ File names, MSMT17 list files and the synthetic manifest are read by :mod:`.pars
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 from typing import Callable, Optional
 
-from .assembly import _assemble
+from .assembly import _assemble, row_loader
 from .errors import DatasetError, DatasetNotFoundError
 from .layouts import MARKET_LOADERS, PUBLISHED_COUNTS, load_cuhk03_np, load_synthetic
 from .parsing import MSMT17_CAMERAS, find_dataset_dir, parse_msmt_list, parse_pid_index_folder
@@ -54,71 +55,54 @@ def check_split_camids(camids) -> tuple[int, int]:
     return int(camids[0]), int(camids[1])
 
 
-def _load_query_gallery_set(
-    name: str,
-    title: str,
-    root: str,
-    folders: list[str],
-    query_folder: str,
-    suffix: str,
-    per_identity_dirs: bool,
-    camids,
-    **options,
-) -> ReIDSplits:
-    """A test-only set: query = the images of ``query_folder`` (all reported as occluded), gallery
-    = ``whole_body_images``, each split on its own camera of ``camids``."""
-    query_camid, gallery_camid = check_split_camids(camids)
-    dataset_dir = find_dataset_dir(root, folders, (query_folder, "whole_body_images"), title)
-    query = parse_pid_index_folder(os.path.join(dataset_dir, query_folder), suffix, query_camid, per_identity_dirs)
-    gallery = parse_pid_index_folder(
-        os.path.join(dataset_dir, "whole_body_images"), suffix, gallery_camid, per_identity_dirs
-    )
-    return _assemble(
-        name,
-        dataset_dir,
-        train=[],
-        query=query,
-        gallery=gallery,
-        num_cams=max(query_camid, gallery_camid) + 1,
-        expected_counts=PUBLISHED_COUNTS[name],
-        occluded_paths=frozenset(r.path for r in query),
-        **options,
-    )
+@dataclasses.dataclass(frozen=True)
+class QueryGalleryLayout:
+    """A test-only set: query = the images of ``query_folder`` (all reported as occluded), gallery =
+    ``whole_body_images``, each split on its own camera. One row, one public loader."""
+
+    name: str  # registry name and PUBLISHED_COUNTS key
+    title: str  # names the dataset in errors
+    folders: tuple[str, ...]  # where under ``root`` the dataset folder may be ("" = root itself)
+    query_folder: str
+    suffix: str  # the image files' extension
+    per_identity_dirs: bool  # images sit in one folder per identity
+    about: str  # the loader's docstring
 
 
-def load_occluded_reid(
-    root: str,
-    *,
-    camids: tuple[int, int] = (0, 1),
-    with_masks: bool = False,
-    mask_root: Optional[str] = None,
-    check_counts: str = "warn",
-    verify_images: bool = False,
-) -> ReIDSplits:
-    """Occluded-REID (test only): ``Occluded_REID/{occluded_body_images,whole_body_images}/<pid>/<pid>_<nn>.tif``.
+QUERY_GALLERY_LAYOUTS = (
+    QueryGalleryLayout(
+        "occluded_reid",
+        "Occluded-REID",
+        ("", "Occluded_REID", "OccludedREID", "Occluded-REID", "occluded_reid"),
+        "occluded_body_images",
+        ".tif",
+        per_identity_dirs=True,
+        about="""Occluded-REID (test only): ``Occluded_REID/{occluded_body_images,whole_body_images}/<pid>/<pid>_<nn>.tif``.
 
     Query = occluded images, gallery = whole-body images, with the cameras ``camids`` =
     (query, gallery): (0, 1) by default as in PVPM/BPBReID; DPM's ``Rename.py`` names them
     ``_c1`` / ``_c3s3``, i.e. (0, 2), and the camera picks DPM's SIE embedding row.
     The train split is empty: train on Market-1501.
-    """
-    return _load_query_gallery_set(
-        "occluded_reid",
-        "Occluded-REID",
-        root,
-        ["", "Occluded_REID", "OccludedREID", "Occluded-REID", "occluded_reid"],
-        "occluded_body_images",
-        ".tif",
-        True,
-        camids,
-        with_masks=with_masks,
-        mask_root=mask_root,
-        check_counts=check_counts,
-        verify_images=verify_images,
-    )
+    """,
+    ),
+    QueryGalleryLayout(
+        "partial_reid",
+        "Partial-REID",
+        ("", "Partial_REID", "Partial-REID", "partial_reid", "PartialREID"),
+        "partial_body_images",
+        ".jpg",
+        per_identity_dirs=False,
+        about="""Partial-REID (test only): ``Partial_REID/{partial_body_images,whole_body_images}/<pid:03d>_<nn:02d>.jpg``.
+
+    Query = partial images, gallery = whole-body images, with the cameras ``camids`` = (query,
+    gallery), (0, 1) by default; the partial queries are reported as occluded.
+    """,
+    ),
+)
 
 
-def load_partial_reid(
+def _load_query_gallery_layout(
+    layout: QueryGalleryLayout,
     root: str,
     *,
     camids: tuple[int, int] = (0, 1),
@@ -127,25 +111,31 @@ def load_partial_reid(
     check_counts: str = "warn",
     verify_images: bool = False,
 ) -> ReIDSplits:
-    """Partial-REID (test only): ``Partial_REID/{partial_body_images,whole_body_images}/<pid:03d>_<nn:02d>.jpg``.
-
-    Query = partial images, gallery = whole-body images, with the cameras ``camids`` = (query,
-    gallery), (0, 1) by default; the partial queries are reported as occluded.
-    """
-    return _load_query_gallery_set(
-        "partial_reid",
-        "Partial-REID",
-        root,
-        ["", "Partial_REID", "Partial-REID", "partial_reid", "PartialREID"],
-        "partial_body_images",
-        ".jpg",
-        False,
-        camids,
+    query_camid, gallery_camid = check_split_camids(camids)
+    dataset_dir = find_dataset_dir(root, layout.folders, (layout.query_folder, "whole_body_images"), layout.title)
+    query, gallery = (
+        parse_pid_index_folder(os.path.join(dataset_dir, folder), layout.suffix, camid, layout.per_identity_dirs)
+        for folder, camid in ((layout.query_folder, query_camid), ("whole_body_images", gallery_camid))
+    )
+    return _assemble(
+        layout.name,
+        dataset_dir,
+        train=[],
+        query=query,
+        gallery=gallery,
+        num_cams=max(query_camid, gallery_camid) + 1,
+        expected_counts=PUBLISHED_COUNTS[layout.name],
+        occluded_paths=frozenset(r.path for r in query),
         with_masks=with_masks,
         mask_root=mask_root,
         check_counts=check_counts,
         verify_images=verify_images,
     )
+
+
+load_occluded_reid, load_partial_reid = (
+    row_loader(_load_query_gallery_layout, layout) for layout in QUERY_GALLERY_LAYOUTS
+)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,11 +6,10 @@ variants), each row one public loader, and the synthetic set, which shares the l
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
 from typing import Callable, Optional
 
-from .assembly import _assemble
+from .assembly import _assemble, row_loader
 from .errors import DatasetError, DatasetNotFoundError
 from .parsing import (
     JUNK_PID,
@@ -186,27 +185,11 @@ def _load_market_layout(
     )
 
 
-def _market_loader(layout: MarketLayout) -> Callable[..., ReIDSplits]:
-    """The loader ``loader(root, **options)`` of one row. Its signature, which
-    :func:`dataset_options` reads, offers ``multi_query`` only where the layout has the pools."""
-    parameters = [
-        parameter
-        for name, parameter in inspect.signature(_load_market_layout).parameters.items()
-        if name != "layout" and (name != "multi_query" or layout.multi_query_folder)
-    ]
-    signature = inspect.Signature(parameters)
-
-    def load(root: str, **options) -> ReIDSplits:
-        signature.bind(root, **options)  # an option the layout lacks is a TypeError, as for a def
-        return _load_market_layout(layout, root, **options)
-
-    load.__signature__ = signature
-    load.__name__ = load.__qualname__ = f"load_{layout.name}"
-    load.__doc__ = layout.about
-    return load
-
-
-MARKET_LOADERS = {layout.name: _market_loader(layout) for layout in MARKET_LAYOUTS}
+# multi_query only where the layout has the pools
+MARKET_LOADERS = {
+    layout.name: row_loader(_load_market_layout, layout, omit=() if layout.multi_query_folder else ("multi_query",))
+    for layout in MARKET_LAYOUTS
+}
 load_market1501, load_dukemtmc_reid, load_occluded_duke = (
     MARKET_LOADERS[name] for name in ("market1501", "dukemtmc", "occluded_duke")
 )

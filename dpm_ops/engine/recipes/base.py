@@ -193,7 +193,19 @@ class Recipe:
 
 
 class ViTRecipe(Recipe):
-    """The ViT models' test time: images and camera ids in; the position embedding fixes the input size."""
+    """The ViT models (DPM, the baseline): images and camera ids in; the position embedding fixes
+    the input size."""
+
+    @staticmethod
+    def train_forward(ctx: StepContext, batch: dict, criterion: nn.Module, optimizer) -> tuple:
+        """``optimizer``'s gradients zeroed, then one forward of ``batch`` under autocast: the inputs
+        (images, cams, pids) on the device, the criterion's loss terms and their total."""
+        images, pids, cams = ctx.to_device(batch, "image", "pid", "camid")
+        optimizer.zero_grad(set_to_none=True)
+        with ctx.autocast():
+            terms = criterion.terms(ctx.model(images, cams, pids), pids)
+            total = criterion.total(terms)
+        return (images, cams, pids), terms, total
 
     def test_forward(self, model: nn.Module, batch: dict, device: torch.device) -> tuple:
         images, camids = (batch[key].to(device, non_blocking=True) for key in ("image", "camid"))

@@ -40,11 +40,7 @@ class DPMRecipe(ViTRecipe):
         two_pass = solver["two_pass"]
 
         def step(ctx: StepContext, batch: dict) -> dict:
-            images, pids, cams = ctx.to_device(batch, "image", "pid", "camid")
-            main.zero_grad(set_to_none=True)
-            with ctx.autocast():
-                terms = criterion.terms(ctx.model(images, cams, pids), pids)
-                total = criterion.total(terms)
+            (images, cams, pids), terms, total = self.train_forward(ctx, batch, criterion, main)
             if not two_pass:
                 mask.zero_grad(set_to_none=True)
                 ctx.backward_step(total, main, mask)

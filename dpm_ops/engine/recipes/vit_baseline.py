@@ -20,11 +20,7 @@ class ViTBaselineRecipe(ViTRecipe):
         criterion = BaselineReIDLoss(config["loss"]["id_weight"], config["loss"]["triplet_weight"])
 
         def step(ctx: StepContext, batch: dict) -> dict:
-            images, pids, cams = ctx.to_device(batch, "image", "pid", "camid")
-            main.zero_grad(set_to_none=True)
-            with ctx.autocast():
-                terms = criterion.terms(ctx.model(images, cams, pids), pids)
-                total = criterion.total(terms)
+            _, terms, total = self.train_forward(ctx, batch, criterion, main)
             ctx.backward_step(total, main)
             return loss_record(total, terms)
 
