@@ -1,4 +1,5 @@
-"""DPM (the official code's loss and solver): two optimizers and a two-pass update; the query-masked arccos distance at test.
+"""DPM (its official code's losses and solver): two optimizers and a two-pass update; the
+query-masked arccos distance at test.
 
 Two SGD optimizers (momentum 0.9, biases at ``bias_lr_factor`` x lr, weight decay on every
 parameter). Per iteration, pass 1 steps everything but the mask generator; pass 2 is a fresh
