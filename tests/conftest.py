@@ -26,6 +26,12 @@ def backend_params(*names):
     return [pytest.param(n, marks=pytest.mark.skipif(not available[n][0], reason=available[n][1] or n)) for n in names]
 
 
+def op_for(name: str, backend: str):
+    """The registered custom op ``torch.ops.dpm_ops.<name>`` that ``backend`` runs: the C++ / CUDA
+    op, or its ``<name>_triton`` twin."""
+    return getattr(torch.ops.dpm_ops, name if backend in ("cpp", "cuda") else f"{name}_triton")
+
+
 def device_for(backend: str) -> torch.device:
     if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
         return torch.device("cuda")
