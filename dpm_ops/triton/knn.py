@@ -2,9 +2,8 @@
 
 One program per BLOCK_M rows of x streams y in BLOCK_N-column tiles: a distance tile from tl.dot
 (fp32 IEEE or TF32 by torch's matmul precision, fp64: triton/_precision.py), then a merge of the
-tile into the rows' running top-K held in registers: K rounds, each taking the smaller
-(value, index) of the tile's and the list's current minimum. The (M, N) matrix is never written;
-the output is written once. The register lists cap k at 256, as the CUDA kernel's shared memory.
+tile into the rows' running top-K held in registers (merge_tile, also used by knn_certified.py). The
+(M, N) matrix is never written; the output is written once. The register lists cap k at 256, as the CUDA kernel's shared memory.
 """
 
 import torch
@@ -32,6 +31,30 @@ def _lexicographic_min(values, indices, NO_INDEX: tl.constexpr):
     v = tl.min(values, axis=1)
     i = tl.min(tl.where(values == v[:, None], indices, NO_INDEX), axis=1)
     return v, i
+
+
+@triton.jit
+def merge_tile(dist, tile_i, best_v, best_i, K, KP: tl.constexpr, NO_INDEX: tl.constexpr):
+    """The rows' K smallest (value, index) pairs of a tile and their sorted lists, as new sorted lists:
+    K rounds, each taking the smaller (value, index) of the tile's and the list's current minimum."""
+    slots = tl.arange(0, KP)
+    new_v = tl.full(best_v.shape, float("inf"), best_v.dtype)
+    new_i = tl.full(best_i.shape, NO_INDEX, tl.int32)
+    for t in range(0, K):
+        tv, ti = _lexicographic_min(dist, tile_i, NO_INDEX)
+        bv, bi = _lexicographic_min(best_v, best_i, NO_INDEX)
+        from_tile = (tv < bv) | ((tv == bv) & (ti < bi))
+        v = tl.where(from_tile, tv, bv)
+        i = tl.where(from_tile, ti, bi)
+        here = slots[None, :] == t
+        new_v = tl.where(here, v[:, None], new_v)
+        new_i = tl.where(here, i[:, None], new_i)
+        # Take the chosen entry out of its source (its index stays: a taken tile entry can only
+        # come back as an inf placeholder, which finite values displace).
+        dist = tl.where(from_tile[:, None] & (tile_i == ti[:, None]), float("inf"), dist)
+        best_v = tl.where((~from_tile)[:, None] & (best_i == bi[:, None]), float("inf"), best_v)
+        best_i = tl.where((~from_tile)[:, None] & (best_i == bi[:, None]), NO_INDEX, best_i)
+    return new_v, new_i
 
 
 @triton.jit
@@ -84,24 +107,7 @@ def _knn_kernel(
                 dist = tl.sqrt(dist)
         dist = tl.where(in_n[None, :], dist, float("inf"))
         tile_i = tl.where(in_n[None, :], cols[None, :], NO_INDEX) + tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
-        new_v = tl.full((BLOCK_M, KP), float("inf"), acc_t)
-        new_i = tl.full((BLOCK_M, KP), NO_INDEX, tl.int32)
-        for t in range(0, K):
-            tv, ti = _lexicographic_min(dist, tile_i, NO_INDEX)
-            bv, bi = _lexicographic_min(best_v, best_i, NO_INDEX)
-            from_tile = (tv < bv) | ((tv == bv) & (ti < bi))
-            v = tl.where(from_tile, tv, bv)
-            i = tl.where(from_tile, ti, bi)
-            here = slots[None, :] == t
-            new_v = tl.where(here, v[:, None], new_v)
-            new_i = tl.where(here, i[:, None], new_i)
-            # Take the chosen entry out of its source (its index stays: a taken tile entry can only
-            # come back as an inf placeholder, which finite values displace).
-            dist = tl.where(from_tile[:, None] & (tile_i == ti[:, None]), float("inf"), dist)
-            best_v = tl.where((~from_tile)[:, None] & (best_i == bi[:, None]), float("inf"), best_v)
-            best_i = tl.where((~from_tile)[:, None] & (best_i == bi[:, None]), NO_INDEX, best_i)
-        best_v = new_v
-        best_i = new_i
+        best_v, best_i = merge_tile(dist, tile_i, best_v, best_i, K, KP, NO_INDEX)
     offs = rows[:, None].to(tl.int64) * K + slots[None, :]
     out_mask = in_m[:, None] & (slots[None, :] < K)
     tl.store(out_v_ptr + offs, best_v, mask=out_mask)
