@@ -16,7 +16,8 @@ is the Triton kernel. The distances are differentiable in x and y (through the s
 indices are not), for knn on every backend; self_knn has no autograd formula (re-ranking does not
 need one; use the reference backend to differentiate it).
 
-``strategy="certified"`` runs ``dpm_ops::knn_certified`` / ``dpm_ops::self_knn_certified`` (C++ CPU):
+``strategy="certified"`` runs ``dpm_ops::knn_certified`` / ``dpm_ops::self_knn_certified`` (C++ CPU; CUDA and
+the Triton ops ``dpm_ops::knn_certified_triton`` / ``self_knn_certified_triton``: ops/knn_certified.py):
 a bf16 GEMM with a rigorous per-pair error bound picks each row's candidates, recomputed as the
 direct path computes them (docs/certified_knn.md).
 """
@@ -68,15 +69,18 @@ def bf16_gemm_is_fast() -> bool:
 
 
 def _use_certified(strategy, name, rows, columns, dim):
-    """Resolves `strategy` for the backend `name`: the certified search runs on the C++ CPU kernels."""
+    """Resolves `strategy` for the backend `name`: the certified search runs on the C++ CPU kernels (where
+    the CPU has bf16 instructions) and on CUDA / Triton (tensor cores: always faster than fp32 SIMT)."""
     if strategy == "certified":
-        if name != "cpp":
+        if name not in ("cpp", "cuda", "triton"):
             raise ValueError(
-                "knn: strategy='certified' runs on the C++ CPU kernels (backend 'cpp'), "
-                f"got backend {name!r}; use strategy='direct' or 'auto'"
+                "knn: strategy='certified' runs on the C++ CPU kernels and on CUDA / Triton (backends 'cpp', 'cuda', "
+                f"'triton'), got backend {name!r}; use strategy='direct' or 'auto'"
             )
         return True
-    return strategy == "auto" and name == "cpp" and rows * columns * dim >= _CERTIFIED_MIN_WORK and bf16_gemm_is_fast()
+    if strategy != "auto" or rows * columns * dim < _CERTIFIED_MIN_WORK:
+        return False
+    return name in ("cuda", "triton") or (name == "cpp" and bf16_gemm_is_fast())
 
 
 # ---- fake (meta) functions and autograd, shared by the C++/CUDA and Triton ops -----------------
@@ -197,12 +201,12 @@ def knn(
     dtype run their cuBLAS GEMM on tensor cores with float32 accumulation (cosine: the unit rows rounded
     to that dtype). Distances are differentiable in x and y.
     ``backend``: "reference" | "cpp" | "cuda" | "triton" (default: by device, dpm_ops.backends()).
-    ``strategy``: "certified" (C++ CPU kernels only, a ValueError elsewhere) runs the certified
+    ``strategy``: "certified" (backends "cpp", "cuda", "triton"; a ValueError on "reference") runs the certified
     two-stage search (docs/certified_knn.md): a bf16 GEMM with a rigorous error bound picks each
     row's candidates, whose distances are then computed as the direct path does: the same
     neighbours in the same order, distances within a few ulp (summation order). "direct" computes
-    every distance in the compute dtype. "auto" (default): certified on the C++ backend where the
-    CPU has bf16 dot-product instructions and the problem is large, else direct.
+    every distance in the compute dtype. "auto" (default): certified for large problems on CUDA and
+    Triton, and on the C++ backend where the CPU has bf16 dot-product instructions; else direct.
     Values whose squared norms would overflow the compute dtype are a ValueError.
     """
     _check_tensor("x", x)
@@ -221,7 +225,8 @@ def knn(
         dtype = compute_dtype(x, y)
         x, y = x.to(dtype), y.to(dtype)
     if certified:
-        return torch.ops.dpm_ops.knn_certified(x, y, k, metric)[:2]
+        op = torch.ops.dpm_ops.knn_certified_triton if name == "triton" else torch.ops.dpm_ops.knn_certified
+        return op(x, y, k, metric)[:2]
     if name == "reference":
         return knn_reference(x, y, k, metric)
     if name == "triton":
@@ -264,9 +269,8 @@ def self_knn(
     check_finite_rows("knn", x=x)
     name = _backend.resolve(backend, x.device)
     if _use_certified(strategy, name, x.shape[0], x.shape[0] // 2, x.shape[1]):  # half the GEMM
-        return torch.ops.dpm_ops.self_knn_certified(
-            x.to(compute_dtype(x)), k, metric, bool(normalize), int(cross_rows)
-        )[:4]
+        op = torch.ops.dpm_ops.self_knn_certified_triton if name == "triton" else torch.ops.dpm_ops.self_knn_certified
+        return op(x.to(compute_dtype(x)), k, metric, bool(normalize), int(cross_rows))[:4]
     if name in ("reference", "triton"):
         return self_knn_reference(x.to(compute_dtype(x)), k, metric, bool(normalize), int(cross_rows))
     if name != "cuda":  # the CUDA kernel takes float16 / bfloat16 as they are (tensor-core GEMM)

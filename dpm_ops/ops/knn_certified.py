@@ -1,0 +1,368 @@
+"""The certified two-stage knn / self_knn on CUDA and Triton (docs/certified_knn.md, "GPU").
+
+Stage 1 runs a bf16 tensor-core GEMM with fp32 accumulation and keeps, per row, every column whose
+lower bound is <= the k-th smallest upper bound (triton/knn_certified.py for backend "triton";
+cuBLAS through torch for backend "cuda", in row blocks). Stage 2 recomputes those candidates'
+distances with the direct path's formula in the compute dtype (fp32 IEEE products, never TF32;
+fp64 for fp64 input) and takes the first k in (distance, index) order. Rows whose candidates
+overflow `cap` get the exact full-row computation (an IEEE GEMM of those rows only).
+
+The CUDA backend is registered here, in Python, as the CUDA kernel of the existing schemas
+dpm_ops::knn_certified / self_knn_certified / knn_certified_bounds: the pipeline is torch ops around
+one GEMM, and the one copy of it serves both GPU backends (a C++ copy would duplicate every step).
+"""
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import _backend
+from ._checks import KNN_GPU_MAX_K, check_knn_gpu_k
+from .knn import _backward, _fake_knn, _fake_self_knn, _setup_context
+from .knn_reference import COSINE_EPS, compute_dtype, pairwise_distance_reference
+
+U32 = 2.0**-24
+# Rounding x (fp32, or fp64 -> fp32 -> bf16: the double rounding's 2^-23) to bf16, nearest even.
+BF16_OPERAND_UNIT = 2.0**-8 + 2.0**-23
+# Tensor-core fp32 accumulation: each block of b products is added to the accumulator after
+# alignment to the largest exponent with truncation (no rounding to nearest), losing < 2^-23 of the
+# largest term per term and < 2^-23 of the result: <= (b + 2) 2^-23 per block, at most 3 D 2^-23 of
+# sum |x^ y^| over the dot product whatever the block size; 2^-21 per product covers it with margin.
+TENSOR_CORE_ACCUMULATION_UNIT = 2.0**-21
+MAX_NORM = 2.0**60  # bf16 products and fp32 sums of rows up to this norm stay finite
+MAX_DIM = 1 << 20
+MIN_CAP, CAP_PER_K = 256, 8  # the CPU kernel's per-row candidate cap (csrc/knn/knn_cpu.cpp)
+_CHUNK_ELEMENTS = 1 << 25  # elements held at a time by stage 2 and by the exact rows
+
+
+def gamma(dim: int, unit: float) -> float:
+    """Higham's gamma_D: the error factor of any summation of D terms with per-add rounding `unit`."""
+    return dim * unit / (1 - dim * unit)
+
+
+def stage1_constant(dim: int, accumulation_unit: float = TENSOR_CORE_ACCUMULATION_UNIT, output_unit: float = 0.0):
+    """c_D of docs/certified_knn.md: |s - p| <= c_D |x| |y| for the stage-1 dot product s (bf16 operands,
+    products exact in fp32, summed with `accumulation_unit`, the result rounded with `output_unit`:
+    0 for fp32 output) and any fp32 dot product p. The CPU kernel's Stage1Bound is this with
+    (2^-24, 2^-8) (torch's CPU bf16 GEMM returns bf16)."""
+    v, g_acc, g = BF16_OPERAND_UNIT, gamma(dim, accumulation_unit), gamma(dim, U32)
+    o = (1 + v) ** 2
+    return output_unit * (1 + g_acc) * o + g_acc * o + 2 * v + v * v + g
+
+
+@dataclass
+class Operand:
+    """Rows in the compute dtype (unit rows for cosine, as the direct path), their squared norms, the rows
+    in bf16, and the bound's per-row scale a (E = a_i a_j)."""
+
+    rows: torch.Tensor
+    norms: torch.Tensor
+    bf16: torch.Tensor
+    scales: torch.Tensor
+
+    @staticmethod
+    def of(v: torch.Tensor, metric: str, dtype: torch.dtype) -> "Operand":
+        rows = v.detach().to(dtype)
+        if metric == "cosine":
+            rows = F.normalize(rows, dim=1, eps=COSINE_EPS)
+        rows = rows.contiguous()
+        norms = (rows * rows).sum(1)
+        dim = rows.shape[1]
+        # |x| from the computed squared norm (relative error < gamma_D); the 2^-10 and 2^-50 terms
+        # cover the fp32 rounding of a, of a_i a_j and of s +- E, and underflow (the CPU bound's).
+        factor = (1 + gamma(dim, U32)) * (1 + 2.0**-10)
+        scales = (norms.double().sqrt() * factor + 2.0**-50) * math.sqrt(stage1_constant(dim))
+        return Operand(rows, norms, rows.float().to(torch.bfloat16).contiguous(), scales.float())
+
+
+def bound_applies(*operands: Operand) -> bool:
+    """Whether the stage-1 bound holds for these rows (D < 2^20, norms <= 2^60); reads one value."""
+    if operands[0].rows.shape[1] >= MAX_DIM:
+        return False
+    norms = torch.cat([o.norms for o in operands])
+    return norms.numel() == 0 or bool(norms.max() <= MAX_NORM * MAX_NORM)
+
+
+def distance(dots, x_norms, y_norms, metric: str):
+    """The direct path's distance from dot products and squared norms (broadcast): monotone
+    non-increasing in the dot product, also after rounding."""
+    if metric == "cosine":
+        return 1 - dots
+    raw = (x_norms + y_norms - 2 * dots).clamp_min(0)
+    return raw.sqrt() if metric == "euclidean" else raw
+
+
+def candidate_cap(k: int, n: int) -> int:
+    return min(n, max(MIN_CAP, CAP_PER_K * k))
+
+
+@contextlib.contextmanager
+def _ieee_matmul():
+    """fp32 matmuls in full IEEE precision (no TF32) inside the block."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def _row_chunks(count: int, per_row: int):
+    step = max(1, _CHUNK_ELEMENTS // max(1, per_row))
+    return [(r, min(count, r + step)) for r in range(0, count, step)]
+
+
+def candidate_distances(xo: Operand, yo: Operand, rows, candidates, metric: str, self_pairs: bool):
+    """Distances (R, C) of rows `rows` of x to their candidate columns (padding N: +inf), as the direct path
+    computes them: the dot product in the compute dtype from exact products (no TF32)."""
+    n = yo.rows.shape[0]
+    out = torch.empty(candidates.shape, dtype=xo.rows.dtype, device=xo.rows.device)
+    for r0, r1 in _row_chunks(len(rows), candidates.shape[1] * yo.rows.shape[1]):
+        cand, row = candidates[r0:r1], rows[r0:r1]
+        cols = cand.clamp_max(n - 1)
+        dots = (xo.rows[row, None, :] * yo.rows[cols]).sum(-1)
+        d = distance(dots, xo.norms[row, None], yo.norms[cols], metric)
+        if self_pairs:
+            d = torch.where(cols == row[:, None], 0, d)
+        out[r0:r1] = torch.where(cand < n, d, math.inf)
+    return out
+
+
+def exact_rows(xo: Operand, yo: Operand, rows, metric: str, self_pairs: bool):
+    """Full distance rows (R, N) of rows `rows` of x: the fallback, by an IEEE GEMM in the compute dtype."""
+    n = yo.rows.shape[0]
+    out = torch.empty((len(rows), n), dtype=xo.rows.dtype, device=xo.rows.device)
+    with _ieee_matmul():
+        for r0, r1 in _row_chunks(len(rows), n):
+            row = rows[r0:r1]
+            d = distance(xo.rows[row] @ yo.rows.T, xo.norms[row, None], yo.norms[None, :], metric)
+            if self_pairs:
+                d[torch.arange(r1 - r0, device=d.device), row] = 0
+            out[r0:r1] = d
+    return out
+
+
+def select(d, candidates, k: int):
+    """The first k of each row in (distance, index) order; `candidates` ascending in every row."""
+    values, order = torch.sort(d, dim=1, stable=True)
+    return values[:, :k], candidates.gather(1, order[:, :k])
+
+
+def _bf16_gemm(a, b):
+    """a @ b.T of bf16 rows, fp32 output and fp32 accumulation: cuBLAS with split-K reductions kept in
+    fp32; on CPU (tests) an IEEE fp32 GEMM of the bf16 values (exact products, fp32 sums: the same model)."""
+    if a.is_cuda:
+        matmul = torch.backends.cuda.matmul
+        before, matmul.allow_bf16_reduced_precision_reduction = matmul.allow_bf16_reduced_precision_reduction, False
+        try:
+            return torch.mm(a, b.T, out_dtype=torch.float32)
+        finally:
+            matmul.allow_bf16_reduced_precision_reduction = before
+    with _ieee_matmul():
+        return a.float() @ b.float().T
+
+
+def stage1_bounds(xo: Operand, yo: Operand, rows: slice, metric: str, self_pairs: bool):
+    """Stage 1's (L, U) of rows `rows` of x against every row of y (the cuBLAS path; the Triton kernels'
+    _tile_bounds computes the same per tile)."""
+    dtype = xo.rows.dtype
+    dots = _bf16_gemm(xo.bf16[rows], yo.bf16).to(dtype)
+    err = (xo.scales[rows, None] * yo.scales[None, :]).to(dtype)
+    lower = distance(dots + err, xo.norms[rows, None], yo.norms[None, :], metric)
+    upper = distance(dots - err, xo.norms[rows, None], yo.norms[None, :], metric)
+    if self_pairs:
+        at = torch.arange(lower.shape[0], device=lower.device)
+        lower[at, at + rows.start], upper[at, at + rows.start] = 0, 0
+    return lower, upper
+
+
+def _first_columns(mask, cap: int):
+    """Per row the first `cap` columns where mask holds (int32, padded with N) and how many hold."""
+    n = mask.shape[1]
+    key = torch.where(mask, torch.arange(n, device=mask.device), n)
+    return key.topk(cap, dim=1, largest=False, sorted=True).values.int(), mask.sum(1).int()
+
+
+def stage1_cublas(xo: Operand, yo: Operand, k: int, cap: int, metric: str, self_pairs: bool):
+    """Stage 1 of backend "cuda" in row blocks of at most _CHUNK_ELEMENTS bounds; returns what
+    triton/knn_certified.stage1 returns."""
+    parts = []
+    for r0, r1 in _row_chunks(xo.rows.shape[0], yo.rows.shape[0]):
+        lower, upper = stage1_bounds(xo, yo, slice(r0, r1), metric, self_pairs)
+        limits = upper.topk(k, dim=1, largest=False).values[:, -1:]
+        part = _first_columns(lower <= limits, cap)
+        if self_pairs:
+            part += _first_columns(upper >= lower.amax(1, keepdim=True), cap)
+        parts.append(part)
+    near, near_count, *far = (torch.cat(column) for column in zip(*parts))
+    return (near, near_count, *far) if self_pairs else (near, near_count, None, None)
+
+
+def _triton_stage1(xo: Operand, yo: Operand, k: int, cap: int, metric: str, self_pairs: bool):
+    from ..triton import knn_certified as kernels
+
+    return kernels.stage1(xo.bf16, yo.bf16, xo.norms, yo.norms, xo.scales, yo.scales, k, cap, metric, self_pairs)
+
+
+# ---- the pipeline -------------------------------------------------------------------------------
+
+
+def _stage2(xo, yo, near, near_count, k, cap, metric, self_pairs, values, indices, counts):
+    """Stage 2 of the rows whose candidates fit `cap`, into values / indices / counts; returns the others."""
+    fits = near_count <= cap
+    rows = fits.nonzero().squeeze(1)
+    if len(rows):
+        candidates = near[rows, : int(near_count[rows].max())].long()
+        values[rows], indices[rows] = select(
+            candidate_distances(xo, yo, rows, candidates, metric, self_pairs), candidates, k
+        )
+        counts[rows] = near_count[rows].long()
+    return (~fits).nonzero().squeeze(1)
+
+
+def _exact(xo, yo, rows, k, metric, self_pairs, values, indices, row_max=None):
+    """The fallback rows' first k (and row maxima) from their full distance rows."""
+    n = yo.rows.shape[0]
+    for r0, r1 in _row_chunks(len(rows), n):
+        row = rows[r0:r1]
+        d = exact_rows(xo, yo, row, metric, self_pairs)
+        values[row], indices[row] = select(d, torch.arange(n, device=d.device).expand_as(d), k)
+        if row_max is not None:
+            row_max[row] = d.amax(1)
+
+
+def knn_certified_rows(x, y, k: int, metric: str, stage1):
+    """knn by the certified search with `stage1` (_triton_stage1 or stage1_cublas): (values, indices,
+    candidate counts, -1 for rows computed exactly)."""
+    dtype = compute_dtype(x, y)
+    m, n = x.shape[0], y.shape[0]
+    values = x.new_empty((m, k), dtype=dtype)
+    indices = x.new_empty((m, k), dtype=torch.long)
+    counts = x.new_full((m,), -1, dtype=torch.long)
+    if m == 0:
+        return values, indices, counts
+    xo, yo = Operand.of(x, metric, dtype), Operand.of(y, metric, dtype)
+    fallback = torch.arange(m, device=x.device)
+    if bound_applies(xo, yo):
+        cap = candidate_cap(k, n)
+        near, near_count = stage1(xo, yo, k, cap, metric, False)[:2]
+        fallback = _stage2(xo, yo, near, near_count, k, cap, metric, False, values, indices, counts)
+    _exact(xo, yo, fallback, k, metric, False, values, indices)
+    return values, indices, counts
+
+
+def _row_maxima(xo, far, far_count, rows, metric, row_max):
+    """Row maxima of the certified rows from their far candidates (U >= the row's largest L)."""
+    if len(rows):
+        candidates = far[rows, : int(far_count[rows].max())].long()
+        d = candidate_distances(xo, xo, rows, candidates, metric, True)
+        row_max[rows] = d.masked_fill(candidates >= xo.rows.shape[0], -math.inf).amax(1)
+
+
+def _normalized_order(xo, raw_values, raw_indices, row_max, k, metric):
+    """The first k of each row by (distance / row max, index) from its m > k smallest raw distances; rows
+    where that does not decide them are taken from their full rows (the direct path's rule)."""
+    n, m = xo.rows.shape[0], raw_values.shape[1]
+    scale = torch.where(row_max > 0, row_max, 1)
+    by_index, perm = raw_indices.sort(dim=1)
+    raw_by_index = raw_values.gather(1, perm)
+    keys, order = torch.sort(raw_by_index / scale[:, None], dim=1, stable=True)
+    values, indices = raw_by_index.gather(1, order[:, :k]), by_index.gather(1, order[:, :k])
+    if m < n:
+        undecided = (keys[:, k - 1] >= raw_values[:, m - 1] / scale).nonzero().squeeze(1)
+        for r0, r1 in _row_chunks(len(undecided), n):
+            row = undecided[r0:r1]
+            d = exact_rows(xo, xo, row, metric, True)
+            order = torch.sort(d / scale[row, None], dim=1, stable=True).indices[:, :k]
+            values[row], indices[row] = d.gather(1, order), order
+    return values, indices
+
+
+def self_knn_certified_rows(x, k: int, metric: str, normalize: bool, cross_rows: int, stage1, max_k: int):
+    """self_knn by the certified search (m = k, or k + 4 raw neighbours with normalize, as the direct
+    path); also every row's candidate count (-1: computed exactly). `max_k`: stage 1's limit on m."""
+    dtype = compute_dtype(x)
+    x = x.to(dtype)
+    n = x.shape[0]
+    m = min(n, k + 4) if normalize else k
+    raw_values = x.new_empty((n, m))
+    raw_indices = x.new_empty((n, m), dtype=torch.long)
+    row_max = x.new_empty((n,))
+    counts = x.new_full((n,), -1, dtype=torch.long)
+    # The query x gallery block is returned in full: the direct path's GEMM.
+    cross = pairwise_distance_reference(x[:cross_rows], x[cross_rows:], metric)
+    if n == 0:
+        return raw_values[:, :k], raw_indices[:, :k], row_max, cross, counts
+    xo = Operand.of(x, metric, dtype)
+    fallback = torch.arange(n, device=x.device)
+    if m <= max_k and bound_applies(xo):
+        cap = candidate_cap(m, n)
+        near, near_count, far, far_count = stage1(xo, xo, m, cap, metric, True)
+        near_count = torch.where(far_count > cap, cap + 1, near_count)  # the row maximum overflowed
+        fallback = _stage2(xo, xo, near, near_count, m, cap, metric, True, raw_values, raw_indices, counts)
+        _row_maxima(xo, far, far_count, (counts >= 0).nonzero().squeeze(1), metric, row_max)
+    _exact(xo, xo, fallback, m, metric, True, raw_values, raw_indices, row_max)
+    if normalize:
+        values, indices = _normalized_order(xo, raw_values, raw_indices, row_max, k, metric)
+    else:
+        values, indices = raw_values, raw_indices
+    return values, indices, row_max, cross, counts
+
+
+# ---- registrations ------------------------------------------------------------------------------
+
+
+def _fake_knn_certified(x, y, k, metric="euclidean"):
+    return (*_fake_knn(x, y, k, metric), x.new_empty((x.shape[0],), dtype=torch.long))
+
+
+def _fake_self_knn_certified(x, k, metric="sqeuclidean", normalize=False, cross_rows=0):
+    return (*_fake_self_knn(x, k, metric, normalize, cross_rows), x.new_empty((x.shape[0],), dtype=torch.long))
+
+
+@torch.library.custom_op("dpm_ops::knn_certified_triton", mutates_args=())
+def knn_certified_triton(
+    x: torch.Tensor, y: torch.Tensor, k: int, metric: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_knn_gpu_k(k, "Triton")
+    return knn_certified_rows(x, y, k, metric, _triton_stage1)
+
+
+@torch.library.custom_op("dpm_ops::self_knn_certified_triton", mutates_args=())
+def self_knn_certified_triton(
+    x: torch.Tensor, k: int, metric: str, normalize: bool, cross_rows: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return self_knn_certified_rows(x, k, metric, normalize, cross_rows, _triton_stage1, KNN_GPU_MAX_K)
+
+
+torch.library.register_fake(knn_certified_triton)(_fake_knn_certified)
+torch.library.register_fake(self_knn_certified_triton)(_fake_self_knn_certified)
+torch.library.register_autograd(knn_certified_triton, _backward, setup_context=_setup_context)
+
+
+def _knn_certified_cuda(x, y, k, metric="euclidean"):
+    return knn_certified_rows(x, y, k, metric, stage1_cublas)
+
+
+def _self_knn_certified_cuda(x, k, metric="sqeuclidean", normalize=False, cross_rows=0):
+    return self_knn_certified_rows(x, k, metric, normalize, cross_rows, stage1_cublas, x.shape[0])
+
+
+def _knn_certified_bounds_cuda(x, y, metric="euclidean"):
+    dtype = compute_dtype(x, y)
+    xo, yo = Operand.of(x, metric, dtype), Operand.of(y, metric, dtype)
+    if not bound_applies(xo, yo):
+        raise ValueError("knn_certified_bounds: rows too large (norm > 2^60) or too long (D >= 2^20) for the bound")
+    return stage1_bounds(xo, yo, slice(0, x.shape[0]), metric, False)
+
+
+if _backend.extension()[0] is not None:  # the schemas (python_bindings/knn.cpp); CPU kernels: csrc/knn/knn_cpu.cpp
+    for _name, _kernel in (
+        ("knn_certified", _knn_certified_cuda),
+        ("self_knn_certified", _self_knn_certified_cuda),
+        ("knn_certified_bounds", _knn_certified_bounds_cuda),
+    ):
+        torch.library.register_kernel(f"dpm_ops::{_name}", "cuda", _kernel)

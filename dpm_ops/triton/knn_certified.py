@@ -1,0 +1,275 @@
+"""Triton kernels of stage 1 of the certified k-NN (docs/certified_knn.md, "GPU"; pipeline: ops/knn_certified.py).
+
+Both kernels recompute one bf16 tensor-core GEMM (tl.dot, fp32 accumulator) tile by tile, one program
+per BLOCK_M rows streaming every column, and turn each dot product s into the interval
+[L, U] = [distance(s + E), distance(s - E)], E = a_i a_j (the per-row scales carry the bound):
+
+* _limits_kernel: per row the k-th smallest U (merge_tile of the direct kernel keeps the k smallest
+  across tiles; a tile with no U below the current k-th is skipped) and, for self_knn's row maximum,
+  the largest L;
+* _collect_kernel: per row the columns with L <= the k-th smallest U ("near") and, for the row
+  maximum, those with U >= the largest L ("far"), in ascending column order into buffers of `cap`
+  slots; the counts go on past `cap` (such a row falls back to the exact computation).
+
+A program owns its rows across all tiles, so the buffers need no atomics and come out sorted.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._device import on_input_device
+from .knn import _METRIC_IDS, _NO_INDEX, merge_tile
+
+# Tiles: bf16 tl.dot takes >= 16 per side; the limits kernel's (BLOCK_M, next_power_of_2(k)) lists
+# are what limits its rows per program (as the direct kernel's).
+LIMITS_BLOCK_M = 16
+COLLECT_BLOCK_M = 64
+BLOCK_N = 64
+BLOCK_D = 32
+
+
+@triton.jit
+def _distance(dots, x_norm, y_norm, METRIC: tl.constexpr):
+    """ops/knn_certified.py's distance() (the direct path's formula) in the norms' dtype; the
+    square root correctly rounded, so the bounds stay monotone in the dot product."""
+    if METRIC == 2:
+        return 1.0 - dots
+    raw = tl.maximum(x_norm[:, None] + y_norm[None, :] - 2.0 * dots, 0.0)
+    if METRIC == 0:
+        raw = tl.sqrt_rn(raw)
+    return raw
+
+
+@triton.jit
+def _tile_bounds(
+    xb_ptr,
+    yb_ptr,
+    yn_ptr,
+    ys_ptr,
+    rows,
+    cols,
+    x_norm,
+    x_scale,
+    D,
+    SELF: tl.constexpr,
+    METRIC: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EMULATED: tl.constexpr,
+):
+    """(L, U) of a (rows, cols) tile; rows and cols clamped into range by the caller (which masks them)."""
+    acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        in_d = d[None, :] < D
+        xt = tl.load(xb_ptr + rows[:, None].to(tl.int64) * D + d[None, :], mask=in_d, other=0.0)
+        yt = tl.load(yb_ptr + cols[:, None].to(tl.int64) * D + d[None, :], mask=in_d, other=0.0)
+        if EMULATED:  # the interpreter multiplies bf16 bit patterns: exact fp32 products, the same sums
+            acc = tl.dot(xt.to(tl.float32), tl.trans(yt).to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xt, tl.trans(yt), acc, out_dtype=tl.float32)  # bf16 products, fp32 accumulation
+    y_norm = tl.load(yn_ptr + cols)
+    dots = acc.to(y_norm.dtype)
+    err = (x_scale[:, None] * tl.load(ys_ptr + cols)[None, :]).to(y_norm.dtype)
+    lower = _distance(dots + err, x_norm, y_norm, METRIC)
+    upper = _distance(dots - err, x_norm, y_norm, METRIC)
+    if SELF:  # self_knn's d(i, i) = 0 exactly
+        diagonal = rows[:, None] == cols[None, :]
+        lower = tl.where(diagonal, 0.0, lower)
+        upper = tl.where(diagonal, 0.0, upper)
+    return lower, upper
+
+
+@triton.jit
+def _limits_kernel(
+    xb_ptr,
+    yb_ptr,
+    xn_ptr,
+    yn_ptr,
+    xs_ptr,
+    ys_ptr,
+    limit_ptr,
+    top_ptr,
+    M,
+    N,
+    D,
+    K,
+    SELF: tl.constexpr,
+    TRACK_MAX: tl.constexpr,
+    METRIC: tl.constexpr,
+    KP: tl.constexpr,
+    NO_INDEX: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EMULATED: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_m = rows < M
+    rows = tl.minimum(rows, M - 1)
+    x_norm = tl.load(xn_ptr + rows)
+    x_scale = tl.load(xs_ptr + rows)
+    acc_t = xn_ptr.dtype.element_ty
+    slots = tl.arange(0, KP)
+    best_v = tl.full((BLOCK_M, KP), float("inf"), acc_t)
+    best_i = tl.full((BLOCK_M, KP), NO_INDEX, tl.int32)
+    kth = tl.full((BLOCK_M,), float("inf"), acc_t)
+    top = tl.full((BLOCK_M,), float("-inf"), acc_t)
+    for c0 in range(0, N, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N)
+        in_n = cols[None, :] < N
+        lower, upper = _tile_bounds(
+            xb_ptr,
+            yb_ptr,
+            yn_ptr,
+            ys_ptr,
+            rows,
+            tl.minimum(cols, N - 1),
+            x_norm,
+            x_scale,
+            D,
+            SELF,
+            METRIC,
+            BLOCK_D,
+            EMULATED,
+        )
+        if TRACK_MAX:
+            top = tl.maximum(top, tl.max(tl.where(in_n, lower, float("-inf")), axis=1))
+        upper = tl.where(in_n, upper, float("inf"))
+        if tl.sum((upper < kth[:, None]).to(tl.int32)) > 0:  # else the tile cannot lower any row's k-th
+            tile_i = tl.where(in_n, cols[None, :], NO_INDEX) + tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
+            best_v, best_i = merge_tile(upper, tile_i, best_v, best_i, K, KP, NO_INDEX)
+            kth = tl.max(tl.where(slots[None, :] < K, best_v, float("-inf")), axis=1)
+    tl.store(limit_ptr + rows, kth, mask=in_m)
+    if TRACK_MAX:
+        tl.store(top_ptr + rows, top, mask=in_m)
+
+
+@triton.jit
+def _append(out_ptr, rows, cols, take, count, CAP):
+    """Appends the columns `take` picks to the rows' buffers of CAP slots (in column order); new counts."""
+    picked = take.to(tl.int32)
+    slot = count[:, None] + tl.cumsum(picked, axis=1) - 1
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * CAP + slot, cols[None, :] + 0 * slot, mask=take & (slot < CAP))
+    return count + tl.sum(picked, axis=1)
+
+
+@triton.jit
+def _collect_kernel(
+    xb_ptr,
+    yb_ptr,
+    xn_ptr,
+    yn_ptr,
+    xs_ptr,
+    ys_ptr,
+    limit_ptr,
+    top_ptr,
+    near_ptr,
+    near_count_ptr,
+    far_ptr,
+    far_count_ptr,
+    M,
+    N,
+    D,
+    CAP,
+    SELF: tl.constexpr,
+    TRACK_MAX: tl.constexpr,
+    METRIC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EMULATED: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_m = rows < M
+    rows = tl.minimum(rows, M - 1)
+    x_norm = tl.load(xn_ptr + rows)
+    x_scale = tl.load(xs_ptr + rows)
+    limit = tl.load(limit_ptr + rows)
+    near_count = tl.zeros((BLOCK_M,), tl.int32)
+    far_count = tl.zeros((BLOCK_M,), tl.int32)
+    if TRACK_MAX:
+        top = tl.load(top_ptr + rows)
+    for c0 in range(0, N, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N)
+        valid = in_m[:, None] & (cols[None, :] < N)
+        lower, upper = _tile_bounds(
+            xb_ptr,
+            yb_ptr,
+            yn_ptr,
+            ys_ptr,
+            rows,
+            tl.minimum(cols, N - 1),
+            x_norm,
+            x_scale,
+            D,
+            SELF,
+            METRIC,
+            BLOCK_D,
+            EMULATED,
+        )
+        near_count = _append(near_ptr, rows, cols, valid & (lower <= limit[:, None]), near_count, CAP)
+        if TRACK_MAX:
+            far_count = _append(far_ptr, rows, cols, valid & (upper >= top[:, None]), far_count, CAP)
+    tl.store(near_count_ptr + rows, near_count, mask=in_m)
+    if TRACK_MAX:
+        tl.store(far_count_ptr + rows, far_count, mask=in_m)
+
+
+@on_input_device
+def stage1(x_bf16, y_bf16, x_norms, y_norms, x_scales, y_scales, k: int, cap: int, metric: str, self_pairs: bool):
+    """Stage 1 on bf16 rows (M, D), (N, D), squared norms in the compute dtype and fp32 bound scales;
+    k <= 256 (the register lists). With self_pairs (x is y: self_knn) the diagonal is 0 and the row
+    maxima's candidates are collected too. Returns (near (M, cap) int32 padded with N, near counts,
+    far, far counts) (far: None without self_pairs)."""
+    M, D = x_bf16.shape
+    N = y_bf16.shape[0]
+    dtype, device = x_norms.dtype, x_norms.device
+    limits = torch.empty(M, dtype=dtype, device=device)
+    tops = torch.empty(M if self_pairs else 0, dtype=dtype, device=device)
+    near = torch.full((M, cap), N, dtype=torch.int32, device=device)
+    far = torch.full((M if self_pairs else 0, cap), N, dtype=torch.int32, device=device)
+    near_count = torch.empty(M, dtype=torch.int32, device=device)
+    far_count = torch.empty(M if self_pairs else 0, dtype=torch.int32, device=device)
+    if M == 0:
+        return near, near_count, (far if self_pairs else None), (far_count if self_pairs else None)
+    operands = (x_bf16, y_bf16, x_norms, y_norms, x_scales, y_scales, limits, tops)
+    kp = triton.next_power_of_2(k)
+    _limits_kernel[(triton.cdiv(M, LIMITS_BLOCK_M),)](
+        *operands,
+        M,
+        N,
+        D,
+        k,
+        SELF=self_pairs,
+        TRACK_MAX=self_pairs,
+        METRIC=_METRIC_IDS[metric],
+        KP=kp,
+        NO_INDEX=_NO_INDEX,
+        BLOCK_M=LIMITS_BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_D=BLOCK_D,
+        EMULATED=os.environ.get("TRITON_INTERPRET") == "1",
+        num_warps=8 if kp >= 128 else 4,
+    )
+    _collect_kernel[(triton.cdiv(M, COLLECT_BLOCK_M),)](
+        *operands,
+        near,
+        near_count,
+        far,
+        far_count,
+        M,
+        N,
+        D,
+        cap,
+        SELF=self_pairs,
+        TRACK_MAX=self_pairs,
+        METRIC=_METRIC_IDS[metric],
+        BLOCK_M=COLLECT_BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_D=BLOCK_D,
+        EMULATED=os.environ.get("TRITON_INTERPRET") == "1",
+    )
+    return near, near_count, (far if self_pairs else None), (far_count if self_pairs else None)
