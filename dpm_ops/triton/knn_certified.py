@@ -39,7 +39,10 @@ def _distance(dots, x_norm, y_norm, METRIC: tl.constexpr):
         return 1.0 - dots
     raw = tl.maximum(x_norm[:, None] + y_norm[None, :] - 2.0 * dots, 0.0)
     if METRIC == 0:
-        raw = tl.sqrt_rn(raw)
+        if raw.dtype == tl.float64:
+            raw = tl.sqrt(raw)  # fp64 square roots are correctly rounded
+        else:
+            raw = tl.sqrt_rn(raw)
     return raw
 
 
@@ -271,5 +274,6 @@ def stage1(x_bf16, y_bf16, x_norms, y_norms, x_scales, y_scales, k: int, cap: in
         BLOCK_N=BLOCK_N,
         BLOCK_D=BLOCK_D,
         EMULATED=os.environ.get("TRITON_INTERPRET") == "1",
+        num_warps=8,  # the (64, 64) tile's bounds, slots and masks: spill-free with two buffers
     )
     return near, near_count, (far if self_pairs else None), (far_count if self_pairs else None)

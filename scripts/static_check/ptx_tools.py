@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 # The GEMM-shaped ops (dpm_ops/triton/<op>.py, csrc/<op>/): their GEMMs must run on tensor cores (Triton:
 # in TF32 mode and on bf16 inputs) or in cuBLAS (CUDA: no SIMT GEMM loop left in the op's kernels).
-GEMM_OPS = ("masked_cosine", "knn", "masked_arcface")
+GEMM_OPS = ("masked_cosine", "knn", "masked_arcface", "knn_certified")
 # Max dynamic shared memory per block with cudaFuncSetAttribute opt-in (CUDA programming guide,
 # compute capabilities table): 227 KB on sm_90, 163 KB on sm_80.
 SMEM_OPTIN_LIMIT = {90: 232448, 80: 166912}

@@ -391,6 +391,45 @@ def cases(mods: dict) -> list:
                     ),
                 )
 
+    # The certified k-NN's stage 1 (bf16 GEMM, bounds in the fp32 / fp64 compute dtype): knn at the knn
+    # shapes, self_knn as re-ranking calls it (k1 20 + 5 raw neighbours kept, the row maxima collected).
+    cert = mods["knn_certified"]
+    market_all, msmt_all = MARKET[0] + MARKET[1], MSMT17[0] + MSMT17[1]
+    for label, (M, N, D), k, self_pairs in (
+        ("knn market M3368 N15913 D768", MARKET, 21, False),
+        ("knn market M3368 N15913 D768", MARKET, 256, False),
+        ("self_knn market N19281 D768", (market_all, market_all, 768), 25, True),
+        ("self_knn msmt17 N93820 D768", (msmt_all, msmt_all, 768), 25, True),
+    ):
+        for d in FP32_FP64:
+            for metric in ("euclidean", "cosine") if k == 21 else ("euclidean",):
+
+                def run(M=M, N=N, D=D, k=k, metric=metric, self_pairs=self_pairs, dt=dtypes[d]):
+                    bf16 = torch.bfloat16
+                    cert.stage1(
+                        t(M, D, dtype=bf16),
+                        t(N, D, dtype=bf16),
+                        t(M, dtype=dt),
+                        t(N, dtype=dt),
+                        t(M),
+                        t(N),
+                        k,
+                        max(256, 8 * k),
+                        metric,
+                        self_pairs,
+                    )
+
+                # bf16 GEMM either way: the fp32 cases are held to tensor-core instructions (GEMM_OPS)
+                out.append(
+                    Case(
+                        f"knn_certified {label} k{k} {metric} {d}",
+                        "knn_certified",
+                        "bf16" if d == "fp32" else d,
+                        "highest",
+                        run,
+                    )
+                )
+
     arc = mods["masked_arcface"]
     for label, easy, plain_weight in (
         ("dpm train B64 K702 C768", False, 0.5),
