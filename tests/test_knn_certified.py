@@ -38,17 +38,17 @@ def row_tolerance(x, y, metric, dtype):
     return 2 * gamma * scale + 8 * u  # + a few ulp of the formula's own rounding near 0 / 1
 
 
-def check_same_knn(x, y, k, metric, strategy_result=None, min_covered=0.5):
-    """Certified vs direct within the tolerance; returns (rows covered, rows)."""
-    dc, ic = strategy_result or knn(x, y, k, metric, backend="cpp", strategy="certified")
-    dd, idd = knn(x, y, k, metric, backend="cpp", strategy="direct")
+def check_same_knn(x, y, k, metric, strategy_result=None, min_covered=0.5, backend="cpp"):
+    """Certified vs direct on `backend` within the tolerance; returns (rows covered, rows)."""
+    dc, ic = strategy_result or knn(x, y, k, metric, backend=backend, strategy="certified")
+    dd, idd = knn(x, y, k, metric, backend=backend, strategy="direct")
     dtype = dd.dtype
-    tau = row_tolerance(x, y, metric, dtype)
+    tau = row_tolerance(x.cpu(), y.cpu(), metric, dtype).to(dd.device)
     assert dc.dtype == dd.dtype and ic.dtype == torch.long
     gap = (squared(dc.double(), metric) - squared(dd.double(), metric)).abs()
     assert bool((gap <= tau[:, None]).all()), f"distances differ by up to {float(gap.max()):.3g}"
     # Rows where the direct path's first k + 1 distances are more than 2 tau apart.
-    wider, _ = knn(x, y, min(k + 1, len(y)), metric, backend="cpp", strategy="direct")
+    wider, _ = knn(x, y, min(k + 1, len(y)), metric, backend=backend, strategy="direct")
     steps = squared(wider.double(), metric).diff(dim=1)
     unambiguous = (steps > 2 * tau[:, None]).all(dim=1)
     assert torch.equal(ic[unambiguous], idd[unambiguous])
@@ -158,15 +158,11 @@ def test_distances_are_differentiable():
     torch.testing.assert_close(y.grad, y2.grad)
 
 
-@pytest.mark.parametrize("normalize", [False, True])
-def test_self_knn_matches_direct(normalize):
-    query, gallery = reid_like(300, 2000, seed=2)
-    x = torch.cat([query, gallery])
-    n, q, k = len(x), len(query), 25
-    cert = torch.ops.dpm_ops.self_knn_certified(x, k, "sqeuclidean", normalize, q)
-    direct = self_knn(x, k, "sqeuclidean", normalize, q, backend="cpp", strategy="direct")
-    assert bool((cert[4] >= k).all())
-    tau = row_tolerance(x, x, "sqeuclidean", torch.float32)
+def check_same_self_knn(cert, direct, x, k, normalize):
+    """self_knn certified (its first four outputs) vs direct within the tolerance; at least half the
+    rows unambiguous."""
+    n = len(x)
+    tau = row_tolerance(x.cpu(), x.cpu(), "sqeuclidean", torch.float32).to(direct[0].device)
     torch.testing.assert_close(cert[2], direct[2], atol=float(tau.max()), rtol=0)  # row maxima
     torch.testing.assert_close(cert[3], direct[3], atol=float(tau.max()), rtol=0)  # the cross block
     assert bool(((cert[0] - direct[0]).abs() <= tau[:, None]).all())
@@ -179,6 +175,17 @@ def test_self_knn_matches_direct(normalize):
     assert torch.equal(cert[1][unambiguous], direct[1][unambiguous])
     print(f"self_knn certified == direct: indices equal in all {int(unambiguous.sum())} unambiguous rows of {n}")
     assert int(unambiguous.sum()) > 0.5 * n, f"{int(unambiguous.sum())} of {n} rows unambiguous"
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_self_knn_matches_direct(normalize):
+    query, gallery = reid_like(300, 2000, seed=2)
+    x = torch.cat([query, gallery])
+    q, k = len(query), 25
+    cert = torch.ops.dpm_ops.self_knn_certified(x, k, "sqeuclidean", normalize, q)
+    direct = self_knn(x, k, "sqeuclidean", normalize, q, backend="cpp", strategy="direct")
+    assert bool((cert[4] >= k).all())
+    check_same_self_knn(cert, direct, x, k, normalize)
 
 
 def test_self_knn_exact_input_is_bitwise_identical():
@@ -242,9 +249,9 @@ def test_strategy_argument():
         knn(x, x, 1, strategy="fast")
     with pytest.raises(ValueError, match="strategy must be one of"):
         self_knn(x, 1, strategy=None)
-    with pytest.raises(ValueError, match="strategy='certified' runs on the C.. CPU kernels"):
+    with pytest.raises(ValueError, match="strategy='certified' runs on the C.. CPU kernels and on CUDA / Triton"):
         knn(x, x, 1, backend="reference", strategy="certified")
-    with pytest.raises(ValueError, match="strategy='certified' runs on the C.. CPU kernels"):
+    with pytest.raises(ValueError, match="strategy='certified' runs on the C.. CPU kernels and on CUDA / Triton"):
         self_knn(x, 1, backend="reference", strategy="certified")
 
 

@@ -1,0 +1,243 @@
+"""The certified knn / self_knn on Triton (the interpreter without a GPU) and CUDA against their direct
+paths, with the tolerance and row-coverage rule of test_knn_certified.py (docs/certified_knn.md, "GPU").
+
+Sizes stay small: the Triton interpreter runs every tile in numpy on shared CPU cores.
+"""
+
+import pytest
+import torch
+from test_knn_certified import (
+    _adversarial_rows,
+    check_same_knn,
+    check_same_self_knn,
+    gaussian,
+    sign_rows,
+)
+
+from benchmarks.reference.synthetic_features import make_reid_features
+from conftest import backend_params, device_for
+from dpm_ops.ops import knn, knn_certified, self_knn
+from dpm_ops.ops.knn_reference import COSINE_EPS, pairwise_distance_reference
+
+GPU_BACKENDS = backend_params("triton", "cuda")
+
+
+def on(backend, *tensors):
+    device = device_for(backend)
+    return [t.to(device) for t in tensors]
+
+
+def certified_op(backend):
+    return torch.ops.dpm_ops.knn_certified_triton if backend == "triton" else torch.ops.dpm_ops.knn_certified
+
+
+def reid_like(num_query, num_gallery, dim=64, seed=0):
+    f = make_reid_features(
+        num_query=num_query,
+        num_gallery=num_gallery,
+        num_ids=num_gallery // 20,
+        num_distractors=num_gallery // 5,
+        dim=dim,
+        seed=seed,
+    )
+    return torch.from_numpy(f.query), torch.from_numpy(f.gallery)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
+def test_random_rows_match_direct(backend, metric):
+    x, y = on(backend, gaussian(30, 32, 0), gaussian(160, 32, 1))  # several column tiles
+    covered, rows = check_same_knn(x, y, 7, metric, backend=backend)
+    assert covered > 0.9 * rows
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_reid_like_features_match_direct(backend, metric):
+    query, gallery = on(backend, *reid_like(30, 300))
+    x = query * 3.0 if metric == "euclidean" else query  # not unit rows: norms enter the formula
+    result = certified_op(backend)(x, gallery, 11, metric)
+    assert bool((result[2] >= 11).all()), "every row certified, none fell back"
+    assert float(result[2].double().mean()) < 0.2 * len(gallery), "stage 1 prunes most columns"
+    check_same_knn(x, gallery, 11, metric, result[:2], backend=backend)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_duplicate_heavy_rows_fall_back_and_match(backend):
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(8, 32, generator=gen)
+    others = 5 + torch.randn(60, 32, generator=gen)  # a cluster far from the copies
+    y = torch.cat([base[:1].repeat(300, 1), base[1:].repeat(4, 1), others])  # 300 copies: over the cap of 256
+    x = torch.cat([base[:3], others[:2] + 0.1])
+    x, y = on(backend, x, y)
+    _, _, counts = certified_op(backend)(x, y, 5, "sqeuclidean")
+    assert counts[0] == -1 and bool((counts[1:] >= 5).all())
+    assert counts[1] >= 4 and counts[2] >= 4  # the 4 copies of rows 1 and 2 tie: all candidates
+    check_same_knn(x, y, 5, "sqeuclidean", min_covered=0.0, backend=backend)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_tie_heavy_exact_input_is_bitwise_identical(backend):
+    x, y = on(backend, sign_rows(24), sign_rows(150, seed=1))
+    # Triton's direct kernel takes the fast (approximate) square root on a GPU: euclidean only in the interpreter.
+    exact_sqrt = backend == "cuda" or x.device.type == "cpu"
+    for metric in ("euclidean", "sqeuclidean", "cosine") if exact_sqrt else ("sqeuclidean", "cosine"):
+        certified = knn(x, y, 9, metric, backend=backend, strategy="certified")
+        direct = knn(x, y, 9, metric, backend=backend, strategy="direct")
+        assert torch.equal(certified[0], direct[0]) and torch.equal(certified[1], direct[1]), metric
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("rows, cols, k", [(1, 1, 1), (4, 5, 5), (0, 3, 2), (3, 20, 20)])
+def test_tiny_and_k_at_least_n(backend, rows, cols, k):
+    x, y = on(backend, gaussian(rows, 8, 4), gaussian(cols, 8, 5))
+    certified = knn(x, y, k, "euclidean", backend=backend, strategy="certified")
+    assert certified[0].shape == (rows, k) and certified[1].shape == (rows, k)
+    if rows:
+        check_same_knn(x, y, k, "euclidean", certified, min_covered=0.0, backend=backend)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_float64_and_non_contiguous_inputs(backend):
+    (base,) = on(backend, gaussian(160, 64, 6, torch.float64))
+    x, y = base[:30, ::2], base.T.contiguous().T[30:, 1::2]  # strided views
+    assert not x.is_contiguous() and not y.is_contiguous()
+    d, i = knn(x, y, 6, "euclidean", backend=backend, strategy="certified")
+    assert d.dtype == torch.float64  # stage 2 in fp64
+    check_same_knn(x, y, 6, "euclidean", (d, i), backend=backend)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_distances_are_differentiable(backend):
+    x, y = on(backend, gaussian(10, 16, 9), gaussian(80, 16, 10))
+    x, y = x.requires_grad_(), y.requires_grad_()
+    knn(x, y, 4, "euclidean", backend=backend, strategy="certified")[0].sum().backward()
+    x2, y2 = x.detach().clone().requires_grad_(), y.detach().clone().requires_grad_()
+    knn(x2, y2, 4, "euclidean", backend=backend, strategy="direct")[0].sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(y.grad, y2.grad)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_self_knn_matches_direct(backend, normalize):
+    query, gallery = reid_like(30, 140, seed=2)
+    (x,) = on(backend, torch.cat([query, gallery]))
+    q, k = len(query), 10
+    op = torch.ops.dpm_ops.self_knn_certified_triton if backend == "triton" else torch.ops.dpm_ops.self_knn_certified
+    cert = op(x, k, "sqeuclidean", normalize, q)
+    direct = self_knn(x, k, "sqeuclidean", normalize, q, backend=backend, strategy="direct")
+    assert bool((cert[4] >= k).all())
+    check_same_self_knn(cert, direct, x, k, normalize)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_self_knn_exact_input_is_bitwise_identical(backend):
+    (x,) = on(backend, sign_rows(90, seed=11))
+    for normalize in (False, True):
+        cert = self_knn(x, 8, "euclidean", normalize, 30, backend=backend, strategy="certified")
+        direct = self_knn(x, 8, "euclidean", normalize, 30, backend=backend, strategy="direct")
+        for a, b in zip(cert, direct):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_self_knn_duplicates_fall_back(backend):
+    gen = torch.Generator().manual_seed(5)
+    # 262 copies (their ties overflow the cap of 256) between two clusters (certified: the copies are
+    # neither their rows' nearest nor their farthest).
+    side = torch.zeros(1, 16)
+    side[0, 0] = 20
+    x = torch.cat(
+        [
+            0.1 * torch.randn(1, 16, generator=gen).repeat(262, 1),
+            side + torch.randn(10, 16, generator=gen),
+            -side + torch.randn(10, 16, generator=gen),
+        ]
+    )
+    (x,) = on(backend, x)
+    cert = self_knn(x, 4, "euclidean", True, 10, backend=backend, strategy="certified")
+    direct = self_knn(x, 4, "euclidean", True, 10, backend=backend, strategy="direct")
+    counts = (
+        torch.ops.dpm_ops.self_knn_certified_triton if backend == "triton" else torch.ops.dpm_ops.self_knn_certified
+    )(x, 4, "euclidean", True, 10)[4]
+    assert bool((counts[:262] == -1).all()) and bool((counts[262:] >= 4).all())
+    torch.testing.assert_close(cert[2], direct[2], atol=1e-4, rtol=0)
+    torch.testing.assert_close(cert[0], direct[0], atol=1e-4, rtol=0)
+
+
+# ---- the tensor-core bound ------------------------------------------------------------------------
+
+
+def test_bound_constant_has_the_cpu_structure():
+    # With the CPU's units (fp32 sums rounded to nearest, bf16 output) it is the CPU kernel's c_768.
+    assert knn_certified.stage1_constant(768, 2.0**-24, 2.0**-8) == pytest.approx(0.011857, abs=1e-6)
+    gpu = knn_certified.stage1_constant(768)  # fp32 output, truncating tensor-core accumulation
+    assert 2 * knn_certified.BF16_OPERAND_UNIT < gpu < 0.0083
+
+
+@pytest.mark.parametrize("case", list(_adversarial_rows()))
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
+def test_gpu_bound_contains_float64_truth(case, metric):
+    x, y = _adversarial_rows()[case]
+    xo, yo = knn_certified.Operand.of(x, metric, torch.float32), knn_certified.Operand.of(y, metric, torch.float32)
+    lower, upper = knn_certified.stage1_bounds(xo, yo, slice(0, len(x)), metric, False)
+    assert bool((lower <= upper).all())
+    # Every fp32 summation of the exact products lies inside: the reference's GEMM, a sequential sum,
+    # and the float64 truth rounded by the same monotone formula.
+    for dots in (x @ y.T, (x[:, None, :] * y[None]).cumsum(-1)[..., -1]):
+        if metric == "cosine":
+            dots = (
+                torch.nn.functional.normalize(x, dim=1, eps=COSINE_EPS)
+                @ torch.nn.functional.normalize(y, dim=1, eps=COSINE_EPS).T
+            )
+        values = knn_certified.distance(dots, xo.norms[:, None], yo.norms[None, :], metric)
+        assert bool(((lower <= values) & (values <= upper)).all())
+    reference = pairwise_distance_reference(x, y, metric)
+    assert bool(((lower <= reference) & (reference <= upper)).all())
+    xd, yd = x.double(), y.double()
+    if metric == "cosine":
+        truth = 1 - torch.nn.functional.normalize(xd, dim=1) @ torch.nn.functional.normalize(yd, dim=1).T
+    else:
+        truth = ((xo.norms[:, None] + yo.norms[None, :]).double() - 2 * (xd @ yd.T)).clamp_min(0)
+        truth = truth.sqrt() if metric == "euclidean" else truth
+    slack = 4 * 2.0**-24 * truth.abs() + 1e-300
+    assert bool(((lower.double() <= truth + slack) & (truth - slack <= upper.double())).all())
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("case", ["large norms", "cancellation"])
+def test_certified_search_on_adversarial_inputs(backend, case):
+    x, y = on(backend, *_adversarial_rows()[case])
+    for metric in ("sqeuclidean", "cosine"):
+        check_same_knn(x[:12], y[:120], 5, metric, min_covered=0.0, backend=backend)
+
+
+def test_truncating_accumulation_stays_inside():
+    """Sums truncated toward zero (the tensor cores' worst case) of the bf16 products, in blocks of 4 with
+    the accumulator: still inside the bound, whose accumulation unit is 2^-21."""
+    gen = torch.Generator().manual_seed(21)
+    x, y = 1 + torch.rand(6, 256, generator=gen), 1 + torch.rand(40, 256, generator=gen)  # no cancellation
+    xo, yo = (
+        knn_certified.Operand.of(x, "sqeuclidean", torch.float32),
+        knn_certified.Operand.of(y, "sqeuclidean", torch.float32),
+    )
+    products = xo.bf16.double()[:, None, :] * yo.bf16.double()[None]  # exact
+    acc = torch.zeros(products.shape[:2], dtype=torch.float64)
+    for d0 in range(0, 256, 4):
+        exact = acc + products[..., d0 : d0 + 4].sum(-1)
+        nearest = exact.float()
+        toward_zero = torch.nextafter(nearest, torch.zeros(1)).double()
+        acc = torch.where(nearest.double().abs() > exact.abs(), toward_zero, nearest.double())
+    err = (xo.scales[:, None] * yo.scales[None, :]).double()
+    direct = x.double() @ y.double().T
+    assert bool(((acc - direct).abs() <= err).all())
+    assert float(((acc - direct).abs() / err).max()) < 1  # and by a margin: the bf16 operands dominate
+
+
+def test_certified_strategy_errors():
+    x = gaussian(5, 4, 13)
+    with pytest.raises(ValueError, match="strategy='certified' runs on .* got backend 'reference'"):
+        knn(x, x, 1, backend="reference", strategy="certified")
+    with pytest.raises(ValueError, match="strategy='certified' runs on .* got backend 'reference'"):
+        self_knn(x, 1, backend="reference", strategy="certified")
