@@ -1,0 +1,62 @@
+"""rerank_features on a GPU with the certified neighbour search against the direct one (issue 13,
+docs/certified_knn.md "GPU"), in the same run; the certified cases report their candidate sets.
+
+Targets (issue 13, H100 / H200): rerank_features with strategy="certified" <= 10 ms at Market-1501
+scale (N = 19,281, 768-d) and <= 0.3 s at MSMT17 scale (N = 93,820). Skipped without CUDA; the GPU
+bring-up (scripts/gpu_check.py) runs this file first among the kernel benchmarks.
+"""
+
+import pytest
+import torch
+
+from benchmarks.bench_evaluation import GPU, _on_device, group_name, reid_data
+from benchmarks.conftest import median_of
+from dpm_ops.evaluation import rerank_features
+from dpm_ops.evaluation._select import TIE_MARGIN
+
+pytestmark = pytest.mark.skipif(not GPU, reason="GPU benchmarks (the CPU ones: bench_evaluation.py)")
+TARGETS_S = {"market1501": 10e-3, "msmt17": 0.3}
+GROUP = "rerank_features certified gpu"
+
+
+@pytest.mark.parametrize("scale", ["market1501", "msmt17"])
+@pytest.mark.parametrize("strategy", ["direct", "certified"])
+def bench_gpu_rerank_features_strategy(timed, benchmark, strategy, scale):
+    data = reid_data(scale)
+    query, gallery = _on_device(data.query, data.gallery, device="cuda")
+    timed(
+        lambda: rerank_features(query, gallery, strategy=strategy),
+        group=group_name(GROUP, scale),
+        name=f"rerank {strategy}",
+        device="cuda",
+        rounds=3,
+        iterations=5 if scale == "market1501" else 1,
+        num_query=len(query),
+        num_gallery=len(gallery),
+        dim=query.shape[1],
+    )
+    if strategy == "certified":  # rerank_features' own self_knn call (k1 = 20: 21 neighbours + the tie margin)
+        counts = torch.ops.dpm_ops.self_knn_certified(
+            torch.cat([query, gallery]), 21 + TIE_MARGIN, "sqeuclidean", True, len(query)
+        )[4].cpu()
+        certified = counts[counts >= 0].double()
+        benchmark.extra_info.update(
+            candidates_mean=float(certified.mean()) if len(certified) else None,
+            candidates_max=int(certified.max()) if len(certified) else None,
+            fallback_rate=float((counts < 0).double().mean()),
+            target_s=TARGETS_S[scale],
+        )
+
+
+@pytest.mark.parametrize("scale", list(TARGETS_S))
+def bench_gpu_certified_rerank_targets(scale):
+    certified = median_of(group_name(GROUP, scale), "rerank certified")
+    direct = median_of(group_name(GROUP, scale), "rerank direct")
+    if certified is None:
+        pytest.skip("timings not recorded (benchmarks disabled or a case was deselected)")
+    versus = f", direct {direct * 1e3:.1f} ms" if direct is not None else ""
+    print(f"\n{torch.cuda.get_device_name()} {scale}: rerank_features certified {certified * 1e3:.1f} ms{versus}")
+    target = TARGETS_S[scale]
+    assert certified <= target, (
+        f"{scale}: certified rerank_features takes {certified * 1e3:.1f} ms, target <= {target * 1e3:.0f} ms"
+    )
