@@ -241,3 +241,30 @@ def test_certified_strategy_errors():
         knn(x, x, 1, backend="reference", strategy="certified")
     with pytest.raises(ValueError, match="strategy='certified' runs on .* got backend 'reference'"):
         self_knn(x, 1, backend="reference", strategy="certified")
+
+
+# ---- backend "cuda"'s pipeline (cuBLAS stage 1) on CPU tensors: its GEMM emulated by an IEEE fp32 GEMM
+# of the bf16 values (exact products, fp32 sums), everything else as on the GPU ----------------------
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
+def test_cublas_pipeline_matches_direct_on_cpu(metric):
+    query, gallery = reid_like(60, 700, seed=7)
+    result = knn_certified.knn_certified_rows(query, gallery, 9, metric, knn_certified.stage1_cublas)
+    assert bool((result[2] >= 9).all())
+    check_same_knn(query, gallery, 9, metric, result[:2], backend="cpp")
+    # 300 copies of query row 0: over the cap, that row is computed exactly; the others are certified.
+    y = torch.cat([query[:1].repeat(300, 1), gallery[:100]])
+    result = knn_certified.knn_certified_rows(query[:4], y, 5, metric, knn_certified.stage1_cublas)
+    assert result[2][0] == -1 and bool((result[2][1:] >= 5).all())
+    check_same_knn(query[:4], y, 5, metric, result[:2], min_covered=0.0, backend="cpp")
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_cublas_pipeline_self_knn_on_cpu(normalize):
+    query, gallery = reid_like(80, 500, seed=8)
+    x = torch.cat([query, gallery])
+    cert = knn_certified.self_knn_certified_rows(x, 12, "sqeuclidean", normalize, 80, knn_certified.stage1_cublas, 600)
+    direct = self_knn(x, 12, "sqeuclidean", normalize, 80, backend="cpp", strategy="direct")
+    assert bool((cert[4] >= 12).all())
+    check_same_self_knn(cert, direct, x, 12, normalize)

@@ -180,10 +180,15 @@ def stage1_bounds(xo: Operand, yo: Operand, rows: slice, metric: str, self_pairs
 
 
 def _first_columns(mask, cap: int):
-    """Per row the first `cap` columns where mask holds (int32, padded with N) and how many hold."""
+    """Per row the first `cap` columns where mask holds (int32, padded with N) and how many hold; the
+    selection only as wide as the block's largest count (reads one value)."""
     n = mask.shape[1]
+    counts = mask.sum(1).int()
+    columns = torch.full((mask.shape[0], cap), n, dtype=torch.int32, device=mask.device)
+    width = min(cap, int(counts.max()))
     key = torch.where(mask, torch.arange(n, device=mask.device), n)
-    return key.topk(cap, dim=1, largest=False, sorted=True).values.int(), mask.sum(1).int()
+    columns[:, :width] = key.topk(width, dim=1, largest=False, sorted=True).values
+    return columns, counts
 
 
 def stage1_cublas(xo: Operand, yo: Operand, k: int, cap: int, metric: str, self_pairs: bool):
