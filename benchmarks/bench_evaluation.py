@@ -230,21 +230,21 @@ def bench_rerank_features_strategy(timed, benchmark, strategy, scale):
         num_gallery=len(gallery),
         dim=query.shape[1],
     )
-    if strategy == "certified":  # rerank_features' own self_knn call (k1 = 20: 21 neighbours + the tie margin)
-        counts = torch.ops.dpm_ops.self_knn_certified(
-            torch.cat([query, gallery]), 21 + TIE_MARGIN, "sqeuclidean", True, len(query)
-        )[4]
-        certified = counts[counts >= 0].double()
-        benchmark.extra_info.update(
-            candidates_mean=float(certified.mean()),
-            candidates_max=int(certified.max()),
-            fallback_rate=float((counts < 0).double().mean()),
-            bf16_gemm_fast=bf16_gemm_is_fast(),
-        )
-        print(
-            f"\n{scale}: candidates per row mean {float(certified.mean()):.1f}, max {int(certified.max())}; "
-            f"fallback rate {float((counts < 0).double().mean()):.4f}"
-        )
+    if strategy == "certified":
+        report_candidates(benchmark, query, gallery, scale, bf16_gemm_fast=bf16_gemm_is_fast())
+
+
+def report_candidates(benchmark, query, gallery, scale, **info):
+    """extra_info of a certified case: the candidate sets of rerank_features' own self_knn call (k1 = 20:
+    21 neighbours + the tie margin) on the inputs' device."""
+    counts = torch.ops.dpm_ops.self_knn_certified(
+        torch.cat([query, gallery]), 21 + TIE_MARGIN, "sqeuclidean", True, len(query)
+    )[4].cpu()
+    certified = counts[counts >= 0].double()
+    mean, largest = (float(certified.mean()), int(certified.max())) if len(certified) else (None, None)
+    fallback = float((counts < 0).double().mean())
+    benchmark.extra_info.update(candidates_mean=mean, candidates_max=largest, fallback_rate=fallback, **info)
+    print(f"\n{scale}: candidates per row mean {mean}, max {largest}; fallback rate {fallback:.4f}")
 
 
 @pytest.mark.slow

@@ -9,10 +9,9 @@ bring-up (scripts/gpu_check.py) runs this file first among the kernel benchmarks
 import pytest
 import torch
 
-from benchmarks.bench_evaluation import GPU, _on_device, group_name, reid_data
+from benchmarks.bench_evaluation import GPU, _on_device, group_name, reid_data, report_candidates
 from benchmarks.conftest import median_of
 from dpm_ops.evaluation import rerank_features
-from dpm_ops.evaluation._select import TIE_MARGIN
 
 pytestmark = pytest.mark.skipif(not GPU, reason="GPU benchmarks (the CPU ones: bench_evaluation.py)")
 TARGETS_S = {"market1501": 10e-3, "msmt17": 0.3}
@@ -35,17 +34,8 @@ def bench_gpu_rerank_features_strategy(timed, benchmark, strategy, scale):
         num_gallery=len(gallery),
         dim=query.shape[1],
     )
-    if strategy == "certified":  # rerank_features' own self_knn call (k1 = 20: 21 neighbours + the tie margin)
-        counts = torch.ops.dpm_ops.self_knn_certified(
-            torch.cat([query, gallery]), 21 + TIE_MARGIN, "sqeuclidean", True, len(query)
-        )[4].cpu()
-        certified = counts[counts >= 0].double()
-        benchmark.extra_info.update(
-            candidates_mean=float(certified.mean()) if len(certified) else None,
-            candidates_max=int(certified.max()) if len(certified) else None,
-            fallback_rate=float((counts < 0).double().mean()),
-            target_s=TARGETS_S[scale],
-        )
+    if strategy == "certified":
+        report_candidates(benchmark, query, gallery, scale, target_s=TARGETS_S[scale])
 
 
 @pytest.mark.parametrize("scale", list(TARGETS_S))

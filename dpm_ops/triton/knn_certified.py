@@ -48,12 +48,13 @@ def _distance(dots, x_norm, y_norm, METRIC: tl.constexpr):
 
 @triton.jit
 def _tile_bounds(
-    xb_ptr,
-    yb_ptr,
-    yn_ptr,
-    ys_ptr,
+    xb,
+    yb,
+    yn,
+    ys,
     rows,
     cols,
+    N,
     x_norm,
     x_scale,
     D,
@@ -62,20 +63,22 @@ def _tile_bounds(
     BLOCK_D: tl.constexpr,
     EMULATED: tl.constexpr,
 ):
-    """(L, U) of a (rows, cols) tile; rows and cols clamped into range by the caller (which masks them)."""
+    """(L, U) of a (rows, cols) tile; rows clamped into range, columns past N read column N - 1 (the
+    callers mask both)."""
+    cols = tl.minimum(cols, N - 1)
     acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         in_d = d[None, :] < D
-        xt = tl.load(xb_ptr + rows[:, None].to(tl.int64) * D + d[None, :], mask=in_d, other=0.0)
-        yt = tl.load(yb_ptr + cols[:, None].to(tl.int64) * D + d[None, :], mask=in_d, other=0.0)
+        xt = tl.load(xb + rows[:, None].to(tl.int64) * D + d[None, :], mask=in_d, other=0.0)
+        yt = tl.load(yb + cols[:, None].to(tl.int64) * D + d[None, :], mask=in_d, other=0.0)
         if EMULATED:  # the interpreter multiplies bf16 bit patterns: exact fp32 products, the same sums
             acc = tl.dot(xt.to(tl.float32), tl.trans(yt).to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(xt, tl.trans(yt), acc, out_dtype=tl.float32)  # bf16 products, fp32 accumulation
-    y_norm = tl.load(yn_ptr + cols)
+    y_norm = tl.load(yn + cols)
     dots = acc.to(y_norm.dtype)
-    err = (x_scale[:, None] * tl.load(ys_ptr + cols)[None, :]).to(y_norm.dtype)
+    err = (x_scale[:, None] * tl.load(ys + cols)[None, :]).to(y_norm.dtype)
     lower = _distance(dots + err, x_norm, y_norm, METRIC)
     upper = _distance(dots - err, x_norm, y_norm, METRIC)
     if SELF:  # self_knn's d(i, i) = 0 exactly
@@ -86,13 +89,22 @@ def _tile_bounds(
 
 
 @triton.jit
+def _row_block(xn, xs, M, BLOCK_M: tl.constexpr):
+    """The program's rows (clamped into range), which of them are real, their squared norms and scales."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_m = rows < M
+    rows = tl.minimum(rows, M - 1)
+    return rows, in_m, tl.load(xn + rows), tl.load(xs + rows)
+
+
+@triton.jit
 def _limits_kernel(
-    xb_ptr,
-    yb_ptr,
-    xn_ptr,
-    yn_ptr,
-    xs_ptr,
-    ys_ptr,
+    xb,
+    yb,
+    xn,
+    yn,
+    xs,
+    ys,
     limit_ptr,
     top_ptr,
     M,
@@ -109,12 +121,8 @@ def _limits_kernel(
     BLOCK_D: tl.constexpr,
     EMULATED: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    in_m = rows < M
-    rows = tl.minimum(rows, M - 1)
-    x_norm = tl.load(xn_ptr + rows)
-    x_scale = tl.load(xs_ptr + rows)
-    acc_t = xn_ptr.dtype.element_ty
+    rows, in_m, x_norm, x_scale = _row_block(xn, xs, M, BLOCK_M)
+    acc_t = xn.dtype.element_ty
     slots = tl.arange(0, KP)
     best_v = tl.full((BLOCK_M, KP), float("inf"), acc_t)
     best_i = tl.full((BLOCK_M, KP), NO_INDEX, tl.int32)
@@ -123,21 +131,7 @@ def _limits_kernel(
     for c0 in range(0, N, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         in_n = cols[None, :] < N
-        lower, upper = _tile_bounds(
-            xb_ptr,
-            yb_ptr,
-            yn_ptr,
-            ys_ptr,
-            rows,
-            tl.minimum(cols, N - 1),
-            x_norm,
-            x_scale,
-            D,
-            SELF,
-            METRIC,
-            BLOCK_D,
-            EMULATED,
-        )
+        lower, upper = _tile_bounds(xb, yb, yn, ys, rows, cols, N, x_norm, x_scale, D, SELF, METRIC, BLOCK_D, EMULATED)
         if TRACK_MAX:
             top = tl.maximum(top, tl.max(tl.where(in_n, lower, float("-inf")), axis=1))
         upper = tl.where(in_n, upper, float("inf"))
@@ -161,12 +155,12 @@ def _append(out_ptr, rows, cols, take, count, CAP):
 
 @triton.jit
 def _collect_kernel(
-    xb_ptr,
-    yb_ptr,
-    xn_ptr,
-    yn_ptr,
-    xs_ptr,
-    ys_ptr,
+    xb,
+    yb,
+    xn,
+    yn,
+    xs,
+    ys,
     limit_ptr,
     top_ptr,
     near_ptr,
@@ -185,11 +179,7 @@ def _collect_kernel(
     BLOCK_D: tl.constexpr,
     EMULATED: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    in_m = rows < M
-    rows = tl.minimum(rows, M - 1)
-    x_norm = tl.load(xn_ptr + rows)
-    x_scale = tl.load(xs_ptr + rows)
+    rows, in_m, x_norm, x_scale = _row_block(xn, xs, M, BLOCK_M)
     limit = tl.load(limit_ptr + rows)
     near_count = tl.zeros((BLOCK_M,), tl.int32)
     far_count = tl.zeros((BLOCK_M,), tl.int32)
@@ -198,21 +188,7 @@ def _collect_kernel(
     for c0 in range(0, N, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         valid = in_m[:, None] & (cols[None, :] < N)
-        lower, upper = _tile_bounds(
-            xb_ptr,
-            yb_ptr,
-            yn_ptr,
-            ys_ptr,
-            rows,
-            tl.minimum(cols, N - 1),
-            x_norm,
-            x_scale,
-            D,
-            SELF,
-            METRIC,
-            BLOCK_D,
-            EMULATED,
-        )
+        lower, upper = _tile_bounds(xb, yb, yn, ys, rows, cols, N, x_norm, x_scale, D, SELF, METRIC, BLOCK_D, EMULATED)
         near_count = _append(near_ptr, rows, cols, valid & (lower <= limit[:, None]), near_count, CAP)
         if TRACK_MAX:
             far_count = _append(far_ptr, rows, cols, valid & (upper >= top[:, None]), far_count, CAP)
