@@ -207,13 +207,15 @@ def stage1(x_bf16, y_bf16, x_norms, y_norms, x_scales, y_scales, k: int, cap: in
     N = y_bf16.shape[0]
     dtype, device = x_norms.dtype, x_norms.device
     limits = torch.empty(M, dtype=dtype, device=device)
-    tops = torch.empty(M if self_pairs else 0, dtype=dtype, device=device)
     near = torch.full((M, cap), N, dtype=torch.int32, device=device)
-    far = torch.full((M if self_pairs else 0, cap), N, dtype=torch.int32, device=device)
     near_count = torch.empty(M, dtype=torch.int32, device=device)
-    far_count = torch.empty(M if self_pairs else 0, dtype=torch.int32, device=device)
+    # Without self_pairs the row-maximum buffers are never touched: the near ones stand in for them.
+    tops = torch.empty_like(limits) if self_pairs else limits
+    far = torch.full_like(near, N) if self_pairs else near
+    far_count = torch.empty_like(near_count) if self_pairs else near_count
+    result = (near, near_count, far, far_count) if self_pairs else (near, near_count, None, None)
     if M == 0:
-        return near, near_count, (far if self_pairs else None), (far_count if self_pairs else None)
+        return result
     operands = (x_bf16, y_bf16, x_norms, y_norms, x_scales, y_scales, limits, tops)
     kp = triton.next_power_of_2(k)
     _limits_kernel[(triton.cdiv(M, LIMITS_BLOCK_M),)](
@@ -252,4 +254,4 @@ def stage1(x_bf16, y_bf16, x_norms, y_norms, x_scales, y_scales, k: int, cap: in
         EMULATED=os.environ.get("TRITON_INTERPRET") == "1",
         num_warps=8,  # the (64, 64) tile's bounds, slots and masks: spill-free with two buffers
     )
-    return near, near_count, (far if self_pairs else None), (far_count if self_pairs else None)
+    return result
