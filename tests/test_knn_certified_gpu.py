@@ -268,3 +268,13 @@ def test_cublas_pipeline_self_knn_on_cpu(normalize):
     direct = self_knn(x, 12, "sqeuclidean", normalize, 80, backend="cpp", strategy="direct")
     assert bool((cert[4] >= 12).all())
     check_same_self_knn(cert, direct, x, 12, normalize)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_opcheck(backend):
+    x, y = on(backend, gaussian(6, 8, 14, torch.float64), gaussian(30, 8, 15, torch.float64))
+    torch.library.opcheck(certified_op(backend), (x.requires_grad_(), y, 3, "euclidean"))
+    self_op = (
+        torch.ops.dpm_ops.self_knn_certified_triton if backend == "triton" else torch.ops.dpm_ops.self_knn_certified
+    )
+    torch.library.opcheck(self_op, (y, 4, "sqeuclidean", True, 10))
