@@ -35,6 +35,7 @@ TENSOR_CORE_ACCUMULATION_UNIT = 2.0**-21
 MAX_NORM = 2.0**60  # bf16 products and fp32 sums of rows up to this norm stay finite
 MAX_DIM = 1 << 20
 MIN_CAP, CAP_PER_K = 256, 8  # the CPU kernel's per-row candidate cap (csrc/knn/knn_cpu.cpp)
+TIE_MARGIN = 4  # self_knn with normalize keeps k + 4 raw neighbours, as the direct paths (knn_operands.h)
 _CHUNK_ELEMENTS = 1 << 25  # elements held at a time by stage 2 and by the exact rows
 
 
@@ -292,7 +293,7 @@ def self_knn_certified_rows(x, k: int, metric: str, normalize: bool, cross_rows:
     dtype = compute_dtype(x)
     x = x.to(dtype)
     n = x.shape[0]
-    m = min(n, k + 4) if normalize else k
+    m = min(n, k + TIE_MARGIN) if normalize else k
     raw_values = x.new_empty((n, m))
     raw_indices = x.new_empty((n, m), dtype=torch.long)
     row_max = x.new_empty((n,))
