@@ -280,3 +280,15 @@ def test_opcheck(backend):
         torch.ops.dpm_ops.self_knn_certified_triton if backend == "triton" else torch.ops.dpm_ops.self_knn_certified
     )
     torch.library.opcheck(self_op, (y, 4, "sqeuclidean", True, 10))
+
+
+def test_rows_beyond_the_bound_are_computed_exactly():
+    # Norms above 2^60 (fp64: their squares stay finite): no bound, every row takes the exact path.
+    x, y = gaussian(5, 8, 16, torch.float64) * 1e20, gaussian(40, 8, 17, torch.float64) * 1e20
+    values, indices, counts = knn_certified.knn_certified_rows(x, y, 3, "euclidean", knn_certified.stage1_cublas)
+    assert bool((counts == -1).all())
+    check_same_knn(x, y, 3, "euclidean", (values, indices), min_covered=0.0, backend="cpp")
+    with pytest.raises(ValueError, match="too large"):
+        knn_certified._knn_certified_bounds_cuda(x, y, "euclidean")
+    lower, upper = knn_certified._knn_certified_bounds_cuda(x[:, :4] * 1e-20, y[:, :4] * 1e-20, "cosine")
+    assert lower.shape == (5, 40) and bool((lower <= upper).all())

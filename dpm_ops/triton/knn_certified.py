@@ -217,7 +217,7 @@ def stage1(x_bf16, y_bf16, x_norms, y_norms, x_scales, y_scales, k: int, cap: in
     if M == 0:
         return result
     operands = (x_bf16, y_bf16, x_norms, y_norms, x_scales, y_scales, limits, tops)
-    kp = triton.next_power_of_2(k)
+    kp = max(32, triton.next_power_of_2(k))  # one compiled variant for every k <= 32 (a few registers more)
     _limits_kernel[(triton.cdiv(M, LIMITS_BLOCK_M),)](
         *operands,
         M,
