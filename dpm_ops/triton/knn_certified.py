@@ -97,7 +97,8 @@ def _row_block(xn, xs, M, BLOCK_M: tl.constexpr):
     return rows, in_m, tl.load(xn + rows), tl.load(xs + rows)
 
 
-@triton.jit
+# Sizes and k are not specialised (only D is, for its loads): one compiled variant per metric and dtype.
+@triton.jit(do_not_specialize=["M", "N", "K"])
 def _limits_kernel(
     xb,
     yb,
@@ -153,7 +154,7 @@ def _append(out_ptr, rows, cols, take, count, CAP):
     return count + tl.sum(picked, axis=1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "N", "CAP"])
 def _collect_kernel(
     xb,
     yb,
