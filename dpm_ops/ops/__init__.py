@@ -7,7 +7,7 @@ from .hierarchical_mask_pool import hierarchical_mask_pool
 from .hierarchical_mask_pool_reference import hierarchical_mask_pool_reference
 from . import kreciprocal  # noqa: F401  (fake registrations of the evaluation kernels)
 from .knn import knn, self_knn
-from . import knn_certified  # noqa: F401,E402  (the CUDA / Triton certified k-NN: registrations)
+from . import knn_certified  # noqa: F401  (the CUDA / Triton certified k-NN: registrations)
 from .knn_reference import knn_reference, self_knn_reference
 from .masked_arcface import masked_arcface_ce
 from .masked_cosine import masked_arccos_distance, masked_cosine
