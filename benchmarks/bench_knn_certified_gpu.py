@@ -9,8 +9,8 @@ bring-up (scripts/gpu_check.py) runs this file first among the kernel benchmarks
 import pytest
 import torch
 
-from benchmarks.bench_evaluation import GPU, _on_device, group_name, reid_data, report_candidates
-from benchmarks.conftest import median_of
+from benchmarks.bench_evaluation import _on_device, group_name, reid_data, report_candidates
+from benchmarks.conftest import GPU, median_of
 from dpm_ops.evaluation import rerank_features
 
 pytestmark = pytest.mark.skipif(not GPU, reason="GPU benchmarks (the CPU ones: bench_evaluation.py)")

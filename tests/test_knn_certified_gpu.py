@@ -15,7 +15,7 @@ from test_knn_certified import (
 )
 
 from benchmarks.reference.synthetic_features import make_reid_features
-from conftest import backend_params, device_for
+from conftest import backend_params, device_for, op_for
 from dpm_ops.ops import knn, knn_certified, self_knn
 from dpm_ops.ops.knn_reference import COSINE_EPS, pairwise_distance_reference
 
@@ -25,10 +25,6 @@ GPU_BACKENDS = backend_params("triton", "cuda")
 def on(backend, *tensors):
     device = device_for(backend)
     return [t.to(device) for t in tensors]
-
-
-def certified_op(backend):
-    return torch.ops.dpm_ops.knn_certified_triton if backend == "triton" else torch.ops.dpm_ops.knn_certified
 
 
 def reid_like(num_query, num_gallery, dim=64, seed=0):
@@ -56,7 +52,7 @@ def test_random_rows_match_direct(backend, metric):
 def test_reid_like_features_match_direct(backend, metric):
     query, gallery = on(backend, *reid_like(30, 300))
     x = query * 3.0 if metric == "euclidean" else query  # not unit rows: norms enter the formula
-    result = certified_op(backend)(x, gallery, 11, metric)
+    result = op_for("knn_certified", backend)(x, gallery, 11, metric)
     assert bool((result[2] >= 11).all()), "every row certified, none fell back"
     assert float(result[2].double().mean()) < 0.2 * len(gallery), "stage 1 prunes most columns"
     check_same_knn(x, gallery, 11, metric, result[:2], backend=backend)
@@ -70,7 +66,7 @@ def test_duplicate_heavy_rows_fall_back_and_match(backend):
     y = torch.cat([base[:1].repeat(300, 1), base[1:].repeat(4, 1), others])  # 300 copies: over the cap of 256
     x = torch.cat([base[:3], others[:2] + 0.1])
     x, y = on(backend, x, y)
-    _, _, counts = certified_op(backend)(x, y, 5, "sqeuclidean")
+    _, _, counts = op_for("knn_certified", backend)(x, y, 5, "sqeuclidean")
     assert counts[0] == -1 and bool((counts[1:] >= 5).all())
     assert counts[1] >= 4 and counts[2] >= 4  # the 4 copies of rows 1 and 2 tie: all candidates
     check_same_knn(x, y, 5, "sqeuclidean", min_covered=0.0, backend=backend)
@@ -124,8 +120,7 @@ def test_self_knn_matches_direct(backend, normalize):
     query, gallery = reid_like(30, 140, seed=2)
     (x,) = on(backend, torch.cat([query, gallery]))
     q, k = len(query), 10
-    op = torch.ops.dpm_ops.self_knn_certified_triton if backend == "triton" else torch.ops.dpm_ops.self_knn_certified
-    cert = op(x, k, "sqeuclidean", normalize, q)
+    cert = op_for("self_knn_certified", backend)(x, k, "sqeuclidean", normalize, q)
     direct = self_knn(x, k, "sqeuclidean", normalize, q, backend=backend, strategy="direct")
     assert bool((cert[4] >= k).all())
     check_same_self_knn(cert, direct, x, k, normalize)
@@ -158,9 +153,7 @@ def test_self_knn_duplicates_fall_back(backend):
     (x,) = on(backend, x)
     cert = self_knn(x, 4, "euclidean", True, 10, backend=backend, strategy="certified")
     direct = self_knn(x, 4, "euclidean", True, 10, backend=backend, strategy="direct")
-    counts = (
-        torch.ops.dpm_ops.self_knn_certified_triton if backend == "triton" else torch.ops.dpm_ops.self_knn_certified
-    )(x, 4, "euclidean", True, 10)[4]
+    counts = op_for("self_knn_certified", backend)(x, 4, "euclidean", True, 10)[4]
     assert bool((counts[:262] == -1).all()) and bool((counts[262:] >= 4).all())
     torch.testing.assert_close(cert[2], direct[2], atol=1e-4, rtol=0)
     torch.testing.assert_close(cert[0], direct[0], atol=1e-4, rtol=0)
@@ -275,11 +268,8 @@ def test_cublas_pipeline_self_knn_on_cpu(normalize):
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_opcheck(backend):
     x, y = on(backend, gaussian(6, 8, 14, torch.float64), gaussian(30, 8, 15, torch.float64))
-    torch.library.opcheck(certified_op(backend), (x.requires_grad_(), y, 3, "euclidean"))
-    self_op = (
-        torch.ops.dpm_ops.self_knn_certified_triton if backend == "triton" else torch.ops.dpm_ops.self_knn_certified
-    )
-    torch.library.opcheck(self_op, (y, 4, "sqeuclidean", True, 10))
+    torch.library.opcheck(op_for("knn_certified", backend), (x.requires_grad_(), y, 3, "euclidean"))
+    torch.library.opcheck(op_for("self_knn_certified", backend), (y, 4, "sqeuclidean", True, 10))
 
 
 def test_rows_beyond_the_bound_are_computed_exactly():
