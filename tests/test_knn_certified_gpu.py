@@ -86,7 +86,7 @@ def test_tie_heavy_exact_input_is_bitwise_identical(backend):
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("rows, cols, k", [(1, 1, 1), (4, 5, 5), (0, 3, 2), (3, 20, 20)])
 def test_tiny_and_k_at_least_n(backend, rows, cols, k):
-    x, y = on(backend, gaussian(rows, 8, 4), gaussian(cols, 8, 5))
+    x, y = on(backend, gaussian(rows, 16, 4), gaussian(cols, 16, 5))
     certified = knn(x, y, k, "euclidean", backend=backend, strategy="certified")
     assert certified[0].shape == (rows, k) and certified[1].shape == (rows, k)
     if rows:
@@ -267,7 +267,7 @@ def test_cublas_pipeline_self_knn_on_cpu(normalize):
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_opcheck(backend):
-    x, y = on(backend, gaussian(6, 8, 14, torch.float64), gaussian(30, 8, 15, torch.float64))
+    x, y = on(backend, gaussian(6, 16, 14, torch.float64), gaussian(30, 16, 15, torch.float64))
     torch.library.opcheck(op_for("knn_certified", backend), (x.requires_grad_(), y, 3, "euclidean"))
     torch.library.opcheck(op_for("self_knn_certified", backend), (y, 4, "sqeuclidean", True, 10))
 
