@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from .. import _backend
+from .._precision import compute_dtype
 from ..ops._checks import check_finite
 from . import _inputs
 from ._ragged import expand_segments, segment_starts
@@ -222,7 +223,7 @@ def evaluate_rank(
     q_camids = _labels("q_camids", q_camids, num_query, device)
     g_pids = _labels("g_pids", g_pids, num_gallery, device)
     g_camids = _labels("g_camids", g_camids, num_gallery, device)
-    dtype = _inputs.compute_dtype(dist)
+    dtype = compute_dtype(dist)
     use_kernel = _backend.resolve(None, device) in ("cpp", "cuda")
     groups = None if use_kernel else _IdentityGroups(g_pids)
 

@@ -33,6 +33,7 @@ import numbers
 import torch
 
 from .. import _backend
+from .._precision import compute_dtype
 from ..ops._checks import row_norm_limit
 from ..ops.knn import check_strategy, self_knn
 from . import _inputs
@@ -62,7 +63,7 @@ class _DenseDistances:
         self.num_query, num_gallery = q_g.shape
         self.num_items = self.num_query + num_gallery
         self.squared_input = squared_input
-        self.dtype = _inputs.compute_dtype(q_g)
+        self.dtype = compute_dtype(q_g)
         self.row_max = None
         self.out_scale = None  # scan returns the query-gallery block already normalised
 
@@ -131,7 +132,7 @@ class _FeatureDistances:
     rounding never lets a near-duplicate outrank the item itself."""
 
     def __init__(self, qf: torch.Tensor, gf: torch.Tensor, strategy: str = "auto"):
-        dtype = _inputs.compute_dtype(qf if qf.dtype == torch.float64 else gf)
+        dtype = compute_dtype(qf, gf)
         self.strategy = strategy
         self.features = torch.cat([qf.to(dtype), gf.to(dtype)]).contiguous()
         self.norms = (self.features * self.features).sum(dim=1)
