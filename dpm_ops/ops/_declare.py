@@ -4,7 +4,7 @@ module generates
 
 * the definition of ``dpm_ops::<name>`` (the C++ kernels only register into it, per device, in
   csrc/<op>/<op>_{cpu,cuda}.cpp) and, when the op has a Triton implementation, of its twin
-  ``dpm_ops::<name>_triton`` with the same schema;
+  ``dpm_ops::<name>_triton`` (``<op>_triton_backward`` for ``<op>_backward``) with the same schema;
 * the fake and autograd registrations of both (the autograd formula takes the backward op of its
   own kind: the C++ forward differentiates through the C++ backward, the twin through the twin's);
 * the dispatch of a resolved backend name: Op.run(name, ...) runs the reference, the C++ op or the
@@ -40,11 +40,17 @@ class Op:
             return getattr(torch.ops.dpm_ops, self.name).default
         if self.triton is None:
             raise ValueError(f"{self.name} has no Triton kernel")
-        return getattr(torch.ops.dpm_ops, f"{self.name}_triton").default
+        return getattr(torch.ops.dpm_ops, twin_name(self.name)).default
 
     def run(self, backend: str, *args):
         """The op of the resolved `backend` (a name of _backend.resolve) on `args`."""
         return self.reference(*args) if backend == "reference" else self.kernel(backend)(*args)
+
+
+def twin_name(name: str) -> str:
+    """The Triton twin of ``<op>`` is ``<op>_triton``, of ``<op>_backward`` ``<op>_triton_backward``."""
+    stem, backward, _ = name.partition("_backward")
+    return f"{stem}_triton{backward}"
 
 
 def lazy(path: str) -> Callable:
@@ -89,7 +95,7 @@ def declare(
     if isinstance(triton, str):
         triton = lazy(triton)
     op = Op(name, schema, fake, triton, backward, reference)
-    kinds = [("cpp", name, None)] + ([("triton", f"{name}_triton", triton)] if triton is not None else [])
+    kinds = [("cpp", name, None)] + ([("triton", twin_name(name), triton)] if triton is not None else [])
     for kind, qualname, implementation in kinds:
         _define(qualname, schema, fake, implementation)
         if autograd is not None:
