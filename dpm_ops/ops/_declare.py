@@ -32,7 +32,8 @@ class Op:
     fake: Callable
     triton: Optional[Callable]  # the twin's implementation, or None: no twin
     backward: Optional["Op"]
-    reference: Optional[Callable]
+    reference: Optional[Callable]  # what backend "reference" runs, on the public function's arguments
+    autograd: Optional[Callable]
 
     def kernel(self, backend: str):
         """The op that runs `backend`: the Triton twin for "triton", else the C++ op ("cpp", "cuda")."""
@@ -94,7 +95,7 @@ def declare(
     declared `backward` op of the same kind (C++ or twin), or None."""
     if isinstance(triton, str):
         triton = lazy(triton)
-    op = Op(name, schema, fake, triton, backward, reference)
+    op = Op(name, schema, fake, triton, backward, reference, autograd)
     kinds = [("cpp", name, None)] + ([("triton", twin_name(name), triton)] if triton is not None else [])
     for kind, qualname, implementation in kinds:
         _define(qualname, schema, fake, implementation)

@@ -69,18 +69,10 @@ def masked_arcface_logits(
 
 
 def masked_arcface_reference(
-    features: torch.Tensor,
-    mask: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    scale: float = 30.0,
-    margin: float = 0.5,
-    easy_margin: bool = False,
-    clamp_eps: float = 1e-7,
-    plain_weight: float = 0.5,
-    masked_weight: float = 0.5,
+    features, mask, weight, labels, scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight
 ) -> torch.Tensor:
-    """The loss (0-dim), batch means of both cross-entropies; unchecked (the callers check)."""
+    """The loss (0-dim) of masked_arcface_ce's arguments: the batch means of both cross-entropies;
+    unchecked (the callers check)."""
     plain = F.cross_entropy(F.linear(features, weight), labels)
     masked = F.cross_entropy(
         masked_arcface_logits(features, mask, weight, labels, scale, margin, easy_margin, clamp_eps), labels
