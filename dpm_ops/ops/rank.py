@@ -1,10 +1,11 @@
 """The sort-free Market-1501 evaluator kernel as a custom op (C++ / CUDA kernels in csrc/rank/;
-caller: dpm_ops/evaluation/rank.py, whose torch version runs where the kernels do not)."""
+caller: dpm_ops/evaluation/rank.py; its torch version, rank_reference.py, runs where the kernels do not)."""
 
 import torch
 
 from ._declare import declare
 from .kreciprocal import ragged
+from .rank_reference import match_ranks_reference
 
 
 def _fake_match_ranks(distmat, q_pids, g_pids, q_camids, g_camids):
@@ -18,4 +19,5 @@ MATCH_RANKS = declare(
     "(Tensor distmat, Tensor q_pids, Tensor g_pids, Tensor q_camids, Tensor g_camids)"
     " -> (Tensor offsets, Tensor ranks)",
     _fake_match_ranks,
+    reference=match_ranks_reference,
 )
