@@ -59,6 +59,8 @@ def _match_ranks_args():
     return torch.rand(6, 14, generator=torch.Generator().manual_seed(7)), pids[:6], pids[6:], cams[:6], cams[6:]
 
 
+ARCFACE_OPTIONS = (30.0, 0.5, False, 1e-7, 0.5, 0.5)  # scale, margin, easy_margin, clamp_eps, plain and masked weight
+
 # Small arguments of every declared op (CPU, float64), in its schema's order.
 SAMPLES = {
     "batch_hard_triplet": lambda: (_randn(5, 4), _labels(), True),
@@ -98,12 +100,7 @@ SAMPLES = {
         _randn(5, 6, seed=1).sigmoid(),
         _randn(4, 6, seed=2),
         torch.tensor([0, 1, 3, 2, 1]),
-        30.0,
-        0.5,
-        False,
-        1e-7,
-        0.5,
-        0.5,
+        *ARCFACE_OPTIONS,
         True,
     ),
     "maskreid_ranking_loss": lambda: (

@@ -45,7 +45,11 @@ class Op:
 
     def run(self, backend: str, *args):
         """The op of the resolved `backend` (a name of _backend.resolve) on `args`."""
-        return self.reference(*args) if backend == "reference" else self.kernel(backend)(*args)
+        if backend != "reference":
+            return self.kernel(backend)(*args)
+        if self.reference is None:  # a backward or variant op: its forward's reference is differentiated
+            raise ValueError(f"{self.name} has no reference of its own")
+        return self.reference(*args)
 
 
 def twin_name(name: str) -> str:
