@@ -44,13 +44,13 @@ def _neighbours(n=12, width=6):
 
 
 def _csr():
-    row_ptr, cols = torch.ops.dpm_ops.kreciprocal_expand(_neighbours(), 4, 2)
+    row_ptr, cols = DECLARED["kreciprocal_expand"].run(_backend.resolve(None, torch.device("cpu")), _neighbours(), 4, 2)
     return row_ptr, cols, torch.rand(len(cols), generator=torch.Generator().manual_seed(4))
 
 
 def _pair_sqdist_args():
     x = _randn(12, 5, seed=5).float()
-    values, indices, _, _ = torch.ops.dpm_ops.self_knn(x, 5, "sqeuclidean", False, 0)
+    values, indices, _, _ = self_knn(x, 5, "sqeuclidean")
     return (x, values, indices, *_csr()[:2])
 
 
