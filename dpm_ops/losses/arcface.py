@@ -18,7 +18,7 @@ from dpm_ops.ops._checks import check_finite_rows, check_tensors
 from dpm_ops.ops.masked_arcface import check_label_range, check_masked_arcface_args
 from dpm_ops.ops.masked_arcface_reference import arcface_logits, masked_arcface_logits, masked_arcface_reference
 
-from ._precision import common_at_least_fp32
+from .._precision import common_at_least_fp32
 
 __all__ = [
     "MaskedArcFaceLoss",

@@ -11,7 +11,7 @@ from dpm_ops.ops._checks import check_tensors
 from dpm_ops.ops.batch_hard_triplet import check_batch_hard_triplet_args
 from dpm_ops.ops.batch_hard_triplet_reference import batch_hard_triplet_reference, pairwise_euclidean
 
-from ._precision import at_least_fp32
+from .._precision import at_least_fp32
 from .arcface import fused_available
 
 __all__ = ["SoftMarginTripletLoss", "batch_hard_soft_margin_triplet", "pairwise_euclidean"]
