@@ -11,7 +11,8 @@ keeping anything) and writes the closed-form gradient. The maths is the referenc
 import torch
 
 from .. import _backend
-from ._checks import check_batch, check_finite_rows, check_number, compute_dtype
+from .._precision import compute_dtype
+from ._checks import check_batch, check_finite_rows, check_number
 from ._declare import declare
 from .hem_loss_reference import REDUCTIONS, hem_loss_reference
 

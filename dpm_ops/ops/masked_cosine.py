@@ -12,7 +12,8 @@ torch itself.
 import torch
 
 from .. import _backend
-from ._checks import check_finite_rows, check_number, check_tensors, compute_dtype
+from .._precision import compute_dtype
+from ._checks import check_finite_rows, check_number, check_tensors
 from ._declare import declare, lazy
 from .masked_cosine_reference import masked_cosine_reference
 

@@ -12,7 +12,8 @@ import math
 import torch
 
 from .. import _backend
-from ._checks import check_batch, check_finite_rows, check_number, check_tensors, compute_dtype
+from .._precision import compute_dtype
+from ._checks import check_batch, check_finite_rows, check_number, check_tensors
 from ._declare import declare, lazy
 from .maskreid_ranking_loss_reference import check_modes, maskreid_ranking_loss_reference
 
