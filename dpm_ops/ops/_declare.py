@@ -11,7 +11,8 @@ module generates
   Triton twin.
 
 The definitions do not depend on the compiled extension: without it the C++ ops exist and have no
-kernel, and _backend.resolve never picks them.
+kernel, and _backend.resolve never picks them. With it, its kernels (TORCH_LIBRARY_IMPL) are
+registered first, when _backend loads it, and the dispatcher attaches them to the schemas defined here.
 """
 
 import dataclasses
@@ -20,6 +21,8 @@ import importlib
 from typing import Callable, Optional, Union
 
 import torch
+
+from .. import _backend  # noqa: F401  (loads the extension: its kernels register before the schemas are defined)
 
 LIBRARY = torch.library.Library("dpm_ops", "FRAGMENT")
 DECLARED: dict = {}  # name -> Op, in declaration order (what tests/test_op_declarations.py walks)
