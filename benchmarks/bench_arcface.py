@@ -10,14 +10,10 @@ matrices), so the CPU ratio is reported, not asserted. On a GPU: CUDA and Triton
 import pytest
 import torch
 
-from benchmarks.conftest import speedup
+from benchmarks.conftest import DEVICE, GPU, IMPLS, KERNELS, skip_interpreted_triton, speedup
 from dpm_ops.losses import masked_arcface_cross_entropy
 from dpm_ops.ops import masked_arcface_ce
 
-GPU = torch.cuda.is_available()
-DEVICE = "cuda" if GPU else "cpu"
-KERNELS = ("cuda", "triton") if GPU else ("cpp",)
-IMPLS = ("reference",) + KERNELS
 TRAIN = (64, 702, 768)
 SMOKE = (8, 13, 24)  # the CI pass (--benchmark-disable)
 
@@ -39,8 +35,7 @@ def group_name(shape):
 @pytest.mark.parametrize("backend", IMPLS)
 @pytest.mark.parametrize("shape", [TRAIN, SMOKE], ids=["train", "smoke"])
 def bench_forward_backward(timed, backend, shape):
-    if backend == "triton" and not GPU and shape != SMOKE:
-        pytest.skip("the Triton interpreter is not a benchmark")
+    skip_interpreted_triton(backend, smoke=shape == SMOKE)
     features, mask, weight, labels = inputs(shape)
 
     def step():

@@ -13,14 +13,10 @@ On an AMD EPYC, MKL's batched GEMMs take its generic path and are ~60% of the fu
 import pytest
 import torch
 
-from benchmarks.conftest import speedup
+from benchmarks.conftest import DEVICE, GPU, IMPLS, KERNELS, speedup
 from dpm_ops.ops import hem_loss
 
-GPU = torch.cuda.is_available()
-DEVICE = "cuda" if GPU else "cpu"
 SHAPE = (64, 12, 242)
-KERNELS = ("cuda", "triton") if GPU else ("cpp",)
-IMPLS = ("reference",) + KERNELS
 DTYPES = (torch.float32, torch.bfloat16) if GPU else (torch.float32,)
 TARGET = 2.0 if GPU else 1.2
 

@@ -10,13 +10,9 @@ tiny HMG pool, where eager's pools are single vectorised ATen reductions too.
 import pytest
 import torch
 
-from benchmarks.conftest import speedup
+from benchmarks.conftest import DEVICE, IMPLS, KERNELS, skip_interpreted_triton, speedup
 from dpm_ops.ops import hierarchical_mask_pool
 
-GPU = torch.cuda.is_available()
-DEVICE = "cuda" if GPU else "cpu"
-KERNELS = ("cuda", "triton") if GPU else ("cpp",)
-IMPLS = ("reference",) + KERNELS
 
 MASKREID = (64, [(384, 36, 14), (768, 18, 7), (1536, 9, 4)], (144, 56))
 DPM_HMG = (64, [(768, 5, 2)], None)
@@ -44,8 +40,7 @@ RUNS = [("maskreid", "avg", False), ("maskreid", "avg", True), ("maskreid", "max
 @pytest.mark.parametrize("backend", IMPLS)
 @pytest.mark.parametrize("case, mode, with_mask", RUNS + [("smoke", "avg", True), ("smoke", "max", False)])
 def bench_forward_backward(timed, backend, case, mode, with_mask):
-    if backend == "triton" and not GPU and case != "smoke":
-        pytest.skip("the Triton interpreter is not a benchmark")
+    skip_interpreted_triton(backend, smoke=case == "smoke")
     features, mask = inputs(case, with_mask)
 
     def step():

@@ -21,15 +21,11 @@ import contextlib
 import pytest
 import torch
 
-from benchmarks.conftest import roofline_fraction, speedup
+from benchmarks.conftest import DEVICE, GPU, IMPLS, KERNELS, roofline_fraction, speedup
 from dpm_ops.ops import masked_cosine
 
-GPU = torch.cuda.is_available()
-DEVICE = "cuda" if GPU else "cpu"
 TRAIN = (64, 702, 768)  # DPM training logits: batch x identities x channels
 TEST = (2210, 17661, 768) if GPU else (2210, 4096, 768)  # Occluded-Duke query x gallery (CPU: a slice)
-KERNELS = ("cuda", "triton") if GPU else ("cpp",)
-IMPLS = ("reference",) + KERNELS
 # mode -> (input dtype, float32 matmul precision)
 MODES = {"fp32": (torch.float32, "highest"), "tf32": (torch.float32, "high"), "bf16": (torch.bfloat16, "highest")}
 RUN_MODES = ("fp32", "tf32", "bf16") if GPU else ("fp32",)

@@ -11,14 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.conftest import speedup
+from benchmarks.conftest import DEVICE, GPU, IMPLS, KERNELS, speedup
 from dpm_ops.ops import maskreid_ranking_loss
 
-GPU = torch.cuda.is_available()
-DEVICE = "cuda" if GPU else "cpu"
 BATCH, DIM = 64, 256
-KERNELS = ("cuda", "triton") if GPU else ("cpp",)
-IMPLS = ("reference",) + KERNELS
 POS_MODES = ("hardest", "all_eq5", "eq4")
 CPU_TARGETS = {"hardest": 2.0, "all_eq5": 4.0, "eq4": 2.0}
 GPU_TARGETS = {"cuda": 2.0, "triton": 1.5}

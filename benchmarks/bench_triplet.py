@@ -8,14 +8,10 @@ on a GPU, CUDA and Triton >= 2x eager.
 import pytest
 import torch
 
-from benchmarks.conftest import speedup
+from benchmarks.conftest import DEVICE, GPU, IMPLS, KERNELS, skip_interpreted_triton, speedup
 from dpm_ops.losses import batch_hard_soft_margin_triplet
 from dpm_ops.ops import batch_hard_triplet
 
-GPU = torch.cuda.is_available()
-DEVICE = "cuda" if GPU else "cpu"
-KERNELS = ("cuda", "triton") if GPU else ("cpp",)
-IMPLS = ("reference",) + KERNELS
 TRAIN = (64, 768, 16)
 SMOKE = (8, 24, 4)  # the CI pass (--benchmark-disable)
 
@@ -35,8 +31,7 @@ def group_name(shape):
 @pytest.mark.parametrize("backend", IMPLS)
 @pytest.mark.parametrize("shape", [TRAIN, SMOKE], ids=["train", "smoke"])
 def bench_forward_backward(timed, backend, shape):
-    if backend == "triton" and not GPU and shape != SMOKE:
-        pytest.skip("the Triton interpreter is not a benchmark")
+    skip_interpreted_triton(backend, smoke=shape == SMOKE)
     features, labels = inputs(shape)
 
     def step():

@@ -15,6 +15,19 @@ if not torch.cuda.is_available():
 
 import dpm_ops  # noqa: E402, F401  (imported after TRITON_INTERPRET is set)
 
+# What every kernel benchmark runs on: the GPU's kernels beside the eager reference, else the C++ one.
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+KERNELS = ("cuda", "triton") if GPU else ("cpp",)
+IMPLS = ("reference",) + KERNELS
+
+
+def skip_interpreted_triton(backend: str, smoke: bool) -> None:
+    """Skip a Triton case off the GPU unless it is the smoke shape: the interpreter is not a benchmark."""
+    if backend == "triton" and not GPU and not smoke:
+        pytest.skip("the Triton interpreter is not a benchmark")
+
+
 # Timings of the current session, {(group, name): seconds}: the median (reported, absolute targets)
 # and the fastest round (ratio targets: other processes on a shared machine only ever add time, so the
 # fastest rounds of both sides are the least disturbed pair).

@@ -24,6 +24,14 @@ from typing import Optional, Sequence
 EXIT_USAGE = 2
 
 
+def _add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config and --weights of a command that rebuilds a trained model (export, extract)."""
+    parser.add_argument(
+        "--config", required=True, help="YAML file or built-in config name (the one it was trained with)"
+    )
+    parser.add_argument("--weights", required=True, help="a checkpoint written by `dpm-reid train`")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dpm-reid",
@@ -44,8 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.rerank=true")
 
     ex = sub.add_parser("export", help="export a checkpoint's test-time model to ONNX, checked by onnxruntime")
-    ex.add_argument("--config", required=True, help="YAML file or built-in config name (the one it was trained with)")
-    ex.add_argument("--weights", required=True, help="a checkpoint written by `dpm-reid train`")
+    _add_checkpoint_arguments(ex)
     ex.add_argument("--out", required=True, help="the .onnx file to write")
     ex.add_argument(
         "--batch",
@@ -58,8 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
     fx = sub.add_parser("extract", help="features (and DPM masks) of every image under a folder, to an .npz")
-    fx.add_argument("--config", required=True, help="YAML file or built-in config name (the one it was trained with)")
-    fx.add_argument("--weights", required=True, help="a checkpoint written by `dpm-reid train`")
+    _add_checkpoint_arguments(fx)
     fx.add_argument("--images", required=True, help="folder of images (searched recursively)")
     fx.add_argument("--out", required=True, help="the .npz file to write")
     fx.add_argument(

@@ -5,7 +5,8 @@
     features = extract_folder(model, "photos/")           # the model's test transforms, batched
     save_features_npz("photos.npz", features, model)
 
-The exported graph is the model's eval forward (``B`` is a dynamic axis):
+The exported graph is the model's eval forward (``B`` is a dynamic axis), with the inputs and outputs
+its recipe names (``Recipe.export_inputs`` / ``export_outputs``, :mod:`dpm_ops.engine.recipes`):
 
 =========================  =====================================================  ==========================
 model                      inputs                                                 outputs
@@ -39,20 +40,14 @@ import numpy as np
 import torch
 
 from dpm_ops._backend import forced_backend
-from dpm_ops.data import ImageDataset, ImageRecord, build_dataloader, masked_image, mask_path_for
-from dpm_ops.data.datasets import _verify_readable
+from dpm_ops.data import ImageDataset, ImageRecord, build_dataloader, mask_path_for
+from dpm_ops.data.assembly import _verify_readable
 from dpm_ops.data.parsing import MARKET_NAME
 from dpm_ops.data.errors import DatasetError, DatasetNotFoundError
 from dpm_ops.engine.checkpoint import atomic_write
-from dpm_ops.engine.evaluator import (
-    FeatureSet,
-    _check_image_size,
-    _model_cameras,
-    eval_transform,
-    extract_features,
-    resolve_distance,
-)
-from dpm_ops.engine.recipes import get_recipe
+from dpm_ops.engine.extraction import FeatureSet, _check_image_size, eval_transform, extract_features
+from dpm_ops.engine.scoring import resolve_distance
+from dpm_ops.engine.recipes import RECIPES, get_recipe, model_cameras
 
 # Opset 18 is the one torch's ONNX function library (torchlib) is written in, so the graph needs no
 # pass through onnx's version converter (which a lower opset would; LayerNormalization needs 17
@@ -86,57 +81,31 @@ class ExportResult:
 
 
 def model_kind(model: torch.nn.Module) -> str:
-    """The build_model name of ``model``: "dpm", "vit_baseline", "maskreid" or "maskreid_resnet50"."""
-    from dpm_ops.models import DPM, MaskReID, MaskReIDResNet50, ViTBaseline
-
-    for cls, name in (
-        (DPM, "dpm"),
-        (ViTBaseline, "vit_baseline"),
-        (MaskReID, "maskreid"),
-        (MaskReIDResNet50, "maskreid_resnet50"),
-    ):
-        if isinstance(model, cls):
-            return name
-    raise ExportError(
-        "model must be a DPM, ViTBaseline, MaskReID or MaskReIDResNet50 (dpm_ops.models.build_model), "
-        f"got {type(model).__name__}"
-    )
+    """The recipe name of ``model`` (:data:`dpm_ops.engine.RECIPES`): the recipe whose ``model_class``
+    is nearest in ``model``'s class hierarchy."""
+    mro = type(model).__mro__
+    matches = [name for name, recipe in RECIPES.items() if recipe.model_class in mro]
+    if not matches:
+        classes = [recipe.model_class.__name__ for recipe in RECIPES.values()]
+        raise ExportError(
+            f"model must be a {', '.join(classes[:-1])} or {classes[-1]} (a recipe's model_class, "
+            f"dpm_ops.models.build_model), got {type(model).__name__}"
+        )
+    return min(matches, key=lambda name: mro.index(RECIPES[name].model_class))
 
 
 def _input_size(model: torch.nn.Module, kind: str, image_size) -> tuple[int, int]:
-    """The ViT models' size is fixed by their position embedding; MaskReID's is the test crop."""
     try:
-        image_size = _check_image_size(image_size)
+        return get_recipe(kind).export_input_size(model, _check_image_size(image_size))
     except ValueError as error:
         raise ExportError(str(error)) from error
-    if get_recipe(kind).uses_masks:
-        return image_size or get_recipe(kind).default_test_size
-    own = tuple(model.backbone.patch_embed.img_size)
-    if image_size is not None and image_size != own:
-        raise ExportError(
-            f"image_size {image_size} differs from the model's input size {own} (its position embedding fixes it)"
-        )
-    return own
 
 
-def _signature(kind: str, has_cameras: bool) -> tuple[list[str], list[str]]:
-    if get_recipe(kind).uses_masks:
-        return ["raw", "masked"], ["feature"]
-    inputs = ["images", "camids"] if has_cameras else ["images"]
-    return inputs, (["feature", "mask"] if kind == "dpm" else ["feature"])
-
-
-def _example_inputs(model, kind: str, image_size, batch: int, seed: int) -> tuple[torch.Tensor, ...]:
-    generator = torch.Generator().manual_seed(seed)
+def _example_inputs(model, kind: str, image_size, batch: int, seed: int) -> dict[str, torch.Tensor]:
+    """The recipe's named example inputs, on the model's device."""
     device = next(model.parameters()).device
-    images = torch.randn(batch, 3, *image_size, generator=generator)
-    if get_recipe(kind).uses_masks:
-        foreground = (torch.rand(batch, 1, *image_size, generator=generator) > 0.3).float()
-        return images.to(device), masked_image(images, foreground).to(device)
-    cameras = _model_cameras(model)
-    if cameras:
-        return images.to(device), torch.randint(0, cameras, (batch,), generator=generator).to(device)
-    return (images.to(device),)
+    inputs = get_recipe(kind).export_inputs(model, image_size, batch, torch.Generator().manual_seed(seed))
+    return {name: tensor.to(device) for name, tensor in inputs.items()}
 
 
 def _as_tuple(outputs) -> tuple[torch.Tensor, ...]:
@@ -192,8 +161,9 @@ def export_onnx(
     _require("onnxscript", "the ONNX export")  # torch's exporter imports it; fail before the long part
     if check:
         _require("onnxruntime", "check=True")
-    input_names, output_names = _signature(kind, not get_recipe(kind).uses_masks and _model_cameras(model) > 0)
-    example = _example_inputs(model, kind, size, batch, seed=0)
+    named_example = _example_inputs(model, kind, size, batch, seed=0)
+    input_names, output_names = list(named_example), list(get_recipe(kind).export_outputs)
+    example = tuple(named_example.values())
     batch_axis = torch.export.Dim("batch", min=1)
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     was_training = model.training
@@ -280,7 +250,9 @@ def check_onnx(
     model.eval()
     try:
         for batch in batch_sizes:
-            inputs = _example_inputs(model, kind, size, _check_int("batch_sizes", batch, 1), seed + batch)
+            inputs = tuple(
+                _example_inputs(model, kind, size, _check_int("batch_sizes", batch, 1), seed + batch).values()
+            )
             if len(inputs) != len(input_names):
                 raise OnnxCheckError(f"{path} takes inputs {input_names}, the model {len(inputs)}")
             with torch.no_grad():
@@ -342,7 +314,7 @@ def extract_folder(
     progress: bool = True,
 ) -> FeatureSet:
     """Features of every image under ``folder`` (:func:`find_images`), with the model's test
-    transforms and the evaluator's extraction (:func:`dpm_ops.engine.evaluator.extract_features`):
+    transforms and the evaluator's extraction (:func:`dpm_ops.engine.extraction.extract_features`):
     L2-normalised features, DPM's channel masks, in the order of the relative paths.
 
     ``pids`` / ``camids`` come from Market-style names (``0001_c2s1_...``: pid 1, camera 1), -1 where a
@@ -359,7 +331,7 @@ def extract_folder(
     relative = find_images(root)
     absolute = [str(root / name) for name in relative]
     labels = [_labels_from_name(name) for name in relative]
-    cameras = _model_cameras(model) if not get_recipe(kind).uses_masks else 0
+    cameras = model_cameras(model)
     if camid is not None:
         _check_int("camid", camid, 0)
         labels = [(pid, camid) for pid, _ in labels]

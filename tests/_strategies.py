@@ -1,4 +1,4 @@
-"""Hypothesis strategies for bad and extreme input, shared by the property tests (test_properties.py,
+"""Hypothesis strategies for bad and extreme input, shared by the property tests (test_ops_evaluation_properties.py,
 and the knn ones): random shapes with 0 and 1 included, float dtypes, values of every magnitude
 from 1e-30 to float32's limit, and NaN / inf planted at random places.
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import settings
 
-# CI runs the property tests (test_properties.py) reproducibly: the same examples on every run.
+# CI runs the property tests (test_*_properties.py) reproducibly: the same examples on every run.
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
@@ -24,6 +24,12 @@ def backend_params(*names):
     """pytest params for backends, each skipped with the reason dpm_ops.backends() gives."""
     available = dpm_ops.backends()
     return [pytest.param(n, marks=pytest.mark.skipif(not available[n][0], reason=available[n][1] or n)) for n in names]
+
+
+def op_for(name: str, backend: str):
+    """The registered custom op ``torch.ops.dpm_ops.<name>`` that ``backend`` runs: the C++ / CUDA
+    op, or its ``<name>_triton`` twin."""
+    return getattr(torch.ops.dpm_ops, name if backend in ("cpp", "cuda") else f"{name}_triton")
 
 
 def device_for(backend: str) -> torch.device:

@@ -4,7 +4,7 @@ reference loss (dpm_ops.losses.batch_hard_soft_margin_triplet(..., fused=False))
 import pytest
 import torch
 
-from conftest import backend_params, device_for
+from conftest import backend_params, device_for, op_for
 from dpm_ops.losses import SoftMarginTripletLoss, batch_hard_soft_margin_triplet
 from dpm_ops.ops import batch_hard_triplet
 
@@ -71,16 +71,13 @@ def test_gradcheck_float64(backend):
     )  # the Triton interpreter is slow
 
 
-def _op_for(backend):
-    ops = torch.ops.dpm_ops
-    return ops.batch_hard_triplet if backend in ("cpp", "cuda") else ops.batch_hard_triplet_triton
-
-
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("with_grad", [True, False])
 def test_opcheck(backend, with_grad):
     features, labels = make_inputs(6, 5, 3, torch.float64, device_for(backend), seed=2)
-    torch.library.opcheck(_op_for(backend), (features.requires_grad_(with_grad), labels, with_grad))
+    torch.library.opcheck(
+        op_for("batch_hard_triplet", backend), (features.requires_grad_(with_grad), labels, with_grad)
+    )
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from dpm_ops.data.synth import SynthConfig, generate_synthetic_dataset
 from dpm_ops.engine import RECIPES, Hook, evaluate_checkpoint, load_config, train
 from dpm_ops.engine.recipes import Recipe, loss_record, make_optimizer, scheduled_stage
+from dpm_ops.models import MODELS
 from engine_utils import TINY_SYNTH, tiny_config, write_config
 
 
@@ -85,3 +86,10 @@ def test_a_toy_recipe_trains_and_evaluates(tmp_path, monkeypatch):
     assert metrics == result["metrics"]
     assert json.loads((output / "metrics.json").read_text())["settings"]["model"] == "toy"
     assert torch.load(tmp_path / "run" / "checkpoints" / "final.pt", weights_only=False)["model_name"] == "toy"
+
+
+def test_every_shipped_model_has_its_recipe_and_no_recipe_another_network():
+    """MODELS (dpm_ops.models) is the one list of networks; the recipe registry follows it."""
+    assert list(RECIPES) == list(MODELS)
+    for name, recipe in RECIPES.items():
+        assert recipe.name == name and recipe.model_class is MODELS[name], name

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import backend_params, device_for, fp32_tolerances, record_launches
+from conftest import backend_params, device_for, fp32_tolerances, op_for, record_launches
 from dpm_ops.losses import DPMLoss, MaskedArcFaceLoss, masked_arcface_cross_entropy
 from dpm_ops.ops import masked_arcface_ce
 from test_models_dpm import batch, tiny_dpm
@@ -121,11 +121,6 @@ def test_gradcheck_float64(backend):
     )
 
 
-def _op_for(backend):
-    ops = torch.ops.dpm_ops
-    return ops.masked_arcface_ce if backend in ("cpp", "cuda") else ops.masked_arcface_ce_triton
-
-
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("with_grad", [True, False])
 def test_opcheck(backend, with_grad):
@@ -141,7 +136,7 @@ def test_opcheck(backend, with_grad):
         0.5,
         with_grad,
     )
-    torch.library.opcheck(_op_for(backend), args)
+    torch.library.opcheck(op_for("masked_arcface_ce", backend), args)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -149,10 +144,10 @@ def test_gradients_only_when_autograd_needs_them(backend):
     features, mask, weight, labels = make_inputs(5, 7, 6, torch.float64, device_for(backend), seed=3)
     expected = masked_arcface_cross_entropy(features, mask, weight, labels, fused=False)
     scalars = (30.0, 0.5, False, 1e-7, 0.5, 0.5)
-    loss, *grads = _op_for(backend)(features, mask, weight, labels, *scalars, False)
+    loss, *grads = op_for("masked_arcface_ce", backend)(features, mask, weight, labels, *scalars, False)
     torch.testing.assert_close(loss, expected)
     assert all(g.numel() == 0 for g in grads)
-    loss, *grads = _op_for(backend)(features, mask, weight, labels, *scalars, True)
+    loss, *grads = op_for("masked_arcface_ce", backend)(features, mask, weight, labels, *scalars, True)
     torch.testing.assert_close(loss, expected)
     assert [g.shape for g in grads] == [features.shape, mask.shape, weight.shape]
     with torch.no_grad():  # the public function asks for none under no_grad

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import dpm_ops
-from conftest import backend_params, device_for
+from conftest import backend_params, device_for, op_for
 from dpm_ops.losses import MaskReIDRankingLoss
 from dpm_ops.losses import maskreid_ranking_loss as loss_module_function
 from dpm_ops.ops import maskreid_ranking_loss, maskreid_ranking_loss_reference
@@ -193,12 +193,6 @@ def test_gradcheck_float64(backend, neg_mode, pos_mode):
     )
 
 
-def _op_for(backend):
-    if backend == "triton":
-        return torch.ops.dpm_ops.maskreid_ranking_loss_triton
-    return torch.ops.dpm_ops.maskreid_ranking_loss
-
-
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize(
     "neg_mode, pos_mode", [("literal", "hardest"), ("violating_only", "all_eq5"), ("literal", "eq4")]
@@ -206,8 +200,8 @@ def _op_for(backend):
 def test_opcheck(backend, neg_mode, pos_mode):
     x, labels = batch([0, 0, 1, 1, 1, 2], 7, device=device_for(backend))
     x.requires_grad_(True)
-    torch.library.opcheck(_op_for(backend), (x, labels, 0.15, 2.0, neg_mode, pos_mode))
-    _, coef = _op_for(backend)(x.detach(), labels, 0.15, 2.0, neg_mode, pos_mode)
+    torch.library.opcheck(op_for("maskreid_ranking_loss", backend), (x, labels, 0.15, 2.0, neg_mode, pos_mode))
+    _, coef = op_for("maskreid_ranking_loss", backend)(x.detach(), labels, 0.15, 2.0, neg_mode, pos_mode)
     backward = (
         torch.ops.dpm_ops.maskreid_ranking_loss_triton_backward
         if backend == "triton"

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch._library.simple_registry
 
-from conftest import backend_params, device_for
+from conftest import backend_params, device_for, op_for
 from dpm_ops import _backend
 from dpm_ops.ops import (
     batch_hard_triplet,
@@ -202,14 +202,10 @@ def _inputs(device, dtype=torch.float64, requires_grad=True):
     return [t.to(device).requires_grad_(requires_grad) for t in ts]
 
 
-def _op_for(backend):
-    return torch.ops.dpm_ops.masked_cosine if backend in ("cpp", "cuda") else torch.ops.dpm_ops.masked_cosine_triton
-
-
 @pytest.mark.parametrize("backend", backend_params("cpp", "cuda", "triton"))
 def test_opcheck(backend):
     x, mask, protos = _inputs(device_for(backend))
-    torch.library.opcheck(_op_for(backend), (x, mask, protos, 1e-12))
+    torch.library.opcheck(op_for("masked_cosine", backend), (x, mask, protos, 1e-12))
 
 
 @pytest.mark.parametrize("backend", backend_params("cpp", "cuda"))

@@ -141,22 +141,17 @@ def assert_slot(picture, row, slot, gallery_index, match):
     assert np.abs(frame - (visualize._MATCH if match else visualize._WRONG)).max() <= 3, (row, slot, frame)
 
 
+def ranked_lists(queries, gallery, out_png, **options):
+    """plot_ranked_lists of the DIST case (its pids and cameras) at THUMB size."""
+    return visualize.plot_ranked_lists(
+        queries, gallery, DIST, Q_PIDS, G_PIDS, Q_CAMS, G_CAMS, out_png, thumb_size=THUMB, **options
+    )
+
+
 def test_plot_ranked_lists_best_and_worst(tmp_path, images):
     queries, gallery = images
-    out = visualize.plot_ranked_lists(
-        queries,
-        gallery,
-        DIST,
-        Q_PIDS,
-        G_PIDS,
-        Q_CAMS,
-        G_CAMS,
-        tmp_path / "best.png",
-        which="best",
-        num_queries=2,
-        top_k=3,
-        thumb_size=THUMB,
-        q_occluded=[True, False, True],
+    out = ranked_lists(
+        queries, gallery, tmp_path / "best.png", which="best", num_queries=2, top_k=3, q_occluded=[True, False, True]
     )
     assert png_size(out) == (4 * CELL_W + 16, 2 * ROW_H)
     with Image.open(out) as picture:
@@ -169,20 +164,7 @@ def test_plot_ranked_lists_best_and_worst(tmp_path, images):
         query_centre = pixel(picture, 1, -1, 4 + THUMB[0] // 2, 4 + THUMB[1] // 2)
         assert np.abs(query_centre - 80).max() <= 3  # q2's grey
 
-    out = visualize.plot_ranked_lists(
-        queries,
-        gallery,
-        DIST,
-        Q_PIDS,
-        G_PIDS,
-        Q_CAMS,
-        G_CAMS,
-        tmp_path / "worst.png",
-        which="worst",
-        num_queries=1,
-        top_k=10,
-        thumb_size=THUMB,
-    )
+    out = ranked_lists(queries, gallery, tmp_path / "worst.png", which="worst", num_queries=1, top_k=10)
     # top_k beyond the gallery: 6 slots, and the row holds the 5 non-junk items only
     assert png_size(out) == (7 * CELL_W + 16, ROW_H)
     with Image.open(out) as picture:
@@ -234,17 +216,7 @@ def test_plot_ranked_lists_unreadable_image(tmp_path, images):
     queries, gallery = images
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="broken.jpg"):
-        visualize.plot_ranked_lists(
-            [str(tmp_path / "broken.jpg")] + queries[1:],
-            gallery,
-            DIST,
-            Q_PIDS,
-            G_PIDS,
-            Q_CAMS,
-            G_CAMS,
-            tmp_path / "r.png",
-            thumb_size=THUMB,
-        )
+        ranked_lists([str(tmp_path / "broken.jpg")] + queries[1:], gallery, tmp_path / "r.png")
 
 
 # ------------------------------------------------------------------------------------ masks

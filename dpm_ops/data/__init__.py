@@ -5,17 +5,13 @@ on demand, so ``python -m dpm_ops.data.synth`` runs cleanly); its loader is ``bu
 from .datasets import (
     available_datasets,
     build_dataset,
-    load_cuhk03_np,
-    load_dukemtmc_reid,
-    load_market1501,
     load_msmt17,
-    load_occluded_duke,
     load_occluded_reid,
     load_partial_reid,
-    load_synthetic,
     register_dataset,
 )
 from .errors import DatasetCountWarning, DatasetError, DatasetNotFoundError
+from .layouts import load_cuhk03_np, load_dukemtmc_reid, load_market1501, load_occluded_duke, load_synthetic
 from .loader import ImageDataset, build_dataloader
 from .masks import mask_path_for
 from .records import ImageRecord, ReIDSplits

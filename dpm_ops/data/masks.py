@@ -1,6 +1,6 @@
 """Foreground-mask trees for MaskReID.
 
-Layout (MGCAM's convention, see datasets.md §8 and maskreid.md §2): every image folder of a
+Layout (MGCAM's convention, whose precomputed masks drop in): every image folder of a
 dataset has a mirror folder named ``<folder>_seg`` holding one PNG per image, with the same
 relative path and the image's suffix replaced by ``.png``::
 

@@ -18,7 +18,7 @@ MSMT17_CAMERAS = 15
 
 # Numbers in file names are ASCII digits: str.isdigit and \d also accept characters int() refuses.
 INTEGER = re.compile(r"-?[0-9]+")
-# Market-style name: pid (may be -1) then "_c" and the 1-based camera digit (datasets.md §2).
+# Market-style name: pid (may be -1) then "_c" and the 1-based camera digit (Market-1501, DukeMTMC-reID, CUHK03-NP).
 MARKET_NAME = re.compile(r"(-?[0-9]+)_c([0-9])")
 # Occluded-REID / Partial-REID name: <pid>_<nn>.<ext>
 PID_INDEX_NAME = re.compile(r"([0-9]+)_([0-9]+)$")
@@ -81,7 +81,8 @@ def parse_market_folder(folder: str, suffix: str, num_cams: int) -> list[ImageRe
 
 def parse_pid_index_folder(folder: str, suffix: str, camid: int, per_identity_dirs: bool) -> list[ImageRecord]:
     """Images named ``<pid>_<nn><suffix>``; the camera is fixed by the folder, never by ``nn``
-    (parsing ``nn`` as a camera is the fast-reid bug of datasets.md §8)."""
+    (fast-reid's Occluded-/Partial-REID loaders parse ``nn`` as the camera, so Market-style
+    evaluation then drops gallery images whose index equals the query's)."""
     records = []
     for path in list_images(folder, suffix, recursive=per_identity_dirs):
         relative = Path(os.path.relpath(path, folder))

@@ -113,7 +113,8 @@ class RandomIdentityBatchSampler(_EpochBatchSampler):
     Per epoch, each identity's images are shuffled and cut into chunks of ``num_instances``; an
     identity with fewer images is first padded by drawing ``num_instances`` with replacement, and a
     trailing partial chunk is dropped. Batches take one chunk from each of ``num_ids`` random
-    identities that still have chunks, until fewer than ``num_ids`` identities remain (dpm.md §7.3).
+    identities that still have chunks, until fewer than ``num_ids`` identities remain (TransReID /
+    DPM's ``RandomIdentitySampler``).
 
     Distributed: every rank builds the same global batches and takes its share of the identities
     of each one (``num_ids / world_size`` ids x ``num_instances``), so the global batch equals the
@@ -164,13 +165,13 @@ class RandomIdentityBatchSampler(_EpochBatchSampler):
 
 
 class MaskReIDBatchSampler(_EpochBatchSampler):
-    """MaskReID's ranking batch (maskreid.md §5): ``num_positives`` images of one anchor identity
-    followed by one image each of ``num_negatives`` other distinct identities (10 + 54 = 64).
+    """MaskReID's ranking batch (the paper's Section 4): ``num_positives`` images of one anchor
+    identity followed by one image each of ``num_negatives`` other distinct identities (10 + 54 = 64).
 
     The anchor identities of an epoch are a permutation of all identities, so an epoch is one
-    batch per identity (maskreid.md §8.3), or ``batches_per_epoch`` batches cycling through
-    fresh permutations. An anchor with fewer than ``num_positives`` images is sampled with
-    replacement (the paper does not say; the spec's reconstruction). The anchor's images are
+    batch per identity (the paper leaves the epoch undefined), or ``batches_per_epoch`` batches
+    cycling through fresh permutations. An anchor with fewer than ``num_positives`` images is
+    sampled with replacement (the paper does not say). The anchor's images are
     always the first ``num_positives`` positions of a batch.
 
     Distributed: a batch is one ranking problem and is not split; rank r takes global batches

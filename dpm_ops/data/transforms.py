@@ -7,7 +7,7 @@ image and its foreground mask (same resize, flip, padding and crop window; masks
 resampling and zero padding), while photometric steps (colour jitter, normalisation, random
 erasing) touch the image only. After :class:`ToTensor` the mask is a float tensor (1, H, W) in {0, 1}.
 
-Recipes (``shared/spec/dpm.md`` §7.3, ``maskreid.md`` §3.1/§5):
+Recipes (DPM's official configs; MaskReID's paper and the DGD test geometry):
 
 * DPM train: bicubic resize 256x128, [colour jitter], flip 0.5, pad 10, random crop 256x128,
   to tensor, normalise mean = std = 0.5, timm-style random erasing (p 0.5, pixel mode).
@@ -227,7 +227,7 @@ class Normalize(Transform):
 
 
 class RandomErasing(Transform):
-    """timm-style random erasing on a normalised tensor (timm 0.4.9 defaults, dpm.md §7.3).
+    """timm-style random erasing on a normalised tensor (timm 0.4.9 defaults, as DPM trains).
 
     With probability ``probability`` erase ``count`` rectangles (count uniform in 1..max_count),
     each of area U(area) * image area / count and log-uniform aspect ratio in ``aspect``, trying up

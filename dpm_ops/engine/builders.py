@@ -63,7 +63,7 @@ def prepare_synthetic(config: dict, *, progress: bool = True) -> None:
     data = config["dataset"]
     if data["name"].lower() not in ("synthetic", "synth") or not data["generate"]:
         return
-    from dpm_ops.data.datasets import SYNTHETIC_MANIFEST
+    from dpm_ops.data.parsing import SYNTHETIC_MANIFEST
     from dpm_ops.data.synth import ensure_synthetic_dataset, synth_config
 
     root = Path(os.path.expanduser(data["root"]))

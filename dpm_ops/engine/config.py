@@ -31,7 +31,8 @@ import yaml
 
 from ..evaluation import PROTOCOLS
 from ..ops.maskreid_ranking_loss_reference import RENAMED_POS_MODES
-from .evaluator import DISTANCES, MULTI_QUERY
+from .extraction import MULTI_QUERY
+from .scoring import DISTANCES
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -82,7 +83,7 @@ def _f(default, type_=None, choices=None, nullable=False, renamed=None, bounds=N
     return Field(type_ if type_ is not None else type(default), default, choices, nullable, renamed, bounds)
 
 
-# The schema. Defaults are DPM's Occluded-Duke recipe (dpm.md §6-7) where a key concerns DPM.
+# The schema. Defaults are DPM's Occluded-Duke recipe (official configs/OCC_Duke/dpm.yml) where a key concerns DPM.
 SCHEMA: dict = {
     "model": {
         "name": _f("dpm", str),  # a name in recipes.RECIPES (checked by validate)

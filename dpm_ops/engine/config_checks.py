@@ -8,7 +8,7 @@ import dataclasses
 import math
 
 from .config import ConfigError
-from .evaluator import resolve_distance
+from .scoring import resolve_distance
 from .recipes import RECIPES
 
 

@@ -1,6 +1,6 @@
 """Learning-rate schedules of the recipes, as pure functions plus a small stateful wrapper.
 
-* ``warmup_cosine``: timm's ``CosineLRScheduler`` as DPM / TransReID configure it (dpm.md §7.2):
+* ``warmup_cosine``: timm's ``CosineLRScheduler`` as DPM / TransReID configure it (their solver/scheduler_factory.py):
   ``t_initial = E`` epochs, ``warmup_t = W``, ``warmup_lr_init = warmup_factor · base_lr``,
   ``lr_min = min_lr_factor · base_lr`` (one absolute value for every group), cycle_limit 1, stepped
   with the epoch number t = 1..E at the start of each epoch:

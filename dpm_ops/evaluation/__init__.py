@@ -1,7 +1,7 @@
 """Re-ID evaluation: distances, exact k-NN, Market-1501 CMC/mAP/mINP and k-reciprocal re-ranking.
 
 All functions take numpy arrays or torch tensors (CPU or CUDA); see each docstring for the
-exact semantics and tie rules (spec rerank_eval.md).
+exact semantics and tie rules.
 """
 
 from .distance import METRICS, knn, pairwise_distance

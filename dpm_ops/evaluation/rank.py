@@ -1,6 +1,6 @@
 """CMC / mAP / mINP under the Market-1501 protocol, without sorting the gallery.
 
-Protocol (torchreid / fast-reid `eval_market1501`, spec rerank_eval.md §3): for each query,
+Protocol (torchreid / fast-reid `eval_market1501`): for each query,
 gallery items with the same pid *and* the same camera are removed; the remaining items with
 the same pid are its matches (distractors, pid 0, stay as negatives); a query with no match
 left is skipped and counted.
@@ -150,6 +150,42 @@ def evaluate_rank(
     _inputs.check_choice("protocol", protocol, PROTOCOLS)
     num_repeats = _inputs.check_count("num_repeats", num_repeats, 1)
     seed = _inputs.check_count("seed", seed, 0)
+    dist, max_rank = _distances(distmat, max_rank)
+    num_query, num_gallery = dist.shape
+    device = dist.device
+    q_pids = _labels("q_pids", q_pids, num_query, device)
+    q_camids = _labels("q_camids", q_camids, num_query, device)
+    g_pids = _labels("g_pids", g_pids, num_gallery, device)
+    g_camids = _labels("g_camids", g_camids, num_gallery, device)
+    all_ap, first_ranks, inverse_penalty, num_skipped = _match_statistics(dist, q_pids, q_camids, g_pids, g_camids, ap)
+    num_valid = num_query - num_skipped
+    if num_valid == 0:
+        raise ValueError(
+            "no query has a match in the gallery (same pid on another camera); "
+            "check q_pids / g_pids / q_camids / g_camids"
+        )
+    all_ap = torch.cat(all_ap).cpu().numpy()
+    all_inp = torch.cat(inverse_penalty).cpu().numpy()
+    if protocol == "cuhk03":
+        first_ranks = single_shot_match_ranks(dist, q_pids, q_camids, g_pids, g_camids, num_repeats, seed)
+    else:
+        first_ranks = torch.cat(first_ranks)
+    first_ranks = first_ranks.flatten().clamp_(max=max_rank + 1)
+    first_rank_counts = torch.bincount(first_ranks, minlength=max_rank + 2)[1 : max_rank + 1]
+    cmc = (first_rank_counts.cumsum(0).double() / len(first_ranks)).cpu().numpy()
+    return RankResult(
+        cmc=cmc,
+        mAP=float(all_ap.mean()),
+        mINP=float(all_inp.mean()),
+        all_AP=all_ap,
+        all_INP=all_inp,
+        num_valid=num_valid,
+        num_skipped=num_skipped,
+    )
+
+
+def _distances(distmat, max_rank: int) -> tuple[torch.Tensor, int]:
+    """The checked (Q, G) distance tensor and the CMC length, max_rank cut to the gallery size."""
     dist = _inputs.as_tensor("distmat", distmat, 2)
     if not dist.is_floating_point():
         raise ValueError(f"distmat must hold floating-point distances, got {dist.dtype}")
@@ -160,14 +196,17 @@ def evaluate_rank(
         warnings.warn(
             f"evaluate_rank: max_rank {max_rank} exceeds the gallery size {num_gallery}; the CMC has "
             f"{num_gallery} entries",
-            stacklevel=2,
+            stacklevel=3,  # evaluate_rank's caller
         )
         max_rank = num_gallery
+    return dist, max_rank
+
+
+def _match_statistics(dist, q_pids, q_camids, g_pids, g_camids, ap: str):
+    """Per valid query, over query chunks: AP, the rank of the first match and the inverse
+    negative penalty (matches / rank of the last match); and the number of queries with no match."""
     device = dist.device
-    q_pids = _labels("q_pids", q_pids, num_query, device)
-    q_camids = _labels("q_camids", q_camids, num_query, device)
-    g_pids = _labels("g_pids", g_pids, num_gallery, device)
-    g_camids = _labels("g_camids", g_camids, num_gallery, device)
+    num_query, num_gallery = dist.shape
     dtype = compute_dtype(dist)
     use_kernel = _backend.resolve(None, device) in ("cpp", "cuda")
     groups = None if use_kernel else _IdentityGroups(g_pids)
@@ -204,28 +243,4 @@ def evaluate_rank(
         is_last = ordinal == num_matches[query]
         first_ranks.append(rank[is_first].long())
         inverse_penalty.append(matches / rank[is_last])
-
-    num_valid = num_query - num_skipped
-    if num_valid == 0:
-        raise ValueError(
-            "no query has a match in the gallery (same pid on another camera); "
-            "check q_pids / g_pids / q_camids / g_camids"
-        )
-    all_ap = torch.cat(all_ap).cpu().numpy()
-    all_inp = torch.cat(inverse_penalty).cpu().numpy()
-    if protocol == "cuhk03":
-        first_ranks = single_shot_match_ranks(dist, q_pids, q_camids, g_pids, g_camids, num_repeats, seed)
-    else:
-        first_ranks = torch.cat(first_ranks)
-    first_ranks = first_ranks.flatten().clamp_(max=max_rank + 1)
-    first_rank_counts = torch.bincount(first_ranks, minlength=max_rank + 2)[1 : max_rank + 1]
-    cmc = (first_rank_counts.cumsum(0).double() / len(first_ranks)).cpu().numpy()
-    return RankResult(
-        cmc=cmc,
-        mAP=float(all_ap.mean()),
-        mINP=float(all_inp.mean()),
-        all_AP=all_ap,
-        all_INP=all_inp,
-        num_valid=num_valid,
-        num_skipped=num_skipped,
-    )
+    return all_ap, first_ranks, inverse_penalty, num_skipped

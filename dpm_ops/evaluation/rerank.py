@@ -7,7 +7,7 @@ pooled distance d(i, j), i, j in queries + gallery (queries first, N = Q + G), c
 * `rerank_features(qf, gf)`: Euclidean distances of the features, computed tile by tile and
   never stored beyond the (Q, G) output.
 
-Reference semantics reproduced (spec rerank_eval.md §1.3): Euclidean input squared inside,
+Reference semantics reproduced (Zhong et al.'s CVPR 2017 code, ``re_ranking``): Euclidean input squared inside,
 float32, every row divided by its maximum over all N items (queries included), k-reciprocal
 sets on the first k1 + 1 neighbours, expansion with kh = round-half-even(k1 / 2) and the
 strict 2/3 test, Gaussian weights normalised per row, query expansion over the k2 nearest

@@ -6,7 +6,7 @@ load_pretrained(model, "jx_vit_base_p16_224-80ecf9dd.pth")
 """
 
 from .dpm import DPM, DPMEvalOutput, DPMLossInputs, DPMParamGroups, DPMTrainOutput, HierarchicalMaskGenerator
-from .factory import MODEL_NAMES, build_model
+from .factory import MODEL_NAMES, MODELS, build_model, construct_model
 from .maskreid import MaskReID, MaskReIDTrainOutput, SkippedFusionHead
 from .resnet import MaskReIDResNet50, ResNet50
 from .vit import ViTReID
@@ -21,6 +21,7 @@ __all__ = [
     "DPMTrainOutput",
     "HierarchicalMaskGenerator",
     "LoadReport",
+    "MODELS",
     "MODEL_NAMES",
     "MaskReID",
     "MaskReIDResNet50",
@@ -32,6 +33,7 @@ __all__ = [
     "ViTReID",
     "WeightsError",
     "build_model",
+    "construct_model",
     "load_pretrained",
     "resize_pos_embed",
 ]

@@ -1,4 +1,4 @@
-"""DPM: Dynamic Prototype Mask for occluded person re-ID (ACM MM 2022), spec dpm.md.
+"""DPM: Dynamic Prototype Mask for occluded person re-ID (ACM MM 2022), after the official code (stone96123/DPM).
 
 Structure (parameter names in brackets):
 

@@ -1,6 +1,9 @@
-"""``build_model(name, num_classes, num_cameras=0, **options)``."""
+"""``build_model(name, num_classes, num_cameras=0, **options)`` and ``MODELS``, the one list of the
+networks dpm_ops ships (the engine's recipes are checked against it by tests/test_engine_recipes.py)."""
 
 from __future__ import annotations
+
+import inspect
 
 import torch.nn as nn
 
@@ -9,7 +12,21 @@ from .maskreid import MaskReID
 from .resnet import MaskReIDResNet50
 from .vit_baseline import ViTBaseline
 
-MODEL_NAMES = ("dpm", "vit_baseline", "maskreid", "maskreid_resnet50")
+MODELS: dict[str, type[nn.Module]] = {
+    "dpm": DPM,
+    "vit_baseline": ViTBaseline,
+    "maskreid": MaskReID,
+    "maskreid_resnet50": MaskReIDResNet50,
+}
+MODEL_NAMES = tuple(MODELS)
+
+
+def construct_model(model_class: type[nn.Module], num_classes: int, num_cameras: int = 0, **options) -> nn.Module:
+    """``model_class(num_classes, num_cameras, **options)``; a class whose constructor takes no
+    ``num_cameras`` (no camera input, as MaskReID) is built without it."""
+    if "num_cameras" in inspect.signature(model_class).parameters:
+        return model_class(num_classes, num_cameras, **options)
+    return model_class(num_classes, **options)
 
 
 def build_model(name: str, num_classes: int, num_cameras: int = 0, **options) -> nn.Module:
@@ -19,12 +36,6 @@ def build_model(name: str, num_classes: int, num_cameras: int = 0, **options) ->
     0 or 1: none). MaskReID has no camera input and ignores it. ``num_classes`` is the number of
     training identities; for MaskReID, 0 builds no softmax head.
     """
-    if name == "dpm":
-        return DPM(num_classes, num_cameras, **options)
-    if name == "vit_baseline":
-        return ViTBaseline(num_classes, num_cameras, **options)
-    if name == "maskreid":
-        return MaskReID(num_classes, **options)
-    if name == "maskreid_resnet50":
-        return MaskReIDResNet50(num_classes, **options)
-    raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES}")
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES}")
+    return construct_model(MODELS[name], num_classes, num_cameras, **options)

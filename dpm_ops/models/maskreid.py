@@ -1,4 +1,4 @@
-"""MaskReID (arXiv 1804.03864 v1), spec maskreid.md §3.
+"""MaskReID (arXiv 1804.03864 v1): the network of its Section 3 (the DGD inception trunk).
 
 Raw and masked 144x56 images go through separate 3-layer stems (3x3, 32 channels, BN, ReLU), are
 concatenated on channels (64) and max-pooled, then run through the DGD / JSTL inception trunk

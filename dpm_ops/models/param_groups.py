@@ -1,4 +1,4 @@
-"""SGD parameter groups with TransReID / DPM's rules (spec dpm.md §7.1)."""
+"""SGD parameter groups with TransReID / DPM's rules (their solver/make_optimizer.py)."""
 
 from __future__ import annotations
 

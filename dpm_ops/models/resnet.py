@@ -1,6 +1,7 @@
 """ResNet-50 (torchvision state-dict names) and MaskReID's ResNet-50 variant.
 
-``MaskReIDResNet50`` is NOT the paper's network: it is the modern variant of maskreid.md §10 row 8.
+``MaskReIDResNet50`` is NOT the paper's network (whose trunk is DGD's inception net): it is a
+ResNet-50-trunk variant, offered as a clearly labelled alternative.
 Raw and masked images go through separate ResNet stems (``conv1``/``bn1``, both loadable from the
 same ImageNet weights), are concatenated (128 channels) and mapped back to 64 channels by a 1x1
 ``stream_fuse`` conv initialised to the average of the two streams, so an ImageNet ResNet-50 trunk

@@ -1,4 +1,4 @@
-"""TransReID-style ViT backbone used by DPM and the ViT baseline (spec dpm.md §1, §12).
+"""TransReID-style ViT backbone used by DPM and the ViT baseline (official vit_pytorch.py).
 
 Differences from a plain timm ViT, all taken from TransReID / DPM:
 

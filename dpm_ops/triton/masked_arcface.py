@@ -30,6 +30,87 @@ BLOCK_K = 32
 
 
 @triton.jit
+def _tile_dots(
+    f_ptr, m_ptr, w_ptr, inv_f, inv_w, rows, ks, in_b, in_k, C, WITH_PLAIN, PRECISION, BLOCK_B, BLOCK_K, BLOCK_C
+):
+    """The masked cosine's numerator <f̂ ⊙ m, ŵ> and squared denominator ||m ⊙ ŵ||², and the plain
+    logits f·wᵀ, of one (BLOCK_B, BLOCK_K) tile, streaming C once."""
+    acc_t = inv_f.dtype
+    in_t = w_ptr.dtype.element_ty
+    num = tl.zeros((BLOCK_B, BLOCK_K), dtype=acc_t)
+    den_sq = tl.zeros((BLOCK_B, BLOCK_K), dtype=acc_t)
+    plain = tl.zeros((BLOCK_B, BLOCK_K), dtype=acc_t)
+    cols = tl.arange(0, BLOCK_C)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + cols
+        in_c = c < C
+        qmask = in_b[:, None] & in_c[None, :]
+        f = tl.load(f_ptr + rows[:, None].to(tl.int64) * C + c[None, :], mask=qmask, other=0.0).to(acc_t)
+        m = tl.load(m_ptr + rows[:, None].to(tl.int64) * C + c[None, :], mask=qmask, other=0.0).to(acc_t)
+        w = tl.load(
+            w_ptr + ks[:, None].to(tl.int64) * C + c[None, :], mask=in_k[:, None] & in_c[None, :], other=0.0
+        ).to(acc_t)
+        wh = w * inv_w[:, None]
+        num = dot(f * inv_f[:, None] * m, tl.trans(wh), num, PRECISION, in_t)
+        den_sq = dot(m * m, tl.trans(wh * wh), den_sq, PRECISION, in_t)
+        if WITH_PLAIN:
+            plain = dot(f, tl.trans(w), plain, PRECISION, in_t)
+    return num, den_sq, plain
+
+
+@triton.jit
+def _target_phi(cos, cos_m, sin_m, th, mm, lo, hi, EASY: tl.constexpr):
+    """ArcFace's target logit phi(cos) = cos(theta + margin) and its slope d phi / d cos.
+    The clamp is only inside the sqrt (bounds inclusive, as torch.clamp)."""
+    inside = (cos >= lo) & (cos <= hi)
+    cc = tl.minimum(tl.maximum(cos, lo), hi)
+    sine = tl.sqrt(1.0 - cc * cc)
+    phi = cos * cos_m - sine * sin_m
+    dphi = cos_m + tl.where(inside, sin_m * cos / sine, 0.0)
+    if EASY:
+        keep = cos > 0.0
+        phi = tl.where(keep, phi, cos)
+    else:
+        keep = cos > th
+        phi = tl.where(keep, phi, cos - mm)
+    dphi = tl.where(keep, dphi, 1.0)
+    return phi, dphi
+
+
+@triton.jit
+def _store_partial_lse(ptr, plane, logits, valid, in_b):
+    """The tile's partial log-sum-exp of each row: its max at ``ptr``, its sum of exp(x - max) one
+    (B, K tiles) ``plane`` further on."""
+    lm = tl.where(valid, logits, float("-inf"))
+    mx = tl.where(in_b, tl.max(lm, axis=1), 0.0)  # padding rows: no -inf - -inf
+    tl.store(ptr, mx, mask=in_b)
+    tl.store(ptr + plane, tl.sum(tl.where(valid, tl.exp(lm - mx[:, None]), 0.0), axis=1), mask=in_b)
+
+
+@triton.jit
+def _forward_epilogue(part_ptr, target_ptr, rows, pid_k, B, n_ktiles, logit, plain, is_t, valid, in_b, WITH_PLAIN):
+    """Partial log-sum-exps (B, K tiles) of the ArcFace logits (planes 0, 1) and the plain logits
+    (planes 2, 3), and each row's target logits where the tile holds the row's label."""
+    part = rows.to(tl.int64) * n_ktiles + pid_k
+    plane = B * n_ktiles
+    has_t = tl.sum(is_t.to(tl.int32), axis=1) > 0
+    _store_partial_lse(part_ptr + part, plane, logit, valid, in_b)
+    tl.store(target_ptr + rows, tl.sum(tl.where(is_t, logit, 0.0), axis=1), mask=in_b & has_t)
+    if WITH_PLAIN:
+        _store_partial_lse(part_ptr + 2 * plane + part, plane, plain, valid, in_b)
+        tl.store(target_ptr + B + rows, tl.sum(tl.where(is_t, plain, 0.0), axis=1), mask=in_b & has_t)
+
+
+@triton.jit
+def _store_cosine_grads(gnum_ptr, h_ptr, gcos, cos, den, den_sq, valid, eps):
+    """The masked cosine's backward coefficients for the upstream gradient ``gcos``: g_num = gcos / den
+    (of the numerator) and h = gcos * cos / den² (of the denominator), 0 where den vanishes."""
+    live = den > eps
+    tl.store(gnum_ptr, gcos / tl.maximum(den, eps), mask=valid)
+    tl.store(h_ptr, tl.where(live, gcos * cos / tl.where(live, den_sq, 1.0), 0.0), mask=valid)
+
+
+@triton.jit
 def _arcface_tile_kernel(
     f_ptr,
     m_ptr,
@@ -70,82 +151,33 @@ def _arcface_tile_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
     pid_k = tl.program_id(1)
-    local = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    local = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rows = row0 + local
     ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     in_b = local < n_rows
     in_k = ks < K
-    acc_t = inv_f_ptr.dtype.element_ty
-    in_t = w_ptr.dtype.element_ty
     inv_f = tl.load(inv_f_ptr + rows, mask=in_b, other=0.0)
     inv_w = tl.load(inv_w_ptr + ks, mask=in_k, other=0.0)
-    num = tl.zeros((BLOCK_B, BLOCK_K), dtype=acc_t)
-    den_sq = tl.zeros((BLOCK_B, BLOCK_K), dtype=acc_t)
-    plain = tl.zeros((BLOCK_B, BLOCK_K), dtype=acc_t)
-    cols = tl.arange(0, BLOCK_C)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + cols
-        in_c = c < C
-        qmask = in_b[:, None] & in_c[None, :]
-        f = tl.load(f_ptr + rows[:, None].to(tl.int64) * C + c[None, :], mask=qmask, other=0.0).to(acc_t)
-        m = tl.load(m_ptr + rows[:, None].to(tl.int64) * C + c[None, :], mask=qmask, other=0.0).to(acc_t)
-        w = tl.load(
-            w_ptr + ks[:, None].to(tl.int64) * C + c[None, :], mask=in_k[:, None] & in_c[None, :], other=0.0
-        ).to(acc_t)
-        wh = w * inv_w[:, None]
-        num = dot(f * inv_f[:, None] * m, tl.trans(wh), num, PRECISION, in_t)
-        den_sq = dot(m * m, tl.trans(wh * wh), den_sq, PRECISION, in_t)
-        if WITH_PLAIN:
-            plain = dot(f, tl.trans(w), plain, PRECISION, in_t)
+    num, den_sq, plain = _tile_dots(
+        f_ptr, m_ptr, w_ptr, inv_f, inv_w, rows, ks, in_b, in_k, C, WITH_PLAIN, PRECISION, BLOCK_B, BLOCK_K, BLOCK_C
+    )
     den = tl.sqrt(den_sq)
     cos = num / tl.maximum(den, eps)
     labels = tl.load(labels_ptr + rows, mask=in_b, other=-1)
     valid = in_b[:, None] & in_k[None, :]
     is_t = (labels[:, None] == ks[None, :]) & valid
-    # The target's phi(cos) and its slope: clamp only inside the sqrt (bounds inclusive, as torch.clamp).
-    inside = (cos >= lo) & (cos <= hi)
-    cc = tl.minimum(tl.maximum(cos, lo), hi)
-    sine = tl.sqrt(1.0 - cc * cc)
-    phi = cos * cos_m - sine * sin_m
-    dphi = cos_m + tl.where(inside, sin_m * cos / sine, 0.0)
-    if EASY:
-        keep = cos > 0.0
-        phi = tl.where(keep, phi, cos)
-    else:
-        keep = cos > th
-        phi = tl.where(keep, phi, cos - mm)
-    dphi = tl.where(keep, dphi, 1.0)
+    phi, dphi = _target_phi(cos, cos_m, sin_m, th, mm, lo, hi, EASY)
     logit = scale * tl.where(is_t, phi, cos)
     if not BACKWARD:
-        part = rows.to(tl.int64) * n_ktiles + pid_k
-        lm = tl.where(valid, logit, float("-inf"))
-        mx = tl.where(in_b, tl.max(lm, axis=1), 0.0)  # padding rows: no -inf - -inf
-        sm = tl.sum(tl.where(valid, tl.exp(lm - mx[:, None]), 0.0), axis=1)
-        tl.store(part_ptr + part, mx, mask=in_b)
-        tl.store(part_ptr + B * n_ktiles + part, sm, mask=in_b)
-        has_t = tl.sum(is_t.to(tl.int32), axis=1) > 0
-        tl.store(target_ptr + rows, tl.sum(tl.where(is_t, logit, 0.0), axis=1), mask=in_b & has_t)
-        if WITH_PLAIN:
-            lp = tl.where(valid, plain, float("-inf"))
-            mxp = tl.where(in_b, tl.max(lp, axis=1), 0.0)
-            sp = tl.sum(tl.where(valid, tl.exp(lp - mxp[:, None]), 0.0), axis=1)
-            tl.store(part_ptr + 2 * B * n_ktiles + part, mxp, mask=in_b)
-            tl.store(part_ptr + 3 * B * n_ktiles + part, sp, mask=in_b)
-            tl.store(target_ptr + B + rows, tl.sum(tl.where(is_t, plain, 0.0), axis=1), mask=in_b & has_t)
+        _forward_epilogue(part_ptr, target_ptr, rows, pid_k, B, n_ktiles, logit, plain, is_t, valid, in_b, WITH_PLAIN)
     else:
-        g = tl.load(grad_ptr).to(acc_t) * inv_batch
+        g = tl.load(grad_ptr).to(inv_f.dtype) * inv_batch
         mlse = tl.load(mlse_ptr + rows, mask=in_b, other=0.0)
-        prob = tl.exp(logit - mlse[:, None])
         onehot = tl.where(is_t, 1.0, 0.0)
-        gcos = scale * (g * masked_w) * (prob - onehot) * tl.where(is_t, dphi, 1.0)
-        live = den > eps
-        g_num = gcos / tl.maximum(den, eps)
-        h = tl.where(live, gcos * cos / tl.where(live, den_sq, 1.0), 0.0)
+        gcos = scale * (g * masked_w) * (tl.exp(logit - mlse[:, None]) - onehot) * tl.where(is_t, dphi, 1.0)
         offs = local[:, None].to(tl.int64) * K + ks[None, :]
-        tl.store(gnum_ptr + offs, g_num, mask=valid)
-        tl.store(h_ptr + offs, h, mask=valid)
+        _store_cosine_grads(gnum_ptr + offs, h_ptr + offs, gcos, cos, den, den_sq, valid, eps)
         if WITH_PLAIN:
             plse = tl.load(plse_ptr + rows, mask=in_b, other=0.0)
             tl.store(gp_ptr + offs, (g * plain_w) * (tl.exp(plain - plse[:, None]) - onehot), mask=valid)

@@ -6,7 +6,17 @@ evaluator and the config read models only through it. A new model is a new modul
 
 from __future__ import annotations
 
-from .base import Recipe, Stage, StepContext, loss_record, make_optimizer, param_group_options, scheduled_stage
+from .base import (
+    Recipe,
+    Stage,
+    StepContext,
+    ViTRecipe,
+    loss_record,
+    make_optimizer,
+    model_cameras,
+    param_group_options,
+    scheduled_stage,
+)
 from .dpm import DPMRecipe
 from .maskreid import MaskReIDRecipe, MaskReIDResNet50Recipe
 from .vit_baseline import ViTBaselineRecipe
@@ -33,9 +43,11 @@ __all__ = [
     "Recipe",
     "Stage",
     "StepContext",
+    "ViTRecipe",
     "get_recipe",
     "loss_record",
     "make_optimizer",
+    "model_cameras",
     "model_names",
     "param_group_options",
     "scheduled_stage",

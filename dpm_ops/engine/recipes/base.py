@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from dpm_ops.data import build_transforms
+from dpm_ops.models import construct_model
 
 from ..schedules import LRSchedule
 
@@ -132,7 +133,7 @@ class Recipe:
         }
 
     def build(self, num_classes: int, num_cameras: int, **options) -> nn.Module:
-        return self.model_class(num_classes, num_cameras, **options)
+        return construct_model(self.model_class, num_classes, num_cameras, **options)
 
     def model_arguments(self, config: dict, splits) -> dict:
         """{"num_classes", "num_cameras", "options"} of the model trained on ``splits``, as the
@@ -172,3 +173,55 @@ class Recipe:
     def test_forward(self, model: nn.Module, batch: dict, device: torch.device) -> tuple:
         """(features (B, D), channel masks (B, D) or None) of an evaluation batch, before L2 normalisation."""
         raise NotImplementedError
+
+    # -- export (dpm_ops.export): the eval forward as an ONNX graph
+
+    export_outputs: tuple = ("feature",)  # names of the eval forward's outputs, in order
+
+    def export_input_size(self, model: nn.Module, image_size: Optional[tuple]) -> tuple:
+        """(height, width) of the exported graph's images; ValueError for a size the model cannot take."""
+        return self.test_input_size(image_size)
+
+    def export_inputs(self, model: nn.Module, image_size: tuple, batch: int, generator: torch.Generator) -> dict:
+        """Named random example inputs (CPU) of the eval forward, in its argument order: ``images``
+        (B, 3, H, W) and, for a model with a camera embedding, 0-based ``camids`` (B,)."""
+        images = torch.randn(batch, 3, *image_size, generator=generator)
+        cameras = model_cameras(model)
+        if not cameras:
+            return {"images": images}
+        return {"images": images, "camids": torch.randint(0, cameras, (batch,), generator=generator)}
+
+
+class ViTRecipe(Recipe):
+    """The ViT models (DPM, the baseline): images and camera ids in; the position embedding fixes
+    the input size."""
+
+    @staticmethod
+    def train_forward(ctx: StepContext, batch: dict, criterion: nn.Module, optimizer) -> tuple:
+        """``optimizer``'s gradients zeroed, then one forward of ``batch`` under autocast: the inputs
+        (images, cams, pids) on the device, the criterion's loss terms and their total."""
+        images, pids, cams = ctx.to_device(batch, "image", "pid", "camid")
+        optimizer.zero_grad(set_to_none=True)
+        with ctx.autocast():
+            terms = criterion.terms(ctx.model(images, cams, pids), pids)
+            total = criterion.total(terms)
+        return (images, cams, pids), terms, total
+
+    def test_forward(self, model: nn.Module, batch: dict, device: torch.device) -> tuple:
+        images, camids = (batch[key].to(device, non_blocking=True) for key in ("image", "camid"))
+        output = model(images, cam_label=camids)
+        return tuple(output) if self.test_masks else (output, None)
+
+    def export_input_size(self, model: nn.Module, image_size: Optional[tuple]) -> tuple:
+        own = tuple(model.backbone.patch_embed.img_size)
+        if image_size is not None and tuple(image_size) != own:
+            raise ValueError(
+                f"image_size {image_size} differs from the model's input size {own} (its position embedding fixes it)"
+            )
+        return own
+
+
+def model_cameras(model: nn.Module) -> int:
+    """Rows of the SIE camera embedding the camera ids index (0: the model takes no camera)."""
+    embedding = getattr(getattr(model, "backbone", None), "sie_embed", None)
+    return 0 if embedding is None else int(embedding.shape[0])

@@ -1,4 +1,5 @@
-"""DPM (dpm.md §6-7): two optimizers and a two-pass update; the query-masked arccos distance at test.
+"""DPM (its official code's losses and solver): two optimizers and a two-pass update; the
+query-masked arccos distance at test.
 
 Two SGD optimizers (momentum 0.9, biases at ``bias_lr_factor`` x lr, weight decay on every
 parameter). Per iteration, pass 1 steps everything but the mask generator; pass 2 is a fresh
@@ -12,15 +13,16 @@ from __future__ import annotations
 from dpm_ops.losses import DPMLoss
 from dpm_ops.models import DPM
 
-from .base import Recipe, StepContext, loss_record, make_optimizer, param_group_options, scheduled_stage
+from .base import StepContext, ViTRecipe, loss_record, make_optimizer, param_group_options, scheduled_stage
 
 
-class DPMRecipe(Recipe):
+class DPMRecipe(ViTRecipe):
     name = "dpm"
     model_class = DPM
     test_distance = "masked_arccos"
     test_masks = True
     eval_time_options = ("neck_feat",)
+    export_outputs = ("feature", "mask")
 
     def model_arguments(self, config: dict, splits) -> dict:
         args = super().model_arguments(config, splits)
@@ -39,11 +41,7 @@ class DPMRecipe(Recipe):
         two_pass = solver["two_pass"]
 
         def step(ctx: StepContext, batch: dict) -> dict:
-            images, pids, cams = ctx.to_device(batch, "image", "pid", "camid")
-            main.zero_grad(set_to_none=True)
-            with ctx.autocast():
-                terms = criterion.terms(ctx.model(images, cams, pids), pids)
-                total = criterion.total(terms)
+            (images, cams, pids), terms, total = self.train_forward(ctx, batch, criterion, main)
             if not two_pass:
                 mask.zero_grad(set_to_none=True)
                 ctx.backward_step(total, main, mask)
@@ -56,8 +54,3 @@ class DPMRecipe(Recipe):
             return loss_record(total, {**terms, "pass2": second})
 
         return [scheduled_stage(config, "main", {"main": main, "mask": mask}, "pk", iters_per_epoch, step)]
-
-    def test_forward(self, model, batch: dict, device):
-        images, camids = (batch[key].to(device, non_blocking=True) for key in ("image", "camid"))
-        feature, mask = model(images, cam_label=camids)
-        return feature, mask

@@ -1,4 +1,4 @@
-"""MaskReID (maskreid.md §5-6) and its ResNet-50 variant: raw + foreground-masked inputs;
+"""MaskReID (arXiv 1804.03864 v1, training and test) and its ResNet-50 variant: raw + foreground-masked inputs;
 ``pretrain.epochs`` of softmax (ID cross-entropy) pre-training, then ``solver.epochs`` of the ranking
 loss (Eq. 5) on the ``sampler.kind`` batches (1 id x 10 + 54 singles), each stage with its own SGD
 and schedule; Euclidean distance of the (unit-length) 256-d descriptor at test.
@@ -8,9 +8,10 @@ Both networks share this recipe: they differ only in the trunk (``MaskReIDRecipe
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
-from dpm_ops.data import build_transforms
+from dpm_ops.data import build_transforms, masked_image
 from dpm_ops.losses import MaskReIDRankingLoss
 from dpm_ops.models import MaskReID, MaskReIDResNet50
 from dpm_ops.models.param_groups import sgd_param_groups
@@ -30,9 +31,6 @@ class MaskReIDRecipe(Recipe):
     uses_masks = True
     sampler_kinds = ("pk", "maskreid")
     has_pretrain_stage = True
-
-    def build(self, num_classes: int, num_cameras: int, **options):
-        return self.model_class(num_classes, **options)  # no camera input
 
     def model_arguments(self, config: dict, splits) -> dict:
         # the softmax head exists only for the pre-training stage
@@ -110,6 +108,12 @@ class MaskReIDRecipe(Recipe):
     def test_forward(self, model, batch: dict, device):
         images, masked = (batch[key].to(device, non_blocking=True) for key in ("image", "masked"))
         return model(images, masked), None
+
+    def export_inputs(self, model, image_size: tuple, batch: int, generator) -> dict:
+        """``raw`` and ``masked`` (B, 3, H, W): ``masked`` is ``raw`` times a random {0, 1} foreground."""
+        images = torch.randn(batch, 3, *image_size, generator=generator)
+        foreground = (torch.rand(batch, 1, *image_size, generator=generator) > 0.3).float()
+        return {"raw": images, "masked": masked_image(images, foreground)}
 
 
 class MaskReIDResNet50Recipe(MaskReIDRecipe):

@@ -6,10 +6,10 @@ from __future__ import annotations
 from dpm_ops.losses import BaselineReIDLoss
 from dpm_ops.models import ViTBaseline
 
-from .base import Recipe, StepContext, loss_record, make_optimizer, param_group_options, scheduled_stage
+from .base import StepContext, ViTRecipe, loss_record, make_optimizer, param_group_options, scheduled_stage
 
 
-class ViTBaselineRecipe(Recipe):
+class ViTBaselineRecipe(ViTRecipe):
     name = "vit_baseline"
     model_class = ViTBaseline
 
@@ -20,16 +20,8 @@ class ViTBaselineRecipe(Recipe):
         criterion = BaselineReIDLoss(config["loss"]["id_weight"], config["loss"]["triplet_weight"])
 
         def step(ctx: StepContext, batch: dict) -> dict:
-            images, pids, cams = ctx.to_device(batch, "image", "pid", "camid")
-            main.zero_grad(set_to_none=True)
-            with ctx.autocast():
-                terms = criterion.terms(ctx.model(images, cams, pids), pids)
-                total = criterion.total(terms)
+            _, terms, total = self.train_forward(ctx, batch, criterion, main)
             ctx.backward_step(total, main)
             return loss_record(total, terms)
 
         return [scheduled_stage(config, "main", {"main": main}, "pk", iters_per_epoch, step)]
-
-    def test_forward(self, model, batch: dict, device):
-        images, camids = (batch[key].to(device, non_blocking=True) for key in ("image", "camid"))
-        return model(images, cam_label=camids), None

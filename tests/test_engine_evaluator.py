@@ -399,16 +399,21 @@ def test_test_camids_pick_the_sie_embedding(splits):
         extract_features(model, loader_for(splits, camera(3), "dpm"), model_name="dpm", progress=False)
 
 
-def test_unlabelled_dataset_reports_all_only(splits):
-    unlabelled = dataclasses.replace(splits, occluded_paths=None)
-    metrics = evaluate_model(
+def evaluate_baseline(splits):
+    """evaluate_model of a tiny random ViT baseline at 64x32, without pictures or progress bars."""
+    return evaluate_model(
         tiny_model("vit_baseline"),
-        unlabelled,
+        splits,
         model_name="vit_baseline",
         image_size=(64, 32),
         pictures=False,
         progress=False,
     )
+
+
+def test_unlabelled_dataset_reports_all_only(splits):
+    unlabelled = dataclasses.replace(splits, occluded_paths=None)
+    metrics = evaluate_baseline(unlabelled)
     assert set(metrics) == {"all"}
     table = format_metrics_table(metrics)
     assert table.splitlines()[0].split() == ["queries", "Rank-1", "Rank-5", "Rank-10", "mAP", "mINP", "#queries"]
@@ -417,14 +422,7 @@ def test_unlabelled_dataset_reports_all_only(splits):
 
 def test_subset_without_queries_is_left_out(splits):
     all_occluded = dataclasses.replace(splits, occluded_paths=frozenset(r.path for r in splits.query))
-    metrics = evaluate_model(
-        tiny_model("vit_baseline"),
-        all_occluded,
-        model_name="vit_baseline",
-        image_size=(64, 32),
-        pictures=False,
-        progress=False,
-    )
+    metrics = evaluate_baseline(all_occluded)
     assert set(metrics) == {"all", "occluded"}  # Occluded-REID style: every query occluded
     assert flat({"x": metrics["occluded"]}) == pytest.approx(flat({"x": metrics["all"]}))
 

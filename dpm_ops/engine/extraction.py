@@ -1,0 +1,214 @@
+"""Feature extraction for the evaluation engine: a model's test descriptors (and DPM's channel masks)
+over a split, sharded over ``torch.distributed`` ranks and gathered on rank 0 in dataset order, and
+Market-1501 multi-query pooling."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dpm_ops.data import ImageDataset, build_dataloader
+
+from . import distributed
+from .recipes import get_recipe, model_cameras
+
+MULTI_QUERY = ("off", "avg", "max")
+
+
+@dataclasses.dataclass
+class FeatureSet:
+    """Descriptors of one split, in the order of its records."""
+
+    features: torch.Tensor  # (N, D) float32, CPU
+    masks: Optional[torch.Tensor]  # (N, D) float32 DPM channel masks, else None
+    pids: torch.Tensor  # (N,) int64
+    camids: torch.Tensor  # (N,) int64
+    paths: list[str]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @staticmethod
+    def concat(parts: Sequence["FeatureSet"]) -> "FeatureSet":
+        """Concatenate shards in order; empty shards (which carry no feature width) are skipped."""
+        filled = [p for p in parts if len(p)] or list(parts[:1])
+        masks = None if filled[0].masks is None else torch.cat([p.masks for p in filled])
+        return FeatureSet(
+            torch.cat([p.features for p in filled]),
+            masks,
+            torch.cat([p.pids for p in filled]),
+            torch.cat([p.camids for p in filled]),
+            [path for p in filled for path in p.paths],
+        )
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    # DDP's forward broadcasts buffers (a collective): with uneven shards the ranks would
+    # deadlock, and evaluation needs no gradient sync anyway.
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.module
+    return model
+
+
+def extract_features(
+    model: torch.nn.Module,
+    loader,
+    *,
+    model_name: str,
+    device="cpu",
+    amp_dtype: Optional[torch.dtype] = None,
+    progress: bool = True,
+    normalize: bool = True,
+    desc: str = "extract",
+) -> FeatureSet:
+    """Run ``model`` over ``loader`` (an evaluation loader of :class:`ImageDataset` items; paired
+    image + mask items for MaskReID) in eval mode under ``torch.inference_mode`` and return the
+    descriptors on the CPU in float32.
+
+    ``normalize``: L2-normalise the features (the DPM / TransReID test recipe, ``FEAT_NORM: yes``;
+    MaskReID's descriptor is unit-length already). The model's train/eval mode is restored after.
+    """
+    recipe = get_recipe(model_name)
+    device = torch.device(device)
+    model = _unwrap(model)
+    param = next(iter(model.parameters()), None)
+    if param is not None and param.device.type != device.type:
+        raise ValueError(
+            f"device is {device} but the model's parameters are on {param.device}; "
+            f"move the model first or pass device={str(param.device)!r}"
+        )
+    num_cameras = model_cameras(model)
+    features, masks, pids, camids, paths = [], [], [], [], []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
+                if recipe.uses_masks and "masked" not in batch:
+                    raise ValueError(
+                        f"{model_name} needs the paired image + mask loader (ImageDataset with "
+                        "mask_paths); load the dataset with masks"
+                    )
+                if num_cameras and int(batch["camid"].max()) >= num_cameras:
+                    raise ValueError(
+                        f"camera id {int(batch['camid'].max())} in {batch['path'][0]!r}'s batch is "
+                        f"out of range for the model's {num_cameras} camera embeddings (SIE): test "
+                        f"camera ids must be 0..{num_cameras - 1} (dataset.test_camids for a "
+                        "test-only set)"
+                    )
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    feature, mask = recipe.test_forward(model, batch, device)
+                feature = feature.float()
+                if normalize:
+                    feature = F.normalize(feature, dim=1)
+                features.append(feature.cpu())
+                if mask is not None:
+                    masks.append(mask.float().cpu())
+                pids.append(torch.as_tensor(batch["pid"], dtype=torch.int64))
+                camids.append(torch.as_tensor(batch["camid"], dtype=torch.int64))
+                paths.extend(batch["path"])
+    finally:
+        model.train(was_training)
+    if not features:
+        return FeatureSet(
+            torch.zeros(0, 0), None, torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), []
+        )
+    return FeatureSet(
+        torch.cat(features), torch.cat(masks) if masks else None, torch.cat(pids), torch.cat(camids), paths
+    )
+
+
+def eval_transform(model_name: str, image_size=None):
+    """The test-time transform of ``model_name`` at network input ``image_size`` (None: the recipe's)."""
+    return get_recipe(model_name).test_transform(image_size)
+
+
+def _check_image_size(image_size):
+    if image_size is None:
+        return None
+    if (
+        not isinstance(image_size, (tuple, list))
+        or len(image_size) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in image_size)
+    ):
+        raise ValueError(f"image_size must be (height, width) positive integers, got {image_size!r}")
+    return tuple(image_size)
+
+
+def _shard(records: list, rank: int, world: int) -> list:
+    """Contiguous shards in rank order, so concatenating the gathered parts restores the order."""
+    n = len(records)
+    return records[n * rank // world : n * (rank + 1) // world]
+
+
+def _extract_split(
+    model, records, splits, model_name, transform, *, batch_size, num_workers, device, amp_dtype, progress, desc
+) -> Optional[FeatureSet]:
+    info = distributed.current()
+    rank, world = info.rank, info.world_size
+    mask_paths = splits.mask_paths if get_recipe(model_name).uses_masks else None
+    dataset = ImageDataset(_shard(records, rank, world), transform, mask_paths=mask_paths)
+    loader = build_dataloader(
+        dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=torch.device(device).type == "cuda"
+    )
+    part = extract_features(
+        model,
+        loader,
+        model_name=model_name,
+        device=device,
+        amp_dtype=amp_dtype,
+        progress=progress and rank == 0,
+        desc=desc,
+    )
+    if world == 1:
+        return part
+    gathered = [None] * world if rank == 0 else None
+    dist.gather_object(part, gathered, dst=0)
+    return FeatureSet.concat(gathered) if rank == 0 else None
+
+
+def pool_multi_query(query: FeatureSet, pool: FeatureSet, mode: str) -> FeatureSet:
+    """Market-1501 multi-query (Zheng et al. 2015): every query's descriptor becomes the mean
+    (``"avg"``) or element-wise maximum (``"max"``) of the descriptors of all ``pool`` images
+    (gt_bbox) with its pid and camera, L2-normalised again (every recipe compares unit-length
+    descriptors); DPM's channel masks are pooled the same way. The query image is one of those
+    boxes in Market-1501 (same file name); a query whose file is not in ``pool`` is added to its
+    own pool, so no query is pooled without its own image. Labels and paths stay the query's.
+    """
+    if mode not in MULTI_QUERY[1:]:
+        raise ValueError(f"mode must be one of {MULTI_QUERY[1:]}, got {mode!r}")
+    if (query.masks is None) != (pool.masks is None) and len(pool):
+        raise ValueError("query and pool must both have DPM masks or both have none")
+    pooled_names = {os.path.basename(path) for path in pool.paths}
+    own = torch.tensor([os.path.basename(path) not in pooled_names for path in query.paths], dtype=torch.bool)
+    own_images = FeatureSet(
+        query.features[own],
+        None if query.masks is None else query.masks[own],
+        query.pids[own],
+        query.camids[own],
+        [p for p, o in zip(query.paths, own.tolist()) if o],
+    )
+    members = FeatureSet.concat([pool, own_images])
+    keys = torch.stack([torch.cat([members.pids, query.pids]), torch.cat([members.camids, query.camids])], dim=1)
+    groups, group_of = torch.unique(keys, dim=0, return_inverse=True)
+    member_group, query_group = group_of[: len(members)], group_of[len(members) :]
+    reduce = "mean" if mode == "avg" else "amax"
+
+    def pooled(values: torch.Tensor) -> torch.Tensor:
+        out = values.new_zeros(len(groups), values.shape[1])
+        index = member_group[:, None].expand_as(values)
+        return out.scatter_reduce_(0, index, values, reduce, include_self=False)[query_group]
+
+    return FeatureSet(
+        F.normalize(pooled(members.features), dim=1),
+        None if query.masks is None else pooled(members.masks),
+        query.pids,
+        query.camids,
+        query.paths,
+    )

@@ -1,0 +1,165 @@
+"""Scoring for the evaluation engine: the test distance of each model (its recipe's, or one asked
+for), optional k-reciprocal re-ranking, and CMC / mAP / mINP on all, clean and occluded queries."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from dpm_ops.data import ReIDSplits
+from dpm_ops.evaluation import evaluate_rank, pairwise_distance, re_ranking, rerank_features
+from dpm_ops.ops import masked_arccos_distance
+
+from .extraction import FeatureSet
+from .recipes import get_recipe
+
+DISTANCES = ("auto", "euclidean", "cosine", "masked_arccos")
+
+
+def resolve_distance(distance: str, model_name: str) -> str:
+    """The metric "auto" stands for (the recipe's: DPM's masked arccos, Euclidean for the others)."""
+    if distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+    recipe = get_recipe(model_name)
+    if distance == "auto":
+        return recipe.test_distance
+    if distance == "masked_arccos" and not recipe.test_masks:
+        raise ValueError(f"distance='masked_arccos' needs DPM's channel masks; {model_name} has none")
+    return distance
+
+
+def compute_distances(
+    query: FeatureSet,
+    gallery: FeatureSet,
+    distance: str,
+    *,
+    rerank: bool = False,
+    k1: int = 20,
+    k2: int = 6,
+    lambda_value: float = 0.3,
+    device="cpu",
+) -> torch.Tensor:
+    """(Q, G) float32 distances on ``device``; with ``rerank``, k-reciprocal re-ranked.
+
+    Re-ranking: Euclidean / cosine features go through ``rerank_features`` (never an N x N
+    matrix; for unit-length features the cosine distance 1 - cos = ||q - g||² / 2 and the
+    re-ranked result is the same). DPM's masked arccos goes through ``re_ranking`` with the q-g
+    matrix, q-q with each query's own mask and g-g with each gallery item's own mask. That
+    distance is asymmetric, and it is re-ranked with ``orientation="rows"``: every item's
+    neighbourhood is ranked under its own mask, as the test metric ranks the gallery under the
+    query's. (The reference's reading, ``orientation="reference"``, would rank item i by the
+    other items' masks, column i.) The angle is the geodesic distance between unit vectors, so
+    it is passed as ``input="euclidean"`` and squared inside like a Euclidean distance (the
+    angle ~ the chord for near neighbours).
+    """
+    device = torch.device(device)
+    qf, gf = query.features.to(device), gallery.features.to(device)
+    if distance == "masked_arccos":
+        if query.masks is None or gallery.masks is None:
+            raise ValueError("distance='masked_arccos' needs the masks of queries and gallery")
+        qm, gm = query.masks.to(device), gallery.masks.to(device)
+        q_g = masked_arccos_distance(qf, qm, gf)
+        if not rerank:
+            return q_g
+        q_q = masked_arccos_distance(qf, qm, qf)
+        g_g = masked_arccos_distance(gf, gm, gf)
+        return re_ranking(q_g, q_q, g_g, k1=k1, k2=k2, lambda_value=lambda_value, input="euclidean", orientation="rows")
+    if rerank:
+        if distance == "cosine":
+            qf, gf = F.normalize(qf, dim=1), F.normalize(gf, dim=1)
+        return rerank_features(qf, gf, k1=k1, k2=k2, lambda_value=lambda_value)
+    return pairwise_distance(qf, gf, metric=distance)
+
+
+def _subset_metrics(
+    distmat, query: FeatureSet, gallery: FeatureSet, rows: Optional[torch.Tensor], max_rank: int, options: dict
+) -> Optional[dict]:
+    q_pids, q_camids = query.pids, query.camids
+    if rows is not None:
+        distmat, q_pids, q_camids = distmat[rows.to(distmat.device)], q_pids[rows], q_camids[rows]
+    device = distmat.device
+    result = evaluate_rank(
+        distmat,
+        q_pids.to(device),
+        gallery.pids.to(device),
+        q_camids.to(device),
+        gallery.camids.to(device),
+        max_rank=max_rank,
+        **options,
+    )
+    cmc = [100.0 * float(v) for v in result.cmc]
+    # A gallery smaller than max_rank cuts the CMC to its size, past which it would stay at its last value.
+    rank = {k: cmc[min(k, len(cmc)) - 1] if len(cmc) == len(gallery.pids) else cmc[k - 1] for k in (1, 5, 10)}
+    return {
+        "rank1": rank[1],
+        "rank5": rank[5],
+        "rank10": rank[10],
+        "mAP": 100.0 * result.mAP,
+        "mINP": 100.0 * result.mINP,
+        "num_query": int(len(q_pids)),
+        "num_valid": int(result.num_valid),
+        "cmc": cmc,
+    }
+
+
+def query_subsets(splits: ReIDSplits, query_records) -> dict:
+    """{"clean": rows, "occluded": rows} of the queries (int64 index tensors), or {} when the
+    dataset has no occlusion labels."""
+    flags = [splits.is_occluded(record) for record in query_records]
+    if not flags or flags[0] is None:
+        return {}
+    occluded = torch.tensor(flags, dtype=torch.bool)
+    return {"clean": torch.nonzero(~occluded).flatten(), "occluded": torch.nonzero(occluded).flatten()}
+
+
+def rank_metrics(
+    distmat,
+    query: FeatureSet,
+    gallery: FeatureSet,
+    subsets: Optional[dict] = None,
+    max_rank: int = 50,
+    protocol: str = "market1501",
+    num_repeats: int = 10,
+    seed: int = 0,
+) -> dict:
+    """{"all": {...}, "clean": {...}, "occluded": {...}} (percent) from a (Q, G) distance matrix;
+    protocol / num_repeats / seed as in ``evaluate_rank``.
+
+    A subset with no query, or with no query that has a match, is left out (with a warning for
+    the latter)."""
+    options = dict(protocol=protocol, num_repeats=num_repeats, seed=seed)
+    metrics = {"all": _subset_metrics(distmat, query, gallery, None, max_rank, options)}
+    for name, rows in (subsets or {}).items():
+        if len(rows) == 0:
+            continue
+        try:
+            metrics[name] = _subset_metrics(distmat, query, gallery, rows, max_rank, options)
+        except ValueError as error:
+            if "no query has a match" not in str(error):
+                raise
+            warnings.warn(f"query subset {name!r}: no query has a match in the gallery; left out", stacklevel=2)
+    return metrics
+
+
+def format_metrics_table(metrics: dict) -> str:
+    """A plain-text table: one row per query subset (``all``, ``clean``, ``occluded``, ...),
+    columns Rank-1 / Rank-5 / Rank-10 / mAP / mINP (percent) and the number of queries."""
+    if not isinstance(metrics, dict):
+        raise ValueError(f"metrics must be the dict evaluate_model returns, got {type(metrics).__name__}")
+    rows = [(name, values) for name, values in metrics.items() if isinstance(values, dict) and "mAP" in values]
+    if not rows:
+        raise ValueError("metrics holds no subset (a dict with rank1 / rank5 / rank10 / mAP / mINP / num_query)")
+    header = f"{'queries':<10}{'Rank-1':>8}{'Rank-5':>8}{'Rank-10':>9}{'mAP':>8}{'mINP':>8}{'#queries':>10}"
+    lines = [header, "-" * len(header)]
+    for name, values in rows:
+        try:
+            lines.append(
+                f"{name:<10}{values['rank1']:>8.1f}{values['rank5']:>8.1f}{values['rank10']:>9.1f}"
+                f"{values['mAP']:>8.1f}{values['mINP']:>8.1f}{values['num_query']:>10d}"
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"metrics[{name!r}] is malformed: {error!r}") from error
+    return "\n".join(lines)

@@ -1,0 +1,94 @@
+"""What every picture shares: an Agg figure of an exact pixel size, its atomic PNG write, the input
+checks (ValueError naming the argument) and thumbnails."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
+
+DPI = 100
+THUMB = (64, 128)  # thumbnail (width, height) in pixels
+
+
+def _new_figure(width_px: int, height_px: int) -> Figure:
+    """A figure of exactly width_px x height_px pixels at DPI on an Agg canvas: no pyplot state,
+    no GUI backend, nothing shown, and the caller's matplotlib backend is left alone."""
+    fig = Figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, out_png) -> str:
+    out_png = os.fspath(out_png)
+    if not out_png.lower().endswith(".png"):
+        raise ValueError(f"out_png must name a .png file, got {out_png!r}")
+    folder = os.path.dirname(os.path.abspath(out_png))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(out_png)}.{os.getpid()}.tmp.png")
+    try:
+        # zlib level 4: 2-3x faster than Pillow's default 6 on photo mosaics, ~2 % larger
+        fig.savefig(tmp, dpi=DPI, format="png", pil_kwargs={"compress_level": 4})
+        os.replace(tmp, out_png)  # a reader never sees a half-written picture
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out_png
+
+
+def _array(name: str, value, ndim: int, dtype=None) -> np.ndarray:
+    try:
+        if hasattr(value, "detach"):  # torch tensor
+            value = value.detach().cpu().numpy()
+        array = np.asarray(value, dtype=dtype)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{name} must be a {ndim}-D array, got {type(value).__name__}: {error}") from error
+    if array.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {array.shape}")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise ValueError(f"{name} contains NaN or inf")
+    return array
+
+
+def _floats(name: str, value) -> np.ndarray:
+    """A 2-D floating-point array, float32 kept as it is (no float64 copy of a large matrix)."""
+    array = _array(name, value, 2)
+    if array.dtype.kind != "f":
+        try:
+            array = array.astype(np.float64)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{name} must hold numbers, got {array.dtype}") from error
+        if not np.isfinite(array).all():
+            raise ValueError(f"{name} contains NaN or inf")
+    return array
+
+
+def _labels(name: str, value, length: int) -> np.ndarray:
+    array = _array(name, value, 1)
+    if array.dtype.kind not in "iu":
+        raise ValueError(f"{name} must hold integer labels, got {array.dtype}")
+    if len(array) != length:
+        raise ValueError(f"{name} must have length {length}, got {len(array)}")
+    return array.astype(np.int64)
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _thumbnail(image, size=THUMB) -> Image.Image:
+    """An image path, PIL image or (H, W, 3) uint8 array, resized to ``size`` (width, height)."""
+    if isinstance(image, (str, os.PathLike)):
+        from dpm_ops.data.image_io import read_image  # errors name the file
+
+        image = read_image(os.fspath(image))
+    elif isinstance(image, np.ndarray):
+        image = Image.fromarray(np.ascontiguousarray(image).astype(np.uint8)).convert("RGB")
+    elif not isinstance(image, Image.Image):
+        raise ValueError(f"images must be paths, PIL images or uint8 arrays, got {type(image).__name__}")
+    return image.convert("RGB").resize(size, Image.BILINEAR)
