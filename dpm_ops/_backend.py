@@ -23,11 +23,6 @@ ENV_VAR = "DPM_OPS_BACKEND"
 _EXTENSION = load_extension()
 
 
-def extension():
-    """(dpm_ops._C module or None, why it is missing)."""
-    return _EXTENSION
-
-
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 

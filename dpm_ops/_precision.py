@@ -1,17 +1,24 @@
-"""Loss and op maths run in at least fp32 (inputs may be bf16/fp16 under autocast); shared by
-dpm_ops.losses and the references of dpm_ops.ops (which must not import dpm_ops.losses: cycle)."""
-
-import functools
+"""The one compute-dtype rule of dpm_ops: float64 stays float64, everything else (float32, float16,
+bfloat16, integers) computes in float32. Every op, kernel launcher, loss and evaluation step takes
+its compute dtype from compute_dtype (inputs may be bf16 / fp16 under autocast; float64 keeps the
+reference tests exact). Standard torch only: the ops, losses, Triton launchers and evaluation all
+import it."""
 
 import torch
 
 
+def compute_dtype(*operands) -> torch.dtype:
+    """float64 when any operand (a tensor or a dtype) is float64, else float32."""
+    dtypes = [o if isinstance(o, torch.dtype) else o.dtype for o in operands]
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    """Half / bfloat16 -> float32; float32 and float64 unchanged (float64 keeps reference tests exact)."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+    """`t` in its compute dtype (float32 and float64 tensors are returned as they are)."""
+    return t.to(compute_dtype(t))
 
 
 def common_at_least_fp32(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """All tensors in one dtype: the widest of theirs and float32."""
-    dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors], torch.float32)
+    """All tensors in their common compute dtype."""
+    dtype = compute_dtype(*tensors)
     return [t.to(dtype) for t in tensors]

@@ -1,5 +1,6 @@
 """The C++ k-reciprocal stages (csrc/kreciprocal/) and the evaluator kernel (csrc/rank/) against the
-torch stages they replace (dpm_ops/evaluation/_kreciprocal.py, rank.py), end to end through both paths."""
+torch stages they replace (dpm_ops/ops/kreciprocal_reference.py,
+rank_reference.py), end to end through both paths."""
 
 import numpy as np
 import pytest
@@ -7,7 +8,8 @@ import torch
 
 import dpm_ops
 from benchmarks.reference import rerank_numpy
-from dpm_ops.evaluation import _kreciprocal, re_ranking, rerank_features
+from dpm_ops.evaluation import re_ranking, rerank_features
+from dpm_ops.ops import kreciprocal_reference
 
 pytestmark = pytest.mark.skipif(not dpm_ops.backends()["cpp"][0], reason="needs the C++ extension")
 
@@ -30,7 +32,7 @@ def csr_rows(row_ptr):
 )
 def test_expand_matches_torch(n, k1, kh, width):
     neighbours = neighbour_lists(n, width, n + k1)
-    rows, cols = _kreciprocal.expanded_neighbourhoods(neighbours, k1, kh)
+    rows, cols = kreciprocal_reference.expanded_neighbourhoods(neighbours, k1, kh)
     row_ptr, kernel_cols = torch.ops.dpm_ops.kreciprocal_expand(neighbours, k1, kh)
     assert torch.equal(csr_rows(row_ptr), rows) and torch.equal(kernel_cols, cols)
 
@@ -39,9 +41,9 @@ def test_expand_matches_torch(n, k1, kh, width):
 def test_query_expansion_matches_torch(k2):
     n = 150
     neighbours = neighbour_lists(n, 21, k2)
-    rows, cols = _kreciprocal.expanded_neighbourhoods(neighbours, 20, 10)
+    rows, cols = kreciprocal_reference.expanded_neighbourhoods(neighbours, 20, 10)
     values = torch.rand(len(rows), generator=torch.Generator().manual_seed(k2))
-    expected = _kreciprocal.query_expansion(rows, cols, values, neighbours[:, :k2], n)
+    expected = kreciprocal_reference.query_expansion(rows, cols, values, neighbours[:, :k2], n)
     row_ptr, got_cols, got_values = torch.ops.dpm_ops.kreciprocal_query_expansion(
         torch.ops.dpm_ops.kreciprocal_expand(neighbours, 20, 10)[0], cols, values, neighbours[:, :k2].contiguous()
     )
@@ -58,7 +60,7 @@ def test_jaccard_blend_matches_torch(lambda_value):
     values = torch.rand(len(rows), generator=torch.Generator().manual_seed(4))
     values = values / torch.zeros(q + g).index_add_(0, rows, values)[rows]  # rows sum to 1, as V
     out = torch.rand(q, g, generator=torch.Generator().manual_seed(5))
-    expected = _kreciprocal.jaccard_blend_(out.clone(), rows, cols, values, lambda_value)
+    expected = kreciprocal_reference.jaccard_blend_(out.clone(), rows, cols, values, lambda_value)
     got = out.clone()
     torch.ops.dpm_ops.kreciprocal_jaccard_blend_(got, row_ptr, cols, values, lambda_value)
     torch.testing.assert_close(got, expected, rtol=0, atol=2e-7)
@@ -77,7 +79,7 @@ def test_pair_sqdist_lookups_and_features():
 
 
 def test_ops_pass_opcheck_with_data_dependent_sizes():
-    """Fake registrations (dpm_ops/ops/kreciprocal.py): ragged outputs as unbacked sizes."""
+    """Fake registrations (dpm_ops/ops/kreciprocal.py, rank.py): ragged outputs as unbacked sizes."""
     q, g = 12, 40
     neighbours = neighbour_lists(q + g, 11, 7)
     row_ptr, cols = torch.ops.dpm_ops.kreciprocal_expand(neighbours, 10, 5)

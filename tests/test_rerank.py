@@ -8,7 +8,8 @@ import torch
 
 from benchmarks.reference import rerank_numpy
 from benchmarks.reference.synthetic_features import MARKET1501, make_reid_features, scaled
-from dpm_ops.evaluation import _kreciprocal, _select, re_ranking, rerank, rerank_features
+from dpm_ops.evaluation import _select, re_ranking, rerank, rerank_features
+from dpm_ops.ops import kreciprocal_reference
 
 CUDA = torch.cuda.is_available()
 
@@ -21,10 +22,10 @@ def tiles(request, monkeypatch):
         monkeypatch.setattr(rerank, "_FEATURE_TILE", 40)
         monkeypatch.setattr(rerank, "_ROW_BLOCK_ELEMENTS", 4000)
         monkeypatch.setattr(rerank, "_PAIR_CHUNK", 256)
-        monkeypatch.setattr(rerank, "_FEATURE_PAIR_CHUNK", 64)
+        monkeypatch.setattr(kreciprocal_reference, "_FEATURE_PAIR_CHUNK", 64)
         monkeypatch.setattr(_select, "STREAM_TILE", 36)
-        monkeypatch.setattr(_kreciprocal, "_ELEMENT_BUDGET", 20000)
-        monkeypatch.setattr(_kreciprocal, "_MEMBERSHIP_BUDGET", 8000)
+        monkeypatch.setattr(kreciprocal_reference, "_ELEMENT_BUDGET", 20000)
+        monkeypatch.setattr(kreciprocal_reference, "_MEMBERSHIP_BUDGET", 8000)
     return request.param
 
 

@@ -9,7 +9,7 @@ import numbers
 import numpy as np
 import torch
 
-from ..ops._checks import check_finite, check_finite_rows, compute_dtype as _compute_dtype
+from ..ops._checks import check_finite, check_finite_rows
 
 _NUMERIC_KINDS = "biuf"  # numpy dtype kinds: bool, signed / unsigned integer, float
 
@@ -48,11 +48,6 @@ def as_floats(
     else:
         check_finite(op, **{name: tensor})
     return tensor
-
-
-def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
-    """float64 stays float64; float16 / bfloat16 / float32 are computed in float32."""
-    return _compute_dtype(tensor.dtype)
 
 
 def check_count(name: str, value, minimum: int) -> int:

@@ -17,18 +17,11 @@ These loops are the ones a fused distance + top-k kernel replaces.
 
 import torch
 
+from ..ops.rank_reference import order_keys
+
 TIE_MARGIN = 4
 STREAM_TILE = 2048  # columns per tile offered by smallest_in_rows
 _GROUP = 8
-
-
-def order_keys(values: torch.Tensor) -> torch.Tensor:
-    """int64 keys in [0, 2**32) ordered like `values`, equal exactly where the values are equal
-    (-0.0 == +0.0); integer keys sort several times faster than floats on CPU."""
-    if values.dtype == torch.float64:
-        return torch.unique(values, return_inverse=True)[1]
-    bits = (values.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
-    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long() + 2**31  # IEEE order as signed integers
 
 
 def smallest(values: torch.Tensor, count: int, dim: int = 1):

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend
+from .._precision import compute_dtype
 from ..ops.knn import knn as knn_op
 from . import _inputs
 from ._select import TIE_MARGIN, RunningSmallest, resolve_smallest
@@ -55,7 +56,7 @@ def _check_tensors(op, x, y, metric):
 
 
 def _operands(x_t, y_t, metric):
-    dtype = _inputs.compute_dtype(x_t if x_t.dtype == torch.float64 else y_t)
+    dtype = compute_dtype(x_t, y_t)
     return _Operand(x_t, metric, dtype), _Operand(y_t, metric, dtype)
 
 

@@ -31,7 +31,7 @@ kept items in gallery-index order.
 Where the C++/CUDA extension is available the ranks come from one kernel (csrc/rank/,
 `match_ranks`): per query, its matches from the pid groups, then a single pass over the row in
 which every kept item no farther than the farthest match adds one to the ranks of the matches it
-precedes. The torch path below computes the same ranks and is the fallback.
+precedes. The torch path (dpm_ops/ops/rank_reference.py) computes the same ranks and is the fallback.
 """
 
 import warnings
@@ -41,10 +41,12 @@ import numpy as np
 import torch
 
 from .. import _backend
+from .._precision import compute_dtype
 from ..ops._checks import check_finite
+from ..ops._ragged import segment_starts
+from ..ops.rank_reference import IdentityGroups as _IdentityGroups
+from ..ops.rank_reference import match_ranks
 from . import _inputs
-from ._ragged import expand_segments, segment_starts
-from ._select import order_keys
 
 AP_MODES = ("standard", "trapezoid")
 PROTOCOLS = ("market1501", "cuhk03")
@@ -60,62 +62,6 @@ class RankResult:
     all_INP: np.ndarray  # inverse negative penalty of every valid query, in query order (fast-reid's all_INP)
     num_valid: int  # queries with at least one match left
     num_skipped: int  # queries without one
-
-
-class _IdentityGroups:
-    """Gallery items grouped by pid."""
-
-    def __init__(self, g_pids: torch.Tensor):
-        self.order = torch.argsort(g_pids, stable=True)  # members in gallery-index order
-        self.pids, self.counts = torch.unique_consecutive(g_pids[self.order], return_counts=True)
-        self.starts = segment_starts(self.counts)
-
-    def group_of(self, q_pids: torch.Tensor) -> torch.Tensor:
-        """Each query's group: its pid's, or a neighbour's where the gallery lacks the pid (check pids[group])."""
-        return torch.searchsorted(self.pids, q_pids).clamp_(max=len(self.pids) - 1)
-
-    def members(self, q_pids: torch.Tensor):
-        """(query position, gallery index) of every gallery item sharing a query's pid."""
-        group = self.group_of(q_pids)
-        lengths = torch.where(self.pids[group] == q_pids, self.counts[group], 0)
-        query, position = expand_segments(self.starts[group], lengths)
-        return query, self.order[position]
-
-
-def _running_count(flags: torch.Tensor, segment_begin: torch.Tensor, segment: torch.Tensor):
-    """Inclusive running count of `flags` (0/1) restarted at every segment of consecutive entries."""
-    running = torch.cumsum(flags, 0)
-    before_segment = (running - flags)[segment_begin]
-    return running - before_segment[segment]
-
-
-def match_ranks(dist: torch.Tensor, q_pids, q_camids, g_pids, g_camids, groups: _IdentityGroups):
-    """Every match of a chunk of queries with its rank and its ordinal among the query's matches.
-
-    dist (B, G) distances of the queries with labels q_pids / q_camids (B,).
-    Returns (query, rank, ordinal, num_matches (B,)), the first three per match, grouped by
-    query in rank order.
-    """
-    num_rows = len(dist)
-    member_query, member_item = groups.members(q_pids)
-    is_match = g_camids[member_item] != q_camids[member_query]
-    farthest = torch.full((num_rows,), -float("inf"), dtype=dist.dtype, device=dist.device)
-    farthest.scatter_reduce_(0, member_query[is_match], dist[member_query[is_match], member_item[is_match]], "amax")
-
-    query, item = torch.nonzero(dist <= farthest[:, None], as_tuple=True)  # row-major: index ascending
-    if len(query) == 0:
-        return query, query, query, torch.zeros(num_rows, dtype=torch.long, device=dist.device)
-    order = torch.sort((query << 32) | order_keys(dist[query, item]), stable=True).indices  # (query, distance, index)
-    query, item = query[order], item[order]
-    same_pid = g_pids[item] == q_pids[query]
-    kept = ~(same_pid & (g_camids[item] == q_camids[query]))
-    match = same_pid & kept
-
-    num_candidates = torch.bincount(query, minlength=num_rows)
-    segment_begin = segment_starts(num_candidates).clamp_(max=len(query) - 1)
-    rank = _running_count(kept.long(), segment_begin, query)
-    ordinal = _running_count(match.long(), segment_begin, query)
-    return query[match], rank[match], ordinal[match], torch.bincount(query[match], minlength=num_rows)
 
 
 def kernel_match_ranks(dist: torch.Tensor, q_pids, q_camids, g_pids, g_camids):
@@ -261,7 +207,7 @@ def _match_statistics(dist, q_pids, q_camids, g_pids, g_camids, ap: str):
     negative penalty (matches / rank of the last match); and the number of queries with no match."""
     device = dist.device
     num_query, num_gallery = dist.shape
-    dtype = _inputs.compute_dtype(dist)
+    dtype = compute_dtype(dist)
     use_kernel = _backend.resolve(None, device) in ("cpp", "cuda")
     groups = None if use_kernel else _IdentityGroups(g_pids)
 

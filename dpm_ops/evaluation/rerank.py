@@ -1,6 +1,6 @@
 """k-reciprocal re-ranking (Zhong et al., CVPR 2017) with the "ranklist" reference semantics.
 
-Both entry points run the same sparse pipeline (`_kreciprocal`) and differ only in where the
+Both entry points run the same sparse pipeline (dpm_ops/ops/kreciprocal_reference.py) and differ only in where the
 pooled distance d(i, j), i, j in queries + gallery (queries first, N = Q + G), comes from:
 
 * `re_ranking(q_g_dist, q_q_dist, g_g_dist)`: the three matrices the reference takes;
@@ -33,10 +33,17 @@ import numbers
 import torch
 
 from .. import _backend
+from .._precision import compute_dtype
 from ..ops._checks import row_norm_limit
 from ..ops.knn import check_strategy, self_knn
 from . import _inputs
-from ._kreciprocal import encode_weights, expanded_neighbourhoods, jaccard_blend_, query_expansion
+from ..ops.kreciprocal_reference import (
+    encode_weights,
+    expanded_neighbourhoods,
+    jaccard_blend_,
+    pair_sqdist,
+    query_expansion,
+)
 from ._select import TIE_MARGIN, RunningSmallest, resolve_smallest, smallest_in_rows
 from .distance import raw_distance
 
@@ -45,7 +52,6 @@ ORIENTATIONS = ("reference", "rows")
 _ROW_BLOCK_ELEMENTS = 1 << 23
 _FEATURE_TILE = 2048
 _PAIR_CHUNK = 1 << 16
-_FEATURE_PAIR_CHUNK = 1 << 12
 
 
 def _row_scale(row_max: torch.Tensor) -> torch.Tensor:
@@ -62,7 +68,7 @@ class _DenseDistances:
         self.num_query, num_gallery = q_g.shape
         self.num_items = self.num_query + num_gallery
         self.squared_input = squared_input
-        self.dtype = _inputs.compute_dtype(q_g)
+        self.dtype = compute_dtype(q_g)
         self.row_max = None
         self.out_scale = None  # scan returns the query-gallery block already normalised
 
@@ -131,7 +137,7 @@ class _FeatureDistances:
     rounding never lets a near-duplicate outrank the item itself."""
 
     def __init__(self, qf: torch.Tensor, gf: torch.Tensor, strategy: str = "auto"):
-        dtype = _inputs.compute_dtype(qf if qf.dtype == torch.float64 else gf)
+        dtype = compute_dtype(qf, gf)
         self.strategy = strategy
         self.features = torch.cat([qf.to(dtype), gf.to(dtype)]).contiguous()
         self.norms = (self.features * self.features).sum(dim=1)
@@ -225,30 +231,15 @@ class _FeatureDistances:
         """d(i, j) / max_j' d(i, j') for pairs of items."""
         squared = torch.empty(len(rows), dtype=torch.float32, device=rows.device)
         for start in range(0, len(rows), _PAIR_CHUNK):
-            squared[start : start + _PAIR_CHUNK] = self._pair_squared(
-                rows[start : start + _PAIR_CHUNK], cols[start : start + _PAIR_CHUNK]
+            squared[start : start + _PAIR_CHUNK] = pair_sqdist(
+                self.features,
+                self.norms,
+                self.nearest.values,
+                self.nearest.indices,
+                rows[start : start + _PAIR_CHUNK],
+                cols[start : start + _PAIR_CHUNK],
             )
         return squared / self.row_max[rows]
-
-    def _pair_squared(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """Most pairs are in the scan's candidate lists (in either direction: the distance is
-        symmetric); the others are computed from the features, a few thousand at a time."""
-        squared = torch.empty(len(rows), dtype=torch.float32, device=rows.device)
-        missing = torch.ones(len(rows), dtype=torch.bool, device=rows.device)
-        for owner, other in ((rows, cols), (cols, rows)):
-            hit = self.nearest.indices[owner] == other[:, None]
-            found = hit.any(dim=1) & missing
-            slot = hit[found].long().argmax(dim=1, keepdim=True)
-            squared[found] = self.nearest.values[owner[found]].gather(1, slot)[:, 0]
-            missing &= ~found
-        x, norms = self.features, self.norms
-        for pairs in torch.nonzero(missing).flatten().split(_FEATURE_PAIR_CHUNK):
-            r, c = rows[pairs], cols[pairs]
-            dots = (x[r] * x[c]).sum(dim=1)
-            squared[pairs] = (
-                (norms[c] - 2 * dots + norms[r]).clamp_min_(0.0).to(torch.float32).masked_fill_(r == c, 0.0)
-            )
-        return squared
 
 
 def _check_parameters(k1, k2, lambda_value):

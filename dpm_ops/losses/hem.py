@@ -1,4 +1,4 @@
-"""Head Enrichment Module loss (spec dpm.md §4): orthonormality of the heads' CLS->patch logits.
+"""Head Enrichment Module loss of DPM: orthonormality of the heads' CLS->patch logits.
 
 ``Â[b,h] = A[b,h] / sqrt(Σ_j A[b,h,j]² + 1e-6)``, ``G_b = Â_b Â_bᵀ`` (heads × heads), and
 ``L = Σ_b ‖G_b − I‖²_F / heads²``: summed over the batch like the official

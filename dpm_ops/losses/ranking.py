@@ -1,4 +1,4 @@
-"""MaskReID ranking loss (spec maskreid.md §4.1–4.2: Eq. 5, and Eq. 4 as an option).
+"""MaskReID ranking loss (the paper's Eq. 5, and Eq. 4 as an option).
 
 For an anchor k with positives P (same identity, anchor excluded) and negatives N, on
 L2-normalised embeddings with ``s_kj = x_kᵀ x_j``, Eq. 5 (the paper's training loss) is
@@ -10,7 +10,7 @@ and Eq. 4 is ``L_k = log(1 + Σ_{i∈P} Σ_{j∈N} exp(s_kj − s_ki))`` (no mar
 Anchors are the samples with at least one positive (with the paper's 10 + 54 batch: the 10 images
 of the sampled identity); the batch loss is their mean.
 
-Options (the paper's text is ambiguous, see the spec):
+Options (the paper's text is ambiguous):
 * ``pos_mode="hardest"`` (default): Eq. 5's hardest positive.
   ``pos_mode="all_eq5"``: Eq. 5's margin, hinge and pull term over every (positive, negative) pair
   (formerly ``"all"``, which is now refused with this name).

@@ -1,4 +1,4 @@
-"""Total training losses of DPM (spec dpm.md §6) and of the ViT baseline.
+"""Total training losses of DPM (ID loss with HEM, plus the triplet loss) and of the ViT baseline.
 
 DPM:  L = id_w·(0.5·CE(plain) + 0.5·CE(masked ArcFace) + λ_HEM·L_HEM) + tri_w·L_TRI,
 with λ_HEM = 0.1 (0.01 for Occluded-REID) and both outer weights 1. From the model's ``DPMTrainOutput``

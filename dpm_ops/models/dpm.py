@@ -21,7 +21,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from dpm_ops.losses.arcface import masked_arcface_logits
+from dpm_ops.ops.masked_arcface_reference import masked_arcface_logits
 from dpm_ops.ops import hierarchical_mask_pool
 
 from .param_groups import bnneck, sgd_param_groups

@@ -6,6 +6,8 @@ import numbers
 
 import torch
 
+from .._precision import compute_dtype
+
 
 def check_tensors(op: str, **values) -> None:
     """ValueError naming the first argument that is not a torch.Tensor."""
@@ -34,11 +36,6 @@ def check_finite(op: str, **tensors) -> None:
     bad = [name for (name, t), ok in zip(tensors.items(), finite_sums) if not ok and not bool(torch.isfinite(t).all())]
     if bad:
         raise ValueError(f"{op}: {', '.join(bad)} contains non-finite values (NaN or inf)")
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the ops compute in: float64 stays float64, the rest (fp32 / fp16 / bf16) is fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def row_norm_limit(dtype: torch.dtype) -> float:

@@ -1,15 +1,14 @@
-"""The batch-hard soft-margin triplet loss (dpm.md §6) fused: distances, mining, softplus, mean.
+"""The batch-hard soft-margin triplet loss (TransReID's, DPM's metric loss) fused: distances,
+mining, softplus, mean.
 
     d = sqrt(max(‖x_i‖² + ‖x_j‖² − 2 x_i·x_j, 1e-12)),  loss = mean_i softplus(max_pos d − min_neg d)
 
-value and gradient equal to ``dpm_ops.losses.batch_hard_soft_margin_triplet(..., fused=False)`` (the
-reference; the maths in csrc/batch_hard_triplet/batch_hard_triplet_math.h transcribe it, tie-breaking
-included). One Gram GEMM and one mining pass; only the (B, B) Gram is materialised (no distance,
+value and gradient equal to the reference (batch_hard_triplet_reference.py; the maths in
+csrc/batch_hard_triplet/batch_hard_triplet_math.h transcribe it, tie-breaking included). One Gram GEMM and one mining pass; only the (B, B) Gram is materialised (no distance,
 mask or filled copies). The gradient (closed form over each anchor's two mined pairs) is computed in the
 same call when autograd needs it; the backward only rescales it.
 
-Schemas: ``dpm_ops::batch_hard_triplet`` (python_bindings/batch_hard_triplet.cpp; C++ kernels for CPU
-and CUDA) and ``dpm_ops::batch_hard_triplet_triton`` (mining in Triton).
+Declared op ``batch_hard_triplet``, with C++ kernels for CPU and CUDA and a Triton twin (mining in Triton).
 """
 
 from typing import Optional
@@ -18,6 +17,8 @@ import torch
 
 from .. import _backend
 from ._checks import check_batch, check_finite_rows
+from ._declare import declare
+from .batch_hard_triplet_reference import batch_hard_triplet_reference
 
 
 def check_batch_hard_triplet_args(features, labels) -> None:
@@ -51,46 +52,33 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
-def _backward(ctx, grad, _unused):
+def _autograd(_no_backward_op, ctx, grad, _unused):
     (grad_features,) = ctx.saved_tensors
     if grad_features.dim() != 2:
         raise RuntimeError("batch_hard_triplet: called with with_grad=False, so it cannot be differentiated")
     return grad * grad_features, None, None
 
 
-def _register(op) -> None:
-    torch.library.register_fake(op)(_fake)
-    torch.library.register_autograd(op, _backward, setup_context=_setup_context)
-
-
-if _backend.extension()[0] is not None:
-    _register(torch.ops.dpm_ops.batch_hard_triplet.default)
-
-
-@torch.library.custom_op("dpm_ops::batch_hard_triplet_triton", mutates_args=())
-def batch_hard_triplet_triton(
-    features: torch.Tensor, labels: torch.Tensor, with_grad: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    from ..triton import batch_hard_triplet as kernels
-
-    return kernels.loss_and_grad(features, labels, with_grad)
-
-
-_register(batch_hard_triplet_triton)
+# Returns (loss, grad): with with_grad, the loss's gradient w.r.t. the features for a unit upstream
+# gradient (the backward only rescales it); else an empty tensor.
+BATCH_HARD_TRIPLET = declare(
+    "batch_hard_triplet",
+    "(Tensor features, Tensor labels, bool with_grad) -> (Tensor, Tensor)",
+    _fake,
+    triton="triton.batch_hard_triplet:loss_and_grad",
+    reference=batch_hard_triplet_reference,
+    setup_context=_setup_context,
+    autograd=_autograd,
+)
 
 
 def batch_hard_triplet(features: torch.Tensor, labels: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
     """The fused loss (0-dim) of float32 / float64 features (B, C) and int64 labels (B,);
-    differentiable in the features. ``backend``: "cpp" | "cuda" | "triton" (None: by device). The
-    reference (and promotion from fp16 / bf16) is ``dpm_ops.losses.batch_hard_soft_margin_triplet``."""
+    differentiable in the features. ``backend``: "reference" | "cpp" | "cuda" | "triton" (None: by
+    device). The loss module ``dpm_ops.losses.batch_hard_soft_margin_triplet`` also promotes fp16 / bf16."""
     check_batch_hard_triplet_args(features, labels)
     name = _backend.resolve(backend, features.device)
     if name == "reference":
-        raise ValueError(
-            "batch_hard_triplet is the fused kernel; its reference is "
-            "dpm_ops.losses.batch_hard_soft_margin_triplet(..., fused=False)"
-        )
+        return batch_hard_triplet_reference(features, labels)
     with_grad = torch.is_grad_enabled() and features.requires_grad
-    if name == "triton":
-        return torch.ops.dpm_ops.batch_hard_triplet_triton(features, labels, with_grad)[0]
-    return torch.ops.dpm_ops.batch_hard_triplet(features, labels, with_grad)[0]
+    return BATCH_HARD_TRIPLET.run(name, features, labels, with_grad)[0]

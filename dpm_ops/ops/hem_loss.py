@@ -1,8 +1,8 @@
-"""DPM's Head Enrichment Module loss (dpm.md §4, §6) as a fused torch custom op.
+"""DPM's Head Enrichment Module loss (the heads' normalised CLS attention rows pushed towards
+orthogonality, a term of DPM's training loss) as a fused torch custom op.
 
-Schemas ``dpm_ops::hem_loss(cls_logits, eps, reduction)`` and ``dpm_ops::hem_loss_backward``
-(python_bindings/hem_loss.cpp; C++ kernels for CPU and CUDA), and ``dpm_ops::hem_loss_triton`` /
-``..._triton_backward`` (Triton). Each sample's raw Gram A Aᵀ comes from one pass over its logits
+Declared ops ``hem_loss(cls_logits, eps, reduction)`` and ``hem_loss_backward``, with C++ kernels
+for CPU and CUDA and Triton twins. Each sample's raw Gram A Aᵀ comes from one pass over its logits
 (the norms are its diagonal); the backward recomputes it (heads² · N per sample, cheaper than
 keeping anything) and writes the closed-form gradient. The maths is the reference's
 (hem_loss_reference.py, differentiated by torch itself).
@@ -11,8 +11,9 @@ keeping anything) and writes the closed-form gradient. The maths is the referenc
 import torch
 
 from .. import _backend
+from .._precision import compute_dtype
 from ._checks import check_batch, check_finite_rows, check_number
-from ._registration import register_forward_backward
+from ._declare import declare
 from .hem_loss_reference import REDUCTIONS, hem_loss_reference
 
 
@@ -35,7 +36,7 @@ def check_hem_args(cls_logits, eps, reduction) -> None:
 
 
 def _fake_forward(cls_logits, eps, reduction):
-    return cls_logits.new_empty((), dtype=torch.float64 if cls_logits.dtype == torch.float64 else torch.float32)
+    return cls_logits.new_empty((), dtype=compute_dtype(cls_logits.dtype))
 
 
 def _fake_backward(grad, cls_logits, eps, reduction):
@@ -48,44 +49,28 @@ def _setup_context(ctx, inputs, output):
     ctx.eps, ctx.reduction = eps, reduction
 
 
-def _make_backward(backward_op):
-    def backward(ctx, grad):
-        (cls_logits,) = ctx.saved_tensors
-        return backward_op(grad, cls_logits, ctx.eps, ctx.reduction), None, None
-
-    return backward
+def _autograd(backward_op, ctx, grad):
+    (cls_logits,) = ctx.saved_tensors
+    return backward_op(grad, cls_logits, ctx.eps, ctx.reduction), None, None
 
 
-def _register(forward_op, backward_op) -> None:
-    register_forward_backward(
-        forward_op,
-        backward_op,
-        fake_forward=_fake_forward,
-        fake_backward=_fake_backward,
-        make_backward=_make_backward,
-        setup_context=_setup_context,
-    )
-
-
-if _backend.extension()[0] is not None:
-    _register(torch.ops.dpm_ops.hem_loss.default, torch.ops.dpm_ops.hem_loss_backward.default)
-
-
-@torch.library.custom_op("dpm_ops::hem_loss_triton", mutates_args=())
-def hem_loss_triton(cls_logits: torch.Tensor, eps: float, reduction: str) -> torch.Tensor:
-    from ..triton import hem_loss as kernels
-
-    return kernels.hem_loss_forward(cls_logits, eps, reduction)
-
-
-@torch.library.custom_op("dpm_ops::hem_loss_triton_backward", mutates_args=())
-def hem_loss_triton_backward(grad: torch.Tensor, cls_logits: torch.Tensor, eps: float, reduction: str) -> torch.Tensor:
-    from ..triton import hem_loss as kernels
-
-    return kernels.hem_loss_backward(grad, cls_logits, eps, reduction)
-
-
-_register(hem_loss_triton, hem_loss_triton_backward)
+HEM_LOSS_BACKWARD = declare(
+    "hem_loss_backward",
+    # dL/d cls_logits (in cls_logits' dtype) for the upstream gradient `grad` (0-d, the loss's dtype)
+    "(Tensor grad, Tensor cls_logits, float eps, str reduction) -> Tensor",
+    _fake_backward,
+    triton="triton.hem_loss:hem_loss_backward",
+)
+HEM_LOSS = declare(
+    "hem_loss",
+    "(Tensor cls_logits, float eps, str reduction) -> Tensor",  # the loss in the compute dtype
+    _fake_forward,
+    triton="triton.hem_loss:hem_loss_forward",
+    reference=hem_loss_reference,
+    backward=HEM_LOSS_BACKWARD,
+    setup_context=_setup_context,
+    autograd=_autograd,
+)
 
 
 def hem_loss(
@@ -97,8 +82,4 @@ def hem_loss(
     """
     check_hem_args(cls_logits, eps, reduction)
     name = _backend.resolve(backend, cls_logits.device)
-    if name == "reference":
-        return hem_loss_reference(cls_logits, eps, reduction)
-    if name == "triton":
-        return torch.ops.dpm_ops.hem_loss_triton(cls_logits, float(eps), reduction)
-    return torch.ops.dpm_ops.hem_loss(cls_logits, float(eps), reduction)
+    return HEM_LOSS.run(name, cls_logits, float(eps), reduction)

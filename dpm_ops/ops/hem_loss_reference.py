@@ -1,4 +1,5 @@
-"""Plain-PyTorch reference of DPM's Head Enrichment Module loss (spec dpm.md §4 and §6).
+"""Plain-PyTorch reference of DPM's Head Enrichment Module loss (it pushes the heads' CLS attention
+rows towards orthonormality; a term of DPM's ID loss, weight 0.1).
 
 On the last block's pre-softmax, scaled CLS->patch attention logits ``A`` (B, heads, N):
 

@@ -4,13 +4,11 @@
 
 per level the masked average (``mode="avg"``) or masked max (``"max"``) over H_l x W_l, the mask
 resized to the level by area averaging; the exact rule (and the empty-mask case) is in
-hierarchical_mask_pool_reference.py. Used by MaskReID's skipped fusing layer (maskreid.md §3.2) and
-DPM's HMG global max-pool (dpm.md §2.2).
+hierarchical_mask_pool_reference.py. Used by MaskReID's skipped fusing layer (masked average of
+several backbone stages) and DPM's Hierarchical Mask Generator (global max-pool of the masked maps).
 
-Schemas: ``dpm_ops::hierarchical_mask_pool`` / ``..._backward`` (python_bindings/hierarchical_mask_pool.cpp,
-C++ kernels for CPU and CUDA) and ``dpm_ops::hierarchical_mask_pool_triton`` / ``..._triton_backward``;
-both share the fake functions and the autograd formula below. Gradients flow to the features only:
-the mask is a constant weight.
+Declared ops ``hierarchical_mask_pool`` / ``..._backward``, with C++ kernels for CPU and CUDA and
+Triton twins. Gradients flow to the features only: the mask is a constant weight.
 """
 
 from typing import Optional, Sequence
@@ -19,7 +17,7 @@ import torch
 
 from .. import _backend
 from ._checks import check_finite, check_finite_rows, check_result_finite
-from ._registration import register_forward_backward
+from ._declare import declare
 from .hierarchical_mask_pool_reference import hierarchical_mask_pool_reference
 
 MODES = ("avg", "max")
@@ -83,50 +81,27 @@ def _setup_context(ctx, inputs, output):
     ctx.mode = mode
 
 
-def _autograd_backward(backward_op):
-    def backward(ctx, grad):
-        mask, out, *features = ctx.saved_tensors
-        return list(backward_op(grad, features, mask, out, ctx.mode)), None, None
-
-    return backward
+def _autograd(backward_op, ctx, grad):
+    mask, out, *features = ctx.saved_tensors
+    return list(backward_op(grad, features, mask, out, ctx.mode)), None, None
 
 
-def _register(forward_op, backward_op) -> None:
-    register_forward_backward(
-        forward_op,
-        backward_op,
-        fake_forward=_fake_forward,
-        fake_backward=_fake_backward,
-        make_backward=_autograd_backward,
-        setup_context=_setup_context,
-    )
-
-
-if _backend.extension()[0] is not None:
-    _register(
-        torch.ops.dpm_ops.hierarchical_mask_pool.default, torch.ops.dpm_ops.hierarchical_mask_pool_backward.default
-    )
-
-
-@torch.library.custom_op("dpm_ops::hierarchical_mask_pool_triton", mutates_args=())
-def hierarchical_mask_pool_triton(
-    features: list[torch.Tensor], mask: Optional[torch.Tensor], mode: str
-) -> torch.Tensor:
-    from ..triton import hierarchical_mask_pool as kernels
-
-    return kernels.hierarchical_mask_pool_forward(features, mask, mode)
-
-
-@torch.library.custom_op("dpm_ops::hierarchical_mask_pool_triton_backward", mutates_args=())
-def hierarchical_mask_pool_triton_backward(
-    grad: torch.Tensor, features: list[torch.Tensor], mask: Optional[torch.Tensor], out: torch.Tensor, mode: str
-) -> list[torch.Tensor]:
-    from ..triton import hierarchical_mask_pool as kernels
-
-    return kernels.hierarchical_mask_pool_backward(grad, features, mask, out, mode)
-
-
-_register(hierarchical_mask_pool_triton, hierarchical_mask_pool_triton_backward)
+HIERARCHICAL_MASK_POOL_BACKWARD = declare(
+    "hierarchical_mask_pool_backward",
+    "(Tensor grad, Tensor[] features, Tensor? mask, Tensor out, str mode) -> Tensor[]",
+    _fake_backward,
+    triton="triton.hierarchical_mask_pool:hierarchical_mask_pool_backward",
+)
+HIERARCHICAL_MASK_POOL = declare(
+    "hierarchical_mask_pool",
+    "(Tensor[] features, Tensor? mask, str mode) -> Tensor",
+    _fake_forward,
+    triton="triton.hierarchical_mask_pool:hierarchical_mask_pool_forward",
+    reference=hierarchical_mask_pool_reference,
+    backward=HIERARCHICAL_MASK_POOL_BACKWARD,
+    setup_context=_setup_context,
+    autograd=_autograd,
+)
 
 
 def hierarchical_mask_pool(
@@ -156,12 +131,7 @@ def hierarchical_mask_pool(
     if mask is not None:
         check_finite_rows("hierarchical_mask_pool", mask=mask.flatten(1))
     name = _backend.resolve(backend, features[0].device)
-    if name == "reference":
-        out = hierarchical_mask_pool_reference(features, mask, mode)
-    elif name == "triton":
-        out = torch.ops.dpm_ops.hierarchical_mask_pool_triton(features, mask, mode)
-    else:
-        out = torch.ops.dpm_ops.hierarchical_mask_pool(features, mask, mode)
+    out = HIERARCHICAL_MASK_POOL.run(name, features, mask, mode)
     if mode == "avg":
         check_result_finite("hierarchical_mask_pool", out, **named)
     return out

@@ -7,7 +7,8 @@ For each level x_l (B, C_l, H_l, W_l):
   exact for MaskReID's 144x56 input over its 36x14, 18x7, 9x4 levels), giving weights w;
 * ``avg``: ``v = Σ_hw w·x / Σ_hw w`` (0 when Σ w = 0); ``max``: the max of x over the cells with
   w > 0 (0 when there is none). Without a mask, w ≡ 1: plain global average / max pooling
-  (MaskReID's skipped fusing layer, spec maskreid.md §3.2; DPM's HMG global max-pool, dpm.md §2.2).
+  (MaskReID's skipped fusing layer, which pools several backbone stages; DPM's Hierarchical Mask
+  Generator, which max-pools its masked maps).
 
 The vectors are concatenated along channels: (B, Σ C_l). The mask is a constant weight (no gradient).
 """

@@ -8,16 +8,15 @@ and dtypes: knn_reference.py. At most a bounded block of dot products is held at
 (CPU, Triton) or row blocks of at most 512 MiB (CUDA, cuBLAS; the whole (M, N) matrix when it fits),
 each merged into per-row sorted lists.
 
-Schemas (python_bindings/knn.cpp): ``dpm_ops::knn`` (C++ CPU / CUDA kernels, csrc/knn/) and
-``dpm_ops::self_knn`` (one set against itself, with the row maxima re-ranking needs; on the CPU from
-the upper-triangle tiles only, each offered to its rows and its columns: half the GEMM work; on
-CUDA from every row in full). ``dpm_ops::knn_triton``
-is the Triton kernel. The distances are differentiable in x and y (through the selected pairs; the
+Declared ops: ``knn`` (C++ CPU / CUDA kernels, csrc/knn/, and a Triton twin) and ``self_knn`` (one
+set against itself, with the row maxima re-ranking needs; on the CPU from the upper-triangle tiles
+only, each offered to its rows and its columns: half the GEMM work; on CUDA from every row in full;
+no Triton kernel). The distances are differentiable in x and y (through the selected pairs; the
 indices are not), for knn on every backend; self_knn has no autograd formula (re-ranking does not
 need one; use the reference backend to differentiate it).
 
-``strategy="certified"`` runs ``dpm_ops::knn_certified`` / ``dpm_ops::self_knn_certified`` (C++ CPU; CUDA and
-the Triton ops ``dpm_ops::knn_certified_triton`` / ``self_knn_certified_triton``: ops/knn_certified.py):
+``strategy="certified"`` runs ``knn_certified`` / ``self_knn_certified`` (C++ CPU kernels; the CUDA kernels
+and the Triton twins are the GPU pipeline of ops/knn_certified.py):
 a bf16 GEMM with a rigorous per-pair error bound picks each row's candidates, recomputed as the
 direct path computes them (docs/certified_knn.md).
 """
@@ -28,7 +27,9 @@ import torch
 
 from .. import _backend
 from ._checks import check_finite_rows
-from .knn_reference import COSINE_EPS, METRICS, compute_dtype, knn_reference, self_knn_reference
+from .._precision import compute_dtype
+from ._declare import declare
+from .knn_reference import COSINE_EPS, METRICS, knn_reference, self_knn_reference
 
 
 def _check_tensor(name, t):
@@ -83,7 +84,7 @@ def _use_certified(strategy, name, rows, columns, dim):
     return name in ("cuda", "triton") or (name == "cpp" and bf16_gemm_is_fast())
 
 
-# ---- fake (meta) functions and autograd, shared by the C++/CUDA and Triton ops -----------------
+# ---- the declared ops: fake (meta) functions and autograd ----------------------------------------
 
 
 # Distances come in the compute dtype (float16 / bfloat16 inputs reach the CUDA op as they are).
@@ -144,7 +145,7 @@ def knn_distance_backward(grad, x, y, distances, indices, metric):
     return grad_x, grad_y
 
 
-def _backward(ctx, grad_distances, *grad_rest):
+def _autograd(_no_backward_op, ctx, grad_distances, *grad_rest):
     x, y, distances, indices = ctx.saved_tensors
     # float16 / bfloat16 inputs (CUDA) differentiate in the distances' float32, like the others.
     grad_x, grad_y = knn_distance_backward(
@@ -153,31 +154,62 @@ def _backward(ctx, grad_distances, *grad_rest):
     return grad_x, grad_y, None, None
 
 
-if _backend.extension()[0] is not None:
-    torch.library.register_fake(torch.ops.dpm_ops.knn.default)(_fake_knn)
-    torch.library.register_fake(torch.ops.dpm_ops.self_knn.default)(_fake_self_knn)
-    torch.library.register_autograd(torch.ops.dpm_ops.knn.default, _backward, setup_context=_setup_context)
-    torch.library.register_fake(torch.ops.dpm_ops.knn_certified.default)(
-        lambda x, y, k, metric="euclidean": (*_fake_knn(x, y, k, metric), x.new_empty((x.shape[0],), dtype=torch.long))
-    )
-    torch.library.register_fake(torch.ops.dpm_ops.self_knn_certified.default)(
-        lambda x, k, metric="sqeuclidean", normalize=False, cross_rows=0: (
-            *_fake_self_knn(x, k, metric, normalize, cross_rows),
-            x.new_empty((x.shape[0],), dtype=torch.long),
-        )
-    )
-    torch.library.register_autograd(torch.ops.dpm_ops.knn_certified.default, _backward, setup_context=_setup_context)
+def _fake_knn_certified(x, y, k, metric="euclidean"):
+    return *_fake_knn(x, y, k, metric), x.new_empty((x.shape[0],), dtype=torch.long)
 
 
-@torch.library.custom_op("dpm_ops::knn_triton", mutates_args=())
-def knn_triton(x: torch.Tensor, y: torch.Tensor, k: int, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
-    from ..triton import knn as kernels
-
-    return kernels.knn_forward(x, y, k, metric)
+def _fake_self_knn_certified(x, k, metric="sqeuclidean", normalize=False, cross_rows=0):
+    return *_fake_self_knn(x, k, metric, normalize, cross_rows), x.new_empty((x.shape[0],), dtype=torch.long)
 
 
-torch.library.register_fake(knn_triton)(_fake_knn)
-torch.library.register_autograd(knn_triton, _backward, setup_context=_setup_context)
+def _fake_bounds(x, y, metric="euclidean"):
+    bound = x.new_empty((x.shape[0], y.shape[0]), dtype=compute_dtype(x, y))
+    return bound, torch.empty_like(bound)
+
+
+KNN = declare(
+    "knn",
+    # The k nearest rows of y for every row of x, sorted by (distance, index).
+    '(Tensor x, Tensor y, int k, str metric="euclidean") -> (Tensor distances, Tensor indices)',
+    _fake_knn,
+    triton="triton.knn:knn_forward",
+    reference=knn_reference,
+    setup_context=_setup_context,
+    autograd=_autograd,
+)
+SELF_KNN = declare(
+    "self_knn",
+    # The k nearest rows of x for every row of x itself (self at distance 0); with normalize, ordered by
+    # (distance / row max, index). Also every row's maximum and the block [0:cross_rows, cross_rows:]
+    # of the distance matrix.
+    '(Tensor x, int k, str metric="sqeuclidean", bool normalize=False, int cross_rows=0)'
+    " -> (Tensor distances, Tensor indices, Tensor row_max, Tensor cross)",
+    _fake_self_knn,
+    reference=self_knn_reference,
+)
+# knn and self_knn by the certified two-stage search (docs/certified_knn.md): the same results, and
+# every row's number of stage-2 candidates (-1 where the row took the direct path).
+KNN_CERTIFIED = declare(
+    "knn_certified",
+    '(Tensor x, Tensor y, int k, str metric="euclidean") -> (Tensor distances, Tensor indices, Tensor candidates)',
+    _fake_knn_certified,
+    triton="ops.knn_certified:knn_certified_triton",
+    setup_context=_setup_context,
+    autograd=_autograd,
+)
+SELF_KNN_CERTIFIED = declare(
+    "self_knn_certified",
+    '(Tensor x, int k, str metric="sqeuclidean", bool normalize=False, int cross_rows=0)'
+    " -> (Tensor distances, Tensor indices, Tensor row_max, Tensor cross, Tensor candidates)",
+    _fake_self_knn_certified,
+    triton="ops.knn_certified:self_knn_certified_triton",
+)
+# Stage 1's lower and upper bounds of every pair's distance (M, N): what the tests check.
+KNN_CERTIFIED_BOUNDS = declare(
+    "knn_certified_bounds",
+    '(Tensor x, Tensor y, str metric="euclidean") -> (Tensor lower, Tensor upper)',
+    _fake_bounds,
+)
 
 
 # ---- public functions ----------------------------------------------------------------------------
@@ -225,13 +257,8 @@ def knn(
         dtype = compute_dtype(x, y)
         x, y = x.to(dtype), y.to(dtype)
     if certified:
-        op = torch.ops.dpm_ops.knn_certified_triton if name == "triton" else torch.ops.dpm_ops.knn_certified
-        return op(x, y, k, metric)[:2]
-    if name == "reference":
-        return knn_reference(x, y, k, metric)
-    if name == "triton":
-        return torch.ops.dpm_ops.knn_triton(x, y, k, metric)
-    return torch.ops.dpm_ops.knn(x, y, k, metric)
+        return KNN_CERTIFIED.run(name, x, y, k, metric)[:2]
+    return KNN.run(name, x, y, k, metric)
 
 
 def self_knn(
@@ -269,13 +296,12 @@ def self_knn(
     check_finite_rows("knn", x=x)
     name = _backend.resolve(backend, x.device)
     if _use_certified(strategy, name, x.shape[0], x.shape[0] // 2, x.shape[1]):  # half the GEMM
-        op = torch.ops.dpm_ops.self_knn_certified_triton if name == "triton" else torch.ops.dpm_ops.self_knn_certified
-        return op(x.to(compute_dtype(x)), k, metric, bool(normalize), int(cross_rows))[:4]
-    if name in ("reference", "triton"):
-        return self_knn_reference(x.to(compute_dtype(x)), k, metric, bool(normalize), int(cross_rows))
+        return SELF_KNN_CERTIFIED.run(name, x.to(compute_dtype(x)), k, metric, bool(normalize), int(cross_rows))[:4]
+    if name == "triton":  # no Triton kernel
+        name = "reference"
     if name != "cuda":  # the CUDA kernel takes float16 / bfloat16 as they are (tensor-core GEMM)
         x = x.to(compute_dtype(x))
-    return torch.ops.dpm_ops.self_knn(x, k, metric, bool(normalize), int(cross_rows))
+    return SELF_KNN.run(name, x, k, metric, bool(normalize), int(cross_rows))
 
 
 __all__ = ["METRICS", "STRATEGIES", "knn", "knn_reference", "self_knn", "self_knn_reference", "knn_distance_backward"]

@@ -19,9 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .. import _backend
 from ._checks import KNN_GPU_MAX_K, check_knn_gpu_k
-from .knn import _backward, _fake_knn, _fake_self_knn, _setup_context
 from .knn_reference import COSINE_EPS, compute_dtype, pairwise_distance_reference
 
 U32 = 2.0**-24
@@ -318,35 +316,16 @@ def self_knn_certified_rows(x, k: int, metric: str, normalize: bool, cross_rows:
     return values, indices, row_max, cross, counts
 
 
-# ---- registrations ------------------------------------------------------------------------------
+# ---- implementations: the Triton twins (declared in ops/knn.py) and the CUDA kernels ------------
 
 
-def _fake_knn_certified(x, y, k, metric="euclidean"):
-    return (*_fake_knn(x, y, k, metric), x.new_empty((x.shape[0],), dtype=torch.long))
-
-
-def _fake_self_knn_certified(x, k, metric="sqeuclidean", normalize=False, cross_rows=0):
-    return (*_fake_self_knn(x, k, metric, normalize, cross_rows), x.new_empty((x.shape[0],), dtype=torch.long))
-
-
-@torch.library.custom_op("dpm_ops::knn_certified_triton", mutates_args=())
-def knn_certified_triton(
-    x: torch.Tensor, y: torch.Tensor, k: int, metric: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def knn_certified_triton(x, y, k, metric):
     check_knn_gpu_k(k, "Triton")
     return knn_certified_rows(x, y, k, metric, _triton_stage1)
 
 
-@torch.library.custom_op("dpm_ops::self_knn_certified_triton", mutates_args=())
-def self_knn_certified_triton(
-    x: torch.Tensor, k: int, metric: str, normalize: bool, cross_rows: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def self_knn_certified_triton(x, k, metric, normalize, cross_rows):
     return self_knn_certified_rows(x, k, metric, normalize, cross_rows, _triton_stage1, KNN_GPU_MAX_K)
-
-
-torch.library.register_fake(knn_certified_triton)(_fake_knn_certified)
-torch.library.register_fake(self_knn_certified_triton)(_fake_self_knn_certified)
-torch.library.register_autograd(knn_certified_triton, _backward, setup_context=_setup_context)
 
 
 def _knn_certified_cuda(x, y, k, metric="euclidean"):
@@ -365,10 +344,10 @@ def _knn_certified_bounds_cuda(x, y, metric="euclidean"):
     return stage1_bounds(xo, yo, slice(0, x.shape[0]), metric, False)
 
 
-if _backend.extension()[0] is not None:  # the schemas (python_bindings/knn.cpp); CPU kernels: csrc/knn/knn_cpu.cpp
-    for _name, _kernel in (
-        ("knn_certified", _knn_certified_cuda),
-        ("self_knn_certified", _self_knn_certified_cuda),
-        ("knn_certified_bounds", _knn_certified_bounds_cuda),
-    ):
-        torch.library.register_kernel(f"dpm_ops::{_name}", "cuda", _kernel)
+# CUDA kernels of the ops declared in ops/knn.py (their CPU kernels: csrc/knn/knn_cpu.cpp).
+for _name, _kernel in (
+    ("knn_certified", _knn_certified_cuda),
+    ("self_knn_certified", _self_knn_certified_cuda),
+    ("knn_certified_bounds", _knn_certified_bounds_cuda),
+):
+    torch.library.register_kernel(f"dpm_ops::{_name}", "cuda", _kernel)

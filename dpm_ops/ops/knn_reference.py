@@ -17,12 +17,10 @@ maximum and the block d[:cross_rows, cross_rows:].
 import torch
 import torch.nn.functional as F
 
+from .._precision import compute_dtype
+
 METRICS = ("euclidean", "sqeuclidean", "cosine")
 COSINE_EPS = 1e-12
-
-
-def compute_dtype(*tensors) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def pairwise_distance_reference(x: torch.Tensor, y: torch.Tensor, metric: str = "euclidean") -> torch.Tensor:

@@ -2,15 +2,14 @@
 
     loss = plain_w · CE(f Wᵀ, y) + masked_w · CE(s · ArcFace_m(masked_cosine(f, m, W)), y)
 
-value and gradients equal to ``dpm_ops.losses.masked_arcface_cross_entropy(..., fused=False)`` (the
-reference, which the maths in csrc/masked_arcface/masked_arcface_math.h transcribes, quirks included).
+value and gradients equal to the reference (masked_arcface_reference.py, which the maths in
+csrc/masked_arcface/masked_arcface_math.h transcribes, quirks included).
 The kernels never hold more than one (B, K) matrix: logits are produced row-chunk by row-chunk and
 consumed at once. Since the loss is a scalar, the gradients (for a unit upstream gradient) are computed
 in the same pass when autograd needs them (``with_grad``), as a fused linear cross-entropy does; the
 backward only rescales them. That takes 9 GEMMs where eager autograd takes 10, and no recomputation.
 
-Schemas: ``dpm_ops::masked_arcface_ce`` (python_bindings/masked_arcface.cpp; C++ kernels for CPU and
-CUDA) and ``dpm_ops::masked_arcface_ce_triton``; both share the fake function and autograd below.
+Declared op ``masked_arcface_ce``, with C++ kernels for CPU and CUDA and a Triton twin.
 """
 
 from typing import Optional
@@ -19,6 +18,8 @@ import torch
 
 from .. import _backend
 from ._checks import check_batch, check_finite_rows, check_number
+from ._declare import declare
+from .masked_arcface_reference import masked_arcface_reference
 from .masked_cosine import check_masked_cosine_args
 
 
@@ -79,7 +80,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(grad_features, grad_mask, grad_weight)
 
 
-def _backward(ctx, grad, *_unused):
+def _autograd(_no_backward_op, ctx, grad, *_unused):
     # The loss is a scalar: its gradients were computed with the forward, for a unit upstream gradient.
     grad_features, grad_mask, grad_weight = ctx.saved_tensors
     if grad_weight.dim() != 2:
@@ -87,37 +88,18 @@ def _backward(ctx, grad, *_unused):
     return (grad * grad_features, grad * grad_mask, grad * grad_weight) + (None,) * 8
 
 
-def _register(forward_op) -> None:
-    torch.library.register_fake(forward_op)(_fake_forward)
-    torch.library.register_autograd(forward_op, _backward, setup_context=_setup_context)
-
-
-if _backend.extension()[0] is not None:
-    _register(torch.ops.dpm_ops.masked_arcface_ce.default)
-
-
-@torch.library.custom_op("dpm_ops::masked_arcface_ce_triton", mutates_args=())
-def masked_arcface_ce_triton(
-    features: torch.Tensor,
-    mask: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    scale: float,
-    margin: float,
-    easy_margin: bool,
-    clamp_eps: float,
-    plain_weight: float,
-    masked_weight: float,
-    with_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from ..triton import masked_arcface as kernels
-
-    return kernels.loss_and_grads(
-        features, mask, weight, labels, scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight, with_grad
-    )
-
-
-_register(masked_arcface_ce_triton)
+# Returns (loss, grad_features, grad_mask, grad_weight): with with_grad, the loss's gradients for a
+# unit upstream gradient, computed in the same pass; without, three empty tensors.
+MASKED_ARCFACE_CE = declare(
+    "masked_arcface_ce",
+    "(Tensor features, Tensor mask, Tensor weight, Tensor labels, float scale, float margin, bool easy_margin,"
+    " float clamp_eps, float plain_weight, float masked_weight, bool with_grad) -> (Tensor, Tensor, Tensor, Tensor)",
+    _fake_forward,
+    triton="triton.masked_arcface:loss_and_grads",
+    reference=masked_arcface_reference,
+    setup_context=_setup_context,
+    autograd=_autograd,
+)
 
 
 def masked_arcface_ce(
@@ -134,19 +116,20 @@ def masked_arcface_ce(
     backend: Optional[str] = None,
 ) -> torch.Tensor:
     """The fused loss (0-dim) on float32 / float64 inputs of one dtype; differentiable in features,
-    mask and weight. ``backend``: "cpp" | "cuda" | "triton" (None: by device). The reference is
-    ``dpm_ops.losses.masked_arcface_cross_entropy(..., fused=False)``, which also handles promotion
-    from fp16 / bf16 and autocast."""
+    mask and weight. ``backend``: "reference" | "cpp" | "cuda" | "triton" (None: by device). The loss
+    module ``dpm_ops.losses.masked_arcface_cross_entropy`` also handles promotion from fp16 / bf16
+    and autocast."""
     check_masked_arcface_args(features, mask, weight, labels, scale, margin, clamp_eps, plain_weight, masked_weight)
     if features.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"masked_arcface_cross_entropy: features must be float32 or float64, got {features.dtype}")
     name = _backend.resolve(backend, features.device)
-    if name == "reference":
-        raise ValueError(
-            "masked_arcface_ce is the fused kernel; its reference is "
-            "dpm_ops.losses.masked_arcface_cross_entropy(..., fused=False)"
-        )
     check_finite_rows("masked_arcface_cross_entropy", features=features, mask=mask, weight=weight)
+    if name != "cpp":  # the C++ CPU kernel checks the labels' range in its own pass
+        check_label_range(labels, weight.shape[0])
+    if name == "reference":
+        return masked_arcface_reference(
+            features, mask, weight, labels, scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight
+        )
     # Gradients are computed in the forward pass, so only when autograd will ask for them.
     with_grad = torch.is_grad_enabled() and (features.requires_grad or mask.requires_grad or weight.requires_grad)
     args = (
@@ -162,9 +145,4 @@ def masked_arcface_ce(
         float(masked_weight),
         with_grad,
     )
-    if name == "triton":
-        check_label_range(labels, weight.shape[0])
-        return torch.ops.dpm_ops.masked_arcface_ce_triton(*args)[0]
-    if name == "cuda":
-        check_label_range(labels, weight.shape[0])
-    return torch.ops.dpm_ops.masked_arcface_ce(*args)[0]
+    return MASKED_ARCFACE_CE.run(name, *args)[0]

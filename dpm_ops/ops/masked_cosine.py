@@ -1,19 +1,20 @@
 """DPM's masked prototype cosine as a torch custom op, with every backend behind one call.
 
-    C[b,k] = < n(x_b), n(m_b ⊙ n(p_k)) >,  n(v) = v / max(||v||, eps)       (dpm.md §3)
+    C[b,k] = < n(x_b), n(m_b ⊙ n(p_k)) >,  n(v) = v / max(||v||, eps)
 
-Schemas: ``dpm_ops::masked_cosine``, ``dpm_ops::masked_cosine_train`` (also returns den^2, which its
-backward reuses: the path taken when a gradient is needed) and ``dpm_ops::masked_cosine_backward``
-(declared in python_bindings/masked_cosine.cpp, C++ kernels for CPU and CUDA), and
-``dpm_ops::masked_cosine_triton`` / ``..._triton_backward`` (Triton kernels). All share the fake (meta)
-functions and the autograd formula below; the reference (masked_cosine_reference.py) is differentiated by torch itself.
+(each feature against each prototype, the prototype masked by the feature's own mask). Declared
+ops: ``masked_cosine``, ``masked_cosine_train`` (also returns den^2, which its backward reuses: the
+path taken when a gradient is needed; C++ only) and ``masked_cosine_backward``, with C++ kernels
+for CPU and CUDA and Triton twins; the reference (masked_cosine_reference.py) is differentiated by
+torch itself.
 """
 
 import torch
 
 from .. import _backend
+from .._precision import compute_dtype
 from ._checks import check_finite_rows, check_number, check_tensors
-from ._registration import register_forward_backward
+from ._declare import declare, lazy
 from .masked_cosine_reference import masked_cosine_reference
 
 ARCCOS_CLIP = 1e-5  # DPM's test metric clips the cosine to [-1+1e-5, 1-1e-5] before arccos
@@ -48,11 +49,10 @@ def _fake_forward(x, mask, protos, eps=1e-12):
 
 
 def _fake_train_forward(x, mask, protos, eps=1e-12):
-    accumulation = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return _fake_forward(x, mask, protos), x.new_empty((x.shape[0], protos.shape[0]), dtype=accumulation)
+    return _fake_forward(x, mask, protos), x.new_empty((x.shape[0], protos.shape[0]), dtype=compute_dtype(x.dtype))
 
 
-def _fake_backward(grad, x, mask, protos, out, *den_sq_and_eps):
+def _fake_backward(grad, x, mask, protos, out, den_sq, eps):
     return torch.empty_like(x), torch.empty_like(mask), torch.empty_like(protos)
 
 
@@ -70,62 +70,47 @@ def _setup_train_context(ctx, inputs, output):
     ctx.eps = eps
 
 
-def _backward_recomputing_den(backward_op, pass_den: bool):
-    """Autograd backward of a forward that did not keep den^2 (the backward recomputes it)."""
-
-    def backward(ctx, grad):
-        x, mask, protos, out = ctx.saved_tensors
-        extra = (None, ctx.eps) if pass_den else (ctx.eps,)
-        grad_x, grad_mask, grad_protos = backward_op(grad, x, mask, protos, out, *extra)
-        return grad_x, grad_mask, grad_protos, None
-
-    return backward
+def _autograd(backward_op, ctx, grad, *_grad_den_sq):
+    """Without a kept den^2 (masked_cosine), the backward recomputes it."""
+    x, mask, protos, out, *den_sq = ctx.saved_tensors
+    grads = backward_op(grad, x, mask, protos, out, den_sq[0] if den_sq else None, ctx.eps)
+    return *grads, None
 
 
-def _backward_with_den(ctx, grad, _grad_den_sq):
-    x, mask, protos, out, den_sq = ctx.saved_tensors
-    grad_x, grad_mask, grad_protos = torch.ops.dpm_ops.masked_cosine_backward(
-        grad, x, mask, protos, out, den_sq, ctx.eps
-    )
-    return grad_x, grad_mask, grad_protos, None
+def _triton_backward(grad, x, mask, protos, out, den_sq, eps):
+    # The Triton backward always recomputes den^2 (only masked_cosine, never the train op, reaches it).
+    return _TRITON_BACKWARD(grad, x, mask, protos, out, eps)
 
 
-def _register(forward_op, backward_op, pass_den: bool) -> None:
-    register_forward_backward(
-        forward_op,
-        backward_op,
-        fake_forward=_fake_forward,
-        fake_backward=_fake_backward,
-        make_backward=lambda op: _backward_recomputing_den(op, pass_den),
-        setup_context=_setup_context,
-    )
+_TRITON_BACKWARD = lazy("triton.masked_cosine:masked_cosine_backward")
 
-
-if _backend.extension()[0] is not None:
-    _register(torch.ops.dpm_ops.masked_cosine.default, torch.ops.dpm_ops.masked_cosine_backward.default, True)
-    torch.library.register_fake(torch.ops.dpm_ops.masked_cosine_train.default)(_fake_train_forward)
-    torch.library.register_autograd(
-        torch.ops.dpm_ops.masked_cosine_train.default, _backward_with_den, setup_context=_setup_train_context
-    )
-
-
-@torch.library.custom_op("dpm_ops::masked_cosine_triton", mutates_args=())
-def masked_cosine_triton(x: torch.Tensor, mask: torch.Tensor, protos: torch.Tensor, eps: float) -> torch.Tensor:
-    from ..triton import masked_cosine as kernels
-
-    return kernels.masked_cosine_forward(x, mask, protos, eps)
-
-
-@torch.library.custom_op("dpm_ops::masked_cosine_triton_backward", mutates_args=())
-def masked_cosine_triton_backward(
-    grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, protos: torch.Tensor, out: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from ..triton import masked_cosine as kernels
-
-    return kernels.masked_cosine_backward(grad, x, mask, protos, out, eps)
-
-
-_register(masked_cosine_triton, masked_cosine_triton_backward, False)
+MASKED_COSINE_BACKWARD = declare(
+    "masked_cosine_backward",
+    "(Tensor grad, Tensor x, Tensor mask, Tensor protos, Tensor out, Tensor? den_sq, float eps)"
+    " -> (Tensor, Tensor, Tensor)",
+    _fake_backward,
+    triton=_triton_backward,
+)
+MASKED_COSINE = declare(
+    "masked_cosine",
+    "(Tensor x, Tensor mask, Tensor protos, float eps=1e-12) -> Tensor",
+    _fake_forward,
+    triton="triton.masked_cosine:masked_cosine_forward",
+    reference=masked_cosine_reference,
+    backward=MASKED_COSINE_BACKWARD,
+    setup_context=_setup_context,
+    autograd=_autograd,
+)
+# The training variant also returns den^2 (B, K) in the compute dtype, which its backward reuses
+# instead of recomputing it with a GEMM: the path taken when a gradient is needed (C++ kernels only).
+MASKED_COSINE_TRAIN = declare(
+    "masked_cosine_train",
+    "(Tensor x, Tensor mask, Tensor protos, float eps=1e-12) -> (Tensor, Tensor)",
+    _fake_train_forward,
+    backward=MASKED_COSINE_BACKWARD,
+    setup_context=_setup_train_context,
+    autograd=_autograd,
+)
 
 
 def masked_cosine(
@@ -140,19 +125,20 @@ def masked_cosine(
     name = _backend.resolve(backend, x.device)
     if name != "cpp":  # the C++ CPU kernel applies the same check inside its first pass, for free
         check_finite_rows("masked_cosine", x=x, mask=mask, protos=protos)
-    if name == "reference":
-        return masked_cosine_reference(x, mask, protos, eps)
-    if name == "triton":
-        return torch.ops.dpm_ops.masked_cosine_triton(x, mask, protos, eps)
-    if torch.is_grad_enabled() and (x.requires_grad or mask.requires_grad or protos.requires_grad):
-        return torch.ops.dpm_ops.masked_cosine_train(x, mask, protos, eps)[0]  # keeps den^2 for the backward
-    return torch.ops.dpm_ops.masked_cosine(x, mask, protos, eps)
+    keep_den = (
+        name in ("cpp", "cuda")
+        and torch.is_grad_enabled()
+        and (x.requires_grad or mask.requires_grad or protos.requires_grad)
+    )
+    if keep_den:
+        return MASKED_COSINE_TRAIN.run(name, x, mask, protos, eps)[0]
+    return MASKED_COSINE.run(name, x, mask, protos, eps)
 
 
 def masked_arccos_distance(
     q: torch.Tensor, q_mask: torch.Tensor, g: torch.Tensor, backend: str | None = None
 ) -> torch.Tensor:
-    """DPM's test distance (dpm.md §3.1): arccos(clip(<q̂, n(m_q ⊙ ĝ)>, -1+1e-5, 1-1e-5)), (Q, G).
+    """DPM's test distance: arccos(clip(<q̂, n(m_q ⊙ ĝ)>, -1+1e-5, 1-1e-5)), (Q, G).
 
     Only the query's mask is used, applied to the gallery features (asymmetric by design).
     """

@@ -1,4 +1,5 @@
-"""Plain-PyTorch reference of DPM's masked prototype cosine (spec dpm.md §3).
+"""Plain-PyTorch reference of DPM's masked prototype cosine: each feature against each class
+prototype, the prototype masked by the feature's own mask (DPM's classifier and test metric).
 
 This is the executable specification every backend is tested against:
 

@@ -1,9 +1,8 @@
-"""MaskReID's ranking loss (maskreid.md §4.1–4.2, Eq. 5 and the Eq. 4 option) as a fused torch custom op.
+"""MaskReID's ranking loss (the paper's Eq. 5, and its Eq. 4 option) as a fused torch custom op.
 
-Schemas ``dpm_ops::maskreid_ranking_loss(embeddings, labels, alpha, lam, neg_mode, pos_mode) ->
-(loss, coef)`` and ``dpm_ops::maskreid_ranking_loss_backward(grad, embeddings, coef)``
-(python_bindings/maskreid_ranking_loss.cpp; C++ kernels for CPU and CUDA), and
-``dpm_ops::maskreid_ranking_loss_triton`` / ``..._triton_backward`` (Triton). One forward computes
+Declared ops ``maskreid_ranking_loss(embeddings, labels, alpha, lam, neg_mode, pos_mode) ->
+(loss, coef)`` and ``maskreid_ranking_loss_backward(grad, embeddings, coef)``, with C++ kernels for
+CPU and CUDA and Triton twins (the twin's backward is torch's GEMM). One forward computes
 S = X Xᵀ, mines each anchor row, sums the loss and writes the closed-form ``coef = G + Gᵀ`` with
 G = dL/dS, so the backward is a single GEMM: ``dL/dX = grad · coef X``. The maths is the
 reference's (maskreid_ranking_loss_reference.py, differentiated by torch itself)."""
@@ -13,8 +12,9 @@ import math
 import torch
 
 from .. import _backend
-from ._checks import check_batch, check_finite_rows, check_number, check_tensors, compute_dtype
-from ._registration import register_forward_backward
+from .._precision import compute_dtype
+from ._checks import check_batch, check_finite_rows, check_number, check_tensors
+from ._declare import declare, lazy
 from .maskreid_ranking_loss_reference import check_modes, maskreid_ranking_loss_reference
 
 
@@ -76,50 +76,44 @@ def _fake_backward(grad, embeddings, coef):
     return torch.empty_like(embeddings)
 
 
-def _make_backward(backward_op):
-    def backward(ctx, grad, _grad_coef):
-        embeddings, coef = ctx.saved_tensors
-        return backward_op(grad, embeddings, coef), None, None, None, None, None
-
-    return backward
+def _autograd(backward_op, ctx, grad, _grad_coef):
+    embeddings, coef = ctx.saved_tensors
+    return backward_op(grad, embeddings, coef), None, None, None, None, None
 
 
-def _register(forward_op, backward_op) -> None:
-    register_forward_backward(
-        forward_op,
-        backward_op,
-        fake_forward=_fake_forward,
-        fake_backward=_fake_backward,
-        make_backward=_make_backward,
-        setup_context=_setup_context,
-    )
-
-
-if _backend.extension()[0] is not None:
-    _register(torch.ops.dpm_ops.maskreid_ranking_loss.default, torch.ops.dpm_ops.maskreid_ranking_loss_backward.default)
-
-
-@torch.library.custom_op("dpm_ops::maskreid_ranking_loss_triton", mutates_args=())
-def maskreid_ranking_loss_triton(
-    embeddings: torch.Tensor, labels: torch.Tensor, alpha: float, lam: float, neg_mode: str, pos_mode: str
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _triton_forward(embeddings, labels, alpha, lam, neg_mode, pos_mode):
     check_modes(neg_mode, pos_mode)  # for direct torch.ops callers, as the C++ op's parse_options
-    from ..triton import maskreid_ranking_loss as kernels
-
-    return kernels.ranking_loss_forward(embeddings, labels, alpha, lam, neg_mode, pos_mode)
+    return _TRITON_FORWARD(embeddings, labels, alpha, lam, neg_mode, pos_mode)
 
 
-@torch.library.custom_op("dpm_ops::maskreid_ranking_loss_triton_backward", mutates_args=())
-def maskreid_ranking_loss_triton_backward(
-    grad: torch.Tensor, embeddings: torch.Tensor, coef: torch.Tensor
-) -> torch.Tensor:
+_TRITON_FORWARD = lazy("triton.maskreid_ranking_loss:ranking_loss_forward")
+
+
+def _triton_backward(grad, embeddings, coef):
     # The closed form is one GEMM: torch's (as the C++ backward does with ATen), kept in the compute
     # dtype even under autocast.
     with torch.autocast(embeddings.device.type, enabled=False):
         return (torch.mm(coef, embeddings.to(coef.dtype)) * grad).to(embeddings.dtype)
 
 
-_register(maskreid_ranking_loss_triton, maskreid_ranking_loss_triton_backward)
+MASKREID_RANKING_LOSS_BACKWARD = declare(
+    "maskreid_ranking_loss_backward",
+    # dL/dX = grad · coef X, in the embeddings' dtype (grad: the 0-d upstream gradient of the loss)
+    "(Tensor grad, Tensor embeddings, Tensor coef) -> Tensor",
+    _fake_backward,
+    triton=_triton_backward,
+)
+MASKREID_RANKING_LOSS = declare(
+    "maskreid_ranking_loss",
+    # (loss, coef): the scalar loss and coef = G + Gᵀ with G = dL/dS (S = X Xᵀ), in the compute dtype
+    "(Tensor embeddings, Tensor labels, float alpha, float lam, str neg_mode, str pos_mode) -> (Tensor, Tensor)",
+    _fake_forward,
+    triton=_triton_forward,
+    reference=maskreid_ranking_loss_reference,
+    backward=MASKREID_RANKING_LOSS_BACKWARD,
+    setup_context=_setup_context,
+    autograd=_autograd,
+)
 
 
 def maskreid_ranking_loss(
@@ -142,5 +136,4 @@ def maskreid_ranking_loss(
     name = _backend.resolve(backend, embeddings.device)
     if name == "reference":
         return maskreid_ranking_loss_reference(embeddings, labels, alpha, lam, neg_mode, pos_mode)
-    op = torch.ops.dpm_ops.maskreid_ranking_loss_triton if name == "triton" else torch.ops.dpm_ops.maskreid_ranking_loss
-    return op(embeddings, labels, float(alpha), float(lam), neg_mode, pos_mode)[0]
+    return MASKREID_RANKING_LOSS.run(name, embeddings, labels, float(alpha), float(lam), neg_mode, pos_mode)[0]

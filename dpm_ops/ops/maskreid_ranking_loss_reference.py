@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference of MaskReID's ranking loss (spec maskreid.md §4.1–4.2, Eqs. 4 and 5).
+"""Plain-PyTorch reference of MaskReID's ranking loss (the paper's Eqs. 4 and 5).
 
 For an anchor k with positives P (same identity, anchor excluded) and negatives N, on
 L2-normalised embeddings with ``s_kj = x_kᵀ x_j``, Eq. 5 (the paper's training loss) is
@@ -19,7 +19,7 @@ without negatives adds log(1 + 0) (+ Eq. 5's pull term).
 * ``"all_eq5"``: Eq. 5's margin, hinge and pull term over every (positive, negative) pair, i.e.
   ``exp([s_kj − s_ki + α]_+)`` summed over i ∈ P and j ∈ N (what ``pos_mode="all"`` used to be).
 * ``"eq4"``: Eq. 4; ``alpha`` and ``lam`` are not used, ``neg_mode`` must stay "literal".
-``neg_mode`` (Eq. 5's hinge; the paper's text is ambiguous, see the spec):
+``neg_mode`` (Eq. 5's hinge; the paper's text allows both readings):
 * ``"literal"`` (default): Eq. 5 as printed; a satisfied negative still adds exp(0) = 1,
   so the first term never drops below log(1 + |N|).
 * ``"violating_only"``: only negatives with a positive hinge argument enter the sum.

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._precision import compute_dtype
 from ._device import on_input_device
 
 BLOCK_N = 64
@@ -66,10 +67,6 @@ def _hem_sample_kernel(
             tl.store(out + rows[:, None] * N + cols[None, :], g.to(grad_out_ptr.dtype.element_ty), mask=m)
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _weight(batch: int, reduction: str) -> float:
     if reduction == "sum":
         return 1.0
@@ -83,7 +80,7 @@ def _block_h(heads: int) -> int:
 @on_input_device
 def hem_loss_forward(cls_logits: torch.Tensor, eps: float, reduction: str) -> torch.Tensor:
     B, H, N = cls_logits.shape
-    acc = _acc_dtype(cls_logits.dtype)
+    acc = compute_dtype(cls_logits.dtype)
     per_sample = torch.zeros(B, dtype=acc, device=cls_logits.device)
     if B > 0 and H > 0:
         a = cls_logits.contiguous()
@@ -100,7 +97,7 @@ def hem_loss_backward(grad: torch.Tensor, cls_logits: torch.Tensor, eps: float, 
     if out.numel() == 0:
         return out
     a = cls_logits.contiguous()
-    scratch = torch.empty(1, dtype=_acc_dtype(cls_logits.dtype), device=a.device)
+    scratch = torch.empty(1, dtype=compute_dtype(cls_logits.dtype), device=a.device)
     _hem_sample_kernel[(B,)](
         a,
         scratch,

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from ..ops.hierarchical_mask_pool_reference import resize_mask
+from .._precision import compute_dtype
 from ._device import on_input_device
 
 BLOCK_R = 16
@@ -118,10 +119,6 @@ def _pool_kernel(
             tl.store(gx_ptr + offs, gx.to(elem_t), mask=m2)
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _weights(features, mask, acc):
     """Packed resized mask (B, Σ H_l W_l) and its per-(b, level) sums (B, L), in `acc`."""
     resized = [resize_mask(mask.to(acc), f.shape[-2:]).flatten(1) for f in features]
@@ -130,7 +127,7 @@ def _weights(features, mask, acc):
 
 def _launch(features, grads, mask, mode, out, grad):
     B = features[0].shape[0]
-    acc = _acc_dtype(features[0].dtype)
+    acc = compute_dtype(features[0].dtype)
     device = features[0].device
     tiles, table = 0, []
     out_offset = weight_offset = 0

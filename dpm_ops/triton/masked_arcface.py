@@ -21,7 +21,8 @@ import triton.language as tl
 
 from ._device import on_input_device
 from ._precision import dot, dot_precision
-from .masked_cosine import _acc_dtype, _inv_norm, _normalize_backward, _prepared
+from .._precision import compute_dtype
+from .masked_cosine import _inv_norm, _normalize_backward, _prepared
 
 EPS = 1e-12
 BLOCK_B = 32
@@ -208,7 +209,7 @@ def _rows_per_chunk(B):
 def _forward(features, mask, weight, labels, scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight):
     B, C = features.shape
     K = weight.shape[0]
-    acc = _acc_dtype(features.dtype)
+    acc = compute_dtype(features.dtype)
     precision = dot_precision(features.dtype)
     f, m, w, labels = features.contiguous(), mask.contiguous(), weight.contiguous(), labels.contiguous()
     with_plain = plain_weight != 0

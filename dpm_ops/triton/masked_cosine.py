@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._precision import compute_dtype
 from ._device import on_input_device
 from ._precision import dot, dot_precision
 
@@ -156,12 +157,8 @@ def _coef_blocks(precision: str) -> dict:
     return dict(BLOCK_R=64, BLOCK_I=32, BLOCK_C=64, num_warps=4, num_stages=3)
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _inv_norm(v: torch.Tensor, eps: float) -> torch.Tensor:
-    return v.to(_acc_dtype(v.dtype)).norm(dim=1).clamp_min(eps).reciprocal()
+    return v.to(compute_dtype(v.dtype)).norm(dim=1).clamp_min(eps).reciprocal()
 
 
 def _operand_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -227,7 +224,7 @@ def masked_cosine_backward(grad, x, mask, protos, out, eps):
     if B == 0 or K == 0:
         return torch.zeros_like(x), torch.zeros_like(mask), torch.zeros_like(protos)
     grad, x, mask, protos, out = (t.contiguous() for t in (grad, x, mask, protos, out))
-    acc = _acc_dtype(x.dtype)
+    acc = compute_dtype(x.dtype)
     inv_x, inv_p = _inv_norm(x, eps), _inv_norm(protos, eps)
     a, m2 = _prepared(x, inv_x, mask)
     g_num = torch.empty((B, K), dtype=acc, device=x.device)

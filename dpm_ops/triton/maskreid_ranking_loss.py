@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._precision import compute_dtype
 from ._device import on_input_device
 
 
@@ -111,7 +112,7 @@ def ranking_loss_forward(
 ):
     """(loss, coef = G + Gᵀ) with G = dL/dS, as the C++ op returns them."""
     n = embeddings.shape[0]
-    acc = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(embeddings)
     device = embeddings.device
     with torch.autocast(device.type, enabled=False):  # the reference's GEMM, in the compute dtype
         x = embeddings.to(acc)

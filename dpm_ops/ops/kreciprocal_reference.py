@@ -4,18 +4,24 @@ Input of every stage: `neighbours`, (N, W) int64, each row's nearest items order
 (normalised distance, index), W >= k1 + 1 (or N). The sets and weights live in sparse
 (row, col, value) lists sorted by (row, col); nothing here is N x N. Each function is one
 hot loop that the C++ and CUDA kernels of csrc/kreciprocal/ replace with the same maths, on CPU
-and CUDA tensors alike (rerank._rerank_kernels); these torch versions run where the extension,
-or its CUDA part for GPU tensors, is missing.
+and CUDA tensors alike (dpm_ops/evaluation/rerank.py); these torch versions run where the
+extension, or its CUDA part for GPU tensors, is missing. The ``*_reference`` functions at the end
+are the stages on the kernels' CSR arguments: what backend "reference" of the ops runs.
 
-Notation and equations: spec rerank_eval.md §1.3.
+The k-reciprocal re-ranking of Zhong et al. (CVPR 2017): R(i, k) the items among i's k + 1 nearest
+that hold i among theirs, R*(i) its expansion, V the Gaussian weights of R*(i), the query expansion
+averages V over each item's k2 nearest, and the final distance blends the Jaccard distance of the
+weights with the original one.
 """
 
 import torch
 
+from .._precision import compute_dtype
 from ._ragged import expand_segments, segment_starts
 
 _ELEMENT_BUDGET = 1 << 24  # temporaries per chunk, in elements
 _MEMBERSHIP_BUDGET = 1 << 26  # bytes of the membership bitmap
+_FEATURE_PAIR_CHUNK = 1 << 12  # pairs whose distance is computed from the features at a time
 
 
 def _row_chunks(num_rows: int, elements_per_row: int):
@@ -143,3 +149,56 @@ def jaccard_blend_(out: torch.Tensor, rows, cols, values, lambda_value: float) -
         block.mul_(keep).add_(jaccard_weight)
         block[shared] = blended
     return out
+
+
+def pair_sqdist(features, norms, cand_values, cand_indices, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Squared distances (float32) of the pairs (rows, cols). Most pairs are in the candidate lists
+    (cand_indices, cand_values: each row's nearest items and their squared distances), in either
+    direction (the distance is symmetric); the others are computed from the features and their
+    squared norms, a few thousand at a time."""
+    squared = torch.empty(len(rows), dtype=torch.float32, device=rows.device)
+    missing = torch.ones(len(rows), dtype=torch.bool, device=rows.device)
+    for owner, other in ((rows, cols), (cols, rows)):
+        hit = cand_indices[owner] == other[:, None]
+        found = hit.any(dim=1) & missing
+        slot = hit[found].long().argmax(dim=1, keepdim=True)
+        squared[found] = cand_values[owner[found]].gather(1, slot)[:, 0]
+        missing &= ~found
+    for pairs in torch.nonzero(missing).flatten().split(_FEATURE_PAIR_CHUNK):
+        r, c = rows[pairs], cols[pairs]
+        dots = (features[r] * features[c]).sum(dim=1)
+        squared[pairs] = (norms[c] - 2 * dots + norms[r]).clamp_min_(0.0).to(torch.float32).masked_fill_(r == c, 0.0)
+    return squared
+
+
+def csr_rows(row_ptr: torch.Tensor) -> torch.Tensor:
+    """The row of every entry of a CSR set."""
+    return torch.repeat_interleave(torch.arange(len(row_ptr) - 1, device=row_ptr.device), row_ptr.diff())
+
+
+def csr_row_ptr(rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """row_ptr (num_rows + 1) of entries sorted by row."""
+    return torch.cat([rows.new_zeros(1), torch.cumsum(torch.bincount(rows, minlength=num_rows), 0)])
+
+
+def kreciprocal_expand_reference(neighbours, k1, half_k1):
+    rows, cols = expanded_neighbourhoods(neighbours, k1, half_k1)
+    return csr_row_ptr(rows, len(neighbours)), cols
+
+
+def kreciprocal_pair_sqdist_reference(features, cand_values, cand_indices, row_ptr, cols):
+    x = features.to(compute_dtype(features))
+    return pair_sqdist(x, (x * x).sum(dim=1), cand_values.float(), cand_indices, csr_rows(row_ptr), cols)
+
+
+def kreciprocal_query_expansion_reference(row_ptr, cols, values, sources):
+    num_items = len(row_ptr) - 1
+    rows, cols, values = query_expansion(csr_rows(row_ptr), cols, values.float(), sources, num_items)
+    return csr_row_ptr(rows, num_items), cols, values
+
+
+def kreciprocal_jaccard_blend_reference_(out, row_ptr, cols, values, lambda_value, row_scale=None):
+    """jaccard_blend_ of `out` (Q, G), first divided by row_scale (Q,) where given."""
+    if row_scale is not None:
+        out.div_(row_scale[:, None])
+    jaccard_blend_(out, csr_rows(row_ptr), cols, values.float(), lambda_value)

@@ -1,0 +1,118 @@
+"""Every op of dpm_ops is declared once, with declare(): its schema, fake (meta) function, autograd
+formula, the implementation of its Triton twin, and its reference. From that declaration this
+module generates
+
+* the definition of ``dpm_ops::<name>`` (the C++ kernels only register into it, per device, in
+  csrc/<op>/<op>_{cpu,cuda}.cpp) and, when the op has a Triton implementation, of its twin
+  ``dpm_ops::<name>_triton`` (``<op>_triton_backward`` for ``<op>_backward``) with the same schema;
+* the fake and autograd registrations of both (the autograd formula takes the backward op of its
+  own kind: the C++ forward differentiates through the C++ backward, the twin through the twin's);
+* the dispatch of a resolved backend name: Op.run(name, ...) runs the reference, the C++ op or the
+  Triton twin.
+
+The definitions do not depend on the compiled extension: without it the C++ ops exist and have no
+kernel, and _backend.resolve never picks them. With it, its kernels (TORCH_LIBRARY_IMPL) are
+registered first, when _backend loads it, and the dispatcher attaches them to the schemas defined here.
+"""
+
+import dataclasses
+import functools
+import importlib
+from typing import Callable, Optional, Union
+
+import torch
+
+from .. import _backend  # noqa: F401  (loads the extension: its kernels register before the schemas are defined)
+
+LIBRARY = torch.library.Library("dpm_ops", "FRAGMENT")
+DECLARED: dict = {}  # name -> Op, in declaration order (what tests/test_op_declarations.py walks)
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    name: str
+    schema: str  # "(arguments) -> returns", shared by the C++ op and its Triton twin
+    fake: Callable
+    triton: Optional[Callable]  # the twin's implementation, or None: no twin
+    backward: Optional["Op"]
+    reference: Optional[Callable]  # what backend "reference" runs, on the public function's arguments
+    autograd: Optional[Callable]
+
+    def kernel(self, backend: str):
+        """The op that runs `backend`: the Triton twin for "triton", else the C++ op ("cpp", "cuda")."""
+        if backend != "triton":
+            return getattr(torch.ops.dpm_ops, self.name).default
+        if self.triton is None:
+            raise ValueError(f"{self.name} has no Triton kernel")
+        return getattr(torch.ops.dpm_ops, twin_name(self.name)).default
+
+    def run(self, backend: str, *args):
+        """The op of the resolved `backend` (a name of _backend.resolve) on `args`."""
+        if backend != "reference":
+            return self.kernel(backend)(*args)
+        if self.reference is None:  # a backward or variant op: its forward's reference is differentiated
+            raise ValueError(f"{self.name} has no reference of its own")
+        return self.reference(*args)
+
+
+def twin_name(name: str) -> str:
+    """The Triton twin of ``<op>`` is ``<op>_triton``, of ``<op>_backward`` ``<op>_triton_backward``."""
+    stem, backward, _ = name.partition("_backward")
+    return f"{stem}_triton{backward}"
+
+
+def lazy(path: str) -> Callable:
+    """The function ``module:function`` of dpm_ops (e.g. "triton.knn:knn_forward"), imported at its
+    first call: Triton loads only when a Triton kernel runs."""
+    module, function = path.split(":")
+
+    def call(*args):
+        return getattr(importlib.import_module(f"dpm_ops.{module}"), function)(*args)
+
+    return call
+
+
+def _define(name: str, schema: str, fake: Callable, implementation: Optional[Callable]) -> None:
+    LIBRARY.define(name + schema)
+    if implementation is not None:
+        # A Python kernel may be called without the trailing arguments left at their defaults.
+        defaults = [argument.default_value for argument in torch._C.parse_schema(name + schema).arguments]
+
+        def kernel(*args):
+            return implementation(*args, *defaults[len(args) :])
+
+        LIBRARY.impl(name, kernel, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"dpm_ops::{name}", fake, lib=LIBRARY)
+
+
+def declare(
+    name: str,
+    schema: str,
+    fake: Callable,
+    *,
+    triton: Union[str, Callable, None] = None,
+    reference: Optional[Callable] = None,
+    backward: Optional[Op] = None,
+    setup_context: Optional[Callable] = None,
+    autograd: Optional[Callable] = None,
+) -> Op:
+    """Defines ``dpm_ops::<name><schema>`` and, with `triton` (a callable or a lazy() path), its twin
+    ``dpm_ops::<name>_triton``; registers `fake` for both and, with `autograd`, their autograd:
+    ``autograd(backward_op, ctx, *grads)`` fed by ``setup_context``, where backward_op is the
+    declared `backward` op of the same kind (C++ or twin), or None."""
+    if isinstance(triton, str):
+        triton = lazy(triton)
+    op = Op(name, schema, fake, triton, backward, reference, autograd)
+    kinds = [("cpp", name, None)] + ([("triton", twin_name(name), triton)] if triton is not None else [])
+    for kind, qualname, implementation in kinds:
+        _define(qualname, schema, fake, implementation)
+        if autograd is not None:
+            backward_op = backward.kernel(kind) if backward is not None else None
+            torch.library.register_autograd(
+                f"dpm_ops::{qualname}",
+                functools.partial(autograd, backward_op),
+                setup_context=setup_context,
+                lib=LIBRARY,
+            )
+    DECLARED[name] = op
+    return op

@@ -1,0 +1,80 @@
+"""Plain-PyTorch reference of DPM's masked ArcFace loss, and the model's masked ArcFace logits.
+
+The classifier weight ``W`` (K, C) holds one "prototype" per identity. Two logit matrices share it:
+
+* plain logits ``f Wᵀ`` (unnormalised, no bias);
+* masked cosine ``C[b,k] = <n(f_b), n(m_b ⊙ n(w_k))>`` (masked_cosine), turned into ArcFace logits:
+  the target class gets the additive angular margin ``cos(θ + m)`` (past ``θ = π − m`` the official
+  ``easy_margin=False`` fallback ``cos θ − m·sin m``), then ``× s``.
+
+loss = ``plain_weight·CE(plain) + masked_weight·CE(masked ArcFace)`` (0.5 and 0.5 in DPM), which the
+fused op (masked_arcface.py, csrc/masked_arcface/masked_arcface_math.h) transcribes, quirks included.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .._precision import at_least_fp32, common_at_least_fp32
+from .masked_cosine import masked_cosine
+
+
+def arcface_logits(
+    cosine: torch.Tensor,
+    labels: torch.Tensor,
+    scale: float = 30.0,
+    margin: float = 0.5,
+    easy_margin: bool = False,
+    clamp_eps: float = 1e-7,
+) -> torch.Tensor:
+    """``s · (onehot·φ(cos) + (1 − onehot)·cos)`` in (at least) fp32.
+
+    Only the sqrt's argument is clamped (cos to ``[−1+ε, 1−ε]``): the original has no clamp and can
+    produce NaNs under AMP; everywhere else the raw cosine is used, as in the official ``MArcface``.
+    """
+    cosine = at_least_fp32(cosine)
+    target_cos = cosine.gather(1, labels.view(-1, 1)).squeeze(1)
+    target_sin = torch.sqrt(1.0 - target_cos.clamp(-1.0 + clamp_eps, 1.0 - clamp_eps).pow(2))
+    phi = target_cos * math.cos(margin) - target_sin * math.sin(margin)
+    if easy_margin:
+        phi = torch.where(target_cos > 0, phi, target_cos)
+    else:
+        # Past θ = π − m, cos(θ + m) would increase again; ArcFace switches to a linear penalty.
+        phi = torch.where(
+            target_cos > math.cos(math.pi - margin), phi, target_cos - math.sin(math.pi - margin) * margin
+        )
+    return scale * cosine.scatter(1, labels.view(-1, 1), phi.unsqueeze(1))
+
+
+def masked_arcface_logits(
+    features: torch.Tensor,
+    mask: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor | None,
+    scale: float = 30.0,
+    margin: float = 0.5,
+    easy_margin: bool = False,
+    clamp_eps: float = 1e-7,
+) -> torch.Tensor:
+    """Masked prototype cosine of BN features vs ``weight`` rows, as ArcFace logits (``s·cos`` when
+    ``labels`` is None). Computed in (at least) fp32, even under autocast."""
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        cosine = masked_cosine(*common_at_least_fp32(features, mask, weight), eps=1e-12)
+        if labels is None:
+            return scale * cosine
+        return arcface_logits(cosine, labels, scale, margin, easy_margin, clamp_eps)
+
+
+def masked_arcface_reference(
+    features, mask, weight, labels, scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight
+) -> torch.Tensor:
+    """The loss (0-dim) of masked_arcface_ce's arguments: the batch means of both cross-entropies;
+    unchecked (the callers check)."""
+    plain = F.cross_entropy(F.linear(features, weight), labels)
+    masked = F.cross_entropy(
+        masked_arcface_logits(features, mask, weight, labels, scale, margin, easy_margin, clamp_eps), labels
+    )
+    return plain_weight * plain + masked_weight * masked

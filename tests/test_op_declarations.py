@@ -1,0 +1,253 @@
+"""Every op declared in dpm_ops/ops (through ops/_declare.py) is defined with its schema, has a fake
+and, where declared, an autograd formula for its C++ op and its Triton twin, passes
+torch.library.opcheck on small inputs, and its reference (backend="reference") matches the default
+backend; the masked cosine ops also compile with torch.compile(fullgraph=True)."""
+
+import pytest
+import torch
+import torch._library.simple_registry
+
+from conftest import backend_params, device_for, op_for
+from dpm_ops import _backend
+from dpm_ops.ops import (
+    batch_hard_triplet,
+    hem_loss,
+    hierarchical_mask_pool,
+    knn,
+    masked_arcface_ce,
+    masked_cosine,
+    masked_cosine_reference,
+    maskreid_ranking_loss,
+    self_knn,
+)
+from dpm_ops.ops._declare import DECLARED, twin_name
+
+DECLARED_NAMES = list(DECLARED)
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _labels():
+    return torch.tensor([0, 0, 1, 1, 2])
+
+
+def _pool_features():
+    return [_randn(2, 3, 4, 3, seed=1), _randn(2, 2, 2, 5, seed=2)]
+
+
+def _neighbours(n=12, width=6):
+    dist = torch.cdist(_randn(n, 3, seed=3), _randn(n, 3, seed=3))
+    dist.fill_diagonal_(-1)
+    return torch.sort(dist, dim=1, stable=True).indices[:, :width].contiguous()
+
+
+def _csr():
+    row_ptr, cols = DECLARED["kreciprocal_expand"].run(_backend.resolve(None, torch.device("cpu")), _neighbours(), 4, 2)
+    return row_ptr, cols, torch.rand(len(cols), generator=torch.Generator().manual_seed(4))
+
+
+def _pair_sqdist_args():
+    x = _randn(12, 5, seed=5).float()
+    values, indices, _, _ = self_knn(x, 5, "sqeuclidean")
+    return (x, values, indices, *_csr()[:2])
+
+
+def _match_ranks_args():
+    pids, cams = torch.randint(0, 4, (20,), generator=torch.Generator().manual_seed(6)), torch.arange(20) % 3
+    return torch.rand(6, 14, generator=torch.Generator().manual_seed(7)), pids[:6], pids[6:], cams[:6], cams[6:]
+
+
+ARCFACE_OPTIONS = (30.0, 0.5, False, 1e-7, 0.5, 0.5)  # scale, margin, easy_margin, clamp_eps, plain and masked weight
+
+# Small arguments of every declared op (CPU, float64), in its schema's order.
+SAMPLES = {
+    "batch_hard_triplet": lambda: (_randn(5, 4), _labels(), True),
+    "hem_loss": lambda: (_randn(2, 3, 7), 1e-6, "sum"),
+    "hem_loss_backward": lambda: (torch.tensor(0.5, dtype=torch.float64), _randn(2, 3, 7), 1e-6, "mean"),
+    "hierarchical_mask_pool": lambda: (_pool_features(), _randn(2, 1, 8, 10).sigmoid(), "avg"),
+    "hierarchical_mask_pool_backward": lambda: (
+        _randn(2, 5),
+        _pool_features(),
+        None,
+        hierarchical_mask_pool(_pool_features(), None, "max"),
+        "max",
+    ),
+    "kreciprocal_expand": lambda: (_neighbours(), 4, 2),
+    "kreciprocal_pair_sqdist": _pair_sqdist_args,
+    "kreciprocal_query_expansion": lambda: (*_csr(), _neighbours()[:, :3].contiguous()),
+    "kreciprocal_jaccard_blend_": lambda: (torch.rand(4, 8, generator=torch.Generator().manual_seed(8)), *_csr(), 0.3),
+    "match_ranks": _match_ranks_args,
+    "knn": lambda: (_randn(4, 6), _randn(7, 6, seed=1), 3, "euclidean"),
+    "self_knn": lambda: (_randn(7, 6), 3, "sqeuclidean", True, 2),
+    "knn_certified": lambda: (_randn(4, 6), _randn(7, 6, seed=1), 3, "cosine"),
+    "self_knn_certified": lambda: (_randn(7, 6), 3, "euclidean", False, 2),
+    "knn_certified_bounds": lambda: (_randn(4, 6), _randn(7, 6, seed=1), "sqeuclidean"),
+    "masked_cosine": lambda: (_randn(5, 12), _randn(5, 12, seed=1).sigmoid(), _randn(7, 12, seed=2), 1e-12),
+    "masked_cosine_train": lambda: (_randn(5, 12), _randn(5, 12, seed=1).sigmoid(), _randn(7, 12, seed=2), 1e-12),
+    "masked_cosine_backward": lambda: (
+        _randn(5, 7),
+        _randn(5, 12),
+        _randn(5, 12, seed=1).sigmoid(),
+        _randn(7, 12, seed=2),
+        masked_cosine(_randn(5, 12), _randn(5, 12, seed=1).sigmoid(), _randn(7, 12, seed=2)),
+        None,
+        1e-12,
+    ),
+    "masked_arcface_ce": lambda: (
+        _randn(5, 6),
+        _randn(5, 6, seed=1).sigmoid(),
+        _randn(4, 6, seed=2),
+        torch.tensor([0, 1, 3, 2, 1]),
+        *ARCFACE_OPTIONS,
+        True,
+    ),
+    "maskreid_ranking_loss": lambda: (
+        torch.nn.functional.normalize(_randn(5, 4)),
+        _labels(),
+        0.15,
+        2.0,
+        "literal",
+        "hardest",
+    ),
+    "maskreid_ranking_loss_backward": lambda: (torch.tensor(0.5, dtype=torch.float64), _randn(5, 4), _randn(5, 5)),
+}
+
+
+def _run(name):
+    """The declared op on its samples, by backend name (a fresh copy of what it writes in place)."""
+
+    def run(backend):
+        args = SAMPLES[name]()
+        result = DECLARED[name].run(_backend.resolve(backend, torch.device("cpu")), *args)
+        return args[0] if result is None else result
+
+    return run
+
+
+# The public function of every op with a reference (the evaluation stages' ops have none but the op
+# itself): backend="reference" against the default backend.
+PUBLIC_CALLS = {
+    **{name: _run(name) for name in DECLARED if name.startswith(("kreciprocal", "match_ranks"))},
+    "batch_hard_triplet": lambda backend: batch_hard_triplet(*SAMPLES["batch_hard_triplet"]()[:2], backend=backend),
+    "hem_loss": lambda backend: hem_loss(_randn(2, 3, 7), backend=backend),
+    "hierarchical_mask_pool": lambda backend: hierarchical_mask_pool(
+        *SAMPLES["hierarchical_mask_pool"]()[:2], mode="max", backend=backend
+    ),
+    "knn": lambda backend: knn(*SAMPLES["knn"]()[:3], backend=backend, strategy="direct"),
+    "self_knn": lambda backend: self_knn(*SAMPLES["self_knn"](), backend=backend, strategy="direct"),
+    "masked_cosine": lambda backend: masked_cosine(*SAMPLES["masked_cosine"](), backend=backend),
+    "masked_arcface_ce": lambda backend: masked_arcface_ce(*SAMPLES["masked_arcface_ce"]()[:4], backend=backend),
+    "maskreid_ranking_loss": lambda backend: maskreid_ranking_loss(
+        *SAMPLES["maskreid_ranking_loss"]()[:2], backend=backend
+    ),
+}
+
+
+def _kinds(name):
+    """(kind, qualified name) of the op and, where declared, its Triton twin."""
+    kinds = [("cpp", f"dpm_ops::{name}")]
+    if DECLARED[name].triton is not None:
+        kinds.append(("triton", f"dpm_ops::{twin_name(name)}"))
+    return kinds
+
+
+def test_every_declared_op_has_samples_and_every_reference_a_call():
+    assert set(SAMPLES) == set(DECLARED)
+    assert set(PUBLIC_CALLS) == {name for name, op in DECLARED.items() if op.reference is not None}
+
+
+@pytest.mark.parametrize("name", DECLARED_NAMES)
+def test_schema_defined_once_for_the_op_and_its_twin(name):
+    declared = str(torch._C.parse_schema(f"dpm_ops::{name}{DECLARED[name].schema}"))
+    assert str(getattr(torch.ops.dpm_ops, name).default._schema) == declared
+    if DECLARED[name].triton is not None:
+        twin = getattr(torch.ops.dpm_ops, twin_name(name)).default._schema
+        assert str(twin).replace(twin_name(name), name) == declared
+
+
+@pytest.mark.parametrize("name", DECLARED_NAMES)
+def test_fake_and_autograd_registered(name):
+    for _, qualname in _kinds(name):
+        assert torch._library.simple_registry.singleton.find(qualname).fake_impl.kernel is not None, qualname
+        has_autograd = torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Autograd")
+        assert has_autograd == (DECLARED[name].autograd is not None), qualname
+
+
+@pytest.mark.parametrize("kind", backend_params("cpp", "triton"))
+@pytest.mark.parametrize("name", DECLARED_NAMES)
+def test_opcheck_every_declared_op(name, kind):
+    op = DECLARED[name]
+    if kind == "triton" and op.triton is None:
+        pytest.skip(f"{name} has no Triton twin")
+    args = SAMPLES[name]()
+    if op.autograd is not None:
+        args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+    # The ragged-output ops (data-dependent sizes) have no autograd to check and no static output size.
+    utils = ("test_schema", "test_faketensor") if name.startswith(("kreciprocal", "match")) else None
+    torch.library.opcheck(op.kernel(kind), args, **({"test_utils": utils} if utils else {}))
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC_CALLS))
+def test_reference_matches_the_default_backend(name):
+    torch.testing.assert_close(PUBLIC_CALLS[name]("reference"), PUBLIC_CALLS[name](None))
+
+
+def _inputs(device, dtype=torch.float64, requires_grad=True):
+    gen = torch.Generator().manual_seed(3)
+    shapes = ((5, 12), (5, 12), (7, 12))
+    ts = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
+    ts[1] = ts[1].sigmoid()
+    return [t.to(device).requires_grad_(requires_grad) for t in ts]
+
+
+@pytest.mark.parametrize("backend", backend_params("cpp", "cuda", "triton"))
+def test_opcheck(backend):
+    x, mask, protos = _inputs(device_for(backend))
+    torch.library.opcheck(op_for("masked_cosine", backend), (x, mask, protos, 1e-12))
+
+
+@pytest.mark.parametrize("backend", backend_params("cpp", "cuda"))
+def test_opcheck_train_op(backend):
+    x, mask, protos = _inputs(device_for(backend))
+    torch.library.opcheck(torch.ops.dpm_ops.masked_cosine_train, (x, mask, protos, 1e-12))
+
+
+@pytest.mark.parametrize("keep_den", [False, True], ids=["den-recomputed", "den-kept"])
+@pytest.mark.parametrize("backend", backend_params("cpp", "cuda"))
+def test_opcheck_backward_op(backend, keep_den):
+    x, mask, protos = _inputs(device_for(backend), requires_grad=False)
+    out, den_sq = torch.ops.dpm_ops.masked_cosine_train(x, mask, protos, 1e-12)
+    args = (torch.randn_like(out), x, mask, protos, out, den_sq if keep_den else None, 1e-12)
+    torch.library.opcheck(torch.ops.dpm_ops.masked_cosine_backward, args)
+
+
+@pytest.mark.parametrize("backend", backend_params("cpp", "cuda"))
+def test_both_backward_paths_agree(backend):
+    """The training variant's kept den^2 gives the gradients of the recomputing backward, bit for bit."""
+    x, mask, protos = _inputs(device_for(backend))
+    grad = torch.randn(x.shape[0], protos.shape[0], dtype=x.dtype, device=x.device)
+    recomputed = torch.autograd.grad(torch.ops.dpm_ops.masked_cosine(x, mask, protos, 1e-12), (x, mask, protos), grad)
+    kept = torch.autograd.grad(
+        torch.ops.dpm_ops.masked_cosine_train(x, mask, protos, 1e-12)[0], (x, mask, protos), grad
+    )
+    for a, b in zip(recomputed, kept):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", backend_params("cpp", "cuda", "triton"))
+def test_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    x, mask, protos = _inputs(device_for(backend))
+
+    def loss(x, mask, protos):
+        return (masked_cosine(x * 2, mask, protos, backend=backend) ** 2).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    value = compiled(x, mask, protos)
+    grads = torch.autograd.grad(value, (x, mask, protos))
+    expected = (masked_cosine_reference(x * 2, mask, protos) ** 2).sum()
+    torch.testing.assert_close(value, expected)
+    for got, want in zip(grads, torch.autograd.grad(expected, (x, mask, protos))):
+        torch.testing.assert_close(got, want)
