@@ -847,7 +847,7 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& x, const at::Tensor
   check_knn_args(x, y, k);
   const NoAutocastGuard no_autocast;  // the GEMMs stay in the compute type (the OpenMP threads inherit it)
   const Metric metric = parse_metric(metric_name);
-  const at::ScalarType type = compute_type(x.scalar_type() == at::kDouble ? x : y);
+  const at::ScalarType type = compute_type(x.scalar_type(), y.scalar_type());
   const int64_t M = x.size(0);
   at::Tensor values = at::empty({M, k}, x.options().dtype(type));
   at::Tensor indices = at::empty({M, k}, x.options().dtype(at::kLong));
@@ -866,7 +866,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_certified_cpu(const at::Tenso
   check_knn_args(x, y, k);
   const NoAutocastGuard no_autocast;
   const Metric metric = parse_metric(metric_name);
-  const at::ScalarType type = compute_type(x.scalar_type() == at::kDouble ? x : y);
+  const at::ScalarType type = compute_type(x.scalar_type(), y.scalar_type());
   const int64_t M = x.size(0), Ny = y.size(0);
   at::Tensor values = at::empty({M, k}, x.options().dtype(type));
   at::Tensor indices = at::empty({M, k}, x.options().dtype(at::kLong));
@@ -893,7 +893,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> self_knn_cpu(const at
   const NoAutocastGuard no_autocast;
   const int64_t N = x.size(0);
   const Metric metric = parse_metric(metric_name);
-  const at::ScalarType type = compute_type(x);
+  const at::ScalarType type = compute_type(x.scalar_type());
   const Operand xs(x, metric, type);
   // With normalisation the order is by value / row max, known only at the end: keep a margin.
   const int64_t m = normalize ? std::min(N, k + kTieMargin) : k;
@@ -914,7 +914,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> self_knn_
   const NoAutocastGuard no_autocast;
   const int64_t N = x.size(0);
   const Metric metric = parse_metric(metric_name);
-  const at::ScalarType type = compute_type(x);
+  const at::ScalarType type = compute_type(x.scalar_type());
   const Operand xs(x, metric, type);
   const int64_t m = normalize ? std::min(N, k + kTieMargin) : k;
   at::Tensor values = at::empty({N, k}, x.options().dtype(type));
@@ -947,7 +947,7 @@ std::tuple<at::Tensor, at::Tensor> knn_certified_bounds_cpu(const at::Tensor& x,
   check_knn_args(x, y, 1);
   const NoAutocastGuard no_autocast;
   const Metric metric = parse_metric(metric_name);
-  const at::ScalarType type = compute_type(x.scalar_type() == at::kDouble ? x : y);
+  const at::ScalarType type = compute_type(x.scalar_type(), y.scalar_type());
   const Operand xs(x, metric, type), ys(y, metric, type);
   const Stage1Bound bound(x.size(1));
   const at::Tensor x_scales = stage1_scales(xs, bound), y_scales = stage1_scales(ys, bound);

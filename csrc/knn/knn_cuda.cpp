@@ -55,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& x, const at::Tenso
   const c10::cuda::CUDAGuard guard(x.device());
   const NoAutocastGuard no_autocast;
   const Metric metric = parse_metric(metric_name);
-  const at::ScalarType type = compute_type(x.scalar_type() == at::kDouble ? x : y);
+  const at::ScalarType type = compute_type(x.scalar_type(), y.scalar_type());
   const at::ScalarType operand = gemm_type(x, y, type);
   const Operand xs(x, metric, type, operand), ys(y, metric, type, operand);
   at::Tensor values = at::empty({x.size(0), k}, x.options().dtype(type));
@@ -78,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> self_knn_cuda(const a
   const c10::cuda::CUDAGuard guard(x.device());
   const NoAutocastGuard no_autocast;
   const Metric metric = parse_metric(metric_name);
-  const at::ScalarType type = compute_type(x);
+  const at::ScalarType type = compute_type(x.scalar_type());
   const Operand xs(x, metric, type, gemm_type(x, x, type));
   const int64_t m = normalize ? std::min(N, k + kTieMargin) : k;
   TORCH_CHECK_VALUE(m <= cuda::kMaxSharedK, "self_knn: the CUDA kernel takes k <= ", cuda::kMaxSharedK - kTieMargin);

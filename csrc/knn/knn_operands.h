@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include "../common/compute_type.h"
 #include "knn_math.h"
 
 namespace dpm_ops {
@@ -38,10 +39,6 @@ inline void check_self_knn_args(const at::Tensor& x, int64_t k, int64_t cross_ro
   TORCH_CHECK_VALUE(k >= 1 && k <= N, "self_knn: k must be in [1, rows of x = ", N, "], got ", k);
   TORCH_CHECK_VALUE(cross_rows >= 0 && cross_rows <= N, "self_knn: cross_rows must be in [0, ", N, "], got ",
                     cross_rows);
-}
-
-inline at::ScalarType compute_type(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 // Rows in the compute type (unit rows for cosine, with F.normalize's eps), their squared norms, and

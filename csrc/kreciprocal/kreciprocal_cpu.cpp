@@ -84,13 +84,12 @@ at::Tensor pair_sqdist_cpu(const at::Tensor& features_in, const at::Tensor& cand
                            const at::Tensor& cand_indices_in, const at::Tensor& row_ptr_in, const at::Tensor& cols_in) {
   check_pair_sqdist(features_in, cand_values_in, cand_indices_in, row_ptr_in, cols_in);
   const int64_t N = features_in.size(0);
-  const at::Tensor features =
-      features_in.to(features_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+  const at::Tensor features = as_compute(features_in);
   const at::Tensor cand_values = cand_values_in.to(at::kFloat).contiguous(), cand_indices = cand_indices_in.contiguous();
   const at::Tensor row_ptr = row_ptr_in.contiguous(), cols = cols_in.contiguous();
   at::Tensor out = at::empty({cols.size(0)}, cols.options().dtype(at::kFloat));
-  if (features.scalar_type() == at::kDouble) pair_sqdist_impl<double>(features, cand_values, cand_indices, row_ptr, cols, out);
-  else pair_sqdist_impl<float>(features, cand_values, cand_indices, row_ptr, cols, out);
+  AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "pair_sqdist",
+                             [&] { pair_sqdist_impl<scalar_t>(features, cand_values, cand_indices, row_ptr, cols, out); });
   return out;
 }
 

@@ -8,6 +8,7 @@
 #include <algorithm>
 
 #include "../common/aten_cuda.h"
+#include "../common/compute_type.h"
 #include "kreciprocal_checks.h"
 #include "kreciprocal_cuda.h"
 
@@ -61,8 +62,7 @@ at::Tensor pair_sqdist_cuda(const at::Tensor& features_in, const at::Tensor& can
   const c10::cuda::CUDAGuard guard(features_in.device());
   check_pair_sqdist(features_in, cand_values_in, cand_indices_in, row_ptr_in, cols_in);
   const int64_t N = features_in.size(0);
-  const at::Tensor features =
-      features_in.to(features_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+  const at::Tensor features = as_compute(features_in);
   const at::Tensor cand_values = cand_values_in.to(at::kFloat).contiguous(), cand_indices = cand_indices_in.contiguous();
   const at::Tensor row_ptr = row_ptr_in.contiguous(), cols = cols_in.contiguous();
   at::Tensor out = at::empty({cols.size(0)}, cols.options().dtype(at::kFloat));

@@ -1,6 +1,6 @@
-// Per-row logic of k-reciprocal re-ranking on fixed-width neighbour lists (spec rerank_eval.md
-// §1.3), shared by the CPU kernels (kreciprocal_cpu.cpp) and the CUDA kernels (kreciprocal_cuda.cu):
-// plain pointers and caller-owned scratch, no allocation.
+// Per-row logic of k-reciprocal re-ranking (Zhong et al., CVPR 2017, as its reference code computes it) on fixed-width
+// neighbour lists, shared by the CPU kernels (kreciprocal_cpu.cpp) and the CUDA kernels (kreciprocal_cuda.cu): plain
+// pointers and caller-owned scratch, no allocation.
 //
 // neighbours: (N, width) row-major, each row's nearest items in (normalised distance, index)
 // order, the item itself normally first. N(i, k) = the first k + 1 entries.

@@ -6,6 +6,7 @@
 
 #include <string>
 
+#include "../common/compute_type.h"
 #include "maskreid_ranking_loss_math.h"
 
 namespace dpm_ops {
@@ -43,12 +44,6 @@ inline void check_inputs(const at::Tensor& embeddings, const at::Tensor& labels)
   TORCH_CHECK_VALUE(labels.device() == embeddings.device(),
                     "maskreid_ranking_loss: embeddings and labels must be on one device, got ",
                     embeddings.device(), ", ", labels.device());
-}
-
-// fp16 / bf16 are computed in fp32 (as the reference's at_least_fp32); the loss comes out in that dtype.
-inline at::Tensor as_compute(const at::Tensor& t) {
-  const bool reduced = t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
-  return (reduced ? t.to(at::kFloat) : t).contiguous();
 }
 
 // dL/dX = grad · coef X (coef = G + Gᵀ from the forward), in the embeddings' dtype. The same ATen

@@ -1,9 +1,9 @@
 // CUDA entry point of the sort-free evaluator (kernels: rank_cuda.cu). Built only with CUDA.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../common/aten_cuda.h"
 #include "rank_cuda.h"
 #include "rank_groups.h"
 
@@ -19,7 +19,7 @@ std::tuple<at::Tensor, at::Tensor> match_ranks_cuda(const at::Tensor& dist_in, c
   const at::Tensor &dist = in.dist, &q_pids = in.q_pids, &g_pids = in.g_pids, &q_cams = in.q_cams,
                    &g_cams = in.g_cams;
   const int64_t Q = dist.size(0), G = dist.size(1);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const cudaStream_t stream = current_stream();
   const PidGroups groups(q_pids, g_pids);
   at::Tensor counts = at::empty({Q}, q_pids.options());
   cuda::count_matches(groups.order.const_data_ptr<int64_t>(), groups.start.const_data_ptr<int64_t>(),
@@ -30,7 +30,7 @@ std::tuple<at::Tensor, at::Tensor> match_ranks_cuda(const at::Tensor& dist_in, c
   at::Tensor ranks = at::empty({total}, q_pids.options());
   at::Tensor match_d = at::empty({total}, dist.options());
   at::Tensor match_idx = at::empty({total}, q_pids.options());
-  cuda::match_ranks(dist.scalar_type() == at::kDouble ? Dtype::kDouble : Dtype::kFloat, dist.const_data_ptr(),
+  cuda::match_ranks(dtype_of(dist), dist.const_data_ptr(),
                     q_pids.const_data_ptr<int64_t>(), g_pids.const_data_ptr<int64_t>(),
                     q_cams.const_data_ptr<int64_t>(), g_cams.const_data_ptr<int64_t>(), Q, G,
                     groups.order.const_data_ptr<int64_t>(), groups.start.const_data_ptr<int64_t>(),

@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include "../common/compute_type.h"
+
 namespace dpm_ops {
 namespace rank {
 
@@ -17,7 +19,7 @@ inline void check_labels(const at::Tensor& t, int64_t length, const at::Device& 
 inline at::Tensor checked_distances(const at::Tensor& dist) {
   TORCH_CHECK_VALUE(dist.dim() == 2 && at::isFloatingType(dist.scalar_type()),
                     "rank: distmat must be a 2-D floating tensor");
-  return dist.scalar_type() == at::kDouble ? dist.contiguous() : dist.to(at::kFloat).contiguous();
+  return as_compute(dist);
 }
 
 // Distances (Q, G) in fp32 or fp64 and contiguous int64 labels, checked.
