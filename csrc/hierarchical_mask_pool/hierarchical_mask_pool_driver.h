@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/DeviceGuard.h>
 
 #include <optional>
 #include <string_view>
@@ -90,9 +91,11 @@ inline std::vector<at::Tensor> prepared(at::TensorList features, at::Tensor (*pr
   return out;
 }
 
+// The ops on any device (the schemas' arguments), with that device's Kernels.
 template <class Kernels>
-at::Tensor forward(at::TensorList features_in, const std::optional<at::Tensor>& mask, std::string_view mode) {
+at::Tensor forward(at::TensorList features_in, const std::optional<at::Tensor>& mask, c10::string_view mode) {
   const bool max_mode = check_inputs(features_in, mask, mode);
+  const c10::OptionalDeviceGuard guard(at::device_of(features_in[0]));
   const std::vector<at::Tensor> features = prepared(features_in, &Kernels::prepare);
   const LevelPack p = pack_levels(features, nullptr);
   const auto [weights, sums] = resized_weights<Kernels>(mask, p, compute_type(features[0].scalar_type()));
@@ -104,8 +107,9 @@ at::Tensor forward(at::TensorList features_in, const std::optional<at::Tensor>& 
 template <class Kernels>
 std::vector<at::Tensor> backward(const at::Tensor& grad, at::TensorList features_in,
                                  const std::optional<at::Tensor>& mask, const at::Tensor& out,
-                                 std::string_view mode) {
+                                 c10::string_view mode) {
   const bool max_mode = check_inputs(features_in, mask, mode);
+  const c10::OptionalDeviceGuard guard(at::device_of(features_in[0]));
   const std::vector<at::Tensor> features = prepared(features_in, &Kernels::prepare);
   std::vector<at::Tensor> grads;
   for (const at::Tensor& f : features) grads.push_back(at::empty_like(f));
