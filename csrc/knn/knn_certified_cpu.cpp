@@ -3,7 +3,6 @@
 // candidates, recomputed in the compute type (derivation: docs/certified_knn.md).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
 #include <omp.h>
 #include <torch/library.h>
 
@@ -210,53 +209,48 @@ void knn_certified_pass(const Operand& xs, const Operand& ys, const at::Tensor& 
   A* out_values = values.data_ptr<A>();
   int64_t* out_indices = indices.data_ptr<int64_t>();
   int64_t* out_counts = counts.data_ptr<int64_t>();
-  const int64_t num_blocks = (M + kRowBlock - 1) / kRowBlock;
-  const at::ThreadLocalState caller_state;
-  RegionErrors errors;
-#pragma omp parallel
-  {
-    const at::ThreadLocalStateGuard state_guard(caller_state);
-    std::vector<A> lower(std::min(kColumnBlock, Ny)), upper(std::min(kColumnBlock, Ny));
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t block = 0; block < num_blocks; ++block) {
-      const int64_t r0 = block * kRowBlock, nr = std::min(kRowBlock, M - r0);
-      CertifiedLists<A> lists(nr, k, cap, false);
-      std::copy(limits.begin() + r0, limits.begin() + r0 + nr, lists.upper.limit.begin());
-      for (int64_t c0 = 0; c0 < Ny; c0 += kColumnBlock) {
-        const int64_t nc = std::min(kColumnBlock, Ny - c0);
-        at::Tensor tile;
-        if (!errors.ok([&] { tile = at::mm(xb.narrow(0, r0, nr), yb.narrow(0, c0, nc).t()).contiguous(); })) break;
-        const at::BFloat16* dots = tile.const_data_ptr<at::BFloat16>();
-        for (int64_t r = 0; r < nr; ++r) {
-          line_bounds(dots + r * nc, nc, xa[r0 + r], ya + c0, x_norms[r0 + r], y_norms + c0, metric, lower.data(),
-                      upper.data());
-          lists.offer_to_row(r, lower.data(), upper.data(), 0, nc, c0);
-        }
-      }
-      // Stage 2: the kept items' distances as the direct path computes them, in (value, index) order.
+  struct Scratch {
+    std::vector<A> lower, upper;  // one tile line's bounds
+  };
+  const auto make_scratch = [&](int) {
+    return Scratch{std::vector<A>(std::min(kColumnBlock, Ny)), std::vector<A>(std::min(kColumnBlock, Ny))};
+  };
+  parallel_tasks((M + kRowBlock - 1) / kRowBlock, omp_get_max_threads(), make_scratch, [&](Scratch& s, int64_t block) {
+    const int64_t r0 = block * kRowBlock, nr = std::min(kRowBlock, M - r0);
+    CertifiedLists<A> lists(nr, k, cap, false);
+    std::copy(limits.begin() + r0, limits.begin() + r0 + nr, lists.upper.limit.begin());
+    for (int64_t c0 = 0; c0 < Ny; c0 += kColumnBlock) {
+      const int64_t nc = std::min(kColumnBlock, Ny - c0);
+      const at::Tensor tile = at::mm(xb.narrow(0, r0, nr), yb.narrow(0, c0, nc).t()).contiguous();
+      const at::BFloat16* dots = tile.const_data_ptr<at::BFloat16>();
       for (int64_t r = 0; r < nr; ++r) {
-        const int64_t row = r0 + r;
-        const A limit = lists.upper.limit[r];
-        limits[row] = limit;
-        out_counts[row] = -2;
-        if (lists.overflow[r]) continue;
-        int64_t kept = 0;
-        for (const auto& c : lists.near[r]) kept += c.lower <= limit;
-        out_counts[row] = -1;
-        if (kept > cap) continue;
-        SortedList<A> list{out_values + row * k, out_indices + row * k, 0, int(k)};
-        for (const auto& c : lists.near[r]) {
-          if (c.lower > limit) continue;
-          const A d = c.lower == c.upper ? c.lower
-                                         : pair_distance(row_dot(x_rows + row * D, y_rows + c.index * D, D),
-                                                         x_norms[row], y_norms[c.index], metric);
-          list.insert(d, c.index);
-        }
-        out_counts[row] = kept;
+        line_bounds(dots + r * nc, nc, xa[r0 + r], ya + c0, x_norms[r0 + r], y_norms + c0, metric, s.lower.data(),
+                    s.upper.data());
+        lists.offer_to_row(r, s.lower.data(), s.upper.data(), 0, nc, c0);
       }
     }
-  }
-  errors.rethrow();
+    // Stage 2: the kept items' distances as the direct path computes them, in (value, index) order.
+    for (int64_t r = 0; r < nr; ++r) {
+      const int64_t row = r0 + r;
+      const A limit = lists.upper.limit[r];
+      limits[row] = limit;
+      out_counts[row] = -2;
+      if (lists.overflow[r]) continue;
+      int64_t kept = 0;
+      for (const auto& c : lists.near[r]) kept += c.lower <= limit;
+      out_counts[row] = -1;
+      if (kept > cap) continue;
+      SortedList<A> list{out_values + row * k, out_indices + row * k, 0, int(k)};
+      for (const auto& c : lists.near[r]) {
+        if (c.lower > limit) continue;
+        const A d = c.lower == c.upper ? c.lower
+                                       : pair_distance(row_dot(x_rows + row * D, y_rows + c.index * D, D),
+                                                       x_norms[row], y_norms[c.index], metric);
+        list.insert(d, c.index);
+      }
+      out_counts[row] = kept;
+    }
+  });
 }
 
 template <typename A>
@@ -313,62 +307,54 @@ void self_knn_certified_impl(const Operand& xs, const at::Tensor& scales, int64_
   edges.erase(std::unique(edges.begin(), edges.end()), edges.end());
   edges.push_back(N);
   const int64_t num_edges = int64_t(edges.size()) - 1;
-  std::vector<std::pair<int64_t, int64_t>> tiles;
-  for (int64_t i = 0; i < num_edges; ++i) tiles.emplace_back(i, i);
-  for (int64_t i = 0; i < num_edges; ++i)
-    for (int64_t j = i + 1; j < num_edges; ++j) tiles.emplace_back(i, j);
+  const std::vector<std::pair<int64_t, int64_t>> tiles = upper_tiles(num_edges);
   const int num_threads = omp_get_max_threads();
   std::vector<CertifiedLists<A>> state;
   state.reserve(num_threads);
   for (int t = 0; t < num_threads; ++t) state.emplace_back(N, m, cap, true);
 
-  const at::ThreadLocalState caller_state;
-  RegionErrors errors;
-#pragma omp parallel num_threads(num_threads)
-  {
-    const at::ThreadLocalStateGuard state_guard(caller_state);
-    CertifiedLists<A>& own = state[omp_get_thread_num()];
-    const int64_t tile_size = std::min(kSelfTile, N) * std::min(kSelfTile, N);
-    std::vector<A> lower(std::min(kSelfTile, N)), upper(std::min(kSelfTile, N));
-    at::Tensor buffer;
-    errors.ok([&] { buffer = at::empty({tile_size}, xs.rows.options()); });
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < int64_t(tiles.size()); ++t) {
-      const int64_t r0 = edges[tiles[t].first], nr = edges[tiles[t].first + 1] - r0;
-      const int64_t c0 = edges[tiles[t].second], nc = edges[tiles[t].second + 1] - c0;
-      const bool diagonal = r0 == c0, in_cross = r0 < cross_rows && c0 >= cross_rows;
-      at::Tensor bf16_tile;
-      const A* exact = nullptr;  // the cross block's distances (lower = upper), else bounds from bf16_tile
-      if (!errors.ok([&] {
-            if (in_cross) {
-              at::Tensor tile = tile_view(buffer, nr, nc);
-              at::mm_out(tile, xs.rows.narrow(0, r0, nr), xs.rows.narrow(0, c0, nc).t());
-              A* dots = tile.data_ptr<A>();
-              finish_tile(dots, nr, nc, norms + r0, norms + c0, metric);
-              for (int64_t r = 0; r < nr; ++r)
-                std::copy(dots + r * nc, dots + (r + 1) * nc, cross_out + (r0 + r) * cross_cols + (c0 - cross_rows));
-              exact = dots;
-            } else {
-              bf16_tile = at::mm(xb.narrow(0, r0, nr), xb.narrow(0, c0, nc).t()).contiguous();
-            }
-          }))
-        continue;
-      // In a diagonal tile only c > r is used, offered both ways; d(i, i) is 0.
-      for (int64_t r = 0; r < nr; ++r) {
-        const int64_t row = r0 + r;
-        if (diagonal) own.offer(row, A(0), A(0), row);
-        const int64_t first = diagonal ? r + 1 : 0;
-        const A* lo = exact ? exact + r * nc : lower.data();
-        const A* up = exact ? exact + r * nc : upper.data();
-        if (!exact)
-          line_bounds(bf16_tile.const_data_ptr<at::BFloat16>() + r * nc, nc, scale[row], scale + c0, norms[row],
-                      norms + c0, metric, lower.data(), upper.data());
-        own.offer_to_row(row, lo, up, first, nc, c0);
-        own.offer_to_columns(row, lo, up, first, nc, c0);
-      }
+  struct Scratch {
+    CertifiedLists<A>* own;       // the thread's lists
+    std::vector<A> lower, upper;  // one tile line's bounds
+    at::Tensor buffer;            // a cross tile's GEMM
+  };
+  const auto make_scratch = [&](int thread) {
+    const int64_t side = std::min(kSelfTile, N);
+    return Scratch{&state[thread], std::vector<A>(side), std::vector<A>(side),
+                   at::empty({side * side}, xs.rows.options())};
+  };
+  parallel_tasks(int64_t(tiles.size()), num_threads, make_scratch, [&](Scratch& s, int64_t t) {
+    CertifiedLists<A>& own = *s.own;
+    const int64_t r0 = edges[tiles[t].first], nr = edges[tiles[t].first + 1] - r0;
+    const int64_t c0 = edges[tiles[t].second], nc = edges[tiles[t].second + 1] - c0;
+    const bool diagonal = r0 == c0, in_cross = r0 < cross_rows && c0 >= cross_rows;
+    at::Tensor bf16_tile;
+    const A* exact = nullptr;  // the cross block's distances (lower = upper), else bounds from bf16_tile
+    if (in_cross) {
+      at::Tensor tile = tile_view(s.buffer, nr, nc);
+      at::mm_out(tile, xs.rows.narrow(0, r0, nr), xs.rows.narrow(0, c0, nc).t());
+      A* dots = tile.data_ptr<A>();
+      finish_tile(dots, nr, nc, norms + r0, norms + c0, metric);
+      for (int64_t r = 0; r < nr; ++r)
+        std::copy(dots + r * nc, dots + (r + 1) * nc, cross_out + (r0 + r) * cross_cols + (c0 - cross_rows));
+      exact = dots;
+    } else {
+      bf16_tile = at::mm(xb.narrow(0, r0, nr), xb.narrow(0, c0, nc).t()).contiguous();
     }
-  }
-  errors.rethrow();
+    // In a diagonal tile only c > r is used, offered both ways; d(i, i) is 0.
+    for (int64_t r = 0; r < nr; ++r) {
+      const int64_t row = r0 + r;
+      if (diagonal) own.offer(row, A(0), A(0), row);
+      const int64_t first = diagonal ? r + 1 : 0;
+      const A* lo = exact ? exact + r * nc : s.lower.data();
+      const A* up = exact ? exact + r * nc : s.upper.data();
+      if (!exact)
+        line_bounds(bf16_tile.const_data_ptr<at::BFloat16>() + r * nc, nc, scale[row], scale + c0, norms[row],
+                    norms + c0, metric, s.lower.data(), s.upper.data());
+      own.offer_to_row(row, lo, up, first, nc, c0);
+      own.offer_to_columns(row, lo, up, first, nc, c0);
+    }
+  });
 
   // Merge the threads' stage-1 lists, then stage 2 per row: the kept items' distances as the direct
   // path computes them, the m smallest in (value, index) order, and the row maximum.

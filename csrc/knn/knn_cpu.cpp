@@ -9,7 +9,6 @@
 // The certified two-stage search is knn_certified_cpu.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
 #include <omp.h>
 #include <torch/library.h>
 
@@ -30,46 +29,38 @@ void knn_impl(const Operand& xs, const Operand& ys, int64_t k, Metric metric, at
   const A* y_norms = ys.norms.const_data_ptr<A>();
   A* out_values = values.data_ptr<A>();
   int64_t* out_indices = indices.data_ptr<int64_t>();
-  const int64_t num_blocks = (M + kRowBlock - 1) / kRowBlock;
-  const at::ThreadLocalState caller_state;
-  RegionErrors errors;
-#pragma omp parallel
-  {
-    const at::ThreadLocalStateGuard state_guard(caller_state);
-    at::Tensor buffer;
-    errors.ok([&] { buffer = at::empty({kRowBlock * std::min(kColumnBlock, Ny)}, xs.rows.options()); });
-    std::vector<SortedList<A>> lists(kRowBlock);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t block = 0; block < num_blocks; ++block) {
-      const int64_t r0 = block * kRowBlock, nr = std::min(kRowBlock, M - r0);
-      for (int64_t r = 0; r < nr; ++r)
-        lists[r] = SortedList<A>{out_values + (r0 + r) * k, out_indices + (r0 + r) * k, 0, int(k)};
-      for (int64_t c0 = 0; c0 < Ny; c0 += kColumnBlock) {
-        const int64_t nc = std::min(kColumnBlock, Ny - c0);
-        at::Tensor tile;
-        if (!errors.ok([&] {
-              tile = tile_view(buffer, nr, nc);
-              at::mm_out(tile, xs.rows.narrow(0, r0, nr), ys.rows.narrow(0, c0, nc).t());
-            }))
-          continue;
-        A* dots = tile.data_ptr<A>();
-        finish_tile(dots, nr, nc, x_norms + r0, y_norms + c0, metric);  // vectorised, sqrt included
-        for (int64_t r = 0; r < nr; ++r) {
-          SortedList<A>& list = lists[r];
-          const A* row = dots + r * nc;
-          // The list's last value in a register: most values stop at one comparison.
-          A limit = list.full() ? list.last_value() : std::numeric_limits<A>::infinity();
-          for (int64_t c = 0; c < nc; ++c) {
-            if (row[c] <= limit) {
-              list.insert(row[c], c0 + c);
-              if (list.full()) limit = list.last_value();
-            }
+  struct Scratch {
+    at::Tensor buffer;  // the GEMM tile
+    std::vector<SortedList<A>> lists;
+  };
+  const auto make_scratch = [&](int) {
+    return Scratch{at::empty({kRowBlock * std::min(kColumnBlock, Ny)}, xs.rows.options()),
+                   std::vector<SortedList<A>>(kRowBlock)};
+  };
+  parallel_tasks((M + kRowBlock - 1) / kRowBlock, omp_get_max_threads(), make_scratch, [&](Scratch& s, int64_t block) {
+    const int64_t r0 = block * kRowBlock, nr = std::min(kRowBlock, M - r0);
+    for (int64_t r = 0; r < nr; ++r)
+      s.lists[r] = SortedList<A>{out_values + (r0 + r) * k, out_indices + (r0 + r) * k, 0, int(k)};
+    for (int64_t c0 = 0; c0 < Ny; c0 += kColumnBlock) {
+      const int64_t nc = std::min(kColumnBlock, Ny - c0);
+      at::Tensor tile = tile_view(s.buffer, nr, nc);
+      at::mm_out(tile, xs.rows.narrow(0, r0, nr), ys.rows.narrow(0, c0, nc).t());
+      A* dots = tile.data_ptr<A>();
+      finish_tile(dots, nr, nc, x_norms + r0, y_norms + c0, metric);  // vectorised, sqrt included
+      for (int64_t r = 0; r < nr; ++r) {
+        SortedList<A>& list = s.lists[r];
+        const A* row = dots + r * nc;
+        // The list's last value in a register: most values stop at one comparison.
+        A limit = list.full() ? list.last_value() : std::numeric_limits<A>::infinity();
+        for (int64_t c = 0; c < nc; ++c) {
+          if (row[c] <= limit) {
+            list.insert(row[c], c0 + c);
+            if (list.full()) limit = list.last_value();
           }
         }
       }
     }
-  }
-  errors.rethrow();
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -88,39 +79,32 @@ void knn_row_sort_impl(const Operand& xs, const Operand& ys, int64_t k, Metric m
   const A* y_norms = ys.norms.const_data_ptr<A>();
   A* out_values = values.data_ptr<A>();
   int64_t* out_indices = indices.data_ptr<int64_t>();
+  struct Scratch {
+    at::Tensor buffer;  // the rows' distances
+    std::vector<int64_t> order;
+  };
+  const auto make_scratch = [&](int) {
+    return Scratch{at::empty({block_rows * Ny}, xs.rows.options()), std::vector<int64_t>(Ny)};
+  };
   const int64_t num_blocks = (M + block_rows - 1) / block_rows;
-  const at::ThreadLocalState caller_state;
-  RegionErrors errors;
-#pragma omp parallel
-  {
-    const at::ThreadLocalStateGuard state_guard(caller_state);
-    at::Tensor buffer;
-    errors.ok([&] { buffer = at::empty({block_rows * Ny}, xs.rows.options()); });
-    std::vector<int64_t> order(Ny);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t block = 0; block < num_blocks; ++block) {
-      const int64_t r0 = block * block_rows, nr = std::min(block_rows, M - r0);
-      at::Tensor tile;
-      if (!errors.ok([&] {
-            tile = tile_view(buffer, nr, Ny);
-            at::mm_out(tile, xs.rows.narrow(0, r0, nr), ys.rows.t());
-          }))
-        continue;
-      A* dots = tile.data_ptr<A>();
-      finish_tile(dots, nr, Ny, x_norms + r0, y_norms, metric);
-      for (int64_t r = 0; r < nr; ++r) {
-        const A* row = dots + r * Ny;
-        for (int64_t c = 0; c < Ny; ++c) order[c] = c;
-        std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                          [&](int64_t a, int64_t b) { return pair_less(row[a], a, row[b], b); });
-        for (int64_t p = 0; p < k; ++p) {
-          out_values[(r0 + r) * k + p] = row[order[p]];
-          out_indices[(r0 + r) * k + p] = order[p];
-        }
+  parallel_tasks(num_blocks, omp_get_max_threads(), make_scratch, [&](Scratch& s, int64_t block) {
+    const int64_t r0 = block * block_rows, nr = std::min(block_rows, M - r0);
+    at::Tensor tile = tile_view(s.buffer, nr, Ny);
+    at::mm_out(tile, xs.rows.narrow(0, r0, nr), ys.rows.t());
+    A* dots = tile.data_ptr<A>();
+    finish_tile(dots, nr, Ny, x_norms + r0, y_norms, metric);
+    std::vector<int64_t>& order = s.order;
+    for (int64_t r = 0; r < nr; ++r) {
+      const A* row = dots + r * Ny;
+      for (int64_t c = 0; c < Ny; ++c) order[c] = c;
+      std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                        [&](int64_t a, int64_t b) { return pair_less(row[a], a, row[b], b); });
+      for (int64_t p = 0; p < k; ++p) {
+        out_values[(r0 + r) * k + p] = row[order[p]];
+        out_indices[(r0 + r) * k + p] = order[p];
       }
     }
-  }
-  errors.rethrow();
+  });
 }
 
 }  // namespace
@@ -132,73 +116,62 @@ void self_knn_direct(const Operand& xs, int64_t k, int64_t m, Metric metric, boo
   const A* norms = xs.norms.const_data_ptr<A>();
   A* cross_out = cross.data_ptr<A>();
   const int64_t cross_cols = N - cross_rows;
-  const int64_t num_tiles_1d = (N + kSelfTile - 1) / kSelfTile;
   // Diagonal tiles first: each row then holds candidates from its own tile (re-ID data ordered
   // by identity keeps most neighbours there) before the off-diagonal tiles stream past.
-  std::vector<std::pair<int64_t, int64_t>> tiles;
-  for (int64_t i = 0; i < num_tiles_1d; ++i) tiles.emplace_back(i, i);
-  for (int64_t i = 0; i < num_tiles_1d; ++i)
-    for (int64_t j = i + 1; j < num_tiles_1d; ++j) tiles.emplace_back(i, j);
+  const std::vector<std::pair<int64_t, int64_t>> tiles = upper_tiles((N + kSelfTile - 1) / kSelfTile);
   const int num_threads = omp_get_max_threads();
   std::vector<ThreadLists<A>> state;
   state.reserve(num_threads);
   for (int t = 0; t < num_threads; ++t) state.emplace_back(N, m);
 
-  const at::ThreadLocalState caller_state;
-  RegionErrors errors;
-#pragma omp parallel num_threads(num_threads)
-  {
-    const at::ThreadLocalStateGuard state_guard(caller_state);
-    ThreadLists<A>& own = state[omp_get_thread_num()];
-    at::Tensor buffer;
-    errors.ok([&] { buffer = at::empty({std::min(kSelfTile, N) * std::min(kSelfTile, N)}, xs.rows.options()); });
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < int64_t(tiles.size()); ++t) {
-      const int64_t r0 = tiles[t].first * kSelfTile, c0 = tiles[t].second * kSelfTile;
-      const int64_t nr = std::min(kSelfTile, N - r0), nc = std::min(kSelfTile, N - c0);
-      const bool diagonal = r0 == c0;
-      at::Tensor tile;
-      if (!errors.ok([&] {
-            tile = tile_view(buffer, nr, nc);
-            at::mm_out(tile, xs.rows.narrow(0, r0, nr), xs.rows.narrow(0, c0, nc).t());
-          }))
-        continue;
-      A* dots = tile.data_ptr<A>();
-      finish_tile(dots, nr, nc, norms + r0, norms + c0, metric);
-      for (int64_t r = 0; r < nr; ++r) {
-        const int64_t row = r0 + r;
-        const A* line = dots + r * nc;
-        // In a diagonal tile only c > r is used, offered both ways, so d(i, j) and d(j, i) are
-        // the same number; d(i, i) is 0.
-        const int64_t first = diagonal ? r + 1 : 0;
-        own.row_max[row] = std::max(own.row_max[row], range_max(line + first, nc - first));
-        offer_line(own, row, line, first, nc, c0);
-        if (diagonal) own.offer(row, A(0), row);
-        if (row < cross_rows) {
-          const int64_t from = std::max(first, cross_rows - c0);
-          if (from < nc) std::copy(line + from, line + nc, cross_out + row * cross_cols + (c0 + from - cross_rows));
-        }
-      }
-      // Transposed: each column's list gets the tile's rows. Elementwise maxima vectorise; the
-      // candidate test runs on blocks of columns and opens only those with a value under a limit.
-      A* column_max = own.row_max.data() + c0;
-      const A* column_limit = own.limit.data() + c0;
-      for (int64_t r = 0; r < nr; ++r) {
-        const A* line = dots + r * nc;
-        const int64_t first = diagonal ? r + 1 : 0;
-        for (int64_t c = first; c < nc; ++c) column_max[c] = line[c] > column_max[c] ? line[c] : column_max[c];
-        for (int64_t c0b = first; c0b < nc; c0b += kProbe) {
-          const int64_t c1b = std::min(nc, c0b + kProbe);
-          bool any = false;
-          for (int64_t c = c0b; c < c1b; ++c) any |= line[c] <= column_limit[c];
-          if (!any) continue;
-          for (int64_t c = c0b; c < c1b; ++c)
-            if (line[c] <= column_limit[c]) own.offer(c0 + c, line[c], r0 + r);
-        }
+  struct Scratch {
+    ThreadLists<A>* own;  // the thread's lists
+    at::Tensor buffer;    // the GEMM tile
+  };
+  const auto make_scratch = [&](int thread) {
+    return Scratch{&state[thread], at::empty({std::min(kSelfTile, N) * std::min(kSelfTile, N)}, xs.rows.options())};
+  };
+  parallel_tasks(int64_t(tiles.size()), num_threads, make_scratch, [&](Scratch& s, int64_t t) {
+    ThreadLists<A>& own = *s.own;
+    const int64_t r0 = tiles[t].first * kSelfTile, c0 = tiles[t].second * kSelfTile;
+    const int64_t nr = std::min(kSelfTile, N - r0), nc = std::min(kSelfTile, N - c0);
+    const bool diagonal = r0 == c0;
+    at::Tensor tile = tile_view(s.buffer, nr, nc);
+    at::mm_out(tile, xs.rows.narrow(0, r0, nr), xs.rows.narrow(0, c0, nc).t());
+    A* dots = tile.data_ptr<A>();
+    finish_tile(dots, nr, nc, norms + r0, norms + c0, metric);
+    for (int64_t r = 0; r < nr; ++r) {
+      const int64_t row = r0 + r;
+      const A* line = dots + r * nc;
+      // In a diagonal tile only c > r is used, offered both ways, so d(i, j) and d(j, i) are
+      // the same number; d(i, i) is 0.
+      const int64_t first = diagonal ? r + 1 : 0;
+      own.row_max[row] = std::max(own.row_max[row], range_max(line + first, nc - first));
+      offer_line(own, row, line, first, nc, c0);
+      if (diagonal) own.offer(row, A(0), row);
+      if (row < cross_rows) {
+        const int64_t from = std::max(first, cross_rows - c0);
+        if (from < nc) std::copy(line + from, line + nc, cross_out + row * cross_cols + (c0 + from - cross_rows));
       }
     }
-  }
-  errors.rethrow();
+    // Transposed: each column's list gets the tile's rows. Elementwise maxima vectorise; the
+    // candidate test runs on blocks of columns and opens only those with a value under a limit.
+    A* column_max = own.row_max.data() + c0;
+    const A* column_limit = own.limit.data() + c0;
+    for (int64_t r = 0; r < nr; ++r) {
+      const A* line = dots + r * nc;
+      const int64_t first = diagonal ? r + 1 : 0;
+      for (int64_t c = first; c < nc; ++c) column_max[c] = line[c] > column_max[c] ? line[c] : column_max[c];
+      for (int64_t c0b = first; c0b < nc; c0b += kProbe) {
+        const int64_t c1b = std::min(nc, c0b + kProbe);
+        bool any = false;
+        for (int64_t c = c0b; c < c1b; ++c) any |= line[c] <= column_limit[c];
+        if (!any) continue;
+        for (int64_t c = c0b; c < c1b; ++c)
+          if (line[c] <= column_limit[c]) own.offer(c0 + c, line[c], r0 + r);
+      }
+    }
+  });
 
   // Merge the threads' lists; order by (value / row max, index) when normalising.
   A* out_values = values.data_ptr<A>();

@@ -6,11 +6,14 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <exception>
 #include <limits>
 #include <mutex>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -26,30 +29,36 @@ constexpr int64_t kColumnBlock = 2048; // knn: columns of y per GEMM tile
 constexpr int64_t kSelfTile = 1024;    // self_knn: square tiles
 constexpr int64_t kProbe = 32;         // columns tested together before any list is touched
 
-// The OpenMP regions of the kernels call ATen (at::empty, at::mm_out) from their own threads: each thread
-// takes the caller's thread-local state (grad mode, dispatch-key exclusions, autocast), and an
-// exception there is kept and rethrown on the calling thread after the region (it must not escape
-// an OpenMP thread).
-class RegionErrors {
- public:
-  template <class F> bool ok(F&& f) {
+// Runs task(scratch, t) for every t in [0, count) on `threads` OpenMP threads, one task at a time
+// (dynamic schedule), each thread with its own scratch = make_scratch(its thread number). The tasks
+// call ATen (at::empty, at::mm_out) from those threads: each thread takes the caller's thread-local
+// state (grad mode, dispatch-key exclusions, autocast), and the first exception thrown is rethrown
+// on the calling thread after the region (it must not escape an OpenMP thread; the task that threw
+// is abandoned).
+template <class MakeScratch, class Task>
+void parallel_tasks(int64_t count, int threads, MakeScratch make_scratch, Task task) {
+  const at::ThreadLocalState caller_state;
+  std::mutex mutex;
+  std::exception_ptr first;
+  const auto guarded = [&](auto&& f) {
     try {
       f();
-      return true;
     } catch (...) {
-      const std::lock_guard<std::mutex> lock(mutex_);
-      if (!first_) first_ = std::current_exception();
-      return false;
+      const std::lock_guard<std::mutex> lock(mutex);
+      if (!first) first = std::current_exception();
     }
+  };
+#pragma omp parallel num_threads(threads)
+  {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
+    std::optional<decltype(make_scratch(0))> scratch;
+    guarded([&] { scratch.emplace(make_scratch(omp_get_thread_num())); });
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < count; ++t)
+      if (scratch) guarded([&] { task(*scratch, t); });
   }
-  void rethrow() const {
-    if (first_) std::rethrow_exception(first_);
-  }
-
- private:
-  std::mutex mutex_;
-  std::exception_ptr first_;
-};
+  if (first) std::rethrow_exception(first);
+}
 
 // A contiguous (rows, cols) view on the front of a flat per-thread buffer.
 inline at::Tensor tile_view(at::Tensor& buffer, int64_t rows, int64_t cols) {
@@ -137,7 +146,8 @@ void for_full_rows(const Operand& xs, const std::vector<int64_t>& ids, Metric me
       for (int64_t p = begin; p < end; ++p) {
         const int64_t row = ids[b + p];
         A* line = dp + p * N;
-        for (int64_t c = 0; c < N; ++c) line[c] = c == row ? A(0) : pair_distance(line[c], norms[row], norms[c], metric);
+        for (int64_t c = 0; c < N; ++c)
+          line[c] = c == row ? A(0) : pair_distance(line[c], norms[row], norms[c], metric);
         visit(row, static_cast<const A*>(line));
       }
     });
@@ -172,6 +182,15 @@ bool emit_row(int64_t row, const A* kept_values, const int64_t* kept_indices, in
     out_indices[row * k + p] = kept_indices[order[p]];
   }
   return m < N && !scaled_order_is_decided(scaled[order[k - 1]], kept_values[m - 1], scale);
+}
+
+// The tiles (i, j), i <= j < count, of a symmetric matrix: the diagonal ones first.
+inline std::vector<std::pair<int64_t, int64_t>> upper_tiles(int64_t count) {
+  std::vector<std::pair<int64_t, int64_t>> tiles;
+  for (int64_t i = 0; i < count; ++i) tiles.emplace_back(i, i);
+  for (int64_t i = 0; i < count; ++i)
+    for (int64_t j = i + 1; j < count; ++j) tiles.emplace_back(i, j);
+  return tiles;
 }
 
 // knn with k a large share of N takes whole rows, partially sorted (knn_cpu.cpp): per-row sorted
