@@ -30,18 +30,11 @@ std::tuple<at::Tensor, at::Tensor> maskreid_ranking_loss_cuda(const at::Tensor& 
   return {loss, coef};
 }
 
-at::Tensor maskreid_ranking_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& embeddings,
-                                               const at::Tensor& coef) {
-  const NoAutocastGuard no_autocast;
-  const c10::cuda::CUDAGuard guard(embeddings.device());
-  return backward(grad, embeddings, coef);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dpm_ops, CUDA, m) {
   m.impl("maskreid_ranking_loss", &maskreid_ranking_loss_cuda);
-  m.impl("maskreid_ranking_loss_backward", &maskreid_ranking_loss_backward_cuda);
+  m.impl("maskreid_ranking_loss_backward", &backward);
 }
 
 }  // namespace maskreid_ranking
