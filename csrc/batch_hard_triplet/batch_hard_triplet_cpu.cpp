@@ -88,15 +88,9 @@ struct CpuKernels {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> batch_hard_triplet_cpu(const at::Tensor& features, const at::Tensor& labels,
-                                                          bool with_grad) {
-  check_inputs(features, labels);
-  return forward<CpuKernels>(features.contiguous(), labels.contiguous(), with_grad);
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dpm_ops, CPU, m) { m.impl("batch_hard_triplet", &batch_hard_triplet_cpu); }
+TORCH_LIBRARY_IMPL(dpm_ops, CPU, m) { m.impl("batch_hard_triplet", &batch_hard_triplet_op<CpuKernels>); }
 
 }  // namespace batch_hard_triplet
 }  // namespace dpm_ops

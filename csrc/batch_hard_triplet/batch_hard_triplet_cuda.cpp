@@ -1,6 +1,5 @@
 // CUDA entry points of the batch-hard soft-margin triplet: the shared driver (cuBLAS Gram GEMM) with
 // the CUDA mining and gradient kernels. Built only with CUDA.
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
@@ -25,16 +24,9 @@ struct CudaKernels {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> batch_hard_triplet_cuda(const at::Tensor& features, const at::Tensor& labels,
-                                                           bool with_grad) {
-  check_inputs(features, labels);
-  const c10::cuda::CUDAGuard guard(features.device());
-  return forward<CudaKernels>(features.contiguous(), labels.contiguous(), with_grad);
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dpm_ops, CUDA, m) { m.impl("batch_hard_triplet", &batch_hard_triplet_cuda); }
+TORCH_LIBRARY_IMPL(dpm_ops, CUDA, m) { m.impl("batch_hard_triplet", &batch_hard_triplet_op<CudaKernels>); }
 
 }  // namespace batch_hard_triplet
 }  // namespace dpm_ops

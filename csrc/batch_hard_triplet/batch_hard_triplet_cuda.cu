@@ -1,5 +1,6 @@
 // CUDA kernels of the batch-hard soft-margin triplet. No torch headers: see batch_hard_triplet_cuda.h.
 #include "../common/cuda_utils.cuh"
+#include "../common/launch.cuh"
 #include "batch_hard_triplet_cuda.h"
 #include "batch_hard_triplet_math.h"
 
@@ -100,35 +101,28 @@ gradient_kernel(const A* __restrict__ x, const int64_t* __restrict__ pos_index, 
   }
 }
 
-template <typename F> void dispatch_float(Dtype dtype, F&& f) {
-  if (dtype == Dtype::kDouble) f(TypeTag<double>{});
-  else f(TypeTag<float>{});
-}
-
 }  // namespace
 
 void mine(Dtype dtype, const void* sq, const void* gram, const int64_t* labels, int64_t B, int64_t* pos_index,
           int64_t* neg_index, void* pos_dist, void* neg_dist, uint8_t* live, void* row_loss, cudaStream_t stream) {
   if (B == 0) return;
-  dispatch_float(dtype, [&](auto tag) {
+  launch_computed(dtype, [&](auto tag) {
     using A = typename decltype(tag)::type;
     mine_kernel<A><<<static_cast<unsigned int>(B), kThreads, 0, stream>>>(
-        static_cast<const A*>(sq), static_cast<const A*>(gram), labels, B, pos_index, neg_index,
-        static_cast<A*>(pos_dist), static_cast<A*>(neg_dist), live, static_cast<A*>(row_loss));
+        typed<A>(sq), typed<A>(gram), labels, B, pos_index, neg_index,
+        typed<A>(pos_dist), typed<A>(neg_dist), live, typed<A>(row_loss));
   });
-  DPM_CUDA_CHECK_LAUNCH();
 }
 
 void gradient(Dtype dtype, const void* x, const int64_t* pos_index, const int64_t* neg_index, const void* pos_dist,
               const void* neg_dist, const uint8_t* live, int64_t B, int64_t C, void* grad, cudaStream_t stream) {
   if (B == 0 || C == 0) return;
-  dispatch_float(dtype, [&](auto tag) {
+  launch_computed(dtype, [&](auto tag) {
     using A = typename decltype(tag)::type;
     gradient_kernel<A><<<static_cast<unsigned int>(B), kThreads, 0, stream>>>(
-        static_cast<const A*>(x), pos_index, neg_index, static_cast<const A*>(pos_dist),
-        static_cast<const A*>(neg_dist), live, B, C, static_cast<A*>(grad));
+        typed<A>(x), pos_index, neg_index, typed<A>(pos_dist),
+        typed<A>(neg_dist), live, B, C, typed<A>(grad));
   });
-  DPM_CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace cuda

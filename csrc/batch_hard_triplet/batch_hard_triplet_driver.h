@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/DeviceGuard.h>
 
 #include <tuple>
 
@@ -50,6 +51,15 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& features, const at:
   at::Tensor grad = at::empty_like(features);
   Kernels::gradient(features, m, B, grad);
   return {loss, grad};
+}
+
+// The op on any device (the schema's arguments), with that device's Kernels.
+template <class Kernels>
+std::tuple<at::Tensor, at::Tensor> batch_hard_triplet_op(const at::Tensor& features, const at::Tensor& labels,
+                                                         bool with_grad) {
+  check_inputs(features, labels);
+  const c10::OptionalDeviceGuard guard(at::device_of(features));
+  return forward<Kernels>(features.contiguous(), labels.contiguous(), with_grad);
 }
 
 }  // namespace batch_hard_triplet

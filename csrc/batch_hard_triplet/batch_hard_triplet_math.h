@@ -1,4 +1,4 @@
-// Per-element maths of the fused batch-hard soft-margin triplet loss (dpm.md §6), shared by the CPU
+// Per-element maths of the fused batch-hard soft-margin triplet loss (one of DPM's training losses), shared by the CPU
 // and CUDA kernels; transcribes dpm_ops/losses/triplet.py:
 //   d2[i,j] = ‖x_i‖² + ‖x_j‖² − 2 x_i·x_j,  d[i,j] = sqrt(max(d2, 1e-12))
 //   ap_i = max_{j: y_j = y_i} d[i,j] (the anchor itself included),  an_i = min_{j: y_j != y_i} d[i,j] (inf if none)

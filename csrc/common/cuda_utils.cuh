@@ -5,16 +5,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <stdexcept>
-#include <string>
-
-#include "dtype.h"
 #include "host_device.h"
 
 namespace dpm_ops {
-
-template <> struct Acc<__half> { using type = float; };
-template <> struct Acc<__nv_bfloat16> { using type = float; };
 
 template <typename A> __device__ __forceinline__ A to_acc(float v) { return A(v); }
 template <typename A> __device__ __forceinline__ A to_acc(double v) { return A(v); }
@@ -41,24 +34,5 @@ template <typename A> __device__ A block_sum(A v) {
   __syncthreads();  // warp_sums may be reused by the next call
   return total;
 }
-
-template <typename T> struct TypeTag { using type = T; };
-
-// Calls f(TypeTag<T>{}) with the storage type T named by `dtype`.
-template <typename F> void dispatch_dtype(Dtype dtype, F&& f) {
-  switch (dtype) {
-    case Dtype::kFloat: f(TypeTag<float>{}); break;
-    case Dtype::kDouble: f(TypeTag<double>{}); break;
-    case Dtype::kHalf: f(TypeTag<__half>{}); break;
-    case Dtype::kBFloat16: f(TypeTag<__nv_bfloat16>{}); break;
-  }
-}
-
-#define DPM_CUDA_CHECK_LAUNCH()                                                               \
-  do {                                                                                        \
-    const cudaError_t err = cudaGetLastError();                                               \
-    if (err != cudaSuccess)                                                                   \
-      throw std::runtime_error(std::string("dpm_ops CUDA kernel launch failed: ") + cudaGetErrorString(err)); \
-  } while (0)
 
 }  // namespace dpm_ops

@@ -24,10 +24,9 @@
 #include <optional>
 #include <vector>
 
-namespace dpm_ops {
+#include "compute_type.h"
 
-// fp32 for fp32 / fp16 / bf16, fp64 for fp64: the type products and intermediates are held in.
-inline at::ScalarType accumulation_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+namespace dpm_ops {
 
 // a (M, K) @ b (K, N) for fp32 CPU tensors: oneDNN when torch was built with it, else at::mm.
 inline at::Tensor cpu_mm_fp32(const at::Tensor& a, const at::Tensor& b) {
@@ -42,14 +41,14 @@ inline at::Tensor cpu_mm_fp32(const at::Tensor& a, const at::Tensor& b) {
   return stack.front().toTensor();
 }
 
-// a @ b in the accumulation type of the operands' dtype.
+// a @ b in the compute type of the operands' dtype.
 inline at::Tensor mm_acc(const at::Tensor& a, const at::Tensor& b) {
   if (a.is_cpu() && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat) return cpu_mm_fp32(a, b);
-  const at::ScalarType acc = accumulation_type(a.scalar_type());
+  const at::ScalarType acc = compute_type(a.scalar_type());
   return a.scalar_type() == acc ? at::mm(a, b) : at::mm(a, b, acc);
 }
 
-// out = a @ b, `out` in the accumulation type of the operands' dtype.
+// out = a @ b, `out` in the compute type of the operands' dtype.
 inline void mm_acc_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   if (a.scalar_type() == out.scalar_type()) at::mm_out(out, a, b);
   else at::mm_out(out, a, b, out.scalar_type());

@@ -10,12 +10,9 @@
 
 #include <cmath>
 
-namespace dpm_ops {
+#include "compute_type.h"
 
-// The accumulation type of a storage type: fp32 for fp32/fp16/bf16, fp64 for fp64.
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-template <typename T> using acc_t = typename Acc<T>::type;
+namespace dpm_ops {
 
 template <typename T> DPM_HD T max_of(T a, T b) { return a > b ? a : b; }
 

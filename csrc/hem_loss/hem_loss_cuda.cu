@@ -1,6 +1,7 @@
 // CUDA kernels of DPM's HEM loss. No torch headers: see hem_loss_cuda.h. The per-sample maths is
 // hem_loss_math.h's; one block per sample keeps its Gram in shared memory.
 #include "../common/cuda_utils.cuh"
+#include "../common/launch.cuh"
 #include "../common/warp_reduce.cuh"
 #include "hem_loss_cuda.h"
 #include "hem_loss_math.h"
@@ -87,29 +88,27 @@ int64_t shared_bytes(Dtype dtype, int64_t heads) {
 
 void forward(Dtype dtype, const void* logits, int64_t batch, int64_t heads, int64_t n, double eps, double weight,
              void* per_sample, void* loss, cudaStream_t stream) {
-  dispatch_dtype(dtype, [&](auto tag) {
+  launch_typed(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     if (batch > 0 && heads > 0)
       forward_kernel<T, A><<<static_cast<unsigned int>(batch), kThreads, shared_bytes(dtype, heads), stream>>>(
-          static_cast<const T*>(logits), heads, n, A(eps), static_cast<A*>(per_sample));
-    scaled_sum_kernel<A><<<1, kThreads, 0, stream>>>(static_cast<const A*>(per_sample), heads > 0 ? batch : 0,
-                                                     A(weight), static_cast<A*>(loss));
+          typed<T>(logits), heads, n, A(eps), typed<A>(per_sample));
+    scaled_sum_kernel<A><<<1, kThreads, 0, stream>>>(typed<A>(per_sample), heads > 0 ? batch : 0,
+                                                     A(weight), typed<A>(loss));
   });
-  DPM_CUDA_CHECK_LAUNCH();
 }
 
 void backward(Dtype dtype, const void* grad, const void* logits, int64_t batch, int64_t heads, int64_t n, double eps,
               double weight, void* grad_logits, cudaStream_t stream) {
   if (batch == 0 || heads == 0 || n == 0) return;
-  dispatch_dtype(dtype, [&](auto tag) {
+  launch_typed(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     backward_kernel<T, A><<<static_cast<unsigned int>(batch), kThreads, shared_bytes(dtype, heads), stream>>>(
-        static_cast<const A*>(grad), static_cast<const T*>(logits), heads, n, A(eps), A(weight),
-        static_cast<T*>(grad_logits));
+        typed<A>(grad), typed<T>(logits), heads, n, A(eps), A(weight),
+        typed<T>(grad_logits));
   });
-  DPM_CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace cuda

@@ -7,6 +7,8 @@
 #include <cmath>
 #include <string>
 
+#include "../common/compute_type.h"
+
 namespace dpm_ops {
 namespace hem {
 
@@ -23,13 +25,6 @@ inline bool check_inputs(const at::Tensor& cls_logits, double eps, const std::st
                     "hem_loss: reduction must be 'sum' (official) or 'mean', got '", reduction, "'");
   return reduction == "mean";
 }
-
-inline at::Tensor as_compute(const at::Tensor& t) {
-  const bool reduced = t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
-  return (reduced ? t.to(at::kFloat) : t).contiguous();
-}
-
-inline at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // The reduction's weight per sample; the mean of no sample is NaN, like torch's.
 inline double sample_weight(int64_t batch, bool mean) {

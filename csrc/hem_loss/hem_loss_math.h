@@ -1,5 +1,5 @@
-// Per-sample maths of DPM's HEM loss (dpm.md §4), shared by the CPU and CUDA kernels. For one
-// sample's CLS->patch logits A (heads × N):
+// Per-sample maths of DPM's HEM loss (head enrichment: the heads' CLS attention kept orthonormal), shared by the CPU
+// and CUDA kernels. For one sample's CLS->patch logits A (heads × N):
 //
 //   R = A Aᵀ (raw Gram),  r_h = 1 / sqrt(R_hh + eps),  G_hi = r_h r_i R_hi  (= Â Âᵀ, Â = r ⊙ A),
 //   L = Σ_hi (G_hi − δ_hi)² / heads²

@@ -171,22 +171,11 @@ struct CpuKernels {
   }
 };
 
-at::Tensor hierarchical_mask_pool_cpu(at::TensorList features, const std::optional<at::Tensor>& mask,
-                                      c10::string_view mode) {
-  return forward<CpuKernels>(features, mask, mode);
-}
-
-std::vector<at::Tensor> hierarchical_mask_pool_backward_cpu(const at::Tensor& grad, at::TensorList features,
-                                                            const std::optional<at::Tensor>& mask,
-                                                            const at::Tensor& out, c10::string_view mode) {
-  return backward<CpuKernels>(grad, features, mask, out, mode);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dpm_ops, CPU, m) {
-  m.impl("hierarchical_mask_pool", &hierarchical_mask_pool_cpu);
-  m.impl("hierarchical_mask_pool_backward", &hierarchical_mask_pool_backward_cpu);
+  m.impl("hierarchical_mask_pool", &forward<CpuKernels>);
+  m.impl("hierarchical_mask_pool_backward", &backward<CpuKernels>);
 }
 
 }  // namespace hierarchical_mask_pool

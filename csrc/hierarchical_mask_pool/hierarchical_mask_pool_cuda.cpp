@@ -1,6 +1,5 @@
 // CUDA entry points of the hierarchical masked pooling: the shared driver with the CUDA passes.
 // Built only with CUDA.
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
@@ -31,26 +30,11 @@ struct CudaKernels {
   }
 };
 
-at::Tensor hierarchical_mask_pool_cuda(at::TensorList features, const std::optional<at::Tensor>& mask,
-                                       c10::string_view mode) {
-  check_inputs(features, mask, mode);
-  const c10::cuda::CUDAGuard guard(features[0].device());
-  return forward<CudaKernels>(features, mask, mode);
-}
-
-std::vector<at::Tensor> hierarchical_mask_pool_backward_cuda(const at::Tensor& grad, at::TensorList features,
-                                                             const std::optional<at::Tensor>& mask,
-                                                             const at::Tensor& out, c10::string_view mode) {
-  check_inputs(features, mask, mode);
-  const c10::cuda::CUDAGuard guard(features[0].device());
-  return backward<CudaKernels>(grad, features, mask, out, mode);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dpm_ops, CUDA, m) {
-  m.impl("hierarchical_mask_pool", &hierarchical_mask_pool_cuda);
-  m.impl("hierarchical_mask_pool_backward", &hierarchical_mask_pool_backward_cuda);
+  m.impl("hierarchical_mask_pool", &forward<CudaKernels>);
+  m.impl("hierarchical_mask_pool_backward", &backward<CudaKernels>);
 }
 
 }  // namespace hierarchical_mask_pool

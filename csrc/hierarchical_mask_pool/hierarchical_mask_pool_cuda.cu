@@ -4,6 +4,7 @@
 #include <cuda_fp16.h>
 
 #include "../common/cuda_utils.cuh"
+#include "../common/launch.cuh"
 #include "hierarchical_mask_pool_cuda.h"
 
 namespace dpm_ops {
@@ -106,15 +107,13 @@ template <bool kBackward>
 void launch_pool(Dtype dtype, const LevelPack& p, const void* weights, const void* sums, const void* grad,
                  const void* out, bool max_mode, cudaStream_t stream) {
   if (p.total_rows == 0) return;
-  dispatch_dtype(dtype, [&](auto tag) {
+  launch_typed(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     auto kernel = max_mode ? pool_kernel<T, A, true, kBackward> : pool_kernel<T, A, false, kBackward>;
-    kernel<<<row_blocks(p), kThreads, 0, stream>>>(p, static_cast<const A*>(weights), static_cast<const A*>(sums),
-                                                   static_cast<const T*>(grad),
-                                                   const_cast<T*>(static_cast<const T*>(out)));
+    kernel<<<row_blocks(p), kThreads, 0, stream>>>(p, typed<A>(weights), typed<A>(sums), typed<T>(grad),
+                                                   const_cast<T*>(typed<T>(out)));
   });
-  DPM_CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace
@@ -122,13 +121,12 @@ void launch_pool(Dtype dtype, const LevelPack& p, const void* weights, const voi
 void resize_mask(Dtype dtype, const void* mask, int64_t H, int64_t W, const LevelPack& pack, void* weights,
                  void* sums, cudaStream_t stream) {
   if (pack.batch == 0) return;
-  dispatch_dtype(dtype, [&](auto tag) {
+  launch_typed(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     resize_mask_kernel<T, A><<<static_cast<unsigned int>(pack.batch * pack.count), kThreads, 0, stream>>>(
-        static_cast<const T*>(mask), H, W, pack, static_cast<A*>(weights), static_cast<A*>(sums));
+        typed<T>(mask), H, W, pack, typed<A>(weights), typed<A>(sums));
   });
-  DPM_CUDA_CHECK_LAUNCH();
 }
 
 void pool_forward(Dtype dtype, const LevelPack& pack, const void* weights, const void* sums, bool max_mode,

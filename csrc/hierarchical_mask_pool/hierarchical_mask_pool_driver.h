@@ -3,11 +3,13 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/DeviceGuard.h>
 
 #include <optional>
 #include <string_view>
 #include <vector>
 
+#include "../common/compute_type.h"
 #include "hierarchical_mask_pool_math.h"
 
 namespace dpm_ops {
@@ -45,8 +47,6 @@ inline bool check_inputs(at::TensorList features, const std::optional<at::Tensor
   }
   return mode == "max";
 }
-
-inline at::ScalarType accumulation_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // Descriptors of contiguous `features` (and their gradients, when given).
 inline LevelPack pack_levels(const std::vector<at::Tensor>& features, const std::vector<at::Tensor>* grads) {
@@ -91,12 +91,14 @@ inline std::vector<at::Tensor> prepared(at::TensorList features, at::Tensor (*pr
   return out;
 }
 
+// The ops on any device (the schemas' arguments), with that device's Kernels.
 template <class Kernels>
-at::Tensor forward(at::TensorList features_in, const std::optional<at::Tensor>& mask, std::string_view mode) {
+at::Tensor forward(at::TensorList features_in, const std::optional<at::Tensor>& mask, c10::string_view mode) {
   const bool max_mode = check_inputs(features_in, mask, mode);
+  const c10::OptionalDeviceGuard guard(at::device_of(features_in[0]));
   const std::vector<at::Tensor> features = prepared(features_in, &Kernels::prepare);
   const LevelPack p = pack_levels(features, nullptr);
-  const auto [weights, sums] = resized_weights<Kernels>(mask, p, accumulation_type(features[0].scalar_type()));
+  const auto [weights, sums] = resized_weights<Kernels>(mask, p, compute_type(features[0].scalar_type()));
   at::Tensor out = at::empty({p.batch, p.total_channels}, features[0].options());
   Kernels::pool(p, weights, sums, max_mode, out);
   return out.to(features_in[0].scalar_type());
@@ -105,13 +107,14 @@ at::Tensor forward(at::TensorList features_in, const std::optional<at::Tensor>& 
 template <class Kernels>
 std::vector<at::Tensor> backward(const at::Tensor& grad, at::TensorList features_in,
                                  const std::optional<at::Tensor>& mask, const at::Tensor& out,
-                                 std::string_view mode) {
+                                 c10::string_view mode) {
   const bool max_mode = check_inputs(features_in, mask, mode);
+  const c10::OptionalDeviceGuard guard(at::device_of(features_in[0]));
   const std::vector<at::Tensor> features = prepared(features_in, &Kernels::prepare);
   std::vector<at::Tensor> grads;
   for (const at::Tensor& f : features) grads.push_back(at::empty_like(f));
   const LevelPack p = pack_levels(features, &grads);
-  const auto [weights, sums] = resized_weights<Kernels>(mask, p, accumulation_type(features[0].scalar_type()));
+  const auto [weights, sums] = resized_weights<Kernels>(mask, p, compute_type(features[0].scalar_type()));
   Kernels::pool_backward(p, Kernels::prepare(grad), weights, sums, Kernels::prepare(out), max_mode);
   for (size_t l = 0; l < grads.size(); ++l) grads[l] = grads[l].to(features_in[l].scalar_type());
   return grads;

@@ -55,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& x, const at::Tenso
   const c10::cuda::CUDAGuard guard(x.device());
   const NoAutocastGuard no_autocast;
   const Metric metric = parse_metric(metric_name);
-  const at::ScalarType type = compute_type(x.scalar_type() == at::kDouble ? x : y);
+  const at::ScalarType type = compute_type(x.scalar_type(), y.scalar_type());
   const at::ScalarType operand = gemm_type(x, y, type);
   const Operand xs(x, metric, type, operand), ys(y, metric, type, operand);
   at::Tensor values = at::empty({x.size(0), k}, x.options().dtype(type));
@@ -78,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> self_knn_cuda(const a
   const c10::cuda::CUDAGuard guard(x.device());
   const NoAutocastGuard no_autocast;
   const Metric metric = parse_metric(metric_name);
-  const at::ScalarType type = compute_type(x);
+  const at::ScalarType type = compute_type(x.scalar_type());
   const Operand xs(x, metric, type, gemm_type(x, x, type));
   const int64_t m = normalize ? std::min(N, k + kTieMargin) : k;
   TORCH_CHECK_VALUE(m <= cuda::kMaxSharedK, "self_knn: the CUDA kernel takes k <= ", cuda::kMaxSharedK - kTieMargin);
@@ -94,26 +94,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> self_knn_cuda(const a
   // Order by (scaled value, index): by index first, then a stable sort by the scaled value.
   const at::Tensor by_index = raw_indices.argsort(/*dim=*/1, /*descending=*/false);
   at::Tensor indices = raw_indices.gather(1, by_index), values = raw.gather(1, by_index);
-  const at::Tensor by_value = std::get<1>((values / scale).sort(/*stable=*/true, 1));
+  const at::Tensor by_value = std::get<1>((values / scale).sort(/*stable=*/true, /*dim=*/1, /*descending=*/false));
   indices = indices.gather(1, by_value).narrow(1, 0, k).contiguous();
   values = values.gather(1, by_value).narrow(1, 0, k).contiguous();
   if (m < N) {
     const at::Tensor kth = values.select(1, k - 1).unsqueeze(1) / scale;
     const at::Tensor undecided = at::nonzero((kth >= raw.select(1, m - 1).unsqueeze(1) / scale).squeeze(1)).squeeze(1);
-    if (undecided.numel() > 0) {
-      // The same GEMM operands as the scan, so the recomputed rows hold the same numbers.
-      at::Tensor full = mm_acc(xs.gemm.index_select(0, undecided), xs.gemm.t());
-      if (metric == Metric::kCosine) {
-        full = 1 - full;
-      } else {
-        full = (xs.norms.index_select(0, undecided).unsqueeze(1) + xs.norms.unsqueeze(0) - 2 * full).clamp_min(0);
-        if (metric == Metric::kEuclidean) full = full.sqrt();
-      }
-      full.scatter_(1, undecided.unsqueeze(1), 0);
-      const at::Tensor order = std::get<1>((full / scale.index_select(0, undecided)).sort(true, 1)).narrow(1, 0, k);
-      indices.index_copy_(0, undecided, order);
-      values.index_copy_(0, undecided, full.gather(1, order));
-    }
+    recompute_undecided(xs, undecided, k, metric, row_max, values, indices);
   }
   return {values, indices, row_max, cross};
 }

@@ -17,6 +17,7 @@
 #include <string>
 
 #include "../common/cuda_utils.cuh"
+#include "../common/launch.cuh"
 #include "knn_cuda.h"
 #include "knn_math.h"
 
@@ -216,32 +217,27 @@ void select(Dtype dtype, const void* dots, const void* x_norms, const void* y_no
   if (rows == 0) return;
   if (k > kMaxSharedK) throw std::runtime_error("dpm_ops knn: the CUDA kernel takes k <= 256");
   const unsigned int blocks = static_cast<unsigned int>(rows);
-  auto launch = [&](auto tag) {
+  launch_computed(dtype, [&](auto tag) {
     using A = typename decltype(tag)::type;
-    const A* dp = static_cast<const A*>(dots);
-    const A* xn = static_cast<const A*>(x_norms);
-    const A* yn = static_cast<const A*>(y_norms);
-    A* ov = static_cast<A*>(out_values);
-    A* rm = static_cast<A*>(row_max);
-    A* cr = static_cast<A*>(cross);
+    const A* dp = typed<A>(dots);
+    const A* xn = typed<A>(x_norms);
+    const A* yn = typed<A>(y_norms);
+    A* ov = typed<A>(out_values);
+    A* rm = typed<A>(row_max);
+    A* cr = typed<A>(cross);
     if (k <= 32) {
       select_kernel<A, true><<<blocks, kThreads, 0, stream>>>(dp, xn, yn, row0, N, int(k), Metric(metric), self, ov,
                                                               out_indices, rm, cr, cross_rows);
     } else {
       const size_t bytes = size_t(kWarps) * size_t(k) * (sizeof(A) + sizeof(int64_t));
       auto kernel = select_kernel<A, false>;
-      const cudaError_t err =
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-      if (err != cudaSuccess)
-        throw std::runtime_error("dpm_ops knn: cudaFuncSetAttribute(select_kernel, MaxDynamicSharedMemorySize = " +
-                                 std::to_string(bytes) + " bytes) failed: " + cudaGetErrorString(err));
+      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+                 "knn: cudaFuncSetAttribute(select_kernel, MaxDynamicSharedMemorySize = " + std::to_string(bytes) +
+                     " bytes)");
       kernel<<<blocks, kThreads, bytes, stream>>>(dp, xn, yn, row0, N, int(k), Metric(metric), self, ov, out_indices,
                                                   rm, cr, cross_rows);
     }
-  };
-  if (dtype == Dtype::kDouble) launch(TypeTag<double>{});
-  else launch(TypeTag<float>{});
-  DPM_CUDA_CHECK_LAUNCH();
+  });
 }
 
 }  // namespace cuda

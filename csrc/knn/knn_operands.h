@@ -4,12 +4,16 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+
+#include "../common/compute_type.h"
 #include "knn_math.h"
 
 namespace dpm_ops {
 namespace knn {
 
 constexpr int64_t kTieMargin = 4;  // self_knn with row-max normalisation: extra candidates
+constexpr int64_t kFullRowBatch = 64;  // rows per GEMM when whole rows are recomputed
 
 inline Metric parse_metric(c10::string_view name) {
   if (name == "euclidean") return Metric::kEuclidean;
@@ -40,10 +44,6 @@ inline void check_self_knn_args(const at::Tensor& x, int64_t k, int64_t cross_ro
                     cross_rows);
 }
 
-inline at::ScalarType compute_type(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // Rows in the compute type (unit rows for cosine, with F.normalize's eps), their squared norms, and
 // the rows as GEMM operand in `gemm_type` (the compute type, or bf16 / fp16 for tensor cores:
 // common/gemm.h; then the same tensor, or the rows rounded to it).
@@ -64,6 +64,34 @@ struct Operand {
  private:
   Operand(at::Tensor r, at::Tensor n, at::Tensor g) : rows(std::move(r)), norms(std::move(n)), gemm(std::move(g)) {}
 };
+
+// The self_knn rows `ids` (int64, on xs's device) whose first k by (value / row max, index) the kept
+// candidates could not decide (scaled_order_is_decided): each recomputed from its whole row of
+// distances, written into values / indices (N, k). The scans' GEMM on the same operands and
+// pair_distance's formula, so the numbers are the scans'; the same code on every device.
+inline void recompute_undecided(const Operand& xs, const at::Tensor& ids, int64_t k, Metric metric,
+                                const at::Tensor& row_max, at::Tensor& values, at::Tensor& indices) {
+  const at::ScalarType acc = xs.norms.scalar_type();
+  for (int64_t b = 0; b < ids.size(0); b += kFullRowBatch) {
+    const at::Tensor rows = ids.narrow(0, b, std::min(kFullRowBatch, ids.size(0) - b));
+    const at::Tensor a = xs.gemm.index_select(0, rows);
+    at::Tensor d = a.scalar_type() == acc ? at::mm(a, xs.gemm.t()) : at::mm(a, xs.gemm.t(), acc);
+    if (metric == Metric::kCosine) {
+      d = 1 - d;
+    } else {
+      d = xs.norms.index_select(0, rows).unsqueeze(1) + xs.norms.unsqueeze(0) - 2 * d;
+      d = at::where(d > 0, d, 0);  // pair_distance's clamp
+      if (metric == Metric::kEuclidean) d = d.sqrt();
+    }
+    d.scatter_(1, rows.unsqueeze(1), 0);  // d(i, i) = 0
+    const at::Tensor top = row_max.index_select(0, rows).unsqueeze(1);
+    const at::Tensor scaled = d / at::where(top > 0, top, 1);  // an all-zero row keeps its raw order
+    // All three arguments: sort(true, 1) would bind to sort(dim = 1, descending = true).
+    const at::Tensor order = std::get<1>(scaled.sort(/*stable=*/true, /*dim=*/1, /*descending=*/false)).narrow(1, 0, k);
+    indices.index_copy_(0, rows, order);
+    values.index_copy_(0, rows, d.gather(1, order));
+  }
+}
 
 }  // namespace knn
 }  // namespace dpm_ops

@@ -31,12 +31,9 @@ at::Tensor prefix_sum(const std::vector<int64_t>& counts, const at::TensorOption
 // R*(i) for every item, as CSR (row_ptr, cols). R(c, kh) is computed once per item; each
 // thread keeps the sets of its rows until the sizes are known, then copies them in place.
 std::tuple<at::Tensor, at::Tensor> expand_cpu(const at::Tensor& neighbours_in, int64_t k1, int64_t half_k1) {
-  check_neighbours(neighbours_in);
-  TORCH_CHECK_VALUE(k1 >= 1 && half_k1 >= 0, "kreciprocal: need k1 >= 1 and half_k1 >= 0, got ", k1, ", ", half_k1);
-  const at::Tensor neighbours = neighbours_in.contiguous();
-  const int64_t N = neighbours.size(0), width = neighbours.size(1);
-  const int64_t count1 = std::min(k1 + 1, width), count_h = std::min(half_k1 + 1, width);
-  const int64_t* nb = neighbours.const_data_ptr<int64_t>();
+  const ExpandArgs a(neighbours_in, k1, half_k1);
+  const int64_t N = a.N, width = a.width, count1 = a.count1, count_h = a.count_h;
+  const int64_t* nb = a.neighbours.const_data_ptr<int64_t>();
   std::vector<int64_t> half_sets(N * count_h), half_sizes(N), sizes(N);
   at::parallel_for(0, N, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c)
@@ -54,9 +51,9 @@ std::tuple<at::Tensor, at::Tensor> expand_cpu(const at::Tensor& neighbours_in, i
     const std::lock_guard<std::mutex> guard(lock);
     pieces.emplace_back(begin, std::move(items));
   });
-  at::Tensor row_ptr = prefix_sum(sizes, neighbours.options());
+  at::Tensor row_ptr = prefix_sum(sizes, a.neighbours.options());
   const int64_t* rp = row_ptr.const_data_ptr<int64_t>();
-  at::Tensor cols = at::empty({rp[N]}, neighbours.options());
+  at::Tensor cols = at::empty({rp[N]}, a.neighbours.options());
   int64_t* cp = cols.data_ptr<int64_t>();
   for (const auto& piece : pieces) std::copy(piece.second.begin(), piece.second.end(), cp + rp[piece.first]);
   return {row_ptr, cols};
@@ -82,15 +79,11 @@ void pair_sqdist_impl(const at::Tensor& features, const at::Tensor& cand_values,
 
 at::Tensor pair_sqdist_cpu(const at::Tensor& features_in, const at::Tensor& cand_values_in,
                            const at::Tensor& cand_indices_in, const at::Tensor& row_ptr_in, const at::Tensor& cols_in) {
-  check_pair_sqdist(features_in, cand_values_in, cand_indices_in, row_ptr_in, cols_in);
-  const int64_t N = features_in.size(0);
-  const at::Tensor features =
-      features_in.to(features_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
-  const at::Tensor cand_values = cand_values_in.to(at::kFloat).contiguous(), cand_indices = cand_indices_in.contiguous();
-  const at::Tensor row_ptr = row_ptr_in.contiguous(), cols = cols_in.contiguous();
-  at::Tensor out = at::empty({cols.size(0)}, cols.options().dtype(at::kFloat));
-  if (features.scalar_type() == at::kDouble) pair_sqdist_impl<double>(features, cand_values, cand_indices, row_ptr, cols, out);
-  else pair_sqdist_impl<float>(features, cand_values, cand_indices, row_ptr, cols, out);
+  const PairSqdistArgs a(features_in, cand_values_in, cand_indices_in, row_ptr_in, cols_in);
+  at::Tensor out = at::empty({a.cols.size(0)}, a.cols.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES(a.features.scalar_type(), "pair_sqdist", [&] {
+    pair_sqdist_impl<scalar_t>(a.features, a.cand_values, a.cand_indices, a.row_ptr, a.cols, out);
+  });
   return out;
 }
 
@@ -100,19 +93,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> query_expansion_cpu(const at::Ten
                                                                    const at::Tensor& cols_in,
                                                                    const at::Tensor& values_in,
                                                                    const at::Tensor& sources_in) {
-  check_index_tensor(row_ptr_in, 1, "row_ptr");
-  const int64_t N = row_ptr_in.size(0) - 1;
-  check_csr(row_ptr_in, cols_in, N, N, &values_in);
-  check_index_tensor(sources_in, 2, "sources");
-  TORCH_CHECK_VALUE(sources_in.size(0) == N, "kreciprocal: sources must have one row per item");
-  check_index_range(sources_in, N, "sources");
-  const at::Tensor row_ptr = row_ptr_in.contiguous(), cols = cols_in.contiguous();
-  const at::Tensor values = values_in.to(at::kFloat).contiguous(), sources = sources_in.contiguous();
-  const int64_t k2 = sources.size(1);
-  const int64_t* rp = row_ptr.const_data_ptr<int64_t>();
-  const int64_t* cp = cols.const_data_ptr<int64_t>();
-  const float* vp = values.const_data_ptr<float>();
-  const int64_t* sp = sources.const_data_ptr<int64_t>();
+  const QueryExpansionArgs a(row_ptr_in, cols_in, values_in, sources_in);
+  const int64_t N = a.N, k2 = a.k2;
+  const int64_t* rp = a.row_ptr.const_data_ptr<int64_t>();
+  const int64_t* cp = a.cols.const_data_ptr<int64_t>();
+  const float* vp = a.values.const_data_ptr<float>();
+  const int64_t* sp = a.sources.const_data_ptr<int64_t>();
   std::vector<int64_t> sizes(N);
   at::Tensor out_ptr, out_cols, out_values;
   int64_t* ocp = nullptr;
@@ -129,10 +115,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> query_expansion_cpu(const at::Ten
     });
   };
   each_row(false);
-  out_ptr = prefix_sum(sizes, row_ptr.options());
+  out_ptr = prefix_sum(sizes, a.row_ptr.options());
   const int64_t nnz = out_ptr[N].item<int64_t>();
-  out_cols = at::empty({nnz}, cols.options());
-  out_values = at::empty({nnz}, values.options());
+  out_cols = at::empty({nnz}, a.cols.options());
+  out_values = at::empty({nnz}, a.values.options());
   orp = out_ptr.const_data_ptr<int64_t>();
   ocp = out_cols.data_ptr<int64_t>();
   ovp = out_values.data_ptr<float>();
@@ -147,15 +133,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> query_expansion_cpu(const at::Ten
 // order, as the reference does.
 void jaccard_blend_cpu(at::Tensor& out, const at::Tensor& row_ptr_in, const at::Tensor& cols_in,
                        const at::Tensor& values_in, double lambda_value, const c10::optional<at::Tensor>& scale_in) {
-  TORCH_CHECK_VALUE(out.dim() == 2 && out.scalar_type() == at::kFloat && out.is_contiguous(),
-                    "kreciprocal: out must be a contiguous 2-D float32 tensor");
-  const int64_t Q = out.size(0), G = out.size(1), N = Q + G;
-  check_csr(row_ptr_in, cols_in, N, N, &values_in);
-  const at::Tensor row_ptr = row_ptr_in.contiguous(), cols = cols_in.contiguous();
-  const at::Tensor values = values_in.to(at::kFloat).contiguous();
-  const int64_t* rp = row_ptr.const_data_ptr<int64_t>();
-  const int64_t* cp = cols.const_data_ptr<int64_t>();
-  const float* vp = values.const_data_ptr<float>();
+  const JaccardArgs a(out, row_ptr_in, cols_in, values_in, scale_in);
+  const int64_t Q = a.Q, G = a.G, N = a.N;
+  const int64_t* rp = a.row_ptr.const_data_ptr<int64_t>();
+  const int64_t* cp = a.cols.const_data_ptr<int64_t>();
+  const float* vp = a.values.const_data_ptr<float>();
   // Inverted index of the gallery rows: a counting sort by column keeps rows ascending.
   std::vector<int64_t> column_start(N + 1, 0);
   for (int64_t e = rp[Q]; e < rp[N]; ++e) ++column_start[cp[e] + 1];
@@ -170,12 +152,7 @@ void jaccard_blend_cpu(at::Tensor& out, const at::Tensor& row_ptr_in, const at::
     }
   const float jaccard_weight = float(1.0 - lambda_value), keep = float(lambda_value);
   float* op = out.data_ptr<float>();
-  at::Tensor scale;
-  if (scale_in.has_value()) {
-    scale = scale_in->to(at::kFloat).contiguous();
-    TORCH_CHECK_VALUE(scale.dim() == 1 && scale.size(0) >= Q, "kreciprocal: row_scale must hold one value per query");
-  }
-  const float* sp = scale.defined() ? scale.const_data_ptr<float>() : nullptr;
+  const float* sp = a.scale_or_null();
   at::parallel_for(0, Q, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> overlap(G, 0.f);
     for (int64_t q = begin; q < end; ++q) {

@@ -8,6 +8,7 @@
 #include <algorithm>
 
 #include "../common/aten_cuda.h"
+#include "../common/compute_type.h"
 #include "kreciprocal_checks.h"
 #include "kreciprocal_cuda.h"
 
@@ -30,12 +31,10 @@ at::Tensor scratch_for(int64_t rows, int64_t slots_per_thread, const at::TensorO
 }
 
 std::tuple<at::Tensor, at::Tensor> expand_cuda(const at::Tensor& neighbours_in, int64_t k1, int64_t half_k1) {
-  check_neighbours(neighbours_in);
-  TORCH_CHECK_VALUE(k1 >= 1 && half_k1 >= 0, "kreciprocal: need k1 >= 1 and half_k1 >= 0, got ", k1, ", ", half_k1);
   const c10::cuda::CUDAGuard guard(neighbours_in.device());
-  const at::Tensor neighbours = neighbours_in.contiguous();
-  const int64_t N = neighbours.size(0), width = neighbours.size(1);
-  const int64_t count1 = std::min(k1 + 1, width), count_h = std::min(half_k1 + 1, width);
+  const ExpandArgs a(neighbours_in, k1, half_k1);
+  const at::Tensor& neighbours = a.neighbours;
+  const int64_t N = a.N, width = a.width, count1 = a.count1, count_h = a.count_h;
   const cudaStream_t stream = current_stream();
   const int64_t* nb = neighbours.const_data_ptr<int64_t>();
   at::Tensor half_sets = at::empty({N * count_h}, neighbours.options());
@@ -59,12 +58,9 @@ at::Tensor pair_sqdist_cuda(const at::Tensor& features_in, const at::Tensor& can
                                 {cand_indices_in, "cand_indices"}, {row_ptr_in, "row_ptr"}, {cols_in, "cols"}})
     check_device(t, features_in, name);
   const c10::cuda::CUDAGuard guard(features_in.device());
-  check_pair_sqdist(features_in, cand_values_in, cand_indices_in, row_ptr_in, cols_in);
-  const int64_t N = features_in.size(0);
-  const at::Tensor features =
-      features_in.to(features_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
-  const at::Tensor cand_values = cand_values_in.to(at::kFloat).contiguous(), cand_indices = cand_indices_in.contiguous();
-  const at::Tensor row_ptr = row_ptr_in.contiguous(), cols = cols_in.contiguous();
+  const PairSqdistArgs a(features_in, cand_values_in, cand_indices_in, row_ptr_in, cols_in);
+  const at::Tensor &features = a.features, &cand_values = a.cand_values, &cand_indices = a.cand_indices,
+                   &row_ptr = a.row_ptr, &cols = a.cols;
   at::Tensor out = at::empty({cols.size(0)}, cols.options().dtype(at::kFloat));
   cuda::pair_sqdist(dtype_of(features), features.const_data_ptr(), features.size(0), features.size(1),
                     cand_values.const_data_ptr<float>(), cand_indices.const_data_ptr<int64_t>(), cand_indices.size(1),
@@ -81,15 +77,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> query_expansion_cuda(const at::Te
                                 {sources_in, "sources"}})
     check_device(t, row_ptr_in, name);
   const c10::cuda::CUDAGuard guard(row_ptr_in.device());
-  check_index_tensor(row_ptr_in, 1, "row_ptr");
-  const int64_t N = row_ptr_in.size(0) - 1;
-  check_csr(row_ptr_in, cols_in, N, N, &values_in);
-  check_index_tensor(sources_in, 2, "sources");
-  TORCH_CHECK_VALUE(sources_in.size(0) == N, "kreciprocal: sources must have one row per item");
-  check_index_range(sources_in, N, "sources");
-  const at::Tensor row_ptr = row_ptr_in.contiguous(), cols = cols_in.contiguous();
-  const at::Tensor values = values_in.to(at::kFloat).contiguous(), sources = sources_in.contiguous();
-  const int64_t k2 = sources.size(1);
+  const QueryExpansionArgs a(row_ptr_in, cols_in, values_in, sources_in);
+  const at::Tensor &row_ptr = a.row_ptr, &cols = a.cols, &values = a.values, &sources = a.sources;
+  const int64_t N = a.N, k2 = a.k2;
   const cudaStream_t stream = current_stream();
   at::Tensor scratch = scratch_for(N, 2 * k2, row_ptr.options());
   at::Tensor sizes = at::empty({N}, row_ptr.options());
@@ -108,22 +98,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> query_expansion_cuda(const at::Te
 
 void jaccard_blend_cuda(at::Tensor& out, const at::Tensor& row_ptr_in, const at::Tensor& cols_in,
                         const at::Tensor& values_in, double lambda_value, const c10::optional<at::Tensor>& scale_in) {
-  TORCH_CHECK_VALUE(out.dim() == 2 && out.scalar_type() == at::kFloat && out.is_contiguous(),
-                    "kreciprocal: out must be a contiguous 2-D float32 tensor");
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>(row_ptr_in, "row_ptr"), {cols_in, "cols"},
                                 {values_in, "values"}})
     check_device(t, out, name);
+  if (scale_in.has_value()) check_device(*scale_in, out, "row_scale");
   const c10::cuda::CUDAGuard guard(out.device());
-  const int64_t Q = out.size(0), G = out.size(1), N = Q + G;
-  check_csr(row_ptr_in, cols_in, N, N, &values_in);
-  const at::Tensor row_ptr = row_ptr_in.contiguous(), cols = cols_in.contiguous();
-  const at::Tensor values = values_in.to(at::kFloat).contiguous();
-  at::Tensor scale;
-  if (scale_in.has_value()) {
-    check_device(*scale_in, out, "row_scale");
-    scale = scale_in->to(at::kFloat).contiguous();
-    TORCH_CHECK_VALUE(scale.dim() == 1 && scale.size(0) >= Q, "kreciprocal: row_scale must hold one value per query");
-  }
+  const JaccardArgs a(out, row_ptr_in, cols_in, values_in, scale_in);
+  const at::Tensor &row_ptr = a.row_ptr, &cols = a.cols, &values = a.values;
+  const int64_t Q = a.Q, G = a.G, N = a.N;
   if (Q == 0 || G == 0) return;
   // Inverted index of the gallery rows: their entries stably sorted by column (rows stay
   // ascending within a column, as the CPU kernel's counting sort leaves them).
@@ -138,7 +120,7 @@ void jaccard_blend_cuda(at::Tensor& out, const at::Tensor& row_ptr_in, const at:
   cuda::jaccard_blend(out.data_ptr<float>(), Q, G, row_ptr.const_data_ptr<int64_t>(), cols.const_data_ptr<int64_t>(),
                       values.const_data_ptr<float>(), column_start.const_data_ptr<int64_t>(),
                       holder.const_data_ptr<int64_t>(), holder_value.const_data_ptr<float>(),
-                      scale.defined() ? scale.const_data_ptr<float>() : nullptr, float(1.0 - lambda_value),
+                      a.scale_or_null(), float(1.0 - lambda_value),
                       float(lambda_value), overlap.data_ptr<float>(), current_stream());
 }
 

@@ -2,6 +2,7 @@
 // same code as the CPU kernels, so the same numbers bit for bit). No torch headers: see
 // kreciprocal_cuda.h.
 #include "../common/cuda_utils.cuh"
+#include "../common/launch.cuh"
 #include "kreciprocal_cuda.h"
 #include "kreciprocal_math.h"
 
@@ -96,7 +97,7 @@ void half_sets(const int64_t* neighbours, int64_t N, int64_t width, int64_t coun
                int64_t* half_sizes, cudaStream_t stream) {
   if (N == 0) return;
   half_sets_kernel<<<blocks_for(N), kThreads, 0, stream>>>(neighbours, N, width, count_h, half_sets, half_sizes);
-  DPM_CUDA_CHECK_LAUNCH();
+  check_launch();
 }
 
 void expand_count(const int64_t* neighbours, int64_t N, int64_t width, int64_t count1, int64_t count_h,
@@ -106,7 +107,7 @@ void expand_count(const int64_t* neighbours, int64_t N, int64_t width, int64_t c
   const int64_t threads = scratch_threads(N);
   expand_kernel<<<blocks_for(threads), kThreads, 0, stream>>>(neighbours, N, width, count1, count_h, half_sets,
                                                               half_sizes, scratch, sizes, nullptr, nullptr);
-  DPM_CUDA_CHECK_LAUNCH();
+  check_launch();
 }
 
 void expand_fill(const int64_t* neighbours, int64_t N, int64_t width, int64_t count1, int64_t count_h,
@@ -116,21 +117,18 @@ void expand_fill(const int64_t* neighbours, int64_t N, int64_t width, int64_t co
   const int64_t threads = scratch_threads(N);
   expand_kernel<<<blocks_for(threads), kThreads, 0, stream>>>(neighbours, N, width, count1, count_h, half_sets,
                                                               half_sizes, scratch, nullptr, row_ptr, cols);
-  DPM_CUDA_CHECK_LAUNCH();
+  check_launch();
 }
 
 void pair_sqdist(Dtype dtype, const void* features, int64_t N, int64_t D, const float* cand_values,
                  const int64_t* cand_indices, int64_t m, const int64_t* row_ptr, const int64_t* cols, int64_t nnz,
                  float* out, cudaStream_t stream) {
   if (nnz == 0) return;
-  if (dtype == Dtype::kDouble) {
-    pair_sqdist_kernel<double><<<blocks_for(nnz), kThreads, 0, stream>>>(
-        static_cast<const double*>(features), N, D, cand_values, cand_indices, m, row_ptr, cols, nnz, out);
-  } else {
-    pair_sqdist_kernel<float><<<blocks_for(nnz), kThreads, 0, stream>>>(
-        static_cast<const float*>(features), N, D, cand_values, cand_indices, m, row_ptr, cols, nnz, out);
-  }
-  DPM_CUDA_CHECK_LAUNCH();
+  launch_computed(dtype, [&](auto tag) {
+    using A = typename decltype(tag)::type;
+    pair_sqdist_kernel<A><<<blocks_for(nnz), kThreads, 0, stream>>>(typed<A>(features), N, D, cand_values,
+                                                                    cand_indices, m, row_ptr, cols, nnz, out);
+  });
 }
 
 void query_expansion_count(const int64_t* row_ptr, const int64_t* cols, const int64_t* sources, int64_t N,
@@ -138,7 +136,7 @@ void query_expansion_count(const int64_t* row_ptr, const int64_t* cols, const in
   if (N == 0) return;
   query_expansion_kernel<<<blocks_for(scratch_threads(N)), kThreads, 0, stream>>>(
       row_ptr, cols, nullptr, sources, N, k2, scratch, sizes, nullptr, nullptr, nullptr);
-  DPM_CUDA_CHECK_LAUNCH();
+  check_launch();
 }
 
 void query_expansion_fill(const int64_t* row_ptr, const int64_t* cols, const float* values, const int64_t* sources,
@@ -147,7 +145,7 @@ void query_expansion_fill(const int64_t* row_ptr, const int64_t* cols, const flo
   if (N == 0) return;
   query_expansion_kernel<<<blocks_for(scratch_threads(N)), kThreads, 0, stream>>>(
       row_ptr, cols, values, sources, N, k2, scratch, nullptr, out_row_ptr, out_cols, out_values);
-  DPM_CUDA_CHECK_LAUNCH();
+  check_launch();
 }
 
 void jaccard_blend(float* out, int64_t Q, int64_t G, const int64_t* row_ptr, const int64_t* cols, const float* values,
@@ -156,7 +154,7 @@ void jaccard_blend(float* out, int64_t Q, int64_t G, const int64_t* row_ptr, con
   if (Q == 0 || G == 0) return;
   jaccard_kernel<<<static_cast<unsigned int>(jaccard_blocks(Q)), kJaccardThreads, 0, stream>>>(
       out, Q, G, row_ptr, cols, values, column_start, holder, holder_value, row_scale, jaccard_weight, keep, overlap);
-  DPM_CUDA_CHECK_LAUNCH();
+  check_launch();
 }
 
 }  // namespace cuda

@@ -1,6 +1,6 @@
-// Per-row logic of k-reciprocal re-ranking on fixed-width neighbour lists (spec rerank_eval.md
-// §1.3), shared by the CPU kernels (kreciprocal_cpu.cpp) and the CUDA kernels (kreciprocal_cuda.cu):
-// plain pointers and caller-owned scratch, no allocation.
+// Per-row logic of k-reciprocal re-ranking (Zhong et al., CVPR 2017, as its reference code computes it) on fixed-width
+// neighbour lists, shared by the CPU kernels (kreciprocal_cpu.cpp) and the CUDA kernels (kreciprocal_cuda.cu): plain
+// pointers and caller-owned scratch, no allocation.
 //
 // neighbours: (N, width) row-major, each row's nearest items in (normalised distance, index)
 // order, the item itself normally first. N(i, k) = the first k + 1 entries.
@@ -15,34 +15,17 @@ namespace kreciprocal {
 
 // Products and sums rounded one operation at a time: nvcc would contract a * b + c into an fma,
 // and the CUDA kernels must give the CPU kernels' (and the torch stages') numbers bit for bit.
-DPM_HD float mul_rn(float a, float b) {
 #ifdef __CUDA_ARCH__
-  return __fmul_rn(a, b);
+DPM_HD float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+DPM_HD double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+DPM_HD float add_rn(float a, float b) { return __fadd_rn(a, b); }
+DPM_HD double add_rn(double a, double b) { return __dadd_rn(a, b); }
 #else
-  return a * b;
+DPM_HD float mul_rn(float a, float b) { return a * b; }
+DPM_HD double mul_rn(double a, double b) { return a * b; }
+DPM_HD float add_rn(float a, float b) { return a + b; }
+DPM_HD double add_rn(double a, double b) { return a + b; }
 #endif
-}
-DPM_HD double mul_rn(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-DPM_HD float add_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-DPM_HD double add_rn(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
 template <typename A> DPM_HD A sub_rn(A a, A b) { return add_rn(a, -b); }
 
 // The row of the CSR entry e: the last r < rows with row_ptr[r] <= e (empty rows are skipped).

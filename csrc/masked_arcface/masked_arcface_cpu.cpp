@@ -155,25 +155,10 @@ struct CpuKernels : masked_cosine::CpuKernels {
   }
 };
 
-Params params(double scale, double margin, bool easy_margin, double clamp_eps, double plain_weight,
-              double masked_weight) {
-  return {scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_arcface_ce_cpu(
-    const at::Tensor& features, const at::Tensor& mask, const at::Tensor& weight, const at::Tensor& labels,
-    double scale, double margin, bool easy_margin, double clamp_eps, double plain_weight, double masked_weight,
-    bool with_grad) {
-  const Params p = params(scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight);
-  check_inputs(features, mask, weight, labels, p);
-  return forward<CpuKernels>(features.contiguous(), mask.contiguous(), weight.contiguous(), labels.contiguous(), p,
-                             with_grad);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dpm_ops, CPU, m) {
-  m.impl("masked_arcface_ce", &masked_arcface_ce_cpu);
+  m.impl("masked_arcface_ce", &masked_arcface_ce<CpuKernels>);
 }
 
 }  // namespace masked_arcface

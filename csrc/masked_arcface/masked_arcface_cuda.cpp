@@ -1,6 +1,5 @@
 // CUDA entry points of the fused masked ArcFace cross-entropy: the shared chunked driver with cuBLAS
 // GEMMs, this op's row passes, and the masked cosine's CUDA row kernels. Built only with CUDA.
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
@@ -57,26 +56,10 @@ struct CudaKernels {
   }
 };
 
-Params params(double scale, double margin, bool easy_margin, double clamp_eps, double plain_weight,
-              double masked_weight) {
-  return {scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_arcface_ce_cuda(
-    const at::Tensor& features, const at::Tensor& mask, const at::Tensor& weight, const at::Tensor& labels,
-    double scale, double margin, bool easy_margin, double clamp_eps, double plain_weight, double masked_weight,
-    bool with_grad) {
-  const Params p = params(scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight);
-  check_inputs(features, mask, weight, labels, p);
-  const c10::cuda::CUDAGuard guard(features.device());
-  return forward<CudaKernels>(features.contiguous(), mask.contiguous(), weight.contiguous(), labels.contiguous(), p,
-                              with_grad);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dpm_ops, CUDA, m) {
-  m.impl("masked_arcface_ce", &masked_arcface_ce_cuda);
+  m.impl("masked_arcface_ce", &masked_arcface_ce<CudaKernels>);
 }
 
 }  // namespace masked_arcface

@@ -1,5 +1,6 @@
 // CUDA row passes of the fused masked ArcFace cross-entropy. No torch headers: see masked_arcface_cuda.h.
 #include "../common/cuda_utils.cuh"
+#include "../common/launch.cuh"
 #include "masked_arcface_cuda.h"
 #include "masked_arcface_math.h"
 
@@ -77,36 +78,29 @@ plain_rows_kernel(A* __restrict__ plain, const int64_t* __restrict__ labels, int
   for (int64_t k = threadIdx.x; k < K; k += blockDim.x) pr[k] = grad_plain(exp_of(pr[k] - lse), k == y, g);
 }
 
-template <typename F> void dispatch_float(Dtype dtype, F&& f) {
-  if (dtype == Dtype::kDouble) f(TypeTag<double>{});
-  else f(TypeTag<float>{});  // the adapters pass fp32 or fp64 only
-}
-
 }  // namespace
 
 void masked_rows(Dtype dtype, void* num, void* den_sq, const int64_t* labels, int64_t rows, int64_t K, int64_t batch,
                  bool with_grad, LossParams p, void* row_loss, cudaStream_t stream) {
   if (rows == 0) return;
-  dispatch_float(dtype, [&](auto tag) {
+  launch_computed(dtype, [&](auto tag) {
     using A = typename decltype(tag)::type;
     masked_rows_kernel<A><<<static_cast<unsigned int>(rows), kThreads, 0, stream>>>(
-        static_cast<A*>(num), static_cast<A*>(den_sq), labels, K,
+        typed<A>(num), typed<A>(den_sq), labels, K,
         make_margin<A>(p.scale, p.margin, p.easy_margin, p.clamp_eps), A(p.masked_weight),
-        A(p.masked_weight) / A(batch), with_grad, static_cast<A*>(row_loss));
+        A(p.masked_weight) / A(batch), with_grad, typed<A>(row_loss));
   });
-  DPM_CUDA_CHECK_LAUNCH();
 }
 
 void plain_rows(Dtype dtype, void* plain, const int64_t* labels, int64_t rows, int64_t K, int64_t batch,
                 bool with_grad, LossParams p, void* row_loss, cudaStream_t stream) {
   if (rows == 0) return;
-  dispatch_float(dtype, [&](auto tag) {
+  launch_computed(dtype, [&](auto tag) {
     using A = typename decltype(tag)::type;
     plain_rows_kernel<A><<<static_cast<unsigned int>(rows), kThreads, 0, stream>>>(
-        static_cast<A*>(plain), labels, K, A(p.plain_weight), A(p.plain_weight) / A(batch), with_grad,
-        static_cast<A*>(row_loss));
+        typed<A>(plain), labels, K, A(p.plain_weight), A(p.plain_weight) / A(batch), with_grad,
+        typed<A>(row_loss));
   });
-  DPM_CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace cuda

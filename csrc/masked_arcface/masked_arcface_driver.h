@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/DeviceGuard.h>
 
 #include <tuple>
 
@@ -120,6 +121,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(const at::Ten
   at::Tensor grad_weight = at::empty_like(weight);
   Kernels::proto_rows_backward(weight, prep.proto_inv, up, vp, grad_weight_plain, grad_weight);
   return {loss, grad_features, grad_mask, grad_weight};
+}
+
+// The op on any device (the schema's arguments), with that device's Kernels.
+template <class Kernels>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_arcface_ce(
+    const at::Tensor& features, const at::Tensor& mask, const at::Tensor& weight, const at::Tensor& labels,
+    double scale, double margin, bool easy_margin, double clamp_eps, double plain_weight, double masked_weight,
+    bool with_grad) {
+  const Params p{scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight};
+  check_inputs(features, mask, weight, labels, p);
+  const c10::OptionalDeviceGuard guard(at::device_of(features));
+  return forward<Kernels>(features.contiguous(), mask.contiguous(), weight.contiguous(), labels.contiguous(), p,
+                          with_grad);
 }
 
 }  // namespace masked_arcface

@@ -1,4 +1,4 @@
-// Per-element / per-row maths of the fused masked ArcFace cross-entropy (dpm.md §3, §6), shared by
+// Per-element / per-row maths of the fused masked ArcFace cross-entropy (DPM's prototype classifier loss), shared by
 // the CPU and CUDA kernels. The cosine itself (and its backward) is masked_cosine_math.h's.
 //
 //   cos[b,k]  masked prototype cosine;  y = labels[b]

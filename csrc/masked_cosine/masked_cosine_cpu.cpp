@@ -7,12 +7,6 @@ namespace dpm_ops {
 namespace masked_cosine {
 namespace {
 
-// fp16 / bf16 are computed in fp32 on the CPU; results are returned in the input dtype.
-at::Tensor as_compute(const at::Tensor& t) {
-  const bool reduced = t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
-  return (reduced ? t.to(at::kFloat) : t).contiguous();
-}
-
 std::tuple<at::Tensor, at::Tensor> masked_cosine_train_cpu(const at::Tensor& x, const at::Tensor& mask,
                                                            const at::Tensor& protos, double eps) {
   check_inputs(x, mask, protos, eps);

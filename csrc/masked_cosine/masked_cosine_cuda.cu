@@ -3,6 +3,7 @@
 #include <cuda_fp16.h>
 
 #include "../common/cuda_utils.cuh"
+#include "../common/launch.cuh"
 #include "masked_cosine_cuda.h"
 #include "masked_cosine_math.h"
 
@@ -110,73 +111,66 @@ unsigned int blocks_for(int64_t n, int threads) {
 void prepare_rows(Dtype dtype, Dtype operand, const void* v, const void* mult, int64_t rows, int64_t cols,
                   double eps, void* scaled, void* second, void* inv, cudaStream_t stream) {
   if (rows == 0) return;
-  dispatch_dtype(dtype, [&](auto tag) {
+  launch_typed(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
-    auto launch = [&](auto operand_tag) {
+    auto run = [&](auto operand_tag) {
       using O = typename decltype(operand_tag)::type;
       prepare_rows_kernel<T, A, O><<<static_cast<unsigned int>(rows), kRowThreads, 0, stream>>>(
-          static_cast<const T*>(v), static_cast<const T*>(mult), cols, A(eps), static_cast<O*>(scaled),
-          static_cast<O*>(second), static_cast<A*>(inv));
+          typed<T>(v), typed<T>(mult), cols, A(eps), typed<O>(scaled),
+          typed<O>(second), typed<A>(inv));
     };
-    if (operand == dtype) launch(TypeTag<T>{});
-    else launch(TypeTag<A>{});
+    if (operand == dtype) run(TypeTag<T>{});
+    else run(TypeTag<A>{});
   });
-  DPM_CUDA_CHECK_LAUNCH();
 }
 
 void cosine_epilogue(Dtype acc, void* num, const void* den_sq, int64_t n, double eps, cudaStream_t stream) {
   if (n == 0) return;
-  auto launch = [&](auto tag) {
+  launch_computed(acc, [&](auto tag) {
     using A = typename decltype(tag)::type;
     cosine_epilogue_kernel<A><<<blocks_for(n, kRowThreads), kRowThreads, 0, stream>>>(
-        static_cast<A*>(num), static_cast<const A*>(den_sq), n, A(eps));
-  };
-  if (acc == Dtype::kDouble) launch(TypeTag<double>{});
-  else launch(TypeTag<float>{});
-  DPM_CUDA_CHECK_LAUNCH();
+        typed<A>(num), typed<A>(den_sq), n, A(eps));
+  });
 }
 
 void backward_coefs(Dtype dtype, const void* grad, const void* out, const void* den_sq, int64_t n, double eps,
                     void* g_num, void* h, cudaStream_t stream) {
   if (n == 0) return;
-  dispatch_dtype(dtype, [&](auto tag) {
+  launch_typed(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     backward_coefs_kernel<T, A><<<blocks_for(n, kRowThreads), kRowThreads, 0, stream>>>(
-        static_cast<const T*>(grad), static_cast<const T*>(out), static_cast<const A*>(den_sq), n, A(eps),
-        static_cast<A*>(g_num), static_cast<A*>(h));
+        typed<T>(grad), typed<T>(out), typed<A>(den_sq), n, A(eps),
+        typed<A>(g_num), typed<A>(h));
   });
-  DPM_CUDA_CHECK_LAUNCH();
 }
 
 void query_rows_backward(Dtype dtype, const void* x, const void* mask, const void* inv, const void* u,
                          const void* v, int64_t rows, int64_t cols, double eps, void* grad_x, void* grad_mask,
                          cudaStream_t stream) {
   if (rows == 0) return;
-  dispatch_dtype(dtype, [&](auto tag) {
+  launch_typed(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
-    const QueryRowGrad<T, A> grad_hat{static_cast<const T*>(mask), static_cast<const A*>(u),
-                                      static_cast<const A*>(v), static_cast<T*>(grad_mask)};
+    const QueryRowGrad<T, A> grad_hat{typed<T>(mask), typed<A>(u),
+                                      typed<A>(v), typed<T>(grad_mask)};
     rows_normalize_backward_kernel<T, A><<<static_cast<unsigned int>(rows), kRowThreads, 0, stream>>>(
-        static_cast<const T*>(x), static_cast<const A*>(inv), cols, A(eps), grad_hat, static_cast<T*>(grad_x));
+        typed<T>(x), typed<A>(inv), cols, A(eps), grad_hat, typed<T>(grad_x));
   });
-  DPM_CUDA_CHECK_LAUNCH();
 }
 
 void proto_rows_backward(Dtype dtype, const void* protos, const void* inv, const void* up, const void* vp,
                          int64_t rows, int64_t cols, double eps, void* grad_protos, cudaStream_t stream) {
   if (rows == 0) return;
-  dispatch_dtype(dtype, [&](auto tag) {
+  launch_typed(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
-    const ProtoRowGrad<A> grad_hat{static_cast<const A*>(up), static_cast<const A*>(vp)};
+    const ProtoRowGrad<A> grad_hat{typed<A>(up), typed<A>(vp)};
     rows_normalize_backward_kernel<T, A><<<static_cast<unsigned int>(rows), kRowThreads, 0, stream>>>(
-        static_cast<const T*>(protos), static_cast<const A*>(inv), cols, A(eps), grad_hat,
-        static_cast<T*>(grad_protos));
+        typed<T>(protos), typed<A>(inv), cols, A(eps), grad_hat,
+        typed<T>(grad_protos));
   });
-  DPM_CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace cuda

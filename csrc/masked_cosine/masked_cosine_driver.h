@@ -34,7 +34,7 @@ struct Prepared {
 // bf16 operands for tensor cores, products in fp32 (CUDA); fp16's range is too narrow for the
 // operands (mask values below 2^-7 square into subnormals, and xh*m too for small masks), so fp16
 // inputs take fp32 operands (the Triton kernels do the same).
-inline at::ScalarType accumulation_operands(at::ScalarType input) { return accumulation_type(input); }
+inline at::ScalarType accumulation_operands(at::ScalarType input) { return compute_type(input); }
 inline at::ScalarType input_operands(at::ScalarType input) { return input == at::kHalf ? at::kFloat : input; }
 
 // Argument checks shared by every device's entry point (Python checks the same first,
@@ -59,7 +59,7 @@ inline void check_inputs(const at::Tensor& x, const at::Tensor& mask, const at::
 
 template <class Kernels>
 Prepared prepare(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& protos, double eps) {
-  const auto opts = x.options().dtype(accumulation_type(x.scalar_type()));
+  const auto opts = x.options().dtype(compute_type(x.scalar_type()));
   const auto operand = x.options().dtype(Kernels::operand_type(x.scalar_type()));
   const int64_t B = x.size(0), K = protos.size(0), C = x.size(1);
   Prepared p{at::empty({B, C}, operand), at::empty({B, C}, operand), at::empty({B}, opts),

@@ -66,17 +66,11 @@ std::tuple<at::Tensor, at::Tensor> maskreid_ranking_loss_cpu(const at::Tensor& e
   return {loss, coef};
 }
 
-at::Tensor maskreid_ranking_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& embeddings,
-                                              const at::Tensor& coef) {
-  const NoAutocastGuard no_autocast;
-  return backward(grad, embeddings, coef);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dpm_ops, CPU, m) {
   m.impl("maskreid_ranking_loss", &maskreid_ranking_loss_cpu);
-  m.impl("maskreid_ranking_loss_backward", &maskreid_ranking_loss_backward_cpu);
+  m.impl("maskreid_ranking_loss_backward", &backward);
 }
 
 }  // namespace maskreid_ranking

@@ -1,8 +1,8 @@
 // CUDA entry point of MaskReID's ranking loss: S = X Xᵀ (cuBLAS), then the row kernels. Built only with CUDA.
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../common/aten_cuda.h"
 #include "../common/no_autocast.h"
 #include "maskreid_ranking_loss_cuda.h"
 #include "maskreid_ranking_loss_driver.h"
@@ -24,24 +24,17 @@ std::tuple<at::Tensor, at::Tensor> maskreid_ranking_loss_cuda(const at::Tensor& 
   const at::Tensor sim = at::mm(x, x.t()).contiguous();
   at::Tensor coef = at::empty({n, n}, x.options()), loss = at::empty({}, x.options());
   at::Tensor row_losses = at::empty({n}, x.options()), num_pos = at::empty({n}, labels.options());
-  cuda::forward(x.scalar_type() == at::kDouble ? Dtype::kDouble : Dtype::kFloat, sim.const_data_ptr(),
+  cuda::forward(dtype_of(x), sim.const_data_ptr(),
                 labels.const_data_ptr<int64_t>(), n, o, num_pos.data_ptr<int64_t>(), row_losses.data_ptr(),
-                coef.data_ptr(), loss.data_ptr(), c10::cuda::getCurrentCUDAStream().stream());
+                coef.data_ptr(), loss.data_ptr(), current_stream());
   return {loss, coef};
-}
-
-at::Tensor maskreid_ranking_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& embeddings,
-                                               const at::Tensor& coef) {
-  const NoAutocastGuard no_autocast;
-  const c10::cuda::CUDAGuard guard(embeddings.device());
-  return backward(grad, embeddings, coef);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dpm_ops, CUDA, m) {
   m.impl("maskreid_ranking_loss", &maskreid_ranking_loss_cuda);
-  m.impl("maskreid_ranking_loss_backward", &maskreid_ranking_loss_backward_cuda);
+  m.impl("maskreid_ranking_loss_backward", &backward);
 }
 
 }  // namespace maskreid_ranking

@@ -1,6 +1,7 @@
 // CUDA kernels of MaskReID's ranking loss. No torch headers: see maskreid_ranking_loss_cuda.h.
 // The per-row maths is maskreid_ranking_loss_math.h's, run by one warp per row (WarpReduce).
 #include "../common/cuda_utils.cuh"
+#include "../common/launch.cuh"
 #include "../common/warp_reduce.cuh"
 #include "maskreid_ranking_loss_cuda.h"
 #include "maskreid_ranking_loss_math.h"
@@ -60,22 +61,19 @@ unsigned int blocks_for(int64_t n, int per_block) {
 
 void forward(Dtype acc, const void* sim, const int64_t* labels, int64_t n, const Options<double>& options,
              int64_t* num_pos, void* row_losses, void* coef, void* loss, cudaStream_t stream) {
-  const auto run = [&](auto tag) {
+  launch_computed(acc, [&](auto tag) {
     using A = typename decltype(tag)::type;
-    A* loss_out = static_cast<A*>(loss);
+    A* loss_out = typed<A>(loss);
     if (n > 0) {
       const unsigned int row_blocks = static_cast<unsigned int>((n + kWarpsPerBlock - 1) / kWarpsPerBlock);
       positives_kernel<<<row_blocks, kThreads, 0, stream>>>(labels, n, num_pos);
       const Options<A> o = cast<A>(options);
-      rows_kernel<A><<<row_blocks, kThreads, 0, stream>>>(static_cast<const A*>(sim), labels, num_pos, n, o,
-                                                          static_cast<A*>(row_losses), static_cast<A*>(coef));
-      symmetrize_kernel<A><<<blocks_for(n * n, 256), 256, 0, stream>>>(static_cast<A*>(coef), n);
+      rows_kernel<A><<<row_blocks, kThreads, 0, stream>>>(typed<A>(sim), labels, num_pos, n, o,
+                                                          typed<A>(row_losses), typed<A>(coef));
+      symmetrize_kernel<A><<<blocks_for(n * n, 256), 256, 0, stream>>>(typed<A>(coef), n);
     }
-    scaled_sum_kernel<A><<<1, 256, 0, stream>>>(static_cast<const A*>(row_losses), n, A(1), loss_out);
-  };
-  if (acc == Dtype::kDouble) run(TypeTag<double>{});
-  else run(TypeTag<float>{});
-  DPM_CUDA_CHECK_LAUNCH();
+    scaled_sum_kernel<A><<<1, 256, 0, stream>>>(typed<A>(row_losses), n, A(1), loss_out);
+  });
 }
 
 }  // namespace cuda

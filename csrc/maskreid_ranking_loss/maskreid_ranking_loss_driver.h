@@ -3,9 +3,12 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/DeviceGuard.h>
 
 #include <string>
 
+#include "../common/compute_type.h"
+#include "../common/no_autocast.h"
 #include "maskreid_ranking_loss_math.h"
 
 namespace dpm_ops {
@@ -45,15 +48,11 @@ inline void check_inputs(const at::Tensor& embeddings, const at::Tensor& labels)
                     embeddings.device(), ", ", labels.device());
 }
 
-// fp16 / bf16 are computed in fp32 (as the reference's at_least_fp32); the loss comes out in that dtype.
-inline at::Tensor as_compute(const at::Tensor& t) {
-  const bool reduced = t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
-  return (reduced ? t.to(at::kFloat) : t).contiguous();
-}
-
 // dL/dX = grad · coef X (coef = G + Gᵀ from the forward), in the embeddings' dtype. The same ATen
-// code for every device: one GEMM and a scale.
+// code for every device (the backward op's kernel on each): one GEMM and a scale.
 inline at::Tensor backward(const at::Tensor& grad, const at::Tensor& embeddings, const at::Tensor& coef) {
+  const NoAutocastGuard no_autocast;
+  const c10::OptionalDeviceGuard guard(at::device_of(embeddings));
   TORCH_CHECK_VALUE(coef.dim() == 2 && coef.size(0) == embeddings.size(0) && coef.size(1) == embeddings.size(0),
                     "maskreid_ranking_loss_backward: coef must be (B, B) for B = ", embeddings.size(0),
                     " embeddings, got ", coef.sizes());

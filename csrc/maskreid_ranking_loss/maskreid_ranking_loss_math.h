@@ -1,6 +1,6 @@
-// Per-row maths of MaskReID's ranking loss (maskreid.md §4.1–4.2), shared by the CPU and CUDA
-// kernels. For anchor k (a sample with at least one positive) of the similarity row s = S[k, :],
-// positives P (same identity, k excluded) and negatives N:
+// Per-row maths of MaskReID's ranking loss (its paper's Eq. 5 and the motivating variants), shared by the CPU and CUDA
+// kernels. For anchor k (a sample with at least one positive) of the similarity row s = S[k, :], positives P (same
+// identity, k excluded) and negatives N:
 //
 // Eq. 5 (pos_mode "hardest", and "all_eq5" = Eq. 5's terms over every positive):
 //   z_j  = s_j − s_ref + α,      term(z) = exp(max(z, 0))  (literal)  |  exp(z)·[z > 0]  (violating_only)

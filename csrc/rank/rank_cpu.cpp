@@ -13,26 +13,24 @@ namespace dpm_ops {
 namespace rank {
 namespace {
 
-// (offsets (Q + 1), ranks): the ranks of query q's matches, ascending, are ranks[offsets[q]:offsets[q + 1]].
-std::tuple<at::Tensor, at::Tensor> match_ranks_cpu(const at::Tensor& dist_in, const at::Tensor& q_pids_in,
-                                                   const at::Tensor& g_pids_in, const at::Tensor& q_cams_in,
-                                                   const at::Tensor& g_cams_in) {
-  const MatchInputs in(dist_in, q_pids_in, g_pids_in, q_cams_in, g_cams_in);
-  const at::Tensor &dist = in.dist, &q_pids = in.q_pids, &g_pids = in.g_pids, &q_cams = in.q_cams,
-                   &g_cams = in.g_cams;
+struct CpuKernels {
+  static std::tuple<at::Tensor, at::Tensor> run(const MatchInputs& in, const PidGroups& groups);
+};
+
+std::tuple<at::Tensor, at::Tensor> CpuKernels::run(const MatchInputs& in, const PidGroups& groups) {
+  const at::Tensor& dist = in.dist;
   const int64_t Q = dist.size(0), G = dist.size(1);
-  const int64_t *qp = q_pids.const_data_ptr<int64_t>(), *gp = g_pids.const_data_ptr<int64_t>();
-  const int64_t *qc = q_cams.const_data_ptr<int64_t>(), *gc = g_cams.const_data_ptr<int64_t>();
-  const PidGroups groups(q_pids, g_pids);
+  const int64_t *qp = in.q_pids.const_data_ptr<int64_t>(), *gp = in.g_pids.const_data_ptr<int64_t>();
+  const int64_t *qc = in.q_cams.const_data_ptr<int64_t>(), *gc = in.g_cams.const_data_ptr<int64_t>();
   const int64_t *members = groups.order.const_data_ptr<int64_t>(), *gs = groups.start.const_data_ptr<int64_t>();
   const int64_t* gl = groups.length.const_data_ptr<int64_t>();
-  at::Tensor offsets = at::empty({Q + 1}, q_pids.options());
+  at::Tensor offsets = at::empty({Q + 1}, in.q_pids.options());
   int64_t* off = offsets.data_ptr<int64_t>();
   std::vector<int64_t> counts(Q);
   for (int64_t q = 0; q < Q; ++q) counts[q] = count_matches(members + gs[q], gl[q], gc, qc[q]);
   off[0] = 0;
   for (int64_t q = 0; q < Q; ++q) off[q + 1] = off[q] + counts[q];
-  at::Tensor ranks = at::empty({off[Q]}, q_pids.options());
+  at::Tensor ranks = at::empty({off[Q]}, in.q_pids.options());
   int64_t* rp = ranks.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "match_ranks_cpu", [&] {
     const scalar_t* dp = dist.const_data_ptr<scalar_t>();
@@ -53,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor> match_ranks_cpu(const at::Tensor& dist_in, co
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dpm_ops, CPU, m) { m.impl("match_ranks", &match_ranks_cpu); }
+TORCH_LIBRARY_IMPL(dpm_ops, CPU, m) { m.impl("match_ranks", &match_ranks_op<CpuKernels>); }
 
 }  // namespace rank
 }  // namespace dpm_ops

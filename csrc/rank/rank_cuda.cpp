@@ -1,9 +1,8 @@
 // CUDA entry point of the sort-free evaluator (kernels: rank_cuda.cu). Built only with CUDA.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../common/aten_cuda.h"
 #include "rank_cuda.h"
 #include "rank_groups.h"
 
@@ -11,37 +10,35 @@ namespace dpm_ops {
 namespace rank {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> match_ranks_cuda(const at::Tensor& dist_in, const at::Tensor& q_pids_in,
-                                                    const at::Tensor& g_pids_in, const at::Tensor& q_cams_in,
-                                                    const at::Tensor& g_cams_in) {
-  const MatchInputs in(dist_in, q_pids_in, g_pids_in, q_cams_in, g_cams_in);  // checks first: one device
-  const c10::cuda::CUDAGuard guard(in.dist.device());
-  const at::Tensor &dist = in.dist, &q_pids = in.q_pids, &g_pids = in.g_pids, &q_cams = in.q_cams,
-                   &g_cams = in.g_cams;
+struct CudaKernels {
+  static std::tuple<at::Tensor, at::Tensor> run(const MatchInputs& in, const PidGroups& groups);
+};
+
+std::tuple<at::Tensor, at::Tensor> CudaKernels::run(const MatchInputs& in, const PidGroups& groups) {
+  const at::Tensor &dist = in.dist, &q_pids = in.q_pids;
   const int64_t Q = dist.size(0), G = dist.size(1);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  const PidGroups groups(q_pids, g_pids);
+  const cudaStream_t stream = current_stream();
   at::Tensor counts = at::empty({Q}, q_pids.options());
   cuda::count_matches(groups.order.const_data_ptr<int64_t>(), groups.start.const_data_ptr<int64_t>(),
-                      groups.length.const_data_ptr<int64_t>(), q_cams.const_data_ptr<int64_t>(),
-                      g_cams.const_data_ptr<int64_t>(), Q, counts.data_ptr<int64_t>(), stream);
+                      groups.length.const_data_ptr<int64_t>(), in.q_cams.const_data_ptr<int64_t>(),
+                      in.g_cams.const_data_ptr<int64_t>(), Q, counts.data_ptr<int64_t>(), stream);
   at::Tensor offsets = at::cat({at::zeros({1}, counts.options()), counts.cumsum(0)});
   const int64_t total = offsets[Q].item<int64_t>();
   at::Tensor ranks = at::empty({total}, q_pids.options());
   at::Tensor match_d = at::empty({total}, dist.options());
   at::Tensor match_idx = at::empty({total}, q_pids.options());
-  cuda::match_ranks(dist.scalar_type() == at::kDouble ? Dtype::kDouble : Dtype::kFloat, dist.const_data_ptr(),
-                    q_pids.const_data_ptr<int64_t>(), g_pids.const_data_ptr<int64_t>(),
-                    q_cams.const_data_ptr<int64_t>(), g_cams.const_data_ptr<int64_t>(), Q, G,
-                    groups.order.const_data_ptr<int64_t>(), groups.start.const_data_ptr<int64_t>(),
-                    groups.length.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(), match_d.data_ptr(), match_idx.data_ptr<int64_t>(),
+  cuda::match_ranks(dtype_of(dist), dist.const_data_ptr(), q_pids.const_data_ptr<int64_t>(),
+                    in.g_pids.const_data_ptr<int64_t>(), in.q_cams.const_data_ptr<int64_t>(),
+                    in.g_cams.const_data_ptr<int64_t>(), Q, G, groups.order.const_data_ptr<int64_t>(),
+                    groups.start.const_data_ptr<int64_t>(), groups.length.const_data_ptr<int64_t>(),
+                    offsets.const_data_ptr<int64_t>(), match_d.data_ptr(), match_idx.data_ptr<int64_t>(),
                     ranks.data_ptr<int64_t>(), stream);
   return {offsets, ranks};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dpm_ops, CUDA, m) { m.impl("match_ranks", &match_ranks_cuda); }
+TORCH_LIBRARY_IMPL(dpm_ops, CUDA, m) { m.impl("match_ranks", &match_ranks_op<CudaKernels>); }
 
 }  // namespace rank
 }  // namespace dpm_ops

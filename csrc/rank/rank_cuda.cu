@@ -1,6 +1,7 @@
 // CUDA kernels of the sort-free evaluator: one thread per query runs the per-query logic of
 // rank_math.h (the same code as the CPU kernel). No torch headers: see rank_cuda.h.
 #include "../common/cuda_utils.cuh"
+#include "../common/launch.cuh"
 #include "rank_cuda.h"
 #include "rank_math.h"
 
@@ -37,7 +38,7 @@ void count_matches(const int64_t* members, const int64_t* group_start, const int
                    const int64_t* q_cams, const int64_t* g_cams, int64_t Q, int64_t* counts, cudaStream_t stream) {
   if (Q == 0) return;
   count_kernel<<<blocks_for(Q), kThreads, 0, stream>>>(members, group_start, group_length, q_cams, g_cams, Q, counts);
-  DPM_CUDA_CHECK_LAUNCH();
+  check_launch();
 }
 
 void match_ranks(Dtype dtype, const void* dist, const int64_t* q_pids, const int64_t* g_pids, const int64_t* q_cams,
@@ -45,16 +46,12 @@ void match_ranks(Dtype dtype, const void* dist, const int64_t* q_pids, const int
                  const int64_t* group_length, const int64_t* offsets, void* match_d, int64_t* match_idx,
                  int64_t* ranks, cudaStream_t stream) {
   if (Q == 0) return;
-  if (dtype == Dtype::kDouble) {
-    ranks_kernel<double><<<blocks_for(Q), kThreads, 0, stream>>>(static_cast<const double*>(dist), q_pids, g_pids,
-                                                                 q_cams, g_cams, Q, G, members, group_start,
-                                                                 group_length, offsets, static_cast<double*>(match_d), match_idx, ranks);
-  } else {
-    ranks_kernel<float><<<blocks_for(Q), kThreads, 0, stream>>>(static_cast<const float*>(dist), q_pids, g_pids,
-                                                                q_cams, g_cams, Q, G, members, group_start,
-                                                                group_length, offsets, static_cast<float*>(match_d), match_idx, ranks);
-  }
-  DPM_CUDA_CHECK_LAUNCH();
+  launch_computed(dtype, [&](auto tag) {
+    using A = typename decltype(tag)::type;
+    ranks_kernel<A><<<blocks_for(Q), kThreads, 0, stream>>>(typed<A>(dist), q_pids, g_pids, q_cams, g_cams, Q, G,
+                                                            members, group_start, group_length, offsets,
+                                                            typed<A>(match_d), match_idx, ranks);
+  });
 }
 
 }  // namespace cuda

@@ -3,6 +3,11 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/DeviceGuard.h>
+
+#include <tuple>
+
+#include "../common/compute_type.h"
 
 namespace dpm_ops {
 namespace rank {
@@ -17,7 +22,7 @@ inline void check_labels(const at::Tensor& t, int64_t length, const at::Device& 
 inline at::Tensor checked_distances(const at::Tensor& dist) {
   TORCH_CHECK_VALUE(dist.dim() == 2 && at::isFloatingType(dist.scalar_type()),
                     "rank: distmat must be a 2-D floating tensor");
-  return dist.scalar_type() == at::kDouble ? dist.contiguous() : dist.to(at::kFloat).contiguous();
+  return as_compute(dist);
 }
 
 // Distances (Q, G) in fp32 or fp64 and contiguous int64 labels, checked.
@@ -47,6 +52,18 @@ struct PidGroups {
     length = (at::searchsorted(sorted, q_pids, /*out_int32=*/false, /*right=*/true) - start).contiguous();
   }
 };
+
+// The op on any device (the schema's arguments): the checked inputs and their pid groups, then
+// Kernels::run(in, groups) -> (offsets (Q + 1), ranks): the ranks of query q's matches,
+// ascending, are ranks[offsets[q]:offsets[q + 1]].
+template <class Kernels>
+std::tuple<at::Tensor, at::Tensor> match_ranks_op(const at::Tensor& dist, const at::Tensor& q_pids,
+                                                  const at::Tensor& g_pids, const at::Tensor& q_cams,
+                                                  const at::Tensor& g_cams) {
+  const MatchInputs in(dist, q_pids, g_pids, q_cams, g_cams);  // checks first: one device
+  const c10::OptionalDeviceGuard guard(at::device_of(in.dist));
+  return Kernels::run(in, PidGroups(in.q_pids, in.g_pids));
+}
 
 }  // namespace rank
 }  // namespace dpm_ops
