@@ -69,9 +69,11 @@ def bf16_gemm_is_fast() -> bool:
     return bool(capability.get("avx512_bf16") or capability.get("amx_bf16"))
 
 
-def _use_certified(strategy, name, rows, columns, dim):
-    """Resolves `strategy` for the backend `name`: the certified search runs on the C++ CPU kernels (where
-    the CPU has bf16 instructions) and on CUDA / Triton (tensor cores: always faster than fp32 SIMT)."""
+def _use_certified(strategy, name, rows, columns, dim, dtype):
+    """Resolves `strategy` for the backend `name` and the inputs' `dtype`. "auto" picks the certified search
+    for large problems on the C++ CPU kernels where the CPU has bf16 instructions, and on CUDA / Triton for
+    fp32 / fp64 inputs (bf16 tensor cores against fp32 / fp64 GEMMs); fp16 / bf16 inputs on a GPU keep the
+    direct path, whose half-precision tensor-core GEMM is already as fast as stage 1."""
     if strategy == "certified":
         if name not in ("cpp", "cuda", "triton"):
             raise ValueError(
@@ -81,7 +83,9 @@ def _use_certified(strategy, name, rows, columns, dim):
         return True
     if strategy != "auto" or rows * columns * dim < _CERTIFIED_MIN_WORK:
         return False
-    return name in ("cuda", "triton") or (name == "cpp" and bf16_gemm_is_fast())
+    if name in ("cuda", "triton"):
+        return dtype in (torch.float32, torch.float64)
+    return name == "cpp" and bf16_gemm_is_fast()
 
 
 # ---- the declared ops: fake (meta) functions and autograd ----------------------------------------
@@ -252,7 +256,9 @@ def knn(
     check_strategy(strategy)
     check_finite_rows("knn", compute_dtype(x, y), x=x, y=y)
     name = _backend.resolve(backend, x.device)
-    certified = _use_certified(strategy, name, x.shape[0], y.shape[0], x.shape[1])
+    certified = _use_certified(
+        strategy, name, x.shape[0], y.shape[0], x.shape[1], torch.promote_types(x.dtype, y.dtype)
+    )
     if not (name == "cuda" and x.dtype == y.dtype):  # the CUDA kernel's GEMM takes float16 / bfloat16 as they are
         dtype = compute_dtype(x, y)
         x, y = x.to(dtype), y.to(dtype)
@@ -295,7 +301,7 @@ def self_knn(
     check_strategy(strategy)
     check_finite_rows("knn", x=x)
     name = _backend.resolve(backend, x.device)
-    if _use_certified(strategy, name, x.shape[0], x.shape[0] // 2, x.shape[1]):  # half the GEMM
+    if _use_certified(strategy, name, x.shape[0], x.shape[0] // 2, x.shape[1], x.dtype):  # half the GEMM
         return SELF_KNN_CERTIFIED.run(name, x.to(compute_dtype(x)), k, metric, bool(normalize), int(cross_rows))[:4]
     if name == "triton":  # no Triton kernel
         name = "reference"
