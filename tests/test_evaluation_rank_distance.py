@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+import dpm_ops
+
 from benchmarks.reference.eval_numpy import evaluate_rank_numpy
 from dpm_ops.evaluation import _select, distance, evaluate_rank, knn, pairwise_distance, rank
 
@@ -289,6 +291,19 @@ def test_knn_is_a_stable_sort_of_the_distances(metric, tiles, monkeypatch):
         np.testing.assert_array_equal(values, np.take_along_axis(full, order[:, :k], axis=1))
 
 
+@pytest.mark.skipif(not dpm_ops.backends()["cpp"][0], reason="the certified search runs on the C++ kernels")
+@pytest.mark.parametrize("metric", ["sqeuclidean", "euclidean"])
+def test_knn_strategies_agree_on_exact_values(metric):
+    # Small-integer rows: every (squared) distance is exact in fp32, so both strategies give the same bits,
+    # ties included (cosine normalises the rows, so it is not exact: tests/test_knn_certified.py covers it).
+    rng = np.random.default_rng(9)
+    x, y = (rng.integers(-3, 4, (count, 16)).astype(np.float32) for count in (40, 300))
+    direct = knn(x, y, 12, metric, strategy="direct")
+    certified = knn(x, y, 12, metric, strategy="certified")
+    for a, b in zip(direct, certified):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_resolve_smallest_after_a_rounding_transform():
     # Candidates: the two smallest raw values (1.0 at index 1, 2.0 at index 3). floor() merges
     # 2.0 with the left-out 2.5 at index 2, which then comes first by index.
@@ -319,6 +334,7 @@ def test_knn_bad_input():
         (lambda: knn(x, y[:, :3], 2), "feature dimension"),
         (lambda: knn(x[:0], y, 2), "x"),
         (lambda: knn(x, y[:0], 1), "y"),
+        (lambda: knn(x, y, 2, strategy="fast"), "strategy"),
         (lambda: pairwise_distance(x, y * np.nan), "y"),
         (lambda: pairwise_distance(x, y, "hamming"), "metric"),
     ]:

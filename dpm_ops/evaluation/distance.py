@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from .. import _backend
 from .._precision import compute_dtype
+from ..ops.knn import check_strategy
 from ..ops.knn import knn as knn_op
 from . import _inputs
 from ._select import TIE_MARGIN, RunningSmallest, resolve_smallest
@@ -79,7 +80,7 @@ def pairwise_distance(x, y, metric: str = "euclidean"):
     return _inputs.like_input(out, x)
 
 
-def knn(x, y, k: int, metric: str = "euclidean"):
+def knn(x, y, k: int, metric: str = "euclidean", strategy: str = "auto"):
     """The k nearest rows of y for every row of x: (distances, indices), both (M, k), sorted.
 
     Runs the fused op dpm_ops.ops.knn where the C++/CUDA kernels are available, else a tiled
@@ -88,15 +89,22 @@ def knn(x, y, k: int, metric: str = "euclidean"):
     Ties are broken by (distance, index) exactly: among equal distances the lower y index
     comes first, as a stable sort of the full distance row would give. Distances are computed
     tile by tile and merged into running top-k lists, so memory stays O(M k + tile) whatever N.
+
+    ``strategy``: the fused op's ("auto" | "certified" | "direct", see dpm_ops.ops.knn): "auto" runs
+    the certified two-stage search where it is faster; the tiled torch path is the direct one.
     """
     x_t, y_t = _check_tensors("knn", x, y, metric)
+    check_strategy(strategy)
     num_y = len(y_t)
     k = _inputs.check_count("k", k, 1)
     if k > num_y:
         raise ValueError(f"k must be <= the number of rows of y ({num_y}), got {k}")
-    if _backend.resolve(None, x_t.device) in ("cpp", "cuda"):
+    fused = _backend.resolve(None, x_t.device) in ("cpp", "cuda")
+    if strategy == "certified" and not fused:
+        raise ValueError("knn: strategy='certified' needs the C++ / CUDA kernels (dpm_ops.backends()), got none")
+    if fused:
         # The fused op (dpm_ops.ops.knn): GEMM tiles merged into per-row sorted lists in C++/CUDA.
-        distances, indices = knn_op(x_t, y_t, k, metric)
+        distances, indices = knn_op(x_t, y_t, k, metric, strategy=strategy)
         return _inputs.like_input(distances, x), _inputs.like_input(indices, x)
     xs, ys = _operands(x_t, y_t, metric)
     distances, indices = [], []
