@@ -217,21 +217,28 @@ def bench_cpu_targets():
 @pytest.mark.parametrize("scale", ["smoke", pytest.param("market1501", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("strategy", ["direct", "certified"])
 def bench_rerank_features_strategy(timed, benchmark, strategy, scale):
+    query, gallery = time_rerank_strategy(timed, strategy, scale, "cpu", "rerank_features strategy", iterations=1)
+    if strategy == "certified":
+        report_candidates(benchmark, query, gallery, scale, bf16_gemm_fast=bf16_gemm_is_fast())
+
+
+def time_rerank_strategy(timed, strategy: str, scale: str, device: str, group: str, iterations: int):
+    """Times rerank_features(strategy=...) on ``scale``'s features on ``device``; returns (query, gallery)
+    there, for the certified case's candidate report."""
     data = reid_data(scale)
-    query, gallery = _on_device(data.query, data.gallery, device="cpu")
+    query, gallery = _on_device(data.query, data.gallery, device=device)
     timed(
         lambda: rerank_features(query, gallery, strategy=strategy),
-        group=group_name("rerank_features strategy", scale),
+        group=group_name(group, scale),
         name=f"rerank {strategy}",
-        device="cpu",
+        device=device,
         rounds=3,
-        iterations=1,
+        iterations=iterations,
         num_query=len(query),
         num_gallery=len(gallery),
         dim=query.shape[1],
     )
-    if strategy == "certified":
-        report_candidates(benchmark, query, gallery, scale, bf16_gemm_fast=bf16_gemm_is_fast())
+    return query, gallery
 
 
 def report_candidates(benchmark, query, gallery, scale, **info):

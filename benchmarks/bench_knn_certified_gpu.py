@@ -9,9 +9,8 @@ bring-up (scripts/gpu_check.py) runs this file first among the kernel benchmarks
 import pytest
 import torch
 
-from benchmarks.bench_evaluation import _on_device, group_name, reid_data, report_candidates
+from benchmarks.bench_evaluation import group_name, report_candidates, time_rerank_strategy
 from benchmarks.conftest import GPU, median_of
-from dpm_ops.evaluation import rerank_features
 
 pytestmark = pytest.mark.skipif(not GPU, reason="GPU benchmarks (the CPU ones: bench_evaluation.py)")
 TARGETS_S = {"market1501": 10e-3, "msmt17": 0.3}
@@ -21,19 +20,8 @@ GROUP = "rerank_features certified gpu"
 @pytest.mark.parametrize("scale", ["market1501", "msmt17"])
 @pytest.mark.parametrize("strategy", ["direct", "certified"])
 def bench_gpu_rerank_features_strategy(timed, benchmark, strategy, scale):
-    data = reid_data(scale)
-    query, gallery = _on_device(data.query, data.gallery, device="cuda")
-    timed(
-        lambda: rerank_features(query, gallery, strategy=strategy),
-        group=group_name(GROUP, scale),
-        name=f"rerank {strategy}",
-        device="cuda",
-        rounds=3,
-        iterations=5 if scale == "market1501" else 1,
-        num_query=len(query),
-        num_gallery=len(gallery),
-        dim=query.shape[1],
-    )
+    iterations = 5 if scale == "market1501" else 1
+    query, gallery = time_rerank_strategy(timed, strategy, scale, "cuda", GROUP, iterations)
     if strategy == "certified":
         report_candidates(benchmark, query, gallery, scale, target_s=TARGETS_S[scale])
 

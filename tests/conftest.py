@@ -38,6 +38,14 @@ def device_for(backend: str) -> torch.device:
     return torch.device("cpu")
 
 
+def sign_rows(count, dim, seed=0, dtype=torch.float32):
+    """Rows of four +-1 entries: every distance exact in fp32, equal values everywhere (the k-NN tie tests)."""
+    gen = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (count, dim), generator=gen).to(dtype) * 2 - 1
+    keep = torch.rand(count, dim, generator=gen).argsort(dim=1)[:, :4]
+    return torch.zeros(count, dim, dtype=dtype).scatter_(1, keep, signs.gather(1, keep))
+
+
 @pytest.fixture
 def float32_matmul_precision():
     """torch.set_float32_matmul_precision for one test; the previous setting is restored after it."""

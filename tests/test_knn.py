@@ -10,20 +10,13 @@ import math
 import pytest
 import torch
 
-from conftest import backend_params, device_for, record_launches
+from conftest import backend_params, device_for, record_launches, sign_rows
 from dpm_ops.ops import knn, knn_reference, self_knn, self_knn_reference
 from dpm_ops.ops.knn_reference import pairwise_distance_reference
 
 KERNEL_BACKENDS = backend_params("cpp", "cuda", "triton")
 ALL_BACKENDS = backend_params("reference", "cpp", "cuda", "triton")
 METRICS = ("euclidean", "sqeuclidean", "cosine")
-
-
-def sign_rows(count, dim=8, seed=0, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    signs = torch.randint(0, 2, (count, dim), generator=gen).to(dtype) * 2 - 1
-    keep = torch.rand(count, dim, generator=gen).argsort(dim=1)[:, :4]
-    return torch.zeros(count, dim, dtype=dtype).scatter_(1, keep, signs.gather(1, keep))
 
 
 def random_rows(count, dim, seed, dtype=torch.float64):
@@ -46,7 +39,7 @@ def test_knn_matches_reference_exactly(backend, metric, shape):
     if interpreted(backend) and k > 20:
         pytest.skip("k rounds per tile cost seconds in the Triton interpreter; k = N is covered by (1, 1, 1)")
     device = device_for(backend)
-    x, y = sign_rows(M, seed=M).to(device), sign_rows(N, seed=N + 1).to(device)
+    x, y = sign_rows(M, 8, seed=M).to(device), sign_rows(N, 8, seed=N + 1).to(device)
     values, indices = knn(x, y, k, metric, backend=backend)
     expected_values, expected_indices = knn_reference(x, y, k, metric)
     assert values.shape == (M, k) and indices.shape == (M, k) and indices.dtype == torch.long
@@ -104,7 +97,7 @@ def test_triton_fp32_follows_the_matmul_precision(backend, fp32_matmul_precision
 @pytest.mark.parametrize("backend", backend_params("cuda", "triton"))
 def test_gpu_kernels_cap_k_at_256(backend):
     device = device_for(backend)
-    x, y = sign_rows(2, seed=11).to(device), sign_rows(300, seed=12).to(device)
+    x, y = sign_rows(2, 8, seed=11).to(device), sign_rows(300, 8, seed=12).to(device)
     kernel = {"cuda": "CUDA", "triton": "Triton"}[backend]
     with pytest.raises(ValueError, match=f"knn: the {kernel} kernel takes k <= 256, got 257"):
         knn(x, y, 257, backend=backend)
@@ -220,7 +213,7 @@ SELF_BACKENDS = backend_params("cpp", "cuda")
 @pytest.mark.parametrize("n, k, cross_rows", [(1, 1, 0), (2, 2, 1), (45, 7, 11), (300, 25, 60), (1500, 21, 400)])
 def test_self_knn_matches_reference_exactly(backend, metric, normalize, n, k, cross_rows):
     # Ties everywhere: rows with equal values at the k-th place take the full-row fallback too.
-    x = sign_rows(n, seed=n).to(device_for(backend))
+    x = sign_rows(n, 8, seed=n).to(device_for(backend))
     got = self_knn(x, k, metric, normalize, cross_rows, backend=backend)
     expected = self_knn_reference(x, k, metric, normalize, cross_rows)
     torch.testing.assert_close(got[1], expected[1], rtol=0, atol=0)

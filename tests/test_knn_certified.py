@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from benchmarks.reference.synthetic_features import make_reid_features
-from conftest import backend_params
+from conftest import backend_params, sign_rows
 from dpm_ops.ops import knn, self_knn
 from dpm_ops.ops.knn_reference import COSINE_EPS, pairwise_distance_reference
 
@@ -61,14 +61,6 @@ def check_same_knn(x, y, k, metric, strategy_result=None, min_covered=0.5, backe
     return covered, len(x)
 
 
-def sign_rows(count, dim=16, seed=0, dtype=torch.float32):
-    """Rows of four +-1 entries: every distance exact in fp32, equal values everywhere."""
-    gen = torch.Generator().manual_seed(seed)
-    signs = torch.randint(0, 2, (count, dim), generator=gen).to(dtype) * 2 - 1
-    keep = torch.rand(count, dim, generator=gen).argsort(dim=1)[:, :4]
-    return torch.zeros(count, dim, dtype=dtype).scatter_(1, keep, signs.gather(1, keep))
-
-
 def gaussian(count, dim, seed, dtype=torch.float32):
     return torch.randn(count, dim, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
@@ -102,7 +94,7 @@ def test_reid_like_features_match_direct(metric):
 
 
 def test_tie_heavy_exact_input_is_bitwise_identical():
-    x, y = sign_rows(90), sign_rows(700, seed=1)
+    x, y = sign_rows(90, 16), sign_rows(700, 16, seed=1)
     for metric in ("euclidean", "sqeuclidean", "cosine"):
         certified = knn(x, y, 37, metric, backend="cpp", strategy="certified")
         direct = knn(x, y, 37, metric, backend="cpp", strategy="direct")
@@ -189,7 +181,7 @@ def test_self_knn_matches_direct(normalize):
 
 
 def test_self_knn_exact_input_is_bitwise_identical():
-    x = sign_rows(1300, seed=11)  # two tiles, split at cross_rows
+    x = sign_rows(1300, 16, seed=11)  # two tiles, split at cross_rows
     for normalize in (False, True):
         cert = self_knn(x, 30, "euclidean", normalize, 500, backend="cpp", strategy="certified")
         direct = self_knn(x, 30, "euclidean", normalize, 500, backend="cpp", strategy="direct")

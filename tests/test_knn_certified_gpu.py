@@ -11,11 +11,10 @@ from test_knn_certified import (
     check_same_knn,
     check_same_self_knn,
     gaussian,
-    sign_rows,
 )
 
 from benchmarks.reference.synthetic_features import make_reid_features
-from conftest import backend_params, device_for, op_for
+from conftest import backend_params, device_for, op_for, sign_rows
 from dpm_ops.ops import knn, knn_certified, self_knn
 from dpm_ops.ops.knn_reference import COSINE_EPS, pairwise_distance_reference
 
@@ -74,7 +73,7 @@ def test_duplicate_heavy_rows_fall_back_and_match(backend):
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_tie_heavy_exact_input_is_bitwise_identical(backend):
-    x, y = on(backend, sign_rows(24), sign_rows(150, seed=1))
+    x, y = on(backend, sign_rows(24, 16), sign_rows(150, 16, seed=1))
     # Triton's direct kernel takes the fast (approximate) square root on a GPU: euclidean only in the interpreter.
     exact_sqrt = backend == "cuda" or x.device.type == "cpu"
     for metric in ("euclidean", "sqeuclidean", "cosine") if exact_sqrt else ("sqeuclidean", "cosine"):
@@ -128,7 +127,7 @@ def test_self_knn_matches_direct(backend, normalize):
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_self_knn_exact_input_is_bitwise_identical(backend):
-    (x,) = on(backend, sign_rows(90, seed=11))
+    (x,) = on(backend, sign_rows(90, 16, seed=11))
     for normalize in (False, True):
         cert = self_knn(x, 8, "euclidean", normalize, 30, backend=backend, strategy="certified")
         direct = self_knn(x, 8, "euclidean", normalize, 30, backend=backend, strategy="direct")

@@ -52,27 +52,17 @@ def masked_arcface_cross_entropy(
     ``fused=True`` runs ``dpm_ops.ops.masked_arcface_ce`` where available (same value and gradients;
     both branches in at least fp32, also under autocast); ``fused=False`` is the reference."""
     check_tensors("masked_arcface_cross_entropy", features=features, mask=mask, weight=weight)
+    options = (scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight)
     if fused and fused_available(features.device):
         with torch.autocast(device_type=features.device.type, enabled=False):
-            return masked_arcface_ce(
-                *common_at_least_fp32(features, mask, weight),
-                labels,
-                scale,
-                margin,
-                easy_margin,
-                clamp_eps,
-                plain_weight,
-                masked_weight,
-            )
+            return masked_arcface_ce(*common_at_least_fp32(features, mask, weight), labels, *options)
     # The reference takes what the fused op takes (fp16 / bf16 too), with the same checks.
     check_masked_arcface_args(
         *common_at_least_fp32(features, mask, weight), labels, scale, margin, clamp_eps, plain_weight, masked_weight
     )
     check_finite_rows("masked_arcface_cross_entropy", features=features, mask=mask, weight=weight)
     check_label_range(labels, weight.shape[0])
-    return masked_arcface_reference(
-        features, mask, weight, labels, scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight
-    )
+    return masked_arcface_reference(features, mask, weight, labels, *options)
 
 
 class MaskedArcFaceLoss(nn.Module):

@@ -41,11 +41,9 @@ def maskreid_ranking_loss(
     pos_mode: str = "hardest",
     fused: bool = True,
 ) -> torch.Tensor:
-    if fused:
-        return fused_maskreid_ranking_loss(embeddings, labels, alpha, lam, neg_mode, pos_mode)
-    return fused_maskreid_ranking_loss(
-        embeddings, labels, alpha, lam, neg_mode, pos_mode, backend="reference"
-    )  # checked like the fused op
+    # fused=False: the reference, checked like the fused op
+    backend = None if fused else "reference"
+    return fused_maskreid_ranking_loss(embeddings, labels, alpha, lam, neg_mode, pos_mode, backend=backend)
 
 
 class MaskReIDRankingLoss(nn.Module):

@@ -183,7 +183,8 @@ def _arcface_tile_kernel(
             tl.store(gp_ptr + offs, (g * plain_w) * (tl.exp(plain - plse[:, None]) - onehot), mask=valid)
 
 
-def _margin_args(scale, margin, easy_margin, clamp_eps):
+def _loss_args(scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight, inv_batch, precision, backward):
+    """The tile kernel's loss constants and compile-time options, shared by the forward and gradient launches."""
     return dict(
         scale=scale,
         cos_m=math.cos(margin),
@@ -192,6 +193,17 @@ def _margin_args(scale, margin, easy_margin, clamp_eps):
         mm=math.sin(math.pi - margin) * margin,
         lo=-1.0 + clamp_eps,
         hi=1.0 - clamp_eps,
+        plain_w=plain_weight,
+        masked_w=masked_weight,
+        inv_batch=inv_batch,
+        eps=EPS,
+        EASY=easy_margin,
+        WITH_PLAIN=plain_weight != 0,
+        BACKWARD=backward,
+        PRECISION=precision,
+        BLOCK_B=BLOCK_B,
+        BLOCK_K=BLOCK_K,
+        **_tile_options(precision),
     )
 
 
@@ -238,18 +250,9 @@ def _forward(features, mask, weight, labels, scale, margin, easy_margin, clamp_e
             K,
             C,
             n_ktiles,
-            **_margin_args(scale, margin, easy_margin, clamp_eps),
-            plain_w=plain_weight,
-            masked_w=masked_weight,
-            inv_batch=1.0,
-            eps=EPS,
-            EASY=easy_margin,
-            WITH_PLAIN=with_plain,
-            BACKWARD=False,
-            PRECISION=precision,
-            BLOCK_B=BLOCK_B,
-            BLOCK_K=BLOCK_K,
-            **_tile_options(precision),
+            **_loss_args(
+                scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight, 1.0, precision, backward=False
+            ),
         )
 
     def merge(maxes, sums):
@@ -319,18 +322,9 @@ def _gradients(
             K,
             C,
             1,
-            **_margin_args(scale, margin, easy_margin, clamp_eps),
-            plain_w=plain_weight,
-            masked_w=masked_weight,
-            inv_batch=1.0 / B,
-            eps=EPS,
-            EASY=easy_margin,
-            WITH_PLAIN=with_plain,
-            BACKWARD=True,
-            PRECISION=precision,
-            BLOCK_B=BLOCK_B,
-            BLOCK_K=BLOCK_K,
-            **_tile_options(precision),
+            **_loss_args(
+                scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight, 1.0 / B, precision, backward=True
+            ),
         )
         gn, hh, rs = g_num[:n], h[:n], slice(r0, r0 + n)
         u, v = gn @ wh, hh @ wh_sq
@@ -350,26 +344,9 @@ def loss_and_grads(
     features, mask, weight, labels, scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight, with_grad
 ):
     """The dpm_ops::masked_arcface_ce_triton op: (loss, grad_features, grad_mask, grad_weight)."""
-    loss, masked_lse, plain_lse = _forward(
-        features, mask, weight, labels, scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight
-    )
+    options = (scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight)
+    loss, masked_lse, plain_lse = _forward(features, mask, weight, labels, *options)
     if not with_grad:
         empty = features.new_empty((0,))
         return loss, empty, empty.clone(), empty.clone()
-    return (
-        loss,
-        *_gradients(
-            features,
-            mask,
-            weight,
-            labels,
-            masked_lse,
-            plain_lse,
-            scale,
-            margin,
-            easy_margin,
-            clamp_eps,
-            plain_weight,
-            masked_weight,
-        ),
-    )
+    return (loss, *_gradients(features, mask, weight, labels, masked_lse, plain_lse, *options))
