@@ -1,8 +1,8 @@
 // The extension module dpm_ops._C and the `dpm_ops` op namespace. The schemas of the ops are
 // defined in Python, each op once with its fake and autograd registrations (dpm_ops/ops/<op>.py, through
 // dpm_ops/ops/_declare.py); the kernels register themselves per device next to their code
-// (csrc/<op>/<op>_{cpu,cuda}.cpp, TORCH_LIBRARY_IMPL), before those definitions run: the dispatcher
-// keeps a kernel registered ahead of its schema.
+// (csrc/<op>/<op>_{cpu,cuda}.cpp, DPM_OPS_KERNELS of csrc/common/register_kernels.h), before those
+// definitions run: the dispatcher keeps a kernel registered ahead of its schema.
 #include <Python.h>
 #include <torch/library.h>
 #include <torch/version.h>

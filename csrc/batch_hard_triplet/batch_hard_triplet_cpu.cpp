@@ -1,15 +1,14 @@
 // CPU kernels of the fused batch-hard soft-margin triplet: one MKL Gram GEMM, OpenMP row passes.
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <limits>
 #include <algorithm>
 #include <vector>
 
 #include "batch_hard_triplet_driver.h"
+#include "../common/register_kernels.h"
 
-namespace dpm_ops {
-namespace batch_hard_triplet {
+namespace dpm_ops::batch_hard_triplet {
 namespace {
 
 struct CpuKernels {
@@ -90,7 +89,6 @@ struct CpuKernels {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dpm_ops, CPU, m) { m.impl("batch_hard_triplet", &batch_hard_triplet_op<CpuKernels>); }
+DPM_OPS_KERNELS(CPU, "batch_hard_triplet", &batch_hard_triplet_op<CpuKernels>)
 
-}  // namespace batch_hard_triplet
-}  // namespace dpm_ops
+}  // namespace dpm_ops::batch_hard_triplet

@@ -1,14 +1,13 @@
 // CUDA entry points of the batch-hard soft-margin triplet: the shared driver (cuBLAS Gram GEMM) with
 // the CUDA mining and gradient kernels. Built only with CUDA.
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include "batch_hard_triplet_cuda.h"
 #include "batch_hard_triplet_driver.h"
 #include "../common/aten_cuda.h"
+#include "../common/register_kernels.h"
 
-namespace dpm_ops {
-namespace batch_hard_triplet {
+namespace dpm_ops::batch_hard_triplet {
 namespace {
 
 struct CudaKernels {
@@ -26,7 +25,6 @@ struct CudaKernels {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dpm_ops, CUDA, m) { m.impl("batch_hard_triplet", &batch_hard_triplet_op<CudaKernels>); }
+DPM_OPS_KERNELS(CUDA, "batch_hard_triplet", &batch_hard_triplet_op<CudaKernels>)
 
-}  // namespace batch_hard_triplet
-}  // namespace dpm_ops
+}  // namespace dpm_ops::batch_hard_triplet

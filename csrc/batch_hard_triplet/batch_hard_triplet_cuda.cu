@@ -4,9 +4,7 @@
 #include "batch_hard_triplet_cuda.h"
 #include "batch_hard_triplet_math.h"
 
-namespace dpm_ops {
-namespace batch_hard_triplet {
-namespace cuda {
+namespace dpm_ops::batch_hard_triplet::cuda {
 namespace {
 
 constexpr int kThreads = 256;
@@ -125,6 +123,4 @@ void gradient(Dtype dtype, const void* x, const int64_t* pos_index, const int64_
   });
 }
 
-}  // namespace cuda
-}  // namespace batch_hard_triplet
-}  // namespace dpm_ops
+}  // namespace dpm_ops::batch_hard_triplet::cuda

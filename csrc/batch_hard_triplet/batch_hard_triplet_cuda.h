@@ -8,9 +8,7 @@
 
 #include "../common/dtype.h"
 
-namespace dpm_ops {
-namespace batch_hard_triplet {
-namespace cuda {
+namespace dpm_ops::batch_hard_triplet::cuda {
 
 // One block per anchor: distances from the squared norms and the Gram matrix, the hardest positive /
 // negative (first index on ties; neg_index -1 without a negative), live flags (B, 2) and softplus.
@@ -21,6 +19,4 @@ void mine(Dtype dtype, const void* sq, const void* gram, const int64_t* labels, 
 void gradient(Dtype dtype, const void* x, const int64_t* pos_index, const int64_t* neg_index, const void* pos_dist,
               const void* neg_dist, const uint8_t* live, int64_t B, int64_t C, void* grad, cudaStream_t stream);
 
-}  // namespace cuda
-}  // namespace batch_hard_triplet
-}  // namespace dpm_ops
+}  // namespace dpm_ops::batch_hard_triplet::cuda

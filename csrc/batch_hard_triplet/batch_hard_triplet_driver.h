@@ -12,8 +12,7 @@
 #include "../common/no_autocast.h"
 #include "batch_hard_triplet_math.h"
 
-namespace dpm_ops {
-namespace batch_hard_triplet {
+namespace dpm_ops::batch_hard_triplet {
 
 inline void check_inputs(const at::Tensor& features, const at::Tensor& labels) {
   TORCH_CHECK_VALUE(features.dim() == 2, "batch_hard_triplet: features must be 2-D (B, C), got ", features.dim(),
@@ -62,5 +61,4 @@ std::tuple<at::Tensor, at::Tensor> batch_hard_triplet_op(const at::Tensor& featu
   return forward<Kernels>(features.contiguous(), labels.contiguous(), with_grad);
 }
 
-}  // namespace batch_hard_triplet
-}  // namespace dpm_ops
+}  // namespace dpm_ops::batch_hard_triplet

@@ -10,8 +10,7 @@
 
 #include "../common/host_device.h"
 
-namespace dpm_ops {
-namespace batch_hard_triplet {
+namespace dpm_ops::batch_hard_triplet {
 
 constexpr double kMinSquared = 1e-12;  // the clamp of the squared distance
 
@@ -42,5 +41,4 @@ template <typename A> DPM_HD A softplus_slope(A v) {
 // d d[i,j] / d x_i = (x_i − x_j) / d for a live pair (0 otherwise); x_j gets the opposite.
 template <typename A> DPM_HD A pair_coefficient(A upstream, A d, bool live) { return live ? upstream / d : A(0); }
 
-}  // namespace batch_hard_triplet
-}  // namespace dpm_ops
+}  // namespace dpm_ops::batch_hard_triplet

@@ -2,7 +2,6 @@
 // runtime-dispatched SIMD), everything else in fused OpenMP passes over samples / elements: the norms
 // from the Gram's diagonal, the loss, and the closed-form gradient written in place.
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
@@ -10,9 +9,9 @@
 #include "../common/no_autocast.h"
 #include "hem_loss_driver.h"
 #include "hem_loss_math.h"
+#include "../common/register_kernels.h"
 
-namespace dpm_ops {
-namespace hem {
+namespace dpm_ops::hem {
 namespace {
 
 // Work (elements touched) per OpenMP task: DPM's batch of 64 × 12² Gram entries runs on one thread,
@@ -103,10 +102,8 @@ at::Tensor hem_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& cls_l
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dpm_ops, CPU, m) {
-  m.impl("hem_loss", &hem_loss_cpu);
-  m.impl("hem_loss_backward", &hem_loss_backward_cpu);
-}
+DPM_OPS_KERNELS(CPU,
+                "hem_loss", &hem_loss_cpu,
+                "hem_loss_backward", &hem_loss_backward_cpu)
 
-}  // namespace hem
-}  // namespace dpm_ops
+}  // namespace dpm_ops::hem

@@ -1,15 +1,14 @@
 // CUDA entry points of DPM's HEM loss (one block per sample, see hem_loss_cuda.cu). Built only with CUDA.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include "../common/no_autocast.h"
 #include "hem_loss_cuda.h"
 #include "hem_loss_driver.h"
 #include "../common/aten_cuda.h"
+#include "../common/register_kernels.h"
 
-namespace dpm_ops {
-namespace hem {
+namespace dpm_ops::hem {
 namespace {
 
 constexpr int64_t kSharedLimit = 48 * 1024;  // without the opt-in for larger dynamic shared memory
@@ -51,10 +50,8 @@ at::Tensor hem_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& cls_
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dpm_ops, CUDA, m) {
-  m.impl("hem_loss", &hem_loss_cuda);
-  m.impl("hem_loss_backward", &hem_loss_backward_cuda);
-}
+DPM_OPS_KERNELS(CUDA,
+                "hem_loss", &hem_loss_cuda,
+                "hem_loss_backward", &hem_loss_backward_cuda)
 
-}  // namespace hem
-}  // namespace dpm_ops
+}  // namespace dpm_ops::hem

@@ -6,9 +6,7 @@
 #include "hem_loss_cuda.h"
 #include "hem_loss_math.h"
 
-namespace dpm_ops {
-namespace hem {
-namespace cuda {
+namespace dpm_ops::hem::cuda {
 namespace {
 
 constexpr int kThreads = 256;
@@ -111,6 +109,4 @@ void backward(Dtype dtype, const void* grad, const void* logits, int64_t batch, 
   });
 }
 
-}  // namespace cuda
-}  // namespace hem
-}  // namespace dpm_ops
+}  // namespace dpm_ops::hem::cuda

@@ -9,9 +9,7 @@
 
 #include "../common/dtype.h"
 
-namespace dpm_ops {
-namespace hem {
-namespace cuda {
+namespace dpm_ops::hem::cuda {
 
 // Shared memory one sample's block needs; the entry point checks it against the device limit.
 int64_t shared_bytes(Dtype dtype, int64_t heads);
@@ -24,6 +22,4 @@ void forward(Dtype dtype, const void* logits, int64_t batch, int64_t heads, int6
 void backward(Dtype dtype, const void* grad, const void* logits, int64_t batch, int64_t heads, int64_t n, double eps,
               double weight, void* grad_logits, cudaStream_t stream);
 
-}  // namespace cuda
-}  // namespace hem
-}  // namespace dpm_ops
+}  // namespace dpm_ops::hem::cuda

@@ -9,8 +9,7 @@
 
 #include "../common/compute_type.h"
 
-namespace dpm_ops {
-namespace hem {
+namespace dpm_ops::hem {
 
 // Returns whether the reduction is the mean.
 inline bool check_inputs(const at::Tensor& cls_logits, double eps, const std::string& reduction) {
@@ -32,5 +31,4 @@ inline double sample_weight(int64_t batch, bool mean) {
   return batch > 0 ? 1.0 / double(batch) : std::nan("");
 }
 
-}  // namespace hem
-}  // namespace dpm_ops
+}  // namespace dpm_ops::hem

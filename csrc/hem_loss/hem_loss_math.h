@@ -13,8 +13,7 @@
 
 #include "../common/host_device.h"
 
-namespace dpm_ops {
-namespace hem {
+namespace dpm_ops::hem {
 
 template <typename A> DPM_HD A inv_row_norm(A sum_sq, A eps) { return A(1) / square_root(sum_sq + eps); }
 
@@ -60,5 +59,4 @@ template <typename A> DPM_HD A grad_logit(A inv_h, A a_hj, A grad_hat_hj, A d_h)
   return inv_h * (grad_hat_hj - inv_h * a_hj * d_h);
 }
 
-}  // namespace hem
-}  // namespace dpm_ops
+}  // namespace dpm_ops::hem

@@ -1,14 +1,13 @@
 // CPU kernels of the hierarchical masked pooling: one at::parallel_for over the rows (level, b, c)
 // of every level at once, after one over the (b, level) mask resizes.
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <limits>
 
 #include "hierarchical_mask_pool_driver.h"
+#include "../common/register_kernels.h"
 
-namespace dpm_ops {
-namespace hierarchical_mask_pool {
+namespace dpm_ops::hierarchical_mask_pool {
 namespace {
 
 // About this many elements per task: rows are short (H_l W_l), so they go in bundles.
@@ -173,10 +172,8 @@ struct CpuKernels {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dpm_ops, CPU, m) {
-  m.impl("hierarchical_mask_pool", &forward<CpuKernels>);
-  m.impl("hierarchical_mask_pool_backward", &backward<CpuKernels>);
-}
+DPM_OPS_KERNELS(CPU,
+                "hierarchical_mask_pool", &forward<CpuKernels>,
+                "hierarchical_mask_pool_backward", &backward<CpuKernels>)
 
-}  // namespace hierarchical_mask_pool
-}  // namespace dpm_ops
+}  // namespace dpm_ops::hierarchical_mask_pool

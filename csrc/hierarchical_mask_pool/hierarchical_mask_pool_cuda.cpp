@@ -1,14 +1,13 @@
 // CUDA entry points of the hierarchical masked pooling: the shared driver with the CUDA passes.
 // Built only with CUDA.
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include "hierarchical_mask_pool_cuda.h"
 #include "hierarchical_mask_pool_driver.h"
 #include "../common/aten_cuda.h"
+#include "../common/register_kernels.h"
 
-namespace dpm_ops {
-namespace hierarchical_mask_pool {
+namespace dpm_ops::hierarchical_mask_pool {
 namespace {
 
 struct CudaKernels {
@@ -32,10 +31,8 @@ struct CudaKernels {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dpm_ops, CUDA, m) {
-  m.impl("hierarchical_mask_pool", &forward<CudaKernels>);
-  m.impl("hierarchical_mask_pool_backward", &backward<CudaKernels>);
-}
+DPM_OPS_KERNELS(CUDA,
+                "hierarchical_mask_pool", &forward<CudaKernels>,
+                "hierarchical_mask_pool_backward", &backward<CudaKernels>)
 
-}  // namespace hierarchical_mask_pool
-}  // namespace dpm_ops
+}  // namespace dpm_ops::hierarchical_mask_pool

@@ -7,9 +7,7 @@
 #include "../common/launch.cuh"
 #include "hierarchical_mask_pool_cuda.h"
 
-namespace dpm_ops {
-namespace hierarchical_mask_pool {
-namespace cuda {
+namespace dpm_ops::hierarchical_mask_pool::cuda {
 namespace {
 
 constexpr int kThreads = 256;
@@ -139,6 +137,4 @@ void pool_backward(Dtype dtype, const LevelPack& pack, const void* grad, const v
   launch_pool<true>(dtype, pack, weights, sums, grad, out, max_mode, stream);
 }
 
-}  // namespace cuda
-}  // namespace hierarchical_mask_pool
-}  // namespace dpm_ops
+}  // namespace dpm_ops::hierarchical_mask_pool::cuda

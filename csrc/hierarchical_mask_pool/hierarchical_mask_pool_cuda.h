@@ -9,9 +9,7 @@
 #include "../common/dtype.h"
 #include "hierarchical_mask_pool_math.h"
 
-namespace dpm_ops {
-namespace hierarchical_mask_pool {
-namespace cuda {
+namespace dpm_ops::hierarchical_mask_pool::cuda {
 
 // Weights and sums are `acc` = double for kDouble, float otherwise; features, out, grad in `dtype`.
 
@@ -27,6 +25,4 @@ void pool_forward(Dtype dtype, const LevelPack& pack, const void* weights, const
 void pool_backward(Dtype dtype, const LevelPack& pack, const void* grad, const void* weights, const void* sums,
                    const void* out, bool max_mode, cudaStream_t stream);
 
-}  // namespace cuda
-}  // namespace hierarchical_mask_pool
-}  // namespace dpm_ops
+}  // namespace dpm_ops::hierarchical_mask_pool::cuda

@@ -12,8 +12,7 @@
 #include "../common/compute_type.h"
 #include "hierarchical_mask_pool_math.h"
 
-namespace dpm_ops {
-namespace hierarchical_mask_pool {
+namespace dpm_ops::hierarchical_mask_pool {
 
 // Python checks the same first, with the same messages; these guard direct torch.ops callers.
 inline bool check_inputs(at::TensorList features, const std::optional<at::Tensor>& mask, std::string_view mode) {
@@ -120,5 +119,4 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, at::TensorList features
   return grads;
 }
 
-}  // namespace hierarchical_mask_pool
-}  // namespace dpm_ops
+}  // namespace dpm_ops::hierarchical_mask_pool

@@ -13,8 +13,7 @@
 
 #include "../common/host_device.h"
 
-namespace dpm_ops {
-namespace hierarchical_mask_pool {
+namespace dpm_ops::hierarchical_mask_pool {
 
 // One level of the packed launch. Rows are (level, b, c) flattened, level-major.
 struct LevelDesc {
@@ -79,5 +78,4 @@ template <typename A> DPM_HD A max_grad(A g, A x, A out, A weight, int64_t ties)
   return (selected(weight) && x == out && ties > 0) ? g / A(ties) : A(0);
 }
 
-}  // namespace hierarchical_mask_pool
-}  // namespace dpm_ops
+}  // namespace dpm_ops::hierarchical_mask_pool

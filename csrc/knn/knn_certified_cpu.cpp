@@ -4,7 +4,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -12,9 +11,9 @@
 #include <vector>
 
 #include "knn_cpu.h"
+#include "../common/register_kernels.h"
 
-namespace dpm_ops {
-namespace knn {
+namespace dpm_ops::knn {
 namespace {
 
 // ---------------------------------------------------------------------------------------------
@@ -495,11 +494,9 @@ std::tuple<at::Tensor, at::Tensor> knn_certified_bounds_cpu(const at::Tensor& x,
   return {lower, upper};
 }
 
-TORCH_LIBRARY_IMPL(dpm_ops, CPU, m) {
-  m.impl("knn_certified", &knn_certified_cpu);
-  m.impl("self_knn_certified", &self_knn_certified_cpu);
-  m.impl("knn_certified_bounds", &knn_certified_bounds_cpu);
-}
+DPM_OPS_KERNELS(CPU,
+                "knn_certified", &knn_certified_cpu,
+                "self_knn_certified", &self_knn_certified_cpu,
+                "knn_certified_bounds", &knn_certified_bounds_cpu)
 
-}  // namespace knn
-}  // namespace dpm_ops
+}  // namespace dpm_ops::knn

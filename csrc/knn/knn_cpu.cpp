@@ -10,16 +10,15 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <limits>
 #include <vector>
 
 #include "knn_cpu.h"
+#include "../common/register_kernels.h"
 
-namespace dpm_ops {
-namespace knn {
+namespace dpm_ops::knn {
 namespace {
 
 template <typename A>
@@ -240,10 +239,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> self_knn_cpu(const at
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dpm_ops, CPU, m) {
-  m.impl("knn", &knn_cpu);
-  m.impl("self_knn", &self_knn_cpu);
-}
+DPM_OPS_KERNELS(CPU,
+                "knn", &knn_cpu,
+                "self_knn", &self_knn_cpu)
 
-}  // namespace knn
-}  // namespace dpm_ops
+}  // namespace dpm_ops::knn

@@ -21,8 +21,7 @@
 #include "knn_operands.h"
 #include "../common/no_autocast.h"
 
-namespace dpm_ops {
-namespace knn {
+namespace dpm_ops::knn {
 
 constexpr int64_t kRowBlock = 256;     // knn: rows of x per task
 constexpr int64_t kColumnBlock = 2048; // knn: columns of y per GEMM tile
@@ -248,5 +247,4 @@ template <typename A>
 void self_knn_direct(const Operand& xs, int64_t k, int64_t m, Metric metric, bool normalize, int64_t cross_rows,
                      at::Tensor& values, at::Tensor& indices, at::Tensor& row_max, at::Tensor& cross);
 
-}  // namespace knn
-}  // namespace dpm_ops
+}  // namespace dpm_ops::knn

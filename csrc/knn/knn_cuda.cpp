@@ -5,7 +5,6 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <algorithm>
 
@@ -15,9 +14,9 @@
 #include "../common/aten_cuda.h"
 #include "../common/gemm.h"
 #include "../common/no_autocast.h"
+#include "../common/register_kernels.h"
 
-namespace dpm_ops {
-namespace knn {
+namespace dpm_ops::knn {
 namespace {
 
 // Bound on the (rows, N) block of dot products held at a time.
@@ -107,10 +106,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> self_knn_cuda(const a
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dpm_ops, CUDA, m) {
-  m.impl("knn", &knn_cuda);
-  m.impl("self_knn", &self_knn_cuda);
-}
+DPM_OPS_KERNELS(CUDA,
+                "knn", &knn_cuda,
+                "self_knn", &self_knn_cuda)
 
-}  // namespace knn
-}  // namespace dpm_ops
+}  // namespace dpm_ops::knn

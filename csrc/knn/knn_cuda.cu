@@ -21,9 +21,7 @@
 #include "knn_cuda.h"
 #include "knn_math.h"
 
-namespace dpm_ops {
-namespace knn {
-namespace cuda {
+namespace dpm_ops::knn::cuda {
 namespace {
 
 constexpr int kWarps = 8;
@@ -240,6 +238,4 @@ void select(Dtype dtype, const void* dots, const void* x_norms, const void* y_no
   });
 }
 
-}  // namespace cuda
-}  // namespace knn
-}  // namespace dpm_ops
+}  // namespace dpm_ops::knn::cuda

@@ -9,9 +9,7 @@
 
 #include "../common/dtype.h"
 
-namespace dpm_ops {
-namespace knn {
-namespace cuda {
+namespace dpm_ops::knn::cuda {
 
 // For the rows row0 .. row0 + rows - 1 of x, given their dot products with the N rows of y
 // (`dots`, (rows, N)) and the squared norms of both sets (knn_math.h; unused for cosine): each
@@ -27,6 +25,4 @@ void select(Dtype dtype, const void* dots, const void* x_norms, const void* y_no
 
 constexpr int64_t kMaxSharedK = 256;  // 8 lists of k (value, index) pairs in shared memory
 
-}  // namespace cuda
-}  // namespace knn
-}  // namespace dpm_ops
+}  // namespace dpm_ops::knn::cuda

@@ -11,8 +11,7 @@
 
 #include "../common/host_device.h"
 
-namespace dpm_ops {
-namespace knn {
+namespace dpm_ops::knn {
 
 enum class Metric : int { kEuclidean = 0, kSqEuclidean = 1, kCosine = 2 };
 
@@ -69,5 +68,4 @@ template <typename A> DPM_HD bool scaled_order_is_decided(A kth_scaled, A larges
   return kth_scaled < largest_kept_raw / scale;
 }
 
-}  // namespace knn
-}  // namespace dpm_ops
+}  // namespace dpm_ops::knn

@@ -9,8 +9,7 @@
 #include "../common/compute_type.h"
 #include "knn_math.h"
 
-namespace dpm_ops {
-namespace knn {
+namespace dpm_ops::knn {
 
 constexpr int64_t kTieMargin = 4;  // self_knn with row-max normalisation: extra candidates
 constexpr int64_t kFullRowBatch = 64;  // rows per GEMM when whole rows are recomputed
@@ -93,5 +92,4 @@ inline void recompute_undecided(const Operand& xs, const at::Tensor& ids, int64_
   }
 }
 
-}  // namespace knn
-}  // namespace dpm_ops
+}  // namespace dpm_ops::knn

@@ -10,8 +10,7 @@
 
 #include "../common/compute_type.h"
 
-namespace dpm_ops {
-namespace kreciprocal {
+namespace dpm_ops::kreciprocal {
 
 inline void check_index_tensor(const at::Tensor& t, int64_t dim, const char* name) {
   TORCH_CHECK_VALUE(t.dim() == dim && t.scalar_type() == at::kLong, "kreciprocal: ", name, " must be a ", dim,
@@ -138,5 +137,4 @@ struct JaccardArgs {
   const float* scale_or_null() const { return scale.defined() ? scale.const_data_ptr<float>() : nullptr; }
 };
 
-}  // namespace kreciprocal
-}  // namespace dpm_ops
+}  // namespace dpm_ops::kreciprocal

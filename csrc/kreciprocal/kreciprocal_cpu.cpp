@@ -3,7 +3,6 @@
 // thread with its own scratch, so the Python side issues one call per stage.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -13,9 +12,9 @@
 #include "../common/host_device.h"
 #include "kreciprocal_checks.h"
 #include "kreciprocal_math.h"
+#include "../common/register_kernels.h"
 
-namespace dpm_ops {
-namespace kreciprocal {
+namespace dpm_ops::kreciprocal {
 namespace {
 
 constexpr int64_t kRowGrain = 256;
@@ -175,12 +174,10 @@ void jaccard_blend_cpu(at::Tensor& out, const at::Tensor& row_ptr_in, const at::
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dpm_ops, CPU, m) {
-  m.impl("kreciprocal_expand", &expand_cpu);
-  m.impl("kreciprocal_pair_sqdist", &pair_sqdist_cpu);
-  m.impl("kreciprocal_query_expansion", &query_expansion_cpu);
-  m.impl("kreciprocal_jaccard_blend_", &jaccard_blend_cpu);
-}
+DPM_OPS_KERNELS(CPU,
+                "kreciprocal_expand", &expand_cpu,
+                "kreciprocal_pair_sqdist", &pair_sqdist_cpu,
+                "kreciprocal_query_expansion", &query_expansion_cpu,
+                "kreciprocal_jaccard_blend_", &jaccard_blend_cpu)
 
-}  // namespace kreciprocal
-}  // namespace dpm_ops
+}  // namespace dpm_ops::kreciprocal

@@ -3,7 +3,6 @@
 // at::cumsum makes row_ptr, the kernels fill. Built only with CUDA.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include <algorithm>
 
@@ -11,9 +10,9 @@
 #include "../common/compute_type.h"
 #include "kreciprocal_checks.h"
 #include "kreciprocal_cuda.h"
+#include "../common/register_kernels.h"
 
-namespace dpm_ops {
-namespace kreciprocal {
+namespace dpm_ops::kreciprocal {
 namespace {
 
 void check_device(const at::Tensor& t, const at::Tensor& like, const char* name) {
@@ -126,12 +125,10 @@ void jaccard_blend_cuda(at::Tensor& out, const at::Tensor& row_ptr_in, const at:
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dpm_ops, CUDA, m) {
-  m.impl("kreciprocal_expand", &expand_cuda);
-  m.impl("kreciprocal_pair_sqdist", &pair_sqdist_cuda);
-  m.impl("kreciprocal_query_expansion", &query_expansion_cuda);
-  m.impl("kreciprocal_jaccard_blend_", &jaccard_blend_cuda);
-}
+DPM_OPS_KERNELS(CUDA,
+                "kreciprocal_expand", &expand_cuda,
+                "kreciprocal_pair_sqdist", &pair_sqdist_cuda,
+                "kreciprocal_query_expansion", &query_expansion_cuda,
+                "kreciprocal_jaccard_blend_", &jaccard_blend_cuda)
 
-}  // namespace kreciprocal
-}  // namespace dpm_ops
+}  // namespace dpm_ops::kreciprocal

@@ -6,9 +6,7 @@
 #include "kreciprocal_cuda.h"
 #include "kreciprocal_math.h"
 
-namespace dpm_ops {
-namespace kreciprocal {
-namespace cuda {
+namespace dpm_ops::kreciprocal::cuda {
 namespace {
 
 constexpr int kThreads = 128;
@@ -157,6 +155,4 @@ void jaccard_blend(float* out, int64_t Q, int64_t G, const int64_t* row_ptr, con
   check_launch();
 }
 
-}  // namespace cuda
-}  // namespace kreciprocal
-}  // namespace dpm_ops
+}  // namespace dpm_ops::kreciprocal::cuda

@@ -9,9 +9,7 @@
 
 #include "../common/dtype.h"
 
-namespace dpm_ops {
-namespace kreciprocal {
-namespace cuda {
+namespace dpm_ops::kreciprocal::cuda {
 
 // Row kernels that need per-row scratch run at most this many threads (grid-stride over the
 // rows); a scratch buffer holds scratch_threads(rows) * (slots per thread) elements.
@@ -59,6 +57,4 @@ void jaccard_blend(float* out, int64_t Q, int64_t G, const int64_t* row_ptr, con
                    const int64_t* column_start, const int64_t* holder, const float* holder_value,
                    const float* row_scale, float jaccard_weight, float keep, float* overlap, cudaStream_t stream);
 
-}  // namespace cuda
-}  // namespace kreciprocal
-}  // namespace dpm_ops
+}  // namespace dpm_ops::kreciprocal::cuda

@@ -10,8 +10,7 @@
 
 #include "../common/host_device.h"
 
-namespace dpm_ops {
-namespace kreciprocal {
+namespace dpm_ops::kreciprocal {
 
 // Products and sums rounded one operation at a time: nvcc would contract a * b + c into an fma,
 // and the CUDA kernels must give the CPU kernels' (and the torch stages') numbers bit for bit.
@@ -164,5 +163,4 @@ DPM_HD float blend_entry(float m, float d, float jaccard_weight, float keep) {
   return m != 0.f ? jaccard_blend(m, d, jaccard_weight, keep) : add_rn(jaccard_weight, mul_rn(d, keep));
 }
 
-}  // namespace kreciprocal
-}  // namespace dpm_ops
+}  // namespace dpm_ops::kreciprocal

@@ -1,15 +1,14 @@
 // CPU kernels of the fused masked ArcFace cross-entropy: OpenMP row passes between MKL GEMMs.
 // Each row pass computes the rows' CE and, in place, the gradient coefficients the next GEMMs take.
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <atomic>
 
 #include "../masked_cosine/masked_cosine_cpu_kernels.h"
 #include "masked_arcface_driver.h"
+#include "../common/register_kernels.h"
 
-namespace dpm_ops {
-namespace masked_arcface {
+namespace dpm_ops::masked_arcface {
 namespace {
 
 using masked_cosine::backward_coef;
@@ -157,9 +156,6 @@ struct CpuKernels : masked_cosine::CpuKernels {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dpm_ops, CPU, m) {
-  m.impl("masked_arcface_ce", &masked_arcface_ce<CpuKernels>);
-}
+DPM_OPS_KERNELS(CPU, "masked_arcface_ce", &masked_arcface_ce<CpuKernels>)
 
-}  // namespace masked_arcface
-}  // namespace dpm_ops
+}  // namespace dpm_ops::masked_arcface

@@ -1,15 +1,14 @@
 // CUDA entry points of the fused masked ArcFace cross-entropy: the shared chunked driver with cuBLAS
 // GEMMs, this op's row passes, and the masked cosine's CUDA row kernels. Built only with CUDA.
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include "../masked_cosine/masked_cosine_cuda.h"
 #include "masked_arcface_cuda.h"
 #include "masked_arcface_driver.h"
 #include "../common/aten_cuda.h"
+#include "../common/register_kernels.h"
 
-namespace dpm_ops {
-namespace masked_arcface {
+namespace dpm_ops::masked_arcface {
 namespace {
 
 cuda::LossParams loss_params(const Params& p) {
@@ -58,9 +57,6 @@ struct CudaKernels {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dpm_ops, CUDA, m) {
-  m.impl("masked_arcface_ce", &masked_arcface_ce<CudaKernels>);
-}
+DPM_OPS_KERNELS(CUDA, "masked_arcface_ce", &masked_arcface_ce<CudaKernels>)
 
-}  // namespace masked_arcface
-}  // namespace dpm_ops
+}  // namespace dpm_ops::masked_arcface

@@ -4,9 +4,7 @@
 #include "masked_arcface_cuda.h"
 #include "masked_arcface_math.h"
 
-namespace dpm_ops {
-namespace masked_arcface {
-namespace cuda {
+namespace dpm_ops::masked_arcface::cuda {
 namespace {
 
 using masked_cosine::backward_coef;
@@ -103,6 +101,4 @@ void plain_rows(Dtype dtype, void* plain, const int64_t* labels, int64_t rows, i
   });
 }
 
-}  // namespace cuda
-}  // namespace masked_arcface
-}  // namespace dpm_ops
+}  // namespace dpm_ops::masked_arcface::cuda

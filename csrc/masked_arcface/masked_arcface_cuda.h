@@ -9,9 +9,7 @@
 
 #include "../common/dtype.h"
 
-namespace dpm_ops {
-namespace masked_arcface {
-namespace cuda {
+namespace dpm_ops::masked_arcface::cuda {
 
 struct LossParams {
   double scale, margin, clamp_eps, plain_weight, masked_weight;
@@ -29,6 +27,4 @@ void masked_rows(Dtype dtype, void* num, void* den_sq, const int64_t* labels, in
 void plain_rows(Dtype dtype, void* plain, const int64_t* labels, int64_t rows, int64_t K, int64_t batch,
                 bool with_grad, LossParams p, void* row_loss, cudaStream_t stream);
 
-}  // namespace cuda
-}  // namespace masked_arcface
-}  // namespace dpm_ops
+}  // namespace dpm_ops::masked_arcface::cuda

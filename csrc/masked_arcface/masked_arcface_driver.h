@@ -12,8 +12,7 @@
 #include "../masked_cosine/masked_cosine_driver.h"
 #include "masked_arcface_math.h"
 
-namespace dpm_ops {
-namespace masked_arcface {
+namespace dpm_ops::masked_arcface {
 
 constexpr double kEps = 1e-12;  // F.normalize's eps, as masked_arcface_logits calls the masked cosine
 
@@ -136,5 +135,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_arcface_ce(
                           with_grad);
 }
 
-}  // namespace masked_arcface
-}  // namespace dpm_ops
+}  // namespace dpm_ops::masked_arcface

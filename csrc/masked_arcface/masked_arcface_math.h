@@ -16,8 +16,7 @@
 #include "../common/host_device.h"
 #include "../masked_cosine/masked_cosine_math.h"
 
-namespace dpm_ops {
-namespace masked_arcface {
+namespace dpm_ops::masked_arcface {
 
 // The margin's constants, computed in double on the host and rounded to the accumulation type,
 // as the reference's Python floats are when they meet an fp32 tensor.
@@ -85,5 +84,4 @@ template <typename A> DPM_HD Lse<A> lse_add(Lse<A> a, A v) { return lse_merge(a,
 
 template <typename A> DPM_HD A lse_value(Lse<A> a) { return a.max + log_of(a.sum); }
 
-}  // namespace masked_arcface
-}  // namespace dpm_ops
+}  // namespace dpm_ops::masked_arcface

@@ -1,10 +1,9 @@
 // CPU kernels of the masked cosine: OpenMP row / element passes around MKL GEMMs.
-#include <torch/library.h>
 
 #include "masked_cosine_cpu_kernels.h"
+#include "../common/register_kernels.h"
 
-namespace dpm_ops {
-namespace masked_cosine {
+namespace dpm_ops::masked_cosine {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> masked_cosine_train_cpu(const at::Tensor& x, const at::Tensor& mask,
@@ -29,11 +28,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_cosine_backward_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dpm_ops, CPU, m) {
-  m.impl("masked_cosine", &masked_cosine_cpu);
-  m.impl("masked_cosine_train", &masked_cosine_train_cpu);
-  m.impl("masked_cosine_backward", &masked_cosine_backward_cpu);
-}
+DPM_OPS_KERNELS(CPU,
+                "masked_cosine", &masked_cosine_cpu,
+                "masked_cosine_train", &masked_cosine_train_cpu,
+                "masked_cosine_backward", &masked_cosine_backward_cpu)
 
-}  // namespace masked_cosine
-}  // namespace dpm_ops
+}  // namespace dpm_ops::masked_cosine

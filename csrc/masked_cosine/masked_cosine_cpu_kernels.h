@@ -12,8 +12,7 @@
 #include "masked_cosine_driver.h"
 #include "masked_cosine_math.h"
 
-namespace dpm_ops {
-namespace masked_cosine {
+namespace dpm_ops::masked_cosine {
 
 inline constexpr int64_t kRowGrain = 16;
 inline constexpr int64_t kElementGrain = 16384;
@@ -191,5 +190,4 @@ struct CpuKernels {
   }
 };
 
-}  // namespace masked_cosine
-}  // namespace dpm_ops
+}  // namespace dpm_ops::masked_cosine

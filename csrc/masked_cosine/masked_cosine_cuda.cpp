@@ -2,14 +2,13 @@
 // common/gemm.h says) with the CUDA element / row kernels. Built only with CUDA.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include "masked_cosine_cuda.h"
 #include "masked_cosine_driver.h"
 #include "../common/aten_cuda.h"
+#include "../common/register_kernels.h"
 
-namespace dpm_ops {
-namespace masked_cosine {
+namespace dpm_ops::masked_cosine {
 namespace {
 
 struct CudaKernels {
@@ -70,11 +69,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_cosine_backward_cuda(const
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dpm_ops, CUDA, m) {
-  m.impl("masked_cosine", &masked_cosine_cuda);
-  m.impl("masked_cosine_train", &masked_cosine_train_cuda);
-  m.impl("masked_cosine_backward", &masked_cosine_backward_cuda);
-}
+DPM_OPS_KERNELS(CUDA,
+                "masked_cosine", &masked_cosine_cuda,
+                "masked_cosine_train", &masked_cosine_train_cuda,
+                "masked_cosine_backward", &masked_cosine_backward_cuda)
 
-}  // namespace masked_cosine
-}  // namespace dpm_ops
+}  // namespace dpm_ops::masked_cosine

@@ -7,9 +7,7 @@
 #include "masked_cosine_cuda.h"
 #include "masked_cosine_math.h"
 
-namespace dpm_ops {
-namespace masked_cosine {
-namespace cuda {
+namespace dpm_ops::masked_cosine::cuda {
 namespace {
 
 constexpr int kRowThreads = 256;
@@ -173,6 +171,4 @@ void proto_rows_backward(Dtype dtype, const void* protos, const void* inv, const
   });
 }
 
-}  // namespace cuda
-}  // namespace masked_cosine
-}  // namespace dpm_ops
+}  // namespace dpm_ops::masked_cosine::cuda

@@ -8,9 +8,7 @@
 
 #include "../common/dtype.h"
 
-namespace dpm_ops {
-namespace masked_cosine {
-namespace cuda {
+namespace dpm_ops::masked_cosine::cuda {
 
 // Accumulators, inverse norms and coefficients are `acc` = double for kDouble, float otherwise.
 
@@ -35,6 +33,4 @@ void query_rows_backward(Dtype dtype, const void* x, const void* mask, const voi
 void proto_rows_backward(Dtype dtype, const void* protos, const void* inv, const void* up, const void* vp,
                          int64_t rows, int64_t cols, double eps, void* grad_protos, cudaStream_t stream);
 
-}  // namespace cuda
-}  // namespace masked_cosine
-}  // namespace dpm_ops
+}  // namespace dpm_ops::masked_cosine::cuda

@@ -15,8 +15,7 @@
 #include <optional>
 #include <tuple>
 
-namespace dpm_ops {
-namespace masked_cosine {
+namespace dpm_ops::masked_cosine {
 
 // The prepared operands of both GEMMs (in Kernels::operand_type) and the inverse norms (in the
 // accumulation type).
@@ -109,5 +108,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad, 
   return {grad_x, grad_mask, grad_protos};
 }
 
-}  // namespace masked_cosine
-}  // namespace dpm_ops
+}  // namespace dpm_ops::masked_cosine

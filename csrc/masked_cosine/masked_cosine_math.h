@@ -7,8 +7,7 @@
 
 #include "../common/host_device.h"
 
-namespace dpm_ops {
-namespace masked_cosine {
+namespace dpm_ops::masked_cosine {
 
 // 1 / max(sqrt(sum_sq), eps): the row scale of F.normalize.
 template <typename A> DPM_HD A inv_norm(A sum_sq, A eps) {
@@ -61,5 +60,4 @@ template <typename A> DPM_HD A grad_mask_value(A xh, A m, A u, A v) { return xh 
 // up = (G_num^T @ (Xh*M))[k,c] and vp = (H^T @ M^2)[k,c].
 template <typename A> DPM_HD A grad_proto_hat(A ph, A up, A vp) { return up - ph * vp; }
 
-}  // namespace masked_cosine
-}  // namespace dpm_ops
+}  // namespace dpm_ops::masked_cosine

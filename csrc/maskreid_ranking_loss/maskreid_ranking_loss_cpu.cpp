@@ -1,7 +1,6 @@
 // CPU kernel of MaskReID's ranking loss: S = X Xᵀ (MKL), then one OpenMP pass over the anchor rows
 // that mines, sums and writes the closed-form dL/dS, and a symmetrising pass (dL/dX = (G + Gᵀ) X).
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
@@ -10,9 +9,9 @@
 #include "../common/no_autocast.h"
 #include "maskreid_ranking_loss_driver.h"
 #include "maskreid_ranking_loss_math.h"
+#include "../common/register_kernels.h"
 
-namespace dpm_ops {
-namespace maskreid_ranking {
+namespace dpm_ops::maskreid_ranking {
 namespace {
 
 // Work (similarity entries touched) per OpenMP task: small batches run on one thread, since a
@@ -68,10 +67,8 @@ std::tuple<at::Tensor, at::Tensor> maskreid_ranking_loss_cpu(const at::Tensor& e
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dpm_ops, CPU, m) {
-  m.impl("maskreid_ranking_loss", &maskreid_ranking_loss_cpu);
-  m.impl("maskreid_ranking_loss_backward", &backward);
-}
+DPM_OPS_KERNELS(CPU,
+                "maskreid_ranking_loss", &maskreid_ranking_loss_cpu,
+                "maskreid_ranking_loss_backward", &backward)
 
-}  // namespace maskreid_ranking
-}  // namespace dpm_ops
+}  // namespace dpm_ops::maskreid_ranking

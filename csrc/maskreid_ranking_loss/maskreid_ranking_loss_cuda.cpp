@@ -1,14 +1,13 @@
 // CUDA entry point of MaskReID's ranking loss: S = X Xᵀ (cuBLAS), then the row kernels. Built only with CUDA.
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include "../common/aten_cuda.h"
 #include "../common/no_autocast.h"
 #include "maskreid_ranking_loss_cuda.h"
 #include "maskreid_ranking_loss_driver.h"
+#include "../common/register_kernels.h"
 
-namespace dpm_ops {
-namespace maskreid_ranking {
+namespace dpm_ops::maskreid_ranking {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> maskreid_ranking_loss_cuda(const at::Tensor& embeddings,
@@ -32,10 +31,8 @@ std::tuple<at::Tensor, at::Tensor> maskreid_ranking_loss_cuda(const at::Tensor& 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dpm_ops, CUDA, m) {
-  m.impl("maskreid_ranking_loss", &maskreid_ranking_loss_cuda);
-  m.impl("maskreid_ranking_loss_backward", &backward);
-}
+DPM_OPS_KERNELS(CUDA,
+                "maskreid_ranking_loss", &maskreid_ranking_loss_cuda,
+                "maskreid_ranking_loss_backward", &backward)
 
-}  // namespace maskreid_ranking
-}  // namespace dpm_ops
+}  // namespace dpm_ops::maskreid_ranking

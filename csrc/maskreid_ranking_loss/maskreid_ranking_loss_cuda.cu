@@ -6,9 +6,7 @@
 #include "maskreid_ranking_loss_cuda.h"
 #include "maskreid_ranking_loss_math.h"
 
-namespace dpm_ops {
-namespace maskreid_ranking {
-namespace cuda {
+namespace dpm_ops::maskreid_ranking::cuda {
 namespace {
 
 constexpr int kWarpsPerBlock = 4;
@@ -76,6 +74,4 @@ void forward(Dtype acc, const void* sim, const int64_t* labels, int64_t n, const
   });
 }
 
-}  // namespace cuda
-}  // namespace maskreid_ranking
-}  // namespace dpm_ops
+}  // namespace dpm_ops::maskreid_ranking::cuda

@@ -9,9 +9,7 @@
 #include "../common/dtype.h"
 #include "maskreid_ranking_loss_math.h"
 
-namespace dpm_ops {
-namespace maskreid_ranking {
-namespace cuda {
+namespace dpm_ops::maskreid_ranking::cuda {
 
 // From the similarity S = X Xᵀ (n × n, `acc` = kFloat or kDouble) and int64 labels: one warp per
 // row mines, sums and writes dL/dS; then coef = G + Gᵀ in place and loss[0] = the anchor mean.
@@ -19,6 +17,4 @@ namespace cuda {
 void forward(Dtype acc, const void* sim, const int64_t* labels, int64_t n, const Options<double>& options,
              int64_t* num_pos, void* row_losses, void* coef, void* loss, cudaStream_t stream);
 
-}  // namespace cuda
-}  // namespace maskreid_ranking
-}  // namespace dpm_ops
+}  // namespace dpm_ops::maskreid_ranking::cuda

@@ -11,8 +11,7 @@
 #include "../common/no_autocast.h"
 #include "maskreid_ranking_loss_math.h"
 
-namespace dpm_ops {
-namespace maskreid_ranking {
+namespace dpm_ops::maskreid_ranking {
 
 inline Options<double> parse_options(double alpha, double lam, const std::string& neg_mode,
                                      const std::string& pos_mode) {
@@ -60,5 +59,4 @@ inline at::Tensor backward(const at::Tensor& grad, const at::Tensor& embeddings,
   return at::mm(coef, x).mul_(grad.to(coef.scalar_type())).to(embeddings.scalar_type());
 }
 
-}  // namespace maskreid_ranking
-}  // namespace dpm_ops
+}  // namespace dpm_ops::maskreid_ranking

@@ -25,8 +25,7 @@
 #include "../common/host_device.h"
 #include "../common/math_functions.h"
 
-namespace dpm_ops {
-namespace maskreid_ranking {
+namespace dpm_ops::maskreid_ranking {
 
 enum class PosMode { kHardest, kAllEq5, kEq4 };  // pos_mode "hardest" | "all_eq5" | "eq4"
 
@@ -194,5 +193,4 @@ DPM_HD A row_loss(const A* s, const int64_t* labels, int64_t k, int64_t n, const
   return loss;
 }
 
-}  // namespace maskreid_ranking
-}  // namespace dpm_ops
+}  // namespace dpm_ops::maskreid_ranking

@@ -2,15 +2,14 @@
 // pass over the gallery per query for the match count and one for the ranks.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <vector>
 
 #include "rank_groups.h"
 #include "rank_math.h"
+#include "../common/register_kernels.h"
 
-namespace dpm_ops {
-namespace rank {
+namespace dpm_ops::rank {
 namespace {
 
 struct CpuKernels {
@@ -51,7 +50,6 @@ std::tuple<at::Tensor, at::Tensor> CpuKernels::run(const MatchInputs& in, const 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dpm_ops, CPU, m) { m.impl("match_ranks", &match_ranks_op<CpuKernels>); }
+DPM_OPS_KERNELS(CPU, "match_ranks", &match_ranks_op<CpuKernels>)
 
-}  // namespace rank
-}  // namespace dpm_ops
+}  // namespace dpm_ops::rank

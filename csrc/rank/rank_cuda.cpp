@@ -1,13 +1,12 @@
 // CUDA entry point of the sort-free evaluator (kernels: rank_cuda.cu). Built only with CUDA.
 #include <ATen/ATen.h>
-#include <torch/library.h>
 
 #include "../common/aten_cuda.h"
 #include "rank_cuda.h"
 #include "rank_groups.h"
+#include "../common/register_kernels.h"
 
-namespace dpm_ops {
-namespace rank {
+namespace dpm_ops::rank {
 namespace {
 
 struct CudaKernels {
@@ -38,7 +37,6 @@ std::tuple<at::Tensor, at::Tensor> CudaKernels::run(const MatchInputs& in, const
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dpm_ops, CUDA, m) { m.impl("match_ranks", &match_ranks_op<CudaKernels>); }
+DPM_OPS_KERNELS(CUDA, "match_ranks", &match_ranks_op<CudaKernels>)
 
-}  // namespace rank
-}  // namespace dpm_ops
+}  // namespace dpm_ops::rank

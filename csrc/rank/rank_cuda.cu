@@ -5,9 +5,7 @@
 #include "rank_cuda.h"
 #include "rank_math.h"
 
-namespace dpm_ops {
-namespace rank {
-namespace cuda {
+namespace dpm_ops::rank::cuda {
 namespace {
 
 constexpr int kThreads = 128;
@@ -54,6 +52,4 @@ void match_ranks(Dtype dtype, const void* dist, const int64_t* q_pids, const int
   });
 }
 
-}  // namespace cuda
-}  // namespace rank
-}  // namespace dpm_ops
+}  // namespace dpm_ops::rank::cuda

@@ -7,9 +7,7 @@
 
 #include "../common/dtype.h"
 
-namespace dpm_ops {
-namespace rank {
-namespace cuda {
+namespace dpm_ops::rank::cuda {
 
 // Pid groups: members = gallery indices sorted by (pid, index); query q's group is
 // members[group_start[q] : group_start[q] + group_length[q]].
@@ -24,6 +22,4 @@ void match_ranks(Dtype dtype, const void* dist, const int64_t* q_pids, const int
                  const int64_t* group_length, const int64_t* offsets, void* match_d, int64_t* match_idx,
                  int64_t* ranks, cudaStream_t stream);
 
-}  // namespace cuda
-}  // namespace rank
-}  // namespace dpm_ops
+}  // namespace dpm_ops::rank::cuda

@@ -9,8 +9,7 @@
 
 #include "../common/compute_type.h"
 
-namespace dpm_ops {
-namespace rank {
+namespace dpm_ops::rank {
 
 inline void check_labels(const at::Tensor& t, int64_t length, const at::Device& device, const char* name) {
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == length && t.scalar_type() == at::kLong, "rank: ", name,
@@ -65,5 +64,4 @@ std::tuple<at::Tensor, at::Tensor> match_ranks_op(const at::Tensor& dist, const 
   return Kernels::run(in, PidGroups(in.q_pids, in.g_pids));
 }
 
-}  // namespace rank
-}  // namespace dpm_ops
+}  // namespace dpm_ops::rank

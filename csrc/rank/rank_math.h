@@ -10,8 +10,7 @@
 
 #include "../common/host_device.h"
 
-namespace dpm_ops {
-namespace rank {
+namespace dpm_ops::rank {
 
 DPM_HD bool is_kept(int64_t g_pid, int64_t g_cam, int64_t q_pid, int64_t q_cam) {
   return !(g_pid == q_pid && g_cam == q_cam);
@@ -98,5 +97,4 @@ DPM_HD void match_ranks(const A* row, const int64_t* g_pids, const int64_t* g_ca
   }
 }
 
-}  // namespace rank
-}  // namespace dpm_ops
+}  // namespace dpm_ops::rank
