@@ -213,7 +213,7 @@ def bench_cpu_targets():
 
 # rerank_features with the certified two-stage neighbour search against the direct one (issue 13,
 # docs/certified_knn.md), in the same run; the certified case reports its candidate sets.
-@pytest.mark.skipif(GPU, reason="the certified search runs on the C++ CPU kernels")
+@pytest.mark.skipif(GPU, reason="the CPU case; the GPU one is benchmarks/bench_knn_certified_gpu.py")
 @pytest.mark.parametrize("scale", ["smoke", pytest.param("market1501", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("strategy", ["direct", "certified"])
 def bench_rerank_features_strategy(timed, benchmark, strategy, scale):

@@ -256,3 +256,17 @@ def test_rerank_features_certified_matches_direct():
     torch.testing.assert_close(certified, direct, rtol=0, atol=1e-5)  # rerank_features' own float tolerance
     with pytest.raises(ValueError, match="strategy must be one of"):
         rerank_features(query, gallery, strategy="approximate")
+
+
+def test_auto_strategy_resolution():
+    from dpm_ops.ops.knn import _CERTIFIED_MIN_WORK, _use_certified, bf16_gemm_is_fast
+
+    big = (1 << 15, 1 << 15, 1 << 10)
+    assert big[0] * big[1] * big[2] >= _CERTIFIED_MIN_WORK
+    # GPUs keep the direct path until the certified pipeline is timed on one; CPUs pick it where bf16 is fast.
+    assert not _use_certified("auto", "cuda", *big) and not _use_certified("auto", "triton", *big)
+    assert _use_certified("auto", "cpp", *big) == bf16_gemm_is_fast()
+    assert not _use_certified("auto", "cpp", 100, 100, 16) and not _use_certified("direct", "cpp", *big)
+    assert all(_use_certified("certified", name, 1, 1, 1) for name in ("cpp", "cuda", "triton"))
+    with pytest.raises(ValueError, match="strategy='certified'"):
+        _use_certified("certified", "reference", 1, 1, 1)

@@ -99,9 +99,10 @@ def knn(x, y, k: int, metric: str = "euclidean", strategy: str = "auto"):
     k = _inputs.check_count("k", k, 1)
     if k > num_y:
         raise ValueError(f"k must be <= the number of rows of y ({num_y}), got {k}")
-    fused = _backend.resolve(None, x_t.device) in ("cpp", "cuda")
+    backend = _backend.resolve(None, x_t.device)
+    fused = backend in ("cpp", "cuda") or (strategy == "certified" and backend == "triton")
     if strategy == "certified" and not fused:
-        raise ValueError("knn: strategy='certified' needs the C++ / CUDA kernels (dpm_ops.backends()), got none")
+        raise ValueError("knn: strategy='certified' needs the C++, CUDA or Triton kernels (dpm_ops.backends())")
     if fused:
         # The fused op (dpm_ops.ops.knn): GEMM tiles merged into per-row sorted lists in C++/CUDA.
         distances, indices = knn_op(x_t, y_t, k, metric, strategy=strategy)

@@ -352,7 +352,7 @@ def rerank_features(qf, gf, k1: int = 20, k2: int = 6, lambda_value: float = 0.3
     (up to float rounding, <= 1e-5) wherever no exact tie decides a neighbourhood; ties are
     broken by (distance, index), queries before gallery, and d(i, i) is exactly 0.
     ``strategy``: the neighbour search's, as for dpm_ops.ops.self_knn ("auto" | "certified" |
-    "direct"; "certified": the C++ CPU kernels only).
+    "direct"; "certified": the C++ CPU, CUDA and Triton backends).
     """
     k1, k2, lambda_value = _check_parameters(k1, k2, lambda_value)
     check_strategy(strategy)

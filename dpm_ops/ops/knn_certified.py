@@ -32,7 +32,7 @@ BF16_OPERAND_UNIT = 2.0**-8 + 2.0**-23
 TENSOR_CORE_ACCUMULATION_UNIT = 2.0**-21
 MAX_NORM = 2.0**60  # bf16 products and fp32 sums of rows up to this norm stay finite
 MAX_DIM = 1 << 20
-MIN_CAP, CAP_PER_K = 256, 8  # the CPU kernel's per-row candidate cap (csrc/knn/knn_cpu.cpp)
+MIN_CAP, CAP_PER_K = 256, 8  # the CPU kernel's per-row candidate cap (csrc/knn/knn_certified_cpu.cpp)
 TIE_MARGIN = 4  # self_knn with normalize keeps k + 4 raw neighbours, as the direct paths (knn_operands.h)
 _CHUNK_ELEMENTS = 1 << 25  # elements held at a time by stage 2 and by the exact rows
 
@@ -100,7 +100,8 @@ def candidate_cap(k: int, n: int) -> int:
 
 @contextlib.contextmanager
 def _ieee_matmul():
-    """fp32 matmuls in full IEEE precision (no TF32) inside the block."""
+    """fp32 matmuls in full IEEE precision (no TF32) inside the block. The setting is process-wide: matmuls
+    that other threads run meanwhile see it too (a precision change for them, never a wrong bound here)."""
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
@@ -152,7 +153,8 @@ def select(d, candidates, k: int):
 
 def _bf16_gemm(a, b):
     """a @ b.T of bf16 rows, fp32 output and fp32 accumulation: cuBLAS with split-K reductions kept in
-    fp32; on CPU (tests) an IEEE fp32 GEMM of the bf16 values (exact products, fp32 sums: the same model)."""
+    fp32; on CPU (tests) an IEEE fp32 GEMM of the bf16 values (exact products, fp32 sums: the same model).
+    allow_bf16_reduced_precision_reduction is process-wide, switched off for the call (as _ieee_matmul)."""
     if a.is_cuda:
         matmul = torch.backends.cuda.matmul
         before, matmul.allow_bf16_reduced_precision_reduction = matmul.allow_bf16_reduced_precision_reduction, False
@@ -344,7 +346,7 @@ def _knn_certified_bounds_cuda(x, y, metric="euclidean"):
     return stage1_bounds(xo, yo, slice(0, x.shape[0]), metric, False)
 
 
-# CUDA kernels of the ops declared in ops/knn.py (their CPU kernels: csrc/knn/knn_cpu.cpp).
+# CUDA kernels of the ops declared in ops/knn.py (their CPU kernels: csrc/knn/knn_certified_cpu.cpp).
 for _name, _kernel in (
     ("knn_certified", _knn_certified_cuda),
     ("self_knn_certified", _self_knn_certified_cuda),
