@@ -23,9 +23,10 @@ import triton.language as tl
 from ._device import on_input_device
 from .knn import _METRIC_IDS, _NO_INDEX, merge_tile
 
-# Tiles: bf16 tl.dot takes >= 16 per side; the limits kernel's (BLOCK_M, next_power_of_2(k)) lists
-# are what limits its rows per program (as the direct kernel's).
-LIMITS_BLOCK_M = 16
+# Tiles: the limits kernel's (BLOCK_M, next_power_of_2(k)) lists are what limits its rows per program
+# (as the direct kernel's): 8 rows, since 16 spill a few bytes with Triton 3.6 (the GPU machine's) at
+# KP = 32; its 8-row tl.dot still compiles to tensor-core instructions (scripts/static_check/triton_check.py).
+LIMITS_BLOCK_M = 8
 COLLECT_BLOCK_M = 64
 BLOCK_N = 64
 BLOCK_D = 32

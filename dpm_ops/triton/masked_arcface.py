@@ -102,12 +102,11 @@ def _forward_epilogue(part_ptr, target_ptr, rows, pid_k, B, n_ktiles, logit, pla
 
 
 @triton.jit
-def _store_cosine_grads(gnum_ptr, h_ptr, gcos, cos, den, den_sq, valid, eps):
+def _cosine_grads(gcos, cos, den, den_sq, eps):
     """The masked cosine's backward coefficients for the upstream gradient ``gcos``: g_num = gcos / den
     (of the numerator) and h = gcos * cos / den² (of the denominator), 0 where den vanishes."""
     live = den > eps
-    tl.store(gnum_ptr, gcos / tl.maximum(den, eps), mask=valid)
-    tl.store(h_ptr, tl.where(live, gcos * cos / tl.where(live, den_sq, 1.0), 0.0), mask=valid)
+    return gcos / tl.maximum(den, eps), tl.where(live, gcos * cos / tl.where(live, den_sq, 1.0), 0.0)
 
 
 @triton.jit
@@ -174,10 +173,14 @@ def _arcface_tile_kernel(
     else:
         g = tl.load(grad_ptr).to(inv_f.dtype) * inv_batch
         mlse = tl.load(mlse_ptr + rows, mask=in_b, other=0.0)
+        prob = tl.exp(logit - mlse[:, None])
         onehot = tl.where(is_t, 1.0, 0.0)
-        gcos = scale * (g * masked_w) * (tl.exp(logit - mlse[:, None]) - onehot) * tl.where(is_t, dphi, 1.0)
+        gcos = scale * (g * masked_w) * (prob - onehot) * tl.where(is_t, dphi, 1.0)
+        g_num, h = _cosine_grads(gcos, cos, den, den_sq, eps)
+        # This order (exponential, coefficients, then offsets) keeps Triton 3.6 spill-free on sm_80 / sm_90.
         offs = local[:, None].to(tl.int64) * K + ks[None, :]
-        _store_cosine_grads(gnum_ptr + offs, h_ptr + offs, gcos, cos, den, den_sq, valid, eps)
+        tl.store(gnum_ptr + offs, g_num, mask=valid)
+        tl.store(h_ptr + offs, h, mask=valid)
         if WITH_PLAIN:
             plse = tl.load(plse_ptr + rows, mask=in_b, other=0.0)
             tl.store(gp_ptr + offs, (g * plain_w) * (tl.exp(plain - plse[:, None]) - onehot), mask=valid)
