@@ -99,11 +99,8 @@ def knn(x, y, k: int, metric: str = "euclidean", strategy: str = "auto"):
     k = _inputs.check_count("k", k, 1)
     if k > num_y:
         raise ValueError(f"k must be <= the number of rows of y ({num_y}), got {k}")
-    backend = _backend.resolve(None, x_t.device)
-    fused = backend in ("cpp", "cuda") or (strategy == "certified" and backend == "triton")
-    if strategy == "certified" and not fused:
-        raise ValueError("knn: strategy='certified' needs the C++, CUDA or Triton kernels (dpm_ops.backends())")
-    if fused:
+    # The certified search is the fused op's (which refuses it where no kernel runs it).
+    if strategy == "certified" or _backend.resolve(None, x_t.device) in ("cpp", "cuda"):
         # The fused op (dpm_ops.ops.knn): GEMM tiles merged into per-row sorted lists in C++/CUDA.
         distances, indices = knn_op(x_t, y_t, k, metric, strategy=strategy)
         return _inputs.like_input(distances, x), _inputs.like_input(indices, x)
