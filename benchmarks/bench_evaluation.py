@@ -9,7 +9,7 @@ re-ID-like neighbourhoods, benchmarks/reference/synthetic_features.py):
   (Q = 11,659, G = 82,161) rerank_features <= 1 s within 4 GB beyond its output;
 * CPU at MSMT17 scale: rerank_features within 24 GB;
 * CPU (issue 13): rerank_features with the certified neighbour search <= 0.6x the direct one, on
-  CPUs with bf16 dot-product instructions (AVX-512 BF16 / AMX); elsewhere the ratio is reported.
+  CPUs with int8 dot-product instructions (AVX-512 VNNI / AVX-VNNI / AMX); elsewhere the ratio is reported.
 
 The default "smoke" size (1/25 of Market) keeps `pytest benchmarks/ --benchmark-disable`
 short; the numpy references at Market scale and every MSMT17 case are marked `slow`, and so are the
@@ -32,7 +32,7 @@ from benchmarks.reference.rerank_numpy import re_ranking_from_features
 from benchmarks.reference.synthetic_features import MARKET1501, MSMT17, make_reid_features, scaled
 from dpm_ops.evaluation import evaluate_rank, pairwise_distance, rerank_features
 from dpm_ops.evaluation._select import TIE_MARGIN
-from dpm_ops.ops.knn import bf16_gemm_is_fast
+from dpm_ops.ops.knn import int8_gemm_is_fast
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
@@ -219,7 +219,7 @@ def bench_cpu_targets():
 def bench_rerank_features_strategy(timed, benchmark, strategy, scale):
     query, gallery = time_rerank_strategy(timed, strategy, scale, "cpu", "rerank_features strategy", iterations=1)
     if strategy == "certified":
-        report_candidates(benchmark, query, gallery, scale, bf16_gemm_fast=bf16_gemm_is_fast())
+        report_candidates(benchmark, query, gallery, scale, int8_gemm_fast=int8_gemm_is_fast())
 
 
 def time_rerank_strategy(timed, strategy: str, scale: str, device: str, group: str, iterations: int):
@@ -259,10 +259,10 @@ def report_candidates(benchmark, query, gallery, scale, **info):
 def bench_cpu_certified_rerank_target():
     ratio = 1 / speedup(group_name("rerank_features strategy", "market1501"), "rerank certified", "rerank direct")
     print(f"\nMarket-1501 scale: rerank_features certified / direct = {ratio:.2f}")
-    if not bf16_gemm_is_fast():
+    if not int8_gemm_is_fast():
         pytest.skip(
-            f"reported, not asserted: this CPU has no bf16 dot-product instructions (certified / direct "
-            f"{ratio:.2f}); the target is for AVX-512 BF16 / AMX CPUs"
+            f"reported, not asserted: this CPU has no int8 dot-product instructions (certified / direct "
+            f"{ratio:.2f}); the target is for AVX-512 VNNI / AVX-VNNI / AMX CPUs"
         )
     assert ratio <= 0.6, f"certified rerank_features takes {ratio:.2f}x the direct one, target <= 0.6x"
 

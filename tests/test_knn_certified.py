@@ -235,6 +235,33 @@ def test_bound_contains_direct_and_float64_truth(case, metric):
     check_same_knn(x, y, 7, metric, min_covered=0.0)
 
 
+def test_spiky_rows_quantise_poorly_and_stay_exact():
+    # One large component per row sets the int8 scale, so the other components round to few levels:
+    # the measured residual makes the bound wide, the search keeps more candidates (or falls back),
+    # and the result is still the direct path's.
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.randn(40, 64, generator=gen), torch.randn(300, 64, generator=gen)
+    x[torch.arange(40), torch.randint(0, 64, (40,), generator=gen)] = 400.0
+    y[torch.arange(300), torch.randint(0, 64, (300,), generator=gen)] = 400.0
+    for metric in ("euclidean", "cosine"):
+        lower, upper = torch.ops.dpm_ops.knn_certified_bounds(x, y, metric)
+        direct = torch.ops.dpm_ops.knn(x, y, len(y), metric)
+        values = torch.empty_like(lower).scatter_(1, direct[1], direct[0])
+        assert bool(((lower <= values) & (values <= upper)).all())
+        check_same_knn(x, y, 6, metric, min_covered=0.0)
+
+
+def test_rows_too_long_for_exact_int32_sums_take_the_direct_path():
+    # 133,001 features: 133,001 * 127^2 >= 2^31, so the int8 GEMM's sums could overflow.
+    x, y = gaussian(2, 133_001, 1), gaussian(3, 133_001, 2)
+    values, indices, counts = torch.ops.dpm_ops.knn_certified(x, y, 2, "euclidean")
+    assert counts.tolist() == [-1, -1]
+    direct = torch.ops.dpm_ops.knn(x, y, 2, "euclidean")
+    assert torch.equal(indices, direct[1]) and torch.equal(values, direct[0])
+    with pytest.raises(ValueError, match="too long"):
+        torch.ops.dpm_ops.knn_certified_bounds(x, y, "euclidean")
+
+
 def test_strategy_argument():
     x = gaussian(5, 4, 13)
     with pytest.raises(ValueError, match="strategy must be one of"):
@@ -259,13 +286,13 @@ def test_rerank_features_certified_matches_direct():
 
 
 def test_auto_strategy_resolution():
-    from dpm_ops.ops.knn import _CERTIFIED_MIN_WORK, _use_certified, bf16_gemm_is_fast
+    from dpm_ops.ops.knn import _CERTIFIED_MIN_WORK, _use_certified, int8_gemm_is_fast
 
     big = (1 << 15, 1 << 15, 1 << 10)
     assert big[0] * big[1] * big[2] >= _CERTIFIED_MIN_WORK
-    # GPUs keep the direct path until the certified pipeline is timed on one; CPUs pick it where bf16 is fast.
+    # GPUs keep the direct path until the certified pipeline is timed on one; CPUs pick it where int8 is fast.
     assert not _use_certified("auto", "cuda", *big) and not _use_certified("auto", "triton", *big)
-    assert _use_certified("auto", "cpp", *big) == bf16_gemm_is_fast()
+    assert _use_certified("auto", "cpp", *big) == int8_gemm_is_fast()
     assert not _use_certified("auto", "cpp", 100, 100, 16) and not _use_certified("direct", "cpp", *big)
     assert all(_use_certified("certified", name, 1, 1, 1) for name in ("cpp", "cuda", "triton"))
     with pytest.raises(ValueError, match="strategy='certified'"):

@@ -161,10 +161,14 @@ def test_self_knn_duplicates_fall_back(backend):
 # ---- the tensor-core bound ------------------------------------------------------------------------
 
 
-def test_bound_constant_has_the_cpu_structure():
-    # With the CPU's units (fp32 sums rounded to nearest, bf16 output) it is the CPU kernel's c_768.
-    assert knn_certified.stage1_constant(768, 2.0**-24, 2.0**-8) == pytest.approx(0.011857, abs=1e-6)
-    gpu = knn_certified.stage1_constant(768)  # fp32 output, truncating tensor-core accumulation
+def test_bound_constant_by_hand():
+    # D = 768: operands 2v + v^2 (v = 2^-8 + 2^-23), accumulation gamma_768 at the unit given, times
+    # (1 + v)^2, and the direct path's gamma_768 at 2^-24.
+    v, g24 = 2.0**-8 + 2.0**-23, 768 * 2.0**-24 / (1 - 768 * 2.0**-24)
+    g21 = 768 * 2.0**-21 / (1 - 768 * 2.0**-21)
+    assert knn_certified.stage1_constant(768, 2.0**-24) == pytest.approx(g24 * (1 + v) ** 2 + 2 * v + v * v + g24)
+    gpu = knn_certified.stage1_constant(768)  # truncating tensor-core accumulation
+    assert gpu == pytest.approx(g21 * (1 + v) ** 2 + 2 * v + v * v + g24)
     assert 2 * knn_certified.BF16_OPERAND_UNIT < gpu < 0.0083
 
 

@@ -42,14 +42,13 @@ def gamma(dim: int, unit: float) -> float:
     return dim * unit / (1 - dim * unit)
 
 
-def stage1_constant(dim: int, accumulation_unit: float = TENSOR_CORE_ACCUMULATION_UNIT, output_unit: float = 0.0):
+def stage1_constant(dim: int, accumulation_unit: float = TENSOR_CORE_ACCUMULATION_UNIT):
     """c_D of docs/certified_knn.md: |s - p| <= c_D |x| |y| for the stage-1 dot product s (bf16 operands,
-    products exact in fp32, summed with `accumulation_unit`, the result rounded with `output_unit`:
-    0 for fp32 output) and any fp32 dot product p. The CPU kernel's Stage1Bound is this with
-    (2^-24, 2^-8) (torch's CPU bf16 GEMM returns bf16)."""
+    products exact in fp32, summed in fp32 with `accumulation_unit`, fp32 output) and any fp32 dot
+    product p."""
     v, g_acc, g = BF16_OPERAND_UNIT, gamma(dim, accumulation_unit), gamma(dim, U32)
     o = (1 + v) ** 2
-    return output_unit * (1 + g_acc) * o + g_acc * o + 2 * v + v * v + g
+    return g_acc * o + 2 * v + v * v + g
 
 
 @dataclass

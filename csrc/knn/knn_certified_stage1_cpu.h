@@ -1,0 +1,253 @@
+// Stage 1 of the CPU certified search (knn_certified_cpu.cpp): the rows quantised to int8 with one
+// scale per row, an exact int32 GEMM of the quantised rows (at::_int_mm, oneDNN: AVX-512 VNNI / AMX
+// where the CPU has them, ~2x a bf16 GEMM and ~4x fp32), and per-pair distance bounds from each
+// row's measured quantisation residual (derivation: docs/certified_knn.md, "The bound").
+//
+// With x~ = s_x q_x (q_x = round(x / s_x) in [-127, 127]) and e_x = x - x~, for every pair
+//   |x.y - x~.y~| = |e_x.y + x~.e_y| <= |e_x| |y| + (|x| + |e_x|) |e_y|              (Cauchy-Schwarz)
+// q_x.q_y is exact in int32 (D 127^2 < 2^31). The estimate s = (s_x s_y) q_x.q_y in the compute type
+// adds three roundings (below 4 2^-24 |x~| |y~| <= 16 2^-24 |x| |y| as |e| <= |x|), and the direct
+// path's own dot product p is within gamma_D |x| |y| of x.y, so with n >= |x|, r >= |e_x| per row
+//   |s - p| <= E = n_x (r_y + g' n_y) + r_x (n_y + r_y) + tau,   g' = gamma_D + 2^-19,
+// where 2^-19 = 32 2^-24 also covers the rounding of E itself and of s +- E (each below 2^-24
+// (|s| + E)), and tau = D min_normal 2^18 the absolute errors of underflow (flushed products: below
+// D 2^14 min_normal). L = pair_distance(s + E) <= d <= U = pair_distance(s - E) then follows as
+// for any monotone formula (knn_certified_cpu.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+
+#include "knn_math.h"
+#include "knn_operands.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define DPM_OPS_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
+#endif
+
+namespace dpm_ops::knn {
+
+constexpr int64_t kMaxInt8Dim = 133000;                              // D 127^2 < 2^31: exact int32 sums
+constexpr double kMaxCertifiedNorm = 1.152921504606846976e18;      // 2^60: n^2 and E stay finite in fp32
+
+// `v` rounded to A upwards, so a bound computed in double stays a bound.
+template <typename A> A round_up(double v) {
+  const A a = static_cast<A>(v);
+  return static_cast<double>(a) < v ? std::nextafter(a, std::numeric_limits<A>::infinity()) : a;
+}
+
+// The int8 rows and per-row factors of stage 1, in the compute type A.
+template <typename A> struct Stage1Rows {
+  at::Tensor q;          // (rows, D) int8
+  at::Tensor scale;      // s: the estimate of row x is s q exactly
+  at::Tensor norm;       // n >= |x|
+  at::Tensor residual;   // r >= |x - s q|
+  at::Tensor norm_term;  // >= r + g' n (the factor of the other row's n in E)
+  at::Tensor sum_term;   // >= n + r (the factor of the other row's r in E)
+  A tau = A(0);          // E's absolute term
+
+  // The stage-1 rows of xs, or nothing when the bound does not apply (D too long for exact int32
+  // sums, a norm above 2^60 or not finite): the caller then runs the direct path.
+  static std::optional<Stage1Rows> make(const Operand& xs) {
+    const int64_t N = xs.rows.size(0), D = xs.rows.size(1);
+    if (D > kMaxInt8Dim) return std::nullopt;
+    const double gamma = D * std::ldexp(1.0, -24) / (1 - D * std::ldexp(1.0, -24));
+    const double g = gamma + std::ldexp(1.0, -19);
+    Stage1Rows s;
+    const at::TensorOptions options = xs.rows.options();
+    s.q = at::empty({N, D}, options.dtype(at::kChar));
+    for (at::Tensor* t : {&s.scale, &s.norm, &s.residual, &s.norm_term, &s.sum_term}) *t = at::empty({N}, options);
+    s.tau = A(D * std::ldexp(double(std::numeric_limits<A>::min()), 18));
+    const A* rows = xs.rows.const_data_ptr<A>();
+    int8_t* q = s.q.data_ptr<int8_t>();
+    A *scale = s.scale.data_ptr<A>(), *norm = s.norm.data_ptr<A>(), *residual = s.residual.data_ptr<A>();
+    A *norm_term = s.norm_term.data_ptr<A>(), *sum_term = s.sum_term.data_ptr<A>();
+    std::atomic<bool> usable{true};
+    at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const A* x = rows + r * D;
+        int8_t* qr = q + r * D;
+        double largest = 0;
+        for (int64_t t = 0; t < D; ++t) largest = std::max(largest, std::abs(double(x[t])));
+        // The scale in A: q is rounded against the scale the estimate uses.
+        const A sr = A(largest / 127);
+        double norm2 = 0, residual2 = 0;
+        for (int64_t t = 0; t < D; ++t) {
+          const double v = double(x[t]);
+          const double level = sr > A(0) ? std::min(127.0, std::max(-127.0, std::nearbyint(v / double(sr)))) : 0.0;
+          qr[t] = int8_t(level);
+          const double e = v - double(sr) * level;
+          norm2 += v * v;
+          residual2 += e * e;
+        }
+        // Double rounding of the sums and of e (D < 2^17 terms): below 2^-30 relative, 2^-48 |x| absolute.
+        const double n = std::sqrt(norm2) * (1 + std::ldexp(1.0, -30));
+        const double e = std::sqrt(residual2) * (1 + std::ldexp(1.0, -30)) + std::ldexp(n, -48);
+        if (!(n <= kMaxCertifiedNorm) || !(e <= n)) usable = false;
+        scale[r] = sr;
+        norm[r] = round_up<A>(n);
+        residual[r] = round_up<A>(e);
+        norm_term[r] = round_up<A>((e + g * n) * (1 + std::ldexp(1.0, -50)));
+        sum_term[r] = round_up<A>((n + e) * (1 + std::ldexp(1.0, -50)));
+      }
+    });
+    if (!usable) return std::nullopt;
+    return s;
+  }
+
+  // The rows `ids` (int64) only.
+  Stage1Rows take(const at::Tensor& ids) const {
+    Stage1Rows s = *this;
+    for (at::Tensor* t : {&s.q, &s.scale, &s.norm, &s.residual, &s.norm_term, &s.sum_term})
+      *t = t->index_select(0, ids);
+    return s;
+  }
+};
+
+// One line of a stage-1 tile: row `row` of x against columns [0, cols) of y. Inputs: the int32 dots
+// of the quantised rows, both sides' factors, and the limits the hits are tested against (the row's
+// own, and with column hits each column's own as a row of the same lists). Outputs: the bounds and,
+// per column, whether the row wants it (row_hits) and whether the column's row wants this row
+// (col_hits): lower <= limit or upper >= top. Limits only fall and tops only rise while a line is
+// offered, so the hits are a superset of what is still wanted when an item is reached.
+template <typename A> struct Stage1Line {
+  const int32_t* dots;
+  int64_t cols;
+  Metric metric;
+  A tau;
+  A row_scale, row_norm, row_residual, row_sq_norm, row_limit, row_top;
+  const A *col_scale, *col_norm_term, *col_sum_term, *col_sq_norm, *col_limit, *col_top;
+  A *lower, *upper;
+  uint8_t *row_hits, *col_hits;
+};
+
+// Per-thread buffers of stage 1: a tile's int32 GEMM, one line's bounds and hits (padded to 8).
+template <typename A> struct Stage1Scratch {
+  at::Tensor tile;
+  std::vector<A> lower, upper;
+  std::vector<uint8_t> row_hits, col_hits;
+  Stage1Scratch(int64_t tile_rows, int64_t tile_cols)
+      : tile(at::empty({tile_rows * tile_cols}, at::kInt)), lower(tile_cols), upper(tile_cols),
+        row_hits(tile_cols / 8 * 8 + 8), col_hits(tile_cols / 8 * 8 + 8) {}
+
+  // The exact int32 dots of x's rows [r0, r0 + nr) and y's rows [c0, c0 + nc), (nr, nc) row-major.
+  const int32_t* gemm(const Stage1Rows<A>& x, int64_t r0, int64_t nr, const Stage1Rows<A>& y, int64_t c0,
+                      int64_t nc) {
+    at::Tensor out = tile.narrow(0, 0, nr * nc).view({nr, nc});
+    at::_int_mm_out(out, x.q.narrow(0, r0, nr), y.q.narrow(0, c0, nc).t());
+    return out.const_data_ptr<int32_t>();
+  }
+
+  // The line of x's row `row` (squared norm x_sq_norm) against y's columns [c0, c0 + cols), with the
+  // row's limit and top; the caller adds the column limits for column hits.
+  Stage1Line<A> line(const int32_t* dots, int64_t cols, Metric metric, const Stage1Rows<A>& x, int64_t row,
+                     A x_sq_norm, const Stage1Rows<A>& y, int64_t c0, const A* y_sq_norms, A limit, A top) {
+    return {dots, cols, metric, x.tau,
+            x.scale.template const_data_ptr<A>()[row], x.norm.template const_data_ptr<A>()[row],
+            x.residual.template const_data_ptr<A>()[row], x_sq_norm, limit, top,
+            y.scale.template const_data_ptr<A>() + c0, y.norm_term.template const_data_ptr<A>() + c0,
+            y.sum_term.template const_data_ptr<A>() + c0, y_sq_norms + c0, nullptr, nullptr,
+            lower.data(), upper.data(), row_hits.data(), col_hits.data()};
+  }
+};
+
+// The per-pair loop; restrict parameters, so that the byte stores (which may alias anything) do not
+// stop it from vectorising.
+template <Metric kMetric, bool kColumns, typename A>
+[[gnu::always_inline]] inline void stage1_line_loop(
+    int64_t cols, const int32_t* __restrict dots, const A* __restrict scale, const A* __restrict norm_term,
+    const A* __restrict sum_term, const A* __restrict sq_norm, const A* __restrict col_limit,
+    const A* __restrict col_top, A* __restrict lower, A* __restrict upper, uint8_t* __restrict row_hits,
+    uint8_t* __restrict col_hits, A sr, A nr, A er, A xn, A limit, A top, A tau) {
+  for (int64_t c = 0; c < cols; ++c) {
+    const A dot = (sr * scale[c]) * A(dots[c]);
+    const A e = nr * norm_term[c] + (er * sum_term[c] + tau);
+    const A lo = pair_distance(dot + e, xn, sq_norm[c], kMetric);
+    const A up = pair_distance(dot - e, xn, sq_norm[c], kMetric);
+    lower[c] = lo;
+    upper[c] = up;
+    row_hits[c] = uint8_t((lo <= limit) | (up >= top));
+    if constexpr (kColumns) col_hits[c] = uint8_t((lo <= col_limit[c]) | (up >= col_top[c]));
+  }
+}
+
+template <Metric kMetric, bool kColumns, typename A>
+[[gnu::always_inline]] inline void stage1_line_body(const Stage1Line<A>& in) {
+  stage1_line_loop<kMetric, kColumns>(in.cols, in.dots, in.col_scale, in.col_norm_term, in.col_sum_term,
+                                      in.col_sq_norm, in.col_limit, in.col_top, in.lower, in.upper, in.row_hits,
+                                      in.col_hits, in.row_scale, in.row_norm, in.row_residual, in.row_sq_norm,
+                                      in.row_limit, in.row_top, in.tau);
+}
+
+template <bool kColumns, typename A> void stage1_line_portable(const Stage1Line<A>& in) {
+  switch (in.metric) {
+    case Metric::kCosine: return stage1_line_body<Metric::kCosine, kColumns>(in);
+    case Metric::kSqEuclidean: return stage1_line_body<Metric::kSqEuclidean, kColumns>(in);
+    case Metric::kEuclidean: return stage1_line_body<Metric::kEuclidean, kColumns>(in);
+  }
+}
+
+#ifdef DPM_OPS_AVX512_TARGET
+// The same loop compiled for AVX-512 (16 fp32 lanes; the portable build targets SSE2), chosen at run
+// time: stage 1's per-pair work must stay small beside the int8 GEMM that feeds it.
+template <bool kColumns, typename A> DPM_OPS_AVX512_TARGET void stage1_line_avx512(const Stage1Line<A>& in) {
+  switch (in.metric) {
+    case Metric::kCosine: return stage1_line_body<Metric::kCosine, kColumns>(in);
+    case Metric::kSqEuclidean: return stage1_line_body<Metric::kSqEuclidean, kColumns>(in);
+    case Metric::kEuclidean: return stage1_line_body<Metric::kEuclidean, kColumns>(in);
+  }
+}
+#endif
+
+// Bounds and hits of one line (see Stage1Line); hits past `cols` up to a multiple of 8 are cleared,
+// for for_each_hit.
+template <bool kColumns, typename A> void stage1_line(const Stage1Line<A>& in) {
+#ifdef DPM_OPS_AVX512_TARGET
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  if (avx512) stage1_line_avx512<kColumns>(in);
+  else stage1_line_portable<kColumns>(in);
+#else
+  stage1_line_portable<kColumns>(in);
+#endif
+  const int64_t padded = (in.cols + 7) / 8 * 8;
+  std::memset(in.row_hits + in.cols, 0, padded - in.cols);
+  if constexpr (kColumns) std::memset(in.col_hits + in.cols, 0, padded - in.cols);
+}
+
+// Hits of an exact line (lower = upper = the distances), as stage1_line's.
+template <bool kColumns, typename A>
+void exact_line_hits(const A* __restrict distances, int64_t cols, A limit, A top, const A* __restrict col_limit,
+                     const A* __restrict col_top, uint8_t* __restrict row_hits, uint8_t* __restrict col_hits) {
+  for (int64_t c = 0; c < cols; ++c) {
+    const A d = distances[c];
+    row_hits[c] = uint8_t((d <= limit) | (d >= top));
+    if constexpr (kColumns) col_hits[c] = uint8_t((d <= col_limit[c]) | (d >= col_top[c]));
+  }
+  const int64_t padded = (cols + 7) / 8 * 8;
+  std::memset(row_hits + cols, 0, padded - cols);
+  if constexpr (kColumns) std::memset(col_hits + cols, 0, padded - cols);
+}
+
+// visit(c) for every c in [first, end) with hits[c] != 0, eight flags at a time (hits is padded with
+// zeros to a multiple of 8 past `end`).
+template <class Visit> void for_each_hit(const uint8_t* hits, int64_t first, int64_t end, Visit visit) {
+  for (int64_t base = first / 8 * 8; base < end; base += 8) {
+    uint64_t word;
+    std::memcpy(&word, hits + base, 8);
+    while (word != 0) {
+      const int64_t c = base + (__builtin_ctzll(word) >> 3);
+      word &= word - 1;  // flags are 0 or 1: this clears the lowest one
+      if (c >= first) visit(c);
+    }
+  }
+}
+
+}  // namespace dpm_ops::knn
