@@ -129,7 +129,9 @@ def test_fused_triplet_under_bf16_autocast_runs_in_fp32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fused = batch_hard_soft_margin_triplet(features.bfloat16(), labels)
     assert fused.dtype == torch.float32
-    torch.testing.assert_close(fused, batch_hard_soft_margin_triplet(features.bfloat16().float(), labels, backend="reference"))
+    torch.testing.assert_close(
+        fused, batch_hard_soft_margin_triplet(features.bfloat16().float(), labels, backend="reference")
+    )
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
