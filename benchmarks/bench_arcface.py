@@ -40,7 +40,7 @@ def bench_forward_backward(timed, backend, shape):
 
     def step():
         if backend == "reference":
-            loss = masked_arcface_cross_entropy(features, mask, weight, labels, fused=False)
+            loss = masked_arcface_cross_entropy(features, mask, weight, labels, backend="reference")
         else:
             loss = masked_arcface_ce(features, mask, weight, labels, backend=backend)
         torch.autograd.grad(loss, (features, mask, weight))

@@ -36,7 +36,7 @@ def bench_forward_backward(timed, backend, shape):
 
     def step():
         if backend == "reference":
-            loss = batch_hard_soft_margin_triplet(features, labels, fused=False)
+            loss = batch_hard_soft_margin_triplet(features, labels, backend="reference")
         else:
             loss = batch_hard_triplet(features, labels, backend=backend)
         torch.autograd.grad(loss, features)

@@ -23,7 +23,7 @@ from dpm_ops.ops import (
 from tests.conftest import backend_params
 
 ALL = backend_params("reference", "cpp", "triton")
-FUSED = backend_params("cpp", "triton")  # ops whose reference is the loss module's fused=False path
+FUSED = backend_params("cpp", "triton")  # ops whose reference is the loss module's backend="reference" path
 NAN, INF = float("nan"), float("inf")
 needs_cpp = pytest.mark.skipif(not dpm_ops.backends()["cpp"][0], reason="needs the C++ extension")
 
@@ -153,18 +153,18 @@ def test_reference_losses_check_like_the_fused_ops(loss, kwargs):
     features = poisoned(torch.randn(4, 6), NAN)
     labels = torch.tensor([0, 0, 1, 2]) if kwargs else labels4()
     with pytest.raises(ValueError, match="features contains non-finite values"):
-        loss(features, labels=labels, fused=False, **kwargs)
+        loss(features, labels=labels, backend="reference", **kwargs)
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("backend", [None, "reference"])
 @pytest.mark.parametrize(
     "name, value",
     [("scale", NAN), ("margin", INF), ("plain_weight", "a"), ("clamp_eps", None), ("masked_weight", -INF)],
 )
-def test_arcface_numbers(fused, name, value):
+def test_arcface_numbers(backend, name, value):
     args = torch.randn(4, 6), torch.rand(4, 6), torch.randn(3, 6), torch.tensor([0, 1, 2, 0])
     with pytest.raises(ValueError, match=f"{name} must be a finite number"):
-        masked_arcface_cross_entropy(*args, fused=fused, **{name: value})
+        masked_arcface_cross_entropy(*args, backend=backend, **{name: value})
 
 
 def test_unfused_arcface_label_out_of_range():
@@ -172,7 +172,7 @@ def test_unfused_arcface_label_out_of_range():
     args = torch.randn(4, 6), torch.rand(4, 6), torch.randn(3, 6)
     for labels in (torch.tensor([0, 1, 3, 0]), torch.tensor([0, -1, 2, 0])):
         with pytest.raises(ValueError, match="labels must lie in \\[0, K = 3\\)"):
-            masked_arcface_cross_entropy(*args, labels, fused=False)
+            masked_arcface_cross_entropy(*args, labels, backend="reference")
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
 """Fused batch-hard soft-margin triplet (dpm_ops.ops.batch_hard_triplet): every backend against the
-reference loss (dpm_ops.losses.batch_hard_soft_margin_triplet(..., fused=False)), value and gradient."""
+reference loss (dpm_ops.losses.batch_hard_soft_margin_triplet(..., backend="reference")), value and gradient."""
 
 import pytest
 import torch
@@ -31,7 +31,7 @@ def check_against_reference(backend, features, labels):
     # noise divided by a ~1e-3 distance; the kernels give that pair its exact gradient, 0.
     x = features.detach().requires_grad_(True)
     x_ref = features.detach().double().requires_grad_(True)
-    expected = batch_hard_soft_margin_triplet(x_ref, labels, fused=False)
+    expected = batch_hard_soft_margin_triplet(x_ref, labels, backend="reference")
     (want,) = torch.autograd.grad(expected, x_ref)
     value = batch_hard_triplet(x, labels, backend=backend)
     (got,) = torch.autograd.grad(value, x)
@@ -89,7 +89,7 @@ def test_torch_compile_fullgraph(backend):
         lambda t, y: 3.0 * batch_hard_triplet(t * 2, y, backend=backend), fullgraph=True, backend="aot_eager"
     )
     value = compiled(x, labels)
-    expected = 3.0 * batch_hard_soft_margin_triplet(x * 2, labels, fused=False)
+    expected = 3.0 * batch_hard_soft_margin_triplet(x * 2, labels, backend="reference")
     torch.testing.assert_close(value, expected)
     torch.testing.assert_close(torch.autograd.grad(value, x)[0], torch.autograd.grad(expected, x)[0])
 
@@ -103,7 +103,7 @@ def test_module_and_function_default_to_the_fused_kernel(monkeypatch):
     features, labels = make_inputs(8, 6, 4, torch.float64, "cpu")
     fused = SoftMarginTripletLoss()(features, labels)
     assert calls == ([1] if triplet.fused_available(features.device) else [])
-    torch.testing.assert_close(fused, SoftMarginTripletLoss(fused=False)(features, labels))
+    torch.testing.assert_close(fused, SoftMarginTripletLoss(backend="reference")(features, labels))
     monkeypatch.setenv("DPM_OPS_BACKEND", "reference")
     calls.clear()
     batch_hard_soft_margin_triplet(features, labels)
@@ -129,7 +129,9 @@ def test_fused_triplet_under_bf16_autocast_runs_in_fp32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fused = batch_hard_soft_margin_triplet(features.bfloat16(), labels)
     assert fused.dtype == torch.float32
-    torch.testing.assert_close(fused, batch_hard_soft_margin_triplet(features.bfloat16().float(), labels, fused=False))
+    torch.testing.assert_close(
+        fused, batch_hard_soft_margin_triplet(features.bfloat16().float(), labels, backend="reference")
+    )
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

@@ -1,5 +1,5 @@
 """Fused masked ArcFace cross-entropy (dpm_ops.ops.masked_arcface_ce): every backend against the
-reference loss (dpm_ops.losses.masked_arcface_cross_entropy(..., fused=False)), value and gradients."""
+reference loss (dpm_ops.losses.masked_arcface_cross_entropy(..., backend="reference")), value and gradients."""
 
 import math
 
@@ -39,7 +39,7 @@ def tolerances(dtype):
 
 def check_against_reference(backend, features, mask, weight, labels, tol=None, **options):
     inputs = [t.detach().requires_grad_(True) for t in (features, mask, weight)]
-    expected = masked_arcface_cross_entropy(*inputs, labels, fused=False, **options)
+    expected = masked_arcface_cross_entropy(*inputs, labels, backend="reference", **options)
     want = torch.autograd.grad(expected, inputs)
     value = masked_arcface_ce(*inputs, labels, backend=backend, **options)
     got = torch.autograd.grad(value, inputs)
@@ -142,7 +142,7 @@ def test_opcheck(backend, with_grad):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_gradients_only_when_autograd_needs_them(backend):
     features, mask, weight, labels = make_inputs(5, 7, 6, torch.float64, device_for(backend), seed=3)
-    expected = masked_arcface_cross_entropy(features, mask, weight, labels, fused=False)
+    expected = masked_arcface_cross_entropy(features, mask, weight, labels, backend="reference")
     scalars = (30.0, 0.5, False, 1e-7, 0.5, 0.5)
     loss, *grads = op_for("masked_arcface_ce", backend)(features, mask, weight, labels, *scalars, False)
     torch.testing.assert_close(loss, expected)
@@ -168,7 +168,7 @@ def test_torch_compile_fullgraph(backend):
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
     value = compiled(*inputs, labels)
     expected = 2.0 * masked_arcface_cross_entropy(
-        inputs[0] * 1.5, inputs[1], inputs[2], labels, margin=0.3, fused=False
+        inputs[0] * 1.5, inputs[1], inputs[2], labels, margin=0.3, backend="reference"
     )
     torch.testing.assert_close(value, expected)
     for got, want in zip(torch.autograd.grad(value, inputs), torch.autograd.grad(expected, inputs)):
@@ -184,7 +184,7 @@ def test_loss_function_and_module_default_to_the_fused_kernel(monkeypatch):
     features, mask, weight, labels = make_inputs(4, 6, 8, torch.float64, "cpu")
     fused = MaskedArcFaceLoss()(features, mask, weight, labels)
     assert calls == ([1] if arcface.fused_available(features.device) else [])
-    reference = MaskedArcFaceLoss(fused=False)(features, mask, weight, labels)
+    reference = MaskedArcFaceLoss(backend="reference")(features, mask, weight, labels)
     assert len(calls) <= 1
     torch.testing.assert_close(fused, reference)
     # Forcing the reference backend (or a missing extension) falls back to the reference path.
@@ -199,7 +199,7 @@ def test_fused_loss_under_bf16_autocast_runs_in_fp32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fused = masked_arcface_cross_entropy(features.bfloat16(), mask.bfloat16(), weight, labels)
     reference = masked_arcface_cross_entropy(
-        features.bfloat16().float(), mask.bfloat16().float(), weight, labels, fused=False
+        features.bfloat16().float(), mask.bfloat16().float(), weight, labels, backend="reference"
     )
     assert fused.dtype == torch.float32
     torch.testing.assert_close(fused, reference)

@@ -88,11 +88,11 @@ def test_batch_hard_triplet(data, b, c, dtype, backend, fused):
     if fused:
         got = outcome(lambda: batch_hard_triplet(features, ids, backend=backend))
     else:
-        got = outcome(lambda: batch_hard_soft_margin_triplet(features, ids, fused=False))
+        got = outcome(lambda: batch_hard_soft_margin_triplet(features, ids, backend="reference"))
     if got is None:
         assert not is_tame(features) or b == 0
         return
-    truth = batch_hard_soft_margin_triplet(features.double(), ids, fused=False)
+    truth = batch_hard_soft_margin_triplet(features.double(), ids, backend="reference")
     # d = sqrt(|x|^2 + |y|^2 - 2 x.y): the rounding of the squares, ~eps |x|^2, becomes ~sqrt(eps) |x| in d.
     assert_close(got, truth, dtype, magnitude=(1e3 if dtype == torch.float32 else 1e5) * largest(features))
 
@@ -184,11 +184,11 @@ def test_masked_arcface_cross_entropy(data, b, k, c, dtype, backend, fused):
     if fused:
         got = outcome(lambda: masked_arcface_ce(features, mask, weight, ids, backend=backend))
     else:
-        got = outcome(lambda: masked_arcface_cross_entropy(features, mask, weight, ids, fused=False))
+        got = outcome(lambda: masked_arcface_cross_entropy(features, mask, weight, ids, backend="reference"))
     if got is None:
         assert not is_tame(features, mask, weight) or k == 0 or b == 0
         return
-    truth = masked_arcface_cross_entropy(features.double(), mask.double(), weight.double(), ids, fused=False)
+    truth = masked_arcface_cross_entropy(features.double(), mask.double(), weight.double(), ids, backend="reference")
     # the plain branch's logits f.W are |f||W|-sized; the ArcFace branch's are bounded by the scale 30
     assert_close(got, truth, dtype, magnitude=30 + largest(features) * largest(weight))
 

@@ -44,16 +44,14 @@ def _load_market_style(
     *,
     suffix: str,
     num_cams: int,
-    expected_counts: Optional[dict],
-    check_counts: str,
-    with_masks: bool,
-    mask_root: Optional[str],
-    verify_images: bool,
     occluded: Callable[[list[ImageRecord], list[ImageRecord], list[ImageRecord]], Optional[frozenset]] = (
         lambda train, query, gallery: None  # not published
     ),
     multi_query_folder: Optional[str] = None,
+    **assembly_options,
 ) -> ReIDSplits:
+    """Parses the Market-style folders; ``assembly_options`` are ``_assemble``'s (expected_counts,
+    check_counts, with_masks, mask_root, verify_images)."""
     train, query, gallery = (
         parse_market_folder(os.path.join(dataset_dir, folder), suffix, num_cams) for folder in MARKET_FOLDERS
     )
@@ -72,13 +70,9 @@ def _load_market_style(
         query=query,
         gallery=gallery,
         num_cams=num_cams,
-        expected_counts=expected_counts,
-        check_counts=check_counts,
-        with_masks=with_masks,
-        mask_root=mask_root,
-        verify_images=verify_images,
         occluded_paths=occluded(train, query, gallery),
         multi_query=multi_query,
+        **assembly_options,
     )
 
 

@@ -3,14 +3,16 @@ masked-ArcFace cross-entropy sharing the classifier weight (the maths: dpm_ops/o
 
 The loss is ``0.5·CE(plain) + 0.5·CE(masked ArcFace)``. ``masked_arcface_cross_entropy`` computes it
 with the fused kernel ``dpm_ops.ops.masked_arcface_ce`` (masked cosine + margin + scale + CE, both
-branches, never more than one (B, K) matrix) by default (``fused=True``), and with the plain-torch
-reference (dpm_ops.ops.masked_arcface_reference) when ``fused=False``, when the extension is missing or ``DPM_OPS_BACKEND=reference``.
+branches, never more than one (B, K) matrix) by default (``backend=None``), and with the plain-torch
+reference (dpm_ops.ops.masked_arcface_reference) when ``backend="reference"``, when the extension is
+missing or ``DPM_OPS_BACKEND=reference``.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
-import torch.nn as nn
 
 from dpm_ops import _backend
 from dpm_ops.ops import masked_arcface_ce
@@ -19,6 +21,7 @@ from dpm_ops.ops.masked_arcface import check_label_range, check_masked_arcface_a
 from dpm_ops.ops.masked_arcface_reference import arcface_logits, masked_arcface_logits, masked_arcface_reference
 
 from .._precision import common_at_least_fp32
+from ._options import LossModule, accepts_fused
 
 __all__ = [
     "MaskedArcFaceLoss",
@@ -29,11 +32,12 @@ __all__ = [
 ]
 
 
-def fused_available(device: torch.device) -> bool:
-    """Whether the fused kernel runs for tensors on ``device`` (the reference path otherwise)."""
-    return _backend.resolve(None, device) != "reference"
+def fused_available(device: torch.device, backend: Optional[str] = None) -> bool:
+    """Whether a fused kernel runs for tensors on ``device`` with ``backend`` (the reference path otherwise)."""
+    return _backend.resolve(backend, device) != "reference"
 
 
+@accepts_fused
 def masked_arcface_cross_entropy(
     features: torch.Tensor,
     mask: torch.Tensor,
@@ -45,17 +49,17 @@ def masked_arcface_cross_entropy(
     clamp_eps: float = 1e-7,
     plain_weight: float = 0.5,
     masked_weight: float = 0.5,
-    fused: bool = True,
+    backend: Optional[str] = None,
 ) -> torch.Tensor:
     """``plain_weight·CE(features Wᵀ, y) + masked_weight·CE(masked ArcFace logits, y)``, batch means.
 
-    ``fused=True`` runs ``dpm_ops.ops.masked_arcface_ce`` where available (same value and gradients;
-    both branches in at least fp32, also under autocast); ``fused=False`` is the reference."""
+    Runs ``dpm_ops.ops.masked_arcface_ce`` on the ``backend`` it resolves to (same value and gradients;
+    both branches in at least fp32, also under autocast); ``backend="reference"`` is the reference."""
     check_tensors("masked_arcface_cross_entropy", features=features, mask=mask, weight=weight)
     options = (scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight)
-    if fused and fused_available(features.device):
+    if fused_available(features.device, backend):
         with torch.autocast(device_type=features.device.type, enabled=False):
-            return masked_arcface_ce(*common_at_least_fp32(features, mask, weight), labels, *options)
+            return masked_arcface_ce(*common_at_least_fp32(features, mask, weight), labels, *options, backend=backend)
     # The reference takes what the fused op takes (fp16 / bf16 too), with the same checks.
     check_masked_arcface_args(
         *common_at_least_fp32(features, mask, weight), labels, scale, margin, clamp_eps, plain_weight, masked_weight
@@ -65,43 +69,8 @@ def masked_arcface_cross_entropy(
     return masked_arcface_reference(features, mask, weight, labels, *options)
 
 
-class MaskedArcFaceLoss(nn.Module):
-    """DPM's ID loss on (BN feature, mask, classifier weight). Defaults: Occluded-Duke (s=30, m=0.5);
-    Market / Duke use ``margin=0.3``."""
+class MaskedArcFaceLoss(LossModule):
+    """DPM's ID loss on (BN feature, mask, classifier weight); options: ``masked_arcface_cross_entropy``'s.
+    Defaults: Occluded-Duke (s=30, m=0.5); Market / Duke use ``margin=0.3``."""
 
-    def __init__(
-        self,
-        scale: float = 30.0,
-        margin: float = 0.5,
-        easy_margin: bool = False,
-        clamp_eps: float = 1e-7,
-        plain_weight: float = 0.5,
-        masked_weight: float = 0.5,
-        fused: bool = True,
-    ):
-        super().__init__()
-        self.scale, self.margin, self.easy_margin, self.clamp_eps = scale, margin, easy_margin, clamp_eps
-        self.plain_weight, self.masked_weight, self.fused = plain_weight, masked_weight, fused
-
-    def forward(
-        self, features: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
-    ) -> torch.Tensor:
-        return masked_arcface_cross_entropy(
-            features,
-            mask,
-            weight,
-            labels,
-            self.scale,
-            self.margin,
-            self.easy_margin,
-            self.clamp_eps,
-            self.plain_weight,
-            self.masked_weight,
-            self.fused,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"scale={self.scale}, margin={self.margin}, easy_margin={self.easy_margin}, "
-            f"plain_weight={self.plain_weight}, masked_weight={self.masked_weight}, fused={self.fused}"
-        )
+    loss_function = staticmethod(masked_arcface_cross_entropy)

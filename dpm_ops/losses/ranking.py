@@ -18,54 +18,27 @@ Options (the paper's text is ambiguous):
 * ``neg_mode="literal"`` (default): Eq. 5 as printed; a satisfied negative still adds exp(0) = 1,
   so the first term never drops below log(1 + |N|).
   ``neg_mode="violating_only"``: only negatives with a positive hinge argument enter the sum.
-* ``fused=True`` (default): the fused op ``dpm_ops.ops.maskreid_ranking_loss`` (one kernel pass with
+* ``backend=None`` (default): the fused op ``dpm_ops.ops.maskreid_ranking_loss`` (one kernel pass with
   the closed-form gradient; the plain-torch reference where no kernel backend is available);
-  ``fused=False``: the plain-torch reference (``dpm_ops.ops.maskreid_ranking_loss_reference``).
+  ``backend="reference"``: the plain-torch reference (``dpm_ops.ops.maskreid_ranking_loss_reference``).
+  ``maskreid_ranking_loss`` is that op (its signature), also taking the deprecated ``fused=``.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn as nn
-
 from ..ops.maskreid_ranking_loss import maskreid_ranking_loss as fused_maskreid_ranking_loss
 from ..ops.maskreid_ranking_loss_reference import check_modes
+from ._options import LossModule, accepts_fused
+
+maskreid_ranking_loss = accepts_fused(fused_maskreid_ranking_loss)
 
 
-def maskreid_ranking_loss(
-    embeddings: torch.Tensor,
-    labels: torch.Tensor,
-    alpha: float = 0.15,
-    lam: float = 2.0,
-    neg_mode: str = "literal",
-    pos_mode: str = "hardest",
-    fused: bool = True,
-) -> torch.Tensor:
-    # fused=False: the reference, checked like the fused op
-    backend = None if fused else "reference"
-    return fused_maskreid_ranking_loss(embeddings, labels, alpha, lam, neg_mode, pos_mode, backend=backend)
+class MaskReIDRankingLoss(LossModule):
+    """Eq. 5 with the paper's α = 0.15, λ = 2 on L2-normalised embeddings (or Eq. 4: ``pos_mode="eq4"``);
+    options: ``maskreid_ranking_loss``'s."""
 
+    loss_function = staticmethod(maskreid_ranking_loss)
 
-class MaskReIDRankingLoss(nn.Module):
-    """Eq. 5 with the paper's α = 0.15, λ = 2 on L2-normalised embeddings (or Eq. 4: ``pos_mode="eq4"``)."""
-
-    def __init__(
-        self,
-        alpha: float = 0.15,
-        lam: float = 2.0,
-        neg_mode: str = "literal",
-        pos_mode: str = "hardest",
-        fused: bool = True,
-    ):
-        super().__init__()
-        check_modes(neg_mode, pos_mode)
-        self.alpha, self.lam, self.neg_mode, self.pos_mode, self.fused = alpha, lam, neg_mode, pos_mode, fused
-
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return maskreid_ranking_loss(embeddings, labels, self.alpha, self.lam, self.neg_mode, self.pos_mode, self.fused)
-
-    def extra_repr(self) -> str:
-        return (
-            f"alpha={self.alpha}, lam={self.lam}, neg_mode={self.neg_mode!r}, pos_mode={self.pos_mode!r}, "
-            f"fused={self.fused}"
-        )
+    def __init__(self, **options):
+        super().__init__(**options)
+        check_modes(self.neg_mode, self.pos_mode)

@@ -4,17 +4,21 @@ DPM:  L = id_w·(0.5·CE(plain) + 0.5·CE(masked ArcFace) + λ_HEM·L_HEM) + tri
 with λ_HEM = 0.1 (0.01 for Occluded-REID) and both outer weights 1. From the model's ``DPMTrainOutput``
 the ArcFace margin is already in ``masked_logits`` when the model was called with ``labels`` (as the
 official ``MArcface``). From ``DPMLossInputs`` (``DPM(..., loss_inputs=True)``) both CE branches come from
-the fused ``masked_arcface_cross_entropy``. ``fused=True`` (the default) runs the fused kernels (ArcFace
-CE, batch-hard triplet) where available, with the same values and gradients as ``fused=False``.
+the fused ``masked_arcface_cross_entropy``. ``backend=None`` (the default) runs the fused kernels (ArcFace
+CE, batch-hard triplet) where available, with the same values and gradients as ``backend="reference"``
+(``fused=`` is its deprecated form).
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .arcface import masked_arcface_cross_entropy
+from ._options import backend_of_fused
 from .hem import hem_loss
 from .triplet import batch_hard_soft_margin_triplet
 
@@ -27,11 +31,14 @@ class DPMLoss(nn.Module):
         triplet_weight: float = 1.0,
         plain_weight: float = 0.5,
         masked_weight: float = 0.5,
-        fused: bool = True,
+        backend: Optional[str] = None,
+        fused: Optional[bool] = None,
     ):
         super().__init__()
+        if fused is not None:
+            backend = backend_of_fused(fused, "DPMLoss")
         self.hem_weight, self.id_weight, self.triplet_weight = hem_weight, id_weight, triplet_weight
-        self.plain_weight, self.masked_weight, self.fused = plain_weight, masked_weight, fused
+        self.plain_weight, self.masked_weight, self.backend = plain_weight, masked_weight, backend
 
     def terms(self, output, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Unweighted terms, for logging; ``output`` is the model's ``DPMTrainOutput`` (terms id_plain,
@@ -48,16 +55,16 @@ class DPMLoss(nn.Module):
                     output.easy_margin,
                     plain_weight=self.plain_weight,
                     masked_weight=self.masked_weight,
-                    fused=self.fused,
+                    backend=self.backend,
                 ),
                 "hem": hem_loss(output.hem_logits),
-                "triplet": batch_hard_soft_margin_triplet(output.feature, labels, fused=self.fused),
+                "triplet": batch_hard_soft_margin_triplet(output.feature, labels, backend=self.backend),
             }
         return {
             "id_plain": F.cross_entropy(output.plain_logits, labels),
             "id_masked": F.cross_entropy(output.masked_logits, labels),
             "hem": hem_loss(output.hem_logits),
-            "triplet": batch_hard_soft_margin_triplet(output.feature, labels, fused=self.fused),
+            "triplet": batch_hard_soft_margin_triplet(output.feature, labels, backend=self.backend),
         }
 
     def total(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -75,7 +82,7 @@ class DPMLoss(nn.Module):
         return (
             f"hem_weight={self.hem_weight}, id_weight={self.id_weight}, "
             f"triplet_weight={self.triplet_weight}, plain_weight={self.plain_weight}, "
-            f"masked_weight={self.masked_weight}, fused={self.fused}"
+            f"masked_weight={self.masked_weight}, backend={self.backend!r}"
         )
 
 

@@ -3,8 +3,9 @@ dpm_ops/ops/batch_hard_triplet_reference.py."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
-import torch.nn as nn
 
 from dpm_ops.ops import batch_hard_triplet
 from dpm_ops.ops._checks import check_tensors
@@ -12,29 +13,28 @@ from dpm_ops.ops.batch_hard_triplet import check_batch_hard_triplet_args
 from dpm_ops.ops.batch_hard_triplet_reference import batch_hard_triplet_reference, pairwise_euclidean
 
 from .._precision import at_least_fp32
+from ._options import LossModule, accepts_fused
 from .arcface import fused_available
 
 __all__ = ["SoftMarginTripletLoss", "batch_hard_soft_margin_triplet", "pairwise_euclidean"]
 
 
-def batch_hard_soft_margin_triplet(features: torch.Tensor, labels: torch.Tensor, fused: bool = True) -> torch.Tensor:
-    """``fused=True`` runs ``dpm_ops.ops.batch_hard_triplet`` where available (same value and gradient,
-    in at least fp32, also under autocast); ``fused=False`` (or no extension) is the reference
-    (dpm_ops.ops.batch_hard_triplet_reference)."""
+@accepts_fused
+def batch_hard_soft_margin_triplet(
+    features: torch.Tensor, labels: torch.Tensor, backend: Optional[str] = None
+) -> torch.Tensor:
+    """Runs ``dpm_ops.ops.batch_hard_triplet`` on the ``backend`` it resolves to (same value and
+    gradient, in at least fp32, also under autocast); ``backend="reference"`` (or no extension) is the
+    reference (dpm_ops.ops.batch_hard_triplet_reference)."""
     check_tensors("batch_hard_triplet", features=features)
-    if fused and fused_available(features.device):
+    if fused_available(features.device, backend):
         with torch.autocast(device_type=features.device.type, enabled=False):
-            return batch_hard_triplet(at_least_fp32(features), labels)
+            return batch_hard_triplet(at_least_fp32(features), labels, backend=backend)
     check_batch_hard_triplet_args(at_least_fp32(features), labels)  # the fused op's checks
     return batch_hard_triplet_reference(features, labels)
 
 
-class SoftMarginTripletLoss(nn.Module):
+class SoftMarginTripletLoss(LossModule):
     """Batch-hard triplet with a soft margin (``NO_MARGIN: True``), on pre-BN features."""
 
-    def __init__(self, fused: bool = True):
-        super().__init__()
-        self.fused = fused
-
-    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return batch_hard_soft_margin_triplet(features, labels, self.fused)
+    loss_function = staticmethod(batch_hard_soft_margin_triplet)

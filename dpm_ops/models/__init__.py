@@ -6,7 +6,7 @@ load_pretrained(model, "jx_vit_base_p16_224-80ecf9dd.pth")
 """
 
 from .dpm import DPM, DPMEvalOutput, DPMLossInputs, DPMParamGroups, DPMTrainOutput, HierarchicalMaskGenerator
-from .factory import MODEL_NAMES, MODELS, build_model, construct_model
+from .factory import MODEL_NAMES, MODELS, build_model, construct_model, model_option_defaults
 from .maskreid import MaskReID, MaskReIDTrainOutput, SkippedFusionHead
 from .resnet import MaskReIDResNet50, ResNet50
 from .vit import ViTReID
@@ -34,6 +34,7 @@ __all__ = [
     "WeightsError",
     "build_model",
     "construct_model",
+    "model_option_defaults",
     "load_pretrained",
     "resize_pos_embed",
 ]

@@ -117,28 +117,23 @@ class DPM(nn.Module):
     ``stride=12, arcface_margin=0.3``. Width, depth and image size are options for small builds;
     ``mask_tap_blocks`` are 0-based block indices (blocks 2, 4, 10, 12 of 12 by default).
     ``neck_feat``: the feature eval mode returns, ``"before"`` the BNNeck (the official configs'
-    ``TEST.NECK_FEAT``, whose masks were learnt on BNNeck features) or ``"after"`` it."""
+    ``TEST.NECK_FEAT``, whose masks were learnt on BNNeck features) or ``"after"`` it.
+    ``backbone_options`` are ``ViTReID``'s (img_size, patch_size, stride, embed_dim, depth, ...)."""
+
+    passes_options_to = ViTReID  # **backbone_options: its keywords are this model's options too
 
     def __init__(
         self,
         num_classes: int,
         num_cameras: int = 0,
         *,
-        img_size: Sequence[int] = (256, 128),
-        patch_size: int = 16,
-        stride: int = 11,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        drop_path_rate: float = 0.1,
-        sie_coef: float = 3.0,
         mask_tap_blocks: Sequence[int] = (1, 3, 9, 11),
         arcface_scale: float = 30.0,
         arcface_margin: float = 0.5,
         easy_margin: bool = False,
         loss_inputs: bool = False,
         neck_feat: str = "before",
+        **backbone_options,
     ):
         super().__init__()
         if neck_feat not in NECK_FEATS:
@@ -148,18 +143,8 @@ class DPM(nn.Module):
             raise ValueError("DPM needs num_classes >= 1: its classifier weights are the prototypes")
         self.mask_tap_blocks = tuple(mask_tap_blocks)
         self.arcface_scale, self.arcface_margin, self.easy_margin = arcface_scale, arcface_margin, easy_margin
-        self.backbone = ViTReID(
-            img_size,
-            patch_size,
-            stride,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            drop_path_rate=drop_path_rate,
-            num_cameras=num_cameras,
-            sie_coef=sie_coef,
-        )
+        self.backbone = ViTReID(num_cameras=num_cameras, **backbone_options)
+        embed_dim, depth = self.backbone.embed_dim, len(self.backbone.blocks)
         if any(not 0 <= i < depth for i in self.mask_tap_blocks):
             raise ValueError(f"mask_tap_blocks {self.mask_tap_blocks} must lie in [0, {depth - 1}]")
         self.mask_generator = HierarchicalMaskGenerator(embed_dim, self.backbone.grid_size, len(self.mask_tap_blocks))
@@ -200,22 +185,11 @@ class DPM(nn.Module):
             self.classifier(bn_feature), masked_logits, features.cls_feature, mask, features.cls_logits
         )
 
-    def optimizer_param_groups(
-        self,
-        base_lr: float = 0.008,
-        weight_decay: float = 1e-4,
-        bias_lr_factor: float = 2.0,
-        weight_decay_bias: Optional[float] = None,
-    ) -> DPMParamGroups:
-        """Groups for DPM's two SGD optimizers (momentum 0.9 is the optimizer's argument)."""
+    def optimizer_param_groups(self, **options) -> DPMParamGroups:
+        """Groups for DPM's two SGD optimizers (momentum 0.9 is the optimizer's argument); ``options``
+        are ``sgd_param_groups``'s (base_lr, weight_decay, bias_lr_factor, weight_decay_bias)."""
         mask_params = {id(p) for p in self.mask_generator.parameters()}
         main = [(n, p) for n, p in self.named_parameters() if id(p) not in mask_params]
-        options = dict(
-            base_lr=base_lr,
-            weight_decay=weight_decay,
-            bias_lr_factor=bias_lr_factor,
-            weight_decay_bias=weight_decay_bias,
-        )
         return DPMParamGroups(
             sgd_param_groups(main, **options), sgd_param_groups(self.mask_generator.named_parameters(), **options)
         )

@@ -29,6 +29,20 @@ def construct_model(model_class: type[nn.Module], num_classes: int, num_cameras:
     return model_class(num_classes, **options)
 
 
+def model_option_defaults(model_class: type[nn.Module]) -> dict:
+    """The keyword options of ``model_class`` (all but num_classes, num_cameras) with their defaults; a
+    constructor's ``**options`` are those of the part it passes them to (``passes_options_to``)."""
+    parameters = inspect.signature(model_class).parameters
+    defaults = {
+        name: p.default
+        for name, p in parameters.items()
+        if name not in ("num_classes", "num_cameras") and p.default is not p.empty
+    }
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return {**model_option_defaults(model_class.passes_options_to), **defaults}
+    return defaults
+
+
 def build_model(name: str, num_classes: int, num_cameras: int = 0, **options) -> nn.Module:
     """Build a model by name; ``options`` go to its class (e.g. ``stride=12, arcface_margin=0.3``).
 

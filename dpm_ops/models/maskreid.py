@@ -141,18 +141,18 @@ class SkippedFusionHead(nn.Module):
 class MaskReID(nn.Module):
     """The paper's v1 network. ``model(raw, masked)``: eval mode returns the (B, 256) L2-normalised
     descriptor, train mode ``MaskReIDTrainOutput`` (logits only with ``num_classes > 0``, for softmax
-    pre-training). ``stem_channels`` and ``base_width`` (32, 64 in the paper) shrink it for tests."""
+    pre-training). ``stem_channels`` and ``base_width`` (32, 64 in the paper) shrink it for tests.
+    ``head_options`` are ``SkippedFusionHead``'s (embed_dim, skip, fuse_levels, level_norm)."""
+
+    passes_options_to = SkippedFusionHead  # **head_options: its keywords are this model's options too
 
     def __init__(
         self,
         num_classes: int = 0,
         *,
-        embed_dim: int = 256,
-        skip: str = "avg",
-        fuse_levels: bool = True,
-        level_norm: Optional[str] = None,
         stem_channels: int = 32,
         base_width: int = 64,
+        **head_options,
     ):
         super().__init__()
         self.raw_stem = self._stem(stem_channels)
@@ -170,7 +170,7 @@ class MaskReID(nn.Module):
             self.inception_2b.out_channels,
             self.inception_3b.out_channels,
         ]
-        self.head = SkippedFusionHead(level_channels, embed_dim, skip, fuse_levels, level_norm, num_classes)
+        self.head = SkippedFusionHead(level_channels, num_classes=num_classes, **head_options)
 
     @staticmethod
     def _stem(channels: int) -> nn.Sequential:

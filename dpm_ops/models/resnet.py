@@ -12,7 +12,7 @@ choice) keeps layer4 at 1/16 resolution.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -101,19 +101,19 @@ class ResNetStem(nn.Module):
 
 class MaskReIDResNet50(nn.Module):
     """Modern MaskReID variant (not the paper's network); same call and outputs as ``MaskReID``.
-    ``trunk`` holds torchvision's keys and runs the raw stream's stem."""
+    ``trunk`` holds torchvision's keys and runs the raw stream's stem. ``head_options`` are
+    ``SkippedFusionHead``'s (embed_dim, skip, fuse_levels, level_norm)."""
+
+    passes_options_to = SkippedFusionHead  # **head_options: its keywords are this model's options too
 
     def __init__(
         self,
         num_classes: int = 0,
         *,
-        embed_dim: int = 256,
-        skip: str = "avg",
-        fuse_levels: bool = True,
-        level_norm: Optional[str] = None,
         last_stride: int = 1,
         layers: Sequence[int] = (3, 4, 6, 3),
         width: int = 64,
+        **head_options,
     ):
         super().__init__()
         self.trunk = ResNet50(last_stride, layers, width)
@@ -122,9 +122,7 @@ class MaskReIDResNet50(nn.Module):
         with torch.no_grad():
             identity = torch.eye(width).view(width, width, 1, 1)
             self.stream_fuse.weight.copy_(0.5 * torch.cat([identity, identity], 1))
-        self.head = SkippedFusionHead(
-            self.trunk.level_channels[1:], embed_dim, skip, fuse_levels, level_norm, num_classes
-        )
+        self.head = SkippedFusionHead(self.trunk.level_channels[1:], num_classes=num_classes, **head_options)
 
     def levels(self, raw: torch.Tensor, masked: torch.Tensor) -> list[torch.Tensor]:
         if raw.shape != masked.shape:

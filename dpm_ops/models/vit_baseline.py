@@ -4,7 +4,7 @@ N(0, 0.001) init)."""
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -19,36 +19,16 @@ class ViTBaselineTrainOutput(NamedTuple):
 
 
 class ViTBaseline(nn.Module):
-    def __init__(
-        self,
-        num_classes: int,
-        num_cameras: int = 0,
-        *,
-        img_size: Sequence[int] = (256, 128),
-        patch_size: int = 16,
-        stride: int = 11,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        drop_path_rate: float = 0.1,
-        sie_coef: float = 3.0,
-    ):
+    """``backbone_options`` are ``ViTReID``'s (img_size, patch_size, stride, embed_dim, depth, ...)."""
+
+    passes_options_to = ViTReID  # **backbone_options: its keywords are this model's options too
+
+    def __init__(self, num_classes: int, num_cameras: int = 0, **backbone_options):
         super().__init__()
         if num_classes < 1:
             raise ValueError("the ViT baseline needs num_classes >= 1")
-        self.backbone = ViTReID(
-            img_size,
-            patch_size,
-            stride,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            drop_path_rate=drop_path_rate,
-            num_cameras=num_cameras,
-            sie_coef=sie_coef,
-        )
+        self.backbone = ViTReID(num_cameras=num_cameras, **backbone_options)
+        embed_dim = self.backbone.embed_dim
         self.bottleneck = bnneck(embed_dim)
         self.classifier = nn.Linear(embed_dim, num_classes, bias=False)
         nn.init.normal_(self.classifier.weight, std=0.001)
@@ -63,11 +43,6 @@ class ViTBaseline(nn.Module):
             return feature
         return ViTBaselineTrainOutput(self.classifier(self.bottleneck(feature)), feature)
 
-    def optimizer_param_groups(
-        self,
-        base_lr: float = 0.008,
-        weight_decay: float = 1e-4,
-        bias_lr_factor: float = 2.0,
-        weight_decay_bias: Optional[float] = None,
-    ) -> list:
-        return sgd_param_groups(self.named_parameters(), base_lr, weight_decay, bias_lr_factor, weight_decay_bias)
+    def optimizer_param_groups(self, **options) -> list:
+        """``sgd_param_groups`` of every parameter (``options``: its base_lr, weight_decay, ...)."""
+        return sgd_param_groups(self.named_parameters(), **options)

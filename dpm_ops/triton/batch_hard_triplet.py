@@ -1,5 +1,5 @@
 """Triton kernel of the batch-hard soft-margin triplet (maths: csrc/batch_hard_triplet/batch_hard_triplet_math.h,
-reference: dpm_ops.losses.batch_hard_soft_margin_triplet(..., fused=False)).
+reference: dpm_ops.losses.batch_hard_soft_margin_triplet(..., backend="reference")).
 
 The Gram matrix comes from one GEMM (cuBLAS); one program per anchor row then forms the distances,
 mines the hardest positive / negative (first index on ties, as torch.max / min) and writes the row's

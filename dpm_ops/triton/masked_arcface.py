@@ -1,5 +1,5 @@
 """Triton kernels of the fused masked ArcFace cross-entropy (maths: csrc/masked_arcface/masked_arcface_math.h,
-reference: dpm_ops.losses.masked_arcface_cross_entropy(..., fused=False)).
+reference: dpm_ops.losses.masked_arcface_cross_entropy(..., backend="reference")).
 
 One tile kernel, grid (B tiles, K tiles), streams C once per tile for both dot products of the masked
 cosine (and the plain logits f·wᵀ), then, in the epilogue:

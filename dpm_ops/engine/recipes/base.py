@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 
 from dpm_ops.data import build_transforms
-from dpm_ops.models import construct_model
+from dpm_ops.models import construct_model, model_option_defaults
 
 from ..schedules import LRSchedule
 
@@ -125,12 +124,7 @@ class Recipe:
 
     def option_defaults(self) -> dict:
         """The model options the config accepts, with their defaults."""
-        parameters = inspect.signature(self.model_class.__init__).parameters
-        return {
-            k: p.default
-            for k, p in parameters.items()
-            if k not in ("self", "num_classes", "num_cameras") and p.kind is not p.VAR_KEYWORD
-        }
+        return model_option_defaults(self.model_class)
 
     def build(self, num_classes: int, num_cameras: int, **options) -> nn.Module:
         return construct_model(self.model_class, num_classes, num_cameras, **options)

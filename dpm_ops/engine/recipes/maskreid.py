@@ -81,7 +81,10 @@ class MaskReIDRecipe(Recipe):
         ranking_optimizer = make_optimizer(config, sgd_param_groups(params, config["solver"]["base_lr"], **common))
         loss = config["loss"]
         ranking = MaskReIDRankingLoss(
-            loss["ranking_alpha"], loss["ranking_lambda"], loss["ranking_neg_mode"], loss["ranking_pos_mode"]
+            alpha=loss["ranking_alpha"],
+            lam=loss["ranking_lambda"],
+            neg_mode=loss["ranking_neg_mode"],
+            pos_mode=loss["ranking_pos_mode"],
         )
 
         def ranking_step(ctx: StepContext, batch: dict) -> dict:

@@ -1,0 +1,76 @@
+"""What the loss modules share: ``backend=`` (the ops' keyword) with the deprecated ``fused=`` mapped
+onto it, and an nn.Module that holds a loss function's keyword options.
+
+``fused=`` predates the ops' ``backend=``; it is accepted for one release with a DeprecationWarning:
+``fused=True`` is the default ``backend=None`` (by device), ``fused=False`` is ``backend="reference"``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from typing import Optional
+
+import torch.nn as nn
+
+
+def backend_of_fused(fused: bool, caller: str) -> Optional[str]:
+    """The ``backend`` that the deprecated ``fused`` stood for, with a DeprecationWarning."""
+    warnings.warn(
+        f"{caller}: fused= is deprecated and will be removed in the next release; pass "
+        f"backend='reference' instead of fused=False (fused=True is the default, backend=None)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return None if fused else "reference"
+
+
+def accepts_fused(function):
+    """``function`` (a loss taking ``backend=``) that also takes the deprecated ``fused=``."""
+
+    @functools.wraps(function)
+    def loss(*args, fused: Optional[bool] = None, **kwargs):
+        if fused is not None:
+            if "backend" in kwargs:
+                raise TypeError(f"{function.__name__}: pass backend= alone (fused= is its deprecated form)")
+            kwargs["backend"] = backend_of_fused(fused, function.__name__)
+        return function(*args, **kwargs)
+
+    return loss
+
+
+class LossModule(nn.Module):
+    """The nn.Module of ``loss_function``: its keyword options given once, as attributes, and passed on
+    every call. The function's signature is the one list of the options and their defaults."""
+
+    loss_function = None  # set by each subclass (a staticmethod)
+
+    def __init__(self, **options):
+        super().__init__()
+        if "fused" in options:
+            if "backend" in options:
+                raise TypeError(f"{type(self).__name__}: pass backend= alone (fused= is its deprecated form)")
+            options["backend"] = backend_of_fused(options.pop("fused"), type(self).__name__)
+        bound = inspect.signature(self.loss_function).bind_partial(**options)  # unknown options: TypeError
+        bound.apply_defaults()
+        self._option_names = tuple(bound.arguments)
+        for name, value in bound.arguments.items():
+            setattr(self, name, value)
+
+    @property
+    def fused(self) -> bool:
+        """Deprecated: whether ``backend`` is not "reference"."""
+        warnings.warn(
+            f"{type(self).__name__}.fused is deprecated: read .backend (None: by device)", DeprecationWarning, 2
+        )
+        return self.backend != "reference"
+
+    def options(self) -> dict:
+        return {name: getattr(self, name) for name in self._option_names}
+
+    def forward(self, *inputs):
+        return self.loss_function(*inputs, **self.options())
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}={value!r}" for name, value in self.options().items())
