@@ -21,6 +21,15 @@ TINY_SYNTH = {
     "query_occlusion": 0.6,
 }
 
+
+def tiny_synth_config(**overrides):
+    """TINY_SYNTH as a SynthConfig (lists as tuples), with `overrides`."""
+    from dpm_ops.data.synth import SynthConfig
+
+    options = {key: tuple(value) if isinstance(value, list) else value for key, value in TINY_SYNTH.items()}
+    return SynthConfig(**{**options, **overrides})
+
+
 TINY_VIT = {
     "patch_size": 8,
     "stride": 8,

@@ -10,20 +10,9 @@ from PIL import Image
 
 from dpm_ops.data import DatasetError, build_dataset
 from dpm_ops.data.synth import SynthConfig, ensure_synthetic_dataset, generate_synthetic_dataset, main
+from engine_utils import tiny_synth_config
 
-TINY = SynthConfig(
-    seed=3,
-    ids=8,
-    cameras=3,
-    width=32,
-    height=64,
-    train_images=(3, 4),
-    id_cameras=(2, 3),
-    gallery_per_camera=(1, 2),
-    distractors=0.2,
-    junk=0.2,
-    query_occlusion=0.6,
-)
+TINY = tiny_synth_config(ids=8, train_images=(3, 4), distractors=0.2, junk=0.2)
 
 MARKET_NAME = re.compile(r"^(\d{4}|-1)_c(\d)s(\d)_(\d{6})_(\d{2})\.jpg$")
 

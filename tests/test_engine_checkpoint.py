@@ -5,35 +5,24 @@ import os
 import pytest
 import torch
 
-from dpm_ops.engine.checkpoint import (
-    CheckpointError,
-    atomic_write,
-    capture_rng_state,
-    load_checkpoint,
-    load_model_state,
-    make_checkpoint,
-    make_output_folder,
-    remove_stale_temporaries,
-    restore_rng_state,
-    save_checkpoint,
-)
+from dpm_ops.engine import checkpoint
 
 
 def state(model_name="dpm", value=1.0):
-    return make_checkpoint(
+    return checkpoint.make_checkpoint(
         model_name, {"num_classes": 3, "num_cameras": 2, "options": {}}, {"model": {}}, {"w": torch.full((4,), value)}
     )
 
 
 def test_round_trip_and_tags(tmp_path):
-    path = save_checkpoint(tmp_path / "ckpt" / "last.pt", state())
-    loaded = load_checkpoint(path, model_name="dpm")
+    path = checkpoint.save_checkpoint(tmp_path / "ckpt" / "last.pt", state())
+    loaded = checkpoint.load_checkpoint(path, model_name="dpm")
     assert torch.equal(loaded["model"]["w"], torch.ones(4)) and loaded["model_name"] == "dpm"
     assert os.listdir(tmp_path / "ckpt") == ["last.pt"]
 
 
 def test_crash_during_save_keeps_the_previous_file(tmp_path, monkeypatch):
-    path = save_checkpoint(tmp_path / "last.pt", state(value=1.0))
+    path = checkpoint.save_checkpoint(tmp_path / "last.pt", state(value=1.0))
     before = path.read_bytes()
 
     def half_write_then_die(obj, handle, *args, **kwargs):
@@ -42,11 +31,11 @@ def test_crash_during_save_keeps_the_previous_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", half_write_then_die)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(path, state(value=2.0))
+        checkpoint.save_checkpoint(path, state(value=2.0))
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["last.pt"]  # no temporary file left behind
-    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(4))
+    assert torch.equal(checkpoint.load_checkpoint(path)["model"]["w"], torch.ones(4))
 
 
 def test_replace_is_the_commit_point(tmp_path, monkeypatch):
@@ -61,29 +50,29 @@ def test_replace_is_the_commit_point(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", spy_replace)
     with pytest.raises(OSError):
-        atomic_write(path, lambda handle: handle.write(b"new content"))
+        checkpoint.atomic_write(path, lambda handle: handle.write(b"new content"))
     assert seen == [(b"new content", b"old")]
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]
 
 
 def test_other_models_checkpoint_is_one_clear_line(tmp_path):
-    path = save_checkpoint(tmp_path / "final.pt", state("vit_baseline"))
-    with pytest.raises(CheckpointError) as info:
-        load_checkpoint(path, model_name="dpm")
+    path = checkpoint.save_checkpoint(tmp_path / "final.pt", state("vit_baseline"))
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        checkpoint.load_checkpoint(path, model_name="dpm")
     assert "holds a 'vit_baseline' model, not 'dpm'" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_foreign_and_corrupt_files(tmp_path):
     torch.save({"backbone.w": torch.zeros(1)}, tmp_path / "plain.pth")
-    with pytest.raises(CheckpointError, match="not a dpm_ops training checkpoint"):
-        load_checkpoint(tmp_path / "plain.pth")
+    with pytest.raises(checkpoint.CheckpointError, match="not a dpm_ops training checkpoint"):
+        checkpoint.load_checkpoint(tmp_path / "plain.pth")
     (tmp_path / "junk.pt").write_bytes(b"\x00garbage" * 10)
-    with pytest.raises(CheckpointError, match="unreadable checkpoint"):
-        load_checkpoint(tmp_path / "junk.pt")
-    with pytest.raises(CheckpointError, match="not found"):
-        load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="unreadable checkpoint"):
+        checkpoint.load_checkpoint(tmp_path / "junk.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="not found"):
+        checkpoint.load_checkpoint(tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="make_checkpoint"):
-        save_checkpoint(tmp_path / "x.pt", {"model": {}})
+        checkpoint.save_checkpoint(tmp_path / "x.pt", {"model": {}})
 
 
 def test_rng_state_round_trip():
@@ -91,17 +80,17 @@ def test_rng_state_round_trip():
 
     import numpy as np
 
-    saved = capture_rng_state()
+    saved = checkpoint.capture_rng_state()
     expected = (random.random(), np.random.rand(), torch.rand(1))
-    restore_rng_state(saved)
+    checkpoint.restore_rng_state(saved)
     assert (random.random(), np.random.rand(), torch.rand(1)) == expected
 
 
 def test_text_file_is_an_unreadable_checkpoint(tmp_path):
     """torch.load raises KeyError on a text file: still one CheckpointError naming the file."""
     (tmp_path / "notes.pt").write_text("hello\n")
-    with pytest.raises(CheckpointError, match=r"unreadable checkpoint: .*notes\.pt is not a PyTorch file"):
-        load_checkpoint(tmp_path / "notes.pt")
+    with pytest.raises(checkpoint.CheckpointError, match=r"unreadable checkpoint: .*notes\.pt is not a PyTorch file"):
+        checkpoint.load_checkpoint(tmp_path / "notes.pt")
 
 
 @pytest.mark.parametrize(
@@ -118,39 +107,39 @@ def test_checkpoint_structure_is_checked_on_load(tmp_path, edit, needle):
     edit(broken)
     path = tmp_path / "broken.pt"
     torch.save(broken, path)
-    with pytest.raises(CheckpointError) as info:
-        load_checkpoint(path)
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        checkpoint.load_checkpoint(path)
     assert needle in str(info.value) and "broken.pt" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_tensors_that_do_not_fit_the_model_are_named(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
     good = model.state_dict()
-    load_model_state(model, dict(good), "ok.pt")
+    checkpoint.load_model_state(model, dict(good), "ok.pt")
     cases = {
         "missing: 0.bias": {k: v for k, v in good.items() if k != "0.bias"},
         "unexpected: 2.weight": {**good, "2.weight": torch.zeros(1)},
         "shape differs: 1.weight (2, 4) vs the model's (2, 3)": {**good, "1.weight": torch.zeros(2, 4)},
     }
     for needle, tensors in cases.items():
-        with pytest.raises(CheckpointError) as info:
-            load_model_state(model, tensors, "runs/x/final.pt")
+        with pytest.raises(checkpoint.CheckpointError) as info:
+            checkpoint.load_model_state(model, tensors, "runs/x/final.pt")
         assert needle in str(info.value) and "runs/x/final.pt" in str(info.value), str(info.value)
     many = {k: v for k, v in good.items() if not k.startswith("0.")} | {f"x{i}": torch.zeros(1) for i in range(5)}
-    with pytest.raises(CheckpointError, match=r"unexpected: x0, x1, x2 and 2 more"):
-        load_model_state(model, many, "f.pt")
+    with pytest.raises(checkpoint.CheckpointError, match=r"unexpected: x0, x1, x2 and 2 more"):
+        checkpoint.load_model_state(model, many, "f.pt")
 
 
 def test_stale_temporaries_are_removed(tmp_path):
-    save_checkpoint(tmp_path / "last.pt", state())
+    checkpoint.save_checkpoint(tmp_path / "last.pt", state())
     stale = [tmp_path / ".last.pt.0123abcd.tmp", tmp_path / ".metrics.json.99.tmp"]
     for path in stale:
         path.write_bytes(b"half")
     for name in ("notes.tmp", ".cache.tmp"):  # not shaped like an atomic_write temporary: kept
         (tmp_path / name).write_text("not ours")
-    assert sorted(remove_stale_temporaries(tmp_path)) == sorted(stale)
+    assert sorted(checkpoint.remove_stale_temporaries(tmp_path)) == sorted(stale)
     assert sorted(os.listdir(tmp_path)) == [".cache.tmp", "last.pt", "notes.tmp"]
-    assert remove_stale_temporaries(tmp_path / "absent") == []
+    assert checkpoint.remove_stale_temporaries(tmp_path / "absent") == []
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
@@ -160,7 +149,7 @@ def test_one_permission_policy_for_every_file_written(tmp_path, umask):
 
     old = os.umask(umask)
     try:
-        save_checkpoint(tmp_path / "last.pt", state())
+        checkpoint.save_checkpoint(tmp_path / "last.pt", state())
         write_json_atomic(str(tmp_path / "metrics.json"), {"rank1": 1.0})
         (tmp_path / "train.log").write_text("log")
     finally:
@@ -171,14 +160,14 @@ def test_one_permission_policy_for_every_file_written(tmp_path, umask):
 
 def test_output_folder_is_checked_before_work(tmp_path):
     (tmp_path / "a_file").write_text("x")
-    with pytest.raises(CheckpointError, match=r"--output .*a_file: exists and is not a folder"):
-        make_output_folder(tmp_path / "a_file", "--output")
-    with pytest.raises(CheckpointError, match=r"--output .*a_file/run: cannot create the folder"):
-        make_output_folder(tmp_path / "a_file" / "run", "--output")
-    assert make_output_folder(tmp_path / "new" / "run", "--output").is_dir()
+    with pytest.raises(checkpoint.CheckpointError, match=r"--output .*a_file: exists and is not a folder"):
+        checkpoint.make_output_folder(tmp_path / "a_file", "--output")
+    with pytest.raises(checkpoint.CheckpointError, match=r"--output .*a_file/run: cannot create the folder"):
+        checkpoint.make_output_folder(tmp_path / "a_file" / "run", "--output")
+    assert checkpoint.make_output_folder(tmp_path / "new" / "run", "--output").is_dir()
 
 
 def test_read_only_output_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # root may write anywhere: pretend
-    with pytest.raises(CheckpointError, match=r"output_dir .*: the folder is not writable"):
-        make_output_folder(tmp_path, "output_dir")
+    with pytest.raises(checkpoint.CheckpointError, match=r"output_dir .*: the folder is not writable"):
+        checkpoint.make_output_folder(tmp_path, "output_dir")

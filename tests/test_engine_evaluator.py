@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from dpm_ops.data import ImageDataset, build_dataloader, build_dataset
-from dpm_ops.data.synth import SynthConfig, ensure_synthetic_dataset
+from dpm_ops.data.synth import ensure_synthetic_dataset
 from dpm_ops.engine import evaluator
 from dpm_ops.engine.evaluator import (
     FeatureSet,
@@ -26,20 +26,10 @@ from dpm_ops.engine.evaluator import (
 from dpm_ops.evaluation import evaluate_rank, pairwise_distance, re_ranking, rerank_features
 from dpm_ops.models import build_model
 from dpm_ops.ops import masked_arccos_distance
+from engine_utils import tiny_synth_config
 
-CONFIG = SynthConfig(
-    seed=5,
-    ids=14,
-    cameras=3,
-    width=32,
-    height=64,
-    train_images=(2, 2),
-    id_cameras=(2, 3),
-    gallery_per_camera=(1, 2),
-    distractors=0.2,
-    junk=0.0,
-    query_occlusion=0.5,
-    gallery_occlusion=0.2,
+CONFIG = tiny_synth_config(
+    seed=5, ids=14, train_images=(2, 2), distractors=0.2, query_occlusion=0.5, gallery_occlusion=0.2
 )
 VIT = dict(embed_dim=32, depth=4, num_heads=4, patch_size=8, stride=8, img_size=(64, 32), drop_path_rate=0.0)
 SIZE = {"dpm": (64, 32), "vit_baseline": (64, 32), "maskreid": None}

@@ -7,11 +7,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dpm_ops.data.synth import SynthConfig, generate_synthetic_dataset
+from dpm_ops.data.synth import generate_synthetic_dataset
 from dpm_ops.engine import RECIPES, Hook, evaluate_checkpoint, load_config, train
 from dpm_ops.engine.recipes import Recipe, loss_record, make_optimizer, scheduled_stage
 from dpm_ops.models import MODELS
-from engine_utils import TINY_SYNTH, tiny_config, write_config
+from engine_utils import tiny_config, tiny_synth_config, write_config
 
 
 class ToyNet(nn.Module):
@@ -68,8 +68,7 @@ class Calls(Hook):
 
 def test_a_toy_recipe_trains_and_evaluates(tmp_path, monkeypatch):
     monkeypatch.setitem(RECIPES, "toy", ToyRecipe())  # the registry line
-    options = {k: tuple(v) if isinstance(v, list) else v for k, v in TINY_SYNTH.items()}
-    root = generate_synthetic_dataset(tmp_path / "set", SynthConfig(**options), progress=False)
+    root = generate_synthetic_dataset(tmp_path / "set", tiny_synth_config(), progress=False)
     config = tiny_config(root, "dpm", solver={"base_lr": 0.01, "epochs": 1, "warmup_epochs": 0})
     config["model"] = {"name": "toy", "options": {"width": 8}}
     config = load_config(str(write_config(tmp_path / "toy.yaml", config)))

@@ -7,15 +7,14 @@ import math
 import pytest
 import torch
 
-from dpm_ops.data.synth import SynthConfig, generate_synthetic_dataset
+from dpm_ops.data.synth import generate_synthetic_dataset
 from dpm_ops.engine import CheckpointError, Trainer, load_checkpoint, load_config, train
-from engine_utils import TINY_SYNTH, tiny_config, write_config
+from engine_utils import tiny_config, tiny_synth_config, write_config
 
 
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
-    options = {k: tuple(v) if isinstance(v, list) else v for k, v in TINY_SYNTH.items()}
-    return generate_synthetic_dataset(tmp_path_factory.mktemp("engine") / "set", SynthConfig(**options), progress=False)
+    return generate_synthetic_dataset(tmp_path_factory.mktemp("engine") / "set", tiny_synth_config(), progress=False)
 
 
 def config_for(tmp_path, root, model="dpm", overrides=(), **sections):

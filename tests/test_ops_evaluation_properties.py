@@ -14,15 +14,7 @@ from hypothesis import strategies as st
 from benchmarks.reference import eval_numpy, rerank_numpy
 from dpm_ops.evaluation import evaluate_rank, pairwise_distance, re_ranking, rerank_features
 from dpm_ops.losses import batch_hard_soft_margin_triplet, masked_arcface_cross_entropy
-from dpm_ops.ops import (
-    batch_hard_triplet,
-    hem_loss,
-    hierarchical_mask_pool,
-    masked_arccos_distance,
-    masked_arcface_ce,
-    masked_cosine,
-    maskreid_ranking_loss,
-)
+from dpm_ops import ops
 from dpm_ops.ops.hem_loss_reference import hem_loss_reference
 from dpm_ops.ops.hierarchical_mask_pool_reference import hierarchical_mask_pool_reference
 from dpm_ops.ops.masked_cosine import ARCCOS_CLIP
@@ -62,7 +54,7 @@ def test_masked_cosine(data, b, k, c, dtype, backend, arccos):
         data.draw(tensors(shape, dtype, positive=name == "mask"), label=name)
         for name, shape in (("x", (b, c)), ("mask", (b, c)), ("protos", (k, c)))
     )
-    op = masked_arccos_distance if arccos else masked_cosine
+    op = ops.masked_arccos_distance if arccos else ops.masked_cosine
     got = outcome(lambda: op(x, mask, protos, backend=backend))
     if got is None:
         assert not is_tame(x, mask, protos) or dtype not in FULL_DTYPES and backend == "triton"
@@ -86,7 +78,7 @@ def test_batch_hard_triplet(data, b, c, dtype, backend, fused):
     features = data.draw(tensors((b, c), dtype), label="features")
     ids = data.draw(labels(b), label="labels")
     if fused:
-        got = outcome(lambda: batch_hard_triplet(features, ids, backend=backend))
+        got = outcome(lambda: ops.batch_hard_triplet(features, ids, backend=backend))
     else:
         got = outcome(lambda: batch_hard_soft_margin_triplet(features, ids, backend="reference"))
     if got is None:
@@ -110,7 +102,7 @@ def test_batch_hard_triplet(data, b, c, dtype, backend, fused):
 def test_hem_loss(data, b, heads, n, dtype, backend, reduction):
     assume(interpreter_can_run(backend, dtype))
     logits = data.draw(tensors((b, heads, n), dtype), label="cls_logits")
-    got = outcome(lambda: hem_loss(logits, reduction=reduction, backend=backend))
+    got = outcome(lambda: ops.hem_loss(logits, reduction=reduction, backend=backend))
     if got is None:
         assert not is_tame(logits) or (b == 0 and reduction == "mean")
         return
@@ -132,7 +124,9 @@ def test_maskreid_ranking_loss(data, b, d, dtype, backend, neg_mode, pos_mode):
     assume(pos_mode != "eq4" or neg_mode == "literal")  # neg_mode does not apply to Eq. 4 (a ValueError)
     embeddings = data.draw(tensors((b, d), dtype), label="embeddings")
     ids = data.draw(labels(b), label="labels")
-    got = outcome(lambda: maskreid_ranking_loss(embeddings, ids, neg_mode=neg_mode, pos_mode=pos_mode, backend=backend))
+    got = outcome(
+        lambda: ops.maskreid_ranking_loss(embeddings, ids, neg_mode=neg_mode, pos_mode=pos_mode, backend=backend)
+    )
     if got is None:
         exp_safe = pos_mode == "eq4" or b == 0 or largest(embeddings) <= exp_safe_norm(torch.float32, 0.15, b)
         assert not (is_tame(embeddings) and exp_safe) or b == 0
@@ -157,7 +151,7 @@ def test_hierarchical_mask_pool(data, b, c, h, w, dtype, backend, mode, masked):
     assume(interpreter_can_run(backend, dtype))
     features = data.draw(tensors((b, c, h, w), dtype), label="features")
     mask = data.draw(tensors((b, 1, 2 * h, w + 1), dtype, positive=True), label="mask") if masked else None
-    got = outcome(lambda: hierarchical_mask_pool([features], mask, mode, backend=backend))
+    got = outcome(lambda: ops.hierarchical_mask_pool([features], mask, mode, backend=backend))
     if got is None:
         assert not is_tame(features, *([mask] if masked else []))
         return
@@ -182,7 +176,7 @@ def test_masked_arcface_cross_entropy(data, b, k, c, dtype, backend, fused):
     )
     ids = data.draw(labels(b, max(k, 1)), label="labels")
     if fused:
-        got = outcome(lambda: masked_arcface_ce(features, mask, weight, ids, backend=backend))
+        got = outcome(lambda: ops.masked_arcface_ce(features, mask, weight, ids, backend=backend))
     else:
         got = outcome(lambda: masked_arcface_cross_entropy(features, mask, weight, ids, backend="reference"))
     if got is None:
