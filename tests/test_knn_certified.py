@@ -251,6 +251,22 @@ def test_spiky_rows_quantise_poorly_and_stay_exact():
         check_same_knn(x, y, 6, metric, min_covered=0.0)
 
 
+def test_inputs_where_stage1_would_not_pay_take_the_direct_path():
+    # Isotropic random rows: every distance lies within the bound's width of the others, so a row keeps
+    # hundreds of candidates (against 16,000 columns, near half the rows are over the cap of 256 and
+    # would fall back after paying for stage 1). The probe of 32 rows sends such a call to the direct
+    # path whole; clustered (re-ID-like) rows stay certified.
+    x = torch.nn.functional.normalize(gaussian(300, 768, 8), dim=1)
+    y = torch.nn.functional.normalize(gaussian(16000, 768, 9), dim=1)
+    values, indices, counts = torch.ops.dpm_ops.knn_certified(x, y, 21, "euclidean")
+    assert bool((counts == -1).all())
+    direct = torch.ops.dpm_ops.knn(x, y, 21, "euclidean")
+    assert torch.equal(indices, direct[1]) and torch.equal(values, direct[0])
+    assert bool((torch.ops.dpm_ops.self_knn_certified(y, 21, "euclidean", False, 0)[4] == -1).all())
+    query, gallery = reid_like(300, 4000, seed=2)
+    assert bool((torch.ops.dpm_ops.knn_certified(query, gallery, 21, "euclidean")[2] >= 21).all())
+
+
 def test_rows_too_long_for_exact_int32_sums_take_the_direct_path():
     # 133,001 features: 133,001 * 127^2 >= 2^31, so the int8 GEMM's sums could overflow.
     x, y = gaussian(2, 133_001, 1), gaussian(3, 133_001, 2)

@@ -354,7 +354,8 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
 
 // knn by the certified two-stage search; also every row's number of stage-2 candidates (-1: the
 // row fell back to the direct path). The whole call runs the direct path when the rows are too
-// long (D > 133,000) or too large (norm > 2^60) for the bound, or when k is a large share of N.
+// long (D > 133,000) or too large (norm > 2^60) for the bound, when k is a large share of N, or
+// when a probe of the rows says stage 1 would not pay (certified_pays).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_certified_cpu(const at::Tensor& x, const at::Tensor& y, int64_t k,
                                                                  c10::string_view metric_name) {
   check_knn_args(x, y, k);
@@ -367,21 +368,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_certified_cpu(const at::Tenso
   AT_DISPATCH_FLOATING_TYPES(call.type, "knn_certified", [&] {
     std::optional<Stage1Rows<scalar_t>> xq, yq;
     if (!prefers_row_sort(k, y.size(0))) xq = Stage1Rows<scalar_t>::make(call.xs), yq = Stage1Rows<scalar_t>::make(call.ys);
-    if (xq && yq) knn_certified_impl<scalar_t>(call.xs, call.ys, *xq, *yq, k, call.metric, values, indices, counts);
+    if (xq && yq &&
+        certified_pays(*xq, call.xs.norms.const_data_ptr<scalar_t>(), *yq, call.ys.norms.const_data_ptr<scalar_t>(),
+                       call.metric, k, certified_cap(k, y.size(0))))
+      knn_certified_impl<scalar_t>(call.xs, call.ys, *xq, *yq, k, call.metric, values, indices, counts);
     else knn_direct<scalar_t>(call.xs, call.ys, k, call.metric, values, indices);
   });
   return {values, indices, counts};
 }
 
 // self_knn by the certified two-stage search; also every row's number of stage-2 candidates (-1:
-// the row fell back to the direct path). Runs the direct path when the bound does not apply.
+// the row fell back to the direct path). Runs the direct path when the bound does not apply or
+// stage 1 would not pay (certified_pays).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> self_knn_certified_cpu(
     const at::Tensor& x, int64_t k, c10::string_view metric_name, bool normalize, int64_t cross_rows) {
   check_self_knn_args(x, k, cross_rows);
   SelfKnnCall call(x, k, metric_name, normalize, cross_rows);
   at::Tensor counts = at::full({x.size(0)}, -1, x.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(call.type, "self_knn_certified", [&] {
-    if (const auto xq = Stage1Rows<scalar_t>::make(call.xs))
+    const auto xq = Stage1Rows<scalar_t>::make(call.xs);
+    const scalar_t* norms = call.xs.norms.const_data_ptr<scalar_t>();
+    if (xq && certified_pays(*xq, norms, *xq, norms, call.metric, call.m, certified_cap(call.m, x.size(0))))
       self_knn_certified_impl<scalar_t>(call.xs, *xq, k, call.m, call.metric, normalize, cross_rows, call.values,
                                         call.indices, call.row_max, call.cross, counts);
     else

@@ -18,12 +18,14 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <vector>
 
 #include "knn_math.h"
 #include "knn_operands.h"
@@ -234,6 +236,40 @@ void exact_line_hits(const A* __restrict distances, int64_t cols, A limit, A top
   const int64_t padded = (cols + 7) / 8 * 8;
   std::memset(row_hits + cols, 0, padded - cols);
   if constexpr (kColumns) std::memset(col_hits + cols, 0, padded - cols);
+}
+
+// Whether stage 1 is likely to pay on these inputs, from the candidate sets of kProbeRows rows of x
+// spread over it (their bounds against all of y, as the search computes them): a sampled row whose
+// set is over `cap` would fall back to the direct computation after paying for stage 1. Where
+// distances are not spread beyond the bound's width (e.g. isotropic random features: hundreds of
+// candidates a row, half the rows over the cap), the certified search costs more than the direct
+// path; more than a quarter of the sample falling back sends the whole call to the direct path.
+// Small calls (below 2^28 multiply-adds) skip the probe: they cost little either way.
+template <typename A>
+bool certified_pays(const Stage1Rows<A>& x, const A* x_sq_norms, const Stage1Rows<A>& y, const A* y_sq_norms,
+                    Metric metric, int64_t m, int64_t cap) {
+  constexpr int64_t kProbeRows = 32;
+  const int64_t M = x.q.size(0), N = y.q.size(0), D = x.q.size(1);
+  if (M < kProbeRows || double(M) * double(N) * double(D) < std::ldexp(1.0, 28)) return true;
+  std::vector<int64_t> ids(kProbeRows);
+  for (int64_t p = 0; p < kProbeRows; ++p) ids[p] = p * M / kProbeRows;
+  const Stage1Rows<A> probe = x.take(at::from_blob(ids.data(), {kProbeRows}, at::kLong).clone());
+  Stage1Scratch<A> scratch(kProbeRows, N);
+  const int32_t* dots = scratch.gemm(probe, 0, kProbeRows, y, 0, N);
+  const A none = std::numeric_limits<A>::infinity();
+  std::vector<A> uppers(N);
+  int64_t falls_back = 0;
+  for (int64_t p = 0; p < kProbeRows; ++p) {
+    stage1_line<false>(scratch.line(dots + p * N, N, metric, probe, p, x_sq_norms[ids[p]], y, 0, y_sq_norms, none,
+                                    none));
+    std::copy(scratch.upper.begin(), scratch.upper.begin() + N, uppers.begin());
+    std::nth_element(uppers.begin(), uppers.begin() + (m - 1), uppers.end());
+    const A limit = uppers[m - 1];
+    const int64_t kept =
+        std::count_if(scratch.lower.begin(), scratch.lower.begin() + N, [&](A l) { return l <= limit; });
+    falls_back += kept > cap;
+  }
+  return 4 * falls_back <= kProbeRows;
 }
 
 // visit(c) for every c in [first, end) with hits[c] != 0, eight flags at a time (hits is padded with
