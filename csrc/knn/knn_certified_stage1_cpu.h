@@ -89,7 +89,7 @@ template <typename A> struct Stage1Rows {
           norm2 += v * v;
           residual2 += e * e;
         }
-        // Double rounding of the sums and of e (D < 2^17 terms): below 2^-30 relative, 2^-48 |x| absolute.
+        // Double rounding of the sums and of e (D <= 133,000 terms): below 2^-30 relative, 2^-48 |x| absolute.
         const double n = std::sqrt(norm2) * (1 + std::ldexp(1.0, -30));
         const double e = std::sqrt(residual2) * (1 + std::ldexp(1.0, -30)) + std::ldexp(n, -48);
         if (!(n <= kMaxCertifiedNorm) || !(e <= n)) usable = false;
@@ -208,8 +208,14 @@ template <bool kColumns, typename A> DPM_OPS_AVX512_TARGET void stage1_line_avx5
 }
 #endif
 
-// Bounds and hits of one line (see Stage1Line); hits past `cols` up to a multiple of 8 are cleared,
-// for for_each_hit.
+// Clears the hit flags past `cols` up to a multiple of 8, which for_each_hit reads eight at a time.
+template <bool kColumns> void clear_hit_padding(int64_t cols, uint8_t* row_hits, uint8_t* col_hits) {
+  const int64_t padded = (cols + 7) / 8 * 8;
+  std::memset(row_hits + cols, 0, padded - cols);
+  if constexpr (kColumns) std::memset(col_hits + cols, 0, padded - cols);
+}
+
+// Bounds and hits of one line (see Stage1Line), padded for for_each_hit.
 template <bool kColumns, typename A> void stage1_line(const Stage1Line<A>& in) {
 #ifdef DPM_OPS_AVX512_TARGET
   static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -219,12 +225,10 @@ template <bool kColumns, typename A> void stage1_line(const Stage1Line<A>& in) {
 #else
   stage1_line_portable<kColumns>(in);
 #endif
-  const int64_t padded = (in.cols + 7) / 8 * 8;
-  std::memset(in.row_hits + in.cols, 0, padded - in.cols);
-  if constexpr (kColumns) std::memset(in.col_hits + in.cols, 0, padded - in.cols);
+  clear_hit_padding<kColumns>(in.cols, in.row_hits, in.col_hits);
 }
 
-// Hits of an exact line (lower = upper = the distances), as stage1_line's.
+// Hits of an exact line (lower = upper = the distances), as stage1_line's, padded likewise.
 template <bool kColumns, typename A>
 void exact_line_hits(const A* __restrict distances, int64_t cols, A limit, A top, const A* __restrict col_limit,
                      const A* __restrict col_top, uint8_t* __restrict row_hits, uint8_t* __restrict col_hits) {
@@ -233,9 +237,7 @@ void exact_line_hits(const A* __restrict distances, int64_t cols, A limit, A top
     row_hits[c] = uint8_t((d <= limit) | (d >= top));
     if constexpr (kColumns) col_hits[c] = uint8_t((d <= col_limit[c]) | (d >= col_top[c]));
   }
-  const int64_t padded = (cols + 7) / 8 * 8;
-  std::memset(row_hits + cols, 0, padded - cols);
-  if constexpr (kColumns) std::memset(col_hits + cols, 0, padded - cols);
+  clear_hit_padding<kColumns>(cols, row_hits, col_hits);
 }
 
 // Whether stage 1 is likely to pay on these inputs, from the candidate sets of kProbeRows rows of x
