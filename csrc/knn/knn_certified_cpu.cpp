@@ -34,6 +34,7 @@ namespace {
 
 constexpr int64_t kCertifiedMinCap = 256;  // candidates per row before the row falls back
 constexpr int64_t kCertifiedCapPerK = 8;
+constexpr int64_t kSharePhases = 8;        // self_knn: phases after the diagonal tiles, limits shared between
 
 template <typename A> struct Candidate {
   A lower, upper;
@@ -101,6 +102,21 @@ template <typename A> struct CertifiedLists {
     }
   }
 };
+
+// Sets every thread's limit and top of each row to the tightest any thread holds: each thread's
+// limit (the m-th smallest upper bound it has seen) and top (the largest lower bound) is valid for
+// the row whichever thread found it, and a thread that has not seen the row's near items yet would
+// otherwise keep everything below its own, looser, limit.
+template <typename A> void share_limits(std::vector<CertifiedLists<A>>& state) {
+  const int64_t rows = int64_t(state.front().upper.limit.size());
+  at::parallel_for(0, rows, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      A limit = std::numeric_limits<A>::infinity(), top = A(0);
+      for (auto& s : state) limit = std::min(limit, s.upper.limit[row]), top = std::max(top, s.max_lower(row));
+      for (auto& s : state) s.upper.limit[row] = limit, s.max_lower(row) = top;
+    }
+  });
+}
 
 // The direct path's dot product of two rows in the compute type (lanes of partial sums; symmetric
 // in its arguments bit for bit).
@@ -242,7 +258,18 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
     const int64_t side = std::min(kSelfTile, N);
     return Scratch{&state[thread], Stage1Scratch<A>(side, side), at::empty({side * side}, xs.rows.options())};
   };
-  parallel_tasks(int64_t(tiles.size()), num_threads, make_scratch, [&](Scratch& s, int64_t t) {
+  // The tiles in phases, the threads' limits shared after each: first the diagonal tiles, where
+  // rows find their nearest items when the input keeps similar items together, then the rest in
+  // kSharePhases equal parts.
+  const int64_t diagonal_tiles = num_edges, rest = int64_t(tiles.size()) - diagonal_tiles;
+  std::vector<int64_t> phase_starts{0};
+  for (int64_t p = 0; p < kSharePhases; ++p) phase_starts.push_back(diagonal_tiles + rest * p / kSharePhases);
+  phase_starts.push_back(int64_t(tiles.size()));
+  for (size_t phase = 0; phase + 1 < phase_starts.size(); ++phase) {
+  const int64_t first_tile = phase_starts[phase];
+  if (phase_starts[phase + 1] == first_tile) continue;
+  parallel_tasks(phase_starts[phase + 1] - first_tile, num_threads, make_scratch, [&](Scratch& s, int64_t task) {
+    const int64_t t = first_tile + task;
     CertifiedLists<A>& own = *s.own;
     Stage1Scratch<A>& line = s.stage1;
     const int64_t r0 = edges[tiles[t].first], nr = edges[tiles[t].first + 1] - r0;
@@ -284,6 +311,8 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
       own.offer_to_columns(row, lo, up, line.col_hits.data(), first, nc, c0);
     }
   });
+  if (num_threads > 1) share_limits(state);
+  }
 
   // Merge the threads' stage-1 lists, then stage 2 per row: the kept items' distances as the direct
   // path computes them, the m smallest in (value, index) order, and the row maximum.

@@ -99,7 +99,7 @@ template <typename A> struct ThreadLists {
     SortedList<A> list{values.data() + row * capacity, indices.data() + row * capacity, count[row], int(capacity)};
     list.insert(d, column);
     count[row] = list.count;
-    if (list.full()) limit[row] = list.last_value();
+    if (list.full()) limit[row] = std::min(limit[row], list.last_value());  // a limit set from outside may be lower
   }
 };
 
