@@ -55,6 +55,12 @@ template <typename A> struct CertifiedLists {
       : upper(rows, m), near(rows), far(track_max ? rows : 0), overflow(rows, 0), cap(cap), track_max(track_max) {}
 
   A& max_lower(int64_t row) { return upper.row_max[row]; }
+  // Lowers the row's limit to `limit` and raises its top to `top` where they are tighter: any m-th
+  // smallest upper bound and any lower bound among the row's items is valid for the row.
+  void tighten(int64_t row, A limit, A top) {
+    upper.limit[row] = std::min(upper.limit[row], limit);
+    max_lower(row) = std::max(max_lower(row), top);
+  }
   bool wants(int64_t row, A lower, A up) { return lower <= upper.limit[row] || (track_max && up >= max_lower(row)); }
 
   // One tile line's items [first, end) with a row hit (stage1_line) offered to `row` (items offset + c).
@@ -118,10 +124,25 @@ template <typename A> void share_limits(std::vector<CertifiedLists<A>>& state) {
   });
 }
 
-// The direct path's dot product of two rows in the compute type (lanes of partial sums; symmetric
-// in its arguments bit for bit).
-template <typename A> A row_dot(const A* a, const A* b, int64_t D) {
-  constexpr int kLanes = 8;
+// The m-th smallest of v[0, n) (+inf when n < m), through a sorted buffer of the m smallest: after the
+// first few values almost every value fails one comparison with the m-th.
+template <typename A> A mth_smallest(const A* v, int64_t n, int64_t m, std::vector<A>& smallest) {
+  smallest.assign(m, std::numeric_limits<A>::infinity());
+  A* s = smallest.data();
+  for (int64_t c = 0; c < n; ++c) {
+    if (!(v[c] < s[m - 1])) continue;
+    int64_t p = m - 1;
+    for (; p > 0 && v[c] < s[p - 1]; --p) s[p] = s[p - 1];
+    s[p] = v[c];
+  }
+  return s[m - 1];
+}
+
+// The direct path's dot product of two rows in the compute type: lanes of partial sums, one
+// AVX-512 register wide, so that it vectorises (with FMA in the AVX-512 build); symmetric in its
+// arguments bit for bit.
+template <typename A> [[gnu::always_inline]] inline A row_dot_body(const A* __restrict a, const A* __restrict b, int64_t D) {
+  constexpr int kLanes = 64 / sizeof(A);
   A lanes[kLanes] = {};
   int64_t d = 0;
   for (; d + kLanes <= D; d += kLanes)
@@ -130,6 +151,13 @@ template <typename A> A row_dot(const A* a, const A* b, int64_t D) {
   for (; d < D; ++d) sum += a[d] * b[d];
   for (int l = 0; l < kLanes; ++l) sum += lanes[l];
   return sum;
+}
+template <typename A> A row_dot_portable(const A* a, const A* b, int64_t D) { return row_dot_body(a, b, D); }
+template <typename A> DPM_OPS_AVX512_TARGET A row_dot_avx512(const A* a, const A* b, int64_t D) {
+  return row_dot_body(a, b, D);
+}
+template <typename A> A row_dot(const A* a, const A* b, int64_t D) {
+  return has_avx512() ? row_dot_avx512(a, b, D) : row_dot_portable(a, b, D);
 }
 
 int64_t certified_cap(int64_t k, int64_t N) { return std::min(N, std::max(kCertifiedMinCap, kCertifiedCapPerK * k)); }
@@ -254,22 +282,11 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
     Stage1Scratch<A> stage1;
     at::Tensor buffer;       // a cross tile's GEMM
   };
-  const auto make_scratch = [&](int thread) {
-    const int64_t side = std::min(kSelfTile, N);
-    return Scratch{&state[thread], Stage1Scratch<A>(side, side), at::empty({side * side}, xs.rows.options())};
-  };
-  // The tiles in phases, the threads' limits shared after each: first the diagonal tiles, where
-  // rows find their nearest items when the input keeps similar items together, then the rest in
-  // kSharePhases equal parts.
-  const int64_t diagonal_tiles = num_edges, rest = int64_t(tiles.size()) - diagonal_tiles;
-  std::vector<int64_t> phase_starts{0};
-  for (int64_t p = 0; p < kSharePhases; ++p) phase_starts.push_back(diagonal_tiles + rest * p / kSharePhases);
-  phase_starts.push_back(int64_t(tiles.size()));
-  for (size_t phase = 0; phase + 1 < phase_starts.size(); ++phase) {
-  const int64_t first_tile = phase_starts[phase];
-  if (phase_starts[phase + 1] == first_tile) continue;
-  parallel_tasks(phase_starts[phase + 1] - first_tile, num_threads, make_scratch, [&](Scratch& s, int64_t task) {
-    const int64_t t = first_tile + task;
+  std::vector<Scratch> scratch;  // one per thread, kept across the phases
+  const int64_t side = std::min(kSelfTile, N);
+  for (int t = 0; t < num_threads; ++t)
+    scratch.push_back(Scratch{&state[t], Stage1Scratch<A>(side, side), at::empty({side * side}, xs.rows.options())});
+  const auto scan_tile = [&](Scratch& s, int64_t t) {
     CertifiedLists<A>& own = *s.own;
     Stage1Scratch<A>& line = s.stage1;
     const int64_t r0 = edges[tiles[t].first], nr = edges[tiles[t].first + 1] - r0;
@@ -290,6 +307,16 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
     } else {
       dots = line.gemm(xq, r0, nr, xq, c0, nc);
     }
+    // A diagonal tile first sets each of its rows' limit and top from the row's whole line (the
+    // tile's GEMM is square): the diagonal tiles come first, and a line's hits are taken against
+    // the limit at its start, which would otherwise still be +inf.
+    if (diagonal)
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t row = r0 + r;
+        const A none = std::numeric_limits<A>::infinity();
+        stage1_line<false>(line.line(dots + r * nc, nc, metric, xq, row, norms[row], xq, c0, norms, none, none));
+        own.tighten(row, mth_smallest(line.upper.data(), nc, m, line.smallest), range_max(line.lower.data(), nc));
+      }
     // In a diagonal tile only c > r is used, offered both ways; d(i, i) is 0.
     for (int64_t r = 0; r < nr; ++r) {
       const int64_t row = r0 + r;
@@ -310,8 +337,17 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
       own.offer_to_row(row, lo, up, line.row_hits.data(), first, nc, c0);
       own.offer_to_columns(row, lo, up, line.col_hits.data(), first, nc, c0);
     }
-  });
-  if (num_threads > 1) share_limits(state);
+  };
+  // The tiles in phases with the threads' limits shared after each: the diagonal tiles first, then
+  // the rest in kSharePhases parts.
+  const int64_t rest = int64_t(tiles.size()) - num_edges;
+  for (int64_t phase = -1; phase < kSharePhases; ++phase) {
+    const int64_t begin = phase < 0 ? 0 : num_edges + rest * phase / kSharePhases;
+    const int64_t end = num_edges + rest * (phase + 1) / kSharePhases;
+    if (end == begin) continue;
+    parallel_tasks(end - begin, num_threads, [&](int thread) { return &scratch[thread]; },
+                   [&](Scratch* s, int64_t t) { scan_tile(*s, begin + t); });
+    if (num_threads > 1) share_limits(state);
   }
 
   // Merge the threads' stage-1 lists, then stage 2 per row: the kept items' distances as the direct

@@ -30,9 +30,6 @@
 #include "knn_math.h"
 #include "knn_operands.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define DPM_OPS_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
-#endif
 
 namespace dpm_ops::knn {
 
@@ -43,6 +40,66 @@ constexpr double kMaxCertifiedNorm = 1.152921504606846976e18;      // 2^60: n^2 
 template <typename A> A round_up(double v) {
   const A a = static_cast<A>(v);
   return static_cast<double>(a) < v ? std::nextafter(a, std::numeric_limits<A>::infinity()) : a;
+}
+
+// Stage 1's per-element loops come in two builds, chosen at run time: *_avx512 for CPUs with
+// AVX-512 (16 fp32 lanes, FMA, a rounding instruction) and *_portable (the build's own target, SSE2
+// on x86-64: a quarter as wide). They must stay small beside the int8 GEMM that feeds them.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define DPM_OPS_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
+inline bool has_avx512() {
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  return avx512;
+}
+#else
+#define DPM_OPS_AVX512_TARGET
+inline bool has_avx512() { return false; }
+#endif
+
+// One row x (D) quantised to q = round(x / s) in [-127, 127] with s = max|x| / 127 rounded to A; also
+// |x|^2 and |x - s q|^2, summed in double (in lanes, so that the loops vectorise).
+template <typename A> struct QuantisedRow {
+  A scale;
+  double norm2, residual2;
+};
+template <typename A>
+[[gnu::always_inline]] inline QuantisedRow<A> quantise_row_body(const A* __restrict x, int64_t D, int8_t* __restrict q) {
+  constexpr int kLanes = 8;
+  double top[kLanes] = {}, norm2[kLanes] = {}, residual2[kLanes] = {};
+  int64_t t = 0;
+  for (; t + kLanes <= D; t += kLanes)
+    for (int l = 0; l < kLanes; ++l) top[l] = std::max(top[l], std::abs(double(x[t + l])));
+  double largest = 0;
+  for (; t < D; ++t) largest = std::max(largest, std::abs(double(x[t])));
+  for (int l = 0; l < kLanes; ++l) largest = std::max(largest, top[l]);
+  // q is rounded against the scale the estimate uses, in A; any level is sound (the residual is
+  // measured), so the division may be a multiplication.
+  const A sr = A(largest / 127);
+  const double inverse = sr > A(0) ? 1 / double(sr) : 0.0;
+  const auto quantise = [&](int64_t t, double& n2, double& e2) {
+    const double v = double(x[t]);
+    const double level = std::min(127.0, std::max(-127.0, std::nearbyint(v * inverse)));
+    q[t] = int8_t(level);
+    const double e = v - double(sr) * level;
+    n2 += v * v;
+    e2 += e * e;
+  };
+  for (t = 0; t + kLanes <= D; t += kLanes)
+    for (int l = 0; l < kLanes; ++l) quantise(t + l, norm2[l], residual2[l]);
+  double n2 = 0, e2 = 0;
+  for (; t < D; ++t) quantise(t, n2, e2);
+  for (int l = 0; l < kLanes; ++l) n2 += norm2[l], e2 += residual2[l];
+  return {sr, n2, e2};
+}
+template <typename A> QuantisedRow<A> quantise_row_portable(const A* x, int64_t D, int8_t* q) {
+  return quantise_row_body(x, D, q);
+}
+template <typename A> DPM_OPS_AVX512_TARGET QuantisedRow<A> quantise_row_avx512(const A* x, int64_t D, int8_t* q) {
+  return quantise_row_body(x, D, q);
+}
+template <typename A> QuantisedRow<A> quantise_row(const A* x, int64_t D, int8_t* q) {
+  return has_avx512() ? quantise_row_avx512(x, D, q) : quantise_row_portable(x, D, q);
 }
 
 // The int8 rows and per-row factors of stage 1, in the compute type A.
@@ -74,21 +131,9 @@ template <typename A> struct Stage1Rows {
     std::atomic<bool> usable{true};
     at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const A* x = rows + r * D;
-        int8_t* qr = q + r * D;
-        double largest = 0;
-        for (int64_t t = 0; t < D; ++t) largest = std::max(largest, std::abs(double(x[t])));
-        // The scale in A: q is rounded against the scale the estimate uses.
-        const A sr = A(largest / 127);
-        double norm2 = 0, residual2 = 0;
-        for (int64_t t = 0; t < D; ++t) {
-          const double v = double(x[t]);
-          const double level = sr > A(0) ? std::min(127.0, std::max(-127.0, std::nearbyint(v / double(sr)))) : 0.0;
-          qr[t] = int8_t(level);
-          const double e = v - double(sr) * level;
-          norm2 += v * v;
-          residual2 += e * e;
-        }
+        const QuantisedRow<A> row = quantise_row(rows + r * D, D, q + r * D);
+        const A sr = row.scale;
+        const double norm2 = row.norm2, residual2 = row.residual2;
         // Double rounding of the sums and of e (D <= 133,000 terms): below 2^-30 relative, 2^-48 |x| absolute.
         const double n = std::sqrt(norm2) * (1 + std::ldexp(1.0, -30));
         const double e = std::sqrt(residual2) * (1 + std::ldexp(1.0, -30)) + std::ldexp(n, -48);
@@ -135,6 +180,7 @@ template <typename A> struct Stage1Scratch {
   at::Tensor tile;
   std::vector<A> lower, upper;
   std::vector<uint8_t> row_hits, col_hits;
+  std::vector<A> smallest;  // mth_smallest's buffer
   Stage1Scratch(int64_t tile_rows, int64_t tile_cols)
       : tile(at::empty({tile_rows * tile_cols}, at::kInt)), lower(tile_cols), upper(tile_cols),
         row_hits(tile_cols / 8 * 8 + 8), col_hits(tile_cols / 8 * 8 + 8) {}
@@ -196,9 +242,6 @@ template <bool kColumns, typename A> void stage1_line_portable(const Stage1Line<
   }
 }
 
-#ifdef DPM_OPS_AVX512_TARGET
-// The same loop compiled for AVX-512 (16 fp32 lanes; the portable build targets SSE2), chosen at run
-// time: stage 1's per-pair work must stay small beside the int8 GEMM that feeds it.
 template <bool kColumns, typename A> DPM_OPS_AVX512_TARGET void stage1_line_avx512(const Stage1Line<A>& in) {
   switch (in.metric) {
     case Metric::kCosine: return stage1_line_body<Metric::kCosine, kColumns>(in);
@@ -206,7 +249,6 @@ template <bool kColumns, typename A> DPM_OPS_AVX512_TARGET void stage1_line_avx5
     case Metric::kEuclidean: return stage1_line_body<Metric::kEuclidean, kColumns>(in);
   }
 }
-#endif
 
 // Clears the hit flags past `cols` up to a multiple of 8, which for_each_hit reads eight at a time.
 template <bool kColumns> void clear_hit_padding(int64_t cols, uint8_t* row_hits, uint8_t* col_hits) {
@@ -217,14 +259,8 @@ template <bool kColumns> void clear_hit_padding(int64_t cols, uint8_t* row_hits,
 
 // Bounds and hits of one line (see Stage1Line), padded for for_each_hit.
 template <bool kColumns, typename A> void stage1_line(const Stage1Line<A>& in) {
-#ifdef DPM_OPS_AVX512_TARGET
-  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                             __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-  if (avx512) stage1_line_avx512<kColumns>(in);
+  if (has_avx512()) stage1_line_avx512<kColumns>(in);
   else stage1_line_portable<kColumns>(in);
-#else
-  stage1_line_portable<kColumns>(in);
-#endif
   clear_hit_padding<kColumns>(in.cols, in.row_hits, in.col_hits);
 }
 
