@@ -295,15 +295,13 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
     const A* limits = own.upper.limit.data();
     const A* tops = own.upper.row_max.data();  // each row's largest lower bound (max_lower)
     const int32_t* dots = nullptr;             // the int8 GEMM, outside the cross block
-    const A* exact = nullptr;                  // the cross block's distances (lower = upper)
+    const A* exact = nullptr;                  // the cross block's distances (lower = upper), in the output
     if (in_cross) {
       at::Tensor tile = tile_view(s.buffer, nr, nc);
       at::mm_out(tile, xs.rows.narrow(0, r0, nr), xs.rows.narrow(0, c0, nc).t());
-      A* distances = tile.data_ptr<A>();
-      finish_tile(distances, nr, nc, norms + r0, norms + c0, metric);
-      for (int64_t r = 0; r < nr; ++r)
-        std::copy(distances + r * nc, distances + (r + 1) * nc, cross_out + (r0 + r) * cross_cols + (c0 - cross_rows));
-      exact = distances;
+      A* out = cross_out + r0 * cross_cols + (c0 - cross_rows);
+      finish_tile(tile.data_ptr<A>(), nr, nc, norms + r0, norms + c0, metric, out, cross_cols);
+      exact = out;
     } else {
       dots = line.gemm(xq, r0, nr, xq, c0, nc);
     }
@@ -322,8 +320,8 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
       const int64_t row = r0 + r;
       if (diagonal) own.offer(row, A(0), A(0), row);
       const int64_t first = diagonal ? r + 1 : 0;
-      const A* lo = exact ? exact + r * nc : line.lower.data();
-      const A* up = exact ? exact + r * nc : line.upper.data();
+      const A* lo = exact ? exact + r * cross_cols : line.lower.data();
+      const A* up = exact ? exact + r * cross_cols : line.upper.data();
       if (exact) {
         exact_line_hits<true>(lo, nc, limits[row], tops[row], limits + c0, tops + c0, line.row_hits.data(),
                               line.col_hits.data());

@@ -33,6 +33,7 @@
 
 namespace dpm_ops::knn {
 
+constexpr int64_t kHitBlock = 64;  // hit flags skipped at a time by for_each_hit
 constexpr int64_t kMaxInt8Dim = 133000;                              // D 127^2 < 2^31: exact int32 sums
 constexpr double kMaxCertifiedNorm = 1.152921504606846976e18;      // 2^60: n^2 and E stay finite in fp32
 
@@ -175,7 +176,7 @@ template <typename A> struct Stage1Line {
   uint8_t *row_hits, *col_hits;
 };
 
-// Per-thread buffers of stage 1: a tile's int32 GEMM, one line's bounds and hits (padded to 8).
+// Per-thread buffers of stage 1: a tile's int32 GEMM, one line's bounds and hits (padded to kHitBlock).
 template <typename A> struct Stage1Scratch {
   at::Tensor tile;
   std::vector<A> lower, upper;
@@ -183,7 +184,7 @@ template <typename A> struct Stage1Scratch {
   std::vector<A> smallest;  // mth_smallest's buffer
   Stage1Scratch(int64_t tile_rows, int64_t tile_cols)
       : tile(at::empty({tile_rows * tile_cols}, at::kInt)), lower(tile_cols), upper(tile_cols),
-        row_hits(tile_cols / 8 * 8 + 8), col_hits(tile_cols / 8 * 8 + 8) {}
+        row_hits(tile_cols / kHitBlock * kHitBlock + kHitBlock), col_hits(row_hits.size()) {}
 
   // The exact int32 dots of x's rows [r0, r0 + nr) and y's rows [c0, c0 + nc), (nr, nc) row-major.
   const int32_t* gemm(const Stage1Rows<A>& x, int64_t r0, int64_t nr, const Stage1Rows<A>& y, int64_t c0,
@@ -250,9 +251,9 @@ template <bool kColumns, typename A> DPM_OPS_AVX512_TARGET void stage1_line_avx5
   }
 }
 
-// Clears the hit flags past `cols` up to a multiple of 8, which for_each_hit reads eight at a time.
+// Clears the hit flags past `cols` up to a multiple of kHitBlock, which for_each_hit reads at a time.
 template <bool kColumns> void clear_hit_padding(int64_t cols, uint8_t* row_hits, uint8_t* col_hits) {
-  const int64_t padded = (cols + 7) / 8 * 8;
+  const int64_t padded = (cols + kHitBlock - 1) / kHitBlock * kHitBlock;
   std::memset(row_hits + cols, 0, padded - cols);
   if constexpr (kColumns) std::memset(col_hits + cols, 0, padded - cols);
 }
@@ -310,16 +311,22 @@ bool certified_pays(const Stage1Rows<A>& x, const A* x_sq_norms, const Stage1Row
   return 4 * falls_back <= kProbeRows;
 }
 
-// visit(c) for every c in [first, end) with hits[c] != 0, eight flags at a time (hits is padded with
-// zeros to a multiple of 8 past `end`).
+// visit(c) for every c in [first, end) with hits[c] != 0: a block of kHitBlock flags is opened only
+// when one of them is set (few are), then read eight at a time (hits is padded with zeros to a
+// multiple of kHitBlock past `end`).
 template <class Visit> void for_each_hit(const uint8_t* hits, int64_t first, int64_t end, Visit visit) {
-  for (int64_t base = first / 8 * 8; base < end; base += 8) {
-    uint64_t word;
-    std::memcpy(&word, hits + base, 8);
-    while (word != 0) {
-      const int64_t c = base + (__builtin_ctzll(word) >> 3);
-      word &= word - 1;  // flags are 0 or 1: this clears the lowest one
-      if (c >= first) visit(c);
+  for (int64_t block = first / kHitBlock * kHitBlock; block < end; block += kHitBlock) {
+    uint64_t words[kHitBlock / 8], any = 0;
+    std::memcpy(words, hits + block, kHitBlock);
+    for (uint64_t w : words) any |= w;
+    if (any == 0) continue;
+    for (int64_t w = 0; w < kHitBlock / 8; ++w) {
+      uint64_t word = words[w];
+      while (word != 0) {
+        const int64_t c = block + 8 * w + (__builtin_ctzll(word) >> 3);
+        word &= word - 1;  // flags are 0 or 1: this clears the lowest one
+        if (c >= first) visit(c);
+      }
     }
   }
 }
