@@ -138,11 +138,11 @@ template <typename A> A mth_smallest(const A* v, int64_t n, int64_t m, std::vect
   return s[m - 1];
 }
 
-// The direct path's dot product of two rows in the compute type: lanes of partial sums, one
-// AVX-512 register wide, so that it vectorises (with FMA in the AVX-512 build); symmetric in its
+// The direct path's dot product of two rows in the compute type: lanes of partial sums, four
+// AVX-512 registers wide (independent FMA chains), so that it vectorises (with FMA in the AVX-512 build); symmetric in its
 // arguments bit for bit.
 template <typename A> [[gnu::always_inline]] inline A row_dot_body(const A* __restrict a, const A* __restrict b, int64_t D) {
-  constexpr int kLanes = 64 / sizeof(A);
+  constexpr int kLanes = 256 / sizeof(A);
   A lanes[kLanes] = {};
   int64_t d = 0;
   for (; d + kLanes <= D; d += kLanes)
