@@ -180,6 +180,30 @@ def test_self_knn_matches_direct(normalize):
     check_same_self_knn(cert, direct, x, k, normalize)
 
 
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_self_knn_result_does_not_depend_on_threads(shuffled):
+    """The threads share their limits between phases of tiles and each diagonal tile seeds its rows'
+    limits: the search's work depends on the thread count and the rows' order, its result must not."""
+    query, gallery = reid_like(300, 2600, seed=5)
+    if shuffled:  # rows no longer grouped by identity: the diagonal tiles seed loose limits
+        order = torch.randperm(len(gallery), generator=torch.Generator().manual_seed(5))
+        gallery = gallery[order]
+    x, q, k = torch.cat([query, gallery]), len(query), 21
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            results.append(torch.ops.dpm_ops.self_knn_certified(x, k, "sqeuclidean", True, q))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    assert bool((results[0][4] >= k).all())  # every row certified, none fell back
+    direct = self_knn(x, k, "sqeuclidean", True, q, backend="cpp", strategy="direct")
+    check_same_self_knn(results[0][:4], direct, x, k, True)
+
+
 def test_self_knn_exact_input_is_bitwise_identical():
     x = sign_rows(1300, 16, seed=11)  # two tiles, split at cross_rows
     for normalize in (False, True):

@@ -41,27 +41,32 @@ template <typename A> struct Candidate {
   int64_t index;
 };
 
-// Stage 1's per-row state for `rows` rows: the m smallest upper bounds (upper.limit: the m-th), the
-// items whose lower bound was <= that limit when offered (near), and for the row maximum, the
-// largest lower bound and the items whose upper bound was >= it (far). A row whose near or far
-// list stays above `cap` after pruning is marked and left to the direct path.
+// Stage 1's per-row state for `rows` rows:
+// - limit: an m-th smallest upper bound among the row's items (+inf at first; any is valid, so it may
+//   also be lowered from outside); uppers: the upper bounds offered at or below the limit, appended
+//   to 2m slots and cut back to their m smallest when full (which lowers the limit), so that every
+//   upper bound among the row's m smallest is kept (append_uppers, mth_value);
+// - near: the items whose lower bound was <= the limit when offered;
+// - for the row maximum, top: the largest lower bound, and far: the items whose upper bound was >= it.
+// A row whose near or far list stays above `cap` after pruning is marked and left to the direct path.
 template <typename A> struct CertifiedLists {
-  ThreadLists<A> upper;
+  std::vector<A> limit, top, uppers;
+  std::vector<int> counts;
   std::vector<std::vector<Candidate<A>>> near, far;
   std::vector<char> overflow;
-  int64_t cap;
+  int64_t m, cap;
   bool track_max;
   CertifiedLists(int64_t rows, int64_t m, int64_t cap, bool track_max)
-      : upper(rows, m), near(rows), far(track_max ? rows : 0), overflow(rows, 0), cap(cap), track_max(track_max) {}
+      : limit(rows, std::numeric_limits<A>::infinity()), top(rows, A(0)), uppers(rows * 2 * m), counts(rows, 0),
+        near(rows), far(track_max ? rows : 0), overflow(rows, 0), m(m), cap(cap), track_max(track_max) {}
 
-  A& max_lower(int64_t row) { return upper.row_max[row]; }
   // Lowers the row's limit to `limit` and raises its top to `top` where they are tighter: any m-th
   // smallest upper bound and any lower bound among the row's items is valid for the row.
-  void tighten(int64_t row, A limit, A top) {
-    upper.limit[row] = std::min(upper.limit[row], limit);
-    max_lower(row) = std::max(max_lower(row), top);
+  void tighten(int64_t row, A new_limit, A new_top) {
+    limit[row] = std::min(limit[row], new_limit);
+    top[row] = std::max(top[row], new_top);
   }
-  bool wants(int64_t row, A lower, A up) { return lower <= upper.limit[row] || (track_max && up >= max_lower(row)); }
+  bool wants(int64_t row, A lower, A up) const { return lower <= limit[row] || (track_max && up >= top[row]); }
 
   // One tile line's items [first, end) with a row hit (stage1_line) offered to `row` (items offset + c).
   void offer_to_row(int64_t row, const A* lo, const A* up, const uint8_t* hits, int64_t first, int64_t end,
@@ -83,23 +88,39 @@ template <typename A> struct CertifiedLists {
   // After an overflow only the upper bounds are still collected (their limit is what a rescan of
   // the row needs).
   void offer(int64_t row, A lower, A up, int64_t index) {
-    if (up <= upper.limit[row]) upper.offer(row, up, index);
+    if (up <= limit[row]) add_upper(row, up);
     if (overflow[row]) return;
-    if (lower <= upper.limit[row]) keep(row, near[row], {lower, up, index}, false);
+    if (lower <= limit[row]) keep(row, near[row], {lower, up, index}, false);
     if (track_max) {
-      if (lower > max_lower(row)) max_lower(row) = lower;
-      if (up >= max_lower(row)) keep(row, far[row], {lower, up, index}, true);
+      if (lower > top[row]) top[row] = lower;
+      if (up >= top[row]) keep(row, far[row], {lower, up, index}, true);
     }
   }
 
+  // The row's kept upper bounds, appended to `out`.
+  void append_uppers(int64_t row, std::vector<A>& out) const {
+    const A* kept = uppers.data() + row * 2 * m;
+    out.insert(out.end(), kept, kept + counts[row]);
+  }
+
  private:
+  void add_upper(int64_t row, A up) {
+    A* kept = uppers.data() + row * 2 * m;
+    kept[counts[row]++] = up;
+    if (counts[row] < 2 * m) return;
+    std::nth_element(kept, kept + (m - 1), kept + 2 * m);
+    counts[row] = int(m);
+    limit[row] = std::min(limit[row], kept[m - 1]);
+  }
+
   void keep(int64_t row, std::vector<Candidate<A>>& list, Candidate<A> c, bool for_max) {
     if (overflow[row]) return;
+    if (list.empty()) list.reserve(4 * m);  // rows keep a few times m: fewer reallocations
     list.push_back(c);
     if (int64_t(list.size()) <= 2 * cap) return;
-    const A limit = for_max ? max_lower(row) : upper.limit[row];
+    const A bound = for_max ? top[row] : limit[row];
     list.erase(std::remove_if(list.begin(), list.end(),
-                              [&](const Candidate<A>& e) { return for_max ? e.upper < limit : e.lower > limit; }),
+                              [&](const Candidate<A>& e) { return for_max ? e.upper < bound : e.lower > bound; }),
                list.end());
     if (int64_t(list.size()) > cap) {
       overflow[row] = 1;
@@ -109,17 +130,24 @@ template <typename A> struct CertifiedLists {
   }
 };
 
+// The m-th smallest of `values` (reordered; +inf when there are fewer than m).
+template <typename A> A mth_value(std::vector<A>& values, int64_t m) {
+  if (int64_t(values.size()) < m) return std::numeric_limits<A>::infinity();
+  std::nth_element(values.begin(), values.begin() + (m - 1), values.end());
+  return values[m - 1];
+}
+
 // Sets every thread's limit and top of each row to the tightest any thread holds: each thread's
-// limit (the m-th smallest upper bound it has seen) and top (the largest lower bound) is valid for
+// limit (an m-th smallest upper bound it has seen) and top (the largest lower bound) is valid for
 // the row whichever thread found it, and a thread that has not seen the row's near items yet would
 // otherwise keep everything below its own, looser, limit.
 template <typename A> void share_limits(std::vector<CertifiedLists<A>>& state) {
-  const int64_t rows = int64_t(state.front().upper.limit.size());
+  const int64_t rows = int64_t(state.front().limit.size());
   at::parallel_for(0, rows, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       A limit = std::numeric_limits<A>::infinity(), top = A(0);
-      for (auto& s : state) limit = std::min(limit, s.upper.limit[row]), top = std::max(top, s.max_lower(row));
-      for (auto& s : state) s.upper.limit[row] = limit, s.max_lower(row) = top;
+      for (auto& s : state) limit = std::min(limit, s.limit[row]), top = std::max(top, s.top[row]);
+      for (auto& s : state) s.limit[row] = limit, s.top[row] = top;
     }
   });
 }
@@ -185,20 +213,23 @@ void knn_certified_pass(const Operand& xs, const Operand& ys, const Stage1Rows<A
                  [&](Stage1Scratch<A>& s, int64_t block) {
     const int64_t r0 = block * kRowBlock, nr = std::min(kRowBlock, M - r0);
     CertifiedLists<A> lists(nr, k, cap, false);
-    std::copy(limits.begin() + r0, limits.begin() + r0 + nr, lists.upper.limit.begin());
+    std::copy(limits.begin() + r0, limits.begin() + r0 + nr, lists.limit.begin());
     for (int64_t c0 = 0; c0 < Ny; c0 += kColumnBlock) {
       const int64_t nc = std::min(kColumnBlock, Ny - c0);
       const int32_t* dots = s.gemm(xq, r0, nr, yq, c0, nc);
       for (int64_t r = 0; r < nr; ++r) {
         stage1_line<false>(s.line(dots + r * nc, nc, metric, xq, r0 + r, x_norms[r0 + r], yq, c0, y_norms,
-                                  lists.upper.limit[r], no_top));
+                                  lists.limit[r], no_top));
         lists.offer_to_row(r, s.lower.data(), s.upper.data(), s.row_hits.data(), 0, nc, c0);
       }
     }
     // Stage 2: the kept items' distances as the direct path computes them, in (value, index) order.
+    std::vector<A> kept_uppers;
     for (int64_t r = 0; r < nr; ++r) {
       const int64_t row = r0 + r;
-      const A limit = lists.upper.limit[r];
+      kept_uppers.clear();
+      lists.append_uppers(r, kept_uppers);
+      const A limit = mth_value(kept_uppers, k);
       limits[row] = limit;
       out_counts[row] = -2;
       if (lists.overflow[r]) continue;
@@ -292,8 +323,8 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
     const int64_t r0 = edges[tiles[t].first], nr = edges[tiles[t].first + 1] - r0;
     const int64_t c0 = edges[tiles[t].second], nc = edges[tiles[t].second + 1] - c0;
     const bool diagonal = r0 == c0, in_cross = r0 < cross_rows && c0 >= cross_rows;
-    const A* limits = own.upper.limit.data();
-    const A* tops = own.upper.row_max.data();  // each row's largest lower bound (max_lower)
+    const A* limits = own.limit.data();
+    const A* tops = own.top.data();  // each row's largest lower bound
     const int32_t* dots = nullptr;             // the int8 GEMM, outside the cross block
     const A* exact = nullptr;                  // the cross block's distances (lower = upper), in the output
     if (in_cross) {
@@ -356,19 +387,18 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
   int64_t* out_counts = counts.data_ptr<int64_t>();
   std::vector<char> undecided(N, 0), fallback(N, 0);
   at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
-    std::vector<A> merged_values(m), kept_values(m);
-    std::vector<int64_t> merged_indices(m), kept_indices(m);
+    std::vector<A> uppers, kept_values(m);
+    std::vector<int64_t> kept_indices(m);
     for (int64_t row = begin; row < end; ++row) {
-      SortedList<A> merged{merged_values.data(), merged_indices.data(), 0, int(m)};
       A max_lower = A(0);
       bool overflow = false;
+      uppers.clear();
       for (auto& s : state) {
         overflow |= s.overflow[row] != 0;
-        max_lower = std::max(max_lower, s.max_lower(row));
-        for (int p = 0; p < s.upper.count[row]; ++p)
-          merged.insert(s.upper.values[row * m + p], s.upper.indices[row * m + p]);
+        max_lower = std::max(max_lower, s.top[row]);
+        s.append_uppers(row, uppers);
       }
-      const A limit = merged_values[m - 1];
+      const A limit = mth_value(uppers, m);
       int64_t kept = 0;
       if (!overflow)
         for (const auto& s : state)
