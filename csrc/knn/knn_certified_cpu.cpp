@@ -35,6 +35,7 @@ namespace {
 constexpr int64_t kCertifiedMinCap = 256;  // candidates per row before the row falls back
 constexpr int64_t kCertifiedCapPerK = 8;
 constexpr int64_t kSharePhases = 8;        // self_knn: phases after the diagonal tiles, limits shared between
+constexpr int64_t kStage2Rows = 128;       // self_knn: rows per stage-2 task
 
 template <typename A> struct Candidate {
   A lower, upper;
@@ -386,10 +387,18 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
   A* max_out = row_max.data_ptr<A>();
   int64_t* out_counts = counts.data_ptr<int64_t>();
   std::vector<char> undecided(N, 0), fallback(N, 0);
-  at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
-    std::vector<A> uppers, kept_values(m);
-    std::vector<int64_t> kept_indices(m);
-    for (int64_t row = begin; row < end; ++row) {
+  // Blocks of rows on a dynamic schedule: query rows, whose gallery candidates are exact, cost less.
+  struct Stage2Scratch {
+    std::vector<A> uppers, kept_values;
+    std::vector<int64_t> kept_indices;
+  };
+  const auto make_stage2_scratch = [&](int) { return Stage2Scratch{{}, std::vector<A>(m), std::vector<int64_t>(m)}; };
+  parallel_tasks((N + kStage2Rows - 1) / kStage2Rows, num_threads, make_stage2_scratch, [&](Stage2Scratch& buffers,
+                                                                                             int64_t block) {
+    std::vector<A>& uppers = buffers.uppers;
+    std::vector<A>& kept_values = buffers.kept_values;
+    std::vector<int64_t>& kept_indices = buffers.kept_indices;
+    for (int64_t row = block * kStage2Rows; row < std::min(N, (block + 1) * kStage2Rows); ++row) {
       A max_lower = A(0);
       bool overflow = false;
       uppers.clear();
