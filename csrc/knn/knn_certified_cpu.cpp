@@ -167,26 +167,73 @@ template <typename A> A mth_smallest(const A* v, int64_t n, int64_t m, std::vect
   return s[m - 1];
 }
 
-// The direct path's dot product of two rows in the compute type: lanes of partial sums, four
-// AVX-512 registers wide (independent FMA chains), so that it vectorises (with FMA in the AVX-512 build); symmetric in its
-// arguments bit for bit.
-template <typename A> [[gnu::always_inline]] inline A row_dot_body(const A* __restrict a, const A* __restrict b, int64_t D) {
+// The direct path's dot products of row a with the rows b[0, kRows) in the compute type: for each,
+// lanes of partial sums four AVX-512 registers wide (independent FMA chains), so that it vectorises
+// (with FMA in the AVX-512 build); the same arithmetic for every kRows, and symmetric in a and b bit
+// for bit. Several rows at once overlap their loads from memory, which bound stage 2.
+template <int kRows, typename A>
+[[gnu::always_inline]] inline void row_dots_fixed(const A* __restrict a, const A* const* b, int64_t D, A* out) {
   constexpr int kLanes = 256 / sizeof(A);
-  A lanes[kLanes] = {};
+  A lanes[kRows][kLanes] = {};
   int64_t d = 0;
   for (; d + kLanes <= D; d += kLanes)
-    for (int l = 0; l < kLanes; ++l) lanes[l] += a[d + l] * b[d + l];
-  A sum = A(0);
-  for (; d < D; ++d) sum += a[d] * b[d];
-  for (int l = 0; l < kLanes; ++l) sum += lanes[l];
-  return sum;
+    for (int j = 0; j < kRows; ++j)
+      for (int l = 0; l < kLanes; ++l) lanes[j][l] += a[d + l] * b[j][d + l];
+  for (int j = 0; j < kRows; ++j) {
+    A sum = A(0);
+    for (int64_t t = d; t < D; ++t) sum += a[t] * b[j][t];
+    for (int l = 0; l < kLanes; ++l) sum += lanes[j][l];
+    out[j] = sum;
+  }
 }
-template <typename A> A row_dot_portable(const A* a, const A* b, int64_t D) { return row_dot_body(a, b, D); }
-template <typename A> DPM_OPS_AVX512_TARGET A row_dot_avx512(const A* a, const A* b, int64_t D) {
-  return row_dot_body(a, b, D);
+constexpr int kDotRows = 4;  // rows per row_dots call
+template <typename A>
+[[gnu::always_inline]] inline void row_dots_body(const A* a, const A* const* b, int count, int64_t D, A* out) {
+  switch (count) {
+    case 1: return row_dots_fixed<1>(a, b, D, out);
+    case 2: return row_dots_fixed<2>(a, b, D, out);
+    case 3: return row_dots_fixed<3>(a, b, D, out);
+    default: return row_dots_fixed<4>(a, b, D, out);
+  }
 }
-template <typename A> A row_dot(const A* a, const A* b, int64_t D) {
-  return has_avx512() ? row_dot_avx512(a, b, D) : row_dot_portable(a, b, D);
+template <typename A> void row_dots_portable(const A* a, const A* const* b, int count, int64_t D, A* out) {
+  row_dots_body(a, b, count, D, out);
+}
+template <typename A> DPM_OPS_AVX512_TARGET void row_dots_avx512(const A* a, const A* const* b, int count, int64_t D, A* out) {
+  row_dots_body(a, b, count, D, out);
+}
+
+// A stage-2 item of a row: the candidate, its distance once known (exact from stage 1 or computed),
+// and whether it is a near candidate (else a candidate for the row maximum).
+template <typename A> struct Stage2Item {
+  int64_t index;
+  A distance;
+  bool known, near;
+};
+
+// The unknown distances of `items` from row x (squared norm x_norm) to rows of y, as the direct path
+// computes them (pair_distance of row_dots), kDotRows at a time.
+template <typename A>
+void fill_distances(std::vector<Stage2Item<A>>& items, const A* x, A x_norm, const A* y_rows, const A* y_norms,
+                    int64_t D, Metric metric) {
+  Stage2Item<A>* batch[kDotRows];
+  const A* rows[kDotRows];
+  A dots[kDotRows];
+  int count = 0;
+  const auto flush = [&] {
+    if (has_avx512()) row_dots_avx512(x, rows, count, D, dots);
+    else row_dots_portable(x, rows, count, D, dots);
+    for (int j = 0; j < count; ++j)
+      batch[j]->distance = pair_distance(dots[j], x_norm, y_norms[batch[j]->index], metric);
+    count = 0;
+  };
+  for (auto& item : items) {
+    if (item.known) continue;
+    batch[count] = &item;
+    rows[count++] = y_rows + item.index * D;
+    if (count == kDotRows) flush();
+  }
+  if (count > 0) flush();
 }
 
 int64_t certified_cap(int64_t k, int64_t N) { return std::min(N, std::max(kCertifiedMinCap, kCertifiedCapPerK * k)); }
@@ -226,6 +273,7 @@ void knn_certified_pass(const Operand& xs, const Operand& ys, const Stage1Rows<A
     }
     // Stage 2: the kept items' distances as the direct path computes them, in (value, index) order.
     std::vector<A> kept_uppers;
+    std::vector<Stage2Item<A>> items;
     for (int64_t r = 0; r < nr; ++r) {
       const int64_t row = r0 + r;
       kept_uppers.clear();
@@ -238,14 +286,12 @@ void knn_certified_pass(const Operand& xs, const Operand& ys, const Stage1Rows<A
       for (const auto& c : lists.near[r]) kept += c.lower <= limit;
       out_counts[row] = -1;
       if (kept > cap) continue;
+      items.clear();
+      for (const auto& c : lists.near[r])
+        if (c.lower <= limit) items.push_back({c.index, c.lower, c.lower == c.upper, true});
+      fill_distances(items, x_rows + row * D, x_norms[row], y_rows, y_norms, D, metric);
       SortedList<A> list{out_values + row * k, out_indices + row * k, 0, int(k)};
-      for (const auto& c : lists.near[r]) {
-        if (c.lower > limit) continue;
-        const A d = c.lower == c.upper ? c.lower
-                                       : pair_distance(row_dot(x_rows + row * D, y_rows + c.index * D, D),
-                                                       x_norms[row], y_norms[c.index], metric);
-        list.insert(d, c.index);
-      }
+      for (const auto& item : items) list.insert(item.distance, item.index);
       out_counts[row] = kept;
     }
   });
@@ -391,13 +437,17 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
   struct Stage2Scratch {
     std::vector<A> uppers, kept_values;
     std::vector<int64_t> kept_indices;
+    std::vector<Stage2Item<A>> items;
   };
-  const auto make_stage2_scratch = [&](int) { return Stage2Scratch{{}, std::vector<A>(m), std::vector<int64_t>(m)}; };
+  const auto make_stage2_scratch = [&](int) {
+    return Stage2Scratch{{}, std::vector<A>(m), std::vector<int64_t>(m), {}};
+  };
   parallel_tasks((N + kStage2Rows - 1) / kStage2Rows, num_threads, make_stage2_scratch, [&](Stage2Scratch& buffers,
                                                                                              int64_t block) {
     std::vector<A>& uppers = buffers.uppers;
     std::vector<A>& kept_values = buffers.kept_values;
     std::vector<int64_t>& kept_indices = buffers.kept_indices;
+    std::vector<Stage2Item<A>>& items = buffers.items;
     for (int64_t row = block * kStage2Rows; row < std::min(N, (block + 1) * kStage2Rows); ++row) {
       A max_lower = A(0);
       bool overflow = false;
@@ -417,17 +467,19 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
         out_counts[row] = -1;
         continue;
       }
-      const auto distance = [&](const Candidate<A>& c) {
-        if (c.lower == c.upper) return c.lower;
-        return pair_distance(row_dot(rows + row * D, rows + c.index * D, D), norms[row], norms[c.index], metric);
-      };
-      SortedList<A> list{kept_values.data(), kept_indices.data(), 0, int(m)};
-      A top = A(0);
+      items.clear();
       for (const auto& s : state) {
         for (const auto& c : s.near[row])
-          if (c.lower <= limit) list.insert(distance(c), c.index);
+          if (c.lower <= limit) items.push_back({c.index, c.lower, c.lower == c.upper, true});
         for (const auto& c : s.far[row])
-          if (c.upper >= max_lower) top = std::max(top, distance(c));
+          if (c.upper >= max_lower) items.push_back({c.index, c.lower, c.lower == c.upper, false});
+      }
+      fill_distances(items, rows + row * D, norms[row], rows, norms, D, metric);
+      SortedList<A> list{kept_values.data(), kept_indices.data(), 0, int(m)};
+      A top = A(0);
+      for (const auto& item : items) {
+        if (item.near) list.insert(item.distance, item.index);
+        else top = std::max(top, item.distance);
       }
       max_out[row] = top;
       out_counts[row] = kept;
