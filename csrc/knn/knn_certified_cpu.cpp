@@ -61,8 +61,8 @@ template <typename A> struct CertifiedLists {
       : limit(rows, std::numeric_limits<A>::infinity()), top(rows, A(0)), uppers(rows * 2 * m), counts(rows, 0),
         near(rows), far(track_max ? rows : 0), overflow(rows, 0), m(m), cap(cap), track_max(track_max) {}
 
-  // Lowers the row's limit to `limit` and raises its top to `top` where they are tighter: any m-th
-  // smallest upper bound and any lower bound among the row's items is valid for the row.
+  // Lowers the row's limit to new_limit and raises its top to new_top where they are tighter: any
+  // m-th smallest upper bound and any lower bound among the row's items is valid for the row.
   void tighten(int64_t row, A new_limit, A new_top) {
     limit[row] = std::min(limit[row], new_limit);
     top[row] = std::max(top[row], new_top);
@@ -199,7 +199,8 @@ template <typename A>
 template <typename A> void row_dots_portable(const A* a, const A* const* b, int count, int64_t D, A* out) {
   row_dots_body(a, b, count, D, out);
 }
-template <typename A> DPM_OPS_AVX512_TARGET void row_dots_avx512(const A* a, const A* const* b, int count, int64_t D, A* out) {
+template <typename A>
+DPM_OPS_AVX512_TARGET void row_dots_avx512(const A* a, const A* const* b, int count, int64_t D, A* out) {
   row_dots_body(a, b, count, D, out);
 }
 
@@ -372,8 +373,8 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
     const bool diagonal = r0 == c0, in_cross = r0 < cross_rows && c0 >= cross_rows;
     const A* limits = own.limit.data();
     const A* tops = own.top.data();  // each row's largest lower bound
-    const int32_t* dots = nullptr;             // the int8 GEMM, outside the cross block
-    const A* exact = nullptr;                  // the cross block's distances (lower = upper), in the output
+    const int32_t* dots = nullptr;   // the int8 GEMM, outside the cross block
+    const A* exact = nullptr;        // the cross block's distances (lower = upper), in the output
     if (in_cross) {
       at::Tensor tile = tile_view(s.buffer, nr, nc);
       at::mm_out(tile, xs.rows.narrow(0, r0, nr), xs.rows.narrow(0, c0, nc).t());
@@ -442,8 +443,8 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
   const auto make_stage2_scratch = [&](int) {
     return Stage2Scratch{{}, std::vector<A>(m), std::vector<int64_t>(m), {}};
   };
-  parallel_tasks((N + kStage2Rows - 1) / kStage2Rows, num_threads, make_stage2_scratch, [&](Stage2Scratch& buffers,
-                                                                                             int64_t block) {
+  parallel_tasks((N + kStage2Rows - 1) / kStage2Rows, num_threads, make_stage2_scratch,
+                 [&](Stage2Scratch& buffers, int64_t block) {
     std::vector<A>& uppers = buffers.uppers;
     std::vector<A>& kept_values = buffers.kept_values;
     std::vector<int64_t>& kept_indices = buffers.kept_indices;

@@ -65,7 +65,8 @@ template <typename A> struct QuantisedRow {
   double norm2, residual2;
 };
 template <typename A>
-[[gnu::always_inline]] inline QuantisedRow<A> quantise_row_body(const A* __restrict x, int64_t D, int8_t* __restrict q) {
+[[gnu::always_inline]] inline QuantisedRow<A> quantise_row_body(const A* __restrict x, int64_t D,
+                                                                int8_t* __restrict q) {
   constexpr int kLanes = 8;
   double top[kLanes] = {}, norm2[kLanes] = {}, residual2[kLanes] = {};
   int64_t t = 0;
