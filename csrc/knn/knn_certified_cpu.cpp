@@ -153,18 +153,21 @@ template <typename A> void share_limits(std::vector<CertifiedLists<A>>& state) {
   });
 }
 
-// The m-th smallest of v[0, n) (+inf when n < m), through a sorted buffer of the m smallest: after the
-// first few values almost every value fails one comparison with the m-th.
-template <typename A> A mth_smallest(const A* v, int64_t n, int64_t m, std::vector<A>& smallest) {
-  smallest.assign(m, std::numeric_limits<A>::infinity());
-  A* s = smallest.data();
+// The m-th smallest of v[0, n) (+inf when n < m). The m-th smallest of every fourth value is at or
+// above it and leaves about 4m values at or below it: those are gathered (without branches) and
+// selected. `buffer` is scratch.
+template <typename A> A mth_smallest(const A* v, int64_t n, int64_t m, std::vector<A>& buffer) {
+  buffer.clear();
+  for (int64_t c = 0; c < n; c += 4) buffer.push_back(v[c]);
+  const A threshold = mth_value(buffer, m);  // +inf when the sample is shorter than m
+  buffer.resize(n + 1);
+  int64_t kept = 0;
   for (int64_t c = 0; c < n; ++c) {
-    if (!(v[c] < s[m - 1])) continue;
-    int64_t p = m - 1;
-    for (; p > 0 && v[c] < s[p - 1]; --p) s[p] = s[p - 1];
-    s[p] = v[c];
+    buffer[kept] = v[c];
+    kept += v[c] <= threshold;
   }
-  return s[m - 1];
+  buffer.resize(kept);
+  return mth_value(buffer, m);
 }
 
 // The direct path's dot products of row a with the rows b[0, kRows) in the compute type: for each,
@@ -374,13 +377,13 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
     const A* limits = own.limit.data();
     const A* tops = own.top.data();  // each row's largest lower bound
     const int32_t* dots = nullptr;   // the int8 GEMM, outside the cross block
-    const A* exact = nullptr;        // the cross block's distances (lower = upper), in the output
+    const A* exact_dots = nullptr;   // the cross block's GEMM, in the compute type
+    A* exact = nullptr;              // the cross block's distances (lower = upper), in the output
     if (in_cross) {
       at::Tensor tile = tile_view(s.buffer, nr, nc);
       at::mm_out(tile, xs.rows.narrow(0, r0, nr), xs.rows.narrow(0, c0, nc).t());
-      A* out = cross_out + r0 * cross_cols + (c0 - cross_rows);
-      finish_tile(tile.data_ptr<A>(), nr, nc, norms + r0, norms + c0, metric, out, cross_cols);
-      exact = out;
+      exact_dots = tile.const_data_ptr<A>();
+      exact = cross_out + r0 * cross_cols + (c0 - cross_rows);
     } else {
       dots = line.gemm(xq, r0, nr, xq, c0, nc);
     }
@@ -402,8 +405,8 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
       const A* lo = exact ? exact + r * cross_cols : line.lower.data();
       const A* up = exact ? exact + r * cross_cols : line.upper.data();
       if (exact) {
-        exact_line_hits<true>(lo, nc, limits[row], tops[row], limits + c0, tops + c0, line.row_hits.data(),
-                              line.col_hits.data());
+        exact_line<A>({exact_dots + r * nc, nc, metric, norms[row], limits[row], tops[row], norms + c0, limits + c0,
+                       tops + c0, exact + r * cross_cols, line.row_hits.data(), line.col_hits.data()});
       } else {
         Stage1Line<A> in = line.line(dots + r * nc, nc, metric, xq, row, norms[row], xq, c0, norms, limits[row],
                                      tops[row]);

@@ -266,16 +266,57 @@ template <bool kColumns, typename A> void stage1_line(const Stage1Line<A>& in) {
   clear_hit_padding<kColumns>(in.cols, in.row_hits, in.col_hits);
 }
 
-// Hits of an exact line (lower = upper = the distances), as stage1_line's, padded likewise.
-template <bool kColumns, typename A>
-void exact_line_hits(const A* __restrict distances, int64_t cols, A limit, A top, const A* __restrict col_limit,
-                     const A* __restrict col_top, uint8_t* __restrict row_hits, uint8_t* __restrict col_hits) {
+// One line of a tile whose GEMM is in the compute type (the exact cross block): the distances from
+// the line's dot products, written to `out`, and their hits as stage1_line's (lower = upper = the
+// distance), padded likewise. One pass, so the line is scanned while it is in L1.
+template <typename A> struct ExactLine {
+  const A* dots;
+  int64_t cols;
+  Metric metric;
+  A row_sq_norm, row_limit, row_top;
+  const A *col_sq_norm, *col_limit, *col_top;
+  A* out;
+  uint8_t *row_hits, *col_hits;
+};
+
+template <Metric kMetric, typename A>
+[[gnu::always_inline]] inline void exact_line_loop(int64_t cols, const A* __restrict dots, A xn,
+                                                   const A* __restrict sq_norm, A* __restrict out, A limit, A top,
+                                                   const A* __restrict col_limit, const A* __restrict col_top,
+                                                   uint8_t* __restrict row_hits, uint8_t* __restrict col_hits) {
   for (int64_t c = 0; c < cols; ++c) {
-    const A d = distances[c];
+    const A d = pair_distance(dots[c], xn, sq_norm[c], kMetric);
+    out[c] = d;
     row_hits[c] = uint8_t((d <= limit) | (d >= top));
-    if constexpr (kColumns) col_hits[c] = uint8_t((d <= col_limit[c]) | (d >= col_top[c]));
+    col_hits[c] = uint8_t((d <= col_limit[c]) | (d >= col_top[c]));
   }
-  clear_hit_padding<kColumns>(cols, row_hits, col_hits);
+}
+
+template <Metric kMetric, typename A> [[gnu::always_inline]] inline void exact_line_body(const ExactLine<A>& in) {
+  exact_line_loop<kMetric>(in.cols, in.dots, in.row_sq_norm, in.col_sq_norm, in.out, in.row_limit, in.row_top,
+                           in.col_limit, in.col_top, in.row_hits, in.col_hits);
+}
+
+template <typename A> void exact_line_portable(const ExactLine<A>& in) {
+  switch (in.metric) {
+    case Metric::kCosine: return exact_line_body<Metric::kCosine>(in);
+    case Metric::kSqEuclidean: return exact_line_body<Metric::kSqEuclidean>(in);
+    case Metric::kEuclidean: return exact_line_body<Metric::kEuclidean>(in);
+  }
+}
+
+template <typename A> DPM_OPS_AVX512_TARGET void exact_line_avx512(const ExactLine<A>& in) {
+  switch (in.metric) {
+    case Metric::kCosine: return exact_line_body<Metric::kCosine>(in);
+    case Metric::kSqEuclidean: return exact_line_body<Metric::kSqEuclidean>(in);
+    case Metric::kEuclidean: return exact_line_body<Metric::kEuclidean>(in);
+  }
+}
+
+template <typename A> void exact_line(const ExactLine<A>& in) {
+  if (has_avx512()) exact_line_avx512(in);
+  else exact_line_portable(in);
+  clear_hit_padding<true>(in.cols, in.row_hits, in.col_hits);
 }
 
 // Whether stage 1 is likely to pay on these inputs, from the candidate sets of kProbeRows rows of x

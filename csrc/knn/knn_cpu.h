@@ -64,24 +64,21 @@ inline at::Tensor tile_view(at::Tensor& buffer, int64_t rows, int64_t cols) {
   return buffer.narrow(0, 0, rows * cols).view({rows, cols});
 }
 
-// dots (rows, cols) -> distances, in place or into `out` (rows of out_stride), one metric per loop so
-// each loop vectorises.
+// dots (rows, cols) -> distances in place, one metric per loop so each loop vectorises.
 template <typename A>
-void finish_tile(A* dots, int64_t rows, int64_t cols, const A* row_norms, const A* col_norms, Metric metric,
-                 A* out = nullptr, int64_t out_stride = 0) {
+void finish_tile(A* dots, int64_t rows, int64_t cols, const A* row_norms, const A* col_norms, Metric metric) {
   for (int64_t r = 0; r < rows; ++r) {
-    const A* line = dots + r * cols;
-    A* to = out ? out + r * out_stride : dots + r * cols;
+    A* line = dots + r * cols;
     const A xn = row_norms[r];
     switch (metric) {
       case Metric::kCosine:
-        for (int64_t c = 0; c < cols; ++c) to[c] = pair_distance(line[c], xn, col_norms[c], Metric::kCosine);
+        for (int64_t c = 0; c < cols; ++c) line[c] = pair_distance(line[c], xn, col_norms[c], Metric::kCosine);
         break;
       case Metric::kSqEuclidean:
-        for (int64_t c = 0; c < cols; ++c) to[c] = pair_distance(line[c], xn, col_norms[c], Metric::kSqEuclidean);
+        for (int64_t c = 0; c < cols; ++c) line[c] = pair_distance(line[c], xn, col_norms[c], Metric::kSqEuclidean);
         break;
       case Metric::kEuclidean:
-        for (int64_t c = 0; c < cols; ++c) to[c] = pair_distance(line[c], xn, col_norms[c], Metric::kEuclidean);
+        for (int64_t c = 0; c < cols; ++c) line[c] = pair_distance(line[c], xn, col_norms[c], Metric::kEuclidean);
         break;
     }
   }
@@ -102,7 +99,7 @@ template <typename A> struct ThreadLists {
     SortedList<A> list{values.data() + row * capacity, indices.data() + row * capacity, count[row], int(capacity)};
     list.insert(d, column);
     count[row] = list.count;
-    if (list.full()) limit[row] = std::min(limit[row], list.last_value());  // a limit set from outside may be lower
+    if (list.full()) limit[row] = list.last_value();
   }
 };
 
