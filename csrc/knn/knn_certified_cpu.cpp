@@ -153,21 +153,18 @@ template <typename A> void share_limits(std::vector<CertifiedLists<A>>& state) {
   });
 }
 
-// The m-th smallest of v[0, n) (+inf when n < m). The m-th smallest of every fourth value is at or
-// above it and leaves about 4m values at or below it: those are gathered (without branches) and
-// selected. `buffer` is scratch.
-template <typename A> A mth_smallest(const A* v, int64_t n, int64_t m, std::vector<A>& buffer) {
-  buffer.clear();
-  for (int64_t c = 0; c < n; c += 4) buffer.push_back(v[c]);
-  const A threshold = mth_value(buffer, m);  // +inf when the sample is shorter than m
-  buffer.resize(n + 1);
-  int64_t kept = 0;
+// The m-th smallest of v[0, n) (+inf when n < m), through a sorted buffer of the m smallest: after the
+// first few values almost every value fails one comparison with the m-th.
+template <typename A> A mth_smallest(const A* v, int64_t n, int64_t m, std::vector<A>& smallest) {
+  smallest.assign(m, std::numeric_limits<A>::infinity());
+  A* s = smallest.data();
   for (int64_t c = 0; c < n; ++c) {
-    buffer[kept] = v[c];
-    kept += v[c] <= threshold;
+    if (!(v[c] < s[m - 1])) continue;
+    int64_t p = m - 1;
+    for (; p > 0 && v[c] < s[p - 1]; --p) s[p] = s[p - 1];
+    s[p] = v[c];
   }
-  buffer.resize(kept);
-  return mth_value(buffer, m);
+  return s[m - 1];
 }
 
 // The direct path's dot products of row a with the rows b[0, kRows) in the compute type: for each,
