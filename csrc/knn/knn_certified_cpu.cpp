@@ -36,6 +36,7 @@ constexpr int64_t kCertifiedMinCap = 256;  // candidates per row before the row 
 constexpr int64_t kCertifiedCapPerK = 8;
 constexpr int64_t kSharePhases = 8;        // self_knn: phases after the diagonal tiles, limits shared between
 constexpr int64_t kStage2Rows = 128;       // self_knn: rows per stage-2 task
+constexpr int64_t kListReserve = 128;      // near / far list entries reserved at a row's first
 
 template <typename A> struct Candidate {
   A lower, upper;
@@ -116,7 +117,7 @@ template <typename A> struct CertifiedLists {
 
   void keep(int64_t row, std::vector<Candidate<A>>& list, Candidate<A> c, bool for_max) {
     if (overflow[row]) return;
-    if (list.empty()) list.reserve(4 * m);  // rows keep a few times m: fewer reallocations
+    if (list.empty()) list.reserve(std::min<int64_t>(4 * m, kListReserve));  // rows keep a few times m
     list.push_back(c);
     if (int64_t(list.size()) <= 2 * cap) return;
     const A bound = for_max ? top[row] : limit[row];
