@@ -36,7 +36,7 @@ constexpr int64_t kCertifiedMinCap = 256;  // candidates per row before the row 
 constexpr int64_t kCertifiedCapPerK = 8;
 constexpr int64_t kSharePhases = 8;        // self_knn: phases after the diagonal tiles, limits shared between
 constexpr int64_t kStage2Rows = 128;       // self_knn: rows per stage-2 task
-constexpr int64_t kListReserve = 128;      // near / far list entries reserved at a row's first
+constexpr int64_t kListReserve = 128;      // near / far list entries reserved at a row's first entry
 
 template <typename A> struct Candidate {
   A lower, upper;

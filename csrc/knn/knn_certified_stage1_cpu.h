@@ -30,12 +30,11 @@
 #include "knn_math.h"
 #include "knn_operands.h"
 
-
 namespace dpm_ops::knn {
 
-constexpr int64_t kHitBlock = 64;  // hit flags skipped at a time by for_each_hit
-constexpr int64_t kMaxInt8Dim = 133000;                              // D 127^2 < 2^31: exact int32 sums
-constexpr double kMaxCertifiedNorm = 1.152921504606846976e18;      // 2^60: n^2 and E stay finite in fp32
+constexpr int64_t kMaxInt8Dim = 133000;                          // D 127^2 < 2^31: exact int32 sums
+constexpr double kMaxCertifiedNorm = 1.152921504606846976e18;    // 2^60: n^2 and E stay finite in fp32
+constexpr int64_t kHitBlock = 64;                                // hit flags skipped at a time by for_each_hit
 
 // `v` rounded to A upwards, so a bound computed in double stays a bound.
 template <typename A> A round_up(double v) {
