@@ -149,7 +149,7 @@ template <typename A> void share_limits(std::vector<CertifiedLists<A>>& state) {
     for (int64_t row = begin; row < end; ++row) {
       A limit = std::numeric_limits<A>::infinity(), top = A(0);
       for (auto& s : state) limit = std::min(limit, s.limit[row]), top = std::max(top, s.top[row]);
-      for (auto& s : state) s.limit[row] = limit, s.top[row] = top;
+      for (auto& s : state) s.tighten(row, limit, top);
     }
   });
 }
@@ -284,13 +284,12 @@ void knn_certified_pass(const Operand& xs, const Operand& ys, const Stage1Rows<A
       limits[row] = limit;
       out_counts[row] = -2;
       if (lists.overflow[r]) continue;
-      int64_t kept = 0;
-      for (const auto& c : lists.near[r]) kept += c.lower <= limit;
-      out_counts[row] = -1;
-      if (kept > cap) continue;
       items.clear();
       for (const auto& c : lists.near[r])
         if (c.lower <= limit) items.push_back({c.index, c.lower, c.lower == c.upper, true});
+      const int64_t kept = int64_t(items.size());
+      out_counts[row] = -1;
+      if (kept > cap) continue;
       fill_distances(items, x_rows + row * D, x_norms[row], y_rows, y_norms, D, metric);
       SortedList<A> list{out_values + row * k, out_indices + row * k, 0, int(k)};
       for (const auto& item : items) list.insert(item.distance, item.index);
@@ -460,22 +459,20 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
         s.append_uppers(row, uppers);
       }
       const A limit = mth_value(uppers, m);
-      int64_t kept = 0;
+      items.clear();
       if (!overflow)
         for (const auto& s : state)
-          for (const auto& c : s.near[row]) kept += c.lower <= limit;
+          for (const auto& c : s.near[row])
+            if (c.lower <= limit) items.push_back({c.index, c.lower, c.lower == c.upper, true});
+      const int64_t kept = int64_t(items.size());
       if (overflow || kept > cap) {
         fallback[row] = 1;
         out_counts[row] = -1;
         continue;
       }
-      items.clear();
-      for (const auto& s : state) {
-        for (const auto& c : s.near[row])
-          if (c.lower <= limit) items.push_back({c.index, c.lower, c.lower == c.upper, true});
+      for (const auto& s : state)
         for (const auto& c : s.far[row])
           if (c.upper >= max_lower) items.push_back({c.index, c.lower, c.lower == c.upper, false});
-      }
       fill_distances(items, rows + row * D, norms[row], rows, norms, D, metric);
       SortedList<A> list{kept_values.data(), kept_indices.data(), 0, int(m)};
       A top = A(0);
