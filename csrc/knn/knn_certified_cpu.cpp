@@ -132,13 +132,6 @@ template <typename A> struct CertifiedLists {
   }
 };
 
-// The m-th smallest of `values` (reordered; +inf when there are fewer than m).
-template <typename A> A mth_value(std::vector<A>& values, int64_t m) {
-  if (int64_t(values.size()) < m) return std::numeric_limits<A>::infinity();
-  std::nth_element(values.begin(), values.begin() + (m - 1), values.end());
-  return values[m - 1];
-}
-
 // Sets every thread's limit and top of each row to the tightest any thread holds: each thread's
 // limit (an m-th smallest upper bound it has seen) and top (the largest lower bound) is valid for
 // the row whichever thread found it, and a thread that has not seen the row's near items yet would

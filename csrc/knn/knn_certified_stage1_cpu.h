@@ -318,6 +318,13 @@ template <typename A> void exact_line(const ExactLine<A>& in) {
   clear_hit_padding<true>(in.cols, in.row_hits, in.col_hits);
 }
 
+// The m-th smallest of `values` (reordered; +inf when there are fewer than m).
+template <typename A> A mth_value(std::vector<A>& values, int64_t m) {
+  if (int64_t(values.size()) < m) return std::numeric_limits<A>::infinity();
+  std::nth_element(values.begin(), values.begin() + (m - 1), values.end());
+  return values[m - 1];
+}
+
 // Whether stage 1 is likely to pay on these inputs, from the candidate sets of kProbeRows rows of x
 // spread over it (their bounds against all of y, as the search computes them): a sampled row whose
 // set is over `cap` would fall back to the direct computation after paying for stage 1. Where
@@ -337,14 +344,13 @@ bool certified_pays(const Stage1Rows<A>& x, const A* x_sq_norms, const Stage1Row
   Stage1Scratch<A> scratch(kProbeRows, N);
   const int32_t* dots = scratch.gemm(probe, 0, kProbeRows, y, 0, N);
   const A none = std::numeric_limits<A>::infinity();
-  std::vector<A> uppers(N);
+  std::vector<A> uppers;
   int64_t falls_back = 0;
   for (int64_t p = 0; p < kProbeRows; ++p) {
     stage1_line<false>(scratch.line(dots + p * N, N, metric, probe, p, x_sq_norms[ids[p]], y, 0, y_sq_norms, none,
                                     none));
-    std::copy(scratch.upper.begin(), scratch.upper.begin() + N, uppers.begin());
-    std::nth_element(uppers.begin(), uppers.begin() + (m - 1), uppers.end());
-    const A limit = uppers[m - 1];
+    uppers.assign(scratch.upper.begin(), scratch.upper.begin() + N);
+    const A limit = mth_value(uppers, m);
     const int64_t kept =
         std::count_if(scratch.lower.begin(), scratch.lower.begin() + N, [&](A l) { return l <= limit; });
     falls_back += kept > cap;
