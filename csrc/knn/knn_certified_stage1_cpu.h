@@ -105,7 +105,7 @@ template <typename A> QuantisedRow<A> quantise_row(const A* x, int64_t D, int8_t
 
 // The int8 rows and per-row factors of stage 1, in the compute type A.
 template <typename A> struct Stage1Rows {
-  at::Tensor q;          // (rows, D) int8
+  at::Tensor q;          // (rows, max(D, 2)) int8
   at::Tensor scale;      // s: the estimate of row x is s q exactly
   at::Tensor norm;       // n >= |x|
   at::Tensor residual;   // r >= |x - s q|
@@ -122,7 +122,10 @@ template <typename A> struct Stage1Rows {
     const double g = gamma + std::ldexp(1.0, -19);
     Stage1Rows s;
     const at::TensorOptions options = xs.rows.options();
-    s.q = at::empty({N, D}, options.dtype(at::kChar));
+    // at::_int_mm returns garbage for an inner size of 1 (torch 2.13): a single column gets a zero
+    // one beside it, which changes no dot product.
+    const int64_t width = std::max<int64_t>(D, 2);
+    s.q = width == D ? at::empty({N, D}, options.dtype(at::kChar)) : at::zeros({N, width}, options.dtype(at::kChar));
     for (at::Tensor* t : {&s.scale, &s.norm, &s.residual, &s.norm_term, &s.sum_term}) *t = at::empty({N}, options);
     s.tau = A(D * std::ldexp(double(std::numeric_limits<A>::min()), 18));
     const A* rows = xs.rows.const_data_ptr<A>();
@@ -132,7 +135,7 @@ template <typename A> struct Stage1Rows {
     std::atomic<bool> usable{true};
     at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const QuantisedRow<A> row = quantise_row(rows + r * D, D, q + r * D);
+        const QuantisedRow<A> row = quantise_row(rows + r * D, D, q + r * width);
         const A sr = row.scale;
         const double norm2 = row.norm2, residual2 = row.residual2;
         // Double rounding of the sums and of e (D <= 133,000 terms): below 2^-30 relative, 2^-48 |x| absolute.
