@@ -6,8 +6,10 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "knn_certified_stage1_cpu.h"
@@ -34,41 +36,101 @@ namespace {
 
 constexpr int64_t kCertifiedMinCap = 256;  // candidates per row before the row falls back
 constexpr int64_t kCertifiedCapPerK = 8;
-constexpr int64_t kSharePhases = 8;        // self_knn: phases after the diagonal tiles, limits shared between
 constexpr int64_t kStage2Rows = 128;       // self_knn: rows per stage-2 task
-constexpr int64_t kListReserve = 128;      // near / far list entries reserved at a row's first entry
+constexpr int64_t kListReserve = 32;       // near / far list entries reserved at a row's first entry
+constexpr int64_t kSnapshotLines = 16;     // self_knn: lines between refreshes of a tile's column bounds
 
 template <typename A> struct Candidate {
   A lower, upper;
   int64_t index;
 };
 
-// Stage 1's per-row state for `rows` rows:
-// - limit: an m-th smallest upper bound among the row's items (+inf at first; any is valid, so it may
-//   also be lowered from outside); uppers: the upper bounds offered at or below the limit, appended
-//   to 2m slots and cut back to their m smallest when full (which lowers the limit), so that every
-//   upper bound among the row's m smallest is kept (append_uppers, mth_value);
-// - near: the items whose lower bound was <= the limit when offered;
-// - for the row maximum, top: the largest lower bound, and far: the items whose upper bound was >= it.
+// Stage 1's per-row bounds, shared by every thread of a call:
+// - limit: an m-th smallest upper bound among the row's items (+inf at first); any is valid, so a
+//   thread may lower it from what it alone has seen (tighten);
+// - uppers: the upper bounds offered at or below the limit, appended to 2m slots (under the row's
+//   lock) and cut back to their m smallest when full, which lowers the limit; every upper bound
+//   among the row's m smallest is kept, so their m-th smallest at the end is exact (append_uppers);
+// - top: the largest lower bound among the row's items (for the row maximum).
+// Limits only fall and tops only rise; a thread that reads an older value keeps more than it needs,
+// never less.
+template <typename A> class RowBounds {
+ public:
+  RowBounds(int64_t rows, int64_t m)
+      : limit_(new std::atomic<A>[rows]), top_(new std::atomic<A>[rows]), locks_(new std::atomic_flag[rows]),
+        counts_(new std::atomic<int>[rows]), uppers_(rows * 2 * m), m_(m) {
+    for (int64_t row = 0; row < rows; ++row) {
+      limit_[row].store(std::numeric_limits<A>::infinity(), std::memory_order_relaxed);
+      top_[row].store(A(0), std::memory_order_relaxed);
+      counts_[row].store(0, std::memory_order_relaxed);
+    }
+  }
+
+  A limit(int64_t row) const { return limit_[row].load(std::memory_order_relaxed); }
+  A top(int64_t row) const { return top_[row].load(std::memory_order_relaxed); }
+
+  // Lowers the row's limit to new_limit and raises its top to new_top where they are tighter.
+  void tighten(int64_t row, A new_limit, A new_top) {
+    A old = limit(row);
+    while (new_limit < old && !limit_[row].compare_exchange_weak(old, new_limit, std::memory_order_relaxed)) {}
+    old = top(row);
+    while (new_top > old && !top_[row].compare_exchange_weak(old, new_top, std::memory_order_relaxed)) {}
+  }
+
+  // Appends `up` to the row's slots if it is still at or below the limit.
+  void add_upper(int64_t row, A up) {
+    while (locks_[row].test_and_set(std::memory_order_acquire)) {}
+    A* kept = uppers_.data() + row * 2 * m_;
+    if (up <= limit(row)) {
+      const int count = counts_[row].load(std::memory_order_relaxed);
+      kept[count] = up;
+      if (count + 1 < 2 * m_) {
+        counts_[row].store(count + 1, std::memory_order_relaxed);
+      } else {
+        std::nth_element(kept, kept + (m_ - 1), kept + 2 * m_);
+        counts_[row].store(int(m_), std::memory_order_relaxed);
+        tighten(row, kept[m_ - 1], A(0));
+      }
+    }
+    locks_[row].clear(std::memory_order_release);
+  }
+
+  // Brings the slot the row's next upper bound goes to into the cache.
+  void prefetch(int64_t row) const {
+    __builtin_prefetch(uppers_.data() + row * 2 * m_ + counts_[row].load(std::memory_order_relaxed), 1);
+  }
+
+  // The row's kept upper bounds, appended to `out` (once no thread adds to them).
+  void append_uppers(int64_t row, std::vector<A>& out) const {
+    const A* kept = uppers_.data() + row * 2 * m_;
+    out.insert(out.end(), kept, kept + counts_[row].load(std::memory_order_relaxed));
+  }
+
+ private:
+  std::unique_ptr<std::atomic<A>[]> limit_, top_;
+  std::unique_ptr<std::atomic_flag[]> locks_;
+  std::unique_ptr<std::atomic<int>[]> counts_;  // written under the row's lock, read by prefetch too
+  std::vector<A> uppers_;
+  int64_t m_;
+};
+
+// One thread's stage-1 lists of `rows` rows against the shared bounds:
+// - near: the items whose lower bound was <= the row's limit when offered;
+// - for the row maximum, far: the items whose upper bound was >= the row's top when offered.
 // A row whose near or far list stays above `cap` after pruning is marked and left to the direct path.
 template <typename A> struct CertifiedLists {
-  std::vector<A> limit, top, uppers;
-  std::vector<int> counts;
+  RowBounds<A>* bounds;
   std::vector<std::vector<Candidate<A>>> near, far;
   std::vector<char> overflow;
-  int64_t m, cap;
+  std::vector<int64_t> hit_columns;  // offer_to_columns' buffer
+  int64_t cap;
   bool track_max;
-  CertifiedLists(int64_t rows, int64_t m, int64_t cap, bool track_max)
-      : limit(rows, std::numeric_limits<A>::infinity()), top(rows, A(0)), uppers(rows * 2 * m), counts(rows, 0),
-        near(rows), far(track_max ? rows : 0), overflow(rows, 0), m(m), cap(cap), track_max(track_max) {}
+  CertifiedLists(RowBounds<A>& bounds, int64_t rows, int64_t cap, bool track_max)
+      : bounds(&bounds), near(rows), far(track_max ? rows : 0), overflow(rows, 0), cap(cap), track_max(track_max) {}
 
-  // Lowers the row's limit to new_limit and raises its top to new_top where they are tighter: any
-  // m-th smallest upper bound and any lower bound among the row's items is valid for the row.
-  void tighten(int64_t row, A new_limit, A new_top) {
-    limit[row] = std::min(limit[row], new_limit);
-    top[row] = std::max(top[row], new_top);
+  bool wants(int64_t row, A lower, A up) const {
+    return lower <= bounds->limit(row) || (track_max && up >= bounds->top(row));
   }
-  bool wants(int64_t row, A lower, A up) const { return lower <= limit[row] || (track_max && up >= top[row]); }
 
   // One tile line's items [first, end) with a row hit (stage1_line) offered to `row` (items offset + c).
   void offer_to_row(int64_t row, const A* lo, const A* up, const uint8_t* hits, int64_t first, int64_t end,
@@ -79,73 +141,57 @@ template <typename A> struct CertifiedLists {
   }
 
   // The same line offered transposed where it has a column hit: column c to row offset + c, as item
-  // `index`.
+  // `index`. Those rows' lists lie scattered in memory: their ends are prefetched first, so that the
+  // cache misses overlap.
   void offer_to_columns(int64_t index, const A* lo, const A* up, const uint8_t* hits, int64_t first, int64_t end,
                         int64_t offset) {
-    for_each_hit(hits, first, end, [&](int64_t c) {
+    hit_columns.clear();
+    for_each_hit(hits, first, end, [&](int64_t c) { hit_columns.push_back(c); });
+    for (const int64_t c : hit_columns) {
+      const std::vector<Candidate<A>>& list = near[offset + c];
+      __builtin_prefetch(list.data() + list.size(), 1);
+      bounds->prefetch(offset + c);
+    }
+    for (const int64_t c : hit_columns)
       if (wants(offset + c, lo[c], up[c])) offer(offset + c, lo[c], up[c], index);
-    });
   }
 
   // After an overflow only the upper bounds are still collected (their limit is what a rescan of
   // the row needs).
   void offer(int64_t row, A lower, A up, int64_t index) {
-    if (up <= limit[row]) add_upper(row, up);
+    if (up <= bounds->limit(row)) bounds->add_upper(row, up);
     if (overflow[row]) return;
-    if (lower <= limit[row]) keep(row, near[row], {lower, up, index}, false);
+    if (lower <= bounds->limit(row)) keep(row, near[row], {lower, up, index}, false);
     if (track_max) {
-      if (lower > top[row]) top[row] = lower;
-      if (up >= top[row]) keep(row, far[row], {lower, up, index}, true);
+      bounds->tighten(row, std::numeric_limits<A>::infinity(), lower);
+      if (up >= bounds->top(row)) keep(row, far[row], {lower, up, index}, true);
     }
-  }
-
-  // The row's kept upper bounds, appended to `out`.
-  void append_uppers(int64_t row, std::vector<A>& out) const {
-    const A* kept = uppers.data() + row * 2 * m;
-    out.insert(out.end(), kept, kept + counts[row]);
   }
 
  private:
-  void add_upper(int64_t row, A up) {
-    A* kept = uppers.data() + row * 2 * m;
-    kept[counts[row]++] = up;
-    if (counts[row] < 2 * m) return;
-    std::nth_element(kept, kept + (m - 1), kept + 2 * m);
-    counts[row] = int(m);
-    limit[row] = std::min(limit[row], kept[m - 1]);
-  }
-
+  // Appends c, first pruning the list (items no longer wanted) when it is full: a list still over
+  // half full after pruning doubles, so each pruning is paid for by as many appends.
   void keep(int64_t row, std::vector<Candidate<A>>& list, Candidate<A> c, bool for_max) {
-    if (overflow[row]) return;
-    if (list.empty()) list.reserve(std::min<int64_t>(4 * m, kListReserve));  // rows keep a few times m
-    list.push_back(c);
-    if (int64_t(list.size()) <= 2 * cap) return;
-    const A bound = for_max ? top[row] : limit[row];
-    list.erase(std::remove_if(list.begin(), list.end(),
-                              [&](const Candidate<A>& e) { return for_max ? e.upper < bound : e.lower > bound; }),
-               list.end());
-    if (int64_t(list.size()) > cap) {
-      overflow[row] = 1;
-      near[row] = {};
-      if (track_max) far[row] = {};
+    if (list.size() == list.capacity()) {
+      if (list.empty()) {
+        list.reserve(kListReserve);
+      } else {
+        const A bound = for_max ? bounds->top(row) : bounds->limit(row);
+        list.erase(std::remove_if(list.begin(), list.end(),
+                                  [&](const Candidate<A>& e) { return for_max ? e.upper < bound : e.lower > bound; }),
+                   list.end());
+        if (int64_t(list.size()) > cap) {
+          overflow[row] = 1;
+          near[row] = {};
+          if (track_max) far[row] = {};
+          return;
+        }
+        if (2 * list.size() > list.capacity()) list.reserve(2 * list.capacity());
+      }
     }
+    list.push_back(c);
   }
 };
-
-// Sets every thread's limit and top of each row to the tightest any thread holds: each thread's
-// limit (an m-th smallest upper bound it has seen) and top (the largest lower bound) is valid for
-// the row whichever thread found it, and a thread that has not seen the row's near items yet would
-// otherwise keep everything below its own, looser, limit.
-template <typename A> void share_limits(std::vector<CertifiedLists<A>>& state) {
-  const int64_t rows = int64_t(state.front().limit.size());
-  at::parallel_for(0, rows, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      A limit = std::numeric_limits<A>::infinity(), top = A(0);
-      for (auto& s : state) limit = std::min(limit, s.limit[row]), top = std::max(top, s.top[row]);
-      for (auto& s : state) s.tighten(row, limit, top);
-    }
-  });
-}
 
 // The m-th smallest of v[0, n) (+inf when n < m), through a sorted buffer of the m smallest: after the
 // first few values almost every value fails one comparison with the m-th.
@@ -255,14 +301,15 @@ void knn_certified_pass(const Operand& xs, const Operand& ys, const Stage1Rows<A
   parallel_tasks((M + kRowBlock - 1) / kRowBlock, omp_get_max_threads(), make_scratch,
                  [&](Stage1Scratch<A>& s, int64_t block) {
     const int64_t r0 = block * kRowBlock, nr = std::min(kRowBlock, M - r0);
-    CertifiedLists<A> lists(nr, k, cap, false);
-    std::copy(limits.begin() + r0, limits.begin() + r0 + nr, lists.limit.begin());
+    RowBounds<A> bounds(nr, k);
+    for (int64_t r = 0; r < nr; ++r) bounds.tighten(r, limits[r0 + r], A(0));
+    CertifiedLists<A> lists(bounds, nr, cap, false);
     for (int64_t c0 = 0; c0 < Ny; c0 += kColumnBlock) {
       const int64_t nc = std::min(kColumnBlock, Ny - c0);
       const int32_t* dots = s.gemm(xq, r0, nr, yq, c0, nc);
       for (int64_t r = 0; r < nr; ++r) {
         stage1_line<false>(s.line(dots + r * nc, nc, metric, xq, r0 + r, x_norms[r0 + r], yq, c0, y_norms,
-                                  lists.limit[r], no_top));
+                                  bounds.limit(r), no_top));
         lists.offer_to_row(r, s.lower.data(), s.upper.data(), s.row_hits.data(), 0, nc, c0);
       }
     }
@@ -272,7 +319,7 @@ void knn_certified_pass(const Operand& xs, const Operand& ys, const Stage1Rows<A
     for (int64_t r = 0; r < nr; ++r) {
       const int64_t row = r0 + r;
       kept_uppers.clear();
-      lists.append_uppers(r, kept_uppers);
+      bounds.append_uppers(r, kept_uppers);
       const A limit = mth_value(kept_uppers, k);
       limits[row] = limit;
       out_counts[row] = -2;
@@ -345,27 +392,30 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
   const int64_t num_edges = int64_t(edges.size()) - 1;
   const std::vector<std::pair<int64_t, int64_t>> tiles = upper_tiles(num_edges);
   const int num_threads = omp_get_max_threads();
+  RowBounds<A> bounds(N, m);
   std::vector<CertifiedLists<A>> state;
   state.reserve(num_threads);
-  for (int t = 0; t < num_threads; ++t) state.emplace_back(N, m, cap, true);
+  for (int t = 0; t < num_threads; ++t) state.emplace_back(bounds, N, cap, true);
 
   struct Scratch {
     CertifiedLists<A>* own;  // the thread's lists
     Stage1Scratch<A> stage1;
     at::Tensor buffer;       // a cross tile's GEMM
+    std::vector<A> col_limit, col_top;  // the tile's columns' bounds, as last read
   };
-  std::vector<Scratch> scratch;  // one per thread, kept across the phases
   const int64_t side = std::min(kSelfTile, N);
-  for (int t = 0; t < num_threads; ++t)
-    scratch.push_back(Scratch{&state[t], Stage1Scratch<A>(side, side), at::empty({side * side}, xs.rows.options())});
-  const auto scan_tile = [&](Scratch& s, int64_t t) {
+  const auto make_scratch = [&](int thread) {
+    return Scratch{&state[thread], Stage1Scratch<A>(side, side), at::empty({side * side}, xs.rows.options()),
+                   std::vector<A>(side), std::vector<A>(side)};
+  };
+  // Every tile, the diagonal ones first, on one dynamic schedule: the threads share the bounds, so
+  // what one finds tightens the hits of the others at once.
+  parallel_tasks(int64_t(tiles.size()), num_threads, make_scratch, [&](Scratch& s, int64_t t) {
     CertifiedLists<A>& own = *s.own;
     Stage1Scratch<A>& line = s.stage1;
     const int64_t r0 = edges[tiles[t].first], nr = edges[tiles[t].first + 1] - r0;
     const int64_t c0 = edges[tiles[t].second], nc = edges[tiles[t].second + 1] - c0;
     const bool diagonal = r0 == c0, in_cross = r0 < cross_rows && c0 >= cross_rows;
-    const A* limits = own.limit.data();
-    const A* tops = own.top.data();  // each row's largest lower bound
     const int32_t* dots = nullptr;   // the int8 GEMM, outside the cross block
     const A* exact_dots = nullptr;   // the cross block's GEMM, in the compute type
     A* exact = nullptr;              // the cross block's distances (lower = upper), in the output
@@ -385,40 +435,32 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
         const int64_t row = r0 + r;
         const A none = std::numeric_limits<A>::infinity();
         stage1_line<false>(line.line(dots + r * nc, nc, metric, xq, row, norms[row], xq, c0, norms, none, none));
-        own.tighten(row, mth_smallest(line.upper.data(), nc, m, line.smallest), range_max(line.lower.data(), nc));
+        bounds.tighten(row, mth_smallest(line.upper.data(), nc, m, line.smallest), range_max(line.lower.data(), nc));
       }
     // In a diagonal tile only c > r is used, offered both ways; d(i, i) is 0.
     for (int64_t r = 0; r < nr; ++r) {
       const int64_t row = r0 + r;
+      if (r % kSnapshotLines == 0)
+        for (int64_t c = 0; c < nc; ++c) s.col_limit[c] = bounds.limit(c0 + c), s.col_top[c] = bounds.top(c0 + c);
       if (diagonal) own.offer(row, A(0), A(0), row);
       const int64_t first = diagonal ? r + 1 : 0;
       const A* lo = exact ? exact + r * cross_cols : line.lower.data();
       const A* up = exact ? exact + r * cross_cols : line.upper.data();
       if (exact) {
-        exact_line<A>({exact_dots + r * nc, nc, metric, norms[row], limits[row], tops[row], norms + c0, limits + c0,
-                       tops + c0, exact + r * cross_cols, line.row_hits.data(), line.col_hits.data()});
+        exact_line<A>({exact_dots + r * nc, nc, metric, norms[row], bounds.limit(row), bounds.top(row), norms + c0,
+                       s.col_limit.data(), s.col_top.data(), exact + r * cross_cols, line.row_hits.data(),
+                       line.col_hits.data()});
       } else {
-        Stage1Line<A> in = line.line(dots + r * nc, nc, metric, xq, row, norms[row], xq, c0, norms, limits[row],
-                                     tops[row]);
-        in.col_limit = limits + c0;
-        in.col_top = tops + c0;
+        Stage1Line<A> in = line.line(dots + r * nc, nc, metric, xq, row, norms[row], xq, c0, norms,
+                                     bounds.limit(row), bounds.top(row));
+        in.col_limit = s.col_limit.data();
+        in.col_top = s.col_top.data();
         stage1_line<true>(in);
       }
       own.offer_to_row(row, lo, up, line.row_hits.data(), first, nc, c0);
       own.offer_to_columns(row, lo, up, line.col_hits.data(), first, nc, c0);
     }
-  };
-  // The tiles in phases with the threads' limits shared after each: the diagonal tiles first, then
-  // the rest in kSharePhases parts.
-  const int64_t rest = int64_t(tiles.size()) - num_edges;
-  for (int64_t phase = -1; phase < kSharePhases; ++phase) {
-    const int64_t begin = phase < 0 ? 0 : num_edges + rest * phase / kSharePhases;
-    const int64_t end = num_edges + rest * (phase + 1) / kSharePhases;
-    if (end == begin) continue;
-    parallel_tasks(end - begin, num_threads, [&](int thread) { return &scratch[thread]; },
-                   [&](Scratch* s, int64_t t) { scan_tile(*s, begin + t); });
-    if (num_threads > 1) share_limits(state);
-  }
+  });
 
   // Merge the threads' stage-1 lists, then stage 2 per row: the kept items' distances as the direct
   // path computes them, the m smallest in (value, index) order, and the row maximum.
@@ -443,14 +485,11 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
     std::vector<int64_t>& kept_indices = buffers.kept_indices;
     std::vector<Stage2Item<A>>& items = buffers.items;
     for (int64_t row = block * kStage2Rows; row < std::min(N, (block + 1) * kStage2Rows); ++row) {
-      A max_lower = A(0);
+      const A max_lower = bounds.top(row);
       bool overflow = false;
+      for (auto& s : state) overflow |= s.overflow[row] != 0;
       uppers.clear();
-      for (auto& s : state) {
-        overflow |= s.overflow[row] != 0;
-        max_lower = std::max(max_lower, s.top[row]);
-        s.append_uppers(row, uppers);
-      }
+      bounds.append_uppers(row, uppers);
       const A limit = mth_value(uppers, m);
       items.clear();
       if (!overflow)
