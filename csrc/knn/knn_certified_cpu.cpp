@@ -128,6 +128,12 @@ template <typename A> struct CertifiedLists {
   CertifiedLists(RowBounds<A>& bounds, int64_t rows, int64_t cap, bool track_max)
       : bounds(&bounds), near(rows), far(track_max ? rows : 0), overflow(rows, 0), cap(cap), track_max(track_max) {}
 
+  // Frees the row's lists (on the stage-2 threads, rather than every list one by one at the end).
+  void release(int64_t row) {
+    std::vector<Candidate<A>>().swap(near[row]);
+    if (track_max) std::vector<Candidate<A>>().swap(far[row]);
+  }
+
   bool wants(int64_t row, A lower, A up) const {
     return lower <= bounds->limit(row) || (track_max && up >= bounds->top(row));
   }
@@ -497,14 +503,18 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
           for (const auto& c : s.near[row])
             if (c.lower <= limit) items.push_back({c.index, c.lower, c.lower == c.upper, true});
       const int64_t kept = int64_t(items.size());
-      if (overflow || kept > cap) {
+      const bool falls_back = overflow || kept > cap;
+      for (auto& s : state) {
+        if (!falls_back)
+          for (const auto& c : s.far[row])
+            if (c.upper >= max_lower) items.push_back({c.index, c.lower, c.lower == c.upper, false});
+        s.release(row);
+      }
+      if (falls_back) {
         fallback[row] = 1;
         out_counts[row] = -1;
         continue;
       }
-      for (const auto& s : state)
-        for (const auto& c : s.far[row])
-          if (c.upper >= max_lower) items.push_back({c.index, c.lower, c.lower == c.upper, false});
       fill_distances(items, rows + row * D, norms[row], rows, norms, D, metric);
       SortedList<A> list{kept_values.data(), kept_indices.data(), 0, int(m)};
       A top = A(0);
