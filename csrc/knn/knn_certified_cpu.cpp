@@ -37,13 +37,8 @@ namespace {
 constexpr int64_t kCertifiedMinCap = 256;  // candidates per row before the row falls back
 constexpr int64_t kCertifiedCapPerK = 8;
 constexpr int64_t kStage2Rows = 128;       // self_knn: rows per stage-2 task
-constexpr int64_t kListReserve = 32;       // near / far list entries reserved at a row's first entry
+constexpr int64_t kLogReserve = 1 << 16;   // entries a stage-1 log reserves at its first offer
 constexpr int64_t kSnapshotLines = 16;     // self_knn: lines between refreshes of a tile's column bounds
-
-template <typename A> struct Candidate {
-  A lower, upper;
-  int64_t index;
-};
 
 // Stage 1's per-row bounds, shared by every thread of a call:
 // - limit: an m-th smallest upper bound among the row's items (+inf at first); any is valid, so a
@@ -114,25 +109,27 @@ template <typename A> class RowBounds {
   int64_t m_;
 };
 
-// One thread's stage-1 lists of `rows` rows against the shared bounds:
-// - near: the items whose lower bound was <= the row's limit when offered;
-// - for the row maximum, far: the items whose upper bound was >= the row's top when offered.
-// A row whose near or far list stays above `cap` after pruning is marked and left to the direct path.
-template <typename A> struct CertifiedLists {
+// One thread's stage-1 log against the shared bounds: the items offered to a row whose lower bound
+// was <= the row's limit (near candidates) or, for the row maximum, whose upper bound was >= its
+// top, in the order offered. Appending is a sequential write, where per-row lists missed the cache
+// on nearly every offer. When the log is full, the items the bounds no longer want are dropped (a
+// log still over half full then doubles, so each compaction is paid for by as many appends); a row
+// with more than 2 cap items left is marked (overflow) and left to the direct path, which bounds the
+// log. Rows and items are int32 (calls with more rows take the direct path: fits_log).
+template <typename A> struct CertifiedLog {
+  struct Entry {
+    A lower, upper;
+    int32_t row, index;
+  };
   RowBounds<A>* bounds;
-  std::vector<std::vector<Candidate<A>>> near, far;
+  std::vector<Entry> entries;
   std::vector<char> overflow;
+  std::vector<int32_t> live;         // compact's per-row counts
   std::vector<int64_t> hit_columns;  // offer_to_columns' buffer
   int64_t cap;
   bool track_max;
-  CertifiedLists(RowBounds<A>& bounds, int64_t rows, int64_t cap, bool track_max)
-      : bounds(&bounds), near(rows), far(track_max ? rows : 0), overflow(rows, 0), cap(cap), track_max(track_max) {}
-
-  // Frees the row's lists (on the stage-2 threads, rather than every list one by one at the end).
-  void release(int64_t row) {
-    std::vector<Candidate<A>>().swap(near[row]);
-    if (track_max) std::vector<Candidate<A>>().swap(far[row]);
-  }
+  CertifiedLog(RowBounds<A>& bounds, int64_t rows, int64_t cap, bool track_max)
+      : bounds(&bounds), overflow(rows, 0), live(rows, 0), cap(cap), track_max(track_max) {}
 
   bool wants(int64_t row, A lower, A up) const {
     return lower <= bounds->limit(row) || (track_max && up >= bounds->top(row));
@@ -147,17 +144,13 @@ template <typename A> struct CertifiedLists {
   }
 
   // The same line offered transposed where it has a column hit: column c to row offset + c, as item
-  // `index`. Those rows' lists lie scattered in memory: their ends are prefetched first, so that the
-  // cache misses overlap.
+  // `index`. Those rows' upper-bound slots lie scattered in memory: they are prefetched first, so
+  // that the cache misses overlap.
   void offer_to_columns(int64_t index, const A* lo, const A* up, const uint8_t* hits, int64_t first, int64_t end,
                         int64_t offset) {
     hit_columns.clear();
     for_each_hit(hits, first, end, [&](int64_t c) { hit_columns.push_back(c); });
-    for (const int64_t c : hit_columns) {
-      const std::vector<Candidate<A>>& list = near[offset + c];
-      __builtin_prefetch(list.data() + list.size(), 1);
-      bounds->prefetch(offset + c);
-    }
+    for (const int64_t c : hit_columns) bounds->prefetch(offset + c);
     for (const int64_t c : hit_columns)
       if (wants(offset + c, lo[c], up[c])) offer(offset + c, lo[c], up[c], index);
   }
@@ -167,35 +160,46 @@ template <typename A> struct CertifiedLists {
   void offer(int64_t row, A lower, A up, int64_t index) {
     if (up <= bounds->limit(row)) bounds->add_upper(row, up);
     if (overflow[row]) return;
-    if (lower <= bounds->limit(row)) keep(row, near[row], {lower, up, index}, false);
-    if (track_max) {
-      bounds->tighten(row, std::numeric_limits<A>::infinity(), lower);
-      if (up >= bounds->top(row)) keep(row, far[row], {lower, up, index}, true);
-    }
+    if (track_max) bounds->tighten(row, std::numeric_limits<A>::infinity(), lower);
+    if (!wants(row, lower, up)) return;
+    if (entries.size() == entries.capacity()) compact();
+    entries.push_back({lower, up, int32_t(row), int32_t(index)});
   }
 
  private:
-  // Appends c, first pruning the list (items no longer wanted) when it is full: a list still over
-  // half full after pruning doubles, so each pruning is paid for by as many appends.
-  void keep(int64_t row, std::vector<Candidate<A>>& list, Candidate<A> c, bool for_max) {
-    if (list.size() == list.capacity()) {
-      if (list.empty()) {
-        list.reserve(kListReserve);
-      } else {
-        const A bound = for_max ? bounds->top(row) : bounds->limit(row);
-        list.erase(std::remove_if(list.begin(), list.end(),
-                                  [&](const Candidate<A>& e) { return for_max ? e.upper < bound : e.lower > bound; }),
-                   list.end());
-        if (int64_t(list.size()) > cap) {
-          overflow[row] = 1;
-          near[row] = {};
-          if (track_max) far[row] = {};
-          return;
-        }
-        if (2 * list.size() > list.capacity()) list.reserve(2 * list.capacity());
-      }
+  void compact() {
+    if (entries.empty()) return entries.reserve(kLogReserve);
+    const auto dropped = [&](const Entry& e) { return overflow[e.row] || !wants(e.row, e.lower, e.upper); };
+    entries.erase(std::remove_if(entries.begin(), entries.end(), dropped), entries.end());
+    bool over = false;
+    for (const Entry& e : entries) over |= ++live[e.row] > 2 * cap;
+    for (const Entry& e : entries) {
+      if (live[e.row] > 2 * cap) overflow[e.row] = 1;
+      live[e.row] = 0;
     }
-    list.push_back(c);
+    if (over) entries.erase(std::remove_if(entries.begin(), entries.end(), dropped), entries.end());
+    if (2 * entries.size() > entries.capacity()) entries.reserve(2 * entries.capacity());
+  }
+};
+
+// Whether a call's rows fit CertifiedLog's int32 rows and items.
+inline bool fits_log(int64_t rows) { return rows <= std::numeric_limits<int32_t>::max(); }
+
+// The logged entries of every row of [0, rows), grouped by row (a counting sort of the logs, which
+// are freed): entries of row r are [start[r], start[r + 1]).
+template <typename A> struct RowEntries {
+  std::vector<int64_t> start;
+  std::vector<typename CertifiedLog<A>::Entry> entries;
+  RowEntries(std::vector<CertifiedLog<A>*> logs, int64_t rows) : start(rows + 1, 0) {
+    for (const CertifiedLog<A>* log : logs)
+      for (const auto& e : log->entries) ++start[e.row + 1];
+    for (int64_t r = 0; r < rows; ++r) start[r + 1] += start[r];
+    entries.resize(start[rows]);
+    std::vector<int64_t> next(start.begin(), start.end() - 1);
+    for (CertifiedLog<A>* log : logs) {
+      for (const auto& e : log->entries) entries[next[e.row]++] = e;
+      decltype(log->entries)().swap(log->entries);
+    }
   }
 };
 
@@ -309,17 +313,18 @@ void knn_certified_pass(const Operand& xs, const Operand& ys, const Stage1Rows<A
     const int64_t r0 = block * kRowBlock, nr = std::min(kRowBlock, M - r0);
     RowBounds<A> bounds(nr, k);
     for (int64_t r = 0; r < nr; ++r) bounds.tighten(r, limits[r0 + r], A(0));
-    CertifiedLists<A> lists(bounds, nr, cap, false);
+    CertifiedLog<A> log(bounds, nr, cap, false);
     for (int64_t c0 = 0; c0 < Ny; c0 += kColumnBlock) {
       const int64_t nc = std::min(kColumnBlock, Ny - c0);
       const int32_t* dots = s.gemm(xq, r0, nr, yq, c0, nc);
       for (int64_t r = 0; r < nr; ++r) {
         stage1_line<false>(s.line(dots + r * nc, nc, metric, xq, r0 + r, x_norms[r0 + r], yq, c0, y_norms,
                                   bounds.limit(r), no_top));
-        lists.offer_to_row(r, s.lower.data(), s.upper.data(), s.row_hits.data(), 0, nc, c0);
+        log.offer_to_row(r, s.lower.data(), s.upper.data(), s.row_hits.data(), 0, nc, c0);
       }
     }
     // Stage 2: the kept items' distances as the direct path computes them, in (value, index) order.
+    const RowEntries<A> logged({&log}, nr);
     std::vector<A> kept_uppers;
     std::vector<Stage2Item<A>> items;
     for (int64_t r = 0; r < nr; ++r) {
@@ -329,10 +334,12 @@ void knn_certified_pass(const Operand& xs, const Operand& ys, const Stage1Rows<A
       const A limit = mth_value(kept_uppers, k);
       limits[row] = limit;
       out_counts[row] = -2;
-      if (lists.overflow[r]) continue;
+      if (log.overflow[r]) continue;
       items.clear();
-      for (const auto& c : lists.near[r])
+      for (int64_t e = logged.start[r]; e < logged.start[r + 1]; ++e) {
+        const auto& c = logged.entries[e];
         if (c.lower <= limit) items.push_back({c.index, c.lower, c.lower == c.upper, true});
+      }
       const int64_t kept = int64_t(items.size());
       out_counts[row] = -1;
       if (kept > cap) continue;
@@ -399,25 +406,25 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
   const std::vector<std::pair<int64_t, int64_t>> tiles = upper_tiles(num_edges);
   const int num_threads = omp_get_max_threads();
   RowBounds<A> bounds(N, m);
-  std::vector<CertifiedLists<A>> state;
-  state.reserve(num_threads);
-  for (int t = 0; t < num_threads; ++t) state.emplace_back(bounds, N, cap, true);
+  std::vector<CertifiedLog<A>> logs;
+  logs.reserve(num_threads);
+  for (int t = 0; t < num_threads; ++t) logs.emplace_back(bounds, N, cap, true);
 
   struct Scratch {
-    CertifiedLists<A>* own;  // the thread's lists
+    CertifiedLog<A>* own;  // the thread's log
     Stage1Scratch<A> stage1;
     at::Tensor buffer;       // a cross tile's GEMM
     std::vector<A> col_limit, col_top;  // the tile's columns' bounds, as last read
   };
   const int64_t side = std::min(kSelfTile, N);
   const auto make_scratch = [&](int thread) {
-    return Scratch{&state[thread], Stage1Scratch<A>(side, side), at::empty({side * side}, xs.rows.options()),
+    return Scratch{&logs[thread], Stage1Scratch<A>(side, side), at::empty({side * side}, xs.rows.options()),
                    std::vector<A>(side), std::vector<A>(side)};
   };
   // Every tile, the diagonal ones first, on one dynamic schedule: the threads share the bounds, so
   // what one finds tightens the hits of the others at once.
   parallel_tasks(int64_t(tiles.size()), num_threads, make_scratch, [&](Scratch& s, int64_t t) {
-    CertifiedLists<A>& own = *s.own;
+    CertifiedLog<A>& own = *s.own;
     Stage1Scratch<A>& line = s.stage1;
     const int64_t r0 = edges[tiles[t].first], nr = edges[tiles[t].first + 1] - r0;
     const int64_t c0 = edges[tiles[t].second], nc = edges[tiles[t].second + 1] - c0;
@@ -468,8 +475,11 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
     }
   });
 
-  // Merge the threads' stage-1 lists, then stage 2 per row: the kept items' distances as the direct
+  // The threads' logs grouped by row, then stage 2 per row: the kept items' distances as the direct
   // path computes them, the m smallest in (value, index) order, and the row maximum.
+  std::vector<CertifiedLog<A>*> log_list;
+  for (auto& log : logs) log_list.push_back(&log);
+  const RowEntries<A> logged(log_list, N);
   A* out_values = values.data_ptr<A>();
   int64_t* out_indices = indices.data_ptr<int64_t>();
   A* max_out = row_max.data_ptr<A>();
@@ -493,28 +503,23 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
     for (int64_t row = block * kStage2Rows; row < std::min(N, (block + 1) * kStage2Rows); ++row) {
       const A max_lower = bounds.top(row);
       bool overflow = false;
-      for (auto& s : state) overflow |= s.overflow[row] != 0;
+      for (const auto& log : logs) overflow |= log.overflow[row] != 0;
       uppers.clear();
       bounds.append_uppers(row, uppers);
       const A limit = mth_value(uppers, m);
+      const auto* first = logged.entries.data() + logged.start[row];
+      const auto* end = logged.entries.data() + logged.start[row + 1];
       items.clear();
-      if (!overflow)
-        for (const auto& s : state)
-          for (const auto& c : s.near[row])
-            if (c.lower <= limit) items.push_back({c.index, c.lower, c.lower == c.upper, true});
+      for (const auto* e = first; e < end && !overflow; ++e)
+        if (e->lower <= limit) items.push_back({e->index, e->lower, e->lower == e->upper, true});
       const int64_t kept = int64_t(items.size());
-      const bool falls_back = overflow || kept > cap;
-      for (auto& s : state) {
-        if (!falls_back)
-          for (const auto& c : s.far[row])
-            if (c.upper >= max_lower) items.push_back({c.index, c.lower, c.lower == c.upper, false});
-        s.release(row);
-      }
-      if (falls_back) {
+      if (overflow || kept > cap) {
         fallback[row] = 1;
         out_counts[row] = -1;
         continue;
       }
+      for (const auto* e = first; e < end; ++e)
+        if (e->upper >= max_lower) items.push_back({e->index, e->lower, e->lower == e->upper, false});
       fill_distances(items, rows + row * D, norms[row], rows, norms, D, metric);
       SortedList<A> list{kept_values.data(), kept_indices.data(), 0, int(m)};
       A top = A(0);
@@ -528,7 +533,6 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
                                 out_indices);
     }
   });
-  state.clear();
 
   // Rows left to the direct path: each computed whole.
   std::vector<int64_t> redo;
@@ -562,7 +566,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_certified_cpu(const at::Tenso
   if (M == 0) return {values, indices, counts};
   AT_DISPATCH_FLOATING_TYPES(call.type, "knn_certified", [&] {
     std::optional<Stage1Rows<scalar_t>> xq, yq;
-    if (!prefers_row_sort(k, y.size(0))) xq = Stage1Rows<scalar_t>::make(call.xs), yq = Stage1Rows<scalar_t>::make(call.ys);
+    if (!prefers_row_sort(k, y.size(0)) && fits_log(y.size(0)))
+      xq = Stage1Rows<scalar_t>::make(call.xs), yq = Stage1Rows<scalar_t>::make(call.ys);
     if (xq && yq &&
         certified_pays(*xq, call.xs.norms.const_data_ptr<scalar_t>(), *yq, call.ys.norms.const_data_ptr<scalar_t>(),
                        call.metric, k, certified_cap(k, y.size(0))))
@@ -581,7 +586,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> self_knn_
   SelfKnnCall call(x, k, metric_name, normalize, cross_rows);
   at::Tensor counts = at::full({x.size(0)}, -1, x.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(call.type, "self_knn_certified", [&] {
-    const auto xq = Stage1Rows<scalar_t>::make(call.xs);
+    const auto xq = fits_log(x.size(0)) ? Stage1Rows<scalar_t>::make(call.xs) : std::nullopt;
     const scalar_t* norms = call.xs.norms.const_data_ptr<scalar_t>();
     if (xq && certified_pays(*xq, norms, *xq, norms, call.metric, call.m, certified_cap(call.m, x.size(0))))
       self_knn_certified_impl<scalar_t>(call.xs, *xq, k, call.m, call.metric, normalize, cross_rows, call.values,
