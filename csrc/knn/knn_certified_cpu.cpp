@@ -203,20 +203,6 @@ template <typename A> struct RowEntries {
   }
 };
 
-// The m-th smallest of v[0, n) (+inf when n < m), through a sorted buffer of the m smallest: after the
-// first few values almost every value fails one comparison with the m-th.
-template <typename A> A mth_smallest(const A* v, int64_t n, int64_t m, std::vector<A>& smallest) {
-  smallest.assign(m, std::numeric_limits<A>::infinity());
-  A* s = smallest.data();
-  for (int64_t c = 0; c < n; ++c) {
-    if (!(v[c] < s[m - 1])) continue;
-    int64_t p = m - 1;
-    for (; p > 0 && v[c] < s[p - 1]; --p) s[p] = s[p - 1];
-    s[p] = v[c];
-  }
-  return s[m - 1];
-}
-
 // The direct path's dot products of row a with the rows b[0, kRows) in the compute type: for each,
 // lanes of partial sums four AVX-512 registers wide (independent FMA chains), so that it vectorises
 // (with FMA in the AVX-512 build); the same arithmetic for every kRows, and symmetric in a and b bit

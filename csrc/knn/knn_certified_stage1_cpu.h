@@ -328,6 +328,26 @@ template <typename A> A mth_value(std::vector<A>& values, int64_t m) {
   return values[m - 1];
 }
 
+// The m-th smallest of v[0, n) (+inf when n < m). For small m through a sorted buffer of the m
+// smallest: after the first few values almost every value fails one comparison with the m-th; a
+// larger m would shift O(m) values per insertion, so it selects on a copy (O(n)).
+template <typename A> A mth_smallest(const A* v, int64_t n, int64_t m, std::vector<A>& smallest) {
+  constexpr int64_t kMaxInsertionM = 64;
+  if (m > kMaxInsertionM) {
+    smallest.assign(v, v + n);
+    return mth_value(smallest, m);
+  }
+  smallest.assign(m, std::numeric_limits<A>::infinity());
+  A* s = smallest.data();
+  for (int64_t c = 0; c < n; ++c) {
+    if (!(v[c] < s[m - 1])) continue;
+    int64_t p = m - 1;
+    for (; p > 0 && v[c] < s[p - 1]; --p) s[p] = s[p - 1];
+    s[p] = v[c];
+  }
+  return s[m - 1];
+}
+
 // Whether stage 1 is likely to pay on these inputs, from the candidate sets of kProbeRows rows of x
 // spread over it (their bounds against all of y, as the search computes them): a sampled row whose
 // set is over `cap` would fall back to the direct computation after paying for stage 1. Where
@@ -347,13 +367,11 @@ bool certified_pays(const Stage1Rows<A>& x, const A* x_sq_norms, const Stage1Row
   Stage1Scratch<A> scratch(kProbeRows, N);
   const int32_t* dots = scratch.gemm(probe, 0, kProbeRows, y, 0, N);
   const A none = std::numeric_limits<A>::infinity();
-  std::vector<A> uppers;
   int64_t falls_back = 0;
   for (int64_t p = 0; p < kProbeRows; ++p) {
     stage1_line<false>(scratch.line(dots + p * N, N, metric, probe, p, x_sq_norms[ids[p]], y, 0, y_sq_norms, none,
                                     none));
-    uppers.assign(scratch.upper.begin(), scratch.upper.begin() + N);
-    const A limit = mth_value(uppers, m);
+    const A limit = mth_smallest(scratch.upper.data(), N, m, scratch.smallest);
     const int64_t kept =
         std::count_if(scratch.lower.begin(), scratch.lower.begin() + N, [&](A l) { return l <= limit; });
     falls_back += kept > cap;
