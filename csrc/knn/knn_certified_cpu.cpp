@@ -434,7 +434,7 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
         const int64_t row = r0 + r;
         const A none = std::numeric_limits<A>::infinity();
         stage1_line<false>(line.line(dots + r * nc, nc, metric, xq, row, norms[row], xq, c0, norms, none, none));
-        bounds.tighten(row, mth_smallest(line.upper.data(), nc, m, line.smallest), range_max(line.lower.data(), nc));
+        bounds.tighten(row, mth_smallest(line.upper.data(), nc, m, line.smallest, r), range_max(line.lower.data(), nc));
       }
     // In a diagonal tile only c > r is used, offered both ways; d(i, i) is 0.
     for (int64_t r = 0; r < nr; ++r) {
