@@ -28,6 +28,7 @@ stable: its order among exactly equal distances depends on the machine and the n
 are the one place where results may differ from theirs.
 """
 
+import functools
 import numbers
 
 import torch
@@ -140,12 +141,16 @@ class _FeatureDistances:
         dtype = compute_dtype(qf, gf)
         self.strategy = strategy
         self.features = torch.cat([qf.to(dtype), gf.to(dtype)]).contiguous()
-        self.norms = (self.features * self.features).sum(dim=1)
         self.num_query = len(qf)
         self.num_items = len(self.features)
         self.row_max = None
         self.nearest = None
         self.out_scale = None  # set by the kernel scan: its query-gallery block is not yet normalised
+
+    @functools.cached_property
+    def norms(self) -> torch.Tensor:
+        """Squared row norms (the torch scan and pair_distances; the fused kernels take their own)."""
+        return (self.features * self.features).sum(dim=1)
 
     def _tile(self, row_start, row_stop, col_start, col_stop) -> torch.Tensor:
         x, y = self.features, self.norms
