@@ -168,7 +168,10 @@ template <typename A> struct CertifiedLog {
 
  private:
   void compact() {
-    if (entries.empty()) return entries.reserve(kLogReserve);
+    if (entries.empty()) {
+      entries.reserve(kLogReserve);
+      return;
+    }
     const auto dropped = [&](const Entry& e) { return overflow[e.row] || !wants(e.row, e.lower, e.upper); };
     entries.erase(std::remove_if(entries.begin(), entries.end(), dropped), entries.end());
     bool over = false;
@@ -277,7 +280,7 @@ int64_t certified_cap(int64_t k, int64_t N) { return std::min(N, std::max(kCerti
 
 // One stage-1 + stage-2 pass over the rows of xs. `limits` holds each row's starting threshold
 // (+inf, or a rescan's known final one) and gets the final one (the k-th smallest upper bound).
-// counts: the row's candidates; -2 where the near list overflowed while the threshold was still
+// counts: the row's candidates; -2 where its logged items overflowed while the threshold was still
 // falling (a rescan from the final threshold may keep fewer), -1 where the final set is over the cap.
 template <typename A>
 void knn_certified_pass(const Operand& xs, const Operand& ys, const Stage1Rows<A>& xq, const Stage1Rows<A>& yq,
@@ -343,7 +346,7 @@ void knn_certified_impl(const Operand& xs, const Operand& ys, const Stage1Rows<A
   const int64_t M = xs.rows.size(0);
   std::vector<A> limits(M, std::numeric_limits<A>::infinity());
   knn_certified_pass<A>(xs, ys, xq, yq, k, metric, limits, values, indices, counts);
-  // Rows whose near list overflowed while their threshold was still falling: once more from the
+  // Rows whose logged items overflowed while their threshold was still falling: once more from the
   // final threshold (items that arrive early are then not kept for nothing).
   const int64_t* count = counts.const_data_ptr<int64_t>();  // updated in place below
   const at::Tensor rescan = rows_where(M, [&](int64_t r) { return count[r] == -2; });
