@@ -243,19 +243,19 @@ DPM_OPS_AVX512_TARGET void row_dots_avx512(const A* a, const A* const* b, int co
   row_dots_body(a, b, count, D, out);
 }
 
-// A stage-2 item of a row: the candidate, its distance once known (exact from stage 1 or computed),
-// and whether it is a near candidate (else a candidate for the row maximum).
+// A stage-2 item of a row: the candidate, and its distance once known (exact from stage 1 or
+// computed; until then its lower bound).
 template <typename A> struct Stage2Item {
   int64_t index;
   A distance;
-  bool known, near;
+  bool known;
 };
 
-// The unknown distances of `items` from row x (squared norm x_norm) to rows of y, as the direct path
-// computes them (pair_distance of row_dots), kDotRows at a time.
+// The unknown distances of items [first, last) from row x (squared norm x_norm) to rows of y, as the
+// direct path computes them (pair_distance of row_dots), kDotRows at a time.
 template <typename A>
-void fill_distances(std::vector<Stage2Item<A>>& items, const A* x, A x_norm, const A* y_rows, const A* y_norms,
-                    int64_t D, Metric metric) {
+void fill_distances(Stage2Item<A>* first, Stage2Item<A>* last, const A* x, A x_norm, const A* y_rows,
+                    const A* y_norms, int64_t D, Metric metric) {
   Stage2Item<A>* batch[kDotRows];
   const A* rows[kDotRows];
   A dots[kDotRows];
@@ -267,13 +267,34 @@ void fill_distances(std::vector<Stage2Item<A>>& items, const A* x, A x_norm, con
       batch[j]->distance = pair_distance(dots[j], x_norm, y_norms[batch[j]->index], metric);
     count = 0;
   };
-  for (auto& item : items) {
-    if (item.known) continue;
-    batch[count] = &item;
-    rows[count++] = y_rows + item.index * D;
+  for (Stage2Item<A>* item = first; item < last; ++item) {
+    if (item->known) continue;
+    batch[count] = item;
+    rows[count++] = y_rows + item->index * D;
     if (count == kDotRows) flush();
   }
   if (count > 0) flush();
+}
+
+// The smallest (distance, index) pairs of the near candidates `items` into `list`: the known
+// distances first, then the others in ascending lower bound, kDotRows at a time, until the next
+// lower bound is above the list's last value (no item left can enter: its distance is at least its
+// lower bound). Those items' distances are never computed: 17% of the unknown ones at Market
+// scale (105 k of 626 k a call).
+template <typename A>
+void select_nearest(std::vector<Stage2Item<A>>& items, SortedList<A>& list, const A* x, A x_norm, const A* y_rows,
+                    const A* y_norms, int64_t D, Metric metric) {
+  const auto unknown = std::partition(items.begin(), items.end(), [](const Stage2Item<A>& i) { return i.known; });
+  for (auto item = items.begin(); item != unknown; ++item) list.insert(item->distance, item->index);
+  const auto by_lower = [](const Stage2Item<A>& a, const Stage2Item<A>& b) { return a.distance < b.distance; };
+  std::sort(unknown, items.end(), by_lower);
+  for (auto batch = unknown; batch != items.end();) {
+    if (list.full() && batch->distance > list.last_value()) break;
+    const auto batch_end = batch + std::min<int64_t>(kDotRows, items.end() - batch);
+    fill_distances(&*batch, &*batch + (batch_end - batch), x, x_norm, y_rows, y_norms, D, metric);
+    for (auto item = batch; item != batch_end; ++item) list.insert(item->distance, item->index);
+    batch = batch_end;
+  }
 }
 
 int64_t certified_cap(int64_t k, int64_t N) { return std::min(N, std::max(kCertifiedMinCap, kCertifiedCapPerK * k)); }
@@ -327,14 +348,13 @@ void knn_certified_pass(const Operand& xs, const Operand& ys, const Stage1Rows<A
       items.clear();
       for (int64_t e = logged.start[r]; e < logged.start[r + 1]; ++e) {
         const auto& c = logged.entries[e];
-        if (c.lower <= limit) items.push_back({c.index, c.lower, c.lower == c.upper, true});
+        if (c.lower <= limit) items.push_back({c.index, c.lower, c.lower == c.upper});
       }
       const int64_t kept = int64_t(items.size());
       out_counts[row] = -1;
       if (kept > cap) continue;
-      fill_distances(items, x_rows + row * D, x_norms[row], y_rows, y_norms, D, metric);
       SortedList<A> list{out_values + row * k, out_indices + row * k, 0, int(k)};
-      for (const auto& item : items) list.insert(item.distance, item.index);
+      select_nearest(items, list, x_rows + row * D, x_norms[row], y_rows, y_norms, D, metric);
       out_counts[row] = kept;
     }
   });
@@ -500,22 +520,22 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
       const auto* end = logged.entries.data() + logged.start[row + 1];
       items.clear();
       for (const auto* e = first; e < end && !overflow; ++e)
-        if (e->lower <= limit) items.push_back({e->index, e->lower, e->lower == e->upper, true});
+        if (e->lower <= limit) items.push_back({e->index, e->lower, e->lower == e->upper});
       const int64_t kept = int64_t(items.size());
       if (overflow || kept > cap) {
         fallback[row] = 1;
         out_counts[row] = -1;
         continue;
       }
-      for (const auto* e = first; e < end; ++e)
-        if (e->upper >= max_lower) items.push_back({e->index, e->lower, e->lower == e->upper, false});
-      fill_distances(items, rows + row * D, norms[row], rows, norms, D, metric);
       SortedList<A> list{kept_values.data(), kept_indices.data(), 0, int(m)};
+      select_nearest(items, list, rows + row * D, norms[row], rows, norms, D, metric);
+      // The row maximum: the largest distance among the items that can reach it.
+      items.clear();
+      for (const auto* e = first; e < end; ++e)
+        if (e->upper >= max_lower) items.push_back({e->index, e->lower, e->lower == e->upper});
+      fill_distances(items.data(), items.data() + items.size(), rows + row * D, norms[row], rows, norms, D, metric);
       A top = A(0);
-      for (const auto& item : items) {
-        if (item.near) list.insert(item.distance, item.index);
-        else top = std::max(top, item.distance);
-      }
+      for (const auto& item : items) top = std::max(top, item.distance);
       max_out[row] = top;
       out_counts[row] = kept;
       undecided[row] = emit_row(row, kept_values.data(), kept_indices.data(), k, m, N, top, normalize, out_values,
