@@ -125,6 +125,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> query_expansion_cpu(const at::Ten
   return {out_ptr, out_cols, out_values};
 }
 
+// One query row of the output blended (blend_entry of its min-sums and its distances, first divided
+// by `scale`: the row-max normalisation, fused; x / 1 is x), the min-sums reset for the next row.
+void blend_row(int64_t G, float* __restrict row, float* __restrict sums, float scale, float jaccard_weight,
+               float keep) {
+  for (int64_t g = 0; g < G; ++g) {
+    row[g] = blend_entry(sums[g], row[g] / scale, jaccard_weight, keep);
+    sums[g] = 0.f;
+  }
+}
+
 // out (Q, G) holds the normalised query-gallery distance d (or, with row_scale, the distance
 // before its division by row_scale[q], done here in float32 as the reference does); overwritten in place by
 // (1 - lambda) Jaccard + lambda d with m(q, g) = sum_k min(V[q, k], V[Q + g, k]), found through an
@@ -161,13 +171,7 @@ void jaccard_blend_cpu(at::Tensor& out, const at::Tensor& row_ptr_in, const at::
         for (int64_t s = column_start[c]; s < column_start[c + 1]; ++s)
           overlap[holder[s]] += min_share(v, holder_value[s]);
       }
-      float* row = op + q * G;
-      if (sp != nullptr)
-        for (int64_t g = 0; g < G; ++g) row[g] /= sp[q];  // the row-max normalisation, fused
-      for (int64_t g = 0; g < G; ++g) {
-        row[g] = blend_entry(overlap[g], row[g], jaccard_weight, keep);
-        overlap[g] = 0.f;
-      }
+      blend_row(G, op + q * G, overlap.data(), sp != nullptr ? sp[q] : 1.f, jaccard_weight, keep);
     }
   });
 }

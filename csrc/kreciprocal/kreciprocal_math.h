@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include "../common/host_device.h"
 
@@ -157,10 +158,28 @@ template <typename A> DPM_HD A jaccard_blend(A m, A d, A jaccard_weight, A keep)
   return add_rn(mul_rn(A(1) - m / (A(2) - m), jaccard_weight), mul_rn(d, keep));
 }
 
+// a where `pick`, else b. On the host through the bits, so that the compiler keeps both operands
+// computed (it would branch around a division otherwise) and a loop of it vectorises.
+DPM_HD float select_value(bool pick, float a, float b) {
+#ifdef __CUDA_ARCH__
+  return pick ? a : b;
+#else
+  uint32_t a_bits, b_bits;
+  std::memcpy(&a_bits, &a, sizeof a);
+  std::memcpy(&b_bits, &b, sizeof b);
+  const uint32_t mask = 0u - uint32_t(pick);
+  const uint32_t bits = (a_bits & mask) | (b_bits & ~mask);
+  float out;
+  std::memcpy(&out, &bits, sizeof out);
+  return out;
+#endif
+}
+
 // The blended entry of one (query, gallery) pair with min-sum m: pairs sharing no column (m = 0,
-// Jaccard 1) written as the reference computes them, jaccard_weight + d * lambda.
+// Jaccard 1) written as the reference computes them, jaccard_weight + d * lambda. Both are computed
+// (m / (2 - m) is finite for any m a pair of rows gives), then one is selected.
 DPM_HD float blend_entry(float m, float d, float jaccard_weight, float keep) {
-  return m != 0.f ? jaccard_blend(m, d, jaccard_weight, keep) : add_rn(jaccard_weight, mul_rn(d, keep));
+  return select_value(m != 0.f, jaccard_blend(m, d, jaccard_weight, keep), add_rn(jaccard_weight, mul_rn(d, keep)));
 }
 
 }  // namespace dpm_ops::kreciprocal
