@@ -27,6 +27,18 @@ at::Tensor prefix_sum(const std::vector<int64_t>& counts, const at::TensorOption
   return row_ptr;
 }
 
+// expanded_set's membership tests through one mark per item: R(i, k1)'s items carry 2 i, the others
+// added to R*(i) 2 i + 1, so that marks left by earlier rows never match.
+struct MarkedSets {
+  int64_t* mark;  // one per item, -1 at first
+  int64_t own_mark = -1;
+  void start(int64_t i) { own_mark = 2 * i; }
+  void add_own(int64_t v) { mark[v] = own_mark; }
+  void add_out(int64_t v) { mark[v] = own_mark + 1; }
+  bool is_own(const int64_t*, int64_t, int64_t v) const { return mark[v] == own_mark; }
+  bool in_out(const int64_t*, int64_t, int64_t v) const { return mark[v] == own_mark || mark[v] == own_mark + 1; }
+};
+
 // R*(i) for every item, as CSR (row_ptr, cols). R(c, kh) is computed once per item; each
 // thread keeps the sets of its rows until the sizes are known, then copies them in place.
 std::tuple<at::Tensor, at::Tensor> expand_cpu(const at::Tensor& neighbours_in, int64_t k1, int64_t half_k1) {
@@ -41,10 +53,10 @@ std::tuple<at::Tensor, at::Tensor> expand_cpu(const at::Tensor& neighbours_in, i
   std::mutex lock;
   std::vector<std::pair<int64_t, std::vector<int64_t>>> pieces;  // (first row, its rows' items)
   at::parallel_for(0, N, kRowGrain, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> own(count1), out(count1 * (count_h + 1)), items;
+    std::vector<int64_t> own(count1), out(count1 * (count_h + 1)), items, marks(N, -1);
     for (int64_t i = begin; i < end; ++i) {
       sizes[i] = expanded_set(nb, width, i, count1, count_h, half_sets.data(), half_sizes.data(), own.data(),
-                              out.data());
+                              out.data(), MarkedSets{marks.data()});
       items.insert(items.end(), out.begin(), out.begin() + sizes[i]);
     }
     const std::lock_guard<std::mutex> guard(lock);

@@ -60,23 +60,42 @@ DPM_HD int64_t reciprocal_set(const int64_t* neighbours, int64_t width, int64_t 
   return size;
 }
 
+// expanded_set's membership tests by scanning the sets (tens of items), with no scratch: any device.
+struct ScanSets {
+  DPM_HD void start(int64_t) {}
+  DPM_HD void add_own(int64_t) {}
+  DPM_HD void add_out(int64_t) {}
+  DPM_HD bool is_own(const int64_t* own, int64_t own_size, int64_t v) const { return contains(own, own_size, v); }
+  DPM_HD bool in_out(const int64_t* out, int64_t size, int64_t v) const { return contains(out, size, v); }
+};
+
 // R*(i): R(i, k1) united with every R(c, kh), c in R(i, k1), with 3 |R(c, kh) & R(i, k1)| >
 // 2 |R(c, kh)|; unique and sorted ascending. half_sets / half_sizes: R(c, kh) of every item
 // (row c at half_sets + c * count_h), computed once. `own` needs count1 slots, `out`
-// count1 * (count_h + 1) (the most R* can hold). Returns |R*(i)|.
+// count1 * (count_h + 1) (the most R* can hold). `sets` answers "in R(i, k1)?" and "in R*(i) so
+// far?" (ScanSets, or a caller's O(1) marks). Returns |R*(i)|.
+template <class Sets = ScanSets>
 DPM_HD int64_t expanded_set(const int64_t* neighbours, int64_t width, int64_t i, int64_t count1, int64_t count_h,
-                            const int64_t* half_sets, const int64_t* half_sizes, int64_t* own, int64_t* out) {
+                            const int64_t* half_sets, const int64_t* half_sizes, int64_t* own, int64_t* out,
+                            Sets sets = {}) {
+  sets.start(i);
   const int64_t own_size = reciprocal_set(neighbours, width, i, count1, own);
   int64_t size = 0;
-  for (int64_t p = 0; p < own_size; ++p) out[size++] = own[p];
+  for (int64_t p = 0; p < own_size; ++p) {
+    out[size++] = own[p];
+    sets.add_own(own[p]);
+  }
   for (int64_t p = 0; p < own_size; ++p) {
     const int64_t* half = half_sets + own[p] * count_h;
     const int64_t half_size = half_sizes[own[p]];
     int64_t overlap = 0;
-    for (int64_t q = 0; q < half_size; ++q) overlap += contains(own, own_size, half[q]);
+    for (int64_t q = 0; q < half_size; ++q) overlap += sets.is_own(own, own_size, half[q]);
     if (3 * overlap > 2 * half_size)
       for (int64_t q = 0; q < half_size; ++q)
-        if (!contains(out, size, half[q])) out[size++] = half[q];
+        if (!sets.in_out(out, size, half[q])) {
+          out[size++] = half[q];
+          sets.add_out(half[q]);
+        }
   }
   // Insertion sort: sets hold tens of items.
   for (int64_t p = 1; p < size; ++p) {
