@@ -70,8 +70,25 @@ std::tuple<at::Tensor, at::Tensor> expand_cpu(const at::Tensor& neighbours_in, i
   return {row_ptr, cols};
 }
 
-// Squared Euclidean distance of every (row, col) entry of a CSR, as float32 (pair_sqdist of
-// kreciprocal_math.h: candidate lists first, else the features).
+// a_j . b_j for `count` <= kChains pairs of (D) rows, each summed in feature order one add_rn of a
+// mul_rn at a time (pair_sqdist's sums, bit for bit); the pairs' chains are independent, so their
+// additions' latencies overlap.
+constexpr int kChains = 8;
+template <typename A> void feature_order_dots(const A* const* a, const A* const* b, int count, int64_t D, A* out) {
+  A sums[kChains] = {};
+  if (count == kChains) {
+    for (int64_t d = 0; d < D; ++d)
+      for (int j = 0; j < kChains; ++j) sums[j] = add_rn(sums[j], mul_rn(a[j][d], b[j][d]));
+  } else {
+    for (int64_t d = 0; d < D; ++d)
+      for (int j = 0; j < count; ++j) sums[j] = add_rn(sums[j], mul_rn(a[j][d], b[j][d]));
+  }
+  std::copy(sums, sums + count, out);
+}
+
+// Squared Euclidean distance of every (row, col) entry of a CSR, as float32: pair_sqdist's numbers
+// (kreciprocal_math.h), with the features' squared norms summed once per item and the pairs that
+// no candidate list holds computed kChains at a time.
 template <typename A>
 void pair_sqdist_impl(const at::Tensor& features, const at::Tensor& cand_values, const at::Tensor& cand_indices,
                       const at::Tensor& row_ptr, const at::Tensor& cols, at::Tensor& out) {
@@ -82,9 +99,38 @@ void pair_sqdist_impl(const at::Tensor& features, const at::Tensor& cand_values,
   const int64_t* rp = row_ptr.const_data_ptr<int64_t>();
   const int64_t* cp = cols.const_data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
+  std::vector<A> norms(N);
+  at::parallel_for(0, (N + kChains - 1) / kChains, kRowGrain / kChains, [&](int64_t begin, int64_t end) {
+    const A* rows[kChains];
+    for (int64_t group = begin; group < end; ++group) {
+      const int count = int(std::min<int64_t>(kChains, N - group * kChains));
+      for (int j = 0; j < count; ++j) rows[j] = x + (group * kChains + j) * D;
+      feature_order_dots(rows, rows, count, D, norms.data() + group * kChains);
+    }
+  });
   at::parallel_for(0, N, kRowGrain, [&](int64_t begin, int64_t end) {
+    const A* a[kChains];
+    const A* b[kChains];
+    int64_t entry[kChains];
+    A dots[kChains];
+    int count = 0;
+    const auto flush = [&] {
+      feature_order_dots(a, b, count, D, dots);
+      for (int j = 0; j < count; ++j) {
+        const int64_t r = (a[j] - x) / D, c = cp[entry[j]];
+        op[entry[j]] = sqdist_from_sums(dots[j], norms[r], norms[c]);
+      }
+      count = 0;
+    };
     for (int64_t r = begin; r < end; ++r)
-      for (int64_t e = rp[r]; e < rp[r + 1]; ++e) op[e] = pair_sqdist(x, D, cv, ci, m, r, cp[e]);
+      for (int64_t e = rp[r]; e < rp[r + 1]; ++e) {
+        if (listed_sqdist(cv, ci, m, r, cp[e], op + e)) continue;
+        a[count] = x + r * D;
+        b[count] = x + cp[e] * D;
+        entry[count++] = e;
+        if (count == kChains) flush();
+      }
+    if (count > 0) flush();
   });
 }
 

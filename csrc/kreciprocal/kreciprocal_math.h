@@ -107,18 +107,33 @@ DPM_HD int64_t expanded_set(const int64_t* neighbours, int64_t width, int64_t i,
   return size;
 }
 
-// Squared Euclidean distance of items r and c as float32: read from the candidate lists of the
-// scan ((N, m) values / indices) when the pair is there (either direction; the scan's values are
-// symmetric), 0 for r == c, else |x_c|^2 - 2 x_r.x_c + |x_r|^2 from the (N, D) features, summed
-// in feature order and clamped at 0.
+// The squared distance of items r and c from the candidate lists of the scan ((N, m) values /
+// indices) when either row's list holds the other (the scan's values are symmetric), else 0 for
+// r == c: into *out, true; false when the features must give it.
+DPM_HD bool listed_sqdist(const float* cand_values, const int64_t* cand_indices, int64_t m, int64_t r, int64_t c,
+                          float* out) {
+  for (int64_t p = 0; p < m; ++p)
+    if (cand_indices[r * m + p] == c) return *out = cand_values[r * m + p], true;
+  for (int64_t p = 0; p < m; ++p)
+    if (cand_indices[c * m + p] == r) return *out = cand_values[c * m + p], true;
+  if (c == r) return *out = 0.f, true;
+  return false;
+}
+
+// |x_c|^2 - 2 x_r.x_c + |x_r|^2 as float32, clamped at 0, from the three sums taken in feature order
+// (one add_rn of a mul_rn per feature).
+template <typename A> DPM_HD float sqdist_from_sums(A dot, A r_norm, A c_norm) {
+  const A squared = add_rn(sub_rn(c_norm, mul_rn(A(2), dot)), r_norm);
+  return float(squared > A(0) ? squared : A(0));
+}
+
+// Squared Euclidean distance of items r and c as float32: listed_sqdist, else sqdist_from_sums of
+// the (N, D) features.
 template <typename A>
 DPM_HD float pair_sqdist(const A* x, int64_t D, const float* cand_values, const int64_t* cand_indices, int64_t m,
                          int64_t r, int64_t c) {
-  for (int64_t p = 0; p < m; ++p)
-    if (cand_indices[r * m + p] == c) return cand_values[r * m + p];
-  for (int64_t p = 0; p < m; ++p)
-    if (cand_indices[c * m + p] == r) return cand_values[c * m + p];
-  if (c == r) return 0.f;
+  float listed;
+  if (listed_sqdist(cand_values, cand_indices, m, r, c, &listed)) return listed;
   A dot = 0, nr = 0, nc = 0;
   for (int64_t d = 0; d < D; ++d) {
     const A xr = x[r * D + d], xc = x[c * D + d];
@@ -126,8 +141,7 @@ DPM_HD float pair_sqdist(const A* x, int64_t D, const float* cand_values, const 
     nr = add_rn(nr, mul_rn(xr, xr));
     nc = add_rn(nc, mul_rn(xc, xc));
   }
-  const A squared = add_rn(sub_rn(nc, mul_rn(A(2), dot)), nr);
-  return float(squared > A(0) ? squared : A(0));
+  return sqdist_from_sums(dot, nr, nc);
 }
 
 // One row of V_qe = the mean of the CSR rows V[sources[t]], t < k2 (cols ascending in each): a
