@@ -136,7 +136,7 @@ template <typename A> struct CertifiedLog {
   }
 
   // One tile line's items [first, end) with a row hit (stage1_line) offered to `row` (items offset + c).
-  void offer_to_row(int64_t row, const A* lo, const A* up, const uint8_t* hits, int64_t first, int64_t end,
+  void offer_to_row(int64_t row, const A* lo, const A* up, const uint64_t* hits, int64_t first, int64_t end,
                     int64_t offset) {
     for_each_hit(hits, first, end, [&](int64_t c) {
       if (wants(row, lo[c], up[c])) offer(row, lo[c], up[c], offset + c);
@@ -146,7 +146,7 @@ template <typename A> struct CertifiedLog {
   // The same line offered transposed where it has a column hit: column c to row offset + c, as item
   // `index`. Those rows' upper-bound slots lie scattered in memory: they are prefetched first, so
   // that the cache misses overlap.
-  void offer_to_columns(int64_t index, const A* lo, const A* up, const uint8_t* hits, int64_t first, int64_t end,
+  void offer_to_columns(int64_t index, const A* lo, const A* up, const uint64_t* hits, int64_t first, int64_t end,
                         int64_t offset) {
     hit_columns.clear();
     for_each_hit(hits, first, end, [&](int64_t c) { hit_columns.push_back(c); });
@@ -330,7 +330,7 @@ void knn_certified_pass(const Operand& xs, const Operand& ys, const Stage1Rows<A
       for (int64_t r = 0; r < nr; ++r) {
         stage1_line<false>(s.line(dots + r * nc, nc, metric, xq, r0 + r, x_norms[r0 + r], yq, c0, y_norms,
                                   bounds.limit(r), no_top));
-        log.offer_to_row(r, s.lower.data(), s.upper.data(), s.row_hits.data(), 0, nc, c0);
+        log.offer_to_row(r, s.lower.data(), s.upper.data(), s.row_words.data(), 0, nc, c0);
       }
     }
     // Stage 2: the kept items' distances as the direct path computes them, in (value, index) order.
@@ -471,7 +471,7 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
       if (exact) {
         exact_line<A>({exact_dots + r * nc, nc, metric, norms[row], bounds.limit(row), bounds.top(row), norms + c0,
                        s.col_limit.data(), s.col_top.data(), exact + r * cross_cols, line.row_hits.data(),
-                       line.col_hits.data()});
+                       line.col_hits.data(), line.row_words.data(), line.col_words.data()});
       } else {
         Stage1Line<A> in = line.line(dots + r * nc, nc, metric, xq, row, norms[row], xq, c0, norms,
                                      bounds.limit(row), bounds.top(row));
@@ -479,8 +479,8 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
         in.col_top = s.col_top.data();
         stage1_line<true>(in);
       }
-      own.offer_to_row(row, lo, up, line.row_hits.data(), first, nc, c0);
-      own.offer_to_columns(row, lo, up, line.col_hits.data(), first, nc, c0);
+      own.offer_to_row(row, lo, up, line.row_words.data(), first, nc, c0);
+      own.offer_to_columns(row, lo, up, line.col_words.data(), first, nc, c0);
     }
   });
 

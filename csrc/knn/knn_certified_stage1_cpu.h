@@ -34,7 +34,7 @@ namespace dpm_ops::knn {
 
 constexpr int64_t kMaxInt8Dim = 133000;                          // D 127^2 < 2^31: exact int32 sums
 constexpr double kMaxCertifiedNorm = 1.152921504606846976e18;    // 2^60: n^2 and E stay finite in fp32
-constexpr int64_t kHitBlock = 64;                                // hit flags skipped at a time by for_each_hit
+constexpr int64_t kHitBlock = 64;                                // hit flags packed into one word
 
 // `v` rounded to A upwards, so a bound computed in double stays a bound.
 template <typename A> A round_up(double v) {
@@ -46,6 +46,7 @@ template <typename A> A round_up(double v) {
 // AVX-512 (16 fp32 lanes, FMA, a rounding instruction) and *_portable (the build's own target, SSE2
 // on x86-64: a quarter as wide). They must stay small beside the int8 GEMM that feeds them.
 #if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
 #define DPM_OPS_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
 inline bool has_avx512() {
   static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -166,7 +167,8 @@ template <typename A> struct Stage1Rows {
 // of the quantised rows, both sides' factors, and the limits the hits are tested against (the row's
 // own, and with column hits each column's own as a row of the same lists). Outputs: the bounds and,
 // per column, whether the row wants it (row_hits) and whether the column's row wants this row
-// (col_hits): lower <= limit or upper >= top. Limits only fall and tops only rise while a line is
+// (col_hits): lower <= limit or upper >= top, one byte each, then packed into words of kHitBlock bits
+// (row_words, col_words) for for_each_hit. Limits only fall and tops only rise while a line is
 // offered, so the hits are a superset of what is still wanted when an item is reached.
 template <typename A> struct Stage1Line {
   const int32_t* dots;
@@ -177,17 +179,21 @@ template <typename A> struct Stage1Line {
   const A *col_scale, *col_norm_term, *col_sum_term, *col_sq_norm, *col_limit, *col_top;
   A *lower, *upper;
   uint8_t *row_hits, *col_hits;
+  uint64_t *row_words, *col_words;
 };
 
-// Per-thread buffers of stage 1: a tile's int32 GEMM, one line's bounds and hits (padded to kHitBlock).
+// Per-thread buffers of stage 1: a tile's int32 GEMM, one line's bounds and hits (bytes padded to
+// kHitBlock, and packed).
 template <typename A> struct Stage1Scratch {
   at::Tensor tile;
   std::vector<A> lower, upper;
   std::vector<uint8_t> row_hits, col_hits;
+  std::vector<uint64_t> row_words, col_words;
   std::vector<A> smallest;  // mth_smallest's buffer
   Stage1Scratch(int64_t tile_rows, int64_t tile_cols)
       : tile(at::empty({tile_rows * tile_cols}, at::kInt)), lower(tile_cols), upper(tile_cols),
-        row_hits(tile_cols / kHitBlock * kHitBlock + kHitBlock), col_hits(row_hits.size()) {}
+        row_hits(tile_cols / kHitBlock * kHitBlock + kHitBlock), col_hits(row_hits.size()),
+        row_words(row_hits.size() / kHitBlock), col_words(row_words.size()) {}
 
   // The exact int32 dots of x's rows [r0, r0 + nr) and y's rows [c0, c0 + nc), (nr, nc) row-major.
   const int32_t* gemm(const Stage1Rows<A>& x, int64_t r0, int64_t nr, const Stage1Rows<A>& y, int64_t c0,
@@ -206,7 +212,7 @@ template <typename A> struct Stage1Scratch {
             x.residual.template const_data_ptr<A>()[row], x_sq_norm, limit, top,
             y.scale.template const_data_ptr<A>() + c0, y.norm_term.template const_data_ptr<A>() + c0,
             y.sum_term.template const_data_ptr<A>() + c0, y_sq_norms + c0, nullptr, nullptr,
-            lower.data(), upper.data(), row_hits.data(), col_hits.data()};
+            lower.data(), upper.data(), row_hits.data(), col_hits.data(), row_words.data(), col_words.data()};
   }
 };
 
@@ -254,23 +260,57 @@ template <bool kColumns, typename A> DPM_OPS_AVX512_TARGET void stage1_line_avx5
   }
 }
 
-// Clears the hit flags past `cols` up to a multiple of kHitBlock, which for_each_hit reads at a time.
+// Packs hit flags (bytes 0 / 1) [0, cols) into words of kHitBlock bits (flag c at bit c % kHitBlock of
+// word c / kHitBlock), zero past cols: for_each_hit then skips a block of flags with one test. The
+// AVX-512 build tests 64 bytes an instruction; the portable one gathers eight flags with a multiply
+// (byte i's low bit lands at bit 56 + i, and no two terms overlap or carry into the top byte).
 template <bool kColumns> void clear_hit_padding(int64_t cols, uint8_t* row_hits, uint8_t* col_hits) {
   const int64_t padded = (cols + kHitBlock - 1) / kHitBlock * kHitBlock;
   std::memset(row_hits + cols, 0, padded - cols);
   if constexpr (kColumns) std::memset(col_hits + cols, 0, padded - cols);
 }
+inline void pack_hits_portable(const uint8_t* flags, int64_t words, uint64_t* out) {
+  for (int64_t w = 0; w < words; ++w) {
+    uint64_t word = 0;
+    for (int b = 0; b < kHitBlock; b += 8) {
+      uint64_t eight;
+      std::memcpy(&eight, flags + w * kHitBlock + b, 8);
+      word |= ((eight * 0x0102040810204080ull) >> 56) << b;
+    }
+    out[w] = word;
+  }
+}
+#if defined(__x86_64__) && defined(__GNUC__)
+DPM_OPS_AVX512_TARGET inline void pack_hits_avx512(const uint8_t* flags, int64_t words, uint64_t* out) {
+  for (int64_t w = 0; w < words; ++w) {
+    const __m512i block = _mm512_loadu_si512(flags + w * kHitBlock);
+    out[w] = _mm512_test_epi8_mask(block, block);
+  }
+}
+#else
+inline void pack_hits_avx512(const uint8_t* flags, int64_t words, uint64_t* out) {
+  pack_hits_portable(flags, words, out);
+}
+#endif
+template <bool kColumns>
+void pack_hits(int64_t cols, uint8_t* row_hits, uint8_t* col_hits, uint64_t* row_words, uint64_t* col_words) {
+  clear_hit_padding<kColumns>(cols, row_hits, col_hits);
+  const int64_t words = (cols + kHitBlock - 1) / kHitBlock;
+  const auto pack = has_avx512() ? pack_hits_avx512 : pack_hits_portable;
+  pack(row_hits, words, row_words);
+  if constexpr (kColumns) pack(col_hits, words, col_words);
+}
 
-// Bounds and hits of one line (see Stage1Line), padded for for_each_hit.
+// Bounds and hits of one line (see Stage1Line), packed for for_each_hit.
 template <bool kColumns, typename A> void stage1_line(const Stage1Line<A>& in) {
   if (has_avx512()) stage1_line_avx512<kColumns>(in);
   else stage1_line_portable<kColumns>(in);
-  clear_hit_padding<kColumns>(in.cols, in.row_hits, in.col_hits);
+  pack_hits<kColumns>(in.cols, in.row_hits, in.col_hits, in.row_words, in.col_words);
 }
 
 // One line of a tile whose GEMM is in the compute type (the exact cross block): the distances from
 // the line's dot products, written to `out`, and their hits as stage1_line's (lower = upper = the
-// distance), padded likewise. One pass, so the line is scanned while it is in L1.
+// distance), packed likewise. One pass, so the line is scanned while it is in L1.
 template <typename A> struct ExactLine {
   const A* dots;
   int64_t cols;
@@ -279,6 +319,7 @@ template <typename A> struct ExactLine {
   const A *col_sq_norm, *col_limit, *col_top;
   A* out;
   uint8_t *row_hits, *col_hits;
+  uint64_t *row_words, *col_words;
 };
 
 template <Metric kMetric, typename A>
@@ -318,7 +359,7 @@ template <typename A> DPM_OPS_AVX512_TARGET void exact_line_avx512(const ExactLi
 template <typename A> void exact_line(const ExactLine<A>& in) {
   if (has_avx512()) exact_line_avx512(in);
   else exact_line_portable(in);
-  clear_hit_padding<true>(in.cols, in.row_hits, in.col_hits);
+  pack_hits<true>(in.cols, in.row_hits, in.col_hits, in.row_words, in.col_words);
 }
 
 // The m-th smallest of `values` (reordered; +inf when there are fewer than m).
@@ -388,23 +429,13 @@ bool certified_pays(const Stage1Rows<A>& x, const A* x_sq_norms, const Stage1Row
   return 4 * falls_back <= kProbeRows;
 }
 
-// visit(c) for every c in [first, end) with hits[c] != 0: a block of kHitBlock flags is opened only
-// when one of them is set (few are), then read eight at a time (hits is padded with zeros to a
-// multiple of kHitBlock past `end`).
-template <class Visit> void for_each_hit(const uint8_t* hits, int64_t first, int64_t end, Visit visit) {
-  for (int64_t block = first / kHitBlock * kHitBlock; block < end; block += kHitBlock) {
-    uint64_t words[kHitBlock / 8], any = 0;
-    std::memcpy(words, hits + block, kHitBlock);
-    for (uint64_t w : words) any |= w;
-    if (any == 0) continue;
-    for (int64_t w = 0; w < kHitBlock / 8; ++w) {
-      uint64_t word = words[w];
-      while (word != 0) {
-        const int64_t c = block + 8 * w + (__builtin_ctzll(word) >> 3);
-        word &= word - 1;  // flags are 0 or 1: this clears the lowest one
-        if (c >= first) visit(c);
-      }
-    }
+// visit(c) for every c in [first, end) whose hit bit is set in `words` (pack_hits: zero past the
+// line's end), a word of kHitBlock flags at a time (few are set).
+template <class Visit> void for_each_hit(const uint64_t* words, int64_t first, int64_t end, Visit visit) {
+  for (int64_t w = first / kHitBlock; w * kHitBlock < end; ++w) {
+    uint64_t word = words[w];
+    if (w == first / kHitBlock) word &= ~uint64_t(0) << (first % kHitBlock);
+    for (; word != 0; word &= word - 1) visit(w * kHitBlock + __builtin_ctzll(word));
   }
 }
 
