@@ -369,13 +369,30 @@ template <typename A> A mth_value(std::vector<A>& values, int64_t m) {
   return values[m - 1];
 }
 
-// The m-th smallest of v[0, n) (+inf when n < m). For small m through a sorted buffer of the m
-// smallest: after the first few values almost every value fails one comparison with the m-th, the
-// sooner the smaller the first values are, so the values around `near` (where the caller expects
-// the smallest: a row's own column in a diagonal tile, its identity in ordered data) go first. A
-// larger m would shift O(m) values per insertion, so it selects on a copy (O(n)).
-template <typename A> A mth_smallest(const A* v, int64_t n, int64_t m, std::vector<A>& smallest, int64_t near = 0) {
+// The m-th smallest of v[0, n) (+inf when n < m). With a `guess` (e.g. a little above a similar row's
+// answer), one branch-free pass keeps the values at or below it: when m or more remain, the answer is
+// among them, their m-th smallest. Otherwise, for small m, through a sorted buffer of the m smallest:
+// after the first few values almost every value fails one comparison with the m-th, the sooner the
+// smaller the first values are, so the values around `near` (where the caller expects the smallest:
+// a row's own column in a diagonal tile, its identity in ordered data) go first. A larger m would
+// shift O(m) values per insertion, so it selects on a copy (O(n)).
+template <typename A>
+A mth_smallest(const A* v, int64_t n, int64_t m, std::vector<A>& smallest, int64_t near = 0,
+               A guess = std::numeric_limits<A>::infinity()) {
   constexpr int64_t kMaxInsertionM = 64, kNearWidth = 32;
+  if (guess < std::numeric_limits<A>::infinity()) {
+    if (int64_t(smallest.size()) < n) smallest.resize(n);
+    A* kept = smallest.data();
+    int64_t count = 0;
+    for (int64_t c = 0; c < n; ++c) {
+      kept[count] = v[c];
+      count += v[c] <= guess;
+    }
+    if (count >= m) {
+      std::nth_element(kept, kept + (m - 1), kept + count);
+      return kept[m - 1];
+    }
+  }
   if (m > kMaxInsertionM) {
     smallest.assign(v, v + n);
     return mth_value(smallest, m);
