@@ -39,35 +39,54 @@ struct MarkedSets {
   bool in_out(const int64_t*, int64_t, int64_t v) const { return mark[v] == own_mark || mark[v] == own_mark + 1; }
 };
 
-// R*(i) for every item, as CSR (row_ptr, cols). R(c, kh) is computed once per item; each
-// thread keeps the sets of its rows until the sizes are known, then copies them in place.
+// A CSR whose rows' sizes are known only once they are computed, in one pass: each parallel chunk of
+// rows appends its rows to buffers of its own (row(i, buffers) returns row i's size; make_row gives a
+// chunk its row function with its scratch), and the caller then copies each chunk's buffers to
+// row_ptr[first row] of its outputs.
+template <typename Buffers> struct ChunkedRows {
+  at::Tensor row_ptr;
+  std::vector<std::pair<int64_t, Buffers>> chunks;  // (first row, its rows' items)
+};
+template <typename Buffers, class MakeRow>
+ChunkedRows<Buffers> rows_by_chunks(int64_t N, const at::TensorOptions& options, MakeRow make_row) {
+  std::vector<int64_t> sizes(N);
+  std::mutex lock;
+  ChunkedRows<Buffers> out;
+  at::parallel_for(0, N, kRowGrain, [&](int64_t begin, int64_t end) {
+    Buffers buffers;
+    auto row = make_row();
+    for (int64_t i = begin; i < end; ++i) sizes[i] = row(i, buffers);
+    const std::lock_guard<std::mutex> guard(lock);
+    out.chunks.emplace_back(begin, std::move(buffers));
+  });
+  out.row_ptr = prefix_sum(sizes, options);
+  return out;
+}
+
+// R*(i) for every item, as CSR (row_ptr, cols). R(c, kh) is computed once per item.
 std::tuple<at::Tensor, at::Tensor> expand_cpu(const at::Tensor& neighbours_in, int64_t k1, int64_t half_k1) {
   const ExpandArgs a(neighbours_in, k1, half_k1);
   const int64_t N = a.N, width = a.width, count1 = a.count1, count_h = a.count_h;
   const int64_t* nb = a.neighbours.const_data_ptr<int64_t>();
-  std::vector<int64_t> half_sets(N * count_h), half_sizes(N), sizes(N);
+  std::vector<int64_t> half_sets(N * count_h), half_sizes(N);
   at::parallel_for(0, N, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c)
       half_sizes[c] = reciprocal_set(nb, width, c, count_h, half_sets.data() + c * count_h);
   });
-  std::mutex lock;
-  std::vector<std::pair<int64_t, std::vector<int64_t>>> pieces;  // (first row, its rows' items)
-  at::parallel_for(0, N, kRowGrain, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> own(count1), out(count1 * (count_h + 1)), items, marks(N, -1);
-    for (int64_t i = begin; i < end; ++i) {
-      sizes[i] = expanded_set(nb, width, i, count1, count_h, half_sets.data(), half_sizes.data(), own.data(),
-                              out.data(), MarkedSets{marks.data()});
-      items.insert(items.end(), out.begin(), out.begin() + sizes[i]);
-    }
-    const std::lock_guard<std::mutex> guard(lock);
-    pieces.emplace_back(begin, std::move(items));
+  const auto sets = rows_by_chunks<std::vector<int64_t>>(N, a.neighbours.options(), [&] {
+    return [&, own = std::vector<int64_t>(count1), out = std::vector<int64_t>(count1 * (count_h + 1)),
+            marks = std::vector<int64_t>(N, -1)](int64_t i, std::vector<int64_t>& items) mutable {
+      const int64_t size = expanded_set(nb, width, i, count1, count_h, half_sets.data(), half_sizes.data(),
+                                        own.data(), out.data(), MarkedSets{marks.data()});
+      items.insert(items.end(), out.begin(), out.begin() + size);
+      return size;
+    };
   });
-  at::Tensor row_ptr = prefix_sum(sizes, a.neighbours.options());
-  const int64_t* rp = row_ptr.const_data_ptr<int64_t>();
+  const int64_t* rp = sets.row_ptr.const_data_ptr<int64_t>();
   at::Tensor cols = at::empty({rp[N]}, a.neighbours.options());
-  int64_t* cp = cols.data_ptr<int64_t>();
-  for (const auto& piece : pieces) std::copy(piece.second.begin(), piece.second.end(), cp + rp[piece.first]);
-  return {row_ptr, cols};
+  for (const auto& [first, items] : sets.chunks)
+    std::copy(items.begin(), items.end(), cols.data_ptr<int64_t>() + rp[first]);
+  return {sets.row_ptr, cols};
 }
 
 // a_j . b_j for `count` <= kChains pairs of (D) rows, each summed in feature order one add_rn of a
@@ -156,31 +175,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> query_expansion_cpu(const at::Ten
   const int64_t* cp = a.cols.const_data_ptr<int64_t>();
   const float* vp = a.values.const_data_ptr<float>();
   const int64_t* sp = a.sources.const_data_ptr<int64_t>();
-  std::vector<int64_t> sizes(N);
-  at::Tensor out_ptr, out_cols, out_values;
-  int64_t* ocp = nullptr;
-  float* ovp = nullptr;
-  const int64_t* orp = nullptr;
-  // Two passes over the rows (expansion_row of kreciprocal_math.h): sizes, then the columns in place.
-  auto each_row = [&](bool fill) {
-    at::parallel_for(0, N, kRowGrain, [&](int64_t begin, int64_t end) {
-      std::vector<int64_t> cursor(2 * k2);
-      for (int64_t i = begin; i < end; ++i) {
-        if (fill) expansion_row(rp, cp, vp, sp + i * k2, k2, cursor.data(), ocp + orp[i], ovp + orp[i]);
-        else sizes[i] = expansion_row(rp, cp, vp, sp + i * k2, k2, cursor.data(), nullptr, nullptr);
-      }
-    });
+  struct Entries {
+    std::vector<int64_t> cols;
+    std::vector<float> values;
   };
-  each_row(false);
-  out_ptr = prefix_sum(sizes, a.row_ptr.options());
-  const int64_t nnz = out_ptr[N].item<int64_t>();
-  out_cols = at::empty({nnz}, a.cols.options());
-  out_values = at::empty({nnz}, a.values.options());
-  orp = out_ptr.const_data_ptr<int64_t>();
-  ocp = out_cols.data_ptr<int64_t>();
-  ovp = out_values.data_ptr<float>();
-  each_row(true);
-  return {out_ptr, out_cols, out_values};
+  // expansion_row of kreciprocal_math.h: a row holds at most its sources' entries together.
+  const auto rows = rows_by_chunks<Entries>(N, a.row_ptr.options(), [&] {
+    return [&, cursor = std::vector<int64_t>(2 * k2)](int64_t i, Entries& out) mutable {
+      const int64_t* sources = sp + i * k2;
+      int64_t most = 0;
+      for (int64_t t = 0; t < k2; ++t) most += rp[sources[t] + 1] - rp[sources[t]];
+      const size_t start = out.cols.size();
+      out.cols.resize(start + most);
+      out.values.resize(start + most);
+      const int64_t size =
+          expansion_row(rp, cp, vp, sources, k2, cursor.data(), out.cols.data() + start, out.values.data() + start);
+      out.cols.resize(start + size);
+      out.values.resize(start + size);
+      return size;
+    };
+  });
+  const int64_t* orp = rows.row_ptr.const_data_ptr<int64_t>();
+  at::Tensor out_cols = at::empty({orp[N]}, a.cols.options());
+  at::Tensor out_values = at::empty({orp[N]}, a.values.options());
+  for (const auto& [first, entries] : rows.chunks) {
+    std::copy(entries.cols.begin(), entries.cols.end(), out_cols.data_ptr<int64_t>() + orp[first]);
+    std::copy(entries.values.begin(), entries.values.end(), out_values.data_ptr<float>() + orp[first]);
+  }
+  return {rows.row_ptr, out_cols, out_values};
 }
 
 // One query row of the output blended (blend_entry of its min-sums and its distances, first divided
