@@ -114,6 +114,10 @@ def median_of(group, name):
     return _MEDIANS.get((group, name))
 
 
+def best_of(group, name):
+    return _BEST.get((group, name))
+
+
 def speedup(group, name, baseline="reference"):
     """best(baseline) / best(name) from this session (the fastest rounds); skips the calling check when
     a timing is missing (benchmarks disabled, or a case skipped or deselected)."""
