@@ -9,6 +9,10 @@ most rows to be covered. Inputs with distances exact in fp32 (small integers) mu
 for bit, ties included.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -349,3 +353,30 @@ def test_auto_strategy_resolution():
     assert all(_use_certified("certified", name, 1, 1, 1) for name in ("cpp", "cuda", "triton"))
     with pytest.raises(ValueError, match="strategy='certified'"):
         _use_certified("certified", "reference", 1, 1, 1)
+
+
+
+_BOUNDS_SUM = (
+    "import torch, dpm_ops; g = torch.Generator().manual_seed(3); "
+    "x, y = torch.randn(64, 96, generator=g), torch.randn(500, 96, generator=g); "
+    "lo, up = torch.ops.dpm_ops.knn_certified_bounds(x, y, 'sqeuclidean'); "
+    "print(repr(lo.double().sum().item()), repr(up.double().sum().item()))"
+)
+
+
+@pytest.mark.skipif(os.environ.get("ATEN_CPU_CAPABILITY") in ("default", "avx2"), reason="the portable build already")
+def test_portable_loops():
+    """The stage-1 and stage-2 loops' portable build, chosen as torch's own kernels are, by
+    ATEN_CPU_CAPABILITY=default: this module's tests rerun in a subprocess. On an AVX-512 machine
+    (which runs the other build) its bounds come out in other roundings (no FMA) and so differ
+    somewhere from this process's: the switch took effect."""
+    portable = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+
+    def run(*args, env=None):
+        result = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result.stdout
+
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        assert run("-c", _BOUNDS_SUM) != run("-c", _BOUNDS_SUM, env=portable)
+    print(run("-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "not portable", env=portable)[-300:])
