@@ -355,7 +355,6 @@ def test_auto_strategy_resolution():
         _use_certified("certified", "reference", 1, 1, 1)
 
 
-
 _BOUNDS_SUM = (
     "import torch, dpm_ops; g = torch.Generator().manual_seed(3); "
     "x, y = torch.randn(64, 96, generator=g), torch.randn(500, 96, generator=g); "
@@ -379,4 +378,6 @@ def test_portable_loops():
 
     if torch.backends.cpu.get_cpu_capability() == "AVX512":
         assert run("-c", _BOUNDS_SUM) != run("-c", _BOUNDS_SUM, env=portable)
-    print(run("-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "not portable", env=portable)[-300:])
+    print(
+        run("-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "not portable", env=portable)[-300:]
+    )
