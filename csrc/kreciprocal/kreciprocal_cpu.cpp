@@ -91,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor> expand_cpu(const at::Tensor& neighbours_in, i
 
 // a_j . b_j for `count` <= kChains pairs of (D) rows, each summed in feature order one add_rn of a
 // mul_rn at a time (pair_sqdist's sums, bit for bit); the pairs' chains are independent, so their
-// additions' latencies overlap.
+// additions' latencies overlap (a full group's fixed count keeps its sums in registers).
 constexpr int kChains = 8;
 template <typename A> void feature_order_dots(const A* const* a, const A* const* b, int count, int64_t D, A* out) {
   A sums[kChains] = {};
@@ -130,15 +130,12 @@ void pair_sqdist_impl(const at::Tensor& features, const at::Tensor& cand_values,
   at::parallel_for(0, N, kRowGrain, [&](int64_t begin, int64_t end) {
     const A* a[kChains];
     const A* b[kChains];
-    int64_t entry[kChains];
+    int64_t entry[kChains], row[kChains];
     A dots[kChains];
     int count = 0;
     const auto flush = [&] {
       feature_order_dots(a, b, count, D, dots);
-      for (int j = 0; j < count; ++j) {
-        const int64_t r = (a[j] - x) / D, c = cp[entry[j]];
-        op[entry[j]] = sqdist_from_sums(dots[j], norms[r], norms[c]);
-      }
+      for (int j = 0; j < count; ++j) op[entry[j]] = sqdist_from_sums(dots[j], norms[row[j]], norms[cp[entry[j]]]);
       count = 0;
     };
     for (int64_t r = begin; r < end; ++r)
@@ -146,6 +143,7 @@ void pair_sqdist_impl(const at::Tensor& features, const at::Tensor& cand_values,
         if (listed_sqdist(cv, ci, m, r, cp[e], op + e)) continue;
         a[count] = x + r * D;
         b[count] = x + cp[e] * D;
+        row[count] = r;
         entry[count++] = e;
         if (count == kChains) flush();
       }
