@@ -268,15 +268,17 @@ template <bool kColumns, typename A> DPM_OPS_AVX512_TARGET void stage1_line_avx5
   }
 }
 
-// Packs hit flags (bytes 0 / 1) [0, cols) into words of kHitBlock bits (flag c at bit c % kHitBlock of
-// word c / kHitBlock), zero past cols: for_each_hit then skips a block of flags with one test. The
-// AVX-512 build tests 64 bytes an instruction; the portable one gathers eight flags with a multiply
-// (byte i's low bit lands at bit 56 + i, and no two terms overlap or carry into the top byte).
+// Clears the hit flags past `cols` up to a multiple of kHitBlock, which pack_hits reads at a time.
 template <bool kColumns> void clear_hit_padding(int64_t cols, uint8_t* row_hits, uint8_t* col_hits) {
   const int64_t padded = (cols + kHitBlock - 1) / kHitBlock * kHitBlock;
   std::memset(row_hits + cols, 0, padded - cols);
   if constexpr (kColumns) std::memset(col_hits + cols, 0, padded - cols);
 }
+
+// Packs hit flags (bytes 0 / 1) [0, cols) into words of kHitBlock bits (flag c at bit c % kHitBlock of
+// word c / kHitBlock), zero past cols: for_each_hit then skips a block of flags with one test. The
+// AVX-512 build tests 64 bytes an instruction; the portable one gathers eight flags with a multiply
+// (byte i's low bit lands at bit 56 + i, and no two terms overlap or carry into the top byte).
 inline void pack_hits_portable(const uint8_t* flags, int64_t words, uint64_t* out) {
   for (int64_t w = 0; w < words; ++w) {
     uint64_t word = 0;
@@ -300,6 +302,7 @@ inline void pack_hits_avx512(const uint8_t* flags, int64_t words, uint64_t* out)
   pack_hits_portable(flags, words, out);
 }
 #endif
+// Both lines' flags packed (see above), the AVX-512 build where the CPU has it.
 template <bool kColumns>
 void pack_hits(int64_t cols, uint8_t* row_hits, uint8_t* col_hits, uint64_t* row_words, uint64_t* col_words) {
   clear_hit_padding<kColumns>(cols, row_hits, col_hits);
