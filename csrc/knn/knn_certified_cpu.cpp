@@ -10,6 +10,7 @@
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "knn_certified_stage1_cpu.h"
@@ -189,22 +190,42 @@ template <typename A> struct CertifiedLog {
 // Whether a call's rows fit CertifiedLog's int32 rows and items.
 inline bool fits_log(int64_t rows) { return rows <= std::numeric_limits<int32_t>::max(); }
 
-// The logged entries of every row of [0, rows), grouped by row (a counting sort of the logs, which
-// are freed): entries of row r are [start[r], start[r + 1]).
+// The logged entries of every row of [0, rows), grouped by row: a counting sort of the logs, each
+// log counted and scattered by a thread of its own (the logs are freed). The grouped entries are
+// left uninitialised until scattered, so that their first touch is parallel too.
 template <typename A> struct RowEntries {
-  std::vector<int64_t> start;
-  std::vector<typename CertifiedLog<A>::Entry> entries;
-  RowEntries(std::vector<CertifiedLog<A>*> logs, int64_t rows) : start(rows + 1, 0) {
-    for (const CertifiedLog<A>* log : logs)
-      for (const auto& e : log->entries) ++start[e.row + 1];
-    for (int64_t r = 0; r < rows; ++r) start[r + 1] += start[r];
-    entries.resize(start[rows]);
-    std::vector<int64_t> next(start.begin(), start.end() - 1);
-    for (CertifiedLog<A>* log : logs) {
-      for (const auto& e : log->entries) entries[next[e.row]++] = e;
-      decltype(log->entries)().swap(log->entries);
+  struct Entry {
+    A lower, upper;
+    int32_t index;
+  };
+  RowEntries(const std::vector<CertifiedLog<A>*>& logs, int64_t rows) : start_(rows + 1, 0) {
+    const int64_t count = int64_t(logs.size());
+    // Per log: its entries per row, then where its next entry of each row goes.
+    std::vector<std::vector<int64_t>> next(count, std::vector<int64_t>(rows, 0));
+    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t l = begin; l < end; ++l)
+        for (const auto& e : logs[l]->entries) ++next[l][e.row];
+    });
+    int64_t total = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      start_[r] = total;
+      for (auto& position : next) total += std::exchange(position[r], total);
     }
+    start_[rows] = total;
+    entries_.reset(new Entry[total]);
+    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t l = begin; l < end; ++l) {
+        for (const auto& e : logs[l]->entries) entries_[next[l][e.row]++] = {e.lower, e.upper, e.index};
+        decltype(logs[l]->entries)().swap(logs[l]->entries);
+      }
+    });
   }
+  const Entry* begin(int64_t row) const { return entries_.get() + start_[row]; }
+  const Entry* end(int64_t row) const { return entries_.get() + start_[row + 1]; }
+
+ private:
+  std::vector<int64_t> start_;
+  std::unique_ptr<Entry[]> entries_;
 };
 
 // The direct path's dot products of row a with the rows b[0, kRows) in the compute type: for each,
@@ -347,10 +368,8 @@ void knn_certified_pass(const Operand& xs, const Operand& ys, const Stage1Rows<A
       out_counts[row] = -2;
       if (log.overflow[r]) continue;
       items.clear();
-      for (int64_t e = logged.start[r]; e < logged.start[r + 1]; ++e) {
-        const auto& c = logged.entries[e];
-        if (c.lower <= limit) items.push_back({c.index, c.lower, c.lower == c.upper});
-      }
+      for (const auto* e = logged.begin(r); e < logged.end(r); ++e)
+        if (e->lower <= limit) items.push_back({e->index, e->lower, e->lower == e->upper});
       const int64_t kept = int64_t(items.size());
       out_counts[row] = -1;
       if (kept > cap) continue;
@@ -524,8 +543,8 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
       uppers.clear();
       bounds.append_uppers(row, uppers);
       const A limit = mth_value(uppers, m);
-      const auto* first = logged.entries.data() + logged.start[row];
-      const auto* end = logged.entries.data() + logged.start[row + 1];
+      const auto* first = logged.begin(row);
+      const auto* end = logged.end(row);
       items.clear();
       for (const auto* e = first; e < end && !overflow; ++e)
         if (e->lower <= limit) items.push_back({e->index, e->lower, e->lower == e->upper});

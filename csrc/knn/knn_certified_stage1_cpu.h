@@ -84,21 +84,22 @@ template <typename A>
   for (; t < D; ++t) largest = std::max(largest, std::abs(double(x[t])));
   for (int l = 0; l < kLanes; ++l) largest = std::max(largest, top[l]);
   // q is rounded against the scale the estimate uses, in A; any level is sound (the residual is
-  // measured), so the division may be a multiplication.
+  // measured), so the division may be a multiplication. The levels and the sums are separate
+  // loops so that both vectorise.
   const A sr = A(largest / 127);
   const double inverse = sr > A(0) ? 1 / double(sr) : 0.0;
-  const auto quantise = [&](int64_t t, double& n2, double& e2) {
-    const double v = double(x[t]);
-    const double level = std::min(127.0, std::max(-127.0, std::nearbyint(v * inverse)));
-    q[t] = int8_t(level);
-    const double e = v - double(sr) * level;
+  for (t = 0; t < D; ++t)
+    q[t] = int8_t(int32_t(std::min(127.0, std::max(-127.0, std::nearbyint(double(x[t]) * inverse)))));
+  // e = x - sr q is exact in double (sr q has at most 31 significant bits, and so has x - sr q).
+  const auto add = [&](int64_t t, double& n2, double& e2) {
+    const double v = double(x[t]), e = v - double(sr) * double(q[t]);
     n2 += v * v;
     e2 += e * e;
   };
   for (t = 0; t + kLanes <= D; t += kLanes)
-    for (int l = 0; l < kLanes; ++l) quantise(t + l, norm2[l], residual2[l]);
+    for (int l = 0; l < kLanes; ++l) add(t + l, norm2[l], residual2[l]);
   double n2 = 0, e2 = 0;
-  for (; t < D; ++t) quantise(t, n2, e2);
+  for (; t < D; ++t) add(t, n2, e2);
   for (int l = 0; l < kLanes; ++l) n2 += norm2[l], e2 += residual2[l];
   return {sr, n2, e2};
 }

@@ -13,6 +13,27 @@ namespace dpm_ops::knn {
 
 constexpr int64_t kTieMargin = 4;  // self_knn with row-max normalisation: extra candidates
 constexpr int64_t kFullRowBatch = 64;  // rows per GEMM when whole rows are recomputed
+constexpr int64_t kNormChunk = 1 << 18;  // elements per chunk of squared_row_norms
+
+// torch's (rows * rows).sum(1), bit for bit. On the CPU in chunks of rows, so that no (N, D)
+// temporary is allocated (its first touch cost as much as the sums): each row's sum is one serial
+// reduction there whatever the chunk, as long as a chunk has two rows or more (a single output
+// would split its row between threads).
+inline at::Tensor squared_row_norms(const at::Tensor& rows) {
+  const int64_t N = rows.size(0), D = rows.size(1);
+  if (!rows.is_cpu() || N * D <= kNormChunk) return (rows * rows).sum(1).contiguous();
+  const int64_t chunk = std::max<int64_t>(2, kNormChunk / std::max<int64_t>(D, 1));
+  at::Tensor norms = at::empty({N}, rows.options());
+  at::Tensor squares = at::empty({chunk + 1, D}, rows.options());
+  for (int64_t begin = 0; begin < N;) {
+    const int64_t count = N - begin == chunk + 1 ? chunk + 1 : std::min(chunk, N - begin);
+    const at::Tensor part = rows.narrow(0, begin, count);
+    at::Tensor out = norms.narrow(0, begin, count), square = squares.narrow(0, 0, count);
+    at::sum_out(out, at::mul_out(square, part, part), 1);
+    begin += count;
+  }
+  return norms;
+}
 
 inline Metric parse_metric(c10::string_view name) {
   if (name == "euclidean") return Metric::kEuclidean;
@@ -51,7 +72,7 @@ struct Operand {
   Operand(const at::Tensor& v, Metric metric, at::ScalarType type, at::ScalarType gemm_type) {
     rows = v.detach().to(type).contiguous();  // the op's autograd is registered apart
     if (metric == Metric::kCosine) rows = (rows / rows.norm(2, {1}, true).clamp_min(1e-12)).contiguous();
-    norms = (rows * rows).sum(1).contiguous();
+    norms = squared_row_norms(rows);
     gemm = rows.to(gemm_type);
   }
   Operand(const at::Tensor& v, Metric metric, at::ScalarType type) : Operand(v, metric, type, type) {}
