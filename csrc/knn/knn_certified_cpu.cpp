@@ -504,7 +504,7 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
                                      bounds.limit(row), bounds.top(row));
         in.col_limit = s.col_limit.data();
         in.col_top = s.col_top.data();
-        stage1_line<true>(in);
+        stage1_line<true>(in.from(first / kHitBlock * kHitBlock));  // for_each_hit starts at first's word
       }
       own.offer_to_row(row, lo, up, line.row_words.data(), first, nc, c0);
       own.offer_to_columns(row, lo, up, line.col_words.data(), first, nc, c0);

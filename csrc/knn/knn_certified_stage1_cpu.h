@@ -189,6 +189,20 @@ template <typename A> struct Stage1Line {
   A *lower, *upper;
   uint8_t *row_hits, *col_hits;
   uint64_t *row_words, *col_words;
+
+  // The same line from column `skip` on (a multiple of kHitBlock, so that the packed words stay
+  // aligned): the part of a diagonal tile's line that is offered.
+  Stage1Line from(int64_t skip) const {
+    Stage1Line part = *this;
+    part.dots += skip;
+    part.cols -= skip;
+    for (const A** column : {&part.col_scale, &part.col_norm_term, &part.col_sum_term, &part.col_sq_norm,
+                             &part.col_limit, &part.col_top})
+      if (*column) *column += skip;
+    part.lower += skip, part.upper += skip, part.row_hits += skip, part.col_hits += skip;
+    part.row_words += skip / kHitBlock, part.col_words += skip / kHitBlock;
+    return part;
+  }
 };
 
 // Per-thread buffers of stage 1: a tile's int32 GEMM, one line's bounds and hits (bytes padded to
