@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+import dpm_ops
 from conftest import backend_params, device_for, record_launches, sign_rows
 from dpm_ops.ops import knn, knn_reference, self_knn, self_knn_reference
 from dpm_ops.ops.knn_reference import pairwise_distance_reference
@@ -61,6 +62,25 @@ def test_knn_large_and_float64(backend):
     assert values.dtype == torch.float64
     torch.testing.assert_close(values, expected_values, rtol=0, atol=1e-10)
     assert torch.equal(indices, expected_indices)  # random float64 data: no ties
+
+
+@pytest.mark.skipif(not dpm_ops.backends()["cpp"][0], reason="the C++ extension is not built")
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(2000, 768), (700, 513), (5, 100_000), (3, 300_000)])
+def test_cpp_squared_norms_are_torchs_bit_for_bit(shape, dtype, threads):
+    """The C++ operands' squared norms, summed in chunks of rows (knn_operands.h), are (x * x).sum(1)
+    bit for bit, whatever the thread count: against an all-zero row a sqeuclidean distance is the
+    row's squared norm itself. The shapes cover several chunks, a last chunk of three rows, and one."""
+    x = random_rows(*shape, seed=11, dtype=dtype) * torch.logspace(-3, 3, shape[0], dtype=dtype)[:, None]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        values, _ = knn(x, torch.zeros(1, shape[1], dtype=dtype), 1, "sqeuclidean", backend="cpp", strategy="direct")
+        expected = (x * x).sum(1)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(values[:, 0], expected)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
