@@ -90,7 +90,6 @@ template <typename A>
   const double inverse = sr > A(0) ? 1 / double(sr) : 0.0;
   for (t = 0; t < D; ++t)
     q[t] = int8_t(int32_t(std::min(127.0, std::max(-127.0, std::nearbyint(double(x[t]) * inverse)))));
-  // e = x - sr q is exact in double (sr q has at most 31 significant bits, and so has x - sr q).
   const auto add = [&](int64_t t, double& n2, double& e2) {
     const double v = double(x[t]), e = v - double(sr) * double(q[t]);
     n2 += v * v;
