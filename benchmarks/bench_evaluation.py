@@ -9,7 +9,9 @@ re-ID-like neighbourhoods, benchmarks/reference/synthetic_features.py):
   (Q = 11,659, G = 82,161) rerank_features <= 1 s within 4 GB beyond its output;
 * CPU at MSMT17 scale: rerank_features within 24 GB;
 * CPU (issue 13): rerank_features with the certified neighbour search <= 0.6x the direct one, on
-  CPUs with int8 dot-product instructions (AVX-512 VNNI / AVX-VNNI / AMX); elsewhere the ratio is reported.
+  CPUs with int8 dot-product instructions (AVX-512 VNNI / AVX-VNNI / AMX); elsewhere the ratio is reported;
+  the query x gallery knn of evaluation.knn (k 10 and 100) with the certified search no slower than the
+  direct one there ("auto" picks it).
 
 The default "smoke" size (1/25 of Market) keeps `pytest benchmarks/ --benchmark-disable`
 short; the numpy references at Market scale and every MSMT17 case are marked `slow`, and so are the
@@ -31,7 +33,7 @@ from benchmarks.conftest import best_of, median_of, speedup
 from benchmarks.reference.eval_numpy import evaluate_rank_numpy
 from benchmarks.reference.rerank_numpy import re_ranking_from_features
 from benchmarks.reference.synthetic_features import MARKET1501, MSMT17, make_reid_features, scaled
-from dpm_ops.evaluation import evaluate_rank, pairwise_distance, rerank_features
+from dpm_ops.evaluation import evaluate_rank, knn, pairwise_distance, rerank_features
 from dpm_ops.evaluation._select import TIE_MARGIN
 from dpm_ops.ops.knn import int8_gemm_is_fast
 
@@ -294,6 +296,49 @@ def bench_cpu_certified_rerank_target():
             f"{ratio:.2f}); the target is for AVX-512 VNNI / AVX-VNNI / AMX CPUs"
         )
     assert ratio <= 0.6, f"certified rerank_features takes {ratio:.2f}x the direct one, target <= 0.6x"
+
+
+# The query x gallery knn of evaluation.knn with the certified search against the direct one, on the
+# same re-ID-like features, in the same run; the certified case reports its candidate sets.
+KNN_KS = (10, 100)
+
+
+@pytest.mark.skipif(GPU, reason="the CPU case; the GPU one is benchmarks/bench_knn_certified_gpu.py")
+@pytest.mark.parametrize("scale", ["smoke", pytest.param("market1501", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("k", KNN_KS)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def bench_knn_strategy(timed, benchmark, strategy, k, scale):
+    data = reid_data(scale)
+    query, gallery = _on_device(data.query, data.gallery, device="cpu")
+    timed(
+        lambda: knn(query, gallery, k, strategy=strategy),
+        group=group_name(f"knn k {k} strategy", scale),
+        name=f"knn {strategy}",
+        device="cpu",
+        rounds=3,
+        num_query=len(query),
+        num_gallery=len(gallery),
+        dim=query.shape[1],
+    )
+    if strategy == "certified":
+        counts = torch.ops.dpm_ops.knn_certified(query, gallery, k, "euclidean")[2]
+        certified = counts[counts >= 0].double()
+        mean, largest = (float(certified.mean()), int(certified.max())) if len(certified) else (None, None)
+        fallback = float((counts < 0).double().mean())
+        benchmark.extra_info.update(candidates_mean=mean, candidates_max=largest, fallback_rate=fallback)
+        print(f"\n{scale}, k {k}: candidates per row mean {mean}, max {largest}; fallback rate {fallback:.4f}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(GPU, reason="CPU targets")
+@pytest.mark.parametrize("k", KNN_KS)
+def bench_cpu_certified_knn_target(k):
+    """certified / direct for the query x gallery knn at Market scale, from the separate cases."""
+    ratio = 1 / speedup(group_name(f"knn k {k} strategy", "market1501"), "knn certified", baseline="knn direct")
+    print(f"\nMarket-1501 scale: knn k {k} certified / direct = {ratio:.2f}")
+    if not int8_gemm_is_fast():
+        pytest.skip(f"reported, not asserted: this CPU has no int8 dot-product instructions ({ratio:.2f})")
+    assert ratio <= 1.0, f"the certified knn takes {ratio:.2f}x the direct one, which 'auto' would not pick"
 
 
 @pytest.mark.skipif(not GPU, reason="GPU targets")
