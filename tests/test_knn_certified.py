@@ -196,6 +196,24 @@ def test_self_knn_matches_direct(normalize):
     check_same_self_knn(cert, direct, x, k, normalize)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_self_knn_cosine_rows_too_short_to_normalise(dtype, normalize):
+    """Cosine rows shorter than F.normalize's eps stay short, so the formula gives their distance to
+    themselves as ~1, not 0. Stage 1 takes d(i, i) = 0 as the direct path does; with the formula's
+    value the row's top (largest lower bound) came out ~1 and left the true row maximum out (hypothesis
+    found the two-row case). Mixed with ordinary rows, in one diagonal tile and across tiles."""
+    x = torch.tensor([[-1e15], [-4.343e-26]], dtype=dtype)
+    wide = gaussian(1500, 8, seed=9, dtype=dtype)
+    wide[::7] *= 1e-20  # every 7th row far below the eps
+    for rows, k in ((x, 1), (wide, 5)):
+        cert = torch.ops.dpm_ops.self_knn_certified(rows, k, "cosine", normalize, 0)
+        direct = self_knn(rows, k, "cosine", normalize, 0, backend="cpp", strategy="direct")
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(cert[2], direct[2], atol=tolerance, rtol=0)  # the row maxima
+        torch.testing.assert_close(cert[0], direct[0], atol=tolerance, rtol=0)
+
+
 @pytest.mark.parametrize("shuffled", [False, True])
 def test_self_knn_result_does_not_depend_on_threads(shuffled):
     """The threads share their limits between phases of tiles and each diagonal tile seeds its rows'

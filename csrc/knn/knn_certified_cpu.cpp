@@ -481,6 +481,9 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t row = r0 + r;
         stage1_line<false>(line.line(dots + r * nc, nc, metric, xq, row, norms[row], xq, c0, norms, none, none));
+        // d(i, i) is 0, whatever the formula gives for the pair (for cosine, 1 - |x|^2 on a row too short to
+        // normalise: a top of ~1 that would leave the row's true maximum out).
+        line.lower[r] = line.upper[r] = A(0);
         const A limit = mth_smallest(line.upper.data(), nc, m, line.smallest, r, guess);
         guess = limit * A(kGuessSlack);
         bounds.tighten(row, limit, range_max(line.lower.data(), nc));
