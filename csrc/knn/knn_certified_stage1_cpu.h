@@ -17,12 +17,12 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <optional>
@@ -45,20 +45,15 @@ template <typename A> A round_up(double v) {
 
 // Stage 1's per-element loops come in two builds, chosen at run time: *_avx512 for CPUs with
 // AVX-512 (16 fp32 lanes, FMA, a rounding instruction) and *_portable (the build's own target, SSE2
-// on x86-64: a quarter as wide). They must stay small beside the int8 GEMM that feeds them. As
-// torch's own kernels, they follow ATEN_CPU_CAPABILITY: "default" or "avx2" keeps the portable
-// build (which is how the tests check it on an AVX-512 machine).
+// on x86-64: a quarter as wide). They must stay small beside the int8 GEMM that feeds them. The
+// choice is torch's own CPU capability (at::get_cpu_capability), so ATEN_CPU_CAPABILITY=default or
+// avx2 keeps the portable build, as for torch's kernels (which is how the tests check it on an
+// AVX-512 machine).
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define DPM_OPS_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
 inline bool has_avx512() {
-  static const bool avx512 = [] {
-    const char* capability = std::getenv("ATEN_CPU_CAPABILITY");
-    if (capability != nullptr && (std::strcmp(capability, "default") == 0 || std::strcmp(capability, "avx2") == 0))
-      return false;
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-  }();
+  static const bool avx512 = at::get_cpu_capability() == "AVX512";
   return avx512;
 }
 #else
