@@ -250,12 +250,18 @@ def report_candidates(benchmark, query, gallery, scale, **info):
     21 neighbours + the tie margin) on the inputs' device."""
     counts = torch.ops.dpm_ops.self_knn_certified(
         torch.cat([query, gallery]), 21 + TIE_MARGIN, "sqeuclidean", True, len(query)
-    )[4].cpu()
+    )[4]
+    report_counts(benchmark, counts, scale, **info)
+
+
+def report_counts(benchmark, counts, label, **info):
+    """A certified op's candidates per row (-1: the row fell back) as extra_info: mean, max, fallback rate."""
+    counts = counts.cpu()
     certified = counts[counts >= 0].double()
     mean, largest = (float(certified.mean()), int(certified.max())) if len(certified) else (None, None)
     fallback = float((counts < 0).double().mean())
     benchmark.extra_info.update(candidates_mean=mean, candidates_max=largest, fallback_rate=fallback, **info)
-    print(f"\n{scale}: candidates per row mean {mean}, max {largest}; fallback rate {fallback:.4f}")
+    print(f"\n{label}: candidates per row mean {mean}, max {largest}; fallback rate {fallback:.4f}")
 
 
 def alternated_best(calls: dict, rounds: int) -> dict:
@@ -321,12 +327,7 @@ def bench_knn_strategy(timed, benchmark, strategy, k, scale):
         dim=query.shape[1],
     )
     if strategy == "certified":
-        counts = torch.ops.dpm_ops.knn_certified(query, gallery, k, "euclidean")[2]
-        certified = counts[counts >= 0].double()
-        mean, largest = (float(certified.mean()), int(certified.max())) if len(certified) else (None, None)
-        fallback = float((counts < 0).double().mean())
-        benchmark.extra_info.update(candidates_mean=mean, candidates_max=largest, fallback_rate=fallback)
-        print(f"\n{scale}, k {k}: candidates per row mean {mean}, max {largest}; fallback rate {fallback:.4f}")
+        report_counts(benchmark, torch.ops.dpm_ops.knn_certified(query, gallery, k, "euclidean")[2], f"{scale}, k {k}")
 
 
 @pytest.mark.slow
