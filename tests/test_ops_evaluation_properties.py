@@ -248,14 +248,14 @@ def test_re_ranking(data, q, g, dtype, squared, k1, k2):
             np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-5)
 
 
-def _ranked_apart_in_float32(features: torch.Tensor) -> bool:
+def _ranked_apart_in_float32(features: torch.Tensor, distances: np.ndarray) -> bool:
     """Every row's squared distances lie further apart than their float32 rounding can move them:
     1e-5 (|x|^2 + |y|^2) of the larger pair, well above the error of |x|^2 + |y|^2 - 2 x.y summed in
     float32 (as dpm_ops does) or of a float32 Euclidean distance squared (as the reference does). Where
     rows of very different scale meet (features of 1 and 1e10), float32 ties, not the method, order a
-    row, and the two may legitimately rank it differently."""
+    row, and the two may legitimately rank it differently. `distances`: the features' float64 cdist."""
     squared_norms = (features * features).sum(1)
-    squared = torch.cdist(features, features) ** 2
+    squared = torch.from_numpy(distances) ** 2
     for row in range(len(features)):
         values, order = squared[row].sort()
         scale = squared_norms[row] + squared_norms[order]
@@ -276,7 +276,7 @@ def test_rerank_features(data, q, g, d, dtype, k1, k2):
     features = torch.cat([qf, gf]).double()
     pooled = torch.cdist(features, features).numpy()
     assume(float(pooled.max()) > 1e-3 * max(largest(features), 1e-300) and _distinct_rows(pooled.round(4)))
-    assume(_ranked_apart_in_float32(features))
+    assume(_ranked_apart_in_float32(features, pooled))
     expected = rerank_numpy.re_ranking_from_features(qf.double().numpy(), gf.double().numpy(), k1, k2, 0.3)
     np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-4)
 
