@@ -92,6 +92,28 @@ def test_tiny_and_k_at_least_n(backend, rows, cols, k):
         check_same_knn(x, y, k, "euclidean", certified, min_covered=0.0, backend=backend)
 
 
+@pytest.mark.parametrize("backend", backend_params("triton"))
+@pytest.mark.parametrize("k, rows", [(7, 64), (40, 64), (70, 32)])
+def test_triton_stage1_in_the_row_blocks_of_large_inputs(backend, k, rows, monkeypatch):
+    """At scale a program takes 64 or 32 rows (16 for few rows: the grid fills the GPU). With one
+    multiprocessor planned, small inputs take the large blocks too: a full one and a partial one."""
+    from dpm_ops.triton import knn_certified as kernels
+
+    chosen = []
+    rows_per_program = kernels._rows_per_program
+    monkeypatch.setattr(kernels, "multiprocessors", lambda device: 1)
+    monkeypatch.setattr(kernels, "_rows_per_program", lambda *a: chosen.append(rows_per_program(*a)) or chosen[-1])
+    x, y = on(backend, gaussian(rows + 9, 32, 14), gaussian(200, 32, 15))
+    check_same_knn(x, y, k, "euclidean", backend=backend)
+    assert chosen == [rows, 64]  # the limits kernel's rows, the collect kernel's
+    chosen.clear()
+    (z,) = on(backend, torch.cat([x, y]))
+    cert = op_for("self_knn_certified", backend)(z, k, "sqeuclidean", False, len(x))
+    direct = self_knn(z, k, "sqeuclidean", False, len(x), backend=backend, strategy="direct")
+    check_same_self_knn(cert, direct, z, k, False)
+    assert chosen == [rows, 64]
+
+
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_float64_and_non_contiguous_inputs(backend):
     (base,) = on(backend, gaussian(160, 64, 6, torch.float64))

@@ -46,6 +46,33 @@ PTX = """\
 """
 
 
+# Triton's SASS of a tile loop (LBB0) around a k-loop (LBB1) and a merge loop (LBB2): a loop invariant
+# spilled before the tile loop and reloaded once per tile, and one spill store inside the merge loop.
+SASS = """\
+Function:kernel
+--:-:1:-:1	STL [R1+0x4], R3;
+LBB0:
+--:-:2:-:1	LDL R13, [R1+0x4];
+LBB1:
+--:-:-:-:1	HMMA.16816.F32.BF16 R4, R8, R10, R4;
+--:-:-:-:5	@!P4 BRA LBB1;
+LBB2:
+--:-:-:-:1	FMNMX R5, R5, R6, PT;
+--:-:1:-:1	STL.64 [R1+0x8], R6;
+--:-:-:-:5	@P5 BRA LBB2;
+--:-:-:-:5	@!P3 BRA LBB0;
+LBB3:
+--:-:-:Y:0	BRA LBB3;
+"""
+
+
+def test_hot_spill_instructions():
+    assert ptx_tools.hot_spill_instructions(SASS) == 1  # the merge loop's store; not the tile loop's reload
+    cold = SASS.replace("--:-:1:-:1\tSTL.64 [R1+0x8], R6;\n", "")
+    assert ptx_tools.hot_spill_instructions(cold) == 0
+    assert ptx_tools.hot_spill_instructions(cold.replace("LBB1:\n", "LBB1:\n--:-:2:-:1\tLDL R7, [R1];\n")) == 1
+
+
 def test_parse_ptxas_log():
     usage = ptx_tools.parse_ptxas_log(PTXAS_LOG)
     assert set(usage) == {"_Z6kernelIfEvPT_", "tile"}  # the non-entry _Z6helperv is not a kernel

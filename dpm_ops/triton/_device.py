@@ -27,3 +27,15 @@ def on_input_device(launcher):
             return launcher(*args, **kwargs)
 
     return launch
+
+
+# An H100 / H200 SXM's count: what launchers plan for without a GPU (the static check's meta tensors,
+# the interpreter), so that they compile and test the variants such a GPU runs.
+_PLANNED_MULTIPROCESSORS = 132
+
+
+def multiprocessors(device: torch.device) -> int:
+    """The streaming multiprocessors of `device` (of the planned GPU when it is not a CUDA device)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _PLANNED_MULTIPROCESSORS

@@ -1,9 +1,10 @@
 """Triton kernel of the fused distance + top-k (maths and tie rule: dpm_ops/ops/knn_reference.py).
 
 One program per BLOCK_M rows of x streams y in BLOCK_N-column tiles: a distance tile from tl.dot
-(fp32 IEEE or TF32 by torch's matmul precision, fp64: triton/_precision.py), then a merge of the
-tile into the rows' running top-K held in registers (merge_tile, also used by knn_certified.py). The
-(M, N) matrix is never written; the output is written once. The register lists cap k at 256, as the CUDA kernel's shared memory.
+(fp32 IEEE or TF32 by torch's matmul precision, fp64: triton/_precision.py), then the tile's pairs
+that beat a row's worst kept one go into the rows' K kept pairs, held in registers (offer_tile, also
+used by knn_certified.py), sorted once at the end. The (M, N) matrix is never written; the output
+is written once. The register lists cap k at 256, as the CUDA kernel's shared memory.
 """
 
 import torch
@@ -16,12 +17,14 @@ from ..ops.knn_reference import COSINE_EPS
 from ._device import on_input_device
 from ._precision import dot, dot_precision
 
-# Tiles chosen with the static check (scripts/static_check): the merge loop's few live registers
-# spilled under other shapes with Triton 3.6's or 3.9's ptxas; this one is spill-free with both.
-BLOCK_M = 8
+# Tiles chosen with the static check (scripts/static_check): spill-free with Triton 3.6's and 3.9's
+# ptxas for every k up to 256 (16 rows: 211 programs at the Market query count, more than a GPU's SMs).
+BLOCK_M = 16
 BLOCK_N = 64
 BLOCK_D = 16
-_NO_INDEX = 2**31 - 1  # larger than any column: placeholders lose every index tie (int32 lists: half the registers)
+# Above every column and every placeholder (empty_lists): a pair taken out of a tile never beats a kept
+# one (int32 lists: half the registers).
+_NO_INDEX = 2**31 - 1
 _METRIC_IDS = {"euclidean": 0, "sqeuclidean": 1, "cosine": 2}
 
 
@@ -34,27 +37,66 @@ def _lexicographic_min(values, indices, NO_INDEX: tl.constexpr):
 
 
 @triton.jit
-def merge_tile(dist, tile_i, best_v, best_i, K, KP: tl.constexpr, NO_INDEX: tl.constexpr):
-    """The rows' K smallest (value, index) pairs of a tile and their sorted lists, as new sorted lists:
-    K rounds, each taking the smaller (value, index) of the tile's and the list's current minimum."""
+def _lexicographic_max(values, indices, live):
+    """Per row: the largest (value, index) pair among the live slots."""
+    v = tl.max(tl.where(live, values, float("-inf")), axis=1)
+    i = tl.max(tl.where(live & (values == v[:, None]), indices, -1), axis=1)
+    return v, i
+
+
+@triton.jit
+def empty_lists(BLOCK_M: tl.constexpr, K, KP: tl.constexpr, dtype: tl.constexpr, NO_INDEX: tl.constexpr):
+    """The rows' lists of K kept (value, index) pairs in KP slots, unsorted, and each row's worst kept
+    pair. The K live slots start as (inf, NO_INDEX - KP + slot): distinct placeholders that every
+    column's pair beats; the slots past K hold (inf, NO_INDEX) and never change."""
     slots = tl.arange(0, KP)
-    new_v = tl.full(best_v.shape, float("inf"), best_v.dtype)
-    new_i = tl.full(best_i.shape, NO_INDEX, tl.int32)
+    live = (slots < K)[None, :] & tl.full((BLOCK_M, KP), 1, tl.int1)
+    best_v = tl.full((BLOCK_M, KP), float("inf"), dtype)
+    best_i = tl.where(live, NO_INDEX - KP + slots[None, :], NO_INDEX)
+    worst_v, worst_i = _lexicographic_max(best_v, best_i, live)
+    return best_v, best_i, worst_v, worst_i, live
+
+
+@triton.jit
+def offer_tile(dist, tile_i, best_v, best_i, worst_v, worst_i, live, K, NO_INDEX: tl.constexpr):
+    """Keeps the rows' K smallest (value, index) pairs of the lists and a tile. Each round, every row
+    whose smallest remaining tile pair beats its worst kept pair puts it in the worst one's slot; the
+    rounds stop when no row takes one. So a tile costs as many rounds as the most any of its rows
+    takes (at most K), and once the lists fill most tiles cost none. Taken pairs leave the tile as
+    (inf, NO_INDEX), which never beats a kept pair."""
+    tv, ti = _lexicographic_min(dist, tile_i, NO_INDEX)
+    take = (tv < worst_v) | ((tv == worst_v) & (ti < worst_i))
+    any_take = tl.max(take.to(tl.int32), axis=0)
+    for _ in range(0, K):
+        if any_take > 0:
+            into = take[:, None] & (best_i == worst_i[:, None])
+            best_v = tl.where(into, tv[:, None], best_v)
+            best_i = tl.where(into, ti[:, None], best_i)
+            taken = take[:, None] & (tile_i == ti[:, None])
+            dist = tl.where(taken, float("inf"), dist)
+            tile_i = tl.where(taken, NO_INDEX, tile_i)
+            worst_v, worst_i = _lexicographic_max(best_v, best_i, live)
+            tv, ti = _lexicographic_min(dist, tile_i, NO_INDEX)
+            take = (tv < worst_v) | ((tv == worst_v) & (ti < worst_i))
+            any_take = tl.max(take.to(tl.int32), axis=0)
+    return best_v, best_i, worst_v, worst_i
+
+
+@triton.jit
+def _sorted_lists(best_v, best_i, K, KP: tl.constexpr, NO_INDEX: tl.constexpr):
+    """The lists in (value, index) order: K rounds, each moving the smallest remaining pair out."""
+    slots = tl.arange(0, KP)
+    out_v = tl.full(best_v.shape, float("inf"), best_v.dtype)
+    out_i = tl.full(best_i.shape, NO_INDEX, tl.int32)
     for t in range(0, K):
-        tv, ti = _lexicographic_min(dist, tile_i, NO_INDEX)
-        bv, bi = _lexicographic_min(best_v, best_i, NO_INDEX)
-        from_tile = (tv < bv) | ((tv == bv) & (ti < bi))
-        v = tl.where(from_tile, tv, bv)
-        i = tl.where(from_tile, ti, bi)
+        v, i = _lexicographic_min(best_v, best_i, NO_INDEX)
         here = slots[None, :] == t
-        new_v = tl.where(here, v[:, None], new_v)
-        new_i = tl.where(here, i[:, None], new_i)
-        # Take the chosen entry out of its source (its index stays: a taken tile entry can only
-        # come back as an inf placeholder, which finite values displace).
-        dist = tl.where(from_tile[:, None] & (tile_i == ti[:, None]), float("inf"), dist)
-        best_v = tl.where((~from_tile)[:, None] & (best_i == bi[:, None]), float("inf"), best_v)
-        best_i = tl.where((~from_tile)[:, None] & (best_i == bi[:, None]), NO_INDEX, best_i)
-    return new_v, new_i
+        out_v = tl.where(here, v[:, None], out_v)
+        out_i = tl.where(here, i[:, None], out_i)
+        moved = best_i == i[:, None]
+        best_v = tl.where(moved, float("inf"), best_v)
+        best_i = tl.where(moved, NO_INDEX, best_i)
+    return out_v, out_i
 
 
 @triton.jit
@@ -81,9 +123,7 @@ def _knn_kernel(
     in_m = rows < M
     acc_t = xn_ptr.dtype.element_ty
     x_norm = tl.load(xn_ptr + rows, mask=in_m, other=0.0)
-    slots = tl.arange(0, KP)
-    best_v = tl.full((BLOCK_M, KP), float("inf"), acc_t)
-    best_i = tl.full((BLOCK_M, KP), NO_INDEX, tl.int32)
+    best_v, best_i, worst_v, worst_i, live = empty_lists(BLOCK_M, K, KP, acc_t, NO_INDEX)
     for c0 in range(0, N, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         in_n = cols < N
@@ -107,7 +147,9 @@ def _knn_kernel(
                 dist = tl.sqrt(dist)
         dist = tl.where(in_n[None, :], dist, float("inf"))
         tile_i = tl.where(in_n[None, :], cols[None, :], NO_INDEX) + tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
-        best_v, best_i = merge_tile(dist, tile_i, best_v, best_i, K, KP, NO_INDEX)
+        best_v, best_i, worst_v, worst_i = offer_tile(dist, tile_i, best_v, best_i, worst_v, worst_i, live, K, NO_INDEX)
+    best_v, best_i = _sorted_lists(best_v, best_i, K, KP, NO_INDEX)
+    slots = tl.arange(0, KP)
     offs = rows[:, None].to(tl.int64) * K + slots[None, :]
     out_mask = in_m[:, None] & (slots[None, :] < K)
     tl.store(out_v_ptr + offs, best_v, mask=out_mask)

@@ -4,9 +4,9 @@ Both kernels recompute one bf16 tensor-core GEMM (tl.dot, fp32 accumulator) tile
 per BLOCK_M rows streaming every column, and turn each dot product s into the interval
 [L, U] = [distance(s + E), distance(s - E)], E = a_i a_j (the per-row scales carry the bound):
 
-* _limits_kernel: per row the k-th smallest U (merge_tile of the direct kernel keeps the k smallest
-  across tiles; a tile with no U below the current k-th is skipped) and, for self_knn's row maximum,
-  the largest L;
+* _limits_kernel: per row the k-th smallest U (offer_tile of the direct kernel keeps the k smallest
+  across tiles; a tile whose U all lie above every row's current k-th costs one comparison) and, for
+  self_knn's row maximum, the largest L;
 * _collect_kernel: per row the columns with L <= the k-th smallest U ("near") and, for the row
   maximum, those with U >= the largest L ("far"), in ascending column order into buffers of `cap`
   slots; the counts go on past `cap` (such a row falls back to the exact computation).
@@ -20,14 +20,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import on_input_device
-from .knn import _METRIC_IDS, _NO_INDEX, merge_tile
+from ._device import multiprocessors, on_input_device
+from .knn import _METRIC_IDS, _NO_INDEX, empty_lists, offer_tile
 
-# Tiles: the limits kernel's (BLOCK_M, next_power_of_2(k)) lists are what limits its rows per program
-# (as the direct kernel's): 8 rows, since 16 spill a few bytes with Triton 3.6 (the GPU machine's) at
-# KP = 32; its 8-row tl.dot still compiles to tensor-core instructions (scripts/static_check/triton_check.py).
-LIMITS_BLOCK_M = 8
-COLLECT_BLOCK_M = 64
+# Tiles. Up to 64 rows a program: the GEMM tile of a Hopper warpgroup instruction, and each column
+# tile read from L2 serves 64 rows (8 rows made the limits kernel bound by L2 reads: 71 GB at
+# Market scale). The limits kernel's (rows, next_power_of_2(k)) lists fit 8 warps' registers
+# spill-free at 64 rows up to k 64 and at 32 rows beyond, half that for fp64 bounds
+# (scripts/static_check/triton_check.py).
 BLOCK_N = 64
 BLOCK_D = 32
 
@@ -124,12 +124,8 @@ def _limits_kernel(
     EMULATED: tl.constexpr,
 ):
     rows, in_m, x_norm, x_scale = _row_block(xn, xs, M, BLOCK_M)
-    acc_t = xn.dtype.element_ty
-    slots = tl.arange(0, KP)
-    best_v = tl.full((BLOCK_M, KP), float("inf"), acc_t)
-    best_i = tl.full((BLOCK_M, KP), NO_INDEX, tl.int32)
-    kth = tl.full((BLOCK_M,), float("inf"), acc_t)
-    top = tl.full((BLOCK_M,), float("-inf"), acc_t)
+    best_v, best_i, kth, worst_i, live = empty_lists(BLOCK_M, K, KP, xn.dtype.element_ty, NO_INDEX)
+    top = tl.full((BLOCK_M,), float("-inf"), xn.dtype.element_ty)
     for c0 in range(0, N, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         in_n = cols[None, :] < N
@@ -137,10 +133,8 @@ def _limits_kernel(
         if TRACK_MAX:
             top = tl.maximum(top, tl.max(tl.where(in_n, lower, float("-inf")), axis=1))
         upper = tl.where(in_n, upper, float("inf"))
-        if tl.sum((upper < kth[:, None]).to(tl.int32)) > 0:  # else the tile cannot lower any row's k-th
-            tile_i = tl.where(in_n, cols[None, :], NO_INDEX) + tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
-            best_v, best_i = merge_tile(upper, tile_i, best_v, best_i, K, KP, NO_INDEX)
-            kth = tl.max(tl.where(slots[None, :] < K, best_v, float("-inf")), axis=1)
+        tile_i = tl.where(in_n, cols[None, :], NO_INDEX) + tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
+        best_v, best_i, kth, worst_i = offer_tile(upper, tile_i, best_v, best_i, kth, worst_i, live, K, NO_INDEX)
     tl.store(limit_ptr + rows, kth, mask=in_m)
     if TRACK_MAX:
         tl.store(top_ptr + rows, top, mask=in_m)
@@ -199,6 +193,15 @@ def _collect_kernel(
         tl.store(far_count_ptr + rows, far_count, mask=in_m)
 
 
+def _rows_per_program(M: int, most: int, device: torch.device) -> int:
+    """`most` rows a program, halved (down to 16, tl.dot's smallest) while the grid would leave
+    multiprocessors idle: a program streams every column, so fewer rows mean more programs."""
+    rows = most
+    while rows > 16 and triton.cdiv(M, rows) < multiprocessors(device):
+        rows //= 2
+    return rows
+
+
 @on_input_device
 def stage1(x_bf16, y_bf16, x_norms, y_norms, x_scales, y_scales, k: int, cap: int, metric: str, self_pairs: bool):
     """Stage 1 on bf16 rows (M, D), (N, D), squared norms in the compute dtype and fp32 bound scales;
@@ -220,7 +223,8 @@ def stage1(x_bf16, y_bf16, x_norms, y_norms, x_scales, y_scales, k: int, cap: in
         return result
     operands = (x_bf16, y_bf16, x_norms, y_norms, x_scales, y_scales, limits, tops)
     kp = max(32, triton.next_power_of_2(k))  # one compiled variant for every k <= 32 (a few registers more)
-    _limits_kernel[(triton.cdiv(M, LIMITS_BLOCK_M),)](
+    limits_rows = _rows_per_program(M, (64 if kp <= 64 else 32) // (2 if dtype == torch.float64 else 1), device)
+    _limits_kernel[(triton.cdiv(M, limits_rows),)](
         *operands,
         M,
         N,
@@ -231,13 +235,14 @@ def stage1(x_bf16, y_bf16, x_norms, y_norms, x_scales, y_scales, k: int, cap: in
         METRIC=_METRIC_IDS[metric],
         KP=kp,
         NO_INDEX=_NO_INDEX,
-        BLOCK_M=LIMITS_BLOCK_M,
+        BLOCK_M=limits_rows,
         BLOCK_N=BLOCK_N,
         BLOCK_D=BLOCK_D,
         EMULATED=os.environ.get("TRITON_INTERPRET") == "1",
-        num_warps=8 if kp >= 128 else 4,
+        num_warps=8,
     )
-    _collect_kernel[(triton.cdiv(M, COLLECT_BLOCK_M),)](
+    collect_rows = _rows_per_program(M, 64, device)
+    _collect_kernel[(triton.cdiv(M, collect_rows),)](
         *operands,
         near,
         near_count,
@@ -250,7 +255,7 @@ def stage1(x_bf16, y_bf16, x_norms, y_norms, x_scales, y_scales, k: int, cap: in
         SELF=self_pairs,
         TRACK_MAX=self_pairs,
         METRIC=_METRIC_IDS[metric],
-        BLOCK_M=COLLECT_BLOCK_M,
+        BLOCK_M=collect_rows,
         BLOCK_N=BLOCK_N,
         BLOCK_D=BLOCK_D,
         EMULATED=os.environ.get("TRITON_INTERPRET") == "1",

@@ -67,6 +67,32 @@ def ptx_entries(ptx: str) -> dict:
     }
 
 
+# Triton's SASS (triton.tools.disasm: cuobjdump -sass with branch targets as labels "LBB<n>:").
+_SASS_LABEL = re.compile(r"^(LBB\d+):\s*$")
+_SASS_BRANCH = re.compile(r"\bBRA\s+(LBB\d+)\s*;")
+_SASS_LOCAL_MEMORY = re.compile(r"\b(?:STL|LDL)(?:\.\w+)*\s")
+
+
+def hot_spill_instructions(sass: str) -> int:
+    """The local-memory loads and stores (what ptxas spills to) inside an innermost loop of Triton's
+    SASS: a loop runs from a label to a later branch back to it, and an innermost one holds no other
+    loop. Spills there run every iteration of a GEMM's or a merge's inner loop; spills elsewhere run
+    once per iteration of an outer loop (loop invariants reloaded per tile)."""
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := _SASS_LABEL.match(line))}
+    loops = [
+        (labels[m.group(1)], i)
+        for i, line in enumerate(lines)
+        if (m := _SASS_BRANCH.search(line)) and labels.get(m.group(1), i) < i
+    ]
+    innermost = [a for a in loops if not any(b != a and a[0] <= b[0] and b[1] <= a[1] for b in loops)]
+    return sum(
+        1
+        for i, line in enumerate(lines)
+        if _SASS_LOCAL_MEMORY.search(line) and any(start < i < end for start, end in innermost)
+    )
+
+
 def uses_tensor_cores(ptx: str) -> bool:
     return bool(_TENSOR_CORE.search(ptx))
 

@@ -11,7 +11,8 @@ signature, constexprs, target) is compiled once; ptxas -v (which Triton runs any
 registers and spills. One process per architecture, in parallel.
 
 Fails on: a compile error, a launcher exception, a grid over the hardware limits, shared memory
-over the architecture's opt-in limit, register spills (fp64-only variants' are printed, not failed),
+over the architecture's opt-in limit, register spills (printed, not failed: fp64-only variants', and
+at most COLD_SPILL_BYTES none of which sits in an innermost loop of the SASS),
 a GEMM-shaped kernel without tensor-core instructions on sm_90 in TF32 or bf16 mode
 (GEMM_OPS), and a kernel that no case launches. Nothing is written into the repository
 (no bytecode; Triton's cache lives in a temporary folder, removed at exit).
@@ -44,6 +45,7 @@ from ptx_tools import (  # noqa: E402  (after the bytecode switch)
     GEMM_OPS,
     GRID_LIMITS,
     SMEM_OPTIN_LIMIT,
+    hot_spill_instructions,
     parse_ptxas_log,
     print_table,  # noqa: E402
     uses_tensor_cores,
@@ -55,6 +57,10 @@ REPO = Path(__file__).resolve().parents[2]
 # (torch.set_float32_matmul_precision("high")); on sm_90 each of their kernels that calls tl.dot (itself
 # or through a helper) must issue tensor-core instructions in TF32 mode and on bf16 inputs.
 TENSOR_CORE_ARCH = 90
+# ptxas may spill a few loop invariants of an outer loop (reloaded once per tile) even with registers to
+# spare; what costs time is a spill inside an innermost loop (a GEMM's k-loop, a merge's rounds) or a
+# large one, and both fail.
+COLD_SPILL_BYTES = 64
 
 
 def parse_args(argv=None):
@@ -86,6 +92,7 @@ class Variant:
     regs: int
     spill_stores: int
     spill_loads: int
+    hot_spills: int  # local-memory instructions in innermost loops (ptx_tools.hot_spill_instructions)
     smem: int
     warps: int
     stages: int
@@ -285,6 +292,7 @@ def new_variant(check: Check, fn, module: str, compiled, log: str, seconds: floa
         regs=usage.regs,
         spill_stores=usage.spill_stores,
         spill_loads=usage.spill_loads,
+        hot_spills=hot_spill_instructions(compiled.asm["sass"]) if usage.spills else 0,
         smem=md.shared,
         warps=md.num_warps,
         stages=md.num_stages,
@@ -392,13 +400,14 @@ def cases(mods: dict) -> list:
                 )
 
     # The certified k-NN's stage 1 (bf16 GEMM, bounds in the fp32 / fp64 compute dtype): knn at the knn
-    # shapes, self_knn as re-ranking calls it (k1 20 + 5 raw neighbours kept, the row maxima collected).
+    # shapes, self_knn as re-ranking calls it (k1 20 + 5 raw neighbours kept, the row maxima collected)
+    # and at larger k1. The rows per program follow M and k: the Market queries take 16, the
+    # self_knn cases 64 (k <= 64) and 32.
     cert = mods["knn_certified"]
     market_all, msmt_all = MARKET[0] + MARKET[1], MSMT17[0] + MSMT17[1]
     for label, (M, N, D), k, self_pairs in (
-        ("knn market M3368 N15913 D768", MARKET, 21, False),
-        ("knn market M3368 N15913 D768", MARKET, 256, False),
-        ("self_knn market N19281 D768", (market_all, market_all, 768), 25, True),
+        *(("knn market M3368 N15913 D768", MARKET, k, False) for k in (21, 256)),
+        *(("self_knn market N19281 D768", (market_all, market_all, 768), k, True) for k in (25, 54, 104)),
         ("self_knn msmt17 N93820 D768", (msmt_all, msmt_all, 768), 25, True),
     ):
         for d in FP32_FP64:
@@ -605,6 +614,8 @@ def judge_variants(check: Check) -> list:
             message = f"{where}: spills {v.spill_stores} B stores / {v.spill_loads} B loads ({v.regs} registers)"
             if v.dtypes == {"fp64"}:
                 check.notes.append(f"sm_{check.arch} {message} [fp64: not a failure]")
+            elif not v.hot_spills and v.spill_stores + v.spill_loads <= COLD_SPILL_BYTES:
+                check.notes.append(f"sm_{check.arch} {message} [none in an innermost loop: not a failure]")
             else:
                 check.fail("spills", message, v.cases)
         if v.needs_tensor_cores and not v.tensor_cores:
