@@ -11,6 +11,7 @@ from test_knn_certified import (
     check_same_knn,
     check_same_self_knn,
     gaussian,
+    squared,
 )
 
 from benchmarks.reference.synthetic_features import make_reid_features
@@ -112,6 +113,38 @@ def test_triton_stage1_in_the_row_blocks_of_large_inputs(backend, k, rows, monke
     direct = self_knn(z, k, "sqeuclidean", False, len(x), backend=backend, strategy="direct")
     check_same_self_knn(cert, direct, z, k, False)
     assert chosen == [rows, 64]
+
+
+@pytest.mark.parametrize("backend", backend_params("triton"))
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_candidate_distances_match_the_torch_version(backend, metric, dtype):
+    """Stage 2's fused kernel against the torch version (backend "cuda"'s): counts from 0 to past one
+    block of 64, padding N, the diagonal of self pairs, D across the 64-wide chunks."""
+    gen = torch.Generator().manual_seed(17)
+    n, width = 90, 150
+    counts = torch.tensor([0, 1, 63, 64, 65, 150, 7, 128])
+    rows = torch.randint(0, n, (len(counts),), generator=gen)
+    candidates = torch.randint(0, n, (len(counts), width), generator=gen)
+    candidates[:, 0] = rows  # each row's own pair first (0 in self_knn)
+    candidates = candidates.masked_fill(torch.arange(width) >= counts[:, None], n)
+    for x, exact in ((gaussian(n, 100, 18, dtype), False), (sign_rows(n, 100, seed=19, dtype=dtype), True)):
+        xo = knn_certified.Operand.of(on(backend, x)[0], metric, dtype)
+        args = on(backend, rows, candidates, counts)
+        for self_pairs in (False, True):
+            got = knn_certified._triton_candidate_distances(xo, xo, *args, metric, self_pairs)
+            expected = knn_certified.candidate_distances(xo, xo, *args, metric, self_pairs)
+            assert got.dtype == dtype and bool((got.isinf() == (candidates >= n).to(got.device)).all())
+            if exact:  # every product and sum exact: any order gives the same bits
+                assert torch.equal(got, expected)
+            else:  # within the rounding of the distance computation (squared: euclidean's sqrt magnifies it near 0)
+                tau = 2 * x.shape[1] * torch.finfo(dtype).eps * 2 * float(xo.norms.max())
+                both = got.isfinite()
+                torch.testing.assert_close(
+                    squared(got[both], metric), squared(expected[both], metric), rtol=0, atol=tau
+                )
+            if self_pairs:
+                assert bool((got[counts > 0, 0] == 0).all())
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -270,12 +303,12 @@ def test_certified_strategy_errors():
 @pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
 def test_cublas_pipeline_matches_direct_on_cpu(metric):
     query, gallery = reid_like(60, 700, seed=7)
-    result = knn_certified.knn_certified_rows(query, gallery, 9, metric, knn_certified.stage1_cublas)
+    result = knn_certified.knn_certified_rows(query, gallery, 9, metric, knn_certified.CUBLAS)
     assert bool((result[2] >= 9).all())
     check_same_knn(query, gallery, 9, metric, result[:2], backend="cpp")
     # 300 copies of query row 0: over the cap, that row is computed exactly; the others are certified.
     y = torch.cat([query[:1].repeat(300, 1), gallery[:100]])
-    result = knn_certified.knn_certified_rows(query[:4], y, 5, metric, knn_certified.stage1_cublas)
+    result = knn_certified.knn_certified_rows(query[:4], y, 5, metric, knn_certified.CUBLAS)
     assert result[2][0] == -1 and bool((result[2][1:] >= 5).all())
     check_same_knn(query[:4], y, 5, metric, result[:2], min_covered=0.0, backend="cpp")
 
@@ -284,7 +317,7 @@ def test_cublas_pipeline_matches_direct_on_cpu(metric):
 def test_cublas_pipeline_self_knn_on_cpu(normalize):
     query, gallery = reid_like(80, 500, seed=8)
     x = torch.cat([query, gallery])
-    cert = knn_certified.self_knn_certified_rows(x, 12, "sqeuclidean", normalize, 80, knn_certified.stage1_cublas, 600)
+    cert = knn_certified.self_knn_certified_rows(x, 12, "sqeuclidean", normalize, 80, knn_certified.CUBLAS, 600)
     direct = self_knn(x, 12, "sqeuclidean", normalize, 80, backend="cpp", strategy="direct")
     assert bool((cert[4] >= 12).all())
     check_same_self_knn(cert, direct, x, 12, normalize)
@@ -300,7 +333,7 @@ def test_opcheck(backend):
 def test_rows_beyond_the_bound_are_computed_exactly():
     # Norms above 2^60 (fp64: their squares stay finite): no bound, every row takes the exact path.
     x, y = gaussian(5, 8, 16, torch.float64) * 1e20, gaussian(40, 8, 17, torch.float64) * 1e20
-    values, indices, counts = knn_certified.knn_certified_rows(x, y, 3, "euclidean", knn_certified.stage1_cublas)
+    values, indices, counts = knn_certified.knn_certified_rows(x, y, 3, "euclidean", knn_certified.CUBLAS)
     assert bool((counts == -1).all())
     check_same_knn(x, y, 3, "euclidean", (values, indices), min_covered=0.0, backend="cpp")
     with pytest.raises(ValueError, match="too large"):

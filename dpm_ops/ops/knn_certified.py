@@ -4,8 +4,9 @@ Stage 1 runs a bf16 tensor-core GEMM with fp32 accumulation and keeps, per row, 
 lower bound is <= the k-th smallest upper bound (triton/knn_certified.py for backend "triton";
 cuBLAS through torch for backend "cuda", in row blocks). Stage 2 recomputes those candidates'
 distances with the direct path's formula in the compute dtype (fp32 IEEE products, never TF32;
-fp64 for fp64 input) and takes the first k in (distance, index) order. Rows whose candidates
-overflow `cap` get the exact full-row computation (an IEEE GEMM of those rows only).
+fp64 for fp64 input; Triton: one fused gather-and-sum kernel; "cuda": torch ops) and takes the first
+k in (distance, index) order. Rows whose candidates overflow `cap` get the exact full-row
+computation (an IEEE GEMM of those rows only).
 
 The CUDA backend is registered here, in Python, as the CUDA kernel of the existing schemas
 dpm_ops::knn_certified / self_knn_certified / knn_certified_bounds: the pipeline is torch ops around
@@ -15,6 +16,7 @@ one GEMM, and the one copy of it serves both GPU backends (a C++ copy would dupl
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -114,20 +116,36 @@ def _row_chunks(count: int, per_row: int):
     return [(r, min(count, r + step)) for r in range(0, count, step)]
 
 
-def candidate_distances(xo: Operand, yo: Operand, rows, candidates, metric: str, self_pairs: bool):
-    """Distances (R, C) of rows `rows` of x to their candidate columns (padding N: +inf), as the direct path
-    computes them: the dot product in the compute dtype from exact products (no TF32)."""
-    n = yo.rows.shape[0]
-    out = torch.empty(candidates.shape, dtype=xo.rows.dtype, device=xo.rows.device)
-    for r0, r1 in _row_chunks(len(rows), candidates.shape[1] * yo.rows.shape[1]):
-        cand, row = candidates[r0:r1], rows[r0:r1]
-        cols = cand.clamp_max(n - 1)
+def candidate_distances(xo: Operand, yo: Operand, rows, candidates, counts, metric: str, self_pairs: bool):
+    """Distances (R, C) of rows `rows` of x to their first `counts` candidate columns (+inf past them), as
+    the direct path computes them: the dot product in the compute dtype from exact products (no TF32).
+    The rows go in order of their counts, in chunks that gather only as many candidates as the chunk's
+    first (largest) count: about the candidates' own rows, not R x C of them."""
+    out = torch.full(candidates.shape, math.inf, dtype=xo.rows.dtype, device=xo.rows.device)
+    order = counts.argsort(descending=True)
+    widths = counts[order].tolist()
+    start = 0
+    while start < len(order):
+        width = max(1, widths[start])
+        stop = min(len(order), start + max(1, _CHUNK_ELEMENTS // (width * yo.rows.shape[1])))
+        chunk = order[start:stop]
+        cols, row = candidates[chunk, :width].clamp_max(yo.rows.shape[0] - 1), rows[chunk]  # padding: N
         dots = (xo.rows[row, None, :] * yo.rows[cols]).sum(-1)
         d = distance(dots, xo.norms[row, None], yo.norms[cols], metric)
         if self_pairs:
             d = torch.where(cols == row[:, None], 0, d)
-        out[r0:r1] = torch.where(cand < n, d, math.inf)
+        past = torch.arange(width, device=d.device) >= counts[chunk, None]
+        out[chunk, :width] = d.masked_fill(past, math.inf)
+        start = stop
     return out
+
+
+def _triton_candidate_distances(xo: Operand, yo: Operand, rows, candidates, counts, metric: str, self_pairs: bool):
+    from ..triton import knn_certified as kernels
+
+    return kernels.candidate_distances(
+        xo.rows, yo.rows, xo.norms, yo.norms, rows, candidates, counts, metric, self_pairs
+    )
 
 
 def exact_rows(xo: Operand, yo: Operand, rows, metric: str, self_pairs: bool):
@@ -212,19 +230,36 @@ def _triton_stage1(xo: Operand, yo: Operand, k: int, cap: int, metric: str, self
     return kernels.stage1(xo.bf16, yo.bf16, xo.norms, yo.norms, xo.scales, yo.scales, k, cap, metric, self_pairs)
 
 
+@dataclass(frozen=True)
+class Backend:
+    """A GPU backend's two steps: stage 1 (the candidates) and stage 2's candidate distances."""
+
+    stage1: Callable
+    distances: Callable
+
+
+TRITON = Backend(_triton_stage1, _triton_candidate_distances)
+CUBLAS = Backend(stage1_cublas, candidate_distances)  # torch ops around cuBLAS: backend "cuda"
+
+
 # ---- the pipeline -------------------------------------------------------------------------------
 
 
-def _stage2(xo, yo, near, near_count, k, cap, metric, self_pairs, values, indices, counts):
+def _candidates(buffer, buffer_count, rows):
+    """The rows' candidate columns (R, their largest count; padded with N) and counts."""
+    count = buffer_count[rows]
+    return buffer[rows, : int(count.max())].long(), count
+
+
+def _stage2(backend, xo, yo, near, near_count, k, cap, metric, self_pairs, values, indices, counts):
     """Stage 2 of the rows whose candidates fit `cap`, into values / indices / counts; returns the others."""
     fits = near_count <= cap
     rows = fits.nonzero().squeeze(1)
     if len(rows):
-        candidates = near[rows, : int(near_count[rows].max())].long()
-        values[rows], indices[rows] = select(
-            candidate_distances(xo, yo, rows, candidates, metric, self_pairs), candidates, k
-        )
-        counts[rows] = near_count[rows].long()
+        candidates, count = _candidates(near, near_count, rows)
+        d = backend.distances(xo, yo, rows, candidates, count, metric, self_pairs)
+        values[rows], indices[rows] = select(d, candidates, k)
+        counts[rows] = count.long()
     return (~fits).nonzero().squeeze(1)
 
 
@@ -239,9 +274,9 @@ def _exact(xo, yo, rows, k, metric, self_pairs, values, indices, row_max=None):
             row_max[row] = d.amax(1)
 
 
-def knn_certified_rows(x, y, k: int, metric: str, stage1):
-    """knn by the certified search with `stage1` (_triton_stage1 or stage1_cublas): (values, indices,
-    candidate counts, -1 for rows computed exactly)."""
+def knn_certified_rows(x, y, k: int, metric: str, backend: Backend):
+    """knn by the certified search on `backend` (TRITON or CUBLAS): (values, indices, candidate counts,
+    -1 for rows computed exactly)."""
     dtype = compute_dtype(x, y)
     m, n = x.shape[0], y.shape[0]
     values = x.new_empty((m, k), dtype=dtype)
@@ -253,17 +288,17 @@ def knn_certified_rows(x, y, k: int, metric: str, stage1):
     fallback = torch.arange(m, device=x.device)
     if bound_applies(xo, yo):
         cap = candidate_cap(k, n)
-        near, near_count = stage1(xo, yo, k, cap, metric, False)[:2]
-        fallback = _stage2(xo, yo, near, near_count, k, cap, metric, False, values, indices, counts)
+        near, near_count = backend.stage1(xo, yo, k, cap, metric, False)[:2]
+        fallback = _stage2(backend, xo, yo, near, near_count, k, cap, metric, False, values, indices, counts)
     _exact(xo, yo, fallback, k, metric, False, values, indices)
     return values, indices, counts
 
 
-def _row_maxima(xo, far, far_count, rows, metric, row_max):
+def _row_maxima(backend, xo, far, far_count, rows, metric, row_max):
     """Row maxima of the certified rows from their far candidates (U >= the row's largest L)."""
     if len(rows):
-        candidates = far[rows, : int(far_count[rows].max())].long()
-        d = candidate_distances(xo, xo, rows, candidates, metric, True)
+        candidates, count = _candidates(far, far_count, rows)
+        d = backend.distances(xo, xo, rows, candidates, count, metric, True)
         row_max[rows] = d.masked_fill(candidates >= xo.rows.shape[0], -math.inf).amax(1)
 
 
@@ -286,7 +321,7 @@ def _normalized_order(xo, raw_values, raw_indices, row_max, k, metric):
     return values, indices
 
 
-def self_knn_certified_rows(x, k: int, metric: str, normalize: bool, cross_rows: int, stage1, max_k: int):
+def self_knn_certified_rows(x, k: int, metric: str, normalize: bool, cross_rows: int, backend: Backend, max_k: int):
     """self_knn by the certified search (m = k, or k + 4 raw neighbours with normalize, as the direct
     path); also every row's candidate count (-1: computed exactly). `max_k`: stage 1's limit on m."""
     dtype = compute_dtype(x)
@@ -305,10 +340,10 @@ def self_knn_certified_rows(x, k: int, metric: str, normalize: bool, cross_rows:
     fallback = torch.arange(n, device=x.device)
     if m <= max_k and bound_applies(xo):
         cap = candidate_cap(m, n)
-        near, near_count, far, far_count = stage1(xo, xo, m, cap, metric, True)
+        near, near_count, far, far_count = backend.stage1(xo, xo, m, cap, metric, True)
         near_count = torch.where(far_count > cap, cap + 1, near_count)  # the row maximum overflowed
-        fallback = _stage2(xo, xo, near, near_count, m, cap, metric, True, raw_values, raw_indices, counts)
-        _row_maxima(xo, far, far_count, (counts >= 0).nonzero().squeeze(1), metric, row_max)
+        fallback = _stage2(backend, xo, xo, near, near_count, m, cap, metric, True, raw_values, raw_indices, counts)
+        _row_maxima(backend, xo, far, far_count, (counts >= 0).nonzero().squeeze(1), metric, row_max)
     _exact(xo, xo, fallback, m, metric, True, raw_values, raw_indices, row_max)
     if normalize:
         values, indices = _normalized_order(xo, raw_values, raw_indices, row_max, k, metric)
@@ -322,19 +357,19 @@ def self_knn_certified_rows(x, k: int, metric: str, normalize: bool, cross_rows:
 
 def knn_certified_triton(x, y, k, metric):
     check_knn_gpu_k(k, "Triton")
-    return knn_certified_rows(x, y, k, metric, _triton_stage1)
+    return knn_certified_rows(x, y, k, metric, TRITON)
 
 
 def self_knn_certified_triton(x, k, metric, normalize, cross_rows):
-    return self_knn_certified_rows(x, k, metric, normalize, cross_rows, _triton_stage1, KNN_GPU_MAX_K)
+    return self_knn_certified_rows(x, k, metric, normalize, cross_rows, TRITON, KNN_GPU_MAX_K)
 
 
 def _knn_certified_cuda(x, y, k, metric="euclidean"):
-    return knn_certified_rows(x, y, k, metric, stage1_cublas)
+    return knn_certified_rows(x, y, k, metric, CUBLAS)
 
 
 def _self_knn_certified_cuda(x, k, metric="sqeuclidean", normalize=False, cross_rows=0):
-    return self_knn_certified_rows(x, k, metric, normalize, cross_rows, stage1_cublas, x.shape[0])
+    return self_knn_certified_rows(x, k, metric, normalize, cross_rows, CUBLAS, x.shape[0])
 
 
 def _knn_certified_bounds_cuda(x, y, metric="euclidean"):

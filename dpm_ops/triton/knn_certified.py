@@ -12,6 +12,10 @@ per BLOCK_M rows streaming every column, and turn each dot product s into the in
   slots; the counts go on past `cap` (such a row falls back to the exact computation).
 
 A program owns its rows across all tiles, so the buffers need no atomics and come out sorted.
+
+Stage 2's distances come from _candidate_kernel: one program per row and block of its candidates
+gathers their rows and sums exact elementwise products (never TF32), reading no memory past the
+row's count (the torch version gathers a (rows, widest count, D) block and sums it).
 """
 
 import os
@@ -262,3 +266,78 @@ def stage1(x_bf16, y_bf16, x_norms, y_norms, x_scales, y_scales, k: int, cap: in
         num_warps=8,  # the (64, 64) tile's bounds, slots and masks: spill-free with two buffers
     )
     return result
+
+
+CANDIDATE_BLOCK_C = 64
+CANDIDATE_BLOCK_D = 64
+
+
+@triton.jit(do_not_specialize=["R", "C", "N"])
+def _candidate_kernel(
+    x_ptr,
+    y_ptr,
+    xn_ptr,
+    yn_ptr,
+    rows_ptr,
+    cand_ptr,
+    count_ptr,
+    out_ptr,
+    R,
+    C,
+    N,
+    D,
+    SELF: tl.constexpr,
+    METRIC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    slots = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row = tl.load(rows_ptr + r)
+    count = tl.load(count_ptr + r)
+    valid = slots < count
+    cols = tl.load(cand_ptr + r * C + slots, mask=valid, other=0).to(tl.int64)
+    x_norm = tl.load(xn_ptr + row + tl.arange(0, 1))
+    dots = tl.zeros((BLOCK_C,), dtype=x_norm.dtype)
+    if tl.program_id(1) * BLOCK_C < count:  # else every slot is past the count: +inf, nothing read
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            in_d = d < D
+            xv = tl.load(x_ptr + row * D + d, mask=in_d, other=0.0)
+            yv = tl.load(y_ptr + cols[:, None] * D + d[None, :], mask=valid[:, None] & in_d[None, :], other=0.0)
+            dots += tl.sum(yv * xv[None, :], axis=1)
+    y_norm = tl.load(yn_ptr + cols, mask=valid, other=0.0)
+    dist = tl.reshape(_distance(dots[None, :], x_norm, y_norm, METRIC), (BLOCK_C,))
+    if SELF:  # self_knn's d(i, i) = 0 exactly
+        dist = tl.where(cols == row, 0.0, dist)
+    tl.store(out_ptr + r * C + slots, tl.where(valid, dist, float("inf")), mask=slots < C)
+
+
+@on_input_device
+def candidate_distances(x_rows, y_rows, x_norms, y_norms, rows, candidates, counts, metric: str, self_pairs: bool):
+    """Distances (R, C) of rows `rows` of x to their first `counts` candidate columns (R, C) (+inf past
+    them): the direct path's formula on dot products of exact elementwise products in the rows'
+    dtype (fp32 / fp64), the rows (unit rows for cosine) and squared norms of ops/knn_certified.Operand."""
+    R, C = candidates.shape
+    out = torch.empty((R, C), dtype=x_rows.dtype, device=x_rows.device)
+    if R == 0 or C == 0:
+        return out
+    _candidate_kernel[(R, triton.cdiv(C, CANDIDATE_BLOCK_C))](
+        x_rows,
+        y_rows,
+        x_norms,
+        y_norms,
+        rows.contiguous(),
+        candidates.contiguous(),
+        counts.to(torch.int32).contiguous(),
+        out,
+        R,
+        C,
+        y_rows.shape[0],
+        x_rows.shape[1],
+        SELF=self_pairs,
+        METRIC=_METRIC_IDS[metric],
+        BLOCK_C=CANDIDATE_BLOCK_C,
+        BLOCK_D=CANDIDATE_BLOCK_D,
+    )
+    return out

@@ -439,6 +439,27 @@ def cases(mods: dict) -> list:
                     )
                 )
 
+    # Stage 2's candidate distances: every certified row of self_knn at Market / MSMT17 scale, the cap's width.
+    for label, n in (("market N19281", market_all), ("msmt17 N93820", msmt_all)):
+        for d in FP32_FP64:
+            for metric, self_pairs in (("euclidean", True), ("cosine", False)):
+
+                def run(n=n, metric=metric, self_pairs=self_pairs, dt=dtypes[d], cap=256):
+                    rows = t(n, 768, dtype=dt)
+                    cert.candidate_distances(
+                        rows,
+                        rows,
+                        t(n, dtype=dt),
+                        t(n, dtype=dt),
+                        t(n, dtype=torch.long),
+                        t(n, cap, dtype=torch.long),
+                        t(n, dtype=torch.int32),
+                        metric,
+                        self_pairs,
+                    )
+
+                out.append(Case(f"knn_certified stage 2 {label} C256 {metric} {d}", "knn_certified", d, "highest", run))
+
     arc = mods["masked_arcface"]
     for label, easy, plain_weight in (
         ("dpm train B64 K702 C768", False, 0.5),
