@@ -1,5 +1,7 @@
 """rerank_features on a GPU with the certified neighbour search against the direct one (issue 13,
-docs/certified_knn.md "GPU"), in the same run; the certified cases report their candidate sets.
+docs/certified_knn.md "GPU"), in the same run, on each GPU backend ("cuda": torch ops around cuBLAS;
+"triton": the stage-1 and stage-2 kernels); the certified cases report their candidate sets, and a
+profile case prints where a Market-scale certified call spends its GPU time, kernel by kernel.
 
 Targets (issue 13, H100 / H200): rerank_features with strategy="certified" <= 10 ms at Market-1501
 scale (N = 19,281, 768-d) and <= 0.3 s at MSMT17 scale (N = 93,820). Skipped without CUDA; the GPU
@@ -9,32 +11,63 @@ bring-up (scripts/gpu_check.py) runs this file first among the kernel benchmarks
 import pytest
 import torch
 
-from benchmarks.bench_evaluation import group_name, report_candidates, time_rerank_strategy
+from benchmarks.bench_evaluation import _on_device, group_name, reid_data, report_candidates, time_rerank_strategy
 from benchmarks.conftest import GPU, median_of
+from dpm_ops._backend import forced_backend
+from dpm_ops.evaluation import rerank_features
 
 pytestmark = pytest.mark.skipif(not GPU, reason="GPU benchmarks (the CPU ones: bench_evaluation.py)")
 TARGETS_S = {"market1501": 10e-3, "msmt17": 0.3}
 GROUP = "rerank_features certified gpu"
+BACKENDS = ["cuda", "triton"]
+
+
+def _skip_triton_at_msmt17(backend, scale):
+    if backend == "triton" and scale == "msmt17":
+        pytest.skip("Triton at Market scale only: its direct self_knn is the reference's full N x N matrix")
 
 
 @pytest.mark.parametrize("scale", ["market1501", "msmt17"])
 @pytest.mark.parametrize("strategy", ["direct", "certified"])
-def bench_gpu_rerank_features_strategy(timed, benchmark, strategy, scale):
+@pytest.mark.parametrize("backend", BACKENDS)
+def bench_gpu_rerank_features_strategy(timed, benchmark, backend, strategy, scale):
+    _skip_triton_at_msmt17(backend, scale)
     iterations = 5 if scale == "market1501" else 1
-    query, gallery = time_rerank_strategy(timed, strategy, scale, "cuda", GROUP, iterations)
-    if strategy == "certified":
-        report_candidates(benchmark, query, gallery, scale, target_s=TARGETS_S[scale])
+    with forced_backend(backend):
+        query, gallery = time_rerank_strategy(timed, strategy, scale, "cuda", f"{GROUP} {backend}", iterations)
+        if strategy == "certified":
+            report_candidates(benchmark, query, gallery, scale, target_s=TARGETS_S[scale])
 
 
 @pytest.mark.parametrize("scale", list(TARGETS_S))
-def bench_gpu_certified_rerank_targets(scale):
-    certified = median_of(group_name(GROUP, scale), "rerank certified")
-    direct = median_of(group_name(GROUP, scale), "rerank direct")
+@pytest.mark.parametrize("backend", BACKENDS)
+def bench_gpu_certified_rerank_targets(backend, scale):
+    _skip_triton_at_msmt17(backend, scale)
+    certified = median_of(group_name(f"{GROUP} {backend}", scale), "rerank certified")
+    direct = median_of(group_name(f"{GROUP} {backend}", scale), "rerank direct")
     if certified is None:
         pytest.skip("timings not recorded (benchmarks disabled or a case was deselected)")
     versus = f", direct {direct * 1e3:.1f} ms" if direct is not None else ""
-    print(f"\n{torch.cuda.get_device_name()} {scale}: rerank_features certified {certified * 1e3:.1f} ms{versus}")
+    print(
+        f"\n{torch.cuda.get_device_name()} {scale} {backend}: rerank_features certified {certified * 1e3:.1f} ms{versus}"
+    )
     target = TARGETS_S[scale]
     assert certified <= target, (
-        f"{scale}: certified rerank_features takes {certified * 1e3:.1f} ms, target <= {target * 1e3:.0f} ms"
+        f"{scale} {backend}: certified rerank_features takes {certified * 1e3:.1f} ms, target <= {target * 1e3:.0f} ms"
     )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def bench_gpu_certified_rerank_profile(backend):
+    """The GPU kernels of one Market-scale certified rerank_features call, by time (after a warm-up
+    call that compiles them): stage 1's GEMM or kernels, stage 2's, the re-ranking's own."""
+    data = reid_data("market1501")
+    query, gallery = _on_device(data.query, data.gallery, device="cuda")
+    with forced_backend(backend):
+        rerank_features(query, gallery, strategy="certified")
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+            rerank_features(query, gallery, strategy="certified")
+            torch.cuda.synchronize()
+    print(f"\n{torch.cuda.get_device_name()} market1501 {backend}: certified rerank_features, GPU kernels")
+    print(profile.key_averages().table(sort_by="self_device_time_total", row_limit=25))
