@@ -86,6 +86,12 @@ def test_ptx_entries_fma_counts_and_tensor_cores():
     assert ptx_tools.fma_counts(entries["tile"]) == (4, 4)  # integer mad is index arithmetic
     assert ptx_tools.fma_counts(entries["chain"]) == (3, 1)
     assert not ptx_tools.uses_tensor_cores(entries["tile"]) and ptx_tools.uses_tensor_cores(entries["chain"])
+    assert ptx_tools.tensor_core_instructions(entries["chain"]) == "mma"
+    assert (
+        ptx_tools.tensor_core_instructions("wgmma.mma_async.sync.aligned.m64n64k16 ...; mma.sync.aligned ...")
+        == "wgmma+mma"
+    )
+    assert ptx_tools.tensor_core_instructions(entries["tile"]) == ""
 
 
 def test_short_name():

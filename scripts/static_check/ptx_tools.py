@@ -14,7 +14,7 @@ SMEM_OPTIN_LIMIT = {90: 232448, 80: 166912}
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
 
 # Tensor-core instructions: wgmma (sm_90 warpgroup), mma.sync (sm_80+) and wmma.
-_TENSOR_CORE = re.compile(r"\b(?:wgmma|wmma|mma)\.")
+_TENSOR_CORE = re.compile(r"\b(wgmma|wmma|mma)\.")
 # Floating-point multiply-adds of SIMT code: destination, operands (integer mad.lo/.wide is index arithmetic).
 _SIMT_FMA = re.compile(r"\b(?:fma|mad)\.rn(?:\.ftz)?(?:\.sat)?\.f(?:32|64)\s+(%\w+),\s*([^;]+);")
 _ENTRY = re.compile(r"^\s*(?:\.visible\s+|\.weak\s+)*\.entry\s+([\w$]+)", re.M)
@@ -91,6 +91,11 @@ def hot_spill_instructions(sass: str) -> int:
         for i, line in enumerate(lines)
         if _SASS_LOCAL_MEMORY.search(line) and any(start < i < end for start, end in innermost)
     )
+
+
+def tensor_core_instructions(ptx: str) -> str:
+    """The kinds of tensor-core instruction in the PTX ("wgmma", "mma", "wgmma+mma"; "" for none)."""
+    return "+".join(sorted(set(_TENSOR_CORE.findall(ptx)), key=("wgmma", "mma", "wmma").index))
 
 
 def uses_tensor_cores(ptx: str) -> bool:

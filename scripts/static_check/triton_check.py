@@ -48,7 +48,7 @@ from ptx_tools import (  # noqa: E402  (after the bytecode switch)
     hot_spill_instructions,
     parse_ptxas_log,
     print_table,  # noqa: E402
-    uses_tensor_cores,
+    tensor_core_instructions,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -96,7 +96,7 @@ class Variant:
     smem: int
     warps: int
     stages: int
-    tensor_cores: bool
+    tensor_cores: str  # the kinds of tensor-core instruction (ptx_tools.tensor_core_instructions); '' for none
     compile_s: float
     cases: list = field(default_factory=list)
     dtypes: set = field(default_factory=set)
@@ -296,7 +296,7 @@ def new_variant(check: Check, fn, module: str, compiled, log: str, seconds: floa
         smem=md.shared,
         warps=md.num_warps,
         stages=md.num_stages,
-        tensor_cores=uses_tensor_cores(compiled.asm["ptx"]),
+        tensor_cores=tensor_core_instructions(compiled.asm["ptx"]),
         compile_s=round(seconds, 2),
     )
 
@@ -655,7 +655,7 @@ def judge_variants(check: Check) -> list:
                 f"{v.spill_stores}/{v.spill_loads}",
                 v.smem,
                 v.warps,
-                "yes" if v.tensor_cores else "no",
+                v.tensor_cores or "no",
                 len(v.cases),
                 v.compile_s,
             ]
