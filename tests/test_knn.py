@@ -96,6 +96,29 @@ def test_knn_ties_across_tiles_keep_index_order(backend, k):
     torch.testing.assert_close(values, expected_values, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", backend_params("triton"))
+@pytest.mark.parametrize("k, dtype, rows", [(9, torch.float32, 32), (70, torch.float32, 16), (9, torch.float64, 16)])
+def test_triton_knn_in_the_row_blocks_of_large_inputs(backend, k, dtype, rows, monkeypatch):
+    """At scale a program takes up to 32 rows (16 for few rows: the grid fills the GPU). With one
+    multiprocessor planned, small inputs take the large blocks too: a full one and a partial one."""
+    from dpm_ops.triton import _device
+    from dpm_ops.triton import knn as kernels
+
+    chosen = []
+    monkeypatch.setattr(_device, "multiprocessors", lambda device: 1)
+    monkeypatch.setattr(
+        kernels, "rows_per_program", lambda *a: chosen.append(_device.rows_per_program(*a)) or chosen[-1]
+    )
+    device = device_for(backend)
+    x, y = sign_rows(rows + 9, 8, seed=20, dtype=dtype).to(device), sign_rows(150, 8, seed=21, dtype=dtype).to(device)
+    for metric in METRICS:
+        values, indices = knn(x, y, k, metric, backend=backend)
+        expected_values, expected_indices = knn_reference(x, y, k, metric)
+        torch.testing.assert_close(indices, expected_indices, rtol=0, atol=0)
+        torch.testing.assert_close(values, expected_values, rtol=0, atol=1e-6)
+    assert chosen == [rows] * len(METRICS)
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_knn_non_contiguous_and_half_inputs(backend):
     device = device_for(backend)

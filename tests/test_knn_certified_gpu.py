@@ -98,12 +98,14 @@ def test_tiny_and_k_at_least_n(backend, rows, cols, k):
 def test_triton_stage1_in_the_row_blocks_of_large_inputs(backend, k, rows, monkeypatch):
     """At scale a program takes 64 or 32 rows (16 for few rows: the grid fills the GPU). With one
     multiprocessor planned, small inputs take the large blocks too: a full one and a partial one."""
+    from dpm_ops.triton import _device
     from dpm_ops.triton import knn_certified as kernels
 
     chosen = []
-    rows_per_program = kernels._rows_per_program
-    monkeypatch.setattr(kernels, "multiprocessors", lambda device: 1)
-    monkeypatch.setattr(kernels, "_rows_per_program", lambda *a: chosen.append(rows_per_program(*a)) or chosen[-1])
+    monkeypatch.setattr(_device, "multiprocessors", lambda device: 1)
+    monkeypatch.setattr(
+        kernels, "rows_per_program", lambda *a: chosen.append(_device.rows_per_program(*a)) or chosen[-1]
+    )
     x, y = on(backend, gaussian(rows + 9, 32, 14), gaussian(200, 32, 15))
     check_same_knn(x, y, k, "euclidean", backend=backend)
     assert chosen == [rows, 64]  # the limits kernel's rows, the collect kernel's

@@ -39,3 +39,13 @@ def multiprocessors(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return _PLANNED_MULTIPROCESSORS
+
+
+def rows_per_program(M: int, most: int, device: torch.device) -> int:
+    """`most` rows a program, halved (down to 16, tl.dot's smallest) while the grid would leave
+    multiprocessors idle: for kernels whose programs each stream all the columns, so fewer rows a
+    program mean more programs."""
+    rows = most
+    while rows > 16 and -(-M // rows) < multiprocessors(device):
+        rows //= 2
+    return rows

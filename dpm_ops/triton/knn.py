@@ -1,6 +1,7 @@
 """Triton kernel of the fused distance + top-k (maths and tie rule: dpm_ops/ops/knn_reference.py).
 
-One program per BLOCK_M rows of x streams y in BLOCK_N-column tiles: a distance tile from tl.dot
+One program per BLOCK_M rows of x (list_rows; fewer where the grid would leave multiprocessors
+idle: _device.rows_per_program) streams y in BLOCK_N-column tiles: a distance tile from tl.dot
 (fp32 IEEE or TF32 by torch's matmul precision, fp64: triton/_precision.py), then the tile's pairs
 that beat a row's worst kept one go into the rows' K kept pairs, held in registers (offer_tile, also
 used by knn_certified.py), sorted once at the end. The (M, N) matrix is never written; the output
@@ -14,12 +15,10 @@ import triton.language as tl
 
 from ..ops._checks import check_knn_gpu_k
 from ..ops.knn_reference import COSINE_EPS
-from ._device import on_input_device
+from ._device import on_input_device, rows_per_program
 from ._precision import dot, dot_precision
 
-# Tiles chosen with the static check (scripts/static_check): spill-free with Triton 3.6's and 3.9's
-# ptxas for every k up to 256 (16 rows: 211 programs at the Market query count, more than a GPU's SMs).
-BLOCK_M = 16
+# Tiles chosen with the static check (scripts/static_check), with Triton 3.6's and 3.9's ptxas.
 BLOCK_N = 64
 BLOCK_D = 16
 # Above every column and every placeholder (empty_lists): a pair taken out of a tile never beats a kept
@@ -156,6 +155,13 @@ def _knn_kernel(
     tl.store(out_i_ptr + offs, best_i.to(tl.int64), mask=out_mask)
 
 
+def list_rows(kp: int, dtype: torch.dtype, most: int) -> int:
+    """The most rows a program whose (rows, kp) lists fit 8 warps' registers without spilling in the
+    inner loops: `most` (the kernel's own, the static check's finding) up to kp 64, half beyond,
+    half again for fp64 lists, at least 16."""
+    return max(16, most // (1 if kp <= 64 else 2) // (2 if dtype == torch.float64 else 1))
+
+
 @on_input_device
 def knn_forward(x: torch.Tensor, y: torch.Tensor, k: int, metric: str):
     """x (M, D), y (N, D) of one float dtype (float32 or float64), 1 <= k <= min(N, 256)."""
@@ -170,7 +176,8 @@ def knn_forward(x: torch.Tensor, y: torch.Tensor, k: int, metric: str):
     x, y = x.contiguous(), y.contiguous()
     x_norms, y_norms = (x * x).sum(1), (y * y).sum(1)
     kp = triton.next_power_of_2(k)
-    _knn_kernel[(triton.cdiv(M, BLOCK_M),)](
+    rows = rows_per_program(M, list_rows(kp, x.dtype, 32), x.device)  # 64: spills in the fp32 SIMT loop
+    _knn_kernel[(triton.cdiv(M, rows),)](
         x,
         y,
         x_norms,
@@ -185,9 +192,9 @@ def knn_forward(x: torch.Tensor, y: torch.Tensor, k: int, metric: str):
         KP=kp,
         NO_INDEX=_NO_INDEX,
         PRECISION=dot_precision(x.dtype),
-        BLOCK_M=BLOCK_M,
+        BLOCK_M=rows,
         BLOCK_N=BLOCK_N,
         BLOCK_D=BLOCK_D,
-        num_warps=8 if kp >= 256 else 4,
-    )  # the (BLOCK_M, kp) lists: spread over more threads
+        num_warps=8 if rows > 16 or kp >= 256 else 4,
+    )  # larger (rows, kp) lists: spread over more threads
     return values, indices

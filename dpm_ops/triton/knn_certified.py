@@ -24,14 +24,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import multiprocessors, on_input_device
-from .knn import _METRIC_IDS, _NO_INDEX, empty_lists, offer_tile
+from ._device import on_input_device, rows_per_program
+from .knn import _METRIC_IDS, _NO_INDEX, empty_lists, list_rows, offer_tile
 
-# Tiles. Up to 64 rows a program: the GEMM tile of a Hopper warpgroup instruction, and each column
-# tile read from L2 serves 64 rows (8 rows made the limits kernel bound by L2 reads: 71 GB at
-# Market scale). The limits kernel's (rows, next_power_of_2(k)) lists fit 8 warps' registers
-# spill-free at 64 rows up to k 64 and at 32 rows beyond, half that for fp64 bounds
-# (scripts/static_check/triton_check.py).
+# Tiles. Up to 64 rows a program (knn.list_rows for the limits kernel's lists): the GEMM tile of a
+# Hopper warpgroup instruction, and each column tile read from L2 serves 64 rows (8 rows made the
+# limits kernel bound by L2 reads: 71 GB at Market scale).
 BLOCK_N = 64
 BLOCK_D = 32
 
@@ -197,15 +195,6 @@ def _collect_kernel(
         tl.store(far_count_ptr + rows, far_count, mask=in_m)
 
 
-def _rows_per_program(M: int, most: int, device: torch.device) -> int:
-    """`most` rows a program, halved (down to 16, tl.dot's smallest) while the grid would leave
-    multiprocessors idle: a program streams every column, so fewer rows mean more programs."""
-    rows = most
-    while rows > 16 and triton.cdiv(M, rows) < multiprocessors(device):
-        rows //= 2
-    return rows
-
-
 @on_input_device
 def stage1(x_bf16, y_bf16, x_norms, y_norms, x_scales, y_scales, k: int, cap: int, metric: str, self_pairs: bool):
     """Stage 1 on bf16 rows (M, D), (N, D), squared norms in the compute dtype and fp32 bound scales;
@@ -227,7 +216,7 @@ def stage1(x_bf16, y_bf16, x_norms, y_norms, x_scales, y_scales, k: int, cap: in
         return result
     operands = (x_bf16, y_bf16, x_norms, y_norms, x_scales, y_scales, limits, tops)
     kp = max(32, triton.next_power_of_2(k))  # one compiled variant for every k <= 32 (a few registers more)
-    limits_rows = _rows_per_program(M, (64 if kp <= 64 else 32) // (2 if dtype == torch.float64 else 1), device)
+    limits_rows = rows_per_program(M, list_rows(kp, dtype, 64), device)
     _limits_kernel[(triton.cdiv(M, limits_rows),)](
         *operands,
         M,
@@ -245,7 +234,7 @@ def stage1(x_bf16, y_bf16, x_norms, y_norms, x_scales, y_scales, k: int, cap: in
         EMULATED=os.environ.get("TRITON_INTERPRET") == "1",
         num_warps=8,
     )
-    collect_rows = _rows_per_program(M, 64, device)
+    collect_rows = rows_per_program(M, 64, device)
     _collect_kernel[(triton.cdiv(M, collect_rows),)](
         *operands,
         near,
