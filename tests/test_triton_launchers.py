@@ -18,7 +18,7 @@ from dpm_ops.triton._precision import dot_precision  # noqa: E402
 LAUNCHERS = {
     "masked_cosine": ["masked_cosine_forward", "masked_cosine_backward"],
     "knn": ["knn_forward"],
-    "knn_certified": ["stage1"],
+    "knn_certified": ["stage1", "candidate_distances"],
     "hierarchical_mask_pool": ["hierarchical_mask_pool_forward", "hierarchical_mask_pool_backward"],
     "masked_arcface": ["loss_and_grads"],
     "batch_hard_triplet": ["loss_and_grad"],

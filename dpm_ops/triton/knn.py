@@ -1,6 +1,6 @@
 """Triton kernel of the fused distance + top-k (maths and tie rule: dpm_ops/ops/knn_reference.py).
 
-One program per BLOCK_M rows of x (list_rows; fewer where the grid would leave multiprocessors
+One program per BLOCK_M rows of x (_list_rows; fewer where the grid would leave multiprocessors
 idle: _device.rows_per_program) streams y in BLOCK_N-column tiles: a distance tile from tl.dot
 (fp32 IEEE or TF32 by torch's matmul precision, fp64: triton/_precision.py), then the tile's pairs
 that beat a row's worst kept one go into the rows' K kept pairs, held in registers (offer_tile, also
@@ -155,7 +155,7 @@ def _knn_kernel(
     tl.store(out_i_ptr + offs, best_i.to(tl.int64), mask=out_mask)
 
 
-def list_rows(kp: int, dtype: torch.dtype, most: int) -> int:
+def _list_rows(kp: int, dtype: torch.dtype, most: int) -> int:
     """The most rows a program whose (rows, kp) lists fit 8 warps' registers without spilling in the
     inner loops: `most` (the kernel's own, the static check's finding) up to kp 64, half beyond,
     half again for fp64 lists, at least 16."""
@@ -176,7 +176,7 @@ def knn_forward(x: torch.Tensor, y: torch.Tensor, k: int, metric: str):
     x, y = x.contiguous(), y.contiguous()
     x_norms, y_norms = (x * x).sum(1), (y * y).sum(1)
     kp = triton.next_power_of_2(k)
-    rows = rows_per_program(M, list_rows(kp, x.dtype, 32), x.device)  # 64: spills in the fp32 SIMT loop
+    rows = rows_per_program(M, _list_rows(kp, x.dtype, 32), x.device)  # 64: spills in the fp32 SIMT loop
     _knn_kernel[(triton.cdiv(M, rows),)](
         x,
         y,

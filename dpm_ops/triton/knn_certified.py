@@ -25,9 +25,9 @@ import triton
 import triton.language as tl
 
 from ._device import on_input_device, rows_per_program
-from .knn import _METRIC_IDS, _NO_INDEX, empty_lists, list_rows, offer_tile
+from .knn import _METRIC_IDS, _NO_INDEX, empty_lists, _list_rows, offer_tile
 
-# Tiles. Up to 64 rows a program (knn.list_rows for the limits kernel's lists): the GEMM tile of a
+# Tiles. Up to 64 rows a program (knn._list_rows for the limits kernel's lists): the GEMM tile of a
 # Hopper warpgroup instruction, and each column tile read from L2 serves 64 rows (8 rows made the
 # limits kernel bound by L2 reads: 71 GB at Market scale).
 BLOCK_N = 64
@@ -216,7 +216,7 @@ def stage1(x_bf16, y_bf16, x_norms, y_norms, x_scales, y_scales, k: int, cap: in
         return result
     operands = (x_bf16, y_bf16, x_norms, y_norms, x_scales, y_scales, limits, tops)
     kp = max(32, triton.next_power_of_2(k))  # one compiled variant for every k <= 32 (a few registers more)
-    limits_rows = rows_per_program(M, list_rows(kp, dtype, 64), device)
+    limits_rows = rows_per_program(M, _list_rows(kp, dtype, 64), device)
     _limits_kernel[(triton.cdiv(M, limits_rows),)](
         *operands,
         M,
