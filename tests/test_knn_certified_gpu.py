@@ -302,6 +302,22 @@ def test_certified_strategy_errors():
 # of the bf16 values (exact products, fp32 sums), everything else as on the GPU ----------------------
 
 
+def test_cublas_first_columns():
+    """The cuBLAS path's candidate buffers: each row's first `cap` held columns ascending, padded with
+    N, and its full count; rows with none, with more than cap, with all."""
+    gen = torch.Generator().manual_seed(21)
+    n, cap = 300, 16
+    mask = torch.rand(7, n, generator=gen) < torch.tensor([0.0, 0.01, 0.05, 0.2, 1.0, 0.03, 0.5])[:, None]
+    columns, counts = knn_certified._first_columns(mask, cap)
+    assert columns.dtype == counts.dtype == torch.int32 and columns.shape == (7, cap)
+    for r in range(7):
+        held = mask[r].nonzero().squeeze(1)
+        assert counts[r] == len(held)
+        expected = torch.full((cap,), n)
+        expected[: min(cap, len(held))] = held[:cap]
+        assert torch.equal(columns[r].long(), expected), r
+
+
 @pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
 def test_cublas_pipeline_matches_direct_on_cpu(metric):
     query, gallery = reid_like(60, 700, seed=7)

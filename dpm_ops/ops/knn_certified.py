@@ -198,14 +198,17 @@ def stage1_bounds(xo: Operand, yo: Operand, rows: slice, metric: str, self_pairs
 
 
 def _first_columns(mask, cap: int):
-    """Per row the first `cap` columns where mask holds (int32, padded with N) and how many hold; the
-    selection only as wide as the block's largest count (reads one value)."""
+    """Per row the first `cap` columns where mask holds (int32, padded with N) and how many hold. The held
+    entries in row-major order (nonzero) are each row's columns ascending; an entry's slot is its
+    position after the row's first: one pass over the mask, where a top-k of the column numbers
+    (int64 keys, radix passes) read the block many times (syncs once, for the entries' count)."""
     n = mask.shape[1]
-    counts = mask.sum(1).int()
+    counts = mask.sum(1, dtype=torch.int32)
     columns = torch.full((mask.shape[0], cap), n, dtype=torch.int32, device=mask.device)
-    width = min(cap, int(counts.max()))
-    key = torch.where(mask, torch.arange(n, device=mask.device), n)
-    columns[:, :width] = key.topk(width, dim=1, largest=False, sorted=True).values
+    row, column = mask.nonzero(as_tuple=True)
+    slot = torch.arange(len(row), device=mask.device) - (counts.cumsum(0) - counts)[row]
+    kept = slot < cap
+    columns[row[kept], slot[kept]] = column[kept].int()
     return columns, counts
 
 
