@@ -6,9 +6,12 @@ whatever the tiling, and equal values are everywhere, so indices are compared ex
 """
 
 import math
+from unittest import mock
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import dpm_ops
 from conftest import backend_params, device_for, record_launches, sign_rows
@@ -117,6 +120,38 @@ def test_triton_knn_in_the_row_blocks_of_large_inputs(backend, k, dtype, rows, m
         torch.testing.assert_close(indices, expected_indices, rtol=0, atol=0)
         torch.testing.assert_close(values, expected_values, rtol=0, atol=1e-6)
     assert chosen == [rows] * len(METRICS)
+
+
+@pytest.mark.parametrize("backend", backend_params("triton"))
+@settings(max_examples=20, deadline=None)
+@given(
+    m=st.integers(1, 40),
+    n=st.integers(1, 200),
+    k_fraction=st.floats(0, 1),
+    dim=st.sampled_from([4, 5, 8]),
+    copies=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+    metric=st.sampled_from(METRICS),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    multiprocessors=st.sampled_from([1, 132]),
+)
+def test_triton_lists_match_the_reference_on_ties(
+    backend, m, n, k_fraction, dim, copies, seed, metric, dtype, multiprocessors
+):
+    """The Triton lists (offer_tile) against the reference on exact, tie-heavy input: rows of four
+    +-1 entries, columns repeated `copies` times across tiles, k from 1 to N, row blocks of 16 to 64
+    (one multiprocessor planned: the largest blocks)."""
+    from dpm_ops.triton import _device
+
+    device = device_for(backend)
+    y = sign_rows(-(-n // copies), dim, seed=seed + 1, dtype=dtype).repeat(copies, 1)[:n].to(device)
+    x = sign_rows(m, dim, seed=seed, dtype=dtype).to(device)
+    k = max(1, min(n, 256, round(k_fraction * n)))
+    with mock.patch.object(_device, "multiprocessors", lambda device: multiprocessors):
+        values, indices = knn(x, y, k, metric, backend=backend)
+    expected_values, expected_indices = knn_reference(x, y, k, metric)
+    assert torch.equal(indices, expected_indices)
+    torch.testing.assert_close(values, expected_values, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
