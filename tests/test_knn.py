@@ -139,8 +139,8 @@ def test_triton_lists_match_the_reference_on_ties(
     backend, m, n, k_fraction, dim, copies, seed, metric, dtype, multiprocessors
 ):
     """The Triton lists (offer_tile) against the reference on exact, tie-heavy input: rows of four
-    +-1 entries, columns repeated `copies` times across tiles, k from 1 to N, row blocks of 16 to 64
-    (one multiprocessor planned: the largest blocks)."""
+    +-1 entries, columns repeated `copies` times across tiles, k from 1 to N, row blocks of 16 and
+    32 (one multiprocessor planned: the largest blocks)."""
     from dpm_ops.triton import _device
 
     device = device_for(backend)
