@@ -198,10 +198,10 @@ def stage1_bounds(xo: Operand, yo: Operand, rows: slice, metric: str, self_pairs
 
 
 def _first_columns(mask, cap: int):
-    """Per row the first `cap` columns where mask holds (int32, padded with N) and how many hold. The held
-    entries in row-major order (nonzero) are each row's columns ascending; an entry's slot is its
-    position after the row's first: one pass over the mask, where a top-k of the column numbers
-    (int64 keys, radix passes) read the block many times (syncs once, for the entries' count)."""
+    """Per row the first `cap` columns where mask holds (int32, padded with N) and how many hold. The
+    held entries in row-major order (nonzero: one pass over the mask, one sync) are each row's columns
+    ascending, and an entry's slot is its position after its row's first entry. (A top-k of the
+    column numbers instead read each block in several radix passes over int64 keys.)"""
     n = mask.shape[1]
     counts = mask.sum(1, dtype=torch.int32)
     columns = torch.full((mask.shape[0], cap), n, dtype=torch.int32, device=mask.device)

@@ -61,8 +61,8 @@ def offer_tile(dist, tile_i, best_v, best_i, worst_v, worst_i, live, K, NO_INDEX
     """Keeps the rows' K smallest (value, index) pairs of the lists and a tile. Each round, every row
     whose smallest remaining tile pair beats its worst kept pair puts it in the worst one's slot; the
     rounds stop when no row takes one. So a tile costs as many rounds as the most any of its rows
-    takes (at most K), and once the lists fill most tiles cost none. Taken pairs leave the tile as
-    (inf, NO_INDEX), which never beats a kept pair."""
+    takes (at most K; a tile no row takes from costs one comparison), where a full merge cost K.
+    Taken pairs leave the tile as (inf, NO_INDEX), which never beats a kept pair."""
     tv, ti = _lexicographic_min(dist, tile_i, NO_INDEX)
     take = (tv < worst_v) | ((tv == worst_v) & (ti < worst_i))
     any_take = tl.max(take.to(tl.int32), axis=0)
