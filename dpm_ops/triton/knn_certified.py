@@ -261,7 +261,7 @@ CANDIDATE_BLOCK_C = 64
 CANDIDATE_BLOCK_D = 64
 
 
-@triton.jit(do_not_specialize=["R", "C", "N"])
+@triton.jit(do_not_specialize=["C", "N"])
 def _candidate_kernel(
     x_ptr,
     y_ptr,
@@ -271,7 +271,6 @@ def _candidate_kernel(
     cand_ptr,
     count_ptr,
     out_ptr,
-    R,
     C,
     N,
     D,
@@ -320,7 +319,6 @@ def candidate_distances(x_rows, y_rows, x_norms, y_norms, rows, candidates, coun
         candidates.contiguous(),
         counts.to(torch.int32).contiguous(),
         out,
-        R,
         C,
         y_rows.shape[0],
         x_rows.shape[1],
