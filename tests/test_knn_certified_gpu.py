@@ -106,9 +106,11 @@ def test_triton_stage1_in_the_row_blocks_of_large_inputs(backend, k, rows, monke
     monkeypatch.setattr(
         kernels, "rows_per_program", lambda *a: chosen.append(_device.rows_per_program(*a)) or chosen[-1]
     )
-    x, y = on(backend, gaussian(rows + 9, 32, 14), gaussian(200, 32, 15))
+    x, y = on(backend, gaussian(rows + 9, 32, 14), gaussian(130, 32, 15))  # three column tiles, one partial
     check_same_knn(x, y, k, "euclidean", backend=backend)
     assert chosen == [rows, 64]  # the limits kernel's rows, the collect kernel's
+    if k > 64:
+        return  # the 32-row self_knn costs the interpreter ~10 s; the limits kernel is the same code
     chosen.clear()
     (z,) = on(backend, torch.cat([x, y]))
     cert = op_for("self_knn_certified", backend)(z, k, "sqeuclidean", False, len(x))
