@@ -107,11 +107,8 @@ def test_triton_knn_in_the_row_blocks_of_large_inputs(backend, k, dtype, rows, m
     from dpm_ops.triton import _device
     from dpm_ops.triton import knn as kernels
 
-    chosen = []
+    launches = record_launches(monkeypatch, kernels, "_knn_kernel")
     monkeypatch.setattr(_device, "multiprocessors", lambda device: 1)
-    monkeypatch.setattr(
-        kernels, "rows_per_program", lambda *a: chosen.append(_device.rows_per_program(*a)) or chosen[-1]
-    )
     device = device_for(backend)
     x, y = sign_rows(rows + 9, 8, seed=20, dtype=dtype).to(device), sign_rows(150, 8, seed=21, dtype=dtype).to(device)
     for metric in METRICS:
@@ -119,7 +116,7 @@ def test_triton_knn_in_the_row_blocks_of_large_inputs(backend, k, dtype, rows, m
         expected_values, expected_indices = knn_reference(x, y, k, metric)
         torch.testing.assert_close(indices, expected_indices, rtol=0, atol=0)
         torch.testing.assert_close(values, expected_values, rtol=0, atol=1e-6)
-    assert chosen == [rows] * len(METRICS)
+    assert [launch["BLOCK_M"] for launch in launches] == [rows] * len(METRICS)
 
 
 @pytest.mark.parametrize("backend", backend_params("triton"))

@@ -15,7 +15,7 @@ from test_knn_certified import (
 )
 
 from benchmarks.reference.synthetic_features import make_reid_features
-from conftest import backend_params, device_for, op_for, sign_rows
+from conftest import backend_params, device_for, op_for, record_launches, sign_rows
 from dpm_ops.ops import knn, knn_certified, self_knn
 from dpm_ops.ops.knn_reference import COSINE_EPS, pairwise_distance_reference
 
@@ -101,22 +101,19 @@ def test_triton_stage1_in_the_row_blocks_of_large_inputs(backend, k, rows, monke
     from dpm_ops.triton import _device
     from dpm_ops.triton import knn_certified as kernels
 
-    chosen = []
+    limits = record_launches(monkeypatch, kernels, "_limits_kernel")
+    collect = record_launches(monkeypatch, kernels, "_collect_kernel")
     monkeypatch.setattr(_device, "multiprocessors", lambda device: 1)
-    monkeypatch.setattr(
-        kernels, "rows_per_program", lambda *a: chosen.append(_device.rows_per_program(*a)) or chosen[-1]
-    )
     x, y = on(backend, gaussian(rows + 9, 32, 14), gaussian(130, 32, 15))  # three column tiles, one partial
     check_same_knn(x, y, k, "euclidean", backend=backend)
-    assert chosen == [rows, 64]  # the limits kernel's rows, the collect kernel's
-    if k > 64:
-        return  # the 32-row self_knn costs the interpreter ~10 s; the limits kernel is the same code
-    chosen.clear()
-    (z,) = on(backend, torch.cat([x, y]))
-    cert = op_for("self_knn_certified", backend)(z, k, "sqeuclidean", False, len(x))
-    direct = self_knn(z, k, "sqeuclidean", False, len(x), backend=backend, strategy="direct")
-    check_same_self_knn(cert, direct, z, k, False)
-    assert chosen == [rows, 64]
+    if k <= 64:  # the 32-row self_knn costs the interpreter ~10 s; the limits kernel is the same code
+        (z,) = on(backend, torch.cat([x, y]))
+        cert = op_for("self_knn_certified", backend)(z, k, "sqeuclidean", False, len(x))
+        direct = self_knn(z, k, "sqeuclidean", False, len(x), backend=backend, strategy="direct")
+        check_same_self_knn(cert, direct, z, k, False)
+    calls = 2 if k <= 64 else 1
+    assert [launch["BLOCK_M"] for launch in limits] == [rows] * calls
+    assert [launch["BLOCK_M"] for launch in collect] == [64] * calls
 
 
 @pytest.mark.parametrize("backend", backend_params("triton"))
