@@ -116,12 +116,13 @@ def test_triton_stage1_in_the_row_blocks_of_large_inputs(backend, k, rows, monke
     assert [launch["BLOCK_M"] for launch in collect] == [64] * calls
 
 
-@pytest.mark.parametrize("backend", backend_params("triton"))
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_triton_candidate_distances_match_the_torch_version(backend, metric, dtype):
-    """Stage 2's fused kernel against the torch version (backend "cuda"'s): counts from 0 to past one
-    block of 64, padding N, the diagonal of self pairs, D across the 64-wide chunks."""
+def test_candidate_distance_kernels_match_the_torch_version(backend, metric, dtype):
+    """Stage 2's fused kernels (Triton's, CUDA's) against the torch version (the op's CPU kernel): counts
+    from 0 to past one block of 64, padding N, the diagonal of self pairs, D across the 64-wide chunks
+    and the 32 lanes."""
     gen = torch.Generator().manual_seed(17)
     n, width = 90, 150
     counts = torch.tensor([0, 1, 63, 64, 65, 150, 7, 128])
@@ -131,10 +132,10 @@ def test_triton_candidate_distances_match_the_torch_version(backend, metric, dty
     candidates = candidates.masked_fill(torch.arange(width) >= counts[:, None], n)
     for x, exact in ((gaussian(n, 100, 18, dtype), False), (sign_rows(n, 100, seed=19, dtype=dtype), True)):
         xo = knn_certified.Operand.of(on(backend, x)[0], metric, dtype)
-        args = on(backend, rows, candidates, counts)
+        args = (xo.rows, xo.rows, xo.norms, xo.norms, *on(backend, rows, candidates, counts), metric)
         for self_pairs in (False, True):
-            got = knn_certified._triton_candidate_distances(xo, xo, *args, metric, self_pairs)
-            expected = knn_certified.candidate_distances(xo, xo, *args, metric, self_pairs)
+            got = (knn_certified.TRITON if backend == "triton" else knn_certified.CUBLAS).distances(*args, self_pairs)
+            expected = knn_certified.candidate_distances(*args, self_pairs)
             assert got.dtype == dtype and bool((got.isinf() == (candidates >= n).to(got.device)).all())
             if exact:  # every product and sum exact: any order gives the same bits
                 assert torch.equal(got, expected)
@@ -233,7 +234,7 @@ def test_bound_constant_by_hand():
 def test_gpu_bound_contains_float64_truth(case, metric):
     x, y = _adversarial_rows()[case]
     xo, yo = knn_certified.Operand.of(x, metric, torch.float32), knn_certified.Operand.of(y, metric, torch.float32)
-    lower, upper = knn_certified.stage1_bounds(xo, yo, slice(0, len(x)), metric, False)
+    lower, upper = knn_certified.stage1_bounds(*knn_certified.stage1_args(xo, yo), metric)
     assert bool((lower <= upper).all())
     # Every fp32 summation of the exact products lies inside: the reference's GEMM, a sequential sum,
     # and the float64 truth rounded by the same monotone formula.
@@ -315,6 +316,95 @@ def test_cublas_first_columns():
         expected = torch.full((cap,), n)
         expected[: min(cap, len(held))] = held[:cap]
         assert torch.equal(columns[r].long(), expected), r
+
+
+def _expected_candidates(lower, upper, k, cap, self_pairs):
+    """Stage 1's rule row by row from the full bounds: near = L <= the k-th smallest U, far = U >= max L."""
+    n = lower.shape[1]
+
+    def first(held):
+        columns = torch.full((cap,), n, dtype=torch.int32)
+        columns[: min(cap, len(held))] = held[:cap].int()
+        return columns, len(held)
+
+    out = [[], [], [], []]
+    for lo, up in zip(lower, upper):
+        for i, (columns, count) in enumerate(
+            [first((lo <= up.sort().values[k - 1]).nonzero().squeeze(1))]
+            + ([first((up >= lo.max()).nonzero().squeeze(1))] if self_pairs else [])
+        ):
+            out[2 * i].append(columns)
+            out[2 * i + 1].append(count)
+    return [torch.stack(c) if c else None for c in out[0::2]], [torch.tensor(c) if c else None for c in out[1::2]]
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
+@pytest.mark.parametrize("self_pairs", [False, True])
+def test_candidates_op_on_cpu(metric, self_pairs, monkeypatch):
+    """dpm_ops::knn_certified_candidates's CPU kernel (the torch version, the model of the CUDA kernel)
+    against the rule applied row by row, in row blocks of 7 rows (the diagonal's offset in each) and with
+    a cap that some rows overflow."""
+    monkeypatch.setattr(knn_certified, "_CHUNK_ELEMENTS", 7 * 130)
+    query, gallery = reid_like(30, 100, seed=23)
+    y = torch.cat([gallery, query[:1].repeat(30, 1)])  # near-duplicates of query row 0: over the cap
+    x = y if self_pairs else query
+    xo, yo = (knn_certified.Operand.of(v, metric, torch.float32) for v in (x, y))
+    args = knn_certified.stage1_args(xo, yo)
+    k, cap = 5, 24
+    near, near_count, far, far_count = torch.ops.dpm_ops.knn_certified_candidates(*args, k, cap, metric, self_pairs)
+    lower, upper = knn_certified.stage1_bounds(*args, metric, 0 if self_pairs else None)
+    (e_near, e_far), (e_near_count, e_far_count) = _expected_candidates(lower, upper, k, cap, self_pairs)
+    assert torch.equal(near, e_near) and torch.equal(near_count, e_near_count.int())
+    assert bool((near_count > cap).any()) and bool((near_count <= cap).any())
+    if self_pairs:
+        assert torch.equal(far, e_far) and torch.equal(far_count, e_far_count.int())
+    else:
+        assert far.shape == (0, cap) and far_count.shape == (0,)
+
+
+@pytest.mark.parametrize("backend", backend_params("cuda"))
+@pytest.mark.parametrize("k", [1, 7, 32, 33, 100, 256])
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_candidates_match_the_torch_version(backend, k, metric, dtype):
+    """The fused stage-1 kernel (knn_certified_cuda.cu) against its torch version on the same GPU and the
+    same cuBLAS GEMM: the same buffers and counts, bitwise. Register (k <= 32) and shared-memory lists,
+    rows over the cap, N not a multiple of the 256 columns a step, self pairs and not, exact ties."""
+    query, gallery = reid_like(40, 600, seed=24)
+    for y in (torch.cat([gallery, query[:1].repeat(50, 1)]), sign_rows(650, 64, seed=25)):
+        y = y.to(dtype)
+        for self_pairs in (False, True):
+            x = y if self_pairs else y[:45] * 1.5
+            xo, yo = (knn_certified.Operand.of(on(backend, v)[0], metric, dtype) for v in (x, y))
+            args = (*knn_certified.stage1_args(xo, yo), k, max(k, 60), metric, self_pairs)
+            with knn_certified._fp32_reductions():
+                got = torch.ops.dpm_ops.knn_certified_candidates(*args)
+                expected = knn_certified.candidates_torch(*args)
+            for g, e, what in zip(got, expected, ("near", "near_count", "far", "far_count")):
+                assert g.dtype == torch.int32 and torch.equal(g, e), (what, self_pairs)
+
+
+@pytest.mark.parametrize("backend", backend_params("cuda"))
+def test_cuda_candidates_bad_input(backend):
+    xo = knn_certified.Operand.of(on(backend, gaussian(20, 8, 26))[0], "euclidean", torch.float32)
+    args = knn_certified.stage1_args(xo, xo)
+    candidates = torch.ops.dpm_ops.knn_certified_candidates
+    with pytest.raises(ValueError, match="k must be in \\[1, 20\\], got 21"):
+        candidates(*args, 21, 20, "euclidean", False)
+    with pytest.raises(ValueError, match="cap must be in \\[1, rows of y = 20\\], got 0"):
+        candidates(*args, 3, 0, "euclidean", False)
+    with pytest.raises(ValueError, match="x must be 2-D bfloat16 rows"):
+        candidates(xo.rows, *args[1:], 3, 8, "euclidean", False)
+    with pytest.raises(ValueError, match="self_pairs needs x and y of as many rows"):
+        candidates(args[0][:5], args[1], args[2][:5], args[3], args[4][:5], args[5], 3, 8, "euclidean", True)
+    distances = torch.ops.dpm_ops.knn_certified_candidate_distances
+    rows, columns, counts = on(backend, torch.tensor([0, 1]), torch.tensor([[1, 2], [0, 20]]), torch.tensor([2, 1]))
+    with pytest.raises(ValueError, match="x must be float32 or float64 rows, got BFloat16"):
+        distances(xo.bf16, xo.rows, xo.norms, xo.norms, rows, columns, counts, "euclidean", False)
+    with pytest.raises(ValueError, match="rows, candidates and counts must be integer tensors"):
+        distances(xo.rows, xo.rows, xo.norms, xo.norms, rows, columns.float(), counts, "euclidean", False)
+    with pytest.raises(ValueError, match="rows \\(R\\), candidates \\(R, C\\) and counts \\(R\\) expected"):
+        distances(xo.rows, xo.rows, xo.norms, xo.norms, rows[:1], columns, counts, "euclidean", False)
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])

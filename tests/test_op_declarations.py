@@ -14,6 +14,7 @@ from dpm_ops.ops import (
     hem_loss,
     hierarchical_mask_pool,
     knn,
+    knn_certified,
     masked_arcface_ce,
     masked_cosine,
     masked_cosine_reference,
@@ -54,6 +55,27 @@ def _pair_sqdist_args():
     return (x, values, indices, *_csr()[:2])
 
 
+def _candidates_args():
+    rows = knn_certified.Operand.of(_randn(9, 6, seed=9), "euclidean", torch.float64)
+    return (*knn_certified.stage1_args(rows, rows), 3, 5, "euclidean", True)
+
+
+def _candidate_distances_args():
+    rows = knn_certified.Operand.of(_randn(9, 6, seed=10), "sqeuclidean", torch.float64)
+    candidates = torch.tensor([[0, 3, 9, 9], [1, 2, 5, 8]])
+    return (
+        rows.rows,
+        rows.rows,
+        rows.norms,
+        rows.norms,
+        torch.tensor([4, 1]),
+        candidates,
+        torch.tensor([2, 4]),
+        "sqeuclidean",
+        True,
+    )
+
+
 def _match_ranks_args():
     pids, cams = torch.randint(0, 4, (20,), generator=torch.Generator().manual_seed(6)), torch.arange(20) % 3
     return torch.rand(6, 14, generator=torch.Generator().manual_seed(7)), pids[:6], pids[6:], cams[:6], cams[6:]
@@ -84,6 +106,8 @@ SAMPLES = {
     "knn_certified": lambda: (_randn(4, 6), _randn(7, 6, seed=1), 3, "cosine"),
     "self_knn_certified": lambda: (_randn(7, 6), 3, "euclidean", False, 2),
     "knn_certified_bounds": lambda: (_randn(4, 6), _randn(7, 6, seed=1), "sqeuclidean"),
+    "knn_certified_candidates": _candidates_args,
+    "knn_certified_candidate_distances": _candidate_distances_args,
     "masked_cosine": lambda: (_randn(5, 12), _randn(5, 12, seed=1).sigmoid(), _randn(7, 12, seed=2), 1e-12),
     "masked_cosine_train": lambda: (_randn(5, 12), _randn(5, 12, seed=1).sigmoid(), _randn(7, 12, seed=2), 1e-12),
     "masked_cosine_backward": lambda: (

@@ -21,18 +21,23 @@ template <> __device__ __forceinline__ double from_acc<double>(double v) { retur
 template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 
-// Sum over the block (any blockDim.x that is a multiple of 32, at most 1024); every thread gets it.
-template <typename A> __device__ A block_sum(A v) {
-  __shared__ A warp_sums[32];
+// combine(v of every thread) over the block (any blockDim.x that is a multiple of 32, at most 1024), in a
+// fixed order (deterministic); every thread gets it. `combine` must be associative and commutative.
+template <typename A, class Combine> __device__ A block_combine(A v, Combine combine) {
+  __shared__ A warp_parts[32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
-  if (lane == 0) warp_sums[warp] = v;
+  for (int offset = 16; offset > 0; offset /= 2) v = combine(v, __shfl_down_sync(0xffffffffu, v, offset));
+  if (lane == 0) warp_parts[warp] = v;
   __syncthreads();
-  A total = A(0);
-  for (int w = 0; w < int(blockDim.x + 31) / 32; ++w) total += warp_sums[w];
-  __syncthreads();  // warp_sums may be reused by the next call
+  A total = warp_parts[0];
+  for (int w = 1; w < int(blockDim.x + 31) / 32; ++w) total = combine(total, warp_parts[w]);
+  __syncthreads();  // warp_parts may be reused by the next call
   return total;
+}
+
+template <typename A> __device__ A block_sum(A v) {
+  return block_combine(v, [](A a, A b) { return a + b; });
 }
 
 }  // namespace dpm_ops

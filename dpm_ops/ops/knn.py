@@ -170,6 +170,21 @@ def _fake_bounds(x, y, metric="euclidean"):
     return bound, torch.empty_like(bound)
 
 
+def _fake_candidates(x, y, x_norms, y_norms, x_scales, y_scales, k, cap, metric, self_pairs):
+    far_rows = x.shape[0] if self_pairs else 0
+    ints = {"dtype": torch.int32, "device": x.device}
+    return (
+        torch.empty((x.shape[0], cap), **ints),
+        torch.empty((x.shape[0],), **ints),
+        torch.empty((far_rows, cap), **ints),
+        torch.empty((far_rows,), **ints),
+    )
+
+
+def _fake_candidate_distances(x, y, x_norms, y_norms, rows, candidates, counts, metric, self_pairs):
+    return x.new_empty(candidates.shape)
+
+
 KNN = declare(
     "knn",
     # The k nearest rows of y for every row of x, sorted by (distance, index).
@@ -212,6 +227,25 @@ KNN_CERTIFIED_BOUNDS = declare(
     "knn_certified_bounds",
     '(Tensor x, Tensor y, str metric="euclidean") -> (Tensor lower, Tensor upper)',
     _fake_bounds,
+)
+# Stage 1 of the certified search on backend "cuda" (ops/knn_certified.py): from the bf16 rows, their
+# squared norms in the compute dtype and the bound's fp32 scales, each row's first `cap` candidate columns
+# (int32, ascending, padded with N) and their count; with self_pairs (x is y) also the row maximum's
+# candidates (far; with (0, cap) and (0,) rows otherwise).
+KNN_CERTIFIED_CANDIDATES = declare(
+    "knn_certified_candidates",
+    "(Tensor x, Tensor y, Tensor x_norms, Tensor y_norms, Tensor x_scales, Tensor y_scales, int k, int cap,"
+    " str metric, bool self_pairs) -> (Tensor near, Tensor near_count, Tensor far, Tensor far_count)",
+    _fake_candidates,
+)
+# Stage 2 of the certified search on backend "cuda": the distances (R, C) of the rows `rows` of x (the
+# compute-dtype rows and squared norms) to their first `counts` candidate columns of y, as the direct path
+# computes them; +inf past the counts. The indices are trusted (the pipeline's own buffers).
+KNN_CERTIFIED_CANDIDATE_DISTANCES = declare(
+    "knn_certified_candidate_distances",
+    "(Tensor x, Tensor y, Tensor x_norms, Tensor y_norms, Tensor rows, Tensor candidates, Tensor counts,"
+    " str metric, bool self_pairs) -> Tensor",
+    _fake_candidate_distances,
 )
 
 

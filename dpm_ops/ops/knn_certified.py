@@ -1,8 +1,9 @@
 """The certified two-stage knn / self_knn on CUDA and Triton (docs/certified_knn.md, "GPU").
 
 Stage 1 runs a bf16 tensor-core GEMM with fp32 accumulation and keeps, per row, every column whose
-lower bound is <= the k-th smallest upper bound (triton/knn_certified.py for backend "triton";
-cuBLAS through torch for backend "cuda", in row blocks). Stage 2 recomputes those candidates'
+lower bound is <= the k-th smallest upper bound (triton/knn_certified.py for backend "triton"; for
+backend "cuda" dpm_ops::knn_certified_candidates: cuBLAS GEMMs of row blocks, each turned into the
+candidate buffers by one fused kernel, csrc/knn/knn_certified_cuda.cu). Stage 2 recomputes those candidates'
 distances with the direct path's formula in the compute dtype (fp32 IEEE products, never TF32;
 fp64 for fp64 input; Triton: one fused gather-and-sum kernel; "cuda": torch ops) and takes the first
 k in (distance, index) order. Rows whose candidates overflow `cap` get the exact full-row
@@ -10,7 +11,8 @@ computation (an IEEE GEMM of those rows only).
 
 The CUDA backend is registered here, in Python, as the CUDA kernel of the existing schemas
 dpm_ops::knn_certified / self_knn_certified / knn_certified_bounds: the pipeline is torch ops around
-one GEMM, and the one copy of it serves both GPU backends (a C++ copy would duplicate every step).
+the two stages' kernels, and the one copy of it serves both GPU backends (a C++ copy would duplicate
+every step).
 """
 
 import contextlib
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import KNN_GPU_MAX_K, check_knn_gpu_k
+from ._declare import lazy
 from .knn_reference import COSINE_EPS, compute_dtype, pairwise_distance_reference
 
 U32 = 2.0**-24
@@ -116,22 +119,23 @@ def _row_chunks(count: int, per_row: int):
     return [(r, min(count, r + step)) for r in range(0, count, step)]
 
 
-def candidate_distances(xo: Operand, yo: Operand, rows, candidates, counts, metric: str, self_pairs: bool):
-    """Distances (R, C) of rows `rows` of x to their first `counts` candidate columns (+inf past them), as
-    the direct path computes them: the dot product in the compute dtype from exact products (no TF32).
-    The rows go in order of their counts, in chunks that gather only as many candidates as the chunk's
-    first (largest) count: about the candidates' own rows, not R x C of them."""
-    out = torch.full(candidates.shape, math.inf, dtype=xo.rows.dtype, device=xo.rows.device)
+def candidate_distances(x, y, x_norms, y_norms, rows, candidates, counts, metric: str, self_pairs: bool):
+    """dpm_ops::knn_certified_candidate_distances in torch ops (its CPU kernel, the model of the CUDA and
+    Triton kernels): distances (R, C) of rows `rows` of x to their first `counts` candidate columns of y
+    (+inf past them), as the direct path computes them: the dot product in the compute dtype from IEEE
+    products (no TF32). The rows go in order of their counts, in chunks that gather only as many
+    candidates as the chunk's first (largest) count: about the candidates' own rows, not R x C of them."""
+    out = torch.full(candidates.shape, math.inf, dtype=x.dtype, device=x.device)
     order = counts.argsort(descending=True)
     widths = counts[order].tolist()
     start = 0
     while start < len(order):
         width = max(1, widths[start])
-        stop = min(len(order), start + max(1, _CHUNK_ELEMENTS // (width * yo.rows.shape[1])))
+        stop = min(len(order), start + max(1, _CHUNK_ELEMENTS // (width * y.shape[1])))
         chunk = order[start:stop]
-        cols, row = candidates[chunk, :width].clamp_max(yo.rows.shape[0] - 1), rows[chunk]  # padding: N
-        dots = (xo.rows[row, None, :] * yo.rows[cols]).sum(-1)
-        d = distance(dots, xo.norms[row, None], yo.norms[cols], metric)
+        cols, row = candidates[chunk, :width].clamp_max(y.shape[0] - 1), rows[chunk]  # padding: N
+        dots = (x[row, None, :] * y[cols]).sum(-1)
+        d = distance(dots, x_norms[row, None], y_norms[cols], metric)
         if self_pairs:
             d = torch.where(cols == row[:, None], 0, d)
         past = torch.arange(width, device=d.device) >= counts[chunk, None]
@@ -140,12 +144,8 @@ def candidate_distances(xo: Operand, yo: Operand, rows, candidates, counts, metr
     return out
 
 
-def _triton_candidate_distances(xo: Operand, yo: Operand, rows, candidates, counts, metric: str, self_pairs: bool):
-    from ..triton import knn_certified as kernels
-
-    return kernels.candidate_distances(
-        xo.rows, yo.rows, xo.norms, yo.norms, rows, candidates, counts, metric, self_pairs
-    )
+def _cuda_candidate_distances(*args):
+    return torch.ops.dpm_ops.knn_certified_candidate_distances(*args)
 
 
 def exact_rows(xo: Operand, yo: Operand, rows, metric: str, self_pairs: bool):
@@ -168,32 +168,45 @@ def select(d, candidates, k: int):
     return values[:, :k], candidates.gather(1, order[:, :k])
 
 
+@contextlib.contextmanager
+def _fp32_reductions():
+    """cuBLAS's bf16 GEMMs keep their split-K reductions in fp32 inside the block (the bound's accumulation
+    model). allow_bf16_reduced_precision_reduction is process-wide, switched off for the block (as _ieee_matmul)."""
+    matmul = torch.backends.cuda.matmul
+    before, matmul.allow_bf16_reduced_precision_reduction = matmul.allow_bf16_reduced_precision_reduction, False
+    try:
+        yield
+    finally:
+        matmul.allow_bf16_reduced_precision_reduction = before
+
+
 def _bf16_gemm(a, b):
-    """a @ b.T of bf16 rows, fp32 output and fp32 accumulation: cuBLAS with split-K reductions kept in
-    fp32; on CPU (tests) an IEEE fp32 GEMM of the bf16 values (exact products, fp32 sums: the same model).
-    allow_bf16_reduced_precision_reduction is process-wide, switched off for the call (as _ieee_matmul)."""
+    """a @ b.T of bf16 rows, fp32 output and fp32 accumulation: cuBLAS; on CPU (tests) an IEEE fp32 GEMM of
+    the bf16 values (exact products, fp32 sums: the same model)."""
     if a.is_cuda:
-        matmul = torch.backends.cuda.matmul
-        before, matmul.allow_bf16_reduced_precision_reduction = matmul.allow_bf16_reduced_precision_reduction, False
-        try:
+        with _fp32_reductions():
             return torch.mm(a, b.T, out_dtype=torch.float32)
-        finally:
-            matmul.allow_bf16_reduced_precision_reduction = before
     with _ieee_matmul():
         return a.float() @ b.float().T
 
 
-def stage1_bounds(xo: Operand, yo: Operand, rows: slice, metric: str, self_pairs: bool):
-    """Stage 1's (L, U) of rows `rows` of x against every row of y (the cuBLAS path; the Triton kernels'
-    _tile_bounds computes the same per tile)."""
-    dtype = xo.rows.dtype
-    dots = _bf16_gemm(xo.bf16[rows], yo.bf16).to(dtype)
-    err = (xo.scales[rows, None] * yo.scales[None, :]).to(dtype)
-    lower = distance(dots + err, xo.norms[rows, None], yo.norms[None, :], metric)
-    upper = distance(dots - err, xo.norms[rows, None], yo.norms[None, :], metric)
-    if self_pairs:
+def stage1_args(xo: Operand, yo: Operand):
+    """What stage 1 reads of x and y, in the order of its kernels (dpm_ops::knn_certified_candidates, the
+    Triton stage1): the bf16 rows, the squared norms and the bound's scales."""
+    return xo.bf16, yo.bf16, xo.norms, yo.norms, xo.scales, yo.scales
+
+
+def stage1_bounds(x, y, x_norms, y_norms, x_scales, y_scales, metric: str, diagonal=None):
+    """Stage 1's (L, U) of the bf16 rows x against the bf16 rows y (stage1_args), in the norms' dtype; with
+    `diagonal`, x's first row is row `diagonal` of y and the pairs of a row with itself get 0. The fused
+    kernels (knn_certified_cuda.cu, Triton's _tile_bounds) compute the same in the same operations."""
+    dots = _bf16_gemm(x, y).to(x_norms.dtype)
+    err = (x_scales[:, None] * y_scales[None, :]).to(dots.dtype)
+    lower = distance(dots + err, x_norms[:, None], y_norms[None, :], metric)
+    upper = distance(dots - err, x_norms[:, None], y_norms[None, :], metric)
+    if diagonal is not None:
         at = torch.arange(lower.shape[0], device=lower.device)
-        lower[at, at + rows.start], upper[at, at + rows.start] = 0, 0
+        lower[at, at + diagonal], upper[at, at + diagonal] = 0, 0
     return lower, upper
 
 
@@ -212,37 +225,53 @@ def _first_columns(mask, cap: int):
     return columns, counts
 
 
-def stage1_cublas(xo: Operand, yo: Operand, k: int, cap: int, metric: str, self_pairs: bool):
-    """Stage 1 of backend "cuda" in row blocks of at most _CHUNK_ELEMENTS bounds; returns what
-    triton/knn_certified.stage1 returns."""
+def candidates_torch(x, y, x_norms, y_norms, x_scales, y_scales, k: int, cap: int, metric: str, self_pairs: bool):
+    """dpm_ops::knn_certified_candidates in torch ops, in row blocks of at most _CHUNK_ELEMENTS bounds: the
+    op's CPU kernel (the tests' model of the CUDA one) and its stand-in for k > KNN_GPU_MAX_K on CUDA.
+    It writes every bound and makes some 16 temporaries of their size (docs/certified_knn.md): the CUDA
+    kernel reads the dot products twice instead."""
     parts = []
-    for r0, r1 in _row_chunks(xo.rows.shape[0], yo.rows.shape[0]):
-        lower, upper = stage1_bounds(xo, yo, slice(r0, r1), metric, self_pairs)
+    for r0, r1 in _row_chunks(x.shape[0], y.shape[0]):
+        rows = slice(r0, r1)
+        lower, upper = stage1_bounds(
+            x[rows], y, x_norms[rows], y_norms, x_scales[rows], y_scales, metric, r0 if self_pairs else None
+        )
         limits = upper.topk(k, dim=1, largest=False).values[:, -1:]
         part = _first_columns(lower <= limits, cap)
         if self_pairs:
             part += _first_columns(upper >= lower.amax(1, keepdim=True), cap)
         parts.append(part)
-    near, near_count, *far = (torch.cat(column) for column in zip(*parts))
-    return (near, near_count, *far) if self_pairs else (near, near_count, None, None)
+    empty = (x.new_empty((0, cap), dtype=torch.int32), x.new_empty((0,), dtype=torch.int32))
+    near, near_count, *far = (torch.cat(column) for column in zip(*parts)) if parts else empty * 2
+    return (near, near_count, *far) if self_pairs else (near, near_count, *empty)
+
+
+def stage1_cublas(xo: Operand, yo: Operand, k: int, cap: int, metric: str, self_pairs: bool):
+    """Stage 1 of backend "cuda": dpm_ops::knn_certified_candidates (cuBLAS and one fused kernel on CUDA);
+    returns what triton/knn_certified.stage1 returns."""
+    find = torch.ops.dpm_ops.knn_certified_candidates if k <= KNN_GPU_MAX_K else candidates_torch
+    with _fp32_reductions():
+        near, near_count, far, far_count = find(*stage1_args(xo, yo), k, cap, metric, self_pairs)
+    return (near, near_count, far, far_count) if self_pairs else (near, near_count, None, None)
 
 
 def _triton_stage1(xo: Operand, yo: Operand, k: int, cap: int, metric: str, self_pairs: bool):
     from ..triton import knn_certified as kernels
 
-    return kernels.stage1(xo.bf16, yo.bf16, xo.norms, yo.norms, xo.scales, yo.scales, k, cap, metric, self_pairs)
+    return kernels.stage1(*stage1_args(xo, yo), k, cap, metric, self_pairs)
 
 
 @dataclass(frozen=True)
 class Backend:
-    """A GPU backend's two steps: stage 1 (the candidates) and stage 2's candidate distances."""
+    """A GPU backend's two steps: stage 1 (the candidates; called on the two Operands) and stage 2's candidate
+    distances (called as candidate_distances)."""
 
     stage1: Callable
     distances: Callable
 
 
-TRITON = Backend(_triton_stage1, _triton_candidate_distances)
-CUBLAS = Backend(stage1_cublas, candidate_distances)  # torch ops around cuBLAS: backend "cuda"
+TRITON = Backend(_triton_stage1, lazy("triton.knn_certified:candidate_distances"))
+CUBLAS = Backend(stage1_cublas, _cuda_candidate_distances)  # backend "cuda": cuBLAS and CUDA kernels
 
 
 # ---- the pipeline -------------------------------------------------------------------------------
@@ -260,7 +289,7 @@ def _stage2(backend, xo, yo, near, near_count, k, cap, metric, self_pairs, value
     rows = fits.nonzero().squeeze(1)
     if len(rows):
         candidates, count = _candidates(near, near_count, rows)
-        d = backend.distances(xo, yo, rows, candidates, count, metric, self_pairs)
+        d = backend.distances(xo.rows, yo.rows, xo.norms, yo.norms, rows, candidates, count, metric, self_pairs)
         values[rows], indices[rows] = select(d, candidates, k)
         counts[rows] = count.long()
     return (~fits).nonzero().squeeze(1)
@@ -301,7 +330,7 @@ def _row_maxima(backend, xo, far, far_count, rows, metric, row_max):
     """Row maxima of the certified rows from their far candidates (U >= the row's largest L)."""
     if len(rows):
         candidates, count = _candidates(far, far_count, rows)
-        d = backend.distances(xo, xo, rows, candidates, count, metric, True)
+        d = backend.distances(xo.rows, xo.rows, xo.norms, xo.norms, rows, candidates, count, metric, True)
         row_max[rows] = d.masked_fill(candidates >= xo.rows.shape[0], -math.inf).amax(1)
 
 
@@ -380,7 +409,7 @@ def _knn_certified_bounds_cuda(x, y, metric="euclidean"):
     xo, yo = Operand.of(x, metric, dtype), Operand.of(y, metric, dtype)
     if not bound_applies(xo, yo):
         raise ValueError("knn_certified_bounds: rows too large (norm > 2^60) or too long (D >= 2^20) for the bound")
-    return stage1_bounds(xo, yo, slice(0, x.shape[0]), metric, False)
+    return stage1_bounds(*stage1_args(xo, yo), metric)
 
 
 # CUDA kernels of the ops declared in ops/knn.py (their CPU kernels: csrc/knn/knn_certified_cpu.cpp).
@@ -390,3 +419,6 @@ for _name, _kernel in (
     ("knn_certified_bounds", _knn_certified_bounds_cuda),
 ):
     torch.library.register_kernel(f"dpm_ops::{_name}", "cuda", _kernel)
+# ... and the CPU kernels of the stages' ops, whose CUDA kernels are C++ (knn_certified_cuda.cpp).
+torch.library.register_kernel("dpm_ops::knn_certified_candidates", "cpu", candidates_torch)
+torch.library.register_kernel("dpm_ops::knn_certified_candidate_distances", "cpu", candidate_distances)
