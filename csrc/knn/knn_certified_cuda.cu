@@ -86,16 +86,11 @@ candidates_kernel(const float* __restrict__ dots, const float* __restrict__ x_sc
   // Pass 1: the k-th smallest U (the index only orders equal values) and the largest L.
   RowSelect<A, kRegisters> select(k, list_storage);
   A top_lower = -infinity<A>();
-  for (int64_t base = int64_t(warp) * 32; base < N; base += kThreads) {
-    const int64_t col = base + lane;
-    A upper = infinity<A>();
-    if (col < N) {
-      const Bounds<A> b(line, x_scale, y_scales, x_norm, y_norms, row, col, metric, self);
-      upper = b.upper;
-      top_lower = max_of(top_lower, b.lower);
-    }
-    select.offer(upper, col, col < N);
-  }
+  select.offer_row(N, [&](int64_t col) {
+    const Bounds<A> b(line, x_scale, y_scales, x_norm, y_norms, row, col, metric, self);
+    top_lower = max_of(top_lower, b.lower);
+    return b.upper;
+  });
   if (self) top_lower = block_combine(top_lower, [](A a, A b) { return max_of(a, b); });
   select.merge();
   if (warp == 0) {

@@ -33,16 +33,12 @@ select_kernel(const A* __restrict__ dots, const A* __restrict__ x_norms, const A
 
   RowSelect<A, kRegisters> select(k, list_storage);
   A top = -infinity<A>();
-  for (int64_t base = int64_t(warp) * 32; base < N; base += kThreads) {
-    const int64_t col = base + lane;
-    A d = infinity<A>();
-    if (col < N) {
-      d = (self && col == row) ? A(0) : pair_distance(line[col], x_norm, y_norms[col], metric);
-      top = max_of(top, d);
-      if (cross != nullptr && row < cross_rows && col >= cross_rows) cross[row * (N - cross_rows) + col - cross_rows] = d;
-    }
-    select.offer(d, col, col < N);
-  }
+  select.offer_row(N, [&](int64_t col) {
+    const A d = (self && col == row) ? A(0) : pair_distance(line[col], x_norm, y_norms[col], metric);
+    top = max_of(top, d);
+    if (cross != nullptr && row < cross_rows && col >= cross_rows) cross[row * (N - cross_rows) + col - cross_rows] = d;
+    return d;
+  });
 
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) top = max_of(top, __shfl_xor_sync(kFull, top, offset));

@@ -125,9 +125,9 @@ __device__ __forceinline__ void offer(List& list, int k, A v, int64_t i, bool va
   }
 }
 
-// One thread block's selection of a row's k smallest pairs: every thread offers its columns (warp
-// w the columns w * 32 + lane + j * kThreads, so that each warp's list sees an interleaved share),
-// then merge() leaves the row's list in warp 0. kRegisters: k <= kMaxRegisterK.
+// One thread block's selection of a row's k smallest pairs: offer_row() offers every column, each
+// warp an interleaved share into its own list, then merge() leaves the row's list in warp 0.
+// kRegisters: k <= kMaxRegisterK.
 template <typename A, bool kRegisters> struct RowSelect {
   WarpList<A> registers;
   SharedList<A> shared;
@@ -154,6 +154,16 @@ template <typename A, bool kRegisters> struct RowSelect {
   __device__ __forceinline__ void offer(A v, int64_t i, bool valid) {
     if constexpr (kRegisters) cuda::offer(registers, k, v, i, valid);
     else cuda::offer(shared, k, v, i, valid);
+  }
+
+  // Offers (value_of(col), col) for every column col < N of the row, warp w taking the columns
+  // w * 32 + lane + j * kThreads.
+  template <class ValueOf> __device__ __forceinline__ void offer_row(int64_t N, ValueOf value_of) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int64_t base = int64_t(warp) * 32; base < N; base += kThreads) {
+      const int64_t col = base + lane;
+      offer(col < N ? value_of(col) : infinity<A>(), col, col < N);
+    }
   }
 
   // Called by every thread once the row is offered: warp 0's list becomes the row's k smallest
