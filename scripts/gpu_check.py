@@ -34,7 +34,9 @@ BUILD_S, TEST_FILE_S, BENCH_FILE_S, MODELS_S = 240, 180, 120, 240
 MIN_TEST_FILE_S, MIN_BENCH_FILE_S, MIN_MODELS_S = 30, 30, 150
 DRY_RUN_MIN_FILE_S = 5  # one collection-only process
 PYTEST = ["-m", "pytest", "-q", "-p", "no:cacheprovider"]
-SELECT_GPU_TESTS = "cuda or triton"  # the backend parameter ids (test_x[cuda], [triton]) and cuda-marked tests
+# The backend parameter ids (test_x[cuda], [triton]) and cuda-marked tests; not the CPU emulator's
+# (tests/test_emulated_kernels.py), which needs no GPU.
+SELECT_GPU_TESTS = "(cuda or triton) and not emulated"
 
 
 def parse_args(argv=None):

@@ -1,0 +1,145 @@
+"""The CUDA kernels of the knn ops run on the CPU under the emulator (tests/cuda_emulation): their own
+code, barriers and warp collectives, with the block / warp exchanges taken in a fixed order. Each is
+checked bitwise against the torch computation it stands for, on the same inputs: the selection
+kernel of the direct knn, and the certified search's stage-1 and stage-2 kernels (the GPU tests,
+tests/test_knn_certified_gpu.py, check them on a GPU against the same torch versions)."""
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_knn_certified import gaussian
+
+from conftest import sign_rows
+from cuda_emulation import emulate
+from dpm_ops.ops import knn_certified
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="the emulator builds with g++")
+METRICS = {"euclidean": 0, "sqeuclidean": 1, "cosine": 2}  # knn::Metric
+DTYPES = {torch.float32: 0, torch.float64: 1}  # dpm_ops::Dtype
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    return emulate.build(tmp_path_factory.mktemp("cuda_emulation"))
+
+
+COPIES = 50
+
+
+def _rows(count, dim, seed, dtype, metric):
+    """Gaussian rows after COPIES copies of the first (equal distances: ties, and candidate sets over a
+    cap below COPIES) and a few sign rows; unit rows for cosine; their squared norms."""
+    x = gaussian(count - COPIES - 6, dim, seed, dtype)
+    x = torch.cat([x[:1].repeat(COPIES, 1), x, sign_rows(6, dim, seed=seed, dtype=dtype)])
+    if metric == "cosine":
+        x = F.normalize(x, dim=1)
+    return x.contiguous(), (x * x).sum(1)
+
+
+# The rows launched: two blocks, the second at row0 > 0 (the launchers' global row indices), as the
+# entry points launch a block of rows per GEMM. The emulator runs each row's block of 256 threads in
+# turn, so the tests take a few rows of each kind: copies, Gaussian rows, the last rows.
+BLOCKS = ((0, 24), (40, 64), (280, 300))
+
+
+@pytest.mark.parametrize("k", [1, 5, 32, 33, 70])
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_knn_select_kernel(emulated, k, metric, dtype):
+    """knn_cuda.cu's select_kernel, in two blocks of rows (row0 > 0) as knn_cuda.cpp launches it: each row's k
+    smallest (distance, index) pairs (register lists for k <= 32, shared-memory lists above), the row maximum
+    and the cross block, with self pairs; bitwise a stable sort of the same distances."""
+    n, cross_rows = 300, 20
+    x, norms = _rows(n, 24, k, dtype, metric)
+    dots = x @ x.T
+    d = knn_certified.distance(dots, norms[:, None], norms[None, :], metric)
+    d.fill_diagonal_(0)
+    order = torch.sort(d, dim=1, stable=True)
+    values, indices = torch.empty(n, k, dtype=dtype), torch.empty(n, k, dtype=torch.long)
+    row_max, cross = torch.empty(n, dtype=dtype), torch.full((cross_rows, n - cross_rows), -1.0, dtype=dtype)
+    for r0, r1 in BLOCKS:
+        block = dots[r0:r1].contiguous()
+        emulate.call(
+            emulated, "knn_select", DTYPES[dtype], block.data_ptr(), norms.data_ptr(), norms.data_ptr(), r1 - r0,
+            r0, n, k, METRICS[metric], True, values.data_ptr(), indices.data_ptr(), row_max.data_ptr(),
+            cross.data_ptr(), cross_rows,
+        )  # fmt: skip
+    launched = torch.cat([torch.arange(r0, r1) for r0, r1 in BLOCKS])
+    assert torch.equal(values[launched], order.values[launched, :k])
+    assert torch.equal(indices[launched], order.indices[launched, :k])
+    assert torch.equal(row_max[launched], d.amax(1)[launched])
+    assert torch.equal(cross, d[:cross_rows, cross_rows:])  # rows 0..19 are launched
+
+
+@pytest.mark.parametrize("k", [1, 7, 33, 100])
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("self_pairs", [False, True])
+def test_certified_candidates_kernel(emulated, k, metric, dtype, self_pairs):
+    """knn_certified_cuda.cu's candidates_kernel, in two blocks of rows as knn_certified_cuda.cpp launches it,
+    against candidates_torch (the op's CPU kernel) on the same fp32 dot products: the same buffers and counts,
+    bitwise. Caps that rows overflow, N not a multiple of the 256 columns a step."""
+    n, cap = 300, max(k, 40)
+    y, _ = _rows(n, 24, k + 1, dtype, metric)
+    x = y if self_pairs else y * 1.25
+    xo, yo = (knn_certified.Operand.of(v, metric, dtype) for v in (x, y))
+    args = knn_certified.stage1_args(xo, yo)
+    expected = knn_certified.candidates_torch(*args, k, cap, metric, self_pairs)
+    dots = knn_certified._bf16_gemm(xo.bf16, yo.bf16)
+    got = [torch.full((n, cap), -1, dtype=torch.int32), torch.full((n,), -1, dtype=torch.int32)]
+    got += [torch.full((n, cap), -1, dtype=torch.int32), torch.full((n,), -1, dtype=torch.int32)]
+    for r0, r1 in BLOCKS:
+        block = dots[r0:r1].contiguous()
+        emulate.call(
+            emulated, "knn_certified_candidates", DTYPES[dtype], block.data_ptr(), xo.scales.data_ptr(),
+            yo.scales.data_ptr(), xo.norms.data_ptr(), yo.norms.data_ptr(), r1 - r0, r0, n, k, cap, METRICS[metric],
+            self_pairs, got[0].data_ptr(), got[1].data_ptr(), got[2].data_ptr() if self_pairs else None,
+            got[3].data_ptr() if self_pairs else None,
+        )  # fmt: skip
+    launched = torch.cat([torch.arange(r0, r1) for r0, r1 in BLOCKS])
+    for g, e in zip(got[: 4 if self_pairs else 2], expected):
+        assert torch.equal(g[launched], e[launched])
+    if cap < COPIES:  # the copies' rows: every copy is a candidate
+        assert bool((expected[1][:COPIES] > cap).all())
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_certified_candidate_distances_kernel(emulated, metric, dtype):
+    """knn_certified_cuda.cu's candidate_distances_kernel against candidate_distances (the op's CPU kernel):
+    counts from 0 to the width, +inf past them, self pairs 0; bitwise on exact rows (any summation order
+    gives the same bits), within the rounding of the dot product on Gaussian rows."""
+    gen = torch.Generator().manual_seed(27)
+    n, width = 90, 40
+    counts = torch.tensor([0, 1, 7, 8, 9, 40, 33, 16])
+    rows = torch.randint(0, n, (len(counts),), generator=gen)
+    candidates = torch.randint(0, n, (len(counts), width), generator=gen)
+    candidates[:, 0] = rows
+    candidates = candidates.masked_fill(torch.arange(width) >= counts[:, None], n)
+    for x, exact in ((sign_rows(n, 100, seed=28, dtype=dtype), True), (gaussian(n, 100, 29, dtype), False)):
+        xo = knn_certified.Operand.of(x, metric, dtype)
+        for self_pairs in (False, True):
+            expected = knn_certified.candidate_distances(
+                xo.rows, xo.rows, xo.norms, xo.norms, rows, candidates, counts, metric, self_pairs
+            )
+            got = torch.empty(len(counts), width, dtype=dtype)
+            emulate.call(
+                emulated, "knn_certified_candidate_distances", DTYPES[dtype], xo.rows.data_ptr(), xo.rows.data_ptr(),
+                xo.norms.data_ptr(), xo.norms.data_ptr(), rows.data_ptr(), candidates.data_ptr(), counts.data_ptr(),
+                len(counts), width, x.shape[1], METRICS[metric], self_pairs, got.data_ptr(),
+            )  # fmt: skip
+            assert torch.equal(got.isinf(), torch.arange(width) >= counts[:, None])
+            if exact:
+                assert torch.equal(got, expected)
+            else:
+                tau = 2 * x.shape[1] * torch.finfo(dtype).eps * 2 * float(xo.norms.max())
+                finite = got.isfinite()
+                raw = (lambda d: d * d) if metric == "euclidean" else (lambda d: d)
+                torch.testing.assert_close(raw(got[finite]), raw(expected[finite]), rtol=0, atol=tau)
+
+
+def test_emulator_reports_a_deadlock(emulated):
+    with pytest.raises(RuntimeError, match="kernel deadlock_kernel deadlocked in block \\(0, 0, 0\\): threads 0, 1,"):
+        emulate.call(emulated, "deadlock")
