@@ -1,8 +1,14 @@
-"""The CUDA kernels of the knn ops run on the CPU under the emulator (tests/cuda_emulation): their own
-code, barriers and warp collectives, with the block / warp exchanges taken in a fixed order. Each is
-checked bitwise against the torch computation it stands for, on the same inputs: the selection
-kernel of the direct knn, and the certified search's stage-1 and stage-2 kernels (the GPU tests,
-tests/test_knn_certified_gpu.py, check them on a GPU against the same torch versions)."""
+"""The CUDA code of dpm_ops run on the CPU under the emulator (tests/cuda_emulation): the kernels' own
+code, barriers and warp collectives, a block's threads taking turns in a fixed order.
+
+* Every op's CUDA entry point (ATen preparation, cuBLAS's GEMMs as ATen CPU GEMMs, the kernels) as
+  dpm_ops_emulated::<op> on the samples of test_op_declarations, against the op's C++ CPU kernel, under
+  both schedules (breadth first, depth first: a warp running ahead shows a missing __syncthreads).
+* The knn kernels, launched directly: the selection kernel of the direct knn and the certified
+  search's stage-1 and stage-2 kernels, bitwise against the torch computations they stand for (the GPU
+  tests, tests/test_knn_certified_gpu.py, check them on a GPU against the same torch versions), and the
+  certified pipeline of backend "cuda" on them.
+"""
 
 import shutil
 
@@ -11,18 +17,64 @@ import torch
 import torch.nn.functional as F
 from test_knn_certified import gaussian
 
+from test_knn_certified import check_same_knn
+from test_knn_certified_gpu import reid_like
+from test_op_declarations import SAMPLES
+
 from conftest import sign_rows
 from cuda_emulation import emulate
 from dpm_ops.ops import knn_certified
+from dpm_ops.ops._declare import DECLARED
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="the emulator builds with g++")
 METRICS = {"euclidean": 0, "sqeuclidean": 1, "cosine": 2}  # knn::Metric
 DTYPES = {torch.float32: 0, torch.float64: 1}  # dpm_ops::Dtype
 
 
+# The ops whose CUDA kernels are registered from Python (ops/knn_certified.py: the pipeline around the
+# two stage ops, which are emulated).
+PYTHON_CUDA_KERNELS = {"knn_certified", "self_knn_certified", "knn_certified_bounds"}
+SCHEDULES = {"breadth first": 0, "depth first": 1}
+
+
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory):
-    return emulate.build(tmp_path_factory.mktemp("cuda_emulation"))
+    library = emulate.build(tmp_path_factory.mktemp("cuda_emulation"))
+    yield library
+    library.set_schedule(SCHEDULES["breadth first"])
+
+
+def _emulated_op(name):
+    return getattr(getattr(torch.ops, emulate.LIBRARY), name)
+
+
+def test_every_cuda_entry_point_is_emulated(emulated):
+    emulated_ops = {
+        name for name in DECLARED if torch._C._dispatch_has_kernel_for_dispatch_key(f"{emulate.LIBRARY}::{name}", "CPU")
+    }
+    assert emulated_ops == set(DECLARED) - PYTHON_CUDA_KERNELS
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("name", sorted(set(DECLARED) - PYTHON_CUDA_KERNELS))
+def test_cuda_entry_point_matches_the_cpu_kernel(emulated, name, schedule):
+    emulated.set_schedule(SCHEDULES[schedule])
+    got = _emulated_op(name)(*SAMPLES[name]())
+    expected = getattr(torch.ops.dpm_ops, name)(*SAMPLES[name]())
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_cuda_certified_pipeline_on_the_emulated_stage_kernels(emulated, metric):
+    """knn by backend "cuda"'s pipeline (ops/knn_certified.py) with its two stage ops' CUDA kernels
+    (cuBLAS's bf16 GEMM as the CPU's fp32 GEMM of the bf16 values): the direct path's neighbours."""
+    backend = knn_certified.Backend(knn_certified.stage1_cublas, _emulated_op("knn_certified_candidate_distances"))
+    query, gallery = reid_like(12, 300, seed=30)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.ops.dpm_ops, "knn_certified_candidates", _emulated_op("knn_certified_candidates"))
+        result = knn_certified.knn_certified_rows(query, gallery, 7, metric, backend)
+    assert bool((result[2] >= 7).all())
+    check_same_knn(query, gallery, 7, metric, result[:2], backend="cpp")
 
 
 COPIES = 50

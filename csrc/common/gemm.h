@@ -41,17 +41,21 @@ inline at::Tensor cpu_mm_fp32(const at::Tensor& a, const at::Tensor& b) {
   return stack.front().toTensor();
 }
 
-// a @ b in the compute type of the operands' dtype.
+// a @ b in the compute type of the operands' dtype. (The CPU has no aten::mm.dtype: there bf16 / fp16
+// operands are widened first, exact products summed in fp32 as on the GPU.)
 inline at::Tensor mm_acc(const at::Tensor& a, const at::Tensor& b) {
   if (a.is_cpu() && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat) return cpu_mm_fp32(a, b);
   const at::ScalarType acc = compute_type(a.scalar_type());
-  return a.scalar_type() == acc ? at::mm(a, b) : at::mm(a, b, acc);
+  if (a.scalar_type() == acc) return at::mm(a, b);
+  return a.is_cpu() ? at::mm(a.to(acc), b.to(acc)) : at::mm(a, b, acc);
 }
 
-// out = a @ b, `out` in the compute type of the operands' dtype.
+// out = a @ b, `out` in the compute type of the operands' dtype (widened first on the CPU, as mm_acc).
 inline void mm_acc_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
-  if (a.scalar_type() == out.scalar_type()) at::mm_out(out, a, b);
-  else at::mm_out(out, a, b, out.scalar_type());
+  const at::ScalarType acc = out.scalar_type();
+  if (a.scalar_type() == acc) at::mm_out(out, a, b);
+  else if (a.is_cpu()) at::mm_out(out, a.to(acc), b.to(acc));
+  else at::mm_out(out, a, b, acc);
 }
 
 }  // namespace dpm_ops

@@ -22,6 +22,10 @@ void register_kernels(torch::Library& m, const char* op, Fn* kernel, Rest... res
 }  // namespace dpm_ops
 
 // Registers the (op name, &kernel) pairs that follow `dispatch_key` (CPU, CUDA) into the dpm_ops
-// library. Used at namespace scope, without a trailing semicolon, like TORCH_LIBRARY_IMPL.
+// library. Used at namespace scope, without a trailing semicolon, like TORCH_LIBRARY_IMPL. (The
+// tests' CUDA emulator defines it first, to build the CUDA entry points into a library of its own:
+// tests/cuda_emulation.)
+#ifndef DPM_OPS_KERNELS
 #define DPM_OPS_KERNELS(dispatch_key, ...) \
   TORCH_LIBRARY_IMPL(dpm_ops, dispatch_key, m) { ::dpm_ops::register_kernels(m, __VA_ARGS__); }
+#endif

@@ -1,47 +1,82 @@
-"""Builds the CUDA kernels of csrc/ for the CPU under the emulator (include/emulated_cuda.h) and loads
-their torch-free launchers through launchers.cpp's C entry points (README.md).
+"""Builds the CUDA code of csrc/ for the CPU under the emulator (include/emulated_cuda.h, README.md) into
+one library: every CUDA entry point (*_cuda.cpp) with its kernels, as the CPU kernels of
+``dpm_ops_emulated::<op>`` (the CUDA code path of each op, run on CPU tensors), and launchers.cpp's C
+entry points to single torch-free launchers.
 
 The sources are compiled as written, with two rewrites that plain C++ cannot spell: a launch
-``kernel<<<grid, block, shared, stream>>>(args)`` becomes ``::emu::launch(kernel, "kernel", grid,
-block, shared, stream)(args)``, and ``extern __shared__ ... name[];`` a pointer to the block's dynamic
-shared memory. Everything else (the built-in variables, barriers, warp collectives, the runtime calls)
-is declared by the headers in include/, which stand in for CUDA's.
+``kernel<<<grid, block, shared, stream>>>(args)`` becomes ``(::emu::Launch("kernel", grid, block,
+shared, stream) << [=](auto... a) { kernel(a...); })(args)``, and ``extern __shared__ ... name[];`` a
+pointer to the block's dynamic shared memory. Everything else (the built-in variables, barriers, warp
+collectives, the runtime calls, c10's CUDA guard and stream) is declared by the headers in include/,
+which stand in for CUDA's.
 """
 
 import ctypes
+import os
 import re
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-# The .cu files built, relative to csrc/ (every one that launchers.cpp calls into).
-SOURCES = ("knn/knn_cuda.cu", "knn/knn_certified_cuda.cu")
+LIBRARY = "dpm_ops_emulated"
 _LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;()]*>)?)<<<(.*?)>>>\(", re.S)
 _DYNAMIC_SHARED = re.compile(r"extern __shared__ (?:__align__\(\d+\) )?unsigned char (\w+)\[\];")
+# g++ flags of every emulated source: no FMA contraction (README.md), no fortified longjmp (the fibers
+# switch stacks with _longjmp).
+_FLAGS = ["-O1", "-g0", "-fPIC", "-U_FORTIFY_SOURCE", "-ffp-contract=off", "-w", f"-I{HERE / 'include'}"]
+_KEEP = []  # the schema definitions, alive as long as the process
 
 
 def rewrite(text: str) -> str:
-    text = _LAUNCH.sub(lambda m: f'::emu::launch({m[1]}, "{m[1]}", {m[2]})(', text)
+    text = _LAUNCH.sub(lambda m: f'(::emu::Launch("{m[1]}", {m[2]}) << [=](auto... a) {{ {m[1]}(a...); }})(', text)
     return _DYNAMIC_SHARED.sub(r"unsigned char* \1 = ::emu::dynamic_shared();", text)
 
 
+def _compile(command: list) -> None:
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"emulated build failed: {' '.join(command)}\n{done.stderr[-4000:]}")
+
+
 def build(out: Path) -> ctypes.CDLL:
-    """Compiles SOURCES and launchers.cpp into out/emulated.so and loads it."""
+    """Compiles every .cu and *_cuda.cpp of csrc/ (the entry points against torch's headers, include/'s
+    c10/cuda stand-ins first) and launchers.cpp into out/emulated.so; defines every declared op's schema
+    under dpm_ops_emulated and loads the library. Returns it, for launchers.cpp's entry points (call())."""
+    import torch
+    import torch.utils.cpp_extension as extension
+
+    from dpm_ops.ops._declare import DECLARED
+
     csrc = out / "csrc"
     shutil.copytree(REPO / "csrc", csrc, dirs_exist_ok=True)
-    for path in list(csrc.rglob("*.cu")) + list(csrc.rglob("*.cuh")):
+    for path in [*csrc.rglob("*.cu"), *csrc.rglob("*.cuh")]:
         path.write_text(rewrite(path.read_text()))
-    (out / "launchers.cpp").write_text(rewrite((HERE / "launchers.cpp").read_text()))
+    launchers = out / "launchers.cpp"
+    launchers.write_text(rewrite((HERE / "launchers.cpp").read_text()))
+    torch_flags = [f"-I{p}" for p in extension.include_paths()]
+    torch_flags.append(f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}")
+    device = ["g++", "-std=c++17", "-D__CUDACC__", *_FLAGS, f"-I{csrc}", "-x", "c++", "-c"]
+    host = ["g++", "-std=c++20", "-DDPM_OPS_WITH_CUDA", *_FLAGS, *torch_flags]
+    host += ["-include", str(HERE / "include" / "emulated_entry_points.h"), "-c"]
+    jobs = [device + [str(p)] for p in [*sorted(csrc.rglob("*.cu")), launchers]]
+    jobs += [host + [str(p)] for p in sorted(csrc.rglob("*_cuda.cpp"))]
+    objects = [out / f"{Path(job[-1]).parent.name}_{Path(job[-1]).name}.o" for job in jobs]
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        list(pool.map(_compile, [job + ["-o", str(o)] for job, o in zip(jobs, objects)]))
     library = out / "emulated.so"
-    command = [
-        "g++", "-std=c++17", "-O1", "-g0", "-shared", "-fPIC", "-D__CUDACC__", "-U_FORTIFY_SOURCE", "-ffp-contract=off", "-w",
-        f"-I{HERE / 'include'}", f"-I{csrc}",
-        "-x", "c++", *(str(csrc / s) for s in SOURCES), str(out / "launchers.cpp"),
-        "-o", str(library),
-    ]  # fmt: skip
-    subprocess.run(command, check=True, capture_output=True, text=True)
+    torch_lib = Path(torch.__file__).parent / "lib"
+    _compile(
+        ["g++", "-shared", *map(str, objects), f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}"]
+        + ["-ltorch", "-ltorch_cpu", "-lc10", "-o", str(library)]
+    )
+    definitions = torch.library.Library(LIBRARY, "DEF")
+    for name, op in DECLARED.items():
+        definitions.define(name + op.schema)
+    _KEEP.append(definitions)
+    torch.ops.load_library(str(library))
     return _declare(ctypes.CDLL(str(library)))
 
 
@@ -60,6 +95,7 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
         function = getattr(library, name)
         function.argtypes, function.restype = arguments, ctypes.c_int
     library.last_error.restype = ctypes.c_char_p
+    library.set_schedule.argtypes, library.set_schedule.restype = [I32], None
     return library
 
 

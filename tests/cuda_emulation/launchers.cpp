@@ -1,5 +1,7 @@
 // C entry points of the emulated launchers (emulate.py loads them with ctypes): each runs one
 // torch-free launcher of csrc/ and returns 0, or 1 with its error in last_error().
+#include <cuda_runtime.h>
+
 #include <exception>
 #include <string>
 
@@ -34,6 +36,8 @@ __global__ void deadlock_kernel() {
 extern "C" {
 
 const char* last_error() { return error.c_str(); }
+
+void set_schedule(int order) { emu::schedule() = static_cast<emu::Schedule>(order); }
 
 int deadlock() {
   return guarded([] { deadlock_kernel<<<2, 64>>>(); });

@@ -1,3 +1,3 @@
-// The emulator stands in for the CUDA runtime (emulated_cuda.h).
+// The emulator stands in for the CUDA runtime API (emulated_runtime.h).
 #pragma once
-#include "emulated_cuda.h"
+#include "emulated_runtime.h"

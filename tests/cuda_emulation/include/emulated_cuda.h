@@ -4,10 +4,12 @@
 // kernels' own code, their barriers and their warp exchanges run as written, deterministically,
 // and a barrier that some threads never reach is reported (std::runtime_error naming the kernel)
 // instead of hanging. Blocks run one after the other, so a static local is one block's shared
-// memory (`__shared__` is `static` here). Not emulated: the memory model of concurrent blocks (no
+// memory (`__shared__` is `static` here, poisoned before each block). Not emulated: the memory model of concurrent blocks (no
 // kernel here shares data between blocks within a launch), partial warp masks (rejected), atomics,
 // tensor cores and the GPU's rounding of fast-math intrinsics.
 #pragma once
+
+#include "emulated_runtime.h"
 
 #include <setjmp.h>
 #include <ucontext.h>
@@ -34,30 +36,17 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
-#define __shared__ static
-
-struct dim3 {
-  unsigned int x, y, z;
-  constexpr dim3(unsigned int x = 1, unsigned int y = 1, unsigned int z = 1) : x(x), y(y), z(z) {}
-};
-using uint3 = dim3;
-
-typedef struct CUstream_st* cudaStream_t;
-enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9 };
-typedef cudaError_t cudaError;
-enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+// Shared memory: statics in one section, which the emulator fills with 0xff bytes (NaN, -1) before
+// each block, so that a read of what the block has not written yet shows.
+#define __shared__ static __attribute__((section("emu_shared")))
+extern "C" unsigned char __start_emu_shared[] __attribute__((weak));
+extern "C" unsigned char __stop_emu_shared[] __attribute__((weak));
 
 namespace emu {
 
 constexpr int kMaxThreads = 1024;
-constexpr int kMaxDynamicShared = 232448;  // sm_90's opt-in limit (227 KB)
 constexpr size_t kStackBytes = size_t(128) << 10;
 constexpr unsigned int kFullMask = 0xffffffffu;
-
-inline cudaError_t& last_error() {
-  static cudaError_t error = cudaSuccess;
-  return error;
-}
 
 // Threads that wait at one barrier until all its live members are there.
 struct Barrier {
@@ -89,6 +78,15 @@ struct Block {
   jmp_buf scheduler;
   int current = 0;
 };
+
+// The order in which the threads that can run take turns: breadth first (the oldest waiting
+// thread next: the warps advance together) or depth first (the newest next: a warp runs ahead as
+// far as its barriers let it, which shows a missing __syncthreads). Set by set_schedule().
+enum class Schedule : int { kBreadthFirst = 0, kDepthFirst = 1 };
+inline Schedule& schedule() {
+  static Schedule order = Schedule::kBreadthFirst;
+  return order;
+}
 
 inline Block*& running() {
   static Block* block = nullptr;
@@ -178,7 +176,9 @@ inline std::string deadlock_report(const Block& r) {
 }
 
 // Runs the block r.idx: its threads in turn until each is done.
-inline void run_block(Block& r, long threads) {
+inline void run_block(Block& r, long threads, size_t shared_bytes) {
+  if (__start_emu_shared != nullptr) std::memset(__start_emu_shared, 0xff, __stop_emu_shared - __start_emu_shared);
+  std::memset(r.dynamic_shared.get(), 0xff, shared_bytes);
   r.block = Barrier{int(threads), {}};
   r.warps.assign((threads + 31) / 32, Barrier{});
   r.ready.clear();
@@ -190,8 +190,13 @@ inline void run_block(Block& r, long threads) {
     r.ready.push_back(int(t));
   }
   while (!r.ready.empty()) {
-    r.current = r.ready.front();
-    r.ready.pop_front();
+    if (schedule() == Schedule::kDepthFirst) {
+      r.current = r.ready.back();
+      r.ready.pop_back();
+    } else {
+      r.current = r.ready.front();
+      r.ready.pop_front();
+    }
     Fiber& f = r.fibers[r.current];
     if (_setjmp(r.scheduler)) continue;  // back from the fiber: the next one
     if (f.started) _longjmp(f.jump, 1);
@@ -210,7 +215,8 @@ inline void run_block(Block& r, long threads) {
 // Runs body() as every thread of every block of the grid, block after block.
 inline void run(const char* kernel, dim3 grid, dim3 dim, size_t shared_bytes, const std::function<void()>& body) {
   const long threads = long(dim.x) * dim.y * dim.z;
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || threads == 0 || threads > kMaxThreads ||
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535 ||
+      threads == 0 || threads > kMaxThreads || dim.z > 64 ||
       shared_bytes > size_t(kMaxDynamicShared)) {
     last_error() = cudaErrorInvalidConfiguration;
     return;
@@ -233,16 +239,27 @@ inline void run(const char* kernel, dim3 grid, dim3 dim, size_t shared_bytes, co
     for (unsigned int by = 0; by < grid.y; ++by)
       for (unsigned int bx = 0; bx < grid.x; ++bx) {
         r.idx = dim3(bx, by, bz);
-        run_block(r, threads);
+        run_block(r, threads, shared_bytes);
       }
 }
 
-// `kernel<<<grid, block, shared, stream>>>(args...)` becomes launch(kernel, "kernel", grid, block,
-// shared, stream)(args...) (tests/cuda_emulation/emulate.py rewrites the sources).
-template <typename Kernel>
-auto launch(Kernel kernel, const char* name, dim3 grid, dim3 dim, size_t shared_bytes = 0, cudaStream_t = nullptr) {
-  return [=](auto... args) { run(name, grid, dim, shared_bytes, [&] { kernel(args...); }); };
-}
+// `kernel<<<grid, block, shared, stream>>>(args...)` becomes (Launch("kernel", grid, block, shared,
+// stream) << [=](auto... a) { kernel(a...); })(args...) (emulate.py rewrites the sources): the
+// kernel is called by name, so its template arguments are deduced from the arguments as by nvcc.
+struct Launch {
+  const char* name;
+  dim3 grid, dim;
+  size_t shared_bytes;
+
+  Launch(const char* name, dim3 grid, dim3 dim, size_t shared_bytes = 0, cudaStream_t = nullptr)
+      : name(name), grid(grid), dim(dim), shared_bytes(shared_bytes) {}
+
+  template <typename Kernel> auto operator<<(Kernel kernel) const {
+    return [launch = *this, kernel](auto... args) {
+      run(launch.name, launch.grid, launch.dim, launch.shared_bytes, [&] { kernel(args...); });
+    };
+  }
+};
 
 inline unsigned char* dynamic_shared() { return reinterpret_cast<unsigned char*>(block().dynamic_shared.get()); }
 
@@ -291,15 +308,6 @@ inline int __popc(unsigned int v) { return __builtin_popcount(v); }
 inline int __ffs(int v) { return __builtin_ffs(v); }
 inline float __fmul_rn(float a, float b) { return a * b; }  // built without FMA contraction
 
-inline cudaError_t cudaGetLastError() {
-  const cudaError_t e = emu::last_error();
-  emu::last_error() = cudaSuccess;
-  return e;
-}
-inline const char* cudaGetErrorString(cudaError_t e) {
-  return e == cudaSuccess ? "no error" : e == cudaErrorInvalidConfiguration ? "invalid configuration argument"
-                                                                            : "invalid argument";
-}
 template <typename Kernel> cudaError_t cudaFuncSetAttribute(Kernel, cudaFuncAttribute, int value) {
   return value >= 0 && value <= emu::kMaxDynamicShared ? cudaSuccess : cudaErrorInvalidValue;
 }
