@@ -19,11 +19,12 @@ from test_knn_certified import gaussian
 
 from test_knn_certified import check_same_knn
 from test_knn_certified_gpu import reid_like
-from test_op_declarations import SAMPLES
+from test_op_declarations import ARCFACE_OPTIONS, SAMPLES, _neighbours, _randn
 
 from conftest import sign_rows
 from cuda_emulation import emulate
-from dpm_ops.ops import knn_certified
+from dpm_ops import _backend
+from dpm_ops.ops import hierarchical_mask_pool, knn_certified, masked_cosine, self_knn
 from dpm_ops.ops._declare import DECLARED
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="the emulator builds with g++")
@@ -85,6 +86,94 @@ def test_cuda_entry_point_matches_the_cpu_kernel(emulated, name, schedule, dtype
     got = _emulated_op(name)(*_cast(SAMPLES[name](), dtype))
     half = dtype in (torch.float16, torch.bfloat16)
     torch.testing.assert_close(got, expected, **({"atol": 2e-2, "rtol": 2e-2} if half else {}))
+
+
+def _large_csr(n=80, width=30):
+    """kreciprocal's CSR sets of n rows (k1 20, k1 / 2 10) and their values."""
+    expand = DECLARED["kreciprocal_expand"].run(
+        _backend.resolve(None, torch.device("cpu")), _neighbours(n, width), 20, 10
+    )
+    return (*expand, torch.rand(len(expand[1]), generator=torch.Generator().manual_seed(31)))
+
+
+def _large_pair_sqdist_args():
+    x = _randn(80, 24, seed=5).float()
+    values, indices, _, _ = self_knn(x, 30, "sqeuclidean")
+    return (x, values, indices, *_large_csr()[:2])
+
+
+def _large_masked_cosine():
+    return _randn(40, 300), _randn(40, 300, seed=1).sigmoid(), _randn(50, 300, seed=2)
+
+
+def _large_pool_features():
+    return [_randn(3, 300, 6, 5, seed=1), _randn(3, 40, 3, 7, seed=2)]
+
+
+# Larger arguments than SAMPLES' for the ops with loops over a block's threads: rows and channels past
+# 256, several blocks, per-row loops of many steps.
+LARGE_SAMPLES = {
+    "batch_hard_triplet": lambda: (_randn(70, 40), torch.arange(70) % 9, True),
+    "hem_loss": lambda: (_randn(4, 6, 300), 1e-6, "sum"),
+    "hem_loss_backward": lambda: (torch.tensor(0.5, dtype=torch.float64), _randn(4, 6, 300), 1e-6, "mean"),
+    "hierarchical_mask_pool": lambda: (_large_pool_features(), _randn(3, 1, 16, 12).sigmoid(), "avg"),
+    "hierarchical_mask_pool_backward": lambda: (
+        _randn(3, 340),
+        _large_pool_features(),
+        None,
+        hierarchical_mask_pool(_large_pool_features(), None, "max"),
+        "max",
+    ),
+    "kreciprocal_expand": lambda: (_neighbours(80, 30), 20, 10),
+    "kreciprocal_pair_sqdist": _large_pair_sqdist_args,
+    "kreciprocal_query_expansion": lambda: (*_large_csr(), _neighbours(80, 30)[:, :6].contiguous()),
+    "kreciprocal_jaccard_blend_": lambda: (
+        torch.rand(20, 60, generator=torch.Generator().manual_seed(32)),
+        *_large_csr(),
+        0.3,
+    ),
+    "match_ranks": lambda: (
+        torch.rand(20, 300, generator=torch.Generator().manual_seed(33)),
+        *(torch.randint(0, 12, (320,), generator=torch.Generator().manual_seed(34)).split([20, 300])),
+        *((torch.arange(320) % 5).split([20, 300])),
+    ),
+    "knn": lambda: (_randn(40, 24), _randn(300, 24, seed=1), 40, "euclidean"),
+    "self_knn": lambda: (_randn(300, 24), 40, "sqeuclidean", True, 20),
+    "masked_cosine": lambda: (*_large_masked_cosine(), 1e-12),
+    "masked_cosine_train": lambda: (*_large_masked_cosine(), 1e-12),
+    "masked_cosine_backward": lambda: (
+        _randn(40, 50),
+        *_large_masked_cosine(),
+        masked_cosine(*_large_masked_cosine()),
+        None,
+        1e-12,
+    ),
+    "masked_arcface_ce": lambda: (
+        _randn(40, 300),
+        _randn(40, 300, seed=1).sigmoid(),
+        _randn(70, 300, seed=2),
+        torch.arange(40) % 70,
+        *ARCFACE_OPTIONS,
+        True,
+    ),
+    "maskreid_ranking_loss": lambda: (
+        torch.nn.functional.normalize(_randn(70, 40)),
+        torch.arange(70) % 9,
+        0.15,
+        2.0,
+        "literal",
+        "hardest",
+    ),
+    "maskreid_ranking_loss_backward": lambda: (torch.tensor(0.5, dtype=torch.float64), _randn(70, 40), _randn(70, 70)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LARGE_SAMPLES))
+def test_cuda_entry_point_on_larger_inputs(emulated, name):
+    emulated.set_schedule(SCHEDULES["depth first"])
+    got = _emulated_op(name)(*LARGE_SAMPLES[name]())
+    expected = getattr(torch.ops.dpm_ops, name)(*LARGE_SAMPLES[name]())
+    torch.testing.assert_close(got, expected)
 
 
 @pytest.mark.parametrize("metric", METRICS)
