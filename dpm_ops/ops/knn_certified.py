@@ -251,9 +251,15 @@ def candidates_torch(x, y, x_norms, y_norms, x_scales, y_scales, k: int, cap: in
         if self_pairs:
             part += _first_columns(upper >= lower.amax(1, keepdim=True), cap)
         parts.append(part)
-    empty = (x.new_empty((0, cap), dtype=torch.int32), x.new_empty((0,), dtype=torch.int32))
-    near, near_count, *far = (torch.cat(column) for column in zip(*parts)) if parts else empty * 2
-    return (near, near_count, *far) if self_pairs else (near, near_count, *empty)
+    if not parts:
+        parts = [(*_no_rows(x, cap), *_no_rows(x, cap))]
+    near, near_count, *far = (torch.cat(column) for column in zip(*parts))
+    return (near, near_count, *far) if self_pairs else (near, near_count, *_no_rows(x, cap))
+
+
+def _no_rows(like, cap: int):
+    """Empty candidate buffers and counts (fresh tensors: an op's outputs never alias each other)."""
+    return like.new_empty((0, cap), dtype=torch.int32), like.new_empty((0,), dtype=torch.int32)
 
 
 def stage1_cublas(xo: Operand, yo: Operand, k: int, cap: int, metric: str, self_pairs: bool):
