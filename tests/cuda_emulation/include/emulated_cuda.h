@@ -1,12 +1,13 @@
 // Runs CUDA kernels on the CPU for the tests (tests/cuda_emulation/README.md): a thread block's
-// threads are fibers run in turn by one OS thread, switching only at __syncthreads, at
-// the warp-level collectives (__syncwarp, __shfl*_sync, __ballot_sync) and at their end. So the
-// kernels' own code, their barriers and their warp exchanges run as written, deterministically,
-// and a barrier that some threads never reach is reported (std::runtime_error naming the kernel)
-// instead of hanging. Blocks run one after the other, so a static local is one block's shared
-// memory (`__shared__` is `static` here, poisoned before each block). Not emulated: the memory model of concurrent blocks (no
-// kernel here shares data between blocks within a launch), partial warp masks (rejected), atomics,
-// tensor cores and the GPU's rounding of fast-math intrinsics.
+// threads are fibers run in turn by one OS thread, switching only at __syncthreads, at the
+// warp-level collectives (__syncwarp, __shfl*_sync, __ballot_sync) and at their end. So the
+// kernels' own code, their barriers and their warp exchanges run as written, deterministically
+// (in one of two orders, Schedule), and a barrier that some threads never reach is reported
+// (std::runtime_error naming the kernel) instead of hanging. Blocks run one after the other, so a
+// static local is one block's shared memory (`__shared__` is a static here, poisoned before each
+// block). Not emulated: concurrent blocks (no kernel here shares data between the blocks of a
+// launch), partial warp masks (rejected), atomics, tensor cores and the GPU's rounding where it
+// differs from IEEE (fast-math intrinsics, FMA contraction).
 #pragma once
 
 #include "emulated_runtime.h"
