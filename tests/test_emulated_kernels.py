@@ -15,9 +15,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from test_knn_certified import gaussian
-
-from test_knn_certified import check_same_knn
+from test_knn_certified import check_same_knn, gaussian
 from test_knn_certified_gpu import reid_like
 from test_op_declarations import ARCFACE_OPTIONS, SAMPLES, _neighbours, _randn
 
