@@ -9,8 +9,9 @@
 //           row's k-th smallest U; with self pairs also the row's largest L = d(s + E);
 //   pass 2: the columns with L <= that U, and with self pairs those with U >= the largest L, in
 //           ascending order, 256 columns a step: each warp's ballot numbers its lanes' columns,
-//           the warps' counts go through shared memory, and every column below `cap` is written
-//           to its slot. Past the last one the buffers hold N.
+//           the warps' counts of both kinds go through shared memory (one __syncthreads a step),
+//           and every column below `cap` is written to its slot. Past the last one the buffers
+//           hold N.
 // L and U are the torch version's (ops/knn_certified.py, _stage1_torch) in the same operations:
 // s and E = (a_i a_j in fp32) widened to the compute type, then pair_distance(s +- E). Pass 1's and
 // pass 2's values are the same computation, so a column is a candidate exactly when its L is <= the
@@ -52,21 +53,27 @@ template <typename A> struct Bounds {
   }
 };
 
-// Numbers one step's flagged columns in column order: `before` = the flagged columns of earlier
-// steps and lower threads, `total` (every thread's) grows by this step's. `counts`: a kWarps slot
-// of shared memory that no other thread reads until the next __syncthreads.
-__device__ __forceinline__ int number_flagged(bool flag, int* counts, int& total) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const unsigned ballot = __ballot_sync(kFull, flag);
-  if (lane == 0) counts[warp] = __popc(ballot);
-  __syncthreads();
-  int before = total + __popc(ballot & ((1u << lane) - 1u));
-  for (int w = 0; w < kWarps; ++w) {
-    before += w < warp ? counts[w] : 0;
-    total += counts[w];
+// One step's flagged columns, numbered in column order across the block. The constructor
+// publishes the warp's count in `counts` (a kWarps slot of shared memory); after a __syncthreads,
+// slot() is this thread's column's place: the flagged columns of earlier steps (`total`, which grows
+// by this step's in every thread) and of lower threads.
+struct Flagged {
+  unsigned ballot;
+
+  __device__ __forceinline__ Flagged(bool flag, int* counts) : ballot(__ballot_sync(kFull, flag)) {
+    if (threadIdx.x % 32 == 0) counts[threadIdx.x / 32] = __popc(ballot);
   }
-  return before;
-}
+
+  __device__ __forceinline__ int slot(const int* counts, int& total) const {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int before = total + __popc(ballot & ((1u << lane) - 1u));
+    for (int w = 0; w < kWarps; ++w) {
+      before += w < warp ? counts[w] : 0;
+      total += counts[w];
+    }
+    return before;
+  }
+};
 
 template <typename A, bool kRegisters>
 __global__ void __launch_bounds__(kThreads)
@@ -114,13 +121,15 @@ candidates_kernel(const float* __restrict__ dots, const float* __restrict__ x_sc
       is_near = b.lower <= limit;
       is_far = self && b.upper >= top_lower;
     }
-    const int near_slot = number_flagged(is_near, counts[step % 2][0], near_total);
+    // Both kinds counted across one __syncthreads; `counts` alternates between steps, so that a
+    // step's counts are not overwritten while a slower thread still reads the previous step's.
+    int (*step_counts)[kWarps] = counts[step % 2];
+    const Flagged near_flags(is_near, step_counts[0]), far_flags(is_far, step_counts[1]);
+    __syncthreads();
+    const int near_slot = near_flags.slot(step_counts[0], near_total);
     if (is_near && near_slot < cap) near_row[near_slot] = int32_t(col);
-    if (self) {
-      // number_flagged's __syncthreads is uniform: `self` is the same in every thread.
-      const int far_slot = number_flagged(is_far, counts[step % 2][1], far_total);
-      if (is_far && far_slot < cap) far_row[far_slot] = int32_t(col);
-    }
+    const int far_slot = far_flags.slot(step_counts[1], far_total);  // 0 flagged without self pairs
+    if (is_far && far_slot < cap) far_row[far_slot] = int32_t(col);
   }
   for (int p = min(near_total, cap) + threadIdx.x; p < cap; p += kThreads) near_row[p] = int32_t(N);
   if (self)
