@@ -5,7 +5,7 @@ lower bound is <= the k-th smallest upper bound (triton/knn_certified.py for bac
 backend "cuda" dpm_ops::knn_certified_candidates: cuBLAS GEMMs of row blocks, each turned into the
 candidate buffers by one fused kernel, csrc/knn/knn_certified_cuda.cu). Stage 2 recomputes those candidates'
 distances with the direct path's formula in the compute dtype (fp32 IEEE products, never TF32;
-fp64 for fp64 input; Triton: one fused gather-and-sum kernel; "cuda": torch ops) and takes the first
+fp64 for fp64 input; one fused gather-and-sum kernel on either backend) and takes the first
 k in (distance, index) order. Rows whose candidates overflow `cap` get the exact full-row
 computation (an IEEE GEMM of those rows only).
 
