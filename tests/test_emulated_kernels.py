@@ -11,6 +11,8 @@ code, barriers and warp collectives, a block's threads taking turns in a fixed o
 """
 
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -38,8 +40,16 @@ SCHEDULES = {"breadth first": 0, "depth first": 1}
 
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory):
+    """The emulated library; meanwhile torch fills the memory it allocates with NaN (integers with their
+    largest value), so that an output element that no kernel writes shows."""
     library = emulate.build(tmp_path_factory.mktemp("cuda_emulation"))
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
     yield library
+    torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+    torch.utils.deterministic.fill_uninitialized_memory = fill
     library.set_schedule(SCHEDULES["breadth first"])
 
 
@@ -305,3 +315,22 @@ def test_certified_candidate_distances_kernel(emulated, metric, dtype):
 def test_emulator_reports_a_deadlock(emulated):
     with pytest.raises(RuntimeError, match="kernel deadlock_kernel deadlocked in block \\(0, 0, 0\\): threads 0, 1,"):
         emulate.call(emulated, "deadlock")
+
+
+# The memory that out_of_bounds_kernel (launchers.cpp) writes one float past, and AddressSanitizer's name
+# for the error.
+OUT_OF_BOUNDS = {"global": (0, "heap-buffer-overflow"), "static shared": (1, "global-buffer-overflow")}
+OUT_OF_BOUNDS["dynamic shared"] = (2, "heap-buffer-overflow")
+
+
+@pytest.mark.skipif(not emulate.sanitized(), reason="under AddressSanitizer only (tests/cuda_emulation/memcheck.sh)")
+@pytest.mark.parametrize("memory", OUT_OF_BOUNDS)
+def test_address_sanitizer_reports_an_out_of_bounds_write(emulated, memory):
+    """A kernel that writes one float past the end of `memory` ends its process with AddressSanitizer's
+    report (run in a child process, which the report ends)."""
+    where, error = OUT_OF_BOUNDS[memory]
+    launch = f"import ctypes, torch; ctypes.CDLL({emulated._name!r}).out_of_bounds({where})"
+    done = subprocess.run([sys.executable, "-c", launch], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert f"ERROR: AddressSanitizer: {error}" in done.stderr, done.stderr[-3000:]
+    assert "WRITE of size 4" in done.stderr

@@ -3,12 +3,17 @@ one library: every CUDA entry point (*_cuda.cpp) with its kernels, as the CPU ke
 ``dpm_ops_emulated::<op>`` (the CUDA code path of each op, run on CPU tensors), and launchers.cpp's C
 entry points to single torch-free launchers.
 
-The sources are compiled as written, with two rewrites that plain C++ cannot spell: a launch
+The sources are compiled as written, with the rewrites that plain C++ cannot spell: a launch
 ``kernel<<<grid, block, shared, stream>>>(args)`` becomes ``(::emu::Launch("kernel", grid, block,
-shared, stream) << [=](auto... a) { kernel(a...); })(args)``, and ``extern __shared__ ... name[];`` a
-pointer to the block's dynamic shared memory. Everything else (the built-in variables, barriers, warp
+shared, stream) << [=](auto... a) { kernel(a...); })(args)``, ``extern __shared__ ... name[];`` a
+pointer to the block's dynamic shared memory, and ``__shared__ T name[n];`` a reference to the block's
+instance of the variable (``::emu::block_shared``). Everything else (the built-in variables, barriers, warp
 collectives, the runtime calls, c10's CUDA guard and stream) is declared by the headers in include/,
 which stand in for CUDA's.
+
+In a process that runs under AddressSanitizer (memcheck.sh preloads its runtime), the library is built
+with it: an out-of-bounds access to global or shared memory ends the process with a report, as
+compute-sanitizer's memcheck would on a GPU.
 """
 
 import ctypes
@@ -24,15 +29,39 @@ REPO = HERE.parents[1]
 LIBRARY = "dpm_ops_emulated"
 _LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;()]*>)?)<<<(.*?)>>>\(", re.S)
 _DYNAMIC_SHARED = re.compile(r"extern __shared__ (?:__align__\(\d+\) )?unsigned char (\w+)\[\];")
+_SHARED = re.compile(r"__shared__ ([\w:]+) ([^;]+);")  # after _DYNAMIC_SHARED: `__shared__ T a[n], b;`
+_DECLARATOR = re.compile(r"\s*(\w+)((?:\[[^\[\]]+\])*)\s*")
 # g++ flags of every emulated source: no FMA contraction (README.md), no fortified longjmp (the fibers
 # switch stacks with _longjmp).
 _FLAGS = ["-O1", "-g0", "-fPIC", "-U_FORTIFY_SOURCE", "-ffp-contract=off", "-w", f"-I{HERE / 'include'}"]
+_SANITIZE = ["-fsanitize=address", "-fno-omit-frame-pointer"]  # when the process runs under it
 _KEEP = []  # the schema definitions, alive as long as the process
+
+
+def sanitized() -> bool:
+    """Whether this process runs under AddressSanitizer (its runtime preloaded: memcheck.sh)."""
+    return hasattr(ctypes.CDLL(None), "__asan_init")
+
+
+def _block_shared(declaration: re.Match) -> str:
+    """`__shared__ T a[n], b;` as `static char a_site; auto& a = ::emu::block_shared<T[n]>(&a_site); ...`:
+    the site, a static of the declaring function, tells the emulator which variable (which instance of
+    a template kernel) the block asks for."""
+    rewritten = []
+    for declarator in declaration[2].split(","):
+        if not (found := _DECLARATOR.fullmatch(declarator)):
+            raise ValueError(f"emulate.py cannot rewrite the shared memory declaration {declaration[0]!r}")
+        name, extents = found[1], found[2]
+        rewritten.append(
+            f"static char {name}_site; auto& {name} = ::emu::block_shared<{declaration[1]}{extents}>(&{name}_site);"
+        )
+    return " ".join(rewritten)
 
 
 def rewrite(text: str) -> str:
     text = _LAUNCH.sub(lambda m: f'(::emu::Launch("{m[1]}", {m[2]}) << [=](auto... a) {{ {m[1]}(a...); }})(', text)
-    return _DYNAMIC_SHARED.sub(r"unsigned char* \1 = ::emu::dynamic_shared();", text)
+    text = _DYNAMIC_SHARED.sub(r"unsigned char* \1 = ::emu::dynamic_shared();", text)
+    return _SHARED.sub(_block_shared, text)
 
 
 def _compile(command: list) -> None:
@@ -58,8 +87,10 @@ def build(out: Path) -> ctypes.CDLL:
     launchers.write_text(rewrite((HERE / "launchers.cpp").read_text()))
     torch_flags = [f"-I{p}" for p in extension.include_paths()]
     torch_flags.append(f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}")
-    device = ["g++", "-std=c++17", "-D__CUDACC__", *_FLAGS, f"-I{csrc}", "-x", "c++", "-c"]
-    host = ["g++", "-std=c++20", "-DDPM_OPS_WITH_CUDA", *_FLAGS, *torch_flags]
+    sanitize = _SANITIZE if sanitized() else []
+    flags = _FLAGS + sanitize
+    device = ["g++", "-std=c++17", "-D__CUDACC__", *flags, f"-I{csrc}", "-x", "c++", "-c"]
+    host = ["g++", "-std=c++20", "-DDPM_OPS_WITH_CUDA", *flags, *torch_flags]
     host += ["-include", str(HERE / "include" / "emulated_entry_points.h"), "-c"]
     jobs = [device + [str(p)] for p in [*sorted(csrc.rglob("*.cu")), launchers]]
     jobs += [host + [str(p)] for p in sorted(csrc.rglob("*_cuda.cpp"))]
@@ -69,7 +100,7 @@ def build(out: Path) -> ctypes.CDLL:
     library = out / "emulated.so"
     torch_lib = Path(torch.__file__).parent / "lib"
     _compile(
-        ["g++", "-shared", *map(str, objects), f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}"]
+        ["g++", "-shared", *sanitize[:1], *map(str, objects), f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}"]
         + ["-ltorch", "-ltorch_cpu", "-lc10", "-o", str(library)]
     )
     definitions = torch.library.Library(LIBRARY, "DEF")
@@ -87,6 +118,7 @@ _SIGNATURES = {
     "knn_certified_candidates": [I32, P, P, P, P, P, I64, I64, I64, I64, I64, I32, BOOL, P, P, P, P],
     "knn_certified_candidate_distances": [I32, P, P, P, P, P, P, P, I64, I64, I64, I32, BOOL, P],
     "deadlock": [],
+    "out_of_bounds": [I32],
 }
 
 

@@ -4,6 +4,7 @@
 
 #include <exception>
 #include <string>
+#include <vector>
 
 #include "knn/knn_certified_cuda.h"
 #include "knn/knn_cuda.h"
@@ -31,6 +32,16 @@ __global__ void deadlock_kernel() {
   else __syncthreads();
 }
 
+// memcheck.sh's own checks: each thread writes the float after its own, so the last thread writes one
+// past the end of global memory (where 0), of a static shared array (1) or of the dynamic shared memory
+// (2).
+__global__ void out_of_bounds_kernel(float* global, int where) {
+  __shared__ float block_shared[64];
+  extern __shared__ __align__(16) unsigned char launch_shared[];
+  float* memory[] = {global, block_shared, reinterpret_cast<float*>(launch_shared)};
+  memory[where][threadIdx.x + 1] = 1.0f;
+}
+
 }  // namespace
 
 extern "C" {
@@ -41,6 +52,13 @@ void set_schedule(int order) { emu::schedule() = static_cast<emu::Schedule>(orde
 
 int deadlock() {
   return guarded([] { deadlock_kernel<<<2, 64>>>(); });
+}
+
+int out_of_bounds(int where) {
+  return guarded([&] {
+    std::vector<float> global(64);
+    out_of_bounds_kernel<<<1, 64, 64 * sizeof(float)>>>(global.data(), where);
+  });
 }
 
 int knn_select(int d, const void* dots, const void* x_norms, const void* y_norms, int64_t rows, int64_t row0, int64_t N,

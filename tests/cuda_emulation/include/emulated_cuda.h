@@ -3,11 +3,12 @@
 // warp-level collectives (__syncwarp, __shfl*_sync, __ballot_sync) and at their end. So the
 // kernels' own code, their barriers and their warp exchanges run as written, deterministically
 // (in one of two orders, Schedule), and a barrier that some threads never reach is reported
-// (std::runtime_error naming the kernel) instead of hanging. Blocks run one after the other, so a
-// static local is one block's shared memory (`__shared__` is a static here, poisoned before each
-// block). Not emulated: concurrent blocks (no kernel here shares data between the blocks of a
+// (std::runtime_error naming the kernel) instead of hanging. Blocks run one after the other; each
+// has its own shared memory, filled with 0xff bytes (emulate.py rewrites `__shared__` declarations
+// into block_shared() calls). Not emulated: concurrent blocks (no kernel here shares data between the blocks of a
 // launch), partial warp masks (rejected), atomics, tensor cores and the GPU's rounding where it
-// differs from IEEE (fast-math intrinsics, FMA contraction).
+// differs from IEEE (fast-math intrinsics, FMA contraction). Built with AddressSanitizer
+// (emulate.py, under memcheck.sh), out-of-bounds accesses to global and shared memory are reported.
 #pragma once
 
 #include "emulated_runtime.h"
@@ -15,6 +16,7 @@
 #include <setjmp.h>
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cfloat>
 #include <climits>
 #include <cmath>
@@ -25,11 +27,17 @@
 #include <cstring>
 #include <deque>
 #include <functional>
+#include <map>
 #include <memory>
+#include <new>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
 #include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#endif
 
 #define __global__
 #define __device__
@@ -37,16 +45,15 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
-// Shared memory: statics in one section, which the emulator fills with 0xff bytes (NaN, -1) before
-// each block, so that a read of what the block has not written yet shows.
-#define __shared__ static __attribute__((section("emu_shared")))
-extern "C" unsigned char __start_emu_shared[] __attribute__((weak));
-extern "C" unsigned char __stop_emu_shared[] __attribute__((weak));
 
 namespace emu {
 
 constexpr int kMaxThreads = 1024;
+#if defined(__SANITIZE_ADDRESS__)
+constexpr size_t kStackBytes = size_t(512) << 10;  // AddressSanitizer's redzones widen the frames
+#else
 constexpr size_t kStackBytes = size_t(128) << 10;
+#endif
 constexpr unsigned int kFullMask = 0xffffffffu;
 
 // Threads that wait at one barrier until all its live members are there.
@@ -55,15 +62,46 @@ struct Barrier {
   std::vector<int> waiting;
 };
 
+// AddressSanitizer follows the switches between the scheduler's stack and the fibers' (it clears a
+// stack's poisoned frames when it is left by a jump): each switch is announced before the jump and
+// completed after it; `fake_stack` keeps the stack's frames that outlive it (nullptr: it ends).
+inline void start_switch([[maybe_unused]] void** fake_stack, [[maybe_unused]] const void* bottom,
+                         [[maybe_unused]] size_t size) {
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_start_switch_fiber(fake_stack, bottom, size);
+#endif
+}
+inline void finish_switch([[maybe_unused]] void* fake_stack, [[maybe_unused]] const void** from_bottom,
+                          [[maybe_unused]] size_t* from_size) {
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_finish_switch_fiber(fake_stack, from_bottom, from_size);
+#endif
+}
+
 // A thread: entered once through its ucontext (its own stack), then switched to and from with
 // _setjmp / _longjmp, which save no signal mask (no system call per switch).
 struct Fiber {
   ucontext_t context;
   jmp_buf jump;
-  std::unique_ptr<char[]> stack;
+  char* stack = nullptr;  // fiber_stack()
+  void* fake_stack = nullptr;
   bool started = false, done = false;
   dim3 thread_idx;
 };
+
+struct Free {
+  void operator()(void* p) const { std::free(p); }
+};
+using Memory = std::unique_ptr<unsigned char, Free>;
+
+// Shared memory: `bytes` of its own (AddressSanitizer sees an access past them) filled with 0xff
+// (NaN, -1), so that a read of what the block has not written yet shows.
+inline Memory shared_memory(size_t bytes) {
+  void* memory = nullptr;
+  if (posix_memalign(&memory, alignof(std::max_align_t), std::max<size_t>(bytes, 1))) throw std::bad_alloc();
+  std::memset(memory, 0xff, bytes);
+  return Memory(static_cast<unsigned char*>(memory));
+}
 
 // The block being run, its fibers and barriers.
 struct Block {
@@ -74,9 +112,13 @@ struct Block {
   Barrier block;
   std::vector<Barrier> warps;
   std::vector<unsigned char> lanes;  // 32 slots of 16 bytes a warp: the values warp exchanges pass
-  std::unique_ptr<std::max_align_t[]> dynamic_shared;
+  Memory dynamic_shared;
+  std::map<const void*, Memory> shared_variables;  // by declaration (block_shared)
   std::function<void()> body;
   jmp_buf scheduler;
+  const void* scheduler_stack = nullptr;  // the scheduler's stack, for the switches back to it
+  size_t scheduler_stack_size = 0;
+  void* scheduler_fake_stack = nullptr;
   int current = 0;
 };
 
@@ -115,7 +157,11 @@ inline void arrive_and_wait(Barrier& b) {
     r.ready.pop_back();  // the arriving thread itself, which runs on at once
     return;
   }
-  if (!_setjmp(self.jump)) _longjmp(r.scheduler, 1);
+  if (!_setjmp(self.jump)) {
+    start_switch(&self.fake_stack, r.scheduler_stack, r.scheduler_stack_size);
+    _longjmp(r.scheduler, 1);
+  }
+  finish_switch(self.fake_stack, &r.scheduler_stack, &r.scheduler_stack_size);
 }
 
 // Called in a fiber, where an exception cannot unwind to the caller: a partial mask ends the process.
@@ -158,12 +204,14 @@ inline unsigned int ballot(bool predicate) {
 
 inline void fiber_main() {
   Block& r = block();
+  finish_switch(nullptr, &r.scheduler_stack, &r.scheduler_stack_size);
   r.body();
   r.fibers[r.current].done = true;
   --r.block.members;
   --warp_barrier().members;
   release_if_complete(r.block);
   release_if_complete(warp_barrier());
+  start_switch(nullptr, r.scheduler_stack, r.scheduler_stack_size);
   _longjmp(r.scheduler, 1);
 }
 
@@ -178,8 +226,8 @@ inline std::string deadlock_report(const Block& r) {
 
 // Runs the block r.idx: its threads in turn until each is done.
 inline void run_block(Block& r, long threads, size_t shared_bytes) {
-  if (__start_emu_shared != nullptr) std::memset(__start_emu_shared, 0xff, __stop_emu_shared - __start_emu_shared);
-  std::memset(r.dynamic_shared.get(), 0xff, shared_bytes);
+  r.shared_variables.clear();
+  r.dynamic_shared = shared_memory(shared_bytes);
   r.block = Barrier{int(threads), {}};
   r.warps.assign((threads + 31) / 32, Barrier{});
   r.ready.clear();
@@ -199,11 +247,15 @@ inline void run_block(Block& r, long threads, size_t shared_bytes) {
       r.ready.pop_front();
     }
     Fiber& f = r.fibers[r.current];
-    if (_setjmp(r.scheduler)) continue;  // back from the fiber: the next one
+    if (_setjmp(r.scheduler)) {  // back from the fiber: the next one
+      finish_switch(r.scheduler_fake_stack, nullptr, nullptr);
+      continue;
+    }
+    start_switch(&r.scheduler_fake_stack, f.stack, kStackBytes);
     if (f.started) _longjmp(f.jump, 1);
     f.started = true;
     getcontext(&f.context);
-    f.context.uc_stack.ss_sp = f.stack.get();
+    f.context.uc_stack.ss_sp = f.stack;
     f.context.uc_stack.ss_size = kStackBytes;
     f.context.uc_link = nullptr;
     makecontext(&f.context, fiber_main, 0);
@@ -211,6 +263,14 @@ inline void run_block(Block& r, long threads, size_t shared_bytes) {
   }
   for (const Fiber& f : r.fibers)
     if (!f.done) throw std::runtime_error(deadlock_report(r));
+}
+
+// Thread t's stack, kept from launch to launch (launches do not nest): allocating a launch's stacks
+// took most of the time of a small launch, under AddressSanitizer.
+inline char* fiber_stack(long t) {
+  static std::vector<std::unique_ptr<char[]>> stacks;
+  while (long(stacks.size()) <= t) stacks.emplace_back(new char[kStackBytes]);
+  return stacks[t].get();
 }
 
 // Runs body() as every thread of every block of the grid, block after block.
@@ -228,9 +288,8 @@ inline void run(const char* kernel, dim3 grid, dim3 dim, size_t shared_bytes, co
   r.grid = grid;
   r.body = body;
   r.fibers.resize(threads);
-  for (Fiber& f : r.fibers) f.stack.reset(new char[kStackBytes]);
+  for (long t = 0; t < threads; ++t) r.fibers[t].stack = fiber_stack(t);
   r.lanes.resize(size_t((threads + 31) / 32) * 32 * 16);
-  r.dynamic_shared.reset(new std::max_align_t[shared_bytes / sizeof(std::max_align_t) + 1]);
   struct Restore {
     Block* outer = running();
     ~Restore() { running() = outer; }
@@ -262,7 +321,16 @@ struct Launch {
   }
 };
 
-inline unsigned char* dynamic_shared() { return reinterpret_cast<unsigned char*>(block().dynamic_shared.get()); }
+inline unsigned char* dynamic_shared() { return block().dynamic_shared.get(); }
+
+// The block's `__shared__ T name;` declared at `site`: emulate.py rewrites the declaration into
+// `static char name_site; auto& name = ::emu::block_shared<T>(&name_site);`, so each instance of a
+// template kernel has its own site. Made when the block's first thread reaches it.
+template <typename T> T& block_shared(const void* site) {
+  Memory& memory = block().shared_variables[site];
+  if (!memory) memory = shared_memory(sizeof(T));
+  return *reinterpret_cast<T*>(memory.get());
+}
 
 }  // namespace emu
 

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The emulated CUDA tests (tests/test_emulated_kernels.py) under AddressSanitizer, the CPU's stand-in
+# for compute-sanitizer's memcheck: the emulator builds its library with it (emulate.sanitized()), so an
+# out-of-bounds access to global or shared memory by any kernel or entry point ends the run with a report.
+#   tests/cuda_emulation/memcheck.sh [pytest arguments]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+# The runtime first, with the C++ runtime beside it: AddressSanitizer takes the __cxa_throw it wraps
+# from the libraries loaded when it starts (python itself does not load libstdc++).
+export LD_PRELOAD="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libstdc++.so)"
+# Python and torch keep memory to the end on purpose: no leak report.
+export ASAN_OPTIONS="detect_leaks=0${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
+exec python -m pytest tests/test_emulated_kernels.py -p no:cacheprovider "$@"
