@@ -31,9 +31,8 @@ _LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;()]*>)?)<<<(.*?)>>>\(", re.S)
 _DYNAMIC_SHARED = re.compile(r"extern __shared__ (?:__align__\(\d+\) )?unsigned char (\w+)\[\];")
 _SHARED = re.compile(r"__shared__ ([\w:]+) ([^;]+);")  # after _DYNAMIC_SHARED: `__shared__ T a[n], b;`
 _DECLARATOR = re.compile(r"\s*(\w+)((?:\[[^\[\]]+\])*)\s*")
-# g++ flags of every emulated source: no FMA contraction (README.md), no fortified longjmp (the fibers
-# switch stacks with _longjmp).
-_FLAGS = ["-O1", "-g0", "-fPIC", "-U_FORTIFY_SOURCE", "-ffp-contract=off", "-w", f"-I{HERE / 'include'}"]
+# g++ flags of every emulated source: no FMA contraction (README.md).
+_FLAGS = ["-O1", "-g0", "-fPIC", "-ffp-contract=off", "-w", f"-I{HERE / 'include'}"]
 _SANITIZE = ["-fsanitize=address", "-fno-omit-frame-pointer"]  # when the process runs under it
 _KEEP = []  # the schema definitions, alive as long as the process
 
