@@ -319,16 +319,28 @@ def test_emulator_reports_a_deadlock(emulated):
 
 # The memory that out_of_bounds_kernel (launchers.cpp) writes one float past: 64 floats of each.
 OUT_OF_BOUNDS = {"global": 0, "static shared": 1, "dynamic shared": 2}
+SANITIZED = pytest.mark.skipif(not emulate.sanitized(), reason="under the sanitizers only (cuda_emulation/memcheck.sh)")
 
 
-@pytest.mark.skipif(not emulate.sanitized(), reason="under AddressSanitizer only (tests/cuda_emulation/memcheck.sh)")
+def _launch_in_child(library, launcher: str, *args) -> subprocess.CompletedProcess:
+    """Runs one of the library's launchers in a child process (a sanitizer's report ends it)."""
+    launch = f"import ctypes, torch; ctypes.CDLL({library._name!r}).{launcher}{args}"
+    return subprocess.run([sys.executable, "-c", launch], capture_output=True, text=True, timeout=120)
+
+
+@SANITIZED
 @pytest.mark.parametrize("memory", OUT_OF_BOUNDS)
 def test_address_sanitizer_reports_an_out_of_bounds_write(emulated, memory):
-    """A kernel that writes one float past the end of `memory` ends its process with AddressSanitizer's
-    report (run in a child process, which the report ends)."""
-    launch = f"import ctypes, torch; ctypes.CDLL({emulated._name!r}).out_of_bounds({OUT_OF_BOUNDS[memory]})"
-    done = subprocess.run([sys.executable, "-c", launch], capture_output=True, text=True, timeout=120)
+    done = _launch_in_child(emulated, "out_of_bounds", OUT_OF_BOUNDS[memory])
     assert done.returncode != 0
     assert "ERROR: AddressSanitizer: heap-buffer-overflow" in done.stderr, done.stderr[-3000:]
     assert "WRITE of size 4" in done.stderr
     assert "256-byte region" in done.stderr  # the 64 floats, not a neighbour
+
+
+@SANITIZED
+def test_undefined_behaviour_sanitizer_reports_a_signed_overflow(emulated):
+    done = _launch_in_child(emulated, "signed_overflow")
+    assert done.returncode != 0
+    assert "runtime error: signed integer overflow" in done.stderr, done.stderr
+    assert "cannot be represented in type 'int'" in done.stderr

@@ -147,7 +147,8 @@ DPM_HD float pair_sqdist(const A* x, int64_t D, const float* cand_values, const 
 // One row of V_qe = the mean of the CSR rows V[sources[t]], t < k2 (cols ascending in each): a
 // k2-way merge of those rows, each column's values summed in t order (as numpy's mean over axis
 // 0) in float32, then divided by k2. cursor: 2 * k2 scratch slots (positions, then row ends).
-// With out_cols == nullptr it only counts. Returns the number of columns of the row.
+// With out_cols == nullptr it only counts, without reading values (the CUDA count pass passes
+// nullptr). Returns the number of columns of the row.
 DPM_HD int64_t expansion_row(const int64_t* row_ptr, const int64_t* cols, const float* values, const int64_t* sources,
                              int64_t k2, int64_t* cursor, int64_t* out_cols, float* out_values) {
   int64_t* end = cursor + k2;
@@ -168,7 +169,7 @@ DPM_HD int64_t expansion_row(const int64_t* row_ptr, const int64_t* cols, const 
     bool first = true;
     for (int64_t t = 0; t < k2; ++t)
       if (cursor[t] < end[t] && cols[cursor[t]] == next) {
-        sum = first ? values[cursor[t]] : add_rn(sum, values[cursor[t]]);
+        if (out_cols != nullptr) sum = first ? values[cursor[t]] : add_rn(sum, values[cursor[t]]);
         first = false;
         ++cursor[t];
       }

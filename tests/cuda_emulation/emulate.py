@@ -33,7 +33,11 @@ _SHARED = re.compile(r"__shared__ ([\w:]+) ([^;]+);")  # after _DYNAMIC_SHARED: 
 _DECLARATOR = re.compile(r"\s*(\w+)((?:\[[^\[\]]+\])*)\s*")
 # g++ flags of every emulated source: no FMA contraction (README.md).
 _FLAGS = ["-O1", "-g0", "-fPIC", "-ffp-contract=off", "-w", f"-I{HERE / 'include'}"]
-_SANITIZE = ["-fsanitize=address", "-fno-omit-frame-pointer"]  # when the process runs under it
+# When the process runs under AddressSanitizer: it, and the checks of undefined behaviour (signed
+# overflow, shifts, array bounds, misaligned or null accesses; not vptr: torch is built without RTTI
+# checks), each report ending the process.
+_SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=undefined"]
+_SANITIZE += ["-fno-omit-frame-pointer"]
 _KEEP = []  # the schema definitions, alive as long as the process
 
 
@@ -99,7 +103,7 @@ def build(out: Path) -> ctypes.CDLL:
     library = out / "emulated.so"
     torch_lib = Path(torch.__file__).parent / "lib"
     _compile(
-        ["g++", "-shared", *sanitize[:1], *map(str, objects), f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}"]
+        ["g++", "-shared", *sanitize, *map(str, objects), f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}"]
         + ["-ltorch", "-ltorch_cpu", "-lc10", "-o", str(library)]
     )
     definitions = torch.library.Library(LIBRARY, "DEF")
@@ -118,6 +122,7 @@ _SIGNATURES = {
     "knn_certified_candidate_distances": [I32, P, P, P, P, P, P, P, I64, I64, I64, I32, BOOL, P],
     "deadlock": [],
     "out_of_bounds": [I32],
+    "signed_overflow": [],
 }
 
 

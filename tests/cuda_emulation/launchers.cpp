@@ -2,6 +2,7 @@
 // torch-free launcher of csrc/ and returns 0, or 1 with its error in last_error().
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <exception>
 #include <string>
 #include <vector>
@@ -42,6 +43,9 @@ __global__ void out_of_bounds_kernel(float* global, int where) {
   memory[where][threadIdx.x + 1] = 1.0f;
 }
 
+// And an index that overflows int past thread 1 of the block.
+__global__ void signed_overflow_kernel(int* out) { out[threadIdx.x] = INT_MAX - 1 + int(threadIdx.x); }
+
 }  // namespace
 
 extern "C" {
@@ -58,6 +62,13 @@ int out_of_bounds(int where) {
   return guarded([&] {
     std::vector<float> global(64);
     out_of_bounds_kernel<<<1, 64, 64 * sizeof(float)>>>(global.data(), where);
+  });
+}
+
+int signed_overflow() {
+  return guarded([] {
+    std::vector<int> out(32);
+    signed_overflow_kernel<<<1, 32>>>(out.data());
   });
 }
 

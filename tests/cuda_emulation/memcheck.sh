@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The emulated CUDA tests (tests/test_emulated_kernels.py) under AddressSanitizer, the CPU's stand-in
-# for compute-sanitizer's memcheck: the emulator builds its library with it (emulate.sanitized()), so an
-# out-of-bounds access to global or shared memory by any kernel or entry point ends the run with a report.
+# for compute-sanitizer's memcheck: the emulator builds its library with it and with the checks of
+# undefined behaviour (emulate.sanitized()), so an out-of-bounds access to global or shared memory, a
+# signed overflow or a misaligned access by any kernel or entry point ends the run with a report.
 #   tests/cuda_emulation/memcheck.sh [pytest arguments]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
