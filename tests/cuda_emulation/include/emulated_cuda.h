@@ -5,10 +5,11 @@
 // (in one of two orders, Schedule), and a barrier that some threads never reach is reported
 // (std::runtime_error naming the kernel) instead of hanging. Blocks run one after the other; each
 // has its own shared memory, filled with 0xff bytes (emulate.py rewrites `__shared__` declarations
-// into block_shared() calls). Not emulated: concurrent blocks (no kernel here shares data between the blocks of a
-// launch), partial warp masks (rejected), atomics, tensor cores and the GPU's rounding where it
-// differs from IEEE (fast-math intrinsics, FMA contraction). Built with AddressSanitizer
-// (emulate.py, under memcheck.sh), out-of-bounds accesses to global and shared memory are reported.
+// into block_shared() calls). Not emulated: concurrent blocks (no kernel here shares data between
+// the blocks of a launch), partial warp masks (rejected), atomics, tensor cores and the GPU's
+// rounding where it differs from IEEE (fast-math intrinsics, FMA contraction). Built with
+// AddressSanitizer and UBSan (emulate.py, under memcheck.sh), out-of-bounds accesses to global and
+// shared memory and undefined behaviour are reported.
 #pragma once
 
 #include "emulated_runtime.h"
