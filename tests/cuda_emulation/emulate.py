@@ -12,8 +12,8 @@ collectives, the runtime calls, c10's CUDA guard and stream) is declared by the 
 which stand in for CUDA's.
 
 In a process that runs under AddressSanitizer (memcheck.sh preloads its runtime), the library is built
-with it: an out-of-bounds access to global or shared memory ends the process with a report, as
-compute-sanitizer's memcheck would on a GPU.
+with it and with UBSan: an out-of-bounds access to global or shared memory, or undefined behaviour,
+ends the process with a report, as compute-sanitizer's memcheck would on a GPU.
 """
 
 import ctypes
@@ -36,8 +36,12 @@ _FLAGS = ["-O1", "-g0", "-fPIC", "-ffp-contract=off", "-w", f"-I{HERE / 'include
 # When the process runs under AddressSanitizer: it, and the checks of undefined behaviour (signed
 # overflow, shifts, array bounds, misaligned or null accesses; not vptr: torch is built without RTTI
 # checks), each report ending the process.
-_SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=undefined"]
-_SANITIZE += ["-fno-omit-frame-pointer"]
+_SANITIZE = [
+    "-fsanitize=address,undefined",
+    "-fno-sanitize=vptr",
+    "-fno-sanitize-recover=undefined",
+    "-fno-omit-frame-pointer",
+]
 _KEEP = []  # the schema definitions, alive as long as the process
 
 

@@ -11,5 +11,6 @@ cd "$(dirname "$0")/../.."
 export LD_PRELOAD="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libstdc++.so)"
 # Python and torch keep memory to the end on purpose: no leak report.
 export ASAN_OPTIONS="detect_leaks=0${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
-python -c 'import ctypes, sys; hasattr(ctypes.CDLL(None), "__asan_init") or sys.exit("memcheck.sh: no sanitizer loaded")'
+PYTHONPATH=tests python -c 'import sys; from cuda_emulation import emulate
+emulate.sanitized() or sys.exit("memcheck.sh: no sanitizer loaded")'
 exec python -m pytest tests/test_emulated_kernels.py -p no:cacheprovider "$@"
