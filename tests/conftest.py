@@ -18,6 +18,21 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import dpm_ops  # noqa: E402  (after TRITON_INTERPRET)
+from dpm_ops.ops._declare import DECLARED  # noqa: E402
+
+# DPM_OPS_EMULATED_CUDA=1 on a machine without a GPU: the tests' backend "cuda" runs the CUDA code
+# under the emulator (tests/cuda_emulation), on CPU tensors; tests that need CUDA tensors are skipped.
+EMULATED_CUDA = os.environ.get("DPM_OPS_EMULATED_CUDA") == "1" and not torch.cuda.is_available()
+if EMULATED_CUDA:
+    from cuda_emulation import emulate
+
+    emulate.build()
+    emulate.serve_backend_cuda()
+
+
+# Tests of what only a GPU shows (TF32 GEMMs, the GPU's own rounding): skipped without one, under the
+# emulator too.
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="runs on a GPU's own arithmetic (CUDA tensors)")
 
 
 def backend_params(*names):
@@ -27,15 +42,21 @@ def backend_params(*names):
 
 
 def op_for(name: str, backend: str):
-    """The registered custom op ``torch.ops.dpm_ops.<name>`` that ``backend`` runs: the C++ / CUDA
-    op, or its ``<name>_triton`` twin."""
-    return getattr(torch.ops.dpm_ops, name if backend in ("cpp", "cuda") else f"{name}_triton")
+    """The registered custom op that ``backend`` runs: ``torch.ops.dpm_ops.<name>`` (the C++ / CUDA op), its
+    ``<name>_triton`` twin, or under the emulator (EMULATED_CUDA) the op's emulated CUDA code for "cuda"."""
+    return DECLARED[name].kernel(backend)
 
 
 def device_for(backend: str) -> torch.device:
-    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+    if torch.cuda.is_available() and backend in ("cuda", "triton"):
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def emulated_on_cpu(backend: str) -> bool:
+    """Whether `backend` runs here on CPU tensors in software, thousands of times slower than a GPU: Triton
+    under its interpreter, CUDA under the emulator. The GPU-sized cases skip there (they run on GPUs)."""
+    return backend in ("cuda", "triton") and device_for(backend).type == "cpu"
 
 
 def sign_rows(count, dim, seed=0, dtype=torch.float32):

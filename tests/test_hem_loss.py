@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dpm_ops
-from conftest import backend_params, device_for
+from conftest import backend_params, device_for, op_for
 from dpm_ops.losses import HEMLoss
 from dpm_ops.losses import hem_loss as loss_module_function
 from dpm_ops.ops import hem_loss, hem_loss_reference
@@ -113,18 +113,10 @@ def test_gradcheck_float64(backend, reduction):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_opcheck(backend):
     a = logits((3, 5, 9), device=device_for(backend)).requires_grad_(True)
-    if backend == "triton":
-        torch.library.opcheck(torch.ops.dpm_ops.hem_loss_triton, (a, 1e-6, "sum"))
-        torch.library.opcheck(
-            torch.ops.dpm_ops.hem_loss_triton_backward,
-            (torch.tensor(0.5, dtype=a.dtype, device=a.device), a.detach(), 1e-6, "mean"),
-        )
-    else:
-        torch.library.opcheck(torch.ops.dpm_ops.hem_loss, (a, 1e-6, "mean"))
-        torch.library.opcheck(
-            torch.ops.dpm_ops.hem_loss_backward,
-            (torch.tensor(0.5, dtype=a.dtype, device=a.device), a.detach(), 1e-6, "sum"),
-        )
+    for reduction in ("sum", "mean"):
+        torch.library.opcheck(op_for("hem_loss", backend), (a, 1e-6, reduction))
+        grad = torch.tensor(0.5, dtype=a.dtype, device=a.device)
+        torch.library.opcheck(op_for("hem_loss_backward", backend), (grad, a.detach(), 1e-6, reduction))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dpm_ops
-from conftest import backend_params, device_for, record_launches, sign_rows
+from conftest import backend_params, device_for, emulated_on_cpu, needs_gpu, op_for, record_launches, sign_rows
 from dpm_ops.ops import knn, knn_reference, self_knn, self_knn_reference
 from dpm_ops.ops.knn_reference import pairwise_distance_reference
 
@@ -25,10 +25,6 @@ METRICS = ("euclidean", "sqeuclidean", "cosine")
 
 def random_rows(count, dim, seed, dtype=torch.float64):
     return torch.randn(count, dim, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-
-
-def interpreted(backend):
-    return backend == "triton" and device_for(backend).type == "cpu"
 
 
 # (M, N, k): one row, k = N, odd sizes across tile edges, empty x.
@@ -51,7 +47,7 @@ def test_knn_matches_reference_exactly(backend, metric, shape):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_knn_large_and_float64(backend):
-    if interpreted(backend):
+    if backend == "triton" and emulated_on_cpu(backend):
         pytest.skip("the Triton interpreter is too slow for large shapes; they run on GPU")
     device = device_for(backend)
     x, y = sign_rows(700, 24, seed=3).to(device), sign_rows(5000, 24, seed=4).to(device)
@@ -200,6 +196,7 @@ def neighbour_overlap(indices, expected):
 PRECISION_TOLERANCES = {"highest": {"atol": 1e-4, "rtol": 1e-5}, "high": {"atol": 2e-2, "rtol": 2e-3}}
 
 
+@needs_gpu
 @pytest.mark.parametrize("backend", backend_params("cuda"))
 @pytest.mark.parametrize("precision", ["highest", "high"])
 @pytest.mark.parametrize("metric", METRICS)
@@ -219,8 +216,8 @@ def test_knn_cuda_float32_follows_the_matmul_precision(backend, precision, metri
 def test_knn_cuda_half_inputs_run_on_tensor_cores(backend, dtype, metric):
     # bf16 / fp16 operands, fp32 products: exact products of the rounded inputs for the Euclidean
     # metrics; for cosine the unit rows are rounded to the dtype too (a bf16 tolerance).
-    x = random_rows(300, 64, 42, torch.float32).to(dtype).cuda()
-    y = random_rows(2000, 64, 43, torch.float32).to(dtype).cuda()
+    x = random_rows(300, 64, 42, torch.float32).to(dtype).to(device_for(backend))
+    y = random_rows(2000, 64, 43, torch.float32).to(dtype).to(device_for(backend))
     values, indices = knn(x, y, 40, metric, backend=backend)  # k > 32: the shared-memory lists
     assert values.dtype == torch.float32
     full = pairwise_distance_reference(x.double(), y.double(), metric)
@@ -228,14 +225,16 @@ def test_knn_cuda_half_inputs_run_on_tensor_cores(backend, dtype, metric):
     torch.testing.assert_close(values.double(), full.gather(1, indices), **tol)
     assert neighbour_overlap(indices, knn_reference(x.double(), y.double(), 40, metric)[1]) > 0.9
     got = self_knn(x, 10, metric, True, 100, backend=backend)
-    assert got[0].dtype == torch.float32 and bool((got[1][:, 0] == torch.arange(len(x), device="cuda")).all())
+    assert got[0].dtype == torch.float32 and bool((got[1][:, 0] == torch.arange(len(x), device=x.device)).all())
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("metric", METRICS)
 def test_knn_gradcheck_float64(backend, metric):
     device = device_for(backend)
-    rows, k = ((3, 5), 2) if interpreted(backend) else ((5, 9), 4)  # each call costs ~0.1 s interpreted
+    rows, k = (
+        ((3, 5), 2) if backend == "triton" and emulated_on_cpu(backend) else ((5, 9), 4)
+    )  # each call costs ~0.1 s interpreted
     x = random_rows(rows[0], 4, 10).to(device).requires_grad_()
     y = random_rows(rows[1], 4, 11).to(device).requires_grad_()
     assert torch.autograd.gradcheck(lambda a, b: knn(a, b, k, metric, backend=backend)[0], (x, y))
@@ -301,6 +300,8 @@ SELF_BACKENDS = backend_params("cpp", "cuda")
 @pytest.mark.parametrize("n, k, cross_rows", [(1, 1, 0), (2, 2, 1), (45, 7, 11), (300, 25, 60), (1500, 21, 400)])
 def test_self_knn_matches_reference_exactly(backend, metric, normalize, n, k, cross_rows):
     # Ties everywhere: rows with equal values at the k-th place take the full-row fallback too.
+    if n > 1000 and emulated_on_cpu(backend):
+        pytest.skip("too slow under the CUDA emulator (its 300 rows cover the kernel's paths); runs on GPU")
     x = sign_rows(n, 8, seed=n).to(device_for(backend))
     got = self_knn(x, k, metric, normalize, cross_rows, backend=backend)
     expected = self_knn_reference(x, k, metric, normalize, cross_rows)
@@ -313,6 +314,8 @@ def test_self_knn_matches_reference_exactly(backend, metric, normalize, n, k, cr
 def test_self_knn_random_features_are_symmetric(backend):
     # Random float32 features: the CPU kernel's d(i, j) and d(j, i) are one number (upper-triangle
     # tiles offered both ways) and d(i, i) = 0; the order matches the reference up to GEMM rounding.
+    if emulated_on_cpu(backend):
+        pytest.skip("too slow under the CUDA emulator; runs on GPU")
     x = random_rows(2500, 48, 20, torch.float32).to(device_for(backend))
     values, indices, row_max, cross = self_knn(x, 30, "sqeuclidean", True, 700, backend=backend)
     assert torch.equal(indices[:, 0], torch.arange(len(x), device=x.device)) and bool((values[:, 0] == 0).all())
@@ -353,15 +356,14 @@ def test_knn_opcheck(backend):
     device = device_for(backend)
     x = random_rows(6, 5, 30).to(device).requires_grad_()
     y = random_rows(10, 5, 31).to(device).requires_grad_()
-    op = torch.ops.dpm_ops.knn_triton if backend == "triton" else torch.ops.dpm_ops.knn
     for metric in METRICS:
-        torch.library.opcheck(op, (x, y, 4, metric))
+        torch.library.opcheck(op_for("knn", backend), (x, y, 4, metric))
 
 
 @pytest.mark.parametrize("backend", SELF_BACKENDS)
 def test_self_knn_opcheck(backend):
     x = random_rows(20, 5, 32).to(device_for(backend))
-    torch.library.opcheck(torch.ops.dpm_ops.self_knn, (x, 6, "sqeuclidean", True, 7))
+    torch.library.opcheck(op_for("self_knn", backend), (x, 6, "sqeuclidean", True, 7))
 
 
 @pytest.mark.parametrize("backend", SELF_BACKENDS)
@@ -370,9 +372,9 @@ def test_opcheck_half_inputs(backend):
     # and the fake functions say so.
     x = random_rows(6, 5, 33, torch.float32).to(torch.bfloat16).to(device_for(backend))
     y = random_rows(20, 5, 34, torch.float32).to(torch.bfloat16).to(device_for(backend))
-    assert torch.ops.dpm_ops.knn(x, y, 4, "euclidean")[0].dtype == torch.float32
-    torch.library.opcheck(torch.ops.dpm_ops.knn, (x, y, 4, "euclidean"))
-    torch.library.opcheck(torch.ops.dpm_ops.self_knn, (y, 4, "sqeuclidean", True, 3))
+    assert op_for("knn", backend)(x, y, 4, "euclidean")[0].dtype == torch.float32
+    torch.library.opcheck(op_for("knn", backend), (x, y, 4, "euclidean"))
+    torch.library.opcheck(op_for("self_knn", backend), (y, 4, "sqeuclidean", True, 3))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

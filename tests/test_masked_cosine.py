@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import backend_params, device_for, fp32_tolerances, record_launches
+from conftest import backend_params, device_for, fp32_tolerances, needs_gpu, op_for, record_launches
 from dpm_ops.ops import masked_arccos_distance, masked_cosine, masked_cosine_reference
 
 KERNEL_BACKENDS = backend_params("cpp", "cuda", "triton")
@@ -127,7 +127,7 @@ def test_large_shape(backend):
 @pytest.mark.parametrize("shape", [(1, 1, 1), (17, 35, 70), (70, 140, 200)])
 def test_reduced_precision(backend, dtype, shape):
     """fp16/bf16: tensor-core dots on fp16/bf16 operands, fp32 accumulation."""
-    if not torch.cuda.is_available() and (backend == "cuda" or dtype == torch.bfloat16):
+    if backend == "triton" and dtype == torch.bfloat16 and not torch.cuda.is_available():
         pytest.skip(
             "bf16 tl.dot needs a GPU: the Triton interpreter multiplies its bit patterns (triton-lang/triton#11584)"
         )
@@ -141,8 +141,10 @@ def test_reduced_precision(backend, dtype, shape):
     out.sum().backward()
     expected.sum().backward()
     for got, want in zip((x, mask, protos), full):
-        scale = want.grad.abs().max().item()
-        torch.testing.assert_close(got.grad.float(), want.grad, atol=2e-2 * scale + 1e-3, rtol=2e-2)
+        # The gradient is a difference of terms of size ~1: its rounding error is the dtype's on them,
+        # even where the difference is 0 (the one-element cosine, +-1, is flat).
+        scale = max(want.grad.abs().max().item(), 1.0)
+        torch.testing.assert_close(got.grad.float(), want.grad, atol=2e-2 * scale, rtol=2e-2)
 
 
 @pytest.mark.parametrize("backend", backend_params("cuda", "triton"))
@@ -186,6 +188,7 @@ def test_triton_fp32_follows_the_matmul_precision(backend, shape, fp32_matmul_pr
 PRECISION_TOLERANCES = {"highest": {"atol": 2e-5, "rtol": 1e-4}, "high": {"atol": 3e-3, "rtol": 3e-3}}
 
 
+@needs_gpu
 @pytest.mark.parametrize("backend", backend_params("cuda"))
 @pytest.mark.parametrize("precision", ["highest", "high"])
 def test_cuda_float32_follows_the_matmul_precision(backend, precision, float32_matmul_precision):
@@ -212,16 +215,16 @@ def test_cuda_float32_follows_the_matmul_precision(backend, precision, float32_m
 def test_cuda_reduced_precision_gradients(backend, dtype):
     # bf16 / fp16 operands on tensor cores (fp32 products): value and gradients within the dtype's
     # rounding of the fp32 reference on the same (rounded) inputs.
-    x, mask, protos = make_inputs(128, 300, 512, dtype, "cuda", seed=5, requires_grad=True)
+    x, mask, protos = make_inputs(128, 300, 512, dtype, device_for(backend), seed=5, requires_grad=True)
     inputs32 = [t.detach().float().requires_grad_(True) for t in (x, mask, protos)]
     expected = masked_cosine_reference(*inputs32)
-    grad = torch.randn(128, 300, generator=torch.Generator().manual_seed(6)).cuda()
+    grad = torch.randn(128, 300, generator=torch.Generator().manual_seed(6)).to(x.device)
     expected_grads = torch.autograd.grad(expected, inputs32, grad)
     out = masked_cosine(x, mask, protos, backend=backend)
     grads = torch.autograd.grad(out, (x, mask, protos), grad.to(dtype))
     assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
-    trained, den_sq = torch.ops.dpm_ops.masked_cosine_train(x.detach(), mask.detach(), protos.detach(), 1e-12)
+    trained, den_sq = op_for("masked_cosine_train", backend)(x.detach(), mask.detach(), protos.detach(), 1e-12)
     assert trained.dtype == dtype and den_sq.dtype == torch.float32
     torch.testing.assert_close(trained, out.detach())
     for got, want in zip(grads, expected_grads):

@@ -202,12 +202,10 @@ def test_opcheck(backend, neg_mode, pos_mode):
     x.requires_grad_(True)
     torch.library.opcheck(op_for("maskreid_ranking_loss", backend), (x, labels, 0.15, 2.0, neg_mode, pos_mode))
     _, coef = op_for("maskreid_ranking_loss", backend)(x.detach(), labels, 0.15, 2.0, neg_mode, pos_mode)
-    backward = (
-        torch.ops.dpm_ops.maskreid_ranking_loss_triton_backward
-        if backend == "triton"
-        else torch.ops.dpm_ops.maskreid_ranking_loss_backward
+    torch.library.opcheck(
+        op_for("maskreid_ranking_loss_backward", backend),
+        (torch.tensor(0.5, dtype=x.dtype, device=x.device), x.detach().float(), coef),
     )
-    torch.library.opcheck(backward, (torch.tensor(0.5, dtype=x.dtype, device=x.device), x.detach().float(), coef))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

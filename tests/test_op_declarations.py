@@ -235,16 +235,16 @@ def test_opcheck(backend):
 @pytest.mark.parametrize("backend", backend_params("cpp", "cuda"))
 def test_opcheck_train_op(backend):
     x, mask, protos = _inputs(device_for(backend))
-    torch.library.opcheck(torch.ops.dpm_ops.masked_cosine_train, (x, mask, protos, 1e-12))
+    torch.library.opcheck(op_for("masked_cosine_train", backend), (x, mask, protos, 1e-12))
 
 
 @pytest.mark.parametrize("keep_den", [False, True], ids=["den-recomputed", "den-kept"])
 @pytest.mark.parametrize("backend", backend_params("cpp", "cuda"))
 def test_opcheck_backward_op(backend, keep_den):
     x, mask, protos = _inputs(device_for(backend), requires_grad=False)
-    out, den_sq = torch.ops.dpm_ops.masked_cosine_train(x, mask, protos, 1e-12)
+    out, den_sq = op_for("masked_cosine_train", backend)(x, mask, protos, 1e-12)
     args = (torch.randn_like(out), x, mask, protos, out, den_sq if keep_den else None, 1e-12)
-    torch.library.opcheck(torch.ops.dpm_ops.masked_cosine_backward, args)
+    torch.library.opcheck(op_for("masked_cosine_backward", backend), args)
 
 
 @pytest.mark.parametrize("backend", backend_params("cpp", "cuda"))
@@ -252,9 +252,9 @@ def test_both_backward_paths_agree(backend):
     """The training variant's kept den^2 gives the gradients of the recomputing backward, bit for bit."""
     x, mask, protos = _inputs(device_for(backend))
     grad = torch.randn(x.shape[0], protos.shape[0], dtype=x.dtype, device=x.device)
-    recomputed = torch.autograd.grad(torch.ops.dpm_ops.masked_cosine(x, mask, protos, 1e-12), (x, mask, protos), grad)
+    recomputed = torch.autograd.grad(op_for("masked_cosine", backend)(x, mask, protos, 1e-12), (x, mask, protos), grad)
     kept = torch.autograd.grad(
-        torch.ops.dpm_ops.masked_cosine_train(x, mask, protos, 1e-12)[0], (x, mask, protos), grad
+        op_for("masked_cosine_train", backend)(x, mask, protos, 1e-12)[0], (x, mask, protos), grad
     )
     for a, b in zip(recomputed, kept):
         assert torch.equal(a, b)

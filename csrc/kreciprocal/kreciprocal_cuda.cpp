@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
+#include <optional>
 
 #include "../common/aten_cuda.h"
 #include "../common/compute_type.h"
@@ -110,7 +111,10 @@ void jaccard_blend_cuda(at::Tensor& out, const at::Tensor& row_ptr_in, const at:
   // ascending within a column, as the CPU kernel's counting sort leaves them).
   const int64_t gallery_first = row_ptr[Q].item<int64_t>(), gallery_last = row_ptr[N].item<int64_t>();
   const at::Tensor gallery_cols = cols.slice(0, gallery_first, gallery_last);
-  const at::Tensor gallery_rows = at::repeat_interleave(row_ptr.slice(0, Q).diff(), gallery_last - gallery_first);
+  // The index overload (each gallery row g repeated |row g| times): with a plain int64_t second argument,
+  // overload resolution picks repeat_interleave(self, repeats), which repeats every row size instead.
+  const at::Tensor gallery_rows =
+      at::repeat_interleave(row_ptr.slice(0, Q).diff(), std::optional<int64_t>(gallery_last - gallery_first));
   const at::Tensor by_column = std::get<1>(gallery_cols.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
   const at::Tensor holder = gallery_rows.index_select(0, by_column).contiguous();
   const at::Tensor holder_value = values.slice(0, gallery_first, gallery_last).index_select(0, by_column).contiguous();

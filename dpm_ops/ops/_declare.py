@@ -37,6 +37,7 @@ class Op:
     backward: Optional["Op"]
     reference: Optional[Callable]  # what backend "reference" runs, on the public function's arguments
     autograd: Optional[Callable]
+    setup_context: Optional[Callable]
 
     def kernel(self, backend: str):
         """The op that runs `backend`: the Triton twin for "triton", else the C++ op ("cpp", "cuda")."""
@@ -72,7 +73,7 @@ def lazy(path: str) -> Callable:
     return call
 
 
-def _define(name: str, schema: str, fake: Callable, implementation: Optional[Callable]) -> None:
+def _define(name: str, schema: str, implementation: Optional[Callable]) -> None:
     LIBRARY.define(name + schema)
     if implementation is not None:
         # A Python kernel may be called without the trailing arguments left at their defaults.
@@ -82,7 +83,16 @@ def _define(name: str, schema: str, fake: Callable, implementation: Optional[Cal
             return implementation(*args, *defaults[len(args) :])
 
         LIBRARY.impl(name, kernel, "CompositeExplicitAutograd")
-    torch.library.register_fake(f"dpm_ops::{name}", fake, lib=LIBRARY)
+
+
+def register_fake_and_autograd(op: Op, qualname: str, backward_op, library: torch.library.Library) -> None:
+    """Registers `op`'s fake function and, if it has one, its autograd formula (differentiating through
+    `backward_op`) for the defined op `qualname` ("namespace::name")."""
+    torch.library.register_fake(qualname, op.fake, lib=library)
+    if op.autograd is not None:
+        torch.library.register_autograd(
+            qualname, functools.partial(op.autograd, backward_op), setup_context=op.setup_context, lib=library
+        )
 
 
 def declare(
@@ -102,17 +112,11 @@ def declare(
     declared `backward` op of the same kind (C++ or twin), or None."""
     if isinstance(triton, str):
         triton = lazy(triton)
-    op = Op(name, schema, fake, triton, backward, reference, autograd)
+    op = Op(name, schema, fake, triton, backward, reference, autograd, setup_context)
     kinds = [("cpp", name, None)] + ([("triton", twin_name(name), triton)] if triton is not None else [])
     for kind, qualname, implementation in kinds:
-        _define(qualname, schema, fake, implementation)
-        if autograd is not None:
-            backward_op = backward.kernel(kind) if backward is not None else None
-            torch.library.register_autograd(
-                f"dpm_ops::{qualname}",
-                functools.partial(autograd, backward_op),
-                setup_context=setup_context,
-                lib=LIBRARY,
-            )
+        _define(qualname, schema, implementation)
+        backward_op = backward.kernel(kind) if backward is not None else None
+        register_fake_and_autograd(op, f"dpm_ops::{qualname}", backward_op, LIBRARY)
     DECLARED[name] = op
     return op

@@ -154,10 +154,6 @@ def candidate_distances(x, y, x_norms, y_norms, rows, candidates, counts, metric
     return out
 
 
-def _cuda_candidate_distances(*args):
-    return torch.ops.dpm_ops.knn_certified_candidate_distances(*args)
-
-
 def exact_rows(xo: Operand, yo: Operand, rows, metric: str, self_pairs: bool):
     """Full distance rows (R, N) of rows `rows` of x: the fallback, by an IEEE GEMM in the compute dtype."""
     n = yo.rows.shape[0]
@@ -262,15 +258,6 @@ def _no_rows(like, cap: int):
     return like.new_empty((0, cap), dtype=torch.int32), like.new_empty((0,), dtype=torch.int32)
 
 
-def stage1_cublas(xo: Operand, yo: Operand, k: int, cap: int, metric: str, self_pairs: bool):
-    """Stage 1 of backend "cuda": dpm_ops::knn_certified_candidates (cuBLAS and one fused kernel on CUDA);
-    returns what triton/knn_certified.stage1 returns."""
-    find = torch.ops.dpm_ops.knn_certified_candidates if k <= KNN_GPU_MAX_K else candidates_torch
-    with _fp32_reductions():
-        near, near_count, far, far_count = find(*stage1_args(xo, yo), k, cap, metric, self_pairs)
-    return (near, near_count, far, far_count) if self_pairs else (near, near_count, None, None)
-
-
 def _triton_stage1(xo: Operand, yo: Operand, k: int, cap: int, metric: str, self_pairs: bool):
     from ..triton import knn_certified as kernels
 
@@ -286,8 +273,26 @@ class Backend:
     distances: Callable
 
 
+def cublas(namespace: str = "dpm_ops") -> Backend:
+    """Backend "cuda" on the stage ops of `namespace`: stage 1 <namespace>::knn_certified_candidates (on
+    CUDA cuBLAS and one fused kernel), stage 2 <namespace>::knn_certified_candidate_distances. (The tests'
+    CUDA emulator runs the same pipeline on its own build of the two ops: tests/cuda_emulation.)"""
+
+    def stage1(xo: Operand, yo: Operand, k: int, cap: int, metric: str, self_pairs: bool):
+        """Returns what triton/knn_certified.stage1 returns."""
+        find = getattr(torch.ops, namespace).knn_certified_candidates if k <= KNN_GPU_MAX_K else candidates_torch
+        with _fp32_reductions():
+            near, near_count, far, far_count = find(*stage1_args(xo, yo), k, cap, metric, self_pairs)
+        return (near, near_count, far, far_count) if self_pairs else (near, near_count, None, None)
+
+    def distances(*args):
+        return getattr(torch.ops, namespace).knn_certified_candidate_distances(*args)
+
+    return Backend(stage1, distances)
+
+
 TRITON = Backend(_triton_stage1, lazy("triton.knn_certified:candidate_distances"))
-CUBLAS = Backend(stage1_cublas, _cuda_candidate_distances)  # backend "cuda": cuBLAS and CUDA kernels
+CUBLAS = cublas()  # backend "cuda": cuBLAS and CUDA kernels
 
 
 # ---- the pipeline -------------------------------------------------------------------------------
@@ -412,14 +417,6 @@ def self_knn_certified_triton(x, k, metric, normalize, cross_rows):
     return self_knn_certified_rows(x, k, metric, normalize, cross_rows, TRITON, KNN_GPU_MAX_K)
 
 
-def _knn_certified_cuda(x, y, k, metric="euclidean"):
-    return knn_certified_rows(x, y, k, metric, CUBLAS)
-
-
-def _self_knn_certified_cuda(x, k, metric="sqeuclidean", normalize=False, cross_rows=0):
-    return self_knn_certified_rows(x, k, metric, normalize, cross_rows, CUBLAS, x.shape[0])
-
-
 def _knn_certified_bounds_cuda(x, y, metric="euclidean"):
     dtype = compute_dtype(x, y)
     xo, yo = Operand.of(x, metric, dtype), Operand.of(y, metric, dtype)
@@ -428,12 +425,25 @@ def _knn_certified_bounds_cuda(x, y, metric="euclidean"):
     return stage1_bounds(*stage1_args(xo, yo), metric)
 
 
+def cuda_kernels(backend: Backend) -> dict:
+    """{op name: kernel}: the CUDA kernels of the ops declared in ops/knn.py whose pipeline is Python, on
+    `backend` (CUBLAS; the tests' emulator passes its own cublas())."""
+
+    def knn_certified(x, y, k, metric="euclidean"):
+        return knn_certified_rows(x, y, k, metric, backend)
+
+    def self_knn_certified(x, k, metric="sqeuclidean", normalize=False, cross_rows=0):
+        return self_knn_certified_rows(x, k, metric, normalize, cross_rows, backend, x.shape[0])
+
+    return {
+        "knn_certified": knn_certified,
+        "self_knn_certified": self_knn_certified,
+        "knn_certified_bounds": _knn_certified_bounds_cuda,
+    }
+
+
 # CUDA kernels of the ops declared in ops/knn.py (their CPU kernels: csrc/knn/knn_certified_cpu.cpp).
-for _name, _kernel in (
-    ("knn_certified", _knn_certified_cuda),
-    ("self_knn_certified", _self_knn_certified_cuda),
-    ("knn_certified_bounds", _knn_certified_bounds_cuda),
-):
+for _name, _kernel in cuda_kernels(CUBLAS).items():
     torch.library.register_kernel(f"dpm_ops::{_name}", "cuda", _kernel)
 # ... and the CPU kernels of the stages' ops, whose CUDA kernels are C++ (knn_certified_cuda.cpp).
 torch.library.register_kernel("dpm_ops::knn_certified_candidates", "cpu", candidates_torch)

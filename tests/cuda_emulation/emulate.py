@@ -16,17 +16,23 @@ with it and with UBSan: an out-of-bounds access to global or shared memory, or u
 ends the process with a report, as compute-sanitizer's memcheck would on a GPU.
 """
 
+import contextlib
 import ctypes
+import functools
+import hashlib
 import os
 import re
 import shutil
 import subprocess
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 LIBRARY = "dpm_ops_emulated"
+# Where build() keeps its builds, one folder per digest of the sources (DPM_OPS_EMULATOR_CACHE: elsewhere).
+CACHE = Path(os.environ.get("DPM_OPS_EMULATOR_CACHE", Path(tempfile.gettempdir()) / "dpm_ops_cuda_emulation"))
 _LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;()]*>)?)<<<(.*?)>>>\(", re.S)
 _DYNAMIC_SHARED = re.compile(r"extern __shared__ (?:__align__\(\d+\) )?unsigned char (\w+)\[\];")
 _SHARED = re.compile(r"__shared__ ([\w:]+) ([^;]+);")  # after _DYNAMIC_SHARED: `__shared__ T a[n], b;`
@@ -77,14 +83,22 @@ def _compile(command: list) -> None:
         raise RuntimeError(f"emulated build failed: {' '.join(command)}\n{done.stderr[-4000:]}")
 
 
-def build(out: Path) -> ctypes.CDLL:
+def _sources_key(sanitize: list) -> str:
+    """A digest of everything the library is built from: csrc/, this folder, the flags, torch's version."""
+    import torch
+
+    digest = hashlib.sha256(" ".join([*_FLAGS, *sanitize, torch.__version__]).encode())
+    for path in sorted(p for folder in (REPO / "csrc", HERE) for p in folder.rglob("*") if p.is_file()):
+        if "__pycache__" not in path.parts:
+            digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _compile_library(out: Path, sanitize: list) -> None:
     """Compiles every .cu and *_cuda.cpp of csrc/ (the entry points against torch's headers, include/'s
-    c10/cuda stand-ins first) and launchers.cpp into out/emulated.so; defines every declared op's schema
-    under dpm_ops_emulated and loads the library. Returns it, for launchers.cpp's entry points (call())."""
+    c10/cuda stand-ins first) and launchers.cpp into out/emulated.so."""
     import torch
     import torch.utils.cpp_extension as extension
-
-    from dpm_ops.ops._declare import DECLARED
 
     csrc = out / "csrc"
     shutil.copytree(REPO / "csrc", csrc, dirs_exist_ok=True)
@@ -94,7 +108,6 @@ def build(out: Path) -> ctypes.CDLL:
     launchers.write_text(rewrite((HERE / "launchers.cpp").read_text()))
     torch_flags = [f"-I{p}" for p in extension.include_paths()]
     torch_flags.append(f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}")
-    sanitize = _SANITIZE if sanitized() else []
     flags = _FLAGS + sanitize
     device = ["g++", "-std=c++17", "-D__CUDACC__", *flags, f"-I{csrc}", "-x", "c++", "-c"]
     host = ["g++", "-std=c++20", "-DDPM_OPS_WITH_CUDA", *flags, *torch_flags]
@@ -104,18 +117,68 @@ def build(out: Path) -> ctypes.CDLL:
     objects = [out / f"{Path(job[-1]).parent.name}_{Path(job[-1]).name}.o" for job in jobs]
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         list(pool.map(_compile, [job + ["-o", str(o)] for job, o in zip(jobs, objects)]))
-    library = out / "emulated.so"
     torch_lib = Path(torch.__file__).parent / "lib"
     _compile(
         ["g++", "-shared", *sanitize, *map(str, objects), f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}"]
-        + ["-ltorch", "-ltorch_cpu", "-lc10", "-o", str(library)]
+        + ["-ltorch", "-ltorch_cpu", "-lc10", "-o", str(out / "emulated.so")]
     )
+
+
+@functools.cache
+def build(cache: Path = CACHE) -> ctypes.CDLL:
+    """The emulated library, built into cache/<digest of its sources and flags>/ unless a build of the
+    same sources is there (the processes of one CI run share it), once per process: defines every declared op's schema
+    under dpm_ops_emulated with the op's fake and autograd registrations, loads the library (the CUDA
+    entry points register as those ops' CPU kernels) and registers the CUDA kernels that ops/knn_certified.py
+    writes in Python, on the emulated stage ops. Returns the library, for launchers.cpp's entry points
+    (call())."""
+    import torch
+
+    from dpm_ops.ops import knn_certified
+    from dpm_ops.ops._declare import DECLARED, register_fake_and_autograd
+
+    sanitize = _SANITIZE if sanitized() else []
+    out = cache / _sources_key(sanitize)
+    if not (out / "emulated.so").exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=cache))
+        _compile_library(staging, sanitize)
+        with contextlib.suppress(OSError):  # another process may have built the same sources meanwhile
+            staging.rename(out)
+        shutil.rmtree(staging, ignore_errors=True)
     definitions = torch.library.Library(LIBRARY, "DEF")
     for name, op in DECLARED.items():
         definitions.define(name + op.schema)
+    for name, op in DECLARED.items():
+        backward = emulated_op(op.backward.name) if op.backward else None
+        register_fake_and_autograd(op, f"{LIBRARY}::{name}", backward, definitions)
+    for name, kernel in knn_certified.cuda_kernels(knn_certified.cublas(LIBRARY)).items():
+        definitions.impl(name, kernel, "CPU")
     _KEEP.append(definitions)
-    torch.ops.load_library(str(library))
-    return _declare(ctypes.CDLL(str(library)))
+    torch.ops.load_library(str(out / "emulated.so"))
+    return _declare(ctypes.CDLL(str(out / "emulated.so")))
+
+
+def emulated_op(name: str):
+    """dpm_ops_emulated::<name> (the op's CUDA code path, on CPU tensors)."""
+    import torch
+
+    return getattr(getattr(torch.ops, LIBRARY), name).default
+
+
+def serve_backend_cuda() -> None:
+    """From now on in this process, backend "cuda" runs on CPU tensors, by the emulated CUDA code: an op
+    called with backend="cuda" runs dpm_ops_emulated::<op> (its CUDA entry point; differentiable by the
+    op's own autograd formula through the emulated backward op). For the op tests' backend "cuda" on
+    machines without a GPU (tests/conftest.py, DPM_OPS_EMULATED_CUDA=1); call it after build()."""
+
+    from dpm_ops import _backend
+    from dpm_ops.ops._declare import Op
+
+    resolve, kernel = _backend.resolve, Op.kernel
+    _backend._AVAILABILITY["cuda"] = (True, "")
+    _backend.resolve = lambda backend, device: "cuda" if backend == "cuda" else resolve(backend, device)
+    Op.kernel = lambda op, backend: emulated_op(op.name) if backend == "cuda" else kernel(op, backend)
 
 
 P, I64, I32, BOOL = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_bool
