@@ -26,7 +26,6 @@ EMULATED_CUDA = os.environ.get("DPM_OPS_EMULATED_CUDA") == "1" and not torch.cud
 if EMULATED_CUDA:
     from cuda_emulation import emulate
 
-    emulate.build()
     emulate.serve_backend_cuda()
 
 

@@ -27,6 +27,10 @@ def random_rows(count, dim, seed, dtype=torch.float64):
     return torch.randn(count, dim, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
+def interpreted(backend):
+    return backend == "triton" and device_for(backend).type == "cpu"
+
+
 # (M, N, k): one row, k = N, odd sizes across tile edges, empty x.
 SHAPES = [(1, 1, 1), (1, 7, 3), (37, 75, 13), (30, 90, 90), (0, 5, 2), (65, 33, 1)]
 
@@ -47,7 +51,7 @@ def test_knn_matches_reference_exactly(backend, metric, shape):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_knn_large_and_float64(backend):
-    if backend == "triton" and emulated_on_cpu(backend):
+    if interpreted(backend):
         pytest.skip("the Triton interpreter is too slow for large shapes; they run on GPU")
     device = device_for(backend)
     x, y = sign_rows(700, 24, seed=3).to(device), sign_rows(5000, 24, seed=4).to(device)
@@ -232,9 +236,7 @@ def test_knn_cuda_half_inputs_run_on_tensor_cores(backend, dtype, metric):
 @pytest.mark.parametrize("metric", METRICS)
 def test_knn_gradcheck_float64(backend, metric):
     device = device_for(backend)
-    rows, k = (
-        ((3, 5), 2) if backend == "triton" and emulated_on_cpu(backend) else ((5, 9), 4)
-    )  # each call costs ~0.1 s interpreted
+    rows, k = ((3, 5), 2) if interpreted(backend) else ((5, 9), 4)  # each call costs ~0.1 s interpreted
     x = random_rows(rows[0], 4, 10).to(device).requires_grad_()
     y = random_rows(rows[1], 4, 11).to(device).requires_grad_()
     assert torch.autograd.gradcheck(lambda a, b: knn(a, b, k, metric, backend=backend)[0], (x, y))

@@ -152,10 +152,6 @@ def on_cuda(*tensors):
     return [t.to(device_for("cuda")) if isinstance(t, torch.Tensor) else t for t in tensors]
 
 
-def cuda_op(name):
-    return op_for(name, "cuda")
-
-
 def assert_same(got, expected):
     for g, e in zip(got, expected):
         assert g.device == device_for("cuda") and torch.equal(g.cpu(), e)
@@ -175,7 +171,7 @@ def test_expand_cuda_matches_cpu(n, k1, kh, width):
         neighbours = torch.empty(n, width, dtype=torch.long)
         neighbours[perm] = perm[(torch.arange(n)[:, None] + offsets) % n]
     expected = torch.ops.dpm_ops.kreciprocal_expand(neighbours, k1, kh)
-    assert_same(cuda_op("kreciprocal_expand")(*on_cuda(neighbours), k1, kh), expected)
+    assert_same(op_for("kreciprocal_expand", "cuda")(*on_cuda(neighbours), k1, kh), expected)
 
 
 @pytest.mark.parametrize("k2", [1, 2, 6])
@@ -187,7 +183,7 @@ def test_query_expansion_cuda_matches_cpu(k2):
     values = torch.rand(len(cols), generator=torch.Generator().manual_seed(k2))
     sources = neighbours[:, :k2].contiguous()
     expected = torch.ops.dpm_ops.kreciprocal_query_expansion(row_ptr, cols, values, sources)
-    assert_same(cuda_op("kreciprocal_query_expansion")(*on_cuda(row_ptr, cols, values, sources)), expected)
+    assert_same(op_for("kreciprocal_query_expansion", "cuda")(*on_cuda(row_ptr, cols, values, sources)), expected)
 
 
 @pytest.mark.parametrize("lambda_value, scaled", [(0.0, False), (0.3, True), (1.0, False), (0.3, False)])
@@ -204,7 +200,7 @@ def test_jaccard_blend_cuda_matches_cpu(lambda_value, scaled):
     expected = out.clone()
     torch.ops.dpm_ops.kreciprocal_jaccard_blend_(expected, row_ptr, cols, values, lambda_value, scale)
     got = on_cuda(out.clone())[0]
-    cuda_op("kreciprocal_jaccard_blend_")(got, *on_cuda(row_ptr, cols, values), lambda_value, *on_cuda(scale))
+    op_for("kreciprocal_jaccard_blend_", "cuda")(got, *on_cuda(row_ptr, cols, values), lambda_value, *on_cuda(scale))
     assert_same([got], [expected])
 
 
@@ -219,7 +215,7 @@ def test_pair_sqdist_cuda_matches_cpu(dtype):
     row_ptr = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
     cols = torch.randint(0, 50, (int(row_ptr[-1]),), generator=torch.Generator().manual_seed(7))
     expected = torch.ops.dpm_ops.kreciprocal_pair_sqdist(x, values, indices, row_ptr, cols)
-    assert_same([cuda_op("kreciprocal_pair_sqdist")(*on_cuda(x, values, indices, row_ptr, cols))], [expected])
+    assert_same([op_for("kreciprocal_pair_sqdist", "cuda")(*on_cuda(x, values, indices, row_ptr, cols))], [expected])
 
 
 @pytest.mark.parametrize("k1, k2, lambda_value", [(20, 6, 0.3), (7, 1, 0.0), (4, 8, 1.0)])
