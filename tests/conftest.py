@@ -17,6 +17,13 @@ if os.environ.get("CI"):
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (-n N) the N workers share the cores: each runs torch, and the processes it starts,
+# on its share of the threads (N workers each with every core's thread would oversubscribe them).
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _XDIST_WORKERS > 1:
+    torch.set_num_threads(max(1, torch.get_num_threads() // _XDIST_WORKERS))
+    os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+
 import dpm_ops  # noqa: E402  (after TRITON_INTERPRET)
 from dpm_ops.ops._declare import DECLARED  # noqa: E402
 

@@ -16,8 +16,8 @@ with it and with UBSan: an out-of-bounds access to global or shared memory, or u
 ends the process with a report, as compute-sanitizer's memcheck would on a GPU.
 """
 
-import contextlib
 import ctypes
+import fcntl
 import functools
 import hashlib
 import os
@@ -139,13 +139,17 @@ def build(cache: Path = CACHE) -> ctypes.CDLL:
 
     sanitize = _SANITIZE if sanitized() else []
     out = cache / _sources_key(sanitize)
-    if not (out / "emulated.so").exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=cache))
-        _compile_library(staging, sanitize)
-        with contextlib.suppress(OSError):  # another process may have built the same sources meanwhile
-            staging.rename(out)
-        shutil.rmtree(staging, ignore_errors=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    # One build at a time (pytest-xdist's workers, CI's steps): a process that waited finds it done.
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "emulated.so").exists():
+            staging = Path(tempfile.mkdtemp(dir=cache))
+            try:
+                _compile_library(staging, sanitize)
+                staging.rename(out)
+            finally:  # a failed build leaves nothing behind
+                shutil.rmtree(staging, ignore_errors=True)
     definitions = torch.library.Library(LIBRARY, "DEF")
     for name, op in DECLARED.items():
         definitions.define(name + op.schema)
