@@ -72,9 +72,14 @@ def forced_backend(backend: str):
         _FORCED = previous
 
 
+def requested(backend=None):
+    """The backend asked for: `backend`, else forced_backend's, else DPM_OPS_BACKEND's; None for the default."""
+    return backend or _FORCED or os.environ.get(ENV_VAR) or None
+
+
 def resolve(backend, device: torch.device) -> str:
     """The backend to run for tensors on `device`."""
-    backend = backend or _FORCED or os.environ.get(ENV_VAR) or None
+    backend = requested(backend)
     if backend is None:
         available = _AVAILABILITY
         if device.type == "cuda":

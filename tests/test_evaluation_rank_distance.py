@@ -7,6 +7,8 @@ import torch
 import dpm_ops
 
 from benchmarks.reference.eval_numpy import evaluate_rank_numpy
+from conftest import backend_params, device_for
+from dpm_ops._backend import forced_backend
 from dpm_ops.evaluation import _select, distance, evaluate_rank, knn, pairwise_distance, rank
 
 CUDA = torch.cuda.is_available()
@@ -66,12 +68,19 @@ def test_dtypes_and_torch_inputs(dtype):
     assert_matches_reference(evaluate_rank(*tensors), expected)
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-def test_cuda_matches_reference():
+@pytest.mark.parametrize("backend", backend_params("cuda"))
+def test_cuda_matches_reference(backend):
+    # evaluate_rank and knn end to end on backend "cuda" (under the CUDA emulator: on CPU tensors).
     dist, q_pids, g_pids, q_cams, g_cams = random_problem(80, 700, 5, levels=30)
     expected = evaluate_rank_numpy(dist, q_pids, g_pids, q_cams, g_cams)
-    tensors = [torch.from_numpy(a).cuda() for a in (dist, q_pids, g_pids, q_cams, g_cams)]
-    assert_matches_reference(evaluate_rank(*tensors), expected)
+    tensors = [torch.from_numpy(a).to(device_for(backend)) for a in (dist, q_pids, g_pids, q_cams, g_cams)]
+    x, y = torch.randn(40, 16, dtype=torch.float64), torch.randn(300, 16, dtype=torch.float64)
+    with forced_backend(backend):
+        assert_matches_reference(evaluate_rank(*tensors), expected)
+        distances, indices = knn(x.to(device_for(backend)), y.to(device_for(backend)), 7)
+    expected_distances, expected_indices = knn(x, y, 7)
+    torch.testing.assert_close(distances.cpu(), expected_distances)
+    torch.testing.assert_close(indices.cpu(), expected_indices)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")

@@ -10,8 +10,8 @@ from benchmarks.reference import rerank_numpy
 from benchmarks.reference.synthetic_features import MARKET1501, make_reid_features, scaled
 from dpm_ops.evaluation import _select, re_ranking, rerank, rerank_features
 from dpm_ops.ops import kreciprocal_reference
-
-CUDA = torch.cuda.is_available()
+from conftest import backend_params, device_for
+from dpm_ops._backend import forced_backend
 
 
 @pytest.fixture(params=["default tiles", "tiny tiles"])
@@ -196,13 +196,25 @@ def test_float64_and_torch_inputs():
     assert_same_ranking(result.numpy(), expected, atol=1e-5)
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-def test_cuda_matches_cpu():
+@pytest.mark.parametrize("backend", backend_params("cuda"))
+def test_cuda_pipelines_match_cpu(backend):
+    # Both pipelines end to end on backend "cuda": its neighbour search and sparse-stage kernels, on
+    # CUDA tensors (under the CUDA emulator, DPM_OPS_EMULATED_CUDA=1: its CUDA code on CPU tensors).
     query, gallery = random_features(30, 120, 16, 9)
     expected = rerank_features(query, gallery)
-    result = rerank_features(torch.from_numpy(query).cuda(), torch.from_numpy(gallery).cuda())
-    assert result.is_cuda
-    np.testing.assert_allclose(result.cpu().numpy(), expected, atol=1e-5)
+    matrices = [d.astype(np.float32) for d in exact_distances(query, gallery)]
+    expected_from_matrices = re_ranking(*matrices)
+    device = device_for(backend)
+    with forced_backend(backend):
+        for strategy in ("direct", "certified"):
+            result = rerank_features(
+                torch.from_numpy(query).to(device), torch.from_numpy(gallery).to(device), strategy=strategy
+            )
+            assert result.device.type == device.type
+            np.testing.assert_allclose(result.cpu().numpy(), expected, rtol=0, atol=1e-5)
+        result = re_ranking(*(torch.from_numpy(m).to(device) for m in matrices))
+        assert result.device.type == device.type
+        np.testing.assert_array_equal(result.cpu().numpy(), expected_from_matrices)
 
 
 def test_bad_input():

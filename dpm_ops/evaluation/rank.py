@@ -44,6 +44,7 @@ from .. import _backend
 from .._precision import compute_dtype
 from ..ops._checks import check_finite
 from ..ops._ragged import segment_starts
+from ..ops.rank import MATCH_RANKS
 from ..ops.rank_reference import IdentityGroups as _IdentityGroups
 from ..ops.rank_reference import match_ranks
 from . import _inputs
@@ -64,10 +65,10 @@ class RankResult:
     num_skipped: int  # queries without one
 
 
-def kernel_match_ranks(dist: torch.Tensor, q_pids, q_camids, g_pids, g_camids):
-    """match_ranks through the C++/CUDA kernel (csrc/rank/): one pass over each gallery row
+def kernel_match_ranks(dist: torch.Tensor, q_pids, q_camids, g_pids, g_camids, backend: str):
+    """match_ranks through `backend`'s C++ or CUDA kernel (csrc/rank/): one pass over each gallery row
     ranks all of a query's matches (a kept item adds one to the ranks of the matches after it)."""
-    offsets, rank = torch.ops.dpm_ops.match_ranks(dist, q_pids, g_pids, q_camids, g_camids)
+    offsets, rank = MATCH_RANKS.run(backend, dist, q_pids, g_pids, q_camids, g_camids)
     num_matches = offsets.diff()
     query = torch.repeat_interleave(torch.arange(len(dist), device=dist.device), num_matches)
     ordinal = torch.arange(len(rank), device=dist.device) - offsets[query] + 1
@@ -208,7 +209,8 @@ def _match_statistics(dist, q_pids, q_camids, g_pids, g_camids, ap: str):
     device = dist.device
     num_query, num_gallery = dist.shape
     dtype = compute_dtype(dist)
-    use_kernel = _backend.resolve(None, device) in ("cpp", "cuda")
+    backend = _backend.resolve(None, device)
+    use_kernel = backend in ("cpp", "cuda")
     groups = None if use_kernel else _IdentityGroups(g_pids)
 
     all_ap, first_ranks, inverse_penalty, num_skipped = [], [], [], 0
@@ -221,7 +223,7 @@ def _match_statistics(dist, q_pids, q_camids, g_pids, g_camids, ap: str):
             check_finite("evaluate_rank", distmat=chunk)
         if use_kernel:
             query, rank, ordinal, num_matches = kernel_match_ranks(
-                chunk, q_pids[start:stop], q_camids[start:stop], g_pids, g_camids
+                chunk, q_pids[start:stop], q_camids[start:stop], g_pids, g_camids, backend
             )
         else:
             query, rank, ordinal, num_matches = match_ranks(

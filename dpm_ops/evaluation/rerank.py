@@ -37,6 +37,12 @@ from .. import _backend
 from .._precision import compute_dtype
 from ..ops._checks import row_norm_limit
 from ..ops.knn import check_strategy, self_knn
+from ..ops.kreciprocal import (
+    KRECIPROCAL_EXPAND,
+    KRECIPROCAL_JACCARD_BLEND_,
+    KRECIPROCAL_PAIR_SQDIST,
+    KRECIPROCAL_QUERY_EXPANSION,
+)
 from . import _inputs
 from ..ops.kreciprocal_reference import (
     encode_weights,
@@ -107,7 +113,7 @@ class _DenseDistances:
                 out[start : min(stop, q)] = block[: min(stop, q) - start, q:]
         return neighbours, out
 
-    def csr_pair_distances(self, row_ptr, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    def csr_pair_distances(self, backend: str, row_ptr, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         return self.pair_distances(rows, cols)
 
     def pair_distances(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -225,10 +231,10 @@ class _FeatureDistances:
         self.out_scale = self.row_max[:q]  # the Jaccard kernel divides by it in its own pass
         return indices[:, :width].contiguous(), cross.to(torch.float32)
 
-    def csr_pair_distances(self, row_ptr, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """pair_distances of the entries of a CSR set, in one C++ call (lookups, else features)."""
-        squared = torch.ops.dpm_ops.kreciprocal_pair_sqdist(
-            self.features, self.nearest.values, self.nearest.indices, row_ptr, cols
+    def csr_pair_distances(self, backend: str, row_ptr, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """pair_distances of the entries of a CSR set, in one call of `backend`'s kernel (lookups, else features)."""
+        squared = KRECIPROCAL_PAIR_SQDIST.run(
+            backend, self.features, self.nearest.values, self.nearest.indices, row_ptr, cols
         )
         return squared / self.row_max[rows]
 
@@ -271,18 +277,18 @@ def _check_distance_range(input: str, **matrices) -> None:
             )
 
 
-def _rerank_kernels(source, neighbours, out, k1: int, k2: int, lambda_value: float) -> torch.Tensor:
-    """The sparse stages as C++ / CUDA kernels (csrc/kreciprocal/, one per device), on CSR sets: same
+def _rerank_kernels(source, neighbours, out, k1: int, k2: int, lambda_value: float, backend: str) -> torch.Tensor:
+    """The sparse stages as the C++ or CUDA kernels of `backend` (csrc/kreciprocal/), on CSR sets: same
     maths and float order as the torch stages."""
     n = source.num_items
-    row_ptr, cols = torch.ops.dpm_ops.kreciprocal_expand(neighbours, k1, round(k1 / 2))
+    row_ptr, cols = KRECIPROCAL_EXPAND.run(backend, neighbours, k1, round(k1 / 2))
     rows = torch.repeat_interleave(torch.arange(n, device=cols.device), row_ptr.diff())
-    weights = encode_weights(rows, source.csr_pair_distances(row_ptr, rows, cols), n)
+    weights = encode_weights(rows, source.csr_pair_distances(backend, row_ptr, rows, cols), n)
     if k2 != 1:
-        row_ptr, cols, weights = torch.ops.dpm_ops.kreciprocal_query_expansion(
-            row_ptr, cols, weights, neighbours[:, :k2].contiguous()
+        row_ptr, cols, weights = KRECIPROCAL_QUERY_EXPANSION.run(
+            backend, row_ptr, cols, weights, neighbours[:, :k2].contiguous()
         )
-    torch.ops.dpm_ops.kreciprocal_jaccard_blend_(out, row_ptr, cols, weights, lambda_value, source.out_scale)
+    KRECIPROCAL_JACCARD_BLEND_.run(backend, out, row_ptr, cols, weights, lambda_value, source.out_scale)
     return out
 
 
@@ -290,8 +296,9 @@ def _rerank(source, k1: int, k2: int, lambda_value: float) -> torch.Tensor:
     n = source.num_items
     neighbours, out = source.scan(min(max(k1 + 1, k2), n))
     # The torch stages remain for builds without the extension (or without CUDA, on GPU tensors).
-    if _backend.resolve(None, neighbours.device) in ("cpp", "cuda"):
-        return _rerank_kernels(source, neighbours, out, k1, k2, lambda_value)
+    backend = _backend.resolve(None, neighbours.device)
+    if backend in ("cpp", "cuda"):
+        return _rerank_kernels(source, neighbours, out, k1, k2, lambda_value, backend)
     if source.out_scale is not None:
         out.div_(source.out_scale[:, None])
     rows, cols = expanded_neighbourhoods(neighbours, k1, round(k1 / 2))  # round() is half-to-even, as np.around

@@ -172,7 +172,7 @@ def emulated_op(name: str):
 
 def serve_backend_cuda() -> None:
     """From now on in this process, backend "cuda" runs on CPU tensors, by the emulated CUDA code: an op
-    called with backend="cuda" runs dpm_ops_emulated::<op> (its CUDA entry point; differentiable by the
+    called with backend="cuda" (or under forced_backend("cuda"), DPM_OPS_BACKEND=cuda) runs dpm_ops_emulated::<op> (its CUDA entry point; differentiable by the
     op's own autograd formula through the emulated backward op). For the op tests' backend "cuda" on
     machines without a GPU (tests/conftest.py, DPM_OPS_EMULATED_CUDA=1). Builds the library if need be."""
     from dpm_ops import _backend
@@ -181,7 +181,9 @@ def serve_backend_cuda() -> None:
     build()
     resolve, kernel = _backend.resolve, Op.kernel
     _backend._AVAILABILITY["cuda"] = (True, "")
-    _backend.resolve = lambda backend, device: "cuda" if backend == "cuda" else resolve(backend, device)
+    _backend.resolve = lambda backend, device: (
+        "cuda" if _backend.requested(backend) == "cuda" else resolve(backend, device)
+    )
     Op.kernel = lambda op, backend: emulated_op(op.name) if backend == "cuda" else kernel(op, backend)
 
 
