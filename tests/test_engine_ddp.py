@@ -13,7 +13,10 @@ from engine_utils import tiny_config, write_config
 
 
 def torchrun(*args, cwd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    # PYTHONFAULTHANDLER: a rank killed by a signal prints every thread's Python stack. One run in about
+    # 40 has seen rank 1 abort ("terminate called without an active exception") after the resumed
+    # run's evaluation, not reproduced in 140 runs since: the stacks would say where.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd(), "PYTHONFAULTHANDLER": "1"}
     command = [
         sys.executable,
         "-m",
@@ -32,10 +35,10 @@ def test_two_process_gloo_training(tmp_path):
     config = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path / "set", "dpm"))
     run = tmp_path / "run"
     killed = torchrun("train", "--config", str(config), "--output", str(run), "train.stop_after_iters=3", cwd=tmp_path)
-    assert killed.returncode == 0, killed.stderr[-3000:]
+    assert killed.returncode == 0, killed.stderr[-8000:]
     assert load_checkpoint(run / "checkpoints" / "last.pt")["training"]["world_size"] == 2
     result = torchrun("train", "--config", str(config), "--output", str(run), "--resume", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-8000:]
     assert result.stdout.count("mINP") == 1, result.stdout  # only rank 0 prints the table
     records = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, len(records) + 1))  # one writer, resumed cleanly
