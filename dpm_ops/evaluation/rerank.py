@@ -114,6 +114,7 @@ class _DenseDistances:
         return neighbours, out
 
     def csr_pair_distances(self, backend: str, row_ptr, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """pair_distances of the entries of a CSR set: lookups in the matrices, on any backend."""
         return self.pair_distances(rows, cols)
 
     def pair_distances(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

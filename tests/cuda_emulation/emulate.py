@@ -172,9 +172,10 @@ def emulated_op(name: str):
 
 def serve_backend_cuda() -> None:
     """From now on in this process, backend "cuda" runs on CPU tensors, by the emulated CUDA code: an op
-    called with backend="cuda" (or under forced_backend("cuda"), DPM_OPS_BACKEND=cuda) runs dpm_ops_emulated::<op> (its CUDA entry point; differentiable by the
-    op's own autograd formula through the emulated backward op). For the op tests' backend "cuda" on
-    machines without a GPU (tests/conftest.py, DPM_OPS_EMULATED_CUDA=1). Builds the library if need be."""
+    called with backend="cuda" (or under forced_backend("cuda") or DPM_OPS_BACKEND=cuda) runs
+    dpm_ops_emulated::<op> (its CUDA entry point; differentiable by the op's own autograd formula
+    through the emulated backward op). For the op tests' backend "cuda" on machines without a GPU
+    (tests/conftest.py, DPM_OPS_EMULATED_CUDA=1). Builds the library if need be."""
     from dpm_ops import _backend
     from dpm_ops.ops._declare import Op
 
