@@ -41,6 +41,13 @@ def init_distributed(device: torch.device) -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
+        # torch.distributed.nn.functional binds `group=group.WORLD` defaults when first imported (by
+        # DDP's first use of torch._dynamo): imported after init_process_group, they would keep the
+        # default group alive, destroy_process_group could not stop its gloo threads, and one still
+        # freeing a collective's tensor at interpreter shutdown aborts the rank ("terminate called
+        # without an active exception"). Imported before, they bind None.
+        import torch.distributed.nn.functional  # noqa: F401
+
         if device.type == "cuda":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend, init_method="env://")
