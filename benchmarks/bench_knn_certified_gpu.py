@@ -1,6 +1,6 @@
 """rerank_features on a GPU with the certified neighbour search against the direct one (issue 13,
 docs/certified_knn.md "GPU"), in the same run, on each GPU backend ("cuda": cuBLAS and the CUDA
-kernels of csrc/knn/knn_certified_cuda.cu; "triton": the stage-1 and stage-2 kernels); the certified
+kernels of csrc/knn/knn_certified_kernels.cu; "triton": the stage-1 and stage-2 kernels); the certified
 cases report their candidate sets, and a profile case prints where a Market-scale certified call
 spends its GPU time, kernel by kernel. The "cuda" backend's two stage ops are also timed against
 their torch versions (their CPU kernels) on the same GPU.

@@ -220,7 +220,7 @@ BLOCKS = ((0, 24), (40, 64), (280, 300))
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_knn_select_kernel(emulated, k, metric, dtype):
-    """knn_cuda.cu's select_kernel, in two blocks of rows (row0 > 0) as knn_cuda.cpp launches it: each row's k
+    """knn_kernels.cu's select_kernel, in two blocks of rows (row0 > 0) as knn_cuda.cpp launches it: each row's k
     smallest (distance, index) pairs (register lists for k <= 32, shared-memory lists above), the row maximum
     and the cross block, with self pairs; bitwise a stable sort of the same distances."""
     n, cross_rows = 300, 20
@@ -250,7 +250,7 @@ def test_knn_select_kernel(emulated, k, metric, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("self_pairs", [False, True])
 def test_certified_candidates_kernel(emulated, k, metric, dtype, self_pairs):
-    """knn_certified_cuda.cu's candidates_kernel, in two blocks of rows as knn_certified_cuda.cpp launches it,
+    """knn_certified_kernels.cu's candidates_kernel, in two blocks of rows as knn_certified_cuda.cpp launches it,
     against candidates_torch (the op's CPU kernel) on the same fp32 dot products: the same buffers and counts,
     bitwise. Caps that rows overflow, N not a multiple of the 256 columns a step."""
     n, cap = 300, max(k, 40)
@@ -280,7 +280,7 @@ def test_certified_candidates_kernel(emulated, k, metric, dtype, self_pairs):
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_certified_candidate_distances_kernel(emulated, metric, dtype):
-    """knn_certified_cuda.cu's candidate_distances_kernel against candidate_distances (the op's CPU kernel):
+    """knn_certified_kernels.cu's candidate_distances_kernel against candidate_distances (the op's CPU kernel):
     counts from 0 to the width, +inf past them, self pairs 0; bitwise on exact rows (any summation order
     gives the same bits), within the rounding of the dot product on Gaussian rows."""
     gen = torch.Generator().manual_seed(27)

@@ -370,7 +370,7 @@ def test_candidates_op_on_cpu(metric, self_pairs, monkeypatch):
 @pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cuda_candidates_match_the_torch_version(backend, k, metric, dtype):
-    """The fused stage-1 kernel (knn_certified_cuda.cu) against its torch version on the same GPU and the
+    """The fused stage-1 kernel (knn_certified_kernels.cu) against its torch version on the same GPU and the
     same cuBLAS GEMM: the same buffers and counts, bitwise. Register (k <= 32) and shared-memory lists,
     rows over the cap, N not a multiple of the 256 columns a step, self pairs and not, exact ties."""
     if emulated_on_cpu(backend):  # ~20 min there

@@ -1,4 +1,4 @@
-// CUDA entry points of DPM's HEM loss (one block per sample, see hem_loss_cuda.cu). Built only with CUDA.
+// CUDA entry points of DPM's HEM loss (one block per sample, see hem_loss_kernels.cu). Built only with CUDA.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 

@@ -1,7 +1,7 @@
 // CUDA entry points of the certified search's two stages on backend "cuda" (the pipeline around them
 // is torch ops: ops/knn_certified.py). dpm_ops::knn_certified_candidates (stage 1): cuBLAS computes
 // the bf16 dot products a block of rows at a time (fp32 accumulation and output: common/gemm.h), and
-// the torch-free kernel (knn_certified_cuda.cu) turns each block into the rows' candidate buffers
+// the torch-free kernel (knn_certified_kernels.cu) turns each block into the rows' candidate buffers
 // without writing the bounds. dpm_ops::knn_certified_candidate_distances (stage 2): one kernel reads
 // each row's counted candidates. Built only with CUDA.
 #include <ATen/ATen.h>

@@ -1,6 +1,6 @@
 // CUDA entry points of the distance + top-k: ATen prepares the operands (compute type, unit rows
 // for cosine, squared norms), cuBLAS computes the dot products a block of rows at a time (on tensor
-// cores as common/gemm.h says), and the torch-free selection kernel (knn_cuda.cu) turns each block
+// cores as common/gemm.h says), and the torch-free selection kernel (knn_kernels.cu) turns each block
 // into distances and merges them into the rows' sorted lists. Built only with CUDA.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>

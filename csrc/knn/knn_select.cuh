@@ -3,7 +3,7 @@
 // in faiss's WarpSelect (a lane's value enters only if it beats the list's current k-th pair: one
 // ballot per 32 columns; each entering value is inserted by the whole warp at once); warp 0 then
 // merges the other warps' lists into its own the same way. Shared by the knn selection kernel
-// (knn_cuda.cu) and the certified search's stage 1 (knn_certified_cuda.cu). No torch headers.
+// (knn_kernels.cu) and the certified search's stage 1 (knn_certified_kernels.cu). No torch headers.
 // k <= 32: a list lives in registers, lane l holding the l-th smallest pair; an insertion at p is
 // one ballot (p = number of smaller pairs) and one shuffle up. k > 32: the lists live in shared
 // memory (RowSelect::shared_bytes) and each warp shifts its own cooperatively.

@@ -1,4 +1,4 @@
-// CUDA entry points of the sparse k-reciprocal stages (kernels: kreciprocal_cuda.cu): the same
+// CUDA entry points of the sparse k-reciprocal stages (kernels: kreciprocal_kernels.cu): the same
 // schemas, checks and outputs as the CPU kernels. Ragged outputs in two passes: the kernels count,
 // at::cumsum makes row_ptr, the kernels fill. Built only with CUDA.
 #include <ATen/ATen.h>

@@ -1,5 +1,5 @@
 // Per-row logic of k-reciprocal re-ranking (Zhong et al., CVPR 2017, as its reference code computes it) on fixed-width
-// neighbour lists, shared by the CPU kernels (kreciprocal_cpu.cpp) and the CUDA kernels (kreciprocal_cuda.cu): plain
+// neighbour lists, shared by the CPU kernels (kreciprocal_cpu.cpp) and the CUDA kernels (kreciprocal_kernels.cu): plain
 // pointers and caller-owned scratch, no allocation.
 //
 // neighbours: (N, width) row-major, each row's nearest items in (normalised distance, index)

@@ -1,4 +1,4 @@
-// CUDA entry point of the sort-free evaluator (kernels: rank_cuda.cu). Built only with CUDA.
+// CUDA entry point of the sort-free evaluator (kernels: rank_kernels.cu). Built only with CUDA.
 #include <ATen/ATen.h>
 
 #include "../common/aten_cuda.h"

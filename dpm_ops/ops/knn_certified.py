@@ -3,7 +3,7 @@
 Stage 1 runs a bf16 tensor-core GEMM with fp32 accumulation and keeps, per row, every column whose
 lower bound is <= the k-th smallest upper bound (triton/knn_certified.py for backend "triton"; for
 backend "cuda" dpm_ops::knn_certified_candidates: cuBLAS GEMMs of row blocks, each turned into the
-candidate buffers by one fused kernel, csrc/knn/knn_certified_cuda.cu). Stage 2 recomputes those candidates'
+candidate buffers by one fused kernel, csrc/knn/knn_certified_kernels.cu). Stage 2 recomputes those candidates'
 distances with the direct path's formula in the compute dtype (fp32 IEEE products, never TF32;
 fp64 for fp64 input; one fused gather-and-sum kernel on either backend) and takes the first
 k in (distance, index) order. Rows whose candidates overflow `cap` get the exact full-row
@@ -205,7 +205,7 @@ def stage1_args(xo: Operand, yo: Operand):
 def stage1_bounds(x, y, x_norms, y_norms, x_scales, y_scales, metric: str, diagonal=None):
     """Stage 1's (L, U) of the bf16 rows x against the bf16 rows y (stage1_args), in the norms' dtype; with
     `diagonal`, x's first row is row `diagonal` of y and the pairs of a row with itself get 0. The fused
-    kernels (knn_certified_cuda.cu, Triton's _tile_bounds) compute the same in the same operations."""
+    kernels (knn_certified_kernels.cu, Triton's _tile_bounds) compute the same in the same operations."""
     dots = _bf16_gemm(x, y).to(x_norms.dtype)
     err = (x_scales[:, None] * y_scales[None, :]).to(dots.dtype)
     lower = distance(dots + err, x_norms[:, None], y_norms[None, :], metric)
