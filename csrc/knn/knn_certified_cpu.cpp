@@ -60,6 +60,7 @@ template <typename A> class RowBounds {
       limit_[row].store(std::numeric_limits<A>::infinity(), std::memory_order_relaxed);
       top_[row].store(A(0), std::memory_order_relaxed);
       counts_[row].store(0, std::memory_order_relaxed);
+      locks_[row].clear(std::memory_order_relaxed);  // before C++20 a new atomic_flag's state is unspecified
     }
   }
 
