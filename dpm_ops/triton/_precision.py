@@ -29,3 +29,11 @@ def dot(a, b, acc, PRECISION: tl.constexpr, in_t: tl.constexpr):
         # out_dtype spelled out: Triton 3.6 asserts it equals an fp64 accumulator's type (3.9 infers it)
         acc = tl.dot(a, b.to(a.dtype), acc, input_precision=PRECISION, out_dtype=acc.dtype)  # fp16 b: see masked cosine
     return acc
+
+
+@triton.jit
+def scalar_as(x, dtype: tl.constexpr):
+    """A float argument declared `tl.float64` in the compute dtype. Undeclared, Triton would pass it as
+    fp32, so fp64 input would meet fp32-rounded constants; adding it to a typed zero keeps its value
+    under the interpreter too, where tl.cast of a Python float goes through fp32."""
+    return (tl.zeros((), dtype) + x).to(dtype)

@@ -15,6 +15,7 @@ import triton.language as tl
 
 from .._precision import compute_dtype
 from ._device import on_input_device
+from ._precision import scalar_as
 
 BLOCK_N = 64
 
@@ -27,14 +28,16 @@ def _hem_sample_kernel(
     grad_out_ptr,
     H,
     N,
-    eps,
-    weight,
+    eps: tl.float64,  # see scalar_as
+    weight: tl.float64,
     GRAD: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     b = tl.program_id(0)
     acc_t = loss_ptr.dtype.element_ty
+    eps = scalar_as(eps, acc_t)
+    weight = scalar_as(weight, acc_t)
     rows = tl.arange(0, BLOCK_H)
     in_h = rows < H
     base = a_ptr + b.to(tl.int64) * H * N

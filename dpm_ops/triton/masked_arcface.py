@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ._device import on_input_device
-from ._precision import dot, dot_precision
+from ._precision import dot, dot_precision, scalar_as
 from .._precision import compute_dtype
 from .masked_cosine import _inv_norm, _normalize_backward, _prepared
 
@@ -131,17 +131,18 @@ def _arcface_tile_kernel(
     K,
     C,
     n_ktiles,
-    scale,
-    cos_m,
-    sin_m,
-    th,
-    mm,
-    lo,
-    hi,
-    plain_w,
-    masked_w,
-    inv_batch,
-    eps,
+    # the loss constants (see scalar_as)
+    scale: tl.float64,
+    cos_m: tl.float64,
+    sin_m: tl.float64,
+    th: tl.float64,
+    mm: tl.float64,
+    lo: tl.float64,
+    hi: tl.float64,
+    plain_w: tl.float64,
+    masked_w: tl.float64,
+    inv_batch: tl.float64,
+    eps: tl.float64,
     EASY: tl.constexpr,
     WITH_PLAIN: tl.constexpr,
     BACKWARD: tl.constexpr,
@@ -150,6 +151,18 @@ def _arcface_tile_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    acc_t = inv_f_ptr.dtype.element_ty
+    scale = scalar_as(scale, acc_t)
+    cos_m = scalar_as(cos_m, acc_t)
+    sin_m = scalar_as(sin_m, acc_t)
+    th = scalar_as(th, acc_t)
+    mm = scalar_as(mm, acc_t)
+    lo = scalar_as(lo, acc_t)
+    hi = scalar_as(hi, acc_t)
+    plain_w = scalar_as(plain_w, acc_t)
+    masked_w = scalar_as(masked_w, acc_t)
+    inv_batch = scalar_as(inv_batch, acc_t)
+    eps = scalar_as(eps, acc_t)
     pid_k = tl.program_id(1)
     local = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rows = row0 + local

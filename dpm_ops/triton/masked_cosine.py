@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .._precision import compute_dtype
 from ._device import on_input_device
-from ._precision import dot, dot_precision
+from ._precision import dot, dot_precision, scalar_as
 
 
 @triton.jit
@@ -34,7 +34,7 @@ def _masked_cosine_tile_kernel(
     B,
     K,
     C,
-    eps,
+    eps: tl.float64,  # see scalar_as
     COEFS: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr,
@@ -48,6 +48,7 @@ def _masked_cosine_tile_kernel(
     in_k = rows_k < K
     acc_t = inv_p_ptr.dtype.element_ty
     in_t = a_ptr.dtype.element_ty
+    eps = scalar_as(eps, acc_t)
     inv_p = tl.load(inv_p_ptr + rows_k, mask=in_k, other=0.0)
     num = tl.zeros((BLOCK_K, BLOCK_B), dtype=acc_t)
     den_sq = tl.zeros((BLOCK_K, BLOCK_B), dtype=acc_t)

@@ -16,6 +16,7 @@ import triton.language as tl
 
 from .._precision import compute_dtype
 from ._device import on_input_device
+from ._precision import scalar_as
 
 
 @triton.jit
@@ -33,8 +34,8 @@ def _ranking_row_kernel(
     anchor_ptr,
     coef_ptr,
     n,
-    alpha,
-    lam,
+    alpha: tl.float64,  # see scalar_as
+    lam: tl.float64,
     VIOLATING_ONLY: tl.constexpr,
     POS_MODE: tl.constexpr,
     BLOCK_B: tl.constexpr,
@@ -42,6 +43,8 @@ def _ranking_row_kernel(
 ):
     k = tl.program_id(0)
     acc_t = row_loss_ptr.dtype.element_ty
+    alpha = scalar_as(alpha, acc_t)
+    lam = scalar_as(lam, acc_t)
     idx = tl.arange(0, BLOCK_B)
     valid = idx < n
     row = sim_ptr + k.to(tl.int64) * n

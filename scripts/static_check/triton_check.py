@@ -14,7 +14,8 @@ Fails on: a compile error, a launcher exception, a grid over the hardware limits
 over the architecture's opt-in limit, register spills (printed, not failed: fp64-only variants', and
 at most COLD_SPILL_BYTES none of which sits in an innermost loop of the SASS),
 a GEMM-shaped kernel without tensor-core instructions on sm_90 in TF32 or bf16 mode
-(GEMM_OPS), and a kernel that no case launches. Nothing is written into the repository
+(GEMM_OPS), an fp64 variant with an fp32 scalar argument (Triton passes a plain Python float as fp32:
+the kernel would compute fp64 input with fp32-rounded constants), and a kernel that no case launches. Nothing is written into the repository
 (no bytecode; Triton's cache lives in a temporary folder, removed at exit).
 
     python scripts/static_check/triton_check.py [--arch 90,80] [--only SUBSTRING] [--json OUT]
@@ -639,6 +640,8 @@ def judge_variants(check: Check) -> list:
                 check.notes.append(f"sm_{check.arch} {message} [none in an innermost loop: not a failure]")
             else:
                 check.fail("spills", message, v.cases)
+        if "fp64" in v.dtypes and "fp32" in v.signature.split(","):
+            check.fail("fp32 scalar", f"{where}: fp32 scalar argument in an fp64 variant ({v.signature})", v.cases)
         if v.needs_tensor_cores and not v.tensor_cores:
             check.fail(
                 "tensor cores",
