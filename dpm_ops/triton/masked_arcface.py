@@ -62,6 +62,12 @@ def _tile_dots(
 def _target_phi(cos, cos_m, sin_m, th, mm, lo, hi, EASY: tl.constexpr):
     """ArcFace's target logit phi(cos) = cos(theta + margin) and its slope d phi / d cos.
     The clamp is only inside the sqrt (bounds inclusive, as torch.clamp)."""
+    cos_m = scalar_as(cos_m, cos.dtype)
+    sin_m = scalar_as(sin_m, cos.dtype)
+    th = scalar_as(th, cos.dtype)
+    mm = scalar_as(mm, cos.dtype)
+    lo = scalar_as(lo, cos.dtype)
+    hi = scalar_as(hi, cos.dtype)
     inside = (cos >= lo) & (cos <= hi)
     cc = tl.minimum(tl.maximum(cos, lo), hi)
     sine = tl.sqrt(1.0 - cc * cc)
@@ -153,15 +159,6 @@ def _arcface_tile_kernel(
 ):
     acc_t = inv_f_ptr.dtype.element_ty
     scale = scalar_as(scale, acc_t)
-    cos_m = scalar_as(cos_m, acc_t)
-    sin_m = scalar_as(sin_m, acc_t)
-    th = scalar_as(th, acc_t)
-    mm = scalar_as(mm, acc_t)
-    lo = scalar_as(lo, acc_t)
-    hi = scalar_as(hi, acc_t)
-    plain_w = scalar_as(plain_w, acc_t)
-    masked_w = scalar_as(masked_w, acc_t)
-    inv_batch = scalar_as(inv_batch, acc_t)
     eps = scalar_as(eps, acc_t)
     pid_k = tl.program_id(1)
     local = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -184,11 +181,11 @@ def _arcface_tile_kernel(
     if not BACKWARD:
         _forward_epilogue(part_ptr, target_ptr, rows, pid_k, B, n_ktiles, logit, plain, is_t, valid, in_b, WITH_PLAIN)
     else:
-        g = tl.load(grad_ptr).to(inv_f.dtype) * inv_batch
+        g = tl.load(grad_ptr).to(acc_t) * scalar_as(inv_batch, acc_t)
         mlse = tl.load(mlse_ptr + rows, mask=in_b, other=0.0)
         prob = tl.exp(logit - mlse[:, None])
         onehot = tl.where(is_t, 1.0, 0.0)
-        gcos = scale * (g * masked_w) * (prob - onehot) * tl.where(is_t, dphi, 1.0)
+        gcos = scale * (g * scalar_as(masked_w, acc_t)) * (prob - onehot) * tl.where(is_t, dphi, 1.0)
         g_num, h = _cosine_grads(gcos, cos, den, den_sq, eps)
         # This order (exponential, coefficients, then offsets) keeps Triton 3.6 spill-free on sm_80 / sm_90.
         offs = local[:, None].to(tl.int64) * K + ks[None, :]
@@ -196,7 +193,9 @@ def _arcface_tile_kernel(
         tl.store(h_ptr + offs, h, mask=valid)
         if WITH_PLAIN:
             plse = tl.load(plse_ptr + rows, mask=in_b, other=0.0)
-            tl.store(gp_ptr + offs, (g * plain_w) * (tl.exp(plain - plse[:, None]) - onehot), mask=valid)
+            tl.store(
+                gp_ptr + offs, (g * scalar_as(plain_w, acc_t)) * (tl.exp(plain - plse[:, None]) - onehot), mask=valid
+            )
 
 
 def _loss_args(scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight, inv_batch, precision, backward):
