@@ -4,7 +4,8 @@ Cases: a small shape for CI's --benchmark-disable pass; query x gallery kNN and 
 self-kNN of re-ranking at Market-1501 scale (slow). Eager holds the whole distance matrix; the
 fused ops hold tiles only. Targets (CPU, Market scale): knn never slower than eager, and self_knn,
 which computes half the GEMM, >= 1.5x eager's full matrix + topk. GPU (H100 / H200): knn at Market
-scale (k 21) <= 3 ms. The Market cases are `slow` on the CPU only.
+scale (k 21) <= 3 ms; self_knn's CUDA and Triton kernels reported. The Market cases are `slow` on the
+CPU only.
 """
 
 import pytest
@@ -56,9 +57,15 @@ def bench_knn(timed, impl, shape):
     )
 
 
-@pytest.mark.parametrize(
-    "impl", [pytest.param("eager mm+topk", marks=CPU_SLOW), pytest.param("dpm_ops self_knn", marks=CPU_SLOW)]
-)
+SELF_KNN_IMPLS = [
+    pytest.param("eager mm+topk", marks=CPU_SLOW),
+    pytest.param("dpm_ops self_knn", marks=CPU_SLOW),
+    # the Triton kernel beside the default (CUDA) one; the interpreter is not a benchmark
+    pytest.param("dpm_ops self_knn triton", marks=pytest.mark.skipif(not GPU, reason="GPU only")),
+]
+
+
+@pytest.mark.parametrize("impl", SELF_KNN_IMPLS)
 def bench_self_knn_market(timed, impl):
     N, _, D, k = MARKET_POOLED
     x = features(N, D, 2)
@@ -70,7 +77,8 @@ def bench_self_knn_market(timed, impl):
         row_max = full.amax(1)
         return torch.topk(full / row_max[:, None], k, dim=1, largest=False), row_max
 
-    fn = eager if impl.startswith("eager") else (lambda: self_knn(x, k, "sqeuclidean", True, 3368))
+    backend = "triton" if impl.endswith("triton") else None
+    fn = eager if impl.startswith("eager") else (lambda: self_knn(x, k, "sqeuclidean", True, 3368, backend=backend))
     timed(
         fn,
         group=group_name("self_knn", MARKET_POOLED),
@@ -113,3 +121,15 @@ def bench_gpu_knn_market_target():
     ratio = _ratio("knn", MARKET, "eager cdist+topk", "dpm_ops knn")
     print(f"\n{torch.cuda.get_device_name()}: knn {MARKET} {seconds * 1e3:.2f} ms ({ratio:.2f}x eager cdist+topk)")
     assert seconds <= 3e-3, f"knn at Market scale takes {seconds * 1e3:.2f} ms, target <= 3 ms"
+
+
+@pytest.mark.skipif(not GPU, reason="GPU report")
+def bench_gpu_self_knn_report():
+    """Reported, not asserted: self_knn at Market scale on each GPU backend against eager mm + topk."""
+    group = group_name("self_knn", MARKET_POOLED)
+    for impl in ("dpm_ops self_knn", "dpm_ops self_knn triton"):
+        seconds = median_of(group, impl)
+        if seconds is not None:
+            print(
+                f"\n{impl} {MARKET_POOLED}: {seconds * 1e3:.2f} ms ({speedup(group, impl, 'eager mm+topk'):.2f}x eager)"
+            )

@@ -33,7 +33,7 @@ STAGE_SPEEDUP_TARGETS = {"stage 1": 4.0, "stage 2": 2.0}
 
 def _skip_triton_at_msmt17(backend, scale):
     if backend == "triton" and scale == "msmt17":
-        pytest.skip("Triton at Market scale only: its direct self_knn is the reference's full N x N matrix")
+        pytest.skip("Triton at Market scale only: the bring-up's time for this file (the CUDA backend runs both)")
 
 
 @pytest.mark.parametrize("scale", ["market1501", "msmt17"])

@@ -189,6 +189,11 @@ def test_gpu_kernels_cap_k_at_256(backend):
     kernel = {"cuda": "CUDA", "triton": "Triton"}[backend]
     with pytest.raises(ValueError, match=f"knn: the {kernel} kernel takes k <= 256, got 257"):
         knn(x, y, 257, backend=backend)
+    # self_knn with normalize keeps k + 4 raw neighbours; strategy="certified" has no such cap
+    with pytest.raises(ValueError, match=rf"self_knn: the {kernel} kernel takes k <= 252 with normalize .*, got 253"):
+        self_knn(y, 253, normalize=True, backend=backend, strategy="direct")
+    with pytest.raises(ValueError, match=f"self_knn: the {kernel} kernel takes k <= 256, got 257"):
+        self_knn(y, 257, backend=backend, strategy="direct")
 
 
 def neighbour_overlap(indices, expected):
@@ -293,7 +298,7 @@ def test_cpp_schema_checks_direct_calls():
 
 # ---- self_knn ------------------------------------------------------------------------------------
 
-SELF_BACKENDS = backend_params("cpp", "cuda")
+SELF_BACKENDS = backend_params("cpp", "cuda", "triton")
 
 
 @pytest.mark.parametrize("backend", SELF_BACKENDS)
@@ -302,8 +307,10 @@ SELF_BACKENDS = backend_params("cpp", "cuda")
 @pytest.mark.parametrize("n, k, cross_rows", [(1, 1, 0), (2, 2, 1), (45, 7, 11), (300, 25, 60), (1500, 21, 400)])
 def test_self_knn_matches_reference_exactly(backend, metric, normalize, n, k, cross_rows):
     # Ties everywhere: rows with equal values at the k-th place take the full-row fallback too.
-    if n > 1000 and emulated_on_cpu(backend):
-        pytest.skip("too slow under the CUDA emulator (its 300 rows cover the kernel's paths); runs on GPU")
+    if n > 1000 and (emulated_on_cpu(backend) or interpreted(backend)):
+        pytest.skip("too slow under the CUDA emulator and the Triton interpreter (300 rows cover the kernels' paths)")
+    if n == 300 and metric != "sqeuclidean" and interpreted(backend):
+        pytest.skip("the Triton interpreter: 300 rows in re-ranking's metric only (the others at 45 rows)")
     x = sign_rows(n, 8, seed=n).to(device_for(backend))
     got = self_knn(x, k, metric, normalize, cross_rows, backend=backend)
     expected = self_knn_reference(x, k, metric, normalize, cross_rows)
@@ -313,11 +320,28 @@ def test_self_knn_matches_reference_exactly(backend, metric, normalize, n, k, cr
 
 
 @pytest.mark.parametrize("backend", SELF_BACKENDS)
+def test_self_knn_float64_non_contiguous_and_whole_blocks(backend):
+    # float64 stays float64; a transposed view; the query x gallery block empty or all rows but one.
+    device = device_for(backend)
+    x = random_rows(70, 33, 40).to(device)
+    for rows, (metric, normalize, cross_rows) in zip(
+        (x, x.T.contiguous().T, x[:45], x[:45]),
+        (("cosine", True, 20), ("sqeuclidean", False, 10), ("euclidean", True, 45), ("euclidean", False, 44)),
+    ):
+        got = self_knn(rows, 5, metric, normalize, cross_rows, backend=backend)
+        expected = self_knn_reference(rows, 5, metric, normalize, cross_rows)
+        assert got[0].dtype == torch.float64 and got[3].shape == expected[3].shape
+        assert torch.equal(got[1], expected[1])  # random float64 rows: no ties
+        for g, e in zip((got[0], got[2], got[3]), (expected[0], expected[2], expected[3])):
+            torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", SELF_BACKENDS)
 def test_self_knn_random_features_are_symmetric(backend):
     # Random float32 features: the CPU kernel's d(i, j) and d(j, i) are one number (upper-triangle
     # tiles offered both ways) and d(i, i) = 0; the order matches the reference up to GEMM rounding.
-    if emulated_on_cpu(backend):
-        pytest.skip("too slow under the CUDA emulator; runs on GPU")
+    if emulated_on_cpu(backend) or interpreted(backend):
+        pytest.skip("too slow under the CUDA emulator and the Triton interpreter; runs on GPU")
     x = random_rows(2500, 48, 20, torch.float32).to(device_for(backend))
     values, indices, row_max, cross = self_knn(x, 30, "sqeuclidean", True, 700, backend=backend)
     assert torch.equal(indices[:, 0], torch.arange(len(x), device=x.device)) and bool((values[:, 0] == 0).all())
@@ -329,7 +353,7 @@ def test_self_knn_random_features_are_symmetric(backend):
     assert len(shared) > len(x)
     if backend == "cpp":
         assert all(lookup[(i, j)] == lookup[(j, i)] for i, j in shared)
-    else:  # CUDA: every row in full through cuBLAS, d(i, j) and d(j, i) are two GEMM entries
+    else:  # CUDA, Triton: every row in full, d(i, j) and d(j, i) are two GEMM entries
         assert all(math.isclose(lookup[(i, j)], lookup[(j, i)], rel_tol=1e-5, abs_tol=1e-4) for i, j in shared)
     expected_values, expected_indices, expected_max, expected_cross = self_knn_reference(
         x, 30, "sqeuclidean", True, 700
@@ -368,7 +392,7 @@ def test_self_knn_opcheck(backend):
     torch.library.opcheck(op_for("self_knn", backend), (x, 6, "sqeuclidean", True, 7))
 
 
-@pytest.mark.parametrize("backend", SELF_BACKENDS)
+@pytest.mark.parametrize("backend", backend_params("cpp", "cuda"))
 def test_opcheck_half_inputs(backend):
     # Direct calls with bfloat16 rows (the CUDA path takes them as they are): float32 distances,
     # and the fake functions say so.

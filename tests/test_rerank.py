@@ -196,10 +196,11 @@ def test_float64_and_torch_inputs():
     assert_same_ranking(result.numpy(), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", backend_params("cuda"))
-def test_cuda_pipelines_match_cpu(backend):
-    # Both pipelines end to end on backend "cuda": its neighbour search and sparse-stage kernels, on
-    # CUDA tensors (under the CUDA emulator, DPM_OPS_EMULATED_CUDA=1: its CUDA code on CPU tensors).
+@pytest.mark.parametrize("backend", backend_params("cuda", "triton"))
+def test_gpu_pipelines_match_cpu(backend):
+    # Both pipelines end to end on a GPU backend: "cuda", its neighbour search and sparse-stage kernels
+    # on CUDA tensors (under the CUDA emulator, DPM_OPS_EMULATED_CUDA=1: its CUDA code on CPU tensors);
+    # "triton", its neighbour searches (the sparse stages in torch; on CPU tensors under the interpreter).
     query, gallery = random_features(30, 120, 16, 9)
     expected = rerank_features(query, gallery)
     matrices = [d.astype(np.float32) for d in exact_distances(query, gallery)]

@@ -17,7 +17,7 @@ from dpm_ops.triton._precision import dot_precision  # noqa: E402
 # The ops' entry points into the Triton kernels (dpm_ops/ops/*.py and the CI's compile checks call these).
 LAUNCHERS = {
     "masked_cosine": ["masked_cosine_forward", "masked_cosine_backward"],
-    "knn": ["knn_forward"],
+    "knn": ["knn_forward", "self_lists", "self_knn_forward"],
     "knn_certified": ["stage1", "candidate_distances"],
     "hierarchical_mask_pool": ["hierarchical_mask_pool_forward", "hierarchical_mask_pool_backward"],
     "masked_arcface": ["loss_and_grads"],

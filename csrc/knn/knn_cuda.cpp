@@ -80,7 +80,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> self_knn_cuda(const a
   const at::ScalarType type = compute_type(x.scalar_type());
   const Operand xs(x, metric, type, gemm_type(x, x, type));
   const int64_t m = normalize ? std::min(N, k + kTieMargin) : k;
-  TORCH_CHECK_VALUE(m <= cuda::kMaxSharedK, "self_knn: the CUDA kernel takes k <= ", cuda::kMaxSharedK - kTieMargin);
+  TORCH_CHECK_VALUE(m <= cuda::kMaxSharedK, "self_knn: the CUDA kernel takes k <= ",
+                    cuda::kMaxSharedK - (normalize ? kTieMargin : 0),
+                    normalize ? " with normalize (it keeps k + 4 neighbours)" : "", ", got ", k);
   at::Tensor raw = at::empty({N, m}, x.options().dtype(type));
   at::Tensor raw_indices = at::empty({N, m}, x.options().dtype(at::kLong));
   at::Tensor row_max = at::empty({N}, x.options().dtype(type));

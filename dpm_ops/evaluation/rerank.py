@@ -175,7 +175,7 @@ class _FeatureDistances:
         return block / self.row_max[rows, None]
 
     def scan(self, width: int):
-        if _backend.resolve(None, self.features.device) in ("cpp", "cuda") or self.strategy == "certified":
+        if _backend.resolve(None, self.features.device) != "reference" or self.strategy == "certified":
             return self._scan_kernel(width)
         n, q = self.num_items, self.num_query
         device = self.features.device
@@ -215,7 +215,8 @@ class _FeatureDistances:
 
     def _scan_kernel(self, width: int):
         """The same scan as one fused op (dpm_ops.ops.self_knn: on the CPU upper-triangle GEMM tiles,
-        each offered to its rows and columns; on CUDA cuBLAS row blocks, every row in full), exact
+        each offered to its rows and columns; on CUDA cuBLAS row blocks, on Triton fused distance tiles,
+        every row in full), exact
         (value / row max, index) order, the row maxima and the query-gallery block; keeps width +
         TIE_MARGIN candidates for pair_distances."""
         n, q = self.num_items, self.num_query

@@ -10,8 +10,8 @@ each merged into per-row sorted lists.
 
 Declared ops: ``knn`` (C++ CPU / CUDA kernels, csrc/knn/, and a Triton twin) and ``self_knn`` (one
 set against itself, with the row maxima re-ranking needs; on the CPU from the upper-triangle tiles
-only, each offered to its rows and its columns: half the GEMM work; on CUDA from every row in full;
-no Triton kernel). The distances are differentiable in x and y (through the selected pairs; the
+only, each offered to its rows and its columns: half the GEMM work; on CUDA and Triton from every
+row in full). The distances are differentiable in x and y (through the selected pairs; the
 indices are not), for knn on every backend; self_knn has no autograd formula (re-ranking does not
 need one; use the reference backend to differentiate it).
 
@@ -203,6 +203,7 @@ SELF_KNN = declare(
     '(Tensor x, int k, str metric="sqeuclidean", bool normalize=False, int cross_rows=0)'
     " -> (Tensor distances, Tensor indices, Tensor row_max, Tensor cross)",
     _fake_self_knn,
+    triton="triton.knn:self_knn_forward",
     reference=self_knn_reference,
 )
 # knn and self_knn by the certified two-stage search (docs/certified_knn.md): the same results, and
@@ -316,9 +317,9 @@ def self_knn(
     distances returned stay un-normalised); row_max[i] = max_j d(i, j); cross = d[:cross_rows,
     cross_rows:]. The CPU kernel computes only the tiles on and above the diagonal (half the GEMM
     work), so d(i, j) is the same number as d(j, i); the CUDA kernel scans every row in full (the
-    whole GEMM, through cuBLAS with the precision rules of knn), where d(i, j) and d(j, i) are two
-    GEMM entries, equal in exact arithmetic but not promised bitwise equal. No Triton kernel:
-    backend "triton" runs the reference. Not differentiable through the C++/CUDA kernels.
+    whole GEMM, through cuBLAS with the precision rules of knn; the Triton kernel likewise, in fused
+    distance tiles as its knn), where d(i, j) and d(j, i) are two GEMM entries, equal in exact
+    arithmetic but not promised bitwise equal. Not differentiable through the C++/CUDA/Triton kernels.
     ``strategy``: as for knn; the certified search keeps the upper-triangle tiles and takes the
     cross block's tiles from the compute-dtype GEMM (they are returned in full anyway).
     """
@@ -336,8 +337,6 @@ def self_knn(
     name = _backend.resolve(backend, x.device)
     if _use_certified(strategy, name, x.shape[0], x.shape[0] // 2, x.shape[1]):  # half the GEMM
         return SELF_KNN_CERTIFIED.run(name, x.to(compute_dtype(x)), k, metric, bool(normalize), int(cross_rows))[:4]
-    if name == "triton":  # no Triton kernel
-        name = "reference"
     if name != "cuda":  # the CUDA kernel takes float16 / bfloat16 as they are (tensor-core GEMM)
         x = x.to(compute_dtype(x))
     return SELF_KNN.run(name, x, k, metric, bool(normalize), int(cross_rows))

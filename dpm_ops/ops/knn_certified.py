@@ -16,6 +16,7 @@ every step).
 """
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -355,10 +356,11 @@ def _row_maxima(backend, xo, far, far_count, rows, metric, row_max):
         row_max[rows] = d.masked_fill(candidates >= xo.rows.shape[0], -math.inf).amax(1)
 
 
-def _normalized_order(xo, raw_values, raw_indices, row_max, k, metric):
+def normalized_order(raw_values, raw_indices, row_max, k, full_rows: Callable):
     """The first k of each row by (distance / row max, index) from its m > k smallest raw distances; rows
-    where that does not decide them are taken from their full rows (the direct path's rule)."""
-    n, m = xo.rows.shape[0], raw_values.shape[1]
+    where that does not decide them are taken from their full rows, `full_rows(rows)` (R, N) with
+    d(i, i) = 0 (the direct paths' rule, csrc/knn/knn_cuda.cpp). Also the Triton self_knn's."""
+    n, m = row_max.shape[0], raw_values.shape[1]
     scale = torch.where(row_max > 0, row_max, 1)
     by_index, perm = raw_indices.sort(dim=1)
     raw_by_index = raw_values.gather(1, perm)
@@ -368,7 +370,7 @@ def _normalized_order(xo, raw_values, raw_indices, row_max, k, metric):
         undecided = (keys[:, k - 1] >= raw_values[:, m - 1] / scale).nonzero().squeeze(1)
         for r0, r1 in _row_chunks(len(undecided), n):
             row = undecided[r0:r1]
-            d = exact_rows(xo, xo, row, metric, True)
+            d = full_rows(row)
             order = torch.sort(d / scale[row, None], dim=1, stable=True).indices[:, :k]
             values[row], indices[row] = d.gather(1, order), order
     return values, indices
@@ -399,7 +401,8 @@ def self_knn_certified_rows(x, k: int, metric: str, normalize: bool, cross_rows:
         _row_maxima(backend, xo, far, far_count, (counts >= 0).nonzero().squeeze(1), metric, row_max)
     _exact(xo, xo, fallback, m, metric, True, raw_values, raw_indices, row_max)
     if normalize:
-        values, indices = _normalized_order(xo, raw_values, raw_indices, row_max, k, metric)
+        full_rows = functools.partial(exact_rows, xo, xo, metric=metric, self_pairs=True)
+        values, indices = normalized_order(raw_values, raw_indices, row_max, k, full_rows)
     else:
         values, indices = raw_values, raw_indices
     return values, indices, row_max, cross, counts

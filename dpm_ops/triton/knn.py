@@ -6,15 +6,21 @@ idle: _device.rows_per_program) streams y in BLOCK_N-column tiles: a distance ti
 that beat a row's worst kept one go into the rows' K kept pairs, held in registers (offer_tile, also
 used by knn_certified.py), sorted once at the end. The (M, N) matrix is never written; the output
 is written once. The register lists cap k at 256, as the CUDA kernel's shared memory.
+
+The same kernel is self_knn's (SELF: x against itself): it also sets d(i, i) = 0, keeps each row's
+maximum and writes the block d[:Q, Q:] (re-ranking's query x gallery distances) from its tiles.
 """
+
+import functools
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..ops._checks import check_knn_gpu_k
-from ..ops.knn_reference import COSINE_EPS
+from ..ops._checks import KNN_GPU_MAX_K, check_knn_gpu_k
+from ..ops.knn_certified import TIE_MARGIN, normalized_order
+from ..ops.knn_reference import COSINE_EPS, pairwise_distance_reference
 from ._device import on_input_device, rows_per_program
 from ._precision import dot, dot_precision
 
@@ -99,6 +105,19 @@ def _sorted_lists(best_v, best_i, K, KP: tl.constexpr, NO_INDEX: tl.constexpr):
 
 
 @triton.jit
+def _self_tile(dist, rows, cols, in_m, in_n, top, cross_ptr, N, Q):
+    """self_knn's part of a distance tile: d(i, i) = 0 exactly, the rows' running maxima, and the
+    tile's share of the block d[:Q, Q:] (the query x gallery distances re-ranking blends in)."""
+    dist = tl.where(rows[:, None] == cols[None, :], 0.0, dist)
+    top = tl.maximum(top, tl.max(tl.where(in_n[None, :], dist, 0.0), axis=1))
+    if (tl.min(rows) < Q) & (tl.max(cols) >= Q):  # a tile of the block
+        in_cross = (in_m & (rows < Q))[:, None] & (in_n & (cols >= Q))[None, :]
+        offs = rows[:, None].to(tl.int64) * (N - Q) + (cols[None, :] - Q)
+        tl.store(cross_ptr + offs, dist, mask=in_cross)
+    return dist, top
+
+
+@triton.jit
 def _knn_kernel(
     x_ptr,
     y_ptr,
@@ -106,11 +125,15 @@ def _knn_kernel(
     yn_ptr,
     out_v_ptr,
     out_i_ptr,
+    row_max_ptr,
+    cross_ptr,
     M,
     N,
     D,
     K,
+    Q,
     METRIC: tl.constexpr,
+    SELF: tl.constexpr,
     KP: tl.constexpr,
     NO_INDEX: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -123,6 +146,7 @@ def _knn_kernel(
     acc_t = xn_ptr.dtype.element_ty
     x_norm = tl.load(xn_ptr + rows, mask=in_m, other=0.0)
     best_v, best_i, worst_v, worst_i, live = empty_lists(BLOCK_M, K, KP, acc_t, NO_INDEX)
+    top = tl.zeros((BLOCK_M,), acc_t)  # SELF: the row maxima (d(i, i) = 0 is one of the row's distances)
     for c0 in range(0, N, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         in_n = cols < N
@@ -144,6 +168,8 @@ def _knn_kernel(
             dist = tl.maximum(x_norm[:, None] + y_norm[None, :] - 2.0 * dots, 0.0)
             if METRIC == 0:
                 dist = tl.sqrt(dist)
+        if SELF:
+            dist, top = _self_tile(dist, rows, cols, in_m, in_n, top, cross_ptr, N, Q)
         dist = tl.where(in_n[None, :], dist, float("inf"))
         tile_i = tl.where(in_n[None, :], cols[None, :], NO_INDEX) + tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
         best_v, best_i, worst_v, worst_i = offer_tile(dist, tile_i, best_v, best_i, worst_v, worst_i, live, K, NO_INDEX)
@@ -153,6 +179,8 @@ def _knn_kernel(
     out_mask = in_m[:, None] & (slots[None, :] < K)
     tl.store(out_v_ptr + offs, best_v, mask=out_mask)
     tl.store(out_i_ptr + offs, best_i.to(tl.int64), mask=out_mask)
+    if SELF:
+        tl.store(row_max_ptr + rows, top, mask=in_m)
 
 
 def _list_rows(kp: int, dtype: torch.dtype, most: int) -> int:
@@ -162,39 +190,86 @@ def _list_rows(kp: int, dtype: torch.dtype, most: int) -> int:
     return max(16, most // (1 if kp <= 64 else 2) // (2 if dtype == torch.float64 else 1))
 
 
-@on_input_device
-def knn_forward(x: torch.Tensor, y: torch.Tensor, k: int, metric: str):
-    """x (M, D), y (N, D) of one float dtype (float32 or float64), 1 <= k <= min(N, 256)."""
-    check_knn_gpu_k(k, "Triton")
+def _scan(x: torch.Tensor, y: torch.Tensor, k: int, metric: str, self_pairs: bool, cross_rows: int):
+    """The k nearest rows of y for every row of x (values, indices), and with `self_pairs` (y is x) the
+    row maxima and the block d[:cross_rows, cross_rows:]."""
     M, D = x.shape
-    values = torch.empty((M, k), dtype=x.dtype, device=x.device)
-    indices = torch.empty((M, k), dtype=torch.long, device=x.device)
+    values = x.new_empty((M, k))
+    indices = x.new_empty((M, k), dtype=torch.long)
+    row_max = x.new_empty((M if self_pairs else 0,))
+    cross = x.new_empty((cross_rows, M - cross_rows) if self_pairs else (0, 0))
     if M == 0:
-        return values, indices
+        return values, indices, row_max, cross
     if metric == "cosine":
         x, y = F.normalize(x, dim=1, eps=COSINE_EPS), F.normalize(y, dim=1, eps=COSINE_EPS)
     x, y = x.contiguous(), y.contiguous()
-    x_norms, y_norms = (x * x).sum(1), (y * y).sum(1)
+    x_norms = (x * x).sum(1)
+    y_norms = x_norms if self_pairs else (y * y).sum(1)
     kp = triton.next_power_of_2(k)
     rows = rows_per_program(M, _list_rows(kp, x.dtype, 32), x.device)  # 64: spills in the fp32 SIMT loop
     _knn_kernel[(triton.cdiv(M, rows),)](
         x,
-        y,
+        x if self_pairs else y,
         x_norms,
         y_norms,
         values,
         indices,
+        row_max,
+        cross,
         M,
         y.shape[0],
         D,
         k,
+        cross_rows,
         METRIC=_METRIC_IDS[metric],
+        SELF=self_pairs,
         KP=kp,
         NO_INDEX=_NO_INDEX,
         PRECISION=dot_precision(x.dtype),
         BLOCK_M=rows,
         BLOCK_N=BLOCK_N,
         BLOCK_D=BLOCK_D,
-        num_warps=8 if rows > 16 or kp >= 256 else 4,
-    )  # larger (rows, kp) lists: spread over more threads
-    return values, indices
+        # larger (rows, kp) lists, and self_knn's (its row maxima and block stores) from kp 128: more threads
+        num_warps=8 if rows > 16 or kp >= (128 if self_pairs else 256) else 4,
+    )
+    return values, indices, row_max, cross
+
+
+@on_input_device
+def knn_forward(x: torch.Tensor, y: torch.Tensor, k: int, metric: str):
+    """x (M, D), y (N, D) of one float dtype (float32 or float64), 1 <= k <= min(N, 256)."""
+    check_knn_gpu_k(k, "Triton")
+    return _scan(x, y, k, metric, False, 0)[:2]
+
+
+@on_input_device
+def self_lists(x: torch.Tensor, m: int, metric: str, cross_rows: int):
+    """self_knn's kernel: the m nearest rows of x (N, D) for each of its rows in (distance, index) order,
+    d(i, i) = 0, the row maxima and the block d[:cross_rows, cross_rows:], all from one pass."""
+    return _scan(x, x, m, metric, True, cross_rows)
+
+
+def _full_rows(x: torch.Tensor, metric: str, rows: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` of the distance matrix (the kernel's formula and GEMM precision rule), d(i, i) = 0."""
+    d = pairwise_distance_reference(x[rows], x, metric)
+    d[torch.arange(len(rows), device=d.device), rows] = 0
+    return d
+
+
+@on_input_device
+def self_knn_forward(x: torch.Tensor, k: int, metric: str, normalize: bool, cross_rows: int):
+    """dpm_ops::self_knn's Triton twin (x float32 or float64): one scan of the full distance matrix's
+    rows (no GEMM tile is shared between programs' lists, as on CUDA); with `normalize` it keeps k + 4
+    raw neighbours and orders them as the other backends (ops/knn_certified.normalized_order)."""
+    n = x.shape[0]
+    m = min(n, k + TIE_MARGIN) if normalize else k
+    if m > KNN_GPU_MAX_K:  # the message of csrc/knn/knn_cuda.cpp
+        margin = f" with normalize (it keeps k + {TIE_MARGIN} neighbours)" if normalize else ""
+        raise ValueError(
+            f"self_knn: the Triton kernel takes k <= {KNN_GPU_MAX_K - (TIE_MARGIN if normalize else 0)}{margin}, got {k}"
+        )
+    values, indices, row_max, cross = self_lists(x, m, metric, cross_rows)
+    if normalize:
+        full_rows = functools.partial(_full_rows, x, metric)
+        values, indices = normalized_order(values, indices, row_max, k, full_rows)
+    return values, indices, row_max, cross

@@ -400,6 +400,24 @@ def cases(mods: dict) -> list:
                     ),
                 )
 
+    # self_knn (the same kernel, SELF) as re-ranking calls it: k1 20, 50, 100 kept with the tie margins
+    # (m = k1 + 1 + 4 + 4), the query x gallery block written from the tiles.
+    for label, (Q, G, D), ms, metrics in (
+        ("market N19281 Q3368 D768", MARKET, (29, 59, 109), ("sqeuclidean",)),
+        ("market N19281 Q3368 D768", MARKET, (29,), ("euclidean", "cosine")),
+        ("msmt17 N93820 Q11659 D768", MSMT17, (29,), ("sqeuclidean",)),
+    ):
+        for m in ms:
+            for metric in metrics:
+                add(
+                    "knn",
+                    f"self {metric} {label} m{m}",
+                    FP32_FP64,
+                    lambda d, N=Q + G, D=D, Q=Q, m=m, metric=metric: (
+                        lambda: knn.self_lists(t(N, D, dtype=d), m, metric, Q)
+                    ),
+                )
+
     # The certified k-NN's stage 1 (bf16 GEMM, bounds in the fp32 / fp64 compute dtype): knn at the knn
     # shapes, self_knn as re-ranking calls it (k1 20 + 5 raw neighbours kept, the row maxima collected)
     # and at larger k1. The rows per program follow M and k: the Market queries take 16, the
