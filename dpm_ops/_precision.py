@@ -4,6 +4,8 @@ its compute dtype from compute_dtype (inputs may be bf16 / fp16 under autocast; 
 reference tests exact). Standard torch only: the ops, losses, Triton launchers and evaluation all
 import it."""
 
+import functools
+
 import torch
 
 
@@ -22,3 +24,21 @@ def common_at_least_fp32(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """All tensors in their common compute dtype."""
     dtype = compute_dtype(*tensors)
     return [t.to(dtype) for t in tensors]
+
+
+# Autocast reaches into a custom op's kernels: its own torch matmuls would be recast to bf16 / fp16.
+_AUTOCAST_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU) | torch._C.DispatchKeySet(
+    torch._C.DispatchKey.AutocastCUDA
+)
+
+
+def without_autocast(kernel):
+    """A custom op's Python kernel that runs its torch ops in the op's compute dtype under autocast, as
+    the C++ kernels do (csrc/common/no_autocast.h, the same dispatch-key guard)."""
+
+    @functools.wraps(kernel)
+    def run(*args, **kwargs):
+        with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS):
+            return kernel(*args, **kwargs)
+
+    return run

@@ -218,6 +218,27 @@ def test_self_knn_duplicates_fall_back(backend):
     torch.testing.assert_close(cert[0], direct[0], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("strategy", ["certified", "direct"])
+def test_autocast_leaves_the_pipelines_in_the_compute_type(backend, strategy):
+    # Autocast reaches into a custom op's Python kernel (the certified pipeline, the Triton twins): their
+    # own matmuls (the query x gallery block, the fallback rows, the rows the normalised order leaves
+    # undecided) must stay in fp32 under it, as the C++ kernels' do (csrc/common/no_autocast.h).
+    gen = torch.Generator().manual_seed(6)
+    copies = torch.randn(1, 16, generator=gen).repeat(262, 1)  # over the cap of 256, and ties at the k-th place
+    (x,) = on(backend, torch.cat([torch.randn(40, 16, generator=gen), copies]))
+    expected = (
+        self_knn(x, 4, "euclidean", True, 30, backend=backend, strategy=strategy),
+        knn(x[:30], x[30:], 5, backend=backend, strategy=strategy),
+    )
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        got = (
+            self_knn(x, 4, "euclidean", True, 30, backend=backend, strategy=strategy),
+            knn(x[:30], x[30:], 5, backend=backend, strategy=strategy),
+        )
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 # ---- the tensor-core bound ------------------------------------------------------------------------
 
 

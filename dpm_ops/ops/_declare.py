@@ -23,6 +23,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from .. import _backend  # noqa: F401  (loads the extension: its kernels register before the schemas are defined)
+from .._precision import without_autocast
 
 LIBRARY = torch.library.Library("dpm_ops", "FRAGMENT")
 DECLARED: dict = {}  # name -> Op, in declaration order (what tests/test_op_declarations.py walks)
@@ -79,6 +80,7 @@ def _define(name: str, schema: str, implementation: Optional[Callable]) -> None:
         # A Python kernel may be called without the trailing arguments left at their defaults.
         defaults = [argument.default_value for argument in torch._C.parse_schema(name + schema).arguments]
 
+        @without_autocast
         def kernel(*args):
             return implementation(*args, *defaults[len(args) :])
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._precision import without_autocast
 from ._checks import KNN_GPU_MAX_K, check_knn_gpu_k
 from ._declare import lazy
 from .knn_reference import COSINE_EPS, compute_dtype, pairwise_distance_reference
@@ -430,7 +431,7 @@ def _knn_certified_bounds_cuda(x, y, metric="euclidean"):
 
 def cuda_kernels(backend: Backend) -> dict:
     """{op name: kernel}: the CUDA kernels of the ops declared in ops/knn.py whose pipeline is Python, on
-    `backend` (CUBLAS; the tests' emulator passes its own cublas())."""
+    `backend` (CUBLAS; the tests' emulator passes its own cublas()), each run without autocast."""
 
     def knn_certified(x, y, k, metric="euclidean"):
         return knn_certified_rows(x, y, k, metric, backend)
@@ -438,16 +439,19 @@ def cuda_kernels(backend: Backend) -> dict:
     def self_knn_certified(x, k, metric="sqeuclidean", normalize=False, cross_rows=0):
         return self_knn_certified_rows(x, k, metric, normalize, cross_rows, backend, x.shape[0])
 
-    return {
+    kernels = {
         "knn_certified": knn_certified,
         "self_knn_certified": self_knn_certified,
         "knn_certified_bounds": _knn_certified_bounds_cuda,
     }
+    return {name: without_autocast(kernel) for name, kernel in kernels.items()}
 
 
 # CUDA kernels of the ops declared in ops/knn.py (their CPU kernels: csrc/knn/knn_certified_cpu.cpp).
 for _name, _kernel in cuda_kernels(CUBLAS).items():
     torch.library.register_kernel(f"dpm_ops::{_name}", "cuda", _kernel)
 # ... and the CPU kernels of the stages' ops, whose CUDA kernels are C++ (knn_certified_cuda.cpp).
-torch.library.register_kernel("dpm_ops::knn_certified_candidates", "cpu", candidates_torch)
-torch.library.register_kernel("dpm_ops::knn_certified_candidate_distances", "cpu", candidate_distances)
+torch.library.register_kernel("dpm_ops::knn_certified_candidates", "cpu", without_autocast(candidates_torch))
+torch.library.register_kernel(
+    "dpm_ops::knn_certified_candidate_distances", "cpu", without_autocast(candidate_distances)
+)
