@@ -194,13 +194,28 @@ def step(run: Run, name: str, fn) -> None:
     print(f"[gpu_check] {name}: {result['status']} ({time.time() - start:.0f} s, {run.left():.0f} s left)", flush=True)
 
 
+# The machine's interpreter, torch, GPU and the versions of what the steps use (None: not installed).
+ENVIRONMENT_PROBE = """
+import importlib.metadata, json, os, sys
+import torch
+
+def version(name):
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+used = ("triton", "numpy", "pybind11", "ninja", "pytest", "pytest-benchmark", "pytest-xdist", "hypothesis")
+print(json.dumps(dict(
+    python=sys.version.split()[0], torch=torch.__version__, cuda=torch.version.cuda,
+    gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None, cores=os.cpu_count(),
+    packages={name: version(name) for name in used},
+)))
+"""
+
+
 def environment(run: Run) -> dict:
-    probe = (
-        "import torch, json, sys; print(json.dumps(dict(python=sys.version.split()[0], torch=torch.__version__, "
-        "cuda=torch.version.cuda, gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None, "
-        "triton=__import__('triton').__version__, cores=__import__('os').cpu_count())))"
-    )
-    status, _, output = run_command([sys.executable, "-c", probe], 60)
+    status, _, output = run_command([sys.executable, "-c", ENVIRONMENT_PROBE], 60)
     text = output
     if shutil.which("nvidia-smi"):
         text += run_command(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv"], 30)[2]

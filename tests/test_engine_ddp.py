@@ -1,8 +1,10 @@
 """Two processes on CPU with the gloo backend (torchrun), on a tiny synthetic set: the P x K batch
-is split across ranks, rank 0 alone writes logs and checkpoints, and a killed DDP run resumes."""
+is split across ranks, rank 0 alone writes logs and checkpoints, and a killed DDP run resumes. On a
+GPU, one process with nccl: a training run end to end on the CUDA kernels."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +16,11 @@ from dpm_ops.engine import load_checkpoint
 from engine_utils import tiny_config, write_config
 
 
-def torchrun(*args, cwd, program=("-m", "dpm_ops")):
+def torchrun(*args, cwd, program=("-m", "dpm_ops"), processes=2):
     # PYTHONFAULTHANDLER: a rank killed by a signal prints every thread's Python stack.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd(), "PYTHONFAULTHANDLER": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *program, *args]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    command += [*program, *args]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -72,3 +75,18 @@ def test_cleanup_stops_the_gloo_threads(tmp_path):
         before, after = report.split(" before cleanup, ")
         assert "gloo" in before, report  # the threads this test looks for exist under these names
         assert after == "[] after", report
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nccl and the CUDA kernels need a GPU")
+def test_one_process_nccl_training_on_cuda(tmp_path):
+    # A GPU run end to end under torchrun: nccl, the CUDA kernels, bf16 autocast ("auto" on CUDA), the
+    # evaluation; the process group destroyed before exit (else torch warns at shutdown).
+    config = tiny_config(tmp_path / "set", "dpm", train={"device": "cuda"})
+    run = tmp_path / "run"
+    config_file = write_config(tmp_path / "tiny.yaml", config)
+    result = torchrun("train", "--config", str(config_file), "--output", str(run), cwd=tmp_path, processes=1)
+    assert result.returncode == 0, result.stderr[-8000:]
+    assert not re.search(r"NOT been destroyed|destroy_process_group\(\) was not called", result.stderr), result.stderr
+    log = (run / "train.log").read_text()
+    assert "device cuda" in log and "amp torch.bfloat16" in log and "1 process(es)" in log, log
+    assert {"all", "clean", "occluded"} <= set(json.loads((run / "metrics.json").read_text()))
