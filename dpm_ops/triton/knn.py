@@ -190,6 +190,14 @@ def _list_rows(kp: int, dtype: torch.dtype, most: int) -> int:
     return max(16, most // (1 if kp <= 64 else 2) // (2 if dtype == torch.float64 else 1))
 
 
+def _prepared(v: torch.Tensor, metric: str):
+    """Rows as the kernel reads them (unit rows for cosine, contiguous) and their squared norms."""
+    if metric == "cosine":
+        v = F.normalize(v, dim=1, eps=COSINE_EPS)
+    v = v.contiguous()
+    return v, (v * v).sum(1)
+
+
 def _scan(x: torch.Tensor, y: torch.Tensor, k: int, metric: str, self_pairs: bool, cross_rows: int):
     """The k nearest rows of y for every row of x (values, indices), and with `self_pairs` (y is x) the
     row maxima and the block d[:cross_rows, cross_rows:]."""
@@ -200,16 +208,13 @@ def _scan(x: torch.Tensor, y: torch.Tensor, k: int, metric: str, self_pairs: boo
     cross = x.new_empty((cross_rows, M - cross_rows) if self_pairs else (0, 0))
     if M == 0:
         return values, indices, row_max, cross
-    if metric == "cosine":
-        x, y = F.normalize(x, dim=1, eps=COSINE_EPS), F.normalize(y, dim=1, eps=COSINE_EPS)
-    x, y = x.contiguous(), y.contiguous()
-    x_norms = (x * x).sum(1)
-    y_norms = x_norms if self_pairs else (y * y).sum(1)
+    x, x_norms = _prepared(x, metric)
+    y, y_norms = (x, x_norms) if self_pairs else _prepared(y, metric)  # self: prepared once
     kp = triton.next_power_of_2(k)
     rows = rows_per_program(M, _list_rows(kp, x.dtype, 32), x.device)  # 64: spills in the fp32 SIMT loop
     _knn_kernel[(triton.cdiv(M, rows),)](
         x,
-        x if self_pairs else y,
+        y,
         x_norms,
         y_norms,
         values,
