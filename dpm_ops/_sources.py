@@ -34,10 +34,15 @@ def sources(root: Path, with_cuda: bool) -> list:
 
 
 def cuda_arch_flags() -> list:
-    """sm_80 and sm_90 unless TORCH_CUDA_ARCH_LIST says otherwise (torch then adds its own flags)."""
+    """sm_80 and sm_90 machine code, and sm_90 PTX that newer GPUs (Blackwell) compile when the
+    extension loads, unless TORCH_CUDA_ARCH_LIST says otherwise (torch then adds its own flags)."""
     if os.environ.get("TORCH_CUDA_ARCH_LIST"):
         return []
-    return ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+    return [
+        "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_90,code=sm_90",
+        "-gencode=arch=compute_90,code=compute_90",
+    ]
 
 
 def compile_flags(with_cuda: bool) -> dict:

@@ -94,6 +94,12 @@ def test_ptx_entries_fma_counts_and_tensor_cores():
     assert ptx_tools.tensor_core_instructions(entries["tile"]) == ""
 
 
+def test_approximate_sqrts():
+    ptx = "sqrt.approx.ftz.f32 %f2, %f1;\n\tsqrt.rn.f32 %f3, %f1;\n\trsqrt.approx.f32 %f4, %f1;\n\tsqrt.rn.f64 %fd2, %fd1;"
+    assert ptx_tools.approximate_sqrts(ptx) == 2
+    assert ptx_tools.approximate_sqrts(PTX) == 0
+
+
 def test_short_name():
     demangled = (
         "void dpm_ops::masked_cosine::cuda::(anonymous namespace)::rows_normalize_backward_kernel<float, "

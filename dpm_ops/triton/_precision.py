@@ -37,3 +37,15 @@ def scalar_as(x, dtype: tl.constexpr):
     fp32, so fp64 input would meet fp32-rounded constants; adding it to a typed zero keeps its value
     under the interpreter too, where tl.cast of a Python float goes through fp32."""
     return (tl.zeros((), dtype) + x).to(dtype)
+
+
+@triton.jit
+def sqrt_rn(x):
+    """The correctly rounded square root, as CUDA's sqrtf / sqrt and torch's: tl.sqrt is the fast
+    approximate one for fp32 on a GPU (sqrt.approx, not monotone), which the interpreter's exact numpy
+    sqrt hides; tl.sqrt_rn takes fp32 only, and fp64's tl.sqrt is correctly rounded."""
+    if x.dtype == tl.float64:
+        root = tl.sqrt(x)
+    else:
+        root = tl.sqrt_rn(x)
+    return root

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from ._device import on_input_device
+from ._precision import sqrt_rn
 
 MIN_SQUARED = 1e-12
 
@@ -38,7 +39,7 @@ def _mine_kernel(
         + tl.load(sq_ptr + j, mask=valid, other=0.0)
         - 2.0 * tl.load(gram_ptr + i.to(tl.int64) * B + j, mask=valid, other=0.0)
     )
-    d = tl.sqrt(tl.maximum(d2, MIN_SQUARED))
+    d = sqrt_rn(tl.maximum(d2, MIN_SQUARED))
     same = tl.load(labels_ptr + j, mask=valid, other=-1) == tl.load(labels_ptr + i)
     pos = tl.where(valid & same, d, float("-inf"))
     neg = tl.where(valid & ~same, d, float("inf"))

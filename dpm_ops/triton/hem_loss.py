@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .._precision import compute_dtype
 from ._device import on_input_device
-from ._precision import scalar_as
+from ._precision import scalar_as, sqrt_rn
 
 BLOCK_N = 64
 
@@ -50,8 +50,8 @@ def _hem_sample_kernel(
         gram += tl.dot(a, tl.trans(a), input_precision="ieee")
     eye = rows[:, None] == rows[None, :]
     valid = in_h[:, None] & in_h[None, :]
-    inv_row = 1.0 / tl.sqrt(tl.sum(tl.where(eye, gram, 0.0), 1) + eps)
-    inv_col = 1.0 / tl.sqrt(tl.sum(tl.where(eye, gram, 0.0), 0) + eps)
+    inv_row = 1.0 / sqrt_rn(tl.sum(tl.where(eye, gram, 0.0), 1) + eps)
+    inv_col = 1.0 / sqrt_rn(tl.sum(tl.where(eye, gram, 0.0), 0) + eps)
     gram = gram * inv_row[:, None] * inv_col[None, :]
     residual = tl.where(valid, gram - tl.where(eye, 1.0, 0.0), 0.0)
     if not GRAD:

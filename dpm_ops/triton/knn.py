@@ -22,7 +22,7 @@ from ..ops._checks import KNN_GPU_MAX_K, check_knn_gpu_k
 from ..ops.knn_certified import TIE_MARGIN, normalized_order
 from ..ops.knn_reference import COSINE_EPS, pairwise_distance_reference
 from ._device import on_input_device, rows_per_program
-from ._precision import dot, dot_precision
+from ._precision import dot, dot_precision, sqrt_rn
 
 # Tiles chosen with the static check (scripts/static_check), with Triton 3.6's and 3.9's ptxas.
 BLOCK_N = 64
@@ -167,7 +167,7 @@ def _knn_kernel(
             y_norm = tl.load(yn_ptr + cols, mask=in_n, other=0.0)
             dist = tl.maximum(x_norm[:, None] + y_norm[None, :] - 2.0 * dots, 0.0)
             if METRIC == 0:
-                dist = tl.sqrt(dist)
+                dist = sqrt_rn(dist)
         if SELF:
             dist, top = _self_tile(dist, rows, cols, in_m, in_n, top, cross_ptr, N, Q)
         dist = tl.where(in_n[None, :], dist, float("inf"))

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ._device import on_input_device, rows_per_program
+from ._precision import sqrt_rn
 from .knn import _METRIC_IDS, _NO_INDEX, empty_lists, _list_rows, offer_tile
 
 # Tiles. Up to 64 rows a program (knn._list_rows for the limits kernel's lists): the GEMM tile of a
@@ -42,10 +43,7 @@ def _distance(dots, x_norm, y_norm, METRIC: tl.constexpr):
         return 1.0 - dots
     raw = tl.maximum(x_norm[:, None] + y_norm[None, :] - 2.0 * dots, 0.0)
     if METRIC == 0:
-        if raw.dtype == tl.float64:
-            raw = tl.sqrt(raw)  # fp64 square roots are correctly rounded
-        else:
-            raw = tl.sqrt_rn(raw)
+        raw = sqrt_rn(raw)
     return raw
 
 

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ._device import on_input_device
-from ._precision import dot, dot_precision, scalar_as
+from ._precision import dot, dot_precision, scalar_as, sqrt_rn
 from .._precision import compute_dtype
 from .masked_cosine import _inv_norm, _normalize_backward, _prepared
 
@@ -70,7 +70,7 @@ def _target_phi(cos, cos_m, sin_m, th, mm, lo, hi, EASY: tl.constexpr):
     hi = scalar_as(hi, cos.dtype)
     inside = (cos >= lo) & (cos <= hi)
     cc = tl.minimum(tl.maximum(cos, lo), hi)
-    sine = tl.sqrt(1.0 - cc * cc)
+    sine = sqrt_rn(1.0 - cc * cc)
     phi = cos * cos_m - sine * sin_m
     dphi = cos_m + tl.where(inside, sin_m * cos / sine, 0.0)
     if EASY:
@@ -171,7 +171,7 @@ def _arcface_tile_kernel(
     num, den_sq, plain = _tile_dots(
         f_ptr, m_ptr, w_ptr, inv_f, inv_w, rows, ks, in_b, in_k, C, WITH_PLAIN, PRECISION, BLOCK_B, BLOCK_K, BLOCK_C
     )
-    den = tl.sqrt(den_sq)
+    den = sqrt_rn(den_sq)
     cos = num / tl.maximum(den, eps)
     labels = tl.load(labels_ptr + rows, mask=in_b, other=-1)
     valid = in_b[:, None] & in_k[None, :]

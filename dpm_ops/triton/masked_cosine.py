@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .._precision import compute_dtype
 from ._device import on_input_device
-from ._precision import dot, dot_precision, scalar_as
+from ._precision import dot, dot_precision, scalar_as, sqrt_rn
 
 
 @triton.jit
@@ -64,7 +64,7 @@ def _masked_cosine_tile_kernel(
         ph = p * inv_p[:, None]
         num = dot(ph, tl.trans(a), num, PRECISION, in_t)
         den_sq = dot(ph * ph, tl.trans(m2), den_sq, PRECISION, in_t)
-    den = tl.sqrt(den_sq)
+    den = sqrt_rn(den_sq)
     offs = rows_b[None, :].to(tl.int64) * K + rows_k[:, None]
     omask = in_k[:, None] & in_b[None, :]
     if COEFS:

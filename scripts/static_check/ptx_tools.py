@@ -15,6 +15,8 @@ GRID_LIMITS = (2**31 - 1, 65535, 65535)
 
 # Tensor-core instructions: wgmma (sm_90 warpgroup), mma.sync (sm_80+) and wmma.
 _TENSOR_CORE = re.compile(r"\b(wgmma|wmma|mma)\.")
+# Approximate square roots (Triton's tl.sqrt / tl.rsqrt in fp32): not correctly rounded, not monotone.
+_APPROX_SQRT = re.compile(r"\br?sqrt\.approx\.")
 # Floating-point multiply-adds of SIMT code: destination, operands (integer mad.lo/.wide is index arithmetic).
 _SIMT_FMA = re.compile(r"\b(?:fma|mad)\.rn(?:\.ftz)?(?:\.sat)?\.f(?:32|64)\s+(%\w+),\s*([^;]+);")
 _ENTRY = re.compile(r"^\s*(?:\.visible\s+|\.weak\s+)*\.entry\s+([\w$]+)", re.M)
@@ -100,6 +102,11 @@ def tensor_core_instructions(ptx: str) -> str:
 
 def uses_tensor_cores(ptx: str) -> bool:
     return bool(_TENSOR_CORE.search(ptx))
+
+
+def approximate_sqrts(ptx: str) -> int:
+    """How many approximate square roots (sqrt.approx / rsqrt.approx) the PTX holds."""
+    return len(_APPROX_SQRT.findall(ptx))
 
 
 def fma_counts(ptx: str) -> tuple:

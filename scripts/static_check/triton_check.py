@@ -15,7 +15,8 @@ over the architecture's opt-in limit, register spills (printed, not failed: fp64
 at most COLD_SPILL_BYTES none of which sits in an innermost loop of the SASS),
 a GEMM-shaped kernel without tensor-core instructions on sm_90 in TF32 or bf16 mode
 (GEMM_OPS), an fp64 variant with an fp32 scalar argument (Triton passes a plain Python float as fp32:
-the kernel would compute fp64 input with fp32-rounded constants), and a kernel that no case launches. Nothing is written into the repository
+the kernel would compute fp64 input with fp32-rounded constants), an approximate square root (fp32 tl.sqrt
+is sqrt.approx on a GPU, exact under the interpreter: _precision.sqrt_rn), and a kernel that no case launches. Nothing is written into the repository
 (no bytecode; Triton's cache lives in a temporary folder, removed at exit).
 
     python scripts/static_check/triton_check.py [--arch 90,80] [--only SUBSTRING] [--json OUT]
@@ -46,6 +47,7 @@ from ptx_tools import (  # noqa: E402  (after the bytecode switch)
     GEMM_OPS,
     GRID_LIMITS,
     SMEM_OPTIN_LIMIT,
+    approximate_sqrts,
     hot_spill_instructions,
     parse_ptxas_log,
     print_table,  # noqa: E402
@@ -98,6 +100,7 @@ class Variant:
     warps: int
     stages: int
     tensor_cores: str  # the kinds of tensor-core instruction (ptx_tools.tensor_core_instructions); '' for none
+    approx_sqrts: int  # approximate square roots in the PTX (ptx_tools.approximate_sqrts)
     compile_s: float
     cases: list = field(default_factory=list)
     dtypes: set = field(default_factory=set)
@@ -298,6 +301,7 @@ def new_variant(check: Check, fn, module: str, compiled, log: str, seconds: floa
         warps=md.num_warps,
         stages=md.num_stages,
         tensor_cores=tensor_core_instructions(compiled.asm["ptx"]),
+        approx_sqrts=approximate_sqrts(compiled.asm["ptx"]),
         compile_s=round(seconds, 2),
     )
 
@@ -660,6 +664,12 @@ def judge_variants(check: Check) -> list:
                 check.fail("spills", message, v.cases)
         if "fp64" in v.dtypes and "fp32" in v.signature.split(","):
             check.fail("fp32 scalar", f"{where}: fp32 scalar argument in an fp64 variant ({v.signature})", v.cases)
+        if v.approx_sqrts:
+            check.fail(
+                "approximate sqrt",
+                f"{where}: {v.approx_sqrts} approximate square roots (tl.sqrt in fp32): use _precision.sqrt_rn",
+                v.cases,
+            )
         if v.needs_tensor_cores and not v.tensor_cores:
             check.fail(
                 "tensor cores",
