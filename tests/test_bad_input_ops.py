@@ -222,6 +222,36 @@ def test_meta_tensors(call, name):
         call()
 
 
+def _meta(*shape):
+    return torch.empty(*shape, device="meta")
+
+
+META_LABELS = torch.zeros(3, dtype=torch.long, device="meta")
+
+
+@pytest.mark.parametrize("backend", ["reference", None])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda b: masked_cosine(_meta(3, 4), _meta(3, 4), _meta(2, 4), backend=b), "masked_cosine: x"),
+        (lambda b: batch_hard_triplet(_meta(3, 4), META_LABELS, backend=b), "batch_hard_triplet: features"),
+        (lambda b: hem_loss(_meta(2, 3, 4), backend=b), "hem_loss: cls_logits"),
+        (lambda b: hierarchical_mask_pool([_meta(2, 3, 4, 4)], None, "max", backend=b), "features\\[0\\]"),
+        (lambda b: hierarchical_mask_pool([_meta(2, 3, 4, 4)], None, "avg", backend=b), "features\\[0\\]"),
+        (
+            lambda b: masked_arcface_ce(_meta(3, 4), _meta(3, 4), _meta(5, 4), META_LABELS, backend=b),
+            "masked_arcface_cross_entropy: features",
+        ),
+        (lambda b: maskreid_ranking_loss(_meta(3, 4), META_LABELS, backend=b), "maskreid_ranking_loss: embeddings"),
+    ],
+)
+def test_ops_refuse_meta_tensors(call, message, backend):
+    """Before: RuntimeError from .item() (or a meta result from the C++ masked cosine, whose checks run
+    inside its kernel)."""
+    with pytest.raises(ValueError, match=f"{message} is a meta tensor"):
+        call(backend)
+
+
 def test_re_ranking_rows_whose_largest_distance_is_zero():
     """Before: all-NaN (0 / 0 in the row normalisation). Such a row keeps its zero distances, which
     gives what a constant row gives, shifted by lambda * the constant."""
@@ -335,3 +365,14 @@ def test_kreciprocal_query_expansion_and_jaccard_index_range():
     out = torch.zeros(2, 4)
     torch.ops.dpm_ops.kreciprocal_jaccard_blend_(out, row_ptr, cols, values, 0.3)  # the valid call still runs
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("backend", [pytest.param("reference"), *backend_params("cpp", "triton")])
+def test_hierarchical_mask_pool_refuses_negative_mask_weights(backend):
+    """Before: max mode pooled the cells of weight > 0 on cpp and 0 (a negative total) elsewhere."""
+    mask = -torch.ones(1, 1, 4, 4)
+    mask[0, 0, 1, 1] = 2.0
+    with pytest.raises(
+        ValueError, match="hierarchical_mask_pool: mask must be >= 0 \\(weights\\), got a minimum of -1"
+    ):
+        hierarchical_mask_pool([torch.randn(1, 3, 4, 4)], mask, "max", backend=backend)

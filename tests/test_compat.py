@@ -216,6 +216,42 @@ def test_re_ranking_matches_peer(num_query, num_gallery, seed, k1, k2, lambda_va
     np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtypes", [("float16",) * 3, ("float16", "float64", "float32")])
+@pytest.mark.parametrize("peer", ["torchreid", "fastreid"])
+def test_re_ranking_squares_in_the_promoted_input_dtype(dtypes, peer):
+    # The reference squares np.concatenate's promotion of the three matrices (float16 squared in
+    # float16), then casts to float32: squaring in float32 instead moved float16 results by ~1e-4.
+    distances = [d.astype(t) for d, t in zip(rerank_case(12, 40, 5), dtypes)]
+    expected = peers.load(f"{peer}_rerank").re_ranking(*distances)
+    ours = {"torchreid": torchreid, "fastreid": fastreid}[peer].re_ranking(*distances)
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-6)
+
+
+def test_re_ranking_float16_squares_must_fit_float16():
+    q_g, q_q, g_g = (d.astype(np.float16) for d in rerank_case(5, 20, 0))
+    with pytest.raises(ValueError, match=r"q_g_dist is too large in magnitude: .* below 255\.94 \(float16"):
+        torchreid.re_ranking(q_g * np.float16(300), q_q, g_g)
+    torchreid.re_ranking(q_g * np.float16(300), q_q, g_g.astype(np.float32))  # promoted to float32: fine
+
+
+def test_negative_strides_and_read_only_arrays_are_taken():
+    # x[::-1] / np.flip views: torch.from_numpy refuses negative strides, so they are copied.
+    distmat, q_pids, g_pids, q_camids, g_camids = labelled_case(*TINY[0])
+    flipped = np.ascontiguousarray(distmat[:, ::-1])[:, ::-1]  # the same values through a negative stride
+    for compat in (torchreid, fastreid):
+        np.testing.assert_array_equal(
+            compat.evaluate_rank(flipped, q_pids[::-1].copy()[::-1], g_pids, q_camids, g_camids)[0],
+            compat.evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids)[0],
+        )
+    q_g, q_q, g_g = rerank_case(5, 20, 0)
+    np.testing.assert_array_equal(
+        torchreid.re_ranking(q_g[::-1].copy()[::-1], q_q, g_g), torchreid.re_ranking(q_g, q_q, g_g)
+    )
+    if np.finfo(np.longdouble).bits > 64:  # x86-64: 80-bit extended precision
+        with pytest.raises(ValueError, match="distmat is float128, which torch cannot hold: pass float64"):
+            evaluation.evaluate_rank(distmat.astype(np.longdouble), q_pids, g_pids, q_camids, g_camids)
+
+
 def test_re_ranking_returns_numpy_for_torch_input():
     distances = rerank_case(5, 20, 0)
     ours = torchreid.re_ranking(*(torch.from_numpy(d) for d in distances))

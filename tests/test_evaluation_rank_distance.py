@@ -247,6 +247,10 @@ def test_bad_input():
         (lambda: evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, protocol="cuhk03", num_repeats=0), "num_repeats"),
         (lambda: evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, protocol="cuhk03", seed=-1), "seed"),
         (lambda: evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, protocol="cuhk03", seed=1.5), "seed"),
+        (
+            lambda: evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, protocol="cuhk03", seed=2**64),
+            r"seed must be an integer in \[0, 9223372036854775807\]",
+        ),
     ]
     for call, name in cases:
         with pytest.raises(ValueError, match=name):

@@ -336,6 +336,13 @@ def test_self_knn_float64_non_contiguous_and_whole_blocks(backend):
             torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", [pytest.param("reference"), *SELF_BACKENDS])
+def test_self_knn_outputs_carry_no_gradient(backend):
+    # Before: the kernels' outputs required grad and backward left x.grad None (a warning only).
+    x = random_rows(20, 8, 41).to(device_for(backend)).requires_grad_()
+    assert not any(t.requires_grad for t in self_knn(x, 3, "euclidean", cross_rows=5, backend=backend))
+
+
 @pytest.mark.parametrize("backend", SELF_BACKENDS)
 def test_self_knn_random_features_are_symmetric(backend):
     # Random float32 features: the CPU kernel's d(i, j) and d(j, i) are one number (upper-triangle

@@ -247,9 +247,10 @@ def test_dpm_loss_on_loss_inputs_equals_the_logits_path():
 @pytest.mark.parametrize(
     "bad, message",
     [
-        (lambda f, m, w, y: (f[0], m, w, y), "x must be 2-D"),
+        # named as masked_arcface_ce names them (these said "masked_cosine: x" / "protos")
+        (lambda f, m, w, y: (f[0], m, w, y), "masked_arcface_cross_entropy: features must be 2-D"),
         (lambda f, m, w, y: (f, m[:, :-1], w, y), "mask must have the shape"),
-        (lambda f, m, w, y: (f, m, w[:, :-1], y), "protos must have C"),
+        (lambda f, m, w, y: (f, m, w[:, :-1], y), "weight must have C = 6 columns like features"),
         (lambda f, m, w, y: (f, m, w[:0], y), "at least one class"),
         (lambda f, m, w, y: (f, m, w, y[:-1]), "labels must be 1-D of length"),
         (lambda f, m, w, y: (f, m, w, y.int()), "labels must be int64"),

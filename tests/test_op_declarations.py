@@ -213,6 +213,36 @@ def test_opcheck_every_declared_op(name, kind):
     torch.library.opcheck(op.kernel(kind), args, **({"test_utils": utils} if utils else {}))
 
 
+@pytest.mark.parametrize("kind", backend_params("cpp", "triton"))
+@pytest.mark.parametrize("name", [name for name, op in DECLARED.items() if op.autograd is not None])
+def test_second_derivatives_raise_instead_of_being_wrong(name, kind):
+    # The backward kernels have no autograd: differentiating a gradient again must raise, not give
+    # zeros or None (it did); first derivatives under create_graph stay the plain ones.
+    op = DECLARED[name]
+    if kind == "triton" and op.triton is None:
+        pytest.skip(f"{name} has no Triton twin")
+    args = SAMPLES[name]()
+    inputs = [
+        t.requires_grad_()
+        for a in args
+        for t in (a if isinstance(a, list) else [a])
+        if isinstance(t, torch.Tensor) and t.is_floating_point()
+    ]
+
+    def first_derivatives(create_graph):
+        outputs = op.kernel(kind)(*args)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        total = sum(o.sum() for o in outputs if o.requires_grad)
+        return torch.autograd.grad(total, inputs, create_graph=create_graph, allow_unused=True)
+
+    grads = first_derivatives(create_graph=True)
+    for grad, plain in zip(grads, first_derivatives(create_graph=False)):
+        assert (grad is None) == (plain is None) and (grad is None or torch.equal(grad, plain))
+    again = sum((g * g).sum() for g in grads if g is not None)
+    with pytest.raises(RuntimeError, match=f"dpm_ops.{name}: the fused kernels compute first derivatives only"):
+        torch.autograd.grad(again, inputs, allow_unused=True)
+
+
 @pytest.mark.parametrize("name", sorted(PUBLIC_CALLS))
 def test_reference_matches_the_default_backend(name):
     torch.testing.assert_close(PUBLIC_CALLS[name]("reference"), PUBLIC_CALLS[name](None))
@@ -275,3 +305,23 @@ def test_torch_compile_fullgraph(backend):
     torch.testing.assert_close(value, expected)
     for got, want in zip(grads, torch.autograd.grad(expected, (x, mask, protos))):
         torch.testing.assert_close(got, want)
+
+
+# Public functions with float arguments (eps, scale, margin, ...), which become symbolic under dynamic=True.
+DYNAMIC_CALLS = {
+    "batch_hard_triplet": (batch_hard_triplet, 2),
+    "hem_loss": (hem_loss, 1),
+    "masked_cosine": (masked_cosine, 3),
+    "masked_arcface_ce": (masked_arcface_ce, 4),
+    "maskreid_ranking_loss": (maskreid_ranking_loss, 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DYNAMIC_CALLS))
+def test_torch_compile_dynamic_shapes(name):
+    # The argument checks compare numbers symbolically (math.isfinite took no SymFloat: dynamic=True failed).
+    torch._dynamo.reset()
+    function, count = DYNAMIC_CALLS[name]
+    args = SAMPLES[name]()[:count]
+    compiled = torch.compile(function, fullgraph=True, dynamic=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(*args), function(*args))

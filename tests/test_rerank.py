@@ -218,6 +218,19 @@ def test_gpu_pipelines_match_cpu(backend):
         np.testing.assert_array_equal(result.cpu().numpy(), expected_from_matrices)
 
 
+@pytest.mark.parametrize("backend", backend_params("cuda", "triton"))
+def test_gpu_backends_take_any_k1(backend):
+    # k1 + 1 + the tie margins past the direct GPU kernels' lists (256): the torch tile scan runs instead.
+    query, gallery = random_features(20, 280, 8, 11)
+    expected = rerank_features(query, gallery, k1=250, k2=251, strategy="direct")
+    device = device_for(backend)
+    with forced_backend(backend):
+        result = rerank_features(
+            torch.from_numpy(query).to(device), torch.from_numpy(gallery).to(device), k1=250, k2=251, strategy="direct"
+        )
+    np.testing.assert_allclose(result.cpu().numpy(), expected, rtol=0, atol=1e-5)
+
+
 def test_bad_input():
     query, gallery = random_features(4, 6, 3, 10)
     q_g, q_q, g_g = (d.astype(np.float32) for d in exact_distances(query, gallery))

@@ -26,7 +26,12 @@ def as_tensor(name: str, value, ndim: int, device=None) -> torch.Tensor:
             raise ValueError(f"{name} must be an array of numbers: {error}") from None
         if array.dtype.kind not in _NUMERIC_KINDS:
             raise ValueError(f"{name} must hold numbers, got {type(value).__name__} of {array.dtype}")
-        tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
+        if array.dtype == np.longdouble and np.finfo(np.longdouble).bits > 64:
+            raise ValueError(f"{name} is {array.dtype}, which torch cannot hold: pass float64")
+        # torch takes neither read-only arrays nor negative strides (x[::-1], np.flip): a copy
+        if not array.flags.writeable or any(stride < 0 for stride in array.strides):
+            array = array.copy()
+        tensor = torch.from_numpy(array)
     if tensor.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(tensor.shape)}")
     return tensor if device is None else tensor.to(device)
@@ -50,9 +55,11 @@ def as_floats(
     return tensor
 
 
-def check_count(name: str, value, minimum: int) -> int:
+def check_count(name: str, value, minimum: int, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be an integer in [{minimum}, {maximum}], got {value!r}")
     return int(value)
 
 

@@ -150,7 +150,7 @@ def evaluate_rank(
     _inputs.check_choice("ap", ap, AP_MODES)
     _inputs.check_choice("protocol", protocol, PROTOCOLS)
     num_repeats = _inputs.check_count("num_repeats", num_repeats, 1)
-    seed = _inputs.check_count("seed", seed, 0)
+    seed = _inputs.check_count("seed", seed, 0, 2**63 - 1)  # torch.Generator's range
     dist, max_rank = _distances(distmat, max_rank)
     num_query, num_gallery = dist.shape
     device = dist.device

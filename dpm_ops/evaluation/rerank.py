@@ -35,8 +35,9 @@ import torch
 
 from .. import _backend
 from .._precision import compute_dtype
-from ..ops._checks import row_norm_limit
+from ..ops._checks import KNN_GPU_MAX_K, row_norm_limit
 from ..ops.knn import check_strategy, self_knn
+from ..ops.knn_certified import TIE_MARGIN as NORMALIZE_MARGIN
 from ..ops.kreciprocal import (
     KRECIPROCAL_EXPAND,
     KRECIPROCAL_JACCARD_BLEND_,
@@ -75,7 +76,7 @@ class _DenseDistances:
         self.num_query, num_gallery = q_g.shape
         self.num_items = self.num_query + num_gallery
         self.squared_input = squared_input
-        self.dtype = compute_dtype(q_g)
+        self.dtype = _squaring_dtype(q_g, q_q, g_g)
         self.row_max = None
         self.out_scale = None  # scan returns the query-gallery block already normalised
 
@@ -119,7 +120,7 @@ class _DenseDistances:
 
     def pair_distances(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         q = self.num_query
-        values = torch.empty(len(rows), dtype=self.q_g.dtype, device=rows.device)
+        values = torch.empty(len(rows), dtype=self.dtype, device=rows.device)
         row_query, col_query = rows < q, cols < q
         for mask, matrix, r, c in (
             (row_query & col_query, self.q_q, rows, cols),
@@ -174,8 +175,18 @@ class _FeatureDistances:
         block[torch.arange(len(rows), device=rows.device), rows] = 0.0
         return block / self.row_max[rows, None]
 
+    def _kernel_scans(self, width: int) -> bool:
+        """Whether self_knn's kernels take the scan: not on the reference backend, nor where the direct
+        GPU kernels' lists (KNN_GPU_MAX_K, less the normalize margin) cannot hold the candidates
+        (k1 >= 248 or k2 >= 249); the torch tile scan below then runs, on any device."""
+        backend = _backend.resolve(None, self.features.device)
+        if self.strategy == "certified" or backend == "cpp":
+            return True
+        keep = min(width + TIE_MARGIN, self.num_items)
+        return backend != "reference" and keep + NORMALIZE_MARGIN <= KNN_GPU_MAX_K
+
     def scan(self, width: int):
-        if _backend.resolve(None, self.features.device) != "reference" or self.strategy == "certified":
+        if self._kernel_scans(width):
             return self._scan_kernel(width)
         n, q = self.num_items, self.num_query
         device = self.features.device
@@ -263,19 +274,33 @@ def _check_parameters(k1, k2, lambda_value):
     return k1, k2, float(lambda_value)
 
 
+def _squaring_dtype(*matrices: torch.Tensor) -> torch.dtype:
+    """The dtype the reference squares the pooled matrix in: numpy's promotion of the three
+    (np.concatenate), then float32. So float16 matrices are squared in float16, as the reference
+    does (float32 input gives the more accurate result); bfloat16, which numpy lacks, in float32."""
+    dtype = functools.reduce(torch.promote_types, (m.dtype for m in matrices))
+    return torch.float16 if dtype == torch.float16 else compute_dtype(dtype)
+
+
 def _check_distance_range(input: str, **matrices) -> None:
     """Squared distances must be >= 0 (a negative one has no Euclidean meaning and breaks the row
-    normalisation), and every distance small enough for the float32 pipeline to square it (as the
-    reference, it works in float32 whatever the input's dtype): one device sync."""
-    limit = row_norm_limit(torch.float32)
+    normalisation), and every distance small enough to be squared in the dtype the reference squares
+    it in (_squaring_dtype) and to stay in range in the float32 pipeline: one device sync."""
+    squaring = _squaring_dtype(*matrices.values())
+    if input == "euclidean" and squaring == torch.float16:
+        limit, where = (
+            torch.finfo(torch.float16).max ** 0.5,
+            "float16 matrices are squared in float16, as the reference does",
+        )
+    else:
+        limit, where = row_norm_limit(torch.float32), "the range of the float32 pipeline"
     bounds = torch.stack([torch.stack(torch.aminmax(m)).double() for m in matrices.values()]).tolist()
     for (name, _), (low, high) in zip(matrices.items(), bounds):
         if input == "squared" and low < 0:
             raise ValueError(f"re_ranking: {name} must hold squared distances >= 0 (input='squared'), got {low:g}")
         if max(high, -low) > limit:
             raise ValueError(
-                f"re_ranking: {name} is too large in magnitude: distances must stay below {limit:.3g}, "
-                "the range of the float32 pipeline"
+                f"re_ranking: {name} is too large in magnitude: distances must stay below {limit:.5g} ({where})"
             )
 
 

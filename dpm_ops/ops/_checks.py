@@ -10,10 +10,19 @@ from .._precision import compute_dtype
 
 
 def check_tensors(op: str, **values) -> None:
-    """ValueError naming the first argument that is not a torch.Tensor."""
+    """ValueError naming the first argument that is not a torch.Tensor, or is a meta tensor."""
     for name, value in values.items():
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    check_not_meta(op, **values)
+
+
+def check_not_meta(op: str, **tensors) -> None:
+    """The value checks read values, which a meta tensor (shape only) has not: a ValueError naming it
+    rather than torch's RuntimeError from .item()."""
+    for name, t in tensors.items():
+        if t.is_meta:
+            raise ValueError(f"{op}: {name} is a meta tensor (shape only, no values)")
 
 
 def check_batch(op: str, name: str, t: torch.Tensor) -> None:
@@ -29,6 +38,7 @@ def check_finite(op: str, **tensors) -> None:
     huge finite values can also cause, is scanned exactly."""
     if torch.compiler.is_compiling():
         return
+    check_not_meta(op, **tensors)
     sums = torch.stack([t.sum(dtype=compute_dtype(t.dtype)).double() for t in tensors.values()])
     finite_sums = torch.isfinite(sums).tolist()
     if all(finite_sums):
@@ -36,6 +46,18 @@ def check_finite(op: str, **tensors) -> None:
     bad = [name for (name, t), ok in zip(tensors.items(), finite_sums) if not ok and not bool(torch.isfinite(t).all())]
     if bad:
         raise ValueError(f"{op}: {', '.join(bad)} contains non-finite values (NaN or inf)")
+
+
+def check_nonnegative(op: str, **tensors) -> None:
+    """ValueError naming a tensor with a negative value (weights: a negative one has no meaning, and
+    the backends' rules for which cells count, weight > 0 or a positive total, differ for it); one
+    sync, skipped while compiling."""
+    tensors = {name: t for name, t in tensors.items() if t.numel() > 0}
+    if torch.compiler.is_compiling() or not tensors:
+        return
+    for (name, t), low in zip(tensors.items(), torch.stack([t.amin() for t in tensors.values()]).tolist()):
+        if low < 0:
+            raise ValueError(f"{op}: {name} must be >= 0 (weights), got a minimum of {low:g}")
 
 
 def row_norm_limit(dtype: torch.dtype) -> float:
@@ -54,7 +76,10 @@ def check_result_finite(op: str, result: torch.Tensor, **inputs) -> None:
     its inputs (NaN and inf reach it) and whose output is small next to them: one sync on the
     output, no pass over the input. A non-finite result names the non-finite input, or, when all
     are finite, the sums overflowed: the input is too large in magnitude."""
-    if torch.compiler.is_compiling() or bool(torch.isfinite(result).all()):
+    if torch.compiler.is_compiling():
+        return
+    check_not_meta(op, **inputs)
+    if bool(torch.isfinite(result).all()):
         return
     check_finite(op, **inputs)
     raise ValueError(too_large_message(op, ", ".join(inputs), compute_dtype(result.dtype), "its sums overflow"))
@@ -72,6 +97,7 @@ def check_finite_rows(op: str, arithmetic: torch.dtype | None = None, max_norm: 
     with the same messages."""
     if torch.compiler.is_compiling():
         return
+    check_not_meta(op, **tensors)
     tensors = {name: t for name, t in tensors.items() if t.numel() > 0}
     if not tensors:
         return
@@ -97,7 +123,7 @@ def check_number(op: str, name: str, value, positive: bool = False) -> float:
     if (
         isinstance(value, bool)
         or not isinstance(value, numbers.Real)
-        or not math.isfinite(value)
+        or not -math.inf < value < math.inf  # NaN fails too; math.isfinite takes no SymFloat (torch.compile dynamic)
         or (positive and not value > 0)
     ):
         raise ValueError(f"{op}: {name} must be a finite number{' > 0' if positive else ''}, got {value!r}")

@@ -87,14 +87,78 @@ def _define(name: str, schema: str, implementation: Optional[Callable]) -> None:
         LIBRARY.impl(name, kernel, "CompositeExplicitAutograd")
 
 
+class _SecondDerivativeError(torch.autograd.Function):
+    """Passes the first `count` tensors through; differentiating them raises, naming the op. Its other
+    inputs (what the gradients depend on) connect it to every path a second derivative takes."""
+
+    @staticmethod
+    def forward(ctx, name, count, *tensors):
+        ctx.name = name
+        return tuple(t.view_as(t) for t in tensors[:count])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"dpm_ops.{ctx.name}: the fused kernels compute first derivatives only; "
+            "for higher-order gradients use backend='reference'"
+        )
+
+
+def _tensors(values) -> list:
+    """The tensors among `values`, list arguments (Tensor[]) flattened."""
+    found = []
+    for value in values:
+        if isinstance(value, (list, tuple)):
+            found += _tensors(value)
+        elif isinstance(value, torch.Tensor):
+            found.append(value)
+    return found
+
+
+def first_derivatives_only(name: str, setup_context: Optional[Callable], formula: Callable) -> tuple:
+    """(setup_context, backward) for register_autograd: `formula` run without grad, since the fused
+    backward kernels have no autograd of their own and differentiating their results again gave silently
+    wrong (zero or missing) second derivatives. Under create_graph, the gradients instead come through
+    _SecondDerivativeError, connected to the op's inputs that need grad (kept by the setup: some
+    formulas save only a gradient computed in the forward), which raises when they are differentiated."""
+
+    def setup(ctx, inputs, output):
+        ctx.inputs_needing_grad = [t for t in _tensors(inputs) if t.requires_grad]
+        if setup_context is not None:
+            setup_context(ctx, inputs, output)
+
+    @functools.wraps(formula)
+    def backward(ctx, *grads):
+        with torch.no_grad():
+            results = formula(ctx, *grads)
+        sources = [*ctx.inputs_needing_grad, *(g for g in _tensors(grads) if g.requires_grad)]
+        single = not isinstance(results, tuple)
+        results = (results,) if single else results
+        gradients = _tensors(results)
+        if not (torch.is_grad_enabled() and sources and gradients):
+            return results[0] if single else results
+        marked = iter(_SecondDerivativeError.apply(name, len(gradients), *gradients, *sources))
+        # the same structure (a list for a Tensor[] argument), each tensor replaced by its marked view
+        results = tuple(
+            [next(marked) if isinstance(t, torch.Tensor) else t for t in r]
+            if isinstance(r, (list, tuple))
+            else next(marked)
+            if isinstance(r, torch.Tensor)
+            else r
+            for r in results
+        )
+        return results[0] if single else results
+
+    return setup, backward
+
+
 def register_fake_and_autograd(op: Op, qualname: str, backward_op, library: torch.library.Library) -> None:
     """Registers `op`'s fake function and, if it has one, its autograd formula (differentiating through
-    `backward_op`) for the defined op `qualname` ("namespace::name")."""
+    `backward_op`, first derivatives only) for the defined op `qualname` ("namespace::name")."""
     torch.library.register_fake(qualname, op.fake, lib=library)
     if op.autograd is not None:
-        torch.library.register_autograd(
-            qualname, functools.partial(op.autograd, backward_op), setup_context=op.setup_context, lib=library
-        )
+        setup, formula = first_derivatives_only(op.name, op.setup_context, functools.partial(op.autograd, backward_op))
+        torch.library.register_autograd(qualname, formula, setup_context=setup, lib=library)
 
 
 def declare(

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import _backend
-from ._checks import check_finite, check_finite_rows, check_result_finite
+from ._checks import check_finite, check_finite_rows, check_nonnegative, check_result_finite
 from ._declare import declare
 from .hierarchical_mask_pool_reference import hierarchical_mask_pool_reference
 
@@ -130,6 +130,7 @@ def hierarchical_mask_pool(
         check_finite("hierarchical_mask_pool", **named)
     if mask is not None:
         check_finite_rows("hierarchical_mask_pool", mask=mask.flatten(1))
+        check_nonnegative("hierarchical_mask_pool", mask=mask)
     name = _backend.resolve(backend, features[0].device)
     out = HIERARCHICAL_MASK_POOL.run(name, features, mask, mode)
     if mode == "avg":

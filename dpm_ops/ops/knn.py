@@ -319,7 +319,8 @@ def self_knn(
     work), so d(i, j) is the same number as d(j, i); the CUDA kernel scans every row in full (the
     whole GEMM, through cuBLAS with the precision rules of knn; the Triton kernel likewise, in fused
     distance tiles as its knn), where d(i, j) and d(j, i) are two GEMM entries, equal in exact
-    arithmetic but not promised bitwise equal. Not differentiable through the C++/CUDA/Triton kernels.
+    arithmetic but not promised bitwise equal. The outputs carry no gradient on any backend (the
+    kernels have none; knn(x, x, k) is differentiable).
     ``strategy``: as for knn; the certified search keeps the upper-triangle tiles and takes the
     cross block's tiles from the compute-dtype GEMM (they are returned in full anyway).
     """
@@ -334,6 +335,7 @@ def self_knn(
         raise ValueError(f"knn: cross_rows must be an integer in [0, {x.shape[0]}], got {cross_rows!r}")
     check_strategy(strategy)
     check_finite_rows("knn", x=x)
+    x = x.detach()  # no gradient on any backend, rather than the kernels' silently missing one
     name = _backend.resolve(backend, x.device)
     if _use_certified(strategy, name, x.shape[0], x.shape[0] // 2, x.shape[1]):  # half the GEMM
         return SELF_KNN_CERTIFIED.run(name, x.to(compute_dtype(x)), k, metric, bool(normalize), int(cross_rows))[:4]

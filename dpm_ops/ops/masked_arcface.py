@@ -28,7 +28,9 @@ def check_masked_arcface_args(
 ) -> None:
     """ValueError naming the argument (shapes, dtypes, devices, numbers; the label range is checked by
     the C++ CPU kernel for free, elsewhere with one sync outside torch.compile: check_label_range)."""
-    check_masked_cosine_args(features, mask, weight, 1e-12)
+    check_masked_cosine_args(
+        features, mask, weight, 1e-12, "masked_arcface_cross_entropy", ("features", "mask", "weight")
+    )
     if not isinstance(labels, torch.Tensor):
         raise ValueError(f"masked_arcface_cross_entropy: labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dim() != 1 or labels.shape[0] != features.shape[0]:

@@ -20,28 +20,27 @@ from .masked_cosine_reference import masked_cosine_reference
 ARCCOS_CLIP = 1e-5  # DPM's test metric clips the cosine to [-1+1e-5, 1-1e-5] before arccos
 
 
-def check_masked_cosine_args(x, mask, protos, eps) -> None:
-    """ValueError naming the argument for anything the kernels cannot take."""
-    check_tensors("masked_cosine", x=x, mask=mask, protos=protos)
+def check_masked_cosine_args(x, mask, protos, eps, op: str = "masked_cosine", names=("x", "mask", "protos")) -> None:
+    """ValueError naming the argument for anything the kernels cannot take; `op` and `names` are the
+    caller's (masked_arcface_cross_entropy's features, mask, weight)."""
+    x_name, mask_name, protos_name = names
+    check_tensors(op, **{x_name: x, mask_name: mask, protos_name: protos})
+    together = f"{x_name}, {mask_name} and {protos_name}"
     if x.dim() != 2:
-        raise ValueError(f"masked_cosine: x must be 2-D (B, C), got shape {tuple(x.shape)}")
+        raise ValueError(f"{op}: {x_name} must be 2-D (B, C), got shape {tuple(x.shape)}")
     if protos.dim() != 2:
-        raise ValueError(f"masked_cosine: protos must be 2-D (K, C), got shape {tuple(protos.shape)}")
+        raise ValueError(f"{op}: {protos_name} must be 2-D (K, C), got shape {tuple(protos.shape)}")
     if mask.shape != x.shape:
-        raise ValueError(f"masked_cosine: mask must have the shape of x {tuple(x.shape)}, got {tuple(mask.shape)}")
+        raise ValueError(f"{op}: {mask_name} must have the shape of {x_name} {tuple(x.shape)}, got {tuple(mask.shape)}")
     if protos.shape[1] != x.shape[1]:
-        raise ValueError(f"masked_cosine: protos must have C = {x.shape[1]} columns like x, got {protos.shape[1]}")
+        raise ValueError(f"{op}: {protos_name} must have C = {x.shape[1]} columns like {x_name}, got {protos.shape[1]}")
     if not x.is_floating_point():
-        raise ValueError(f"masked_cosine: x must be floating point, got {x.dtype}")
+        raise ValueError(f"{op}: {x_name} must be floating point, got {x.dtype}")
     if mask.dtype != x.dtype or protos.dtype != x.dtype:
-        raise ValueError(
-            f"masked_cosine: x, mask and protos must share one dtype, got {x.dtype}, {mask.dtype}, {protos.dtype}"
-        )
+        raise ValueError(f"{op}: {together} must share one dtype, got {x.dtype}, {mask.dtype}, {protos.dtype}")
     if mask.device != x.device or protos.device != x.device:
-        raise ValueError(
-            f"masked_cosine: x, mask and protos must be on one device, got {x.device}, {mask.device}, {protos.device}"
-        )
-    check_number("masked_cosine", "eps", eps, positive=True)
+        raise ValueError(f"{op}: {together} must be on one device, got {x.device}, {mask.device}, {protos.device}")
+    check_number(op, "eps", eps, positive=True)
 
 
 def _fake_forward(x, mask, protos, eps=1e-12):
