@@ -1,6 +1,6 @@
 """The ``dpm-reid`` command (also ``python -m dpm_ops``).
 
-    dpm-reid train --config synthetic_dpm [--output DIR] [--resume] [key=value ...]
+    dpm-reid train --config synthetic_dpm [--output DIR] [--resume | --overwrite] [key=value ...]
     dpm-reid eval  --config synthetic_dpm --weights runs/synthetic_dpm/checkpoints/final.pt
     dpm-reid export --config synthetic_dpm --weights CKPT --out model.onnx [--batch N] [--opset N]
     dpm-reid extract --config synthetic_dpm --weights CKPT --images DIR --out features.npz [--camera N]
@@ -43,12 +43,19 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="YAML file or built-in config name")
     train.add_argument("--output", help="run folder (default: runs/<config name>)")
     train.add_argument("--resume", action="store_true", help="continue from <output>/checkpoints/last.pt")
+    train.add_argument(
+        "--overwrite", action="store_true", help="start over in an --output that holds a run (its checkpoints go)"
+    )
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. solver.epochs=5")
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on the config's dataset")
     ev.add_argument("--config", required=True, help="YAML file or built-in config name")
     ev.add_argument("--weights", required=True, help="a checkpoint written by `dpm-reid train` (final.pt, last.pt)")
-    ev.add_argument("--output", help="folder for metrics.json and pictures (default: next to the weights)")
+    ev.add_argument(
+        "--output",
+        help="folder for metrics.json and pictures (default: <run>/eval for <run>/checkpoints/*.pt, else eval/ "
+        "beside the weights)",
+    )
     ev.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.rerank=true")
 
     ex = sub.add_parser("export", help="export a checkpoint's test-time model to ONNX, checked by onnxruntime")
@@ -93,7 +100,7 @@ def _train(args) -> int:
 
     config = load_config(args.config, args.overrides)
     output = make_output_folder(args.output or _default_output(args.config), "--output")
-    result = train(config, output, resume=args.resume)
+    result = train(config, output, resume=args.resume, overwrite=args.overwrite)
     if result["finished"] and result["metrics"] is not None:
         print(f"run folder: {output}")
     return 0
@@ -205,12 +212,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             return commands[args.command](args)
-    except (ConfigError, CheckpointError, DatasetError, ExportError) as error:
-        print(f"dpm-reid: error: {_one_line(error)}", file=sys.stderr)
-        return EXIT_USAGE
     except OnnxCheckError as error:  # not the user's input: the exported graph computes something else
         print(f"dpm-reid: error: {_one_line(error)}", file=sys.stderr)
         return 1
+    except (ConfigError, CheckpointError, DatasetError, ExportError) as error:
+        print(f"dpm-reid: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as error:  # the library's other checks: e.g. a diverged run's non-finite features
+        print(f"dpm-reid: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as error:  # a write that failed mid-run: a full disk, a folder where a file goes
+        print(f"dpm-reid: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("dpm-reid: interrupted (resume with --resume)", file=sys.stderr)
         return 130

@@ -327,7 +327,7 @@ def extract_folder(
     size = _input_size(model, kind, image_size)
     _check_int("batch_size", batch_size, 1)
     _check_int("num_workers", num_workers, 0)
-    root = Path(os.path.expanduser(str(folder)))
+    root = Path(os.path.expanduser(str(folder))).resolve()  # "." has no parent: the _seg tree sits beside it
     relative = find_images(root)
     absolute = [str(root / name) for name in relative]
     labels = [_labels_from_name(name) for name in relative]

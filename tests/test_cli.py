@@ -298,3 +298,63 @@ def test_stale_temporaries_are_removed_on_start_and_resume(tmp_path, tiny_set, c
     assert main([*args, "--resume", "train.checkpoint_every_iters=1", "train.stop_after_iters=2"]) == 0
     assert not any(path.exists() for path in stale)
     assert "a temporary left by an interrupted write" in (run / "train.log").read_text()
+
+
+def test_a_run_folder_is_never_overwritten_by_accident(tmp_path, tiny_set, capsys):
+    # Before: a rerun without --resume silently replaced the earlier run's checkpoints and logs.
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_set, "dpm"))
+    run = tmp_path / "run"
+    args = ["train", "--config", str(config), "--output", str(run)]
+    assert main([*args, "train.checkpoint_every_iters=1", "train.stop_after_iters=1", "train.checkpoint_period=1"]) == 0
+    last = (run / "checkpoints" / "last.pt").read_bytes()
+    capsys.readouterr()
+    code = main([*args, "train.checkpoint_every_iters=1", "train.stop_after_iters=1"])
+    assert_one_line_error(capsys, code, f"{run} already holds a run (checkpoints/", "--resume", "--overwrite")
+    assert (run / "checkpoints" / "last.pt").read_bytes() == last and (run / "train_log.jsonl").stat().st_size
+    # --overwrite starts over: the earlier run's checkpoints (epoch_001.pt included) are gone
+    assert main([*args, "--overwrite", "train.checkpoint_every_iters=1", "train.stop_after_iters=1"]) == 0
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.pt")) == ["last.pt"]
+
+
+def test_one_run_at_a_time_in_a_folder(tmp_path, tiny_set, capsys):
+    from dpm_ops.engine.checkpoint import RunFolder
+
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_set, "dpm"))
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen(  # another process holds the folder, as a live run does
+        [
+            sys.executable,
+            "-c",
+            f"import fcntl, sys; f = open({str(run / RunFolder.LOCK)!r}, 'a+'); "
+            "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code = main(["train", "--config", str(config), "--output", str(run), "train.stop_after_iters=1"])
+        assert_one_line_error(capsys, code, f"{run} is in use by another training run")
+    finally:
+        holder.communicate("")
+    assert main(["train", "--config", str(config), "--output", str(run), "train.stop_after_iters=1"]) == 0
+
+
+def test_a_failed_write_is_one_line(tmp_path, tiny_set, capsys):
+    # metrics.json a folder: the write at the end of the run fails (before: an IsADirectoryError traceback)
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_set, "dpm"))
+    run = tmp_path / "run"
+    (run / "metrics.json").mkdir(parents=True)
+    code = main(["train", "--config", str(config), "--output", str(run), "solver.epochs=1"])
+    assert_one_line_error(capsys, code, "metrics.json")
+
+
+def test_config_files_that_cannot_be_read_are_one_line(tmp_path, capsys):
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe bad")
+    code = main(["train", "--config", str(binary)])
+    assert_one_line_error(capsys, code, f"config {binary} is not UTF-8 text")
+    code = main(["train", "--config", "x" * 5000])
+    assert_one_line_error(capsys, code, "config not found: xxx")

@@ -209,7 +209,9 @@ def test_cross_field_rules():
         ("pretrain.base_lr=-1", "pretrain.base_lr: expected a value > 0"),
         ("loss.hem_weight=.nan", "loss.hem_weight: expected a finite number"),
         ("loss.triplet_weight=-1", "loss.triplet_weight: expected a value >= 0"),
-        ("input.padding=-5", "input.padding: expected a value >= 0, got -5"),
+        ("input.padding=-5", "input.padding: expected a value in [0, 4096], got -5"),
+        ("input.padding=100000", "input.padding: expected a value in [0, 4096], got 100000"),  # was the OOM killer
+        ("input.size=[100000,128]", "input.size: expected [height, width] of ints in [1, 4096], got [100000, 128]"),
         ("input.flip=2.0", "input.flip: expected a value in [0, 1], got 2.0"),
         ("input.erasing=-1.0", "input.erasing: expected a value in [0, 1], got -1.0"),
         ("train.seed=-1", "train.seed: expected a value in [0, 9223372036854775807], got -1"),
@@ -281,3 +283,12 @@ def test_cuda_device_without_cuda_is_named(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ConfigError, match=r"train.device: cuda:1 requested but this machine has 1 CUDA device"):
         resolve_device("cuda:1")
+
+
+def test_load_config_api_arguments():
+    # Before: TypeError / AttributeError; None means no overrides.
+    assert load_config("synthetic_dpm", None) == load_config("synthetic_dpm")
+    with pytest.raises(ConfigError, match="overrides must be a list of key=value strings, got 'solver.epochs=2'"):
+        load_config("synthetic_dpm", "solver.epochs=2")
+    with pytest.raises(ConfigError, match="override 5 is not a key=value string"):
+        load_config("synthetic_dpm", [5])

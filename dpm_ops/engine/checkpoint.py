@@ -17,6 +17,7 @@ either the previous file or the new one, never a half-written one.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import uuid
 from pathlib import Path
@@ -99,6 +100,42 @@ def make_output_folder(path: str | os.PathLike, name: str) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise CheckpointError(f"{name} {path}: the folder is not writable")
     return path
+
+
+class RunFolder:
+    """A training run's hold on its output folder, taken before any work starts: an exclusive lock
+    (``.run.lock``; a second run into the same folder is refused while the first lives, and the
+    lock dies with its process), and a folder that already holds a run's checkpoints is refused unless
+    the run resumes it or was asked to overwrite it: a rerun that forgot ``--resume`` overwrote the
+    earlier checkpoints and logs. Overwriting removes the earlier run's checkpoints, so the folder
+    never mixes two runs."""
+
+    LOCK = ".run.lock"
+
+    def __init__(self, path: Path, resume: bool, overwrite: bool):
+        self.path = path
+        self._lock = open(path / self.LOCK, "a+")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise CheckpointError(
+                f"{path} is in use by another training run (it holds {path / self.LOCK}): "
+                "wait for it to end, or choose another --output"
+            ) from None
+        earlier = sorted((path / "checkpoints").glob("*.pt"))
+        if earlier and not resume:
+            if not overwrite:
+                self.release()
+                raise CheckpointError(
+                    f"{path} already holds a run ({earlier[0].relative_to(path)}): pass --resume to continue it, "
+                    "--overwrite to start over (its checkpoints are removed), or choose another --output"
+                )
+            for checkpoint in earlier:
+                checkpoint.unlink()
+
+    def release(self) -> None:
+        self._lock.close()  # closing releases the lock; the empty file stays (removing it would race)
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:

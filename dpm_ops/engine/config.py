@@ -67,6 +67,9 @@ AT_LEAST_1 = Bounds(1)
 SHARE = Bounds(0, 1)  # a probability or a fraction
 # torch.manual_seed takes 64 bits: a non-negative 63-bit seed plus the process rank stays within them
 SEED = Bounds(0, 2**63 - 1)
+# Image sides and padding, in pixels: person crops are ~256 x 128; far past this a batch no longer fits
+# in memory (input.padding=100000 was killed by the OOM killer)
+MAX_IMAGE_SIDE = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +116,7 @@ SCHEMA: dict = {
         "recipe": _f("dpm", str, ("dpm", "maskreid")),
         "size": _f([256, 128], "size"),  # (height, width) the model sees
         "resize": _f([160, 64], "size"),  # maskreid recipe: resize before the crop to `size`
-        "padding": _f(10, int, bounds=NON_NEGATIVE),
+        "padding": _f(10, int, bounds=Bounds(0, MAX_IMAGE_SIDE)),
         "flip": _f(0.5, float, bounds=SHARE),
         "erasing": _f(0.5, float, bounds=SHARE),
         "color_jitter": _f(False, bool),
@@ -221,8 +224,11 @@ def available_configs() -> list[str]:
 def resolve_config_path(name_or_path: str) -> Path:
     """A file path, or the name of a built-in config (with or without ``.yaml``)."""
     path = Path(os.path.expanduser(str(name_or_path)))
-    if path.is_file():
-        return path
+    try:
+        if path.is_file():
+            return path
+    except OSError as error:  # e.g. a name too long for the file system
+        raise ConfigError(f"config not found: {name_or_path}: {error.strerror or error}") from error
     builtin = CONFIG_DIR / (path.name if path.suffix in (".yaml", ".yml") else path.name + ".yaml")
     if path.parent == Path(".") and builtin.is_file():
         return builtin
@@ -237,6 +243,8 @@ def _read_yaml(path: Path) -> dict:
             data = yaml.safe_load(handle)
     except OSError as error:
         raise ConfigError(f"cannot read config {path}: {error.strerror or error}") from error
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config {path} is not UTF-8 text: {error.reason} at byte {error.start}") from error
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -271,9 +279,11 @@ def _check_value(key: str, field: Field, value: Any) -> Any:
         if (
             not isinstance(value, (list, tuple))
             or len(value) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_IMAGE_SIDE for v in value)
         ):
-            raise ConfigError(f"config key {key}: expected [height, width] of positive ints, got {value!r}")
+            raise ConfigError(
+                f"config key {key}: expected [height, width] of ints in [1, {MAX_IMAGE_SIDE}], got {value!r}"
+            )
         return [int(v) for v in value]
     if kind == "device":
         return _check_device(key, value)
@@ -364,6 +374,8 @@ def _base_path(path: Path, base: str) -> Path:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
+    if not isinstance(text, str):
+        raise ConfigError(f"override {text!r} is not a key=value string")
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r} is not key=value")
@@ -398,6 +410,9 @@ def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:
 
 def load_config(name_or_path: Optional[str] = None, overrides: Iterable[str] = ()) -> dict:
     """Defaults, then the file (and its ``base`` chain), then the overrides; validated."""
+    overrides = () if overrides is None else overrides
+    if isinstance(overrides, str) or not isinstance(overrides, Iterable):
+        raise ConfigError(f"overrides must be a list of key=value strings, got {overrides!r}")
     config = _load_file(resolve_config_path(name_or_path)) if name_or_path else defaults()
     apply_overrides(config, overrides)
     from .config_checks import validate  # which imports ConfigError from here: not at the top

@@ -53,6 +53,7 @@ from .checkpoint import (
     load_model_state,
     make_checkpoint,
     make_output_folder,
+    RunFolder,
     remove_stale_temporaries,
     restore_rng_state,
     save_checkpoint,
@@ -163,6 +164,7 @@ class Trainer:
         output_dir: str | os.PathLike,
         *,
         resume: bool = False,
+        overwrite: bool = False,
         log_stream=None,
         hooks: Sequence[Hook] = (),
     ):
@@ -172,8 +174,10 @@ class Trainer:
         self.model_name = config["model"]["name"]
         self.recipe = get_recipe(self.model_name)
         self.device, self.dist = init_run_device(config)
+        self.run_folder = None
         if self.dist.is_main:  # only rank 0 writes files
             make_output_folder(self.output_dir, "output_dir")
+            self.run_folder = RunFolder(self.output_dir, resume, overwrite)
         self.amp_dtype = resolve_amp(config["solver"]["amp"], self.device)
         self.run_log = RunLog(self.output_dir, log_stream if log_stream is not None else sys.stdout, self.dist.is_main)
         self.progress = config["train"]["progress"] and self.dist.is_main
@@ -461,6 +465,8 @@ class Trainer:
             }
         finally:
             self.run_log.close()
+            if self.run_folder is not None:
+                self.run_folder.release()
 
     def _plot_losses(self) -> None:
         from dpm_ops.visualize import plot_loss_curves
@@ -470,6 +476,10 @@ class Trainer:
             plot_loss_curves(str(jsonl), str(self.output_dir / "loss_curves.png"))
 
 
-def train(config: dict, output_dir: str | os.PathLike, *, resume: bool = False, **kwargs) -> dict:
-    """Train (or resume) and evaluate; returns {"finished", "global_step", "metrics", "output_dir"}."""
-    return Trainer(config, output_dir, resume=resume, **kwargs).run()
+def train(
+    config: dict, output_dir: str | os.PathLike, *, resume: bool = False, overwrite: bool = False, **kwargs
+) -> dict:
+    """Train (or resume) and evaluate; returns {"finished", "global_step", "metrics", "output_dir"}.
+    A folder that holds an earlier run's checkpoints is refused unless `resume` (continue it) or
+    `overwrite` (start over: its checkpoints are removed); one run at a time per folder."""
+    return Trainer(config, output_dir, resume=resume, overwrite=overwrite, **kwargs).run()
