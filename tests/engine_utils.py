@@ -62,6 +62,12 @@ def synth_argv(out) -> list[str]:
         "{},{}".format(*s["train_images"]),
         "--gallery-per-camera",
         "{},{}".format(*s["gallery_per_camera"]),
+        "--distractors",
+        str(s["distractors"]),
+        "--junk",
+        str(s["junk"]),
+        "--query-occlusion",
+        str(s["query_occlusion"]),
         "--quiet",
     ]
 

@@ -61,6 +61,13 @@ def test_train_then_eval(tmp_path, tiny_set, capsys):
         == 0
     )
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == trained
+    # without --output: <run>/eval for weights in <run>/checkpoints, else eval/ beside the weights
+    loose = tmp_path / "weights" / "model.pt"
+    loose.parent.mkdir()
+    shutil.copy(run / "checkpoints" / "final.pt", loose)
+    for weights, folder in ((run / "checkpoints" / "final.pt", run / "eval"), (loose, loose.parent / "eval")):
+        assert main(["eval", "--config", str(config), "--weights", str(weights)]) == 0
+        assert json.loads((folder / "metrics.json").read_text()) == trained
     # resuming a finished run only evaluates again
     assert main(["train", "--config", str(config), "--output", str(run), "--resume", "solver.epochs=1"]) == 0
     assert json.loads((run / "metrics.json").read_text()) == trained

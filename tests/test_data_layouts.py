@@ -1,8 +1,10 @@
 """Dataset loaders on tiny generated folder trees in every published layout (datasets.md)."""
 
+import gc
 import os
 import warnings
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -16,6 +18,7 @@ from dpm_ops.data import (
     register_dataset,
 )
 from dpm_ops.data import datasets as datasets_module
+from dpm_ops.data.image_io import read_image, read_mask
 from dpm_ops.data.masks import mask_path_for
 from dpm_ops.data.transforms import dpm_test_transforms
 
@@ -456,17 +459,73 @@ def test_missing_mask_folder_and_separate_mask_root(tmp_path):
 # ----------------------------------------------------------------------------- unreadable files
 
 
-def test_unreadable_image_named_at_load_with_verify_and_at_read(tmp_path):
+def write_truncated_jpeg(path):
+    """A JPEG cut short: its header is whole, so Image.verify() passes it; decoding fails."""
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 16, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, quality=90)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 3 // 4])
+    with Image.open(path) as image:
+        image.verify()
+
+
+def test_unreadable_image_named_at_load_and_at_read(tmp_path):
     root = make_market_tree(tmp_path)
     broken = root / "query" / "0005_c3s2_000301_00.jpg"
     broken.write_bytes(b"not a jpeg at all")
-    data = load_quietly("market1501", root)  # header check is opt-in: loading stays cheap
     with pytest.raises(DatasetError, match=r"unreadable image: .*0005_c3s2_000301_00\.jpg"):
-        load_quietly("market1501", root, verify_images=True)
+        load_quietly("market1501", root)  # every file is decoded by default
+    data = load_quietly("market1501", root, verify_images=False)  # a look at the split lists
     dataset = ImageDataset(data.query, dpm_test_transforms((16, 8)))
     index = [r.path for r in data.query].index(str(broken))
     with pytest.raises(DatasetError, match=r"unreadable image: .*0005_c3s2_000301_00\.jpg"):
         dataset[index]
+
+
+def test_truncated_files_are_decoded_and_the_first_is_named(tmp_path):
+    # Before: Image.verify() only parsed the header and passed a truncated JPEG.
+    root = make_market_tree(tmp_path)
+    write_truncated_jpeg(root / "bounding_box_test" / "0005_c4s2_000401_01.jpg")
+    with pytest.raises(DatasetError, match=r"unreadable image: .*0005_c4s2_000401_01\.jpg \(image file is truncated"):
+        load_quietly("market1501", root)
+    # two bad files: the first in split order (train, query, gallery) is named, whatever thread found it
+    write_truncated_jpeg(root / "bounding_box_train" / "0007_c6s4_002452_02.jpg")
+    with pytest.raises(DatasetError, match=r"0007_c6s4_002452_02\.jpg"):
+        load_quietly("market1501", root)
+    # junk images are never read, so they are not checked
+    root = make_market_tree(tmp_path / "junk")
+    write_truncated_jpeg(root / "bounding_box_test" / "-1_c3s1_000901_04.jpg")
+    assert load_quietly("market1501", root).junk_dropped == 2
+
+
+def test_masks_are_decoded_and_size_checked_at_load(tmp_path):
+    root = make_market_tree(tmp_path)
+    add_masks(root)
+    mask = root / "bounding_box_test_seg" / "0003_c2s1_000201_01.png"
+    Image.new("1", (9, 16), 1).save(mask)
+    with pytest.raises(DatasetError, match=r"mask .*0003_c2s1_000201_01\.png is 9x16 but its image is 8x16"):
+        load_quietly("market1501", root, with_masks=True)
+    mask.write_bytes(mask.read_bytes()[:40])
+    with pytest.raises(DatasetError, match=r"unreadable mask: .*0003_c2s1_000201_01\.png"):
+        load_quietly("market1501", root, with_masks=True)
+    assert load_quietly("market1501", root).mask_paths is None  # masks not asked for: not read
+
+
+def test_a_failed_decode_closes_its_file(tmp_path):
+    # Before: the file of an image whose decoding failed stayed open (a ResourceWarning per bad
+    # image before the error line, with data-loader workers)
+    path = tmp_path / "cut.jpg"
+    write_truncated_jpeg(path)
+
+    def fail_to_read():
+        with pytest.raises(DatasetError, match="truncated"):
+            read_image(str(path))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fail_to_read()
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], caught
 
 
 def test_unreadable_or_mismatched_mask_named_at_read(tmp_path):
@@ -483,6 +542,109 @@ def test_unreadable_or_mismatched_mask_named_at_read(tmp_path):
         handle.write(b"\x89PNG garbage")
     with pytest.raises(DatasetError, match="unreadable mask: " + ".*" + os.path.basename(mask_path)):
         dataset[0]
+
+
+def test_sixteen_bit_images_and_masks_are_scaled_not_clipped(tmp_path):
+    # Before: convert("RGB") clipped 16-bit samples at 255, so a 16-bit PNG read as near-white.
+    ramp = np.array([[0, 257, 32768, 65535]], dtype=np.uint16).repeat(2, axis=0)
+    for mode, dtype in (("I;16", "<u2"), ("I;16B", ">u2")):
+        path = tmp_path / f"{mode.replace(';', '_')}.tif"
+        Image.frombytes(mode, (4, 2), ramp.astype(dtype).tobytes()).save(path)
+        png = tmp_path / f"{mode.replace(';', '_')}.png"
+        Image.frombytes(mode, (4, 2), ramp.astype(dtype).tobytes()).save(png)
+        for image_path in (path, png):
+            with Image.open(image_path) as raw:
+                assert raw.mode.startswith("I;16")
+            rgb = np.asarray(read_image(str(image_path)))
+            assert rgb.shape == (2, 4, 3) and rgb[0, :, 0].tolist() == [0, 1, 128, 255], image_path
+    # 16-bit masks too: 200 / 65535 is background, not a clipped 200 / 255 foreground
+    mask = tmp_path / "mask.png"
+    Image.frombytes("I;16", (4, 2), np.array([[0, 200, 40000, 65535]] * 2, dtype="<u2").tobytes()).save(mask)
+    assert np.asarray(read_mask(str(mask), expected_size=(4, 2)))[0].tolist() == [0, 0, 255, 255]
+    # the depths that have no one 8-bit reading are refused, naming the file
+    wide = tmp_path / "wide.tif"
+    Image.fromarray(np.array([[0, 1 << 20]], dtype=np.int32)).save(wide)
+    with pytest.raises(DatasetError, match=r"unsupported image: .*wide\.tif has 32-bit samples"):
+        read_image(str(wide))
+    real = tmp_path / "real.tif"
+    Image.fromarray(np.array([[0.0, 0.5]], dtype=np.float32)).save(real)
+    with pytest.raises(DatasetError, match=r"unsupported mask: .*real\.tif has floating-point samples"):
+        read_mask(str(real))
+
+
+# ------------------------------------------------------------------ what a run loads (load_splits)
+
+
+def run_config(root, *overrides):
+    from dpm_ops.engine.config import load_config
+
+    return load_config(None, [f"dataset.root={root}", "dataset.name=market1501", *overrides])
+
+
+@pytest.mark.filterwarnings("ignore::dpm_ops.data.DatasetCountWarning")
+def test_a_run_decodes_every_image_it_reads_before_training(tmp_path):
+    from dpm_ops.engine.builders import load_splits
+
+    root = make_market_tree(tmp_path)
+    victim = root / "query" / "0005_c3s2_000301_00.jpg"
+    write_truncated_jpeg(victim)
+    with pytest.raises(DatasetError, match=r"unreadable image: .*0005_c3s2_000301_00\.jpg"):
+        load_splits(run_config(root))
+    # tested on Occluded-REID: Market's own query is not read, so it is not checked
+    make_occluded_reid_tree(tmp_path / "Occluded_REID")
+    test_set = [f"dataset.test_root={tmp_path}", "dataset.test_name=occluded_reid"]
+    assert load_splits(run_config(root, *test_set)).name == "market1501->occluded_reid"
+    write_truncated_jpeg(tmp_path / "Occluded_REID" / "whole_body_images" / "002" / "002_03.tif")
+    with pytest.raises(DatasetError, match=r"unreadable image: .*002_03\.tif"):
+        load_splits(run_config(root, *test_set))
+
+
+@pytest.mark.filterwarnings("ignore::dpm_ops.data.DatasetCountWarning")
+def test_a_test_set_without_any_match_is_refused_at_load(tmp_path):
+    # Before: "no query has a match in the gallery" from evaluate_rank, after the whole training.
+    from dpm_ops.engine.builders import load_splits
+
+    train = ["0002_c1s1_000451_03.jpg", "0002_c2s1_000551_01.jpg"]
+    one_camera = make_market_tree(
+        tmp_path / "one_camera",
+        {
+            "bounding_box_train": train,
+            "query": ["0003_c1s1_000151_00.jpg"],
+            "bounding_box_test": ["0003_c1s1_000161_02.jpg", "0000_c1s1_000811_05.jpg"],
+        },
+    )
+    with pytest.raises(DatasetError, match=r"one_camera.*no query has a match.*only on the query's own camera"):
+        load_splits(run_config(one_camera))
+    unknown_ids = make_market_tree(
+        tmp_path / "unknown_ids",
+        {
+            "bounding_box_train": train,
+            "query": ["0003_c1s1_000151_00.jpg"],
+            "bounding_box_test": ["0004_c2s1_000161_02.jpg"],
+        },
+    )
+    with pytest.raises(
+        DatasetError, match=r"unknown_ids.*no query has a match.*none of the query ids is in the gallery"
+    ):
+        load_splits(run_config(unknown_ids))
+    # one match is enough: evaluation skips (and counts) the queries without one
+    make_market_tree(tmp_path / "one_match")
+    (tmp_path / "one_match" / "Market-1501-v15.09.15" / "bounding_box_test" / "0005_c4s2_000401_01.jpg").unlink()
+    assert len(load_splits(run_config(tmp_path / "one_match")).query) == 2
+    # the test-only sets take their cameras from dataset.test_camids: (0, 1) and DPM's (0, 2) pass,
+    # as does CUHK03-NP under its own protocol (two views of each pair)
+    make_occluded_reid_tree(tmp_path / "Occluded_REID")
+    test_set = [f"dataset.test_root={tmp_path}", "dataset.test_name=occluded_reid"]
+    for camids in ("[0,1]", "[0,2]"):
+        load_splits(run_config(one_camera, *test_set, f"dataset.test_camids={camids}"))
+    cuhk = tmp_path / "cuhk03-np" / "labeled"
+    for folder, name in (
+        ("bounding_box_train", "0001_c1_1.png"),
+        ("query", "0002_c1_1.png"),
+        ("bounding_box_test", "0002_c2_1.png"),
+    ):
+        write_image(cuhk / folder / name)
+    load_splits(run_config(tmp_path / "cuhk03-np", "dataset.name=cuhk03_np_labeled", "eval.protocol=cuhk03"))
 
 
 # ------------------------------------------------------------------------------------ registry

@@ -1,5 +1,6 @@
 """The synthetic occluded re-ID set: determinism, Market layout, masks, manifest and CLI."""
 
+import dataclasses
 import json
 import os
 import re
@@ -9,7 +10,14 @@ import pytest
 from PIL import Image
 
 from dpm_ops.data import DatasetError, build_dataset
-from dpm_ops.data.synth import SynthConfig, ensure_synthetic_dataset, generate_synthetic_dataset, main
+from dpm_ops.data.synth import (
+    SynthConfig,
+    SynthOptionError,
+    check_synthetic_dataset,
+    ensure_synthetic_dataset,
+    generate_synthetic_dataset,
+    main,
+)
 from engine_utils import tiny_synth_config
 
 TINY = tiny_synth_config(ids=8, train_images=(3, 4), distractors=0.2, junk=0.2)
@@ -97,6 +105,52 @@ def test_ensure_reuses_a_matching_set(tmp_path):
     assert (out / "synthetic.json").stat().st_mtime_ns == stamp
 
 
+def test_ensure_refuses_a_set_of_other_options(tmp_path):
+    # Before: ensure_synthetic_dataset regenerated over it (and prepare_synthetic reused it as is).
+    config = SynthConfig(**{**TINY.__dict__, "ids": 4, "distractors": 0.0, "junk": 0.0})
+    out = ensure_synthetic_dataset(tmp_path / "set", config, progress=False)
+    before = file_bytes(out)
+    other = dataclasses.replace(config, seed=9, junk=0.5)
+    with pytest.raises(
+        DatasetError,
+        match=r"set was generated with other options \(junk 0.5 requested, 0.0 there; seed 9 requested, 3 there\); use another folder, or delete the folder",
+    ):
+        ensure_synthetic_dataset(out, other, progress=False)
+    assert file_bytes(out) == before
+    manifest = json.loads((out / "synthetic.json").read_text())
+    (out / "synthetic.json").write_text(json.dumps({**manifest, "format": "dpm_ops.synthetic/0"}))
+    with pytest.raises(DatasetError, match=r"manifest format 'dpm_ops.synthetic/0'"):
+        check_synthetic_dataset(out, config)
+    (out / "synthetic.json").write_text("[]")
+    with pytest.raises(DatasetError, match=r"corrupt synthetic manifest .*synthetic\.json: it holds no config"):
+        check_synthetic_dataset(out, config)
+    assert not check_synthetic_dataset(tmp_path / "absent", config)
+
+
+def test_a_run_refuses_a_set_of_other_dataset_synth_options(tmp_path, capsys):
+    from dpm_ops.engine.builders import prepare_synthetic
+    from dpm_ops.engine.config import load_config
+    from engine_utils import TINY_SYNTH
+
+    root = tmp_path / "set"
+
+    def config(*overrides):
+        synth = [f"dataset.synth.{key}={json.dumps(value)}" for key, value in TINY_SYNTH.items()]
+        return load_config(None, [f"dataset.root={root}", *synth, *overrides])
+
+    prepare_synthetic(config(), progress=False)
+    assert "generating the synthetic dataset" in capsys.readouterr().err
+    stamp = (root / "synthetic.json").stat().st_mtime_ns
+    prepare_synthetic(config(), progress=False)  # the same options: reused
+    with pytest.raises(DatasetError) as info:
+        prepare_synthetic(config("dataset.synth.ids=30", "dataset.synth.width=48"), progress=False)
+    message = str(info.value)
+    assert str(root) in message and "dataset.synth.ids 30 requested, 20 there" in message, message
+    assert "dataset.synth.width 48 requested, 32 there" in message and "set another dataset.root" in message
+    assert (root / "synthetic.json").stat().st_mtime_ns == stamp
+    prepare_synthetic(config("dataset.synth.ids=30", "dataset.generate=false"), progress=False)  # not generating
+
+
 def test_cli(tmp_path, capsys):
     out = tmp_path / "cli"
     args = [
@@ -132,11 +186,18 @@ def test_cli(tmp_path, capsys):
 @pytest.mark.parametrize(
     "option, value, needle",
     [
-        ("--junk", "nan", "--junk: must be a finite non-negative share, got nan"),
+        ("--junk", "nan", "--junk: must be a finite non-negative share <= 10, got nan"),
         ("--distractors", "-0.5", "--distractors: must be a finite non-negative share"),
+        ("--distractors", "1e9", "--distractors: must be a finite non-negative share <= 10, got 1000000000.0"),
+        # Before: an OSError from the JPEG writer (65535 at most) after drawing the first image
+        ("--height", "70000", "--height: must be an integer in 32..1024"),
+        ("--width", "100000", "--width: must be an integer in 16..512"),
+        ("--train-images", "2,100000", "--train-images: must be integers LOW,HIGH with 1 <= LOW <= HIGH <= 200"),
+        ("--gallery-per-camera", "1,51", "--gallery-per-camera: must be integers LOW,HIGH with 1 <= LOW <= HIGH <= 50"),
+        ("--queries-per-id", "7", "--queries-per-id: must be an integer in 1..6 (at most one query per (id, camera))"),
         ("--seed", "-1", "--seed: must be an integer >= 0"),
         ("--ids", "1", "--ids: must be an integer in 2..4999"),
-        ("--width", "8", "--width: must be an integer >= 16"),
+        ("--width", "8", "--width: must be an integer in 16..512"),
         ("--train-occlusion", "inf", "--train-occlusion: must be a probability in [0, 1], got inf"),
         ("--gallery-per-camera", "0,2", "--gallery-per-camera: must be integers LOW,HIGH with 1 <= LOW <= HIGH"),
         ("--train-images", "3,1", "--train-images: must be integers LOW,HIGH"),
@@ -147,6 +208,16 @@ def test_cli_bad_option_is_one_line_naming_it(tmp_path, capsys, option, value, n
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"dpm-reid synth: error: {needle}"), err
     assert not (tmp_path / "set").exists()
+
+
+def test_options_within_bounds_but_too_many_images_together(tmp_path, capsys):
+    args = ["--out", str(tmp_path / "set"), "--ids", "4999", "--train-images", "200,200", "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--ids: with these options the set may hold up to 5" in err[0], err
+    assert "more than 500,000" in err[0] and not (tmp_path / "set").exists()
+    with pytest.raises(SynthOptionError, match="supersample"):
+        SynthConfig(supersample=5)
 
 
 def test_cli_unusable_out_is_one_line(tmp_path, capsys):

@@ -438,3 +438,116 @@ def test_torch_compile_fullgraph(train):
         DPMLoss()(actual, labels).backward()
         assert model.mask_generator.attfc.weight.grad.abs().sum() > 0
         assert model.backbone.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- constructor options
+
+# Out-of-range options of the ViT backbone (DPM and the ViT baseline): each was a traceback (after
+# the data loaded, some mid-training) or silently trained nonsense before the constructors checked.
+BAD_VIT_OPTIONS = [
+    ("depth", -1),
+    ("depth", 0),
+    ("num_heads", 0),  # ZeroDivisionError
+    ("num_heads", -2),  # RuntimeError at the first step
+    ("num_heads", 5),  # does not divide embed_dim = 32
+    ("stride", 0),
+    ("stride", 17),  # > patch_size: pixels between patches never seen
+    ("patch_size", 0),
+    ("embed_dim", 0),
+    ("drop_path_rate", 5.0),  # bernoulli's RuntimeError mid-training
+    ("drop_path_rate", -0.5),
+    ("drop_path_rate", 1.0),  # keep rate 0: a division by zero
+    ("in_chans", 1),  # the images are RGB
+    ("norm_eps", -1.0),  # NaN
+    ("norm_eps", 0.0),
+    ("mlp_ratio", 0.0),  # an MLP without hidden units
+    ("mlp_ratio", -1.0),
+    ("img_size", (8, 128)),  # shorter than a patch
+    ("img_size", (256,)),
+    ("sie_coef", -1.0),
+    ("sie_coef", math.nan),
+    ("qkv_bias", "yes"),
+]
+BAD_DPM_OPTIONS = [
+    ("mask_tap_blocks", ()),  # torch.cat of nothing
+    ("mask_tap_blocks", (0, 0)),
+    ("mask_tap_blocks", (0, 4)),  # depth 4: blocks 0..3
+    ("mask_tap_blocks", (-1,)),
+    ("arcface_margin", 10.0),
+    ("arcface_margin", -3.0),
+    ("arcface_margin", math.pi / 2),  # cos(theta + m) <= 0 for every angle: no target can win
+    ("arcface_scale", -1.0),
+    ("arcface_scale", 0.0),
+    ("easy_margin", 1),
+    ("loss_inputs", None),
+    ("neck_feat", "middle"),
+]
+VIT_OPTIONS = {k: v for k, v in TINY.items() if k != "mask_tap_blocks"}
+
+
+@pytest.mark.parametrize(
+    "model_name,option,value",
+    [("dpm", *case) for case in BAD_VIT_OPTIONS + BAD_DPM_OPTIONS]
+    + [("vit_baseline", *case) for case in BAD_VIT_OPTIONS],
+)
+def test_out_of_range_options_are_refused_by_name(model_name, option, value):
+    options = TINY if model_name == "dpm" else VIT_OPTIONS
+    with pytest.raises(ValueError, match=rf"^{model_name}: {option} must be "):
+        build_model(model_name, NUM_CLASSES, NUM_CAMERAS, **{**options, option: value})
+
+
+@pytest.mark.parametrize("model_name", ["dpm", "vit_baseline"])
+def test_out_of_range_class_and_camera_counts_are_refused(model_name):
+    options = TINY if model_name == "dpm" else VIT_OPTIONS
+    with pytest.raises(ValueError, match=rf"^{model_name}: num_classes must be an integer >= 1"):
+        build_model(model_name, 0, NUM_CAMERAS, **options)
+    with pytest.raises(ValueError, match=rf"^{model_name}: num_cameras must be an integer >= 0"):
+        build_model(model_name, NUM_CLASSES, -1, **options)
+
+
+def test_dpm_refuses_a_patch_grid_too_small_for_the_mask_generator():
+    with pytest.raises(ValueError, match=r"^dpm: img_size \(48, 128\) .* 3x8 patch grid; .* at least 4x4"):
+        tiny_dpm(stride=16, img_size=(48, 128))
+
+
+def test_options_are_checked_before_anything_is_built(monkeypatch):
+    built = []
+    monkeypatch.setattr(torch.nn.Module, "__init__", lambda self, *args, **kwargs: built.append(type(self)))
+    for name in ("dpm", "vit_baseline"):
+        with pytest.raises(ValueError, match="num_heads"):
+            build_model(name, NUM_CLASSES, NUM_CAMERAS, **{**VIT_OPTIONS, "num_heads": 0})
+    assert built == []
+
+
+def test_edge_values_inside_the_ranges_build():
+    model = tiny_dpm(
+        stride=16, arcface_margin=0.0, drop_path_rate=0.0, sie_coef=0.0, mask_tap_blocks=[3, 0], mlp_ratio=1 / 32
+    )
+    assert model.mask_tap_blocks == (3, 0) and len(model.backbone.blocks[0].mlp.fc1.weight) == 1
+    assert build_model("dpm", 1, 0, **{**TINY, "depth": 1, "mask_tap_blocks": (0,)}).backbone.sie_embed is None
+
+
+def test_defaults_and_shipped_configurations_build():
+    """Every built-in config's model options (the paper's recipes and the synthetic ones), at its
+    input size as the engine passes it, and each class's defaults: on the meta device, no memory."""
+    from dpm_ops.engine.config import available_configs, load_config
+
+    shipped = [load_config(name) for name in available_configs()]
+    shipped = [(c["model"]["name"], {"img_size": c["input"]["size"], **c["model"]["options"]}) for c in shipped]
+    shipped = [(name, options) for name, options in shipped if name in ("dpm", "vit_baseline")]
+    assert {name for name, _ in shipped} == {"dpm", "vit_baseline"}
+    with torch.device("meta"):
+        for name, options in [("dpm", {}), ("vit_baseline", {})] + shipped:
+            assert build_model(name, 702, 8, **options).backbone.grid_size[0] > 0
+
+
+def test_engine_reports_a_bad_option_as_one_config_line():
+    from dpm_ops.engine.builders import build_model_from_args
+    from dpm_ops.engine.config import ConfigError
+
+    args = {"num_classes": NUM_CLASSES, "num_cameras": NUM_CAMERAS, "options": {**TINY, "stride": 0}}
+    with pytest.raises(ConfigError, match=r"^config key model.options: dpm: stride must be an integer in \[1, 16\]"):
+        build_model_from_args("dpm", args)
+    with pytest.raises(ConfigError, match=r"^checkpoint run/final.pt: model_args: dpm: stride must be") as info:
+        build_model_from_args("dpm", args, source="checkpoint run/final.pt: model_args")
+    assert "\n" not in str(info.value)

@@ -212,3 +212,62 @@ def test_torch_compile_fullgraph(train):
         assert model.masked_stem[0][0].weight.grad.abs().sum() > 0
     else:
         torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- constructor options
+
+BAD_HEAD_OPTIONS = [
+    ("embed_dim", 0),
+    ("skip", "attention"),
+    ("fuse_levels", None),  # a null override passes the config's type check
+    ("level_norm", "ln"),
+]
+BAD_OPTIONS = {
+    "maskreid": [("stem_channels", 0), ("base_width", -1), *BAD_HEAD_OPTIONS],
+    "maskreid_resnet50": [
+        ("last_stride", 0),
+        ("last_stride", 3),
+        ("last_stride", True),
+        ("layers", (1, 1, 1)),  # layer4 missing
+        ("layers", (1, 1, 1, 0)),
+        ("layers", ()),
+        ("width", 0),
+        *BAD_HEAD_OPTIONS,
+    ],
+}
+SMALL = {"maskreid": TINY, "maskreid_resnet50": dict(layers=(1, 1, 1, 1), width=8)}
+
+
+@pytest.mark.parametrize(
+    "model_name,option,value", [(name, *case) for name, cases in BAD_OPTIONS.items() for case in cases]
+)
+def test_out_of_range_options_are_refused_by_name(model_name, option, value):
+    with pytest.raises(ValueError, match=rf"^{model_name}: {option} must be "):
+        build_model(model_name, 0, **{**SMALL[model_name], option: value})
+
+
+@pytest.mark.parametrize("model_name", list(BAD_OPTIONS))
+def test_negative_class_count_is_refused(model_name):
+    with pytest.raises(ValueError, match=rf"^{model_name}: num_classes must be an integer >= 0"):
+        build_model(model_name, -1, **SMALL[model_name])
+
+
+def test_options_are_checked_before_anything_is_built(monkeypatch):
+    built = []
+    monkeypatch.setattr(torch.nn.Module, "__init__", lambda self, *args, **kwargs: built.append(type(self)))
+    for name in BAD_OPTIONS:
+        with pytest.raises(ValueError, match="embed_dim"):
+            build_model(name, 0, **SMALL[name], embed_dim=0)
+    assert built == []
+
+
+def test_defaults_and_shipped_configurations_build():
+    """Each class's defaults and every built-in MaskReID config's options, on the meta device."""
+    from dpm_ops.engine.config import available_configs, load_config
+
+    shipped = [load_config(name)["model"] for name in available_configs()]
+    shipped = [(m["name"], m["options"]) for m in shipped if m["name"] in BAD_OPTIONS]
+    assert shipped
+    with torch.device("meta"):
+        for name, options in [(name, {}) for name in BAD_OPTIONS] + shipped:
+            assert build_model(name, 751, **options).head.fc.out_features == options.get("embed_dim", 256)

@@ -1,21 +1,26 @@
 """The common tail of every dataset loader: drop junk, relabel train pids 0..N-1, check the split
-counts against the published ones, attach the foreground masks, optionally verify every file. And
-the public loader of a layout table's row (:func:`row_loader`)."""
+counts against the published ones, attach the foreground masks, verify every file (decoded, on a
+thread pool). The check that a run's query/gallery can be evaluated (:func:`check_query_matches`),
+and the public loader of a layout table's row (:func:`row_loader`)."""
 
 from __future__ import annotations
 
 import inspect
+import os
 import warnings
-from typing import Callable, Iterable, Optional
-
-from PIL import Image, UnidentifiedImageError
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Optional, TypeVar
 
 from .errors import DatasetCountWarning, DatasetError
+from .image_io import check_mask_size, decoded
 from .masks import build_mask_index
 from .parsing import JUNK_PID
 from .records import ImageRecord, ReIDSplits
 
 COUNT_POLICIES = ("warn", "error", "off")
+VERIFY_THREADS = 16  # decoding threads, at most one per usable CPU
+
+T = TypeVar("T")
 
 
 def _relabel(train: list[ImageRecord]) -> tuple[list[ImageRecord], dict[int, int]]:
@@ -42,13 +47,74 @@ def _check_counts(name: str, splits: dict[str, list[ImageRecord]], expected: dic
         warnings.warn(message + " (partial copy?)", DatasetCountWarning, stacklevel=4)
 
 
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _check_all(check: Callable[[T], None], items: Iterable[T]) -> None:
+    """``check`` every item on a thread pool (Pillow decodes without the GIL) and raise the error of
+    the first failing item in order, without waiting for the items after it."""
+    pool = ThreadPoolExecutor(max_workers=min(VERIFY_THREADS, _usable_cpus()))
+    try:
+        for _ in pool.map(check, items):
+            pass
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def _decodes(path: str, kind: str) -> tuple[int, int]:
+    """The (width, height) of the file, decoded whole: a header check passes truncated files."""
+    with decoded(path, kind) as image:
+        return image.size
+
+
 def _verify_readable(paths: Iterable[str], kind: str) -> None:
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                image.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-            raise DatasetError(f"unreadable {kind}: {path} ({error})") from error
+    """Decode every file of ``paths``; the first that fails is a DatasetError naming it."""
+    _check_all(lambda path: _decodes(path, kind), paths)
+
+
+def verify_splits(splits: ReIDSplits) -> None:
+    """Decode every image the splits use (train, query, gallery, multi-query pools) and, with masks,
+    its mask, checking that it has the image's size: a bad file is named before any long work
+    instead of in a data loader hours later. The images are not kept."""
+    records = (*splits.train, *splits.query, *splits.gallery, *(splits.multi_query or ()))
+    paths = list(dict.fromkeys(r.path for r in records))
+    mask_paths = splits.mask_paths
+
+    def check(path: str) -> None:
+        size = _decodes(path, "image")
+        if mask_paths is not None:
+            if path not in mask_paths:
+                raise DatasetError(f"image has no mask: {path}")
+            check_mask_size(mask_paths[path], _decodes(mask_paths[path], "mask"), size)
+
+    _check_all(check, paths)
+
+
+def check_query_matches(splits: ReIDSplits) -> None:
+    """Evaluation ranks each query against the gallery images of its id on another camera; with no
+    such image for any query there is nothing to evaluate, which is found here from the ids and
+    cameras instead of after training."""
+    gallery_cameras: dict[int, set[int]] = {}
+    for record in splits.gallery:
+        gallery_cameras.setdefault(record.pid, set()).add(record.camid)
+    if any(gallery_cameras.get(r.pid, set()) - {r.camid} for r in splits.query):
+        return
+    shared = {r.pid for r in splits.query} & set(gallery_cameras)
+    if not shared:
+        problem = "none of the query ids is in the gallery"
+    else:
+        problem = (
+            f"the {len(shared)} query id(s) in the gallery are there only on the query's own camera "
+            "(same-camera images are not matches; a one-camera set?)"
+        )
+    raise DatasetError(
+        f"{splits.name} at {splits.root}: no query has a match in the gallery (the same id on another "
+        f"camera), so it cannot be evaluated: {problem}"
+    )
 
 
 def _assemble(
@@ -81,11 +147,7 @@ def _assemble(
     mask_paths = None
     if with_masks:
         mask_paths = build_mask_index(all_images, dataset_dir, mask_root)
-    if verify_images:
-        _verify_readable(all_images, "image")
-        if mask_paths is not None:
-            _verify_readable(mask_paths.values(), "mask")
-    return ReIDSplits(
+    splits = ReIDSplits(
         name=name,
         root=dataset_dir,
         train=train,
@@ -98,6 +160,9 @@ def _assemble(
         junk_dropped=junk,
         multi_query=multi_query,
     )
+    if verify_images:
+        verify_splits(splits)
+    return splits
 
 
 def row_loader(load_row: Callable[..., ReIDSplits], row, omit: tuple = ()) -> Callable[..., ReIDSplits]:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import DatasetError, DatasetNotFoundError
@@ -9,32 +13,70 @@ from .errors import DatasetError, DatasetNotFoundError
 # A mask pixel is foreground when its 8-bit value is at least this (1-bit PNGs read as 0/255).
 MASK_THRESHOLD = 128
 
+# Greyscale modes holding 16-bit samples (PNG / TIFF); "I" is what 32-bit integer files open as.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
 
 def _open(path: str, kind: str) -> Image.Image:
     try:
         image = Image.open(path)
-        image.load()
     except FileNotFoundError as error:
         raise DatasetNotFoundError(f"{kind} not found: {path}") from error
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise DatasetError(f"unreadable {kind}: {path} ({error})") from error
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as error:
+        image.close()  # else the file stays open until garbage collection (a ResourceWarning)
+        raise DatasetError(f"unreadable {kind}: {path} ({error})") from error
     return image
+
+
+def _to_8bit(image: Image.Image, path: str, kind: str) -> Image.Image:
+    """``image`` with 8-bit samples: Pillow's convert() clips 16-bit greyscale at 255 (near-white),
+    so 0..65535 is scaled to 0..255 here; other bit depths are refused rather than guessed."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        samples = np.asarray(image)
+        if image.mode == "I" and samples.size and (samples.min() < 0 or samples.max() > 0xFFFF):
+            raise DatasetError(
+                f"unsupported {kind}: {path} has 32-bit samples ({samples.min()}..{samples.max()}); "
+                "convert it to 8 or 16 bits"
+            )
+        return Image.fromarray(((samples.astype(np.uint32) + 128) // 257).astype(np.uint8), "L")
+    if image.mode == "F":
+        raise DatasetError(f"unsupported {kind}: {path} has floating-point samples; convert it to 8 or 16 bits")
+    return image
+
+
+@contextlib.contextmanager
+def decoded(path: str, kind: str) -> Iterator[Image.Image]:
+    """The whole file decoded, in 8 bits per sample (a mode convert() maps faithfully); the file is
+    closed on exit."""
+    with _open(path, kind) as image:
+        yield _to_8bit(image, path, kind)
+
+
+def check_mask_size(path: str, mask_size: tuple[int, int], expected_size: tuple[int, int]) -> None:
+    """A mask of another size than its image means the mask tree does not belong to these images."""
+    if tuple(mask_size) != tuple(expected_size):
+        raise DatasetError(
+            f"mask {path} is {mask_size[0]}x{mask_size[1]} but its image is {expected_size[0]}x{expected_size[1]}"
+        )
 
 
 def read_image(path: str) -> Image.Image:
     """Decode an image file as RGB."""
-    return _open(path, "image").convert("RGB")
+    with decoded(path, "image") as image:
+        return image.convert("RGB")
 
 
 def read_mask(path: str, expected_size: tuple[int, int] | None = None) -> Image.Image:
     """Decode a foreground mask as a binary 'L' image (0 background, 255 foreground).
 
-    expected_size is the (width, height) of the image it belongs to; a mask of another size
-    means the mask tree does not belong to these images.
+    expected_size is the (width, height) of the image it belongs to.
     """
-    mask = _open(path, "mask").convert("L")
-    if expected_size is not None and mask.size != tuple(expected_size):
-        raise DatasetError(
-            f"mask {path} is {mask.size[0]}x{mask.size[1]} but its image is {expected_size[0]}x{expected_size[1]}"
-        )
+    with decoded(path, "mask") as mask:
+        mask = mask.convert("L")
+    if expected_size is not None:
+        check_mask_size(path, mask.size, expected_size)
     return mask.point(lambda value: 255 if value >= MASK_THRESHOLD else 0)

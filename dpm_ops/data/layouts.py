@@ -159,7 +159,7 @@ def _load_market_layout(
     with_masks: bool = False,
     mask_root: Optional[str] = None,
     check_counts: str = "warn",
-    verify_images: bool = False,
+    verify_images: bool = True,
     multi_query: bool = False,
 ) -> ReIDSplits:
     dataset_dir = find_dataset_dir(root, layout.folders, MARKET_FOLDERS, layout.title)
@@ -196,7 +196,7 @@ def load_cuhk03_np(
     with_masks: bool = False,
     mask_root: Optional[str] = None,
     check_counts: str = "warn",
-    verify_images: bool = False,
+    verify_images: bool = True,
 ) -> ReIDSplits:
     """CUHK03-NP: ``cuhk03-np/{labeled,detected}/{bounding_box_train,query,bounding_box_test}/*.png``,
     the ``variant`` row of the layout table.
@@ -218,7 +218,7 @@ def load_synthetic(
     with_masks: bool = False,
     mask_root: Optional[str] = None,
     check_counts: str = "error",
-    verify_images: bool = False,
+    verify_images: bool = True,
 ) -> ReIDSplits:
     """A set written by :mod:`dpm_ops.data.synth`: Market layout plus ``synthetic.json``.
 

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 
 from dpm_ops.data import DatasetError, MaskReIDBatchSampler, RandomIdentityBatchSampler, ReIDSplits, build_dataset
+from dpm_ops.data.assembly import check_query_matches, verify_splits
+from dpm_ops.data.datasets import dataset_options
 
 from . import distributed
 from .checkpoint import load_checkpoint, load_model_state, make_output_folder
@@ -59,24 +61,31 @@ def resolve_amp(setting: str, device: torch.device) -> Optional[torch.dtype]:
 
 
 def prepare_synthetic(config: dict, *, progress: bool = True) -> None:
-    """Generate the synthetic set at ``dataset.root`` if it is absent (rank 0; others wait)."""
+    """Generate the synthetic set at ``dataset.root`` if it is absent (rank 0; others wait). A set
+    generated with other ``dataset.synth`` options is a DatasetError, never reused or replaced."""
     data = config["dataset"]
     if data["name"].lower() not in ("synthetic", "synth") or not data["generate"]:
         return
-    from dpm_ops.data.parsing import SYNTHETIC_MANIFEST
-    from dpm_ops.data.synth import ensure_synthetic_dataset, synth_config
+    from dpm_ops.data.synth import check_synthetic_dataset, generate_synthetic_dataset, synth_config
 
     root = Path(os.path.expanduser(data["root"]))
-    if distributed.current().is_main and not (root / SYNTHETIC_MANIFEST).is_file():
+    wanted = synth_config(data["synth"])  # dataset.synth was checked by load_config
+    # every rank checks (a manifest read), so that a mismatch stops them all before the barrier
+    present = check_synthetic_dataset(
+        root, wanted, option_prefix="dataset.synth.", elsewhere="set another dataset.root"
+    )
+    if distributed.current().is_main and not present:
         print(f"dpm-reid: generating the synthetic dataset in {root} (absent)", file=sys.stderr)
-        # dataset.synth was checked by load_config
-        ensure_synthetic_dataset(root, synth_config(data["synth"]), progress=progress)
+        generate_synthetic_dataset(root, wanted, progress=progress)
     distributed.barrier()
 
 
 def load_splits(config: dict) -> ReIDSplits:
     """Train split of ``dataset``, query/gallery of ``dataset`` or of ``dataset.test_name``
-    (with its ``dataset.test_camids``); the test set's gt_bbox pools with ``eval.multi_query``."""
+    (with its ``dataset.test_camids``); the test set's gt_bbox pools with ``eval.multi_query``.
+
+    Checked here, before any long work: the query/gallery can be evaluated (some query has a
+    match), and every image the run reads (with its mask) decodes."""
     data = config["dataset"]
     with_masks = (
         data["with_masks"] if data["with_masks"] is not None else get_recipe(config["model"]["name"]).uses_masks
@@ -88,8 +97,13 @@ def load_splits(config: dict) -> ReIDSplits:
     if data["test_camids"] is not None:
         test_options["camids"] = tuple(data["test_camids"])
     splits = build_dataset(
-        data["name"], os.path.expanduser(data["root"]), **options, **({} if data["test_name"] else test_options)
+        data["name"],
+        os.path.expanduser(data["root"]),
+        **options,
+        **_without_verification(data["name"]),
+        **({} if data["test_name"] else test_options),
     )
+    test = splits
     if data["test_name"]:
         test = build_dataset(
             data["test_name"],
@@ -97,6 +111,7 @@ def load_splits(config: dict) -> ReIDSplits:
             with_masks=with_masks,
             mask_root=data["mask_root"],
             check_counts=data["check_counts"],
+            **_without_verification(data["test_name"]),
             **test_options,
         )
         mask_paths = None
@@ -113,7 +128,15 @@ def load_splits(config: dict) -> ReIDSplits:
         )
     if not splits.train:
         raise DatasetError(f"dataset {data['name']} at {data['root']} has no training images")
+    check_query_matches(test)  # names the test set's own root
+    verify_splits(splits)
     return splits
+
+
+def _without_verification(name: str) -> dict:
+    """Loader options that skip its own image check: load_splits decodes only what the run reads
+    (not the query/gallery of a train set tested on another), once."""
+    return {"verify_images": False} if "verify_images" in dataset_options(name) else {}
 
 
 def build_sampler(kind: str, config: dict, pids: list, rank: int, world_size: int):
@@ -182,19 +205,25 @@ def eval_model_arguments(name: str, checkpoint_args: dict, config: dict) -> dict
     return {**checkpoint_args, "options": {**checkpoint_args["options"], **chosen}}
 
 
-def build_model_from_args(name: str, args: dict) -> nn.Module:
+def build_model_from_args(name: str, args: dict, source: str = "config key model.options") -> nn.Module:
+    """The model of ``args`` ({"num_classes", "num_cameras", "options"}). The model checks its options
+    before allocating anything; a bad one (TypeError, ValueError naming it and its range) becomes
+    one ConfigError line naming ``source``: where the options came from, e.g. a checkpoint's
+    model_args."""
     options = {k: tuple(v) if isinstance(v, list) else v for k, v in args["options"].items()}
     try:
         return get_recipe(name).build(args["num_classes"], args["num_cameras"], **options)
     except (TypeError, ValueError) as error:
-        raise ConfigError(f"config key model.options: {error}") from error
+        raise ConfigError(f"{source}: {error}") from error
 
 
 def model_from_checkpoint(state: dict, config: dict, path: str | os.PathLike) -> nn.Module:
     """The checkpoint's architecture (with the config's eval-time options) and weights, in eval mode.
     ``path`` names the file in errors."""
     name = state["model_name"]
-    model = build_model_from_args(name, eval_model_arguments(name, state["model_args"], config))
+    model = build_model_from_args(
+        name, eval_model_arguments(name, state["model_args"], config), source=f"checkpoint {path}: model_args"
+    )
     load_model_state(model, state["model"], path)
     return model.eval()
 
@@ -268,7 +297,9 @@ def evaluate_checkpoint(
     metrics.json and pictures in ``output`` (default: ``eval/`` beside the run's checkpoints folder).
     Returns (the metrics on rank 0, else None; the output folder)."""
     state = load_checkpoint(weights, model_name=config["model"]["name"])
-    output = make_output_folder(output or Path(weights).resolve().parent.parent / "eval", "--output")
+    weights_folder = Path(weights).resolve().parent
+    run_folder = weights_folder.parent if weights_folder.name == "checkpoints" else weights_folder
+    output = make_output_folder(output or run_folder / "eval", "--output")
     device, info = init_run_device(config)
     progress = config["train"]["progress"] and info.is_main
     prepare_synthetic(config, progress=progress)

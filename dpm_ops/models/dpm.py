@@ -16,6 +16,7 @@ stride 11, 8 cameras). The official unused 1000-way ``base.fc`` is not carried.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -24,8 +25,9 @@ import torch.nn as nn
 from dpm_ops.ops.masked_arcface_reference import masked_arcface_logits
 from dpm_ops.ops import hierarchical_mask_pool
 
+from ._checks import check_choice, check_flag, check_int, check_int_list, check_real
 from .param_groups import bnneck, sgd_param_groups
-from .vit import ViTReID
+from .vit import ViTReID, checked_vit_options, patch_grid
 
 
 NECK_FEATS = ("before", "after")
@@ -112,6 +114,38 @@ class DPMParamGroups(NamedTuple):
     mask_generator: list  # conv stack + attfc: the second optimizer, constant lr
 
 
+def check_dpm_options(
+    num_classes,
+    num_cameras,
+    mask_tap_blocks,
+    arcface_scale,
+    arcface_margin,
+    easy_margin,
+    loss_inputs,
+    neck_feat,
+    **backbone_options,
+) -> None:
+    """ValueError naming the first of DPM's options (its backbone's included) out of range."""
+    check_int("dpm", "num_classes", num_classes, 1, why=" (the classifier's weights are the prototypes)")
+    vit = checked_vit_options("dpm", num_cameras=num_cameras, **backbone_options)
+    depth = vit["depth"]
+    check_int_list(
+        "dpm", "mask_tap_blocks", mask_tap_blocks, 0, depth - 1, distinct=True, why=f" (blocks of depth = {depth})"
+    )
+    check_real("dpm", "arcface_scale", arcface_scale, 0, low_open=True)
+    # cos(theta + m) must fall as the angle theta grows over [0, pi/2] (and easy_margin's range): m < pi/2
+    check_real("dpm", "arcface_margin", arcface_margin, 0, math.pi / 2, high_open=True, why=" (radians, below pi/2)")
+    check_flag("dpm", "easy_margin", easy_margin)
+    check_flag("dpm", "loss_inputs", loss_inputs)
+    check_choice("dpm", "neck_feat", neck_feat, NECK_FEATS)
+    grid = patch_grid(vit["img_size"], vit["patch_size"], vit["stride"])
+    if min(grid) < 4:
+        raise ValueError(
+            f"dpm: img_size {tuple(vit['img_size'])} at patch_size {vit['patch_size']}, stride {vit['stride']} gives a "
+            f"{grid[0]}x{grid[1]} patch grid; the mask generator's two 2x2 max-pools need at least 4x4"
+        )
+
+
 class DPM(nn.Module):
     """Defaults are the Occluded-Duke configuration (stride 11, ArcFace m = 0.5); Market and Duke use
     ``stride=12, arcface_margin=0.3``. Width, depth and image size are options for small builds;
@@ -135,18 +169,23 @@ class DPM(nn.Module):
         neck_feat: str = "before",
         **backbone_options,
     ):
+        check_dpm_options(
+            num_classes,
+            num_cameras,
+            mask_tap_blocks,
+            arcface_scale,
+            arcface_margin,
+            easy_margin,
+            loss_inputs,
+            neck_feat,
+            **backbone_options,
+        )
         super().__init__()
-        if neck_feat not in NECK_FEATS:
-            raise ValueError(f"neck_feat must be one of {NECK_FEATS}, got {neck_feat!r}")
         self.loss_inputs, self.neck_feat = loss_inputs, neck_feat
-        if num_classes < 1:
-            raise ValueError("DPM needs num_classes >= 1: its classifier weights are the prototypes")
         self.mask_tap_blocks = tuple(mask_tap_blocks)
         self.arcface_scale, self.arcface_margin, self.easy_margin = arcface_scale, arcface_margin, easy_margin
         self.backbone = ViTReID(num_cameras=num_cameras, **backbone_options)
-        embed_dim, depth = self.backbone.embed_dim, len(self.backbone.blocks)
-        if any(not 0 <= i < depth for i in self.mask_tap_blocks):
-            raise ValueError(f"mask_tap_blocks {self.mask_tap_blocks} must lie in [0, {depth - 1}]")
+        embed_dim = self.backbone.embed_dim
         self.mask_generator = HierarchicalMaskGenerator(embed_dim, self.backbone.grid_size, len(self.mask_tap_blocks))
         self.bottleneck = bnneck(embed_dim)
         self.classifier = nn.Linear(embed_dim, num_classes, bias=False)

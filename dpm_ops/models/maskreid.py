@@ -16,6 +16,7 @@ Convolutions use Caffe's "xavier" filler (uniform ±sqrt(3 / fan_in)) with bias 
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import NamedTuple, Optional, Sequence
 
@@ -24,6 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dpm_ops.ops import hierarchical_mask_pool
+
+from ._checks import check_choice, check_flag, check_int, check_int_list
 
 SKIP_MODES = ("avg", "max", "conv_avg")
 LEVEL_NORMS = (None, "bn", "l2")
@@ -78,6 +81,24 @@ class InceptionB(nn.Module):
         return torch.cat([self.branch1(x), self.branch2(x), self.branch3(x)], 1)
 
 
+def check_head_options(model: str, *, embed_dim, skip, fuse_levels, level_norm, num_classes) -> None:
+    """ValueError naming the first of SkippedFusionHead's options out of range."""
+    check_int(model, "embed_dim", embed_dim, 1)
+    check_choice(model, "skip", skip, SKIP_MODES)
+    check_flag(model, "fuse_levels", fuse_levels)
+    check_choice(model, "level_norm", level_norm, LEVEL_NORMS)
+    check_int(model, "num_classes", num_classes, 0, why=" (0: no softmax head)")
+
+
+def checked_head_options(model: str, **options) -> None:
+    """check_head_options of SkippedFusionHead's keyword options, its defaults filled in: what a model
+    built on the head checks before allocating anything. An unknown option is a TypeError, as in the
+    constructor."""
+    bound = inspect.signature(SkippedFusionHead).bind_partial(**options)
+    bound.apply_defaults()
+    check_head_options(model, **{name: value for name, value in bound.arguments.items() if name != "level_channels"})
+
+
 class MaskReIDTrainOutput(NamedTuple):
     embedding: torch.Tensor  # (B, D) L2-normalised descriptor (ranking loss, retrieval)
     logits: Optional[torch.Tensor]  # (B, K) softmax head on the pre-L2 feature, if built
@@ -95,11 +116,16 @@ class SkippedFusionHead(nn.Module):
         level_norm: Optional[str] = None,
         num_classes: int = 0,
     ):
+        check_int_list("skipped_fusion_head", "level_channels", level_channels, 1)
+        check_head_options(
+            "skipped_fusion_head",
+            embed_dim=embed_dim,
+            skip=skip,
+            fuse_levels=fuse_levels,
+            level_norm=level_norm,
+            num_classes=num_classes,
+        )
         super().__init__()
-        if skip not in SKIP_MODES:
-            raise ValueError(f"skip must be one of {SKIP_MODES}, got {skip!r}")
-        if level_norm not in LEVEL_NORMS:
-            raise ValueError(f"level_norm must be one of {LEVEL_NORMS}, got {level_norm!r}")
         self.skip, self.level_norm, self.fuse_levels = skip, level_norm, fuse_levels
         channels = list(level_channels) if fuse_levels else [level_channels[-1]]
         # The skip paths (every level but the highest) get the extra block in "conv_avg" mode.
@@ -154,6 +180,10 @@ class MaskReID(nn.Module):
         base_width: int = 64,
         **head_options,
     ):
+        # the paper's 32 and 64; any width builds the same network, smaller
+        check_int("maskreid", "stem_channels", stem_channels, 1)
+        check_int("maskreid", "base_width", base_width, 1)
+        checked_head_options("maskreid", num_classes=num_classes, **head_options)
         super().__init__()
         self.raw_stem = self._stem(stem_channels)
         self.masked_stem = self._stem(stem_channels)

@@ -17,7 +17,16 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .maskreid import SkippedFusionHead
+from ._checks import check_choice, check_int, check_int_list
+from .maskreid import SkippedFusionHead, checked_head_options
+
+
+def check_resnet_options(model: str, last_stride, layers, width) -> None:
+    """ValueError naming the first of ResNet50's options out of range."""
+    # 2: torchvision's ResNet-50; 1: the re-ID choice (layer4 at 1/16). Larger strides skip pixels.
+    check_choice(model, "last_stride", last_stride, (1, 2))
+    check_int_list(model, "layers", layers, 1, length=4, why=" (blocks of layer1..layer4)")
+    check_int(model, "width", width, 1)
 
 
 class Bottleneck(nn.Module):
@@ -51,6 +60,7 @@ class ResNet50(nn.Module):
     only exist to build small versions for tests."""
 
     def __init__(self, last_stride: int = 2, layers: Sequence[int] = (3, 4, 6, 3), width: int = 64):
+        check_resnet_options("resnet50", last_stride, layers, width)
         super().__init__()
         self.conv1 = nn.Conv2d(3, width, 7, 2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
@@ -115,6 +125,8 @@ class MaskReIDResNet50(nn.Module):
         width: int = 64,
         **head_options,
     ):
+        check_resnet_options("maskreid_resnet50", last_stride, layers, width)
+        checked_head_options("maskreid_resnet50", num_classes=num_classes, **head_options)
         super().__init__()
         self.trunk = ResNet50(last_stride, layers, width)
         self.masked_stem = ResNetStem(width)

@@ -17,12 +17,15 @@ checkpoints load by name (see ``weights.py``).
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ._checks import check_choice, check_flag, check_int, check_int_list, check_real
 
 
 class DropPath(nn.Module):
@@ -43,6 +46,12 @@ class DropPath(nn.Module):
         return f"drop_prob={self.drop_prob}"
 
 
+def patch_grid(img_size: Sequence[int], patch_size: int, stride: int) -> tuple[int, int]:
+    """(num_y, num_x) of the patches a ``patch_size`` conv at ``stride`` takes from an image."""
+    height, width = img_size
+    return (height - patch_size) // stride + 1, (width - patch_size) // stride + 1
+
+
 class OverlappingPatchEmbed(nn.Module):
     """``Conv2d(3, C, patch, stride)``: stride < patch makes neighbouring patches overlap."""
 
@@ -52,7 +61,7 @@ class OverlappingPatchEmbed(nn.Module):
         if height < patch_size or width < patch_size:
             raise ValueError(f"image size {img_size} is smaller than the patch size {patch_size}")
         self.img_size = (height, width)
-        self.grid_size = ((height - patch_size) // stride + 1, (width - patch_size) // stride + 1)
+        self.grid_size = patch_grid(img_size, patch_size, stride)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=stride)
 
@@ -130,6 +139,56 @@ class ViTFeatures(NamedTuple):
     cls_logits: Optional[torch.Tensor]  # (B, heads, N) last block's CLS->patch logits, if asked
 
 
+def check_vit_options(
+    model: str,
+    *,
+    img_size,
+    patch_size,
+    stride,
+    in_chans,
+    embed_dim,
+    depth,
+    num_heads,
+    mlp_ratio,
+    qkv_bias,
+    drop_path_rate,
+    norm_eps,
+    num_cameras,
+    sie_coef,
+) -> None:
+    """ValueError naming the first of ViTReID's options out of range; ``model`` prefixes the message."""
+    patch_size = check_int(model, "patch_size", patch_size, 1)
+    # stride > patch_size would skip pixels between patches: TransReID's patches touch or overlap
+    check_int(model, "stride", stride, 1, patch_size, why=" (at most patch_size)")
+    check_int_list(model, "img_size", img_size, patch_size, length=2, why=" ([height, width], at least patch_size)")
+    # the data pipeline and every pretrained patch conv are RGB
+    check_choice(model, "in_chans", in_chans, (3,), why=" (the images are RGB)")
+    embed_dim = check_int(model, "embed_dim", embed_dim, 1)
+    check_int(model, "depth", depth, 1)
+    check_int(
+        model, "num_heads", num_heads, 1, why=f" dividing embed_dim = {embed_dim}", holds=lambda n: embed_dim % n == 0
+    )
+    # int(embed_dim * mlp_ratio) is the MLP's hidden width: at least one unit
+    why = f" (1 / embed_dim, embed_dim = {embed_dim}: a hidden width embed_dim * mlp_ratio of at least 1)"
+    check_real(model, "mlp_ratio", mlp_ratio, 1 / embed_dim, why=why)
+    check_flag(model, "qkv_bias", qkv_bias)
+    # the deepest block drops its branch with this probability: 1 would divide by a keep rate of 0
+    check_real(model, "drop_path_rate", drop_path_rate, 0, 1, high_open=True, why=" (a probability)")
+    check_real(model, "norm_eps", norm_eps, 0, low_open=True, why=" (LayerNorm divides by sqrt(var + eps))")
+    check_int(model, "num_cameras", num_cameras, 0, why=" (0 or 1: no camera embedding)")
+    check_real(model, "sie_coef", sie_coef, 0, why=" (the camera embedding's weight; 0: unused)")
+
+
+def checked_vit_options(model: str, **options) -> dict:
+    """ViTReID's keyword options with its defaults filled in, after check_vit_options: what a model
+    built on ViTReID checks before allocating anything. An unknown option is a TypeError, as in the
+    constructor."""
+    bound = inspect.signature(ViTReID).bind(**options)
+    bound.apply_defaults()
+    check_vit_options(model, **bound.arguments)
+    return bound.arguments
+
+
 class ViTReID(nn.Module):
     """TransReID ViT (no JPM, no distillation token, camera-only SIE).
 
@@ -153,6 +212,22 @@ class ViTReID(nn.Module):
         num_cameras: int = 0,
         sie_coef: float = 3.0,
     ):
+        check_vit_options(
+            "vit",
+            img_size=img_size,
+            patch_size=patch_size,
+            stride=stride,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            drop_path_rate=drop_path_rate,
+            norm_eps=norm_eps,
+            num_cameras=num_cameras,
+            sie_coef=sie_coef,
+        )
         super().__init__()
         self.embed_dim = embed_dim
         self.num_heads = num_heads

@@ -9,8 +9,9 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 
+from ._checks import check_int
 from .param_groups import bnneck, sgd_param_groups
-from .vit import ViTReID
+from .vit import ViTReID, checked_vit_options
 
 
 class ViTBaselineTrainOutput(NamedTuple):
@@ -24,9 +25,9 @@ class ViTBaseline(nn.Module):
     passes_options_to = ViTReID  # **backbone_options: its keywords are this model's options too
 
     def __init__(self, num_classes: int, num_cameras: int = 0, **backbone_options):
+        check_int("vit_baseline", "num_classes", num_classes, 1, why=" (the ID loss's classes)")
+        checked_vit_options("vit_baseline", num_cameras=num_cameras, **backbone_options)
         super().__init__()
-        if num_classes < 1:
-            raise ValueError("the ViT baseline needs num_classes >= 1")
         self.backbone = ViTReID(num_cameras=num_cameras, **backbone_options)
         embed_dim = self.backbone.embed_dim
         self.bottleneck = bnneck(embed_dim)

@@ -28,7 +28,7 @@ from .cli import build_parser, main
 from .config import SynthConfig, SynthOptionError, synth_config
 from .drawing import HAIR_COLOURS, SKIN_TONES, Appearance, Pose, draw_person, random_appearance, random_pose
 from .scene import OCCLUDER_KINDS, Camera, draw_occluder
-from .writing import MANIFEST_FORMAT, ensure_synthetic_dataset, generate_synthetic_dataset
+from .writing import MANIFEST_FORMAT, check_synthetic_dataset, ensure_synthetic_dataset, generate_synthetic_dataset
 
 __all__ = [
     "HAIR_COLOURS",
@@ -41,6 +41,7 @@ __all__ = [
     "SynthConfig",
     "SynthOptionError",
     "build_parser",
+    "check_synthetic_dataset",
     "draw_occluder",
     "draw_person",
     "ensure_synthetic_dataset",

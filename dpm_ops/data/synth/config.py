@@ -52,6 +52,13 @@ def _check_float(name: str, value, wanted: str, ok) -> None:
         raise SynthOptionError(name, f"must be {wanted}, got {value!r}")
 
 
+MAX_WIDTH, MAX_HEIGHT = 512, 1024
+MAX_TRAIN_IMAGES = 200  # per train identity (Market-1501's most is 72)
+MAX_GALLERY_PER_CAMERA = 50  # per test identity and camera
+MAX_SHARE = 10.0  # distractors / junk, in identities' gallery images
+MAX_IMAGES = 500_000  # the whole set (Market-1501 has 33k, MSMT17 126k)
+
+
 def _option(default, help: str):
     """A field that is also a ``dpm-reid synth`` option; ``help`` is its help text."""
     return dataclasses.field(default=default, metadata={"help": help})
@@ -92,18 +99,28 @@ class SynthConfig:
         _check_int("seed", self.seed, 0, None, "a non-negative seed")
         _check_int("ids", self.ids, 2, 4999, "one train and one test identity; 4-digit pids")
         _check_int("cameras", self.cameras, 2, 9, "Market names hold one camera digit")
-        _check_int("width", self.width, 16, None, "images must be at least 16 wide")
-        _check_int("height", self.height, 32, None, "images must be at least 32 high")
-        _check_int("queries_per_id", self.queries_per_id, 1, None)
-        _check_int("supersample", self.supersample, 1, None)
+        # upper bounds keep a typo from asking for gigabytes: every camera's background is
+        # 2 * width * supersample by height * supersample, and JPEG stops at 65535 anyway
+        _check_int("width", self.width, 16, MAX_WIDTH, "re-ID person crops are small")
+        _check_int("height", self.height, 32, MAX_HEIGHT, "re-ID person crops are small")
+        _check_int("queries_per_id", self.queries_per_id, 1, self.cameras, "at most one query per (id, camera)")
+        _check_int("supersample", self.supersample, 1, 4)
         _check_int("jpeg_quality", self.jpeg_quality, 1, 100, "PIL's JPEG quality")
         _check_int_range("id_cameras", self.id_cameras, 2, self.cameras)
-        for name in ("train_images", "gallery_per_camera"):  # every query needs a true match in the gallery
-            _check_int_range(name, getattr(self, name), 1, None)
+        for name, high in (("train_images", MAX_TRAIN_IMAGES), ("gallery_per_camera", MAX_GALLERY_PER_CAMERA)):
+            # every query needs a true match in the gallery
+            _check_int_range(name, getattr(self, name), 1, high)
+        share = f"a finite non-negative share <= {MAX_SHARE:g}"
         for name in ("distractors", "junk"):
-            _check_float(name, getattr(self, name), "a finite non-negative share", lambda v: v >= 0)
+            _check_float(name, getattr(self, name), share, lambda v: 0 <= v <= MAX_SHARE)
         for name in ("query_occlusion", "gallery_occlusion", "train_occlusion"):
             _check_float(name, getattr(self, name), "a probability in [0, 1]", lambda v: 0 <= v <= 1)
+        if self.max_images() > MAX_IMAGES:  # each option within bounds, all of them together too much
+            raise SynthOptionError(
+                "ids",
+                f"with these options the set may hold up to {self.max_images():,} images, more than "
+                f"{MAX_IMAGES:,}: lower ids, train_images, gallery_per_camera, distractors or junk",
+            )
         hidden = self.hidden_range
         if not (
             isinstance(hidden, (tuple, list))
@@ -112,6 +129,13 @@ class SynthConfig:
             and 0.0 < hidden[0] < hidden[1] < 1.0
         ):
             raise SynthOptionError("hidden_range", f"must satisfy 0 < low < high < 1, got {hidden!r}")
+
+    def max_images(self) -> int:
+        """The most images the set can hold (the plan draws the counts inside these ranges)."""
+        train_ids, test_ids = (self.ids + 1) // 2, self.ids // 2
+        identity_gallery = test_ids * self.id_cameras[1] * self.gallery_per_camera[1]
+        queries = test_ids * min(self.queries_per_id, self.id_cameras[1])
+        return int(train_ids * self.train_images[1] + queries + identity_gallery * (1 + self.distractors + self.junk))
 
     def to_json(self) -> dict:
         return {

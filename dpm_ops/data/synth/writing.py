@@ -143,13 +143,44 @@ def generate_synthetic_dataset(
     return out
 
 
+def check_synthetic_dataset(
+    out: str | os.PathLike, config: SynthConfig, *, option_prefix: str = "", elsewhere: str = "use another folder"
+) -> bool:
+    """Whether ``out`` holds a synthetic set (False: no manifest there). A set generated with other
+    options is a DatasetError naming the folder and each differing option (``option_prefix`` +
+    field name); ``elsewhere`` says how to point to another folder. An existing set is never
+    regenerated silently: it may be the data of earlier results."""
+    out = Path(out).expanduser().resolve()
+    if not (out / SYNTHETIC_MANIFEST).is_file():
+        return False
+    manifest = read_synthetic_manifest(str(out))
+    fix = f"{elsewhere}, or delete the folder to generate the requested set there"
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
+        raise DatasetError(f"corrupt synthetic manifest {out / SYNTHETIC_MANIFEST}: it holds no config; {fix}")
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise DatasetError(
+            f"the synthetic dataset {out} has manifest format {manifest.get('format')!r}, this version writes "
+            f"{MANIFEST_FORMAT!r}; {fix}"
+        )
+    stored, wanted = manifest["config"], config.to_json()
+    differences = [
+        f"{option_prefix}{key} {wanted.get(key, '(absent)')} requested, {stored.get(key, '(absent)')} there"
+        for key in sorted(stored.keys() | wanted.keys())
+        if stored.get(key) != wanted.get(key)
+    ]
+    if differences:
+        raise DatasetError(
+            f"the synthetic dataset {out} was generated with other options ({'; '.join(differences)}); {fix}"
+        )
+    return True
+
+
 def ensure_synthetic_dataset(
     out: str | os.PathLike, config: SynthConfig = SynthConfig(), *, progress: bool = True
 ) -> Path:
-    """Return ``out`` if it already holds the set of this config, generating it otherwise."""
+    """Return ``out`` if it already holds the set of this config, generating it if absent; a set of
+    another config there is a DatasetError (:func:`check_synthetic_dataset`)."""
     out = Path(out).expanduser().resolve()
-    if (out / SYNTHETIC_MANIFEST).is_file():
-        manifest = read_synthetic_manifest(str(out))
-        if manifest.get("format") == MANIFEST_FORMAT and manifest.get("config") == config.to_json():
-            return out
-    return generate_synthetic_dataset(out, config, progress=progress, force=True)
+    if check_synthetic_dataset(out, config):
+        return out
+    return generate_synthetic_dataset(out, config, progress=progress)
