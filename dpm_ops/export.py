@@ -115,6 +115,8 @@ def _as_tuple(outputs) -> tuple[torch.Tensor, ...]:
 def check_output_path(path, argument: str = "path", suffix_hint: str = "a file name") -> Path:
     """``path`` as a Path, if it is a file path whose folder exists or can be made (it is made);
     an :class:`ExportError` naming ``argument`` otherwise. Cheap: call it before long work."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise ExportError(f"{argument} must be a file path ({suffix_hint}), got {path!r}")
     path = Path(os.path.expanduser(str(path)))
     if path.is_dir():
         raise ExportError(f"{argument} {path} is a directory; give {suffix_hint}")

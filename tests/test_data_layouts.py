@@ -683,3 +683,9 @@ def test_synthetic_loader_needs_a_manifest(tmp_path):
     make_market_tree(tmp_path)
     with pytest.raises(DatasetNotFoundError, match=r"synthetic\.json"):
         build_dataset("synthetic", tmp_path / "Market-1501-v15.09.15")
+
+
+@pytest.mark.parametrize("name", [None, 3])
+def test_build_dataset_name_of_the_wrong_type(name, tmp_path):
+    with pytest.raises(DatasetError, match=f"unknown dataset {name!r}"):  # was an AttributeError
+        build_dataset(name, str(tmp_path))

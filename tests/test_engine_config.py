@@ -292,3 +292,12 @@ def test_load_config_api_arguments():
         load_config("synthetic_dpm", "solver.epochs=2")
     with pytest.raises(ConfigError, match="override 5 is not a key=value string"):
         load_config("synthetic_dpm", [5])
+
+
+@pytest.mark.parametrize("config", [None, {}])
+def test_train_refuses_what_is_not_a_config(config, tmp_path):
+    from dpm_ops.engine import train
+
+    with pytest.raises(ConfigError, match="train: config must be a dict from load_config"):  # was TypeError / KeyError
+        train(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

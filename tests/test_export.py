@@ -394,3 +394,12 @@ def test_cli_export_and_extract_errors_are_one_line(tmp_path, tiny_set, capsys, 
     victim.write_bytes(b"garbage")
     assert_one_line_error(capsys, extract(corrupt), "unreadable image", victim.name)
     assert not (tmp_path / "f.npz").exists() and not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("path", [None, ""])
+def test_export_path_must_be_a_file_path(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # was: a file literally named "None" written here
+    model = build_model("vit_baseline", num_classes=3, **TINY_VIT)
+    with pytest.raises(ExportError, match="path must be a file path"):
+        export_onnx(model, path, check=False)
+    assert not list(tmp_path.iterdir())

@@ -245,7 +245,7 @@ def available_datasets() -> list[str]:
 
 def dataset_options(name: str) -> frozenset[str]:
     """The keyword options the loader of dataset ``name`` takes (``camids``, ``multi_query``, ...)."""
-    key = _canonical(name)
+    key = _canonical(name) if isinstance(name, str) else None
     if key not in _LOADERS:
         raise DatasetError(f"unknown dataset {name!r}; available: {', '.join(available_datasets())}")
     loader = _LOADERS[key]
@@ -261,7 +261,7 @@ def build_dataset(name: str, root: str, **kwargs) -> ReIDSplits:
     first unreadable one (``verify_images=True``, their default): the price is a few seconds for
     Market-1501, paid once before any long work. ``verify_images=False`` skips it.
     """
-    key = _canonical(name)
+    key = _canonical(name) if isinstance(name, str) else None
     if key not in _LOADERS:
         raise DatasetError(f"unknown dataset {name!r}; available: {', '.join(available_datasets())}")
     return _LOADERS[key](root, **kwargs)

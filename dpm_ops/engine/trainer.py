@@ -58,7 +58,7 @@ from .checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from .config import current_choice, dump_config
+from .config import ConfigError, current_choice, dump_config
 from .recipes import Stage, StepContext, get_recipe
 from .run_log import RunLog
 
@@ -482,4 +482,6 @@ def train(
     """Train (or resume) and evaluate; returns {"finished", "global_step", "metrics", "output_dir"}.
     A folder that holds an earlier run's checkpoints is refused unless `resume` (continue it) or
     `overwrite` (start over: its checkpoints are removed); one run at a time per folder."""
+    if not isinstance(config, dict) or "model" not in config:
+        raise ConfigError(f"train: config must be a dict from load_config, got {type(config).__name__}")
     return Trainer(config, output_dir, resume=resume, overwrite=overwrite, **kwargs).run()
