@@ -42,8 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train (or resume), then evaluate and print the metrics table")
     train.add_argument("--config", required=True, help="YAML file or built-in config name")
     train.add_argument("--output", help="run folder (default: runs/<config name>)")
-    train.add_argument("--resume", action="store_true", help="continue from <output>/checkpoints/last.pt")
-    train.add_argument(
+    start = train.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue from <output>/checkpoints/last.pt")
+    start.add_argument(
         "--overwrite", action="store_true", help="start over in an --output that holds a run (its checkpoints go)"
     )
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. solver.epochs=5")

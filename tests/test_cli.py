@@ -318,6 +318,9 @@ def test_a_run_folder_is_never_overwritten_by_accident(tmp_path, tiny_set, capsy
     code = main([*args, "train.checkpoint_every_iters=1", "train.stop_after_iters=1"])
     assert_one_line_error(capsys, code, f"{run} already holds a run (checkpoints/", "--resume", "--overwrite")
     assert (run / "checkpoints" / "last.pt").read_bytes() == last and (run / "train_log.jsonl").stat().st_size
+    # --overwrite that fails on bad input (before any training) keeps them
+    code = main([*args, "--overwrite", "model.options.num_heads=0"])
+    assert code == 2 and (run / "checkpoints" / "last.pt").read_bytes() == last
     # --overwrite starts over: the earlier run's checkpoints (epoch_001.pt included) are gone
     assert main([*args, "--overwrite", "train.checkpoint_every_iters=1", "train.stop_after_iters=1"]) == 0
     assert sorted(p.name for p in (run / "checkpoints").glob("*.pt")) == ["last.pt"]
@@ -334,7 +337,7 @@ def test_one_run_at_a_time_in_a_folder(tmp_path, tiny_set, capsys):
             sys.executable,
             "-c",
             f"import fcntl, sys; f = open({str(run / RunFolder.LOCK)!r}, 'a+'); "
-            "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+            "fcntl.lockf(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,

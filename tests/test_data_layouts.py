@@ -561,6 +561,9 @@ def test_sixteen_bit_images_and_masks_are_scaled_not_clipped(tmp_path):
     mask = tmp_path / "mask.png"
     Image.frombytes("I;16", (4, 2), np.array([[0, 200, 40000, 65535]] * 2, dtype="<u2").tobytes()).save(mask)
     assert np.asarray(read_mask(str(mask), expected_size=(4, 2)))[0].tolist() == [0, 0, 255, 255]
+    # 8-bit values in a 16-bit container (a 0 / 255 mask saved as I;16) keep them: not scaled to black
+    Image.frombytes("I;16", (4, 2), np.array([[0, 255, 255, 0]] * 2, dtype="<u2").tobytes()).save(mask)
+    assert np.asarray(read_mask(str(mask), expected_size=(4, 2)))[0].tolist() == [0, 255, 255, 0]
     # the depths that have no one 8-bit reading are refused, naming the file
     wide = tmp_path / "wide.tif"
     Image.fromarray(np.array([[0, 1 << 20]], dtype=np.int32)).save(wide)
@@ -689,3 +692,12 @@ def test_synthetic_loader_needs_a_manifest(tmp_path):
 def test_build_dataset_name_of_the_wrong_type(name, tmp_path):
     with pytest.raises(DatasetError, match=f"unknown dataset {name!r}"):  # was an AttributeError
         build_dataset(name, str(tmp_path))
+
+
+def test_decompression_bombs_are_unreadable_images(tmp_path, monkeypatch):
+    # Pillow's DecompressionBombError is no OSError: it was a traceback past the one-line error
+    path = tmp_path / "big.png"
+    Image.new("RGB", (64, 64)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 4096 pixels: over twice the limit
+    with pytest.raises(DatasetError, match=r"unreadable image: .*big\.png"):
+        read_image(str(path))

@@ -245,3 +245,12 @@ def test_synth_config_names_the_field():
         with pytest.raises(SynthOptionError) as info:
             SynthConfig(**fields)
         assert info.value.option == option and isinstance(info.value, ValueError)
+
+
+def test_config_and_command_line_agree_on_id_cameras():
+    # a config with cameras: 2 alone was refused for id_cameras (2, 4), which `dpm-reid synth --cameras 2` caps
+    from dpm_ops.data.synth import synth_config
+
+    assert synth_config({"ids": 8, "cameras": 2}).id_cameras == (2, 2)
+    assert synth_config({"cameras": 6}).id_cameras == (2, 4)
+    assert synth_config({"cameras": 3, "id_cameras": [2, 3]}).id_cameras == (2, 3)

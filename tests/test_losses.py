@@ -16,6 +16,7 @@ from dpm_ops.losses import (
     MaskedArcFaceLoss,
     SoftMarginTripletLoss,
     arcface_logits,
+    batch_hard_soft_margin_triplet,
     hem_loss,
     masked_arcface_cross_entropy,
     masked_arcface_logits,
@@ -370,3 +371,27 @@ def test_baseline_loss():
     labels = torch.tensor([0, 0, 1, 1, 3, 3])
     value = BaselineReIDLoss()(ViTBaselineTrainOutput(logits, feature), labels)
     torch.testing.assert_close(value, brute_cross_entropy(logits, labels) + brute_triplet(feature, labels))
+
+
+def _autocast_cases():
+    gen = torch.Generator().manual_seed(5)
+    features, mask, weight = torch.randn(6, 16, generator=gen), torch.rand(6, 16, generator=gen), torch.randn(4, 16)
+    labels = torch.tensor([0, 0, 1, 1, 2, 3])
+    logits = torch.randn(3, 2, 9, generator=gen)
+    return {
+        "masked_arcface_cross_entropy": lambda b: masked_arcface_cross_entropy(
+            features, mask, weight, labels, backend=b
+        ),
+        "batch_hard_soft_margin_triplet": lambda b: batch_hard_soft_margin_triplet(features, labels, backend=b),
+        "hem_loss": lambda b: hem_loss(logits, backend=b),
+        "maskreid_ranking_loss": lambda b: maskreid_ranking_loss(F.normalize(features, dim=1), labels, backend=b),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_autocast_cases()))
+def test_reference_losses_keep_fp32_under_autocast(name):
+    # Before: backend="reference" ran its matmuls in bf16 under autocast (the fused paths did not).
+    call = _autocast_cases()[name]
+    expected = call("reference")
+    with torch.autocast("cpu", torch.bfloat16):
+        assert torch.equal(call("reference"), expected)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from dpm_ops.losses import (
+    BaselineReIDLoss,
     DPMLoss,
     HEMLoss,
     MaskedArcFaceLoss,
@@ -43,6 +44,12 @@ def test_loss_modules_map_fused_onto_backend(module):
     with pytest.warns(DeprecationWarning, match="fused= is deprecated"):
         assert module(fused=True).backend is None
     assert module().backend is None and "backend=None" in repr(module())
+    # attributed to this line, so Python's default filters show it (HEMLoss / MaskReIDRankingLoss hid it)
+    with pytest.warns(DeprecationWarning) as caught:
+        module(fused=False)
+    assert caught[0].filename == __file__
+    with pytest.raises(TypeError, match="pass backend= alone"):  # DPMLoss dropped backend= silently
+        module(fused=True, backend="reference")
 
 
 def test_loss_module_options_are_the_functions():
@@ -52,3 +59,21 @@ def test_loss_module_options_are_the_functions():
         assert loss.fused
     with pytest.raises(TypeError):
         MaskedArcFaceLoss(marign=0.3)
+
+
+def test_reid_losses_pass_their_backend_to_every_term(monkeypatch):
+    # DPMLoss ran its HEM term on the default backend whatever backend= said; BaselineReIDLoss took none
+    import dpm_ops.losses.reid_losses as reid_losses
+
+    seen = []
+    for name in ("hem_loss", "batch_hard_soft_margin_triplet"):
+        original = getattr(reid_losses, name)
+        monkeypatch.setattr(
+            reid_losses, name, lambda *a, _f=original, _n=name, **k: seen.append((_n, k.get("backend"))) or _f(*a, **k)
+        )
+    gen = torch.Generator().manual_seed(1)
+    output = type("Out", (), {})()
+    output.feature, output.logits = torch.randn(4, 6, generator=gen), torch.randn(4, 3, generator=gen)
+    labels = torch.tensor([0, 0, 1, 1])
+    BaselineReIDLoss(backend="reference")(output, labels)
+    assert seen == [("batch_hard_soft_margin_triplet", "reference")]

@@ -241,6 +241,16 @@ def test_torchvision_resnet50_checkpoint(tmp_path):
         torch.testing.assert_close(model.masked_stem.state_dict()[key], checkpoint[key])
 
 
+def test_torchvision_resnet50_file_without_batch_counters(tmp_path):
+    # torchvision's ImageNet ResNet-50 files hold no num_batches_tracked: they were "backbone tensors
+    # left at their init", so the real file needed partial=True
+    checkpoint = {k: v for k, v in torchvision_resnet_checkpoint().items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path / "resnet50-19c8e357.pth"
+    torch.save(checkpoint, path)
+    model = build_model("maskreid_resnet50", 4, layers=(1, 1, 1, 1), width=8)
+    assert "trunk.layer4.0.downsample.0.weight" in load_pretrained(model, path).loaded
+
+
 def test_native_round_trip_for_every_model(tmp_path):
     builds = {
         "dpm": dict(TINY_DPM),

@@ -22,11 +22,11 @@ def _open(path: str, kind: str) -> Image.Image:
         image = Image.open(path)
     except FileNotFoundError as error:
         raise DatasetNotFoundError(f"{kind} not found: {path}") from error
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise DatasetError(f"unreadable {kind}: {path} ({error})") from error
     try:
         image.load()
-    except (OSError, SyntaxError, ValueError) as error:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         image.close()  # else the file stays open until garbage collection (a ResourceWarning)
         raise DatasetError(f"unreadable {kind}: {path} ({error})") from error
     return image
@@ -34,15 +34,17 @@ def _open(path: str, kind: str) -> Image.Image:
 
 def _to_8bit(image: Image.Image, path: str, kind: str) -> Image.Image:
     """``image`` with 8-bit samples: Pillow's convert() clips 16-bit greyscale at 255 (near-white),
-    so 0..65535 is scaled to 0..255 here; other bit depths are refused rather than guessed."""
+    so 0..65535 is scaled to 0..255 here; a file whose values all fit 0..255 (8-bit data, e.g. a 0/255
+    mask, saved in a 16-bit container) keeps them. Other bit depths are refused rather than guessed."""
     if image.mode in SIXTEEN_BIT_MODES:
         samples = np.asarray(image)
-        if image.mode == "I" and samples.size and (samples.min() < 0 or samples.max() > 0xFFFF):
+        low, high = (int(samples.min()), int(samples.max())) if samples.size else (0, 0)
+        if image.mode == "I" and (low < 0 or high > 0xFFFF):
             raise DatasetError(
-                f"unsupported {kind}: {path} has 32-bit samples ({samples.min()}..{samples.max()}); "
-                "convert it to 8 or 16 bits"
+                f"unsupported {kind}: {path} has 32-bit samples ({low}..{high}); convert it to 8 or 16 bits"
             )
-        return Image.fromarray(((samples.astype(np.uint32) + 128) // 257).astype(np.uint8), "L")
+        scaled = samples if high <= 0xFF else (samples.astype(np.uint32) + 128) // 257
+        return Image.fromarray(scaled.astype(np.uint8), "L")
     if image.mode == "F":
         raise DatasetError(f"unsupported {kind}: {path} has floating-point samples; convert it to 8 or 16 bits")
     return image

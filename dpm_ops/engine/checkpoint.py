@@ -104,11 +104,11 @@ def make_output_folder(path: str | os.PathLike, name: str) -> Path:
 
 class RunFolder:
     """A training run's hold on its output folder, taken before any work starts: an exclusive lock
-    (``.run.lock``; a second run into the same folder is refused while the first lives, and the
-    lock dies with its process), and a folder that already holds a run's checkpoints is refused unless
-    the run resumes it or was asked to overwrite it: a rerun that forgot ``--resume`` overwrote the
-    earlier checkpoints and logs. Overwriting removes the earlier run's checkpoints, so the folder
-    never mixes two runs."""
+    on ``.run.lock`` (a second run into the same folder is refused while the first lives), and a
+    folder that already holds a run's checkpoints is refused unless the run resumes it or was asked
+    to overwrite it: a rerun that forgot ``--resume`` overwrote the earlier checkpoints and logs.
+    The lock is a POSIX record lock (lockf): it belongs to this process alone, so the data loader's
+    forked workers do not keep it after a killed run, and it dies with the process."""
 
     LOCK = ".run.lock"
 
@@ -116,23 +116,28 @@ class RunFolder:
         self.path = path
         self._lock = open(path / self.LOCK, "a+")
         try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # EACCES or EAGAIN: another process holds it
             self._lock.close()
             raise CheckpointError(
                 f"{path} is in use by another training run (it holds {path / self.LOCK}): "
                 "wait for it to end, or choose another --output"
             ) from None
-        earlier = sorted((path / "checkpoints").glob("*.pt"))
-        if earlier and not resume:
-            if not overwrite:
-                self.release()
-                raise CheckpointError(
-                    f"{path} already holds a run ({earlier[0].relative_to(path)}): pass --resume to continue it, "
-                    "--overwrite to start over (its checkpoints are removed), or choose another --output"
-                )
-            for checkpoint in earlier:
-                checkpoint.unlink()
+        self.earlier = [] if resume else sorted((path / "checkpoints").glob("*.pt"))
+        if self.earlier and not overwrite:
+            self.release()
+            raise CheckpointError(
+                f"{path} already holds a run ({self.earlier[0].relative_to(path)}): pass --resume to continue "
+                "it, --overwrite to start over (its checkpoints are removed), or choose another --output"
+            )
+
+    def remove_earlier_run(self) -> list[Path]:
+        """With overwrite: the earlier run's checkpoints, removed once the new run has set up (a run
+        that fails on bad input leaves them), so no old epoch_NNN.pt passes for the new run's."""
+        for checkpoint in self.earlier:
+            checkpoint.unlink(missing_ok=True)
+        removed, self.earlier = self.earlier, []
+        return removed
 
     def release(self) -> None:
         self._lock.close()  # closing releases the lock; the empty file stays (removing it would race)

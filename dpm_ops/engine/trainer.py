@@ -349,6 +349,8 @@ class Trainer:
     def _start_logs(self, resume_step: Optional[int], start_stage: int, start_epoch: int, consumed: int) -> None:
         self.run_log.open(resume_step)
         if self.dist.is_main:
+            for path in self.run_folder.remove_earlier_run():
+                self.log(f"removed {path.relative_to(self.output_dir)}, the earlier run's (--overwrite)")
             for folder in (self.output_dir, self.checkpoint_dir):  # this run owns them: no writer is active
                 for path in remove_stale_temporaries(folder):
                     self.log(f"removed {path.name}, a temporary left by an interrupted write")

@@ -66,7 +66,8 @@ def masked_arcface_cross_entropy(
     )
     check_finite_rows("masked_arcface_cross_entropy", features=features, mask=mask, weight=weight)
     check_label_range(labels, weight.shape[0])
-    return masked_arcface_reference(features, mask, weight, labels, *options)
+    with torch.autocast(device_type=features.device.type, enabled=False):  # as the fused path: fp32 GEMMs
+        return masked_arcface_reference(*common_at_least_fp32(features, mask, weight), labels, *options)
 
 
 class MaskedArcFaceLoss(LossModule):

@@ -36,6 +36,8 @@ class DPMLoss(nn.Module):
     ):
         super().__init__()
         if fused is not None:
+            if backend is not None:
+                raise TypeError("DPMLoss: pass backend= alone (fused= is its deprecated form)")
             backend = backend_of_fused(fused, "DPMLoss")
         self.hem_weight, self.id_weight, self.triplet_weight = hem_weight, id_weight, triplet_weight
         self.plain_weight, self.masked_weight, self.backend = plain_weight, masked_weight, backend
@@ -57,13 +59,13 @@ class DPMLoss(nn.Module):
                     masked_weight=self.masked_weight,
                     backend=self.backend,
                 ),
-                "hem": hem_loss(output.hem_logits),
+                "hem": hem_loss(output.hem_logits, backend=self.backend),
                 "triplet": batch_hard_soft_margin_triplet(output.feature, labels, backend=self.backend),
             }
         return {
             "id_plain": F.cross_entropy(output.plain_logits, labels),
             "id_masked": F.cross_entropy(output.masked_logits, labels),
-            "hem": hem_loss(output.hem_logits),
+            "hem": hem_loss(output.hem_logits, backend=self.backend),
             "triplet": batch_hard_soft_margin_triplet(output.feature, labels, backend=self.backend),
         }
 
@@ -89,15 +91,15 @@ class DPMLoss(nn.Module):
 class BaselineReIDLoss(nn.Module):
     """ViT baseline: ``id_w·CE(logits) + tri_w·L_TRI`` (no label smoothing, soft-margin triplet)."""
 
-    def __init__(self, id_weight: float = 1.0, triplet_weight: float = 1.0):
+    def __init__(self, id_weight: float = 1.0, triplet_weight: float = 1.0, backend: Optional[str] = None):
         super().__init__()
-        self.id_weight, self.triplet_weight = id_weight, triplet_weight
+        self.id_weight, self.triplet_weight, self.backend = id_weight, triplet_weight, backend
 
     def terms(self, output, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Unweighted terms, for logging; ``output`` is the model's ``ViTBaselineTrainOutput``."""
         return {
             "id": F.cross_entropy(output.logits, labels),
-            "triplet": batch_hard_soft_margin_triplet(output.feature, labels),
+            "triplet": batch_hard_soft_margin_triplet(output.feature, labels, backend=self.backend),
         }
 
     def total(self, t: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -31,7 +31,8 @@ def batch_hard_soft_margin_triplet(
         with torch.autocast(device_type=features.device.type, enabled=False):
             return batch_hard_triplet(at_least_fp32(features), labels, backend=backend)
     check_batch_hard_triplet_args(at_least_fp32(features), labels)  # the fused op's checks
-    return batch_hard_triplet_reference(features, labels)
+    with torch.autocast(device_type=features.device.type, enabled=False):  # as the fused path: an fp32 Gram
+        return batch_hard_triplet_reference(at_least_fp32(features), labels)
 
 
 class SoftMarginTripletLoss(LossModule):

@@ -111,8 +111,9 @@ def _read_state_dict(source: Union[str, os.PathLike, StateDict], name: str) -> S
 def backbone_keys(model: nn.Module) -> list[str]:
     """The tensors a pretrained file must fill unless a partial load is asked for: a ViT backbone
     without its SIE camera embedding (ImageNet weights have none), the ResNet-50 trunk, else every
-    tensor outside the classifiers."""
-    own = model.state_dict()
+    tensor outside the classifiers. BatchNorm's num_batches_tracked counters are no weights (older
+    torchvision files, e.g. ResNet-50's ImageNet ones, have none), so they are never required."""
+    own = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
     if isinstance(getattr(model, "backbone", None), ViTReID):
         return [k for k in own if k.startswith("backbone.") and k != "backbone.sie_embed"]
     if isinstance(model, MaskReIDResNet50):

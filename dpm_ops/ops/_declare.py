@@ -54,7 +54,7 @@ class Op:
             return self.kernel(backend)(*args)
         if self.reference is None:  # a backward or variant op: its forward's reference is differentiated
             raise ValueError(f"{self.name} has no reference of its own")
-        return self.reference(*args)
+        return without_autocast(self.reference)(*args)  # in the compute dtype under autocast, as the kernels
 
 
 def twin_name(name: str) -> str:

@@ -18,6 +18,7 @@ import torch
 from .. import _backend
 from ._checks import check_batch, check_finite_rows
 from ._declare import declare
+from .._precision import without_autocast
 from .batch_hard_triplet_reference import batch_hard_triplet_reference
 
 
@@ -43,7 +44,7 @@ def check_batch_hard_triplet_args(features, labels) -> None:
 
 
 def _fake(features, labels, with_grad):
-    grad = torch.empty_like(features) if with_grad else features.new_empty((0,))
+    grad = torch.empty_like(features, memory_format=torch.contiguous_format) if with_grad else features.new_empty((0,))
     return features.new_empty(()), grad
 
 
@@ -79,6 +80,6 @@ def batch_hard_triplet(features: torch.Tensor, labels: torch.Tensor, backend: Op
     check_batch_hard_triplet_args(features, labels)
     name = _backend.resolve(backend, features.device)
     if name == "reference":
-        return batch_hard_triplet_reference(features, labels)
+        return without_autocast(batch_hard_triplet_reference)(features, labels)
     with_grad = torch.is_grad_enabled() and features.requires_grad
     return BATCH_HARD_TRIPLET.run(name, features, labels, with_grad)[0]

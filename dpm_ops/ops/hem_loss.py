@@ -40,7 +40,7 @@ def _fake_forward(cls_logits, eps, reduction):
 
 
 def _fake_backward(grad, cls_logits, eps, reduction):
-    return torch.empty_like(cls_logits)
+    return torch.empty_like(cls_logits, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):

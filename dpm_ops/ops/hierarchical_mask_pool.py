@@ -72,7 +72,7 @@ def _fake_forward(features, mask, mode):
 
 
 def _fake_backward(grad, features, mask, out, mode):
-    return [torch.empty_like(f) for f in features]
+    return [torch.empty_like(f, memory_format=torch.contiguous_format) for f in features]
 
 
 def _setup_context(ctx, inputs, output):

@@ -18,6 +18,7 @@ import torch
 
 from .. import _backend
 from ._checks import check_batch, check_finite_rows, check_number
+from .._precision import without_autocast
 from ._declare import declare
 from .masked_arcface_reference import masked_arcface_reference
 from .masked_cosine import check_masked_cosine_args
@@ -73,7 +74,12 @@ def _fake_forward(
 ):
     if not with_grad:
         return (features.new_empty(()), features.new_empty((0,)), features.new_empty((0,)), features.new_empty((0,)))
-    return features.new_empty(()), torch.empty_like(features), torch.empty_like(mask), torch.empty_like(weight)
+    return (
+        features.new_empty(()),
+        torch.empty_like(features, memory_format=torch.contiguous_format),
+        torch.empty_like(mask, memory_format=torch.contiguous_format),
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -129,7 +135,7 @@ def masked_arcface_ce(
     if name != "cpp":  # the C++ CPU kernel checks the labels' range in its own pass
         check_label_range(labels, weight.shape[0])
     if name == "reference":
-        return masked_arcface_reference(
+        return without_autocast(masked_arcface_reference)(
             features, mask, weight, labels, scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight
         )
     # Gradients are computed in the forward pass, so only when autograd will ask for them.

@@ -52,7 +52,11 @@ def _fake_train_forward(x, mask, protos, eps=1e-12):
 
 
 def _fake_backward(grad, x, mask, protos, out, den_sq, eps):
-    return torch.empty_like(x), torch.empty_like(mask), torch.empty_like(protos)
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(mask, memory_format=torch.contiguous_format),
+        torch.empty_like(protos, memory_format=torch.contiguous_format),
+    )
 
 
 def _setup_context(ctx, inputs, output):

@@ -10,7 +10,7 @@ from typing import Optional, Sequence, get_type_hints
 
 from ..errors import DatasetError
 from ..parsing import read_synthetic_manifest
-from .config import SynthConfig, SynthOptionError
+from .config import SynthConfig, SynthOptionError, synth_config
 from .writing import generate_synthetic_dataset
 
 
@@ -66,8 +66,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     options = {field.name: getattr(args, field.name) for field in _option_fields()}
     try:
-        # each identity appears in at most as many cameras as the set has
-        config = SynthConfig(**options, id_cameras=(2, min(SynthConfig.id_cameras[1], args.cameras)))
+        config = synth_config(options)
         start = time.perf_counter()
         out = generate_synthetic_dataset(args.out, config, progress=not args.quiet, force=args.force)
     except SynthOptionError as error:

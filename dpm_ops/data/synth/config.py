@@ -144,5 +144,11 @@ class SynthConfig:
 
 
 def synth_config(options: dict) -> SynthConfig:
-    """A SynthConfig from config-file options (YAML lists for the tuple fields)."""
-    return SynthConfig(**{key: tuple(value) if isinstance(value, list) else value for key, value in options.items()})
+    """A SynthConfig from config-file or command-line options (YAML lists for the tuple fields).
+    Left unset, id_cameras is capped at the set's cameras (each identity appears in at most as many
+    cameras as the set has), so `cameras: 2` alone is a valid set, the same as `dpm-reid synth --cameras 2`."""
+    options = {key: tuple(value) if isinstance(value, list) else value for key, value in options.items()}
+    if "id_cameras" not in options and isinstance(options.get("cameras"), int):
+        low, high = SynthConfig.id_cameras
+        options["id_cameras"] = (low, max(low, min(high, options["cameras"])))
+    return SynthConfig(**options)
