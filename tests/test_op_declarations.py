@@ -325,3 +325,34 @@ def test_torch_compile_dynamic_shapes(name):
     args = SAMPLES[name]()[:count]
     compiled = torch.compile(function, fullgraph=True, dynamic=True, backend="aot_eager")
     torch.testing.assert_close(compiled(*args), function(*args))
+
+
+def _strided(value):
+    """`value` with the same entries in another memory layout: channels_last maps, transposed matrices."""
+    if isinstance(value, list):
+        return [_strided(v) for v in value]
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= 2:
+        if value.dim() == 4:
+            return value.contiguous(memory_format=torch.channels_last)
+        return value.transpose(0, -1).contiguous().transpose(0, -1)
+    return value
+
+
+GRADIENT_OPS = [
+    "batch_hard_triplet",
+    "hem_loss_backward",
+    "hierarchical_mask_pool_backward",
+    "masked_arcface_ce",
+    "masked_cosine_backward",
+    "maskreid_ranking_loss_backward",
+]
+
+
+@pytest.mark.parametrize("kind", backend_params("cpp", "triton"))
+@pytest.mark.parametrize("name", GRADIENT_OPS)
+def test_fake_gradients_have_the_kernels_layout(name, kind):
+    # The kernels return contiguous gradients; the fakes returned empty_like (channels_last for a
+    # channels_last map), so torch.compile of DPM training failed its stride assertion.
+    torch.library.opcheck(
+        DECLARED[name].kernel(kind), tuple(_strided(a) for a in SAMPLES[name]()), test_utils=("test_faketensor",)
+    )
