@@ -30,6 +30,7 @@ import torch
 import yaml
 
 from ..evaluation import PROTOCOLS
+from ..ops._checks import Bounds
 from ..ops.maskreid_ranking_loss_reference import RENAMED_POS_MODES
 from .extraction import MULTI_QUERY
 from .scoring import DISTANCES
@@ -39,26 +40,6 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message is one line naming the key or file."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Bounds:
-    """The range a number must lie in, declared beside its field in the schema."""
-
-    low: Optional[float] = None
-    high: Optional[float] = None
-    low_open: bool = False  # low itself excluded: a positive value
-    high_open: bool = False
-
-    def __contains__(self, value) -> bool:
-        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
-        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
-        return above and below
-
-    def describe(self) -> str:
-        if self.high is None:
-            return f"{'>' if self.low_open else '>='} {self.low}"
-        return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
 
 
 POSITIVE = Bounds(0, low_open=True)

@@ -9,23 +9,11 @@ import math
 import numbers
 from typing import Callable, Optional, Sequence
 
-from dpm_ops.ops._checks import check_number
-
-
-def _describe(low, high=None, low_open: bool = False, high_open: bool = False) -> str:
-    if high is None:
-        return f"{'>' if low_open else '>='} {low:g}"
-    return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+from dpm_ops.ops._checks import Bounds, check_number
 
 
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _in_range(value, low, high=None, low_open: bool = False, high_open: bool = False) -> bool:
-    above = value > low if low_open else value >= low
-    below = high is None or (value < high if high_open else value <= high)
-    return above and below
 
 
 def check_int(
@@ -40,8 +28,9 @@ def check_int(
 ) -> int:
     """An integer (not a bool) in [low, high] (no upper bound when high is None) for which `holds` is
     true; `why` completes the message (what `holds` asks, or why the range)."""
-    if not (_is_int(value) and _in_range(value, low, high) and holds(value)):
-        raise ValueError(f"{model}: {name} must be an integer {_describe(low, high)}{why}, got {value!r}")
+    bounds = Bounds(low, high)
+    if not (_is_int(value) and value in bounds and holds(value)):
+        raise ValueError(f"{model}: {name} must be an integer {bounds.describe()}{why}, got {value!r}")
     return int(value)
 
 
@@ -61,9 +50,9 @@ def check_real(
         number = check_number(model, name, value)
     except ValueError:
         number = math.nan  # fails the range test below: one message, with the range, for every bad value
-    if not _in_range(number, low, high, low_open, high_open):
-        wanted = _describe(low, high, low_open, high_open)
-        raise ValueError(f"{model}: {name} must be a finite number {wanted}{why}, got {value!r}")
+    bounds = Bounds(low, high, low_open, high_open)
+    if number not in bounds:
+        raise ValueError(f"{model}: {name} must be a finite number {bounds.describe()}{why}, got {value!r}")
     return number
 
 
@@ -80,16 +69,17 @@ def check_int_list(
 ) -> tuple[int, ...]:
     """A non-empty list or tuple of integers in [low, high]: exactly `length` of them when given,
     no repeats when `distinct`."""
+    bounds = Bounds(low, high)
     ok = (
         isinstance(value, (list, tuple))
         and (len(value) == length if length is not None else len(value) > 0)
-        and all(_is_int(v) and _in_range(v, low, high) for v in value)
+        and all(_is_int(v) and v in bounds for v in value)
         and (not distinct or len(set(value)) == len(value))
     )
     if not ok:
         count = f"{length}" if length is not None else "a non-empty list of"
         kind = "distinct integers" if distinct else "integers"
-        raise ValueError(f"{model}: {name} must be {count} {kind} {_describe(low, high)}{why}, got {value!r}")
+        raise ValueError(f"{model}: {name} must be {count} {kind} {bounds.describe()}{why}, got {value!r}")
     return tuple(int(v) for v in value)
 
 

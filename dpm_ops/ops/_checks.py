@@ -1,12 +1,41 @@
 """Input checks shared by the ops' Python entry points and the evaluation API: each kind of check
 lives here once, with one message, so every op and backend reports a bad argument the same way."""
 
+import dataclasses
 import math
 import numbers
+from typing import Optional
 
 import torch
 
 from .._precision import compute_dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The range a number must lie in: a config field's (declared beside it in the schema) or a model
+    option's (models/_checks.py)."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False  # low itself excluded: a positive value
+    high_open: bool = False
+
+    def __contains__(self, value) -> bool:
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def describe(self) -> str:
+        low, high = _shown(self.low), _shown(self.high)
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {low}"
+        return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+
+
+def _shown(bound) -> str:
+    """A bound in a message: an integer whole (a seed's 2^63 - 1), a float short (pi / 2 as 1.5708)."""
+    return f"{bound:g}" if isinstance(bound, float) else str(bound)
 
 
 def check_tensors(op: str, **values) -> None:
