@@ -37,7 +37,7 @@ from .. import _backend
 from .._precision import compute_dtype
 from ..ops._checks import KNN_GPU_MAX_K, row_norm_limit
 from ..ops.knn import check_strategy, self_knn
-from ..ops.knn_certified import TIE_MARGIN as NORMALIZE_MARGIN
+from ..ops.knn_certified import raw_neighbours
 from ..ops.kreciprocal import (
     KRECIPROCAL_EXPAND,
     KRECIPROCAL_JACCARD_BLEND_,
@@ -177,13 +177,13 @@ class _FeatureDistances:
 
     def _kernel_scans(self, width: int) -> bool:
         """Whether self_knn's kernels take the scan: not on the reference backend, nor where the direct
-        GPU kernels' lists (KNN_GPU_MAX_K, less the normalize margin) cannot hold the candidates
-        (k1 >= 248 or k2 >= 249); the torch tile scan below then runs, on any device."""
+        GPU kernels' lists (KNN_GPU_MAX_K) cannot hold the raw neighbours of its normalised order
+        (k1 >= 248 or k2 >= 249 for N > 256); the torch tile scan below then runs, on any device."""
         backend = _backend.resolve(None, self.features.device)
         if self.strategy == "certified" or backend == "cpp":
             return True
         keep = min(width + TIE_MARGIN, self.num_items)
-        return backend != "reference" and keep + NORMALIZE_MARGIN <= KNN_GPU_MAX_K
+        return backend != "reference" and raw_neighbours(self.num_items, keep, normalize=True) <= KNN_GPU_MAX_K
 
     def scan(self, width: int):
         if self._kernel_scans(width):

@@ -31,8 +31,11 @@ def _user_stacklevel() -> int:
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def backend_of_fused(fused: bool, caller: str) -> Optional[str]:
-    """The ``backend`` that the deprecated ``fused`` stood for, with a DeprecationWarning."""
+def backend_of_fused(fused: bool, caller: str, backend_given: bool) -> Optional[str]:
+    """The ``backend`` that the deprecated ``fused`` stood for, with a DeprecationWarning; a TypeError
+    when the caller also gave ``backend=`` (which one would win is no guess to make)."""
+    if backend_given:
+        raise TypeError(f"{caller}: pass backend= alone (fused= is its deprecated form)")
     warnings.warn(
         f"{caller}: fused= is deprecated and will be removed in the next release; pass "
         f"backend='reference' instead of fused=False (fused=True is the default, backend=None)",
@@ -48,9 +51,7 @@ def accepts_fused(function):
     @functools.wraps(function)
     def loss(*args, fused: Optional[bool] = None, **kwargs):
         if fused is not None:
-            if "backend" in kwargs:
-                raise TypeError(f"{function.__name__}: pass backend= alone (fused= is its deprecated form)")
-            kwargs["backend"] = backend_of_fused(fused, function.__name__)
+            kwargs["backend"] = backend_of_fused(fused, function.__name__, "backend" in kwargs)
         return function(*args, **kwargs)
 
     return loss
@@ -65,9 +66,7 @@ class LossModule(nn.Module):
     def __init__(self, **options):
         super().__init__()
         if "fused" in options:
-            if "backend" in options:
-                raise TypeError(f"{type(self).__name__}: pass backend= alone (fused= is its deprecated form)")
-            options["backend"] = backend_of_fused(options.pop("fused"), type(self).__name__)
+            options["backend"] = backend_of_fused(options.pop("fused"), type(self).__name__, "backend" in options)
         bound = inspect.signature(self.loss_function).bind_partial(**options)  # unknown options: TypeError
         bound.apply_defaults()
         self._option_names = tuple(bound.arguments)

@@ -36,9 +36,7 @@ class DPMLoss(nn.Module):
     ):
         super().__init__()
         if fused is not None:
-            if backend is not None:
-                raise TypeError("DPMLoss: pass backend= alone (fused= is its deprecated form)")
-            backend = backend_of_fused(fused, "DPMLoss")
+            backend = backend_of_fused(fused, "DPMLoss", backend is not None)
         self.hem_weight, self.id_weight, self.triplet_weight = hem_weight, id_weight, triplet_weight
         self.plain_weight, self.masked_weight, self.backend = plain_weight, masked_weight, backend
 

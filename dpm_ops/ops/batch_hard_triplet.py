@@ -18,7 +18,6 @@ import torch
 from .. import _backend
 from ._checks import check_batch, check_finite_rows
 from ._declare import declare
-from .._precision import without_autocast
 from .batch_hard_triplet_reference import batch_hard_triplet_reference
 
 
@@ -80,6 +79,6 @@ def batch_hard_triplet(features: torch.Tensor, labels: torch.Tensor, backend: Op
     check_batch_hard_triplet_args(features, labels)
     name = _backend.resolve(backend, features.device)
     if name == "reference":
-        return without_autocast(batch_hard_triplet_reference)(features, labels)
+        return BATCH_HARD_TRIPLET.run(name, features, labels)
     with_grad = torch.is_grad_enabled() and features.requires_grad
     return BATCH_HARD_TRIPLET.run(name, features, labels, with_grad)[0]

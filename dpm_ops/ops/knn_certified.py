@@ -42,6 +42,14 @@ MAX_NORM = 2.0**60  # bf16 products and fp32 sums of rows up to this norm stay f
 MAX_DIM = 1 << 20
 MIN_CAP, CAP_PER_K = 256, 8  # the CPU kernel's per-row candidate cap (csrc/knn/knn_certified_cpu.cpp)
 TIE_MARGIN = 4  # self_knn with normalize keeps k + 4 raw neighbours, as the direct paths (knn_operands.h)
+
+
+def raw_neighbours(n: int, k: int, normalize: bool) -> int:
+    """How many raw neighbours self_knn keeps per row of n: k, or with normalize k + TIE_MARGIN (at
+    most n), among which the order by d / row max is decided. The GPU kernels' lists hold KNN_GPU_MAX_K."""
+    return min(n, k + TIE_MARGIN) if normalize else k
+
+
 _CHUNK_ELEMENTS = 1 << 25  # elements held at a time by stage 2 and by the exact rows
 
 
@@ -383,7 +391,7 @@ def self_knn_certified_rows(x, k: int, metric: str, normalize: bool, cross_rows:
     dtype = compute_dtype(x)
     x = x.to(dtype)
     n = x.shape[0]
-    m = min(n, k + TIE_MARGIN) if normalize else k
+    m = raw_neighbours(n, k, normalize)
     raw_values = x.new_empty((n, m))
     raw_indices = x.new_empty((n, m), dtype=torch.long)
     row_max = x.new_empty((n,))

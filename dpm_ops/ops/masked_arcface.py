@@ -18,7 +18,6 @@ import torch
 
 from .. import _backend
 from ._checks import check_batch, check_finite_rows, check_number
-from .._precision import without_autocast
 from ._declare import declare
 from .masked_arcface_reference import masked_arcface_reference
 from .masked_cosine import check_masked_cosine_args
@@ -135,8 +134,8 @@ def masked_arcface_ce(
     if name != "cpp":  # the C++ CPU kernel checks the labels' range in its own pass
         check_label_range(labels, weight.shape[0])
     if name == "reference":
-        return without_autocast(masked_arcface_reference)(
-            features, mask, weight, labels, scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight
+        return MASKED_ARCFACE_CE.run(
+            name, features, mask, weight, labels, scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight
         )
     # Gradients are computed in the forward pass, so only when autograd will ask for them.
     with_grad = torch.is_grad_enabled() and (features.requires_grad or mask.requires_grad or weight.requires_grad)

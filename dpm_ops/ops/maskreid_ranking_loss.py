@@ -12,7 +12,7 @@ import math
 import torch
 
 from .. import _backend
-from .._precision import compute_dtype, without_autocast
+from .._precision import compute_dtype
 from ._checks import check_batch, check_finite_rows, check_number, check_tensors
 from ._declare import declare, lazy
 from .maskreid_ranking_loss_reference import check_modes, maskreid_ranking_loss_reference
@@ -135,5 +135,5 @@ def maskreid_ranking_loss(
     check_ranking_args(embeddings, labels, alpha, lam, neg_mode, pos_mode)
     name = _backend.resolve(backend, embeddings.device)
     if name == "reference":
-        return without_autocast(maskreid_ranking_loss_reference)(embeddings, labels, alpha, lam, neg_mode, pos_mode)
+        return MASKREID_RANKING_LOSS.run(name, embeddings, labels, alpha, lam, neg_mode, pos_mode)
     return MASKREID_RANKING_LOSS.run(name, embeddings, labels, float(alpha), float(lam), neg_mode, pos_mode)[0]

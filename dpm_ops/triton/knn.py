@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ..ops._checks import KNN_GPU_MAX_K, check_knn_gpu_k
-from ..ops.knn_certified import TIE_MARGIN, normalized_order
+from ..ops.knn_certified import TIE_MARGIN, normalized_order, raw_neighbours
 from ..ops.knn_reference import COSINE_EPS, pairwise_distance_reference
 from ._device import on_input_device, rows_per_program
 from ._precision import dot, dot_precision, sqrt_rn
@@ -267,7 +267,7 @@ def self_knn_forward(x: torch.Tensor, k: int, metric: str, normalize: bool, cros
     rows (no GEMM tile is shared between programs' lists, as on CUDA); with `normalize` it keeps k + 4
     raw neighbours and orders them as the other backends (ops/knn_certified.normalized_order)."""
     n = x.shape[0]
-    m = min(n, k + TIE_MARGIN) if normalize else k
+    m = raw_neighbours(n, k, normalize)
     if m > KNN_GPU_MAX_K:  # the message of csrc/knn/knn_cuda.cpp
         margin = f" with normalize (it keeps k + {TIE_MARGIN} neighbours)" if normalize else ""
         raise ValueError(
