@@ -42,3 +42,11 @@ def without_autocast(kernel):
             return kernel(*args, **kwargs)
 
     return run
+
+
+def sqrt_flat_at_zero(t: torch.Tensor) -> torch.Tensor:
+    """√t (t ≥ 0) with gradient 0 at t = 0 instead of sqrt's infinite one, which times the zero
+    gradient of a clamp before it would be NaN: the kernels' backward (and torch.cdist's) treat a
+    zero distance or a clamped norm as constant."""
+    positive = t > 0
+    return torch.where(positive, torch.where(positive, t, 1.0).sqrt(), 0.0)

@@ -600,6 +600,12 @@ def test_a_run_decodes_every_image_it_reads_before_training(tmp_path):
     write_truncated_jpeg(tmp_path / "Occluded_REID" / "whole_body_images" / "002" / "002_03.tif")
     with pytest.raises(DatasetError, match=r"unreadable image: .*002_03\.tif"):
         load_splits(run_config(root, *test_set))
+    # an evaluation lists the train split but never reads its images, so it does not decode them
+    write_image(victim)
+    write_truncated_jpeg(root / "bounding_box_train" / "0007_c6s4_002452_02.jpg")
+    with pytest.raises(DatasetError, match=r"unreadable image: .*0007_c6s4_002452_02\.jpg"):
+        load_splits(run_config(root))
+    assert len(load_splits(run_config(root), train_images=False).train) == 3
 
 
 @pytest.mark.filterwarnings("ignore::dpm_ops.data.DatasetCountWarning")

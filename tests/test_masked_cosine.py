@@ -97,9 +97,17 @@ def test_zero_rows_take_the_eps_branch(backend):
     x[1] = 0
     protos[2] = 0
     mask[3] = 0
-    out = masked_cosine(x, mask, protos, backend=backend)
-    torch.testing.assert_close(out, masked_cosine_reference(x, mask, protos))
+    inputs = [t.requires_grad_() for t in (x, mask, protos)]
+    out = masked_cosine(*inputs, backend=backend)
+    expected = masked_cosine_reference(*inputs)
+    torch.testing.assert_close(out, expected)
     assert torch.all(out[1] == 0) and torch.all(out[:, 2] == 0) and torch.all(out[3] == 0)
+    # the zero mask row's den = 0: the clamp is constant there, in the reference too (its square
+    # root's infinite derivative made every prototype's gradient NaN)
+    upstream = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, inputs, upstream), torch.autograd.grad(expected, inputs, upstream)):
+        assert torch.isfinite(want).all()
+        torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

@@ -76,11 +76,11 @@ def _verify_readable(paths: Iterable[str], kind: str) -> None:
     _check_all(lambda path: _decodes(path, kind), paths)
 
 
-def verify_splits(splits: ReIDSplits) -> None:
-    """Decode every image the splits use (train, query, gallery, multi-query pools) and, with masks,
-    its mask, checking that it has the image's size: a bad file is named before any long work
-    instead of in a data loader hours later. The images are not kept."""
-    records = (*splits.train, *splits.query, *splits.gallery, *(splits.multi_query or ()))
+def verify_splits(splits: ReIDSplits, *, train: bool = True) -> None:
+    """Decode every image the splits use (train unless ``train=False``, query, gallery, multi-query
+    pools) and, with masks, its mask, checking that it has the image's size: a bad file is named
+    before any long work instead of in a data loader hours later. The images are not kept."""
+    records = (*(splits.train if train else ()), *splits.query, *splits.gallery, *(splits.multi_query or ()))
     paths = list(dict.fromkeys(r.path for r in records))
     mask_paths = splits.mask_paths
 

@@ -80,12 +80,13 @@ def prepare_synthetic(config: dict, *, progress: bool = True) -> None:
     distributed.barrier()
 
 
-def load_splits(config: dict) -> ReIDSplits:
+def load_splits(config: dict, *, train_images: bool = True) -> ReIDSplits:
     """Train split of ``dataset``, query/gallery of ``dataset`` or of ``dataset.test_name``
     (with its ``dataset.test_camids``); the test set's gt_bbox pools with ``eval.multi_query``.
 
     Checked here, before any long work: the query/gallery can be evaluated (some query has a
-    match), and every image the run reads (with its mask) decodes."""
+    match), and every image the run reads (with its mask) decodes: the train split's only with
+    ``train_images`` (an evaluation lists the train split for its ids and cameras, never reads it)."""
     data = config["dataset"]
     with_masks = (
         data["with_masks"] if data["with_masks"] is not None else get_recipe(config["model"]["name"]).uses_masks
@@ -129,7 +130,7 @@ def load_splits(config: dict) -> ReIDSplits:
     if not splits.train:
         raise DatasetError(f"dataset {data['name']} at {data['root']} has no training images")
     check_query_matches(test)  # names the test set's own root
-    verify_splits(splits)
+    verify_splits(splits, train=train_images)
     return splits
 
 
@@ -303,7 +304,7 @@ def evaluate_checkpoint(
     device, info = init_run_device(config)
     progress = config["train"]["progress"] and info.is_main
     prepare_synthetic(config, progress=progress)
-    splits = load_splits(config)
+    splits = load_splits(config, train_images=False)
     check_model_fits_data(state["model_args"], config, splits, f"checkpoint {weights}")
     model = model_from_checkpoint(state, config, weights).to(device)
     return evaluate_with_config(model, splits, config, device=device, out_dir=output, progress=progress), output

@@ -17,7 +17,7 @@ maximum and the block d[:cross_rows, cross_rows:].
 import torch
 import torch.nn.functional as F
 
-from .._precision import compute_dtype
+from .._precision import compute_dtype, sqrt_flat_at_zero
 
 METRICS = ("euclidean", "sqeuclidean", "cosine")
 COSINE_EPS = 1e-12
@@ -29,7 +29,7 @@ def pairwise_distance_reference(x: torch.Tensor, y: torch.Tensor, metric: str = 
     if metric == "cosine":
         return 1 - F.normalize(x, dim=1, eps=COSINE_EPS) @ F.normalize(y, dim=1, eps=COSINE_EPS).T
     squared = ((x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2 * (x @ y.T)).clamp_min(0)
-    return squared.sqrt() if metric == "euclidean" else squared
+    return sqrt_flat_at_zero(squared) if metric == "euclidean" else squared
 
 
 def knn_reference(x: torch.Tensor, y: torch.Tensor, k: int, metric: str = "euclidean"):
