@@ -6,6 +6,7 @@
     dpm-reid extract --config synthetic_dpm --weights CKPT --images DIR --out features.npz [--camera N]
     dpm-reid synth --out DIR [--ids N ...]
     dpm-reid configs
+    dpm-reid --version
 
 ``--config`` takes a YAML file or a built-in name (``dpm-reid configs`` lists them). Multi-GPU:
 ``torchrun --nproc_per_node N -m dpm_ops train --config ...``. Bad input (a missing dataset folder,
@@ -32,11 +33,22 @@ def _add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", required=True, help="a checkpoint written by `dpm-reid train`")
 
 
+def _version() -> str:
+    """What a bug report needs: the library's, torch's and the usable backends' versions."""
+    import torch
+
+    import dpm_ops
+
+    usable = [name for name, (available, _) in dpm_ops.backends().items() if available]
+    return f"dpm-reid {dpm_ops.__version__} (torch {torch.__version__}; backends: {', '.join(usable)})"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dpm-reid",
         description="Occluded / mask-based person re-ID: train and evaluate DPM, its ViT baseline and MaskReID.",
     )
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,export,extract,synth,configs}")
 
     train = sub.add_parser("train", help="train (or resume), then evaluate and print the metrics table")

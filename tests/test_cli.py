@@ -127,6 +127,19 @@ def test_bad_inputs_are_one_line(tmp_path, tiny_set, capsys):
     assert_one_line_error(capsys, code, "weights.pth")
 
 
+def test_version_names_the_library_torch_and_the_backends(capsys):
+    import torch
+
+    import dpm_ops
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"dpm-reid {dpm_ops.__version__} (torch {torch.__version__}; backends: reference")
+    assert ("cpp" in line) == dpm_ops.backends()["cpp"][0]
+
+
 def test_module_entry_point():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
