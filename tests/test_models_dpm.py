@@ -217,6 +217,10 @@ def test_camera_embedding_is_added_to_every_token():
     torch.testing.assert_close(delta, expected.expand_as(delta[0]).unsqueeze(0))
     with pytest.raises(ValueError, match="cam_label"):
         model(images)
+    # a camera id outside [0, cameras) is an error, -1 too (indexing took it for the last camera)
+    for camera in (-1, backbone.sie_embed.shape[0]):
+        with pytest.raises(IndexError, match="out of range"):
+            backbone.embed(images, torch.tensor([camera]))
 
 
 # ---------------------------------------------------------------- attention, HEM logits, mask taps

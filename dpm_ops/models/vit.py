@@ -273,7 +273,8 @@ class ViTReID(nn.Module):
         if self.sie_embed is not None:
             if cam_label is None:
                 raise ValueError("this model has a camera embedding: pass cam_label (0-based camera ids)")
-            x = x + self.sie_coef * self.sie_embed[cam_label]
+            # an embedding lookup, not indexing: a negative id is an index error, not the last camera
+            x = x + self.sie_coef * F.embedding(cam_label, self.sie_embed.flatten(1)).unsqueeze(1)
         return x
 
     def forward_features(
