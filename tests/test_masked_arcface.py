@@ -97,6 +97,21 @@ def test_margin_branches_and_clamp(backend, easy_margin):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("easy_margin", [False, True])
+def test_unclamped_sqrt_at_cos_plus_minus_one(backend, easy_margin):
+    # clamp_eps=0 (the official unclamped sqrt) with targets at cos = 1 and -1 exactly: sin = 0, where
+    # sqrt's slope is infinite. Both take it as flat; the reference used to give NaN gradients.
+    device = device_for(backend)
+    features, mask, weight, labels = make_inputs(4, 3, 5, torch.float64, device, seed=6)
+    weight[0] = torch.tensor([3.0, 0, 0, 0, 0])
+    labels[:2] = 0
+    mask[:2] = 1.0
+    features[0] = torch.tensor([2.0, 0, 0, 0, 0])
+    features[1] = torch.tensor([-0.5, 0, 0, 0, 0])
+    check_against_reference(backend, features, mask, weight, labels, easy_margin=easy_margin, clamp_eps=0.0)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_non_contiguous_inputs(backend):
     features, mask, weight, labels = make_inputs(12, 9, 16, torch.float32, device_for(backend), seed=5)
     check_against_reference(

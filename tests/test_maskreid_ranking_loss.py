@@ -172,6 +172,20 @@ def test_eq4_is_stable_where_the_double_sum_overflows(backend):
     torch.testing.assert_close(grad, expected_grad.float())
 
 
+@pytest.mark.parametrize("backend", backend_params("reference", "cpp", "cuda", "triton"))
+def test_eq4_at_large_equal_similarities(backend):
+    """Identical embeddings of norm 1e10: every s = 1e20, so every exp(s_kj − s_ki) = 1 and the literal
+    double sum is exact; added to 1e20 before the shifts cancel, log |N| and log |P| rounded away (the
+    loss was log 2) and the reference's softmax gradients summed to |N|, not 1."""
+    labels = torch.tensor([0, 0, 0, 1, 1, 2], device=device_for(backend))
+    x = torch.full((len(labels), 4), 0.5e10, dtype=torch.float64, device=labels.device)
+    value, grad = value_and_grad(lambda e, l: maskreid_ranking_loss(e, l, pos_mode="eq4", backend=backend), x, labels)
+    expected, expected_grad = value_and_grad(literal_eq4, x, labels)
+    assert expected.item() == pytest.approx((3 * math.log(1 + 2 * 3) + 2 * math.log(1 + 1 * 4)) / 5, rel=1e-14)
+    torch.testing.assert_close(value, expected, **tolerances(torch.float64))
+    torch.testing.assert_close(grad, expected_grad, **tolerances(torch.float64))
+
+
 def test_cpp_takes_bfloat16_in_fp32():
     x, labels = batch(CASES["pk"][0], 16, torch.bfloat16)
     value, grad = value_and_grad(lambda e, l: maskreid_ranking_loss(e, l, backend="cpp"), x, labels)

@@ -41,7 +41,9 @@ template <typename A> DPM_HD Phi<A> target_phi(A c, const Margin<A>& m) {
   const A cc = inside ? c : (c < m.lo ? m.lo : m.hi);
   const A sine = square_root(A(1) - cc * cc);
   const A phi = c * m.cos_m - sine * m.sin_m;
-  const A dphi = m.cos_m + (inside ? m.sin_m * c / sine : A(0));  // d(-sin·sin m)/dc = sin m · c / sin
+  // d(-sin·sin m)/dc = sin m · c / sin; at sin = 0 (cos = ±1, clamp_eps = 0) taken as 0, as the
+  // reference's sqrt_flat_at_zero (an infinite slope would make every gradient NaN).
+  const A dphi = m.cos_m + (inside && sine > A(0) ? m.sin_m * c / sine : A(0));
   const bool keep = m.easy ? c > A(0) : c > m.th;
   if (keep) return {phi, dphi};
   return {m.easy ? c : c - m.mm, A(1)};

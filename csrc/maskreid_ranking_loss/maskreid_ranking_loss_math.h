@@ -116,7 +116,9 @@ DPM_HD A eq4_row_loss(const A* s, const int64_t* labels, int64_t k, int64_t n, A
   }
   neg_sum = reduce.sum(neg_sum);
   pos_sum = reduce.sum(pos_sum);
-  const A t = (top.value + logarithm(neg_sum)) + (logarithm(pos_sum) - hardest);  // a + b
+  // a + b with the shifts' difference first: added to a large similarity one by one, the logs (the
+  // set sizes at equal similarities) would round away.
+  const A t = (top.value - hardest) + (logarithm(neg_sum) + logarithm(pos_sum));
   const A loss = softplus(t) * scale;
   if (coef == nullptr) return loss;
 

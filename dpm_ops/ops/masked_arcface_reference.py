@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .._precision import at_least_fp32, common_at_least_fp32
+from .._precision import at_least_fp32, common_at_least_fp32, sqrt_flat_at_zero
 from .masked_cosine import masked_cosine
 
 
@@ -37,7 +37,9 @@ def arcface_logits(
     """
     cosine = at_least_fp32(cosine)
     target_cos = cosine.gather(1, labels.view(-1, 1)).squeeze(1)
-    target_sin = torch.sqrt(1.0 - target_cos.clamp(-1.0 + clamp_eps, 1.0 - clamp_eps).pow(2))
+    # Flat at sin = 0 (cos = ±1 with clamp_eps = 0), as the kernels: sqrt's infinite slope times the
+    # clamp's or the unused torch.where branch's zero gradient would be NaN.
+    target_sin = sqrt_flat_at_zero(1.0 - target_cos.clamp(-1.0 + clamp_eps, 1.0 - clamp_eps).pow(2))
     phi = target_cos * math.cos(margin) - target_sin * math.sin(margin)
     if easy_margin:
         phi = torch.where(target_cos > 0, phi, target_cos)

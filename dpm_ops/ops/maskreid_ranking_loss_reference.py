@@ -77,9 +77,16 @@ def maskreid_ranking_loss_reference(
         # Σ_i Σ_j exp(s_kj − s_ki) = Σ_j exp(s_kj) · Σ_i exp(−s_ki): log(1 + e^(a + b)) with the two
         # log-sum-exps, stable and O(n) per row. An empty set gives −inf, hence log(1 + 0) = 0;
         # masked_fill's backward zeroes the NaN logsumexp's backward makes on such a row.
-        a = sim.masked_fill(~negative, float("-inf")).logsumexp(1)  # log Σ_{j∈N} exp(s_kj)
-        b = (-sim).masked_fill(~positive, float("-inf")).logsumexp(1)  # log Σ_{i∈P} exp(−s_ki)
-        per_anchor = torch.logaddexp(a + b, torch.zeros_like(a))  # log(1 + e^(a + b))
+        # Shifted by the most similar negative and the hardest positive (constants: a + b does not depend
+        # on them), whose difference is taken first, as the kernels: else, at large similarities, the
+        # log-sum-exps round their logs (the set sizes) away and their softmax gradients no longer sum to 1.
+        top = sim.masked_fill(~negative, float("-inf")).amax(1).detach()
+        hardest = sim.masked_fill(~positive, float("inf")).amin(1).detach()
+        top, hardest = torch.where(top.isfinite(), top, 0.0), torch.where(hardest.isfinite(), hardest, 0.0)
+        a = (sim - top[:, None]).masked_fill(~negative, float("-inf")).logsumexp(1)  # log Σ_N exp(s_kj − top)
+        b = (hardest[:, None] - sim).masked_fill(~positive, float("-inf")).logsumexp(1)  # log Σ_P exp(hardest − s_ki)
+        t = (top - hardest) + (a + b)
+        per_anchor = torch.logaddexp(t, torch.zeros_like(t))  # log(1 + e^(a + b))
         return torch.where(is_anchor, per_anchor, 0.0).sum() / is_anchor.sum().clamp_min(1)
 
     if pos_mode == "hardest":

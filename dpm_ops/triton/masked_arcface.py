@@ -72,7 +72,7 @@ def _target_phi(cos, cos_m, sin_m, th, mm, lo, hi, EASY: tl.constexpr):
     cc = tl.minimum(tl.maximum(cos, lo), hi)
     sine = sqrt_rn(1.0 - cc * cc)
     phi = cos * cos_m - sine * sin_m
-    dphi = cos_m + tl.where(inside, sin_m * cos / sine, 0.0)
+    dphi = cos_m + tl.where(inside & (sine > 0.0), sin_m * cos / sine, 0.0)  # flat sqrt at 0, as the C++ kernel
     if EASY:
         keep = cos > 0.0
         phi = tl.where(keep, phi, cos)

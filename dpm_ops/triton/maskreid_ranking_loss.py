@@ -65,7 +65,7 @@ def _ranking_row_kernel(
         # >= 1 already for a non-empty set (its largest term is 1); 1 keeps an empty set's log finite
         neg_sum = tl.maximum(tl.sum(neg_exp, 0), 1.0)
         pos_sum = tl.maximum(tl.sum(pos_exp, 0), 1.0)
-        t = (top + tl.log(neg_sum)) + (tl.log(pos_sum) - hardest)
+        t = (top - hardest) + (tl.log(neg_sum) + tl.log(pos_sum))  # shifts first, as the C++ kernel
         e = tl.exp(-tl.abs(t))  # e^-|t| <= 1: softplus and sigmoid without overflow
         sig = tl.where(t < 0, e / (1.0 + e), 1.0 / (1.0 + e))
         # no negative: log(1 + 0) = 0 and no gradient
