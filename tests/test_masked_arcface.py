@@ -293,3 +293,13 @@ def test_bad_clamp_eps():
     with pytest.raises(ValueError, match="clamp_eps must lie in"):
         masked_arcface_ce(features, mask, weight, labels, clamp_eps=1.5)
     assert math.isfinite(masked_arcface_ce(features, mask, weight, labels, clamp_eps=0.0).item())
+
+
+def test_reference_backend_is_plain_torch_throughout():
+    # backend="reference" ran its masked cosine on the default (C++) backend, whose fused kernels
+    # have no second derivative; plain torch has one
+    features, mask, weight, labels = make_inputs(3, 4, 5, torch.float64, torch.device("cpu"), seed=3)
+    inputs = [t.requires_grad_() for t in (features, mask, weight)]
+    assert torch.autograd.gradgradcheck(
+        lambda f, m, w: masked_arcface_cross_entropy(f, m, w, labels, backend="reference"), inputs
+    )

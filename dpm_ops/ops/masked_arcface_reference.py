@@ -60,11 +60,13 @@ def masked_arcface_logits(
     margin: float = 0.5,
     easy_margin: bool = False,
     clamp_eps: float = 1e-7,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Masked prototype cosine of BN features vs ``weight`` rows, as ArcFace logits (``s·cos`` when
-    ``labels`` is None). Computed in (at least) fp32, even under autocast."""
+    ``labels`` is None), the cosine by masked_cosine on ``backend``. Computed in (at least) fp32,
+    even under autocast."""
     with torch.autocast(device_type=features.device.type, enabled=False):
-        cosine = masked_cosine(*common_at_least_fp32(features, mask, weight), eps=1e-12)
+        cosine = masked_cosine(*common_at_least_fp32(features, mask, weight), eps=1e-12, backend=backend)
         if labels is None:
             return scale * cosine
         return arcface_logits(cosine, labels, scale, margin, easy_margin, clamp_eps)
@@ -74,9 +76,10 @@ def masked_arcface_reference(
     features, mask, weight, labels, scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight
 ) -> torch.Tensor:
     """The loss (0-dim) of masked_arcface_ce's arguments: the batch means of both cross-entropies;
-    unchecked (the callers check)."""
+    unchecked (the callers check). Plain torch throughout (the cosine too)."""
     plain = F.cross_entropy(F.linear(features, weight), labels)
-    masked = F.cross_entropy(
-        masked_arcface_logits(features, mask, weight, labels, scale, margin, easy_margin, clamp_eps), labels
+    logits = masked_arcface_logits(
+        features, mask, weight, labels, scale, margin, easy_margin, clamp_eps, backend="reference"
     )
+    masked = F.cross_entropy(logits, labels)
     return plain_weight * plain + masked_weight * masked
