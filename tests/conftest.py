@@ -4,6 +4,8 @@ TRITON_INTERPRET must be set before any Triton kernel module is imported.
 """
 
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,3 +111,29 @@ def record_launches(monkeypatch, module, kernel_name: str) -> list:
 
     monkeypatch.setattr(module, kernel_name, Recorder())
     return launches
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_section(heading: str) -> str:
+    """README.md's section titled `heading` (without its #s): the text from that heading to the next heading
+    of any level, so a section's subsections are not part of it."""
+    section, found, in_fence = [], False, False
+    for line in README.read_text(encoding="utf-8").splitlines(keepends=True):
+        if line.startswith("```"):
+            in_fence = not in_fence
+        elif not in_fence and re.match(r"#+ ", line):  # a comment line in a code block is no heading
+            if found:
+                break
+            found = line.lstrip("#").strip() == heading
+            continue
+        if found:
+            section.append(line)
+    assert found, f"README.md has no section titled {heading!r}"
+    return "".join(section)
+
+
+def readme_python_blocks(heading: str) -> list[str]:
+    """The ```python blocks of README.md's section titled `heading`."""
+    return re.findall(r"```python\n(.*?)```", readme_section(heading), re.S)

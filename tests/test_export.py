@@ -5,7 +5,6 @@ snippets and the dpm-reid command."""
 import contextlib
 import io
 import os
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conftest import readme_python_blocks
 from dpm_ops import _backend
 from dpm_ops.cli import main
 from dpm_ops.data import DatasetError, DatasetNotFoundError
@@ -39,7 +39,6 @@ from dpm_ops.ops import masked_arccos_distance
 from engine_utils import TINY_VIT, synth_argv, tiny_config, write_config
 from test_cli import assert_one_line_error
 
-README = Path(__file__).resolve().parents[1] / "README.md"
 VIT_SIZE = (64, 32)
 MASKREID_SIZE = (36, 16)
 
@@ -173,11 +172,6 @@ def test_export_bad_input(tmp_path, monkeypatch):
     assert not path.exists()  # every check ran before the export
 
 
-def readme_deploy_snippets() -> list[str]:
-    section = README.read_text(encoding="utf-8").split("## Deploy (ONNX)", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```python\n(.*?)```", section, re.S)
-
-
 @pytest.fixture(scope="module")
 def tiny_set(tmp_path_factory):
     """The tiny synthetic set without its junk (pid -1) images, which the dataset loader drops."""
@@ -211,7 +205,7 @@ def test_extracted_npz_evaluates_as_the_evaluator_does(tmp_path, tiny_set, monke
     assert query["pids"][0] == int(query["paths"][0].split("_")[0])
     namespace = {}
     monkeypatch.chdir(tmp_path)
-    exec(readme_deploy_snippets()[1], namespace)  # the README's evaluate_rank snippet, as written
+    exec(readme_python_blocks("Deploy (ONNX)")[1], namespace)  # the README's evaluate_rank snippet, as written
     splits = load_splits(load_config(str(tmp_path / f"{name}.yaml"), []))
     expected = evaluate_model(model, splits, model_name=name, image_size=VIT_SIZE, progress=False, pictures=False)
     result = namespace["result"]
@@ -290,7 +284,7 @@ def test_readme_dpm_distance_from_onnx_outputs_matches_the_evaluator(dpm_export,
         "g_camids": gallery["camids"].numpy(),
     }
     monkeypatch.chdir(path.parent)
-    exec(readme_deploy_snippets()[0], namespace)
+    exec(readme_python_blocks("Deploy (ONNX)")[0], namespace)
     with torch.no_grad():
         (qf, qm), (gf, _) = model(*query.values()), model(*gallery.values())
     # the evaluator: L2-normalised features, then the query-masked arccos

@@ -28,31 +28,31 @@ def random_state(shapes, seed=0):
     return state
 
 
-def vit_shapes(prefix, num_tokens):
+def vit_shapes(prefix, num_tokens, dim=C, depth=DEPTH):
     shapes = {
-        f"{prefix}cls_token": (1, 1, C),
-        f"{prefix}pos_embed": (1, num_tokens, C),
-        f"{prefix}patch_embed.proj.weight": (C, 3, 16, 16),
-        f"{prefix}patch_embed.proj.bias": (C,),
-        f"{prefix}norm.weight": (C,),
-        f"{prefix}norm.bias": (C,),
+        f"{prefix}cls_token": (1, 1, dim),
+        f"{prefix}pos_embed": (1, num_tokens, dim),
+        f"{prefix}patch_embed.proj.weight": (dim, 3, 16, 16),
+        f"{prefix}patch_embed.proj.bias": (dim,),
+        f"{prefix}norm.weight": (dim,),
+        f"{prefix}norm.bias": (dim,),
     }
-    for i in range(DEPTH):
+    for i in range(depth):
         block = f"{prefix}blocks.{i}."
         shapes.update(
             {
-                block + "norm1.weight": (C,),
-                block + "norm1.bias": (C,),
-                block + "attn.qkv.weight": (3 * C, C),
-                block + "attn.qkv.bias": (3 * C,),
-                block + "attn.proj.weight": (C, C),
-                block + "attn.proj.bias": (C,),
-                block + "norm2.weight": (C,),
-                block + "norm2.bias": (C,),
-                block + "mlp.fc1.weight": (4 * C, C),
-                block + "mlp.fc1.bias": (4 * C,),
-                block + "mlp.fc2.weight": (C, 4 * C),
-                block + "mlp.fc2.bias": (C,),
+                block + "norm1.weight": (dim,),
+                block + "norm1.bias": (dim,),
+                block + "attn.qkv.weight": (3 * dim, dim),
+                block + "attn.qkv.bias": (3 * dim,),
+                block + "attn.proj.weight": (dim, dim),
+                block + "attn.proj.bias": (dim,),
+                block + "norm2.weight": (dim,),
+                block + "norm2.bias": (dim,),
+                block + "mlp.fc1.weight": (4 * dim, dim),
+                block + "mlp.fc1.bias": (4 * dim,),
+                block + "mlp.fc2.weight": (dim, 4 * dim),
+                block + "mlp.fc2.bias": (dim,),
             }
         )
     return shapes
@@ -64,8 +64,10 @@ def bn_shapes(prefix, channels):
     }
 
 
-def timm_checkpoint():
-    shapes = vit_shapes("", 1 + 14 * 14) | {"head.weight": (1000, C), "head.bias": (1000,)}
+def timm_checkpoint(dim=C, depth=DEPTH):
+    """timm's ViT-B/16 layout (jx_vit_base_p16_224: 224 x 224's 14 x 14 grid, an ImageNet head) at width
+    `dim` and `depth` blocks."""
+    shapes = vit_shapes("", 1 + 14 * 14, dim, depth) | {"head.weight": (1000, dim), "head.bias": (1000,)}
     return random_state(shapes)
 
 
