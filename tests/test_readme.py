@@ -26,6 +26,7 @@ from dpm_ops.engine.builders import load_splits
 from dpm_ops.engine.evaluator import evaluate_model
 from dpm_ops.evaluation import evaluate_rank as dpm_evaluate_rank
 from dpm_ops.evaluation import pairwise_distance
+from dpm_ops.evaluation import re_ranking as dpm_re_ranking
 from dpm_ops.losses import DPMLoss
 from dpm_ops.models import build_model
 from dpm_ops.ops import masked_cosine
@@ -276,6 +277,7 @@ BULLET_SIGNATURES = [
     ("API", "masked_cosine", dpm_ops.ops.masked_cosine, True),
     ("Models, losses, data, evaluation", "dpm_ops.models.build_model", build_model, True),
     ("Models, losses, data, evaluation", "evaluate_rank", dpm_evaluate_rank, True),
+    ("Models, losses, data, evaluation", "re_ranking", dpm_re_ranking, True),
     ("Training and evaluation engines", "evaluate_model", evaluate_model, False),
 ]
 
