@@ -5,7 +5,8 @@ Each test execs one section's block in a namespace holding the names the block t
 `distmat`, `qf`, ...). Where a line cannot run here as written (the full-size ViT-B/16, a dataset under /data,
 a 10-epoch run of the synthetic set, a CUDA device), the test replaces one fragment of it: each test's
 SUBSTITUTIONS, whose left-hand sides must still be in the README, so an edited example fails here rather than
-go untested. The signatures and names the sections' tables and bullets write out are checked too."""
+go untested. The signatures and names the sections' tables and bullets write out are checked too, and
+the files that the README and the docs/ pages name exist."""
 
 import ast
 import builtins
@@ -298,3 +299,21 @@ def test_the_module_bullets_name_what_the_modules_hold():
         called = set(re.findall(r"`(\w+)\(", bullet)) - set(dir(builtins))  # not `min(max_rank, G)`
         names = called | set(re.findall(r"`([A-Z]\w*)`", bullet))
         assert names and not [name for name in names if not hasattr(module, name)], module_name
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/architecture.md", "docs/certified_knn.md"])
+def test_the_files_the_docs_name_exist(doc):
+    """Every `path/like/this` a page writes is a file or folder of the repository (paths inside the
+    package and csrc/ may drop their `dpm_ops/` or `csrc/` prefix; `module.name` names a module's member)."""
+    root = README.parent
+    text = (root / doc).read_text(encoding="utf-8")
+
+    def exists(written: str) -> bool:
+        path = written.rstrip("/")
+        module, _, member = path.rpartition(".")
+        candidates = [path] + ([f"{module}.py"] if member.isidentifier() and "/" in module else [])
+        return any((root / prefix / c).exists() for prefix in ("", "dpm_ops", "csrc") for c in candidates)
+
+    written = set(re.findall(r"`([\w.-]+(?:/[\w.-]+)+/?)`", text))
+    missing = sorted(w for w in written if not exists(w))
+    assert written and not missing, f"{doc} names files that are not there: {missing}"
