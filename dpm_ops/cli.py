@@ -30,7 +30,9 @@ def _add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", required=True, help="YAML file or built-in config name (the one it was trained with)"
     )
-    parser.add_argument("--weights", required=True, help="a checkpoint written by `dpm-reid train`")
+    parser.add_argument(
+        "--weights", required=True, help="a checkpoint of `dpm-reid train`, or a state dict of the config's model"
+    )
 
 
 def _version() -> str:
@@ -63,7 +65,12 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on the config's dataset")
     ev.add_argument("--config", required=True, help="YAML file or built-in config name")
-    ev.add_argument("--weights", required=True, help="a checkpoint written by `dpm-reid train` (final.pt, last.pt)")
+    ev.add_argument(
+        "--weights",
+        required=True,
+        help="a checkpoint of `dpm-reid train` (final.pt, last.pt), or a state dict of the config's model "
+        "(torch.save(model.state_dict()), the official DPM release)",
+    )
     ev.add_argument(
         "--output",
         help="folder for metrics.json and pictures (default: <run>/eval for <run>/checkpoints/*.pt, else eval/ "

@@ -78,6 +78,43 @@ def test_train_then_eval(tmp_path, tiny_set, capsys):
     code = main(["eval", "--config", str(baseline), "--weights", str(run / "checkpoints" / "final.pt")])
     assert_one_line_error(capsys, code, "holds a 'dpm' model, not 'vit_baseline'")
 
+    # a bare state dict of the config's model: torch.save(model.state_dict()) of one's own script, or
+    # the official DPM release's layout (base.* / ConvLayer / attfc, its unused 1000-way base.fc)
+    import torch
+
+    weights = torch.load(run / "checkpoints" / "final.pt", weights_only=False)["model"]
+    official_names = (("mask_generator.conv_stack.", "base.ConvLayer."), ("mask_generator.attfc.", "base.attfc."))
+    official_names += (("backbone.", "base."),)
+
+    def official_key(key):
+        for ours, theirs in official_names:
+            if key.startswith(ours):
+                return theirs + key[len(ours) :]
+        return key
+
+    official = {f"module.{official_key(k)}": v for k, v in weights.items()}
+    width = weights["backbone.cls_token"].shape[-1]
+    official |= {"module.base.fc.weight": torch.zeros(1000, width), "module.base.fc.bias": torch.zeros(1000)}
+    files = {"native.pth": weights, "transformer_150.pth": official}
+    for file_name, contents in files.items():
+        torch.save(contents, tmp_path / file_name)
+        output = tmp_path / f"eval_{file_name}"
+        code = main(["eval", "--config", str(config), "--weights", str(tmp_path / file_name), "--output", str(output)])
+        assert code == 0 and json.loads((output / "metrics.json").read_text()) == trained, file_name
+    capsys.readouterr()
+    # ... that fits the config's model exactly: not another model's, not one with a tensor left out
+    torch.save({k: v for k, v in weights.items() if k != "bottleneck.weight"}, tmp_path / "partial.pth")
+    for config_path, file_name, needle in (
+        (baseline, "native.pth", "does not fit the ViTBaseline of the config's model.options and input.size"),
+        (config, "partial.pth", "missing: bottleneck.weight"),
+    ):
+        code = main(["eval", "--config", str(config_path), "--weights", str(tmp_path / file_name)])
+        assert_one_line_error(capsys, code, needle)
+    # an ImageNet backbone file starts a training instead
+    torch.save({"cls_token": torch.zeros(1, 1, 8), "blocks.0.attn.qkv.weight": torch.zeros(24, 8)}, tmp_path / "jx.pth")
+    code = main(["eval", "--config", str(config), "--weights", str(tmp_path / "jx.pth")])
+    assert_one_line_error(capsys, code, "timm_vit ImageNet backbone weights, not a trained re-ID model")
+
 
 def test_train_generates_a_missing_synthetic_set(tmp_path, capsys):
     root = tmp_path / "generated"
@@ -228,6 +265,23 @@ def _fresh_checkpoint(tmp_path, config_path, edit=None, name="final.pt"):
     return tmp_path / name
 
 
+@pytest.mark.parametrize("model", ["dpm", "vit_baseline", "maskreid"])
+def test_a_bare_state_dict_is_the_configs_model(tmp_path, tiny_set, model):
+    # what export / extract / eval build from torch.save(model.state_dict()): the classes and cameras
+    # come from its tensors (MaskReID's classifier is head.classifier)
+    import torch
+
+    from dpm_ops.engine import checkpoint_model, load_config
+
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_set, model))
+    state = torch.load(_fresh_checkpoint(tmp_path, config), weights_only=False)
+    torch.save(state["model"], tmp_path / "bare.pth")
+    rebuilt = checkpoint_model(load_config(str(config)), tmp_path / "bare.pth")
+    assert not rebuilt.training and rebuilt.state_dict().keys() == state["model"].keys()
+    for key, tensor in rebuilt.state_dict().items():
+        assert torch.equal(tensor, state["model"][key]), key
+
+
 def _drop_first_tensor(state):
     state["model"].pop(next(iter(state["model"])))
 
@@ -241,7 +295,13 @@ def _set_option(key, value):
 
 
 def _set_cameras(count):
-    return lambda state: state["model_args"].update(num_cameras=count)
+    """A model trained on `count` cameras: its model_args and its SIE embedding's rows."""
+
+    def edit(state):
+        state["model_args"].update(num_cameras=count)
+        state["model"]["backbone.sie_embed"] = state["model"]["backbone.sie_embed"][:count]
+
+    return edit
 
 
 @pytest.mark.parametrize(

@@ -17,9 +17,17 @@ import torch.nn as nn
 from dpm_ops.data import DatasetError, MaskReIDBatchSampler, RandomIdentityBatchSampler, ReIDSplits, build_dataset
 from dpm_ops.data.assembly import check_query_matches, verify_splits
 from dpm_ops.data.datasets import dataset_options
+from dpm_ops.models.weights import WeightsError, trained_state_dict
 
 from . import distributed
-from .checkpoint import load_checkpoint, load_model_state, make_output_folder
+from .checkpoint import (
+    CheckpointError,
+    checked_checkpoint,
+    is_training_checkpoint,
+    load_model_state,
+    make_output_folder,
+    read_checkpoint_file,
+)
 from .config import ConfigError
 from .recipes import get_recipe
 
@@ -229,12 +237,43 @@ def model_from_checkpoint(state: dict, config: dict, path: str | os.PathLike) ->
     return model.eval()
 
 
+def trained_model(config: dict, weights: str | os.PathLike) -> tuple[nn.Module, dict]:
+    """The model that ``weights`` holds, in eval mode on the CPU, and its model arguments.
+
+    ``weights`` is a training checkpoint (its model, with the config's eval-time options) or a bare
+    state dict of the config's model: ``torch.save(model.state_dict())`` of a dpm_ops model trained
+    by one's own script, or an official DPM / TransReID release (``transformer_150.pth``). A bare
+    one is built from the config's model.options and input.size, with the classes and cameras its
+    tensors have, and must fill every tensor of it, in its shape (a trained position embedding is
+    not resized)."""
+    contents = read_checkpoint_file(weights)
+    name = config["model"]["name"]
+    if is_training_checkpoint(contents):
+        state = checked_checkpoint(weights, contents, model_name=name)
+        return model_from_checkpoint(state, config, weights), state["model_args"]
+    try:
+        state_dict = trained_state_dict(contents, f"--weights {weights}")
+    except WeightsError as error:
+        raise CheckpointError(f"{error} (or a dpm_ops training checkpoint)") from error
+    # DPM's and the ViT baseline's classifier.weight, MaskReID's head.classifier.weight
+    classifiers = [t for k, t in state_dict.items() if f".{k}".endswith(".classifier.weight")]
+    cameras = state_dict.get("backbone.sie_embed")
+    args = {
+        "num_classes": classifiers[0].shape[0] if classifiers else 0,
+        "num_cameras": 0 if cameras is None else cameras.shape[0],
+        "options": get_recipe(name).model_options(config),
+    }
+    model = build_model_from_args(name, eval_model_arguments(name, args, config))
+    load_model_state(model, state_dict, weights, built_from="the config's model.options and input.size")
+    return model.eval(), args
+
+
 def checkpoint_model(config: dict, weights: str | os.PathLike) -> nn.Module:
-    """The model of checkpoint ``weights`` (of the config's model, at its input.size), in eval mode on
-    the CPU: what `dpm-reid export` and `extract` run."""
-    state = load_checkpoint(weights, model_name=config["model"]["name"])
-    check_input_size(state["model_args"], config, f"checkpoint {weights}")
-    return model_from_checkpoint(state, config, weights)
+    """The model of ``weights`` (trained_model's: a checkpoint of the config's model at its
+    input.size, or a bare state dict), in eval mode on the CPU: what `dpm-reid export` and `extract` run."""
+    model, model_args = trained_model(config, weights)
+    check_input_size(model_args, config, f"checkpoint {weights}")
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,7 +336,7 @@ def evaluate_checkpoint(
     """`dpm-reid eval`: checkpoint ``weights`` on the config's test set (under torchrun too), with
     metrics.json and pictures in ``output`` (default: ``eval/`` beside the run's checkpoints folder).
     Returns (the metrics on rank 0, else None; the output folder)."""
-    state = load_checkpoint(weights, model_name=config["model"]["name"])
+    model, model_args = trained_model(config, weights)
     weights_folder = Path(weights).resolve().parent
     run_folder = weights_folder.parent if weights_folder.name == "checkpoints" else weights_folder
     output = make_output_folder(output or run_folder / "eval", "--output")
@@ -305,6 +344,6 @@ def evaluate_checkpoint(
     progress = config["train"]["progress"] and info.is_main
     prepare_synthetic(config, progress=progress)
     splits = load_splits(config, train_images=False)
-    check_model_fits_data(state["model_args"], config, splits, f"checkpoint {weights}")
-    model = model_from_checkpoint(state, config, weights).to(device)
+    check_model_fits_data(model_args, config, splits, f"checkpoint {weights}")
+    model = model.to(device)
     return evaluate_with_config(model, splits, config, device=device, out_dir=output, progress=progress), output

@@ -167,19 +167,35 @@ def make_checkpoint(
 
 def load_checkpoint(path: str | os.PathLike, *, model_name: Optional[str] = None, map_location: Any = "cpu") -> dict:
     """Read a checkpoint written by :func:`save_checkpoint`; with ``model_name``, refuse another model's."""
+    state = read_checkpoint_file(path, map_location)
+    if not is_training_checkpoint(state):
+        raise CheckpointError(
+            f"{path} is not a dpm_ops training checkpoint (no '{FORMAT}' tag); "
+            "pretrained backbone weights go in model.pretrained instead"
+        )
+    return checked_checkpoint(path, state, model_name)
+
+
+def read_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """What the torch file ``path`` holds; CheckpointError when it is missing or not a torch file."""
     path = Path(os.path.expanduser(str(path)))
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         # our own files hold numpy / python RNG states, so full unpickling is needed (trusted input)
-        state = read_torch_file(path, weights_only=False, map_location=map_location)
+        return read_torch_file(path, weights_only=False, map_location=map_location)
     except WeightsError as error:
         raise CheckpointError(f"unreadable checkpoint: {error}") from error
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{path} is not a dpm_ops training checkpoint (no '{FORMAT}' tag); "
-            "pretrained backbone weights go in model.pretrained instead"
-        )
+
+
+def is_training_checkpoint(contents: Any) -> bool:
+    """Whether a file's ``contents`` are a checkpoint written by :func:`save_checkpoint`."""
+    return isinstance(contents, dict) and contents.get("format") == FORMAT
+
+
+def checked_checkpoint(path: str | os.PathLike, state: dict, model_name: Optional[str] = None) -> dict:
+    """``state`` (a training checkpoint read from ``path``) once it holds what rebuilding its model
+    needs; with ``model_name``, another model's is refused."""
     _check_structure(path, state)
     if model_name is not None and state["model_name"] != model_name:
         raise CheckpointError(
@@ -189,7 +205,7 @@ def load_checkpoint(path: str | os.PathLike, *, model_name: Optional[str] = None
     return state
 
 
-def _check_structure(path: Path, state: dict) -> None:
+def _check_structure(path: str | os.PathLike, state: dict) -> None:
     """What rebuilding the model needs: its name, its arguments and a state dict of tensors."""
     args = state.get("model_args")
     problem = None
@@ -216,10 +232,12 @@ def _listed(names: list, limit: int = 3) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def load_model_state(model: torch.nn.Module, state_dict: dict, path: str | os.PathLike) -> None:
+def load_model_state(
+    model: torch.nn.Module, state_dict: dict, path: str | os.PathLike, built_from: str = "its model_args"
+) -> None:
     """``model.load_state_dict(state_dict)`` after checking that every tensor fits: a
-    CheckpointError naming ``path`` and what differs (missing, unexpected, reshaped tensors)
-    instead of torch's multi-line RuntimeError."""
+    CheckpointError naming ``path``, what the model was ``built_from`` and what differs (missing,
+    unexpected, reshaped tensors) instead of torch's multi-line RuntimeError."""
     own = model.state_dict()
     missing = [key for key in own if key not in state_dict]
     unexpected = [key for key in state_dict if key not in own]
@@ -235,7 +253,7 @@ def load_model_state(model: torch.nn.Module, state_dict: dict, path: str | os.Pa
     ]
     if problems:
         raise CheckpointError(
-            f"checkpoint {path} does not fit the {type(model).__name__} its model_args describe ({'; '.join(problems)})"
+            f"checkpoint {path} does not fit the {type(model).__name__} of {built_from} ({'; '.join(problems)})"
         )
     model.load_state_dict(state_dict)
 

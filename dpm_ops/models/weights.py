@@ -14,6 +14,8 @@ Layouts recognised (after unwrapping a ``'model'`` / ``'state_dict'`` entry and 
   and ``conv1`` / ``bn1`` also into the masked stream's stem.
 * ``native``: a state dict of the model itself.
 
+:func:`trained_state_dict` reads a whole trained model (``native`` or ``dpm_official``) for evaluation.
+
 Every problem raises :class:`WeightsError` (a ``ValueError``) naming the file: missing, not a
 PyTorch weights file, not a state dict, a tensor of the wrong shape, a layout that does not fit
 the model, and a file that fills fewer tensors than the model's backbone needs (:func:`backbone_keys`)
@@ -164,6 +166,23 @@ _MAPPERS: dict[str, Callable[[str], list[str]]] = {
     "torchvision_resnet50": _torchvision_targets,
     "native": lambda key: [key],
 }
+
+
+def trained_state_dict(source: Union[str, os.PathLike, StateDict], name: str | None = None) -> StateDict:
+    """A whole trained model's tensors under the model's own key names: a ``native`` state dict
+    (``torch.save(model.state_dict())`` of a dpm_ops model, e.g. in one's own training script) or an
+    official DPM / TransReID release (``dpm_official``, e.g. ``transformer_150.pth``). An ImageNet
+    backbone file (timm ViT, torchvision ResNet-50) is a WeightsError naming ``name`` (default: the
+    path): it holds no re-ID head, so it starts a training (model.pretrained) instead."""
+    name = name or (os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the state dict")
+    state = _read_state_dict(source, name)
+    layout = _detect_layout(state)
+    if layout not in ("native", "dpm_official"):
+        raise WeightsError(
+            f"{name} holds {layout} ImageNet backbone weights, not a trained re-ID model: "
+            "train from it with model.pretrained"
+        )
+    return {target: tensor for key, tensor in state.items() for target in _MAPPERS[layout](key)}
 
 
 def load_pretrained(

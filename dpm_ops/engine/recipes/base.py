@@ -129,12 +129,20 @@ class Recipe:
     def build(self, num_classes: int, num_cameras: int, **options) -> nn.Module:
         return construct_model(self.model_class, num_classes, num_cameras, **options)
 
+    def model_options(self, config: dict) -> dict:
+        """The options a run builds its model with: the config's model.options (and input.size)."""
+        options = dict(config["model"]["options"])
+        options.setdefault("img_size", list(config["input"]["size"]))
+        return options
+
     def model_arguments(self, config: dict, splits) -> dict:
         """{"num_classes", "num_cameras", "options"} of the model trained on ``splits``, as the
         checkpoint stores them."""
-        options = dict(config["model"]["options"])
-        options.setdefault("img_size", list(config["input"]["size"]))
-        return {"num_classes": splits.num_train_pids, "num_cameras": splits.num_cams, "options": options}
+        return {
+            "num_classes": splits.num_train_pids,
+            "num_cameras": splits.num_cams,
+            "options": self.model_options(config),
+        }
 
     def find_unused_parameters(self, model_args: dict) -> bool:
         """DDP: some parameters sit idle in some stage."""

@@ -24,10 +24,10 @@ class DPMRecipe(ViTRecipe):
     eval_time_options = ("neck_feat",)
     export_outputs = ("feature", "mask")
 
-    def model_arguments(self, config: dict, splits) -> dict:
-        args = super().model_arguments(config, splits)
-        args["options"].setdefault("loss_inputs", True)  # train mode hands DPMLoss the fused ArcFace CE's inputs
-        return args
+    def model_options(self, config: dict) -> dict:
+        options = super().model_options(config)
+        options.setdefault("loss_inputs", True)  # train mode hands DPMLoss the fused ArcFace CE's inputs
+        return options
 
     def build_stages(self, model, config: dict, iters_per_epoch: dict) -> list:
         solver, common = config["solver"], param_group_options(config)

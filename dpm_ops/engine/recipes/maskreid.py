@@ -32,10 +32,13 @@ class MaskReIDRecipe(Recipe):
     sampler_kinds = ("pk", "maskreid")
     has_pretrain_stage = True
 
+    def model_options(self, config: dict) -> dict:
+        return dict(config["model"]["options"])  # no img_size: convolutional, any input size
+
     def model_arguments(self, config: dict, splits) -> dict:
         # the softmax head exists only for the pre-training stage
         num_classes = splits.num_train_pids if config["pretrain"]["epochs"] > 0 else 0
-        return {"num_classes": num_classes, "num_cameras": 0, "options": dict(config["model"]["options"])}
+        return {"num_classes": num_classes, "num_cameras": 0, "options": self.model_options(config)}
 
     def find_unused_parameters(self, model_args: dict) -> bool:
         return model_args["num_classes"] > 0  # the softmax head sits idle in the ranking stage
