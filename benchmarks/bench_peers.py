@@ -4,7 +4,10 @@
   benchmarks/reference/synthetic_features.py): torchreid's Python (its 0.2.5 sdist ships no Cython),
   fast-reid's Python, fast-reid's Cython (rank_cy.pyx built here) and `dpm_ops.compat.fastreid`;
 * re_ranking from the three distance matrices at a quarter of Market scale (842 x 3,978): the peers'
-  re_ranking (the same numpy code in both) and `dpm_ops.compat.torchreid`.
+  re_ranking (the same numpy code in both) and `dpm_ops.compat.torchreid`;
+* fast-reid's k-reciprocal Jaccard distance (compute_jaccard_distance, k1 30, k2 6, the UDA
+  setting) of the pooled query + gallery features at a quarter of Market scale (4,820 items): its
+  numpy code with faiss-cpu's exact index (search_option=3) and `dpm_ops.compat.fastreid`.
 
 Everything runs on the CPU from numpy arrays, as the peers take them. The ratios (peer / dpm_ops,
 fastest rounds) are printed by the `bench_ratio` cases; no target is set. The peers are loaded file
@@ -14,7 +17,9 @@ Market) keeps `pytest benchmarks/ --benchmark-disable` short; the larger scales 
 
 import functools
 
+import numpy as np
 import pytest
+import torch
 
 from benchmarks.conftest import speedup
 from benchmarks.reference import peers
@@ -25,6 +30,7 @@ from dpm_ops.evaluation import pairwise_distance
 SCALES = {"smoke": 0.04, "quarter market1501": 0.25, "market1501": 1.0}
 EVALUATE_SCALES = ("smoke", "market1501")
 RERANK_SCALES = ("smoke", "quarter market1501")
+JACCARD_SCALES = ("smoke", "quarter market1501")
 DPM_OPS = "dpm_ops.compat"
 
 
@@ -48,6 +54,11 @@ def rerank_inputs(scale):
     )
 
 
+def jaccard_inputs(scale):
+    data = reid_data(scale)
+    return torch.from_numpy(np.concatenate([data.query, data.gallery]))
+
+
 # Each builds the call to time from the inputs.
 EVALUATE = {
     "torchreid python": lambda args: lambda: peers.load("torchreid_rank").evaluate_rank(*args, use_cython=False),
@@ -59,6 +70,12 @@ RERANK = {
     "torchreid": lambda args: lambda: peers.load("torchreid_rerank").re_ranking(*args),
     "fastreid": lambda args: lambda: peers.load("fastreid_rerank").re_ranking(*args),
     DPM_OPS: lambda args: lambda: torchreid.re_ranking(*args),
+}
+JACCARD = {
+    "fastreid faiss-cpu": lambda features: (
+        lambda: peers.fastreid_compute_dist().compute_jaccard_distance(features, k1=30, k2=6, search_option=3)
+    ),
+    DPM_OPS: lambda features: lambda: fastreid.compute_jaccard_distance(features, k1=30, k2=6),
 }
 
 
@@ -91,8 +108,21 @@ def bench_re_ranking(timed, case, scale):
     _time(timed, "re_ranking", case, scale, RERANK[case](rerank_inputs(scale)))
 
 
-RATIOS = [("evaluate_rank", peer, scale) for scale in EVALUATE_SCALES for peer in EVALUATE if peer != DPM_OPS] + [
-    ("re_ranking", peer, scale) for scale in RERANK_SCALES for peer in RERANK if peer != DPM_OPS
+@pytest.mark.parametrize("case, scale", params(JACCARD, JACCARD_SCALES))
+def bench_jaccard_distance(timed, case, scale):
+    _time(timed, "jaccard_distance", case, scale, JACCARD[case](jaccard_inputs(scale)))
+
+
+RATIOS = [
+    (op, peer, scale)
+    for op, cases, scales in (
+        ("evaluate_rank", EVALUATE, EVALUATE_SCALES),
+        ("re_ranking", RERANK, RERANK_SCALES),
+        ("jaccard_distance", JACCARD, JACCARD_SCALES),
+    )
+    for scale in scales
+    for peer in cases
+    if peer != DPM_OPS
 ]
 
 

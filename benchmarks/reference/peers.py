@@ -32,6 +32,7 @@ _FILES = {
     "torchreid_rerank": ("torchreid", "reid/utils/rerank.py"),
     "fastreid_rank": ("fastreid", "evaluation/rank.py"),
     "fastreid_rerank": ("fastreid", "evaluation/rerank.py"),
+    "torchreid_distance": ("torchreid", "reid/metrics/distance.py"),
 }
 INSTALL_HINT = "pip install --no-deps -r requirements-peers.txt"
 
@@ -81,6 +82,21 @@ def load(name: str):
     if reason:
         pytest.skip(reason)
     return _load(name, package_dir(package) / relative)
+
+
+@functools.cache
+def fastreid_compute_dist():
+    """fast-reid's fastreid.utils.compute_dist (build_dist, compute_jaccard_distance), which needs faiss.
+    Imported as a package module (its relative import of faiss_utils): fast-reid's own `__init__` and
+    `utils/__init__` hold nothing but a version string."""
+    reason = missing_reason("fastreid")
+    if reason:
+        pytest.skip(reason)
+    if importlib.util.find_spec("faiss") is None:
+        pytest.skip(f"faiss (faiss-cpu) is not installed ({INSTALL_HINT})")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return importlib.import_module("fastreid.utils.compute_dist")
 
 
 @functools.cache

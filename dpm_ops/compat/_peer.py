@@ -1,8 +1,11 @@
-"""What the torchreid and fast-reid drop-ins share: their evaluate_rank's CMC and their re_ranking."""
+"""What the torchreid and fast-reid drop-ins share: their evaluate_rank's CMC, their re_ranking and
+their two distance matrices."""
 
 import numpy as np
+import torch
 
 from .. import evaluation
+from ..evaluation import _inputs
 
 
 def rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, use_metric_cuhk03):
@@ -23,5 +26,30 @@ def rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, use_metric_cuhk0
 def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3):
     """k-reciprocal re-ranked (Q, G) float32 distances, `dpm_ops.evaluation.re_ranking` with the
     reference's column reading (orientation="reference"); a numpy array whatever the input, as theirs."""
-    final_dist = evaluation.re_ranking(q_g_dist, q_q_dist, g_g_dist, k1, k2, lambda_value)
-    return final_dist.cpu().numpy() if hasattr(final_dist, "cpu") else final_dist
+    return as_numpy(evaluation.re_ranking(q_g_dist, q_q_dist, g_g_dist, k1, k2, lambda_value))
+
+
+def as_numpy(result):
+    """A numpy array, as the peers return (a torch result is moved to the CPU)."""
+    return result.cpu().numpy() if hasattr(result, "cpu") else result
+
+
+def euclidean_squared_distance(input1, input2):
+    """(M, N) squared Euclidean distances, ‖x‖² + ‖y‖² − 2 x·y as theirs, clamped at 0 (theirs can
+    be slightly negative from rounding); float32 (float64 for float64 input), on the input's device."""
+    return evaluation.pairwise_distance(input1, input2, "sqeuclidean")
+
+
+def cosine_distance(input1, input2):
+    """(M, N) 1 − x̂·ŷ, x̂ = x / max(‖x‖, 1e-12) (their F.normalize)."""
+    return evaluation.pairwise_distance(input1, input2, "cosine")
+
+
+def concatenated(feat_1, feat_2) -> torch.Tensor:
+    """The rows of two non-empty feature matrices (numpy or torch, same width) as one tensor, on
+    feat_1's device."""
+    first = _inputs.as_floats("build_dist", "feat_1", feat_1, 2)
+    second = _inputs.as_floats("build_dist", "feat_2", feat_2, 2, device=first.device)
+    if first.shape[1] != second.shape[1]:
+        raise ValueError(f"feat_1 and feat_2 must have the same width, got {first.shape[1]} and {second.shape[1]}")
+    return torch.cat([first, second.to(first.dtype)])

@@ -1,12 +1,24 @@
-"""fast-reid's `fastreid.evaluation.rank.evaluate_rank` and `fastreid.evaluation.rerank.re_ranking`
-(1.4.0), computed by dpm_ops: `from dpm_ops.compat.fastreid import evaluate_rank, re_ranking`."""
+"""fast-reid's `fastreid.evaluation.rank.evaluate_rank`, `fastreid.evaluation.rerank.re_ranking` and
+`fastreid.utils.compute_dist` (`build_dist`, `compute_jaccard_distance`, `compute_euclidean_distance`,
+`compute_cosine_distance`) (1.4.0), computed by dpm_ops: `from dpm_ops.compat.fastreid import ...`.
+
+Their k-reciprocal Jaccard distance needs faiss and, through `build_dist`, a CUDA GPU; this one runs
+on any device without faiss, exactly (dpm_ops.evaluation.jaccard_distance)."""
 
 import numpy as np
 
+from .. import evaluation
 from . import _peer
 from ._peer import re_ranking
 
-__all__ = ["evaluate_rank", "re_ranking"]
+__all__ = [
+    "build_dist",
+    "compute_cosine_distance",
+    "compute_euclidean_distance",
+    "compute_jaccard_distance",
+    "evaluate_rank",
+    "re_ranking",
+]
 
 
 def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, use_metric_cuhk03=False, use_cython=True):
@@ -21,3 +33,39 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, use_
     if use_metric_cuhk03:
         return cmc, np.float64(result.mAP)
     return cmc, result.all_AP, result.all_INP
+
+
+def compute_euclidean_distance(features, others):
+    """(M, N) *squared* Euclidean distances as a numpy array, as theirs (clamped at 0 here)."""
+    return _peer.as_numpy(_peer.euclidean_squared_distance(features, others))
+
+
+def compute_cosine_distance(features, others):
+    """(M, N) cosine distances 1 − cos as a numpy array, as theirs."""
+    return _peer.as_numpy(_peer.cosine_distance(features, others))
+
+
+def compute_jaccard_distance(features, k1=20, k2=6, search_option=0, fp16=False):
+    """(N, N) k-reciprocal Jaccard distances of the rows of ``features`` as a numpy float32 array
+    (float16 with ``fp16``, computed in float32 and rounded once, where theirs rounds every weight).
+    ``search_option`` (their faiss GPU / CPU index) is accepted and ignored: the search here is
+    exact on the features' device, CPU or GPU."""
+    result = _peer.as_numpy(evaluation.jaccard_distance(features, k1, k2))
+    return result.astype(np.float16) if fp16 else result
+
+
+def build_dist(feat_1, feat_2, metric="euclidean", **kwargs):
+    """Their distance matrix of feat_1 (M, D) against feat_2 (N, D), a numpy array: "euclidean"
+    (squared), "cosine", or "jaccard" (keyword arguments k1 and k2; the (M, N) block of the Jaccard
+    distance over both sets, computed without the rest)."""
+    if metric not in ("cosine", "euclidean", "jaccard"):
+        raise ValueError(f"Expected metrics are cosine, euclidean and jaccard, but got {metric}")
+    if metric == "euclidean":
+        return compute_euclidean_distance(feat_1, feat_2)
+    if metric == "cosine":
+        return compute_cosine_distance(feat_1, feat_2)
+    missing = [name for name in ("k1", "k2") if name not in kwargs]
+    if missing:
+        raise ValueError(f"build_dist(metric='jaccard') needs the keyword arguments k1 and k2, missing {missing}")
+    features = _peer.concatenated(feat_1, feat_2)
+    return _peer.as_numpy(evaluation.jaccard_distance(features, kwargs["k1"], kwargs["k2"], num_query=len(feat_1)))

@@ -6,7 +6,7 @@ exact semantics and tie rules.
 
 from .distance import METRICS, knn, pairwise_distance
 from .rank import AP_MODES, PROTOCOLS, RankResult, evaluate_rank
-from .rerank import ORIENTATIONS, re_ranking, rerank_features
+from .rerank import ORIENTATIONS, jaccard_distance, re_ranking, rerank_features
 
 __all__ = [
     "AP_MODES",
@@ -15,6 +15,7 @@ __all__ = [
     "PROTOCOLS",
     "RankResult",
     "evaluate_rank",
+    "jaccard_distance",
     "knn",
     "pairwise_distance",
     "re_ranking",

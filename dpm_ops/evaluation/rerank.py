@@ -46,11 +46,13 @@ from ..ops.kreciprocal import (
 )
 from . import _inputs
 from ..ops.kreciprocal_reference import (
+    csr_rows,
     encode_weights,
     expanded_neighbourhoods,
     jaccard_blend_,
     pair_sqdist,
     query_expansion,
+    softmax_weights,
 )
 from ._select import TIE_MARGIN, RunningSmallest, resolve_smallest, smallest_in_rows
 from .distance import raw_distance
@@ -244,12 +246,16 @@ class _FeatureDistances:
         self.out_scale = self.row_max[:q]  # the Jaccard kernel divides by it in its own pass
         return indices[:, :width].contiguous(), cross.to(torch.float32)
 
-    def csr_pair_distances(self, backend: str, row_ptr, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """pair_distances of the entries of a CSR set, in one call of `backend`'s kernel (lookups, else features)."""
-        squared = KRECIPROCAL_PAIR_SQDIST.run(
+    def csr_pair_squared(self, backend: str, row_ptr, cols: torch.Tensor) -> torch.Tensor:
+        """Squared distances (float32) of the entries of a CSR set, in one call of `backend`'s kernel
+        (lookups in the scan's candidates, else from the features)."""
+        return KRECIPROCAL_PAIR_SQDIST.run(
             backend, self.features, self.nearest.values, self.nearest.indices, row_ptr, cols
         )
-        return squared / self.row_max[rows]
+
+    def csr_pair_distances(self, backend: str, row_ptr, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """pair_distances of the entries of a CSR set, in one call of `backend`'s kernel."""
+        return self.csr_pair_squared(backend, row_ptr, cols) / self.row_max[rows]
 
     def pair_distances(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """d(i, j) / max_j' d(i, j') for pairs of items."""
@@ -378,6 +384,55 @@ def re_ranking(
         q_q, g_g = q_q.T, g_g.T  # strided views: rows are read a block at a time and copied anyway
     source = _DenseDistances(q_g, q_q, g_g, squared_input=input == "squared")
     return _inputs.like_input(_rerank(source, k1, k2, lambda_value), q_g_dist)
+
+
+def jaccard_distance(features, k1: int = 20, k2: int = 6, num_query: int | None = None, strategy: str = "auto"):
+    """The k-reciprocal Jaccard distance between the rows of ``features`` (N, D): fast-reid's and
+    OpenUnReID's ``compute_jaccard_distance``, the distance that unsupervised re-ID pipelines
+    (SpCL, cluster contrast) cluster with. (N, N) float32, or with ``num_query`` = Q only the
+    (Q, N - Q) block of the first Q rows against the others (fast-reid's
+    ``build_dist(q, g, "jaccard")``), computed without the N x N weight matrix.
+
+    Their semantics: each item's k1 nearest items by squared Euclidean distance, itself included
+    (d(i, i) = 0 exactly), as its neighbourhood; k-reciprocal sets expanded with the
+    round-half-even(k1 / 2) sets under the strict 2/3 test; weights softmax(-d²) over each set
+    (un-normalised squared distances); query expansion over the min(k1, k2) nearest (their search
+    returns k1; skipped when k2 == 1);
+    Jaccard 1 - m / (2 - m), m = sum_k min(V[i, k], V[j, k]), negatives set to 0. Exact: their
+    faiss search's ties and rounding aside, the same neighbourhoods (ties by (distance, index)),
+    values within float32 summation order. ``strategy``: the neighbour search's, as for
+    dpm_ops.ops.self_knn. numpy in, numpy out; torch in, torch out on the same device.
+    """
+    k1 = _inputs.check_count("k1", k1, 2)  # k1 nearest, the item itself one of them
+    k2 = _inputs.check_count("k2", k2, 1)
+    check_strategy(strategy)
+    x = _inputs.as_floats("jaccard_distance", "features", features, 2, vectors=True, arithmetic=torch.float32)
+    n = len(x)
+    if n < 2:
+        raise ValueError(f"features must have at least 2 rows, got {n}")
+    full = num_query is None
+    q = n if full else _inputs.check_count("num_query", num_query, 1, n - 1)
+    source = _FeatureDistances(x[:q], x[q:], strategy)
+    neighbours, _ = source.scan(min(k1, n))  # their search returns k1 neighbours, all that is used
+    backend = _backend.resolve(None, neighbours.device)
+    stages = backend if backend in ("cpp", "cuda") else "reference"
+    # their forward set is the first k1 neighbours (self included): this pipeline's N(i, k1 - 1)
+    row_ptr, cols = KRECIPROCAL_EXPAND.run(stages, neighbours, min(k1, n) - 1, round(k1 / 2))
+    weights = softmax_weights(csr_rows(row_ptr), source.csr_pair_squared(stages, row_ptr, cols), n)
+    if k2 != 1:
+        row_ptr, cols, weights = KRECIPROCAL_QUERY_EXPANSION.run(
+            stages,
+            row_ptr,
+            cols,
+            weights,
+            neighbours[:, :k2].contiguous(),  # k2 > k1: their k1 columns
+        )
+    if full:  # every item against every item: the sets once as the "query" rows, once as the "gallery" rows
+        row_ptr = torch.cat([row_ptr, row_ptr[1:] + len(cols)])
+        cols, weights = torch.cat([cols, cols]), torch.cat([weights, weights])
+    out = torch.zeros(q, n if full else n - q, dtype=torch.float32, device=neighbours.device)
+    KRECIPROCAL_JACCARD_BLEND_.run(stages, out, row_ptr, cols, weights, 0.0)
+    return _inputs.like_input(out.clamp_min_(0.0), features)
 
 
 def rerank_features(qf, gf, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, strategy: str = "auto"):

@@ -88,6 +88,15 @@ def encode_weights(rows: torch.Tensor, distances: torch.Tensor, num_items: int) 
     return kernel / totals[rows]
 
 
+def softmax_weights(rows: torch.Tensor, squared: torch.Tensor, num_items: int) -> torch.Tensor:
+    """V[i, j] = softmax over R*(i) of -d²(i, j) (fast-reid's / OpenUnReID's compute_jaccard_distance:
+    un-normalised squared distances), shifted by each row's smallest as softmax is, so that large
+    distances do not all underflow to 0 / 0."""
+    smallest = torch.full((num_items,), float("inf"), dtype=squared.dtype, device=squared.device)
+    smallest.scatter_reduce_(0, rows, squared, "amin")
+    return encode_weights(rows, squared - smallest[rows], num_items)
+
+
 def query_expansion(rows, cols, values, sources: torch.Tensor, num_items: int):
     """V_qe[i] = mean of the rows V[sources[i, t]] (t < sources.shape[1]), as sorted (rows, cols, values).
 
