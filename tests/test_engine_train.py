@@ -9,6 +9,7 @@ import torch
 
 from dpm_ops.data.synth import generate_synthetic_dataset
 from dpm_ops.engine import CheckpointError, Trainer, load_checkpoint, load_config, train
+from dpm_ops.engine.run_log import RunLog
 from engine_utils import tiny_config, tiny_synth_config, write_config
 
 
@@ -54,12 +55,21 @@ def test_short_run_loss_falls(tmp_path, tiny_root):
     assert "training" not in final and final["config"]["solver"]["epochs"] == 6
 
 
+def record_logged_steps(monkeypatch):
+    """The step of every record logged from now on (each step is logged once)."""
+    logged, original = [], RunLog.step
+    monkeypatch.setattr(
+        RunLog, "step", lambda self, record, where: logged.append(record["step"]) or original(self, record, where)
+    )
+    return logged
+
+
 def _final_weights(path):
     return load_checkpoint(path / "checkpoints" / "final.pt")["model"]
 
 
 @pytest.mark.parametrize("model", ["dpm", "vit_baseline"])
-def test_killed_run_resumes_bit_exactly(tmp_path, tiny_root, model):
+def test_killed_run_resumes_bit_exactly(tmp_path, tiny_root, model, monkeypatch):
     config = config_for(tmp_path, tiny_root, model)
     full = train(config, tmp_path / "full")
     # the "kill": stop after 5 iterations without saving (the last checkpoint is from iteration 4)
@@ -68,7 +78,11 @@ def test_killed_run_resumes_bit_exactly(tmp_path, tiny_root, model):
     assert not killed["finished"] and killed["global_step"] == 5
     last = load_checkpoint(tmp_path / "killed" / "checkpoints" / "last.pt")
     assert last["training"]["progress"]["global_step"] == 4 and not last["training"]["progress"]["epoch_done"]
+    # The resumed call trains steps 5.. only: a resume that silently started over (deterministic) also
+    # ended with the full run's weights, metrics and log.
+    logged = record_logged_steps(monkeypatch)
     resumed = train(config, tmp_path / "killed", resume=True)
+    assert logged == list(range(5, full["global_step"] + 1))
     assert resumed["finished"] and resumed["global_step"] == full["global_step"]
     a, b = _final_weights(tmp_path / "full"), _final_weights(tmp_path / "killed")
     assert a.keys() == b.keys()
@@ -78,7 +92,7 @@ def test_killed_run_resumes_bit_exactly(tmp_path, tiny_root, model):
     assert read_jsonl(tmp_path / "killed" / "train_log.jsonl") == read_jsonl(tmp_path / "full" / "train_log.jsonl")
 
 
-def test_resume_from_epoch_end_with_workers(tmp_path, tiny_root):
+def test_resume_from_epoch_end_with_workers(tmp_path, tiny_root, monkeypatch):
     """Stop right after an epoch's last batch; the data loader runs one worker (prefetching ahead)."""
     config = config_for(tmp_path, tiny_root, overrides=["dataloader.num_workers=1", "train.checkpoint_every_iters=3"])
     full = train(config, tmp_path / "full")
@@ -93,7 +107,11 @@ def test_resume_from_epoch_end_with_workers(tmp_path, tiny_root):
         ],
     )
     train(stop, tmp_path / "killed")
+    saved_step = load_checkpoint(tmp_path / "killed" / "checkpoints" / "last.pt")["training"]["progress"]["global_step"]
+    assert saved_step >= per_epoch
+    logged = record_logged_steps(monkeypatch)
     resumed = train(config, tmp_path / "killed", resume=True)
+    assert logged == list(range(saved_step + 1, full["global_step"] + 1))  # continued, not started over
     a, b = _final_weights(tmp_path / "full"), _final_weights(tmp_path / "killed")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["metrics"] == full["metrics"]

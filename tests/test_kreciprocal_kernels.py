@@ -9,7 +9,7 @@ import torch
 import dpm_ops
 from benchmarks.reference import rerank_numpy
 from conftest import device_for, needs_gpu, op_for
-from dpm_ops.evaluation import re_ranking, rerank_features
+from dpm_ops.evaluation import rank, re_ranking, rerank, rerank_features
 from dpm_ops.ops import kreciprocal_reference
 
 pytestmark = pytest.mark.skipif(not dpm_ops.backends()["cpp"][0], reason="needs the C++ extension")
@@ -22,6 +22,13 @@ def neighbour_lists(n, width, seed):
     dist = torch.cdist(points, points)
     dist.fill_diagonal_(-1)
     return torch.sort(dist, dim=1, stable=True).indices[:, :width].contiguous()
+
+
+def record_calls(monkeypatch, module, name):
+    """Wraps `module.name`: each call still runs and is appended to the returned list."""
+    original, calls = getattr(module, name), []
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(name) or original(*a, **k))
+    return calls
 
 
 def csr_rows(row_ptr):
@@ -109,9 +116,12 @@ def test_kernel_and_torch_paths_agree(monkeypatch, k1, k2, lambda_value):
     q_g, q_q, g_g = (
         rerank_numpy.euclidean_distances(a, b) for a, b in ((query, gallery), (query, query), (gallery, gallery))
     )
+    calls = record_calls(monkeypatch, rerank, "_rerank_kernels")
     kernels = rerank_features(query, gallery, k1, k2, lambda_value), re_ranking(q_g, q_q, g_g, k1, k2, lambda_value)
+    assert len(calls) == 2  # both pipelines ran the kernel stages ...
     monkeypatch.setenv("DPM_OPS_BACKEND", "reference")  # default resolution -> the torch stages
     torch_path = rerank_features(query, gallery, k1, k2, lambda_value), re_ranking(q_g, q_q, g_g, k1, k2, lambda_value)
+    assert len(calls) == 2  # ... and here none: two different paths are compared, not one with itself
     for got, expected in zip(kernels, torch_path):
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
         np.testing.assert_array_equal(
@@ -133,9 +143,12 @@ def test_match_ranks_kernel_and_torch_paths_agree(monkeypatch, levels):
         torch.from_numpy(dist), *(torch.from_numpy(a) for a in (labels[0], labels[1], labels[2], labels[3]))
     )
     assert len(offsets) == 71 and bool((ranks[offsets[1:] - 1] <= 400).all())
+    calls = record_calls(monkeypatch, rank, "kernel_match_ranks")
     kernel = evaluate_rank(dist, *labels, max_rank=20, ap="trapezoid")
+    assert len(calls) == 1
     monkeypatch.setenv("DPM_OPS_BACKEND", "reference")
     torch_path = evaluate_rank(dist, *labels, max_rank=20, ap="trapezoid")
+    assert len(calls) == 1  # the torch path did not reach the kernel
     np.testing.assert_array_equal(kernel.cmc, torch_path.cmc)
     np.testing.assert_array_equal(kernel.all_AP, torch_path.all_AP)
     assert (kernel.mAP, kernel.mINP, kernel.num_valid) == (torch_path.mAP, torch_path.mINP, torch_path.num_valid)

@@ -234,30 +234,32 @@ def test_gpu_backends_take_any_k1(backend):
 def test_bad_input():
     query, gallery = random_features(4, 6, 3, 10)
     q_g, q_q, g_g = (d.astype(np.float32) for d in exact_distances(query, gallery))
+    # Each case matches its check's own message: a bare argument name ("qf", "q_g_dist") also matched
+    # another check's error about the same argument.
     cases = [
-        (lambda: rerank_features(query[:0], gallery), "qf"),
-        (lambda: rerank_features(query, gallery[:0]), "gf"),
-        (lambda: rerank_features(query, gallery[:, :2]), "feature dimension"),
-        (lambda: rerank_features(query[0], gallery), "qf"),
-        (lambda: rerank_features(np.where(query > 0, np.nan, query), gallery), "qf"),
-        (lambda: rerank_features(query, np.full_like(gallery, np.inf)), "gf"),
-        (lambda: re_ranking(q_g[:0], q_q[:0, :0], g_g), "q_g_dist"),
-        (lambda: re_ranking(q_g, q_q[:3], g_g), "q_q_dist"),
-        (lambda: re_ranking(q_g, q_q, g_g[:, :5]), "g_g_dist"),
-        (lambda: re_ranking(np.where(q_g > 1, np.nan, q_g), q_q, g_g), "q_g_dist"),
-        (lambda: re_ranking(q_g, q_q, np.full_like(g_g, np.inf)), "g_g_dist"),
-        (lambda: re_ranking(q_g.astype(np.int64), q_q, g_g), "q_g_dist"),
-        (lambda: re_ranking(q_g, q_q, g_g, input="cosine"), "input"),
-        (lambda: re_ranking(q_g, q_q, g_g, orientation="columns"), "orientation"),
+        (lambda: rerank_features(query[:0], gallery), "qf is empty"),
+        (lambda: rerank_features(query, gallery[:0]), "gf is empty"),
+        (lambda: rerank_features(query, gallery[:, :2]), "must have the same feature dimension"),
+        (lambda: rerank_features(query[0], gallery), "qf must be 2-D"),
+        (lambda: rerank_features(np.where(query > 0, np.nan, query), gallery), "qf contains non-finite"),
+        (lambda: rerank_features(query, np.full_like(gallery, np.inf)), "gf contains non-finite"),
+        (lambda: re_ranking(q_g[:0], q_q[:0, :0], g_g), "q_g_dist is empty"),
+        (lambda: re_ranking(q_g, q_q[:3], g_g), r"q_q_dist must be \(4, 4\)"),
+        (lambda: re_ranking(q_g, q_q, g_g[:, :5]), r"g_g_dist must be \(6, 6\)"),
+        (lambda: re_ranking(np.where(q_g > 1, np.nan, q_g), q_q, g_g), "q_g_dist contains non-finite"),
+        (lambda: re_ranking(q_g, q_q, np.full_like(g_g, np.inf)), "g_g_dist contains non-finite"),
+        (lambda: re_ranking(q_g.astype(np.int64), q_q, g_g), "q_g_dist must hold floating-point"),
+        (lambda: re_ranking(q_g, q_q, g_g, input="cosine"), "input must be one of"),
+        (lambda: re_ranking(q_g, q_q, g_g, orientation="columns"), "orientation must be one of"),
     ]
     for k1, k2, lambda_value, name in [
-        (0, 6, 0.3, "k1"),
-        (2.5, 6, 0.3, "k1"),
-        (20, 0, 0.3, "k2"),
-        (True, 6, 0.3, "k1"),
-        (20, 6, -0.1, "lambda_value"),
-        (20, 6, 1.5, "lambda_value"),
-        (20, 6, float("nan"), "lambda_value"),
+        (0, 6, 0.3, "k1 must be an integer >= 1"),
+        (2.5, 6, 0.3, "k1 must be an integer >= 1"),
+        (20, 0, 0.3, "k2 must be an integer >= 1"),
+        (True, 6, 0.3, "k1 must be an integer >= 1"),
+        (20, 6, -0.1, r"lambda_value must be a number in \[0, 1\]"),
+        (20, 6, 1.5, r"lambda_value must be a number in \[0, 1\]"),
+        (20, 6, float("nan"), r"lambda_value must be a number in \[0, 1\]"),
     ]:
         cases.append((lambda k1=k1, k2=k2, lam=lambda_value: rerank_features(query, gallery, k1, k2, lam), name))
         cases.append((lambda k1=k1, k2=k2, lam=lambda_value: re_ranking(q_g, q_q, g_g, k1, k2, lam), name))
