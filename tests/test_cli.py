@@ -114,6 +114,9 @@ def test_train_then_eval(tmp_path, tiny_set, capsys):
     torch.save({"cls_token": torch.zeros(1, 1, 8), "blocks.0.attn.qkv.weight": torch.zeros(24, 8)}, tmp_path / "jx.pth")
     code = main(["eval", "--config", str(config), "--weights", str(tmp_path / "jx.pth")])
     assert_one_line_error(capsys, code, "timm_vit ImageNet backbone weights, not a trained re-ID model")
+    torch.save([weights], tmp_path / "list.pth")
+    code = main(["eval", "--config", str(config), "--weights", str(tmp_path / "list.pth")])
+    assert_one_line_error(capsys, code, "neither a dpm_ops training checkpoint nor", "holds a list, not a state dict")
 
 
 def test_train_generates_a_missing_synthetic_set(tmp_path, capsys):

@@ -252,9 +252,11 @@ def trained_model(config: dict, weights: str | os.PathLike) -> tuple[nn.Module, 
         state = checked_checkpoint(weights, contents, model_name=name)
         return model_from_checkpoint(state, config, weights), state["model_args"]
     try:
-        state_dict = trained_state_dict(contents, f"--weights {weights}")
+        state_dict = trained_state_dict(contents, str(weights))
     except WeightsError as error:
-        raise CheckpointError(f"{error} (or a dpm_ops training checkpoint)") from error
+        raise CheckpointError(
+            f"--weights is neither a dpm_ops training checkpoint nor a trained model's state dict: {error}"
+        ) from error
     # DPM's and the ViT baseline's classifier.weight, MaskReID's head.classifier.weight
     classifiers = [t for k, t in state_dict.items() if f".{k}".endswith(".classifier.weight")]
     cameras = state_dict.get("backbone.sie_embed")

@@ -175,6 +175,8 @@ def trained_state_dict(source: Union[str, os.PathLike, StateDict], name: str | N
     backbone file (timm ViT, torchvision ResNet-50) is a WeightsError naming ``name`` (default: the
     path): it holds no re-ID head, so it starts a training (model.pretrained) instead."""
     name = name or (os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the state dict")
+    if not isinstance(source, (str, os.PathLike, dict)):  # what a torch file held
+        raise WeightsError(f"{name} holds a {type(source).__name__}, not a state dict (tensor names -> tensors)")
     state = _read_state_dict(source, name)
     layout = _detect_layout(state)
     if layout not in ("native", "dpm_official"):
