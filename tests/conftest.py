@@ -113,6 +113,17 @@ def record_launches(monkeypatch, module, kernel_name: str) -> list:
     return launches
 
 
+def record_kernels(monkeypatch) -> list:
+    """The (op name, backend) of every declared op's kernel run from now on (Op.run looks the kernel up;
+    backend "reference" looks up none): a kernel test checks that its backend's kernel ran, since a
+    `backend=` that silently ran the reference would match the reference exactly."""
+    from dpm_ops.ops._declare import Op
+
+    original, runs = Op.kernel, []
+    monkeypatch.setattr(Op, "kernel", lambda op, backend: runs.append((op.name, backend)) or original(op, backend))
+    return runs
+
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 

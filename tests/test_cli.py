@@ -10,6 +10,7 @@ import pytest
 
 from dpm_ops.cli import main
 from engine_utils import synth_argv, tiny_config, write_config
+from test_engine_train import record_logged_steps
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def assert_one_line_error(capsys, code, *needles):
         assert needle in lines[0], lines[0]
 
 
-def test_train_then_eval(tmp_path, tiny_set, capsys):
+def test_train_then_eval(tmp_path, tiny_set, capsys, monkeypatch):
     config = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_set, "dpm"))
     run = tmp_path / "run"
     assert main(["train", "--config", str(config), "--output", str(run), "solver.epochs=1"]) == 0
@@ -68,8 +69,12 @@ def test_train_then_eval(tmp_path, tiny_set, capsys):
     for weights, folder in ((run / "checkpoints" / "final.pt", run / "eval"), (loose, loose.parent / "eval")):
         assert main(["eval", "--config", str(config), "--weights", str(weights)]) == 0
         assert json.loads((folder / "metrics.json").read_text()) == trained
-    # resuming a finished run only evaluates again
+    # resuming a finished run only evaluates again: no training step runs (a re-train from scratch, being
+    # deterministic, also ended with the same metrics)
+    (run / "metrics.json").unlink()
+    logged = record_logged_steps(monkeypatch)
     assert main(["train", "--config", str(config), "--output", str(run), "--resume", "solver.epochs=1"]) == 0
+    assert logged == []
     assert json.loads((run / "metrics.json").read_text()) == trained
 
     # a checkpoint from another model: one line

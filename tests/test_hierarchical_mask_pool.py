@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import backend_params, device_for, op_for
+from conftest import backend_params, device_for, op_for, record_kernels
 from dpm_ops.ops import hierarchical_mask_pool, hierarchical_mask_pool_reference
 
 KERNEL_BACKENDS = backend_params("cpp", "cuda", "triton")
@@ -66,12 +66,14 @@ def test_reference_resizes_by_area_and_weights_the_average():
 @pytest.mark.parametrize("mode", ["avg", "max"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_forward_and_backward_match_reference(backend, mode, dtype, case):
+def test_forward_and_backward_match_reference(backend, mode, dtype, case, monkeypatch):
     B, levels, mask_hw = CASES[case]
     device = device_for(backend)
     features, mask = make_inputs(B, levels, mask_hw, dtype, device, seed=case, requires_grad=True, binary=mode == "max")
     expected = hierarchical_mask_pool_reference(features, mask, mode)
+    ran = record_kernels(monkeypatch)
     out = hierarchical_mask_pool(features, mask, mode, backend=backend)
+    assert ran == [("hierarchical_mask_pool", backend)]  # the kernel ran, not the reference it is checked against
     assert out.dtype == dtype and out.shape == (B, sum(c for c, _, _ in levels))
     torch.testing.assert_close(out, expected, **tolerances(dtype))
     grad = torch.randn_like(expected)
@@ -136,7 +138,8 @@ def test_mask_gets_no_gradient():
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("mode", ["avg", "max"])
 @pytest.mark.parametrize("with_mask", [False, True])
-def test_gradcheck_float64(backend, mode, with_mask):
+def test_gradcheck_float64(backend, mode, with_mask, monkeypatch):
+    ran = record_kernels(monkeypatch)
     device = device_for(backend)
     features, mask = make_inputs(
         2,
@@ -152,6 +155,7 @@ def test_gradcheck_float64(backend, mode, with_mask):
         features,
         fast_mode=backend == "triton",
     )  # the Triton interpreter is slow
+    assert ran and {b for _, b in ran} == {backend}  # the kernel, not the reference, was checked
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -214,10 +218,14 @@ def test_reduced_precision(backend, dtype):
     for mode in ("avg", "max"):
         out = hierarchical_mask_pool(features, mask, mode, backend=backend)
         assert out.dtype == dtype
-        expected = hierarchical_mask_pool_reference([f.float() for f in features], mask.float(), mode)
+        full = [f.detach().float().requires_grad_() for f in features]
+        expected = hierarchical_mask_pool_reference(full, mask.float(), mode)
         torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
         grads = torch.autograd.grad(out.float().sum(), features)
-        assert all(g.dtype == dtype and torch.isfinite(g).all() for g in grads)
+        assert all(g.dtype == dtype for g in grads)
+        # the gradients' values too (finite ones of any size passed): the fp32 reference's, in the dtype
+        for got, want in zip(grads, torch.autograd.grad(expected.sum(), full)):
+            torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

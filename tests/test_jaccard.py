@@ -8,7 +8,7 @@ import torch
 
 from benchmarks.reference import peers
 from benchmarks.reference.synthetic_features import make_reid_features
-from conftest import backend_params, device_for
+from conftest import backend_params, device_for, record_kernels
 from dpm_ops._backend import forced_backend
 from dpm_ops.compat import fastreid as compat_fastreid
 from dpm_ops.compat import torchreid as compat_torchreid
@@ -50,12 +50,20 @@ def test_unnormalised_and_float64_features():
     np.testing.assert_allclose(result, expected, rtol=0, atol=2e-6)
 
 
-def test_kernel_and_torch_stages_agree(tiles):  # noqa: F811
+KRECIPROCAL_STAGES = {"kreciprocal_expand", "kreciprocal_pair_sqdist", "kreciprocal_query_expansion"}
+KRECIPROCAL_STAGES |= {"kreciprocal_jaccard_blend_"}
+
+
+def test_kernel_and_torch_stages_agree(tiles, monkeypatch):  # noqa: F811
     # the C++ stages (csrc/kreciprocal) and their torch versions (builds without the extension)
     features = reid_features(seed=2)
+    ran = record_kernels(monkeypatch)
     expected = jaccard_distance(features, 20, 6)
+    assert {name for name, backend in ran if backend == "cpp"} >= KRECIPROCAL_STAGES  # every stage's kernel ran
+    ran.clear()
     with forced_backend("reference"):
         np.testing.assert_allclose(jaccard_distance(features, 20, 6).numpy(), expected.numpy(), rtol=0, atol=1e-6)
+    assert ran == []  # ... and here none: two paths are compared, not one with itself
 
 
 def test_query_block_is_build_dist_jaccard():
@@ -70,12 +78,14 @@ def test_query_block_is_build_dist_jaccard():
     np.testing.assert_array_equal(jaccard_distance(features, 20, 6, num_query=40).numpy(), block)
 
 
-def test_duplicates_take_their_index_order():
+def test_duplicates_take_their_index_order(monkeypatch):
     # exact duplicates tie (ordered by index; their faiss order is unspecified): the block and the whole
     # matrix agree, the kernels and torch too
     features = reid_features(seed=4)
     features[100:108] = features[100]
+    ran = record_kernels(monkeypatch)
     whole = jaccard_distance(features, 10, 3)
+    assert {name for name, backend in ran if backend == "cpp"} >= KRECIPROCAL_STAGES
     np.testing.assert_array_equal(jaccard_distance(features, 10, 3, num_query=104).numpy(), whole[:104, 104:].numpy())
     with forced_backend("reference"):
         np.testing.assert_allclose(jaccard_distance(features, 10, 3).numpy(), whole.numpy(), rtol=0, atol=1e-6)
@@ -83,14 +93,16 @@ def test_duplicates_take_their_index_order():
 
 
 @pytest.mark.parametrize("backend", backend_params("cuda", "triton"))
-def test_gpu_backends_match_cpu(backend):
+def test_gpu_backends_match_cpu(backend, monkeypatch):
     # "cuda": its neighbour search and sparse-stage kernels (under the CUDA emulator its CUDA code on CPU
     # tensors); "triton": its neighbour search, the sparse stages in torch
     features = reid_features(num_ids=12, seed=5)
     expected = jaccard_distance(features, 10, 4)
     device = device_for(backend)
+    ran = record_kernels(monkeypatch)
     with forced_backend(backend):
         result = jaccard_distance(features.to(device), 10, 4)
+    assert ("self_knn", backend) in ran  # the backend's own neighbour search ran, not the C++ one
     assert result.device.type == device.type
     np.testing.assert_allclose(result.cpu().numpy(), expected.numpy(), rtol=0, atol=1e-6)
 

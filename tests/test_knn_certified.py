@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from benchmarks.reference.synthetic_features import make_reid_features
-from conftest import backend_params, sign_rows
+from conftest import backend_params, record_kernels, sign_rows
 from dpm_ops.ops import knn, self_knn
 from dpm_ops.ops.knn_reference import COSINE_EPS, pairwise_distance_reference
 
@@ -42,9 +42,27 @@ def row_tolerance(x, y, metric, dtype):
     return 2 * gamma * scale + 8 * u  # + a few ulp of the formula's own rounding near 0 / 1
 
 
+def _certified(op, call, backend):
+    """`call()`, checked to have run the certified kernel `op` of `backend`: a strategy="certified" that
+    silently ran the direct path would match it exactly, and every certified-vs-direct test pass."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        ran = record_kernels(monkeypatch)
+        result = call()
+    assert ran == [(op, backend)], ran
+    return result
+
+
+def certified_knn(*args, backend="cpp"):
+    return _certified("knn_certified", lambda: knn(*args, backend=backend, strategy="certified"), backend)
+
+
+def certified_self_knn(*args, backend="cpp"):
+    return _certified("self_knn_certified", lambda: self_knn(*args, backend=backend, strategy="certified"), backend)
+
+
 def check_same_knn(x, y, k, metric, strategy_result=None, min_covered=0.5, backend="cpp"):
     """Certified vs direct on `backend` within the tolerance; returns (rows covered, rows)."""
-    dc, ic = strategy_result or knn(x, y, k, metric, backend=backend, strategy="certified")
+    dc, ic = strategy_result or certified_knn(x, y, k, metric, backend=backend)
     dd, idd = knn(x, y, k, metric, backend=backend, strategy="direct")
     dtype = dd.dtype
     tau = row_tolerance(x.cpu(), y.cpu(), metric, dtype).to(dd.device)
@@ -100,7 +118,7 @@ def test_reid_like_features_match_direct(metric):
 def test_tie_heavy_exact_input_is_bitwise_identical():
     x, y = sign_rows(90, 16), sign_rows(700, 16, seed=1)
     for metric in ("euclidean", "sqeuclidean", "cosine"):
-        certified = knn(x, y, 37, metric, backend="cpp", strategy="certified")
+        certified = certified_knn(x, y, 37, metric, backend="cpp")
         direct = knn(x, y, 37, metric, backend="cpp", strategy="direct")
         assert torch.equal(certified[0], direct[0]) and torch.equal(certified[1], direct[1]), metric
 
@@ -127,7 +145,7 @@ def test_duplicate_heavy_rows_fall_back_and_match():
 @pytest.mark.parametrize("rows, cols, k", [(1, 1, 1), (4, 5, 5), (0, 3, 2), (7, 3, 3), (3, 130, 130)])
 def test_tiny_and_k_at_least_n(rows, cols, k):
     x, y = gaussian(rows, 8, 4), gaussian(cols, 8, 5)
-    certified = knn(x, y, k, "euclidean", backend="cpp", strategy="certified")
+    certified = certified_knn(x, y, k, "euclidean", backend="cpp")
     assert certified[0].shape == (rows, k) and certified[1].shape == (rows, k)
     if rows:
         check_same_knn(x, y, k, "euclidean", certified, min_covered=0.0)
@@ -140,7 +158,7 @@ def test_single_column_rows():
     truth = (x - x.T).abs()
     assert bool((lower <= truth).all()) and bool((truth <= upper).all())
     for _ in range(5):  # the garbage differed from call to call
-        _, _, row_max, _ = self_knn(x, 1, "euclidean", backend="cpp", strategy="certified")
+        _, _, row_max, _ = certified_self_knn(x, 1, "euclidean", backend="cpp")
         assert torch.equal(row_max, truth.amax(dim=1))
         check_same_knn(x, x, 2, "euclidean", min_covered=0.0)
 
@@ -149,7 +167,7 @@ def test_float64_and_non_contiguous_inputs():
     base = gaussian(300, 96, 6, torch.float64)
     x, y = base[:60, ::2], base.T.contiguous().T[60:, 1::2]  # strided views
     assert not x.is_contiguous() and not y.is_contiguous()
-    d, i = knn(x, y, 9, "euclidean", backend="cpp", strategy="certified")
+    d, i = certified_knn(x, y, 9, "euclidean", backend="cpp")
     assert d.dtype == torch.float64
     check_same_knn(x, y, 9, "euclidean", (d, i))
     x32 = gaussian(200, 64, 7)[:, ::2]
@@ -158,7 +176,7 @@ def test_float64_and_non_contiguous_inputs():
 
 def test_distances_are_differentiable():
     x, y = gaussian(20, 16, 9).requires_grad_(), gaussian(200, 16, 10).requires_grad_()
-    d, _ = knn(x, y, 4, "euclidean", backend="cpp", strategy="certified")
+    d, _ = certified_knn(x, y, 4, "euclidean", backend="cpp")
     d.sum().backward()
     x2, y2 = x.detach().clone().requires_grad_(), y.detach().clone().requires_grad_()
     knn(x2, y2, 4, "euclidean", backend="cpp", strategy="direct")[0].sum().backward()
@@ -241,7 +259,7 @@ def test_self_knn_result_does_not_depend_on_threads(shuffled):
 def test_self_knn_exact_input_is_bitwise_identical():
     x = sign_rows(1300, 16, seed=11)  # two tiles, split at cross_rows
     for normalize in (False, True):
-        cert = self_knn(x, 30, "euclidean", normalize, 500, backend="cpp", strategy="certified")
+        cert = certified_self_knn(x, 30, "euclidean", normalize, 500, backend="cpp")
         direct = self_knn(x, 30, "euclidean", normalize, 500, backend="cpp", strategy="direct")
         for a, b in zip(cert, direct):
             assert torch.equal(a, b)
@@ -348,11 +366,13 @@ def test_strategy_argument():
         self_knn(x, 1, backend="reference", strategy="certified")
 
 
-def test_rerank_features_certified_matches_direct():
+def test_rerank_features_certified_matches_direct(monkeypatch):
     from dpm_ops.evaluation import rerank_features
 
     query, gallery = reid_like(150, 1200, seed=4)
+    ran = record_kernels(monkeypatch)
     certified = rerank_features(query, gallery, strategy="certified")
+    assert ("self_knn_certified", "cpp") in ran  # its neighbour search was the certified one
     direct = rerank_features(query, gallery, strategy="direct")
     torch.testing.assert_close(certified, direct, rtol=0, atol=1e-5)  # rerank_features' own float tolerance
     with pytest.raises(ValueError, match="strategy must be one of"):

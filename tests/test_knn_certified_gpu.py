@@ -8,6 +8,8 @@ import pytest
 import torch
 from test_knn_certified import (
     _adversarial_rows,
+    certified_knn,
+    certified_self_knn,
     check_same_knn,
     check_same_self_knn,
     gaussian,
@@ -76,7 +78,7 @@ def test_duplicate_heavy_rows_fall_back_and_match(backend):
 def test_tie_heavy_exact_input_is_bitwise_identical(backend):
     x, y = on(backend, sign_rows(24, 16), sign_rows(150, 16, seed=1))
     for metric in ("euclidean", "sqeuclidean", "cosine"):
-        certified = knn(x, y, 9, metric, backend=backend, strategy="certified")
+        certified = certified_knn(x, y, 9, metric, backend=backend)
         direct = knn(x, y, 9, metric, backend=backend, strategy="direct")
         assert torch.equal(certified[0], direct[0]) and torch.equal(certified[1], direct[1]), metric
 
@@ -85,7 +87,7 @@ def test_tie_heavy_exact_input_is_bitwise_identical(backend):
 @pytest.mark.parametrize("rows, cols, k", [(1, 1, 1), (4, 5, 5), (0, 3, 2), (3, 20, 20)])
 def test_tiny_and_k_at_least_n(backend, rows, cols, k):
     x, y = on(backend, gaussian(rows, 16, 4), gaussian(cols, 16, 5))
-    certified = knn(x, y, k, "euclidean", backend=backend, strategy="certified")
+    certified = certified_knn(x, y, k, "euclidean", backend=backend)
     assert certified[0].shape == (rows, k) and certified[1].shape == (rows, k)
     if rows:
         check_same_knn(x, y, k, "euclidean", certified, min_covered=0.0, backend=backend)
@@ -155,7 +157,7 @@ def test_float64_and_non_contiguous_inputs(backend):
     (base,) = on(backend, gaussian(160, 64, 6, torch.float64))
     x, y = base[:30, ::2], base.T.contiguous().T[30:, 1::2]  # strided views
     assert not x.is_contiguous() and not y.is_contiguous()
-    d, i = knn(x, y, 6, "euclidean", backend=backend, strategy="certified")
+    d, i = certified_knn(x, y, 6, "euclidean", backend=backend)
     assert d.dtype == torch.float64  # stage 2 in fp64
     check_same_knn(x, y, 6, "euclidean", (d, i), backend=backend)
 
@@ -164,7 +166,7 @@ def test_float64_and_non_contiguous_inputs(backend):
 def test_distances_are_differentiable(backend):
     x, y = on(backend, gaussian(10, 16, 9), gaussian(80, 16, 10))
     x, y = x.requires_grad_(), y.requires_grad_()
-    knn(x, y, 4, "euclidean", backend=backend, strategy="certified")[0].sum().backward()
+    certified_knn(x, y, 4, "euclidean", backend=backend)[0].sum().backward()
     x2, y2 = x.detach().clone().requires_grad_(), y.detach().clone().requires_grad_()
     knn(x2, y2, 4, "euclidean", backend=backend, strategy="direct")[0].sum().backward()
     torch.testing.assert_close(x.grad, x2.grad)
@@ -187,7 +189,7 @@ def test_self_knn_matches_direct(backend, normalize):
 def test_self_knn_exact_input_is_bitwise_identical(backend):
     (x,) = on(backend, sign_rows(90, 16, seed=11))
     for normalize in (False, True):
-        cert = self_knn(x, 8, "euclidean", normalize, 30, backend=backend, strategy="certified")
+        cert = certified_self_knn(x, 8, "euclidean", normalize, 30, backend=backend)
         direct = self_knn(x, 8, "euclidean", normalize, 30, backend=backend, strategy="direct")
         for a, b in zip(cert, direct):
             assert torch.equal(a, b)
@@ -208,7 +210,7 @@ def test_self_knn_duplicates_fall_back(backend):
         ]
     )
     (x,) = on(backend, x)
-    cert = self_knn(x, 4, "euclidean", True, 10, backend=backend, strategy="certified")
+    cert = certified_self_knn(x, 4, "euclidean", True, 10, backend=backend)
     direct = self_knn(x, 4, "euclidean", True, 10, backend=backend, strategy="direct")
     counts = op_for("self_knn_certified", backend)(x, 4, "euclidean", True, 10)[4]
     assert bool((counts[:262] == -1).all()) and bool((counts[262:] >= 4).all())

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import backend_params, device_for, fp32_tolerances, op_for, record_launches
+from conftest import backend_params, device_for, fp32_tolerances, op_for, record_kernels, record_launches
 from dpm_ops.losses import DPMLoss, MaskedArcFaceLoss, masked_arcface_cross_entropy
 from dpm_ops.ops import masked_arcface_ce
 from test_models_dpm import batch, tiny_dpm
@@ -41,8 +41,11 @@ def check_against_reference(backend, features, mask, weight, labels, tol=None, *
     inputs = [t.detach().requires_grad_(True) for t in (features, mask, weight)]
     expected = masked_arcface_cross_entropy(*inputs, labels, backend="reference", **options)
     want = torch.autograd.grad(expected, inputs)
-    value = masked_arcface_ce(*inputs, labels, backend=backend, **options)
-    got = torch.autograd.grad(value, inputs)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        ran = record_kernels(monkeypatch)
+        value = masked_arcface_ce(*inputs, labels, backend=backend, **options)
+        got = torch.autograd.grad(value, inputs)
+    assert ran == [("masked_arcface_ce", backend)]  # the kernel ran, not the reference it is checked against
     assert value.shape == () and value.dtype == features.dtype
     tol = tol or tolerances(features.dtype)
     torch.testing.assert_close(value, expected, **tol)
@@ -127,13 +130,15 @@ def test_training_shape(backend):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_gradcheck_float64(backend):
+def test_gradcheck_float64(backend, monkeypatch):
     features, mask, weight, labels = make_inputs(4, 5, 6, torch.float64, device_for(backend), seed=1)
     inputs = [t.requires_grad_(True) for t in (features, mask, weight)]
+    ran = record_kernels(monkeypatch)
     # fast_mode (random projections): the Triton interpreter costs ~0.1 s per call on the CPU.
     assert torch.autograd.gradcheck(
         lambda f, m, w: masked_arcface_ce(f, m, w, labels, backend=backend), inputs, fast_mode=backend == "triton"
     )
+    assert ran and {b for _, b in ran} == {backend}  # the kernel, not the reference, was checked
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

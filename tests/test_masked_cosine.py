@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import backend_params, device_for, fp32_tolerances, needs_gpu, op_for, record_launches
+from conftest import backend_params, device_for, fp32_tolerances, needs_gpu, op_for, record_kernels, record_launches
 from dpm_ops.ops import masked_arccos_distance, masked_cosine, masked_cosine_reference
 
 KERNEL_BACKENDS = backend_params("cpp", "cuda", "triton")
@@ -52,13 +52,16 @@ def test_half_mask_gives_the_plain_cosine():
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_forward_and_backward_match_reference(backend, dtype, shape):
+def test_forward_and_backward_match_reference(backend, dtype, shape, monkeypatch):
     device = device_for(backend)
     x, mask, protos = make_inputs(*shape, dtype, device, seed=sum(shape), requires_grad=True)
     grad = torch.randn(shape[0], shape[1], dtype=dtype, device=device)
     expected = masked_cosine_reference(x, mask, protos)
     expected_grads = torch.autograd.grad(expected, (x, mask, protos), grad, allow_unused=True)
+    ran = record_kernels(monkeypatch)
     out = masked_cosine(x, mask, protos, backend=backend)
+    # the backend's kernel ran (the train variant where it keeps den^2), not the reference
+    assert ran == [("masked_cosine_train" if backend in ("cpp", "cuda") else "masked_cosine", backend)]
     grads = torch.autograd.grad(out, (x, mask, protos), grad, allow_unused=True)
     assert out.dtype == dtype and out.shape == (shape[0], shape[1])
     torch.testing.assert_close(out, expected, **tolerances(dtype))
@@ -111,10 +114,12 @@ def test_zero_rows_take_the_eps_branch(backend):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_gradcheck_float64(backend):
+def test_gradcheck_float64(backend, monkeypatch):
     device = device_for(backend)
     inputs = make_inputs(3, 4, 6, torch.float64, device, requires_grad=True)
+    ran = record_kernels(monkeypatch)
     assert torch.autograd.gradcheck(lambda x, m, p: masked_cosine(x, m, p, backend=backend), inputs)
+    assert ran and {b for _, b in ran} == {backend}  # the kernels, not the reference, were checked
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import dpm_ops
-from conftest import backend_params, device_for, op_for
+from conftest import backend_params, device_for, op_for, record_kernels
 from dpm_ops.losses import MaskReIDRankingLoss
 from dpm_ops.losses import maskreid_ranking_loss as loss_module_function
 from dpm_ops.ops import maskreid_ranking_loss, maskreid_ranking_loss_reference
@@ -59,7 +59,12 @@ def value_and_grad(fn, x, labels, **kw):
 
 
 def assert_matches_reference(x, labels, backend, **kw):
-    value, grad = value_and_grad(lambda e, l, **k: maskreid_ranking_loss(e, l, backend=backend, **k), x, labels, **kw)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        ran = record_kernels(monkeypatch)
+        value, grad = value_and_grad(
+            lambda e, l, **k: maskreid_ranking_loss(e, l, backend=backend, **k), x, labels, **kw
+        )
+    assert ran == [("maskreid_ranking_loss", backend)]  # the kernel ran, not the reference it is checked against
     expected, expected_grad = value_and_grad(maskreid_ranking_loss_reference, x, labels, **kw)
     assert value.dtype == expected.dtype and value.shape == ()
     assert grad.dtype == x.dtype
@@ -197,14 +202,16 @@ def test_cpp_takes_bfloat16_in_fp32():
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("neg_mode, pos_mode", MODES)
-def test_gradcheck_float64(backend, neg_mode, pos_mode):
+def test_gradcheck_float64(backend, neg_mode, pos_mode, monkeypatch):
     x, labels = batch([0, 0, 0, 1, 1, 2, 3], 5, device=device_for(backend), spread=1.0)
     x.requires_grad_(True)
+    ran = record_kernels(monkeypatch)
     assert torch.autograd.gradcheck(
         lambda e: maskreid_ranking_loss(e, labels, neg_mode=neg_mode, pos_mode=pos_mode, backend=backend),
         (x,),
         fast_mode=True,
     )
+    assert ran and {b for _, b in ran} == {backend}  # the kernel, not the reference, was checked
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

@@ -184,8 +184,16 @@ def test_models_losses_data_evaluation(tmp_path, monkeypatch, capsys):
 
     result, expected = ns["result"], dpm_evaluate_rank(*(namespace[k] for k in EVALUATE_RANK_ARGUMENTS))
     assert (result.cmc.shape, result.mAP, result.mINP) == ((50,), expected.mAP, expected.mINP)
+    np.testing.assert_array_equal(result.cmc, expected.cmc)
     np.testing.assert_array_equal(result.all_AP, expected.all_AP)
+    # "exact k-reciprocal re-ranking": re_ranking's on the features' Euclidean distances (the shape alone
+    # passed for any (6, 60) output), within rerank_features' float tolerance
+    qf, gf = namespace["qf"], namespace["gf"]
+    distances = (pairwise_distance(a, b).numpy() for a, b in ((qf, gf), (qf, qf), (gf, gf)))
+    expected_reranked = dpm_re_ranking(*distances, k1=20, k2=6, lambda_value=0.3)
     assert ns["reranked"].shape == (6, 60)
+    np.testing.assert_allclose(np.asarray(ns["reranked"]), expected_reranked, rtol=0, atol=1e-5)
+    assert not np.allclose(expected_reranked, namespace["distmat"], atol=1e-2)  # re-ranking changed them
 
 
 def test_torchreid_and_fastreid_drop_ins():
@@ -196,6 +204,7 @@ def test_torchreid_and_fastreid_drop_ins():
     assert isinstance(ns["mAP"], float) and ns["mAP"] == pytest.approx(expected.mAP)  # torchreid's (cmc, mAP)
     cmc, all_AP, all_INP = ns["cmc"], ns["all_AP"], ns["all_INP"]  # fast-reid's
     assert cmc.shape == (50,)
+    np.testing.assert_allclose(cmc, expected.cmc)  # its values, not only its length
     assert all_AP.dtype == all_INP.dtype == np.float64  # float64 arrays, as the list of differences says
     np.testing.assert_allclose(all_AP, expected.all_AP)
     np.testing.assert_allclose(all_INP, expected.all_INP)
