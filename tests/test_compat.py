@@ -277,3 +277,23 @@ def test_bad_input_names_the_argument(compat):
         compat.re_ranking(q_g, q_q, g_g, lambda_value=2)
     with pytest.raises(ValueError, match="g_g_dist must be"):
         compat.re_ranking(q_g, q_q, q_q)
+
+
+@pytest.mark.parametrize("qe_times, qe_k, alpha", [(1, 10, 3.0), (2, 5, 1.0), (1, 1, 3.0), (3, 20, 2.0)])
+def test_aqe_matches_fastreid(qe_times, qe_k, alpha):
+    # alpha query expansion (fast-reid's TEST.AQE) from the exact k-NN: their dense similarity matrix's
+    # values, within float32 summation order; features in and out unnormalised, as theirs
+    theirs = peers.load("fastreid_query_expansion")
+    generator = torch.Generator().manual_seed(qe_times * 100 + qe_k)
+    query, gallery = torch.randn(40, 32, generator=generator), torch.randn(200, 32, generator=generator)
+    expected = theirs.aqe(query, gallery, qe_times, qe_k, alpha)
+    result = fastreid.aqe(query, gallery, qe_times, qe_k, alpha)
+    for got, want in zip(result, expected):
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # the features did change (qe_k = 1: each is its own only neighbour, weight 1)
+    assert torch.allclose(result[0], query, atol=1e-5) == (qe_k == 1)
+    numpy_result = fastreid.aqe(query.numpy(), gallery.numpy(), qe_times, qe_k, alpha)
+    torch.testing.assert_close(numpy_result[1], result[1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"qe_k must be an integer in \[1, 240\]"):
+        fastreid.aqe(query, gallery, qe_times, 241, alpha)

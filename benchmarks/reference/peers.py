@@ -33,6 +33,7 @@ _FILES = {
     "fastreid_rank": ("fastreid", "evaluation/rank.py"),
     "fastreid_rerank": ("fastreid", "evaluation/rerank.py"),
     "torchreid_distance": ("torchreid", "reid/metrics/distance.py"),
+    "fastreid_query_expansion": ("fastreid", "evaluation/query_expansion.py"),
 }
 INSTALL_HINT = "pip install --no-deps -r requirements-peers.txt"
 

@@ -1,17 +1,22 @@
-"""fast-reid's `fastreid.evaluation.rank.evaluate_rank`, `fastreid.evaluation.rerank.re_ranking` and
-`fastreid.utils.compute_dist` (`build_dist`, `compute_jaccard_distance`, `compute_euclidean_distance`,
-`compute_cosine_distance`) (1.4.0), computed by dpm_ops: `from dpm_ops.compat.fastreid import ...`.
+"""fast-reid's `fastreid.evaluation.rank.evaluate_rank`, `fastreid.evaluation.rerank.re_ranking`,
+`fastreid.evaluation.query_expansion.aqe` and `fastreid.utils.compute_dist` (`build_dist`,
+`compute_jaccard_distance`, `compute_euclidean_distance`, `compute_cosine_distance`) (1.4.0), computed
+by dpm_ops: `from dpm_ops.compat.fastreid import ...`.
 
 Their k-reciprocal Jaccard distance needs faiss and, through `build_dist`, a CUDA GPU; this one runs
 on any device without faiss, exactly (dpm_ops.evaluation.jaccard_distance)."""
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from .. import evaluation
+from ..evaluation import _inputs
 from . import _peer
 from ._peer import re_ranking
 
 __all__ = [
+    "aqe",
     "build_dist",
     "compute_cosine_distance",
     "compute_euclidean_distance",
@@ -69,3 +74,29 @@ def build_dist(feat_1, feat_2, metric="euclidean", **kwargs):
         raise ValueError(f"build_dist(metric='jaccard') needs the keyword arguments k1 and k2, missing {missing}")
     features = _peer.concatenated(feat_1, feat_2)
     return _peer.as_numpy(evaluation.jaccard_distance(features, kwargs["k1"], kwargs["k2"], num_query=len(feat_1)))
+
+
+# Rows of features expanded at a time: the (rows, qe_k, D) neighbour block stays small.
+_AQE_ROWS = 4096
+
+
+def aqe(query_feat, gallery_feat, qe_times=1, qe_k=10, alpha=3.0):
+    """Alpha query expansion (their TEST.AQE): ``qe_times`` times, every feature of query + gallery
+    becomes the mean of its ``qe_k`` most cosine-similar features (itself included), each weighted by
+    its similarity to the power ``alpha``; returns (query, gallery) float32 torch tensors, as theirs.
+    The neighbours come from the exact k-NN (ties by index) instead of an N x N similarity matrix."""
+    features = _peer.concatenated(query_feat, gallery_feat).float()
+    qe_k = _inputs.check_count("qe_k", qe_k, 1, len(features))
+    qe_times = _inputs.check_count("qe_times", qe_times, 0)
+    for _ in range(qe_times):
+        normed = F.normalize(features, dim=1)
+        _, neighbours = evaluation.knn(normed, normed, qe_k, metric="sqeuclidean")  # = most similar first
+        expanded = torch.empty_like(features)
+        for start in range(0, len(features), _AQE_ROWS):
+            rows = neighbours[start : start + _AQE_ROWS]
+            similarity = (normed[start : start + _AQE_ROWS, None, :] * normed[rows]).sum(dim=2)
+            weights = similarity.pow(alpha)[..., None]
+            expanded[start : start + _AQE_ROWS] = (features[rows] * weights).mean(dim=1)
+        features = expanded
+    num_query = len(query_feat)
+    return features[:num_query], features[num_query:]
