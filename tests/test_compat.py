@@ -297,3 +297,20 @@ def test_aqe_matches_fastreid(qe_times, qe_k, alpha):
     torch.testing.assert_close(numpy_result[1], result[1], rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"qe_k must be an integer in \[1, 240\]"):
         fastreid.aqe(query, gallery, qe_times, 241, alpha)
+
+
+def test_evaluate_roc_matches_fastreid():
+    theirs = peers.load("fastreid_roc")
+    rng = np.random.default_rng(3)
+    distmat = rng.random((30, 90)).astype(np.float32)
+    labels = [rng.integers(0, 6, n) for n in (30, 90)] + [rng.integers(0, 3, n) for n in (30, 90)]
+    q_pids, g_pids, q_camids, g_camids = labels
+    expected = theirs.evaluate_roc(distmat, q_pids, g_pids, q_camids, g_camids, use_cython=False)
+    result = fastreid.evaluate_roc(distmat, q_pids, g_pids, q_camids, g_camids)
+    for got, want in zip(result, expected):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+    kept = ~((g_pids[None] == q_pids[:, None]) & (g_camids[None] == q_camids[:, None]))
+    assert len(result[0]) == kept.sum() < distmat.size and 0 < (result[1] == 0).sum() < kept.sum()
+    with pytest.raises(ValueError, match="g_camids must have length 90"):
+        fastreid.evaluate_roc(distmat, q_pids, g_pids, q_camids, g_camids[:5])

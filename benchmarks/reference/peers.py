@@ -34,6 +34,7 @@ _FILES = {
     "fastreid_rerank": ("fastreid", "evaluation/rerank.py"),
     "torchreid_distance": ("torchreid", "reid/metrics/distance.py"),
     "fastreid_query_expansion": ("fastreid", "evaluation/query_expansion.py"),
+    "fastreid_roc": ("fastreid", "evaluation/roc.py"),  # imports faiss, which it does not use
 }
 INSTALL_HINT = "pip install --no-deps -r requirements-peers.txt"
 

@@ -1,5 +1,5 @@
 """fast-reid's `fastreid.evaluation.rank.evaluate_rank`, `fastreid.evaluation.rerank.re_ranking`,
-`fastreid.evaluation.query_expansion.aqe` and `fastreid.utils.compute_dist` (`build_dist`,
+`fastreid.evaluation.roc.evaluate_roc`, `fastreid.evaluation.query_expansion.aqe` and `fastreid.utils.compute_dist` (`build_dist`,
 `compute_jaccard_distance`, `compute_euclidean_distance`, `compute_cosine_distance`) (1.4.0), computed
 by dpm_ops: `from dpm_ops.compat.fastreid import ...`.
 
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from .. import evaluation
 from ..evaluation import _inputs
+from ..evaluation.rank import _labels
 from . import _peer
 from ._peer import re_ranking
 
@@ -22,6 +23,7 @@ __all__ = [
     "compute_euclidean_distance",
     "compute_jaccard_distance",
     "evaluate_rank",
+    "evaluate_roc",
     "re_ranking",
 ]
 
@@ -38,6 +40,26 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, use_
     if use_metric_cuhk03:
         return cmc, np.float64(result.mAP)
     return cmc, result.all_AP, result.all_INP
+
+
+def evaluate_roc(distmat, q_pids, g_pids, q_camids, g_camids, use_cython=True):
+    """(scores, labels) for a ROC curve, as their TEST.ROC feeds sklearn's roc_curve(labels, scores):
+    the distances of every query's gallery items, its own id on its own camera left out; first all
+    queries' matches (label 0), then all non-matches (label 1), each query's in increasing distance
+    (ties by gallery index). scores in distmat's dtype, labels float64; use_cython is ignored."""
+    dist = _inputs.as_floats("evaluate_roc", "distmat", distmat, 2)
+    num_query, num_gallery = dist.shape
+    q_pids, q_camids = (_labels(n, v, num_query, dist.device) for n, v in (("q_pids", q_pids), ("q_camids", q_camids)))
+    g_pids, g_camids = (
+        _labels(n, v, num_gallery, dist.device) for n, v in (("g_pids", g_pids), ("g_camids", g_camids))
+    )
+    sorted_dist, order = torch.sort(dist, dim=1, stable=True)
+    match = g_pids[order] == q_pids[:, None]
+    keep = ~(match & (g_camids[order] == q_camids[:, None]))
+    positives, negatives = sorted_dist[keep & match], sorted_dist[keep & ~match]  # row-major: query by query
+    scores = torch.cat([positives, negatives]).cpu().numpy()
+    labels = np.concatenate([np.zeros(len(positives)), np.ones(len(negatives))])
+    return scores, labels
 
 
 def compute_euclidean_distance(features, others):
