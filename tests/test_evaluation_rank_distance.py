@@ -81,6 +81,12 @@ def test_cuda_matches_reference(backend):
     expected_distances, expected_indices = knn(x, y, 7)
     torch.testing.assert_close(distances.cpu(), expected_distances)
     torch.testing.assert_close(indices.cpu(), expected_indices)
+    # past the CUDA kernel's lists (k <= 256) the tiled torch path runs on the GPU instead of failing
+    with forced_backend(backend):
+        distances, indices = knn(x.to(device_for(backend)), y.to(device_for(backend)), 257)
+    expected_distances, expected_indices = knn(x, y, 257)
+    torch.testing.assert_close(distances.cpu(), expected_distances)
+    torch.testing.assert_close(indices.cpu(), expected_indices)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")

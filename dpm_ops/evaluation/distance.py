@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from .. import _backend
 from .._precision import compute_dtype
+from ..ops._checks import KNN_GPU_MAX_K
 from ..ops.knn import check_strategy
 from ..ops.knn import knn as knn_op
 from . import _inputs
@@ -83,8 +84,8 @@ def pairwise_distance(x, y, metric: str = "euclidean"):
 def knn(x, y, k: int, metric: str = "euclidean", strategy: str = "auto"):
     """The k nearest rows of y for every row of x: (distances, indices), both (M, k), sorted.
 
-    Runs the fused op dpm_ops.ops.knn where the C++/CUDA kernels are available, else a tiled
-    torch path with the same results.
+    Runs the fused op dpm_ops.ops.knn where the C++/CUDA kernels are available (on CUDA for
+    k <= 256, its lists' size), else a tiled torch path with the same results.
 
     Ties are broken by (distance, index) exactly: among equal distances the lower y index
     comes first, as a stable sort of the full distance row would give. Distances are computed
@@ -99,8 +100,10 @@ def knn(x, y, k: int, metric: str = "euclidean", strategy: str = "auto"):
     k = _inputs.check_count("k", k, 1)
     if k > num_y:
         raise ValueError(f"k must be <= the number of rows of y ({num_y}), got {k}")
-    # The certified search is the fused op's (which refuses it where no kernel runs it).
-    if strategy == "certified" or _backend.resolve(None, x_t.device) in ("cpp", "cuda"):
+    # The certified search is the fused op's (which refuses it where no kernel runs it); the CUDA
+    # kernel's lists hold k <= KNN_GPU_MAX_K, past that the tiled path below runs on the GPU.
+    backend = _backend.resolve(None, x_t.device)
+    if strategy == "certified" or backend == "cpp" or (backend == "cuda" and k <= KNN_GPU_MAX_K):
         # The fused op (dpm_ops.ops.knn): GEMM tiles merged into per-row sorted lists in C++/CUDA.
         distances, indices = knn_op(x_t, y_t, k, metric, strategy=strategy)
         return _inputs.like_input(distances, x), _inputs.like_input(indices, x)
