@@ -2,9 +2,10 @@
 
 `dpm_ops.compat.torchreid` and `dpm_ops.compat.fastreid` each provide `evaluate_rank` and
 `re_ranking` with the peer's signature, defaults and return types (numpy out), computed by
-`dpm_ops.evaluation`, and the peer's distance functions (torchreid's `compute_distance_matrix`,
-fast-reid's `build_dist` and `compute_jaccard_distance`, which here needs neither faiss nor a GPU). Where the peers are wrong the compat functions are not (README, "Drop-in
-replacements for torchreid / fast-reid"):
+`dpm_ops.evaluation`, and the peer's other evaluation functions (torchreid's
+`compute_distance_matrix`; fast-reid's `build_dist`, `compute_jaccard_distance`, which here needs
+neither faiss nor a GPU, `aqe` and `evaluate_roc`). Where the peers are wrong the compat functions
+are not (README, "Drop-in replacements for torchreid / fast-reid"):
 
 * CMC past the last kept gallery item: the peers' Cython reads a stale buffer there (gallery
   smaller than max_rank with same-camera junk) and their Python code fails on the ragged rows;

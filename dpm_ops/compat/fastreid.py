@@ -1,7 +1,7 @@
-"""fast-reid's `fastreid.evaluation.rank.evaluate_rank`, `fastreid.evaluation.rerank.re_ranking`,
-`fastreid.evaluation.roc.evaluate_roc`, `fastreid.evaluation.query_expansion.aqe` and `fastreid.utils.compute_dist` (`build_dist`,
-`compute_jaccard_distance`, `compute_euclidean_distance`, `compute_cosine_distance`) (1.4.0), computed
-by dpm_ops: `from dpm_ops.compat.fastreid import ...`.
+"""fast-reid's (1.4.0) evaluation functions, computed by dpm_ops (`from dpm_ops.compat.fastreid
+import ...`): `fastreid.evaluation.rank.evaluate_rank`, `.rerank.re_ranking`, `.roc.evaluate_roc`,
+`.query_expansion.aqe`, and `fastreid.utils.compute_dist`'s `build_dist`, `compute_jaccard_distance`,
+`compute_euclidean_distance` and `compute_cosine_distance`.
 
 Their k-reciprocal Jaccard distance needs faiss and, through `build_dist`, a CUDA GPU; this one runs
 on any device without faiss, exactly (dpm_ops.evaluation.jaccard_distance)."""

@@ -397,8 +397,8 @@ def jaccard_distance(features, k1: int = 20, k2: int = 6, num_query: int | None 
     (d(i, i) = 0 exactly), as its neighbourhood; k-reciprocal sets expanded with the
     round-half-even(k1 / 2) sets under the strict 2/3 test; weights softmax(-d²) over each set
     (un-normalised squared distances); query expansion over the min(k1, k2) nearest (their search
-    returns k1; skipped when k2 == 1);
-    Jaccard 1 - m / (2 - m), m = sum_k min(V[i, k], V[j, k]), negatives set to 0. Exact: their
+    returns k1; skipped when k2 == 1); Jaccard 1 - m / (2 - m), m = sum_k min(V[i, k], V[j, k]),
+    negatives set to 0. Exact: their
     faiss search's ties and rounding aside, the same neighbourhoods (ties by (distance, index)),
     values within float32 summation order. ``strategy``: the neighbour search's, as for
     dpm_ops.ops.self_knn. numpy in, numpy out; torch in, torch out on the same device.
