@@ -288,13 +288,15 @@ def test_aqe_matches_fastreid(qe_times, qe_k, alpha):
     query, gallery = torch.randn(40, 32, generator=generator), torch.randn(200, 32, generator=generator)
     expected = theirs.aqe(query, gallery, qe_times, qe_k, alpha)
     result = fastreid.aqe(query, gallery, qe_times, qe_k, alpha)
+    assert len(result) == len(expected) == 2  # (query, gallery): zip alone would check a shorter tuple's part
     for got, want in zip(result, expected):
         assert got.dtype == torch.float32 and got.shape == want.shape
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     # the features did change (qe_k = 1: each is its own only neighbour, weight 1)
     assert torch.allclose(result[0], query, atol=1e-5) == (qe_k == 1)
     numpy_result = fastreid.aqe(query.numpy(), gallery.numpy(), qe_times, qe_k, alpha)
-    torch.testing.assert_close(numpy_result[1], result[1], rtol=0, atol=0)
+    for got, want in zip(numpy_result, result, strict=True):  # numpy in: the same query and gallery
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"qe_k must be an integer in \[1, 240\]"):
         fastreid.aqe(query, gallery, qe_times, 241, alpha)
 
@@ -307,6 +309,7 @@ def test_evaluate_roc_matches_fastreid():
     q_pids, g_pids, q_camids, g_camids = labels
     expected = theirs.evaluate_roc(distmat, q_pids, g_pids, q_camids, g_camids, use_cython=False)
     result = fastreid.evaluate_roc(distmat, q_pids, g_pids, q_camids, g_camids)
+    assert len(result) == len(expected) == 2  # (scores, labels)
     for got, want in zip(result, expected):
         assert got.dtype == want.dtype
         np.testing.assert_array_equal(got, want)

@@ -153,7 +153,10 @@ def test_bad_input():
         (lambda: jaccard_distance(features[0], 20, 6), "features must be 2-D"),
         (lambda: jaccard_distance(features, 20, 6, num_query=0), r"num_query must be an integer >= 1"),
         (lambda: jaccard_distance(features, 20, 6, num_query=24), r"num_query must be an integer in \[1, 23\]"),
-        (lambda: jaccard_distance(features.masked_fill(features > 0.3, float("nan")), 20, 6), "features"),
+        (
+            lambda: jaccard_distance(features.masked_fill(features > 0.3, float("nan")), 20, 6),
+            "jaccard_distance: features contains non-finite",
+        ),
         (lambda: jaccard_distance(features, 20, 6, strategy="fast"), "strategy"),
         (lambda: compat_fastreid.build_dist(features, features, "jaccard", k1=3), r"k1 and k2, missing \['k2'\]"),
         (lambda: compat_fastreid.build_dist(features, features[:, :5], "jaccard", k1=3, k2=2), "same width"),

@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import record_kernels
+
 from dpm_ops.losses import (
     BaselineReIDLoss,
     DPMLoss,
@@ -389,9 +391,11 @@ def _autocast_cases():
 
 
 @pytest.mark.parametrize("name", sorted(_autocast_cases()))
-def test_reference_losses_keep_fp32_under_autocast(name):
+def test_reference_losses_keep_fp32_under_autocast(name, monkeypatch):
     # Before: backend="reference" ran its matmuls in bf16 under autocast (the fused paths did not).
     call = _autocast_cases()[name]
+    ran = record_kernels(monkeypatch)
     expected = call("reference")
     with torch.autocast("cpu", torch.bfloat16):
         assert torch.equal(call("reference"), expected)
+    assert ran == []  # the reference ran, no kernel: an fp32 kernel in its place would pass the check above

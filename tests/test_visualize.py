@@ -43,6 +43,24 @@ def test_plot_cmc_inputs(tmp_path):
         assert png_size(out) == (600, 400) and (tmp_path / f"{name}.png").stat().st_size > 1000
 
 
+def pixels(path):
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_plot_cmc_fractions_and_percent_draw_the_same_curve(tmp_path):
+    # the sizes above hold whatever the curve: fractions (an array, a RankResult's cmc) must be drawn
+    # in percent, as the same percent curve is, not at 0.5 % (the picture of a wrong scale differs)
+    percent = pixels(visualize.plot_cmc([50.0, 75.0, 100.0], tmp_path / "percent.png"))
+    fractions = pixels(visualize.plot_cmc(np.array([0.5, 0.75, 1.0]), tmp_path / "fractions.png"))
+    np.testing.assert_array_equal(fractions, percent)
+    result = evaluate_rank(np.array([[0.3, 0.2, 0.1]]), [1], [1, 2, 3], [0], [1, 1, 1])  # match at rank 3
+    assert result.cmc.tolist() == [0.0, 0.0, 1.0]
+    from_result = pixels(visualize.plot_cmc(result, tmp_path / "result.png"))
+    np.testing.assert_array_equal(from_result, pixels(visualize.plot_cmc([0.0, 0.0, 100.0], tmp_path / "p.png")))
+    assert not np.array_equal(from_result, percent)  # another curve is another picture
+
+
 @pytest.mark.parametrize(
     "bad, match",
     [
@@ -183,14 +201,14 @@ def test_query_average_precision_matches_protocol():
 @pytest.mark.parametrize(
     "change, match",
     [
-        (dict(which="median"), "which"),
+        (dict(which="median"), "which must be 'best' or 'worst', got 'median'"),
         (dict(num_queries=0), "num_queries"),
         (dict(top_k=2.5), "top_k"),
         (dict(distmat=DIST[:2]), "distmat must be"),
         (dict(distmat=DIST * np.nan), "NaN"),
         (dict(q_pids=[1.0, 2.0, 3.0]), "integer"),
         (dict(g_camids=[0, 1]), "g_camids must have length 6"),
-        (dict(q_occluded=[True]), "q_occluded"),
+        (dict(q_occluded=[True]), "q_occluded must have length 3, got 1"),
         (dict(g_pids=[7, 7, 7, 7, 7, 7]), "no query has"),
     ],
 )
@@ -254,9 +272,9 @@ def test_channel_grid_keeps_channel_order():
         (dict(masks=np.full((3, 4), 1.5)), r"\[0, 1\]"),
         (dict(masks=np.zeros((2, 4))), "one entry per mask row"),
         (dict(masks=np.zeros((3, 0))), "empty"),
-        (dict(token_maps=np.ones((2, 4, 2))), "token_maps"),
+        (dict(token_maps=np.ones((2, 4, 2))), r"token_maps must have one map per mask row \(3\), got 2"),
         (dict(all_masks=np.zeros((5, 3))), "all_masks"),
-        (dict(occluded=[True]), "occluded"),
+        (dict(occluded=[True]), "^occluded must have length 3, got 1"),  # not all_occluded's
         (dict(all_occluded=[True, False]), "all_occluded"),
     ],
 )
