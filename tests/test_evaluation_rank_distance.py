@@ -306,6 +306,20 @@ def test_pairwise_distance(metric, monkeypatch):
     np.testing.assert_allclose(result.numpy(), brute_force_distance(x, y.astype(np.float16), metric), atol=1e-12)
 
 
+def test_lists_in_numpy_out():
+    # A list is read as numpy reads it (np.asarray: float64) and answered in numpy, as an array would
+    # be: pairwise_distance and knn of lists returned torch tensors ("numpy in, numpy out" held only
+    # for np.ndarray).
+    rng = np.random.default_rng(10)
+    x, y = rng.standard_normal((5, 3)), rng.standard_normal((7, 3))
+    result = pairwise_distance(x.tolist(), y.tolist())
+    assert isinstance(result, np.ndarray) and result.dtype == np.float64
+    np.testing.assert_array_equal(result, pairwise_distance(x, y))
+    for got, want in zip(knn(x.tolist(), y.tolist(), 3), knn(x, y, 3), strict=True):
+        assert isinstance(got, np.ndarray) and got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("metric", distance.METRICS)
 @pytest.mark.parametrize("tiles", ["default tiles", "tiny tiles"])
 def test_knn_is_a_stable_sort_of_the_distances(metric, tiles, monkeypatch):

@@ -144,6 +144,14 @@ def test_torchreid_compute_distance_matrix():
         compat_torchreid.compute_distance_matrix(input1, input2, "l1")
 
 
+def test_list_in_numpy_out():
+    # A list is taken as an array is and answered in numpy (it came back as a torch tensor).
+    features = reid_features(num_ids=3).numpy()
+    result = jaccard_distance(features.tolist(), 4, 2)
+    assert isinstance(result, np.ndarray)
+    np.testing.assert_allclose(result, jaccard_distance(features, 4, 2), rtol=0, atol=1e-6)
+
+
 def test_bad_input():
     features = reid_features(num_ids=3)
     cases = [

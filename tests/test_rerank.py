@@ -196,6 +196,19 @@ def test_float64_and_torch_inputs():
     assert_same_ranking(result.numpy(), expected, atol=1e-5)
 
 
+def test_lists_in_numpy_out():
+    # Lists are taken as arrays are and answered in numpy (they came back as torch tensors).
+    query, gallery = random_features(4, 9, 5, 11)
+    q_g, q_q, g_g = exact_distances(query, gallery)
+    result = re_ranking(q_g.tolist(), q_q.tolist(), g_g.tolist(), k1=3, k2=2)
+    assert isinstance(result, np.ndarray)
+    np.testing.assert_array_equal(result, re_ranking(q_g, q_q, g_g, k1=3, k2=2))
+    result = rerank_features(query.tolist(), gallery.tolist(), k1=3, k2=2)
+    assert isinstance(result, np.ndarray)
+    expected = rerank_features(query.astype(np.float64), gallery.astype(np.float64), k1=3, k2=2)  # as numpy reads it
+    np.testing.assert_array_equal(result, expected)
+
+
 @pytest.mark.parametrize("backend", backend_params("cuda", "triton"))
 def test_gpu_pipelines_match_cpu(backend):
     # Both pipelines end to end on a GPU backend: "cuda", its neighbour search and sparse-stage kernels

@@ -69,6 +69,12 @@ def check_choice(name: str, value, choices) -> str:
     return value
 
 
+def to_numpy(result: torch.Tensor) -> np.ndarray:
+    """A tensor as a numpy array on the CPU; bfloat16, which numpy lacks, as float32 (exact)."""
+    result = result.detach().cpu()
+    return (result.float() if result.dtype == torch.bfloat16 else result).numpy()
+
+
 def like_input(result: torch.Tensor, template):
-    """numpy in, numpy out; torch in, torch out."""
-    return result.cpu().numpy() if isinstance(template, np.ndarray) else result
+    """torch in, torch out; anything else (a numpy array, a list, ...) in, numpy out."""
+    return result if isinstance(template, torch.Tensor) else to_numpy(result)
