@@ -165,7 +165,7 @@ def test_bad_input():
             lambda: jaccard_distance(features.masked_fill(features > 0.3, float("nan")), 20, 6),
             "jaccard_distance: features contains non-finite",
         ),
-        (lambda: jaccard_distance(features, 20, 6, strategy="fast"), "strategy"),
+        (lambda: jaccard_distance(features, 20, 6, strategy="fast"), "^jaccard_distance: strategy must be one of"),
         (lambda: compat_fastreid.build_dist(features, features, "jaccard", k1=3), r"k1 and k2, missing \['k2'\]"),
         (lambda: compat_fastreid.build_dist(features, features[:, :5], "jaccard", k1=3, k2=2), "same width"),
         (lambda: compat_fastreid.build_dist(features[:0], features, "jaccard", k1=3, k2=2), "feat_1 is empty"),

@@ -264,6 +264,8 @@ def test_bad_input():
         (lambda: re_ranking(q_g.astype(np.int64), q_q, g_g), "q_g_dist must hold floating-point"),
         (lambda: re_ranking(q_g, q_q, g_g, input="cosine"), "input must be one of"),
         (lambda: re_ranking(q_g, q_q, g_g, orientation="columns"), "orientation must be one of"),
+        # the function called, not the k-NN op it hands the search to ("knn: strategy ...")
+        (lambda: rerank_features(query, gallery, strategy="fast"), "^rerank_features: strategy must be one of"),
     ]
     for k1, k2, lambda_value, name in [
         (0, 6, 0.3, "k1 must be an integer >= 1"),

@@ -405,7 +405,7 @@ def jaccard_distance(features, k1: int = 20, k2: int = 6, num_query: int | None 
     """
     k1 = _inputs.check_count("k1", k1, 2)  # k1 nearest, the item itself one of them
     k2 = _inputs.check_count("k2", k2, 1)
-    check_strategy(strategy)
+    check_strategy(strategy, "jaccard_distance")
     x = _inputs.as_floats("jaccard_distance", "features", features, 2, vectors=True, arithmetic=torch.float32)
     n = len(x)
     if n < 2:
@@ -449,7 +449,7 @@ def rerank_features(qf, gf, k1: int = 20, k2: int = 6, lambda_value: float = 0.3
     "direct"; "certified": the C++ CPU, CUDA and Triton backends).
     """
     k1, k2, lambda_value = _check_parameters(k1, k2, lambda_value)
-    check_strategy(strategy)
+    check_strategy(strategy, "rerank_features")
     # The pipeline is float32 (as the reference) whatever the features' dtype.
     query = _inputs.as_floats("rerank_features", "qf", qf, 2, vectors=True, arithmetic=torch.float32)
     gallery = _inputs.as_floats(

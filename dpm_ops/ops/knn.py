@@ -57,9 +57,10 @@ STRATEGIES = ("auto", "certified", "direct")
 _CERTIFIED_MIN_WORK = 1 << 30  # rows x columns x features below which the direct path is as fast
 
 
-def check_strategy(strategy):
+def check_strategy(strategy, op: str = "knn"):
+    """ValueError naming `op`, the public function the user called (knn, rerank_features, ...)."""
     if strategy not in STRATEGIES:
-        raise ValueError(f"knn: strategy must be one of {STRATEGIES}, got {strategy!r}")
+        raise ValueError(f"{op}: strategy must be one of {STRATEGIES}, got {strategy!r}")
 
 
 def int8_gemm_is_fast() -> bool:
