@@ -301,6 +301,31 @@ def test_aqe_matches_fastreid(qe_times, qe_k, alpha):
         fastreid.aqe(query, gallery, qe_times, 241, alpha)
 
 
+def test_bad_numbers_are_value_errors():
+    # A list metric raised TypeError (a dict lookup of an unhashable value); aqe's alpha went unchecked
+    # into torch.pow: None / str a TypeError, NaN silently NaN features, True taken as 1.
+    query, gallery = torch.randn(6, 4), torch.randn(9, 4)
+    with pytest.raises(ValueError, match="Unknown distance metric"):
+        torchreid.compute_distance_matrix(query, gallery, ["cosine"])
+    for alpha in (None, "3", float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="aqe: alpha must be a finite number"):
+            fastreid.aqe(query, gallery, 1, 3, alpha)
+    for got, want in zip(fastreid.aqe(query, gallery, 1, 3, np.float32(2)), fastreid.aqe(query, gallery, 1, 3, 2.0)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_evaluate_roc_of_bfloat16_distances():
+    # numpy has no bfloat16: the scores come back as float32 (exact), where .numpy() raised a TypeError
+    rng = np.random.default_rng(4)
+    distmat = torch.from_numpy(rng.random((8, 20)).astype(np.float32)).bfloat16()
+    labels = [rng.integers(0, 3, n) for n in (8, 20, 8, 20)]
+    scores, match = fastreid.evaluate_roc(distmat, *labels)
+    want_scores, want_match = fastreid.evaluate_roc(distmat.float(), *labels)
+    assert isinstance(scores, np.ndarray) and scores.dtype == np.float32
+    np.testing.assert_array_equal(scores, want_scores)
+    np.testing.assert_array_equal(match, want_match)
+
+
 def test_evaluate_roc_matches_fastreid():
     theirs = peers.load("fastreid_roc")
     rng = np.random.default_rng(3)

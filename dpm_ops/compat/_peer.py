@@ -30,8 +30,8 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3):
 
 
 def as_numpy(result):
-    """A numpy array, as the peers return (a torch result is moved to the CPU)."""
-    return result.cpu().numpy() if hasattr(result, "cpu") else result
+    """A numpy array, as the peers return (a torch result is moved to the CPU; bfloat16 as float32)."""
+    return _inputs.to_numpy(result) if isinstance(result, torch.Tensor) else result
 
 
 def euclidean_squared_distance(input1, input2):

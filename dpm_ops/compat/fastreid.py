@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from .. import evaluation
 from ..evaluation import _inputs
 from ..evaluation.rank import _labels
+from ..ops._checks import check_number
 from . import _peer
 from ._peer import re_ranking
 
@@ -46,7 +47,8 @@ def evaluate_roc(distmat, q_pids, g_pids, q_camids, g_camids, use_cython=True):
     """(scores, labels) for a ROC curve, as their TEST.ROC feeds sklearn's roc_curve(labels, scores):
     the distances of every query's gallery items, its own id on its own camera left out; first all
     queries' matches (label 0), then all non-matches (label 1), each query's in increasing distance
-    (ties by gallery index). scores in distmat's dtype, labels float64; use_cython is ignored."""
+    (ties by gallery index). scores in distmat's dtype (float32 for bfloat16, which numpy lacks), labels
+    float64; use_cython is ignored."""
     dist = _inputs.as_floats("evaluate_roc", "distmat", distmat, 2)
     num_query, num_gallery = dist.shape
     q_pids, q_camids = (_labels(n, v, num_query, dist.device) for n, v in (("q_pids", q_pids), ("q_camids", q_camids)))
@@ -57,7 +59,7 @@ def evaluate_roc(distmat, q_pids, g_pids, q_camids, g_camids, use_cython=True):
     match = g_pids[order] == q_pids[:, None]
     keep = ~(match & (g_camids[order] == q_camids[:, None]))
     positives, negatives = sorted_dist[keep & match], sorted_dist[keep & ~match]  # row-major: query by query
-    scores = torch.cat([positives, negatives]).cpu().numpy()
+    scores = _peer.as_numpy(torch.cat([positives, negatives]))
     labels = np.concatenate([np.zeros(len(positives)), np.ones(len(negatives))])
     return scores, labels
 
@@ -108,6 +110,7 @@ def aqe(query_feat, gallery_feat, qe_times=1, qe_k=10, alpha=3.0):
     its similarity to the power ``alpha``; returns (query, gallery) float32 torch tensors, as theirs.
     The neighbours come from the exact k-NN (ties by index) instead of an N x N similarity matrix."""
     features = _peer.concatenated(query_feat, gallery_feat).float()
+    alpha = check_number("aqe", "alpha", alpha)
     qe_k = _inputs.check_count("qe_k", qe_k, 1, len(features))
     qe_times = _inputs.check_count("qe_times", qe_times, 0)
     for _ in range(qe_times):

@@ -25,6 +25,6 @@ def compute_distance_matrix(input1, input2, metric="euclidean"):
     "euclidean" is the *squared* Euclidean distance (torchreid's euclidean_squared_distance, what
     its engine ranks and re-ranks), "cosine" 1 − cos."""
     distances = {"euclidean": euclidean_squared_distance, "cosine": cosine_distance}
-    if metric not in distances:
+    if metric not in tuple(distances):  # a list or other unhashable value: this ValueError, not a TypeError
         raise ValueError(f'Unknown distance metric: {metric}. Please choose either "euclidean" or "cosine"')
     return distances[metric](input1, input2)
