@@ -48,7 +48,7 @@ def evaluate_roc(distmat, q_pids, g_pids, q_camids, g_camids, use_cython=True):
     the distances of every query's gallery items, its own id on its own camera left out; first all
     queries' matches (label 0), then all non-matches (label 1), each query's in increasing distance
     (ties by gallery index). scores in distmat's dtype (float32 for bfloat16, which numpy lacks), labels
-    float64; use_cython is ignored."""
+    float64, as their Python code (their Cython returns both in float32); use_cython is ignored."""
     dist = _inputs.as_floats("evaluate_roc", "distmat", distmat, 2)
     num_query, num_gallery = dist.shape
     q_pids, q_camids = (_labels(n, v, num_query, dist.device) for n, v in (("q_pids", q_pids), ("q_camids", q_camids)))
