@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .. import evaluation
 from ..evaluation import _inputs
-from ..evaluation.rank import _labels
+from ..evaluation.rank import query_gallery_labels
 from ..ops._checks import check_number
 from . import _peer
 from ._peer import re_ranking
@@ -50,11 +50,7 @@ def evaluate_roc(distmat, q_pids, g_pids, q_camids, g_camids, use_cython=True):
     (ties by gallery index). scores in distmat's dtype (float32 for bfloat16, which numpy lacks), labels
     float64, as their Python code (their Cython returns both in float32); use_cython is ignored."""
     dist = _inputs.as_floats("evaluate_roc", "distmat", distmat, 2)
-    num_query, num_gallery = dist.shape
-    q_pids, q_camids = (_labels(n, v, num_query, dist.device) for n, v in (("q_pids", q_pids), ("q_camids", q_camids)))
-    g_pids, g_camids = (
-        _labels(n, v, num_gallery, dist.device) for n, v in (("g_pids", g_pids), ("g_camids", g_camids))
-    )
+    q_pids, q_camids, g_pids, g_camids = query_gallery_labels(dist, q_pids, q_camids, g_pids, g_camids)
     sorted_dist, order = torch.sort(dist, dim=1, stable=True)
     match = g_pids[order] == q_pids[:, None]
     keep = ~(match & (g_camids[order] == q_camids[:, None]))

@@ -112,6 +112,18 @@ def single_shot_match_ranks(dist: torch.Tensor, q_pids, q_camids, g_pids, g_cami
     return torch.stack(ranks)
 
 
+def query_gallery_labels(dist: torch.Tensor, q_pids, q_camids, g_pids, g_camids) -> tuple[torch.Tensor, ...]:
+    """(q_pids, q_camids, g_pids, g_camids) as int64 tensors on dist's device, each checked against
+    its side of dist's (Q, G) shape."""
+    num_query, num_gallery = dist.shape
+    return (
+        _labels("q_pids", q_pids, num_query, dist.device),
+        _labels("q_camids", q_camids, num_query, dist.device),
+        _labels("g_pids", g_pids, num_gallery, dist.device),
+        _labels("g_camids", g_camids, num_gallery, dist.device),
+    )
+
+
 def _labels(name: str, value, length: int, device) -> torch.Tensor:
     labels = _inputs.as_tensor(name, value, 1, device)
     if labels.is_floating_point() or labels.is_complex():
@@ -153,11 +165,7 @@ def evaluate_rank(
     seed = _inputs.check_count("seed", seed, 0, 2**63 - 1)  # torch.Generator's range
     dist, max_rank = _distances(distmat, max_rank)
     num_query, num_gallery = dist.shape
-    device = dist.device
-    q_pids = _labels("q_pids", q_pids, num_query, device)
-    q_camids = _labels("q_camids", q_camids, num_query, device)
-    g_pids = _labels("g_pids", g_pids, num_gallery, device)
-    g_camids = _labels("g_camids", g_camids, num_gallery, device)
+    q_pids, q_camids, g_pids, g_camids = query_gallery_labels(dist, q_pids, q_camids, g_pids, g_camids)
     all_ap, first_ranks, inverse_penalty, num_skipped = _match_statistics(dist, q_pids, q_camids, g_pids, g_camids, ap)
     num_valid = num_query - num_skipped
     if num_valid == 0:
