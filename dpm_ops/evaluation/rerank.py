@@ -413,7 +413,8 @@ def jaccard_distance(features, k1: int = 20, k2: int = 6, num_query: int | None 
     full = num_query is None
     q = n if full else _inputs.check_count("num_query", num_query, 1, n - 1)
     source = _FeatureDistances(x[:q], x[q:], strategy)
-    neighbours, _ = source.scan(min(k1, n))  # their search returns k1 neighbours, all that is used
+    # their search returns k1 neighbours, all that is used; the scan's (Q, G) distance block is not
+    neighbours, cross = source.scan(min(k1, n))
     backend = _backend.resolve(None, neighbours.device)
     stages = backend if backend in ("cpp", "cuda") else "reference"
     # their forward set is the first k1 neighbours (self included): this pipeline's N(i, k1 - 1)
@@ -430,7 +431,8 @@ def jaccard_distance(features, k1: int = 20, k2: int = 6, num_query: int | None 
     if full:  # every item against every item: the sets once as the "query" rows, once as the "gallery" rows
         row_ptr = torch.cat([row_ptr, row_ptr[1:] + len(cols)])
         cols, weights = torch.cat([cols, cols]), torch.cat([weights, weights])
-    out = torch.zeros(q, n if full else n - q, dtype=torch.float32, device=neighbours.device)
+    # the (Q, G) result takes the unused distance block's memory
+    out = torch.zeros(n, n, dtype=torch.float32, device=neighbours.device) if full else cross.contiguous().zero_()
     KRECIPROCAL_JACCARD_BLEND_.run(stages, out, row_ptr, cols, weights, 0.0)
     return _inputs.like_input(out.clamp_min_(0.0), features)
 
