@@ -15,10 +15,12 @@ PAPER_CONFIGS = [
     "dpm_occluded_duke",
     "dpm_market_occluded_reid",
     "dpm_dukemtmc",
+    "dpm_market1501",
     "maskreid_market1501",
     "maskreid_dukemtmc",
     "vit_baseline_occluded_duke",
     "vit_baseline_dukemtmc",
+    "vit_baseline_market1501",
     "synthetic_dpm",
     "synthetic_vit_baseline",
 ]
@@ -42,7 +44,11 @@ def test_paper_values():
     assert reid["loss"]["hem_weight"] == 0.01 and reid["input"]["color_jitter"] is True
     assert reid["solver"]["epochs"] == 50 and reid["dataset"]["test_name"] == "occluded_reid"
     assert reid["dataset"]["test_camids"] == [0, 2]  # the official Rename.py cameras (datasets.md §6)
-    for name in ("dpm_occluded_duke", "dpm_market_occluded_reid", "dpm_dukemtmc"):
+    market = load_config("dpm_market1501")  # configs/Market/dpm.yml with the code's HEM and jitter defaults
+    assert market["model"]["options"]["stride"] == 12 and market["model"]["options"]["arcface_margin"] == 0.3
+    assert market["loss"]["hem_weight"] == 0.1 and market["input"]["color_jitter"] is False
+    assert market["solver"]["epochs"] == 50 and market["dataset"]["test_name"] is None
+    for name in ("dpm_occluded_duke", "dpm_market_occluded_reid", "dpm_dukemtmc", "dpm_market1501"):
         assert load_config(name)["eval"]["amp"] == "off"  # fp32 test, whatever the training precision
     duke = load_config("dpm_dukemtmc")
     assert duke["model"]["options"]["stride"] == 12 and duke["model"]["options"]["arcface_margin"] == 0.3
