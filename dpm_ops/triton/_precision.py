@@ -10,6 +10,11 @@ import torch
 import triton
 import triton.language as tl
 
+# Every launch's compile options, pinned rather than left to Triton's default: Triton 3.9 warns that
+# its default turns FMA contraction off in 3.10, which would change the kernels' rounding. On, as the
+# CUDA kernels compile (nvcc's --fmad default).
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
+
 
 def dot_precision(dtype: torch.dtype) -> str:
     """The PRECISION constexpr of `dot` for kernel inputs of `dtype`."""

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ._device import on_input_device
-from ._precision import sqrt_rn
+from ._precision import COMPILE_OPTIONS, sqrt_rn
 
 MIN_SQUARED = 1e-12
 
@@ -79,6 +79,7 @@ def loss_and_grad(features, labels, with_grad):
             B,
             MIN_SQUARED=MIN_SQUARED,
             BLOCK=triton.next_power_of_2(B),
+            **COMPILE_OPTIONS,
         )
     loss = row_loss.sum() / B
     if not with_grad:

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .._precision import compute_dtype
 from ._device import on_input_device
-from ._precision import scalar_as, sqrt_rn
+from ._precision import COMPILE_OPTIONS, scalar_as, sqrt_rn
 
 BLOCK_N = 64
 
@@ -88,7 +88,18 @@ def hem_loss_forward(cls_logits: torch.Tensor, eps: float, reduction: str) -> to
     if B > 0 and H > 0:
         a = cls_logits.contiguous()
         _hem_sample_kernel[(B,)](
-            a, per_sample, per_sample, a, H, N, eps, 1.0, GRAD=False, BLOCK_H=_block_h(H), BLOCK_N=BLOCK_N
+            a,
+            per_sample,
+            per_sample,
+            a,
+            H,
+            N,
+            eps,
+            1.0,
+            GRAD=False,
+            BLOCK_H=_block_h(H),
+            BLOCK_N=BLOCK_N,
+            **COMPILE_OPTIONS,
         )
     return per_sample.sum() * _weight(B, reduction)
 
@@ -113,5 +124,6 @@ def hem_loss_backward(grad: torch.Tensor, cls_logits: torch.Tensor, eps: float, 
         GRAD=True,
         BLOCK_H=_block_h(H),
         BLOCK_N=BLOCK_N,
+        **COMPILE_OPTIONS,
     )
     return out

@@ -13,6 +13,7 @@ import triton.language as tl
 from ..ops.hierarchical_mask_pool_reference import resize_mask
 from .._precision import compute_dtype
 from ._device import on_input_device
+from ._precision import COMPILE_OPTIONS
 
 BLOCK_R = 16
 BLOCK_HW = 64
@@ -159,6 +160,7 @@ def _launch(features, grads, mask, mode, out, grad):
         BACKWARD=grad is not None,
         BLOCK_R=BLOCK_R,
         BLOCK_HW=BLOCK_HW,
+        **COMPILE_OPTIONS,
     )
 
 

@@ -22,7 +22,7 @@ from ..ops._checks import KNN_GPU_MAX_K, check_knn_gpu_k
 from ..ops.knn_certified import TIE_MARGIN, normalized_order, raw_neighbours
 from ..ops.knn_reference import COSINE_EPS, pairwise_distance_reference
 from ._device import on_input_device, rows_per_program
-from ._precision import dot, dot_precision, sqrt_rn
+from ._precision import COMPILE_OPTIONS, dot, dot_precision, sqrt_rn
 
 # Tiles chosen with the static check (scripts/static_check), with Triton 3.6's and 3.9's ptxas.
 BLOCK_N = 64
@@ -236,6 +236,7 @@ def _scan(x: torch.Tensor, y: torch.Tensor, k: int, metric: str, self_pairs: boo
         BLOCK_D=BLOCK_D,
         # larger (rows, kp) lists, and self_knn's (its row maxima and block stores) from kp 128: more threads
         num_warps=8 if rows > 16 or kp >= (128 if self_pairs else 256) else 4,
+        **COMPILE_OPTIONS,
     )
     return values, indices, row_max, cross
 

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ._device import on_input_device, rows_per_program
-from ._precision import sqrt_rn
+from ._precision import COMPILE_OPTIONS, sqrt_rn
 from .knn import _METRIC_IDS, _NO_INDEX, empty_lists, _list_rows, offer_tile
 
 # Tiles. Up to 64 rows a program (knn._list_rows for the limits kernel's lists): the GEMM tile of a
@@ -231,6 +231,7 @@ def stage1(x_bf16, y_bf16, x_norms, y_norms, x_scales, y_scales, k: int, cap: in
         BLOCK_D=BLOCK_D,
         EMULATED=os.environ.get("TRITON_INTERPRET") == "1",
         num_warps=8,
+        **COMPILE_OPTIONS,
     )
     collect_rows = rows_per_program(M, 64, device)
     _collect_kernel[(triton.cdiv(M, collect_rows),)](
@@ -251,6 +252,7 @@ def stage1(x_bf16, y_bf16, x_norms, y_norms, x_scales, y_scales, k: int, cap: in
         BLOCK_D=BLOCK_D,
         EMULATED=os.environ.get("TRITON_INTERPRET") == "1",
         num_warps=8,  # the (64, 64) tile's bounds, slots and masks: spill-free with two buffers
+        **COMPILE_OPTIONS,
     )
     return result
 
@@ -324,5 +326,6 @@ def candidate_distances(x_rows, y_rows, x_norms, y_norms, rows, candidates, coun
         METRIC=_METRIC_IDS[metric],
         BLOCK_C=CANDIDATE_BLOCK_C,
         BLOCK_D=CANDIDATE_BLOCK_D,
+        **COMPILE_OPTIONS,
     )
     return out

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ._device import on_input_device
-from ._precision import dot, dot_precision, scalar_as, sqrt_rn
+from ._precision import COMPILE_OPTIONS, dot, dot_precision, scalar_as, sqrt_rn
 from .._precision import compute_dtype
 from .masked_cosine import _inv_norm, _normalize_backward, _prepared
 
@@ -268,6 +268,7 @@ def _forward(features, mask, weight, labels, scale, margin, easy_margin, clamp_e
             **_loss_args(
                 scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight, 1.0, precision, backward=False
             ),
+            **COMPILE_OPTIONS,
         )
 
     def merge(maxes, sums):
@@ -340,6 +341,7 @@ def _gradients(
             **_loss_args(
                 scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight, 1.0 / B, precision, backward=True
             ),
+            **COMPILE_OPTIONS,
         )
         gn, hh, rs = g_num[:n], h[:n], slice(r0, r0 + n)
         u, v = gn @ wh, hh @ wh_sq

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .._precision import compute_dtype
 from ._device import on_input_device
-from ._precision import dot, dot_precision, scalar_as, sqrt_rn
+from ._precision import COMPILE_OPTIONS, dot, dot_precision, scalar_as, sqrt_rn
 
 
 @triton.jit
@@ -202,7 +202,22 @@ def _tiles(a, m2, protos, inv_p, out, grad, g_num, h, eps, coefs):
     blocks = _tile_blocks(precision, a.element_size(), coefs)
     grid = (triton.cdiv(B, blocks["BLOCK_B"]), triton.cdiv(K, blocks["BLOCK_K"]))
     _masked_cosine_tile_kernel[grid](
-        a, m2, protos, inv_p, out, grad, g_num, h, B, K, C, eps, COEFS=coefs, PRECISION=precision, **blocks
+        a,
+        m2,
+        protos,
+        inv_p,
+        out,
+        grad,
+        g_num,
+        h,
+        B,
+        K,
+        C,
+        eps,
+        COEFS=coefs,
+        PRECISION=precision,
+        **blocks,
+        **COMPILE_OPTIONS,
     )
 
 
@@ -260,6 +275,7 @@ def masked_cosine_backward(grad, x, mask, protos, out, eps):
         FOR_QUERY=True,
         PRECISION=precision,
         **blocks,
+        **COMPILE_OPTIONS,
     )
     grad_ph = torch.empty((K, C), dtype=acc, device=x.device)
     _coef_grad_kernel[grid(K)](
@@ -280,6 +296,7 @@ def masked_cosine_backward(grad, x, mask, protos, out, eps):
         FOR_QUERY=False,
         PRECISION=precision,
         **blocks,
+        **COMPILE_OPTIONS,
     )
     grad_x = _normalize_backward(grad_xh, x, inv_x, eps)
     grad_p = _normalize_backward(grad_ph, protos, inv_p, eps)

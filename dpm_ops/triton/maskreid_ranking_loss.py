@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .._precision import compute_dtype
 from ._device import on_input_device
-from ._precision import scalar_as
+from ._precision import COMPILE_OPTIONS, scalar_as
 
 
 @triton.jit
@@ -138,6 +138,7 @@ def ranking_loss_forward(
             POS_MODE=pos_mode,
             BLOCK_B=block_b,
             BLOCK_P=max(1, min(block_b, 2048 // block_b)),
+            **COMPILE_OPTIONS,
         )
     count = anchor.sum().clamp_min(1.0)
     return row_loss.sum() / count, (coef + coef.t()) / count

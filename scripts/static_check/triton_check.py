@@ -16,7 +16,8 @@ at most COLD_SPILL_BYTES none of which sits in an innermost loop of the SASS),
 a GEMM-shaped kernel without tensor-core instructions on sm_90 in TF32 or bf16 mode
 (GEMM_OPS), an fp64 variant with an fp32 scalar argument (Triton passes a plain Python float as fp32:
 the kernel would compute fp64 input with fp32-rounded constants), an approximate square root (fp32 tl.sqrt
-is sqrt.approx on a GPU, exact under the interpreter: _precision.sqrt_rn), and a kernel that no case launches. Nothing is written into the repository
+is sqrt.approx on a GPU, exact under the interpreter: _precision.sqrt_rn), a launch that leaves FMA
+contraction to Triton's default (which 3.10 turns off: _precision.COMPILE_OPTIONS), and a kernel that no case launches. Nothing is written into the repository
 (no bytecode; Triton's cache lives in a temporary folder, removed at exit).
 
     python scripts/static_check/triton_check.py [--arch 90,80] [--only SUBSTRING] [--json OUT]
@@ -101,6 +102,7 @@ class Variant:
     stages: int
     tensor_cores: str  # the kinds of tensor-core instruction (ptx_tools.tensor_core_instructions); '' for none
     approx_sqrts: int  # approximate square roots in the PTX (ptx_tools.approximate_sqrts)
+    fp_fusion: bool  # compiled with FMA contraction, which every launch pins (_precision.COMPILE_OPTIONS)
     compile_s: float
     cases: list = field(default_factory=list)
     dtypes: set = field(default_factory=set)
@@ -302,6 +304,7 @@ def new_variant(check: Check, fn, module: str, compiled, log: str, seconds: floa
         stages=md.num_stages,
         tensor_cores=tensor_core_instructions(compiled.asm["ptx"]),
         approx_sqrts=approximate_sqrts(compiled.asm["ptx"]),
+        fp_fusion=md.enable_fp_fusion,
         compile_s=round(seconds, 2),
     )
 
@@ -566,7 +569,8 @@ def cases(mods: dict) -> list:
 def run_arch(args, arch: int) -> int:
     cache = tempfile.mkdtemp(prefix="triton-static-check-")
     os.environ["TRITON_CACHE_DIR"] = cache
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's runtime default (3.9 warns when unset)
+    # Triton's default turned the other way: a launch that does not pin it compiles without FMA contraction
+    os.environ["TRITON_DEFAULT_FP_FUSION"] = "0"
     os.environ.pop("TRITON_INTERPRET", None)
     try:
         return check_arch(args, arch)
@@ -668,6 +672,12 @@ def judge_variants(check: Check) -> list:
             check.fail(
                 "approximate sqrt",
                 f"{where}: {v.approx_sqrts} approximate square roots (tl.sqrt in fp32): use _precision.sqrt_rn",
+                v.cases,
+            )
+        if not v.fp_fusion:
+            check.fail(
+                "fp fusion",
+                f"{where}: compiled without FMA contraction (Triton's default): pass _precision.COMPILE_OPTIONS",
                 v.cases,
             )
         if v.needs_tensor_cores and not v.tensor_cores:
