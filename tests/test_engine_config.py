@@ -98,6 +98,7 @@ def test_overrides_are_typed():
         ("eval.cuhk03_repeats=0", "eval.cuhk03_repeats"),
         ("eval.cuhk03_seed=-1", "eval.cuhk03_seed"),
         ("eval.multi_query=mean", "eval.multi_query"),
+        ("train.compile=reduce-overhead", "train.compile"),
         ("dataset.test_camids=[0,0]", "dataset.test_camids"),
         ("dataset.test_camids=[0,-2]", "dataset.test_camids"),
         ("dataset.test_camids=2", "dataset.test_camids"),

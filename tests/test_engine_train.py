@@ -1,6 +1,7 @@
 """Training engine on a tiny synthetic set (CPU): the loss falls, a killed run resumes bit-exactly,
 DPM's two-pass update steps the right parameters, MaskReID runs both stages."""
 
+import functools
 import json
 import math
 
@@ -134,7 +135,17 @@ def test_resume_errors(tmp_path, tiny_root):
         CheckpointError, match="ranking_pos_mode is 'hardest' but the checkpoint was trained with 'all_eq5'"
     ):
         train(config, tmp_path / "run", resume=True)
-    train(config_for(tmp_path, tiny_root, overrides=["loss.ranking_pos_mode=all_eq5"]), tmp_path / "run", resume=True)
+    # a checkpoint from before a config key existed trained with what is now its default
+    del state["config"]["train"]["deterministic"]
+    torch.save(state, last)
+    renamed = "loss.ranking_pos_mode=all_eq5"
+    with pytest.raises(CheckpointError, match="deterministic is True but the checkpoint was trained with False"):
+        train(
+            config_for(tmp_path, tiny_root, overrides=[renamed, "train.deterministic=true"]),
+            tmp_path / "run",
+            resume=True,
+        )
+    train(config_for(tmp_path, tiny_root, overrides=[renamed]), tmp_path / "run", resume=True)
     other_model = config_for(tmp_path, tiny_root, "vit_baseline")
     with pytest.raises(CheckpointError, match="holds a 'dpm' model, not 'vit_baseline'"):
         train(other_model, tmp_path / "run", resume=True)
@@ -179,3 +190,31 @@ def test_maskreid_softmax_then_ranking(tmp_path, tiny_root):
     assert "loss/softmax" in records[0] and "loss/ranking" in records[-1]
     assert records[-1]["epoch"] == 2  # epochs count on across the stages
     assert {"all", "clean", "occluded"} <= set(result["metrics"])
+
+
+@pytest.mark.parametrize("model", ["dpm", "maskreid"])
+def test_compiled_train_steps_follow_eager(tmp_path, tiny_root, model, monkeypatch):
+    """train.compile: the steps call torch.compile's module (here its aot_eager backend: inductor's
+    CPU code generation would take minutes) and train as eager does; checkpoints keep the plain
+    model's keys, and a compiled run resumes an eager one."""
+    overrides = ["model.options.drop_path_rate=0.0"] if model == "dpm" else []  # compiled RNG streams differ
+    eager = train(config_for(tmp_path, tiny_root, model, overrides), tmp_path / "eager")
+    modes, real_compile = [], torch.compile
+
+    def compile_aot_eager(module, mode):
+        modes.append(mode)
+        return real_compile(module, mode=None, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", compile_aot_eager)
+    compiled_config = config_for(tmp_path, tiny_root, model, [*overrides, "train.compile=default"])
+    compiled = train(compiled_config, tmp_path / "compiled")
+    assert modes == ["default"] and compiled["global_step"] == eager["global_step"]
+    ours, theirs = (read_jsonl(tmp_path / run / "train_log.jsonl") for run in ("compiled", "eager"))
+    assert [r["loss"] for r in ours] == pytest.approx([r["loss"] for r in theirs], rel=1e-4)
+    a, b = _final_weights(tmp_path / "compiled"), _final_weights(tmp_path / "eager")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4, msg=key)
+    train(config_for(tmp_path, tiny_root, model, [*overrides, "train.stop_after_iters=3"]), tmp_path / "resumed")
+    resumed = train(compiled_config, tmp_path / "resumed", resume=True)
+    assert resumed["finished"] and modes == ["default", "default"]

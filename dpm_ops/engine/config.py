@@ -166,6 +166,8 @@ SCHEMA: dict = {
         "stop_after_iters": _f(None, int, nullable=True, bounds=AT_LEAST_1),
         "progress": _f(True, bool),
         "deterministic": _f(False, bool),
+        # torch.compile (inductor) of the model the train steps call, with this mode; off: eager
+        "compile": _f("off", str, ("off", "default", "max-autotune-no-cudagraphs")),
     },
     "eval": {
         "batch_size": _f(256, int, bounds=AT_LEAST_1),

@@ -58,7 +58,7 @@ from .checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from .config import ConfigError, current_choice, dump_config
+from .config import ConfigError, current_choice, defaults, dump_config
 from .recipes import Stage, StepContext, get_recipe
 from .run_log import RunLog
 
@@ -67,6 +67,7 @@ RESUME_FREE_KEYS = {
     ("train", "stop_after_iters"),
     ("train", "progress"),
     ("train", "device"),
+    ("train", "compile"),
     ("dataset", "test_camids"),
 }  # test cameras: evaluation only
 RESUME_FREE_SECTIONS = {"eval", "dataloader"}
@@ -250,7 +251,10 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=self.recipe.find_unused_parameters(self.model_args),
             )
-        self.step_context = StepContext(self.ddp_model, self.device, self.amp_dtype, self.scaler)
+        mode = self.config["train"]["compile"]
+        # checkpoints and evaluation keep using self.model: its state dict, eval mode uncompiled
+        step_model = self.ddp_model if mode == "off" else torch.compile(self.ddp_model, mode=mode)
+        self.step_context = StepContext(step_model, self.device, self.amp_dtype, self.scaler)
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -293,13 +297,15 @@ class Trainer:
             save_checkpoint(self.checkpoint_dir / name, state)
 
     def _check_resume_config(self, saved: dict) -> None:
+        default_config = defaults()
         for section, values in self.config.items():
             if section in RESUME_FREE_SECTIONS:
                 continue
             for key, value in values.items():
                 if (section, key) in RESUME_FREE_KEYS:
                     continue
-                old = current_choice(section, key, saved.get(section, {}).get(key))
+                # a key newer than the checkpoint: it trained with what is now the default
+                old = current_choice(section, key, saved.get(section, {}).get(key, default_config[section][key]))
                 if old != value:
                     raise CheckpointError(
                         f"--resume: config key {section}.{key} is {value!r} but the checkpoint was trained with {old!r}"
