@@ -38,9 +38,12 @@ def assert_matches_reference(result, expected):
     assert result.mINP == pytest.approx(expected["mINP"], rel=1e-12, abs=0)
 
 
-@pytest.fixture(params=["one chunk", "many chunks"])
+@pytest.fixture(params=["default path", "torch path in chunks"])
 def chunks(request, monkeypatch):
-    if request.param == "many chunks":
+    """The default path (the C++ kernel where it is built), then the torch path (rank_reference.py) over
+    chunks of a few queries: with the extension built, a small chunk size alone never reached that path."""
+    if request.param == "torch path in chunks":
+        monkeypatch.setenv("DPM_OPS_BACKEND", "reference")
         monkeypatch.setattr(rank, "_CHUNK_ELEMENTS", 700)
     return request.param
 
@@ -118,7 +121,7 @@ def test_hand_worked_distractor_and_same_camera_removal():
     np.testing.assert_array_equal(trapezoid.cmc, result.cmc)
 
 
-def test_hand_worked_ties_follow_gallery_index():
+def test_hand_worked_ties_follow_gallery_index(chunks):
     # Gallery 0..4 all at distance 0.5 except item 3 (0.2). Query pid 1 camera 0: items 1 and 3
     # match, item 0 (same pid, same camera) is removed. Kept order: 3, 1, 2, 4 -> ranks 1, 2.
     dist = np.array([[0.5, 0.5, 0.5, 0.2, 0.5]])
@@ -132,6 +135,28 @@ def test_hand_worked_ties_follow_gallery_index():
     # -0.0 and +0.0 tie too: the match at index 1 stays behind index 0.
     result = evaluate_rank(np.array([[0.0, -0.0]], dtype=np.float32), [1], [2, 1], [0], [1, 1])
     assert result.all_AP[0] == 0.5 and result.cmc[0] == 0.0 and result.cmc[1] == 1.0
+
+
+def test_negative_distances(chunks):
+    # Distances may be negative (a negated similarity): ranked by value, as the numpy reference does
+    # (float32: the torch path ranks it by integer keys of the bits, float64 by torch.unique).
+    dist, q_pids, g_pids, q_cams, g_cams = random_problem(30, 200, 14, levels=10)
+    dist = (0.5 - dist).astype(np.float32)
+    expected = evaluate_rank_numpy(dist, q_pids, g_pids, q_cams, g_cams)
+    assert_matches_reference(evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams), expected)
+
+
+def test_query_pids_missing_from_gallery(chunks):
+    # Query pids below, between and above the gallery's have no match: skipped on every path and protocol.
+    rng = np.random.default_rng(15)
+    dist, q_cams, g_cams = rng.random((40, 150)), rng.integers(0, 3, 40), rng.integers(0, 3, 150)
+    q_pids, g_pids = rng.integers(0, 12, 40), rng.choice([2, 3, 5, 6, 8], 150)
+    expected = evaluate_rank_numpy(dist, q_pids, g_pids, q_cams, g_cams, 10)
+    assert_matches_reference(evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, 10), expected)
+    cuhk03 = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, 10, protocol="cuhk03", num_repeats=3)
+    expected_cmc = torchreid_cuhk03_cmc(dist, q_pids, g_pids, q_cams, g_cams, 10, 3, 0)
+    np.testing.assert_allclose(cuhk03.cmc, expected_cmc, rtol=0, atol=1e-12)
+    assert cuhk03.num_valid == expected["num_valid"]
 
 
 def test_hand_worked_query_without_match_is_skipped():
