@@ -71,6 +71,16 @@ def test_dtypes_and_torch_inputs(dtype):
     assert_matches_reference(evaluate_rank(*tensors), expected)
 
 
+@pytest.mark.parametrize("label_dtype", [np.int32, np.int16, np.uint8])
+def test_narrow_integer_labels(label_dtype):
+    # int32 pids (torch.IntTensor datasets) or uint8 camera ids give the int64 result, numpy and torch alike.
+    dist, *labels = random_problem(30, 120, 12)
+    expected = evaluate_rank_numpy(dist, *labels)
+    narrow = [a.astype(label_dtype) for a in labels]
+    assert_matches_reference(evaluate_rank(dist, *narrow), expected)
+    assert_matches_reference(evaluate_rank(torch.from_numpy(dist), *map(torch.from_numpy, narrow)), expected)
+
+
 @pytest.mark.parametrize("backend", backend_params("cuda"))
 def test_cuda_matches_reference(backend):
     # evaluate_rank and knn end to end on backend "cuda" (under the CUDA emulator: on CPU tensors).
