@@ -1,5 +1,7 @@
 """evaluate_rank against the vectorised numpy reference and hand-worked cases; distances and knn."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -187,6 +189,10 @@ def test_max_rank_beyond_gallery_is_cut_to_it():
     gallery (max_rank = 10**9 once allocated gigabytes)."""
     with pytest.warns(UserWarning, match="exceeds the gallery size 2"):
         result = evaluate_rank(np.array([[0.2, 0.1]]), [1], [1, 2], [0], [1, 1], max_rank=4)
+    np.testing.assert_array_equal(result.cmc, [0, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # max_rank equal to the gallery size is not cut: no warning
+        result = evaluate_rank(np.array([[0.2, 0.1]]), [1], [1, 2], [0], [1, 1], max_rank=2)
     np.testing.assert_array_equal(result.cmc, [0, 1])
     dist = np.random.default_rng(0).random((6, 20))
     with pytest.warns(UserWarning, match="exceeds the gallery size 20"):
