@@ -147,6 +147,9 @@ def test_hand_worked_ties_follow_gallery_index(chunks):
     # -0.0 and +0.0 tie too: the match at index 1 stays behind index 0.
     result = evaluate_rank(np.array([[0.0, -0.0]], dtype=np.float32), [1], [2, 1], [0], [1, 1])
     assert result.all_AP[0] == 0.5 and result.cmc[0] == 0.0 and result.cmc[1] == 1.0
+    # float64 distances too close for float32 to tell apart still rank by value: the negative first.
+    result = evaluate_rank(np.array([[0.5 + 1e-12, 0.5]]), [1], [1, 2], [0], [1, 1])
+    assert result.all_AP[0] == 0.5 and result.cmc[0] == 0.0
 
 
 def test_negative_distances(chunks):
