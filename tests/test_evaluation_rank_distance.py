@@ -258,6 +258,7 @@ def test_cuhk03_is_seeded():
     first, again = (evaluate_rank(*problem, protocol="cuhk03").cmc for _ in range(2))
     np.testing.assert_array_equal(first, again)
     assert not np.array_equal(first, evaluate_rank(*problem, protocol="cuhk03", seed=1).cmc)
+    evaluate_rank(*problem, protocol="cuhk03", seed=2**63 - 1)  # the largest seed torch.Generator takes
 
 
 def test_cuhk03_draws_are_uniform():
@@ -348,6 +349,29 @@ def test_pairwise_distance(metric, monkeypatch):
     result = pairwise_distance(torch.from_numpy(x).double(), torch.from_numpy(y).half(), metric)
     assert result.dtype == torch.float64
     np.testing.assert_allclose(result.numpy(), brute_force_distance(x, y.astype(np.float16), metric), atol=1e-12)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean"])
+def test_self_distances_are_not_negative(metric):
+    # Far from the origin the GEMM form rounds some self-distances below 0: clamped to 0, no NaN from the root.
+    x = (5 + np.random.default_rng(17).standard_normal((40, 64))).astype(np.float32)
+    result = pairwise_distance(x, x, metric)
+    assert (result >= 0).all() and np.diagonal(result).max() < 0.1
+
+
+def test_smallest_in_rows_keeps_each_rows_smallest(monkeypatch):
+    # Streamed in tiles, later tiles through the threshold path: exactly each row's smallest values.
+    monkeypatch.setattr(_select, "STREAM_TILE", 36)
+    values = torch.rand(50, 1000, generator=torch.Generator().manual_seed(16))
+    kept, indices = _select.smallest_in_rows(values, 9)
+    torch.testing.assert_close(kept.sort(dim=1).values, values.topk(9, largest=False).values, rtol=0, atol=0)
+    torch.testing.assert_close(values.gather(1, indices), kept, rtol=0, atol=0)
+
+
+def test_flipped_arrays():
+    # torch.from_numpy refuses negative strides (x[::-1], np.flip): such an array is read through a copy.
+    x = np.random.default_rng(18).standard_normal((6, 3))
+    np.testing.assert_array_equal(pairwise_distance(x[::-1], x), pairwise_distance(x[::-1].copy(), x))
 
 
 def test_lists_in_numpy_out():
