@@ -1,5 +1,7 @@
 """evaluate_rank against the vectorised numpy reference and hand-worked cases; distances and knn."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -38,9 +40,12 @@ def assert_matches_reference(result, expected):
     assert result.mINP == pytest.approx(expected["mINP"], rel=1e-12, abs=0)
 
 
-@pytest.fixture(params=["one chunk", "many chunks"])
+@pytest.fixture(params=["default path", "torch path in chunks"])
 def chunks(request, monkeypatch):
-    if request.param == "many chunks":
+    """The default path (the C++ kernel where it is built), then the torch path (rank_reference.py) over
+    chunks of a few queries: with the extension built, a small chunk size alone never reached that path."""
+    if request.param == "torch path in chunks":
+        monkeypatch.setenv("DPM_OPS_BACKEND", "reference")
         monkeypatch.setattr(rank, "_CHUNK_ELEMENTS", 700)
     return request.param
 
@@ -66,6 +71,16 @@ def test_dtypes_and_torch_inputs(dtype):
     assert_matches_reference(evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams), expected)
     tensors = [torch.from_numpy(a) for a in (dist, q_pids, g_pids, q_cams, g_cams)]
     assert_matches_reference(evaluate_rank(*tensors), expected)
+
+
+@pytest.mark.parametrize("label_dtype", [np.int32, np.int16, np.uint8])
+def test_narrow_integer_labels(label_dtype):
+    # int32 pids (torch.IntTensor datasets) or uint8 camera ids give the int64 result, numpy and torch alike.
+    dist, *labels = random_problem(30, 120, 12)
+    expected = evaluate_rank_numpy(dist, *labels)
+    narrow = [a.astype(label_dtype) for a in labels]
+    assert_matches_reference(evaluate_rank(dist, *narrow), expected)
+    assert_matches_reference(evaluate_rank(torch.from_numpy(dist), *map(torch.from_numpy, narrow)), expected)
 
 
 @pytest.mark.parametrize("backend", backend_params("cuda"))
@@ -118,7 +133,7 @@ def test_hand_worked_distractor_and_same_camera_removal():
     np.testing.assert_array_equal(trapezoid.cmc, result.cmc)
 
 
-def test_hand_worked_ties_follow_gallery_index():
+def test_hand_worked_ties_follow_gallery_index(chunks):
     # Gallery 0..4 all at distance 0.5 except item 3 (0.2). Query pid 1 camera 0: items 1 and 3
     # match, item 0 (same pid, same camera) is removed. Kept order: 3, 1, 2, 4 -> ranks 1, 2.
     dist = np.array([[0.5, 0.5, 0.5, 0.2, 0.5]])
@@ -132,6 +147,31 @@ def test_hand_worked_ties_follow_gallery_index():
     # -0.0 and +0.0 tie too: the match at index 1 stays behind index 0.
     result = evaluate_rank(np.array([[0.0, -0.0]], dtype=np.float32), [1], [2, 1], [0], [1, 1])
     assert result.all_AP[0] == 0.5 and result.cmc[0] == 0.0 and result.cmc[1] == 1.0
+    # float64 distances too close for float32 to tell apart still rank by value: the negative first.
+    result = evaluate_rank(np.array([[0.5 + 1e-12, 0.5]]), [1], [1, 2], [0], [1, 1])
+    assert result.all_AP[0] == 0.5 and result.cmc[0] == 0.0
+
+
+def test_negative_distances(chunks):
+    # Distances may be negative (a negated similarity): ranked by value, as the numpy reference does
+    # (float32: the torch path ranks it by integer keys of the bits, float64 by torch.unique).
+    dist, q_pids, g_pids, q_cams, g_cams = random_problem(30, 200, 14, levels=10)
+    dist = (0.5 - dist).astype(np.float32)
+    expected = evaluate_rank_numpy(dist, q_pids, g_pids, q_cams, g_cams)
+    assert_matches_reference(evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams), expected)
+
+
+def test_query_pids_missing_from_gallery(chunks):
+    # Query pids below, between and above the gallery's have no match: skipped on every path and protocol.
+    rng = np.random.default_rng(15)
+    dist, q_cams, g_cams = rng.random((40, 150)), rng.integers(0, 3, 40), rng.integers(0, 3, 150)
+    q_pids, g_pids = rng.integers(0, 12, 40), rng.choice([2, 3, 5, 6, 8], 150)
+    expected = evaluate_rank_numpy(dist, q_pids, g_pids, q_cams, g_cams, 10)
+    assert_matches_reference(evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, 10), expected)
+    cuhk03 = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, 10, protocol="cuhk03", num_repeats=3)
+    expected_cmc = torchreid_cuhk03_cmc(dist, q_pids, g_pids, q_cams, g_cams, 10, 3, 0)
+    np.testing.assert_allclose(cuhk03.cmc, expected_cmc, rtol=0, atol=1e-12)
+    assert cuhk03.num_valid == expected["num_valid"]
 
 
 def test_hand_worked_query_without_match_is_skipped():
@@ -152,6 +192,10 @@ def test_max_rank_beyond_gallery_is_cut_to_it():
     gallery (max_rank = 10**9 once allocated gigabytes)."""
     with pytest.warns(UserWarning, match="exceeds the gallery size 2"):
         result = evaluate_rank(np.array([[0.2, 0.1]]), [1], [1, 2], [0], [1, 1], max_rank=4)
+    np.testing.assert_array_equal(result.cmc, [0, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # max_rank equal to the gallery size is not cut: no warning
+        result = evaluate_rank(np.array([[0.2, 0.1]]), [1], [1, 2], [0], [1, 1], max_rank=2)
     np.testing.assert_array_equal(result.cmc, [0, 1])
     dist = np.random.default_rng(0).random((6, 20))
     with pytest.warns(UserWarning, match="exceeds the gallery size 20"):
@@ -214,6 +258,7 @@ def test_cuhk03_is_seeded():
     first, again = (evaluate_rank(*problem, protocol="cuhk03").cmc for _ in range(2))
     np.testing.assert_array_equal(first, again)
     assert not np.array_equal(first, evaluate_rank(*problem, protocol="cuhk03", seed=1).cmc)
+    evaluate_rank(*problem, protocol="cuhk03", seed=2**63 - 1)  # the largest seed torch.Generator takes
 
 
 def test_cuhk03_draws_are_uniform():
@@ -306,6 +351,29 @@ def test_pairwise_distance(metric, monkeypatch):
     np.testing.assert_allclose(result.numpy(), brute_force_distance(x, y.astype(np.float16), metric), atol=1e-12)
 
 
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean"])
+def test_self_distances_are_not_negative(metric):
+    # Far from the origin the GEMM form rounds some self-distances below 0: clamped to 0, no NaN from the root.
+    x = (5 + np.random.default_rng(17).standard_normal((40, 64))).astype(np.float32)
+    result = pairwise_distance(x, x, metric)
+    assert (result >= 0).all() and np.diagonal(result).max() < 0.1
+
+
+def test_smallest_in_rows_keeps_each_rows_smallest(monkeypatch):
+    # Streamed in tiles, later tiles through the threshold path: exactly each row's smallest values.
+    monkeypatch.setattr(_select, "STREAM_TILE", 36)
+    values = torch.rand(50, 1000, generator=torch.Generator().manual_seed(16))
+    kept, indices = _select.smallest_in_rows(values, 9)
+    torch.testing.assert_close(kept.sort(dim=1).values, values.topk(9, largest=False).values, rtol=0, atol=0)
+    torch.testing.assert_close(values.gather(1, indices), kept, rtol=0, atol=0)
+
+
+def test_flipped_arrays():
+    # torch.from_numpy refuses negative strides (x[::-1], np.flip): such an array is read through a copy.
+    x = np.random.default_rng(18).standard_normal((6, 3))
+    np.testing.assert_array_equal(pairwise_distance(x[::-1], x), pairwise_distance(x[::-1].copy(), x))
+
+
 def test_lists_in_numpy_out():
     # A list is read as numpy reads it (np.asarray: float64) and answered in numpy, as an array would
     # be: pairwise_distance and knn of lists returned torch tensors ("numpy in, numpy out" held only
@@ -323,11 +391,13 @@ def test_lists_in_numpy_out():
 @pytest.mark.parametrize("metric", distance.METRICS)
 @pytest.mark.parametrize("tiles", ["default tiles", "tiny tiles"])
 def test_knn_is_a_stable_sort_of_the_distances(metric, tiles, monkeypatch):
-    if tiles == "tiny tiles":
+    if tiles == "tiny tiles":  # the tiled torch path, which the C++ kernel replaces where it is built
+        monkeypatch.setenv("DPM_OPS_BACKEND", "reference")
         monkeypatch.setattr(distance, "TILE_ROWS", 7)
         monkeypatch.setattr(distance, "TILE_COLUMNS", 20)
     # Rows of four +-1 in six dimensions: every distance and cosine is exact in float32 whatever
-    # the tiling, and equal values are everywhere, straddling the k-th place.
+    # the tiling, and equal values are everywhere, straddling the k-th place. Scaled by 1/8 (exactly),
+    # every distance is below 1, where the square root raises them.
     rng = np.random.default_rng(8)
 
     def rows(count):
@@ -335,13 +405,14 @@ def test_knn_is_a_stable_sort_of_the_distances(metric, tiles, monkeypatch):
         signs[np.arange(count)[:, None], np.argsort(rng.random((count, 6)), axis=1)[:, :2]] = 0
         return signs.astype(np.float32)
 
-    x, y = rows(30), rows(90)
-    full = pairwise_distance(x, y, metric)
-    order = np.argsort(full, axis=1, kind="stable")
-    for k in (1, 5, 13, 90):
-        values, indices = knn(x, y, k, metric)
-        np.testing.assert_array_equal(indices, order[:, :k])
-        np.testing.assert_array_equal(values, np.take_along_axis(full, order[:, :k], axis=1))
+    for scale in (1.0, 0.125):
+        x, y = rows(30) * scale, rows(90) * scale
+        full = pairwise_distance(x, y, metric)
+        order = np.argsort(full, axis=1, kind="stable")
+        for k in (1, 5, 13, 90):
+            values, indices = knn(x, y, k, metric)
+            np.testing.assert_array_equal(indices, order[:, :k])
+            np.testing.assert_array_equal(values, np.take_along_axis(full, order[:, :k], axis=1))
 
 
 @pytest.mark.skipif(not dpm_ops.backends()["cpp"][0], reason="the certified search runs on the C++ kernels")
