@@ -1,8 +1,9 @@
-"""Models that deploy: ONNX export of the test-time forward, and features of a folder of images.
+"""Models that deploy: ONNX export of the test-time forward, and features of a folder or a list of images.
 
-    from dpm_ops.export import export_onnx, extract_folder, save_features_npz
+    from dpm_ops.export import export_onnx, extract_folder, extract_images, save_features_npz
     export_onnx(model, "dpm.onnx", check=True)            # checked by onnxruntime at two batch sizes
     features = extract_folder(model, "photos/")           # the model's test transforms, batched
+    crops = extract_images(model, [crop0, crop1], camids=0)  # arrays, PIL images or paths
     save_features_npz("photos.npz", features, model)
 
 The exported graph is the model's eval forward (``B`` is a dynamic axis), with the inputs and outputs
@@ -31,6 +32,7 @@ import contextlib
 import dataclasses
 import importlib
 import logging
+import numbers
 import os
 import warnings
 from pathlib import Path
@@ -38,9 +40,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from dpm_ops._backend import forced_backend
-from dpm_ops.data import ImageDataset, ImageRecord, build_dataloader, mask_path_for
+from dpm_ops.data import DecodedImages, ImageDataset, ImageRecord, build_dataloader, mask_path_for
+from dpm_ops.data.image_io import as_mask, as_rgb
 from dpm_ops.data.assembly import _verify_readable
 from dpm_ops.data.parsing import MARKET_NAME
 from dpm_ops.data.errors import DatasetError, DatasetNotFoundError
@@ -333,22 +337,17 @@ def extract_folder(
     relative = find_images(root)
     absolute = [str(root / name) for name in relative]
     labels = [_labels_from_name(name) for name in relative]
-    cameras = model_cameras(model)
     if camid is not None:
         _check_int("camid", camid, 0)
         labels = [(pid, camid) for pid, _ in labels]
-    if cameras:
+    if model_cameras(model):
         for name, (_, camera) in zip(relative, labels):
             if camera is None:
                 raise ExportError(
                     f"the model has a camera embedding but {name} names no camera (<pid>_c<camera>...); "
                     "pass camid (--camera) for every image"
                 )
-            if camera >= cameras:
-                raise ExportError(
-                    f"camera {camera} of {name} is out of range for the model's {cameras} camera "
-                    f"embeddings (0..{cameras - 1})"
-                )
+    _check_cameras_in_range(model, relative, [camera for _, camera in labels])
     mask_paths = None
     if get_recipe(kind).uses_masks:
         mask_paths = {path: mask_path_for(path, str(root.parent)) for path in absolute}
@@ -362,13 +361,100 @@ def extract_folder(
     records = [
         ImageRecord(path, pid, -1 if camera is None else camera) for path, (pid, camera) in zip(absolute, labels)
     ]
-    device = torch.device(device) if device is not None else next(model.parameters()).device
     dataset = ImageDataset(records, eval_transform(kind, size), mask_paths=mask_paths)
-    loader = build_dataloader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
-    features = extract_features(
-        model, loader, model_name=kind, device=device, amp_dtype=amp_dtype, progress=progress, desc="extract"
-    )
+    features = _extract(model, kind, dataset, batch_size, num_workers, device, amp_dtype, progress, normalize=True)
     return dataclasses.replace(features, paths=relative)
+
+
+def extract_images(
+    model: torch.nn.Module,
+    images,
+    *,
+    camids=None,
+    masks=None,
+    image_size: Optional[Sequence[int]] = None,
+    batch_size: int = 64,
+    device=None,
+    amp_dtype: Optional[torch.dtype] = None,
+    normalize: bool = True,
+    progress: bool = False,
+) -> FeatureSet:
+    """Features of images given one by one, e.g. a tracker's person crops, as :func:`extract_folder`
+    computes a folder's. ``images``: a list of image paths, PIL images or (H, W, 3) RGB / (H, W) grey
+    uint8 arrays (:func:`dpm_ops.data.image_io.as_rgb`), or one of them. ``camids``: each image's
+    0-based camera, or one int for all (a model with a camera embedding needs them). ``masks``:
+    MaskReID's foreground mask of each image (paths, PIL images or (H, W) bool / uint8 arrays of the
+    image's size). ``normalize=False``: the eval forward's features as they are (not L2-normalised).
+    The result's ``paths`` are the given paths, or ``images[i]``; its ``pids`` are -1.
+    """
+    kind = model_kind(model)
+    size = _input_size(model, kind, image_size)
+    _check_int("batch_size", batch_size, 1)
+    if isinstance(images, (str, os.PathLike, Image.Image)) or (isinstance(images, np.ndarray) and images.ndim < 4):
+        images = [images]
+    try:
+        images = list(images)
+    except TypeError:
+        raise ExportError(f"images must be a list of images, got {type(images).__name__}") from None
+    names = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"images[{i}]" for i, x in enumerate(images)]
+    cameras = image_cameras(model, camids, names)
+    uses_masks = get_recipe(kind).uses_masks
+    if uses_masks != (masks is not None):
+        need = f"{kind} needs each image's foreground mask" if uses_masks else f"{kind} takes no mask"
+        raise ExportError(f"masks: {need}")
+    if masks is not None and len(masks) != len(names):
+        raise ExportError(f"masks: one per image ({len(names)}), got {len(masks)}")
+    decoded = [as_rgb(image, name) for image, name in zip(images, names)]
+    decoded_masks = None
+    if masks is not None:
+        decoded_masks = [as_mask(m, f"masks[{i}]", image.size) for i, (m, image) in enumerate(zip(masks, decoded))]
+    records = [ImageRecord(name, -1, camera) for name, camera in zip(names, cameras)]
+    dataset = DecodedImages(records, decoded, eval_transform(kind, size), masks=decoded_masks)
+    return _extract(model, kind, dataset, batch_size, 0, device, amp_dtype, progress, normalize)
+
+
+def image_cameras(model: torch.nn.Module, camids, names: Sequence[str]) -> list[int]:
+    """``camids`` (None, one int, or one per image of ``names``) as each image's 0-based camera (-1:
+    none), checked against ``model``'s camera embedding, which needs them."""
+    if camids is None:
+        if model_cameras(model):
+            raise ExportError("camids: the model has a camera embedding; pass each image's 0-based camera, or one int")
+        return [-1] * len(names)
+    if isinstance(camids, numbers.Integral) and not isinstance(camids, bool):
+        cameras = [_check_int("camids", int(camids), 0)] * len(names)
+    else:
+        cameras = camids.tolist() if isinstance(camids, (np.ndarray, torch.Tensor)) else list(camids)
+        if len(cameras) != len(names) or any(
+            isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 0 for c in cameras
+        ):
+            raise ExportError(f"camids must be one integer >= 0, or one per image ({len(names)}), got {camids!r}")
+    _check_cameras_in_range(model, names, cameras)
+    return [int(c) for c in cameras]
+
+
+def _check_cameras_in_range(model: torch.nn.Module, names: Sequence[str], cameras: Sequence[Optional[int]]) -> None:
+    count = model_cameras(model)
+    for name, camera in zip(names, cameras):
+        if count and camera is not None and camera >= count:
+            raise ExportError(
+                f"camera {camera} of {name} is out of range for the model's {count} camera embeddings (0..{count - 1})"
+            )
+
+
+def _extract(model, kind: str, dataset, batch_size, num_workers, device, amp_dtype, progress, normalize) -> FeatureSet:
+    """:func:`~dpm_ops.engine.extraction.extract_features` over ``dataset`` on ``device`` (default: the model's)."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    loader = build_dataloader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
+    return extract_features(
+        model,
+        loader,
+        model_name=kind,
+        device=device,
+        amp_dtype=amp_dtype,
+        progress=progress,
+        normalize=normalize,
+        desc="extract",
+    )
 
 
 def save_features_npz(path, features: FeatureSet, model: torch.nn.Module) -> Path:

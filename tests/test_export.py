@@ -2,7 +2,9 @@
 features of a folder of images (the .npz feeds evaluate_rank), through the Python API, the README's
 snippets and the dpm-reid command."""
 
+import ast
 import contextlib
+import inspect
 import io
 import os
 import shutil
@@ -17,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from benchmarks.reference import peers
 from conftest import readme_python_blocks
 from dpm_ops import _backend
 from dpm_ops.cli import main
@@ -24,13 +27,17 @@ from dpm_ops.data import DatasetError, DatasetNotFoundError
 from dpm_ops.engine import load_config
 from dpm_ops.engine.checkpoint import make_checkpoint, save_checkpoint
 from dpm_ops.engine.evaluator import evaluate_model
+from dpm_ops.engine.extraction import eval_transform
 from dpm_ops.engine.builders import build_model_from_args, load_splits, model_arguments
+from dpm_ops.compat.torchreid import FeatureExtractor
+from dpm_ops.data.image_io import read_image, read_mask
 from dpm_ops.export import (
     ExportError,
     OnnxCheckError,
     check_onnx,
     export_onnx,
     extract_folder,
+    extract_images,
     find_images,
     save_features_npz,
 )
@@ -239,6 +246,114 @@ def test_extract_maskreid_reads_the_seg_tree_and_names_bad_files(tmp_path, tiny_
     assert extract_folder(dpm, tmp_path / "anonymous", camid=2, progress=False).camids.tolist() == [2]
     with pytest.raises(ExportError, match="out of range"):
         extract_folder(dpm, tmp_path / "anonymous", camid=3, progress=False)
+
+
+def test_extract_images_from_paths_arrays_and_pil_images_is_extract_folder(tiny_set):
+    # A tracker's crops: the same images as a folder's, given as paths, RGB arrays or PIL images,
+    # with the cameras the names hold, give the folder's features and masks bit for bit.
+    model, _ = tiny_model("dpm")
+    folder = extract_folder(model, tiny_set / "query", progress=False)
+    paths = [str(tiny_set / "query" / name) for name in folder.paths]
+    cameras = folder.camids.tolist()
+    arrays = [np.asarray(read_image(path)) for path in paths]
+    for images in (paths, arrays, [read_image(path) for path in paths]):
+        found = extract_images(model, images, camids=cameras)
+        assert torch.equal(found.features, folder.features) and torch.equal(found.masks, folder.masks)
+        assert found.camids.tolist() == cameras and found.pids.tolist() == [-1] * len(paths)
+    assert extract_images(model, arrays, camids=torch.tensor(cameras)).paths[:2] == ["images[0]", "images[1]"]
+    one = extract_images(model, arrays[3], camids=cameras[3], normalize=False)  # one image, as it comes
+    assert torch.allclose(F.normalize(one.features), folder.features[3:4], atol=1e-6)
+    grey = arrays[0][..., 0]  # (H, W) grey: read as RGB
+    assert torch.equal(
+        extract_images(model, [grey], camids=0).features,
+        extract_images(model, [np.repeat(grey[..., None], 3, axis=2)], camids=0).features,
+    )
+
+
+def test_extract_images_maskreid_takes_masks_as_paths_or_arrays(tiny_set):
+    model, _ = tiny_model("maskreid")
+    folder = extract_folder(model, tiny_set / "query", image_size=MASKREID_SIZE, progress=False)
+    paths = [str(tiny_set / "query" / name) for name in folder.paths]
+    mask_paths = [str(tiny_set / "query_seg" / Path(name).with_suffix(".png")) for name in folder.paths]
+    for masks in (mask_paths, [np.asarray(read_mask(path)) > 0 for path in mask_paths]):
+        found = extract_images(model, paths, masks=masks, image_size=MASKREID_SIZE)
+        assert torch.equal(found.features, folder.features)
+
+
+def test_extract_images_bad_input(tiny_set):
+    dpm, _ = tiny_model("dpm")
+    maskreid, _ = tiny_model("maskreid")
+    crop = np.zeros((20, 10, 3), np.uint8)
+    cases = [
+        (dict(model=dpm, images=[crop]), "camids: the model has a camera embedding"),
+        (dict(model=dpm, images=[crop, crop], camids=[0]), r"one per image \(2\)"),
+        (dict(model=dpm, images=[crop], camids=[True]), "camids must be"),
+        (dict(model=dpm, images=[crop], camids=-1), "camids must be an integer >= 0"),
+        (dict(model=dpm, images=[crop], camids=3), r"camera 3 of images\[0\] is out of range .* 3 camera"),
+        (dict(model=dpm, images=[crop.astype(np.float32)], camids=0), r"images\[0\]: image arrays must be"),
+        (dict(model=dpm, images=[crop[..., :2]], camids=0), r"\(H, W\) or \(H, W, 3\) of uint8"),
+        (dict(model=dpm, images=[torch.zeros(3, 20, 10)], camids=0), "must be an image path, a PIL image or a uint8"),
+        (dict(model=dpm, images=7, camids=0), "images must be a list of images, got int"),
+        (dict(model=dpm, images=[crop], camids=0, masks=[crop[..., 0]]), "masks: dpm takes no mask"),
+        (dict(model=dpm, images=[str(tiny_set / "missing.jpg")], camids=0), "image not found: .*missing.jpg"),
+        (dict(model=maskreid, images=[crop]), "masks: maskreid needs each image's foreground mask"),
+        (dict(model=maskreid, images=[crop], masks=[]), r"one per image \(1\), got 0"),
+        (
+            dict(model=maskreid, images=[crop], masks=[np.zeros((20, 11), bool)]),
+            r"masks\[0\] is 11x20 but its image is 10x20",
+        ),
+        (dict(model=maskreid, images=[crop], masks=[np.zeros((20, 10), np.int64)]), "bool or uint8"),
+    ]
+    for arguments, needle in cases:
+        with pytest.raises(ValueError, match=needle):
+            extract_images(arguments.pop("model"), arguments.pop("images"), **arguments)
+
+
+def test_feature_extractor_is_torchreids(tmp_path, tiny_set, capsys):
+    # torchreid's FeatureExtractor (its installed file, read without importing torchvision): the same
+    # parameters in the same order; called as it is, on paths, arrays or a preprocessed tensor.
+    source = Path(peers.package_dir("torchreid") or pytest.skip(peers.missing_reason("torchreid")))
+    tree = ast.parse((source / "reid/utils/feature_extractor.py").read_text())
+    theirs = next(node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) and node.name == "__init__")
+    assert [a.arg for a in theirs.args.args] == list(inspect.signature(FeatureExtractor.__init__).parameters)
+    config, weights, model = checkpointed(tmp_path, tiny_set, "dpm")
+    extractor = FeatureExtractor(model_name=str(config), model_path=str(weights), device="cpu")
+    assert capsys.readouterr().out.startswith("Model: dpm")
+    paths = sorted(str(p) for p in (tiny_set / "query").iterdir())[:5]
+    expected = extract_images(model, paths, camids=1, normalize=False).features
+    features = extractor(paths, camids=1)
+    assert torch.equal(features, expected) and features.device.type == "cpu"
+    assert torch.equal(extractor(paths[2], camids=1), expected[2:3])
+    assert torch.equal(extractor(np.asarray(read_image(paths[2])), camids=1), expected[2:3])
+    transform = eval_transform("dpm", VIT_SIZE)
+    batch = torch.stack([transform(read_image(path)) for path in paths])
+    torch.testing.assert_close(extractor(batch, camids=1), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(extractor(batch[0], camids=[1]), expected[:1], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="camids: the model has a camera embedding"):
+        extractor(batch)
+    with pytest.raises(ValueError, match=r"a tensor must be \(B, 3, H, W\)"):
+        extractor(batch[:, :1])
+    with pytest.raises(ValueError, match="pixel_mean: dpm_ops models normalise images as their test transforms"):
+        FeatureExtractor(str(config), str(weights), pixel_mean=[0.485, 0.456, 0.406], device="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available here"):
+            FeatureExtractor(str(config), str(weights))  # torchreid's default device
+
+
+def test_feature_extractor_maskreid_tensor_input_takes_masks(tmp_path, tiny_set):
+    config, weights, model = checkpointed(tmp_path, tiny_set, "maskreid")
+    extractor = FeatureExtractor(str(config), str(weights), device="cpu", verbose=False)
+    names = sorted(p.name for p in (tiny_set / "query").iterdir())[:4]
+    paths = [str(tiny_set / "query" / name) for name in names]
+    masks = [str(tiny_set / "query_seg" / Path(name).with_suffix(".png")) for name in names]
+    expected = extractor(paths, masks=masks)
+    size = tuple(load_config(str(config), [])["input"]["size"])
+    transform = eval_transform("maskreid", size)
+    pairs = [transform.pair(read_image(p), read_mask(m)) for p, m in zip(paths, masks)]
+    images, foreground = (torch.stack(part) for part in zip(*pairs))
+    torch.testing.assert_close(extractor(images, masks=foreground), expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="masks: maskreid needs the"):
+        extractor(images)
 
 
 def test_find_images_is_recursive_sorted_and_by_extension(tmp_path):

@@ -3,7 +3,7 @@
 `dpm_ops.compat.torchreid` and `dpm_ops.compat.fastreid` each provide `evaluate_rank` and
 `re_ranking` with the peer's signature, defaults and return types (numpy out), computed by
 `dpm_ops.evaluation`, and the peer's other evaluation functions (torchreid's
-`compute_distance_matrix`; fast-reid's `build_dist`, `compute_jaccard_distance`, which here needs
+`compute_distance_matrix`, and its `FeatureExtractor` for dpm_ops' models; fast-reid's `build_dist`, `compute_jaccard_distance`, which here needs
 neither faiss nor a GPU, `aqe` and `evaluate_roc`). Where the peers are wrong the compat functions
 are not (README, "Drop-in replacements for torchreid / fast-reid"):
 

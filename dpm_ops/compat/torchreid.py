@@ -1,13 +1,21 @@
-"""torchreid's `torchreid.reid.metrics.evaluate_rank` and `compute_distance_matrix` and
-`torchreid.reid.utils.re_ranking` (0.2.5), computed by dpm_ops:
-`from dpm_ops.compat.torchreid import evaluate_rank, re_ranking, compute_distance_matrix`."""
+"""torchreid's `torchreid.reid.metrics.evaluate_rank` and `compute_distance_matrix`,
+`torchreid.reid.utils.re_ranking` and `FeatureExtractor` (0.2.5), computed by dpm_ops:
+`from dpm_ops.compat.torchreid import evaluate_rank, re_ranking, compute_distance_matrix, FeatureExtractor`."""
 
 import numpy as np
+import torch
 
 from . import _peer
 from ._peer import cosine_distance, euclidean_squared_distance, re_ranking
 
-__all__ = ["compute_distance_matrix", "cosine_distance", "euclidean_squared_distance", "evaluate_rank", "re_ranking"]
+__all__ = [
+    "FeatureExtractor",
+    "compute_distance_matrix",
+    "cosine_distance",
+    "euclidean_squared_distance",
+    "evaluate_rank",
+    "re_ranking",
+]
 
 
 def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, use_metric_cuhk03=False, use_cython=True):
@@ -28,3 +36,76 @@ def compute_distance_matrix(input1, input2, metric="euclidean"):
     if metric not in tuple(distances):  # a list or other unhashable value: this ValueError, not a TypeError
         raise ValueError(f'Unknown distance metric: {metric}. Please choose either "euclidean" or "cosine"')
     return distances[metric](input1, input2)
+
+
+class FeatureExtractor:
+    """torchreid's ``FeatureExtractor`` for dpm_ops' models: ``FeatureExtractor(model_name=CONFIG,
+    model_path=WEIGHTS, device="cuda")``, with a built-in config name or YAML file and what
+    ``dpm-reid eval --weights`` takes (a checkpoint, a state dict, the official DPM release).
+
+    Called as torchreid's is, on image paths or (H, W, 3) uint8 RGB arrays (one, or a list; PIL images
+    too), or on a preprocessed (B, 3, H, W) / (3, H, W) tensor, it returns the (B, D) features of the
+    model's eval forward on ``device``, not L2-normalised (as torchreid's). Images get the model's own
+    test transforms at ``image_size`` (default: the config's ``input.size``), so ``pixel_mean``,
+    ``pixel_std`` and ``pixel_norm`` stay unset. Models with a camera embedding (DPM, the ViT
+    baseline) take ``camids=`` in the call (one int, or one per image), MaskReID ``masks=`` (one per
+    image; with a tensor, a (B, 1, H, W) {0, 1} tensor). DPM's channel masks, which its masked
+    distance needs, come with the features from :func:`dpm_ops.export.extract_images`.
+    """
+
+    def __init__(
+        self,
+        model_name="",
+        model_path="",
+        image_size=None,
+        pixel_mean=None,
+        pixel_std=None,
+        pixel_norm=None,
+        device="cuda",
+        verbose=True,
+    ):
+        from dpm_ops.engine import get_recipe, load_config
+        from dpm_ops.engine.builders import checkpoint_model
+        from dpm_ops.export import model_kind
+
+        for name, value in (("pixel_mean", pixel_mean), ("pixel_std", pixel_std), ("pixel_norm", pixel_norm)):
+            if value is not None:
+                raise ValueError(f"{name}: dpm_ops models normalise images as their test transforms do; leave it unset")
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device}: CUDA is not available here; use device='cpu'")
+        config = load_config(model_name)
+        self.model = checkpoint_model(config, model_path).to(device)
+        self.kind = model_kind(self.model)
+        self.recipe = get_recipe(self.kind)
+        self.image_size = tuple(image_size) if image_size is not None else tuple(config["input"]["size"])
+        self.device = device
+        if verbose:
+            print(f"Model: {self.kind} ({model_name}, weights {model_path})")
+            print(f"- params: {sum(p.numel() for p in self.model.parameters()):,}")
+
+    def __call__(self, input, camids=None, masks=None) -> torch.Tensor:
+        from dpm_ops.export import extract_images, image_cameras
+
+        if not isinstance(input, torch.Tensor):
+            found = extract_images(
+                self.model,
+                input,
+                camids=camids,
+                masks=masks,
+                image_size=self.image_size,
+                device=self.device,
+                normalize=False,
+            )
+            return found.features.to(self.device)
+        images = input.unsqueeze(0) if input.dim() == 3 else input
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"input: a tensor must be (B, 3, H, W) or (3, H, W), got {tuple(input.shape)}")
+        names = [f"input[{i}]" for i in range(images.shape[0])]
+        batch = {"image": images, "camid": torch.tensor(image_cameras(self.model, camids, names))}
+        if self.recipe.uses_masks:
+            if masks is None:
+                raise ValueError(f"masks: {self.kind} needs the (B, 1, H, W) foreground mask of each image")
+            batch["masked"] = images * torch.as_tensor(masks, device=images.device, dtype=images.dtype)
+        with torch.inference_mode():
+            return self.recipe.test_forward(self.model, batch, self.device)[0].float()

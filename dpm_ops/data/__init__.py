@@ -12,7 +12,7 @@ from .datasets import (
 )
 from .errors import DatasetCountWarning, DatasetError, DatasetNotFoundError
 from .layouts import load_cuhk03_np, load_dukemtmc_reid, load_market1501, load_occluded_duke, load_synthetic
-from .loader import ImageDataset, build_dataloader
+from .loader import DecodedImages, ImageDataset, build_dataloader
 from .masks import mask_path_for
 from .records import ImageRecord, ReIDSplits
 from .samplers import MaskReIDBatchSampler, RandomIdentityBatchSampler, SampleRef
@@ -22,6 +22,7 @@ __all__ = [
     "DatasetCountWarning",
     "DatasetError",
     "DatasetNotFoundError",
+    "DecodedImages",
     "ImageDataset",
     "ImageRecord",
     "MaskReIDBatchSampler",

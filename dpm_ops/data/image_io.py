@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterator
 
 import numpy as np
@@ -72,6 +73,12 @@ def read_image(path: str) -> Image.Image:
         return image.convert("RGB")
 
 
+def _binary(mask: Image.Image, name: str, expected_size: tuple[int, int] | None) -> Image.Image:
+    if expected_size is not None:
+        check_mask_size(name, mask.size, expected_size)
+    return mask.point(lambda value: 255 if value >= MASK_THRESHOLD else 0)
+
+
 def read_mask(path: str, expected_size: tuple[int, int] | None = None) -> Image.Image:
     """Decode a foreground mask as a binary 'L' image (0 background, 255 foreground).
 
@@ -79,6 +86,43 @@ def read_mask(path: str, expected_size: tuple[int, int] | None = None) -> Image.
     """
     with decoded(path, "mask") as mask:
         mask = mask.convert("L")
-    if expected_size is not None:
-        check_mask_size(path, mask.size, expected_size)
-    return mask.point(lambda value: 255 if value >= MASK_THRESHOLD else 0)
+    return _binary(mask, path, expected_size)
+
+
+def _array(value: np.ndarray, name: str, kind: str, dtypes: tuple, channels: tuple) -> np.ndarray:
+    """``value`` if it is an (H, W) or (H, W, C) array of one of ``dtypes`` (C in ``channels``)."""
+    shape_ok = value.ndim == 2 or (value.ndim == 3 and value.shape[2] in channels)
+    if value.dtype not in dtypes or not shape_ok or 0 in value.shape[:2]:
+        shapes = "(H, W)" + "".join(f" or (H, W, {c})" for c in channels)
+        raise ValueError(
+            f"{name}: {kind} arrays must be {shapes} of {' or '.join(str(np.dtype(d)) for d in dtypes)}, "
+            f"got {value.shape} {value.dtype}"
+        )
+    return np.ascontiguousarray(value)
+
+
+def as_rgb(image, name: str) -> Image.Image:
+    """An image given as a file path, a PIL image or an (H, W, 3) RGB / (H, W) grey uint8 array, as an
+    RGB PIL image; errors name ``name`` (e.g. ``images[3]``) or the file."""
+    if isinstance(image, (str, os.PathLike)):
+        return read_image(os.fspath(image))
+    if isinstance(image, np.ndarray):
+        return Image.fromarray(_array(image, name, "image", (np.uint8,), (3,))).convert("RGB")
+    if isinstance(image, Image.Image):
+        return _to_8bit(image, name, "image").convert("RGB")
+    raise ValueError(f"{name} must be an image path, a PIL image or a uint8 array, got {type(image).__name__}")
+
+
+def as_mask(mask, name: str, expected_size: tuple[int, int] | None = None) -> Image.Image:
+    """A foreground mask given as a file path, a PIL image or an (H, W) bool / uint8 array, as
+    :func:`read_mask` returns it (uint8: foreground from ``MASK_THRESHOLD``)."""
+    if isinstance(mask, (str, os.PathLike)):
+        return read_mask(os.fspath(mask), expected_size)
+    if isinstance(mask, np.ndarray):
+        values = _array(mask, name, "mask", (np.bool_, np.uint8), ())
+        return _binary(
+            Image.fromarray(values.astype(np.uint8) * 255 if values.dtype == np.bool_ else values), name, expected_size
+        )
+    if isinstance(mask, Image.Image):
+        return _binary(_to_8bit(mask, name, "mask").convert("L"), name, expected_size)
+    raise ValueError(f"{name} must be a mask path, a PIL image or a bool / uint8 array, got {type(mask).__name__}")

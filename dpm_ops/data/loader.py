@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .errors import DatasetError
@@ -47,6 +48,14 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def _read(self, index: int) -> tuple[Image.Image, Optional[Image.Image]]:
+        """The record's RGB image and its binary mask (None without ``mask_paths``)."""
+        path = self.records[index].path
+        image = read_image(path)
+        if self.mask_paths is None:
+            return image, None
+        return image, read_mask(self.mask_paths[path], expected_size=image.size)
+
     def __getitem__(self, key: Union[int, SampleRef, tuple]) -> dict:
         if isinstance(key, tuple):
             index, seed = key
@@ -54,15 +63,32 @@ class ImageDataset(Dataset):
         else:
             index, generator = key, None
         record = self.records[index]
-        image = read_image(record.path)
+        image, mask = self._read(index)
         item = {"pid": record.pid, "camid": record.camid, "index": int(index), "path": record.path}
-        if self.mask_paths is None:
+        if mask is None:
             item["image"] = self.transform(image, generator)
             return item
-        mask = read_mask(self.mask_paths[record.path], expected_size=image.size)
         image_tensor, mask_tensor = self.transform.pair(image, mask, generator)
         item.update(image=image_tensor, mask=mask_tensor, masked=masked_image(image_tensor, mask_tensor))
         return item
+
+
+class DecodedImages(ImageDataset):
+    """:class:`ImageDataset` items of images already decoded (RGB PIL images, with binary 'L' masks as
+    :func:`~dpm_ops.data.image_io.read_mask` gives them, or None), e.g. a tracker's crops: one record each."""
+
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        images: Sequence[Image.Image],
+        transform: Transform,
+        masks: Optional[Sequence[Image.Image]] = None,
+    ):
+        super().__init__(records, transform)
+        self.images, self.masks = list(images), masks
+
+    def _read(self, index: int) -> tuple[Image.Image, Optional[Image.Image]]:
+        return self.images[index], None if self.masks is None else self.masks[index]
 
 
 def build_dataloader(

@@ -82,13 +82,7 @@ def _positive_int(name: str, value) -> int:
 
 
 def _thumbnail(image, size=THUMB) -> Image.Image:
-    """An image path, PIL image or (H, W, 3) uint8 array, resized to ``size`` (width, height)."""
-    if isinstance(image, (str, os.PathLike)):
-        from dpm_ops.data.image_io import read_image  # errors name the file
+    """An image path, PIL image or (H, W, 3) / (H, W) uint8 array, resized to ``size`` (width, height)."""
+    from dpm_ops.data.image_io import as_rgb  # errors name the file
 
-        image = read_image(os.fspath(image))
-    elif isinstance(image, np.ndarray):
-        image = Image.fromarray(np.ascontiguousarray(image).astype(np.uint8)).convert("RGB")
-    elif not isinstance(image, Image.Image):
-        raise ValueError(f"images must be paths, PIL images or uint8 arrays, got {type(image).__name__}")
-    return image.convert("RGB").resize(size, Image.BILINEAR)
+    return as_rgb(image, "images").resize(size, Image.BILINEAR)
