@@ -34,7 +34,8 @@ def query_average_precision(distmat, q_pids, g_pids, q_camids, g_camids) -> np.n
     valid = np.array([np.any((g_pids == p) & (g_camids != c)) for p, c in zip(q_pids, q_camids)], dtype=bool)
     ap = np.full(num_query, np.nan)
     if valid.any():
-        ap[valid] = evaluate_rank(dist, q_pids, g_pids, q_camids, g_camids).all_AP
+        # the CMC is not wanted: a max_rank within the gallery keeps evaluate_rank's cut warning away
+        ap[valid] = evaluate_rank(dist, q_pids, g_pids, q_camids, g_camids, max_rank=min(50, num_gallery)).all_AP
     return ap
 
 
