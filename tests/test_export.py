@@ -512,3 +512,14 @@ def test_export_path_must_be_a_file_path(path, tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="path must be a file path"):
         export_onnx(model, path, check=False)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_feature_extractor_on_cuda_follows_the_cpu(tmp_path, tiny_set):
+    # The tracker's GPU path: features on the device, equal to the CPU's within the kernels' rounding.
+    config, weights, _ = checkpointed(tmp_path, tiny_set, "dpm")
+    paths = sorted(str(p) for p in (tiny_set / "query").iterdir())[:6]
+    on_cpu = FeatureExtractor(str(config), str(weights), device="cpu", verbose=False)(paths, camids=0)
+    on_gpu = FeatureExtractor(str(config), str(weights), device="cuda", verbose=False)(paths, camids=0)
+    assert on_gpu.device.type == "cuda"
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-3, atol=1e-3)
