@@ -366,7 +366,6 @@ def test_param_groups_follow_spec():
     assert sum(p.numel() for g in full_groups.mask_generator for p in g["params"]) == 58_992_384
 
 
-
 def test_sgd_param_groups_split_on_the_last_name_and_take_the_bias_decay():
     named = [(name, torch.nn.Parameter(torch.zeros(1))) for name in ("bias_proj.weight", "head.bias", "pos_bias")]
     weights, biases = sgd_param_groups(named, base_lr=0.01, weight_decay=1e-4, weight_decay_bias=0.0)
@@ -374,6 +373,7 @@ def test_sgd_param_groups_split_on_the_last_name_and_take_the_bias_decay():
     assert [id(p) for p in biases["params"]] == [id(named[1][1])]
     assert (weights["weight_decay"], biases["weight_decay"]) == (1e-4, 0.0)
     assert (weights["lr"], biases["lr"]) == pytest.approx((0.01, 0.02))
+
 
 def test_two_pass_training_gradients_and_steps():
     model = tiny_dpm()
