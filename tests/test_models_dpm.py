@@ -366,6 +366,14 @@ def test_param_groups_follow_spec():
     assert sum(p.numel() for g in full_groups.mask_generator for p in g["params"]) == 58_992_384
 
 
+@pytest.mark.parametrize("loss_inputs", [False, True])
+def test_train_feature_is_the_pre_bn_cls_feature(loss_inputs):
+    model = tiny_dpm(drop_path_rate=0.0, loss_inputs=loss_inputs)  # no random draws: one forward = another
+    images, cams, labels = batch(4)
+    out = model(images, cam_label=cams, labels=labels)
+    torch.testing.assert_close(out.feature, model.backbone(images, cams))  # the triplet loss's input
+
+
 def test_sgd_param_groups_split_on_the_last_name_and_take_the_bias_decay():
     named = [(name, torch.nn.Parameter(torch.zeros(1))) for name in ("bias_proj.weight", "head.bias", "pos_bias")]
     weights, biases = sgd_param_groups(named, base_lr=0.01, weight_decay=1e-4, weight_decay_bias=0.0)
