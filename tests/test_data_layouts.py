@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from dpm_ops.data import (
@@ -577,7 +578,19 @@ def test_unreadable_or_mismatched_mask_named_at_read(tmp_path):
     add_masks(root)
     data = load_quietly("market1501", root, with_masks=True)
     dataset = ImageDataset(data.query, dpm_test_transforms((16, 8)), data.mask_paths)
-    assert dataset[0]["mask"].shape == (1, 16, 8)
+    item = dataset[0]
+    assert item["mask"].shape == (1, 16, 8)
+    half = np.zeros((16, 8), dtype=np.uint8)
+    half[:, :4] = 255
+    Image.fromarray(half).save(data.mask_paths[data.query[1].path])
+    item = dataset[1]
+    assert item["mask"][0, :, 4:].eq(0).all()
+    assert torch.equal(item["masked"], item["image"] * item["mask"])  # MaskReID's input: background 0
+    unmasked = {path: mask for path, mask in data.mask_paths.items() if path != data.query[0].path}
+    with pytest.raises(
+        DatasetError, match=r"1 image\(s\) have no mask, first: .*" + os.path.basename(data.query[0].path)
+    ):
+        ImageDataset(data.query, dpm_test_transforms((16, 8)), unmasked)
     mask_path = data.mask_paths[data.query[0].path]
     Image.new("1", (9, 16), 1).save(mask_path)
     with pytest.raises(DatasetError, match=r"mask .* is 9x16 but its image is 8x16"):
