@@ -1,11 +1,13 @@
 """Dataset loaders on tiny generated folder trees in every published layout (datasets.md)."""
 
+import functools
 import gc
 import os
 import warnings
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from dpm_ops.data import (
@@ -78,6 +80,19 @@ def test_market_parses_pids_cameras_junk_and_distractors(tmp_path):
     assert data.occluded_paths is None and data.is_occluded(data.query[0]) is None
 
 
+def test_train_relabel_follows_sorted_pids_and_train_junk_is_dropped(tmp_path):
+    names = {
+        "bounding_box_train": ["0008_c1s1_000451_03.jpg", "0001_c2s1_000551_01.jpg", "-1_c2s1_000561_01.jpg"],
+        "query": ["0005_c3s2_000301_00.jpg", "0003_c1s1_000151_00.jpg"],
+        "bounding_box_test": ["0005_c4s2_000401_01.jpg", "0003_c2s1_000201_01.jpg", "0000_c1s1_000811_05.jpg"],
+    }
+    data = load_quietly("market1501", make_market_tree(tmp_path, names))
+    assert data.train_pid_map == {1: 0, 8: 1}  # labels in pid order (a set of {1, 8} iterates 8 first)
+    assert data.junk_dropped == 1
+    for split in (data.train, data.query, data.gallery):  # in file-name order, whatever the folder's
+        assert [r.path for r in split] == sorted(r.path for r in split)
+
+
 def test_market_multi_query_reads_gt_bbox(tmp_path):
     root = make_market_tree(tmp_path)
     assert load_quietly("market1501", root).multi_query is None  # only when asked for
@@ -89,12 +104,17 @@ def test_market_multi_query_reads_gt_bbox(tmp_path):
         "0003_c2s1_000201_00.jpg",
         "0005_c3s2_000301_00.jpg",
         "0002_c1s1_000451_00.jpg",
+        "-1_c2s1_000211_00.jpg",  # junk: dropped from the pools too
     ):
         write_image(root / "gt_bbox" / name)
     data = load_quietly("market1501", root, multi_query=True)
     assert sorted((r.pid, r.camid) for r in data.multi_query) == [(2, 0), (3, 0), (3, 0), (3, 1), (5, 2)]
     assert all(os.path.isfile(r.path) for r in data.multi_query)
     assert sorted((r.pid, r.camid) for r in data.query) == [(3, 0), (5, 2)]  # the splits are unchanged
+    write_truncated_jpeg(root / "gt_bbox" / "0003_c1s1_000171_00.jpg")  # the pools are decoded at load too
+    with pytest.raises(DatasetError, match=r"unreadable image: .*gt_bbox.0003_c1s1_000171_00\.jpg"):
+        load_quietly("market1501", root, multi_query=True)
+    write_image(root / "gt_bbox" / "0003_c1s1_000171_00.jpg")
     # With masks, gt_bbox needs its gt_bbox_seg mirror like every other folder.
     for path in [
         *(r.path for r in (*data.train, *data.query, *data.gallery)),
@@ -138,6 +158,13 @@ def test_dataset_options():
     assert "variant" not in datasets_module.dataset_options("cuhk03_np_labeled")  # fixed by the alias
     with pytest.raises(DatasetError, match="unknown dataset"):
         datasets_module.dataset_options("nope")
+    # a registered partial: the options it binds are fixed, not options of the dataset
+    register_dataset("dpm_occluded_reid_for_test", functools.partial(datasets_module.load_occluded_reid, camids=(0, 2)))
+    try:
+        options = datasets_module.dataset_options("dpm_occluded_reid_for_test")
+        assert "camids" not in options and "with_masks" in options
+    finally:
+        datasets_module._LOADERS.pop("dpm_occluded_reid_for_test")
 
 
 @pytest.mark.parametrize("nesting", ["", "market1501"])
@@ -168,6 +195,14 @@ def test_count_check_warns_naming_the_split_errors_or_stays_silent(tmp_path, mon
             {"train": (2, 3), "query": (2, 2), "gallery": (3, 4)},
         )
         build_dataset("market1501", root, check_counts="error")
+        # the right number of images of the wrong number of ids is still a different dataset
+        monkeypatch.setitem(
+            datasets_module.PUBLISHED_COUNTS,
+            "market1501",
+            {"train": (3, 3), "query": (2, 2), "gallery": (3, 4)},
+        )
+        with pytest.raises(DatasetError, match="market1501 train: found 2 ids / 3 images"):
+            build_dataset("market1501", root, check_counts="error")
     with pytest.raises(ValueError, match="check_counts"):
         build_dataset("market1501", root, check_counts="sometimes")
 
@@ -383,13 +418,23 @@ def test_msmt17_list_files(tmp_path, version):
     data = load_quietly("msmt17", tmp_path)
     assert data.num_cams == 15
     assert sorted((r.pid, r.camid) for r in data.train) == [(0, 0), (1, 6), (1, 14)]
-    assert len(load_quietly("msmt17", tmp_path, include_val=False).train) == 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert len(build_dataset("msmt17", tmp_path, include_val=False).train) == 2
+    assert "the full dataset has 1041 ids / 30248 images" in str(caught[0].message)  # list_train alone
     assert [(r.pid, r.camid) for r in data.query] == [(0, 1)]
     assert sorted(r.camid for r in data.gallery) == [2, 10]
 
 
 def test_msmt17_bad_lines_missing_images_and_cameras(tmp_path):
     root = make_msmt_tree(tmp_path)
+    (root / "list_val.txt").write_text("\n0001/0001_004_07_0303noon_0102_0.jpg 1\n\n")  # blank lines are skipped
+    assert len(load_quietly("msmt17", tmp_path).train) == 3
+    train_list = (root / "list_train.txt").read_text()
+    (root / "list_train.txt").write_text("")
+    with pytest.raises(DatasetError, match=r"list file is empty: .*list_train\.txt"):
+        load_quietly("msmt17", tmp_path)
+    (root / "list_train.txt").write_text(train_list)
     (root / "list_query.txt").write_text("0000/0000_000_02_0113morning_0001_0.jpg\n")
     with pytest.raises(DatasetError, match=r"list_query\.txt:1: expected"):
         load_quietly("msmt17", tmp_path)
@@ -533,7 +578,19 @@ def test_unreadable_or_mismatched_mask_named_at_read(tmp_path):
     add_masks(root)
     data = load_quietly("market1501", root, with_masks=True)
     dataset = ImageDataset(data.query, dpm_test_transforms((16, 8)), data.mask_paths)
-    assert dataset[0]["mask"].shape == (1, 16, 8)
+    item = dataset[0]
+    assert item["mask"].shape == (1, 16, 8)
+    half = np.zeros((16, 8), dtype=np.uint8)
+    half[:, :4] = 255
+    Image.fromarray(half).save(data.mask_paths[data.query[1].path])
+    item = dataset[1]
+    assert item["mask"][0, :, 4:].eq(0).all()
+    assert torch.equal(item["masked"], item["image"] * item["mask"])  # MaskReID's input: background 0
+    unmasked = {path: mask for path, mask in data.mask_paths.items() if path != data.query[0].path}
+    with pytest.raises(
+        DatasetError, match=r"1 image\(s\) have no mask, first: .*" + os.path.basename(data.query[0].path)
+    ):
+        ImageDataset(data.query, dpm_test_transforms((16, 8)), unmasked)
     mask_path = data.mask_paths[data.query[0].path]
     Image.new("1", (9, 16), 1).save(mask_path)
     with pytest.raises(DatasetError, match=r"mask .* is 9x16 but its image is 8x16"):

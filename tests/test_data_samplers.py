@@ -55,6 +55,11 @@ def test_deterministic_by_seed_and_epoch():
     assert batches(0, 2) == batches(0, 2)  # indices and augmentation seeds
     assert batches(0, 2) != batches(0, 3)
     assert batches(0, 2) != batches(1, 2)
+    sampler = RandomIdentityBatchSampler(PIDS, num_ids=3, num_instances=4, seed=0)
+    sampler.set_epoch(2)
+    list(sampler)
+    sampler.set_epoch(3)  # one sampler across epochs, as the training loop uses it
+    assert list(sampler) == batches(0, 3)
 
 
 @pytest.mark.parametrize(
@@ -85,6 +90,9 @@ def test_resume_mid_epoch_continues_exactly(make):
     prefetching = make()  # with workers the loop tells how many batches it consumed
     prefetching.set_epoch(1)
     assert prefetching.state_dict(consumed_batches=2)["position"] == 2
+    saved_again = make()
+    saved_again.load_state_dict(state)
+    assert saved_again.state_dict() == state, "a checkpoint taken before the next batch keeps the position"
     moved_on = make()
     moved_on.load_state_dict(state)
     moved_on.set_epoch(2)
@@ -126,9 +134,20 @@ def test_maskreid_batch_is_one_identity_then_distinct_singles():
         if IMAGES_PER_PID[anchor] >= 5:
             assert len(set(batch[:5])) == 5
     assert sorted(anchors) == sorted(IMAGES_PER_PID), "each identity is the anchor once per epoch"
+    # a negative is any image of its identity, not always the same one
+    negatives = {index for batch in flat(MaskReIDBatchSampler(PIDS, 5, 6, 200)) for index in batch[5:]}
+    assert len({index for index in negatives if PIDS[index] == 19}) > 1
     assert len(MaskReIDBatchSampler(PIDS, 5, 6, batches_per_epoch=23)) == 23
     with pytest.raises(ValueError, match="needs 11 distinct identities"):
         MaskReIDBatchSampler(PIDS, num_positives=10, num_negatives=10)
+    with pytest.raises(ValueError, match="num_positives >= 2"):  # one positive leaves no positive pair
+        MaskReIDBatchSampler(PIDS, num_positives=1, num_negatives=6)
+
+
+def test_pk_needs_num_ids_identities():
+    assert len(RandomIdentityBatchSampler(PIDS, num_ids=10, num_instances=1)) > 0
+    with pytest.raises(ValueError, match="at least num_ids=11 identities"):
+        RandomIdentityBatchSampler(PIDS, num_ids=11, num_instances=1)
 
 
 def test_distributed_maskreid_deals_whole_batches():

@@ -5,8 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
+from dpm_ops.data import transforms as transforms_module
 from dpm_ops.data.transforms import (
     MASKREID_MEAN,
+    CenterCrop,
     ColorJitter,
     Compose,
     Normalize,
@@ -66,6 +68,9 @@ def test_paired_maskreid_resize_and_centre_crop_stay_aligned():
         red = out_image[0] > out_image[2]
         disagreement = (red != out_mask[0].bool()).float().mean().item()
         assert disagreement < 0.03
+    train, test = build_transforms("maskreid", train=True), build_transforms("maskreid", train=False)
+    assert [type(step).__name__ for step in test.transforms] == ["Resize", "CenterCrop", "ToTensor", "Normalize"]
+    assert train.transforms[0].interpolation == test.transforms[0].interpolation == "bilinear"  # DGD's pipeline
 
 
 def test_photometric_steps_leave_the_mask_alone():
@@ -96,8 +101,12 @@ def test_dpm_recipes_shapes_and_normalisation():
     names = [type(step).__name__ for step in train.transforms]
     assert names == ["Resize", "RandomHorizontalFlip", "Pad", "RandomCrop", "ToTensor", "Normalize", "RandomErasing"]
     assert train.transforms[0].interpolation == "bicubic" and test.transforms[0].interpolation == "bilinear"
+    pad, erase = train.transforms[2], train.transforms[-1]
+    assert pad.padding == 10 and (erase.probability, erase.mode, erase.max_count) == (0.5, "pixel", 1)  # dpm.md §7
     jitter = build_transforms("dpm", train=True, color_jitter=True)
     assert [type(step).__name__ for step in jitter.transforms][:3] == ["Resize", "ColorJitter", "RandomHorizontalFlip"]
+    colour = jitter.transforms[1]
+    assert (colour.brightness, colour.contrast, colour.saturation, colour.hue) == (0.3, 0.3, 0.2, 0.2)
     with pytest.raises(ValueError, match="unknown transform recipe"):
         build_transforms("resnet", train=True)
 
@@ -133,6 +142,24 @@ def test_random_erasing_area_fill_and_probability():
     assert tensor.eq(5.0).all(), "input untouched"
     hits = sum(not torch.equal(RandomErasing(0.5)(tensor, generator(s)), tensor) for s in range(200))
     assert 70 < hits < 130
+    # timm: a box must be strictly smaller than the image, so a whole-image box is never erased
+    whole = RandomErasing(1.0, area=(1.0, 1.0), aspect=(1.0, 1.0))
+    assert torch.equal(whole(torch.zeros(3, 8, 8), generator(0)), torch.zeros(3, 8, 8))
+
+
+def test_random_erasing_count_splits_the_area_and_rand_fills_per_channel():
+    tensor = torch.full((3, 200, 200), 5.0)
+    erase = RandomErasing(1.0, area=(0.03, 0.03), mode="rand", max_count=3)
+    counts = set()
+    for seed in range(30):
+        out = erase(tensor, generator(seed))
+        changed = (out != 5.0).all(0)
+        assert changed.float().mean().item() <= 0.031  # count boxes of area 0.03 / count each
+        colours = out[:, changed].unique(dim=1)  # one N(0, 1) value per channel and box
+        assert len(colours[0].unique()) == len(colours[1].unique()) == colours.shape[1]
+        assert (colours[0] != colours[1]).all()  # a value per channel, not one for all
+        counts.add(colours.shape[1])
+    assert counts == {1, 2, 3}
 
 
 def test_color_jitter_changes_colour_only():
@@ -145,6 +172,38 @@ def test_color_jitter_changes_colour_only():
     assert len(np.unique(after[red_before].reshape(-1, 3), axis=0)) == 1  # one region, one colour
 
 
+def test_mask_values_from_128_are_foreground():
+    mask = Image.fromarray(np.array([[0, 100, 127, 128, 200, 255]], dtype=np.uint8), "L")
+    _, out = ToTensor().pair(Image.new("RGB", (6, 1)), mask)
+    assert out[0, 0].tolist() == [0, 0, 0, 1, 1, 1]  # datasets: values >= 128 are foreground
+
+
+def test_color_jitter_ranges_wrap_and_order():
+    grey = Image.new("RGB", (4, 4), (128, 128, 128))
+    brightness = {np.asarray(ColorJitter(brightness=0.5)(grey, generator(s)))[0, 0, 0] for s in range(20)}
+    assert min(brightness) < 128 < max(brightness)  # factors on both sides of 1
+    red = Image.new("RGB", (4, 4), RED)
+    hues = [np.asarray(ColorJitter(hue=0.2)(red, generator(s)).convert("HSV"))[0, 0, 0] for s in range(20)]
+    assert any(0 < h <= 51 for h in hues) and any(h >= 205 for h in hues)  # shifts both ways, wrapping at 256
+    assert np.asarray(ColorJitter._shift_hue(red, -0.1).convert("HSV"))[0, 0, 0] == 256 - 26
+
+
+def test_color_jitter_applies_its_steps_in_random_order(monkeypatch):
+    order = []
+
+    def recorder(name):
+        return lambda image: type("Enhancer", (), {"enhance": lambda self, f: order.append(name) or image})()
+
+    fake = type("ImageEnhance", (), {n: staticmethod(recorder(n)) for n in ("Brightness", "Contrast", "Color")})
+    monkeypatch.setattr(transforms_module, "ImageEnhance", fake)
+    orders = set()
+    for seed in range(20):
+        order.clear()
+        ColorJitter(0.3, 0.3, 0.3)(Image.new("RGB", (2, 2)), generator(seed))
+        orders.add(tuple(order))
+    assert len(orders) > 2
+
+
 def test_geometry_primitives():
     image, mask = person_with_mask()
     flipped, flipped_mask = RandomHorizontalFlip(1.0).pair(image, mask)
@@ -152,6 +211,15 @@ def test_geometry_primitives():
     padded, padded_mask = Pad(3).pair(image, mask)
     assert padded.size == (22, 38) and np.asarray(padded_mask)[:3].max() == 0
     assert Resize((8, 4), "nearest")(image).size == (4, 8)
+    _, resized_mask = Resize((13, 7), "bicubic").pair(image, mask)
+    assert set(np.unique(np.asarray(resized_mask)).tolist()) == {0, 255}  # nearest: no blended mask values
+    columns = Image.fromarray(np.tile(np.arange(20, dtype=np.uint8), (30, 1)))  # 20x30, pixel value = x
+    rows = Image.fromarray(np.tile(np.arange(30, dtype=np.uint8)[:, None], (1, 20)))  # 20x30, pixel value = y
+    lefts = {np.asarray(RandomCrop((30, 16))(columns, generator(s)))[0, 0] for s in range(60)}
+    tops = {np.asarray(RandomCrop((26, 20))(rows, generator(s)))[0, 0] for s in range(60)}
+    assert lefts == tops == {0, 1, 2, 3, 4}  # every window position, both ends included
+    assert np.asarray(CenterCrop((25, 15))(columns))[0, 0] == 2  # floor((20 - 15) / 2)
+    assert np.asarray(CenterCrop((25, 15))(rows))[0, 0] == 2  # floor((30 - 25) / 2)
     with pytest.raises(ValueError, match="cannot crop 20x10"):
         RandomCrop((10, 20))(image)
     with pytest.raises(ValueError, match="interpolation"):

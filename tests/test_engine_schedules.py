@@ -29,6 +29,13 @@ def test_poly():
     assert poly_lr(0.01, 0, 100, 0.5) == 0.01
     assert poly_lr(0.01, 75, 100, 0.5) == pytest.approx(0.005)
     assert poly_lr(0.01, 100, 100, 0.5) == 0.0
+    assert poly_lr(0.01, 101, 100, 0.5) == 0.0  # past the end: held at 0, not a complex root
+
+
+def test_poly_schedule_defaults_to_the_spec_power():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    LRSchedule(opt, "poly", 100, base_lr=0.01).step(75)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.005)  # maskreid.md: poly(0.5)
 
 
 def test_schedule_sets_every_group_and_resumes():
@@ -44,5 +51,17 @@ def test_schedule_sets_every_group_and_resumes():
     assert [g["lr"] for g in other.param_groups] == [g["lr"] for g in opt.param_groups]
     with pytest.raises(ValueError, match="total"):
         LRSchedule(other, "warmup_cosine", 10, base_lr=0.008, warmup=5).load_state_dict(sch.state_dict())
+    poly = LRSchedule(other, "poly", 10, base_lr=0.008).state_dict()
+    with pytest.raises(ValueError, match="power"):
+        LRSchedule(other, "poly", 10, base_lr=0.008, power=0.9).load_state_dict(poly)
     with pytest.raises(ValueError, match="schedule"):
         LRSchedule(other, "step", 10, base_lr=0.008)
+
+
+def test_a_second_schedule_on_the_same_optimizer_keeps_the_group_lrs():
+    # the first schedule already moved the lrs to warmup_init; the second must still see 0.008 / 0.016
+    params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+    opt = torch.optim.SGD([{"params": params[:1], "lr": 0.008}, {"params": params[1:], "lr": 0.016}], lr=0.008)
+    LRSchedule(opt, "warmup_cosine", 150, base_lr=0.008, warmup=5)
+    LRSchedule(opt, "warmup_cosine", 150, base_lr=0.008, warmup=5).step(50)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([dpm_lr(50), dpm_lr(50, 0.016)])

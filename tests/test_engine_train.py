@@ -1,16 +1,17 @@
 """Training engine on a tiny synthetic set (CPU): the loss falls, a killed run resumes bit-exactly,
 DPM's two-pass update steps the right parameters, MaskReID runs both stages."""
 
-import functools
 import json
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dpm_ops.data.synth import generate_synthetic_dataset
 from dpm_ops.engine import CheckpointError, Trainer, load_checkpoint, load_config, train
 from dpm_ops.engine.run_log import RunLog
+from dpm_ops.losses import MaskReIDRankingLoss
 from engine_utils import tiny_config, tiny_synth_config, write_config
 
 
@@ -149,6 +150,13 @@ def test_resume_errors(tmp_path, tiny_root):
     other_model = config_for(tmp_path, tiny_root, "vit_baseline")
     with pytest.raises(CheckpointError, match="holds a 'dpm' model, not 'vit_baseline'"):
         train(other_model, tmp_path / "run", resume=True)
+    state = load_checkpoint(last)
+    state["training"]["world_size"] = 2
+    torch.save(state, last)
+    with pytest.raises(CheckpointError, match=r"written by 2 process\(es\), this run has 1"):
+        train(
+            config_for(tmp_path, tiny_root, overrides=["loss.ranking_pos_mode=all_eq5"]), tmp_path / "run", resume=True
+        )
 
 
 def test_dpm_two_pass_updates(tmp_path, tiny_root):
@@ -218,3 +226,146 @@ def test_compiled_train_steps_follow_eager(tmp_path, tiny_root, model, monkeypat
     train(config_for(tmp_path, tiny_root, model, [*overrides, "train.stop_after_iters=3"]), tmp_path / "resumed")
     resumed = train(compiled_config, tmp_path / "resumed", resume=True)
     assert resumed["finished"] and modes == ["default", "default"]
+
+
+def test_dpm_stage_takes_its_solver_settings(tmp_path, tiny_root):
+    config = config_for(
+        tmp_path,
+        tiny_root,
+        overrides=["solver.momentum=0.8", "solver.weight_decay_bias=0.0", "solver.min_lr_factor=0.01"],
+    )
+    trainer = Trainer(config, tmp_path / "run")
+    trainer.setup()
+    stage = trainer.stages[0]
+    main, mask = stage.optimizers["main"], stage.optimizers["mask"]
+    assert [(g["momentum"], g["weight_decay"]) for g in main.param_groups] == [(0.8, 1e-4), (0.8, 0.0)]
+    assert [g["lr"] for g in mask.param_groups] == [0.01, 0.02]  # mask_lr unset: base_lr
+    schedule = stage.schedules["main"]
+    assert (schedule.warmup, schedule.lr_min) == (1, pytest.approx(0.01 * 0.01))
+    assert type(trainer.dataset.transform.transforms[-1]).__name__ == "RandomErasing"
+    no_erasing = config_for(tmp_path, tiny_root, overrides=["input.erasing=0.0"])
+    assert type(trainer.recipe.train_transform(no_erasing).transforms[-1]).__name__ != "RandomErasing"
+    # the logged loss is pass 1's weighted sum of the logged terms (dpm.md: λ_HEM 0.1, outer weights 1)
+    losses = stage.step(trainer.step_context, next(iter(trainer.loaders["pk"])))
+    expected = losses["loss/id"] + 0.1 * losses["loss/hem"] + losses["loss/triplet"]
+    assert losses["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_dpm_one_pass_steps_both_optimizers(tmp_path, tiny_root):
+    trainer = Trainer(config_for(tmp_path, tiny_root, overrides=["solver.two_pass=false"]), tmp_path / "run")
+    trainer.setup()
+    attfc = trainer.model.mask_generator.attfc.weight.detach().clone()
+    losses = trainer.stages[0].step(trainer.step_context, next(iter(trainer.loaders["pk"])))
+    assert "loss/pass2" not in losses
+    assert not torch.equal(attfc, trainer.model.mask_generator.attfc.weight)
+    # each step's gradients are that step's own: none carried over from the step before
+    weight = trainer.model.mask_generator.attfc.weight
+    seen = []
+    weight.register_hook(lambda grad: seen.append(grad.clone()))
+    trainer.stages[0].step(trainer.step_context, next(iter(trainer.loaders["pk"])))
+    assert torch.equal(weight.grad, seen[-1])
+
+
+def test_maskreid_stages_take_their_own_settings(tmp_path, tiny_root):
+    config = config_for(tmp_path, tiny_root, "maskreid", overrides=["pretrain.base_lr=0.05", "solver.poly_power=0.9"])
+    trainer = Trainer(config, tmp_path / "run")
+    trainer.setup()
+    pretrain, ranking = trainer.stages
+    assert pretrain.optimizers["main"].param_groups[0]["initial_lr"] == 0.05
+    assert ranking.optimizers["main"].param_groups[0]["initial_lr"] == 0.01
+    for stage, base_lr in ((pretrain, 0.05), (ranking, 0.01)):
+        schedule = stage.schedules["main"]
+        iterations = stage.epochs * len(trainer.samplers[stage.sampler_kind])
+        assert (schedule.kind, schedule.total, schedule.power) == ("poly", iterations, 0.9)  # poly: per iteration
+        assert schedule.lr_min == pytest.approx(0.002 * base_lr)
+    classifier = {id(p) for n, p in trainer.model.named_parameters() if ".classifier." in n}
+    ranked = {id(p) for g in ranking.optimizers["main"].param_groups for p in g["params"]}
+    assert classifier and not classifier & ranked  # the softmax head is not trained by the ranking loss
+    assert trainer.recipe.find_unused_parameters(trainer.model_args)  # DDP: the head idles in stage 2
+    # DGD's test geometry: resize to the crop plus (16, 8), then centre-crop
+    assert trainer.recipe.test_transform(None).transforms[0].size == (160, 64)
+    no_pretrain = Trainer(config_for(tmp_path, tiny_root, "maskreid", pretrain={"epochs": 0}), tmp_path / "run2")
+    no_pretrain.setup()
+    assert no_pretrain.model_args["num_classes"] == 0 and len(no_pretrain.stages) == 1
+
+
+def test_stage_epochs_checkpoints_evaluations_and_log_lines(tmp_path, tiny_root):
+    """MaskReID: pretrain (epoch 1) then ranking (epoch 2), counted across the stages."""
+    config = config_for(
+        tmp_path,
+        tiny_root,
+        "maskreid",
+        overrides=["train.log_period=1000", "train.checkpoint_period=1", "train.eval_period=1"],
+    )
+    train(config, tmp_path / "run")
+    records = read_jsonl(tmp_path / "run" / "train_log.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2]  # log_period > the epoch: its last step is logged
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / "epoch_001.pt").is_file() and (checkpoints / "epoch_002.pt").is_file()
+    assert (tmp_path / "run" / "eval_epoch_001").is_dir()  # the pretrain stage's end is no run end
+    assert not (tmp_path / "run" / "eval_epoch_002").exists()  # the run's own evaluation
+    # poly, stepped per iteration from t = 0: the ranking epoch's last step has t = n - 1 of n
+    ranking_steps = records[1]["step"] - records[0]["step"]
+    assert records[1]["lr"] == pytest.approx(0.01 * (1 / ranking_steps) ** 0.5)
+
+
+def test_periodic_evaluation_does_not_change_the_training(tmp_path, tiny_root, monkeypatch):
+    plain = train(config_for(tmp_path, tiny_root), tmp_path / "plain")
+    evaluate = Trainer.evaluate  # an evaluation that draws random numbers (pictures may pick queries)
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, **kw: (torch.rand(3), evaluate(self, **kw))[1])
+    evaluated = train(config_for(tmp_path, tiny_root, overrides=["train.eval_period=1"]), tmp_path / "evaluated")
+    assert (tmp_path / "evaluated" / "eval_epoch_001").is_dir()
+    a, b = _final_weights(tmp_path / "plain"), _final_weights(tmp_path / "evaluated")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert plain["metrics"] == evaluated["metrics"]
+
+
+def test_resume_after_an_epoch_end_and_into_a_later_stage(tmp_path, tiny_root, monkeypatch):
+    """last.pt written at epoch 1's end resumes with the next epoch (for MaskReID: the ranking stage,
+    its epochs still counted across the stages). Evaluation settings may change on resume."""
+    for model in ("dpm", "maskreid"):
+        full = train(config_for(tmp_path, tiny_root, model, ["train.checkpoint_every_iters=0"]), tmp_path / model)
+        full_log = read_jsonl(tmp_path / model / "train_log.jsonl")
+        epoch_end = next(r["step"] for r in full_log if r["epoch"] == 2) - 1
+        # killed one step into epoch 2: the last checkpoint is epoch 1's end
+        every = "train.checkpoint_every_iters=0"
+        killed = config_for(tmp_path, tiny_root, model, [every, f"train.stop_after_iters={epoch_end + 1}"])
+        train(killed, tmp_path / f"{model}_killed")
+        logged = record_logged_steps(monkeypatch)
+        resumed = config_for(tmp_path, tiny_root, model, [every, "eval.batch_size=32"])
+        train(resumed, tmp_path / f"{model}_killed", resume=True)
+        assert logged == list(range(epoch_end + 1, full["global_step"] + 1)), model
+        assert read_jsonl(tmp_path / f"{model}_killed" / "train_log.jsonl") == full_log, model
+        monkeypatch.undo()
+
+
+def same_draws_forward(trainer, forward):
+    """``forward()`` without gradients, leaving the RNG as it found it (the step's own forward then
+    draws the same drop-path / dropout masks)."""
+    state = torch.get_rng_state()
+    with torch.no_grad():
+        out = forward()
+    torch.set_rng_state(state)
+    return out
+
+
+def test_step_losses_take_the_configured_weights(tmp_path, tiny_root):
+    # DPM: plain_weight 1, masked_weight 0 -> the ID term is the plain CE of f_bn Wᵀ
+    config = config_for(tmp_path, tiny_root, overrides=["loss.plain_weight=1.0", "loss.masked_weight=0.0"])
+    trainer = Trainer(config, tmp_path / "dpm")
+    trainer.setup()
+    batch = next(iter(trainer.loaders["pk"]))
+    out = same_draws_forward(trainer, lambda: trainer.model(batch["image"], batch["camid"], batch["pid"]))
+    losses = trainer.stages[0].step(trainer.step_context, batch)
+    plain = F.cross_entropy(out.bn_feature @ out.weight.T, batch["pid"])
+    assert losses["loss/id"].item() == pytest.approx(plain.item(), rel=1e-3)  # no_grad attention may differ in rounding
+    # MaskReID: the ranking loss with the config's lambda
+    config = config_for(tmp_path, tiny_root, "maskreid", ["loss.ranking_lambda=0.5"], pretrain={"epochs": 0})
+    trainer = Trainer(config, tmp_path / "maskreid")
+    trainer.setup()
+    batch = next(iter(trainer.loaders["maskreid"]))
+    out = same_draws_forward(trainer, lambda: trainer.model(batch["image"], batch["masked"]))
+    losses = trainer.stages[0].step(trainer.step_context, batch)
+    options = {k: config["loss"][f"ranking_{k}"] for k in ("alpha", "neg_mode", "pos_mode")}
+    expected = MaskReIDRankingLoss(lam=0.5, **options)(out.embedding, batch["pid"])
+    assert losses["loss"].item() == pytest.approx(expected.item(), rel=1e-3)

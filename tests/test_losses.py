@@ -24,7 +24,7 @@ from dpm_ops.losses import (
     masked_arcface_logits,
     maskreid_ranking_loss,
 )
-from dpm_ops.models import DPMTrainOutput, ViTBaselineTrainOutput
+from dpm_ops.models import DPMLossInputs, DPMTrainOutput, ViTBaselineTrainOutput
 
 DOUBLE = dict(dtype=torch.float64)
 
@@ -365,6 +365,19 @@ def test_dpm_loss_defaults_terms_and_outer_weights():
     weighted = DPMLoss(id_weight=2.0, triplet_weight=3.0)(output, labels)
     expected = 2.0 * (0.5 * terms["id_plain"] + 0.5 * terms["id_masked"] + 0.1 * terms["hem"]) + 3.0 * terms["triplet"]
     torch.testing.assert_close(weighted, expected)
+    branches = DPMLoss(plain_weight=0.25, masked_weight=0.75)(output, labels)
+    expected = 0.25 * terms["id_plain"] + 0.75 * terms["id_masked"] + 0.1 * terms["hem"] + terms["triplet"]
+    torch.testing.assert_close(branches, expected)
+
+
+def test_dpm_loss_from_loss_inputs_takes_the_models_margin_and_the_branch_weights():
+    features, mask, weight, labels = arcface_inputs()
+    hem_logits = torch.randn(5, 2, 6, **DOUBLE)
+    inputs = DPMLossInputs(features, mask, weight, features, hem_logits, 30.0, 0.3, False)
+    terms = DPMLoss(plain_weight=0.25, masked_weight=0.75).terms(inputs, labels)
+    masked = masked_arcface_logits(features, mask, weight, labels, 30.0, 0.3, False)
+    expected = 0.25 * brute_cross_entropy(features @ weight.T, labels) + 0.75 * brute_cross_entropy(masked, labels)
+    torch.testing.assert_close(terms["id"], expected)
 
 
 def test_baseline_loss():
@@ -373,6 +386,10 @@ def test_baseline_loss():
     labels = torch.tensor([0, 0, 1, 1, 3, 3])
     value = BaselineReIDLoss()(ViTBaselineTrainOutput(logits, feature), labels)
     torch.testing.assert_close(value, brute_cross_entropy(logits, labels) + brute_triplet(feature, labels))
+    weighted = BaselineReIDLoss(id_weight=2.0, triplet_weight=3.0)(ViTBaselineTrainOutput(logits, feature), labels)
+    torch.testing.assert_close(
+        weighted, 2.0 * brute_cross_entropy(logits, labels) + 3.0 * brute_triplet(feature, labels)
+    )
 
 
 def _autocast_cases():

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from dpm_ops.losses import DPMLoss, MaskedArcFaceLoss
 from dpm_ops.models import DPM, ViTBaseline, build_model
+from dpm_ops.models.param_groups import sgd_param_groups
 
 COMPILE_BACKEND = os.environ.get("DPM_OPS_COMPILE_BACKEND", "aot_eager")
 TINY = dict(embed_dim=32, depth=4, num_heads=4, mask_tap_blocks=(0, 1, 2, 3))
@@ -363,6 +364,23 @@ def test_param_groups_follow_spec():
     full_groups = full.optimizer_param_groups()
     assert sum(p.numel() for g in full_groups.main for p in g["params"]) == 145_373_184 - 768 - 58_992_384
     assert sum(p.numel() for g in full_groups.mask_generator for p in g["params"]) == 58_992_384
+
+
+@pytest.mark.parametrize("loss_inputs", [False, True])
+def test_train_feature_is_the_pre_bn_cls_feature(loss_inputs):
+    model = tiny_dpm(drop_path_rate=0.0, loss_inputs=loss_inputs)  # no random draws: one forward = another
+    images, cams, labels = batch(4)
+    out = model(images, cam_label=cams, labels=labels)
+    torch.testing.assert_close(out.feature, model.backbone(images, cams))  # the triplet loss's input
+
+
+def test_sgd_param_groups_split_on_the_last_name_and_take_the_bias_decay():
+    named = [(name, torch.nn.Parameter(torch.zeros(1))) for name in ("bias_proj.weight", "head.bias", "pos_bias")]
+    weights, biases = sgd_param_groups(named, base_lr=0.01, weight_decay=1e-4, weight_decay_bias=0.0)
+    assert [id(p) for p in weights["params"]] == [id(named[0][1]), id(named[2][1])]  # only ".bias" is a bias
+    assert [id(p) for p in biases["params"]] == [id(named[1][1])]
+    assert (weights["weight_decay"], biases["weight_decay"]) == (1e-4, 0.0)
+    assert (weights["lr"], biases["lr"]) == pytest.approx((0.01, 0.02))
 
 
 def test_two_pass_training_gradients_and_steps():

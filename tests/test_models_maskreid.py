@@ -271,3 +271,23 @@ def test_defaults_and_shipped_configurations_build():
     with torch.device("meta"):
         for name, options in [(name, {}) for name in BAD_OPTIONS] + shipped:
             assert build_model(name, 751, **options).head.fc.out_features == options.get("embed_dim", 256)
+
+
+def test_the_masked_stream_reads_the_masked_image():
+    model = MaskReID(**TINY).eval()
+    raw, masked = pair()
+    with torch.no_grad():
+        assert not torch.allclose(model(raw, masked), model(raw, raw))
+
+
+def test_softmax_head_reads_the_pre_l2_feature_and_l2_level_norm():
+    model = MaskReID(num_classes=5, level_norm="l2", **TINY)
+    assert model.head.classifier.weight.std().item() == pytest.approx(0.001, rel=0.3)  # N(0, 0.001) init
+    captured = {}
+    model.head.bn.register_forward_hook(lambda module, args, out: captured.__setitem__("feature", out))
+    model.head.fc.register_forward_pre_hook(lambda module, args: captured.__setitem__("levels", args[0]))
+    out = model(*pair(4))
+    torch.testing.assert_close(out.logits, model.head.classifier(captured["feature"]))
+    sizes = [model.inception_1b.out_channels, model.inception_2b.out_channels, model.inception_3b.out_channels]
+    norms = torch.stack([level.norm(dim=1) for level in captured["levels"].split(sizes, 1)])
+    torch.testing.assert_close(norms, torch.ones_like(norms))  # each level's vector has unit length
