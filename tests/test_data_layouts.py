@@ -216,10 +216,12 @@ def test_published_counts_follow_the_spec():
     assert counts["partial_reid"]["gallery"] == (60, 300)
 
 
-def test_market_rejects_camera_seven(tmp_path):
+@pytest.mark.parametrize("camera", ["7", "12"])
+def test_market_rejects_camera_seven(tmp_path, camera):
+    # c12 is camera 12, not camera 1 followed by a 2 (the peers' one-digit pattern reads it so)
     root = make_market_tree(tmp_path)
-    write_image(root / "bounding_box_test" / "0003_c7s1_000201_01.jpg")
-    with pytest.raises(DatasetError, match=r"c7 outside 1\.\.6 in .*0003_c7s1_000201_01\.jpg"):
+    write_image(root / "bounding_box_test" / f"0003_c{camera}s1_000201_01.jpg")
+    with pytest.raises(DatasetError, match=rf"c{camera} outside 1\.\.6 in .*0003_c{camera}s1_000201_01\.jpg"):
         load_quietly("market1501", root)
 
 

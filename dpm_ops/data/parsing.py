@@ -18,8 +18,10 @@ MSMT17_CAMERAS = 15
 
 # Numbers in file names are ASCII digits: str.isdigit and \d also accept characters int() refuses.
 INTEGER = re.compile(r"-?[0-9]+")
-# Market-style name: pid (may be -1) then "_c" and the 1-based camera digit (Market-1501, DukeMTMC-reID, CUHK03-NP).
-MARKET_NAME = re.compile(r"(-?[0-9]+)_c([0-9])")
+# Market-style name: pid (may be -1) then "_c" and the 1-based camera (Market-1501, DukeMTMC-reID, CUHK03-NP).
+# All its digits: torchreid's and fast-reid's one-digit pattern reads c12 as camera 1 (the same for
+# these datasets, whose cameras are one digit; a range error here for a copy with more cameras).
+MARKET_NAME = re.compile(r"(-?[0-9]+)_c([0-9]+)")
 # Occluded-REID / Partial-REID name: <pid>_<nn>.<ext>
 PID_INDEX_NAME = re.compile(r"([0-9]+)_([0-9]+)$")
 
