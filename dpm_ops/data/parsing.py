@@ -92,11 +92,10 @@ def parse_pid_index_folder(folder: str, suffix: str, camid: int, per_identity_di
         if match is None:
             raise DatasetError(f"filename does not match <pid>_<nn>{suffix}: {path}")
         pid = int(match.group(1))
-        if per_identity_dirs:
-            if len(relative.parts) != 2 or not INTEGER.fullmatch(relative.parts[0]) or int(relative.parts[0]) != pid:
-                raise DatasetError(f"expected <pid>/<pid>_<nn>{suffix}, got {path}")
-        elif len(relative.parts) != 1:
-            raise DatasetError(f"unexpected sub-folder in {path}")
+        if per_identity_dirs and (
+            len(relative.parts) != 2 or not INTEGER.fullmatch(relative.parts[0]) or int(relative.parts[0]) != pid
+        ):
+            raise DatasetError(f"expected <pid>/<pid>_<nn>{suffix}, got {path}")
         records.append(ImageRecord(path, pid, camid))
     return records
 
