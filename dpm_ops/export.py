@@ -423,9 +423,14 @@ def image_cameras(model: torch.nn.Module, camids, names: Sequence[str]) -> list[
     if isinstance(camids, numbers.Integral) and not isinstance(camids, bool):
         cameras = [_check_int("camids", int(camids), 0)] * len(names)
     else:
-        cameras = camids.tolist() if isinstance(camids, (np.ndarray, torch.Tensor)) else list(camids)
-        if len(cameras) != len(names) or any(
-            isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 0 for c in cameras
+        try:
+            cameras = camids.tolist() if isinstance(camids, (np.ndarray, torch.Tensor)) else list(camids)
+        except TypeError:  # neither an int nor a sequence (True, 1.5): the ExportError below names camids
+            cameras = None
+        if (
+            cameras is None
+            or len(cameras) != len(names)
+            or any(isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 0 for c in cameras)
         ):
             raise ExportError(f"camids must be one integer >= 0, or one per image ({len(names)}), got {camids!r}")
     _check_cameras_in_range(model, names, cameras)

@@ -449,3 +449,47 @@ def test_config_files_that_cannot_be_read_are_one_line(tmp_path, capsys):
     assert_one_line_error(capsys, code, f"config {binary} is not UTF-8 text")
     code = main(["train", "--config", "x" * 5000])
     assert_one_line_error(capsys, code, "config not found: xxx")
+
+
+def test_default_run_folder_is_named_after_the_config(tmp_path, tiny_set, capsys, monkeypatch):
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_set, "dpm"))
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", "--config", str(config), "--resume"])
+    assert_one_line_error(capsys, code, "no checkpoint to resume from at", os.path.join("runs", "tiny", ""))
+
+
+def test_one_line_is_the_original_error_of_a_worker_traceback():
+    from dpm_ops.cli import _one_line
+
+    worker = ValueError(
+        "Caught DatasetError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "loader.py", line 9, in read\n    raise DatasetError(message)\n'
+        "dpm_ops.data.errors.DatasetError: unreadable image: a.jpg (broken data)\n"
+    )
+    assert _one_line(worker) == "unreadable image: a.jpg (broken data)"
+    assert _one_line(ValueError("input.size: must be two integers")) == "input.size: must be two integers"
+    assert _one_line(ValueError("")) == "ValueError"
+
+
+def test_interrupt_and_a_failed_onnx_check_have_their_own_exit_codes(monkeypatch, capsys):
+    import dpm_ops.cli as cli
+    from dpm_ops.engine import distributed
+    from dpm_ops.export import OnnxCheckError
+
+    cleanups = []
+    monkeypatch.setattr(distributed, "cleanup", lambda: cleanups.append(1))
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    def mismatch(args):
+        raise OnnxCheckError("onnxruntime's outputs differ")
+
+    monkeypatch.setattr(cli, "_train", interrupted)
+    monkeypatch.setattr(cli, "_export", mismatch)
+    assert main(["train", "--config", "synthetic_dpm"]) == 130
+    assert capsys.readouterr().err.strip() == "dpm-reid: interrupted (resume with --resume)"
+    # not the user's input: the exported graph computes something else
+    assert main(["export", "--config", "c", "--weights", "w", "--out", "m.onnx"]) == 1
+    assert capsys.readouterr().err.strip() == "dpm-reid: error: onnxruntime's outputs differ"
+    assert len(cleanups) == 2  # the process group is torn down either way

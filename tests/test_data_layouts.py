@@ -766,3 +766,21 @@ def test_decompression_bombs_are_unreadable_images(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 4096 pixels: over twice the limit
     with pytest.raises(DatasetError, match=r"unreadable image: .*big\.png"):
         read_image(str(path))
+
+
+def test_in_memory_images_and_masks_read_as_files_do():
+    from dpm_ops.data.image_io import as_mask, as_rgb
+
+    # uint8 mask arrays: foreground from 128, as an 8-bit mask file; bool arrays as they are
+    values = np.array([[0, 127, 128, 255]], np.uint8)
+    assert np.asarray(as_mask(values, "m")).tolist() == [[0, 0, 255, 255]]
+    assert np.asarray(as_mask(values > 0, "m")).tolist() == [[0, 255, 255, 255]]
+    # 16-bit PIL images are scaled as 16-bit files are, not clipped at 255
+    ramp = np.array([[0, 257, 32768, 65535]], dtype="<u2")
+    sixteen = Image.frombytes("I;16", (4, 1), ramp.tobytes())
+    assert np.asarray(as_rgb(sixteen, "x"))[0, :, 0].tolist() == [0, 1, 128, 255]
+    assert np.asarray(as_mask(sixteen, "m")).tolist() == [[0, 0, 255, 255]]
+    with pytest.raises(DatasetError, match="x has 32-bit samples"):  # negative: no 8-bit reading either
+        as_rgb(Image.fromarray(np.array([[-1, 5]], np.int32)), "x")
+    with pytest.raises(ValueError, match=r"x: image arrays must be .*, got \(0, 4, 3\) uint8"):
+        as_rgb(np.zeros((0, 4, 3), np.uint8), "x")

@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -24,7 +25,7 @@ from conftest import readme_python_blocks
 from dpm_ops import _backend
 from dpm_ops.cli import main
 from dpm_ops.data import DatasetError, DatasetNotFoundError
-from dpm_ops.engine import load_config
+from dpm_ops.engine import RECIPES, load_config
 from dpm_ops.engine.checkpoint import make_checkpoint, save_checkpoint
 from dpm_ops.engine.evaluator import evaluate_model
 from dpm_ops.engine.extraction import eval_transform
@@ -39,6 +40,7 @@ from dpm_ops.export import (
     extract_folder,
     extract_images,
     find_images,
+    model_kind,
     save_features_npz,
 )
 from dpm_ops.models import MODEL_NAMES, build_model
@@ -129,8 +131,11 @@ def test_every_model_name_has_an_export_test():
 @pytest.mark.parametrize("name, opset", API_EXPORTS)
 def test_export_matches_onnxruntime_at_two_batch_sizes(tmp_path, name, opset):
     model, size = tiny_model(name)
+    model.train()  # the eval forward is exported and checked, and the model's mode given back
     path = tmp_path / "model.onnx"
     result = export_onnx(model, path, image_size=size, opset=opset, check=True)
+    assert model.training
+    model.eval()
     assert result.checked_batches == (2, 3) and max(result.max_relative_error.values()) <= 1e-4
     assert_standard_onnx(path, opset)
     assert_onnxruntime_matches(path, model, name, size)
@@ -155,6 +160,9 @@ def test_forced_backend_overrides_the_environment_and_is_restored(monkeypatch):
     assert _backend.resolve(None, cpu) == "cpp"
     with pytest.raises(ValueError, match="backend must be one of"), _backend.forced_backend("onnx"):
         pass
+    report = _backend.backends()
+    report["cpp"] = (False, "edited by a caller")
+    assert _backend.backends()["cpp"][0]  # a copy: a caller's edit does not change what runs
 
 
 def test_export_bad_input(tmp_path, monkeypatch):
@@ -173,10 +181,68 @@ def test_export_bad_input(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("")
     with pytest.raises(ExportError, match="cannot create its folder"):
         export_onnx(model, tmp_path / "file" / "m.onnx")
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "access", lambda folder, mode: mode != os.W_OK)  # root may write anywhere
+        with pytest.raises(ExportError, match="its folder is not writable"):
+            export_onnx(model, path)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(ImportError, match="needs onnxruntime"):
         export_onnx(model, path, check=True)
     assert not path.exists()  # every check ran before the export
+
+
+def test_model_kind_is_the_nearest_recipe_in_the_class_hierarchy(monkeypatch):
+    # A new recipe whose model class extends DPM's owns its models; a plain DPM stays "dpm".
+    model, _ = tiny_model("dpm")
+
+    class DPMVariant(type(model)):
+        pass
+
+    monkeypatch.setitem(RECIPES, "dpm_variant", SimpleNamespace(model_class=DPMVariant))
+    assert model_kind(model) == "dpm"
+    model.__class__ = DPMVariant
+    assert model_kind(model) == "dpm_variant"
+
+
+def test_check_onnx_reports_the_largest_relative_error_over_its_batches(monkeypatch):
+    # onnxruntime's session replaced by one returning PyTorch's outputs times (1 + error[batch]):
+    # check_onnx reports the worst batch's error relative to the output's scale, and refuses a
+    # file whose inputs or output shapes are not the model's.
+    model, size = tiny_model("vit_baseline")
+    error = {2: 1e-5, 3: 2e-6}
+    session = {"inputs": ["images", "camids"], "trim": 0}
+
+    class PerturbedSession:
+        def __init__(self, path, providers):
+            pass
+
+        def get_inputs(self):
+            return [SimpleNamespace(name=name) for name in session["inputs"]]
+
+        def get_outputs(self):
+            return [SimpleNamespace(name="feature")]
+
+        def run(self, output_names, feeds):
+            with torch.no_grad():
+                feature = model(*(torch.from_numpy(value) for value in feeds.values())).numpy()
+            return [feature[:, : feature.shape[1] - session["trim"]] * (1 + error[len(feature)])]
+
+    monkeypatch.setattr(ort, "InferenceSession", PerturbedSession)
+    with torch.no_grad():
+        scale = model(*inputs_for("vit_baseline", size, 2, seed=0).values()).abs().max().item()
+    assert not 0.5 < scale < 2  # so an absolute error would not pass for the relative one
+    errors = check_onnx(model, "m.onnx", batch_sizes=(2, 3), image_size=size)
+    assert errors.keys() == {"feature"} and errors["feature"] == pytest.approx(1e-5, rel=2e-2)
+    with pytest.raises(OnnxCheckError, match=r"rtol=5e-06: feature (1.00e-05|9.99e-06)$"):
+        check_onnx(model, "m.onnx", batch_sizes=(2, 3), rtol=5e-6, image_size=size)
+    with pytest.raises(ExportError, match="rtol must be a positive number"):
+        check_onnx(model, "m.onnx", rtol=True, image_size=size)
+    session["trim"] = 1
+    with pytest.raises(OnnxCheckError, match=r"output 'feature': onnxruntime gives shape \(2, 31\)"):
+        check_onnx(model, "m.onnx", image_size=size)
+    session["inputs"] = ["images"]
+    with pytest.raises(OnnxCheckError, match=r"takes inputs \['images'\], the model 2"):
+        check_onnx(model, "m.onnx", image_size=size)
 
 
 @pytest.fixture(scope="module")
@@ -248,6 +314,43 @@ def test_extract_maskreid_reads_the_seg_tree_and_names_bad_files(tmp_path, tiny_
         extract_folder(dpm, tmp_path / "anonymous", camid=3, progress=False)
 
 
+def test_extract_folder_cameras_come_from_names_or_camid(tmp_path, tiny_set):
+    dpm, _ = tiny_model("dpm")
+    source = sorted((tiny_set / "query").iterdir())[0]
+    folder = tmp_path / "named"
+    folder.mkdir()
+    shutil.copy(source, folder / "0007_c2s1_000001_00.jpg")
+    found = extract_folder(dpm, folder, progress=False)
+    assert found.pids.tolist() == [7] and found.camids.tolist() == [1]  # c2: camera 1, 0-based
+    assert extract_folder(dpm, folder, camid=0, progress=False).camids.tolist() == [0]  # camid wins over names
+    with pytest.raises(ExportError, match="camid must be an integer >= 0"):
+        extract_folder(dpm, folder, camid=-1, progress=False)
+    with pytest.raises(ExportError, match="num_workers must be an integer >= 0"):
+        extract_folder(dpm, folder, num_workers=-1, progress=False)
+    shutil.copy(source, folder / "0008_c0s1_000001_00.jpg")  # Market cameras count from 1: c0 is none
+    with pytest.raises(ExportError, match="0008_c0s1_000001_00.jpg names no camera"):
+        extract_folder(dpm, folder, progress=False)
+
+
+def test_extract_folder_names_a_bad_file_before_running_the_model(tmp_path, tiny_set):
+    # An unreadable image or mask is named up front, not after the model has run on the others.
+    model, _ = tiny_model("maskreid")
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    for folder in ("query", "query_seg"):
+        shutil.copytree(tiny_set / folder, tmp_path / folder)
+    options = dict(image_size=MASKREID_SIZE, batch_size=1, progress=False)
+    for folder, kind in (("query_seg", "mask"), ("query", "image")):
+        victim = sorted((tmp_path / folder).iterdir())[-1]
+        victim.write_bytes(b"garbage")
+        with pytest.raises(DatasetError, match=f"unreadable {kind}: .*{victim.name}"):
+            extract_folder(model, tmp_path / "query", **options)
+        assert not forwards
+        shutil.copy(tiny_set / folder / victim.name, victim)
+    extract_folder(model, tmp_path / "query", **options)
+    assert forwards  # the hook sees the model's forward
+
+
 def test_extract_images_from_paths_arrays_and_pil_images_is_extract_folder(tiny_set):
     # A tracker's crops: the same images as a folder's, given as paths, RGB arrays or PIL images,
     # with the cameras the names hold, give the folder's features and masks bit for bit.
@@ -261,6 +364,8 @@ def test_extract_images_from_paths_arrays_and_pil_images_is_extract_folder(tiny_
         assert torch.equal(found.features, folder.features) and torch.equal(found.masks, folder.masks)
         assert found.camids.tolist() == cameras and found.pids.tolist() == [-1] * len(paths)
     assert extract_images(model, arrays, camids=torch.tensor(cameras)).paths[:2] == ["images[0]", "images[1]"]
+    stacked = extract_images(model, np.stack(arrays[:3]), camids=cameras[:3])  # (N, H, W, 3): N images
+    assert torch.equal(stacked.features, folder.features[:3])
     one = extract_images(model, arrays[3], camids=cameras[3], normalize=False)  # one image, as it comes
     assert torch.allclose(F.normalize(one.features), folder.features[3:4], atol=1e-6)
     grey = arrays[0][..., 0]  # (H, W) grey: read as RGB
@@ -289,6 +394,10 @@ def test_extract_images_bad_input(tiny_set):
         (dict(model=dpm, images=[crop, crop], camids=[0]), r"one per image \(2\)"),
         (dict(model=dpm, images=[crop], camids=[True]), "camids must be"),
         (dict(model=dpm, images=[crop], camids=-1), "camids must be an integer >= 0"),
+        (dict(model=dpm, images=[crop], camids=[-1]), "camids must be one integer >= 0, or one per image"),
+        (dict(model=dpm, images=[crop], camids=True), "camids must be one integer >= 0, or one per image"),
+        (dict(model=dpm, images=[crop], camids=1.5), "camids must be one integer >= 0, or one per image"),
+        (dict(model=dpm, images=[crop], camids=0, batch_size=0), "batch_size must be an integer >= 1"),
         (dict(model=dpm, images=[crop], camids=3), r"camera 3 of images\[0\] is out of range .* 3 camera"),
         (dict(model=dpm, images=[crop.astype(np.float32)], camids=0), r"images\[0\]: image arrays must be"),
         (dict(model=dpm, images=[crop[..., :2]], camids=0), r"\(H, W\) or \(H, W, 3\) of uint8"),
@@ -357,10 +466,10 @@ def test_feature_extractor_maskreid_tensor_input_takes_masks(tmp_path, tiny_set)
 
 
 def test_find_images_is_recursive_sorted_and_by_extension(tmp_path):
-    for name in ("b/2.JPG", "b/1.png", "a.jpeg", "c/d/e.webp", "notes.txt", "b/x.npy"):
+    for name in ("b/2.JPG", "b/1.png", "a.jpeg", "c/d/e.webp", "notes.txt", "b/x.npy", "f.jpg/g.png"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
-    assert find_images(tmp_path) == ["a.jpeg", "b/1.png", "b/2.JPG", "c/d/e.webp"]
+    assert find_images(tmp_path) == ["a.jpeg", "b/1.png", "b/2.JPG", "c/d/e.webp", "f.jpg/g.png"]  # no folder
     with pytest.raises(DatasetNotFoundError, match="images folder not found"):
         find_images(tmp_path / "missing")
     (tmp_path / "c" / "d" / "empty").mkdir()
@@ -432,6 +541,24 @@ def test_cli_extract(tmp_path, tiny_set):
     np.testing.assert_allclose(saved["features"], expected.features.numpy(), atol=1e-6)
     np.testing.assert_allclose(saved["masks"], expected.masks.numpy(), atol=1e-6)
     assert str(saved["model"]) == "dpm" and str(saved["distance"]) == "masked_arccos"
+
+
+def test_cli_maskreid_at_the_configs_input_size(tmp_path, tiny_set, capsys, monkeypatch):
+    # MaskReID takes any input size: the config's, not its 144x56 default; --camera sets every
+    # image's camera over the names'; --no-check needs no onnxruntime.
+    config, weights, model = checkpointed(tmp_path, tiny_set, "maskreid")
+    common = ["--config", str(config), "--weights", str(weights)]
+    npz = tmp_path / "query.npz"
+    assert main(["extract", *common, "--images", str(tiny_set / "query"), "--out", str(npz), "--camera", "2"]) == 0
+    saved = np.load(npz)
+    expected = extract_folder(model, tiny_set / "query", image_size=MASKREID_SIZE, progress=False)
+    np.testing.assert_allclose(saved["features"], expected.features.numpy(), atol=1e-6)
+    assert saved["camids"].tolist() == [2] * len(expected)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    capsys.readouterr()
+    assert main(["export", *common, "--out", str(tmp_path / "m.onnx"), "--no-check"]) == 0
+    printed = capsys.readouterr().out
+    assert "images 36x16" in printed and "onnxruntime matches" not in printed
 
 
 def test_cli_export_and_extract_errors_are_one_line(tmp_path, tiny_set, capsys, monkeypatch):
