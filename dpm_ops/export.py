@@ -420,13 +420,11 @@ def image_cameras(model: torch.nn.Module, camids, names: Sequence[str]) -> list[
         if model_cameras(model):
             raise ExportError("camids: the model has a camera embedding; pass each image's 0-based camera, or one int")
         return [-1] * len(names)
-    if isinstance(camids, numbers.Integral) and not isinstance(camids, bool):
-        cameras = [_check_int("camids", int(camids), 0)] * len(names)
+    given = camids.tolist() if isinstance(camids, (np.ndarray, torch.Tensor)) else camids  # 0-d: its number
+    if isinstance(given, numbers.Integral) and not isinstance(given, bool):
+        cameras = [_check_int("camids", int(given), 0)] * len(names)
     else:
-        try:
-            cameras = camids.tolist() if isinstance(camids, (np.ndarray, torch.Tensor)) else list(camids)
-        except TypeError:  # neither an int nor a sequence (True, 1.5): the ExportError below names camids
-            cameras = None
+        cameras = list(given) if isinstance(given, (list, tuple, range)) else None  # not True, 1.5 or "12"
         if (
             cameras is None
             or len(cameras) != len(names)

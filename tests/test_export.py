@@ -364,6 +364,8 @@ def test_extract_images_from_paths_arrays_and_pil_images_is_extract_folder(tiny_
         assert torch.equal(found.features, folder.features) and torch.equal(found.masks, folder.masks)
         assert found.camids.tolist() == cameras and found.pids.tolist() == [-1] * len(paths)
     assert extract_images(model, arrays, camids=torch.tensor(cameras)).paths[:2] == ["images[0]", "images[1]"]
+    for one_camera in (torch.tensor(2), np.array(2), np.int64(2)):  # 0-d tensors and arrays are one int
+        assert extract_images(model, arrays[:2], camids=one_camera).camids.tolist() == [2, 2]
     stacked = extract_images(model, np.stack(arrays[:3]), camids=cameras[:3])  # (N, H, W, 3): N images
     assert torch.equal(stacked.features, folder.features[:3])
     one = extract_images(model, arrays[3], camids=cameras[3], normalize=False)  # one image, as it comes
@@ -397,6 +399,7 @@ def test_extract_images_bad_input(tiny_set):
         (dict(model=dpm, images=[crop], camids=[-1]), "camids must be one integer >= 0, or one per image"),
         (dict(model=dpm, images=[crop], camids=True), "camids must be one integer >= 0, or one per image"),
         (dict(model=dpm, images=[crop], camids=1.5), "camids must be one integer >= 0, or one per image"),
+        (dict(model=dpm, images=[crop], camids="1"), "camids must be one integer >= 0, or one per image"),
         (dict(model=dpm, images=[crop], camids=0, batch_size=0), "batch_size must be an integer >= 1"),
         (dict(model=dpm, images=[crop], camids=3), r"camera 3 of images\[0\] is out of range .* 3 camera"),
         (dict(model=dpm, images=[crop.astype(np.float32)], camids=0), r"images\[0\]: image arrays must be"),
