@@ -263,7 +263,7 @@ def test_dpm_loss_on_loss_inputs_equals_the_logits_path():
     assert set(DPMLoss().terms(output, labels)) == {"id", "hem", "triplet"}
 
 
-@pytest.mark.parametrize("backend", backend_params("cpp", "cuda", "triton"))
+@pytest.mark.parametrize("backend", backend_params("reference", "cpp", "cuda", "triton"))
 @pytest.mark.parametrize(
     "bad, message",
     [
@@ -293,11 +293,13 @@ def test_bad_input_names_the_argument(backend, bad, message):
         masked_arcface_ce(*bad(features, mask, weight, labels), backend=backend)
 
 
-def test_bad_clamp_eps():
+@pytest.mark.parametrize("backend", backend_params("reference", "cpp"))
+def test_bad_clamp_eps(backend):
     features, mask, weight, labels = make_inputs(4, 7, 6, torch.float32, "cpu")
-    with pytest.raises(ValueError, match="clamp_eps must lie in"):
-        masked_arcface_ce(features, mask, weight, labels, clamp_eps=1.5)
-    assert math.isfinite(masked_arcface_ce(features, mask, weight, labels, clamp_eps=0.0).item())
+    for clamp_eps in (1.5, 1.0, -1e-3):  # [0, 1): at 1 the cosine's clamp range [-1 + eps, 1 - eps] is empty
+        with pytest.raises(ValueError, match="clamp_eps must lie in"):
+            masked_arcface_ce(features, mask, weight, labels, clamp_eps=clamp_eps, backend=backend)
+    assert math.isfinite(masked_arcface_ce(features, mask, weight, labels, clamp_eps=0.0, backend=backend).item())
 
 
 def test_reference_backend_is_plain_torch_throughout():
