@@ -74,12 +74,20 @@ def test_jaccard_blend_matches_torch(lambda_value):
     torch.testing.assert_close(got, expected, rtol=0, atol=2e-7)
 
 
-def test_pair_sqdist_lookups_and_features():
+@pytest.mark.parametrize(
+    "pair_sqdist",
+    [
+        lambda *args: torch.ops.dpm_ops.kreciprocal_pair_sqdist(*args),
+        kreciprocal_reference.kreciprocal_pair_sqdist_reference,
+    ],
+    ids=["cpp", "torch"],
+)
+def test_pair_sqdist_lookups_and_features(pair_sqdist):
     x = torch.randn(50, 6, generator=torch.Generator().manual_seed(6))
     values, indices, _, _ = torch.ops.dpm_ops.self_knn(x, 5, "sqeuclidean", False, 0)
     row_ptr = torch.arange(0, 51 * 50, 50)  # every pair: most are not in the candidate lists
     cols = torch.arange(50).repeat(50)
-    got = torch.ops.dpm_ops.kreciprocal_pair_sqdist(x, values, indices, row_ptr, cols).view(50, 50)
+    got = pair_sqdist(x, values, indices, row_ptr, cols).view(50, 50)
     expected = torch.cdist(x.double(), x.double()).square().float()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert bool((got.diagonal() == 0).all())
