@@ -101,9 +101,11 @@ def test_margin_branches_and_clamp(backend, easy_margin):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("easy_margin", [False, True])
-def test_unclamped_sqrt_at_cos_plus_minus_one(backend, easy_margin):
+@pytest.mark.parametrize("clamp_eps", [0.0, 1e-7])
+def test_sqrt_at_cos_plus_minus_one(backend, easy_margin, clamp_eps):
     # clamp_eps=0 (the official unclamped sqrt) with targets at cos = 1 and -1 exactly: sin = 0, where
     # sqrt's slope is infinite. Both take it as flat; the reference used to give NaN gradients.
+    # clamp_eps > 0: cos is clamped to [-1 + eps, 1 - eps] first, sin = sqrt(2 eps - eps^2) there.
     device = device_for(backend)
     features, mask, weight, labels = make_inputs(4, 3, 5, torch.float64, device, seed=6)
     weight[0] = torch.tensor([3.0, 0, 0, 0, 0])
@@ -111,7 +113,7 @@ def test_unclamped_sqrt_at_cos_plus_minus_one(backend, easy_margin):
     mask[:2] = 1.0
     features[0] = torch.tensor([2.0, 0, 0, 0, 0])
     features[1] = torch.tensor([-0.5, 0, 0, 0, 0])
-    check_against_reference(backend, features, mask, weight, labels, easy_margin=easy_margin, clamp_eps=0.0)
+    check_against_reference(backend, features, mask, weight, labels, easy_margin=easy_margin, clamp_eps=clamp_eps)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
