@@ -242,6 +242,7 @@ def test_reduced_precision(backend, dtype):
         (lambda f, m: ([f[0][:, :, :0]], m, "avg"), r"features\[0\] has an empty spatial size"),
         (lambda f, m: (f, m[:, 0], "avg"), "mask must be"),
         (lambda f, m: (f, m[:1], "avg"), "mask must be"),
+        (lambda f, m: (f, m.repeat(1, 2, 1, 1), "avg"), "mask must be"),  # one channel only
         (lambda f, m: (f, m, "sum"), "mode must be one of"),
         (lambda f, m: ([f[0]] * 17, m, "avg"), "at most 16"),
     ],
