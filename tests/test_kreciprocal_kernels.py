@@ -72,6 +72,16 @@ def test_jaccard_blend_matches_torch(lambda_value):
     got = out.clone()
     torch.ops.dpm_ops.kreciprocal_jaccard_blend_(got, row_ptr, cols, values, lambda_value)
     torch.testing.assert_close(got, expected, rtol=0, atol=2e-7)
+    # with row_scale (rerank_features' kernel path): out divided by it first, by the C++ op and its reference
+    scale = 1 + torch.rand(q, generator=torch.Generator().manual_seed(6))
+    expected = kreciprocal_reference.jaccard_blend_(out / scale[:, None], rows, cols, values, lambda_value)
+    for blend in (
+        torch.ops.dpm_ops.kreciprocal_jaccard_blend_,
+        kreciprocal_reference.kreciprocal_jaccard_blend_reference_,
+    ):
+        got = out.clone()
+        blend(got, row_ptr, cols, values, lambda_value, scale)
+        torch.testing.assert_close(got, expected, rtol=0, atol=2e-7)
 
 
 @pytest.mark.parametrize(
