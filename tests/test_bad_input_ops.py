@@ -189,6 +189,20 @@ def test_numbers_of_the_wrong_kind(call, name, value):
         call(value)
 
 
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda v: masked_cosine(torch.ones(2, 3), torch.ones(2, 3), torch.ones(2, 3), eps=v),
+        lambda v: hem_loss(torch.ones(2, 3, 4), eps=v),
+    ],
+)
+@pytest.mark.parametrize("value", [0.0, -1e-6])
+def test_eps_must_be_positive(call, value):
+    # eps is a divisor's floor: 0 lets 0 / 0 through
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+        call(value)
+
+
 @pytest.mark.parametrize("labels", [list("abcdef"), [object()] * 6, None, [[1], [2, 3]]])
 def test_evaluate_rank_labels_of_the_wrong_kind(labels):
     """Before: a torch / numpy TypeError."""
@@ -279,6 +293,10 @@ def test_re_ranking_and_features_too_large_for_float32():
     range, or features whose squared distances would, are rejected instead of giving NaN."""
     with pytest.raises(ValueError, match="q_g_dist is too large in magnitude"):
         re_ranking(np.full((2, 3), 1e20), np.zeros((2, 2)), np.zeros((3, 3)))
+    with pytest.raises(
+        ValueError, match="g_g_dist is too large in magnitude"
+    ):  # Euclidean input: squared, sign and all
+        re_ranking(np.ones((2, 3)), np.zeros((2, 2)), np.full((3, 3), -1e20))
     with pytest.raises(
         ValueError, match="gf is too large in magnitude: row norms must stay below 9.22e\\+18 in float32"
     ):

@@ -279,7 +279,7 @@ def test_bad_input_names_the_argument(compat):
         compat.re_ranking(q_g, q_q, q_q)
 
 
-@pytest.mark.parametrize("qe_times, qe_k, alpha", [(1, 10, 3.0), (2, 5, 1.0), (1, 1, 3.0), (3, 20, 2.0)])
+@pytest.mark.parametrize("qe_times, qe_k, alpha", [(1, 10, 3.0), (2, 5, 1.0), (1, 1, 3.0), (3, 20, 2.0), (0, 10, 3.0)])
 def test_aqe_matches_fastreid(qe_times, qe_k, alpha):
     # alpha query expansion (fast-reid's TEST.AQE) from the exact k-NN: their dense similarity matrix's
     # values, within float32 summation order; features in and out unnormalised, as theirs
@@ -292,8 +292,8 @@ def test_aqe_matches_fastreid(qe_times, qe_k, alpha):
     for got, want in zip(result, expected):
         assert got.dtype == torch.float32 and got.shape == want.shape
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    # the features did change (qe_k = 1: each is its own only neighbour, weight 1)
-    assert torch.allclose(result[0], query, atol=1e-5) == (qe_k == 1)
+    # the features did change (qe_k = 1: each is its own only neighbour, weight 1; qe_times = 0: no expansion)
+    assert torch.allclose(result[0], query, atol=1e-5) == (qe_k == 1 or qe_times == 0)
     numpy_result = fastreid.aqe(query.numpy(), gallery.numpy(), qe_times, qe_k, alpha)
     for got, want in zip(numpy_result, result, strict=True):  # numpy in: the same query and gallery
         torch.testing.assert_close(got, want, rtol=0, atol=0)

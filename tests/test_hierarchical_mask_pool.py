@@ -11,7 +11,7 @@ KERNEL_BACKENDS = backend_params("cpp", "cuda", "triton")
 ALL_BACKENDS = backend_params("reference", "cpp", "cuda", "triton")
 
 # (B, [(C_l, H_l, W_l)], mask (H, W) or None): MaskReID-like levels (small C), odd sizes, one cell,
-# upsampled masks, empty batch / channels, one level.
+# upsampled masks, empty batch / channels, one level, the most levels the kernels take (MAX_LEVELS).
 CASES = [
     (3, [(5, 9, 7), (4, 4, 3), (6, 2, 1)], (18, 14)),
     (2, [(7, 36, 14), (3, 18, 7), (5, 9, 4)], (144, 56)),
@@ -21,6 +21,7 @@ CASES = [
     (0, [(3, 4, 4), (2, 2, 2)], (8, 8)),
     (3, [(0, 4, 4), (2, 2, 2)], (8, 8)),
     (9, [(70, 5, 2)], None),
+    (2, [(2, 3, 2)] * 16, (6, 4)),
 ]
 
 
@@ -241,6 +242,7 @@ def test_reduced_precision(backend, dtype):
         (lambda f, m: ([f[0][:, :, :0]], m, "avg"), r"features\[0\] has an empty spatial size"),
         (lambda f, m: (f, m[:, 0], "avg"), "mask must be"),
         (lambda f, m: (f, m[:1], "avg"), "mask must be"),
+        (lambda f, m: (f, m.repeat(1, 2, 1, 1), "avg"), "mask must be"),  # one channel only
         (lambda f, m: (f, m, "sum"), "mode must be one of"),
         (lambda f, m: ([f[0]] * 17, m, "avg"), "at most 16"),
     ],

@@ -433,3 +433,16 @@ def test_knn_torch_compile_fullgraph(backend):
     want = torch.autograd.grad((reference[0] ** 2).sum(), (x, y))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_euclidean_gradient_is_zero_where_the_distance_cancels_to_zero(backend):
+    # |x|^2 + |y|^2 - 2 x.y cancels to exactly 0 for these close rows (x != y): D = 0, whose gradient is 0
+    # (the knn docstring), not (x - y) / 1
+    device = device_for(backend)
+    x = torch.tensor([[1000.0, 1000.0]], device=device, requires_grad=True)
+    y = torch.tensor([[1000.0, 1000.0001], [0.0, 0.0]], device=device, requires_grad=True)
+    distances, _ = knn(x, y, 1, "euclidean", backend=backend)
+    assert distances.item() == 0
+    for grad in torch.autograd.grad(distances.sum(), (x, y)):
+        assert not grad.any()

@@ -72,14 +72,32 @@ def test_jaccard_blend_matches_torch(lambda_value):
     got = out.clone()
     torch.ops.dpm_ops.kreciprocal_jaccard_blend_(got, row_ptr, cols, values, lambda_value)
     torch.testing.assert_close(got, expected, rtol=0, atol=2e-7)
+    # with row_scale (rerank_features' kernel path): out divided by it first, by the C++ op and its reference
+    scale = 1 + torch.rand(q, generator=torch.Generator().manual_seed(6))
+    expected = kreciprocal_reference.jaccard_blend_(out / scale[:, None], rows, cols, values, lambda_value)
+    for blend in (
+        torch.ops.dpm_ops.kreciprocal_jaccard_blend_,
+        kreciprocal_reference.kreciprocal_jaccard_blend_reference_,
+    ):
+        got = out.clone()
+        blend(got, row_ptr, cols, values, lambda_value, scale)
+        torch.testing.assert_close(got, expected, rtol=0, atol=2e-7)
 
 
-def test_pair_sqdist_lookups_and_features():
+@pytest.mark.parametrize(
+    "pair_sqdist",
+    [
+        lambda *args: torch.ops.dpm_ops.kreciprocal_pair_sqdist(*args),
+        kreciprocal_reference.kreciprocal_pair_sqdist_reference,
+    ],
+    ids=["cpp", "torch"],
+)
+def test_pair_sqdist_lookups_and_features(pair_sqdist):
     x = torch.randn(50, 6, generator=torch.Generator().manual_seed(6))
     values, indices, _, _ = torch.ops.dpm_ops.self_knn(x, 5, "sqeuclidean", False, 0)
     row_ptr = torch.arange(0, 51 * 50, 50)  # every pair: most are not in the candidate lists
     cols = torch.arange(50).repeat(50)
-    got = torch.ops.dpm_ops.kreciprocal_pair_sqdist(x, values, indices, row_ptr, cols).view(50, 50)
+    got = pair_sqdist(x, values, indices, row_ptr, cols).view(50, 50)
     expected = torch.cdist(x.double(), x.double()).square().float()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert bool((got.diagonal() == 0).all())

@@ -101,9 +101,11 @@ def test_margin_branches_and_clamp(backend, easy_margin):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("easy_margin", [False, True])
-def test_unclamped_sqrt_at_cos_plus_minus_one(backend, easy_margin):
+@pytest.mark.parametrize("clamp_eps", [0.0, 1e-7])
+def test_sqrt_at_cos_plus_minus_one(backend, easy_margin, clamp_eps):
     # clamp_eps=0 (the official unclamped sqrt) with targets at cos = 1 and -1 exactly: sin = 0, where
     # sqrt's slope is infinite. Both take it as flat; the reference used to give NaN gradients.
+    # clamp_eps > 0: cos is clamped to [-1 + eps, 1 - eps] first, sin = sqrt(2 eps - eps^2) there.
     device = device_for(backend)
     features, mask, weight, labels = make_inputs(4, 3, 5, torch.float64, device, seed=6)
     weight[0] = torch.tensor([3.0, 0, 0, 0, 0])
@@ -111,7 +113,7 @@ def test_unclamped_sqrt_at_cos_plus_minus_one(backend, easy_margin):
     mask[:2] = 1.0
     features[0] = torch.tensor([2.0, 0, 0, 0, 0])
     features[1] = torch.tensor([-0.5, 0, 0, 0, 0])
-    check_against_reference(backend, features, mask, weight, labels, easy_margin=easy_margin, clamp_eps=0.0)
+    check_against_reference(backend, features, mask, weight, labels, easy_margin=easy_margin, clamp_eps=clamp_eps)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -263,7 +265,7 @@ def test_dpm_loss_on_loss_inputs_equals_the_logits_path():
     assert set(DPMLoss().terms(output, labels)) == {"id", "hem", "triplet"}
 
 
-@pytest.mark.parametrize("backend", backend_params("cpp", "cuda", "triton"))
+@pytest.mark.parametrize("backend", backend_params("reference", "cpp", "cuda", "triton"))
 @pytest.mark.parametrize(
     "bad, message",
     [
@@ -293,11 +295,13 @@ def test_bad_input_names_the_argument(backend, bad, message):
         masked_arcface_ce(*bad(features, mask, weight, labels), backend=backend)
 
 
-def test_bad_clamp_eps():
+@pytest.mark.parametrize("backend", backend_params("reference", "cpp"))
+def test_bad_clamp_eps(backend):
     features, mask, weight, labels = make_inputs(4, 7, 6, torch.float32, "cpu")
-    with pytest.raises(ValueError, match="clamp_eps must lie in"):
-        masked_arcface_ce(features, mask, weight, labels, clamp_eps=1.5)
-    assert math.isfinite(masked_arcface_ce(features, mask, weight, labels, clamp_eps=0.0).item())
+    for clamp_eps in (1.5, 1.0, -1e-3):  # [0, 1): at 1 the cosine's clamp range [-1 + eps, 1 - eps] is empty
+        with pytest.raises(ValueError, match="clamp_eps must lie in"):
+            masked_arcface_ce(features, mask, weight, labels, clamp_eps=clamp_eps, backend=backend)
+    assert math.isfinite(masked_arcface_ce(features, mask, weight, labels, clamp_eps=0.0, backend=backend).item())
 
 
 def test_reference_backend_is_plain_torch_throughout():

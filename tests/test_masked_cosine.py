@@ -244,9 +244,11 @@ def test_cuda_reduced_precision_gradients(backend, dtype):
         assert ((got.float() - want).norm() / want.norm()).item() < 2e-2
 
 
-def test_cpp_accepts_half_inputs_on_cpu():
+@pytest.mark.parametrize("backend", backend_params("reference", "cpp"))
+def test_half_inputs_on_cpu(backend):
+    # computed in fp32 by every backend, answered in the input dtype
     x, mask, protos = make_inputs(6, 8, 10, torch.bfloat16, "cpu")
-    out = masked_cosine(x, mask, protos, backend="cpp")
+    out = masked_cosine(x, mask, protos, backend=backend)
     assert out.dtype == torch.bfloat16
     expected = masked_cosine_reference(*(t.float() for t in (x, mask, protos)))
     torch.testing.assert_close(out.float(), expected, atol=1e-2, rtol=1e-2)
@@ -289,6 +291,7 @@ def test_masked_arccos_distance(backend):
         (lambda x, m, p: (x, m[:, :-1], p), "mask must have the shape of x"),
         (lambda x, m, p: (x, m, p[:, :-1]), "protos must have C = "),
         (lambda x, m, p: (x, m.double(), p), "must share one dtype"),
+        (lambda x, m, p: (x, m, p.double()), "must share one dtype"),
         (lambda x, m, p: (x.long(), m.long(), p.long()), "must be floating point"),
         (
             lambda x, m, p: (x.index_fill(0, torch.tensor([1], device=x.device), float("nan")), m, p),

@@ -342,3 +342,17 @@ def test_autocast_keeps_the_math_in_fp32(backend, dtype):
     assert value.dtype == torch.float32 and grad.dtype == dtype
     torch.testing.assert_close(value, expected)
     torch.testing.assert_close(grad, expected_grad)
+
+
+@pytest.mark.parametrize("backend", backend_params("reference", "cpp"))
+def test_eq5_norm_bound_is_where_the_pair_sum_overflows(backend):
+    # Eq. 5 sums B^2 terms exp(s_kj - s_ki + alpha), |s| <= |x|^2: rows are accepted up to the norm M with
+    # B^2 exp(2 M^2 + alpha) = float32's max (6.3 at B = 64, alpha = 0.15), and rejected past it.
+    batch, alpha = 64, 0.15
+    bound = math.sqrt((math.log(torch.finfo(torch.float32).max) - 2 * math.log(batch) - alpha) / 2)
+    assert bound == pytest.approx(6.33, abs=0.01)
+    labels = torch.arange(batch) // 4
+    rows = F.normalize(torch.randn(batch, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    assert torch.isfinite(maskreid_ranking_loss(rows * 0.99 * bound, labels, alpha=alpha, backend=backend))
+    with pytest.raises(ValueError, match="embeddings is too large in magnitude: row norms must stay below 6.33"):
+        maskreid_ranking_loss(rows * 1.01 * bound, labels, alpha=alpha, backend=backend)

@@ -140,6 +140,21 @@ def test_nonzero_self_distance_from_gemm_rounding(tiles):
     np.testing.assert_allclose(rerank_features(query, gallery), expected, rtol=0, atol=1e-5)
 
 
+def test_copies_outnumbering_the_candidates_keep_self_first(tiles):
+    # A query with 12 copies in the gallery, all a few ulps apart through the GEMM: more equal
+    # distances than a row's candidates hold, so those rows are re-sorted in full, where d(i, i)
+    # must still be 0 exactly (else a copy of lower index outranks the item itself).
+    rng = np.random.default_rng(0)
+    base = (5 + rng.standard_normal(32)).astype(np.float32)
+    query = (5 + rng.standard_normal((4, 32))).astype(np.float32)
+    gallery = np.concatenate([np.tile(base, (12, 1)), 5 + rng.standard_normal((20, 32))]).astype(np.float32)
+    query[0] = base
+    assert rerank_numpy.euclidean_distances(gallery[:2], gallery[:2]).min() > 0
+    for k1, k2 in ((4, 2), (6, 3)):
+        expected = rerank_numpy.re_ranking_from_features(query, gallery, k1, k2, 0.3)
+        np.testing.assert_allclose(rerank_features(query, gallery, k1, k2, 0.3), expected, rtol=0, atol=1e-5)
+
+
 def test_squared_input_switch():
     q_g, q_q, g_g = (d.astype(np.float32) for d in exact_distances(*random_features(10, 30, 4, 7)))
     squared = [d * d for d in (q_g, q_q, g_g)]
