@@ -1,6 +1,7 @@
 """Checkpoints: atomic writes (a crash mid-save leaves the old file and no debris), tags, clear errors."""
 
 import os
+import stat
 
 import pytest
 import torch
@@ -53,6 +54,39 @@ def test_replace_is_the_commit_point(tmp_path, monkeypatch):
         checkpoint.atomic_write(path, lambda handle: handle.write(b"new content"))
     assert seen == [(b"new content", b"old")]
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_data_is_synced_before_the_replace_and_the_folder_after(tmp_path, monkeypatch):
+    """Durability: the temporary's bytes reach the disk (flushed, fsynced) before os.replace
+    publishes them, and the folder entry is fsynced after it; else a power cut could leave an
+    empty or truncated checkpoint under the final name."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def spy_fsync(fd):
+        info = os.fstat(fd)
+        events.append(("fsync folder",) if stat.S_ISDIR(info.st_mode) else ("fsync file", info.st_size))
+        real_fsync(fd)
+
+    def spy_replace(src, dst):
+        events.append(("replace",))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "replace", spy_replace)
+    checkpoint.atomic_write(tmp_path / "f.bin", lambda handle: handle.write(b"new content"))
+    assert events == [("fsync file", len(b"new content")), ("replace",), ("fsync folder",)]
+
+
+def test_a_temporary_name_in_use_is_never_written_or_removed(tmp_path, monkeypatch):
+    """The temporary is created exclusively ("x"): a file already at its name (a collision, or a
+    planted link) is neither written through, moved into place nor deleted."""
+    theirs = tmp_path / ".f.bin.0123456789ab.tmp"
+    theirs.write_bytes(b"theirs")
+    monkeypatch.setattr(checkpoint, "_temporary_name", lambda path: theirs)
+    with pytest.raises(FileExistsError):
+        checkpoint.atomic_write(tmp_path / "f.bin", lambda handle: handle.write(b"new content"))
+    assert theirs.read_bytes() == b"theirs" and not (tmp_path / "f.bin").exists()
 
 
 def test_other_models_checkpoint_is_one_clear_line(tmp_path):
