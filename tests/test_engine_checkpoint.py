@@ -171,8 +171,9 @@ def test_stale_temporaries_are_removed(tmp_path):
         path.write_bytes(b"half")
     for name in ("notes.tmp", ".cache.tmp"):  # not shaped like an atomic_write temporary: kept
         (tmp_path / name).write_text("not ours")
+    (tmp_path / ".data.v2.tmp").mkdir()  # shaped like one, but a folder: never a temporary of ours
     assert sorted(checkpoint.remove_stale_temporaries(tmp_path)) == sorted(stale)
-    assert sorted(os.listdir(tmp_path)) == [".cache.tmp", "last.pt", "notes.tmp"]
+    assert sorted(os.listdir(tmp_path)) == [".cache.tmp", ".data.v2.tmp", "last.pt", "notes.tmp"]
     assert checkpoint.remove_stale_temporaries(tmp_path / "absent") == []
 
 
