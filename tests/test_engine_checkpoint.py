@@ -206,3 +206,16 @@ def test_read_only_output_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # root may write anywhere: pretend
     with pytest.raises(checkpoint.CheckpointError, match=r"output_dir .*: the folder is not writable"):
         checkpoint.make_output_folder(tmp_path, "output_dir")
+
+
+def test_output_folder_needs_write_and_search_permission(tmp_path, monkeypatch):
+    # a folder one may write but not enter (no x bit) cannot hold files either
+    monkeypatch.setattr(os, "access", lambda path, mode: not mode & os.X_OK)
+    with pytest.raises(checkpoint.CheckpointError, match="not writable"):
+        checkpoint.make_output_folder(tmp_path, "--output")
+
+
+def test_output_folder_expands_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert checkpoint.make_output_folder("~/runs/a", "--output") == tmp_path / "runs" / "a"
+    assert (tmp_path / "runs" / "a").is_dir()
