@@ -2,6 +2,8 @@
 
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -20,6 +22,20 @@ def test_round_trip_and_tags(tmp_path):
     loaded = checkpoint.load_checkpoint(path, model_name="dpm")
     assert torch.equal(loaded["model"]["w"], torch.ones(4)) and loaded["model_name"] == "dpm"
     assert os.listdir(tmp_path / "ckpt") == ["last.pt"]
+    assert "training" not in loaded  # a final.pt holds no training state
+    final = checkpoint.make_checkpoint("dpm", {}, {}, {}, metrics={"all": {"mAP": 50.0}})
+    assert final["metrics"] == {"all": {"mAP": 50.0}} and "training" not in final
+
+
+def test_save_refuses_a_state_without_its_model_name(tmp_path):
+    with pytest.raises(ValueError, match="make_checkpoint"):
+        checkpoint.save_checkpoint(tmp_path / "last.pt", {"format": checkpoint.FORMAT, "model": {}})
+    assert not (tmp_path / "last.pt").exists()
+
+
+def test_a_folder_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match="checkpoint not found"):
+        checkpoint.load_checkpoint(tmp_path)
 
 
 def test_crash_during_save_keeps_the_previous_file(tmp_path, monkeypatch):
@@ -162,6 +178,9 @@ def test_tensors_that_do_not_fit_the_model_are_named(tmp_path):
     many = {k: v for k, v in good.items() if not k.startswith("0.")} | {f"x{i}": torch.zeros(1) for i in range(5)}
     with pytest.raises(checkpoint.CheckpointError, match=r"unexpected: x0, x1, x2 and 2 more"):
         checkpoint.load_model_state(model, many, "f.pt")
+    three = {**good, **{f"x{i}": torch.zeros(1) for i in range(3)}}
+    with pytest.raises(checkpoint.CheckpointError, match=r"unexpected: x0, x1, x2\)"):  # all listed, no "and 0 more"
+        checkpoint.load_model_state(model, three, "f.pt")
 
 
 def test_stale_temporaries_are_removed(tmp_path):
@@ -219,3 +238,23 @@ def test_output_folder_expands_the_home_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     assert checkpoint.make_output_folder("~/runs/a", "--output") == tmp_path / "runs" / "a"
     assert (tmp_path / "runs" / "a").is_dir()
+
+
+def test_run_folder_refusal_lets_go_and_overwrite_removes_the_earlier_checkpoints(tmp_path):
+    earlier = [tmp_path / "checkpoints" / name for name in ("epoch_001.pt", "last.pt")]
+    earlier[0].parent.mkdir()
+    for path in earlier:
+        path.write_bytes(b"x")
+    with pytest.raises(checkpoint.CheckpointError, match="already holds a run") as refused:
+        checkpoint.RunFolder(tmp_path, resume=False, overwrite=False)
+    # the refused run holds no lock: another process can take the folder at once
+    take = "import fcntl, sys; fcntl.lockf(open(sys.argv[1], 'a+'), fcntl.LOCK_EX | fcntl.LOCK_NB)"
+    lock = tmp_path / checkpoint.RunFolder.LOCK
+    assert subprocess.run([sys.executable, "-c", take, str(lock)]).returncode == 0, refused
+    folder = checkpoint.RunFolder(tmp_path, resume=False, overwrite=True)
+    try:
+        assert all(path.exists() for path in earlier)  # kept until the new run has set up
+        assert folder.remove_earlier_run() == earlier
+        assert not any(path.exists() for path in earlier) and folder.remove_earlier_run() == []
+    finally:
+        folder.release()
