@@ -247,6 +247,83 @@ def test_distance_choices():
         evaluator.resolve_distance("manhattan", "dpm")
 
 
+def test_rerank_distances_per_metric():
+    """compute_distances itself (the metrics above can hide a changed matrix): DPM's masked arccos
+    re-ranked with each item's own mask (the reference reads columns); Euclidean on the features
+    as given; cosine on the L2-normalised features, i.e. the Euclidean one of unit vectors."""
+    generator = torch.Generator().manual_seed(1)
+    scale = lambda n: 0.5 + 2 * torch.rand(n, 1, generator=generator)  # noqa: E731
+    qf, gf = torch.randn(7, 16, generator=generator), torch.randn(11, 16, generator=generator)
+    qm, gm = torch.rand(7, 16, generator=generator), torch.rand(11, 16, generator=generator)
+    q = FeatureSet(F.normalize(qf, dim=1), qm, torch.arange(7), torch.zeros(7, dtype=torch.long), ["q"] * 7)
+    g = FeatureSet(F.normalize(gf, dim=1), gm, torch.arange(11) % 7, torch.ones(11, dtype=torch.long), ["g"] * 11)
+    options = dict(rerank=True, k1=4, k2=2, lambda_value=0.3)
+    q_g, q_q, g_g = (
+        masked_arccos_distance(q.features, qm, g.features),
+        masked_arccos_distance(q.features, qm, q.features),
+        masked_arccos_distance(g.features, gm, g.features),
+    )
+    expected = re_ranking(q_g, q_q.T, g_g.T, k1=4, k2=2, lambda_value=0.3)
+    torch.testing.assert_close(compute_distances(q, g, "masked_arccos", **options), expected)
+    raw_q = dataclasses.replace(q, features=q.features * scale(7))
+    raw_g = dataclasses.replace(g, features=g.features * scale(11))
+    torch.testing.assert_close(
+        compute_distances(raw_q, raw_g, "euclidean", **options),
+        rerank_features(raw_q.features, raw_g.features, k1=4, k2=2, lambda_value=0.3),
+    )
+    torch.testing.assert_close(
+        compute_distances(raw_q, raw_g, "cosine", **options),
+        rerank_features(q.features, g.features, k1=4, k2=2, lambda_value=0.3),
+    )
+
+
+def test_gallery_smaller_than_rank10():
+    """With fewer gallery items than 10, Rank-5 / Rank-10 are the CMC's last value (every query
+    has found its match by then)."""
+    q = FeatureSet(torch.zeros(3, 2), None, torch.tensor([0, 1, 2]), torch.zeros(3, dtype=torch.long), ["q"] * 3)
+    g = FeatureSet(torch.zeros(4, 2), None, torch.tensor([2, 1, 0, 3]), torch.ones(4, dtype=torch.long), ["g"] * 4)
+    distmat = torch.arange(12, dtype=torch.float32).reshape(3, 4)  # query i's match is at rank 3 - i
+    with pytest.warns(UserWarning, match="gallery size"):
+        metrics = evaluator.rank_metrics(distmat, q, g)["all"]
+    assert metrics["cmc"] == pytest.approx([100 / 3, 200 / 3, 100.0, 100.0])
+    assert (metrics["rank1"], metrics["rank5"], metrics["rank10"]) == pytest.approx((100 / 3, 100.0, 100.0))
+
+
+def test_subset_without_a_match_is_left_out_with_a_warning():
+    q = FeatureSet(torch.zeros(3, 2), None, torch.tensor([0, 1, 9]), torch.zeros(3, dtype=torch.long), ["q"] * 3)
+    g = FeatureSet(torch.zeros(2, 2), None, torch.tensor([1, 0]), torch.ones(2, dtype=torch.long), ["g"] * 2)
+    subsets = {"clean": torch.tensor([0, 1]), "occluded": torch.tensor([2])}  # pid 9 is not in the gallery
+    with pytest.warns(UserWarning, match="'occluded': no query has a match"):
+        metrics = evaluator.rank_metrics(torch.rand(3, 2), q, g, subsets)
+    assert set(metrics) == {"all", "clean"} and metrics["clean"]["num_valid"] == 2
+
+
+def test_settings_record_rerank_and_precision(splits, tmp_path):
+    evaluate_model(
+        tiny_model("vit_baseline"),
+        splits,
+        model_name="vit_baseline",
+        image_size=(64, 32),
+        amp_dtype=torch.bfloat16,
+        rerank=True,
+        k1=6,
+        k2=3,
+        lambda_value=0.4,
+        out_dir=str(tmp_path),
+        pictures=False,
+        progress=False,
+    )
+    settings = json.loads((tmp_path / "metrics.json").read_text())["settings"]
+    assert {k: settings[k] for k in ("rerank", "k1", "k2", "lambda_value", "amp", "image_size")} == {
+        "rerank": True,
+        "k1": 6,
+        "k2": 3,
+        "lambda_value": 0.4,
+        "amp": "bfloat16",
+        "image_size": [64, 32],
+    }
+
+
 def test_explicit_cosine_matches_euclidean_metrics(splits):
     model = tiny_model("vit_baseline")
     options = dict(model_name="vit_baseline", image_size=(64, 32), batch_size=16, pictures=False, progress=False)
