@@ -130,6 +130,8 @@ def test_extract_features_errors(splits):
     loader = loader_for(splits, splits.query[:3], "vit_baseline")
     with pytest.raises(ValueError, match="model_name"):
         extract_features(model, loader, model_name="transreid", progress=False)
+    with pytest.raises(ValueError, match="move the model first"):  # the model is on the CPU
+        extract_features(model, loader, model_name="vit_baseline", device="cuda", progress=False)
     small = build_model("vit_baseline", 7, 2, **VIT)  # two camera embeddings, the set has three
     with pytest.raises(ValueError, match="camera id 2"):
         extract_features(
@@ -182,6 +184,7 @@ def test_evaluate_model_equals_direct_evaluate_rank(splits, name, tmp_path):
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert flat({k: v for k, v in saved.items() if k != "settings"}) == pytest.approx(flat(metrics))
     assert saved["settings"]["distance"] == ("masked_arccos" if name == "dpm" else "euclidean")
+    assert saved["settings"]["image_size"] == ([144, 56] if name == "maskreid" else list(SIZE[name]))  # the crop
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
 
@@ -362,6 +365,31 @@ def test_bad_arguments(splits):
     ):  # the synthetic set has no pools
         with pytest.raises(ValueError, match=name):
             evaluate_model(model, splits, model_name="vit_baseline", **bad, **options)
+
+
+def test_bad_options_fail_before_any_extraction(splits, monkeypatch):
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("features extracted before the options were checked")
+
+    monkeypatch.setattr(evaluator, "_extract_split", no_extraction)
+    options = dict(model_name="vit_baseline", image_size=(64, 32), pictures=False, progress=False)
+    for bad, needle in (
+        (dict(batch_size=0), "batch_size must be a positive integer"),
+        (dict(seed=-1), "seed"),
+        (dict(num_repeats=0), "num_repeats"),
+    ):
+        with pytest.raises(ValueError, match=needle):
+            evaluate_model(tiny_model("vit_baseline"), splits, **bad, **options)
+
+
+def test_concat_skips_empty_shards():
+    """A rank with no records returns a FeatureSet without a feature width (torch.zeros(0, 0))."""
+    empty = FeatureSet(torch.zeros(0, 0), None, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), [])
+    full = FeatureSet(torch.ones(2, 3), torch.ones(2, 3), torch.tensor([4, 5]), torch.tensor([0, 1]), ["a", "b"])
+    joined = FeatureSet.concat([empty, full, empty, full])
+    assert joined.features.shape == (4, 3) and joined.masks.shape == (4, 3)
+    assert joined.pids.tolist() == [4, 5, 4, 5] and joined.paths == ["a", "b", "a", "b"]
+    assert len(FeatureSet.concat([empty, empty])) == 0
 
 
 def test_cuhk03_protocol(splits, tmp_path):
