@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from dpm_ops.data import ImageDataset, build_dataloader, build_dataset
 from dpm_ops.data.synth import ensure_synthetic_dataset
-from dpm_ops.engine import evaluator
+from dpm_ops.engine import evaluator, extraction
 from dpm_ops.engine.evaluator import (
     FeatureSet,
     compute_distances,
@@ -374,12 +374,13 @@ def test_bad_options_fail_before_any_extraction(splits, monkeypatch):
     monkeypatch.setattr(evaluator, "_extract_split", no_extraction)
     options = dict(model_name="vit_baseline", image_size=(64, 32), pictures=False, progress=False)
     for bad, needle in (
+        (dict(image_size=(64, 0)), "image_size"),
         (dict(batch_size=0), "batch_size must be a positive integer"),
         (dict(seed=-1), "seed"),
         (dict(num_repeats=0), "num_repeats"),
     ):
         with pytest.raises(ValueError, match=needle):
-            evaluate_model(tiny_model("vit_baseline"), splits, **bad, **options)
+            evaluate_model(tiny_model("vit_baseline"), splits, **{**options, **bad})
 
 
 def test_concat_skips_empty_shards():
@@ -390,6 +391,23 @@ def test_concat_skips_empty_shards():
     assert joined.features.shape == (4, 3) and joined.masks.shape == (4, 3)
     assert joined.pids.tolist() == [4, 5, 4, 5] and joined.paths == ["a", "b", "a", "b"]
     assert len(FeatureSet.concat([empty, empty])) == 0
+
+
+@pytest.mark.parametrize("count", [0, 1, 5, 7, 12])
+def test_shards_cover_the_records_once_in_order(count):
+    records = list(range(count))
+    for world in (1, 2, 3, 5):
+        shards = [extraction._shard(records, rank, world) for rank in range(world)]
+        assert [r for shard in shards for r in shard] == records
+        assert max(map(len, shards)) - min(map(len, shards)) <= 1  # even shards
+
+
+def test_pooling_needs_masks_on_both_sides():
+    with_masks = FeatureSet(torch.ones(1, 2), torch.ones(1, 2), torch.tensor([1]), torch.tensor([0]), ["q/1.jpg"])
+    without = dataclasses.replace(with_masks, masks=None, paths=["p/1.jpg"])
+    for query, pool in ((with_masks, without), (without, with_masks)):
+        with pytest.raises(ValueError, match="both have DPM masks"):
+            pool_multi_query(query, pool, "avg")
 
 
 def test_cuhk03_protocol(splits, tmp_path):
