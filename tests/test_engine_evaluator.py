@@ -533,6 +533,13 @@ def test_unlabelled_dataset_reports_all_only(splits):
     assert len(table.splitlines()) == 3 and table.splitlines()[2].split()[0] == "all"
 
 
+def test_models_without_masks_never_read_them(splits):
+    # Only MaskReID's loader pairs images with masks; a ViT evaluation must not need the files.
+    absent = {r.path: "/nonexistent/mask.png" for r in (*splits.query, *splits.gallery)}
+    metrics = evaluate_baseline(dataclasses.replace(splits, mask_paths=absent))
+    assert metrics["all"] == evaluate_baseline(splits)["all"]
+
+
 def test_subset_without_queries_is_left_out(splits):
     all_occluded = dataclasses.replace(splits, occluded_paths=frozenset(r.path for r in splits.query))
     metrics = evaluate_baseline(all_occluded)
