@@ -571,6 +571,10 @@ def test_evaluation_precision_is_eval_amp_not_solver_amp(splits, monkeypatch):
     ):  # auto: off on CPU
         evaluate_with_config(tiny_model("dpm"), splits, load_config(None, overrides), device=torch.device("cpu"))
         assert seen["amp_dtype"] is expected, overrides
+    config = load_config(None, ["eval.pictures=true", "eval.cuhk03_repeats=3", "eval.cuhk03_seed=7"])
+    for pictures, expected in ((None, True), (False, False)):  # the argument overrides eval.pictures
+        evaluate_with_config(tiny_model("dpm"), splits, config, device=torch.device("cpu"), pictures=pictures)
+        assert (seen["pictures"], seen["num_repeats"], seen["seed"]) == (expected, 3, 7)
 
 
 def test_format_metrics_table():
