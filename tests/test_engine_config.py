@@ -210,6 +210,11 @@ def test_override_values_and_shorthands():
         load_config(None, ["model.options.depth=2.0"])  # an int option takes no float
 
 
+def test_an_option_whose_default_is_none_takes_a_value():
+    config = load_config("maskreid_market1501", ["model.options.level_norm=bn"])  # default None: off
+    assert config["model"]["options"]["level_norm"] == "bn"
+
+
 def test_a_renamed_choice_in_a_saved_config_reads_as_its_new_name():
     assert current_choice("loss", "ranking_pos_mode", "all") == "all_eq5"
     assert current_choice("loss", "ranking_pos_mode", "hardest") == "hardest"
