@@ -143,6 +143,17 @@ def test_pos_embed_resize_matches_written_out_bilinear():
     )
 
 
+def test_pos_embed_resize_of_a_half_precision_file_interpolates_in_float32():
+    """A bf16 / fp16 file keeps its dtype, and the interpolation runs in float32 (one rounding,
+    at the end), as a float32 copy of the file would give."""
+    source = torch.randn(1, 1 + 14 * 14, 8)
+    for dtype in (torch.bfloat16, torch.float16):
+        half = source.to(dtype)
+        resized = resize_pos_embed(half, (22, 11))
+        assert resized.dtype == dtype and torch.equal(resized[:, 0], half[:, 0])
+        assert torch.equal(resized, resize_pos_embed(half.float(), (22, 11)).to(dtype))
+
+
 @pytest.mark.parametrize("model_name", ["dpm", "vit_baseline"])
 def test_timm_vit_checkpoint(tmp_path, model_name):
     checkpoint = timm_checkpoint()
