@@ -189,6 +189,30 @@ def test_timm_checkpoint_with_flat_patch_weight():
     assert model.backbone.pos_embed.shape == (1, 1 + 21 * 10, C)
 
 
+def test_timm_layout_is_recognised_without_cls_token_and_distillation_keys_are_dropped():
+    # a DeiT-style distilled file: dist_token / head_dist are dropped like head; a file without
+    # cls_token (a pooled ViT) is still timm's, by its first block
+    checkpoint = timm_checkpoint()
+    checkpoint["dist_token"] = torch.zeros(1, 1, C)
+    checkpoint["head_dist.weight"] = torch.zeros(10, C)
+    del checkpoint["cls_token"]
+    model = build_model("vit_baseline", CLASSES, CAMERAS, stride=11, **TINY_VIT)
+    report = load_pretrained(model, checkpoint, partial=True)
+    assert report.layout == "timm_vit" and report.unexpected == []
+    assert report.dropped == ["dist_token", "head.bias", "head.weight", "head_dist.weight"]
+    assert "backbone.cls_token" in report.missing
+
+
+def test_classifiers_are_never_required_of_a_pretrained_file():
+    # MaskReID (neither a ViT nor the ResNet-50 trunk): every tensor but the classifier's
+    torch.manual_seed(0)
+    source = build_model("maskreid", CLASSES, stem_channels=4, base_width=4)
+    backbone = {k: v for k, v in source.state_dict().items() if "classifier." not in k}
+    assert len(backbone) < len(source.state_dict())
+    report = load_pretrained(build_model("maskreid", CLASSES, stem_channels=4, base_width=4), backbone)
+    assert report.missing and all("classifier." in key for key in report.missing)
+
+
 def test_official_dpm_checkpoint(tmp_path):
     checkpoint = official_dpm_checkpoint()
     path = tmp_path / "transformer_150.pth"
