@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dpm_ops.models import WeightsError, build_model, load_pretrained, resize_pos_embed
+from dpm_ops.models.weights import trained_state_dict
 
 C, DEPTH, CAMERAS, CLASSES = 32, 4, 3, 6
 TINY_VIT = dict(embed_dim=C, depth=DEPTH, num_heads=4)
@@ -259,6 +260,31 @@ def test_shape_mismatch_names_the_key():
         load_pretrained(wrong_classes, official_dpm_checkpoint())
     with pytest.raises(ValueError, match="cannot be loaded"):
         load_pretrained(model, torchvision_resnet_checkpoint())
+
+
+def test_layouts_that_do_not_fit_are_refused():
+    maskreid = build_model("maskreid_resnet50", 4, layers=(1, 1, 1, 1), width=8)
+    with pytest.raises(WeightsError, match="a dpm_official checkpoint cannot be loaded into MaskReIDResNet50"):
+        load_pretrained(maskreid, official_dpm_checkpoint())
+    # a whole trained model is native or official DPM; ImageNet backbones start a training instead
+    for layout, checkpoint in (
+        ("timm_vit", timm_checkpoint()),
+        ("torchvision_resnet50", torchvision_resnet_checkpoint()),
+    ):
+        with pytest.raises(WeightsError, match=f"holds {layout} ImageNet backbone weights"):
+            trained_state_dict(checkpoint, "f.pth")
+    wide = timm_checkpoint()
+    wide["pos_embed"] = torch.zeros(1, 1 + 14 * 14, C + 1)
+    model = build_model("vit_baseline", CLASSES, CAMERAS, stride=11, **TINY_VIT)
+    with pytest.raises(WeightsError, match="'pos_embed' -> 'backbone.pos_embed': shape .* cannot be resized"):
+        load_pretrained(model, wide)
+
+
+def test_a_key_with_two_targets_is_unexpected_once():
+    checkpoint = torchvision_resnet_checkpoint()
+    checkpoint["conv1.extra"] = torch.zeros(1)  # -> trunk.conv1.extra and masked_stem.conv1.extra, neither exists
+    model = build_model("maskreid_resnet50", 4, layers=(1, 1, 1, 1), width=8)
+    assert load_pretrained(model, checkpoint).unexpected == ["conv1.extra"]
 
 
 def test_torchvision_resnet50_checkpoint(tmp_path):
