@@ -247,6 +247,55 @@ def test_synth_config_names_the_field():
         assert info.value.option == option and isinstance(info.value, ValueError)
 
 
+@pytest.mark.parametrize(
+    "fields, option",
+    [
+        ({"seed": True}, "seed"),  # a bool is no integer
+        ({"seed": -1}, "seed"),
+        ({"ids": 1}, "ids"),
+        ({"cameras": 3, "id_cameras": (2, 3), "queries_per_id": 4}, "queries_per_id"),  # one per (id, camera)
+        ({"supersample": 5}, "supersample"),
+        ({"jpeg_quality": 101}, "jpeg_quality"),
+        ({"id_cameras": (1, 2)}, "id_cameras"),  # an identity in one camera has no cross-camera match
+        ({"train_images": (1, 201)}, "train_images"),
+        ({"gallery_per_camera": (0, 2)}, "gallery_per_camera"),
+        ({"hidden_range": (0.0, 0.5)}, "hidden_range"),
+        ({"hidden_range": (0.5, 1.0)}, "hidden_range"),
+    ],
+)
+def test_synth_options_out_of_range(fields, option):
+    with pytest.raises(SynthOptionError) as info:
+        SynthConfig(**fields)
+    assert info.value.option == option
+
+
+def test_synth_options_at_their_bounds_are_accepted():
+    for fields in (
+        {"seed": 0, "ids": 2, "cameras": 2, "id_cameras": (2, 2), "queries_per_id": 2},
+        {"supersample": 4, "jpeg_quality": 100, "hidden_range": (0.01, 0.99)},
+        {"supersample": 1, "jpeg_quality": 1, "train_images": (200, 200), "gallery_per_camera": (50, 50), "ids": 2},
+    ):
+        SynthConfig(**fields)
+    # exactly the most images a set may hold (2000 * 200 + 2000 * (2 + 4 * 12) = 500,000)
+    most = dict(ids=4000, train_images=(1, 200), gallery_per_camera=(1, 12), distractors=0.0, junk=0.0)
+    assert SynthConfig(**most).max_images() == 500_000
+
+
+def test_max_images_counts_every_kind_of_image():
+    config = SynthConfig(
+        ids=9,  # 5 train, 4 test identities
+        cameras=4,
+        id_cameras=(2, 3),
+        queries_per_id=4,  # at most one per camera: 3 per identity
+        train_images=(1, 5),
+        gallery_per_camera=(1, 2),
+        distractors=0.5,
+        junk=0.25,
+    )
+    train, queries, gallery = 5 * 5, 4 * 3, 4 * 3 * 2
+    assert config.max_images() == train + queries + gallery * (1 + 0.5 + 0.25)
+
+
 def test_config_and_command_line_agree_on_id_cameras():
     # a config with cameras: 2 alone was refused for id_cameras (2, 4), which `dpm-reid synth --cameras 2` caps
     from dpm_ops.data.synth import synth_config
