@@ -296,6 +296,50 @@ def test_max_images_counts_every_kind_of_image():
     assert config.max_images() == train + queries + gallery * (1 + 0.5 + 0.25)
 
 
+def test_plan_follows_the_options():
+    """The plan against the options, counted from its jobs: identity splits, cameras per identity
+    and images per identity within their inclusive ranges (both ends reached over 200 identities),
+    one query per camera up to queries_per_id, distractor and junk shares of the identities' gallery."""
+    from collections import Counter
+
+    from dpm_ops.data.synth.planning import plan_images, split_counts
+
+    config = SynthConfig(
+        seed=3,
+        ids=201,
+        cameras=4,
+        id_cameras=(2, 3),
+        queries_per_id=2,
+        train_images=(1, 3),
+        gallery_per_camera=(1, 2),
+        distractors=0.5,
+        junk=0.25,
+    )
+    jobs, pids = plan_images(config)
+    by_folder = {folder: [j for j in jobs if j.folder == folder] for folder in ("bounding_box_train", "query")}
+    train_ids = {j.identity for j in by_folder["bounding_box_train"]}
+    test_ids = {j.identity for j in jobs if j.folder == "bounding_box_test" and j.identity >= 0}
+    assert (len(train_ids), len(test_ids)) == (101, 100) and not train_ids & test_ids
+    assert set(Counter(j.identity for j in by_folder["bounding_box_train"]).values()) == {1, 2, 3}
+    gallery = [j for j in jobs if j.folder == "bounding_box_test" and j.identity >= 0]
+    cameras = {i: {j.camera for j in gallery if j.identity == i} for i in test_ids}
+    assert {len(c) for c in cameras.values()} == {2, 3}
+    assert set(Counter((j.identity, j.camera) for j in gallery).values()) == {1, 2}
+    queries = Counter(j.identity for j in by_folder["query"])
+    assert set(queries.values()) == {2} and len(set((j.identity, j.camera) for j in by_folder["query"])) == 200
+    assert all(j.camera in cameras[j.identity] for j in by_folder["query"])
+    one_offs = [j for j in jobs if j.identity < 0]
+    assert sum(not j.junk for j in one_offs) == round(0.5 * len(gallery))
+    assert sum(j.junk for j in one_offs) == round(0.25 * len(gallery))
+    assert all(j.name.startswith("-1_" if j.junk else "0000_") for j in one_offs)
+    frames = {}  # per camera, strictly increasing frame numbers: names never repeat
+    for job in jobs:
+        frames.setdefault(job.camera, []).append(int(job.name.split("_")[2]))
+    assert all(a < b for f in frames.values() for a, b in zip(f, f[1:]))
+    counts = split_counts(jobs, pids)
+    assert counts["gallery"] == [100 + 1, len(gallery) + round(0.5 * len(gallery))]  # pid 0 is one id, junk dropped
+
+
 def test_config_and_command_line_agree_on_id_cameras():
     # a config with cameras: 2 alone was refused for id_cameras (2, 4), which `dpm-reid synth --cameras 2` caps
     from dpm_ops.data.synth import synth_config
