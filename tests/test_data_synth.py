@@ -118,6 +118,11 @@ def test_ensure_refuses_a_set_of_other_options(tmp_path):
         ensure_synthetic_dataset(out, other, progress=False)
     assert file_bytes(out) == before
     manifest = json.loads((out / "synthetic.json").read_text())
+    # an option only one side knows (a set of an older or newer version) differs too
+    older = {**manifest, "config": {k: v for k, v in manifest["config"].items() if k != "jpeg_quality"}}
+    (out / "synthetic.json").write_text(json.dumps(older))
+    with pytest.raises(DatasetError, match=r"jpeg_quality 90 requested, \(absent\) there"):
+        check_synthetic_dataset(out, config)
     (out / "synthetic.json").write_text(json.dumps({**manifest, "format": "dpm_ops.synthetic/0"}))
     with pytest.raises(DatasetError, match=r"manifest format 'dpm_ops.synthetic/0'"):
         check_synthetic_dataset(out, config)
@@ -125,6 +130,24 @@ def test_ensure_refuses_a_set_of_other_options(tmp_path):
     with pytest.raises(DatasetError, match=r"corrupt synthetic manifest .*synthetic\.json: it holds no config"):
         check_synthetic_dataset(out, config)
     assert not check_synthetic_dataset(tmp_path / "absent", config)
+
+
+def test_an_interrupted_generation_leaves_nothing_behind(tmp_path, monkeypatch):
+    from dpm_ops.data.synth import writing
+
+    render = writing._render
+    calls = []
+
+    def render_then_die(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed mid-way
+        return render(*args)
+
+    monkeypatch.setattr(writing, "_render", render_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        generate_synthetic_dataset(tmp_path / "set", TINY, progress=False)
+    assert os.listdir(tmp_path) == []  # neither the set nor its staging folder
 
 
 def test_a_run_refuses_a_set_of_other_dataset_synth_options(tmp_path, capsys):
