@@ -290,6 +290,18 @@ def test_a_bare_state_dict_is_the_configs_model(tmp_path, tiny_set, model):
         assert torch.equal(tensor, state["model"][key]), key
 
 
+def test_checkpoint_model_of_a_training_checkpoint(tmp_path, tiny_set):
+    # what export / extract run: the checkpoint's model in eval mode, at the config's input.size only
+    from dpm_ops.engine import checkpoint_model, load_config
+    from dpm_ops.engine.config import ConfigError
+
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_set, "dpm"))
+    path = _fresh_checkpoint(tmp_path, config)
+    assert not checkpoint_model(load_config(str(config)), path).training
+    with pytest.raises(ConfigError, match=r"takes 64x32 images but config key input.size is \[128, 64\]"):
+        checkpoint_model(load_config(str(config), ["input.size=[128,64]"]), path)
+
+
 def _drop_first_tensor(state):
     state["model"].pop(next(iter(state["model"])))
 

@@ -118,6 +118,11 @@ def test_ensure_refuses_a_set_of_other_options(tmp_path):
         ensure_synthetic_dataset(out, other, progress=False)
     assert file_bytes(out) == before
     manifest = json.loads((out / "synthetic.json").read_text())
+    # an option only one side knows (a set of an older or newer version) differs too
+    older = {**manifest, "config": {k: v for k, v in manifest["config"].items() if k != "jpeg_quality"}}
+    (out / "synthetic.json").write_text(json.dumps(older))
+    with pytest.raises(DatasetError, match=r"jpeg_quality 90 requested, \(absent\) there"):
+        check_synthetic_dataset(out, config)
     (out / "synthetic.json").write_text(json.dumps({**manifest, "format": "dpm_ops.synthetic/0"}))
     with pytest.raises(DatasetError, match=r"manifest format 'dpm_ops.synthetic/0'"):
         check_synthetic_dataset(out, config)
@@ -125,6 +130,24 @@ def test_ensure_refuses_a_set_of_other_options(tmp_path):
     with pytest.raises(DatasetError, match=r"corrupt synthetic manifest .*synthetic\.json: it holds no config"):
         check_synthetic_dataset(out, config)
     assert not check_synthetic_dataset(tmp_path / "absent", config)
+
+
+def test_an_interrupted_generation_leaves_nothing_behind(tmp_path, monkeypatch):
+    from dpm_ops.data.synth import writing
+
+    render = writing._render
+    calls = []
+
+    def render_then_die(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed mid-way
+        return render(*args)
+
+    monkeypatch.setattr(writing, "_render", render_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        generate_synthetic_dataset(tmp_path / "set", TINY, progress=False)
+    assert os.listdir(tmp_path) == []  # neither the set nor its staging folder
 
 
 def test_a_run_refuses_a_set_of_other_dataset_synth_options(tmp_path, capsys):
@@ -245,6 +268,99 @@ def test_synth_config_names_the_field():
         with pytest.raises(SynthOptionError) as info:
             SynthConfig(**fields)
         assert info.value.option == option and isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    "fields, option",
+    [
+        ({"seed": True}, "seed"),  # a bool is no integer
+        ({"seed": -1}, "seed"),
+        ({"ids": 1}, "ids"),
+        ({"cameras": 3, "id_cameras": (2, 3), "queries_per_id": 4}, "queries_per_id"),  # one per (id, camera)
+        ({"supersample": 5}, "supersample"),
+        ({"jpeg_quality": 101}, "jpeg_quality"),
+        ({"id_cameras": (1, 2)}, "id_cameras"),  # an identity in one camera has no cross-camera match
+        ({"train_images": (1, 201)}, "train_images"),
+        ({"gallery_per_camera": (0, 2)}, "gallery_per_camera"),
+        ({"hidden_range": (0.0, 0.5)}, "hidden_range"),
+        ({"hidden_range": (0.5, 1.0)}, "hidden_range"),
+    ],
+)
+def test_synth_options_out_of_range(fields, option):
+    with pytest.raises(SynthOptionError) as info:
+        SynthConfig(**fields)
+    assert info.value.option == option
+
+
+def test_synth_options_at_their_bounds_are_accepted():
+    for fields in (
+        {"seed": 0, "ids": 2, "cameras": 2, "id_cameras": (2, 2), "queries_per_id": 2},
+        {"supersample": 4, "jpeg_quality": 100, "hidden_range": (0.01, 0.99)},
+        {"supersample": 1, "jpeg_quality": 1, "train_images": (200, 200), "gallery_per_camera": (50, 50), "ids": 2},
+    ):
+        SynthConfig(**fields)
+    # exactly the most images a set may hold (2000 * 200 + 2000 * (2 + 4 * 12) = 500,000)
+    most = dict(ids=4000, train_images=(1, 200), gallery_per_camera=(1, 12), distractors=0.0, junk=0.0)
+    assert SynthConfig(**most).max_images() == 500_000
+
+
+def test_max_images_counts_every_kind_of_image():
+    config = SynthConfig(
+        ids=9,  # 5 train, 4 test identities
+        cameras=4,
+        id_cameras=(2, 3),
+        queries_per_id=4,  # at most one per camera: 3 per identity
+        train_images=(1, 5),
+        gallery_per_camera=(1, 2),
+        distractors=0.5,
+        junk=0.25,
+    )
+    train, queries, gallery = 5 * 5, 4 * 3, 4 * 3 * 2
+    assert config.max_images() == train + queries + gallery * (1 + 0.5 + 0.25)
+
+
+def test_plan_follows_the_options():
+    """The plan against the options, counted from its jobs: identity splits, cameras per identity
+    and images per identity within their inclusive ranges (both ends reached over 200 identities),
+    one query per camera up to queries_per_id, distractor and junk shares of the identities' gallery."""
+    from collections import Counter
+
+    from dpm_ops.data.synth.planning import plan_images, split_counts
+
+    config = SynthConfig(
+        seed=3,
+        ids=201,
+        cameras=4,
+        id_cameras=(2, 3),
+        queries_per_id=2,
+        train_images=(1, 3),
+        gallery_per_camera=(1, 2),
+        distractors=0.5,
+        junk=0.25,
+    )
+    jobs, pids = plan_images(config)
+    by_folder = {folder: [j for j in jobs if j.folder == folder] for folder in ("bounding_box_train", "query")}
+    train_ids = {j.identity for j in by_folder["bounding_box_train"]}
+    test_ids = {j.identity for j in jobs if j.folder == "bounding_box_test" and j.identity >= 0}
+    assert (len(train_ids), len(test_ids)) == (101, 100) and not train_ids & test_ids
+    assert set(Counter(j.identity for j in by_folder["bounding_box_train"]).values()) == {1, 2, 3}
+    gallery = [j for j in jobs if j.folder == "bounding_box_test" and j.identity >= 0]
+    cameras = {i: {j.camera for j in gallery if j.identity == i} for i in test_ids}
+    assert {len(c) for c in cameras.values()} == {2, 3}
+    assert set(Counter((j.identity, j.camera) for j in gallery).values()) == {1, 2}
+    queries = Counter(j.identity for j in by_folder["query"])
+    assert set(queries.values()) == {2} and len(set((j.identity, j.camera) for j in by_folder["query"])) == 200
+    assert all(j.camera in cameras[j.identity] for j in by_folder["query"])
+    one_offs = [j for j in jobs if j.identity < 0]
+    assert sum(not j.junk for j in one_offs) == round(0.5 * len(gallery))
+    assert sum(j.junk for j in one_offs) == round(0.25 * len(gallery))
+    assert all(j.name.startswith("-1_" if j.junk else "0000_") for j in one_offs)
+    frames = {}  # per camera, strictly increasing frame numbers: names never repeat
+    for job in jobs:
+        frames.setdefault(job.camera, []).append(int(job.name.split("_")[2]))
+    assert all(a < b for f in frames.values() for a, b in zip(f, f[1:]))
+    counts = split_counts(jobs, pids)
+    assert counts["gallery"] == [100 + 1, len(gallery) + round(0.5 * len(gallery))]  # pid 0 is one id, junk dropped
 
 
 def test_config_and_command_line_agree_on_id_cameras():

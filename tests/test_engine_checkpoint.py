@@ -1,6 +1,9 @@
 """Checkpoints: atomic writes (a crash mid-save leaves the old file and no debris), tags, clear errors."""
 
 import os
+import stat
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -19,6 +22,20 @@ def test_round_trip_and_tags(tmp_path):
     loaded = checkpoint.load_checkpoint(path, model_name="dpm")
     assert torch.equal(loaded["model"]["w"], torch.ones(4)) and loaded["model_name"] == "dpm"
     assert os.listdir(tmp_path / "ckpt") == ["last.pt"]
+    assert "training" not in loaded  # a final.pt holds no training state
+    final = checkpoint.make_checkpoint("dpm", {}, {}, {}, metrics={"all": {"mAP": 50.0}})
+    assert final["metrics"] == {"all": {"mAP": 50.0}} and "training" not in final
+
+
+def test_save_refuses_a_state_without_its_model_name(tmp_path):
+    with pytest.raises(ValueError, match="make_checkpoint"):
+        checkpoint.save_checkpoint(tmp_path / "last.pt", {"format": checkpoint.FORMAT, "model": {}})
+    assert not (tmp_path / "last.pt").exists()
+
+
+def test_a_folder_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match="checkpoint not found"):
+        checkpoint.load_checkpoint(tmp_path)
 
 
 def test_crash_during_save_keeps_the_previous_file(tmp_path, monkeypatch):
@@ -53,6 +70,39 @@ def test_replace_is_the_commit_point(tmp_path, monkeypatch):
         checkpoint.atomic_write(path, lambda handle: handle.write(b"new content"))
     assert seen == [(b"new content", b"old")]
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_data_is_synced_before_the_replace_and_the_folder_after(tmp_path, monkeypatch):
+    """Durability: the temporary's bytes reach the disk (flushed, fsynced) before os.replace
+    publishes them, and the folder entry is fsynced after it; else a power cut could leave an
+    empty or truncated checkpoint under the final name."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def spy_fsync(fd):
+        info = os.fstat(fd)
+        events.append(("fsync folder",) if stat.S_ISDIR(info.st_mode) else ("fsync file", info.st_size))
+        real_fsync(fd)
+
+    def spy_replace(src, dst):
+        events.append(("replace",))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "replace", spy_replace)
+    checkpoint.atomic_write(tmp_path / "f.bin", lambda handle: handle.write(b"new content"))
+    assert events == [("fsync file", len(b"new content")), ("replace",), ("fsync folder",)]
+
+
+def test_a_temporary_name_in_use_is_never_written_or_removed(tmp_path, monkeypatch):
+    """The temporary is created exclusively ("x"): a file already at its name (a collision, or a
+    planted link) is neither written through, moved into place nor deleted."""
+    theirs = tmp_path / ".f.bin.0123456789ab.tmp"
+    theirs.write_bytes(b"theirs")
+    monkeypatch.setattr(checkpoint, "_temporary_name", lambda path: theirs)
+    with pytest.raises(FileExistsError):
+        checkpoint.atomic_write(tmp_path / "f.bin", lambda handle: handle.write(b"new content"))
+    assert theirs.read_bytes() == b"theirs" and not (tmp_path / "f.bin").exists()
 
 
 def test_other_models_checkpoint_is_one_clear_line(tmp_path):
@@ -128,6 +178,9 @@ def test_tensors_that_do_not_fit_the_model_are_named(tmp_path):
     many = {k: v for k, v in good.items() if not k.startswith("0.")} | {f"x{i}": torch.zeros(1) for i in range(5)}
     with pytest.raises(checkpoint.CheckpointError, match=r"unexpected: x0, x1, x2 and 2 more"):
         checkpoint.load_model_state(model, many, "f.pt")
+    three = {**good, **{f"x{i}": torch.zeros(1) for i in range(3)}}
+    with pytest.raises(checkpoint.CheckpointError, match=r"unexpected: x0, x1, x2\)"):  # all listed, no "and 0 more"
+        checkpoint.load_model_state(model, three, "f.pt")
 
 
 def test_stale_temporaries_are_removed(tmp_path):
@@ -137,8 +190,9 @@ def test_stale_temporaries_are_removed(tmp_path):
         path.write_bytes(b"half")
     for name in ("notes.tmp", ".cache.tmp"):  # not shaped like an atomic_write temporary: kept
         (tmp_path / name).write_text("not ours")
+    (tmp_path / ".data.v2.tmp").mkdir()  # shaped like one, but a folder: never a temporary of ours
     assert sorted(checkpoint.remove_stale_temporaries(tmp_path)) == sorted(stale)
-    assert sorted(os.listdir(tmp_path)) == [".cache.tmp", "last.pt", "notes.tmp"]
+    assert sorted(os.listdir(tmp_path)) == [".cache.tmp", ".data.v2.tmp", "last.pt", "notes.tmp"]
     assert checkpoint.remove_stale_temporaries(tmp_path / "absent") == []
 
 
@@ -171,3 +225,36 @@ def test_read_only_output_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # root may write anywhere: pretend
     with pytest.raises(checkpoint.CheckpointError, match=r"output_dir .*: the folder is not writable"):
         checkpoint.make_output_folder(tmp_path, "output_dir")
+
+
+def test_output_folder_needs_write_and_search_permission(tmp_path, monkeypatch):
+    # a folder one may write but not enter (no x bit) cannot hold files either
+    monkeypatch.setattr(os, "access", lambda path, mode: not mode & os.X_OK)
+    with pytest.raises(checkpoint.CheckpointError, match="not writable"):
+        checkpoint.make_output_folder(tmp_path, "--output")
+
+
+def test_output_folder_expands_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert checkpoint.make_output_folder("~/runs/a", "--output") == tmp_path / "runs" / "a"
+    assert (tmp_path / "runs" / "a").is_dir()
+
+
+def test_run_folder_refusal_lets_go_and_overwrite_removes_the_earlier_checkpoints(tmp_path):
+    earlier = [tmp_path / "checkpoints" / name for name in ("epoch_001.pt", "last.pt")]
+    earlier[0].parent.mkdir()
+    for path in earlier:
+        path.write_bytes(b"x")
+    with pytest.raises(checkpoint.CheckpointError, match="already holds a run") as refused:
+        checkpoint.RunFolder(tmp_path, resume=False, overwrite=False)
+    # the refused run holds no lock: another process can take the folder at once
+    take = "import fcntl, sys; fcntl.lockf(open(sys.argv[1], 'a+'), fcntl.LOCK_EX | fcntl.LOCK_NB)"
+    lock = tmp_path / checkpoint.RunFolder.LOCK
+    assert subprocess.run([sys.executable, "-c", take, str(lock)]).returncode == 0, refused
+    folder = checkpoint.RunFolder(tmp_path, resume=False, overwrite=True)
+    try:
+        assert all(path.exists() for path in earlier)  # kept until the new run has set up
+        assert folder.remove_earlier_run() == earlier
+        assert not any(path.exists() for path in earlier) and folder.remove_earlier_run() == []
+    finally:
+        folder.release()

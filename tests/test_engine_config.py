@@ -6,8 +6,10 @@ from dpm_ops.engine.config import (
     ConfigError,
     apply_overrides,
     available_configs,
+    current_choice,
     defaults,
     load_config,
+    parse_override,
     resolve_config_path,
 )
 
@@ -190,6 +192,39 @@ def test_cross_field_rules():
         load_config(None, ["pretrain.epochs=3"])
     config = apply_overrides(defaults(), ["train.stop_after_iters=5"])
     assert config["train"]["stop_after_iters"] == 5
+    with pytest.raises(ConfigError, match="dataset.with_masks: model maskreid needs foreground masks"):
+        load_config("maskreid_market1501", ["dataset.with_masks=false"])
+
+
+def test_override_values_and_shorthands():
+    assert parse_override("dataset.mask_root=") == ("dataset.mask_root", "")  # empty, not null
+    assert parse_override("dataset.root=[a,") == ("dataset.root", "[a,")  # not YAML: the text itself
+    assert load_config(None, ["input.size=64"])["input"]["size"] == [64, 64]  # one side: a square
+    assert load_config(None, ["input.size=[4096,4096]"])["input"]["size"] == [4096, 4096]  # the largest
+    with pytest.raises(ConfigError, match="input.size"):
+        load_config(None, ["input.size=[4097,128]"])
+    # inside a free-form mapping the rest of the key is one entry, never a shorter one
+    with pytest.raises(ConfigError, match=r"model\.options\.depth\.x"):
+        load_config(None, ["model.options.depth.x=2"])
+    with pytest.raises(ConfigError, match=r"model\.options\.depth: expected a value like"):
+        load_config(None, ["model.options.depth=2.0"])  # an int option takes no float
+
+
+def test_an_option_whose_default_is_none_takes_a_value():
+    config = load_config("maskreid_market1501", ["model.options.level_norm=bn"])  # default None: off
+    assert config["model"]["options"]["level_norm"] == "bn"
+
+
+def test_a_renamed_choice_in_a_saved_config_reads_as_its_new_name():
+    assert current_choice("loss", "ranking_pos_mode", "all") == "all_eq5"
+    assert current_choice("loss", "ranking_pos_mode", "hardest") == "hardest"
+    assert current_choice("solver", "epochs", 3) == 3
+
+
+def test_a_builtin_name_is_never_taken_for_a_missing_path(tmp_path):
+    assert resolve_config_path("synthetic_dpm").name == "synthetic_dpm.yaml"
+    with pytest.raises(ConfigError, match="config not found"):
+        resolve_config_path(str(tmp_path / "synthetic_dpm.yaml"))
 
 
 # Ranges, not just types: every bad value fails at load time, before any training, one line naming

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from dpm_ops.data import ImageDataset, build_dataloader, build_dataset
 from dpm_ops.data.synth import ensure_synthetic_dataset
-from dpm_ops.engine import evaluator
+from dpm_ops.engine import evaluator, extraction
 from dpm_ops.engine.evaluator import (
     FeatureSet,
     compute_distances,
@@ -130,6 +130,8 @@ def test_extract_features_errors(splits):
     loader = loader_for(splits, splits.query[:3], "vit_baseline")
     with pytest.raises(ValueError, match="model_name"):
         extract_features(model, loader, model_name="transreid", progress=False)
+    with pytest.raises(ValueError, match="move the model first"):  # the model is on the CPU
+        extract_features(model, loader, model_name="vit_baseline", device="cuda", progress=False)
     small = build_model("vit_baseline", 7, 2, **VIT)  # two camera embeddings, the set has three
     with pytest.raises(ValueError, match="camera id 2"):
         extract_features(
@@ -182,6 +184,7 @@ def test_evaluate_model_equals_direct_evaluate_rank(splits, name, tmp_path):
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert flat({k: v for k, v in saved.items() if k != "settings"}) == pytest.approx(flat(metrics))
     assert saved["settings"]["distance"] == ("masked_arccos" if name == "dpm" else "euclidean")
+    assert saved["settings"]["image_size"] == ([144, 56] if name == "maskreid" else list(SIZE[name]))  # the crop
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
 
@@ -247,6 +250,83 @@ def test_distance_choices():
         evaluator.resolve_distance("manhattan", "dpm")
 
 
+def test_rerank_distances_per_metric():
+    """compute_distances itself (the metrics above can hide a changed matrix): DPM's masked arccos
+    re-ranked with each item's own mask (the reference reads columns); Euclidean on the features
+    as given; cosine on the L2-normalised features, i.e. the Euclidean one of unit vectors."""
+    generator = torch.Generator().manual_seed(1)
+    scale = lambda n: 0.5 + 2 * torch.rand(n, 1, generator=generator)  # noqa: E731
+    qf, gf = torch.randn(7, 16, generator=generator), torch.randn(11, 16, generator=generator)
+    qm, gm = torch.rand(7, 16, generator=generator), torch.rand(11, 16, generator=generator)
+    q = FeatureSet(F.normalize(qf, dim=1), qm, torch.arange(7), torch.zeros(7, dtype=torch.long), ["q"] * 7)
+    g = FeatureSet(F.normalize(gf, dim=1), gm, torch.arange(11) % 7, torch.ones(11, dtype=torch.long), ["g"] * 11)
+    options = dict(rerank=True, k1=4, k2=2, lambda_value=0.3)
+    q_g, q_q, g_g = (
+        masked_arccos_distance(q.features, qm, g.features),
+        masked_arccos_distance(q.features, qm, q.features),
+        masked_arccos_distance(g.features, gm, g.features),
+    )
+    expected = re_ranking(q_g, q_q.T, g_g.T, k1=4, k2=2, lambda_value=0.3)
+    torch.testing.assert_close(compute_distances(q, g, "masked_arccos", **options), expected)
+    raw_q = dataclasses.replace(q, features=q.features * scale(7))
+    raw_g = dataclasses.replace(g, features=g.features * scale(11))
+    torch.testing.assert_close(
+        compute_distances(raw_q, raw_g, "euclidean", **options),
+        rerank_features(raw_q.features, raw_g.features, k1=4, k2=2, lambda_value=0.3),
+    )
+    torch.testing.assert_close(
+        compute_distances(raw_q, raw_g, "cosine", **options),
+        rerank_features(q.features, g.features, k1=4, k2=2, lambda_value=0.3),
+    )
+
+
+def test_gallery_smaller_than_rank10():
+    """With fewer gallery items than 10, Rank-5 / Rank-10 are the CMC's last value (every query
+    has found its match by then)."""
+    q = FeatureSet(torch.zeros(3, 2), None, torch.tensor([0, 1, 2]), torch.zeros(3, dtype=torch.long), ["q"] * 3)
+    g = FeatureSet(torch.zeros(4, 2), None, torch.tensor([2, 1, 0, 3]), torch.ones(4, dtype=torch.long), ["g"] * 4)
+    distmat = torch.arange(12, dtype=torch.float32).reshape(3, 4)  # query i's match is at rank 3 - i
+    with pytest.warns(UserWarning, match="gallery size"):
+        metrics = evaluator.rank_metrics(distmat, q, g)["all"]
+    assert metrics["cmc"] == pytest.approx([100 / 3, 200 / 3, 100.0, 100.0])
+    assert (metrics["rank1"], metrics["rank5"], metrics["rank10"]) == pytest.approx((100 / 3, 100.0, 100.0))
+
+
+def test_subset_without_a_match_is_left_out_with_a_warning():
+    q = FeatureSet(torch.zeros(3, 2), None, torch.tensor([0, 1, 9]), torch.zeros(3, dtype=torch.long), ["q"] * 3)
+    g = FeatureSet(torch.zeros(2, 2), None, torch.tensor([1, 0]), torch.ones(2, dtype=torch.long), ["g"] * 2)
+    subsets = {"clean": torch.tensor([0, 1]), "occluded": torch.tensor([2])}  # pid 9 is not in the gallery
+    with pytest.warns(UserWarning, match="'occluded': no query has a match"):
+        metrics = evaluator.rank_metrics(torch.rand(3, 2), q, g, subsets)
+    assert set(metrics) == {"all", "clean"} and metrics["clean"]["num_valid"] == 2
+
+
+def test_settings_record_rerank_and_precision(splits, tmp_path):
+    evaluate_model(
+        tiny_model("vit_baseline"),
+        splits,
+        model_name="vit_baseline",
+        image_size=(64, 32),
+        amp_dtype=torch.bfloat16,
+        rerank=True,
+        k1=6,
+        k2=3,
+        lambda_value=0.4,
+        out_dir=str(tmp_path),
+        pictures=False,
+        progress=False,
+    )
+    settings = json.loads((tmp_path / "metrics.json").read_text())["settings"]
+    assert {k: settings[k] for k in ("rerank", "k1", "k2", "lambda_value", "amp", "image_size")} == {
+        "rerank": True,
+        "k1": 6,
+        "k2": 3,
+        "lambda_value": 0.4,
+        "amp": "bfloat16",
+        "image_size": [64, 32],
+    }
+
+
 def test_explicit_cosine_matches_euclidean_metrics(splits):
     model = tiny_model("vit_baseline")
     options = dict(model_name="vit_baseline", image_size=(64, 32), batch_size=16, pictures=False, progress=False)
@@ -285,6 +365,49 @@ def test_bad_arguments(splits):
     ):  # the synthetic set has no pools
         with pytest.raises(ValueError, match=name):
             evaluate_model(model, splits, model_name="vit_baseline", **bad, **options)
+
+
+def test_bad_options_fail_before_any_extraction(splits, monkeypatch):
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("features extracted before the options were checked")
+
+    monkeypatch.setattr(evaluator, "_extract_split", no_extraction)
+    options = dict(model_name="vit_baseline", image_size=(64, 32), pictures=False, progress=False)
+    for bad, needle in (
+        (dict(image_size=(64, 0)), "image_size"),
+        (dict(batch_size=0), "batch_size must be a positive integer"),
+        (dict(seed=-1), "seed"),
+        (dict(num_repeats=0), "num_repeats"),
+    ):
+        with pytest.raises(ValueError, match=needle):
+            evaluate_model(tiny_model("vit_baseline"), splits, **{**options, **bad})
+
+
+def test_concat_skips_empty_shards():
+    """A rank with no records returns a FeatureSet without a feature width (torch.zeros(0, 0))."""
+    empty = FeatureSet(torch.zeros(0, 0), None, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), [])
+    full = FeatureSet(torch.ones(2, 3), torch.ones(2, 3), torch.tensor([4, 5]), torch.tensor([0, 1]), ["a", "b"])
+    joined = FeatureSet.concat([empty, full, empty, full])
+    assert joined.features.shape == (4, 3) and joined.masks.shape == (4, 3)
+    assert joined.pids.tolist() == [4, 5, 4, 5] and joined.paths == ["a", "b", "a", "b"]
+    assert len(FeatureSet.concat([empty, empty])) == 0
+
+
+@pytest.mark.parametrize("count", [0, 1, 5, 7, 12])
+def test_shards_cover_the_records_once_in_order(count):
+    records = list(range(count))
+    for world in (1, 2, 3, 5):
+        shards = [extraction._shard(records, rank, world) for rank in range(world)]
+        assert [r for shard in shards for r in shard] == records
+        assert max(map(len, shards)) - min(map(len, shards)) <= 1  # even shards
+
+
+def test_pooling_needs_masks_on_both_sides():
+    with_masks = FeatureSet(torch.ones(1, 2), torch.ones(1, 2), torch.tensor([1]), torch.tensor([0]), ["q/1.jpg"])
+    without = dataclasses.replace(with_masks, masks=None, paths=["p/1.jpg"])
+    for query, pool in ((with_masks, without), (without, with_masks)):
+        with pytest.raises(ValueError, match="both have DPM masks"):
+            pool_multi_query(query, pool, "avg")
 
 
 def test_cuhk03_protocol(splits, tmp_path):
@@ -410,6 +533,13 @@ def test_unlabelled_dataset_reports_all_only(splits):
     assert len(table.splitlines()) == 3 and table.splitlines()[2].split()[0] == "all"
 
 
+def test_models_without_masks_never_read_them(splits):
+    # Only MaskReID's loader pairs images with masks; a ViT evaluation must not need the files.
+    absent = {r.path: "/nonexistent/mask.png" for r in (*splits.query, *splits.gallery)}
+    metrics = evaluate_baseline(dataclasses.replace(splits, mask_paths=absent))
+    assert metrics["all"] == evaluate_baseline(splits)["all"]
+
+
 def test_subset_without_queries_is_left_out(splits):
     all_occluded = dataclasses.replace(splits, occluded_paths=frozenset(r.path for r in splits.query))
     metrics = evaluate_baseline(all_occluded)
@@ -441,6 +571,10 @@ def test_evaluation_precision_is_eval_amp_not_solver_amp(splits, monkeypatch):
     ):  # auto: off on CPU
         evaluate_with_config(tiny_model("dpm"), splits, load_config(None, overrides), device=torch.device("cpu"))
         assert seen["amp_dtype"] is expected, overrides
+    config = load_config(None, ["eval.pictures=true", "eval.cuhk03_repeats=3", "eval.cuhk03_seed=7"])
+    for pictures, expected in ((None, True), (False, False)):  # the argument overrides eval.pictures
+        evaluate_with_config(tiny_model("dpm"), splits, config, device=torch.device("cpu"), pictures=pictures)
+        assert (seen["pictures"], seen["num_repeats"], seen["seed"]) == (expected, 3, 7)
 
 
 def test_format_metrics_table():

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dpm_ops.models import WeightsError, build_model, load_pretrained, resize_pos_embed
+from dpm_ops.models.weights import trained_state_dict
 
 C, DEPTH, CAMERAS, CLASSES = 32, 4, 3, 6
 TINY_VIT = dict(embed_dim=C, depth=DEPTH, num_heads=4)
@@ -143,6 +144,17 @@ def test_pos_embed_resize_matches_written_out_bilinear():
     )
 
 
+def test_pos_embed_resize_of_a_half_precision_file_interpolates_in_float32():
+    """A bf16 / fp16 file keeps its dtype, and the interpolation runs in float32 (one rounding,
+    at the end), as a float32 copy of the file would give."""
+    source = torch.randn(1, 1 + 14 * 14, 8)
+    for dtype in (torch.bfloat16, torch.float16):
+        half = source.to(dtype)
+        resized = resize_pos_embed(half, (22, 11))
+        assert resized.dtype == dtype and torch.equal(resized[:, 0], half[:, 0])
+        assert torch.equal(resized, resize_pos_embed(half.float(), (22, 11)).to(dtype))
+
+
 @pytest.mark.parametrize("model_name", ["dpm", "vit_baseline"])
 def test_timm_vit_checkpoint(tmp_path, model_name):
     checkpoint = timm_checkpoint()
@@ -176,6 +188,30 @@ def test_timm_checkpoint_with_flat_patch_weight():
     load_pretrained(model, checkpoint)
     torch.testing.assert_close(model.backbone.patch_embed.proj.weight.flatten(1), checkpoint["patch_embed.proj.weight"])
     assert model.backbone.pos_embed.shape == (1, 1 + 21 * 10, C)
+
+
+def test_timm_layout_is_recognised_without_cls_token_and_distillation_keys_are_dropped():
+    # a DeiT-style distilled file: dist_token / head_dist are dropped like head; a file without
+    # cls_token (a pooled ViT) is still timm's, by its first block
+    checkpoint = timm_checkpoint()
+    checkpoint["dist_token"] = torch.zeros(1, 1, C)
+    checkpoint["head_dist.weight"] = torch.zeros(10, C)
+    del checkpoint["cls_token"]
+    model = build_model("vit_baseline", CLASSES, CAMERAS, stride=11, **TINY_VIT)
+    report = load_pretrained(model, checkpoint, partial=True)
+    assert report.layout == "timm_vit" and report.unexpected == []
+    assert report.dropped == ["dist_token", "head.bias", "head.weight", "head_dist.weight"]
+    assert "backbone.cls_token" in report.missing
+
+
+def test_classifiers_are_never_required_of_a_pretrained_file():
+    # MaskReID (neither a ViT nor the ResNet-50 trunk): every tensor but the classifier's
+    torch.manual_seed(0)
+    source = build_model("maskreid", CLASSES, stem_channels=4, base_width=4)
+    backbone = {k: v for k, v in source.state_dict().items() if "classifier." not in k}
+    assert len(backbone) < len(source.state_dict())
+    report = load_pretrained(build_model("maskreid", CLASSES, stem_channels=4, base_width=4), backbone)
+    assert report.missing and all("classifier." in key for key in report.missing)
 
 
 def test_official_dpm_checkpoint(tmp_path):
@@ -224,6 +260,31 @@ def test_shape_mismatch_names_the_key():
         load_pretrained(wrong_classes, official_dpm_checkpoint())
     with pytest.raises(ValueError, match="cannot be loaded"):
         load_pretrained(model, torchvision_resnet_checkpoint())
+
+
+def test_layouts_that_do_not_fit_are_refused():
+    maskreid = build_model("maskreid_resnet50", 4, layers=(1, 1, 1, 1), width=8)
+    with pytest.raises(WeightsError, match="a dpm_official checkpoint cannot be loaded into MaskReIDResNet50"):
+        load_pretrained(maskreid, official_dpm_checkpoint())
+    # a whole trained model is native or official DPM; ImageNet backbones start a training instead
+    for layout, checkpoint in (
+        ("timm_vit", timm_checkpoint()),
+        ("torchvision_resnet50", torchvision_resnet_checkpoint()),
+    ):
+        with pytest.raises(WeightsError, match=f"holds {layout} ImageNet backbone weights"):
+            trained_state_dict(checkpoint, "f.pth")
+    wide = timm_checkpoint()
+    wide["pos_embed"] = torch.zeros(1, 1 + 14 * 14, C + 1)
+    model = build_model("vit_baseline", CLASSES, CAMERAS, stride=11, **TINY_VIT)
+    with pytest.raises(WeightsError, match="'pos_embed' -> 'backbone.pos_embed': shape .* cannot be resized"):
+        load_pretrained(model, wide)
+
+
+def test_a_key_with_two_targets_is_unexpected_once():
+    checkpoint = torchvision_resnet_checkpoint()
+    checkpoint["conv1.extra"] = torch.zeros(1)  # -> trunk.conv1.extra and masked_stem.conv1.extra, neither exists
+    model = build_model("maskreid_resnet50", 4, layers=(1, 1, 1, 1), width=8)
+    assert load_pretrained(model, checkpoint).unexpected == ["conv1.extra"]
 
 
 def test_torchvision_resnet50_checkpoint(tmp_path):

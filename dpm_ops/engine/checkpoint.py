@@ -59,8 +59,10 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_name(path)
+    # "x": never another's file (outside the try: a name in use is not ours to remove); the umask's mode
+    handle = open(tmp, "xb")
     try:
-        with open(tmp, "xb") as handle:  # "x": never another's file; created with the umask's mode
+        with handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
