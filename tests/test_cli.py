@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -436,11 +437,16 @@ def test_one_run_at_a_time_in_a_folder(tmp_path, tiny_set, capsys):
         stdout=subprocess.PIPE,
         text=True,
     )
+    # A lock that waits (no LOCK_NB) would wait for the holder forever: it goes after 60 s, and the run
+    # then trains instead of being refused (a failure, not a hung CI).
+    watchdog = threading.Timer(60, holder.kill)
+    watchdog.start()
     try:
         assert holder.stdout.readline().strip() == "held"
         code = main(["train", "--config", str(config), "--output", str(run), "train.stop_after_iters=1"])
         assert_one_line_error(capsys, code, f"{run} is in use by another training run")
     finally:
+        watchdog.cancel()
         holder.communicate("")
     assert main(["train", "--config", str(config), "--output", str(run), "train.stop_after_iters=1"]) == 0
 
