@@ -390,20 +390,17 @@ def extract_images(
     kind = model_kind(model)
     size = _input_size(model, kind, image_size)
     _check_int("batch_size", batch_size, 1)
-    if isinstance(images, (str, os.PathLike, Image.Image)) or (isinstance(images, np.ndarray) and images.ndim < 4):
-        images = [images]
-    try:
-        images = list(images)
-    except TypeError:
-        raise ExportError(f"images must be a list of images, got {type(images).__name__}") from None
+    images = _listed(images, "images", 3)
     names = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"images[{i}]" for i, x in enumerate(images)]
     cameras = image_cameras(model, camids, names)
     uses_masks = get_recipe(kind).uses_masks
     if uses_masks != (masks is not None):
         need = f"{kind} needs each image's foreground mask" if uses_masks else f"{kind} takes no mask"
         raise ExportError(f"masks: {need}")
-    if masks is not None and len(masks) != len(names):
-        raise ExportError(f"masks: one per image ({len(names)}), got {len(masks)}")
+    if masks is not None:
+        masks = _listed(masks, "masks", 2)
+        if len(masks) != len(names):
+            raise ExportError(f"masks: one per image ({len(names)}), got {len(masks)}")
     decoded = [as_rgb(image, name) for image, name in zip(images, names)]
     decoded_masks = None
     if masks is not None:
@@ -411,6 +408,19 @@ def extract_images(
     records = [ImageRecord(name, -1, camera) for name, camera in zip(names, cameras)]
     dataset = DecodedImages(records, decoded, eval_transform(kind, size), masks=decoded_masks)
     return _extract(model, kind, dataset, batch_size, 0, device, amp_dtype, progress, normalize)
+
+
+def _listed(items, name: str, item_ndim: int) -> list:
+    """``items`` as a list: one image / mask (a path, a PIL image, an array of at most ``item_ndim``
+    dimensions) becomes a list of it; a stacked array, its rows."""
+    if isinstance(items, (str, os.PathLike, Image.Image)) or (
+        isinstance(items, np.ndarray) and items.ndim <= item_ndim
+    ):
+        return [items]
+    try:
+        return list(items)
+    except TypeError:
+        raise ExportError(f"{name} must be a list, got {type(items).__name__}") from None
 
 
 def image_cameras(model: torch.nn.Module, camids, names: Sequence[str]) -> list[int]:
