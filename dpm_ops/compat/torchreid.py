@@ -65,15 +65,13 @@ class FeatureExtractor:
         verbose=True,
     ):
         from dpm_ops.engine import get_recipe, load_config
-        from dpm_ops.engine.builders import checkpoint_model
+        from dpm_ops.engine.builders import checkpoint_model, resolve_device
         from dpm_ops.export import model_kind
 
         for name, value in (("pixel_mean", pixel_mean), ("pixel_std", pixel_std), ("pixel_norm", pixel_norm)):
             if value is not None:
                 raise ValueError(f"{name}: dpm_ops models normalise images as their test transforms do; leave it unset")
-        device = torch.device(device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device}: CUDA is not available here; use device='cpu'")
+        device = resolve_device(device, "device")
         config = load_config(model_name)
         self.model = checkpoint_model(config, model_path).to(device)
         self.kind = model_kind(self.model)
@@ -85,6 +83,7 @@ class FeatureExtractor:
             print(f"- params: {sum(p.numel() for p in self.model.parameters()):,}")
 
     def __call__(self, input, camids=None, masks=None) -> torch.Tensor:
+        from dpm_ops.data import masked_image
         from dpm_ops.export import extract_images, image_cameras
 
         if not isinstance(input, torch.Tensor):
@@ -106,6 +105,6 @@ class FeatureExtractor:
         if self.recipe.uses_masks:
             if masks is None:
                 raise ValueError(f"masks: {self.kind} needs the (B, 1, H, W) foreground mask of each image")
-            batch["masked"] = images * torch.as_tensor(masks, device=images.device, dtype=images.dtype)
+            batch["masked"] = masked_image(images, torch.as_tensor(masks, device=images.device, dtype=images.dtype))
         with torch.inference_mode():
             return self.recipe.test_forward(self.model, batch, self.device)[0].float()

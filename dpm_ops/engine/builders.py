@@ -32,18 +32,20 @@ from .config import ConfigError
 from .recipes import get_recipe
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, argument: str = "config key train.device") -> torch.device:
+    """``name`` ("auto", "cpu", "cuda", "cuda:N") as a device this machine has; a ConfigError naming
+    ``argument`` otherwise."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)  # load_config checked that it parses and is cpu or cuda
+    device = torch.device(name)  # a config's: load_config checked that it parses and is cpu or cuda
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
-            f"config key train.device: {name} requested but CUDA is not available here "
+            f"{argument}: {name} requested but CUDA is not available here "
             f"(torch {torch.__version__}, torch.cuda.is_available() is False); use cpu or auto"
         )
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError(
-            f"config key train.device: {name} requested but this machine has {torch.cuda.device_count()} CUDA device(s)"
+            f"{argument}: {name} requested but this machine has {torch.cuda.device_count()} CUDA device(s)"
         )
     return device
 
