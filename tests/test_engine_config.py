@@ -52,6 +52,9 @@ def test_paper_values():
     assert market["solver"]["epochs"] == 50 and market["dataset"]["test_name"] is None
     for name in ("dpm_occluded_duke", "dpm_market_occluded_reid", "dpm_dukemtmc", "dpm_market1501"):
         assert load_config(name)["eval"]["amp"] == "off"  # fp32 test, whatever the training precision
+    for name in (name for name in PAPER_CONFIGS if not name.startswith("synthetic")):
+        config = load_config(name)  # the official test loaders decode with DATALOADER.NUM_WORKERS, as training does
+        assert config["eval"]["num_workers"] == config["dataloader"]["num_workers"] == 8, name
     duke = load_config("dpm_dukemtmc")
     assert duke["model"]["options"]["stride"] == 12 and duke["model"]["options"]["arcface_margin"] == 0.3
     mr = load_config("maskreid_market1501")
