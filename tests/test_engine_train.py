@@ -119,6 +119,24 @@ def test_resume_from_epoch_end_with_workers(tmp_path, tiny_root, monkeypatch):
     assert resumed["metrics"] == full["metrics"]
 
 
+def test_resumed_log_drops_later_steps_by_replacing_the_file(tmp_path):
+    """On resume the JSONL log keeps the steps up to the checkpoint. It is rewritten into a new file that
+    replaces the old one, so a kill during the rewrite leaves the earlier log whole, and a reader that
+    opened it before still reads every line it had."""
+    log = RunLog(tmp_path, stream=None, enabled=True)
+    log.open(resume_step=None)
+    for step in (1, 2, 3):
+        log.step({"step": step, "epoch": 0, "lr": 0.1, "loss": 1.0 / step}, "train")
+    log.close()
+    path = tmp_path / "train_log.jsonl"
+    with open(path, encoding="utf-8") as reader:
+        log.open(resume_step=2)
+        log.close()
+        assert len(reader.read().splitlines()) == 3
+    assert [record["step"] for record in read_jsonl(path)] == [1, 2]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
 def test_resume_errors(tmp_path, tiny_root):
     config = config_for(tmp_path, tiny_root)
     with pytest.raises(CheckpointError, match="no checkpoint to resume from"):

@@ -10,6 +10,8 @@ from typing import Optional
 
 from tqdm import tqdm
 
+from .checkpoint import atomic_write
+
 
 class RunLog:
     def __init__(self, output_dir: Path, stream, enabled: bool):
@@ -30,7 +32,8 @@ class RunLog:
                 for line in jsonl.read_text(encoding="utf-8").splitlines()
                 if line.strip() and json.loads(line)["step"] <= resume_step
             ]
-            jsonl.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            # atomically: a run killed while it rewrites keeps the whole earlier log
+            atomic_write(jsonl, lambda handle: handle.write("".join(line + "\n" for line in kept).encode("utf-8")))
         elif jsonl.exists():
             jsonl.unlink()
         self._jsonl = open(jsonl, "a", encoding="utf-8")
