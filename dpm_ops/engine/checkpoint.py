@@ -75,6 +75,11 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     return path
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """:func:`atomic_write` of a UTF-8 text."""
+    return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Delete the temporaries that :func:`atomic_write` left in ``folder`` when the process was
     killed mid-write (a full checkpoint each). Call it only where no other writer is active: at

@@ -10,7 +10,7 @@ from typing import Optional
 
 from tqdm import tqdm
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write_text
 
 
 class RunLog:
@@ -33,7 +33,7 @@ class RunLog:
                 if line.strip() and json.loads(line)["step"] <= resume_step
             ]
             # atomically: a run killed while it rewrites keeps the whole earlier log
-            atomic_write(jsonl, lambda handle: handle.write("".join(line + "\n" for line in kept).encode("utf-8")))
+            atomic_write_text(jsonl, "".join(line + "\n" for line in kept))
         elif jsonl.exists():
             jsonl.unlink()
         self._jsonl = open(jsonl, "a", encoding="utf-8")

@@ -48,6 +48,7 @@ from .builders import (
 )
 from .checkpoint import (
     CheckpointError,
+    atomic_write_text,
     capture_rng_state,
     load_checkpoint,
     load_model_state,
@@ -360,7 +361,7 @@ class Trainer:
             for folder in (self.output_dir, self.checkpoint_dir):  # this run owns them: no writer is active
                 for path in remove_stale_temporaries(folder):
                     self.log(f"removed {path.name}, a temporary left by an interrupted write")
-            (self.output_dir / "config.yaml").write_text(dump_config(self.config), encoding="utf-8")
+            atomic_write_text(self.output_dir / "config.yaml", dump_config(self.config))
         self.log(self.splits.summary())
         self.log(
             f"model {self.model_name}: {sum(p.numel() for p in self.model.parameters()):,} parameters; "
