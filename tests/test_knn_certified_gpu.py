@@ -4,6 +4,10 @@ paths, with the tolerance and row-coverage rule of test_knn_certified.py (docs/c
 Sizes stay small: the Triton interpreter runs every tile in numpy on shared CPU cores.
 """
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from test_knn_certified import (
@@ -473,3 +477,16 @@ def test_rows_beyond_the_bound_are_computed_exactly():
         knn_certified._knn_certified_bounds_cuda(x, y, "euclidean")
     lower, upper = knn_certified._knn_certified_bounds_cuda(x[:, :4] * 1e-20, y[:, :4] * 1e-20, "cosine")
     assert lower.shape == (5, 40) and bool((lower <= upper).all())
+
+
+def test_candidate_count_script_compares_both_bounds():
+    """scripts/count_certified_candidates.py (docs/certified_knn.md's table of both bounds' candidate sets)
+    at 1/25 of Market: the GPU pipeline's bound through its CPU kernels, with no fallback row."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "count_certified_candidates.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--scale", "0.04"], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("|") for line in result.stdout.splitlines() if "int8" in line or "bf16" in line]
+    assert [row[2].strip() for row in rows] == ["int8 (CPU)", "bf16 (GPU)"] * 3
+    assert all(row[5].strip() == "0.0000" and float(row[3]) >= 10 for row in rows)
