@@ -345,6 +345,16 @@ def test_aqe_matches_fastreid(qe_times, qe_k, alpha):
         fastreid.aqe(query, gallery, qe_times, 241, alpha)
 
 
+def test_aqe_of_float64_features_is_float64():
+    # theirs keeps float64 features in float64 (numpy underneath); ours returned float32 for them
+    generator = torch.Generator().manual_seed(5)
+    query, gallery = (torch.randn(n, 16, dtype=torch.float64, generator=generator) for n in (10, 30))
+    expected = peers.load("fastreid_query_expansion").aqe(query, gallery, 2, 4, 3.0)
+    for got, want in zip(fastreid.aqe(query, gallery, 2, 4, 3.0), expected, strict=True):
+        assert got.dtype == want.dtype == torch.float64
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_bad_numbers_are_value_errors():
     # A list metric raised TypeError (a dict lookup of an unhashable value); aqe's alpha went unchecked
     # into torch.pow: None / str a TypeError, NaN silently NaN features, True taken as 1.
