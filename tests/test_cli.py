@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import warnings
 
 import pytest
 
@@ -345,6 +346,21 @@ def test_eval_checkpoint_that_does_not_fit(tmp_path, tiny_set, capsys, edit, ove
     assert_one_line_error(capsys, code, str(checkpoint), *needles)
 
 
+def _diverged(state):
+    """The checkpoint of a run that diverged: every weight NaN."""
+    for tensor in state["model"].values():
+        if tensor.is_floating_point():
+            tensor.fill_(float("nan"))
+
+
+def test_non_finite_features_are_one_line(tmp_path, tiny_set, capsys):
+    # a plain ValueError of the library's checks (not one of its error classes): one line, exit code 2
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_set, "dpm"))
+    checkpoint = _fresh_checkpoint(tmp_path, config, _diverged)
+    code = main(["eval", "--config", str(config), "--weights", str(checkpoint), "--output", str(tmp_path / "ev")])
+    assert_one_line_error(capsys, code, "contains non-finite values (NaN or inf)")
+
+
 def test_pretrained_that_cannot_be_used_is_one_line(tmp_path, tiny_set, capsys):
     import torch
 
@@ -511,3 +527,25 @@ def test_interrupt_and_a_failed_onnx_check_have_their_own_exit_codes(monkeypatch
     assert main(["export", "--config", "c", "--weights", "w", "--out", "m.onnx"]) == 1
     assert capsys.readouterr().err.strip() == "dpm-reid: error: onnxruntime's outputs differ"
     assert len(cleanups) == 2  # the process group is torn down either way
+
+
+def test_warnings_are_shown_once(monkeypatch):
+    # A command's warnings are shown, each once per place it is raised, a DeprecationWarning too (which
+    # Python's default filters hide outside __main__, so a dpm_ops deprecation would go unseen).
+    import dpm_ops.cli as cli
+
+    def warns(args):
+        for _ in range(2):
+            warnings.warn("a deprecated option", DeprecationWarning)
+            warnings.warn("max_rank exceeds the gallery size", UserWarning)
+        return 0
+
+    monkeypatch.setattr(cli, "_train", warns)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.resetwarnings()
+        warnings.simplefilter("ignore", DeprecationWarning)  # Python's default filters (no -W) outside __main__
+        assert main(["train", "--config", "synthetic_dpm"]) == 0
+    assert [(w.category, str(w.message)) for w in shown] == [
+        (DeprecationWarning, "a deprecated option"),
+        (UserWarning, "max_rank exceeds the gallery size"),
+    ]

@@ -6,6 +6,8 @@ with the install line when it is missing. Distances come from clustered features
 ties (where the peers' unstable argsort and our (distance, index) order may differ).
 """
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -24,6 +26,47 @@ MAX_RANKS = (1, 5, 50)
 
 def euclidean(a, b):
     return np.sqrt(((a.astype(np.float64)[:, None] - b.astype(np.float64)[None]) ** 2).sum(-1))
+
+
+# Each compat function and the peer file (benchmarks/reference/peers.py) holding its original.
+PEER_FUNCTIONS = {
+    torchreid: {
+        "evaluate_rank": "torchreid_rank",
+        "re_ranking": "torchreid_rerank",
+        "compute_distance_matrix": "torchreid_distance",
+        "euclidean_squared_distance": "torchreid_distance",
+        "cosine_distance": "torchreid_distance",
+    },
+    fastreid: {
+        "evaluate_rank": "fastreid_rank",
+        "re_ranking": "fastreid_rerank",
+        "evaluate_roc": "fastreid_roc",
+        "aqe": "fastreid_query_expansion",
+        **dict.fromkeys(
+            ["build_dist", "compute_jaccard_distance", "compute_euclidean_distance", "compute_cosine_distance"],
+            "fastreid_compute_dist",
+        ),
+    },
+}
+
+
+def parameters(function):
+    return [(p.name, p.kind, p.default) for p in inspect.signature(function).parameters.values()]
+
+
+@pytest.mark.parametrize("compat, name", [(c, n) for c, names in PEER_FUNCTIONS.items() for n in names])
+def test_signatures_are_the_peers(compat, name):
+    # Same parameters in the same order with the same defaults: positional calls and calls that rely
+    # on a default (max_rank, k1, qe_k, metric, ...) compute what the peer's would.
+    module = PEER_FUNCTIONS[compat][name]
+    peer = peers.fastreid_compute_dist() if module == "fastreid_compute_dist" else peers.load(module)
+    assert parameters(getattr(compat, name)) == parameters(getattr(peer, name))
+
+
+def test_every_compat_function_is_compared_with_its_peer():
+    # (torchreid's FeatureExtractor: test_export.test_feature_extractor_is_torchreids)
+    assert set(PEER_FUNCTIONS[torchreid]) == set(torchreid.__all__) - {"FeatureExtractor"}
+    assert set(PEER_FUNCTIONS[fastreid]) == set(fastreid.__all__)
 
 
 def labelled_case(num_query, num_gallery, num_ids, num_distractors, seed, dtype=np.float64):
@@ -123,6 +166,7 @@ def test_cuhk03_matches_peers(seed, max_rank):
     expected.append(peers.fastreid_rank_cy().evaluate_cy(*args, max_rank, use_metric_cuhk03=True))
     for compat in (torchreid, fastreid):
         cmc, mAP = compat.evaluate_rank(*args, max_rank=max_rank, use_metric_cuhk03=True)
+        assert type(mAP) is type(expected[0][1]) is np.float64  # their Python's np.mean
         for theirs in expected:
             check_cmc(cmc, theirs[0], len(theirs[0]))
             assert mAP == pytest.approx(theirs[1], rel=0, abs=1e-6)
@@ -299,6 +343,16 @@ def test_aqe_matches_fastreid(qe_times, qe_k, alpha):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"qe_k must be an integer in \[1, 240\]"):
         fastreid.aqe(query, gallery, qe_times, 241, alpha)
+
+
+def test_aqe_of_float64_features_is_float64():
+    # theirs keeps float64 features in float64 (numpy underneath); ours returned float32 for them
+    generator = torch.Generator().manual_seed(5)
+    query, gallery = (torch.randn(n, 16, dtype=torch.float64, generator=generator) for n in (10, 30))
+    expected = peers.load("fastreid_query_expansion").aqe(query, gallery, 2, 4, 3.0)
+    for got, want in zip(fastreid.aqe(query, gallery, 2, 4, 3.0), expected, strict=True):
+        assert got.dtype == want.dtype == torch.float64
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_bad_numbers_are_value_errors():

@@ -33,6 +33,7 @@ def test_two_process_gloo_training(tmp_path):
     result = torchrun("train", "--config", str(config), "--output", str(run), "--resume", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-8000:]
     assert result.stdout.count("mINP") == 1, result.stdout  # only rank 0 prints the table
+    assert result.stdout.count("run folder:") == 1, result.stdout  # and the run folder
     records = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, len(records) + 1))  # one writer, resumed cleanly
     last = load_checkpoint(run / "checkpoints" / "last.pt")["training"]
@@ -42,6 +43,12 @@ def test_two_process_gloo_training(tmp_path):
     assert {"all", "clean", "occluded"} <= set(metrics)
     # every rank saw half of each 4-id x 2 batch: 4 images per rank per step
     assert "2 process(es)" in (run / "train.log").read_text()
+    # `dpm-reid eval` on two processes: both evaluate, rank 0 alone says where the metrics went
+    evaluated = torchrun(
+        "eval", "--config", str(config), "--weights", str(run / "checkpoints" / "final.pt"), cwd=tmp_path
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-8000:]
+    assert evaluated.stdout.count("metrics written to") == 1, evaluated.stdout
 
 
 GLOO_THREADS_AFTER_CLEANUP = """

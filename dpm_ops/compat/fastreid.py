@@ -103,9 +103,11 @@ _AQE_ROWS = 4096
 def aqe(query_feat, gallery_feat, qe_times=1, qe_k=10, alpha=3.0):
     """Alpha query expansion (their TEST.AQE): ``qe_times`` times, every feature of query + gallery
     becomes the mean of its ``qe_k`` most cosine-similar features (itself included), each weighted by
-    its similarity to the power ``alpha``; returns (query, gallery) float32 torch tensors, as theirs.
+    its similarity to the power ``alpha``; returns (query, gallery) torch tensors, float64 for float64
+    features and float32 otherwise, as theirs.
     The neighbours come from the exact k-NN (ties by index) instead of an N x N similarity matrix."""
-    features = _peer.concatenated(query_feat, gallery_feat).float()
+    features = _peer.concatenated(query_feat, gallery_feat)
+    features = features if features.dtype == torch.float64 else features.float()
     alpha = check_number("aqe", "alpha", alpha)
     qe_k = _inputs.check_count("qe_k", qe_k, 1, len(features))
     qe_times = _inputs.check_count("qe_times", qe_times, 0)
