@@ -49,6 +49,8 @@ def test_two_process_gloo_training(tmp_path):
     )
     assert evaluated.returncode == 0, evaluated.stderr[-8000:]
     assert evaluated.stdout.count("metrics written to") == 1, evaluated.stdout
+    # the training run's own evaluation is that of final.pt: every rank took rank 0's BatchNorm statistics
+    assert json.loads((run / "eval" / "metrics.json").read_text()) == metrics
 
 
 GLOO_THREADS_AFTER_CLEANUP = """

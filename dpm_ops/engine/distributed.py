@@ -76,6 +76,17 @@ def all_gather_object(obj: Any) -> list:
     return gathered
 
 
+def broadcast_buffers(module: torch.nn.Module, source: int = 0) -> None:
+    """Give every rank rank ``source``'s buffers (BatchNorm running statistics). DDP broadcasts them at
+    the start of each forward, so after the last one every rank holds the statistics of its own
+    batches; evaluation, which shards the test set over the ranks, must use the ones that rank 0's
+    checkpoints save. No-op in a single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer.data, source)
+
+
 def mean_across_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Average scalars over ranks (for logging); unchanged in a single process."""
     if not (dist.is_available() and dist.is_initialized()) or not values:

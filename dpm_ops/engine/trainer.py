@@ -435,7 +435,8 @@ class Trainer:
     # -- evaluation -------------------------------------------------------------------------
 
     def evaluate(self, out_dir: Optional[Path] = None, pictures: Optional[bool] = None) -> Optional[dict]:
-        """Metrics on rank 0 (None on the other ranks)."""
+        """Metrics on rank 0 (None on the other ranks), of the model rank 0 saves."""
+        distributed.broadcast_buffers(self.model)
         return evaluate_with_config(
             self.model,
             self.splits,
