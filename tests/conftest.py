@@ -124,6 +124,22 @@ def record_kernels(monkeypatch) -> list:
     return runs
 
 
+def record_figures(monkeypatch) -> dict:
+    """{out_png: Figure} of every picture dpm_ops.visualize writes from now on (each is still written):
+    the curves, images, titles and texts a picture shows can be read back from its real matplotlib figure."""
+    from dpm_ops.visualize import curves, masks, ranked
+
+    figures = {}
+    for module in (curves, masks, ranked):
+
+        def save(fig, out_png, write=module._save):
+            figures[os.fspath(out_png)] = fig
+            return write(fig, out_png)
+
+        monkeypatch.setattr(module, "_save", save)
+    return figures
+
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -26,6 +27,8 @@ from dpm_ops.engine.evaluator import (
 from dpm_ops.evaluation import evaluate_rank, pairwise_distance, re_ranking, rerank_features
 from dpm_ops.models import build_model
 from dpm_ops.ops import masked_arccos_distance
+from conftest import record_figures
+from dpm_ops.engine.pictures import _mask_examples
 from engine_utils import tiny_synth_config
 
 CONFIG = tiny_synth_config(
@@ -616,7 +619,8 @@ def test_metrics_json_is_written_atomically(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["metrics.json"]  # no temporary left behind
 
 
-def test_pictures_are_written(splits, tmp_path):
+def test_pictures_are_written(splits, tmp_path, monkeypatch):
+    figures = record_figures(monkeypatch)
     evaluate_model(
         tiny_model("dpm"),
         splits,
@@ -628,6 +632,35 @@ def test_pictures_are_written(splits, tmp_path):
     )
     for name in ("metrics.json", "cmc.png", "ranked_best.png", "ranked_worst.png", "masks.png"):
         assert (tmp_path / name).stat().st_size > 1000, name
+    picture = {name: figures[str(tmp_path / f"{name}.png")] for name in ("cmc", "ranked_best", "ranked_worst", "masks")}
+    assert picture["cmc"].axes[0].get_title() == "CMC: dpm on synthetic"
+    occluded = [splits.is_occluded(record) for record in splits.query]  # 6 of the 14 queries
+    for which, order in (("best", -1), ("worst", 1)):
+        fig = picture[f"ranked_{which}"]
+        # 8 queries (rows of 64 x 128 thumbnails), each with its 10 nearest gallery images
+        assert tuple(fig.get_size_inches() * fig.dpi) == (11 * 76 + 16, 8 * 165)
+        labels = [re.fullmatch(r"query (\d+): .*, AP ([\d.]+)%, (\w+)", t.get_text()) for t in fig.axes[0].texts]
+        labels = [(int(m[1]), float(m[2]), m[3]) for m in labels if m]
+        assert len(labels) == 8 and all(tag == ("occluded" if occluded[q] else "clean") for q, _, tag in labels)
+        aps = [ap for _, ap, _ in labels]
+        assert aps == sorted(aps, key=lambda ap: order * ap) and aps[0] != aps[-1]
+    # masks: 8 example queries, half occluded; the profile over all 14 queries, clean and occluded apart
+    masks = picture["masks"]
+    titles = [ax.get_title().split("\n")[1] for ax in masks.axes[:32:4]]
+    assert titles == ["occluded"] * 4 + ["clean"] * 4
+    assert "over 14 queries" in masks.get_suptitle()
+    legend = [text.get_text() for text in masks.axes[-1].get_legend().get_texts()]
+    assert [entry.split(", mean")[0] for entry in legend] == ["clean queries (n=8", "occluded queries (n=6"]
+
+
+def test_mask_examples_are_spread_half_occluded():
+    assert _mask_examples(None, 10, 4).tolist() == [0, 3, 6, 9]
+    assert _mask_examples(None, 3, 8).tolist() == [0, 1, 2]
+    occluded = np.array([True, False, False, True, False, True, False, False, False, False])
+    # the odd one goes to the occluded queries: 2 of 3 occluded, 1 of 7 clean
+    assert _mask_examples(occluded, 10, 3).tolist() == [0, 5, 1]
+    assert _mask_examples(occluded, 10, 4).tolist() == [0, 5, 1, 9]
+    assert _mask_examples(np.zeros(5, dtype=bool), 5, 4).tolist() == [0, 4]  # no occluded query: the clean half
 
 
 def test_dpm_token_maps_are_neutral_for_a_flat_mask(splits):
@@ -641,6 +674,22 @@ def test_dpm_token_maps_are_neutral_for_a_flat_mask(splits):
     mask[:, :16] = 1.0
     half = evaluator.dpm_token_maps(model, paths, camids, mask, transform)
     assert not np.allclose(half, 1.0) and (half >= 0).all() and (half <= 2.0 + 1e-5).all()
+
+
+def test_dpm_token_maps_follow_the_formula(splits):
+    # sum_c m_c^2 t_c^2 / (sum_c t_c^2 * mean_c m_c^2) over the final LayerNorm's patch tokens t
+    model = tiny_model("dpm").train()
+    normed = []
+    model.backbone.norm.register_forward_hook(lambda module, args, out: normed.append(out))
+    paths = [r.path for r in splits.query[:2]]
+    camids = torch.tensor([r.camid for r in splits.query[:2]])
+    mask = torch.rand(2, 32, generator=torch.Generator().manual_seed(0))
+    maps = evaluator.dpm_token_maps(model, paths, camids, mask, evaluator.eval_transform("dpm", (64, 32)))
+    assert model.training  # put back as it was
+    energy = normed[0][:, 1:].square()  # the first call normalises every token of the last block; CLS first
+    m2 = mask.square()[:, None, :]
+    expected = (energy * m2).sum(-1) / energy.sum(-1) / m2.mean(-1)
+    np.testing.assert_allclose(maps, expected.reshape(2, 8, 4).numpy(), rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------ DDP
