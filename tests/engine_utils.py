@@ -88,7 +88,7 @@ def tiny_config(root, model: str = "dpm", **sections) -> dict:
     }
     if model.startswith("maskreid"):
         config["model"]["options"] = {"stem_channels": 4, "base_width": 4, "embed_dim": 16}
-        config["input"] = {"recipe": "maskreid", "resize": [40, 20], "size": [36, 16]}
+        config["input"] = {"recipe": "maskreid", "resize": [52, 24], "size": [36, 16]}
         config["sampler"] = {
             "kind": "maskreid",
             "num_positives": 3,

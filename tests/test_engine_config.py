@@ -290,6 +290,16 @@ def test_values_are_range_checked_at_load_time(override, needle):
     assert needle in message and "\n" not in message, message
 
 
+@pytest.mark.parametrize("override", ["input.resize=[176,72]", "input.size=[256,128]"])
+def test_maskreid_trains_at_its_test_resize(override):
+    """MaskReID tests by resizing to input.size + (16, 8) and centre-cropping input.size: a training resize
+    other than that is refused at load time (a crop larger than it also failed only at the first batch)."""
+    with pytest.raises(ConfigError, match=r"^config key input.resize: model maskreid tests by resizing to input.size"):
+        load_config("maskreid_market1501", [override])
+    config = load_config("maskreid_market1501", ["input.size=[256,128]", "input.resize=[272,136]"])
+    assert config["input"]["resize"] == [272, 136]
+
+
 def test_every_number_declares_its_range():
     """A constraint beside every numeric field: a new key cannot skip the range check."""
     from dpm_ops.engine.config import SCHEMA

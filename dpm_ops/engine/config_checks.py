@@ -62,6 +62,7 @@ def validate(config: dict) -> None:
             f"config key sampler.kind: model {name} trains on "
             f"{' or '.join(SAMPLER_NAMES[k] for k in recipe.sampler_kinds)}; not '{kind}'"
         )
+    _check_train_resize(config, recipe)
     _check_eval_distance(config)
     _check_synth_options(config)
     _check_dataset_options(config)
@@ -72,6 +73,22 @@ def validate(config: dict) -> None:
         )
     if config["pretrain"]["epochs"] and not recipe.has_pretrain_stage:
         raise ConfigError(f"config key pretrain.epochs: softmax pre-training is MaskReID's; model is {name}")
+
+
+def _check_train_resize(config: dict, recipe) -> None:
+    """A recipe that tests at a resize of input.size + a margin trains at that resize too: another one
+    would train and test the network at different scales."""
+    margin = recipe.test_resize_margin
+    if margin is None:
+        return
+    size, resize = config["input"]["size"], config["input"]["resize"]
+    expected = [size[0] + margin[0], size[1] + margin[1]]
+    if list(resize) != expected:
+        raise ConfigError(
+            f"config key input.resize: model {config['model']['name']} tests by resizing to input.size + "
+            f"{list(margin)} = {expected} and centre-cropping input.size {list(size)}, so it trains at that "
+            f"resize too; got {list(resize)}"
+        )
 
 
 def _check_eval_distance(config: dict) -> None:

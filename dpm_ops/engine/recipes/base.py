@@ -120,6 +120,9 @@ class Recipe:
     has_pretrain_stage: bool = False  # config section pretrain applies
     test_distance: str = "euclidean"  # the metric eval.distance "auto" stands for
     test_masks: bool = False  # test_forward returns a channel mask (distance masked_arccos)
+    # the test transform resizes to input.size + this margin, then centre-crops input.size; training
+    # resizes to input.resize, which must then be the same (None: no resize before the crop)
+    test_resize_margin: Optional[tuple] = None
     eval_time_options: tuple = ()  # model options that change only eval mode: `dpm-reid eval` takes the config's
 
     def option_defaults(self) -> dict:

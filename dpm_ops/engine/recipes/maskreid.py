@@ -28,6 +28,7 @@ class MaskReIDRecipe(Recipe):
     model_class = MaskReID
     transform_recipe = "maskreid"
     default_test_size = TEST_CROP
+    test_resize_margin = TEST_MARGIN
     uses_masks = True
     sampler_kinds = ("pk", "maskreid")
     has_pretrain_stage = True
@@ -108,7 +109,10 @@ class MaskReIDRecipe(Recipe):
     def test_transform(self, image_size):
         crop = self.test_input_size(image_size)
         return build_transforms(
-            "maskreid", train=False, resize=(crop[0] + TEST_MARGIN[0], crop[1] + TEST_MARGIN[1]), crop=crop
+            "maskreid",
+            train=False,
+            resize=(crop[0] + self.test_resize_margin[0], crop[1] + self.test_resize_margin[1]),
+            crop=crop,
         )
 
     def test_forward(self, model, batch: dict, device):
