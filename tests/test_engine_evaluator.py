@@ -646,6 +646,20 @@ def test_dpm_token_maps_are_neutral_for_a_flat_mask(splits):
 # ------------------------------------------------------------------------------------ DDP
 
 
+def ranked_model():
+    """tiny_model("dpm") without its camera embedding: the random SIE puts every cross-camera (valid) match
+    last, where a changed ranking leaves the metrics as they are."""
+    model = tiny_model("dpm")
+    torch.nn.init.zeros_(model.backbone.sie_embed)
+    return model
+
+
+# multi-query pooling and re-ranking: the pool is sharded too, re-ranking runs on the gathered features
+POOLED_RERANKED = dict(
+    model_name="dpm", image_size=(64, 32), batch_size=4, multi_query="max", rerank=True, k1=6, k2=3, progress=False
+)
+
+
 def _ddp_worker(rank, world, init_file, root, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -677,7 +691,8 @@ def _ddp_worker(rank, world, init_file, root, out_dir):
             progress=False,
             desc="g",
         )
-        torch.save({"metrics": metrics, "gallery": gathered}, os.path.join(out_dir, f"rank{rank}.pt"))
+        pooled = evaluate_model(ranked_model(), with_pools(splits), **POOLED_RERANKED)
+        torch.save({"metrics": metrics, "gallery": gathered, "pooled": pooled}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -701,3 +716,7 @@ def test_two_process_gloo_gather_equals_single_process(dataset_root, splits, tmp
     assert torch.allclose(rank0["gallery"].features, gallery.features, atol=1e-5)
     assert torch.allclose(rank0["gallery"].masks, gallery.masks, atol=1e-5)
     assert torch.equal(rank0["gallery"].pids, gallery.pids)
+    pooled = evaluate_model(ranked_model(), with_pools(single_splits), **POOLED_RERANKED)
+    assert rank1["pooled"] is None and flat(rank0["pooled"]) == pytest.approx(flat(pooled), abs=1e-6)
+    plain = evaluate_model(ranked_model(), single_splits, **{**POOLED_RERANKED, "multi_query": "off", "rerank": False})
+    assert pooled["all"]["mAP"] != pytest.approx(plain["all"]["mAP"])  # both options change the ranking
