@@ -125,6 +125,25 @@ def test_extract_features_follows_the_test_recipe(splits, name):
         assert features.masks is None
 
 
+def test_extraction_does_not_depend_on_batch_size_or_workers(splits):
+    # eval.batch_size and eval.num_workers: workers load the same batches in order; another batch size
+    # blocks the model's GEMMs differently, which moves the float32 features by a rounding error only.
+    model = tiny_model("dpm")
+    dataset = ImageDataset(splits.gallery[:12], evaluator.eval_transform("dpm", SIZE["dpm"]))
+
+    def extract(batch_size, num_workers=0):
+        loader = build_dataloader(dataset, batch_size=batch_size, num_workers=num_workers)
+        return extract_features(model, loader, model_name="dpm", progress=False)
+
+    by_five, whole = extract(5), extract(256)
+    with_workers = extract(5, num_workers=2)
+    assert torch.equal(with_workers.features, by_five.features) and torch.equal(with_workers.masks, by_five.masks)
+    assert with_workers.paths == whole.paths
+    for one_by_one in (by_five, extract(1)):
+        torch.testing.assert_close(one_by_one.features, whole.features, rtol=0, atol=1e-6)
+        torch.testing.assert_close(one_by_one.masks, whole.masks, rtol=0, atol=1e-6)
+
+
 def test_extract_features_errors(splits):
     model = tiny_model("vit_baseline")
     loader = loader_for(splits, splits.query[:3], "vit_baseline")
