@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dpm_ops.cli import main
 from dpm_ops.engine import load_checkpoint
 from engine_utils import tiny_config, write_config
 
@@ -51,6 +52,34 @@ def test_two_process_gloo_training(tmp_path):
     assert evaluated.stdout.count("metrics written to") == 1, evaluated.stdout
     # the training run's own evaluation is that of final.pt: every rank took rank 0's BatchNorm statistics
     assert json.loads((run / "eval" / "metrics.json").read_text()) == metrics
+    # ... and so is a single process's evaluation of it (rank 0 ranks the gathered shards in dataset order)
+    single = tmp_path / "single_eval"
+    assert (
+        main(
+            [
+                "eval",
+                "--config",
+                str(config),
+                "--weights",
+                str(run / "checkpoints" / "final.pt"),
+                "--output",
+                str(single),
+            ]
+        )
+        == 0
+    )
+    assert json.loads((single / "metrics.json").read_text()) == metrics
+    # The killed and resumed run ends bit-identical to an uninterrupted one; that one loads with two workers
+    # per rank (augmentations are seeded per sample, not by the worker that draws them).
+    full = tmp_path / "full"
+    result = torchrun("train", "--config", str(config), "--output", str(full), "dataloader.num_workers=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-8000:]
+    resumed, uninterrupted = (load_checkpoint(r / "checkpoints" / "final.pt")["model"] for r in (run, full))
+    assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        assert torch.equal(resumed[key], uninterrupted[key]), key
+    assert [json.loads(line) for line in (full / "train_log.jsonl").read_text().splitlines()] == records
+    assert json.loads((full / "metrics.json").read_text()) == metrics
 
 
 GLOO_THREADS_AFTER_CLEANUP = """

@@ -128,6 +128,25 @@ def test_extract_features_follows_the_test_recipe(splits, name):
         assert features.masks is None
 
 
+def test_extraction_does_not_depend_on_batch_size_or_workers(splits):
+    # eval.batch_size and eval.num_workers: workers load the same batches in order; another batch size
+    # blocks the model's GEMMs differently, which moves the float32 features by a rounding error only.
+    model = tiny_model("dpm")
+    dataset = ImageDataset(splits.gallery[:12], evaluator.eval_transform("dpm", SIZE["dpm"]))
+
+    def extract(batch_size, num_workers=0):
+        loader = build_dataloader(dataset, batch_size=batch_size, num_workers=num_workers)
+        return extract_features(model, loader, model_name="dpm", progress=False)
+
+    by_five, whole = extract(5), extract(256)
+    with_workers = extract(5, num_workers=2)
+    assert torch.equal(with_workers.features, by_five.features) and torch.equal(with_workers.masks, by_five.masks)
+    assert with_workers.paths == whole.paths
+    for one_by_one in (by_five, extract(1)):
+        torch.testing.assert_close(one_by_one.features, whole.features, rtol=0, atol=1e-6)
+        torch.testing.assert_close(one_by_one.masks, whole.masks, rtol=0, atol=1e-6)
+
+
 def test_extract_features_errors(splits):
     model = tiny_model("vit_baseline")
     loader = loader_for(splits, splits.query[:3], "vit_baseline")
@@ -695,6 +714,20 @@ def test_dpm_token_maps_follow_the_formula(splits):
 # ------------------------------------------------------------------------------------ DDP
 
 
+def ranked_model():
+    """tiny_model("dpm") without its camera embedding: the random SIE puts every cross-camera (valid) match
+    last, where a changed ranking leaves the metrics as they are."""
+    model = tiny_model("dpm")
+    torch.nn.init.zeros_(model.backbone.sie_embed)
+    return model
+
+
+# multi-query pooling and re-ranking: the pool is sharded too, re-ranking runs on the gathered features
+POOLED_RERANKED = dict(
+    model_name="dpm", image_size=(64, 32), batch_size=4, multi_query="max", rerank=True, k1=6, k2=3, progress=False
+)
+
+
 def _ddp_worker(rank, world, init_file, root, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -726,7 +759,8 @@ def _ddp_worker(rank, world, init_file, root, out_dir):
             progress=False,
             desc="g",
         )
-        torch.save({"metrics": metrics, "gallery": gathered}, os.path.join(out_dir, f"rank{rank}.pt"))
+        pooled = evaluate_model(ranked_model(), with_pools(splits), **POOLED_RERANKED)
+        torch.save({"metrics": metrics, "gallery": gathered, "pooled": pooled}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -750,3 +784,7 @@ def test_two_process_gloo_gather_equals_single_process(dataset_root, splits, tmp
     assert torch.allclose(rank0["gallery"].features, gallery.features, atol=1e-5)
     assert torch.allclose(rank0["gallery"].masks, gallery.masks, atol=1e-5)
     assert torch.equal(rank0["gallery"].pids, gallery.pids)
+    pooled = evaluate_model(ranked_model(), with_pools(single_splits), **POOLED_RERANKED)
+    assert rank1["pooled"] is None and flat(rank0["pooled"]) == pytest.approx(flat(pooled), abs=1e-6)
+    plain = evaluate_model(ranked_model(), single_splits, **{**POOLED_RERANKED, "multi_query": "off", "rerank": False})
+    assert pooled["all"]["mAP"] != pytest.approx(plain["all"]["mAP"])  # both options change the ranking

@@ -268,11 +268,13 @@ def checkpointed(tmp_path, root, name: str):
     return config_path, weights, model
 
 
-@pytest.mark.parametrize("name", ["dpm", "vit_baseline"])
+@pytest.mark.parametrize("name", ["dpm", "vit_baseline", "maskreid"])
 def test_extracted_npz_evaluates_as_the_evaluator_does(tmp_path, tiny_set, monkeypatch, name):
+    # MaskReID: extract reads the masks from the <folder>_seg mirror, the evaluator from the dataset's
     _, _, model = checkpointed(tmp_path, tiny_set, name)
+    size = MASKREID_SIZE if name == "maskreid" else VIT_SIZE
     for split, folder in (("query", "query"), ("gallery", "bounding_box_test")):
-        features = extract_folder(model, tiny_set / folder, progress=False)
+        features = extract_folder(model, tiny_set / folder, image_size=size, progress=False)
         save_features_npz(tmp_path / f"{split}.npz", features, model)
     query = np.load(tmp_path / "query.npz")
     assert list(query["paths"]) == sorted(p.name for p in (tiny_set / "query").iterdir())
@@ -282,7 +284,7 @@ def test_extracted_npz_evaluates_as_the_evaluator_does(tmp_path, tiny_set, monke
     monkeypatch.chdir(tmp_path)
     exec(readme_python_blocks("Deploy (ONNX)")[1], namespace)  # the README's evaluate_rank snippet, as written
     splits = load_splits(load_config(str(tmp_path / f"{name}.yaml"), []))
-    expected = evaluate_model(model, splits, model_name=name, image_size=VIT_SIZE, progress=False, pictures=False)
+    expected = evaluate_model(model, splits, model_name=name, image_size=size, progress=False, pictures=False)
     result = namespace["result"]
     assert 100 * result.mAP == pytest.approx(expected["all"]["mAP"], abs=1e-4)
     assert [100 * float(v) for v in result.cmc[:10]] == pytest.approx(expected["all"]["cmc"][:10], abs=1e-4)
