@@ -17,6 +17,7 @@ that cannot be written) ends with one ``dpm-reid: error: ...`` line and exit cod
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -236,7 +237,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"dpm-reid: error: {_one_line(error)}", file=sys.stderr)
         return 1
     except (ConfigError, CheckpointError, DatasetError, ExportError) as error:
-        print(f"dpm-reid: error: {_one_line(error)}", file=sys.stderr)
+        # Every torchrun rank reads the same config and files and finds the same mistake: rank 0 says it.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"dpm-reid: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     except ValueError as error:  # the library's other checks: e.g. a diverged run's non-finite features
         print(f"dpm-reid: error: {_one_line(error)}", file=sys.stderr)

@@ -17,12 +17,12 @@ from dpm_ops.engine import load_checkpoint
 from engine_utils import tiny_config, write_config
 
 
-def torchrun(*args, cwd, program=("-m", "dpm_ops"), processes=2):
+def torchrun(*args, cwd, program=("-m", "dpm_ops"), processes=2, timeout=300):
     # PYTHONFAULTHANDLER: a rank killed by a signal prints every thread's Python stack.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd(), "PYTHONFAULTHANDLER": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     command += [*program, *args]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_two_process_gloo_training(tmp_path):
@@ -80,6 +80,24 @@ def test_two_process_gloo_training(tmp_path):
         assert torch.equal(resumed[key], uninterrupted[key]), key
     assert [json.loads(line) for line in (full / "train_log.jsonl").read_text().splitlines()] == records
     assert json.loads((full / "metrics.json").read_text()) == metrics
+
+
+def test_input_errors_under_torchrun_are_one_line_and_do_not_hang(tmp_path):
+    # Every rank finds the same mistake before any collective: rank 0 alone prints it and exits 2. torchrun
+    # itself exits 1 whatever its ranks' codes (ChildFailedError), naming the first rank to fail (exit 2;
+    # it stops the other with SIGTERM if that one is still running).
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path / "absent", "dpm", dataset={"generate": False}))
+    (tmp_path / "file").write_text("")
+    for overrides, needle in (
+        (["solver.base_lr=-1"], "solver.base_lr: expected a value > 0"),
+        ([], "dataset root not found"),
+        (["--output", str(tmp_path / "file" / "run")], "cannot create the folder"),
+    ):
+        result = torchrun("train", "--config", str(config), *overrides, cwd=tmp_path, timeout=120)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("dpm-reid: error: ")]
+        assert len(errors) == 1 and needle in errors[0], result.stderr[-4000:]
+        root_cause = re.search(r"Root Cause.*?exitcode\s*: (-?\d+)", result.stderr, re.S)
+        assert result.returncode == 1 and root_cause.group(1) == "2", result.stderr[-4000:]
 
 
 GLOO_THREADS_AFTER_CLEANUP = """
