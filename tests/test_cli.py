@@ -126,6 +126,42 @@ def test_train_then_eval(tmp_path, tiny_set, capsys, monkeypatch):
     assert_one_line_error(capsys, code, "neither a dpm_ops training checkpoint nor", "holds a list, not a state dict")
 
 
+@pytest.mark.parametrize("model", ["dpm", "maskreid"])
+def test_a_runs_config_yaml_evaluates_its_final_pt_to_its_metrics(tmp_path, tiny_set, model):
+    import torch
+
+    from dpm_ops.engine import load_checkpoint, load_config
+
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_set, model))
+    run, final = tmp_path / "run", tmp_path / "run" / "checkpoints" / "final.pt"
+    assert main(["train", "--config", str(config), "--output", str(run), "solver.epochs=1"]) == 0
+
+    def round_trip(output):
+        # config.yaml loads as the config the run trained and evaluated with; repr: types too (1 / 1.0 /
+        # True, lists / tuples, YAML's off as the string 'off'); `eval` with it gives the run's metrics
+        loaded, saved = load_config(str(run / "config.yaml")), load_checkpoint(final)["config"]
+        assert loaded == saved and repr(loaded) == repr(saved)
+        assert (
+            main(["eval", "--config", str(run / "config.yaml"), "--weights", str(final), "--output", str(output)]) == 0
+        )
+        assert json.loads((output / "metrics.json").read_text()) == json.loads((run / "metrics.json").read_text())
+
+    round_trip(tmp_path / "eval")
+    # A finished run resumed with another evaluation key evaluates its weights again under it: metrics.json,
+    # config.yaml and final.pt's config then all hold eval.rerank=true (training keys must match: an error).
+    trained, weights = json.loads((run / "metrics.json").read_text()), load_checkpoint(final)["model"]
+    assert (
+        main(
+            ["train", "--config", str(config), "--output", str(run), "--resume", "solver.epochs=1", "eval.rerank=true"]
+        )
+        == 0
+    )
+    assert json.loads((run / "metrics.json").read_text()) != trained
+    assert load_checkpoint(final)["config"]["eval"]["rerank"] is True
+    assert all(torch.equal(tensor, weights[key]) for key, tensor in load_checkpoint(final)["model"].items())
+    round_trip(tmp_path / "eval_reranked")
+
+
 def test_train_generates_a_missing_synthetic_set(tmp_path, capsys):
     root = tmp_path / "generated"
     config = write_config(tmp_path / "tiny.yaml", tiny_config(root, "vit_baseline"))

@@ -119,6 +119,19 @@ def test_resume_from_epoch_end_with_workers(tmp_path, tiny_root, monkeypatch):
     assert resumed["metrics"] == full["metrics"]
 
 
+@pytest.mark.parametrize("model", ["dpm", "maskreid"])
+def test_loader_workers_do_not_change_the_training(tmp_path, tiny_root, model):
+    """One process trains the same weights loading in two workers as in its own process: each sample's
+    augmentation is seeded by the sampler, not by the worker that loads it (2 ranks: test_engine_ddp)."""
+    runs = {
+        w: train(config_for(tmp_path, tiny_root, model, [f"dataloader.num_workers={w}"]), tmp_path / f"w{w}")
+        for w in (0, 2)
+    }
+    a, b = _final_weights(tmp_path / "w0"), _final_weights(tmp_path / "w2")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert runs[0]["metrics"] == runs[2]["metrics"]
+
+
 def test_resumed_log_drops_later_steps_by_replacing_the_file(tmp_path):
     """On resume the JSONL log keeps the steps up to the checkpoint. It is rewritten into a new file that
     replaces the old one, so a kill during the rewrite leaves the earlier log whole, and a reader that
