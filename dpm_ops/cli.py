@@ -237,8 +237,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"dpm-reid: error: {_one_line(error)}", file=sys.stderr)
         return 1
     except (ConfigError, CheckpointError, DatasetError, ExportError) as error:
-        # Every torchrun rank reads the same config and files and finds the same mistake: rank 0 says it.
-        if os.environ.get("RANK", "0") == "0":
+        # A config, checkpoint or export mistake is every torchrun rank's alike (they read the same config and
+        # files): rank 0 says it. A dataset error may be one rank's alone (its shard's files): each says it.
+        if os.environ.get("RANK", "0") == "0" or isinstance(error, DatasetError):
             print(f"dpm-reid: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     except ValueError as error:  # the library's other checks: e.g. a diverged run's non-finite features

@@ -292,6 +292,17 @@ def test_unusable_output_is_one_line(tmp_path, tiny_set, capsys):
         assert_one_line_error(capsys, code, f"--output {output}: {needle}")
 
 
+def test_a_non_zero_rank_says_only_what_may_be_its_own(tmp_path, capsys, monkeypatch):
+    """Under torchrun (RANK set) a config mistake, every rank's alike, is rank 0's to print; a dataset
+    error, which may be one rank's shard's alone, is printed by the rank that finds it. Both exit 2."""
+    monkeypatch.setenv("RANK", "1")
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path / "absent", "dpm", dataset={"generate": False}))
+    code = main(["train", "--config", str(config), "--output", str(tmp_path / "run"), "solver.base_lr=-1"])
+    assert code == 2 and capsys.readouterr().err == ""
+    code = main(["train", "--config", str(config), "--output", str(tmp_path / "run")])
+    assert_one_line_error(capsys, code, "dataset root not found")
+
+
 def _fresh_checkpoint(tmp_path, config_path, edit=None, name="final.pt"):
     """An untrained checkpoint of the config's model on its data (what `train` would write)."""
     import torch
