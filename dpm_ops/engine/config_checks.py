@@ -78,16 +78,13 @@ def validate(config: dict) -> None:
 def _check_train_resize(config: dict, recipe) -> None:
     """A recipe that tests at a resize of input.size + a margin trains at that resize too: another one
     would train and test the network at different scales."""
-    margin = recipe.test_resize_margin
-    if margin is None:
-        return
     size, resize = config["input"]["size"], config["input"]["resize"]
-    expected = [size[0] + margin[0], size[1] + margin[1]]
-    if list(resize) != expected:
+    expected = recipe.test_resize(size)
+    if expected is not None and list(resize) != list(expected):
         raise ConfigError(
             f"config key input.resize: model {config['model']['name']} tests by resizing to input.size + "
-            f"{list(margin)} = {expected} and centre-cropping input.size {list(size)}, so it trains at that "
-            f"resize too; got {list(resize)}"
+            f"{list(recipe.test_resize_margin)} = {list(expected)} and centre-cropping input.size {list(size)}, "
+            f"so it trains at that resize too; got {list(resize)}"
         )
 
 

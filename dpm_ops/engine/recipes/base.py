@@ -171,6 +171,11 @@ class Recipe:
     def test_transform(self, image_size: Optional[tuple]):
         return build_transforms("dpm", train=False, size=self.test_input_size(image_size))
 
+    def test_resize(self, size) -> Optional[tuple]:
+        """The resize the test transform takes before centre-cropping ``size`` (None: no crop)."""
+        margin = self.test_resize_margin
+        return None if margin is None else (size[0] + margin[0], size[1] + margin[1])
+
     def test_input_size(self, image_size: Optional[tuple]) -> tuple:
         """The network input actually used (for metrics.json)."""
         return tuple(image_size) if image_size is not None else self.default_test_size

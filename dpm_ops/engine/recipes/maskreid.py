@@ -108,12 +108,7 @@ class MaskReIDRecipe(Recipe):
 
     def test_transform(self, image_size):
         crop = self.test_input_size(image_size)
-        return build_transforms(
-            "maskreid",
-            train=False,
-            resize=(crop[0] + self.test_resize_margin[0], crop[1] + self.test_resize_margin[1]),
-            crop=crop,
-        )
+        return build_transforms("maskreid", train=False, resize=self.test_resize(crop), crop=crop)
 
     def test_forward(self, model, batch: dict, device):
         images, masked = (batch[key].to(device, non_blocking=True) for key in ("image", "masked"))
