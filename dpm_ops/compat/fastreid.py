@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import evaluation
+from .._precision import compute_dtype
 from ..evaluation import _inputs
 from ..evaluation.rank import query_gallery_labels
 from ..ops._checks import check_number
@@ -107,7 +108,7 @@ def aqe(query_feat, gallery_feat, qe_times=1, qe_k=10, alpha=3.0):
     features and float32 otherwise, as theirs.
     The neighbours come from the exact k-NN (ties by index) instead of an N x N similarity matrix."""
     features = _peer.concatenated(query_feat, gallery_feat)
-    features = features if features.dtype == torch.float64 else features.float()
+    features = features.to(compute_dtype(features))
     alpha = check_number("aqe", "alpha", alpha)
     qe_k = _inputs.check_count("qe_k", qe_k, 1, len(features))
     qe_times = _inputs.check_count("qe_times", qe_times, 0)
