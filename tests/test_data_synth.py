@@ -4,12 +4,14 @@ import dataclasses
 import json
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from dpm_ops.data import DatasetError, build_dataset
+from dpm_ops.data.masks import MASK_FOLDER_SUFFIX
 from dpm_ops.data.synth import (
     SynthConfig,
     SynthOptionError,
@@ -370,3 +372,90 @@ def test_config_and_command_line_agree_on_id_cameras():
     assert synth_config({"ids": 8, "cameras": 2}).id_cameras == (2, 2)
     assert synth_config({"cameras": 6}).id_cameras == (2, 4)
     assert synth_config({"cameras": 3, "id_cameras": [2, 3]}).id_cameras == (2, 3)
+
+
+# The images' own statistics: what makes the set a re-ID set rather than files with the right names
+# (the tests above would pass on noise). One unoccluded set of 30 test identities, a third of its
+# gallery junk boxes.
+STATS = tiny_synth_config(
+    ids=60, train_images=(1, 1), distractors=0.0, junk=0.3, query_occlusion=0.0, gallery_occlusion=0.0
+)
+
+
+@pytest.fixture(scope="module")
+def stats_set(tmp_path_factory):
+    return generate_synthetic_dataset(tmp_path_factory.mktemp("stats") / "set", STATS, progress=False)
+
+
+def image_and_mask(path):
+    """An image (H, W, 3 float) and its person mask (H, W bool), read from the set's files."""
+    mask_path = path.parent.with_name(path.parent.name + MASK_FOLDER_SUFFIX) / f"{path.stem}.png"
+    return np.asarray(Image.open(path), dtype=np.float64), np.asarray(Image.open(mask_path)) > 0
+
+
+def test_an_identity_keeps_its_look_across_cameras(stats_set):
+    # Each image as the colour of its upper and lower body (mask rows above / below the middle),
+    # per channel relative to the whole body's, which cancels the camera's colour cast: the nearest
+    # gallery image of another camera is the query's identity for most queries (chance: 1 in 30).
+    data = build_dataset("synthetic", stats_set)
+
+    def look(record):
+        image, mask = image_and_mask(Path(record.path))
+        rows = np.flatnonzero(mask.any(axis=1))
+        upper, lower = mask.copy(), mask.copy()
+        upper[(rows[0] + rows[-1]) // 2 :] = False
+        lower[: (rows[0] + rows[-1]) // 2] = False
+        body = image[mask].mean(axis=0)
+        return np.concatenate([image[upper].mean(axis=0) / body, image[lower].mean(axis=0) / body])
+
+    query, gallery = np.array([look(r) for r in data.query]), np.array([look(r) for r in data.gallery])
+    query_pids, gallery_pids = np.array([r.pid for r in data.query]), np.array([r.pid for r in data.gallery])
+    same_camera = np.array([[q.camid == g.camid for g in data.gallery] for q in data.query])
+    distance = ((query[:, None] - gallery[None]) ** 2).sum(axis=-1)
+    distance[same_camera & (query_pids[:, None] == gallery_pids[None])] = np.inf  # Market's protocol
+    assert len(set(gallery_pids)) == 30
+    assert (gallery_pids[distance.argmin(axis=1)] == query_pids).mean() >= 0.4
+
+
+def test_masks_outline_the_drawn_person(stats_set):
+    # The mask's edge pixels sit on the person's outline, where the image changes most: their
+    # gradient is well above the image's mean (~2.4x here; a mask shifted off the person gives ~1).
+    # The person stands upright and fills most of the height (camera scale 0.8-0.92).
+    ratios, heights = [], []
+    for path in sorted((stats_set / "query").iterdir()):
+        image, mask = image_and_mask(path)
+        gradient = np.hypot(*np.gradient(image.mean(axis=-1)))
+        inner = mask.copy()
+        inner[1:-1, 1:-1] = mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
+        ratios.append(gradient[mask & ~inner].mean() / gradient.mean())
+        heights.append(np.ptp(np.flatnonzero(mask.any(axis=1))) / mask.shape[0])
+    assert np.mean(ratios) >= 1.8 and min(ratios) >= 1.0
+    assert np.median(heights) >= 0.6
+
+
+def test_junk_boxes_frame_the_person_badly(stats_set):
+    # Junk (pid -1) boxes hold the person half out of frame: the mask's centre sits far from the
+    # image's middle, where every other box has it.
+    def offset(path):
+        mask = image_and_mask(path)[1]
+        return abs(np.nonzero(mask)[1].mean() - mask.shape[1] / 2) / mask.shape[1] if mask.any() else 0.5
+
+    paths = sorted((stats_set / "bounding_box_test").iterdir())
+    junk = [offset(p) for p in paths if p.name.startswith("-1_")]
+    framed = [offset(p) for p in paths if not p.name.startswith("-1_")]
+    assert len(junk) >= 20 and np.mean(junk) >= 0.2 and np.mean(framed) <= 0.1
+
+
+def test_each_camera_has_its_own_scene(stats_set):
+    # The background (outside the person's mask) of one camera's images is alike and unlike the
+    # other cameras': the camera means differ by several times the spread within a camera.
+    cameras, backgrounds = [], []
+    for folder in ("query", "bounding_box_test"):
+        for path in sorted((stats_set / folder).iterdir()):
+            image, mask = image_and_mask(path)
+            cameras.append(int(MARKET_NAME.match(path.name).group(2)))
+            backgrounds.append(image[~mask].mean(axis=0))
+    cameras, backgrounds = np.array(cameras), np.array(backgrounds)
+    means = np.array([backgrounds[cameras == c].mean(axis=0) for c in (1, 2, 3)])
+    within = np.mean([backgrounds[cameras == c].std(axis=0).mean() for c in (1, 2, 3)])
+    assert means.std(axis=0).mean() >= 2 * within
