@@ -81,6 +81,19 @@ def _render(job: Job, config: SynthConfig, identities: list[Appearance], cameras
     return image, mask.convert("1"), occlusion
 
 
+def _cast(config: SynthConfig, pids: list[int]) -> tuple[list[Appearance], list[Camera]]:
+    """Every identity's appearance and every camera, each from its own stream of the seed."""
+    identities = [random_appearance(np.random.default_rng([config.seed, STREAM_IDENTITY, pid])) for pid in pids]
+    factor = config.supersample
+    cameras = [
+        make_camera(
+            np.random.default_rng([config.seed, STREAM_CAMERA, c]), config.width * factor, config.height * factor
+        )
+        for c in range(config.cameras)
+    ]
+    return identities, cameras
+
+
 def generate_synthetic_dataset(
     out: str | os.PathLike, config: SynthConfig = SynthConfig(), *, progress: bool = True, force: bool = False
 ) -> Path:
@@ -102,14 +115,7 @@ def generate_synthetic_dataset(
             raise DatasetError(f"output folder is not empty: {out} ({hint})")
 
     jobs, pids = plan_images(config)
-    identities = [random_appearance(np.random.default_rng([config.seed, STREAM_IDENTITY, pid])) for pid in pids]
-    factor = config.supersample
-    cameras = [
-        make_camera(
-            np.random.default_rng([config.seed, STREAM_CAMERA, c]), config.width * factor, config.height * factor
-        )
-        for c in range(config.cameras)
-    ]
+    identities, cameras = _cast(config, pids)
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
