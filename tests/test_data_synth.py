@@ -466,10 +466,10 @@ def test_the_manifest_records_the_share_of_the_body_hidden(tiny_set):
     # draws come last): the occluded mask lies inside that one, and the share it lost is the
     # manifest's `hidden` (measured there at the drawing's resolution, before downsampling).
     from dpm_ops.data.synth.planning import plan_images
-    from dpm_ops.data.synth.writing import _cast, _render
+    from dpm_ops.data.synth.writing import _identities_and_cameras, _render
 
     jobs, pids = plan_images(TINY)
-    identities, cameras = _cast(TINY, pids)
+    identities, cameras = _identities_and_cameras(TINY, pids)
     by_key = {f"{job.folder}/{job.name}": job for job in jobs}
     occlusion = json.loads((tiny_set / "synthetic.json").read_text())["occlusion"]
     assert len(occlusion) >= 5

@@ -81,7 +81,7 @@ def _render(job: Job, config: SynthConfig, identities: list[Appearance], cameras
     return image, mask.convert("1"), occlusion
 
 
-def _cast(config: SynthConfig, pids: list[int]) -> tuple[list[Appearance], list[Camera]]:
+def _identities_and_cameras(config: SynthConfig, pids: list[int]) -> tuple[list[Appearance], list[Camera]]:
     """Every identity's appearance and every camera, each from its own stream of the seed."""
     identities = [random_appearance(np.random.default_rng([config.seed, STREAM_IDENTITY, pid])) for pid in pids]
     factor = config.supersample
@@ -115,7 +115,7 @@ def generate_synthetic_dataset(
             raise DatasetError(f"output folder is not empty: {out} ({hint})")
 
     jobs, pids = plan_images(config)
-    identities, cameras = _cast(config, pids)
+    identities, cameras = _identities_and_cameras(config, pids)
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
