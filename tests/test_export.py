@@ -475,6 +475,21 @@ def test_feature_extractor_maskreid_tensor_input_takes_masks(tmp_path, tiny_set)
         extractor(images)
 
 
+def test_feature_extractor_takes_its_image_size(tmp_path, tiny_set):
+    # image_size (torchreid's argument) replaces the config's input.size in the test transforms
+    config, weights, model = checkpointed(tmp_path, tiny_set, "maskreid")
+    names = sorted(p.name for p in (tiny_set / "query").iterdir())[:3]
+    paths = [str(tiny_set / "query" / name) for name in names]
+    masks = [str(tiny_set / "query_seg" / Path(name).with_suffix(".png")) for name in names]
+    size = (44, 20)
+    assert size != tuple(load_config(str(config), [])["input"]["size"])
+    extractor = FeatureExtractor(str(config), str(weights), image_size=size, device="cpu", verbose=False)
+    expected = extract_images(model, paths, masks=masks, image_size=size, normalize=False).features
+    assert torch.equal(extractor(paths, masks=masks), expected)
+    default = FeatureExtractor(str(config), str(weights), device="cpu", verbose=False)(paths, masks=masks)
+    assert not torch.allclose(default, expected)
+
+
 def test_find_images_is_recursive_sorted_and_by_extension(tmp_path):
     for name in ("b/2.JPG", "b/1.png", "a.jpeg", "c/d/e.webp", "notes.txt", "b/x.npy", "f.jpg/g.png"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
