@@ -47,7 +47,7 @@ constexpr double kGuessSlack = 1.1;        // self_knn: a diagonal row's m-th sm
 //   thread may lower it from what it alone has seen (tighten);
 // - uppers: the upper bounds offered at or below the limit, appended to 2m slots (under the row's
 //   lock) and cut back to their m smallest when full, which lowers the limit; every upper bound
-//   among the row's m smallest is kept, so their m-th smallest at the end is exact (append_uppers);
+//   among the row's m smallest is kept, so their m-th smallest at the end is exact (final_limit);
 // - top: the largest lower bound among the row's items (for the row maximum).
 // Limits only fall and tops only rise; a thread that reads an older value keeps more than it needs,
 // never less.
@@ -98,10 +98,12 @@ template <typename A> class RowBounds {
     __builtin_prefetch(uppers_.data() + row * 2 * m_ + counts_[row].load(std::memory_order_relaxed), 1);
   }
 
-  // The row's kept upper bounds, appended to `out` (once no thread adds to them).
-  void append_uppers(int64_t row, std::vector<A>& out) const {
+  // The m-th smallest of the row's kept upper bounds (once no thread adds to them; +inf with fewer
+  // than m), selected in `buffer`.
+  A final_limit(int64_t row, std::vector<A>& buffer) const {
     const A* kept = uppers_.data() + row * 2 * m_;
-    out.insert(out.end(), kept, kept + counts_[row].load(std::memory_order_relaxed));
+    buffer.assign(kept, kept + counts_[row].load(std::memory_order_relaxed));
+    return mth_value(buffer, m_);
   }
 
  private:
@@ -194,8 +196,8 @@ inline bool fits_log(int64_t rows) { return rows <= std::numeric_limits<int32_t>
 // The logged entries of every row of [0, rows) that keep(row, lower, upper) accepts, grouped by row:
 // a counting sort of the logs, each log counted and scattered by a thread of its own (the logs are
 // freed). Stage 2 passes its final limits, by which ~55% of what the logs still hold are dropped
-// before they are moved (Market-scale re-ranking: 1.93 M entries, 0.88 M grouped). The grouped entries are left uninitialised until scattered, so that
-// their first touch is parallel too.
+// before they are moved (Market-scale re-ranking: 1.93 M entries, 0.88 M grouped). The grouped
+// entries are left uninitialised until scattered, so that their first touch is parallel too.
 template <typename A> struct RowEntries {
   struct Entry {
     A lower, upper;
@@ -362,11 +364,7 @@ void knn_certified_pass(const Operand& xs, const Operand& ys, const Stage1Rows<A
     }
     // Stage 2: the kept items' distances as the direct path computes them, in (value, index) order.
     std::vector<A> kept_uppers;
-    for (int64_t r = 0; r < nr; ++r) {
-      kept_uppers.clear();
-      bounds.append_uppers(r, kept_uppers);
-      limits[r0 + r] = mth_value(kept_uppers, k);
-    }
+    for (int64_t r = 0; r < nr; ++r) limits[r0 + r] = bounds.final_limit(r, kept_uppers);
     const RowEntries<A> logged({&log}, nr,
                                [&](int64_t r, A lower, A) { return !log.overflow[r] && lower <= limits[r0 + r]; });
     std::vector<Stage2Item<A>> items;
@@ -522,7 +520,7 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
     }
   });
 
-  // Each row's final limit, the m-th smallest of its kept upper bounds (exact: append_uppers), and
+  // Each row's final limit, the m-th smallest of its kept upper bounds (exact: final_limit), and
   // whether any log overflowed on it; then the logs' entries that can still matter, grouped by row,
   // and stage 2 per row: the kept items' distances as the direct path computes them, the m smallest
   // in (value, index) order, and the row maximum.
@@ -531,9 +529,7 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
   at::parallel_for(0, N, kStage2Rows, [&](int64_t begin, int64_t end) {
     std::vector<A> uppers;
     for (int64_t row = begin; row < end; ++row) {
-      uppers.clear();
-      bounds.append_uppers(row, uppers);
-      limits[row] = mth_value(uppers, m);
+      limits[row] = bounds.final_limit(row, uppers);
       for (const auto& log : logs) overflowed[row] |= log.overflow[row];
     }
   });
