@@ -4,14 +4,13 @@ import dataclasses
 import json
 import os
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from dpm_ops.data import DatasetError, build_dataset
-from dpm_ops.data.masks import MASK_FOLDER_SUFFIX
+from dpm_ops.data.masks import mask_path_for
 from dpm_ops.data.synth import (
     SynthConfig,
     SynthOptionError,
@@ -387,10 +386,10 @@ def stats_set(tmp_path_factory):
     return generate_synthetic_dataset(tmp_path_factory.mktemp("stats") / "set", STATS, progress=False)
 
 
-def image_and_mask(path):
-    """An image (H, W, 3 float) and its person mask (H, W bool), read from the set's files."""
-    mask_path = path.parent.with_name(path.parent.name + MASK_FOLDER_SUFFIX) / f"{path.stem}.png"
-    return np.asarray(Image.open(path), dtype=np.float64), np.asarray(Image.open(mask_path)) > 0
+def image_and_mask(root, path):
+    """An image (H, W, 3 float) of the set at ``root`` and its person mask (H, W bool), read from its files."""
+    mask = Image.open(mask_path_for(str(path), str(root)))
+    return np.asarray(Image.open(path), dtype=np.float64), np.asarray(mask) > 0
 
 
 def test_an_identity_keeps_its_look_across_cameras(stats_set):
@@ -400,7 +399,7 @@ def test_an_identity_keeps_its_look_across_cameras(stats_set):
     data = build_dataset("synthetic", stats_set)
 
     def look(record):
-        image, mask = image_and_mask(Path(record.path))
+        image, mask = image_and_mask(stats_set, record.path)
         rows = np.flatnonzero(mask.any(axis=1))
         upper, lower = mask.copy(), mask.copy()
         upper[(rows[0] + rows[-1]) // 2 :] = False
@@ -423,7 +422,7 @@ def test_masks_outline_the_drawn_person(stats_set):
     # The person stands upright and fills most of the height (camera scale 0.8-0.92).
     ratios, heights = [], []
     for path in sorted((stats_set / "query").iterdir()):
-        image, mask = image_and_mask(path)
+        image, mask = image_and_mask(stats_set, path)
         gradient = np.hypot(*np.gradient(image.mean(axis=-1)))
         inner = mask.copy()
         inner[1:-1, 1:-1] = mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
@@ -437,7 +436,7 @@ def test_junk_boxes_frame_the_person_badly(stats_set):
     # Junk (pid -1) boxes hold the person half out of frame: the mask's centre sits far from the
     # image's middle, where every other box has it.
     def offset(path):
-        mask = image_and_mask(path)[1]
+        mask = image_and_mask(stats_set, path)[1]
         return abs(np.nonzero(mask)[1].mean() - mask.shape[1] / 2) / mask.shape[1] if mask.any() else 0.5
 
     paths = sorted((stats_set / "bounding_box_test").iterdir())
@@ -452,7 +451,7 @@ def test_each_camera_has_its_own_scene(stats_set):
     cameras, backgrounds = [], []
     for folder in ("query", "bounding_box_test"):
         for path in sorted((stats_set / folder).iterdir()):
-            image, mask = image_and_mask(path)
+            image, mask = image_and_mask(stats_set, path)
             cameras.append(int(MARKET_NAME.match(path.name).group(2)))
             backgrounds.append(image[~mask].mean(axis=0))
     cameras, backgrounds = np.array(cameras), np.array(backgrounds)
@@ -477,7 +476,7 @@ def test_the_manifest_records_the_share_of_the_body_hidden(tiny_set):
     for key, entry in occlusion.items():
         job = by_key[key]
         clean = np.asarray(_render(dataclasses.replace(job, occluded=False), TINY, identities, cameras)[1])
-        occluded = image_and_mask(tiny_set / key)[1]
+        occluded = image_and_mask(tiny_set, tiny_set / key)[1]
         assert not (occluded & ~clean).any(), key
         errors.append(1 - occluded.sum() / clean.sum() - entry["hidden"])
     # downsampling moves single values by up to ~0.04 here, not all of them one way

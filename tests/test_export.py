@@ -32,6 +32,7 @@ from dpm_ops.engine.extraction import eval_transform
 from dpm_ops.engine.builders import build_model_from_args, load_splits, model_arguments
 from dpm_ops.compat.torchreid import FeatureExtractor
 from dpm_ops.data.image_io import read_image, read_mask
+from dpm_ops.data.masks import mask_path_for
 from dpm_ops.export import (
     ExportError,
     OnnxCheckError,
@@ -385,7 +386,7 @@ def test_extract_images_maskreid_takes_masks_as_paths_or_arrays(tiny_set):
     model, _ = tiny_model("maskreid")
     folder = extract_folder(model, tiny_set / "query", image_size=MASKREID_SIZE, progress=False)
     paths = [str(tiny_set / "query" / name) for name in folder.paths]
-    mask_paths = [str(tiny_set / "query_seg" / Path(name).with_suffix(".png")) for name in folder.paths]
+    mask_paths = [mask_path_for(path, str(tiny_set)) for path in paths]
     for masks in (mask_paths, [np.asarray(read_mask(path)) > 0 for path in mask_paths]):
         found = extract_images(model, paths, masks=masks, image_size=MASKREID_SIZE)
         assert torch.equal(found.features, folder.features)
@@ -459,12 +460,16 @@ def test_feature_extractor_is_torchreids(tmp_path, tiny_set, capsys):
             FeatureExtractor(str(config), str(weights))  # torchreid's default device
 
 
+def query_images_and_masks(root, count: int):
+    """The paths of the set's first ``count`` query images and of their masks."""
+    paths = [str(path) for path in sorted((root / "query").iterdir())[:count]]
+    return paths, [mask_path_for(path, str(root)) for path in paths]
+
+
 def test_feature_extractor_maskreid_tensor_input_takes_masks(tmp_path, tiny_set):
     config, weights, model = checkpointed(tmp_path, tiny_set, "maskreid")
     extractor = FeatureExtractor(str(config), str(weights), device="cpu", verbose=False)
-    names = sorted(p.name for p in (tiny_set / "query").iterdir())[:4]
-    paths = [str(tiny_set / "query" / name) for name in names]
-    masks = [str(tiny_set / "query_seg" / Path(name).with_suffix(".png")) for name in names]
+    paths, masks = query_images_and_masks(tiny_set, 4)
     expected = extractor(paths, masks=masks)
     size = tuple(load_config(str(config), [])["input"]["size"])
     transform = eval_transform("maskreid", size)
@@ -478,9 +483,7 @@ def test_feature_extractor_maskreid_tensor_input_takes_masks(tmp_path, tiny_set)
 def test_feature_extractor_takes_its_image_size(tmp_path, tiny_set):
     # image_size (torchreid's argument) replaces the config's input.size in the test transforms
     config, weights, model = checkpointed(tmp_path, tiny_set, "maskreid")
-    names = sorted(p.name for p in (tiny_set / "query").iterdir())[:3]
-    paths = [str(tiny_set / "query" / name) for name in names]
-    masks = [str(tiny_set / "query_seg" / Path(name).with_suffix(".png")) for name in names]
+    paths, masks = query_images_and_masks(tiny_set, 3)
     size = (44, 20)
     assert size != tuple(load_config(str(config), [])["input"]["size"])
     extractor = FeatureExtractor(str(config), str(weights), image_size=size, device="cpu", verbose=False)
