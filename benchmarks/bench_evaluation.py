@@ -35,7 +35,7 @@ from benchmarks.reference.rerank_numpy import re_ranking_from_features
 from benchmarks.reference.synthetic_features import MARKET1501, MSMT17, make_reid_features, scaled
 from dpm_ops.evaluation import evaluate_rank, knn, pairwise_distance, rerank_features
 from dpm_ops.evaluation._select import TIE_MARGIN
-from dpm_ops.ops.knn import int8_gemm_is_fast
+from dpm_ops.ops.knn import int8_gemm_engine, int8_gemm_is_fast
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
@@ -223,7 +223,9 @@ def bench_cpu_targets():
 def bench_rerank_features_strategy(timed, benchmark, strategy, scale):
     query, gallery = time_rerank_strategy(timed, strategy, scale, "cpu", "rerank_features strategy", iterations=1)
     if strategy == "certified":
-        report_candidates(benchmark, query, gallery, scale, int8_gemm_fast=int8_gemm_is_fast())
+        report_candidates(
+            benchmark, query, gallery, scale, int8_gemm_fast=int8_gemm_is_fast(), int8_gemm=int8_gemm_engine()
+        )
 
 
 def time_rerank_strategy(timed, strategy: str, scale: str, device: str, group: str, iterations: int):
@@ -293,7 +295,7 @@ def bench_cpu_certified_rerank_target():
     ratio = best["certified"] / best["direct"]
     print(
         f"\nMarket-1501 scale: rerank_features certified / direct = {ratio:.2f} alternated "
-        f"({best['certified']:.2f} s / {best['direct']:.2f} s)"
+        f"({best['certified']:.2f} s / {best['direct']:.2f} s; int8 GEMM: {int8_gemm_engine()})"
         + (f", {separate[0] / separate[1]:.2f} from the separate cases" if None not in separate else "")
     )
     if not int8_gemm_is_fast():

@@ -7,6 +7,8 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include "../csrc/knn/knn_int8_gemm_amx.h"
+
 TORCH_LIBRARY(dpm_ops, m) {}
 
 // A plain Python module, so `import dpm_ops._C` loads the library and its registrations.
@@ -26,6 +28,8 @@ PyMODINIT_FUNC PyInit__C(void) {
 #else
   PyModule_AddIntConstant(module, "with_openmp", 0);
 #endif
+  // The engine of the certified search's int8 GEMM on this CPU (csrc/knn/knn_int8_gemm_amx.h).
+  PyModule_AddStringConstant(module, "int8_gemm", dpm_ops::knn::amx_int8_usable() ? "amx" : "onednn");
   PyModule_AddObject(module, "torch_version",
                      Py_BuildValue("(iii)", TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR, TORCH_VERSION_PATCH));
   return module;

@@ -1,7 +1,8 @@
 // Stage 1 of the CPU certified search (knn_certified_cpu.cpp): the rows quantised to int8 with one
-// scale per row, an exact int32 GEMM of the quantised rows (at::_int_mm, oneDNN: AVX-512 VNNI / AMX
-// where the CPU has them, ~2x a bf16 GEMM and ~4x fp32), and per-pair distance bounds from each
-// row's measured quantisation residual (derivation: docs/certified_knn.md, "The bound").
+// scale per row, an exact int32 GEMM of the quantised rows (AMX tiles where the CPU has them,
+// knn_int8_gemm_amx.h; else at::_int_mm, oneDNN: AVX-512 VNNI where present, ~2x a bf16 GEMM and ~4x
+// fp32), and per-pair distance bounds from each row's measured quantisation residual (derivation:
+// docs/certified_knn.md, "The bound").
 //
 // With x~ = s_x q_x (q_x = round(x / s_x) in [-127, 127]) and e_x = x - x~, for every pair
 //   |x.y - x~.y~| = |e_x.y + x~.e_y| <= |e_x| |y| + (|x| + |e_x|) |e_y|              (Cauchy-Schwarz)
@@ -28,6 +29,7 @@
 #include <optional>
 #include <vector>
 
+#include "knn_int8_gemm_amx.h"
 #include "knn_math.h"
 #include "knn_operands.h"
 
@@ -126,9 +128,10 @@ template <typename A> struct Stage1Rows {
     const double g = gamma + std::ldexp(1.0, -19);
     Stage1Rows s;
     const at::TensorOptions options = xs.rows.options();
-    // at::_int_mm returns garbage for an inner size of 1 (torch 2.13): a single column gets a zero
-    // one beside it, which changes no dot product.
-    const int64_t width = std::max<int64_t>(D, 2);
+    // Rows padded with zero columns to a multiple of 64 bytes (AMX's k step; zeros change no dot
+    // product). This also keeps at::_int_mm off an inner size of 1, for which it returns garbage
+    // (torch 2.13).
+    const int64_t width = (std::max<int64_t>(D, 1) + kAmxK - 1) / kAmxK * kAmxK;
     s.q = width == D ? at::empty({N, D}, options.dtype(at::kChar)) : at::zeros({N, width}, options.dtype(at::kChar));
     for (at::Tensor* t : {&s.scale, &s.norm, &s.residual, &s.norm_term, &s.sum_term}) *t = at::empty({N}, options);
     s.tau = A(D * std::ldexp(double(std::numeric_limits<A>::min()), 18));
@@ -207,14 +210,23 @@ template <typename A> struct Stage1Scratch {
   std::vector<uint8_t> row_hits, col_hits;
   std::vector<uint64_t> row_words, col_words;
   std::vector<A> smallest;  // mth_smallest's buffer
+  AmxInt8Gemm amx;
   Stage1Scratch(int64_t tile_rows, int64_t tile_cols)
-      : tile(at::empty({tile_rows * tile_cols}, at::kInt)), lower(tile_cols), upper(tile_cols),
+      : tile(at::empty({AmxInt8Gemm::round_up(tile_rows) * AmxInt8Gemm::round_up(tile_cols)}, at::kInt)),
+        lower(tile_cols), upper(tile_cols),
         row_hits(tile_cols / kHitBlock * kHitBlock + kHitBlock), col_hits(row_hits.size()),
         row_words(row_hits.size() / kHitBlock), col_words(row_words.size()) {}
 
-  // The exact int32 dots of x's rows [r0, r0 + nr) and y's rows [c0, c0 + nc), (nr, nc) row-major.
+  // The exact int32 dots of x's rows [r0, r0 + nr) and y's rows [c0, c0 + nc), (nr, nc) row-major:
+  // on AMX tiles where amx_int8_usable(), else by at::_int_mm.
   const int32_t* gemm(const Stage1Rows<A>& x, int64_t r0, int64_t nr, const Stage1Rows<A>& y, int64_t c0,
                       int64_t nc) {
+    if (amx_int8_usable()) {
+      const int64_t width = x.q.size(1);
+      amx.run(x.q.template const_data_ptr<int8_t>() + r0 * width, nr,
+              y.q.template const_data_ptr<int8_t>() + c0 * width, nc, width, tile.data_ptr<int32_t>());
+      return tile.const_data_ptr<int32_t>();
+    }
     at::Tensor out = tile.narrow(0, 0, nr * nc).view({nr, nc});
     at::_int_mm_out(out, x.q.narrow(0, r0, nr), y.q.narrow(0, c0, nc).t());
     return out.const_data_ptr<int32_t>();

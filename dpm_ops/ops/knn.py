@@ -64,11 +64,20 @@ def check_strategy(strategy, op: str = "knn"):
 
 
 def int8_gemm_is_fast() -> bool:
-    """Whether this CPU has int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI or AMX), which torch's
-    oneDNN int8 GEMM (the certified search's stage 1 on the CPU) uses: there it runs ~4x faster than
-    the fp32 GEMM (measured on an AMD EPYC Zen 4 core: 434 against 94 GOP/s)."""
+    """Whether this CPU has int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI or AMX), on which the
+    certified search's stage-1 GEMM runs (int8_gemm_engine(): "amx", the library's own AMX tile
+    kernel, else "onednn", torch's int8 GEMM): ~4x faster than the fp32 GEMM on an AMD EPYC Zen 4 core
+    (oneDNN, VNNI: 434 against 94 GOP/s), ~25x on the Intel Xeon of the README (AMX: ~4.7 TOP/s
+    against ~170 GFLOP/s)."""
     capability = torch._C._cpu._get_cpu_capability()
     return any(capability.get(name) for name in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def int8_gemm_engine():
+    """Which int8 GEMM the certified search's stage 1 runs on this CPU: "amx" (the library's AMX tile
+    kernel, csrc/knn/knn_int8_gemm_amx.h) or "onednn" (torch's); None without the C++ extension."""
+    module = _backend._EXTENSION[0]
+    return None if module is None else module.int8_gemm
 
 
 def _use_certified(strategy, name, rows, columns, dim):

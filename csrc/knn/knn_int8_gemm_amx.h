@@ -1,0 +1,191 @@
+// The certified search's int8 GEMM on Intel AMX tiles (knn_certified_stage1_cpu.h), where the CPU
+// has AMX-INT8 and Linux grants the tile state. torch's at::_int_mm (oneDNN's int8 GEMM API) ran
+// at ~1.2 TOP/s a core on the Xeon of the README's tables, where a 1,024^2 x 768 tile of this
+// kernel runs at ~4.7 (docs/certified_knn.md, "The int8 GEMM"). Both give the exact int32 sums
+// (D 127^2 < 2^31, so no sum wraps), so the results do not depend on which one ran.
+//
+// A tile multiply (TDPBSSD) adds a 16 x 64 int8 tile of one side times a 64 x 16 tile of the other
+// into a 16 x 16 int32 tile. The row side is read where it lies (16 rows of 64 bytes, any stride);
+// the column side is repacked per GEMM into AMX's layout, where a tile line holds 16 columns x 4
+// consecutive k. Each 32 x 32 output block keeps 2 x 2 accumulator tiles over the whole K.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__x86_64__) && defined(__linux__) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#define DPM_OPS_AMX_BUILD 1
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define DPM_OPS_AMX_TARGET __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512dq,avx512vl")))
+#endif
+
+namespace dpm_ops::knn {
+
+constexpr int64_t kAmxK = 64;       // int8 k per tile multiply: rows of the int8 operands are padded to it
+constexpr int64_t kAmxBlock = 32;   // output rows / columns per block of 2 x 2 accumulator tiles
+
+// Whether this process runs the int8 GEMM on AMX tiles: the CPU reports AMX-TILE and AMX-INT8
+// (CPUID leaf 7), Linux grants the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM, once), torch runs
+// its AVX-512 kernels (so that ATEN_CPU_CAPABILITY=avx2 or default also tests the other path, as for
+// stage 1's loops), and the environment does not say DPM_OPS_AMX=0. Otherwise at::_int_mm runs it.
+inline bool amx_int8_usable() {
+#ifdef DPM_OPS_AMX_BUILD
+  static const bool usable = [] {
+    const char* choice = std::getenv("DPM_OPS_AMX");
+    if ((choice != nullptr && std::strcmp(choice, "0") == 0) || at::get_cpu_capability() != "AVX512") return false;
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    const bool tile = (edx >> 24) & 1, int8 = (edx >> 25) & 1;
+    constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+    return tile && int8 && syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+  }();
+  return usable;
+#else
+  return false;
+#endif
+}
+
+#ifdef DPM_OPS_AMX_BUILD
+namespace amx {
+
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t bytes_per_row[16];
+  uint8_t rows[16];
+};
+// Eight tiles of 16 rows x 64 bytes: 0-3 accumulators, 4-5 the row side, 6-7 the column side. A
+// constant in memory: GCC 12 drops the stores to a local config before LDTILECFG.
+inline constexpr TileConfig kConfig = [] {
+  TileConfig c{};
+  c.palette = 1;
+  for (int t = 0; t < 8; ++t) c.bytes_per_row[t] = 64, c.rows[t] = 16;
+  return c;
+}();
+
+// GCC 12 takes the unpack intrinsics' _mm512_undefined_epi32 for an uninitialised read.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// Columns [0, nc) of `b` (rows `ldb` bytes apart, K int8 each, K a multiple of 64) in AMX's column
+// layout: per group of 16 columns and step of 64 k, 16 lines (one per 4 consecutive k) of 16 columns
+// x 4 bytes. Columns past nc, up to a multiple of 32, are zero. Each 16 x 64-byte block is a 16 x 16
+// transpose of 4-byte words: within each 128-bit lane (unpacks), then of the lanes (shuffles).
+DPM_OPS_AMX_TARGET inline void pack_columns(const int8_t* b, int64_t ldb, int64_t nc, int64_t K, int8_t* packed) {
+  const int64_t groups = (nc + kAmxBlock - 1) / kAmxBlock * (kAmxBlock / 16), steps = K / kAmxK;
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t s = 0; s < steps; ++s) {
+      __m512i r[16];
+      for (int j = 0; j < 16; ++j) {
+        const int64_t col = g * 16 + j;
+        r[j] = col < nc ? _mm512_loadu_si512(b + col * ldb + s * kAmxK) : _mm512_setzero_si512();
+      }
+      __m512i v[16];  // v[4 a + i]: per lane L, word 4 L + i of rows 4 a .. 4 a + 3
+      for (int a = 0; a < 4; ++a) {
+        const __m512i t0 = _mm512_unpacklo_epi32(r[4 * a], r[4 * a + 1]);
+        const __m512i t1 = _mm512_unpackhi_epi32(r[4 * a], r[4 * a + 1]);
+        const __m512i t2 = _mm512_unpacklo_epi32(r[4 * a + 2], r[4 * a + 3]);
+        const __m512i t3 = _mm512_unpackhi_epi32(r[4 * a + 2], r[4 * a + 3]);
+        v[4 * a] = _mm512_unpacklo_epi64(t0, t2);
+        v[4 * a + 1] = _mm512_unpackhi_epi64(t0, t2);
+        v[4 * a + 2] = _mm512_unpacklo_epi64(t1, t3);
+        v[4 * a + 3] = _mm512_unpackhi_epi64(t1, t3);
+      }
+      int8_t* out = packed + (g * steps + s) * 1024;
+      for (int i = 0; i < 4; ++i) {
+        const __m512i x0 = _mm512_shuffle_i32x4(v[i], v[4 + i], 0x44), x1 = _mm512_shuffle_i32x4(v[i], v[4 + i], 0xEE);
+        const __m512i x2 = _mm512_shuffle_i32x4(v[8 + i], v[12 + i], 0x44);
+        const __m512i x3 = _mm512_shuffle_i32x4(v[8 + i], v[12 + i], 0xEE);
+        _mm512_store_si512(out + (0 + i) * 64, _mm512_shuffle_i32x4(x0, x2, 0x88));   // words 0 .. 3
+        _mm512_store_si512(out + (4 + i) * 64, _mm512_shuffle_i32x4(x0, x2, 0xDD));   // words 4 .. 7
+        _mm512_store_si512(out + (8 + i) * 64, _mm512_shuffle_i32x4(x1, x3, 0x88));   // words 8 .. 11
+        _mm512_store_si512(out + (12 + i) * 64, _mm512_shuffle_i32x4(x1, x3, 0xDD));  // words 12 .. 15
+      }
+    }
+}
+
+#pragma GCC diagnostic pop
+
+// c (32 rows, ldc int32 apart) = 32 rows of `a` (lda bytes apart) times `groups` packed column
+// groups (a multiple of 2), over `steps` steps of 64 k.
+DPM_OPS_AMX_TARGET inline void block_row(const int8_t* a, int64_t lda, const int8_t* packed, int64_t groups,
+                                         int64_t steps, int32_t* c, int64_t ldc) {
+  const int64_t group_bytes = steps * 1024, stride = ldc * int64_t(sizeof(int32_t));
+  for (int64_t g = 0; g < groups; g += 2) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    const int8_t* b0 = packed + g * group_bytes;
+    for (int64_t s = 0; s < steps; ++s) {
+      _tile_loadd(4, a + s * kAmxK, lda);
+      _tile_loadd(5, a + 16 * lda + s * kAmxK, lda);
+      _tile_loadd(6, b0 + s * 1024, 64);
+      _tile_loadd(7, b0 + group_bytes + s * 1024, 64);
+      _tile_dpbssd(0, 4, 6);
+      _tile_dpbssd(1, 4, 7);
+      _tile_dpbssd(2, 5, 6);
+      _tile_dpbssd(3, 5, 7);
+    }
+    int32_t* out = c + g * 16;
+    _tile_stored(0, out, stride);
+    _tile_stored(1, out + 16, stride);
+    _tile_stored(2, out + 16 * ldc, stride);
+    _tile_stored(3, out + 16 * ldc + 16, stride);
+  }
+}
+
+DPM_OPS_AMX_TARGET inline void load_config() { _tile_loadconfig(&kConfig); }
+DPM_OPS_AMX_TARGET inline void release() { _tile_release(); }
+
+}  // namespace amx
+#endif
+
+// One thread's AMX int8 GEMM and its buffers (64-byte aligned: split-line tile loads ran at a third
+// of the speed).
+class AmxInt8Gemm {
+ public:
+  // out (nr x nc, row-major, stride nc) = the rows [0, nr) of a times the rows [0, nc) of b, transposed;
+  // both int8 with rows `width` bytes apart, width a multiple of 64 and 64-byte aligned rows. `out`
+  // must hold round_up(nr, 32) x round_up(nc, 32) values (the blocks are computed whole).
+  void run(const int8_t* a, int64_t nr, const int8_t* b, int64_t nc, int64_t width, int32_t* out) {
+#ifdef DPM_OPS_AMX_BUILD
+    const int64_t cols = round_up(nc), groups = cols / 16, steps = width / kAmxK;
+    reserve(packed_, cols * width);
+    amx::pack_columns(b, width, nc, width, packed_.data_ptr<int8_t>());
+    amx::load_config();
+    for (int64_t r = 0; r < nr; r += kAmxBlock) {
+      const int8_t* rows = a + r * width;
+      if (r + kAmxBlock > nr) {  // the last rows, zero-padded to a whole block
+        reserve(edge_rows_, kAmxBlock * width);
+        int8_t* edge = edge_rows_.data_ptr<int8_t>();
+        std::memcpy(edge, rows, (nr - r) * width);
+        std::memset(edge + (nr - r) * width, 0, (kAmxBlock - (nr - r)) * width);
+        rows = edge;
+      }
+      amx::block_row(rows, width, packed_.data_ptr<int8_t>(), groups, steps, out + r * cols, cols);
+    }
+    amx::release();
+    if (cols != nc)  // to stride nc; rows only move down, so in order
+      for (int64_t r = 1; r < nr; ++r) std::memmove(out + r * nc, out + r * cols, nc * sizeof(int32_t));
+#else
+    TORCH_CHECK(false, "AmxInt8Gemm: this build has no AMX code");
+#endif
+  }
+
+  static int64_t round_up(int64_t n) { return (n + kAmxBlock - 1) / kAmxBlock * kAmxBlock; }
+
+ private:
+  static void reserve(at::Tensor& buffer, int64_t bytes) {
+    if (!buffer.defined() || buffer.numel() < bytes) buffer = at::empty({bytes}, at::kChar);
+  }
+  at::Tensor packed_, edge_rows_;
+};
+
+}  // namespace dpm_ops::knn
