@@ -141,8 +141,18 @@ DPM_OPS_AMX_TARGET inline void block_row(const int8_t* a, int64_t lda, const int
   }
 }
 
-DPM_OPS_AMX_TARGET inline void load_config() { _tile_loadconfig(&kConfig); }
-DPM_OPS_AMX_TARGET inline void release() { _tile_release(); }
+// Loads this kernel's tile configuration, saving the thread's current one: torch's and oneDNN's AMX
+// kernels may keep theirs loaded between calls and skip reloading it.
+DPM_OPS_AMX_TARGET inline void load_config(TileConfig& saved) {
+  _tile_storeconfig(&saved);
+  _tile_loadconfig(&kConfig);
+}
+// Restores the saved configuration, or releases the tiles where none was loaded (palette 0).
+DPM_OPS_AMX_TARGET inline void restore_config(const TileConfig& saved) {
+  asm volatile("" ::: "memory");  // the saved bytes were written by STTILECFG: keep them read here
+  if (saved.palette != 0) _tile_loadconfig(&saved);
+  else _tile_release();
+}
 
 }  // namespace amx
 #endif
@@ -159,7 +169,8 @@ class AmxInt8Gemm {
     const int64_t cols = round_up(nc), groups = cols / 16, steps = width / kAmxK;
     reserve(packed_, cols * width);
     amx::pack_columns(b, width, nc, width, packed_.data_ptr<int8_t>());
-    amx::load_config();
+    amx::TileConfig saved;
+    amx::load_config(saved);
     for (int64_t r = 0; r < nr; r += kAmxBlock) {
       const int8_t* rows = a + r * width;
       if (r + kAmxBlock > nr) {  // the last rows, zero-padded to a whole block
@@ -171,7 +182,7 @@ class AmxInt8Gemm {
       }
       amx::block_row(rows, width, packed_.data_ptr<int8_t>(), groups, steps, out + r * cols, cols);
     }
-    amx::release();
+    amx::restore_config(saved);
     if (cols != nc)  // to stride nc; rows only move down, so in order
       for (int64_t r = 1; r < nr; ++r) std::memmove(out + r * nc, out + r * cols, nc * sizeof(int32_t));
 #else
