@@ -70,9 +70,8 @@ inline constexpr TileConfig kConfig = [] {
   return c;
 }();
 
-// GCC 12 takes the unpack intrinsics' _mm512_undefined_epi32 for an uninitialised read.
 #pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12: the intrinsics' _mm512_undefined_*
 // Columns [0, nc) of `b` (rows `ldb` bytes apart, K int8 each, K a multiple of 64) in AMX's column
 // layout: per group of 16 columns and step of 64 k, 16 lines (one per 4 consecutive k) of 16 columns
 // x 4 bytes. Columns past nc, up to a multiple of 32, are zero. Each 16 x 64-byte block is a 16 x 16
