@@ -355,9 +355,9 @@ void knn_certified_pass(const Operand& xs, const Operand& ys, const Stage1Rows<A
     CertifiedLog<A> log(bounds, nr, cap, false);
     for (int64_t c0 = 0; c0 < Ny; c0 += kColumnBlock) {
       const int64_t nc = std::min(kColumnBlock, Ny - c0);
-      const int32_t* dots = s.gemm(xq, r0, nr, yq, c0, nc);
+      s.begin_tile(xq, r0, nr, yq, c0, nc);
       for (int64_t r = 0; r < nr; ++r) {
-        stage1_line<false>(s.line(dots + r * nc, nc, metric, xq, r0 + r, x_norms[r0 + r], yq, c0, y_norms,
+        stage1_line<false>(s.line(s.dots(r), nc, metric, xq, r0 + r, x_norms[r0 + r], yq, c0, y_norms,
                                   bounds.limit(r), no_top));
         log.offer_to_row(r, s.lower.data(), s.upper.data(), s.row_words.data(), 0, nc, c0);
       }
@@ -464,7 +464,7 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
     const int64_t r0 = edges[tiles[t].first], nr = edges[tiles[t].first + 1] - r0;
     const int64_t c0 = edges[tiles[t].second], nc = edges[tiles[t].second + 1] - c0;
     const bool diagonal = r0 == c0, in_cross = r0 < cross_rows && c0 >= cross_rows;
-    const int32_t* dots = nullptr;   // the int8 GEMM, outside the cross block
+    const int32_t* dots = nullptr;   // a diagonal tile's int8 GEMM, whole: its lines are read twice
     const A* exact_dots = nullptr;   // the cross block's GEMM, in the compute type
     A* exact = nullptr;              // the cross block's distances (lower = upper), in the output
     if (in_cross) {
@@ -472,8 +472,10 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
       at::mm_out(tile, xs.rows.narrow(0, r0, nr), xs.rows.narrow(0, c0, nc).t());
       exact_dots = tile.const_data_ptr<A>();
       exact = cross_out + r0 * cross_cols + (c0 - cross_rows);
-    } else {
+    } else if (diagonal) {
       dots = line.gemm(xq, r0, nr, xq, c0, nc);
+    } else {
+      line.begin_tile(xq, r0, nr, xq, c0, nc);  // the other int8 tiles' lines, once each, in order
     }
     // A diagonal tile first sets each of its rows' limit and top from the row's whole line (the
     // tile's GEMM is square): the diagonal tiles come first, and a line's hits are taken against
@@ -509,7 +511,7 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
                        s.col_limit.data(), s.col_top.data(), exact + r * cross_cols, line.row_hits.data(),
                        line.col_hits.data(), line.row_words.data(), line.col_words.data()});
       } else {
-        Stage1Line<A> in = line.line(dots + r * nc, nc, metric, xq, row, norms[row], xq, c0, norms,
+        Stage1Line<A> in = line.line(diagonal ? dots + r * nc : line.dots(r), nc, metric, xq, row, norms[row], xq, c0, norms,
                                      bounds.limit(row), bounds.top(row));
         in.col_limit = s.col_limit.data();
         in.col_top = s.col_top.data();

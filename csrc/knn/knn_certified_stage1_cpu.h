@@ -276,6 +276,37 @@ template <typename A> struct Stage1Scratch {
     return out.const_data_ptr<int32_t>();
   }
 
+  // The same tile for reading a row at a time, in order (dots(r), r = 0, 1, ...): on AMX each block of
+  // 32 rows is computed when its first row is asked for, so that its dots (128 KB for 1,024 columns)
+  // are still in the core's cache when its lines read them; elsewhere the tile at once.
+  void begin_tile(const Stage1Rows<A>& x, int64_t r0, int64_t nr, const Stage1Rows<A>& y, int64_t c0, int64_t nc) {
+    tile_rows_ = nr, tile_cols_ = nc, block_begin_ = -1;
+    if (!amx_int8_usable()) {
+      whole_tile_ = gemm(x, r0, nr, y, c0, nc);
+      return;
+    }
+    whole_tile_ = nullptr;
+    row_width_ = x.q.size(1);
+    row_side_ = x.q.template const_data_ptr<int8_t>() + r0 * row_width_;
+    amx.pack(y.q.template const_data_ptr<int8_t>() + c0 * row_width_, nc, row_width_);
+  }
+  const int32_t* dots(int64_t r) {
+    if (whole_tile_ != nullptr) return whole_tile_ + r * tile_cols_;
+    if (block_begin_ < 0 || r < block_begin_ || r >= block_begin_ + kAmxBlock) {
+      block_begin_ = r / kAmxBlock * kAmxBlock;
+      amx.block(row_side_ + block_begin_ * row_width_, std::min(kAmxBlock, tile_rows_ - block_begin_),
+                tile.data_ptr<int32_t>());
+    }
+    return tile.const_data_ptr<int32_t>() + (r - block_begin_) * AmxInt8Gemm::round_up(tile_cols_);
+  }
+
+ private:
+  const int32_t* whole_tile_ = nullptr;  // begin_tile's tile when computed at once
+  const int8_t* row_side_ = nullptr;     // else its rows, by blocks
+  int64_t tile_rows_ = 0, tile_cols_ = 0, row_width_ = 0, block_begin_ = -1;
+
+ public:
+
   // The line of x's row `row` (squared norm x_sq_norm) against y's columns [c0, c0 + cols), with the
   // row's limit and top; the caller adds the column limits for column hits.
   Stage1Line<A> line(const int32_t* dots, int64_t cols, Metric metric, const Stage1Rows<A>& x, int64_t row,

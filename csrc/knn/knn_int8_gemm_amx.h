@@ -157,45 +157,59 @@ DPM_OPS_AMX_TARGET inline void restore_config(const TileConfig& saved) {
 #endif
 
 // One thread's AMX int8 GEMM and its buffers (64-byte aligned: split-line tile loads ran at a third
-// of the speed).
+// of the speed). The operands are int8 rows `width` bytes apart (a multiple of 64, 64-byte aligned):
+// pack() takes the column side, then block() multiplies up to 32 rows of the row side with it.
 class AmxInt8Gemm {
  public:
-  // out (nr x nc, row-major, stride nc) = the rows [0, nr) of a times the rows [0, nc) of b, transposed;
-  // both int8 with rows `width` bytes apart, width a multiple of 64 and 64-byte aligned rows. `out`
-  // must hold round_up(nr, 32) x round_up(nc, 32) values (the blocks are computed whole).
-  void run(const int8_t* a, int64_t nr, const int8_t* b, int64_t nc, int64_t width, int32_t* out) {
+  static int64_t round_up(int64_t n) { return (n + kAmxBlock - 1) / kAmxBlock * kAmxBlock; }
+
+  // The rows [0, nc) of b become the columns of the next products.
+  void pack(const int8_t* b, int64_t nc, int64_t width) {
 #ifdef DPM_OPS_AMX_BUILD
-    const int64_t cols = round_up(nc), groups = cols / 16, steps = width / kAmxK;
-    reserve(packed_, cols * width);
+    cols_ = nc, width_ = width;
+    reserve(packed_, round_up(nc) * width);
     amx::pack_columns(b, width, nc, width, packed_.data_ptr<int8_t>());
-    amx::TileConfig saved;
-    amx::load_config(saved);
-    for (int64_t r = 0; r < nr; r += kAmxBlock) {
-      const int8_t* rows = a + r * width;
-      if (r + kAmxBlock > nr) {  // the last rows, zero-padded to a whole block
-        reserve(edge_rows_, kAmxBlock * width);
-        int8_t* edge = edge_rows_.data_ptr<int8_t>();
-        std::memcpy(edge, rows, (nr - r) * width);
-        std::memset(edge + (nr - r) * width, 0, (kAmxBlock - (nr - r)) * width);
-        rows = edge;
-      }
-      amx::block_row(rows, width, packed_.data_ptr<int8_t>(), groups, steps, out + r * cols, cols);
-    }
-    amx::restore_config(saved);
-    if (cols != nc)  // to stride nc; rows only move down, so in order
-      for (int64_t r = 1; r < nr; ++r) std::memmove(out + r * nc, out + r * cols, nc * sizeof(int32_t));
 #else
     TORCH_CHECK(false, "AmxInt8Gemm: this build has no AMX code");
 #endif
   }
 
-  static int64_t round_up(int64_t n) { return (n + kAmxBlock - 1) / kAmxBlock * kAmxBlock; }
+  // out (rows x round_up(nc), row stride round_up(nc)) = the rows [0, rows) of a (rows <= 32) times the
+  // packed columns, transposed; out holds 32 rows.
+  void block(const int8_t* a, int64_t rows, int32_t* out) {
+#ifdef DPM_OPS_AMX_BUILD
+    if (rows < kAmxBlock) {  // zero-padded to a whole block
+      reserve(edge_rows_, kAmxBlock * width_);
+      int8_t* edge = edge_rows_.data_ptr<int8_t>();
+      std::memcpy(edge, a, rows * width_);
+      std::memset(edge + rows * width_, 0, (kAmxBlock - rows) * width_);
+      a = edge;
+    }
+    amx::TileConfig saved;
+    amx::load_config(saved);
+    amx::block_row(a, width_, packed_.data_ptr<int8_t>(), round_up(cols_) / 16, width_ / kAmxK, out, round_up(cols_));
+    amx::restore_config(saved);
+#else
+    TORCH_CHECK(false, "AmxInt8Gemm: this build has no AMX code");
+#endif
+  }
+
+  // out (nr x nc, row-major, stride nc) = the rows [0, nr) of a times the rows [0, nc) of b, transposed.
+  // `out` must hold round_up(nr) x round_up(nc) values (the blocks are computed whole).
+  void run(const int8_t* a, int64_t nr, const int8_t* b, int64_t nc, int64_t width, int32_t* out) {
+    pack(b, nc, width);
+    const int64_t cols = round_up(nc);
+    for (int64_t r = 0; r < nr; r += kAmxBlock) block(a + r * width, std::min(kAmxBlock, nr - r), out + r * cols);
+    if (cols != nc)  // to stride nc; rows only move down, so in order
+      for (int64_t r = 1; r < nr; ++r) std::memmove(out + r * nc, out + r * cols, nc * sizeof(int32_t));
+  }
 
  private:
   static void reserve(at::Tensor& buffer, int64_t bytes) {
     if (!buffer.defined() || buffer.numel() < bytes) buffer = at::empty({bytes}, at::kChar);
   }
   at::Tensor packed_, edge_rows_;
+  int64_t cols_ = 0, width_ = 0;
 };
 
 }  // namespace dpm_ops::knn
