@@ -347,6 +347,10 @@ void knn_certified_pass(const Operand& xs, const Operand& ys, const Stage1Rows<A
   int64_t* out_counts = counts.data_ptr<int64_t>();
   const A no_top = std::numeric_limits<A>::infinity();  // knn keeps no row maximum
   const auto make_scratch = [&](int) { return Stage1Scratch<A>(std::min(kRowBlock, M), std::min(kColumnBlock, Ny)); };
+  std::vector<int64_t> column_edges;
+  for (int64_t c0 = 0; c0 < Ny; c0 += kColumnBlock) column_edges.push_back(c0);
+  column_edges.push_back(Ny);
+  const std::optional<AmxColumnPanels> panels = yq.column_panels(column_edges);
   parallel_tasks((M + kRowBlock - 1) / kRowBlock, omp_get_max_threads(), make_scratch,
                  [&](Stage1Scratch<A>& s, int64_t block) {
     const int64_t r0 = block * kRowBlock, nr = std::min(kRowBlock, M - r0);
@@ -355,7 +359,7 @@ void knn_certified_pass(const Operand& xs, const Operand& ys, const Stage1Rows<A
     CertifiedLog<A> log(bounds, nr, cap, false);
     for (int64_t c0 = 0; c0 < Ny; c0 += kColumnBlock) {
       const int64_t nc = std::min(kColumnBlock, Ny - c0);
-      s.begin_tile(xq, r0, nr, yq, c0, nc);
+      s.begin_tile(xq, r0, nr, yq, c0, nc, panels ? &*panels : nullptr);
       for (int64_t r = 0; r < nr; ++r) {
         stage1_line<false>(s.line(s.dots(r), nc, metric, xq, r0 + r, x_norms[r0 + r], yq, c0, y_norms,
                                   bounds.limit(r), no_top));
@@ -439,6 +443,7 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
   edges.push_back(N);
   const int64_t num_edges = int64_t(edges.size()) - 1;
   const std::vector<std::pair<int64_t, int64_t>> tiles = upper_tiles(num_edges);
+  const std::optional<AmxColumnPanels> panels = xq.column_panels(edges);
   const int num_threads = omp_get_max_threads();
   RowBounds<A> bounds(N, m);
   std::vector<CertifiedLog<A>> logs;
@@ -475,7 +480,7 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
     } else if (diagonal) {
       dots = line.gemm(xq, r0, nr, xq, c0, nc);
     } else {
-      line.begin_tile(xq, r0, nr, xq, c0, nc);  // the other int8 tiles' lines, once each, in order
+      line.begin_tile(xq, r0, nr, xq, c0, nc, panels ? &*panels : nullptr);  // the others' lines: once, in order
     }
     // A diagonal tile first sets each of its rows' limit and top from the row's whole line (the
     // tile's GEMM is square): the diagonal tiles come first, and a line's hits are taken against

@@ -204,6 +204,13 @@ template <typename A> struct Stage1Rows {
     return s;
   }
 
+  // The rows as AMX's column side, packed once in the ranges [edges[i], edges[i + 1]) (edges ends with
+  // the row count); nothing where the GEMM does not run on AMX.
+  std::optional<AmxColumnPanels> column_panels(std::vector<int64_t> edges) const {
+    if (!amx_int8_usable()) return std::nullopt;
+    return AmxColumnPanels(q.template const_data_ptr<int8_t>(), q.size(1), std::move(edges));
+  }
+
   // The rows `ids` (int64) only.
   Stage1Rows take(const at::Tensor& ids) const {
     Stage1Rows s = *this;
@@ -278,8 +285,10 @@ template <typename A> struct Stage1Scratch {
 
   // The same tile for reading a row at a time, in order (dots(r), r = 0, 1, ...): on AMX each block of
   // 32 rows is computed when its first row is asked for, so that its dots (128 KB for 1,024 columns)
-  // are still in the core's cache when its lines read them; elsewhere the tile at once.
-  void begin_tile(const Stage1Rows<A>& x, int64_t r0, int64_t nr, const Stage1Rows<A>& y, int64_t c0, int64_t nc) {
+  // are still in the core's cache when its lines read them; elsewhere the tile at once. `panels`, where
+  // given, hold y's columns packed for AMX, with a range starting at c0.
+  void begin_tile(const Stage1Rows<A>& x, int64_t r0, int64_t nr, const Stage1Rows<A>& y, int64_t c0, int64_t nc,
+                  const AmxColumnPanels* panels) {
     tile_rows_ = nr, tile_cols_ = nc, block_begin_ = -1;
     if (!amx_int8_usable()) {
       whole_tile_ = gemm(x, r0, nr, y, c0, nc);
@@ -288,7 +297,8 @@ template <typename A> struct Stage1Scratch {
     whole_tile_ = nullptr;
     row_width_ = x.q.size(1);
     row_side_ = x.q.template const_data_ptr<int8_t>() + r0 * row_width_;
-    amx.pack(y.q.template const_data_ptr<int8_t>() + c0 * row_width_, nc, row_width_);
+    if (panels != nullptr) amx.use(panels->panel(c0), nc, row_width_);
+    else amx.pack(y.q.template const_data_ptr<int8_t>() + c0 * row_width_, nc, row_width_);
   }
   const int32_t* dots(int64_t r) {
     if (whole_tile_ != nullptr) return whole_tile_ + r * tile_cols_;

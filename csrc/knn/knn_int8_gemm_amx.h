@@ -11,11 +11,14 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <utility>
+#include <vector>
 
 #if defined(__x86_64__) && defined(__linux__) && \
     ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
@@ -166,13 +169,15 @@ class AmxInt8Gemm {
   // The rows [0, nc) of b become the columns of the next products.
   void pack(const int8_t* b, int64_t nc, int64_t width) {
 #ifdef DPM_OPS_AMX_BUILD
-    cols_ = nc, width_ = width;
     reserve(packed_, round_up(nc) * width);
     amx::pack_columns(b, width, nc, width, packed_.data_ptr<int8_t>());
+    use(packed_.const_data_ptr<int8_t>(), nc, width);
 #else
     TORCH_CHECK(false, "AmxInt8Gemm: this build has no AMX code");
 #endif
   }
+  // Columns packed elsewhere (AmxColumnPanels) become the columns of the next products.
+  void use(const int8_t* packed, int64_t nc, int64_t width) { columns_ = packed, cols_ = nc, width_ = width; }
 
   // out (rows x round_up(nc), row stride round_up(nc)) = the rows [0, rows) of a (rows <= 32) times the
   // packed columns, transposed; out holds 32 rows.
@@ -187,7 +192,7 @@ class AmxInt8Gemm {
     }
     amx::TileConfig saved;
     amx::load_config(saved);
-    amx::block_row(a, width_, packed_.data_ptr<int8_t>(), round_up(cols_) / 16, width_ / kAmxK, out, round_up(cols_));
+    amx::block_row(a, width_, columns_, round_up(cols_) / 16, width_ / kAmxK, out, round_up(cols_));
     amx::restore_config(saved);
 #else
     TORCH_CHECK(false, "AmxInt8Gemm: this build has no AMX code");
@@ -209,7 +214,40 @@ class AmxInt8Gemm {
     if (!buffer.defined() || buffer.numel() < bytes) buffer = at::empty({bytes}, at::kChar);
   }
   at::Tensor packed_, edge_rows_;
+  const int8_t* columns_ = nullptr;
   int64_t cols_ = 0, width_ = 0;
+};
+
+// The column side of a call's GEMMs packed once, where AmxInt8Gemm::pack would repack a column range
+// for every row block that meets it: the row ranges [edges[i], edges[i + 1]) of int8 rows `width`
+// bytes apart, each as pack() lays it out.
+class AmxColumnPanels {
+ public:
+  AmxColumnPanels(const int8_t* rows, int64_t width, std::vector<int64_t> edges)
+      : edges_(std::move(edges)), offsets_(edges_.size(), 0) {
+#ifdef DPM_OPS_AMX_BUILD
+    for (size_t i = 1; i < edges_.size(); ++i)
+      offsets_[i] = offsets_[i - 1] + AmxInt8Gemm::round_up(edges_[i] - edges_[i - 1]) * width;
+    panels_ = at::empty({offsets_.back()}, at::kChar);
+    int8_t* panels = panels_.data_ptr<int8_t>();
+    at::parallel_for(0, int64_t(edges_.size()) - 1, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        amx::pack_columns(rows + edges_[i] * width, width, edges_[i + 1] - edges_[i], width, panels + offsets_[i]);
+    });
+#else
+    TORCH_CHECK(false, "AmxColumnPanels: this build has no AMX code");
+#endif
+  }
+  // The panel of the range that starts at row `begin` (one of the edges).
+  const int8_t* panel(int64_t begin) const {
+    const auto at = std::lower_bound(edges_.begin(), edges_.end(), begin);
+    TORCH_CHECK(at != edges_.end() && *at == begin, "AmxColumnPanels: no range starts at ", begin);
+    return panels_.const_data_ptr<int8_t>() + offsets_[at - edges_.begin()];
+  }
+
+ private:
+  std::vector<int64_t> edges_, offsets_;
+  at::Tensor panels_;
 };
 
 }  // namespace dpm_ops::knn
