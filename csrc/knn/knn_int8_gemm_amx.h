@@ -6,8 +6,9 @@
 //
 // A tile multiply (TDPBSSD) adds a 16 x 64 int8 tile of one side times a 64 x 16 tile of the other
 // into a 16 x 16 int32 tile. The row side is read where it lies (16 rows of 64 bytes, any stride);
-// the column side is repacked per GEMM into AMX's layout, where a tile line holds 16 columns x 4
-// consecutive k. Each 32 x 32 output block keeps 2 x 2 accumulator tiles over the whole K.
+// the column side is packed into AMX's layout, where a tile line holds 16 columns x 4 consecutive k
+// (per GEMM, or once per call: AmxColumnPanels). Each 32 x 32 output block keeps 2 x 2 accumulator
+// tiles over the whole K.
 #pragma once
 
 #include <ATen/ATen.h>
