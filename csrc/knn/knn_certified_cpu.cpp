@@ -516,8 +516,9 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
                        s.col_limit.data(), s.col_top.data(), exact + r * cross_cols, line.row_hits.data(),
                        line.col_hits.data(), line.row_words.data(), line.col_words.data()});
       } else {
-        Stage1Line<A> in = line.line(diagonal ? dots + r * nc : line.dots(r), nc, metric, xq, row, norms[row], xq, c0, norms,
-                                     bounds.limit(row), bounds.top(row));
+        const int32_t* line_dots = diagonal ? dots + r * nc : line.dots(r);
+        Stage1Line<A> in = line.line(line_dots, nc, metric, xq, row, norms[row], xq, c0, norms, bounds.limit(row),
+                                     bounds.top(row));
         in.col_limit = s.col_limit.data();
         in.col_top = s.col_top.data();
         stage1_line<true>(in.from(first / kHitBlock * kHitBlock));  // for_each_hit starts at first's word

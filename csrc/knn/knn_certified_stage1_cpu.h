@@ -310,13 +310,6 @@ template <typename A> struct Stage1Scratch {
     return tile.const_data_ptr<int32_t>() + (r - block_begin_) * AmxInt8Gemm::round_up(tile_cols_);
   }
 
- private:
-  const int32_t* whole_tile_ = nullptr;  // begin_tile's tile when computed at once
-  const int8_t* row_side_ = nullptr;     // else its rows, by blocks
-  int64_t tile_rows_ = 0, tile_cols_ = 0, row_width_ = 0, block_begin_ = -1;
-
- public:
-
   // The line of x's row `row` (squared norm x_sq_norm) against y's columns [c0, c0 + cols), with the
   // row's limit and top; the caller adds the column limits for column hits.
   Stage1Line<A> line(const int32_t* dots, int64_t cols, Metric metric, const Stage1Rows<A>& x, int64_t row,
@@ -328,6 +321,11 @@ template <typename A> struct Stage1Scratch {
             y.sum_term.template const_data_ptr<A>() + c0, y_sq_norms + c0, nullptr, nullptr,
             lower.data(), upper.data(), row_hits.data(), col_hits.data(), row_words.data(), col_words.data()};
   }
+
+ private:
+  const int32_t* whole_tile_ = nullptr;  // begin_tile's tile when computed at once
+  const int8_t* row_side_ = nullptr;     // else its rows, by blocks
+  int64_t tile_rows_ = 0, tile_cols_ = 0, row_width_ = 0, block_begin_ = -1;
 };
 
 // The per-pair loop; restrict parameters, so that the byte stores (which may alias anything) do not
