@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -39,6 +40,7 @@ def test_train_then_eval(tmp_path, tiny_set, capsys, monkeypatch):
     out = capsys.readouterr().out
     for column in ("Rank-1", "Rank-5", "Rank-10", "mAP", "mINP", "occluded", "clean"):
         assert column in out
+    assert out.splitlines()[-1] == f"run folder: {run}"
     for name in (
         "train.log",
         "train_log.jsonl",
@@ -64,6 +66,7 @@ def test_train_then_eval(tmp_path, tiny_set, capsys, monkeypatch):
         == 0
     )
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == trained
+    assert capsys.readouterr().out.splitlines()[-1] == f"metrics written to {tmp_path / 'eval' / 'metrics.json'}"
     # without --output: <run>/eval for weights in <run>/checkpoints, else eval/ beside the weights
     loose = tmp_path / "weights" / "model.pt"
     loose.parent.mkdir()
@@ -596,3 +599,131 @@ def test_warnings_are_shown_once(monkeypatch):
         (DeprecationWarning, "a deprecated option"),
         (UserWarning, "max_rank exceeds the gallery size"),
     ]
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        ([], "the following arguments are required: {train,eval,export,extract,synth,configs}"),
+        (
+            ["train", "--config", "c", "--resume", "--overwrite"],
+            "argument --overwrite: not allowed with argument --resume",
+        ),
+        (["eval", "--config", "c"], "the following arguments are required: --weights"),
+        (["export", "--config", "c", "--weights", "w"], "the following arguments are required: --out"),
+        (["extract", "--config", "c", "--weights", "w", "--out", "f.npz"], "required: --images"),
+        (["export", "--config", "c", "--weights", "w", "--out", "m.onnx", "--batch", "x"], "--batch: invalid int"),
+    ],
+)
+def test_usage_mistakes_are_argparse_errors(capsys, argv, needle):
+    # argparse's own checks: its usage and one error line, exit code 2, before any config is read
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert err.startswith("usage: dpm-reid") and needle in err.strip().splitlines()[-1], err
+
+
+def test_configs_lists_each_built_in_config_file(capsys):
+    from dpm_ops.engine.config import available_configs
+
+    assert main(["configs"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert [name for name, _ in rows] == available_configs() and "synthetic_dpm" in available_configs()
+    for name, path in rows:
+        assert Path(path).is_file() and Path(path).name == f"{name}.yaml", path
+
+
+def _record_calls(monkeypatch, module, name, result=None):
+    """The keyword arguments of each call of ``module.name``; the call goes through unless a ``result``
+    (a function of them) stands in for it."""
+    real, calls = getattr(module, name), []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs) if result is None else result(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+def test_export_passes_its_options_and_their_defaults(tmp_path, tiny_set, capsys, monkeypatch):
+    # the graph is traced at --batch (default 2) with --opset (default 18), checked unless --no-check
+    import dpm_ops.export as export
+
+    def exported(model, path, **kwargs):
+        return export.ExportResult(
+            Path(path), "dpm", ["images", "camids"], ["feature", "mask"], kwargs["opset"], (64, 32)
+        )
+
+    calls = _record_calls(monkeypatch, export, "export_onnx", exported)
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_set, "dpm"))
+    common = ["export", "--config", str(config), "--weights", str(_fresh_checkpoint(tmp_path, config))]
+    assert main([*common, "--out", str(tmp_path / "m.onnx")]) == 0
+    assert main([*common, "--out", str(tmp_path / "n.onnx"), "--batch", "5", "--opset", "20", "--no-check"]) == 0
+    assert [(c["batch"], c["opset"], c["check"], c["image_size"]) for c in calls] == [
+        (2, 18, True, (64, 32)),
+        (5, 20, False, (64, 32)),
+    ]
+    assert f"wrote {tmp_path / 'n.onnx'} (opset 20)" in capsys.readouterr().out
+
+
+def test_extract_passes_its_options_and_the_configs(tmp_path, tiny_set, monkeypatch):
+    # --camera, and the config's eval.batch_size / eval.num_workers / train.progress (overrides included)
+    import dpm_ops.export as export
+
+    calls = _record_calls(monkeypatch, export, "extract_folder")
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_set, "dpm"))
+    common = ["extract", "--config", str(config), "--weights", str(_fresh_checkpoint(tmp_path, config))]
+    common += ["--images", str(tiny_set / "query")]
+    assert main([*common, "--out", str(tmp_path / "a.npz")]) == 0
+    assert (
+        main([*common, "--out", str(tmp_path / "b.npz"), "--camera", "0", "eval.batch_size=5", "eval.num_workers=1"])
+        == 0
+    )
+    assert [(c["camid"], c["batch_size"], c["num_workers"], c["progress"]) for c in calls] == [
+        (None, 64, 0, False),
+        (0, 5, 1, False),
+    ]
+
+
+def test_extract_checks_out_first_and_writes_to_the_expanded_path(tmp_path, tiny_set, capsys, monkeypatch):
+    import dpm_ops.export as export
+
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_set, "dpm"))
+    common = ["extract", "--config", str(config), "--weights", str(_fresh_checkpoint(tmp_path, config))]
+    common += ["--images", str(tiny_set / "query")]
+    # --out ~/...: the file goes under the home folder, as the printed path says
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert main([*common, "--out", "~/features/query.npz"]) == 0
+    written = tmp_path / "home" / "features" / "query.npz"
+    assert written.is_file() and not (tmp_path / "~").exists()
+    assert capsys.readouterr().out.startswith(f"wrote {written}: ")
+    # an --out that cannot be written is refused before the images are read
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the images were read before --out was checked")
+
+    monkeypatch.setattr(export, "extract_folder", no_work)
+    (tmp_path / "a_file").write_text("x")
+    code = main([*common, "--out", str(tmp_path / "a_file" / "f.npz")])
+    assert_one_line_error(capsys, code, "--out", "cannot create its folder")
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["export", "--out", "m.onnx", "--batch", "1"], "--batch must be an integer >= 2, got 1"),
+        (["export", "--out", "m.onnx", "--opset", "17"], "--opset must be in 18..23, got 17"),
+        (["export", "--out", "m.onnx", "--opset", "24"], "--opset must be in 18..23, got 24"),
+        (["extract", "--images", "imgs", "--out", "f.npz", "--camera", "-1"], "--camera must be a 0-based camera id"),
+    ],
+)
+def test_export_and_extract_flags_are_checked_first(tmp_path, capsys, monkeypatch, argv, needle):
+    # A bad flag is named as the user typed it, before the config or the checkpoint is read (before:
+    # export_onnx's "batch must be ...", extract_folder's "camid must be ...", after the checkpoint).
+    monkeypatch.chdir(tmp_path)
+    code = main([argv[0], "--config", str(tmp_path / "none.yaml"), "--weights", str(tmp_path / "none.pt"), *argv[1:]])
+    assert_one_line_error(capsys, code, needle)
+    assert os.listdir(tmp_path) == []
