@@ -145,13 +145,12 @@ def _checkpoint_model(args):
 
 
 def _export(args) -> int:
-    from dpm_ops.export import DEFAULT_OPSET, OPSETS, ExportError, check_output_path, export_onnx
+    from dpm_ops.export import DEFAULT_OPSET, ExportError, check_int, check_opset, check_output_path, export_onnx
 
-    # the flags' own checks, before the checkpoint is read (export_onnx's errors say batch / opset, not the flags)
-    if args.batch < 2:
-        raise ExportError(f"--batch must be an integer >= 2, got {args.batch}")
-    if args.opset is not None and args.opset not in OPSETS:
-        raise ExportError(f"--opset must be in {OPSETS.start}..{OPSETS.stop - 1}, got {args.opset}")
+    # export_onnx's own checks, named as the flags and before the checkpoint is read
+    check_int("--batch", args.batch, 2)
+    if args.opset is not None:
+        check_opset("--opset", args.opset)
     check_output_path(args.out, "--out", "a file name, e.g. model.onnx")
     config, model = _checkpoint_model(args)  # exported on the CPU: the graph does not depend on the device
     try:
@@ -180,10 +179,10 @@ def _export(args) -> int:
 
 def _extract(args) -> int:
     from dpm_ops.engine import resolve_amp, resolve_device
-    from dpm_ops.export import ExportError, check_output_path, extract_folder, save_features_npz
+    from dpm_ops.export import check_int, check_output_path, extract_folder, save_features_npz
 
-    if args.camera is not None and args.camera < 0:  # before the checkpoint is read; extract_folder's is "camid"
-        raise ExportError(f"--camera must be a 0-based camera id (an integer >= 0), got {args.camera}")
+    if args.camera is not None:  # extract_folder's own check, named as the flag and before the checkpoint is read
+        check_int("--camera", args.camera, 0)
     out = check_output_path(args.out, "--out", "a file name, e.g. features.npz")
     config, model = _checkpoint_model(args)
     device = resolve_device(config["train"]["device"])

@@ -133,10 +133,18 @@ def check_output_path(path, argument: str = "path", suffix_hint: str = "a file n
     return path
 
 
-def _check_int(name: str, value, low: int) -> int:
+def check_int(name: str, value, low: int) -> int:
+    """`value`, or an ExportError naming `name` (the argument as the caller spelt it: batch, --batch)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ExportError(f"{name} must be an integer >= {low}, got {value!r}")
     return value
+
+
+def check_opset(name: str, opset) -> int:
+    """`opset`, or an ExportError naming `name` unless it is one of OPSETS."""
+    if opset not in OPSETS:
+        raise ExportError(f"{name} must be in {OPSETS.start}..{OPSETS.stop - 1}, got {opset!r}")
+    return opset
 
 
 def export_onnx(
@@ -160,9 +168,8 @@ def export_onnx(
     """
     kind = model_kind(model)
     size = _input_size(model, kind, image_size)
-    _check_int("batch", batch, 2)
-    if opset not in OPSETS:
-        raise ExportError(f"opset must be in {OPSETS.start}..{OPSETS.stop - 1}, got {opset!r}")
+    check_int("batch", batch, 2)
+    check_opset("opset", opset)
     path = check_output_path(path, "path", "a file name, e.g. model.onnx")
     _require("onnxscript", "the ONNX export")  # torch's exporter imports it; fail before the long part
     if check:
@@ -257,7 +264,7 @@ def check_onnx(
     try:
         for batch in batch_sizes:
             inputs = tuple(
-                _example_inputs(model, kind, size, _check_int("batch_sizes", batch, 1), seed + batch).values()
+                _example_inputs(model, kind, size, check_int("batch_sizes", batch, 1), seed + batch).values()
             )
             if len(inputs) != len(input_names):
                 raise OnnxCheckError(f"{path} takes inputs {input_names}, the model {len(inputs)}")
@@ -331,14 +338,14 @@ def extract_folder(
     """
     kind = model_kind(model)
     size = _input_size(model, kind, image_size)
-    _check_int("batch_size", batch_size, 1)
-    _check_int("num_workers", num_workers, 0)
+    check_int("batch_size", batch_size, 1)
+    check_int("num_workers", num_workers, 0)
     root = Path(os.path.expanduser(str(folder))).resolve()  # "." has no parent: the _seg tree sits beside it
     relative = find_images(root)
     absolute = [str(root / name) for name in relative]
     labels = [_labels_from_name(name) for name in relative]
     if camid is not None:
-        _check_int("camid", camid, 0)
+        check_int("camid", camid, 0)
         labels = [(pid, camid) for pid, _ in labels]
     if model_cameras(model):
         for name, (_, camera) in zip(relative, labels):
@@ -389,7 +396,7 @@ def extract_images(
     """
     kind = model_kind(model)
     size = _input_size(model, kind, image_size)
-    _check_int("batch_size", batch_size, 1)
+    check_int("batch_size", batch_size, 1)
     images = _listed(images, "images", 3)
     names = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"images[{i}]" for i, x in enumerate(images)]
     cameras = image_cameras(model, camids, names)
@@ -432,7 +439,7 @@ def image_cameras(model: torch.nn.Module, camids, names: Sequence[str]) -> list[
         return [-1] * len(names)
     given = camids.tolist() if isinstance(camids, (np.ndarray, torch.Tensor)) else camids  # 0-d: its number
     if isinstance(given, numbers.Integral) and not isinstance(given, bool):
-        cameras = [_check_int("camids", int(given), 0)] * len(names)
+        cameras = [check_int("camids", int(given), 0)] * len(names)
     else:
         cameras = list(given) if isinstance(given, (list, tuple, range)) else None  # not True, 1.5 or "12"
         if (

@@ -717,7 +717,10 @@ def test_extract_checks_out_first_and_writes_to_the_expanded_path(tmp_path, tiny
         (["export", "--out", "m.onnx", "--batch", "1"], "--batch must be an integer >= 2, got 1"),
         (["export", "--out", "m.onnx", "--opset", "17"], "--opset must be in 18..23, got 17"),
         (["export", "--out", "m.onnx", "--opset", "24"], "--opset must be in 18..23, got 24"),
-        (["extract", "--images", "imgs", "--out", "f.npz", "--camera", "-1"], "--camera must be a 0-based camera id"),
+        (
+            ["extract", "--images", "imgs", "--out", "f.npz", "--camera", "-1"],
+            "--camera must be an integer >= 0, got -1",
+        ),
     ],
 )
 def test_export_and_extract_flags_are_checked_first(tmp_path, capsys, monkeypatch, argv, needle):
