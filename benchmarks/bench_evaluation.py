@@ -306,6 +306,75 @@ def bench_cpu_certified_rerank_target():
     assert ratio <= 0.6, f"certified rerank_features takes {ratio:.2f}x the direct one, target <= 0.6x"
 
 
+# The certified search's int8 GEMM on the library's AMX tile kernel against torch's int8 GEMM
+# (DPM_OPS_AMX=0, read at each call), in the same run: self_knn_certified as rerank_features calls it
+# (k1 = 20: 21 neighbours + the tie margin). Both give the same results bit for bit.
+INT8_GEMM_ENGINES = ("onednn", "amx")
+
+
+def _self_knn_as_rerank_calls(scale):
+    data = reid_data(scale)
+    query, gallery = _on_device(data.query, data.gallery, device="cpu")
+    rows = torch.cat([query, gallery])
+    return lambda: torch.ops.dpm_ops.self_knn_certified(rows, 21 + TIE_MARGIN, "sqeuclidean", True, len(query))
+
+
+def _engine_environment(engine):
+    """DPM_OPS_AMX as the engine needs it: "0" for torch's int8 GEMM, unset for the AMX kernel."""
+    return {"DPM_OPS_AMX": "0"} if engine == "onednn" else {}
+
+
+@pytest.mark.skipif(GPU, reason="the CPU kernels")
+@pytest.mark.parametrize("scale", ["smoke", pytest.param("market1501", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("engine", INT8_GEMM_ENGINES)
+def bench_int8_gemm_engine(timed, monkeypatch, engine, scale):
+    monkeypatch.delenv("DPM_OPS_AMX", raising=False)
+    for name, value in _engine_environment(engine).items():
+        monkeypatch.setenv(name, value)
+    if int8_gemm_engine() != engine:
+        pytest.skip(f"this process does not run the {engine} int8 GEMM")
+    timed(
+        _self_knn_as_rerank_calls(scale),
+        group=group_name("self_knn certified int8 GEMM", scale),
+        name=f"int8 gemm {engine}",
+        device="cpu",
+        rounds=3,
+        iterations=1,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(GPU, reason="CPU targets")
+def bench_cpu_amx_int8_gemm_target(monkeypatch):
+    """AMX / oneDNN for the certified self_knn of the re-ranking at Market scale, the two engines timed
+    alternately (four rounds each, after a warm-up call); where the CPU runs the AMX kernel it must be no
+    slower, or the library should not pick it (0.93x on the README's Xeon, session 23)."""
+    monkeypatch.delenv("DPM_OPS_AMX", raising=False)
+    if int8_gemm_engine() != "amx":
+        pytest.skip("this CPU runs no AMX int8 GEMM")
+    run = _self_knn_as_rerank_calls("market1501")
+
+    def with_engine(engine):
+        def call():
+            with pytest.MonkeyPatch.context() as patch:
+                for name, value in _engine_environment(engine).items():
+                    patch.setenv(name, value)
+                run()
+
+        return call
+
+    calls = {engine: with_engine(engine) for engine in INT8_GEMM_ENGINES}
+    for call in calls.values():
+        call()
+    best = alternated_best(calls, rounds=4)
+    ratio = best["amx"] / best["onednn"]
+    print(
+        f"\nMarket-1501 scale: certified self_knn with the AMX int8 GEMM / oneDNN's = {ratio:.2f} alternated "
+        f"({best['amx']:.3f} s / {best['onednn']:.3f} s)"
+    )
+    assert ratio <= 1.0, f"the AMX int8 GEMM takes {ratio:.2f}x torch's in the certified self_knn"
+
+
 # The query x gallery knn of evaluation.knn with the certified search against the direct one, on the
 # same re-ID-like features, in the same run; the certified case reports its candidate sets.
 KNN_KS = (10, 100)

@@ -11,9 +11,15 @@
 
 TORCH_LIBRARY(dpm_ops, m) {}
 
+// The engine the certified search's int8 GEMM runs on now, "amx" or "onednn" (csrc/knn/knn_int8_gemm_amx.h).
+static PyObject* int8_gemm(PyObject*, PyObject*) {
+  return PyUnicode_FromString(dpm_ops::knn::amx_int8_usable() ? "amx" : "onednn");
+}
+static PyMethodDef module_methods[] = {{"int8_gemm", int8_gemm, METH_NOARGS, nullptr}, {nullptr, nullptr, 0, nullptr}};
+
 // A plain Python module, so `import dpm_ops._C` loads the library and its registrations.
 // It also says how it was built, for dpm_ops.backends().
-static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, module_methods};
 
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* module = PyModule_Create(&module_def);
@@ -28,8 +34,6 @@ PyMODINIT_FUNC PyInit__C(void) {
 #else
   PyModule_AddIntConstant(module, "with_openmp", 0);
 #endif
-  // The engine of the certified search's int8 GEMM on this CPU (csrc/knn/knn_int8_gemm_amx.h).
-  PyModule_AddStringConstant(module, "int8_gemm", dpm_ops::knn::amx_int8_usable() ? "amx" : "onednn");
   PyModule_AddObject(module, "torch_version",
                      Py_BuildValue("(iii)", TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR, TORCH_VERSION_PATCH));
   return module;

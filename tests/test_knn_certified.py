@@ -402,43 +402,28 @@ _BOUNDS_SUM = (
 )
 
 
-# Stage-1 results on shapes around the AMX kernel's blocks (32 rows / columns of output, 64 k, the
-# 1,024-row tiles of self_knn, cross_rows off the 16-row grid), saved to the file named by argv[1].
-_INT8_GEMM_CASES = """
-import sys, torch, dpm_ops
-g = torch.Generator().manual_seed(5)
-out = []
-for rows, cols, dim in [(1, 1, 1), (33, 47, 3), (31, 65, 130), (257, 33, 64), (40, 1100, 65), (100, 1030, 768)]:
-    x, y = torch.randn(rows, dim, generator=g), torch.randn(cols, dim, generator=g)
-    out += torch.ops.dpm_ops.knn_certified_bounds(x, y, "sqeuclidean")
-x = torch.randn(1500, 40, generator=g)
-out += torch.ops.dpm_ops.self_knn_certified(x, 5, "sqeuclidean", True, 337)
-out += torch.ops.dpm_ops.knn_certified(x[:300, :35], x[300:, :35], 7, "cosine")
-torch.save(out, sys.argv[1])
-from dpm_ops.ops.knn import int8_gemm_engine
-print(int8_gemm_engine())
-"""
+def _int8_gemm_cases():
+    """Stage-1 results on shapes around the AMX kernel's blocks (32 rows / columns of output, 64 k, the
+    1,024-row tiles of self_knn, cross_rows off the 16-row grid)."""
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for rows, cols, dim in [(1, 1, 1), (33, 47, 3), (31, 65, 130), (257, 33, 64), (40, 1100, 65), (100, 1030, 768)]:
+        x, y = torch.randn(rows, dim, generator=g), torch.randn(cols, dim, generator=g)
+        out += torch.ops.dpm_ops.knn_certified_bounds(x, y, "sqeuclidean")
+    x = torch.randn(1500, 40, generator=g)
+    out += torch.ops.dpm_ops.self_knn_certified(x, 5, "sqeuclidean", True, 337)
+    out += torch.ops.dpm_ops.knn_certified(x[:300, :35], x[300:, :35], 7, "cosine")
+    return out
 
 
 @pytest.mark.skipif(int8_gemm_engine() != "amx", reason="this process does not run the AMX int8 GEMM")
-def test_amx_int8_gemm_equals_torchs_bitwise(tmp_path):
+def test_amx_int8_gemm_equals_torchs_bitwise(monkeypatch):
     """The AMX tile kernel (csrc/knn/knn_int8_gemm_amx.h) and torch's int8 GEMM (DPM_OPS_AMX=0) both
     sum exactly in int32, so the bounds and the searches' results must be the same bit for bit."""
-
-    def results(name, engine, **env):
-        path = tmp_path / name
-        done = subprocess.run(
-            [sys.executable, "-c", _INT8_GEMM_CASES, str(path)],
-            env=dict(os.environ, **env),
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert done.stdout.split()[-1] == engine  # DPM_OPS_AMX=0 took effect
-        return torch.load(path)
-
-    amx, onednn = results("amx.pt", "amx"), results("onednn.pt", "onednn", DPM_OPS_AMX="0")
+    amx = _int8_gemm_cases()
+    monkeypatch.setenv("DPM_OPS_AMX", "0")
+    assert int8_gemm_engine() == "onednn"
+    onednn = _int8_gemm_cases()
     assert len(amx) == len(onednn) == 20
     for ours, theirs in zip(amx, onednn):
         assert torch.equal(ours, theirs)

@@ -36,25 +36,33 @@ namespace dpm_ops::knn {
 constexpr int64_t kAmxK = 64;       // int8 k per tile multiply: rows of the int8 operands are padded to it
 constexpr int64_t kAmxBlock = 32;   // output rows / columns per block of 2 x 2 accumulator tiles
 
-// Whether this process runs the int8 GEMM on AMX tiles: the CPU reports AMX-TILE and AMX-INT8
-// (CPUID leaf 7), Linux grants the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM, once), torch runs
-// its AVX-512 kernels (so that ATEN_CPU_CAPABILITY=avx2 or default also tests the other path, as for
-// stage 1's loops), and the environment does not say DPM_OPS_AMX=0. Otherwise at::_int_mm runs it.
-inline bool amx_int8_usable() {
+// Whether this process can run AMX int8 tile multiplies: the CPU reports AMX-TILE and AMX-INT8
+// (CPUID leaf 7), Linux grants the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM, asked once) and
+// torch runs its AVX-512 kernels (so that ATEN_CPU_CAPABILITY=avx2 or default also tests the other
+// path, as for stage 1's loops).
+inline bool amx_int8_supported() {
 #ifdef DPM_OPS_AMX_BUILD
-  static const bool usable = [] {
-    const char* choice = std::getenv("DPM_OPS_AMX");
-    if ((choice != nullptr && std::strcmp(choice, "0") == 0) || at::get_cpu_capability() != "AVX512") return false;
+  static const bool supported = [] {
+    if (at::get_cpu_capability() != "AVX512") return false;
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
     if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
     const bool tile = (edx >> 24) & 1, int8 = (edx >> 25) & 1;
     constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
     return tile && int8 && syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
   }();
-  return usable;
+  return supported;
 #else
   return false;
 #endif
+}
+
+// Whether the int8 GEMM runs on AMX tiles now: where supported and the environment does not say
+// DPM_OPS_AMX=0 (read at each GEMM, so that a process can time or test both; at::_int_mm runs it
+// otherwise).
+inline bool amx_int8_usable() {
+  if (!amx_int8_supported()) return false;
+  const char* choice = std::getenv("DPM_OPS_AMX");
+  return choice == nullptr || std::strcmp(choice, "0") != 0;
 }
 
 #ifdef DPM_OPS_AMX_BUILD

@@ -74,10 +74,11 @@ def int8_gemm_is_fast() -> bool:
 
 
 def int8_gemm_engine():
-    """Which int8 GEMM the certified search's stage 1 runs on this CPU: "amx" (the library's AMX tile
-    kernel, csrc/knn/knn_int8_gemm_amx.h) or "onednn" (torch's); None without the C++ extension."""
+    """Which int8 GEMM the certified search's stage 1 runs on this CPU now: "amx" (the library's AMX tile
+    kernel, csrc/knn/knn_int8_gemm_amx.h) or "onednn" (torch's; also where the environment says
+    DPM_OPS_AMX=0, read at each call); None without the C++ extension."""
     module = _backend._EXTENSION[0]
-    return None if module is None else module.int8_gemm
+    return None if module is None else module.int8_gemm()
 
 
 def _use_certified(strategy, name, rows, columns, dim):
