@@ -267,9 +267,11 @@ def report_counts(benchmark, counts, label, **info):
 
 
 def alternated_best(calls: dict, rounds: int) -> dict:
-    """The fastest of `rounds` timings of each call, the calls alternated within every round, so that a
-    shared machine's drifting load reaches them alike (one burst during a case's consecutive rounds
-    can move a ratio of separate cases by 0.1)."""
+    """The fastest of `rounds` timings of each call after a warm-up call of each, the calls alternated
+    within every round, so that a shared machine's drifting load reaches them alike (one burst during a
+    case's consecutive rounds can move a ratio of separate cases by 0.1)."""
+    for call in calls.values():
+        call()
     best = dict.fromkeys(calls, float("inf"))
     for _ in range(rounds):
         for name, call in calls.items():
@@ -289,8 +291,6 @@ def bench_cpu_certified_rerank_target():
     data = reid_data("market1501")
     query, gallery = _on_device(data.query, data.gallery, device="cpu")
     calls = {strategy: functools.partial(rerank_features, query, gallery, strategy=strategy) for strategy in STRATEGIES}
-    for call in calls.values():
-        call()
     best = alternated_best(calls, rounds=4)
     ratio = best["certified"] / best["direct"]
     print(
@@ -363,10 +363,7 @@ def bench_cpu_amx_int8_gemm_target(monkeypatch):
 
         return call
 
-    calls = {engine: with_engine(engine) for engine in INT8_GEMM_ENGINES}
-    for call in calls.values():
-        call()
-    best = alternated_best(calls, rounds=4)
+    best = alternated_best({engine: with_engine(engine) for engine in INT8_GEMM_ENGINES}, rounds=4)
     ratio = best["amx"] / best["onednn"]
     print(
         f"\nMarket-1501 scale: certified self_knn with the AMX int8 GEMM / oneDNN's = {ratio:.2f} alternated "
