@@ -350,7 +350,8 @@ void knn_certified_pass(const Operand& xs, const Operand& ys, const Stage1Rows<A
   std::vector<int64_t> column_edges;
   for (int64_t c0 = 0; c0 < Ny; c0 += kColumnBlock) column_edges.push_back(c0);
   column_edges.push_back(Ny);
-  const std::optional<AmxColumnPanels> panels = yq.column_panels(column_edges);
+  const std::optional<AmxColumnPanels> packed = yq.column_panels(column_edges);
+  const AmxColumnPanels* panels = packed ? &*packed : nullptr;
   parallel_tasks((M + kRowBlock - 1) / kRowBlock, omp_get_max_threads(), make_scratch,
                  [&](Stage1Scratch<A>& s, int64_t block) {
     const int64_t r0 = block * kRowBlock, nr = std::min(kRowBlock, M - r0);
@@ -359,7 +360,7 @@ void knn_certified_pass(const Operand& xs, const Operand& ys, const Stage1Rows<A
     CertifiedLog<A> log(bounds, nr, cap, false);
     for (int64_t c0 = 0; c0 < Ny; c0 += kColumnBlock) {
       const int64_t nc = std::min(kColumnBlock, Ny - c0);
-      s.begin_tile(xq, r0, nr, yq, c0, nc, panels ? &*panels : nullptr);
+      s.begin_tile(xq, r0, nr, yq, c0, nc, panels);
       for (int64_t r = 0; r < nr; ++r) {
         stage1_line<false>(s.line(s.dots(r), nc, metric, xq, r0 + r, x_norms[r0 + r], yq, c0, y_norms,
                                   bounds.limit(r), no_top));
@@ -443,7 +444,8 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
   edges.push_back(N);
   const int64_t num_edges = int64_t(edges.size()) - 1;
   const std::vector<std::pair<int64_t, int64_t>> tiles = upper_tiles(num_edges);
-  const std::optional<AmxColumnPanels> panels = xq.column_panels(edges);
+  const std::optional<AmxColumnPanels> packed = xq.column_panels(edges);
+  const AmxColumnPanels* panels = packed ? &*packed : nullptr;
   const int num_threads = omp_get_max_threads();
   RowBounds<A> bounds(N, m);
   std::vector<CertifiedLog<A>> logs;
@@ -478,9 +480,9 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
       exact_dots = tile.const_data_ptr<A>();
       exact = cross_out + r0 * cross_cols + (c0 - cross_rows);
     } else if (diagonal) {
-      dots = line.gemm(xq, r0, nr, xq, c0, nc);
+      dots = line.gemm(xq, r0, nr, xq, c0, nc, panels);
     } else {
-      line.begin_tile(xq, r0, nr, xq, c0, nc, panels ? &*panels : nullptr);  // the others' lines: once, in order
+      line.begin_tile(xq, r0, nr, xq, c0, nc, panels);  // the others' lines: once, in order
     }
     // A diagonal tile first sets each of its rows' limit and top from the row's whole line (the
     // tile's GEMM is square): the diagonal tiles come first, and a line's hits are taken against

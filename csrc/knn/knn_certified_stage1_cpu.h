@@ -30,6 +30,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "knn_cpu_isa.h"
 #include "knn_int8_gemm_amx.h"
 #include "knn_math.h"
 #include "knn_operands.h"
@@ -45,24 +46,6 @@ template <typename A> A round_up(double v) {
   const A a = static_cast<A>(v);
   return static_cast<double>(a) < v ? std::nextafter(a, std::numeric_limits<A>::infinity()) : a;
 }
-
-// Stage 1's per-element loops come in two builds, chosen at run time: *_avx512 for CPUs with
-// AVX-512 (16 fp32 lanes, FMA, a rounding instruction) and *_portable (the build's own target, SSE2
-// on x86-64: a quarter as wide). They must stay small beside the int8 GEMM that feeds them. The
-// choice is torch's own CPU capability (at::get_cpu_capability), so ATEN_CPU_CAPABILITY=default or
-// avx2 keeps the portable build, as for torch's kernels (which is how the tests check it on an
-// AVX-512 machine).
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define DPM_OPS_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
-inline bool has_avx512() {
-  static const bool avx512 = at::get_cpu_capability() == "AVX512";
-  return avx512;
-}
-#else
-#define DPM_OPS_AVX512_TARGET
-inline bool has_avx512() { return false; }
-#endif
 
 // One row x (D) quantised to q = round(x / s) in [-127, 127] with s = max|x| / 127 rounded to A; also
 // |x|^2 and |x - s q|^2, summed in double (in lanes, so that the loops vectorise).
@@ -269,13 +252,13 @@ template <typename A> struct Stage1Scratch {
         row_words(row_hits.size() / kHitBlock), col_words(row_words.size()) {}
 
   // The exact int32 dots of x's rows [r0, r0 + nr) and y's rows [c0, c0 + nc), (nr, nc) row-major:
-  // on AMX tiles where amx_int8_usable(), else by at::_int_mm.
+  // on AMX tiles where amx_int8_usable(), else by at::_int_mm. `panels`, where given, hold y's
+  // columns packed for AMX, with a range starting at c0.
   const int32_t* gemm(const Stage1Rows<A>& x, int64_t r0, int64_t nr, const Stage1Rows<A>& y, int64_t c0,
-                      int64_t nc) {
+                      int64_t nc, const AmxColumnPanels* panels = nullptr) {
     if (amx_int8_usable()) {
-      const int64_t width = x.q.size(1);
-      amx.run(x.q.template const_data_ptr<int8_t>() + r0 * width, nr,
-              y.q.template const_data_ptr<int8_t>() + c0 * width, nc, width, tile.data_ptr<int32_t>());
+      use_columns(y, c0, nc, panels);
+      amx.run(x.q.template const_data_ptr<int8_t>() + r0 * x.q.size(1), nr, tile.data_ptr<int32_t>());
       return tile.const_data_ptr<int32_t>();
     }
     at::Tensor out = tile.narrow(0, 0, nr * nc).view({nr, nc});
@@ -285,8 +268,8 @@ template <typename A> struct Stage1Scratch {
 
   // The same tile for reading a row at a time, in order (dots(r), r = 0, 1, ...): on AMX each block of
   // 32 rows is computed when its first row is asked for, so that its dots (128 KB for 1,024 columns)
-  // are still in the core's cache when its lines read them; elsewhere the tile at once. `panels`, where
-  // given, hold y's columns packed for AMX, with a range starting at c0.
+  // are still in the core's cache when its lines read them; elsewhere the tile at once. `panels` as
+  // for gemm().
   void begin_tile(const Stage1Rows<A>& x, int64_t r0, int64_t nr, const Stage1Rows<A>& y, int64_t c0, int64_t nc,
                   const AmxColumnPanels* panels) {
     tile_rows_ = nr, tile_cols_ = nc, block_begin_ = -1;
@@ -297,8 +280,7 @@ template <typename A> struct Stage1Scratch {
     whole_tile_ = nullptr;
     row_width_ = x.q.size(1);
     row_side_ = x.q.template const_data_ptr<int8_t>() + r0 * row_width_;
-    if (panels != nullptr) amx.use(panels->panel(c0), nc, row_width_);
-    else amx.pack(y.q.template const_data_ptr<int8_t>() + c0 * row_width_, nc, row_width_);
+    use_columns(y, c0, nc, panels);
   }
   const int32_t* dots(int64_t r) {
     if (whole_tile_ != nullptr) return whole_tile_ + r * tile_cols_;
@@ -323,6 +305,14 @@ template <typename A> struct Stage1Scratch {
   }
 
  private:
+  // y's rows [c0, c0 + nc) as AMX's columns for the next products: from `panels` where given, else
+  // packed here.
+  void use_columns(const Stage1Rows<A>& y, int64_t c0, int64_t nc, const AmxColumnPanels* panels) {
+    const int64_t width = y.q.size(1);
+    if (panels != nullptr) amx.use(panels->panel(c0), nc, width);
+    else amx.pack(y.q.template const_data_ptr<int8_t>() + c0 * width, nc, width);
+  }
+
   const int32_t* whole_tile_ = nullptr;  // begin_tile's tile when computed at once
   const int8_t* row_side_ = nullptr;     // else its rows, by blocks
   int64_t tile_rows_ = 0, tile_cols_ = 0, row_width_ = 0, block_begin_ = -1;

@@ -21,6 +21,8 @@
 #include <utility>
 #include <vector>
 
+#include "knn_cpu_isa.h"
+
 #if defined(__x86_64__) && defined(__linux__) && \
     ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
 #define DPM_OPS_AMX_BUILD 1
@@ -38,12 +40,12 @@ constexpr int64_t kAmxBlock = 32;   // output rows / columns per block of 2 x 2 
 
 // Whether this process can run AMX int8 tile multiplies: the CPU reports AMX-TILE and AMX-INT8
 // (CPUID leaf 7), Linux grants the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM, asked once) and
-// torch runs its AVX-512 kernels (so that ATEN_CPU_CAPABILITY=avx2 or default also tests the other
-// path, as for stage 1's loops).
+// the AVX-512 build runs (has_avx512: so that ATEN_CPU_CAPABILITY=avx2 or default also tests the
+// other path, as for stage 1's loops).
 inline bool amx_int8_supported() {
 #ifdef DPM_OPS_AMX_BUILD
   static const bool supported = [] {
-    if (at::get_cpu_capability() != "AVX512") return false;
+    if (!has_avx512()) return false;
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
     if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
     const bool tile = (edx >> 24) & 1, int8 = (edx >> 25) & 1;
@@ -84,18 +86,18 @@ inline constexpr TileConfig kConfig = [] {
 
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12: the intrinsics' _mm512_undefined_*
-// Columns [0, nc) of `b` (rows `ldb` bytes apart, K int8 each, K a multiple of 64) in AMX's column
-// layout: per group of 16 columns and step of 64 k, 16 lines (one per 4 consecutive k) of 16 columns
-// x 4 bytes. Columns past nc, up to a multiple of 32, are zero. Each 16 x 64-byte block is a 16 x 16
-// transpose of 4-byte words: within each 128-bit lane (unpacks), then of the lanes (shuffles).
-DPM_OPS_AMX_TARGET inline void pack_columns(const int8_t* b, int64_t ldb, int64_t nc, int64_t K, int8_t* packed) {
-  const int64_t groups = (nc + kAmxBlock - 1) / kAmxBlock * (kAmxBlock / 16), steps = K / kAmxK;
+// The rows [0, nc) of `b` (`width` int8 each, a multiple of 64) as columns in AMX's layout: per group
+// of 16 columns and step of 64 k, 16 lines (one per 4 consecutive k) of 16 columns x 4 bytes. Columns
+// past nc, up to a multiple of 32, are zero. Each 16 x 64-byte block is a 16 x 16 transpose of 4-byte
+// words: within each 128-bit lane (unpacks), then of the lanes (shuffles).
+DPM_OPS_AMX_TARGET inline void pack_columns(const int8_t* b, int64_t nc, int64_t width, int8_t* packed) {
+  const int64_t groups = (nc + kAmxBlock - 1) / kAmxBlock * (kAmxBlock / 16), steps = width / kAmxK;
   for (int64_t g = 0; g < groups; ++g)
     for (int64_t s = 0; s < steps; ++s) {
       __m512i r[16];
       for (int j = 0; j < 16; ++j) {
         const int64_t col = g * 16 + j;
-        r[j] = col < nc ? _mm512_loadu_si512(b + col * ldb + s * kAmxK) : _mm512_setzero_si512();
+        r[j] = col < nc ? _mm512_loadu_si512(b + col * width + s * kAmxK) : _mm512_setzero_si512();
       }
       __m512i v[16];  // v[4 a + i]: per lane L, word 4 L + i of rows 4 a .. 4 a + 3
       for (int a = 0; a < 4; ++a) {
@@ -179,7 +181,7 @@ class AmxInt8Gemm {
   void pack(const int8_t* b, int64_t nc, int64_t width) {
 #ifdef DPM_OPS_AMX_BUILD
     reserve(packed_, round_up(nc) * width);
-    amx::pack_columns(b, width, nc, width, packed_.data_ptr<int8_t>());
+    amx::pack_columns(b, nc, width, packed_.data_ptr<int8_t>());
     use(packed_.const_data_ptr<int8_t>(), nc, width);
 #else
     TORCH_CHECK(false, "AmxInt8Gemm: this build has no AMX code");
@@ -208,14 +210,13 @@ class AmxInt8Gemm {
 #endif
   }
 
-  // out (nr x nc, row-major, stride nc) = the rows [0, nr) of a times the rows [0, nc) of b, transposed.
+  // out (nr x nc, row-major, stride nc) = the rows [0, nr) of a times the nc columns of pack() / use().
   // `out` must hold round_up(nr) x round_up(nc) values (the blocks are computed whole).
-  void run(const int8_t* a, int64_t nr, const int8_t* b, int64_t nc, int64_t width, int32_t* out) {
-    pack(b, nc, width);
-    const int64_t cols = round_up(nc);
-    for (int64_t r = 0; r < nr; r += kAmxBlock) block(a + r * width, std::min(kAmxBlock, nr - r), out + r * cols);
-    if (cols != nc)  // to stride nc; rows only move down, so in order
-      for (int64_t r = 1; r < nr; ++r) std::memmove(out + r * nc, out + r * cols, nc * sizeof(int32_t));
+  void run(const int8_t* a, int64_t nr, int32_t* out) {
+    const int64_t cols = round_up(cols_);
+    for (int64_t r = 0; r < nr; r += kAmxBlock) block(a + r * width_, std::min(kAmxBlock, nr - r), out + r * cols);
+    if (cols != cols_)  // to stride nc; rows only move down, so in order
+      for (int64_t r = 1; r < nr; ++r) std::memmove(out + r * cols_, out + r * cols, cols_ * sizeof(int32_t));
   }
 
  private:
@@ -241,7 +242,7 @@ class AmxColumnPanels {
     int8_t* panels = panels_.data_ptr<int8_t>();
     at::parallel_for(0, int64_t(edges_.size()) - 1, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i)
-        amx::pack_columns(rows + edges_[i] * width, width, edges_[i + 1] - edges_[i], width, panels + offsets_[i]);
+        amx::pack_columns(rows + edges_[i] * width, edges_[i + 1] - edges_[i], width, panels + offsets_[i]);
     });
 #else
     TORCH_CHECK(false, "AmxColumnPanels: this build has no AMX code");
