@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 from dpm_ops.data import transforms as transforms_module
 from dpm_ops.data.transforms import (
@@ -224,3 +224,62 @@ def test_geometry_primitives():
         RandomCrop((10, 20))(image)
     with pytest.raises(ValueError, match="interpolation"):
         Resize((8, 4), "lanczos5")
+
+
+def test_maskreid_test_pipeline_is_dgds_resize_centre_crop_and_mean_subtraction():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (100, 40, 3), dtype=np.uint8))
+    out = build_transforms("maskreid", train=False)(image)
+    # DGD: resize to 160x64 (bilinear), centre 144x56, BGR mean pixel (102, 102, 101) subtracted on 0-255
+    resized = np.asarray(image.resize((64, 160), Image.Resampling.BILINEAR), dtype=np.float64)
+    expected = resized[8:152, 4:60] - np.array([101.0, 102.0, 102.0])
+    assert torch.allclose(out.double(), torch.from_numpy(expected).permute(2, 0, 1), atol=1e-3)
+
+
+def test_color_jitter_draws_each_factor_from_one_minus_to_one_plus():
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (6, 5, 3), dtype=np.uint8))
+    enhancers = {
+        "brightness": ImageEnhance.Brightness,
+        "contrast": ImageEnhance.Contrast,
+        "saturation": ImageEnhance.Color,
+    }
+    for name, enhancer in enhancers.items():
+        for strength in (0.3, 1.5):  # 1.5: the lower end is clipped at 0
+            for seed in range(3):
+                u = torch.rand((), generator=generator(seed)).item()
+                low = max(0.0, 1 - strength)
+                expected = enhancer(image).enhance(low + (1 + strength - low) * u)
+                out = ColorJitter(**{name: strength})(image, generator(seed))
+                assert np.array_equal(np.asarray(out), np.asarray(expected)), (name, strength, seed)
+    u = torch.rand((), generator=generator(4)).item()
+    shifted = ColorJitter(hue=0.3)(image, generator(4))
+    assert np.array_equal(np.asarray(shifted), np.asarray(ColorJitter._shift_hue(image, -0.3 + 0.6 * u)))
+    assert ColorJitter(hue=0.5).hue == 0.5
+    for hue in (0.51, -0.1):
+        with pytest.raises(ValueError, match="hue must be in"):
+            ColorJitter(hue=hue)
+
+
+def test_pad_fills_the_image_border_with_black_by_default():
+    image, _ = person_with_mask()
+    padded = np.asarray(Pad(2)(image))
+    assert padded[:2].max() == padded[-2:].max() == padded[:, :2].max() == padded[:, -2:].max() == 0
+    assert np.array_equal(padded[2:-2, 2:-2], np.asarray(image))
+    assert np.asarray(Pad(2, fill=7)(image))[0, 0].tolist() == [7, 7, 7]  # every channel, as torchvision
+    assert np.asarray(Pad(2, fill=(1, 2, 3))(image))[-1, -1].tolist() == [1, 2, 3]
+
+
+def test_random_erasing_defaults_and_a_box_as_wide_or_as_tall_as_the_image():
+    erase = RandomErasing()
+    assert (erase.probability, erase.area, erase.aspect, erase.mode) == (0.5, (0.02, 1 / 3), (0.3, 1 / 0.3), "pixel")
+    assert (erase.max_count, erase.attempts) == (1, 10)  # timm 0.4.9's defaults
+
+    # timm accepts a box only when it is strictly narrower and strictly lower than the image
+    def erased(height, width, area, aspect):
+        ones = torch.ones(3, height, width)
+        return not torch.equal(RandomErasing(1.0, area=(area, area), aspect=(aspect, aspect))(ones, generator(0)), ones)
+
+    assert not erased(16, 4, 0.5, 2.0)  # area 32, aspect 2: a box 8 high and 4 wide, as wide as the image
+    assert not erased(4, 16, 0.5, 0.5)  # a box 4 high and 8 wide, as tall as the image
+    assert erased(32, 16, 0.25, 2.0)  # a box 16 high and 8 wide fits

@@ -111,14 +111,18 @@ class RandomHorizontalFlip(Transform):
 
 
 class Pad(Transform):
-    """Pad every side by ``padding`` pixels with ``fill`` (masks are padded with background)."""
+    """Pad every side by ``padding`` pixels with ``fill`` (masks are padded with background).
 
-    def __init__(self, padding: int, fill: int = 0):
+    ``fill``: one value for every channel (as torchvision's ``Pad``) or one per channel."""
+
+    def __init__(self, padding: int, fill: int | Sequence[int] = 0):
         self.padding = padding
         self.fill = fill
 
     def __call__(self, image, generator=None):
-        return ImageOps.expand(image, border=self.padding, fill=self.fill)
+        # PIL reads a bare int as a packed pixel, which would fill an RGB border with (fill, 0, 0)
+        fill = (self.fill,) * len(image.getbands()) if isinstance(self.fill, int) else tuple(self.fill)
+        return ImageOps.expand(image, border=self.padding, fill=fill)
 
     def pair(self, image, mask, generator=None):
         return self(image), ImageOps.expand(mask, border=self.padding, fill=0)
