@@ -244,6 +244,13 @@ def test_bad_filename_is_named(tmp_path, name):
     assert name in str(info.value)
 
 
+def test_negative_pid_other_than_junk_is_named(tmp_path):
+    root = make_market_tree(tmp_path)
+    write_image(root / "bounding_box_test" / "-2_c1s1_000001_01.jpg")
+    with pytest.raises(DatasetError, match=r"negative pid other than -1 in .*-2_c1s1_000001_01\.jpg"):
+        load_quietly("market1501", root)
+
+
 def test_missing_root_and_wrong_layout_name_the_folder(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="dataset root not found") as info:
         build_dataset("market1501", tmp_path / "nowhere")
@@ -451,6 +458,13 @@ def test_msmt17_bad_lines_missing_images_and_cameras(tmp_path):
         (root / "list_query.txt").write_text(line, encoding="utf-8")
         with pytest.raises(DatasetError, match=r"list_query\.txt:1: expected"):
             load_quietly("msmt17", tmp_path)
+    (root / "list_query.txt").write_text("0000/0000_000_02_0113morning_0001_0.jpg 0\n")
+    val_list = (root / "list_val.txt").read_text()
+    (root / "list_val.txt").unlink()  # the one list file the layout search does not require
+    with pytest.raises(DatasetNotFoundError, match=r"MSMT17 list file not found: .*list_val\.txt"):
+        load_quietly("msmt17", tmp_path)
+    assert len(build_dataset("msmt17", tmp_path, include_val=False, check_counts="off").train) == 2
+    (root / "list_val.txt").write_text(val_list)
     write_image(root / "test" / "0000" / "0000_000_16_0113morning_0001_0.jpg")
     (root / "list_query.txt").write_text("0000/0000_000_16_0113morning_0001_0.jpg 0\n")
     with pytest.raises(DatasetError, match="c16 outside 1..15"):

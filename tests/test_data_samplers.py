@@ -184,3 +184,30 @@ def test_eval_loader_keeps_dataset_order(image_dataset):
     loader = build_dataloader(image_dataset, batch_size=16)
     indices = torch.cat([batch["index"] for batch in loader]).tolist()
     assert indices == list(range(len(image_dataset)))
+
+
+@pytest.mark.parametrize("make", [RandomIdentityBatchSampler, MaskReIDBatchSampler])
+def test_rank_world_size_and_empty_data_are_refused(make):
+    pids = [pid for pid in range(64) for _ in range(4)]
+    for rank, world_size in ((0, 0), (-1, 2), (2, 2)):
+        with pytest.raises(ValueError, match=rf"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}"):
+            make(pids, rank=rank, world_size=world_size)
+    with pytest.raises(ValueError, match="empty dataset"):
+        make([])
+
+
+def test_sampler_sizes_are_checked_and_default_to_the_papers():
+    pids = [pid for pid in range(64) for _ in range(4)]
+    for num_ids, num_instances in ((0, 4), (16, 0), (-16, 4)):
+        with pytest.raises(ValueError, match="num_ids and num_instances must be positive"):
+            RandomIdentityBatchSampler(pids, num_ids=num_ids, num_instances=num_instances)
+    pk = RandomIdentityBatchSampler(pids)
+    assert (pk.num_ids, pk.num_instances, pk.seed) == (16, 4, 0)  # DPM: 64 images = 16 ids x 4
+    assert {len(batch) for batch in pk} == {64}
+    for num_positives, num_negatives in ((1, 54), (10, 0)):
+        with pytest.raises(ValueError, match="need num_positives >= 2 and num_negatives >= 1"):
+            MaskReIDBatchSampler(pids, num_positives=num_positives, num_negatives=num_negatives)
+    smallest = MaskReIDBatchSampler(pids, num_positives=2, num_negatives=1)
+    assert {len(batch) for batch in smallest} == {3}
+    ranking = MaskReIDBatchSampler(pids)
+    assert (ranking.num_positives, ranking.num_negatives, ranking.seed) == (10, 54, 0)  # maskreid.md: 10 + 54

@@ -130,6 +130,11 @@ def test_ensure_refuses_a_set_of_other_options(tmp_path):
     (out / "synthetic.json").write_text("[]")
     with pytest.raises(DatasetError, match=r"corrupt synthetic manifest .*synthetic\.json: it holds no config"):
         check_synthetic_dataset(out, config)
+    (out / "synthetic.json").write_text('{"config": ')
+    with pytest.raises(DatasetError, match=r"corrupt synthetic manifest .*synthetic\.json: Expecting value"):
+        check_synthetic_dataset(out, config)
+    with pytest.raises(DatasetError, match=r"corrupt synthetic manifest .*synthetic\.json: Expecting value"):
+        build_dataset("synthetic", out)
     assert not check_synthetic_dataset(tmp_path / "absent", config)
 
 

@@ -65,3 +65,20 @@ def test_a_second_schedule_on_the_same_optimizer_keeps_the_group_lrs():
     LRSchedule(opt, "warmup_cosine", 150, base_lr=0.008, warmup=5)
     LRSchedule(opt, "warmup_cosine", 150, base_lr=0.008, warmup=5).step(50)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([dpm_lr(50), dpm_lr(50, 0.016)])
+
+
+def test_constant_and_no_warmup_schedules_and_the_length_check():
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    opt = torch.optim.SGD([{"params": params, "lr": 0.05}], lr=0.05)
+    constant = LRSchedule(opt, "constant", 10, base_lr=0.05)
+    for t in (0, 3, 10, 20):  # DPM's mask-generator optimiser: no schedule at all
+        constant.step(t)
+        assert opt.param_groups[0]["lr"] == 0.05
+    cosine = LRSchedule(opt, "warmup_cosine", 10, base_lr=0.05)  # warmup defaults to 0: cosine from t = 0
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    cosine.step(5)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0001 + 0.5 * (0.05 - 0.0001))  # lr_min 0.002 x base
+    for total in (0, -3):
+        with pytest.raises(ValueError, match=f"schedule length must be at least 1, got {total}"):
+            LRSchedule(opt, "poly", total, base_lr=0.05)
+    LRSchedule(opt, "poly", 1, base_lr=0.05)
