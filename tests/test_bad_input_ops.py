@@ -394,3 +394,16 @@ def test_hierarchical_mask_pool_refuses_negative_mask_weights(backend):
         ValueError, match="hierarchical_mask_pool: mask must be >= 0 \\(weights\\), got a minimum of -1"
     ):
         hierarchical_mask_pool([torch.randn(1, 3, 4, 4)], mask, "max", backend=backend)
+
+
+def test_gpu_k_cap_and_nonnegative_weights_at_their_edges():
+    from dpm_ops.ops._checks import KNN_GPU_MAX_K, check_knn_gpu_k, check_nonnegative
+
+    check_knn_gpu_k(KNN_GPU_MAX_K, "Triton")  # the cap itself fits the kernels' lists
+    with pytest.raises(
+        ValueError, match=rf"knn: the Triton kernel takes k <= {KNN_GPU_MAX_K}, got {KNN_GPU_MAX_K + 1}"
+    ):
+        check_knn_gpu_k(KNN_GPU_MAX_K + 1, "Triton")
+    check_nonnegative("op", weights=torch.empty(0, 3), other=torch.zeros(2))  # nothing negative, nothing to reduce
+    with pytest.raises(ValueError, match=r"op: other must be >= 0 \(weights\), got a minimum of -0\.5"):
+        check_nonnegative("op", weights=torch.empty(0), other=torch.tensor([1.0, -0.5]))

@@ -314,6 +314,20 @@ def test_gallery_smaller_than_rank10():
     assert (metrics["rank1"], metrics["rank5"], metrics["rank10"]) == pytest.approx((100 / 3, 100.0, 100.0))
 
 
+def test_rank_k_is_the_cmc_at_k():
+    # 10 queries, 12 gallery items: query i's only match is at rank i + 1, so the CMC climbs by 10 a rank
+    q = FeatureSet(torch.zeros(10, 2), None, torch.arange(10), torch.zeros(10, dtype=torch.long), ["q"] * 10)
+    g = FeatureSet(torch.zeros(12, 2), None, torch.arange(12), torch.ones(12, dtype=torch.long), ["g"] * 12)
+    distmat = torch.rand(10, 12, generator=torch.Generator().manual_seed(0)) + 1.0
+    for i in range(10):
+        others = [j for j in range(12) if j != i][:i]
+        distmat[i, others] = torch.arange(i, dtype=torch.float32) / 100  # i non-matches before the match
+        distmat[i, i] = 0.5
+    metrics = evaluator.rank_metrics(distmat, q, g, max_rank=12)["all"]
+    assert metrics["cmc"] == pytest.approx([10.0 * r for r in range(1, 11)] + [100.0, 100.0])
+    assert (metrics["rank1"], metrics["rank5"], metrics["rank10"]) == pytest.approx((10.0, 50.0, 100.0))
+
+
 def test_subset_without_a_match_is_left_out_with_a_warning():
     q = FeatureSet(torch.zeros(3, 2), None, torch.tensor([0, 1, 9]), torch.zeros(3, dtype=torch.long), ["q"] * 3)
     g = FeatureSet(torch.zeros(2, 2), None, torch.tensor([1, 0]), torch.ones(2, dtype=torch.long), ["g"] * 2)
