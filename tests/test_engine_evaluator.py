@@ -302,6 +302,21 @@ def test_rerank_distances_per_metric():
     )
 
 
+def test_rerank_defaults_are_the_standard_k1_20_k2_6_lambda_0_3_and_masked_arccos_needs_masks():
+    generator = torch.Generator().manual_seed(2)
+    qf, gf = torch.randn(12, 8, generator=generator), torch.randn(40, 8, generator=generator)
+    q = FeatureSet(qf, None, torch.arange(12), torch.zeros(12, dtype=torch.long), ["q"] * 12)
+    g = FeatureSet(gf, None, torch.arange(40) % 12, torch.ones(40, dtype=torch.long), ["g"] * 40)
+    torch.testing.assert_close(
+        compute_distances(q, g, "euclidean", rerank=True), rerank_features(qf, gf, k1=20, k2=6, lambda_value=0.3)
+    )
+    with pytest.raises(ValueError, match="distance='masked_arccos' needs the masks of queries and gallery"):
+        compute_distances(q, g, "masked_arccos")
+    with_masks = dataclasses.replace(q, masks=torch.ones(12, 8))
+    with pytest.raises(ValueError, match="needs the masks"):
+        compute_distances(with_masks, g, "masked_arccos")
+
+
 def test_gallery_smaller_than_rank10():
     """With fewer gallery items than 10, Rank-5 / Rank-10 are the CMC's last value (every query
     has found its match by then)."""

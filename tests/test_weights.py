@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dpm_ops.models import WeightsError, build_model, load_pretrained, resize_pos_embed
-from dpm_ops.models.weights import trained_state_dict
+from dpm_ops.models.weights import infer_grid, trained_state_dict
 
 C, DEPTH, CAMERAS, CLASSES = 32, 4, 3, 6
 TINY_VIT = dict(embed_dim=C, depth=DEPTH, num_heads=4)
@@ -144,6 +144,16 @@ def test_pos_embed_resize_matches_written_out_bilinear():
     )
 
 
+def test_source_grid_is_square_or_two_to_one_and_anything_else_is_refused():
+    grids = {196: (14, 14), 1: (1, 1), 128: (16, 8), 50: (10, 5), 210: (21, 10), 242: (22, 11), 264: (24, 11)}
+    assert {n: infer_grid(n) for n in grids} == grids
+    for num_patches in (7, 15, 192):  # 7x1, 5x3, 24x8 (3:1): no square and no 2:1 grid
+        with pytest.raises(
+            ValueError, match=f"cannot infer the patch grid of a {num_patches}-token position embedding"
+        ):
+            resize_pos_embed(torch.zeros(1, 1 + num_patches, 4), (16, 8))
+
+
 def test_pos_embed_resize_of_a_half_precision_file_interpolates_in_float32():
     """A bf16 / fp16 file keeps its dtype, and the interpolation runs in float32 (one rounding,
     at the end), as a float32 copy of the file would give."""
@@ -249,6 +259,12 @@ def test_official_stride12_checkpoint_into_stride11_model_resizes_pos_embed():
     model = build_model("dpm", CLASSES, CAMERAS, stride=11, **TINY_DPM)
     load_pretrained(model, checkpoint)
     torch.testing.assert_close(model.backbone.pos_embed, resize_pos_embed(checkpoint["base.pos_embed"], (22, 11)))
+
+
+def test_a_position_embedding_of_no_known_grid_names_the_file_and_key():
+    model = build_model("dpm", CLASSES, CAMERAS, stride=11, **TINY_DPM)
+    with pytest.raises(WeightsError, match=r"'base\.pos_embed': cannot infer the patch grid of a 192-token"):
+        load_pretrained(model, official_dpm_checkpoint(num_tokens=1 + 24 * 8))
 
 
 def test_shape_mismatch_names_the_key():

@@ -56,12 +56,14 @@ class LoadReport(NamedTuple):
 
 
 def infer_grid(num_patches: int) -> tuple[int, int]:
-    """Square grid if ``num_patches`` is a square, else TransReID's 2:1 rule (22x11, 21x10, 16x8)."""
+    """Square grid if ``num_patches`` is a square, else TransReID's 2:1 rule: a height of 2w to 2w + 2
+    for width w (16x8, 21x10, 22x11). Any other count is refused: its grid is ambiguous (7 tokens
+    are 7x1 or 1x7), and reading it wrongly would interpolate a scrambled embedding."""
     side = math.isqrt(num_patches)
     if side * side == num_patches:
         return side, side
     width = math.isqrt(num_patches // 2)
-    if width and num_patches % width == 0:
+    if width and num_patches % width == 0 and 2 * width <= num_patches // width <= 2 * width + 2:
         return num_patches // width, width
     raise ValueError(f"cannot infer the patch grid of a {num_patches}-token position embedding")
 
@@ -230,7 +232,10 @@ def load_pretrained(
                         f"{name}: checkpoint key {key!r} -> {target!r}: shape "
                         f"{tuple(tensor.shape)} cannot be resized to {tuple(own[target].shape)}"
                     )
-                tensor = resize_pos_embed(tensor, backbone.grid_size)
+                try:
+                    tensor = resize_pos_embed(tensor, backbone.grid_size)
+                except ValueError as error:
+                    raise WeightsError(f"{name}: checkpoint key {key!r}: {error}") from error
             if tensor.shape != own[target].shape:
                 raise WeightsError(
                     f"{name}: checkpoint key {key!r} -> model key {target!r}: shape "
