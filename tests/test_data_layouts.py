@@ -208,12 +208,19 @@ def test_count_check_warns_naming_the_split_errors_or_stays_silent(tmp_path, mon
 
 
 def test_published_counts_follow_the_spec():
-    counts = datasets_module.PUBLISHED_COUNTS
-    assert counts["market1501"]["gallery"] == (751, 15913)
-    assert counts["occluded_duke"] == {"train": (702, 15618), "query": (519, 2210), "gallery": (1110, 17661)}
-    assert counts["cuhk03_np_detected"]["gallery"] == (700, 5332)
-    assert counts["occluded_reid"]["query"] == (200, 1000)
-    assert counts["partial_reid"]["gallery"] == (60, 300)
+    # datasets.md's summary table; MSMT17 from its release (list_val's 2,373 images merged or not;
+    # query + gallery = the 93,820 of rerank_eval.md)
+    assert datasets_module.PUBLISHED_COUNTS == {
+        "market1501": {"train": (751, 12936), "query": (750, 3368), "gallery": (751, 15913)},
+        "dukemtmc": {"train": (702, 16522), "query": (702, 2228), "gallery": (1110, 17661)},
+        "occluded_duke": {"train": (702, 15618), "query": (519, 2210), "gallery": (1110, 17661)},
+        "cuhk03_np_labeled": {"train": (767, 7368), "query": (700, 1400), "gallery": (700, 5328)},
+        "cuhk03_np_detected": {"train": (767, 7365), "query": (700, 1400), "gallery": (700, 5332)},
+        "occluded_reid": {"query": (200, 1000), "gallery": (200, 1000)},
+        "partial_reid": {"query": (60, 300), "gallery": (60, 300)},
+        "msmt17": {"train": (1041, 32621), "query": (3060, 11659), "gallery": (3060, 82161)},
+        "msmt17_no_val": {"train": (1041, 30248), "query": (3060, 11659), "gallery": (3060, 82161)},
+    }
 
 
 @pytest.mark.parametrize("camera", ["7", "12"])
@@ -304,6 +311,10 @@ def test_occluded_duke_marks_every_query_occluded(tmp_path):
     assert data.name == "occluded_duke"
     assert all(data.is_occluded(r) for r in data.query)
     assert not any(data.is_occluded(r) for r in data.gallery)
+    assert data.num_cams == 8 and sorted(r.camid for r in data.train) == [0, 1, 7]
+    write_image(tmp_path / "Occluded_Duke" / "bounding_box_test" / "0010_c9_f0000001.jpg")
+    with pytest.raises(DatasetError, match="c9 outside 1..8"):
+        load_quietly("occluded_duke", tmp_path)
 
 
 # ---------------------------------------------------------------------------------- CUHK03-NP
@@ -642,6 +653,16 @@ def test_sixteen_bit_images_and_masks_are_scaled_not_clipped(tmp_path):
     Image.fromarray(np.array([[0, 1 << 20]], dtype=np.int32)).save(wide)
     with pytest.raises(DatasetError, match=r"unsupported image: .*wide\.tif has 32-bit samples"):
         read_image(str(wide))
+    negative = tmp_path / "negative.tif"
+    Image.fromarray(np.array([[-1, 255]], dtype=np.int32)).save(negative)
+    with pytest.raises(DatasetError, match=r"negative\.tif has 32-bit samples \(-1\.\.255\)"):
+        read_image(str(negative))
+    # 32-bit containers ("I", as some Pillow versions open 16-bit PNGs) holding 16-bit values are read as 16 bits
+    sixteen = tmp_path / "sixteen_in_32.tif"
+    Image.fromarray(np.array([[0, 257, 32768, 65535]], dtype=np.int32)).save(sixteen)
+    with Image.open(sixteen) as raw:
+        assert raw.mode == "I"
+    assert np.asarray(read_image(str(sixteen)))[0, :, 1].tolist() == [0, 1, 128, 255]
     real = tmp_path / "real.tif"
     Image.fromarray(np.array([[0.0, 0.5]], dtype=np.float32)).save(real)
     with pytest.raises(DatasetError, match=r"unsupported mask: .*real\.tif has floating-point samples"):
