@@ -446,6 +446,23 @@ def test_msmt17_list_files(tmp_path, version):
     assert sorted(r.camid for r in data.gallery) == [2, 10]
 
 
+def test_msmt17_absent_names_both_versions_layouts(tmp_path):
+    with pytest.raises(DatasetNotFoundError) as info:
+        build_dataset("msmt17", tmp_path)
+    message = str(info.value)
+    assert "no folder with train, test, list_train.txt" in message and str(tmp_path / "MSMT17_V1") in message
+    assert "no folder with mask_train_v2, mask_test_v2" in message and str(tmp_path / "MSMT17_V2") in message
+
+
+def test_a_split_of_junk_only_is_empty(tmp_path):
+    root = make_market_tree(tmp_path)
+    for name in os.listdir(root / "query"):
+        os.remove(root / "query" / name)
+    write_image(root / "query" / "-1_c1s1_000001_00.jpg")  # junk is dropped: no query is left
+    with pytest.raises(DatasetError, match=r"market1501: the query split of .*Market-1501-v15\.09\.15 is empty"):
+        load_quietly("market1501", root)
+
+
 def test_msmt17_bad_lines_missing_images_and_cameras(tmp_path):
     root = make_msmt_tree(tmp_path)
     (root / "list_val.txt").write_text("\n0001/0001_004_07_0303noon_0102_0.jpg 1\n\n")  # blank lines are skipped

@@ -98,6 +98,8 @@ def test_overrides_are_typed():
         ("model.options.depth=two", "model.options.depth"),
         ("dataset.synth.idz=3", "dataset.synth.idz"),
         ("solver", "key=value"),
+        ("solver=5", "config key 'solver' is a section; set one of its keys"),
+        ("model.options=5", "config key model.options: expected a mapping, got 5"),
         ("eval.amp=fp8", "eval.amp"),
         ("eval.protocol=cuhk", "eval.protocol"),
         ("eval.cuhk03_repeats=0", "eval.cuhk03_repeats"),
@@ -131,6 +133,9 @@ def test_invalid_yaml_and_missing_file(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("solver: [1, 2\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(str(path))
+    path.write_text("solver:\n  base_lr: [1, 2\n  warmup_epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"invalid YAML in .*broken\.yaml line 3: expected ',' or ']'"):
         load_config(str(path))
     with pytest.raises(ConfigError, match="config not found"):
         resolve_config_path(str(tmp_path / "nope.yaml"))
@@ -257,6 +262,7 @@ def test_a_builtin_name_is_never_taken_for_a_missing_path(tmp_path):
         ("input.padding=-5", "input.padding: expected a value in [0, 4096], got -5"),
         ("input.padding=100000", "input.padding: expected a value in [0, 4096], got 100000"),  # was the OOM killer
         ("input.size=[100000,128]", "input.size: expected [height, width] of ints in [1, 4096], got [100000, 128]"),
+        ("input.size=[0,128]", "input.size: expected [height, width] of ints in [1, 4096], got [0, 128]"),
         ("input.flip=2.0", "input.flip: expected a value in [0, 1], got 2.0"),
         ("input.erasing=-1.0", "input.erasing: expected a value in [0, 1], got -1.0"),
         ("train.seed=-1", "train.seed: expected a value in [0, 9223372036854775807], got -1"),
