@@ -283,3 +283,18 @@ def test_random_erasing_defaults_and_a_box_as_wide_or_as_tall_as_the_image():
     assert not erased(16, 4, 0.5, 2.0)  # area 32, aspect 2: a box 8 high and 4 wide, as wide as the image
     assert not erased(4, 16, 0.5, 0.5)  # a box 4 high and 8 wide, as tall as the image
     assert erased(32, 16, 0.25, 2.0)  # a box 16 high and 8 wide fits
+
+
+def test_random_erasing_places_a_box_anywhere_edges_included_and_the_recipes_flip_half():
+    erase = RandomErasing(1.0, area=(0.25, 0.25), aspect=(1.0, 1.0), mode="const")  # a 4x4 box in 8x8
+    corners = set()
+    for seed in range(80):
+        erased = erase(torch.ones(1, 8, 8), generator(seed))[0] == 0
+        rows, cols = erased.any(1).nonzero(), erased.any(0).nonzero()
+        corners.add((int(rows.min()), int(cols.min())))
+    assert corners == {(top, left) for top in range(5) for left in range(5)}  # timm: randint(0, H - h) inclusive
+    for recipe in ("dpm", "maskreid"):
+        flips = [
+            step for step in build_transforms(recipe, train=True).transforms if isinstance(step, RandomHorizontalFlip)
+        ]
+        assert [flip.p for flip in flips] == [0.5]
