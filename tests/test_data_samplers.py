@@ -184,6 +184,11 @@ def test_eval_loader_keeps_dataset_order(image_dataset):
     loader = build_dataloader(image_dataset, batch_size=16)
     indices = torch.cat([batch["index"] for batch in loader]).tolist()
     assert indices == list(range(len(image_dataset)))
+    assert build_dataloader(image_dataset).batch_size == 256  # DPM's test batch
+    # persistent workers asked for without workers: none to keep (torch's DataLoader refuses the pair)
+    in_process = build_dataloader(image_dataset, batch_size=16, persistent_workers=True)
+    assert not in_process.persistent_workers and len(list(in_process)) == len(loader)
+    assert build_dataloader(image_dataset, num_workers=1, persistent_workers=True).persistent_workers
 
 
 @pytest.mark.parametrize("make", [RandomIdentityBatchSampler, MaskReIDBatchSampler])
