@@ -128,6 +128,15 @@ def test_skip_operator_changes_the_pooling():
         assert not torch.allclose(avg(raw, masked), gmp(raw, masked))
     with pytest.raises(ValueError, match="skip"):
         build_model("maskreid", 0, skip="attention")
+    # maskreid.md: "1x1-conv -> GAP" on every skipped level (not the highest)
+    torch.manual_seed(0)
+    conv_avg = build_model("maskreid", 0, skip="conv_avg", **TINY).eval()
+    assert [block[0].kernel_size for block in conv_avg.head.skip_convs] == [(1, 1), (1, 1)]
+    with torch.no_grad():
+        levels = conv_avg.levels(raw, masked)
+        blocks = [block(level) for block, level in zip(conv_avg.head.skip_convs, levels)]
+        expected = torch.cat([lv.mean((2, 3)) for lv in (*blocks, levels[-1])], 1)
+        torch.testing.assert_close(conv_avg.head.pool_levels(levels), expected)
 
 
 def test_inception_modules_written_out():
