@@ -469,6 +469,8 @@ def test_torch_compile_fullgraph(train):
 BAD_VIT_OPTIONS = [
     ("depth", -1),
     ("depth", 0),
+    ("depth", True),  # a flag is no count
+    ("embed_dim", 32.0),  # an integer option takes integers only
     ("num_heads", 0),  # ZeroDivisionError
     ("num_heads", -2),  # RuntimeError at the first step
     ("num_heads", 5),  # does not divide embed_dim = 32
@@ -495,6 +497,7 @@ BAD_DPM_OPTIONS = [
     ("mask_tap_blocks", (0, 0)),
     ("mask_tap_blocks", (0, 4)),  # depth 4: blocks 0..3
     ("mask_tap_blocks", (-1,)),
+    ("mask_tap_blocks", (0, True)),
     ("arcface_margin", 10.0),
     ("arcface_margin", -3.0),
     ("arcface_margin", math.pi / 2),  # cos(theta + m) <= 0 for every angle: no target can win
