@@ -206,6 +206,7 @@ def test_sampler_sizes_are_checked_and_default_to_the_papers():
     for num_ids, num_instances in ((0, 4), (16, 0), (-16, 4)):
         with pytest.raises(ValueError, match="num_ids and num_instances must be positive"):
             RandomIdentityBatchSampler(pids, num_ids=num_ids, num_instances=num_instances)
+    assert {len(batch) for batch in RandomIdentityBatchSampler(pids, num_ids=1, num_instances=1)} == {1}
     pk = RandomIdentityBatchSampler(pids)
     assert (pk.num_ids, pk.num_instances, pk.seed) == (16, 4, 0)  # DPM: 64 images = 16 ids x 4
     assert {len(batch) for batch in pk} == {64}

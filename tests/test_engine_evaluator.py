@@ -429,9 +429,16 @@ def test_bad_options_fail_before_any_extraction(splits, monkeypatch):
         (dict(batch_size=0), "batch_size must be a positive integer"),
         (dict(seed=-1), "seed"),
         (dict(num_repeats=0), "num_repeats"),
+        (dict(max_rank=9), r"^max_rank must be an integer >= 10 \(Rank-10 is reported\), got 9$"),
+        (dict(max_rank=10.0), "max_rank must be an integer"),
+        (dict(multi_query="mean"), r"^multi_query must be one of \('off', 'avg', 'max'\), got 'mean'$"),
+        (dict(splits=dataclasses.replace(splits, gallery=[])), r"^splits '\w+' has an empty query or gallery list$"),
     ):
         with pytest.raises(ValueError, match=needle):
-            evaluate_model(tiny_model("vit_baseline"), splits, **{**options, **bad})
+            evaluate_model(tiny_model("vit_baseline"), **{"splits": splits, **options, **bad})
+    # the smallest accepted values reach the extraction
+    with pytest.raises(AssertionError, match="features extracted"):
+        evaluate_model(tiny_model("vit_baseline"), splits, **options, max_rank=10, batch_size=1)
 
 
 def test_concat_skips_empty_shards():
