@@ -258,3 +258,13 @@ def test_run_folder_refusal_lets_go_and_overwrite_removes_the_earlier_checkpoint
         assert not any(path.exists() for path in earlier) and folder.remove_earlier_run() == []
     finally:
         folder.release()
+
+
+def test_the_trainer_refuses_an_earlier_run_unless_told(tmp_path):
+    from dpm_ops.engine import Trainer, load_config
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"x")
+    with pytest.raises(checkpoint.CheckpointError, match="already holds a run"):
+        Trainer(load_config("synthetic_dpm", ["train.device=cpu"]), tmp_path)  # overwrite defaults to False
+    assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == b"x"
