@@ -34,8 +34,23 @@ def test_save_refuses_a_state_without_its_model_name(tmp_path):
 
 
 def test_a_folder_is_not_a_checkpoint(tmp_path):
-    with pytest.raises(checkpoint.CheckpointError, match="checkpoint not found"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"is a folder, not a file$"):
         checkpoint.load_checkpoint(tmp_path)
+    # a run folder, or its checkpoints/ folder: the message names the checkpoints to pass instead
+    checkpoint.save_checkpoint(tmp_path / "checkpoints" / "final.pt", state())
+    checkpoint.save_checkpoint(tmp_path / "checkpoints" / "last.pt", state())
+    listed = f"{tmp_path / 'checkpoints' / 'final.pt'}, {tmp_path / 'checkpoints' / 'last.pt'}"
+    for folder in (tmp_path, tmp_path / "checkpoints"):
+        with pytest.raises(checkpoint.CheckpointError) as error:
+            checkpoint.load_checkpoint(folder)
+        assert str(error.value) == f"checkpoint {folder} is a folder, not a file (it holds {listed})"
+
+
+def test_a_missing_file_and_a_device_file_are_named(tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match=r"^checkpoint not found: .*none\.pt$"):
+        checkpoint.load_checkpoint(tmp_path / "none.pt")
+    with pytest.raises(checkpoint.CheckpointError, match=r"^checkpoint /dev/null is not a regular file$"):
+        checkpoint.load_checkpoint("/dev/null")
 
 
 def test_crash_during_save_keeps_the_previous_file(tmp_path, monkeypatch):

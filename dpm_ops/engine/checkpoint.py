@@ -186,8 +186,15 @@ def load_checkpoint(path: str | os.PathLike, *, model_name: Optional[str] = None
 def read_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     """What the torch file ``path`` holds; CheckpointError when it is missing or not a torch file."""
     path = Path(os.path.expanduser(str(path)))
+    if path.is_dir():
+        # a run folder or its checkpoints/ folder is an easy slip: name the files it holds
+        found = sorted(path.glob("*.pt")) or sorted(path.glob("checkpoints/*.pt"))
+        hint = f" (it holds {', '.join(str(file) for file in found)})" if found else ""
+        raise CheckpointError(f"checkpoint {path} is a folder, not a file{hint}")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(
+            f"checkpoint {path} is not a regular file" if path.exists() else f"checkpoint not found: {path}"
+        )
     try:
         # our own files hold numpy / python RNG states, so full unpickling is needed (trusted input)
         return read_torch_file(path, weights_only=False, map_location=map_location)
