@@ -342,6 +342,32 @@ def test_a_bare_state_dict_is_the_configs_model(tmp_path, tiny_set, model):
         assert torch.equal(tensor, state["model"][key]), key
 
 
+@pytest.mark.parametrize("model", ["dpm", "vit_baseline", "maskreid"])
+def test_a_test_time_state_dict_without_its_classifier_is_the_configs_model(tmp_path, tiny_set, model):
+    # released weights often leave out the classifier, which eval mode never reads: the model is built with
+    # the fewest classes it takes and computes what the full checkpoint's model computes
+    import torch
+
+    from dpm_ops.engine import checkpoint_model, load_config
+
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_set, model))
+    weights = _fresh_checkpoint(tmp_path, config)
+    full = torch.load(weights, weights_only=False)["model"]
+    stripped = {key: tensor for key, tensor in full.items() if ".classifier." not in f".{key}"}
+    assert len(stripped) < len(full) or model == "maskreid"  # MaskReID trains its softmax head only in pre-training
+    torch.save(stripped, tmp_path / "test_time.pth")
+    rebuilt = checkpoint_model(load_config(str(config)), tmp_path / "test_time.pth")
+    reference = checkpoint_model(load_config(str(config)), weights)
+    for key, tensor in stripped.items():
+        assert torch.equal(rebuilt.state_dict()[key], tensor), key
+    height, width = load_config(str(config))["input"]["size"]
+    images = torch.rand(2, 3, height, width, generator=torch.Generator().manual_seed(0))
+    inputs = (images, images * (images > 0.5)) if model == "maskreid" else (images, torch.tensor([0, 1]))
+    with torch.no_grad():
+        for got, expected in zip(rebuilt(*inputs), reference(*inputs)):
+            assert torch.equal(got, expected)
+
+
 def test_checkpoint_model_of_a_training_checkpoint(tmp_path, tiny_set):
     # what export / extract run: the checkpoint's model in eval mode, at the config's input.size only
     from dpm_ops.engine import checkpoint_model, load_config
@@ -605,6 +631,9 @@ def test_warnings_are_shown_once(monkeypatch):
     "argv, needle",
     [
         ([], "the following arguments are required: {train,eval,export,extract,synth,configs}"),
+        (["train"], "the following arguments are required: --config"),
+        (["eval", "--weights", "w"], "the following arguments are required: --config"),
+        (["export", "--weights", "w", "--out", "m.onnx"], "the following arguments are required: --config"),
         (
             ["train", "--config", "c", "--resume", "--overwrite"],
             "argument --overwrite: not allowed with argument --resume",

@@ -247,7 +247,8 @@ def trained_model(config: dict, weights: str | os.PathLike) -> tuple[nn.Module, 
     by one's own script, or an official DPM / TransReID release (``transformer_150.pth``). A bare
     one is built from the config's model.options and input.size, with the classes and cameras its
     tensors have, and must fill every tensor of it, in its shape (a trained position embedding is
-    not resized)."""
+    not resized). The one exception is the classifier, which eval mode never reads: a test-time state
+    dict saved without it gets a model of the fewest classes its recipe takes, its classifier as built."""
     contents = read_checkpoint_file(weights)
     name = config["model"]["name"]
     if is_training_checkpoint(contents):
@@ -262,12 +263,16 @@ def trained_model(config: dict, weights: str | os.PathLike) -> tuple[nn.Module, 
     # DPM's and the ViT baseline's classifier.weight, MaskReID's head.classifier.weight
     classifiers = [t for k, t in state_dict.items() if f".{k}".endswith(".classifier.weight")]
     cameras = state_dict.get("backbone.sie_embed")
+    recipe = get_recipe(name)
     args = {
-        "num_classes": classifiers[0].shape[0] if classifiers else 0,
+        "num_classes": classifiers[0].shape[0] if classifiers else recipe.min_classes,
         "num_cameras": 0 if cameras is None else cameras.shape[0],
-        "options": get_recipe(name).model_options(config),
+        "options": recipe.model_options(config),
     }
     model = build_model_from_args(name, eval_model_arguments(name, args, config))
+    if not classifiers:
+        built = {k: t for k, t in model.state_dict().items() if f".{k}".endswith(".classifier.weight")}
+        state_dict = {**state_dict, **built}
     load_model_state(model, state_dict, weights, built_from="the config's model.options and input.size")
     return model.eval(), args
 

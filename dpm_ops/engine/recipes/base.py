@@ -124,6 +124,7 @@ class Recipe:
     # resizes to input.resize, which must then be the same (None: no resize before the crop)
     test_resize_margin: Optional[tuple] = None
     eval_time_options: tuple = ()  # model options that change only eval mode: `dpm-reid eval` takes the config's
+    min_classes: int = 1  # the fewest classes the model takes (0: it can be built without a classifier)
 
     def option_defaults(self) -> dict:
         """The model options the config accepts, with their defaults."""

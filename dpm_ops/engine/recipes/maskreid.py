@@ -32,6 +32,7 @@ class MaskReIDRecipe(Recipe):
     uses_masks = True
     sampler_kinds = ("pk", "maskreid")
     has_pretrain_stage = True
+    min_classes = 0  # the softmax head exists only for the pre-training stage
 
     def model_options(self, config: dict) -> dict:
         return dict(config["model"]["options"])  # no img_size: convolutional, any input size
