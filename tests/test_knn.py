@@ -340,6 +340,30 @@ def test_self_knn_float64_non_contiguous_and_whole_blocks(backend):
             torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", SELF_BACKENDS)
+@pytest.mark.parametrize("strategy", ["direct", "certified"])
+def test_self_knn_normalize_finds_a_left_out_neighbour_that_rounding_ties(backend, strategy):
+    # Dividing by the row maximum s can round distinct raw distances to one key. Row 0 (the origin) keeps
+    # k + 4 = 6 raw neighbours: itself and five points at squared distance a. The point at a + 1, left out,
+    # has the same key (a / s == (a + 1) / s in fp32) and a lower index, so it is the 2nd neighbour in
+    # (key, index) order: only the recompute of rows the raw neighbours leave undecided finds it. Row 0's
+    # distances are exact integers in fp32 on every path (squared norms below 2^24, s = 5018^2 even).
+    a, s = 12_600_001, 5018.0**2
+    assert torch.tensor(a / s, dtype=torch.float32) == torch.tensor(float(a)) / torch.tensor(s)
+    assert torch.tensor(float(a)) / torch.tensor(s) == torch.tensor(float(a + 1)) / torch.tensor(s)
+    at_a = torch.tensor([3549.0, 66, 12, 10])  # 3549^2 + 66^2 + 12^2 + 10^2 = a
+    flips = torch.ones(5, 4)
+    flips[torch.arange(1, 5), torch.arange(4)] = -1  # five points at distance a: at_a and four sign flips
+    rows = [torch.zeros(4), torch.tensor([3549.0, 66, 14, 7]), *(flips * at_a), torch.tensor([5018.0, 0, 0, 0])]
+    x = torch.nn.functional.pad(torch.stack(rows), (0, 4)).to(device_for(backend))
+    assert (x * x).sum(1).tolist()[:7] == [0, a + 1, a, a, a, a, a]
+    expected = self_knn_reference(x, 2, "sqeuclidean", True, 0)
+    assert expected[1][0].tolist() == [0, 1]
+    got = self_knn(x, 2, "sqeuclidean", True, 0, backend=backend, strategy=strategy)
+    assert torch.equal(got[1][0], expected[1][0]) and torch.equal(got[0][0], expected[0][0])
+    assert got[2][0] == s
+
+
 @pytest.mark.parametrize("backend", [pytest.param("reference"), *SELF_BACKENDS])
 def test_self_knn_outputs_carry_no_gradient(backend):
     # Before: the kernels' outputs required grad and backward left x.grad None (a warning only).
