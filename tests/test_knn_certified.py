@@ -215,6 +215,18 @@ def test_self_knn_matches_direct(normalize):
     check_same_self_knn(cert, direct, x, k, normalize)
 
 
+def half_eps_row_among_near_rows(dtype=torch.float32):
+    """Row 0 has norm eps / 2 and normalises to norm 1/2: its formula self-distance 1 - 1/4 is above its
+    distance to every other row (all within 60 degrees of it), so taken as a lower bound it would hide
+    the row maximum."""
+    rows = torch.zeros(40, 8, dtype=dtype)
+    rows[:, 0] = 3
+    rows[1:, 1:] = 0.5 * gaussian(39, 7, seed=4, dtype=dtype)
+    rows[0, 0] = COSINE_EPS / 2
+    assert bool((torch.nn.functional.normalize(rows[1:], dim=1)[:, 0] > 0.5).all())
+    return rows
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("normalize", [False, True])
 def test_self_knn_cosine_rows_too_short_to_normalise(dtype, normalize):
@@ -225,7 +237,7 @@ def test_self_knn_cosine_rows_too_short_to_normalise(dtype, normalize):
     x = torch.tensor([[-1e15], [-4.343e-26]], dtype=dtype)
     wide = gaussian(1500, 8, seed=9, dtype=dtype)
     wide[::7] *= 1e-20  # every 7th row far below the eps
-    for rows, k in ((x, 1), (wide, 5)):
+    for rows, k in ((x, 1), (wide, 5), (half_eps_row_among_near_rows(dtype), 5)):
         cert = torch.ops.dpm_ops.self_knn_certified(rows, k, "cosine", normalize, 0)
         direct = self_knn(rows, k, "cosine", normalize, 0, backend="cpp", strategy="direct")
         tolerance = 1e-5 if dtype == torch.float32 else 1e-12

@@ -17,6 +17,7 @@ from test_knn_certified import (
     check_same_knn,
     check_same_self_knn,
     gaussian,
+    half_eps_row_among_near_rows,
     squared,
 )
 
@@ -187,6 +188,22 @@ def test_self_knn_matches_direct(backend, normalize):
     direct = self_knn(x, k, "sqeuclidean", normalize, q, backend=backend, strategy="direct")
     assert bool((cert[4] >= k).all())
     check_same_self_knn(cert, direct, x, k, normalize)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_self_knn_cosine_rows_too_short_to_normalise(backend, normalize):
+    # as test_knn_certified.py's: rows below F.normalize's eps have a formula self-distance of ~1; stage 1
+    # takes d(i, i) = 0, as the direct path, and the row maxima and neighbours stay the direct path's
+    x = torch.tensor([[-1e15], [-4.343e-26]])
+    wide = gaussian(150, 8, seed=9)
+    wide[::7] *= 1e-20  # every 7th row far below the eps
+    for rows, k in ((x, 1), (wide, 5), (half_eps_row_among_near_rows(), 5)):
+        (rows,) = on(backend, rows)
+        cert = certified_self_knn(rows, k, "cosine", normalize, 0, backend=backend)
+        direct = self_knn(rows, k, "cosine", normalize, 0, backend=backend, strategy="direct")
+        torch.testing.assert_close(cert[2], direct[2], atol=1e-5, rtol=0)  # the row maxima
+        torch.testing.assert_close(cert[0], direct[0], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
