@@ -519,6 +519,27 @@ def test_masks_mirror_the_image_tree_one_to_one(tmp_path):
     assert load_quietly("market1501", root).mask_paths is None
 
 
+@pytest.mark.filterwarnings("ignore::dpm_ops.data.DatasetCountWarning")
+def test_a_run_tested_on_another_set_has_the_masks_of_both(tmp_path):
+    # MaskReID trained on one set and tested on another reads the train set's masks and the test set's
+    from dpm_ops.engine.builders import load_splits
+
+    train_root, test_root = make_market_tree(tmp_path / "train"), make_market_tree(tmp_path / "test")
+    add_masks(train_root)
+    add_masks(test_root)
+    splits = load_splits(
+        run_config(
+            train_root,
+            "dataset.with_masks=true",
+            f"dataset.test_root={tmp_path / 'test'}",
+            "dataset.test_name=market1501",
+        )
+    )
+    assert {r.path for r in splits.query} <= {str(p) for p in test_root.rglob("*.jpg")}
+    for records, root in ((splits.train, train_root), (splits.query, test_root), (splits.gallery, test_root)):
+        assert records and all(splits.mask_paths[r.path] == mask_path_for(r.path, str(root)) for r in records)
+
+
 def test_missing_and_orphan_masks_are_named(tmp_path):
     root = make_market_tree(tmp_path)
     add_masks(root)

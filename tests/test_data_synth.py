@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import re
 
 import numpy as np
@@ -178,6 +179,28 @@ def test_a_run_refuses_a_set_of_other_dataset_synth_options(tmp_path, capsys):
     assert "dataset.synth.width 48 requested, 32 there" in message and "set another dataset.root" in message
     assert (root / "synthetic.json").stat().st_mtime_ns == stamp
     prepare_synthetic(config("dataset.synth.ids=30", "dataset.generate=false"), progress=False)  # not generating
+
+
+def test_a_run_checks_a_synthetic_sets_counts_unless_told_off(tiny_set, tmp_path):
+    # the manifest's counts are exact, so the config's default ("warn", for partial copies of the published
+    # sets) reads a synthetic set in error mode; dataset.check_counts=off reads a set with an image missing
+    from dpm_ops.engine.builders import load_splits
+    from dpm_ops.engine.config import load_config
+
+    root = tmp_path / "set"
+    shutil.copytree(tiny_set, root)
+    full = len(build_dataset("synthetic", tiny_set).gallery)
+    sorted((root / "bounding_box_test").glob("0*.jpg"))[-1].unlink()  # not a junk (-1) image
+
+    def config(*overrides):
+        return load_config(None, [f"dataset.root={root}", "dataset.generate=false", *overrides])
+
+    for overrides in ([], ["dataset.check_counts=error"]):
+        with pytest.raises(
+            DatasetError, match=rf"^synthetic gallery: .* / {full - 1} images, the full dataset has .* / {full} images$"
+        ):
+            load_splits(config(*overrides))
+    assert len(load_splits(config("dataset.check_counts=off")).gallery) == full - 1
 
 
 def test_cli(tmp_path, capsys):
