@@ -278,7 +278,10 @@ def test_knn_bad_input_names_the_argument(backend):
         (lambda: knn(x, y, True, backend=backend), "k must"),
         (lambda: knn(x, y, 2, "l1", backend=backend), "metric"),
         (lambda: knn(x[0], y, 2, backend=backend), "x must be 2-D"),
-        (lambda: knn(x, y[:, :3], 2, backend=backend), "feature dimension"),
+        (
+            lambda: knn(x, y[:, :3], 2, backend=backend),
+            "^knn: x and y must have the same feature dimension, got 4 and 3$",
+        ),
         (lambda: knn(x.long(), y, 2, backend=backend), "x must be floating"),
         (lambda: knn(nan_x, y, 2, backend=backend), "x contains non-finite"),
         (lambda: knn(x, inf_y, 2, backend=backend), "y contains non-finite"),
