@@ -243,6 +243,8 @@ def test_reduced_precision(backend, dtype):
         (lambda f, m: (f, m[:, 0], "avg"), "mask must be"),
         (lambda f, m: (f, m[:1], "avg"), "mask must be"),
         (lambda f, m: (f, m.repeat(1, 2, 1, 1), "avg"), "mask must be"),  # one channel only
+        (lambda f, m: (f, m[:, :, :0], "avg"), r"mask must be \(B, 1, H, W\) with B = 2, got \(2, 1, 0, 10\)"),
+        (lambda f, m: (f, m[:, :, :, :0], "avg"), r"mask must be \(B, 1, H, W\) with B = 2, got \(2, 1, 8, 0\)"),
         (lambda f, m: (f, m, "sum"), "mode must be one of"),
         (lambda f, m: ([f[0]] * 17, m, "avg"), "at most 16"),
     ],
