@@ -262,6 +262,16 @@ def test_cli_bad_option_is_one_line_naming_it(tmp_path, capsys, option, value, n
     assert not (tmp_path / "set").exists()
 
 
+@pytest.mark.parametrize("value", ["a,b", "1,2,3", "2.5"])
+def test_cli_range_that_does_not_parse_is_an_argparse_error(tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path / "set"), "--train-images", value, "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and err[0].startswith("usage: dpm-reid synth")
+    assert err[-1] == f"dpm-reid synth: error: argument --train-images: expected N or LOW,HIGH, got {value!r}"
+    assert not (tmp_path / "set").exists()
+
+
 def test_options_within_bounds_but_too_many_images_together(tmp_path, capsys):
     args = ["--out", str(tmp_path / "set"), "--ids", "4999", "--train-images", "200,200", "--quiet"]
     assert main(args) == 2
