@@ -259,6 +259,27 @@ def test_compiled_train_steps_follow_eager(tmp_path, tiny_root, model, monkeypat
     assert resumed["finished"] and modes == ["default", "default"]
 
 
+@pytest.mark.parametrize("model, amp", [("dpm", "bf16"), ("vit_baseline", "fp16"), ("maskreid", "bf16")])
+def test_amp_trains_under_autocast_and_evaluates_in_fp32(tmp_path, tiny_root, model, amp, monkeypatch):
+    """solver.amp on the CPU: every train step's forward runs under autocast (both DPM passes, both
+    MaskReID stages), the evaluation after training does not (eval.amp off: the official code tests in
+    fp32); the losses stay finite."""
+    modes, forward = [], torch.nn.Linear.forward
+
+    def recording(self, x):
+        modes.append((self.training, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return forward(self, x)
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", recording)
+    result = train(config_for(tmp_path, tiny_root, model, [f"solver.amp={amp}"]), tmp_path / "run")
+    assert result["finished"] and all(
+        math.isfinite(r["loss"]) for r in read_jsonl(tmp_path / "run" / "train_log.jsonl")
+    )
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    assert {(on, d) for training, on, d in modes if training} == {(True, dtype)}
+    assert {on for training, on, _ in modes if not training} == {False}
+
+
 def test_dpm_stage_takes_its_solver_settings(tmp_path, tiny_root):
     config = config_for(
         tmp_path,
