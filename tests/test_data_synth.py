@@ -204,7 +204,7 @@ def test_a_run_checks_a_synthetic_sets_counts_unless_told_off(tiny_set, tmp_path
 
 
 def test_cli(tmp_path, capsys):
-    out = tmp_path / "cli"
+    out = tmp_path / "data" / "synthetic" / "cli"  # folders that do not exist yet are made
     args = [
         "--out",
         str(out),
