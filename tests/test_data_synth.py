@@ -262,7 +262,7 @@ def test_cli_bad_option_is_one_line_naming_it(tmp_path, capsys, option, value, n
     assert not (tmp_path / "set").exists()
 
 
-@pytest.mark.parametrize("value", ["a,b", "1,2,3", "2.5"])
+@pytest.mark.parametrize("value", ["a,b", "1,2,3", "2.5", "3,", ",3"])
 def test_cli_range_that_does_not_parse_is_an_argparse_error(tmp_path, capsys, value):
     with pytest.raises(SystemExit) as exit_info:
         main(["--out", str(tmp_path / "set"), "--train-images", value, "--quiet"])

@@ -16,9 +16,9 @@ from .writing import generate_synthetic_dataset
 
 def _int_range(text: str) -> tuple[int, int]:
     """ "N" or "LOW,HIGH"; the values are SynthConfig's to check."""
-    low, _, high = text.partition(",")
+    low, comma, high = text.partition(",")
     try:
-        return int(low), int(high or low)
+        return int(low), int(high if comma else low)  # "3," is no range: int("") refuses it
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected N or LOW,HIGH, got {text!r}") from None
 
