@@ -108,6 +108,15 @@ def test_max_ties_share_the_gradient_like_amax(backend):
     (got,) = torch.autograd.grad(out.sum(), x)
     (want,) = torch.autograd.grad(x.amax((2, 3)).sum(), x)
     torch.testing.assert_close(got, want)
+    # with a mask, only the tied cells it keeps share the gradient: the masked-out zeros (and the 1 at
+    # (2, 3)) equal their channel's max but are not pooled
+    mask = torch.zeros(2, 1, 4, 4, dtype=torch.float64, device=device)
+    mask[:, :, :2] = 1
+    out = hierarchical_mask_pool([x], mask, "max", backend=backend)
+    (got,) = torch.autograd.grad(out.sum(), x)
+    (want,) = torch.autograd.grad(hierarchical_mask_pool_reference([x], mask, "max").sum(), x)
+    assert got[:, :, 2:].abs().sum() == 0 and got[0, 0, 1, 1] == 1
+    torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
