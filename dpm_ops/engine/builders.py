@@ -260,8 +260,7 @@ def trained_model(config: dict, weights: str | os.PathLike) -> tuple[nn.Module, 
         raise CheckpointError(
             f"--weights is neither a dpm_ops training checkpoint nor a trained model's state dict: {error}"
         ) from error
-    # DPM's and the ViT baseline's classifier.weight, MaskReID's head.classifier.weight
-    classifiers = [t for k, t in state_dict.items() if f".{k}".endswith(".classifier.weight")]
+    classifiers = [t for k, t in state_dict.items() if _is_classifier(k)]
     cameras = state_dict.get("backbone.sie_embed")
     recipe = get_recipe(name)
     args = {
@@ -271,10 +270,15 @@ def trained_model(config: dict, weights: str | os.PathLike) -> tuple[nn.Module, 
     }
     model = build_model_from_args(name, eval_model_arguments(name, args, config))
     if not classifiers:
-        built = {k: t for k, t in model.state_dict().items() if f".{k}".endswith(".classifier.weight")}
+        built = {k: t for k, t in model.state_dict().items() if _is_classifier(k)}
         state_dict = {**state_dict, **built}
     load_model_state(model, state_dict, weights, built_from="the config's model.options and input.size")
     return model.eval(), args
+
+
+def _is_classifier(key: str) -> bool:
+    """DPM's and the ViT baseline's classifier.weight, MaskReID's head.classifier.weight."""
+    return f".{key}".endswith(".classifier.weight")
 
 
 def checkpoint_model(config: dict, weights: str | os.PathLike) -> nn.Module:
