@@ -142,6 +142,8 @@ def test_fused_triplet_under_bf16_autocast_runs_in_fp32():
         (lambda x, y: (x.half(), y), "float32 or float64"),
         (lambda x, y: (x, y[:-1]), "labels must be 1-D of length"),
         (lambda x, y: (x, y.int()), "labels must be int64"),
+        (lambda x, y: (x.tolist(), y), "^batch_hard_triplet: features must be a torch.Tensor, got list$"),
+        (lambda x, y: (x, y[None]), r"^batch_hard_triplet: labels must be 1-D of length B = 4, got \(1, 4\)$"),
     ],
 )
 def test_bad_input_names_the_argument(backend, bad, message):

@@ -276,6 +276,10 @@ def test_dpm_loss_on_loss_inputs_equals_the_logits_path():
         (lambda f, m, w, y: (f, m, w[:0], y), "at least one class"),
         (lambda f, m, w, y: (f, m, w, y[:-1]), "labels must be 1-D of length"),
         (lambda f, m, w, y: (f, m, w, y.int()), "labels must be int64"),
+        (
+            lambda f, m, w, y: (f, m, w, y.tolist()),
+            "^masked_arcface_cross_entropy: labels must be a torch.Tensor, got list$",
+        ),
         (lambda f, m, w, y: (f, m, w, y + 100), r"labels must lie in \[0, K = 7\)"),
         (lambda f, m, w, y: (f, m, w, y - 100), r"labels must lie in \[0, K = 7\)"),
         (lambda f, m, w, y: (f.half(), m.half(), w.half(), y), "float32 or float64"),

@@ -292,6 +292,15 @@ def test_literal_floor_with_the_papers_batch():
             "neg_mode does not apply to pos_mode 'eq4'",
         ),
         (lambda x, l: (x, [0, 0, 1, 1, 2, 2], {}), "labels must be a torch.Tensor"),
+        # Eq. 5's sum of B^2 terms exp(... + alpha) overflows float32 for any norm: log(max) - 2 log(6) = 85.1
+        (
+            lambda x, l: (x, l, {"alpha": 85.2}),
+            r"alpha must stay below 85\.1 at B = 6 \(.* overflows float32\), got 85\.2$",
+        ),
+        (
+            lambda x, l: (x, l, {"alpha": 85.0}),
+            r"embeddings is too large in magnitude: row norms must stay below 0\.264 in float32",
+        ),
     ],
 )
 def test_bad_input_names_the_argument(backend, bad, message):
