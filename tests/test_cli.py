@@ -356,11 +356,12 @@ def test_a_test_time_state_dict_without_its_classifier_is_the_configs_model(tmp_
     stripped = {key: tensor for key, tensor in full.items() if ".classifier." not in f".{key}"}
     assert len(stripped) < len(full) or model == "maskreid"  # MaskReID trains its softmax head only in pre-training
     torch.save(stripped, tmp_path / "test_time.pth")
-    rebuilt = checkpoint_model(load_config(str(config)), tmp_path / "test_time.pth")
-    reference = checkpoint_model(load_config(str(config)), weights)
+    loaded = load_config(str(config))
+    rebuilt = checkpoint_model(loaded, tmp_path / "test_time.pth")
+    reference = checkpoint_model(loaded, weights)
     for key, tensor in stripped.items():
         assert torch.equal(rebuilt.state_dict()[key], tensor), key
-    height, width = load_config(str(config))["input"]["size"]
+    height, width = loaded["input"]["size"]
     images = torch.rand(2, 3, height, width, generator=torch.Generator().manual_seed(0))
     inputs = (images, images * (images > 0.5)) if model == "maskreid" else (images, torch.tensor([0, 1]))
     with torch.no_grad():

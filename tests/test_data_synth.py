@@ -3,8 +3,8 @@
 import dataclasses
 import json
 import os
-import shutil
 import re
+import shutil
 
 import numpy as np
 import pytest

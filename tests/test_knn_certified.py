@@ -215,16 +215,19 @@ def test_self_knn_matches_direct(normalize):
     check_same_self_knn(cert, direct, x, k, normalize)
 
 
-def half_eps_row_among_near_rows(dtype=torch.float32):
-    """Row 0 has norm eps / 2 and normalises to norm 1/2: its formula self-distance 1 - 1/4 is above its
-    distance to every other row (all within 60 degrees of it), so taken as a lower bound it would hide
-    the row maximum."""
-    rows = torch.zeros(40, 8, dtype=dtype)
-    rows[:, 0] = 3
-    rows[1:, 1:] = 0.5 * gaussian(39, 7, seed=4, dtype=dtype)
-    rows[0, 0] = COSINE_EPS / 2
-    assert bool((torch.nn.functional.normalize(rows[1:], dim=1)[:, 0] > 0.5).all())
-    return rows
+def rows_too_short_to_normalise(wide_rows, dtype=torch.float32):
+    """(rows, k) cases of cosine rows shorter than F.normalize's eps: the two-row case hypothesis found,
+    `wide_rows` random rows with every 7th far below the eps, and a row of norm eps / 2, which normalises to
+    norm 1/2: its formula self-distance 1 - 1/4 is above its distance to every other row (all within 60
+    degrees of it), so taken as a lower bound it would hide the row maximum."""
+    wide = gaussian(wide_rows, 8, seed=9, dtype=dtype)
+    wide[::7] *= 1e-20
+    near = torch.zeros(40, 8, dtype=dtype)
+    near[:, 0] = 3
+    near[1:, 1:] = 0.5 * gaussian(39, 7, seed=4, dtype=dtype)
+    near[0, 0] = COSINE_EPS / 2
+    assert bool((torch.nn.functional.normalize(near[1:], dim=1)[:, 0] > 0.5).all())
+    return [(torch.tensor([[-1e15], [-4.343e-26]], dtype=dtype), 1), (wide, 5), (near, 5)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -234,10 +237,7 @@ def test_self_knn_cosine_rows_too_short_to_normalise(dtype, normalize):
     themselves as ~1, not 0. Stage 1 takes d(i, i) = 0 as the direct path does; with the formula's
     value the row's top (largest lower bound) came out ~1 and left the true row maximum out (hypothesis
     found the two-row case). Mixed with ordinary rows, in one diagonal tile and across tiles."""
-    x = torch.tensor([[-1e15], [-4.343e-26]], dtype=dtype)
-    wide = gaussian(1500, 8, seed=9, dtype=dtype)
-    wide[::7] *= 1e-20  # every 7th row far below the eps
-    for rows, k in ((x, 1), (wide, 5), (half_eps_row_among_near_rows(dtype), 5)):
+    for rows, k in rows_too_short_to_normalise(1500, dtype):
         cert = torch.ops.dpm_ops.self_knn_certified(rows, k, "cosine", normalize, 0)
         direct = self_knn(rows, k, "cosine", normalize, 0, backend="cpp", strategy="direct")
         tolerance = 1e-5 if dtype == torch.float32 else 1e-12

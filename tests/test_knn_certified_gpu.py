@@ -17,7 +17,7 @@ from test_knn_certified import (
     check_same_knn,
     check_same_self_knn,
     gaussian,
-    half_eps_row_among_near_rows,
+    rows_too_short_to_normalise,
     squared,
 )
 
@@ -195,10 +195,7 @@ def test_self_knn_matches_direct(backend, normalize):
 def test_self_knn_cosine_rows_too_short_to_normalise(backend, normalize):
     # as test_knn_certified.py's: rows below F.normalize's eps have a formula self-distance of ~1; stage 1
     # takes d(i, i) = 0, as the direct path, and the row maxima and neighbours stay the direct path's
-    x = torch.tensor([[-1e15], [-4.343e-26]])
-    wide = gaussian(150, 8, seed=9)
-    wide[::7] *= 1e-20  # every 7th row far below the eps
-    for rows, k in ((x, 1), (wide, 5), (half_eps_row_among_near_rows(), 5)):
+    for rows, k in rows_too_short_to_normalise(150):
         (rows,) = on(backend, rows)
         cert = certified_self_knn(rows, k, "cosine", normalize, 0, backend=backend)
         direct = self_knn(rows, k, "cosine", normalize, 0, backend=backend, strategy="direct")
