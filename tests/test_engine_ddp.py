@@ -102,6 +102,36 @@ def test_input_errors_under_torchrun_are_one_line_and_do_not_hang(tmp_path):
         assert result.returncode == 1 and root_cause.group(1) == "2", result.stderr[-4000:]
 
 
+@pytest.mark.parametrize(
+    "environment, message",
+    [
+        ({"WORLD_SIZE": "2"}, "WORLD_SIZE is 2 but RANK, MASTER_ADDR, MASTER_PORT are not set: start multi-process"),
+        ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_PORT": "29500"}, "WORLD_SIZE is 2 but MASTER_ADDR is not set:"),
+        ({"WORLD_SIZE": "two"}, "environment variable WORLD_SIZE must be an integer >= 1, got 'two'"),
+        ({"WORLD_SIZE": "0"}, "environment variable WORLD_SIZE must be an integer >= 1, got '0'"),
+        ({"RANK": "2"}, "environment variable RANK must be an integer in [0, 1], got '2'"),
+        ({"RANK": "-1"}, "environment variable RANK must be an integer in [0, 1], got '-1'"),
+        ({"LOCAL_RANK": "-1"}, "environment variable LOCAL_RANK must be an integer >= 0, got '-1'"),
+    ],
+)
+def test_launcher_variables_set_by_hand_are_one_line_errors(tmp_path, monkeypatch, capsys, environment, message):
+    # A WORLD_SIZE left in a shell without torchrun's other variables was a KeyError traceback, and a RANK
+    # outside the world (which no rank 0 ever waits for) hung in the rendezvous; both before any work.
+    launched = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    for name, value in ({} if environment.get("WORLD_SIZE") else launched).items():
+        monkeypatch.setenv(name, value)
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if "WORLD_SIZE" in environment:
+            monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path / "set", "dpm"))
+    assert main(["train", "--config", str(config), "--output", str(tmp_path / "run")]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dpm-reid: error: ") and message in lines[0], lines
+    assert not (tmp_path / "set").exists() and not any((tmp_path / "run").iterdir())  # no set made, no run begun
+
+
 GLOO_THREADS_AFTER_CLEANUP = """
 import os, torch
 from dpm_ops.engine import distributed

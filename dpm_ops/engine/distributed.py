@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -32,13 +32,38 @@ class DistInfo:
         return self.rank == 0
 
 
+def _environment_integer(name: str, default: str, lowest: int, highest: Optional[int] = None) -> int:
+    text = os.environ.get(name, default)
+    value = int(text) if text.lstrip("-").isdigit() else None
+    if value is None or value < lowest or (highest is not None and value > highest):
+        expected = f"an integer >= {lowest}" if highest is None else f"an integer in [{lowest}, {highest}]"
+        raise ValueError(f"environment variable {name} must be {expected}, got {text!r}")
+    return value
+
+
+def launcher_ranks() -> tuple[int, int, int]:
+    """(world size, rank, local rank) from the variables torchrun sets; (1, 0, 0) without WORLD_SIZE.
+    A ValueError naming the variable when one is malformed or missing: read as they were, a stray
+    WORLD_SIZE in a shell gave a KeyError traceback, a RANK past the world size a hang."""
+    world_size = _environment_integer("WORLD_SIZE", "1", 1)
+    if world_size == 1:
+        return 1, 0, 0
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise ValueError(
+            f"environment variable WORLD_SIZE is {world_size} but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not set: start multi-process runs with torchrun "
+            "(it sets them all), or unset WORLD_SIZE"
+        )
+    rank = _environment_integer("RANK", "", 0, world_size - 1)
+    return world_size, rank, _environment_integer("LOCAL_RANK", str(rank), 0)
+
+
 def init_distributed(device: torch.device) -> DistInfo:
     """Join the process group torchrun describes (idempotent); a single process otherwise."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    world_size, _, local_rank = launcher_ranks()
+    if world_size == 1:
         return DistInfo()
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         # torch.distributed.nn.functional binds `group=group.WORLD` defaults when first imported (by
