@@ -79,14 +79,24 @@ def requested(backend=None):
 
 def resolve(backend, device: torch.device) -> str:
     """The backend to run for tensors on `device`."""
-    backend = requested(backend)
-    if backend is None:
+    name = requested(backend)
+    if name is None:
         available = _AVAILABILITY
         if device.type == "cuda":
-            for name in ("cuda", "triton", "reference"):
-                if available[name][0]:
-                    return name
+            for default in ("cuda", "triton", "reference"):
+                if available[default][0]:
+                    return default
         return "cpp" if available["cpp"][0] else "reference"
+    if backend or _FORCED:
+        return _checked(name, device)
+    try:
+        return _checked(name, device)
+    except (ValueError, RuntimeError) as error:  # name the variable: nothing in the failing call set it
+        raise type(error)(f"environment variable {ENV_VAR}={name!r}: {error}") from None
+
+
+def _checked(backend: str, device: torch.device) -> str:
+    """`backend`, if it can run on `device`."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     ok, why = _AVAILABILITY[backend]

@@ -81,6 +81,23 @@ def test_an_empty_environment_variable_is_the_default(make_available, monkeypatc
     assert _backend.resolve(None, CPU) == "cpp"
 
 
+def test_an_environment_variable_that_cannot_run_is_named(make_available, monkeypatch):
+    # The failing op call did not name a backend: the message says where the one that failed came from.
+    make_available("cpp")
+    monkeypatch.setenv(_backend.ENV_VAR, "bogus")
+    with pytest.raises(ValueError, match=r"^environment variable DPM_OPS_BACKEND='bogus': backend must be one of"):
+        _backend.resolve(None, CPU)
+    monkeypatch.setenv(_backend.ENV_VAR, "triton")
+    with pytest.raises(
+        RuntimeError, match=r"^environment variable DPM_OPS_BACKEND='triton': dpm_ops backend 'triton' is"
+    ):
+        _backend.resolve(None, CUDA)
+    with pytest.raises(ValueError, match=r"^backend must be one of"):  # a backend= of the call is its own
+        _backend.resolve("bogus", CPU)
+    with _backend.forced_backend("reference"):  # forced_backend overrides the variable
+        assert _backend.resolve(None, CPU) == "reference"
+
+
 def test_forced_backend_blocks_nest(make_available):
     # leaving the inner block restores the outer one's backend, not the default
     make_available("cpp")

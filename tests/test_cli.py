@@ -283,6 +283,32 @@ def test_bad_values_fail_before_any_work(tmp_path, capsys, override, needle, mon
         assert_one_line_error(capsys, code, needle)
 
 
+@pytest.mark.parametrize("backend", ["bogus", "triton"])
+def test_a_backend_variable_that_cannot_run_fails_before_any_work(tmp_path, tiny_set, capsys, monkeypatch, backend):
+    # DPM_OPS_BACKEND is read by every op call: a name it cannot run on the run's device was a traceback (or a
+    # message that did not name the variable) at the first op, after the data was read and the model built.
+    import dpm_ops.engine.builders as builders
+
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_set, "dpm", train={"device": "cpu"}))
+    checkpoint = _fresh_checkpoint(tmp_path, config)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the data was read before DPM_OPS_BACKEND was checked")
+
+    monkeypatch.setattr(builders, "load_splits", no_work)
+    monkeypatch.setenv("DPM_OPS_BACKEND", backend)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # triton then cannot run on the CPU
+    why = "backend must be one of" if backend == "bogus" else "backend 'triton'"
+    for command in (
+        ["train", "--output", str(tmp_path / "run")],
+        ["eval", "--weights", str(checkpoint), "--output", str(tmp_path / "run")],
+        ["extract", "--weights", str(checkpoint), "--images", str(tiny_set), "--out", str(tmp_path / "f.npz")],
+    ):
+        code = main([*command, "--config", str(config)])
+        assert_one_line_error(capsys, code, f"environment variable DPM_OPS_BACKEND={backend!r}: ", why)
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "f.npz").exists()
+
+
 def test_unusable_output_is_one_line(tmp_path, tiny_set, capsys):
     config = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_set, "dpm"))
     a_file = tmp_path / "a_file"

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
+from dpm_ops import _backend
 from dpm_ops.data import DatasetError, MaskReIDBatchSampler, RandomIdentityBatchSampler, ReIDSplits, build_dataset
 from dpm_ops.data.assembly import check_query_matches, verify_splits
 from dpm_ops.data.datasets import dataset_options
@@ -35,9 +36,7 @@ from .recipes import get_recipe
 def resolve_device(name: str, argument: str = "config key train.device") -> torch.device:
     """``name`` ("auto", "cpu", "cuda", "cuda:N") as a device this machine has; a ConfigError naming
     ``argument`` otherwise."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)  # a config's: load_config checked that it parses and is cpu or cuda
+    device = torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             f"{argument}: {name} requested but CUDA is not available here "
@@ -47,6 +46,10 @@ def resolve_device(name: str, argument: str = "config key train.device") -> torc
         raise ConfigError(
             f"{argument}: {name} requested but this machine has {torch.cuda.device_count()} CUDA device(s)"
         )
+    try:  # a DPM_OPS_BACKEND that cannot run here: said now, not at the first op after the data is read
+        _backend.resolve(None, device)
+    except (ValueError, RuntimeError) as error:
+        raise ConfigError(str(error)) from None
     return device
 
 
