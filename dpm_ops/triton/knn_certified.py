@@ -18,12 +18,11 @@ gathers their rows and sums exact elementwise products (never TF32), reading no 
 row's count (the torch version gathers a (rows, widest count, D) block and sums it).
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .._backend import triton_interpreted
 from ._device import on_input_device, rows_per_program
 from ._precision import COMPILE_OPTIONS, sqrt_rn
 from .knn import _METRIC_IDS, _NO_INDEX, empty_lists, _list_rows, offer_tile
@@ -229,7 +228,7 @@ def stage1(x_bf16, y_bf16, x_norms, y_norms, x_scales, y_scales, k: int, cap: in
         BLOCK_M=limits_rows,
         BLOCK_N=BLOCK_N,
         BLOCK_D=BLOCK_D,
-        EMULATED=os.environ.get("TRITON_INTERPRET") == "1",
+        EMULATED=triton_interpreted(),
         num_warps=8,
         **COMPILE_OPTIONS,
     )
@@ -250,7 +249,7 @@ def stage1(x_bf16, y_bf16, x_norms, y_norms, x_scales, y_scales, k: int, cap: in
         BLOCK_M=collect_rows,
         BLOCK_N=BLOCK_N,
         BLOCK_D=BLOCK_D,
-        EMULATED=os.environ.get("TRITON_INTERPRET") == "1",
+        EMULATED=triton_interpreted(),
         num_warps=8,  # the (64, 64) tile's bounds, slots and masks: spill-free with two buffers
         **COMPILE_OPTIONS,
     )
