@@ -31,13 +31,17 @@ def make_available(monkeypatch):
 
 
 @pytest.mark.parametrize("interpret", ["1", None])
-def test_availability_and_why_not(monkeypatch, interpret):
+@pytest.mark.parametrize("without_triton", [False, True])
+def test_availability_and_why_not(monkeypatch, interpret, without_triton):
     # The report for each result of loading the extension: missing, built without CUDA, built with it.
-    # Triton runs on a GPU, or on CPU tensors under its interpreter (TRITON_INTERPRET=1).
+    # Triton runs on a GPU, or on CPU tensors under its interpreter (TRITON_INTERPRET=1), if installed.
     if interpret is None:
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     else:
         monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    if without_triton:
+        find_spec = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "triton" else find_spec(name))
     gpu = torch.cuda.is_available()
     if importlib.util.find_spec("triton") is None:
         triton = (False, "triton is not installed (pip install triton)")
