@@ -102,6 +102,14 @@ def test_an_environment_variable_that_cannot_run_is_named(make_available, monkey
         assert _backend.resolve(None, CPU) == "reference"
 
 
+def test_forced_backend_takes_only_a_backend_name():
+    with pytest.raises(
+        ValueError, match=r"^backend must be one of \('reference', 'cpp', 'cuda', 'triton'\), got 'gpu'"
+    ):
+        with _backend.forced_backend("gpu"):
+            pass
+
+
 def test_forced_backend_blocks_nest(make_available):
     # leaving the inner block restores the outer one's backend, not the default
     make_available("cpp")

@@ -55,8 +55,9 @@ def test_loss_modules_map_fused_onto_backend(module):
 def test_loss_module_options_are_the_functions():
     loss = MaskedArcFaceLoss(margin=0.3)
     assert (loss.scale, loss.margin, loss.backend) == (30.0, 0.3, None)
-    with pytest.warns(DeprecationWarning, match=r"\.fused is deprecated"):
+    with pytest.warns(DeprecationWarning, match=r"\.fused is deprecated") as caught:
         assert loss.fused
+    assert caught[0].filename == __file__  # attributed to the line that read it
     with pytest.raises(TypeError):
         MaskedArcFaceLoss(marign=0.3)
 
