@@ -57,6 +57,15 @@ def test_ties_and_duplicates_pick_the_first_index(backend):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_a_distance_exactly_at_the_clamp_passes_its_gradient(backend):
+    # clamp_min(d2, 1e-12) passes the gradient where d2 >= 1e-12: anchor 1's hardest positive (index 0,
+    # first of a tie with its own clamped self-distance) is at d2 = (1e-6)² = 1e-12 exactly in float64.
+    features = torch.tensor([[0.0, 0.0], [1e-6, 0.0], [1.0, 0.0], [2.0, 0.5]], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1])
+    check_against_reference(backend, features.to(device_for(backend)), labels.to(device_for(backend)))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_large_margin_takes_softplus_linear_branch(backend):
     features, labels = make_inputs(6, 4, 2, torch.float64, device_for(backend), seed=5)
     check_against_reference(backend, features * 30, labels)  # d_ap - d_an > 20 for some anchors
