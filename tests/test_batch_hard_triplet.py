@@ -72,6 +72,25 @@ def test_large_margin_takes_softplus_linear_branch(backend):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_softplus_is_linear_only_above_20(backend):
+    # F.softplus's threshold is strict: at d_ap - d_an = 20 exactly (anchors 0 and 1: 25 - 5) the loss
+    # is log1p(e^20) = 20 + 2.1e-9, its slope sigmoid(20) = 1 - 2.1e-9, both closer to the reference than the
+    # general tolerance can tell; the integer distances make every row's value exact.
+    features = torch.tensor([[0.0], [25.0], [5.0], [20.0]], dtype=torch.float64, device=device_for(backend))
+    labels = torch.tensor([0, 0, 1, 1], device=features.device)
+    x = features.clone().requires_grad_(True)
+    value = batch_hard_triplet(x, labels, backend=backend)
+    expected = torch.tensor([20.0, 20.0, 10.0, 10.0], dtype=torch.float64).exp().log1p().mean()
+    torch.testing.assert_close(value.cpu(), expected, rtol=4e-16, atol=0)
+    (grad,) = torch.autograd.grad(value, x)
+    reference = features.cpu().requires_grad_(True)
+    (want,) = torch.autograd.grad(
+        batch_hard_soft_margin_triplet(reference, labels.cpu(), backend="reference"), reference
+    )
+    torch.testing.assert_close(grad.cpu(), want, rtol=1e-13, atol=1e-16)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_gradcheck_float64(backend):
     features, labels = make_inputs(6, 5, 3, torch.float64, device_for(backend), seed=1)
     x = features.requires_grad_(True)
