@@ -57,11 +57,13 @@ def test_ties_and_duplicates_pick_the_first_index(backend):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_a_distance_exactly_at_the_clamp_passes_its_gradient(backend):
-    # clamp_min(d2, 1e-12) passes the gradient where d2 >= 1e-12: anchor 1's hardest positive (index 0,
-    # first of a tie with its own clamped self-distance) is at d2 = (1e-6)² = 1e-12 exactly in float64.
+@pytest.mark.parametrize("pair", ["positive", "negative"])
+def test_a_distance_exactly_at_the_clamp_passes_its_gradient(backend, pair):
+    # clamp_min(d2, 1e-12) passes the gradient where d2 >= 1e-12: samples 0 and 1 lie at d2 = (1e-6)² =
+    # 1e-12 exactly in float64, anchor 1's hardest positive (index 0, first of a tie with its own clamped
+    # self-distance) or both anchors' hardest negative.
     features = torch.tensor([[0.0, 0.0], [1e-6, 0.0], [1.0, 0.0], [2.0, 0.5]], dtype=torch.float64)
-    labels = torch.tensor([0, 0, 1, 1])
+    labels = torch.tensor([0, 0, 1, 1] if pair == "positive" else [0, 1, 0, 1])
     check_against_reference(backend, features.to(device_for(backend)), labels.to(device_for(backend)))
 
 
@@ -73,21 +75,21 @@ def test_large_margin_takes_softplus_linear_branch(backend):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_softplus_is_linear_only_above_20(backend):
-    # F.softplus's threshold is strict: at d_ap - d_an = 20 exactly (anchors 0 and 1: 25 - 5) the loss
-    # is log1p(e^20) = 20 + 2.1e-9, its slope sigmoid(20) = 1 - 2.1e-9, both closer to the reference than the
-    # general tolerance can tell; the integer distances make every row's value exact.
-    features = torch.tensor([[0.0], [25.0], [5.0], [20.0]], dtype=torch.float64, device=device_for(backend))
+    # F.softplus's threshold is strict: at d_ap - d_an = 20 exactly (anchor 1: 25.5 - 5.5) the loss is
+    # log1p(e^20) = 20 + 2.1e-9 and its slope sigmoid(20) = 1 - 2.1e-9, at 20.5 (anchor 0: 25.5 - 5) the
+    # line; both differences are below the general tolerance. Half-integer distances make every row exact.
+    features = torch.tensor([[0.0], [25.5], [5.0], [20.0]], dtype=torch.float64, device=device_for(backend))
     labels = torch.tensor([0, 0, 1, 1], device=features.device)
     x = features.clone().requires_grad_(True)
     value = batch_hard_triplet(x, labels, backend=backend)
-    expected = torch.tensor([20.0, 20.0, 10.0, 10.0], dtype=torch.float64).exp().log1p().mean()
+    expected = torch.nn.functional.softplus(torch.tensor([20.5, 20.0, 10.0, 9.5], dtype=torch.float64)).mean()
     torch.testing.assert_close(value.cpu(), expected, rtol=4e-16, atol=0)
     (grad,) = torch.autograd.grad(value, x)
     reference = features.cpu().requires_grad_(True)
     (want,) = torch.autograd.grad(
         batch_hard_soft_margin_triplet(reference, labels.cpu(), backend="reference"), reference
     )
-    torch.testing.assert_close(grad.cpu(), want, rtol=1e-13, atol=1e-16)
+    torch.testing.assert_close(grad.cpu(), want, rtol=1e-13, atol=1e-14)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
