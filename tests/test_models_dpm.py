@@ -218,10 +218,43 @@ def test_camera_embedding_is_added_to_every_token():
     torch.testing.assert_close(delta, expected.expand_as(delta[0]).unsqueeze(0))
     with pytest.raises(ValueError, match="cam_label"):
         model(images)
-    # a camera id outside [0, cameras) is an error, -1 too (indexing took it for the last camera)
-    for camera in (-1, backbone.sie_embed.shape[0]):
-        with pytest.raises(IndexError, match="out of range"):
-            backbone.embed(images, torch.tensor([camera]))
+
+
+def test_camera_ids_that_do_not_fit_the_batch_or_the_model_are_refused():
+    # An id outside [0, cameras) was an IndexError (on CUDA a device-side assert that ends the process),
+    # -1 too (indexing took it for the last camera); one id for a batch of two was broadcast to both.
+    model = tiny_dpm().eval()
+    images, _, _ = batch(2)
+    last = NUM_CAMERAS - 1
+    for cam_label, message in (
+        (torch.tensor([0, -1]), rf"cam_label must lie in \[0, {last}\] \(the model's {NUM_CAMERAS} cameras\), got -1"),
+        (torch.tensor([NUM_CAMERAS, 0]), rf"cam_label must lie in \[0, {last}\].*, got {NUM_CAMERAS}"),
+        (torch.tensor([0]), r"cam_label must have shape \(2,\), one camera id per image, got \(1,\)"),
+        (torch.tensor([[0, 1]]), r"cam_label must have shape \(2,\), one camera id per image, got \(1, 2\)"),
+        (
+            torch.tensor([0.0, 1.0]),
+            r"cam_label must be an int64 \(or int32\) tensor of 0-based camera ids, got torch.float32",
+        ),
+        (1, r"cam_label must be an int64 \(or int32\) tensor of 0-based camera ids, got int"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            model(images, cam_label)
+    model(images, torch.tensor([0, last], dtype=torch.int32))
+    assert model(images[:0], torch.zeros(0, dtype=torch.long)).feature.shape == (0, TINY["embed_dim"])
+
+
+def test_images_that_are_no_batch_of_rgb_pixels_are_refused():
+    model = tiny_dpm().eval()
+    images, cams, _ = batch(2)
+    for bad, message in (
+        (images[0], r"images must have shape \(B, 3, H, W\) \(a batch of RGB images\), got \(3, 256, 128\)"),
+        (images[:, :1], r"images must have shape \(B, 3, H, W\).*, got \(2, 1, 256, 128\)"),
+        (images.to(torch.uint8), r"images must be floating-point \(normalised pixels.*, got torch.uint8"),
+        (images[..., :64], r"images: expected images of size \(256, 128\), got \(256, 64\)"),
+        (images.numpy(), r"images must be a torch.Tensor of shape \(B, 3, H, W\), got ndarray"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            model(bad, cams)
 
 
 # ---------------------------------------------------------------- attention, HEM logits, mask taps

@@ -73,6 +73,10 @@ def test_eval_descriptor_batch_of_one_and_train_outputs():
     torch.testing.assert_close(single.norm(dim=1), torch.ones(1))
     with pytest.raises(ValueError, match="differ in shape"):
         model(raw, masked[:1])
+    with pytest.raises(ValueError, match=r"^raw must have shape \(B, 3, H, W\) \(a batch of RGB images\), got \(3,"):
+        model(raw[0], masked[0])
+    with pytest.raises(ValueError, match=r"^masked must be floating-point \(normalised pixels.*, got torch.uint8"):
+        model(raw, masked.to(torch.uint8))
 
 
 def test_fusion_head_matches_hand_computation():

@@ -1,13 +1,16 @@
 """Checks of the models' constructor options, one helper per kind of option: each raises a ValueError
 that names the model, the option and the range it must lie in, so a bad option is refused before a
 model allocates anything (the engine reports it as one line naming model.options) rather than
-crashing later in a forward pass or training silently on nonsense."""
+crashing later in a forward pass or training silently on nonsense. The forward passes check their
+inputs here too (check_images, check_camera_ids)."""
 
 from __future__ import annotations
 
 import math
 import numbers
 from typing import Callable, Optional, Sequence
+
+import torch
 
 from dpm_ops.ops._checks import Bounds, check_number
 
@@ -93,3 +96,45 @@ def check_flag(model: str, name: str, value) -> None:
     """A bool: a string such as "false" would otherwise read as true."""
     if not isinstance(value, bool):
         raise ValueError(f"{model}: {name} must be True or False, got {value!r}")
+
+
+def check_images(name: str, images, size: Optional[tuple[int, int]] = None) -> None:
+    """A (B, 3, H, W) floating-point tensor (normalised RGB pixels), H x W = `size` when given: torch's own
+    errors for a missing batch axis or uint8 pixels name neither the argument nor what was expected."""
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape (B, 3, H, W), got {type(images).__name__}")
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"{name} must have shape (B, 3, H, W) (a batch of RGB images), got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise ValueError(
+            f"{name} must be floating-point (normalised pixels, as the eval transform gives), got {images.dtype}"
+        )
+    if size is not None and tuple(images.shape[-2:]) != tuple(size):
+        raise ValueError(f"{name}: expected images of size {tuple(size)}, got {tuple(images.shape[-2:])}")
+
+
+def check_image_pair(raw, masked) -> None:
+    """MaskReID's two streams: the raw images and their foreground-masked copies, of one shape."""
+    check_images("raw", raw)
+    check_images("masked", masked)
+    if raw.shape != masked.shape:
+        raise ValueError(f"raw {tuple(raw.shape)} and masked {tuple(masked.shape)} images differ in shape")
+
+
+def check_camera_ids(cam_label, batch: int, num_cameras: int) -> None:
+    """One 0-based camera id per image, each below `num_cameras`: a batch of one id was broadcast to every
+    image, and an id out of range an IndexError (on CUDA a device-side assert that ends the process).
+    The range check is one device sync, skipped while compiling or exporting (a data-dependent branch)."""
+    if cam_label is None:
+        raise ValueError("this model has a camera embedding: pass cam_label (0-based camera ids)")
+    if not isinstance(cam_label, torch.Tensor) or cam_label.dtype not in (torch.int64, torch.int32):
+        kind = cam_label.dtype if isinstance(cam_label, torch.Tensor) else type(cam_label).__name__
+        raise ValueError(f"cam_label must be an int64 (or int32) tensor of 0-based camera ids, got {kind}")
+    if cam_label.dim() != 1 or cam_label.shape[0] != batch:
+        raise ValueError(f"cam_label must have shape ({batch},), one camera id per image, got {tuple(cam_label.shape)}")
+    if batch == 0 or torch.compiler.is_compiling():
+        return
+    low, high = torch.stack(torch.aminmax(cam_label)).tolist()
+    if low < 0 or high >= num_cameras:
+        bad = low if low < 0 else high
+        raise ValueError(f"cam_label must lie in [0, {num_cameras - 1}] (the model's {num_cameras} cameras), got {bad}")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from dpm_ops.ops import hierarchical_mask_pool
 
-from ._checks import check_choice, check_flag, check_int, check_int_list
+from ._checks import check_choice, check_image_pair, check_flag, check_int, check_int_list
 
 SKIP_MODES = ("avg", "max", "conv_avg")
 LEVEL_NORMS = (None, "bn", "l2")
@@ -208,8 +208,7 @@ class MaskReID(nn.Module):
 
     def levels(self, raw: torch.Tensor, masked: torch.Tensor) -> list[torch.Tensor]:
         """Low, middle and high level maps (outputs of inception 1b, 2b, 3b)."""
-        if raw.shape != masked.shape:
-            raise ValueError(f"raw {tuple(raw.shape)} and masked {tuple(masked.shape)} images differ in shape")
+        check_image_pair(raw, masked)
         x = self.pool1(torch.cat([self.raw_stem(raw), self.masked_stem(masked)], 1))
         low = self.inception_1b(self.inception_1a(x))
         middle = self.inception_2b(self.inception_2a(low))

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from ._checks import check_choice, check_int, check_int_list
+from ._checks import check_choice, check_image_pair, check_int, check_int_list
 from .maskreid import SkippedFusionHead, checked_head_options
 
 
@@ -137,8 +137,7 @@ class MaskReIDResNet50(nn.Module):
         self.head = SkippedFusionHead(self.trunk.level_channels[1:], num_classes=num_classes, **head_options)
 
     def levels(self, raw: torch.Tensor, masked: torch.Tensor) -> list[torch.Tensor]:
-        if raw.shape != masked.shape:
-            raise ValueError(f"raw {tuple(raw.shape)} and masked {tuple(masked.shape)} images differ in shape")
+        check_image_pair(raw, masked)
         x = self.stream_fuse(torch.cat([self.trunk.stem(raw), self.masked_stem(masked)], 1))
         return self.trunk.stages(self.trunk.maxpool(x))[1:]
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._checks import check_choice, check_flag, check_int, check_int_list, check_real
+from ._checks import check_camera_ids, check_choice, check_flag, check_images, check_int, check_int_list, check_real
 
 
 class DropPath(nn.Module):
@@ -66,8 +66,7 @@ class OverlappingPatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=stride)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if tuple(images.shape[-2:]) != self.img_size:
-            raise ValueError(f"expected images of size {self.img_size}, got {tuple(images.shape[-2:])}")
+        check_images("images", images, self.img_size)
         # (B, C, num_y, num_x) -> (B, N, C), row-major: token n sits at (n // num_x, n % num_x).
         return self.proj(images).flatten(2).transpose(1, 2)
 
@@ -271,9 +270,7 @@ class ViTReID(nn.Module):
         x = torch.cat([self.cls_token.expand(patches.shape[0], -1, -1), patches], dim=1)
         x = x + self.pos_embed
         if self.sie_embed is not None:
-            if cam_label is None:
-                raise ValueError("this model has a camera embedding: pass cam_label (0-based camera ids)")
-            # an embedding lookup, not indexing: a negative id is an index error, not the last camera
+            check_camera_ids(cam_label, images.shape[0], self.num_cameras)  # not len(): a SymInt under export
             x = x + self.sie_coef * F.embedding(cam_label, self.sie_embed.flatten(1)).unsqueeze(1)
         return x
 
