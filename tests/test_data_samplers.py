@@ -2,6 +2,8 @@
 
 from collections import Counter
 
+import re
+
 import pytest
 import torch
 from PIL import Image
@@ -140,7 +142,7 @@ def test_maskreid_batch_is_one_identity_then_distinct_singles():
     assert len(MaskReIDBatchSampler(PIDS, 5, 6, batches_per_epoch=23)) == 23
     with pytest.raises(ValueError, match="needs 11 distinct identities"):
         MaskReIDBatchSampler(PIDS, num_positives=10, num_negatives=10)
-    with pytest.raises(ValueError, match="num_positives >= 2"):  # one positive leaves no positive pair
+    with pytest.raises(ValueError, match="num_positives must be an integer >= 2"):  # one positive leaves no positive pair
         MaskReIDBatchSampler(PIDS, num_positives=1, num_negatives=6)
 
 
@@ -194,25 +196,48 @@ def test_eval_loader_keeps_dataset_order(image_dataset):
 @pytest.mark.parametrize("make", [RandomIdentityBatchSampler, MaskReIDBatchSampler])
 def test_rank_world_size_and_empty_data_are_refused(make):
     pids = [pid for pid in range(64) for _ in range(4)]
-    for rank, world_size in ((0, 0), (-1, 2), (2, 2)):
-        with pytest.raises(ValueError, match=rf"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}"):
+    for rank, world_size, message in (
+        (0, 0, r"world_size must be an integer >= 1, got 0"),
+        (-1, 2, r"rank must be an integer >= 0, got -1"),
+        (2, 2, r"rank must be an integer in \[0, 1\], got 2"),
+        (0, 2.0, r"world_size must be an integer >= 1, got 2.0"),
+    ):
+        with pytest.raises(ValueError, match=rf"^{message}$"):
             make(pids, rank=rank, world_size=world_size)
+    with pytest.raises(ValueError, match=r"^seed must be an integer >= 0, got -1$"):
+        make(pids, seed=-1)
     with pytest.raises(ValueError, match="empty dataset"):
         make([])
+    # labels that are no integers: int("a") was the message, 0.5 silently identity 0
+    for bad in ("a", 0.5, None, True):
+        with pytest.raises(
+            ValueError, match=rf"^pids must be integer identity labels, got {re.escape(repr(bad))} at index 4$"
+        ):
+            make(pids[:4] + [bad] + pids[5:])
 
 
 def test_sampler_sizes_are_checked_and_default_to_the_papers():
     pids = [pid for pid in range(64) for _ in range(4)]
-    for num_ids, num_instances in ((0, 4), (16, 0), (-16, 4)):
-        with pytest.raises(ValueError, match="num_ids and num_instances must be positive"):
+    for num_ids, num_instances, message in (
+        (0, 4, "num_ids must be an integer >= 1, got 0"),
+        (16, 0, "num_instances must be an integer >= 1, got 0"),
+        (-16, 4, "num_ids must be an integer >= 1, got -16"),
+        (16, 2.5, "num_instances must be an integer >= 1, got 2.5"),
+    ):
+        with pytest.raises(ValueError, match=rf"^{message}$"):
             RandomIdentityBatchSampler(pids, num_ids=num_ids, num_instances=num_instances)
     assert {len(batch) for batch in RandomIdentityBatchSampler(pids, num_ids=1, num_instances=1)} == {1}
     pk = RandomIdentityBatchSampler(pids)
     assert (pk.num_ids, pk.num_instances, pk.seed) == (16, 4, 0)  # DPM: 64 images = 16 ids x 4
     assert {len(batch) for batch in pk} == {64}
-    for num_positives, num_negatives in ((1, 54), (10, 0)):
-        with pytest.raises(ValueError, match="need num_positives >= 2 and num_negatives >= 1"):
+    for num_positives, num_negatives, message in (
+        (1, 54, "num_positives must be an integer >= 2, got 1"),
+        (10, 0, "num_negatives must be an integer >= 1, got 0"),
+    ):
+        with pytest.raises(ValueError, match=rf"^{message}$"):
             MaskReIDBatchSampler(pids, num_positives=num_positives, num_negatives=num_negatives)
+    with pytest.raises(ValueError, match=r"^batches_per_epoch must be an integer >= 1, got 0$"):
+        MaskReIDBatchSampler(pids, batches_per_epoch=0)
     smallest = MaskReIDBatchSampler(pids, num_positives=2, num_negatives=1)
     assert {len(batch) for batch in smallest} == {3}
     ranking = MaskReIDBatchSampler(pids)

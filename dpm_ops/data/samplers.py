@@ -16,11 +16,14 @@ seeds its transforms with it, so augmentation too is identical after a resume, w
 
 from __future__ import annotations
 
+import numbers
 from collections import defaultdict
 from typing import Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 from torch.utils.data import Sampler
+
+from dpm_ops.evaluation._inputs import check_count
 
 
 class SampleRef(NamedTuple):
@@ -31,6 +34,8 @@ class SampleRef(NamedTuple):
 def _pid_groups(pids: Sequence[int]) -> dict[int, list[int]]:
     groups: dict[int, list[int]] = defaultdict(list)
     for index, pid in enumerate(pids):
+        if isinstance(pid, bool) or not isinstance(pid, numbers.Integral):
+            raise ValueError(f"pids must be integer identity labels, got {pid!r} at index {index}")
         groups[int(pid)].append(index)
     return dict(sorted(groups.items()))
 
@@ -39,14 +44,12 @@ class _EpochBatchSampler(Sampler[list[SampleRef]]):
     """Shared epoch / position / rank bookkeeping; subclasses build one epoch's global batches."""
 
     def __init__(self, pids: Sequence[int], seed: int, rank: int, world_size: int):
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        self.world_size = check_count("world_size", world_size, 1)
+        self.rank = check_count("rank", rank, 0, world_size - 1)
+        self.seed = check_count("seed", seed, 0)  # numpy's generators take non-negative seeds
         self.groups = _pid_groups(pids)
         if not self.groups:
             raise ValueError("cannot sample from an empty dataset")
-        self.seed = int(seed)
-        self.rank = rank
-        self.world_size = world_size
         self.epoch = 0
         self._cache: tuple[tuple[int, int], list[list[SampleRef]]] | None = None
         self._start = 0  # batch to resume from, set by load_state_dict, used once
@@ -131,8 +134,7 @@ class RandomIdentityBatchSampler(_EpochBatchSampler):
         world_size: int = 1,
     ):
         super().__init__(pids, seed, rank, world_size)
-        if num_ids < 1 or num_instances < 1:
-            raise ValueError("num_ids and num_instances must be positive")
+        num_ids, num_instances = check_count("num_ids", num_ids, 1), check_count("num_instances", num_instances, 1)
         if num_ids % world_size:
             raise ValueError(f"num_ids={num_ids} is not divisible by world_size={world_size}")
         if len(self.groups) < num_ids:
@@ -189,8 +191,10 @@ class MaskReIDBatchSampler(_EpochBatchSampler):
         world_size: int = 1,
     ):
         super().__init__(pids, seed, rank, world_size)
-        if num_positives < 2 or num_negatives < 1:
-            raise ValueError("need num_positives >= 2 and num_negatives >= 1")
+        num_positives = check_count("num_positives", num_positives, 2)  # an anchor and at least one positive
+        num_negatives = check_count("num_negatives", num_negatives, 1)
+        if batches_per_epoch is not None:
+            check_count("batches_per_epoch", batches_per_epoch, 1)
         if len(self.groups) < num_negatives + 1:
             raise ValueError(
                 f"a MaskReID batch needs {num_negatives + 1} distinct identities, the data has {len(self.groups)}"
