@@ -142,7 +142,9 @@ def test_maskreid_batch_is_one_identity_then_distinct_singles():
     assert len(MaskReIDBatchSampler(PIDS, 5, 6, batches_per_epoch=23)) == 23
     with pytest.raises(ValueError, match="needs 11 distinct identities"):
         MaskReIDBatchSampler(PIDS, num_positives=10, num_negatives=10)
-    with pytest.raises(ValueError, match="num_positives must be an integer >= 2"):  # one positive leaves no positive pair
+    with pytest.raises(
+        ValueError, match="num_positives must be an integer >= 2"
+    ):  # one positive leaves no positive pair
         MaskReIDBatchSampler(PIDS, num_positives=1, num_negatives=6)
 
 
