@@ -39,6 +39,7 @@ def test_plot_cmc_inputs(tmp_path):
     }
     for name, value in [
         ("dict", metrics),
+        ("subset", metrics["all"]),  # its "rank1" was read as a curve: "must be 1-D"
         ("array", np.array([0.5, 0.75, 1.0])),
         ("percent", [10.0, 60.0]),
         ("result", evaluate_rank(np.array([[0.1, 0.2]]), [1], [1, 2], [0], [1, 1])),
@@ -46,6 +47,12 @@ def test_plot_cmc_inputs(tmp_path):
     ]:
         out = visualize.plot_cmc(value, tmp_path / f"{name}.png")
         assert png_size(out) == (600, 400) and (tmp_path / f"{name}.png").stat().st_size > 1000
+
+
+def test_plot_cmc_of_one_subset_is_its_curve(tmp_path):
+    subset = {"rank1": 50.0, "mAP": 40.0, "cmc": [50.0, 75.0, 100.0]}
+    one = pixels(visualize.plot_cmc(subset, tmp_path / "subset.png"))
+    np.testing.assert_array_equal(one, pixels(visualize.plot_cmc([50.0, 75.0, 100.0], tmp_path / "curve.png")))
 
 
 def pixels(path):

@@ -36,10 +36,12 @@ def plot_cmc(metrics_or_cmc, out_png, *, title: Optional[str] = None) -> str:
     """Plot CMC curves (matching rate in % against rank) to ``out_png`` (600 x 400 px).
 
     ``metrics_or_cmc``: the dict ``evaluate_model`` returns (one curve per query subset), a
-    ``RankResult``, one curve (array, fractions as ``RankResult.cmc`` or percent), or a dict of
-    name -> curve / RankResult.
+    ``RankResult``, one curve (array, fractions as ``RankResult.cmc`` or percent), one subset's dict
+    (``metrics["all"]``: its "cmc" in percent), or a dict of name -> curve / RankResult.
     """
-    if isinstance(metrics_or_cmc, Mapping):
+    if isinstance(metrics_or_cmc, Mapping) and "cmc" in metrics_or_cmc:  # one subset's metrics, e.g. metrics["all"]
+        curves = {"CMC": _cmc_percent("metrics_or_cmc", metrics_or_cmc)}
+    elif isinstance(metrics_or_cmc, Mapping):
         curves = {
             name: _cmc_percent(f"metrics_or_cmc[{name!r}]", value)
             for name, value in metrics_or_cmc.items()
