@@ -455,6 +455,11 @@ def test_feature_extractor_is_torchreids(tmp_path, tiny_set, capsys):
         extractor(batch[:, :1])
     with pytest.raises(ValueError, match="pixel_mean: dpm_ops models normalise images as their test transforms"):
         FeatureExtractor(str(config), str(weights), pixel_mean=[0.485, 0.456, 0.406], device="cpu")
+    # torchreid's defaults ("") meant ImageNet weights; "" read as the default config and the folder "."
+    with pytest.raises(ValueError, match=r"^model_name: name a config, built-in \(dpm-reid configs lists them\)"):
+        FeatureExtractor(model_path=str(weights), device="cpu")
+    with pytest.raises(ValueError, match=r"^model_path: name the trained weights .* no ImageNet-initialised model"):
+        FeatureExtractor(str(config), device="cpu")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available here"):
             FeatureExtractor(str(config), str(weights))  # torchreid's default device

@@ -71,6 +71,14 @@ class FeatureExtractor:
         for name, value in (("pixel_mean", pixel_mean), ("pixel_std", pixel_std), ("pixel_norm", pixel_norm)):
             if value is not None:
                 raise ValueError(f"{name}: dpm_ops models normalise images as their test transforms do; leave it unset")
+        # torchreid's defaults ("") build an ImageNet-initialised model; a re-ID model here needs both.
+        if not model_name:
+            raise ValueError("model_name: name a config, built-in (dpm-reid configs lists them) or a YAML file")
+        if not model_path:
+            raise ValueError(
+                "model_path: name the trained weights (a checkpoint, a state dict, the official DPM release); "
+                "unlike torchreid, dpm_ops has no ImageNet-initialised model to fall back on"
+            )
         device = resolve_device(device, "device")
         config = load_config(model_name)
         self.model = checkpoint_model(config, model_path).to(device)
