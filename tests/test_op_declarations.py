@@ -182,6 +182,20 @@ def test_every_declared_op_has_samples_and_every_reference_a_call():
     assert set(PUBLIC_CALLS) == {name for name, op in DECLARED.items() if op.reference is not None}
 
 
+def test_ops_without_a_reference_or_a_twin_say_so():
+    # A backward op is differentiated through its forward's reference; an op without a Triton kernel
+    # has no twin to run: both are ValueErrors naming the op, not a call of None.
+    without_reference = [op for op in DECLARED.values() if op.reference is None]
+    without_twin = [op for op in DECLARED.values() if op.triton is None]
+    assert without_reference and without_twin
+    for op in without_reference:
+        with pytest.raises(ValueError, match=rf"^{op.name} has no reference of its own$"):
+            op.run("reference")
+    for op in without_twin:
+        with pytest.raises(ValueError, match=rf"^{op.name} has no Triton kernel$"):
+            op.run("triton")
+
+
 @pytest.mark.parametrize("name", DECLARED_NAMES)
 def test_schema_defined_once_for_the_op_and_its_twin(name):
     declared = str(torch._C.parse_schema(f"dpm_ops::{name}{DECLARED[name].schema}"))
