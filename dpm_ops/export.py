@@ -296,6 +296,8 @@ def find_images(folder) -> list[str]:
     """Relative paths (POSIX, sorted) of every image under ``folder``, recursively, by extension
     (case-insensitive): .jpg .jpeg .png .bmp .tif .tiff .webp."""
     root = Path(os.path.expanduser(str(folder)))
+    if root.exists() and not root.is_dir():
+        raise DatasetError(f"images folder {root} is a file, not a folder (extract_images takes single images)")
     if not root.is_dir():
         raise DatasetNotFoundError(f"images folder not found: {root}")
     found = sorted(

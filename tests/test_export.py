@@ -505,6 +505,10 @@ def test_find_images_is_recursive_sorted_and_by_extension(tmp_path):
     assert find_images(tmp_path) == ["a.jpeg", "b/1.png", "b/2.JPG", "c/d/e.webp", "f.jpg/g.png"]  # no folder
     with pytest.raises(DatasetNotFoundError, match="images folder not found"):
         find_images(tmp_path / "missing")
+    with pytest.raises(
+        DatasetError, match=r"^images folder .*notes.txt is a file, not a folder \(extract_images takes"
+    ):
+        find_images(tmp_path / "notes.txt")
     (tmp_path / "c" / "d" / "empty").mkdir()
     with pytest.raises(DatasetError, match="no images"):
         find_images(tmp_path / "c" / "d" / "empty")
