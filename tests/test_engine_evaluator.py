@@ -708,6 +708,20 @@ def test_pictures_are_written(splits, tmp_path, monkeypatch):
     assert [entry.split(", mean")[0] for entry in legend] == ["clean queries (n=8", "occluded queries (n=6"]
 
 
+def test_pictures_of_a_model_without_channel_masks(splits, tmp_path):
+    # the ViT baseline has no channel masks to picture: the CMC and the ranked lists, no masks.png
+    evaluate_model(
+        tiny_model("vit_baseline"),
+        splits,
+        model_name="vit_baseline",
+        image_size=(64, 32),
+        batch_size=16,
+        out_dir=str(tmp_path),
+        progress=False,
+    )
+    assert sorted(os.listdir(tmp_path)) == ["cmc.png", "metrics.json", "ranked_best.png", "ranked_worst.png"]
+
+
 def test_mask_examples_are_spread_half_occluded():
     assert _mask_examples(None, 10, 4).tolist() == [0, 3, 6, 9]
     assert _mask_examples(None, 3, 8).tolist() == [0, 1, 2]
