@@ -109,6 +109,7 @@ def test_input_errors_under_torchrun_are_one_line_and_do_not_hang(tmp_path):
         ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_PORT": "29500"}, "WORLD_SIZE is 2 but MASTER_ADDR is not set:"),
         ({"WORLD_SIZE": "two"}, "environment variable WORLD_SIZE must be an integer >= 1, got 'two'"),
         ({"WORLD_SIZE": "0"}, "environment variable WORLD_SIZE must be an integer >= 1, got '0'"),
+        ({"WORLD_SIZE": "--2"}, "environment variable WORLD_SIZE must be an integer >= 1, got '--2'"),
         ({"RANK": "2"}, "environment variable RANK must be an integer in [0, 1], got '2'"),
         ({"RANK": "-1"}, "environment variable RANK must be an integer in [0, 1], got '-1'"),
         ({"LOCAL_RANK": "-1"}, "environment variable LOCAL_RANK must be an integer >= 0, got '-1'"),

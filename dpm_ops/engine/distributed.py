@@ -34,7 +34,10 @@ class DistInfo:
 
 def _environment_integer(name: str, default: str, lowest: int, highest: Optional[int] = None) -> int:
     text = os.environ.get(name, default)
-    value = int(text) if text.lstrip("-").isdigit() else None
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
     if value is None or value < lowest or (highest is not None and value > highest):
         expected = f"an integer >= {lowest}" if highest is None else f"an integer in [{lowest}, {highest}]"
         raise ValueError(f"environment variable {name} must be {expected}, got {text!r}")
