@@ -108,6 +108,31 @@ def test_state_from_another_world_size_is_refused():
         RandomIdentityBatchSampler(PIDS, num_ids=2, num_instances=2).load_state_dict(state)
 
 
+def test_epochs_positions_and_states_that_do_not_fit_are_refused():
+    # a position past the epoch resumed an empty epoch; a state without its keys was a KeyError
+    sampler = RandomIdentityBatchSampler(PIDS, num_ids=2, num_instances=2)
+    batches = len(sampler)
+    state = {**sampler.state_dict(), "seed": 5, "epoch": 3}
+    for bad, message in (
+        (
+            {**state, "position": batches + 1},
+            rf"state\['position'\] must be an integer in \[0, {batches}\], got {batches + 1}",
+        ),
+        ({**state, "epoch": -1}, r"state\['epoch'\] must be an integer >= 0, got -1"),
+        ({**state, "seed": 0.5}, r"state\['seed'\] must be an integer >= 0, got 0.5"),
+        ({"seed": 0}, r"state must be a state_dict\(\) \(seed, epoch, position\), got \{'seed': 0\}"),
+    ):
+        with pytest.raises(ValueError, match=rf"^{message}$"):
+            sampler.load_state_dict(bad)
+        assert (sampler.seed, sampler.epoch) == (0, 0)  # unchanged by a refused state
+    sampler.load_state_dict({**state, "position": batches})  # a finished epoch
+    assert list(sampler) == []
+    with pytest.raises(ValueError, match=r"^epoch must be an integer >= 0, got -1$"):
+        sampler.set_epoch(-1)
+    with pytest.raises(ValueError, match=r"^consumed_batches must be an integer >= 0, got -1$"):
+        sampler.state_dict(consumed_batches=-1)
+
+
 def test_distributed_pk_splits_every_global_batch_by_identity():
     single = flat(RandomIdentityBatchSampler(PIDS, num_ids=4, num_instances=2, seed=3))
     ranks = [

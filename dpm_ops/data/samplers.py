@@ -91,22 +91,32 @@ class _EpochBatchSampler(Sampler[list[SampleRef]]):
         return len(self._rank_batches())
 
     def set_epoch(self, epoch: int) -> None:
+        epoch = check_count("epoch", epoch, 0)
         if epoch != self.epoch:
             self._start = self._yielded = 0
-        self.epoch = int(epoch)
+        self.epoch = epoch
 
     def state_dict(self, consumed_batches: Optional[int] = None) -> dict:
-        position = self._yielded if consumed_batches is None else int(consumed_batches)
+        if consumed_batches is None:
+            position = self._yielded
+        else:
+            position = check_count("consumed_batches", consumed_batches, 0, len(self))
         return {"seed": self.seed, "epoch": self.epoch, "position": position, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or not {"seed", "epoch", "position"} <= state.keys():
+            raise ValueError(f"state must be a state_dict() (seed, epoch, position), got {state!r:.100}")
         if state.get("world_size", self.world_size) != self.world_size:
             raise ValueError(
                 f"sampler state saved with world_size={state['world_size']} cannot resume with {self.world_size}"
             )
-        self.seed = int(state["seed"])
-        self.epoch = int(state["epoch"])
-        self._start = int(state["position"])
+        seed, epoch = check_count("state['seed']", state["seed"], 0), check_count("state['epoch']", state["epoch"], 0)
+        previous, (self.seed, self.epoch) = (self.seed, self.epoch), (seed, epoch)
+        try:  # the epoch's batch count bounds the position: past it, an empty epoch was resumed
+            self._start = check_count("state['position']", state["position"], 0, len(self))
+        except ValueError:
+            self.seed, self.epoch = previous
+            raise
         self._yielded = self._start
 
 
