@@ -78,7 +78,35 @@ def test_constant_and_no_warmup_schedules_and_the_length_check():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
     cosine.step(5)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0001 + 0.5 * (0.05 - 0.0001))  # lr_min 0.002 x base
-    for total in (0, -3):
-        with pytest.raises(ValueError, match=f"schedule length must be at least 1, got {total}"):
+    for total in (0, -3, 10.5):
+        with pytest.raises(ValueError, match=f"^schedule length must be an integer >= 1, got {total}$"):
             LRSchedule(opt, "poly", total, base_lr=0.05)
     LRSchedule(opt, "poly", 1, base_lr=0.05)
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("base_lr", -0.1, "base_lr must be a finite number > 0, got -0.1"),
+        ("base_lr", float("nan"), "base_lr must be a finite number, got nan"),
+        ("warmup", -1, "warmup must be an integer >= 0, got -1"),
+        ("warmup", 1.5, "warmup must be an integer >= 0, got 1.5"),
+        ("warmup_factor", 0.0, r"warmup_factor must be a finite number in \(0, 1\], got 0.0"),
+        ("min_lr_factor", 2.0, r"min_lr_factor must be a finite number in \[0, 1\], got 2.0"),
+        ("power", -1.0, "power must be a finite number > 0, got -1.0"),  # divided by zero at t = total
+    ],
+)
+def test_schedule_settings_out_of_range_are_named(option, value, message):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.05)
+    settings = {"base_lr": 0.05, option: value}
+    with pytest.raises(ValueError, match=f"^(LRSchedule: )?{message}$"):
+        LRSchedule(opt, "poly", 10, **settings)
+
+
+def test_schedule_steps_are_counts():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.05)
+    schedule = LRSchedule(opt, "warmup_cosine", 10, base_lr=0.05, warmup=2)
+    with pytest.raises(ValueError, match=r"^t must be an integer >= 0, got -1$"):
+        schedule.step(-1)  # before the warmup's start: an lr below warmup_init
+    schedule.step(12)  # past the end: held at lr_min
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.002 * 0.05)
