@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dpm_ops.data.synth import generate_synthetic_dataset
-from dpm_ops.engine import CheckpointError, Trainer, load_checkpoint, load_config, train
+from dpm_ops.engine import CheckpointError, Hook, Trainer, TrainingDiverged, load_checkpoint, load_config, train
 from dpm_ops.engine.run_log import RunLog
 from dpm_ops.losses import MaskReIDRankingLoss
 from engine_utils import tiny_config, tiny_synth_config, write_config
@@ -188,6 +188,32 @@ def test_resume_errors(tmp_path, tiny_root):
         train(
             config_for(tmp_path, tiny_root, overrides=["loss.ranking_pos_mode=all_eq5"]), tmp_path / "run", resume=True
         )
+
+
+def test_a_diverged_run_stops_and_keeps_its_good_checkpoints(tmp_path, tiny_root):
+    # NaN weights used to reach the next step's ops ("features contains non-finite values", nothing said of
+    # the training) and, at a checkpoint step, to overwrite last.pt: the run was lost with its weights.
+    class Poison(Hook):  # at step 4, between its update and its checkpoint, one weight turns NaN
+        def after_step(self, trainer, at, losses):
+            if trainer.global_step == 4:
+                with torch.no_grad():
+                    next(trainer.model.parameters()).view(-1)[0] = float("nan")
+
+    config = config_for(tmp_path, tiny_root, overrides=["train.checkpoint_every_iters=2"])
+    with pytest.raises(
+        TrainingDiverged, match=r"^training diverged at step 4: the weights hold NaN or inf; the checkpoints"
+    ):
+        train(config, tmp_path / "run", hooks=[Poison()])
+    saved = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert saved["training"]["progress"]["global_step"] == 2
+    assert all(torch.isfinite(t).all() for t in saved["model"].values() if t.is_floating_point())
+    # the optimizer can break the weights within a step too: a huge learning rate, at the first step
+    diverging = config_for(tmp_path, tiny_root, overrides=["solver.base_lr=1e8"])
+    with pytest.raises(
+        TrainingDiverged, match=r"^training diverged at step 1: .*\(a lower solver.base_lr may train\)$"
+    ):
+        train(diverging, tmp_path / "diverging")
+    assert not list((tmp_path / "diverging" / "checkpoints").glob("*.pt"))
 
 
 def test_dpm_two_pass_updates(tmp_path, tiny_root):

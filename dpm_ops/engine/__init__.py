@@ -13,7 +13,7 @@ from .checkpoint import CheckpointError, load_checkpoint, make_output_folder, sa
 from .config import ConfigError, available_configs, load_config
 from .recipes import RECIPES, Recipe, get_recipe
 from .schedules import LRSchedule, poly_lr, warmup_cosine_lr
-from .trainer import Hook, Trainer, train
+from .trainer import Hook, Trainer, TrainingDiverged, train
 
 __all__ = [
     "CheckpointError",
@@ -23,6 +23,7 @@ __all__ = [
     "RECIPES",
     "Recipe",
     "Trainer",
+    "TrainingDiverged",
     "available_configs",
     "checkpoint_model",
     "evaluate_checkpoint",

@@ -18,6 +18,7 @@ exactly the batches, augmentations and drop-path draws the uninterrupted run wou
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import random
@@ -92,6 +93,11 @@ class Position:
         return self.epoch_offset + self.epoch
 
 
+class TrainingDiverged(ValueError):
+    """The loss or the weights became NaN / inf. Raised before a checkpoint would store such weights, so
+    the checkpoints already written stay a run to go back to."""
+
+
 class Hook:
     """Called by :meth:`Trainer.fit`; ``losses`` are the step's detached loss terms (floats only
     computed when someone reads them). Setting ``trainer.stop_reason`` ends the run unfinished."""
@@ -118,7 +124,7 @@ class LogHook(Hook):
             **logged,
         }
         if not all(math.isfinite(v) for v in logged.values()):
-            raise FloatingPointError(f"non-finite loss at step {trainer.global_step}: {logged}")
+            raise trainer.diverged(f"non-finite loss {logged}")
         trainer.run_log.step(record, f"{at.stage.name} epoch {at.epoch} iter {at.consumed}/{at.total}")
         trainer.bar.set_postfix(loss=f"{logged['loss']:.3f}")
 
@@ -285,7 +291,21 @@ class Trainer:
             "world_size": self.dist.world_size,
         }
 
+    def diverged(self, what: str) -> TrainingDiverged:
+        return TrainingDiverged(
+            f"training diverged at step {self.global_step}: {what}; the checkpoints written before it are kept "
+            "(a lower solver.base_lr may train)"
+        )
+
+    def weights_finite(self) -> bool:
+        """One sync over every floating parameter and buffer (BatchNorm statistics diverge too)."""
+        tensors = [t for t in itertools.chain(self.model.parameters(), self.model.buffers()) if t.is_floating_point()]
+        return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
     def save(self, at: Position, epoch_done: bool, extra_names=()) -> None:
+        # Never over a good last.pt with NaN weights; every rank holds the same weights, so all stop here.
+        if not self.weights_finite():
+            raise self.diverged("the weights hold NaN or inf")
         # every rank's RNG state (a collective call: all ranks get here together)
         rng = distributed.all_gather_object(capture_rng_state())
         if not self.dist.is_main:
@@ -415,7 +435,12 @@ class Trainer:
                     sch.step((at.epoch - 1) * at.total + at.consumed)
             self.global_step += 1
             at.consumed += 1
-            losses = stage.step(self.step_context, batch)
+            try:
+                losses = stage.step(self.step_context, batch)
+            except ValueError as error:  # an op's "contains non-finite values", from weights an update broke
+                if self.weights_finite():
+                    raise
+                raise self.diverged(f"the weights hold NaN or inf ({error})") from error
             self.bar.update(1)
             for hook in self.hooks:
                 hook.after_step(self, at, losses)
