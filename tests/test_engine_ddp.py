@@ -141,26 +141,36 @@ def gloo_threads():
     names = (open(f"/proc/self/task/{tid}/comm").read().strip() for tid in os.listdir("/proc/self/task"))
     return [name for name in names if "gloo" in name]
 
-distributed.init_distributed(torch.device("cpu"))
+info = distributed.init_distributed(torch.device("cpu"))
 model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))
 model(torch.randn(4, 3)).sum().backward()
 del model
+# the other collective helpers, on values that differ by rank
+mean = distributed.mean_across_ranks({"loss": float(info.rank)}, torch.device("cpu"))["loss"]
+norm = torch.nn.BatchNorm1d(1)
+norm.running_mean.fill_(info.rank + 1.0)
+distributed.broadcast_buffers(norm)
+gathered = distributed.all_gather_object(info.rank)
 running = gloo_threads()
 distributed.cleanup()
 with open(f"rank{os.environ['RANK']}.txt", "w") as report:  # not stdout: the ranks share it
+    report.write(f"mean {mean}, buffer {norm.running_mean.item()}, gathered {gathered}; ")
     report.write(f"gloo threads {running} before cleanup, {gloo_threads()} after")
 """
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from /proc (Linux)")
-def test_cleanup_stops_the_gloo_threads(tmp_path):
+def test_collective_helpers_and_cleanup_stopping_the_gloo_threads(tmp_path):
     # A gloo thread that outlives cleanup() and frees a collective's tensor while the interpreter shuts
-    # down aborts its rank; DDP's imports used to keep the default group (and its threads) alive.
+    # down aborts its rank; DDP's imports used to keep the default group (and its threads) alive. The
+    # logged losses' mean, rank 0's BatchNorm statistics and the gathered objects come from the helpers.
     script = tmp_path / "gloo_threads.py"
     script.write_text(GLOO_THREADS_AFTER_CLEANUP)
     result = torchrun(cwd=tmp_path, program=(str(script),))
     assert result.returncode == 0, result.stderr[-8000:]
     for report in ((tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)):
+        helpers, report = report.split("; ")
+        assert helpers == "mean 0.5, buffer 1.0, gathered [0, 1]", helpers  # the mean, rank 0's buffer, both
         before, after = report.split(" before cleanup, ")
         assert "gloo" in before, report  # the threads this test looks for exist under these names
         assert after == "[] after", report
