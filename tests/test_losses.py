@@ -392,6 +392,44 @@ def test_baseline_loss():
     )
 
 
+def test_arcface_logits_take_one_class_label_per_row():
+    # labels for fewer rows than the cosine's were taken silently (the other rows kept no margin)
+    cosine = torch.rand(4, 3, **DOUBLE) * 2 - 1
+    for bad, message in (
+        (torch.tensor([0, 1]), r"labels must be 1-D of length B = 4, got \(2,\)"),
+        (torch.tensor([0, 1, 2, 3]), r"labels must lie in \[0, K = 3\)"),
+        (torch.tensor([0.0, 1.0, 2.0, 0.0]), "labels must be int64, got torch.float32"),
+    ):
+        with pytest.raises(ValueError, match=rf"^arcface_logits: {message}$"):
+            arcface_logits(cosine, bad)
+        with pytest.raises(ValueError, match=rf"^arcface_logits: {message}$"):
+            masked_arcface_logits(torch.randn(4, 5), torch.rand(4, 5), torch.randn(3, 5), bad)
+
+
+@pytest.mark.parametrize("make", [DPMLoss, BaselineReIDLoss])
+def test_reid_losses_name_their_bad_weights_labels_and_outputs(make):
+    # The cross entropies of the model's logits took torch's errors: a float label "expected target dtype",
+    # one past the classes an IndexError (on CUDA a device-side assert), too few a batch_size mismatch.
+    name = make.__name__
+    for weight, value in (("id_weight", -1.0), ("triplet_weight", float("nan")), ("id_weight", "1")):
+        with pytest.raises(ValueError, match=rf"^{name}: {weight} must be a finite number"):
+            make(**{weight: value})
+    output = fake_dpm_output() if make is DPMLoss else ViTBaselineTrainOutput(*fake_dpm_output()[:3:2])
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 4, 4])
+    for bad, message in (
+        (labels.float(), "labels must be int64, got torch.float32"),
+        (labels[:6], r"labels must be 1-D of length B = 8, got \(6,\)"),
+        (labels + 1, r"labels must lie in \[0, K = 5\)"),
+        (labels - 1, r"labels must lie in \[0, K = 5\)"),
+        (labels.tolist(), "labels must be a torch.Tensor, got list"),
+    ):
+        with pytest.raises(ValueError, match=rf"^{name}: {message}$"):
+            make()(output, bad)
+    expected = "DPMTrainOutput or DPMLossInputs" if make is DPMLoss else "ViTBaselineTrainOutput"
+    with pytest.raises(ValueError, match=rf"^{name}: output must be the model's train-mode {expected}, got Tensor$"):
+        make()(output[0], labels)
+
+
 def _autocast_cases():
     gen = torch.Generator().manual_seed(5)
     features, mask, weight = torch.randn(6, 16, generator=gen), torch.rand(6, 16, generator=gen), torch.randn(4, 16)

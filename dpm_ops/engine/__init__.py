@@ -13,7 +13,8 @@ from .checkpoint import CheckpointError, load_checkpoint, make_output_folder, sa
 from .config import ConfigError, available_configs, load_config
 from .recipes import RECIPES, Recipe, get_recipe
 from .schedules import LRSchedule, poly_lr, warmup_cosine_lr
-from .trainer import Hook, Trainer, TrainingDiverged, train
+from .hooks import Hook, TrainingDiverged
+from .trainer import Trainer, train
 
 __all__ = [
     "CheckpointError",

@@ -1,5 +1,5 @@
 """Training engine: a model-agnostic loop over the stages of a model's recipe (:mod:`.recipes`),
-with hooks for logging, checkpoints, periodic evaluation and the stop.
+with hooks (:mod:`.hooks`) for logging, checkpoints, periodic evaluation and the stop.
 
     from dpm_ops.engine import load_config, train
     result = train(load_config("synthetic_dpm", ["solver.epochs=2"]), "runs/demo")
@@ -17,9 +17,7 @@ exactly the batches, augmentations and drop-path draws the uninterrupted run wou
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import math
 import os
 import random
 import sys
@@ -61,7 +59,8 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import ConfigError, current_choice, defaults, dump_config
-from .recipes import Stage, StepContext, get_recipe
+from .hooks import CheckpointHook, Hook, LogHook, PeriodicEvalHook, Position, StopHook, TrainingDiverged
+from .recipes import StepContext, get_recipe
 from .run_log import RunLog
 
 # config keys that may differ between a killed run and its resumption
@@ -73,96 +72,6 @@ RESUME_FREE_KEYS = {
     ("dataset", "test_camids"),
 }  # test cameras: evaluation only
 RESUME_FREE_SECTIONS = {"eval", "dataloader"}
-
-
-@dataclasses.dataclass
-class Position:
-    """Where the loop is: stage ``stage_index``, ``epoch`` (1-based, within the stage), ``consumed``
-    of the epoch's ``total`` batches; ``epoch_offset`` epochs of the earlier stages."""
-
-    stage_index: int
-    stage: Stage
-    epoch: int
-    consumed: int
-    total: int
-    epoch_offset: int
-
-    @property
-    def run_epoch(self) -> int:
-        """The epoch counted across stages (logs, epoch_NNN.pt)."""
-        return self.epoch_offset + self.epoch
-
-
-class TrainingDiverged(ValueError):
-    """The loss or the weights became NaN / inf. Raised before a checkpoint would store such weights, so
-    the checkpoints already written stay a run to go back to."""
-
-
-class Hook:
-    """Called by :meth:`Trainer.fit`; ``losses`` are the step's detached loss terms (floats only
-    computed when someone reads them). Setting ``trainer.stop_reason`` ends the run unfinished."""
-
-    def after_step(self, trainer: "Trainer", at: Position, losses: dict) -> None:
-        pass
-
-    def after_epoch(self, trainer: "Trainer", at: Position) -> None:
-        pass
-
-
-class LogHook(Hook):
-    """Every ``train.log_period`` steps and at each epoch's last: the losses averaged over ranks,
-    checked finite, to train_log.jsonl / train.log and the progress bar."""
-
-    def after_step(self, trainer, at, losses):
-        if trainer.global_step % trainer.config["train"]["log_period"] and at.consumed != at.total:
-            return
-        logged = distributed.mean_across_ranks({k: float(v) for k, v in losses.items()}, trainer.device)
-        record = {
-            "step": trainer.global_step,
-            "epoch": at.run_epoch,
-            "lr": at.stage.optimizers["main"].param_groups[0]["lr"],
-            **logged,
-        }
-        if not all(math.isfinite(v) for v in logged.values()):
-            raise trainer.diverged(f"non-finite loss {logged}")
-        trainer.run_log.step(record, f"{at.stage.name} epoch {at.epoch} iter {at.consumed}/{at.total}")
-        trainer.bar.set_postfix(loss=f"{logged['loss']:.3f}")
-
-
-class CheckpointHook(Hook):
-    """last.pt every ``train.checkpoint_every_iters`` steps (mid-epoch) and at each epoch end;
-    epoch_NNN.pt every ``train.checkpoint_period`` epochs."""
-
-    def after_step(self, trainer, at, losses):
-        every = trainer.config["train"]["checkpoint_every_iters"]
-        if every and trainer.global_step % every == 0 and at.consumed < at.total:
-            trainer.save(at, epoch_done=False)
-
-    def after_epoch(self, trainer, at):
-        period = trainer.config["train"]["checkpoint_period"]
-        keep = (f"epoch_{at.run_epoch:03d}.pt",) if period and at.epoch % period == 0 else ()
-        trainer.save(at, epoch_done=True, extra_names=keep)
-
-
-class PeriodicEvalHook(Hook):
-    """Evaluation every ``train.eval_period`` epochs (the final one is the run's own)."""
-
-    def after_epoch(self, trainer, at):
-        period = trainer.config["train"]["eval_period"]
-        last = at.stage_index == len(trainer.stages) - 1 and at.epoch == at.stage.epochs
-        if period and at.epoch % period == 0 and not last:
-            rng = capture_rng_state()  # evaluation must not shift the training's random streams
-            trainer.evaluate(out_dir=trainer.output_dir / f"eval_epoch_{at.run_epoch:03d}", pictures=False)
-            restore_rng_state(rng)
-
-
-class StopHook(Hook):
-    """``train.stop_after_iters``: behaves like a kill (nothing saved beyond the last checkpoint)."""
-
-    def after_step(self, trainer, at, losses):
-        stop_after = trainer.config["train"]["stop_after_iters"]
-        if stop_after is not None and trainer.global_step >= stop_after:
-            trainer.stop_reason = f"stopped after {trainer.global_step} iterations (train.stop_after_iters)"
 
 
 class Trainer:

@@ -17,7 +17,8 @@ import torch
 from dpm_ops import _backend
 from dpm_ops.ops import masked_arcface_ce
 from dpm_ops.ops._checks import check_finite_rows, check_tensors
-from dpm_ops.ops.masked_arcface import check_label_range, check_masked_arcface_args
+from dpm_ops.ops._checks import check_label_range
+from dpm_ops.ops.masked_arcface import check_masked_arcface_args
 from dpm_ops.ops.masked_arcface_reference import arcface_logits, masked_arcface_logits, masked_arcface_reference
 
 from .._precision import common_at_least_fp32
@@ -65,7 +66,7 @@ def masked_arcface_cross_entropy(
         *common_at_least_fp32(features, mask, weight), labels, scale, margin, clamp_eps, plain_weight, masked_weight
     )
     check_finite_rows("masked_arcface_cross_entropy", features=features, mask=mask, weight=weight)
-    check_label_range(labels, weight.shape[0])
+    check_label_range("masked_arcface_cross_entropy", labels, weight.shape[0])
     with torch.autocast(device_type=features.device.type, enabled=False):  # as the fused path: fp32 GEMMs
         return masked_arcface_reference(*common_at_least_fp32(features, mask, weight), labels, *options)
 

@@ -17,10 +17,32 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dpm_ops.ops._checks import check_label_range, check_labels, check_number
+
 from .arcface import masked_arcface_cross_entropy
 from ._options import backend_of_fused
 from .hem import hem_loss
 from .triplet import batch_hard_soft_margin_triplet
+
+
+def _loss_weight(loss: str, name: str, value) -> float:
+    if check_number(loss, name, value) < 0:
+        raise ValueError(f"{loss}: {name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _check_output(loss: str, output, field: str, expected: str) -> None:
+    """The model's train-mode output (duck-typed: losses do not import models)."""
+    if not hasattr(output, field):
+        raise ValueError(f"{loss}: output must be the model's train-mode {expected}, got {type(output).__name__}")
+
+
+def _cross_entropy(loss: str, logits: torch.Tensor, labels) -> torch.Tensor:
+    """F.cross_entropy, after the labels' checks the fused losses make: torch's own errors for a float or
+    out-of-range label (on CUDA a device-side assert) name no argument."""
+    check_labels(loss, labels, logits, of="logits")
+    check_label_range(loss, labels, logits.shape[1])
+    return F.cross_entropy(logits, labels)
 
 
 class DPMLoss(nn.Module):
@@ -37,8 +59,17 @@ class DPMLoss(nn.Module):
         super().__init__()
         if fused is not None:
             backend = backend_of_fused(fused, "DPMLoss", backend is not None)
-        self.hem_weight, self.id_weight, self.triplet_weight = hem_weight, id_weight, triplet_weight
-        self.plain_weight, self.masked_weight, self.backend = plain_weight, masked_weight, backend
+        self.hem_weight, self.id_weight, self.triplet_weight, self.plain_weight, self.masked_weight = (
+            _loss_weight("DPMLoss", name, value)
+            for name, value in (
+                ("hem_weight", hem_weight),
+                ("id_weight", id_weight),
+                ("triplet_weight", triplet_weight),
+                ("plain_weight", plain_weight),
+                ("masked_weight", masked_weight),
+            )
+        )
+        self.backend = backend
 
     def terms(self, output, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Unweighted terms, for logging; ``output`` is the model's ``DPMTrainOutput`` (terms id_plain,
@@ -60,8 +91,9 @@ class DPMLoss(nn.Module):
                 "hem": hem_loss(output.hem_logits, backend=self.backend),
                 "triplet": batch_hard_soft_margin_triplet(output.feature, labels, backend=self.backend),
             }
+        _check_output("DPMLoss", output, "plain_logits", "DPMTrainOutput or DPMLossInputs")
         return {
-            "id_plain": F.cross_entropy(output.plain_logits, labels),
+            "id_plain": _cross_entropy("DPMLoss", output.plain_logits, labels),
             "id_masked": F.cross_entropy(output.masked_logits, labels),
             "hem": hem_loss(output.hem_logits, backend=self.backend),
             "triplet": batch_hard_soft_margin_triplet(output.feature, labels, backend=self.backend),
@@ -91,12 +123,15 @@ class BaselineReIDLoss(nn.Module):
 
     def __init__(self, id_weight: float = 1.0, triplet_weight: float = 1.0, backend: Optional[str] = None):
         super().__init__()
-        self.id_weight, self.triplet_weight, self.backend = id_weight, triplet_weight, backend
+        self.id_weight = _loss_weight("BaselineReIDLoss", "id_weight", id_weight)
+        self.triplet_weight = _loss_weight("BaselineReIDLoss", "triplet_weight", triplet_weight)
+        self.backend = backend
 
     def terms(self, output, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Unweighted terms, for logging; ``output`` is the model's ``ViTBaselineTrainOutput``."""
+        _check_output("BaselineReIDLoss", output, "logits", "ViTBaselineTrainOutput")
         return {
-            "id": F.cross_entropy(output.logits, labels),
+            "id": _cross_entropy("BaselineReIDLoss", output.logits, labels),
             "triplet": batch_hard_soft_margin_triplet(output.feature, labels, backend=self.backend),
         }
 

@@ -60,6 +60,28 @@ def check_batch(op: str, name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{op}: {name} must hold at least one sample (B >= 1), got shape {tuple(t.shape)}")
 
 
+def check_labels(op: str, labels, features: torch.Tensor, of: str = "features") -> None:
+    """Class labels of a batch: an int64 tensor of shape (B,) on the device of `features` (named `of`)."""
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"{op}: labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dim() != 1 or labels.shape[0] != features.shape[0]:
+        raise ValueError(f"{op}: labels must be 1-D of length B = {features.shape[0]}, got {tuple(labels.shape)}")
+    if labels.dtype != torch.int64:
+        raise ValueError(f"{op}: labels must be int64, got {labels.dtype}")
+    if labels.device != features.device:
+        raise ValueError(f"{op}: labels must be on the {of}' device {features.device}, got {labels.device}")
+
+
+def check_label_range(op: str, labels: torch.Tensor, num_classes: int) -> None:
+    """One sync, skipped while compiling: every label is one of `num_classes` classes (an index into
+    (B, K) logits: past them, an IndexError, on CUDA a device-side assert that ends the process)."""
+    if torch.compiler.is_compiling() or labels.numel() == 0:
+        return
+    low, high = torch.stack(torch.aminmax(labels)).tolist()
+    if low < 0 or high >= num_classes:
+        raise ValueError(f"{op}: labels must lie in [0, K = {num_classes})")
+
+
 def check_finite(op: str, **tensors) -> None:
     """ValueError naming every tensor with a NaN or inf: one device sync for all of them; skipped
     while compiling (a data-dependent branch). Each tensor is summed (one vectorised reduction, no

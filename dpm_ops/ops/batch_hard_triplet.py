@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from ._checks import check_batch, check_finite_rows
+from ._checks import check_batch, check_finite_rows, check_labels
 from ._declare import declare
 from .batch_hard_triplet_reference import batch_hard_triplet_reference
 
@@ -29,15 +29,7 @@ def check_batch_hard_triplet_args(features, labels) -> None:
         raise ValueError(f"batch_hard_triplet: features must be 2-D (B, C), got shape {tuple(features.shape)}")
     if features.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"batch_hard_triplet: features must be float32 or float64, got {features.dtype}")
-    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != features.shape[0]:
-        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise ValueError(f"batch_hard_triplet: labels must be 1-D of length B = {features.shape[0]}, got {shape}")
-    if labels.dtype != torch.int64:
-        raise ValueError(f"batch_hard_triplet: labels must be int64, got {labels.dtype}")
-    if labels.device != features.device:
-        raise ValueError(
-            f"batch_hard_triplet: labels must be on the features' device {features.device}, got {labels.device}"
-        )
+    check_labels("batch_hard_triplet", labels, features)
     check_batch("batch_hard_triplet", "features", features)
     check_finite_rows("batch_hard_triplet", features=features)
 

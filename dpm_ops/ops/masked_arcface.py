@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from ._checks import check_batch, check_finite_rows, check_number
+from ._checks import check_batch, check_finite_rows, check_label_range, check_labels, check_number
 from ._declare import declare
 from .masked_arcface_reference import masked_arcface_reference
 from .masked_cosine import check_masked_cosine_args
@@ -31,20 +31,7 @@ def check_masked_arcface_args(
     check_masked_cosine_args(
         features, mask, weight, 1e-12, "masked_arcface_cross_entropy", ("features", "mask", "weight")
     )
-    if not isinstance(labels, torch.Tensor):
-        raise ValueError(f"masked_arcface_cross_entropy: labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dim() != 1 or labels.shape[0] != features.shape[0]:
-        raise ValueError(
-            f"masked_arcface_cross_entropy: labels must be 1-D of length B = {features.shape[0]}, got "
-            f"shape {tuple(labels.shape)}"
-        )
-    if labels.dtype != torch.int64:
-        raise ValueError(f"masked_arcface_cross_entropy: labels must be int64, got {labels.dtype}")
-    if labels.device != features.device:
-        raise ValueError(
-            f"masked_arcface_cross_entropy: labels must be on the features' device {features.device}, "
-            f"got {labels.device}"
-        )
+    check_labels("masked_arcface_cross_entropy", labels, features)
     check_batch("masked_arcface_cross_entropy", "features", features)
     if weight.shape[0] == 0:
         raise ValueError("masked_arcface_cross_entropy: weight must have at least one class (K >= 1)")
@@ -57,15 +44,6 @@ def check_masked_arcface_args(
         check_number("masked_arcface_cross_entropy", name, value)
     if not 0 <= check_number("masked_arcface_cross_entropy", "clamp_eps", clamp_eps) < 1:
         raise ValueError(f"masked_arcface_cross_entropy: clamp_eps must lie in [0, 1), got {clamp_eps}")
-
-
-def check_label_range(labels: torch.Tensor, num_classes: int) -> None:
-    """One sync: every label is a class of the weight (an index into the (B, K) logits)."""
-    if torch.compiler.is_compiling() or labels.numel() == 0:
-        return
-    lo, hi = torch.aminmax(labels)
-    if int(lo) < 0 or int(hi) >= num_classes:
-        raise ValueError(f"masked_arcface_cross_entropy: labels must lie in [0, K = {num_classes})")
 
 
 def _fake_forward(
@@ -132,7 +110,7 @@ def masked_arcface_ce(
     name = _backend.resolve(backend, features.device)
     check_finite_rows("masked_arcface_cross_entropy", features=features, mask=mask, weight=weight)
     if name != "cpp":  # the C++ CPU kernel checks the labels' range in its own pass
-        check_label_range(labels, weight.shape[0])
+        check_label_range("masked_arcface_cross_entropy", labels, weight.shape[0])
     if name == "reference":
         return MASKED_ARCFACE_CE.run(
             name, features, mask, weight, labels, scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight

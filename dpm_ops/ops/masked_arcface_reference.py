@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .._precision import at_least_fp32, common_at_least_fp32, sqrt_flat_at_zero
+from ._checks import check_label_range, check_labels
 from .masked_cosine import masked_cosine
 
 
@@ -35,6 +36,9 @@ def arcface_logits(
     Only the sqrt's argument is clamped (cos to ``[−1+ε, 1−ε]``): the original has no clamp and can
     produce NaNs under AMP; everywhere else the raw cosine is used, as in the official ``MArcface``.
     """
+    # gather / scatter took labels for fewer rows silently (the rest kept no margin), past K an error
+    check_labels("arcface_logits", labels, cosine, of="cosine")
+    check_label_range("arcface_logits", labels, cosine.shape[1])
     cosine = at_least_fp32(cosine)
     target_cos = cosine.gather(1, labels.view(-1, 1)).squeeze(1)
     # Flat at sin = 0 (cos = ±1 with clamp_eps = 0), as the kernels: sqrt's infinite slope times the
