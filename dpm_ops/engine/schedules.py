@@ -21,8 +21,7 @@ import numbers
 
 import torch
 
-from dpm_ops.evaluation._inputs import check_count
-from dpm_ops.ops._checks import Bounds, check_number
+from dpm_ops.ops._checks import check_int, check_real
 
 SCHEDULES = ("warmup_cosine", "poly", "constant")
 
@@ -37,12 +36,6 @@ def warmup_cosine_lr(value: float, t: int, total: int, warmup: int, warmup_init:
 
 def poly_lr(value: float, t: int, total: int, power: float) -> float:
     return value * max(0.0, 1.0 - t / total) ** power
-
-
-def _checked_real(name: str, value, bounds: Bounds) -> float:
-    if check_number("LRSchedule", name, value) not in bounds:
-        raise ValueError(f"LRSchedule: {name} must be a finite number {bounds.describe()}, got {value!r}")
-    return float(value)
 
 
 class LRSchedule:
@@ -69,15 +62,15 @@ class LRSchedule:
         if isinstance(total, bool) or not isinstance(total, numbers.Integral) or total < 1:
             raise ValueError(f"schedule length must be an integer >= 1, got {total!r}")
         # the config's bounds on the same settings (solver.*): a negative power divided by zero at the end
-        base_lr = _checked_real("base_lr", base_lr, Bounds(0, low_open=True))
-        warmup = check_count("warmup", warmup, 0)
-        warmup_factor = _checked_real("warmup_factor", warmup_factor, Bounds(0, 1, low_open=True))
-        min_lr_factor = _checked_real("min_lr_factor", min_lr_factor, Bounds(0, 1))
+        base_lr = check_real("LRSchedule", "base_lr", base_lr, 0, low_open=True)
+        warmup = check_int("LRSchedule", "warmup", warmup, 0)
+        warmup_factor = check_real("LRSchedule", "warmup_factor", warmup_factor, 0, 1, low_open=True)
+        min_lr_factor = check_real("LRSchedule", "min_lr_factor", min_lr_factor, 0, 1)
         self.optimizer, self.kind, self.total = optimizer, kind, int(total)
         self.warmup = warmup
         self.warmup_init = warmup_factor * base_lr
         self.lr_min = min_lr_factor * base_lr
-        self.power = _checked_real("power", power, Bounds(0, low_open=True))
+        self.power = check_real("LRSchedule", "power", power, 0, low_open=True)
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
         self.t = 0
@@ -91,7 +84,7 @@ class LRSchedule:
         return value
 
     def step(self, t: int) -> None:
-        self.t = check_count("t", t, 0)
+        self.t = check_int("LRSchedule", "t", t, 0)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(group["initial_lr"], self.t)
 

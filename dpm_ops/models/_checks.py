@@ -6,57 +6,12 @@ inputs here too (check_images, check_camera_ids)."""
 
 from __future__ import annotations
 
-import math
-import numbers
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from dpm_ops.ops._checks import Bounds, check_number
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def check_int(
-    model: str,
-    name: str,
-    value,
-    low: int,
-    high: Optional[int] = None,
-    *,
-    why: str = "",
-    holds: Callable[[int], bool] = lambda _: True,
-) -> int:
-    """An integer (not a bool) in [low, high] (no upper bound when high is None) for which `holds` is
-    true; `why` completes the message (what `holds` asks, or why the range)."""
-    bounds = Bounds(low, high)
-    if not (_is_int(value) and value in bounds and holds(value)):
-        raise ValueError(f"{model}: {name} must be an integer {bounds.describe()}{why}, got {value!r}")
-    return int(value)
-
-
-def check_real(
-    model: str,
-    name: str,
-    value,
-    low: float,
-    high: Optional[float] = None,
-    *,
-    low_open: bool = False,
-    high_open: bool = False,
-    why: str = "",
-) -> float:
-    """A finite real number (ops' check_number: not a bool, not NaN or inf) in the range."""
-    try:
-        number = check_number(model, name, value)
-    except ValueError:
-        number = math.nan  # fails the range test below: one message, with the range, for every bad value
-    bounds = Bounds(low, high, low_open, high_open)
-    if number not in bounds:
-        raise ValueError(f"{model}: {name} must be a finite number {bounds.describe()}{why}, got {value!r}")
-    return number
+# check_int and check_real serve the models' options too (the models import them from here)
+from dpm_ops.ops._checks import Bounds, check_int, check_real, is_integer  # noqa: F401
 
 
 def check_int_list(
@@ -76,7 +31,7 @@ def check_int_list(
     ok = (
         isinstance(value, (list, tuple))
         and (len(value) == length if length is not None else len(value) > 0)
-        and all(_is_int(v) and v in bounds for v in value)
+        and all(is_integer(v) and v in bounds for v in value)
         and (not distinct or len(set(value)) == len(value))
     )
     if not ok:

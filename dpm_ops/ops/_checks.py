@@ -4,7 +4,7 @@ lives here once, with one message, so every op and backend reports a bad argumen
 import dataclasses
 import math
 import numbers
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -179,6 +179,51 @@ def check_number(op: str, name: str, value, positive: bool = False) -> float:
     ):
         raise ValueError(f"{op}: {name} must be a finite number{' > 0' if positive else ''}, got {value!r}")
     return float(value)
+
+
+def is_integer(value) -> bool:
+    """An integer of any integral type (numpy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_int(
+    op: str,
+    name: str,
+    value,
+    low: int,
+    high: Optional[int] = None,
+    *,
+    why: str = "",
+    holds: Callable[[int], bool] = lambda _: True,
+) -> int:
+    """An integer (not a bool) in [low, high] (no upper bound when high is None) for which `holds` is
+    true; `why` completes the message (what `holds` asks, or why the range)."""
+    bounds = Bounds(low, high)
+    if not (is_integer(value) and value in bounds and holds(value)):
+        raise ValueError(f"{op}: {name} must be an integer {bounds.describe()}{why}, got {value!r}")
+    return int(value)
+
+
+def check_real(
+    op: str,
+    name: str,
+    value,
+    low: float,
+    high: Optional[float] = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    why: str = "",
+) -> float:
+    """A finite real number (ops' check_number: not a bool, not NaN or inf) in the range."""
+    try:
+        number = check_number(op, name, value)
+    except ValueError:
+        number = math.nan  # fails the range test below: one message, with the range, for every bad value
+    bounds = Bounds(low, high, low_open, high_open)
+    if number not in bounds:
+        raise ValueError(f"{op}: {name} must be a finite number {bounds.describe()}{why}, got {value!r}")
+    return number
 
 
 KNN_GPU_MAX_K = 256  # the GPU kernels' per-row lists: CUDA's shared memory (csrc/knn/knn_cuda.h), Triton's registers
