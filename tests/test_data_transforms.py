@@ -257,7 +257,9 @@ def test_color_jitter_draws_each_factor_from_one_minus_to_one_plus():
     assert np.array_equal(np.asarray(shifted), np.asarray(ColorJitter._shift_hue(image, -0.3 + 0.6 * u)))
     assert ColorJitter(hue=0.5).hue == 0.5
     for hue in (0.51, -0.1):
-        with pytest.raises(ValueError, match="hue must be in"):
+        with pytest.raises(
+            ValueError, match=rf"^ColorJitter: hue must be a finite number in \[0, 0.5\] .*, got {hue}$"
+        ):
             ColorJitter(hue=hue)
 
 
@@ -298,3 +300,41 @@ def test_random_erasing_places_a_box_anywhere_edges_included_and_the_recipes_fli
             step for step in build_transforms(recipe, train=True).transforms if isinstance(step, RandomHorizontalFlip)
         ]
         assert [flip.p for flip in flips] == [0.5]
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: Resize((0, 128)), r"Resize: size must be \(height, width\), two integers >= 1, got \(0, 128\)"),
+        (lambda: Resize(256), "Resize: size must be .*, got 256"),
+        (lambda: RandomCrop((256.5, 128)), r"RandomCrop: size must be .*, got \(256.5, 128\)"),
+        (lambda: CenterCrop((256,)), r"CenterCrop: size must be .*, got \(256,\)"),
+        (lambda: Pad(-1), "Pad: padding must be an integer >= 0, got -1"),
+        (lambda: RandomHorizontalFlip(1.5), r"RandomHorizontalFlip: p must be a finite number in \[0, 1\], got 1.5"),
+        (lambda: ColorJitter(brightness=-0.2), "ColorJitter: brightness must be a finite number >= 0, got -0.2"),
+        (lambda: Normalize((0.5, 0.5), (0.5, 0.5, 0.5)), r"Normalize: mean and std must hold 3 values \(R, G, B\)"),
+        (lambda: Normalize((0.5,) * 3, (0.5, 0.0, 0.5)), "Normalize: std must be a finite number > 0, got 0.0"),
+        (
+            lambda: RandomErasing(probability=2),
+            r"RandomErasing: probability must be a finite number in \[0, 1\], got 2",
+        ),
+        (
+            lambda: RandomErasing(area=(0.3, 0.1)),
+            r"RandomErasing: area\[1\] must be a finite number >= 0.3 \(area\[0\]\)",
+        ),
+        (lambda: RandomErasing(area=(0.1, 2.0)), r"RandomErasing: area must be a range of shares of the image"),
+        (lambda: RandomErasing(aspect=(0.0, 3.0)), r"RandomErasing: aspect\[0\] must be a finite number > 0, got 0.0"),
+        (lambda: RandomErasing(max_count=0), "RandomErasing: max_count must be an integer >= 1, got 0"),
+    ],
+)
+def test_transform_settings_out_of_range_are_named_when_built(make, message):
+    # each of these used to be taken, to fail at the first image (a crop of 0 pixels, a negative border
+    # from PIL, a division by a zero std) or to train on nonsense (a flip with p 1.5 always flips)
+    with pytest.raises(ValueError, match=f"^{message}"):
+        make()
+
+
+def test_a_recipe_takes_a_pil_image():
+    transform = build_transforms("dpm", train=False, size=(32, 16))
+    with pytest.raises(ValueError, match=r"^image must be a PIL.Image \(e.g. image_io.read_image's\), got ndarray$"):
+        transform(np.zeros((32, 16, 3), dtype=np.uint8))

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
+from dpm_ops.ops._checks import check_int, check_real, is_integer
+
 DPM_MEAN = (0.5, 0.5, 0.5)
 DPM_STD = (0.5, 0.5, 0.5)
 # DGD's Caffe mean pixel is BGR (102, 102, 101); in RGB on the [0, 1] scale:
@@ -49,6 +51,13 @@ def _randint(generator: Optional[torch.Generator], low: int, high: int) -> int:
     return int(torch.randint(low, high + 1, (), generator=generator).item())
 
 
+def _checked_size(transform: str, size) -> tuple[int, int]:
+    """(height, width): two integers >= 1 (a bare int or a 0 surfaced only at the first image)."""
+    if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(is_integer(v) and v >= 1 for v in size)):
+        raise ValueError(f"{transform}: size must be (height, width), two integers >= 1, got {size!r}")
+    return int(size[0]), int(size[1])
+
+
 class Transform:
     """Base: photometric by default, i.e. ``pair`` transforms the image and passes the mask through."""
 
@@ -68,6 +77,8 @@ class Compose(Transform):
         self.transforms = list(transforms)
 
     def __call__(self, image, generator=None):
+        if not isinstance(image, Image.Image):  # every recipe starts on a PIL image
+            raise ValueError(f"image must be a PIL.Image (e.g. image_io.read_image's), got {type(image).__name__}")
         for transform in self.transforms:
             image = transform(image, generator)
         return image
@@ -84,7 +95,7 @@ class Resize(Transform):
     def __init__(self, size: tuple[int, int], interpolation: str = "bilinear"):
         if interpolation not in _RESAMPLING:
             raise ValueError(f"interpolation must be one of {sorted(_RESAMPLING)}")
-        self.size = tuple(size)
+        self.size = _checked_size("Resize", size)
         self.interpolation = interpolation
 
     def __call__(self, image, generator=None):
@@ -98,7 +109,7 @@ class Resize(Transform):
 
 class RandomHorizontalFlip(Transform):
     def __init__(self, p: float = 0.5):
-        self.p = p
+        self.p = check_real("RandomHorizontalFlip", "p", p, 0, 1)
 
     def __call__(self, image, generator=None):
         return self.pair(image, None, generator)[0]
@@ -116,7 +127,7 @@ class Pad(Transform):
     ``fill``: one value for every channel (as torchvision's ``Pad``) or one per channel."""
 
     def __init__(self, padding: int, fill: int | Sequence[int] = 0):
-        self.padding = padding
+        self.padding = check_int("Pad", "padding", padding, 0)
         self.fill = fill
 
     def __call__(self, image, generator=None):
@@ -132,7 +143,7 @@ class RandomCrop(Transform):
     """Crop a random ``size = (height, width)`` window (uniform over all positions)."""
 
     def __init__(self, size: tuple[int, int]):
-        self.size = tuple(size)
+        self.size = _checked_size("RandomCrop", size)
 
     def _window(self, image, generator) -> tuple[int, int, int, int]:
         height, width = self.size
@@ -152,7 +163,7 @@ class RandomCrop(Transform):
 
 class CenterCrop(Transform):
     def __init__(self, size: tuple[int, int]):
-        self.size = tuple(size)
+        self.size = _checked_size("CenterCrop", size)
 
     def _window(self, image) -> tuple[int, int, int, int]:
         height, width = self.size
@@ -178,9 +189,11 @@ class ColorJitter(Transform):
     """
 
     def __init__(self, brightness: float = 0.0, contrast: float = 0.0, saturation: float = 0.0, hue: float = 0.0):
-        if not 0.0 <= hue <= 0.5:
-            raise ValueError("hue must be in [0, 0.5]")
-        self.brightness, self.contrast, self.saturation, self.hue = brightness, contrast, saturation, hue
+        self.brightness, self.contrast, self.saturation = (
+            check_real("ColorJitter", name, value, 0)
+            for name, value in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation))
+        )
+        self.hue = check_real("ColorJitter", "hue", hue, 0, 0.5, why=" (of a full turn)")
 
     @staticmethod
     def _shift_hue(image: Image.Image, shift: float) -> Image.Image:
@@ -221,8 +234,12 @@ class ToTensor(Transform):
 
 class Normalize(Transform):
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
-        self.mean = tuple(mean)
-        self.std = tuple(std)
+        if not (
+            isinstance(mean, (tuple, list)) and len(mean) == 3 and isinstance(std, (tuple, list)) and len(std) == 3
+        ):
+            raise ValueError(f"Normalize: mean and std must hold 3 values (R, G, B), got {mean!r} and {std!r}")
+        self.mean = tuple(check_real("Normalize", "mean", value, -math.inf) for value in mean)
+        self.std = tuple(check_real("Normalize", "std", value, 0, low_open=True) for value in std)
 
     def __call__(self, tensor, generator=None):
         mean = torch.tensor(self.mean, dtype=tensor.dtype).view(-1, 1, 1)
@@ -250,12 +267,13 @@ class RandomErasing(Transform):
     ):
         if mode not in ("pixel", "rand", "const"):
             raise ValueError("mode must be 'pixel', 'rand' or 'const'")
-        self.probability = probability
-        self.area = tuple(area)
-        self.aspect = tuple(aspect)
+        self.probability = check_real("RandomErasing", "probability", probability, 0, 1)
+        self.area, self.aspect = (_checked_range(name, value) for name, value in (("area", area), ("aspect", aspect)))
+        if self.area[1] > 1:
+            raise ValueError(f"RandomErasing: area must be a range of shares of the image within (0, 1], got {area!r}")
         self.mode = mode
-        self.max_count = max_count
-        self.attempts = attempts
+        self.max_count = check_int("RandomErasing", "max_count", max_count, 1)
+        self.attempts = check_int("RandomErasing", "attempts", attempts, 1)
 
     def __call__(self, tensor, generator=None):
         if torch.rand((), generator=generator).item() >= self.probability:
@@ -285,6 +303,14 @@ class RandomErasing(Transform):
         if self.mode == "rand":
             return torch.randn((channels, 1, 1), generator=generator, dtype=dtype)
         return torch.zeros((channels, 1, 1), dtype=dtype)
+
+
+def _checked_range(name: str, value) -> tuple[float, float]:
+    """RandomErasing's (low, high) of an area share or an aspect ratio: 0 < low <= high."""
+    if not (isinstance(value, (tuple, list)) and len(value) == 2):
+        raise ValueError(f"RandomErasing: {name} must be a (low, high) pair, got {value!r}")
+    low = check_real("RandomErasing", f"{name}[0]", value[0], 0, low_open=True)
+    return low, check_real("RandomErasing", f"{name}[1]", value[1], low, why=f" ({name}[0])")
 
 
 def masked_image(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
