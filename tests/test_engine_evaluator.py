@@ -674,17 +674,21 @@ def test_metrics_json_is_written_atomically(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["metrics.json"]  # no temporary left behind
 
 
-def test_pictures_are_written(splits, tmp_path, monkeypatch):
-    figures = record_figures(monkeypatch)
+def evaluate_with_pictures(splits, model_name, out_dir):
     evaluate_model(
-        tiny_model("dpm"),
+        tiny_model(model_name),
         splits,
-        model_name="dpm",
+        model_name=model_name,
         image_size=(64, 32),
         batch_size=16,
-        out_dir=str(tmp_path),
+        out_dir=str(out_dir),
         progress=False,
     )
+
+
+def test_pictures_are_written(splits, tmp_path, monkeypatch):
+    figures = record_figures(monkeypatch)
+    evaluate_with_pictures(splits, "dpm", tmp_path)
     for name in ("metrics.json", "cmc.png", "ranked_best.png", "ranked_worst.png", "masks.png"):
         assert (tmp_path / name).stat().st_size > 1000, name
     picture = {name: figures[str(tmp_path / f"{name}.png")] for name in ("cmc", "ranked_best", "ranked_worst", "masks")}
@@ -710,15 +714,7 @@ def test_pictures_are_written(splits, tmp_path, monkeypatch):
 
 def test_pictures_of_a_model_without_channel_masks(splits, tmp_path):
     # the ViT baseline has no channel masks to picture: the CMC and the ranked lists, no masks.png
-    evaluate_model(
-        tiny_model("vit_baseline"),
-        splits,
-        model_name="vit_baseline",
-        image_size=(64, 32),
-        batch_size=16,
-        out_dir=str(tmp_path),
-        progress=False,
-    )
+    evaluate_with_pictures(splits, "vit_baseline", tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["cmc.png", "metrics.json", "ranked_best.png", "ranked_worst.png"]
 
 
