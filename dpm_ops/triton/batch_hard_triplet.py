@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ._device import on_input_device
-from ._precision import COMPILE_OPTIONS, sqrt_rn
+from ._precision import COMPILE_OPTIONS, scalar_as, sqrt_rn
 
 MIN_SQUARED = 1e-12
 
@@ -27,7 +27,7 @@ def _mine_kernel(
     neg_d2_ptr,
     loss_ptr,
     B,
-    MIN_SQUARED: tl.constexpr,
+    min_squared: tl.float64,  # see scalar_as
     BLOCK: tl.constexpr,
 ):
     i = tl.program_id(0)
@@ -39,7 +39,8 @@ def _mine_kernel(
         + tl.load(sq_ptr + j, mask=valid, other=0.0)
         - 2.0 * tl.load(gram_ptr + i.to(tl.int64) * B + j, mask=valid, other=0.0)
     )
-    d = sqrt_rn(tl.maximum(d2, MIN_SQUARED))
+    # a float constexpr would be an fp32 constant (Triton 3.6): 9.99999996e-13, not 1e-12, for fp64 rows
+    d = sqrt_rn(tl.maximum(d2, scalar_as(min_squared, acc_t)))
     same = tl.load(labels_ptr + j, mask=valid, other=-1) == tl.load(labels_ptr + i)
     pos = tl.where(valid & same, d, float("-inf"))
     neg = tl.where(valid & ~same, d, float("inf"))
@@ -77,7 +78,7 @@ def loss_and_grad(features, labels, with_grad):
             neg_d2,
             row_loss,
             B,
-            MIN_SQUARED=MIN_SQUARED,
+            MIN_SQUARED,
             BLOCK=triton.next_power_of_2(B),
             **COMPILE_OPTIONS,
         )
