@@ -93,6 +93,18 @@ def test_softplus_is_linear_only_above_20(backend):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_a_well_separated_batch_keeps_its_tiny_loss(backend):
+    # every anchor's d_ap - d_an is about -40: softplus = log1p(e^-40) = 4.2e-18, which log(1 + e^-40)
+    # rounds to 0 (1 + 4.2e-18 == 1 in float64); the general tolerance (atol 1e-12) cannot tell
+    features = torch.tensor([[0.0], [0.001], [40.0], [40.001]], dtype=torch.float64, device=device_for(backend))
+    labels = torch.tensor([0, 0, 1, 1], device=features.device)
+    value = batch_hard_triplet(features, labels, backend=backend)
+    expected = batch_hard_soft_margin_triplet(features.cpu(), labels.cpu(), backend="reference")
+    assert 0 < expected.item() < 1e-17
+    torch.testing.assert_close(value.cpu(), expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_gradcheck_float64(backend):
     features, labels = make_inputs(6, 5, 3, torch.float64, device_for(backend), seed=1)
     x = features.requires_grad_(True)

@@ -54,3 +54,11 @@ def sqrt_rn(x):
     else:
         root = tl.sqrt_rn(x)
     return root
+
+
+@triton.jit
+def log1p(t):
+    """log(1 + t) to a few ulps for small t too, as torch's log1p (Goldberg's trick; libdevice's log1p
+    has no interpreter): log(1.0 + t) is 0 once t is below the dtype's half-ulp of 1."""
+    u = 1.0 + t
+    return tl.where(u == 1.0, t, tl.log(u) * t / tl.where(u == 1.0, 1.0, u - 1.0))

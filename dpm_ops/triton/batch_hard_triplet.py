@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ._device import on_input_device
-from ._precision import COMPILE_OPTIONS, scalar_as, sqrt_rn
+from ._precision import COMPILE_OPTIONS, log1p, scalar_as, sqrt_rn
 
 MIN_SQUARED = 1e-12
 
@@ -54,7 +54,7 @@ def _mine_kernel(
     tl.store(pos_d2_ptr + i, tl.sum(tl.where(j == p, d2, 0.0), axis=0))
     tl.store(neg_d2_ptr + i, tl.sum(tl.where(j == n, d2, 0.0), axis=0))
     v = ap - an
-    tl.store(loss_ptr + i, tl.where(v > 20.0, v, tl.log(1.0 + tl.exp(tl.minimum(v, 20.0)))).to(acc_t))
+    tl.store(loss_ptr + i, tl.where(v > 20.0, v, log1p(tl.exp(tl.minimum(v, 20.0)))).to(acc_t))
 
 
 @on_input_device

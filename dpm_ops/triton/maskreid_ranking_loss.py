@@ -16,14 +16,7 @@ import triton.language as tl
 
 from .._precision import compute_dtype
 from ._device import on_input_device
-from ._precision import COMPILE_OPTIONS, scalar_as
-
-
-@triton.jit
-def _log1p(t):
-    """log(1 + t) to a few ulps for small t too (Goldberg's trick; libdevice's log1p has no interpreter)."""
-    u = 1.0 + t
-    return tl.where(u == 1.0, t, tl.log(u) * t / tl.where(u == 1.0, 1.0, u - 1.0))
+from ._precision import COMPILE_OPTIONS, log1p, scalar_as
 
 
 @triton.jit
@@ -69,7 +62,7 @@ def _ranking_row_kernel(
         e = tl.exp(-tl.abs(t))  # e^-|t| <= 1: softplus and sigmoid without overflow
         sig = tl.where(t < 0, e / (1.0 + e), 1.0 / (1.0 + e))
         # no negative: log(1 + 0) = 0 and no gradient
-        loss = tl.where(has_neg, tl.maximum(t, 0.0) + _log1p(e), 0.0)
+        loss = tl.where(has_neg, tl.maximum(t, 0.0) + log1p(e), 0.0)
         g = tl.where(has_neg, sig * (neg_exp / neg_sum - pos_exp / pos_sum), 0.0)
     else:
         satisfied = 0.0 if VIOLATING_ONLY else 1.0  # literal Eq. 5: exp(max(z, 0)) = 1 for z <= 0
@@ -100,7 +93,7 @@ def _ranking_row_kernel(
             pos_weight = tl.where(idx == hardest_idx, tl.sum(weight, 0), 0.0)
         pos_count = tl.maximum(num_pos, 1).to(acc_t)
         pull = tl.sum(tl.where(pos, (s - 1.0) * (s - 1.0), 0.0), 0)
-        loss = _log1p(total) + lam / (2.0 * pos_count) * pull
+        loss = log1p(total) + lam / (2.0 * pos_count) * pull
         inv = 1.0 / (1.0 + total)
         g = tl.where(neg, neg_weight * inv, 0.0) + tl.where(pos, lam / pos_count * (s - 1.0) - pos_weight * inv, 0.0)
     anchor = num_pos > 0
