@@ -216,7 +216,7 @@ def test_camera_embedding_is_added_to_every_token():
         delta = backbone.embed(images, torch.tensor([2])) - backbone.embed(images, torch.tensor([0]))
     expected = 3.0 * (backbone.sie_embed[2] - backbone.sie_embed[0])  # (1, C), CLS token included
     torch.testing.assert_close(delta, expected.expand_as(delta[0]).unsqueeze(0))
-    with pytest.raises(ValueError, match="cam_label"):
+    with pytest.raises(ValueError, match=r"^this model has a camera embedding: pass cam_label \(0-based camera ids\)$"):
         model(images)
 
 
