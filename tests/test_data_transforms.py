@@ -305,7 +305,7 @@ def test_random_erasing_places_a_box_anywhere_edges_included_and_the_recipes_fli
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda: Resize((0, 128)), r"Resize: size must be \(height, width\), two integers >= 1, got \(0, 128\)"),
+        (lambda: Resize((0, 128)), r"Resize: size must be 2 integers >= 1 \(height, width\), got \(0, 128\)"),
         (lambda: Resize(256), "Resize: size must be .*, got 256"),
         (lambda: RandomCrop((256.5, 128)), r"RandomCrop: size must be .*, got \(256.5, 128\)"),
         (lambda: CenterCrop((256,)), r"CenterCrop: size must be .*, got \(256,\)"),

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from dpm_ops.ops._checks import check_int, check_real, is_integer
+from dpm_ops.ops._checks import check_int, check_int_list, check_real
 
 DPM_MEAN = (0.5, 0.5, 0.5)
 DPM_STD = (0.5, 0.5, 0.5)
@@ -49,13 +49,6 @@ def _uniform(generator: Optional[torch.Generator], low: float, high: float) -> f
 def _randint(generator: Optional[torch.Generator], low: int, high: int) -> int:
     """Uniform integer in [low, high], both inclusive."""
     return int(torch.randint(low, high + 1, (), generator=generator).item())
-
-
-def _checked_size(transform: str, size) -> tuple[int, int]:
-    """(height, width): two integers >= 1 (a bare int or a 0 surfaced only at the first image)."""
-    if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(is_integer(v) and v >= 1 for v in size)):
-        raise ValueError(f"{transform}: size must be (height, width), two integers >= 1, got {size!r}")
-    return int(size[0]), int(size[1])
 
 
 class Transform:
@@ -95,7 +88,7 @@ class Resize(Transform):
     def __init__(self, size: tuple[int, int], interpolation: str = "bilinear"):
         if interpolation not in _RESAMPLING:
             raise ValueError(f"interpolation must be one of {sorted(_RESAMPLING)}")
-        self.size = _checked_size("Resize", size)
+        self.size = check_int_list("Resize", "size", size, 1, length=2, why=" (height, width)")
         self.interpolation = interpolation
 
     def __call__(self, image, generator=None):
@@ -143,7 +136,7 @@ class RandomCrop(Transform):
     """Crop a random ``size = (height, width)`` window (uniform over all positions)."""
 
     def __init__(self, size: tuple[int, int]):
-        self.size = _checked_size("RandomCrop", size)
+        self.size = check_int_list("RandomCrop", "size", size, 1, length=2, why=" (height, width)")
 
     def _window(self, image, generator) -> tuple[int, int, int, int]:
         height, width = self.size
@@ -163,7 +156,7 @@ class RandomCrop(Transform):
 
 class CenterCrop(Transform):
     def __init__(self, size: tuple[int, int]):
-        self.size = _checked_size("CenterCrop", size)
+        self.size = check_int_list("CenterCrop", "size", size, 1, length=2, why=" (height, width)")
 
     def _window(self, image) -> tuple[int, int, int, int]:
         height, width = self.size

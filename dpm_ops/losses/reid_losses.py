@@ -17,18 +17,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dpm_ops.ops._checks import check_label_range, check_labels, check_number
+from dpm_ops.ops._checks import check_label_range, check_labels, check_real
 
 from .arcface import masked_arcface_cross_entropy
 from ._options import backend_of_fused
 from .hem import hem_loss
 from .triplet import batch_hard_soft_margin_triplet
-
-
-def _loss_weight(loss: str, name: str, value) -> float:
-    if check_number(loss, name, value) < 0:
-        raise ValueError(f"{loss}: {name} must be a finite number >= 0, got {value!r}")
-    return float(value)
 
 
 def _check_output(loss: str, output, field: str, expected: str) -> None:
@@ -60,7 +54,7 @@ class DPMLoss(nn.Module):
         if fused is not None:
             backend = backend_of_fused(fused, "DPMLoss", backend is not None)
         self.hem_weight, self.id_weight, self.triplet_weight, self.plain_weight, self.masked_weight = (
-            _loss_weight("DPMLoss", name, value)
+            check_real("DPMLoss", name, value, 0)
             for name, value in (
                 ("hem_weight", hem_weight),
                 ("id_weight", id_weight),
@@ -123,8 +117,8 @@ class BaselineReIDLoss(nn.Module):
 
     def __init__(self, id_weight: float = 1.0, triplet_weight: float = 1.0, backend: Optional[str] = None):
         super().__init__()
-        self.id_weight = _loss_weight("BaselineReIDLoss", "id_weight", id_weight)
-        self.triplet_weight = _loss_weight("BaselineReIDLoss", "triplet_weight", triplet_weight)
+        self.id_weight = check_real("BaselineReIDLoss", "id_weight", id_weight, 0)
+        self.triplet_weight = check_real("BaselineReIDLoss", "triplet_weight", triplet_weight, 0)
         self.backend = backend
 
     def terms(self, output, labels: torch.Tensor) -> dict[str, torch.Tensor]:

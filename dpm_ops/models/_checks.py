@@ -10,35 +10,8 @@ from typing import Optional, Sequence
 
 import torch
 
-# check_int and check_real serve the models' options too (the models import them from here)
-from dpm_ops.ops._checks import Bounds, check_int, check_real, is_integer  # noqa: F401
-
-
-def check_int_list(
-    model: str,
-    name: str,
-    value,
-    low: int,
-    high: Optional[int] = None,
-    *,
-    length: Optional[int] = None,
-    distinct: bool = False,
-    why: str = "",
-) -> tuple[int, ...]:
-    """A non-empty list or tuple of integers in [low, high]: exactly `length` of them when given,
-    no repeats when `distinct`."""
-    bounds = Bounds(low, high)
-    ok = (
-        isinstance(value, (list, tuple))
-        and (len(value) == length if length is not None else len(value) > 0)
-        and all(is_integer(v) and v in bounds for v in value)
-        and (not distinct or len(set(value)) == len(value))
-    )
-    if not ok:
-        count = f"{length}" if length is not None else "a non-empty list of"
-        kind = "distinct integers" if distinct else "integers"
-        raise ValueError(f"{model}: {name} must be {count} {kind} {bounds.describe()}{why}, got {value!r}")
-    return tuple(int(v) for v in value)
+# check_int, check_int_list and check_real serve the models' options too (the models import them from here)
+from dpm_ops.ops._checks import check_int, check_int_list, check_real  # noqa: F401
 
 
 def check_choice(model: str, name: str, value, choices: Sequence, why: str = "") -> None:

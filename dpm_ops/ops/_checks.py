@@ -204,6 +204,33 @@ def check_int(
     return int(value)
 
 
+def check_int_list(
+    op: str,
+    name: str,
+    value,
+    low: int,
+    high: Optional[int] = None,
+    *,
+    length: Optional[int] = None,
+    distinct: bool = False,
+    why: str = "",
+) -> tuple[int, ...]:
+    """A non-empty list or tuple of integers in [low, high]: exactly `length` of them when given,
+    no repeats when `distinct`."""
+    bounds = Bounds(low, high)
+    ok = (
+        isinstance(value, (list, tuple))
+        and (len(value) == length if length is not None else len(value) > 0)
+        and all(is_integer(v) and v in bounds for v in value)
+        and (not distinct or len(set(value)) == len(value))
+    )
+    if not ok:
+        count = f"{length}" if length is not None else "a non-empty list of"
+        kind = "distinct integers" if distinct else "integers"
+        raise ValueError(f"{op}: {name} must be {count} {kind} {bounds.describe()}{why}, got {value!r}")
+    return tuple(int(v) for v in value)
+
+
 def check_real(
     op: str,
     name: str,
