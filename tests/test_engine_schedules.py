@@ -79,7 +79,7 @@ def test_constant_and_no_warmup_schedules_and_the_length_check():
     cosine.step(5)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0001 + 0.5 * (0.05 - 0.0001))  # lr_min 0.002 x base
     for total in (0, -3, 10.5):
-        with pytest.raises(ValueError, match=f"^schedule length must be an integer >= 1, got {total}$"):
+        with pytest.raises(ValueError, match=f"^LRSchedule: total must be an integer >= 1, got {total}$"):
             LRSchedule(opt, "poly", total, base_lr=0.05)
     LRSchedule(opt, "poly", 1, base_lr=0.05)
 

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
@@ -59,14 +58,13 @@ class LRSchedule:
     ):
         if kind not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {kind!r}")
-        if isinstance(total, bool) or not isinstance(total, numbers.Integral) or total < 1:
-            raise ValueError(f"schedule length must be an integer >= 1, got {total!r}")
+        total = check_int("LRSchedule", "total", total, 1)
         # the config's bounds on the same settings (solver.*): a negative power divided by zero at the end
         base_lr = check_real("LRSchedule", "base_lr", base_lr, 0, low_open=True)
         warmup = check_int("LRSchedule", "warmup", warmup, 0)
         warmup_factor = check_real("LRSchedule", "warmup_factor", warmup_factor, 0, 1, low_open=True)
         min_lr_factor = check_real("LRSchedule", "min_lr_factor", min_lr_factor, 0, 1)
-        self.optimizer, self.kind, self.total = optimizer, kind, int(total)
+        self.optimizer, self.kind, self.total = optimizer, kind, total
         self.warmup = warmup
         self.warmup_init = warmup_factor * base_lr
         self.lr_min = min_lr_factor * base_lr
