@@ -52,6 +52,7 @@ from dpm_ops.engine.checkpoint import atomic_write
 from dpm_ops.engine.extraction import FeatureSet, _check_image_size, eval_transform, extract_features
 from dpm_ops.engine.scoring import resolve_distance
 from dpm_ops.engine.recipes import RECIPES, get_recipe, model_cameras
+from dpm_ops.evaluation._inputs import check_count
 
 # Opset 18 is the one torch's ONNX function library (torchlib) is written in, so the graph needs no
 # pass through onnx's version converter (which a lower opset would; LayerNormalization needs 17
@@ -135,9 +136,10 @@ def check_output_path(path, argument: str = "path", suffix_hint: str = "a file n
 
 def check_int(name: str, value, low: int) -> int:
     """`value`, or an ExportError naming `name` (the argument as the caller spelt it: batch, --batch)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ExportError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
+    try:
+        return check_count(name, value, low)
+    except ValueError as error:
+        raise ExportError(str(error)) from None
 
 
 def check_opset(name: str, opset) -> int:

@@ -129,7 +129,7 @@ def test_epochs_positions_and_states_that_do_not_fit_are_refused():
     assert list(sampler) == []
     with pytest.raises(ValueError, match=r"^epoch must be an integer >= 0, got -1$"):
         sampler.set_epoch(-1)
-    with pytest.raises(ValueError, match=r"^consumed_batches must be an integer >= 0, got -1$"):
+    with pytest.raises(ValueError, match=rf"^consumed_batches must be an integer in \[0, {batches}\], got -1$"):
         sampler.state_dict(consumed_batches=-1)
 
 
@@ -225,7 +225,7 @@ def test_rank_world_size_and_empty_data_are_refused(make):
     pids = [pid for pid in range(64) for _ in range(4)]
     for rank, world_size, message in (
         (0, 0, r"world_size must be an integer >= 1, got 0"),
-        (-1, 2, r"rank must be an integer >= 0, got -1"),
+        (-1, 2, r"rank must be an integer in \[0, 1\], got -1"),
         (2, 2, r"rank must be an integer in \[0, 1\], got 2"),
         (0, 2.0, r"world_size must be an integer >= 1, got 2.0"),
     ):

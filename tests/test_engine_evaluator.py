@@ -393,7 +393,7 @@ def test_bad_arguments(splits):
         evaluate_model(model, splits, model_name="resnet", **options)
     with pytest.raises(ValueError, match="max_rank"):
         evaluate_model(model, splits, model_name="vit_baseline", max_rank=5, **options)
-    with pytest.raises(ValueError, match="image_size"):
+    with pytest.raises(ValueError, match=r"^image_size must be 2 integers >= 1 \(height, width\), got \(64,\)$"):
         evaluate_model(model, splits, model_name="vit_baseline", image_size=(64,), pictures=False)
     with pytest.raises(ValueError, match="batch_size"):
         evaluate_model(model, splits, model_name="vit_baseline", batch_size=0, **options)
@@ -426,7 +426,7 @@ def test_bad_options_fail_before_any_extraction(splits, monkeypatch):
     options = dict(model_name="vit_baseline", image_size=(64, 32), pictures=False, progress=False)
     for bad, needle in (
         (dict(image_size=(64, 0)), "image_size"),
-        (dict(batch_size=0), "batch_size must be a positive integer"),
+        (dict(batch_size=0), r"^batch_size must be an integer >= 1, got 0$"),
         (dict(seed=-1), "seed"),
         (dict(num_repeats=0), "num_repeats"),
         (dict(max_rank=9), r"^max_rank must be an integer >= 10 \(Rank-10 is reported\), got 9$"),

@@ -162,7 +162,7 @@ def test_bad_input():
         (lambda: jaccard_distance(features, 20, 0), "k2 must be an integer >= 1"),
         (lambda: jaccard_distance(features[:1], 20, 6), "features must have at least 2 rows"),
         (lambda: jaccard_distance(features[0], 20, 6), "features must be 2-D"),
-        (lambda: jaccard_distance(features, 20, 6, num_query=0), r"num_query must be an integer >= 1"),
+        (lambda: jaccard_distance(features, 20, 6, num_query=0), r"num_query must be an integer in \[1, 23\], got 0"),
         (lambda: jaccard_distance(features, 20, 6, num_query=24), r"num_query must be an integer in \[1, 23\]"),
         (
             lambda: jaccard_distance(features.masked_fill(features > 0.3, float("nan")), 20, 6),

@@ -159,10 +159,8 @@ def evaluate_model(
 
 
 def _check_options(splits, model_name, max_rank, batch_size, protocol, num_repeats, seed, multi_query) -> None:
-    if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 10:
-        raise ValueError(f"max_rank must be an integer >= 10 (Rank-10 is reported), got {max_rank!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_count("max_rank", max_rank, 10, why=" (Rank-10 is reported)")
+    check_count("batch_size", batch_size, 1)
     if not splits.query or not splits.gallery:
         raise ValueError(f"splits {splits.name!r} has an empty query or gallery list")
     if get_recipe(model_name).uses_masks and splits.mask_paths is None:

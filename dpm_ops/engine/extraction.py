@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dpm_ops.data import ImageDataset, build_dataloader
+from dpm_ops.ops._checks import check_int_list
 
 from . import distributed
 from .recipes import get_recipe, model_cameras
@@ -132,13 +133,7 @@ def eval_transform(model_name: str, image_size=None):
 def _check_image_size(image_size):
     if image_size is None:
         return None
-    if (
-        not isinstance(image_size, (tuple, list))
-        or len(image_size) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in image_size)
-    ):
-        raise ValueError(f"image_size must be (height, width) positive integers, got {image_size!r}")
-    return tuple(image_size)
+    return check_int_list(None, "image_size", image_size, 1, length=2, why=" (height, width)")
 
 
 def _shard(records: list, rank: int, world: int) -> list:

@@ -4,12 +4,12 @@ Every public function accepts numpy arrays or torch tensors (CPU or CUDA) and re
 argument with a ValueError that names it.
 """
 
-import numbers
+from functools import partial
 
 import numpy as np
 import torch
 
-from ..ops._checks import check_finite, check_finite_rows
+from ..ops._checks import check_finite, check_finite_rows, check_int
 
 _NUMERIC_KINDS = "biuf"  # numpy dtype kinds: bool, signed / unsigned integer, float
 
@@ -55,12 +55,9 @@ def as_floats(
     return tensor
 
 
-def check_count(name: str, value, minimum: int, maximum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"{name} must be an integer in [{minimum}, {maximum}], got {value!r}")
-    return int(value)
+# An integer argument of the evaluation API, named without an op prefix as its other messages are:
+# check_count(name, value, low, high=None)
+check_count = partial(check_int, None)
 
 
 def check_choice(name: str, value, choices) -> str:

@@ -186,8 +186,13 @@ def is_integer(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _owner(op: Optional[str]) -> str:
+    """A message's prefix: the op or class that checks, none for the evaluation API (names alone)."""
+    return f"{op}: " if op else ""
+
+
 def check_int(
-    op: str,
+    op: Optional[str],
     name: str,
     value,
     low: int,
@@ -200,12 +205,12 @@ def check_int(
     true; `why` completes the message (what `holds` asks, or why the range)."""
     bounds = Bounds(low, high)
     if not (is_integer(value) and value in bounds and holds(value)):
-        raise ValueError(f"{op}: {name} must be an integer {bounds.describe()}{why}, got {value!r}")
+        raise ValueError(f"{_owner(op)}{name} must be an integer {bounds.describe()}{why}, got {value!r}")
     return int(value)
 
 
 def check_int_list(
-    op: str,
+    op: Optional[str],
     name: str,
     value,
     low: int,
@@ -227,12 +232,12 @@ def check_int_list(
     if not ok:
         count = f"{length}" if length is not None else "a non-empty list of"
         kind = "distinct integers" if distinct else "integers"
-        raise ValueError(f"{op}: {name} must be {count} {kind} {bounds.describe()}{why}, got {value!r}")
+        raise ValueError(f"{_owner(op)}{name} must be {count} {kind} {bounds.describe()}{why}, got {value!r}")
     return tuple(int(v) for v in value)
 
 
 def check_real(
-    op: str,
+    op: Optional[str],
     name: str,
     value,
     low: float,
@@ -249,7 +254,7 @@ def check_real(
         number = math.nan  # fails the range test below: one message, with the range, for every bad value
     bounds = Bounds(low, high, low_open, high_open)
     if number not in bounds:
-        raise ValueError(f"{op}: {name} must be a finite number {bounds.describe()}{why}, got {value!r}")
+        raise ValueError(f"{_owner(op)}{name} must be a finite number {bounds.describe()}{why}, got {value!r}")
     return number
 
 

@@ -21,12 +21,10 @@ a low-precision GEMM (int8 on the CPU, bf16 on GPUs) with a rigorous per-pair er
 row's candidates, recomputed as the direct path computes them (docs/certified_knn.md).
 """
 
-import numbers
-
 import torch
 
 from .. import _backend
-from ._checks import check_finite_rows
+from ._checks import check_finite_rows, check_int
 from .._precision import compute_dtype
 from ._declare import declare
 from .knn_reference import COSINE_EPS, METRICS, knn_reference, self_knn_reference
@@ -44,8 +42,7 @@ def _check_tensor(name, t):
 
 
 def _check_k(k, limit, what):
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= limit:
-        raise ValueError(f"knn: k must be an integer in [1, {limit}] (the number of rows of {what}), got {k!r}")
+    check_int("knn", "k", k, 1, limit, why=f" (the number of rows of {what})")
 
 
 def _check_metric(metric):
@@ -338,12 +335,7 @@ def self_knn(
     _check_tensor("x", x)
     _check_k(k, x.shape[0], "x")
     _check_metric(metric)
-    if (
-        isinstance(cross_rows, bool)
-        or not isinstance(cross_rows, numbers.Integral)
-        or not 0 <= cross_rows <= x.shape[0]
-    ):
-        raise ValueError(f"knn: cross_rows must be an integer in [0, {x.shape[0]}], got {cross_rows!r}")
+    check_int("knn", "cross_rows", cross_rows, 0, x.shape[0])
     check_strategy(strategy)
     check_finite_rows("knn", x=x)
     x = x.detach()  # no gradient on any backend, rather than the kernels' silently missing one

@@ -75,12 +75,6 @@ def _labels(name: str, value, length: int) -> np.ndarray:
     return array.astype(np.int64)
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def _thumbnail(image, size=THUMB) -> Image.Image:
     """An image path, PIL image or (H, W, 3) / (H, W) uint8 array, resized to ``size`` (width, height)."""
     from dpm_ops.data.image_io import as_rgb  # errors name the file

@@ -7,7 +7,9 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from ._common import THUMB, _floats, _labels, _new_figure, _positive_int, _save, _thumbnail
+from ..evaluation._inputs import check_count
+from ..ops._checks import check_int_list
+from ._common import THUMB, _floats, _labels, _new_figure, _save, _thumbnail
 
 _FRAME = 4  # frame width around gallery thumbnails
 _GAP = 4  # gap between thumbnails
@@ -67,7 +69,7 @@ def plot_ranked_lists(
     """
     if which not in ("best", "worst"):
         raise ValueError(f"which must be 'best' or 'worst', got {which!r}")
-    num_queries, top_k = _positive_int("num_queries", num_queries), _positive_int("top_k", top_k)
+    num_queries, top_k = check_count("num_queries", num_queries, 1), check_count("top_k", top_k, 1)
     dist = _ranked_distances(distmat, query_paths, gallery_paths, q_occluded)
     ap = query_average_precision(dist, q_pids, g_pids, q_camids, g_camids)
     top_k = min(top_k, dist.shape[1])
@@ -79,7 +81,7 @@ def plot_ranked_lists(
     # stable sorts: among equal APs the lower query index comes first
     chosen = valid[np.argsort(-ap[valid] if which == "best" else ap[valid], kind="stable")][:num_queries]
 
-    tw, th = (_positive_int("thumb_size[0]", thumb_size[0]), _positive_int("thumb_size[1]", thumb_size[1]))
+    tw, th = check_int_list(None, "thumb_size", thumb_size, 1, length=2, why=" (width, height)")
     cell_w, cell_h = tw + 2 * _FRAME + _GAP, th + 2 * _FRAME
     row_h = _TOP_BAND + cell_h + _BOTTOM_BAND
     width, height = (1 + top_k) * cell_w + _QUERY_GAP, len(chosen) * row_h
