@@ -94,10 +94,14 @@ def test_ptx_entries_fma_counts_and_tensor_cores():
     assert ptx_tools.tensor_core_instructions(entries["tile"]) == ""
 
 
-def test_approximate_sqrts():
-    ptx = "sqrt.approx.ftz.f32 %f2, %f1;\n\tsqrt.rn.f32 %f3, %f1;\n\trsqrt.approx.f32 %f4, %f1;\n\tsqrt.rn.f64 %fd2, %fd1;"
-    assert ptx_tools.approximate_sqrts(ptx) == 2
-    assert ptx_tools.approximate_sqrts(PTX) == 0
+def test_approximate_instructions():
+    ptx = (
+        "sqrt.approx.ftz.f32 %f2, %f1;\n\tsqrt.rn.f32 %f3, %f1;\n\trsqrt.approx.f32 %f4, %f1;\n\tsqrt.rn.f64 %fd2, %fd1;"
+        "\n\tdiv.full.f32 %r3, %r1, %r2;\n\tdiv.rn.f32 %r4, %r1, %r2;\n\tdiv.rn.f64 %rd5, %rd1, %rd3;"
+        "\n\tdiv.approx.ftz.f32 %r5, %r1, %r2;\n\tdiv.full.f32 %r6, %r1, %r2;"
+    )
+    assert ptx_tools.approximate_instructions(ptx) == "div.approx x1, div.full x2, rsqrt.approx x1, sqrt.approx x1"
+    assert ptx_tools.approximate_instructions(PTX) == ""
 
 
 def test_short_name():

@@ -57,8 +57,20 @@ def sqrt_rn(x):
 
 
 @triton.jit
+def div_rn(x, y):
+    """x / y correctly rounded, as torch and the CUDA kernels divide: fp32 `/` is div.full on a GPU
+    (within 2 ulp), which the interpreter's exact numpy division hides; tl.div_rn takes fp32 only, and
+    fp64's `/` is correctly rounded. A Python number takes the other operand's dtype, as with `/`."""
+    q = x / y
+    if q.dtype != tl.float64:
+        minus_zero = -tl.zeros_like(q.to(tl.float32))  # v + (-0.0) is v for every v, -0.0 included
+        q = tl.div_rn(x + minus_zero, y + minus_zero).to(q.dtype)
+    return q
+
+
+@triton.jit
 def log1p(t):
     """log(1 + t) to a few ulps for small t too, as torch's log1p (Goldberg's trick; libdevice's log1p
     has no interpreter): log(1.0 + t) is 0 once t is below the dtype's half-ulp of 1."""
     u = 1.0 + t
-    return tl.where(u == 1.0, t, tl.log(u) * t / tl.where(u == 1.0, 1.0, u - 1.0))
+    return tl.where(u == 1.0, t, div_rn(tl.log(u) * t, tl.where(u == 1.0, 1.0, u - 1.0)))

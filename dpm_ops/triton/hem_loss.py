@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .._precision import compute_dtype
 from ._device import on_input_device
-from ._precision import COMPILE_OPTIONS, scalar_as, sqrt_rn
+from ._precision import COMPILE_OPTIONS, div_rn, scalar_as, sqrt_rn
 
 BLOCK_N = 64
 
@@ -50,14 +50,14 @@ def _hem_sample_kernel(
         gram += tl.dot(a, tl.trans(a), input_precision="ieee")
     eye = rows[:, None] == rows[None, :]
     valid = in_h[:, None] & in_h[None, :]
-    inv_row = 1.0 / sqrt_rn(tl.sum(tl.where(eye, gram, 0.0), 1) + eps)
-    inv_col = 1.0 / sqrt_rn(tl.sum(tl.where(eye, gram, 0.0), 0) + eps)
+    inv_row = div_rn(1.0, sqrt_rn(tl.sum(tl.where(eye, gram, 0.0), 1) + eps))
+    inv_col = div_rn(1.0, sqrt_rn(tl.sum(tl.where(eye, gram, 0.0), 0) + eps))
     gram = gram * inv_row[:, None] * inv_col[None, :]
     residual = tl.where(valid, gram - tl.where(eye, 1.0, 0.0), 0.0)
     if not GRAD:
-        tl.store(loss_ptr + b, tl.sum(tl.sum(residual * residual, 1), 0) / (H * H))
+        tl.store(loss_ptr + b, div_rn(tl.sum(tl.sum(residual * residual, 1), 0), H * H))
     else:
-        c = 4.0 * tl.load(grad_ptr).to(acc_t) * weight / (H * H)
+        c = div_rn(4.0 * tl.load(grad_ptr).to(acc_t) * weight, H * H)
         proj = c * tl.sum(residual * gram, 1)  # d_h = c ((G − I) G)_hh, G symmetric
         mix = c * residual * inv_col[None, :]  # coefficient of A_ij in dÂ_hj
         out = grad_out_ptr + b.to(tl.int64) * H * N

@@ -13,7 +13,7 @@ import triton.language as tl
 from ..ops.hierarchical_mask_pool_reference import resize_mask
 from .._precision import compute_dtype
 from ._device import on_input_device
-from ._precision import COMPILE_OPTIONS
+from ._precision import COMPILE_OPTIONS, div_rn
 
 BLOCK_R = 16
 BLOCK_HW = 64
@@ -92,7 +92,7 @@ def _pool_kernel(
         if MAX_MODE:
             v = tl.where(total > 0, best, 0.0)
         else:
-            v = tl.where(total > 0, acc / tl.where(total > 0, total, 1.0), 0.0)
+            v = tl.where(total > 0, div_rn(acc, tl.where(total > 0, total, 1.0)), 0.0)
         tl.store(out_ptr + out_idx, v.to(elem_t), mask=in_rows)
     else:
         gx_ptr = tl.load(d + 1).to(tl.pointer_type(elem_t), bitcast=True)
@@ -114,9 +114,9 @@ def _pool_kernel(
             if MAX_MODE:
                 x = tl.load(x_ptr + offs, mask=m2, other=0.0).to(acc_t)
                 hit = (w > 0) & (x == o[:, None]) & (ties[:, None] > 0)
-                gx = tl.where(hit, g[:, None] / tl.where(ties > 0, ties, 1.0)[:, None], 0.0)
+                gx = tl.where(hit, div_rn(g[:, None], tl.where(ties > 0, ties, 1.0)[:, None]), 0.0)
             else:
-                gx = tl.where(total[:, None] > 0, g[:, None] * w / tl.where(total > 0, total, 1.0)[:, None], 0.0)
+                gx = tl.where(total[:, None] > 0, div_rn(g[:, None] * w, tl.where(total > 0, total, 1.0)[:, None]), 0.0)
             tl.store(gx_ptr + offs, gx.to(elem_t), mask=m2)
 
 

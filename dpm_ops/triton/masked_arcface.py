@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ._device import on_input_device
-from ._precision import COMPILE_OPTIONS, dot, dot_precision, scalar_as, sqrt_rn
+from ._precision import COMPILE_OPTIONS, div_rn, dot, dot_precision, scalar_as, sqrt_rn
 from .._precision import compute_dtype
 from .masked_cosine import _inv_norm, _normalize_backward, _prepared
 
@@ -72,7 +72,7 @@ def _target_phi(cos, cos_m, sin_m, th, mm, lo, hi, EASY: tl.constexpr):
     cc = tl.minimum(tl.maximum(cos, lo), hi)
     sine = sqrt_rn(1.0 - cc * cc)
     phi = cos * cos_m - sine * sin_m
-    dphi = cos_m + tl.where(inside & (sine > 0.0), sin_m * cos / sine, 0.0)  # flat sqrt at 0, as the C++ kernel
+    dphi = cos_m + tl.where(inside & (sine > 0.0), div_rn(sin_m * cos, sine), 0.0)  # flat sqrt at 0, as the C++ kernel
     if EASY:
         keep = cos > 0.0
         phi = tl.where(keep, phi, cos)
@@ -112,7 +112,7 @@ def _cosine_grads(gcos, cos, den, den_sq, eps):
     """The masked cosine's backward coefficients for the upstream gradient ``gcos``: g_num = gcos / den
     (of the numerator) and h = gcos * cos / den² (of the denominator), 0 where den vanishes."""
     live = den > eps
-    return gcos / tl.maximum(den, eps), tl.where(live, gcos * cos / tl.where(live, den_sq, 1.0), 0.0)
+    return div_rn(gcos, tl.maximum(den, eps)), tl.where(live, div_rn(gcos * cos, tl.where(live, den_sq, 1.0)), 0.0)
 
 
 @triton.jit
@@ -172,7 +172,7 @@ def _arcface_tile_kernel(
         f_ptr, m_ptr, w_ptr, inv_f, inv_w, rows, ks, in_b, in_k, C, WITH_PLAIN, PRECISION, BLOCK_B, BLOCK_K, BLOCK_C
     )
     den = sqrt_rn(den_sq)
-    cos = num / tl.maximum(den, eps)
+    cos = div_rn(num, tl.maximum(den, eps))
     labels = tl.load(labels_ptr + rows, mask=in_b, other=-1)
     valid = in_b[:, None] & in_k[None, :]
     is_t = (labels[:, None] == ks[None, :]) & valid

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .._precision import compute_dtype
 from ._device import on_input_device
-from ._precision import COMPILE_OPTIONS, dot, dot_precision, scalar_as, sqrt_rn
+from ._precision import COMPILE_OPTIONS, div_rn, dot, dot_precision, scalar_as, sqrt_rn
 
 
 @triton.jit
@@ -71,10 +71,10 @@ def _masked_cosine_tile_kernel(
         g = tl.load(grad_ptr + offs, mask=omask, other=0.0).to(acc_t)
         c_out = tl.load(out_ptr + offs, mask=omask, other=0.0).to(acc_t)
         live = den > eps
-        tl.store(g_num_ptr + offs, g / tl.maximum(den, eps), mask=omask)
-        tl.store(h_ptr + offs, tl.where(live, g * c_out / tl.where(live, den_sq, 1.0), 0.0), mask=omask)
+        tl.store(g_num_ptr + offs, div_rn(g, tl.maximum(den, eps)), mask=omask)
+        tl.store(h_ptr + offs, tl.where(live, div_rn(g * c_out, tl.where(live, den_sq, 1.0)), 0.0), mask=omask)
     else:
-        tl.store(out_ptr + offs, (num / tl.maximum(den, eps)).to(out_ptr.dtype.element_ty), mask=omask)
+        tl.store(out_ptr + offs, div_rn(num, tl.maximum(den, eps)).to(out_ptr.dtype.element_ty), mask=omask)
 
 
 @triton.jit

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .._precision import compute_dtype
 from ._device import on_input_device
-from ._precision import COMPILE_OPTIONS, log1p, scalar_as
+from ._precision import COMPILE_OPTIONS, div_rn, log1p, scalar_as
 
 
 @triton.jit
@@ -60,10 +60,10 @@ def _ranking_row_kernel(
         pos_sum = tl.maximum(tl.sum(pos_exp, 0), 1.0)
         t = (top - hardest) + (tl.log(neg_sum) + tl.log(pos_sum))  # shifts first, as the C++ kernel
         e = tl.exp(-tl.abs(t))  # e^-|t| <= 1: softplus and sigmoid without overflow
-        sig = tl.where(t < 0, e / (1.0 + e), 1.0 / (1.0 + e))
+        sig = tl.where(t < 0, div_rn(e, 1.0 + e), div_rn(1.0, 1.0 + e))
         # no negative: log(1 + 0) = 0 and no gradient
         loss = tl.where(has_neg, tl.maximum(t, 0.0) + log1p(e), 0.0)
-        g = tl.where(has_neg, sig * (neg_exp / neg_sum - pos_exp / pos_sum), 0.0)
+        g = tl.where(has_neg, sig * (div_rn(neg_exp, neg_sum) - div_rn(pos_exp, pos_sum)), 0.0)
     else:
         satisfied = 0.0 if VIOLATING_ONLY else 1.0  # literal Eq. 5: exp(max(z, 0)) = 1 for z <= 0
         if POS_MODE == "all_eq5":
@@ -87,15 +87,15 @@ def _ranking_row_kernel(
             hardest = tl.min(tl.where(pos, s, float("inf")), 0)
             hardest_idx = tl.min(tl.where(pos & (s == hardest), idx, BLOCK_B), 0)  # first index among ties
             z = s - hardest + alpha
-            weight = tl.where(neg & (z > 0), tl.exp(z), 0.0)
+            neg_weight = tl.where(neg & (z > 0), tl.exp(z), 0.0)
             total = tl.sum(tl.where(neg, tl.where(z > 0, tl.exp(z), satisfied), 0.0), 0)
-            neg_weight = weight
-            pos_weight = tl.where(idx == hardest_idx, tl.sum(weight, 0), 0.0)
+            pos_weight = tl.where(idx == hardest_idx, tl.sum(neg_weight, 0), 0.0)
         pos_count = tl.maximum(num_pos, 1).to(acc_t)
         pull = tl.sum(tl.where(pos, (s - 1.0) * (s - 1.0), 0.0), 0)
-        loss = log1p(total) + lam / (2.0 * pos_count) * pull
-        inv = 1.0 / (1.0 + total)
-        g = tl.where(neg, neg_weight * inv, 0.0) + tl.where(pos, lam / pos_count * (s - 1.0) - pos_weight * inv, 0.0)
+        loss = log1p(total) + div_rn(lam, 2.0 * pos_count) * pull
+        inv = div_rn(1.0, 1.0 + total)
+        pull_slope = div_rn(lam, pos_count)  # of the pull term, per (s - 1)
+        g = tl.where(neg, neg_weight * inv, 0.0) + tl.where(pos, pull_slope * (s - 1.0) - pos_weight * inv, 0.0)
     anchor = num_pos > 0
     tl.store(row_loss_ptr + k, tl.where(anchor, loss, 0.0))
     tl.store(anchor_ptr + k, anchor.to(acc_t))

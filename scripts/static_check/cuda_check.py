@@ -5,7 +5,8 @@ Prints registers, spills, stack and static shared memory of every kernel instant
 prepare_rows_kernel<__nv_bfloat16, __nv_bfloat16, float>), and fails on: an nvcc error, spills in a non-double
 instantiation, static shared memory over the opt-in limit, and, in the GEMM-shaped ops (GEMM_OPS),
 a kernel that still runs a SIMT GEMM loop: many fp32/fp64 FMAs in its PTX and no tensor-core
-instruction. The sources and flags are the build's (dpm_ops/_sources.py, torch's nvcc defines);
+instruction, and an approximate division or square root (fast-math intrinsics: torch rounds both
+correctly). The sources and flags are the build's (dpm_ops/_sources.py, torch's nvcc defines);
 host code is compiled too, so this also is the CUDA compile check. Nothing is written into the repository.
 
     python scripts/static_check/cuda_check.py [--arch 90] [--jobs 2] [--json OUT]
@@ -26,6 +27,7 @@ sys.dont_write_bytecode = True
 
 from ptx_tools import (  # noqa: E402  (after the bytecode switch)
     GEMM_OPS,
+    approximate_instructions,
     SMEM_OPTIN_LIMIT,
     fma_counts,
     parse_ptxas_log,
@@ -116,10 +118,10 @@ def main(argv=None) -> int:
         entries = ptx_entries(ptx)
         for name, usage in parse_ptxas_log(log).items():
             body = entries.get(name, "")
-            usages[name] = (rel, usage, *fma_counts(body), uses_tensor_cores(body))
+            usages[name] = (rel, usage, *fma_counts(body), uses_tensor_cores(body), approximate_instructions(body))
     names = demangle(sorted(usages))
     limit = SMEM_OPTIN_LIMIT[args.arch]
-    for mangled, (rel, usage, fmas, unchained, tensor_cores) in sorted(
+    for mangled, (rel, usage, fmas, unchained, tensor_cores, approximations) in sorted(
         usages.items(), key=lambda kv: (str(kv[1][0]), names[kv[0]])
     ):
         name = short_name(names[mangled])
@@ -135,6 +137,8 @@ def main(argv=None) -> int:
                 f"{where}: a SIMT GEMM loop ({unchained} unchained FMAs >= {SIMT_GEMM_MIN_FMAS}, "
                 "no tensor-core instruction): move the GEMM to cuBLAS or tensor cores"
             )
+        if approximations:
+            failures.append(f"{where}: {approximations}: divide and take roots correctly rounded, as torch does")
         kernels.append(
             dict(
                 file=str(rel),

@@ -2,6 +2,7 @@
 the architectures' limits and the table printer. Standard library only."""
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 # The GEMM-shaped ops (dpm_ops/triton/<op>.py, csrc/<op>/): their GEMMs must run on tensor cores (Triton:
@@ -15,8 +16,9 @@ GRID_LIMITS = (2**31 - 1, 65535, 65535)
 
 # Tensor-core instructions: wgmma (sm_90 warpgroup), mma.sync (sm_80+) and wmma.
 _TENSOR_CORE = re.compile(r"\b(wgmma|wmma|mma)\.")
-# Approximate square roots (Triton's tl.sqrt / tl.rsqrt in fp32): not correctly rounded, not monotone.
-_APPROX_SQRT = re.compile(r"\br?sqrt\.approx\.")
+# Approximate square roots and divisions (Triton's fp32 tl.sqrt / tl.rsqrt and `/`): not correctly
+# rounded (sqrt.approx not even monotone), where torch and the CUDA kernels round both correctly.
+_APPROXIMATE = re.compile(r"\b(r?sqrt\.approx|div\.full|div\.approx)\.")
 # Floating-point multiply-adds of SIMT code: destination, operands (integer mad.lo/.wide is index arithmetic).
 _SIMT_FMA = re.compile(r"\b(?:fma|mad)\.rn(?:\.ftz)?(?:\.sat)?\.f(?:32|64)\s+(%\w+),\s*([^;]+);")
 _ENTRY = re.compile(r"^\s*(?:\.visible\s+|\.weak\s+)*\.entry\s+([\w$]+)", re.M)
@@ -104,9 +106,11 @@ def uses_tensor_cores(ptx: str) -> bool:
     return bool(_TENSOR_CORE.search(ptx))
 
 
-def approximate_sqrts(ptx: str) -> int:
-    """How many approximate square roots (sqrt.approx / rsqrt.approx) the PTX holds."""
-    return len(_APPROX_SQRT.findall(ptx))
+def approximate_instructions(ptx: str) -> str:
+    """The approximate square roots and divisions the PTX holds, as 'div.full x3, sqrt.approx x1';
+    '' for none."""
+    counts = Counter(_APPROXIMATE.findall(ptx))
+    return ", ".join(f"{name} x{count}" for name, count in sorted(counts.items()))
 
 
 def fma_counts(ptx: str) -> tuple:

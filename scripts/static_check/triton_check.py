@@ -15,8 +15,9 @@ over the architecture's opt-in limit, register spills (printed, not failed: fp64
 at most COLD_SPILL_BYTES none of which sits in an innermost loop of the SASS),
 a GEMM-shaped kernel without tensor-core instructions on sm_90 in TF32 or bf16 mode
 (GEMM_OPS), an fp64 variant with an fp32 scalar argument (Triton passes a plain Python float as fp32:
-the kernel would compute fp64 input with fp32-rounded constants), an approximate square root (fp32 tl.sqrt
-is sqrt.approx on a GPU, exact under the interpreter: _precision.sqrt_rn), a launch that leaves FMA
+the kernel would compute fp64 input with fp32-rounded constants), an approximate square root or division
+(fp32 tl.sqrt and / are sqrt.approx and div.full on a GPU, exact under the interpreter: _precision.sqrt_rn,
+div_rn), a launch that leaves FMA
 contraction to Triton's default (which 3.10 turns off: _precision.COMPILE_OPTIONS), and a kernel that no case launches. Nothing is written into the repository
 (no bytecode; Triton's cache lives in a temporary folder, removed at exit).
 
@@ -48,7 +49,7 @@ from ptx_tools import (  # noqa: E402  (after the bytecode switch)
     GEMM_OPS,
     GRID_LIMITS,
     SMEM_OPTIN_LIMIT,
-    approximate_sqrts,
+    approximate_instructions,
     hot_spill_instructions,
     parse_ptxas_log,
     print_table,  # noqa: E402
@@ -101,7 +102,7 @@ class Variant:
     warps: int
     stages: int
     tensor_cores: str  # the kinds of tensor-core instruction (ptx_tools.tensor_core_instructions); '' for none
-    approx_sqrts: int  # approximate square roots in the PTX (ptx_tools.approximate_sqrts)
+    approximations: str  # approximate square roots / divisions in the PTX (ptx_tools.approximate_instructions)
     fp_fusion: bool  # compiled with FMA contraction, which every launch pins (_precision.COMPILE_OPTIONS)
     compile_s: float
     cases: list = field(default_factory=list)
@@ -303,7 +304,7 @@ def new_variant(check: Check, fn, module: str, compiled, log: str, seconds: floa
         warps=md.num_warps,
         stages=md.num_stages,
         tensor_cores=tensor_core_instructions(compiled.asm["ptx"]),
-        approx_sqrts=approximate_sqrts(compiled.asm["ptx"]),
+        approximations=approximate_instructions(compiled.asm["ptx"]),
         fp_fusion=md.enable_fp_fusion,
         compile_s=round(seconds, 2),
     )
@@ -668,10 +669,10 @@ def judge_variants(check: Check) -> list:
                 check.fail("spills", message, v.cases)
         if "fp64" in v.dtypes and "fp32" in v.signature.split(","):
             check.fail("fp32 scalar", f"{where}: fp32 scalar argument in an fp64 variant ({v.signature})", v.cases)
-        if v.approx_sqrts:
+        if v.approximations:
             check.fail(
-                "approximate sqrt",
-                f"{where}: {v.approx_sqrts} approximate square roots (tl.sqrt in fp32): use _precision.sqrt_rn",
+                "approximate arithmetic",
+                f"{where}: {v.approximations} (fp32 tl.sqrt and / on a GPU): use _precision.sqrt_rn / div_rn",
                 v.cases,
             )
         if not v.fp_fusion:
