@@ -220,8 +220,14 @@ def test_geometry_primitives():
     assert lefts == tops == {0, 1, 2, 3, 4}  # every window position, both ends included
     assert np.asarray(CenterCrop((25, 15))(columns))[0, 0] == 2  # floor((20 - 15) / 2)
     assert np.asarray(CenterCrop((25, 15))(rows))[0, 0] == 2  # floor((30 - 25) / 2)
-    with pytest.raises(ValueError, match="cannot crop 20x10"):
+    with pytest.raises(
+        ValueError, match=r"^RandomCrop: cannot crop \(height, width\) = \(10, 20\) from a 32 x 16 image$"
+    ):
         RandomCrop((10, 20))(image)
+    with pytest.raises(
+        ValueError, match=r"^CenterCrop: cannot crop \(height, width\) = \(31, 20\) from a 30 x 20 image$"
+    ):
+        CenterCrop((31, 20))(rows)
     with pytest.raises(ValueError, match="interpolation"):
         Resize((8, 4), "lanczos5")
 
@@ -325,6 +331,8 @@ def test_random_erasing_places_a_box_anywhere_edges_included_and_the_recipes_fli
         (lambda: RandomErasing(area=(0.1, 2.0)), r"RandomErasing: area must be a range of shares of the image"),
         (lambda: RandomErasing(aspect=(0.0, 3.0)), r"RandomErasing: aspect\[0\] must be a finite number > 0, got 0.0"),
         (lambda: RandomErasing(max_count=0), "RandomErasing: max_count must be an integer >= 1, got 0"),
+        (lambda: RandomErasing(mode="zero"), "RandomErasing: mode must be 'pixel', 'rand' or 'const', got 'zero'$"),
+        (lambda: RandomErasing(area=0.3), r"RandomErasing: area must be a \(low, high\) pair, got 0.3$"),
     ],
 )
 def test_transform_settings_out_of_range_are_named_when_built(make, message):

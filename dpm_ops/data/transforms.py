@@ -46,6 +46,17 @@ def _uniform(generator: Optional[torch.Generator], low: float, high: float) -> f
     return low + (high - low) * torch.rand((), generator=generator).item()
 
 
+def _fitting(crop, image) -> tuple[int, int]:
+    """A crop's (height, width), which the image must hold."""
+    height, width = crop.size
+    if image.height < height or image.width < width:
+        raise ValueError(
+            f"{type(crop).__name__}: cannot crop (height, width) = ({height}, {width}) "
+            f"from a {image.height} x {image.width} image"
+        )
+    return height, width
+
+
 def _randint(generator: Optional[torch.Generator], low: int, high: int) -> int:
     """Uniform integer in [low, high], both inclusive."""
     return int(torch.randint(low, high + 1, (), generator=generator).item())
@@ -139,9 +150,7 @@ class RandomCrop(Transform):
         self.size = check_int_list("RandomCrop", "size", size, 1, length=2, why=" (height, width)")
 
     def _window(self, image, generator) -> tuple[int, int, int, int]:
-        height, width = self.size
-        if image.height < height or image.width < width:
-            raise ValueError(f"cannot crop {width}x{height} from a {image.width}x{image.height} image")
+        height, width = _fitting(self, image)
         top = _randint(generator, 0, image.height - height)
         left = _randint(generator, 0, image.width - width)
         return left, top, left + width, top + height
@@ -159,9 +168,7 @@ class CenterCrop(Transform):
         self.size = check_int_list("CenterCrop", "size", size, 1, length=2, why=" (height, width)")
 
     def _window(self, image) -> tuple[int, int, int, int]:
-        height, width = self.size
-        if image.height < height or image.width < width:
-            raise ValueError(f"cannot crop {width}x{height} from a {image.width}x{image.height} image")
+        height, width = _fitting(self, image)
         top = (image.height - height) // 2
         left = (image.width - width) // 2
         return left, top, left + width, top + height
@@ -259,7 +266,7 @@ class RandomErasing(Transform):
         attempts: int = 10,
     ):
         if mode not in ("pixel", "rand", "const"):
-            raise ValueError("mode must be 'pixel', 'rand' or 'const'")
+            raise ValueError(f"RandomErasing: mode must be 'pixel', 'rand' or 'const', got {mode!r}")
         self.probability = check_real("RandomErasing", "probability", probability, 0, 1)
         self.area, self.aspect = (_checked_range(name, value) for name, value in (("area", area), ("aspect", aspect)))
         if self.area[1] > 1:
