@@ -329,6 +329,22 @@ def test_dpm_stage_takes_its_solver_settings(tmp_path, tiny_root):
     assert losses["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("model", ["dpm", "vit_baseline", "maskreid"])
+def test_adamw_option_builds_adamw_with_each_groups_settings(tmp_path, tiny_root, model):
+    overrides = ["solver.optimizer=adamw", "solver.weight_decay=0.05", "solver.weight_decay_bias=0.0"]
+    trainer = Trainer(config_for(tmp_path, tiny_root, model, overrides=overrides), tmp_path / "run")
+    trainer.setup()
+    stage = trainer.stages[0]
+    for optimizer in stage.optimizers.values():
+        assert type(optimizer) is torch.optim.AdamW
+        assert {g["weight_decay"] for g in optimizer.param_groups} == {0.05, 0.0}  # weights / biases
+    before = [p.detach().clone() for p in stage.optimizers["main"].param_groups[0]["params"]]
+    losses = stage.step(trainer.step_context, next(iter(trainer.loaders[stage.sampler_kind])))
+    assert math.isfinite(losses["loss"].item())
+    after = stage.optimizers["main"].param_groups[0]["params"]
+    assert any(not torch.equal(b, a) for b, a in zip(before, after))
+
+
 def test_dpm_one_pass_steps_both_optimizers(tmp_path, tiny_root):
     trainer = Trainer(config_for(tmp_path, tiny_root, overrides=["solver.two_pass=false"]), tmp_path / "run")
     trainer.setup()

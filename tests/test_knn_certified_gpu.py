@@ -308,6 +308,22 @@ def test_certified_search_on_adversarial_inputs(backend, case):
         check_same_knn(x[:12], y[:120], 5, metric, min_covered=0.0, backend=backend)
 
 
+def test_rows_too_long_for_the_bound_are_computed_exactly():
+    # D >= 2^20, past the dimension the bound is derived for (ops/knn_certified.MAX_DIM): no stage 1 (so
+    # no GPU kernel runs here, on CPU tensors), every row by the exact fallback
+    x, y = gaussian(2, knn_certified.MAX_DIM, 1), gaussian(3, knn_certified.MAX_DIM, 2)
+    shorter = [knn_certified.Operand.of(t[:, :-1], "euclidean", torch.float32) for t in (x, y)]
+    assert knn_certified.bound_applies(*shorter)
+    assert not knn_certified.bound_applies(*(knn_certified.Operand.of(t, "euclidean", torch.float32) for t in (x, y)))
+    values, indices, counts = knn_certified.knn_certified_rows(x, y, 2, "euclidean", knn_certified.TRITON)
+    assert counts.tolist() == [-1, -1]
+    expected = pairwise_distance_reference(x.double(), y.double(), "euclidean").topk(2, largest=False)
+    assert torch.equal(indices, expected.indices)
+    torch.testing.assert_close(values, expected.values.float(), atol=0, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"too long \(D >= 2\^20\)"):
+        knn_certified.cuda_kernels(knn_certified.TRITON)["knn_certified_bounds"](x, y, "euclidean")
+
+
 def test_truncating_accumulation_stays_inside():
     """Sums truncated toward zero (the tensor cores' worst case) of the bf16 products, in blocks of 4 with
     the accumulator: still inside the bound, whose accumulation unit is 2^-21."""
