@@ -141,6 +141,29 @@ def test_invalid_yaml_and_missing_file(tmp_path):
         resolve_config_path(str(tmp_path / "nope.yaml"))
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("- model\n- solver\n", r"config .*shape\.yaml must be a mapping of sections, got list$"),
+        ("model: 3\n", r"^config key model: expected a section \(mapping\), got 3$"),
+        ("model:\n  name: null\n", r"^config key model.name: null is not allowed$"),
+        ("solver:\n  base_lr: abc\n", r"^config key solver.base_lr: expected float, got 'abc'$"),
+    ],
+)
+def test_a_file_of_the_wrong_shape_is_named(tmp_path, text, message):
+    path = tmp_path / "shape.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(path))
+
+
+def test_an_empty_file_is_the_defaults_with_the_overrides(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("# nothing yet\n")
+    assert load_config(str(path)) == load_config()  # load_config() is the defaults
+    assert load_config(str(path), ["model.name=vit_baseline"])["model"]["name"] == "vit_baseline"
+
+
 def test_base_chain(tmp_path):
     (tmp_path / "child.yaml").write_text("base: synthetic_dpm\nsolver: {epochs: 1}\nmodel: {options: {depth: 2}}\n")
     config = load_config(str(tmp_path / "child.yaml"))

@@ -188,6 +188,12 @@ def test_resume_errors(tmp_path, tiny_root):
         train(
             config_for(tmp_path, tiny_root, overrides=["loss.ranking_pos_mode=all_eq5"]), tmp_path / "run", resume=True
         )
+    del state["training"]  # a final.pt (weights only) copied over last.pt
+    torch.save(state, last)
+    with pytest.raises(CheckpointError, match=r"last.pt holds weights only, no training state$"):
+        train(
+            config_for(tmp_path, tiny_root, overrides=["loss.ranking_pos_mode=all_eq5"]), tmp_path / "run", resume=True
+        )
 
 
 def test_a_diverged_run_stops_and_keeps_its_good_checkpoints(tmp_path, tiny_root):
