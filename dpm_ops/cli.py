@@ -4,6 +4,7 @@
     dpm-reid eval  --config synthetic_dpm --weights runs/synthetic_dpm/checkpoints/final.pt
     dpm-reid export --config synthetic_dpm --weights CKPT --out model.onnx [--batch N] [--opset N]
     dpm-reid extract --config synthetic_dpm --weights CKPT --images DIR --out features.npz [--camera N]
+    dpm-reid rank --query query.npz --gallery gallery.npz [--rerank] [--out metrics.json]
     dpm-reid synth --out DIR [--ids N ...]
     dpm-reid configs
     dpm-reid --version
@@ -52,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Occluded / mask-based person re-ID: train and evaluate DPM, its ViT baseline and MaskReID.",
     )
     parser.add_argument("--version", action="version", version=_version())
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,export,extract,synth,configs}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,export,extract,rank,synth,configs}")
 
     train = sub.add_parser("train", help="train (or resume), then evaluate and print the metrics table")
     train.add_argument("--config", required=True, help="YAML file or built-in config name")
@@ -104,6 +105,21 @@ def _parser() -> argparse.ArgumentParser:
         "camera embedding; default: from Market-style names <pid>_c<camera>...)",
     )
     fx.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.batch_size=64")
+
+    rk = sub.add_parser("rank", help="CMC / mAP / mINP of a gallery .npz ranked for a query .npz (of extract)")
+    rk.add_argument("--query", required=True, help="the queries' .npz (dpm-reid extract)")
+    rk.add_argument("--gallery", required=True, help="the gallery's .npz, from the same model")
+    rk.add_argument(
+        "--distance",
+        default="auto",
+        help="auto (the model's test distance: DPM's masked arccos, else euclidean), euclidean, cosine, masked_arccos",
+    )
+    rk.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (Zhong et al., CVPR 2017)")
+    rk.add_argument("--k1", type=int, default=20, help="re-ranking's k1 (default 20)")
+    rk.add_argument("--k2", type=int, default=6, help="re-ranking's k2 (default 6)")
+    rk.add_argument("--lambda-value", type=float, default=0.3, help="re-ranking's lambda (default 0.3)")
+    rk.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda or cuda:N")
+    rk.add_argument("--out", help="also write the metrics (and the settings) to this .json file")
 
     sub.add_parser(
         "synth", help="generate the synthetic occluded re-ID dataset (see `dpm-reid synth -h`)", add_help=False
@@ -204,6 +220,32 @@ def _extract(args) -> int:
     return 0
 
 
+def _rank(args) -> int:
+    from dpm_ops.engine import resolve_device
+    from dpm_ops.engine.evaluator import write_json_atomic
+    from dpm_ops.engine.scoring import format_metrics_table
+    from dpm_ops.export import check_output_path
+    from dpm_ops.feature_files import load_features_npz, rank_features
+
+    out = None if args.out is None else check_output_path(args.out, "--out", "a file name, e.g. metrics.json")
+    device = resolve_device(args.device, "--device")
+    query, gallery = load_features_npz(args.query, "--query"), load_features_npz(args.gallery, "--gallery")
+    rerank = dict(rerank=args.rerank, k1=args.k1, k2=args.k2, lambda_value=args.lambda_value)
+    metrics = rank_features(query, gallery, args.distance, device=device, **rerank)
+    settings = metrics["settings"]
+    left_out = settings["gallery_without_identity"]
+    print(
+        f"{len(query.features)} queries, {settings['num_gallery']} gallery items"
+        + (f" ({left_out} without identity left out)" if left_out else "")
+        + f"; {settings['model']}, {settings['distance']} distance{', re-ranked' if args.rerank else ''}"
+    )
+    print(format_metrics_table(metrics))
+    if out is not None:
+        write_json_atomic(out, metrics)
+        print(f"metrics written to {out}")
+    return 0
+
+
 def _one_line(error: BaseException) -> str:
     """The message on one line; an error re-raised from a DataLoader worker carries the worker's
     traceback in its message, whose last line is the original ``module.Class: message``."""
@@ -234,7 +276,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from dpm_ops.engine import distributed
     from dpm_ops.export import ExportError, OnnxCheckError
 
-    commands = {"train": _train, "eval": _eval, "export": _export, "extract": _extract}
+    commands = {"train": _train, "eval": _eval, "export": _export, "extract": _extract, "rank": _rank}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")

@@ -35,6 +35,16 @@ class FeatureSet:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def select(self, keep: torch.Tensor) -> "FeatureSet":
+        """The items where the (N,) bool tensor ``keep`` is true, in order."""
+        return FeatureSet(
+            self.features[keep],
+            None if self.masks is None else self.masks[keep],
+            self.pids[keep],
+            self.camids[keep],
+            [path for path, kept in zip(self.paths, keep.tolist()) if kept],
+        )
+
     @staticmethod
     def concat(parts: Sequence["FeatureSet"]) -> "FeatureSet":
         """Concatenate shards in order; empty shards (which carry no feature width) are skipped."""
@@ -182,14 +192,7 @@ def pool_multi_query(query: FeatureSet, pool: FeatureSet, mode: str) -> FeatureS
         raise ValueError("query and pool must both have DPM masks or both have none")
     pooled_names = {os.path.basename(path) for path in pool.paths}
     own = torch.tensor([os.path.basename(path) not in pooled_names for path in query.paths], dtype=torch.bool)
-    own_images = FeatureSet(
-        query.features[own],
-        None if query.masks is None else query.masks[own],
-        query.pids[own],
-        query.camids[own],
-        [p for p, o in zip(query.paths, own.tolist()) if o],
-    )
-    members = FeatureSet.concat([pool, own_images])
+    members = FeatureSet.concat([pool, query.select(own)])
     keys = torch.stack([torch.cat([members.pids, query.pids]), torch.cat([members.camids, query.camids])], dim=1)
     groups, group_of = torch.unique(keys, dim=0, return_inverse=True)
     member_group, query_group = group_of[: len(members)], group_of[len(members) :]

@@ -1,0 +1,187 @@
+"""The feature files of `dpm-reid extract` read back and ranked (`dpm-reid rank`, dpm_ops.feature_files):
+the evaluator's numbers from the same images, Market's junk left out, bad files and options named."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from dpm_ops.cli import main
+from dpm_ops.engine import load_config
+from dpm_ops.engine.builders import load_splits
+from dpm_ops.engine.evaluator import evaluate_model
+from dpm_ops.evaluation import evaluate_rank, pairwise_distance
+from dpm_ops.export import ExportError, extract_folder, save_features_npz
+from dpm_ops.feature_files import load_features_npz, rank_features
+from test_cli import assert_one_line_error, tiny_set  # noqa: F401  (tiny_set: a fixture)
+from test_export import MASKREID_SIZE, VIT_SIZE, checkpointed
+
+
+def write_npz(path, count=12, dim=8, *, seed=0, model="vit_baseline", distance="euclidean", pids=None, **arrays):
+    """A feature file as extract writes it, of random unit features: 4 identities over 2 cameras."""
+    generator = np.random.default_rng(seed)
+    features = generator.standard_normal((count, dim)).astype(np.float32)
+    contents = dict(
+        paths=np.array([f"{i:04d}.jpg" for i in range(count)]),
+        features=features / np.linalg.norm(features, axis=1, keepdims=True),
+        pids=np.arange(count, dtype=np.int64) % 4 if pids is None else np.asarray(pids, dtype=np.int64),
+        camids=(np.arange(count, dtype=np.int64) // 4) % 2,
+        model=np.array(model),
+        distance=np.array(distance),
+    )
+    contents.update(arrays)
+    np.savez(path, **contents)
+    return path
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory, tiny_set):  # noqa: F811  (the fixture imported above)
+    """{model name: (query.npz, gallery.npz, the evaluator's metrics, the evaluator's re-ranked metrics)}."""
+    found = {}
+    for name in ("dpm", "vit_baseline", "maskreid"):
+        folder = tmp_path_factory.mktemp(name)
+        config_path, _, model = checkpointed(folder, tiny_set, name)
+        size = MASKREID_SIZE if name == "maskreid" else VIT_SIZE
+        files = []
+        for split, images in (("query", "query"), ("gallery", "bounding_box_test")):
+            features = extract_folder(model, tiny_set / images, image_size=size, progress=False)
+            files.append(save_features_npz(folder / f"{split}.npz", features, model))
+        splits = load_splits(load_config(str(config_path), []))
+        options = dict(model_name=name, image_size=size, progress=False, pictures=False)
+        found[name] = (
+            *files,
+            evaluate_model(model, splits, **options),
+            evaluate_model(model, splits, rerank=True, k1=6, k2=3, lambda_value=0.4, **options),
+        )
+    return found
+
+
+@pytest.mark.parametrize("name", ["dpm", "vit_baseline", "maskreid"])
+def test_rank_scores_extracted_files_as_the_evaluator_scores_the_dataset(extracted, name):
+    query_file, gallery_file, expected, expected_reranked = extracted[name]
+    query, gallery = load_features_npz(query_file), load_features_npz(gallery_file)
+    assert query.model == name and query.distance == ("masked_arccos" if name == "dpm" else "euclidean")
+    assert (query.features.masks is not None) == (name == "dpm")
+    for metrics, want in (
+        (rank_features(query, gallery), expected),
+        (rank_features(query, gallery, rerank=True, k1=6, k2=3, lambda_value=0.4), expected_reranked),
+    ):
+        got = metrics["all"]
+        for key in ("rank1", "mAP", "mINP", "num_query", "num_valid"):
+            assert got[key] == pytest.approx(want["all"][key], abs=1e-4), key
+        assert got["cmc"][:10] == pytest.approx(want["all"]["cmc"][:10], abs=1e-4)
+    assert metrics["settings"]["rerank"] and metrics["settings"]["k1"] == 6
+
+
+def test_rank_command_prints_the_table_and_writes_the_metrics(extracted, tmp_path, capsys):
+    query_file, gallery_file, expected, _ = extracted["dpm"]
+    out = tmp_path / "deeper" / "metrics.json"
+    assert main(["rank", "--query", str(query_file), "--gallery", str(gallery_file), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "dpm, masked_arccos distance" in printed and "Rank-1" in printed and f"metrics written to {out}" in printed
+    written = json.loads(out.read_text())
+    assert written["all"]["mAP"] == pytest.approx(expected["all"]["mAP"], abs=1e-4)
+    assert written["settings"] == dict(
+        model="dpm",
+        distance="masked_arccos",
+        rerank=False,
+        num_gallery=written["settings"]["num_gallery"],
+        gallery_without_identity=0,
+    )
+    argv = ["rank", "--query", str(query_file), "--gallery", str(gallery_file), "--rerank", "--k1", "6", "--k2", "3"]
+    assert main([*argv, "--lambda-value", "0.4", "--distance", "cosine", "--device", "cpu"]) == 0
+    assert "dpm, cosine distance, re-ranked" in capsys.readouterr().out
+
+
+def test_gallery_items_without_identity_are_left_out(tmp_path):
+    query = load_features_npz(write_npz(tmp_path / "q.npz", 6, seed=1))
+    plain = load_features_npz(write_npz(tmp_path / "g.npz", 16, seed=2))
+    junk_pids = np.r_[np.arange(16) % 4, [-1] * 5]  # Market's junk (and names not Market-style): pid -1
+    with_junk = load_features_npz(write_npz(tmp_path / "j.npz", 21, seed=2, pids=junk_pids))
+    assert torch.equal(with_junk.features.features[:16], plain.features.features)  # the same 16 first rows
+    expected, got = rank_features(query, plain), rank_features(query, with_junk)
+    assert got["all"] == expected["all"]
+    assert (got["settings"]["num_gallery"], got["settings"]["gallery_without_identity"]) == (16, 5)
+    # independently: the Euclidean distances of the identified rows, Market's protocol
+    direct = evaluate_rank(
+        pairwise_distance(query.features.features, plain.features.features, metric="euclidean"),
+        query.features.pids,
+        plain.features.pids,
+        query.features.camids,
+        plain.features.camids,
+        max_rank=16,
+    )
+    assert got["all"]["mAP"] == pytest.approx(100 * direct.mAP, abs=1e-5)
+
+
+def test_bad_files_and_options_are_named(tmp_path):
+    good = write_npz(tmp_path / "good.npz")
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not a zip")
+    partial = tmp_path / "partial.npz"
+    np.savez(partial, features=np.zeros((2, 3), np.float32))
+    (tmp_path / "folder.npz").mkdir()
+    for path, needle in (
+        (tmp_path / "missing.npz", "missing.npz: not found"),
+        (tmp_path / "folder.npz", "folder.npz: is a folder"),
+        (garbage, "garbage.npz: not an .npz file"),
+        (partial, "partial.npz: no paths, pids, camids, model, distance array: not a feature file of dpm-reid extract"),
+        (write_npz(tmp_path / "m.npz", model="osnet"), "m.npz: model 'osnet' is not one of dpm, "),
+        (
+            write_npz(tmp_path / "i.npz", features=np.zeros((12, 8), np.int64)),
+            "features must be a non-empty (N, D) float",
+        ),
+        (write_npz(tmp_path / "p.npz", pids=np.arange(11)), "pids must be 12 integers, one per feature, got (11,)"),
+        (write_npz(tmp_path / "k.npz", masks=np.ones((12, 7), np.float32)), "masks must have the features' shape"),
+    ):
+        with pytest.raises(ExportError, match=f"^query .*{re.escape(path.name)}: "):
+            load_features_npz(path, "query")
+        with pytest.raises(ExportError) as error:
+            load_features_npz(path, "--query")
+        assert needle in str(error.value)
+    saved = load_features_npz(good)
+    cases = [
+        (dict(gallery=load_features_npz(write_npz(tmp_path / "w.npz", dim=9))), "differ in width: 8 and 9"),
+        (
+            dict(gallery=load_features_npz(write_npz(tmp_path / "d.npz", model="dpm", distance="masked_arccos"))),
+            "different models: vit_baseline and dpm",
+        ),
+        (
+            dict(query=load_features_npz(write_npz(tmp_path / "u.npz", pids=[-1, 0] * 6))),
+            "6 of 12 queries have no identity",
+        ),
+        (
+            dict(gallery=load_features_npz(write_npz(tmp_path / "n.npz", pids=[-1] * 12))),
+            "no gallery item has an identity",
+        ),
+        (dict(distance="masked_arccos"), "needs DPM's channel masks; vit_baseline has none"),
+        (dict(distance="angular"), "distance must be one of"),
+        (dict(k1=0), "k1 must be an integer >= 1, got 0"),
+        (dict(lambda_value=1.5), r"lambda_value must be a finite number in [0, 1], got 1.5"),
+    ]
+    for change, needle in cases:
+        arguments = {"query": saved, "gallery": saved, **change}
+        with pytest.raises(ValueError) as error:
+            rank_features(arguments.pop("query"), arguments.pop("gallery"), **arguments)
+        assert needle in str(error.value), (needle, str(error.value))
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--query", "nowhere.npz"], "--query nowhere.npz: not found"),
+        (["--k2", "0"], "k2 must be an integer >= 1, got 0"),
+        (["--device", "cuda:7"], "--device: cuda:7 requested but"),
+        (["--out", "."], "--out . is a directory"),
+    ],
+)
+def test_rank_command_bad_input_is_one_line(tmp_path, capsys, monkeypatch, extra, needle):
+    monkeypatch.chdir(tmp_path)
+    write_npz(tmp_path / "q.npz")
+    write_npz(tmp_path / "g.npz", seed=3)
+    argv = {"--query": "q.npz", "--gallery": "g.npz"}
+    argv.update(dict(zip(extra[::2], extra[1::2])))
+    code = main(["rank", *[item for pair in argv.items() for item in pair]])
+    assert_one_line_error(capsys, code, needle)
