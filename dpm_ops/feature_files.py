@@ -63,8 +63,10 @@ def load_features_npz(path, argument: str = "path") -> SavedFeatures:
     if arrays["paths"].shape != (count,):
         raise ExportError(f"{where}: paths must hold {count} names, one per feature, got {arrays['paths'].shape}")
     masks = arrays.get("masks")
-    if masks is not None and masks.shape != features.shape:
-        raise ExportError(f"{where}: masks must have the features' shape {features.shape}, got {masks.shape}")
+    if masks is not None and (masks.shape != features.shape or masks.dtype.kind != "f"):
+        raise ExportError(
+            f"{where}: masks must be floats of the features' shape {features.shape}, got {masks.dtype} {masks.shape}"
+        )
     return SavedFeatures(
         FeatureSet(
             torch.from_numpy(features.astype(np.float32)),

@@ -134,7 +134,8 @@ def test_bad_files_and_options_are_named(tmp_path):
             "features must be a non-empty (N, D) float",
         ),
         (write_npz(tmp_path / "p.npz", pids=np.arange(11)), "pids must be 12 integers, one per feature, got (11,)"),
-        (write_npz(tmp_path / "k.npz", masks=np.ones((12, 7), np.float32)), "masks must have the features' shape"),
+        (write_npz(tmp_path / "k.npz", masks=np.ones((12, 7), np.float32)), "masks must be floats of the features'"),
+        (write_npz(tmp_path / "s.npz", masks=np.full((12, 8), "x")), "masks must be floats of the features' shape"),
     ):
         with pytest.raises(ExportError, match=f"^query .*{re.escape(path.name)}: "):
             load_features_npz(path, "query")
