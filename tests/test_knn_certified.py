@@ -143,6 +143,25 @@ def test_duplicate_heavy_rows_fall_back_and_match():
     check_same_knn(x, many, k, "sqeuclidean", min_covered=0.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_whose_log_overflows_before_their_nearest_arrive_are_rescanned(dtype):
+    # 18,000 near-equidistant items first (within 1e-3 of each other, far inside the bound's width): while
+    # a row's limit is theirs, every one is kept, and the rows overflow the 65,536-entry log (> 2 cap each);
+    # their nearest items come last. The rows are then searched again from their final limit, where
+    # only the near items are candidates: certified (a count >= k), not left to the direct path (-1).
+    gen = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(4, 64, generator=gen), dim=1)
+    far = torch.randn(64, generator=gen)
+    far = 3 * far / far.norm() + 1e-3 * torch.randn(18_000, 64, generator=gen)
+    near = (x[:, None, :] + 0.05 * torch.randn(4, 8, 64, generator=gen)).reshape(-1, 64)
+    x, y = x.to(dtype), torch.cat([far, near]).to(dtype)
+    for metric in ("euclidean", "sqeuclidean", "cosine"):
+        values, indices, counts = torch.ops.dpm_ops.knn_certified(x, y, 5, metric)
+        assert bool(((counts >= 5) & (counts <= 8)).all()), (metric, counts)
+        assert bool((indices >= 18_000).all())  # the near items
+        check_same_knn(x, y, 5, metric, strategy_result=(values, indices), min_covered=1.0)
+
+
 @pytest.mark.parametrize("rows, cols, k", [(1, 1, 1), (4, 5, 5), (0, 3, 2), (7, 3, 3), (3, 130, 130)])
 def test_tiny_and_k_at_least_n(rows, cols, k):
     x, y = gaussian(rows, 8, 4), gaussian(cols, 8, 5)
