@@ -238,6 +238,17 @@ def test_self_knn_matches_direct(normalize, metric):
     check_same_self_knn(cert, direct, x, k, normalize, metric, min_covered=0.4 if metric == "cosine" else 0.5)
 
 
+def test_self_knn_with_k_past_the_insertion_buffer():
+    # m = k + 4 > 64: a diagonal tile's m-th smallest upper bound comes from a selection on a copy
+    query, gallery = reid_like(100, 1200, seed=4)
+    x = torch.cat([query, gallery])
+    cert = torch.ops.dpm_ops.self_knn_certified(x, 80, "sqeuclidean", True, len(query))
+    direct = self_knn(x, 80, "sqeuclidean", True, len(query), backend="cpp", strategy="direct")
+    assert bool((cert[4] >= 80).all())
+    # 80 neighbours a row: few rows have all 80 gaps wider than the tolerance, so the distances decide
+    check_same_self_knn(cert, direct, x, 80, True, min_covered=0.0)
+
+
 def rows_too_short_to_normalise(wide_rows, dtype=torch.float32):
     """(rows, k) cases of cosine rows shorter than F.normalize's eps: the two-row case hypothesis found,
     `wide_rows` random rows with every 7th far below the eps, and a row of norm eps / 2, which normalises to
