@@ -57,10 +57,7 @@ class OverlappingPatchEmbed(nn.Module):
 
     def __init__(self, img_size: tuple[int, int], patch_size: int, stride: int, in_chans: int, embed_dim: int):
         super().__init__()
-        height, width = img_size
-        if height < patch_size or width < patch_size:
-            raise ValueError(f"image size {img_size} is smaller than the patch size {patch_size}")
-        self.img_size = (height, width)
+        self.img_size = tuple(img_size)  # at least patch_size each: ViTReID's check_vit_options
         self.grid_size = patch_grid(img_size, patch_size, stride)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=stride)
@@ -74,9 +71,7 @@ class OverlappingPatchEmbed(nn.Module):
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"embed dim {dim} is not divisible by {num_heads} heads")
-        self.num_heads = num_heads
+        self.num_heads = num_heads  # dividing dim: ViTReID's check_vit_options
         self.scale = (dim // num_heads) ** -0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
