@@ -22,7 +22,7 @@ import triton.language as tl
 from ._device import on_input_device
 from ._precision import COMPILE_OPTIONS, div_rn, dot, dot_precision, scalar_as, sqrt_rn
 from .._precision import compute_dtype
-from .masked_cosine import _inv_norm, _normalize_backward, _prepared
+from .masked_cosine import _cosine_grads, _inv_norm, _normalize_backward, _prepared
 
 EPS = 1e-12
 BLOCK_B = 32
@@ -105,14 +105,6 @@ def _forward_epilogue(part_ptr, target_ptr, rows, pid_k, B, n_ktiles, logit, pla
     if WITH_PLAIN:
         _store_partial_lse(part_ptr + 2 * plane + part, plane, plain, valid, in_b)
         tl.store(target_ptr + B + rows, tl.sum(tl.where(is_t, plain, 0.0), axis=1), mask=in_b & has_t)
-
-
-@triton.jit
-def _cosine_grads(gcos, cos, den, den_sq, eps):
-    """The masked cosine's backward coefficients for the upstream gradient ``gcos``: g_num = gcos / den
-    (of the numerator) and h = gcos * cos / den² (of the denominator), 0 where den vanishes."""
-    live = den > eps
-    return div_rn(gcos, tl.maximum(den, eps)), tl.where(live, div_rn(gcos * cos, tl.where(live, den_sq, 1.0)), 0.0)
 
 
 @triton.jit

@@ -22,6 +22,14 @@ from ._precision import COMPILE_OPTIONS, div_rn, dot, dot_precision, scalar_as, 
 
 
 @triton.jit
+def _cosine_grads(gcos, cos, den, den_sq, eps):
+    """The masked cosine's backward coefficients for the upstream gradient ``gcos``: g_num = gcos / den
+    (of the numerator) and h = gcos * cos / den² (of the denominator), 0 where den vanishes."""
+    live = den > eps
+    return div_rn(gcos, tl.maximum(den, eps)), tl.where(live, div_rn(gcos * cos, tl.where(live, den_sq, 1.0)), 0.0)
+
+
+@triton.jit
 def _masked_cosine_tile_kernel(
     a_ptr,
     m2_ptr,
@@ -70,9 +78,9 @@ def _masked_cosine_tile_kernel(
     if COEFS:
         g = tl.load(grad_ptr + offs, mask=omask, other=0.0).to(acc_t)
         c_out = tl.load(out_ptr + offs, mask=omask, other=0.0).to(acc_t)
-        live = den > eps
-        tl.store(g_num_ptr + offs, div_rn(g, tl.maximum(den, eps)), mask=omask)
-        tl.store(h_ptr + offs, tl.where(live, div_rn(g * c_out, tl.where(live, den_sq, 1.0)), 0.0), mask=omask)
+        g_num, h = _cosine_grads(g, c_out, den, den_sq, eps)
+        tl.store(g_num_ptr + offs, g_num, mask=omask)
+        tl.store(h_ptr + offs, h, mask=omask)
     else:
         tl.store(out_ptr + offs, div_rn(num, tl.maximum(den, eps)).to(out_ptr.dtype.element_ty), mask=omask)
 
