@@ -264,6 +264,19 @@ def test_bad_input_names_the_argument(backend, bad, message):
         hierarchical_mask_pool(*bad(features, mask), backend=backend)
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("mode", ["avg", "max"])
+def test_non_finite_maps_of_a_sample_with_an_all_zero_mask_are_refused(backend, mode):
+    # avg mode finds NaN / inf in its output, but an all-zero mask pools to 0 without a sum: taken as 0
+    features, mask = make_inputs(2, [(3, 4, 3), (2, 2, 5)], (8, 10), torch.float32, device_for(backend))
+    mask[1] = 0.0
+    features[1][1, 0, 1, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"^hierarchical_mask_pool: features\[1\] contains non-finite values"):
+        hierarchical_mask_pool(features, mask, mode, backend=backend)
+    features[1][1, 0, 1, 3] = 0.0
+    assert hierarchical_mask_pool(features, mask, mode, backend=backend)[1].eq(0).all()  # pooled to 0
+
+
 @pytest.mark.parametrize("backend", backend_params("cpp"))
 def test_direct_op_call_checks_too(backend):
     features, mask = make_inputs(2, [(3, 4, 3)], (8, 10), torch.float32, "cpu")

@@ -124,7 +124,8 @@ def hierarchical_mask_pool(
     # The mask, small, is checked up front (also in magnitude: it weighs the sums). The maps: a max
     # can skip a NaN (the Triton kernel's does), so max mode checks them before; every average sums
     # all of its map's values (a NaN or inf times a zero weight is NaN), so avg mode finds NaN, inf
-    # and overflow in its small (B, sum C_l) output instead of a second pass over the maps.
+    # and overflow in its small (B, sum C_l) output instead of a second pass over the maps; only a
+    # sample with an all-zero mask, pooled to 0 without a sum, has its maps checked on their own.
     named = {f"features[{i}]": f for i, f in enumerate(features)}
     if mode == "max":
         check_finite("hierarchical_mask_pool", **named)
@@ -135,4 +136,16 @@ def hierarchical_mask_pool(
     out = HIERARCHICAL_MASK_POOL.run(name, features, mask, mode)
     if mode == "avg":
         check_result_finite("hierarchical_mask_pool", out, **named)
+        if mask is not None:
+            _check_unweighted_samples(named, mask)
     return out
+
+
+def _check_unweighted_samples(named: dict, mask: torch.Tensor) -> None:
+    """A sample whose mask is all zero pools to 0 without summing its maps, so their NaN or inf would not
+    reach the output: those samples' maps are checked here (one sync; usually there is none)."""
+    if torch.compiler.is_compiling():
+        return
+    empty = mask.flatten(1).amax(1) <= 0
+    if bool(empty.any()):
+        check_finite("hierarchical_mask_pool", **{name: f.detach()[empty] for name, f in named.items()})
