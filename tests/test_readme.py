@@ -326,3 +326,26 @@ def test_the_files_the_docs_name_exist(doc):
     written = set(re.findall(r"`([\w.-]+(?:/[\w.-]+)+/?)`", text))
     missing = sorted(w for w in written if not exists(w))
     assert written and not missing, f"{doc} names files that are not there: {missing}"
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/architecture.md", "docs/certified_knn.md"])
+def test_the_dotted_names_the_docs_write_evaluate(doc):
+    """Every `dpm_ops.a.b` a page writes evaluates as written after `import dpm_ops.a.b` (or its longest
+    importable prefix): attribute by attribute from the package, so a module shadowed by a function of the
+    same name (`dpm_ops.ops.knn` is the function) is caught."""
+    names = set(re.findall(r"`(dpm_ops(?:\.\w+)+)", (README.parent / doc).read_text(encoding="utf-8")))
+    missing = []
+    for name in sorted(names):
+        parts = name.split(".")
+        for end in range(len(parts), 0, -1):
+            try:
+                importlib.import_module(".".join(parts[:end]))
+                break
+            except ImportError:
+                continue
+        obj = dpm_ops
+        for part in parts[1:]:
+            obj = getattr(obj, part, missing)
+        if obj is missing:
+            missing.append(name)
+    assert not missing, f"{doc} writes names that do not evaluate: {missing}"

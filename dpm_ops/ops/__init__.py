@@ -7,7 +7,7 @@ from .hem_loss_reference import hem_loss_reference
 from .hierarchical_mask_pool import hierarchical_mask_pool
 from .hierarchical_mask_pool_reference import hierarchical_mask_pool_reference
 from . import kreciprocal, rank  # noqa: F401  (the evaluation kernels' ops)
-from .knn import knn, self_knn
+from .knn import int8_gemm_engine, knn, self_knn
 from . import knn_certified  # noqa: F401  (the CUDA / Triton certified k-NN: registrations)
 from .knn_reference import knn_reference, self_knn_reference
 from .masked_arcface import masked_arcface_ce
@@ -24,6 +24,7 @@ __all__ = [
     "hem_loss_reference",
     "hierarchical_mask_pool",
     "hierarchical_mask_pool_reference",
+    "int8_gemm_engine",
     "knn",
     "knn_reference",
     "masked_arccos_distance",
