@@ -185,7 +185,21 @@ def test_color_jitter_ranges_wrap_and_order():
     red = Image.new("RGB", (4, 4), RED)
     hues = [np.asarray(ColorJitter(hue=0.2)(red, generator(s)).convert("HSV"))[0, 0, 0] for s in range(20)]
     assert any(0 < h <= 51 for h in hues) and any(h >= 205 for h in hues)  # shifts both ways, wrapping at 256
-    assert np.asarray(ColorJitter._shift_hue(red, -0.1).convert("HSV"))[0, 0, 0] == 256 - 26
+    assert np.asarray(ColorJitter._shift_hue(red, -0.1).convert("HSV"))[0, 0, 0] == 256 - 25
+
+
+@pytest.mark.parametrize("shift", [0.1, -0.1, 0.0021, -0.0021, 0.13, -0.2, 0.5, -0.5])
+def test_hue_shift_truncates_as_torchvision(shift):
+    """torchvision's adjust_hue (PIL): h += np.array(shift * 255).astype(np.uint8), a cast that truncates
+    toward zero and wraps (-25.5 -> 231); rounding instead moved half the draws one step further."""
+    hues = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    hsv = np.stack([hues, np.full_like(hues, 200), np.full_like(hues, 180)], axis=-1)
+    image = Image.fromarray(hsv, "HSV").convert("RGB")
+    h, saturation, value = image.convert("HSV").split()
+    step = int(np.trunc(shift * 255)) % 256  # the uint8 cast's result on the platforms torchvision runs on
+    shifted = Image.fromarray(((np.asarray(h).astype(np.int64) + step) % 256).astype(np.uint8), "L")
+    expected = Image.merge("HSV", (shifted, saturation, value)).convert("RGB")
+    assert np.array_equal(np.asarray(ColorJitter._shift_hue(image, shift)), np.asarray(expected))
 
 
 def test_color_jitter_applies_its_steps_in_random_order(monkeypatch):

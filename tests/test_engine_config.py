@@ -319,6 +319,13 @@ def test_values_are_range_checked_at_load_time(override, needle):
     assert needle in message and "\n" not in message, message
 
 
+def test_maskreid_ranking_lambda_zero_is_the_papers_ablation():
+    """Table 4 of MaskReID trains with lambda = 0 (no positive pull): the config takes it, not a negative one."""
+    assert load_config("maskreid_market1501", ["loss.ranking_lambda=0"])["loss"]["ranking_lambda"] == 0.0
+    with pytest.raises(ConfigError, match=r"loss.ranking_lambda: expected a value >= 0, got -0.5"):
+        load_config("maskreid_market1501", ["loss.ranking_lambda=-0.5"])
+
+
 @pytest.mark.parametrize("override", ["input.resize=[176,72]", "input.size=[256,128]"])
 def test_maskreid_trains_at_its_test_resize(override):
     """MaskReID tests by resizing to input.size + (16, 8) and centre-cropping input.size: a training resize

@@ -197,8 +197,9 @@ class ColorJitter(Transform):
 
     @staticmethod
     def _shift_hue(image: Image.Image, shift: float) -> Image.Image:
+        # torchvision's PIL path adds np.array(shift * 255).astype(np.uint8): truncated toward zero, wrapping
         hsv = np.array(image.convert("HSV"))
-        hsv[..., 0] = (hsv[..., 0].astype(np.int16) + int(round(shift * 255))) % 256
+        hsv[..., 0] = (hsv[..., 0].astype(np.int16) + int(shift * 255)) % 256
         return Image.fromarray(hsv, "HSV").convert("RGB")
 
     def __call__(self, image, generator=None):

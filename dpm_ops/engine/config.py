@@ -123,7 +123,7 @@ SCHEMA: dict = {
         "masked_weight": _f(0.5, float, bounds=NON_NEGATIVE),
         # MaskReID ranking loss: Eq. 5 (pos_mode hardest | all_eq5), or Eq. 4 (eq4: no alpha, lambda, neg_mode)
         "ranking_alpha": _f(0.15, float, bounds=NON_NEGATIVE),
-        "ranking_lambda": _f(2.0, float, bounds=POSITIVE),
+        "ranking_lambda": _f(2.0, float, bounds=NON_NEGATIVE),  # 0: Table 4's ablation without the pull
         "ranking_neg_mode": _f("literal", str, ("literal", "violating_only")),
         "ranking_pos_mode": _f("hardest", str, ("hardest", "all_eq5", "eq4"), renamed=RENAMED_POS_MODES),
     },
