@@ -167,7 +167,7 @@ def _export(args) -> int:
     check_int("--batch", args.batch, 2)
     if args.opset is not None:
         check_opset("--opset", args.opset)
-    check_output_path(args.out, "--out", "a file name, e.g. model.onnx")
+    check_output_path(args.out, "--out", "a file name, e.g. model.onnx", _inputs(args, "config", "weights"))
     config, model = _checkpoint_model(args)  # exported on the CPU: the graph does not depend on the device
     try:
         result = export_onnx(
@@ -199,7 +199,7 @@ def _extract(args) -> int:
 
     if args.camera is not None:  # extract_folder's own check, named as the flag and before the checkpoint is read
         check_int("--camera", args.camera, 0)
-    out = check_output_path(args.out, "--out", "a file name, e.g. features.npz")
+    out = check_output_path(args.out, "--out", "a file name, e.g. features.npz", _inputs(args, "config", "weights"))
     config, model = _checkpoint_model(args)
     device = resolve_device(config["train"]["device"])
     ev = config["eval"]
@@ -227,7 +227,8 @@ def _rank(args) -> int:
     from dpm_ops.export import check_output_path
     from dpm_ops.feature_files import load_features_npz, rank_features
 
-    out = None if args.out is None else check_output_path(args.out, "--out", "a file name, e.g. metrics.json")
+    inputs = _inputs(args, "query", "gallery")
+    out = None if args.out is None else check_output_path(args.out, "--out", "a file name, e.g. metrics.json", inputs)
     device = resolve_device(args.device, "--device")
     query, gallery = load_features_npz(args.query, "--query"), load_features_npz(args.gallery, "--gallery")
     rerank = dict(rerank=args.rerank, k1=args.k1, k2=args.k2, lambda_value=args.lambda_value)
@@ -244,6 +245,11 @@ def _rank(args) -> int:
         write_json_atomic(out, metrics)
         print(f"metrics written to {out}")
     return 0
+
+
+def _inputs(args, *names: str) -> dict:
+    """The files the command reads, by flag: an --out that is one of them is refused."""
+    return {f"--{name}": getattr(args, name) for name in names}
 
 
 def _one_line(error: BaseException) -> str:

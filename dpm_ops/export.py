@@ -117,14 +117,19 @@ def _as_tuple(outputs) -> tuple[torch.Tensor, ...]:
     return tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
 
 
-def check_output_path(path, argument: str = "path", suffix_hint: str = "a file name") -> Path:
-    """``path`` as a Path, if it is a file path whose folder exists or can be made (it is made);
+def check_output_path(path, argument: str = "path", suffix_hint: str = "a file name", inputs=None) -> Path:
+    """``path`` as a Path, if it is a file path whose folder exists or can be made (it is made) and is
+    none of the command's ``inputs`` ({argument: path}: writing it would destroy what the command reads);
     an :class:`ExportError` naming ``argument`` otherwise. Cheap: call it before long work."""
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         raise ExportError(f"{argument} must be a file path ({suffix_hint}), got {path!r}")
     path = Path(os.path.expanduser(str(path)))
     if path.is_dir():
         raise ExportError(f"{argument} {path} is a directory; give {suffix_hint}")
+    for name, source in (inputs or {}).items():
+        source = Path(os.path.expanduser(str(source)))
+        if path.is_file() and source.is_file() and os.path.samefile(path, source):
+            raise ExportError(f"{argument} {path} is the {name} file this command reads; write to another file")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:

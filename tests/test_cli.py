@@ -767,6 +767,26 @@ def test_extract_checks_out_first_and_writes_to_the_expanded_path(tmp_path, tiny
     assert_one_line_error(capsys, code, "--out", "cannot create its folder")
 
 
+def test_an_out_that_is_an_input_is_refused(tmp_path, tiny_set, capsys):
+    """extract --out w.pt (the checkpoint), export --out tiny.yaml (the config), rank --out q.npz (a feature
+    file) each replaced the file the command had just read, with exit code 0."""
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_set, "dpm"))
+    weights = _fresh_checkpoint(tmp_path, config)
+    features = tmp_path / "q.npz"
+    common = ["--config", str(config), "--weights", str(weights)]
+    assert main(["extract", *common, "--images", str(tiny_set / "query"), "--out", str(features)]) == 0
+    capsys.readouterr()
+    kept = {path: path.read_bytes() for path in (config, weights, features)}
+    for argv, flag, path in [
+        (["extract", *common, "--images", str(tiny_set / "query"), "--out", str(weights)], "--weights", weights),
+        (["export", *common, "--no-check", "--out", str(config)], "--config", config),
+        (["rank", "--query", str(features), "--gallery", str(features), "--out", str(features)], "--query", features),
+    ]:
+        code = main(argv)
+        assert_one_line_error(capsys, code, f"--out {path} is the {flag} file this command reads")
+    assert {path: path.read_bytes() for path in kept} == kept
+
+
 @pytest.mark.parametrize(
     "argv, needle",
     [

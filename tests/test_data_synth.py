@@ -203,7 +203,7 @@ def test_a_run_checks_a_synthetic_sets_counts_unless_told_off(tiny_set, tmp_path
     assert len(load_splits(config("dataset.check_counts=off")).gallery) == full - 1
 
 
-def test_cli(tmp_path, capsys):
+def test_cli(tmp_path, capsys, monkeypatch):
     out = tmp_path / "data" / "synthetic" / "cli"  # folders that do not exist yet are made
     args = [
         "--out",
@@ -229,6 +229,15 @@ def test_cli(tmp_path, capsys):
     assert main(args) == 2
     assert "--force" in capsys.readouterr().err
     assert main(args + ["--force"]) == 0
+    # --force replaces the set, never a run or anything else put in its folder
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "final.pt").write_bytes(b"weights")
+    assert main(args + ["--force"]) == 2
+    assert "holds a synthetic dataset and other files (checkpoints); --force replaces only" in capsys.readouterr().err
+    assert (out / "checkpoints" / "final.pt").read_bytes() == b"weights"
+    monkeypatch.chdir(tmp_path)  # an empty --out was the current folder
+    assert main(["--out", "", "--quiet"]) == 2
+    assert "the output folder must be a path, got ''" in capsys.readouterr().err
     assert main(["--out", str(tmp_path / "bad"), "--cameras", "12", "--quiet"]) == 2
     assert "--cameras: must be an integer in 2..9" in capsys.readouterr().err
     assert main(["--out", str(tmp_path / "bad"), "--query-occlusion", "1.5"]) == 2

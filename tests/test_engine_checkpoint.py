@@ -140,15 +140,36 @@ def test_foreign_and_corrupt_files(tmp_path):
         checkpoint.save_checkpoint(tmp_path / "x.pt", {"model": {}})
 
 
-def test_rng_state_round_trip():
+def test_rng_state_round_trip(tmp_path):
+    """Through a file too: the restricted unpickler rebuilds np.random.get_state()'s array."""
     import random
 
     import numpy as np
 
-    saved = checkpoint.capture_rng_state()
+    torch.save(checkpoint.capture_rng_state(), tmp_path / "rng.pt")
     expected = (random.random(), np.random.rand(), torch.rand(1))
-    checkpoint.restore_rng_state(saved)
+    checkpoint.restore_rng_state(checkpoint.read_checkpoint_file(tmp_path / "rng.pt"))
     assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+
+
+class _RunsCode:
+    """Unpickling it calls os.mkdir(marker): what a booby-trapped weights file does with full unpickling."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_no_code_runs_from_a_weights_file(tmp_path):
+    """--weights takes files from anywhere (the official release, a colleague's run): they are read with
+    torch's restricted unpickler, and an object it will not build is named."""
+    marker = tmp_path / "ran"
+    torch.save({"format": checkpoint.FORMAT, "model": _RunsCode(marker)}, tmp_path / "trap.pt")
+    with pytest.raises(checkpoint.CheckpointError, match=r"trap.pt holds a Python object \(posix.mkdir\) that is not"):
+        checkpoint.load_checkpoint(tmp_path / "trap.pt")
+    assert not marker.exists()
 
 
 def test_text_file_is_an_unreadable_checkpoint(tmp_path):

@@ -310,6 +310,13 @@ def test_a_builtin_name_is_never_taken_for_a_missing_path(tmp_path):
         ("dataset.synth.seed=-1", "dataset.synth.seed: must be an integer >= 0"),
         ("dataset.synth.query_occlusion=1.5", "dataset.synth.query_occlusion: must be a probability in [0, 1]"),
         ("dataset.synth.train_images=[3,1]", "dataset.synth.train_images: must be integers LOW,HIGH"),
+        # past float32 (the training maths): lr 1e308 crashed the optimizer after --overwrite had begun
+        ("solver.base_lr=1e308", "solver.base_lr: expected a number of magnitude <= 3.403e+38, got 1e+308"),
+        ("solver.base_lr=1" + "0" * 400, "solver.base_lr: expected a number of magnitude <= 3.403e+38, got an integer"),
+        ("dataset.root=", "dataset.root: expected a non-empty string, got ''"),  # was the current folder
+        ("dataset.test_root=/data/x", "dataset.test_root: set dataset.test_name"),  # was ignored
+        ("dataset.root=a\x00b", "dataset.root: a NUL character is not allowed"),
+        ("dataset.root=a\udc80b", "dataset.root: not valid Unicode text"),
     ],
 )
 def test_values_are_range_checked_at_load_time(override, needle):
@@ -317,6 +324,21 @@ def test_values_are_range_checked_at_load_time(override, needle):
         load_config("synthetic_dpm", override.split())
     message = str(info.value)
     assert needle in message and "\n" not in message, message
+
+
+def test_a_key_written_twice_or_nesting_past_the_stack_is_one_error(tmp_path):
+    """YAML keeps the last of two equal keys: a second `solver:` section silently dropped the first."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("base: synthetic_dpm\nsolver: {epochs: 1}\nsolver: {base_lr: 0.5}\n")
+    with pytest.raises(ConfigError, match=r"line 3: key 'solver' is written twice in one mapping$"):
+        load_config(twice)
+    twice.write_text("solver:\n  epochs: 1\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"line 3: key 'epochs' is written twice"):
+        load_config(twice)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("model:\n  options:\n    mask_tap_blocks: " + "[" * 10000 + "]" * 10000 + "\n")
+    with pytest.raises(ConfigError, match=r"deep.yaml: nested too deeply$"):  # was a RecursionError
+        load_config(deep)
 
 
 def test_maskreid_ranking_lambda_zero_is_the_papers_ablation():

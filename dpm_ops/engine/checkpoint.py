@@ -23,6 +23,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from dpm_ops.models.weights import WeightsError, read_torch_file
@@ -183,6 +184,10 @@ def load_checkpoint(path: str | os.PathLike, *, model_name: Optional[str] = None
     return checked_checkpoint(path, state, model_name)
 
 
+# What unpickling np.random.get_state()'s uint32 array calls (its reconstructor, class and dtype): no other code.
+_NUMPY_ARRAY_GLOBALS = [np.ndarray.__reduce__(np.zeros(0))[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def read_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     """What the torch file ``path`` holds; CheckpointError when it is missing or not a torch file."""
     path = Path(os.path.expanduser(str(path)))
@@ -196,8 +201,10 @@ def read_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> 
             f"checkpoint {path} is not a regular file" if path.exists() else f"checkpoint not found: {path}"
         )
     try:
-        # our own files hold numpy / python RNG states, so full unpickling is needed (trusted input)
-        return read_torch_file(path, weights_only=False, map_location=map_location)
+        # torch's restricted unpickler (no code runs from the file: --weights takes files from anywhere), which
+        # also has to rebuild the numpy array of np.random.get_state() that training checkpoints hold
+        with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
+            return read_torch_file(path, weights_only=True, map_location=map_location)
     except WeightsError as error:
         raise CheckpointError(f"unreadable checkpoint: {error}") from error
 

@@ -23,6 +23,7 @@ import copy
 import dataclasses
 import math
 import os
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -48,6 +49,7 @@ AT_LEAST_1 = Bounds(1)
 SHARE = Bounds(0, 1)  # a probability or a fraction
 # torch.manual_seed takes 64 bits: a non-negative 63-bit seed plus the process rank stays within them
 SEED = Bounds(0, 2**63 - 1)
+FLOAT32_MAX = 3.4028234663852886e38
 # Image sides and padding, in pixels: person crops are ~256 x 128; far past this a batch no longer fits
 # in memory (input.padding=100000 was killed by the OOM killer)
 MAX_IMAGE_SIDE = 4096
@@ -220,10 +222,35 @@ def resolve_config_path(name_or_path: str) -> Path:
     )
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (YAML keeps the last one silently:
+    a second `solver:` section dropped the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # SafeLoader refuses it below
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is written twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _load_yaml(stream):
+    try:
+        return yaml.load(stream, Loader=_Loader)
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply") from None
+
+
 def _read_yaml(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
+            data = _load_yaml(handle)
     except OSError as error:
         raise ConfigError(f"cannot read config {path}: {error.strerror or error}") from error
     except UnicodeDecodeError as error:
@@ -273,6 +300,11 @@ def _check_value(key: str, field: Field, value: Any) -> Any:
     if kind is str and isinstance(value, bool) and field.choices and ("on" if value else "off") in field.choices:
         value = "on" if value else "off"  # YAML 1.1 reads a bare off / on as a boolean
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > FLOAT32_MAX:  # also past float64's range: float() would raise OverflowError
+            raise ConfigError(
+                f"config key {key}: expected a number of magnitude <= {FLOAT32_MAX:.4g}, got an integer of "
+                f"{len(str(abs(value)))} digits"
+            )
         value = float(value)
     if kind is float and isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
         try:
@@ -283,6 +315,10 @@ def _check_value(key: str, field: Field, value: Any) -> Any:
         raise ConfigError(f"config key {key}: expected {kind.__name__}, got {value!r}")
     if kind is float and not math.isfinite(value):
         raise ConfigError(f"config key {key}: expected a finite number, got {value!r}")
+    if kind is float and abs(value) > FLOAT32_MAX:  # the training maths is float32 (lr 1e308 crashed the optimizer)
+        raise ConfigError(f"config key {key}: expected a number of magnitude <= {FLOAT32_MAX:.4g}, got {value!r}")
+    if kind is str:
+        _check_text(key, value)
     if field.bounds is not None and value not in field.bounds:
         raise ConfigError(f"config key {key}: expected a value {field.bounds.describe()}, got {value!r}")
     if field.renamed and value in field.renamed:
@@ -293,6 +329,18 @@ def _check_value(key: str, field: Field, value: Any) -> Any:
     if field.choices is not None and value not in field.choices:
         raise ConfigError(f"config key {key}: {value!r} is not one of {', '.join(map(str, field.choices))}")
     return value
+
+
+def _check_text(key: str, value: str) -> None:
+    """A string key's value: not empty (an empty path is the current folder), no NUL, encodable as UTF-8."""
+    if not value.strip():
+        raise ConfigError(f"config key {key}: expected a non-empty string, got {value!r}")
+    if "\x00" in value:
+        raise ConfigError(f"config key {key}: a NUL character is not allowed, got {value!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"config key {key}: not valid Unicode text, got {value!r}") from None
 
 
 DEVICE_TYPES = ("cpu", "cuda")
@@ -363,7 +411,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r} is not key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value

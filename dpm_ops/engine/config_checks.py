@@ -112,6 +112,8 @@ def _check_dataset_options(config: dict) -> None:
     from dpm_ops.data.errors import DatasetError
 
     data = config["dataset"]
+    if data["test_root"] is not None and not data["test_name"]:  # it was ignored: the metrics were dataset.root's
+        raise ConfigError("config key dataset.test_root: set dataset.test_name (the test set read from that folder)")
     test_name = data["test_name"] or data["name"]
     wanted = []
     if data["test_camids"] is not None:

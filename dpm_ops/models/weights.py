@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
+import re
 from typing import Callable, NamedTuple, Union
 
 import torch
@@ -83,6 +85,17 @@ def read_torch_file(path: Union[str, os.PathLike], *, weights_only: bool = True,
     """``torch.load``; a file that is not one torch wrote raises WeightsError naming it."""
     try:
         return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except pickle.UnpicklingError as error:
+        refused = re.search(r"GLOBAL ([\w.]+)|but got <class '([\w.]+)'>", str(error))
+        if refused is None:
+            raise WeightsError(
+                f"{os.fspath(path)} is not a PyTorch file written by torch.save (torch.load: UnpicklingError)"
+            ) from error
+        raise WeightsError(
+            f"{os.fspath(path)} holds a Python object ({refused.group(1) or refused.group(2)}) that is not read: only tensors, numbers, "
+            "strings and containers are (torch.load with weights_only=True; unpickling anything else could run "
+            "code from the file)"
+        ) from error
     except Exception as error:  # the unpickler fails on foreign bytes in many ways (KeyError on text, ...)
         raise WeightsError(
             f"{os.fspath(path)} is not a PyTorch file written by torch.save (torch.load: {type(error).__name__})"

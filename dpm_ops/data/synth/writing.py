@@ -103,6 +103,8 @@ def generate_synthetic_dataset(
     interrupted run never leaves a half-written dataset behind. An existing ``out`` is replaced
     only with ``force`` and only if it is empty or itself a synthetic dataset.
     """
+    if not str(out):  # Path("") is the current folder
+        raise DatasetError("the output folder must be a path, got ''")
     out = Path(out).expanduser().resolve()
     if out.exists():
         if not out.is_dir():
@@ -113,6 +115,14 @@ def generate_synthetic_dataset(
                 "pass --force to replace it" if is_synthetic else "it is not a synthetic dataset; choose another --out"
             )
             raise DatasetError(f"output folder is not empty: {out} ({hint})")
+        # --force replaces the set, never what else was put in its folder (a run's checkpoints, say)
+        dataset = {SYNTHETIC_MANIFEST, *MARKET_FOLDERS, *(folder + MASK_FOLDER_SUFFIX for folder in MARKET_FOLDERS)}
+        others = sorted(entry.name for entry in out.iterdir() if entry.name not in dataset)
+        if others:
+            raise DatasetError(
+                f"output folder {out} holds a synthetic dataset and other files ({', '.join(others[:3])}"
+                f"{', ...' if len(others) > 3 else ''}); --force replaces only a folder that holds nothing else"
+            )
 
     jobs, pids = plan_images(config)
     identities, cameras = _identities_and_cameras(config, pids)
