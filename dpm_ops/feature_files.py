@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +42,14 @@ def load_features_npz(path, argument: str = "path") -> SavedFeatures:
             f"{where}: {'is a folder' if path.is_dir() else 'not found'}; give an .npz of dpm-reid extract"
         )
     try:
-        with np.load(path, allow_pickle=False) as data:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ExportError(f"{where}: a single .npy array, not an .npz of dpm-reid extract")
+        with loaded as data:
             arrays = {name: data[name] for name in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        if isinstance(error, ExportError):
+            raise
         raise ExportError(f"{where}: not an .npz file ({error})") from None
     missing = [name for name in NPZ_ARRAYS if name not in arrays]
     if missing:
@@ -51,15 +57,21 @@ def load_features_npz(path, argument: str = "path") -> SavedFeatures:
     model, distance = str(arrays["model"]), str(arrays["distance"])
     if model not in RECIPES:
         raise ExportError(f"{where}: model {model!r} is not one of {', '.join(RECIPES)}")
+    if distance not in DISTANCES[1:]:
+        raise ExportError(f"{where}: distance {distance!r} is not one of {', '.join(DISTANCES[1:])}")
     features = arrays["features"]
-    if features.ndim != 2 or features.dtype.kind != "f" or len(features) == 0:
+    if features.ndim != 2 or features.dtype.kind != "f" or 0 in features.shape:
         raise ExportError(
             f"{where}: features must be a non-empty (N, D) float array, got {features.dtype} {features.shape}"
         )
+    if not np.isfinite(features).all():
+        raise ExportError(f"{where}: features contain non-finite values (NaN or inf)")
     count = len(features)
     for name in ("pids", "camids"):
         if arrays[name].shape != (count,) or arrays[name].dtype.kind not in "iu":
             raise ExportError(f"{where}: {name} must be {count} integers, one per feature, got {arrays[name].shape}")
+        if arrays[name].dtype.kind == "u" and arrays[name].max() > np.iinfo(np.int64).max:
+            raise ExportError(f"{where}: {name} must fit in int64, got {arrays[name].max()}")
     if arrays["paths"].shape != (count,):
         raise ExportError(f"{where}: paths must hold {count} names, one per feature, got {arrays['paths'].shape}")
     masks = arrays.get("masks")
@@ -67,6 +79,8 @@ def load_features_npz(path, argument: str = "path") -> SavedFeatures:
         raise ExportError(
             f"{where}: masks must be floats of the features' shape {features.shape}, got {masks.dtype} {masks.shape}"
         )
+    if masks is not None and not ((masks >= 0) & (masks <= 1)).all():  # DPM's sigmoid channel masks; NaN fails
+        raise ExportError(f"{where}: masks must lie in [0, 1] (DPM's channel masks)")
     return SavedFeatures(
         FeatureSet(
             torch.from_numpy(features.astype(np.float32)),

@@ -123,6 +123,13 @@ def test_bad_files_and_options_are_named(tmp_path):
     partial = tmp_path / "partial.npz"
     np.savez(partial, features=np.zeros((2, 3), np.float32))
     (tmp_path / "folder.npz").mkdir()
+    array_file = tmp_path / "array.npy"
+    np.save(array_file, np.zeros((2, 3), np.float32))
+    corrupt = tmp_path / "corrupt.npz"  # a compressed member whose deflate stream is damaged (zlib.error)
+    np.savez_compressed(corrupt, features=np.arange(4096, dtype=np.float32))
+    data = bytearray(corrupt.read_bytes())
+    data[200:260] = b"\xff" * 60
+    corrupt.write_bytes(bytes(data))
     for path, needle in (
         (tmp_path / "missing.npz", "missing.npz: not found"),
         (tmp_path / "folder.npz", "folder.npz: is a folder"),
@@ -136,6 +143,16 @@ def test_bad_files_and_options_are_named(tmp_path):
         (write_npz(tmp_path / "p.npz", pids=np.arange(11)), "pids must be 12 integers, one per feature, got (11,)"),
         (write_npz(tmp_path / "k.npz", masks=np.ones((12, 7), np.float32)), "masks must be floats of the features'"),
         (write_npz(tmp_path / "s.npz", masks=np.full((12, 8), "x")), "masks must be floats of the features' shape"),
+        (write_npz(tmp_path / "z.npz", features=np.zeros((12, 0), np.float32)), "non-empty (N, D) float array"),
+        (write_npz(tmp_path / "f.npz", features=np.full((12, 8), np.nan, np.float32)), "features contain non-finite"),
+        (write_npz(tmp_path / "n.npz", masks=np.full((12, 8), -0.5, np.float32)), "masks must lie in [0, 1]"),
+        (
+            write_npz(tmp_path / "x.npz", distance="foo"),
+            "distance 'foo' is not one of euclidean, cosine, masked_arccos",
+        ),
+        (write_npz(tmp_path / "b.npz", camids=np.full(12, 2**63, np.uint64)), "camids must fit in int64, got 922337"),
+        (array_file, "a single .npy array, not an .npz"),
+        (corrupt, "corrupt.npz: not an .npz file"),
     ):
         with pytest.raises(ExportError, match=f"^query .*{re.escape(path.name)}: "):
             load_features_npz(path, "query")
@@ -175,6 +192,8 @@ def test_bad_files_and_options_are_named(tmp_path):
         (["--query", "nowhere.npz"], "--query nowhere.npz: not found"),
         (["--k2", "0"], "k2 must be an integer >= 1, got 0"),
         (["--device", "cuda:7"], "--device: cuda:7 requested but"),
+        (["--device", "cuda:x"], "--device: expected auto, cpu, cuda or cuda:N, got 'cuda:x'"),  # was a traceback
+        (["--device", "mps"], "--device: expected auto, cpu, cuda or cuda:N, got 'mps'"),
         (["--out", "."], "--out . is a directory"),
     ],
 )

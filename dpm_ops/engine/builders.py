@@ -29,13 +29,14 @@ from .checkpoint import (
     make_output_folder,
     read_checkpoint_file,
 )
-from .config import ConfigError
+from .config import ConfigError, check_device_name
 from .recipes import get_recipe
 
 
 def resolve_device(name: str, argument: str = "config key train.device") -> torch.device:
     """``name`` ("auto", "cpu", "cuda", "cuda:N") as a device this machine has; a ConfigError naming
     ``argument`` otherwise."""
+    check_device_name(argument, name)  # the config checked train.device; a flag such as rank --device comes here
     device = torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(

@@ -296,7 +296,7 @@ def _check_value(key: str, field: Field, value: Any) -> Any:
             )
         return [int(v) for v in value]
     if kind == "device":
-        return _check_device(key, value)
+        return check_device_name(f"config key {key}", value)
     if kind is str and isinstance(value, bool) and field.choices and ("on" if value else "off") in field.choices:
         value = "on" if value else "off"  # YAML 1.1 reads a bare off / on as a boolean
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -346,9 +346,9 @@ def _check_text(key: str, value: str) -> None:
 DEVICE_TYPES = ("cpu", "cuda")
 
 
-def _check_device(key: str, value: Any) -> str:
-    """ "auto" or a torch device string of a type the engine runs on; whether CUDA is there is
-    checked when the run starts (:func:`dpm_ops.engine.builders.resolve_device`)."""
+def check_device_name(argument: str, value: Any) -> str:
+    """ "auto" or a torch device string of a type the engine runs on, else a ConfigError naming ``argument``;
+    whether CUDA is there is checked when the run starts (:func:`dpm_ops.engine.builders.resolve_device`)."""
     if value == "auto":
         return value
     try:
@@ -356,7 +356,7 @@ def _check_device(key: str, value: Any) -> str:
     except (RuntimeError, ValueError):
         parsed = None
     if parsed is None or parsed.type not in DEVICE_TYPES:
-        raise ConfigError(f"config key {key}: expected auto, cpu, cuda or cuda:N, got {value!r}")
+        raise ConfigError(f"{argument}: expected auto, cpu, cuda or cuda:N, got {value!r}")
     return value
 
 
