@@ -161,6 +161,7 @@ def _checkpoint_model(args):
 
 
 def _export(args) -> int:
+    from dpm_ops.engine import resolve_device
     from dpm_ops.export import DEFAULT_OPSET, ExportError, check_int, check_opset, check_output_path, export_onnx
 
     # export_onnx's own checks, named as the flags and before the checkpoint is read
@@ -168,7 +169,8 @@ def _export(args) -> int:
     if args.opset is not None:
         check_opset("--opset", args.opset)
     check_output_path(args.out, "--out", "a file name, e.g. model.onnx", _inputs(args, "config", "weights"))
-    config, model = _checkpoint_model(args)  # exported on the CPU: the graph does not depend on the device
+    resolve_device("cpu")  # exported (and checked) on the CPU: a DPM_OPS_BACKEND that cannot run there is named now
+    config, model = _checkpoint_model(args)  # the graph does not depend on the device
     try:
         result = export_onnx(
             model,

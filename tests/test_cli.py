@@ -303,10 +303,12 @@ def test_a_backend_variable_that_cannot_run_fails_before_any_work(tmp_path, tiny
         ["train", "--output", str(tmp_path / "run")],
         ["eval", "--weights", str(checkpoint), "--output", str(tmp_path / "run")],
         ["extract", "--weights", str(checkpoint), "--images", str(tiny_set), "--out", str(tmp_path / "f.npz")],
+        ["export", "--weights", str(checkpoint), "--out", str(tmp_path / "m.onnx")],  # was a traceback
     ):
         code = main([*command, "--config", str(config)])
         assert_one_line_error(capsys, code, f"environment variable DPM_OPS_BACKEND={backend!r}: ", why)
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "f.npz").exists()
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_unusable_output_is_one_line(tmp_path, tiny_set, capsys):

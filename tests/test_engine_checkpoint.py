@@ -206,6 +206,17 @@ def test_tensors_that_do_not_fit_the_model_are_named(tmp_path):
         "missing: 0.bias": {k: v for k, v in good.items() if k != "0.bias"},
         "unexpected: 2.weight": {**good, "2.weight": torch.zeros(1)},
         "shape differs: 1.weight (2, 4) vs the model's (2, 3)": {**good, "1.weight": torch.zeros(2, 4)},
+        # load_state_dict casts these silently: an int64 state dict evaluated as other weights
+        "dtype differs: 0.weight torch.int64 vs the model's torch.float32": {
+            **good,
+            "0.weight": good["0.weight"].long(),
+        },
+        "NaN or inf values: 1.bias": {**good, "1.bias": torch.full((2,), float("nan"))},
+        "not a tensor with data: 0.bias, 1.weight": {
+            **good,
+            "0.bias": [0.0, 0.0, 0.0],
+            "1.weight": torch.zeros(2, 3, device="meta"),
+        },
     }
     for needle, tensors in cases.items():
         with pytest.raises(checkpoint.CheckpointError) as info:

@@ -262,14 +262,33 @@ def load_model_state(
     own = model.state_dict()
     missing = [key for key in own if key not in state_dict]
     unexpected = [key for key in state_dict if key not in own]
+    given = {key: state_dict[key] for key in own if key in state_dict}
+    not_tensors = [key for key, value in given.items() if not isinstance(value, torch.Tensor) or value.is_meta]
+    tensors = {key: value for key, value in given.items() if key not in not_tensors}
     reshaped = [
-        f"{key} {tuple(state_dict[key].shape)} vs the model's {tuple(own[key].shape)}"
-        for key in own
-        if key in state_dict and state_dict[key].shape != own[key].shape
+        f"{key} {tuple(value.shape)} vs the model's {tuple(own[key].shape)}"
+        for key, value in tensors.items()
+        if value.shape != own[key].shape
+    ]
+    # load_state_dict would cast an integer, bool or complex tensor into a float parameter without a word
+    retyped = [
+        f"{key} {value.dtype} vs the model's {own[key].dtype}"
+        for key, value in tensors.items()
+        if own[key].is_floating_point() and not value.is_floating_point()
+    ]
+    non_finite = [
+        key for key, value in tensors.items() if value.is_floating_point() and not bool(torch.isfinite(value).all())
     ]
     problems = [
         f"{label}: {_listed(names)}"
-        for label, names in (("missing", missing), ("unexpected", unexpected), ("shape differs", reshaped))
+        for label, names in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("not a tensor with data", not_tensors),
+            ("shape differs", reshaped),
+            ("dtype differs", retyped),
+            ("NaN or inf values", non_finite),
+        )
         if names
     ]
     if problems:
