@@ -268,8 +268,8 @@ def test_a_builtin_name_is_never_taken_for_a_missing_path(tmp_path):
         ("eval.k2=-1", "eval.k2: expected a value >= 1"),
         ("eval.lambda_value=2.0", "eval.lambda_value: expected a value in [0, 1]"),
         ("eval.max_rank=5", "eval.max_rank: expected a value >= 10"),
-        ("eval.batch_size=0", "eval.batch_size: expected a value >= 1"),
-        ("eval.num_workers=-1", "eval.num_workers: expected a value >= 0"),
+        ("eval.batch_size=0", "eval.batch_size: expected a value in [1, 65536]"),
+        ("eval.num_workers=-1", "eval.num_workers: expected a value in [0, 1024]"),
         ("solver.base_lr=-1", "solver.base_lr: expected a value > 0, got -1.0"),
         ("solver.base_lr=0", "solver.base_lr: expected a value > 0"),
         ("solver.base_lr=.nan", "solver.base_lr: expected a finite number, got nan"),
@@ -296,7 +296,7 @@ def test_a_builtin_name_is_never_taken_for_a_missing_path(tmp_path):
         ("train.device=3", "train.device: expected auto, cpu, cuda or cuda:N, got 3"),
         ("train.log_period=0", "train.log_period: expected a value >= 1"),
         ("train.stop_after_iters=0", "train.stop_after_iters: expected a value >= 1"),
-        ("dataloader.num_workers=-1", "dataloader.num_workers: expected a value >= 0, got -1"),
+        ("dataloader.num_workers=-1", "dataloader.num_workers: expected a value in [0, 1024], got -1"),
         ("sampler.num_ids=0", "sampler.num_ids: expected a value >= 1"),
         ("sampler.num_positives=1", "sampler.num_positives: expected a value >= 2"),
         ("sampler.kind=maskreid", "sampler.kind: model dpm trains on P x K batches ('pk')"),
@@ -315,6 +315,10 @@ def test_a_builtin_name_is_never_taken_for_a_missing_path(tmp_path):
         ("solver.base_lr=1" + "0" * 400, "solver.base_lr: expected a number of magnitude <= 3.403e+38, got an integer"),
         ("dataset.root=", "dataset.root: expected a non-empty string, got ''"),  # was the current folder
         ("dataset.test_root=/data/x", "dataset.test_root: set dataset.test_name"),  # was ignored
+        ("eval.k1=" + "9" * 25, "eval.k1: expected a value that fits in 64 bits, got an integer of 25 digits"),
+        ("eval.batch_size=100000000000000000000", "eval.batch_size: expected a value in [1, 65536]"),
+        ("eval.cuhk03_repeats=1000000", "eval.cuhk03_repeats: expected a value in [1, 10000]"),  # hung
+        ("dataloader.num_workers=100000", "dataloader.num_workers: expected a value in [0, 1024]"),
         ("dataset.root=a\x00b", "dataset.root: a NUL character is not allowed"),
         ("dataset.root=a\udc80b", "dataset.root: not valid Unicode text"),
     ],

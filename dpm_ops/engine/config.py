@@ -49,7 +49,9 @@ AT_LEAST_1 = Bounds(1)
 SHARE = Bounds(0, 1)  # a probability or a fraction
 # torch.manual_seed takes 64 bits: a non-negative 63-bit seed plus the process rank stays within them
 SEED = Bounds(0, 2**63 - 1)
+WORKERS = Bounds(0, 1024)  # data-loading processes: 100,000 passed and would have been forked
 FLOAT32_MAX = 3.4028234663852886e38
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # Image sides and padding, in pixels: person crops are ~256 x 128; far past this a batch no longer fits
 # in memory (input.padding=100000 was killed by the OOM killer)
 MAX_IMAGE_SIDE = 4096
@@ -113,7 +115,7 @@ SCHEMA: dict = {
         "batches_per_epoch": _f(None, int, nullable=True, bounds=AT_LEAST_1),
     },
     "dataloader": {
-        "num_workers": _f(0, int, bounds=NON_NEGATIVE),
+        "num_workers": _f(0, int, bounds=WORKERS),
         "pin_memory": _f(False, bool),
     },
     "loss": {
@@ -172,8 +174,8 @@ SCHEMA: dict = {
         "compile": _f("off", str, ("off", "default", "max-autotune-no-cudagraphs")),
     },
     "eval": {
-        "batch_size": _f(256, int, bounds=AT_LEAST_1),
-        "num_workers": _f(0, int, bounds=NON_NEGATIVE),
+        "batch_size": _f(256, int, bounds=Bounds(1, 65536)),  # images per test batch
+        "num_workers": _f(0, int, bounds=WORKERS),
         "distance": _f("auto", str, DISTANCES),
         "rerank": _f(False, bool),
         "k1": _f(20, int, bounds=AT_LEAST_1),
@@ -185,7 +187,7 @@ SCHEMA: dict = {
         "amp": _f("off", str, ("off", "auto", "bf16", "fp16")),
         # market1501: standard CMC; cuhk03: single-gallery-shot CMC over cuhk03_repeats seeded draws
         "protocol": _f("market1501", str, PROTOCOLS),
-        "cuhk03_repeats": _f(10, int, bounds=AT_LEAST_1),
+        "cuhk03_repeats": _f(10, int, bounds=Bounds(1, 10000)),  # each draw is a full evaluation
         "cuhk03_seed": _f(0, int, bounds=SEED),
         # Market-1501 multi-query: pool the query's identity's gt_bbox boxes under its camera
         "multi_query": _f("off", str, MULTI_QUERY),
@@ -313,6 +315,11 @@ def _check_value(key: str, field: Field, value: Any) -> Any:
             pass
     if (kind in (int, float) and isinstance(value, bool)) or not isinstance(value, kind):
         raise ConfigError(f"config key {key}: expected {kind.__name__}, got {value!r}")
+    unbounded_above = field.bounds is None or field.bounds.high is None
+    if kind is int and unbounded_above and not INT64_MIN <= value <= INT64_MAX:  # what kernels and torch sizes take
+        raise ConfigError(
+            f"config key {key}: expected a value that fits in 64 bits, got an integer of {len(str(abs(value)))} digits"
+        )
     if kind is float and not math.isfinite(value):
         raise ConfigError(f"config key {key}: expected a finite number, got {value!r}")
     if kind is float and abs(value) > FLOAT32_MAX:  # the training maths is float32 (lr 1e308 crashed the optimizer)
