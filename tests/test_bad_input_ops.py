@@ -19,6 +19,7 @@ from dpm_ops.ops import (
     masked_arcface_ce,
     masked_cosine,
     maskreid_ranking_loss,
+    self_knn,
 )
 from tests.conftest import backend_params
 
@@ -113,6 +114,21 @@ def test_non_finite_input_is_a_value_error(op, backend, value):
             call(backend, **inputs)
 
 
+@pytest.mark.parametrize("op, backend", OP_CASES)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_non_float_input_is_a_value_error(op, backend, dtype):
+    """Before: masked_arccos_distance checked values before dtypes, so these were a RuntimeError from
+    vector_norm. (hierarchical_mask_pool's mask may be bool or integer: a weight, not a feature.)"""
+    _, call, make = OP_CALLS[op]
+    for name in make():
+        if dtype != torch.complex64 and "pool" in op and name == "mask":
+            continue
+        inputs = make()
+        inputs[name] = torch.ones(inputs[name].shape, dtype=dtype)
+        with pytest.raises(ValueError, match=rf"\b{MESSAGE_NAME.get(name, name)}(?!\w)"):  # the name as a word
+            call(backend, **inputs)
+
+
 @pytest.mark.parametrize("op, backend", [case for case in OP_CASES if "max" not in case.values[0]])
 def test_finite_input_too_large_for_float32_is_a_value_error(op, backend):
     """Before: masked_cosine of magnitude-1e19 features and prototypes was an all-zero matrix."""
@@ -159,7 +175,16 @@ def test_reference_losses_check_like_the_fused_ops(loss, kwargs):
 @pytest.mark.parametrize("backend", [None, "reference"])
 @pytest.mark.parametrize(
     "name, value",
-    [("scale", NAN), ("margin", INF), ("plain_weight", "a"), ("clamp_eps", None), ("masked_weight", -INF)],
+    [
+        ("scale", NAN),
+        ("margin", INF),
+        ("plain_weight", "a"),
+        ("clamp_eps", None),
+        ("masked_weight", -INF),
+        ("scale", -30.0),  # scale and the weights were taken with any sign
+        ("scale", 0),
+        ("masked_weight", -5.0),
+    ],
 )
 def test_arcface_numbers(backend, name, value):
     args = torch.randn(4, 6), torch.rand(4, 6), torch.randn(3, 6), torch.tensor([0, 1, 2, 0])
@@ -181,6 +206,7 @@ def test_unfused_arcface_label_out_of_range():
         (lambda v: masked_cosine(torch.ones(2, 3), torch.ones(2, 3), torch.ones(2, 3), eps=v), "eps"),
         (lambda v: hem_loss(torch.ones(2, 3, 4), eps=v), "eps"),
         (lambda v: maskreid_ranking_loss(torch.ones(4, 3), labels4(), alpha=v), "alpha"),
+        (lambda v: maskreid_ranking_loss(torch.ones(4, 3), labels4(), lam=v), "lam"),
     ],
 )
 @pytest.mark.parametrize("value", ["a", None, NAN, INF, True])
@@ -394,6 +420,19 @@ def test_hierarchical_mask_pool_refuses_negative_mask_weights(backend):
         ValueError, match="hierarchical_mask_pool: mask must be >= 0 \\(weights\\), got a minimum of -1"
     ):
         hierarchical_mask_pool([torch.randn(1, 3, 4, 4)], mask, "max", backend=backend)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_self_knn_normalize_is_a_flag(backend):
+    """Before: normalize="no" (any truthy value) ran the normalised order."""
+    x = torch.randn(6, 3)
+    for value in ("no", 1, None):
+        with pytest.raises(ValueError, match=f"^knn: normalize must be True or False, got {value!r}$"):
+            self_knn(x, 2, normalize=value, backend=backend)
+    for got, expected in zip(
+        self_knn(x, 2, normalize=np.bool_(True), backend=backend), self_knn(x, 2, normalize=True, backend=backend)
+    ):
+        torch.testing.assert_close(got, expected)
 
 
 def test_gpu_k_cap_and_nonnegative_weights_at_their_edges():

@@ -268,7 +268,7 @@ def test_cuhk03_draws_are_uniform():
     # missed only for match 2 after items 3 and 5 (1/4) or 4 and 5 (1/4).
     dist = np.array([[0.0, 0.2, 0.6, 0.1, 0.5, 0.4]])
     labels = ([1], [1, 1, 1, 2, 2, 3], [0], [0, 1, 1, 1, 1, 1])
-    result = evaluate_rank(dist, *labels, max_rank=3, protocol="cuhk03", num_repeats=20000)
+    result = evaluate_rank(dist, *labels, max_rank=3, protocol="cuhk03", num_repeats=rank.MAX_REPEATS)
     np.testing.assert_allclose(result.cmc, [0.25, 0.5, 1.0], atol=0.015)
     # One gallery item per identity: no randomness, the Market CMC.
     dist, q_pids, g_pids, q_cams, g_cams = random_problem(20, 8, 9)
@@ -308,7 +308,11 @@ def test_bad_input():
         (lambda: evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, protocol="cuhk"), "protocol must be one of"),
         (
             lambda: evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, protocol="cuhk03", num_repeats=0),
-            "num_repeats must be an integer >= 1",
+            r"num_repeats must be an integer in \[1, 10000\]",
+        ),
+        (  # before: no bound, minutes of draws on a 4 x 6 matrix
+            lambda: evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, protocol="cuhk03", num_repeats=10**6),
+            r"num_repeats must be an integer in \[1, 10000\] \(the draws run one after another\), got 1000000$",
         ),
         (
             lambda: evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, protocol="cuhk03", seed=-1),
@@ -456,6 +460,7 @@ def test_knn_bad_input():
     for call, name in [
         (lambda: knn(x, y, 0), "k must be an integer >= 1"),
         (lambda: knn(x, y, 6), r"k must be <= the number of rows of y \(5\)"),
+        (lambda: knn(x, y, 10**25), r"k must be <= the number of rows of y \(5\)"),  # a huge k too, as k1 / k2
         (lambda: knn(x, y, 2, "l1"), "metric must be one of"),
         (lambda: knn(x, y[:, :3], 2), "^x and y must have the same feature dimension, got 4 and 3$"),
         (lambda: pairwise_distance(x, y[:, :3]), "^x and y must have the same feature dimension, got 4 and 3$"),

@@ -13,6 +13,7 @@ from dpm_ops._backend import forced_backend
 from dpm_ops.compat import fastreid as compat_fastreid
 from dpm_ops.compat import torchreid as compat_torchreid
 from dpm_ops.evaluation import jaccard_distance
+from dpm_ops.evaluation.rerank import MAX_K
 from test_rerank import tiles  # noqa: F401 (the fixture: shipped tiles and tiny ones)
 
 
@@ -160,6 +161,12 @@ def test_bad_input():
     cases = [
         (lambda: jaccard_distance(features, 1, 6), "k1 must be an integer >= 2"),
         (lambda: jaccard_distance(features, 20, 0), "k2 must be an integer >= 1"),
+        # Before: past int64 a RuntimeError from the kernels' argument cast
+        (
+            lambda: jaccard_distance(features, 10**25, 6),
+            rf"k1 must be an integer >= 2 and <= {MAX_K}, got 10{'0' * 24}$",
+        ),
+        (lambda: jaccard_distance(features, 20, 10**25), rf"k2 must be an integer >= 1 and <= {MAX_K}"),
         (lambda: jaccard_distance(features[:1], 20, 6), "features must have at least 2 rows"),
         (lambda: jaccard_distance(features[0], 20, 6), "features must be 2-D"),
         (lambda: jaccard_distance(features, 20, 6, num_query=0), r"num_query must be an integer in \[1, 23\], got 0"),

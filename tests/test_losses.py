@@ -317,6 +317,21 @@ def test_ranking_loss_literal_floor_with_the_papers_batch():
         MaskReIDRankingLoss(neg_mode="violating_only", pos_mode="eq4")
 
 
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_loss_modules_refuse_negative_weights(backend):
+    """Before: masked_weight=-5 gave a negative loss, lam=-2 pushed positives apart; 0 stays an ablation."""
+    x, mask, weight, labels = arcface_inputs()
+    with pytest.raises(
+        ValueError, match=r"^masked_arcface_cross_entropy: masked_weight must be a finite number >= 0, got -5\.0$"
+    ):
+        MaskedArcFaceLoss(masked_weight=-5.0, backend=backend)(x, mask, weight, labels)
+    embeddings, pairs = F.normalize(x[:4], dim=1), torch.tensor([0, 0, 1, 1])
+    with pytest.raises(ValueError, match=r"^maskreid_ranking_loss: lam must be a finite number >= 0, got -2$"):
+        MaskReIDRankingLoss(lam=-2, backend=backend)(embeddings, pairs)
+    without_pull = MaskReIDRankingLoss(lam=0, backend=backend)(embeddings, pairs)
+    assert 0 < without_pull.item() < MaskReIDRankingLoss(backend=backend)(embeddings, pairs).item()
+
+
 # ---------------------------------------------------------------- DPM total (dpm.md §6) and the baseline
 
 

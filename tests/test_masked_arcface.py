@@ -3,6 +3,7 @@ reference loss (dpm_ops.losses.masked_arcface_cross_entropy(..., backend="refere
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -297,6 +298,46 @@ def test_bad_input_names_the_argument(backend, bad, message):
     features, mask, weight, labels = make_inputs(4, 7, 6, torch.float32, device_for(backend))
     with pytest.raises(ValueError, match=message):
         masked_arcface_ce(*bad(features, mask, weight, labels), backend=backend)
+
+
+@pytest.mark.parametrize("backend", backend_params("reference", "cpp", "cuda", "triton"))
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        # Before: accepted; scale <= 0 flips or flattens the logits, masked_weight=-5 gave a negative loss.
+        (dict(scale=-30.0), r"scale must be a finite number > 0, got -30\.0$"),
+        (dict(scale=0), r"scale must be a finite number > 0, got 0$"),
+        (dict(masked_weight=-5.0), r"masked_weight must be a finite number >= 0, got -5\.0$"),
+        (dict(plain_weight=-1e-3), r"plain_weight must be a finite number >= 0, got -0\.001$"),
+        (dict(margin=float("inf")), r"margin must be a finite number, got inf$"),
+        # Before: "no" and 1 read as True.
+        (dict(easy_margin="no"), r"easy_margin must be True or False, got 'no'$"),
+        (dict(easy_margin=1), r"easy_margin must be True or False, got 1$"),
+        (dict(easy_margin=None), r"easy_margin must be True or False, got None$"),
+    ],
+)
+def test_bad_options_name_the_argument(backend, options, message):
+    inputs = make_inputs(4, 7, 6, torch.float32, device_for(backend))
+    with pytest.raises(ValueError, match=f"^masked_arcface_cross_entropy: {message}"):
+        masked_arcface_ce(*inputs, **options, backend=backend)
+    if backend in ("reference", "cpp"):  # the loss function passes them through, on its reference path too
+        for loss_backend in (None, "reference"):
+            with pytest.raises(ValueError, match=f"^masked_arcface_cross_entropy: {message}"):
+                masked_arcface_cross_entropy(*inputs, **options, backend=loss_backend)
+
+
+@pytest.mark.parametrize("backend", backend_params("reference", "cpp", "cuda", "triton"))
+def test_options_at_their_edges(backend):
+    """A negative margin (a research use), zero branch weights and a numpy bool are taken."""
+    inputs = make_inputs(4, 7, 6, torch.float64, device_for(backend))
+    for options in (dict(margin=-0.2), dict(plain_weight=0.0, masked_weight=0.0), dict(scale=1e-3)):
+        value = masked_arcface_ce(*inputs, **options, backend=backend)
+        expected = masked_arcface_cross_entropy(*inputs, **options, backend="reference")
+        torch.testing.assert_close(value, expected)
+    torch.testing.assert_close(
+        masked_arcface_ce(*inputs, easy_margin=np.bool_(True), backend=backend),
+        masked_arcface_ce(*inputs, easy_margin=True, backend=backend),
+    )
 
 
 @pytest.mark.parametrize("backend", backend_params("reference", "cpp"))

@@ -309,6 +309,24 @@ def test_bad_input_names_the_argument(backend, bad, message):
         masked_cosine(*bad(x, mask, protos), backend=backend)
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        # Before: a RuntimeError from vector_norm (the values were checked before the dtypes)
+        (lambda q, m, g: (q.long(), m, g), "q must be floating point, got torch.int64"),
+        (lambda q, m, g: (q, m.bool(), g), r"q, q_mask and g must share one dtype, got torch.float32, torch.bool"),
+        (lambda q, m, g: (q, m, g.to(torch.complex64)), "q, q_mask and g must share one dtype"),
+        (lambda q, m, g: (q[0], m, g), r"q must be 2-D \(B, C\)"),
+        (lambda q, m, g: (q, m, g.index_fill(0, torch.tensor([1], device=g.device), float("nan"))), "g contains"),
+    ],
+)
+def test_masked_arccos_distance_names_its_own_arguments(backend, bad, message):
+    q, q_mask, g = make_inputs(3, 4, 5, torch.float32, device_for(backend))
+    with pytest.raises(ValueError, match=f"^masked_arccos_distance: {message}"):
+        masked_arccos_distance(*bad(q, q_mask, g), backend=backend)
+
+
 def test_bad_eps_and_backend():
     x, mask, protos = make_inputs(2, 3, 4, torch.float32, "cpu")
     with pytest.raises(ValueError, match="eps must be a finite number > 0"):

@@ -8,7 +8,7 @@ import torch
 
 from benchmarks.reference import rerank_numpy
 from benchmarks.reference.synthetic_features import MARKET1501, make_reid_features, scaled
-from dpm_ops.evaluation import _select, re_ranking, rerank, rerank_features
+from dpm_ops.evaluation import _select, jaccard_distance, re_ranking, rerank, rerank_features
 from dpm_ops.ops import kreciprocal_reference
 from conftest import backend_params, device_for
 from dpm_ops._backend import forced_backend
@@ -289,6 +289,10 @@ def test_bad_input():
         (2.5, 6, 0.3, "k1 must be an integer >= 1"),
         (20, 0, 0.3, "k2 must be an integer >= 1"),
         (True, 6, 0.3, "k1 must be an integer >= 1"),
+        # Before: past int64 a RuntimeError from the kernels' argument cast
+        (10**25, 6, 0.3, rf"k1 must be an integer >= 1 and <= {rerank.MAX_K}, got 10{'0' * 24}$"),
+        (2**63 - 1, 6, 0.3, rf"k1 must be an integer >= 1 and <= {rerank.MAX_K}"),
+        (20, 10**25, 0.3, rf"k2 must be an integer >= 1 and <= {rerank.MAX_K}"),
         (20, 6, -0.1, r"lambda_value must be a number in \[0, 1\]"),
         (20, 6, 1.5, r"lambda_value must be a number in \[0, 1\]"),
         (20, 6, float("nan"), r"lambda_value must be a number in \[0, 1\]"),
@@ -298,3 +302,15 @@ def test_bad_input():
     for call, name in cases:
         with pytest.raises(ValueError, match=name):
             call()
+
+
+def test_k_at_its_cap_is_k_past_twice_the_items(tiles):
+    """MAX_K costs no result: from 2 N on (k1 + 1 and round(k1 / 2) + 1 past every list) k changes nothing."""
+    generator = np.random.default_rng(4)
+    query, gallery = generator.random((3, 5)), generator.random((6, 5))
+    for call in (
+        rerank_features,
+        lambda q, g, k1, k2: re_ranking(*exact_distances(q, g), k1, k2),
+        lambda q, g, k1, k2: jaccard_distance(np.concatenate([q, g]), k1, k2),
+    ):
+        np.testing.assert_array_equal(call(query, gallery, rerank.MAX_K, rerank.MAX_K), call(query, gallery, 18, 9))

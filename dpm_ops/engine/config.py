@@ -31,6 +31,7 @@ import torch
 import yaml
 
 from ..evaluation import PROTOCOLS
+from ..evaluation.rank import MAX_REPEATS
 from ..ops._checks import Bounds
 from ..ops.maskreid_ranking_loss_reference import RENAMED_POS_MODES
 from .extraction import MULTI_QUERY
@@ -187,7 +188,7 @@ SCHEMA: dict = {
         "amp": _f("off", str, ("off", "auto", "bf16", "fp16")),
         # market1501: standard CMC; cuhk03: single-gallery-shot CMC over cuhk03_repeats seeded draws
         "protocol": _f("market1501", str, PROTOCOLS),
-        "cuhk03_repeats": _f(10, int, bounds=Bounds(1, 10000)),  # each draw is a full evaluation
+        "cuhk03_repeats": _f(10, int, bounds=Bounds(1, MAX_REPEATS)),  # each draw is a full evaluation
         "cuhk03_seed": _f(0, int, bounds=SEED),
         # Market-1501 multi-query: pool the query's identity's gt_bbox boxes under its camera
         "multi_query": _f("off", str, MULTI_QUERY),
@@ -299,7 +300,12 @@ def _check_value(key: str, field: Field, value: Any) -> Any:
         return [int(v) for v in value]
     if kind == "device":
         return check_device_name(f"config key {key}", value)
-    if kind is str and isinstance(value, bool) and field.choices and ("on" if value else "off") in field.choices:
+    if kind is str and isinstance(value, bool) and field.choices:
+        if ("on" if value else "off") not in field.choices:
+            raise ConfigError(
+                f"config key {key}: {value!r} (YAML's reading of a bare on / off / yes / no / true / false) is not "
+                f"one of {', '.join(map(str, field.choices))}"
+            )
         value = "on" if value else "off"  # YAML 1.1 reads a bare off / on as a boolean
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         if abs(value) > FLOAT32_MAX:  # also past float64's range: float() would raise OverflowError

@@ -28,6 +28,7 @@ import torch
 
 from dpm_ops.data import ReIDSplits
 from dpm_ops.evaluation import PROTOCOLS
+from dpm_ops.evaluation.rank import MAX_REPEATS
 from dpm_ops.evaluation._inputs import check_count
 
 from .checkpoint import atomic_write
@@ -167,7 +168,7 @@ def _check_options(splits, model_name, max_rank, batch_size, protocol, num_repea
         raise ValueError(f"{model_name} needs foreground masks: load {splits.name!r} with with_masks=True")
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    check_count("num_repeats", num_repeats, 1)
+    check_count("num_repeats", num_repeats, 1, MAX_REPEATS)
     check_count("seed", seed, 0)
     if multi_query not in MULTI_QUERY:
         raise ValueError(f"multi_query must be one of {MULTI_QUERY}, got {multi_query!r}")

@@ -51,6 +51,7 @@ from . import _inputs
 
 AP_MODES = ("standard", "trapezoid")
 PROTOCOLS = ("market1501", "cuhk03")
+MAX_REPEATS = 10_000  # cuhk03's draws run one after another: a bound on the run time (the protocol's is 10)
 _CHUNK_ELEMENTS = 1 << 22
 
 
@@ -150,8 +151,8 @@ def evaluate_rank(
     ap="trapezoid": the official Market MATLAB AP, mean of (i / r_i + (i-1) / (r_i - 1)) / 2.
 
     protocol="cuhk03": the CMC is CUHK03's single-gallery-shot CMC, averaged over num_repeats
-    seeded draws of one gallery item per identity (module docstring); mAP / mINP unchanged.
-    num_repeats and seed are used by that protocol only.
+    (at most MAX_REPEATS = 10,000) seeded draws of one gallery item per identity (module
+    docstring); mAP / mINP unchanged. num_repeats and seed are used by that protocol only.
 
     The CMC has min(max_rank, G) entries: a max_rank above the gallery size G is cut to G with a
     warning, as torchreid does (every valid query has matched within G ranks, so the CMC would only
@@ -161,7 +162,9 @@ def evaluate_rank(
     max_rank = _inputs.check_count("max_rank", max_rank, 1)
     _inputs.check_choice("ap", ap, AP_MODES)
     _inputs.check_choice("protocol", protocol, PROTOCOLS)
-    num_repeats = _inputs.check_count("num_repeats", num_repeats, 1)
+    num_repeats = _inputs.check_count(
+        "num_repeats", num_repeats, 1, MAX_REPEATS, why=" (the draws run one after another)"
+    )
     seed = _inputs.check_count("seed", seed, 0, 2**63 - 1)  # torch.Generator's range
     dist, max_rank = _distances(distmat, max_rank)
     num_query, num_gallery = dist.shape

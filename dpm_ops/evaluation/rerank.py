@@ -62,6 +62,9 @@ ORIENTATIONS = ("reference", "rows")
 _ROW_BLOCK_ELEMENTS = 1 << 23
 _FEATURE_TILE = 2048
 _PAIR_CHUNK = 1 << 16
+# k1 and k2 reach the kernels as int64 (k1 + 1 computed there); past twice the number of items a
+# larger k changes nothing, so the bound costs no result and keeps a huge int a ValueError.
+MAX_K = 2**62
 
 
 def _row_scale(row_max: torch.Tensor) -> torch.Tensor:
@@ -272,9 +275,15 @@ class _FeatureDistances:
         return squared / self.row_max[rows]
 
 
+def _check_k(name: str, value, low: int) -> int:
+    # The cap as a `holds` test: the message keeps its start, "k1 must be an integer >= 1", which
+    # dpm_ops.compat passes on to its callers as it is.
+    return _inputs.check_count(name, value, low, holds=lambda k: k <= MAX_K, why=f" and <= {MAX_K}")
+
+
 def _check_parameters(k1, k2, lambda_value):
-    k1 = _inputs.check_count("k1", k1, 1)
-    k2 = _inputs.check_count("k2", k2, 1)
+    k1 = _check_k("k1", k1, 1)
+    k2 = _check_k("k2", k2, 1)
     if isinstance(lambda_value, bool) or not isinstance(lambda_value, numbers.Real) or not 0.0 <= lambda_value <= 1.0:
         raise ValueError(f"lambda_value must be a number in [0, 1], got {lambda_value!r}")
     return k1, k2, float(lambda_value)
@@ -403,8 +412,8 @@ def jaccard_distance(features, k1: int = 20, k2: int = 6, num_query: int | None 
     values within float32 summation order. ``strategy``: the neighbour search's, as for
     dpm_ops.ops.self_knn. numpy in, numpy out; torch in, torch out on the same device.
     """
-    k1 = _inputs.check_count("k1", k1, 2)  # k1 nearest, the item itself one of them
-    k2 = _inputs.check_count("k2", k2, 1)
+    k1 = _check_k("k1", k1, 2)  # k1 nearest, the item itself one of them
+    k2 = _check_k("k2", k2, 1)
     check_strategy(strategy, "jaccard_distance")
     x = _inputs.as_floats("jaccard_distance", "features", features, 2, vectors=True, arithmetic=torch.float32)
     n = len(x)

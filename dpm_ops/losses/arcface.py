@@ -62,9 +62,7 @@ def masked_arcface_cross_entropy(
         with torch.autocast(device_type=features.device.type, enabled=False):
             return masked_arcface_ce(*common_at_least_fp32(features, mask, weight), labels, *options, backend=backend)
     # The reference takes what the fused op takes (fp16 / bf16 too), with the same checks.
-    check_masked_arcface_args(
-        *common_at_least_fp32(features, mask, weight), labels, scale, margin, clamp_eps, plain_weight, masked_weight
-    )
+    check_masked_arcface_args(*common_at_least_fp32(features, mask, weight), labels, *options)
     check_finite_rows("masked_arcface_cross_entropy", features=features, mask=mask, weight=weight)
     check_label_range("masked_arcface_cross_entropy", labels, weight.shape[0])
     with torch.autocast(device_type=features.device.type, enabled=False):  # as the fused path: fp32 GEMMs

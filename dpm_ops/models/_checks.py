@@ -10,8 +10,8 @@ from typing import Optional, Sequence
 
 import torch
 
-# check_int, check_int_list and check_real serve the models' options too (the models import them from here)
-from dpm_ops.ops._checks import check_int, check_int_list, check_real  # noqa: F401
+# check_flag, check_int, check_int_list and check_real serve the models' options too (imported from here)
+from dpm_ops.ops._checks import check_flag, check_int, check_int_list, check_real  # noqa: F401
 
 
 def check_choice(model: str, name: str, value, choices: Sequence, why: str = "") -> None:
@@ -20,13 +20,9 @@ def check_choice(model: str, name: str, value, choices: Sequence, why: str = "")
         raise ValueError(f"{model}: {name} must be {wanted}{why}, got {value!r}")
 
 
-def check_flag(model: str, name: str, value) -> None:
-    """A bool: a string such as "false" would otherwise read as true."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{model}: {name} must be True or False, got {value!r}")
-
-
-def check_images(name: str, images, size: Optional[tuple[int, int]] = None) -> None:
+def check_images(
+    name: str, images, size: Optional[tuple[int, int]] = None, dtype: Optional[torch.dtype] = None
+) -> None:
     """A (B, 3, H, W) floating-point tensor (normalised RGB pixels), H x W = `size` when given: torch's own
     errors for a missing batch axis or uint8 pixels name neither the argument nor what was expected."""
     if not isinstance(images, torch.Tensor):
@@ -39,12 +35,15 @@ def check_images(name: str, images, size: Optional[tuple[int, int]] = None) -> N
         )
     if size is not None and tuple(images.shape[-2:]) != tuple(size):
         raise ValueError(f"{name}: expected images of size {tuple(size)}, got {tuple(images.shape[-2:])}")
+    # the first convolution's weights' dtype: torch's own error names neither; autocast casts them itself
+    if dtype is not None and images.dtype != dtype and not torch.is_autocast_enabled(images.device.type):
+        raise ValueError(f"{name} must be {dtype} (the model's dtype) outside autocast, got {images.dtype}")
 
 
-def check_image_pair(raw, masked) -> None:
+def check_image_pair(raw, masked, dtype: Optional[torch.dtype] = None) -> None:
     """MaskReID's two streams: the raw images and their foreground-masked copies, of one shape."""
-    check_images("raw", raw)
-    check_images("masked", masked)
+    check_images("raw", raw, dtype=dtype)
+    check_images("masked", masked, dtype=dtype)
     if raw.shape != masked.shape:
         raise ValueError(f"raw {tuple(raw.shape)} and masked {tuple(masked.shape)} images differ in shape")
 

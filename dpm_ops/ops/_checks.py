@@ -6,6 +6,7 @@ import math
 import numbers
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from .._precision import compute_dtype
@@ -179,6 +180,13 @@ def check_number(op: str, name: str, value, positive: bool = False) -> float:
     ):
         raise ValueError(f"{op}: {name} must be a finite number{' > 0' if positive else ''}, got {value!r}")
     return float(value)
+
+
+def check_flag(op: str, name: str, value) -> bool:
+    """A bool (Python's or numpy's), as a Python bool: a string such as "no" would otherwise read as true."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{op}: {name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def is_integer(value) -> bool:

@@ -24,7 +24,7 @@ row's candidates, recomputed as the direct path computes them (docs/certified_kn
 import torch
 
 from .. import _backend
-from ._checks import check_finite_rows, check_int
+from ._checks import check_finite_rows, check_flag, check_int
 from .._precision import compute_dtype
 from ._declare import declare
 from .knn_reference import COSINE_EPS, METRICS, knn_reference, self_knn_reference
@@ -335,16 +335,17 @@ def self_knn(
     _check_tensor("x", x)
     _check_k(k, x.shape[0], "x")
     _check_metric(metric)
+    normalize = check_flag("knn", "normalize", normalize)
     check_int("knn", "cross_rows", cross_rows, 0, x.shape[0])
     check_strategy(strategy)
     check_finite_rows("knn", x=x)
     x = x.detach()  # no gradient on any backend, rather than the kernels' silently missing one
     name = _backend.resolve(backend, x.device)
     if _use_certified(strategy, name, x.shape[0], x.shape[0] // 2, x.shape[1]):  # half the GEMM
-        return SELF_KNN_CERTIFIED.run(name, x.to(compute_dtype(x)), k, metric, bool(normalize), int(cross_rows))[:4]
+        return SELF_KNN_CERTIFIED.run(name, x.to(compute_dtype(x)), k, metric, normalize, int(cross_rows))[:4]
     if name != "cuda":  # the CUDA kernel takes float16 / bfloat16 as they are (tensor-core GEMM)
         x = x.to(compute_dtype(x))
-    return SELF_KNN.run(name, x, k, metric, bool(normalize), int(cross_rows))
+    return SELF_KNN.run(name, x, k, metric, normalize, int(cross_rows))
 
 
 __all__ = ["METRICS", "STRATEGIES", "knn", "knn_reference", "self_knn", "self_knn_reference", "knn_distance_backward"]

@@ -17,14 +17,22 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from ._checks import check_batch, check_finite_rows, check_label_range, check_labels, check_number
+from ._checks import (
+    check_batch,
+    check_finite_rows,
+    check_flag,
+    check_label_range,
+    check_labels,
+    check_number,
+    check_real,
+)
 from ._declare import declare
 from .masked_arcface_reference import masked_arcface_reference
 from .masked_cosine import check_masked_cosine_args
 
 
 def check_masked_arcface_args(
-    features, mask, weight, labels, scale, margin, clamp_eps, plain_weight, masked_weight
+    features, mask, weight, labels, scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight
 ) -> None:
     """ValueError naming the argument (shapes, dtypes, devices, numbers; the label range is checked by
     the C++ CPU kernel for free, elsewhere with one sync outside torch.compile: check_label_range)."""
@@ -35,13 +43,13 @@ def check_masked_arcface_args(
     check_batch("masked_arcface_cross_entropy", "features", features)
     if weight.shape[0] == 0:
         raise ValueError("masked_arcface_cross_entropy: weight must have at least one class (K >= 1)")
-    for name, value in (
-        ("scale", scale),
-        ("margin", margin),
-        ("plain_weight", plain_weight),
-        ("masked_weight", masked_weight),
-    ):
-        check_number("masked_arcface_cross_entropy", name, value)
+    # scale <= 0 flips or flattens the logits; a negative weight rewards the loss it weighs. The margin
+    # may be negative (a research use), so it need only be finite.
+    check_real("masked_arcface_cross_entropy", "scale", scale, 0, low_open=True)
+    check_number("masked_arcface_cross_entropy", "margin", margin)
+    check_flag("masked_arcface_cross_entropy", "easy_margin", easy_margin)
+    for name, value in (("plain_weight", plain_weight), ("masked_weight", masked_weight)):
+        check_real("masked_arcface_cross_entropy", name, value, 0)
     if not 0 <= check_number("masked_arcface_cross_entropy", "clamp_eps", clamp_eps) < 1:
         raise ValueError(f"masked_arcface_cross_entropy: clamp_eps must lie in [0, 1), got {clamp_eps}")
 
@@ -104,7 +112,9 @@ def masked_arcface_ce(
     mask and weight. ``backend``: "reference" | "cpp" | "cuda" | "triton" (None: by device). The loss
     module ``dpm_ops.losses.masked_arcface_cross_entropy`` also handles promotion from fp16 / bf16
     and autocast."""
-    check_masked_arcface_args(features, mask, weight, labels, scale, margin, clamp_eps, plain_weight, masked_weight)
+    check_masked_arcface_args(
+        features, mask, weight, labels, scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight
+    )
     if features.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"masked_arcface_cross_entropy: features must be float32 or float64, got {features.dtype}")
     name = _backend.resolve(backend, features.device)

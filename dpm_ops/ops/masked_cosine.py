@@ -145,8 +145,9 @@ def masked_arccos_distance(
 
     Only the query's mask is used, applied to the gallery features (asymmetric by design).
     """
-    # Values checked under this function's own names (masked_cosine's shape checks name x / mask / protos).
-    check_tensors("masked_arccos_distance", q=q, q_mask=q_mask, g=g)
+    # Checked under this function's own names (masked_cosine's name x / mask / protos), dtypes before
+    # values: the values' check takes float norms, torch's RuntimeError for int, bool or complex tensors.
+    check_masked_cosine_args(q, q_mask, g, 1e-12, "masked_arccos_distance", ("q", "q_mask", "g"))
     check_finite_rows("masked_arccos_distance", q=q, q_mask=q_mask, g=g)
     cos = masked_cosine(q, q_mask, g, backend=backend)
     return torch.arccos(torch.clamp(cos, -1 + ARCCOS_CLIP, 1 - ARCCOS_CLIP))

@@ -13,7 +13,7 @@ import torch
 
 from .. import _backend
 from .._precision import compute_dtype
-from ._checks import check_batch, check_finite_rows, check_number, check_tensors
+from ._checks import check_batch, check_finite_rows, check_number, check_real, check_tensors
 from ._declare import declare, lazy
 from .maskreid_ranking_loss_reference import check_modes, maskreid_ranking_loss_reference
 
@@ -37,8 +37,9 @@ def check_ranking_args(embeddings, labels, alpha, lam, neg_mode, pos_mode) -> No
             f"maskreid_ranking_loss: embeddings and labels must be on one device, got "
             f"{embeddings.device}, {labels.device}"
         )
-    for name, value in (("alpha", alpha), ("lam", lam)):
-        check_number("maskreid_ranking_loss", name, value)
+    check_number("maskreid_ranking_loss", "alpha", alpha)  # any sign: a negative margin is a choice
+    # lam weighs the positive pull: a negative one would push positives apart
+    check_real("maskreid_ranking_loss", "lam", lam, 0)
     check_modes(neg_mode, pos_mode)
     check_batch("maskreid_ranking_loss", "embeddings", embeddings)
     max_norm = None if pos_mode == "eq4" else exp_safe_norm(compute_dtype(embeddings.dtype), alpha, len(embeddings))
