@@ -359,8 +359,10 @@ def extract_folder(
     if model_cameras(model):
         for name, (_, camera) in zip(relative, labels):
             if camera is None:
+                market = MARKET_NAME.match(os.path.basename(name))
+                what = "names camera c0 (Market-style cameras count from c1)" if market else "names no camera"
                 raise ExportError(
-                    f"the model has a camera embedding but {name} names no camera (<pid>_c<camera>...); "
+                    f"the model has a camera embedding but {name} {what} (<pid>_c<camera>...); "
                     "pass camid (--camera) for every image"
                 )
     _check_cameras_in_range(model, relative, [camera for _, camera in labels])
@@ -407,6 +409,8 @@ def extract_images(
     size = _input_size(model, kind, image_size)
     check_int("batch_size", batch_size, 1)
     images = _listed(images, "images", 3)
+    if not images:
+        raise ExportError("images: no image given")
     names = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"images[{i}]" for i, x in enumerate(images)]
     cameras = image_cameras(model, camids, names)
     uses_masks = get_recipe(kind).uses_masks
@@ -472,7 +476,12 @@ def _check_cameras_in_range(model: torch.nn.Module, names: Sequence[str], camera
 
 def _extract(model, kind: str, dataset, batch_size, num_workers, device, amp_dtype, progress, normalize) -> FeatureSet:
     """:func:`~dpm_ops.engine.extraction.extract_features` over ``dataset`` on ``device`` (default: the model's)."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    try:
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+    except (RuntimeError, TypeError):
+        raise ExportError(
+            f"device must be a torch.device or a name such as cpu, cuda, cuda:N, got {device!r}"
+        ) from None
     loader = build_dataloader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
     return extract_features(
         model,

@@ -319,6 +319,10 @@ def test_a_builtin_name_is_never_taken_for_a_missing_path(tmp_path):
         ("eval.batch_size=100000000000000000000", "eval.batch_size: expected a value in [1, 65536]"),
         ("eval.cuhk03_repeats=1000000", "eval.cuhk03_repeats: expected a value in [1, 10000]"),  # hung
         ("dataloader.num_workers=100000", "dataloader.num_workers: expected a value in [0, 1024]"),
+        (
+            "solver.amp=on",
+            "solver.amp: True (YAML's reading of a bare on / off / yes / no / true / false) is not one of",
+        ),
         ("dataset.root=a\x00b", "dataset.root: a NUL character is not allowed"),
         ("dataset.root=a\udc80b", "dataset.root: not valid Unicode text"),
     ],

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 from benchmarks.reference import peers
 from conftest import readme_python_blocks
@@ -333,7 +334,9 @@ def test_extract_folder_cameras_come_from_names_or_camid(tmp_path, tiny_set):
     with pytest.raises(ExportError, match="num_workers must be an integer >= 0"):
         extract_folder(dpm, folder, num_workers=-1, progress=False)
     shutil.copy(source, folder / "0008_c0s1_000001_00.jpg")  # Market cameras count from 1: c0 is none
-    with pytest.raises(ExportError, match="0008_c0s1_000001_00.jpg names no camera"):
+    with pytest.raises(
+        ExportError, match=r"0008_c0s1_000001_00.jpg names camera c0 \(Market-style cameras count from c1\)"
+    ):
         extract_folder(dpm, folder, progress=False)
 
 
@@ -423,6 +426,12 @@ def test_extract_images_bad_input(tiny_set):
             r"masks\[0\] is 11x20 but its image is 10x20",
         ),
         (dict(model=maskreid, images=[crop], masks=[np.zeros((20, 10), np.int64)]), "bool or uint8"),
+        # a 0 x 0 PIL image gave a feature, an empty list a (0, 0) array, a bad amp_dtype ran without autocast
+        (dict(model=dpm, images=[Image.new("RGB", (0, 0))], camids=0), r"images\[0\] is an empty image \(0 x 0"),
+        (dict(model=dpm, images=[], camids=0), "images: no image given"),
+        (dict(model=dpm, images=[crop], camids=0, amp_dtype=torch.int32), "amp_dtype must be None, torch.float16"),
+        (dict(model=dpm, images=[crop], camids=0, amp_dtype="bf16"), "amp_dtype must be None, torch.float16"),
+        (dict(model=dpm, images=[crop], camids=0, device="cuda:x"), "device must be a torch.device or a name"),
     ]
     for arguments, needle in cases:
         with pytest.raises(ValueError, match=needle):

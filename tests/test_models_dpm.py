@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from dpm_ops.losses import DPMLoss, MaskedArcFaceLoss
 from dpm_ops.models import DPM, ViTBaseline, build_model
+from dpm_ops.models.factory import MODEL_NAMES
 from dpm_ops.models.param_groups import sgd_param_groups
 
 COMPILE_BACKEND = os.environ.get("DPM_OPS_COMPILE_BACKEND", "aot_eager")
@@ -252,6 +253,7 @@ def test_images_that_are_no_batch_of_rgb_pixels_are_refused():
         (images.to(torch.uint8), r"images must be floating-point \(normalised pixels.*, got torch.uint8"),
         (images[..., :64], r"images: expected images of size \(256, 128\), got \(256, 64\)"),
         (images.numpy(), r"images must be a torch.Tensor of shape \(B, 3, H, W\), got ndarray"),
+        (images.double(), r"images must be torch.float32 \(the model's dtype\) outside autocast, got torch.float64"),
     ):
         with pytest.raises(ValueError, match=message):
             model(bad, cams)
@@ -474,6 +476,9 @@ def test_build_model_names_and_errors():
     with pytest.raises(ValueError, match="image"):
         tiny_dpm()(torch.randn(2, 3, 128, 64), cam_label=torch.tensor([0, 1]))
     assert isinstance(build_model("vit_baseline", 10, 2, embed_dim=32, depth=1, num_heads=4), ViTBaseline)
+    for name in MODEL_NAMES:  # Python's TypeError before, on some models only after allocating
+        with pytest.raises(ValueError, match=r"takes no option 'bogus'; its options: .*embed_dim"):
+            build_model(name, 10, 2, bogus=1)
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])

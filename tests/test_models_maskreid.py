@@ -77,6 +77,8 @@ def test_eval_descriptor_batch_of_one_and_train_outputs():
         model(raw[0], masked[0])
     with pytest.raises(ValueError, match=r"^masked must be floating-point \(normalised pixels.*, got torch.uint8"):
         model(raw, masked.to(torch.uint8))
+    with pytest.raises(ValueError, match=r"^raw must be torch.float32 \(the model's dtype\) outside autocast"):
+        model(raw.double(), masked.double())  # torch's error named neither argument nor dtype
 
 
 def test_fusion_head_matches_hand_computation():

@@ -109,6 +109,8 @@ def as_rgb(image, name: str) -> Image.Image:
     if isinstance(image, np.ndarray):
         return Image.fromarray(_array(image, name, "image", (np.uint8,), (3,))).convert("RGB")
     if isinstance(image, Image.Image):
+        if 0 in image.size:
+            raise ValueError(f"{name} is an empty image ({image.width} x {image.height} pixels)")
         return _to_8bit(image, name, "image").convert("RGB")
     raise ValueError(f"{name} must be an image path, a PIL image or a uint8 array, got {type(image).__name__}")
 

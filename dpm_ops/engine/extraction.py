@@ -67,6 +67,9 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+AMP_DTYPES = (None, torch.float16, torch.bfloat16)
+
+
 def extract_features(
     model: torch.nn.Module,
     loader,
@@ -85,6 +88,8 @@ def extract_features(
     ``normalize``: L2-normalise the features (the DPM / TransReID test recipe, ``FEAT_NORM: yes``;
     MaskReID's descriptor is unit-length already). The model's train/eval mode is restored after.
     """
+    if amp_dtype not in AMP_DTYPES:  # autocast only warns, then runs without it
+        raise ValueError(f"amp_dtype must be None, torch.float16 or torch.bfloat16, got {amp_dtype!r}")
     recipe = get_recipe(model_name)
     device = torch.device(device)
     model = _unwrap(model)

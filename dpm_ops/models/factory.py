@@ -23,7 +23,14 @@ MODEL_NAMES = tuple(MODELS)
 
 def construct_model(model_class: type[nn.Module], num_classes: int, num_cameras: int = 0, **options) -> nn.Module:
     """``model_class(num_classes, num_cameras, **options)``; a class whose constructor takes no
-    ``num_cameras`` (no camera input, as MaskReID) is built without it."""
+    ``num_cameras`` (no camera input, as MaskReID) is built without it. An option the class does not take
+    is a ValueError naming it (Python's TypeError otherwise)."""
+    known = model_option_defaults(model_class)
+    unknown = sorted(name for name in options if name not in known)
+    if unknown:
+        raise ValueError(
+            f"{model_class.__name__} takes no option {', '.join(map(repr, unknown))}; its options: {', '.join(known)}"
+        )
     if "num_cameras" in inspect.signature(model_class).parameters:
         return model_class(num_classes, num_cameras, **options)
     return model_class(num_classes, **options)

@@ -63,7 +63,7 @@ class OverlappingPatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=stride)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        check_images("images", images, self.img_size)
+        check_images("images", images, self.img_size, self.proj.weight.dtype)
         # (B, C, num_y, num_x) -> (B, N, C), row-major: token n sits at (n // num_x, n % num_x).
         return self.proj(images).flatten(2).transpose(1, 2)
 
