@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
         "--batch",
         type=int,
         default=2,
-        help="example batch the graph is traced with (>= 2; the batch axis stays dynamic; the check runs at N and N+1)",
+        help="example batch the graph is traced with (2..256; the batch axis stays dynamic; the check runs at N and N+1)",
     )
     ex.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
     ex.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
@@ -162,10 +162,18 @@ def _checkpoint_model(args):
 
 def _export(args) -> int:
     from dpm_ops.engine import resolve_device
-    from dpm_ops.export import DEFAULT_OPSET, ExportError, check_int, check_opset, check_output_path, export_onnx
+    from dpm_ops.export import (
+        DEFAULT_OPSET,
+        MAX_EXAMPLE_BATCH,
+        ExportError,
+        check_int,
+        check_opset,
+        check_output_path,
+        export_onnx,
+    )
 
     # export_onnx's own checks, named as the flags and before the checkpoint is read
-    check_int("--batch", args.batch, 2)
+    check_int("--batch", args.batch, 2, MAX_EXAMPLE_BATCH)
     if args.opset is not None:
         check_opset("--opset", args.opset)
     check_output_path(args.out, "--out", "a file name, e.g. model.onnx", _inputs(args, "config", "weights"))
@@ -197,7 +205,8 @@ def _export(args) -> int:
 
 def _extract(args) -> int:
     from dpm_ops.engine import resolve_amp, resolve_device
-    from dpm_ops.export import check_int, check_output_path, extract_folder, save_features_npz
+    from dpm_ops.export import check_int, check_output_path
+    from dpm_ops.feature_files import extract_folder, save_features_npz
 
     if args.camera is not None:  # extract_folder's own check, named as the flag and before the checkpoint is read
         check_int("--camera", args.camera, 0)

@@ -1,10 +1,7 @@
-"""Models that deploy: ONNX export of the test-time forward, and features of a folder or a list of images.
+"""Models that deploy: ONNX export of the test-time forward (features of images: dpm_ops.feature_files).
 
-    from dpm_ops.export import export_onnx, extract_folder, extract_images, save_features_npz
+    from dpm_ops.export import export_onnx
     export_onnx(model, "dpm.onnx", check=True)            # checked by onnxruntime at two batch sizes
-    features = extract_folder(model, "photos/")           # the model's test transforms, batched
-    crops = extract_images(model, [crop0, crop1], camids=0)  # arrays, PIL images or paths
-    save_features_npz("photos.npz", features, model)
 
 The exported graph is the model's eval forward (``B`` is a dynamic axis), with the inputs and outputs
 its recipe names (``Recipe.export_inputs`` / ``export_outputs``, :mod:`dpm_ops.engine.recipes`):
@@ -32,7 +29,6 @@ import contextlib
 import dataclasses
 import importlib
 import logging
-import numbers
 import os
 import warnings
 from pathlib import Path
@@ -40,18 +36,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from dpm_ops._backend import forced_backend
-from dpm_ops.data import DecodedImages, ImageDataset, ImageRecord, build_dataloader, mask_path_for
-from dpm_ops.data.image_io import as_mask, as_rgb
-from dpm_ops.data.assembly import _verify_readable
-from dpm_ops.data.parsing import MARKET_NAME
-from dpm_ops.data.errors import DatasetError, DatasetNotFoundError
 from dpm_ops.engine.checkpoint import atomic_write
-from dpm_ops.engine.extraction import FeatureSet, _check_image_size, eval_transform, extract_features
-from dpm_ops.engine.scoring import resolve_distance
-from dpm_ops.engine.recipes import RECIPES, get_recipe, model_cameras
+from dpm_ops.engine.extraction import _check_image_size
+from dpm_ops.engine.recipes import RECIPES, get_recipe
 from dpm_ops.evaluation._inputs import check_count
 
 # Opset 18 is the one torch's ONNX function library (torchlib) is written in, so the graph needs no
@@ -61,7 +50,6 @@ DEFAULT_OPSET = 18
 OPSETS = range(18, 24)
 # protobuf cannot serialise a model over 2 GB: larger weights go to an external data file
 _PROTOBUF_LIMIT = 2 * 1024**3
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 class ExportError(ValueError):
@@ -99,7 +87,8 @@ def model_kind(model: torch.nn.Module) -> str:
     return min(matches, key=lambda name: mro.index(RECIPES[name].model_class))
 
 
-def _input_size(model: torch.nn.Module, kind: str, image_size) -> tuple[int, int]:
+def model_input_size(model: torch.nn.Module, kind: str, image_size) -> tuple[int, int]:
+    """(height, width) the model of recipe ``kind`` takes: the ViTs' own, MaskReID's ``image_size`` or test crop."""
     try:
         return get_recipe(kind).export_input_size(model, _check_image_size(image_size))
     except ValueError as error:
@@ -139,10 +128,14 @@ def check_output_path(path, argument: str = "path", suffix_hint: str = "a file n
     return path
 
 
-def check_int(name: str, value, low: int) -> int:
+# The example batch only traces the graph (its batch axis stays dynamic): beyond this it is just memory.
+MAX_EXAMPLE_BATCH = 256
+
+
+def check_int(name: str, value, low: int, high: Optional[int] = None) -> int:
     """`value`, or an ExportError naming `name` (the argument as the caller spelt it: batch, --batch)."""
     try:
-        return check_count(name, value, low)
+        return check_count(name, value, low, high)
     except ValueError as error:
         raise ExportError(str(error)) from None
 
@@ -174,8 +167,8 @@ def export_onnx(
     train / eval mode is restored after.
     """
     kind = model_kind(model)
-    size = _input_size(model, kind, image_size)
-    check_int("batch", batch, 2)
+    size = model_input_size(model, kind, image_size)
+    check_int("batch", batch, 2, MAX_EXAMPLE_BATCH)
     check_opset("opset", opset)
     path = check_output_path(path, "path", "a file name, e.g. model.onnx")
     _require("onnxscript", "the ONNX export")  # torch's exporter imports it; fail before the long part
@@ -261,7 +254,7 @@ def check_onnx(
         raise ExportError(f"rtol must be a positive number, got {rtol!r}")
     ort = _require("onnxruntime", "check_onnx")
     kind = model_kind(model)
-    size = _input_size(model, kind, image_size)
+    size = model_input_size(model, kind, image_size)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     input_names = [node.name for node in session.get_inputs()]
     output_names = [node.name for node in session.get_outputs()]
@@ -296,219 +289,14 @@ def check_onnx(
     return errors
 
 
-# --------------------------------------------------------------------------- features of a folder
+# The extraction API lived here until it moved to dpm_ops.feature_files: the old names still work for one release.
+_MOVED = ("find_images", "extract_folder", "extract_images", "image_cameras", "save_features_npz", "IMAGE_EXTENSIONS")
 
 
-def find_images(folder) -> list[str]:
-    """Relative paths (POSIX, sorted) of every image under ``folder``, recursively, by extension
-    (case-insensitive): .jpg .jpeg .png .bmp .tif .tiff .webp."""
-    root = Path(os.path.expanduser(str(folder)))
-    if root.exists() and not root.is_dir():
-        raise DatasetError(f"images folder {root} is a file, not a folder (extract_images takes single images)")
-    if not root.is_dir():
-        raise DatasetNotFoundError(f"images folder not found: {root}")
-    found = sorted(
-        p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-    )
-    if not found:
-        raise DatasetError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) under {root}")
-    return found
+def __getattr__(name: str):
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(f"dpm_ops.export.{name} moved to dpm_ops.feature_files.{name}", DeprecationWarning, stacklevel=2)
+    from . import feature_files
 
-
-def _labels_from_name(path: str) -> tuple[int, Optional[int]]:
-    """(pid, 0-based camera) of a Market-style name ``<pid>_c<camera>...``; (-1, None) otherwise."""
-    match = MARKET_NAME.match(os.path.basename(path))
-    if match is None or int(match.group(2)) < 1:
-        return -1, None
-    return int(match.group(1)), int(match.group(2)) - 1
-
-
-def extract_folder(
-    model: torch.nn.Module,
-    folder,
-    *,
-    image_size: Optional[Sequence[int]] = None,
-    camid: Optional[int] = None,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    device=None,
-    amp_dtype: Optional[torch.dtype] = None,
-    progress: bool = True,
-) -> FeatureSet:
-    """Features of every image under ``folder`` (:func:`find_images`), with the model's test
-    transforms and the evaluator's extraction (:func:`dpm_ops.engine.extraction.extract_features`):
-    L2-normalised features, DPM's channel masks, in the order of the relative paths.
-
-    ``pids`` / ``camids`` come from Market-style names (``0001_c2s1_...``: pid 1, camera 1), -1 where a
-    name is not one. A model with a camera embedding needs every image's camera: from the names, or
-    ``camid`` (0-based) for all of them. MaskReID reads each image's foreground mask from the
-    ``<folder>_seg`` mirror tree (``.png``, the dataset layout of ``dpm_ops.data.masks``).
-    ``image_size`` as in :func:`export_onnx`. ``device``: the model's by default.
-    """
-    kind = model_kind(model)
-    size = _input_size(model, kind, image_size)
-    check_int("batch_size", batch_size, 1)
-    check_int("num_workers", num_workers, 0)
-    root = Path(os.path.expanduser(str(folder))).resolve()  # "." has no parent: the _seg tree sits beside it
-    relative = find_images(root)
-    absolute = [str(root / name) for name in relative]
-    labels = [_labels_from_name(name) for name in relative]
-    if camid is not None:
-        check_int("camid", camid, 0)
-        labels = [(pid, camid) for pid, _ in labels]
-    if model_cameras(model):
-        for name, (_, camera) in zip(relative, labels):
-            if camera is None:
-                market = MARKET_NAME.match(os.path.basename(name))
-                what = "names camera c0 (Market-style cameras count from c1)" if market else "names no camera"
-                raise ExportError(
-                    f"the model has a camera embedding but {name} {what} (<pid>_c<camera>...); "
-                    "pass camid (--camera) for every image"
-                )
-    _check_cameras_in_range(model, relative, [camera for _, camera in labels])
-    mask_paths = None
-    if get_recipe(kind).uses_masks:
-        mask_paths = {path: mask_path_for(path, str(root.parent)) for path in absolute}
-        missing = [mask for mask in mask_paths.values() if not os.path.isfile(mask)]
-        if missing:
-            raise DatasetNotFoundError(
-                f"{kind} needs each image's foreground mask; {len(missing)} missing, first: {missing[0]}"
-            )
-        _verify_readable(mask_paths.values(), "mask")
-    _verify_readable(absolute, "image")  # before the long part: an unreadable file is named up front
-    records = [
-        ImageRecord(path, pid, -1 if camera is None else camera) for path, (pid, camera) in zip(absolute, labels)
-    ]
-    dataset = ImageDataset(records, eval_transform(kind, size), mask_paths=mask_paths)
-    features = _extract(model, kind, dataset, batch_size, num_workers, device, amp_dtype, progress, normalize=True)
-    return dataclasses.replace(features, paths=relative)
-
-
-def extract_images(
-    model: torch.nn.Module,
-    images,
-    *,
-    camids=None,
-    masks=None,
-    image_size: Optional[Sequence[int]] = None,
-    batch_size: int = 64,
-    device=None,
-    amp_dtype: Optional[torch.dtype] = None,
-    normalize: bool = True,
-    progress: bool = False,
-) -> FeatureSet:
-    """Features of images given one by one, e.g. a tracker's person crops, as :func:`extract_folder`
-    computes a folder's. ``images``: a list of image paths, PIL images or (H, W, 3) RGB / (H, W) grey
-    uint8 arrays (:func:`dpm_ops.data.image_io.as_rgb`), or one of them. ``camids``: each image's
-    0-based camera, or one int for all (a model with a camera embedding needs them). ``masks``:
-    MaskReID's foreground mask of each image (paths, PIL images or (H, W) bool / uint8 arrays of the
-    image's size). ``normalize=False``: the eval forward's features as they are (not L2-normalised).
-    The result's ``paths`` are the given paths, or ``images[i]``; its ``pids`` are -1.
-    """
-    kind = model_kind(model)
-    size = _input_size(model, kind, image_size)
-    check_int("batch_size", batch_size, 1)
-    images = _listed(images, "images", 3)
-    if not images:
-        raise ExportError("images: no image given")
-    names = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"images[{i}]" for i, x in enumerate(images)]
-    cameras = image_cameras(model, camids, names)
-    uses_masks = get_recipe(kind).uses_masks
-    if uses_masks != (masks is not None):
-        need = f"{kind} needs each image's foreground mask" if uses_masks else f"{kind} takes no mask"
-        raise ExportError(f"masks: {need}")
-    if masks is not None:
-        masks = _listed(masks, "masks", 2)
-        if len(masks) != len(names):
-            raise ExportError(f"masks: one per image ({len(names)}), got {len(masks)}")
-    decoded = [as_rgb(image, name) for image, name in zip(images, names)]
-    decoded_masks = None
-    if masks is not None:
-        decoded_masks = [as_mask(m, f"masks[{i}]", image.size) for i, (m, image) in enumerate(zip(masks, decoded))]
-    records = [ImageRecord(name, -1, camera) for name, camera in zip(names, cameras)]
-    dataset = DecodedImages(records, decoded, eval_transform(kind, size), masks=decoded_masks)
-    return _extract(model, kind, dataset, batch_size, 0, device, amp_dtype, progress, normalize)
-
-
-def _listed(items, name: str, item_ndim: int) -> list:
-    """``items`` as a list: one image / mask (a path, a PIL image, an array of at most ``item_ndim``
-    dimensions) becomes a list of it; a stacked array, its rows."""
-    if isinstance(items, (str, os.PathLike, Image.Image)) or (
-        isinstance(items, np.ndarray) and items.ndim <= item_ndim
-    ):
-        return [items]
-    try:
-        return list(items)
-    except TypeError:
-        raise ExportError(f"{name} must be a list, got {type(items).__name__}") from None
-
-
-def image_cameras(model: torch.nn.Module, camids, names: Sequence[str]) -> list[int]:
-    """``camids`` (None, one int, or one per image of ``names``) as each image's 0-based camera (-1:
-    none), checked against ``model``'s camera embedding, which needs them."""
-    if camids is None:
-        if model_cameras(model):
-            raise ExportError("camids: the model has a camera embedding; pass each image's 0-based camera, or one int")
-        return [-1] * len(names)
-    given = camids.tolist() if isinstance(camids, (np.ndarray, torch.Tensor)) else camids  # 0-d: its number
-    if isinstance(given, numbers.Integral) and not isinstance(given, bool):
-        cameras = [check_int("camids", int(given), 0)] * len(names)
-    else:
-        cameras = list(given) if isinstance(given, (list, tuple, range)) else None  # not True, 1.5 or "12"
-        if (
-            cameras is None
-            or len(cameras) != len(names)
-            or any(isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 0 for c in cameras)
-        ):
-            raise ExportError(f"camids must be one integer >= 0, or one per image ({len(names)}), got {camids!r}")
-    _check_cameras_in_range(model, names, cameras)
-    return [int(c) for c in cameras]
-
-
-def _check_cameras_in_range(model: torch.nn.Module, names: Sequence[str], cameras: Sequence[Optional[int]]) -> None:
-    count = model_cameras(model)
-    for name, camera in zip(names, cameras):
-        if count and camera is not None and camera >= count:
-            raise ExportError(
-                f"camera {camera} of {name} is out of range for the model's {count} camera embeddings (0..{count - 1})"
-            )
-
-
-def _extract(model, kind: str, dataset, batch_size, num_workers, device, amp_dtype, progress, normalize) -> FeatureSet:
-    """:func:`~dpm_ops.engine.extraction.extract_features` over ``dataset`` on ``device`` (default: the model's)."""
-    try:
-        device = torch.device(device) if device is not None else next(model.parameters()).device
-    except (RuntimeError, TypeError):
-        raise ExportError(
-            f"device must be a torch.device or a name such as cpu, cuda, cuda:N, got {device!r}"
-        ) from None
-    loader = build_dataloader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
-    return extract_features(
-        model,
-        loader,
-        model_name=kind,
-        device=device,
-        amp_dtype=amp_dtype,
-        progress=progress,
-        normalize=normalize,
-        desc="extract",
-    )
-
-
-def save_features_npz(path, features: FeatureSet, model: torch.nn.Module) -> Path:
-    """Write ``features`` (from :func:`extract_folder`) to an ``.npz`` (atomically): ``paths`` (N,) str,
-    ``features`` (N, D) float32, ``masks`` (N, D) float32 (DPM only), ``pids`` / ``camids`` (N,) int64,
-    ``model`` and ``distance`` (the model's test metric: "masked_arccos" for DPM, else "euclidean")."""
-    kind = model_kind(model)
-    path = check_output_path(path, "path", "a file name, e.g. features.npz")
-    arrays = {
-        "paths": np.array(features.paths, dtype=str),
-        "features": features.features.numpy(),
-        "pids": features.pids.numpy(),
-        "camids": features.camids.numpy(),
-        "model": np.array(kind),
-        "distance": np.array(resolve_distance("auto", kind)),
-    }
-    if features.masks is not None:
-        arrays["masks"] = features.masks.numpy()
-    return atomic_write(path, lambda handle: np.savez(handle, **arrays))
+    return getattr(feature_files, name)

@@ -1,26 +1,265 @@
-"""The feature files of ``dpm-reid extract`` (:func:`dpm_ops.export.save_features_npz`) read back, and a
-gallery file ranked for a query file: CMC / mAP / mINP by the model's test distance, optionally
-k-reciprocal re-ranked, as the evaluator scores a dataset (``dpm-reid rank``)."""
+"""Features of images and their files: every image of a folder or a list of images (a tracker's crops)
+through a model's test transforms and eval forward (``dpm-reid extract``), written to an ``.npz`` and read
+back, and a gallery file ranked for a query file: CMC / mAP / mINP by the model's test distance,
+optionally k-reciprocal re-ranked, as the evaluator scores a dataset (``dpm-reid rank``).
+
+    from dpm_ops.feature_files import extract_folder, extract_images, save_features_npz
+    features = extract_folder(model, "photos/")              # the model's test transforms, batched
+    crops = extract_images(model, [crop0, crop1], camids=0)  # arrays, PIL images or paths
+    save_features_npz("photos.npz", features, model)
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import os
 import zipfile
 import zlib
 from pathlib import Path
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
-from .engine.extraction import FeatureSet
-from .engine.recipes import RECIPES
+from .data import DecodedImages, ImageDataset, ImageRecord, build_dataloader, mask_path_for
+from .data.assembly import _verify_readable
+from .data.errors import DatasetError, DatasetNotFoundError
+from .data.image_io import as_mask, as_rgb
+from .data.parsing import MARKET_NAME
+from .engine.checkpoint import atomic_write
+from .engine.extraction import FeatureSet, eval_transform, extract_features
+from .engine.recipes import RECIPES, get_recipe, model_cameras
 from .engine.scoring import DISTANCES, compute_distances, rank_metrics, resolve_distance
 from .evaluation._inputs import check_choice, check_count
-from .export import ExportError
+from .export import ExportError, check_int, check_output_path, model_input_size, model_kind
 from .ops._checks import check_real
 
 NPZ_ARRAYS = ("paths", "features", "pids", "camids", "model", "distance")  # and "masks" (DPM)
 UNKNOWN_PID = -1  # extract's pid of a name that is not Market-style; Market's own junk images
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+# --------------------------------------------------------------------------- features of a folder
+
+
+def find_images(folder) -> list[str]:
+    """Relative paths (POSIX, sorted) of every image under ``folder``, recursively, by extension
+    (case-insensitive): .jpg .jpeg .png .bmp .tif .tiff .webp."""
+    root = Path(os.path.expanduser(str(folder)))
+    if root.exists() and not root.is_dir():
+        raise DatasetError(f"images folder {root} is a file, not a folder (extract_images takes single images)")
+    if not root.is_dir():
+        raise DatasetNotFoundError(f"images folder not found: {root}")
+    found = sorted(
+        p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    )
+    if not found:
+        raise DatasetError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) under {root}")
+    return found
+
+
+def _labels_from_name(path: str) -> tuple[int, Optional[int]]:
+    """(pid, 0-based camera) of a Market-style name ``<pid>_c<camera>...``; (-1, None) otherwise."""
+    match = MARKET_NAME.match(os.path.basename(path))
+    if match is None or int(match.group(2)) < 1:
+        return -1, None
+    return int(match.group(1)), int(match.group(2)) - 1
+
+
+def extract_folder(
+    model: torch.nn.Module,
+    folder,
+    *,
+    image_size: Optional[Sequence[int]] = None,
+    camid: Optional[int] = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device=None,
+    amp_dtype: Optional[torch.dtype] = None,
+    progress: bool = True,
+) -> FeatureSet:
+    """Features of every image under ``folder`` (:func:`find_images`), with the model's test
+    transforms and the evaluator's extraction (:func:`dpm_ops.engine.extraction.extract_features`):
+    L2-normalised features, DPM's channel masks, in the order of the relative paths.
+
+    ``pids`` / ``camids`` come from Market-style names (``0001_c2s1_...``: pid 1, camera 1), -1 where a
+    name is not one. A model with a camera embedding needs every image's camera: from the names, or
+    ``camid`` (0-based) for all of them. MaskReID reads each image's foreground mask from the
+    ``<folder>_seg`` mirror tree (``.png``, the dataset layout of ``dpm_ops.data.masks``).
+    ``image_size`` as in :func:`export_onnx`. ``device``: the model's by default.
+    """
+    kind = model_kind(model)
+    size = model_input_size(model, kind, image_size)
+    check_int("batch_size", batch_size, 1)
+    check_int("num_workers", num_workers, 0)
+    root = Path(os.path.expanduser(str(folder))).resolve()  # "." has no parent: the _seg tree sits beside it
+    relative = find_images(root)
+    absolute = [str(root / name) for name in relative]
+    labels = [_labels_from_name(name) for name in relative]
+    if camid is not None:
+        check_int("camid", camid, 0)
+        labels = [(pid, camid) for pid, _ in labels]
+    if model_cameras(model):
+        for name, (_, camera) in zip(relative, labels):
+            if camera is None:
+                market = MARKET_NAME.match(os.path.basename(name))
+                what = "names camera c0 (Market-style cameras count from c1)" if market else "names no camera"
+                raise ExportError(
+                    f"the model has a camera embedding but {name} {what} (<pid>_c<camera>...); "
+                    "pass camid (--camera) for every image"
+                )
+    _check_cameras_in_range(model, relative, [camera for _, camera in labels])
+    mask_paths = None
+    if get_recipe(kind).uses_masks:
+        mask_paths = {path: mask_path_for(path, str(root.parent)) for path in absolute}
+        missing = [mask for mask in mask_paths.values() if not os.path.isfile(mask)]
+        if missing:
+            raise DatasetNotFoundError(
+                f"{kind} needs each image's foreground mask; {len(missing)} missing, first: {missing[0]}"
+            )
+        _verify_readable(mask_paths.values(), "mask")
+    _verify_readable(absolute, "image")  # before the long part: an unreadable file is named up front
+    records = [
+        ImageRecord(path, pid, -1 if camera is None else camera) for path, (pid, camera) in zip(absolute, labels)
+    ]
+    dataset = ImageDataset(records, eval_transform(kind, size), mask_paths=mask_paths)
+    features = _extract(model, kind, dataset, batch_size, num_workers, device, amp_dtype, progress, normalize=True)
+    return dataclasses.replace(features, paths=relative)
+
+
+def extract_images(
+    model: torch.nn.Module,
+    images,
+    *,
+    camids=None,
+    masks=None,
+    image_size: Optional[Sequence[int]] = None,
+    batch_size: int = 64,
+    device=None,
+    amp_dtype: Optional[torch.dtype] = None,
+    normalize: bool = True,
+    progress: bool = False,
+) -> FeatureSet:
+    """Features of images given one by one, e.g. a tracker's person crops, as :func:`extract_folder`
+    computes a folder's. ``images``: a list of image paths, PIL images or (H, W, 3) RGB / (H, W) grey
+    uint8 arrays (:func:`dpm_ops.data.image_io.as_rgb`), or one of them. ``camids``: each image's
+    0-based camera, or one int for all (a model with a camera embedding needs them). ``masks``:
+    MaskReID's foreground mask of each image (paths, PIL images or (H, W) bool / uint8 arrays of the
+    image's size). ``normalize=False``: the eval forward's features as they are (not L2-normalised).
+    The result's ``paths`` are the given paths, or ``images[i]``; its ``pids`` are -1.
+    """
+    kind = model_kind(model)
+    size = model_input_size(model, kind, image_size)
+    check_int("batch_size", batch_size, 1)
+    images = _listed(images, "images", 3)
+    if not images:
+        raise ExportError("images: no image given")
+    names = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"images[{i}]" for i, x in enumerate(images)]
+    cameras = image_cameras(model, camids, names)
+    uses_masks = get_recipe(kind).uses_masks
+    if uses_masks != (masks is not None):
+        need = f"{kind} needs each image's foreground mask" if uses_masks else f"{kind} takes no mask"
+        raise ExportError(f"masks: {need}")
+    if masks is not None:
+        masks = _listed(masks, "masks", 2)
+        if len(masks) != len(names):
+            raise ExportError(f"masks: one per image ({len(names)}), got {len(masks)}")
+    decoded = [as_rgb(image, name) for image, name in zip(images, names)]
+    decoded_masks = None
+    if masks is not None:
+        decoded_masks = [as_mask(m, f"masks[{i}]", image.size) for i, (m, image) in enumerate(zip(masks, decoded))]
+    records = [ImageRecord(name, -1, camera) for name, camera in zip(names, cameras)]
+    dataset = DecodedImages(records, decoded, eval_transform(kind, size), masks=decoded_masks)
+    return _extract(model, kind, dataset, batch_size, 0, device, amp_dtype, progress, normalize)
+
+
+def _listed(items, name: str, item_ndim: int) -> list:
+    """``items`` as a list: one image / mask (a path, a PIL image, an array of at most ``item_ndim``
+    dimensions) becomes a list of it; a stacked array, its rows."""
+    if isinstance(items, (str, os.PathLike, Image.Image)) or (
+        isinstance(items, np.ndarray) and items.ndim <= item_ndim
+    ):
+        return [items]
+    try:
+        return list(items)
+    except TypeError:
+        raise ExportError(f"{name} must be a list, got {type(items).__name__}") from None
+
+
+def image_cameras(model: torch.nn.Module, camids, names: Sequence[str]) -> list[int]:
+    """``camids`` (None, one int, or one per image of ``names``) as each image's 0-based camera (-1:
+    none), checked against ``model``'s camera embedding, which needs them."""
+    if camids is None:
+        if model_cameras(model):
+            raise ExportError("camids: the model has a camera embedding; pass each image's 0-based camera, or one int")
+        return [-1] * len(names)
+    given = camids.tolist() if isinstance(camids, (np.ndarray, torch.Tensor)) else camids  # 0-d: its number
+    if isinstance(given, numbers.Integral) and not isinstance(given, bool):
+        cameras = [check_int("camids", int(given), 0)] * len(names)
+    else:
+        cameras = list(given) if isinstance(given, (list, tuple, range)) else None  # not True, 1.5 or "12"
+        if (
+            cameras is None
+            or len(cameras) != len(names)
+            or any(isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 0 for c in cameras)
+        ):
+            raise ExportError(f"camids must be one integer >= 0, or one per image ({len(names)}), got {camids!r}")
+    _check_cameras_in_range(model, names, cameras)
+    return [int(c) for c in cameras]
+
+
+def _check_cameras_in_range(model: torch.nn.Module, names: Sequence[str], cameras: Sequence[Optional[int]]) -> None:
+    count = model_cameras(model)
+    for name, camera in zip(names, cameras):
+        if count and camera is not None and camera >= count:
+            raise ExportError(
+                f"camera {camera} of {name} is out of range for the model's {count} camera embeddings (0..{count - 1})"
+            )
+
+
+def _extract(model, kind: str, dataset, batch_size, num_workers, device, amp_dtype, progress, normalize) -> FeatureSet:
+    """:func:`~dpm_ops.engine.extraction.extract_features` over ``dataset`` on ``device`` (default: the model's)."""
+    try:
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+    except (RuntimeError, TypeError):
+        raise ExportError(
+            f"device must be a torch.device or a name such as cpu, cuda, cuda:N, got {device!r}"
+        ) from None
+    loader = build_dataloader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
+    return extract_features(
+        model,
+        loader,
+        model_name=kind,
+        device=device,
+        amp_dtype=amp_dtype,
+        progress=progress,
+        normalize=normalize,
+        desc="extract",
+    )
+
+
+def save_features_npz(path, features: FeatureSet, model: torch.nn.Module) -> Path:
+    """Write ``features`` (from :func:`extract_folder`) to an ``.npz`` (atomically): ``paths`` (N,) str,
+    ``features`` (N, D) float32, ``masks`` (N, D) float32 (DPM only), ``pids`` / ``camids`` (N,) int64,
+    ``model`` and ``distance`` (the model's test metric: "masked_arccos" for DPM, else "euclidean")."""
+    kind = model_kind(model)
+    path = check_output_path(path, "path", "a file name, e.g. features.npz")
+    arrays = {
+        "paths": np.array(features.paths, dtype=str),
+        "features": features.features.numpy(),
+        "pids": features.pids.numpy(),
+        "camids": features.camids.numpy(),
+        "model": np.array(kind),
+        "distance": np.array(resolve_distance("auto", kind)),
+    }
+    if features.masks is not None:
+        arrays["masks"] = features.masks.numpy()
+    return atomic_write(path, lambda handle: np.savez(handle, **arrays))
+
+
+# --------------------------------------------------------------------------- the files read back
 
 
 @dataclasses.dataclass
@@ -33,7 +272,7 @@ class SavedFeatures:
 
 
 def load_features_npz(path, argument: str = "path") -> SavedFeatures:
-    """A file of :func:`dpm_ops.export.save_features_npz` (``dpm-reid extract``), checked; an
+    """A file of :func:`save_features_npz` (``dpm-reid extract``), checked; an
     :class:`ExportError` naming ``argument`` and the file otherwise."""
     path = Path(path).expanduser()
     where = f"{argument} {path}"

@@ -458,12 +458,12 @@ def _diverged(state):
             tensor.fill_(float("nan"))
 
 
-def test_non_finite_features_are_one_line(tmp_path, tiny_set, capsys):
-    # a plain ValueError of the library's checks (not one of its error classes): one line, exit code 2
+def test_non_finite_weights_are_named_before_any_image_is_read(tmp_path, tiny_set, capsys):
+    # they were found as the first op's non-finite input, after the test set had been read
     config = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_set, "dpm"))
     checkpoint = _fresh_checkpoint(tmp_path, config, _diverged)
     code = main(["eval", "--config", str(config), "--weights", str(checkpoint), "--output", str(tmp_path / "ev")])
-    assert_one_line_error(capsys, code, "contains non-finite values (NaN or inf)")
+    assert_one_line_error(capsys, code, "final.pt does not fit the DPM of its model_args (NaN or inf values: backbone.")
 
 
 def test_pretrained_that_cannot_be_used_is_one_line(tmp_path, tiny_set, capsys):
@@ -728,9 +728,9 @@ def test_export_passes_its_options_and_their_defaults(tmp_path, tiny_set, capsys
 
 def test_extract_passes_its_options_and_the_configs(tmp_path, tiny_set, monkeypatch):
     # --camera, and the config's eval.batch_size / eval.num_workers / train.progress (overrides included)
-    import dpm_ops.export as export
+    import dpm_ops.feature_files as feature_files
 
-    calls = _record_calls(monkeypatch, export, "extract_folder")
+    calls = _record_calls(monkeypatch, feature_files, "extract_folder")
     config = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_set, "dpm"))
     common = ["extract", "--config", str(config), "--weights", str(_fresh_checkpoint(tmp_path, config))]
     common += ["--images", str(tiny_set / "query")]
@@ -746,7 +746,7 @@ def test_extract_passes_its_options_and_the_configs(tmp_path, tiny_set, monkeypa
 
 
 def test_extract_checks_out_first_and_writes_to_the_expanded_path(tmp_path, tiny_set, capsys, monkeypatch):
-    import dpm_ops.export as export
+    import dpm_ops.feature_files as feature_files
 
     config = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_set, "dpm"))
     common = ["extract", "--config", str(config), "--weights", str(_fresh_checkpoint(tmp_path, config))]
@@ -763,7 +763,7 @@ def test_extract_checks_out_first_and_writes_to_the_expanded_path(tmp_path, tiny
     def no_work(*args, **kwargs):
         raise AssertionError("the images were read before --out was checked")
 
-    monkeypatch.setattr(export, "extract_folder", no_work)
+    monkeypatch.setattr(feature_files, "extract_folder", no_work)
     (tmp_path / "a_file").write_text("x")
     code = main([*common, "--out", str(tmp_path / "a_file" / "f.npz")])
     assert_one_line_error(capsys, code, "--out", "cannot create its folder")
@@ -792,7 +792,8 @@ def test_an_out_that_is_an_input_is_refused(tmp_path, tiny_set, capsys):
 @pytest.mark.parametrize(
     "argv, needle",
     [
-        (["export", "--out", "m.onnx", "--batch", "1"], "--batch must be an integer >= 2, got 1"),
+        (["export", "--out", "m.onnx", "--batch", "1"], "--batch must be an integer in [2, 256], got 1"),
+        (["export", "--out", "m.onnx", "--batch", "100000000000"], "--batch must be an integer in [2, 256], got 1000"),
         (["export", "--out", "m.onnx", "--opset", "17"], "--opset must be in 18..23, got 17"),
         (["export", "--out", "m.onnx", "--opset", "24"], "--opset must be in 18..23, got 24"),
         (

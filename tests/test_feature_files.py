@@ -13,7 +13,8 @@ from dpm_ops.engine import load_config
 from dpm_ops.engine.builders import load_splits
 from dpm_ops.engine.evaluator import evaluate_model
 from dpm_ops.evaluation import evaluate_rank, pairwise_distance
-from dpm_ops.export import ExportError, extract_folder, save_features_npz
+from dpm_ops.export import ExportError
+from dpm_ops.feature_files import extract_folder, save_features_npz
 from dpm_ops.feature_files import load_features_npz, rank_features
 from test_cli import assert_one_line_error, tiny_set  # noqa: F401  (tiny_set: a fixture)
 from test_export import MASKREID_SIZE, VIT_SIZE, checkpointed
@@ -205,3 +206,16 @@ def test_rank_command_bad_input_is_one_line(tmp_path, capsys, monkeypatch, extra
     argv.update(dict(zip(extra[::2], extra[1::2])))
     code = main(["rank", *[item for pair in argv.items() for item in pair]])
     assert_one_line_error(capsys, code, needle)
+
+
+def test_the_extraction_api_still_answers_at_its_old_place():
+    """extract_folder & co. moved from dpm_ops.export to dpm_ops.feature_files: the old names work for one
+    release, with a DeprecationWarning naming the new place."""
+    import dpm_ops.export as export
+    import dpm_ops.feature_files as feature_files
+
+    for name in ("find_images", "extract_folder", "extract_images", "image_cameras", "save_features_npz"):
+        with pytest.warns(DeprecationWarning, match=f"dpm_ops.export.{name} moved to dpm_ops.feature_files.{name}"):
+            assert getattr(export, name) is getattr(feature_files, name)
+    with pytest.raises(AttributeError, match="has no attribute 'extract_everything'"):
+        export.extract_everything

@@ -614,3 +614,22 @@ def test_engine_reports_a_bad_option_as_one_config_line():
     with pytest.raises(ConfigError, match=r"^checkpoint run/final.pt: model_args: dpm: stride must be") as info:
         build_model_from_args("dpm", args, source="checkpoint run/final.pt: model_args")
     assert "\n" not in str(info.value)
+
+
+def test_a_model_too_large_for_memory_is_one_config_line(monkeypatch):
+    """Options each in range whose product does not fit (depth 10^12) failed in the allocator with a traceback."""
+    from dpm_ops.engine.builders import build_model_from_args
+    from dpm_ops.engine.config import ConfigError
+    from dpm_ops.engine.recipes import get_recipe
+
+    def allocator_refuses(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.50 TiB\nmore advice")
+
+    monkeypatch.setattr(type(get_recipe("dpm")), "build", allocator_refuses)
+    args = {"num_classes": NUM_CLASSES, "num_cameras": NUM_CAMERAS, "options": {**TINY, "depth": 10**12}}
+    with pytest.raises(
+        ConfigError,
+        match=r"^config key model.options: model dpm of these options does not fit in "
+        r"memory \(CUDA out of memory. Tried to allocate 3.50 TiB\)$",
+    ):
+        build_model_from_args("dpm", args)

@@ -50,7 +50,7 @@ class FeatureExtractor:
     ``pixel_std`` and ``pixel_norm`` stay unset. Models with a camera embedding (DPM, the ViT
     baseline) take ``camids=`` in the call (one int, or one per image), MaskReID ``masks=`` (one per
     image; with a tensor, a (B, 1, H, W) {0, 1} tensor). DPM's channel masks, which its masked
-    distance needs, come with the features from :func:`dpm_ops.export.extract_images`.
+    distance needs, come with the features from :func:`dpm_ops.feature_files.extract_images`.
     """
 
     def __init__(
@@ -92,7 +92,7 @@ class FeatureExtractor:
 
     def __call__(self, input, camids=None, masks=None) -> torch.Tensor:
         from dpm_ops.data import masked_image
-        from dpm_ops.export import extract_images, image_cameras
+        from dpm_ops.feature_files import extract_images, image_cameras
 
         if not isinstance(input, torch.Tensor):
             found = extract_images(

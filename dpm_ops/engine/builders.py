@@ -230,6 +230,16 @@ def build_model_from_args(name: str, args: dict, source: str = "config key model
         return get_recipe(name).build(args["num_classes"], args["num_cameras"], **options)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"{source}: {error}") from error
+    except RuntimeError as error:  # options in range whose product does not fit (depth 10^12): the allocator's
+        if "allocate" not in str(error):
+            raise
+        raise ConfigError(
+            f"{source}: model {name} of these options does not fit in memory ({_first_line(error)})"
+        ) from None
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def model_from_checkpoint(state: dict, config: dict, path: str | os.PathLike) -> nn.Module:
