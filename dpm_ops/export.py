@@ -40,7 +40,7 @@ import torch
 from dpm_ops._backend import forced_backend
 from dpm_ops.engine.checkpoint import atomic_write
 from dpm_ops.engine.extraction import _check_image_size
-from dpm_ops.engine.recipes import RECIPES, get_recipe
+from dpm_ops.engine.recipes import RECIPES, get_recipe, recipe_name_of
 from dpm_ops.evaluation._inputs import check_count
 
 # Opset 18 is the one torch's ONNX function library (torchlib) is written in, so the graph needs no
@@ -76,15 +76,14 @@ class ExportResult:
 def model_kind(model: torch.nn.Module) -> str:
     """The recipe name of ``model`` (:data:`dpm_ops.engine.RECIPES`): the recipe whose ``model_class``
     is nearest in ``model``'s class hierarchy."""
-    mro = type(model).__mro__
-    matches = [name for name, recipe in RECIPES.items() if recipe.model_class in mro]
-    if not matches:
+    kind = recipe_name_of(model)
+    if kind is None:
         classes = [recipe.model_class.__name__ for recipe in RECIPES.values()]
         raise ExportError(
             f"model must be a {', '.join(classes[:-1])} or {classes[-1]} (a recipe's model_class, "
             f"dpm_ops.models.build_model), got {type(model).__name__}"
         )
-    return min(matches, key=lambda name: mro.index(RECIPES[name].model_class))
+    return kind
 
 
 def model_input_size(model: torch.nn.Module, kind: str, image_size) -> tuple[int, int]:

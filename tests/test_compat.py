@@ -312,6 +312,8 @@ def test_bad_input_names_the_argument(compat):
         compat.evaluate_rank(distmat, q_pids, g_pids[1:], q_camids, g_camids)
     with pytest.raises(ValueError, match="max_rank must be an integer >= 1"):
         compat.evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=0)
+    with pytest.raises(ValueError, match="use_metric_cuhk03 must be True or False, got 'no'"):  # read as true
+        compat.evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, use_metric_cuhk03="no")
     with pytest.raises(ValueError, match="no query has a match"):
         compat.evaluate_rank(distmat, q_pids + 1000, g_pids, q_camids, g_camids)
     q_g, q_q, g_g = rerank_case(5, 20, 0)

@@ -3,6 +3,7 @@
 import functools
 import gc
 import os
+import re
 import warnings
 
 import numpy as np
@@ -158,6 +159,16 @@ def test_dataset_options():
     assert "variant" not in datasets_module.dataset_options("cuhk03_np_labeled")  # fixed by the alias
     with pytest.raises(DatasetError, match="unknown dataset"):
         datasets_module.dataset_options("nope")
+    # build_dataset checks its options against them (a misspelt one was the loader's TypeError), its root and
+    # flags ("no" read as true; None as a folder named None)
+    for root, options, needle in [
+        ("/data", dict(with_mask=True), "dataset 'market1501' takes no option with_mask; it takes "),
+        ("/data", dict(with_masks="no"), "dataset option with_masks must be True or False, got 'no'"),
+        (None, {}, "dataset root must be a folder path, got None"),
+        ("", {}, "dataset root must be a folder path, got ''"),
+    ]:
+        with pytest.raises(DatasetError, match=re.escape(needle)):
+            datasets_module.build_dataset("market1501", root, **options)
     # a registered partial: the options it binds are fixed, not options of the dataset
     register_dataset("dpm_occluded_reid_for_test", functools.partial(datasets_module.load_occluded_reid, camids=(0, 2)))
     try:

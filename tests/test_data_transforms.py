@@ -360,3 +360,40 @@ def test_a_recipe_takes_a_pil_image():
     transform = build_transforms("dpm", train=False, size=(32, 16))
     with pytest.raises(ValueError, match=r"^image must be a PIL.Image \(e.g. image_io.read_image's\), got ndarray$"):
         transform(np.zeros((32, 16, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize(
+    "recipe, train, options, needle",
+    [
+        # a negative or NaN probability dropped the erasing step without a word
+        ("dpm", True, dict(erasing=-1.0), "dpm_train_transforms: erasing must be a finite number in [0, 1]"),
+        ("dpm", True, dict(erasing=float("nan")), "erasing must be a finite number in [0, 1] (a probability), got nan"),
+        ("maskreid", True, dict(erasing=2.0), "maskreid_train_transforms: erasing must be a finite number in [0, 1]"),
+        ("dpm", True, dict(color_jitter="no"), "dpm_train_transforms: color_jitter must be True or False, got 'no'"),
+        ("dpm", "no", {}, "build_transforms: train must be True or False, got 'no'"),  # was the random pipeline
+        (["dpm"], True, {}, "unknown transform recipe ['dpm']"),  # was a TypeError (unhashable)
+        (
+            "dpm",
+            True,
+            dict(sizee=(8, 8)),
+            "build_transforms: dpm_train_transforms takes no option sizee; it takes size",
+        ),
+        # a crop larger than the resize failed at the first image, in the data loader
+        (
+            "maskreid",
+            False,
+            dict(resize=(10, 10)),
+            "maskreid_test_transforms: crop (144, 56) must fit in resize (10, 10)",
+        ),
+        (
+            "maskreid",
+            True,
+            dict(crop=(170, 56)),
+            "maskreid_train_transforms: crop (170, 56) must fit in resize (160, 64)",
+        ),
+    ],
+)
+def test_build_transforms_refuses_bad_options_when_built(recipe, train, options, needle):
+    with pytest.raises(ValueError) as error:
+        build_transforms(recipe, train, **options)
+    assert needle in str(error.value)

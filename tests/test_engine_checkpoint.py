@@ -1,6 +1,7 @@
 """Checkpoints: atomic writes (a crash mid-save leaves the old file and no debris), tags, clear errors."""
 
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -162,6 +163,18 @@ class _RunsCode:
         return os.mkdir, (self.marker,)
 
 
+def test_a_bad_map_location_is_named_not_the_file(tmp_path):
+    path = tmp_path / "ok.pt"
+    torch.save(state(), path)
+    with pytest.raises(
+        checkpoint.CheckpointError, match=r"^map_location must name a device \(cpu, cuda, cuda:N\), got 'gpu'$"
+    ):
+        checkpoint.load_checkpoint(path, map_location="gpu")  # was "not a PyTorch file written by torch.save"
+    if not torch.cuda.is_available():
+        with pytest.raises(checkpoint.CheckpointError, match="map_location 'cuda': CUDA is not available here"):
+            checkpoint.load_checkpoint(path, map_location="cuda")
+
+
 def test_no_code_runs_from_a_weights_file(tmp_path):
     """--weights takes files from anywhere (the official release, a colleague's run): they are read with
     torch's restricted unpickler, and an object it will not build is named."""
@@ -315,3 +328,40 @@ def test_the_trainer_refuses_an_earlier_run_unless_told(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="already holds a run"):
         Trainer(load_config("synthetic_dpm", ["train.device=cpu"]), tmp_path)  # overwrite defaults to False
     assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == b"x"
+
+
+def test_the_trainer_checks_its_config_and_arguments_before_any_work(tmp_path):
+    """A config edited after load_config is checked again (solver.optimizer 'lion' trained with SGD, a
+    misspelt key was ignored, a missing section a KeyError); hooks, flags and the folder are checked too."""
+    from dpm_ops.engine import ConfigError, Hook, Trainer, load_config
+
+    def edited(edit):
+        config = load_config("synthetic_dpm", ["train.device=cpu"])
+        edit(config)
+        return config
+
+    for edit, needle in [
+        (
+            lambda c: c["solver"].update(optimizer="lion"),
+            "config key solver.optimizer: 'lion' is not one of sgd, adamw",
+        ),
+        (lambda c: c["solver"].update(epocs=1), "unknown config key 'solver.epocs' in the config given"),
+        (lambda c: c["solver"].update(epochs=-1), "config key solver.epochs: expected a value >= 1, got -1"),
+        (lambda c: c.pop("solver"), "config has no solver section (a dict): start from load_config"),
+        (lambda c: c["train"].update(seed="x"), "config key train.seed: expected int, got 'x'"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            Trainer(edited(edit), tmp_path / "run")
+    config = load_config("synthetic_dpm", ["train.device=cpu"])
+    for arguments, needle in [
+        (dict(hooks=[object()]), "hooks must be a list of Hook instances"),
+        (dict(hooks=[Hook]), "hooks must be a list of Hook instances"),  # the class, not one
+        (dict(hooks=None), "hooks must be a list of Hook instances"),
+        (dict(resume="no"), "resume must be True or False, got 'no'"),
+        (dict(overwrite=1), "overwrite must be True or False, got 1"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            Trainer(config, tmp_path / "run", **arguments)
+    with pytest.raises(checkpoint.CheckpointError, match="output_dir must be a folder path, got None"):
+        Trainer(config, None)
+    assert not (tmp_path / "run").exists()

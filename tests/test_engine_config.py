@@ -297,8 +297,9 @@ def test_a_builtin_name_is_never_taken_for_a_missing_path(tmp_path):
         ("train.log_period=0", "train.log_period: expected a value >= 1"),
         ("train.stop_after_iters=0", "train.stop_after_iters: expected a value >= 1"),
         ("dataloader.num_workers=-1", "dataloader.num_workers: expected a value in [0, 1024], got -1"),
-        ("sampler.num_ids=0", "sampler.num_ids: expected a value >= 1"),
-        ("sampler.num_positives=1", "sampler.num_positives: expected a value >= 2"),
+        ("sampler.num_ids=0", "sampler.num_ids: expected a value in [1, 4096]"),
+        ("sampler.num_positives=1", "sampler.num_positives: expected a value in [2, 4096]"),
+        ("sampler.num_instances=1000000", "sampler.num_instances: expected a value in [1, 4096]"),
         ("sampler.kind=maskreid", "sampler.kind: model dpm trains on P x K batches ('pk')"),
         (
             "model.name=vit_baseline model.options={} eval.distance=masked_arccos",
@@ -347,6 +348,15 @@ def test_a_key_written_twice_or_nesting_past_the_stack_is_one_error(tmp_path):
     deep.write_text("model:\n  options:\n    mask_tap_blocks: " + "[" * 10000 + "]" * 10000 + "\n")
     with pytest.raises(ConfigError, match=r"deep.yaml: nested too deeply$"):  # was a RecursionError
         load_config(deep)
+
+
+@pytest.mark.parametrize("given", ["", 0, False, {"model": {"name": "dpm"}}])
+def test_a_config_that_is_no_name_or_path_is_refused(given):
+    """ "", 0 and False returned the defaults silently; a dict was "config not found"."""
+    with pytest.raises(
+        ConfigError, match=r"^config must be a built-in name or a YAML file's path \(None: the defaults\)"
+    ):
+        load_config(given)
 
 
 def test_maskreid_ranking_lambda_zero_is_the_papers_ablation():

@@ -433,9 +433,25 @@ def test_bad_options_fail_before_any_extraction(splits, monkeypatch):
         (dict(max_rank=10.0), "max_rank must be an integer"),
         (dict(multi_query="mean"), r"^multi_query must be one of \('off', 'avg', 'max'\), got 'mean'$"),
         (dict(splits=dataclasses.replace(splits, gallery=[])), r"^splits '\w+' has an empty query or gallery list$"),
+        # checked only after the extraction before (minutes on a real dataset), or a traceback then
+        (dict(rerank=True, k1=0), r"^k1 must be an integer >= 1"),
+        (dict(rerank=True, lambda_value=-1.0), r"^lambda_value must be a number in \[0, 1\], got -1.0$"),
+        (dict(rerank="no"), r"^rerank must be True or False, got 'no'$"),
+        (
+            dict(model_name="dpm"),
+            r"^model_name 'dpm' does not match the model, a ViTBaseline \(model_name 'vit_baseline'\)$",
+        ),
+        (
+            dict(model=torch.nn.Linear(2, 2)),
+            r"^model_name 'vit_baseline' does not match the model, a Linear \(not a ViTB",
+        ),
+        (dict(model="model.pt"), r"^model must be a torch.nn.Module, got str$"),
+        (dict(splits=[1, 2]), r"^splits must be the ReIDSplits of a dataset \(build_dataset\), got list$"),
+        (dict(device="gpu"), r"^device must be a torch.device or a name such as cpu, cuda, cuda:N, got 'gpu'$"),
+        (dict(out_dir=__file__), r"^out_dir .* exists and is not a folder$"),
     ):
         with pytest.raises(ValueError, match=needle):
-            evaluate_model(tiny_model("vit_baseline"), **{"splits": splits, **options, **bad})
+            evaluate_model(**{"model": tiny_model("vit_baseline"), "splits": splits, **options, **bad})
     # the smallest accepted values reach the extraction
     with pytest.raises(AssertionError, match="features extracted"):
         evaluate_model(tiny_model("vit_baseline"), splits, **options, max_rank=10, batch_size=1)

@@ -439,6 +439,11 @@ def test_feature_extractor_is_torchreids(tmp_path, tiny_set, capsys):
     config, weights, model = checkpointed(tmp_path, tiny_set, "dpm")
     extractor = FeatureExtractor(model_name=str(config), model_path=str(weights), device="cpu")
     assert capsys.readouterr().out.startswith("Model: dpm")
+    # torchreid's image_size is a (height, width) sequence or one int for both (an int was a TypeError)
+    assert FeatureExtractor(str(config), str(weights), image_size=64, device="cpu", verbose=False).image_size == (
+        64,
+        64,
+    )
     paths = sorted(str(p) for p in (tiny_set / "query").iterdir())[:5]
     expected = extract_images(model, paths, camids=1, normalize=False).features
     features = extractor(paths, camids=1)

@@ -6,9 +6,11 @@ import torch
 
 from .. import evaluation
 from ..evaluation import _inputs
+from ..ops._checks import check_flag
 
 
 def rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, use_metric_cuhk03):
+    use_metric_cuhk03 = check_flag(None, "use_metric_cuhk03", use_metric_cuhk03)
     """(cmc, dpm_ops RankResult): cmc as the peers return it, float32 with min(max_rank, G) entries."""
     result = evaluation.evaluate_rank(
         distmat,

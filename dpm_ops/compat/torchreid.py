@@ -2,6 +2,8 @@
 `torchreid.reid.utils.re_ranking` and `FeatureExtractor` (0.2.5), computed by dpm_ops:
 `from dpm_ops.compat.torchreid import evaluate_rank, re_ranking, compute_distance_matrix, FeatureExtractor`."""
 
+import numbers
+
 import numpy as np
 import torch
 
@@ -84,6 +86,9 @@ class FeatureExtractor:
         self.model = checkpoint_model(config, model_path).to(device)
         self.kind = model_kind(self.model)
         self.recipe = get_recipe(self.kind)
+        # torchreid's image_size is (height, width) or one int for both
+        if isinstance(image_size, numbers.Integral) and not isinstance(image_size, bool):
+            image_size = (int(image_size), int(image_size))
         self.image_size = tuple(image_size) if image_size is not None else tuple(config["input"]["size"])
         self.device = device
         if verbose:

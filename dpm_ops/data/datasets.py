@@ -261,7 +261,15 @@ def build_dataset(name: str, root: str, **kwargs) -> ReIDSplits:
     first unreadable one (``verify_images=True``, their default): the price is a few seconds for
     Market-1501, paid once before any long work. ``verify_images=False`` skips it.
     """
-    key = _canonical(name) if isinstance(name, str) else None
-    if key not in _LOADERS:
-        raise DatasetError(f"unknown dataset {name!r}; available: {', '.join(available_datasets())}")
-    return _LOADERS[key](root, **kwargs)
+    options = dataset_options(name)  # an unknown name: a DatasetError naming the available ones
+    unknown = sorted(k for k in kwargs if k not in options)
+    if unknown:
+        raise DatasetError(
+            f"dataset {name!r} takes no option {', '.join(unknown)}; it takes {', '.join(sorted(options))}"
+        )
+    if not isinstance(root, (str, os.PathLike)) or not str(root):  # None read as a folder named "None"
+        raise DatasetError(f"dataset root must be a folder path, got {root!r}")
+    for flag in ("with_masks", "multi_query", "verify_images"):
+        if flag in kwargs and not isinstance(kwargs[flag], bool):  # "no" would read as true
+            raise DatasetError(f"dataset option {flag} must be True or False, got {kwargs[flag]!r}")
+    return _LOADERS[_canonical(name)](root, **kwargs)

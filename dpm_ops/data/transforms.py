@@ -19,6 +19,7 @@ Recipes (DPM's official configs; MaskReID's paper and the DGD test geometry):
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Optional, Sequence
 
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from dpm_ops.ops._checks import check_int, check_int_list, check_real
+from dpm_ops.ops._checks import check_flag, check_int, check_int_list, check_real
 
 DPM_MEAN = (0.5, 0.5, 0.5)
 DPM_STD = (0.5, 0.5, 0.5)
@@ -337,8 +338,9 @@ def dpm_train_transforms(
     std: Sequence[float] = DPM_STD,
 ) -> Compose:
     """DPM's training pipeline; ``color_jitter`` is its Occluded-REID setting."""
+    erasing = check_real("dpm_train_transforms", "erasing", erasing, 0, 1, why=" (a probability)")
     steps: list[Transform] = [Resize(size, "bicubic")]
-    if color_jitter:
+    if check_flag("dpm_train_transforms", "color_jitter", color_jitter):
         steps.append(ColorJitter(brightness=0.3, contrast=0.3, saturation=0.2, hue=0.2))
     steps += [RandomHorizontalFlip(flip), Pad(padding), RandomCrop(size), ToTensor(), Normalize(mean, std)]
     if erasing > 0:
@@ -359,6 +361,8 @@ def maskreid_train_transforms(
     std: Sequence[float] = MASKREID_STD,
 ) -> Compose:
     """DGD's pipeline used by MaskReID; random erasing (off by default) is not in the paper."""
+    erasing = check_real("maskreid_train_transforms", "erasing", erasing, 0, 1, why=" (a probability)")
+    _check_crop_fits("maskreid_train_transforms", resize, crop)
     steps: list[Transform] = [
         Resize(resize, "bilinear"),
         RandomCrop(crop),
@@ -374,7 +378,16 @@ def maskreid_train_transforms(
 def maskreid_test_transforms(
     resize: tuple[int, int] = (160, 64), crop: tuple[int, int] = (144, 56), mean=MASKREID_MEAN, std=MASKREID_STD
 ) -> Compose:
+    _check_crop_fits("maskreid_test_transforms", resize, crop)
     return Compose([Resize(resize, "bilinear"), CenterCrop(crop), ToTensor(), Normalize(mean, std)])
+
+
+def _check_crop_fits(owner: str, resize, crop) -> None:
+    """A crop within the resized image: a larger one failed at the first image, inside the data loader."""
+    if all(isinstance(v, (tuple, list)) and len(v) == 2 for v in (resize, crop)) and (
+        crop[0] > resize[0] or crop[1] > resize[1]
+    ):
+        raise ValueError(f"{owner}: crop {tuple(crop)} must fit in resize {tuple(resize)} (height, width)")
 
 
 _RECIPES = {
@@ -385,6 +398,13 @@ _RECIPES = {
 
 def build_transforms(recipe: str, train: bool, **options) -> Compose:
     """``build_transforms("dpm", train=True, color_jitter=True)`` and the like."""
-    if recipe not in _RECIPES:
+    if not isinstance(recipe, str) or recipe not in _RECIPES:
         raise ValueError(f"unknown transform recipe {recipe!r}; available: {sorted(_RECIPES)}")
-    return _RECIPES[recipe][0 if train else 1](**options)
+    build = _RECIPES[recipe][0 if check_flag("build_transforms", "train", train) else 1]
+    known = inspect.signature(build).parameters
+    unknown = sorted(name for name in options if name not in known)
+    if unknown:
+        raise ValueError(
+            f"build_transforms: {build.__name__} takes no option {', '.join(unknown)}; it takes {', '.join(known)}"
+        )
+    return build(**options)

@@ -29,7 +29,7 @@ from .checkpoint import (
     make_output_folder,
     read_checkpoint_file,
 )
-from .config import ConfigError, check_device_name
+from .config import ConfigError, check_config, check_device_name
 from .recipes import get_recipe
 
 
@@ -263,6 +263,7 @@ def trained_model(config: dict, weights: str | os.PathLike) -> tuple[nn.Module, 
     tensors have, and must fill every tensor of it, in its shape (a trained position embedding is
     not resized). The one exception is the classifier, which eval mode never reads: a test-time state
     dict saved without it gets a model of the fewest classes its recipe takes, its classifier as built."""
+    config = check_config(config)
     contents = read_checkpoint_file(weights)
     name = config["model"]["name"]
     if is_training_checkpoint(contents):

@@ -190,6 +190,15 @@ _NUMPY_ARRAY_GLOBALS = [np.ndarray.__reduce__(np.zeros(0))[0], np.ndarray, np.dt
 
 def read_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     """What the torch file ``path`` holds; CheckpointError when it is missing or not a torch file."""
+    if isinstance(map_location, (str, torch.device)):  # a bad one was reported as an unreadable file
+        try:
+            device = torch.device(map_location)
+        except RuntimeError:
+            raise CheckpointError(
+                f"map_location must name a device (cpu, cuda, cuda:N), got {map_location!r}"
+            ) from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise CheckpointError(f"map_location {map_location!r}: CUDA is not available here; use cpu")
     path = Path(os.path.expanduser(str(path)))
     if path.is_dir():
         # a run folder or its checkpoints/ folder is an easy slip: name the files it holds

@@ -109,10 +109,11 @@ SCHEMA: dict = {
     },
     "sampler": {
         "kind": _f("pk", str, ("pk", "maskreid")),
-        "num_ids": _f(16, int, bounds=AT_LEAST_1),  # P x K: identities per (global) batch
-        "num_instances": _f(4, int, bounds=AT_LEAST_1),
-        "num_positives": _f(10, int, bounds=Bounds(2)),  # MaskReID: 1 id x 10 + 54 singles
-        "num_negatives": _f(54, int, bounds=AT_LEAST_1),
+        # a batch's parts: far past these a batch no longer fits in memory (K = 10^6 made 2,000,000-image batches)
+        "num_ids": _f(16, int, bounds=Bounds(1, 4096)),  # P x K: identities per (global) batch
+        "num_instances": _f(4, int, bounds=Bounds(1, 4096)),  # 1: ID losses only (no positive pair)
+        "num_positives": _f(10, int, bounds=Bounds(2, 4096)),  # MaskReID: 1 id x 10 + 54 singles
+        "num_negatives": _f(54, int, bounds=Bounds(1, 4096)),
         "batches_per_epoch": _f(None, int, nullable=True, bounds=AT_LEAST_1),
     },
     "dataloader": {
@@ -457,12 +458,33 @@ def load_config(name_or_path: Optional[str] = None, overrides: Iterable[str] = (
     overrides = () if overrides is None else overrides
     if isinstance(overrides, str) or not isinstance(overrides, Iterable):
         raise ConfigError(f"overrides must be a list of key=value strings, got {overrides!r}")
-    config = _load_file(resolve_config_path(name_or_path)) if name_or_path else defaults()
+    if name_or_path is not None and (not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path)):
+        raise ConfigError(
+            f"config must be a built-in name or a YAML file's path (None: the defaults), got {name_or_path!r}"
+        )
+    config = _load_file(resolve_config_path(name_or_path)) if name_or_path is not None else defaults()
     apply_overrides(config, overrides)
     from .config_checks import validate  # which imports ConfigError from here: not at the top
 
     validate(config)
     return config
+
+
+def check_config(config) -> dict:
+    """``config`` (load_config's, perhaps edited since) checked as load_config checks a file, as a new dict:
+    every section there, every key known, each value of its type and range, the rules across keys. The
+    engine's entry points take it this way: an edited ``solver.optimizer: lion`` trained with SGD."""
+    if not isinstance(config, dict):
+        raise ConfigError(f"config must be a dict of sections, as load_config returns, got {type(config).__name__}")
+    missing = [section for section in SCHEMA if not isinstance(config.get(section), dict)]
+    if missing:
+        raise ConfigError(f"config has no {', '.join(missing)} section (a dict): start from load_config")
+    checked = defaults()
+    _merge(checked, config, SCHEMA, "", "the config given")
+    from .config_checks import validate
+
+    validate(checked)
+    return checked
 
 
 def dump_config(config: dict) -> str:

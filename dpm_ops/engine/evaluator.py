@@ -30,6 +30,8 @@ from dpm_ops.data import ReIDSplits
 from dpm_ops.evaluation import PROTOCOLS
 from dpm_ops.evaluation.rank import MAX_REPEATS
 from dpm_ops.evaluation._inputs import check_count
+from dpm_ops.evaluation.rerank import check_rerank_parameters
+from dpm_ops.ops._checks import check_flag
 
 from .checkpoint import atomic_write
 from .extraction import (
@@ -40,9 +42,10 @@ from .extraction import (
     eval_transform,
     extract_features,
     pool_multi_query,
+    unwrap_ddp,
 )
 from .pictures import dpm_token_maps, write_pictures
-from .recipes import get_recipe
+from .recipes import get_recipe, recipe_name_of
 from .scoring import DISTANCES, compute_distances, format_metrics_table, query_subsets, rank_metrics, resolve_distance
 
 # The engine's pieces, importable from here as before the split into extraction / scoring / pictures.
@@ -121,9 +124,20 @@ def evaluate_model(
     returns the metrics, others None.
     """
     recipe = get_recipe(model_name)
+    _check_model_and_splits(model, splits, model_name)
     image_size = _check_image_size(image_size)
     metric = resolve_distance(distance, model_name)
     _check_options(splits, model_name, max_rank, batch_size, protocol, num_repeats, seed, multi_query)
+    # all that is checked later is checked now, before the features are extracted
+    if check_flag(None, "rerank", rerank):
+        check_rerank_parameters(k1, k2, lambda_value)
+    pictures, progress = check_flag(None, "pictures", pictures), check_flag(None, "progress", progress)
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch.device or a name such as cpu, cuda, cuda:N, got {device!r}") from None
+    if out_dir is not None and os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"out_dir {out_dir} exists and is not a folder")
     transform = recipe.test_transform(image_size)
     common = dict(batch_size=batch_size, num_workers=num_workers, device=device, amp_dtype=amp_dtype, progress=progress)
     query = _extract_queries(model, splits, model_name, transform, multi_query, common)
@@ -157,6 +171,20 @@ def evaluate_model(
             context = dict(model=model, splits=splits, model_name=model_name, transform=transform, device=device)
             write_pictures(out_dir, metrics, distmat, query, gallery, subsets, **context)
     return metrics
+
+
+def _check_model_and_splits(model, splits, model_name: str) -> None:
+    """A model of ``model_name``'s recipe (another one's outputs failed after the first batch) and loaded splits."""
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    kind = recipe_name_of(unwrap_ddp(model))
+    if kind != model_name:
+        raise ValueError(
+            f"model_name {model_name!r} does not match the model, a {type(unwrap_ddp(model)).__name__}"
+            + (f" (model_name {kind!r})" if kind else f" (not a {get_recipe(model_name).model_class.__name__})")
+        )
+    if not isinstance(splits, ReIDSplits):
+        raise ValueError(f"splits must be the ReIDSplits of a dataset (build_dataset), got {type(splits).__name__}")
 
 
 def _check_options(splits, model_name, max_rank, batch_size, protocol, num_repeats, seed, multi_query) -> None:

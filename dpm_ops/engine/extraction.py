@@ -59,7 +59,7 @@ class FeatureSet:
         )
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
     # DDP's forward broadcasts buffers (a collective): with uneven shards the ranks would
     # deadlock, and evaluation needs no gradient sync anyway.
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
@@ -92,7 +92,7 @@ def extract_features(
         raise ValueError(f"amp_dtype must be None, torch.float16 or torch.bfloat16, got {amp_dtype!r}")
     recipe = get_recipe(model_name)
     device = torch.device(device)
-    model = _unwrap(model)
+    model = unwrap_ddp(model)
     param = next(iter(model.parameters()), None)
     if param is not None and param.device.type != device.type:
         raise ValueError(

@@ -11,7 +11,7 @@ import torch
 
 from dpm_ops.data import ReIDSplits
 
-from .extraction import FeatureSet, _unwrap
+from .extraction import FeatureSet, unwrap_ddp
 
 
 def write_pictures(
@@ -99,7 +99,7 @@ def dpm_token_maps(
     """
     from dpm_ops.data.image_io import read_image
 
-    model = _unwrap(model)
+    model = unwrap_ddp(model)
     device = torch.device(device)
     images = torch.stack([transform(read_image(path)) for path in paths]).to(device)
     was_training = model.training

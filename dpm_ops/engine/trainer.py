@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from dpm_ops.data import ImageDataset, build_dataloader
 from dpm_ops.models import WeightsError, load_pretrained
+from dpm_ops.ops._checks import check_flag
 
 from . import distributed
 from .builders import (
@@ -58,7 +59,7 @@ from .checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from .config import ConfigError, current_choice, defaults, dump_config
+from .config import ConfigError, check_config, current_choice, defaults, dump_config
 from .hooks import CheckpointHook, Hook, LogHook, PeriodicEvalHook, Position, StopHook, TrainingDiverged
 from .recipes import StepContext, get_recipe
 from .run_log import RunLog
@@ -85,7 +86,14 @@ class Trainer:
         log_stream=None,
         hooks: Sequence[Hook] = (),
     ):
-        self.config = config
+        self.config = config = check_config(config)
+        if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir):
+            raise CheckpointError(f"output_dir must be a folder path, got {output_dir!r}")
+        hooks = list(hooks) if isinstance(hooks, (list, tuple)) else hooks
+        if not isinstance(hooks, list) or not all(isinstance(hook, Hook) for hook in hooks):
+            raise ValueError(f"hooks must be a list of Hook instances (dpm_ops.engine.hooks.Hook), got {hooks!r}")
+        for name, flag in (("resume", resume), ("overwrite", overwrite)):
+            check_flag(None, name, flag)
         self.output_dir = Path(output_dir)
         self.resume = resume
         self.model_name = config["model"]["name"]

@@ -281,7 +281,7 @@ def _check_k(name: str, value, low: int) -> int:
     return _inputs.check_count(name, value, low, holds=lambda k: k <= MAX_K, why=f" and <= {MAX_K}")
 
 
-def _check_parameters(k1, k2, lambda_value):
+def check_rerank_parameters(k1, k2, lambda_value):
     k1 = _check_k("k1", k1, 1)
     k2 = _check_k("k2", k2, 1)
     if isinstance(lambda_value, bool) or not isinstance(lambda_value, numbers.Real) or not 0.0 <= lambda_value <= 1.0:
@@ -375,7 +375,7 @@ def re_ranking(
     (q_g, q_q.T, g_g.T) equals the default on (q_g, q_q, g_g).
     numpy in, numpy out; torch in, torch out on the same device.
     """
-    k1, k2, lambda_value = _check_parameters(k1, k2, lambda_value)
+    k1, k2, lambda_value = check_rerank_parameters(k1, k2, lambda_value)
     _inputs.check_choice("input", input, INPUTS)
     _inputs.check_choice("orientation", orientation, ORIENTATIONS)
     q_g = _inputs.as_floats("re_ranking", "q_g_dist", q_g_dist, 2)
@@ -459,7 +459,7 @@ def rerank_features(qf, gf, k1: int = 20, k2: int = 6, lambda_value: float = 0.3
     ``strategy``: the neighbour search's, as for dpm_ops.ops.self_knn ("auto" | "certified" |
     "direct"; "certified": the C++ CPU, CUDA and Triton backends).
     """
-    k1, k2, lambda_value = _check_parameters(k1, k2, lambda_value)
+    k1, k2, lambda_value = check_rerank_parameters(k1, k2, lambda_value)
     check_strategy(strategy, "rerank_features")
     # The pipeline is float32 (as the reference) whatever the features' dtype.
     query = _inputs.as_floats("rerank_features", "qf", qf, 2, vectors=True, arithmetic=torch.float32)

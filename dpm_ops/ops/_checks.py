@@ -182,10 +182,10 @@ def check_number(op: str, name: str, value, positive: bool = False) -> float:
     return float(value)
 
 
-def check_flag(op: str, name: str, value) -> bool:
+def check_flag(op: Optional[str], name: str, value) -> bool:
     """A bool (Python's or numpy's), as a Python bool: a string such as "no" would otherwise read as true."""
     if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{op}: {name} must be True or False, got {value!r}")
+        raise ValueError(f"{_owner(op)}{name} must be True or False, got {value!r}")
     return bool(value)
 
 

@@ -6,6 +6,8 @@ evaluator and the config read models only through it. A new model is a new modul
 
 from __future__ import annotations
 
+from typing import Optional
+
 from .base import (
     Recipe,
     Stage,
@@ -30,6 +32,14 @@ def model_names() -> tuple:
     return tuple(RECIPES)
 
 
+def recipe_name_of(model) -> Optional[str]:
+    """The name of the recipe whose ``model_class`` is nearest in ``model``'s class hierarchy (DPM, not the
+    ViT baseline it extends); None for a model of no recipe."""
+    mro = type(model).__mro__
+    matches = [name for name, recipe in RECIPES.items() if recipe.model_class in mro]
+    return min(matches, key=lambda name: mro.index(RECIPES[name].model_class)) if matches else None
+
+
 def get_recipe(model_name: str) -> Recipe:
     """The recipe of ``model_name``; ValueError naming the known models for another name."""
     recipe = RECIPES.get(model_name) if isinstance(model_name, str) else None
@@ -45,6 +55,7 @@ __all__ = [
     "StepContext",
     "ViTRecipe",
     "get_recipe",
+    "recipe_name_of",
     "loss_record",
     "make_optimizer",
     "model_cameras",
