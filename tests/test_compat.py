@@ -357,6 +357,18 @@ def test_aqe_of_float64_features_is_float64():
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_aqe_refuses_to_return_nan_features():
+    """A negative similarity to a fractional alpha (or 0 to a negative one) made NaN rows without a word."""
+    query = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    gallery = torch.tensor([[0.9, 0.1], [-0.9, 0.2], [0.5, 0.5]])
+    zero_row = torch.cat([query, torch.zeros(1, 2)])
+    for queries, alpha in ((query, 2.5), (zero_row, -1.0)):
+        with pytest.raises(ValueError, match=rf"^aqe: alpha={alpha} gives non-finite weights"):
+            fastreid.aqe(queries, gallery, qe_k=3, alpha=alpha)
+    expanded, _ = fastreid.aqe(query, gallery, qe_k=3, alpha=3.0)  # an odd integer power keeps the sign
+    assert torch.isfinite(expanded).all()
+
+
 def test_bad_numbers_are_value_errors():
     # A list metric raised TypeError (a dict lookup of an unhashable value); aqe's alpha went unchecked
     # into torch.pow: None / str a TypeError, NaN silently NaN features, True taken as 1.

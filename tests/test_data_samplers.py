@@ -263,8 +263,11 @@ def test_sampler_sizes_are_checked_and_default_to_the_papers():
     ):
         with pytest.raises(ValueError, match=rf"^{message}$"):
             MaskReIDBatchSampler(pids, num_positives=num_positives, num_negatives=num_negatives)
-    with pytest.raises(ValueError, match=r"^batches_per_epoch must be an integer >= 1, got 0$"):
+    with pytest.raises(ValueError, match=r"^batches_per_epoch must be an integer >= 1 \(the number of processes"):
         MaskReIDBatchSampler(pids, batches_per_epoch=0)
+    # one batch for two ranks left both with none, and an epoch of no step
+    with pytest.raises(ValueError, match=r"^batches_per_epoch must be an integer >= 2 \(the number of processes: one"):
+        MaskReIDBatchSampler(pids, batches_per_epoch=1, rank=0, world_size=2)
     smallest = MaskReIDBatchSampler(pids, num_positives=2, num_negatives=1)
     assert {len(batch) for batch in smallest} == {3}
     ranking = MaskReIDBatchSampler(pids)

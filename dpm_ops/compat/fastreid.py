@@ -121,6 +121,11 @@ def aqe(query_feat, gallery_feat, qe_times=1, qe_k=10, alpha=3.0):
             similarity = (normed[start : start + _AQE_ROWS, None, :] * normed[rows]).sum(dim=2)
             weights = similarity.pow(alpha)[..., None]
             expanded[start : start + _AQE_ROWS] = (features[rows] * weights).mean(dim=1)
+        if not bool(torch.isfinite(expanded).all()):  # theirs returns the NaN rows, with numpy's warning at most
+            raise ValueError(
+                f"aqe: alpha={alpha} gives non-finite weights (a negative similarity to a fractional power, or "
+                "0 to a negative one): use an integer alpha >= 0, or features whose neighbours are similar"
+            )
         features = expanded
     num_query = len(query_feat)
     return features[:num_query], features[num_query:]

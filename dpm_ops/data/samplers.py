@@ -203,8 +203,8 @@ class MaskReIDBatchSampler(_EpochBatchSampler):
         super().__init__(pids, seed, rank, world_size)
         num_positives = check_count("num_positives", num_positives, 2)  # an anchor and at least one positive
         num_negatives = check_count("num_negatives", num_negatives, 1)
-        if batches_per_epoch is not None:
-            check_count("batches_per_epoch", batches_per_epoch, 1)
+        if batches_per_epoch is not None:  # each rank takes every world_size-th batch: fewer left ranks none
+            check_count("batches_per_epoch", batches_per_epoch, world_size, why=" (the number of processes: one each)")
         if len(self.groups) < num_negatives + 1:
             raise ValueError(
                 f"a MaskReID batch needs {num_negatives + 1} distinct identities, the data has {len(self.groups)}"
