@@ -10,7 +10,7 @@ from .builders import (
     resolve_device,
 )
 from .checkpoint import CheckpointError, load_checkpoint, make_output_folder, save_checkpoint
-from .config import ConfigError, available_configs, load_config
+from .config import ConfigError, available_configs, check_config, load_config
 from .recipes import RECIPES, Recipe, get_recipe
 from .schedules import LRSchedule, poly_lr, warmup_cosine_lr
 from .hooks import Hook, TrainingDiverged
@@ -26,6 +26,7 @@ __all__ = [
     "Trainer",
     "TrainingDiverged",
     "available_configs",
+    "check_config",
     "checkpoint_model",
     "evaluate_checkpoint",
     "evaluate_with_config",
