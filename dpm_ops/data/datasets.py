@@ -262,7 +262,9 @@ def build_dataset(name: str, root: str, **kwargs) -> ReIDSplits:
     Market-1501, paid once before any long work. ``verify_images=False`` skips it.
     """
     options = dataset_options(name)  # an unknown name: a DatasetError naming the available ones
-    unknown = sorted(k for k in kwargs if k not in options)
+    parameters = inspect.signature(_LOADERS[_canonical(name)]).parameters.values()
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters)  # a registered loader's **options
+    unknown = [] if takes_any else sorted(k for k in kwargs if k not in options)
     if unknown:
         raise DatasetError(
             f"dataset {name!r} takes no option {', '.join(unknown)}; it takes {', '.join(sorted(options))}"

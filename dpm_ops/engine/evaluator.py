@@ -128,25 +128,15 @@ def evaluate_model(
     image_size = _check_image_size(image_size)
     metric = resolve_distance(distance, model_name)
     _check_options(splits, model_name, max_rank, batch_size, protocol, num_repeats, seed, multi_query)
-    # all that is checked later is checked now, before the features are extracted
-    if check_flag(None, "rerank", rerank):
-        check_rerank_parameters(k1, k2, lambda_value)
-    pictures, progress = check_flag(None, "pictures", pictures), check_flag(None, "progress", progress)
-    try:
-        torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must be a torch.device or a name such as cpu, cuda, cuda:N, got {device!r}") from None
-    if out_dir is not None and os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"out_dir {out_dir} exists and is not a folder")
+    _check_late_options(device, out_dir, rerank, k1, k2, lambda_value, pictures, progress)
     transform = recipe.test_transform(image_size)
     common = dict(batch_size=batch_size, num_workers=num_workers, device=device, amp_dtype=amp_dtype, progress=progress)
     query = _extract_queries(model, splits, model_name, transform, multi_query, common)
     gallery = _extract_split(model, splits.gallery, splits, model_name, transform, desc="gallery", **common)
     if query is None:  # not rank 0
         return None
-    distmat = compute_distances(
-        query, gallery, metric, rerank=rerank, k1=k1, k2=k2, lambda_value=lambda_value, device=device
-    )
+    reranking = dict(k1=k1, k2=k2, lambda_value=lambda_value)
+    distmat = compute_distances(query, gallery, metric, rerank=rerank, device=device, **reranking)
     subsets = query_subsets(splits, splits.query)
     metrics = rank_metrics(distmat, query, gallery, subsets, max_rank, protocol, num_repeats, seed)
     if out_dir is not None:
@@ -164,7 +154,7 @@ def evaluate_model(
             "multi_query": multi_query,
             "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
             **(dict(num_repeats=num_repeats, seed=seed) if protocol == "cuhk03" else {}),
-            **(dict(k1=k1, k2=k2, lambda_value=lambda_value) if rerank else {}),
+            **(reranking if rerank else {}),
         }
         write_json_atomic(os.path.join(out_dir, "metrics.json"), {**metrics, "settings": settings})
         if pictures:
@@ -185,6 +175,20 @@ def _check_model_and_splits(model, splits, model_name: str) -> None:
         )
     if not isinstance(splits, ReIDSplits):
         raise ValueError(f"splits must be the ReIDSplits of a dataset (build_dataset), got {type(splits).__name__}")
+
+
+def _check_late_options(device, out_dir, rerank, k1, k2, lambda_value, pictures, progress) -> None:
+    """What the scoring and the writing would check after the extraction (minutes on a real dataset): now."""
+    if check_flag(None, "rerank", rerank):
+        check_rerank_parameters(k1, k2, lambda_value)
+    check_flag(None, "pictures", pictures)
+    check_flag(None, "progress", progress)
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch.device or a name such as cpu, cuda, cuda:N, got {device!r}") from None
+    if out_dir is not None and os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"out_dir {out_dir} exists and is not a folder")
 
 
 def _check_options(splits, model_name, max_rank, batch_size, protocol, num_repeats, seed, multi_query) -> None:
