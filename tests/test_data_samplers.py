@@ -263,11 +263,15 @@ def test_sampler_sizes_are_checked_and_default_to_the_papers():
     ):
         with pytest.raises(ValueError, match=rf"^{message}$"):
             MaskReIDBatchSampler(pids, num_positives=num_positives, num_negatives=num_negatives)
-    with pytest.raises(ValueError, match=r"^batches_per_epoch must be an integer >= 1 \(the number of processes"):
+    with pytest.raises(ValueError, match=r"^batches_per_epoch must be an integer in \[1, 1000000\] \(one for each"):
         MaskReIDBatchSampler(pids, batches_per_epoch=0)
     # one batch for two ranks left both with none, and an epoch of no step
-    with pytest.raises(ValueError, match=r"^batches_per_epoch must be an integer >= 2 \(the number of processes: one"):
+    with pytest.raises(
+        ValueError, match=r"^batches_per_epoch must be an integer in \[2, 1000000\] \(one for each of the 2"
+    ):
         MaskReIDBatchSampler(pids, batches_per_epoch=1, rank=0, world_size=2)
+    with pytest.raises(ValueError, match=r"^batches_per_epoch must be an integer in \[1, 1000000\]"):
+        MaskReIDBatchSampler(pids, batches_per_epoch=10**12)  # planning it would have taken a year
     smallest = MaskReIDBatchSampler(pids, num_positives=2, num_negatives=1)
     assert {len(batch) for batch in smallest} == {3}
     ranking = MaskReIDBatchSampler(pids)

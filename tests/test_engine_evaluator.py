@@ -484,6 +484,27 @@ def test_pooling_needs_masks_on_both_sides():
             pool_multi_query(query, pool, "avg")
 
 
+def test_pooling_refuses_what_it_cannot_pool():
+    query = FeatureSet(
+        torch.randn(1, 4), None, torch.tensor([5]), torch.tensor([0]), ["/query/0005_c1s1_000001_00.jpg"]
+    )
+    # the query's file in the pool under another pid: its group had no member and it pooled to zeros
+    pool = FeatureSet(
+        torch.randn(2, 4),
+        None,
+        torch.tensor([7, 7]),
+        torch.tensor([0, 0]),
+        ["/gt/0005_c1s1_000001_00.jpg", "/gt/b.jpg"],
+    )
+    for mode in ("avg", "max"):
+        with pytest.raises(ValueError, match=r"^1 queries \(e.g. /query/0005_c1s1_000001_00.jpg\) have no pool image"):
+            pool_multi_query(query, pool, mode)
+    with pytest.raises(ValueError, match="^query and pool features differ in width: 4 and 3$"):
+        pool_multi_query(query, dataclasses.replace(pool, features=torch.randn(2, 3)), "avg")
+    with pytest.raises(ValueError, match="^query and pool must be FeatureSets, got FeatureSet, list$"):
+        pool_multi_query(query, [], "avg")
+
+
 def test_cuhk03_protocol(splits, tmp_path):
     model = tiny_model("vit_baseline")
     metrics = evaluate_model(

@@ -259,6 +259,21 @@ def test_images_that_are_no_batch_of_rgb_pixels_are_refused():
             model(bad, cams)
 
 
+@pytest.mark.parametrize("name", ["dpm", "vit_baseline"])
+def test_non_finite_images_are_refused_before_any_statistic_moves(name):
+    """A NaN pixel in train mode was refused by the mask pooling after three BatchNorm layers had taken it
+    into their running statistics (every later call failed, clean images too); the ViT baseline took it
+    silently (NaN logits, a NaN BNNeck)."""
+    options = {k: v for k, v in TINY.items() if name == "dpm" or k != "mask_tap_blocks"}
+    model = build_model(name, NUM_CLASSES, NUM_CAMERAS, **options).train()
+    images, cams, labels = batch(4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^images contains non-finite values \(NaN or inf\)$"):
+        model(images, cams, labels) if name == "dpm" else model(images, cams)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 # ---------------------------------------------------------------- attention, HEM logits, mask taps
 
 

@@ -127,11 +127,28 @@ def test_out_png_must_be_png(tmp_path, monkeypatch):
     assert out == os.path.join("new", "CMC.PNG") and png_size(tmp_path / out) == (600, 400)
 
 
-def test_failed_write_leaves_no_temporary(tmp_path):
-    (tmp_path / "taken.png").mkdir()  # the final rename fails: a folder has the name
-    with pytest.raises(OSError):
-        visualize.plot_cmc([0.5, 1.0], tmp_path / "taken.png")
-    assert os.listdir(tmp_path) == ["taken.png"]
+def test_failed_write_leaves_no_temporary(tmp_path, monkeypatch):
+    def disk_full(*args):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(os, "replace", disk_full)  # the final rename fails
+    with pytest.raises(OSError, match="no space left"):
+        visualize.plot_cmc([0.5, 1.0], tmp_path / "cmc.png")
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_out_png_that_cannot_be_written_is_refused_before_drawing(tmp_path):
+    """A folder of that name failed after the picture was drawn, naming the temporary file."""
+    (tmp_path / "taken.png").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    for out_png, needle in (
+        (tmp_path / "taken.png", "is a folder"),
+        (tmp_path / "a_file" / "c.png", "cannot create its folder"),
+    ):
+        with pytest.raises(ValueError, match=f"^out_png .*{needle}"):
+            visualize.plot_cmc([0.5, 1.0], out_png)
+        with pytest.raises(ValueError, match=f"^out_png .*{needle}"):
+            visualize.plot_loss_curves(tmp_path / "missing.jsonl", out_png)
 
 
 # ------------------------------------------------------------------------------------ losses
@@ -365,7 +382,8 @@ def test_query_average_precision_matches_protocol():
         (dict(num_queries=0), "num_queries"),
         (dict(top_k=2.5), "top_k"),
         (dict(top_k=True), "top_k must be an integer >= 1, got True"),
-        (dict(thumb_size=(0, 32)), r"thumb_size must be 2 integers >= 1 \(width, height\), got \(0, 32\)"),
+        (dict(thumb_size=(0, 32)), r"thumb_size must be 2 integers in \[1, 1024\] \(width, height\), got \(0, 32\)"),
+        (dict(thumb_size=(10**6, 10**6)), r"thumb_size must be 2 integers in \[1, 1024\]"),  # was killed for memory
         (dict(distmat=np.full((3, 6), "x")), "distmat must hold numbers"),
         (dict(gallery_paths=[], distmat=np.zeros((3, 0)), g_pids=[], g_camids=[]), "distmat is empty"),
         (dict(distmat=DIST[:2]), "distmat must be"),

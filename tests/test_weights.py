@@ -370,6 +370,15 @@ def _write_pickled_tensor(path):
             lambda p: torch.save({"cls_token": torch.zeros(1), "epoch": 3}, p),
             "entry 'epoch' holds a int, not a tensor",
         ),
+        # load_state_dict took these silently: NaN weights, bool / integer ones cast to 0. / 1.
+        (
+            "NaN entry",
+            lambda p: torch.save({"cls_token": torch.full((1, 1, 8), float("nan"))}, p),
+            "'cls_token' holds NaN",
+        ),
+        ("bool entry", lambda p: torch.save({"cls_token": torch.ones(1, 1, 8) > 0}, p), "holds torch.bool values, not"),
+        ("meta entry", lambda p: torch.save({"cls_token": torch.zeros(1, device="meta")}, p), "holds a meta tensor"),
+        ("non-string key", lambda p: torch.save({3: torch.zeros(1)}, p), "key 3 is a int, not a name"),
     ],
 )
 def test_unusable_files_are_one_weights_error_naming_the_file(tmp_path, kind, write, needle):
@@ -389,6 +398,12 @@ def test_missing_file_and_wrong_source_type():
         load_pretrained(model, "nowhere.pth")
     with pytest.raises(WeightsError, match="a .pth path or a state dict, got int"):
         load_pretrained(model, 3)
+
+
+def test_partial_must_be_a_bool():
+    model = build_model("vit_baseline", CLASSES, CAMERAS, stride=12, **TINY_VIT)
+    with pytest.raises(WeightsError, match="^partial must be True or False, got 'no'$"):  # "no" read as true
+        load_pretrained(model, {"cls_token": torch.zeros(1, 1, 8)}, partial="no")
 
 
 def test_loading_nothing_is_an_error_even_when_partial():

@@ -31,6 +31,7 @@ import torch
 import yaml
 
 from ..evaluation import PROTOCOLS
+from ..data.samplers import MAX_BATCHES_PER_EPOCH
 from ..evaluation.rank import MAX_REPEATS
 from ..ops._checks import Bounds
 from ..ops.maskreid_ranking_loss_reference import RENAMED_POS_MODES
@@ -114,7 +115,7 @@ SCHEMA: dict = {
         "num_instances": _f(4, int, bounds=Bounds(1, 4096)),  # 1: ID losses only (no positive pair)
         "num_positives": _f(10, int, bounds=Bounds(2, 4096)),  # MaskReID: 1 id x 10 + 54 singles
         "num_negatives": _f(54, int, bounds=Bounds(1, 4096)),
-        "batches_per_epoch": _f(None, int, nullable=True, bounds=AT_LEAST_1),
+        "batches_per_epoch": _f(None, int, nullable=True, bounds=Bounds(1, MAX_BATCHES_PER_EPOCH)),
     },
     "dataloader": {
         "num_workers": _f(0, int, bounds=WORKERS),

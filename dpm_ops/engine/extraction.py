@@ -193,14 +193,28 @@ def pool_multi_query(query: FeatureSet, pool: FeatureSet, mode: str) -> FeatureS
     """
     if mode not in MULTI_QUERY[1:]:
         raise ValueError(f"mode must be one of {MULTI_QUERY[1:]}, got {mode!r}")
+    if not isinstance(query, FeatureSet) or not isinstance(pool, FeatureSet):
+        raise ValueError(f"query and pool must be FeatureSets, got {type(query).__name__}, {type(pool).__name__}")
     if (query.masks is None) != (pool.masks is None) and len(pool):
         raise ValueError("query and pool must both have DPM masks or both have none")
+    if len(pool) and pool.features.shape[1] != query.features.shape[1]:
+        raise ValueError(
+            f"query and pool features differ in width: {query.features.shape[1]} and {pool.features.shape[1]}"
+        )
     pooled_names = {os.path.basename(path) for path in pool.paths}
     own = torch.tensor([os.path.basename(path) not in pooled_names for path in query.paths], dtype=torch.bool)
     members = FeatureSet.concat([pool, query.select(own)])
     keys = torch.stack([torch.cat([members.pids, query.pids]), torch.cat([members.camids, query.camids])], dim=1)
     groups, group_of = torch.unique(keys, dim=0, return_inverse=True)
     member_group, query_group = group_of[: len(members)], group_of[len(members) :]
+    # a query whose file is in the pool under another pid or camera has no member: it pooled to zeros
+    empty = torch.bincount(member_group, minlength=len(groups))[query_group] == 0
+    if bool(empty.any()):
+        first = query.paths[int(empty.nonzero()[0])]
+        raise ValueError(
+            f"{int(empty.sum())} queries (e.g. {first}) have no pool image of their pid and camera: their file is "
+            "in the pool under another pid or camera"
+        )
     reduce = "mean" if mode == "avg" else "amax"
 
     def pooled(values: torch.Tensor) -> torch.Tensor:

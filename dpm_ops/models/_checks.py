@@ -23,8 +23,11 @@ def check_choice(model: str, name: str, value, choices: Sequence, why: str = "")
 def check_images(
     name: str, images, size: Optional[tuple[int, int]] = None, dtype: Optional[torch.dtype] = None
 ) -> None:
-    """A (B, 3, H, W) floating-point tensor (normalised RGB pixels), H x W = `size` when given: torch's own
-    errors for a missing batch axis or uint8 pixels name neither the argument nor what was expected."""
+    """A (B, 3, H, W) floating-point tensor (normalised RGB pixels) of finite values, H x W = `size` when given:
+    torch's own errors for a missing batch axis or uint8 pixels name neither the argument nor what was
+    expected. Checked before any layer runs: a train-mode forward that failed later had already written its
+    batch into the BatchNorm statistics (NaN ones broke every later call). The value check is one device
+    sync, skipped while compiling or exporting."""
     if not isinstance(images, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of shape (B, 3, H, W), got {type(images).__name__}")
     if images.dim() != 4 or images.shape[1] != 3:
@@ -38,6 +41,9 @@ def check_images(
     # the first convolution's weights' dtype: torch's own error names neither; autocast casts them itself
     if dtype is not None and images.dtype != dtype and not torch.is_autocast_enabled(images.device.type):
         raise ValueError(f"{name} must be {dtype} (the model's dtype) outside autocast, got {images.dtype}")
+    if images.numel() and images.device.type != "meta" and not torch.compiler.is_compiling():
+        if not bool(torch.isfinite(images).all()):
+            raise ValueError(f"{name} contains non-finite values (NaN or inf)")
 
 
 def check_image_pair(raw, masked, dtype: Optional[torch.dtype] = None) -> None:

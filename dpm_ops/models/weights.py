@@ -118,10 +118,16 @@ def _read_state_dict(source: Union[str, os.PathLike, StateDict], name: str) -> S
             state = state[wrapper]
             break
     for key, value in state.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise WeightsError(
-                f"{name} is not a state dict: entry {key!r} holds a {type(value).__name__}, not a tensor"
-            )
+        if not isinstance(key, str):
+            raise WeightsError(f"{name} is not a state dict: key {key!r} is a {type(key).__name__}, not a name")
+        if not isinstance(value, torch.Tensor) or value.is_meta:
+            what = "a meta tensor (no data)" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
+            raise WeightsError(f"{name} is not a state dict: entry {key!r} holds {what}, not a tensor")
+        # load_state_dict would cast an integer, bool or complex tensor into a float parameter without a word
+        if not value.is_floating_point() and not key.endswith("num_batches_tracked"):
+            raise WeightsError(f"{name}: entry {key!r} holds {value.dtype} values, not floating-point weights")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise WeightsError(f"{name}: entry {key!r} holds NaN or inf values")
     return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
 
 
@@ -213,6 +219,8 @@ def load_pretrained(
     reported, not raised.
     """
     name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the state dict"
+    if not isinstance(partial, bool):  # "no" would read as true
+        raise WeightsError(f"partial must be True or False, got {partial!r}")
     state = _read_state_dict(source, name)
     layout = _detect_layout(state)
     backbone = getattr(model, "backbone", None)

@@ -22,12 +22,25 @@ def _new_figure(width_px: int, height_px: int) -> Figure:
     return fig
 
 
-def _save(fig: Figure, out_png) -> str:
-    out_png = os.fspath(out_png)
-    if not out_png.lower().endswith(".png"):
+def _check_out_png(out_png) -> str:
+    """``out_png`` as a path, if a .png file can be written there: checked before a picture is drawn (a folder
+    of that name failed after the drawing, naming the temporary file)."""
+    if not isinstance(out_png, (str, os.PathLike)) or not os.fspath(out_png).lower().endswith(".png"):
         raise ValueError(f"out_png must name a .png file, got {out_png!r}")
+    out_png = os.fspath(out_png)
+    if os.path.isdir(out_png):
+        raise ValueError(f"out_png {out_png} is a folder")
     folder = os.path.dirname(os.path.abspath(out_png))
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"out_png {out_png}: cannot create its folder ({error.strerror or error})") from None
+    return out_png
+
+
+def _save(fig: Figure, out_png) -> str:
+    out_png = _check_out_png(out_png)
+    folder = os.path.dirname(os.path.abspath(out_png))
     tmp = os.path.join(folder, f".{os.path.basename(out_png)}.{os.getpid()}.tmp.png")
     try:
         # zlib level 4: 2-3x faster than Pillow's default 6 on photo mosaics, ~2 % larger

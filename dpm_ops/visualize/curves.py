@@ -9,7 +9,7 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from ._common import _array, _new_figure, _save
+from ._common import _array, _check_out_png, _new_figure, _save
 
 
 def _cmc_percent(name: str, value) -> np.ndarray:
@@ -39,6 +39,7 @@ def plot_cmc(metrics_or_cmc, out_png, *, title: Optional[str] = None) -> str:
     ``RankResult``, one curve (array, fractions as ``RankResult.cmc`` or percent), one subset's dict
     (``metrics["all"]``: its "cmc" in percent), or a dict of name -> curve / RankResult.
     """
+    _check_out_png(out_png)
     if isinstance(metrics_or_cmc, Mapping) and "cmc" in metrics_or_cmc:  # one subset's metrics, e.g. metrics["all"]
         curves = {"CMC": _cmc_percent("metrics_or_cmc", metrics_or_cmc)}
     elif isinstance(metrics_or_cmc, Mapping):
@@ -96,6 +97,7 @@ def plot_loss_curves(jsonl_path, out_png, *, title: Optional[str] = None) -> str
     ``train_log.jsonl`` against ``step``, and ``lr`` on a second y axis, to ``out_png``
     (800 x 450 px). Lines without ``step`` (e.g. evaluation records) are ignored; a field
     missing from some lines is drawn through the lines that have it."""
+    _check_out_png(out_png)
     records = [r for r in read_jsonl(jsonl_path) if "step" in r]
     series: dict[str, tuple[list, list]] = {}
     lr_steps, lrs = [], []

@@ -9,7 +9,7 @@ import numpy as np
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
-from ._common import _array, _new_figure, _save, _thumbnail
+from ._common import _array, _check_out_png, _new_figure, _save, _thumbnail
 
 
 def _channel_grid(values: np.ndarray, columns: int) -> np.ndarray:
@@ -53,6 +53,7 @@ def plot_mask_heatmaps(
     and occluded queries (``all_occluded`` labels ``all_masks``), which shows whether occluded
     queries switch more channels off. Image: ``max(700, 110·B)`` x 960 pixels (B = len(images)).
     """
+    _check_out_png(out_png)
     masks, population, token_maps = _check_mask_inputs(
         images, masks, token_maps, all_masks, occluded, all_occluded, titles
     )

@@ -9,7 +9,7 @@ from PIL import Image
 
 from ..evaluation._inputs import check_count
 from ..ops._checks import check_int_list
-from ._common import THUMB, _floats, _labels, _new_figure, _save, _thumbnail
+from ._common import THUMB, _check_out_png, _floats, _labels, _new_figure, _save, _thumbnail
 
 _FRAME = 4  # frame width around gallery thumbnails
 _GAP = 4  # gap between thumbnails
@@ -67,6 +67,7 @@ def plot_ranked_lists(
     ranked by AP and are never shown. Image size: ``(1 + top_k) * (w + 2*4 + 4) + 16`` by
     ``rows * (h + 2*4 + 29)`` pixels for thumbnails of ``thumb_size = (w, h)``.
     """
+    _check_out_png(out_png)
     if which not in ("best", "worst"):
         raise ValueError(f"which must be 'best' or 'worst', got {which!r}")
     num_queries, top_k = check_count("num_queries", num_queries, 1), check_count("top_k", top_k, 1)
@@ -81,7 +82,8 @@ def plot_ranked_lists(
     # stable sorts: among equal APs the lower query index comes first
     chosen = valid[np.argsort(-ap[valid] if which == "best" else ap[valid], kind="stable")][:num_queries]
 
-    tw, th = check_int_list(None, "thumb_size", thumb_size, 1, length=2, why=" (width, height)")
+    # a thumbnail larger than any person crop is only memory: (10^6, 10^6) drew a picture of terabytes
+    tw, th = check_int_list(None, "thumb_size", thumb_size, 1, 1024, length=2, why=" (width, height)")
     cell_w, cell_h = tw + 2 * _FRAME + _GAP, th + 2 * _FRAME
     row_h = _TOP_BAND + cell_h + _BOTTOM_BAND
     width, height = (1 + top_k) * cell_w + _QUERY_GAP, len(chosen) * row_h
