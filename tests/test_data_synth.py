@@ -99,6 +99,16 @@ def test_refuses_to_overwrite_unless_forced_and_synthetic(tiny_set, tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
 
 
+def test_numpy_numbers_are_options_like_pythons(tiny_set, tmp_path):
+    """numpy ints and floats passed the checks, then the manifest's json.dumps failed after every image was drawn."""
+    options = {f.name: getattr(TINY, f.name) for f in dataclasses.fields(TINY)}
+    as_numpy = SynthConfig(**{**options, "ids": np.int64(TINY.ids), "train_images": tuple(np.array(TINY.train_images))})
+    assert as_numpy == TINY and type(as_numpy.ids) is int and all(type(v) is int for v in as_numpy.train_images)
+    assert type(SynthConfig(**{**options, "junk": np.float32(0.25)}).junk) is float
+    out = generate_synthetic_dataset(tmp_path / "set", as_numpy, progress=False)
+    assert file_bytes(out) == file_bytes(tiny_set)
+
+
 def test_ensure_reuses_a_matching_set(tmp_path):
     config = SynthConfig(**{**TINY.__dict__, "ids": 4, "distractors": 0.0, "junk": 0.0})
     out = ensure_synthetic_dataset(tmp_path / "set", config, progress=False)

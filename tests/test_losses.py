@@ -332,6 +332,29 @@ def test_loss_modules_refuse_negative_weights(backend):
     assert 0 < without_pull.item() < MaskReIDRankingLoss(backend=backend)(embeddings, pairs).item()
 
 
+@pytest.mark.parametrize(
+    "build, needle",
+    [
+        (
+            lambda: MaskedArcFaceLoss(scale=-1),
+            "masked_arcface_cross_entropy: scale must be a finite number > 0, got -1",
+        ),
+        (lambda: MaskedArcFaceLoss(easy_margin="no"), "easy_margin must be True or False, got 'no'"),
+        (lambda: MaskReIDRankingLoss(lam=float("nan")), "maskreid_ranking_loss: lam must be a finite number >= 0"),
+        (lambda: DPMLoss(backend="bogus"), "DPMLoss: backend must be None or one of ('reference', 'cpp'"),
+        (lambda: BaselineReIDLoss(backend=3), "BaselineReIDLoss: backend must be None or one of"),
+        (lambda: HEMLoss(backend="cuda:0"), "HEMLoss: backend must be None or one of"),
+        (lambda: MaskedArcFaceLoss(fused="no"), "MaskedArcFaceLoss: fused must be True or False, got 'no'"),
+    ],
+)
+def test_loss_modules_check_their_options_when_built(build, needle):
+    """They were found at the first batch (MaskedArcFaceLoss(scale=-1), a backend typo), or never: fused="no"
+    read as true."""
+    with pytest.raises(ValueError) as error:
+        build()
+    assert needle in str(error.value)
+
+
 # ---------------------------------------------------------------- DPM total (dpm.md §6) and the baseline
 
 

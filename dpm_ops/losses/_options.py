@@ -16,6 +16,9 @@ from typing import Optional
 
 import torch.nn as nn
 
+from .._backend import BACKENDS
+from ..ops._checks import check_flag
+
 
 def _user_stacklevel() -> int:
     """warnings.warn's stacklevel, from its caller here, of the first frame outside dpm_ops.losses:
@@ -36,6 +39,7 @@ def backend_of_fused(fused: bool, caller: str, backend_given: bool) -> Optional[
     when the caller also gave ``backend=`` (which one would win is no guess to make)."""
     if backend_given:
         raise TypeError(f"{caller}: pass backend= alone (fused= is its deprecated form)")
+    check_flag(caller, "fused", fused)  # "no" would read as true
     warnings.warn(
         f"{caller}: fused= is deprecated and will be removed in the next release; pass "
         f"backend='reference' instead of fused=False (fused=True is the default, backend=None)",
@@ -57,6 +61,13 @@ def accepts_fused(function):
     return loss
 
 
+def check_backend_name(owner: str, backend) -> Optional[str]:
+    """None or a backend's name: a loss module is built long before its first batch would find a typo."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"{owner}: backend must be None or one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
 class LossModule(nn.Module):
     """The nn.Module of ``loss_function``: its keyword options given once, as attributes, and passed on
     every call. The function's signature is the one list of the options and their defaults."""
@@ -69,6 +80,7 @@ class LossModule(nn.Module):
             options["backend"] = backend_of_fused(options.pop("fused"), type(self).__name__, "backend" in options)
         bound = inspect.signature(self.loss_function).bind_partial(**options)  # unknown options: TypeError
         bound.apply_defaults()
+        check_backend_name(type(self).__name__, bound.arguments.get("backend"))
         self._option_names = tuple(bound.arguments)
         for name, value in bound.arguments.items():
             setattr(self, name, value)

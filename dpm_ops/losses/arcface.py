@@ -18,7 +18,7 @@ from dpm_ops import _backend
 from dpm_ops.ops import masked_arcface_ce
 from dpm_ops.ops._checks import check_finite_rows, check_tensors
 from dpm_ops.ops._checks import check_label_range
-from dpm_ops.ops.masked_arcface import check_masked_arcface_args
+from dpm_ops.ops.masked_arcface import check_masked_arcface_args, check_masked_arcface_options
 from dpm_ops.ops.masked_arcface_reference import arcface_logits, masked_arcface_logits, masked_arcface_reference
 
 from .._precision import common_at_least_fp32
@@ -74,3 +74,9 @@ class MaskedArcFaceLoss(LossModule):
     Defaults: Occluded-Duke (s=30, m=0.5); Market / Duke use ``margin=0.3``."""
 
     loss_function = staticmethod(masked_arcface_cross_entropy)
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        check_masked_arcface_options(  # now, not at the first batch
+            self.scale, self.margin, self.easy_margin, self.clamp_eps, self.plain_weight, self.masked_weight
+        )

@@ -27,7 +27,7 @@ Options (the paper's text is ambiguous):
 from __future__ import annotations
 
 from ..ops.maskreid_ranking_loss import maskreid_ranking_loss as fused_maskreid_ranking_loss
-from ..ops.maskreid_ranking_loss_reference import check_modes
+from ..ops.maskreid_ranking_loss import check_ranking_options
 from ._options import LossModule, accepts_fused
 
 maskreid_ranking_loss = accepts_fused(fused_maskreid_ranking_loss)
@@ -41,4 +41,4 @@ class MaskReIDRankingLoss(LossModule):
 
     def __init__(self, **options):
         super().__init__(**options)
-        check_modes(self.neg_mode, self.pos_mode)
+        check_ranking_options(self.alpha, self.lam, self.neg_mode, self.pos_mode)  # now, not at the first batch

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from dpm_ops.ops._checks import check_label_range, check_labels, check_real
 
 from .arcface import masked_arcface_cross_entropy
-from ._options import backend_of_fused
+from ._options import backend_of_fused, check_backend_name
 from .hem import hem_loss
 from .triplet import batch_hard_soft_margin_triplet
 
@@ -63,7 +63,7 @@ class DPMLoss(nn.Module):
                 ("masked_weight", masked_weight),
             )
         )
-        self.backend = backend
+        self.backend = check_backend_name("DPMLoss", backend)
 
     def terms(self, output, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Unweighted terms, for logging; ``output`` is the model's ``DPMTrainOutput`` (terms id_plain,
@@ -119,7 +119,7 @@ class BaselineReIDLoss(nn.Module):
         super().__init__()
         self.id_weight = check_real("BaselineReIDLoss", "id_weight", id_weight, 0)
         self.triplet_weight = check_real("BaselineReIDLoss", "triplet_weight", triplet_weight, 0)
-        self.backend = backend
+        self.backend = check_backend_name("BaselineReIDLoss", backend)
 
     def terms(self, output, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Unweighted terms, for logging; ``output`` is the model's ``ViTBaselineTrainOutput``."""

@@ -43,6 +43,11 @@ def check_masked_arcface_args(
     check_batch("masked_arcface_cross_entropy", "features", features)
     if weight.shape[0] == 0:
         raise ValueError("masked_arcface_cross_entropy: weight must have at least one class (K >= 1)")
+    check_masked_arcface_options(scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight)
+
+
+def check_masked_arcface_options(scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight) -> None:
+    """The loss's numbers and flag (MaskedArcFaceLoss checks them when it is built)."""
     # scale <= 0 flips or flattens the logits; a negative weight rewards the loss it weighs. The margin
     # may be negative (a research use), so it need only be finite.
     check_real("masked_arcface_cross_entropy", "scale", scale, 0, low_open=True)

@@ -37,13 +37,18 @@ def check_ranking_args(embeddings, labels, alpha, lam, neg_mode, pos_mode) -> No
             f"maskreid_ranking_loss: embeddings and labels must be on one device, got "
             f"{embeddings.device}, {labels.device}"
         )
+    check_ranking_options(alpha, lam, neg_mode, pos_mode)
+    check_batch("maskreid_ranking_loss", "embeddings", embeddings)
+    max_norm = None if pos_mode == "eq4" else exp_safe_norm(compute_dtype(embeddings.dtype), alpha, len(embeddings))
+    check_finite_rows("maskreid_ranking_loss", max_norm=max_norm, embeddings=embeddings)
+
+
+def check_ranking_options(alpha, lam, neg_mode, pos_mode) -> None:
+    """The loss's numbers and modes (MaskReIDRankingLoss checks them when it is built)."""
     check_number("maskreid_ranking_loss", "alpha", alpha)  # any sign: a negative margin is a choice
     # lam weighs the positive pull: a negative one would push positives apart
     check_real("maskreid_ranking_loss", "lam", lam, 0)
     check_modes(neg_mode, pos_mode)
-    check_batch("maskreid_ranking_loss", "embeddings", embeddings)
-    max_norm = None if pos_mode == "eq4" else exp_safe_norm(compute_dtype(embeddings.dtype), alpha, len(embeddings))
-    check_finite_rows("maskreid_ranking_loss", max_norm=max_norm, embeddings=embeddings)
 
 
 def exp_safe_norm(dtype: torch.dtype, alpha: float, batch: int) -> float:

@@ -35,6 +35,15 @@ def _check_int(name: str, value, low: int, high: Optional[int], why: str = "") -
         raise SynthOptionError(name, f"must be an integer {wanted}{f' ({why})' if why else ''}, got {value!r}")
 
 
+def _plain(value):
+    """A checked option as Python's own int / float (numpy's too), lists and tuples element by element."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if _is_int(value):
+        return int(value)
+    return float(value) if isinstance(value, np.floating) else value
+
+
 def _check_int_range(name: str, value, low: int, high: Optional[int]) -> None:
     if not (
         isinstance(value, (tuple, list))
@@ -129,6 +138,9 @@ class SynthConfig:
             and 0.0 < hidden[0] < hidden[1] < 1.0
         ):
             raise SynthOptionError("hidden_range", f"must satisfy 0 < low < high < 1, got {hidden!r}")
+        # numpy numbers pass the checks but not json.dumps: the manifest write failed after every image was drawn
+        for field in dataclasses.fields(self):
+            object.__setattr__(self, field.name, _plain(getattr(self, field.name)))
 
     def max_images(self) -> int:
         """The most images the set can hold (the plan draws the counts inside these ranges)."""
