@@ -56,6 +56,9 @@ def test_schedule_sets_every_group_and_resumes():
         LRSchedule(other, "poly", 10, base_lr=0.008, power=0.9).load_state_dict(poly)
     with pytest.raises(ValueError, match="schedule"):
         LRSchedule(other, "step", 10, base_lr=0.008)
+    for foreign in (None, [], {"kind": "poly"}):  # an AttributeError / KeyError before
+        with pytest.raises(ValueError, match="^LRSchedule: a state must be the dict of LRSchedule.state_dict()"):
+            resumed.load_state_dict(foreign)
 
 
 def test_a_second_schedule_on_the_same_optimizer_keeps_the_group_lrs():

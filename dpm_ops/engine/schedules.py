@@ -98,6 +98,10 @@ class LRSchedule:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or "t" not in state:
+            raise ValueError(
+                f"LRSchedule: a state must be the dict of LRSchedule.state_dict(), got {type(state).__name__}"
+            )
         mine = self.state_dict()
         differ = [k for k in mine if k != "t" and state.get(k) != mine[k]]
         if differ:
