@@ -466,6 +466,23 @@ def test_reid_losses_name_their_bad_weights_labels_and_outputs(make):
     expected = "DPMTrainOutput or DPMLossInputs" if make is DPMLoss else "ViTBaselineTrainOutput"
     with pytest.raises(ValueError, match=rf"^{name}: output must be the model's train-mode {expected}, got Tensor$"):
         make()(output[0], labels)
+    # the logits themselves: NaN gave a NaN loss; DPM's masked branch had none of the checks (a label past its
+    # classes an IndexError, on CUDA a device-side assert); 3-D logits were torch's RuntimeError
+    field = "plain_logits" if make is DPMLoss else "logits"
+    nan = output[0].clone()
+    nan[0, 0] = float("nan")
+    for logits, message in (
+        (nan, f"{field} contains non-finite values"),
+        (
+            output[0][..., None],
+            rf"{field} must be \(B, K\) floating-point logits, got torch.float64 of shape \(8, 5, 1\)",
+        ),
+    ):
+        with pytest.raises(ValueError, match=rf"^{name}: {message}"):
+            make()(output._replace(**{field: logits}), labels)
+    if make is DPMLoss:
+        with pytest.raises(ValueError, match=r"^DPMLoss: labels must lie in \[0, K = 2\)"):
+            make()(output._replace(masked_logits=output.masked_logits[:, :2]), labels)
 
 
 def _autocast_cases():

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dpm_ops.ops._checks import check_label_range, check_labels, check_real
+from dpm_ops.ops._checks import check_finite, check_label_range, check_labels, check_real
 
 from .arcface import masked_arcface_cross_entropy
 from ._options import backend_of_fused, check_backend_name
@@ -31,11 +31,19 @@ def _check_output(loss: str, output, field: str, expected: str) -> None:
         raise ValueError(f"{loss}: output must be the model's train-mode {expected}, got {type(output).__name__}")
 
 
-def _cross_entropy(loss: str, logits: torch.Tensor, labels) -> torch.Tensor:
-    """F.cross_entropy, after the labels' checks the fused losses make: torch's own errors for a float or
-    out-of-range label (on CUDA a device-side assert) name no argument."""
-    check_labels(loss, labels, logits, of="logits")
+def _cross_entropy(loss: str, logits: torch.Tensor, labels, name: str = "logits") -> torch.Tensor:
+    """F.cross_entropy, after the checks the fused losses make: torch's own errors for a float or
+    out-of-range label (on CUDA a device-side assert) name no argument, and NaN logits gave a NaN loss."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+        what = (
+            f"{logits.dtype} of shape {tuple(logits.shape)}"
+            if isinstance(logits, torch.Tensor)
+            else type(logits).__name__
+        )
+        raise ValueError(f"{loss}: {name} must be (B, K) floating-point logits, got {what}")
+    check_labels(loss, labels, logits, of=name)
     check_label_range(loss, labels, logits.shape[1])
+    check_finite(loss, **{name: logits})
     return F.cross_entropy(logits, labels)
 
 
@@ -87,8 +95,8 @@ class DPMLoss(nn.Module):
             }
         _check_output("DPMLoss", output, "plain_logits", "DPMTrainOutput or DPMLossInputs")
         return {
-            "id_plain": _cross_entropy("DPMLoss", output.plain_logits, labels),
-            "id_masked": F.cross_entropy(output.masked_logits, labels),
+            "id_plain": _cross_entropy("DPMLoss", output.plain_logits, labels, "plain_logits"),
+            "id_masked": _cross_entropy("DPMLoss", output.masked_logits, labels, "masked_logits"),
             "hem": hem_loss(output.hem_logits, backend=self.backend),
             "triplet": batch_hard_soft_margin_triplet(output.feature, labels, backend=self.backend),
         }
