@@ -455,6 +455,9 @@ def test_bad_options_fail_before_any_extraction(splits, monkeypatch):
     # the smallest accepted values reach the extraction
     with pytest.raises(AssertionError, match="features extracted"):
         evaluate_model(tiny_model("vit_baseline"), splits, **options, max_rank=10, batch_size=1)
+    # a compiled model is its module's model (the check looks through torch.compile's wrapper)
+    with pytest.raises(AssertionError, match="features extracted"):
+        evaluate_model(torch.compile(tiny_model("vit_baseline")), splits, **options)
 
 
 def test_concat_skips_empty_shards():

@@ -167,10 +167,12 @@ def _check_model_and_splits(model, splits, model_name: str) -> None:
     """A model of ``model_name``'s recipe (another one's outputs failed after the first batch) and loaded splits."""
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    kind = recipe_name_of(unwrap_ddp(model))
+    network = unwrap_ddp(model)
+    network = getattr(network, "_orig_mod", network)  # torch.compile's wrapper: the module it compiles
+    kind = recipe_name_of(network)
     if kind != model_name:
         raise ValueError(
-            f"model_name {model_name!r} does not match the model, a {type(unwrap_ddp(model)).__name__}"
+            f"model_name {model_name!r} does not match the model, a {type(network).__name__}"
             + (f" (model_name {kind!r})" if kind else f" (not a {get_recipe(model_name).model_class.__name__})")
         )
     if not isinstance(splits, ReIDSplits):
