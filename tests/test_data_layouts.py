@@ -632,6 +632,23 @@ def test_masks_are_decoded_and_size_checked_at_load(tmp_path):
     assert load_quietly("market1501", root).mask_paths is None  # masks not asked for: not read
 
 
+def test_masks_that_are_all_background_are_refused_at_load(tmp_path):
+    """A 0 / 1 label PNG reads as all background (the threshold is 128): the masked stream was black, silently."""
+    root = make_market_tree(tmp_path)
+    add_masks(root)
+    masks = sorted((root / "bounding_box_test_seg").glob("*.png")) + sorted((root / "query_seg").glob("*.png"))
+    masks += sorted((root / "bounding_box_train_seg").glob("*.png"))
+    for mask in masks:
+        with Image.open(mask) as image:
+            size = image.size
+        Image.fromarray(np.ones(size[::-1], np.uint8), "L").save(mask)  # labels 0 / 1
+    with pytest.raises(DatasetError, match=r"every mask of market1501 is all background \(no value >= 128\)"):
+        load_quietly("market1501", root, with_masks=True)
+    query_mask = sorted((root / "query_seg").glob("*.png"))[0]
+    Image.fromarray(np.full(size[::-1], 255, np.uint8), "L").save(query_mask)  # one person marked: a set of masks
+    assert load_quietly("market1501", root, with_masks=True).mask_paths is not None
+
+
 def test_a_failed_decode_closes_its_file(tmp_path):
     # Before: the file of an image whose decoding failed stayed open (a ResourceWarning per bad
     # image before the error line, with data-loader workers)

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Optional, TypeVar
 
 from .errors import DatasetCountWarning, DatasetError
-from .image_io import check_mask_size, decoded
+from .image_io import MASK_THRESHOLD, check_mask_size, decoded
 from .masks import build_mask_index
 from .parsing import JUNK_PID
 from .records import ImageRecord, ReIDSplits
@@ -83,15 +83,24 @@ def verify_splits(splits: ReIDSplits, *, train: bool = True) -> None:
     records = (*(splits.train if train else ()), *splits.query, *splits.gallery, *(splits.multi_query or ()))
     paths = list(dict.fromkeys(r.path for r in records))
     mask_paths = splits.mask_paths
+    with_foreground = []  # masks with a foreground pixel (list.append is atomic across the pool's threads)
 
     def check(path: str) -> None:
         size = _decodes(path, "image")
         if mask_paths is not None:
             if path not in mask_paths:
                 raise DatasetError(f"image has no mask: {path}")
-            check_mask_size(mask_paths[path], _decodes(mask_paths[path], "mask"), size)
+            with decoded(mask_paths[path], "mask") as mask:
+                check_mask_size(mask_paths[path], mask.size, size)
+                if mask.convert("L").getextrema()[1] >= MASK_THRESHOLD:
+                    with_foreground.append(path)
 
     _check_all(check, paths)
+    if mask_paths is not None and paths and not with_foreground:  # every masked image would be black
+        raise DatasetError(
+            f"every mask of {splits.name} is all background (no value >= {MASK_THRESHOLD}): masks mark the person "
+            "with 255 (a 0 / 1 label PNG reads as background: scale it by 255)"
+        )
 
 
 def check_query_matches(splits: ReIDSplits) -> None:
