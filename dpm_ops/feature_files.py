@@ -29,7 +29,7 @@ from .data.errors import DatasetError, DatasetNotFoundError
 from .data.image_io import as_mask, as_rgb
 from .data.parsing import MARKET_NAME
 from .engine.checkpoint import atomic_write
-from .engine.extraction import FeatureSet, eval_transform, extract_features
+from .engine.extraction import FeatureSet, as_device, eval_transform, extract_features
 from .engine.recipes import RECIPES, get_recipe, model_cameras
 from .engine.scoring import DISTANCES, compute_distances, rank_metrics, resolve_distance
 from .evaluation._inputs import check_choice, check_count
@@ -222,11 +222,9 @@ def _check_cameras_in_range(model: torch.nn.Module, names: Sequence[str], camera
 def _extract(model, kind: str, dataset, batch_size, num_workers, device, amp_dtype, progress, normalize) -> FeatureSet:
     """:func:`~dpm_ops.engine.extraction.extract_features` over ``dataset`` on ``device`` (default: the model's)."""
     try:
-        device = torch.device(device) if device is not None else next(model.parameters()).device
-    except (RuntimeError, TypeError):
-        raise ExportError(
-            f"device must be a torch.device or a name such as cpu, cuda, cuda:N, got {device!r}"
-        ) from None
+        device = as_device(device) if device is not None else next(model.parameters()).device
+    except ValueError as error:
+        raise ExportError(str(error)) from None
     loader = build_dataloader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
     return extract_features(
         model,

@@ -162,7 +162,7 @@ def test_dataset_options():
     # build_dataset checks its options against them (a misspelt one was the loader's TypeError), its root and
     # flags ("no" read as true; None as a folder named None)
     for root, options, needle in [
-        ("/data", dict(with_mask=True), "dataset 'market1501' takes no option with_mask; it takes "),
+        ("/data", dict(with_mask=True), "dataset 'market1501' takes no option 'with_mask'; its options: "),
         ("/data", dict(with_masks="no"), "dataset option with_masks must be True or False, got 'no'"),
         (None, {}, "dataset root must be a folder path, got None"),
         ("", {}, "dataset root must be a folder path, got ''"),

@@ -376,7 +376,7 @@ def test_a_recipe_takes_a_pil_image():
             "dpm",
             True,
             dict(sizee=(8, 8)),
-            "build_transforms: dpm_train_transforms takes no option sizee; it takes size",
+            "build_transforms: dpm_train_transforms takes no option 'sizee'; its options: size",
         ),
         # a crop larger than the resize failed at the first image, in the data loader
         (

@@ -32,6 +32,8 @@ import inspect
 import os
 from typing import Callable, Optional
 
+from dpm_ops.ops._checks import check_known_options
+
 from .assembly import _assemble, row_loader
 from .errors import DatasetError, DatasetNotFoundError
 from .layouts import MARKET_LOADERS, PUBLISHED_COUNTS, load_cuhk03_np, load_synthetic
@@ -264,11 +266,8 @@ def build_dataset(name: str, root: str, **kwargs) -> ReIDSplits:
     options = dataset_options(name)  # an unknown name: a DatasetError naming the available ones
     parameters = inspect.signature(_LOADERS[_canonical(name)]).parameters.values()
     takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters)  # a registered loader's **options
-    unknown = [] if takes_any else sorted(k for k in kwargs if k not in options)
-    if unknown:
-        raise DatasetError(
-            f"dataset {name!r} takes no option {', '.join(unknown)}; it takes {', '.join(sorted(options))}"
-        )
+    if not takes_any:
+        check_known_options(f"dataset {name!r}", kwargs, sorted(options), DatasetError)
     if not isinstance(root, (str, os.PathLike)) or not str(root):  # None read as a folder named "None"
         raise DatasetError(f"dataset root must be a folder path, got {root!r}")
     for flag in ("with_masks", "multi_query", "verify_images"):

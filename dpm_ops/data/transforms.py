@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from dpm_ops.ops._checks import check_flag, check_int, check_int_list, check_real
+from dpm_ops.ops._checks import check_flag, check_int, check_int_list, check_known_options, check_real
 
 DPM_MEAN = (0.5, 0.5, 0.5)
 DPM_STD = (0.5, 0.5, 0.5)
@@ -401,10 +401,5 @@ def build_transforms(recipe: str, train: bool, **options) -> Compose:
     if not isinstance(recipe, str) or recipe not in _RECIPES:
         raise ValueError(f"unknown transform recipe {recipe!r}; available: {sorted(_RECIPES)}")
     build = _RECIPES[recipe][0 if check_flag("build_transforms", "train", train) else 1]
-    known = inspect.signature(build).parameters
-    unknown = sorted(name for name in options if name not in known)
-    if unknown:
-        raise ValueError(
-            f"build_transforms: {build.__name__} takes no option {', '.join(unknown)}; it takes {', '.join(known)}"
-        )
+    check_known_options(f"build_transforms: {build.__name__}", options, inspect.signature(build).parameters)
     return build(**options)

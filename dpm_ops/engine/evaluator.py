@@ -39,6 +39,7 @@ from .extraction import (
     FeatureSet,
     _check_image_size,
     _extract_split,
+    as_device,
     eval_transform,
     extract_features,
     pool_multi_query,
@@ -185,10 +186,7 @@ def _check_late_options(device, out_dir, rerank, k1, k2, lambda_value, pictures,
         check_rerank_parameters(k1, k2, lambda_value)
     check_flag(None, "pictures", pictures)
     check_flag(None, "progress", progress)
-    try:
-        torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must be a torch.device or a name such as cpu, cuda, cuda:N, got {device!r}") from None
+    as_device(device)
     if out_dir is not None and os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"out_dir {out_dir} exists and is not a folder")
 

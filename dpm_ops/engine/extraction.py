@@ -70,6 +70,14 @@ def unwrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
 AMP_DTYPES = (None, torch.float16, torch.bfloat16)
 
 
+def as_device(device) -> torch.device:
+    """``device`` (a torch.device or its name) as a torch.device; torch's own error for "gpu" names no argument."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch.device or a name such as cpu, cuda, cuda:N, got {device!r}") from None
+
+
 def extract_features(
     model: torch.nn.Module,
     loader,
@@ -91,7 +99,7 @@ def extract_features(
     if amp_dtype not in AMP_DTYPES:  # autocast only warns, then runs without it
         raise ValueError(f"amp_dtype must be None, torch.float16 or torch.bfloat16, got {amp_dtype!r}")
     recipe = get_recipe(model_name)
-    device = torch.device(device)
+    device = as_device(device)
     model = unwrap_ddp(model)
     param = next(iter(model.parameters()), None)
     if param is not None and param.device.type != device.type:

@@ -10,8 +10,8 @@ from typing import Optional, Sequence
 
 import torch
 
-# check_flag, check_int, check_int_list and check_real serve the models' options too (imported from here)
-from dpm_ops.ops._checks import check_flag, check_int, check_int_list, check_real  # noqa: F401
+# check_flag, check_int, check_int_list, check_known_options and check_real serve the models' options too
+from dpm_ops.ops._checks import check_flag, check_int, check_int_list, check_known_options, check_real  # noqa: F401
 
 
 def check_choice(model: str, name: str, value, choices: Sequence, why: str = "") -> None:

@@ -11,6 +11,7 @@ from .dpm import DPM
 from .maskreid import MaskReID
 from .resnet import MaskReIDResNet50
 from .vit_baseline import ViTBaseline
+from ._checks import check_known_options
 
 MODELS: dict[str, type[nn.Module]] = {
     "dpm": DPM,
@@ -25,12 +26,7 @@ def construct_model(model_class: type[nn.Module], num_classes: int, num_cameras:
     """``model_class(num_classes, num_cameras, **options)``; a class whose constructor takes no
     ``num_cameras`` (no camera input, as MaskReID) is built without it. An option the class does not take
     is a ValueError naming it (Python's TypeError otherwise)."""
-    known = model_option_defaults(model_class)
-    unknown = sorted(name for name in options if name not in known)
-    if unknown:
-        raise ValueError(
-            f"{model_class.__name__} takes no option {', '.join(map(repr, unknown))}; its options: {', '.join(known)}"
-        )
+    check_known_options(model_class.__name__, options, model_option_defaults(model_class))
     if "num_cameras" in inspect.signature(model_class).parameters:
         return model_class(num_classes, num_cameras, **options)
     return model_class(num_classes, **options)

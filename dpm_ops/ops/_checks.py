@@ -182,6 +182,14 @@ def check_number(op: str, name: str, value, positive: bool = False) -> float:
     return float(value)
 
 
+def check_known_options(owner: str, options, known, error: type = ValueError) -> None:
+    """Every keyword of ``options`` one of ``known`` (a callee's own TypeError names no caller, or comes only
+    after work): ``error`` (ValueError or a subclass) naming ``owner``, the unknown ones and the known ones."""
+    unknown = sorted(name for name in options if name not in known)
+    if unknown:
+        raise error(f"{owner} takes no option {', '.join(map(repr, unknown))}; its options: {', '.join(known)}")
+
+
 def check_flag(op: Optional[str], name: str, value) -> bool:
     """A bool (Python's or numpy's), as a Python bool: a string such as "no" would otherwise read as true."""
     if not isinstance(value, (bool, np.bool_)):
