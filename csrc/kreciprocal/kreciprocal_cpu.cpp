@@ -6,9 +6,10 @@
 
 #include <algorithm>
 #include <cmath>
-#include <mutex>
 #include <vector>
 
+#include "../common/chunked_rows.h"
+#include "../common/csr_transpose.h"
 #include "../common/host_device.h"
 #include "kreciprocal_checks.h"
 #include "kreciprocal_math.h"
@@ -18,14 +19,6 @@ namespace dpm_ops::kreciprocal {
 namespace {
 
 constexpr int64_t kRowGrain = 256;
-
-at::Tensor prefix_sum(const std::vector<int64_t>& counts, const at::TensorOptions& options) {
-  at::Tensor row_ptr = at::empty({int64_t(counts.size()) + 1}, options.dtype(at::kLong));
-  int64_t* p = row_ptr.data_ptr<int64_t>();
-  p[0] = 0;
-  for (size_t i = 0; i < counts.size(); ++i) p[i + 1] = p[i] + counts[i];
-  return row_ptr;
-}
 
 // expanded_set's membership tests through one mark per item: R(i, k1)'s items carry 2 i, the others
 // added to R*(i) 2 i + 1, so that marks left by earlier rows never match.
@@ -39,30 +32,6 @@ struct MarkedSets {
   bool in_out(const int64_t*, int64_t, int64_t v) const { return mark[v] == own_mark || mark[v] == own_mark + 1; }
 };
 
-// A CSR whose rows' sizes are known only once they are computed, in one pass: each parallel chunk of
-// rows appends its rows to buffers of its own (row(i, buffers) returns row i's size; make_row gives a
-// chunk its row function with its scratch), and the caller then copies each chunk's buffers to
-// row_ptr[first row] of its outputs.
-template <typename Buffers> struct ChunkedRows {
-  at::Tensor row_ptr;
-  std::vector<std::pair<int64_t, Buffers>> chunks;  // (first row, its rows' items)
-};
-template <typename Buffers, class MakeRow>
-ChunkedRows<Buffers> rows_by_chunks(int64_t N, const at::TensorOptions& options, MakeRow make_row) {
-  std::vector<int64_t> sizes(N);
-  std::mutex lock;
-  ChunkedRows<Buffers> out;
-  at::parallel_for(0, N, kRowGrain, [&](int64_t begin, int64_t end) {
-    Buffers buffers;
-    auto row = make_row();
-    for (int64_t i = begin; i < end; ++i) sizes[i] = row(i, buffers);
-    const std::lock_guard<std::mutex> guard(lock);
-    out.chunks.emplace_back(begin, std::move(buffers));
-  });
-  out.row_ptr = prefix_sum(sizes, options);
-  return out;
-}
-
 // R*(i) for every item, as CSR (row_ptr, cols). R(c, kh) is computed once per item.
 std::tuple<at::Tensor, at::Tensor> expand_cpu(const at::Tensor& neighbours_in, int64_t k1, int64_t half_k1) {
   const ExpandArgs a(neighbours_in, k1, half_k1);
@@ -73,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor> expand_cpu(const at::Tensor& neighbours_in, i
     for (int64_t c = begin; c < end; ++c)
       half_sizes[c] = reciprocal_set(nb, width, c, count_h, half_sets.data() + c * count_h);
   });
-  const auto sets = rows_by_chunks<std::vector<int64_t>>(N, a.neighbours.options(), [&] {
+  const auto sets = rows_by_chunks<std::vector<int64_t>>(N, kRowGrain, a.neighbours.options(), [&] {
     return [&, own = std::vector<int64_t>(count1), out = std::vector<int64_t>(count1 * (count_h + 1)),
             marks = std::vector<int64_t>(N, -1)](int64_t i, std::vector<int64_t>& items) mutable {
       const int64_t size = expanded_set(nb, width, i, count1, count_h, half_sets.data(), half_sizes.data(),
@@ -84,8 +53,7 @@ std::tuple<at::Tensor, at::Tensor> expand_cpu(const at::Tensor& neighbours_in, i
   });
   const int64_t* rp = sets.row_ptr.const_data_ptr<int64_t>();
   at::Tensor cols = at::empty({rp[N]}, a.neighbours.options());
-  for (const auto& [first, items] : sets.chunks)
-    std::copy(items.begin(), items.end(), cols.data_ptr<int64_t>() + rp[first]);
+  gather_chunks(sets, [](const std::vector<int64_t>& items) -> const auto& { return items; }, cols.data_ptr<int64_t>());
   return {sets.row_ptr, cols};
 }
 
@@ -178,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> query_expansion_cpu(const at::Ten
     std::vector<float> values;
   };
   // expansion_row of kreciprocal_math.h: a row holds at most its sources' entries together.
-  const auto rows = rows_by_chunks<Entries>(N, a.row_ptr.options(), [&] {
+  const auto rows = rows_by_chunks<Entries>(N, kRowGrain, a.row_ptr.options(), [&] {
     return [&, cursor = std::vector<int64_t>(2 * k2)](int64_t i, Entries& out) mutable {
       const int64_t* sources = sp + i * k2;
       int64_t most = 0;
@@ -196,10 +164,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> query_expansion_cpu(const at::Ten
   const int64_t* orp = rows.row_ptr.const_data_ptr<int64_t>();
   at::Tensor out_cols = at::empty({orp[N]}, a.cols.options());
   at::Tensor out_values = at::empty({orp[N]}, a.values.options());
-  for (const auto& [first, entries] : rows.chunks) {
-    std::copy(entries.cols.begin(), entries.cols.end(), out_cols.data_ptr<int64_t>() + orp[first]);
-    std::copy(entries.values.begin(), entries.values.end(), out_values.data_ptr<float>() + orp[first]);
-  }
+  gather_chunks(rows, [](const Entries& entries) -> const auto& { return entries.cols; }, out_cols.data_ptr<int64_t>());
+  gather_chunks(rows, [](const Entries& entries) -> const auto& { return entries.values; }, out_values.data_ptr<float>());
   return {rows.row_ptr, out_cols, out_values};
 }
 
@@ -225,18 +191,10 @@ void jaccard_blend_cpu(at::Tensor& out, const at::Tensor& row_ptr_in, const at::
   const int64_t* rp = a.row_ptr.const_data_ptr<int64_t>();
   const int64_t* cp = a.cols.const_data_ptr<int64_t>();
   const float* vp = a.values.const_data_ptr<float>();
-  // Inverted index of the gallery rows: a counting sort by column keeps rows ascending.
-  std::vector<int64_t> column_start(N + 1, 0);
-  for (int64_t e = rp[Q]; e < rp[N]; ++e) ++column_start[cp[e] + 1];
-  for (int64_t c = 0; c < N; ++c) column_start[c + 1] += column_start[c];
-  std::vector<int64_t> holder(rp[N] - rp[Q]), cursor(column_start.begin(), column_start.end() - 1);
-  std::vector<float> holder_value(holder.size());
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t e = rp[Q + g]; e < rp[Q + g + 1]; ++e) {
-      const int64_t slot = cursor[cp[e]]++;
-      holder[slot] = g;
-      holder_value[slot] = vp[e];
-    }
+  const CsrTranspose gallery = transpose_rows(a.row_ptr, a.cols, a.values, Q, N, N);  // the gallery rows of each column
+  const int64_t* column_start = gallery.col_ptr.const_data_ptr<int64_t>();
+  const int64_t* holder = gallery.rows.const_data_ptr<int64_t>();
+  const float* holder_value = gallery.values.const_data_ptr<float>();
   const float jaccard_weight = float(1.0 - lambda_value), keep = float(lambda_value);
   float* op = out.data_ptr<float>();
   const float* sp = a.scale_or_null();

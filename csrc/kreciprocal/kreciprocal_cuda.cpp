@@ -9,6 +9,7 @@
 
 #include "../common/aten_cuda.h"
 #include "../common/compute_type.h"
+#include "../common/csr_transpose.h"
 #include "kreciprocal_checks.h"
 #include "kreciprocal_cuda.h"
 #include "../common/register_kernels.h"
@@ -107,22 +108,11 @@ void jaccard_blend_cuda(at::Tensor& out, const at::Tensor& row_ptr_in, const at:
   const at::Tensor &row_ptr = a.row_ptr, &cols = a.cols, &values = a.values;
   const int64_t Q = a.Q, G = a.G, N = a.N;
   if (Q == 0 || G == 0) return;
-  // Inverted index of the gallery rows: their entries stably sorted by column (rows stay
-  // ascending within a column, as the CPU kernel's counting sort leaves them).
-  const int64_t gallery_first = row_ptr[Q].item<int64_t>(), gallery_last = row_ptr[N].item<int64_t>();
-  const at::Tensor gallery_cols = cols.slice(0, gallery_first, gallery_last);
-  // The index overload (each gallery row g repeated |row g| times): with a plain int64_t second argument,
-  // overload resolution picks repeat_interleave(self, repeats), which repeats every row size instead.
-  const at::Tensor gallery_rows =
-      at::repeat_interleave(row_ptr.slice(0, Q).diff(), std::optional<int64_t>(gallery_last - gallery_first));
-  const at::Tensor by_column = std::get<1>(gallery_cols.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
-  const at::Tensor holder = gallery_rows.index_select(0, by_column).contiguous();
-  const at::Tensor holder_value = values.slice(0, gallery_first, gallery_last).index_select(0, by_column).contiguous();
-  const at::Tensor column_start = row_pointers(at::bincount(gallery_cols, {}, N));
+  const CsrTranspose gallery = transpose_rows(row_ptr, cols, values, Q, N, N);  // the gallery rows of each column
   at::Tensor overlap = at::zeros({cuda::jaccard_blocks(Q) * G}, values.options());
   cuda::jaccard_blend(out.data_ptr<float>(), Q, G, row_ptr.const_data_ptr<int64_t>(), cols.const_data_ptr<int64_t>(),
-                      values.const_data_ptr<float>(), column_start.const_data_ptr<int64_t>(),
-                      holder.const_data_ptr<int64_t>(), holder_value.const_data_ptr<float>(),
+                      values.const_data_ptr<float>(), gallery.col_ptr.const_data_ptr<int64_t>(),
+                      gallery.rows.const_data_ptr<int64_t>(), gallery.values.const_data_ptr<float>(),
                       a.scale_or_null(), float(1.0 - lambda_value),
                       float(lambda_value), overlap.data_ptr<float>(), current_stream());
 }
