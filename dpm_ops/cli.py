@@ -4,7 +4,7 @@
     dpm-reid eval  --config synthetic_dpm --weights runs/synthetic_dpm/checkpoints/final.pt
     dpm-reid export --config synthetic_dpm --weights CKPT --out model.onnx [--batch N] [--opset N]
     dpm-reid extract --config synthetic_dpm --weights CKPT --images DIR --out features.npz [--camera N]
-    dpm-reid rank --query query.npz --gallery gallery.npz [--rerank] [--out metrics.json]
+    dpm-reid rank --query query.npz --gallery gallery.npz [--rerank [kreciprocal|gnn]] [--out metrics.json]
     dpm-reid synth --out DIR [--ids N ...]
     dpm-reid configs
     dpm-reid --version
@@ -27,6 +27,9 @@ from typing import Optional, Sequence
 EXIT_USAGE = 2
 
 
+RERANK_METHODS = ("kreciprocal", "gnn")  # dpm_ops.evaluation.RERANK_METHODS (tested), without importing torch
+
+
 def _add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     """--config and --weights of a command that rebuilds a trained model (export, extract)."""
     parser.add_argument(
@@ -45,6 +48,31 @@ def _version() -> str:
 
     usable = [name for name, (available, _) in dpm_ops.backends().items() if available]
     return f"dpm-reid {dpm_ops.__version__} (torch {torch.__version__}; backends: {', '.join(usable)})"
+
+
+def _add_rank_parser(sub) -> None:
+    """The rank command's arguments."""
+    rk = sub.add_parser("rank", help="CMC / mAP / mINP of a gallery .npz ranked for a query .npz (of extract)")
+    rk.add_argument("--query", required=True, help="the queries' .npz (dpm-reid extract)")
+    rk.add_argument("--gallery", required=True, help="the gallery's .npz, from the same model")
+    rk.add_argument(
+        "--distance",
+        default="auto",
+        help="auto (the model's test distance: DPM's masked arccos, else euclidean), euclidean, cosine, masked_arccos",
+    )
+    rk.add_argument(
+        "--rerank",
+        nargs="?",
+        const="kreciprocal",
+        choices=RERANK_METHODS,
+        help="re-rank: kreciprocal (Zhong et al., CVPR 2017; the default of a bare --rerank) or gnn "
+        "(Zhang et al.'s GNN re-ranking)",
+    )
+    rk.add_argument("--k1", type=int, default=None, help="re-ranking's k1 (default: kreciprocal 20, gnn 26)")
+    rk.add_argument("--k2", type=int, default=None, help="re-ranking's k2 (default: kreciprocal 6, gnn 7)")
+    rk.add_argument("--lambda-value", type=float, default=0.3, help="re-ranking's lambda (default 0.3)")
+    rk.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda or cuda:N")
+    rk.add_argument("--out", help="also write the metrics (and the settings) to this .json file")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -106,20 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     fx.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.batch_size=64")
 
-    rk = sub.add_parser("rank", help="CMC / mAP / mINP of a gallery .npz ranked for a query .npz (of extract)")
-    rk.add_argument("--query", required=True, help="the queries' .npz (dpm-reid extract)")
-    rk.add_argument("--gallery", required=True, help="the gallery's .npz, from the same model")
-    rk.add_argument(
-        "--distance",
-        default="auto",
-        help="auto (the model's test distance: DPM's masked arccos, else euclidean), euclidean, cosine, masked_arccos",
-    )
-    rk.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (Zhong et al., CVPR 2017)")
-    rk.add_argument("--k1", type=int, default=20, help="re-ranking's k1 (default 20)")
-    rk.add_argument("--k2", type=int, default=6, help="re-ranking's k2 (default 6)")
-    rk.add_argument("--lambda-value", type=float, default=0.3, help="re-ranking's lambda (default 0.3)")
-    rk.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda or cuda:N")
-    rk.add_argument("--out", help="also write the metrics (and the settings) to this .json file")
+    _add_rank_parser(sub)
 
     sub.add_parser(
         "synth", help="generate the synthetic occluded re-ID dataset (see `dpm-reid synth -h`)", add_help=False
@@ -242,14 +257,14 @@ def _rank(args) -> int:
     out = None if args.out is None else check_output_path(args.out, "--out", "a file name, e.g. metrics.json", inputs)
     device = resolve_device(args.device, "--device")
     query, gallery = load_features_npz(args.query, "--query"), load_features_npz(args.gallery, "--gallery")
-    rerank = dict(rerank=args.rerank, k1=args.k1, k2=args.k2, lambda_value=args.lambda_value)
+    rerank = dict(rerank=args.rerank or False, k1=args.k1, k2=args.k2, lambda_value=args.lambda_value)
     metrics = rank_features(query, gallery, args.distance, device=device, **rerank)
     settings = metrics["settings"]
     left_out = settings["gallery_without_identity"]
     print(
         f"{len(query.features)} queries, {settings['num_gallery']} gallery items"
         + (f" ({left_out} without identity left out)" if left_out else "")
-        + f"; {settings['model']}, {settings['distance']} distance{', re-ranked' if args.rerank else ''}"
+        + f"; {settings['model']}, {settings['distance']} distance{f', re-ranked ({args.rerank})' if args.rerank else ''}"
     )
     print(format_metrics_table(metrics))
     if out is not None:

@@ -31,10 +31,9 @@ from .data.parsing import MARKET_NAME
 from .engine.checkpoint import atomic_write
 from .engine.extraction import FeatureSet, as_device, eval_transform, extract_features
 from .engine.recipes import RECIPES, get_recipe, model_cameras
-from .engine.scoring import DISTANCES, compute_distances, rank_metrics, resolve_distance
+from .engine.scoring import DISTANCES, check_reranking, compute_distances, rank_metrics, resolve_distance
 from .evaluation._inputs import check_choice, check_count
 from .export import ExportError, check_int, check_output_path, model_input_size, model_kind
-from .ops._checks import check_real
 
 NPZ_ARRAYS = ("paths", "features", "pids", "camids", "model", "distance")  # and "masks" (DPM)
 UNKNOWN_PID = -1  # extract's pid of a name that is not Market-style; Market's own junk images
@@ -336,9 +335,9 @@ def rank_features(
     gallery: SavedFeatures,
     distance: str = "auto",
     *,
-    rerank: bool = False,
-    k1: int = 20,
-    k2: int = 6,
+    rerank=False,
+    k1: int | None = None,
+    k2: int | None = None,
     lambda_value: float = 0.3,
     max_rank: int = 50,
     device="cpu",
@@ -354,8 +353,7 @@ def rank_features(
     if width[0] != width[1]:
         raise ValueError(f"query and gallery features differ in width: {width[0]} and {width[1]}")
     metric = resolve_distance(check_choice("distance", distance, DISTANCES), query.model)
-    k1, k2 = check_count("k1", k1, 1), check_count("k2", k2, 1)
-    lambda_value = check_real(None, "lambda_value", lambda_value, 0, 1)
+    method, k1, k2, lambda_value = check_reranking(rerank, k1, k2, lambda_value, metric)
     check_count("max_rank", max_rank, 1)
     unknown = int((query.features.pids == UNKNOWN_PID).sum())
     if unknown:
@@ -366,13 +364,14 @@ def rank_features(
     kept = gallery.features.select(gallery.features.pids != UNKNOWN_PID)
     if len(kept) == 0:
         raise ValueError("no gallery item has an identity (pid -1 only: names not Market-style)")
-    options = dict(rerank=rerank, k1=k1, k2=k2, lambda_value=lambda_value)
-    distmat = compute_distances(query.features, kept, metric, device=device, **options)
+    options = dict(k1=k1, k2=k2, lambda_value=lambda_value)
+    distmat = compute_distances(query.features, kept, metric, rerank=method or False, device=device, **options)
     metrics = rank_metrics(distmat, query.features, kept, max_rank=min(max_rank, len(kept)))
     settings = dict(
         model=query.model,
         distance=metric,
-        **(options if rerank else {"rerank": False}),
+        rerank=method is not None,
+        **(dict(rerank_method=method, **options) if method else {}),
         num_gallery=len(kept),
         gallery_without_identity=len(gallery.features) - len(kept),
     )

@@ -202,6 +202,19 @@ def test_evaluation_keys():
         load_config(None, ["dataset.test_name=occluded_duke", "dataset.test_camids=[0,2]"])
     with pytest.raises(ConfigError, match="eval.multi_query: the test set occluded_reid"):
         load_config(None, ["dataset.name=market1501", "dataset.test_name=occluded_reid", "eval.multi_query=avg"])
+    config = load_config(None, ["eval.rerank=true", "eval.rerank_method=gnn"])
+    assert (config["eval"]["rerank_method"], config["eval"]["k1"], config["eval"]["k2"]) == ("gnn", None, None)
+    with pytest.raises(ConfigError, match="eval.rerank_method"):
+        load_config(None, ["eval.rerank_method=jaccard"])
+    with pytest.raises(ConfigError, match="eval.k1"):
+        load_config(None, ["eval.k1=0"])
+
+
+def test_the_command_lines_rerank_methods_are_the_librarys():
+    from dpm_ops import cli
+    from dpm_ops.evaluation import RERANK_METHODS
+
+    assert cli.RERANK_METHODS == RERANK_METHODS
 
 
 def test_ranking_modes_are_the_ops():

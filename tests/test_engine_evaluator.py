@@ -24,7 +24,7 @@ from dpm_ops.engine.evaluator import (
     pool_multi_query,
     query_subsets,
 )
-from dpm_ops.evaluation import evaluate_rank, pairwise_distance, re_ranking, rerank_features
+from dpm_ops.evaluation import evaluate_rank, gnn_rerank, pairwise_distance, re_ranking, rerank_features
 from dpm_ops.models import build_model
 from dpm_ops.ops import masked_arccos_distance
 from conftest import record_figures
@@ -242,6 +242,25 @@ def test_rerank_path(splits):
     assert_same(vit_metrics["occluded"], direct_metrics(expected, q, g, rows), len(rows))
 
 
+def test_gnn_rerank_path(splits, tmp_path):
+    vit = tiny_model("vit_baseline")
+    options = dict(image_size=(64, 32), batch_size=8, pictures=False, progress=False)
+    metrics = evaluate_model(vit, splits, model_name="vit_baseline", rerank="gnn", k1=6, out_dir=tmp_path, **options)
+    q = extract_features(
+        vit, loader_for(splits, splits.query, "vit_baseline"), model_name="vit_baseline", progress=False
+    )
+    g = extract_features(
+        vit, loader_for(splits, splits.gallery, "vit_baseline"), model_name="vit_baseline", progress=False
+    )
+    expected = gnn_rerank(q.features, g.features, k1=6, k2=7)  # k2 unset: GNN's default
+    assert_same(metrics["all"], direct_metrics(expected, q, g), len(splits.query))
+    settings = json.loads((tmp_path / "metrics.json").read_text())["settings"]
+    assert (settings["rerank"], settings["rerank_method"], settings["k1"], settings["k2"]) == (True, "gnn", 6, 7)
+    # DPM's masked arccos has no GNN form: refused before any extraction
+    with pytest.raises(ValueError, match="^rerank 'gnn' ranks by the cosine of the features"):
+        evaluate_model(tiny_model("dpm"), splits, model_name="dpm", rerank="gnn", **options)
+
+
 def test_distance_choices():
     generator = torch.Generator().manual_seed(0)
     feats = lambda n: F.normalize(torch.randn(n, 16, generator=generator), dim=1)  # noqa: E731
@@ -436,7 +455,7 @@ def test_bad_options_fail_before_any_extraction(splits, monkeypatch):
         # checked only after the extraction before (minutes on a real dataset), or a traceback then
         (dict(rerank=True, k1=0), r"^k1 must be an integer >= 1"),
         (dict(rerank=True, lambda_value=-1.0), r"^lambda_value must be a number in \[0, 1\], got -1.0$"),
-        (dict(rerank="no"), r"^rerank must be True or False, got 'no'$"),
+        (dict(rerank="no"), r"^rerank must be a bool or one of \('kreciprocal', 'gnn'\), got 'no'$"),
         (
             dict(model_name="dpm"),
             r"^model_name 'dpm' does not match the model, a ViTBaseline \(model_name 'vit_baseline'\)$",

@@ -12,7 +12,8 @@ from dpm_ops.cli import main
 from dpm_ops.engine import load_config
 from dpm_ops.engine.builders import load_splits
 from dpm_ops.engine.evaluator import evaluate_model
-from dpm_ops.evaluation import evaluate_rank, pairwise_distance
+from dpm_ops.engine.scoring import rank_metrics
+from dpm_ops.evaluation import evaluate_rank, gnn_rerank, pairwise_distance
 from dpm_ops.export import ExportError
 from dpm_ops.feature_files import extract_folder, save_features_npz
 from dpm_ops.feature_files import load_features_npz, rank_features
@@ -93,7 +94,22 @@ def test_rank_command_prints_the_table_and_writes_the_metrics(extracted, tmp_pat
     )
     argv = ["rank", "--query", str(query_file), "--gallery", str(gallery_file), "--rerank", "--k1", "6", "--k2", "3"]
     assert main([*argv, "--lambda-value", "0.4", "--distance", "cosine", "--device", "cpu"]) == 0
-    assert "dpm, cosine distance, re-ranked" in capsys.readouterr().out
+    assert "dpm, cosine distance, re-ranked (kreciprocal)" in capsys.readouterr().out
+    gnn_out = tmp_path / "gnn.json"
+    argv = ["rank", "--query", str(query_file), "--gallery", str(gallery_file), "--distance", "cosine"]
+    assert main([*argv, "--rerank", "gnn", "--out", str(gnn_out)]) == 0
+    assert "dpm, cosine distance, re-ranked (gnn)" in capsys.readouterr().out
+    query, gallery = load_features_npz(query_file), load_features_npz(gallery_file)
+    expected = rank_metrics(
+        gnn_rerank(query.features.features, gallery.features.features), query.features, gallery.features
+    )
+    written = json.loads(gnn_out.read_text())
+    assert written["all"]["mAP"] == pytest.approx(expected["all"]["mAP"], abs=1e-4)
+    assert {k: written["settings"][k] for k in ("rerank_method", "k1", "k2")} == dict(rerank_method="gnn", k1=26, k2=7)
+    code = main(
+        ["rank", "--query", str(query_file), "--gallery", str(gallery_file), "--rerank", "gnn"]
+    )  # masked arccos
+    assert_one_line_error(capsys, code, "rerank 'gnn' ranks by the cosine of the features and has no form for DPM's")
 
 
 def test_gallery_items_without_identity_are_left_out(tmp_path):
@@ -177,8 +193,9 @@ def test_bad_files_and_options_are_named(tmp_path):
         ),
         (dict(distance="masked_arccos"), "needs DPM's channel masks; vit_baseline has none"),
         (dict(distance="angular"), "distance must be one of"),
-        (dict(k1=0), "k1 must be an integer >= 1, got 0"),
-        (dict(lambda_value=1.5), r"lambda_value must be a finite number in [0, 1], got 1.5"),
+        (dict(k1=0), "k1 must be an integer >= 1 and <= 4611686018427387904, got 0"),
+        (dict(lambda_value=1.5), r"lambda_value must be a number in [0, 1], got 1.5"),
+        (dict(rerank="GNN"), "rerank must be a bool or one of ('kreciprocal', 'gnn'), got 'GNN'"),
     ]
     for change, needle in cases:
         arguments = {"query": saved, "gallery": saved, **change}
@@ -191,7 +208,7 @@ def test_bad_files_and_options_are_named(tmp_path):
     "extra, needle",
     [
         (["--query", "nowhere.npz"], "--query nowhere.npz: not found"),
-        (["--k2", "0"], "k2 must be an integer >= 1, got 0"),
+        (["--k2", "0"], "k2 must be an integer >= 1 and <= 4611686018427387904, got 0"),
         (["--device", "cuda:7"], "--device: cuda:7 requested but"),
         (["--device", "cuda:x"], "--device: expected auto, cpu, cuda or cuda:N, got 'cuda:x'"),  # was a traceback
         (["--device", "mps"], "--device: expected auto, cpu, cuda or cuda:N, got 'mps'"),

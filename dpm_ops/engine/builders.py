@@ -334,7 +334,7 @@ def evaluate_with_config(
         device=str(device),
         amp_dtype=resolve_amp(ev["amp"], device),
         distance=ev["distance"],
-        rerank=ev["rerank"],
+        rerank=ev["rerank_method"] if ev["rerank"] else False,
         k1=ev["k1"],
         k2=ev["k2"],
         lambda_value=ev["lambda_value"],

@@ -30,7 +30,7 @@ from typing import Any, Iterable, Optional
 import torch
 import yaml
 
-from ..evaluation import PROTOCOLS
+from ..evaluation import PROTOCOLS, RERANK_METHODS
 from ..data.samplers import MAX_BATCHES_PER_EPOCH
 from ..evaluation.rank import MAX_REPEATS
 from ..ops._checks import Bounds
@@ -181,8 +181,11 @@ SCHEMA: dict = {
         "num_workers": _f(0, int, bounds=WORKERS),
         "distance": _f("auto", str, DISTANCES),
         "rerank": _f(False, bool),
-        "k1": _f(20, int, bounds=AT_LEAST_1),
-        "k2": _f(6, int, bounds=AT_LEAST_1),
+        # kreciprocal: Zhong et al. (CVPR 2017); gnn: Zhang et al.'s GNN re-ranking (cosine of the features)
+        "rerank_method": _f("kreciprocal", str, RERANK_METHODS),
+        # None: the method's defaults (kreciprocal 20 / 6, gnn 26 / 7)
+        "k1": _f(None, int, nullable=True, bounds=AT_LEAST_1),
+        "k2": _f(None, int, nullable=True, bounds=AT_LEAST_1),
         "lambda_value": _f(0.3, float, bounds=SHARE),
         "max_rank": _f(50, int, bounds=Bounds(10)),  # Rank-10 is reported
         "pictures": _f(True, bool),

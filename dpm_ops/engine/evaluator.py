@@ -30,7 +30,6 @@ from dpm_ops.data import ReIDSplits
 from dpm_ops.evaluation import PROTOCOLS
 from dpm_ops.evaluation.rank import MAX_REPEATS
 from dpm_ops.evaluation._inputs import check_count
-from dpm_ops.evaluation.rerank import check_rerank_parameters
 from dpm_ops.ops._checks import check_flag
 
 from .checkpoint import atomic_write
@@ -47,7 +46,15 @@ from .extraction import (
 )
 from .pictures import dpm_token_maps, write_pictures
 from .recipes import get_recipe, recipe_name_of
-from .scoring import DISTANCES, compute_distances, format_metrics_table, query_subsets, rank_metrics, resolve_distance
+from .scoring import (
+    DISTANCES,
+    check_reranking,
+    compute_distances,
+    format_metrics_table,
+    query_subsets,
+    rank_metrics,
+    resolve_distance,
+)
 
 # The engine's pieces, importable from here as before the split into extraction / scoring / pictures.
 __all__ = [
@@ -93,9 +100,9 @@ def evaluate_model(
     device="cpu",
     amp_dtype: Optional[torch.dtype] = None,
     distance: str = "auto",
-    rerank: bool = False,
-    k1: int = 20,
-    k2: int = 6,
+    rerank=False,
+    k1: Optional[int] = None,
+    k2: Optional[int] = None,
     lambda_value: float = 0.3,
     max_rank: int = 50,
     protocol: str = "market1501",
@@ -111,8 +118,8 @@ def evaluate_model(
     ``image_size`` (height, width): the network input, default the recipe's ((256, 128) for the
     ViT models; MaskReID resizes to 160x64 and centre-crops 144x56, and an explicit size is the
     crop). ``distance``: "auto" (the model's test metric, see the module docstring), "euclidean",
-    "cosine" or "masked_arccos" (DPM only). ``rerank``: k-reciprocal re-ranking with k1, k2,
-    lambda_value. ``amp_dtype``: extract under autocast to that dtype (None: fp32).
+    "cosine" or "masked_arccos" (DPM only). ``rerank``: True / "kreciprocal" or "gnn" (GNN
+    re-ranking) with k1, k2 (None: the method's, 20 / 6, 26 / 7), lambda_value. ``amp_dtype``: extract under autocast to that dtype (None: fp32).
     ``protocol`` / ``num_repeats`` / ``seed``: as in ``evaluate_rank`` ("cuhk03": CUHK03's
     single-gallery-shot CMC). ``multi_query`` "avg" / "max": Market-1501 multi-query, each query
     pooled with the ``splits.multi_query`` (gt_bbox) images of its pid and camera
@@ -121,15 +128,15 @@ def evaluate_model(
     occlusion), each with rank1, rank5, rank10, mAP, mINP (percent), num_query, num_valid and the
     CMC curve ``cmc`` (max_rank values, percent). With ``out_dir``: writes ``metrics.json`` (atomically;
     the metrics plus a ``settings`` entry) and, with ``pictures``, cmc.png, ranked_best.png,
-    ranked_worst.png and (DPM) masks.png. Under torch.distributed every rank must call it; rank 0
-    returns the metrics, others None.
-    """
+    ranked_worst.png and (DPM) masks.png. Under torch.distributed every rank calls it; rank 0 returns the
+    metrics, others None."""
     recipe = get_recipe(model_name)
     _check_model_and_splits(model, splits, model_name)
     image_size = _check_image_size(image_size)
     metric = resolve_distance(distance, model_name)
     _check_options(splits, model_name, max_rank, batch_size, protocol, num_repeats, seed, multi_query)
-    _check_late_options(device, out_dir, rerank, k1, k2, lambda_value, pictures, progress)
+    method, k1, k2, lambda_value = check_reranking(rerank, k1, k2, lambda_value, metric)
+    _check_late_options(device, out_dir, pictures, progress)
     transform = recipe.test_transform(image_size)
     common = dict(batch_size=batch_size, num_workers=num_workers, device=device, amp_dtype=amp_dtype, progress=progress)
     query = _extract_queries(model, splits, model_name, transform, multi_query, common)
@@ -137,7 +144,7 @@ def evaluate_model(
     if query is None:  # not rank 0
         return None
     reranking = dict(k1=k1, k2=k2, lambda_value=lambda_value)
-    distmat = compute_distances(query, gallery, metric, rerank=rerank, device=device, **reranking)
+    distmat = compute_distances(query, gallery, metric, rerank=method or False, device=device, **reranking)
     subsets = query_subsets(splits, splits.query)
     metrics = rank_metrics(distmat, query, gallery, subsets, max_rank, protocol, num_repeats, seed)
     if out_dir is not None:
@@ -146,7 +153,7 @@ def evaluate_model(
             "model": model_name,
             "dataset": splits.name,
             "distance": metric,
-            "rerank": bool(rerank),
+            "rerank": method is not None,
             "image_size": list(recipe.test_input_size(image_size)),
             "max_rank": max_rank,
             "num_query": len(query),
@@ -155,7 +162,7 @@ def evaluate_model(
             "multi_query": multi_query,
             "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
             **(dict(num_repeats=num_repeats, seed=seed) if protocol == "cuhk03" else {}),
-            **(reranking if rerank else {}),
+            **(dict(rerank_method=method, **reranking) if method else {}),
         }
         write_json_atomic(os.path.join(out_dir, "metrics.json"), {**metrics, "settings": settings})
         if pictures:
@@ -180,10 +187,8 @@ def _check_model_and_splits(model, splits, model_name: str) -> None:
         raise ValueError(f"splits must be the ReIDSplits of a dataset (build_dataset), got {type(splits).__name__}")
 
 
-def _check_late_options(device, out_dir, rerank, k1, k2, lambda_value, pictures, progress) -> None:
-    """What the scoring and the writing would check after the extraction (minutes on a real dataset): now."""
-    if check_flag(None, "rerank", rerank):
-        check_rerank_parameters(k1, k2, lambda_value)
+def _check_late_options(device, out_dir, pictures, progress) -> None:
+    """What the writing would check after the extraction (minutes on a real dataset): now."""
     check_flag(None, "pictures", pictures)
     check_flag(None, "progress", progress)
     as_device(device)

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from dpm_ops.data import ReIDSplits
-from dpm_ops.evaluation import evaluate_rank, pairwise_distance, re_ranking, rerank_features
+from dpm_ops.evaluation import evaluate_rank, gnn_rerank, pairwise_distance, re_ranking, rerank_features
+from dpm_ops.evaluation.rerank import check_rerank
 from dpm_ops.ops import masked_arccos_distance
 
 from .extraction import FeatureSet
@@ -31,18 +32,34 @@ def resolve_distance(distance: str, model_name: str) -> str:
     return distance
 
 
+def check_reranking(rerank, k1, k2, lambda_value, distance: str):
+    """evaluation.rerank.check_rerank's (method or None, k1, k2, lambda_value), and a ValueError for GNN
+    re-ranking with DPM's masked arccos, which it has no form for."""
+    method, k1, k2, lambda_value = check_rerank(rerank, k1, k2, lambda_value)
+    if method == "gnn" and distance == "masked_arccos":
+        raise ValueError(
+            "rerank 'gnn' ranks by the cosine of the features and has no form for DPM's masked_arccos distance: "
+            "use distance 'cosine' with it, or rerank 'kreciprocal'"
+        )
+    return method, k1, k2, lambda_value
+
+
 def compute_distances(
     query: FeatureSet,
     gallery: FeatureSet,
     distance: str,
     *,
-    rerank: bool = False,
-    k1: int = 20,
-    k2: int = 6,
+    rerank=False,
+    k1: Optional[int] = None,
+    k2: Optional[int] = None,
     lambda_value: float = 0.3,
     device="cpu",
 ) -> torch.Tensor:
-    """(Q, G) float32 distances on ``device``; with ``rerank``, k-reciprocal re-ranked.
+    """(Q, G) float32 distances on ``device``; with ``rerank`` (True or "kreciprocal", or "gnn"), re-ranked
+    (evaluation.rerank.check_rerank: k1 / k2 None are the method's defaults).
+
+    GNN re-ranking (``gnn_rerank``) ranks by the cosine of the features whatever ``distance`` says of
+    Euclidean or cosine; DPM's masked arccos has no GNN form (a ValueError, check_reranking).
 
     Re-ranking: Euclidean / cosine features go through ``rerank_features`` (never an N x N
     matrix; for unit-length features the cosine distance 1 - cos = ||q - g||² / 2 and the
@@ -55,19 +72,22 @@ def compute_distances(
     it is passed as ``input="euclidean"`` and squared inside like a Euclidean distance (the
     angle ~ the chord for near neighbours).
     """
+    method, k1, k2, lambda_value = check_reranking(rerank, k1, k2, lambda_value, distance)
     device = torch.device(device)
     qf, gf = query.features.to(device), gallery.features.to(device)
+    if method == "gnn":
+        return gnn_rerank(qf, gf, k1=k1, k2=k2, lambda_value=lambda_value)
     if distance == "masked_arccos":
         if query.masks is None or gallery.masks is None:
             raise ValueError("distance='masked_arccos' needs the masks of queries and gallery")
         qm, gm = query.masks.to(device), gallery.masks.to(device)
         q_g = masked_arccos_distance(qf, qm, gf)
-        if not rerank:
+        if method is None:
             return q_g
         q_q = masked_arccos_distance(qf, qm, qf)
         g_g = masked_arccos_distance(gf, gm, gf)
         return re_ranking(q_g, q_q, g_g, k1=k1, k2=k2, lambda_value=lambda_value, input="euclidean", orientation="rows")
-    if rerank:
+    if method is not None:
         if distance == "cosine":
             qf, gf = F.normalize(qf, dim=1), F.normalize(gf, dim=1)
         return rerank_features(qf, gf, k1=k1, k2=k2, lambda_value=lambda_value)

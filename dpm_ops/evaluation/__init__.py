@@ -1,4 +1,5 @@
-"""Re-ID evaluation: distances, exact k-NN, Market-1501 CMC/mAP/mINP and k-reciprocal re-ranking.
+"""Re-ID evaluation: distances, exact k-NN, Market-1501 CMC/mAP/mINP, k-reciprocal and GNN
+re-ranking.
 
 All functions take numpy arrays or torch tensors (CPU or CUDA); see each docstring for the
 exact semantics and tie rules.
@@ -6,15 +7,18 @@ exact semantics and tie rules.
 
 from .distance import METRICS, knn, pairwise_distance
 from .rank import AP_MODES, PROTOCOLS, RankResult, evaluate_rank
-from .rerank import ORIENTATIONS, jaccard_distance, re_ranking, rerank_features
+from .gnn_rerank import gnn_rerank
+from .rerank import ORIENTATIONS, RERANK_METHODS, jaccard_distance, re_ranking, rerank_features
 
 __all__ = [
     "AP_MODES",
     "METRICS",
     "ORIENTATIONS",
     "PROTOCOLS",
+    "RERANK_METHODS",
     "RankResult",
     "evaluate_rank",
+    "gnn_rerank",
     "jaccard_distance",
     "knn",
     "pairwise_distance",

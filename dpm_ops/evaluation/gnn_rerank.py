@@ -22,10 +22,11 @@ from .. import _backend
 from ..ops.gnn_rerank import GNN_PROPAGATE, GNN_SIMILARITY_
 from ..ops.knn import check_strategy, self_knn
 from . import _inputs
-from .rerank import check_rerank_parameters
+from .rerank import RERANK_DEFAULTS, check_rerank_parameters
 
 # The reference's defaults (Market-1501: k1 26, k2 7; VeRi-776: 60, 10) and its blend weight.
-GNN_K1, GNN_K2, GNN_LAMBDA = 26, 7, 0.3
+GNN_K1, GNN_K2 = RERANK_DEFAULTS["gnn"]
+GNN_LAMBDA = 0.3
 
 
 def _pooled_unit_rows(qf, gf):
@@ -44,9 +45,7 @@ def _pooled_unit_rows(qf, gf):
     return x / norms, len(query)
 
 
-def gnn_rerank(
-    qf, gf, k1: int = GNN_K1, k2: int = GNN_K2, lambda_value: float = GNN_LAMBDA, strategy: str = "auto"
-):
+def gnn_rerank(qf, gf, k1: int = GNN_K1, k2: int = GNN_K2, lambda_value: float = GNN_LAMBDA, strategy: str = "auto"):
     """GNN re-ranked (Q, G) float32 distances of query features qf (Q, D) and gallery features gf (G, D).
 
     The distance is the negated score, -((1 - lambda) <A_q, A_g> + lambda cos(q, g)): ascending

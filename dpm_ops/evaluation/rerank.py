@@ -281,6 +281,26 @@ def _check_k(name: str, value, low: int) -> int:
     return _inputs.check_count(name, value, low, holds=lambda k: k <= MAX_K, why=f" and <= {MAX_K}")
 
 
+# The re-ranking methods of the engine and the command line (`rerank=`): k-reciprocal (this module) and GNN
+# re-ranking (gnn_rerank.py), each with its reference's default k1, k2.
+RERANK_METHODS = ("kreciprocal", "gnn")
+RERANK_DEFAULTS = {"kreciprocal": (20, 6), "gnn": (26, 7)}
+
+
+def check_rerank(rerank, k1=None, k2=None, lambda_value=0.3):
+    """(method or None, k1, k2, lambda_value) of the engine's re-ranking arguments: ``rerank`` False (none),
+    True ("kreciprocal") or a name of RERANK_METHODS; k1 / k2 None: that method's defaults (values given
+    are checked with or without re-ranking)."""
+    method = "kreciprocal" if rerank is True else rerank
+    if method is not False and method not in RERANK_METHODS:
+        raise ValueError(f"rerank must be a bool or one of {RERANK_METHODS}, got {rerank!r}")
+    default_k1, default_k2 = RERANK_DEFAULTS[method or "kreciprocal"]
+    k1, k2, lambda_value = check_rerank_parameters(
+        default_k1 if k1 is None else k1, default_k2 if k2 is None else k2, lambda_value
+    )
+    return method or None, k1, k2, lambda_value
+
+
 def check_rerank_parameters(k1, k2, lambda_value):
     k1 = _check_k("k1", k1, 1)
     k2 = _check_k("k2", k2, 1)

@@ -36,7 +36,7 @@ def gnn_rerank_dense(x: torch.Tensor, num_query: int, k1: int, k2: int, lambda_v
         for _ in range(2):
             adjacency = adjacency + adjacency.T
             propagated = torch.zeros_like(adjacency)
-            for j in range(k2):  # the reference kernel's loop: one weighted source row after the other
+            for j in range(min(k2, k1)):  # the reference kernel's loop over its [:, :k2] slice, row after row
                 propagated += adjacency[initial_rank[:, j]] * weights[:, j, None]
             adjacency = propagated / torch.linalg.vector_norm(propagated, dim=1, keepdim=True)
     propagated_similarity = adjacency[:num_query] @ adjacency[num_query:].T
