@@ -143,6 +143,8 @@ LARGE_SAMPLES = {
         *_large_csr(),
         0.3,
     ),
+    "gnn_propagate": lambda: (*_large_csr(), _neighbours(80, 30)[:, :7].contiguous(), _randn(80, 7, seed=35).float()),
+    "gnn_similarity_": lambda: (torch.rand(20, 60, generator=torch.Generator().manual_seed(36)), *_large_csr(), 0.3),
     "match_ranks": lambda: (
         torch.rand(20, 300, generator=torch.Generator().manual_seed(33)),
         *(torch.randint(0, 12, (320,), generator=torch.Generator().manual_seed(34)).split([20, 300])),
@@ -184,6 +186,28 @@ def test_cuda_entry_point_on_larger_inputs(emulated, name):
     emulated.set_schedule(SCHEDULES["depth first"])
     got = _outputs(emulate.emulated_op(name), LARGE_SAMPLES[name]())
     expected = _outputs(getattr(torch.ops.dpm_ops, name), LARGE_SAMPLES[name]())
+    torch.testing.assert_close(got, expected)
+
+
+def _no_entries(rows=6):
+    return torch.zeros(rows + 1, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0)
+
+
+# Ragged outputs without a single entry (their tensors' data pointers are null): the fill passes must not
+# take them for the count passes.
+EMPTY_OUTPUTS = {
+    "gnn_propagate": lambda: (*_no_entries(), torch.arange(6)[:, None].repeat(1, 2), torch.ones(6, 2)),
+    "kreciprocal_query_expansion": lambda: (*_no_entries(), torch.arange(6)[:, None].repeat(1, 2)),
+    # each item's 2 neighbours the next two: no pair is reciprocal, every R* is empty
+    "kreciprocal_expand": lambda: ((torch.arange(6)[:, None] + torch.tensor([1, 2])) % 6, 1, 0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EMPTY_OUTPUTS))
+def test_cuda_entry_point_with_an_empty_output(emulated, name):
+    got = _outputs(emulate.emulated_op(name), EMPTY_OUTPUTS[name]())
+    expected = _outputs(getattr(torch.ops.dpm_ops, name), EMPTY_OUTPUTS[name]())
+    assert expected[0][-1].numel() == 0  # no entries indeed
     torch.testing.assert_close(got, expected)
 
 

@@ -194,3 +194,28 @@ def test_stage_ops_check_their_arguments():
         GNN_PROPAGATE.run(backend, row_ptr, cols + 1, values, sources, weights)
     with pytest.raises(ValueError, match="gnn_rerank: out must be a contiguous 2-D float32 tensor"):
         GNN_SIMILARITY_.run(backend, torch.zeros(1, 1, dtype=torch.float64), row_ptr, cols, values, 0.3)
+
+
+@pytest.mark.parametrize(
+    "row_ptr, cols, num_query",
+    [
+        ([0, 2, 2, 3], [0, 2, 1], 1),  # an empty row
+        ([0, 1], [0], 1),  # one item, no gallery
+        ([0, 0, 0], [], 1),  # no entries at all
+    ],
+)
+def test_stage_kernels_on_edge_shapes(row_ptr, cols, num_query):
+    row_ptr, cols = torch.tensor(row_ptr), torch.tensor(cols, dtype=torch.long)
+    n = len(row_ptr) - 1
+    values = torch.linspace(0.5, 1.5, len(cols))
+    sources = torch.arange(n).repeat(2, 1).T.contiguous()  # every item its own two sources
+    weights = torch.full((n, 2), 0.5)
+    results = {}
+    for backend in ("cpp", "reference"):
+        csr = GNN_PROPAGATE.run(backend, row_ptr, cols, values, sources, weights)
+        out = torch.full((num_query, n - num_query), 0.25)
+        GNN_SIMILARITY_.run(backend, out, *csr, 0.3)
+        results[backend] = (*csr, out)
+    for kernel, torch_stage in zip(results["cpp"], results["reference"]):
+        assert torch.equal(kernel, torch_stage)
+    assert torch.isfinite(results["cpp"][2]).all() and torch.isfinite(results["cpp"][3]).all()

@@ -4,32 +4,18 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include <algorithm>
 #include <optional>
 
 #include "../common/aten_cuda.h"
 #include "../common/compute_type.h"
 #include "../common/csr_transpose.h"
+#include "../common/sparse_stages_cuda.h"
 #include "kreciprocal_checks.h"
 #include "kreciprocal_cuda.h"
 #include "../common/register_kernels.h"
 
 namespace dpm_ops::kreciprocal {
 namespace {
-
-void check_device(const at::Tensor& t, const at::Tensor& like, const char* name) {
-  TORCH_CHECK_VALUE(t.device() == like.device(), "kreciprocal: ", name, " must be on ", like.device(), ", got ",
-                    t.device());
-}
-
-// row_ptr (rows + 1) = [0, cumsum(sizes)], the exclusive scan of the count pass.
-at::Tensor row_pointers(const at::Tensor& sizes) {
-  return at::cat({at::zeros({1}, sizes.options()), at::cumsum(sizes, 0)});
-}
-
-at::Tensor scratch_for(int64_t rows, int64_t slots_per_thread, const at::TensorOptions& options) {
-  return at::empty({cuda::scratch_threads(rows) * std::max<int64_t>(slots_per_thread, 1)}, options.dtype(at::kLong));
-}
 
 std::tuple<at::Tensor, at::Tensor> expand_cuda(const at::Tensor& neighbours_in, int64_t k1, int64_t half_k1) {
   const c10::cuda::CUDAGuard guard(neighbours_in.device());
@@ -41,7 +27,7 @@ std::tuple<at::Tensor, at::Tensor> expand_cuda(const at::Tensor& neighbours_in, 
   at::Tensor half_sets = at::empty({N * count_h}, neighbours.options());
   at::Tensor half_sizes = at::empty({N}, neighbours.options()), sizes = at::empty({N}, neighbours.options());
   cuda::half_sets(nb, N, width, count_h, half_sets.data_ptr<int64_t>(), half_sizes.data_ptr<int64_t>(), stream);
-  at::Tensor scratch = scratch_for(N, count1 * (count_h + 2), neighbours.options());
+  at::Tensor scratch = scratch_for(cuda::scratch_threads(N), count1 * (count_h + 2), neighbours.options());
   cuda::expand_count(nb, N, width, count1, count_h, half_sets.const_data_ptr<int64_t>(),
                      half_sizes.const_data_ptr<int64_t>(), scratch.data_ptr<int64_t>(), sizes.data_ptr<int64_t>(),
                      stream);
@@ -57,7 +43,7 @@ at::Tensor pair_sqdist_cuda(const at::Tensor& features_in, const at::Tensor& can
                             const at::Tensor& cand_indices_in, const at::Tensor& row_ptr_in, const at::Tensor& cols_in) {
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>(cand_values_in, "cand_values"),
                                 {cand_indices_in, "cand_indices"}, {row_ptr_in, "row_ptr"}, {cols_in, "cols"}})
-    check_device(t, features_in, name);
+    check_device(kOp, t, features_in, name);
   const c10::cuda::CUDAGuard guard(features_in.device());
   const PairSqdistArgs a(features_in, cand_values_in, cand_indices_in, row_ptr_in, cols_in);
   const at::Tensor &features = a.features, &cand_values = a.cand_values, &cand_indices = a.cand_indices,
@@ -76,13 +62,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> query_expansion_cuda(const at::Te
                                                                     const at::Tensor& sources_in) {
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>(cols_in, "cols"), {values_in, "values"},
                                 {sources_in, "sources"}})
-    check_device(t, row_ptr_in, name);
+    check_device(kOp, t, row_ptr_in, name);
   const c10::cuda::CUDAGuard guard(row_ptr_in.device());
   const QueryExpansionArgs a(row_ptr_in, cols_in, values_in, sources_in);
   const at::Tensor &row_ptr = a.row_ptr, &cols = a.cols, &values = a.values, &sources = a.sources;
   const int64_t N = a.N, k2 = a.k2;
   const cudaStream_t stream = current_stream();
-  at::Tensor scratch = scratch_for(N, 2 * k2, row_ptr.options());
+  at::Tensor scratch = scratch_for(cuda::scratch_threads(N), 2 * k2, row_ptr.options());
   at::Tensor sizes = at::empty({N}, row_ptr.options());
   cuda::query_expansion_count(row_ptr.const_data_ptr<int64_t>(), cols.const_data_ptr<int64_t>(),
                               sources.const_data_ptr<int64_t>(), N, k2, scratch.data_ptr<int64_t>(),
@@ -101,8 +87,8 @@ void jaccard_blend_cuda(at::Tensor& out, const at::Tensor& row_ptr_in, const at:
                         const at::Tensor& values_in, double lambda_value, const c10::optional<at::Tensor>& scale_in) {
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>(row_ptr_in, "row_ptr"), {cols_in, "cols"},
                                 {values_in, "values"}})
-    check_device(t, out, name);
-  if (scale_in.has_value()) check_device(*scale_in, out, "row_scale");
+    check_device(kOp, t, out, name);
+  if (scale_in.has_value()) check_device(kOp, *scale_in, out, "row_scale");
   const c10::cuda::CUDAGuard guard(out.device());
   const JaccardArgs a(out, row_ptr_in, cols_in, values_in, scale_in);
   const at::Tensor &row_ptr = a.row_ptr, &cols = a.cols, &values = a.values;

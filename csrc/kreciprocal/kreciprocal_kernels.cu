@@ -23,15 +23,16 @@ __global__ void half_sets_kernel(const int64_t* neighbours, int64_t N, int64_t w
   if (c < N) half_sizes[c] = reciprocal_set(neighbours, width, c, count_h, half_sets + c * count_h);
 }
 
-// Count pass (cols == nullptr: sizes; own and out in scratch) or fill pass (R*(i) straight into
-// cols at row_ptr[i]: expanded_set writes exactly |R*(i)| items there).
+// Count pass (sizes != nullptr; own and out in scratch) or fill pass (R*(i) straight into cols at
+// row_ptr[i]: expanded_set writes exactly |R*(i)| items there). The pass is told by sizes, not by cols:
+// an output without entries is an empty tensor, whose pointer is null.
 __global__ void expand_kernel(const int64_t* neighbours, int64_t N, int64_t width, int64_t count1, int64_t count_h,
                               const int64_t* half_sets, const int64_t* half_sizes, int64_t* scratch,
                               int64_t* sizes, const int64_t* row_ptr, int64_t* cols) {
   const int64_t t = thread_index();
-  int64_t* own = scratch + t * (cols == nullptr ? count1 * (count_h + 2) : count1);
+  int64_t* own = scratch + t * (sizes != nullptr ? count1 * (count_h + 2) : count1);
   for (int64_t i = t; i < N; i += thread_count()) {
-    if (cols == nullptr) {
+    if (sizes != nullptr) {
       sizes[i] = expanded_set(neighbours, width, i, count1, count_h, half_sets, half_sizes, own, own + count1);
     } else {
       expanded_set(neighbours, width, i, count1, count_h, half_sets, half_sizes, own, cols + row_ptr[i]);
@@ -54,7 +55,7 @@ __global__ void query_expansion_kernel(const int64_t* row_ptr, const int64_t* co
   const int64_t t = thread_index();
   int64_t* cursor = scratch + t * 2 * k2;
   for (int64_t i = t; i < N; i += thread_count()) {
-    if (out_cols == nullptr) {
+    if (sizes != nullptr) {  // the count pass (out_cols is null for an output without entries, too)
       sizes[i] = expansion_row(row_ptr, cols, values, sources + i * k2, k2, cursor, nullptr, nullptr);
     } else {
       expansion_row(row_ptr, cols, values, sources + i * k2, k2, cursor, out_cols + out_row_ptr[i],
