@@ -5,7 +5,7 @@ features (benchmarks/reference/synthetic_features.py).
 
 Targets (ratios of the same run):
 
-* CPU: >= 5x the dense computation at a quarter of Market-1501 (N 4,820) and >= 8x at Market scale
+* CPU: >= 8x the dense computation at a quarter of Market-1501 (N 4,820) and >= 12x at Market scale
   (N 19,281, `slow`: the dense one takes ~40 s and holds several 1.5 GB N x N matrices);
 * GPU (H100 / H200): faster than the dense computation on the GPU at Market scale, and MSMT17 scale
   (N 93,820, where each dense N x N matrix is 35 GB) within 2 s.
@@ -96,12 +96,12 @@ def _ratio(scale: str) -> float:
 def bench_gnn_cpu_target_quarter():
     ratio = _ratio("quarter")
     print(f"\nquarter of Market-1501: gnn_rerank {ratio:.1f}x the dense computation")
-    assert ratio >= 5, f"gnn_rerank is {ratio:.1f}x the dense computation at a quarter of Market, target >= 5x"
+    assert ratio >= 8, f"gnn_rerank is {ratio:.1f}x the dense computation at a quarter of Market, target >= 8x"
 
 
 @pytest.mark.slow
 def bench_gnn_targets_market():
     ratio = _ratio("market1501")
     print(f"\nMarket-1501 scale: gnn_rerank {ratio:.1f}x the dense computation ({DEVICE})")
-    target = 1 if GPU else 8
+    target = 1 if GPU else 12
     assert ratio >= target, f"gnn_rerank is {ratio:.1f}x the dense computation at Market scale, target >= {target}x"

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <mutex>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -54,6 +55,23 @@ void gather_chunks(const ChunkedRows<Buffers>& rows, Items items, T* out) {
     const auto& chunk = items(buffers);
     std::copy(chunk.begin(), chunk.end(), out + row_ptr[first]);
   }
+}
+
+// A chunk's rows of a CSR with values: the buffers of rows_by_chunks<CsrEntries>.
+struct CsrEntries {
+  std::vector<int64_t> cols;
+  std::vector<float> values;
+};
+
+// (row_ptr, cols, values) of a CSR built by rows_by_chunks<CsrEntries>.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_of(const ChunkedRows<CsrEntries>& rows,
+                                                             const at::TensorOptions& options) {
+  const int64_t nnz = rows.row_ptr.const_data_ptr<int64_t>()[rows.row_ptr.size(0) - 1];
+  at::Tensor cols = at::empty({nnz}, options.dtype(at::kLong)), values = at::empty({nnz}, options.dtype(at::kFloat));
+  gather_chunks(rows, [](const CsrEntries& entries) -> const auto& { return entries.cols; }, cols.data_ptr<int64_t>());
+  gather_chunks(rows, [](const CsrEntries& entries) -> const auto& { return entries.values; },
+                values.data_ptr<float>());
+  return {rows.row_ptr, cols, values};
 }
 
 }  // namespace dpm_ops

@@ -49,4 +49,23 @@ inline void check_csr(const char* op, const at::Tensor& row_ptr, const at::Tenso
   check_index_range(op, cols, num_cols, "cols");
 }
 
+// The arguments of a query x gallery stage: out (Q, G) float32, contiguous, and a CSR over its N = Q + G
+// items (queries first), checked; the CSR contiguous, its values float32.
+struct QueryGalleryCsr {
+  int64_t Q, G, N;
+  at::Tensor row_ptr, cols, values;
+  QueryGalleryCsr(const char* op, const at::Tensor& out, const at::Tensor& row_ptr_in, const at::Tensor& cols_in,
+                  const at::Tensor& values_in) {
+    TORCH_CHECK_VALUE(out.dim() == 2 && out.scalar_type() == at::kFloat && out.is_contiguous(), op,
+                      ": out must be a contiguous 2-D float32 tensor");
+    Q = out.size(0);
+    G = out.size(1);
+    N = Q + G;
+    check_csr(op, row_ptr_in, cols_in, N, N, &values_in);
+    row_ptr = row_ptr_in.contiguous();
+    cols = cols_in.contiguous();
+    values = values_in.to(at::kFloat).contiguous();
+  }
+};
+
 }  // namespace dpm_ops

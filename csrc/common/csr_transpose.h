@@ -27,7 +27,8 @@ inline CsrTranspose transpose_rows(const at::Tensor& row_ptr, const at::Tensor& 
     int64_t* start = col_ptr.data_ptr<int64_t>();
     for (int64_t e = rp[first]; e < rp[last]; ++e) ++start[cp[e] + 1];
     for (int64_t c = 0; c < num_cols; ++c) start[c + 1] += start[c];
-    at::Tensor rows = at::empty({rp[last] - rp[first]}, index), out_values = at::empty({rows.size(0)}, values.options());
+    at::Tensor rows = at::empty({rp[last] - rp[first]}, index);
+    at::Tensor out_values = at::empty({rows.size(0)}, values.options());
     int64_t* rows_p = rows.data_ptr<int64_t>();
     float* values_p = out_values.data_ptr<float>();
     std::vector<int64_t> cursor(start, start + num_cols);

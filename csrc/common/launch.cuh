@@ -24,6 +24,15 @@ template <typename T> struct TypeTag {
 template <typename T> const T* typed(const void* p) { return static_cast<const T*>(p); }
 template <typename T> T* typed(void* p) { return static_cast<T*>(p); }
 
+// Blocks of `threads` threads covering n items, a thread each (kernels that stride over the grid cap theirs).
+inline unsigned int blocks_for(int64_t n, int threads) {
+  return static_cast<unsigned int>((n + threads - 1) / threads);
+}
+
+// A thread's index in the whole grid, and the grid's thread count (grid-stride loops).
+__device__ __forceinline__ int64_t thread_index() { return int64_t(blockIdx.x) * blockDim.x + threadIdx.x; }
+__device__ __forceinline__ int64_t thread_count() { return int64_t(gridDim.x) * blockDim.x; }
+
 inline void check_cuda(cudaError_t err, const std::string& what) {
   if (err != cudaSuccess) throw std::runtime_error("dpm_ops " + what + " failed: " + cudaGetErrorString(err));
 }

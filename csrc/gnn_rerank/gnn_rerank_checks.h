@@ -37,21 +37,9 @@ struct PropagateArgs {
 };
 
 // out (Q, G) float32 with the CSR over its N = Q + G items (queries first).
-struct SimilarityArgs {
-  int64_t Q, G, N;
-  at::Tensor row_ptr, cols, values;  // values fp32
-  SimilarityArgs(const at::Tensor& out, const at::Tensor& row_ptr_in, const at::Tensor& cols_in,
-                 const at::Tensor& values_in) {
-    TORCH_CHECK_VALUE(out.dim() == 2 && out.scalar_type() == at::kFloat && out.is_contiguous(), kOp,
-                      ": out must be a contiguous 2-D float32 tensor");
-    Q = out.size(0);
-    G = out.size(1);
-    N = Q + G;
-    check_csr(kOp, row_ptr_in, cols_in, N, N, &values_in);
-    row_ptr = row_ptr_in.contiguous();
-    cols = cols_in.contiguous();
-    values = values_in.to(at::kFloat).contiguous();
-  }
+struct SimilarityArgs : QueryGalleryCsr {
+  SimilarityArgs(const at::Tensor& out, const at::Tensor& row_ptr, const at::Tensor& cols, const at::Tensor& values)
+      : QueryGalleryCsr(kOp, out, row_ptr, cols, values) {}
 };
 
 }  // namespace dpm_ops::gnn_rerank

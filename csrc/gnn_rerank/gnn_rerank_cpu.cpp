@@ -10,6 +10,7 @@
 #include "../common/csr_transpose.h"
 #include "gnn_rerank_checks.h"
 #include "gnn_rerank_math.h"
+#include "../kreciprocal/query_gallery_sums.h"
 #include "../common/register_kernels.h"
 
 namespace dpm_ops::gnn_rerank {
@@ -33,15 +34,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_cpu(const at::Tensor& r
   const float* tv = transposed.values.const_data_ptr<float>();
   const int64_t* sp = a.sources.const_data_ptr<int64_t>();
   const float* wp = a.weights.const_data_ptr<float>();
-  struct Entries {
-    std::vector<int64_t> cols;
-    std::vector<float> values;
-  };
-  const auto rows = rows_by_chunks<Entries>(N, kRowGrain, a.row_ptr.options(), [&] {
-    return [&, cursor = std::vector<int64_t>(4 * k2)](int64_t i, Entries& out) mutable {
+  const auto rows = rows_by_chunks<CsrEntries>(N, kRowGrain, a.row_ptr.options(), [&] {
+    return [&, cursor = std::vector<int64_t>(4 * k2)](int64_t i, CsrEntries& out) mutable {
       const int64_t* sources = sp + i * k2;
       int64_t most = 0;  // a row holds at most its sources' entries in A and A^T together
-      for (int64_t t = 0; t < k2; ++t) most += rp[sources[t] + 1] - rp[sources[t]] + tp[sources[t] + 1] - tp[sources[t]];
+      for (int64_t t = 0; t < k2; ++t)
+        most += rp[sources[t] + 1] - rp[sources[t]] + tp[sources[t] + 1] - tp[sources[t]];
       const size_t start = out.cols.size();
       out.cols.resize(start + most);
       out.values.resize(start + most);
@@ -53,45 +51,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_cpu(const at::Tensor& r
       return size;
     };
   });
-  const int64_t nnz = rows.row_ptr.const_data_ptr<int64_t>()[N];
-  at::Tensor out_cols = at::empty({nnz}, a.cols.options()), out_values = at::empty({nnz}, a.values.options());
-  gather_chunks(rows, [](const Entries& entries) -> const auto& { return entries.cols; }, out_cols.data_ptr<int64_t>());
-  gather_chunks(rows, [](const Entries& entries) -> const auto& { return entries.values; },
-                out_values.data_ptr<float>());
-  return {rows.row_ptr, out_cols, out_values};
+  return csr_of(rows, a.row_ptr.options());
 }
 
 // out (Q, G) holds cos(q, g) and is overwritten in place by blend_score of <A_q, A_{Q+g}> (summed in the
-// query row's column order, through an inverted index of the gallery rows) and that cosine.
+// query row's column order, through an inverted index of the gallery rows: query_gallery_sums) and that cosine.
 void similarity_cpu(at::Tensor& out, const at::Tensor& row_ptr_in, const at::Tensor& cols_in,
                     const at::Tensor& values_in, double lambda_value) {
   const SimilarityArgs a(out, row_ptr_in, cols_in, values_in);
   const int64_t Q = a.Q, G = a.G, N = a.N;
   const CsrTranspose gallery = transpose_rows(a.row_ptr, a.cols, a.values, Q, N, N);
-  const int64_t* rp = a.row_ptr.const_data_ptr<int64_t>();
-  const int64_t* cp = a.cols.const_data_ptr<int64_t>();
-  const float* vp = a.values.const_data_ptr<float>();
-  const int64_t* column_start = gallery.col_ptr.const_data_ptr<int64_t>();
-  const int64_t* holder = gallery.rows.const_data_ptr<int64_t>();
-  const float* holder_value = gallery.values.const_data_ptr<float>();
-  const float propagated_weight = float(1.0 - lambda_value), cosine_weight = float(lambda_value);
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, Q, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> dots(G, 0.f);
-    for (int64_t q = begin; q < end; ++q) {
-      for (int64_t e = rp[q]; e < rp[q + 1]; ++e) {
-        const int64_t c = cp[e];
-        const float v = vp[e];
-        for (int64_t s = column_start[c]; s < column_start[c + 1]; ++s)
-          dots[holder[s]] = add_rn(dots[holder[s]], mul_rn(v, holder_value[s]));
-      }
-      float* row = op + q * G;
-      for (int64_t g = 0; g < G; ++g) {
-        row[g] = blend_score(dots[g], row[g], propagated_weight, cosine_weight);
-        dots[g] = 0.f;
-      }
-    }
-  });
+  kreciprocal::query_gallery_sums(Q, G, a.row_ptr.const_data_ptr<int64_t>(), a.cols.const_data_ptr<int64_t>(),
+                                  a.values.const_data_ptr<float>(), gallery, out.data_ptr<float>(), ProductShare{},
+                                  BlendFinish{float(1.0 - lambda_value), float(lambda_value)});
 }
 
 }  // namespace

@@ -3,17 +3,12 @@
 #include "../common/launch.cuh"
 #include "gnn_rerank_cuda.h"
 #include "gnn_rerank_math.h"
+#include "../kreciprocal/query_gallery_sums.cuh"
 
 namespace dpm_ops::gnn_rerank::cuda {
 namespace {
 
 constexpr int kThreads = 128;
-constexpr int kSimilarityThreads = 256;
-
-unsigned int blocks_for(int64_t n) { return static_cast<unsigned int>((n + kThreads - 1) / kThreads); }
-
-__device__ int64_t thread_index() { return int64_t(blockIdx.x) * blockDim.x + threadIdx.x; }
-__device__ int64_t thread_count() { return int64_t(gridDim.x) * blockDim.x; }
 
 // Count pass (sizes != nullptr; values and weights unread) or fill pass (row i straight into out_cols /
 // out_values at out_row_ptr[i], then divided by its norm there: propagated_row writes exactly the
@@ -39,38 +34,13 @@ __global__ void propagate_kernel(const int64_t* row_ptr, const int64_t* cols, co
   }
 }
 
-// One block per query (grid-stride): the query's columns in order, each column's gallery holders
-// (distinct rows) shared by the threads, a barrier between columns, so every pair's dot product adds
-// its terms in the query's column order, as the CPU kernel does. Then the blend, row by row.
-__global__ void similarity_kernel(float* out, int64_t Q, int64_t G, const int64_t* row_ptr, const int64_t* cols,
-                                  const float* values, const int64_t* column_start, const int64_t* holder,
-                                  const float* holder_value, float propagated_weight, float cosine_weight,
-                                  float* dots_all) {
-  float* dots = dots_all + int64_t(blockIdx.x) * G;
-  for (int64_t q = blockIdx.x; q < Q; q += gridDim.x) {
-    for (int64_t e = row_ptr[q]; e < row_ptr[q + 1]; ++e) {
-      const int64_t c = cols[e];
-      const float v = values[e];
-      for (int64_t s = column_start[c] + threadIdx.x; s < column_start[c + 1]; s += blockDim.x)
-        dots[holder[s]] = add_rn(dots[holder[s]], mul_rn(v, holder_value[s]));
-      __syncthreads();
-    }
-    float* row = out + q * G;
-    for (int64_t g = threadIdx.x; g < G; g += blockDim.x) {
-      row[g] = blend_score(dots[g], row[g], propagated_weight, cosine_weight);
-      dots[g] = 0.f;
-    }
-    __syncthreads();
-  }
-}
-
 }  // namespace
 
 void propagate_count(const int64_t* row_ptr, const int64_t* cols, const int64_t* t_ptr, const int64_t* t_cols,
                      const int64_t* sources, int64_t N, int64_t k2, int64_t* scratch, int64_t* sizes,
                      cudaStream_t stream) {
   if (N == 0) return;
-  propagate_kernel<<<blocks_for(scratch_threads(N)), kThreads, 0, stream>>>(
+  propagate_kernel<<<blocks_for(scratch_threads(N), kThreads), kThreads, 0, stream>>>(
       row_ptr, cols, nullptr, t_ptr, t_cols, nullptr, sources, nullptr, N, k2, scratch, sizes, nullptr, nullptr,
       nullptr);
   check_launch();
@@ -81,7 +51,7 @@ void propagate_fill(const int64_t* row_ptr, const int64_t* cols, const float* va
                     int64_t N, int64_t k2, int64_t* scratch, const int64_t* out_row_ptr, int64_t* out_cols,
                     float* out_values, cudaStream_t stream) {
   if (N == 0) return;
-  propagate_kernel<<<blocks_for(scratch_threads(N)), kThreads, 0, stream>>>(
+  propagate_kernel<<<blocks_for(scratch_threads(N), kThreads), kThreads, 0, stream>>>(
       row_ptr, cols, values, t_ptr, t_cols, t_values, sources, weights, N, k2, scratch, nullptr, out_row_ptr,
       out_cols, out_values);
   check_launch();
@@ -91,8 +61,10 @@ void similarity(float* out, int64_t Q, int64_t G, const int64_t* row_ptr, const 
                 const int64_t* column_start, const int64_t* holder, const float* holder_value,
                 float propagated_weight, float cosine_weight, float* dots, cudaStream_t stream) {
   if (Q == 0 || G == 0) return;
-  similarity_kernel<<<static_cast<unsigned int>(similarity_blocks(Q)), kSimilarityThreads, 0, stream>>>(
-      out, Q, G, row_ptr, cols, values, column_start, holder, holder_value, propagated_weight, cosine_weight, dots);
+  using kreciprocal::cuda::kQueryGalleryThreads, kreciprocal::cuda::query_gallery_sums_kernel;
+  query_gallery_sums_kernel<<<static_cast<unsigned int>(similarity_blocks(Q)), kQueryGalleryThreads, 0, stream>>>(
+      out, Q, G, row_ptr, cols, values, column_start, holder, holder_value, dots, ProductShare{},
+      BlendFinish{propagated_weight, cosine_weight});
   check_launch();
 }
 

@@ -81,4 +81,16 @@ DPM_HD float blend_score(float similarity, float cosine, float propagated_weight
   return add_rn(mul_rn(similarity, propagated_weight), mul_rn(cosine, cosine_weight));
 }
 
+// The propagated similarity as query_gallery_sums (../kreciprocal/query_gallery_sums.h / .cuh): dot products
+// of the query and gallery rows, then the blend with the cosine the output holds.
+struct ProductShare {
+  DPM_HD float operator()(float query_value, float gallery_value) const { return mul_rn(query_value, gallery_value); }
+};
+struct BlendFinish {
+  float propagated_weight, cosine_weight;
+  DPM_HD float operator()(int64_t, float similarity, float cosine) const {
+    return blend_score(similarity, cosine, propagated_weight, cosine_weight);
+  }
+};
+
 }  // namespace dpm_ops::gnn_rerank

@@ -76,20 +76,11 @@ struct QueryExpansionArgs {
 };
 
 // out (Q, G) float32 with the CSR over its N = Q + G items, and the optional per-query row scale.
-struct JaccardArgs {
-  int64_t Q, G, N;
-  at::Tensor row_ptr, cols, values, scale;  // values / scale fp32; scale undefined when not given
-  JaccardArgs(const at::Tensor& out, const at::Tensor& row_ptr_in, const at::Tensor& cols_in,
-              const at::Tensor& values_in, const c10::optional<at::Tensor>& scale_in) {
-    TORCH_CHECK_VALUE(out.dim() == 2 && out.scalar_type() == at::kFloat && out.is_contiguous(),
-                      "kreciprocal: out must be a contiguous 2-D float32 tensor");
-    Q = out.size(0);
-    G = out.size(1);
-    N = Q + G;
-    check_csr(kOp, row_ptr_in, cols_in, N, N, &values_in);
-    row_ptr = row_ptr_in.contiguous();
-    cols = cols_in.contiguous();
-    values = values_in.to(at::kFloat).contiguous();
+struct JaccardArgs : QueryGalleryCsr {
+  at::Tensor scale;  // fp32; undefined when not given
+  JaccardArgs(const at::Tensor& out, const at::Tensor& row_ptr, const at::Tensor& cols, const at::Tensor& values,
+              const c10::optional<at::Tensor>& scale_in)
+      : QueryGalleryCsr(kOp, out, row_ptr, cols, values) {
     if (scale_in.has_value()) {
       scale = scale_in->to(at::kFloat).contiguous();
       TORCH_CHECK_VALUE(scale.dim() == 1 && scale.size(0) >= Q, "kreciprocal: row_scale must hold one value per query");

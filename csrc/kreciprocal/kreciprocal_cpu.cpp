@@ -13,6 +13,7 @@
 #include "../common/host_device.h"
 #include "kreciprocal_checks.h"
 #include "kreciprocal_math.h"
+#include "query_gallery_sums.h"
 #include "../common/register_kernels.h"
 
 namespace dpm_ops::kreciprocal {
@@ -141,13 +142,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> query_expansion_cpu(const at::Ten
   const int64_t* cp = a.cols.const_data_ptr<int64_t>();
   const float* vp = a.values.const_data_ptr<float>();
   const int64_t* sp = a.sources.const_data_ptr<int64_t>();
-  struct Entries {
-    std::vector<int64_t> cols;
-    std::vector<float> values;
-  };
   // expansion_row of kreciprocal_math.h: a row holds at most its sources' entries together.
-  const auto rows = rows_by_chunks<Entries>(N, kRowGrain, a.row_ptr.options(), [&] {
-    return [&, cursor = std::vector<int64_t>(2 * k2)](int64_t i, Entries& out) mutable {
+  const auto rows = rows_by_chunks<CsrEntries>(N, kRowGrain, a.row_ptr.options(), [&] {
+    return [&, cursor = std::vector<int64_t>(2 * k2)](int64_t i, CsrEntries& out) mutable {
       const int64_t* sources = sp + i * k2;
       int64_t most = 0;
       for (int64_t t = 0; t < k2; ++t) most += rp[sources[t] + 1] - rp[sources[t]];
@@ -161,22 +158,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> query_expansion_cpu(const at::Ten
       return size;
     };
   });
-  const int64_t* orp = rows.row_ptr.const_data_ptr<int64_t>();
-  at::Tensor out_cols = at::empty({orp[N]}, a.cols.options());
-  at::Tensor out_values = at::empty({orp[N]}, a.values.options());
-  gather_chunks(rows, [](const Entries& entries) -> const auto& { return entries.cols; }, out_cols.data_ptr<int64_t>());
-  gather_chunks(rows, [](const Entries& entries) -> const auto& { return entries.values; }, out_values.data_ptr<float>());
-  return {rows.row_ptr, out_cols, out_values};
-}
-
-// One query row of the output blended (blend_entry of its min-sums and its distances, first divided
-// by `scale`: the row-max normalisation, fused; x / 1 is x), the min-sums reset for the next row.
-void blend_row(int64_t G, float* __restrict row, float* __restrict sums, float scale, float jaccard_weight,
-               float keep) {
-  for (int64_t g = 0; g < G; ++g) {
-    row[g] = blend_entry(sums[g], row[g] / scale, jaccard_weight, keep);
-    sums[g] = 0.f;
-  }
+  return csr_of(rows, a.row_ptr.options());
 }
 
 // out (Q, G) holds the normalised query-gallery distance d (or, with row_scale, the distance
@@ -188,28 +170,10 @@ void jaccard_blend_cpu(at::Tensor& out, const at::Tensor& row_ptr_in, const at::
                        const at::Tensor& values_in, double lambda_value, const c10::optional<at::Tensor>& scale_in) {
   const JaccardArgs a(out, row_ptr_in, cols_in, values_in, scale_in);
   const int64_t Q = a.Q, G = a.G, N = a.N;
-  const int64_t* rp = a.row_ptr.const_data_ptr<int64_t>();
-  const int64_t* cp = a.cols.const_data_ptr<int64_t>();
-  const float* vp = a.values.const_data_ptr<float>();
   const CsrTranspose gallery = transpose_rows(a.row_ptr, a.cols, a.values, Q, N, N);  // the gallery rows of each column
-  const int64_t* column_start = gallery.col_ptr.const_data_ptr<int64_t>();
-  const int64_t* holder = gallery.rows.const_data_ptr<int64_t>();
-  const float* holder_value = gallery.values.const_data_ptr<float>();
-  const float jaccard_weight = float(1.0 - lambda_value), keep = float(lambda_value);
-  float* op = out.data_ptr<float>();
-  const float* sp = a.scale_or_null();
-  at::parallel_for(0, Q, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> overlap(G, 0.f);
-    for (int64_t q = begin; q < end; ++q) {
-      for (int64_t e = rp[q]; e < rp[q + 1]; ++e) {
-        const int64_t c = cp[e];
-        const float v = vp[e];
-        for (int64_t s = column_start[c]; s < column_start[c + 1]; ++s)
-          overlap[holder[s]] += min_share(v, holder_value[s]);
-      }
-      blend_row(G, op + q * G, overlap.data(), sp != nullptr ? sp[q] : 1.f, jaccard_weight, keep);
-    }
-  });
+  query_gallery_sums(Q, G, a.row_ptr.const_data_ptr<int64_t>(), a.cols.const_data_ptr<int64_t>(),
+                     a.values.const_data_ptr<float>(), gallery, out.data_ptr<float>(), MinShare{},
+                     JaccardFinish{a.scale_or_null(), float(1.0 - lambda_value), float(lambda_value)});
 }
 
 }  // namespace

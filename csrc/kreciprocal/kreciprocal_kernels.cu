@@ -5,17 +5,12 @@
 #include "../common/launch.cuh"
 #include "kreciprocal_cuda.h"
 #include "kreciprocal_math.h"
+#include "query_gallery_sums.cuh"
 
 namespace dpm_ops::kreciprocal::cuda {
 namespace {
 
 constexpr int kThreads = 128;
-constexpr int kJaccardThreads = 256;
-
-unsigned int blocks_for(int64_t n) { return static_cast<unsigned int>((n + kThreads - 1) / kThreads); }
-
-__device__ int64_t thread_index() { return int64_t(blockIdx.x) * blockDim.x + threadIdx.x; }
-__device__ int64_t thread_count() { return int64_t(gridDim.x) * blockDim.x; }
 
 __global__ void half_sets_kernel(const int64_t* neighbours, int64_t N, int64_t width, int64_t count_h,
                                  int64_t* half_sets, int64_t* half_sizes) {
@@ -45,7 +40,8 @@ __global__ void pair_sqdist_kernel(const A* x, int64_t N, int64_t D, const float
                                    const int64_t* cand_indices, int64_t m, const int64_t* row_ptr,
                                    const int64_t* cols, int64_t nnz, float* out) {
   const int64_t e = thread_index();
-  if (e < nnz) out[e] = kreciprocal::pair_sqdist(x, D, cand_values, cand_indices, m, row_of_entry(row_ptr, N, e), cols[e]);
+  if (e < nnz)
+    out[e] = kreciprocal::pair_sqdist(x, D, cand_values, cand_indices, m, row_of_entry(row_ptr, N, e), cols[e]);
 }
 
 __global__ void query_expansion_kernel(const int64_t* row_ptr, const int64_t* cols, const float* values,
@@ -64,38 +60,13 @@ __global__ void query_expansion_kernel(const int64_t* row_ptr, const int64_t* co
   }
 }
 
-// One block per query (grid-stride): the query's columns in order, each column's gallery holders
-// (distinct rows) shared by the threads, a barrier between columns, so every pair's min-sum adds
-// its terms in the query's column order, as the CPU kernel does. Then the blend, row by row.
-__global__ void jaccard_kernel(float* out, int64_t Q, int64_t G, const int64_t* row_ptr, const int64_t* cols,
-                               const float* values, const int64_t* column_start, const int64_t* holder,
-                               const float* holder_value, const float* row_scale, float jaccard_weight, float keep,
-                               float* overlap_all) {
-  float* overlap = overlap_all + int64_t(blockIdx.x) * G;
-  for (int64_t q = blockIdx.x; q < Q; q += gridDim.x) {
-    for (int64_t e = row_ptr[q]; e < row_ptr[q + 1]; ++e) {
-      const int64_t c = cols[e];
-      const float v = values[e];
-      for (int64_t s = column_start[c] + threadIdx.x; s < column_start[c + 1]; s += blockDim.x)
-        overlap[holder[s]] = add_rn(overlap[holder[s]], min_share(v, holder_value[s]));
-      __syncthreads();
-    }
-    float* row = out + q * G;
-    for (int64_t g = threadIdx.x; g < G; g += blockDim.x) {
-      const float d = row_scale != nullptr ? row[g] / row_scale[q] : row[g];  // the row-max normalisation, fused
-      row[g] = blend_entry(overlap[g], d, jaccard_weight, keep);
-      overlap[g] = 0.f;
-    }
-    __syncthreads();
-  }
-}
-
 }  // namespace
 
 void half_sets(const int64_t* neighbours, int64_t N, int64_t width, int64_t count_h, int64_t* half_sets,
                int64_t* half_sizes, cudaStream_t stream) {
   if (N == 0) return;
-  half_sets_kernel<<<blocks_for(N), kThreads, 0, stream>>>(neighbours, N, width, count_h, half_sets, half_sizes);
+  half_sets_kernel<<<blocks_for(N, kThreads), kThreads, 0, stream>>>(neighbours, N, width, count_h, half_sets,
+                                                                     half_sizes);
   check_launch();
 }
 
@@ -104,8 +75,8 @@ void expand_count(const int64_t* neighbours, int64_t N, int64_t width, int64_t c
                   cudaStream_t stream) {
   if (N == 0) return;
   const int64_t threads = scratch_threads(N);
-  expand_kernel<<<blocks_for(threads), kThreads, 0, stream>>>(neighbours, N, width, count1, count_h, half_sets,
-                                                              half_sizes, scratch, sizes, nullptr, nullptr);
+  expand_kernel<<<blocks_for(threads, kThreads), kThreads, 0, stream>>>(
+      neighbours, N, width, count1, count_h, half_sets, half_sizes, scratch, sizes, nullptr, nullptr);
   check_launch();
 }
 
@@ -114,8 +85,8 @@ void expand_fill(const int64_t* neighbours, int64_t N, int64_t width, int64_t co
                  int64_t* cols, cudaStream_t stream) {
   if (N == 0) return;
   const int64_t threads = scratch_threads(N);
-  expand_kernel<<<blocks_for(threads), kThreads, 0, stream>>>(neighbours, N, width, count1, count_h, half_sets,
-                                                              half_sizes, scratch, nullptr, row_ptr, cols);
+  expand_kernel<<<blocks_for(threads, kThreads), kThreads, 0, stream>>>(
+      neighbours, N, width, count1, count_h, half_sets, half_sizes, scratch, nullptr, row_ptr, cols);
   check_launch();
 }
 
@@ -125,7 +96,7 @@ void pair_sqdist(Dtype dtype, const void* features, int64_t N, int64_t D, const 
   if (nnz == 0) return;
   launch_computed(dtype, [&](auto tag) {
     using A = typename decltype(tag)::type;
-    pair_sqdist_kernel<A><<<blocks_for(nnz), kThreads, 0, stream>>>(typed<A>(features), N, D, cand_values,
+    pair_sqdist_kernel<A><<<blocks_for(nnz, kThreads), kThreads, 0, stream>>>(typed<A>(features), N, D, cand_values,
                                                                     cand_indices, m, row_ptr, cols, nnz, out);
   });
 }
@@ -133,7 +104,7 @@ void pair_sqdist(Dtype dtype, const void* features, int64_t N, int64_t D, const 
 void query_expansion_count(const int64_t* row_ptr, const int64_t* cols, const int64_t* sources, int64_t N,
                            int64_t k2, int64_t* scratch, int64_t* sizes, cudaStream_t stream) {
   if (N == 0) return;
-  query_expansion_kernel<<<blocks_for(scratch_threads(N)), kThreads, 0, stream>>>(
+  query_expansion_kernel<<<blocks_for(scratch_threads(N), kThreads), kThreads, 0, stream>>>(
       row_ptr, cols, nullptr, sources, N, k2, scratch, sizes, nullptr, nullptr, nullptr);
   check_launch();
 }
@@ -142,7 +113,7 @@ void query_expansion_fill(const int64_t* row_ptr, const int64_t* cols, const flo
                           int64_t N, int64_t k2, int64_t* scratch, const int64_t* out_row_ptr, int64_t* out_cols,
                           float* out_values, cudaStream_t stream) {
   if (N == 0) return;
-  query_expansion_kernel<<<blocks_for(scratch_threads(N)), kThreads, 0, stream>>>(
+  query_expansion_kernel<<<blocks_for(scratch_threads(N), kThreads), kThreads, 0, stream>>>(
       row_ptr, cols, values, sources, N, k2, scratch, nullptr, out_row_ptr, out_cols, out_values);
   check_launch();
 }
@@ -151,8 +122,9 @@ void jaccard_blend(float* out, int64_t Q, int64_t G, const int64_t* row_ptr, con
                    const int64_t* column_start, const int64_t* holder, const float* holder_value,
                    const float* row_scale, float jaccard_weight, float keep, float* overlap, cudaStream_t stream) {
   if (Q == 0 || G == 0) return;
-  jaccard_kernel<<<static_cast<unsigned int>(jaccard_blocks(Q)), kJaccardThreads, 0, stream>>>(
-      out, Q, G, row_ptr, cols, values, column_start, holder, holder_value, row_scale, jaccard_weight, keep, overlap);
+  query_gallery_sums_kernel<<<static_cast<unsigned int>(jaccard_blocks(Q)), kQueryGalleryThreads, 0, stream>>>(
+      out, Q, G, row_ptr, cols, values, column_start, holder, holder_value, overlap, MinShare{},
+      JaccardFinish{row_scale, jaccard_weight, keep});
   check_launch();
 }
 

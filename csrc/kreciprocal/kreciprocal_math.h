@@ -216,4 +216,19 @@ DPM_HD float blend_entry(float m, float d, float jaccard_weight, float keep) {
   return select_value(m != 0.f, jaccard_blend(m, d, jaccard_weight, keep), add_rn(jaccard_weight, mul_rn(d, keep)));
 }
 
+// The Jaccard stage as query_gallery_sums (query_gallery_sums.h / .cuh): min-sums, then the blend with the
+// normalised distance, first divided by row_scale[q] where given (the row-max normalisation, fused).
+struct MinShare {
+  DPM_HD float operator()(float query_value, float gallery_value) const {
+    return min_share(query_value, gallery_value);
+  }
+};
+struct JaccardFinish {
+  const float* row_scale;  // or nullptr
+  float jaccard_weight, keep;
+  DPM_HD float operator()(int64_t q, float m, float d) const {
+    return blend_entry(m, row_scale != nullptr ? d / row_scale[q] : d, jaccard_weight, keep);
+  }
+};
+
 }  // namespace dpm_ops::kreciprocal

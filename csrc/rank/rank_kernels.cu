@@ -28,14 +28,13 @@ __global__ void ranks_kernel(const A* dist, const int64_t* q_pids, const int64_t
                     offsets[q + 1] - first, match_d + first, match_idx + first, ranks + first);
 }
 
-unsigned int blocks_for(int64_t n) { return static_cast<unsigned int>((n + kThreads - 1) / kThreads); }
-
 }  // namespace
 
 void count_matches(const int64_t* members, const int64_t* group_start, const int64_t* group_length,
                    const int64_t* q_cams, const int64_t* g_cams, int64_t Q, int64_t* counts, cudaStream_t stream) {
   if (Q == 0) return;
-  count_kernel<<<blocks_for(Q), kThreads, 0, stream>>>(members, group_start, group_length, q_cams, g_cams, Q, counts);
+  count_kernel<<<blocks_for(Q, kThreads), kThreads, 0, stream>>>(members, group_start, group_length, q_cams, g_cams, Q,
+                                                                 counts);
   check_launch();
 }
 
@@ -46,9 +45,9 @@ void match_ranks(Dtype dtype, const void* dist, const int64_t* q_pids, const int
   if (Q == 0) return;
   launch_computed(dtype, [&](auto tag) {
     using A = typename decltype(tag)::type;
-    ranks_kernel<A><<<blocks_for(Q), kThreads, 0, stream>>>(typed<A>(dist), q_pids, g_pids, q_cams, g_cams, Q, G,
-                                                            members, group_start, group_length, offsets,
-                                                            typed<A>(match_d), match_idx, ranks);
+    ranks_kernel<A><<<blocks_for(Q, kThreads), kThreads, 0, stream>>>(
+        typed<A>(dist), q_pids, g_pids, q_cams, g_cams, Q, G, members, group_start, group_length, offsets,
+        typed<A>(match_d), match_idx, ranks);
   });
 }
 
