@@ -60,7 +60,9 @@ def gnn_rerank(qf, gf, k1: int = GNN_K1, k2: int = GNN_K2, lambda_value: float =
     x, num_query = _pooled_unit_rows(qf, gf)
     n = len(x)
     width = min(k1, n)
-    distances, neighbours, _, cross = self_knn(x, width, "cosine", cross_rows=num_query, strategy=strategy)
+    # the query x gallery cosine block only where the score blends it in (lambda 0: a whole GEMM saved)
+    cross_rows = num_query if lambda_value > 0 else 0
+    distances, neighbours, _, cross = self_knn(x, width, "cosine", cross_rows=cross_rows, strategy=strategy)
     similarity = 1 - distances  # exact for the similarities >= 0.5 a neighbourhood is made of (Sterbenz)
     weights = (similarity * similarity)[:, :k2].contiguous()
     backend = _backend.resolve(None, x.device)
@@ -72,6 +74,9 @@ def gnn_rerank(qf, gf, k1: int = GNN_K1, k2: int = GNN_K2, lambda_value: float =
         sources = neighbours[:, :k2].contiguous()
         for _ in range(2):
             row_ptr, cols, values = GNN_PROPAGATE.run(stages, row_ptr, cols, values, sources, weights)
-    out = (1 - cross).contiguous()
+    if cross_rows:
+        out = cross.contiguous().neg_().add_(1)  # 1 - (1 - cos), in place: -d + 1 is the same float as 1 - d
+    else:
+        out = x.new_zeros(num_query, n - num_query)
     GNN_SIMILARITY_.run(stages, out, row_ptr, cols, values, lambda_value)
     return _inputs.like_input(out.neg_(), qf)
