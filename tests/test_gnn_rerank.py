@@ -137,6 +137,12 @@ def test_duplicates_and_dtypes():
     torch.testing.assert_close(scaled, expected, rtol=0, atol=1e-6)
 
 
+def test_certified_neighbour_search_gives_the_same_result():
+    qf, gf, _ = clustered(40, 260, 32, 25, seed=11)
+    direct = gnn_rerank(qf, gf, strategy="direct")
+    torch.testing.assert_close(gnn_rerank(qf, gf, strategy="certified"), direct, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", backend_params("cuda", "triton"))
 def test_gpu_backends_match_cpu(backend):
     # "cuda": the neighbour search and the stage kernels on CUDA tensors (under the CUDA emulator,
@@ -145,9 +151,10 @@ def test_gpu_backends_match_cpu(backend):
     expected = gnn_rerank(qf, gf)
     device = device_for(backend)
     with forced_backend(backend):
-        result = gnn_rerank(qf.to(device), gf.to(device))
-    assert result.device.type == device.type
-    torch.testing.assert_close(result.cpu(), expected, rtol=0, atol=TOLERANCE)
+        for strategy in ("direct", "certified"):
+            result = gnn_rerank(qf.to(device), gf.to(device), strategy=strategy)
+            assert result.device.type == device.type
+            torch.testing.assert_close(result.cpu(), expected, rtol=0, atol=TOLERANCE)
 
 
 @pytest.mark.parametrize(
