@@ -130,7 +130,7 @@ def test_train_then_eval(tmp_path, tiny_set, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("model", ["dpm", "maskreid"])
-def test_a_runs_config_yaml_evaluates_its_final_pt_to_its_metrics(tmp_path, tiny_set, model):
+def test_a_runs_config_yaml_evaluates_its_final_pt_to_its_metrics(tmp_path, tiny_set, model, capsys):
     import torch
 
     from dpm_ops.engine import load_checkpoint, load_config
@@ -163,6 +163,16 @@ def test_a_runs_config_yaml_evaluates_its_final_pt_to_its_metrics(tmp_path, tiny
     assert load_checkpoint(final)["config"]["eval"]["rerank"] is True
     assert all(torch.equal(tensor, weights[key]) for key, tensor in load_checkpoint(final)["model"].items())
     round_trip(tmp_path / "eval_reranked")
+    # GNN re-ranking through the config: MaskReID's Euclidean features re-ranked, its settings recorded;
+    # DPM's masked arccos has no GNN form, refused before the extraction
+    argv = ["eval", "--config", str(run / "config.yaml"), "--weights", str(final), "--output", str(tmp_path / "gnn")]
+    capsys.readouterr()
+    code = main([*argv, "eval.rerank=true", "eval.rerank_method=gnn"])
+    if model == "dpm":
+        assert_one_line_error(capsys, code, "rerank 'gnn' ranks by the cosine of the features")
+    else:
+        settings = json.loads((tmp_path / "gnn" / "metrics.json").read_text())["settings"]
+        assert code == 0 and (settings["rerank_method"], settings["k1"], settings["k2"]) == ("gnn", 26, 7)
 
 
 def test_train_generates_a_missing_synthetic_set(tmp_path, capsys):
