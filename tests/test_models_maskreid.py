@@ -79,6 +79,10 @@ def test_eval_descriptor_batch_of_one_and_train_outputs():
         model(raw, masked.to(torch.uint8))
     with pytest.raises(ValueError, match=r"^raw must be torch.float32 \(the model's dtype\) outside autocast"):
         model(raw.double(), masked.double())  # torch's error named neither argument nor dtype
+    for size in ((1, 1), (1, 8), (8, 1)):  # a torch RuntimeError in the stem's pooling before
+        with pytest.raises(ValueError, match=r"^raw and masked images must be at least 2 x 2 pixels, got \("):
+            model(torch.rand(2, 3, *size), torch.rand(2, 3, *size))
+    assert model(torch.rand(2, 3, 2, 2), torch.rand(2, 3, 2, 2)).shape == (2, 256)
 
 
 def test_fusion_head_matches_hand_computation():

@@ -46,12 +46,17 @@ def check_images(
             raise ValueError(f"{name} contains non-finite values (NaN or inf)")
 
 
-def check_image_pair(raw, masked, dtype: Optional[torch.dtype] = None) -> None:
-    """MaskReID's two streams: the raw images and their foreground-masked copies, of one shape."""
+def check_image_pair(raw, masked, dtype: Optional[torch.dtype] = None, min_side: int = 1) -> None:
+    """MaskReID's two streams: the raw images and their foreground-masked copies, of one shape, each side at
+    least `min_side` pixels (what the trunk's pooling takes: below it torch's error names no argument)."""
     check_images("raw", raw, dtype=dtype)
     check_images("masked", masked, dtype=dtype)
     if raw.shape != masked.shape:
         raise ValueError(f"raw {tuple(raw.shape)} and masked {tuple(masked.shape)} images differ in shape")
+    if min(raw.shape[-2:]) < min_side:
+        raise ValueError(
+            f"raw and masked images must be at least {min_side} x {min_side} pixels, got {tuple(raw.shape[-2:])}"
+        )
 
 
 def check_camera_ids(cam_label, batch: int, num_cameras: int) -> None:
