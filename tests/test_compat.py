@@ -325,6 +325,20 @@ def test_bad_input_names_the_argument(compat):
         compat.re_ranking(q_g, q_q, q_q)
 
 
+def test_distance_errors_name_the_peers_arguments():
+    # their argument names, not the internal x / y of dpm_ops.evaluation.pairwise_distance
+    good, flat, narrow = torch.rand(3, 4), torch.rand(4), torch.rand(5, 2)
+    for call, message in [
+        (lambda: torchreid.compute_distance_matrix(flat, good), r"^input1 must be 2-D"),
+        (lambda: torchreid.cosine_distance(good, narrow), r"^input1 and input2 must have the same feature dimension"),
+        (lambda: fastreid.compute_euclidean_distance(good, flat), r"^others must be 2-D"),
+        (lambda: fastreid.compute_cosine_distance(good.long(), good), r"^features must hold floating-point values"),
+        (lambda: fastreid.build_dist(good, narrow, "euclidean"), r"^feat_1 and feat_2 must have the same feature"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
 @pytest.mark.parametrize("qe_times, qe_k, alpha", [(1, 10, 3.0), (2, 5, 1.0), (1, 1, 3.0), (3, 20, 2.0), (0, 10, 3.0)])
 def test_aqe_matches_fastreid(qe_times, qe_k, alpha):
     # alpha query expansion (fast-reid's TEST.AQE) from the exact k-NN: their dense similarity matrix's

@@ -6,6 +6,7 @@ import torch
 
 from .. import evaluation
 from ..evaluation import _inputs
+from ..evaluation.distance import named_pairwise_distance
 from ..ops._checks import check_flag
 
 
@@ -39,12 +40,12 @@ def as_numpy(result):
 def euclidean_squared_distance(input1, input2):
     """(M, N) squared Euclidean distances, ‖x‖² + ‖y‖² − 2 x·y as theirs, clamped at 0 (theirs can
     be slightly negative from rounding); float32 (float64 for float64 input), on the input's device."""
-    return evaluation.pairwise_distance(input1, input2, "sqeuclidean")
+    return named_pairwise_distance(input1, input2, "sqeuclidean", ("input1", "input2"))
 
 
 def cosine_distance(input1, input2):
     """(M, N) 1 − x̂·ŷ, x̂ = x / max(‖x‖, 1e-12) (their F.normalize)."""
-    return evaluation.pairwise_distance(input1, input2, "cosine")
+    return named_pairwise_distance(input1, input2, "cosine", ("input1", "input2"))
 
 
 def concatenated(feat_1, feat_2) -> torch.Tensor:

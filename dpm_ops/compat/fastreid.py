@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from .. import evaluation
 from .._precision import compute_dtype
 from ..evaluation import _inputs
+from ..evaluation.distance import named_pairwise_distance
 from ..evaluation.rank import query_gallery_labels
 from ..ops._checks import check_flag, check_number
 from . import _peer
@@ -63,12 +64,12 @@ def evaluate_roc(distmat, q_pids, g_pids, q_camids, g_camids, use_cython=True):
 
 def compute_euclidean_distance(features, others):
     """(M, N) *squared* Euclidean distances as a numpy array, as theirs (clamped at 0 here)."""
-    return _peer.as_numpy(_peer.euclidean_squared_distance(features, others))
+    return _peer.as_numpy(named_pairwise_distance(features, others, "sqeuclidean", ("features", "others")))
 
 
 def compute_cosine_distance(features, others):
     """(M, N) cosine distances 1 − cos as a numpy array, as theirs."""
-    return _peer.as_numpy(_peer.cosine_distance(features, others))
+    return _peer.as_numpy(named_pairwise_distance(features, others, "cosine", ("features", "others")))
 
 
 def compute_jaccard_distance(features, k1=20, k2=6, search_option=0, fp16=False):
@@ -86,10 +87,9 @@ def build_dist(feat_1, feat_2, metric="euclidean", **kwargs):
     distance over both sets, computed without the rest)."""
     if metric not in ("cosine", "euclidean", "jaccard"):
         raise ValueError(f"Expected metrics are cosine, euclidean and jaccard, but got {metric}")
-    if metric == "euclidean":
-        return compute_euclidean_distance(feat_1, feat_2)
-    if metric == "cosine":
-        return compute_cosine_distance(feat_1, feat_2)
+    if metric in ("euclidean", "cosine"):
+        kind = "sqeuclidean" if metric == "euclidean" else "cosine"  # their "euclidean" is squared
+        return _peer.as_numpy(named_pairwise_distance(feat_1, feat_2, kind, ("feat_1", "feat_2")))
     missing = [name for name in ("k1", "k2") if name not in kwargs]
     if missing:
         raise ValueError(f"build_dist(metric='jaccard') needs the keyword arguments k1 and k2, missing {missing}")

@@ -48,12 +48,16 @@ def finish_distance(raw: torch.Tensor, metric: str) -> torch.Tensor:
     return raw.sqrt_() if metric == "euclidean" else raw
 
 
-def _check_tensors(op, x, y, metric):
+def _check_tensors(op, x, y, metric, names=("x", "y")):
+    """x and y as checked 2-D float tensors; `names`: what the messages call them (the compat drop-ins
+    pass their peers' argument names)."""
     _inputs.check_choice("metric", metric, METRICS)
-    x_t = _inputs.as_floats(op, "x", x, 2, vectors=True)
-    y_t = _inputs.as_floats(op, "y", y, 2, device=x_t.device, vectors=True)
+    x_t = _inputs.as_floats(op, names[0], x, 2, vectors=True)
+    y_t = _inputs.as_floats(op, names[1], y, 2, device=x_t.device, vectors=True)
     if x_t.shape[1] != y_t.shape[1]:
-        raise ValueError(f"x and y must have the same feature dimension, got {x_t.shape[1]} and {y_t.shape[1]}")
+        raise ValueError(
+            f"{names[0]} and {names[1]} must have the same feature dimension, got {x_t.shape[1]} and {y_t.shape[1]}"
+        )
     return x_t, y_t
 
 
@@ -62,8 +66,8 @@ def _operands(x_t, y_t, metric):
     return _Operand(x_t, metric, dtype), _Operand(y_t, metric, dtype)
 
 
-def _check_pair(op, x, y, metric):
-    return _operands(*_check_tensors(op, x, y, metric), metric)
+def _check_pair(op, x, y, metric, names=("x", "y")):
+    return _operands(*_check_tensors(op, x, y, metric, names), metric)
 
 
 def pairwise_distance(x, y, metric: str = "euclidean"):
@@ -72,7 +76,12 @@ def pairwise_distance(x, y, metric: str = "euclidean"):
     Computed in row tiles written straight into the output, so calling it on tiles of x
     gives a tiled result with no extra temporaries.
     """
-    xs, ys = _check_pair("pairwise_distance", x, y, metric)
+    return named_pairwise_distance(x, y, metric, ("x", "y"))
+
+
+def named_pairwise_distance(x, y, metric: str, names: tuple):
+    """pairwise_distance whose messages call x and y `names` (the compat drop-ins' argument names)."""
+    xs, ys = _check_pair("pairwise_distance", x, y, metric, names)
     out = torch.empty(len(xs.features), len(ys.features), dtype=xs.features.dtype, device=xs.features.device)
     for start in range(0, len(out), TILE_ROWS):
         tile = out[start : start + TILE_ROWS]
