@@ -189,6 +189,24 @@ def test_cuda_entry_point_on_larger_inputs(emulated, name):
     torch.testing.assert_close(got, expected)
 
 
+def _wide_csr(num_query=3, num_gallery=24600, per_row=4):
+    """A CSR over a gallery too wide for the query x gallery sums kernel's shared memory (24,576 floats):
+    its sums in global memory. Rows of `per_row` ascending columns among the first 50 items (shared often)."""
+    gen = torch.Generator().manual_seed(37)
+    rows = num_query + num_gallery
+    cols = torch.rand(rows, 50, generator=gen).argsort(dim=1)[:, :per_row].sort(dim=1).values.flatten()
+    row_ptr = torch.arange(0, rows * per_row + 1, per_row)
+    return row_ptr, cols, torch.rand(len(cols), generator=gen), torch.rand(num_query, num_gallery, generator=gen)
+
+
+@pytest.mark.parametrize("name", ["gnn_similarity_", "kreciprocal_jaccard_blend_"])
+def test_query_gallery_sums_in_global_memory(emulated, name):
+    row_ptr, cols, values, out = _wide_csr()
+    got = _outputs(emulate.emulated_op(name), (out.clone(), row_ptr, cols, values, 0.3))
+    expected = _outputs(getattr(torch.ops.dpm_ops, name), (out.clone(), row_ptr, cols, values, 0.3))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def _no_entries(rows=6):
     return torch.zeros(rows + 1, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0)
 

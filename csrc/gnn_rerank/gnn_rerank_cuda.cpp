@@ -56,7 +56,8 @@ void similarity_cuda(at::Tensor& out, const at::Tensor& row_ptr_in, const at::Te
   const int64_t Q = a.Q, G = a.G, N = a.N;
   if (Q == 0 || G == 0) return;
   const CsrTranspose gallery = transpose_rows(row_ptr, cols, values, Q, N, N);  // the gallery rows of each column
-  at::Tensor dots = at::zeros({cuda::similarity_blocks(Q) * G}, values.options());
+  // empty where a block's sums fit in shared memory
+  at::Tensor dots = at::zeros({cuda::query_gallery_scratch(Q, G)}, values.options());
   cuda::similarity(out.data_ptr<float>(), Q, G, row_ptr.const_data_ptr<int64_t>(), cols.const_data_ptr<int64_t>(),
                    values.const_data_ptr<float>(), gallery.col_ptr.const_data_ptr<int64_t>(),
                    gallery.rows.const_data_ptr<int64_t>(), gallery.values.const_data_ptr<float>(),

@@ -13,9 +13,9 @@
 namespace dpm_ops::gnn_rerank::cuda {
 
 // The row kernels' per-thread scratch (scratch_threads(rows) * slots per thread) and the similarity
-// kernel's blocks (one dots row of G floats each) are sized as the k-reciprocal kernels' are.
+// kernel's dots (query_gallery_scratch(Q, G) floats) are sized as the k-reciprocal kernels' are.
+using kreciprocal::cuda::query_gallery_scratch;
 using kreciprocal::cuda::scratch_threads;
-inline int64_t similarity_blocks(int64_t Q) { return kreciprocal::cuda::jaccard_blocks(Q); }
 
 // Propagation over A (CSR row_ptr, cols, values), its transpose A^T (t_ptr, t_cols, t_values) and
 // sources / weights (N, k2): count pass (sizes) and fill pass (out_cols / out_values at out_row_ptr,
@@ -31,7 +31,7 @@ void propagate_fill(const int64_t* row_ptr, const int64_t* cols, const float* va
 // out (Q, G) float32 holds cos(q, g), overwritten by the blend of <A_q, A_{Q+g}> and it. Query rows:
 // the CSR (row_ptr, cols, values) rows 0..Q-1; gallery rows through the inverted index: column c's
 // holders (gallery row g, value) at holder / holder_value[column_start[c]:column_start[c + 1]]. dots
-// scratch: similarity_blocks(Q) * G floats, zeroed by the caller (the kernel leaves it zeroed).
+// scratch: query_gallery_scratch(Q, G) floats, zeroed by the caller (the kernel leaves it zeroed).
 void similarity(float* out, int64_t Q, int64_t G, const int64_t* row_ptr, const int64_t* cols, const float* values,
                 const int64_t* column_start, const int64_t* holder, const float* holder_value,
                 float propagated_weight, float cosine_weight, float* dots, cudaStream_t stream);

@@ -60,12 +60,9 @@ void propagate_fill(const int64_t* row_ptr, const int64_t* cols, const float* va
 void similarity(float* out, int64_t Q, int64_t G, const int64_t* row_ptr, const int64_t* cols, const float* values,
                 const int64_t* column_start, const int64_t* holder, const float* holder_value,
                 float propagated_weight, float cosine_weight, float* dots, cudaStream_t stream) {
-  if (Q == 0 || G == 0) return;
-  using kreciprocal::cuda::kQueryGalleryThreads, kreciprocal::cuda::query_gallery_sums_kernel;
-  query_gallery_sums_kernel<<<static_cast<unsigned int>(similarity_blocks(Q)), kQueryGalleryThreads, 0, stream>>>(
-      out, Q, G, row_ptr, cols, values, column_start, holder, holder_value, dots, ProductShare{},
-      BlendFinish{propagated_weight, cosine_weight});
-  check_launch();
+  kreciprocal::cuda::launch_query_gallery_sums(out, Q, G, row_ptr, cols, values, column_start, holder, holder_value,
+                                               dots, ProductShare{}, BlendFinish{propagated_weight, cosine_weight},
+                                               stream);
 }
 
 }  // namespace dpm_ops::gnn_rerank::cuda

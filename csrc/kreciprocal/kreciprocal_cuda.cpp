@@ -95,7 +95,8 @@ void jaccard_blend_cuda(at::Tensor& out, const at::Tensor& row_ptr_in, const at:
   const int64_t Q = a.Q, G = a.G, N = a.N;
   if (Q == 0 || G == 0) return;
   const CsrTranspose gallery = transpose_rows(row_ptr, cols, values, Q, N, N);  // the gallery rows of each column
-  at::Tensor overlap = at::zeros({cuda::jaccard_blocks(Q) * G}, values.options());
+  // empty where a block's sums fit in shared memory
+  at::Tensor overlap = at::zeros({cuda::query_gallery_scratch(Q, G)}, values.options());
   cuda::jaccard_blend(out.data_ptr<float>(), Q, G, row_ptr.const_data_ptr<int64_t>(), cols.const_data_ptr<int64_t>(),
                       values.const_data_ptr<float>(), gallery.col_ptr.const_data_ptr<int64_t>(),
                       gallery.rows.const_data_ptr<int64_t>(), gallery.values.const_data_ptr<float>(),

@@ -44,15 +44,21 @@ void query_expansion_fill(const int64_t* row_ptr, const int64_t* cols, const flo
                           int64_t N, int64_t k2, int64_t* scratch, const int64_t* out_row_ptr, int64_t* out_cols,
                           float* out_values, cudaStream_t stream);
 
-// Blocks of the Jaccard kernel; overlap scratch: jaccard_blocks(Q) * G floats, zeroed by the caller
-// (the kernel leaves it zeroed).
-constexpr int64_t kMaxJaccardBlocks = 512;
-inline int64_t jaccard_blocks(int64_t Q) { return Q < kMaxJaccardBlocks ? Q : kMaxJaccardBlocks; }
+// The query x gallery sums kernel of the Jaccard stage and of GNN re-ranking's similarity
+// (query_gallery_sums.cuh): its blocks, and the global scratch its sums take, zeroed by the caller: none
+// where a block's G sums fit in the kMaxSharedSums floats of shared memory it asks for (96 KB: what sm_80
+// and sm_90 both grant a block), else query_gallery_blocks(Q) * G floats.
+constexpr int64_t kMaxQueryGalleryBlocks = 512;
+constexpr int64_t kMaxSharedSums = 24576;
+inline int64_t query_gallery_blocks(int64_t Q) { return Q < kMaxQueryGalleryBlocks ? Q : kMaxQueryGalleryBlocks; }
+inline int64_t query_gallery_scratch(int64_t Q, int64_t G) {
+  return G <= kMaxSharedSums ? 0 : query_gallery_blocks(Q) * G;
+}
 
 // out (Q, G) float32: the normalised query-gallery distance (divided here by row_scale[q] when
 // row_scale is not null), overwritten by the blend. Query rows: the CSR (row_ptr, cols, values)
 // rows 0..Q-1; gallery rows through the inverted index: column c's holders (gallery row g, value)
-// at holder / holder_value[column_start[c]:column_start[c + 1]].
+// at holder / holder_value[column_start[c]:column_start[c + 1]]. overlap: query_gallery_scratch(Q, G) floats.
 void jaccard_blend(float* out, int64_t Q, int64_t G, const int64_t* row_ptr, const int64_t* cols, const float* values,
                    const int64_t* column_start, const int64_t* holder, const float* holder_value,
                    const float* row_scale, float jaccard_weight, float keep, float* overlap, cudaStream_t stream);

@@ -121,11 +121,8 @@ void query_expansion_fill(const int64_t* row_ptr, const int64_t* cols, const flo
 void jaccard_blend(float* out, int64_t Q, int64_t G, const int64_t* row_ptr, const int64_t* cols, const float* values,
                    const int64_t* column_start, const int64_t* holder, const float* holder_value,
                    const float* row_scale, float jaccard_weight, float keep, float* overlap, cudaStream_t stream) {
-  if (Q == 0 || G == 0) return;
-  query_gallery_sums_kernel<<<static_cast<unsigned int>(jaccard_blocks(Q)), kQueryGalleryThreads, 0, stream>>>(
-      out, Q, G, row_ptr, cols, values, column_start, holder, holder_value, overlap, MinShare{},
-      JaccardFinish{row_scale, jaccard_weight, keep});
-  check_launch();
+  launch_query_gallery_sums(out, Q, G, row_ptr, cols, values, column_start, holder, holder_value, overlap, MinShare{},
+                            JaccardFinish{row_scale, jaccard_weight, keep}, stream);
 }
 
 }  // namespace dpm_ops::kreciprocal::cuda
