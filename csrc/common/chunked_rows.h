@@ -63,6 +63,18 @@ struct CsrEntries {
   std::vector<float> values;
 };
 
+// Appends one row of at most `most` entries to a chunk's CsrEntries: write(cols, values) writes the row
+// there and returns its size, to which the buffers are then cut back. Returns the size.
+template <class Write> int64_t append_row(CsrEntries& out, int64_t most, Write write) {
+  const size_t start = out.cols.size();
+  out.cols.resize(start + most);
+  out.values.resize(start + most);
+  const int64_t size = write(out.cols.data() + start, out.values.data() + start);
+  out.cols.resize(start + size);
+  out.values.resize(start + size);
+  return size;
+}
+
 // (row_ptr, cols, values) of a CSR built by rows_by_chunks<CsrEntries>.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_of(const ChunkedRows<CsrEntries>& rows,
                                                              const at::TensorOptions& options) {

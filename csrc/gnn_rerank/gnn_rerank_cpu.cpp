@@ -40,15 +40,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_cpu(const at::Tensor& r
       int64_t most = 0;  // a row holds at most its sources' entries in A and A^T together
       for (int64_t t = 0; t < k2; ++t)
         most += rp[sources[t] + 1] - rp[sources[t]] + tp[sources[t] + 1] - tp[sources[t]];
-      const size_t start = out.cols.size();
-      out.cols.resize(start + most);
-      out.values.resize(start + most);
-      const int64_t size = propagated_row(rp, cp, vp, tp, tc, tv, sources, wp + i * k2, k2, cursor.data(),
-                                          out.cols.data() + start, out.values.data() + start);
-      normalise_row(out.values.data() + start, size);
-      out.cols.resize(start + size);
-      out.values.resize(start + size);
-      return size;
+      return append_row(out, most, [&](int64_t* cols, float* values) {
+        const int64_t size = propagated_row(rp, cp, vp, tp, tc, tv, sources, wp + i * k2, k2, cursor.data(), cols,
+                                            values);
+        normalise_row(values, size);
+        return size;
+      });
     };
   });
   return csr_of(rows, a.row_ptr.options());

@@ -148,14 +148,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> query_expansion_cpu(const at::Ten
       const int64_t* sources = sp + i * k2;
       int64_t most = 0;
       for (int64_t t = 0; t < k2; ++t) most += rp[sources[t] + 1] - rp[sources[t]];
-      const size_t start = out.cols.size();
-      out.cols.resize(start + most);
-      out.values.resize(start + most);
-      const int64_t size =
-          expansion_row(rp, cp, vp, sources, k2, cursor.data(), out.cols.data() + start, out.values.data() + start);
-      out.cols.resize(start + size);
-      out.values.resize(start + size);
-      return size;
+      return append_row(out, most, [&](int64_t* cols, float* values) {
+        return expansion_row(rp, cp, vp, sources, k2, cursor.data(), cols, values);
+      });
     };
   });
   return csr_of(rows, a.row_ptr.options());
