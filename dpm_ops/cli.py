@@ -261,10 +261,11 @@ def _rank(args) -> int:
     metrics = rank_features(query, gallery, args.distance, device=device, **rerank)
     settings = metrics["settings"]
     left_out = settings["gallery_without_identity"]
+    reranked = f", re-ranked ({args.rerank})" if args.rerank else ""
     print(
         f"{len(query.features)} queries, {settings['num_gallery']} gallery items"
         + (f" ({left_out} without identity left out)" if left_out else "")
-        + f"; {settings['model']}, {settings['distance']} distance{f', re-ranked ({args.rerank})' if args.rerank else ''}"
+        + f"; {settings['model']}, {settings['distance']} distance{reranked}"
     )
     print(format_metrics_table(metrics))
     if out is not None:

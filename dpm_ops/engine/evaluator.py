@@ -117,9 +117,9 @@ def evaluate_model(
 
     ``image_size`` (height, width): the network input, default the recipe's ((256, 128) for the
     ViT models; MaskReID resizes to 160x64 and centre-crops 144x56, and an explicit size is the
-    crop). ``distance``: "auto" (the model's test metric, see the module docstring), "euclidean",
-    "cosine" or "masked_arccos" (DPM only). ``rerank``: True / "kreciprocal" or "gnn" (GNN
-    re-ranking) with k1, k2 (None: the method's, 20 / 6, 26 / 7), lambda_value. ``amp_dtype``: extract under autocast to that dtype (None: fp32).
+    crop). ``distance``: "auto" (the model's test metric, see the module docstring), "euclidean", "cosine" or
+    "masked_arccos" (DPM only). ``rerank``: True / "kreciprocal" or "gnn" (GNN re-ranking) with k1, k2 (None:
+    the method's, 20 / 6, 26 / 7), lambda_value. ``amp_dtype``: extract under autocast to it (None: fp32).
     ``protocol`` / ``num_repeats`` / ``seed``: as in ``evaluate_rank`` ("cuhk03": CUHK03's
     single-gallery-shot CMC). ``multi_query`` "avg" / "max": Market-1501 multi-query, each query
     pooled with the ``splits.multi_query`` (gt_bbox) images of its pid and camera
