@@ -81,7 +81,12 @@ def test_resume_mid_epoch_continues_exactly(make):
     iterator = iter(first)
     seen = [next(iterator) for _ in range(3)]
     state = first.state_dict()
-    assert state == {"seed": 7, "epoch": 1, "position": 3, "world_size": 1}
+    assert {key: state[key] for key in ("seed", "epoch", "position", "world_size")} == {
+        "seed": 7,
+        "epoch": 1,
+        "position": 3,
+        "world_size": 1,
+    }
 
     resumed = make()
     resumed.load_state_dict(state)
@@ -106,6 +111,43 @@ def test_state_from_another_world_size_is_refused():
     state = RandomIdentityBatchSampler(PIDS, num_ids=2, num_instances=2, world_size=2, rank=0).state_dict()
     with pytest.raises(ValueError, match="world_size=2"):
         RandomIdentityBatchSampler(PIDS, num_ids=2, num_instances=2).load_state_dict(state)
+
+
+def test_state_from_another_sampling_plan_is_refused():
+    # the position counts one plan's batches: in another plan it named other batches, silently
+    pk = RandomIdentityBatchSampler(PIDS, num_ids=2, num_instances=2, seed=3)
+    pk.set_epoch(1)
+    next(iter(pk))
+    state = pk.state_dict()
+    assert state["plan"] == {
+        "sampler": "RandomIdentityBatchSampler",
+        "num_ids": 2,
+        "num_instances": 2,
+        "images": len(PIDS),
+        "identities": len(IMAGES_PER_PID),
+    }
+    for other, message in (
+        (lambda: RandomIdentityBatchSampler(PIDS, num_ids=2, num_instances=4, seed=3), "num_instances 2 -> 4"),
+        (lambda: RandomIdentityBatchSampler(PIDS[:-1], num_ids=2, num_instances=2, seed=3), "images 54 -> 53"),
+        (lambda: RandomIdentityBatchSampler(PIDS + [99], num_ids=2, num_instances=2), "identities 10 -> 11"),
+        (
+            lambda: MaskReIDBatchSampler(PIDS, num_positives=2, num_negatives=2),
+            "sampler 'RandomIdentityBatchSampler' -> 'MaskReIDBatchSampler', num_ids 2 -> None",
+        ),
+    ):
+        sampler = other()
+        with pytest.raises(ValueError, match=rf"^sampler state was saved by another sampling plan \(.*{message}.*\)"):
+            sampler.load_state_dict(state)
+        assert (sampler.epoch, sampler.state_dict()["position"]) == (0, 0)  # unchanged by a refused state
+    maskreid = MaskReIDBatchSampler(PIDS, num_positives=2, num_negatives=2, batches_per_epoch=5)
+    with pytest.raises(ValueError, match=r"batches_per_epoch 5 -> 10\)"):
+        MaskReIDBatchSampler(PIDS, num_positives=2, num_negatives=2).load_state_dict(maskreid.state_dict())
+    with pytest.raises(ValueError, match=r"^state\['plan'\] must be a dict, got 3$"):
+        pk.load_state_dict({**state, "plan": 3})
+
+    same = RandomIdentityBatchSampler(PIDS, num_ids=2, num_instances=2, seed=3)
+    same.load_state_dict({key: value for key, value in state.items() if key != "plan"})  # saved before plans
+    assert same.state_dict() == state
 
 
 def test_epochs_positions_and_states_that_do_not_fit_are_refused():

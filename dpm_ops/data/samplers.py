@@ -5,7 +5,9 @@ Both are batch samplers (``DataLoader(batch_sampler=...)``), deterministic in (s
 * ``set_epoch(epoch)`` to reshuffle per epoch (as ``DistributedSampler``);
 * ``state_dict()`` / ``load_state_dict()`` holding (seed, epoch, position): after loading, the next
   iteration resumes the same epoch at batch ``position`` with exactly the batches an uninterrupted
-  run would have drawn. With DataLoader workers the sampler runs ahead of the training loop
+  run would have drawn. The state also records the plan the batches follow (the sampler, its sizes,
+  the data's image and identity counts): a sampler of another plan refuses it, since the position
+  would name other batches. With DataLoader workers the sampler runs ahead of the training loop
   (prefetching), so pass the number of batches the loop consumed: ``state_dict(consumed_batches=i)``;
 * ``rank`` / ``world_size`` for DDP (see each class for how batches are split).
 
@@ -45,6 +47,8 @@ def _pid_groups(pids: Sequence[int]) -> dict[int, list[int]]:
 
 class _EpochBatchSampler(Sampler[list[SampleRef]]):
     """Shared epoch / position / rank bookkeeping; subclasses build one epoch's global batches."""
+
+    SIZES: tuple[str, ...] = ()  # the attributes that shape a subclass's batches, recorded in its state
 
     def __init__(self, pids: Sequence[int], seed: int, rank: int, world_size: int):
         self.world_size = check_count("world_size", world_size, 1)
@@ -104,7 +108,38 @@ class _EpochBatchSampler(Sampler[list[SampleRef]]):
             position = self._yielded
         else:
             position = check_count("consumed_batches", consumed_batches, 0, len(self))
-        return {"seed": self.seed, "epoch": self.epoch, "position": position, "world_size": self.world_size}
+        return {
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "position": position,
+            "world_size": self.world_size,
+            "plan": self._plan(),
+        }
+
+    def _plan(self) -> dict:
+        """What decides the batches besides (seed, epoch, world_size)."""
+        sizes = {name: getattr(self, name) for name in self.SIZES}
+        images = sum(len(group) for group in self.groups.values())
+        return {"sampler": type(self).__name__, **sizes, "images": images, "identities": len(self.groups)}
+
+    def _check_plan(self, saved) -> None:
+        """Refuse a state whose position counts the batches of another plan (states saved before plans
+        were recorded have none and are taken as they are)."""
+        if saved is None:
+            return
+        if not isinstance(saved, dict):
+            raise ValueError(f"state['plan'] must be a dict, got {saved!r:.100}")
+        plan = self._plan()
+        changed = [
+            f"{key} {saved.get(key)!r} -> {plan.get(key)!r}"
+            for key in {**saved, **plan}
+            if saved.get(key) != plan.get(key)
+        ]
+        if changed:
+            raise ValueError(
+                f"sampler state was saved by another sampling plan ({', '.join(changed)}): "
+                "its position would resume other batches"
+            )
 
     def load_state_dict(self, state: dict) -> None:
         if not isinstance(state, dict) or not {"seed", "epoch", "position"} <= state.keys():
@@ -113,6 +148,7 @@ class _EpochBatchSampler(Sampler[list[SampleRef]]):
             raise ValueError(
                 f"sampler state saved with world_size={state['world_size']} cannot resume with {self.world_size}"
             )
+        self._check_plan(state.get("plan"))
         seed, epoch = check_count("state['seed']", state["seed"], 0), check_count("state['epoch']", state["epoch"], 0)
         previous, (self.seed, self.epoch) = (self.seed, self.epoch), (seed, epoch)
         try:  # the epoch's batch count bounds the position: past it, an empty epoch was resumed
@@ -136,6 +172,8 @@ class RandomIdentityBatchSampler(_EpochBatchSampler):
     of each one (``num_ids / world_size`` ids x ``num_instances``), so the global batch equals the
     single-process batch; ``num_ids`` must be divisible by ``world_size``.
     """
+
+    SIZES = ("num_ids", "num_instances")
 
     def __init__(
         self,
@@ -192,6 +230,8 @@ class MaskReIDBatchSampler(_EpochBatchSampler):
     Distributed: a batch is one ranking problem and is not split; rank r takes global batches
     r, r + world_size, ... (the epoch is cut to a multiple of ``world_size``).
     """
+
+    SIZES = ("num_positives", "num_negatives", "batches_per_epoch")
 
     def __init__(
         self,
