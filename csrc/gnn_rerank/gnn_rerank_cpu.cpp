@@ -56,10 +56,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_cpu(const at::Tensor& r
 void similarity_cpu(at::Tensor& out, const at::Tensor& row_ptr_in, const at::Tensor& cols_in,
                     const at::Tensor& values_in, double lambda_value) {
   const SimilarityArgs a(out, row_ptr_in, cols_in, values_in);
-  const int64_t Q = a.Q, G = a.G, N = a.N;
-  const CsrTranspose gallery = transpose_rows(a.row_ptr, a.cols, a.values, Q, N, N);
-  kreciprocal::query_gallery_sums(Q, G, a.row_ptr.const_data_ptr<int64_t>(), a.cols.const_data_ptr<int64_t>(),
-                                  a.values.const_data_ptr<float>(), gallery, out.data_ptr<float>(), ProductShare{},
+  kreciprocal::query_gallery_sums(a, out.data_ptr<float>(), ProductShare{},
                                   BlendFinish{float(1.0 - lambda_value), float(lambda_value)});
 }
 

@@ -164,10 +164,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> query_expansion_cpu(const at::Ten
 void jaccard_blend_cpu(at::Tensor& out, const at::Tensor& row_ptr_in, const at::Tensor& cols_in,
                        const at::Tensor& values_in, double lambda_value, const c10::optional<at::Tensor>& scale_in) {
   const JaccardArgs a(out, row_ptr_in, cols_in, values_in, scale_in);
-  const int64_t Q = a.Q, G = a.G, N = a.N;
-  const CsrTranspose gallery = transpose_rows(a.row_ptr, a.cols, a.values, Q, N, N);  // the gallery rows of each column
-  query_gallery_sums(Q, G, a.row_ptr.const_data_ptr<int64_t>(), a.cols.const_data_ptr<int64_t>(),
-                     a.values.const_data_ptr<float>(), gallery, out.data_ptr<float>(), MinShare{},
+  query_gallery_sums(a, out.data_ptr<float>(), MinShare{},
                      JaccardFinish{a.scale_or_null(), float(1.0 - lambda_value), float(lambda_value)});
 }
 

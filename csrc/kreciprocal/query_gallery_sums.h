@@ -11,14 +11,19 @@
 
 #include <vector>
 
+#include "../common/csr_checks.h"
 #include "../common/csr_transpose.h"
 #include "kreciprocal_math.h"
 
 namespace dpm_ops::kreciprocal {
 
 template <class Share, class Finish>
-void query_gallery_sums(int64_t Q, int64_t G, const int64_t* row_ptr, const int64_t* cols, const float* values,
-                        const CsrTranspose& gallery, float* out, Share share, Finish finish) {
+void query_gallery_sums(const QueryGalleryCsr& a, float* out, Share share, Finish finish) {
+  const int64_t Q = a.Q, G = a.G;
+  const int64_t* row_ptr = a.row_ptr.const_data_ptr<int64_t>();
+  const int64_t* cols = a.cols.const_data_ptr<int64_t>();
+  const float* values = a.values.const_data_ptr<float>();
+  const CsrTranspose gallery = transpose_rows(a.row_ptr, a.cols, a.values, Q, a.N, a.N);
   const int64_t* column_start = gallery.col_ptr.const_data_ptr<int64_t>();
   const int64_t* holder = gallery.rows.const_data_ptr<int64_t>();
   const float* holder_value = gallery.values.const_data_ptr<float>();
