@@ -4,7 +4,7 @@
     dpm-reid eval  --config synthetic_dpm --weights runs/synthetic_dpm/checkpoints/final.pt
     dpm-reid export --config synthetic_dpm --weights CKPT --out model.onnx [--batch N] [--opset N]
     dpm-reid extract --config synthetic_dpm --weights CKPT --images DIR --out features.npz [--camera N]
-    dpm-reid rank --query query.npz --gallery gallery.npz [--rerank [kreciprocal|gnn]] [--out metrics.json]
+    dpm-reid rank --query query.npz --gallery gallery.npz [--aqe] [--rerank [kreciprocal|gnn]] [--out metrics.json]
     dpm-reid synth --out DIR [--ids N ...]
     dpm-reid configs
     dpm-reid --version
@@ -28,6 +28,7 @@ EXIT_USAGE = 2
 
 
 RERANK_METHODS = ("kreciprocal", "gnn")  # dpm_ops.evaluation.RERANK_METHODS (tested), without importing torch
+AQE_DEFAULTS = {"k": 5, "alpha": 3.0, "times": 1}  # dpm_ops.evaluation.query_expansion.AQE_DEFAULTS (tested)
 
 
 def _add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,7 +71,18 @@ def _add_rank_parser(sub) -> None:
     )
     rk.add_argument("--k1", type=int, default=None, help="re-ranking's k1 (default: kreciprocal 20, gnn 26)")
     rk.add_argument("--k2", type=int, default=None, help="re-ranking's k2 (default: kreciprocal 6, gnn 7)")
-    rk.add_argument("--lambda-value", type=float, default=0.3, help="re-ranking's lambda (default 0.3)")
+    rk.add_argument("--lambda-value", type=float, default=None, help="re-ranking's lambda (default 0.3)")
+    rk.add_argument(
+        "--aqe", action="store_true", help="alpha query expansion of the features first (fast-reid's TEST.AQE)"
+    )
+    for option, kind, what in (
+        ("k", int, "neighbours"),
+        ("alpha", float, "the weights' power"),
+        ("times", int, "rounds"),
+    ):
+        rk.add_argument(
+            f"--aqe-{option}", type=kind, default=None, help=f"AQE's {what} (default {AQE_DEFAULTS[option]})"
+        )
     rk.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda or cuda:N")
     rk.add_argument("--out", help="also write the metrics (and the settings) to this .json file")
 
@@ -253,19 +265,25 @@ def _rank(args) -> int:
     from dpm_ops.export import check_output_path
     from dpm_ops.feature_files import load_features_npz, rank_features
 
+    for flag, options in (("--rerank", ("k1", "k2", "lambda_value")), ("--aqe", ("aqe_k", "aqe_alpha", "aqe_times"))):
+        given = [f"--{name.replace('_', '-')}" for name in options if getattr(args, name) is not None]
+        if given and not getattr(args, flag[2:]):  # else the run would silently score without them
+            raise ValueError(f"{' / '.join(given)} {'is' if len(given) == 1 else 'are'} only used with {flag}")
     inputs = _inputs(args, "query", "gallery")
     out = None if args.out is None else check_output_path(args.out, "--out", "a file name, e.g. metrics.json", inputs)
     device = resolve_device(args.device, "--device")
     query, gallery = load_features_npz(args.query, "--query"), load_features_npz(args.gallery, "--gallery")
-    rerank = dict(rerank=args.rerank or False, k1=args.k1, k2=args.k2, lambda_value=args.lambda_value)
-    metrics = rank_features(query, gallery, args.distance, device=device, **rerank)
+    lambda_value = 0.3 if args.lambda_value is None else args.lambda_value
+    aqe = {name: getattr(args, f"aqe_{name}") for name in AQE_DEFAULTS if getattr(args, f"aqe_{name}") is not None}
+    rerank = dict(rerank=args.rerank or False, k1=args.k1, k2=args.k2, lambda_value=lambda_value)
+    metrics = rank_features(query, gallery, args.distance, aqe=aqe if args.aqe else False, device=device, **rerank)
     settings = metrics["settings"]
     left_out = settings["gallery_without_identity"]
-    reranked = f", re-ranked ({args.rerank})" if args.rerank else ""
+    steps = (", alpha query expansion" if args.aqe else "") + (f", re-ranked ({args.rerank})" if args.rerank else "")
     print(
         f"{len(query.features)} queries, {settings['num_gallery']} gallery items"
         + (f" ({left_out} without identity left out)" if left_out else "")
-        + f"; {settings['model']}, {settings['distance']} distance{reranked}"
+        + f"; {settings['model']}, {settings['distance']} distance{steps}"
     )
     print(format_metrics_table(metrics))
     if out is not None:

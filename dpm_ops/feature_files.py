@@ -33,6 +33,7 @@ from .engine.extraction import FeatureSet, as_device, eval_transform, extract_fe
 from .engine.recipes import RECIPES, get_recipe, model_cameras
 from .engine.scoring import DISTANCES, check_reranking, compute_distances, rank_metrics, resolve_distance
 from .evaluation._inputs import check_choice, check_count
+from .evaluation.query_expansion import check_aqe
 from .export import ExportError, check_int, check_output_path, model_input_size, model_kind
 
 NPZ_ARRAYS = ("paths", "features", "pids", "camids", "model", "distance")  # and "masks" (DPM)
@@ -335,6 +336,7 @@ def rank_features(
     gallery: SavedFeatures,
     distance: str = "auto",
     *,
+    aqe=False,
     rerank=False,
     k1: int | None = None,
     k2: int | None = None,
@@ -346,7 +348,8 @@ def rank_features(
     of the gallery ranked for each query, as ``evaluate_model`` scores a dataset: ``distance`` "auto" is the
     model's test distance (DPM's masked arccos, with the query's mask), Market's protocol (a gallery item of
     the query's identity and camera does not count). Gallery items without an identity (pid -1: extract's
-    names that are not Market-style, Market's junk images) are left out; every query needs one."""
+    names that are not Market-style, Market's junk images) are left out; every query needs one. ``aqe``
+    and ``rerank``: as for ``evaluate_model`` (alpha query expansion over the queries and the kept gallery)."""
     if query.model != gallery.model:
         raise ValueError(f"query and gallery come from different models: {query.model} and {gallery.model}")
     width = (query.features.features.shape[1], gallery.features.features.shape[1])
@@ -354,6 +357,7 @@ def rank_features(
         raise ValueError(f"query and gallery features differ in width: {width[0]} and {width[1]}")
     metric = resolve_distance(check_choice("distance", distance, DISTANCES), query.model)
     method, k1, k2, lambda_value = check_reranking(rerank, k1, k2, lambda_value, metric)
+    expansion = check_aqe(aqe)
     check_count("max_rank", max_rank, 1)
     unknown = int((query.features.pids == UNKNOWN_PID).sum())
     if unknown:
@@ -365,13 +369,15 @@ def rank_features(
     if len(kept) == 0:
         raise ValueError("no gallery item has an identity (pid -1 only: names not Market-style)")
     options = dict(k1=k1, k2=k2, lambda_value=lambda_value)
-    distmat = compute_distances(query.features, kept, metric, rerank=method or False, device=device, **options)
+    steps = dict(aqe=expansion or False, rerank=method or False)
+    distmat = compute_distances(query.features, kept, metric, device=device, **steps, **options)
     metrics = rank_metrics(distmat, query.features, kept, max_rank=min(max_rank, len(kept)))
     settings = dict(
         model=query.model,
         distance=metric,
         rerank=method is not None,
         **(dict(rerank_method=method, **options) if method else {}),
+        aqe=expansion or False,
         num_gallery=len(kept),
         gallery_without_identity=len(gallery.features) - len(kept),
     )

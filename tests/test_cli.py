@@ -173,6 +173,11 @@ def test_a_runs_config_yaml_evaluates_its_final_pt_to_its_metrics(tmp_path, tiny
     else:
         settings = json.loads((tmp_path / "gnn" / "metrics.json").read_text())["settings"]
         assert code == 0 and (settings["rerank_method"], settings["k1"], settings["k2"]) == ("gnn", 26, 7)
+    # alpha query expansion through the config (fast-reid's TEST.AQE keys), its settings recorded
+    argv[-1] = str(tmp_path / "aqe")
+    assert main([*argv, "eval.aqe=true", "eval.aqe_k=3"]) == 0
+    settings = json.loads((tmp_path / "aqe" / "metrics.json").read_text())["settings"]
+    assert settings["aqe"] == dict(k=3, alpha=3.0, times=1)
 
 
 def test_train_generates_a_missing_synthetic_set(tmp_path, capsys):

@@ -208,13 +208,21 @@ def test_evaluation_keys():
         load_config(None, ["eval.rerank_method=jaccard"])
     with pytest.raises(ConfigError, match="eval.k1"):
         load_config(None, ["eval.k1=0"])
+    eval_section = load_config(None, [])["eval"]  # alpha query expansion: fast-reid's TEST.AQE defaults
+    assert {k: eval_section[k] for k in ("aqe", "aqe_k", "aqe_alpha", "aqe_times")} == dict(
+        aqe=False, aqe_k=5, aqe_alpha=3.0, aqe_times=1
+    )
+    for override in ("eval.aqe_k=0", "eval.aqe_times=0", "eval.aqe_alpha=.nan", "eval.aqe_alpha=-1", "eval.aqe=maybe"):
+        with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
+            load_config(None, [override])
 
 
-def test_the_command_lines_rerank_methods_are_the_librarys():
+def test_the_command_lines_rerank_methods_and_aqe_defaults_are_the_librarys():
     from dpm_ops import cli
     from dpm_ops.evaluation import RERANK_METHODS
+    from dpm_ops.evaluation.query_expansion import AQE_DEFAULTS
 
-    assert cli.RERANK_METHODS == RERANK_METHODS
+    assert cli.RERANK_METHODS == RERANK_METHODS and cli.AQE_DEFAULTS == AQE_DEFAULTS
 
 
 def test_ranking_modes_are_the_ops():

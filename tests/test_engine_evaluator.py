@@ -24,7 +24,14 @@ from dpm_ops.engine.evaluator import (
     pool_multi_query,
     query_subsets,
 )
-from dpm_ops.evaluation import evaluate_rank, gnn_rerank, pairwise_distance, re_ranking, rerank_features
+from dpm_ops.evaluation import (
+    alpha_query_expansion,
+    evaluate_rank,
+    gnn_rerank,
+    pairwise_distance,
+    re_ranking,
+    rerank_features,
+)
 from dpm_ops.models import build_model
 from dpm_ops.ops import masked_arccos_distance
 from conftest import record_figures
@@ -259,6 +266,50 @@ def test_gnn_rerank_path(splits, tmp_path):
     # DPM's masked arccos has no GNN form: refused before any extraction
     with pytest.raises(ValueError, match="^rerank 'gnn' ranks by the cosine of the features"):
         evaluate_model(tiny_model("dpm"), splits, model_name="dpm", rerank="gnn", **options)
+
+
+def test_aqe_path(splits, tmp_path):
+    # alpha query expansion of the pooled features, then the model's test distance (DPM: each item keeps
+    # its own mask) and, optionally, re-ranking, as fast-reid's TEST.AQE orders them
+    options = dict(image_size=(64, 32), batch_size=8, pictures=False, progress=False)
+    for name in ("vit_baseline", "dpm"):
+        model = tiny_model(name)
+        q, g = (
+            extract_features(model, loader_for(splits, records, name), model_name=name, progress=False)
+            for records in (splits.query, splits.gallery)
+        )
+        qf, gf = alpha_query_expansion(q.features, g.features, k=4, alpha=2.0)
+        if name == "dpm":
+            plain = masked_arccos_distance(qf, q.masks, gf)
+            reranked = re_ranking(
+                plain,
+                masked_arccos_distance(qf, q.masks, qf),
+                masked_arccos_distance(gf, g.masks, gf),
+                k1=6,
+                k2=3,
+                input="euclidean",
+                orientation="rows",
+            )
+        else:
+            plain, reranked = pairwise_distance(qf, gf), rerank_features(qf, gf, k1=6, k2=3)
+        aqe = dict(k=4, alpha=2.0)
+        for rerank, expected in ((False, plain), (True, reranked)):
+            metrics = evaluate_model(
+                model, splits, model_name=name, aqe=aqe, rerank=rerank, k1=6, k2=3, out_dir=tmp_path, **options
+            )
+            assert_same(metrics["all"], direct_metrics(expected, q, g), len(splits.query))
+            settings = json.loads((tmp_path / "metrics.json").read_text())["settings"]
+            assert (settings["aqe"], settings["rerank"]) == (dict(aqe, times=1), rerank)
+        unexpanded = evaluate_model(model, splits, model_name=name, **options)
+        assert flat(unexpanded) != flat(metrics), "the expansion changed nothing"
+    pooled = len(splits.query) + len(splits.gallery)
+    for aqe, message in (
+        (dict(k=pooled + 1), rf"aqe k must be an integer in \[1, {pooled}\] \(the query and gallery images\)"),
+        (dict(times=0), r"aqe times must be an integer >= 1, got 0"),
+        ("on", r"aqe must be a bool or a dict of \('k', 'alpha', 'times'\), got 'on'"),
+    ):
+        with pytest.raises(ValueError, match=rf"^{message}"):  # before any extraction
+            evaluate_model(model, splits, model_name="dpm", aqe=aqe, **options)
 
 
 def test_distance_choices():

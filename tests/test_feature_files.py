@@ -13,7 +13,7 @@ from dpm_ops.engine import load_config
 from dpm_ops.engine.builders import load_splits
 from dpm_ops.engine.evaluator import evaluate_model
 from dpm_ops.engine.scoring import rank_metrics
-from dpm_ops.evaluation import evaluate_rank, gnn_rerank, pairwise_distance
+from dpm_ops.evaluation import alpha_query_expansion, evaluate_rank, gnn_rerank, pairwise_distance, rerank_features
 from dpm_ops.export import ExportError
 from dpm_ops.feature_files import extract_folder, save_features_npz
 from dpm_ops.feature_files import load_features_npz, rank_features
@@ -40,7 +40,8 @@ def write_npz(path, count=12, dim=8, *, seed=0, model="vit_baseline", distance="
 
 @pytest.fixture(scope="module")
 def extracted(tmp_path_factory, tiny_set):  # noqa: F811  (the fixture imported above)
-    """{model name: (query.npz, gallery.npz, the evaluator's metrics, the evaluator's re-ranked metrics)}."""
+    """{model name: (query.npz, gallery.npz, the evaluator's metrics, its re-ranked metrics, its metrics after
+    alpha query expansion (AQE))}."""
     found = {}
     for name in ("dpm", "vit_baseline", "maskreid"):
         folder = tmp_path_factory.mktemp(name)
@@ -56,29 +57,34 @@ def extracted(tmp_path_factory, tiny_set):  # noqa: F811  (the fixture imported 
             *files,
             evaluate_model(model, splits, **options),
             evaluate_model(model, splits, rerank=True, k1=6, k2=3, lambda_value=0.4, **options),
+            evaluate_model(model, splits, aqe=AQE, **options),
         )
     return found
 
 
+AQE = dict(k=3, alpha=2.0)
+
+
 @pytest.mark.parametrize("name", ["dpm", "vit_baseline", "maskreid"])
 def test_rank_scores_extracted_files_as_the_evaluator_scores_the_dataset(extracted, name):
-    query_file, gallery_file, expected, expected_reranked = extracted[name]
+    query_file, gallery_file, expected, expected_reranked, expected_expanded = extracted[name]
     query, gallery = load_features_npz(query_file), load_features_npz(gallery_file)
     assert query.model == name and query.distance == ("masked_arccos" if name == "dpm" else "euclidean")
     assert (query.features.masks is not None) == (name == "dpm")
     for metrics, want in (
         (rank_features(query, gallery), expected),
         (rank_features(query, gallery, rerank=True, k1=6, k2=3, lambda_value=0.4), expected_reranked),
+        (rank_features(query, gallery, aqe=AQE), expected_expanded),
     ):
         got = metrics["all"]
         for key in ("rank1", "mAP", "mINP", "num_query", "num_valid"):
             assert got[key] == pytest.approx(want["all"][key], abs=1e-4), key
         assert got["cmc"][:10] == pytest.approx(want["all"]["cmc"][:10], abs=1e-4)
-    assert metrics["settings"]["rerank"] and metrics["settings"]["k1"] == 6
+    assert metrics["settings"]["aqe"] == dict(AQE, times=1)
 
 
 def test_rank_command_prints_the_table_and_writes_the_metrics(extracted, tmp_path, capsys):
-    query_file, gallery_file, expected, _ = extracted["dpm"]
+    query_file, gallery_file, expected, *_ = extracted["dpm"]
     out = tmp_path / "deeper" / "metrics.json"
     assert main(["rank", "--query", str(query_file), "--gallery", str(gallery_file), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -89,6 +95,7 @@ def test_rank_command_prints_the_table_and_writes_the_metrics(extracted, tmp_pat
         model="dpm",
         distance="masked_arccos",
         rerank=False,
+        aqe=False,
         num_gallery=written["settings"]["num_gallery"],
         gallery_without_identity=0,
     )
@@ -110,6 +117,32 @@ def test_rank_command_prints_the_table_and_writes_the_metrics(extracted, tmp_pat
         ["rank", "--query", str(query_file), "--gallery", str(gallery_file), "--rerank", "gnn"]
     )  # masked arccos
     assert_one_line_error(capsys, code, "rerank 'gnn' ranks by the cosine of the features and has no form for DPM's")
+
+
+def test_rank_command_expands_the_queries_first_with_aqe(extracted, tmp_path, capsys):
+    query_file, gallery_file, *_ = extracted["vit_baseline"]
+    out = tmp_path / "aqe.json"
+    argv = ["rank", "--query", str(query_file), "--gallery", str(gallery_file), "--aqe", "--aqe-k", "4"]
+    assert main([*argv, "--aqe-alpha", "1.5", "--rerank", "--out", str(out)]) == 0
+    assert "vit_baseline, euclidean distance, alpha query expansion, re-ranked (kreciprocal)" in capsys.readouterr().out
+    query, gallery = load_features_npz(query_file), load_features_npz(gallery_file)
+    qf, gf = alpha_query_expansion(query.features.features, gallery.features.features, k=4, alpha=1.5)
+    expected = rank_metrics(rerank_features(qf, gf), query.features, gallery.features)
+    written = json.loads(out.read_text())
+    assert written["all"]["mAP"] == pytest.approx(expected["all"]["mAP"], abs=1e-4)
+    assert written["settings"]["aqe"] == dict(k=4, alpha=1.5, times=1) and written["settings"]["rerank"]
+    argv = ["rank", "--query", str(query_file), "--gallery", str(gallery_file), "--aqe"]
+    assert main([*argv, "--out", str(out)]) == 0  # fast-reid's TEST.AQE defaults
+    assert json.loads(out.read_text())["settings"]["aqe"] == dict(k=5, alpha=3.0, times=1)
+    for extra, needle in (
+        (["--aqe-k", "3", "--aqe-times", "2"], "--aqe-k / --aqe-times are only used with --aqe"),
+        (["--k1", "6"], "--k1 is only used with --rerank"),
+        (["--lambda-value", "0.2"], "--lambda-value is only used with --rerank"),
+        (["--aqe", "--aqe-times", "0"], "aqe times must be an integer >= 1, got 0"),
+        (["--aqe", "--aqe-k", "100"], "aqe k must be an integer in [1, "),
+    ):
+        code = main(["rank", "--query", str(query_file), "--gallery", str(gallery_file), *extra])
+        assert_one_line_error(capsys, code, needle)
 
 
 def test_gallery_items_without_identity_are_left_out(tmp_path):
@@ -196,6 +229,12 @@ def test_bad_files_and_options_are_named(tmp_path):
         (dict(k1=0), "k1 must be an integer >= 1 and <= 4611686018427387904, got 0"),
         (dict(lambda_value=1.5), r"lambda_value must be a number in [0, 1], got 1.5"),
         (dict(rerank="GNN"), "rerank must be a bool or one of ('kreciprocal', 'gnn'), got 'GNN'"),
+        (dict(aqe=dict(k=0)), "aqe k must be an integer >= 1"),
+        (dict(aqe=dict(k=25)), "aqe k must be an integer in [1, 24], got 25"),
+        (dict(aqe=dict(alpha=float("nan"))), "aqe: alpha must be a finite number"),
+        (dict(aqe=dict(k=24, alpha=0.5)), "aqe: alpha=0.5 gives non-finite weights"),  # negative similarities
+        (dict(aqe="yes"), "aqe must be a bool or a dict of ('k', 'alpha', 'times'), got 'yes'"),
+        (dict(aqe=dict(beta=1)), "aqe must be a bool or a dict of ('k', 'alpha', 'times'), got {'beta': 1}"),
     ]
     for change, needle in cases:
         arguments = {"query": saved, "gallery": saved, **change}
@@ -208,7 +247,7 @@ def test_bad_files_and_options_are_named(tmp_path):
     "extra, needle",
     [
         (["--query", "nowhere.npz"], "--query nowhere.npz: not found"),
-        (["--k2", "0"], "k2 must be an integer >= 1 and <= 4611686018427387904, got 0"),
+        (["--rerank", "kreciprocal", "--k2", "0"], "k2 must be an integer >= 1 and <= 4611686018427387904, got 0"),
         (["--device", "cuda:7"], "--device: cuda:7 requested but"),
         (["--device", "cuda:x"], "--device: expected auto, cpu, cuda or cuda:N, got 'cuda:x'"),  # was a traceback
         (["--device", "mps"], "--device: expected auto, cpu, cuda or cuda:N, got 'mps'"),

@@ -8,14 +8,13 @@ on any device without faiss, exactly (dpm_ops.evaluation.jaccard_distance)."""
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .. import evaluation
-from .._precision import compute_dtype
 from ..evaluation import _inputs
 from ..evaluation.distance import named_pairwise_distance
+from ..evaluation.query_expansion import expand_features
 from ..evaluation.rank import query_gallery_labels
-from ..ops._checks import check_flag, check_number
+from ..ops._checks import check_flag
 from . import _peer
 from ._peer import re_ranking
 
@@ -97,35 +96,12 @@ def build_dist(feat_1, feat_2, metric="euclidean", **kwargs):
     return _peer.as_numpy(evaluation.jaccard_distance(features, kwargs["k1"], kwargs["k2"], num_query=len(feat_1)))
 
 
-# Rows of features expanded at a time: the (rows, qe_k, D) neighbour block stays small.
-_AQE_ROWS = 4096
-
-
 def aqe(query_feat, gallery_feat, qe_times=1, qe_k=10, alpha=3.0):
     """Alpha query expansion (their TEST.AQE): ``qe_times`` times, every feature of query + gallery
     becomes the mean of its ``qe_k`` most cosine-similar features (itself included), each weighted by
     its similarity to the power ``alpha``; returns (query, gallery) torch tensors, float64 for float64
-    features and float32 otherwise, as theirs.
+    features and float32 otherwise, as theirs (dpm_ops.evaluation.alpha_query_expansion).
     The neighbours come from the exact k-NN (ties by index) instead of an N x N similarity matrix."""
-    features = _peer.concatenated(query_feat, gallery_feat)
-    features = features.to(compute_dtype(features))
-    alpha = check_number("aqe", "alpha", alpha)
-    qe_k = _inputs.check_count("qe_k", qe_k, 1, len(features))
-    qe_times = _inputs.check_count("qe_times", qe_times, 0)
-    for _ in range(qe_times):
-        normed = F.normalize(features, dim=1)
-        _, neighbours = evaluation.knn(normed, normed, qe_k, metric="sqeuclidean")  # = most similar first
-        expanded = torch.empty_like(features)
-        for start in range(0, len(features), _AQE_ROWS):
-            rows = neighbours[start : start + _AQE_ROWS]
-            similarity = (normed[start : start + _AQE_ROWS, None, :] * normed[rows]).sum(dim=2)
-            weights = similarity.pow(alpha)[..., None]
-            expanded[start : start + _AQE_ROWS] = (features[rows] * weights).mean(dim=1)
-        if not bool(torch.isfinite(expanded).all()):  # theirs returns the NaN rows, with numpy's warning at most
-            raise ValueError(
-                f"aqe: alpha={alpha} gives non-finite weights (a negative similarity to a fractional power, or "
-                "0 to a negative one): use an integer alpha >= 0, or features whose neighbours are similar"
-            )
-        features = expanded
-    num_query = len(query_feat)
-    return features[:num_query], features[num_query:]
+    names = ("query_feat", "gallery_feat", "qe_k", "qe_times")
+    query = _inputs.as_floats("aqe", "query_feat", query_feat, 2)  # torch out, whatever came in
+    return expand_features("aqe", query, gallery_feat, qe_k, alpha, qe_times, names)

@@ -334,6 +334,7 @@ def evaluate_with_config(
         device=str(device),
         amp_dtype=resolve_amp(ev["amp"], device),
         distance=ev["distance"],
+        aqe=dict(k=ev["aqe_k"], alpha=ev["aqe_alpha"], times=ev["aqe_times"]) if ev["aqe"] else False,
         rerank=ev["rerank_method"] if ev["rerank"] else False,
         k1=ev["k1"],
         k2=ev["k2"],

@@ -32,6 +32,7 @@ import yaml
 
 from ..evaluation import PROTOCOLS, RERANK_METHODS
 from ..data.samplers import MAX_BATCHES_PER_EPOCH
+from ..evaluation.query_expansion import AQE_DEFAULTS
 from ..evaluation.rank import MAX_REPEATS
 from ..ops._checks import Bounds
 from ..ops.maskreid_ranking_loss_reference import RENAMED_POS_MODES
@@ -180,6 +181,11 @@ SCHEMA: dict = {
         "batch_size": _f(256, int, bounds=Bounds(1, 65536)),  # images per test batch
         "num_workers": _f(0, int, bounds=WORKERS),
         "distance": _f("auto", str, DISTANCES),
+        # alpha query expansion of the features before the distance (fast-reid's TEST.AQE, its defaults)
+        "aqe": _f(False, bool),
+        "aqe_k": _f(AQE_DEFAULTS["k"], int, bounds=AT_LEAST_1),
+        "aqe_alpha": _f(AQE_DEFAULTS["alpha"], float, bounds=NON_NEGATIVE),  # similarity ** alpha: a weight
+        "aqe_times": _f(AQE_DEFAULTS["times"], int, bounds=AT_LEAST_1),
         "rerank": _f(False, bool),
         # kreciprocal: Zhong et al. (CVPR 2017); gnn: Zhang et al.'s GNN re-ranking (cosine of the features)
         "rerank_method": _f("kreciprocal", str, RERANK_METHODS),

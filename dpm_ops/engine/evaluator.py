@@ -1,5 +1,5 @@
-"""Evaluation engine: feature extraction, each model's test metric, optional k-reciprocal
-re-ranking, Market-1501 CMC / mAP / mINP on all, clean and occluded queries, metrics.json and
+"""Evaluation engine: feature extraction, each model's test metric, optional alpha query expansion
+and k-reciprocal or GNN re-ranking, Market-1501 CMC / mAP / mINP on all, clean and occluded queries, metrics.json and
 pictures.
 
 Each model's test feature, transform and distance come from its recipe (:mod:`.recipes`): DPM's
@@ -28,6 +28,7 @@ import torch
 
 from dpm_ops.data import ReIDSplits
 from dpm_ops.evaluation import PROTOCOLS
+from dpm_ops.evaluation.query_expansion import check_aqe
 from dpm_ops.evaluation.rank import MAX_REPEATS
 from dpm_ops.evaluation._inputs import check_count
 from dpm_ops.ops._checks import check_flag
@@ -100,6 +101,7 @@ def evaluate_model(
     device="cpu",
     amp_dtype: Optional[torch.dtype] = None,
     distance: str = "auto",
+    aqe=False,
     rerank=False,
     k1: Optional[int] = None,
     k2: Optional[int] = None,
@@ -118,7 +120,8 @@ def evaluate_model(
     ``image_size`` (height, width): the network input, default the recipe's ((256, 128) for the
     ViT models; MaskReID resizes to 160x64 and centre-crops 144x56, and an explicit size is the
     crop). ``distance``: "auto" (the model's test metric, see the module docstring), "euclidean", "cosine" or
-    "masked_arccos" (DPM only). ``rerank``: True / "kreciprocal" or "gnn" (GNN re-ranking) with k1, k2 (None:
+    "masked_arccos" (DPM only). ``aqe``: True or a dict of k, alpha, times (default 5, 3.0, 1): alpha query
+    expansion of the pooled features before the distance (fast-reid's TEST.AQE). ``rerank``: True / "kreciprocal" or "gnn" (GNN re-ranking) with k1, k2 (None:
     the method's, 20 / 6, 26 / 7), lambda_value. ``amp_dtype``: extract under autocast to it (None: fp32).
     ``protocol`` / ``num_repeats`` / ``seed``: as in ``evaluate_rank`` ("cuhk03": CUHK03's
     single-gallery-shot CMC). ``multi_query`` "avg" / "max": Market-1501 multi-query, each query
@@ -136,6 +139,7 @@ def evaluate_model(
     metric = resolve_distance(distance, model_name)
     _check_options(splits, model_name, max_rank, batch_size, protocol, num_repeats, seed, multi_query)
     method, k1, k2, lambda_value = check_reranking(rerank, k1, k2, lambda_value, metric)
+    expansion = _check_aqe(aqe, splits)
     _check_late_options(device, out_dir, pictures, progress)
     transform = recipe.test_transform(image_size)
     common = dict(batch_size=batch_size, num_workers=num_workers, device=device, amp_dtype=amp_dtype, progress=progress)
@@ -144,7 +148,9 @@ def evaluate_model(
     if query is None:  # not rank 0
         return None
     reranking = dict(k1=k1, k2=k2, lambda_value=lambda_value)
-    distmat = compute_distances(query, gallery, metric, rerank=method or False, device=device, **reranking)
+    distmat = compute_distances(
+        query, gallery, metric, aqe=expansion or False, rerank=method or False, device=device, **reranking
+    )
     subsets = query_subsets(splits, splits.query)
     metrics = rank_metrics(distmat, query, gallery, subsets, max_rank, protocol, num_repeats, seed)
     if out_dir is not None:
@@ -163,6 +169,7 @@ def evaluate_model(
             "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
             **(dict(num_repeats=num_repeats, seed=seed) if protocol == "cuhk03" else {}),
             **(dict(rerank_method=method, **reranking) if method else {}),
+            "aqe": expansion or False,
         }
         write_json_atomic(os.path.join(out_dir, "metrics.json"), {**metrics, "settings": settings})
         if pictures:
@@ -185,6 +192,17 @@ def _check_model_and_splits(model, splits, model_name: str) -> None:
         )
     if not isinstance(splits, ReIDSplits):
         raise ValueError(f"splits must be the ReIDSplits of a dataset (build_dataset), got {type(splits).__name__}")
+
+
+def _check_aqe(aqe, splits) -> Optional[dict]:
+    """check_aqe's settings, with k within the pooled query + gallery images (found after the extraction)."""
+    expansion = check_aqe(aqe)
+    pooled = len(splits.query) + len(splits.gallery)
+    if expansion is not None and expansion["k"] > pooled:
+        raise ValueError(
+            f"aqe k must be an integer in [1, {pooled}] (the query and gallery images), got {expansion['k']}"
+        )
+    return expansion
 
 
 def _check_late_options(device, out_dir, pictures, progress) -> None:

@@ -1,5 +1,6 @@
 """Scoring for the evaluation engine: the test distance of each model (its recipe's, or one asked
-for), optional k-reciprocal re-ranking, and CMC / mAP / mINP on all, clean and occluded queries."""
+for), optional alpha query expansion and re-ranking, and CMC / mAP / mINP on all, clean and occluded
+queries."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from dpm_ops.data import ReIDSplits
-from dpm_ops.evaluation import evaluate_rank, gnn_rerank, pairwise_distance, re_ranking, rerank_features
+from dpm_ops.evaluation import (
+    evaluate_rank,
+    gnn_rerank,
+    pairwise_distance,
+    re_ranking,
+    rerank_features,
+)
+from dpm_ops.evaluation.query_expansion import check_aqe, expand_features
 from dpm_ops.evaluation.rerank import check_rerank
 from dpm_ops.ops import masked_arccos_distance
 
@@ -49,6 +57,7 @@ def compute_distances(
     gallery: FeatureSet,
     distance: str,
     *,
+    aqe=False,
     rerank=False,
     k1: Optional[int] = None,
     k2: Optional[int] = None,
@@ -57,6 +66,10 @@ def compute_distances(
 ) -> torch.Tensor:
     """(Q, G) float32 distances on ``device``; with ``rerank`` (True or "kreciprocal", or "gnn"), re-ranked
     (evaluation.rerank.check_rerank: k1 / k2 None are the method's defaults).
+
+    ``aqe`` (True, or a dict of k / alpha / times: evaluation.query_expansion.check_aqe): the features go
+    through alpha query expansion first, as fast-reid's TEST.AQE does before its distance and re-ranking;
+    DPM's masks stay each item's own.
 
     GNN re-ranking (``gnn_rerank``) ranks by the cosine of the features whatever ``distance`` says of
     Euclidean or cosine; DPM's masked arccos has no GNN form (a ValueError, check_reranking).
@@ -73,8 +86,12 @@ def compute_distances(
     angle ~ the chord for near neighbours).
     """
     method, k1, k2, lambda_value = check_reranking(rerank, k1, k2, lambda_value, distance)
+    expansion = check_aqe(aqe)
     device = torch.device(device)
     qf, gf = query.features.to(device), gallery.features.to(device)
+    if expansion is not None:
+        names = ("query features", "gallery features", "aqe k", "aqe times")
+        qf, gf = expand_features("aqe", qf, gf, **expansion, names=names)
     if method == "gnn":
         return gnn_rerank(qf, gf, k1=k1, k2=k2, lambda_value=lambda_value)
     if distance == "masked_arccos":

@@ -1,5 +1,5 @@
 """Re-ID evaluation: distances, exact k-NN, Market-1501 CMC/mAP/mINP, k-reciprocal and GNN
-re-ranking.
+re-ranking, alpha query expansion.
 
 All functions take numpy arrays or torch tensors (CPU or CUDA); see each docstring for the
 exact semantics and tie rules.
@@ -8,6 +8,7 @@ exact semantics and tie rules.
 from .distance import METRICS, knn, pairwise_distance
 from .rank import AP_MODES, PROTOCOLS, RankResult, evaluate_rank
 from .gnn_rerank import gnn_rerank
+from .query_expansion import alpha_query_expansion
 from .rerank import ORIENTATIONS, RERANK_METHODS, jaccard_distance, re_ranking, rerank_features
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "PROTOCOLS",
     "RERANK_METHODS",
     "RankResult",
+    "alpha_query_expansion",
     "evaluate_rank",
     "gnn_rerank",
     "jaccard_distance",
