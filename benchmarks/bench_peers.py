@@ -7,7 +7,10 @@
   re_ranking (the same numpy code in both) and `dpm_ops.compat.torchreid`;
 * fast-reid's k-reciprocal Jaccard distance (compute_jaccard_distance, k1 30, k2 6, the UDA
   setting) of the pooled query + gallery features at a quarter of Market scale (4,820 items): its
-  numpy code with faiss-cpu's exact index (search_option=3) and `dpm_ops.compat.fastreid`.
+  numpy code with faiss-cpu's exact index (search_option=3) and `dpm_ops.compat.fastreid`;
+* fast-reid's alpha query expansion (aqe, its TEST.AQE defaults: 1 round, k 5, alpha 3) of the query
+  and gallery features at a quarter of Market scale: its code (an N x N similarity, a numpy row loop) and
+  `dpm_ops.compat.fastreid` (the exact k-NN).
 
 Everything runs on the CPU from numpy arrays, as the peers take them. The ratios (peer / dpm_ops,
 fastest rounds) are printed by the `bench_ratio` cases; no target is set. The peers are loaded file
@@ -31,6 +34,7 @@ SCALES = {"smoke": 0.04, "quarter market1501": 0.25, "market1501": 1.0}
 EVALUATE_SCALES = ("smoke", "market1501")
 RERANK_SCALES = ("smoke", "quarter market1501")
 JACCARD_SCALES = ("smoke", "quarter market1501")
+AQE_SCALES = ("smoke", "quarter market1501")
 DPM_OPS = "dpm_ops.compat"
 
 
@@ -59,6 +63,11 @@ def jaccard_inputs(scale):
     return torch.from_numpy(np.concatenate([data.query, data.gallery]))
 
 
+def aqe_inputs(scale):
+    data = reid_data(scale)
+    return torch.from_numpy(data.query), torch.from_numpy(data.gallery)
+
+
 # Each builds the call to time from the inputs.
 EVALUATE = {
     "torchreid python": lambda args: lambda: peers.load("torchreid_rank").evaluate_rank(*args, use_cython=False),
@@ -76,6 +85,10 @@ JACCARD = {
         lambda: peers.fastreid_compute_dist().compute_jaccard_distance(features, k1=30, k2=6, search_option=3)
     ),
     DPM_OPS: lambda features: lambda: fastreid.compute_jaccard_distance(features, k1=30, k2=6),
+}
+AQE = {
+    "fastreid": lambda args: lambda: peers.load("fastreid_query_expansion").aqe(*args, 1, 5, 3.0),
+    DPM_OPS: lambda args: lambda: fastreid.aqe(*args, 1, 5, 3.0),
 }
 
 
@@ -113,12 +126,18 @@ def bench_jaccard_distance(timed, case, scale):
     _time(timed, "jaccard_distance", case, scale, JACCARD[case](jaccard_inputs(scale)))
 
 
+@pytest.mark.parametrize("case, scale", params(AQE, AQE_SCALES))
+def bench_aqe(timed, case, scale):
+    _time(timed, "aqe", case, scale, AQE[case](aqe_inputs(scale)))
+
+
 RATIOS = [
     (op, peer, scale)
     for op, cases, scales in (
         ("evaluate_rank", EVALUATE, EVALUATE_SCALES),
         ("re_ranking", RERANK, RERANK_SCALES),
         ("jaccard_distance", JACCARD, JACCARD_SCALES),
+        ("aqe", AQE, AQE_SCALES),
     )
     for scale in scales
     for peer in cases

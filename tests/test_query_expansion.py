@@ -53,6 +53,9 @@ def test_duplicates_take_the_lower_index_and_dtypes_and_containers_are_kept():
     np.testing.assert_array_equal(np.concatenate(as_numpy), torch.cat(got).numpy())
     mixed = alpha_query_expansion(qf, gf.double(), k=2, alpha=1.0)  # float64 anywhere: float64, as torch.cat
     assert all(m.dtype == torch.float64 for m in mixed)
+    with_zero = torch.cat([qf, torch.zeros(1, 3)])  # similarity 0 to everything, itself included, as F.normalize's
+    for g, w in zip(alpha_query_expansion(with_zero, gf, k=3), dense_aqe(with_zero, gf, 3, 3.0, 1), strict=True):
+        torch.testing.assert_close(g.double(), w, rtol=1e-6, atol=1e-7)
     transposed = qf.T.contiguous().T  # the same values, column-major
     assert not transposed.is_contiguous()
     strided = alpha_query_expansion(transposed, gf, k=2, alpha=1.0)

@@ -181,8 +181,7 @@ SCHEMA: dict = {
         "batch_size": _f(256, int, bounds=Bounds(1, 65536)),  # images per test batch
         "num_workers": _f(0, int, bounds=WORKERS),
         "distance": _f("auto", str, DISTANCES),
-        # alpha query expansion of the features before the distance (fast-reid's TEST.AQE, its defaults)
-        "aqe": _f(False, bool),
+        "aqe": _f(False, bool),  # alpha query expansion of the features first (fast-reid's TEST.AQE, its defaults)
         "aqe_k": _f(AQE_DEFAULTS["k"], int, bounds=AT_LEAST_1),
         "aqe_alpha": _f(AQE_DEFAULTS["alpha"], float, bounds=NON_NEGATIVE),  # similarity ** alpha: a weight
         "aqe_times": _f(AQE_DEFAULTS["times"], int, bounds=AT_LEAST_1),

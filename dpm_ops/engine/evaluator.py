@@ -121,8 +121,9 @@ def evaluate_model(
     ViT models; MaskReID resizes to 160x64 and centre-crops 144x56, and an explicit size is the
     crop). ``distance``: "auto" (the model's test metric, see the module docstring), "euclidean", "cosine" or
     "masked_arccos" (DPM only). ``aqe``: True or a dict of k, alpha, times (default 5, 3.0, 1): alpha query
-    expansion of the pooled features before the distance (fast-reid's TEST.AQE). ``rerank``: True / "kreciprocal" or "gnn" (GNN re-ranking) with k1, k2 (None:
-    the method's, 20 / 6, 26 / 7), lambda_value. ``amp_dtype``: extract under autocast to it (None: fp32).
+    expansion of the pooled features before the distance (fast-reid's TEST.AQE). ``rerank``: True /
+    "kreciprocal" or "gnn" (GNN re-ranking) with k1, k2 (None: the method's, 20 / 6, 26 / 7), lambda_value.
+    ``amp_dtype``: extract under autocast to it (None: fp32).
     ``protocol`` / ``num_repeats`` / ``seed``: as in ``evaluate_rank`` ("cuhk03": CUHK03's
     single-gallery-shot CMC). ``multi_query`` "avg" / "max": Market-1501 multi-query, each query
     pooled with the ``splits.multi_query`` (gt_bbox) images of its pid and camera
@@ -147,35 +148,32 @@ def evaluate_model(
     gallery = _extract_split(model, splits.gallery, splits, model_name, transform, desc="gallery", **common)
     if query is None:  # not rank 0
         return None
-    reranking = dict(k1=k1, k2=k2, lambda_value=lambda_value)
-    distmat = compute_distances(
-        query, gallery, metric, aqe=expansion or False, rerank=method or False, device=device, **reranking
-    )
+    scoring = dict(aqe=expansion or False, rerank=method or False, k1=k1, k2=k2, lambda_value=lambda_value)
+    distmat = compute_distances(query, gallery, metric, device=device, **scoring)
     subsets = query_subsets(splits, splits.query)
     metrics = rank_metrics(distmat, query, gallery, subsets, max_rank, protocol, num_repeats, seed)
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
-        settings = {
-            "model": model_name,
-            "dataset": splits.name,
-            "distance": metric,
-            "rerank": method is not None,
-            "image_size": list(recipe.test_input_size(image_size)),
-            "max_rank": max_rank,
-            "num_query": len(query),
-            "num_gallery": len(gallery),
-            "protocol": protocol,
-            "multi_query": multi_query,
-            "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
-            **(dict(num_repeats=num_repeats, seed=seed) if protocol == "cuhk03" else {}),
-            **(dict(rerank_method=method, **reranking) if method else {}),
-            "aqe": expansion or False,
-        }
+        protocol_options = dict(max_rank=max_rank, protocol=protocol, multi_query=multi_query)
+        if protocol == "cuhk03":
+            protocol_options.update(num_repeats=num_repeats, seed=seed)
+        settings = _settings(model_name, splits.name, metric, recipe.test_input_size(image_size), amp_dtype, scoring)
+        settings.update(num_query=len(query), num_gallery=len(gallery), **protocol_options)
         write_json_atomic(os.path.join(out_dir, "metrics.json"), {**metrics, "settings": settings})
         if pictures:
             context = dict(model=model, splits=splits, model_name=model_name, transform=transform, device=device)
             write_pictures(out_dir, metrics, distmat, query, gallery, subsets, **context)
     return metrics
+
+
+def _settings(model_name, dataset, metric, image_size, amp_dtype, scoring) -> dict:
+    """metrics.json's record of what was scored and how (the protocol's keys are added by the caller)."""
+    settings = dict(model=model_name, dataset=dataset, distance=metric, rerank=scoring["rerank"] is not False)
+    settings.update(image_size=list(image_size), amp=str(amp_dtype).replace("torch.", "") if amp_dtype else "off")
+    if scoring["rerank"]:
+        settings.update(rerank_method=scoring["rerank"], k1=scoring["k1"], k2=scoring["k2"])
+        settings["lambda_value"] = scoring["lambda_value"]
+    return {**settings, "aqe": scoring["aqe"]}
 
 
 def _check_model_and_splits(model, splits, model_name: str) -> None:

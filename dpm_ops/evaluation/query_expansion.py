@@ -7,7 +7,8 @@ features of its ``k`` most cosine-similar pooled items (itself among them), each
 similarity to the power ``alpha``. The next round's similarities are those of the new features, normalised;
 the returned features are not normalised (so a Euclidean distance after it sees their scale, as in fast-reid).
 fast-reid builds the N x N similarity matrix and takes each row's top k with numpy's argpartition; here the k
-neighbours come from the exact k-NN (ties by index) and only an (N, k) block is held.
+neighbours and their similarities come from the exact k-NN of the cosine distance (ties by index) and only
+(N, k) lists are held.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ from .distance import knn
 
 # fast-reid's TEST.AQE defaults (QE_K 5, ALPHA 3.0, QE_TIME 1; its aqe function's own default k is 10)
 AQE_DEFAULTS = {"k": 5, "alpha": 3.0, "times": 1}
-# rows expanded at a time: the (rows, k, D) neighbour block stays small
-_EXPANSION_ROWS = 4096
 
 
 def check_aqe(aqe) -> dict | None:
@@ -69,14 +68,10 @@ def expand_features(op: str, qf, gf, k, alpha, times, names=("qf", "gf", "k", "t
     alpha = check_number(op, "alpha", alpha)
     times = _inputs.check_count(names[3], times, 0)
     for _ in range(times):
-        normed = F.normalize(features, dim=1)
-        _, neighbours = knn(normed, normed, k, metric="sqeuclidean")  # unit rows: the most similar first
-        expanded = torch.empty_like(features)
-        for start in range(0, len(features), _EXPANSION_ROWS):
-            rows = neighbours[start : start + _EXPANSION_ROWS]
-            similarity = (normed[start : start + _EXPANSION_ROWS, None, :] * normed[rows]).sum(dim=2)
-            weights = similarity.pow(alpha)[..., None]
-            expanded[start : start + _EXPANSION_ROWS] = (features[rows] * weights).mean(dim=1)
+        distances, neighbours = knn(features, features, k, metric="cosine")
+        weights = (1 - distances).pow(alpha)  # each neighbour's cosine similarity, to the power alpha
+        # the weighted mean of the neighbours' raw features, without an (N, k, D) gather
+        expanded = F.embedding_bag(neighbours, features, per_sample_weights=weights, mode="sum") / k
         if not bool(torch.isfinite(expanded).all()):  # fast-reid returns the NaN rows
             raise ValueError(
                 f"{op}: alpha={alpha} gives non-finite weights (a negative similarity to a fractional power, "
