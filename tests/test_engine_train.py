@@ -3,6 +3,8 @@ DPM's two-pass update steps the right parameters, MaskReID runs both stages."""
 
 import json
 import math
+import re
+import shutil
 
 import pytest
 import torch
@@ -194,6 +196,26 @@ def test_resume_errors(tmp_path, tiny_root):
         train(
             config_for(tmp_path, tiny_root, overrides=["loss.ranking_pos_mode=all_eq5"]), tmp_path / "run", resume=True
         )
+
+
+def test_resume_mid_epoch_refuses_training_data_that_changed(tmp_path, tiny_root):
+    # the checkpoint's sampler position counts the batches of the data it was saved with: with an image
+    # less, the same position named other batches and the run went on silently
+    root = tmp_path / "set"
+    shutil.copytree(tiny_root, root)
+    config = config_for(tmp_path, root, overrides=["train.stop_after_iters=2", "dataset.check_counts=off"])
+    train(config, tmp_path / "run")
+    removed = sorted((root / "bounding_box_train").glob("*.jpg"))[0]
+    removed.unlink()
+    mask = root / "masks" / "bounding_box_train" / removed.with_suffix(".png").name
+    if mask.exists():
+        mask.unlink()
+    resumed = config_for(tmp_path, root, overrides=["dataset.check_counts=off"])
+    message = r"--resume: .*last.pt: sampler state was saved by another sampling plan \(images (\d+) -> (\d+)\)"
+    with pytest.raises(CheckpointError, match=message) as error:
+        train(resumed, tmp_path / "run", resume=True)
+    before, after = map(int, re.search(r"images (\d+) -> (\d+)", str(error.value)).groups())
+    assert before == after + 1 and str(error.value).endswith("(has the training data changed?)")
 
 
 def test_a_diverged_run_stops_and_keeps_its_good_checkpoints(tmp_path, tiny_root):

@@ -141,7 +141,8 @@ class _EpochBatchSampler(Sampler[list[SampleRef]]):
                 "its position would resume other batches"
             )
 
-    def load_state_dict(self, state: dict) -> None:
+    def check_state_dict(self, state: dict) -> None:
+        """load_state_dict's checks of the state's form, world size and plan, changing nothing."""
         if not isinstance(state, dict) or not {"seed", "epoch", "position"} <= state.keys():
             raise ValueError(f"state must be a state_dict() (seed, epoch, position), got {state!r:.100}")
         if state.get("world_size", self.world_size) != self.world_size:
@@ -149,6 +150,9 @@ class _EpochBatchSampler(Sampler[list[SampleRef]]):
                 f"sampler state saved with world_size={state['world_size']} cannot resume with {self.world_size}"
             )
         self._check_plan(state.get("plan"))
+
+    def load_state_dict(self, state: dict) -> None:
+        self.check_state_dict(state)
         seed, epoch = check_count("state['seed']", state["seed"], 0), check_count("state['epoch']", state["epoch"], 0)
         previous, (self.seed, self.epoch) = (self.seed, self.epoch), (seed, epoch)
         try:  # the epoch's batch count bounds the position: past it, an empty epoch was resumed

@@ -270,6 +270,12 @@ class Trainer:
             for n, sch in stage.schedules.items():
                 sch.load_state_dict(training["schedules"][f"{i}/{n}"])
         self.scaler.load_state_dict(training["scaler"])
+        if not training["progress"]["epoch_done"]:  # resumed mid-epoch: the sampler's position must still hold
+            sampler = self.samplers[self.stages[training["progress"]["stage"]].sampler_kind]
+            try:
+                sampler.check_state_dict(training["sampler"])
+            except ValueError as error:
+                raise CheckpointError(f"--resume: {path}: {error} (has the training data changed?)") from None
         restore_rng_state(training["rng"][self.dist.rank])
         self.global_step = training["progress"]["global_step"]
         return training
