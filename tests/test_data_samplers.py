@@ -1,9 +1,10 @@
 """Identity samplers: batch composition, determinism, resume position, DDP split, DataLoader use."""
 
+import re
+import zlib
 from collections import Counter
 
-import re
-
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -125,11 +126,13 @@ def test_state_from_another_sampling_plan_is_refused():
         "num_instances": 2,
         "images": len(PIDS),
         "identities": len(IMAGES_PER_PID),
+        "labels": f"crc32 {zlib.crc32(np.asarray(PIDS, dtype=np.int64).tobytes()):08x}",
     }
     for other, message in (
         (lambda: RandomIdentityBatchSampler(PIDS, num_ids=2, num_instances=4, seed=3), "num_instances 2 -> 4"),
         (lambda: RandomIdentityBatchSampler(PIDS[:-1], num_ids=2, num_instances=2, seed=3), "images 54 -> 53"),
         (lambda: RandomIdentityBatchSampler(PIDS + [99], num_ids=2, num_instances=2), "identities 10 -> 11"),
+        (lambda: RandomIdentityBatchSampler(PIDS[::-1], num_ids=2, num_instances=2, seed=3), "labels 'crc32 "),
         (
             lambda: MaskReIDBatchSampler(PIDS, num_positives=2, num_negatives=2),
             "sampler 'RandomIdentityBatchSampler' -> 'MaskReIDBatchSampler', num_ids 2 -> None",

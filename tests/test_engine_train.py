@@ -211,7 +211,7 @@ def test_resume_mid_epoch_refuses_training_data_that_changed(tmp_path, tiny_root
     if mask.exists():
         mask.unlink()
     resumed = config_for(tmp_path, root, overrides=["dataset.check_counts=off"])
-    message = r"--resume: .*last.pt: sampler state was saved by another sampling plan \(images (\d+) -> (\d+)\)"
+    message = r"--resume: .*last.pt: sampler state was saved by another sampling plan \(images (\d+) -> (\d+), labels "
     with pytest.raises(CheckpointError, match=message) as error:
         train(resumed, tmp_path / "run", resume=True)
     before, after = map(int, re.search(r"images (\d+) -> (\d+)", str(error.value)).groups())

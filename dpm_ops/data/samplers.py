@@ -6,8 +6,8 @@ Both are batch samplers (``DataLoader(batch_sampler=...)``), deterministic in (s
 * ``state_dict()`` / ``load_state_dict()`` holding (seed, epoch, position): after loading, the next
   iteration resumes the same epoch at batch ``position`` with exactly the batches an uninterrupted
   run would have drawn. The state also records the plan the batches follow (the sampler, its sizes,
-  the data's image and identity counts): a sampler of another plan refuses it, since the position
-  would name other batches. With DataLoader workers the sampler runs ahead of the training loop
+  the data's image and identity counts and a checksum of its labels): a sampler of another plan refuses
+  it, since the position would name other batches. With DataLoader workers the sampler runs ahead of the training loop
   (prefetching), so pass the number of batches the loop consumed: ``state_dict(consumed_batches=i)``;
 * ``rank`` / ``world_size`` for DDP (see each class for how batches are split).
 
@@ -19,6 +19,7 @@ seeds its transforms with it, so augmentation too is identical after a resume, w
 from __future__ import annotations
 
 import numbers
+import zlib
 from collections import defaultdict
 from typing import Iterator, NamedTuple, Optional, Sequence
 
@@ -55,6 +56,8 @@ class _EpochBatchSampler(Sampler[list[SampleRef]]):
         self.rank = check_count("rank", rank, 0, world_size - 1)
         self.seed = check_count("seed", seed, 0)  # numpy's generators take non-negative seeds
         self.groups = _pid_groups(pids)
+        # the identity labels in dataset order, for the plan a state records: counts alone miss a relabelled set
+        self._labels_crc = zlib.crc32(np.asarray(pids, dtype=np.int64).tobytes())
         if not self.groups:
             raise ValueError("cannot sample from an empty dataset")
         self.epoch = 0
@@ -120,7 +123,8 @@ class _EpochBatchSampler(Sampler[list[SampleRef]]):
         """What decides the batches besides (seed, epoch, world_size)."""
         sizes = {name: getattr(self, name) for name in self.SIZES}
         images = sum(len(group) for group in self.groups.values())
-        return {"sampler": type(self).__name__, **sizes, "images": images, "identities": len(self.groups)}
+        data = {"images": images, "identities": len(self.groups), "labels": f"crc32 {self._labels_crc:08x}"}
+        return {"sampler": type(self).__name__, **sizes, **data}
 
     def _check_plan(self, saved) -> None:
         """Refuse a state whose position counts the batches of another plan (states saved before plans
