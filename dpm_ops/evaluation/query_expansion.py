@@ -59,9 +59,8 @@ def expand_features(op: str, qf, gf, k, alpha, times, names=("qf", "gf", "k", "t
     query = _inputs.as_floats(op, names[0], qf, 2)
     gallery = _inputs.as_floats(op, names[1], gf, 2, device=query.device)
     if query.shape[1] != gallery.shape[1]:
-        raise ValueError(
-            f"{names[0]} and {names[1]} must have the same feature dimension, got {query.shape[1]} and {gallery.shape[1]}"
-        )
+        widths = f"{query.shape[1]} and {gallery.shape[1]}"
+        raise ValueError(f"{names[0]} and {names[1]} must have the same feature dimension, got {widths}")
     dtype = compute_dtype(query, gallery)
     features = torch.cat([query.to(dtype), gallery.to(dtype)])
     k = _inputs.check_count(names[2], k, 1, len(features))
