@@ -67,7 +67,8 @@ def test_bad_arguments_are_named():
     for kwargs, message in (
         (dict(qf=torch.randn(3, 5)), r"^qf and gf must have the same feature dimension, got 5 and 4$"),
         (dict(gf=torch.randn(0, 4)), r"^gf is empty"),
-        (dict(qf=torch.full((3, 4), float("nan"))), r"qf"),
+        (dict(qf=torch.full((3, 4), float("nan"))), r"^alpha_query_expansion: qf contains non-finite values"),
+        (dict(gf=torch.full((5, 4), 1e30)), r"^alpha_query_expansion: gf is too large in magnitude"),
         (dict(k=9), r"^k must be an integer in \[1, 8\], got 9$"),
         (dict(times=-1), r"^times must be an integer >= 0"),
         (dict(alpha=float("inf")), r"^alpha_query_expansion: alpha must be a finite number"),

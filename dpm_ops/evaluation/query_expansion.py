@@ -56,8 +56,8 @@ def alpha_query_expansion(qf, gf, k: int = 5, alpha: float = 3.0, times: int = 1
 def expand_features(op: str, qf, gf, k, alpha, times, names=("qf", "gf", "k", "times")):
     """alpha_query_expansion, its errors naming ``op`` and the arguments ``names`` (query, gallery, k, times):
     fast-reid's ``aqe`` drop-in (dpm_ops.compat.fastreid) names its own."""
-    query = _inputs.as_floats(op, names[0], qf, 2)
-    gallery = _inputs.as_floats(op, names[1], gf, 2, device=query.device)
+    query = _inputs.as_floats(op, names[0], qf, 2, vectors=True)  # finite rows the k-NN can square
+    gallery = _inputs.as_floats(op, names[1], gf, 2, device=query.device, vectors=True)
     if query.shape[1] != gallery.shape[1]:
         widths = f"{query.shape[1]} and {gallery.shape[1]}"
         raise ValueError(f"{names[0]} and {names[1]} must have the same feature dimension, got {widths}")
