@@ -19,8 +19,10 @@ using kreciprocal::mul_rn;
 // an absent entry adds the reference's exact 0). A is the CSR (row_ptr, cols, values), A^T the CSR
 // of its transpose (t_ptr, t_cols, t_values); both have ascending columns per row, and
 // (A + A^T)[n, c] = A[n, c] + A[c, n] is formed before it is weighted, as the reference adds the
-// dense matrices first. A 2 k2-way merge of the sources' rows; cursor: 4 * k2 scratch slots. With
-// out_cols == nullptr it only counts (the CUDA count pass). Returns the number of columns of the row.
+// dense matrices first. A 2 k2-way merge of the sources' rows, for the CUDA kernels (the CPU kernel adds
+// the same terms in the same order through a dense accumulator: PropagatedRow, gnn_rerank_cpu.cpp);
+// cursor: 4 * k2 scratch slots. With out_cols == nullptr it only counts (the CUDA count pass). Returns the
+// number of columns of the row.
 DPM_HD int64_t propagated_row(const int64_t* row_ptr, const int64_t* cols, const float* values, const int64_t* t_ptr,
                               const int64_t* t_cols, const float* t_values, const int64_t* sources,
                               const float* weights, int64_t k2, int64_t* cursor, int64_t* out_cols,
