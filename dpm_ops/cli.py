@@ -76,8 +76,8 @@ def _add_rank_parser(sub) -> None:
         "--aqe", action="store_true", help="alpha query expansion of the features first (fast-reid's TEST.AQE)"
     )
     for option, kind, what in (
-        ("k", int, "neighbours"),
-        ("alpha", float, "the weights' power"),
+        ("k", int, "neighbour count"),
+        ("alpha", float, "weight exponent"),
         ("times", int, "rounds"),
     ):
         rk.add_argument(
