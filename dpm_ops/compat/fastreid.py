@@ -103,5 +103,5 @@ def aqe(query_feat, gallery_feat, qe_times=1, qe_k=10, alpha=3.0):
     features and float32 otherwise, as theirs (dpm_ops.evaluation.alpha_query_expansion).
     The neighbours come from the exact k-NN (ties by index) instead of an N x N similarity matrix."""
     names = ("query_feat", "gallery_feat", "qe_k", "qe_times")
-    query = _inputs.as_floats("aqe", "query_feat", query_feat, 2)  # torch out, whatever came in
-    return expand_features("aqe", query, gallery_feat, qe_k, alpha, qe_times, names)
+    expanded = expand_features("aqe", query_feat, gallery_feat, qe_k, alpha, qe_times, names)
+    return tuple(torch.as_tensor(features) for features in expanded)  # torch out, whatever came in

@@ -11,13 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from dpm_ops.data import ReIDSplits
-from dpm_ops.evaluation import (
-    evaluate_rank,
-    gnn_rerank,
-    pairwise_distance,
-    re_ranking,
-    rerank_features,
-)
+from dpm_ops.evaluation import evaluate_rank, gnn_rerank, pairwise_distance, re_ranking, rerank_features
 from dpm_ops.evaluation.query_expansion import check_aqe, expand_features
 from dpm_ops.evaluation.rerank import check_rerank
 from dpm_ops.ops import masked_arccos_distance

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .._precision import compute_dtype
 from ..ops._checks import check_number
 from . import _inputs
-from .distance import knn
+from .distance import _check_tensors, knn
 
 # fast-reid's TEST.AQE defaults (QE_K 5, ALPHA 3.0, QE_TIME 1; its aqe function's own default k is 10)
 AQE_DEFAULTS = {"k": 5, "alpha": 3.0, "times": 1}
@@ -56,11 +56,7 @@ def alpha_query_expansion(qf, gf, k: int = 5, alpha: float = 3.0, times: int = 1
 def expand_features(op: str, qf, gf, k, alpha, times, names=("qf", "gf", "k", "times")):
     """alpha_query_expansion, its errors naming ``op`` and the arguments ``names`` (query, gallery, k, times):
     fast-reid's ``aqe`` drop-in (dpm_ops.compat.fastreid) names its own."""
-    query = _inputs.as_floats(op, names[0], qf, 2, vectors=True)  # finite rows the k-NN can square
-    gallery = _inputs.as_floats(op, names[1], gf, 2, device=query.device, vectors=True)
-    if query.shape[1] != gallery.shape[1]:
-        widths = f"{query.shape[1]} and {gallery.shape[1]}"
-        raise ValueError(f"{names[0]} and {names[1]} must have the same feature dimension, got {widths}")
+    query, gallery = _check_tensors(op, qf, gf, "cosine", names[:2])  # finite rows the k-NN can square
     dtype = compute_dtype(query, gallery)
     features = torch.cat([query.to(dtype), gallery.to(dtype)])
     k = _inputs.check_count(names[2], k, 1, len(features))
