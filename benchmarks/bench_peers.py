@@ -10,10 +10,13 @@
   numpy code with faiss-cpu's exact index (search_option=3) and `dpm_ops.compat.fastreid`;
 * fast-reid's alpha query expansion (aqe, its TEST.AQE defaults: 1 round, k 5, alpha 3) of the query
   and gallery features at a quarter of Market scale: its code (an N x N similarity, a numpy row loop) and
-  `dpm_ops.compat.fastreid` (the exact k-NN).
+  `dpm_ops.compat.fastreid` (the exact k-NN);
+* fast-reid's ROC report (its evaluator's TEST.ROC: evaluate_roc, sklearn's roc_curve, the TPR at FPR
+  1e-4 / 1e-3 / 1e-2) at Market-1501 scale, with its Python or its Cython (roc_cy.pyx built here)
+  evaluate_roc, and `dpm_ops.evaluation.tpr_at_fpr`.
 
 Everything runs on the CPU from numpy arrays, as the peers take them. The ratios (peer / dpm_ops,
-fastest rounds) are printed by the `bench_ratio` cases; no target is set. The peers are loaded file
+fastest rounds; the case "dpm_ops") are printed by the `bench_ratio` cases; no target is set. The peers are loaded file
 by file (benchmarks/reference/peers.py) and skipped when not installed. The smoke scale (1/25 of
 Market) keeps `pytest benchmarks/ --benchmark-disable` short; the larger scales are `slow`.
 """
@@ -28,14 +31,15 @@ from benchmarks.conftest import speedup
 from benchmarks.reference import peers
 from benchmarks.reference.synthetic_features import MARKET1501, make_reid_features, scaled
 from dpm_ops.compat import fastreid, torchreid
-from dpm_ops.evaluation import pairwise_distance
+from dpm_ops.evaluation import pairwise_distance, tpr_at_fpr
 
 SCALES = {"smoke": 0.04, "quarter market1501": 0.25, "market1501": 1.0}
 EVALUATE_SCALES = ("smoke", "market1501")
 RERANK_SCALES = ("smoke", "quarter market1501")
 JACCARD_SCALES = ("smoke", "quarter market1501")
 AQE_SCALES = ("smoke", "quarter market1501")
-DPM_OPS = "dpm_ops.compat"
+ROC_SCALES = ("smoke", "market1501")
+DPM_OPS = "dpm_ops"
 
 
 @functools.lru_cache(maxsize=1)
@@ -72,7 +76,7 @@ def aqe_inputs(scale):
 EVALUATE = {
     "torchreid python": lambda args: lambda: peers.load("torchreid_rank").evaluate_rank(*args, use_cython=False),
     "fastreid python": lambda args: lambda: peers.load("fastreid_rank").evaluate_rank(*args, use_cython=False),
-    "fastreid cython": lambda args: lambda: peers.fastreid_rank_cy().evaluate_cy(*args, 50),
+    "fastreid cython": lambda args: lambda: peers.fastreid_cython().evaluate_cy(*args, 50),
     DPM_OPS: lambda args: lambda: fastreid.evaluate_rank(*args),
 }
 RERANK = {
@@ -89,6 +93,11 @@ JACCARD = {
 AQE = {
     "fastreid": lambda args: lambda: peers.load("fastreid_query_expansion").aqe(*args, 1, 5, 3.0),
     DPM_OPS: lambda args: lambda: fastreid.aqe(*args, 1, 5, 3.0),
+}
+ROC = {  # the inputs of evaluate_rank
+    "fastreid python + sklearn": lambda args: lambda: peers.fastreid_tpr_at_fpr(*args),
+    "fastreid cython + sklearn": lambda args: lambda: peers.fastreid_tpr_at_fpr(*args, cython=True),
+    DPM_OPS: lambda args: lambda: tpr_at_fpr(*args),
 }
 
 
@@ -131,6 +140,11 @@ def bench_aqe(timed, case, scale):
     _time(timed, "aqe", case, scale, AQE[case](aqe_inputs(scale)))
 
 
+@pytest.mark.parametrize("case, scale", params(ROC, ROC_SCALES))
+def bench_tpr_at_fpr(timed, case, scale):
+    _time(timed, "tpr_at_fpr", case, scale, ROC[case](evaluate_inputs(scale)))
+
+
 RATIOS = [
     (op, peer, scale)
     for op, cases, scales in (
@@ -138,6 +152,7 @@ RATIOS = [
         ("re_ranking", RERANK, RERANK_SCALES),
         ("jaccard_distance", JACCARD, JACCARD_SCALES),
         ("aqe", AQE, AQE_SCALES),
+        ("tpr_at_fpr", ROC, ROC_SCALES),
     )
     for scale in scales
     for peer in cases
@@ -150,4 +165,4 @@ RATIOS = [
 )
 def bench_ratio(op, peer, scale):
     ratio = speedup(group_name(op, scale), DPM_OPS, baseline=peer)
-    print(f"\n{group_name(op, scale)}: dpm_ops.compat {ratio:.1f}x {peer}")
+    print(f"\n{group_name(op, scale)}: dpm_ops {ratio:.1f}x {peer}")

@@ -4,7 +4,7 @@
     dpm-reid eval  --config synthetic_dpm --weights runs/synthetic_dpm/checkpoints/final.pt
     dpm-reid export --config synthetic_dpm --weights CKPT --out model.onnx [--batch N] [--opset N]
     dpm-reid extract --config synthetic_dpm --weights CKPT --images DIR --out features.npz [--camera N]
-    dpm-reid rank --query query.npz --gallery gallery.npz [--aqe] [--rerank [kreciprocal|gnn]] [--out metrics.json]
+    dpm-reid rank --query query.npz --gallery gallery.npz [--aqe] [--rerank [kreciprocal|gnn]] [--roc] [--out F]
     dpm-reid synth --out DIR [--ids N ...]
     dpm-reid configs
     dpm-reid --version
@@ -83,6 +83,7 @@ def _add_rank_parser(sub) -> None:
         rk.add_argument(
             f"--aqe-{option}", type=kind, default=None, help=f"AQE's {what} (default {AQE_DEFAULTS[option]})"
         )
+    rk.add_argument("--roc", action="store_true", help="also the TPR at FPR 1e-4 / 1e-3 / 1e-2 (fast-reid's TEST.ROC)")
     rk.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda or cuda:N")
     rk.add_argument("--out", help="also write the metrics (and the settings) to this .json file")
 
@@ -277,7 +278,8 @@ def _rank(args) -> int:
     lambda_value = 0.3 if args.lambda_value is None else args.lambda_value
     aqe = {name: getattr(args, f"aqe_{name}") for name in AQE_DEFAULTS if getattr(args, f"aqe_{name}") is not None}
     rerank = dict(rerank=args.rerank or False, k1=args.k1, k2=args.k2, lambda_value=lambda_value)
-    metrics = rank_features(query, gallery, args.distance, aqe=aqe if args.aqe else False, device=device, **rerank)
+    aqe = aqe if args.aqe else False
+    metrics = rank_features(query, gallery, args.distance, aqe=aqe, roc=args.roc, device=device, **rerank)
     settings = metrics["settings"]
     left_out = settings["gallery_without_identity"]
     steps = (", alpha query expansion" if args.aqe else "") + (f", re-ranked ({args.rerank})" if args.rerank else "")

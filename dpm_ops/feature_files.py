@@ -35,6 +35,7 @@ from .engine.scoring import DISTANCES, check_reranking, compute_distances, rank_
 from .evaluation._inputs import check_choice, check_count
 from .evaluation.query_expansion import check_aqe
 from .export import ExportError, check_int, check_output_path, model_input_size, model_kind
+from .ops._checks import check_flag
 
 NPZ_ARRAYS = ("paths", "features", "pids", "camids", "model", "distance")  # and "masks" (DPM)
 UNKNOWN_PID = -1  # extract's pid of a name that is not Market-style; Market's own junk images
@@ -342,6 +343,7 @@ def rank_features(
     k2: int | None = None,
     lambda_value: float = 0.3,
     max_rank: int = 50,
+    roc: bool = False,
     device="cpu",
 ) -> dict:
     """``{"all": {rank1, rank5, rank10, mAP, mINP, num_query, num_valid, cmc}, "settings": {...}}`` (percent)
@@ -349,7 +351,8 @@ def rank_features(
     model's test distance (DPM's masked arccos, with the query's mask), Market's protocol (a gallery item of
     the query's identity and camera does not count). Gallery items without an identity (pid -1: extract's
     names that are not Market-style, Market's junk images) are left out; every query needs one. ``aqe``
-    and ``rerank``: as for ``evaluate_model`` (alpha query expansion over the queries and the kept gallery)."""
+    and ``rerank``: as for ``evaluate_model`` (alpha query expansion over the queries and the kept gallery);
+    ``roc``: also fast-reid's TPR@FPR report (``tpr_at_fpr``, percent)."""
     if query.model != gallery.model:
         raise ValueError(f"query and gallery come from different models: {query.model} and {gallery.model}")
     width = (query.features.features.shape[1], gallery.features.features.shape[1])
@@ -359,6 +362,7 @@ def rank_features(
     method, k1, k2, lambda_value = check_reranking(rerank, k1, k2, lambda_value, metric)
     expansion = check_aqe(aqe)
     check_count("max_rank", max_rank, 1)
+    check_flag(None, "roc", roc)
     unknown = int((query.features.pids == UNKNOWN_PID).sum())
     if unknown:
         raise ValueError(
@@ -371,13 +375,14 @@ def rank_features(
     options = dict(k1=k1, k2=k2, lambda_value=lambda_value)
     steps = dict(aqe=expansion or False, rerank=method or False)
     distmat = compute_distances(query.features, kept, metric, device=device, **steps, **options)
-    metrics = rank_metrics(distmat, query.features, kept, max_rank=min(max_rank, len(kept)))
+    metrics = rank_metrics(distmat, query.features, kept, max_rank=min(max_rank, len(kept)), roc=roc)
     settings = dict(
         model=query.model,
         distance=metric,
         rerank=method is not None,
         **(dict(rerank_method=method, **options) if method else {}),
         aqe=expansion or False,
+        roc=bool(roc),
         num_gallery=len(kept),
         gallery_without_identity=len(gallery.features) - len(kept),
     )

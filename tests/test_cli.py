@@ -173,11 +173,15 @@ def test_a_runs_config_yaml_evaluates_its_final_pt_to_its_metrics(tmp_path, tiny
     else:
         settings = json.loads((tmp_path / "gnn" / "metrics.json").read_text())["settings"]
         assert code == 0 and (settings["rerank_method"], settings["k1"], settings["k2"]) == ("gnn", 26, 7)
-    # alpha query expansion through the config (fast-reid's TEST.AQE keys), its settings recorded
+    # alpha query expansion and the TPR@FPR report through the config (fast-reid's TEST.AQE and TEST.ROC),
+    # their settings recorded, the TPRs in the printed table
     argv[-1] = str(tmp_path / "aqe")
-    assert main([*argv, "eval.aqe=true", "eval.aqe_k=3"]) == 0
-    settings = json.loads((tmp_path / "aqe" / "metrics.json").read_text())["settings"]
-    assert settings["aqe"] == dict(k=3, alpha=3.0, times=1)
+    capsys.readouterr()
+    assert main([*argv, "eval.aqe=true", "eval.aqe_k=3", "eval.roc=true"]) == 0
+    written = json.loads((tmp_path / "aqe" / "metrics.json").read_text())
+    assert written["settings"]["aqe"] == dict(k=3, alpha=3.0, times=1) and written["settings"]["roc"] is True
+    assert set(written["all"]["tpr_at_fpr"]) == {"1e-04", "1e-03", "1e-02"}
+    assert "TPR@1e-04" in capsys.readouterr().out
 
 
 def test_train_generates_a_missing_synthetic_set(tmp_path, capsys):

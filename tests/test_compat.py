@@ -139,7 +139,7 @@ def test_market1501_matches_peer_python(case, max_rank, peer):
 def test_market1501_matches_fastreid_cython(case, max_rank):
     # float32 distances: the Cython code casts to float32 (test_float64_distances_are_not_rounded).
     args = labelled_case(*case, dtype=np.float32)
-    cmc, all_AP, all_INP = peers.fastreid_rank_cy().evaluate_cy(*args, max_rank)
+    cmc, all_AP, all_INP = peers.fastreid_cython().evaluate_cy(*args, max_rank)
     ours = fastreid.evaluate_rank(*args, max_rank=max_rank)
     # Past a query's kept items their CMC reads a stale buffer (test_fastreid_cython_stale_cmc).
     valid_length = min(len(cmc), min_kept(*args))
@@ -163,7 +163,7 @@ def deterministic_cuhk03_case(seed):
 def test_cuhk03_matches_peers(seed, max_rank):
     args = deterministic_cuhk03_case(seed)
     expected = [peers.load(f"{peer}_rank").eval_cuhk03(*args, max_rank) for peer in ("torchreid", "fastreid")]
-    expected.append(peers.fastreid_rank_cy().evaluate_cy(*args, max_rank, use_metric_cuhk03=True))
+    expected.append(peers.fastreid_cython().evaluate_cy(*args, max_rank, use_metric_cuhk03=True))
     for compat in (torchreid, fastreid):
         cmc, mAP = compat.evaluate_rank(*args, max_rank=max_rank, use_metric_cuhk03=True)
         assert type(mAP) is type(expected[0][1]) is np.float64  # their Python's np.mean
@@ -178,7 +178,7 @@ def test_cuhk03_map_matches_peers(case):
     # is that of the whole kept gallery.
     args = labelled_case(*case, dtype=np.float32)
     expected = [peers.load(f"{peer}_rank").eval_cuhk03(*args, 50)[1] for peer in ("torchreid", "fastreid")]
-    cmc_cy, map_cy = peers.fastreid_rank_cy().evaluate_cy(*args, 50, use_metric_cuhk03=True)
+    cmc_cy, map_cy = peers.fastreid_cython().evaluate_cy(*args, 50, use_metric_cuhk03=True)
     expected.append(map_cy)
     cmc, mAP = torchreid.evaluate_rank(*args, use_metric_cuhk03=True)
     # Past the number of gallery identities their Cython CMC drops to 0; ours stays at 1.
@@ -196,7 +196,7 @@ def test_fastreid_cython_stale_cmc():
     # first: they write [1, 1] and read the stale 0 at rank 3. The CMC stays at 1 past the kept items.
     distmat = np.array([[0.1, 0.2, 0.3, 0.4], [0.1, 0.2, 0.3, 0.4]], np.float32)
     args = distmat, np.array([1, 2]), np.array([2, 2, 2, 1]), np.array([0, 0]), np.array([1, 0, 0, 1])
-    cmc_cy = peers.fastreid_rank_cy().evaluate_cy(*args, 4)[0]
+    cmc_cy = peers.fastreid_cython().evaluate_cy(*args, 4)[0]
     np.testing.assert_array_equal(cmc_cy, [0.5, 0.5, 0.0, 1.0])
     np.testing.assert_array_equal(fastreid.evaluate_rank(*args, max_rank=4)[0], [0.5, 0.5, 0.5, 1.0])
     np.testing.assert_array_equal(torchreid.evaluate_rank(*args, max_rank=4)[0], [0.5, 0.5, 0.5, 1.0])

@@ -212,7 +212,16 @@ def test_evaluation_keys():
     assert {k: eval_section[k] for k in ("aqe", "aqe_k", "aqe_alpha", "aqe_times")} == dict(
         aqe=False, aqe_k=5, aqe_alpha=3.0, aqe_times=1
     )
-    for override in ("eval.aqe_k=0", "eval.aqe_times=0", "eval.aqe_alpha=.nan", "eval.aqe_alpha=-1", "eval.aqe=maybe"):
+    assert eval_section["roc"] is False  # fast-reid's TEST.ROC.ENABLED
+    bad = (
+        "eval.aqe_k=0",
+        "eval.aqe_times=0",
+        "eval.aqe_alpha=.nan",
+        "eval.aqe_alpha=-1",
+        "eval.aqe=maybe",
+        "eval.roc=2",
+    )
+    for override in bad:
         with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
             load_config(None, [override])
 

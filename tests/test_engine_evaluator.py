@@ -31,6 +31,7 @@ from dpm_ops.evaluation import (
     pairwise_distance,
     re_ranking,
     rerank_features,
+    tpr_at_fpr,
 )
 from dpm_ops.models import build_model
 from dpm_ops.ops import masked_arccos_distance
@@ -310,6 +311,29 @@ def test_aqe_path(splits, tmp_path):
     ):
         with pytest.raises(ValueError, match=rf"^{message}"):  # before any extraction
             evaluate_model(model, splits, model_name="dpm", aqe=aqe, **options)
+
+
+def test_roc_report(splits, tmp_path):
+    # fast-reid's TPR@FPR of each query subset on the model's test distance, and "roc" in the settings
+    options = dict(image_size=(64, 32), batch_size=8, pictures=False, progress=False)
+    model = tiny_model("dpm")
+    q, g = (
+        extract_features(model, loader_for(splits, records, "dpm"), model_name="dpm", progress=False)
+        for records in (splits.query, splits.gallery)
+    )
+    distmat = masked_arccos_distance(q.features, q.masks, g.features)
+    metrics = evaluate_model(model, splits, model_name="dpm", roc=True, out_dir=tmp_path, **options)
+    subsets = query_subsets(splits, splits.query)
+    assert set(metrics) == {"all", "clean", "occluded"}
+    for name, rows in (("all", torch.arange(len(q.pids))), *subsets.items()):
+        labels = (q.pids[rows], g.pids, q.camids[rows], g.camids)
+        expected = dict(zip(("1e-04", "1e-03", "1e-02"), 100.0 * tpr_at_fpr(distmat[rows], *labels)))
+        assert metrics[name]["tpr_at_fpr"] == pytest.approx(expected), name
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["all"]["tpr_at_fpr"] == metrics["all"]["tpr_at_fpr"] and written["settings"]["roc"] is True
+    assert "tpr_at_fpr" not in evaluate_model(model, splits, model_name="dpm", **options)["all"]
+    with pytest.raises(ValueError, match=r"^roc must be True or False, got 'yes'"):  # before any extraction
+        evaluate_model(model, splits, model_name="dpm", roc="yes", **options)
 
 
 def test_distance_choices():

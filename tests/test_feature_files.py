@@ -96,6 +96,7 @@ def test_rank_command_prints_the_table_and_writes_the_metrics(extracted, tmp_pat
         distance="masked_arccos",
         rerank=False,
         aqe=False,
+        roc=False,
         num_gallery=written["settings"]["num_gallery"],
         gallery_without_identity=0,
     )
@@ -117,6 +118,19 @@ def test_rank_command_prints_the_table_and_writes_the_metrics(extracted, tmp_pat
         ["rank", "--query", str(query_file), "--gallery", str(gallery_file), "--rerank", "gnn"]
     )  # masked arccos
     assert_one_line_error(capsys, code, "rerank 'gnn' ranks by the cosine of the features and has no form for DPM's")
+
+
+def test_rank_command_reports_tpr_at_fpr_with_roc(extracted, tmp_path, capsys):
+    query_file, gallery_file, *_ = extracted["vit_baseline"]
+    out = tmp_path / "roc.json"
+    assert main(["rank", "--query", str(query_file), "--gallery", str(gallery_file), "--roc", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[-3:] == ["TPR@1e-04", "TPR@1e-03", "TPR@1e-02"]
+    query, gallery = load_features_npz(query_file), load_features_npz(gallery_file)
+    distmat = pairwise_distance(query.features.features, gallery.features.features)
+    expected = rank_metrics(distmat, query.features, gallery.features, roc=True)
+    written = json.loads(out.read_text())
+    assert written["all"]["tpr_at_fpr"] == pytest.approx(expected["all"]["tpr_at_fpr"])
+    assert written["settings"]["roc"] is True
 
 
 def test_rank_command_expands_the_queries_first_with_aqe(extracted, tmp_path, capsys):

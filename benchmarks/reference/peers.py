@@ -6,7 +6,7 @@ imported: `find_spec` of a top-level package locates its directory without runni
 rank.py files try to import their Cython `evaluate_cy` and fall back to Python on ImportError;
 loaded this way that import fails (torchreid's absolute import is blocked while the file runs,
 fast-reid's relative one has no parent package), so the modules' `evaluate_rank` is the Python
-code. fast-reid ships rank_cy.pyx; `fastreid_rank_cy()` compiles it with Cython and returns the
+code. fast-reid ships rank_cy.pyx (and roc_cy.pyx); `fastreid_cython()` compiles one with Cython and returns the
 extension module (its `evaluate_cy` is what fast-reid's `evaluate_rank` calls when the Cython is
 built). torchreid 0.2.5's sdist ships no rank_cy.pyx, so its users always run the Python code.
 
@@ -24,6 +24,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 VERSIONS = {"torchreid": "0.2.5", "fastreid": "1.4.0"}
@@ -102,8 +103,9 @@ def fastreid_compute_dist():
 
 
 @functools.cache
-def fastreid_rank_cy():
-    """fast-reid's rank_cy.pyx compiled (once per source, Cython and numpy version, in the temp dir)."""
+def fastreid_cython(name: str = "rank_cy"):
+    """fast-reid's rank_cylib/<name>.pyx ("rank_cy": evaluate_cy; "roc_cy": evaluate_roc_cy, which imports
+    faiss) compiled (once per source, Cython and numpy version, in the temp dir) and loaded."""
     reason = missing_reason("fastreid")
     if reason:
         pytest.skip(reason)
@@ -113,24 +115,42 @@ def fastreid_rank_cy():
         pytest.skip(f"Cython is not installed ({INSTALL_HINT})")
     import numpy
 
-    source = package_dir("fastreid") / "evaluation/rank_cylib/rank_cy.pyx"
+    source = package_dir("fastreid") / f"evaluation/rank_cylib/{name}.pyx"
     key = hashlib.sha256(source.read_bytes() + f"{Cython.__version__} {numpy.__version__} {sys.version}".encode())
-    build_dir = Path(tempfile.gettempdir()) / f"dpm_ops-fastreid-rank_cy-{key.hexdigest()[:16]}"
-    built = list(build_dir.glob("rank_cy*.so"))
+    build_dir = Path(tempfile.gettempdir()) / f"dpm_ops-fastreid-{name}-{key.hexdigest()[:16]}"
+    built = list(build_dir.glob(f"{name}*.so"))
     if not built:
         build_dir.mkdir(exist_ok=True)
-        (build_dir / "rank_cy.pyx").write_bytes(source.read_bytes())
+        (build_dir / f"{name}.pyx").write_bytes(source.read_bytes())
         setup = (
             "from setuptools import Extension, setup; from Cython.Build import cythonize; import numpy; "
-            "setup(ext_modules=cythonize([Extension('rank_cy', ['rank_cy.pyx'], "
+            f"setup(ext_modules=cythonize([Extension('{name}', ['{name}.pyx'], "
             "include_dirs=[numpy.get_include()])], quiet=True), script_args=['build_ext', '--inplace'])"
         )
         done = subprocess.run([sys.executable, "-c", setup], cwd=build_dir, capture_output=True, text=True)
         if done.returncode:
-            raise RuntimeError(f"building fast-reid's rank_cy.pyx failed:\n{done.stderr[-4000:]}")
-        built = list(build_dir.glob("rank_cy*.so"))
-    loader = importlib.machinery.ExtensionFileLoader("rank_cy", str(built[0]))
-    spec = importlib.util.spec_from_file_location("rank_cy", built[0], loader=loader)
+            raise RuntimeError(f"building fast-reid's {name}.pyx failed:\n{done.stderr[-4000:]}")
+        built = list(build_dir.glob(f"{name}*.so"))
+    loader = importlib.machinery.ExtensionFileLoader(name, str(built[0]))
+    spec = importlib.util.spec_from_file_location(name, built[0], loader=loader)
     module = importlib.util.module_from_spec(spec)
     loader.exec_module(module)
     return module
+
+
+def fastreid_tpr_at_fpr(distmat, q_pids, g_pids, q_camids, g_camids, fprs=(1e-4, 1e-3, 1e-2), cython=False):
+    """fast-reid's ReidEvaluator with TEST.ROC.ENABLED: its evaluate_roc (the Python code, or its Cython
+    roc_cy), the real sklearn roc_curve, and the TPR of the first point nearest each FPR (numpy float64)."""
+    try:
+        from sklearn import metrics
+    except ImportError:
+        pytest.skip(f"scikit-learn is not installed ({INSTALL_HINT})")
+    if cython:
+        scores, labels = fastreid_cython("roc_cy").evaluate_roc_cy(distmat, q_pids, g_pids, q_camids, g_camids)
+    else:
+        roc = load("fastreid_roc")
+        scores, labels = roc.evaluate_roc(distmat, q_pids, g_pids, q_camids, g_camids, use_cython=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn's warning for a curve without negatives or positives
+        fpr_curve, tpr_curve, _ = metrics.roc_curve(labels, scores)
+    return np.array([tpr_curve[np.argmin(np.abs(fpr_curve - fpr))] for fpr in fprs])

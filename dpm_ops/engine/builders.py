@@ -344,6 +344,7 @@ def evaluate_with_config(
         num_repeats=ev["cuhk03_repeats"],
         seed=ev["cuhk03_seed"],
         multi_query=ev["multi_query"],
+        roc=ev["roc"],
         out_dir=str(out_dir) if out_dir is not None and info.is_main else None,
         pictures=ev["pictures"] if pictures is None else pictures,
         progress=progress,

@@ -202,6 +202,8 @@ SCHEMA: dict = {
         "cuhk03_seed": _f(0, int, bounds=SEED),
         # Market-1501 multi-query: pool the query's identity's gt_bbox boxes under its camera
         "multi_query": _f("off", str, MULTI_QUERY),
+        # also fast-reid's TPR at FPR 1e-4 / 1e-3 / 1e-2 (its TEST.ROC.ENABLED; sklearn's ROC curve, exactly)
+        "roc": _f(False, bool),
     },
 }
 

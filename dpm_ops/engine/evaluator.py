@@ -111,6 +111,7 @@ def evaluate_model(
     num_repeats: int = 10,
     seed: int = 0,
     multi_query: str = "off",
+    roc: bool = False,
     out_dir: Optional[str] = None,
     pictures: bool = True,
     progress: bool = True,
@@ -127,7 +128,8 @@ def evaluate_model(
     ``protocol`` / ``num_repeats`` / ``seed``: as in ``evaluate_rank`` ("cuhk03": CUHK03's
     single-gallery-shot CMC). ``multi_query`` "avg" / "max": Market-1501 multi-query, each query
     pooled with the ``splits.multi_query`` (gt_bbox) images of its pid and camera
-    (:func:`pool_multi_query`). Returns ``{"all": {...}, "clean": {...}, "occluded": {...}}``
+    (:func:`pool_multi_query`). ``roc``: also fast-reid's TPR@FPR report (TEST.ROC; percent, ``tpr_at_fpr``
+    of each subset: its ``roc_report``). Returns ``{"all": {...}, "clean": {...}, "occluded": {...}}``
     (clean/occluded: query subsets against the same gallery, present when the dataset labels
     occlusion), each with rank1, rank5, rank10, mAP, mINP (percent), num_query, num_valid and the
     CMC curve ``cmc`` (max_rank values, percent). With ``out_dir``: writes ``metrics.json`` (atomically;
@@ -141,6 +143,7 @@ def evaluate_model(
     _check_options(splits, model_name, max_rank, batch_size, protocol, num_repeats, seed, multi_query)
     method, k1, k2, lambda_value = check_reranking(rerank, k1, k2, lambda_value, metric)
     expansion = _check_aqe(aqe, splits)
+    check_flag(None, "roc", roc)
     _check_late_options(device, out_dir, pictures, progress)
     transform = recipe.test_transform(image_size)
     common = dict(batch_size=batch_size, num_workers=num_workers, device=device, amp_dtype=amp_dtype, progress=progress)
@@ -151,14 +154,14 @@ def evaluate_model(
     scoring = dict(aqe=expansion or False, rerank=method or False, k1=k1, k2=k2, lambda_value=lambda_value)
     distmat = compute_distances(query, gallery, metric, device=device, **scoring)
     subsets = query_subsets(splits, splits.query)
-    metrics = rank_metrics(distmat, query, gallery, subsets, max_rank, protocol, num_repeats, seed)
+    metrics = rank_metrics(distmat, query, gallery, subsets, max_rank, protocol, num_repeats, seed, roc)
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
         protocol_options = dict(max_rank=max_rank, protocol=protocol, multi_query=multi_query)
         if protocol == "cuhk03":
             protocol_options.update(num_repeats=num_repeats, seed=seed)
         settings = _settings(model_name, splits.name, metric, recipe.test_input_size(image_size), amp_dtype, scoring)
-        settings.update(num_query=len(query), num_gallery=len(gallery), **protocol_options)
+        settings.update(num_query=len(query), num_gallery=len(gallery), roc=bool(roc), **protocol_options)
         write_json_atomic(os.path.join(out_dir, "metrics.json"), {**metrics, "settings": settings})
         if pictures:
             context = dict(model=model, splits=splits, model_name=model_name, transform=transform, device=device)

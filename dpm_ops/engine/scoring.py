@@ -1,6 +1,6 @@
 """Scoring for the evaluation engine: the test distance of each model (its recipe's, or one asked
-for), optional alpha query expansion and re-ranking, and CMC / mAP / mINP on all, clean and occluded
-queries."""
+for), optional alpha query expansion and re-ranking, and CMC / mAP / mINP (and optionally fast-reid's
+TPR@FPR) on all, clean and occluded queries."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from dpm_ops.data import ReIDSplits
 from dpm_ops.evaluation import evaluate_rank, gnn_rerank, pairwise_distance, re_ranking, rerank_features
 from dpm_ops.evaluation.query_expansion import check_aqe, expand_features
 from dpm_ops.evaluation.rerank import check_rerank
+from dpm_ops.evaluation.roc import ROC_FPRS, tpr_at_fpr
 from dpm_ops.ops import masked_arccos_distance
 
 from .extraction import FeatureSet
@@ -106,21 +107,14 @@ def compute_distances(
 
 
 def _subset_metrics(
-    distmat, query: FeatureSet, gallery: FeatureSet, rows: Optional[torch.Tensor], max_rank: int, options: dict
+    distmat, query: FeatureSet, gallery: FeatureSet, rows: Optional[torch.Tensor], max_rank: int, options: dict, roc
 ) -> Optional[dict]:
     q_pids, q_camids = query.pids, query.camids
     if rows is not None:
         distmat, q_pids, q_camids = distmat[rows.to(distmat.device)], q_pids[rows], q_camids[rows]
     device = distmat.device
-    result = evaluate_rank(
-        distmat,
-        q_pids.to(device),
-        gallery.pids.to(device),
-        q_camids.to(device),
-        gallery.camids.to(device),
-        max_rank=max_rank,
-        **options,
-    )
+    labels = (q_pids.to(device), gallery.pids.to(device), q_camids.to(device), gallery.camids.to(device))
+    result = evaluate_rank(distmat, *labels, max_rank=max_rank, **options)
     cmc = [100.0 * float(v) for v in result.cmc]
     # A gallery smaller than max_rank cuts the CMC to its size, past which it would stay at its last value.
     rank = {k: cmc[min(k, len(cmc)) - 1] if len(cmc) == len(gallery.pids) else cmc[k - 1] for k in (1, 5, 10)}
@@ -133,7 +127,26 @@ def _subset_metrics(
         "num_query": int(len(q_pids)),
         "num_valid": int(result.num_valid),
         "cmc": cmc,
+        **(_roc_entry(distmat, labels) if roc else {}),
     }
+
+
+def roc_report(distmat, q_pids, g_pids, q_camids, g_camids) -> dict:
+    """fast-reid's TEST.ROC report, in percent: {"1e-04": TPR, "1e-03": ..., "1e-02": ...} (the numbers of
+    its "TPR@FPR={:.0e}" keys)."""
+    tprs = tpr_at_fpr(distmat, q_pids, g_pids, q_camids, g_camids, ROC_FPRS)
+    return {f"{fpr:.0e}": 100.0 * float(tpr) for fpr, tpr in zip(ROC_FPRS, tprs)}
+
+
+def _roc_entry(distmat, labels) -> dict:
+    """{"tpr_at_fpr": roc_report}, or nothing (with a warning) where every kept gallery item matches."""
+    try:
+        return {"tpr_at_fpr": roc_report(distmat, *labels)}
+    except ValueError as error:
+        if "non-match in the gallery" not in str(error):
+            raise
+        warnings.warn(f"TPR@FPR left out: {error}", stacklevel=4)
+        return {}
 
 
 def query_subsets(splits: ReIDSplits, query_records) -> dict:
@@ -155,19 +168,20 @@ def rank_metrics(
     protocol: str = "market1501",
     num_repeats: int = 10,
     seed: int = 0,
+    roc: bool = False,
 ) -> dict:
     """{"all": {...}, "clean": {...}, "occluded": {...}} (percent) from a (Q, G) distance matrix;
-    protocol / num_repeats / seed as in ``evaluate_rank``.
+    protocol / num_repeats / seed as in ``evaluate_rank``; ``roc``: each with ``tpr_at_fpr`` (roc_report).
 
     A subset with no query, or with no query that has a match, is left out (with a warning for
     the latter)."""
     options = dict(protocol=protocol, num_repeats=num_repeats, seed=seed)
-    metrics = {"all": _subset_metrics(distmat, query, gallery, None, max_rank, options)}
+    metrics = {"all": _subset_metrics(distmat, query, gallery, None, max_rank, options, roc)}
     for name, rows in (subsets or {}).items():
         if len(rows) == 0:
             continue
         try:
-            metrics[name] = _subset_metrics(distmat, query, gallery, rows, max_rank, options)
+            metrics[name] = _subset_metrics(distmat, query, gallery, rows, max_rank, options, roc)
         except ValueError as error:
             if "no query has a match" not in str(error):
                 raise
@@ -177,20 +191,25 @@ def rank_metrics(
 
 def format_metrics_table(metrics: dict) -> str:
     """A plain-text table: one row per query subset (``all``, ``clean``, ``occluded``, ...),
-    columns Rank-1 / Rank-5 / Rank-10 / mAP / mINP (percent) and the number of queries."""
+    columns Rank-1 / Rank-5 / Rank-10 / mAP / mINP (percent), the number of queries and, where the
+    metrics have them, the TPRs at fast-reid's FPRs (percent)."""
     if not isinstance(metrics, dict):
         raise ValueError(f"metrics must be the dict evaluate_model returns, got {type(metrics).__name__}")
     rows = [(name, values) for name, values in metrics.items() if isinstance(values, dict) and "mAP" in values]
     if not rows:
         raise ValueError("metrics holds no subset (a dict with rank1 / rank5 / rank10 / mAP / mINP / num_query)")
+    fprs = list(dict.fromkeys(fpr for _, values in rows for fpr in values.get("tpr_at_fpr", {})))
     header = f"{'queries':<10}{'Rank-1':>8}{'Rank-5':>8}{'Rank-10':>9}{'mAP':>8}{'mINP':>8}{'#queries':>10}"
+    header += "".join(f"{'TPR@' + fpr:>11}" for fpr in fprs)
     lines = [header, "-" * len(header)]
     for name, values in rows:
         try:
+            tprs = values.get("tpr_at_fpr", {})
             lines.append(
                 f"{name:<10}{values['rank1']:>8.1f}{values['rank5']:>8.1f}{values['rank10']:>9.1f}"
                 f"{values['mAP']:>8.1f}{values['mINP']:>8.1f}{values['num_query']:>10d}"
+                + "".join(f"{tprs[fpr]:>11.1f}" if fpr in tprs else f"{'-':>11}" for fpr in fprs)
             )
-        except (KeyError, TypeError, ValueError) as error:
+        except (AttributeError, KeyError, TypeError, ValueError) as error:
             raise ValueError(f"metrics[{name!r}] is malformed: {error!r}") from error
     return "\n".join(lines)

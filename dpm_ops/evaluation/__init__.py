@@ -1,5 +1,5 @@
 """Re-ID evaluation: distances, exact k-NN, Market-1501 CMC/mAP/mINP, k-reciprocal and GNN
-re-ranking, alpha query expansion.
+re-ranking, alpha query expansion, fast-reid's TPR@FPR.
 
 All functions take numpy arrays or torch tensors (CPU or CUDA); see each docstring for the
 exact semantics and tie rules.
@@ -10,6 +10,7 @@ from .rank import AP_MODES, PROTOCOLS, RankResult, evaluate_rank
 from .gnn_rerank import gnn_rerank
 from .query_expansion import alpha_query_expansion
 from .rerank import ORIENTATIONS, RERANK_METHODS, jaccard_distance, re_ranking, rerank_features
+from .roc import ROC_FPRS, tpr_at_fpr
 
 __all__ = [
     "AP_MODES",
@@ -17,6 +18,7 @@ __all__ = [
     "ORIENTATIONS",
     "PROTOCOLS",
     "RERANK_METHODS",
+    "ROC_FPRS",
     "RankResult",
     "alpha_query_expansion",
     "evaluate_rank",
@@ -26,4 +28,5 @@ __all__ = [
     "pairwise_distance",
     "re_ranking",
     "rerank_features",
+    "tpr_at_fpr",
 ]
