@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import dpm_ops
+from benchmarks.reference import peers
 from conftest import README, readme_python_blocks, readme_section
 from dpm_ops.cli import main
 from dpm_ops.engine import CheckpointError, load_checkpoint, load_config
@@ -194,6 +195,10 @@ def test_models_losses_data_evaluation(tmp_path, monkeypatch, capsys):
     assert ns["reranked"].shape == (6, 60)
     np.testing.assert_allclose(np.asarray(ns["reranked"]), expected_reranked, rtol=0, atol=1e-5)
     assert not np.allclose(expected_reranked, namespace["distmat"], atol=1e-2)  # re-ranking changed them
+    # fast-reid's TEST.ROC numbers: its evaluate_roc, sklearn's roc_curve and its evaluator's pick
+    assert ns["tprs"].shape == (3,)
+    want = peers.fastreid_tpr_at_fpr(*(namespace[k] for k in EVALUATE_RANK_ARGUMENTS))
+    np.testing.assert_array_equal(ns["tprs"], want)
 
 
 def test_torchreid_and_fastreid_drop_ins():

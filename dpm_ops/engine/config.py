@@ -188,8 +188,7 @@ SCHEMA: dict = {
         "rerank": _f(False, bool),
         # kreciprocal: Zhong et al. (CVPR 2017); gnn: Zhang et al.'s GNN re-ranking (cosine of the features)
         "rerank_method": _f("kreciprocal", str, RERANK_METHODS),
-        # None: the method's defaults (kreciprocal 20 / 6, gnn 26 / 7)
-        "k1": _f(None, int, nullable=True, bounds=AT_LEAST_1),
+        "k1": _f(None, int, nullable=True, bounds=AT_LEAST_1),  # None: the method's (kreciprocal 20 / 6, gnn 26 / 7)
         "k2": _f(None, int, nullable=True, bounds=AT_LEAST_1),
         "lambda_value": _f(0.3, float, bounds=SHARE),
         "max_rank": _f(50, int, bounds=Bounds(10)),  # Rank-10 is reported
@@ -202,8 +201,7 @@ SCHEMA: dict = {
         "cuhk03_seed": _f(0, int, bounds=SEED),
         # Market-1501 multi-query: pool the query's identity's gt_bbox boxes under its camera
         "multi_query": _f("off", str, MULTI_QUERY),
-        # also fast-reid's TPR at FPR 1e-4 / 1e-3 / 1e-2 (its TEST.ROC.ENABLED; sklearn's ROC curve, exactly)
-        "roc": _f(False, bool),
+        "roc": _f(False, bool),  # also fast-reid's TPR at FPR 1e-4 / 1e-3 / 1e-2 (its TEST.ROC.ENABLED)
     },
 }
 
