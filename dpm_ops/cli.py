@@ -252,6 +252,7 @@ def _extract(args) -> int:
         num_workers=ev["num_workers"],
         device=device,
         amp_dtype=resolve_amp(ev["amp"], device),
+        flip=ev["flip"],
         progress=config["train"]["progress"],
     )
     save_features_npz(out, features, model)

@@ -79,6 +79,7 @@ def extract_folder(
     num_workers: int = 0,
     device=None,
     amp_dtype: Optional[torch.dtype] = None,
+    flip: bool = False,
     progress: bool = True,
 ) -> FeatureSet:
     """Features of every image under ``folder`` (:func:`find_images`), with the model's test
@@ -89,7 +90,8 @@ def extract_folder(
     name is not one. A model with a camera embedding needs every image's camera: from the names, or
     ``camid`` (0-based) for all of them. MaskReID reads each image's foreground mask from the
     ``<folder>_seg`` mirror tree (``.png``, the dataset layout of ``dpm_ops.data.masks``).
-    ``image_size`` as in :func:`export_onnx`. ``device``: the model's by default.
+    ``image_size`` as in :func:`export_onnx`. ``device``: the model's by default. ``flip``: flip test-time
+    augmentation, as the evaluator's (``eval.flip``).
     """
     kind = model_kind(model)
     size = model_input_size(model, kind, image_size)
@@ -126,7 +128,8 @@ def extract_folder(
         ImageRecord(path, pid, -1 if camera is None else camera) for path, (pid, camera) in zip(absolute, labels)
     ]
     dataset = ImageDataset(records, eval_transform(kind, size), mask_paths=mask_paths)
-    features = _extract(model, kind, dataset, batch_size, num_workers, device, amp_dtype, progress, normalize=True)
+    options = dict(amp_dtype=amp_dtype, flip=flip, progress=progress, normalize=True)
+    features = _extract(model, kind, dataset, batch_size, num_workers, device, **options)
     return dataclasses.replace(features, paths=relative)
 
 
@@ -141,6 +144,7 @@ def extract_images(
     device=None,
     amp_dtype: Optional[torch.dtype] = None,
     normalize: bool = True,
+    flip: bool = False,
     progress: bool = False,
 ) -> FeatureSet:
     """Features of images given one by one, e.g. a tracker's person crops, as :func:`extract_folder`
@@ -148,7 +152,8 @@ def extract_images(
     uint8 arrays (:func:`dpm_ops.data.image_io.as_rgb`), or one of them. ``camids``: each image's
     0-based camera, or one int for all (a model with a camera embedding needs them). ``masks``:
     MaskReID's foreground mask of each image (paths, PIL images or (H, W) bool / uint8 arrays of the
-    image's size). ``normalize=False``: the eval forward's features as they are (not L2-normalised).
+    image's size). ``normalize=False``: the eval forward's features as they are (not L2-normalised). ``flip``:
+    flip test-time augmentation (:func:`extract_folder`).
     The result's ``paths`` are the given paths, or ``images[i]``; its ``pids`` are -1.
     """
     kind = model_kind(model)
@@ -173,7 +178,7 @@ def extract_images(
         decoded_masks = [as_mask(m, f"masks[{i}]", image.size) for i, (m, image) in enumerate(zip(masks, decoded))]
     records = [ImageRecord(name, -1, camera) for name, camera in zip(names, cameras)]
     dataset = DecodedImages(records, decoded, eval_transform(kind, size), masks=decoded_masks)
-    return _extract(model, kind, dataset, batch_size, 0, device, amp_dtype, progress, normalize)
+    return _extract(model, kind, dataset, batch_size, 0, device, amp_dtype, flip, progress, normalize)
 
 
 def _listed(items, name: str, item_ndim: int) -> list:
@@ -220,7 +225,9 @@ def _check_cameras_in_range(model: torch.nn.Module, names: Sequence[str], camera
             )
 
 
-def _extract(model, kind: str, dataset, batch_size, num_workers, device, amp_dtype, progress, normalize) -> FeatureSet:
+def _extract(
+    model, kind: str, dataset, batch_size, num_workers, device, amp_dtype, flip, progress, normalize
+) -> FeatureSet:
     """:func:`~dpm_ops.engine.extraction.extract_features` over ``dataset`` on ``device`` (default: the model's)."""
     try:
         device = as_device(device) if device is not None else next(model.parameters()).device
@@ -233,6 +240,7 @@ def _extract(model, kind: str, dataset, batch_size, num_workers, device, amp_dty
         model_name=kind,
         device=device,
         amp_dtype=amp_dtype,
+        flip=flip,
         progress=progress,
         normalize=normalize,
         desc="extract",
@@ -362,7 +370,7 @@ def rank_features(
     method, k1, k2, lambda_value = check_reranking(rerank, k1, k2, lambda_value, metric)
     expansion = check_aqe(aqe)
     check_count("max_rank", max_rank, 1)
-    check_flag(None, "roc", roc)
+    roc = check_flag(None, "roc", roc)
     unknown = int((query.features.pids == UNKNOWN_PID).sum())
     if unknown:
         raise ValueError(
@@ -382,7 +390,7 @@ def rank_features(
         rerank=method is not None,
         **(dict(rerank_method=method, **options) if method else {}),
         aqe=expansion or False,
-        roc=bool(roc),
+        roc=roc,
         num_gallery=len(kept),
         gallery_without_identity=len(gallery.features) - len(kept),
     )

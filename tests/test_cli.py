@@ -754,13 +754,11 @@ def test_extract_passes_its_options_and_the_configs(tmp_path, tiny_set, monkeypa
     common = ["extract", "--config", str(config), "--weights", str(_fresh_checkpoint(tmp_path, config))]
     common += ["--images", str(tiny_set / "query")]
     assert main([*common, "--out", str(tmp_path / "a.npz")]) == 0
-    assert (
-        main([*common, "--out", str(tmp_path / "b.npz"), "--camera", "0", "eval.batch_size=5", "eval.num_workers=1"])
-        == 0
-    )
-    assert [(c["camid"], c["batch_size"], c["num_workers"], c["progress"]) for c in calls] == [
-        (None, 64, 0, False),
-        (0, 5, 1, False),
+    overrides = ["eval.batch_size=5", "eval.num_workers=1", "eval.flip=true"]
+    assert main([*common, "--out", str(tmp_path / "b.npz"), "--camera", "0", *overrides]) == 0
+    assert [(c["camid"], c["batch_size"], c["num_workers"], c["progress"], c["flip"]) for c in calls] == [
+        (None, 64, 0, False, False),
+        (0, 5, 1, False, True),
     ]
 
 

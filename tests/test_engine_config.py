@@ -212,7 +212,7 @@ def test_evaluation_keys():
     assert {k: eval_section[k] for k in ("aqe", "aqe_k", "aqe_alpha", "aqe_times")} == dict(
         aqe=False, aqe_k=5, aqe_alpha=3.0, aqe_times=1
     )
-    assert eval_section["roc"] is False  # fast-reid's TEST.ROC.ENABLED
+    assert eval_section["roc"] is False and eval_section["flip"] is False  # fast-reid's TEST.ROC / TEST.FLIP
     bad = (
         "eval.aqe_k=0",
         "eval.aqe_times=0",

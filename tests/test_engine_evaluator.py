@@ -136,6 +136,45 @@ def test_extract_features_follows_the_test_recipe(splits, name):
         assert features.masks is None
 
 
+@pytest.mark.parametrize("name", ["dpm", "vit_baseline", "maskreid"])
+def test_flip_averages_each_image_with_its_mirror(splits, name):
+    # fast-reid's TEST.FLIP: the outputs of the image and of its left-right mirror averaged, then normalised
+    model = tiny_model(name)
+    loader = loader_for(splits, splits.query[:5], name)
+    flipped = extract_features(model, loader, model_name=name, flip=True, progress=False)
+    batch = next(iter(loader))
+    with torch.no_grad():
+        model.eval()
+        if name == "maskreid":
+            outputs = [(model(batch["image"], batch["masked"]), None)]
+            outputs.append((model(batch["image"].flip(3), batch["masked"].flip(3)), None))
+        else:
+            outputs = [model(image, cam_label=batch["camid"]) for image in (batch["image"], batch["image"].flip(3))]
+            outputs = outputs if name == "dpm" else [(feature, None) for feature in outputs]
+    expected = F.normalize((outputs[0][0] + outputs[1][0]) / 2, dim=1)
+    torch.testing.assert_close(flipped.features, expected, rtol=0, atol=1e-5)
+    plain = extract_features(model, loader, model_name=name, progress=False)
+    assert not torch.allclose(flipped.features, plain.features, atol=1e-3)  # the mirror changed them
+    if name == "dpm":
+        torch.testing.assert_close(flipped.masks, (outputs[0][1] + outputs[1][1]) / 2, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"^flip must be True or False, got 1"):
+        extract_features(model, loader, model_name=name, flip=1, progress=False)
+
+
+def test_evaluation_with_flip(splits, tmp_path):
+    model = tiny_model("dpm")
+    q, g = (
+        extract_features(model, loader_for(splits, records, "dpm"), model_name="dpm", flip=True, progress=False)
+        for records in (splits.query, splits.gallery)
+    )
+    options = dict(image_size=(64, 32), batch_size=8, pictures=False, progress=False, out_dir=tmp_path)
+    metrics = evaluate_model(model, splits, model_name="dpm", flip=True, **options)
+    assert_same(metrics["all"], direct_metrics(masked_arccos_distance(q.features, q.masks, g.features), q, g), len(q))
+    assert json.loads((tmp_path / "metrics.json").read_text())["settings"]["flip"] is True
+    with pytest.raises(ValueError, match=r"^flip must be True or False, got 'on'"):  # before any extraction
+        evaluate_model(model, splits, model_name="dpm", flip="on", **options)
+
+
 def test_extraction_does_not_depend_on_batch_size_or_workers(splits):
     # eval.batch_size and eval.num_workers: workers load the same batches in order; another batch size
     # blocks the model's GEMMs differently, which moves the float32 features by a rounding error only.
@@ -763,6 +802,10 @@ def test_evaluation_precision_is_eval_amp_not_solver_amp(splits, monkeypatch):
     ):  # auto: off on CPU
         evaluate_with_config(tiny_model("dpm"), splits, load_config(None, overrides), device=torch.device("cpu"))
         assert seen["amp_dtype"] is expected, overrides
+        assert seen["flip"] is False and seen["roc"] is False
+    config = load_config(None, ["eval.flip=true", "eval.roc=true"])
+    evaluate_with_config(tiny_model("dpm"), splits, config, device=torch.device("cpu"))
+    assert seen["flip"] is True and seen["roc"] is True
     config = load_config(None, ["eval.pictures=true", "eval.cuhk03_repeats=3", "eval.cuhk03_seed=7"])
     for pictures, expected in ((None, True), (False, False)):  # the argument overrides eval.pictures
         evaluate_with_config(tiny_model("dpm"), splits, config, device=torch.device("cpu"), pictures=pictures)
@@ -936,6 +979,7 @@ def _ddp_worker(rank, world, init_file, root, out_dir):
             num_workers=0,
             device="cpu",
             amp_dtype=None,
+            flip=False,
             progress=False,
             desc="g",
         )

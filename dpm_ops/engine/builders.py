@@ -333,6 +333,7 @@ def evaluate_with_config(
         num_workers=ev["num_workers"],
         device=str(device),
         amp_dtype=resolve_amp(ev["amp"], device),
+        flip=ev["flip"],
         distance=ev["distance"],
         aqe=dict(k=ev["aqe_k"], alpha=ev["aqe_alpha"], times=ev["aqe_times"]) if ev["aqe"] else False,
         rerank=ev["rerank_method"] if ev["rerank"] else False,

@@ -193,14 +193,14 @@ SCHEMA: dict = {
         "lambda_value": _f(0.3, float, bounds=SHARE),
         "max_rank": _f(50, int, bounds=Bounds(10)),  # Rank-10 is reported
         "pictures": _f(True, bool),
+        "flip": _f(False, bool),  # flip test-time augmentation: outputs averaged with the mirror's (fast-reid's)
         # feature extraction precision, whatever the training's: off = fp32 (the official test)
         "amp": _f("off", str, ("off", "auto", "bf16", "fp16")),
         # market1501: standard CMC; cuhk03: single-gallery-shot CMC over cuhk03_repeats seeded draws
         "protocol": _f("market1501", str, PROTOCOLS),
         "cuhk03_repeats": _f(10, int, bounds=Bounds(1, MAX_REPEATS)),  # each draw is a full evaluation
         "cuhk03_seed": _f(0, int, bounds=SEED),
-        # Market-1501 multi-query: pool the query's identity's gt_bbox boxes under its camera
-        "multi_query": _f("off", str, MULTI_QUERY),
+        "multi_query": _f("off", str, MULTI_QUERY),  # Market-1501's: pool the query id's gt_bbox boxes, its camera
         "roc": _f(False, bool),  # also fast-reid's TPR at FPR 1e-4 / 1e-3 / 1e-2 (its TEST.ROC.ENABLED)
     },
 }

@@ -100,6 +100,7 @@ def evaluate_model(
     num_workers: int = 0,
     device="cpu",
     amp_dtype: Optional[torch.dtype] = None,
+    flip: bool = False,
     distance: str = "auto",
     aqe=False,
     rerank=False,
@@ -124,7 +125,8 @@ def evaluate_model(
     "masked_arccos" (DPM only). ``aqe``: True or a dict of k, alpha, times (default 5, 3.0, 1): alpha query
     expansion of the pooled features before the distance (fast-reid's TEST.AQE). ``rerank``: True /
     "kreciprocal" or "gnn" (GNN re-ranking) with k1, k2 (None: the method's, 20 / 6, 26 / 7), lambda_value.
-    ``amp_dtype``: extract under autocast to it (None: fp32).
+    ``amp_dtype``: extract under autocast to it (None: fp32). ``flip``: flip test-time augmentation (fast-reid's
+    TEST.FLIP; ``extract_features``).
     ``protocol`` / ``num_repeats`` / ``seed``: as in ``evaluate_rank`` ("cuhk03": CUHK03's
     single-gallery-shot CMC). ``multi_query`` "avg" / "max": Market-1501 multi-query, each query
     pooled with the ``splits.multi_query`` (gt_bbox) images of its pid and camera
@@ -143,10 +145,11 @@ def evaluate_model(
     _check_options(splits, model_name, max_rank, batch_size, protocol, num_repeats, seed, multi_query)
     method, k1, k2, lambda_value = check_reranking(rerank, k1, k2, lambda_value, metric)
     expansion = _check_aqe(aqe, splits)
-    check_flag(None, "roc", roc)
+    flip, roc = check_flag(None, "flip", flip), check_flag(None, "roc", roc)
     _check_late_options(device, out_dir, pictures, progress)
     transform = recipe.test_transform(image_size)
-    common = dict(batch_size=batch_size, num_workers=num_workers, device=device, amp_dtype=amp_dtype, progress=progress)
+    common = dict(batch_size=batch_size, num_workers=num_workers, device=device, amp_dtype=amp_dtype, flip=flip)
+    common.update(progress=progress)
     query = _extract_queries(model, splits, model_name, transform, multi_query, common)
     gallery = _extract_split(model, splits.gallery, splits, model_name, transform, desc="gallery", **common)
     if query is None:  # not rank 0
@@ -161,7 +164,7 @@ def evaluate_model(
         if protocol == "cuhk03":
             protocol_options.update(num_repeats=num_repeats, seed=seed)
         settings = _settings(model_name, splits.name, metric, recipe.test_input_size(image_size), amp_dtype, scoring)
-        settings.update(num_query=len(query), num_gallery=len(gallery), roc=bool(roc), **protocol_options)
+        settings.update(num_query=len(query), num_gallery=len(gallery), flip=flip, roc=roc, **protocol_options)
         write_json_atomic(os.path.join(out_dir, "metrics.json"), {**metrics, "settings": settings})
         if pictures:
             context = dict(model=model, splits=splits, model_name=model_name, transform=transform, device=device)

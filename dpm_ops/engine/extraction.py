@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dpm_ops.data import ImageDataset, build_dataloader
-from dpm_ops.ops._checks import check_int_list
+from dpm_ops.ops._checks import check_flag, check_int_list
 
 from . import distributed
 from .recipes import get_recipe, model_cameras
@@ -87,6 +87,7 @@ def extract_features(
     amp_dtype: Optional[torch.dtype] = None,
     progress: bool = True,
     normalize: bool = True,
+    flip: bool = False,
     desc: str = "extract",
 ) -> FeatureSet:
     """Run ``model`` over ``loader`` (an evaluation loader of :class:`ImageDataset` items; paired
@@ -94,8 +95,12 @@ def extract_features(
     descriptors on the CPU in float32.
 
     ``normalize``: L2-normalise the features (the DPM / TransReID test recipe, ``FEAT_NORM: yes``;
-    MaskReID's descriptor is unit-length already). The model's train/eval mode is restored after.
+    MaskReID's descriptor is unit-length already). ``flip``: flip test-time augmentation, as fast-reid's
+    TEST.FLIP: each image's outputs (feature, DPM's mask) averaged with those of its horizontal mirror
+    (MaskReID's masked image mirrored with it), before the normalisation; twice the forward passes.
+    The model's train/eval mode is restored after.
     """
+    check_flag(None, "flip", flip)
     if amp_dtype not in AMP_DTYPES:  # autocast only warns, then runs without it
         raise ValueError(f"amp_dtype must be None, torch.float16 or torch.bfloat16, got {amp_dtype!r}")
     recipe = get_recipe(model_name)
@@ -128,7 +133,11 @@ def extract_features(
                     )
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     feature, mask = recipe.test_forward(model, batch, device)
+                    mirrored = recipe.test_forward(model, _mirrored(batch), device) if flip else None
                 feature = feature.float()
+                if mirrored is not None:
+                    feature = (feature + mirrored[0].float()) / 2
+                    mask = None if mask is None else (mask.float() + mirrored[1].float()) / 2
                 if normalize:
                     feature = F.normalize(feature, dim=1)
                 features.append(feature.cpu())
@@ -146,6 +155,11 @@ def extract_features(
     return FeatureSet(
         torch.cat(features), torch.cat(masks) if masks else None, torch.cat(pids), torch.cat(camids), paths
     )
+
+
+def _mirrored(batch: dict) -> dict:
+    """An evaluation batch with its images (and MaskReID's masked images) flipped left to right."""
+    return {**batch, **{key: batch[key].flip(-1) for key in ("image", "masked") if key in batch}}
 
 
 def eval_transform(model_name: str, image_size=None):
@@ -166,7 +180,7 @@ def _shard(records: list, rank: int, world: int) -> list:
 
 
 def _extract_split(
-    model, records, splits, model_name, transform, *, batch_size, num_workers, device, amp_dtype, progress, desc
+    model, records, splits, model_name, transform, *, batch_size, num_workers, device, amp_dtype, flip, progress, desc
 ) -> Optional[FeatureSet]:
     info = distributed.current()
     rank, world = info.rank, info.world_size
@@ -181,6 +195,7 @@ def _extract_split(
         model_name=model_name,
         device=device,
         amp_dtype=amp_dtype,
+        flip=flip,
         progress=progress and rank == 0,
         desc=desc,
     )
