@@ -7,8 +7,9 @@ features of its ``k`` most cosine-similar pooled items (itself among them), each
 similarity to the power ``alpha``. The next round's similarities are those of the new features, normalised;
 the returned features are not normalised (so a Euclidean distance after it sees their scale, as in fast-reid).
 fast-reid builds the N x N similarity matrix and takes each row's top k with numpy's argpartition; here the k
-neighbours and their similarities come from the exact k-NN of the cosine distance (ties by index) and only
-(N, k) lists are held.
+neighbours and their similarities come from the exact k-NN of the cosine distance among the pooled items
+(dpm_ops.ops.self_knn: ties by index, each item's own distance 0; on the CPU half the similarity GEMM) and
+only (N, k) lists are held.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch.nn.functional as F
 from .._precision import compute_dtype
 from ..ops._checks import check_number
 from . import _inputs
-from .distance import _check_tensors, knn
+from ..ops.knn import self_knn
+from .distance import _check_tensors
 
 # fast-reid's TEST.AQE defaults (QE_K 5, ALPHA 3.0, QE_TIME 1; its aqe function's own default k is 10)
 AQE_DEFAULTS = {"k": 5, "alpha": 3.0, "times": 1}
@@ -63,7 +65,7 @@ def expand_features(op: str, qf, gf, k, alpha, times, names=("qf", "gf", "k", "t
     alpha = check_number(op, "alpha", alpha)
     times = _inputs.check_count(names[3], times, 0)
     for _ in range(times):
-        distances, neighbours = knn(features, features, k, metric="cosine")
+        distances, neighbours, *_ = self_knn(features, k, metric="cosine")
         weights = (1 - distances).pow(alpha)  # each neighbour's cosine similarity, to the power alpha
         # the weighted mean of the neighbours' raw features, without an (N, k, D) gather
         expanded = F.embedding_bag(neighbours, features, per_sample_weights=weights, mode="sum") / k
