@@ -56,6 +56,28 @@ def test_equals_fastreids_report_on_random_and_tie_heavy_distances():
     assert compared > 200 and differs_undropped > 20, (compared, differs_undropped)
 
 
+@pytest.mark.parametrize(
+    "levels",
+    [
+        [0.5],  # one distance: every pair tied
+        [-3e38, -1.0, -0.0, 0.0, 1e-45, 2e-45, 1.0, 3e38],  # float32's extremes, signed zeros, denormals
+        [1.0, np.nextafter(np.float32(1.0), np.float32(2.0)), 1e30],  # one ulp apart, then far above
+    ],
+)
+def test_extreme_distances(levels):
+    # the monotone bins (_MonotoneBins) stay exact at any range, width or sign of the distances
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        distmat, labels = random_case(rng, tie_levels=len(levels))
+        distmat = np.asarray(levels, dtype=np.float32)[distmat.astype(np.int64)]
+        q_pids, g_pids, q_camids, g_camids = labels
+        same_id = g_pids[None] == q_pids[:, None]
+        if not (same_id & (g_camids[None] != q_camids[:, None])).any() or same_id.all():
+            continue
+        fprs = ROC_FPRS + (0.3, 0.7)
+        np.testing.assert_array_equal(tpr_at_fpr(distmat, *labels, fpr=fprs), fastreid_report(distmat, *labels, fprs))
+
+
 def test_hand_worked_curve():
     # One query (pid 1, camera 0). Its kept pairs by decreasing distance: other 6, match 5, match 4, other 3;
     # the match at 0.5 is on its own camera, left out. sklearn's curve: (0, 0), (0, 1/2) first, then the point
