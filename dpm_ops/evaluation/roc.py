@@ -14,8 +14,8 @@ smaller match distance's, unless non-matches lie strictly between the two (a ste
 differs). So the whole report follows from per-distinct-match-distance counts: the non-matches equal
 to each one and those strictly between each two, one bucket per non-match, found from a monotone bin of
 its distance or, in the bins that hold match distances, by a binary search among the U match distances;
-no sort of the (Q, G) pairs. The FPRs and TPRs are the same float64
-quotients as sklearn's, so the nearest point and its ties are theirs.
+no sort of the (Q, G) pairs. The FPRs and TPRs are the same float64 quotients as sklearn's, so the
+nearest point and its ties are theirs.
 """
 
 import numpy as np
