@@ -174,7 +174,9 @@ def test_engine_leaves_out_a_subset_report_without_non_matches():
     with pytest.warns(UserWarning, match="'lone': no query has a match"):
         metrics = scoring.rank_metrics(distmat, query, gallery, subsets, roc=True, max_rank=4)
     assert set(metrics) == {"all"} and "tpr_at_fpr" in metrics["all"]
-    with pytest.warns(UserWarning, match="TPR@FPR left out: no query has a non-match in the gallery"):
+    with pytest.warns(
+        UserWarning, match="query subset 'all': TPR@FPR left out: no query has a non-match in the gallery"
+    ):
         metrics = scoring.rank_metrics(
             distmat[:1, :2], feature_set([0], [0]), feature_set([0, 0], [1, 1]), roc=True, max_rank=2
         )

@@ -107,7 +107,7 @@ def compute_distances(
 
 
 def _subset_metrics(
-    distmat, query: FeatureSet, gallery: FeatureSet, rows: Optional[torch.Tensor], max_rank: int, options: dict, roc
+    distmat, query: FeatureSet, gallery: FeatureSet, name: str, rows: Optional[torch.Tensor], max_rank, options, roc
 ) -> Optional[dict]:
     q_pids, q_camids = query.pids, query.camids
     if rows is not None:
@@ -127,7 +127,7 @@ def _subset_metrics(
         "num_query": int(len(q_pids)),
         "num_valid": int(result.num_valid),
         "cmc": cmc,
-        **(_roc_entry(distmat, labels) if roc else {}),
+        **(_roc_entry(distmat, labels, name) if roc else {}),
     }
 
 
@@ -138,14 +138,14 @@ def roc_report(distmat, q_pids, g_pids, q_camids, g_camids) -> dict:
     return {f"{fpr:.0e}": 100.0 * float(tpr) for fpr, tpr in zip(ROC_FPRS, tprs)}
 
 
-def _roc_entry(distmat, labels) -> dict:
+def _roc_entry(distmat, labels, name: str) -> dict:
     """{"tpr_at_fpr": roc_report}, or nothing (with a warning) where every kept gallery item matches."""
     try:
         return {"tpr_at_fpr": roc_report(distmat, *labels)}
     except ValueError as error:
         if "non-match in the gallery" not in str(error):
             raise
-        warnings.warn(f"TPR@FPR left out: {error}", stacklevel=4)
+        warnings.warn(f"query subset {name!r}: TPR@FPR left out: {error}", stacklevel=4)
         return {}
 
 
@@ -176,12 +176,12 @@ def rank_metrics(
     A subset with no query, or with no query that has a match, is left out (with a warning for
     the latter)."""
     options = dict(protocol=protocol, num_repeats=num_repeats, seed=seed)
-    metrics = {"all": _subset_metrics(distmat, query, gallery, None, max_rank, options, roc)}
+    metrics = {"all": _subset_metrics(distmat, query, gallery, "all", None, max_rank, options, roc)}
     for name, rows in (subsets or {}).items():
         if len(rows) == 0:
             continue
         try:
-            metrics[name] = _subset_metrics(distmat, query, gallery, rows, max_rank, options, roc)
+            metrics[name] = _subset_metrics(distmat, query, gallery, name, rows, max_rank, options, roc)
         except ValueError as error:
             if "no query has a match" not in str(error):
                 raise
