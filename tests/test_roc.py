@@ -113,7 +113,8 @@ def test_cuda_inputs():
     distmat = rng.random((40, 300)).astype(np.float32)
     labels = [rng.integers(0, 9, 40), rng.integers(0, 9, 300), rng.integers(0, 3, 40), rng.integers(0, 3, 300)]
     got = tpr_at_fpr(torch.from_numpy(distmat).cuda(), *(torch.from_numpy(label).cuda() for label in labels))
-    np.testing.assert_array_equal(got, fastreid_report(distmat, *labels))
+    # against the CPU's numbers (tested against fast-reid's above), so that it runs where the peers are absent
+    np.testing.assert_array_equal(got, tpr_at_fpr(distmat, *labels))
 
 
 @pytest.mark.parametrize(
