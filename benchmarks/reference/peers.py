@@ -113,10 +113,9 @@ def fastreid_cython(name: str = "rank_cy"):
         import Cython
     except ImportError:
         pytest.skip(f"Cython is not installed ({INSTALL_HINT})")
-    import numpy
 
     source = package_dir("fastreid") / f"evaluation/rank_cylib/{name}.pyx"
-    key = hashlib.sha256(source.read_bytes() + f"{Cython.__version__} {numpy.__version__} {sys.version}".encode())
+    key = hashlib.sha256(source.read_bytes() + f"{Cython.__version__} {np.__version__} {sys.version}".encode())
     build_dir = Path(tempfile.gettempdir()) / f"dpm_ops-fastreid-{name}-{key.hexdigest()[:16]}"
     built = list(build_dir.glob(f"{name}*.so"))
     if not built:

@@ -66,15 +66,14 @@ def _pair_counts(dist, q_pids, q_camids, g_pids, g_camids):
     def pairs(rows):
         chunk = dist[rows]
         chunk = chunk.float() if chunk.element_size() < 4 else chunk  # exact; searchsorted's dtypes
-        same_id = g_pids[None] == q_pids[rows, None]
-        return chunk, same_id, same_id & (g_camids[None] != q_camids[rows, None])
+        return chunk, g_pids[None] == q_pids[rows, None]
 
     match_distances = []
     for rows in chunks:
-        chunk, _, match = pairs(rows)
+        chunk, same_id = pairs(rows)
         if not bool(torch.isfinite(chunk.sum())):  # one cheap pass; the exact check only on failure
             check_finite("tpr_at_fpr", distmat=chunk)
-        match_distances.append(chunk[match])
+        match_distances.append(chunk[same_id & (g_camids[None] != q_camids[rows, None])])
     values, matches = torch.unique(torch.cat(match_distances), sorted=True, return_counts=True)
     if len(values) == 0:
         raise ValueError(
@@ -86,7 +85,7 @@ def _pair_counts(dist, q_pids, q_camids, g_pids, g_camids):
     buckets = torch.zeros(2 * len(values) + 1, dtype=torch.int64, device=dist.device)
     by_bin = torch.zeros(bins.count, dtype=torch.int64, device=dist.device)
     for rows in chunks:
-        chunk, same_id, _ = pairs(rows)
+        chunk, same_id = pairs(rows)
         others = chunk[~same_id]
         of = bins.of(others)
         by_bin += torch.bincount(of, minlength=bins.count)
