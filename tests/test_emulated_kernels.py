@@ -150,6 +150,11 @@ LARGE_SAMPLES = {
         *(torch.randint(0, 12, (320,), generator=torch.Generator().manual_seed(34)).split([20, 300])),
         *((torch.arange(320) % 5).split([20, 300])),
     ),
+    "roc_counts": lambda: (  # several blocks; ties, and distances crowded near 0: bins with several match distances
+        (torch.rand(40, 300, generator=torch.Generator().manual_seed(37)) ** 8 * 4096).round() / 4096,
+        *(torch.randint(0, 12, (340,), generator=torch.Generator().manual_seed(38)).split([40, 300])),
+        *((torch.arange(340) % 5).split([40, 300])),
+    ),
     "knn": lambda: (_randn(40, 24), _randn(300, 24, seed=1), 40, "euclidean"),
     "self_knn": lambda: (_randn(300, 24), 40, "sqeuclidean", True, 20),
     "masked_cosine": lambda: (*_large_masked_cosine(), 1e-12),

@@ -107,6 +107,7 @@ SAMPLES = {
     "kreciprocal_query_expansion": lambda: (*_csr(), _neighbours()[:, :3].contiguous()),
     "kreciprocal_jaccard_blend_": lambda: (torch.rand(4, 8, generator=torch.Generator().manual_seed(8)), *_csr(), 0.3),
     "match_ranks": _match_ranks_args,
+    "roc_counts": _match_ranks_args,
     "gnn_propagate": lambda: (*_gnn_csr(), _neighbours()[:, :3].contiguous(), _randn(12, 3, seed=7).float().abs()),
     "gnn_similarity_": lambda: (torch.rand(4, 8, generator=torch.Generator().manual_seed(8)), *_gnn_csr(), 0.3),
     "knn": lambda: (_randn(4, 6), _randn(7, 6, seed=1), 3, "euclidean"),
@@ -161,7 +162,7 @@ def _run(name):
 # The public function of every op with a reference (the evaluation stages' ops have none but the op
 # itself): backend="reference" against the default backend.
 PUBLIC_CALLS = {
-    **{name: _run(name) for name in DECLARED if name.startswith(("kreciprocal", "match_ranks", "gnn"))},
+    **{name: _run(name) for name in DECLARED if name.startswith(("kreciprocal", "match_ranks", "roc", "gnn"))},
     "batch_hard_triplet": lambda backend: batch_hard_triplet(*SAMPLES["batch_hard_triplet"]()[:2], backend=backend),
     "hem_loss": lambda backend: hem_loss(_randn(2, 3, 7), backend=backend),
     "hierarchical_mask_pool": lambda backend: hierarchical_mask_pool(
@@ -231,7 +232,7 @@ def test_opcheck_every_declared_op(name, kind):
     if op.autograd is not None:
         args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
     # The ragged-output ops (data-dependent sizes) have no autograd to check and no static output size.
-    utils = ("test_schema", "test_faketensor") if name.startswith(("kreciprocal", "match", "gnn")) else None
+    utils = ("test_schema", "test_faketensor") if name.startswith(("kreciprocal", "match", "roc", "gnn")) else None
     torch.library.opcheck(op.kernel(kind), args, **({"test_utils": utils} if utils else {}))
 
 

@@ -5,13 +5,27 @@ import numpy as np
 import pytest
 import torch
 
+import dpm_ops
 from benchmarks.reference import peers
 from dpm_ops.engine import scoring
 from dpm_ops.engine.extraction import FeatureSet
-from dpm_ops.evaluation import ROC_FPRS, roc, tpr_at_fpr
+from dpm_ops.evaluation import ROC_FPRS, tpr_at_fpr
+from dpm_ops.ops import roc_reference
+from dpm_ops.ops.roc_reference import roc_counts_reference
 
 
 fastreid_report = peers.fastreid_tpr_at_fpr
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def path(request, monkeypatch):
+    """tpr_at_fpr's counts from the roc_counts kernel of the default backend (C++ here), or from its torch
+    version (dpm_ops/ops/roc_reference.py, where no kernel runs)."""
+    if request.param == "torch":
+        monkeypatch.setenv("DPM_OPS_BACKEND", "reference")
+    elif not dpm_ops.backends()["cpp"][0]:
+        pytest.skip("the C++ extension is not built")
+    return request.param
 
 
 def random_case(rng, tie_levels=None):
@@ -36,7 +50,7 @@ def undropped_report(distmat, q_pids, g_pids, q_camids, g_camids, fprs):
     return np.array([tps[np.argmin(np.abs(fps - fpr))] for fpr in fprs])
 
 
-def test_equals_fastreids_report_on_random_and_tie_heavy_distances():
+def test_equals_fastreids_report_on_random_and_tie_heavy_distances(path):
     rng = np.random.default_rng(0)
     compared = differs_undropped = 0
     for trial in range(300):
@@ -64,7 +78,7 @@ def test_equals_fastreids_report_on_random_and_tie_heavy_distances():
         [1.0, np.nextafter(np.float32(1.0), np.float32(2.0)), 1e30],  # one ulp apart, then far above
     ],
 )
-def test_extreme_distances(levels):
+def test_extreme_distances(path, levels):
     # the monotone bins (_MonotoneBins) stay exact at any range, width or sign of the distances
     rng = np.random.default_rng(7)
     for _ in range(20):
@@ -78,7 +92,7 @@ def test_extreme_distances(levels):
         np.testing.assert_array_equal(tpr_at_fpr(distmat, *labels, fpr=fprs), fastreid_report(distmat, *labels, fprs))
 
 
-def test_hand_worked_curve():
+def test_hand_worked_curve(path):
     # One query (pid 1, camera 0). Its kept pairs by decreasing distance: other 6, match 5, match 4, other 3;
     # the match at 0.5 is on its own camera, left out. sklearn's curve: (0, 0), (0, 1/2) first, then the point
     # at 5 is dropped (the same step (1, 0) into it and out of it), (1, 1/2) at 4, (1, 1) at 3.
@@ -89,7 +103,7 @@ def test_hand_worked_curve():
     assert tpr_at_fpr(distmat, *labels, fpr=1.0).tolist() == [0.5]  # the first point at FPR 1
 
 
-def test_inputs_torch_numpy_dtypes_layouts_and_chunks(monkeypatch):
+def test_inputs_torch_numpy_dtypes_layouts_and_chunks(path, monkeypatch):
     rng = np.random.default_rng(1)
     distmat = rng.random((23, 61)).astype(np.float32)
     labels = [rng.integers(0, 4, 23), rng.integers(0, 4, 61), rng.integers(0, 2, 23), rng.integers(0, 2, 61)]
@@ -103,8 +117,62 @@ def test_inputs_torch_numpy_dtypes_layouts_and_chunks(monkeypatch):
     for dtype in (torch.float16, torch.bfloat16):  # exactly their float32 values' report
         low = torch.from_numpy(distmat).to(dtype)
         np.testing.assert_array_equal(tpr_at_fpr(low, *labels), fastreid_report(low.float().numpy(), *labels))
-    monkeypatch.setattr(roc, "_CHUNK_ELEMENTS", 100)  # one query a chunk
+    monkeypatch.setattr(roc_reference, "_CHUNK_ELEMENTS", 100)  # the torch version: one query a chunk
     np.testing.assert_array_equal(tpr_at_fpr(distmat, *labels), want)
+
+
+def counts_case(rng, num_query, num_gallery, values, ids, dtype=torch.float32):
+    """(distmat, q_pids, g_pids, q_camids, g_camids) as roc_counts takes them: distances drawn from `values`
+    (an array) or uniform (None), in `dtype`."""
+    if values is None:
+        distmat = torch.from_numpy(rng.random((num_query, num_gallery)))
+    else:
+        distmat = torch.from_numpy(np.asarray(values)[rng.integers(0, len(values), (num_query, num_gallery))])
+    labels = [rng.integers(0, ids, num_query), rng.integers(0, ids, num_gallery)]
+    labels += [rng.integers(0, 3, num_query), rng.integers(0, 3, num_gallery)]
+    q_pids, g_pids, q_camids, g_camids = (torch.from_numpy(label) for label in labels)
+    return distmat.to(dtype), q_pids, g_pids, q_camids, g_camids
+
+
+@pytest.mark.skipif(not dpm_ops.backends()["cpp"][0], reason="the C++ extension is not built")
+def test_kernel_counts_equal_the_torch_counts():
+    """The C++ kernel's counts (its own bins, then binary searches) against the torch version's (other bins):
+    equal, whatever the shape, ties, range, dtype or layout; the bins only decide where each is searched."""
+    rng = np.random.default_rng(4)
+    extremes = [-3e38, -1.0, -0.0, 0.0, 1e-45, 2e-45, 1.0, 3e38]
+    cases = [
+        counts_case(rng, 0, 7, None, 3),
+        counts_case(rng, 4, 0, None, 3),
+        counts_case(rng, 1, 1, None, 1),
+        counts_case(rng, 60, 1500, None, 40),  # 2^14 bins
+        counts_case(rng, 9, 30, [-1e308, 0.0, 1e308], 3, torch.float64),  # a span beyond float64's range
+        counts_case(rng, 9, 30, extremes, 3),
+        counts_case(rng, 20, 50, None, 4, torch.float16),
+        counts_case(rng, 20, 50, None, 4, torch.bfloat16),
+    ]
+    for trial in range(60):
+        levels = rng.integers(0, 12) if trial % 2 else 0
+        values = rng.integers(0, levels, 64) / 4 if levels else None
+        dtype = (torch.float32, torch.float64)[trial % 3 == 0]
+        cases.append(
+            counts_case(rng, int(rng.integers(1, 30)), int(rng.integers(1, 90)), values, int(rng.integers(1, 7)), dtype)
+        )
+    cases.append((cases[-1][0].t().contiguous().t(), *cases[-1][1:]))  # a non-contiguous view
+    for number, case in enumerate(cases):
+        got, want = torch.ops.dpm_ops.roc_counts(*case), roc_counts_reference(*case)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), number
+        num_values = len(got[0])
+        assert len(got[1]) == 2 * num_values + 2 and got[1][-1] == 0, number
+
+
+@pytest.mark.parametrize("where", ["match", "non-match", "left out"])
+def test_kernel_flags_a_nan_or_inf_anywhere(where):
+    # query 0 (pid 1, camera 0): gallery 0 its match, 1 another identity, 2 its own pid on its own camera
+    distmat = torch.tensor([[0.5, 0.7, 0.1], [0.2, 0.3, 0.4]])
+    labels = torch.tensor([1, 2]), torch.tensor([1, 3, 1]), torch.tensor([0, 1]), torch.tensor([1, 0, 0])
+    distmat[0, {"match": 0, "non-match": 1, "left out": 2}[where]] = float("nan" if where == "match" else "inf")
+    for counts in (torch.ops.dpm_ops.roc_counts, roc_counts_reference):
+        assert counts(distmat, *labels)[1][-1] == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -134,7 +202,7 @@ def test_cuda_inputs():
         (dict(g_pids=np.zeros(4, dtype=np.int64)), r"no query has a non-match in the gallery"),  # one identity
     ],
 )
-def test_bad_input(change, message):
+def test_bad_input(path, change, message):
     arguments = dict(
         distmat=np.arange(12, dtype=np.float32).reshape(3, 4),
         q_pids=np.zeros(3, dtype=np.int64),

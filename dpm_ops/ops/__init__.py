@@ -6,7 +6,7 @@ from .hem_loss import hem_loss
 from .hem_loss_reference import hem_loss_reference
 from .hierarchical_mask_pool import hierarchical_mask_pool
 from .hierarchical_mask_pool_reference import hierarchical_mask_pool_reference
-from . import gnn_rerank, kreciprocal, rank  # noqa: F401  (the evaluation kernels' ops)
+from . import gnn_rerank, kreciprocal, rank, roc  # noqa: F401  (the evaluation kernels' ops)
 from .knn import int8_gemm_engine, knn, self_knn
 from . import knn_certified  # noqa: F401  (the CUDA / Triton certified k-NN: registrations)
 from .knn_reference import knn_reference, self_knn_reference
