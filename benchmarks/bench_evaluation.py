@@ -8,6 +8,8 @@ re-ID-like neighbourhoods, benchmarks/reference/synthetic_features.py):
 * GPU (H100 / H200): rerank_features <= 20 ms, evaluate_rank <= 2 ms; at MSMT17 scale
   (Q = 11,659, G = 82,161) rerank_features <= 1 s within 4 GB beyond its output;
 * CPU at MSMT17 scale: rerank_features within 24 GB;
+* CPU: tpr_at_fpr (fast-reid's ROC report) through its roc_counts kernel >= 2.5x its torch version
+  (dpm_ops/ops/roc_reference.py, what runs where no kernel does) at Market scale; MSMT17 scale reported;
 * CPU (issue 13): rerank_features with the certified neighbour search <= 0.6x the direct one, on
   CPUs with int8 dot-product instructions (AVX-512 VNNI / AVX-VNNI / AMX); elsewhere the ratio is reported;
   the query x gallery knn of evaluation.knn (k 10 and 100) with the certified search no slower than the
@@ -33,7 +35,7 @@ from benchmarks.conftest import best_of, median_of, speedup
 from benchmarks.reference.eval_numpy import evaluate_rank_numpy
 from benchmarks.reference.rerank_numpy import re_ranking_from_features
 from benchmarks.reference.synthetic_features import MARKET1501, MSMT17, make_reid_features, scaled
-from dpm_ops.evaluation import evaluate_rank, knn, pairwise_distance, rerank_features
+from dpm_ops.evaluation import evaluate_rank, knn, pairwise_distance, rerank_features, tpr_at_fpr
 from dpm_ops.evaluation._select import TIE_MARGIN
 from dpm_ops.ops.knn import int8_gemm_engine, int8_gemm_is_fast
 
@@ -213,6 +215,47 @@ def bench_cpu_targets():
     assert peak <= 3.0, f"rerank_features peaks at {peak:.2f} GB at Market scale, target <= 3 GB"
     assert evaluate >= 25, f"evaluate_rank is {evaluate:.1f}x the numpy evaluation, target >= 25x"
     assert rerank >= 20, f"rerank_features is {rerank:.1f}x the numpy re-ranking, target >= 20x"
+
+
+ROC_SCALES = (
+    "smoke",
+    pytest.param("market1501", marks=pytest.mark.slow),
+    pytest.param("msmt17", marks=pytest.mark.slow),
+)
+
+
+@pytest.mark.parametrize("scale", ROC_SCALES)
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+def bench_tpr_at_fpr(timed, monkeypatch, path, scale):
+    """tpr_at_fpr on the Q x G distances, its counts from the roc_counts kernel of the default backend or
+    from the op's torch version (DPM_OPS_BACKEND=reference)."""
+    if path == "torch":
+        monkeypatch.setenv("DPM_OPS_BACKEND", "reference")
+    data = reid_data(scale)
+    distmat, *labels = _on_device(
+        query_gallery_distances(scale),
+        data.query_pids,
+        data.gallery_pids,
+        data.query_camids,
+        data.gallery_camids,
+        device=DEVICE,
+    )
+    timed(
+        lambda: tpr_at_fpr(distmat, *labels),
+        group=group_name("tpr_at_fpr", scale),
+        name=f"tpr_at_fpr {path}",
+        device=DEVICE,
+        rounds=1 if scale == "msmt17" else 3,
+        iterations=1,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(GPU, reason="the CPU target")
+def bench_tpr_at_fpr_target():
+    ratio = speedup(group_name("tpr_at_fpr", "market1501"), "tpr_at_fpr kernel", "tpr_at_fpr torch")
+    print(f"\nMarket-1501 scale: tpr_at_fpr's roc_counts kernel {ratio:.1f}x its torch version")
+    assert ratio >= 2.5, f"tpr_at_fpr's kernel is {ratio:.1f}x its torch version at Market scale, target >= 2.5x"
 
 
 # rerank_features with the certified two-stage neighbour search against the direct one (issue 13,

@@ -24,13 +24,16 @@ void CpuKernels::count(const rank::MatchInputs& in, const MonotoneBins<A>& map, 
   at::parallel_for(0, Q, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t>& counts = per_thread[at::get_thread_num()];
     counts.resize(size);  // zeros on a thread's first chunk
+    int64_t* count = counts.data();
+    const MonotoneBins<A> bins = map;  // local copies: the counts' stores cannot alias them
     for (int64_t q = begin; q < end; ++q) {
       const A* row = dist + q * G;
+      const int64_t q_pid = q_pids[q];
       for (int64_t g = 0; g < G; ++g) {
-        if (g + 16 < G) __builtin_prefetch(map.bins + bin_of(row[g + 16], map));
+        if (g + 16 < G) __builtin_prefetch(bins.bins + bin_of(row[g + 16], bins));  // the table is out of cache
         const A d = row[g];
-        if (!is_finite(d)) counts[size - 1] = 1;
-        else if (g_pids[g] != q_pids[q]) ++counts[bucket_of(d, map)];
+        if (!is_finite(d)) count[size - 1] = 1;
+        else if (g_pids[g] != q_pid) ++count[bucket_of(d, bins)];
       }
     }
   });

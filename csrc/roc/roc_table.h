@@ -15,9 +15,9 @@
 
 namespace dpm_ops::roc {
 
-// About four bins per match distance (most then hold none or one: no search), 2^10 to 2^20.
+// About two bins per match distance (most then hold none or one: no search), 2^10 to 2^20.
 inline int64_t bin_count(int64_t num_values) {
-  int bits = 2;
+  int bits = 1;
   for (int64_t v = num_values; v > 1; v = (v + 1) / 2) ++bits;
   return int64_t(1) << std::clamp(bits, 10, 20);
 }
