@@ -77,7 +77,8 @@ std::tuple<at::Tensor, at::Tensor> roc_counts_op(const at::Tensor& dist, const a
                                                  const at::Tensor& g_cams) {
   const rank::MatchInputs in(dist, q_pids, g_pids, q_cams, g_cams);  // checks first: one device
   const c10::OptionalDeviceGuard guard(at::device_of(in.dist));
-  const auto [values, matches] = match_distances(in);
+  at::Tensor values, matches;  // not structured bindings: C++17 lambdas cannot capture those
+  std::tie(values, matches) = match_distances(in);
   const int64_t num_values = values.size(0);
   at::Tensor buckets = at::zeros({2 * num_values + 2}, in.q_pids.options());
   if (!at::isfinite(values).all().item<bool>()) {
