@@ -277,9 +277,9 @@ def _rank(args) -> int:
     device = resolve_device(args.device, "--device")
     query, gallery = load_features_npz(args.query, "--query"), load_features_npz(args.gallery, "--gallery")
     lambda_value = 0.3 if args.lambda_value is None else args.lambda_value
-    aqe = {name: getattr(args, f"aqe_{name}") for name in AQE_DEFAULTS if getattr(args, f"aqe_{name}") is not None}
+    given = {name: getattr(args, f"aqe_{name}") for name in AQE_DEFAULTS}
+    aqe = {name: value for name, value in given.items() if value is not None} if args.aqe else False
     rerank = dict(rerank=args.rerank or False, k1=args.k1, k2=args.k2, lambda_value=lambda_value)
-    aqe = aqe if args.aqe else False
     metrics = rank_features(query, gallery, args.distance, aqe=aqe, roc=args.roc, device=device, **rerank)
     settings = metrics["settings"]
     left_out = settings["gallery_without_identity"]

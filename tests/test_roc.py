@@ -176,6 +176,19 @@ def test_kernel_flags_a_nan_or_inf_anywhere(where):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not dpm_ops.backends()["cuda"][0], reason="the CUDA kernels are not built")
+def test_cuda_kernel_counts_equal_the_cpu_kernels():
+    # the CUDA kernel counts 2^24 pairs a launch: the 300 x 60,000 case takes two
+    rng = np.random.default_rng(5)
+    cases = [counts_case(rng, 40, 300, None, 9), counts_case(rng, 30, 200, [0.0, 0.25, 0.5], 4, torch.float64)]
+    cases.append(counts_case(rng, 300, 60_000, np.arange(4096) / 4096, 500))
+    for case in cases:
+        got = torch.ops.dpm_ops.roc_counts(*(t.cuda() for t in case))
+        want = torch.ops.dpm_ops.roc_counts(*case)
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(got, want))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_inputs():
     rng = np.random.default_rng(2)
     distmat = rng.random((40, 300)).astype(np.float32)
