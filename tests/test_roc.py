@@ -165,6 +165,17 @@ def test_kernel_counts_equal_the_torch_counts():
         assert len(got[1]) == 2 * num_values + 2 and got[1][-1] == 0, number
 
 
+@pytest.mark.skipif(not dpm_ops.backends()["cpp"][0], reason="the C++ extension is not built")
+def test_kernel_names_a_bad_argument():
+    distmat, *labels = counts_case(np.random.default_rng(6), 3, 5, None, 2)
+    with pytest.raises(ValueError, match="^roc_counts: g_camids must be a 1-D int64 tensor of length 5"):
+        torch.ops.dpm_ops.roc_counts(distmat, *labels[:3], labels[3][:4])
+    with pytest.raises(ValueError, match="^roc_counts: q_pids must be a 1-D int64 tensor of length 3"):
+        torch.ops.dpm_ops.roc_counts(distmat, labels[0].int(), *labels[1:])
+    with pytest.raises(ValueError, match="^roc_counts: distmat must be a 2-D floating tensor"):
+        torch.ops.dpm_ops.roc_counts(distmat.long(), *labels)
+
+
 @pytest.mark.parametrize("where", ["match", "non-match", "left out"])
 def test_kernel_flags_a_nan_or_inf_anywhere(where):
     # query 0 (pid 1, camera 0): gallery 0 its match, 1 another identity, 2 its own pid on its own camera

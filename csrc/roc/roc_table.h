@@ -75,7 +75,7 @@ template <class Kernels>
 std::tuple<at::Tensor, at::Tensor> roc_counts_op(const at::Tensor& dist, const at::Tensor& q_pids,
                                                  const at::Tensor& g_pids, const at::Tensor& q_cams,
                                                  const at::Tensor& g_cams) {
-  const rank::MatchInputs in(dist, q_pids, g_pids, q_cams, g_cams);  // checks first: one device
+  const rank::MatchInputs in("roc_counts", dist, q_pids, g_pids, q_cams, g_cams);  // checks first: one device
   const c10::OptionalDeviceGuard guard(at::device_of(in.dist));
   at::Tensor values, matches;  // not structured bindings: C++17 lambdas cannot capture those
   std::tie(values, matches) = match_distances(in);
