@@ -234,6 +234,34 @@ def test_cuda_entry_point_with_an_empty_output(emulated, name):
     torch.testing.assert_close(got, expected)
 
 
+def _roc_labels(q_pids, g_pids, q_camids, g_camids):
+    return tuple(torch.tensor(labels) for labels in (q_pids, g_pids, q_camids, g_camids))
+
+
+ROC_EDGE_CASES = {
+    "no match": (torch.rand(2, 3), *_roc_labels([1, 2], [1, 2, 3], [0, 0], [0, 0, 1])),  # pid 1, 2: own camera
+    "no non-match": (torch.rand(2, 3), *_roc_labels([1, 1], [1, 1, 1], [0, 1], [1, 0, 2])),
+    "a NaN": (torch.tensor([[0.5, float("nan")], [0.1, 0.2]]), *_roc_labels([1, 1], [1, 2], [0, 0], [1, 1])),
+    "fp64 beyond its range": (
+        torch.tensor([[-1e308, 1e308, 0.0]] * 2),
+        *_roc_labels([1, 2], [1, 2, 3], [0, 0], [1, 1, 1]),
+    ),
+    "every non-match above the matches": (
+        torch.tensor([[0.1, 0.2, 0.9, 0.8]]),
+        *_roc_labels([1], [1, 1, 2, 3], [0], [1, 2, 1, 1]),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", ROC_EDGE_CASES)
+def test_roc_counts_edge_cases(emulated, case):
+    # the CUDA entry point counts the top bucket apart from bincount's: here every non-match or none lands there
+    args = ROC_EDGE_CASES[case]
+    args = (args[0].double(), *args[1:]) if "fp64" in case else args
+    got, expected = _outputs(emulate.emulated_op("roc_counts"), args), _outputs(torch.ops.dpm_ops.roc_counts, args)
+    torch.testing.assert_close(got, expected, equal_nan=True)
+
+
 @pytest.mark.parametrize("metric", METRICS)
 def test_cuda_certified_pipeline_on_the_emulated_stage_kernels(emulated, metric):
     """knn by backend "cuda"'s pipeline (ops/knn_certified.py) with its two stage ops' CUDA kernels
