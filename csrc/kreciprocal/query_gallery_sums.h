@@ -4,11 +4,14 @@
 // row g holding column c with value w (the inverted index `gallery`, ../common/csr_transpose.h); then
 // out[q, g] = finish(q, s(q, g), out[q, g]) in place. k-reciprocal's Jaccard (share: min, finish: the
 // blend with the distance) and GNN re-ranking's propagated similarity (share: product, finish: the blend
-// with the cosine) are the two instances. Query rows run in parallel, each thread with G sums of its own.
+// with the cosine) are the two instances. Blocks of query rows run in parallel, each thread with G sums per
+// query of its block.
 #pragma once
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "../common/csr_checks.h"
@@ -16,6 +19,15 @@
 #include "kreciprocal_math.h"
 
 namespace dpm_ops::kreciprocal {
+
+// Query rows summed together: neighbouring queries (the same identity, in a test set's order) share many
+// columns, whose holders (the inverted index outgrows the caches) are then read once for all of them.
+constexpr int64_t kQueryBlock = 8;
+
+struct BlockEntry {
+  int64_t key;  // column * kQueryBlock + the query's position in the block: the order they are summed in
+  float value;
+};
 
 template <class Share, class Finish>
 void query_gallery_sums(const QueryGalleryCsr& a, float* out, Share share, Finish finish) {
@@ -25,21 +37,37 @@ void query_gallery_sums(const QueryGalleryCsr& a, float* out, Share share, Finis
   const float* values = a.values.const_data_ptr<float>();
   const CsrTranspose gallery = transpose_rows(a.row_ptr, a.cols, a.values, Q, a.N, a.N);
   const int64_t* column_start = gallery.col_ptr.const_data_ptr<int64_t>();
-  const int64_t* holder = gallery.rows.const_data_ptr<int64_t>();
+  // int32 holders: the products stream 8 bytes each from memory, not 12 (the inverted index outgrows the caches)
+  TORCH_CHECK_VALUE(G <= std::numeric_limits<int32_t>::max(), "the sparse re-ranking stages take at most 2^31 - 1 "
+                    "gallery items, got ", G);
+  const at::Tensor holders = gallery.rows.to(at::kInt);
+  const int32_t* holder = holders.const_data_ptr<int32_t>();
   const float* holder_value = gallery.values.const_data_ptr<float>();
-  at::parallel_for(0, Q, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> sums(G, 0.f);
-    for (int64_t q = begin; q < end; ++q) {
-      for (int64_t e = row_ptr[q]; e < row_ptr[q + 1]; ++e) {
-        const int64_t c = cols[e];
-        const float v = values[e];
-        for (int64_t s = column_start[c]; s < column_start[c + 1]; ++s)
-          sums[holder[s]] = add_rn(sums[holder[s]], share(v, holder_value[s]));
+  at::parallel_for(0, Q, kQueryBlock, [&](int64_t begin, int64_t end) {
+    std::vector<float> sums(kQueryBlock * G, 0.f);
+    std::vector<BlockEntry> entries;
+    for (int64_t first = begin; first < end; first += kQueryBlock) {
+      const int64_t last = std::min(first + kQueryBlock, end);
+      // the block's entries by (column, query): each column's holders read once for all the queries that
+      // hold it, and each sum still takes its terms in its query row's column order
+      entries.clear();
+      for (int64_t q = first; q < last; ++q)
+        for (int64_t e = row_ptr[q]; e < row_ptr[q + 1]; ++e)
+          entries.push_back({cols[e] * kQueryBlock + (q - first), values[e]});
+      std::sort(entries.begin(), entries.end(), [](const BlockEntry& x, const BlockEntry& y) { return x.key < y.key; });
+      for (const BlockEntry& entry : entries) {
+        const int64_t col = entry.key / kQueryBlock;
+        float* query_sums = sums.data() + (entry.key % kQueryBlock) * G;
+        for (int64_t s = column_start[col]; s < column_start[col + 1]; ++s)
+          query_sums[holder[s]] = add_rn(query_sums[holder[s]], share(entry.value, holder_value[s]));
       }
-      float* row = out + q * G;
-      for (int64_t g = 0; g < G; ++g) {
-        row[g] = finish(q, sums[g], row[g]);
-        sums[g] = 0.f;
+      for (int64_t q = first; q < last; ++q) {
+        float* row = out + q * G;
+        float* query_sums = sums.data() + (q - first) * G;
+        for (int64_t g = 0; g < G; ++g) {
+          row[g] = finish(q, query_sums[g], row[g]);
+          query_sums[g] = 0.f;
+        }
       }
     }
   });
