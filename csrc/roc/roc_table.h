@@ -45,7 +45,7 @@ template <typename A> struct BinTable {
   A low = A(0), scale = A(1);
   at::Tensor table;
 
-  BinTable(const at::Tensor& values) : count(bin_count(values.size(0))) {
+  explicit BinTable(const at::Tensor& values) : count(bin_count(values.size(0))) {
     const A* v = values.const_data_ptr<A>();
     const int64_t num_values = values.size(0);
     if (num_values > 0) {
@@ -59,9 +59,9 @@ template <typename A> struct BinTable {
     std::fill(bins, bins + count + 1, Bin<A>{0, std::numeric_limits<A>::infinity()});
     const MonotoneBins<A> map{v, bins, count, low, scale};
     for (int64_t i = 0; i < num_values; ++i) {
-      Bin<A>& bin = bins[bin_of(v[i], map)];
-      bin.only = bin.only == std::numeric_limits<A>::infinity() ? v[i] : std::numeric_limits<A>::quiet_NaN();
-      ++bins[bin_of(v[i], map) + 1].first;  // counted here, summed below
+      const int64_t b = bin_of(v[i], map);
+      bins[b].only = bins[b].only == std::numeric_limits<A>::infinity() ? v[i] : std::numeric_limits<A>::quiet_NaN();
+      ++bins[b + 1].first;  // counted here, summed below
     }
     for (int64_t b = 0; b < count; ++b) bins[b + 1].first += bins[b].first;
   }
