@@ -81,17 +81,16 @@ def evaluate_reference(scale, device):
     return lambda: evaluate_rank_numpy(distmat, *labels)
 
 
-def evaluate_dpm_ops(scale, device):
+def distances_and_labels(scale, device):
+    """(distmat, q_pids, g_pids, q_camids, g_camids) of ``scale`` as tensors on ``device``."""
     data = reid_data(scale)
-    distmat, *labels = _on_device(
-        query_gallery_distances(scale),
-        data.query_pids,
-        data.gallery_pids,
-        data.query_camids,
-        data.gallery_camids,
-        device=device,
-    )
-    return lambda: evaluate_rank(distmat, *labels)
+    labels = (data.query_pids, data.gallery_pids, data.query_camids, data.gallery_camids)
+    return _on_device(query_gallery_distances(scale), *labels, device=device)
+
+
+def evaluate_dpm_ops(scale, device):
+    args = distances_and_labels(scale, device)
+    return lambda: evaluate_rank(*args)
 
 
 CASES = {
@@ -231,17 +230,9 @@ def bench_tpr_at_fpr(timed, monkeypatch, path, scale):
     from the op's torch version (DPM_OPS_BACKEND=reference)."""
     if path == "torch":
         monkeypatch.setenv("DPM_OPS_BACKEND", "reference")
-    data = reid_data(scale)
-    distmat, *labels = _on_device(
-        query_gallery_distances(scale),
-        data.query_pids,
-        data.gallery_pids,
-        data.query_camids,
-        data.gallery_camids,
-        device=DEVICE,
-    )
+    args = distances_and_labels(scale, DEVICE)
     timed(
-        lambda: tpr_at_fpr(distmat, *labels),
+        lambda: tpr_at_fpr(*args),
         group=group_name("tpr_at_fpr", scale),
         name=f"tpr_at_fpr {path}",
         device=DEVICE,
