@@ -21,11 +21,15 @@
 namespace dpm_ops::kreciprocal {
 
 // Query rows summed together: neighbouring queries (the same identity, in a test set's order) share many
-// columns, whose holders (the inverted index outgrows the caches) are then read once for all of them.
+// columns, whose holders (the inverted index outgrows the caches) are then read once for all of them. At
+// most 8, and as many as keep their sums within kSumsBytes (in the L2 cache: their scattered adds would
+// otherwise wait on the L3, which costs more than the shared reads save; MSMT17's 82,161 gallery items
+// take one or two).
 constexpr int64_t kQueryBlock = 8;
+constexpr int64_t kSumsBytes = int64_t(768) << 10;
 
 struct BlockEntry {
-  int64_t key;  // column * kQueryBlock + the query's position in the block: the order they are summed in
+  int64_t key;  // column * block + the query's position in the block: the order they are summed in
   float value;
 };
 
@@ -43,21 +47,23 @@ void query_gallery_sums(const QueryGalleryCsr& a, float* out, Share share, Finis
   const at::Tensor holders = gallery.rows.to(at::kInt);
   const int32_t* holder = holders.const_data_ptr<int32_t>();
   const float* holder_value = gallery.values.const_data_ptr<float>();
-  at::parallel_for(0, Q, kQueryBlock, [&](int64_t begin, int64_t end) {
-    std::vector<float> sums(kQueryBlock * G, 0.f);
+  const int64_t block = std::clamp<int64_t>(kSumsBytes / int64_t(sizeof(float) * std::max<int64_t>(G, 1)), 1,
+                                            kQueryBlock);
+  at::parallel_for(0, Q, block, [&](int64_t begin, int64_t end) {
+    std::vector<float> sums(block * G, 0.f);
     std::vector<BlockEntry> entries;
-    for (int64_t first = begin; first < end; first += kQueryBlock) {
-      const int64_t last = std::min(first + kQueryBlock, end);
+    for (int64_t first = begin; first < end; first += block) {
+      const int64_t last = std::min(first + block, end);
       // the block's entries by (column, query): each column's holders read once for all the queries that
       // hold it, and each sum still takes its terms in its query row's column order
       entries.clear();
       for (int64_t q = first; q < last; ++q)
         for (int64_t e = row_ptr[q]; e < row_ptr[q + 1]; ++e)
-          entries.push_back({cols[e] * kQueryBlock + (q - first), values[e]});
+          entries.push_back({cols[e] * block + (q - first), values[e]});
       std::sort(entries.begin(), entries.end(), [](const BlockEntry& x, const BlockEntry& y) { return x.key < y.key; });
       for (const BlockEntry& entry : entries) {
-        const int64_t col = entry.key / kQueryBlock;
-        float* query_sums = sums.data() + (entry.key % kQueryBlock) * G;
+        const int64_t col = entry.key / block;
+        float* query_sums = sums.data() + (entry.key % block) * G;
         for (int64_t s = column_start[col]; s < column_start[col + 1]; ++s)
           query_sums[holder[s]] = add_rn(query_sums[holder[s]], share(entry.value, holder_value[s]));
       }
