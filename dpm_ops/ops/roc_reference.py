@@ -28,7 +28,8 @@ def roc_counts_reference(dist, q_pids, g_pids, q_camids, g_camids):
     match_distances, finite = [], True
     for rows in chunks:
         chunk, same_id = pairs(rows)
-        finite = finite and bool(torch.isfinite(chunk).all())
+        # a sum first: one reduction, no (rows, G) mask; the exact scan only where it is not finite
+        finite = finite and (bool(torch.isfinite(chunk.sum())) or bool(torch.isfinite(chunk).all()))
         match_distances.append(chunk[same_id & (g_camids[None] != q_camids[rows, None])])
     values, matches = torch.unique(torch.cat(match_distances), sorted=True, return_counts=True)
     buckets = torch.zeros(2 * len(values) + 2, dtype=torch.int64, device=dist.device)
