@@ -2,8 +2,8 @@
 
 Shape: DPM training, B=64, K=702 identities (Occluded-Duke), C=768. On the CPU the step is
 GEMM-bound on both sides: the fused op runs 9 GEMMs (gradients in the forward pass, in half-batch
-chunks so that it never holds more than one (B, K) matrix), as many as eager autograd around the
-fused C++ masked cosine; what it buys there is memory (no (B, K) logits, softmax or gradient
+chunks so that it never holds more than one (B, K) matrix) where eager autograd around the fused
+C++ masked cosine runs 10; what it buys there is memory (no (B, K) logits, softmax or gradient
 matrices), so the CPU ratio is reported, not asserted. On a GPU: CUDA and Triton >= 2x eager.
 """
 
@@ -53,7 +53,7 @@ def bench_targets(backend):
     group = group_name(TRAIN)
     ratio = speedup(group, backend)
     print(f"\n{backend} masked ArcFace CE fwd+bwd {TRAIN}: {ratio:.2f}x eager")
-    # On the CPU both sides are the same 9 MKL GEMMs, the fused one in half-batch chunks so that it
+    # On the CPU both sides are GEMM-bound (9 GEMMs against eager's 10), the fused one in half-batch chunks so that it
     # never holds more than one (B, K) matrix: its gain there is memory, and the ratio (0.6-1.1x on
     # a 2-core machine) is reported, not asserted.
     if GPU:
