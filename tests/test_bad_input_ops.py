@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dpm_ops
-from dpm_ops.evaluation import evaluate_rank, pairwise_distance, re_ranking, rerank_features
+from dpm_ops.evaluation import evaluate_rank, jaccard_distance, pairwise_distance, re_ranking, rerank_features
 from dpm_ops.losses import batch_hard_soft_margin_triplet, masked_arcface_cross_entropy
 from dpm_ops.ops import (
     batch_hard_triplet,
@@ -329,6 +329,22 @@ def test_re_ranking_and_features_too_large_for_float32():
         rerank_features(np.ones((2, 3)), np.full((3, 3), 1e30))
     with pytest.raises(ValueError, match="x is too large in magnitude"):
         pairwise_distance(np.full((2, 3), 1e19, dtype=np.float32), np.ones((3, 3), dtype=np.float32))
+
+
+def test_features_too_small_for_float32_distances():
+    """Before: rerank_features of features scaled by 1e-25 returned all zeros (by 1e-22, values off by 0.125;
+    the result does not depend on the scale), pairwise_distance all zeros."""
+    tiny = np.full((3, 3), 1e-25)
+    with pytest.raises(ValueError, match="rerank_features: gf is too small in magnitude for Euclidean distances"):
+        rerank_features(np.ones((2, 3)), tiny)
+    with pytest.raises(ValueError, match="jaccard_distance: features is too small in magnitude"):
+        jaccard_distance(tiny, 2, 1)
+    with pytest.raises(ValueError, match="pairwise_distance: x is too small in magnitude .* float32"):
+        pairwise_distance(tiny.astype(np.float32), np.ones((3, 3), dtype=np.float32))
+    cosine = pairwise_distance(tiny, np.ones((3, 3)), "cosine")  # F.normalize's eps rule: ~0 cosines, defined
+    np.testing.assert_allclose(cosine, np.ones((3, 3)), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(pairwise_distance(tiny, 2 * tiny), np.full((3, 3), np.sqrt(3) * 1e-25))  # float64
+    assert np.array_equal(pairwise_distance(np.zeros((2, 3)), np.zeros((3, 3))), np.zeros((2, 3)))
 
 
 def test_evaluate_rank_huge_max_rank_is_bounded_by_the_gallery():

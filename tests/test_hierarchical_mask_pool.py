@@ -138,6 +138,42 @@ def test_soft_bool_and_non_contiguous_inputs(backend, mode):
     )
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("mode", ["avg", "max"])
+@pytest.mark.parametrize(
+    "dtype, scale, mask_dtype",
+    [
+        (torch.float32, 2.0**-170, torch.float64),  # weights below float32's range
+        (torch.float32, 2.0**1000, torch.float64),  # above it
+        (torch.float64, 2.0**-1030, torch.float64),  # subnormal weights
+        (torch.float16, 2.0**-30, torch.float32),  # below float16's range
+        (torch.float16, 2.0**17, torch.float32),  # above it
+        (torch.float16, 2.0**40, torch.int64),
+    ],
+)
+def test_pooled_values_do_not_depend_on_the_mask_scale(backend, mode, dtype, scale, mask_dtype):
+    """The weights are relative: a mask scaled by a power of two (exact), its values outside the maps'
+    dtype's range included, pools as the mask itself, bit for bit, never to 0 or to a false error."""
+    if dtype == torch.float16 and backend in ("cuda", "triton") and not torch.cuda.is_available():
+        pytest.skip("fp16 GPU kernels run on GPU")
+    device = device_for(backend)
+    features, mask = make_inputs(3, [(4, 6, 5), (3, 3, 2)], (12, 10), dtype, device, binary=False)
+    mask = (mask * 8).round() / 8  # multiples of 1/8: exact after any of the scalings below
+    expected = hierarchical_mask_pool(features, mask, mode, backend=backend)
+    scaled = (mask.double() * scale).to(mask_dtype)
+    torch.testing.assert_close(
+        hierarchical_mask_pool(features, scaled, mode, backend=backend), expected, rtol=0, atol=0
+    )
+    assert bool((expected != 0).any())
+
+
+def test_reference_computes_half_precision_in_float32():
+    """fp16 maps whose weighted sums exceed float16's range pool as in float32 (the kernels' rule)."""
+    x = torch.full((1, 2, 4, 4), 60000.0, dtype=torch.float16)
+    out = hierarchical_mask_pool_reference([x], torch.ones(1, 1, 4, 4, dtype=torch.float16), "avg")
+    assert out.dtype == torch.float16 and out.tolist() == [[60000.0, 60000.0]]
+
+
 def test_mask_gets_no_gradient():
     features, mask = make_inputs(2, [(3, 4, 4)], (8, 8), torch.float64, "cpu", requires_grad=True)
     mask.requires_grad_(True)

@@ -80,6 +80,11 @@ def test_query_block_is_build_dist_jaccard():
     assert isinstance(block, np.ndarray) and block.shape == (40, 280)
     np.testing.assert_allclose(block, whole[:40, 40:], rtol=0, atol=2e-6)
     np.testing.assert_array_equal(jaccard_distance(features, 20, 6, num_query=40).numpy(), block)
+    # mixed dtypes promote to the wider, as their torch.cat does: a float16 feat_1 leaves feat_2 unrounded
+    half = query.half()
+    mixed = compat_fastreid.build_dist(half, gallery * 1e5, "jaccard", k1=20, k2=6)
+    promoted = torch.cat([half.float(), gallery * 1e5])
+    np.testing.assert_array_equal(mixed, jaccard_distance(promoted, 20, 6, num_query=40).numpy())
 
 
 def test_duplicates_take_their_index_order(monkeypatch):

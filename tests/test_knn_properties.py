@@ -152,6 +152,31 @@ def test_float32_overflow_is_a_value_error_and_float64_is_right(metric):
     torch.testing.assert_close(distances, expected.values[:, :3], rtol=1e-9, atol=1e-9 * float(distances.abs().max()))
 
 
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean"])
+def test_float32_underflow_is_a_value_error_and_float64_is_right(metric):
+    """Before: Euclidean k-NN of features of magnitude 1e-25 gave all-zero distances and neighbours in
+    index order (the squared norms and products underflow); an all-zero input stays exact."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 8, generator=gen), torch.randn(30, 8, generator=gen)
+    floor = "must be 0 or at least 3.14e-16 \\(scale the features\\)"
+    with pytest.raises(
+        ValueError, match=f"knn: x is too small in magnitude for Euclidean distances in float32.*{floor}"
+    ):
+        knn(x * 1e-25, y, 3, metric)
+    with pytest.raises(ValueError, match="knn: y is too small in magnitude"):
+        knn(x, y * 1e-17, 3, metric)  # norms in (0, floor): a few bits left, not refused by their value alone
+    with pytest.raises(ValueError, match="knn: x is too small in magnitude"):
+        self_knn(y * 1e-25, 3, metric)
+    distances, indices = knn(x * 1e-25, y, 3, "cosine")  # F.normalize's eps rule: defined, not refused
+    assert torch.equal(distances, torch.ones_like(distances)) and torch.equal(indices[0], torch.arange(3))
+    distances, indices = knn(torch.zeros(2, 8), y, 3, metric)
+    assert torch.equal(
+        indices, pairwise_distance_reference(torch.zeros(2, 8), y, metric).argsort(dim=1, stable=True)[:, :3]
+    )
+    distances, indices = knn((x * 1e-25).double(), (y * 1e-25).double(), 3, metric)
+    assert torch.equal(indices, knn(x.double(), y.double(), 3, metric)[1])
+
+
 def test_k_close_to_n_sorts_whole_rows():
     gen = torch.Generator().manual_seed(1)
     x = (torch.randint(-2, 3, (20, 16), generator=gen)).float()  # exact distances, many ties

@@ -237,6 +237,7 @@ def test_camera_ids_that_do_not_fit_the_batch_or_the_model_are_refused():
             r"cam_label must be an int64 \(or int32\) tensor of 0-based camera ids, got torch.float32",
         ),
         (1, r"cam_label must be an int64 \(or int32\) tensor of 0-based camera ids, got int"),
+        (torch.tensor([0, 1], device="meta"), r"cam_label must be on the images' device cpu, got meta"),
     ):
         with pytest.raises(ValueError, match=message):
             model(images, cam_label)

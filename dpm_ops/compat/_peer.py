@@ -50,9 +50,9 @@ def cosine_distance(input1, input2):
 
 def concatenated(feat_1, feat_2) -> torch.Tensor:
     """The rows of two non-empty feature matrices (numpy or torch, same width) as one tensor, on
-    feat_1's device."""
+    feat_1's device, in the wider of their dtypes (torch.cat's promotion, as theirs)."""
     first = _inputs.as_floats("build_dist", "feat_1", feat_1, 2)
     second = _inputs.as_floats("build_dist", "feat_2", feat_2, 2, device=first.device)
     if first.shape[1] != second.shape[1]:
         raise ValueError(f"feat_1 and feat_2 must have the same width, got {first.shape[1]} and {second.shape[1]}")
-    return torch.cat([first, second.to(first.dtype)])
+    return torch.cat([first, second])

@@ -31,7 +31,8 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, use_
 
 
 def compute_distance_matrix(input1, input2, metric="euclidean"):
-    """(M, N) distances of two 2-D feature matrices, a torch tensor on their device as torchreid's:
+    """(M, N) distances of two 2-D feature matrices, for torch input a torch tensor on their device as
+    torchreid's (numpy arrays or lists, which theirs does not take, come back as numpy):
     "euclidean" is the *squared* Euclidean distance (torchreid's euclidean_squared_distance, what
     its engine ranks and re-ranks), "cosine" 1 − cos."""
     distances = {"euclidean": euclidean_squared_distance, "cosine": cosine_distance}

@@ -52,8 +52,9 @@ def _check_tensors(op, x, y, metric, names=("x", "y")):
     """x and y as checked 2-D float tensors; `names`: what the messages call them (the compat drop-ins
     pass their peers' argument names)."""
     _inputs.check_choice("metric", metric, METRICS)
-    x_t = _inputs.as_floats(op, names[0], x, 2, vectors=True)
-    y_t = _inputs.as_floats(op, names[1], y, 2, device=x_t.device, vectors=True)
+    euclidean = metric != "cosine"
+    x_t = _inputs.as_floats(op, names[0], x, 2, vectors=True, euclidean=euclidean)
+    y_t = _inputs.as_floats(op, names[1], y, 2, device=x_t.device, vectors=True, euclidean=euclidean)
     if x_t.shape[1] != y_t.shape[1]:
         raise ValueError(
             f"{names[0]} and {names[1]} must have the same feature dimension, got {x_t.shape[1]} and {y_t.shape[1]}"

@@ -59,9 +59,10 @@ def check_image_pair(raw, masked, dtype: Optional[torch.dtype] = None, min_side:
         )
 
 
-def check_camera_ids(cam_label, batch: int, num_cameras: int) -> None:
-    """One 0-based camera id per image, each below `num_cameras`: a batch of one id was broadcast to every
-    image, and an id out of range an IndexError (on CUDA a device-side assert that ends the process).
+def check_camera_ids(cam_label, batch: int, num_cameras: int, device: torch.device) -> None:
+    """One 0-based camera id per image, on the images' `device`, each below `num_cameras`: a batch of one id
+    was broadcast to every image, and an id out of range an IndexError (on CUDA a device-side assert that
+    ends the process).
     The range check is one device sync, skipped while compiling or exporting (a data-dependent branch)."""
     if cam_label is None:
         raise ValueError("this model has a camera embedding: pass cam_label (0-based camera ids)")
@@ -70,6 +71,8 @@ def check_camera_ids(cam_label, batch: int, num_cameras: int) -> None:
         raise ValueError(f"cam_label must be an int64 (or int32) tensor of 0-based camera ids, got {kind}")
     if cam_label.dim() != 1 or cam_label.shape[0] != batch:
         raise ValueError(f"cam_label must have shape ({batch},), one camera id per image, got {tuple(cam_label.shape)}")
+    if cam_label.device != device:
+        raise ValueError(f"cam_label must be on the images' device {device}, got {cam_label.device}")
     if batch == 0 or torch.compiler.is_compiling():
         return
     low, high = torch.stack(torch.aminmax(cam_label)).tolist()

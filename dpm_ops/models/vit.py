@@ -265,7 +265,9 @@ class ViTReID(nn.Module):
         x = torch.cat([self.cls_token.expand(patches.shape[0], -1, -1), patches], dim=1)
         x = x + self.pos_embed
         if self.sie_embed is not None:
-            check_camera_ids(cam_label, images.shape[0], self.num_cameras)  # not len(): a SymInt under export
+            check_camera_ids(
+                cam_label, images.shape[0], self.num_cameras, images.device
+            )  # shape[0]: a SymInt in export
             x = x + self.sie_coef * F.embedding(cam_label, self.sie_embed.flatten(1)).unsqueeze(1)
         return x
 

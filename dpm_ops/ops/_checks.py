@@ -119,6 +119,14 @@ def row_norm_limit(dtype: torch.dtype) -> float:
     return math.sqrt(torch.finfo(compute_dtype(dtype)).max) / 2
 
 
+def row_norm_floor(dtype: torch.dtype) -> float:
+    """The least largest row norm (zero aside) the Euclidean distances take in `dtype`'s compute type:
+    sqrt(tiny / eps) (3.1e-16 in float32), below which squared norms and dot products fall among the
+    subnormals or to 0 and the distances come out as rounding noise (all 0 at 1e-25 in float32)."""
+    info = torch.finfo(compute_dtype(dtype))
+    return math.sqrt(info.tiny / info.eps)
+
+
 def too_large_message(op: str, name: str, dtype: torch.dtype, limit: str) -> str:
     return f"{op}: {name} is too large in magnitude: {limit} in {str(dtype).removeprefix('torch.')} arithmetic"
 
@@ -137,14 +145,18 @@ def check_result_finite(op: str, result: torch.Tensor, **inputs) -> None:
     raise ValueError(too_large_message(op, ", ".join(inputs), compute_dtype(result.dtype), "its sums overflow"))
 
 
-def check_finite_rows(op: str, arithmetic: torch.dtype | None = None, max_norm: float | None = None, **tensors) -> None:
+def check_finite_rows(
+    op: str, arithmetic: torch.dtype | None = None, max_norm: float | None = None, euclidean: bool = False, **tensors
+) -> None:
     """check_finite, and also a ValueError for a tensor whose rows (last dimension) are too large in
     norm for its compute type (row_norm_limit): the condition under which the GEMM-based kernels
     give the exact answer. One reduction per tensor (no temporary of the tensor's size) and one
     device sync for all; the exact finiteness scan runs only when a tensor fails. Skipped while
     compiling. `arithmetic`: the dtype the caller computes in when it is not the tensors' compute
     dtype (float32 for the re-ranking pipeline, as the reference); `max_norm`: a tighter limit the
-    op's own arithmetic needs (the ranking loss exponentiates similarities). The C++ CPU masked
+    op's own arithmetic needs (the ranking loss exponentiates similarities); `euclidean`: the rows are
+    compared by Euclidean distance, so a tensor whose rows are all below row_norm_floor but not all zero
+    is refused as too small (the distances of an all-zero tensor are exact). The C++ CPU masked
     cosine applies the same rule inside its first pass (csrc/masked_cosine/masked_cosine_cpu_kernels.h),
     with the same messages."""
     if torch.compiler.is_compiling():
@@ -158,11 +170,22 @@ def check_finite_rows(op: str, arithmetic: torch.dtype | None = None, max_norm: 
     )
     arithmetic_of = {name: arithmetic or compute_dtype(t.dtype) for name, t in tensors.items()}
     limit_of = {name: min(row_norm_limit(dtype), max_norm or math.inf) for name, dtype in arithmetic_of.items()}
-    limits = torch.tensor(list(limit_of.values()), dtype=torch.float64, device=largest.device)
-    ok = largest <= limits  # False for NaN
-    if bool(ok.all()):
+    floor_of = {name: row_norm_floor(dtype) if euclidean else 0.0 for name, dtype in arithmetic_of.items()}
+    limits, floors = torch.tensor(
+        [list(limit_of.values()), list(floor_of.values())], dtype=torch.float64, device=largest.device
+    )
+    # below the floor (the norms themselves may have underflowed to 0): refused unless every value is 0
+    fits, small = torch.stack([largest <= limits, largest < floors]).tolist()  # NaN: no fit
+    for name, t, is_small in zip(tensors, tensors.values(), small):
+        if is_small and bool(torch.linalg.vector_norm(t, ord=math.inf) > 0):
+            raise ValueError(
+                f"{op}: {name} is too small in magnitude for Euclidean distances in "
+                f"{str(arithmetic_of[name]).removeprefix('torch.')} arithmetic: its largest row norm must be 0 or "
+                f"at least {floor_of[name]:.3g} (scale the features)"
+            )
+    if all(fits):
         return
-    failed = {name: t for (name, t), good in zip(tensors.items(), ok.tolist()) if not good}
+    failed = {name: t for (name, t), good in zip(tensors.items(), fits) if not good}
     check_finite(op, **failed)
     name = next(iter(failed))
     raise ValueError(

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import _backend
-from ._checks import check_finite, check_finite_rows, check_nonnegative, check_result_finite
+from ._checks import check_finite, check_nonnegative, check_result_finite
 from ._declare import declare
 from .hierarchical_mask_pool_reference import hierarchical_mask_pool_reference
 
@@ -120,7 +120,10 @@ def hierarchical_mask_pool(
     check_hierarchical_mask_pool_args(features, mask, mode)
     features = list(features)
     if mask is not None:
-        mask = mask.detach().to(features[0].dtype)
+        mask = mask.detach().to(torch.float64)
+        check_finite("hierarchical_mask_pool", mask=mask)
+        check_nonnegative("hierarchical_mask_pool", mask=mask)
+        mask = _normalized_weights(mask).to(features[0].dtype)
     # The mask, small, is checked up front (also in magnitude: it weighs the sums). The maps: a max
     # can skip a NaN (the Triton kernel's does), so max mode checks them before; every average sums
     # all of its map's values (a NaN or inf times a zero weight is NaN), so avg mode finds NaN, inf
@@ -129,9 +132,6 @@ def hierarchical_mask_pool(
     named = {f"features[{i}]": f for i, f in enumerate(features)}
     if mode == "max":
         check_finite("hierarchical_mask_pool", **named)
-    if mask is not None:
-        check_finite_rows("hierarchical_mask_pool", mask=mask.flatten(1))
-        check_nonnegative("hierarchical_mask_pool", mask=mask)
     name = _backend.resolve(backend, features[0].device)
     out = HIERARCHICAL_MASK_POOL.run(name, features, mask, mode)
     if mode == "avg":
@@ -139,6 +139,19 @@ def hierarchical_mask_pool(
         if mask is not None:
             _check_unweighted_samples(named, mask)
     return out
+
+
+def _normalized_weights(mask: torch.Tensor) -> torch.Tensor:
+    """The float64 mask with each sample's weights scaled by the power of two that brings the largest into
+    [1, 2): the maps' dtype then holds them whatever the mask's magnitude (a mask of 1e-50 for float32 maps,
+    of 1e5 for float16 ones), and the pooled values do not change (a weighted average and the cells of
+    weight > 0 are the same under a per-sample scale, and a power of two scales without rounding; a binary
+    mask keeps its weights)."""
+    largest = mask.flatten(1).amax(1).view(-1, *(1,) * (mask.dim() - 1))
+    lift = torch.where(largest < 2.0**-1000, 2.0**100, 1.0)  # a subnormal maximum: 2^-exponent would overflow
+    mask, largest = mask * lift, largest * lift
+    mantissa, _ = torch.frexp(largest)  # largest = mantissa * 2^exponent, mantissa in [0.5, 1)
+    return mask * torch.where(largest > 0, 2 * mantissa / largest, 1.0)  # exactly 2^(1 - exponent)
 
 
 def _check_unweighted_samples(named: dict, mask: torch.Tensor) -> None:

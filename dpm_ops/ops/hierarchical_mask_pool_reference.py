@@ -24,7 +24,7 @@ def resize_mask(mask: torch.Tensor, size) -> torch.Tensor:
 
 def hierarchical_mask_pool_reference(features, mask=None, mode: str = "avg") -> torch.Tensor:
     vectors = []
-    for x in features:
+    for x in (f.float() if f.element_size() < 4 else f for f in features):  # half precision: in float32
         if mask is None:
             vectors.append(x.amax((2, 3)) if mode == "max" else x.mean((2, 3)))
             continue
@@ -35,4 +35,4 @@ def hierarchical_mask_pool_reference(features, mask=None, mode: str = "avg") -> 
         else:
             v = (x * w).sum((2, 3)) / torch.where(total > 0, total, torch.ones_like(total))
         vectors.append(torch.where(total > 0, v, torch.zeros_like(v)))
-    return torch.cat(vectors, 1)
+    return torch.cat(vectors, 1).to(features[0].dtype)

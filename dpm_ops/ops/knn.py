@@ -298,7 +298,7 @@ def knn(
     _check_k(k, y.shape[0], "y")
     _check_metric(metric)
     check_strategy(strategy)
-    check_finite_rows("knn", compute_dtype(x, y), x=x, y=y)
+    check_finite_rows("knn", compute_dtype(x, y), euclidean=metric != "cosine", x=x, y=y)
     name = _backend.resolve(backend, x.device)
     certified = _use_certified(strategy, name, x.shape[0], y.shape[0], x.shape[1])
     if not (name == "cuda" and x.dtype == y.dtype):  # the CUDA kernel's GEMM takes float16 / bfloat16 as they are
@@ -338,7 +338,7 @@ def self_knn(
     normalize = check_flag("knn", "normalize", normalize)
     check_int("knn", "cross_rows", cross_rows, 0, x.shape[0])
     check_strategy(strategy)
-    check_finite_rows("knn", x=x)
+    check_finite_rows("knn", euclidean=metric != "cosine", x=x)
     x = x.detach()  # no gradient on any backend, rather than the kernels' silently missing one
     name = _backend.resolve(backend, x.device)
     if _use_certified(strategy, name, x.shape[0], x.shape[0] // 2, x.shape[1]):  # half the GEMM

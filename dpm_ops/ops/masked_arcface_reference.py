@@ -37,7 +37,7 @@ def arcface_logits(
     produce NaNs under AMP; everywhere else the raw cosine is used, as in the official ``MArcface``.
     """
     # gather / scatter took labels for fewer rows silently (the rest kept no margin), past K an error
-    check_labels("arcface_logits", labels, cosine, of="cosine")
+    check_labels("arcface_logits", labels, cosine, of="cosine logits")
     check_label_range("arcface_logits", labels, cosine.shape[1])
     cosine = at_least_fp32(cosine)
     target_cos = cosine.gather(1, labels.view(-1, 1)).squeeze(1)
