@@ -25,6 +25,45 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose mistakes are one line, ``<prefix>: error: <message> (see <prog> --help)``, exit 2:
+    its usage block buried the message. ``prefix`` is the program the line names (default: prog)."""
+
+    prefix: Optional[str] = None
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prefix or self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _CommandParser(OneLineParser):
+    prefix = "dpm-reid"  # a command's mistakes read as the rest of dpm-reid's errors
+
+
+def path_argument(text: str) -> str:
+    """A path given on the command line: not empty (Path('') is the current folder: an empty --images
+    searched it, an empty --output took the default) and encodable as UTF-8 (the logs write it; a run
+    with an undecodable byte in --output failed after training)."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a path, got ''")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"expected a UTF-8 path, got {text!r}") from None
+    return text
+
+
+class _VersionAction(argparse.Action):
+    """--version, computed when asked: it imports torch, which every other parse would wait for."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="print the versions of dpm_ops, torch and the backends")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(_version())
+        parser.exit()
 
 
 RERANK_METHODS = ("kreciprocal", "gnn")  # dpm_ops.evaluation.RERANK_METHODS (tested), without importing torch
@@ -34,10 +73,16 @@ AQE_DEFAULTS = {"k": 5, "alpha": 3.0, "times": 1}  # dpm_ops.evaluation.query_ex
 def _add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     """--config and --weights of a command that rebuilds a trained model (export, extract)."""
     parser.add_argument(
-        "--config", required=True, help="YAML file or built-in config name (the one it was trained with)"
+        "--config",
+        required=True,
+        type=path_argument,
+        help="YAML file or built-in config name (the one it was trained with)",
     )
     parser.add_argument(
-        "--weights", required=True, help="a checkpoint of `dpm-reid train`, or a state dict of the config's model"
+        "--weights",
+        required=True,
+        type=path_argument,
+        help="a checkpoint of `dpm-reid train`, or a state dict of the config's model",
     )
 
 
@@ -54,8 +99,8 @@ def _version() -> str:
 def _add_rank_parser(sub) -> None:
     """The rank command's arguments."""
     rk = sub.add_parser("rank", help="CMC / mAP / mINP of a gallery .npz ranked for a query .npz (of extract)")
-    rk.add_argument("--query", required=True, help="the queries' .npz (dpm-reid extract)")
-    rk.add_argument("--gallery", required=True, help="the gallery's .npz, from the same model")
+    rk.add_argument("--query", required=True, type=path_argument, help="the queries' .npz (dpm-reid extract)")
+    rk.add_argument("--gallery", required=True, type=path_argument, help="the gallery's .npz, from the same model")
     rk.add_argument(
         "--distance",
         default="auto",
@@ -85,20 +130,25 @@ def _add_rank_parser(sub) -> None:
         )
     rk.add_argument("--roc", action="store_true", help="also the TPR at FPR 1e-4 / 1e-3 / 1e-2 (fast-reid's TEST.ROC)")
     rk.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda or cuda:N")
-    rk.add_argument("--out", help="also write the metrics (and the settings) to this .json file")
+    rk.add_argument("--out", type=path_argument, help="also write the metrics (and the settings) to this .json file")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="dpm-reid",
         description="Occluded / mask-based person re-ID: train and evaluate DPM, its ViT baseline and MaskReID.",
     )
-    parser.add_argument("--version", action="version", version=_version())
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,export,extract,rank,synth,configs}")
+    parser.add_argument("--version", action=_VersionAction)
+    sub = parser.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="{train,eval,export,extract,rank,synth,configs}",
+        parser_class=_CommandParser,
+    )
 
     train = sub.add_parser("train", help="train (or resume), then evaluate and print the metrics table")
-    train.add_argument("--config", required=True, help="YAML file or built-in config name")
-    train.add_argument("--output", help="run folder (default: runs/<config name>)")
+    train.add_argument("--config", required=True, type=path_argument, help="YAML file or built-in config name")
+    train.add_argument("--output", type=path_argument, help="run folder (default: runs/<config name>)")
     start = train.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true", help="continue from <output>/checkpoints/last.pt")
     start.add_argument(
@@ -107,15 +157,17 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. solver.epochs=5")
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on the config's dataset")
-    ev.add_argument("--config", required=True, help="YAML file or built-in config name")
+    ev.add_argument("--config", required=True, type=path_argument, help="YAML file or built-in config name")
     ev.add_argument(
         "--weights",
         required=True,
+        type=path_argument,
         help="a checkpoint of `dpm-reid train` (final.pt, last.pt), or a state dict of the config's model "
         "(torch.save(model.state_dict()), the official DPM release)",
     )
     ev.add_argument(
         "--output",
+        type=path_argument,
         help="folder for metrics.json and pictures (default: <run>/eval for <run>/checkpoints/*.pt, else eval/ "
         "beside the weights)",
     )
@@ -123,7 +175,7 @@ def _parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="export a checkpoint's test-time model to ONNX, checked by onnxruntime")
     _add_checkpoint_arguments(ex)
-    ex.add_argument("--out", required=True, help="the .onnx file to write")
+    ex.add_argument("--out", required=True, type=path_argument, help="the .onnx file to write")
     ex.add_argument(
         "--batch",
         type=int,
@@ -137,8 +189,8 @@ def _parser() -> argparse.ArgumentParser:
 
     fx = sub.add_parser("extract", help="features (and DPM masks) of every image under a folder, to an .npz")
     _add_checkpoint_arguments(fx)
-    fx.add_argument("--images", required=True, help="folder of images (searched recursively)")
-    fx.add_argument("--out", required=True, help="the .npz file to write")
+    fx.add_argument("--images", required=True, type=path_argument, help="folder of images (searched recursively)")
+    fx.add_argument("--out", required=True, type=path_argument, help="the .npz file to write")
     fx.add_argument(
         "--camera",
         type=int,
@@ -205,7 +257,7 @@ def _export(args) -> int:
     check_int("--batch", args.batch, 2, MAX_EXAMPLE_BATCH)
     if args.opset is not None:
         check_opset("--opset", args.opset)
-    check_output_path(args.out, "--out", "a file name, e.g. model.onnx", _inputs(args, "config", "weights"))
+    check_output_path(args.out, "--out", ".onnx", _inputs(args, "config", "weights"))
     resolve_device("cpu")  # exported (and checked) on the CPU: a DPM_OPS_BACKEND that cannot run there is named now
     config, model = _checkpoint_model(args)  # the graph does not depend on the device
     try:
@@ -239,7 +291,7 @@ def _extract(args) -> int:
 
     if args.camera is not None:  # extract_folder's own check, named as the flag and before the checkpoint is read
         check_int("--camera", args.camera, 0)
-    out = check_output_path(args.out, "--out", "a file name, e.g. features.npz", _inputs(args, "config", "weights"))
+    out = check_output_path(args.out, "--out", ".npz", _inputs(args, "config", "weights"))
     config, model = _checkpoint_model(args)
     device = resolve_device(config["train"]["device"])
     ev = config["eval"]
@@ -273,7 +325,7 @@ def _rank(args) -> int:
         if given and not getattr(args, flag[2:]):  # else the run would silently score without them
             raise ValueError(f"{' / '.join(given)} {'is' if len(given) == 1 else 'are'} only used with {flag}")
     inputs = _inputs(args, "query", "gallery")
-    out = None if args.out is None else check_output_path(args.out, "--out", "a file name, e.g. metrics.json", inputs)
+    out = None if args.out is None else check_output_path(args.out, "--out", ".json", inputs)
     device = resolve_device(args.device, "--device")
     query, gallery = load_features_npz(args.query, "--query"), load_features_npz(args.gallery, "--gallery")
     lambda_value = 0.3 if args.lambda_value is None else args.lambda_value
@@ -312,8 +364,31 @@ def _one_line(error: BaseException) -> str:
     return rest if sep and "." in head and " " not in head else last
 
 
+def _os_error(error: OSError, args) -> str:
+    """An OSError's line, naming the path argument it concerns (a file of a run folder: its --output)."""
+    filename = str(error.filename or "")
+    for name in ("output", "out", "images", "query", "gallery", "weights", "config"):
+        value = getattr(args, name, None)
+        if value and filename.startswith(os.path.expanduser(value)):
+            return f"--{name} {value}: {error.strerror or error} ({filename})"
+    return _one_line(error)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Runs a command; Ctrl-C (also while torch imports) ends it with one line, exit 130."""
+    try:
+        code = _main(list(sys.argv[1:] if argv is None else argv))
+        sys.stdout.flush()  # here, not at exit: a reader that left (`| head`) raises BrokenPipeError below
+        return code
+    except KeyboardInterrupt:
+        print("dpm-reid: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `dpm-reid configs | head`: the reader left; nothing is left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 1
+
+
+def _main(argv: list) -> int:
     if argv and argv[0] == "synth":
         from dpm_ops.data.synth import main as synth_main
 
@@ -349,11 +424,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"dpm-reid: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as error:  # a write that failed mid-run: a full disk, a folder where a file goes
-        print(f"dpm-reid: error: {_one_line(error)}", file=sys.stderr)
+        print(f"dpm-reid: error: {_os_error(error, args)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("dpm-reid: interrupted (resume with --resume)", file=sys.stderr)
-        return 130
+        print(f"dpm-reid: interrupted{' (resume with --resume)' if args.command == 'train' else ''}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         distributed.cleanup()
 

@@ -105,15 +105,18 @@ def _as_tuple(outputs) -> tuple[torch.Tensor, ...]:
     return tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
 
 
-def check_output_path(path, argument: str = "path", suffix_hint: str = "a file name", inputs=None) -> Path:
-    """``path`` as a Path, if it is a file path whose folder exists or can be made (it is made) and is
-    none of the command's ``inputs`` ({argument: path}: writing it would destroy what the command reads);
-    an :class:`ExportError` naming ``argument`` otherwise. Cheap: call it before long work."""
+def check_output_path(path, argument: str, suffix: str, inputs=None) -> Path:
+    """``path`` as a Path, if it is a file path ending in ``suffix`` (".onnx", ".npz", ".json": a file of
+    another kind, a checkpoint or an image, is never replaced) whose folder exists or can be made (it is
+    made) and is none of the command's ``inputs`` ({argument: path}: writing it would destroy what the
+    command reads); an :class:`ExportError` naming ``argument`` otherwise. Cheap: call it before long work."""
     if not isinstance(path, (str, os.PathLike)) or not str(path):
-        raise ExportError(f"{argument} must be a file path ({suffix_hint}), got {path!r}")
+        raise ExportError(f"{argument} must be a file path ending in {suffix}, got {path!r}")
     path = Path(os.path.expanduser(str(path)))
     if path.is_dir():
-        raise ExportError(f"{argument} {path} is a directory; give {suffix_hint}")
+        raise ExportError(f"{argument} {path} is a directory; give a file name ending in {suffix}")
+    if path.suffix.lower() != suffix:
+        raise ExportError(f"{argument} {path}: must be a file name ending in {suffix}")
     for name, source in (inputs or {}).items():
         source = Path(os.path.expanduser(str(source)))
         if path.is_file() and source.is_file() and os.path.samefile(path, source):
@@ -169,7 +172,7 @@ def export_onnx(
     size = model_input_size(model, kind, image_size)
     check_int("batch", batch, 2, MAX_EXAMPLE_BATCH)
     check_opset("opset", opset)
-    path = check_output_path(path, "path", "a file name, e.g. model.onnx")
+    path = check_output_path(path, "path", ".onnx")
     _require("onnxscript", "the ONNX export")  # torch's exporter imports it; fail before the long part
     if check:
         _require("onnxruntime", "check=True")

@@ -29,6 +29,7 @@ from .data.errors import DatasetError, DatasetNotFoundError
 from .data.image_io import as_mask, as_rgb
 from .data.parsing import MARKET_NAME
 from .engine.checkpoint import atomic_write
+from .ops._checks import row_norm_limit
 from .engine.extraction import FeatureSet, as_device, eval_transform, extract_features
 from .engine.recipes import RECIPES, get_recipe, model_cameras
 from .engine.scoring import DISTANCES, check_reranking, compute_distances, rank_metrics, resolve_distance
@@ -252,7 +253,7 @@ def save_features_npz(path, features: FeatureSet, model: torch.nn.Module) -> Pat
     ``features`` (N, D) float32, ``masks`` (N, D) float32 (DPM only), ``pids`` / ``camids`` (N,) int64,
     ``model`` and ``distance`` (the model's test metric: "masked_arccos" for DPM, else "euclidean")."""
     kind = model_kind(model)
-    path = check_output_path(path, "path", "a file name, e.g. features.npz")
+    path = check_output_path(path, "path", ".npz")
     arrays = {
         "paths": np.array(features.paths, dtype=str),
         "features": features.features.numpy(),
@@ -312,6 +313,14 @@ def load_features_npz(path, argument: str = "path") -> SavedFeatures:
         )
     if not np.isfinite(features).all():
         raise ExportError(f"{where}: features contain non-finite values (NaN or inf)")
+    # ranked in float32: past its range they are named here, not as a distance's "x" after a cast's warning
+    limit = row_norm_limit(torch.float32)
+    largest = max(-float(features.min()), float(features.max()))
+    if largest <= limit:
+        features = features.astype(np.float32, copy=False)
+        largest = float(torch.linalg.vector_norm(torch.from_numpy(features), dim=1).max())  # inf past float32's
+    if largest > limit:
+        raise ExportError(f"{where}: features too large for float32 distances (norms must stay below {limit:.3g})")
     count = len(features)
     for name in ("pids", "camids"):
         if arrays[name].shape != (count,) or arrays[name].dtype.kind not in "iu":
@@ -329,7 +338,7 @@ def load_features_npz(path, argument: str = "path") -> SavedFeatures:
         raise ExportError(f"{where}: masks must lie in [0, 1] (DPM's channel masks)")
     return SavedFeatures(
         FeatureSet(
-            torch.from_numpy(features.astype(np.float32)),
+            torch.from_numpy(features),
             None if masks is None else torch.from_numpy(masks.astype(np.float32)),
             torch.from_numpy(arrays["pids"].astype(np.int64)),
             torch.from_numpy(arrays["camids"].astype(np.int64)),

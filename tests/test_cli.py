@@ -693,12 +693,15 @@ def test_warnings_are_shown_once(monkeypatch):
     ],
 )
 def test_usage_mistakes_are_argparse_errors(capsys, argv, needle):
-    # argparse's own checks: its usage and one error line, exit code 2, before any config is read
+    # argparse's own checks: one error line (not its usage block, which buried it) pointing at --help, exit
+    # code 2, before any config is read
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in err
-    assert err.startswith("usage: dpm-reid") and needle in err.strip().splitlines()[-1], err
+    command = f"dpm-reid {argv[0]}" if argv else "dpm-reid"
+    assert len(err.splitlines()) == 1 and err.startswith("dpm-reid: error: ") and needle in err, err
+    assert err.endswith(f" (see {command} --help)\n"), err
 
 
 def test_configs_lists_each_built_in_config_file(capsys):
@@ -788,21 +791,37 @@ def test_extract_checks_out_first_and_writes_to_the_expanded_path(tmp_path, tiny
 
 def test_an_out_that_is_an_input_is_refused(tmp_path, tiny_set, capsys):
     """extract --out w.pt (the checkpoint), export --out tiny.yaml (the config), rank --out q.npz (a feature
-    file) each replaced the file the command had just read, with exit code 0."""
+    file) each replaced the file the command had just read, with exit code 0; an --out also replaced any
+    other file (another run's checkpoint, an input image): it must now end in the command's own suffix."""
     config = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_set, "dpm"))
     weights = _fresh_checkpoint(tmp_path, config)
     features = tmp_path / "q.npz"
     common = ["--config", str(config), "--weights", str(weights)]
     assert main(["extract", *common, "--images", str(tiny_set / "query"), "--out", str(features)]) == 0
     capsys.readouterr()
-    kept = {path: path.read_bytes() for path in (config, weights, features)}
-    for argv, flag, path in [
-        (["extract", *common, "--images", str(tiny_set / "query"), "--out", str(weights)], "--weights", weights),
-        (["export", *common, "--no-check", "--out", str(config)], "--config", config),
-        (["rank", "--query", str(features), "--gallery", str(features), "--out", str(features)], "--query", features),
+    image = next((tiny_set / "query").glob("*.jpg"))
+    weights_npz = tmp_path / "w.npz"  # a checkpoint under the output's suffix
+    weights_npz.write_bytes(weights.read_bytes())
+    kept = {path: path.read_bytes() for path in (config, weights, features, image, weights_npz)}
+    images = ["--images", str(tiny_set / "query")]
+    for argv, message in [
+        (["extract", *common, *images, "--out", str(weights)], f"--out {weights}: must be a file name ending in .npz"),
+        (["extract", *common, *images, "--out", str(image)], f"--out {image}: must be a file name ending in .npz"),
+        (
+            ["extract", "--config", str(config), "--weights", str(weights_npz), *images, "--out", str(weights_npz)],
+            f"--out {weights_npz} is the --weights file this command reads",
+        ),
+        (
+            ["export", *common, "--no-check", "--out", str(config)],
+            f"--out {config}: must be a file name ending in .onnx",
+        ),
+        (
+            ["rank", "--query", str(features), "--gallery", str(features), "--out", str(features)],
+            f"--out {features}: must be a file name ending in .json",
+        ),
     ]:
         code = main(argv)
-        assert_one_line_error(capsys, code, f"--out {path} is the {flag} file this command reads")
+        assert_one_line_error(capsys, code, message)
     assert {path: path.read_bytes() for path in kept} == kept
 
 

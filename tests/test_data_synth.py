@@ -286,8 +286,9 @@ def test_cli_range_that_does_not_parse_is_an_argparse_error(tmp_path, capsys, va
     with pytest.raises(SystemExit) as exit_info:
         main(["--out", str(tmp_path / "set"), "--train-images", value, "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2 and err[0].startswith("usage: dpm-reid synth")
-    assert err[-1] == f"dpm-reid synth: error: argument --train-images: expected N or LOW,HIGH, got {value!r}"
+    assert exit_info.value.code == 2 and len(err) == 1, err  # one line, no usage block
+    needle = f"dpm-reid synth: error: argument --train-images: expected N or LOW,HIGH, got {value!r}"
+    assert err[0] == f"{needle} (see dpm-reid synth --help)"
     assert not (tmp_path / "set").exists()
 
 

@@ -823,10 +823,14 @@ def test_format_metrics_table():
         "num_valid": 12,
         "cmc": [50.0],
     }
-    table = format_metrics_table({"all": row, "clean": {**row, "num_query": 4}, "settings": {"distance": "x"}})
+    clean = {**row, "num_query": 4, "num_valid": 4}
+    table = format_metrics_table({"all": row, "clean": clean, "settings": {"distance": "x"}})
     lines = table.splitlines()
     assert [line.split()[0] for line in lines[2:]] == ["all", "clean"]
     assert lines[2].split()[1:] == ["50.0", "75.2", "90.0", "41.3", "12.0", "12"]
+    # queries without a match are left out of the scores: counted as scored, and said (they were counted silently)
+    lines = format_metrics_table({"all": {**row, "num_valid": 9}, "clean": clean}).splitlines()
+    assert lines[2].split()[-1] == "9" and lines[-1] == "(3 of 12 all queries have no match in the gallery: left out)"
     with pytest.raises(ValueError, match="no subset"):
         format_metrics_table({"settings": {}})
     with pytest.raises(ValueError, match="malformed"):

@@ -209,6 +209,9 @@ def test_bad_files_and_options_are_named(tmp_path):
         (write_npz(tmp_path / "s.npz", masks=np.full((12, 8), "x")), "masks must be floats of the features' shape"),
         (write_npz(tmp_path / "z.npz", features=np.zeros((12, 0), np.float32)), "non-empty (N, D) float array"),
         (write_npz(tmp_path / "f.npz", features=np.full((12, 8), np.nan, np.float32)), "features contain non-finite"),
+        # ranked in float32: a cast's overflow warning and an error naming a distance's "x" before
+        (write_npz(tmp_path / "h.npz", features=np.full((12, 8), 1e300)), "features too large for float32 distances"),
+        (write_npz(tmp_path / "r.npz", features=np.full((12, 8), 1e19, np.float32)), "norms must stay below 9.22e+18"),
         (write_npz(tmp_path / "n.npz", masks=np.full((12, 8), -0.5, np.float32)), "masks must lie in [0, 1]"),
         (
             write_npz(tmp_path / "x.npz", distance="foo"),

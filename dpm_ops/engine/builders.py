@@ -23,6 +23,7 @@ from dpm_ops.models.weights import WeightsError, trained_state_dict
 from . import distributed
 from .checkpoint import (
     CheckpointError,
+    check_not_a_run_folder,
     checked_checkpoint,
     is_training_checkpoint,
     load_model_state,
@@ -371,6 +372,7 @@ def evaluate_checkpoint(
     weights_folder = Path(weights).resolve().parent
     run_folder = weights_folder.parent if weights_folder.name == "checkpoints" else weights_folder
     output = make_output_folder(output or run_folder / "eval", "--output")
+    check_not_a_run_folder(output, "--output")
     device, info = init_run_device(config)
     progress = config["train"]["progress"] and info.is_main
     prepare_synthetic(config, progress=progress)

@@ -110,6 +110,25 @@ def make_output_folder(path: str | os.PathLike, name: str) -> Path:
     return path
 
 
+def check_not_a_run_folder(path: Path, name: str) -> None:
+    """An evaluation's output folder must be neither a training run's (its metrics.json and pictures
+    would replace the run's) nor in use by one (a run starting there holds its lock before writing any
+    checkpoint); a CheckpointError naming ``name`` otherwise."""
+    held = sorted((path / "checkpoints").glob("*.pt"))
+    if held:
+        raise CheckpointError(
+            f"{name} {path} holds a training run ({held[0].relative_to(path)}): its metrics.json and pictures "
+            "would be replaced; choose another folder (by default <run>/eval)"
+        )
+    lock = path / RunFolder.LOCK
+    if lock.is_file():
+        with open(lock) as handle:
+            try:
+                fcntl.lockf(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:  # a training run holds it
+                raise CheckpointError(f"{name} {path} is in use by a training run; choose another folder") from None
+
+
 class RunFolder:
     """A training run's hold on its output folder, taken before any work starts: an exclusive lock
     on ``.run.lock`` (a second run into the same folder is refused while the first lives), and a
@@ -131,7 +150,11 @@ class RunFolder:
                 f"{path} is in use by another training run (it holds {path / self.LOCK}): "
                 "wait for it to end, or choose another --output"
             ) from None
-        self.earlier = [] if resume else sorted((path / "checkpoints").glob("*.pt"))
+        checkpoints = path / "checkpoints"
+        if checkpoints.exists() and not checkpoints.is_dir():  # found after the first epoch, otherwise
+            self.release()
+            raise CheckpointError(f"{checkpoints} is not a folder: the run writes its checkpoints there")
+        self.earlier = [] if resume else sorted(checkpoints.glob("*.pt"))
         if self.earlier and not overwrite:
             self.release()
             raise CheckpointError(

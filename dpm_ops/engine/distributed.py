@@ -59,6 +59,7 @@ def launcher_ranks() -> tuple[int, int, int]:
             "(it sets them all), or unset WORLD_SIZE"
         )
     rank = _environment_integer("RANK", "", 0, world_size - 1)
+    _environment_integer("MASTER_PORT", "", 1, 65535)  # torch's own message names no variable
     return world_size, rank, _environment_integer("LOCAL_RANK", str(rank), 0)
 
 

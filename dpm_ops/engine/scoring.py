@@ -191,8 +191,9 @@ def rank_metrics(
 
 def format_metrics_table(metrics: dict) -> str:
     """A plain-text table: one row per query subset (``all``, ``clean``, ``occluded``, ...),
-    columns Rank-1 / Rank-5 / Rank-10 / mAP / mINP (percent), the number of queries and, where the
-    metrics have them, the TPRs at fast-reid's FPRs (percent)."""
+    columns Rank-1 / Rank-5 / Rank-10 / mAP / mINP (percent), the number of queries scored and, where
+    the metrics have them, the TPRs at fast-reid's FPRs (percent); a last line counts the queries left
+    out for want of a match (the scores are over the others)."""
     if not isinstance(metrics, dict):
         raise ValueError(f"metrics must be the dict evaluate_model returns, got {type(metrics).__name__}")
     rows = [(name, values) for name, values in metrics.items() if isinstance(values, dict) and "mAP" in values]
@@ -207,9 +208,15 @@ def format_metrics_table(metrics: dict) -> str:
             tprs = values.get("tpr_at_fpr", {})
             lines.append(
                 f"{name:<10}{values['rank1']:>8.1f}{values['rank5']:>8.1f}{values['rank10']:>9.1f}"
-                f"{values['mAP']:>8.1f}{values['mINP']:>8.1f}{values['num_query']:>10d}"
+                f"{values['mAP']:>8.1f}{values['mINP']:>8.1f}{values.get('num_valid', values['num_query']):>10d}"
                 + "".join(f"{tprs[fpr]:>11.1f}" if fpr in tprs else f"{'-':>11}" for fpr in fprs)
             )
         except (AttributeError, KeyError, TypeError, ValueError) as error:
             raise ValueError(f"metrics[{name!r}] is malformed: {error!r}") from error
+    _, first = rows[0]
+    left_out = first["num_query"] - first.get("num_valid", first["num_query"])
+    if left_out:
+        lines.append(
+            f"({left_out} of {first['num_query']} {rows[0][0]} queries have no match in the gallery: left out)"
+        )
     return "\n".join(lines)

@@ -47,12 +47,16 @@ def _add_option(parser: argparse.ArgumentParser, field: dataclasses.Field, field
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from dpm_ops.cli import OneLineParser
+
+    parser = OneLineParser(
         prog="dpm-reid synth",
         description="Generate the synthetic occluded re-ID dataset (Market-1501 layout + masks + synthetic.json).",
     )
     parser.add_argument(
-        "--out", required=True, help="output folder (created; must be empty or a synthetic set with --force)"
+        "--out",
+        required=True,
+        help="output folder (created; must be empty or a synthetic set with --force)",
     )
     field_types = get_type_hints(SynthConfig)
     for field in _option_fields():
@@ -74,6 +78,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except DatasetError as error:  # an unusable --out
         print(f"dpm-reid synth: error: --out: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a path the system refuses (a name too long), a full disk
+        print(f"dpm-reid synth: error: --out {args.out}: {error.strerror or error} ({error.filename})", file=sys.stderr)
         return 2
     manifest = read_synthetic_manifest(str(out))
     counts = manifest["counts"]

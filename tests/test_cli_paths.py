@@ -1,0 +1,114 @@
+"""The CLI's paths and run folders: empty or undecodable paths, outputs that would replace a run's files,
+system errors named by their argument, and the ends of a command (Ctrl-C while starting, a reader that
+leaves the pipe)."""
+
+import fcntl
+import subprocess
+import sys
+
+import pytest
+
+from dpm_ops.cli import main
+from engine_utils import tiny_config, write_config
+from test_cli import _fresh_checkpoint, assert_one_line_error, tiny_set  # noqa: F401 (the fixture)
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["train", "--config", "c", "--output", ""], "argument --output: expected a path, got ''"),
+        (["eval", "--config", "c", "--weights", "w", "--output", ""], "argument --output: expected a path, got ''"),
+        (["extract", "--config", "c", "--weights", "w", "--images", "", "--out", "f.npz"], "--images: expected a path"),
+        (["rank", "--query", "", "--gallery", "g.npz"], "argument --query: expected a path, got ''"),
+        (
+            ["train", "--config", "c", "--output", "runs/a\udcff"],
+            "--output: expected a UTF-8 path, got 'runs/a\\udcff'",
+        ),
+    ],
+)
+def test_empty_and_undecodable_paths_are_refused(capsys, argv, needle):
+    """An empty --images searched the current folder and an empty --output took the default folder; a byte
+    that is not UTF-8 in --output failed when the log wrote the path, after the whole run."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert_one_line_error(capsys, exit_info.value.code, needle)
+
+
+def _trained_run(tmp_path, config):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "final.pt").write_bytes(_fresh_checkpoint(tmp_path, config).read_bytes())
+    (run / "metrics.json").write_text("{}")
+    return run
+
+
+def test_eval_never_writes_into_a_training_run(tmp_path, tiny_set, capsys):  # noqa: F811
+    """eval --output <a run folder> replaced the run's metrics.json and pictures, also while a train held it."""
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_set, "dpm"))
+    run = _trained_run(tmp_path, config)
+    weights = ["--config", str(config), "--weights", str(run / "checkpoints" / "final.pt")]
+    code = main(["eval", *weights, "--output", str(run)])
+    assert_one_line_error(capsys, code, f"--output {run} holds a training run (checkpoints/final.pt)")
+    assert (run / "metrics.json").read_text() == "{}"
+    busy = tmp_path / "busy"  # a run starting there: its lock, no checkpoint yet
+    busy.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a+'); fcntl.lockf(f, fcntl.LOCK_EX); "
+         "print('held', flush=True); sys.stdin.read()", str(busy / ".run.lock")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code = main(["eval", *weights, "--output", str(busy)])
+        assert_one_line_error(capsys, code, f"--output {busy} is in use by a training run")
+    finally:
+        holder.communicate("")
+    with open(busy / ".run.lock") as handle:  # released: the folder may be used
+        fcntl.lockf(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    assert not (busy / "metrics.json").exists()
+
+
+def test_run_folder_problems_are_named_before_training(tmp_path, tiny_set, capsys):  # noqa: F811
+    """A file named checkpoints in the run folder was an '[Errno 17] File exists' after the first epoch;
+    an --output name too long for the system a bare '[Errno 36]' naming no argument."""
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_set, "dpm", solver={"epochs": 50}))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").write_text("not a folder")
+    code = main(["train", "--config", str(config), "--output", str(run)])
+    assert_one_line_error(capsys, code, f"{run / 'checkpoints'} is not a folder")
+    long_name = tmp_path / ("x" * 300)
+    code = main(["train", "--config", str(config), "--output", str(long_name)])
+    assert_one_line_error(capsys, code, f"--output {long_name}", "ile name too long")
+
+
+@pytest.mark.parametrize("port, shown", [("99999", "'99999'"), ("abc", "'abc'")])
+def test_master_port_is_checked(tmp_path, tiny_set, capsys, monkeypatch, port, shown):  # noqa: F811
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_set, "dpm"))
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "localhost"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MASTER_PORT", port)
+    code = main(["train", "--config", str(config), "--output", str(tmp_path / "run")])
+    assert_one_line_error(
+        capsys, code, f"environment variable MASTER_PORT must be an integer in [1, 65535], got {shown}"
+    )
+
+
+def test_interrupt_while_starting_is_one_line(monkeypatch, capsys):
+    """Ctrl-C while torch was importing (before the commands' own handler) ended in a traceback."""
+    import dpm_ops.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_parser", interrupted)
+    assert main(["eval", "--config", "c", "--weights", "w"]) == 130
+    assert capsys.readouterr().err == "dpm-reid: interrupted\n"
+
+
+def test_a_reader_that_leaves_the_pipe_is_no_error():
+    """`dpm-reid configs | head -1` ended in a BrokenPipeError traceback."""
+    done = subprocess.run(
+        f"{sys.executable} -m dpm_ops configs | true", shell=True, capture_output=True, text=True, timeout=120
+    )
+    assert done.stderr == "", done.stderr
