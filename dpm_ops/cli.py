@@ -364,6 +364,11 @@ def _one_line(error: BaseException) -> str:
     return rest if sep and "." in head and " " not in head else last
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as one line, like the errors: not Python's file, line number and source line beneath."""
+    return f"dpm-reid: warning: {message}\n"
+
+
 def _os_error(error: OSError, args) -> str:
     """An OSError's line, naming the path argument it concerns (a file of a run folder: its --output)."""
     filename = str(error.filename or "")
@@ -407,9 +412,11 @@ def _main(argv: list) -> int:
     from dpm_ops.export import ExportError, OnnxCheckError
 
     commands = {"train": _train, "eval": _eval, "export": _export, "extract": _extract, "rank": _rank}
+    formatwarning = warnings.formatwarning
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
+            warnings.formatwarning = _one_line_warning
             return commands[args.command](args)
     except OnnxCheckError as error:  # not the user's input: the exported graph computes something else
         print(f"dpm-reid: error: {_one_line(error)}", file=sys.stderr)
@@ -430,6 +437,7 @@ def _main(argv: list) -> int:
         print(f"dpm-reid: interrupted{' (resume with --resume)' if args.command == 'train' else ''}", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
+        warnings.formatwarning = formatwarning
         distributed.cleanup()
 
 

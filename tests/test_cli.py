@@ -675,6 +675,19 @@ def test_warnings_are_shown_once(monkeypatch):
     ]
 
 
+def test_warnings_are_one_line():
+    # Python's format put the file, line number and source line under the message (two lines each); in a
+    # process of its own, since pytest records warnings instead of printing them
+    script = (
+        "import sys, warnings; import dpm_ops.cli as cli; "
+        "cli._train = lambda args: warnings.warn('max_rank exceeds the gallery size') or 0; "
+        "code = cli.main(['train', '--config', 'synthetic_dpm']); "
+        "assert warnings.formatwarning is not cli._one_line_warning; sys.exit(code)"  # restored
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "dpm-reid: warning: max_rank exceeds the gallery size\n", done
+
+
 @pytest.mark.parametrize(
     "argv, needle",
     [
