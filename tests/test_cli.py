@@ -613,7 +613,10 @@ def test_default_run_folder_is_named_after_the_config(tmp_path, tiny_set, capsys
     config = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_set, "dpm"))
     monkeypatch.chdir(tmp_path)
     code = main(["train", "--config", str(config), "--resume"])
-    assert_one_line_error(capsys, code, "no checkpoint to resume from at", os.path.join("runs", "tiny", ""))
+    assert_one_line_error(capsys, code, "no checkpoint to resume from: ", os.path.join("runs", "tiny", ""))
+    (tmp_path / "runs" / "tiny" / "checkpoints" / "last.pt").mkdir(parents=True)  # it said "no checkpoint" too
+    code = main(["train", "--config", str(config), "--resume"])
+    assert_one_line_error(capsys, code, os.path.join("checkpoints", "last.pt is not a file"))
 
 
 def test_one_line_is_the_original_error_of_a_worker_traceback():

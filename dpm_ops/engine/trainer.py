@@ -252,7 +252,8 @@ class Trainer:
     def load_for_resume(self) -> dict:
         path = self.checkpoint_dir / "last.pt"
         if not path.is_file():
-            raise CheckpointError(f"--resume: no checkpoint to resume from at {path}")
+            found = "is not a file" if path.exists() else "does not exist"
+            raise CheckpointError(f"--resume: no checkpoint to resume from: {path} {found}")
         state = load_checkpoint(path, model_name=self.model_name)
         self._check_resume_config(state["config"])
         training = state.get("training")
