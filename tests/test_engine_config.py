@@ -146,7 +146,16 @@ def test_invalid_yaml_and_missing_file(tmp_path):
     [
         ("- model\n- solver\n", r"config .*shape\.yaml must be a mapping of sections, got list$"),
         ("model: 3\n", r"^config key model: expected a section \(mapping\), got 3$"),
-        ("model:\n  name: null\n", r"^config key model.name: null is not allowed$"),
+        # ~ and an empty value are YAML's null too: dataset.root=~ meant the home folder
+        (
+            "model:\n  name: null\n",
+            r"^config key model.name: null \(YAML's reading of a bare ~ or null, or of no value",
+        ),
+        (
+            "dataset:\n  root: ~\n",
+            r"^config key dataset.root: null .* is not allowed; a path's home folder is written ~/$",
+        ),
+        ("solver:\n  epochs:\n", r"^config key solver.epochs: null \(YAML's reading .*\) is not allowed$"),
         ("solver:\n  base_lr: abc\n", r"^config key solver.base_lr: expected float, got 'abc'$"),
     ],
 )
@@ -349,6 +358,8 @@ def test_a_builtin_name_is_never_taken_for_a_missing_path(tmp_path):
         ("eval.k1=" + "9" * 25, "eval.k1: expected a value that fits in 64 bits, got an integer of 25 digits"),
         ("eval.batch_size=100000000000000000000", "eval.batch_size: expected a value in [1, 65536]"),
         ("eval.cuhk03_repeats=1000000", "eval.cuhk03_repeats: expected a value in [1, 10000]"),  # hung
+        ("eval.aqe_times=1000000000", "eval.aqe_times: expected a value in [1, 10], got 1000000000"),  # ran for days
+        ("eval.aqe_k=257", "eval.aqe_k: expected a value in [1, 256], got 257"),  # the GPU k-NN kernels' most
         ("dataloader.num_workers=100000", "dataloader.num_workers: expected a value in [0, 1024]"),
         (
             "solver.amp=on",
@@ -462,3 +473,132 @@ def test_train_refuses_what_is_not_a_config(config, tmp_path):
     with pytest.raises(ConfigError, match="train: config must be a dict from load_config"):  # was TypeError / KeyError
         train(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def nested_aliases(levels: int) -> str:
+    """YAML's "billion laughs": a list of ten 1s, then `levels` lists of ten aliases of the one before."""
+    lists = ["&a0 [1,1,1,1,1,1,1,1,1,1]"] + [f"&a{i} [{','.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels + 1)]
+    return f"[{', '.join(lists)}]"
+
+
+def test_a_value_nested_through_aliases_is_refused_in_a_short_message_at_once(tmp_path):
+    """A 363-byte override of lists aliased eight deep made a 358 MB error line after 18 s (one more level: OOM)."""
+    import time
+
+    start = time.perf_counter()
+    for override, message in (
+        # past MAX_YAML_VALUES values, aliases counted at each use: refused as the YAML is read
+        (
+            "solver.epochs=" + nested_aliases(8),
+            r"^override 'solver.epochs=\[&a0 .*\.\.\..*\]': its value holds more than 100000 values \(",
+        ),
+        ("solver.epochs=" + nested_aliases(9), r"YAML aliases count at each use\)$"),
+        # within it (11,111 ones): the value is quoted cut short
+        (
+            "solver.epochs=" + nested_aliases(3),
+            r"^config key solver.epochs: expected int, got \[\[1, 1, 1, 1, \.\.\.\]",
+        ),
+        (
+            "model.options.mask_tap_blocks=" + nested_aliases(3),
+            r"mask_tap_blocks: expected a list like \[1, 3, 9, 11\]",
+        ),
+        ("dataset.synth.hidden_range=" + nested_aliases(3), r"hidden_range: expected a list like \[0.25, 0.6\]"),
+    ):
+        with pytest.raises(ConfigError, match=message) as info:
+            load_config("synthetic_dpm", [override])
+        assert len(str(info.value)) < 300, str(info.value)
+    aliased = tmp_path / "aliased.yaml"  # a file the same, and merges of merges (which PyYAML copies pair by pair)
+    aliased.write_text(f"solver:\n  epochs: {nested_aliases(8)}\n")
+    with pytest.raises(ConfigError, match=r"aliased.yaml line 2: more than 100000 values \(YAML aliases count"):
+        load_config(aliased)
+    merges = "".join(f"  m{i}: &m{i} {{<<: [{', '.join([f'*m{i - 1}'] * 10)}]}}\n" for i in range(1, 9))
+    aliased.write_text("description:\n  m0: &m0 {epochs: 1}\n" + merges + "solver: *m8\n")
+    with pytest.raises(ConfigError, match=r"more than 100000 values"):
+        load_config(aliased)
+    assert time.perf_counter() - start < 5
+
+
+def test_error_messages_quote_values_cut_short():
+    from dpm_ops.engine.config_checks import QUOTE_CHARS, quote
+
+    assert quote("abc") == "'abc'" and quote([1, 2.5, None]) == "[1, 2.5, None]" and quote(2**63) == str(2**63)
+    assert quote(10**400) == "an integer of 401 digits" and quote(10**5000) == "an integer of over 600 digits"
+    cut = quote(["x" * 10**6, {"k": [[[[1]]]]}] * 10**5)
+    assert len(cut) == QUOTE_CHARS and cut.endswith("...")
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["dataset.root=" + "x" * 10**6 + "\x00"])
+    assert len(str(info.value)) < 200
+    with pytest.raises(ConfigError, match=r"^unknown config key 'model.options.xxx+\.\.\.x+' \(valid: "):
+        load_config(None, ["model.options." + "x" * 10**6 + "=1"])
+    # an integer past Python's 4300 digits is no YAML integer: read as text, refused by type
+    with pytest.raises(ConfigError, match=r"^config key solver.epochs: expected int, got '1111.*\.\.\..*1'$"):
+        load_config(None, ["solver.epochs=" + "1" * 5000])
+
+
+def test_e_notation_floats_are_read_in_the_free_form_sections():
+    """YAML 1.1 reads 5e-1 (no dot) as a string: the schema's keys took it, model.options and dataset.synth did not."""
+    overrides = [
+        "model.options.arcface_margin=5e-1",
+        "model.options.norm_eps=1e-5",
+        "dataset.synth.distractors=1e-1",
+        "dataset.synth.hidden_range=[2.5e-1, 6E-1]",
+    ]
+    config = load_config("synthetic_dpm", overrides)
+    options, synth = config["model"]["options"], config["dataset"]["synth"]
+    assert (options["arcface_margin"], options["norm_eps"]) == (0.5, 1e-5)
+    assert (synth["distractors"], synth["hidden_range"]) == (0.1, [0.25, 0.6])
+    for override, message in (
+        ("model.options.depth=4e0", r"model.options.depth: expected a value like 12, got '4e0'$"),  # an int option
+        ("model.options.arcface_margin=5e-1x", r"arcface_margin: expected a value like 0.5, got '5e-1x'$"),
+        ("model.options.arcface_margin=1e999", r"arcface_margin: expected a finite number, got '1e999'$"),
+        (
+            "dataset.synth.hidden_range=[1e-1, abc]",
+            r"hidden_range: expected a list like \[0.25, 0.6\], of at most 64 items, got \['1e-1', 'abc'\]$",
+        ),
+        (
+            "dataset.synth.train_images=[1.5, 3]",
+            r"train_images: expected a list like \[6, 12\], of at most 64 items, got",
+        ),
+        # a model's own message would quote every item
+        (
+            f"model.options.mask_tap_blocks={list(range(65))}",
+            r"mask_tap_blocks: expected a list like \[1, 3, 9, 11\], of",
+        ),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config("synthetic_dpm", [override])
+
+
+def test_yaml_merge_keys_work_and_the_mappings_own_key_wins(tmp_path):
+    """A merge key failed: the duplicate check constructed keys before PyYAML took the merges out."""
+    path = tmp_path / "merge.yaml"
+    path.write_text("solver:\n  <<: {epochs: 1}\n  base_lr: 0.1\n")
+    assert (load_config(path)["solver"]["epochs"], load_config(path)["solver"]["base_lr"]) == (1, 0.1)
+    # a key merged and also written: YAML's rule, the mapping's own one wins; of merged mappings, the first
+    path.write_text(
+        "description: &base {epochs: 3, base_lr: 0.5}\n"
+        "solver:\n  <<: [*base, {base_lr: 0.2, warmup_epochs: 2}]\n  epochs: 2\n"
+        "eval:\n  <<: {aqe_k: 4, aqe_times: 1}\n  aqe_times: 2\n"
+    )
+    config = load_config(path)
+    assert [config["solver"][key] for key in ("epochs", "base_lr", "warmup_epochs")] == [2, 0.5, 2]
+    assert (config["eval"]["aqe_k"], config["eval"]["aqe_times"]) == (4, 2)
+    for text, line in (
+        ("solver:\n  <<: {epochs: 1}\n  base_lr: 0.1\n  base_lr: 0.2\n", 4),  # still refused beside a merge
+        ("solver:\n  <<: {epochs: 1, epochs: 2}\n", 2),  # and in a merged mapping
+    ):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=rf"merge.yaml line {line}: key '\w+' is written twice in one mapping$"):
+            load_config(path)
+    assert load_config(None, ["model.options={<<: {depth: 2}, embed_dim: 64}"])["model"]["options"] == dict(
+        depth=2, embed_dim=64
+    )
+
+
+def test_the_aqe_bounds_are_the_evaluations():
+    from dpm_ops.engine.config import SCHEMA
+    from dpm_ops.evaluation.query_expansion import MAX_AQE_K, MAX_AQE_TIMES
+
+    assert (SCHEMA["eval"]["aqe_k"].bounds.high, SCHEMA["eval"]["aqe_times"].bounds.high) == (MAX_AQE_K, MAX_AQE_TIMES)
+    config = load_config(None, [f"eval.aqe_k={MAX_AQE_K}", f"eval.aqe_times={MAX_AQE_TIMES}"])
+    assert (config["eval"]["aqe_k"], config["eval"]["aqe_times"]) == (MAX_AQE_K, MAX_AQE_TIMES)

@@ -345,7 +345,10 @@ def test_aqe_path(splits, tmp_path):
     pooled = len(splits.query) + len(splits.gallery)
     for aqe, message in (
         (dict(k=pooled + 1), rf"aqe k must be an integer in \[1, {pooled}\] \(the query and gallery images\)"),
-        (dict(times=0), r"aqe times must be an integer >= 1, got 0"),
+        (
+            dict(times=0),
+            r"aqe times must be an integer in \[1, 10\] \(rounds, each a k-NN of the query and gallery features\), got 0",
+        ),
         ("on", r"aqe must be a bool or a dict of \('k', 'alpha', 'times'\), got 'on'"),
     ):
         with pytest.raises(ValueError, match=rf"^{message}"):  # before any extraction

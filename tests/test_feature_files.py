@@ -152,7 +152,10 @@ def test_rank_command_expands_the_queries_first_with_aqe(extracted, tmp_path, ca
         (["--aqe-k", "3", "--aqe-times", "2"], "--aqe-k / --aqe-times are only used with --aqe"),
         (["--k1", "6"], "--k1 is only used with --rerank"),
         (["--lambda-value", "0.2"], "--lambda-value is only used with --rerank"),
-        (["--aqe", "--aqe-times", "0"], "aqe times must be an integer >= 1, got 0"),
+        (
+            ["--aqe", "--aqe-times", "0"],
+            "aqe times must be an integer in [1, 10] (rounds, each a k-NN of the query and gallery features), got 0",
+        ),
         (["--aqe", "--aqe-k", "100"], "aqe k must be an integer in [1, "),
     ):
         code = main(["rank", "--query", str(query_file), "--gallery", str(gallery_file), *extra])
@@ -246,7 +249,7 @@ def test_bad_files_and_options_are_named(tmp_path):
         (dict(k1=0), "k1 must be an integer >= 1 and <= 4611686018427387904, got 0"),
         (dict(lambda_value=1.5), r"lambda_value must be a number in [0, 1], got 1.5"),
         (dict(rerank="GNN"), "rerank must be a bool or one of ('kreciprocal', 'gnn'), got 'GNN'"),
-        (dict(aqe=dict(k=0)), "aqe k must be an integer >= 1"),
+        (dict(aqe=dict(k=0)), "aqe k must be an integer in [1, 256]"),
         (dict(aqe=dict(k=25)), "aqe k must be an integer in [1, 24], got 25"),
         (dict(aqe=dict(alpha=float("nan"))), "aqe: alpha must be a finite number"),
         (dict(aqe=dict(k=24, alpha=0.5)), "aqe: alpha=0.5 gives non-finite weights"),  # negative similarities

@@ -649,3 +649,50 @@ def test_a_model_too_large_for_memory_is_one_config_line(monkeypatch):
         r"memory \(CUDA out of memory. Tried to allocate 3.50 TiB\)$",
     ):
         build_model_from_args("dpm", args)
+
+
+# Sizes past which a model took minutes to build or got the process OOM-killed (depth 10^9 built blocks until
+# it was), refused by the option checks before anything is built: nn.Module.__init__ is stubbed, so a check
+# that let one through fails at once instead of allocating.
+HUGE_VIT_OPTIONS = [
+    (dict(depth=10**9), r"depth must be an integer in \[1, 64\], got 1000000000$"),
+    (dict(depth=65), r"depth must be an integer in \[1, 64\]"),
+    (dict(embed_dim=16385), r"embed_dim must be an integer in \[1, 16384\]"),
+    (dict(mlp_ratio=65.0), r"mlp_ratio must be a finite number in \[0.03125, 64\]"),
+    (dict(img_size=(4097, 128)), r"img_size must be 2 integers in \[16, 4096\]"),
+    (dict(patch_size=4097), r"patch_size must be an integer in \[1, 4096\]"),
+    (dict(stride=1), r"img_size \(256, 128\) at patch_size 16, stride 1 gives 241x113 = 27233 patches; at most 16384"),
+    (
+        dict(embed_dim=4096, depth=24, num_heads=16),
+        r"embed_dim = 4096, depth = 24, mlp_ratio = 4, patch_size = 16 and 22x11 patches: about 4.84e\+09 weights, "
+        r"more than the 2e\+09 a model may have$",
+    ),
+    (
+        dict(embed_dim=768, num_heads=12, patch_size=4096, stride=4096, img_size=(4096, 4096)),
+        r"embed_dim = 768, depth = 4, mlp_ratio = 4, patch_size = 4096 and 1x1 patches: about 3.87e\+10 weights",
+    ),
+]
+
+
+@pytest.mark.parametrize("model_name", ["dpm", "vit_baseline"])
+@pytest.mark.parametrize("options, message", HUGE_VIT_OPTIONS)
+def test_sizes_past_the_bounds_are_refused_before_anything_is_built(monkeypatch, model_name, options, message):
+    from dpm_ops.engine.builders import build_model_from_args
+    from dpm_ops.engine.config import ConfigError
+
+    built = []
+    monkeypatch.setattr(torch.nn.Module, "__init__", lambda self, *args, **kwargs: built.append(type(self)))
+    options = {**(TINY if model_name == "dpm" else VIT_OPTIONS), **options}
+    with pytest.raises(ValueError, match=rf"^{model_name}: {message}"):
+        build_model(model_name, NUM_CLASSES, NUM_CAMERAS, **options)
+    args = {"num_classes": NUM_CLASSES, "num_cameras": NUM_CAMERAS, "options": options}  # a checkpoint's model_args
+    with pytest.raises(ConfigError, match=rf"^checkpoint run/final.pt: model_args: {model_name}: {message}"):
+        build_model_from_args(model_name, args, source="checkpoint run/final.pt: model_args")
+    assert built == []
+
+
+def test_the_largest_vits_are_within_the_bounds():
+    from dpm_ops.models.vit import checked_vit_options
+
+    checked_vit_options("vit", embed_dim=1664, depth=48, num_heads=16, mlp_ratio=64 / 13)  # ViT-G/14: 1.8 B weights
+    checked_vit_options("vit", img_size=(4096, 4096), patch_size=32, stride=32, depth=64)  # 128 x 128 patches

@@ -70,7 +70,8 @@ def test_bad_arguments_are_named():
         (dict(qf=torch.full((3, 4), float("nan"))), r"^alpha_query_expansion: qf contains non-finite values"),
         (dict(gf=torch.full((5, 4), 1e30)), r"^alpha_query_expansion: gf is too large in magnitude"),
         (dict(k=9), r"^k must be an integer in \[1, 8\], got 9$"),
-        (dict(times=-1), r"^times must be an integer >= 0"),
+        (dict(times=-1), r"^times must be an integer in \[0, 10\] \(rounds, each a k-NN"),
+        (dict(times=10**9), r"^times must be an integer in \[0, 10\]"),  # ran for days
         (dict(alpha=float("inf")), r"^alpha_query_expansion: alpha must be a finite number"),
         (
             dict(k=8, alpha=0.5, qf=torch.tensor([[1.0, 0, 0, 0]] * 3), gf=torch.tensor([[-1.0, 0, 0, 0]] * 5)),
@@ -82,3 +83,12 @@ def test_bad_arguments_are_named():
             alpha_query_expansion(arguments.pop("qf"), arguments.pop("gf"), **arguments)
     assert [check_aqe(value) for value in (False, None, True)] == [None, None, dict(k=5, alpha=3.0, times=1)]
     assert check_aqe(dict(k=2)) == dict(k=2, alpha=3.0, times=1)
+    # the engine's (config, dpm-reid rank) bounds: the config schema takes the same
+    assert check_aqe(dict(k=256, times=10)) == dict(k=256, alpha=3.0, times=10)
+    for settings, message in (
+        (dict(times=10**9), r"^aqe times must be an integer in \[1, 10\] \(rounds, each a k-NN"),
+        (dict(times=0), r"^aqe times must be an integer in \[1, 10\]"),
+        (dict(k=257), r"^aqe k must be an integer in \[1, 256\] \(the GPU k-NN kernels' most\), got 257$"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            check_aqe(settings)

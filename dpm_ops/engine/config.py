@@ -6,7 +6,9 @@ the schema's default. ``key=value`` overrides use dotted keys (``solver.base_lr=
 values (``input.size=[128,64]``, ``model.options.depth=4``). Every key is checked when the config
 loads, before any data is read: an unknown key, a value of the wrong type, outside its choices or
 outside the range declared beside its field (:class:`Bounds`; floats must be finite) raises
-:class:`ConfigError`, one line naming the key and what was expected.
+:class:`ConfigError`, one line naming the key and what was expected (a value quoted at most ~100
+characters long). YAML merge keys (``<<: *base``) work; a key written twice in one mapping, or a
+document of more than MAX_YAML_VALUES values (aliases counted at each use), is refused.
 
 Two sections are free-form mappings checked against their target: ``model.options`` (keyword
 arguments of the model class named by ``model.name``, see :func:`dpm_ops.models.build_model`) and
@@ -27,24 +29,20 @@ from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-import torch
 import yaml
 
 from ..evaluation import PROTOCOLS, RERANK_METHODS
 from ..data.samplers import MAX_BATCHES_PER_EPOCH
-from ..evaluation.query_expansion import AQE_DEFAULTS
+from ..evaluation.query_expansion import AQE_DEFAULTS, MAX_AQE_K, MAX_AQE_TIMES
 from ..evaluation.rank import MAX_REPEATS
+from ..models._checks import MAX_IMAGE_SIDE
 from ..ops._checks import Bounds
 from ..ops.maskreid_ranking_loss_reference import RENAMED_POS_MODES
+from .config_checks import ConfigError, check_device_name, check_text, quote, read_float, validate
 from .extraction import MULTI_QUERY
 from .scoring import DISTANCES
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message is one line naming the key or file."""
-
 
 POSITIVE = Bounds(0, low_open=True)
 NON_NEGATIVE = Bounds(0)
@@ -55,9 +53,9 @@ SEED = Bounds(0, 2**63 - 1)
 WORKERS = Bounds(0, 1024)  # data-loading processes: 100,000 passed and would have been forked
 FLOAT32_MAX = 3.4028234663852886e38
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-# Image sides and padding, in pixels: person crops are ~256 x 128; far past this a batch no longer fits
-# in memory (input.padding=100000 was killed by the OOM killer)
-MAX_IMAGE_SIDE = 4096
+# The most values one YAML document may hold, aliases counted at each use: a config has a few hundred, and a
+# 363-byte override nesting aliases eight deep held 10^8 (YAML's "billion laughs")
+MAX_YAML_VALUES = 100_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,9 +180,9 @@ SCHEMA: dict = {
         "num_workers": _f(0, int, bounds=WORKERS),
         "distance": _f("auto", str, DISTANCES),
         "aqe": _f(False, bool),  # alpha query expansion of the features first (fast-reid's TEST.AQE, its defaults)
-        "aqe_k": _f(AQE_DEFAULTS["k"], int, bounds=AT_LEAST_1),
+        "aqe_k": _f(AQE_DEFAULTS["k"], int, bounds=Bounds(1, MAX_AQE_K)),  # the GPU k-NN kernels' most
         "aqe_alpha": _f(AQE_DEFAULTS["alpha"], float, bounds=NON_NEGATIVE),  # similarity ** alpha: a weight
-        "aqe_times": _f(AQE_DEFAULTS["times"], int, bounds=AT_LEAST_1),
+        "aqe_times": _f(AQE_DEFAULTS["times"], int, bounds=Bounds(1, MAX_AQE_TIMES)),  # rounds, each a k-NN
         "rerank": _f(False, bool),
         # kreciprocal: Zhong et al. (CVPR 2017); gnn: Zhang et al.'s GNN re-ranking (cosine of the features)
         "rerank_method": _f("kreciprocal", str, RERANK_METHODS),
@@ -235,22 +233,52 @@ def resolve_config_path(name_or_path: str) -> Path:
     )
 
 
+class _TooLarge(yaml.composer.ComposerError):
+    """A YAML document holds more than MAX_YAML_VALUES values."""
+
+
 class _Loader(yaml.SafeLoader):
     """YAML's safe loader, refusing a key written twice in one mapping (YAML keeps the last one silently:
-    a second `solver:` section dropped the first)."""
+    a second `solver:` section dropped the first; a key a merge `<<: *base` brings is no repeat, the
+    mapping's own one wins, as YAML says) and a document of more than MAX_YAML_VALUES values."""
 
-    def construct_mapping(self, node, deep=False):
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.sizes = {}  # node -> the values it holds, itself included, aliases counted at each use
+        self.flattened = set()  # mappings whose merges are done and own keys checked
+
+    def compose_node(self, parent, index):
+        alias = self.check_event(yaml.AliasEvent)
+        node = super().compose_node(parent, index)
+        if not alias:  # an alias's node was counted where it was written
+            if isinstance(node, yaml.MappingNode):
+                children = [child for pair in node.value for child in pair]
+            else:
+                children = node.value if isinstance(node, yaml.SequenceNode) else ()
+            # a node still being composed (a recursive value, &a [*a]) counts once
+            size = 1 + sum(self.sizes.get(child, 1) for child in children)
+            if size > MAX_YAML_VALUES:
+                problem = f"more than {MAX_YAML_VALUES} values (YAML aliases count at each use)"
+                raise _TooLarge(None, None, problem, node.start_mark)
+            self.sizes[node] = size
+        return node
+
+    def flatten_mapping(self, node):
+        if node in self.flattened:  # merged in a second time: its merge keys are gone, its keys all its own
+            return
+        self.flattened.add(node)
+        own = [key_node for key_node, _ in node.value if key_node.tag != "tag:yaml.org,2002:merge"]
+        super().flatten_mapping(node)  # the merged pairs go first: the mapping's own ones, last, win
         seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
+        for key_node in own:
+            key = self.construct_object(key_node)
             if not isinstance(key, Hashable):
-                continue  # SafeLoader refuses it below
+                continue  # SafeLoader refuses it
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is written twice in one mapping", key_node.start_mark
+                    None, None, f"key {quote(key)} is written twice in one mapping", key_node.start_mark
                 )
             seen.add(key)
-        return super().construct_mapping(node, deep)
 
 
 def _load_yaml(stream):
@@ -258,6 +286,10 @@ def _load_yaml(stream):
         return yaml.load(stream, Loader=_Loader)
     except RecursionError:
         raise yaml.YAMLError("nested too deeply") from None
+    except UnicodeDecodeError:
+        raise  # the file's, reported as such
+    except ValueError as error:  # a constructor's: an integer of more than 4300 digits, a day past its month
+        raise yaml.YAMLError(str(error)) from None
 
 
 def _read_yaml(path: Path) -> dict:
@@ -280,14 +312,18 @@ def _read_yaml(path: Path) -> dict:
 
 
 def _check_value(key: str, field: Field, value: Any) -> Any:
+    kind = field.type
     if value is None:
         if field.nullable:
             return None
-        raise ConfigError(f"config key {key}: null is not allowed")
-    kind = field.type
+        # dataset.root=~ meant the home folder (paths are expanded: ~/ is one)
+        home = "; a path's home folder is written ~/" if kind is str and not field.choices else ""
+        raise ConfigError(
+            f"config key {key}: null (YAML's reading of a bare ~ or null, or of no value) is not allowed{home}"
+        )
     if kind == "mapping":
         if not isinstance(value, dict):
-            raise ConfigError(f"config key {key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"config key {key}: expected a mapping, got {quote(value)}")
         return dict(value)
     if kind == "camid_pair":
         from dpm_ops.data.datasets import check_split_camids
@@ -305,7 +341,7 @@ def _check_value(key: str, field: Field, value: Any) -> Any:
             or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_IMAGE_SIDE for v in value)
         ):
             raise ConfigError(
-                f"config key {key}: expected [height, width] of ints in [1, {MAX_IMAGE_SIDE}], got {value!r}"
+                f"config key {key}: expected [height, width] of ints in [1, {MAX_IMAGE_SIDE}], got {quote(value)}"
             )
         return [int(v) for v in value]
     if kind == "device":
@@ -313,73 +349,38 @@ def _check_value(key: str, field: Field, value: Any) -> Any:
     if kind is str and isinstance(value, bool) and field.choices:
         if ("on" if value else "off") not in field.choices:
             raise ConfigError(
-                f"config key {key}: {value!r} (YAML's reading of a bare on / off / yes / no / true / false) is not "
-                f"one of {', '.join(map(str, field.choices))}"
+                f"config key {key}: {quote(value)} (YAML's reading of a bare on / off / yes / no / true / false) "
+                f"is not one of {', '.join(map(str, field.choices))}"
             )
         value = "on" if value else "off"  # YAML 1.1 reads a bare off / on as a boolean
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         if abs(value) > FLOAT32_MAX:  # also past float64's range: float() would raise OverflowError
             raise ConfigError(
-                f"config key {key}: expected a number of magnitude <= {FLOAT32_MAX:.4g}, got an integer of "
-                f"{len(str(abs(value)))} digits"
+                f"config key {key}: expected a number of magnitude <= {FLOAT32_MAX:.4g}, got {quote(value)}"
             )
         value = float(value)
-    if kind is float and isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
-        try:
-            value = float(value)
-        except ValueError:
-            pass
+    if kind is float:
+        value = read_float(value)  # YAML 1.1 reads "1e-4" as a string
     if (kind in (int, float) and isinstance(value, bool)) or not isinstance(value, kind):
-        raise ConfigError(f"config key {key}: expected {kind.__name__}, got {value!r}")
+        raise ConfigError(f"config key {key}: expected {kind.__name__}, got {quote(value)}")
     unbounded_above = field.bounds is None or field.bounds.high is None
     if kind is int and unbounded_above and not INT64_MIN <= value <= INT64_MAX:  # what kernels and torch sizes take
-        raise ConfigError(
-            f"config key {key}: expected a value that fits in 64 bits, got an integer of {len(str(abs(value)))} digits"
-        )
+        raise ConfigError(f"config key {key}: expected a value that fits in 64 bits, got {quote(value)}")
     if kind is float and not math.isfinite(value):
-        raise ConfigError(f"config key {key}: expected a finite number, got {value!r}")
+        raise ConfigError(f"config key {key}: expected a finite number, got {quote(value)}")
     if kind is float and abs(value) > FLOAT32_MAX:  # the training maths is float32 (lr 1e308 crashed the optimizer)
-        raise ConfigError(f"config key {key}: expected a number of magnitude <= {FLOAT32_MAX:.4g}, got {value!r}")
+        raise ConfigError(f"config key {key}: expected a number of magnitude <= {FLOAT32_MAX:.4g}, got {quote(value)}")
     if kind is str:
-        _check_text(key, value)
+        check_text(key, value)
     if field.bounds is not None and value not in field.bounds:
-        raise ConfigError(f"config key {key}: expected a value {field.bounds.describe()}, got {value!r}")
+        raise ConfigError(f"config key {key}: expected a value {field.bounds.describe()}, got {quote(value)}")
     if field.renamed and value in field.renamed:
         raise ConfigError(
-            f"config key {key}: {value!r} was renamed {field.renamed[value]!r} "
+            f"config key {key}: {quote(value)} was renamed {field.renamed[value]!r} "
             f"(choices: {', '.join(map(str, field.choices))})"
         )
     if field.choices is not None and value not in field.choices:
-        raise ConfigError(f"config key {key}: {value!r} is not one of {', '.join(map(str, field.choices))}")
-    return value
-
-
-def _check_text(key: str, value: str) -> None:
-    """A string key's value: not empty (an empty path is the current folder), no NUL, encodable as UTF-8."""
-    if not value.strip():
-        raise ConfigError(f"config key {key}: expected a non-empty string, got {value!r}")
-    if "\x00" in value:
-        raise ConfigError(f"config key {key}: a NUL character is not allowed, got {value!r}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ConfigError(f"config key {key}: not valid Unicode text, got {value!r}") from None
-
-
-DEVICE_TYPES = ("cpu", "cuda")
-
-
-def check_device_name(argument: str, value: Any) -> str:
-    """ "auto" or a torch device string of a type the engine runs on, else a ConfigError naming ``argument``;
-    whether CUDA is there is checked when the run starts (:func:`dpm_ops.engine.builders.resolve_device`)."""
-    if value == "auto":
-        return value
-    try:
-        parsed = torch.device(value) if isinstance(value, str) else None
-    except (RuntimeError, ValueError):
-        parsed = None
-    if parsed is None or parsed.type not in DEVICE_TYPES:
-        raise ConfigError(f"{argument}: expected auto, cpu, cuda or cuda:N, got {value!r}")
+        raise ConfigError(f"config key {key}: {quote(value)} is not one of {', '.join(map(str, field.choices))}")
     return value
 
 
@@ -394,11 +395,11 @@ def _merge(config: dict, data: dict, schema: dict, prefix: str, origin: str) -> 
     for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in schema:
-            raise ConfigError(f"unknown config key {full!r} in {origin}")
+            raise ConfigError(f"unknown config key {quote(full)} in {origin}")
         node = schema[key]
         if isinstance(node, dict):
             if not isinstance(value, dict):
-                raise ConfigError(f"config key {full}: expected a section (mapping), got {value!r}")
+                raise ConfigError(f"config key {full}: expected a section (mapping), got {quote(value)}")
             _merge(config[key], value, node, full + ".", origin)
         elif node.type == "mapping" and isinstance(value, dict) and isinstance(config[key], dict):
             config[key] = {**config[key], **value}  # mappings merge key by key over a base config
@@ -429,12 +430,14 @@ def _base_path(path: Path, base: str) -> Path:
 
 def parse_override(text: str) -> tuple[str, Any]:
     if not isinstance(text, str):
-        raise ConfigError(f"override {text!r} is not a key=value string")
+        raise ConfigError(f"override {quote(text)} is not a key=value string")
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"override {text!r} is not key=value")
+        raise ConfigError(f"override {quote(text)} is not key=value")
     try:
         value = _load_yaml(raw) if raw.strip() else ""
+    except _TooLarge as error:
+        raise ConfigError(f"override {quote(text)}: its value holds {error.problem}") from None
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -451,11 +454,11 @@ def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:
                 node[".".join(parts[depth:])] = value
                 break
             if not isinstance(schema, dict) or part not in schema:
-                raise ConfigError(f"unknown config key {key!r} (override {text!r})")
+                raise ConfigError(f"unknown config key {quote(key)} (override {quote(text)})")
             schema = schema[part]
             if depth == len(parts) - 1:
                 if isinstance(schema, dict):
-                    raise ConfigError(f"config key {key!r} is a section; set one of its keys")
+                    raise ConfigError(f"config key {quote(key)} is a section; set one of its keys")
                 node[part] = _check_value(key, schema, value)
             else:
                 node = node[part]
@@ -466,15 +469,13 @@ def load_config(name_or_path: Optional[str] = None, overrides: Iterable[str] = (
     """Defaults, then the file (and its ``base`` chain), then the overrides; validated."""
     overrides = () if overrides is None else overrides
     if isinstance(overrides, str) or not isinstance(overrides, Iterable):
-        raise ConfigError(f"overrides must be a list of key=value strings, got {overrides!r}")
+        raise ConfigError(f"overrides must be a list of key=value strings, got {quote(overrides)}")
     if name_or_path is not None and (not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path)):
         raise ConfigError(
-            f"config must be a built-in name or a YAML file's path (None: the defaults), got {name_or_path!r}"
+            f"config must be a built-in name or a YAML file's path (None: the defaults), got {quote(name_or_path)}"
         )
     config = _load_file(resolve_config_path(name_or_path)) if name_or_path is not None else defaults()
     apply_overrides(config, overrides)
-    from .config_checks import validate  # which imports ConfigError from here: not at the top
-
     validate(config)
     return config
 
@@ -490,8 +491,6 @@ def check_config(config) -> dict:
         raise ConfigError(f"config has no {', '.join(missing)} section (a dict): start from load_config")
     checked = defaults()
     _merge(checked, config, SCHEMA, "", "the config given")
-    from .config_checks import validate
-
     validate(checked)
     return checked
 

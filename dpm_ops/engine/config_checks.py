@@ -1,39 +1,140 @@
-"""The config's cross-field rules and its free-form sections (``model.options`` against the model
-class of the recipe ``model.name`` names, ``dataset.synth`` against ``SynthConfig``), checked by
-:func:`validate` when a config loads."""
+"""The config's checks: :class:`ConfigError`, the checks of single values the schema (config.py) uses, the
+free-form sections (``model.options`` against the model class of the recipe ``model.name`` names,
+``dataset.synth`` against ``SynthConfig``) and the rules across keys, checked by :func:`validate` when a
+config loads."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
+from typing import Any
 
-from .config import ConfigError
+import torch
+
+from dpm_ops.models.vit import MAX_DEPTH
+
 from .scoring import resolve_distance
 from .recipes import RECIPES
 
+# the most items of a free-form list option: the longest, DPM's mask_tap_blocks, names distinct blocks
+MAX_LIST_ITEMS = MAX_DEPTH
 
-def _check_against_signature(section: str, options: dict, defaults_: dict) -> None:
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message is one line naming the key or file."""
+
+
+class _Quoted(reprlib.Repr):
+    """A repr cut short: four items of a container, three levels deep, long strings elided, long integers
+    by their length."""
+
+    def __init__(self):
+        super().__init__()
+        self.maxlevel = 3
+        self.maxtuple = self.maxlist = self.maxdict = self.maxset = self.maxfrozenset = 4
+        self.maxstring = self.maxother = 60
+
+    def repr_int(self, x, level):
+        if x.bit_length() <= 64:
+            return repr(x)
+        # past 64 bits an integer by its length: str() takes time quadratic in the digits, and refuses more than
+        # sys.get_int_max_str_digits() of them (at least 640)
+        return f"an integer of {len(str(abs(x))) if x.bit_length() <= 2000 else 'over 600'} digits"
+
+
+_QUOTED = _Quoted()
+QUOTE_CHARS = 100
+
+
+def quote(value: Any) -> str:
+    """``value`` as a config error shows it: its repr, cut to QUOTE_CHARS characters, built in a time bounded
+    whatever the value (the whole repr of a list nested through YAML aliases ran to 358 MB)."""
+    text = _QUOTED.repr(value)
+    return text if len(text) <= QUOTE_CHARS else text[: QUOTE_CHARS - 3] + "..."
+
+
+def read_float(value: Any) -> Any:
+    """A string YAML 1.1 leaves unread as the float it spells (5e-1, 1e-4: e-notation without a dot); any
+    other value as it is."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def check_text(key: str, value: str) -> None:
+    """A string key's value: not empty (an empty path is the current folder), no NUL, encodable as UTF-8."""
+    if not value.strip():
+        raise ConfigError(f"config key {key}: expected a non-empty string, got {quote(value)}")
+    if "\x00" in value:
+        raise ConfigError(f"config key {key}: a NUL character is not allowed, got {quote(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"config key {key}: not valid Unicode text, got {quote(value)}") from None
+
+
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def check_device_name(argument: str, value: Any) -> str:
+    """ "auto" or a torch device string of a type the engine runs on, else a ConfigError naming ``argument``;
+    whether CUDA is there is checked when the run starts (:func:`dpm_ops.engine.builders.resolve_device`)."""
+    if value == "auto":
+        return value
+    try:
+        parsed = torch.device(value) if isinstance(value, str) else None
+    except (RuntimeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.type not in DEVICE_TYPES:
+        raise ConfigError(f"{argument}: expected auto, cpu, cuda or cuda:N, got {quote(value)}")
+    return value
+
+
+def _checked_options(section: str, options: dict, defaults_: dict) -> dict:
+    """A free-form section's ``options``, each of the kind of its key's default (:func:`_of_kind`), e-notation
+    floats read; their ranges are the target's to check."""
+    checked = {}
     for key, value in options.items():
         full = f"{section}.{key}"
         if key not in defaults_:
-            raise ConfigError(f"unknown config key {full!r} (valid: {', '.join(sorted(defaults_))})")
-        default = defaults_[key]
-        if default is None or value is None:
-            continue
-        if isinstance(default, bool):
-            ok = isinstance(value, bool)
-        elif isinstance(default, (int, float)):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
-                ok = False
-        elif isinstance(default, (tuple, list)):
-            ok = isinstance(value, (list, tuple))  # lengths are the model's to check
-        else:
-            ok = isinstance(value, type(default))
-        if not ok:
-            raise ConfigError(f"config key {full}: expected a value like {default!r}, got {value!r}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"config key {full}: expected a finite number, got {value!r}")
+            raise ConfigError(f"unknown config key {quote(full)} (valid: {', '.join(sorted(defaults_))})")
+        try:
+            checked[key] = _of_kind(defaults_[key], value)
+        except ValueError as error:
+            raise ConfigError(f"config key {full}: {error}, got {quote(value)}") from None
+    return checked
+
+
+def _of_kind(default: Any, value: Any) -> Any:
+    """``value`` as a value of ``default``'s kind: a float may be written as an integer or in e-notation, a list
+    holds at most MAX_LIST_ITEMS items of the kind of the default's first one (no lists in a list of numbers); a
+    ValueError saying what was expected otherwise. None (the target's default) goes with any."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, (tuple, list)):
+        expected = f"expected a list like {quote(list(default))}, of at most {MAX_LIST_ITEMS} items"
+        if not isinstance(value, (list, tuple)) or len(value) > MAX_LIST_ITEMS:
+            raise ValueError(expected)
+        try:
+            items = [_of_kind(default[0], item) for item in value] if default else list(value)
+        except ValueError:
+            raise ValueError(expected) from None
+        return items if isinstance(value, list) else tuple(items)
+    if isinstance(default, float):
+        value = read_float(value)
+    if isinstance(default, bool) or not isinstance(default, (int, float)):
+        ok = isinstance(value, type(default))
+    else:  # a number: an int for an int, either for a float
+        ok = isinstance(value, (int, float) if isinstance(default, float) else int) and not isinstance(value, bool)
+    if not ok:
+        raise ValueError(f"expected a value like {quote(default)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("expected a finite number")
+    return value
 
 
 def synth_option_defaults() -> dict:
@@ -48,10 +149,11 @@ SAMPLER_NAMES = {"pk": "P x K batches ('pk')", "maskreid": "MaskReID's 1 id x P 
 def validate(config: dict) -> None:
     name = config["model"]["name"]
     if name not in RECIPES:
-        raise ConfigError(f"config key model.name: {name!r} is not one of {', '.join(RECIPES)}")
+        raise ConfigError(f"config key model.name: {quote(name)} is not one of {', '.join(RECIPES)}")
     recipe = RECIPES[name]
-    _check_against_signature("model.options", config["model"]["options"], recipe.option_defaults())
-    _check_against_signature("dataset.synth", config["dataset"]["synth"], synth_option_defaults())
+    model, dataset = config["model"], config["dataset"]
+    model["options"] = _checked_options("model.options", model["options"], recipe.option_defaults())
+    dataset["synth"] = _checked_options("dataset.synth", dataset["synth"], synth_option_defaults())
     if config["input"]["recipe"] != recipe.transform_recipe:
         raise ConfigError(f"config key input.recipe: model {name} needs the '{recipe.transform_recipe}' recipe")
     if config["dataset"]["with_masks"] is False and recipe.uses_masks:

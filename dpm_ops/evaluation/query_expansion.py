@@ -20,13 +20,20 @@ import torch
 import torch.nn.functional as F
 
 from .._precision import compute_dtype
-from ..ops._checks import check_number
+from ..ops._checks import KNN_GPU_MAX_K, check_number
 from . import _inputs
 from ..ops.knn import self_knn
 from .distance import _check_tensors
 
 # fast-reid's TEST.AQE defaults (QE_K 5, ALPHA 3.0, QE_TIME 1; its aqe function's own default k is 10)
 AQE_DEFAULTS = {"k": 5, "alpha": 3.0, "times": 1}
+# Rounds: each is a k-NN of the pooled set, several times a ranking's work, and pulls every feature toward its
+# neighbours' mean, so that a few rounds already merge the features of a cluster (fast-reid and the method's
+# authors take 1). A billion rounds ran for days.
+MAX_AQE_TIMES = 10
+TIMES_WHY = " (rounds, each a k-NN of the query and gallery features)"
+# the engine's k: what the GPU k-NN kernels take, so that a run does not fail on the GPU only, after extraction
+MAX_AQE_K = KNN_GPU_MAX_K
 
 
 def check_aqe(aqe) -> dict | None:
@@ -40,17 +47,18 @@ def check_aqe(aqe) -> dict | None:
         raise ValueError(f"aqe must be a bool or a dict of {tuple(AQE_DEFAULTS)}, got {aqe!r:.100}")
     settings = {**AQE_DEFAULTS, **aqe}
     return {
-        "k": _inputs.check_count("aqe k", settings["k"], 1),
+        "k": _inputs.check_count("aqe k", settings["k"], 1, MAX_AQE_K, why=" (the GPU k-NN kernels' most)"),
         "alpha": check_number("aqe", "alpha", settings["alpha"]),
-        "times": _inputs.check_count("aqe times", settings["times"], 1),  # 0 rounds: aqe off
+        # 0 rounds: aqe off
+        "times": _inputs.check_count("aqe times", settings["times"], 1, MAX_AQE_TIMES, why=TIMES_WHY),
     }
 
 
 def alpha_query_expansion(qf, gf, k: int = 5, alpha: float = 3.0, times: int = 1):
     """(query, gallery) features after ``times`` rounds of alpha query expansion (module docstring) of the
-    pooled query features qf (Q, D) and gallery features gf (G, D). k in [1, Q + G]. Computed in float64
-    where either input is float64 and in float32 otherwise (returned so); numpy in, numpy out; torch in,
-    torch out, on qf's device. An alpha that makes a weight non-finite (a negative similarity to a
+    pooled query features qf (Q, D) and gallery features gf (G, D). k in [1, Q + G]; times in [0, MAX_AQE_TIMES].
+    Computed in float64 where either input is float64 and in float32 otherwise (returned so); numpy in, numpy out;
+    torch in, torch out, on qf's device. An alpha that makes a weight non-finite (a negative similarity to a
     fractional power, 0 to a negative one) is a ValueError, not NaN features."""
     return expand_features("alpha_query_expansion", qf, gf, k, alpha, times)
 
@@ -63,7 +71,7 @@ def expand_features(op: str, qf, gf, k, alpha, times, names=("qf", "gf", "k", "t
     features = torch.cat([query.to(dtype), gallery.to(dtype)])
     k = _inputs.check_count(names[2], k, 1, len(features))
     alpha = check_number(op, "alpha", alpha)
-    times = _inputs.check_count(names[3], times, 0)
+    times = _inputs.check_count(names[3], times, 0, MAX_AQE_TIMES, why=TIMES_WHY)
     for _ in range(times):
         distances, neighbours, *_ = self_knn(features, k, metric="cosine")
         weights = (1 - distances).pow(alpha)  # each neighbour's cosine similarity, to the power alpha

@@ -13,11 +13,28 @@ import torch
 # check_flag, check_int, check_int_list, check_known_options and check_real serve the models' options too
 from dpm_ops.ops._checks import check_flag, check_int, check_int_list, check_known_options, check_real  # noqa: F401
 
+# Image sides and padding, in pixels: person crops are ~256 x 128; far past this a batch no longer fits in memory
+# (input.padding=100000 was killed by the OOM killer)
+MAX_IMAGE_SIDE = 4096
+# The most weights a model may have, estimated from its options before it allocates any: ViT-G/14 has 1.8 B,
+# 8 GB in float32 (training holds as much again for the gradients and for SGD's momentum). Far past it a model
+# does not fit, and its many tensors, each allocated alone, meet the OOM killer rather than an allocator error.
+MAX_WEIGHTS = 2 * 10**9
+
 
 def check_choice(model: str, name: str, value, choices: Sequence, why: str = "") -> None:
     if isinstance(value, bool) or value not in choices:  # True == 1: a flag is no stride
         wanted = repr(choices[0]) if len(choices) == 1 else f"one of {', '.join(map(repr, choices))}"
         raise ValueError(f"{model}: {name} must be {wanted}{why}, got {value!r}")
+
+
+def check_weights(model: str, weights: float, source: str) -> None:
+    """A ValueError when ``weights``, a model's weight count estimated from its options (``source`` names
+    them), is over MAX_WEIGHTS."""
+    if weights > MAX_WEIGHTS:
+        raise ValueError(
+            f"{model}: {source}: about {weights:.3g} weights, more than the {MAX_WEIGHTS:.0e} a model may have"
+        )
 
 
 def check_images(

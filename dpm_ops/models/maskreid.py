@@ -30,6 +30,11 @@ from ._checks import check_choice, check_image_pair, check_flag, check_int, chec
 
 SKIP_MODES = ("avg", "max", "conv_avg")
 LEVEL_NORMS = (None, "bn", "l2")
+# Bounds of the widths, far above the paper's, that keep the model's size in hand (its weights grow with their
+# squares: 7 M at the paper's widths, 0.6 B at these bounds)
+MAX_STEM_CHANNELS = 512  # the paper's 32
+MAX_BASE_WIDTH = 512  # the paper's 64
+MAX_EMBED_DIM = 8192  # the paper's 256
 
 
 def caffe_xavier_(weight: torch.Tensor) -> torch.Tensor:
@@ -83,7 +88,7 @@ class InceptionB(nn.Module):
 
 def check_head_options(model: str, *, embed_dim, skip, fuse_levels, level_norm, num_classes) -> None:
     """ValueError naming the first of SkippedFusionHead's options out of range."""
-    check_int(model, "embed_dim", embed_dim, 1)
+    check_int(model, "embed_dim", embed_dim, 1, MAX_EMBED_DIM)
     check_choice(model, "skip", skip, SKIP_MODES)
     check_flag(model, "fuse_levels", fuse_levels)
     check_choice(model, "level_norm", level_norm, LEVEL_NORMS)
@@ -180,9 +185,9 @@ class MaskReID(nn.Module):
         base_width: int = 64,
         **head_options,
     ):
-        # the paper's 32 and 64; any width builds the same network, smaller
-        check_int("maskreid", "stem_channels", stem_channels, 1)
-        check_int("maskreid", "base_width", base_width, 1)
+        # the paper's 32 and 64; any width up to the bounds builds the same network
+        check_int("maskreid", "stem_channels", stem_channels, 1, MAX_STEM_CHANNELS)
+        check_int("maskreid", "base_width", base_width, 1, MAX_BASE_WIDTH)
         checked_head_options("maskreid", num_classes=num_classes, **head_options)
         super().__init__()
         self.raw_stem = self._stem(stem_channels)

@@ -25,7 +25,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._checks import check_camera_ids, check_choice, check_flag, check_images, check_int, check_int_list, check_real
+from ._checks import (
+    MAX_IMAGE_SIDE,
+    check_camera_ids,
+    check_choice,
+    check_flag,
+    check_images,
+    check_int,
+    check_int_list,
+    check_real,
+    check_weights,
+)
+
+# Bounds of ViTReID's sizes, far above the ViTs in use, that keep a model's build short: depth 10^9 built
+# blocks until the OOM killer ended the process. MAX_WEIGHTS (_checks.py) bounds their product.
+MAX_DEPTH = 64  # blocks: ViT-B has 12, ViT-L 24, ViT-22B 48
+MAX_EMBED_DIM = 16384  # ViT-B: 768, ViT-22B: 6144
+MAX_MLP_RATIO = 64.0  # ViT's is 4
+# patch tokens, which attention compares pairwise (time and memory grow with their square): DPM's 256 x 128
+# at stride 11 gives 242, a 2048 x 2048 image at patch 16, stride 16 gives 16384
+MAX_PATCHES = 16384
 
 
 class DropPath(nn.Module):
@@ -151,26 +170,40 @@ def check_vit_options(
     sie_coef,
 ) -> None:
     """ValueError naming the first of ViTReID's options out of range; ``model`` prefixes the message."""
-    patch_size = check_int(model, "patch_size", patch_size, 1)
+    patch_size = check_int(model, "patch_size", patch_size, 1, MAX_IMAGE_SIDE)
     # stride > patch_size would skip pixels between patches: TransReID's patches touch or overlap
-    check_int(model, "stride", stride, 1, patch_size, why=" (at most patch_size)")
-    check_int_list(model, "img_size", img_size, patch_size, length=2, why=" ([height, width], at least patch_size)")
+    stride = check_int(model, "stride", stride, 1, patch_size, why=" (at most patch_size)")
+    img_size = check_int_list(
+        model, "img_size", img_size, patch_size, MAX_IMAGE_SIDE, length=2, why=" ([height, width], at least patch_size)"
+    )
+    grid = patch_grid(img_size, patch_size, stride)
+    if grid[0] * grid[1] > MAX_PATCHES:
+        raise ValueError(
+            f"{model}: img_size {img_size} at patch_size {patch_size}, stride {stride} gives {grid[0]}x{grid[1]} = "
+            f"{grid[0] * grid[1]} patches; at most {MAX_PATCHES} (attention compares every pair; a larger stride "
+            "gives fewer)"
+        )
     # the data pipeline and every pretrained patch conv are RGB
     check_choice(model, "in_chans", in_chans, (3,), why=" (the images are RGB)")
-    embed_dim = check_int(model, "embed_dim", embed_dim, 1)
-    check_int(model, "depth", depth, 1)
+    embed_dim = check_int(model, "embed_dim", embed_dim, 1, MAX_EMBED_DIM)
+    depth = check_int(model, "depth", depth, 1, MAX_DEPTH)
     check_int(
         model, "num_heads", num_heads, 1, why=f" dividing embed_dim = {embed_dim}", holds=lambda n: embed_dim % n == 0
     )
     # int(embed_dim * mlp_ratio) is the MLP's hidden width: at least one unit
     why = f" (1 / embed_dim, embed_dim = {embed_dim}: a hidden width embed_dim * mlp_ratio of at least 1)"
-    check_real(model, "mlp_ratio", mlp_ratio, 1 / embed_dim, why=why)
+    mlp_ratio = check_real(model, "mlp_ratio", mlp_ratio, 1 / embed_dim, MAX_MLP_RATIO, why=why)
     check_flag(model, "qkv_bias", qkv_bias)
     # the deepest block drops its branch with this probability: 1 would divide by a keep rate of 0
     check_real(model, "drop_path_rate", drop_path_rate, 0, 1, high_open=True, why=" (a probability)")
     check_real(model, "norm_eps", norm_eps, 0, low_open=True, why=" (LayerNorm divides by sqrt(var + eps))")
     check_int(model, "num_cameras", num_cameras, 0, why=" (0 or 1: no camera embedding)")
     check_real(model, "sie_coef", sie_coef, 0, why=" (the camera embedding's weight; 0: unused)")
+    # the blocks' attention (4 C^2) and MLP (2 mlp_ratio C^2), the patch projection and the position embedding;
+    # the camera embedding is the data's, one tensor the allocator refuses whole if it cannot hold it
+    weights = embed_dim * (depth * embed_dim * (4 + 2 * mlp_ratio) + 3 * patch_size**2 + grid[0] * grid[1] + 1)
+    source = f"embed_dim = {embed_dim}, depth = {depth}, mlp_ratio = {mlp_ratio:g}, patch_size = {patch_size}"
+    check_weights(model, weights, f"{source} and {grid[0]}x{grid[1]} patches")
 
 
 def checked_vit_options(model: str, **options) -> dict:

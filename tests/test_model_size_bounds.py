@@ -1,0 +1,51 @@
+"""MaskReID's widths, its head's embedding, the ResNet-50 variant's blocks and width and DPM's mask generator
+are bounded (their weights grow with the squares): past the bounds the options are refused before anything is
+built, at them the model builds (on the meta device: no memory)."""
+
+import pytest
+import torch
+
+from dpm_ops.models import build_model
+from dpm_ops.models.maskreid import MAX_BASE_WIDTH, MAX_EMBED_DIM, MAX_STEM_CHANNELS
+
+TOO_WIDE = [
+    ("maskreid", dict(stem_channels=10**9), r"stem_channels must be an integer in \[1, 512\], got 1000000000$"),
+    ("maskreid", dict(base_width=513), r"base_width must be an integer in \[1, 512\], got 513$"),
+    ("maskreid", dict(embed_dim=8193), r"embed_dim must be an integer in \[1, 8192\], got 8193$"),
+    ("maskreid_resnet50", dict(embed_dim=10**9), r"embed_dim must be an integer in \[1, 8192\]"),  # the same head
+    # layers=[10**9, ...] built blocks until the OOM killer ended the process
+    ("maskreid_resnet50", dict(layers=[10**9, 3, 6, 3]), r"layers must be 4 integers in \[1, 64\]"),
+    ("maskreid_resnet50", dict(width=513), r"width must be an integer in \[1, 512\], got 513$"),
+    (
+        "maskreid_resnet50",
+        dict(width=512, layers=[3, 4, 64, 3]),
+        r"layers \[3, 4, 64, 3\] at width 512: about 5.5e\+09",
+    ),
+    (
+        "dpm",
+        dict(embed_dim=1536, num_heads=8, depth=64, mlp_ratio=1.0, mask_tap_blocks=list(range(64)), stride=16),
+        r"a mask generator of 64 levels at embed_dim = 1536: about 2.78e\+09 weights",
+    ),
+]
+
+
+@pytest.mark.parametrize("name, options, message", TOO_WIDE)
+def test_widths_past_the_bounds_are_refused_before_anything_is_built(monkeypatch, name, options, message):
+    from dpm_ops.engine.builders import build_model_from_args
+    from dpm_ops.engine.config import ConfigError
+
+    built = []
+    monkeypatch.setattr(torch.nn.Module, "__init__", lambda self, *args, **kwargs: built.append(type(self)))
+    with pytest.raises(ValueError, match=rf"^{name}: {message}"):
+        build_model(name, 1, **options)
+    with pytest.raises(ConfigError, match=rf"^config key model.options: {name}: {message}"):
+        build_model_from_args(name, {"num_classes": 1, "num_cameras": 0, "options": options})
+    assert built == []
+
+
+def test_the_bounds_build():
+    with torch.device("meta"):
+        model = build_model(
+            "maskreid", 0, stem_channels=MAX_STEM_CHANNELS, base_width=MAX_BASE_WIDTH, embed_dim=MAX_EMBED_DIM
+        )
+    assert sum(p.numel() for p in model.parameters()) < 10**9  # 0.6 B: a quarter of the ViTs' MAX_WEIGHTS
