@@ -519,7 +519,7 @@ def test_a_value_nested_through_aliases_is_refused_in_a_short_message_at_once(tm
 
 
 def test_error_messages_quote_values_cut_short():
-    from dpm_ops.engine.config_checks import QUOTE_CHARS, quote
+    from dpm_ops.ops._checks import QUOTE_CHARS, quote
 
     assert quote("abc") == "'abc'" and quote([1, 2.5, None]) == "[1, 2.5, None]" and quote(2**63) == str(2**63)
     assert quote(10**400) == "an integer of 401 digits" and quote(10**5000) == "an integer of over 600 digits"

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import reprlib
 from typing import Any
 
 import torch
 
 from dpm_ops.models.vit import MAX_DEPTH
+from dpm_ops.ops._checks import quote
 
 from .scoring import resolve_distance
 from .recipes import RECIPES
@@ -23,35 +23,6 @@ MAX_LIST_ITEMS = MAX_DEPTH
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message is one line naming the key or file."""
-
-
-class _Quoted(reprlib.Repr):
-    """A repr cut short: four items of a container, three levels deep, long strings elided, long integers
-    by their length."""
-
-    def __init__(self):
-        super().__init__()
-        self.maxlevel = 3
-        self.maxtuple = self.maxlist = self.maxdict = self.maxset = self.maxfrozenset = 4
-        self.maxstring = self.maxother = 60
-
-    def repr_int(self, x, level):
-        if x.bit_length() <= 64:
-            return repr(x)
-        # past 64 bits an integer by its length: str() takes time quadratic in the digits, and refuses more than
-        # sys.get_int_max_str_digits() of them (at least 640)
-        return f"an integer of {len(str(abs(x))) if x.bit_length() <= 2000 else 'over 600'} digits"
-
-
-_QUOTED = _Quoted()
-QUOTE_CHARS = 100
-
-
-def quote(value: Any) -> str:
-    """``value`` as a config error shows it: its repr, cut to QUOTE_CHARS characters, built in a time bounded
-    whatever the value (the whole repr of a list nested through YAML aliases ran to 358 MB)."""
-    text = _QUOTED.repr(value)
-    return text if len(text) <= QUOTE_CHARS else text[: QUOTE_CHARS - 3] + "..."
 
 
 def read_float(value: Any) -> Any:

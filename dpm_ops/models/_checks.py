@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import torch
 
 # check_flag, check_int, check_int_list, check_known_options and check_real serve the models' options too
-from dpm_ops.ops._checks import check_flag, check_int, check_int_list, check_known_options, check_real  # noqa: F401
+from dpm_ops.ops._checks import check_flag, check_int, check_int_list, check_known_options, check_real, quote  # noqa: F401
 
 # Image sides and padding, in pixels: person crops are ~256 x 128; far past this a batch no longer fits in memory
 # (input.padding=100000 was killed by the OOM killer)
@@ -25,7 +25,7 @@ MAX_WEIGHTS = 2 * 10**9
 def check_choice(model: str, name: str, value, choices: Sequence, why: str = "") -> None:
     if isinstance(value, bool) or value not in choices:  # True == 1: a flag is no stride
         wanted = repr(choices[0]) if len(choices) == 1 else f"one of {', '.join(map(repr, choices))}"
-        raise ValueError(f"{model}: {name} must be {wanted}{why}, got {value!r}")
+        raise ValueError(f"{model}: {name} must be {wanted}{why}, got {quote(value)}")
 
 
 def check_weights(model: str, weights: float, source: str) -> None:

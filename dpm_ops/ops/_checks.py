@@ -4,12 +4,42 @@ lives here once, with one message, so every op and backend reports a bad argumen
 import dataclasses
 import math
 import numbers
-from typing import Callable, Optional
+import reprlib
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
 from .._precision import compute_dtype
+
+
+class _Quoted(reprlib.Repr):
+    """A repr cut short: four items of a container, three levels deep, long strings elided, long integers
+    by their length."""
+
+    def __init__(self):
+        super().__init__()
+        self.maxlevel = 3
+        self.maxtuple = self.maxlist = self.maxdict = self.maxset = self.maxfrozenset = 4
+        self.maxstring = self.maxother = 60
+
+    def repr_int(self, x, level):
+        if x.bit_length() <= 64:
+            return repr(x)
+        # past 64 bits an integer by its length: str() takes time quadratic in the digits, and refuses more than
+        # sys.get_int_max_str_digits() of them (at least 640)
+        return f"an integer of {len(str(abs(x))) if x.bit_length() <= 2000 else 'over 600'} digits"
+
+
+_QUOTED = _Quoted()
+QUOTE_CHARS = 100
+
+
+def quote(value: Any) -> str:
+    """``value`` as an error message shows it: its repr, cut to QUOTE_CHARS characters, built in a time bounded
+    whatever the value (the whole repr of a config list nested through YAML aliases ran to 358 MB)."""
+    text = _QUOTED.repr(value)
+    return text if len(text) <= QUOTE_CHARS else text[: QUOTE_CHARS - 3] + "..."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +231,7 @@ def check_number(op: str, name: str, value, positive: bool = False) -> float:
         or not -math.inf < value < math.inf  # NaN fails too; math.isfinite takes no SymFloat (torch.compile dynamic)
         or (positive and not value > 0)
     ):
-        raise ValueError(f"{op}: {name} must be a finite number{' > 0' if positive else ''}, got {value!r}")
+        raise ValueError(f"{op}: {name} must be a finite number{' > 0' if positive else ''}, got {quote(value)}")
     return float(value)
 
 
@@ -216,7 +246,7 @@ def check_known_options(owner: str, options, known, error: type = ValueError) ->
 def check_flag(op: Optional[str], name: str, value) -> bool:
     """A bool (Python's or numpy's), as a Python bool: a string such as "no" would otherwise read as true."""
     if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{_owner(op)}{name} must be True or False, got {value!r}")
+        raise ValueError(f"{_owner(op)}{name} must be True or False, got {quote(value)}")
     return bool(value)
 
 
@@ -244,7 +274,7 @@ def check_int(
     true; `why` completes the message (what `holds` asks, or why the range)."""
     bounds = Bounds(low, high)
     if not (is_integer(value) and value in bounds and holds(value)):
-        raise ValueError(f"{_owner(op)}{name} must be an integer {bounds.describe()}{why}, got {value!r}")
+        raise ValueError(f"{_owner(op)}{name} must be an integer {bounds.describe()}{why}, got {quote(value)}")
     return int(value)
 
 
@@ -271,7 +301,7 @@ def check_int_list(
     if not ok:
         count = f"{length}" if length is not None else "a non-empty list of"
         kind = "distinct integers" if distinct else "integers"
-        raise ValueError(f"{_owner(op)}{name} must be {count} {kind} {bounds.describe()}{why}, got {value!r}")
+        raise ValueError(f"{_owner(op)}{name} must be {count} {kind} {bounds.describe()}{why}, got {quote(value)}")
     return tuple(int(v) for v in value)
 
 
@@ -293,7 +323,7 @@ def check_real(
         number = math.nan  # fails the range test below: one message, with the range, for every bad value
     bounds = Bounds(low, high, low_open, high_open)
     if number not in bounds:
-        raise ValueError(f"{_owner(op)}{name} must be a finite number {bounds.describe()}{why}, got {value!r}")
+        raise ValueError(f"{_owner(op)}{name} must be a finite number {bounds.describe()}{why}, got {quote(value)}")
     return number
 
 
