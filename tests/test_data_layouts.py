@@ -166,9 +166,17 @@ def test_dataset_options():
         ("/data", dict(with_masks="no"), "dataset option with_masks must be True or False, got 'no'"),
         (None, {}, "dataset root must be a folder path, got None"),
         ("", {}, "dataset root must be a folder path, got ''"),
+        ("/data", dict(check_counts="bogus"), "check_counts must be one of ('warn', 'error', 'off'), got 'bogus'"),
     ]:
         with pytest.raises(DatasetError, match=re.escape(needle)):
             datasets_module.build_dataset("market1501", root, **options)
+    # MSMT17's include_val too (a DatasetError, not a plain ValueError: the README's contract), before any folder
+    for name, options, needle in [
+        ("msmt17", dict(include_val="no"), "dataset option include_val must be True or False, got 'no'"),
+        ("occluded_reid", dict(camids=(0, 0)), "camids must give query and gallery different cameras"),
+    ]:
+        with pytest.raises(DatasetError, match=re.escape(needle)):
+            datasets_module.build_dataset(name, "/nonexistent", **options)
     # a registered partial: the options it binds are fixed, not options of the dataset
     register_dataset("dpm_occluded_reid_for_test", functools.partial(datasets_module.load_occluded_reid, camids=(0, 2)))
     try:
@@ -357,7 +365,7 @@ def test_cuhk03_np_rejects_third_view_and_bad_variant(tmp_path):
         write_image(base / folder / name)
     with pytest.raises(DatasetError, match="c3 outside 1..2"):
         load_quietly("cuhk03_np", tmp_path)
-    with pytest.raises(ValueError, match="variant"):
+    with pytest.raises(DatasetError, match="variant"):
         build_dataset("cuhk03_np", tmp_path, variant="both")
 
 
@@ -465,13 +473,46 @@ def test_msmt17_absent_names_both_versions_layouts(tmp_path):
     assert "no folder with mask_train_v2, mask_test_v2" in message and str(tmp_path / "MSMT17_V2") in message
 
 
-def test_a_split_of_junk_only_is_empty(tmp_path):
+@pytest.mark.parametrize("split, folder", [("query", "query"), ("train", "bounding_box_train")])
+def test_a_split_of_junk_only_is_empty(tmp_path, split, folder):
+    """A train split of junk only loaded as an empty one, with a count warning (a query split was refused)."""
     root = make_market_tree(tmp_path)
-    for name in os.listdir(root / "query"):
-        os.remove(root / "query" / name)
-    write_image(root / "query" / "-1_c1s1_000001_00.jpg")  # junk is dropped: no query is left
-    with pytest.raises(DatasetError, match=r"market1501: the query split of .*Market-1501-v15\.09\.15 is empty"):
+    for name in os.listdir(root / folder):
+        os.remove(root / folder / name)
+    write_image(root / folder / "-1_c1s1_000001_00.jpg")  # junk is dropped: no image is left
+    with pytest.raises(DatasetError, match=rf"market1501: the {split} split of .*Market-1501-v15\.09\.15 is empty"):
         load_quietly("market1501", root)
+
+
+def test_msmt17_without_val_takes_a_mask_tree_that_mirrors_the_folders(tmp_path):
+    """The val images' masks (list_val's images lie in the train folder) were orphans without include_val."""
+    root = make_msmt_tree(tmp_path)
+    for folder in ("train", "test"):
+        for image in (root / folder).rglob("*.jpg"):
+            write_mask(image, root)
+    assert len(load_quietly("msmt17", tmp_path, with_masks=True, include_val=False).mask_paths) == 5
+    assert len(load_quietly("msmt17", tmp_path, with_masks=True).mask_paths) == 6
+    for mask in (root / "train_seg").rglob("0001_004_07*.png"):  # val's masks may be absent as well
+        mask.unlink()
+    assert len(load_quietly("msmt17", tmp_path, with_masks=True, include_val=False).mask_paths) == 5
+    with pytest.raises(DatasetNotFoundError, match="1 image\\(s\\) have no mask"):
+        load_quietly("msmt17", tmp_path, with_masks=True)
+
+
+def test_a_folder_named_as_another_dataset_is_refused(tmp_path):
+    """Given as root, Duke's folder loaded as Occluded-Duke (every query marked occluded) and CUHK03-NP's
+    detected boxes as the labeled ones: only a count warning said anything."""
+    make_duke_tree(tmp_path / "DukeMTMC-reID")
+    with pytest.raises(DatasetError, match="Occluded-Duke: .*DukeMTMC-reID is named as DukeMTMC-reID's folder"):
+        load_quietly("occluded_duke", tmp_path / "DukeMTMC-reID")
+    assert load_quietly("dukemtmc", tmp_path / "DukeMTMC-reID").name == "dukemtmc"
+    detected = tmp_path / "cuhk03-np" / "detected"
+    for folder, name in (("bounding_box_train", "0001_c1_1.png"), ("query", "0002_c1_1.png")):
+        write_image(detected / folder / name)
+    write_image(detected / "bounding_box_test" / "0002_c2_1.png")
+    with pytest.raises(DatasetError, match="CUHK03-NP labeled: .*detected is named as CUHK03-NP detected's folder"):
+        load_quietly("cuhk03_np", detected)
+    assert load_quietly("cuhk03_np", detected, variant="detected").name == "cuhk03_np_detected"
 
 
 def test_msmt17_bad_lines_missing_images_and_cameras(tmp_path):

@@ -9,7 +9,9 @@ import inspect
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, Optional, TypeVar
+from typing import Callable, Iterable, Optional, Sequence, TypeVar
+
+from dpm_ops.ops._checks import quote
 
 from .errors import DatasetCountWarning, DatasetError
 from .image_io import MASK_THRESHOLD, check_mask_size, decoded
@@ -28,9 +30,12 @@ def _relabel(train: list[ImageRecord]) -> tuple[list[ImageRecord], dict[int, int
     return [r._replace(pid=pid_map[r.pid]) for r in train], pid_map
 
 
-def _check_counts(name: str, splits: dict[str, list[ImageRecord]], expected: dict, policy: str) -> None:
+def check_count_policy(policy) -> None:
     if policy not in COUNT_POLICIES:
-        raise ValueError(f"check_counts must be one of {COUNT_POLICIES}, got {policy!r}")
+        raise DatasetError(f"check_counts must be one of {COUNT_POLICIES}, got {quote(policy)}")
+
+
+def _check_counts(name: str, splits: dict[str, list[ImageRecord]], expected: dict, policy: str) -> None:
     if policy == "off":
         return
     for split_name, (want_ids, want_images) in expected.items():
@@ -141,21 +146,25 @@ def _assemble(
     verify_images: bool,
     occluded_paths: Optional[frozenset[str]] = None,
     multi_query: Optional[list[ImageRecord]] = None,
+    unused: Sequence[str] = (),
 ) -> ReIDSplits:
-    """Drop junk, relabel train, check counts, attach masks: the common tail of every loader."""
+    """Drop junk, relabel train, check counts, attach masks: the common tail of every loader. ``unused``: images
+    in the splits' folders that no split takes (MSMT17's val without include_val), whose masks may be there."""
+    check_count_policy(check_counts)
     all_images = sorted({r.path for r in (*train, *query, *gallery, *(multi_query or ()))})
     junk = sum(r.pid == JUNK_PID for r in (*train, *query, *gallery))
+    listed_train = bool(train)  # test-only sets have none
     train, query, gallery = ([r for r in split if r.pid != JUNK_PID] for split in (train, query, gallery))
-    for split_name, split in (("query", query), ("gallery", gallery)):
-        if not split:
-            raise DatasetError(f"{name}: the {split_name} split of {dataset_dir} is empty")
+    for split_name, split in (("train", train), ("query", query), ("gallery", gallery)):
+        if not split and (split_name != "train" or listed_train):
+            raise DatasetError(f"{name}: the {split_name} split of {dataset_dir} is empty (junk images aside)")
     if expected_counts:
         _check_counts(name, {"train": train, "query": query, "gallery": gallery}, expected_counts, check_counts)
     train, pid_map = _relabel(train)
 
     mask_paths = None
     if with_masks:
-        mask_paths = build_mask_index(all_images, dataset_dir, mask_root)
+        mask_paths = build_mask_index(all_images, dataset_dir, mask_root, unused)
     splits = ReIDSplits(
         name=name,
         root=dataset_dir,

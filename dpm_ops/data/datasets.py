@@ -32,9 +32,9 @@ import inspect
 import os
 from typing import Callable, Optional
 
-from dpm_ops.ops._checks import check_known_options
+from dpm_ops.ops._checks import check_known_options, quote
 
-from .assembly import _assemble, row_loader
+from .assembly import _assemble, check_count_policy, row_loader
 from .errors import DatasetError, DatasetNotFoundError
 from .layouts import MARKET_LOADERS, PUBLISHED_COUNTS, load_cuhk03_np, load_synthetic
 from .parsing import MSMT17_CAMERAS, find_dataset_dir, parse_msmt_list, parse_pid_index_folder
@@ -52,9 +52,9 @@ def check_split_camids(camids) -> tuple[int, int]:
         or len(camids) != 2
         or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in camids)
     ):
-        raise ValueError(f"camids must be (query camid, gallery camid), two integers >= 0, got {camids!r}")
+        raise DatasetError(f"camids must be (query camid, gallery camid), two integers >= 0, got {quote(camids)}")
     if camids[0] == camids[1]:
-        raise ValueError(
+        raise DatasetError(
             f"camids must give query and gallery different cameras (the same camera removes every "
             f"match), got {tuple(camids)}"
         )
@@ -183,8 +183,10 @@ def load_msmt17(
 
     train_dir, test_dir = (os.path.join(dataset_dir, folder) for folder in (train_folder, test_folder))
     train = parse_msmt_list(os.path.join(dataset_dir, "list_train.txt"), train_dir)
+    val_list = os.path.join(dataset_dir, "list_val.txt")
+    val = parse_msmt_list(val_list, train_dir) if include_val or os.path.exists(val_list) else []  # optional without
     if include_val:
-        train += parse_msmt_list(os.path.join(dataset_dir, "list_val.txt"), train_dir)
+        train += val
     query = parse_msmt_list(os.path.join(dataset_dir, "list_query.txt"), test_dir)
     gallery = parse_msmt_list(os.path.join(dataset_dir, "list_gallery.txt"), test_dir)
     return _assemble(
@@ -199,6 +201,7 @@ def load_msmt17(
         with_masks=with_masks,
         mask_root=mask_root,
         verify_images=verify_images,
+        unused=() if include_val else tuple(r.path for r in val),  # their masks mirror the folder too
     )
 
 
@@ -270,7 +273,9 @@ def build_dataset(name: str, root: str, **kwargs) -> ReIDSplits:
         check_known_options(f"dataset {name!r}", kwargs, sorted(options), DatasetError)
     if not isinstance(root, (str, os.PathLike)) or not str(root):  # None read as a folder named "None"
         raise DatasetError(f"dataset root must be a folder path, got {root!r}")
-    for flag in ("with_masks", "multi_query", "verify_images"):
+    if "check_counts" in kwargs:  # before the folders are parsed
+        check_count_policy(kwargs["check_counts"])
+    for flag in ("with_masks", "multi_query", "verify_images", "include_val"):
         if flag in kwargs and not isinstance(kwargs[flag], bool):  # "no" would read as true
             raise DatasetError(f"dataset option {flag} must be True or False, got {kwargs[flag]!r}")
     return _LOADERS[_canonical(name)](root, **kwargs)

@@ -163,6 +163,7 @@ def _load_market_layout(
     multi_query: bool = False,
 ) -> ReIDSplits:
     dataset_dir = find_dataset_dir(root, layout.folders, MARKET_FOLDERS, layout.title)
+    _check_folder_name(layout, dataset_dir)
     every_query = layout.every_query_occluded
     return _load_market_style(
         layout.name,
@@ -177,6 +178,25 @@ def _load_market_layout(
         occluded=lambda train, query, gallery: frozenset(r.path for r in query) if every_query else None,
         multi_query_folder=layout.multi_query_folder if multi_query else None,
     )
+
+
+def _check_folder_name(layout: MarketLayout, dataset_dir: str) -> None:
+    """A DatasetError for a dataset folder named as another layout's (the same three folders hold Duke and
+    Occluded-Duke, CUHK03-NP's labeled and detected boxes): given as ``root``, Duke loaded as Occluded-Duke
+    and detected boxes as labeled ones, their only sign a count warning."""
+
+    def names(row):
+        return {os.path.basename(folder).lower() for folder in row.folders if folder}
+
+    name = os.path.basename(dataset_dir).lower()
+    if name in names(layout):
+        return
+    for other in MARKET_LAYOUTS:
+        if other is not layout and name in names(other):
+            raise DatasetError(
+                f"{layout.title}: {dataset_dir} is named as {other.title}'s folder; give the {layout.title} folder "
+                f"(or the dataset {other.name!r})"
+            )
 
 
 # multi_query only where the layout has the pools
@@ -205,7 +225,7 @@ def load_cuhk03_np(
     ``root`` may be the variant folder, the ``cuhk03-np`` folder or its parent.
     """
     if variant not in CUHK03_VARIANTS:
-        raise ValueError(f"CUHK03-NP variant must be 'labeled' or 'detected', got {variant!r}")
+        raise DatasetError(f"CUHK03-NP variant must be 'labeled' or 'detected', got {variant!r}")
     options = dict(with_masks=with_masks, mask_root=mask_root, check_counts=check_counts, verify_images=verify_images)
     return MARKET_LOADERS[f"cuhk03_np_{variant}"](root, **options)
 

@@ -33,11 +33,14 @@ def mask_path_for(image_path: str, dataset_dir: str, mask_root: str | None = Non
     return str(mirrored.with_suffix(MASK_SUFFIX))
 
 
-def build_mask_index(image_paths: Iterable[str], dataset_dir: str, mask_root: str | None = None) -> dict[str, str]:
+def build_mask_index(
+    image_paths: Iterable[str], dataset_dir: str, mask_root: str | None = None, unused: Iterable[str] = ()
+) -> dict[str, str]:
     """Map every image to its mask and check the mask tree covers the images one to one.
 
-    ``image_paths`` must be every image the dataset has on disk in the mirrored folders, junk
-    included, so that a mask without an image is detected as well as an image without a mask.
+    ``image_paths`` must be every image the dataset uses in the mirrored folders, junk included, and
+    ``unused`` the others there (whose masks may be present or not), so that a mask without an image
+    is detected as well as an image without a mask.
     """
     mask_of = {path: mask_path_for(path, dataset_dir, mask_root) for path in image_paths}
     mask_folders = sorted({_mask_folder(mask, dataset_dir, mask_root) for mask in mask_of.values()})
@@ -50,7 +53,7 @@ def build_mask_index(image_paths: Iterable[str], dataset_dir: str, mask_root: st
     missing = sorted(expected - on_disk)
     if missing:
         raise DatasetNotFoundError(f"{len(missing)} image(s) have no mask, first: {missing[0]}")
-    orphans = sorted(on_disk - expected)
+    orphans = sorted(on_disk - expected - {mask_path_for(path, dataset_dir, mask_root) for path in unused})
     if orphans:
         raise DatasetError(
             f"{len(orphans)} mask(s) have no image, first: {orphans[0]} (the mask tree does not mirror the image tree)"
