@@ -307,7 +307,8 @@ def test_cli_unusable_out_is_one_line(tmp_path, capsys):
     a_file.write_text("x")
     for out, needle in (
         (a_file, "output path exists and is not a folder"),
-        (a_file / "set", "cannot create the output folder"),
+        (a_file / "set", f"cannot create the output folder {a_file / 'set'}: {a_file} is a file"),
+        (tmp_path / ("x" * 300), "File name too long: "),  # a traceback
     ):
         assert main(["--out", str(out), "--ids", "4", "--quiet"]) == 2
         err = capsys.readouterr().err.strip().splitlines()

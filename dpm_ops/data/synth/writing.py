@@ -131,7 +131,9 @@ def generate_synthetic_dataset(
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     except OSError as error:
-        raise DatasetError(f"cannot create the output folder {out}: {error.strerror or error}") from error
+        blocking = next((parent for parent in out.parents if parent.is_file()), None)  # "File exists" said little
+        why = f"{blocking} is a file" if blocking is not None else error.strerror or error
+        raise DatasetError(f"cannot create the output folder {out}: {why}") from error
     try:
         for folder in MARKET_FOLDERS:
             (staging / folder).mkdir()
