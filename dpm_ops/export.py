@@ -42,6 +42,8 @@ from dpm_ops.engine.checkpoint import atomic_write
 from dpm_ops.engine.extraction import _check_image_size
 from dpm_ops.engine.recipes import RECIPES, get_recipe, recipe_name_of
 from dpm_ops.evaluation._inputs import check_count
+from dpm_ops.ops._checks import check_flag as _check_flag
+from dpm_ops.ops._checks import check_int_list, quote
 
 # Opset 18 is the one torch's ONNX function library (torchlib) is written in, so the graph needs no
 # pass through onnx's version converter (which a lower opset would; LayerNormalization needs 17
@@ -142,6 +144,21 @@ def check_int(name: str, value, low: int, high: Optional[int] = None) -> int:
         raise ExportError(str(error)) from None
 
 
+def check_flag(name: str, value) -> bool:
+    """`value` as a bool, or an ExportError naming `name`: a string such as "no" would read as true."""
+    try:
+        return _check_flag(None, name, value)
+    except ValueError as error:
+        raise ExportError(str(error)) from None
+
+
+def check_rtol(rtol) -> float:
+    """`rtol` (check_onnx's tolerance), or an ExportError: checked before an export, not after it."""
+    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not rtol > 0:
+        raise ExportError(f"rtol must be a positive number, got {quote(rtol)}")
+    return rtol
+
+
 def check_opset(name: str, opset) -> int:
     """`opset`, or an ExportError naming `name` unless it is one of OPSETS."""
     if opset not in OPSETS:
@@ -172,6 +189,8 @@ def export_onnx(
     size = model_input_size(model, kind, image_size)
     check_int("batch", batch, 2, MAX_EXAMPLE_BATCH)
     check_opset("opset", opset)
+    check = check_flag("check", check)
+    rtol = check_rtol(rtol)  # before the export: a bad tolerance would only be found after it, beside the file
     path = check_output_path(path, "path", ".onnx")
     _require("onnxscript", "the ONNX export")  # torch's exporter imports it; fail before the long part
     if check:
@@ -249,30 +268,36 @@ def check_onnx(
     image_size: Optional[Sequence[int]] = None,
     seed: int = 1,
 ) -> dict[str, float]:
-    """Run the ONNX file in onnxruntime (CPU) on random inputs at each of ``batch_sizes`` and compare
-    every output with ``model``'s eval forward (its default, fused backend). Returns, per output, the
-    largest ``max|onnx - torch| / max|torch|``; raises :class:`OnnxCheckError` above ``rtol``."""
-    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not rtol > 0:
-        raise ExportError(f"rtol must be a positive number, got {rtol!r}")
+    """Run the ONNX file in onnxruntime (CPU) on random inputs at each of ``batch_sizes`` (1 to
+    MAX_EXAMPLE_BATCH) and compare every output with ``model``'s eval forward (its default, fused
+    backend). Returns, per output, the largest ``max|onnx - torch| / max|torch|``; raises
+    :class:`OnnxCheckError` above ``rtol``, an :class:`ExportError` naming ``path`` for a file that is
+    missing, not an ONNX model, or whose inputs or outputs are not those the model's export has."""
+    rtol = check_rtol(rtol)
+    try:
+        batch_sizes = check_int_list(None, "batch_sizes", batch_sizes, 1, MAX_EXAMPLE_BATCH)
+    except ValueError as error:
+        raise ExportError(str(error)) from None
+    seed = check_int("seed", seed, 0, 2**63 - 1)  # seed + batch stays within torch's seeds (< 2^64)
     ort = _require("onnxruntime", "check_onnx")
     kind = model_kind(model)
     size = model_input_size(model, kind, image_size)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    input_names = [node.name for node in session.get_inputs()]
+    session = _open_session(ort, path)
+    input_names = _check_session(session, path, model, kind, size, batch_sizes)
     output_names = [node.name for node in session.get_outputs()]
     errors = dict.fromkeys(output_names, 0.0)
     was_training = model.training
     model.eval()
     try:
         for batch in batch_sizes:
-            inputs = tuple(
-                _example_inputs(model, kind, size, check_int("batch_sizes", batch, 1), seed + batch).values()
-            )
-            if len(inputs) != len(input_names):
-                raise OnnxCheckError(f"{path} takes inputs {input_names}, the model {len(inputs)}")
+            inputs = tuple(_example_inputs(model, kind, size, batch, seed + batch).values())
             with torch.no_grad():
                 expected = [t.float().cpu().numpy() for t in _as_tuple(model(*inputs))]
-            got = session.run(None, {name: t.cpu().numpy() for name, t in zip(input_names, inputs)})
+            _check_output_shapes(session, path, expected)
+            try:
+                got = session.run(None, {name: t.cpu().numpy() for name, t in zip(input_names, inputs)})
+            except Exception as error:  # onnxruntime's (no common base): e.g. camera ids past the file's embedding
+                raise ExportError(f"path {path}: onnxruntime cannot run it on the model's inputs ({error})") from None
             for name, want, have in zip(output_names, expected, got):
                 if have.shape != want.shape:
                     raise OnnxCheckError(
@@ -289,6 +314,63 @@ def check_onnx(
             + ", ".join(f"{name} {error:.2e}" for name, error in bad.items())
         )
     return errors
+
+
+_ONNX_TYPES = {torch.float32: "tensor(float)", torch.int64: "tensor(int64)"}
+
+
+def _open_session(ort, path):
+    """An onnxruntime CPU session of the file ``path``, or an ExportError naming it."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise ExportError(f"path must be the path of an ONNX file (export_onnx), got {quote(path)}")
+    path = Path(os.path.expanduser(str(path)))
+    if not path.is_file():
+        raise ExportError(f"path {path}: {'is a folder' if path.is_dir() else 'not found'}; give an ONNX file")
+    try:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime's errors (InvalidProtobuf, Fail, ...) share no base but Exception
+        raise ExportError(f"path {path}: not an ONNX model onnxruntime can load ({error})") from None
+
+
+def _check_session(session, path, model, kind: str, size, batch_sizes) -> list[str]:
+    """The file's input names, if its inputs (names, types, image size) and output names are those
+    export_onnx gives ``model``: another model's file is the caller's mistake (an ExportError), not
+    the export's (OnnxCheckError), and onnxruntime's own error would name neither."""
+    example = get_recipe(kind).export_inputs(model, size, 1, torch.Generator().manual_seed(0))
+    wanted = {name: ["batch", *tensor.shape[1:]] for name, tensor in example.items()}
+    inputs = session.get_inputs()
+    names = [node.name for node in inputs]
+    outputs = [node.name for node in session.get_outputs()]
+    expected_outputs = list(get_recipe(kind).export_outputs)
+    mismatch = f"path {path}: not an export of this model ({kind}"
+    if names != list(wanted):
+        raise ExportError(f"{mismatch}): the file takes inputs {names}, the model {list(wanted)}")
+    if outputs != expected_outputs:
+        raise ExportError(f"{mismatch}): the file gives outputs {outputs}, the model {expected_outputs}")
+    for node, tensor in zip(inputs, example.values()):
+        dims = list(node.shape)
+        if (
+            len(dims) != tensor.dim()
+            or (isinstance(dims[0], int) and set(batch_sizes) != {dims[0]})  # a batch axis fixed at another size
+            or any(isinstance(d, int) and d != w for d, w in zip(dims[1:], tensor.shape[1:]))
+            or node.type != _ONNX_TYPES.get(tensor.dtype, node.type)
+        ):
+            raise ExportError(
+                f"{mismatch} at image size {tuple(size)}): input {node.name!r} is {node.type} {dims}, "
+                f"the model's {_ONNX_TYPES.get(tensor.dtype, tensor.dtype)} {wanted[node.name]}"
+            )
+    return names
+
+
+def _check_output_shapes(session, path, expected) -> None:
+    """Each output's fixed sizes (its width) are those of the model's: else another model's file."""
+    for node, want in zip(session.get_outputs(), expected):
+        dims = list(node.shape)
+        if len(dims) != want.ndim or any(isinstance(d, int) and d != w for d, w in zip(dims[1:], want.shape[1:])):
+            raise ExportError(
+                f"path {path}: not an export of this model: output {node.name!r} is {dims}, "
+                f"the model's {['batch', *want.shape[1:]]}"
+            )
 
 
 # The extraction API lived here until it moved to dpm_ops.feature_files: the old names still work for one release.

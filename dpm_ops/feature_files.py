@@ -36,7 +36,8 @@ from .engine.scoring import DISTANCES, check_reranking, compute_distances, rank_
 from .evaluation._inputs import check_choice, check_count
 from .evaluation.query_expansion import check_aqe
 from .export import ExportError, check_int, check_output_path, model_input_size, model_kind
-from .ops._checks import check_flag
+from .export import check_flag as check_export_flag
+from .ops._checks import check_flag, quote
 
 NPZ_ARRAYS = ("paths", "features", "pids", "camids", "model", "distance")  # and "masks" (DPM)
 UNKNOWN_PID = -1  # extract's pid of a name that is not Market-style; Market's own junk images
@@ -160,6 +161,8 @@ def extract_images(
     kind = model_kind(model)
     size = model_input_size(model, kind, image_size)
     check_int("batch_size", batch_size, 1)
+    normalize = check_export_flag("normalize", normalize)  # "no" would read as true
+    progress = check_export_flag("progress", progress)
     images = _listed(images, "images", 3)
     if not images:
         raise ExportError("images: no image given")
@@ -253,6 +256,12 @@ def save_features_npz(path, features: FeatureSet, model: torch.nn.Module) -> Pat
     ``features`` (N, D) float32, ``masks`` (N, D) float32 (DPM only), ``pids`` / ``camids`` (N,) int64,
     ``model`` and ``distance`` (the model's test metric: "masked_arccos" for DPM, else "euclidean")."""
     kind = model_kind(model)
+    if not isinstance(features, FeatureSet):
+        raise ExportError(f"features must be a FeatureSet (extract_folder / extract_images), got {quote(features)}")
+    # the file's model and distance label its features: DPM's masked distance needs their masks
+    if get_recipe(kind).test_masks != (features.masks is not None):
+        has = "have channel masks (a DPM model's)" if features.masks is not None else "have no channel masks"
+        raise ExportError(f"features {has}, but model is a {kind} model: pass the model that extracted them")
     path = check_output_path(path, "path", ".npz")
     arrays = {
         "paths": np.array(features.paths, dtype=str),
@@ -282,6 +291,8 @@ class SavedFeatures:
 def load_features_npz(path, argument: str = "path") -> SavedFeatures:
     """A file of :func:`save_features_npz` (``dpm-reid extract``), checked; an
     :class:`ExportError` naming ``argument`` and the file otherwise."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise ExportError(f"{argument} must be the path of an .npz of dpm-reid extract, got {quote(path)}")
     path = Path(path).expanduser()
     where = f"{argument} {path}"
     if not path.is_file():
@@ -327,8 +338,11 @@ def load_features_npz(path, argument: str = "path") -> SavedFeatures:
             raise ExportError(f"{where}: {name} must be {count} integers, one per feature, got {arrays[name].shape}")
         if arrays[name].dtype.kind == "u" and arrays[name].max() > np.iinfo(np.int64).max:
             raise ExportError(f"{where}: {name} must fit in int64, got {arrays[name].max()}")
-    if arrays["paths"].shape != (count,):
-        raise ExportError(f"{where}: paths must hold {count} names, one per feature, got {arrays['paths'].shape}")
+    if arrays["paths"].shape != (count,) or arrays["paths"].dtype.kind != "U":  # int paths would load as "0"
+        raise ExportError(
+            f"{where}: paths must hold {count} names (strings), one per feature, "
+            f"got {arrays['paths'].dtype} {arrays['paths'].shape}"
+        )
     masks = arrays.get("masks")
     if masks is not None and (masks.shape != features.shape or masks.dtype.kind != "f"):
         raise ExportError(

@@ -335,12 +335,13 @@ def test_features_too_small_for_float32_distances():
     """Before: rerank_features of features scaled by 1e-25 returned all zeros (by 1e-22, values off by 0.125;
     the result does not depend on the scale), pairwise_distance all zeros."""
     tiny = np.full((3, 3), 1e-25)
-    with pytest.raises(ValueError, match="rerank_features: gf is too small in magnitude for Euclidean distances"):
-        rerank_features(np.ones((2, 3)), tiny)
+    with pytest.raises(ValueError, match="rerank_features: qf and gf are too small in magnitude for Euclidean"):
+        rerank_features(tiny[:2], tiny)
+    assert np.isfinite(rerank_features(np.ones((2, 3)), tiny)).all()  # mixed scales are taken
     with pytest.raises(ValueError, match="jaccard_distance: features is too small in magnitude"):
         jaccard_distance(tiny, 2, 1)
-    with pytest.raises(ValueError, match="pairwise_distance: x is too small in magnitude .* float32"):
-        pairwise_distance(tiny.astype(np.float32), np.ones((3, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match="pairwise_distance: x and y are too small in magnitude .* float32"):
+        pairwise_distance(tiny.astype(np.float32), tiny.astype(np.float32))
     cosine = pairwise_distance(tiny, np.ones((3, 3)), "cosine")  # F.normalize's eps rule: ~0 cosines, defined
     np.testing.assert_allclose(cosine, np.ones((3, 3)), rtol=0, atol=1e-12)
     np.testing.assert_allclose(pairwise_distance(tiny, 2 * tiny), np.full((3, 3), np.sqrt(3) * 1e-25))  # float64

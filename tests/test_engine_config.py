@@ -355,7 +355,7 @@ def test_a_builtin_name_is_never_taken_for_a_missing_path(tmp_path):
         ("solver.base_lr=1" + "0" * 400, "solver.base_lr: expected a number of magnitude <= 3.403e+38, got an integer"),
         ("dataset.root=", "dataset.root: expected a non-empty string, got ''"),  # was the current folder
         ("dataset.test_root=/data/x", "dataset.test_root: set dataset.test_name"),  # was ignored
-        ("eval.k1=" + "9" * 25, "eval.k1: expected a value that fits in 64 bits, got an integer of 25 digits"),
+        ("eval.k1=" + "9" * 25, "eval.k1: expected a value that fits in 64 bits, got 9999999999999999999999999"),
         ("eval.batch_size=100000000000000000000", "eval.batch_size: expected a value in [1, 65536]"),
         ("eval.cuhk03_repeats=1000000", "eval.cuhk03_repeats: expected a value in [1, 10000]"),  # hung
         ("eval.aqe_times=1000000000", "eval.aqe_times: expected a value in [1, 10], got 1000000000"),  # ran for days

@@ -197,7 +197,7 @@ def test_model_kind_is_the_nearest_recipe_in_the_class_hierarchy(monkeypatch):
     assert model_kind(model) == "dpm_variant"
 
 
-def test_check_onnx_reports_the_largest_relative_error_over_its_batches(monkeypatch):
+def test_check_onnx_reports_the_largest_relative_error_over_its_batches(tmp_path, monkeypatch):
     # onnxruntime's session replaced by one returning PyTorch's outputs times (1 + error[batch]):
     # check_onnx reports the worst batch's error relative to the output's scale, and refuses a
     # file whose inputs or output shapes are not the model's.
@@ -210,10 +210,12 @@ def test_check_onnx_reports_the_largest_relative_error_over_its_batches(monkeypa
             pass
 
         def get_inputs(self):
-            return [SimpleNamespace(name=name) for name in session["inputs"]]
+            shapes = {"images": ["batch", 3, *size], "camids": ["batch"]}
+            types = {"images": "tensor(float)", "camids": "tensor(int64)"}
+            return [SimpleNamespace(name=name, shape=shapes[name], type=types[name]) for name in session["inputs"]]
 
         def get_outputs(self):
-            return [SimpleNamespace(name="feature")]
+            return [SimpleNamespace(name="feature", shape=["batch", 32])]
 
         def run(self, output_names, feeds):
             with torch.no_grad():
@@ -224,20 +226,22 @@ def test_check_onnx_reports_the_largest_relative_error_over_its_batches(monkeypa
     with torch.no_grad():
         scale = model(*inputs_for("vit_baseline", size, 2, seed=0).values()).abs().max().item()
     assert not 0.5 < scale < 2  # so an absolute error would not pass for the relative one
-    errors = check_onnx(model, "m.onnx", batch_sizes=(2, 3), image_size=size)
+    onnx_file = tmp_path / "m.onnx"
+    onnx_file.write_bytes(b"")  # check_onnx refuses a missing file before onnxruntime opens it
+    errors = check_onnx(model, onnx_file, batch_sizes=(2, 3), image_size=size)
     assert errors.keys() == {"feature"} and errors["feature"] == pytest.approx(1e-5, rel=2e-2)
     with pytest.raises(OnnxCheckError, match=r"rtol=5e-06: feature \S+$") as raised:
-        check_onnx(model, "m.onnx", batch_sizes=(2, 3), rtol=5e-6, image_size=size)
+        check_onnx(model, onnx_file, batch_sizes=(2, 3), rtol=5e-6, image_size=size)
     # the worst batch's error (the float32 outputs' rounding moves its third digit)
     assert float(str(raised.value).rsplit(" ", 1)[1]) == pytest.approx(1e-5, rel=2e-2)
     with pytest.raises(ExportError, match="rtol must be a positive number"):
-        check_onnx(model, "m.onnx", rtol=True, image_size=size)
+        check_onnx(model, onnx_file, rtol=True, image_size=size)
     session["trim"] = 1
     with pytest.raises(OnnxCheckError, match=r"output 'feature': onnxruntime gives shape \(2, 31\)"):
-        check_onnx(model, "m.onnx", image_size=size)
+        check_onnx(model, onnx_file, image_size=size)
     session["inputs"] = ["images"]
-    with pytest.raises(OnnxCheckError, match=r"takes inputs \['images'\], the model 2"):
-        check_onnx(model, "m.onnx", image_size=size)
+    with pytest.raises(ExportError, match=r"the file takes inputs \['images'\], the model \['images', 'camids'\]"):
+        check_onnx(model, onnx_file, image_size=size)
 
 
 @pytest.fixture(scope="module")
@@ -439,11 +443,19 @@ def test_feature_extractor_is_torchreids(tmp_path, tiny_set, capsys):
     config, weights, model = checkpointed(tmp_path, tiny_set, "dpm")
     extractor = FeatureExtractor(model_name=str(config), model_path=str(weights), device="cpu")
     assert capsys.readouterr().out.startswith("Model: dpm")
-    # torchreid's image_size is a (height, width) sequence or one int for both (an int was a TypeError)
-    assert FeatureExtractor(str(config), str(weights), image_size=64, device="cpu", verbose=False).image_size == (
-        64,
-        64,
-    )
+    # torchreid's image_size is a (height, width) sequence or one int for both (an int was a TypeError);
+    # the ViT's position embedding fixes its size (64, 32): 64 is refused at construction
+    with pytest.raises(ValueError, match=r"image_size \(64, 64\) differs from the model's input size \(64, 32\)"):
+        FeatureExtractor(str(config), str(weights), image_size=64, device="cpu", verbose=False)
+    # checked at construction, not at the first call
+    for size, needle in (
+        ("x", r"image_size must be 2 integers >= 1 \(height, width\), got 'x'"),
+        (0, "got \\(0, 0\\)"),
+    ):
+        with pytest.raises(ValueError, match=needle):
+            FeatureExtractor(str(config), str(weights), image_size=size, device="cpu", verbose=False)
+    with pytest.raises(ValueError, match=r"image_size \(128, 64\) differs from the model's input size"):
+        FeatureExtractor(str(config), str(weights), image_size=(128, 64), device="cpu", verbose=False)
     paths = sorted(str(p) for p in (tiny_set / "query").iterdir())[:5]
     expected = extract_images(model, paths, camids=1, normalize=False).features
     features = extractor(paths, camids=1)
@@ -458,6 +470,10 @@ def test_feature_extractor_is_torchreids(tmp_path, tiny_set, capsys):
         extractor(batch)
     with pytest.raises(ValueError, match=r"a tensor must be \(B, 3, H, W\)"):
         extractor(batch[:, :1])
+    with pytest.raises(ValueError, match=r"^input: no image given \(a tensor of shape \(0, 3, 64, 32\)\)"):
+        extractor(batch[:0], camids=0)  # not blamed on camids
+    with pytest.raises(ValueError, match=r"^input must be an image path, .* tensor, got dict"):
+        extractor({"a": 1}, camids=0)  # not its keys read as images
     with pytest.raises(ValueError, match="pixel_mean: dpm_ops models normalise images as their test transforms"):
         FeatureExtractor(str(config), str(weights), pixel_mean=[0.485, 0.456, 0.406], device="cpu")
     # torchreid's defaults ("") meant ImageNet weights; "" read as the default config and the folder "."
@@ -501,6 +517,10 @@ def test_feature_extractor_takes_its_image_size(tmp_path, tiny_set):
     assert torch.equal(extractor(paths, masks=masks), expected)
     default = FeatureExtractor(str(config), str(weights), device="cpu", verbose=False)(paths, masks=masks)
     assert not torch.allclose(default, expected)
+    assert FeatureExtractor(str(config), str(weights), image_size=44, device="cpu", verbose=False).image_size == (
+        44,
+        44,
+    )
 
 
 def test_find_images_is_recursive_sorted_and_by_extension(tmp_path):

@@ -357,7 +357,7 @@ def test_bound_contains_direct_and_float64_truth(case, metric):
     # The certified search on these inputs: the direct path's result (the Euclidean distances of the tiny
     # rows, whose squared norms underflow, are rounding noise on both paths: the public ops refuse them).
     if case == "tiny" and metric != "cosine":
-        with pytest.raises(ValueError, match="knn: x is too small in magnitude for Euclidean distances"):
+        with pytest.raises(ValueError, match="knn: x and y are too small in magnitude for Euclidean distances"):
             knn(x, y, 7, metric, strategy="certified")
         return
     check_same_knn(x, y, 7, metric, min_covered=0.0)

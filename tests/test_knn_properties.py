@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from conftest import backend_params
 from dpm_ops.ops import knn, self_knn
-from dpm_ops.ops._checks import row_norm_limit
+from dpm_ops.ops._checks import row_norm_floor, row_norm_limit
 from dpm_ops.ops.knn_reference import pairwise_distance_reference
 
 pytestmark = list(backend_params("cpp")[0].marks)
@@ -89,7 +89,11 @@ def _expect_value_error(error, tensors):
     assert "magnitude" in message, message
     name = message.split(": ")[1].split()[0]
     t = tensors[name]
-    assert float(torch.linalg.vector_norm(t.double(), dim=-1).amax()) > row_norm_limit(t.dtype)
+    if "too small" in message:  # Euclidean distances whose squares all underflow: every input's values
+        peak = max(float(u.double().abs().max()) for u in tensors.values() if u.numel())
+        assert 0 < peak < row_norm_floor(t.dtype), message
+    else:
+        assert float(torch.linalg.vector_norm(t.double(), dim=-1).amax()) > row_norm_limit(t.dtype), message
 
 
 @settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
@@ -158,15 +162,12 @@ def test_float32_underflow_is_a_value_error_and_float64_is_right(metric):
     index order (the squared norms and products underflow); an all-zero input stays exact."""
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(6, 8, generator=gen), torch.randn(30, 8, generator=gen)
-    floor = "must be 0 or at least 3.14e-16 \\(scale the features\\)"
-    with pytest.raises(
-        ValueError, match=f"knn: x is too small in magnitude for Euclidean distances in float32.*{floor}"
-    ):
-        knn(x * 1e-25, y, 3, metric)
-    with pytest.raises(ValueError, match="knn: y is too small in magnitude"):
-        knn(x, y * 1e-17, 3, metric)  # norms in (0, floor): a few bits left, not refused by their value alone
+    floor = "the largest \\|value\\| must be 0 or at least 3.14e-16 \\(scale the features\\)"
+    with pytest.raises(ValueError, match=f"knn: x and y are too small in magnitude for Euclidean distances.*{floor}"):
+        knn(x * 1e-25, y * 1e-25, 3, metric)
     with pytest.raises(ValueError, match="knn: x is too small in magnitude"):
         self_knn(y * 1e-25, 3, metric)
+    knn(x * 1e-25, y, 3, metric)  # mixed scales: resolved to the larger one's precision, as any float computation
     distances, indices = knn(x * 1e-25, y, 3, "cosine")  # F.normalize's eps rule: defined, not refused
     assert torch.equal(distances, torch.ones_like(distances)) and torch.equal(indices[0], torch.arange(3))
     distances, indices = knn(torch.zeros(2, 8), y, 3, metric)

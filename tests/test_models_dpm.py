@@ -218,7 +218,7 @@ def test_camera_embedding_is_added_to_every_token():
     expected = 3.0 * (backbone.sie_embed[2] - backbone.sie_embed[0])  # (1, C), CLS token included
     torch.testing.assert_close(delta, expected.expand_as(delta[0]).unsqueeze(0))
     with pytest.raises(ValueError, match=r"^this model has a camera embedding: pass cam_label \(0-based camera ids\)$"):
-        model(images)
+        model(torch.cat([images, images]))  # two: a train-mode batch
 
 
 def test_camera_ids_that_do_not_fit_the_batch_or_the_model_are_refused():

@@ -15,6 +15,8 @@ from benchmarks.reference import eval_numpy, rerank_numpy
 from dpm_ops.evaluation import evaluate_rank, pairwise_distance, re_ranking, rerank_features
 from dpm_ops.losses import batch_hard_soft_margin_triplet, masked_arcface_cross_entropy
 from dpm_ops import ops
+from dpm_ops._precision import compute_dtype
+from dpm_ops.ops._checks import row_norm_floor
 from dpm_ops.ops.hem_loss_reference import hem_loss_reference
 from dpm_ops.ops.hierarchical_mask_pool_reference import hierarchical_mask_pool_reference
 from dpm_ops.ops.masked_cosine import ARCCOS_CLIP
@@ -104,7 +106,7 @@ def test_hem_loss(data, b, heads, n, dtype, backend, reduction):
     logits = data.draw(tensors((b, heads, n), dtype), label="cls_logits")
     got = outcome(lambda: ops.hem_loss(logits, reduction=reduction, backend=backend))
     if got is None:
-        assert not is_tame(logits) or (b == 0 and reduction == "mean")
+        assert not is_tame(logits) or (b == 0 and reduction == "mean") or 0 in (heads, n)  # no head, no token
         return
     assert_close(got, hem_loss_reference(logits.double(), 1e-6, reduction), dtype, magnitude=b)
 
@@ -276,7 +278,7 @@ def test_rerank_features(data, q, g, d, dtype, k1, k2):
     qf, gf = (data.draw(tensors(shape, dtype), label=name) for name, shape in (("qf", (q, d)), ("gf", (g, d))))
     got = outcome(lambda: rerank_features(qf, gf, k1, k2, 0.3))
     if got is None:
-        assert not (is_tame(qf, gf) and q * g * d)
+        assert not (is_tame(qf, gf) and q * g * d) or too_small(torch.float32, qf, gf)
         return
     assert bool(torch.isfinite(got).all())
     features = torch.cat([qf, gf]).double()
@@ -285,6 +287,11 @@ def test_rerank_features(data, q, g, d, dtype, k1, k2):
     assume(_ranked_apart_in_float32(features, pooled))
     expected = rerank_numpy.re_ranking_from_features(qf.double().numpy(), gf.double().numpy(), k1, k2, 0.3)
     np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-4)
+
+
+def too_small(arithmetic, *ts) -> bool:
+    """Inputs of Euclidean distances all below row_norm_floor (not all 0): refused, their squares underflow."""
+    return 0 < max(float(t.double().abs().max()) for t in ts if t.numel()) < row_norm_floor(arithmetic)
 
 
 @FEW
@@ -300,7 +307,7 @@ def test_pairwise_distance(data, m, n, d, dtype, metric):
     x, y = (data.draw(tensors(shape, dtype), label=name) for name, shape in (("x", (m, d)), ("y", (n, d))))
     got = outcome(lambda: pairwise_distance(x, y, metric))
     if got is None:
-        assert not (is_tame(x, y) and m * n * d)
+        assert not (is_tame(x, y) and m * n * d) or (metric != "cosine" and too_small(compute_dtype(x, y), x, y))
         return
     xd, yd = x.double(), y.double()
     if metric == "cosine":

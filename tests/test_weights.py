@@ -191,6 +191,27 @@ def test_timm_vit_checkpoint(tmp_path, model_name):
         assert torch.all(model.mask_generator.attfc.weight == 0)
 
 
+@pytest.mark.parametrize(
+    "key, value, needle",
+    [
+        ("patch_embed.proj.weight", torch.zeros(C, 100), f"shape ({C}, 100) is no ({C}, 3, 16, 16) kernel"),
+        ("pos_embed", torch.zeros(2, 1 + 14 * 14, C), f"shape (2, 197, {C}) cannot be resized"),  # two embeddings
+        ("pos_embed", torch.zeros(1, 1, C), f"shape (1, 1, {C}) cannot be resized"),  # the CLS slot alone
+        ("cls_token", torch.zeros(1, 1, C).to_sparse(), "entry 'cls_token' holds a sparse tensor"),
+    ],
+)
+def test_malformed_timm_tensors_are_weights_errors(key, value, needle):
+    """torch's RuntimeError (a reshape, an interpolation to size 0) or NotImplementedError (a sparse tensor's
+    finiteness) came out of these, naming no key."""
+    checkpoint = {**timm_checkpoint(), key: value}
+    model = build_model("vit_baseline", CLASSES, CAMERAS, stride=12, **TINY_VIT)
+    with pytest.raises(WeightsError) as info:
+        load_pretrained(model, checkpoint)
+    assert needle in str(info.value), str(info.value)
+    with pytest.raises(WeightsError, match="^model must be a torch.nn.Module .*, got NoneType$"):
+        load_pretrained(None, checkpoint)
+
+
 def test_timm_checkpoint_with_flat_patch_weight():
     checkpoint = timm_checkpoint()
     checkpoint["patch_embed.proj.weight"] = checkpoint["patch_embed.proj.weight"].reshape(C, -1)

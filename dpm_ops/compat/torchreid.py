@@ -3,6 +3,7 @@
 `from dpm_ops.compat.torchreid import evaluate_rank, re_ranking, compute_distance_matrix, FeatureExtractor`."""
 
 import numbers
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -69,7 +70,8 @@ class FeatureExtractor:
     ):
         from dpm_ops.engine import get_recipe, load_config
         from dpm_ops.engine.builders import checkpoint_model, resolve_device
-        from dpm_ops.export import model_kind
+        from dpm_ops.engine.extraction import _check_image_size
+        from dpm_ops.export import model_input_size, model_kind
 
         for name, value in (("pixel_mean", pixel_mean), ("pixel_std", pixel_std), ("pixel_norm", pixel_norm)):
             if value is not None:
@@ -90,7 +92,9 @@ class FeatureExtractor:
         # torchreid's image_size is (height, width) or one int for both
         if isinstance(image_size, numbers.Integral) and not isinstance(image_size, bool):
             image_size = (int(image_size), int(image_size))
-        self.image_size = tuple(image_size) if image_size is not None else tuple(config["input"]["size"])
+        # checked here, not at the first call: (height, width) positive ints, the ViTs' own input size
+        size = _check_image_size(image_size) if image_size is not None else tuple(config["input"]["size"])
+        self.image_size = model_input_size(self.model, self.kind, size)
         self.device = device
         if verbose:
             print(f"Model: {self.kind} ({model_name}, weights {model_path})")
@@ -100,6 +104,11 @@ class FeatureExtractor:
         from dpm_ops.data import masked_image
         from dpm_ops.feature_files import extract_images, image_cameras
 
+        if isinstance(input, Mapping):  # its keys would be read as images
+            raise ValueError(
+                "input must be an image path, a PIL image, an (H, W, 3) uint8 array, a list of them, "
+                f"or a (B, 3, H, W) / (3, H, W) tensor, got {type(input).__name__}"
+            )
         if not isinstance(input, torch.Tensor):
             found = extract_images(
                 self.model,
@@ -114,6 +123,8 @@ class FeatureExtractor:
         images = input.unsqueeze(0) if input.dim() == 3 else input
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"input: a tensor must be (B, 3, H, W) or (3, H, W), got {tuple(input.shape)}")
+        if images.shape[0] == 0:  # as extract_images refuses no image (its camids would be blamed)
+            raise ValueError(f"input: no image given (a tensor of shape {tuple(input.shape)})")
         names = [f"input[{i}]" for i in range(images.shape[0])]
         batch = {"image": images, "camid": torch.tensor(image_cameras(self.model, camids, names))}
         if self.recipe.uses_masks:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from dpm_ops.models.weights import WeightsError, read_torch_file
+from dpm_ops.ops._checks import quote
 
 FORMAT = "dpm_ops.checkpoint/1"
 TEMPORARY_SUFFIX = ".tmp"  # atomic_write's temporaries: .<name>.<random>.tmp next to <name>
@@ -175,8 +176,10 @@ class RunFolder:
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
-    if state.get("format") != FORMAT or "model_name" not in state:
+    if not isinstance(state, dict) or state.get("format") != FORMAT or "model_name" not in state:
         raise ValueError("save_checkpoint: state must come from make_checkpoint (format + model_name)")
+    if not isinstance(path, (str, os.PathLike)) or not str(path) or Path(path).is_dir():
+        raise ValueError(f"save_checkpoint: path must be a file path, got {quote(path)}")
     return atomic_write(path, lambda handle: torch.save(state, handle))
 
 
@@ -213,6 +216,11 @@ _NUMPY_ARRAY_GLOBALS = [np.ndarray.__reduce__(np.zeros(0))[0], np.ndarray, np.dt
 
 def read_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     """What the torch file ``path`` holds; CheckpointError when it is missing or not a torch file."""
+    if not (map_location is None or isinstance(map_location, (str, torch.device, dict)) or callable(map_location)):
+        raise CheckpointError(  # torch.load's TypeError was reported as an unreadable file
+            f"map_location must be a device name, a torch.device, a dict or a function (torch.load's), got "
+            f"{type(map_location).__name__}"
+        )
     if isinstance(map_location, (str, torch.device)):  # a bad one was reported as an unreadable file
         try:
             device = torch.device(map_location)

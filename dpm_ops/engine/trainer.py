@@ -17,6 +17,7 @@ exactly the batches, augmentations and drop-path draws the uninterrupted run wou
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 import random
@@ -94,6 +95,13 @@ class Trainer:
             raise ValueError(f"hooks must be a list of Hook instances (dpm_ops.engine.hooks.Hook), got {hooks!r}")
         for name, flag in (("resume", resume), ("overwrite", overwrite)):
             check_flag(None, name, flag)
+        if resume and overwrite:  # the CLI's flags exclude each other; here resume silently won
+            raise ValueError("resume and overwrite exclude each other: continue the run, or start it over")
+        binary = isinstance(log_stream, (io.RawIOBase, io.BufferedIOBase))  # failed at the first line logged
+        if log_stream is not None and (binary or not callable(getattr(log_stream, "write", None))):
+            raise ValueError(
+                f"log_stream must be a text stream (sys.stdout, open(path, 'w')), got {type(log_stream).__name__}"
+            )
         self.output_dir = Path(output_dir)
         self.resume = resume
         self.model_name = config["model"]["name"]

@@ -38,26 +38,18 @@ def as_tensor(name: str, value, ndim: int, device=None) -> torch.Tensor:
 
 
 def as_floats(
-    op: str,
-    name: str,
-    value,
-    ndim: int,
-    device=None,
-    vectors: bool = False,
-    arithmetic: torch.dtype | None = None,
-    euclidean: bool = False,
+    op: str, name: str, value, ndim: int, device=None, vectors: bool = False, arithmetic: torch.dtype | None = None
 ) -> torch.Tensor:
     """A non-empty floating-point tensor of finite values; `vectors`: its rows are feature vectors,
     whose norms must also stay within what the GEMM-based code can square in its compute dtype, or
-    in `arithmetic`, and with `euclidean` (compared by Euclidean distance) not underflow in it
-    (ops._checks.check_finite_rows)."""
+    in `arithmetic` (ops._checks.check_finite_rows)."""
     tensor = as_tensor(name, value, ndim, device)
     if not tensor.is_floating_point():
         raise ValueError(f"{name} must hold floating-point values, got {tensor.dtype}")
     if tensor.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(tensor.shape)})")
     if vectors:
-        check_finite_rows(op, arithmetic, euclidean=euclidean, **{name: tensor})
+        check_finite_rows(op, arithmetic, **{name: tensor})
     else:
         check_finite(op, **{name: tensor})
     return tensor

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from .. import _backend
 from .._precision import compute_dtype
-from ..ops._checks import KNN_GPU_MAX_K
+from ..ops._checks import KNN_GPU_MAX_K, check_euclidean_scale
 from ..ops.knn import check_strategy
 from ..ops.knn import knn as knn_op
 from . import _inputs
@@ -52,13 +52,14 @@ def _check_tensors(op, x, y, metric, names=("x", "y")):
     """x and y as checked 2-D float tensors; `names`: what the messages call them (the compat drop-ins
     pass their peers' argument names)."""
     _inputs.check_choice("metric", metric, METRICS)
-    euclidean = metric != "cosine"
-    x_t = _inputs.as_floats(op, names[0], x, 2, vectors=True, euclidean=euclidean)
-    y_t = _inputs.as_floats(op, names[1], y, 2, device=x_t.device, vectors=True, euclidean=euclidean)
+    x_t = _inputs.as_floats(op, names[0], x, 2, vectors=True)
+    y_t = _inputs.as_floats(op, names[1], y, 2, device=x_t.device, vectors=True)
     if x_t.shape[1] != y_t.shape[1]:
         raise ValueError(
             f"{names[0]} and {names[1]} must have the same feature dimension, got {x_t.shape[1]} and {y_t.shape[1]}"
         )
+    if metric != "cosine":
+        check_euclidean_scale(op, compute_dtype(x_t, y_t), **{names[0]: x_t, names[1]: y_t})
     return x_t, y_t
 
 

@@ -35,7 +35,7 @@ import torch
 
 from .. import _backend
 from .._precision import compute_dtype
-from ..ops._checks import KNN_GPU_MAX_K, row_norm_limit
+from ..ops._checks import KNN_GPU_MAX_K, check_euclidean_scale, row_norm_limit
 from ..ops.knn import check_strategy, self_knn
 from ..ops.knn_certified import raw_neighbours
 from ..ops.kreciprocal import (
@@ -435,9 +435,8 @@ def jaccard_distance(features, k1: int = 20, k2: int = 6, num_query: int | None 
     k1 = _check_k("k1", k1, 2)  # k1 nearest, the item itself one of them
     k2 = _check_k("k2", k2, 1)
     check_strategy(strategy, "jaccard_distance")
-    x = _inputs.as_floats(
-        "jaccard_distance", "features", features, 2, vectors=True, arithmetic=torch.float32, euclidean=True
-    )
+    x = _inputs.as_floats("jaccard_distance", "features", features, 2, vectors=True, arithmetic=torch.float32)
+    check_euclidean_scale("jaccard_distance", torch.float32, features=x)
     n = len(x)
     if n < 2:
         raise ValueError(f"features must have at least 2 rows, got {n}")
@@ -484,9 +483,11 @@ def rerank_features(qf, gf, k1: int = 20, k2: int = 6, lambda_value: float = 0.3
     k1, k2, lambda_value = check_rerank_parameters(k1, k2, lambda_value)
     check_strategy(strategy, "rerank_features")
     # The pipeline is float32 (as the reference) whatever the features' dtype.
-    features = dict(vectors=True, arithmetic=torch.float32, euclidean=True)
-    query = _inputs.as_floats("rerank_features", "qf", qf, 2, **features)
-    gallery = _inputs.as_floats("rerank_features", "gf", gf, 2, device=query.device, **features)
+    query = _inputs.as_floats("rerank_features", "qf", qf, 2, vectors=True, arithmetic=torch.float32)
+    gallery = _inputs.as_floats(
+        "rerank_features", "gf", gf, 2, device=query.device, vectors=True, arithmetic=torch.float32
+    )
+    check_euclidean_scale("rerank_features", torch.float32, qf=query, gf=gallery)
     if query.shape[1] != gallery.shape[1]:
         raise ValueError(f"qf and gf must have the same feature dimension, got {query.shape[1]} and {gallery.shape[1]}")
     source = _FeatureDistances(query, gallery, strategy)

@@ -90,16 +90,25 @@ class DPMLoss(nn.Module):
                     masked_weight=self.masked_weight,
                     backend=self.backend,
                 ),
-                "hem": hem_loss(output.hem_logits, backend=self.backend),
+                "hem": self._hem(output.hem_logits, labels),
                 "triplet": batch_hard_soft_margin_triplet(output.feature, labels, backend=self.backend),
             }
         _check_output("DPMLoss", output, "plain_logits", "DPMTrainOutput or DPMLossInputs")
         return {
             "id_plain": _cross_entropy("DPMLoss", output.plain_logits, labels, "plain_logits"),
             "id_masked": _cross_entropy("DPMLoss", output.masked_logits, labels, "masked_logits"),
-            "hem": hem_loss(output.hem_logits, backend=self.backend),
+            "hem": self._hem(output.hem_logits, labels),
             "triplet": batch_hard_soft_margin_triplet(output.feature, labels, backend=self.backend),
         }
+
+    def _hem(self, cls_logits, labels) -> torch.Tensor:
+        """HEM's term, a sum over the batch: logits of another batch than the labels' gave a loss all the same."""
+        if isinstance(cls_logits, torch.Tensor) and isinstance(labels, torch.Tensor) and cls_logits.dim() == 3:
+            if cls_logits.shape[0] != labels.shape[0]:
+                raise ValueError(
+                    f"DPMLoss: hem_logits hold {cls_logits.shape[0]} samples, labels {labels.shape[0]}: one batch"
+                )
+        return hem_loss(cls_logits, backend=self.backend)
 
     def total(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         """The weighted sum of :meth:`terms` (a trainer logs the terms it summed)."""

@@ -27,6 +27,8 @@ def batch_hard_soft_margin_triplet(
     gradient, in at least fp32, also under autocast); ``backend="reference"`` (or no extension) is the
     reference (dpm_ops.ops.batch_hard_triplet_reference)."""
     check_tensors("batch_hard_triplet", features=features)
+    if not features.is_floating_point():  # cast to float below, integer features gave a loss
+        raise ValueError(f"batch_hard_triplet: features must be floating point, got {features.dtype}")
     if fused_available(features.device, backend):
         with torch.autocast(device_type=features.device.type, enabled=False):
             return batch_hard_triplet(at_least_fp32(features), labels, backend=backend)

@@ -38,7 +38,11 @@ def check_weights(model: str, weights: float, source: str) -> None:
 
 
 def check_images(
-    name: str, images, size: Optional[tuple[int, int]] = None, dtype: Optional[torch.dtype] = None
+    name: str,
+    images,
+    size: Optional[tuple[int, int]] = None,
+    dtype: Optional[torch.dtype] = None,
+    training: bool = False,
 ) -> None:
     """A (B, 3, H, W) floating-point tensor (normalised RGB pixels) of finite values, H x W = `size` when given:
     torch's own errors for a missing batch axis or uint8 pixels name neither the argument nor what was
@@ -53,6 +57,7 @@ def check_images(
         raise ValueError(
             f"{name} must be floating-point (normalised pixels, as the eval transform gives), got {images.dtype}"
         )
+    check_train_batch(name, images, training)
     if size is not None and tuple(images.shape[-2:]) != tuple(size):
         raise ValueError(f"{name}: expected images of size {tuple(size)}, got {tuple(images.shape[-2:])}")
     # the first convolution's weights' dtype: torch's own error names neither; autocast casts them itself
@@ -63,11 +68,23 @@ def check_images(
             raise ValueError(f"{name} contains non-finite values (NaN or inf)")
 
 
-def check_image_pair(raw, masked, dtype: Optional[torch.dtype] = None, min_side: int = 1) -> None:
+def check_train_batch(name: str, images, training: bool) -> None:
+    """A train-mode forward of a model with BatchNorm layers needs 2 images or more: torch's error came from
+    the first BatchNorm that saw the lone image, after the ones before it had taken it into their statistics."""
+    if training and isinstance(images, torch.Tensor) and images.dim() > 0 and images.shape[0] < 2:
+        raise ValueError(
+            f"{name}: a train-mode forward needs at least 2 images (BatchNorm's batch statistics), got "
+            f"{images.shape[0]}; model.eval() runs any batch"
+        )
+
+
+def check_image_pair(
+    raw, masked, dtype: Optional[torch.dtype] = None, min_side: int = 1, training: bool = False
+) -> None:
     """MaskReID's two streams: the raw images and their foreground-masked copies, of one shape, each side at
     least `min_side` pixels (what the trunk's pooling takes: below it torch's error names no argument)."""
-    check_images("raw", raw, dtype=dtype)
-    check_images("masked", masked, dtype=dtype)
+    check_images("raw", raw, dtype=dtype, training=training)
+    check_images("masked", masked, dtype=dtype, training=training)
     if raw.shape != masked.shape:
         raise ValueError(f"raw {tuple(raw.shape)} and masked {tuple(masked.shape)} images differ in shape")
     if min(raw.shape[-2:]) < min_side:

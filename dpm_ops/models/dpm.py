@@ -25,7 +25,7 @@ import torch.nn as nn
 from dpm_ops.ops.masked_arcface_reference import masked_arcface_logits
 from dpm_ops.ops import hierarchical_mask_pool
 
-from ._checks import check_choice, check_flag, check_int, check_int_list, check_real, check_weights
+from ._checks import check_choice, check_flag, check_int, check_int_list, check_real, check_train_batch, check_weights
 from .param_groups import bnneck, sgd_param_groups
 from .vit import ViTReID, checked_vit_options, patch_grid
 
@@ -201,6 +201,7 @@ class DPM(nn.Module):
         logit (without them ``masked_logits = s·cos``). With ``loss_inputs=True`` (constructor) train mode
         returns ``DPMLossInputs`` instead: no logits, for the fused loss. Eval mode:
         ``DPMEvalOutput(feature, mask)``."""
+        check_train_batch("images", images, self.training)
         features = self.backbone.forward_features(
             images, cam_label, self.mask_tap_blocks, return_cls_logits=self.training
         )

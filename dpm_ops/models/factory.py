@@ -53,6 +53,6 @@ def build_model(name: str, num_classes: int, num_cameras: int = 0, **options) ->
     0 or 1: none). MaskReID has no camera input and ignores it. ``num_classes`` is the number of
     training identities; for MaskReID, 0 builds no softmax head.
     """
-    if name not in MODELS:
+    if not isinstance(name, str) or name not in MODELS:  # a list: unhashable, a TypeError
         raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES}")
     return construct_model(MODELS[name], num_classes, num_cameras, **options)

@@ -213,7 +213,7 @@ class MaskReID(nn.Module):
 
     def levels(self, raw: torch.Tensor, masked: torch.Tensor) -> list[torch.Tensor]:
         """Low, middle and high level maps (outputs of inception 1b, 2b, 3b)."""
-        check_image_pair(raw, masked, self.masked_stem[0][0].weight.dtype, min_side=2)  # pool1 is 2 x 2
+        check_image_pair(raw, masked, self.masked_stem[0][0].weight.dtype, min_side=2, training=self.training)  # pool1
         x = self.pool1(torch.cat([self.raw_stem(raw), self.masked_stem(masked)], 1))
         low = self.inception_1b(self.inception_1a(x))
         middle = self.inception_2b(self.inception_2a(low))

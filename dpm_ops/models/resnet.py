@@ -143,7 +143,7 @@ class MaskReIDResNet50(nn.Module):
         self.head = SkippedFusionHead(self.trunk.level_channels[1:], num_classes=num_classes, **head_options)
 
     def levels(self, raw: torch.Tensor, masked: torch.Tensor) -> list[torch.Tensor]:
-        check_image_pair(raw, masked, self.stream_fuse.weight.dtype)
+        check_image_pair(raw, masked, self.stream_fuse.weight.dtype, training=self.training)
         x = self.stream_fuse(torch.cat([self.trunk.stem(raw), self.masked_stem(masked)], 1))
         return self.trunk.stages(self.trunk.maxpool(x))[1:]
 

@@ -9,7 +9,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 
-from ._checks import check_int
+from ._checks import check_int, check_train_batch
 from .param_groups import bnneck, sgd_param_groups
 from .vit import ViTReID, checked_vit_options
 
@@ -39,6 +39,7 @@ class ViTBaseline(nn.Module):
     ):
         """Train mode: ``ViTBaselineTrainOutput(logits, feature)``; eval mode: the (B, C) feature.
         ``labels`` is accepted for the same call signature as DPM and not used."""
+        check_train_batch("images", images, self.training)
         feature = self.backbone(images, cam_label)
         if not self.training:
             return feature

@@ -120,8 +120,12 @@ def _read_state_dict(source: Union[str, os.PathLike, StateDict], name: str) -> S
     for key, value in state.items():
         if not isinstance(key, str):
             raise WeightsError(f"{name} is not a state dict: key {key!r} is a {type(key).__name__}, not a name")
-        if not isinstance(value, torch.Tensor) or value.is_meta:
-            what = "a meta tensor (no data)" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
+        if not isinstance(value, torch.Tensor) or value.is_meta or value.layout != torch.strided:
+            what = (
+                f"a {'meta' if value.is_meta else 'sparse'} tensor"
+                if isinstance(value, torch.Tensor)
+                else f"a {type(value).__name__}"
+            )
             raise WeightsError(f"{name} is not a state dict: entry {key!r} holds {what}, not a tensor")
         # load_state_dict would cast an integer, bool or complex tensor into a float parameter without a word
         if not value.is_floating_point() and not key.endswith("num_batches_tracked"):
@@ -208,6 +212,13 @@ def trained_state_dict(source: Union[str, os.PathLike, StateDict], name: str | N
     return {target: tensor for key, tensor in state.items() for target in _MAPPERS[layout](key)}
 
 
+def _unflattened_kernel(name: str, key: str, tensor: torch.Tensor, kernel: torch.Size) -> torch.Tensor:
+    """A JAX-style flat patch kernel as the conv's; a WeightsError when it holds another number of weights."""
+    if tensor.numel() != kernel.numel():
+        raise WeightsError(f"{name}: checkpoint key {key!r}: shape {tuple(tensor.shape)} is no {tuple(kernel)} kernel")
+    return tensor.reshape(kernel)
+
+
 def load_pretrained(
     model: nn.Module, source: Union[str, os.PathLike, StateDict], *, partial: bool = False
 ) -> LoadReport:
@@ -219,6 +230,8 @@ def load_pretrained(
     reported, not raised.
     """
     name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the state dict"
+    if not isinstance(model, nn.Module):
+        raise WeightsError(f"model must be a torch.nn.Module (a dpm_ops.models model), got {type(model).__name__}")
     if not isinstance(partial, bool):  # "no" would read as true
         raise WeightsError(f"partial must be True or False, got {partial!r}")
     state = _read_state_dict(source, name)
@@ -239,7 +252,7 @@ def load_pretrained(
     unexpected, dropped = [], []
     for key, tensor in state.items():
         if layout == "timm_vit" and key == "patch_embed.proj.weight" and tensor.dim() == 2:
-            tensor = tensor.reshape(own["backbone.patch_embed.proj.weight"].shape)
+            tensor = _unflattened_kernel(name, key, tensor, own["backbone.patch_embed.proj.weight"].shape)
         targets = _MAPPERS[layout](key)
         if not targets:
             dropped.append(key)
@@ -248,7 +261,13 @@ def load_pretrained(
                 unexpected.append(key)
                 continue
             if is_vit and target == "backbone.pos_embed" and tensor.shape != own[target].shape:
-                if tensor.dim() != 3 or tensor.shape[-1] != own[target].shape[-1]:
+                # one embedding (leading 1) of the CLS slot and at least one patch token, of the model's width
+                if (
+                    tensor.dim() != 3
+                    or tensor.shape[0] != 1
+                    or tensor.shape[1] < 2
+                    or tensor.shape[-1] != own[target].shape[-1]
+                ):
                     raise WeightsError(
                         f"{name}: checkpoint key {key!r} -> {target!r}: shape "
                         f"{tuple(tensor.shape)} cannot be resized to {tuple(own[target].shape)}"

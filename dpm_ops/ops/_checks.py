@@ -24,9 +24,9 @@ class _Quoted(reprlib.Repr):
         self.maxstring = self.maxother = 60
 
     def repr_int(self, x, level):
-        if x.bit_length() <= 64:
+        if x.bit_length() <= 320:  # up to ~96 digits
             return repr(x)
-        # past 64 bits an integer by its length: str() takes time quadratic in the digits, and refuses more than
+        # longer, an integer by its length: str() takes time quadratic in the digits, and refuses more than
         # sys.get_int_max_str_digits() of them (at least 640)
         return f"an integer of {len(str(abs(x))) if x.bit_length() <= 2000 else 'over 600'} digits"
 
@@ -150,7 +150,7 @@ def row_norm_limit(dtype: torch.dtype) -> float:
 
 
 def row_norm_floor(dtype: torch.dtype) -> float:
-    """The least largest row norm (zero aside) the Euclidean distances take in `dtype`'s compute type:
+    """The least largest value (zero aside) Euclidean distances take in `dtype`'s compute type:
     sqrt(tiny / eps) (3.1e-16 in float32), below which squared norms and dot products fall among the
     subnormals or to 0 and the distances come out as rounding noise (all 0 at 1e-25 in float32)."""
     info = torch.finfo(compute_dtype(dtype))
@@ -175,18 +175,14 @@ def check_result_finite(op: str, result: torch.Tensor, **inputs) -> None:
     raise ValueError(too_large_message(op, ", ".join(inputs), compute_dtype(result.dtype), "its sums overflow"))
 
 
-def check_finite_rows(
-    op: str, arithmetic: torch.dtype | None = None, max_norm: float | None = None, euclidean: bool = False, **tensors
-) -> None:
+def check_finite_rows(op: str, arithmetic: torch.dtype | None = None, max_norm: float | None = None, **tensors) -> None:
     """check_finite, and also a ValueError for a tensor whose rows (last dimension) are too large in
     norm for its compute type (row_norm_limit): the condition under which the GEMM-based kernels
     give the exact answer. One reduction per tensor (no temporary of the tensor's size) and one
     device sync for all; the exact finiteness scan runs only when a tensor fails. Skipped while
     compiling. `arithmetic`: the dtype the caller computes in when it is not the tensors' compute
     dtype (float32 for the re-ranking pipeline, as the reference); `max_norm`: a tighter limit the
-    op's own arithmetic needs (the ranking loss exponentiates similarities); `euclidean`: the rows are
-    compared by Euclidean distance, so a tensor whose rows are all below row_norm_floor but not all zero
-    is refused as too small (the distances of an all-zero tensor are exact). The C++ CPU masked
+    op's own arithmetic needs (the ranking loss exponentiates similarities). The C++ CPU masked
     cosine applies the same rule inside its first pass (csrc/masked_cosine/masked_cosine_cpu_kernels.h),
     with the same messages."""
     if torch.compiler.is_compiling():
@@ -200,19 +196,8 @@ def check_finite_rows(
     )
     arithmetic_of = {name: arithmetic or compute_dtype(t.dtype) for name, t in tensors.items()}
     limit_of = {name: min(row_norm_limit(dtype), max_norm or math.inf) for name, dtype in arithmetic_of.items()}
-    floor_of = {name: row_norm_floor(dtype) if euclidean else 0.0 for name, dtype in arithmetic_of.items()}
-    limits, floors = torch.tensor(
-        [list(limit_of.values()), list(floor_of.values())], dtype=torch.float64, device=largest.device
-    )
-    # below the floor (the norms themselves may have underflowed to 0): refused unless every value is 0
-    fits, small = torch.stack([largest <= limits, largest < floors]).tolist()  # NaN: no fit
-    for name, t, is_small in zip(tensors, tensors.values(), small):
-        if is_small and bool(torch.linalg.vector_norm(t, ord=math.inf) > 0):
-            raise ValueError(
-                f"{op}: {name} is too small in magnitude for Euclidean distances in "
-                f"{str(arithmetic_of[name]).removeprefix('torch.')} arithmetic: its largest row norm must be 0 or "
-                f"at least {floor_of[name]:.3g} (scale the features)"
-            )
+    limits = torch.tensor(list(limit_of.values()), dtype=torch.float64, device=largest.device)
+    fits = (largest <= limits).tolist()  # False for NaN
     if all(fits):
         return
     failed = {name: t for (name, t), good in zip(tensors.items(), fits) if not good}
@@ -221,6 +206,26 @@ def check_finite_rows(
     raise ValueError(
         too_large_message(op, name, arithmetic_of[name], f"row norms must stay below {limit_of[name]:.3g}")
     )
+
+
+def check_euclidean_scale(op: str, arithmetic: torch.dtype, **tensors) -> None:
+    """A ValueError when the inputs of Euclidean distances are all too small for `arithmetic`: their largest
+    |value| below row_norm_floor but not 0, where the squared norms and dot products fall among the subnormals
+    and every distance is rounding noise (features scaled by 1e-25 gave all-zero distances and neighbours in
+    index order). Inputs of mixed scales are taken: their distances are resolved to the larger one's precision,
+    as any float computation of them is. One reduction per tensor; skipped while compiling."""
+    tensors = {name: t for name, t in tensors.items() if t.numel() > 0}
+    if torch.compiler.is_compiling() or not tensors:
+        return
+    peak = max(float(torch.linalg.vector_norm(t.detach(), ord=math.inf)) for t in tensors.values())
+    floor = row_norm_floor(arithmetic)
+    if 0 < peak < floor:
+        names = " and ".join(tensors) + (" are" if len(tensors) > 1 else " is")
+        raise ValueError(
+            f"{op}: {names} too small in magnitude for Euclidean distances in "
+            f"{str(arithmetic).removeprefix('torch.')} arithmetic: the largest |value| must be 0 or at least "
+            f"{floor:.3g} (scale the features)"
+        )
 
 
 def check_number(op: str, name: str, value, positive: bool = False) -> float:

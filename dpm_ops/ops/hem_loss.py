@@ -23,8 +23,10 @@ def check_hem_args(cls_logits, eps, reduction) -> None:
         raise ValueError(f"hem_loss: cls_logits must be a torch.Tensor, got {type(cls_logits).__name__}")
     if cls_logits.dim() != 3:
         raise ValueError(f"hem_loss: cls_logits must be 3-D (B, heads, N), got shape {tuple(cls_logits.shape)}")
-    if cls_logits.shape[1] == 0:
-        raise ValueError(f"hem_loss: cls_logits must have at least one head, got shape {tuple(cls_logits.shape)}")
+    if cls_logits.shape[1] == 0 or cls_logits.shape[2] == 0:  # no token: no attention to diversify (it gave 1)
+        raise ValueError(
+            f"hem_loss: cls_logits must have at least one head and one patch token, got shape {tuple(cls_logits.shape)}"
+        )
     if not cls_logits.is_floating_point():
         raise ValueError(f"hem_loss: cls_logits must be floating point, got {cls_logits.dtype}")
     check_number("hem_loss", "eps", eps, positive=True)

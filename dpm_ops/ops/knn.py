@@ -24,7 +24,7 @@ row's candidates, recomputed as the direct path computes them (docs/certified_kn
 import torch
 
 from .. import _backend
-from ._checks import check_finite_rows, check_flag, check_int
+from ._checks import check_euclidean_scale, check_finite_rows, check_flag, check_int
 from .._precision import compute_dtype
 from ._declare import declare
 from .knn_reference import COSINE_EPS, METRICS, knn_reference, self_knn_reference
@@ -298,7 +298,9 @@ def knn(
     _check_k(k, y.shape[0], "y")
     _check_metric(metric)
     check_strategy(strategy)
-    check_finite_rows("knn", compute_dtype(x, y), euclidean=metric != "cosine", x=x, y=y)
+    check_finite_rows("knn", compute_dtype(x, y), x=x, y=y)
+    if metric != "cosine":
+        check_euclidean_scale("knn", compute_dtype(x, y), x=x, y=y)
     name = _backend.resolve(backend, x.device)
     certified = _use_certified(strategy, name, x.shape[0], y.shape[0], x.shape[1])
     if not (name == "cuda" and x.dtype == y.dtype):  # the CUDA kernel's GEMM takes float16 / bfloat16 as they are
@@ -338,7 +340,9 @@ def self_knn(
     normalize = check_flag("knn", "normalize", normalize)
     check_int("knn", "cross_rows", cross_rows, 0, x.shape[0])
     check_strategy(strategy)
-    check_finite_rows("knn", euclidean=metric != "cosine", x=x)
+    check_finite_rows("knn", x=x)
+    if metric != "cosine":
+        check_euclidean_scale("knn", compute_dtype(x), x=x)
     x = x.detach()  # no gradient on any backend, rather than the kernels' silently missing one
     name = _backend.resolve(backend, x.device)
     if _use_certified(strategy, name, x.shape[0], x.shape[0] // 2, x.shape[1]):  # half the GEMM

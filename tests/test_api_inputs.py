@@ -1,0 +1,76 @@
+"""Bad input to the models', losses' and engine's Python API (from an audit): each is a ValueError naming the
+argument before anything changes, where it was a raw torch / Python error, or silently taken."""
+
+import io
+
+import pytest
+import torch
+
+from dpm_ops.engine import CheckpointError, load_checkpoint, train
+from dpm_ops.engine.checkpoint import save_checkpoint
+from dpm_ops.losses import DPMLoss, batch_hard_soft_margin_triplet
+from dpm_ops.models import build_model
+from dpm_ops.ops import hem_loss
+from test_engine_train import config_for, tiny_root  # noqa: F401 (the fixture)
+
+TINY_DPM = dict(embed_dim=32, depth=2, num_heads=4, img_size=(64, 64), stride=16, mask_tap_blocks=(0, 1))
+MODELS = {
+    "dpm": (TINY_DPM, 1),
+    "vit_baseline": ({k: v for k, v in TINY_DPM.items() if k != "mask_tap_blocks"}, 1),
+    "maskreid": (dict(stem_channels=4, base_width=8, embed_dim=16), 2),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_train_forward_of_one_image_is_refused_before_any_layer(name):
+    """torch's BatchNorm error ('Expected more than 1 value per channel') came after the BatchNorms before it
+    had taken the lone image into their running statistics."""
+    options, streams = MODELS[name]
+    model = build_model(name, 5, 2, **options).train()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    size = (64, 64) if name != "maskreid" else (144, 56)
+    images = [torch.randn(1, 3, *size) for _ in range(streams)]
+    kwargs = {} if name == "maskreid" else dict(cam_label=torch.tensor([0]))
+    with pytest.raises(ValueError, match="a train-mode forward needs at least 2 images .* got 1; model.eval()"):
+        model(*images, **kwargs)
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+    model.eval()(*images, **kwargs)  # any batch in eval mode
+
+
+def test_model_name_of_another_type_is_unknown():
+    with pytest.raises(ValueError, match=r"unknown model \['dpm'\]"):  # was: unhashable type: 'list'
+        build_model(["dpm"], 5)
+
+
+def test_losses_refuse_what_they_took_silently():
+    labels = torch.tensor([0, 0, 1, 1])
+    for features in (torch.ones(4, 8, dtype=torch.long), torch.ones(4, 8, dtype=torch.bool)):  # a loss came out
+        with pytest.raises(ValueError, match="batch_hard_triplet: features must be floating point"):
+            batch_hard_soft_margin_triplet(features, labels)
+    with pytest.raises(ValueError, match=r"hem_loss: cls_logits must have at least one head and one patch token"):
+        hem_loss(torch.randn(4, 4, 0))  # it gave 1
+    model = build_model("dpm", 5, 2, **TINY_DPM).train()
+    output = model(torch.randn(4, 3, 64, 64), cam_label=torch.tensor([0, 1, 0, 1]), labels=labels)
+    with pytest.raises(ValueError, match="DPMLoss: hem_logits hold 3 samples, labels 4: one batch"):
+        DPMLoss()(output._replace(hem_logits=output.hem_logits[:3]), labels)
+
+
+def test_engine_arguments(tmp_path, tiny_root):  # noqa: F811
+    config = config_for(tmp_path, tiny_root)
+    for log_stream, kind in (("log.txt", "str"), (io.BytesIO(), "BytesIO")):  # after the folder was made
+        with pytest.raises(ValueError, match=f"log_stream must be a text stream .*, got {kind}$"):
+            train(config, tmp_path / "run", log_stream=log_stream)
+    with pytest.raises(ValueError, match="resume and overwrite exclude each other"):  # resume silently won
+        train(config, tmp_path / "run", resume=True, overwrite=True)
+    assert not (tmp_path / "run").exists()
+    train(config_for(tmp_path, tiny_root, overrides=["solver.epochs=1"]), tmp_path / "run")
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    for bad in (None, [1]):  # AttributeError: no attribute 'get'
+        with pytest.raises(ValueError, match="state must come from make_checkpoint"):
+            save_checkpoint(tmp_path / "x.pt", bad)
+    for path in (None, tmp_path):  # TypeError, IsADirectoryError
+        with pytest.raises(ValueError, match="save_checkpoint: path must be a file path"):
+            save_checkpoint(path, state)
+    with pytest.raises(CheckpointError, match="map_location must be a device name, .*, got int"):  # blamed the file
+        load_checkpoint(last, map_location=5)
