@@ -287,7 +287,8 @@ def knn(
     for fp64 input) whatever the matmul precision, where the direct path may use TF32 or the inputs'
     half precision. "auto" (default): certified for large problems on the C++ backend where the CPU
     has int8 dot-product instructions; else direct (on GPUs until the certified pipeline is measured there).
-    Values whose squared norms would overflow the compute dtype are a ValueError.
+    Values whose squared norms would overflow the compute dtype are a ValueError, as, for the Euclidean
+    metrics, inputs whose values are all below ops._checks.row_norm_floor but not all 0 (their squares underflow).
     """
     _check_tensor("x", x)
     _check_tensor("y", y)
