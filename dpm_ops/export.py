@@ -32,7 +32,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -136,20 +136,25 @@ def check_output_path(path, argument: str, suffix: str, inputs=None) -> Path:
 MAX_EXAMPLE_BATCH = 256
 
 
-def check_int(name: str, value, low: int, high: Optional[int] = None) -> int:
-    """`value`, or an ExportError naming `name` (the argument as the caller spelt it: batch, --batch)."""
+T = TypeVar("T")
+
+
+def as_export_error(check: Callable[..., T], *args) -> T:
+    """``check(*args)`` (a shared check of dpm_ops.ops._checks), its ValueError raised as an ExportError."""
     try:
-        return check_count(name, value, low, high)
+        return check(*args)
     except ValueError as error:
         raise ExportError(str(error)) from None
+
+
+def check_int(name: str, value, low: int, high: Optional[int] = None) -> int:
+    """`value`, or an ExportError naming `name` (the argument as the caller spelt it: batch, --batch)."""
+    return as_export_error(check_count, name, value, low, high)
 
 
 def check_flag(name: str, value) -> bool:
     """`value` as a bool, or an ExportError naming `name`: a string such as "no" would read as true."""
-    try:
-        return _check_flag(None, name, value)
-    except ValueError as error:
-        raise ExportError(str(error)) from None
+    return as_export_error(_check_flag, None, name, value)
 
 
 def check_rtol(rtol) -> float:
@@ -274,10 +279,7 @@ def check_onnx(
     :class:`OnnxCheckError` above ``rtol``, an :class:`ExportError` naming ``path`` for a file that is
     missing, not an ONNX model, or whose inputs or outputs are not those the model's export has."""
     rtol = check_rtol(rtol)
-    try:
-        batch_sizes = check_int_list(None, "batch_sizes", batch_sizes, 1, MAX_EXAMPLE_BATCH)
-    except ValueError as error:
-        raise ExportError(str(error)) from None
+    batch_sizes = as_export_error(check_int_list, None, "batch_sizes", batch_sizes, 1, MAX_EXAMPLE_BATCH)
     seed = check_int("seed", seed, 0, 2**63 - 1)  # seed + batch stays within torch's seeds (< 2^64)
     ort = _require("onnxruntime", "check_onnx")
     kind = model_kind(model)

@@ -35,7 +35,7 @@ from .engine.recipes import RECIPES, get_recipe, model_cameras
 from .engine.scoring import DISTANCES, check_reranking, compute_distances, rank_metrics, resolve_distance
 from .evaluation._inputs import check_choice, check_count
 from .evaluation.query_expansion import check_aqe
-from .export import ExportError, check_int, check_output_path, model_input_size, model_kind
+from .export import ExportError, as_export_error, check_int, check_output_path, model_input_size, model_kind
 from .export import check_flag as check_export_flag
 from .ops._checks import check_flag, quote
 
@@ -233,10 +233,7 @@ def _extract(
     model, kind: str, dataset, batch_size, num_workers, device, amp_dtype, flip, progress, normalize
 ) -> FeatureSet:
     """:func:`~dpm_ops.engine.extraction.extract_features` over ``dataset`` on ``device`` (default: the model's)."""
-    try:
-        device = as_device(device) if device is not None else next(model.parameters()).device
-    except ValueError as error:
-        raise ExportError(str(error)) from None
+    device = as_export_error(as_device, device) if device is not None else next(model.parameters()).device
     loader = build_dataloader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
     return extract_features(
         model,

@@ -42,7 +42,6 @@ def check_images(
     images,
     size: Optional[tuple[int, int]] = None,
     dtype: Optional[torch.dtype] = None,
-    training: bool = False,
 ) -> None:
     """A (B, 3, H, W) floating-point tensor (normalised RGB pixels) of finite values, H x W = `size` when given:
     torch's own errors for a missing batch axis or uint8 pixels name neither the argument nor what was
@@ -57,7 +56,6 @@ def check_images(
         raise ValueError(
             f"{name} must be floating-point (normalised pixels, as the eval transform gives), got {images.dtype}"
         )
-    check_train_batch(name, images, training)
     if size is not None and tuple(images.shape[-2:]) != tuple(size):
         raise ValueError(f"{name}: expected images of size {tuple(size)}, got {tuple(images.shape[-2:])}")
     # the first convolution's weights' dtype: torch's own error names neither; autocast casts them itself
@@ -83,8 +81,9 @@ def check_image_pair(
 ) -> None:
     """MaskReID's two streams: the raw images and their foreground-masked copies, of one shape, each side at
     least `min_side` pixels (what the trunk's pooling takes: below it torch's error names no argument)."""
-    check_images("raw", raw, dtype=dtype, training=training)
-    check_images("masked", masked, dtype=dtype, training=training)
+    check_images("raw", raw, dtype=dtype)
+    check_images("masked", masked, dtype=dtype)
+    check_train_batch("raw", raw, training)  # masked has raw's shape, checked below
     if raw.shape != masked.shape:
         raise ValueError(f"raw {tuple(raw.shape)} and masked {tuple(masked.shape)} images differ in shape")
     if min(raw.shape[-2:]) < min_side:
