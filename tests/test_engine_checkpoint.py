@@ -34,6 +34,24 @@ def test_save_refuses_a_state_without_its_model_name(tmp_path):
     assert not (tmp_path / "last.pt").exists()
 
 
+def test_another_format_version_is_named(tmp_path):
+    """A checkpoint of another dpm_ops checkpoint format (a newer release's) is named as such, by load_checkpoint
+    and by eval / extract / export's reader (which took it for a bare state dict and refused it as one)."""
+    from dpm_ops.engine import load_config
+    from dpm_ops.engine.builders import trained_model
+
+    newer = {**state(), "format": "dpm_ops.checkpoint/2"}
+    torch.save(newer, tmp_path / "newer.pt")
+    message = (
+        rf"^checkpoint {re.escape(str(tmp_path / 'newer.pt'))} is of format 'dpm_ops.checkpoint/2', which this "
+        r"dpm_ops does not read \(it reads 'dpm_ops.checkpoint/1'\); use the dpm_ops version that wrote it$"
+    )
+    with pytest.raises(checkpoint.CheckpointError, match=message):
+        checkpoint.load_checkpoint(tmp_path / "newer.pt")
+    with pytest.raises(checkpoint.CheckpointError, match=message):
+        trained_model(load_config("synthetic_dpm"), tmp_path / "newer.pt")
+
+
 def test_a_folder_is_not_a_checkpoint(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match=r"is a folder, not a file$"):
         checkpoint.load_checkpoint(tmp_path)

@@ -49,3 +49,25 @@ def test_the_bounds_build():
             "maskreid", 0, stem_channels=MAX_STEM_CHANNELS, base_width=MAX_BASE_WIDTH, embed_dim=MAX_EMBED_DIM
         )
     assert sum(p.numel() for p in model.parameters()) < 10**9  # 0.6 B: a quarter of the ViTs' MAX_WEIGHTS
+
+
+@pytest.mark.parametrize(
+    "config_name, override, message",
+    [
+        ("synthetic_dpm", "model.options.depth=0", r"dpm: depth must be an integer in \[1, 64\], got 0$"),
+        ("synthetic_vit_baseline", "model.options.stride=0", r"vit_baseline: stride must be an integer in \[1, 16\]"),
+        ("maskreid_market1501", "model.options.base_width=513", r"maskreid\w*: base_width must be an integer in \[1, 512\]"),
+    ],
+)
+def test_a_bad_model_option_stops_training_before_the_data(tmp_path, config_name, override, message):
+    """The model's own option checks run before the synthetic set is generated or any split is read (they ran
+    after both: ~10 s of generation, then the error)."""
+    from dpm_ops.engine import load_config, train
+    from dpm_ops.engine.config import ConfigError
+
+    root = tmp_path / "never_made"
+    overrides = [override, f"dataset.root={root}", "dataset.name=synthetic", "dataset.generate=true"]
+    config = load_config(config_name, overrides)
+    with pytest.raises(ConfigError, match=rf"^config key model.options: {message}"):
+        train(config, tmp_path / "run")
+    assert not root.exists()

@@ -239,6 +239,16 @@ def build_model_from_args(name: str, args: dict, source: str = "config key model
         ) from None
 
 
+def check_model_options(config: dict) -> None:
+    """The config's model options, checked before any data is generated or read: the model is built
+    on the meta device (no memory, no initialisation work) for one identity and no cameras, so a bad
+    option is build_model_from_args' ConfigError, seconds earlier."""
+    name = config["model"]["name"]
+    args = {"num_classes": 1, "num_cameras": 0, "options": get_recipe(name).model_options(config)}
+    with torch.device("meta"):
+        build_model_from_args(name, args)
+
+
 def _first_line(error: BaseException) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
@@ -267,7 +277,7 @@ def trained_model(config: dict, weights: str | os.PathLike) -> tuple[nn.Module, 
     config = check_config(config)
     contents = read_checkpoint_file(weights)
     name = config["model"]["name"]
-    if is_training_checkpoint(contents):
+    if is_training_checkpoint(contents, weights):
         state = checked_checkpoint(weights, contents, model_name=name)
         return model_from_checkpoint(state, config, weights), state["model_args"]
     try:

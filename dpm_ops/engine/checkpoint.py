@@ -202,7 +202,7 @@ def make_checkpoint(
 def load_checkpoint(path: str | os.PathLike, *, model_name: Optional[str] = None, map_location: Any = "cpu") -> dict:
     """Read a checkpoint written by :func:`save_checkpoint`; with ``model_name``, refuse another model's."""
     state = read_checkpoint_file(path, map_location)
-    if not is_training_checkpoint(state):
+    if not is_training_checkpoint(state, path):
         raise CheckpointError(
             f"{path} is not a dpm_ops training checkpoint (no '{FORMAT}' tag); "
             "pretrained backbone weights go in model.pretrained instead"
@@ -249,9 +249,16 @@ def read_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> 
         raise CheckpointError(f"unreadable checkpoint: {error}") from error
 
 
-def is_training_checkpoint(contents: Any) -> bool:
-    """Whether a file's ``contents`` are a checkpoint written by :func:`save_checkpoint`."""
-    return isinstance(contents, dict) and contents.get("format") == FORMAT
+def is_training_checkpoint(contents: Any, path: str | os.PathLike) -> bool:
+    """Whether a file's ``contents`` are a checkpoint written by :func:`save_checkpoint`. Another
+    version's tag is a CheckpointError naming ``path`` (it was read as a bare state dict and refused as one)."""
+    tag = contents.get("format") if isinstance(contents, dict) else None
+    if isinstance(tag, str) and tag.startswith(FORMAT.split("/")[0] + "/") and tag != FORMAT:
+        raise CheckpointError(
+            f"checkpoint {path} is of format {quote(tag)}, which this dpm_ops does not read (it reads "
+            f"{FORMAT!r}); use the dpm_ops version that wrote it"
+        )
+    return tag == FORMAT
 
 
 def checked_checkpoint(path: str | os.PathLike, state: dict, model_name: Optional[str] = None) -> dict:

@@ -40,6 +40,7 @@ from .builders import (
     build_model_from_args,
     build_sampler,
     check_model_fits_data,
+    check_model_options,
     evaluate_with_config,
     init_run_device,
     load_splits,
@@ -170,6 +171,7 @@ class Trainer:
 
     def setup(self) -> None:
         self._seed()
+        check_model_options(self.config)
         prepare_synthetic(self.config, progress=self.progress)
         self.splits = load_splits(self.config)
         self._build_model()
