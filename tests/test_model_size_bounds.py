@@ -56,7 +56,11 @@ def test_the_bounds_build():
     [
         ("synthetic_dpm", "model.options.depth=0", r"dpm: depth must be an integer in \[1, 64\], got 0$"),
         ("synthetic_vit_baseline", "model.options.stride=0", r"vit_baseline: stride must be an integer in \[1, 16\]"),
-        ("maskreid_market1501", "model.options.base_width=513", r"maskreid\w*: base_width must be an integer in \[1, 512\]"),
+        (
+            "maskreid_market1501",
+            "model.options.base_width=513",
+            r"maskreid\w*: base_width must be an integer in \[1, 512\]",
+        ),
     ],
 )
 def test_a_bad_model_option_stops_training_before_the_data(tmp_path, config_name, override, message):
