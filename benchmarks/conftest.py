@@ -5,6 +5,7 @@ ratios of those timings. `--benchmark-disable` turns every case into a one-shot 
 checks are then skipped). `--benchmark-json=F` keeps the numbers.
 """
 
+import json
 import os
 
 import pytest
@@ -76,9 +77,19 @@ def timed(benchmark, request):
             benchmark.extra_info["gflop_per_s"] = flop / median / 1e9
         if bytes_moved is not None:
             benchmark.extra_info["gb_per_s"] = bytes_moved / median / 1e9
+        _append_timing(request.node.nodeid, group, name, benchmark.extra_info, _BEST[(group, name)])
         return median
 
     return run
+
+
+def _append_timing(test: str, group: str, name: str, info: dict, best: float) -> None:
+    """One JSON line per timed case in $DPM_OPS_TIMINGS (scripts/gpu_check.py's timings.jsonl), written as soon as
+    the case is timed: pytest-benchmark writes its JSON only when the session ends, which a timeout never reaches."""
+    path = os.environ.get("DPM_OPS_TIMINGS")
+    if path:
+        with open(path, "a") as out:
+            out.write(json.dumps(dict(test=test, group=group, name=name, best_s=best, **info), default=str) + "\n")
 
 
 # Dense peaks of the GPUs the targets were set for (H100 / H200 SXM: the same SMs and clocks, H200 with

@@ -4,6 +4,7 @@ its compute dtype from compute_dtype (inputs may be bf16 / fp16 under autocast; 
 reference tests exact). Standard torch only: the ops, losses, Triton launchers and evaluation all
 import it."""
 
+import contextlib
 import functools
 
 import torch
@@ -50,3 +51,26 @@ def sqrt_flat_at_zero(t: torch.Tensor) -> torch.Tensor:
     zero distance or a clamped norm as constant."""
     positive = t > 0
     return torch.where(positive, torch.where(positive, t, 1.0).sqrt(), 0.0)
+
+
+def cuda_fp32_matmul_is_tf32() -> bool:
+    """Whether torch's fp32 CUDA matmuls run on TF32 tensor cores, read through the fp32_precision API (torch >= 2.9;
+    set_float32_matmul_precision and allow_tf32 write it too, and cuBLAS reads it): the legacy getter raises once a
+    program has set the new API ("a mix of the legacy and new APIs")."""
+    return torch.backends.cuda.matmul.fp32_precision == "tf32"
+
+
+@contextlib.contextmanager
+def ieee_fp32_matmuls():
+    """fp32 matmuls in IEEE precision inside the block: cuBLAS without TF32, oneDNN without its bf16 / TF32 modes
+    (set_float32_matmul_precision("medium") runs CPU matmuls in bf16 passes). Through the fp32_precision API, as
+    cuda_fp32_matmul_is_tf32; the settings are process-wide, so matmuls other threads run meanwhile see them too."""
+    settings = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    before = [setting.fp32_precision for setting in settings]
+    for setting in settings:
+        setting.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for setting, precision in zip(settings, before):
+            setting.fp32_precision = precision

@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
-"""GPU bring-up, within a time budget: build for sm_90, the CUDA/Triton tests file by file, the kernel
-benchmarks, and, if time is left, the whole-model benchmark. Run through scripts/gpu_check.sh.
+"""GPU bring-up, within a time budget: build for sm_90, the certified k-NN benchmarks (issue 13's targets),
+the CUDA/Triton tests file by file, the other kernel benchmarks, and, if time is left, the whole-model
+benchmark. Run through scripts/gpu_check.sh.
 
 Each test / benchmark file runs in its own process under a timeout (a CUDA error that poisons a
 process costs one file). Results land in OUT as they come, so a killed run still returns what it
-had: environment.txt, build.log, tests.log, benchmarks.log, benchmarks.json, summary.json and
-summary.txt (at most 8 files, none over 16 MiB). A step is skipped when the budget left is below
-what it needs. --dry-run (CI, CPU): the same steps without the build, every pytest collection-only.
+had: environment.txt, build.log, tests.log, benchmarks.log (with the cases' own prints), timings.jsonl
+(a line per timed case as soon as it is timed: pytest-benchmark writes its JSON only when a file's
+session ends), benchmarks.json, summary.json and summary.txt (at most 8 files, none over 16 MiB). A step
+is skipped when the budget left is below what it needs; --steps runs some of them (a second call on a
+warm machine: --steps tests,benchmarks, the build kept). --dry-run (CI, CPU): the same steps without
+the build, every pytest collection-only.
 """
 
 import argparse
@@ -37,6 +41,9 @@ PYTEST = ["-m", "pytest", "-q", "-p", "no:cacheprovider"]
 # The backend parameter ids (test_x[cuda], [triton]) and cuda-marked tests; not the CPU emulator's
 # (tests/test_emulated_kernels.py), which needs no GPU.
 SELECT_GPU_TESTS = "(cuda or triton) and not emulated"
+STEPS = ("environment", "build", "certified", "tests", "benchmarks", "models")
+CERTIFIED = "bench_knn_certified_gpu.py"  # issue 13's targets: first, the rest of the budget may not reach them
+TIMINGS = "timings.jsonl"  # benchmarks/conftest.py's timed() appends a line per case to $DPM_OPS_TIMINGS
 
 
 def parse_args(argv=None):
@@ -45,7 +52,17 @@ def parse_args(argv=None):
     ap.add_argument("--dry-run", action="store_true", help="CPU: no build, every pytest step collection-only")
     ap.add_argument("--budget", type=float, default=None, help="seconds for everything (default 420; dry run 80)")
     ap.add_argument("--jobs", type=int, default=None, help="test files at once (default: cores / 4, at most 4)")
-    return ap.parse_args(argv)
+    ap.add_argument(
+        "--steps",
+        type=lambda text: text.split(","),
+        default=list(STEPS),
+        help=f"comma-separated steps to run, in this order: {','.join(STEPS)} (default: all)",
+    )
+    args = ap.parse_args(argv)
+    unknown = [name for name in args.steps if name not in STEPS]
+    if unknown:
+        ap.error(f"--steps: {', '.join(unknown)} not among {', '.join(STEPS)}")
+    return args
 
 
 class Run:
@@ -161,9 +178,11 @@ def run_pytest_files(
         start = time.time()
         with tempfile.TemporaryDirectory() as tmp:
             bench_json = Path(tmp, "b.json")
-            extra = [f"--benchmark-json={bench_json}"] if benchmarks else []
+            # -s: the cases' prints (ratios, candidate sizes, profiles) reach the log as they come, a killed file's too
+            extra = [f"--benchmark-json={bench_json}", "-s"] if benchmarks else []
+            env = dict(os.environ, DPM_OPS_TIMINGS=str(run.out / TIMINGS)) if benchmarks else None
             status, code, output = run_command(
-                [sys.executable, *PYTEST, *rel.split(), *args, *extra], min(file_s, run.left())
+                [sys.executable, *PYTEST, *rel.split(), *args, *extra], min(file_s, run.left()), env
             )
             if bench_json.exists() and bench_json.stat().st_size:  # none when collecting only
                 run.add_benchmarks(bench_json)
@@ -264,40 +283,27 @@ def main(argv=None) -> int:
     test_files = [p for p in sorted((REPO / "tests").glob("test_*.py")) if re.search(r"cuda|triton", p.read_text())]
     bench_files = sorted((REPO / "benchmarks").glob("bench_*.py"))
     models = REPO / "benchmarks" / "bench_models.py"  # torch.compile of whole models: last, if time is left
-    # The certified k-NN's targets (issue 13) first: the budget may end before the last kernel file.
-    kernels = sorted((p for p in bench_files if p != models), key=lambda p: p.name != "bench_knn_certified_gpu.py")
+    certified = REPO / "benchmarks" / CERTIFIED
+    kernels = [p for p in bench_files if p not in (models, certified)]
 
-    step(run, "environment", lambda: environment(run))
-    step(run, "build", lambda: build(run))
-    step(
-        run,
-        "tests",
-        lambda: run_pytest_files(
+    def benchmarks(files, file_s, min_s):  # timed runs: one at a time
+        return lambda: run_pytest_files(
+            run, files, ["-m", "not slow", *collect], "benchmarks.log", 1, file_s, min_s, benchmarks=True
+        )
+
+    steps = {
+        "environment": lambda: environment(run),
+        "build": lambda: build(run),
+        "certified": benchmarks([certified], BENCH_FILE_S, MIN_BENCH_FILE_S),
+        "tests": lambda: run_pytest_files(
             run, test_files, ["-k", SELECT_GPU_TESTS, *collect], "tests.log", jobs, TEST_FILE_S, MIN_TEST_FILE_S
         ),
-    )
-    # Timed runs: one at a time.
-    step(
-        run,
-        "benchmarks",
-        lambda: run_pytest_files(
-            run,
-            kernels,
-            ["-m", "not slow", *collect],
-            "benchmarks.log",
-            1,
-            BENCH_FILE_S,
-            MIN_BENCH_FILE_S,
-            benchmarks=True,
-        ),
-    )
-    step(
-        run,
-        "models",
-        lambda: run_pytest_files(
-            run, [models], ["-m", "not slow", *collect], "benchmarks.log", 1, MODELS_S, MIN_MODELS_S, benchmarks=True
-        ),
-    )
+        "benchmarks": benchmarks(kernels, BENCH_FILE_S, MIN_BENCH_FILE_S),
+        "models": benchmarks([models], MODELS_S, MIN_MODELS_S),
+    }
+    for name in STEPS:
+        if name in args.steps:
+            step(run, name, steps[name])
 
     files = [p for p in run.out.rglob("*") if p.is_file()]
     problems = [f"{len(files)} files > {MAX_FILES}"] if len(files) > MAX_FILES else []

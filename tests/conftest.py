@@ -75,17 +75,33 @@ def sign_rows(count, dim, seed=0, dtype=torch.float32):
     return torch.zeros(count, dim, dtype=dtype).scatter_(1, keep, signs.gather(1, keep))
 
 
+FP32_PRECISION_SETTINGS = (torch.backends, torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+
+
 @pytest.fixture
 def float32_matmul_precision():
-    """torch.set_float32_matmul_precision for one test; the previous setting is restored after it."""
-    before = torch.get_float32_matmul_precision()
-    yield torch.set_float32_matmul_precision
-    torch.set_float32_matmul_precision(before)
+    """Sets torch's fp32 matmul precision for one test: a legacy name ("highest", "high", "medium") through
+    torch.set_float32_matmul_precision, "ieee" / "tf32" through the fp32_precision API (torch.backends.fp32_precision,
+    after which torch's legacy getter raises); both are restored after it."""
+    legacy = torch.get_float32_matmul_precision()
+    before = [setting.fp32_precision for setting in FP32_PRECISION_SETTINGS]
+
+    def choose(precision: str) -> None:
+        if precision in ("ieee", "tf32"):
+            torch.backends.fp32_precision = precision
+        else:
+            torch.set_float32_matmul_precision(precision)
+
+    yield choose
+    torch.set_float32_matmul_precision(legacy)
+    for setting, precision in zip(FP32_PRECISION_SETTINGS, before):
+        setting.fp32_precision = precision
 
 
-@pytest.fixture(params=["highest", "high"])
+@pytest.fixture(params=["highest", "high", "tf32"])
 def fp32_matmul_precision(request, float32_matmul_precision):
-    """Each torch fp32 matmul precision in turn (the Triton GEMM tiles follow it: IEEE, then TF32)."""
+    """Each torch fp32 matmul precision in turn (the Triton GEMM tiles follow it: IEEE, then TF32 set by
+    set_float32_matmul_precision, then by the fp32_precision API)."""
     float32_matmul_precision(request.param)
     return request.param
 

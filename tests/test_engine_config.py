@@ -4,6 +4,7 @@ import pytest
 
 from dpm_ops.engine.config import (
     ConfigError,
+    check_config,
     apply_overrides,
     available_configs,
     current_choice,
@@ -407,14 +408,48 @@ def test_maskreid_ranking_lambda_zero_is_the_papers_ablation():
         load_config("maskreid_market1501", ["loss.ranking_lambda=-0.5"])
 
 
-@pytest.mark.parametrize("override", ["input.resize=[176,72]", "input.size=[256,128]"])
+@pytest.mark.parametrize("override", ["input.resize=[176,72]", "input.resize=[160,64]"])
 def test_maskreid_trains_at_its_test_resize(override):
     """MaskReID tests by resizing to input.size + (16, 8) and centre-cropping input.size: a training resize
-    other than that is refused at load time (a crop larger than it also failed only at the first batch)."""
+    other than that is refused at load time (a crop larger than it also failed only at the first batch), and
+    it is the default, following input.size."""
     with pytest.raises(ConfigError, match=r"^config key input.resize: model maskreid tests by resizing to input.size"):
-        load_config("maskreid_market1501", [override])
+        load_config("maskreid_market1501", ["input.size=[256,128]", override])
+    assert load_config("maskreid_market1501")["input"]["resize"] == [160, 64]
+    assert load_config("maskreid_market1501", ["input.size=[256,128]"])["input"]["resize"] == [272, 136]
     config = load_config("maskreid_market1501", ["input.size=[256,128]", "input.resize=[272,136]"])
     assert config["input"]["resize"] == [272, 136]
+
+
+def test_the_train_transform_keys_are_the_recipes(tmp_path):
+    """input.padding / erasing / color_jitter / resize default to the model's recipe's values (a MaskReID config
+    that left erasing out trained with DPM's 0.5), and one its transforms never read is refused (it was
+    accepted and ignored)."""
+    minimal = tmp_path / "maskreid.yaml"
+    minimal.write_text(
+        "model: {name: maskreid}\ninput: {recipe: maskreid, size: [144, 56]}\nsampler: {kind: maskreid}\n"
+    )
+    maskreid = load_config(str(minimal))["input"]
+    assert (maskreid["erasing"], maskreid["resize"], maskreid["padding"], maskreid["color_jitter"]) == (
+        0.0,
+        [160, 64],
+        None,
+        None,
+    )
+    dpm = load_config(None)["input"]
+    assert (dpm["erasing"], dpm["resize"], dpm["padding"], dpm["color_jitter"]) == (0.5, None, 10, False)
+    assert load_config(str(minimal), ["input.erasing=0.25"])["input"]["erasing"] == 0.25
+    for key, value in (("padding", "10"), ("color_jitter", "false")):
+        with pytest.raises(
+            ConfigError,
+            match=rf"^config key input.{key}: model maskreid's train transforms do not use it \(they take "
+            r"input.resize, input.erasing\); remove it$",
+        ):
+            load_config(str(minimal), [f"input.{key}={value}"])
+    with pytest.raises(ConfigError, match=r"^config key input.resize: model dpm's train transforms do not use it"):
+        load_config(None, ["input.resize=[160,64]"])
+    # the resolved config checks again as it is (a checkpoint's, an edited one)
+    assert check_config(load_config(str(minimal)))["input"] == maskreid
 
 
 def test_every_number_declares_its_range():

@@ -35,8 +35,8 @@ class ToyRecipe(Recipe):
     name = "toy"
     model_class = ToyNet
 
-    def model_arguments(self, config, splits):
-        return {"num_classes": splits.num_train_pids, "num_cameras": 0, "options": dict(config["model"]["options"])}
+    def model_options(self, config):  # no img_size: ToyNet takes any input size
+        return dict(config["model"]["options"])
 
     def build_stages(self, model, config, iters_per_epoch):
         optimizer = make_optimizer(config, [{"params": list(model.parameters()), "lr": config["solver"]["base_lr"]}])

@@ -245,7 +245,10 @@ def test_gpu_pipelines_match_cpu(backend):
             np.testing.assert_allclose(result.cpu().numpy(), expected, rtol=0, atol=1e-5)
         result = re_ranking(*(torch.from_numpy(m).to(device) for m in matrices))
         assert result.device.type == device.type
-        np.testing.assert_array_equal(result.cpu().numpy(), expected_from_matrices)
+        if device.type == "cuda":  # the torch steps between the kernels (exp, index_add_) round differently there
+            np.testing.assert_allclose(result.cpu().numpy(), expected_from_matrices, rtol=0, atol=1e-6)
+        else:  # the emulated CUDA code, the interpreted Triton: the same torch steps on the CPU
+            np.testing.assert_array_equal(result.cpu().numpy(), expected_from_matrices)
 
 
 @pytest.mark.parametrize("backend", backend_params("cuda", "triton"))

@@ -80,3 +80,28 @@ def test_dot_precision_rule(fp32_matmul_precision):
     assert dot_precision(torch.float32) == ("ieee" if fp32_matmul_precision == "highest" else "tf32")
     assert dot_precision(torch.float64) == "ieee"
     assert dot_precision(torch.bfloat16) == dot_precision(torch.float16) == "input"
+
+
+@pytest.mark.parametrize("precision", ["highest", "high", "medium", "ieee", "tf32"])
+def test_ieee_fp32_matmuls_restores_either_api(precision, float32_matmul_precision):
+    """ieee_fp32_matmuls turns TF32 (CUDA) and oneDNN's bf16 / TF32 passes (CPU) off inside the block and gives back
+    the setting as it was, through the fp32_precision API: torch's legacy getter raises once a program has set that
+    API (torch.backends.fp32_precision = "tf32"), which made every fp32 Triton launch and the certified search's
+    IEEE GEMMs raise."""
+    from dpm_ops._precision import cuda_fp32_matmul_is_tf32, ieee_fp32_matmuls
+
+    x = torch.randn(64, 96, generator=torch.Generator().manual_seed(0))
+    ieee = x @ x.T
+    float32_matmul_precision(precision)
+    settings = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    before = [setting.fp32_precision for setting in settings]
+    tf32 = precision in ("high", "medium", "tf32")
+    assert cuda_fp32_matmul_is_tf32() == tf32 and dot_precision(torch.float32) == ("tf32" if tf32 else "ieee")
+    with ieee_fp32_matmuls():
+        assert [setting.fp32_precision for setting in settings] == ["ieee", "ieee"]
+        assert not cuda_fp32_matmul_is_tf32() and dot_precision(torch.float32) == "ieee"
+        inside = x @ x.T
+    assert [setting.fp32_precision for setting in settings] == before
+    assert torch.equal(inside, ieee)  # "medium" runs CPU matmuls in bf16 passes on CPUs with AVX512-BF16 / AMX
+    if precision not in ("ieee", "tf32"):
+        assert torch.get_float32_matmul_precision() == precision  # a legacy-API program's getter still works

@@ -101,11 +101,14 @@ SCHEMA: dict = {
     "input": {
         "recipe": _f("dpm", str, ("dpm", "maskreid")),
         "size": _f([256, 128], "size"),  # (height, width) the model sees
-        "resize": _f([160, 64], "size"),  # maskreid recipe: resize before the crop to `size`
-        "padding": _f(10, int, bounds=Bounds(0, MAX_IMAGE_SIDE)),
+        # the train transforms' keys below are the model's recipe's (Recipe.train_input_defaults): None takes its
+        # default, and a key the recipe does not use is refused (MaskReID: resize, erasing; the others: padding,
+        # erasing, color_jitter)
+        "resize": _f(None, "size", nullable=True),  # maskreid: the resize before the crop (input.size + (16, 8))
+        "padding": _f(None, int, nullable=True, bounds=Bounds(0, MAX_IMAGE_SIDE)),
         "flip": _f(0.5, float, bounds=SHARE),
-        "erasing": _f(0.5, float, bounds=SHARE),
-        "color_jitter": _f(False, bool),
+        "erasing": _f(None, float, nullable=True, bounds=SHARE),
+        "color_jitter": _f(None, bool, nullable=True),
     },
     "sampler": {
         "kind": _f("pk", str, ("pk", "maskreid")),

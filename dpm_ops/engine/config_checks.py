@@ -135,6 +135,7 @@ def validate(config: dict) -> None:
             f"config key sampler.kind: model {name} trains on "
             f"{' or '.join(SAMPLER_NAMES[k] for k in recipe.sampler_kinds)}; not '{kind}'"
         )
+    _resolve_train_input(config, recipe)
     _check_train_resize(config, recipe)
     _check_eval_distance(config)
     _check_synth_options(config)
@@ -148,12 +149,32 @@ def validate(config: dict) -> None:
         raise ConfigError(f"config key pretrain.epochs: softmax pre-training is MaskReID's; model is {name}")
 
 
+# input keys whose use and default depend on the model's recipe (Recipe.train_input_defaults)
+RECIPE_INPUT_KEYS = ("resize", "padding", "erasing", "color_jitter")
+
+
+def _resolve_train_input(config: dict, recipe) -> None:
+    """The recipe's defaults for its train transforms' keys left None; a key it does not read is refused
+    (MaskReID's transforms neither pad nor jitter; DPM's do not resize before the crop)."""
+    inp, used = config["input"], recipe.train_input_defaults
+    for key in RECIPE_INPUT_KEYS:
+        if key in used:
+            inp[key] = used[key] if inp[key] is None else inp[key]
+        elif inp[key] is not None:
+            raise ConfigError(
+                f"config key input.{key}: model {config['model']['name']}'s train transforms do not use it (they "
+                f"take {', '.join(f'input.{k}' for k in used)}); remove it"
+            )
+
+
 def _check_train_resize(config: dict, recipe) -> None:
-    """A recipe that tests at a resize of input.size + a margin trains at that resize too: another one
-    would train and test the network at different scales."""
+    """A recipe that tests at a resize of input.size + a margin trains at that resize too (its default):
+    another one would train and test the network at different scales."""
     size, resize = config["input"]["size"], config["input"]["resize"]
     expected = recipe.test_resize(size)
-    if expected is not None and list(resize) != list(expected):
+    if expected is not None and resize is None:
+        config["input"]["resize"] = list(expected)
+    elif expected is not None and list(resize) != list(expected):
         raise ConfigError(
             f"config key input.resize: model {config['model']['name']} tests by resizing to input.size + "
             f"{list(recipe.test_resize_margin)} = {list(expected)} and centre-cropping input.size {list(size)}, "

@@ -250,8 +250,8 @@ class Trainer:
             if section in RESUME_FREE_SECTIONS:
                 continue
             for key, value in values.items():
-                if (section, key) in RESUME_FREE_KEYS:
-                    continue
+                if (section, key) in RESUME_FREE_KEYS or (section == "input" and value is None):
+                    continue  # None in input: a key the recipe does not use (earlier checkpoints stored a default)
                 # a key newer than the checkpoint: it trained with what is now the default
                 old = current_choice(section, key, saved.get(section, {}).get(key, default_config[section][key]))
                 if old != value:

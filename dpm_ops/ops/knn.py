@@ -274,8 +274,9 @@ def knn(
     Sorted ascending, ties broken by (distance, index). k must be in [1, N] (a ValueError
     otherwise; the CUDA and Triton kernels also take k <= 256); M = 0 gives empty results.
     float16/bfloat16/float32 are returned in float32, float64 in float64 (mixed: the wider). The dot
-    products follow torch's precision rules: float32 uses torch.get_float32_matmul_precision()
-    ("high" / "medium": TF32 tensor cores, on CUDA and Triton); on CUDA, float16 / bfloat16 inputs of one
+    products follow torch's precision rules: float32 uses torch's fp32 matmul precision
+    (set_float32_matmul_precision "high" / "medium", or fp32_precision "tf32": TF32 tensor cores, on CUDA and
+    Triton); on CUDA, float16 / bfloat16 inputs of one
     dtype run their cuBLAS GEMM on tensor cores with float32 accumulation (cosine: the unit rows rounded
     to that dtype). Distances are differentiable in x and y.
     ``backend``: "reference" | "cpp" | "cuda" | "triton" (default: by device, dpm_ops.backends()).

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .._precision import without_autocast
+from .._precision import ieee_fp32_matmuls, without_autocast
 from ._checks import KNN_GPU_MAX_K, check_knn_gpu_k
 from ._declare import lazy
 from .knn_reference import COSINE_EPS, compute_dtype, pairwise_distance_reference
@@ -122,18 +122,6 @@ def candidate_cap(k: int, n: int) -> int:
     return min(n, max(MIN_CAP, CAP_PER_K * k))
 
 
-@contextlib.contextmanager
-def _ieee_matmul():
-    """fp32 matmuls in full IEEE precision (no TF32) inside the block. The setting is process-wide: matmuls
-    that other threads run meanwhile see it too (a precision change for them, never a wrong bound here)."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
-
-
 def _row_chunks(count: int, per_row: int):
     step = max(1, _CHUNK_ELEMENTS // max(1, per_row))
     return [(r, min(count, r + step)) for r in range(0, count, step)]
@@ -168,7 +156,7 @@ def exact_rows(xo: Operand, yo: Operand, rows, metric: str, self_pairs: bool):
     """Full distance rows (R, N) of rows `rows` of x: the fallback, by an IEEE GEMM in the compute dtype."""
     n = yo.rows.shape[0]
     out = torch.empty((len(rows), n), dtype=xo.rows.dtype, device=xo.rows.device)
-    with _ieee_matmul():
+    with ieee_fp32_matmuls():
         for r0, r1 in _row_chunks(len(rows), n):
             row = rows[r0:r1]
             d = distance(xo.rows[row] @ yo.rows.T, xo.norms[row, None], yo.norms[None, :], metric)
@@ -187,7 +175,7 @@ def select(d, candidates, k: int):
 @contextlib.contextmanager
 def _fp32_reductions():
     """cuBLAS's bf16 GEMMs keep their split-K reductions in fp32 inside the block (the bound's accumulation
-    model). allow_bf16_reduced_precision_reduction is process-wide, switched off for the block (as _ieee_matmul)."""
+    model). allow_bf16_reduced_precision_reduction is process-wide, switched off for the block (as ieee_fp32_matmuls)."""
     matmul = torch.backends.cuda.matmul
     before, matmul.allow_bf16_reduced_precision_reduction = matmul.allow_bf16_reduced_precision_reduction, False
     try:
@@ -202,7 +190,7 @@ def _bf16_gemm(a, b):
     if a.is_cuda:
         with _fp32_reductions():
             return torch.mm(a, b.T, out_dtype=torch.float32)
-    with _ieee_matmul():
+    with ieee_fp32_matmuls():
         return a.float() @ b.float().T
 
 

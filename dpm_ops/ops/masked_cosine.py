@@ -150,4 +150,7 @@ def masked_arccos_distance(
     check_masked_cosine_args(q, q_mask, g, 1e-12, "masked_arccos_distance", ("q", "q_mask", "g"))
     check_finite_rows("masked_arccos_distance", q=q, q_mask=q_mask, g=g)
     cos = masked_cosine(q, q_mask, g, backend=backend)
-    return torch.arccos(torch.clamp(cos, -1 + ARCCOS_CLIP, 1 - ARCCOS_CLIP))
+    if cos.requires_grad:
+        return torch.arccos(torch.clamp(cos, -1 + ARCCOS_CLIP, 1 - ARCCOS_CLIP))
+    # in place: re-ranking's G x G distance at MSMT17 scale is 25 GB, three of them did not fit an 80 GB GPU
+    return cos.clamp_(-1 + ARCCOS_CLIP, 1 - ARCCOS_CLIP).arccos_()

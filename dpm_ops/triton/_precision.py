@@ -1,14 +1,17 @@
 """The one rule for how the Triton GEMM tiles multiply, read from torch at every launch:
 
 * float16 / bfloat16 inputs: tensor cores, operands in the input dtype, fp32 accumulation;
-* float32: torch.get_float32_matmul_precision(), as torch's own matmuls: "highest" (the default)
-  exact IEEE fp32 products, "high" / "medium" TF32 tensor cores (fp32 accumulation);
+* float32: torch's fp32 matmul precision on CUDA, as its own matmuls (``cuda_fp32_matmul_is_tf32``): "highest"
+  (the default) exact IEEE fp32 products, "high" / "medium" (or fp32_precision "tf32") TF32 tensor cores (fp32
+  accumulation);
 * float64: fp64 products.
 """
 
 import torch
 import triton
 import triton.language as tl
+
+from dpm_ops._precision import cuda_fp32_matmul_is_tf32
 
 # Every launch's compile options, pinned rather than left to Triton's default: Triton 3.9 warns that
 # its default turns FMA contraction off in 3.10, which would change the kernels' rounding. On, as the
@@ -20,7 +23,7 @@ def dot_precision(dtype: torch.dtype) -> str:
     """The PRECISION constexpr of `dot` for kernel inputs of `dtype`."""
     if dtype in (torch.float16, torch.bfloat16):
         return "input"
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+    if dtype == torch.float32 and cuda_fp32_matmul_is_tf32():
         return "tf32"
     return "ieee"
 

@@ -123,6 +123,8 @@ class Recipe:
     # the test transform resizes to input.size + this margin, then centre-crops input.size; training
     # resizes to input.resize, which must then be the same (None: no resize before the crop)
     test_resize_margin: Optional[tuple] = None
+    # the config's input keys the train transforms read, with their defaults (None: derived by the config check)
+    train_input_defaults: dict = {"padding": 10, "erasing": 0.5, "color_jitter": False}
     eval_time_options: tuple = ()  # model options that change only eval mode: `dpm-reid eval` takes the config's
     min_classes: int = 1  # the fewest classes the model takes (0: it can be built without a classifier)
 
@@ -134,7 +136,9 @@ class Recipe:
         return construct_model(self.model_class, num_classes, num_cameras, **options)
 
     def model_options(self, config: dict) -> dict:
-        """The options a run builds its model with: the config's model.options (and input.size)."""
+        """The options a run builds its model with: the config's model.options (and input.size). Checked by
+        building the model on the meta device before any data is read (builders.check_model_options), so a
+        recipe's model_arguments takes its options from here."""
         options = dict(config["model"]["options"])
         options.setdefault("img_size", list(config["input"]["size"]))
         return options

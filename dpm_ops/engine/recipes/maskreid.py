@@ -29,6 +29,7 @@ class MaskReIDRecipe(Recipe):
     transform_recipe = "maskreid"
     default_test_size = TEST_CROP
     test_resize_margin = TEST_MARGIN
+    train_input_defaults = {"resize": None, "erasing": 0.0}  # resize: input.size + TEST_MARGIN; no erasing (DGD's)
     uses_masks = True
     sampler_kinds = ("pk", "maskreid")
     has_pretrain_stage = True
