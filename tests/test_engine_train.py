@@ -494,3 +494,26 @@ def test_step_losses_take_the_configured_weights(tmp_path, tiny_root):
     options = {k: config["loss"][f"ranking_{k}"] for k in ("alpha", "neg_mode", "pos_mode")}
     expected = MaskReIDRankingLoss(lam=0.5, **options)(out.embedding, batch["pid"])
     assert losses["loss"].item() == pytest.approx(expected.item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cudnn_settings_are_the_official_scripts_by_default(tmp_path, monkeypatch, deterministic):
+    """The official DPM train.py sets cuDNN deterministic and benchmark on; train.deterministic=true asks for
+    torch's deterministic algorithms instead (benchmark off). The seed is set either way."""
+    from dpm_ops.engine import Trainer
+
+    cudnn = torch.backends.cudnn
+    monkeypatch.setattr(cudnn, "deterministic", False)
+    monkeypatch.setattr(cudnn, "benchmark", False)
+    called = []
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda *args, **kwargs: called.append(args))
+    config = load_config("synthetic_dpm", ["train.device=cpu", f"train.deterministic={str(deterministic).lower()}"])
+    trainer = Trainer(config, tmp_path / "run")
+    try:
+        trainer._seed()
+    finally:
+        trainer.run_folder.release()
+    assert (cudnn.deterministic, cudnn.benchmark, called) == (
+        (False, False, [(True,)]) if deterministic else (True, True, [])
+    )
+    assert torch.initial_seed() == config["train"]["seed"]

@@ -174,6 +174,8 @@ SCHEMA: dict = {
         # testing hook: stop like a kill after N iterations
         "stop_after_iters": _f(None, int, nullable=True, bounds=AT_LEAST_1),
         "progress": _f(True, bool),
+        # true: torch.use_deterministic_algorithms, cuDNN benchmark off; false: cuDNN deterministic and benchmark
+        # on, the official DPM training script's settings
         "deterministic": _f(False, bool),
         # torch.compile (inductor) of the model the train steps call, with this mode; off: eager
         "compile": _f("off", str, ("off", "default", "max-autotune-no-cudagraphs")),

@@ -134,6 +134,8 @@ class Trainer:
         if self.config["train"]["deterministic"]:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
+        else:  # the official DPM training script's (deterministic cuDNN algorithms, the fastest of them)
+            torch.backends.cudnn.deterministic = torch.backends.cudnn.benchmark = True
 
     def _build_model(self) -> None:
         config = self.config
