@@ -424,3 +424,10 @@ def test_evaluate_roc_matches_fastreid():
     assert len(result[0]) == kept.sum() < distmat.size and 0 < (result[1] == 0).sum() < kept.sum()
     with pytest.raises(ValueError, match="g_camids must have length 90"):
         fastreid.evaluate_roc(distmat, q_pids, g_pids, q_camids, g_camids[:5])
+    # no matches, or no non-matches: theirs stacks an empty list with the other side's float32 scores (float64)
+    for gallery_pids in (q_pids[:1] + 1 + np.arange(90), np.full(90, q_pids[0])):
+        args = (distmat[:1], q_pids[:1], gallery_pids, q_camids[:1], (q_camids[:1] + 1).repeat(90))
+        expected = theirs.evaluate_roc(*args, use_cython=False)
+        for got, want in zip(fastreid.evaluate_roc(*args), expected):
+            assert got.dtype == want.dtype == np.float64
+            np.testing.assert_array_equal(got, want)

@@ -48,8 +48,9 @@ def evaluate_roc(distmat, q_pids, g_pids, q_camids, g_camids, use_cython=True):
     """(scores, labels) for a ROC curve, as their TEST.ROC feeds sklearn's roc_curve(labels, scores):
     the distances of every query's gallery items, its own id on its own camera left out; first all
     queries' matches (label 0), then all non-matches (label 1), each query's in increasing distance
-    (ties by gallery index). scores in distmat's dtype (float32 for bfloat16, which numpy lacks), labels
-    float64, as their Python code (their Cython returns both in float32); use_cython is ignored."""
+    (ties by gallery index). scores in distmat's dtype (float32 for bfloat16, which numpy lacks; float64 when
+    there are no matches or no non-matches, where theirs stacks an empty list), labels float64, as their Python
+    code (their Cython returns both in float32); use_cython is ignored."""
     dist = _inputs.as_floats("evaluate_roc", "distmat", distmat, 2)
     q_pids, q_camids, g_pids, g_camids = query_gallery_labels(dist, q_pids, q_camids, g_pids, g_camids)
     sorted_dist, order = torch.sort(dist, dim=1, stable=True)
@@ -57,6 +58,8 @@ def evaluate_roc(distmat, q_pids, g_pids, q_camids, g_camids, use_cython=True):
     keep = ~(match & (g_camids[order] == q_camids[:, None]))
     positives, negatives = sorted_dist[keep & match], sorted_dist[keep & ~match]  # row-major: query by query
     scores = _peer.as_numpy(torch.cat([positives, negatives]))
+    if not (len(positives) and len(negatives)):  # theirs stacks an empty list (float64) with the other side
+        scores = scores.astype(np.float64)
     labels = np.concatenate([np.zeros(len(positives)), np.ones(len(negatives))])
     return scores, labels
 

@@ -51,8 +51,10 @@ def gnn_rerank(qf, gf, k1: int = GNN_K1, k2: int = GNN_K2, lambda_value: float =
     The distance is the negated score, -((1 - lambda) <A_q, A_g> + lambda cos(q, g)): ascending
     distances rank exactly as the reference's descending scores (ties by gallery index). Equal to the
     dense reference computation up to float32 summation order (within 2e-6 on the tests' features, 1e-5 with
-    exactly duplicated rows) wherever no exact tie decides a
-    neighbourhood. Memory: the (Q, G) output, the (N, k1) neighbour lists and the sparse adjacency (a
+    exactly duplicated rows) wherever no exact tie decides a neighbourhood. Exact copies of an item are not
+    ties here: its own cosine distance is set to 0 and a copy's rounds to about -1e-7, so its copies rank
+    before it, where the dense computation ties them by index; that changes the result only where a group
+    of copies straddles the k1 or k2 cut-off (never at the defaults in the tests' 9- and 30-copy groups). Memory: the (Q, G) output, the (N, k1) neighbour lists and the sparse adjacency (a
     few hundred entries per row). ``strategy``: the neighbour search's, as for dpm_ops.ops.self_knn.
     numpy in, numpy out; torch in, torch out on the same device.
     """
