@@ -52,6 +52,30 @@ def test_another_format_version_is_named(tmp_path):
         trained_model(load_config("synthetic_dpm"), tmp_path / "newer.pt")
 
 
+def test_a_failed_write_is_an_os_error_naming_the_file(tmp_path, monkeypatch):
+    """torch.save reports a write that fails (a full disk) as a RuntimeError ("unexpected pos ..."), which the CLI
+    printed as a traceback: it is an OSError naming the checkpoint (one CLI line naming --output), and the
+    previous file and no temporary remain."""
+    path = checkpoint.save_checkpoint(tmp_path / "last.pt", state(value=1.0))
+
+    def full_disk(obj, handle):
+        handle.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 402624 vs 402512\nmore")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError) as error:
+        checkpoint.save_checkpoint(path, state(value=2.0))
+    assert error.value.filename == str(path)
+    assert re.fullmatch(
+        r"writing the checkpoint failed \(\d+ MiB free on its file system; torch: \[enforce fail at "
+        r"inline_container.cc:672\] . unexpected pos 402624 vs 402512\)",
+        error.value.strerror,
+    )
+    monkeypatch.undo()
+    assert torch.equal(checkpoint.load_checkpoint(path)["model"]["w"], torch.ones(4))
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
 def test_a_folder_is_not_a_checkpoint(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match=r"is a folder, not a file$"):
         checkpoint.load_checkpoint(tmp_path)

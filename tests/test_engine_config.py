@@ -439,7 +439,7 @@ def test_the_train_transform_keys_are_the_recipes(tmp_path):
     dpm = load_config(None)["input"]
     assert (dpm["erasing"], dpm["resize"], dpm["padding"], dpm["color_jitter"]) == (0.5, None, 10, False)
     assert load_config(str(minimal), ["input.erasing=0.25"])["input"]["erasing"] == 0.25
-    for key, value in (("padding", "10"), ("color_jitter", "false")):
+    for key, value in (("padding", "4"), ("color_jitter", "true")):
         with pytest.raises(
             ConfigError,
             match=rf"^config key input.{key}: model maskreid's train transforms do not use it \(they take "
@@ -447,7 +447,11 @@ def test_the_train_transform_keys_are_the_recipes(tmp_path):
         ):
             load_config(str(minimal), [f"input.{key}={value}"])
     with pytest.raises(ConfigError, match=r"^config key input.resize: model dpm's train transforms do not use it"):
-        load_config(None, ["input.resize=[160,64]"])
+        load_config(None, ["input.resize=[176,72]"])
+    # a run folder's config.yaml from before holds the former schema defaults for the unused keys: taken as unset
+    assert load_config(None, ["input.resize=[160,64]"])["input"]["resize"] is None
+    former = load_config(str(minimal), ["input.padding=10", "input.color_jitter=false"])["input"]
+    assert (former["padding"], former["color_jitter"]) == (None, None)
     # the resolved config checks again as it is (a checkpoint's, an edited one)
     assert check_config(load_config(str(minimal)))["input"] == maskreid
 

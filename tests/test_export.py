@@ -712,3 +712,12 @@ def test_feature_extractor_on_cuda_follows_the_cpu(tmp_path, tiny_set):
     on_gpu = FeatureExtractor(str(config), str(weights), device="cuda", verbose=False)(paths, camids=0)
     assert on_gpu.device.type == "cuda"
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-3, atol=1e-3)
+
+
+def test_the_largest_batch_exports_and_checks(tmp_path):
+    """--batch 256, the most the help gives: the check ran batches (256, 257) and refused its own second size."""
+    from dpm_ops.export import MAX_EXAMPLE_BATCH
+
+    model, size = tiny_model("maskreid")
+    result = export_onnx(model, tmp_path / "model.onnx", image_size=size, batch=MAX_EXAMPLE_BATCH, check=True)
+    assert result.checked_batches == (MAX_EXAMPLE_BATCH - 1, MAX_EXAMPLE_BATCH)

@@ -22,6 +22,7 @@ from dpm_ops.models.weights import WeightsError, trained_state_dict
 
 from . import distributed
 from .checkpoint import (
+    first_line,
     CheckpointError,
     check_not_a_run_folder,
     checked_checkpoint,
@@ -235,7 +236,7 @@ def build_model_from_args(name: str, args: dict, source: str = "config key model
         if "allocate" not in str(error):
             raise
         raise ConfigError(
-            f"{source}: model {name} of these options does not fit in memory ({_first_line(error)})"
+            f"{source}: model {name} of these options does not fit in memory ({first_line(error)})"
         ) from None
 
 
@@ -247,10 +248,6 @@ def check_model_options(config: dict) -> None:
     args = {"num_classes": 1, "num_cameras": 0, "options": get_recipe(name).model_options(config)}
     with torch.device("meta"):
         build_model_from_args(name, args)
-
-
-def _first_line(error: BaseException) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def model_from_checkpoint(state: dict, config: dict, path: str | os.PathLike) -> nn.Module:

@@ -17,8 +17,10 @@ either the previous file or the new one, never a half-written one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Optional
@@ -175,12 +177,25 @@ class RunFolder:
         self._lock.close()  # closing releases the lock; the empty file stays (removing it would race)
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's first line (its type's name when it says nothing), for one-line messages."""
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
     if not isinstance(state, dict) or state.get("format") != FORMAT or "model_name" not in state:
         raise ValueError("save_checkpoint: state must come from make_checkpoint (format + model_name)")
     if not isinstance(path, (str, os.PathLike)) or not str(path) or Path(path).is_dir():
         raise ValueError(f"save_checkpoint: path must be a file path, got {quote(path)}")
-    return atomic_write(path, lambda handle: torch.save(state, handle))
+    try:
+        return atomic_write(path, lambda handle: torch.save(state, handle))
+    except RuntimeError as error:  # torch's writer reports a failed write (a full disk) as "unexpected pos ..."
+        free = shutil.disk_usage(Path(path).parent).free / 2**20
+        raise OSError(
+            errno.EIO,
+            f"writing the checkpoint failed ({free:.0f} MiB free on its file system; torch: {first_line(error)})",
+            str(path),
+        ) from error
 
 
 def make_checkpoint(

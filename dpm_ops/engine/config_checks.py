@@ -151,6 +151,9 @@ def validate(config: dict) -> None:
 
 # input keys whose use and default depend on the model's recipe (Recipe.train_input_defaults)
 RECIPE_INPUT_KEYS = ("resize", "padding", "erasing", "color_jitter")
+# what configs written before those defaults became the recipe's hold for a key their model does not use (a
+# run folder's config.yaml): taken as unset, so old runs still evaluate and resume with their own config
+FORMER_INPUT_DEFAULTS = {"resize": [160, 64], "padding": 10, "color_jitter": False}
 
 
 def _resolve_train_input(config: dict, recipe) -> None:
@@ -160,6 +163,8 @@ def _resolve_train_input(config: dict, recipe) -> None:
     for key in RECIPE_INPUT_KEYS:
         if key in used:
             inp[key] = used[key] if inp[key] is None else inp[key]
+        elif inp[key] == FORMER_INPUT_DEFAULTS.get(key, ()):
+            inp[key] = None
         elif inp[key] is not None:
             raise ConfigError(
                 f"config key input.{key}: model {config['model']['name']}'s train transforms do not use it (they "
