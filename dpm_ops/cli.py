@@ -152,7 +152,9 @@ def _parser() -> argparse.ArgumentParser:
     start = train.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true", help="continue from <output>/checkpoints/last.pt")
     start.add_argument(
-        "--overwrite", action="store_true", help="start over in an --output that holds a run (its checkpoints go)"
+        "--overwrite",
+        action="store_true",
+        help="start over in an --output that holds a run (its checkpoints and results go)",
     )
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. solver.epochs=5")
 

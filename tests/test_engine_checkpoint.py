@@ -353,11 +353,21 @@ def test_run_folder_refusal_lets_go_and_overwrite_removes_the_earlier_checkpoint
     take = "import fcntl, sys; fcntl.lockf(open(sys.argv[1], 'a+'), fcntl.LOCK_EX | fcntl.LOCK_NB)"
     lock = tmp_path / checkpoint.RunFolder.LOCK
     assert subprocess.run([sys.executable, "-c", take, str(lock)]).returncode == 0, refused
+    # and its results: the metrics, pictures and periodic evaluations would pass for the new run's
+    results = [tmp_path / "metrics.json", tmp_path / "loss_curves.png", tmp_path / "eval_epoch_002"]
+    results[0].write_text("{}")
+    results[1].write_bytes(b"png")
+    (results[2] / "metrics.json").parent.mkdir()
+    (results[2] / "metrics.json").write_text("{}")
+    kept = [tmp_path / "notes.txt", tmp_path / "eval"]  # not the run's: a user's file, `dpm-reid eval`'s folder
+    kept[0].write_text("mine")
+    kept[1].mkdir()
     folder = checkpoint.RunFolder(tmp_path, resume=False, overwrite=True)
     try:
-        assert all(path.exists() for path in earlier)  # kept until the new run has set up
-        assert folder.remove_earlier_run() == earlier
-        assert not any(path.exists() for path in earlier) and folder.remove_earlier_run() == []
+        assert all(path.exists() for path in earlier + results)  # kept until the new run has set up
+        assert folder.remove_earlier_run() == earlier + results
+        assert not any(path.exists() for path in earlier + results) and folder.remove_earlier_run() == []
+        assert all(path.exists() for path in kept)
     finally:
         folder.release()
 

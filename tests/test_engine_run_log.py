@@ -42,3 +42,24 @@ def test_other_ranks_write_nothing(tmp_path):
     log.step({"step": 1, "epoch": 1, "lr": 1.0, "loss": 1.0}, "epoch 1")
     log.close()
     assert not (tmp_path / "run").exists()
+
+
+def test_a_torn_last_record_is_dropped_on_resume(tmp_path):
+    """A crash or a full disk can tear the last JSONL line (flushed, not synced): --resume failed with json's
+    "Unterminated string ..." naming nothing. The torn tail is dropped; a bad line before good ones is named."""
+    import pytest
+
+    from dpm_ops.engine import CheckpointError
+
+    jsonl = tmp_path / "train_log.jsonl"
+    good = [json.dumps({"step": step, "loss": 1.0}) for step in (1, 2)]
+    for tail in ('{"step": 3, "lo', "\0\0\0\0", '{"step": 3, "lo\n\0\0'):
+        jsonl.write_text("\n".join(good) + "\n" + tail)
+        log = RunLog(tmp_path, io.StringIO(), enabled=True)
+        log.open(5)
+        log.close()
+        assert [r["step"] for r in records(tmp_path)] == [1, 2]
+    jsonl.write_text(good[0] + "\n" + '{"step": 2, "lo' + "\n" + good[1] + "\n")
+    with pytest.raises(CheckpointError, match=rf"^{jsonl}: line 2 is not a logged step's JSON record; remove it"):
+        RunLog(tmp_path, io.StringIO(), enabled=True).open(5)
+    assert jsonl.read_text().count("\n") == 3  # left as it was

@@ -2,6 +2,7 @@
 DPM's two-pass update steps the right parameters, MaskReID runs both stages."""
 
 import json
+import os
 import math
 import re
 import shutil
@@ -517,3 +518,37 @@ def test_cudnn_settings_are_the_official_scripts_by_default(tmp_path, monkeypatc
         (False, False, [(True,)]) if deterministic else (True, True, [])
     )
     assert torch.initial_seed() == config["train"]["seed"]
+
+
+def test_a_kill_during_the_periodic_evaluation_or_an_epoch_checkpoint_loses_nothing(tmp_path, tiny_root, monkeypatch):
+    """The epoch's last.pt is written before its evaluation: a run killed during eval_epoch_001 resumed at epoch 2
+    and never wrote it. The resumed run now evaluates that epoch first. epoch_NNN.pt is written before last.pt, so
+    a kill between them runs the epoch, and writes it, again."""
+    from dpm_ops.engine import Trainer, checkpoint
+
+    overrides = [
+        "solver.epochs=2",
+        "train.eval_period=1",
+        "train.checkpoint_period=1",
+        "train.checkpoint_every_iters=0",
+    ]
+    config = config_for(tmp_path, tiny_root, overrides=overrides)
+    evaluate = Trainer.evaluate
+
+    def killed(self, out_dir=None, pictures=None):
+        raise KeyboardInterrupt  # as a kill would, after last.pt of epoch 1
+
+    monkeypatch.setattr(Trainer, "evaluate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "run")
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["epoch_001.pt", "last.pt"]
+    assert not (tmp_path / "run" / "eval_epoch_001" / "metrics.json").exists()
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    saved = []
+    save = checkpoint.save_checkpoint
+    monkeypatch.setattr(
+        "dpm_ops.engine.trainer.save_checkpoint", lambda path, state: saved.append(path.name) or save(path, state)
+    )
+    result = train(config, tmp_path / "run", resume=True)
+    assert result["finished"] and (tmp_path / "run" / "eval_epoch_001" / "metrics.json").is_file()
+    assert saved[:2] == ["epoch_002.pt", "last.pt"]

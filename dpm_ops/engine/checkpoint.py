@@ -162,15 +162,24 @@ class RunFolder:
             self.release()
             raise CheckpointError(
                 f"{path} already holds a run ({self.earlier[0].relative_to(path)}): pass --resume to continue "
-                "it, --overwrite to start over (its checkpoints are removed), or choose another --output"
+                "it, --overwrite to start over (its checkpoints and results are removed), or choose another --output"
             )
 
+    # what a run writes besides its checkpoints and logs (rewritten from the start): its results
+    RESULTS = ("metrics.json", "loss_curves.png", "cmc.png", "ranked_best.png", "ranked_worst.png", "masks.png")
+
     def remove_earlier_run(self) -> list[Path]:
-        """With overwrite: the earlier run's checkpoints, removed once the new run has set up (a run
-        that fails on bad input leaves them), so no old epoch_NNN.pt passes for the new run's."""
-        for checkpoint in self.earlier:
-            checkpoint.unlink(missing_ok=True)
-        removed, self.earlier = self.earlier, []
+        """With overwrite: the earlier run's checkpoints and results (periodic evaluations, metrics, pictures),
+        removed once the new run has set up (a run that fails on bad input leaves them), so none passes for the
+        new run's."""
+        results = [self.path / name for name in self.RESULTS] + sorted(self.path.glob("eval_epoch_[0-9]*"))
+        removed = [*self.earlier, *(path for path in results if path.exists())] if self.earlier else []
+        for path in removed:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        self.earlier = []
         return removed
 
     def release(self) -> None:

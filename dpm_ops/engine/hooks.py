@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import distributed
@@ -86,15 +87,27 @@ class CheckpointHook(Hook):
 
 
 class PeriodicEvalHook(Hook):
-    """Evaluation every ``train.eval_period`` epochs (the final one is the run's own)."""
+    """Evaluation every ``train.eval_period`` epochs (the final one is the run's own), into eval_epoch_NNN/. It
+    runs after the epoch's last.pt: a resumed run whose checkpoint ended an epoch calls ``complete`` for it."""
 
     def after_epoch(self, trainer, at):
         period = trainer.config["train"]["eval_period"]
         last = at.stage_index == len(trainer.stages) - 1 and at.epoch == at.stage.epochs
         if period and at.epoch % period == 0 and not last:
             rng = capture_rng_state()  # evaluation must not shift the training's random streams
-            trainer.evaluate(out_dir=trainer.output_dir / f"eval_epoch_{at.run_epoch:03d}", pictures=False)
+            trainer.evaluate(out_dir=self.folder(trainer, at), pictures=False)
             restore_rng_state(rng)
+
+    def complete(self, trainer, at) -> None:
+        """Epoch ``at``'s evaluation where a kill cut it short (its metrics.json absent): the weights are the
+        checkpoint's, those it would have evaluated."""
+        # rank 0's folder decides (evaluation is collective; other ranks' file systems may not hold the run)
+        if distributed.all_gather_object(not (self.folder(trainer, at) / "metrics.json").is_file())[0]:
+            self.after_epoch(trainer, at)
+
+    @staticmethod
+    def folder(trainer, at) -> Path:
+        return trainer.output_dir / f"eval_epoch_{at.run_epoch:03d}"
 
 
 class StopHook(Hook):

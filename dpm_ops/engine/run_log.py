@@ -10,7 +10,7 @@ from typing import Optional
 
 from tqdm import tqdm
 
-from .checkpoint import atomic_write_text
+from .checkpoint import CheckpointError, atomic_write_text
 
 
 class RunLog:
@@ -27,11 +27,7 @@ class RunLog:
         jsonl = self.output_dir / "train_log.jsonl"
         if resume_step is not None and jsonl.is_file():
             # drop records past the checkpoint: the resumed run logs those steps again
-            kept = [
-                line
-                for line in jsonl.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line)["step"] <= resume_step
-            ]
+            kept = [line for line, step in _logged_steps(jsonl) if step <= resume_step]
             # atomically: a run killed while it rewrites keeps the whole earlier log
             atomic_write_text(jsonl, "".join(line + "\n" for line in kept))
         elif jsonl.exists():
@@ -65,3 +61,24 @@ class RunLog:
         if self._text is not None:
             self._text.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
             self._text.flush()
+
+
+def _logged_steps(jsonl: Path) -> list[tuple[str, int]]:
+    """(line, step) of each record of a run's train_log.jsonl. Its unreadable tail is dropped: a line torn by a
+    crash or a full disk (records are flushed, not synced), whose steps the resumed run logs again; an unreadable
+    line before a readable one is a CheckpointError naming the file and the line."""
+    records, torn = [], None
+    for number, line in enumerate(jsonl.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            step = json.loads(line)["step"]
+            if not isinstance(step, int):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            torn = torn or number
+            continue
+        if torn is not None:
+            raise CheckpointError(f"{jsonl}: line {torn} is not a logged step's JSON record; remove it to resume")
+        records.append((line, step))
+    return records

@@ -118,6 +118,7 @@ class Trainer:
         # ``hooks`` run after the step is logged, before it may be checkpointed
         self.hooks: list[Hook] = [LogHook(), *hooks, CheckpointHook(), PeriodicEvalHook(), StopHook()]
         self.global_step = 0
+        self._finished_epoch: Optional[tuple[int, int]] = None  # (stage, epoch) a resumed checkpoint ended
         self.stop_reason: Optional[str] = None
         self.bar = None
 
@@ -242,9 +243,9 @@ class Trainer:
         training = self._training_state(at, epoch_done)
         training["rng"] = rng
         state = make_checkpoint(self.model_name, self.model_args, self.config, self.model.state_dict(), training)
-        save_checkpoint(self.checkpoint_dir / "last.pt", state)
-        for name in extra_names:
+        for name in extra_names:  # before last.pt: a kill between them runs the epoch, and writes them, again
             save_checkpoint(self.checkpoint_dir / name, state)
+        save_checkpoint(self.checkpoint_dir / "last.pt", state)
 
     def _check_resume_config(self, saved: dict) -> None:
         default_config = defaults()
@@ -302,6 +303,7 @@ class Trainer:
         p = training["progress"]
         if not p["epoch_done"]:
             return p["stage"], p["epoch"], p["consumed"], training["sampler"], p["global_step"]
+        self._finished_epoch = (p["stage"], p["epoch"])
         stage, epoch = p["stage"], p["epoch"] + 1
         if epoch > self.stages[stage].epochs:
             stage, epoch = stage + 1, 1
@@ -334,6 +336,11 @@ class Trainer:
         """Train all stages; False when a hook stopped the run (``train.stop_after_iters``)."""
         start_stage, start_epoch, consumed, sampler_state, resume_step = self._resume_point()
         self._start_logs(resume_step, start_stage, start_epoch, consumed)
+        if self._finished_epoch is not None:  # resumed from an epoch's end: its evaluation, if a kill cut it short
+            stage_index, epoch = self._finished_epoch
+            offset = sum(s.epochs for s in self.stages[:stage_index])
+            at = Position(stage_index, self.stages[stage_index], epoch, 0, 0, offset)
+            next(hook for hook in self.hooks if isinstance(hook, PeriodicEvalHook)).complete(self, at)
         epoch_offset = sum(s.epochs for s in self.stages[:start_stage])
         for stage_index in range(start_stage, len(self.stages)):
             stage = self.stages[stage_index]
@@ -452,7 +459,7 @@ def train(
 ) -> dict:
     """Train (or resume) and evaluate; returns {"finished", "global_step", "metrics", "output_dir"}.
     A folder that holds an earlier run's checkpoints is refused unless `resume` (continue it) or
-    `overwrite` (start over: its checkpoints are removed); one run at a time per folder."""
+    `overwrite` (start over: its checkpoints and results are removed); one run at a time per folder."""
     if not isinstance(config, dict) or "model" not in config:
         raise ConfigError(f"train: config must be a dict from load_config, got {type(config).__name__}")
     return Trainer(config, output_dir, resume=resume, overwrite=overwrite, **kwargs).run()
