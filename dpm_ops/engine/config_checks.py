@@ -136,6 +136,7 @@ def validate(config: dict) -> None:
             f"{' or '.join(SAMPLER_NAMES[k] for k in recipe.sampler_kinds)}; not '{kind}'"
         )
     _resolve_train_input(config, recipe)
+    _check_maskreid_sampler_keys(config)
     _check_train_resize(config, recipe)
     _check_eval_distance(config)
     _check_synth_options(config)
@@ -170,6 +171,17 @@ def _resolve_train_input(config: dict, recipe) -> None:
                 f"config key input.{key}: model {config['model']['name']}'s train transforms do not use it (they "
                 f"take {', '.join(f'input.{k}' for k in used)}); remove it"
             )
+
+
+def _check_maskreid_sampler_keys(config: dict) -> None:
+    """sampler.batches_per_epoch sizes the epochs of MaskReID's sampler alone (a P x K epoch is one pass over the
+    identities): set while no stage draws from that sampler, it was accepted and ignored."""
+    kinds = {config["sampler"]["kind"]} | ({config["pretrain"]["sampler"]} if config["pretrain"]["epochs"] else set())
+    if config["sampler"]["batches_per_epoch"] is not None and "maskreid" not in kinds:
+        raise ConfigError(
+            "config key sampler.batches_per_epoch: sizes the epochs of MaskReID's batches (sampler.kind: maskreid), "
+            "which this config does not draw; a P x K epoch is one pass over the identities; remove it"
+        )
 
 
 def _check_train_resize(config: dict, recipe) -> None:

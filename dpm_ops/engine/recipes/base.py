@@ -127,6 +127,8 @@ class Recipe:
     train_input_defaults: dict = {"padding": 10, "erasing": 0.5, "color_jitter": False}
     eval_time_options: tuple = ()  # model options that change only eval mode: `dpm-reid eval` takes the config's
     min_classes: int = 1  # the fewest classes the model takes (0: it can be built without a classifier)
+    # its loss has a batch-hard triplet term (loss.triplet_weight) on each process's share of the P x K batches
+    triplet_on_pk: bool = False
 
     def option_defaults(self) -> dict:
         """The model options the config accepts, with their defaults."""
@@ -210,6 +212,8 @@ class Recipe:
 class ViTRecipe(Recipe):
     """The ViT models (DPM, the baseline): images and camera ids in; the position embedding fixes
     the input size."""
+
+    triplet_on_pk = True
 
     @staticmethod
     def train_forward(ctx: StepContext, batch: dict, criterion: nn.Module, optimizer) -> tuple:
