@@ -215,6 +215,12 @@ def _default_output(config_arg: str) -> Path:
     return Path("runs") / Path(config_arg).stem
 
 
+def _resume_hint(args) -> str:
+    """After a training's Ctrl-C: how to go on, where a checkpoint was written (not while the data was prepared)."""
+    output = Path(os.path.expanduser(args.output or _default_output(args.config))) if args.command == "train" else None
+    return " (resume with --resume)" if output is not None and (output / "checkpoints" / "last.pt").is_file() else ""
+
+
 def _train(args) -> int:
     from dpm_ops.engine import load_config, make_output_folder, train
 
@@ -436,7 +442,7 @@ def _main(argv: list) -> int:
         print(f"dpm-reid: error: {_os_error(error, args)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"dpm-reid: interrupted{' (resume with --resume)' if args.command == 'train' else ''}", file=sys.stderr)
+        print(f"dpm-reid: interrupted{_resume_hint(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
         warnings.formatwarning = formatwarning

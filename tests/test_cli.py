@@ -632,7 +632,7 @@ def test_one_line_is_the_original_error_of_a_worker_traceback():
     assert _one_line(ValueError("")) == "ValueError"
 
 
-def test_interrupt_and_a_failed_onnx_check_have_their_own_exit_codes(monkeypatch, capsys):
+def test_interrupt_and_a_failed_onnx_check_have_their_own_exit_codes(tmp_path, monkeypatch, capsys):
     import dpm_ops.cli as cli
     from dpm_ops.engine import distributed
     from dpm_ops.export import OnnxCheckError
@@ -648,12 +648,17 @@ def test_interrupt_and_a_failed_onnx_check_have_their_own_exit_codes(monkeypatch
 
     monkeypatch.setattr(cli, "_train", interrupted)
     monkeypatch.setattr(cli, "_export", mismatch)
-    assert main(["train", "--config", "synthetic_dpm"]) == 130
+    # the hint only where there is a checkpoint to resume (not while the synthetic set was being generated)
+    assert main(["train", "--config", "synthetic_dpm", "--output", str(tmp_path)]) == 130
+    assert capsys.readouterr().err.strip() == "dpm-reid: interrupted"
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"")
+    assert main(["train", "--config", "synthetic_dpm", "--output", str(tmp_path)]) == 130
     assert capsys.readouterr().err.strip() == "dpm-reid: interrupted (resume with --resume)"
     # not the user's input: the exported graph computes something else
     assert main(["export", "--config", "c", "--weights", "w", "--out", "m.onnx"]) == 1
     assert capsys.readouterr().err.strip() == "dpm-reid: error: onnxruntime's outputs differ"
-    assert len(cleanups) == 2  # the process group is torn down either way
+    assert len(cleanups) == 3  # the process group is torn down either way
 
 
 def test_warnings_are_shown_once(monkeypatch):

@@ -552,3 +552,29 @@ def test_a_kill_during_the_periodic_evaluation_or_an_epoch_checkpoint_loses_noth
     result = train(config, tmp_path / "run", resume=True)
     assert result["finished"] and (tmp_path / "run" / "eval_epoch_001" / "metrics.json").is_file()
     assert saved[:2] == ["epoch_002.pt", "last.pt"]
+
+
+def test_re_evaluating_a_finished_run_rewrites_its_config_with_its_metrics(tmp_path, tiny_root, monkeypatch):
+    """--resume of a finished run with other eval keys re-evaluates it: config.yaml was rewritten before the
+    evaluation, so an interrupted one left a config.yaml that did not give the folder's metrics.json."""
+    import yaml
+
+    from dpm_ops.engine import Trainer
+
+    config = config_for(tmp_path, tiny_root, overrides=["solver.epochs=1"])
+    run = tmp_path / "run"
+    train(config, run)
+    rerank = config_for(tmp_path, tiny_root, overrides=["solver.epochs=1", "eval.rerank=true"])
+    evaluate = Trainer.evaluate
+
+    def interrupted(self, out_dir=None, pictures=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(rerank, run, resume=True)
+    assert yaml.safe_load((run / "config.yaml").read_text())["eval"]["rerank"] is False
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    train(rerank, run, resume=True)
+    assert yaml.safe_load((run / "config.yaml").read_text())["eval"]["rerank"] is True
+    assert json.loads((run / "metrics.json").read_text())["settings"]["rerank"] is True

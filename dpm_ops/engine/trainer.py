@@ -319,7 +319,8 @@ class Trainer:
             for folder in (self.output_dir, self.checkpoint_dir):  # this run owns them: no writer is active
                 for path in remove_stale_temporaries(folder):
                     self.log(f"removed {path.name}, a temporary left by an interrupted write")
-            atomic_write_text(self.output_dir / "config.yaml", dump_config(self.config))
+            if resume_step is None:  # a resumed run's (its eval keys may differ) once its metrics are written
+                self._write_config()
         self.log(self.splits.summary())
         self.log(
             f"model {self.model_name}: {sum(p.numel() for p in self.model.parameters()):,} parameters; "
@@ -433,6 +434,7 @@ class Trainer:
                     self.model_name, self.model_args, self.config, self.model.state_dict(), metrics=metrics
                 )
                 save_checkpoint(self.checkpoint_dir / "final.pt", final)
+                self._write_config()  # the config of final.pt and metrics.json
                 self._plot_losses()
                 self.log(f"final weights: {self.checkpoint_dir / 'final.pt'}")
             return {
@@ -445,6 +447,9 @@ class Trainer:
             self.run_log.close()
             if self.run_folder is not None:
                 self.run_folder.release()
+
+    def _write_config(self) -> None:
+        atomic_write_text(self.output_dir / "config.yaml", dump_config(self.config))
 
     def _plot_losses(self) -> None:
         from dpm_ops.visualize import plot_loss_curves
