@@ -414,9 +414,12 @@ def _main(argv: list) -> int:
             print(f"{name:<32} {CONFIG_DIR / (name + '.yaml')}")
         return 0
 
+    import torch.distributed
+
     from dpm_ops.data import DatasetError
     from dpm_ops.engine import CheckpointError, ConfigError
     from dpm_ops.engine import distributed
+    from dpm_ops.engine.checkpoint import first_line
     from dpm_ops.export import ExportError, OnnxCheckError
 
     commands = {"train": _train, "eval": _eval, "export": _export, "extract": _extract, "rank": _rank}
@@ -438,6 +441,13 @@ def _main(argv: list) -> int:
     except ValueError as error:  # the library's other checks: e.g. a diverged run's non-finite features
         print(f"dpm-reid: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
+    except torch.distributed.DistError as error:  # gloo / NCCL's error when another rank left (its line says why)
+        print(
+            f"dpm-reid: error: rank {os.environ.get('RANK', '0')}: the run's process group failed, another process "
+            f"of the run ended first ({first_line(error)})",
+            file=sys.stderr,
+        )
+        return 1
     except OSError as error:  # a write that failed mid-run: a full disk, a folder where a file goes
         print(f"dpm-reid: error: {_os_error(error, args)}", file=sys.stderr)
         return EXIT_USAGE

@@ -866,3 +866,23 @@ def test_export_and_extract_flags_are_checked_first(tmp_path, capsys, monkeypatc
     code = main([argv[0], "--config", str(tmp_path / "none.yaml"), "--weights", str(tmp_path / "none.pt"), *argv[1:]])
     assert_one_line_error(capsys, code, needle)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_process_group_failure_is_one_line(monkeypatch, capsys):
+    """A rank whose peer ended (rank 0's own error line says why) printed gloo's multi-line traceback."""
+    import torch.distributed
+
+    import dpm_ops.cli as cli
+
+    def peer_left(args):
+        raise torch.distributed.DistBackendError(
+            "[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29500\nException raised from ..."
+        )
+
+    monkeypatch.setattr(cli, "_train", peer_left)
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", "--config", "synthetic_dpm"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "dpm-reid: error: rank 1: the run's process group failed, another process of the run ended first "
+        "([gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29500)"
+    )
