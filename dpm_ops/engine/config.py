@@ -101,10 +101,8 @@ SCHEMA: dict = {
     "input": {
         "recipe": _f("dpm", str, ("dpm", "maskreid")),
         "size": _f([256, 128], "size"),  # (height, width) the model sees
-        # the train transforms' keys below are the model's recipe's (Recipe.train_input_defaults): None takes its
-        # default, and a key the recipe does not use is refused (MaskReID: resize, erasing; the others: padding,
-        # erasing, color_jitter)
-        "resize": _f(None, "size", nullable=True),  # maskreid: the resize before the crop (input.size + (16, 8))
+        # resize, padding, erasing, color_jitter: the recipe's (Recipe.train_input_defaults; None: its default)
+        "resize": _f(None, "size", nullable=True),
         "padding": _f(None, int, nullable=True, bounds=Bounds(0, MAX_IMAGE_SIDE)),
         "flip": _f(0.5, float, bounds=SHARE),
         "erasing": _f(None, float, nullable=True, bounds=SHARE),
@@ -168,14 +166,12 @@ SCHEMA: dict = {
         "device": _f("auto", "device"),  # auto | cpu | cuda | cuda:N
         "log_period": _f(10, int, bounds=AT_LEAST_1),  # iterations between log lines / JSONL records
         "checkpoint_every_iters": _f(0, int, bounds=NON_NEGATIVE),  # mid-epoch checkpoints (0: epoch ends only)
-        # keep epoch_NNN.pt every N epochs (0: only last.pt / final.pt)
-        "checkpoint_period": _f(0, int, bounds=NON_NEGATIVE),
+        "checkpoint_period": _f(0, int, bounds=NON_NEGATIVE),  # epoch_NNN.pt every N epochs (0: none)
         "eval_period": _f(0, int, bounds=NON_NEGATIVE),  # evaluate every N epochs (0: only after training)
         # testing hook: stop like a kill after N iterations
         "stop_after_iters": _f(None, int, nullable=True, bounds=AT_LEAST_1),
         "progress": _f(True, bool),
-        # true: torch.use_deterministic_algorithms, cuDNN benchmark off; false: cuDNN deterministic and benchmark
-        # on, the official DPM training script's settings
+        # true: torch.use_deterministic_algorithms; false: cuDNN deterministic + benchmark, as the official DPM script
         "deterministic": _f(False, bool),
         # torch.compile (inductor) of the model the train steps call, with this mode; off: eager
         "compile": _f("off", str, ("off", "default", "max-autotune-no-cudagraphs")),
