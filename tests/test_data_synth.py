@@ -540,3 +540,41 @@ def test_the_manifest_records_the_share_of_the_body_hidden(tiny_set):
         errors.append(1 - occluded.sum() / clean.sum() - entry["hidden"])
     # downsampling moves single values by up to ~0.04 here, not all of them one way
     assert np.abs(errors).max() <= 0.06 and abs(np.mean(errors)) <= 0.025, errors
+
+
+def test_a_killed_generations_staging_folder_is_removed_by_the_next(tmp_path):
+    """kill -9 during generation left .<set>.partial-<id>/ (a whole set's images at most) for good. The next
+    generation next to it removes those whose lock no process holds (or that have none: an older version's), and
+    never one a live generation holds."""
+    import subprocess
+    import sys
+
+    killed = tmp_path / ".set.partial-dead0001"
+    (killed / "query").mkdir(parents=True)
+    (tmp_path / ".set.partial-dead0001.lock").write_text("")
+    older = tmp_path / ".set.partial-old00002"
+    older.mkdir()
+    live = tmp_path / ".set.partial-live0003"
+    live.mkdir()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys; f = open(sys.argv[1], 'a+'); fcntl.lockf(f, fcntl.LOCK_EX); print(1, flush=True); "
+            "sys.stdin.read()",
+            str(tmp_path / ".set.partial-live0003.lock"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "1"  # the lock is held
+        generate_synthetic_dataset(tmp_path / "set", TINY, progress=False)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            ".set.partial-live0003",
+            ".set.partial-live0003.lock",
+            "set",
+        ]
+    finally:
+        holder.communicate("")

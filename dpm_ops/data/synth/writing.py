@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import glob
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -129,36 +131,84 @@ def generate_synthetic_dataset(
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        staging = _Staging(out)
     except OSError as error:
         blocking = next((parent for parent in out.parents if parent.is_file()), None)  # "File exists" said little
         why = f"{blocking} is a file" if blocking is not None else error.strerror or error
         raise DatasetError(f"cannot create the output folder {out}: {why}") from error
-    try:
-        for folder in MARKET_FOLDERS:
-            (staging / folder).mkdir()
-            (staging / (folder + MASK_FOLDER_SUFFIX)).mkdir()
-        occlusion = {}
-        for job in tqdm(jobs, desc="synth", unit="img", disable=not progress):
-            image, mask, occluded = _render(job, config, identities, cameras)
-            image.save(staging / job.folder / job.name, quality=config.jpeg_quality)
-            mask.save((staging / (job.folder + MASK_FOLDER_SUFFIX) / job.name).with_suffix(".png"))
-            if occluded is not None:
-                occlusion[f"{job.folder}/{job.name}"] = occluded
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "config": config.to_json(),
-            "counts": split_counts(jobs, pids),
-            "occlusion": dict(sorted(occlusion.items())),
-        }
-        (staging / SYNTHETIC_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with staging:
+        _write_set(staging.folder, out, jobs, pids, identities, cameras, config, progress)
     return out
+
+
+class _Staging:
+    """The sibling folder ``.<out>.partial-<id>`` a set is built in, held by a POSIX lock on the file of that name
+    + ".lock", taken before the folder exists and given up after it is gone (moved into place, or removed). The
+    folders of generations that were killed (their lock free, or none: an older version's) are removed first."""
+
+    def __init__(self, out: Path):
+        prefix = f".{out.name}.partial-"
+        for name in {path.name.removesuffix(".lock") for path in out.parent.glob(glob.escape(prefix) + "*")}:
+            _remove_if_abandoned(out.parent / name)
+        self.folder = out.parent / f"{prefix}{uuid.uuid4().hex[:8]}"
+        self.lock_path = self.folder.with_name(self.folder.name + ".lock")
+        self.lock = open(self.lock_path, "x")
+        try:
+            fcntl.lockf(self.lock, fcntl.LOCK_EX)
+            self.folder.mkdir()
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        shutil.rmtree(self.folder, ignore_errors=True)  # gone already once the set is in place
+        self.lock_path.unlink(missing_ok=True)
+        self.lock.close()
+
+
+def _remove_if_abandoned(folder: Path) -> None:
+    lock_path = folder.with_name(folder.name + ".lock")
+    try:
+        lock = open(lock_path, "r+")
+    except FileNotFoundError:  # no lock: a generation killed by an older version, or between its two removals
+        lock = None
+    try:
+        if lock is not None:
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError: a live generation holds it
+        shutil.rmtree(folder, ignore_errors=True)
+        lock_path.unlink(missing_ok=True)
+    except OSError:
+        pass
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _write_set(staging: Path, out: Path, jobs, pids, identities, cameras, config: SynthConfig, progress: bool) -> None:
+    """The images, masks and manifest written into ``staging``, which then replaces ``out``."""
+    for folder in MARKET_FOLDERS:
+        (staging / folder).mkdir()
+        (staging / (folder + MASK_FOLDER_SUFFIX)).mkdir()
+    occlusion = {}
+    for job in tqdm(jobs, desc="synth", unit="img", disable=not progress):
+        image, mask, occluded = _render(job, config, identities, cameras)
+        image.save(staging / job.folder / job.name, quality=config.jpeg_quality)
+        mask.save((staging / (job.folder + MASK_FOLDER_SUFFIX) / job.name).with_suffix(".png"))
+        if occluded is not None:
+            occlusion[f"{job.folder}/{job.name}"] = occluded
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "config": config.to_json(),
+        "counts": split_counts(jobs, pids),
+        "occlusion": dict(sorted(occlusion.items())),
+    }
+    (staging / SYNTHETIC_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staging, out)
 
 
 def check_synthetic_dataset(
