@@ -11,6 +11,7 @@ from benchmarks.reference.synthetic_features import MARKET1501, make_reid_featur
 from dpm_ops.evaluation import _select, jaccard_distance, re_ranking, rerank, rerank_features
 from dpm_ops.ops import kreciprocal_reference
 from conftest import backend_params, device_for
+from dpm_ops import _backend
 from dpm_ops._backend import forced_backend
 
 
@@ -114,11 +115,17 @@ def test_duplicated_features_tie_by_index(tiles):
     for k1, k2 in ((20, 6), (3, 2), (1, 1)):
         expected = rerank_numpy.re_ranking(q_g, q_q, g_g, k1, k2, 0.3)
         assert_same_ranking(re_ranking(q_g, q_q, g_g, k1, k2, 0.3), expected, atol=1e-6)
-    # From features, the GEMM gives equal features a distance of a few ulps rather than 0, so
-    # only neighbourhoods wide enough to hold all copies are independent of the tie order.
-    for k1, k2 in ((20, 6), (3, 2)):
+    # From features, the GEMM gives equal features a distance of a few ulps rather than 0: exact copies are set to
+    # 0 from each other too (_copies.py), so they tie in index order as cdist's zeros do, also in neighbourhoods
+    # too narrow to hold all copies (a copy ranked after the item itself changed them by up to 0.47).
+    gallery[30:36] = query[5]  # a group of 7 copies: wider than k1 + 1 below
+    q_g, q_q, g_g = exact_distances(query, gallery)
+    for k1, k2 in ((20, 6), (3, 2), (1, 1), (1, 2), (2, 1)):
         expected = rerank_numpy.re_ranking(*(d.astype(np.float32) for d in (q_g, q_q, g_g)), k1, k2, 0.3)
-        np.testing.assert_allclose(rerank_features(query, gallery, k1, k2, 0.3), expected, rtol=0, atol=1e-5)
+        strategies = ("direct", "certified") if _backend.resolve(None, torch.device("cpu")) == "cpp" else ("direct",)
+        for strategy in strategies:
+            result = rerank_features(query, gallery, k1, k2, 0.3, strategy=strategy)
+            np.testing.assert_allclose(result, expected, rtol=0, atol=1e-5)
 
 
 def test_nonzero_self_distance_from_gemm_rounding(tiles):
@@ -140,10 +147,9 @@ def test_nonzero_self_distance_from_gemm_rounding(tiles):
     np.testing.assert_allclose(rerank_features(query, gallery), expected, rtol=0, atol=1e-5)
 
 
-def test_copies_outnumbering_the_candidates_keep_self_first(tiles):
-    # A query with 12 copies in the gallery, all a few ulps apart through the GEMM: more equal
-    # distances than a row's candidates hold, so those rows are re-sorted in full, where d(i, i)
-    # must still be 0 exactly (else a copy of lower index outranks the item itself).
+def test_copies_outnumbering_the_candidates_tie_in_index_order(tiles):
+    # A query with 12 copies in the gallery, a few ulps apart through the GEMM: at 0 from each other as
+    # from themselves (as cdist gives), more ties than a row's candidates hold, taken in index order.
     rng = np.random.default_rng(0)
     base = (5 + rng.standard_normal(32)).astype(np.float32)
     query = (5 + rng.standard_normal((4, 32))).astype(np.float32)
@@ -317,3 +323,22 @@ def test_k_at_its_cap_is_k_past_twice_the_items(tiles):
         lambda q, g, k1, k2: jaccard_distance(np.concatenate([q, g]), k1, k2),
     ):
         np.testing.assert_array_equal(call(query, gallery, rerank.MAX_K, rerank.MAX_K), call(query, gallery, 18, 9))
+
+
+def test_copy_groups_are_exact():
+    """Rows equal value by value (-0.0 and 0.0 alike) share a group, named by their smallest index; rows equal in
+    the hashed values only, or in none, do not; no copies: None (the re-ranking then pays nothing more)."""
+    from dpm_ops.evaluation._copies import copy_groups
+
+    x = torch.randn(400, 96, generator=torch.Generator().manual_seed(0))
+    assert copy_groups(x) is None and copy_groups(x[:1]) is None
+    x[[120, 300]] = x[7].clone()
+    x[9], x[10] = -0.0, 0.0
+    x[11] = x[12]
+    x[11, 1] += 1  # not a hashed value: the same key, another row
+    for features in (x, x.double(), x.t().contiguous().t()):
+        groups = copy_groups(features)
+        expected = torch.arange(400)
+        expected[[120, 300]] = 7
+        expected[10] = 9
+        assert torch.equal(groups, expected)

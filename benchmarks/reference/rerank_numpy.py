@@ -89,11 +89,18 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3, inpu
 
 
 def re_ranking_from_features(query_features, gallery_features, k1=20, k2=6, lambda_value=0.3):
-    """The baseline of rerank_features: dense distances (self-distance 0, as scipy's cdist
-    gives) followed by re_ranking."""
-    q_g = euclidean_distances(query_features, gallery_features)
-    q_q = euclidean_distances(query_features, query_features)
-    g_g = euclidean_distances(gallery_features, gallery_features)
-    np.fill_diagonal(q_q, 0.0)
-    np.fill_diagonal(g_g, 0.0)
-    return re_ranking(q_g, q_q, g_g, k1, k2, lambda_value)
+    """The baseline of rerank_features: dense distances (0 between equal features, the item itself included, as
+    scipy's cdist gives, where the GEMM leaves a rounding residue) followed by re_ranking."""
+    pooled = np.concatenate([query_features, gallery_features]).astype(np.float32)
+    groups = np.unique(pooled + np.float32(0.0), axis=0, return_inverse=True)[1].reshape(-1)  # -0.0 as 0.0
+    q = len(query_features)
+    blocks = []
+    for a, b, ga, gb in (
+        (query_features, gallery_features, groups[:q], groups[q:]),
+        (query_features, query_features, groups[:q], groups[:q]),
+        (gallery_features, gallery_features, groups[q:], groups[q:]),
+    ):
+        distances = euclidean_distances(a, b)
+        distances[ga[:, None] == gb[None, :]] = 0.0
+        blocks.append(distances)
+    return re_ranking(*blocks, k1, k2, lambda_value)

@@ -4,6 +4,7 @@ Every public function accepts numpy arrays or torch tensors (CPU or CUDA) and re
 argument with a ValueError that names it.
 """
 
+import numbers
 from functools import partial
 
 import numpy as np
@@ -75,3 +76,42 @@ def to_numpy(result: torch.Tensor) -> np.ndarray:
 def like_input(result: torch.Tensor, template):
     """torch in, torch out; anything else (a numpy array, a list, ...) in, numpy out."""
     return result if isinstance(template, torch.Tensor) else to_numpy(result)
+
+
+# k1 and k2 reach the kernels as int64 (k1 + 1 computed there); past twice the number of items a
+# larger k changes nothing, so the bound costs no result and keeps a huge int a ValueError.
+MAX_K = 2**62
+
+
+def check_k(name: str, value, low: int) -> int:
+    # The cap as a `holds` test: the message keeps its start, "k1 must be an integer >= 1", which
+    # dpm_ops.compat passes on to its callers as it is.
+    return check_count(name, value, low, holds=lambda k: k <= MAX_K, why=f" and <= {MAX_K}")
+
+
+# The re-ranking methods of the engine and the command line (`rerank=`): k-reciprocal (this module) and GNN
+# re-ranking (gnn_rerank.py), each with its reference's default k1, k2.
+RERANK_METHODS = ("kreciprocal", "gnn")
+RERANK_DEFAULTS = {"kreciprocal": (20, 6), "gnn": (26, 7)}
+
+
+def check_rerank(rerank, k1=None, k2=None, lambda_value=0.3):
+    """(method or None, k1, k2, lambda_value) of the engine's re-ranking arguments: ``rerank`` False (none),
+    True ("kreciprocal") or a name of RERANK_METHODS; k1 / k2 None: that method's defaults (values given
+    are checked with or without re-ranking)."""
+    method = "kreciprocal" if rerank is True else rerank
+    if method is not False and method not in RERANK_METHODS:
+        raise ValueError(f"rerank must be a bool or one of {RERANK_METHODS}, got {rerank!r}")
+    default_k1, default_k2 = RERANK_DEFAULTS[method or "kreciprocal"]
+    k1, k2, lambda_value = check_rerank_parameters(
+        default_k1 if k1 is None else k1, default_k2 if k2 is None else k2, lambda_value
+    )
+    return method or None, k1, k2, lambda_value
+
+
+def check_rerank_parameters(k1, k2, lambda_value):
+    k1 = check_k("k1", k1, 1)
+    k2 = check_k("k2", k2, 1)
+    if isinstance(lambda_value, bool) or not isinstance(lambda_value, numbers.Real) or not 0.0 <= lambda_value <= 1.0:
+        raise ValueError(f"lambda_value must be a number in [0, 1], got {lambda_value!r}")
+    return k1, k2, float(lambda_value)

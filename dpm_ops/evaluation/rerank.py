@@ -29,7 +29,6 @@ are the one place where results may differ from theirs.
 """
 
 import functools
-import numbers
 
 import torch
 
@@ -45,6 +44,8 @@ from ..ops.kreciprocal import (
     KRECIPROCAL_QUERY_EXPANSION,
 )
 from . import _inputs
+from ._copies import copy_groups, tie_copies, zero_copies
+from ._inputs import MAX_K, RERANK_DEFAULTS, RERANK_METHODS, check_rerank, check_rerank_parameters  # noqa: F401
 from ..ops.kreciprocal_reference import (
     csr_rows,
     encode_weights,
@@ -62,9 +63,6 @@ ORIENTATIONS = ("reference", "rows")
 _ROW_BLOCK_ELEMENTS = 1 << 23
 _FEATURE_TILE = 2048
 _PAIR_CHUNK = 1 << 16
-# k1 and k2 reach the kernels as int64 (k1 + 1 computed there); past twice the number of items a
-# larger k changes nothing, so the bound costs no result and keeps a huge int a ValueError.
-MAX_K = 2**62
 
 
 def _row_scale(row_max: torch.Tensor) -> torch.Tensor:
@@ -147,8 +145,8 @@ class _Candidates:
 class _FeatureDistances:
     """Pooled squared Euclidean distances of features, computed in square tiles of the upper
     triangle (the matrix is symmetric, so each tile serves its rows and, transposed, its
-    columns). The distance of an item to itself is set to 0, as scipy's cdist gives, so GEMM
-    rounding never lets a near-duplicate outrank the item itself."""
+    columns). The distance of an item to itself, and between exact copies (_copies.py), is set to 0, as
+    scipy's cdist gives, so GEMM rounding never lets a near-duplicate outrank the item or its copies."""
 
     def __init__(self, qf: torch.Tensor, gf: torch.Tensor, strategy: str = "auto"):
         dtype = compute_dtype(qf, gf)
@@ -159,6 +157,10 @@ class _FeatureDistances:
         self.row_max = None
         self.nearest = None
         self.out_scale = None  # set by the kernel scan: its query-gallery block is not yet normalised
+
+    @functools.cached_property
+    def copies(self):
+        return copy_groups(self.features)
 
     @functools.cached_property
     def norms(self) -> torch.Tensor:
@@ -172,13 +174,13 @@ class _FeatureDistances:
         ).to(torch.float32)
         if row_start == col_start:
             block.fill_diagonal_(0.0)
-        return block
+        return zero_copies(block, self.copies, slice(row_start, row_stop), slice(col_start, col_stop))
 
     def _full_rows(self, rows: torch.Tensor) -> torch.Tensor:
         x, y = self.features, self.norms
         block = raw_distance(x[rows], y[rows], x, y, "sqeuclidean").to(torch.float32)
         block[torch.arange(len(rows), device=rows.device), rows] = 0.0
-        return block / self.row_max[rows, None]
+        return zero_copies(block, self.copies, rows, slice(None)) / self.row_max[rows, None]
 
     def _kernel_scans(self, width: int) -> bool:
         """Whether self_knn's kernels take the scan: not on the reference backend, nor where the direct
@@ -245,9 +247,12 @@ class _FeatureDistances:
             strategy=self.strategy,
         )
         self.row_max = _row_scale(row_max.to(torch.float32))
-        self.nearest = _Candidates(values.to(torch.float32), indices)
+        values = values.to(torch.float32)
+        tie_copies(values, indices, self.copies)
+        self.nearest = _Candidates(values, indices)
         self.out_scale = self.row_max[:q]  # the Jaccard kernel divides by it in its own pass
-        return indices[:, :width].contiguous(), cross.to(torch.float32)
+        cross = zero_copies(cross.to(torch.float32), self.copies, slice(0, q), slice(q, n))
+        return indices[:, :width].contiguous(), cross
 
     def csr_pair_squared(self, backend: str, row_ptr, cols: torch.Tensor) -> torch.Tensor:
         """Squared distances (float32) of the entries of a CSR set, in one call of `backend`'s kernel
@@ -258,7 +263,7 @@ class _FeatureDistances:
 
     def csr_pair_distances(self, backend: str, row_ptr, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """pair_distances of the entries of a CSR set, in one call of `backend`'s kernel."""
-        return self.csr_pair_squared(backend, row_ptr, cols) / self.row_max[rows]
+        return zero_copies(self.csr_pair_squared(backend, row_ptr, cols), self.copies, rows, cols) / self.row_max[rows]
 
     def pair_distances(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """d(i, j) / max_j' d(i, j') for pairs of items."""
@@ -272,41 +277,7 @@ class _FeatureDistances:
                 rows[start : start + _PAIR_CHUNK],
                 cols[start : start + _PAIR_CHUNK],
             )
-        return squared / self.row_max[rows]
-
-
-def _check_k(name: str, value, low: int) -> int:
-    # The cap as a `holds` test: the message keeps its start, "k1 must be an integer >= 1", which
-    # dpm_ops.compat passes on to its callers as it is.
-    return _inputs.check_count(name, value, low, holds=lambda k: k <= MAX_K, why=f" and <= {MAX_K}")
-
-
-# The re-ranking methods of the engine and the command line (`rerank=`): k-reciprocal (this module) and GNN
-# re-ranking (gnn_rerank.py), each with its reference's default k1, k2.
-RERANK_METHODS = ("kreciprocal", "gnn")
-RERANK_DEFAULTS = {"kreciprocal": (20, 6), "gnn": (26, 7)}
-
-
-def check_rerank(rerank, k1=None, k2=None, lambda_value=0.3):
-    """(method or None, k1, k2, lambda_value) of the engine's re-ranking arguments: ``rerank`` False (none),
-    True ("kreciprocal") or a name of RERANK_METHODS; k1 / k2 None: that method's defaults (values given
-    are checked with or without re-ranking)."""
-    method = "kreciprocal" if rerank is True else rerank
-    if method is not False and method not in RERANK_METHODS:
-        raise ValueError(f"rerank must be a bool or one of {RERANK_METHODS}, got {rerank!r}")
-    default_k1, default_k2 = RERANK_DEFAULTS[method or "kreciprocal"]
-    k1, k2, lambda_value = check_rerank_parameters(
-        default_k1 if k1 is None else k1, default_k2 if k2 is None else k2, lambda_value
-    )
-    return method or None, k1, k2, lambda_value
-
-
-def check_rerank_parameters(k1, k2, lambda_value):
-    k1 = _check_k("k1", k1, 1)
-    k2 = _check_k("k2", k2, 1)
-    if isinstance(lambda_value, bool) or not isinstance(lambda_value, numbers.Real) or not 0.0 <= lambda_value <= 1.0:
-        raise ValueError(f"lambda_value must be a number in [0, 1], got {lambda_value!r}")
-    return k1, k2, float(lambda_value)
+        return zero_copies(squared, self.copies, rows, cols) / self.row_max[rows]
 
 
 def _squaring_dtype(*matrices: torch.Tensor) -> torch.dtype:
@@ -432,8 +403,8 @@ def jaccard_distance(features, k1: int = 20, k2: int = 6, num_query: int | None 
     values within float32 summation order. ``strategy``: the neighbour search's, as for
     dpm_ops.ops.self_knn. numpy in, numpy out; torch in, torch out on the same device.
     """
-    k1 = _check_k("k1", k1, 2)  # k1 nearest, the item itself one of them
-    k2 = _check_k("k2", k2, 1)
+    k1 = _inputs.check_k("k1", k1, 2)  # k1 nearest, the item itself one of them
+    k2 = _inputs.check_k("k2", k2, 1)
     check_strategy(strategy, "jaccard_distance")
     x = _inputs.as_floats("jaccard_distance", "features", features, 2, vectors=True, arithmetic=torch.float32)
     check_euclidean_scale("jaccard_distance", torch.float32, features=x)
@@ -476,11 +447,9 @@ def rerank_features(qf, gf, k1: int = 20, k2: int = 6, lambda_value: float = 0.3
     on sparse neighbour lists. Memory: the (Q, G) float32 output, O(N (k1 + k2)) lists and
     fixed-size tiles. Equal to `re_ranking` on the Euclidean distances of the same features
     (up to float rounding, <= 1e-5) wherever no exact tie decides a neighbourhood; ties are
-    broken by (distance, index), queries before gallery, and d(i, i) is exactly 0. Exact copies of an
-    item are not ties here: d(i, i) is set to 0 (the spec's convention) while a copy's distance is the
-    GEMM formula's rounding residue (about 1e-6 |x|), so an item ranks before its copies, where scipy's
-    cdist ties them by index; that changes the result only where a group of copies straddles the k1 + 1
-    or round(k1 / 2) + 1 cut-off (up to 0.47 in the audit's 62-d case at k1 = 1; none at the defaults).
+    broken by (distance, index), queries before gallery, and d(i, i) is exactly 0, as is the distance
+    between exact copies (equal rows), as scipy's cdist gives them: the GEMM formula leaves copies a
+    rounding residue apart, which ranked an item before its copies (_copies.py).
     ``strategy``: the neighbour search's, as for dpm_ops.ops.self_knn ("auto" | "certified" |
     "direct"; "certified": the C++ CPU, CUDA and Triton backends).
     """
