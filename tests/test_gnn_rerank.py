@@ -137,6 +137,19 @@ def test_duplicates_and_dtypes():
     torch.testing.assert_close(scaled, expected, rtol=0, atol=1e-6)
 
 
+def test_an_items_copies_tie_with_it_in_index_order():
+    """Exact copies in groups wider than k1: an item's copies (cosine distance about -1e-7 from rounding, the item's
+    own set to 0) ranked before the item itself, so identical queries got different rows (0.077 from the dense
+    computation here); now they tie in index order, as in the dense computation."""
+    a, b, c = [1.0, 2.0, 3.0], [3.0, -1.0, 0.5], [0.2, 1.0, -2.0]
+    x = torch.tensor([a, a, a, b, c, a, b, c])
+    expected = dense_distances(x[:2], x[2:], 3, 2, 0.3)
+    for strategy in ("direct", "certified"):
+        result = gnn_rerank(x[:2], x[2:], 3, 2, 0.3, strategy=strategy)
+        torch.testing.assert_close(result, expected, rtol=0, atol=1e-6)
+        assert torch.equal(result[0], result[1])
+
+
 def test_certified_neighbour_search_gives_the_same_result():
     qf, gf, _ = clustered(40, 260, 32, 25, seed=11)
     direct = gnn_rerank(qf, gf, strategy="direct")

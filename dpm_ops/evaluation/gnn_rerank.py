@@ -22,6 +22,7 @@ from .. import _backend
 from ..ops.gnn_rerank import GNN_PROPAGATE, GNN_SIMILARITY_
 from ..ops.knn import check_strategy, self_knn
 from . import _inputs
+from ._copies import copy_groups, tie_copies
 from .rerank import RERANK_DEFAULTS, check_rerank_parameters
 
 # The reference's defaults (Market-1501: k1 26, k2 7; VeRi-776: 60, 10) and its blend weight.
@@ -51,10 +52,11 @@ def gnn_rerank(qf, gf, k1: int = GNN_K1, k2: int = GNN_K2, lambda_value: float =
     The distance is the negated score, -((1 - lambda) <A_q, A_g> + lambda cos(q, g)): ascending
     distances rank exactly as the reference's descending scores (ties by gallery index). Equal to the
     dense reference computation up to float32 summation order (within 2e-6 on the tests' features, 1e-5 with
-    exactly duplicated rows) wherever no exact tie decides a neighbourhood. Exact copies of an item are not
-    ties here: its own cosine distance is set to 0 and a copy's rounds to about -1e-7, so its copies rank
-    before it, where the dense computation ties them by index; that changes the result only where a group
-    of copies straddles the k1 or k2 cut-off (never at the defaults in the tests' 9- and 30-copy groups). Memory: the (Q, G) output, the (N, k1) neighbour lists and the sparse adjacency (a
+    exactly duplicated rows) wherever no exact tie decides a neighbourhood; an item's exact copies tie with it
+    in index order, as in the dense computation (their cosine distance, about -1e-7 from rounding, is set to
+    the item's own 0: it ranked them before the item, by up to 0.7 in the scores). Copies of another item
+    at one similarity may still come in rounding order (the CPU search computes d(i, j) and d(j, i) in one
+    tile), where the dense computation takes them by index: 7 of 300 copy-heavy low-dimensional cases. Memory: the (Q, G) output, the (N, k1) neighbour lists and the sparse adjacency (a
     few hundred entries per row). ``strategy``: the neighbour search's, as for dpm_ops.ops.self_knn.
     numpy in, numpy out; torch in, torch out on the same device.
     """
@@ -66,6 +68,7 @@ def gnn_rerank(qf, gf, k1: int = GNN_K1, k2: int = GNN_K2, lambda_value: float =
     # the query x gallery cosine block only where the score blends it in (lambda 0: a whole GEMM saved)
     cross_rows = num_query if lambda_value > 0 else 0
     distances, neighbours, _, cross = self_knn(x, width, "cosine", cross_rows=cross_rows, strategy=strategy)
+    tie_copies(distances, neighbours, copy_groups(x))  # an item's copies at its own distance 0, in index order
     similarity = 1 - distances  # exact for the similarities >= 0.5 a neighbourhood is made of (Sterbenz)
     weights = (similarity * similarity)[:, :k2].contiguous()
     backend = _backend.resolve(None, x.device)
