@@ -13,7 +13,7 @@ from conftest import backend_params, device_for
 from dpm_ops import _backend
 from dpm_ops._backend import forced_backend
 from dpm_ops.evaluation import evaluate_rank, gnn_rerank
-from dpm_ops.evaluation.rerank import check_rerank
+from dpm_ops.evaluation._inputs import check_rerank
 from dpm_ops.ops.gnn_rerank import GNN_PROPAGATE, GNN_SIMILARITY_
 from dpm_ops.ops.gnn_rerank_reference import gnn_rerank_dense
 

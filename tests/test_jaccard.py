@@ -13,7 +13,7 @@ from dpm_ops._backend import forced_backend
 from dpm_ops.compat import fastreid as compat_fastreid
 from dpm_ops.compat import torchreid as compat_torchreid
 from dpm_ops.evaluation import jaccard_distance
-from dpm_ops.evaluation.rerank import MAX_K
+from dpm_ops.evaluation._inputs import MAX_K
 from test_rerank import tiles  # noqa: F401 (the fixture: shipped tiles and tiny ones)
 
 

@@ -8,7 +8,7 @@ import torch
 
 from benchmarks.reference import rerank_numpy
 from benchmarks.reference.synthetic_features import MARKET1501, make_reid_features, scaled
-from dpm_ops.evaluation import _select, jaccard_distance, re_ranking, rerank, rerank_features
+from dpm_ops.evaluation import _inputs, _select, jaccard_distance, re_ranking, rerank, rerank_features
 from dpm_ops.ops import kreciprocal_reference
 from conftest import backend_params, device_for
 from dpm_ops import _backend
@@ -299,9 +299,9 @@ def test_bad_input():
         (20, 0, 0.3, "k2 must be an integer >= 1"),
         (True, 6, 0.3, "k1 must be an integer >= 1"),
         # Before: past int64 a RuntimeError from the kernels' argument cast
-        (10**25, 6, 0.3, rf"k1 must be an integer >= 1 and <= {rerank.MAX_K}, got 10{'0' * 24}$"),
-        (2**63 - 1, 6, 0.3, rf"k1 must be an integer >= 1 and <= {rerank.MAX_K}"),
-        (20, 10**25, 0.3, rf"k2 must be an integer >= 1 and <= {rerank.MAX_K}"),
+        (10**25, 6, 0.3, rf"k1 must be an integer >= 1 and <= {_inputs.MAX_K}, got 10{'0' * 24}$"),
+        (2**63 - 1, 6, 0.3, rf"k1 must be an integer >= 1 and <= {_inputs.MAX_K}"),
+        (20, 10**25, 0.3, rf"k2 must be an integer >= 1 and <= {_inputs.MAX_K}"),
         (20, 6, -0.1, r"lambda_value must be a number in \[0, 1\]"),
         (20, 6, 1.5, r"lambda_value must be a number in \[0, 1\]"),
         (20, 6, float("nan"), r"lambda_value must be a number in \[0, 1\]"),
@@ -322,7 +322,7 @@ def test_k_at_its_cap_is_k_past_twice_the_items(tiles):
         lambda q, g, k1, k2: re_ranking(*exact_distances(q, g), k1, k2),
         lambda q, g, k1, k2: jaccard_distance(np.concatenate([q, g]), k1, k2),
     ):
-        np.testing.assert_array_equal(call(query, gallery, rerank.MAX_K, rerank.MAX_K), call(query, gallery, 18, 9))
+        np.testing.assert_array_equal(call(query, gallery, _inputs.MAX_K, _inputs.MAX_K), call(query, gallery, 18, 9))
 
 
 def test_copy_groups_are_exact():

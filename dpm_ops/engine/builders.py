@@ -161,9 +161,10 @@ def build_sampler(kind: str, config: dict, pids: list, rank: int, world_size: in
     triplet = config["loss"]["triplet_weight"]
     if kind == "pk" and get_recipe(config["model"]["name"]).triplet_on_pk and triplet and s["num_ids"] < 2 * world_size:
         raise ConfigError(  # it trained with the triplet term silently 0: no anchor had a negative
-            f"config key sampler.num_ids: {s['num_ids']} identities per batch over {world_size} process(es) leave "
-            f"{s['num_ids'] // world_size} per process, and the triplet loss (loss.triplet_weight {triplet}) takes each "
-            f"anchor's negative from another: set sampler.num_ids >= {2 * world_size}, or loss.triplet_weight=0"
+            f"config key sampler.num_ids: {s['num_ids']} identities per batch over {world_size} process(es) "
+            f"leave {s['num_ids'] // world_size} per process, and the triplet loss (loss.triplet_weight {triplet}) "
+            f"takes each anchor's negative from another: set sampler.num_ids >= {2 * world_size}, or "
+            "loss.triplet_weight=0"
         )
     try:
         if kind == "pk":

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from dpm_ops.data import ReIDSplits
 from dpm_ops.evaluation import evaluate_rank, gnn_rerank, pairwise_distance, re_ranking, rerank_features
 from dpm_ops.evaluation.query_expansion import check_aqe, expand_features
-from dpm_ops.evaluation.rerank import check_rerank
+from dpm_ops.evaluation._inputs import check_rerank
 from dpm_ops.evaluation.roc import ROC_FPRS, tpr_at_fpr
 from dpm_ops.ops import masked_arccos_distance
 
@@ -36,7 +36,7 @@ def resolve_distance(distance: str, model_name: str) -> str:
 
 
 def check_reranking(rerank, k1, k2, lambda_value, distance: str):
-    """evaluation.rerank.check_rerank's (method or None, k1, k2, lambda_value), and a ValueError for GNN
+    """evaluation._inputs.check_rerank's (method or None, k1, k2, lambda_value), and a ValueError for GNN
     re-ranking with DPM's masked arccos, which it has no form for."""
     method, k1, k2, lambda_value = check_rerank(rerank, k1, k2, lambda_value)
     if method == "gnn" and distance == "masked_arccos":
@@ -60,7 +60,7 @@ def compute_distances(
     device="cpu",
 ) -> torch.Tensor:
     """(Q, G) float32 distances on ``device``; with ``rerank`` (True or "kreciprocal", or "gnn"), re-ranked
-    (evaluation.rerank.check_rerank: k1 / k2 None are the method's defaults).
+    (evaluation._inputs.check_rerank: k1 / k2 None are the method's defaults).
 
     ``aqe`` (True, or a dict of k / alpha / times: evaluation.query_expansion.check_aqe): the features go
     through alpha query expansion first, as fast-reid's TEST.AQE does before its distance and re-ranking;

@@ -9,7 +9,8 @@ from .distance import METRICS, knn, pairwise_distance
 from .rank import AP_MODES, PROTOCOLS, RankResult, evaluate_rank
 from .gnn_rerank import gnn_rerank
 from .query_expansion import alpha_query_expansion
-from .rerank import ORIENTATIONS, RERANK_METHODS, jaccard_distance, re_ranking, rerank_features
+from ._inputs import RERANK_METHODS
+from .rerank import ORIENTATIONS, jaccard_distance, re_ranking, rerank_features
 from .roc import ROC_FPRS, tpr_at_fpr
 
 __all__ = [

@@ -62,10 +62,11 @@ def tie_copies(values: torch.Tensor, indices: torch.Tensor, groups: Optional[tor
     if groups is None:
         return
     rows = (torch.bincount(groups, minlength=len(groups))[groups] > 1).nonzero().squeeze(1)
-    same = groups[indices[rows]] == groups[rows, None]
+    row_indices = indices[rows]
+    same = groups[row_indices] == groups[rows, None]
     row_values = torch.where(same, torch.zeros((), dtype=values.dtype, device=values.device), values[rows])
-    by_index = indices[rows].argsort(dim=1)
-    row_values, row_indices = row_values.gather(1, by_index), indices[rows].gather(1, by_index)
+    by_index = row_indices.argsort(dim=1)
+    row_values, row_indices = row_values.gather(1, by_index), row_indices.gather(1, by_index)
     by_value = row_values.argsort(dim=1, stable=True)
     values[rows], indices[rows] = row_values.gather(1, by_value), row_indices.gather(1, by_value)
     full = rows[same.all(dim=1)]

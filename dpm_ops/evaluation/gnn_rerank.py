@@ -23,7 +23,7 @@ from ..ops.gnn_rerank import GNN_PROPAGATE, GNN_SIMILARITY_
 from ..ops.knn import check_strategy, self_knn
 from . import _inputs
 from ._copies import copy_groups, tie_copies
-from .rerank import RERANK_DEFAULTS, check_rerank_parameters
+from ._inputs import RERANK_DEFAULTS, check_rerank_parameters
 
 # The reference's defaults (Market-1501: k1 26, k2 7; VeRi-776: 60, 10) and its blend weight.
 GNN_K1, GNN_K2 = RERANK_DEFAULTS["gnn"]
@@ -56,8 +56,9 @@ def gnn_rerank(qf, gf, k1: int = GNN_K1, k2: int = GNN_K2, lambda_value: float =
     in index order, as in the dense computation (their cosine distance, about -1e-7 from rounding, is set to
     the item's own 0: it ranked them before the item, by up to 0.7 in the scores). Copies of another item
     at one similarity may still come in rounding order (the CPU search computes d(i, j) and d(j, i) in one
-    tile), where the dense computation takes them by index: 7 of 300 copy-heavy low-dimensional cases. Memory: the (Q, G) output, the (N, k1) neighbour lists and the sparse adjacency (a
-    few hundred entries per row). ``strategy``: the neighbour search's, as for dpm_ops.ops.self_knn.
+    tile), where the dense computation takes them by index: 7 of 300 copy-heavy low-dimensional cases.
+    Memory: the (Q, G) output, the (N, k1) neighbour lists and the sparse adjacency (a few hundred entries
+    per row). ``strategy``: the neighbour search's, as for dpm_ops.ops.self_knn.
     numpy in, numpy out; torch in, torch out on the same device.
     """
     k1, k2, lambda_value = check_rerank_parameters(k1, k2, lambda_value)

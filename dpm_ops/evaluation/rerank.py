@@ -45,7 +45,7 @@ from ..ops.kreciprocal import (
 )
 from . import _inputs
 from ._copies import copy_groups, tie_copies, zero_copies
-from ._inputs import MAX_K, RERANK_DEFAULTS, RERANK_METHODS, check_rerank, check_rerank_parameters  # noqa: F401
+from ._inputs import check_rerank_parameters
 from ..ops.kreciprocal_reference import (
     csr_rows,
     encode_weights,

@@ -175,7 +175,8 @@ def select(d, candidates, k: int):
 @contextlib.contextmanager
 def _fp32_reductions():
     """cuBLAS's bf16 GEMMs keep their split-K reductions in fp32 inside the block (the bound's accumulation
-    model). allow_bf16_reduced_precision_reduction is process-wide, switched off for the block (as ieee_fp32_matmuls)."""
+    model). allow_bf16_reduced_precision_reduction is process-wide, switched off for the block (as
+    ieee_fp32_matmuls)."""
     matmul = torch.backends.cuda.matmul
     before, matmul.allow_bf16_reduced_precision_reduction = matmul.allow_bf16_reduced_precision_reduction, False
     try:
