@@ -314,6 +314,14 @@ def test_bad_input_names_the_argument(compat):
         compat.evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=0)
     with pytest.raises(ValueError, match="use_metric_cuhk03 must be True or False, got 'no'"):  # read as true
         compat.evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, use_metric_cuhk03="no")
+    with pytest.raises(ValueError, match="use_metric_cuhk03 must be True or False, got 2"):
+        compat.evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, use_metric_cuhk03=2)
+    # what the peers test the truth of: None and 0 / 1 as they read them (refused before)
+    expected = compat.evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids)
+    for falsy in (None, 0, np.int64(0)):
+        np.testing.assert_equal(compat.evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, 50, falsy), expected)
+    cuhk03 = compat.evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, use_metric_cuhk03=True)
+    np.testing.assert_equal(compat.evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, 50, 1), cuhk03)
     with pytest.raises(ValueError, match="no query has a match"):
         compat.evaluate_rank(distmat, q_pids + 1000, g_pids, q_camids, g_camids)
     q_g, q_q, g_g = rerank_case(5, 20, 0)

@@ -161,6 +161,21 @@ def test_copies_outnumbering_the_candidates_tie_in_index_order(tiles):
         np.testing.assert_allclose(rerank_features(query, gallery, k1, k2, 0.3), expected, rtol=0, atol=1e-5)
 
 
+def test_queries_copied_into_the_gallery_tie_on_both_strategies(tiles):
+    # The certified search recomputes a query's distance to another query in its stage 2 and takes its
+    # distance to that query's gallery copy from the query x gallery GEMM, a rounding residue apart: the
+    # copies ranked in rounding order (0.007 from the direct path here, 0.016 at 600 x 3,000), now by index.
+    rng = np.random.default_rng(0)
+    query = rng.standard_normal((20, 32), dtype=np.float32)
+    gallery = rng.standard_normal((80, 32), dtype=np.float32)
+    gallery[:10] = query[:10]
+    expected = rerank_numpy.re_ranking_from_features(query, gallery)
+    strategies = ("direct", "certified") if _backend.resolve(None, torch.device("cpu")) == "cpp" else ("direct",)
+    for strategy in strategies:
+        result = rerank_features(query, gallery, strategy=strategy)
+        np.testing.assert_allclose(result, expected, rtol=0, atol=1e-6)
+
+
 def test_squared_input_switch():
     q_g, q_q, g_g = (d.astype(np.float32) for d in exact_distances(*random_features(10, 30, 4, 7)))
     squared = [d * d for d in (q_g, q_q, g_g)]
@@ -289,6 +304,10 @@ def test_bad_input():
         (lambda: re_ranking(q_g, q_q, np.full_like(g_g, np.inf)), "g_g_dist contains non-finite"),
         (lambda: re_ranking(q_g.astype(np.int64), q_q, g_g), "q_g_dist must hold floating-point"),
         (lambda: re_ranking(q_g, q_q, g_g, input="cosine"), "input must be one of"),
+        # squares among float32's subnormals: the re-ranked distances were rounding noise (0.9 off), silently
+        (lambda: re_ranking(q_g * 1e-22, q_q * 1e-22, g_g * 1e-22), "too small in magnitude: the largest distance"),
+        (lambda: re_ranking(q_g * 1e-40, q_q * 0, g_g * 0, input="squared"), "at least 1.18e-38"),
+        (lambda: re_ranking(*(d.astype(np.float16) * 1e-3 for d in (q_g, q_q, g_g))), "float16 squares are subnormal"),
         (lambda: re_ranking(q_g, q_q, g_g, orientation="columns"), "orientation must be one of"),
         # the function called, not the k-NN op it hands the search to ("knn: strategy ...")
         (lambda: rerank_features(query, gallery, strategy="fast"), "^rerank_features: strategy must be one of"),

@@ -101,6 +101,8 @@ def test_hand_worked_curve(path):
     # FPR 0.5 is as near FPR 0 as FPR 1: the first, (0, 0); the dropped point (0.5, 0.5) would have given 0.5
     np.testing.assert_array_equal(tpr_at_fpr(distmat, *labels, fpr=[0.5, 0.6, 0.4, 0.0]), [0.0, 0.5, 0.0, 0.0])
     assert tpr_at_fpr(distmat, *labels, fpr=1.0).tolist() == [0.5]  # the first point at FPR 1
+    for array in (np.array([0.5, 0.6]), torch.tensor([0.5, 0.6])):  # arrays of FPRs (np.logspace): refused before
+        np.testing.assert_array_equal(tpr_at_fpr(distmat, *labels, fpr=array), [0.0, 0.5])
 
 
 def test_inputs_torch_numpy_dtypes_layouts_and_chunks(path, monkeypatch):

@@ -7,12 +7,12 @@ import torch
 from .. import evaluation
 from ..evaluation import _inputs
 from ..evaluation.distance import named_pairwise_distance
-from ..ops._checks import check_flag
+from ..ops._checks import check_flag, is_integer
 
 
 def rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, use_metric_cuhk03):
-    use_metric_cuhk03 = check_flag(None, "use_metric_cuhk03", use_metric_cuhk03)
     """(cmc, dpm_ops RankResult): cmc as the peers return it, float32 with min(max_rank, G) entries."""
+    use_metric_cuhk03 = flag("use_metric_cuhk03", use_metric_cuhk03)
     result = evaluation.evaluate_rank(
         distmat,
         q_pids,
@@ -24,6 +24,14 @@ def rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, use_metric_cuhk0
     )
     # evaluate_rank cuts max_rank down to the gallery size, with a warning, as the peers do.
     return result.cmc.astype(np.float32), result
+
+
+def flag(name: str, value) -> bool:
+    """A switch of the peers' API, which tests its truth: bools, None and the integers 0 and 1 are taken as
+    they read them; anything else (a string such as "no", which they read as true) is a ValueError."""
+    if value is None or (is_integer(value) and value in (0, 1)):
+        return bool(value)
+    return check_flag(None, name, value)
 
 
 def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3):

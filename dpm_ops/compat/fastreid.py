@@ -14,7 +14,6 @@ from ..evaluation import _inputs
 from ..evaluation.distance import named_pairwise_distance
 from ..evaluation.query_expansion import expand_features
 from ..evaluation.rank import query_gallery_labels
-from ..ops._checks import check_flag
 from . import _peer
 from ._peer import re_ranking
 
@@ -80,7 +79,7 @@ def compute_jaccard_distance(features, k1=20, k2=6, search_option=0, fp16=False)
     ``search_option`` (their faiss GPU / CPU index) is accepted and ignored: the search here is
     exact on the features' device, CPU or GPU."""
     result = _peer.as_numpy(evaluation.jaccard_distance(features, k1, k2))
-    return result.astype(np.float16) if check_flag(None, "fp16", fp16) else result
+    return result.astype(np.float16) if _peer.flag("fp16", fp16) else result
 
 
 def build_dist(feat_1, feat_2, metric="euclidean", **kwargs):

@@ -5,7 +5,7 @@ item's distance to itself is set to 0, so an item ranked before its copies inste
 order, and a group of copies straddling a neighbourhood's cut-off changed the re-ranked distances (by up to 0.47).
 `copy_groups` finds the groups (each row's smallest equal row), and the feature re-ranking sets the distances
 within a group to 0 wherever it holds one: in its scan's tiles and candidate lists, its pair distances and its
-query x gallery block.
+query x gallery block; `tie_copies` also gives a row's distances to the copies of another item one value.
 """
 
 from typing import Optional
@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 _HASHED_VALUES = 64
+_CHUNK_ELEMENTS = 1 << 22  # tie_copies compares a chunk of rows' lists pairwise: (rows, M, M) booleans
 
 
 def copy_groups(x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -56,20 +57,30 @@ def zero_copies(distances: torch.Tensor, groups: Optional[torch.Tensor], rows, c
 
 
 def tie_copies(values: torch.Tensor, indices: torch.Tensor, groups: Optional[torch.Tensor]) -> None:
-    """Rows' candidate lists (N, M), in (value, index) order, with the copies of the row's item at value 0, in
-    place: each row that holds a copy is sorted again; a row whose list holds copies only takes its group's first
-    M members by index (its group is larger than M: which M the kernel kept was the rounding's choice)."""
+    """Rows' candidate lists (N, M), in (value, index) order, with the copies of the row's item at value 0 and the
+    copies of any other item at one value (the smallest the list holds for them), in place: the search computed
+    a copy's distance in another tile or stage, a rounding residue off (the certified search's stage 2 against
+    the query x gallery GEMM), so copies ranked in rounding order instead of by index. Each row holding copies
+    is sorted again; a row whose list holds its item's copies only takes its group's first M members by index
+    (its group is larger than M: which M the kernel kept was the rounding's choice)."""
     if groups is None:
         return
-    rows = (torch.bincount(groups, minlength=len(groups))[groups] > 1).nonzero().squeeze(1)
-    row_indices = indices[rows]
-    same = groups[row_indices] == groups[rows, None]
-    row_values = torch.where(same, torch.zeros((), dtype=values.dtype, device=values.device), values[rows])
-    by_index = row_indices.argsort(dim=1)
-    row_values, row_indices = row_values.gather(1, by_index), row_indices.gather(1, by_index)
-    by_value = row_values.argsort(dim=1, stable=True)
-    values[rows], indices[rows] = row_values.gather(1, by_value), row_indices.gather(1, by_value)
-    full = rows[same.all(dim=1)]
+    member = groups[indices]
+    own = member == groups[:, None]
+    by_group = member.sort(dim=1).values
+    rows = ((by_group[:, 1:] == by_group[:, :-1]).any(dim=1) | own.sum(dim=1).gt(1)).nonzero().squeeze(1)
+    width = indices.shape[1]
+    for chunk in rows.split(max(1, _CHUNK_ELEMENTS // (width * width))):
+        row_indices, row_member = indices[chunk], member[chunk]
+        same = row_member[:, :, None] == row_member[:, None, :]
+        row_values = torch.where(same, values[chunk, None, :], torch.inf).amin(dim=2)
+        row_values[own[chunk]] = 0
+        by_index = row_indices.argsort(dim=1)
+        row_values, row_indices = row_values.gather(1, by_index), row_indices.gather(1, by_index)
+        by_value = row_values.argsort(dim=1, stable=True)
+        values[chunk], indices[chunk] = row_values.gather(1, by_value), row_indices.gather(1, by_value)
+    shared = torch.bincount(groups, minlength=len(groups))[groups] > 1
+    full = (own.all(dim=1) & shared).nonzero().squeeze(1)
     for group in groups[full].unique().tolist():
-        members = (groups == group).nonzero().squeeze(1)[: indices.shape[1]]
+        members = (groups == group).nonzero().squeeze(1)[:width]
         indices[full[groups[full] == group]] = members

@@ -24,6 +24,7 @@ from ..ops.knn import check_strategy, self_knn
 from . import _inputs
 from ._copies import copy_groups, tie_copies
 from ._inputs import RERANK_DEFAULTS, check_rerank_parameters
+from ._select import TIE_MARGIN
 
 # The reference's defaults (Market-1501: k1 26, k2 7; VeRi-776: 60, 10) and its blend weight.
 GNN_K1, GNN_K2 = RERANK_DEFAULTS["gnn"]
@@ -42,7 +43,8 @@ def _pooled_unit_rows(qf, gf):
     if len(zero):  # the reference's 0 / 0: its scores would all be NaN
         item = int(zero[0])
         name, row = ("qf", item) if item < len(query) else ("gf", item - len(query))
-        raise ValueError(f"{name} row {row} is all zeros: GNN re-ranking needs features it can L2-normalise")
+        what = "is all zeros" if not x[item].any() else "is too small to L2-normalise in float32 (its norm underflows)"
+        raise ValueError(f"{name} row {row} {what}: GNN re-ranking needs features it can L2-normalise")
     return x / norms, len(query)
 
 
@@ -54,9 +56,9 @@ def gnn_rerank(qf, gf, k1: int = GNN_K1, k2: int = GNN_K2, lambda_value: float =
     dense reference computation up to float32 summation order (within 2e-6 on the tests' features, 1e-5 with
     exactly duplicated rows) wherever no exact tie decides a neighbourhood; an item's exact copies tie with it
     in index order, as in the dense computation (their cosine distance, about -1e-7 from rounding, is set to
-    the item's own 0: it ranked them before the item, by up to 0.7 in the scores). Copies of another item
-    at one similarity may still come in rounding order (the CPU search computes d(i, j) and d(j, i) in one
-    tile), where the dense computation takes them by index: 7 of 300 copy-heavy low-dimensional cases.
+    the item's own 0: it ranked them before the item, by up to 0.7 in the scores), and the copies of another
+    item at one similarity, in index order (the search computes a row's distances in several tiles or stages,
+    a rounding residue apart), also where a group straddles the k1-th neighbour.
     Memory: the (Q, G) output, the (N, k1) neighbour lists and the sparse adjacency (a few hundred entries
     per row). ``strategy``: the neighbour search's, as for dpm_ops.ops.self_knn.
     numpy in, numpy out; torch in, torch out on the same device.
@@ -68,8 +70,12 @@ def gnn_rerank(qf, gf, k1: int = GNN_K1, k2: int = GNN_K2, lambda_value: float =
     width = min(k1, n)
     # the query x gallery cosine block only where the score blends it in (lambda 0: a whole GEMM saved)
     cross_rows = num_query if lambda_value > 0 else 0
-    distances, neighbours, _, cross = self_knn(x, width, "cosine", cross_rows=cross_rows, strategy=strategy)
-    tie_copies(distances, neighbours, copy_groups(x))  # an item's copies at its own distance 0, in index order
+    # Exact copies tie in index order (tie_copies), from a few more neighbours where a group straddles the k1-th.
+    groups = copy_groups(x)
+    search_width = width if groups is None else min(width + TIE_MARGIN, n)
+    distances, neighbours, _, cross = self_knn(x, search_width, "cosine", cross_rows=cross_rows, strategy=strategy)
+    tie_copies(distances, neighbours, groups)
+    distances, neighbours = distances[:, :width], neighbours[:, :width]
     similarity = 1 - distances  # exact for the similarities >= 0.5 a neighbourhood is made of (Sterbenz)
     weights = (similarity * similarity)[:, :k2].contiguous()
     backend = _backend.resolve(None, x.device)

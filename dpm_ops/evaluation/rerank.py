@@ -291,9 +291,12 @@ def _squaring_dtype(*matrices: torch.Tensor) -> torch.dtype:
 def _check_distance_range(input: str, **matrices) -> None:
     """Squared distances must be >= 0 (a negative one has no Euclidean meaning and breaks the row
     normalisation), and every distance small enough to be squared in the dtype the reference squares
-    it in (_squaring_dtype) and to stay in range in the float32 pipeline: one device sync."""
+    it in (_squaring_dtype) and to stay in range in the float32 pipeline, and not all so small that their
+    squares fall among that dtype's subnormals (the re-ranked distances were then rounding noise, up to 0.9
+    off, without a word): one device sync."""
     squaring = _squaring_dtype(*matrices.values())
-    if input == "euclidean" and squaring == torch.float16:
+    squares = torch.float16 if input == "euclidean" and squaring == torch.float16 else torch.float32
+    if squares == torch.float16:
         limit, where = (
             torch.finfo(torch.float16).max ** 0.5,
             "float16 matrices are squared in float16, as the reference does",
@@ -308,6 +311,13 @@ def _check_distance_range(input: str, **matrices) -> None:
             raise ValueError(
                 f"re_ranking: {name} is too large in magnitude: distances must stay below {limit:.5g} ({where})"
             )
+    floor = torch.finfo(squares).tiny ** (0.5 if input == "euclidean" else 1)
+    if 0 < max(max(high, -low) for low, high in bounds) < floor:
+        raise ValueError(
+            f"re_ranking: {', '.join(matrices)} are too small in magnitude: the largest distance must be 0 or "
+            f"at least {floor:.3g}: below, their {str(squares).removeprefix('torch.')} squares are subnormal "
+            "(scale the distances)"
+        )
 
 
 def _rerank_kernels(source, neighbours, out, k1: int, k2: int, lambda_value: float, backend: str) -> torch.Tensor:

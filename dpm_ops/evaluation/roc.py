@@ -19,6 +19,7 @@ point and its ties are theirs.
 """
 
 import numpy as np
+import torch
 
 from .. import _backend
 from ..ops._checks import check_real
@@ -30,8 +31,8 @@ ROC_FPRS = (1e-4, 1e-3, 1e-2)  # fast-reid's evaluator reports TPR@FPR=1e-04, 1e
 
 
 def tpr_at_fpr(distmat, q_pids, g_pids, q_camids, g_camids, fpr=ROC_FPRS) -> np.ndarray:
-    """The TPR (float64, shape (len(fpr),)) at each FPR of ``fpr`` (a number or a sequence of numbers in
-    [0, 1]) on the ROC curve of the (Q, G) distances, as fast-reid's evaluator reports it (module
+    """The TPR (float64, shape (len(fpr),)) at each FPR of ``fpr`` (a number, or a sequence or 1-D array of
+    numbers in [0, 1]) on the ROC curve of the (Q, G) distances, as fast-reid's evaluator reports it (module
     docstring): the matches are sklearn's negatives, so TPR@FPR=1e-4 is the share of non-matches at or
     beyond the distance that all but about 0.01 % of the matches lie within. numpy or torch inputs, CPU
     or CUDA, any float dtype. No match or no non-match among the kept pairs (sklearn's NaN rates) is a
@@ -46,6 +47,8 @@ def tpr_at_fpr(distmat, q_pids, g_pids, q_camids, g_camids, fpr=ROC_FPRS) -> np.
 
 
 def _as_list(fpr) -> list:
+    if isinstance(fpr, (np.ndarray, torch.Tensor)) and fpr.ndim == 1:  # an array of FPRs, as np.logspace gives
+        fpr = fpr.tolist()
     if isinstance(fpr, (list, tuple)) and len(fpr) > 0:
         return list(fpr)
     if isinstance(fpr, (list, tuple)):
