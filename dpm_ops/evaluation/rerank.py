@@ -423,6 +423,7 @@ def jaccard_distance(features, k1: int = 20, k2: int = 6, num_query: int | None 
         raise ValueError(f"features must have at least 2 rows, got {n}")
     full = num_query is None
     q = n if full else _inputs.check_count("num_query", num_query, 1, n - 1)
+    out = _square_result(n, x.device) if full else None  # before the search: past memory, at once
     source = _FeatureDistances(x[:q], x[q:], strategy)
     # their search returns k1 neighbours, all that is used; the scan's (Q, G) distance block is not
     neighbours, cross = source.scan(min(k1, n))
@@ -443,9 +444,20 @@ def jaccard_distance(features, k1: int = 20, k2: int = 6, num_query: int | None 
         row_ptr = torch.cat([row_ptr, row_ptr[1:] + len(cols)])
         cols, weights = torch.cat([cols, cols]), torch.cat([weights, weights])
     # the (Q, G) result takes the unused distance block's memory
-    out = torch.zeros(n, n, dtype=torch.float32, device=neighbours.device) if full else cross.contiguous().zero_()
+    out = out.zero_() if full else cross.contiguous().zero_()
     KRECIPROCAL_JACCARD_BLEND_.run(stages, out, row_ptr, cols, weights, 0.0)
     return _inputs.like_input(out.clamp_min_(0.0), features)
+
+
+def _square_result(n: int, device) -> torch.Tensor:
+    """jaccard_distance's (N, N) float32 result, uninitialised; a MemoryError that says so where it does not fit."""
+    try:
+        return torch.empty(n, n, dtype=torch.float32, device=device)
+    except RuntimeError as error:  # torch's allocation failure (its OutOfMemoryError on CUDA is one)
+        raise MemoryError(
+            f"jaccard_distance: the ({n}, {n}) float32 result needs {n * n * 4 / 2**30:.1f} GiB, more than "
+            f"{device} can give; num_query=Q computes the (Q, N - Q) block only"
+        ) from error
 
 
 def rerank_features(qf, gf, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, strategy: str = "auto"):
