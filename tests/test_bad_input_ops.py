@@ -21,7 +21,7 @@ from dpm_ops.ops import (
     maskreid_ranking_loss,
     self_knn,
 )
-from tests.conftest import backend_params
+from tests.conftest import backend_params, device_for, op_for
 
 ALL = backend_params("reference", "cpp", "triton")
 FUSED = backend_params("cpp", "triton")  # ops whose reference is the loss module's backend="reference" path
@@ -463,3 +463,44 @@ def test_gpu_k_cap_and_nonnegative_weights_at_their_edges():
     check_nonnegative("op", weights=torch.empty(0, 3), other=torch.zeros(2))  # nothing negative, nothing to reduce
     with pytest.raises(ValueError, match=r"op: other must be >= 0 \(weights\), got a minimum of -0\.5"):
         check_nonnegative("op", weights=torch.empty(0), other=torch.tensor([1.0, -0.5]))
+
+
+def _backward_cases(device):
+    x, mask, protos = (torch.randn(*shape, device=device) for shape in ((4, 8), (4, 8), (5, 8)))
+    out = torch.randn(4, 5, device=device)
+    features, pool_out = [torch.randn(2, 3, 4, 4, device=device)], torch.randn(2, 3, device=device)
+    logits, embeddings, coef = torch.randn(2, 3, 6, device=device), torch.randn(4, 8, device=device), torch.randn(4, 4)
+    cosine = ("masked_cosine_backward", lambda grad, out=out, den=None: (grad, x, mask, protos, out, den, 1e-12))
+    pool = ("hierarchical_mask_pool_backward", lambda grad, out=pool_out: (grad, features, None, out, "max"))
+    return [
+        (*cosine, dict(grad=out[:3]), "grad must have the forward's shape \\[4, 5\\], got \\[3, 5\\]"),
+        (*cosine, dict(grad=out.double()), "grad must be Float as the forward gives it, got Double"),
+        (*cosine, dict(grad=out, out=out[:2, :2]), "out must have the forward's shape"),
+        (*cosine, dict(grad=out, den=out.double()), "den_sq must be Float as the forward gives it"),
+        (*pool, dict(grad=pool_out[:1]), "grad must have the forward's shape \\[2, 3\\], got \\[1, 3\\]"),
+        (*pool, dict(grad=pool_out.double()), "grad must be Float"),
+        (*pool, dict(grad=pool_out, out=pool_out.T), "out must have the forward's shape"),
+        (
+            "hem_loss_backward",
+            lambda grad: (grad, logits, 1e-6, "sum"),
+            dict(grad=torch.ones(3)),
+            "grad must be the loss.s gradient",
+        ),
+        (
+            "maskreid_ranking_loss_backward",
+            lambda grad: (grad, embeddings, coef),
+            dict(grad=torch.ones(3)),
+            "grad must be the",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("backend", backend_params("cpp", "cuda"))
+@pytest.mark.parametrize("case", range(9))
+def test_backward_ops_check_what_the_forward_gives(backend, case):
+    """A direct torch.ops call of a backward op with a gradient or saved tensor of another shape or dtype than the
+    forward gives: before, the kernels read a mis-shaped grad past its end (CPU) and overran a buffer with a
+    float64 one (CUDA, a crash under the emulator); now a ValueError naming it."""
+    name, arguments, given, message = _backward_cases(device_for(backend))[case]
+    with pytest.raises(ValueError, match=f"{name}: {message}"):
+        op_for(name, backend)(*arguments(**given))

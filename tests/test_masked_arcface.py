@@ -357,3 +357,14 @@ def test_reference_backend_is_plain_torch_throughout():
     assert torch.autograd.gradgradcheck(
         lambda f, m, w: masked_arcface_cross_entropy(f, m, w, labels, backend="reference"), inputs
     )
+
+
+@pytest.mark.parametrize("backend", backend_params("cuda", "triton"))
+def test_gpu_kernels_give_nan_for_a_label_out_of_range(backend):
+    """The label range is checked before the launch, except under torch.compile: there the CUDA kernel's loss is
+    NaN, and the Triton kernel's was a finite loss with a target logit of 0 (8.39 here), now NaN as well."""
+    device = device_for(backend)
+    features, mask, weight = (torch.rand(*shape, device=device) for shape in ((4, 8), (4, 8), (5, 8)))
+    labels = torch.tensor([0, 1, 2, 7], device=device)
+    loss = op_for("masked_arcface_ce", backend)(features, mask, weight, labels, 30.0, 0.5, False, 1e-7, 0.5, 0.5, False)
+    assert torch.isnan(loss[0])

@@ -62,6 +62,7 @@ at::Tensor hem_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& cls_l
                                  c10::string_view reduction) {
   const NoAutocastGuard no_autocast;
   const bool mean = check_inputs(cls_logits, eps, std::string(reduction));
+  check_loss_grad("hem_loss_backward", grad);
   const at::Tensor a = as_compute(cls_logits);
   const int64_t batch = a.size(0), heads = a.size(1), n = a.size(2);
   const auto [gram, inv] = normalised_grams(a, eps);

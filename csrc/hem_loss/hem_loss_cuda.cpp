@@ -38,6 +38,7 @@ at::Tensor hem_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& cls_
                                   c10::string_view reduction) {
   const NoAutocastGuard no_autocast;
   const bool mean = check_inputs(cls_logits, eps, std::string(reduction));
+  check_loss_grad("hem_loss_backward", grad);
   const c10::cuda::CUDAGuard guard(cls_logits.device());
   const at::Tensor a = cls_logits.contiguous();
   const Dtype dtype = checked_dtype(a);

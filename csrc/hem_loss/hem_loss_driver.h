@@ -7,6 +7,7 @@
 #include <cmath>
 #include <string>
 
+#include "../common/backward_checks.h"
 #include "../common/compute_type.h"
 
 namespace dpm_ops::hem {

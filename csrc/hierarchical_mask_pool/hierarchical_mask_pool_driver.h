@@ -9,6 +9,7 @@
 #include <string_view>
 #include <vector>
 
+#include "../common/backward_checks.h"
 #include "../common/compute_type.h"
 #include "hierarchical_mask_pool_math.h"
 
@@ -108,6 +109,12 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, at::TensorList features
                                  const std::optional<at::Tensor>& mask, const at::Tensor& out,
                                  c10::string_view mode) {
   const bool max_mode = check_inputs(features_in, mask, mode);
+  int64_t channels = 0;
+  for (const at::Tensor& f : features_in) channels += f.size(1);
+  const int64_t shape[] = {features_in[0].size(0), channels};
+  for (const auto& [name, t] : {std::pair{"grad", &grad}, std::pair{"out", &out}})
+    check_from_forward("hierarchical_mask_pool_backward", name, *t, shape, features_in[0].scalar_type(),
+                       features_in[0].device());
   const c10::OptionalDeviceGuard guard(at::device_of(features_in[0]));
   const std::vector<at::Tensor> features = prepared(features_in, &Kernels::prepare);
   std::vector<at::Tensor> grads;

@@ -21,6 +21,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_cosine_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mask, const at::Tensor& protos,
     const at::Tensor& out, const std::optional<at::Tensor>& den_sq, double eps) {
   check_inputs(x, mask, protos, eps);
+  check_backward_inputs(grad, x, protos, out, den_sq);
   auto [gx, gm, gp] = backward<CpuKernels>(as_compute(grad), as_compute(x), as_compute(mask), as_compute(protos),
                                            as_compute(out), den_sq, eps);
   return {gx.to(x.scalar_type()), gm.to(x.scalar_type()), gp.to(x.scalar_type())};

@@ -62,6 +62,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_cosine_backward_cuda(const
                                                                          const std::optional<at::Tensor>& den_sq,
                                                                          double eps) {
   check_inputs(x, mask, protos, eps);
+  check_backward_inputs(grad, x, protos, out, den_sq);
   const c10::cuda::CUDAGuard guard(x.device());
   return backward<CudaKernels>(grad.contiguous(), x.contiguous(), mask.contiguous(), protos.contiguous(),
                                out.contiguous(), den_sq, eps);

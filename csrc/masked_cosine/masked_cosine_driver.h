@@ -9,6 +9,7 @@
 
 #include <ATen/ATen.h>
 
+#include "../common/backward_checks.h"
 #include "../common/gemm.h"
 #include "../common/no_autocast.h"
 
@@ -54,6 +55,16 @@ inline void check_inputs(const at::Tensor& x, const at::Tensor& mask, const at::
               "masked_cosine: x, mask and protos must be on one device, got ", x.device(), ", ",
               mask.device(), ", ", protos.device());
   TORCH_CHECK_VALUE(eps > 0, "masked_cosine: eps must be > 0, got ", eps);
+}
+
+// The backward's grad and out (B, K) in x's dtype, den_sq (B, K) in its compute type, as the forward gives them.
+inline void check_backward_inputs(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& protos,
+                                  const at::Tensor& out, const std::optional<at::Tensor>& den_sq) {
+  const int64_t shape[] = {x.size(0), protos.size(0)};
+  const char* op = "masked_cosine_backward";
+  check_from_forward(op, "grad", grad, shape, x.scalar_type(), x.device());
+  check_from_forward(op, "out", out, shape, x.scalar_type(), x.device());
+  if (den_sq.has_value()) check_from_forward(op, "den_sq", *den_sq, shape, compute_type(x.scalar_type()), x.device());
 }
 
 template <class Kernels>

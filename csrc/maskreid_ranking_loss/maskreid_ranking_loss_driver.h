@@ -7,6 +7,7 @@
 
 #include <string>
 
+#include "../common/backward_checks.h"
 #include "../common/compute_type.h"
 #include "../common/no_autocast.h"
 #include "maskreid_ranking_loss_math.h"
@@ -55,6 +56,7 @@ inline at::Tensor backward(const at::Tensor& grad, const at::Tensor& embeddings,
   TORCH_CHECK_VALUE(coef.dim() == 2 && coef.size(0) == embeddings.size(0) && coef.size(1) == embeddings.size(0),
                     "maskreid_ranking_loss_backward: coef must be (B, B) for B = ", embeddings.size(0),
                     " embeddings, got ", coef.sizes());
+  check_loss_grad("maskreid_ranking_loss_backward", grad);
   const at::Tensor x = embeddings.to(coef.scalar_type());
   return at::mm(coef, x).mul_(grad.to(coef.scalar_type())).to(embeddings.scalar_type());
 }

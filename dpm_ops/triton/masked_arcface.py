@@ -272,6 +272,9 @@ def _forward(features, mask, weight, labels, scale, margin, easy_margin, clamp_e
     row_loss = masked_weight * (masked_lse - targets[0])
     if with_plain:
         row_loss = row_loss + plain_weight * (plain_lse - targets[1])
+    # a label out of [0, K) has no target logit: NaN, as the CUDA kernel gives (the range is checked before,
+    # except under torch.compile, where the finite loss of a zero target went unnoticed)
+    row_loss = row_loss.masked_fill((labels < 0) | (labels >= K), math.nan)
     return row_loss.sum() / B, masked_lse, plain_lse
 
 
