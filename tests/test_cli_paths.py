@@ -106,6 +106,36 @@ def test_interrupt_while_starting_is_one_line(monkeypatch, capsys):
     assert capsys.readouterr().err == "dpm-reid: interrupted\n"
 
 
+@pytest.mark.parametrize("command", [["dpm-reid", "configs"], [sys.executable, "-m", "dpm_ops", "configs"]])
+def test_interrupt_while_torch_imports_is_one_line(command):
+    """Ctrl-C while dpm_ops' package import loads torch, before cli.main runs: a KeyboardInterrupt traceback
+    through the console script's import, now the command's line and exit code. The signal is sent once the
+    process has mapped libtorch (inside `import torch`); a plain `import dpm_ops` still gets the interrupt."""
+    import signal
+    import time
+
+    for argv, expect_line in ((command, True), ([sys.executable, "-c", "import dpm_ops"], False)):
+        process = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background job's SIGINT is ignored
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with open(f"/proc/{process.pid}/maps") as maps:
+                if "libtorch" in maps.read():
+                    break
+            time.sleep(0.005)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+        if expect_line:
+            assert (process.returncode, err) == (130, "dpm-reid: interrupted\n")
+        else:
+            assert "KeyboardInterrupt" in err
+
+
 def test_a_reader_that_leaves_the_pipe_is_no_error():
     """`dpm-reid configs | head -1` ended in a BrokenPipeError traceback."""
     done = subprocess.run(
