@@ -111,9 +111,12 @@ def test_interrupt_while_torch_imports_is_one_line(command):
     """Ctrl-C while dpm_ops' package import loads torch, before cli.main runs: a KeyboardInterrupt traceback
     through the console script's import, now the command's line and exit code. The signal is sent once the
     process has mapped libtorch (inside `import torch`); a plain `import dpm_ops` still gets the interrupt."""
+    import shutil
     import signal
     import time
 
+    if command[0] == "dpm-reid" and shutil.which("dpm-reid") is None:
+        pytest.skip("the dpm-reid script is not installed here")
     for argv, expect_line in ((command, True), ([sys.executable, "-c", "import dpm_ops"], False)):
         process = subprocess.Popen(
             argv,
