@@ -334,6 +334,8 @@ def _rank(args) -> int:
             raise ValueError(f"{' / '.join(given)} {'is' if len(given) == 1 else 'are'} only used with {flag}")
     inputs = _inputs(args, "query", "gallery")
     out = None if args.out is None else check_output_path(args.out, "--out", ".json", inputs)
+    if out is not None and out.name == "metrics.json" and any((out.parent / "checkpoints").glob("*.pt")):
+        raise ValueError(f"--out {out} is a training run's metrics.json; write to another file")  # as eval refuses
     device = resolve_device(args.device, "--device")
     query, gallery = load_features_npz(args.query, "--query"), load_features_npz(args.gallery, "--gallery")
     lambda_value = 0.3 if args.lambda_value is None else args.lambda_value
@@ -448,6 +450,8 @@ def _main(argv: list) -> int:
             file=sys.stderr,
         )
         return 1
+    except BrokenPipeError:  # `dpm-reid rank ... | head -1`: main's quiet exit, not a failed write
+        raise
     except OSError as error:  # a write that failed mid-run: a full disk, a folder where a file goes
         print(f"dpm-reid: error: {_os_error(error, args)}", file=sys.stderr)
         return EXIT_USAGE

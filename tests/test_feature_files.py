@@ -3,6 +3,8 @@ the evaluator's numbers from the same images, Market's junk left out, bad files 
 
 import json
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -272,16 +274,30 @@ def test_bad_files_and_options_are_named(tmp_path):
         (["--device", "cuda:x"], "--device: expected auto, cpu, cuda or cuda:N, got 'cuda:x'"),  # was a traceback
         (["--device", "mps"], "--device: expected auto, cpu, cuda or cuda:N, got 'mps'"),
         (["--out", "."], "--out . is a directory"),
+        # a training run's metrics.json was silently replaced (dpm-reid eval refuses its folder)
+        (["--out", "run/metrics.json"], "--out run/metrics.json is a training run's metrics.json"),
     ],
 )
 def test_rank_command_bad_input_is_one_line(tmp_path, capsys, monkeypatch, extra, needle):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.pt").write_bytes(b"")
     write_npz(tmp_path / "q.npz")
     write_npz(tmp_path / "g.npz", seed=3)
     argv = {"--query": "q.npz", "--gallery": "g.npz"}
     argv.update(dict(zip(extra[::2], extra[1::2])))
     code = main(["rank", *[item for pair in argv.items() for item in pair]])
     assert_one_line_error(capsys, code, needle)
+
+
+def test_rank_command_whose_reader_leaves_is_quiet(tmp_path):
+    """`dpm-reid rank ... | head -1`: a write inside the command (unbuffered here, -u) that met the closed pipe
+    was reported as "dpm-reid: error: [Errno 32] Broken pipe", exit 2; now main's quiet exit, as for configs."""
+    write_npz(tmp_path / "q.npz")
+    write_npz(tmp_path / "g.npz", seed=3)
+    command = f"{sys.executable} -u -m dpm_ops rank --query q.npz --gallery g.npz | true"
+    done = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.stderr == "", done.stderr
 
 
 def test_the_extraction_api_still_answers_at_its_old_place():
