@@ -145,6 +145,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="{train,eval,export,extract,rank,synth,configs}",
         parser_class=_CommandParser,
     )
+    parser.commands = sub.choices  # name -> its parser, whose error names its own --help
 
     train = sub.add_parser("train", help="train (or resume), then evaluate and print the metrics table")
     train.add_argument("--config", required=True, type=path_argument, help="YAML file or built-in config name")
@@ -408,7 +409,10 @@ def _main(argv: list) -> int:
         from dpm_ops.data.synth import main as synth_main
 
         return synth_main(argv[1:])
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the command's options are what was mistyped: its help lists them
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "configs":
         from dpm_ops.engine.config import CONFIG_DIR, available_configs
 

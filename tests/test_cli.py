@@ -711,6 +711,10 @@ def test_warnings_are_one_line():
         (["export", "--config", "c", "--weights", "w"], "the following arguments are required: --out"),
         (["extract", "--config", "c", "--weights", "w", "--out", "f.npz"], "required: --images"),
         (["export", "--config", "c", "--weights", "w", "--out", "m.onnx", "--batch", "x"], "--batch: invalid int"),
+        # a mistyped option: the command's help lists its options (was "see dpm-reid --help")
+        (["train", "--config", "c", "--bogus"], "unrecognized arguments: --bogus"),
+        (["rank", "--query", "q.npz", "--gallery", "g.npz", "--k3", "2"], "unrecognized arguments: --k3 2"),
+        (["configs", "--all"], "unrecognized arguments: --all"),
     ],
 )
 def test_usage_mistakes_are_argparse_errors(capsys, argv, needle):

@@ -175,6 +175,18 @@ def test_evaluation_with_flip(splits, tmp_path):
         evaluate_model(model, splits, model_name="dpm", flip="on", **options)
 
 
+def test_vit_models_are_evaluated_at_their_own_input_size(splits):
+    """image_size=None took the recipe's 256x128, so a smaller ViT model (the synthetic configs' 128x64) failed in
+    its forward; it is the model's own size now, and another explicit size a ValueError before any extraction."""
+    model = tiny_model("vit_baseline")
+    options = dict(batch_size=8, pictures=False, progress=False)
+    default = evaluate_model(model, splits, model_name="vit_baseline", **options)
+    explicit = evaluate_model(model, splits, model_name="vit_baseline", image_size=(64, 32), **options)
+    assert default == explicit
+    with pytest.raises(ValueError, match=r"image_size \(128, 64\) differs from the model's input size \(64, 32\)"):
+        evaluate_model(model, splits, model_name="vit_baseline", image_size=(128, 64), **options)
+
+
 def test_extraction_does_not_depend_on_batch_size_or_workers(splits):
     # eval.batch_size and eval.num_workers: workers load the same batches in order; another batch size
     # blocks the model's GEMMs differently, which moves the float32 features by a rounding error only.

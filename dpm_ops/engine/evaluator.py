@@ -119,10 +119,10 @@ def evaluate_model(
 ) -> Optional[dict]:
     """Evaluate ``model`` on ``splits.query`` against ``splits.gallery``.
 
-    ``image_size`` (height, width): the network input, default the recipe's ((256, 128) for the
-    ViT models; MaskReID resizes to 160x64 and centre-crops 144x56, and an explicit size is the
-    crop). ``distance``: "auto" (the model's test metric, see the module docstring), "euclidean", "cosine" or
-    "masked_arccos" (DPM only). ``aqe``: True or a dict of k, alpha, times (default 5, 3.0, 1): alpha query
+    ``image_size`` (height, width): the network input, default the model's own for the ViT models
+    (another is a ValueError: their position embedding fixes it); MaskReID resizes to 160x64 and
+    centre-crops 144x56 by default, and an explicit size is the crop). ``distance``: "auto" (the model's
+    test metric, see the module docstring), "euclidean", "cosine" or "masked_arccos" (DPM only). ``aqe``: True or a dict of k, alpha, times (default 5, 3.0, 1): alpha query
     expansion of the pooled features before the distance (fast-reid's TEST.AQE). ``rerank``: True /
     "kreciprocal" or "gnn" (GNN re-ranking) with k1, k2 (None: the method's, 20 / 6, 26 / 7), lambda_value.
     ``amp_dtype``: extract under autocast to it (None: fp32). ``flip``: flip test-time augmentation (fast-reid's
@@ -139,8 +139,8 @@ def evaluate_model(
     ranked_worst.png and (DPM) masks.png. Under torch.distributed every rank calls it; rank 0 returns the
     metrics, others None."""
     recipe = get_recipe(model_name)
-    _check_model_and_splits(model, splits, model_name)
-    image_size = _check_image_size(image_size)
+    network = _check_model_and_splits(model, splits, model_name)
+    image_size = recipe.eval_input_size(network, _check_image_size(image_size))
     metric = resolve_distance(distance, model_name)
     _check_options(splits, model_name, max_rank, batch_size, protocol, num_repeats, seed, multi_query)
     method, k1, k2, lambda_value = check_reranking(rerank, k1, k2, lambda_value, metric)
@@ -182,8 +182,9 @@ def _settings(model_name, dataset, metric, image_size, amp_dtype, scoring) -> di
     return {**settings, "aqe": scoring["aqe"]}
 
 
-def _check_model_and_splits(model, splits, model_name: str) -> None:
-    """A model of ``model_name``'s recipe (another one's outputs failed after the first batch) and loaded splits."""
+def _check_model_and_splits(model, splits, model_name: str) -> torch.nn.Module:
+    """A model of ``model_name``'s recipe (another one's outputs failed after the first batch) and loaded splits;
+    returns the network (unwrapped from DDP and torch.compile)."""
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     network = unwrap_ddp(model)
@@ -196,6 +197,7 @@ def _check_model_and_splits(model, splits, model_name: str) -> None:
         )
     if not isinstance(splits, ReIDSplits):
         raise ValueError(f"splits must be the ReIDSplits of a dataset (build_dataset), got {type(splits).__name__}")
+    return network
 
 
 def _check_aqe(aqe, splits) -> Optional[dict]:

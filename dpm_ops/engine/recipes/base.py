@@ -183,6 +183,10 @@ class Recipe:
         margin = self.test_resize_margin
         return None if margin is None else (size[0] + margin[0], size[1] + margin[1])
 
+    def eval_input_size(self, model: nn.Module, image_size: Optional[tuple]) -> Optional[tuple]:
+        """The image_size evaluate_model's test transform takes for ``model``: the given one, or None (the recipe's)."""
+        return image_size
+
     def test_input_size(self, image_size: Optional[tuple]) -> tuple:
         """The network input actually used (for metrics.json)."""
         return tuple(image_size) if image_size is not None else self.default_test_size
@@ -230,6 +234,9 @@ class ViTRecipe(Recipe):
         images, camids = (batch[key].to(device, non_blocking=True) for key in ("image", "camid"))
         output = model(images, cam_label=camids)
         return tuple(output) if self.test_masks else (output, None)
+
+    def eval_input_size(self, model: nn.Module, image_size: Optional[tuple]) -> Optional[tuple]:
+        return self.export_input_size(model, image_size)  # the model's own (a 128x64 model failed on 256x128)
 
     def export_input_size(self, model: nn.Module, image_size: Optional[tuple]) -> tuple:
         own = tuple(model.backbone.patch_embed.img_size)
