@@ -305,7 +305,9 @@ def load_features_npz(path, argument: str = "path") -> SavedFeatures:
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
         if isinstance(error, ExportError):
             raise
-        raise ExportError(f"{where}: not an .npz file ({error})") from None
+        # numpy's "pickled data ... allow_pickle" for any other file is advice not to follow here
+        reason = "neither a zip archive nor a .npy array" if "allow_pickle" in str(error) else error
+        raise ExportError(f"{where}: not an .npz file ({reason})") from None
     missing = [name for name in NPZ_ARRAYS if name not in arrays]
     if missing:
         raise ExportError(f"{where}: no {', '.join(missing)} array: not a feature file of dpm-reid extract")

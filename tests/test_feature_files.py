@@ -202,7 +202,7 @@ def test_bad_files_and_options_are_named(tmp_path):
     for path, needle in (
         (tmp_path / "missing.npz", "missing.npz: not found"),
         (tmp_path / "folder.npz", "folder.npz: is a folder"),
-        (garbage, "garbage.npz: not an .npz file"),
+        (garbage, "garbage.npz: not an .npz file (neither a zip archive nor a .npy array)"),
         (partial, "partial.npz: no paths, pids, camids, model, distance array: not a feature file of dpm-reid extract"),
         (write_npz(tmp_path / "m.npz", model="osnet"), "m.npz: model 'osnet' is not one of dpm, "),
         (
