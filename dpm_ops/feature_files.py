@@ -30,6 +30,7 @@ from .data.image_io import as_mask, as_rgb
 from .data.parsing import MARKET_NAME
 from .engine.checkpoint import atomic_write
 from .ops._checks import row_norm_limit
+from .engine.builders import resolve_device
 from .engine.extraction import FeatureSet, as_device, eval_transform, extract_features
 from .engine.recipes import RECIPES, get_recipe, model_cameras
 from .engine.scoring import DISTANCES, check_reranking, compute_distances, rank_metrics, resolve_distance
@@ -393,6 +394,7 @@ def rank_features(
     expansion = check_aqe(aqe)
     check_count("max_rank", max_rank, 1)
     roc = check_flag(None, "roc", roc)
+    device = resolve_device(str(as_device(device)), "device")  # "cuda" without CUDA: torch's AssertionError
     unknown = int((query.features.pids == UNKNOWN_PID).sum())
     if unknown:
         raise ValueError(

@@ -257,7 +257,10 @@ def test_bad_files_and_options_are_named(tmp_path):
         (dict(aqe=dict(k=24, alpha=0.5)), "aqe: alpha=0.5 gives non-finite weights"),  # negative similarities
         (dict(aqe="yes"), "aqe must be a bool or a dict of ('k', 'alpha', 'times'), got 'yes'"),
         (dict(aqe=dict(beta=1)), "aqe must be a bool or a dict of ('k', 'alpha', 'times'), got {'beta': 1}"),
+        (dict(device="gpu"), "device must be a torch.device or a name such as cpu, cuda, cuda:N, got 'gpu'"),
     ]
+    if not torch.cuda.is_available():  # was torch's AssertionError "Torch not compiled with CUDA enabled"
+        cases.append((dict(device="cuda"), "device: cuda requested but CUDA is not available here"))
     for change, needle in cases:
         arguments = {"query": saved, "gallery": saved, **change}
         with pytest.raises(ValueError) as error:
