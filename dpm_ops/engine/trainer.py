@@ -259,7 +259,8 @@ class Trainer:
                 old = current_choice(section, key, saved.get(section, {}).get(key, default_config[section][key]))
                 if old != value:
                     raise CheckpointError(
-                        f"--resume: config key {section}.{key} is {value!r} but the checkpoint was trained with {old!r}"
+                        f"--resume: config key {section}.{key} is {value!r} but the checkpoint was trained with "
+                        f"{old!r} (the run's own settings: --config {self.output_dir / 'config.yaml'})"
                     )
 
     def load_for_resume(self) -> dict:
