@@ -20,6 +20,7 @@ import torch
 
 from .. import _backend
 from ..ops.gnn_rerank import GNN_PROPAGATE, GNN_SIMILARITY_
+from ..ops._checks import KNN_GPU_MAX_K
 from ..ops.knn import check_strategy, self_knn
 from . import _inputs
 from ._copies import copy_groups, tie_copies
@@ -70,9 +71,10 @@ def gnn_rerank(qf, gf, k1: int = GNN_K1, k2: int = GNN_K2, lambda_value: float =
     width = min(k1, n)
     # the query x gallery cosine block only where the score blends it in (lambda 0: a whole GEMM saved)
     cross_rows = num_query if lambda_value > 0 else 0
-    # Exact copies tie in index order (tie_copies), from a few more neighbours where a group straddles the k1-th.
+    # Exact copies tie in index order (tie_copies), from a few more neighbours where a group straddles the k1-th
+    # (within the GPU kernels' lists: a k1 they take is never refused for it).
     groups = copy_groups(x)
-    search_width = width if groups is None else min(width + TIE_MARGIN, n)
+    search_width = width if groups is None else min(width + TIE_MARGIN, n, max(width, KNN_GPU_MAX_K))
     distances, neighbours, _, cross = self_knn(x, search_width, "cosine", cross_rows=cross_rows, strategy=strategy)
     tie_copies(distances, neighbours, groups)
     distances, neighbours = distances[:, :width], neighbours[:, :width]
