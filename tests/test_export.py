@@ -61,7 +61,14 @@ def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def tiny_model(name: str):
-    """(model, input size): the named architecture at test size, 3 cameras for the ViT models."""
+    """(model, input size): the named architecture at test size, 3 cameras for the ViT models; its weights
+    drawn from seed 0 (from the worker's global generator they depended on the tests run before)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return _tiny_model(name)
+
+
+def _tiny_model(name: str):
     if name == "maskreid":
         return randomise(build_model(name, 0, stem_channels=4, base_width=4, embed_dim=16)), MASKREID_SIZE
     if name == "maskreid_resnet50":
