@@ -298,8 +298,9 @@ def test_rank_command_whose_reader_leaves_is_quiet(tmp_path):
     was reported as "dpm-reid: error: [Errno 32] Broken pipe", exit 2; now main's quiet exit, as for configs."""
     write_npz(tmp_path / "q.npz")
     write_npz(tmp_path / "g.npz", seed=3)
-    command = f"{sys.executable} -u -m dpm_ops rank --query q.npz --gallery g.npz | true"
-    done = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    # run from the test's working folder (the repository): where dpm_ops is built in place, not installed, it imports
+    command = f"{sys.executable} -u -m dpm_ops rank --query {tmp_path / 'q.npz'} --gallery {tmp_path / 'g.npz'} | true"
+    done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=300)
     assert done.stderr == "", done.stderr
 
 
