@@ -324,6 +324,7 @@ def _extract(args) -> int:
 
 def _rank(args) -> int:
     from dpm_ops.engine import resolve_device
+    from dpm_ops.engine.checkpoint import run_checkpoints
     from dpm_ops.engine.evaluator import write_json_atomic
     from dpm_ops.engine.scoring import format_metrics_table
     from dpm_ops.export import check_output_path
@@ -335,7 +336,7 @@ def _rank(args) -> int:
             raise ValueError(f"{' / '.join(given)} {'is' if len(given) == 1 else 'are'} only used with {flag}")
     inputs = _inputs(args, "query", "gallery")
     out = None if args.out is None else check_output_path(args.out, "--out", ".json", inputs)
-    if out is not None and out.name == "metrics.json" and any((out.parent / "checkpoints").glob("*.pt")):
+    if out is not None and out.name == "metrics.json" and run_checkpoints(out.parent):
         raise ValueError(f"--out {out} is a training run's metrics.json; write to another file")  # as eval refuses
     device = resolve_device(args.device, "--device")
     query, gallery = load_features_npz(args.query, "--query"), load_features_npz(args.gallery, "--gallery")

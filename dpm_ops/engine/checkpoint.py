@@ -113,11 +113,16 @@ def make_output_folder(path: str | os.PathLike, name: str) -> Path:
     return path
 
 
+def run_checkpoints(folder: Path) -> list[Path]:
+    """The checkpoints of the training run ``folder`` holds (its checkpoints/*.pt), sorted; [] if none."""
+    return sorted((Path(folder) / "checkpoints").glob("*.pt"))
+
+
 def check_not_a_run_folder(path: Path, name: str) -> None:
     """An evaluation's output folder must be neither a training run's (its metrics.json and pictures
     would replace the run's) nor in use by one (a run starting there holds its lock before writing any
     checkpoint); a CheckpointError naming ``name`` otherwise."""
-    held = sorted((path / "checkpoints").glob("*.pt"))
+    held = run_checkpoints(path)
     if held:
         raise CheckpointError(
             f"{name} {path} holds a training run ({held[0].relative_to(path)}): its metrics.json and pictures "
@@ -157,7 +162,7 @@ class RunFolder:
         if checkpoints.exists() and not checkpoints.is_dir():  # found after the first epoch, otherwise
             self.release()
             raise CheckpointError(f"{checkpoints} is not a folder: the run writes its checkpoints there")
-        self.earlier = [] if resume else sorted(checkpoints.glob("*.pt"))
+        self.earlier = [] if resume else run_checkpoints(path)
         if self.earlier and not overwrite:
             self.release()
             raise CheckpointError(

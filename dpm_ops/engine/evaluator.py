@@ -122,9 +122,10 @@ def evaluate_model(
     ``image_size`` (height, width): the network input, default the model's own for the ViT models
     (another is a ValueError: their position embedding fixes it); MaskReID resizes to 160x64 and
     centre-crops 144x56 by default, and an explicit size is the crop). ``distance``: "auto" (the model's
-    test metric, see the module docstring), "euclidean", "cosine" or "masked_arccos" (DPM only). ``aqe``: True or a dict of k, alpha, times (default 5, 3.0, 1): alpha query
-    expansion of the pooled features before the distance (fast-reid's TEST.AQE). ``rerank``: True /
-    "kreciprocal" or "gnn" (GNN re-ranking) with k1, k2 (None: the method's, 20 / 6, 26 / 7), lambda_value.
+    test metric, see the module docstring), "euclidean", "cosine" or "masked_arccos" (DPM only). ``aqe``: True
+    or a dict of k, alpha, times (default 5, 3.0, 1): alpha query expansion of the pooled features before the
+    distance (fast-reid's TEST.AQE). ``rerank``: True / "kreciprocal" or "gnn" (GNN re-ranking) with k1, k2
+    (None: the method's, 20 / 6, 26 / 7), lambda_value.
     ``amp_dtype``: extract under autocast to it (None: fp32). ``flip``: flip test-time augmentation (fast-reid's
     TEST.FLIP; ``extract_features``).
     ``protocol`` / ``num_repeats`` / ``seed``: as in ``evaluate_rank`` ("cuhk03": CUHK03's

@@ -68,7 +68,7 @@ def tie_copies(values: torch.Tensor, indices: torch.Tensor, groups: Optional[tor
     member = groups[indices]
     own = member == groups[:, None]
     by_group = member.sort(dim=1).values
-    rows = ((by_group[:, 1:] == by_group[:, :-1]).any(dim=1) | own.sum(dim=1).gt(1)).nonzero().squeeze(1)
+    rows = (by_group[:, 1:] == by_group[:, :-1]).any(dim=1).nonzero().squeeze(1)  # a group held twice (own too)
     width = indices.shape[1]
     for chunk in rows.split(max(1, _CHUNK_ELEMENTS // (width * width))):
         row_indices, row_member = indices[chunk], member[chunk]
