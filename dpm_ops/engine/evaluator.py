@@ -160,17 +160,22 @@ def evaluate_model(
     subsets = query_subsets(splits, splits.query)
     metrics = rank_metrics(distmat, query, gallery, subsets, max_rank, protocol, num_repeats, seed, roc)
     if out_dir is not None:
-        os.makedirs(out_dir, exist_ok=True)
         protocol_options = dict(max_rank=max_rank, protocol=protocol, multi_query=multi_query)
         if protocol == "cuhk03":
             protocol_options.update(num_repeats=num_repeats, seed=seed)
         settings = _settings(model_name, splits.name, metric, recipe.test_input_size(image_size), amp_dtype, scoring)
         settings.update(num_query=len(query), num_gallery=len(gallery), flip=flip, roc=roc, **protocol_options)
-        write_json_atomic(os.path.join(out_dir, "metrics.json"), {**metrics, "settings": settings})
-        if pictures:
-            context = dict(model=model, splits=splits, model_name=model_name, transform=transform, device=device)
-            write_pictures(out_dir, metrics, distmat, query, gallery, subsets, **context)
+        context = dict(model=model, splits=splits, model_name=model_name, transform=transform, device=device)
+        _write_outputs(out_dir, metrics, settings, pictures, (distmat, query, gallery, subsets), context)
     return metrics
+
+
+def _write_outputs(out_dir, metrics, settings, pictures, ranking, context) -> None:
+    """metrics.json (atomically, with its ``settings``) and, with ``pictures``, the ranking's pictures."""
+    os.makedirs(out_dir, exist_ok=True)
+    write_json_atomic(os.path.join(out_dir, "metrics.json"), {**metrics, "settings": settings})
+    if pictures:
+        write_pictures(out_dir, metrics, *ranking, **context)
 
 
 def _settings(model_name, dataset, metric, image_size, amp_dtype, scoring) -> dict:
