@@ -2,6 +2,7 @@
 ValueError naming the argument, on every backend, or a defined correct answer; never a crash, a
 torch TypeError / IndexError or a silently wrong number."""
 
+import functools
 import warnings
 
 import numpy as np
@@ -227,6 +228,28 @@ def test_eps_must_be_positive(call, value):
     # eps is a divisor's floor: 0 lets 0 / 0 through
     with pytest.raises(ValueError, match="eps must be a finite number > 0"):
         call(value)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("dtype, least", [(torch.float32, "1.17549e-38"), (torch.float64, "2.22507e-308")])
+def test_eps_must_be_a_normal_number_of_the_compute_dtype(backend, dtype, least):
+    """Before, a subnormal eps (1e-40 in float32) was taken, flushed to 0 by the C++ kernels: a row of zeros or of
+    tiny values gave NaN where the reference gave a number. At the least eps taken, kernels and reference agree."""
+    device = device_for(backend)
+    x, mask, protos = torch.randn(4, 6, dtype=dtype), torch.rand(4, 6, dtype=dtype), torch.randn(3, 6, dtype=dtype)
+    x[1], x[2] = 0, x[2] * 1e-25
+    logits = torch.randn(2, 3, 6, dtype=dtype)
+    logits[0, 1], logits[1, 2] = logits[0, 1] * 1e-25, 0
+    x, mask, protos, logits = (t.to(device) for t in (x, mask, protos, logits))
+    cosine = functools.partial(masked_cosine, x, mask, protos)
+    hem = functools.partial(hem_loss, logits)
+    for call, op in ((cosine, "masked_cosine"), (hem, "hem_loss")):
+        with pytest.raises(ValueError, match=f"^{op}: eps must be finite and >= {least}, the smallest normal"):
+            call(eps=torch.finfo(dtype).tiny / 4, backend=backend)
+        at_least = dict(eps=torch.finfo(dtype).tiny)
+        got, expected = call(**at_least, backend=backend), call(**at_least, backend="reference")
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("labels", [list("abcdef"), [object()] * 6, None, [[1], [2, 3]]])
@@ -465,6 +488,9 @@ def test_gpu_k_cap_and_nonnegative_weights_at_their_edges():
         check_nonnegative("op", weights=torch.empty(0), other=torch.tensor([1.0, -0.5]))
 
 
+FLOAT, DOUBLE = "(Float|torch.float32)", "(Double|torch.float64)"  # a dtype as C++ and Python name it
+
+
 def _backward_cases(device):
     x, mask, protos = (torch.randn(*shape, device=device) for shape in ((4, 8), (4, 8), (5, 8)))
     out = torch.randn(4, 5, device=device)
@@ -474,11 +500,11 @@ def _backward_cases(device):
     pool = ("hierarchical_mask_pool_backward", lambda grad, out=pool_out: (grad, features, None, out, "max"))
     return [
         (*cosine, dict(grad=out[:3]), "grad must have the forward's shape \\[4, 5\\], got \\[3, 5\\]"),
-        (*cosine, dict(grad=out.double()), "grad must be Float as the forward gives it, got Double"),
+        (*cosine, dict(grad=out.double()), f"grad must be {FLOAT} as the forward gives it, got {DOUBLE}"),
         (*cosine, dict(grad=out, out=out[:2, :2]), "out must have the forward's shape"),
-        (*cosine, dict(grad=out, den=out.double()), "den_sq must be Float as the forward gives it"),
+        (*cosine, dict(grad=out, den=out.double()), f"den_sq must be {FLOAT} as the forward gives it"),
         (*pool, dict(grad=pool_out[:1]), "grad must have the forward's shape \\[2, 3\\], got \\[1, 3\\]"),
-        (*pool, dict(grad=pool_out.double()), "grad must be Float"),
+        (*pool, dict(grad=pool_out.double()), f"grad must be {FLOAT}"),
         (*pool, dict(grad=pool_out, out=pool_out.T), "out must have the forward's shape"),
         (
             "hem_loss_backward",
@@ -495,12 +521,82 @@ def _backward_cases(device):
     ]
 
 
-@pytest.mark.parametrize("backend", backend_params("cpp", "cuda"))
+@pytest.mark.parametrize("backend", backend_params("cpp", "cuda", "triton"))
 @pytest.mark.parametrize("case", range(9))
 def test_backward_ops_check_what_the_forward_gives(backend, case):
     """A direct torch.ops call of a backward op with a gradient or saved tensor of another shape or dtype than the
     forward gives: before, the kernels read a mis-shaped grad past its end (CPU) and overran a buffer with a
-    float64 one (CUDA, a crash under the emulator); now a ValueError naming it."""
+    float64 one (CUDA, a crash under the emulator); now a ValueError naming it, from the Triton twins too."""
     name, arguments, given, message = _backward_cases(device_for(backend))[case]
     with pytest.raises(ValueError, match=f"{name}: {message}"):
         op_for(name, backend)(*arguments(**given))
+
+
+def _raw_op_cases(device):
+    """(op, its arguments, what the message says) for direct torch.ops calls that the ops must refuse."""
+    x, lg = torch.randn(5, 4, device=device), torch.randn(2, 3, 6, device=device)
+    labels = torch.tensor([0, 0, 1, 1, 2], device=device)
+    features, arcface = [torch.randn(2, 3, 4, 4, device=device)], (30.0, 0.5, False, 1e-7, 0.5, 0.5, False)
+    return [
+        ("knn", (x, x, 6, "euclidean"), r"knn: k must"),
+        ("knn", (x, x[:, :3], 2, "euclidean"), "knn: x and y must have the same feature dimension"),
+        ("knn", (x, x, 2, "cityblock"), "knn: metric must be one of"),
+        ("knn", (x, x.long(), 2, "euclidean"), "knn: y must be floating point"),
+        ("self_knn", (x, 0, "sqeuclidean", False, 0), r"knn: k must"),
+        ("self_knn", (x, 2, "sqeuclidean", False, 7), "knn: cross_rows must"),
+        ("knn_certified", (x, x, 6, "euclidean"), r"knn: k must"),
+        ("self_knn_certified", (x, 2, "sqeuclidean", True, 9), "knn: cross_rows must"),
+        ("masked_cosine", (x, x[:3], x, 1e-12), "masked_cosine: mask must have the shape of x"),
+        ("masked_cosine", (x, x, x[:, :3], 1e-12), "masked_cosine: protos must have C = 4 columns like x, got 3"),
+        ("masked_cosine", (x, x, x, 0.0), "masked_cosine: eps must be"),
+        ("masked_cosine", (x, x, x, 1e-40), "masked_cosine: eps must be finite and >= 1.17549e-38, the smallest"),
+        ("masked_cosine", (x, x.double(), x, 1e-12), "masked_cosine: x, mask and protos must share one dtype"),
+        (
+            "hierarchical_mask_pool",
+            (features, torch.rand(3, 1, 4, 4, device=device), "avg"),
+            r"hierarchical_mask_pool: mask must be \(B, 1, H, W\) with B = 2",
+        ),
+        (
+            "hierarchical_mask_pool",
+            (features, torch.rand(2, 1, 4, 4, device=device).double(), "avg"),
+            "hierarchical_mask_pool: mask must share dtype and device with the features",
+        ),
+        ("hierarchical_mask_pool", (features, None, "min"), "hierarchical_mask_pool: mode must be"),
+        ("hem_loss", (lg[0], 1e-6, "sum"), "hem_loss: cls_logits must be 3-D"),
+        ("hem_loss", (lg, 1e-6, "max"), "hem_loss: reduction must be 'sum'"),
+        ("hem_loss", (lg, 0.0, "sum"), "hem_loss: eps must be"),
+        ("hem_loss", (lg, 1e-40, "sum"), "hem_loss: eps must be finite and >= 1.17549e-38, the smallest normal"),
+        (
+            "masked_arcface_ce",
+            (x, x, x[:3], torch.tensor([0, 1, 2, 3, 0], device=device), *arcface),
+            r"masked_arcface_cross_entropy: labels must lie in \[0, K = 3\)",
+        ),
+        ("masked_arcface_ce", (x, x, x[:3], labels[:3], *arcface), "masked_arcface_cross_entropy: labels must be 1-D"),
+        (
+            "masked_arcface_ce",
+            (x, x, x[:3], labels, 30.0, 0.5, False, 1.5, 0.5, 0.5, False),
+            r"masked_arcface_cross_entropy: clamp_eps must lie in \[0, 1\)",
+        ),
+        ("maskreid_ranking_loss", (x, labels[:3], 0.15, 2.0, "literal", "hardest"), "labels must be 1-D with B = 5"),
+        ("maskreid_ranking_loss", (x, labels, 0.15, 2.0, "literal", "closest"), "maskreid_ranking_loss: pos_mode must"),
+        ("maskreid_ranking_loss", (x, labels.float(), 0.15, 2.0, "literal", "hardest"), "labels must be integer"),
+        (
+            "maskreid_ranking_loss_backward",
+            (torch.ones((), device=device), x, torch.randn(4, 4, device=device)),
+            "maskreid_ranking_loss_backward: coef must",
+        ),
+        ("batch_hard_triplet", (x, labels.int(), False), "batch_hard_triplet: labels must be int64"),
+        ("batch_hard_triplet", (x.half(), labels, False), "batch_hard_triplet: features must be float32 or float64"),
+        ("batch_hard_triplet", (x, labels[:2], False), "batch_hard_triplet: labels must be 1-D of length B = 5"),
+    ]
+
+
+@pytest.mark.parametrize("backend", backend_params("cpp", "cuda", "triton"))
+@pytest.mark.parametrize("case", range(len(_raw_op_cases("cpu"))))
+def test_raw_ops_check_their_arguments_on_every_kind(backend, case):
+    """A direct torch.ops call of an op with arguments it cannot take is the same ValueError from the C++ op and
+    from its Triton twin. Before, the twins checked nothing: knn_triton with k past the rows returned indices
+    of no row, the Triton ArcFace rows of labels past K were NaN."""
+    name, arguments, message = _raw_op_cases(device_for(backend))[case]
+    with pytest.raises(ValueError, match=message):
+        op_for(name, backend)(*arguments)

@@ -1,6 +1,7 @@
 """Fused masked ArcFace cross-entropy (dpm_ops.ops.masked_arcface_ce): every backend against the
 reference loss (dpm_ops.losses.masked_arcface_cross_entropy(..., backend="reference")), value and gradients."""
 
+import functools
 import math
 
 import numpy as np
@@ -359,12 +360,17 @@ def test_reference_backend_is_plain_torch_throughout():
     )
 
 
-@pytest.mark.parametrize("backend", backend_params("cuda", "triton"))
-def test_gpu_kernels_give_nan_for_a_label_out_of_range(backend):
-    """The label range is checked before the launch, except under torch.compile: there the CUDA kernel's loss is
-    NaN, and the Triton kernel's was a finite loss with a target logit of 0 (8.39 here), now NaN as well."""
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernels_refuse_a_label_out_of_range_also_under_compile(backend):
+    """The label range is checked by every kernel, so under torch.compile (which skips the Python entry point's
+    data-dependent checks) too. Before, the CUDA kernel's loss was NaN there and the Triton kernel's a finite
+    loss with a target logit of 0 (8.39 here)."""
+    torch._dynamo.reset()
     device = device_for(backend)
     features, mask, weight = (torch.rand(*shape, device=device) for shape in ((4, 8), (4, 8), (5, 8)))
     labels = torch.tensor([0, 1, 2, 7], device=device)
-    loss = op_for("masked_arcface_ce", backend)(features, mask, weight, labels, 30.0, 0.5, False, 1e-7, 0.5, 0.5, False)
-    assert torch.isnan(loss[0])
+    compiled = torch.compile(functools.partial(masked_arcface_ce, backend=backend), fullgraph=True, backend="aot_eager")
+    for run in (compiled, op_for("masked_arcface_ce", backend)):
+        args = () if run is compiled else (30.0, 0.5, False, 1e-7, 0.5, 0.5, False)
+        with pytest.raises(ValueError, match=r"masked_arcface_cross_entropy: labels must lie in \[0, K = 5\)"):
+            run(features, mask, weight, labels, *args)

@@ -20,7 +20,9 @@ inline bool check_inputs(const at::Tensor& cls_logits, double eps, const std::st
                     cls_logits.sizes());
   TORCH_CHECK_VALUE(at::isFloatingType(cls_logits.scalar_type()), "hem_loss: cls_logits must be floating point, got ",
                     cls_logits.scalar_type());
-  TORCH_CHECK_VALUE(eps > 0 && std::isfinite(eps), "hem_loss: eps must be finite and > 0, got ", eps);
+  const double least_eps = smallest_normal(cls_logits.scalar_type());
+  TORCH_CHECK_VALUE(eps >= least_eps && std::isfinite(eps), "hem_loss: eps must be finite and >= ", least_eps,
+                    ", the smallest normal ", compute_type(cls_logits.scalar_type()), " number, got ", eps);
   TORCH_CHECK_VALUE(reduction == "sum" || reduction == "mean",
                     "hem_loss: reduction must be 'sum' (official) or 'mean', got '", reduction, "'");
   return reduction == "mean";

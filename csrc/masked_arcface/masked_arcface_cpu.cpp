@@ -26,6 +26,8 @@ const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_dat
 // The masked cosine's CPU passes (prepare_rows: the GEMM operands, with the finiteness check),
 // plus the loss rows and the backward row passes with the plain branch's gradient added.
 struct CpuKernels : masked_cosine::CpuKernels {
+  static void check_labels(const at::Tensor&, int64_t) {}  // masked_rows checks them in its own pass
+
   // Per row: cosines, ArcFace logits, their log-sum-exp; row_loss = masked_w · (lse − l[y])
   // (the batch mean comes later). With `with_grad`, in place: num -> g_num, den_sq -> h of dLoss/dcos.
   static void masked_rows(at::Tensor num, at::Tensor den_sq, const at::Tensor& labels, const Params& p,

@@ -26,6 +26,16 @@ struct CudaKernels {
                                       v.size(0), v.size(1), eps, scaled.data_ptr(), second.data_ptr(), inv.data_ptr(),
                                       current_stream());
   }
+  // The row kernels give a label outside [0, K) a NaN row: a direct torch.ops call gets the CPU op's ValueError
+  // instead, for one sync (the Python entry point leaves this check to the op).
+  static void check_labels(const at::Tensor& labels, int64_t K) {
+    if (labels.numel() == 0) return;
+    const auto [low, high] = at::aminmax(labels);
+    const at::Tensor range = at::stack({low, high}).cpu();
+    const int64_t* bounds = range.const_data_ptr<int64_t>();
+    TORCH_CHECK_VALUE(bounds[0] >= 0 && bounds[1] < K, "masked_arcface_cross_entropy: labels must lie in [0, K = ", K,
+                      ")");
+  }
   static void masked_rows(at::Tensor num, at::Tensor den_sq, const at::Tensor& labels, const Params& p,
                           int64_t batch, bool with_grad, at::Tensor row_loss) {
     cuda::masked_rows(dtype_of(num), num.data_ptr(), den_sq.data_ptr(), labels.const_data_ptr<int64_t>(),

@@ -131,6 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_arcface_ce(
   const Params p{scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight};
   check_inputs(features, mask, weight, labels, p);
   const c10::OptionalDeviceGuard guard(at::device_of(features));
+  Kernels::check_labels(labels, weight.size(0));
   return forward<Kernels>(features.contiguous(), mask.contiguous(), weight.contiguous(), labels.contiguous(), p,
                           with_grad);
 }

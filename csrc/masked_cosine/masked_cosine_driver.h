@@ -10,9 +10,11 @@
 #include <ATen/ATen.h>
 
 #include "../common/backward_checks.h"
+#include "../common/compute_type.h"
 #include "../common/gemm.h"
 #include "../common/no_autocast.h"
 
+#include <cmath>
 #include <optional>
 #include <tuple>
 
@@ -54,7 +56,9 @@ inline void check_inputs(const at::Tensor& x, const at::Tensor& mask, const at::
   TORCH_CHECK_VALUE(mask.device() == x.device() && protos.device() == x.device(),
               "masked_cosine: x, mask and protos must be on one device, got ", x.device(), ", ",
               mask.device(), ", ", protos.device());
-  TORCH_CHECK_VALUE(eps > 0, "masked_cosine: eps must be > 0, got ", eps);
+  const double least_eps = smallest_normal(x.scalar_type());
+  TORCH_CHECK_VALUE(eps >= least_eps && std::isfinite(eps), "masked_cosine: eps must be finite and >= ", least_eps,
+                    ", the smallest normal ", compute_type(x.scalar_type()), " number, got ", eps);
 }
 
 // The backward's grad and out (B, K) in x's dtype, den_sq (B, K) in its compute type, as the forward gives them.

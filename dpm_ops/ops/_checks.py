@@ -91,6 +91,28 @@ def check_batch(op: str, name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{op}: {name} must hold at least one sample (B >= 1), got shape {tuple(t.shape)}")
 
 
+def check_from_forward(op: str, name: str, t, shape, dtype: torch.dtype, device: torch.device) -> None:
+    """A backward op's gradient or saved tensor as its forward gives it (csrc/common/backward_checks.h's
+    check for the C++ ops): a direct torch.ops call may pass any, and the kernels read it as the forward's."""
+    check_tensors(op, **{name: t})
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have the forward's shape {list(shape)}, got {list(t.shape)}")
+    if t.dtype != dtype:
+        raise ValueError(f"{op}: {name} must be {dtype} as the forward gives it, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{op}: {name} must be on {device} with the forward's inputs, got {t.device}")
+
+
+def check_loss_grad(op: str, grad) -> None:
+    """The gradient of a scalar loss: one value, of any floating dtype and device (it is read as a number)."""
+    check_tensors(op, grad=grad)
+    if grad.numel() != 1 or not grad.is_floating_point():
+        raise ValueError(
+            f"{op}: grad must be the loss's gradient, one floating-point value, got {grad.dtype} of shape "
+            f"{list(grad.shape)}"
+        )
+
+
 def check_labels(op: str, labels, features: torch.Tensor, of: str = "features") -> None:
     """Class labels of a batch: an int64 tensor of shape (B,) on the device of `features` (named `of`)."""
     if not isinstance(labels, torch.Tensor):
@@ -238,6 +260,19 @@ def check_number(op: str, name: str, value, positive: bool = False) -> float:
     ):
         raise ValueError(f"{op}: {name} must be a finite number{' > 0' if positive else ''}, got {quote(value)}")
     return float(value)
+
+
+def check_eps(op: str, eps, dtype: torch.dtype) -> float:
+    """A norm's eps (its floor, or an addend of its square) for input of `dtype`: finite and at least the
+    smallest normal number of the compute dtype (1.2e-38 in float32, where the kernels compute): a subnormal
+    eps may be flushed to 0, and a zero row divided by it (NaN)."""
+    value = check_number(op, "eps", eps, positive=True)
+    compute = compute_dtype(dtype)
+    least = torch.finfo(compute).tiny
+    if value < least:
+        name = str(compute).removeprefix("torch.")
+        raise ValueError(f"{op}: eps must be finite and >= {least:.6g}, the smallest normal {name} number, got {eps!r}")
+    return value
 
 
 def check_known_options(owner: str, options, known, error: type = ValueError) -> None:

@@ -4,7 +4,9 @@ module generates
 
 * the definition of ``dpm_ops::<name>`` (the C++ kernels only register into it, per device, in
   csrc/<op>/<op>_{cpu,cuda}.cpp) and, when the op has a Triton implementation, of its twin
-  ``dpm_ops::<name>_triton`` (``<op>_triton_backward`` for ``<op>_backward``) with the same schema;
+  ``dpm_ops::<name>_triton`` (``<op>_triton_backward`` for ``<op>_backward``) with the same schema,
+  which checks its arguments as the C++ op does (its declared `check`: a direct torch.ops call of
+  either gets the same ValueErrors);
 * the fake and autograd registrations of both (the autograd formula takes the backward op of its
   own kind: the C++ forward differentiates through the C++ backward, the twin through the twin's);
 * the dispatch of a resolved backend name: Op.run(name, ...) runs the reference, the C++ op or the
@@ -35,6 +37,7 @@ class Op:
     schema: str  # "(arguments) -> returns", shared by the C++ op and its Triton twin
     fake: Callable
     triton: Optional[Callable]  # the twin's implementation, or None: no twin
+    check: Optional[Callable]  # the twin's argument checks (the C++ op's are in C++), on the op's arguments
     backward: Optional["Op"]
     reference: Optional[Callable]  # what backend "reference" runs, on the public function's arguments
     autograd: Optional[Callable]
@@ -74,7 +77,7 @@ def lazy(path: str) -> Callable:
     return call
 
 
-def _define(name: str, schema: str, implementation: Optional[Callable]) -> None:
+def _define(name: str, schema: str, implementation: Optional[Callable], check: Optional[Callable]) -> None:
     LIBRARY.define(name + schema)
     if implementation is not None:
         # A Python kernel may be called without the trailing arguments left at their defaults.
@@ -82,7 +85,10 @@ def _define(name: str, schema: str, implementation: Optional[Callable]) -> None:
 
         @without_autocast
         def kernel(*args):
-            return implementation(*args, *defaults[len(args) :])
+            args = (*args, *defaults[len(args) :])
+            if check is not None:
+                check(*args)
+            return implementation(*args)
 
         LIBRARY.impl(name, kernel, "CompositeExplicitAutograd")
 
@@ -167,21 +173,25 @@ def declare(
     fake: Callable,
     *,
     triton: Union[str, Callable, None] = None,
+    check: Optional[Callable] = None,
     reference: Optional[Callable] = None,
     backward: Optional[Op] = None,
     setup_context: Optional[Callable] = None,
     autograd: Optional[Callable] = None,
 ) -> Op:
     """Defines ``dpm_ops::<name><schema>`` and, with `triton` (a callable or a lazy() path), its twin
-    ``dpm_ops::<name>_triton``; registers `fake` for both and, with `autograd`, their autograd:
+    ``dpm_ops::<name>_triton``, which runs ``check`` on its arguments first (what the C++ op checks in C++:
+    shapes, dtypes, devices, options, a label range); registers `fake` for both and, with `autograd`, their autograd:
     ``autograd(backward_op, ctx, *grads)`` fed by ``setup_context``, where backward_op is the
     declared `backward` op of the same kind (C++ or twin), or None."""
     if isinstance(triton, str):
         triton = lazy(triton)
-    op = Op(name, schema, fake, triton, backward, reference, autograd, setup_context)
+    if (triton is None) != (check is None):
+        raise TypeError(f"declare({name!r}): a Triton twin and its argument check come together")
+    op = Op(name, schema, fake, triton, check, backward, reference, autograd, setup_context)
     kinds = [("cpp", name, None)] + ([("triton", twin_name(name), triton)] if triton is not None else [])
     for kind, qualname, implementation in kinds:
-        _define(qualname, schema, implementation)
+        _define(qualname, schema, implementation, check)
         backward_op = backward.kernel(kind) if backward is not None else None
         register_fake_and_autograd(op, f"dpm_ops::{qualname}", backward_op, LIBRARY)
     DECLARED[name] = op

@@ -22,7 +22,13 @@ from .batch_hard_triplet_reference import batch_hard_triplet_reference
 
 
 def check_batch_hard_triplet_args(features, labels) -> None:
-    """ValueError naming the argument."""
+    """ValueError naming the argument: shapes, dtypes, devices (_check_op_args) and the features' values."""
+    _check_op_args(features, labels)
+    check_finite_rows("batch_hard_triplet", features=features)
+
+
+def _check_op_args(features, labels, with_grad=False) -> None:
+    """What the kernels take (the Triton twin's check; the C++ ops make the same ones)."""
     if not isinstance(features, torch.Tensor):
         raise ValueError(f"batch_hard_triplet: features must be a torch.Tensor, got {type(features).__name__}")
     if features.dim() != 2:
@@ -31,7 +37,6 @@ def check_batch_hard_triplet_args(features, labels) -> None:
         raise ValueError(f"batch_hard_triplet: features must be float32 or float64, got {features.dtype}")
     check_labels("batch_hard_triplet", labels, features)
     check_batch("batch_hard_triplet", "features", features)
-    check_finite_rows("batch_hard_triplet", features=features)
 
 
 def _fake(features, labels, with_grad):
@@ -58,6 +63,7 @@ BATCH_HARD_TRIPLET = declare(
     "(Tensor features, Tensor labels, bool with_grad) -> (Tensor, Tensor)",
     _fake,
     triton="triton.batch_hard_triplet:loss_and_grad",
+    check=_check_op_args,
     reference=batch_hard_triplet_reference,
     setup_context=_setup_context,
     autograd=_autograd,

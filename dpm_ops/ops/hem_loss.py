@@ -12,13 +12,14 @@ import torch
 
 from .. import _backend
 from .._precision import compute_dtype
-from ._checks import check_batch, check_finite_rows, check_number
+from ._checks import check_batch, check_eps, check_finite_rows, check_loss_grad
 from ._declare import declare
 from .hem_loss_reference import REDUCTIONS, hem_loss_reference
 
 
 def check_hem_args(cls_logits, eps, reduction) -> None:
-    """ValueError naming the argument for anything the kernels cannot take."""
+    """ValueError naming the argument for anything the kernels cannot take (the Triton twins' check; the C++
+    ops make the same ones)."""
     if not isinstance(cls_logits, torch.Tensor):
         raise ValueError(f"hem_loss: cls_logits must be a torch.Tensor, got {type(cls_logits).__name__}")
     if cls_logits.dim() != 3:
@@ -29,12 +30,16 @@ def check_hem_args(cls_logits, eps, reduction) -> None:
         )
     if not cls_logits.is_floating_point():
         raise ValueError(f"hem_loss: cls_logits must be floating point, got {cls_logits.dtype}")
-    check_number("hem_loss", "eps", eps, positive=True)
+    check_eps("hem_loss", eps, cls_logits.dtype)
     if reduction not in REDUCTIONS:
         raise ValueError(f"hem_loss: reduction must be 'sum' (official) or 'mean', got {reduction!r}")
     if reduction == "mean":  # the sum over no samples is 0; their mean has no value
         check_batch("hem_loss", "cls_logits", cls_logits)
-    check_finite_rows("hem_loss", cls_logits=cls_logits)  # each (sample, head) row is normalised
+
+
+def _check_backward_args(grad, cls_logits, eps, reduction) -> None:
+    check_hem_args(cls_logits, eps, reduction)
+    check_loss_grad("hem_loss_backward", grad)
 
 
 def _fake_forward(cls_logits, eps, reduction):
@@ -62,12 +67,14 @@ HEM_LOSS_BACKWARD = declare(
     "(Tensor grad, Tensor cls_logits, float eps, str reduction) -> Tensor",
     _fake_backward,
     triton="triton.hem_loss:hem_loss_backward",
+    check=_check_backward_args,
 )
 HEM_LOSS = declare(
     "hem_loss",
     "(Tensor cls_logits, float eps, str reduction) -> Tensor",  # the loss in the compute dtype
     _fake_forward,
     triton="triton.hem_loss:hem_loss_forward",
+    check=check_hem_args,
     reference=hem_loss_reference,
     backward=HEM_LOSS_BACKWARD,
     setup_context=_setup_context,
@@ -83,5 +90,6 @@ def hem_loss(
     a 0-d tensor in at least fp32. ``backend`` forces "reference" | "cpp" | "cuda" | "triton".
     """
     check_hem_args(cls_logits, eps, reduction)
+    check_finite_rows("hem_loss", cls_logits=cls_logits)  # each (sample, head) row is normalised
     name = _backend.resolve(backend, cls_logits.device)
     return HEM_LOSS.run(name, cls_logits, float(eps), reduction)

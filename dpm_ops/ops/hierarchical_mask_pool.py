@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import _backend
-from ._checks import check_finite, check_nonnegative, check_result_finite
+from ._checks import check_finite, check_from_forward, check_nonnegative, check_result_finite
 from ._declare import declare
 from .hierarchical_mask_pool_reference import hierarchical_mask_pool_reference
 
@@ -67,6 +67,26 @@ def check_hierarchical_mask_pool_args(features, mask, mode) -> None:
             raise ValueError(f"hierarchical_mask_pool: mask must be real (bool, integer or float), got {mask.dtype}")
 
 
+def _check_op_args(features, mask, mode) -> None:
+    """The op's arguments: the function's, with the mask already in the features' dtype (the function
+    converts it to normalised weights)."""
+    check_hierarchical_mask_pool_args(features, mask, mode)
+    if mask is not None and mask.dtype != features[0].dtype:
+        raise ValueError(
+            "hierarchical_mask_pool: mask must share dtype and device with the features (the op takes the weights "
+            f"in their {features[0].dtype}), got {mask.dtype}"
+        )
+
+
+def _check_backward_args(grad, features, mask, out, mode) -> None:
+    """The forward's arguments, then grad and out (B, sum C_l) as the forward gives them."""
+    _check_op_args(features, mask, mode)
+    first = features[0]
+    shape = (first.shape[0], sum(f.shape[1] for f in features))
+    for name, t in (("grad", grad), ("out", out)):
+        check_from_forward("hierarchical_mask_pool_backward", name, t, shape, first.dtype, first.device)
+
+
 def _fake_forward(features, mask, mode):
     return features[0].new_empty((features[0].shape[0], sum(f.shape[1] for f in features)))
 
@@ -91,12 +111,14 @@ HIERARCHICAL_MASK_POOL_BACKWARD = declare(
     "(Tensor grad, Tensor[] features, Tensor? mask, Tensor out, str mode) -> Tensor[]",
     _fake_backward,
     triton="triton.hierarchical_mask_pool:hierarchical_mask_pool_backward",
+    check=_check_backward_args,
 )
 HIERARCHICAL_MASK_POOL = declare(
     "hierarchical_mask_pool",
     "(Tensor[] features, Tensor? mask, str mode) -> Tensor",
     _fake_forward,
     triton="triton.hierarchical_mask_pool:hierarchical_mask_pool_forward",
+    check=_check_op_args,
     reference=hierarchical_mask_pool_reference,
     backward=HIERARCHICAL_MASK_POOL_BACKWARD,
     setup_context=_setup_context,

@@ -50,6 +50,28 @@ def _check_metric(metric):
         raise ValueError(f"knn: metric must be one of {METRICS}, got {metric!r}")
 
 
+def check_knn_args(x, y, k, metric="euclidean") -> None:
+    """The knn ops' arguments (their Triton twins' check; the C++ ops make the same ones)."""
+    _check_tensor("x", x)
+    _check_tensor("y", y)
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"knn: x and y must have the same feature dimension, got {x.shape[1]} and {y.shape[1]}")
+    if x.device != y.device:
+        raise ValueError(f"knn: x and y must be on one device, got {x.device} and {y.device}")
+    _check_k(k, y.shape[0], "y")
+    _check_metric(metric)
+
+
+def check_self_knn_args(x, k, metric="sqeuclidean", normalize=False, cross_rows=0) -> bool:
+    """The self_knn ops' arguments (as check_knn_args); returns normalize as a bool."""
+    _check_tensor("x", x)
+    _check_k(k, x.shape[0], "x")
+    _check_metric(metric)
+    normalize = check_flag("knn", "normalize", normalize)
+    check_int("knn", "cross_rows", cross_rows, 0, x.shape[0])
+    return normalize
+
+
 STRATEGIES = ("auto", "certified", "direct")
 _CERTIFIED_MIN_WORK = 1 << 30  # rows x columns x features below which the direct path is as fast
 
@@ -199,6 +221,7 @@ KNN = declare(
     '(Tensor x, Tensor y, int k, str metric="euclidean") -> (Tensor distances, Tensor indices)',
     _fake_knn,
     triton="triton.knn:knn_forward",
+    check=check_knn_args,
     reference=knn_reference,
     setup_context=_setup_context,
     autograd=_autograd,
@@ -212,6 +235,7 @@ SELF_KNN = declare(
     " -> (Tensor distances, Tensor indices, Tensor row_max, Tensor cross)",
     _fake_self_knn,
     triton="triton.knn:self_knn_forward",
+    check=check_self_knn_args,
     reference=self_knn_reference,
 )
 # knn and self_knn by the certified two-stage search (docs/certified_knn.md): the same results, and
@@ -221,6 +245,7 @@ KNN_CERTIFIED = declare(
     '(Tensor x, Tensor y, int k, str metric="euclidean") -> (Tensor distances, Tensor indices, Tensor candidates)',
     _fake_knn_certified,
     triton="ops.knn_certified:knn_certified_triton",
+    check=check_knn_args,
     setup_context=_setup_context,
     autograd=_autograd,
 )
@@ -230,6 +255,7 @@ SELF_KNN_CERTIFIED = declare(
     " -> (Tensor distances, Tensor indices, Tensor row_max, Tensor cross, Tensor candidates)",
     _fake_self_knn_certified,
     triton="ops.knn_certified:self_knn_certified_triton",
+    check=check_self_knn_args,
 )
 # Stage 1's lower and upper bounds of every pair's distance (M, N): what the tests check.
 KNN_CERTIFIED_BOUNDS = declare(
@@ -291,14 +317,7 @@ def knn(
     Values whose squared norms would overflow the compute dtype are a ValueError, as, for the Euclidean
     metrics, inputs whose values are all below ops._checks.row_norm_floor but not all 0 (their squares underflow).
     """
-    _check_tensor("x", x)
-    _check_tensor("y", y)
-    if x.shape[1] != y.shape[1]:
-        raise ValueError(f"knn: x and y must have the same feature dimension, got {x.shape[1]} and {y.shape[1]}")
-    if x.device != y.device:
-        raise ValueError(f"knn: x and y must be on one device, got {x.device} and {y.device}")
-    _check_k(k, y.shape[0], "y")
-    _check_metric(metric)
+    check_knn_args(x, y, k, metric)
     check_strategy(strategy)
     check_finite_rows("knn", compute_dtype(x, y), x=x, y=y)
     if metric != "cosine":
@@ -336,11 +355,7 @@ def self_knn(
     ``strategy``: as for knn; the certified search keeps the upper-triangle tiles and takes the
     cross block's tiles from the compute-dtype GEMM (they are returned in full anyway).
     """
-    _check_tensor("x", x)
-    _check_k(k, x.shape[0], "x")
-    _check_metric(metric)
-    normalize = check_flag("knn", "normalize", normalize)
-    check_int("knn", "cross_rows", cross_rows, 0, x.shape[0])
+    normalize = check_self_knn_args(x, k, metric, normalize, cross_rows)
     check_strategy(strategy)
     check_finite_rows("knn", x=x)
     if metric != "cosine":

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from .._precision import ieee_fp32_matmuls, without_autocast
 from ._checks import KNN_GPU_MAX_K, check_knn_gpu_k
 from ._declare import lazy
+from .knn import check_knn_args, check_self_knn_args
 from .knn_reference import COSINE_EPS, compute_dtype, pairwise_distance_reference
 
 U32 = 2.0**-24
@@ -431,9 +432,11 @@ def cuda_kernels(backend: Backend) -> dict:
     `backend` (CUBLAS; the tests' emulator passes its own cublas()), each run without autocast."""
 
     def knn_certified(x, y, k, metric="euclidean"):
+        check_knn_args(x, y, k, metric)  # what the C++ CPU kernel checks
         return knn_certified_rows(x, y, k, metric, backend)
 
     def self_knn_certified(x, k, metric="sqeuclidean", normalize=False, cross_rows=0):
+        check_self_knn_args(x, k, metric, normalize, cross_rows)
         return self_knn_certified_rows(x, k, metric, normalize, cross_rows, backend, x.shape[0])
 
     kernels = {

@@ -34,8 +34,8 @@ from .masked_cosine import check_masked_cosine_args
 def check_masked_arcface_args(
     features, mask, weight, labels, scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight
 ) -> None:
-    """ValueError naming the argument (shapes, dtypes, devices, numbers; the label range is checked by
-    the C++ CPU kernel for free, elsewhere with one sync outside torch.compile: check_label_range)."""
+    """ValueError naming the argument (shapes, dtypes, devices, numbers; the label range is checked by the
+    kernels: the C++ CPU kernel for free, the CUDA kernel and the Triton twin with one sync)."""
     check_masked_cosine_args(
         features, mask, weight, 1e-12, "masked_arcface_cross_entropy", ("features", "mask", "weight")
     )
@@ -57,6 +57,19 @@ def check_masked_arcface_options(scale, margin, easy_margin, clamp_eps, plain_we
         check_real("masked_arcface_cross_entropy", name, value, 0)
     if not 0 <= check_number("masked_arcface_cross_entropy", "clamp_eps", clamp_eps) < 1:
         raise ValueError(f"masked_arcface_cross_entropy: clamp_eps must lie in [0, 1), got {clamp_eps}")
+
+
+def _check_kernel_args(features, mask, weight, labels, *options) -> None:
+    """What the fused kernels take: the loss's arguments in float32 or float64."""
+    check_masked_arcface_args(features, mask, weight, labels, *options)
+    if features.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"masked_arcface_cross_entropy: features must be float32 or float64, got {features.dtype}")
+
+
+def _check_twin_args(features, mask, weight, labels, *options_and_with_grad) -> None:
+    """The Triton twin's check: also the labels' range, as the C++ CPU kernel (past it its rows were NaN)."""
+    _check_kernel_args(features, mask, weight, labels, *options_and_with_grad[:-1])
+    check_label_range("masked_arcface_cross_entropy", labels, weight.shape[0])
 
 
 def _fake_forward(
@@ -94,6 +107,7 @@ MASKED_ARCFACE_CE = declare(
     " float clamp_eps, float plain_weight, float masked_weight, bool with_grad) -> (Tensor, Tensor, Tensor, Tensor)",
     _fake_forward,
     triton="triton.masked_arcface:loss_and_grads",
+    check=_check_twin_args,
     reference=masked_arcface_reference,
     setup_context=_setup_context,
     autograd=_autograd,
@@ -117,14 +131,12 @@ def masked_arcface_ce(
     mask and weight. ``backend``: "reference" | "cpp" | "cuda" | "triton" (None: by device). The loss
     module ``dpm_ops.losses.masked_arcface_cross_entropy`` also handles promotion from fp16 / bf16
     and autocast."""
-    check_masked_arcface_args(
+    _check_kernel_args(
         features, mask, weight, labels, scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight
     )
-    if features.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"masked_arcface_cross_entropy: features must be float32 or float64, got {features.dtype}")
     name = _backend.resolve(backend, features.device)
     check_finite_rows("masked_arcface_cross_entropy", features=features, mask=mask, weight=weight)
-    if name != "cpp":  # the C++ CPU kernel checks the labels' range in its own pass
+    if name == "reference":  # the kernels check the labels' range themselves (the C++ CPU kernel in its own pass)
         check_label_range("masked_arcface_cross_entropy", labels, weight.shape[0])
     if name == "reference":
         return MASKED_ARCFACE_CE.run(

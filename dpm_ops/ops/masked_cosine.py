@@ -13,7 +13,7 @@ import torch
 
 from .. import _backend
 from .._precision import compute_dtype
-from ._checks import check_finite_rows, check_number, check_tensors
+from ._checks import check_eps, check_finite_rows, check_from_forward, check_tensors
 from ._declare import declare, lazy
 from .masked_cosine_reference import masked_cosine_reference
 
@@ -40,7 +40,17 @@ def check_masked_cosine_args(x, mask, protos, eps, op: str = "masked_cosine", na
         raise ValueError(f"{op}: {together} must share one dtype, got {x.dtype}, {mask.dtype}, {protos.dtype}")
     if mask.device != x.device or protos.device != x.device:
         raise ValueError(f"{op}: {together} must be on one device, got {x.device}, {mask.device}, {protos.device}")
-    check_number(op, "eps", eps, positive=True)
+    check_eps(op, eps, x.dtype)
+
+
+def _check_backward_args(grad, x, mask, protos, out, den_sq, eps) -> None:
+    """The backward's forward inputs, then grad and out (B, K) in x's dtype, den_sq in its compute dtype."""
+    check_masked_cosine_args(x, mask, protos, eps)
+    shape, op = (x.shape[0], protos.shape[0]), "masked_cosine_backward"
+    check_from_forward(op, "grad", grad, shape, x.dtype, x.device)
+    check_from_forward(op, "out", out, shape, x.dtype, x.device)
+    if den_sq is not None:
+        check_from_forward(op, "den_sq", den_sq, shape, compute_dtype(x.dtype), x.device)
 
 
 def _fake_forward(x, mask, protos, eps=1e-12):
@@ -93,12 +103,14 @@ MASKED_COSINE_BACKWARD = declare(
     " -> (Tensor, Tensor, Tensor)",
     _fake_backward,
     triton=_triton_backward,
+    check=_check_backward_args,
 )
 MASKED_COSINE = declare(
     "masked_cosine",
     "(Tensor x, Tensor mask, Tensor protos, float eps=1e-12) -> Tensor",
     _fake_forward,
     triton="triton.masked_cosine:masked_cosine_forward",
+    check=check_masked_cosine_args,
     reference=masked_cosine_reference,
     backward=MASKED_COSINE_BACKWARD,
     setup_context=_setup_context,

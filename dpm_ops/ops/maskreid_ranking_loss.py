@@ -13,13 +13,21 @@ import torch
 
 from .. import _backend
 from .._precision import compute_dtype
-from ._checks import check_batch, check_finite_rows, check_number, check_real, check_tensors
-from ._declare import declare, lazy
+from ._checks import (
+    check_batch,
+    check_finite_rows,
+    check_loss_grad,
+    check_number,
+    check_real,
+    check_tensors,
+)
+from ._declare import declare
 from .maskreid_ranking_loss_reference import check_modes, maskreid_ranking_loss_reference
 
 
 def check_ranking_args(embeddings, labels, alpha, lam, neg_mode, pos_mode) -> None:
-    """ValueError naming the argument for anything the kernels cannot take."""
+    """ValueError naming the argument for anything the kernels cannot take (the Triton twins' check; the C++
+    ops make the same ones)."""
     check_tensors("maskreid_ranking_loss", embeddings=embeddings, labels=labels)
     if embeddings.dim() != 2:
         raise ValueError(f"maskreid_ranking_loss: embeddings must be 2-D (B, D), got shape {tuple(embeddings.shape)}")
@@ -39,8 +47,6 @@ def check_ranking_args(embeddings, labels, alpha, lam, neg_mode, pos_mode) -> No
         )
     check_ranking_options(alpha, lam, neg_mode, pos_mode)
     check_batch("maskreid_ranking_loss", "embeddings", embeddings)
-    max_norm = None if pos_mode == "eq4" else exp_safe_norm(compute_dtype(embeddings.dtype), alpha, len(embeddings))
-    check_finite_rows("maskreid_ranking_loss", max_norm=max_norm, embeddings=embeddings)
 
 
 def check_ranking_options(alpha, lam, neg_mode, pos_mode) -> None:
@@ -87,12 +93,21 @@ def _autograd(backward_op, ctx, grad, _grad_coef):
     return backward_op(grad, embeddings, coef), None, None, None, None, None
 
 
-def _triton_forward(embeddings, labels, alpha, lam, neg_mode, pos_mode):
-    check_modes(neg_mode, pos_mode)  # for direct torch.ops callers, as the C++ op's parse_options
-    return _TRITON_FORWARD(embeddings, labels, alpha, lam, neg_mode, pos_mode)
-
-
-_TRITON_FORWARD = lazy("triton.maskreid_ranking_loss:ranking_loss_forward")
+def _check_backward_args(grad, embeddings, coef) -> None:
+    """coef (B, B), floating point (the backward computes in its dtype), and the loss's gradient."""
+    op = "maskreid_ranking_loss_backward"
+    check_tensors(op, embeddings=embeddings, coef=coef)
+    batch = embeddings.shape[0] if embeddings.dim() == 2 else None
+    if batch is None or not embeddings.is_floating_point():
+        raise ValueError(
+            f"{op}: embeddings must be 2-D floating point, got {embeddings.dtype} {list(embeddings.shape)}"
+        )
+    if tuple(coef.shape) != (batch, batch) or not coef.is_floating_point() or coef.device != embeddings.device:
+        raise ValueError(
+            f"{op}: coef must be (B, B) for B = {batch} embeddings, floating point on their device, got "
+            f"{coef.dtype} {list(coef.shape)} on {coef.device}"
+        )
+    check_loss_grad(op, grad)
 
 
 def _triton_backward(grad, embeddings, coef):
@@ -108,13 +123,15 @@ MASKREID_RANKING_LOSS_BACKWARD = declare(
     "(Tensor grad, Tensor embeddings, Tensor coef) -> Tensor",
     _fake_backward,
     triton=_triton_backward,
+    check=_check_backward_args,
 )
 MASKREID_RANKING_LOSS = declare(
     "maskreid_ranking_loss",
     # (loss, coef): the scalar loss and coef = G + Gᵀ with G = dL/dS (S = X Xᵀ), in the compute dtype
     "(Tensor embeddings, Tensor labels, float alpha, float lam, str neg_mode, str pos_mode) -> (Tensor, Tensor)",
     _fake_forward,
-    triton=_triton_forward,
+    triton="triton.maskreid_ranking_loss:ranking_loss_forward",
+    check=check_ranking_args,
     reference=maskreid_ranking_loss_reference,
     backward=MASKREID_RANKING_LOSS_BACKWARD,
     setup_context=_setup_context,
@@ -139,6 +156,8 @@ def maskreid_ranking_loss(
     ``backend`` forces "reference" | "cpp" | "cuda" | "triton" (default: by device).
     """
     check_ranking_args(embeddings, labels, alpha, lam, neg_mode, pos_mode)
+    max_norm = None if pos_mode == "eq4" else exp_safe_norm(compute_dtype(embeddings.dtype), alpha, len(embeddings))
+    check_finite_rows("maskreid_ranking_loss", max_norm=max_norm, embeddings=embeddings)
     name = _backend.resolve(backend, embeddings.device)
     if name == "reference":
         return MASKREID_RANKING_LOSS.run(name, embeddings, labels, alpha, lam, neg_mode, pos_mode)
