@@ -299,6 +299,10 @@ def test_literal_floor_with_the_papers_batch():
             lambda x, l: (x, l, {"alpha": 85.2}),
             r"alpha must stay below 85\.1 at B = 6 \(.* overflows float32\), got 85\.2$",
         ),
+        (  # before, 85.1 - 1e39 + 1e39: "alpha must stay below 0"
+            lambda x, l: (x, l, {"alpha": 1e39}),
+            r"alpha must stay below 85\.1 at B = 6 \(.* overflows float32\), got 1e\+39$",
+        ),
         (
             lambda x, l: (x, l, {"alpha": 85.0}),
             r"embeddings is too large in magnitude: row norms must stay below 0\.264 in float32",
