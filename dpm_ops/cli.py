@@ -423,11 +423,9 @@ def _main(argv: list) -> int:
 
     import torch.distributed
 
-    from dpm_ops.data import DatasetError
-    from dpm_ops.engine import CheckpointError, ConfigError
     from dpm_ops.engine import distributed
     from dpm_ops.engine.checkpoint import first_line
-    from dpm_ops.export import ExportError, OnnxCheckError
+    from dpm_ops.export import OnnxCheckError
 
     commands = {"train": _train, "eval": _eval, "export": _export, "extract": _extract, "rank": _rank}
     formatwarning = warnings.formatwarning
@@ -439,13 +437,9 @@ def _main(argv: list) -> int:
     except OnnxCheckError as error:  # not the user's input: the exported graph computes something else
         print(f"dpm-reid: error: {_one_line(error)}", file=sys.stderr)
         return 1
-    except (ConfigError, CheckpointError, DatasetError, ExportError) as error:
-        # A config, checkpoint or export mistake is every torchrun rank's alike (they read the same config and
-        # files): rank 0 says it. A dataset error may be one rank's alone (its shard's files): each says it.
-        if os.environ.get("RANK", "0") == "0" or isinstance(error, DatasetError):
-            print(f"dpm-reid: error: {_one_line(error)}", file=sys.stderr)
-        return EXIT_USAGE
-    except ValueError as error:  # the library's other checks: e.g. a diverged run's non-finite features
+    except ValueError as error:  # ConfigError, CheckpointError, DatasetError, ExportError, the library's other checks
+        # Under torchrun every rank that finds a mistake says it (the same line from each, for a config mistake):
+        # a rank that stayed silent could exit first, and torchrun then stopped rank 0 before it printed anything.
         print(f"dpm-reid: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     except torch.distributed.DistError as error:  # gloo / NCCL's error when another rank left (its line says why)

@@ -1,6 +1,7 @@
 """Bad input to the models', losses' and engine's Python API (from an audit): each is a ValueError naming the
 argument before anything changes, where it was a raw torch / Python error, or silently taken."""
 
+import collections
 import io
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from dpm_ops.engine import CheckpointError, load_checkpoint, train
 from dpm_ops.engine.checkpoint import save_checkpoint
-from dpm_ops.losses import DPMLoss, batch_hard_soft_margin_triplet
+from dpm_ops.losses import BaselineReIDLoss, DPMLoss, batch_hard_soft_margin_triplet
 from dpm_ops.models import build_model
 from dpm_ops.ops import hem_loss
 from test_engine_train import config_for, tiny_root  # noqa: F401 (the fixture)
@@ -51,8 +52,20 @@ def test_losses_refuse_what_they_took_silently():
         hem_loss(torch.randn(4, 4, 0))  # it gave 1
     model = build_model("dpm", 5, 2, **TINY_DPM).train()
     output = model(torch.randn(4, 3, 64, 64), cam_label=torch.tensor([0, 1, 0, 1]), labels=labels)
-    with pytest.raises(ValueError, match="DPMLoss: hem_logits hold 3 samples, labels 4: one batch"):
+    held = "plain_logits 4, masked_logits 4, feature 4, hem_logits 3 samples"
+    with pytest.raises(ValueError, match=f"^DPMLoss: the output's tensors must hold one batch, got {held}$"):
         DPMLoss()(output._replace(hem_logits=output.hem_logits[:3]), labels)
+    # the triplet term blamed the labels ("labels must be 1-D of length B = 3") for a feature of another batch
+    with pytest.raises(ValueError, match="DPMLoss: the output's tensors must hold one batch, got .*feature 3"):
+        DPMLoss()(output._replace(feature=output.feature[:3]), labels)
+    # a MaskReID output has logits, no feature: an AttributeError
+    maskreid_like = collections.namedtuple("MaskReIDTrainOutput", "logits embedding")(
+        output.plain_logits, output.feature
+    )
+    with pytest.raises(
+        ValueError, match="BaselineReIDLoss: output must be the model's train-mode ViTBaselineTrainOutput"
+    ):
+        BaselineReIDLoss()(maskreid_like, labels)
 
 
 def test_engine_arguments(tmp_path, tiny_root):  # noqa: F811

@@ -83,10 +83,11 @@ def test_two_process_gloo_training(tmp_path):
 
 
 def test_input_errors_under_torchrun_are_one_line_and_do_not_hang(tmp_path):
-    # Every rank finds the same config / output mistake before any collective: rank 0 alone prints it and
-    # exits 2. A dataset error may be one rank's alone (its shard), so each rank that finds it says it: the
-    # same line. torchrun itself exits 1 whatever its ranks' codes (ChildFailedError), naming the first rank
-    # to fail (exit 2; it stops the other with SIGTERM if that one is still running).
+    # Every rank that finds a mistake says it and exits 2: a config mistake is every rank's (the same line from
+    # each), the output folder rank 0's alone to check, a dataset error may be one rank's alone (its shard).
+    # When rank 0 alone said a config mistake, rank 1 could exit first and torchrun stopped rank 0 before it
+    # printed (no line at all). torchrun itself exits 1 whatever its ranks' codes (ChildFailedError), naming
+    # the first rank to fail (exit 2; it stops the other with SIGTERM if that one is still running).
     config = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path / "absent", "dpm", dataset={"generate": False}))
     (tmp_path / "file").write_text("")
     for overrides, needle in (
@@ -97,7 +98,6 @@ def test_input_errors_under_torchrun_are_one_line_and_do_not_hang(tmp_path):
         result = torchrun("train", "--config", str(config), *overrides, cwd=tmp_path, timeout=120)
         errors = [line for line in result.stderr.splitlines() if line.startswith("dpm-reid: error: ")]
         assert errors and needle in errors[0] and set(errors) == {errors[0]}, result.stderr[-4000:]
-        assert len(errors) == 1 or needle == "dataset root not found", result.stderr[-4000:]
         root_cause = re.search(r"Root Cause.*?exitcode\s*: (-?\d+)", result.stderr, re.S)
         assert result.returncode == 1 and root_cause.group(1) == "2", result.stderr[-4000:]
 

@@ -23,8 +23,10 @@ from dpm_ops.losses import (
     masked_arcface_cross_entropy,
     masked_arcface_logits,
     maskreid_ranking_loss,
+    pairwise_euclidean,
 )
 from dpm_ops.models import DPMLossInputs, DPMTrainOutput, ViTBaselineTrainOutput
+from dpm_ops.models.param_groups import sgd_param_groups
 
 DOUBLE = dict(dtype=torch.float64)
 
@@ -322,11 +324,14 @@ def test_loss_modules_refuse_negative_weights(backend):
     """Before: masked_weight=-5 gave a negative loss, lam=-2 pushed positives apart; 0 stays an ablation."""
     x, mask, weight, labels = arcface_inputs()
     with pytest.raises(
-        ValueError, match=r"^masked_arcface_cross_entropy: masked_weight must be a finite number >= 0, got -5\.0$"
+        ValueError,
+        match=r"^masked_arcface_cross_entropy: masked_weight must be a finite number in \[0, 1e\+06\], got -5\.0$",
     ):
         MaskedArcFaceLoss(masked_weight=-5.0, backend=backend)(x, mask, weight, labels)
     embeddings, pairs = F.normalize(x[:4], dim=1), torch.tensor([0, 0, 1, 1])
-    with pytest.raises(ValueError, match=r"^maskreid_ranking_loss: lam must be a finite number >= 0, got -2$"):
+    with pytest.raises(
+        ValueError, match=r"^maskreid_ranking_loss: lam must be a finite number in \[0, 1e\+06\], got -2$"
+    ):
         MaskReIDRankingLoss(lam=-2, backend=backend)(embeddings, pairs)
     without_pull = MaskReIDRankingLoss(lam=0, backend=backend)(embeddings, pairs)
     assert 0 < without_pull.item() < MaskReIDRankingLoss(backend=backend)(embeddings, pairs).item()
@@ -337,10 +342,13 @@ def test_loss_modules_refuse_negative_weights(backend):
     [
         (
             lambda: MaskedArcFaceLoss(scale=-1),
-            "masked_arcface_cross_entropy: scale must be a finite number > 0, got -1",
+            "masked_arcface_cross_entropy: scale must be a finite number in (0, 1e+06], got -1",
         ),
         (lambda: MaskedArcFaceLoss(easy_margin="no"), "easy_margin must be True or False, got 'no'"),
-        (lambda: MaskReIDRankingLoss(lam=float("nan")), "maskreid_ranking_loss: lam must be a finite number >= 0"),
+        (
+            lambda: MaskReIDRankingLoss(lam=float("nan")),
+            "maskreid_ranking_loss: lam must be a finite number in [0, 1e+06]",
+        ),
         (lambda: DPMLoss(backend="bogus"), "DPMLoss: backend must be None or one of ('reference', 'cpp'"),
         (lambda: BaselineReIDLoss(backend=3), "BaselineReIDLoss: backend must be None or one of"),
         (lambda: HEMLoss(backend="cuda:0"), "HEMLoss: backend must be None or one of"),
@@ -509,3 +517,49 @@ def test_reference_losses_keep_fp32_under_autocast(name, monkeypatch):
     with torch.autocast("cpu", torch.bfloat16):
         assert torch.equal(call("reference"), expected)
     assert ran == []  # the reference ran, no kernel: an fp32 kernel in its place would pass the check above
+
+
+def test_arcface_logits_check_their_options_and_cosine():
+    """arcface_logits checked none of its options: a NaN scale gave NaN logits, scale -30 flipped them,
+    easy_margin="no" read as true, clamp_eps 2 was taken, integer cosines too; masked_arcface_logits with a string
+    scale was a raw TypeError."""
+    cosine, labels = torch.rand(4, 5) * 2 - 1, torch.tensor([0, 1, 2, 3])
+    for options, message in (
+        (dict(scale=float("nan")), r"scale must be a finite number in \(0, 1e\+06\], got nan"),
+        (dict(scale=-30.0), r"scale must be a finite number in \(0, 1e\+06\], got -30\.0"),
+        (dict(margin="0.5"), "margin must be a finite number"),
+        (dict(easy_margin="no"), "easy_margin must be True or False, got 'no'"),
+        (dict(clamp_eps=2.0), r"clamp_eps must lie in \[0, 1\), got 2\.0"),
+    ):
+        with pytest.raises(ValueError, match=f"^arcface_logits: {message}"):
+            arcface_logits(cosine, labels, **options)
+    with pytest.raises(ValueError, match=r"^arcface_logits: cosine must be 2-D \(B, K\) floating point"):
+        arcface_logits(cosine.long(), labels)
+    features, mask, weight = torch.randn(4, 8), torch.rand(4, 8), torch.randn(5, 8)
+    with pytest.raises(ValueError, match=r"^masked_arcface_logits: scale must be a finite number in \(0, 1e\+06\]"):
+        masked_arcface_logits(features, mask, weight, None, scale="30")
+
+
+def test_loss_helpers_check_their_arguments():
+    """HEMLoss(eps=0) was built and failed at its first batch; pairwise_euclidean of a 1-D tensor was an
+    IndexError, of a list an AttributeError, of features of 1e20 a matrix of NaN; sgd_param_groups took a NaN or
+    negative lr (SGD then stepped every weight to NaN) and a string one was a TypeError."""
+    for eps in (0, "x"):
+        with pytest.raises(ValueError, match="^HEMLoss: eps must be a finite number > 0"):
+            HEMLoss(eps=eps)
+    for features in (torch.randn(3), [[1.0, 2.0]], torch.ones(3, 2, dtype=torch.long)):
+        with pytest.raises(ValueError, match="^pairwise_euclidean: features must be"):
+            pairwise_euclidean(features)
+    with pytest.raises(ValueError, match="^pairwise_euclidean: features is too large in magnitude"):
+        pairwise_euclidean(torch.randn(3, 2) * 1e20)
+    model = torch.nn.Linear(3, 2)
+    for options, message in (
+        (dict(base_lr=float("nan")), r"base_lr must be a finite number > 0"),
+        (dict(base_lr=-1.0), r"base_lr must be a finite number > 0"),
+        (dict(base_lr="0.1"), r"base_lr must be a finite number > 0"),
+        (dict(weight_decay=float("nan")), "weight_decay must be a finite number >= 0"),
+        (dict(bias_lr_factor=-2), "bias_lr_factor must be a finite number >= 0"),
+        (dict(weight_decay_bias=-1e-4), "weight_decay_bias must be a finite number >= 0"),
+    ):
+        with pytest.raises(ValueError, match=f"^sgd_param_groups: {message}"):
+            sgd_param_groups(model.named_parameters(), **options)

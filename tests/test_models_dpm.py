@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from dpm_ops.losses import DPMLoss, MaskedArcFaceLoss
-from dpm_ops.models import DPM, ViTBaseline, build_model
+from dpm_ops.models import DPM, ViTBaseline, ViTReID, build_model
 from dpm_ops.models.factory import MODEL_NAMES
 from dpm_ops.models.param_groups import sgd_param_groups
 
@@ -273,6 +273,72 @@ def test_non_finite_images_are_refused_before_any_statistic_moves(name):
     with pytest.raises(ValueError, match=r"^images contains non-finite values \(NaN or inf\)$"):
         model(images, cams, labels) if name == "dpm" else model(images, cams)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("name", ["dpm", "vit_baseline", "maskreid"])
+def test_images_far_past_normalised_pixels_are_refused_before_any_statistic_moves(name):
+    """Finite images of 1e20 overflowed the LayerNorm / BatchNorm statistics: DPM failed in its mask pooling
+    after its BatchNorms had taken NaN statistics (every later eval call failed, on clean images too), the ViT
+    baseline returned NaN features without an error."""
+    if name == "maskreid":
+        model, what = build_model(name, NUM_CLASSES, stem_channels=4, base_width=8, embed_dim=16).train(), "raw"
+        raw = torch.randn(4, 3, 144, 56)
+        call = lambda scale: model(raw * scale, raw * scale)  # noqa: E731
+    else:
+        options = {k: v for k, v in TINY.items() if name == "dpm" or k != "mask_tap_blocks"}
+        model = build_model(name, NUM_CLASSES, NUM_CAMERAS, **options).train()
+        (images, cams, _), what = batch(4), "images"
+        call = lambda scale: model(images * scale, cams)  # noqa: E731
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        ValueError, match=rf"{what} holds values up to .*e\+20: expected normalised pixels, \|value\| <= 1e\+06"
+    ):
+        call(1e20)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    call(255.0)  # raw 0-255 pixels are taken
+
+
+def test_options_that_overflow_float32_are_refused():
+    """sie_coef = 1e39 gave NaN features (the ViT baseline) or NaN BatchNorm statistics (DPM), arcface_scale = 1e39
+    infinite logits and a NaN loss."""
+    options = {k: v for k, v in TINY.items() if k != "mask_tap_blocks"}
+    with pytest.raises(ValueError, match=r"^vit_baseline: sie_coef must be a finite number in \[0, 1e\+06\]"):
+        build_model("vit_baseline", NUM_CLASSES, NUM_CAMERAS, sie_coef=1e39, **options)
+    with pytest.raises(ValueError, match=r"^dpm: arcface_scale must be a finite number in \(0, 1e\+06\], got 1e\+39"):
+        build_model("dpm", NUM_CLASSES, NUM_CAMERAS, arcface_scale=1e39, **TINY)
+
+
+def test_forward_features_options():
+    """An iterator of tap_blocks was used up by the range check: no tapped tokens, silently; a tensor, a string
+    or an int were raw KeyError / TypeErrors; return_cls_logits="no" read as true."""
+    vit = ViTReID(**{k: v for k, v in TINY.items() if k != "mask_tap_blocks"}).eval()
+    images = batch(2)[0]
+    for bad in (iter([0, 1]), torch.tensor([0]), "01", 0):
+        with pytest.raises(ValueError, match="tap_blocks must be a list or tuple of block indices"):
+            vit.forward_features(images, tap_blocks=bad)
+    with pytest.raises(ValueError, match=r"tap_blocks must be a non-empty list of integers in \[0, 3\], got \[0, 5\]"):
+        vit.forward_features(images, tap_blocks=[0, 5])
+    with pytest.raises(ValueError, match="return_cls_logits must be True or False, got 'no'"):
+        vit.forward_features(images, return_cls_logits="no")
+    assert len(vit.forward_features(images, tap_blocks=[0, 1]).tapped_tokens) == 2
+
+
+def test_meta_and_autocast_images():
+    """A meta forward of a model with cameras failed reading the camera ids' values (NotImplementedError); under
+    autocast, float64 images reached the convolution (RuntimeError: Input type (double) and bias type ...)."""
+    model = build_model(
+        "vit_baseline", NUM_CLASSES, NUM_CAMERAS, **{k: v for k, v in TINY.items() if k != "mask_tap_blocks"}
+    )
+    images, cams, _ = batch(2)
+    meta = model.to("meta").eval()(images.to("meta"), cams.to("meta"))
+    assert meta.is_meta and meta.shape == (2, TINY["embed_dim"])
+    model = model.to_empty(device="cpu").eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(
+            ValueError, match="images must be torch.float32 .* or float32: autocast leaves float64 as is"
+        ):
+            model(images.double(), cams)
+        assert model(images, cams).shape == (2, TINY["embed_dim"])
 
 
 # ---------------------------------------------------------------- attention, HEM logits, mask taps

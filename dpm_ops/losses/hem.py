@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from ..ops.hem_loss import hem_loss as fused_hem_loss
 from ..ops.hem_loss_reference import REDUCTIONS
+from ..ops._checks import check_number
 from ._options import LossModule, accepts_fused
 
 # cls_logits: (B, heads, N) pre-softmax, scaled logits of the last block (the model's ``hem_logits``).
@@ -28,4 +29,5 @@ class HEMLoss(LossModule):
     def __init__(self, **options):
         super().__init__(**options)
         if self.reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be 'sum' (official) or 'mean', got {self.reduction!r}")
+            raise ValueError(f"HEMLoss: reduction must be 'sum' (official) or 'mean', got {self.reduction!r}")
+        check_number("HEMLoss", "eps", self.eps, positive=True)  # now, not at the first batch

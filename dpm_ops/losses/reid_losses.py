@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dpm_ops.ops._checks import check_finite, check_label_range, check_labels, check_real
+from dpm_ops.ops._checks import MAX_COEFFICIENT, check_finite, check_label_range, check_labels, check_real
 
 from .arcface import masked_arcface_cross_entropy
 from ._options import backend_of_fused, check_backend_name
@@ -25,10 +25,15 @@ from .hem import hem_loss
 from .triplet import batch_hard_soft_margin_triplet
 
 
-def _check_output(loss: str, output, field: str, expected: str) -> None:
-    """The model's train-mode output (duck-typed: losses do not import models)."""
-    if not hasattr(output, field):
+def _check_output(loss: str, output, fields: tuple, expected: str) -> None:
+    """The model's train-mode output (duck-typed: losses do not import models), its tensors of one batch (the
+    first op to meet a tensor of another batch blamed the labels; the ops check the labels against them)."""
+    if not all(hasattr(output, field) for field in fields):
         raise ValueError(f"{loss}: output must be the model's train-mode {expected}, got {type(output).__name__}")
+    batches = {field: getattr(output, field).shape[0] for field in fields if getattr(output, field).dim() > 0}
+    if len(set(batches.values())) > 1:
+        held = ", ".join(f"{field} {batch}" for field, batch in batches.items())
+        raise ValueError(f"{loss}: the output's tensors must hold one batch, got {held} samples")
 
 
 def _cross_entropy(loss: str, logits: torch.Tensor, labels, name: str = "logits") -> torch.Tensor:
@@ -62,7 +67,7 @@ class DPMLoss(nn.Module):
         if fused is not None:
             backend = backend_of_fused(fused, "DPMLoss", backend is not None)
         self.hem_weight, self.id_weight, self.triplet_weight, self.plain_weight, self.masked_weight = (
-            check_real("DPMLoss", name, value, 0)
+            check_real("DPMLoss", name, value, 0, MAX_COEFFICIENT)
             for name, value in (
                 ("hem_weight", hem_weight),
                 ("id_weight", id_weight),
@@ -77,38 +82,30 @@ class DPMLoss(nn.Module):
         """Unweighted terms, for logging; ``output`` is the model's ``DPMTrainOutput`` (terms id_plain,
         id_masked) or ``DPMLossInputs`` (term id: the already weighted sum of both CE branches)."""
         if hasattr(output, "bn_feature"):  # DPMLossInputs (duck-typed: losses do not import models)
-            return {
-                "id": masked_arcface_cross_entropy(
-                    output.bn_feature,
-                    output.mask,
-                    output.weight,
-                    labels,
-                    output.scale,
-                    output.margin,
-                    output.easy_margin,
-                    plain_weight=self.plain_weight,
-                    masked_weight=self.masked_weight,
-                    backend=self.backend,
-                ),
-                "hem": self._hem(output.hem_logits, labels),
-                "triplet": batch_hard_soft_margin_triplet(output.feature, labels, backend=self.backend),
+            _check_output("DPMLoss", output, ("bn_feature", "mask", "feature", "hem_logits"), "DPMLossInputs")
+            identity = masked_arcface_cross_entropy(
+                output.bn_feature,
+                output.mask,
+                output.weight,
+                labels,
+                output.scale,
+                output.margin,
+                output.easy_margin,
+                plain_weight=self.plain_weight,
+                masked_weight=self.masked_weight,
+                backend=self.backend,
+            )
+            terms = {"id": identity}
+        else:
+            fields = ("plain_logits", "masked_logits", "feature", "hem_logits")
+            _check_output("DPMLoss", output, fields, "DPMTrainOutput or DPMLossInputs")
+            terms = {
+                "id_plain": _cross_entropy("DPMLoss", output.plain_logits, labels, "plain_logits"),
+                "id_masked": _cross_entropy("DPMLoss", output.masked_logits, labels, "masked_logits"),
             }
-        _check_output("DPMLoss", output, "plain_logits", "DPMTrainOutput or DPMLossInputs")
-        return {
-            "id_plain": _cross_entropy("DPMLoss", output.plain_logits, labels, "plain_logits"),
-            "id_masked": _cross_entropy("DPMLoss", output.masked_logits, labels, "masked_logits"),
-            "hem": self._hem(output.hem_logits, labels),
-            "triplet": batch_hard_soft_margin_triplet(output.feature, labels, backend=self.backend),
-        }
-
-    def _hem(self, cls_logits, labels) -> torch.Tensor:
-        """HEM's term, a sum over the batch: logits of another batch than the labels' gave a loss all the same."""
-        if isinstance(cls_logits, torch.Tensor) and isinstance(labels, torch.Tensor) and cls_logits.dim() == 3:
-            if cls_logits.shape[0] != labels.shape[0]:
-                raise ValueError(
-                    f"DPMLoss: hem_logits hold {cls_logits.shape[0]} samples, labels {labels.shape[0]}: one batch"
-                )
-        return hem_loss(cls_logits, backend=self.backend)
+        terms["hem"] = hem_loss(output.hem_logits, backend=self.backend)
+        terms["triplet"] = batch_hard_soft_margin_triplet(output.feature, labels, backend=self.backend)
+        return terms
 
     def total(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         """The weighted sum of :meth:`terms` (a trainer logs the terms it summed)."""
@@ -134,13 +131,13 @@ class BaselineReIDLoss(nn.Module):
 
     def __init__(self, id_weight: float = 1.0, triplet_weight: float = 1.0, backend: Optional[str] = None):
         super().__init__()
-        self.id_weight = check_real("BaselineReIDLoss", "id_weight", id_weight, 0)
-        self.triplet_weight = check_real("BaselineReIDLoss", "triplet_weight", triplet_weight, 0)
+        self.id_weight = check_real("BaselineReIDLoss", "id_weight", id_weight, 0, MAX_COEFFICIENT)
+        self.triplet_weight = check_real("BaselineReIDLoss", "triplet_weight", triplet_weight, 0, MAX_COEFFICIENT)
         self.backend = check_backend_name("BaselineReIDLoss", backend)
 
     def terms(self, output, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Unweighted terms, for logging; ``output`` is the model's ``ViTBaselineTrainOutput``."""
-        _check_output("BaselineReIDLoss", output, "logits", "ViTBaselineTrainOutput")
+        _check_output("BaselineReIDLoss", output, ("logits", "feature"), "ViTBaselineTrainOutput")
         return {
             "id": _cross_entropy("BaselineReIDLoss", output.logits, labels),
             "triplet": batch_hard_soft_margin_triplet(output.feature, labels, backend=self.backend),

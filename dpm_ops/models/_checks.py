@@ -6,12 +6,21 @@ inputs here too (check_images, check_camera_ids)."""
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
 
 # check_flag, check_int, check_int_list, check_known_options and check_real serve the models' options too
-from dpm_ops.ops._checks import check_flag, check_int, check_int_list, check_known_options, check_real, quote  # noqa: F401
+from dpm_ops.ops._checks import (  # noqa: F401
+    MAX_COEFFICIENT,
+    check_flag,
+    check_int,
+    check_int_list,
+    check_known_options,
+    check_real,
+    quote,
+)
 
 # Image sides and padding, in pixels: person crops are ~256 x 128; far past this a batch no longer fits in memory
 # (input.padding=100000 was killed by the OOM killer)
@@ -20,6 +29,9 @@ MAX_IMAGE_SIDE = 4096
 # 8 GB in float32 (training holds as much again for the gradients and for SGD's momentum). Far past it a model
 # does not fit, and its many tensors, each allocated alone, meet the OOM killer rather than an allocator error.
 MAX_WEIGHTS = 2 * 10**9
+# The largest |pixel| the models take: normalised pixels lie within +-3, raw 0-255 ones within 255; from ~1e18 the
+# squares in a float32 LayerNorm / BatchNorm overflow.
+MAX_PIXEL = 1e6
 
 
 def check_choice(model: str, name: str, value, choices: Sequence, why: str = "") -> None:
@@ -46,8 +58,9 @@ def check_images(
     """A (B, 3, H, W) floating-point tensor (normalised RGB pixels) of finite values, H x W = `size` when given:
     torch's own errors for a missing batch axis or uint8 pixels name neither the argument nor what was
     expected. Checked before any layer runs: a train-mode forward that failed later had already written its
-    batch into the BatchNorm statistics (NaN ones broke every later call). The value check is one device
-    sync, skipped while compiling or exporting."""
+    batch into the BatchNorm statistics (NaN ones broke every later call), which also takes every value to be
+    at most MAX_PIXEL in magnitude (ones of 1e20 overflowed the LayerNorm / BatchNorm statistics into NaN). The
+    value check is one device sync, skipped while compiling or exporting."""
     if not isinstance(images, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of shape (B, 3, H, W), got {type(images).__name__}")
     if images.dim() != 4 or images.shape[1] != 3:
@@ -58,12 +71,23 @@ def check_images(
         )
     if size is not None and tuple(images.shape[-2:]) != tuple(size):
         raise ValueError(f"{name}: expected images of size {tuple(size)}, got {tuple(images.shape[-2:])}")
-    # the first convolution's weights' dtype: torch's own error names neither; autocast casts them itself
-    if dtype is not None and images.dtype != dtype and not torch.is_autocast_enabled(images.device.type):
-        raise ValueError(f"{name} must be {dtype} (the model's dtype) outside autocast, got {images.dtype}")
+    # the first convolution's weights' dtype: torch's own error names neither; autocast casts them itself, all
+    # but float64 ones
+    if dtype is not None and images.dtype != dtype:
+        if not torch.is_autocast_enabled(images.device.type):
+            raise ValueError(f"{name} must be {dtype} (the model's dtype) outside autocast, got {images.dtype}")
+        if images.dtype == torch.float64:
+            raise ValueError(f"{name} must be {dtype} (the model's dtype) or float32: autocast leaves float64 as is")
     if images.numel() and images.device.type != "meta" and not torch.compiler.is_compiling():
-        if not bool(torch.isfinite(images).all()):
+        low, high = torch.stack(torch.aminmax(images.detach())).tolist()  # NaN when any is
+        if not (math.isfinite(low) and math.isfinite(high)):
             raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+        if max(-low, high) > MAX_PIXEL:
+            raise ValueError(
+                f"{name} holds values up to {max(-low, high):.3g}: expected normalised pixels, |value| <= "
+                f"{MAX_PIXEL:g} (the eval transform's are below 3); far larger ones overflow the activations' float32 "
+                "statistics"
+            )
 
 
 def check_train_batch(name: str, images, training: bool) -> None:
@@ -106,7 +130,7 @@ def check_camera_ids(cam_label, batch: int, num_cameras: int, device: torch.devi
         raise ValueError(f"cam_label must have shape ({batch},), one camera id per image, got {tuple(cam_label.shape)}")
     if cam_label.device != device:
         raise ValueError(f"cam_label must be on the images' device {device}, got {cam_label.device}")
-    if batch == 0 or torch.compiler.is_compiling():
+    if batch == 0 or torch.compiler.is_compiling() or cam_label.is_meta:  # a meta tensor has no values
         return
     low, high = torch.stack(torch.aminmax(cam_label)).tolist()
     if low < 0 or high >= num_cameras:

@@ -25,7 +25,16 @@ import torch.nn as nn
 from dpm_ops.ops.masked_arcface_reference import masked_arcface_logits
 from dpm_ops.ops import hierarchical_mask_pool
 
-from ._checks import check_choice, check_flag, check_int, check_int_list, check_real, check_train_batch, check_weights
+from ._checks import (
+    MAX_COEFFICIENT,
+    check_choice,
+    check_flag,
+    check_int,
+    check_int_list,
+    check_real,
+    check_train_batch,
+    check_weights,
+)
 from .param_groups import bnneck, sgd_param_groups
 from .vit import ViTReID, checked_vit_options, patch_grid
 
@@ -135,7 +144,7 @@ def check_dpm_options(
     # the mask generator's 3x3 convs (levels C -> 2C, 2C -> C, C -> C) and attfc, beside the backbone's weights
     width, levels = vit["embed_dim"], len(mask_tap_blocks)
     check_weights("dpm", width**2 * (18 * levels + 28), f"a mask generator of {levels} levels at embed_dim = {width}")
-    check_real("dpm", "arcface_scale", arcface_scale, 0, low_open=True)
+    check_real("dpm", "arcface_scale", arcface_scale, 0, MAX_COEFFICIENT, low_open=True)
     # cos(theta + m) must fall as the angle theta grows over [0, pi/2] (and easy_margin's range): m < pi/2
     check_real("dpm", "arcface_margin", arcface_margin, 0, math.pi / 2, high_open=True, why=" (radians, below pi/2)")
     check_flag("dpm", "easy_margin", easy_margin)

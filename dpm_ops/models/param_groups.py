@@ -6,6 +6,8 @@ from typing import Iterable, Optional
 
 import torch.nn as nn
 
+from ._checks import check_real
+
 
 def sgd_param_groups(
     named_parameters: Iterable[tuple[str, nn.Parameter]],
@@ -17,6 +19,12 @@ def sgd_param_groups(
     """Weights at ``base_lr``; biases at ``base_lr · bias_lr_factor``. Weight decay applies to every
     parameter (LayerNorm, BN, tokens and embeddings included), biases using ``weight_decay_bias``
     (default: the same value). Frozen parameters (e.g. the BNNeck bias) are left out."""
+    # torch's SGD takes a NaN or negative lr and decay, and steps every weight to NaN or uphill
+    check_real("sgd_param_groups", "base_lr", base_lr, 0, low_open=True)
+    check_real("sgd_param_groups", "weight_decay", weight_decay, 0)
+    check_real("sgd_param_groups", "bias_lr_factor", bias_lr_factor, 0)
+    if weight_decay_bias is not None:
+        check_real("sgd_param_groups", "weight_decay_bias", weight_decay_bias, 0)
     weights, biases = [], []
     for name, param in named_parameters:
         if param.requires_grad:

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._checks import (
+    MAX_COEFFICIENT,
     MAX_IMAGE_SIDE,
     check_camera_ids,
     check_choice,
@@ -35,6 +36,7 @@ from ._checks import (
     check_int_list,
     check_real,
     check_weights,
+    quote,
 )
 
 # Bounds of ViTReID's sizes, far above the ViTs in use, that keep a model's build short: depth 10^9 built
@@ -198,7 +200,7 @@ def check_vit_options(
     check_real(model, "drop_path_rate", drop_path_rate, 0, 1, high_open=True, why=" (a probability)")
     check_real(model, "norm_eps", norm_eps, 0, low_open=True, why=" (LayerNorm divides by sqrt(var + eps))")
     check_int(model, "num_cameras", num_cameras, 0, why=" (0 or 1: no camera embedding)")
-    check_real(model, "sie_coef", sie_coef, 0, why=" (the camera embedding's weight; 0: unused)")
+    check_real(model, "sie_coef", sie_coef, 0, MAX_COEFFICIENT, why=" (the camera embedding's weight; 0: unused)")
     # the blocks' attention (4 C^2) and MLP (2 mlp_ratio C^2), the patch projection and the position embedding;
     # the camera embedding is the data's, one tensor the allocator refuses whole if it cannot hold it
     weights = embed_dim * (depth * embed_dim * (4 + 2 * mlp_ratio) + 3 * patch_size**2 + grid[0] * grid[1] + 1)
@@ -314,8 +316,12 @@ class ViTReID(nn.Module):
         """Run the ViT, keeping the pre-LN patch tokens after the 0-based blocks in ``tap_blocks``
         and, if asked, the last block's CLS->patch attention logits."""
         last = len(self.blocks) - 1
-        if any(not 0 <= i <= last for i in tap_blocks):
-            raise ValueError(f"tap_blocks {tuple(tap_blocks)} must lie in [0, {last}]")
+        if not isinstance(tap_blocks, (list, tuple)):  # an iterator was used up by the range check: no tokens
+            raise ValueError(
+                f"tap_blocks must be a list or tuple of block indices in [0, {last}], got {quote(tap_blocks)}"
+            )
+        tap_blocks = check_int_list(None, "tap_blocks", tap_blocks, 0, last) if tap_blocks else ()
+        return_cls_logits = check_flag(None, "return_cls_logits", return_cls_logits)
         x = self.embed(images, cam_label)
         tapped = {}
         cls_logits = None

@@ -33,6 +33,10 @@ class _Quoted(reprlib.Repr):
 
 _QUOTED = _Quoted()
 QUOTE_CHARS = 100
+# The most a loss weight, a logit scale or the camera embedding's coefficient may be: far past any in use (ArcFace's
+# scale 30, the SIE's 3, weights of 0.1 to 2) and far below what overflows float32 once multiplied into logits and
+# losses (a scale of 1e39 gave a NaN loss, and a train step's NaN in the BatchNorm statistics broke every later call).
+MAX_COEFFICIENT = 1e6
 
 
 def quote(value: Any) -> str:

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from .._precision import at_least_fp32
 
 
-def pairwise_euclidean(features: torch.Tensor) -> torch.Tensor:
-    """(B, B) distances by the expansion the original uses, in at least fp32."""
+def pairwise_euclidean_unchecked(features: torch.Tensor) -> torch.Tensor:
+    """(B, B) distances by the expansion the original uses, in at least fp32 (losses.pairwise_euclidean checks)."""
     x = at_least_fp32(features)
     squared = (x * x).sum(1)
     return (squared.unsqueeze(1) + squared.unsqueeze(0) - 2.0 * (x @ x.t())).clamp_min(1e-12).sqrt()
@@ -20,7 +20,7 @@ def pairwise_euclidean(features: torch.Tensor) -> torch.Tensor:
 
 def batch_hard_triplet_reference(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The loss (0-dim) of features (B, C) and labels (B,); unchecked (the callers check)."""
-    dist = pairwise_euclidean(features)
+    dist = pairwise_euclidean_unchecked(features)
     same = labels.unsqueeze(1) == labels.unsqueeze(0)
     hardest_positive = dist.masked_fill(~same, float("-inf")).max(1).values
     # An anchor without negatives gets d_an = inf, i.e. a zero loss term.

@@ -18,16 +18,15 @@ import torch
 
 from .. import _backend
 from ._checks import (
+    MAX_COEFFICIENT,
     check_batch,
     check_finite_rows,
-    check_flag,
     check_label_range,
     check_labels,
-    check_number,
     check_real,
 )
 from ._declare import declare
-from .masked_arcface_reference import masked_arcface_reference
+from .masked_arcface_reference import check_arcface_options, masked_arcface_reference
 from .masked_cosine import check_masked_cosine_args
 
 
@@ -48,15 +47,9 @@ def check_masked_arcface_args(
 
 def check_masked_arcface_options(scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight) -> None:
     """The loss's numbers and flag (MaskedArcFaceLoss checks them when it is built)."""
-    # scale <= 0 flips or flattens the logits; a negative weight rewards the loss it weighs. The margin
-    # may be negative (a research use), so it need only be finite.
-    check_real("masked_arcface_cross_entropy", "scale", scale, 0, low_open=True)
-    check_number("masked_arcface_cross_entropy", "margin", margin)
-    check_flag("masked_arcface_cross_entropy", "easy_margin", easy_margin)
-    for name, value in (("plain_weight", plain_weight), ("masked_weight", masked_weight)):
-        check_real("masked_arcface_cross_entropy", name, value, 0)
-    if not 0 <= check_number("masked_arcface_cross_entropy", "clamp_eps", clamp_eps) < 1:
-        raise ValueError(f"masked_arcface_cross_entropy: clamp_eps must lie in [0, 1), got {clamp_eps}")
+    check_arcface_options("masked_arcface_cross_entropy", scale, margin, easy_margin, clamp_eps)
+    for name, value in (("plain_weight", plain_weight), ("masked_weight", masked_weight)):  # < 0 rewards the loss
+        check_real("masked_arcface_cross_entropy", name, value, 0, MAX_COEFFICIENT)
 
 
 def _check_kernel_args(features, mask, weight, labels, *options) -> None:

@@ -19,8 +19,26 @@ import torch
 import torch.nn.functional as F
 
 from .._precision import at_least_fp32, common_at_least_fp32, sqrt_flat_at_zero
-from ._checks import check_label_range, check_labels
+from ._checks import (
+    MAX_COEFFICIENT,
+    check_flag,
+    check_label_range,
+    check_labels,
+    check_number,
+    check_real,
+    check_tensors,
+)
 from .masked_cosine import masked_cosine
+
+
+def check_arcface_options(op: str, scale, margin, easy_margin, clamp_eps) -> None:
+    """ArcFace's numbers and flag: a scale in (0, MAX_COEFFICIENT] (<= 0 flips or flattens the logits), any finite
+    margin (a negative one is a research use), a bool easy_margin, clamp_eps in [0, 1)."""
+    check_real(op, "scale", scale, 0, MAX_COEFFICIENT, low_open=True)
+    check_number(op, "margin", margin)
+    check_flag(op, "easy_margin", easy_margin)
+    if not 0 <= check_number(op, "clamp_eps", clamp_eps) < 1:
+        raise ValueError(f"{op}: clamp_eps must lie in [0, 1), got {clamp_eps}")
 
 
 def arcface_logits(
@@ -36,6 +54,12 @@ def arcface_logits(
     Only the sqrt's argument is clamped (cos to ``[−1+ε, 1−ε]``): the original has no clamp and can
     produce NaNs under AMP; everywhere else the raw cosine is used, as in the official ``MArcface``.
     """
+    check_tensors("arcface_logits", cosine=cosine)
+    if cosine.dim() != 2 or not cosine.is_floating_point():
+        raise ValueError(
+            f"arcface_logits: cosine must be 2-D (B, K) floating point, got {cosine.dtype} {list(cosine.shape)}"
+        )
+    check_arcface_options("arcface_logits", scale, margin, easy_margin, clamp_eps)
     # gather / scatter took labels for fewer rows silently (the rest kept no margin), past K an error
     check_labels("arcface_logits", labels, cosine, of="cosine logits")
     check_label_range("arcface_logits", labels, cosine.shape[1])
@@ -69,6 +93,7 @@ def masked_arcface_logits(
     """Masked prototype cosine of BN features vs ``weight`` rows, as ArcFace logits (``s·cos`` when
     ``labels`` is None), the cosine by masked_cosine on ``backend``. Computed in (at least) fp32,
     even under autocast."""
+    check_arcface_options("masked_arcface_logits", scale, margin, easy_margin, clamp_eps)
     with torch.autocast(device_type=features.device.type, enabled=False):
         cosine = masked_cosine(*common_at_least_fp32(features, mask, weight), eps=1e-12, backend=backend)
         if labels is None:

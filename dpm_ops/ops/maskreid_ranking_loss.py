@@ -14,6 +14,7 @@ import torch
 from .. import _backend
 from .._precision import compute_dtype
 from ._checks import (
+    MAX_COEFFICIENT,
     check_batch,
     check_finite_rows,
     check_loss_grad,
@@ -53,7 +54,7 @@ def check_ranking_options(alpha, lam, neg_mode, pos_mode) -> None:
     """The loss's numbers and modes (MaskReIDRankingLoss checks them when it is built)."""
     check_number("maskreid_ranking_loss", "alpha", alpha)  # any sign: a negative margin is a choice
     # lam weighs the positive pull: a negative one would push positives apart
-    check_real("maskreid_ranking_loss", "lam", lam, 0)
+    check_real("maskreid_ranking_loss", "lam", lam, 0, MAX_COEFFICIENT)
     check_modes(neg_mode, pos_mode)
 
 
