@@ -26,7 +26,6 @@ from PIL import Image
 from .data import DecodedImages, ImageDataset, ImageRecord, build_dataloader, mask_path_for
 from .data.assembly import _verify_readable
 from .data.errors import DatasetError, DatasetNotFoundError
-from .data.image_io import as_mask, as_rgb
 from .data.parsing import MARKET_NAME
 from .engine.checkpoint import atomic_write
 from .ops._checks import row_norm_limit
@@ -177,12 +176,8 @@ def extract_images(
         masks = _listed(masks, "masks", 2)
         if len(masks) != len(names):
             raise ExportError(f"masks: one per image ({len(names)}), got {len(masks)}")
-    decoded = [as_rgb(image, name) for image, name in zip(images, names)]
-    decoded_masks = None
-    if masks is not None:
-        decoded_masks = [as_mask(m, f"masks[{i}]", image.size) for i, (m, image) in enumerate(zip(masks, decoded))]
     records = [ImageRecord(name, -1, camera) for name, camera in zip(names, cameras)]
-    dataset = DecodedImages(records, decoded, eval_transform(kind, size), masks=decoded_masks)
+    dataset = DecodedImages(records, images, eval_transform(kind, size), masks=masks)
     return _extract(model, kind, dataset, batch_size, 0, device, amp_dtype, flip, progress, normalize)
 
 

@@ -926,3 +926,111 @@ def test_in_memory_images_and_masks_read_as_files_do():
         as_rgb(Image.fromarray(np.array([[-1, 5]], np.int32)), "x")
     with pytest.raises(ValueError, match=r"x: image arrays must be .*, got \(0, 4, 3\) uint8"):
         as_rgb(np.zeros((0, 4, 3), np.uint8), "x")
+
+
+# ------------------------------------------------------------------- files the loaders skipped (audit)
+
+
+def test_image_extensions_in_any_case_and_their_aliases_are_read(tmp_path):
+    """Market's pattern was the case-sensitive *.jpg: .JPG and .jpeg images were left out of the split silently
+    (identity 9 was gone from train); Occluded-REID's .TIF / .tiff likewise."""
+    root = make_market_tree(tmp_path)
+    write_image(root / "bounding_box_train" / "0009_c1s1_000011_01.JPG")
+    write_image(root / "bounding_box_train" / "0009_c2s1_000012_01.jpeg")
+    assert sorted(r.pid for r in load_quietly("market1501", tmp_path).train) == [0, 0, 1, 2, 2]
+    reid = make_occluded_reid_tree(tmp_path / "reid")
+    for index, suffix in ((7, ".TIF"), (8, ".tiff")):
+        Image.new("RGB", (8, 16)).save(reid / "whole_body_images" / "001" / f"001_0{index}{suffix}", format="TIFF")
+    assert len(load_quietly("occluded_reid", tmp_path / "reid").gallery) == 8
+
+
+def test_links_to_nothing_and_unreadable_folders_are_errors(tmp_path, monkeypatch):
+    """A broken link was skipped (is_file() False), and recursive glob swallowed a PermissionError: images left
+    out silently (an Occluded-REID identity's gallery gone, its queries no longer scored)."""
+    root = make_market_tree(tmp_path)
+    link = root / "bounding_box_train" / "0009_c1s1_000020_01.jpg"
+    os.symlink(tmp_path / "nowhere.jpg", link)
+    with pytest.raises(DatasetNotFoundError, match=r"image .*0009_c1s1_000020_01\.jpg is a link to .*nowhere\.jpg"):
+        load_quietly("market1501", tmp_path)
+    link.unlink()
+    make_occluded_reid_tree(tmp_path / "reid")
+    scandir = os.scandir
+
+    def unreadable(path="."):
+        if os.fspath(path).endswith(os.path.join("whole_body_images", "002")):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", unreadable)
+    with pytest.raises(DatasetError, match=r"cannot read the folder .*whole_body_images/002: Permission denied"):
+        load_quietly("occluded_reid", tmp_path / "reid")
+
+
+def test_a_file_where_a_folder_goes_is_named_as_such(tmp_path):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(DatasetNotFoundError, match="Market-1501: dataset root is a file, not a folder: .*afile"):
+        build_dataset("market1501", tmp_path / "afile")
+
+
+def test_market_distractors_belong_to_the_gallery(tmp_path):
+    """pid 0 marks Market-1501's distractors: a query of pid 0 was scored with the distractors as its matches."""
+    root = make_market_tree(tmp_path)
+    write_image(root / "query" / "0000_c2s1_000005_00.jpg")
+    with pytest.raises(
+        DatasetError, match=r"market1501: pid 0 marks distractors, .*; query holds .*0000_c2s1_000005_00"
+    ):
+        load_quietly("market1501", tmp_path)
+
+
+def test_msmt17_list_lines_that_contradict_their_images(tmp_path):
+    """A list line was trusted: a label other than the image's pid gave it another identity, a line listed twice
+    (or in list_train and list_val) counted it twice, an absolute path read from outside the dataset; a
+    byte-order mark hid in the first path, and non-UTF-8 text was a raw UnicodeDecodeError."""
+    root = make_msmt_tree(tmp_path)
+    good = (root / "list_query.txt").read_text()
+    for text, message in (
+        ("0000/0000_000_02_0113morning_0001_0.jpg 1\n", "the label 1 must be the image's pid"),
+        ("0000/0000_000_02_0113morning_0001_0.jpg -5\n", "the label -5 must be the image's pid"),
+        ("0001/0000_000_02_0113morning_0001_0.jpg 0\n", "the label 0 must be the image's pid"),
+        (
+            good + good,
+            r"list_query\.txt:2: 0000/0000_000_02_0113morning_0001_0\.jpg is listed twice \(first on line 1\)",
+        ),
+        (f"{root}/test/{good}", "the image path must lie under"),
+        ("../test/" + good, "the image path must lie under"),
+    ):
+        (root / "list_query.txt").write_text(text)
+        with pytest.raises(DatasetError, match=message):
+            load_quietly("msmt17", tmp_path)
+    (root / "list_query.txt").write_text("\ufeff" + good, encoding="utf-8")
+    assert len(load_quietly("msmt17", tmp_path).query) == 1
+    (root / "list_query.txt").write_bytes(good.encode() + b"caf\xe9\n")
+    with pytest.raises(DatasetError, match=r"list_query\.txt is not UTF-8 text"):
+        load_quietly("msmt17", tmp_path)
+    (root / "list_query.txt").write_text(good)
+    train = (root / "list_train.txt").read_text()
+    (root / "list_val.txt").write_text(train.splitlines()[0] + "\n")
+    with pytest.raises(DatasetError, match="is listed in list_train.txt and list_val.txt"):
+        load_quietly("msmt17", tmp_path)
+
+
+def test_masks_in_an_alpha_channel_and_label_images(tmp_path):
+    """A cutout's mask is its alpha channel: its grey levels (the person's clothes) were read as the mask; a 0/1
+    label PNG thresholded to all background silently."""
+    cutout = Image.new("RGBA", (8, 16), (20, 20, 20, 0))
+    cutout.paste((20, 20, 20, 255), (0, 0, 8, 8))  # a dark person: grey levels below the threshold
+    cutout.save(tmp_path / "cutout.png")
+    assert np.asarray(read_mask(str(tmp_path / "cutout.png"))).astype(bool).sum() == 64
+    Image.new("RGBA", (8, 16), (255, 255, 255, 255)).save(tmp_path / "opaque.png")  # no transparency: grey levels
+    assert np.asarray(read_mask(str(tmp_path / "opaque.png"))).all()
+    Image.fromarray(np.eye(16, 8, dtype=np.uint8)).save(tmp_path / "labels.png")
+    with pytest.raises(DatasetError, match=r"mask .*labels\.png holds values 0\.\.1: a label image\?"):
+        read_mask(str(tmp_path / "labels.png"))
+
+
+def test_a_count_warning_points_at_the_callers_line(tmp_path):
+    make_market_tree(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_dataset("market1501", tmp_path)  # a partial copy
+    assert caught and all(warning.filename == __file__ for warning in caught), [w.filename for w in caught]

@@ -321,3 +321,12 @@ def test_sampler_sizes_are_checked_and_default_to_the_papers():
     assert {len(batch) for batch in smallest} == {3}
     ranking = MaskReIDBatchSampler(pids)
     assert (ranking.num_positives, ranking.num_negatives, ranking.seed) == (10, 54, 0)  # maskreid.md: 10 + 54
+
+
+def test_maskreid_default_epoch_must_leave_every_process_a_batch():
+    """One batch per identity, 3 identities over 4 processes: the epoch was cut to a multiple of 4, none, on
+    every rank (an explicit batches_per_epoch of 3 was refused)."""
+    pids = [i // 3 for i in range(9)]
+    with pytest.raises(ValueError, match=r"one batch per identity \(3\) leaves some of the 4 processes no batch"):
+        MaskReIDBatchSampler(pids, num_positives=2, num_negatives=1, rank=0, world_size=4)
+    assert len(MaskReIDBatchSampler(pids, num_positives=2, num_negatives=1, batches_per_epoch=4, world_size=4)) == 1

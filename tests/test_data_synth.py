@@ -265,7 +265,12 @@ def test_cli(tmp_path, capsys, monkeypatch):
         ("--width", "100000", "--width: must be an integer in 16..512"),
         ("--train-images", "2,100000", "--train-images: must be integers LOW,HIGH with 1 <= LOW <= HIGH <= 200"),
         ("--gallery-per-camera", "1,51", "--gallery-per-camera: must be integers LOW,HIGH with 1 <= LOW <= HIGH <= 50"),
-        ("--queries-per-id", "7", "--queries-per-id: must be an integer in 1..6 (at most one query per (id, camera))"),
+        (
+            "--queries-per-id",
+            "7",
+            "--queries-per-id: must be an integer in 1..4 (at most one query per (id, camera), an identity in at most "
+            "id_cameras[1] = 4 cameras)",
+        ),
         ("--seed", "-1", "--seed: must be an integer >= 0"),
         ("--ids", "1", "--ids: must be an integer in 2..4999"),
         ("--width", "8", "--width: must be an integer in 16..512"),
@@ -337,6 +342,8 @@ def test_synth_config_names_the_field():
         ({"seed": -1}, "seed"),
         ({"ids": 1}, "ids"),
         ({"cameras": 3, "id_cameras": (2, 3), "queries_per_id": 4}, "queries_per_id"),  # one per (id, camera)
+        # more than an identity's cameras were cut to them silently
+        ({"cameras": 9, "id_cameras": (2, 4), "queries_per_id": 9}, "queries_per_id"),
         ({"supersample": 5}, "supersample"),
         ({"jpeg_quality": 101}, "jpeg_quality"),
         ({"id_cameras": (1, 2)}, "id_cameras"),  # an identity in one camera has no cross-camera match
@@ -369,7 +376,7 @@ def test_max_images_counts_every_kind_of_image():
         ids=9,  # 5 train, 4 test identities
         cameras=4,
         id_cameras=(2, 3),
-        queries_per_id=4,  # at most one per camera: 3 per identity
+        queries_per_id=3,  # at most one per camera: 3 per identity
         train_images=(1, 5),
         gallery_per_camera=(1, 2),
         distractors=0.5,
@@ -578,3 +585,28 @@ def test_a_killed_generations_staging_folder_is_removed_by_the_next(tmp_path):
         ]
     finally:
         holder.communicate("")
+
+
+def test_a_manifest_of_the_wrong_shape_is_named(tiny_set, tmp_path):
+    """Each was a raw KeyError / AttributeError / IsADirectoryError, or silently taken: a string of occluded
+    paths read as one-character names (every query clean), 2.7 cameras as 2."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_set, copy)
+    manifest = json.loads((copy / "synthetic.json").read_text())
+    counts = manifest["counts"]
+    for change, message in (
+        ({"counts": {**counts, "val": [1, 1]}}, "counts must hold train, query, gallery"),
+        ({"counts": {**counts, "train": [1]}}, r"counts must be \[ids, images\] pairs"),
+        ({"counts": None}, "counts must hold train, query, gallery, got None"),
+        ({"occlusion": "query"}, "occlusion must map image paths relative to the dataset"),
+        ({"config": {**manifest["config"], "cameras": 2.7}}, r"config.cameras must be an integer in \[1, 9\], got 2.7"),
+    ):
+        (copy / "synthetic.json").write_text(json.dumps({**manifest, **change}))
+        with pytest.raises(DatasetError, match=f"corrupt synthetic manifest .*synthetic.json: {message}"):
+            build_dataset("synthetic", copy, check_counts="off")
+    (copy / "synthetic.json").unlink()
+    (copy / "synthetic.json").mkdir()
+    with pytest.raises(DatasetError, match="cannot read the synthetic manifest .*synthetic.json: Is a directory"):
+        build_dataset("synthetic", copy)

@@ -325,11 +325,21 @@ def test_random_erasing_places_a_box_anywhere_edges_included_and_the_recipes_fli
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda: Resize((0, 128)), r"Resize: size must be 2 integers >= 1 \(height, width\), got \(0, 128\)"),
+        (lambda: Resize((0, 128)), r"Resize: size must be 2 integers in \[1, 4096\] \(height, width\), got \(0, 128\)"),
+        (
+            lambda: Resize((60000, 128)),
+            r"Resize: size must be 2 integers in \[1, 4096\]",
+        ),  # a MemoryError at the first image
+        (
+            lambda: Pad(4, fill=300),
+            r"Pad: fill must be an integer in \[0, 255\] \(an 8-bit value for every channel\), got 300",
+        ),
+        (lambda: Pad(4, fill=(1, 2)), r"Pad: fill must be 3 integers in \[0, 255\] \(8-bit RGB, or one int for all\)"),
+        (lambda: Pad(4, fill="red"), r"Pad: fill must be 3 integers in \[0, 255\]"),
         (lambda: Resize(256), "Resize: size must be .*, got 256"),
         (lambda: RandomCrop((256.5, 128)), r"RandomCrop: size must be .*, got \(256.5, 128\)"),
         (lambda: CenterCrop((256,)), r"CenterCrop: size must be .*, got \(256,\)"),
-        (lambda: Pad(-1), "Pad: padding must be an integer >= 0, got -1"),
+        (lambda: Pad(-1), r"Pad: padding must be an integer in \[0, 4096\], got -1"),
         (lambda: RandomHorizontalFlip(1.5), r"RandomHorizontalFlip: p must be a finite number in \[0, 1\], got 1.5"),
         (lambda: ColorJitter(brightness=-0.2), "ColorJitter: brightness must be a finite number >= 0, got -0.2"),
         (lambda: Normalize((0.5, 0.5), (0.5, 0.5, 0.5)), r"Normalize: mean and std must hold 3 values \(R, G, B\)"),
@@ -397,3 +407,24 @@ def test_build_transforms_refuses_bad_options_when_built(recipe, train, options,
     with pytest.raises(ValueError) as error:
         build_transforms(recipe, train, **options)
     assert needle in str(error.value)
+
+
+def test_transforms_and_decoded_images_take_what_the_files_give():
+    """A 16-bit image given to a transform (or DecodedImages) went white, where read_image scales it; a mask of
+    another size was stretched to its image; DecodedImages took two images for one record."""
+    from dpm_ops.data import DecodedImages, ImageRecord
+    from dpm_ops.data.transforms import build_transforms
+
+    grey = np.full((16, 8), 40000, dtype=np.uint16)
+    sixteen = Image.frombytes("I;16", (8, 16), grey.tobytes())
+    transform = build_transforms("dpm", False)
+    expected = transform(Image.fromarray(np.full((16, 8, 3), (40000 + 128) // 257, dtype=np.uint8)))
+    torch.testing.assert_close(transform(sixteen), expected)
+    with pytest.raises(ValueError, match=r"mask given to pair\(\) is 8x64 but its image is 8x16"):
+        transform.pair(Image.new("RGB", (8, 16)), Image.new("L", (8, 64)))
+    records = [ImageRecord("a.png", 1, 0)]
+    with pytest.raises(ValueError, match=r"DecodedImages: images must be one per record \(1\), got 2"):
+        DecodedImages(records, [sixteen, sixteen], transform)
+    with pytest.raises(ValueError, match="mask masks\\[0\\] is 8x64 but its image is 8x16"):
+        DecodedImages(records, [sixteen], transform, masks=[Image.new("L", (8, 64))])
+    torch.testing.assert_close(DecodedImages(records, [sixteen], transform)[0]["image"], expected)

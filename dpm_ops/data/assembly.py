@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Optional, Sequence, TypeVar
 
 from dpm_ops.ops._checks import quote
 
+from .._stack import stacklevel_outside
 from .errors import DatasetCountWarning, DatasetError
 from .image_io import MASK_THRESHOLD, check_mask_size, decoded
 from .masks import build_mask_index
@@ -35,6 +36,9 @@ def check_count_policy(policy) -> None:
         raise DatasetError(f"check_counts must be one of {COUNT_POLICIES}, got {quote(policy)}")
 
 
+_HERE = os.path.dirname(os.path.abspath(__file__))  # a count warning points past the loaders, at their caller
+
+
 def _check_counts(name: str, splits: dict[str, list[ImageRecord]], expected: dict, policy: str) -> None:
     if policy == "off":
         return
@@ -49,7 +53,7 @@ def _check_counts(name: str, splits: dict[str, list[ImageRecord]], expected: dic
         )
         if policy == "error":
             raise DatasetError(message)
-        warnings.warn(message + " (partial copy?)", DatasetCountWarning, stacklevel=4)
+        warnings.warn(message + " (partial copy?)", DatasetCountWarning, stacklevel=stacklevel_outside(_HERE))
 
 
 def _usable_cpus() -> int:

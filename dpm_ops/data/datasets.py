@@ -186,6 +186,11 @@ def load_msmt17(
     val_list = os.path.join(dataset_dir, "list_val.txt")
     val = parse_msmt_list(val_list, train_dir) if include_val or os.path.exists(val_list) else []  # optional without
     if include_val:
+        twice = sorted({r.path for r in train} & {r.path for r in val})
+        if twice:
+            raise DatasetError(
+                f"MSMT17: {twice[0]} is listed in list_train.txt and list_val.txt (val joins train once)"
+            )
         train += val
     query = parse_msmt_list(os.path.join(dataset_dir, "list_query.txt"), test_dir)
     gallery = parse_msmt_list(os.path.join(dataset_dir, "list_gallery.txt"), test_dir)

@@ -80,13 +80,30 @@ def _binary(mask: Image.Image, name: str, expected_size: tuple[int, int] | None)
 
 
 def read_mask(path: str, expected_size: tuple[int, int] | None = None) -> Image.Image:
-    """Decode a foreground mask as a binary 'L' image (0 background, 255 foreground).
+    """Decode a foreground mask as a binary 'L' image (0 background, 255 foreground): its grey levels, or its
+    alpha channel where it has transparency.
 
     expected_size is the (width, height) of the image it belongs to.
     """
     with decoded(path, "mask") as mask:
-        mask = mask.convert("L")
+        mask = _mask_levels(mask)
+    highest = mask.getextrema()[1]
+    if 0 < highest < MASK_THRESHOLD:  # all background after thresholding, silently
+        raise DatasetError(
+            f"mask {path} holds values 0..{highest}: a label image? A mask is 0 / 255 (or 1-bit), foreground >= "
+            f"{MASK_THRESHOLD}"
+        )
     return _binary(mask, path, expected_size)
+
+
+def _mask_levels(mask: Image.Image) -> Image.Image:
+    """A mask's 'L' levels: its alpha channel where it has transparency (a cutout: RGB holds the person's pixels,
+    whose grey levels were read as the mask), else its grey levels."""
+    if "A" in mask.getbands():
+        alpha = mask.getchannel("A")
+        if alpha.getextrema()[0] < 255:
+            return alpha
+    return mask.convert("L")
 
 
 def _array(value: np.ndarray, name: str, kind: str, dtypes: tuple, channels: tuple) -> np.ndarray:

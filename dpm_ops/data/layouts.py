@@ -9,6 +9,8 @@ import dataclasses
 import os
 from typing import Callable, Optional
 
+from dpm_ops.ops._checks import is_integer, quote
+
 from .assembly import _assemble, row_loader
 from .errors import DatasetError, DatasetNotFoundError
 from .parsing import (
@@ -21,6 +23,9 @@ from .parsing import (
     read_synthetic_manifest,
 )
 from .records import ImageRecord, ReIDSplits
+
+SPLITS = ("train", "query", "gallery")
+SYNTHETIC_KEYS = ("config", "counts", "occlusion")  # what load_synthetic reads of the manifest
 
 # (ids, images) per split as each dataset's release publishes them; the Market gallery count is after
 # junk removal and counts distractor pid 0 as one id.
@@ -48,13 +53,22 @@ def _load_market_style(
         lambda train, query, gallery: None  # not published
     ),
     multi_query_folder: Optional[str] = None,
+    distractors: bool = False,
     **assembly_options,
 ) -> ReIDSplits:
     """Parses the Market-style folders; ``assembly_options`` are ``_assemble``'s (expected_counts,
-    check_counts, with_masks, mask_root, verify_images)."""
+    check_counts, with_masks, mask_root, verify_images). With ``distractors``, pid 0 marks gallery images of
+    no identity: one in train or query is an error (a query of pid 0 was scored with the distractors as its
+    matches)."""
     train, query, gallery = (
         parse_market_folder(os.path.join(dataset_dir, folder), suffix, num_cams) for folder in MARKET_FOLDERS
     )
+    for folder, records in zip(MARKET_FOLDERS[:2], (train, query) if distractors else ()):
+        stray = next((r.path for r in records if r.pid == 0), None)
+        if stray is not None:
+            raise DatasetError(
+                f"{name}: pid 0 marks distractors, gallery images of no identity; {folder} holds {stray}"
+            )
     multi_query = None
     if multi_query_folder is not None:
         folder = os.path.join(dataset_dir, multi_query_folder)
@@ -91,6 +105,7 @@ class MarketLayout:
     suffix: str = ".jpg"  # the image files' extension
     every_query_occluded: bool = False
     multi_query_folder: Optional[str] = None  # the multi-query pools, where the dataset has them
+    distractors: bool = False  # pid 0 marks gallery images of no identity (Market-1501's)
 
 
 MARKET_LAYOUTS = (
@@ -100,6 +115,7 @@ MARKET_LAYOUTS = (
         ("", "Market-1501-v15.09.15", "market1501/Market-1501-v15.09.15", "market1501", "Market-1501"),
         num_cams=6,
         multi_query_folder=MARKET_MULTI_QUERY_FOLDER,
+        distractors=True,
         about="""Market-1501: ``Market-1501-v15.09.15/{bounding_box_train,query,bounding_box_test}/*.jpg``.
 
     ``root`` may be the dataset folder itself or a parent holding ``Market-1501-v15.09.15``,
@@ -177,6 +193,7 @@ def _load_market_layout(
         verify_images=verify_images,
         occluded=lambda train, query, gallery: frozenset(r.path for r in query) if every_query else None,
         multi_query_folder=layout.multi_query_folder if multi_query else None,
+        distractors=layout.distractors,
     )
 
 
@@ -232,6 +249,31 @@ def load_cuhk03_np(
 
 # Not a MarketLayout row: its camera count, split counts and occluded images are not fixed but read
 # from the manifest of the set written.
+def _synthetic_manifest(dataset_dir: str) -> tuple[int, dict, frozenset]:
+    """The manifest's camera count, split counts {split: (ids, images)} and occluded image paths, each checked
+    (a string of occluded paths was read as one-character names, 2.7 cameras as 2, a missing split a KeyError)."""
+    manifest = read_synthetic_manifest(dataset_dir)
+    config, counts, occlusion = (manifest.get(key) if isinstance(manifest, dict) else None for key in SYNTHETIC_KEYS)
+    cameras = config.get("cameras") if isinstance(config, dict) else None
+    problem = None
+    if not (is_integer(cameras) and 1 <= cameras <= 9):  # Market names hold one camera digit
+        problem = f"config.cameras must be an integer in [1, 9], got {quote(cameras)}"
+    elif not (isinstance(counts, dict) and sorted(counts) == sorted(SPLITS)):
+        problem = f"counts must hold {', '.join(SPLITS)}, got {quote(counts)}"
+    elif not all(
+        isinstance(c, list) and len(c) == 2 and all(is_integer(v) and v >= 0 for v in c) for c in counts.values()
+    ):
+        problem = f"counts must be [ids, images] pairs of integers >= 0, got {quote(counts)}"
+    elif not (
+        isinstance(occlusion, dict) and all(isinstance(name, str) and not os.path.isabs(name) for name in occlusion)
+    ):
+        problem = f"occlusion must map image paths relative to the dataset to their occluders, got {quote(occlusion)}"
+    if problem is not None:
+        raise DatasetError(f"corrupt synthetic manifest {os.path.join(dataset_dir, SYNTHETIC_MANIFEST)}: {problem}")
+    occluded = frozenset(os.path.join(dataset_dir, name) for name in occlusion)
+    return int(cameras), {split: tuple(c) for split, c in counts.items()}, occluded
+
+
 def load_synthetic(
     root: str,
     *,
@@ -245,14 +287,7 @@ def load_synthetic(
     The manifest gives the camera count, the exact split counts and which images are occluded.
     """
     dataset_dir = find_dataset_dir(root, [""], (*MARKET_FOLDERS, SYNTHETIC_MANIFEST), "synthetic dataset")
-    manifest = read_synthetic_manifest(dataset_dir)
-    try:
-        num_cams = int(manifest["config"]["cameras"])
-        expected = {split: tuple(counts) for split, counts in manifest["counts"].items()}
-        occluded = frozenset(os.path.join(dataset_dir, name) for name in manifest["occlusion"])
-    except (KeyError, TypeError, ValueError) as error:
-        manifest_path = os.path.join(dataset_dir, SYNTHETIC_MANIFEST)
-        raise DatasetError(f"corrupt synthetic manifest {manifest_path}: {error!r}") from error
+    num_cams, expected, occluded = _synthetic_manifest(dataset_dir)
     return _load_market_style(
         "synthetic",
         dataset_dir,

@@ -9,7 +9,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .errors import DatasetError
-from .image_io import read_image, read_mask
+from .image_io import as_mask, as_rgb, read_image, read_mask
 from .records import ImageRecord
 from .samplers import SampleRef
 from .transforms import Transform, masked_image
@@ -74,18 +74,31 @@ class ImageDataset(Dataset):
 
 
 class DecodedImages(ImageDataset):
-    """:class:`ImageDataset` items of images already decoded (RGB PIL images, with binary 'L' masks as
-    :func:`~dpm_ops.data.image_io.read_mask` gives them, or None), e.g. a tracker's crops: one record each."""
+    """:class:`ImageDataset` items of images in memory, e.g. a tracker's crops: one record each, each image
+    a PIL image, an (H, W, 3) / (H, W) uint8 array or a file path (read as RGB, 16-bit greyscale scaled to
+    8 bits: :func:`~dpm_ops.data.image_io.as_rgb`), each mask, when given, of its image's size
+    (:func:`~dpm_ops.data.image_io.as_mask`). The records name the images in errors."""
 
     def __init__(
         self,
         records: Sequence[ImageRecord],
-        images: Sequence[Image.Image],
+        images: Sequence,
         transform: Transform,
-        masks: Optional[Sequence[Image.Image]] = None,
+        masks: Optional[Sequence] = None,
     ):
         super().__init__(records, transform)
-        self.images, self.masks = list(images), masks
+        for name, given in (("images", images), ("masks", masks)):
+            if given is not None and len(given) != len(self.records):
+                raise ValueError(
+                    f"DecodedImages: {name} must be one per record ({len(self.records)}), got {len(given)}"
+                )
+        # as the files are read: a 16-bit image given as it is went white, a mask of another size was stretched
+        self.images = [as_rgb(image, record.path) for image, record in zip(images, self.records)]
+        self.masks = None
+        if masks is not None:
+            self.masks = [
+                as_mask(mask, f"masks[{i}]", image.size) for i, (mask, image) in enumerate(zip(masks, self.images))
+            ]
 
     def _read(self, index: int) -> tuple[Image.Image, Optional[Image.Image]]:
         return self.images[index], None if self.masks is None else self.masks[index]

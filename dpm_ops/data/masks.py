@@ -10,7 +10,8 @@ relative path and the image's suffix replaced by ``.png``::
     Occluded_REID/occluded_body_images_seg/001/001_01.png
 
 The ``_seg`` folders sit in the dataset folder by default, or under another ``mask_root`` given to
-the loader (same folder names inside it). A mask is 1-bit or 8-bit; values >= 128 are foreground.
+the loader (same folder names inside it). A mask is 1-bit or 8-bit, values >= 128 foreground, or an image with
+transparency (a cutout), its alpha channel the mask.
 """
 
 from __future__ import annotations

@@ -29,11 +29,17 @@ MARKET_FOLDERS = ("bounding_box_train", "query", "bounding_box_test")
 MARKET_MULTI_QUERY_FOLDER = "gt_bbox"
 
 
+def check_folder(path: str, what: str = "folder") -> None:
+    """DatasetNotFoundError unless ``path`` is a folder, saying whether it is missing or a file."""
+    if not os.path.isdir(path):
+        found = "is a file, not a folder" if os.path.exists(path) else "not found"
+        raise DatasetNotFoundError(f"{what} {found}: {path}")
+
+
 def find_dataset_dir(root: str, candidates: Iterable[str], required: Iterable[str], title: str) -> str:
     """First of ``root/<candidate>`` that contains every ``required`` entry."""
     root = os.path.abspath(os.path.expanduser(str(root)))
-    if not os.path.isdir(root):
-        raise DatasetNotFoundError(f"{title}: dataset root not found: {root}")
+    check_folder(root, f"{title}: dataset root")
     required = list(required)
     tried = []
     for candidate in candidates:
@@ -50,14 +56,35 @@ def find_dataset_dir(root: str, candidates: Iterable[str], required: Iterable[st
     )
 
 
+# A layout's image extension also stands for these, in any case: .JPG and .jpeg files were left out of a
+# Market split silently (its pattern was the case-sensitive *.jpg).
+EXTENSION_ALIASES = {".jpg": (".jpg", ".jpeg"), ".tif": (".tif", ".tiff")}
+
+
 def list_images(folder: str, suffix: str, recursive: bool = False) -> list[str]:
-    if not os.path.isdir(folder):
-        raise DatasetNotFoundError(f"folder not found: {folder}")
-    pattern = f"**/*{suffix}" if recursive else f"*{suffix}"
-    paths = sorted(str(p) for p in Path(folder).glob(pattern) if p.is_file())
+    """The images of ``folder`` (and of its sub-folders with ``recursive``) with the extension ``suffix`` or
+    its alias, in any case, sorted. A link to nothing and a folder that cannot be read are errors: both
+    were skipped, their images silently left out."""
+    check_folder(folder)
+    extensions = EXTENSION_ALIASES.get(suffix.lower(), (suffix.lower(),))
+
+    def unreadable(error: OSError):
+        raise DatasetError(f"cannot read the folder {error.filename}: {error.strerror}") from error
+
+    paths = []
+    for directory, subfolders, files in os.walk(folder, onerror=unreadable, followlinks=True):
+        if not recursive:
+            subfolders.clear()
+        for name in files:
+            path = os.path.join(directory, name)
+            if os.path.splitext(name)[1].lower() not in extensions:
+                continue
+            if not os.path.exists(path):
+                raise DatasetNotFoundError(f"image {path} is a link to {os.readlink(path)}, which does not exist")
+            paths.append(path)
     if not paths:
         raise DatasetError(f"no *{suffix} images in {folder}")
-    return paths
+    return sorted(paths)
 
 
 def check_camera(path: str, camera: int, num_cams: int) -> int:
@@ -101,22 +128,40 @@ def parse_pid_index_folder(folder: str, suffix: str, camid: int, per_identity_di
 
 
 def parse_msmt_list(list_path: str, image_dir: str) -> list[ImageRecord]:
-    """Lines ``<pid folder>/<pid>_<index>_<camera>_<date+time>_..._.jpg <pid>``, camera 1-15."""
+    """Lines ``<pid folder>/<pid>_<index>_<camera>_<date+time>_..._.jpg <pid>``, camera 1-15: the label the
+    name's pid (>= 0, and the folder's), each image listed once, its path relative to ``image_dir``. A list
+    that broke one of these had images take another identity, or count twice, silently."""
     if not os.path.isfile(list_path):
-        raise DatasetNotFoundError(f"MSMT17 list file not found: {list_path}")
-    records = []
-    with open(list_path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            fields = line.split()
-            parts = os.path.basename(fields[0]).split("_") if len(fields) == 2 else []
-            if len(parts) < 3 or not INTEGER.fullmatch(fields[1]) or not INTEGER.fullmatch(parts[2]):
-                raise DatasetError(f"{list_path}:{line_number}: expected '<relative path> <pid>', got {line.strip()!r}")
-            path = os.path.join(image_dir, fields[0])
-            if not os.path.isfile(path):
-                raise DatasetNotFoundError(f"{list_path}:{line_number}: image not found: {path}")
-            records.append(ImageRecord(path, int(fields[1]), check_camera(path, int(parts[2]), MSMT17_CAMERAS)))
+        found = "is a folder, not a file" if os.path.isdir(list_path) else "not found"
+        raise DatasetNotFoundError(f"MSMT17 list file {found}: {list_path}")
+    try:  # utf-8-sig: a byte-order mark (Notepad's) was read as part of the first path
+        with open(list_path, encoding="utf-8-sig") as handle:
+            lines = handle.read().splitlines()
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{list_path} is not UTF-8 text ({error.reason} at byte {error.start})") from error
+    records, first_line = [], {}
+    for line_number, line in enumerate(lines, start=1):
+        where = f"{list_path}:{line_number}"
+        if not line.strip():
+            continue
+        fields = line.split()
+        parts = os.path.basename(fields[0]).split("_") if len(fields) == 2 else []
+        if len(parts) < 3 or not all(INTEGER.fullmatch(value) for value in (fields[1], parts[0], parts[2])):
+            raise DatasetError(f"{where}: expected '<relative path> <pid>', got {line.strip()!r}")
+        relative, pid = fields[0], int(fields[1])
+        folders = Path(relative).parts[:-1]
+        if os.path.isabs(relative) or ".." in folders:
+            raise DatasetError(f"{where}: the image path must lie under {image_dir}, got {relative!r}")
+        folder_pid = int(folders[-1]) if folders and INTEGER.fullmatch(folders[-1]) else pid
+        if pid < 0 or int(parts[0]) != pid or folder_pid != pid:
+            raise DatasetError(f"{where}: the label {pid} must be the image's pid (>= 0, its name's and folder's)")
+        if relative in first_line:
+            raise DatasetError(f"{where}: {relative} is listed twice (first on line {first_line[relative]})")
+        first_line[relative] = line_number
+        path = os.path.join(image_dir, relative)
+        if not os.path.isfile(path):
+            raise DatasetNotFoundError(f"{where}: image not found: {path}")
+        records.append(ImageRecord(path, pid, check_camera(path, int(parts[2]), MSMT17_CAMERAS)))
     if not records:
         raise DatasetError(f"MSMT17 list file is empty: {list_path}")
     return records
@@ -133,3 +178,5 @@ def read_synthetic_manifest(dataset_dir: str) -> dict:
         ) from error
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DatasetError(f"corrupt synthetic manifest {path}: {error}") from error
+    except OSError as error:  # a folder of that name, an unreadable file
+        raise DatasetError(f"cannot read the synthetic manifest {path}: {error.strerror}") from error

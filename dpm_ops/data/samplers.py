@@ -263,6 +263,11 @@ class MaskReIDBatchSampler(_EpochBatchSampler):
             )
         self.num_positives = num_positives
         self.num_negatives = num_negatives
+        if batches_per_epoch is None and len(self.groups) < world_size:  # the default: one batch per identity
+            raise ValueError(
+                f"a MaskReID epoch of one batch per identity ({len(self.groups)}) leaves some of the {world_size} "
+                "processes no batch: pass batches_per_epoch >= the number of processes"
+            )
         self.batches_per_epoch = batches_per_epoch or len(self.groups)
         self._pid_list = list(self.groups)
 

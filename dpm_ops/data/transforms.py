@@ -27,7 +27,17 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from dpm_ops.ops._checks import check_flag, check_int, check_int_list, check_known_options, check_real
+from dpm_ops.ops._checks import (
+    MAX_IMAGE_SIDE,
+    check_flag,
+    check_int,
+    check_int_list,
+    check_known_options,
+    check_real,
+    is_integer,
+)
+
+from .image_io import as_mask, as_rgb
 
 DPM_MEAN = (0.5, 0.5, 0.5)
 DPM_STD = (0.5, 0.5, 0.5)
@@ -81,14 +91,23 @@ class Compose(Transform):
     def __init__(self, transforms: Sequence[Transform]):
         self.transforms = list(transforms)
 
-    def __call__(self, image, generator=None):
+    @staticmethod
+    def _rgb(image) -> Image.Image:
+        """An RGB PIL image, as the files are read (a 16-bit one given as it is went white)."""
         if not isinstance(image, Image.Image):  # every recipe starts on a PIL image
             raise ValueError(f"image must be a PIL.Image (e.g. image_io.read_image's), got {type(image).__name__}")
+        return image if image.mode == "RGB" else as_rgb(image, "image")
+
+    def __call__(self, image, generator=None):
+        image = self._rgb(image)
         for transform in self.transforms:
             image = transform(image, generator)
         return image
 
     def pair(self, image, mask, generator=None):
+        image = self._rgb(image)
+        if not (isinstance(mask, Image.Image) and mask.mode == "L" and mask.size == image.size):
+            mask = as_mask(mask, "given to pair()", image.size)  # another size was stretched to the image's silently
         for transform in self.transforms:
             image, mask = transform.pair(image, mask, generator)
         return image, mask
@@ -100,7 +119,7 @@ class Resize(Transform):
     def __init__(self, size: tuple[int, int], interpolation: str = "bilinear"):
         if interpolation not in _RESAMPLING:
             raise ValueError(f"interpolation must be one of {sorted(_RESAMPLING)}")
-        self.size = check_int_list("Resize", "size", size, 1, length=2, why=" (height, width)")
+        self.size = check_int_list("Resize", "size", size, 1, MAX_IMAGE_SIDE, length=2, why=" (height, width)")
         self.interpolation = interpolation
 
     def __call__(self, image, generator=None):
@@ -132,8 +151,12 @@ class Pad(Transform):
     ``fill``: one value for every channel (as torchvision's ``Pad``) or one per channel."""
 
     def __init__(self, padding: int, fill: int | Sequence[int] = 0):
-        self.padding = check_int("Pad", "padding", padding, 0)
-        self.fill = fill
+        self.padding = check_int("Pad", "padding", padding, 0, MAX_IMAGE_SIDE)
+        # checked here, not at the first image in a loader worker (PIL clipped 300 to 255, cut 4 values to 3)
+        if is_integer(fill):
+            self.fill = check_int("Pad", "fill", fill, 0, 255, why=" (an 8-bit value for every channel)")
+        else:
+            self.fill = check_int_list("Pad", "fill", fill, 0, 255, length=3, why=" (8-bit RGB, or one int for all)")
 
     def __call__(self, image, generator=None):
         # PIL reads a bare int as a packed pixel, which would fill an RGB border with (fill, 0, 0)
@@ -148,7 +171,7 @@ class RandomCrop(Transform):
     """Crop a random ``size = (height, width)`` window (uniform over all positions)."""
 
     def __init__(self, size: tuple[int, int]):
-        self.size = check_int_list("RandomCrop", "size", size, 1, length=2, why=" (height, width)")
+        self.size = check_int_list("RandomCrop", "size", size, 1, MAX_IMAGE_SIDE, length=2, why=" (height, width)")
 
     def _window(self, image, generator) -> tuple[int, int, int, int]:
         height, width = _fitting(self, image)
@@ -166,7 +189,7 @@ class RandomCrop(Transform):
 
 class CenterCrop(Transform):
     def __init__(self, size: tuple[int, int]):
-        self.size = check_int_list("CenterCrop", "size", size, 1, length=2, why=" (height, width)")
+        self.size = check_int_list("CenterCrop", "size", size, 1, MAX_IMAGE_SIDE, length=2, why=" (height, width)")
 
     def _window(self, image) -> tuple[int, int, int, int]:
         height, width = _fitting(self, image)

@@ -10,25 +10,14 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-import sys
 import warnings
 from typing import Optional
 
 import torch.nn as nn
 
 from .._backend import BACKENDS
+from .._stack import stacklevel_outside
 from ..ops._checks import check_flag
-
-
-def _user_stacklevel() -> int:
-    """warnings.warn's stacklevel, from its caller here, of the first frame outside dpm_ops.losses:
-    the user's line, whatever __init__ chain led here. Python's default filters show a
-    DeprecationWarning only when it is attributed to __main__ (a fixed stacklevel hid it for the
-    modules with an __init__ of their own)."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.dirname(frame.f_code.co_filename) == _HERE:
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -44,7 +33,7 @@ def backend_of_fused(fused: bool, caller: str, backend_given: bool) -> Optional[
         f"{caller}: fused= is deprecated and will be removed in the next release; pass "
         f"backend='reference' instead of fused=False (fused=True is the default, backend=None)",
         DeprecationWarning,
-        stacklevel=_user_stacklevel(),
+        stacklevel=stacklevel_outside(_HERE),  # the user's line, whatever __init__ chain led here
     )
     return None if fused else "reference"
 

@@ -21,10 +21,8 @@ from dpm_ops.ops._checks import (  # noqa: F401
     check_real,
     quote,
 )
+from dpm_ops.ops._checks import MAX_IMAGE_SIDE  # noqa: F401  (the config's bound too)
 
-# Image sides and padding, in pixels: person crops are ~256 x 128; far past this a batch no longer fits in memory
-# (input.padding=100000 was killed by the OOM killer)
-MAX_IMAGE_SIDE = 4096
 # The most weights a model may have, estimated from its options before it allocates any: ViT-G/14 has 1.8 B,
 # 8 GB in float32 (training holds as much again for the gradients and for SGD's momentum). Far past it a model
 # does not fit, and its many tensors, each allocated alone, meet the OOM killer rather than an allocator error.

@@ -37,6 +37,9 @@ QUOTE_CHARS = 100
 # scale 30, the SIE's 3, weights of 0.1 to 2) and far below what overflows float32 once multiplied into logits and
 # losses (a scale of 1e39 gave a NaN loss, and a train step's NaN in the BatchNorm statistics broke every later call).
 MAX_COEFFICIENT = 1e6
+# Image sides and padding, in pixels (the models', the transforms'): person crops are ~256 x 128; far past this a
+# batch no longer fits in memory (input.padding=100000 was killed by the OOM killer)
+MAX_IMAGE_SIDE = 4096
 
 
 def quote(value: Any) -> str:

@@ -90,7 +90,7 @@ class SynthConfig:
     train_images: tuple[int, int] = _option((6, 12), "images per train identity")  # inclusive range
     id_cameras: tuple[int, int] = (2, 4)  # cameras each identity appears in
     # at most one query per (id, camera), as in Market
-    queries_per_id: int = _option(2, "queries per test identity")
+    queries_per_id: int = _option(2, "queries per test identity, one per camera it appears in at most")
     gallery_per_camera: tuple[int, int] = _option((1, 3), "gallery images per test identity and camera")
     distractors: float = _option(0.1, "pid 0 gallery images, as a share of the identities' gallery images")
     # badly framed boxes, dropped by the loader
@@ -112,10 +112,12 @@ class SynthConfig:
         # 2 * width * supersample by height * supersample, and JPEG stops at 65535 anyway
         _check_int("width", self.width, 16, MAX_WIDTH, "re-ID person crops are small")
         _check_int("height", self.height, 32, MAX_HEIGHT, "re-ID person crops are small")
-        _check_int("queries_per_id", self.queries_per_id, 1, self.cameras, "at most one query per (id, camera)")
         _check_int("supersample", self.supersample, 1, 4)
         _check_int("jpeg_quality", self.jpeg_quality, 1, 100, "PIL's JPEG quality")
         _check_int_range("id_cameras", self.id_cameras, 2, self.cameras)
+        # more were cut to an identity's cameras silently (--cameras 9 --queries-per-id 9 wrote 4 per identity)
+        why = f"at most one query per (id, camera), an identity in at most id_cameras[1] = {self.id_cameras[1]} cameras"
+        _check_int("queries_per_id", self.queries_per_id, 1, self.id_cameras[1], why)
         for name, high in (("train_images", MAX_TRAIN_IMAGES), ("gallery_per_camera", MAX_GALLERY_PER_CAMERA)):
             # every query needs a true match in the gallery
             _check_int_range(name, getattr(self, name), 1, high)
@@ -146,7 +148,7 @@ class SynthConfig:
         """The most images the set can hold (the plan draws the counts inside these ranges)."""
         train_ids, test_ids = (self.ids + 1) // 2, self.ids // 2
         identity_gallery = test_ids * self.id_cameras[1] * self.gallery_per_camera[1]
-        queries = test_ids * min(self.queries_per_id, self.id_cameras[1])
+        queries = test_ids * self.queries_per_id
         return int(train_ids * self.train_images[1] + queries + identity_gallery * (1 + self.distractors + self.junk))
 
     def to_json(self) -> dict:
