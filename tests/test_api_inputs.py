@@ -87,3 +87,50 @@ def test_engine_arguments(tmp_path, tiny_root):  # noqa: F811
             save_checkpoint(path, state)
     with pytest.raises(CheckpointError, match="map_location must be a device name, .*, got int"):  # blamed the file
         load_checkpoint(last, map_location=5)
+
+
+def test_model_parts_check_what_they_are_given():
+    """(Audit) SkippedFusionHead fused levels in another order silently and met one level fewer with a raw GEMM
+    error; HierarchicalMaskGenerator took num_levels 0 and met the wrong tokens with raw conv / unflatten errors;
+    resize_pos_embed read a 2-D embedding as one of fewer tokens; unknown options named neither the class nor
+    its options."""
+    from dpm_ops.losses import MaskedArcFaceLoss
+    from dpm_ops.models import DPM, HierarchicalMaskGenerator, SkippedFusionHead, resize_pos_embed
+
+    head = SkippedFusionHead([4, 8, 16], embed_dim=8).eval()
+    levels = [torch.randn(2, 4, 4, 4), torch.randn(2, 8, 2, 2), torch.randn(2, 16, 1, 1)]
+    for bad in ([levels[0], levels[2], levels[1]], levels[:2], levels[0]):
+        with pytest.raises(
+            ValueError, match=r"skipped_fusion_head: levels must be 3 \(B, C, H, W\) maps of \[4, 8, 16\]"
+        ):
+            head(bad)
+    assert head(levels).shape == (2, 8)
+    with pytest.raises(ValueError, match="hierarchical_mask_generator: num_levels must be an integer >= 1"):
+        HierarchicalMaskGenerator(8, (4, 4), num_levels=0)
+    with pytest.raises(ValueError, match="hierarchical_mask_generator: grid_size must be 2 integers"):
+        HierarchicalMaskGenerator(8, (4,))
+    generator = HierarchicalMaskGenerator(8, (4, 4), num_levels=2).eval()
+    for bad in ([torch.randn(2, 16, 8)], [torch.randn(2, 16, 8), torch.randn(2, 15, 8)], [torch.randn(2, 16, 4)] * 2):
+        with pytest.raises(ValueError, match=r"tapped_tokens must be 2 \(B, 16, 8\) token grids"):
+            generator(bad)
+    assert generator([torch.randn(2, 16, 8)] * 2).shape == (2, 8)
+    for bad, message in (
+        (
+            torch.randn(197, 8),
+            r"pos_embed must be a \(1, 1 \+ N, C\) floating-point tensor, got torch.float32 \(197, 8\)",
+        ),
+        (torch.ones(1, 197, 8, dtype=torch.long), "pos_embed must be a .* floating-point tensor, got torch.int64"),
+    ):
+        with pytest.raises(ValueError, match=f"resize_pos_embed: {message}"):
+            resize_pos_embed(bad, (16, 8))
+    for grid in ((0, 8), (16.5, 8)):
+        with pytest.raises(ValueError, match="resize_pos_embed: grid_size must be 2 integers in"):
+            resize_pos_embed(torch.randn(1, 197, 8), grid)
+    with pytest.raises(
+        TypeError, match=r"MaskedArcFaceLoss: got an unexpected keyword argument 's' \(its options: scale,"
+    ):
+        MaskedArcFaceLoss(s=30)
+    with pytest.raises(
+        TypeError, match=r"dpm: got an unexpected keyword argument 'foo' \(the backbone's options: img_size"
+    ):
+        DPM(5, foo=1)

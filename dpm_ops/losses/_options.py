@@ -67,7 +67,12 @@ class LossModule(nn.Module):
         super().__init__()
         if "fused" in options:
             options["backend"] = backend_of_fused(options.pop("fused"), type(self).__name__, "backend" in options)
-        bound = inspect.signature(self.loss_function).bind_partial(**options)  # unknown options: TypeError
+        try:
+            bound = inspect.signature(self.loss_function).bind_partial(**options)
+        except TypeError as error:  # an unknown option: bind's message named neither the loss nor its options
+            parameters = inspect.signature(self.loss_function).parameters.values()
+            known = ", ".join(p.name for p in parameters if p.default is not inspect.Parameter.empty)
+            raise TypeError(f"{type(self).__name__}: {error} (its options: {known})") from None
         bound.apply_defaults()
         check_backend_name(type(self).__name__, bound.arguments.get("backend"))
         self._option_names = tuple(bound.arguments)

@@ -34,6 +34,7 @@ from ._checks import (
     check_real,
     check_train_batch,
     check_weights,
+    quote,
 )
 from .param_groups import bnneck, sgd_param_groups
 from .vit import ViTReID, checked_vit_options, patch_grid
@@ -69,10 +70,13 @@ class HierarchicalMaskGenerator(nn.Module):
     """
 
     def __init__(self, embed_dim: int, grid_size: tuple[int, int], num_levels: int = 4):
+        check_int("hierarchical_mask_generator", "embed_dim", embed_dim, 1)
+        check_int("hierarchical_mask_generator", "num_levels", num_levels, 1, why=" (tapped blocks)")
+        grid_size = check_int_list("hierarchical_mask_generator", "grid_size", grid_size, 1, length=2)
         super().__init__()
         if min(grid_size) < 4:
             raise ValueError(f"patch grid {grid_size} is too small for two 2x2 max-pools")
-        self.grid_size = grid_size
+        self.grid_size, self.embed_dim, self.num_levels = grid_size, embed_dim, num_levels
         self.conv_stack = nn.Sequential(
             ConvBNReLU(num_levels * embed_dim, 2 * embed_dim),
             nn.MaxPool2d(2, 2),
@@ -86,9 +90,26 @@ class HierarchicalMaskGenerator(nn.Module):
         nn.init.zeros_(self.attfc.bias)
 
     def forward(self, tapped_tokens: Sequence[torch.Tensor]) -> torch.Tensor:
+        self._check_tokens(tapped_tokens)
         grids = [tokens.transpose(1, 2).unflatten(2, self.grid_size) for tokens in tapped_tokens]
         pooled = self.conv_stack(torch.cat(grids, dim=1))  # (B, C): no squeeze, B may be 1
         return torch.sigmoid(self.attfc(pooled))
+
+    def _check_tokens(self, tapped_tokens) -> None:
+        """One (B, tokens, C) grid per level: another count or width was a raw convolution error, another token
+        count a raw unflatten one."""
+        shape = (self.grid_size[0] * self.grid_size[1], self.embed_dim)
+        grids = tapped_tokens if isinstance(tapped_tokens, (list, tuple)) else None
+        if grids is None or len(grids) != self.num_levels or not all(_is_grid(t, shape) for t in grids):
+            got = [tuple(getattr(t, "shape", ())) for t in grids] if grids is not None else type(tapped_tokens).__name__
+            raise ValueError(
+                f"hierarchical_mask_generator: tapped_tokens must be {self.num_levels} (B, {shape[0]}, {shape[1]}) "
+                f"token grids, got {quote(got)}"
+            )
+
+
+def _is_grid(tokens, shape: tuple[int, int]) -> bool:
+    return isinstance(tokens, torch.Tensor) and tokens.dim() == 3 and tuple(tokens.shape[1:]) == shape
 
 
 class DPMTrainOutput(NamedTuple):

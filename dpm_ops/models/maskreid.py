@@ -132,6 +132,7 @@ class SkippedFusionHead(nn.Module):
         )
         super().__init__()
         self.skip, self.level_norm, self.fuse_levels = skip, level_norm, fuse_levels
+        self.level_channels = tuple(level_channels)
         channels = list(level_channels) if fuse_levels else [level_channels[-1]]
         # The skip paths (every level but the highest) get the extra block in "conv_avg" mode.
         self.skip_convs = nn.ModuleList(ConvBNReLU(c, c, 1) for c in channels[:-1]) if skip == "conv_avg" else None
@@ -145,7 +146,26 @@ class SkippedFusionHead(nn.Module):
             nn.init.normal_(self.classifier.weight, std=0.001)
             nn.init.zeros_(self.classifier.bias)
 
+    def _check_levels(self, levels) -> None:
+        """The trunk's maps, one per level of level_channels: levels in another order were fused silently, a
+        level fewer was a raw GEMM shape error, and without fuse_levels every level but the last went unread."""
+        ok = isinstance(levels, (list, tuple)) and len(levels) == len(self.level_channels)
+        if ok:
+            ok = all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in levels)
+            ok = ok and tuple(t.shape[1] for t in levels) == self.level_channels
+        if not ok:
+            got = (
+                [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in levels]
+                if isinstance(levels, (list, tuple))
+                else type(levels).__name__
+            )
+            raise ValueError(
+                f"skipped_fusion_head: levels must be {len(self.level_channels)} (B, C, H, W) maps of "
+                f"{list(self.level_channels)} channels, got {got}"
+            )
+
     def pool_levels(self, levels: Sequence[torch.Tensor]) -> torch.Tensor:
+        self._check_levels(levels)
         levels = list(levels) if self.fuse_levels else [levels[-1]]
         if self.skip_convs is not None:
             levels = [conv(level) for conv, level in zip(self.skip_convs, levels)] + levels[len(self.skip_convs) :]

@@ -211,8 +211,12 @@ def check_vit_options(
 def checked_vit_options(model: str, **options) -> dict:
     """ViTReID's keyword options with its defaults filled in, after check_vit_options: what a model
     built on ViTReID checks before allocating anything. An unknown option is a TypeError, as in the
-    constructor."""
-    bound = inspect.signature(ViTReID).bind(**options)
+    constructor, naming the model and the backbone's options (bind's own named neither)."""
+    try:
+        bound = inspect.signature(ViTReID).bind(**options)
+    except TypeError as error:
+        known = ", ".join(inspect.signature(ViTReID).parameters)
+        raise TypeError(f"{model}: {error} (the backbone's options: {known})") from None
     bound.apply_defaults()
     check_vit_options(model, **bound.arguments)
     return bound.arguments

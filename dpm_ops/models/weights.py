@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._checks import MAX_IMAGE_SIDE, check_int_list
 from .resnet import MaskReIDResNet50
 from .vit import ViTReID
 
@@ -71,7 +72,19 @@ def infer_grid(num_patches: int) -> tuple[int, int]:
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
-    """(1, 1 + N_src, C) -> (1, 1 + num_y·num_x, C), CLS slot kept."""
+    """(1, 1 + N_src, C) -> (1, 1 + num_y·num_x, C), CLS slot kept, interpolated in at least float32 (an
+    integer embedding was truncated). A ValueError for anything else (they were raw torch errors, or a 2-D
+    embedding read as one of fewer tokens)."""
+    if not (
+        isinstance(pos_embed, torch.Tensor)
+        and pos_embed.dim() == 3
+        and pos_embed.shape[0] == 1
+        and pos_embed.shape[1] >= 2
+        and pos_embed.is_floating_point()
+    ):
+        got = f"{pos_embed.dtype} {tuple(pos_embed.shape)}" if isinstance(pos_embed, torch.Tensor) else type(pos_embed)
+        raise ValueError(f"resize_pos_embed: pos_embed must be a (1, 1 + N, C) floating-point tensor, got {got}")
+    grid_size = check_int_list("resize_pos_embed", "grid_size", grid_size, 1, MAX_IMAGE_SIDE, length=2)
     cls_slot, grid = pos_embed[:, :1], pos_embed[:, 1:]
     source_grid = infer_grid(grid.shape[1])
     dim = grid.shape[2]
