@@ -1034,3 +1034,16 @@ def test_a_count_warning_points_at_the_callers_line(tmp_path):
         warnings.simplefilter("always")
         build_dataset("market1501", tmp_path)  # a partial copy
     assert caught and all(warning.filename == __file__ for warning in caught), [w.filename for w in caught]
+
+
+def test_images_are_read_upright_by_their_exif_orientation(tmp_path):
+    """A phone's crop tagged "rotate 90" (orientation 6), shown 32 x 64 by viewers, was read 64 x 32: sideways."""
+    image = Image.new("RGB", (64, 32), (10, 20, 30))
+    image.paste((250, 0, 0), (0, 0, 8, 32))  # a red band on the stored image's left edge
+    exif = image.getexif()
+    exif[0x0112] = 6  # the stored pixels are to be turned 90 degrees clockwise
+    image.save(tmp_path / "tagged.jpg", exif=exif)
+    upright = read_image(str(tmp_path / "tagged.jpg"))
+    assert upright.size == (32, 64)
+    top, bottom = np.asarray(upright)[:4].mean(axis=(0, 1)), np.asarray(upright)[-4:].mean(axis=(0, 1))
+    assert top[0] > 200 and bottom[0] < 50  # the left edge, turned clockwise, is the top

@@ -7,7 +7,7 @@ import os
 from typing import Iterator
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import DatasetError, DatasetNotFoundError
 
@@ -53,9 +53,11 @@ def _to_8bit(image: Image.Image, path: str, kind: str) -> Image.Image:
 
 @contextlib.contextmanager
 def decoded(path: str, kind: str) -> Iterator[Image.Image]:
-    """The whole file decoded, in 8 bits per sample (a mode convert() maps faithfully); the file is
-    closed on exit."""
+    """The whole file decoded, in 8 bits per sample (a mode convert() maps faithfully), turned upright by its
+    EXIF orientation as image viewers show it (a phone's crop tagged "rotate 90" was read sideways; the
+    published re-ID sets carry no such tag); the file is closed on exit."""
     with _open(path, kind) as image:
+        ImageOps.exif_transpose(image, in_place=True)
         yield _to_8bit(image, path, kind)
 
 
