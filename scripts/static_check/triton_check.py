@@ -737,9 +737,11 @@ def main(argv=None) -> int:
             codes.append(child.returncode)
         reports = [json.load(open(os.path.join(tmp, f"{a}.json"))) for a, c in zip(archs, codes) if c in (0, 1)]
     failures = sum(len(r["failures"]) for r in reports)
-    crashed = [a for a, c in zip(archs, codes) if c not in (0, 1)]
+    crashed = [(a, c) for a, c in zip(archs, codes) if c not in (0, 1)]
     counts = " + ".join(f"sm_{r['arch']} {len(r['variants'])}" for r in reports)
-    crash = f", crashed: {', '.join(f'sm_{a}' for a in crashed)}" if crashed else ""
+    # a child killed by a signal (the OOM killer's 9) prints nothing: its code says what ended it
+    ended = {c: f"signal {-c}" if c < 0 else f"exit {c}" for _, c in crashed}
+    crash = f", crashed: {', '.join(f'sm_{a} ({ended[c]})' for a, c in crashed)}" if crashed else ""
     print(f"== triton static check: {counts} variants, {failures} failures{crash}, {time.time() - start:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
