@@ -269,6 +269,11 @@ def _export(args) -> int:
     check_output_path(args.out, "--out", ".onnx", _inputs(args, "config", "weights"))
     resolve_device("cpu")  # exported (and checked) on the CPU: a DPM_OPS_BACKEND that cannot run there is named now
     config, model = _checkpoint_model(args)  # the graph does not depend on the device
+    if config["eval"]["flip"]:  # taken and left out of the graph: its features differed from extract's
+        raise ExportError(
+            "eval.flip: the ONNX graph is the plain eval forward, without flip test-time augmentation; leave it off "
+            "(and average the features of the mirrored images yourself for it)"
+        )
     try:
         result = export_onnx(
             model,

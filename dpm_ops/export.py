@@ -30,6 +30,8 @@ import dataclasses
 import importlib
 import logging
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence, TypeVar
@@ -38,12 +40,12 @@ import numpy as np
 import torch
 
 from dpm_ops._backend import forced_backend
-from dpm_ops.engine.checkpoint import atomic_write
+from dpm_ops.engine.checkpoint import TEMPORARY_SUFFIX, _fsync_dir, atomic_write
 from dpm_ops.engine.extraction import _check_image_size
 from dpm_ops.engine.recipes import RECIPES, get_recipe, recipe_name_of
 from dpm_ops.evaluation._inputs import check_count
 from dpm_ops.ops._checks import check_flag as _check_flag
-from dpm_ops.ops._checks import check_int_list, quote
+from dpm_ops.ops._checks import check_int_list, is_integer, quote
 
 # Opset 18 is the one torch's ONNX function library (torchlib) is written in, so the graph needs no
 # pass through onnx's version converter (which a lower opset would; LayerNormalization needs 17
@@ -165,10 +167,11 @@ def check_rtol(rtol) -> float:
 
 
 def check_opset(name: str, opset) -> int:
-    """`opset`, or an ExportError naming `name` unless it is one of OPSETS."""
-    if opset not in OPSETS:
-        raise ExportError(f"{name} must be in {OPSETS.start}..{OPSETS.stop - 1}, got {opset!r}")
-    return opset
+    """`opset`, or an ExportError naming `name` unless it is an integer of OPSETS (18.0 passed ``in range``, then
+    failed inside torch's exporter and left it failing every later export of the process)."""
+    if not is_integer(opset) or int(opset) not in OPSETS:
+        raise ExportError(f"{name} must be an integer in {OPSETS.start}..{OPSETS.stop - 1}, got {quote(opset)}")
+    return int(opset)
 
 
 def export_onnx(
@@ -212,7 +215,7 @@ def export_onnx(
         # TorchScript one: it translates scaled_dot_product_attention and LayerNorm directly, and
         # torch.export proves the graph valid for every batch size (a shape guard on the batch is an
         # error at export time, not a graph silently specialised to the example batch).
-        with torch.no_grad(), forced_backend("reference"), _quiet_exporter():
+        with torch.no_grad(), forced_backend("reference"), _quiet_exporter(), _model_errors_as_export_errors():
             program = torch.onnx.export(
                 model,
                 example,
@@ -226,18 +229,51 @@ def export_onnx(
             )
     finally:
         model.train(was_training)
-    if weight_bytes > _PROTOBUF_LIMIT:
-        program.save(str(path), external_data=True)
-    else:  # one self-contained file, written atomically
-        atomic_write(path, lambda handle: handle.write(program.model_proto.SerializeToString()))
-    result = ExportResult(path, kind, input_names, output_names, opset, size)
-    if check:
-        # the export's batch and another (the batch axis is dynamic), both within MAX_EXAMPLE_BATCH
-        result.checked_batches = (batch, batch + 1) if batch < MAX_EXAMPLE_BATCH else (batch - 1, batch)
-        result.max_relative_error = check_onnx(
-            model, path, batch_sizes=result.checked_batches, rtol=rtol, image_size=size
-        )
+    result = ExportResult(path, kind, input_names, output_names, int(opset), size)
+    # Written and checked beside `path`, then moved into place: a failed check leaves the file that was there (it
+    # was replaced by the graph that failed), and the weights of a model past 2 GB, in <name>.data beside it, move
+    # with the file that names them.
+    with _staging(path) as folder:
+        staged = folder / path.name
+        if weight_bytes > _PROTOBUF_LIMIT:
+            program.save(str(staged), external_data=True)
+        else:
+            atomic_write(staged, lambda handle: handle.write(program.model_proto.SerializeToString()))
+        if check:
+            # the export's batch and another (the batch axis is dynamic), both within MAX_EXAMPLE_BATCH
+            result.checked_batches = (batch, batch + 1) if batch < MAX_EXAMPLE_BATCH else (batch - 1, batch)
+            result.max_relative_error = check_onnx(
+                model, staged, batch_sizes=result.checked_batches, rtol=rtol, image_size=size
+            )
+        for name in sorted(os.listdir(folder), key=lambda name: name == path.name):  # the file naming the rest last
+            os.replace(folder / name, path.parent / name)
+    _fsync_dir(path.parent)
     return result
+
+
+@contextlib.contextmanager
+def _staging(path: Path):
+    """A temporary folder beside ``path`` (on its file system: the moves out of it are renames), removed on exit."""
+    folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _model_errors_as_export_errors():
+    """The model's own ValueError for its input (a MaskReID image below its 2 x 2 pixels), which torch.export
+    wraps in an error of its own (a 176-line traceback from the CLI), as an ExportError."""
+    try:
+        yield
+    except Exception as error:
+        cause = error
+        while cause is not None and not isinstance(cause, ValueError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None or isinstance(error, ValueError):
+            raise
+        raise ExportError(f"the model refused the example inputs: {cause}") from error
 
 
 @contextlib.contextmanager

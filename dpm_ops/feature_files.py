@@ -29,6 +29,7 @@ from .data.errors import DatasetError, DatasetNotFoundError
 from .data.parsing import MARKET_NAME
 from .engine.checkpoint import atomic_write
 from .ops._checks import row_norm_limit
+from .engine.config import WORKERS
 from .engine.builders import resolve_device
 from .engine.extraction import FeatureSet, as_device, eval_transform, extract_features
 from .engine.recipes import RECIPES, get_recipe, model_cameras
@@ -98,7 +99,10 @@ def extract_folder(
     kind = model_kind(model)
     size = model_input_size(model, kind, image_size)
     check_int("batch_size", batch_size, 1)
-    check_int("num_workers", num_workers, 0)
+    check_int("num_workers", num_workers, 0, WORKERS.high)  # 10**9 forked until the OOM killer ended the process
+    flip, progress = check_export_flag("flip", flip), check_export_flag("progress", progress)
+    if not isinstance(folder, (str, os.PathLike)) or not str(folder):  # "" was the current folder, None "None"
+        raise ExportError(f"folder must be the path of an image folder, got {quote(folder)}")
     root = Path(os.path.expanduser(str(folder))).resolve()  # "." has no parent: the _seg tree sits beside it
     relative = find_images(root)
     absolute = [str(root / name) for name in relative]
@@ -297,7 +301,7 @@ def load_features_npz(path, argument: str = "path") -> SavedFeatures:
         if not isinstance(loaded, np.lib.npyio.NpzFile):
             raise ExportError(f"{where}: a single .npy array, not an .npz of dpm-reid extract")
         with loaded as data:
-            arrays = {name: data[name] for name in data.files}
+            arrays = {name: _array(data, name, where) for name in data.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
         if isinstance(error, ExportError):
             raise
@@ -358,6 +362,20 @@ def load_features_npz(path, argument: str = "path") -> SavedFeatures:
     )
 
 
+def _array(data, name: str, where: str) -> np.ndarray:
+    """The .npz's array ``name``; one of pickled Python objects is named (numpy's advice to allow pickles
+    was read as a file that is no .npz)."""
+    try:
+        return data[name]
+    except ValueError as error:
+        if "allow_pickle" not in str(error):
+            raise
+        raise ExportError(
+            f"{where}: array {name!r} holds pickled Python objects, which are not loaded; save strings (dtype str) "
+            "and numbers"
+        ) from None
+
+
 def rank_features(
     query: SavedFeatures,
     gallery: SavedFeatures,
@@ -385,9 +403,11 @@ def rank_features(
     if width[0] != width[1]:
         raise ValueError(f"query and gallery features differ in width: {width[0]} and {width[1]}")
     metric = resolve_distance(check_choice("distance", distance, DISTANCES), query.model)
+    if rerank is False and (k1 is not None or k2 is not None):  # as the command line's --k1 without --rerank
+        raise ValueError("k1 and k2 are re-ranking's: pass rerank=True (or 'kreciprocal', 'gnn'), or leave them None")
     method, k1, k2, lambda_value = check_reranking(rerank, k1, k2, lambda_value, metric)
     expansion = check_aqe(aqe)
-    check_count("max_rank", max_rank, 1)
+    check_count("max_rank", max_rank, 10, why=" (Rank-10 is reported)")  # 1..9 was an IndexError
     roc = check_flag(None, "roc", roc)
     device = resolve_device(str(as_device(device)), "device")  # "cuda" without CUDA: torch's AssertionError
     unknown = int((query.features.pids == UNKNOWN_PID).sum())

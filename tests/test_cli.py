@@ -856,8 +856,8 @@ def test_an_out_that_is_an_input_is_refused(tmp_path, tiny_set, capsys):
     [
         (["export", "--out", "m.onnx", "--batch", "1"], "--batch must be an integer in [2, 256], got 1"),
         (["export", "--out", "m.onnx", "--batch", "100000000000"], "--batch must be an integer in [2, 256], got 1000"),
-        (["export", "--out", "m.onnx", "--opset", "17"], "--opset must be in 18..23, got 17"),
-        (["export", "--out", "m.onnx", "--opset", "24"], "--opset must be in 18..23, got 24"),
+        (["export", "--out", "m.onnx", "--opset", "17"], "--opset must be an integer in 18..23, got 17"),
+        (["export", "--out", "m.onnx", "--opset", "24"], "--opset must be an integer in 18..23, got 24"),
         (
             ["extract", "--images", "imgs", "--out", "f.npz", "--camera", "-1"],
             "--camera must be an integer >= 0, got -1",

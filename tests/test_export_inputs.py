@@ -126,3 +126,78 @@ def test_load_features_npz_names_a_bad_path_and_int_paths(tmp_path):
     np.savez(path, **{**arrays, "paths": np.arange(3)})
     with pytest.raises(ExportError, match=r"paths must hold 3 names \(strings\), one per feature, got int64"):
         load_features_npz(path)
+
+
+def test_a_failed_check_leaves_the_file_that_was_there(exported, tmp_path):
+    """The graph was written over `path` before onnxruntime's check: a failed check left the failed graph in place
+    of the earlier file. The weights of a model past 2 GB (<name>.data) move in with the file that names them."""
+    from dpm_ops import export as export_module
+    from dpm_ops.export import OnnxCheckError
+
+    model, good = exported
+    path = tmp_path / "dpm.onnx"
+    path.write_bytes(good.read_bytes())
+    other = dpm()
+    with torch.no_grad():
+        other.classifier.weight.add_(0.5)
+        next(other.backbone.parameters()).add_(0.5)
+    with pytest.raises(OnnxCheckError):
+        export_onnx(other, path, check=True, rtol=1e-30)
+    assert path.read_bytes() == good.read_bytes() and sorted(p.name for p in tmp_path.iterdir()) == ["dpm.onnx"]
+    (tmp_path / "ext.onnx.data").write_text("an earlier export's weights")
+    original = export_module._PROTOBUF_LIMIT
+    export_module._PROTOBUF_LIMIT = 0  # the external-data path, at the tiny model's size
+    try:
+        result = export_onnx(model, tmp_path / "ext.onnx", check=True)
+    finally:
+        export_module._PROTOBUF_LIMIT = original
+    assert result.path == tmp_path / "ext.onnx" and (tmp_path / "ext.onnx.data").stat().st_size > 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dpm.onnx", "ext.onnx", "ext.onnx.data"]
+    check_onnx(model, tmp_path / "ext.onnx")
+
+
+def test_export_refuses_a_float_opset_and_names_the_models_own_refusal(tmp_path):
+    """opset=18.0 passed `in range(18, 24)`, failed inside torch's exporter, and every later export of the process
+    failed too; a MaskReID input below 2 x 2 pixels was torch.export's 176-line traceback around the model's
+    ValueError."""
+    for opset in (18.0, True, "18"):
+        with pytest.raises(ExportError, match=r"opset must be an integer in 18\.\.23, got"):
+            export_onnx(dpm(), tmp_path / "m.onnx", opset=opset)
+    maskreid = build_model("maskreid", 5, stem_channels=4, base_width=8, embed_dim=16).eval()
+    with pytest.raises(
+        ExportError, match="the model refused the example inputs: raw and masked images must be at least"
+    ):
+        export_onnx(maskreid, tmp_path / "m.onnx", image_size=(1, 1))
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_extract_folder_and_rank_features_arguments(tmp_path, monkeypatch):
+    """extract_folder forked num_workers=10**9 processes until the OOM killer ended it, read "" as the current
+    folder and progress="no" as true; rank_features took k1 without rerank silently and max_rank 1..9 was an
+    IndexError; an .npz array of pickled objects was called "not an .npz file"."""
+    from dpm_ops.feature_files import extract_folder, rank_features
+
+    model = dpm(cameras=0)
+    for options, message in (
+        (dict(num_workers=10**9), r"num_workers must be an integer in \[0, 1024\]"),
+        (dict(progress="no"), "progress must be True or False, got 'no'"),
+        (dict(flip="no"), "flip must be True or False, got 'no'"),
+    ):
+        with pytest.raises(ExportError, match=message):
+            extract_folder(model, tmp_path, **options)
+    monkeypatch.chdir(tmp_path)
+    for folder in ("", None, b"x"):
+        with pytest.raises(ExportError, match="folder must be the path of an image folder, got"):
+            extract_folder(model, folder)
+    path = tmp_path / "q.npz"
+    save_features_npz(path, feature_set(masks=True), dpm())
+    saved = load_features_npz(path)
+    with pytest.raises(ValueError, match="k1 and k2 are re-ranking's: pass rerank=True"):
+        rank_features(saved, saved, k1=5)
+    with pytest.raises(ValueError, match=r"max_rank must be an integer >= 10 \(Rank-10 is reported\), got 1"):
+        rank_features(saved, saved, max_rank=1)
+    arrays = dict(np.load(path))
+    arrays["paths"] = np.array(list(arrays["paths"]), dtype=object)
+    np.savez(tmp_path / "objects.npz", **arrays)
+    with pytest.raises(ExportError, match="array 'paths' holds pickled Python objects, which are not loaded"):
+        load_features_npz(tmp_path / "objects.npz")

@@ -248,7 +248,7 @@ def test_bad_files_and_options_are_named(tmp_path):
         ),
         (dict(distance="masked_arccos"), "needs DPM's channel masks; vit_baseline has none"),
         (dict(distance="angular"), "distance must be one of"),
-        (dict(k1=0), "k1 must be an integer >= 1 and <= 4611686018427387904, got 0"),
+        (dict(rerank=True, k1=0), "k1 must be an integer >= 1 and <= 4611686018427387904, got 0"),
         (dict(lambda_value=1.5), r"lambda_value must be a number in [0, 1], got 1.5"),
         (dict(rerank="GNN"), "rerank must be a bool or one of ('kreciprocal', 'gnn'), got 'GNN'"),
         (dict(aqe=dict(k=0)), "aqe k must be an integer in [1, 256]"),
