@@ -974,38 +974,44 @@ def _ddp_worker(rank, world, init_file, root, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        splits = build_dataset("synthetic", root, with_masks=True)
-        splits = dataclasses.replace(splits, query=splits.query[:-1])  # odd counts: uneven shards
-        model = torch.nn.parallel.DistributedDataParallel(tiny_model("dpm"))
-        metrics = evaluate_model(
-            model,
-            splits,
-            model_name="dpm",
-            image_size=(64, 32),
-            batch_size=4,
-            out_dir=out_dir if rank == 0 else None,
-            pictures=False,
-            progress=False,
-        )
-        transform = evaluator.eval_transform("dpm", (64, 32))
-        gathered = evaluator._extract_split(
-            model,
-            splits.gallery,
-            splits,
-            "dpm",
-            transform,
-            batch_size=4,
-            num_workers=0,
-            device="cpu",
-            amp_dtype=None,
-            flip=False,
-            progress=False,
-            desc="g",
-        )
-        pooled = evaluate_model(ranked_model(), with_pools(splits), **POOLED_RERANKED)
-        torch.save({"metrics": metrics, "gallery": gathered, "pooled": pooled}, os.path.join(out_dir, f"rank{rank}.pt"))
+        # the DDP model dies with this call: held past destroy_process_group, it kept gloo's threads alive, and one
+        # freeing a tensor at interpreter shutdown aborted the rank (SIGABRT, seen under the GPU machine's torch)
+        _ddp_evaluations(rank, root, out_dir)
     finally:
         dist.destroy_process_group()
+
+
+def _ddp_evaluations(rank, root, out_dir):
+    splits = build_dataset("synthetic", root, with_masks=True)
+    splits = dataclasses.replace(splits, query=splits.query[:-1])  # odd counts: uneven shards
+    model = torch.nn.parallel.DistributedDataParallel(tiny_model("dpm"))
+    metrics = evaluate_model(
+        model,
+        splits,
+        model_name="dpm",
+        image_size=(64, 32),
+        batch_size=4,
+        out_dir=out_dir if rank == 0 else None,
+        pictures=False,
+        progress=False,
+    )
+    transform = evaluator.eval_transform("dpm", (64, 32))
+    gathered = evaluator._extract_split(
+        model,
+        splits.gallery,
+        splits,
+        "dpm",
+        transform,
+        batch_size=4,
+        num_workers=0,
+        device="cpu",
+        amp_dtype=None,
+        flip=False,
+        progress=False,
+        desc="g",
+    )
+    pooled = evaluate_model(ranked_model(), with_pools(splits), **POOLED_RERANKED)
+    torch.save({"metrics": metrics, "gallery": gathered, "pooled": pooled}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_two_process_gloo_gather_equals_single_process(dataset_root, splits, tmp_path):
