@@ -782,7 +782,8 @@ def test_sixteen_bit_images_and_masks_are_scaled_not_clipped(tmp_path):
 def run_config(root, *overrides):
     from dpm_ops.engine.config import load_config
 
-    return load_config(None, [f"dataset.root={root}", "dataset.name=market1501", *overrides])
+    given = dict(text.split("=", 1) for text in (f"dataset.root={root}", "dataset.name=market1501", *overrides))
+    return load_config(None, [f"{key}={value}" for key, value in given.items()])  # each key once: the last
 
 
 @pytest.mark.filterwarnings("ignore::dpm_ops.data.DatasetCountWarning")

@@ -175,8 +175,9 @@ def test_a_run_refuses_a_set_of_other_dataset_synth_options(tmp_path, capsys):
     root = tmp_path / "set"
 
     def config(*overrides):
-        synth = [f"dataset.synth.{key}={json.dumps(value)}" for key, value in TINY_SYNTH.items()]
-        return load_config(None, [f"dataset.root={root}", *synth, *overrides])
+        given = {f"dataset.synth.{key}": json.dumps(value) for key, value in TINY_SYNTH.items()}
+        given.update(text.split("=", 1) for text in overrides)  # each key once: the test's over the tiny set's
+        return load_config(None, [f"dataset.root={root}", *(f"{key}={value}" for key, value in given.items())])
 
     prepare_synthetic(config(), progress=False)
     assert "generating the synthetic dataset" in capsys.readouterr().err

@@ -417,3 +417,27 @@ def test_the_trainer_checks_its_config_and_arguments_before_any_work(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="output_dir must be a folder path, got None"):
         Trainer(config, None)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_ctrl_c_during_a_checkpoint_write_is_raised_after_it(tmp_path, monkeypatch):
+    """SIGINT inside torch.save's writer came out as torch's 'unexpected pos' error, reported as a failed write
+    (exit 2, not 130: 'interrupted'); now the write completes and the interrupt follows it."""
+    import signal
+
+    from dpm_ops.engine.checkpoint import make_checkpoint, save_checkpoint
+
+    state = make_checkpoint("dpm", {}, {}, {"weight": torch.arange(3.0)})
+    write = torch.save
+
+    def interrupted_save(obj, handle):
+        os.kill(os.getpid(), signal.SIGINT)
+        write(obj, handle)
+
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (xdist workers ignore it)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            save_checkpoint(tmp_path / "last.pt", state)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert torch.equal(torch.load(tmp_path / "last.pt")["model"]["weight"], torch.arange(3.0))

@@ -665,3 +665,13 @@ def test_sampler_keys_of_an_unused_sampler_and_a_triplet_without_negatives_are_r
     assert len(build_sampler("pk", no_triplet, pids, 0, 1)) > 0
     maskreid = load_config("maskreid_market1501", ["sampler.num_ids=1"])  # its P x K stage has no triplet term
     assert len(build_sampler("pk", maskreid, pids, 0, 1)) > 0
+
+
+def test_an_override_is_given_once():
+    """A key given twice took the last value silently."""
+    from dpm_ops.engine import ConfigError, load_config
+
+    one_key = load_config("synthetic_dpm", ["model.options.drop_path_rate=0.0"])["model"]["options"]
+    assert one_key == {**load_config("synthetic_dpm")["model"]["options"], "drop_path_rate": 0.0}
+    with pytest.raises(ConfigError, match="config key 'solver.epochs' is given twice: 'solver.epochs=5' and"):
+        load_config("synthetic_dpm", ["solver.epochs=5", "solver.epochs=7"])

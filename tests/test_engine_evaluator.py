@@ -910,8 +910,20 @@ def test_pictures_are_written(splits, tmp_path, monkeypatch):
 
 def test_pictures_of_a_model_without_channel_masks(splits, tmp_path):
     # the ViT baseline has no channel masks to picture: the CMC and the ranked lists, no masks.png
+    (tmp_path / "masks.png").write_bytes(b"an earlier DPM evaluation's")  # not this evaluation's: removed
     evaluate_with_pictures(splits, "vit_baseline", tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["cmc.png", "metrics.json", "ranked_best.png", "ranked_worst.png"]
+    # without pictures, the earlier ones sat beside the new metrics.json as if they were its
+    evaluate_model(
+        tiny_model("vit_baseline"),
+        splits,
+        model_name="vit_baseline",
+        image_size=(64, 32),
+        out_dir=str(tmp_path),
+        pictures=False,
+        progress=False,
+    )
+    assert os.listdir(tmp_path) == ["metrics.json"]
 
 
 def test_mask_examples_are_spread_half_occluded():

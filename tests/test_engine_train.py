@@ -581,3 +581,39 @@ def test_re_evaluating_a_finished_run_rewrites_its_config_with_its_metrics(tmp_p
     train(rerank, run, resume=True)
     assert yaml.safe_load((run / "config.yaml").read_text())["eval"]["rerank"] is True
     assert json.loads((run / "metrics.json").read_text())["settings"]["rerank"] is True
+
+
+def test_an_epoch_hook_that_stops_the_run_stops_it_there(tmp_path, tiny_root):
+    """A stop set by after_epoch was read at the next step (one more iteration ran) or, in the last epoch, not at
+    all (the run finished, evaluated and saved final.pt)."""
+
+    class StopAtEpochEnd(Hook):
+        def __init__(self, epoch):
+            self.epoch, self.steps = epoch, None
+
+        def after_epoch(self, trainer, at):
+            if at.epoch == self.epoch:
+                self.steps = trainer.global_step
+                trainer.stop_reason = f"stopped after epoch {at.epoch}"
+
+    config = config_for(tmp_path, tiny_root, overrides=["solver.epochs=2"])
+    for epoch in (1, 2):
+        hook = StopAtEpochEnd(epoch)
+        result = train(config, tmp_path / f"run{epoch}", hooks=[hook])
+        assert not result["finished"] and result["global_step"] == hook.steps
+        assert not (tmp_path / f"run{epoch}" / "checkpoints" / "final.pt").exists()
+
+
+def test_eval_choices_that_need_the_model_or_data_are_checked_before_training(tmp_path, tiny_root):
+    """Found by the final evaluation, they ended a whole training run without its final.pt."""
+    from dpm_ops.engine import ConfigError
+
+    for overrides, message in (
+        (["eval.rerank=true", "eval.rerank_method=gnn"], "rerank 'gnn' ranks by the cosine of the features"),
+        (["eval.rerank=true", "eval.k1=9223372036854775807"], "k1 must be an integer >= 1 and <= "),
+        (["eval.aqe=true", "eval.aqe_k=256"], r"aqe k must be an integer in \[1, "),
+    ):
+        config = config_for(tmp_path, tiny_root, overrides=overrides)
+        with pytest.raises(ConfigError, match=f"^config section eval: {message}"):
+            train(config, tmp_path / "run")
+        assert not (tmp_path / "run" / "train_log.jsonl").exists()

@@ -96,6 +96,21 @@ def prepare_synthetic(config: dict, *, progress: bool = True) -> None:
     distributed.barrier()
 
 
+def _check_eval_section(config: dict, splits: ReIDSplits) -> None:
+    """The eval choices that depend on the model or the data (its distance, re-ranking, AQE's k): found by the
+    evaluation, after a whole training run, they are a ConfigError naming the section before it starts."""
+    from .evaluator import _check_aqe
+    from .scoring import check_reranking, resolve_distance
+
+    ev = config["eval"]
+    try:
+        metric = resolve_distance(ev["distance"], config["model"]["name"])
+        check_reranking(ev["rerank_method"] if ev["rerank"] else False, ev["k1"], ev["k2"], ev["lambda_value"], metric)
+        _check_aqe(dict(k=ev["aqe_k"], alpha=ev["aqe_alpha"], times=ev["aqe_times"]) if ev["aqe"] else False, splits)
+    except ValueError as error:
+        raise ConfigError(f"config section eval: {error}") from None
+
+
 def load_splits(config: dict, *, train_images: bool = True) -> ReIDSplits:
     """Train split of ``dataset``, query/gallery of ``dataset`` or of ``dataset.test_name``
     (with its ``dataset.test_camids``); the test set's gt_bbox pools with ``eval.multi_query``.
@@ -205,9 +220,11 @@ def check_input_size(model_args: dict, config: dict, source: str) -> None:
 
 def check_model_fits_data(model_args: dict, config: dict, splits: ReIDSplits, source: str) -> None:
     """What the test images need from the model, checked before any work: a ViT's input size (its
-    position embedding is sized for one patch grid) and its SIE camera embedding (one row per
-    camera of the training set). ``source`` names the model's origin in the message."""
+    position embedding is sized for one patch grid), its SIE camera embedding (one row per
+    camera of the training set) and the eval section's choices (_check_eval_section). ``source`` names the
+    model's origin in the message."""
     check_input_size(model_args, config, source)
+    _check_eval_section(config, splits)
     num_cameras = model_args["num_cameras"]
     highest = max((r.camid for r in (*splits.query, *splits.gallery)), default=-1)
     if num_cameras and highest >= num_cameras:

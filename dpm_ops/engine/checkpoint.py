@@ -21,6 +21,8 @@ import errno
 import fcntl
 import os
 import shutil
+import signal
+import threading
 import uuid
 from pathlib import Path
 from typing import Any, Optional
@@ -196,13 +198,33 @@ def first_line(error: BaseException) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """A Ctrl-C (SIGINT) during the block is raised after it: inside torch.save's writer it came out as
+    torch's "unexpected pos" error, reported as a failed write (exit 2, not an interrupt). Main thread only
+    (where Python runs signal handlers); an ignored SIGINT stays ignored."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous in (signal.SIG_IGN, None):
+        yield
+        return
+    received = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            previous(signal.SIGINT, received[0]) if callable(previous) else signal.raise_signal(signal.SIGINT)
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
     if not isinstance(state, dict) or state.get("format") != FORMAT or "model_name" not in state:
         raise ValueError("save_checkpoint: state must come from make_checkpoint (format + model_name)")
     if not isinstance(path, (str, os.PathLike)) or not str(path) or Path(path).is_dir():
         raise ValueError(f"save_checkpoint: path must be a file path, got {quote(path)}")
     try:
-        return atomic_write(path, lambda handle: torch.save(state, handle))
+        with _interrupts_deferred():
+            return atomic_write(path, lambda handle: torch.save(state, handle))
     except RuntimeError as error:  # torch's writer reports a failed write (a full disk) as "unexpected pos ..."
         free = shutil.disk_usage(Path(path).parent).free / 2**20
         raise OSError(

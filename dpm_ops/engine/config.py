@@ -7,16 +7,13 @@ values (``input.size=[128,64]``, ``model.options.depth=4``). Every key is checke
 loads, before any data is read: an unknown key, a value of the wrong type, outside its choices or
 outside the range declared beside its field (:class:`Bounds`; floats must be finite) raises
 :class:`ConfigError`, one line naming the key and what was expected (a value quoted at most ~100
-characters long). YAML merge keys (``<<: *base``) work; a key written twice in one mapping, or a
-document of more than MAX_YAML_VALUES values (aliases counted at each use), is refused.
-
-Two sections are free-form mappings checked against their target: ``model.options`` (keyword
-arguments of the model class named by ``model.name``, see :func:`dpm_ops.models.build_model`) and
-``dataset.synth`` (fields of :class:`dpm_ops.data.synth.SynthConfig`, used when the synthetic set
-is generated on the fly).
-
-Built-in configs live in ``dpm_ops/configs/*.yaml`` and are named without the suffix
-(``synthetic_dpm``); see :func:`available_configs`.
+characters long). YAML merge keys (``<<: *base``) work; a key written twice in one mapping or in the
+overrides, or a document of more than MAX_YAML_VALUES values (aliases counted at each use), is refused.
+Two sections are free-form mappings checked against their target: ``model.options`` (the keywords of the model
+class of ``model.name``: :func:`dpm_ops.models.build_model`) and ``dataset.synth`` (fields of
+:class:`dpm_ops.data.synth.SynthConfig`): a file merges into its base's key by key, an override of the whole
+mapping replaces it (``model.options={}`` to switch ``model.name``; ``model.options.depth=4`` sets one key).
+Built-in configs live in ``dpm_ops/configs/*.yaml``, named without the suffix: :func:`available_configs`.
 """
 
 from __future__ import annotations
@@ -445,8 +442,11 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:
+    given = {}  # a key given twice took the last value silently
     for text in overrides:
         key, value = parse_override(text)
+        if given.setdefault(key, text) is not text:
+            raise ConfigError(f"config key {quote(key)} is given twice: {quote(given[key])} and {quote(text)}")
         parts = key.split(".")
         node, schema = config, SCHEMA
         for depth, part in enumerate(parts):

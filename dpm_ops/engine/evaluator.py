@@ -19,6 +19,7 @@ lists and rank 0 gathers them (in dataset order) and computes everything.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -45,7 +46,7 @@ from .extraction import (
     pool_multi_query,
     unwrap_ddp,
 )
-from .pictures import dpm_token_maps, write_pictures
+from .pictures import PICTURES, dpm_token_maps, write_pictures
 from .recipes import get_recipe, recipe_name_of
 from .scoring import (
     DISTANCES,
@@ -171,11 +172,14 @@ def evaluate_model(
 
 
 def _write_outputs(out_dir, metrics, settings, pictures, ranking, context) -> None:
-    """metrics.json (atomically, with its ``settings``) and, with ``pictures``, the ranking's pictures."""
+    """metrics.json (atomically, with its ``settings``) and, with ``pictures``, the ranking's pictures; an earlier
+    evaluation's pictures that these do not replace are removed (they sat beside the new metrics as theirs)."""
     os.makedirs(out_dir, exist_ok=True)
     write_json_atomic(os.path.join(out_dir, "metrics.json"), {**metrics, "settings": settings})
-    if pictures:
-        write_pictures(out_dir, metrics, *ranking, **context)
+    written = write_pictures(out_dir, metrics, *ranking, **context) if pictures else []
+    for stale in {os.path.join(out_dir, name) for name in PICTURES} - set(written):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(stale)
 
 
 def _settings(model_name, dataset, metric, image_size, amp_dtype, scoring) -> dict:

@@ -14,6 +14,9 @@ from dpm_ops.data import ReIDSplits
 from .extraction import FeatureSet, unwrap_ddp
 
 
+PICTURES = ("cmc.png", "ranked_best.png", "ranked_worst.png", "masks.png")  # what write_pictures may write
+
+
 def write_pictures(
     out_dir: str,
     metrics: dict,
@@ -34,7 +37,7 @@ def write_pictures(
     masks.png in ``out_dir``."""
     from dpm_ops import visualize  # matplotlib only when pictures are asked for
 
-    written = [os.path.join(out_dir, "cmc.png")]
+    written = [os.path.join(out_dir, PICTURES[0])]
     dataset = f" on {splits.name}" if splits is not None else ""
     visualize.plot_cmc(metrics, written[-1], title=f"CMC: {model_name}{dataset}")
     occluded = None
@@ -63,7 +66,7 @@ def write_pictures(
         token_maps = dpm_token_maps(
             model, [query.paths[i] for i in rows], query.camids[rows], query.masks[rows], transform, device
         )
-        written.append(os.path.join(out_dir, "masks.png"))
+        written.append(os.path.join(out_dir, PICTURES[3]))
         visualize.plot_mask_heatmaps(
             [query.paths[i] for i in rows],
             query.masks[rows].numpy(),

@@ -400,6 +400,9 @@ class Trainer:
         )
         for hook in self.hooks:
             hook.after_epoch(self, at)
+        if self.stop_reason is not None:  # set by an epoch hook: before, the next step ran (or, last, the run ended)
+            self.log(self.stop_reason)
+            return False
         return True
 
     # -- evaluation -------------------------------------------------------------------------
