@@ -96,6 +96,12 @@ def prepare_synthetic(config: dict, *, progress: bool = True) -> None:
     distributed.barrier()
 
 
+def _eval_scoring(ev: dict) -> dict:
+    """The eval section's AQE and re-ranking, as evaluate_model takes them (aqe / rerank: False when off)."""
+    aqe = dict(k=ev["aqe_k"], alpha=ev["aqe_alpha"], times=ev["aqe_times"]) if ev["aqe"] else False
+    return dict(aqe=aqe, rerank=ev["rerank_method"] if ev["rerank"] else False)
+
+
 def _check_eval_section(config: dict, splits: ReIDSplits) -> None:
     """The eval choices that depend on the model or the data (its distance, re-ranking, AQE's k): found by the
     evaluation, after a whole training run, they are a ConfigError naming the section before it starts."""
@@ -103,10 +109,11 @@ def _check_eval_section(config: dict, splits: ReIDSplits) -> None:
     from .scoring import check_reranking, resolve_distance
 
     ev = config["eval"]
+    scoring = _eval_scoring(ev)
     try:
         metric = resolve_distance(ev["distance"], config["model"]["name"])
-        check_reranking(ev["rerank_method"] if ev["rerank"] else False, ev["k1"], ev["k2"], ev["lambda_value"], metric)
-        _check_aqe(dict(k=ev["aqe_k"], alpha=ev["aqe_alpha"], times=ev["aqe_times"]) if ev["aqe"] else False, splits)
+        check_reranking(scoring["rerank"], ev["k1"], ev["k2"], ev["lambda_value"], metric)
+        _check_aqe(scoring["aqe"], splits)
     except ValueError as error:
         raise ConfigError(f"config section eval: {error}") from None
 
@@ -368,8 +375,7 @@ def evaluate_with_config(
         amp_dtype=resolve_amp(ev["amp"], device),
         flip=ev["flip"],
         distance=ev["distance"],
-        aqe=dict(k=ev["aqe_k"], alpha=ev["aqe_alpha"], times=ev["aqe_times"]) if ev["aqe"] else False,
-        rerank=ev["rerank_method"] if ev["rerank"] else False,
+        **_eval_scoring(ev),
         k1=ev["k1"],
         k2=ev["k2"],
         lambda_value=ev["lambda_value"],

@@ -213,8 +213,10 @@ def _interrupts_deferred():
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-        if received:
-            previous(signal.SIGINT, received[0]) if callable(previous) else signal.raise_signal(signal.SIGINT)
+        if received and callable(previous):
+            previous(signal.SIGINT, received[0])
+        elif received:  # SIG_DFL: the default action, now
+            signal.raise_signal(signal.SIGINT)
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:

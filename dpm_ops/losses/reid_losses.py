@@ -30,7 +30,8 @@ def _check_output(loss: str, output, fields: tuple, expected: str) -> None:
     first op to meet a tensor of another batch blamed the labels; the ops check the labels against them)."""
     if not all(hasattr(output, field) for field in fields):
         raise ValueError(f"{loss}: output must be the model's train-mode {expected}, got {type(output).__name__}")
-    batches = {field: getattr(output, field).shape[0] for field in fields if getattr(output, field).dim() > 0}
+    tensors = {field: getattr(output, field) for field in fields}
+    batches = {field: t.shape[0] for field, t in tensors.items() if isinstance(t, torch.Tensor) and t.dim() > 0}
     if len(set(batches.values())) > 1:
         held = ", ".join(f"{field} {batch}" for field, batch in batches.items())
         raise ValueError(f"{loss}: the output's tensors must hold one batch, got {held} samples")

@@ -149,16 +149,12 @@ class SkippedFusionHead(nn.Module):
     def _check_levels(self, levels) -> None:
         """The trunk's maps, one per level of level_channels: levels in another order were fused silently, a
         level fewer was a raw GEMM shape error, and without fuse_levels every level but the last went unread."""
-        ok = isinstance(levels, (list, tuple)) and len(levels) == len(self.level_channels)
-        if ok:
-            ok = all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in levels)
-            ok = ok and tuple(t.shape[1] for t in levels) == self.level_channels
-        if not ok:
-            got = (
-                [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in levels]
-                if isinstance(levels, (list, tuple))
-                else type(levels).__name__
-            )
+        listed = isinstance(levels, (list, tuple))
+        maps = list(levels) if listed else []
+        channels = [t.shape[1] if isinstance(t, torch.Tensor) and t.dim() == 4 else None for t in maps]
+        if not listed or channels != list(self.level_channels):
+            shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in maps]
+            got = shapes if listed else type(levels).__name__
             raise ValueError(
                 f"skipped_fusion_head: levels must be {len(self.level_channels)} (B, C, H, W) maps of "
                 f"{list(self.level_channels)} channels, got {got}"

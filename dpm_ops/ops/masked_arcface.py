@@ -131,7 +131,6 @@ def masked_arcface_ce(
     check_finite_rows("masked_arcface_cross_entropy", features=features, mask=mask, weight=weight)
     if name == "reference":  # the kernels check the labels' range themselves (the C++ CPU kernel in its own pass)
         check_label_range("masked_arcface_cross_entropy", labels, weight.shape[0])
-    if name == "reference":
         return MASKED_ARCFACE_CE.run(
             name, features, mask, weight, labels, scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight
         )
