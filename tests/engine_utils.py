@@ -107,3 +107,20 @@ def write_config(path, config: dict) -> Path:
     path = Path(path)
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return path
+
+
+def flip_a_tensor_bit(path) -> None:
+    """One bit of the largest tensor of torch.save's archive ``path`` flipped in place (a disk error):
+    torch.load still reads the file."""
+    import re
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        tensors = [info for info in archive.infolist() if re.search(r"/data/\d+$", info.filename)]
+        record = max(tensors, key=lambda info: info.file_size)
+    data = bytearray(Path(path).read_bytes())
+    # a local header: 30 bytes, then the name and the extra field, whose lengths are its last two fields
+    name_length = int.from_bytes(data[record.header_offset + 26 : record.header_offset + 28], "little")
+    extra_length = int.from_bytes(data[record.header_offset + 28 : record.header_offset + 30], "little")
+    data[record.header_offset + 30 + name_length + extra_length + record.file_size // 2] ^= 0x10
+    Path(path).write_bytes(data)

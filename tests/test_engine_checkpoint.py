@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dpm_ops.engine import checkpoint
+from engine_utils import flip_a_tensor_bit
 
 
 def state(model_name="dpm", value=1.0):
@@ -181,6 +182,28 @@ def test_foreign_and_corrupt_files(tmp_path):
         checkpoint.load_checkpoint(tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="make_checkpoint"):
         checkpoint.save_checkpoint(tmp_path / "x.pt", {"model": {}})
+
+
+def test_damaged_files_are_refused_before_torch_reads_them(tmp_path):
+    """torch.load checks no CRC: a flipped bit loaded as a wrong weight, a cut file was torch's miniz error."""
+    path = checkpoint.save_checkpoint(tmp_path / "last.pt", state())
+    flip_a_tensor_bit(path)
+    torch.load(path, weights_only=False)  # what torch does with it
+    with pytest.raises(checkpoint.CheckpointError, match=r"last.pt is damaged: record \S+/data/\d+ does not match"):
+        checkpoint.load_checkpoint(path)
+    whole = checkpoint.save_checkpoint(tmp_path / "final.pt", state()).read_bytes()
+    (tmp_path / "cut.pt").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(checkpoint.CheckpointError, match=r"cut.pt is cut short: its archive has no end"):
+        checkpoint.load_checkpoint(tmp_path / "cut.pt")
+    previous = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)  # records without a CRC have nothing to check
+    try:
+        torch.save(state(), tmp_path / "unchecked.pt")
+    finally:
+        torch.serialization.set_crc32_options(previous)
+    assert checkpoint.load_checkpoint(tmp_path / "unchecked.pt")["model_name"] == "dpm"
+    torch.save(state(), tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert checkpoint.load_checkpoint(tmp_path / "legacy.pt")["model_name"] == "dpm"
 
 
 def test_rng_state_round_trip(tmp_path):

@@ -15,7 +15,7 @@ from dpm_ops.data.synth import generate_synthetic_dataset
 from dpm_ops.engine import CheckpointError, Hook, Trainer, TrainingDiverged, load_checkpoint, load_config, train
 from dpm_ops.engine.run_log import RunLog
 from dpm_ops.losses import MaskReIDRankingLoss
-from engine_utils import tiny_config, tiny_synth_config, write_config
+from engine_utils import flip_a_tensor_bit, tiny_config, tiny_synth_config, write_config
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +203,15 @@ def test_resume_errors(tmp_path, tiny_root):
         train(
             config_for(tmp_path, tiny_root, overrides=["loss.ranking_pos_mode=all_eq5"]), tmp_path / "run", resume=True
         )
+    # a damaged last.pt (torch.load reads it) is refused, and the run's earlier checkpoints are named
+    train(config_for(tmp_path, tiny_root, overrides=["train.stop_after_iters=2"]), tmp_path / "damaged")
+    last = tmp_path / "damaged" / "checkpoints" / "last.pt"
+    shutil.copy(last, last.with_name("epoch_001.pt"))
+    flip_a_tensor_bit(last)
+    with pytest.raises(
+        CheckpointError, match=r"last.pt is damaged: .*; to resume from an earlier checkpoint, copy one of epoch_001.pt"
+    ):
+        train(config, tmp_path / "damaged", resume=True)
 
 
 def test_resume_mid_epoch_refuses_training_data_that_changed(tmp_path, tiny_root):

@@ -11,7 +11,8 @@ A checkpoint is one ``torch.save`` dict::
 
 :func:`save_checkpoint` writes to a temporary file in the destination folder, flushes and fsyncs it,
 then ``os.replace``s it over the destination (and fsyncs the folder): a crash at any point leaves
-either the previous file or the new one, never a half-written one.
+either the previous file or the new one, never a half-written one. Reading one checks the CRC-32 that
+torch.save writes for every record (torch.load does not): a file damaged since it was written is refused.
 """
 
 from __future__ import annotations

@@ -59,6 +59,7 @@ from .checkpoint import (
     RunFolder,
     remove_stale_temporaries,
     restore_rng_state,
+    run_checkpoints,
     save_checkpoint,
 )
 from .config import ConfigError, check_config, current_choice, defaults, dump_config
@@ -268,7 +269,16 @@ class Trainer:
         if not path.is_file():
             found = "is not a file" if path.exists() else "does not exist"
             raise CheckpointError(f"--resume: no checkpoint to resume from: {path} {found}")
-        state = load_checkpoint(path, model_name=self.model_name)
+        try:
+            state = load_checkpoint(path, model_name=self.model_name)
+        except CheckpointError as error:
+            earlier = [file.name for file in run_checkpoints(self.output_dir) if file.name != path.name]
+            if not earlier:
+                raise
+            raise CheckpointError(
+                f"{error}; to resume from an earlier checkpoint, copy one of {', '.join(earlier)} (in {path.parent}) "
+                "over last.pt"
+            ) from error
         self._check_resume_config(state["config"])
         training = state.get("training")
         if training is None:

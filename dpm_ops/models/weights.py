@@ -33,6 +33,8 @@ import math
 import os
 import pickle
 import re
+import zipfile
+import zlib
 from typing import Callable, NamedTuple, Union
 
 import torch
@@ -94,8 +96,42 @@ def resize_pos_embed(pos_embed: torch.Tensor, grid_size: tuple[int, int]) -> tor
     return torch.cat([cls_slot, grid], dim=1)
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archive format (since torch 1.6); older files are one pickle stream
+
+
+def check_archive(path: Union[str, os.PathLike]) -> None:
+    """A WeightsError naming ``path`` when torch.save's archive is cut short or a record's bytes differ from
+    the CRC-32 written with them: torch.load checks neither, and a flipped bit in a tensor loaded as a wrong
+    weight without a word. Reads the file once more; records saved without a CRC (0, under
+    ``torch.serialization.set_crc32_options(False)``) and files of the older format have nothing to check."""
+    with open(path, "rb") as handle:
+        if handle.read(len(ZIP_MAGIC)) != ZIP_MAGIC:
+            return
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, EOFError):
+        raise WeightsError(
+            f"{os.fspath(path)} is cut short: its archive has no end (a copy or a write that did not finish)"
+        ) from None
+    with archive:
+        for record in archive.infolist():
+            if record.CRC == 0:
+                continue
+            try:
+                with archive.open(record) as data:
+                    while data.read(1 << 24):  # the CRC is compared at the record's end
+                        pass
+            except (zipfile.BadZipFile, EOFError, zlib.error) as error:
+                raise WeightsError(
+                    f"{os.fspath(path)} is damaged: record {record.filename} does not match the checksum torch.save "
+                    f"wrote with it ({error}); the file changed after it was written (a disk or copy error)"
+                ) from None
+
+
 def read_torch_file(path: Union[str, os.PathLike], *, weights_only: bool = True, map_location="cpu"):
-    """``torch.load``; a file that is not one torch wrote raises WeightsError naming it."""
+    """``torch.load`` after :func:`check_archive`; a file that is not one torch wrote, or one damaged since,
+    raises WeightsError naming it."""
+    check_archive(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=weights_only)
     except pickle.UnpicklingError as error:
