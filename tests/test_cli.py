@@ -542,6 +542,23 @@ def test_stale_temporaries_are_removed_on_start_and_resume(tmp_path, tiny_set, c
     assert "a temporary left by an interrupted write" in (run / "train.log").read_text()
 
 
+def test_a_stopped_runs_config_yaml_resumes_it_to_its_end(tmp_path, tiny_set):
+    """train.stop_after_iters is a kill, not a setting of the run: config.yaml and last.pt kept it, and
+    `--config <run>/config.yaml --resume` stopped at the same step again."""
+    import yaml
+
+    from dpm_ops.engine import load_checkpoint
+
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_set, "dpm"))
+    run = tmp_path / "run"
+    stopped = ["train.checkpoint_every_iters=1", "train.stop_after_iters=1", "solver.epochs=1"]
+    assert main(["train", "--config", str(config), "--output", str(run), *stopped]) == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["stop_after_iters"] is None
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["config"]["train"]["stop_after_iters"] is None
+    assert main(["train", "--config", str(run / "config.yaml"), "--output", str(run), "--resume"]) == 0
+    assert (run / "checkpoints" / "final.pt").is_file() and (run / "metrics.json").is_file()
+
+
 def test_a_run_folder_is_never_overwritten_by_accident(tmp_path, tiny_set, capsys):
     # Before: a rerun without --resume silently replaced the earlier run's checkpoints and logs.
     config = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_set, "dpm"))

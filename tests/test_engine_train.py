@@ -161,7 +161,8 @@ def test_resume_errors(tmp_path, tiny_root):
     changed = config_for(tmp_path, tiny_root, overrides=["solver.base_lr=0.5"])
     # the message points at the run's own config (a resume with the built-in config lost the run's overrides)
     with pytest.raises(
-        CheckpointError, match=r"solver.base_lr .*\(the run's own settings: --config .*run/config.yaml\)$"
+        CheckpointError,
+        match=r"solver.base_lr .*\(the run's own settings: --config \S*run/config.yaml --output \S*run\)$",
     ):
         train(changed, tmp_path / "run", resume=True)
     # a checkpoint from before the rename of pos_mode 'all' resumes under the new name

@@ -243,7 +243,9 @@ class Trainer:
             return
         training = self._training_state(at, epoch_done)
         training["rng"] = rng
-        state = make_checkpoint(self.model_name, self.model_args, self.config, self.model.state_dict(), training)
+        state = make_checkpoint(
+            self.model_name, self.model_args, self.recorded_config, self.model.state_dict(), training
+        )
         for name in extra_names:  # before last.pt: a kill between them runs the epoch, and writes them, again
             save_checkpoint(self.checkpoint_dir / name, state)
         save_checkpoint(self.checkpoint_dir / "last.pt", state)
@@ -261,7 +263,7 @@ class Trainer:
                 if old != value:
                     raise CheckpointError(
                         f"--resume: config key {section}.{key} is {value!r} but the checkpoint was trained with "
-                        f"{old!r} (the run's own settings: --config {self.output_dir / 'config.yaml'})"
+                        f"{old!r} (the run's own settings: --config {self.output_dir / 'config.yaml'} --output {self.output_dir})"
                     )
 
     def load_for_resume(self) -> dict:
@@ -445,7 +447,7 @@ class Trainer:
             metrics = self.evaluate(out_dir=self.output_dir)
             if self.dist.is_main:
                 final = make_checkpoint(
-                    self.model_name, self.model_args, self.config, self.model.state_dict(), metrics=metrics
+                    self.model_name, self.model_args, self.recorded_config, self.model.state_dict(), metrics=metrics
                 )
                 save_checkpoint(self.checkpoint_dir / "final.pt", final)
                 self._write_config()  # the config of final.pt and metrics.json
@@ -462,8 +464,14 @@ class Trainer:
             if self.run_folder is not None:
                 self.run_folder.release()
 
+    @property
+    def recorded_config(self) -> dict:
+        """The config the run's config.yaml and checkpoints hold: without train.stop_after_iters, a kill rather
+        than a setting of the run (kept, `--config <run>/config.yaml --resume` stopped at the same step again)."""
+        return {**self.config, "train": {**self.config["train"], "stop_after_iters": None}}
+
     def _write_config(self) -> None:
-        atomic_write_text(self.output_dir / "config.yaml", dump_config(self.config))
+        atomic_write_text(self.output_dir / "config.yaml", dump_config(self.recorded_config))
 
     def _plot_losses(self) -> None:
         from dpm_ops.visualize import plot_loss_curves
