@@ -100,6 +100,10 @@ def tiny_config(root, model: str = "dpm", **sections) -> dict:
         config["solver"] = {"base_lr": 0.01, "epochs": 1, "schedule": "poly"}
     for section, values in sections.items():
         config.setdefault(section, {}).update(values)
+    if model.startswith("maskreid") and not config["pretrain"]["epochs"]:  # no pre-training: its keys are unread
+        config["pretrain"] = {"epochs": 0}
+        for key in ("num_ids", "num_instances"):
+            config["sampler"].pop(key, None)
     return config
 
 

@@ -251,12 +251,12 @@ def test_ranking_modes_are_the_ops():
     loss = SCHEMA["loss"]
     assert loss["ranking_neg_mode"].choices == NEG_MODES and loss["ranking_pos_mode"].choices == POS_MODES
     assert loss["ranking_pos_mode"].renamed == RENAMED_POS_MODES
-    assert load_config(None, ["loss.ranking_pos_mode=eq4"])["loss"]["ranking_pos_mode"] == "eq4"
+    assert load_config("maskreid_market1501", ["loss.ranking_pos_mode=eq4"])["loss"]["ranking_pos_mode"] == "eq4"
 
 
 def test_cross_field_rules():
     with pytest.raises(ConfigError, match="ranking_neg_mode: does not apply to ranking_pos_mode eq4"):
-        load_config(None, ["loss.ranking_pos_mode=eq4", "loss.ranking_neg_mode=violating_only"])
+        load_config("maskreid_market1501", ["loss.ranking_pos_mode=eq4", "loss.ranking_neg_mode=violating_only"])
     with pytest.raises(ConfigError, match="input.recipe"):
         load_config(None, ["model.name=maskreid"])
     with pytest.raises(ConfigError, match="pretrain.epochs"):
@@ -617,7 +617,7 @@ def test_yaml_merge_keys_work_and_the_mappings_own_key_wins(tmp_path):
     path.write_text(
         "description: &base {epochs: 3, base_lr: 0.5}\n"
         "solver:\n  <<: [*base, {base_lr: 0.2, warmup_epochs: 2}]\n  epochs: 2\n"
-        "eval:\n  <<: {aqe_k: 4, aqe_times: 1}\n  aqe_times: 2\n"
+        "eval:\n  <<: {aqe_k: 4, aqe_times: 1}\n  aqe_times: 2\n  aqe: true\n"
     )
     config = load_config(path)
     assert [config["solver"][key] for key in ("epochs", "base_lr", "warmup_epochs")] == [2, 0.5, 2]
@@ -639,7 +639,7 @@ def test_the_aqe_bounds_are_the_evaluations():
     from dpm_ops.evaluation.query_expansion import MAX_AQE_K, MAX_AQE_TIMES
 
     assert (SCHEMA["eval"]["aqe_k"].bounds.high, SCHEMA["eval"]["aqe_times"].bounds.high) == (MAX_AQE_K, MAX_AQE_TIMES)
-    config = load_config(None, [f"eval.aqe_k={MAX_AQE_K}", f"eval.aqe_times={MAX_AQE_TIMES}"])
+    config = load_config(None, ["eval.aqe=true", f"eval.aqe_k={MAX_AQE_K}", f"eval.aqe_times={MAX_AQE_TIMES}"])
     assert (config["eval"]["aqe_k"], config["eval"]["aqe_times"]) == (MAX_AQE_K, MAX_AQE_TIMES)
 
 
@@ -648,7 +648,7 @@ def test_sampler_keys_of_an_unused_sampler_and_a_triplet_without_negatives_are_r
     identities per process trained DPM's triplet term as a silent 0 (no anchor had a negative)."""
     from dpm_ops.engine.builders import build_sampler
 
-    with pytest.raises(ConfigError, match=r"^config key sampler.batches_per_epoch: sizes the epochs of MaskReID's"):
+    with pytest.raises(ConfigError, match=r"^config key sampler.batches_per_epoch: read only by MaskReID's batches"):
         load_config("synthetic_dpm", ["sampler.batches_per_epoch=3"])
     assert load_config("maskreid_market1501", ["sampler.batches_per_epoch=3"])["sampler"]["batches_per_epoch"] == 3
     pids = [i // 4 for i in range(40)]

@@ -821,7 +821,9 @@ def test_evaluation_precision_is_eval_amp_not_solver_amp(splits, monkeypatch):
     config = load_config(None, ["eval.flip=true", "eval.roc=true"])
     evaluate_with_config(tiny_model("dpm"), splits, config, device=torch.device("cpu"))
     assert seen["flip"] is True and seen["roc"] is True
-    config = load_config(None, ["eval.pictures=true", "eval.cuhk03_repeats=3", "eval.cuhk03_seed=7"])
+    config = load_config(
+        None, ["eval.pictures=true", "eval.protocol=cuhk03", "eval.cuhk03_repeats=3", "eval.cuhk03_seed=7"]
+    )
     for pictures, expected in ((None, True), (False, False)):  # the argument overrides eval.pictures
         evaluate_with_config(tiny_model("dpm"), splits, config, device=torch.device("cpu"), pictures=pictures)
         assert (seen["pictures"], seen["num_repeats"], seen["seed"]) == (expected, 3, 7)

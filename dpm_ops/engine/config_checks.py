@@ -136,7 +136,7 @@ def validate(config: dict) -> None:
             f"{' or '.join(SAMPLER_NAMES[k] for k in recipe.sampler_kinds)}; not '{kind}'"
         )
     _resolve_train_input(config, recipe)
-    _check_maskreid_sampler_keys(config)
+    _check_keys_are_read(config, recipe)
     _check_train_resize(config, recipe)
     _check_eval_distance(config)
     _check_synth_options(config)
@@ -173,15 +173,100 @@ def _resolve_train_input(config: dict, recipe) -> None:
             )
 
 
-def _check_maskreid_sampler_keys(config: dict) -> None:
-    """sampler.batches_per_epoch sizes the epochs of MaskReID's sampler alone (a P x K epoch is one pass over the
-    identities): set while no stage draws from that sampler, it was accepted and ignored."""
-    kinds = {config["sampler"]["kind"]} | ({config["pretrain"]["sampler"]} if config["pretrain"]["epochs"] else set())
-    if config["sampler"]["batches_per_epoch"] is not None and "maskreid" not in kinds:
-        raise ConfigError(
-            "config key sampler.batches_per_epoch: sizes the epochs of MaskReID's batches (sampler.kind: maskreid), "
-            "which this config does not draw; a P x K epoch is one pass over the identities; remove it"
+def sampler_kinds_used(config: dict) -> list:
+    """The samplers the run's stages draw from: sampler.kind, and pretrain.sampler with a pre-training stage."""
+    pretrain = config["pretrain"]["sampler"] if config["pretrain"]["epochs"] > 0 else config["sampler"]["kind"]
+    return sorted({config["sampler"]["kind"], pretrain})
+
+
+def _key_readers(config: dict, recipe) -> list:
+    """(keys, when they are read, what this config has instead) for the keys this config does not read, of those
+    that only some choices read."""
+    pretrain = config["pretrain"]["epochs"] > 0
+    optimizer, evaluation = config["solver"]["optimizer"], config["eval"]
+    schedules = sorted({config["solver"]["schedule"]} | ({config["pretrain"]["schedule"]} if pretrain else set()))
+    samplers = sampler_kinds_used(config)
+    in_use = f"the schedules here are {', '.join(schedules)}"
+    rules = [
+        (("solver.momentum",), "with solver.optimizer sgd", optimizer == "sgd", f"it is {optimizer}"),
+        (
+            ("solver.warmup_epochs", "solver.warmup_factor", "solver.min_lr_factor"),
+            "by the warmup_cosine schedule (solver.schedule, pretrain.schedule)",
+            "warmup_cosine" in schedules,
+            in_use,
+        ),
+        (
+            ("solver.poly_power",),
+            "by the poly schedule (solver.schedule, pretrain.schedule)",
+            "poly" in schedules,
+            in_use,
+        ),
+        (
+            ("pretrain.base_lr", "pretrain.schedule", "pretrain.sampler"),
+            "by MaskReID's softmax pre-training (pretrain.epochs > 0)",
+            pretrain,
+            "pretrain.epochs is 0",
+        ),
+        (
+            ("sampler.num_ids", "sampler.num_instances"),
+            "by P x K batches (sampler.kind pk)",
+            "pk" in samplers,
+            f"the batches here are {', '.join(samplers)}",
+        ),
+        (
+            ("sampler.num_positives", "sampler.num_negatives", "sampler.batches_per_epoch"),
+            "by MaskReID's batches (sampler.kind maskreid; a P x K epoch is one pass over the identities)",
+            "maskreid" in samplers,
+            f"the batches here are {', '.join(samplers)}",
+        ),
+        (("eval.aqe_k", "eval.aqe_alpha", "eval.aqe_times"), "with eval.aqe true", evaluation["aqe"], "it is false"),
+        (
+            ("eval.rerank_method", "eval.k1", "eval.k2", "eval.lambda_value"),
+            "with eval.rerank true",
+            evaluation["rerank"],
+            "it is false",
+        ),
+        (
+            ("eval.cuhk03_repeats", "eval.cuhk03_seed"),
+            "with eval.protocol cuhk03",
+            evaluation["protocol"] == "cuhk03",
+            f"it is {evaluation['protocol']}",
+        ),
+    ]
+    for key in sorted({key for other in RECIPES.values() for key in other.config_keys} - set(recipe.config_keys)):
+        owners = [name for name, other in RECIPES.items() if key in other.config_keys]
+        rules.append(
+            (
+                (key,),
+                f"by the {', '.join(owners)} model{'s' * (len(owners) > 1)}",
+                False,
+                f"model.name is {recipe.name}",
+            )
         )
+    return [(keys, when, instead) for keys, when, used, instead in rules if not used]
+
+
+def unread_keys(config: dict) -> set:
+    """The keys ("section.key") a checked ``config`` does not read: another model's, another optimizer's, schedule's,
+    sampler's, and the evaluation's options of what it leaves off (they hold their defaults)."""
+    return {key for keys, _, _ in _key_readers(config, RECIPES[config["model"]["name"]]) for key in keys}
+
+
+def _check_keys_are_read(config: dict, recipe) -> None:
+    """A key set away from its default that only choices this config does not make read was accepted and
+    ignored: solver.momentum under adamw, eval.k1 without eval.rerank, loss.ranking_alpha for DPM."""
+    from .config import defaults  # config.py imports this module
+
+    default = defaults()
+    for keys, when, instead in _key_readers(config, recipe):
+        for key in keys:
+            section, name = key.split(".")
+            if config[section][name] != default[section][name]:
+                shown = "null" if default[section][name] is None else quote(default[section][name])
+                raise ConfigError(
+                    f"config key {key}: read only {when}, and {instead}: it would be ignored; remove it "
+                    f"(or set its default, {shown})"
+                )
 
 
 def _check_train_resize(config: dict, recipe) -> None:

@@ -63,6 +63,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import ConfigError, check_config, current_choice, defaults, dump_config
+from .config_checks import sampler_kinds_used, unread_keys
 from .hooks import CheckpointHook, Hook, LogHook, PeriodicEvalHook, Position, StopHook, TrainingDiverged
 from .recipes import StepContext, get_recipe
 from .run_log import RunLog
@@ -160,7 +161,8 @@ class Trainer:
         mask_paths = self.splits.mask_paths if recipe.uses_masks else None
         self.dataset = ImageDataset(self.splits.train, recipe.train_transform(config), mask_paths)
         self.samplers = {
-            k: build_sampler(k, config, pids, self.dist.rank, self.dist.world_size) for k in recipe.sampler_kinds
+            kind: build_sampler(kind, config, pids, self.dist.rank, self.dist.world_size)
+            for kind in sampler_kinds_used(config)
         }
         self.loaders = {
             k: build_dataloader(
@@ -251,13 +253,15 @@ class Trainer:
         save_checkpoint(self.checkpoint_dir / "last.pt", state)
 
     def _check_resume_config(self, saved: dict) -> None:
-        default_config = defaults()
+        default_config, unread = defaults(), unread_keys(self.config)
         for section, values in self.config.items():
             if section in RESUME_FREE_SECTIONS:
                 continue
             for key, value in values.items():
-                if (section, key) in RESUME_FREE_KEYS or (section == "input" and value is None):
-                    continue  # None in input: a key the recipe does not use (earlier checkpoints stored a default)
+                if (section, key) in RESUME_FREE_KEYS or f"{section}.{key}" in unread:
+                    continue  # a key the run does not read: earlier checkpoints stored any value there
+                if section == "input" and value is None:
+                    continue  # a key the recipe does not use (earlier checkpoints stored a default)
                 # a key newer than the checkpoint: it trained with what is now the default
                 old = current_choice(section, key, saved.get(section, {}).get(key, default_config[section][key]))
                 if old != value:

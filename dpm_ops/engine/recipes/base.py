@@ -116,7 +116,7 @@ class Recipe:
     transform_recipe: str = "dpm"  # dpm_ops.data.build_transforms recipe (config input.recipe)
     default_test_size: tuple = (256, 128)  # the network input when the evaluator is given none
     uses_masks: bool = False  # the model reads the foreground mask (paired image + mask items)
-    sampler_kinds: tuple = ("pk",)  # samplers the stages may use; all are built
+    sampler_kinds: tuple = ("pk",)  # samplers the stages may use (those the config's stages use are built)
     has_pretrain_stage: bool = False  # config section pretrain applies
     test_distance: str = "euclidean"  # the metric eval.distance "auto" stands for
     test_masks: bool = False  # test_forward returns a channel mask (distance masked_arccos)
@@ -129,6 +129,8 @@ class Recipe:
     min_classes: int = 1  # the fewest classes the model takes (0: it can be built without a classifier)
     # its loss has a batch-hard triplet term (loss.triplet_weight) on each process's share of the P x K batches
     triplet_on_pk: bool = False
+    # the loss / solver keys of one model that its stages read (another model's, off its default, is refused)
+    config_keys: tuple = ()
 
     def option_defaults(self) -> dict:
         """The model options the config accepts, with their defaults."""

@@ -23,6 +23,15 @@ class DPMRecipe(ViTRecipe):
     test_masks = True
     eval_time_options = ("neck_feat",)
     export_outputs = ("feature", "mask")
+    config_keys = (
+        "loss.hem_weight",
+        "loss.id_weight",
+        "loss.triplet_weight",
+        "loss.plain_weight",
+        "loss.masked_weight",
+        "solver.mask_lr",
+        "solver.two_pass",
+    )
 
     def model_options(self, config: dict) -> dict:
         options = super().model_options(config)

@@ -25,6 +25,7 @@ TEST_MARGIN = (16, 8)
 
 class MaskReIDRecipe(Recipe):
     name = "maskreid"
+    config_keys = ("loss.ranking_alpha", "loss.ranking_lambda", "loss.ranking_neg_mode", "loss.ranking_pos_mode")
     model_class = MaskReID
     transform_recipe = "maskreid"
     default_test_size = TEST_CROP

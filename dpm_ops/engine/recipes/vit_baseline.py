@@ -11,6 +11,7 @@ from .base import StepContext, ViTRecipe, loss_record, make_optimizer, param_gro
 
 class ViTBaselineRecipe(ViTRecipe):
     name = "vit_baseline"
+    config_keys = ("loss.id_weight", "loss.triplet_weight")
     model_class = ViTBaseline
 
     def build_stages(self, model, config: dict, iters_per_epoch: dict) -> list:
