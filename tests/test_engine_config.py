@@ -675,3 +675,79 @@ def test_an_override_is_given_once():
     assert one_key == {**load_config("synthetic_dpm")["model"]["options"], "drop_path_rate": 0.0}
     with pytest.raises(ConfigError, match="config key 'solver.epochs' is given twice: 'solver.epochs=5' and"):
         load_config("synthetic_dpm", ["solver.epochs=5", "solver.epochs=7"])
+
+
+@pytest.mark.parametrize(
+    "config, overrides, message",
+    [
+        (
+            "synthetic_dpm",
+            ["solver.momentum=0.5"],
+            "solver.momentum: read only with solver.optimizer sgd, and it is adamw",
+        ),
+        (
+            "dpm_market1501",
+            ["solver.poly_power=2"],
+            "solver.poly_power: read only by the poly schedule .*, and the schedules here are warmup_cosine",
+        ),
+        (
+            "maskreid_market1501",
+            ["solver.warmup_epochs=2"],
+            "solver.warmup_epochs: read only by the warmup_cosine schedule .*, and the schedules here are poly",
+        ),
+        (
+            "maskreid_market1501",
+            ["pretrain.epochs=0", "pretrain.base_lr=0.5"],
+            "pretrain.base_lr: .*pretrain.epochs is 0",
+        ),
+        (
+            "maskreid_market1501",
+            ["pretrain.epochs=0", "sampler.num_ids=8"],
+            "sampler.num_ids: .*batches here are maskreid",
+        ),
+        ("dpm_market1501", ["sampler.num_positives=4"], "sampler.num_positives: .*the batches here are pk"),
+        (
+            "dpm_market1501",
+            ["eval.k1=30"],
+            r"eval.k1: read only with eval.rerank true, and it is false: .*default, null\)$",
+        ),
+        ("dpm_market1501", ["eval.aqe_alpha=1"], "eval.aqe_alpha: read only with eval.aqe true"),
+        ("dpm_market1501", ["eval.cuhk03_seed=3"], "eval.cuhk03_seed: read only with eval.protocol cuhk03"),
+        (
+            "dpm_market1501",
+            ["loss.ranking_lambda=1"],
+            "loss.ranking_lambda: read only by the maskreid, maskreid_resnet50 models",
+        ),
+        (
+            "vit_baseline_market1501",
+            ["loss.hem_weight=0.5"],
+            "loss.hem_weight: read only by the dpm model, and model.name is",
+        ),
+        ("maskreid_market1501", ["solver.mask_lr=0.1"], "solver.mask_lr: read only by the dpm model"),
+        (
+            "maskreid_market1501",
+            ["loss.triplet_weight=0.5"],
+            "loss.triplet_weight: read only by the dpm, vit_baseline models",
+        ),
+    ],
+)
+def test_a_key_no_choice_of_the_config_reads_is_refused(config, overrides, message):
+    """Set away from its default, it was accepted and ignored (the run trained without it)."""
+    with pytest.raises(ConfigError, match=rf"^config key {message}"):
+        load_config(config, overrides)
+
+
+def test_keys_read_by_the_configs_choices_are_taken():
+    taken = [
+        ("synthetic_dpm", ["solver.optimizer=sgd", "solver.momentum=0.5"]),
+        ("dpm_market1501", ["solver.schedule=poly", "solver.poly_power=2"]),
+        ("maskreid_market1501", ["pretrain.schedule=warmup_cosine", "solver.warmup_epochs=2", "sampler.num_ids=8"]),
+        ("dpm_market1501", ["eval.rerank=true", "eval.k1=30", "eval.aqe=true", "eval.aqe_alpha=1"]),
+        ("dpm_market1501", ["eval.protocol=cuhk03", "eval.cuhk03_seed=3", "solver.momentum=0.9"]),  # a default: taken
+    ]
+    for config, overrides in taken:
+        loaded = load_config(config, overrides)
+        for override in overrides:
+            key, value = override.split("=")
+            section, name = key.split(".")
+            assert str(loaded[section][name]).lower() == value.lower() or loaded[section][name] == float(value)
