@@ -428,6 +428,10 @@ def test_extract_images_bad_input(tiny_set):
             r"masks\[0\] is 11x20 but its image is 10x20",
         ),
         (dict(model=maskreid, images=[crop], masks=[np.zeros((20, 10), np.int64)]), "bool or uint8"),
+        (  # a 0 / 1 uint8 label map was all background (thresholded at 128), silently
+            dict(model=maskreid, images=[crop], masks=[np.eye(20, 10, dtype=np.uint8)]),
+            r"mask masks\[0\] holds values 0\.\.1: a label image\?",
+        ),
         # a 0 x 0 PIL image gave a feature, an empty list a (0, 0) array, a bad amp_dtype ran without autocast
         (dict(model=dpm, images=[Image.new("RGB", (0, 0))], camids=0), r"images\[0\] is an empty image \(0 x 0"),
         (dict(model=dpm, images=[], camids=0), "images: no image given"),
@@ -511,6 +515,20 @@ def test_feature_extractor_maskreid_tensor_input_takes_masks(tmp_path, tiny_set)
     torch.testing.assert_close(extractor(images, masks=foreground), expected, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="masks: maskreid needs the"):
         extractor(images)
+    torch.testing.assert_close(extractor(images[0], masks=foreground[0].bool()), expected[:1], rtol=0, atol=1e-6)
+    # 0 / 255 masks multiplied the images by 255; a wrong shape or type was a raw torch error
+    shape = tuple(foreground.shape)
+    for masks, needle in (
+        (foreground * 255, r"masks: values must be 0 \(background\) or 1 \(foreground\)"),
+        (
+            foreground[:, 0],
+            rf"masks: expected a \({shape[0]}, 1, {shape[2]}, {shape[3]}\) tensor .*, got \({shape[0]}, ",
+        ),
+        (foreground[:3], r"masks: expected a \(4, 1, "),
+        ("a.png", r"masks: with a tensor input, a \(4, 1, .* tensor of 0 / 1 values, got str"),
+    ):
+        with pytest.raises(ValueError, match=needle):
+            extractor(images, masks=masks)
 
 
 def test_feature_extractor_takes_its_image_size(tmp_path, tiny_set):

@@ -130,6 +130,22 @@ class FeatureExtractor:
         if self.recipe.uses_masks:
             if masks is None:
                 raise ValueError(f"masks: {self.kind} needs the (B, 1, H, W) foreground mask of each image")
-            batch["masked"] = masked_image(images, torch.as_tensor(masks, device=images.device, dtype=images.dtype))
+            batch["masked"] = masked_image(images, _mask_batch(masks, images, input.dim() == 3))
         with torch.inference_mode():
             return self.recipe.test_forward(self.model, batch, self.device)[0].float()
+
+
+def _mask_batch(masks, images: torch.Tensor, one_image: bool) -> torch.Tensor:
+    """``masks`` for a tensor input: a (B, 1, H, W) (or, for one (3, H, W) image, (1, H, W)) tensor or array of 0 / 1
+    values, as the images' dtype on their device (0 / 255 masks multiplied the images by 255, silently)."""
+    expected = (1, *images.shape[2:]) if one_image else (images.shape[0], 1, *images.shape[2:])
+    if not isinstance(masks, (torch.Tensor, np.ndarray)):
+        raise ValueError(f"masks: with a tensor input, a {expected} tensor of 0 / 1 values, got {type(masks).__name__}")
+    masks = torch.as_tensor(masks)
+    if tuple(masks.shape) != expected:
+        raise ValueError(
+            f"masks: expected a {expected} tensor (one (1, H, W) mask per image), got {tuple(masks.shape)}"
+        )
+    if masks.is_complex() or not bool(((masks == 0) | (masks == 1)).all()):
+        raise ValueError("masks: values must be 0 (background) or 1 (foreground), e.g. a bool tensor")
+    return masks.reshape(images.shape[0], 1, *images.shape[2:]).to(device=images.device, dtype=images.dtype)

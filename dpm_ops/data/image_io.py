@@ -76,6 +76,14 @@ def read_image(path: str) -> Image.Image:
 
 
 def _binary(mask: Image.Image, name: str, expected_size: tuple[int, int] | None) -> Image.Image:
+    """An 'L' mask thresholded at MASK_THRESHOLD; one whose values all lie below it but not all 0 is refused (a
+    0 / 1 label image came out all background, silently)."""
+    highest = mask.getextrema()[1]
+    if 0 < highest < MASK_THRESHOLD:
+        raise DatasetError(
+            f"mask {name} holds values 0..{highest}: a label image? A mask is 0 / 255 (or 1-bit, or bool), "
+            f"foreground >= {MASK_THRESHOLD}"
+        )
     if expected_size is not None:
         check_mask_size(name, mask.size, expected_size)
     return mask.point(lambda value: 255 if value >= MASK_THRESHOLD else 0)
@@ -89,12 +97,6 @@ def read_mask(path: str, expected_size: tuple[int, int] | None = None) -> Image.
     """
     with decoded(path, "mask") as mask:
         mask = _mask_levels(mask)
-    highest = mask.getextrema()[1]
-    if 0 < highest < MASK_THRESHOLD:  # all background after thresholding, silently
-        raise DatasetError(
-            f"mask {path} holds values 0..{highest}: a label image? A mask is 0 / 255 (or 1-bit), foreground >= "
-            f"{MASK_THRESHOLD}"
-        )
     return _binary(mask, path, expected_size)
 
 
