@@ -439,3 +439,44 @@ def test_evaluate_roc_matches_fastreid():
         for got, want in zip(fastreid.evaluate_roc(*args), expected):
             assert got.dtype == want.dtype == np.float64
             np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_torchreid_distances_keep_autograd_as_theirs(metric):
+    """Theirs is plain torch: a distance-based loss trains through it (ours returned a tensor without a graph)."""
+    theirs = peers.load("torchreid_distance")
+    x, y = torch.randn(6, 16, dtype=torch.float64), torch.randn(9, 16, dtype=torch.float64)
+    weights = torch.rand(6, 9, dtype=torch.float64)
+    gradients = []
+    for compute in (torchreid.compute_distance_matrix, theirs.compute_distance_matrix):
+        a, b = x.clone().requires_grad_(), y.clone().requires_grad_()
+        (compute(a, b, metric) * weights).sum().backward()
+        gradients.append((a.grad, b.grad))
+    for ours, peer in zip(*gradients):
+        torch.testing.assert_close(ours, peer)
+    with torch.no_grad():  # no graph asked for: the tiled kernels, the same values
+        a = x.clone().requires_grad_()
+        assert not torchreid.compute_distance_matrix(a, y, metric).requires_grad
+    # a row's distance to itself (0) has a finite gradient in the square-rooted euclidean
+    a = x.clone().requires_grad_()
+    evaluation.pairwise_distance(a, a).sum().backward()
+    assert torch.isfinite(a.grad).all()
+
+
+def test_inputs_of_another_byte_order_layout_or_a_float8_dtype():
+    """A big-endian array (from a file) was torch's error, a sparse tensor an error from deep inside torch."""
+    rng = np.random.default_rng(0)
+    distmat, q_pids, g_pids = rng.random((4, 6)), np.array([1, 2, 3, 1]), np.array([1, 2, 3, 1, 2, 3])
+    q_camids, g_camids = np.zeros(4, int), np.ones(6, int)
+    expected = torchreid.evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=5)
+    swapped = torchreid.evaluate_rank(
+        distmat.astype(">f8"), q_pids.astype(">i8"), g_pids, q_camids, g_camids, max_rank=5
+    )
+    np.testing.assert_array_equal(swapped[0], expected[0])
+    assert swapped[1] == expected[1]
+    with pytest.raises(ValueError, match=r"^distmat must be a dense tensor, got a torch.sparse_coo one"):
+        evaluation.evaluate_rank(torch.as_tensor(distmat).to_sparse(), q_pids, g_pids, q_camids, g_camids, max_rank=5)
+    with pytest.raises(ValueError, match=r"^g_pids must be a dense tensor"):
+        evaluation.evaluate_rank(distmat, q_pids, torch.as_tensor(g_pids).to_sparse(), q_camids, g_camids, max_rank=5)
+    with pytest.raises(ValueError, match=r"^input1 is torch.float8_e5m2, which is not computed in: cast it"):
+        torchreid.compute_distance_matrix(torch.rand(3, 4).to(torch.float8_e5m2), torch.rand(2, 4))

@@ -102,7 +102,8 @@ def aqe(query_feat, gallery_feat, qe_times=1, qe_k=10, alpha=3.0):
     """Alpha query expansion (their TEST.AQE): ``qe_times`` times, every feature of query + gallery
     becomes the mean of its ``qe_k`` most cosine-similar features (itself included), each weighted by
     its similarity to the power ``alpha``; returns (query, gallery) torch tensors, float64 for float64
-    features and float32 otherwise, as theirs (dpm_ops.evaluation.alpha_query_expansion).
+    features and float32 otherwise (theirs returns float16 / bfloat16 features in their own dtype;
+    dpm_ops.evaluation.alpha_query_expansion).
     The neighbours come from the exact k-NN (ties by index) instead of an N x N similarity matrix."""
     names = ("query_feat", "gallery_feat", "qe_k", "qe_times")
     expanded = expand_features("aqe", query_feat, gallery_feat, qe_k, alpha, qe_times, names)

@@ -20,6 +20,8 @@ def as_tensor(name: str, value, ndim: int, device=None) -> torch.Tensor:
         tensor = value.detach()
         if tensor.is_meta:
             raise ValueError(f"{name} is a meta tensor (shape only, no values)")
+        if tensor.layout != torch.strided:  # torch's errors from deep inside named no argument
+            raise ValueError(f"{name} must be a dense tensor, got a {tensor.layout} one: pass {name}.to_dense()")
     else:
         try:
             array = np.asarray(value)
@@ -29,8 +31,11 @@ def as_tensor(name: str, value, ndim: int, device=None) -> torch.Tensor:
             raise ValueError(f"{name} must hold numbers, got {type(value).__name__} of {array.dtype}")
         if array.dtype == np.longdouble and np.finfo(np.longdouble).bits > 64:
             raise ValueError(f"{name} is {array.dtype}, which torch cannot hold: pass float64")
-        # torch takes neither read-only arrays nor negative strides (x[::-1], np.flip): a copy
-        if not array.flags.writeable or any(stride < 0 for stride in array.strides):
+        # torch takes neither read-only arrays, negative strides (x[::-1], np.flip) nor a byte order other than
+        # the machine's (a '>f4' array from a big-endian file): a copy
+        if not array.dtype.isnative:
+            array = array.astype(array.dtype.newbyteorder("="))
+        elif not array.flags.writeable or any(stride < 0 for stride in array.strides):
             array = array.copy()
         tensor = torch.from_numpy(array)
     if tensor.dim() != ndim:
@@ -47,6 +52,8 @@ def as_floats(
     tensor = as_tensor(name, value, ndim, device)
     if not tensor.is_floating_point():
         raise ValueError(f"{name} must hold floating-point values, got {tensor.dtype}")
+    if tensor.element_size() == 1:  # torch computes nothing in them (no promotion, no kernels)
+        raise ValueError(f"{name} is {tensor.dtype}, which is not computed in: cast it to float16 or float32")
     if tensor.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(tensor.shape)})")
     if vectors:

@@ -83,13 +83,32 @@ def pairwise_distance(x, y, metric: str = "euclidean"):
 
 def named_pairwise_distance(x, y, metric: str, names: tuple):
     """pairwise_distance whose messages call x and y `names` (the compat drop-ins' argument names)."""
-    xs, ys = _check_pair("pairwise_distance", x, y, metric, names)
+    x_t, y_t = _check_tensors("pairwise_distance", x, y, metric, names)
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (x, y)):
+        return _differentiable_distance(x, y, x_t, y_t, metric)
+    xs, ys = _operands(x_t, y_t, metric)
     out = torch.empty(len(xs.features), len(ys.features), dtype=xs.features.dtype, device=xs.features.device)
     for start in range(0, len(out), TILE_ROWS):
         tile = out[start : start + TILE_ROWS]
         raw_distance(*xs.rows(start, start + TILE_ROWS), ys.features, ys.squared_norms, metric, out=tile)
         finish_distance(tile, metric)
     return _inputs.like_input(out, x)
+
+
+def _differentiable_distance(x, y, x_t, y_t, metric: str) -> torch.Tensor:
+    """The same GEMM formula on autograd's graph, for a tensor that requires grad (torchreid's distances are plain
+    torch: a distance-based loss trains through them; the tiled path gave a result without a graph). ``x_t`` /
+    ``y_t``: the checked, detached stand-ins of an input that does not."""
+    dtype = compute_dtype(x_t, y_t)
+    x = (x if isinstance(x, torch.Tensor) else x_t).to(dtype)
+    y = (y if isinstance(y, torch.Tensor) else y_t).to(device=x.device, dtype=dtype)
+    if metric == "cosine":
+        return 1 - F.normalize(x, dim=1) @ F.normalize(y, dim=1).T
+    squared = ((x * x).sum(1, keepdim=True) + (y * y).sum(1) - 2 * x @ y.T).clamp_min(0)
+    if metric == "sqeuclidean":
+        return squared
+    positive = squared > 0  # sqrt's derivative at 0 is infinite: a row's distance to itself got a NaN gradient
+    return torch.where(positive, squared, 1).sqrt() * positive
 
 
 def knn(x, y, k: int, metric: str = "euclidean", strategy: str = "auto"):
