@@ -128,3 +128,12 @@ def flip_a_tensor_bit(path) -> None:
     extra_length = int.from_bytes(data[record.header_offset + 28 : record.header_offset + 30], "little")
     data[record.header_offset + 30 + name_length + extra_length + record.file_size // 2] ^= 0x10
     Path(path).write_bytes(data)
+
+
+def scored(folder, weights) -> dict:
+    """An evaluation's metrics.json, once its settings name the ``weights`` it scored (a training's do not)."""
+    import json
+
+    record = json.loads((Path(folder) / "metrics.json").read_text())
+    assert record["settings"].pop("weights") == str(Path(weights).resolve())
+    return record

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dpm_ops.cli import main
-from engine_utils import synth_argv, tiny_config, write_config
+from engine_utils import scored, synth_argv, tiny_config, write_config
 from test_engine_train import record_logged_steps
 
 
@@ -65,7 +65,7 @@ def test_train_then_eval(tmp_path, tiny_set, capsys, monkeypatch):
         )
         == 0
     )
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == trained
+    assert scored(tmp_path / "eval", run / "checkpoints" / "final.pt") == trained
     assert capsys.readouterr().out.splitlines()[-1] == f"metrics written to {tmp_path / 'eval' / 'metrics.json'}"
     # without --output: <run>/eval for weights in <run>/checkpoints, else eval/ beside the weights
     loose = tmp_path / "weights" / "model.pt"
@@ -73,7 +73,7 @@ def test_train_then_eval(tmp_path, tiny_set, capsys, monkeypatch):
     shutil.copy(run / "checkpoints" / "final.pt", loose)
     for weights, folder in ((run / "checkpoints" / "final.pt", run / "eval"), (loose, loose.parent / "eval")):
         assert main(["eval", "--config", str(config), "--weights", str(weights)]) == 0
-        assert json.loads((folder / "metrics.json").read_text()) == trained
+        assert scored(folder, weights) == trained
     # resuming a finished run only evaluates again: no training step runs (a re-train from scratch, being
     # deterministic, also ended with the same metrics)
     (run / "metrics.json").unlink()
@@ -110,7 +110,7 @@ def test_train_then_eval(tmp_path, tiny_set, capsys, monkeypatch):
         torch.save(contents, tmp_path / file_name)
         output = tmp_path / f"eval_{file_name}"
         code = main(["eval", "--config", str(config), "--weights", str(tmp_path / file_name), "--output", str(output)])
-        assert code == 0 and json.loads((output / "metrics.json").read_text()) == trained, file_name
+        assert code == 0 and scored(output, tmp_path / file_name) == trained, file_name
     capsys.readouterr()
     # ... that fits the config's model exactly: not another model's, not one with a tensor left out
     torch.save({k: v for k, v in weights.items() if k != "bottleneck.weight"}, tmp_path / "partial.pth")
@@ -147,7 +147,7 @@ def test_a_runs_config_yaml_evaluates_its_final_pt_to_its_metrics(tmp_path, tiny
         assert (
             main(["eval", "--config", str(run / "config.yaml"), "--weights", str(final), "--output", str(output)]) == 0
         )
-        assert json.loads((output / "metrics.json").read_text()) == json.loads((run / "metrics.json").read_text())
+        assert scored(output, final) == json.loads((run / "metrics.json").read_text())
 
     round_trip(tmp_path / "eval")
     # A finished run resumed with another evaluation key evaluates its weights again under it: metrics.json,

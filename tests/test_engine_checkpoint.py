@@ -382,9 +382,14 @@ def test_run_folder_refusal_lets_go_and_overwrite_removes_the_earlier_checkpoint
     results[1].write_bytes(b"png")
     (results[2] / "metrics.json").parent.mkdir()
     (results[2] / "metrics.json").write_text("{}")
-    kept = [tmp_path / "notes.txt", tmp_path / "eval"]  # not the run's: a user's file, `dpm-reid eval`'s folder
-    kept[0].write_text("mine")
-    kept[1].mkdir()
+    # `dpm-reid eval` of the earlier checkpoints (<run>/eval): its metrics and pictures, not a user's file there
+    (tmp_path / "eval").mkdir()
+    results += [tmp_path / "eval" / "metrics.json", tmp_path / "eval" / "cmc.png"]
+    for path in results[-2:]:
+        path.write_bytes(b"{}")
+    kept = [tmp_path / "notes.txt", tmp_path / "eval" / "notes.txt"]  # not the run's
+    for path in kept:
+        path.write_text("mine")
     folder = checkpoint.RunFolder(tmp_path, resume=False, overwrite=True)
     try:
         assert all(path.exists() for path in earlier + results)  # kept until the new run has set up

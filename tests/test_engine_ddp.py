@@ -14,7 +14,7 @@ import torch
 
 from dpm_ops.cli import main
 from dpm_ops.engine import load_checkpoint
-from engine_utils import tiny_config, write_config
+from engine_utils import scored, tiny_config, write_config
 
 
 def torchrun(*args, cwd, program=("-m", "dpm_ops"), processes=2, timeout=300):
@@ -51,7 +51,7 @@ def test_two_process_gloo_training(tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr[-8000:]
     assert evaluated.stdout.count("metrics written to") == 1, evaluated.stdout
     # the training run's own evaluation is that of final.pt: every rank took rank 0's BatchNorm statistics
-    assert json.loads((run / "eval" / "metrics.json").read_text()) == metrics
+    assert scored(run / "eval", run / "checkpoints" / "final.pt") == metrics
     # ... and so is a single process's evaluation of it (rank 0 ranks the gathered shards in dataset order)
     single = tmp_path / "single_eval"
     assert (
@@ -68,7 +68,7 @@ def test_two_process_gloo_training(tmp_path):
         )
         == 0
     )
-    assert json.loads((single / "metrics.json").read_text()) == metrics
+    assert scored(single, run / "checkpoints" / "final.pt") == metrics
     # The killed and resumed run ends bit-identical to an uninterrupted one; that one loads with two workers
     # per rank (augmentations are seeded per sample, not by the worker that draws them).
     full = tmp_path / "full"

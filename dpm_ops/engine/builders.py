@@ -6,6 +6,7 @@ model's recipe (:mod:`.recipes`)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
@@ -417,4 +418,11 @@ def evaluate_checkpoint(
     splits = load_splits(config, train_images=False)
     check_model_fits_data(model_args, config, splits, f"checkpoint {weights}")
     model = model.to(device)
-    return evaluate_with_config(model, splits, config, device=device, out_dir=output, progress=progress), output
+    metrics = evaluate_with_config(model, splits, config, device=device, out_dir=output, progress=progress)
+    if metrics is not None:  # rank 0: metrics.json names the weights it scored (evaluations of several sit apart)
+        from . import evaluator
+
+        record = json.loads((output / "metrics.json").read_text(encoding="utf-8"))
+        record["settings"]["weights"] = str(Path(weights).resolve())
+        evaluator.write_json_atomic(str(output / "metrics.json"), record)
+    return metrics, output

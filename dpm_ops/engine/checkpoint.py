@@ -34,6 +34,8 @@ import torch
 from dpm_ops.models.weights import WeightsError, read_torch_file
 from dpm_ops.ops._checks import quote
 
+from .pictures import PICTURES
+
 FORMAT = "dpm_ops.checkpoint/1"
 TEMPORARY_SUFFIX = ".tmp"  # atomic_write's temporaries: .<name>.<random>.tmp next to <name>
 
@@ -174,19 +176,26 @@ class RunFolder:
             )
 
     # what a run writes besides its checkpoints and logs (rewritten from the start): its results
-    RESULTS = ("metrics.json", "loss_curves.png", "cmc.png", "ranked_best.png", "ranked_worst.png", "masks.png")
+    RESULTS = ("metrics.json", "loss_curves.png", *PICTURES)
+    EVALUATION = "eval"  # `dpm-reid eval`'s folder for the run's checkpoints: metrics.json and PICTURES
 
     def remove_earlier_run(self) -> list[Path]:
-        """With overwrite: the earlier run's checkpoints and results (periodic evaluations, metrics, pictures),
-        removed once the new run has set up (a run that fails on bad input leaves them), so none passes for the
-        new run's."""
+        """With overwrite: the earlier run's checkpoints and results (periodic evaluations, metrics, pictures, and
+        the files `dpm-reid eval` of its checkpoints wrote in <run>/eval), removed once the new run has set up (a
+        run that fails on bad input leaves them), so none passes for the new run's. Other files stay."""
+        if not self.earlier:
+            return []
+        evaluation = self.path / self.EVALUATION
         results = [self.path / name for name in self.RESULTS] + sorted(self.path.glob("eval_epoch_[0-9]*"))
-        removed = [*self.earlier, *(path for path in results if path.exists())] if self.earlier else []
+        results += [evaluation / name for name in ("metrics.json", *PICTURES)]
+        removed = [*self.earlier, *(path for path in results if path.exists())]
         for path in removed:
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # kept where it holds anything else
+            evaluation.rmdir()
         self.earlier = []
         return removed
 

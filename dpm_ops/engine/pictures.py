@@ -14,7 +14,8 @@ from dpm_ops.data import ReIDSplits
 from .extraction import FeatureSet, unwrap_ddp
 
 
-PICTURES = ("cmc.png", "ranked_best.png", "ranked_worst.png", "masks.png")  # what write_pictures may write
+CMC_PICTURE, MASKS_PICTURE = "cmc.png", "masks.png"
+PICTURES = (CMC_PICTURE, "ranked_best.png", "ranked_worst.png", MASKS_PICTURE)  # what write_pictures may write
 
 
 def write_pictures(
@@ -37,7 +38,7 @@ def write_pictures(
     masks.png in ``out_dir``."""
     from dpm_ops import visualize  # matplotlib only when pictures are asked for
 
-    written = [os.path.join(out_dir, PICTURES[0])]
+    written = [os.path.join(out_dir, CMC_PICTURE)]
     dataset = f" on {splits.name}" if splits is not None else ""
     visualize.plot_cmc(metrics, written[-1], title=f"CMC: {model_name}{dataset}")
     occluded = None
@@ -66,7 +67,7 @@ def write_pictures(
         token_maps = dpm_token_maps(
             model, [query.paths[i] for i in rows], query.camids[rows], query.masks[rows], transform, device
         )
-        written.append(os.path.join(out_dir, PICTURES[3]))
+        written.append(os.path.join(out_dir, MASKS_PICTURE))
         visualize.plot_mask_heatmaps(
             [query.paths[i] for i in rows],
             query.masks[rows].numpy(),
