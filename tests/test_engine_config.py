@@ -751,3 +751,23 @@ def test_keys_read_by_the_configs_choices_are_taken():
             key, value = override.split("=")
             section, name = key.split(".")
             assert str(loaded[section][name]).lower() == value.lower() or loaded[section][name] == float(value)
+
+
+def test_yaml_numbers_that_read_as_another_number_and_override_comments_are_refused(tmp_path):
+    """YAML 1.1 read train.seed=0123 as 83 and 1:30 as 90; ' #' cut an override's value (a path) silently."""
+    for value, reading in (("0123", "octal"), ("-0_17", "octal"), ("1:30", "base-60"), ("1:30.5", "base-60")):
+        with pytest.raises(
+            ConfigError, match=rf"^override 'train.seed={value}': {value} is a YAML 1.1 {reading} number"
+        ):
+            load_config(None, [f"train.seed={value}"])
+    path = tmp_path / "octal.yaml"
+    path.write_text("train:\n  seed: 0755\n")
+    with pytest.raises(ConfigError, match=r"^invalid YAML in .*octal.yaml line 2: 0755 is a YAML 1.1 octal number"):
+        load_config(path)
+    for override, cut in (("dataset.root=/data/set #2", "'/data/set'"), ("train.seed=5 # five", "5")):
+        with pytest.raises(ConfigError, match=rf"' #' starts a YAML comment, which cuts the value to {cut}; quote"):
+            load_config(None, [override])
+    taken = ["dataset.root=/data/set#2", "dataset.test_root='/data/set #2'", "train.seed=0", "solver.base_lr=0.5 "]
+    config = load_config(None, [*taken, "dataset.test_name=occluded_reid", "train.log_period=0x10"])
+    assert (config["dataset"]["root"], config["dataset"]["test_root"]) == ("/data/set#2", "/data/set #2")
+    assert (config["train"]["seed"], config["solver"]["base_lr"], config["train"]["log_period"]) == (0, 0.5, 16)

@@ -8,7 +8,8 @@ loads, before any data is read: an unknown key, a value of the wrong type, outsi
 outside the range declared beside its field (:class:`Bounds`; floats must be finite) raises
 :class:`ConfigError`, one line naming the key and what was expected (a value quoted at most ~100
 characters long). YAML merge keys (``<<: *base``) work; a key written twice in one mapping or in the
-overrides, or a document of more than MAX_YAML_VALUES values (aliases counted at each use), is refused.
+overrides, a document of more than MAX_YAML_VALUES values (aliases counted at each use), YAML 1.1's octal and
+base-60 numbers and an override's `` #`` comment are refused (config_yaml.py).
 Two sections are free-form mappings checked against their target: ``model.options`` (the keywords of the model
 class of ``model.name``: :func:`dpm_ops.models.build_model`) and ``dataset.synth`` (fields of
 :class:`dpm_ops.data.synth.SynthConfig`): a file merges into its base's key by key, an override of the whole
@@ -22,7 +23,6 @@ import copy
 import dataclasses
 import math
 import os
-from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -36,6 +36,7 @@ from ..models._checks import MAX_IMAGE_SIDE
 from ..ops._checks import Bounds
 from ..ops.maskreid_ranking_loss_reference import RENAMED_POS_MODES
 from .config_checks import ConfigError, check_device_name, check_text, quote, read_float, validate
+from .config_yaml import parse_override, read_yaml
 from .extraction import MULTI_QUERY
 from .scoring import DISTANCES
 
@@ -50,9 +51,6 @@ SEED = Bounds(0, 2**63 - 1)
 WORKERS = Bounds(0, 1024)  # data-loading processes: 100,000 passed and would have been forked
 FLOAT32_MAX = 3.4028234663852886e38
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-# The most values one YAML document may hold, aliases counted at each use: a config has a few hundred, and a
-# 363-byte override nesting aliases eight deep held 10^8 (YAML's "billion laughs")
-MAX_YAML_VALUES = 100_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,84 +229,6 @@ def resolve_config_path(name_or_path: str) -> Path:
     )
 
 
-class _TooLarge(yaml.composer.ComposerError):
-    """A YAML document holds more than MAX_YAML_VALUES values."""
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key written twice in one mapping (YAML keeps the last one silently:
-    a second `solver:` section dropped the first; a key a merge `<<: *base` brings is no repeat, the
-    mapping's own one wins, as YAML says) and a document of more than MAX_YAML_VALUES values."""
-
-    def __init__(self, stream):
-        super().__init__(stream)
-        self.sizes = {}  # node -> the values it holds, itself included, aliases counted at each use
-        self.flattened = set()  # mappings whose merges are done and own keys checked
-
-    def compose_node(self, parent, index):
-        alias = self.check_event(yaml.AliasEvent)
-        node = super().compose_node(parent, index)
-        if not alias:  # an alias's node was counted where it was written
-            if isinstance(node, yaml.MappingNode):
-                children = [child for pair in node.value for child in pair]
-            else:
-                children = node.value if isinstance(node, yaml.SequenceNode) else ()
-            # a node still being composed (a recursive value, &a [*a]) counts once
-            size = 1 + sum(self.sizes.get(child, 1) for child in children)
-            if size > MAX_YAML_VALUES:
-                problem = f"more than {MAX_YAML_VALUES} values (YAML aliases count at each use)"
-                raise _TooLarge(None, None, problem, node.start_mark)
-            self.sizes[node] = size
-        return node
-
-    def flatten_mapping(self, node):
-        if node in self.flattened:  # merged in a second time: its merge keys are gone, its keys all its own
-            return
-        self.flattened.add(node)
-        own = [key_node for key_node, _ in node.value if key_node.tag != "tag:yaml.org,2002:merge"]
-        super().flatten_mapping(node)  # the merged pairs go first: the mapping's own ones, last, win
-        seen = set()
-        for key_node in own:
-            key = self.construct_object(key_node)
-            if not isinstance(key, Hashable):
-                continue  # SafeLoader refuses it
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {quote(key)} is written twice in one mapping", key_node.start_mark
-                )
-            seen.add(key)
-
-
-def _load_yaml(stream):
-    try:
-        return yaml.load(stream, Loader=_Loader)
-    except RecursionError:
-        raise yaml.YAMLError("nested too deeply") from None
-    except UnicodeDecodeError:
-        raise  # the file's, reported as such
-    except ValueError as error:  # a constructor's: an integer of more than 4300 digits, a day past its month
-        raise yaml.YAMLError(str(error)) from None
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = _load_yaml(handle)
-    except OSError as error:
-        raise ConfigError(f"cannot read config {path}: {error.strerror or error}") from error
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"config {path} is not UTF-8 text: {error.reason} at byte {error.start}") from error
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"invalid YAML in {path}{where}: {getattr(error, 'problem', error)}") from error
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config {path} must be a mapping of sections, got {type(data).__name__}")
-    return data
-
-
 def _check_value(key: str, field: Field, value: Any) -> Any:
     kind = field.type
     if value is None:
@@ -409,7 +329,7 @@ def _load_file(path: Path, seen: tuple = ()) -> dict:
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"config {path} extends itself (base chain: {' -> '.join(map(str, seen))})")
-    data = _read_yaml(path)
+    data = read_yaml(path)
     base = data.pop("base", None)
     for key in TOP_LEVEL_EXTRA:
         data.pop(key, None)
@@ -424,21 +344,6 @@ def _base_path(path: Path, base: str) -> Path:
     if sibling.is_file():
         return sibling
     return resolve_config_path(str(base))
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    if not isinstance(text, str):
-        raise ConfigError(f"override {quote(text)} is not a key=value string")
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {quote(text)} is not key=value")
-    try:
-        value = _load_yaml(raw) if raw.strip() else ""
-    except _TooLarge as error:
-        raise ConfigError(f"override {quote(text)}: its value holds {error.problem}") from None
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
 
 
 def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:
