@@ -469,3 +469,21 @@ def test_a_ctrl_c_during_a_checkpoint_write_is_raised_after_it(tmp_path, monkeyp
     finally:
         signal.signal(signal.SIGINT, previous)
     assert torch.equal(torch.load(tmp_path / "last.pt")["model"]["weight"], torch.arange(3.0))
+
+
+def test_a_second_run_of_the_same_process_is_refused_and_the_first_keeps_its_lock(tmp_path):
+    """A process's record locks never conflict: a second Trainer on the folder in the same process was let in,
+    and closing its handle (or an evaluation's check of the folder) dropped the first run's lock."""
+    first = checkpoint.RunFolder(tmp_path, resume=False, overwrite=False)
+    take = "import fcntl, sys; fcntl.lockf(open(sys.argv[1], 'a+'), fcntl.LOCK_EX | fcntl.LOCK_NB)"
+    lock = tmp_path / checkpoint.RunFolder.LOCK
+    try:
+        with pytest.raises(checkpoint.CheckpointError, match="is in use by another training run"):
+            checkpoint.RunFolder(tmp_path, resume=True, overwrite=False)
+        with pytest.raises(checkpoint.CheckpointError, match="is in use by a training run"):
+            checkpoint.check_not_a_run_folder(tmp_path, "--output")
+        assert subprocess.run([sys.executable, "-c", take, str(lock)]).returncode != 0  # still held
+    finally:
+        first.release()
+    checkpoint.RunFolder(tmp_path, resume=False, overwrite=False).release()
+    assert subprocess.run([sys.executable, "-c", take, str(lock)]).returncode == 0

@@ -134,6 +134,8 @@ def check_not_a_run_folder(path: Path, name: str) -> None:
             "would be replaced; choose another folder (by default <run>/eval)"
         )
     lock = path / RunFolder.LOCK
+    if RunFolder.held_here(lock):
+        raise CheckpointError(f"{name} {path} is in use by a training run; choose another folder")
     if lock.is_file():
         with open(lock) as handle:
             try:
@@ -148,21 +150,30 @@ class RunFolder:
     folder that already holds a run's checkpoints is refused unless the run resumes it or was asked
     to overwrite it: a rerun that forgot ``--resume`` overwrote the earlier checkpoints and logs.
     The lock is a POSIX record lock (lockf): it belongs to this process alone, so the data loader's
-    forked workers do not keep it after a killed run, and it dies with the process."""
+    forked workers do not keep it after a killed run, and it dies with the process. A process's own
+    record locks never conflict, so the folders its runs hold are also kept in ``_held`` (a second
+    Trainer on the same folder in one process was not refused)."""
 
     LOCK = ".run.lock"
+    _held: set = set()  # (device, inode) of the folders this process's runs hold
 
     def __init__(self, path: Path, resume: bool, overwrite: bool):
         self.path = path
+        in_use = CheckpointError(
+            f"{path} is in use by another training run (it holds {path / self.LOCK}): "
+            "wait for it to end, or choose another --output"
+        )
+        if self.held_here(path / self.LOCK):  # checked before opening: closing any handle drops the lock
+            raise in_use
         self._lock = open(path / self.LOCK, "a+")
         try:
             fcntl.lockf(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:  # EACCES or EAGAIN: another process holds it
             self._lock.close()
-            raise CheckpointError(
-                f"{path} is in use by another training run (it holds {path / self.LOCK}): "
-                "wait for it to end, or choose another --output"
-            ) from None
+            raise in_use from None
+        status = os.fstat(self._lock.fileno())
+        self._identity = (status.st_dev, status.st_ino)
+        self._held.add(self._identity)
         checkpoints = path / "checkpoints"
         if checkpoints.exists() and not checkpoints.is_dir():  # found after the first epoch, otherwise
             self.release()
@@ -174,6 +185,16 @@ class RunFolder:
                 f"{path} already holds a run ({self.earlier[0].relative_to(path)}): pass --resume to continue "
                 "it, --overwrite to start over (its checkpoints and results are removed), or choose another --output"
             )
+
+    @classmethod
+    def held_here(cls, lock: Path) -> bool:
+        """Whether a run of this process holds the lock file ``lock``: then no other handle of it may be opened
+        and closed here (POSIX drops a process's record locks on a file when it closes any handle of it)."""
+        try:
+            status = os.stat(lock)
+        except OSError:
+            return False
+        return (status.st_dev, status.st_ino) in cls._held
 
     # what a run writes besides its checkpoints and logs (rewritten from the start): its results
     RESULTS = ("metrics.json", "loss_curves.png", *PICTURES)
@@ -200,6 +221,7 @@ class RunFolder:
         return removed
 
     def release(self) -> None:
+        self._held.discard(self._identity)
         self._lock.close()  # closing releases the lock; the empty file stays (removing it would race)
 
 
