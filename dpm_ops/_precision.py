@@ -39,6 +39,12 @@ def without_autocast(kernel):
 
     @functools.wraps(kernel)
     def run(*args, **kwargs):
+        if torch.compiler.is_compiling():  # Dynamo cannot trace the guard (fullgraph failed), but autocast's switch
+            with torch.autocast("cpu", enabled=False):
+                if not torch.cuda.is_available():
+                    return kernel(*args, **kwargs)
+                with torch.autocast("cuda", enabled=False):
+                    return kernel(*args, **kwargs)
         with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS):
             return kernel(*args, **kwargs)
 

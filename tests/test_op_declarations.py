@@ -379,3 +379,81 @@ def test_fake_gradients_have_the_kernels_layout(name, kind):
     torch.library.opcheck(
         DECLARED[name].kernel(kind), tuple(_strided(a) for a in SAMPLES[name]()), test_utils=("test_faketensor",)
     )
+
+
+def _one_input_calls() -> dict:
+    """name -> (call(t, backend) of the op on one differentiable input t, the other arguments fixed; t)."""
+    cosine, triplet, ranking = (
+        SAMPLES["masked_cosine"](),
+        SAMPLES["batch_hard_triplet"](),
+        SAMPLES["maskreid_ranking_loss"](),
+    )
+    arcface, (pooled, pool_mask), (x, y, k) = (
+        SAMPLES["masked_arcface_ce"](),
+        SAMPLES["hierarchical_mask_pool"]()[:2],
+        SAMPLES["knn"]()[:3],
+    )
+    return {
+        "hem_loss": (lambda t, backend: hem_loss(t, backend=backend), _randn(2, 3, 7)),
+        "masked_cosine": (lambda t, backend: masked_cosine(t, *cosine[1:], backend=backend), cosine[0]),
+        "batch_hard_triplet": (lambda t, backend: batch_hard_triplet(t, triplet[1], backend=backend), triplet[0]),
+        "maskreid_ranking_loss": (lambda t, backend: maskreid_ranking_loss(t, ranking[1], backend=backend), ranking[0]),
+        "hierarchical_mask_pool": (
+            lambda t, backend: hierarchical_mask_pool([t, pooled[1]], pool_mask, backend=backend),
+            pooled[0],
+        ),
+        "masked_arcface_ce": (lambda t, backend: masked_arcface_ce(t, *arcface[1:4], backend=backend), arcface[0]),
+        "knn": (lambda t, backend: knn(t, y, k, backend=backend, strategy="direct")[0], x),
+    }
+
+
+ONE_INPUT_CALLS = _one_input_calls()
+
+
+@pytest.mark.parametrize("name", sorted(ONE_INPUT_CALLS))
+def test_the_reference_backend_compiles_with_fullgraph(name):
+    """Its autocast guard was a dispatch-key guard Dynamo cannot trace: fullgraph failed on backend="reference"
+    (also the default where the extension is missing)."""
+    call, primal = ONE_INPUT_CALLS[name]
+    compiled = torch.compile(lambda t: call(t, "reference"), backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(primal), call(primal, "reference"))
+
+
+def test_the_compiled_reference_runs_in_the_compute_dtype_under_autocast():
+    x, mask, protos = (t.float() for t in SAMPLES["masked_cosine"]()[:3])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = masked_cosine(x, mask, protos, backend="reference")
+        compiled = torch.compile(lambda a: masked_cosine(a, mask, protos, backend="reference"), fullgraph=True)(x)
+    assert eager.dtype == compiled.dtype == torch.float32
+    torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.parametrize("name", sorted(set(ONE_INPUT_CALLS) - {"knn"}))
+def test_forward_mode_through_a_kernel_raises_and_the_reference_has_it(name):
+    """A custom op's autograd is reverse mode only: torch.func.jvp through a kernel gave a zero tangent."""
+    call, primal = ONE_INPUT_CALLS[name]
+    tangent = torch.randn(primal.shape, generator=torch.Generator().manual_seed(1), dtype=primal.dtype)
+    with pytest.raises(RuntimeError, match=rf"^dpm_ops.{name}: the fused kernels have no forward-mode derivative"):
+        torch.func.jvp(lambda t: call(t, None), (primal,), (tangent,))
+    # the reference's tangent is the directional derivative: the kernel's gradient dotted with the tangent
+    _, forward = torch.func.jvp(lambda t: call(t, "reference").sum(), (primal,), (tangent,))
+    leaf = primal.clone().requires_grad_()
+    (gradient,) = torch.autograd.grad(call(leaf, None).sum(), leaf)
+    torch.testing.assert_close(forward, (gradient * tangent).sum())
+
+
+@pytest.mark.parametrize("backend", ["reference", None])
+def test_vmap_over_the_ops_equals_a_loop(backend):
+    """The value checks' .tolist() was an internal error under torch.func.vmap (batched tensors have no storage):
+    they are skipped there, as while compiling."""
+    stack = _randn(3, 2, 3, 7)
+    torch.testing.assert_close(
+        torch.func.vmap(lambda t: hem_loss(t, backend=backend))(stack),
+        torch.stack([hem_loss(t, backend=backend) for t in stack]),
+    )
+    features, labels = SAMPLES["batch_hard_triplet"]()[:2]
+    batch = torch.stack([features, features.flip(0), 2 * features])
+    torch.testing.assert_close(
+        torch.func.vmap(lambda t: batch_hard_triplet(t, labels, backend=backend))(batch),
+        torch.stack([batch_hard_triplet(t, labels, backend=backend) for t in batch]),
+    )

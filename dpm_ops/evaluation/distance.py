@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend
-from .._precision import compute_dtype
+from .._precision import compute_dtype, sqrt_flat_at_zero
 from ..ops._checks import KNN_GPU_MAX_K, check_euclidean_scale
 from ..ops.knn import check_strategy
 from ..ops.knn import knn as knn_op
@@ -105,10 +105,7 @@ def _differentiable_distance(x, y, x_t, y_t, metric: str) -> torch.Tensor:
     if metric == "cosine":
         return 1 - F.normalize(x, dim=1) @ F.normalize(y, dim=1).T
     squared = ((x * x).sum(1, keepdim=True) + (y * y).sum(1) - 2 * x @ y.T).clamp_min(0)
-    if metric == "sqeuclidean":
-        return squared
-    positive = squared > 0  # sqrt's derivative at 0 is infinite: a row's distance to itself got a NaN gradient
-    return torch.where(positive, squared, 1).sqrt() * positive
+    return squared if metric == "sqeuclidean" else sqrt_flat_at_zero(squared)
 
 
 def knn(x, y, k: int, metric: str = "euclidean", strategy: str = "auto"):

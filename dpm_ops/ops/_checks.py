@@ -42,6 +42,20 @@ MAX_COEFFICIENT = 1e6
 MAX_IMAGE_SIDE = 4096
 
 
+def values_hidden() -> bool:
+    """Whether tensor values cannot be read here, so the checks that read them (finiteness, label ranges, norms)
+    are skipped: while torch.compile traces (a data-dependent branch), and under torch.func.vmap (batched tensors
+    have no storage: the checks' .tolist() was an internal error)."""
+    if torch.compiler.is_compiling():
+        return True
+    if torch._C._functorch.peek_interpreter_stack() is None:  # no functorch transform active
+        return False
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    vmap = torch._C._functorch.TransformType.Vmap
+    return any(interpreter.key() == vmap for interpreter in retrieve_all_functorch_interpreters())
+
+
 def quote(value: Any) -> str:
     """``value`` as an error message shows it: its repr, cut to QUOTE_CHARS characters, built in a time bounded
     whatever the value (the whole repr of a config list nested through YAML aliases ran to 358 MB)."""
@@ -135,7 +149,7 @@ def check_labels(op: str, labels, features: torch.Tensor, of: str = "features") 
 def check_label_range(op: str, labels: torch.Tensor, num_classes: int) -> None:
     """One sync, skipped while compiling: every label is one of `num_classes` classes (an index into
     (B, K) logits: past them, an IndexError, on CUDA a device-side assert that ends the process)."""
-    if torch.compiler.is_compiling() or labels.numel() == 0:
+    if values_hidden() or labels.numel() == 0:
         return
     low, high = torch.stack(torch.aminmax(labels)).tolist()
     if low < 0 or high >= num_classes:
@@ -147,7 +161,7 @@ def check_finite(op: str, **tensors) -> None:
     while compiling (a data-dependent branch). Each tensor is summed (one vectorised reduction, no
     temporary of its size; NaN and inf reach the sum); only a tensor whose sum is not finite, which
     huge finite values can also cause, is scanned exactly."""
-    if torch.compiler.is_compiling():
+    if values_hidden():
         return
     check_not_meta(op, **tensors)
     sums = torch.stack([t.sum(dtype=compute_dtype(t.dtype)).double() for t in tensors.values()])
@@ -164,7 +178,7 @@ def check_nonnegative(op: str, **tensors) -> None:
     the backends' rules for which cells count, weight > 0 or a positive total, differ for it); one
     sync, skipped while compiling."""
     tensors = {name: t for name, t in tensors.items() if t.numel() > 0}
-    if torch.compiler.is_compiling() or not tensors:
+    if values_hidden() or not tensors:
         return
     for (name, t), low in zip(tensors.items(), torch.stack([t.amin() for t in tensors.values()]).tolist()):
         if low < 0:
@@ -195,7 +209,7 @@ def check_result_finite(op: str, result: torch.Tensor, **inputs) -> None:
     its inputs (NaN and inf reach it) and whose output is small next to them: one sync on the
     output, no pass over the input. A non-finite result names the non-finite input, or, when all
     are finite, the sums overflowed: the input is too large in magnitude."""
-    if torch.compiler.is_compiling():
+    if values_hidden():
         return
     check_not_meta(op, **inputs)
     if bool(torch.isfinite(result).all()):
@@ -214,7 +228,7 @@ def check_finite_rows(op: str, arithmetic: torch.dtype | None = None, max_norm: 
     op's own arithmetic needs (the ranking loss exponentiates similarities). The C++ CPU masked
     cosine applies the same rule inside its first pass (csrc/masked_cosine/masked_cosine_cpu_kernels.h),
     with the same messages."""
-    if torch.compiler.is_compiling():
+    if values_hidden():
         return
     check_not_meta(op, **tensors)
     tensors = {name: t for name, t in tensors.items() if t.numel() > 0}
@@ -244,7 +258,7 @@ def check_euclidean_scale(op: str, arithmetic: torch.dtype, **tensors) -> None:
     index order). Inputs of mixed scales are taken: their distances are resolved to the larger one's precision,
     as any float computation of them is. One reduction per tensor; skipped while compiling."""
     tensors = {name: t for name, t in tensors.items() if t.numel() > 0}
-    if torch.compiler.is_compiling() or not tensors:
+    if values_hidden() or not tensors:
         return
     peak = max(float(torch.linalg.vector_norm(t.detach(), ord=math.inf)) for t in tensors.values())
     floor = row_norm_floor(arithmetic)

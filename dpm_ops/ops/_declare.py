@@ -54,10 +54,24 @@ class Op:
     def run(self, backend: str, *args):
         """The op of the resolved `backend` (a name of _backend.resolve) on `args`."""
         if backend != "reference":
+            _refuse_forward_mode(self.name, args)
             return self.kernel(backend)(*args)
         if self.reference is None:  # a backward or variant op: its forward's reference is differentiated
             raise ValueError(f"{self.name} has no reference of its own")
         return without_autocast(self.reference)(*args)  # in the compute dtype under autocast, as the kernels
+
+
+def _refuse_forward_mode(name: str, args) -> None:
+    """A RuntimeError for inputs that carry forward-mode tangents (torch.func.jvp, torch.autograd.forward_ad): a
+    custom op's autograd (register_autograd) is reverse mode only, and the kernels' results came out with zero or
+    no tangents, silently. The reference is plain torch and has them."""
+    if torch.autograd.forward_ad._current_level < 0:  # no dual level open: nothing to look at
+        return
+    if any(torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in _tensors(args)):
+        raise RuntimeError(
+            f"dpm_ops.{name}: the fused kernels have no forward-mode derivative (torch.func.jvp, "
+            "torch.autograd.forward_ad); use backend='reference'"
+        )
 
 
 def twin_name(name: str) -> str:
