@@ -245,6 +245,21 @@ def test_camera_ids_that_do_not_fit_the_batch_or_the_model_are_refused():
     assert model(images[:0], torch.zeros(0, dtype=torch.long)).feature.shape == (0, TINY["embed_dim"])
 
 
+def test_labels_that_do_not_fit_the_batch_or_the_classes_name_dpm_forward():
+    """They were reported by the ArcFace logits that read them (arcface_logits: labels must ...)."""
+    model = tiny_dpm(loss_inputs=False).train()
+    images, cams, labels = batch(2)
+    for bad, message in (
+        (torch.tensor([0, NUM_CLASSES]), rf"labels must lie in \[0, K = {NUM_CLASSES}\)"),
+        (torch.tensor([0.0, 1.0]), "labels must be int64, got torch.float32"),
+        (torch.tensor([0]), r"labels must be 1-D of length B = 2, got \(1,\)"),
+        ([0, 1], "labels must be a torch.Tensor, got list"),
+    ):
+        with pytest.raises(ValueError, match=rf"^DPM.forward: {message}"):
+            model(images, cams, bad)
+    assert model(images, cams, labels).masked_logits.shape == (2, NUM_CLASSES)
+
+
 def test_images_that_are_no_batch_of_rgb_pixels_are_refused():
     model = tiny_dpm().eval()
     images, cams, _ = batch(2)

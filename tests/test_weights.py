@@ -400,6 +400,11 @@ def _write_pickled_tensor(path):
         ("bool entry", lambda p: torch.save({"cls_token": torch.ones(1, 1, 8) > 0}, p), "holds torch.bool values, not"),
         ("meta entry", lambda p: torch.save({"cls_token": torch.zeros(1, device="meta")}, p), "holds a meta tensor"),
         ("non-string key", lambda p: torch.save({3: torch.zeros(1)}, p), "key 3 is a int, not a name"),
+        (  # one of the two was kept silently once 'module.' was stripped
+            "wrapped and plain",
+            lambda p: torch.save({"module.cls_token": torch.zeros(1, 1, 8), "cls_token": torch.ones(1, 1, 8)}, p),
+            "holds both 'module.cls_token' and 'cls_token'",
+        ),
     ],
 )
 def test_unusable_files_are_one_weights_error_naming_the_file(tmp_path, kind, write, needle):

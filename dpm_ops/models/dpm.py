@@ -22,6 +22,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from dpm_ops.ops._checks import check_label_range, check_labels
 from dpm_ops.ops.masked_arcface_reference import masked_arcface_logits
 from dpm_ops.ops import hierarchical_mask_pool
 
@@ -251,6 +252,9 @@ class DPM(nn.Module):
                 self.arcface_margin,
                 self.easy_margin,
             )
+        if labels is not None:  # named here: the ArcFace logits that read them were blamed (arcface_logits: ...)
+            check_labels("DPM.forward", labels, images, of="images")
+            check_label_range("DPM.forward", labels, self.classifier.out_features)
         masked_logits = masked_arcface_logits(
             bn_feature, mask, self.classifier.weight, labels, self.arcface_scale, self.arcface_margin, self.easy_margin
         )

@@ -181,7 +181,14 @@ def _read_state_dict(source: Union[str, os.PathLike, StateDict], name: str) -> S
             raise WeightsError(f"{name}: entry {key!r} holds {value.dtype} values, not floating-point weights")
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise WeightsError(f"{name}: entry {key!r} holds NaN or inf values")
-    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
+    unwrapped = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
+    if len(unwrapped) < len(state):  # one of a pair was dropped, silently
+        both = next(k for k in state if k.startswith("module.") and k[len("module.") :] in state)
+        raise WeightsError(
+            f"{name} holds both {both!r} and {both[len('module.') :]!r}: a DDP wrapper's 'module.' prefix and the "
+            "plain name of the same tensor; keep one of them"
+        )
+    return unwrapped
 
 
 def backbone_keys(model: nn.Module) -> list[str]:
