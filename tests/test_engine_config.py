@@ -255,7 +255,7 @@ def test_ranking_modes_are_the_ops():
 
 
 def test_cross_field_rules():
-    with pytest.raises(ConfigError, match="ranking_neg_mode: does not apply to ranking_pos_mode eq4"):
+    with pytest.raises(ConfigError, match="ranking_neg_mode: read only by the ranking loss's Eq. 5 .*, and it is eq4"):
         load_config("maskreid_market1501", ["loss.ranking_pos_mode=eq4", "loss.ranking_neg_mode=violating_only"])
     with pytest.raises(ConfigError, match="input.recipe"):
         load_config(None, ["model.name=maskreid"])
@@ -724,6 +724,12 @@ def test_an_override_is_given_once():
             "loss.hem_weight: read only by the dpm model, and model.name is",
         ),
         ("maskreid_market1501", ["solver.mask_lr=0.1"], "solver.mask_lr: read only by the dpm model"),
+        (
+            "maskreid_market1501",
+            ["loss.ranking_pos_mode=eq4", "loss.ranking_alpha=0.3"],
+            r"loss.ranking_alpha: read only by the ranking loss's Eq. 5 \(loss.ranking_pos_mode hardest or all_eq5\), "
+            "and it is eq4",
+        ),
         (
             "maskreid_market1501",
             ["loss.triplet_weight=0.5"],

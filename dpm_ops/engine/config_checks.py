@@ -141,11 +141,6 @@ def validate(config: dict) -> None:
     _check_eval_distance(config)
     _check_synth_options(config)
     _check_dataset_options(config)
-    if config["loss"]["ranking_pos_mode"] == "eq4" and config["loss"]["ranking_neg_mode"] != "literal":
-        raise ConfigError(
-            "config key loss.ranking_neg_mode: does not apply to ranking_pos_mode eq4 (no margin, "
-            "no hinge); leave it literal"
-        )
     if config["pretrain"]["epochs"] and not recipe.has_pretrain_stage:
         raise ConfigError(f"config key pretrain.epochs: softmax pre-training is MaskReID's; model is {name}")
 
@@ -233,6 +228,16 @@ def _key_readers(config: dict, recipe) -> list:
             f"it is {evaluation['protocol']}",
         ),
     ]
+    if "loss.ranking_pos_mode" in recipe.config_keys:  # Eq. 4 has no margin, no pull and no hinge
+        pos_mode = config["loss"]["ranking_pos_mode"]
+        rules.append(
+            (
+                ("loss.ranking_alpha", "loss.ranking_lambda", "loss.ranking_neg_mode"),
+                "by the ranking loss's Eq. 5 (loss.ranking_pos_mode hardest or all_eq5)",
+                pos_mode != "eq4",
+                f"it is {pos_mode}",
+            )
+        )
     for key in sorted({key for other in RECIPES.values() for key in other.config_keys} - set(recipe.config_keys)):
         owners = [name for name, other in RECIPES.items() if key in other.config_keys]
         rules.append(
