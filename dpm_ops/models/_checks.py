@@ -20,6 +20,7 @@ from dpm_ops.ops._checks import (  # noqa: F401
     check_known_options,
     check_real,
     quote,
+    values_hidden,
 )
 from dpm_ops.ops._checks import MAX_IMAGE_SIDE  # noqa: F401  (the config's bound too)
 
@@ -76,7 +77,7 @@ def check_images(
             raise ValueError(f"{name} must be {dtype} (the model's dtype) outside autocast, got {images.dtype}")
         if images.dtype == torch.float64:
             raise ValueError(f"{name} must be {dtype} (the model's dtype) or float32: autocast leaves float64 as is")
-    if images.numel() and images.device.type != "meta" and not torch.compiler.is_compiling():
+    if images.numel() and images.device.type != "meta" and not values_hidden():
         low, high = torch.stack(torch.aminmax(images.detach())).tolist()  # NaN when any is
         if not (math.isfinite(low) and math.isfinite(high)):
             raise ValueError(f"{name} contains non-finite values (NaN or inf)")
@@ -128,7 +129,7 @@ def check_camera_ids(cam_label, batch: int, num_cameras: int, device: torch.devi
         raise ValueError(f"cam_label must have shape ({batch},), one camera id per image, got {tuple(cam_label.shape)}")
     if cam_label.device != device:
         raise ValueError(f"cam_label must be on the images' device {device}, got {cam_label.device}")
-    if batch == 0 or torch.compiler.is_compiling() or cam_label.is_meta:  # a meta tensor has no values
+    if batch == 0 or values_hidden() or cam_label.is_meta:  # a meta tensor has no values
         return
     low, high = torch.stack(torch.aminmax(cam_label)).tolist()
     if low < 0 or high >= num_cameras:
