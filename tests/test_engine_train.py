@@ -436,6 +436,17 @@ def test_stage_epochs_checkpoints_evaluations_and_log_lines(tmp_path, tiny_root)
     assert records[1]["lr"] == pytest.approx(0.01 * (1 / ranking_steps) ** 0.5)
 
 
+def test_periods_count_the_epochs_of_the_run_across_its_stages(tmp_path, tiny_root):
+    """MaskReID's 1 pre-training + 3 ranking epochs: every 2nd epoch of the run is 2 and 4 (the ranking stage's 1st
+    and 3rd); they counted each stage's epochs (3 only: the ranking stage's 2nd)."""
+    periods = ["train.log_period=1000", "train.checkpoint_period=2", "train.eval_period=2", "solver.epochs=3"]
+    train(config_for(tmp_path, tiny_root, "maskreid", overrides=periods), tmp_path / "run")
+    kept = sorted(path.name for path in (tmp_path / "run" / "checkpoints").glob("epoch_*.pt"))
+    assert kept == ["epoch_002.pt", "epoch_004.pt"]
+    evaluated = sorted(path.name for path in (tmp_path / "run").glob("eval_epoch_*"))
+    assert evaluated == ["eval_epoch_002"]  # epoch 4 ends the run: its evaluation is the run's own
+
+
 def test_periodic_evaluation_does_not_change_the_training(tmp_path, tiny_root, monkeypatch):
     plain = train(config_for(tmp_path, tiny_root), tmp_path / "plain")
     evaluate = Trainer.evaluate  # an evaluation that draws random numbers (pictures may pick queries)

@@ -73,7 +73,7 @@ class LogHook(Hook):
 
 class CheckpointHook(Hook):
     """last.pt every ``train.checkpoint_every_iters`` steps (mid-epoch) and at each epoch end;
-    epoch_NNN.pt every ``train.checkpoint_period`` epochs."""
+    epoch_NNN.pt every ``train.checkpoint_period`` epochs of the run (counted across its stages, as NNN is)."""
 
     def after_step(self, trainer, at, losses):
         every = trainer.config["train"]["checkpoint_every_iters"]
@@ -82,18 +82,19 @@ class CheckpointHook(Hook):
 
     def after_epoch(self, trainer, at):
         period = trainer.config["train"]["checkpoint_period"]
-        keep = (f"epoch_{at.run_epoch:03d}.pt",) if period and at.epoch % period == 0 else ()
+        keep = (f"epoch_{at.run_epoch:03d}.pt",) if period and at.run_epoch % period == 0 else ()
         trainer.save(at, epoch_done=True, extra_names=keep)
 
 
 class PeriodicEvalHook(Hook):
-    """Evaluation every ``train.eval_period`` epochs (the final one is the run's own), into eval_epoch_NNN/. It
-    runs after the epoch's last.pt: a resumed run whose checkpoint ended an epoch calls ``complete`` for it."""
+    """Evaluation every ``train.eval_period`` epochs of the run (counted across its stages; the final one is the
+    run's own), into eval_epoch_NNN/. It runs after the epoch's last.pt: a resumed run whose checkpoint ended an
+    epoch calls ``complete`` for it."""
 
     def after_epoch(self, trainer, at):
         period = trainer.config["train"]["eval_period"]
         last = at.stage_index == len(trainer.stages) - 1 and at.epoch == at.stage.epochs
-        if period and at.epoch % period == 0 and not last:
+        if period and at.run_epoch % period == 0 and not last:
             rng = capture_rng_state()  # evaluation must not shift the training's random streams
             trainer.evaluate(out_dir=self.folder(trainer, at), pictures=False)
             restore_rng_state(rng)
