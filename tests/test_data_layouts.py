@@ -1048,3 +1048,37 @@ def test_images_are_read_upright_by_their_exif_orientation(tmp_path):
     assert upright.size == (32, 64)
     top, bottom = np.asarray(upright)[:4].mean(axis=(0, 1)), np.asarray(upright)[-4:].mean(axis=(0, 1))
     assert top[0] > 200 and bottom[0] < 50  # the left edge, turned clockwise, is the top
+
+
+@pytest.mark.filterwarnings("ignore::dpm_ops.data.DatasetCountWarning")
+def test_a_train_set_tested_on_another_needs_its_train_split_alone(tmp_path):
+    """dataset.test_name: the train set's query and gallery folders were required (and their names parsed), though
+    the run never uses them."""
+    import shutil
+
+    from dpm_ops.data.synth import generate_synthetic_dataset
+    from dpm_ops.engine.builders import load_splits
+    from engine_utils import tiny_synth_config
+
+    root = make_market_tree(tmp_path)
+    make_occluded_reid_tree(tmp_path / "Occluded_REID")
+    for folder in ("query", "bounding_box_test"):
+        shutil.rmtree(root / folder)
+    test_set = [f"dataset.test_root={tmp_path}", "dataset.test_name=occluded_reid"]
+    splits = load_splits(run_config(root, *test_set))
+    assert splits.name == "market1501->occluded_reid" and len(splits.train) == 3
+    assert {r.path for r in splits.query} == {r.path for r in build_dataset("occluded_reid", tmp_path).query}
+    with pytest.raises(DatasetNotFoundError, match="lacks query, bounding_box_test"):
+        load_splits(run_config(root))  # tested on its own splits: they are needed
+    # every loader with a train split takes test_splits=False: the train split alone, counted as such
+    msmt = make_msmt_tree(tmp_path / "msmt")
+    (msmt / "list_query.txt").unlink()
+    assert [
+        len(build_dataset("msmt17", msmt, test_splits=False).train),
+        len(build_dataset("msmt17", msmt, test_splits=False).query),
+    ] == [3, 0]
+    synthetic = generate_synthetic_dataset(tmp_path / "synth", tiny_synth_config(), progress=False)
+    shutil.rmtree(synthetic / "query")
+    alone = build_dataset("synthetic", synthetic, test_splits=False)  # its manifest's train count is exact
+    assert alone.train and not alone.query and not alone.gallery
+    assert all("test_splits" in datasets_module.dataset_options(name) for name in ("market1501", "cuhk03_np", "msmt17"))

@@ -151,16 +151,20 @@ def _assemble(
     occluded_paths: Optional[frozenset[str]] = None,
     multi_query: Optional[list[ImageRecord]] = None,
     unused: Sequence[str] = (),
+    test_splits: bool = True,
 ) -> ReIDSplits:
     """Drop junk, relabel train, check counts, attach masks: the common tail of every loader. ``unused``: images
-    in the splits' folders that no split takes (MSMT17's val without include_val), whose masks may be there."""
+    in the splits' folders that no split takes (MSMT17's val without include_val), whose masks may be there.
+    ``test_splits=False``: the train split alone (query and gallery not read: a run tested on another set)."""
     check_count_policy(check_counts)
+    if not test_splits:
+        expected_counts = {"train": expected_counts["train"]} if expected_counts else None
     all_images = sorted({r.path for r in (*train, *query, *gallery, *(multi_query or ()))})
     junk = sum(r.pid == JUNK_PID for r in (*train, *query, *gallery))
     listed_train = bool(train)  # test-only sets have none
     train, query, gallery = ([r for r in split if r.pid != JUNK_PID] for split in (train, query, gallery))
     for split_name, split in (("train", train), ("query", query), ("gallery", gallery)):
-        if not split and (split_name != "train" or listed_train):
+        if not split and (split_name != "train" or listed_train) and (split_name == "train" or test_splits):
             raise DatasetError(f"{name}: the {split_name} split of {dataset_dir} is empty (junk images aside)")
     if expected_counts:
         _check_counts(name, {"train": train, "query": query, "gallery": gallery}, expected_counts, check_counts)

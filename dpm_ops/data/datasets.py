@@ -159,6 +159,7 @@ def load_msmt17(
     mask_root: Optional[str] = None,
     check_counts: str = "warn",
     verify_images: bool = True,
+    test_splits: bool = True,
 ) -> ReIDSplits:
     """MSMT17 (V1 or V2): ``MSMT17_V1/{train,test}/`` (V2: ``mask_train_v2``, ``mask_test_v2``) plus
     ``list_{train,val,query,gallery}.txt`` whose lines are ``<pid>/<name>.jpg <pid>``.
@@ -172,7 +173,9 @@ def load_msmt17(
             dataset_dir = find_dataset_dir(
                 root,
                 ["", version, f"msmt17/{version}", f"MSMT17/{version}"],
-                (train_folder, test_folder, "list_train.txt", "list_query.txt", "list_gallery.txt"),
+                (train_folder, test_folder, "list_train.txt", "list_query.txt", "list_gallery.txt")
+                if test_splits
+                else (train_folder, "list_train.txt"),
                 "MSMT17",
             )
             break
@@ -192,8 +195,10 @@ def load_msmt17(
                 f"MSMT17: {twice[0]} is listed in list_train.txt and list_val.txt (val joins train once)"
             )
         train += val
-    query = parse_msmt_list(os.path.join(dataset_dir, "list_query.txt"), test_dir)
-    gallery = parse_msmt_list(os.path.join(dataset_dir, "list_gallery.txt"), test_dir)
+    query, gallery = (
+        parse_msmt_list(os.path.join(dataset_dir, f"list_{split}.txt"), test_dir) if test_splits else []
+        for split in ("query", "gallery")
+    )
     return _assemble(
         "msmt17",
         dataset_dir,
@@ -207,6 +212,7 @@ def load_msmt17(
         mask_root=mask_root,
         verify_images=verify_images,
         unused=() if include_val else tuple(r.path for r in val),  # their masks mirror the folder too
+        test_splits=test_splits,
     )
 
 

@@ -54,14 +54,16 @@ def _load_market_style(
     ),
     multi_query_folder: Optional[str] = None,
     distractors: bool = False,
+    test_splits: bool = True,
     **assembly_options,
 ) -> ReIDSplits:
-    """Parses the Market-style folders; ``assembly_options`` are ``_assemble``'s (expected_counts,
-    check_counts, with_masks, mask_root, verify_images). With ``distractors``, pid 0 marks gallery images of
-    no identity: one in train or query is an error (a query of pid 0 was scored with the distractors as its
-    matches)."""
+    """Parses the Market-style folders (``test_splits=False``: the train folder alone); ``assembly_options`` are
+    ``_assemble``'s (expected_counts, check_counts, with_masks, mask_root, verify_images). With ``distractors``, pid
+    0 marks gallery images of no identity: one in train or query is an error (a query of pid 0 was scored with the
+    distractors as its matches)."""
     train, query, gallery = (
-        parse_market_folder(os.path.join(dataset_dir, folder), suffix, num_cams) for folder in MARKET_FOLDERS
+        parse_market_folder(os.path.join(dataset_dir, folder), suffix, num_cams) if test_splits or not i else []
+        for i, folder in enumerate(MARKET_FOLDERS)
     )
     for folder, records in zip(MARKET_FOLDERS[:2], (train, query) if distractors else ()):
         stray = next((r.path for r in records if r.pid == 0), None)
@@ -86,6 +88,7 @@ def _load_market_style(
         num_cams=num_cams,
         occluded_paths=occluded(train, query, gallery),
         multi_query=multi_query,
+        test_splits=test_splits,
         **assembly_options,
     )
 
@@ -177,8 +180,10 @@ def _load_market_layout(
     check_counts: str = "warn",
     verify_images: bool = True,
     multi_query: bool = False,
+    test_splits: bool = True,
 ) -> ReIDSplits:
-    dataset_dir = find_dataset_dir(root, layout.folders, MARKET_FOLDERS, layout.title)
+    folders = MARKET_FOLDERS if test_splits else MARKET_FOLDERS[:1]  # a run tested on another set reads train alone
+    dataset_dir = find_dataset_dir(root, layout.folders, folders, layout.title)
     _check_folder_name(layout, dataset_dir)
     every_query = layout.every_query_occluded
     return _load_market_style(
@@ -194,6 +199,7 @@ def _load_market_layout(
         occluded=lambda train, query, gallery: frozenset(r.path for r in query) if every_query else None,
         multi_query_folder=layout.multi_query_folder if multi_query else None,
         distractors=layout.distractors,
+        test_splits=test_splits,
     )
 
 
@@ -234,6 +240,7 @@ def load_cuhk03_np(
     mask_root: Optional[str] = None,
     check_counts: str = "warn",
     verify_images: bool = True,
+    test_splits: bool = True,
 ) -> ReIDSplits:
     """CUHK03-NP: ``cuhk03-np/{labeled,detected}/{bounding_box_train,query,bounding_box_test}/*.png``,
     the ``variant`` row of the layout table.
@@ -244,6 +251,7 @@ def load_cuhk03_np(
     if variant not in CUHK03_VARIANTS:
         raise DatasetError(f"CUHK03-NP variant must be 'labeled' or 'detected', got {variant!r}")
     options = dict(with_masks=with_masks, mask_root=mask_root, check_counts=check_counts, verify_images=verify_images)
+    options["test_splits"] = test_splits
     return MARKET_LOADERS[f"cuhk03_np_{variant}"](root, **options)
 
 
@@ -281,12 +289,14 @@ def load_synthetic(
     mask_root: Optional[str] = None,
     check_counts: str = "error",
     verify_images: bool = True,
+    test_splits: bool = True,
 ) -> ReIDSplits:
     """A set written by :mod:`dpm_ops.data.synth`: Market layout plus ``synthetic.json``.
 
     The manifest gives the camera count, the exact split counts and which images are occluded.
     """
-    dataset_dir = find_dataset_dir(root, [""], (*MARKET_FOLDERS, SYNTHETIC_MANIFEST), "synthetic dataset")
+    folders = MARKET_FOLDERS if test_splits else MARKET_FOLDERS[:1]
+    dataset_dir = find_dataset_dir(root, [""], (*folders, SYNTHETIC_MANIFEST), "synthetic dataset")
     num_cams, expected, occluded = _synthetic_manifest(dataset_dir)
     return _load_market_style(
         "synthetic",
@@ -299,4 +309,5 @@ def load_synthetic(
         mask_root=mask_root,
         verify_images=verify_images,
         occluded=lambda train, query, gallery: occluded,
+        test_splits=test_splits,
     )

@@ -133,6 +133,8 @@ def load_splits(config: dict, *, train_images: bool = True) -> ReIDSplits:
     options = dict(with_masks=with_masks, mask_root=data["mask_root"])
     if data["check_counts"] != "warn" or data["name"].lower() not in ("synthetic", "synth"):
         options["check_counts"] = data["check_counts"]
+    if data["test_name"] and "test_splits" in dataset_options(data["name"]):  # its own query / gallery are not used
+        options["test_splits"] = False
     test_options = {"multi_query": True} if config["eval"]["multi_query"] != "off" else {}
     if data["test_camids"] is not None:
         test_options["camids"] = tuple(data["test_camids"])
