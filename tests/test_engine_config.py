@@ -725,6 +725,16 @@ def test_an_override_is_given_once():
         ),
         ("maskreid_market1501", ["solver.mask_lr=0.1"], "solver.mask_lr: read only by the dpm model"),
         (
+            "dpm_market1501",
+            ["model.pretrained=null", "model.pretrained_partial=true"],
+            r"model.pretrained_partial: read only with model.pretrained, and it is null: .*its default, false\)$",
+        ),
+        (
+            "dpm_market1501",
+            ["dataset.mask_root=/masks"],
+            r"dataset.mask_root: read only with masks \(dataset.with_masks",
+        ),
+        (
             "maskreid_market1501",
             ["loss.ranking_pos_mode=eq4", "loss.ranking_alpha=0.3"],
             r"loss.ranking_alpha: read only by the ranking loss's Eq. 5 \(loss.ranking_pos_mode hardest or all_eq5\), "
@@ -750,6 +760,8 @@ def test_keys_read_by_the_configs_choices_are_taken():
         ("maskreid_market1501", ["pretrain.schedule=warmup_cosine", "solver.warmup_epochs=2", "sampler.num_ids=8"]),
         ("dpm_market1501", ["eval.rerank=true", "eval.k1=30", "eval.aqe=true", "eval.aqe_alpha=1"]),
         ("dpm_market1501", ["eval.protocol=cuhk03", "eval.cuhk03_seed=3", "solver.momentum=0.9"]),  # a default: taken
+        ("dpm_market1501", ["dataset.with_masks=true", "dataset.mask_root=/masks"]),
+        ("synthetic_dpm", ["dataset.name=market1501", "dataset.root=/data"]),  # its dataset.synth stays
     ]
     for config, overrides in taken:
         loaded = load_config(config, overrides)

@@ -228,6 +228,18 @@ def _key_readers(config: dict, recipe) -> list:
             f"it is {evaluation['protocol']}",
         ),
     ]
+    # (dataset.synth / generate are left out: a synthetic config switched to a real set by an override keeps them)
+    data = config["dataset"]
+    masks = data["with_masks"] if data["with_masks"] is not None else recipe.uses_masks
+    rules += [
+        (
+            ("model.pretrained_partial",),
+            "with model.pretrained",
+            config["model"]["pretrained"] is not None,
+            "it is null",
+        ),
+        (("dataset.mask_root",), "with masks (dataset.with_masks, or a model that reads them)", masks, "none are read"),
+    ]
     if "loss.ranking_pos_mode" in recipe.config_keys:  # Eq. 4 has no margin, no pull and no hinge
         pos_mode = config["loss"]["ranking_pos_mode"]
         rules.append(
@@ -267,7 +279,8 @@ def _check_keys_are_read(config: dict, recipe) -> None:
         for key in keys:
             section, name = key.split(".")
             if config[section][name] != default[section][name]:
-                shown = "null" if default[section][name] is None else quote(default[section][name])
+                value = default[section][name]  # in YAML's words
+                shown = "null" if value is None else str(value).lower() if isinstance(value, bool) else quote(value)
                 raise ConfigError(
                     f"config key {key}: read only {when}, and {instead}: it would be ignored; remove it "
                     f"(or set its default, {shown})"
