@@ -314,8 +314,17 @@ def load_features_npz(path, argument: str = "path") -> SavedFeatures:
     model, distance = str(arrays["model"]), str(arrays["distance"])
     if model not in RECIPES:
         raise ExportError(f"{where}: model {model!r} is not one of {', '.join(RECIPES)}")
-    if distance not in DISTANCES[1:]:
-        raise ExportError(f"{where}: distance {distance!r} is not one of {', '.join(DISTANCES[1:])}")
+    if distance != resolve_distance("auto", model):  # what save_features_npz writes: rank_features ranked by another
+        raise ExportError(
+            f"{where}: distance {distance!r} is not model {model}'s test distance {resolve_distance('auto', model)!r}"
+        )
+    if get_recipe(model).test_masks != ("masks" in arrays):  # a DPM file without them failed later, unnamed
+        problem = (
+            "needs its features' channel masks, and the file holds no masks array"
+            if get_recipe(model).test_masks
+            else "has no channel masks, and the file holds a masks array"
+        )
+        raise ExportError(f"{where}: model {model} {problem}")
     features = arrays["features"]
     if features.ndim != 2 or features.dtype.kind != "f" or 0 in features.shape:
         raise ExportError(
@@ -334,7 +343,9 @@ def load_features_npz(path, argument: str = "path") -> SavedFeatures:
     count = len(features)
     for name in ("pids", "camids"):
         if arrays[name].shape != (count,) or arrays[name].dtype.kind not in "iu":
-            raise ExportError(f"{where}: {name} must be {count} integers, one per feature, got {arrays[name].shape}")
+            raise ExportError(
+                f"{where}: {name} must be {count} integers, one per feature, got {arrays[name].dtype} {arrays[name].shape}"
+            )
         if arrays[name].dtype.kind == "u" and arrays[name].max() > np.iinfo(np.int64).max:
             raise ExportError(f"{where}: {name} must fit in int64, got {arrays[name].max()}")
     if arrays["paths"].shape != (count,) or arrays["paths"].dtype.kind != "U":  # int paths would load as "0"

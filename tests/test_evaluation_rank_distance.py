@@ -472,3 +472,35 @@ def test_knn_bad_input():
     ]:
         with pytest.raises(ValueError, match=name):
             call()
+
+
+def test_uint64_labels_past_int64_are_refused_not_wrapped():
+    """2^64 - 1 became -1 on the way to int64: the query matched the gallery's junk label, mAP 1.0."""
+    from dpm_ops.evaluation import tpr_at_fpr
+
+    distmat = np.array([[0.1, 0.2, 0.3]], np.float32)
+    q_pids, g_pids = np.array([2**64 - 1], np.uint64), np.array([-1, 5, 5])
+    q_camids, g_camids = np.array([0]), np.array([1, 1, 1])
+    for call in (
+        lambda: evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=3),
+        lambda: tpr_at_fpr(distmat, q_pids, g_pids, q_camids, g_camids, fpr=0.5),
+    ):
+        with pytest.raises(ValueError, match=r"^q_pids must fit in int64: it holds a uint64 label of 2\^63 or more$"):
+            call()
+    taken = evaluate_rank(distmat, np.array([5], np.uint64), g_pids, q_camids, g_camids, max_rank=3)
+    assert taken.mAP == evaluate_rank(distmat, np.array([5]), g_pids, q_camids, g_camids, max_rank=3).mAP
+
+
+def test_a_certified_search_the_backend_cannot_run_names_the_function_called():
+    from dpm_ops._backend import forced_backend
+    from dpm_ops.evaluation import gnn_rerank, jaccard_distance, rerank_features
+
+    x = np.random.default_rng(0).random((3, 4)).astype(np.float32)
+    with forced_backend("reference"):
+        for name, call in (
+            ("rerank_features", lambda: rerank_features(x, x, strategy="certified")),
+            ("gnn_rerank", lambda: gnn_rerank(x, x, strategy="certified")),
+            ("jaccard_distance", lambda: jaccard_distance(x, k1=2, k2=1, strategy="certified")),
+        ):
+            with pytest.raises(ValueError, match=rf"^{name}: strategy='certified' runs on the C\+\+ CPU kernels"):
+                call()

@@ -23,6 +23,9 @@ from test_cli import assert_one_line_error, tiny_set  # noqa: F401  (tiny_set: a
 from test_export import MASKREID_SIZE, VIT_SIZE, checkpointed
 
 
+DPM = dict(model="dpm", distance="masked_arccos")
+
+
 def write_npz(path, count=12, dim=8, *, seed=0, model="vit_baseline", distance="euclidean", pids=None, **arrays):
     """A feature file as extract writes it, of random unit features: 4 identities over 2 cameras."""
     generator = np.random.default_rng(seed)
@@ -209,18 +212,42 @@ def test_bad_files_and_options_are_named(tmp_path):
             write_npz(tmp_path / "i.npz", features=np.zeros((12, 8), np.int64)),
             "features must be a non-empty (N, D) float",
         ),
-        (write_npz(tmp_path / "p.npz", pids=np.arange(11)), "pids must be 12 integers, one per feature, got (11,)"),
-        (write_npz(tmp_path / "k.npz", masks=np.ones((12, 7), np.float32)), "masks must be floats of the features'"),
-        (write_npz(tmp_path / "s.npz", masks=np.full((12, 8), "x")), "masks must be floats of the features' shape"),
+        (
+            write_npz(tmp_path / "p.npz", pids=np.arange(11)),
+            "pids must be 12 integers, one per feature, got int64 (11,)",
+        ),
+        (  # the dtype named: "got (12,)" read as a wrong length
+            write_npz(tmp_path / "q.npz", camids=np.zeros(12)),
+            "camids must be 12 integers, one per feature, got float64 (12,)",
+        ),
+        (
+            write_npz(tmp_path / "k.npz", masks=np.ones((12, 7), np.float32), **DPM),
+            "masks must be floats of the features'",
+        ),
+        (
+            write_npz(tmp_path / "s.npz", masks=np.full((12, 8), "x"), **DPM),
+            "masks must be floats of the features' shape",
+        ),
+        # the model, its distance and its masks agree, as extract writes them (a DPM file without masks failed later,
+        # a baseline's labelled cosine was ranked by euclidean distances)
+        (write_npz(tmp_path / "a.npz", **DPM), "model dpm needs its features' channel masks, and the file holds no"),
+        (
+            write_npz(tmp_path / "v.npz", masks=np.ones((12, 8), np.float32)),
+            "model vit_baseline has no channel masks, and the file holds a masks array",
+        ),
+        (
+            write_npz(tmp_path / "c.npz", distance="cosine"),
+            "distance 'cosine' is not model vit_baseline's test distance",
+        ),
         (write_npz(tmp_path / "z.npz", features=np.zeros((12, 0), np.float32)), "non-empty (N, D) float array"),
         (write_npz(tmp_path / "f.npz", features=np.full((12, 8), np.nan, np.float32)), "features contain non-finite"),
         # ranked in float32: a cast's overflow warning and an error naming a distance's "x" before
         (write_npz(tmp_path / "h.npz", features=np.full((12, 8), 1e300)), "features too large for float32 distances"),
         (write_npz(tmp_path / "r.npz", features=np.full((12, 8), 1e19, np.float32)), "norms must stay below 9.22e+18"),
-        (write_npz(tmp_path / "n.npz", masks=np.full((12, 8), -0.5, np.float32)), "masks must lie in [0, 1]"),
+        (write_npz(tmp_path / "n.npz", masks=np.full((12, 8), -0.5, np.float32), **DPM), "masks must lie in [0, 1]"),
         (
             write_npz(tmp_path / "x.npz", distance="foo"),
-            "distance 'foo' is not one of euclidean, cosine, masked_arccos",
+            "distance 'foo' is not model vit_baseline's test distance 'euclidean'",
         ),
         (write_npz(tmp_path / "b.npz", camids=np.full(12, 2**63, np.uint64)), "camids must fit in int64, got 922337"),
         (array_file, "a single .npy array, not an .npz"),
@@ -235,7 +262,7 @@ def test_bad_files_and_options_are_named(tmp_path):
     cases = [
         (dict(gallery=load_features_npz(write_npz(tmp_path / "w.npz", dim=9))), "differ in width: 8 and 9"),
         (
-            dict(gallery=load_features_npz(write_npz(tmp_path / "d.npz", model="dpm", distance="masked_arccos"))),
+            dict(gallery=load_features_npz(write_npz(tmp_path / "d.npz", masks=np.ones((12, 8), np.float32), **DPM))),
             "different models: vit_baseline and dpm",
         ),
         (

@@ -21,7 +21,7 @@ import torch
 from .. import _backend
 from ..ops.gnn_rerank import GNN_PROPAGATE, GNN_SIMILARITY_
 from ..ops._checks import KNN_GPU_MAX_K
-from ..ops.knn import check_strategy, self_knn
+from ..ops.knn import check_certified_runs, check_strategy, self_knn
 from . import _inputs
 from ._copies import copy_groups, tie_copies
 from ._inputs import RERANK_DEFAULTS, check_rerank_parameters
@@ -67,6 +67,7 @@ def gnn_rerank(qf, gf, k1: int = GNN_K1, k2: int = GNN_K2, lambda_value: float =
     k1, k2, lambda_value = check_rerank_parameters(k1, k2, lambda_value)
     check_strategy(strategy, "gnn_rerank")
     x, num_query = _pooled_unit_rows(qf, gf)
+    check_certified_runs(strategy, _backend.resolve(None, x.device), "gnn_rerank")
     n = len(x)
     width = min(k1, n)
     # the query x gallery cosine block only where the score blends it in (lambda 0: a whole GEMM saved)

@@ -131,6 +131,9 @@ def _labels(name: str, value, length: int, device) -> torch.Tensor:
         raise ValueError(f"{name} must hold integer labels, got {labels.dtype}")
     if len(labels) != length:
         raise ValueError(f"{name} must have length {length} to match distmat, got {len(labels)}")
+    # .long() wraps uint64 labels of 2^63 and more to negative ones: 2^64 - 1 became the junk label -1
+    if labels.dtype == torch.uint64 and bool((labels.view(torch.int64) < 0).any()):
+        raise ValueError(f"{name} must fit in int64: it holds a uint64 label of 2^63 or more")
     return labels.long()
 
 

@@ -35,7 +35,7 @@ import torch
 from .. import _backend
 from .._precision import compute_dtype
 from ..ops._checks import KNN_GPU_MAX_K, check_euclidean_scale, row_norm_limit
-from ..ops.knn import check_strategy, self_knn
+from ..ops.knn import check_certified_runs, check_strategy, self_knn
 from ..ops.knn_certified import raw_neighbours
 from ..ops.kreciprocal import (
     KRECIPROCAL_EXPAND,
@@ -418,6 +418,7 @@ def jaccard_distance(features, k1: int = 20, k2: int = 6, num_query: int | None 
     check_strategy(strategy, "jaccard_distance")
     x = _inputs.as_floats("jaccard_distance", "features", features, 2, vectors=True, arithmetic=torch.float32)
     check_euclidean_scale("jaccard_distance", torch.float32, features=x)
+    check_certified_runs(strategy, _backend.resolve(None, x.device), "jaccard_distance")
     n = len(x)
     if n < 2:
         raise ValueError(f"features must have at least 2 rows, got {n}")
@@ -483,6 +484,7 @@ def rerank_features(qf, gf, k1: int = 20, k2: int = 6, lambda_value: float = 0.3
         "rerank_features", "gf", gf, 2, device=query.device, vectors=True, arithmetic=torch.float32
     )
     check_euclidean_scale("rerank_features", torch.float32, qf=query, gf=gallery)
+    check_certified_runs(strategy, _backend.resolve(None, query.device), "rerank_features")
     if query.shape[1] != gallery.shape[1]:
         raise ValueError(f"qf and gf must have the same feature dimension, got {query.shape[1]} and {gallery.shape[1]}")
     source = _FeatureDistances(query, gallery, strategy)

@@ -82,6 +82,16 @@ def check_strategy(strategy, op: str = "knn"):
         raise ValueError(f"{op}: strategy must be one of {STRATEGIES}, got {strategy!r}")
 
 
+def check_certified_runs(strategy, name: str, op: str = "knn") -> None:
+    """ValueError naming `op` (the public function the user called) when strategy="certified" is asked of a
+    backend `name` that does not run it (the reference)."""
+    if strategy == "certified" and name not in ("cpp", "cuda", "triton"):
+        raise ValueError(
+            f"{op}: strategy='certified' runs on the C++ CPU kernels and on CUDA / Triton (backends 'cpp', 'cuda', "
+            f"'triton'), got backend {name!r}; use strategy='direct' or 'auto'"
+        )
+
+
 def int8_gemm_is_fast() -> bool:
     """Whether this CPU has int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI or AMX), on which the
     certified search's stage-1 GEMM runs (int8_gemm_engine(): "amx", the library's own AMX tile
@@ -106,11 +116,7 @@ def _use_certified(strategy, name, rows, columns, dim):
     stays the direct path until the certified pipeline has been measured on a GPU (docs/certified_knn.md:
     never run on one yet); strategy="certified" runs it there on request."""
     if strategy == "certified":
-        if name not in ("cpp", "cuda", "triton"):
-            raise ValueError(
-                "knn: strategy='certified' runs on the C++ CPU kernels and on CUDA / Triton (backends 'cpp', 'cuda', "
-                f"'triton'), got backend {name!r}; use strategy='direct' or 'auto'"
-            )
+        check_certified_runs(strategy, name)
         return True
     if strategy != "auto" or rows * columns * dim < _CERTIFIED_MIN_WORK:
         return False
