@@ -99,6 +99,26 @@ def test_refuses_to_overwrite_unless_forced_and_synthetic(tiny_set, tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
 
 
+def test_what_arrives_in_the_folder_during_a_generation_is_kept(tiny_set, tmp_path, monkeypatch):
+    """The folder was checked when the generation started only: a file written there meanwhile (or another
+    generation's set) was deleted with the folder when the new set took its place."""
+    from dpm_ops.data.synth import writing
+
+    out = tmp_path / "set"
+    out.mkdir()
+    render = writing._render
+
+    def render_and_write_a_file(*args):
+        (out / "results.txt").write_text("mine")  # another program writes into the empty folder meanwhile
+        return render(*args)
+
+    monkeypatch.setattr(writing, "_render", render_and_write_a_file)
+    with pytest.raises(DatasetError, match=r"output folder is not empty: .*set \(it is not a synthetic dataset"):
+        generate_synthetic_dataset(out, TINY, progress=False)
+    assert (out / "results.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["results.txt"]
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]  # the staged set is cleaned up
+
+
 def test_numpy_numbers_are_options_like_pythons(tiny_set, tmp_path):
     """numpy ints and floats passed the checks, then the manifest's json.dumps failed after every image was drawn."""
     options = {f.name: getattr(TINY, f.name) for f in dataclasses.fields(TINY)}

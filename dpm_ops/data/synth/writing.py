@@ -108,24 +108,7 @@ def generate_synthetic_dataset(
     if not str(out):  # Path("") is the current folder
         raise DatasetError("the output folder must be a path, got ''")
     out = Path(out).expanduser().resolve()
-    if out.exists():
-        if not out.is_dir():
-            raise DatasetError(f"output path exists and is not a folder: {out}")
-        is_synthetic = (out / SYNTHETIC_MANIFEST).is_file()
-        if any(out.iterdir()) and not (force and is_synthetic):
-            hint = (
-                "pass --force to replace it" if is_synthetic else "it is not a synthetic dataset; choose another --out"
-            )
-            raise DatasetError(f"output folder is not empty: {out} ({hint})")
-        # --force replaces the set, never what else was put in its folder (a run's checkpoints, say)
-        dataset = {SYNTHETIC_MANIFEST, *MARKET_FOLDERS, *(folder + MASK_FOLDER_SUFFIX for folder in MARKET_FOLDERS)}
-        others = sorted(entry.name for entry in out.iterdir() if entry.name not in dataset)
-        if others:
-            raise DatasetError(
-                f"output folder {out} holds a synthetic dataset and other files ({', '.join(others[:3])}"
-                f"{', ...' if len(others) > 3 else ''}); --force replaces only a folder that holds nothing else"
-            )
-
+    _check_replaceable(out, force)
     jobs, pids = plan_images(config)
     identities, cameras = _identities_and_cameras(config, pids)
 
@@ -137,8 +120,30 @@ def generate_synthetic_dataset(
         why = f"{blocking} is a file" if blocking is not None else error.strerror or error
         raise DatasetError(f"cannot create the output folder {out}: {why}") from error
     with staging:
-        _write_set(staging.folder, out, jobs, pids, identities, cameras, config, progress)
+        _write_set(staging.folder, out, jobs, pids, identities, cameras, config, progress, force)
     return out
+
+
+def _check_replaceable(out: Path, force: bool) -> None:
+    """A DatasetError unless ``out`` is absent, an empty folder, or (with ``force``) a synthetic set and nothing
+    else: --force replaces the set, never what else was put in its folder (a run's checkpoints, say). Checked when
+    the generation starts and again when its set replaces ``out`` (what arrived there meanwhile, another
+    generation's set too, was deleted)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DatasetError(f"output path exists and is not a folder: {out}")
+    is_synthetic = (out / SYNTHETIC_MANIFEST).is_file()
+    if any(out.iterdir()) and not (force and is_synthetic):
+        hint = "pass --force to replace it" if is_synthetic else "it is not a synthetic dataset; choose another --out"
+        raise DatasetError(f"output folder is not empty: {out} ({hint})")
+    dataset = {SYNTHETIC_MANIFEST, *MARKET_FOLDERS, *(folder + MASK_FOLDER_SUFFIX for folder in MARKET_FOLDERS)}
+    others = sorted(entry.name for entry in out.iterdir() if entry.name not in dataset)
+    if others:
+        raise DatasetError(
+            f"output folder {out} holds a synthetic dataset and other files ({', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}); --force replaces only a folder that holds nothing else"
+        )
 
 
 class _Staging:
@@ -187,8 +192,10 @@ def _remove_if_abandoned(folder: Path) -> None:
             lock.close()
 
 
-def _write_set(staging: Path, out: Path, jobs, pids, identities, cameras, config: SynthConfig, progress: bool) -> None:
-    """The images, masks and manifest written into ``staging``, which then replaces ``out``."""
+def _write_set(
+    staging: Path, out: Path, jobs, pids, identities, cameras, config: SynthConfig, progress: bool, force: bool
+) -> None:
+    """The images, masks and manifest written into ``staging``, which then replaces ``out`` (checked again)."""
     for folder in MARKET_FOLDERS:
         (staging / folder).mkdir()
         (staging / (folder + MASK_FOLDER_SUFFIX)).mkdir()
@@ -206,6 +213,7 @@ def _write_set(staging: Path, out: Path, jobs, pids, identities, cameras, config
         "occlusion": dict(sorted(occlusion.items())),
     }
     (staging / SYNTHETIC_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    _check_replaceable(out, force)
     if out.exists():
         shutil.rmtree(out)
     os.replace(staging, out)
