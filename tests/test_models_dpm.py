@@ -745,12 +745,13 @@ HUGE_VIT_OPTIONS = [
     (dict(stride=1), r"img_size \(256, 128\) at patch_size 16, stride 1 gives 241x113 = 27233 patches; at most 16384"),
     (
         dict(embed_dim=4096, depth=24, num_heads=16),
-        r"embed_dim = 4096, depth = 24, mlp_ratio = 4, patch_size = 16 and 22x11 patches: about 4.84e\+09 weights, "
+        r"embed_dim = 4096, depth = 24, mlp_ratio = 4, patch_size = 16, 22x11 patches and 3 cameras: about 4.84e\+09 "
+        r"weights, "
         r"more than the 2e\+09 a model may have$",
     ),
     (
         dict(embed_dim=768, num_heads=12, patch_size=4096, stride=4096, img_size=(4096, 4096)),
-        r"embed_dim = 768, depth = 4, mlp_ratio = 4, patch_size = 4096 and 1x1 patches: about 3.87e\+10 weights",
+        r"embed_dim = 768, depth = 4, mlp_ratio = 4, patch_size = 4096, 1x1 patches and 3 cameras: about 3.87e\+10",
     ),
 ]
 
@@ -769,6 +770,22 @@ def test_sizes_past_the_bounds_are_refused_before_anything_is_built(monkeypatch,
     args = {"num_classes": NUM_CLASSES, "num_cameras": NUM_CAMERAS, "options": options}  # a checkpoint's model_args
     with pytest.raises(ConfigError, match=rf"^checkpoint run/final.pt: model_args: {model_name}: {message}"):
         build_model_from_args(model_name, args, source="checkpoint run/final.pt: model_args")
+    assert built == []
+
+
+@pytest.mark.parametrize("model_name", ["dpm", "vit_baseline", "maskreid"])
+def test_a_classifier_or_camera_embedding_past_the_bound_is_refused_before_anything_is_built(monkeypatch, model_name):
+    """10^8 classes or cameras allocated (and zeroed) 12.8 GB before anything said no."""
+    built = []
+    monkeypatch.setattr(torch.nn.Module, "__init__", lambda self, *args, **kwargs: built.append(type(self)))
+    options = {"dpm": TINY, "vit_baseline": VIT_OPTIONS, "maskreid": {}}[model_name]
+    with pytest.raises(
+        ValueError, match=rf"^{model_name}: a classifier of num_classes = 1000000000 at width \d+: about"
+    ):
+        build_model(model_name, 10**9, 0, **options)
+    if model_name != "maskreid":  # a CNN: no camera embedding
+        with pytest.raises(ValueError, match=rf"^{model_name}: embed_dim = .* and 100000000 cameras: about 3.2e\+09"):
+            build_model(model_name, NUM_CLASSES, 10**8, **options)
     assert built == []
 
 

@@ -39,6 +39,12 @@ def check_choice(model: str, name: str, value, choices: Sequence, why: str = "")
         raise ValueError(f"{model}: {name} must be {wanted}{why}, got {quote(value)}")
 
 
+def check_classifier(model: str, num_classes: int, width: int) -> None:
+    """check_weights of a (num_classes, width) classifier: 10^8 classes allocated (and zeroed) 12.8 GB before
+    anything said no."""
+    check_weights(model, num_classes * width, f"a classifier of num_classes = {num_classes} at width {width}")
+
+
 def check_weights(model: str, weights: float, source: str) -> None:
     """A ValueError when ``weights``, a model's weight count estimated from its options (``source`` names
     them), is over MAX_WEIGHTS."""

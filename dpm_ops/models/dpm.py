@@ -34,6 +34,7 @@ from ._checks import (
     check_int_list,
     check_real,
     check_train_batch,
+    check_classifier,
     check_weights,
     quote,
 )
@@ -166,6 +167,7 @@ def check_dpm_options(
     # the mask generator's 3x3 convs (levels C -> 2C, 2C -> C, C -> C) and attfc, beside the backbone's weights
     width, levels = vit["embed_dim"], len(mask_tap_blocks)
     check_weights("dpm", width**2 * (18 * levels + 28), f"a mask generator of {levels} levels at embed_dim = {width}")
+    check_classifier("dpm", num_classes, width)
     check_real("dpm", "arcface_scale", arcface_scale, 0, MAX_COEFFICIENT, low_open=True)
     # cos(theta + m) must fall as the angle theta grows over [0, pi/2] (and easy_margin's range): m < pi/2
     check_real("dpm", "arcface_margin", arcface_margin, 0, math.pi / 2, high_open=True, why=" (radians, below pi/2)")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from dpm_ops.ops import hierarchical_mask_pool
 
-from ._checks import check_choice, check_image_pair, check_flag, check_int, check_int_list
+from ._checks import check_choice, check_classifier, check_image_pair, check_flag, check_int, check_int_list
 
 SKIP_MODES = ("avg", "max", "conv_avg")
 LEVEL_NORMS = (None, "bn", "l2")
@@ -93,6 +93,7 @@ def check_head_options(model: str, *, embed_dim, skip, fuse_levels, level_norm, 
     check_flag(model, "fuse_levels", fuse_levels)
     check_choice(model, "level_norm", level_norm, LEVEL_NORMS)
     check_int(model, "num_classes", num_classes, 0, why=" (0: no softmax head)")
+    check_classifier(model, num_classes, embed_dim)
 
 
 def checked_head_options(model: str, **options) -> None:

@@ -201,11 +201,13 @@ def check_vit_options(
     check_real(model, "norm_eps", norm_eps, 0, low_open=True, why=" (LayerNorm divides by sqrt(var + eps))")
     check_int(model, "num_cameras", num_cameras, 0, why=" (0 or 1: no camera embedding)")
     check_real(model, "sie_coef", sie_coef, 0, MAX_COEFFICIENT, why=" (the camera embedding's weight; 0: unused)")
-    # the blocks' attention (4 C^2) and MLP (2 mlp_ratio C^2), the patch projection and the position embedding;
-    # the camera embedding is the data's, one tensor the allocator refuses whole if it cannot hold it
-    weights = embed_dim * (depth * embed_dim * (4 + 2 * mlp_ratio) + 3 * patch_size**2 + grid[0] * grid[1] + 1)
+    # the blocks' attention (4 C^2) and MLP (2 mlp_ratio C^2), the patch projection, the position embedding and the
+    # camera embedding (10^8 cameras allocated 12.8 GB zeros before anything said no)
+    weights = embed_dim * (
+        depth * embed_dim * (4 + 2 * mlp_ratio) + 3 * patch_size**2 + grid[0] * grid[1] + 1 + num_cameras
+    )
     source = f"embed_dim = {embed_dim}, depth = {depth}, mlp_ratio = {mlp_ratio:g}, patch_size = {patch_size}"
-    check_weights(model, weights, f"{source} and {grid[0]}x{grid[1]} patches")
+    check_weights(model, weights, f"{source}, {grid[0]}x{grid[1]} patches and {num_cameras} cameras")
 
 
 def checked_vit_options(model: str, **options) -> dict:
