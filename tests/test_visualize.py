@@ -506,7 +506,10 @@ def test_channel_grid_keeps_channel_order():
         (dict(titles=["a"]), "titles must have length 3, got 1"),
         (dict(masks=np.zeros((2, 4))), "one entry per mask row"),
         (dict(masks=np.zeros((3, 0))), "empty"),
-        (dict(token_maps=np.ones((2, 4, 2))), r"token_maps must have one map per mask row \(3\), got 2"),
+        (dict(token_maps=np.ones((2, 4, 2))), r"token_maps must be one non-empty map per mask row \(3\), got \(2, 4"),
+        (dict(token_maps=np.ones((3, 0, 2))), r"token_maps must be one non-empty map per mask row \(3\), got \(3, 0"),
+        (dict(all_masks=np.full((5, 4), 25.0)), r"all_masks must lie in \[0, 1\]"),  # was plotted
+        (dict(images=None), "images must be a list of image paths, PIL images or arrays, got NoneType"),
         (dict(all_masks=np.zeros((5, 3))), "all_masks"),
         (dict(occluded=[True]), "^occluded must have length 3, got 1"),  # not all_occluded's
         (dict(all_occluded=[True, False]), "all_occluded"),
@@ -520,5 +523,36 @@ def test_plot_mask_heatmaps_bad_input(tmp_path, images, change, match):
 
 
 def test_images_must_be_paths_pil_or_arrays(tmp_path):
-    with pytest.raises(ValueError, match="images must be"):
+    with pytest.raises(ValueError, match=r"^images\[0\] must be an image path, a PIL image or a uint8 array, got int"):
         visualize.plot_mask_heatmaps([3], np.full((1, 4), 0.5), tmp_path / "m.png")
+    assert not list(tmp_path.iterdir())
+
+
+def test_pictures_are_written_under_long_names_and_failures_name_the_picture(tmp_path):
+    """The temporary name added ~15 characters to out_png's: a valid long name failed (File name too long, naming
+    the temporary); a refused call created out_png's folders; a 1-entry CMC drew a degenerate axis."""
+    long_name = tmp_path / ("c" * 246 + ".png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's identical-xlims warning
+        visualize.plot_cmc(np.array([0.5]), long_name)
+    assert Image.open(long_name).size == (600, 400) and sorted(p.name for p in tmp_path.iterdir()) == [long_name.name]
+    with pytest.raises(ValueError):
+        visualize.plot_cmc(np.array([]), tmp_path / "new" / "c.png")
+    assert not (tmp_path / "new").exists()
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(ValueError, match=r"^out_png .*locked/c.png: cannot create its folder \(.* is not writable"):
+            visualize.plot_cmc(np.array([0.5, 1.0]), locked / "c.png")
+
+
+def test_loss_curves_name_the_file_for_undecodable_or_huge_values(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_bytes(b'{"step": 1, "loss": 1.0}\n\xff\xfe\n')
+    with pytest.raises(ValueError, match=r"log.jsonl: not UTF-8 text"):
+        visualize.plot_loss_curves(log, tmp_path / "l.png")
+    log.write_text('{"step": 1' + "0" * 400 + ', "loss": 1}\n')
+    with pytest.raises(ValueError, match=r"log.jsonl: step must be a number"):
+        visualize.plot_loss_curves(log, tmp_path / "l.png")
+    with pytest.raises(ValueError, match=r"^jsonl_path must be a file path, got NoneType$"):
+        visualize.plot_loss_curves(None, tmp_path / "l.png")

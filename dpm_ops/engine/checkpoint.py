@@ -55,7 +55,8 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _temporary_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}{TEMPORARY_SUFFIX}")
+    # the name cut to 200 characters: 18 more made a valid long name (up to 255) too long for the file system
+    return path.with_name(f".{path.name[:200]}.{uuid.uuid4().hex[:12]}{TEMPORARY_SUFFIX}")
 
 
 def atomic_write(path: str | os.PathLike, write) -> Path:

@@ -61,7 +61,8 @@ def plot_cmc(metrics_or_cmc, out_png, *, title: Optional[str] = None) -> str:
         )
     ax.set_xlabel("rank")
     ax.set_ylabel("matching rate (%)")
-    ax.set_xlim(1, max(len(c) for c in curves.values()))
+    longest = max(len(c) for c in curves.values())
+    ax.set_xlim(1, longest) if longest > 1 else ax.set_xlim(0.5, 1.5)  # one rank: (1, 1) was a degenerate axis
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right")
     ax.set_title(title or "CMC")
@@ -70,26 +71,37 @@ def plot_cmc(metrics_or_cmc, out_png, *, title: Optional[str] = None) -> str:
 
 def read_jsonl(path) -> list[dict]:
     """The JSON objects of a JSONL file (blank lines skipped); ValueError naming file and line."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"jsonl_path must be a file path, got {type(path).__name__}")
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"jsonl_path: no such file: {path}")
     records = []
     with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not a JSON line ({error.msg})") from error
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
+        try:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{number}: not a JSON line ({error.msg})") from error
+                if not isinstance(record, dict):
+                    raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+                records.append(record)
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path}: not UTF-8 text ({error.reason})") from None
     return records
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float (not a bool); an int past float's range (10**400) is none."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def plot_loss_curves(jsonl_path, out_png, *, title: Optional[str] = None) -> str:

@@ -94,6 +94,10 @@ def _check_mask_inputs(images, masks, token_maps, all_masks, occluded, all_occlu
     count, channels = masks.shape
     if count == 0 or channels == 0:
         raise ValueError(f"masks is empty (shape {masks.shape})")
+    try:
+        len(images)
+    except TypeError:
+        raise ValueError(f"images must be a list of image paths, PIL images or arrays, got {type(images).__name__}")
     if len(images) != count:
         raise ValueError(f"images must have one entry per mask row ({count}), got {len(images)}")
     if masks.min() < 0 or masks.max() > 1:
@@ -101,10 +105,12 @@ def _check_mask_inputs(images, masks, token_maps, all_masks, occluded, all_occlu
     population = masks if all_masks is None else _array("all_masks", all_masks, 2, np.float64)
     if population.shape[1] != channels or len(population) == 0:
         raise ValueError(f"all_masks must be (N, {channels}), got {population.shape}")
+    if population.min() < 0 or population.max() > 1:
+        raise ValueError("all_masks must lie in [0, 1] (the HMG's sigmoid output)")
     if token_maps is not None:
         token_maps = _array("token_maps", token_maps, 3, np.float64)
-        if len(token_maps) != count:
-            raise ValueError(f"token_maps must have one map per mask row ({count}), got {len(token_maps)}")
+        if len(token_maps) != count or 0 in token_maps.shape:
+            raise ValueError(f"token_maps must be one non-empty map per mask row ({count}), got {token_maps.shape}")
     for name, flags, length in (("occluded", occluded, count), ("all_occluded", all_occluded, len(population))):
         if flags is not None and len(flags) != length:
             raise ValueError(f"{name} must have length {length}, got {len(flags)}")
@@ -137,10 +143,10 @@ def _draw_query_columns(
         )
     images_drawn = {}
     for i in range(count):
-        thumb = np.asarray(_thumbnail(images[i]))
+        thumb = np.asarray(_thumbnail(images[i], f"images[{i}]"))
         axes = [fig.add_subplot(grid[r, i]) for r in range(len(rows))]
         axes[0].imshow(thumb)
-        label = titles[i] if titles is not None else f"q{i}"
+        label = str(titles[i]) if titles is not None else f"q{i}"
         if occluded is not None:
             label += "\noccluded" if bool(occluded[i]) else "\nclean"
         axes[0].set_title(f"{label}\nmean m {masks[i].mean():.2f}", fontsize=7)

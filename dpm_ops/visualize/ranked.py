@@ -92,7 +92,7 @@ def plot_ranked_lists(
     for row, q in enumerate(chosen):
         y0 = row * row_h + _TOP_BAND
         canvas.paste(Image.new("RGB", (tw + 2 * _FRAME, th + 2 * _FRAME), _QUERY), (0, y0))
-        canvas.paste(_thumbnail(query_paths[q], (tw, th)), (_FRAME, y0 + _FRAME))
+        canvas.paste(_thumbnail(query_paths[q], f"query_paths[{q}]", (tw, th)), (_FRAME, y0 + _FRAME))
         tag = ""
         if q_occluded is not None:
             tag = ", occluded" if bool(q_occluded[q]) else ", clean"
@@ -104,7 +104,7 @@ def plot_ranked_lists(
             x0 = (1 + k) * cell_w + _QUERY_GAP
             match = g_pids[g] == q_pids[q]
             canvas.paste(Image.new("RGB", (tw + 2 * _FRAME, th + 2 * _FRAME), _MATCH if match else _WRONG), (x0, y0))
-            canvas.paste(_thumbnail(gallery_paths[g], (tw, th)), (x0 + _FRAME, y0 + _FRAME))
+            canvas.paste(_thumbnail(gallery_paths[g], f"gallery_paths[{g}]", (tw, th)), (x0 + _FRAME, y0 + _FRAME))
             texts.append((x0, y0 + cell_h + 1, f"{k + 1}: {dist[q, g]:.3g}", "darkgreen" if match else "darkred"))
 
     return _save_with_texts(canvas, texts, out_png)
