@@ -92,3 +92,29 @@ def test_every_shipped_model_has_its_recipe_and_no_recipe_another_network():
     assert list(RECIPES) == list(MODELS)
     for name, recipe in RECIPES.items():
         assert recipe.name == name and recipe.model_class is MODELS[name], name
+
+
+def test_a_new_models_required_and_free_options():
+    """A required keyword option was refused as unknown (its options: an empty list); a constructor with **options
+    and no passes_options_to was an AttributeError."""
+    import pytest
+
+    from dpm_ops.models import construct_model, model_option_defaults
+
+    class Required(nn.Module):
+        def __init__(self, num_classes, num_cameras=0, *, width, depth=2):
+            super().__init__()
+            self.width, self.depth = width, depth
+
+    class Free(nn.Module):
+        def __init__(self, num_classes, **options):
+            super().__init__()
+            self.options = options
+
+    assert model_option_defaults(Required) == {"width": None, "depth": 2}  # None: any value, the class checks it
+    assert construct_model(Required, 10, 0, width=8).width == 8
+    with pytest.raises(ValueError, match="^Required: option width has no default; give it$"):
+        construct_model(Required, 10, 0, depth=3)
+    with pytest.raises(ValueError, match="^Required takes no option 'widht'; its options: width, depth"):
+        construct_model(Required, 10, 0, widht=8)
+    assert model_option_defaults(Free) == {} and construct_model(Free, 10, 0, anything=1).options == {"anything": 1}

@@ -24,26 +24,40 @@ MODEL_NAMES = tuple(MODELS)
 
 def construct_model(model_class: type[nn.Module], num_classes: int, num_cameras: int = 0, **options) -> nn.Module:
     """``model_class(num_classes, num_cameras, **options)``; a class whose constructor takes no
-    ``num_cameras`` (no camera input, as MaskReID) is built without it. An option the class does not take
-    is a ValueError naming it (Python's TypeError otherwise)."""
-    check_known_options(model_class.__name__, options, model_option_defaults(model_class))
-    if "num_cameras" in inspect.signature(model_class).parameters:
+    ``num_cameras`` (no camera input, as MaskReID) is built without it. An option the class does not take,
+    or one it requires left out, is a ValueError naming it (Python's TypeError otherwise); a constructor
+    whose ``**options`` go to no declared part (``passes_options_to``) takes any."""
+    parameters = inspect.signature(model_class).parameters
+    if not (_has_var_keyword(model_class) and getattr(model_class, "passes_options_to", None) is None):
+        check_known_options(model_class.__name__, options, model_option_defaults(model_class))
+    required = [name for name, p in _options(model_class).items() if p.default is p.empty and name not in options]
+    if required:
+        raise ValueError(f"{model_class.__name__}: option {required[0]} has no default; give it")
+    if "num_cameras" in parameters:
         return model_class(num_classes, num_cameras, **options)
     return model_class(num_classes, **options)
 
 
 def model_option_defaults(model_class: type[nn.Module]) -> dict:
-    """The keyword options of ``model_class`` (all but num_classes, num_cameras) with their defaults; a
-    constructor's ``**options`` are those of the part it passes them to (``passes_options_to``)."""
-    parameters = inspect.signature(model_class).parameters
-    defaults = {
-        name: p.default
-        for name, p in parameters.items()
-        if name not in ("num_classes", "num_cameras") and p.default is not p.empty
-    }
-    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
-        return {**model_option_defaults(model_class.passes_options_to), **defaults}
+    """The keyword options of ``model_class`` (all but num_classes, num_cameras) with their defaults, None for
+    one it requires (any value: the class checks it); a constructor's ``**options`` are those of the part it
+    passes them to (``passes_options_to``; none known without one)."""
+    defaults = {name: None if p.default is p.empty else p.default for name, p in _options(model_class).items()}
+    passes_to = getattr(model_class, "passes_options_to", None)
+    if passes_to is not None and _has_var_keyword(model_class):
+        return {**model_option_defaults(passes_to), **defaults}
     return defaults
+
+
+def _options(model_class: type[nn.Module]) -> dict:
+    """The constructor's named options: its keyword parameters but num_classes and num_cameras."""
+    parameters = inspect.signature(model_class).parameters
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {n: p for n, p in parameters.items() if n not in ("num_classes", "num_cameras") and p.kind in keyword}
+
+
+def _has_var_keyword(model_class: type[nn.Module]) -> bool:
+    return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(model_class).parameters.values())
 
 
 def build_model(name: str, num_classes: int, num_cameras: int = 0, **options) -> nn.Module:
