@@ -631,3 +631,14 @@ def test_a_manifest_of_the_wrong_shape_is_named(tiny_set, tmp_path):
     (copy / "synthetic.json").mkdir()
     with pytest.raises(DatasetError, match="cannot read the synthetic manifest .*synthetic.json: Is a directory"):
         build_dataset("synthetic", copy)
+
+
+def test_config_edge_cases_and_a_long_output_name(tmp_path):
+    """SynthConfig(cameras=3) failed on the default id_cameras (2, 4) it was never given (synth_config alone capped
+    it, and not for numpy ints); 10**400 was an OverflowError; a valid long --out name failed on the staging name."""
+    assert SynthConfig(cameras=3).id_cameras == (2, 3) == SynthConfig(cameras=np.int64(3)).id_cameras
+    assert SynthConfig().id_cameras == (2, 4) and SynthConfig(cameras=9, id_cameras=(3, 5)).id_cameras == (3, 5)
+    with pytest.raises(SynthOptionError, match=r"^distractors must be a finite .*, got an integer of 401 digits$"):
+        SynthConfig(distractors=10**400)
+    out = generate_synthetic_dataset(tmp_path / ("d" * 235), tiny_synth_config(ids=4), progress=False)
+    assert len(build_dataset("synthetic", out).train) > 0

@@ -8,6 +8,8 @@ from typing import Optional
 
 import numpy as np
 
+from dpm_ops.ops._checks import quote
+
 
 class SynthOptionError(ValueError):
     """A :class:`SynthConfig` field is out of range; ``option`` names the field."""
@@ -22,17 +24,18 @@ def _is_int(value) -> bool:
 
 
 def _is_real(value) -> bool:
-    return (
-        isinstance(value, (int, float, np.integer, np.floating))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-    )
+    if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int past float's range (10**400)
+        return False
 
 
 def _check_int(name: str, value, low: int, high: Optional[int], why: str = "") -> None:
     if not _is_int(value) or value < low or (high is not None and value > high):
         wanted = f"in {low}..{high}" if high is not None else f">= {low}"
-        raise SynthOptionError(name, f"must be an integer {wanted}{f' ({why})' if why else ''}, got {value!r}")
+        raise SynthOptionError(name, f"must be an integer {wanted}{f' ({why})' if why else ''}, got {quote(value)}")
 
 
 def _plain(value):
@@ -53,12 +56,12 @@ def _check_int_range(name: str, value, low: int, high: Optional[int]) -> None:
         and (high is None or value[1] <= high)
     ):
         bound = f" <= {high}" if high is not None else ""
-        raise SynthOptionError(name, f"must be integers LOW,HIGH with {low} <= LOW <= HIGH{bound}, got {value!r}")
+        raise SynthOptionError(name, f"must be integers LOW,HIGH with {low} <= LOW <= HIGH{bound}, got {quote(value)}")
 
 
 def _check_float(name: str, value, wanted: str, ok) -> None:
     if not _is_real(value) or not ok(value):
-        raise SynthOptionError(name, f"must be {wanted}, got {value!r}")
+        raise SynthOptionError(name, f"must be {wanted}, got {quote(value)}")
 
 
 MAX_WIDTH, MAX_HEIGHT = 512, 1024
@@ -66,6 +69,7 @@ MAX_TRAIN_IMAGES = 200  # per train identity (Market-1501's most is 72)
 MAX_GALLERY_PER_CAMERA = 50  # per test identity and camera
 MAX_SHARE = 10.0  # distractors / junk, in identities' gallery images
 MAX_IMAGES = 500_000  # the whole set (Market-1501 has 33k, MSMT17 126k)
+DEFAULT_ID_CAMERAS = (2, 4)  # cameras each identity appears in, where the set has as many
 
 
 def _option(default, help: str):
@@ -88,7 +92,8 @@ class SynthConfig:
     width: int = _option(128, "image width")
     height: int = _option(256, "image height")
     train_images: tuple[int, int] = _option((6, 12), "images per train identity")  # inclusive range
-    id_cameras: tuple[int, int] = (2, 4)  # cameras each identity appears in
+    # cameras each identity appears in; None: (2, 4) capped at the set's cameras (cameras=3 alone is a valid set)
+    id_cameras: Optional[tuple[int, int]] = None
     # at most one query per (id, camera), as in Market
     queries_per_id: int = _option(2, "queries per test identity, one per camera it appears in at most")
     gallery_per_camera: tuple[int, int] = _option((1, 3), "gallery images per test identity and camera")
@@ -108,6 +113,8 @@ class SynthConfig:
         _check_int("seed", self.seed, 0, None, "a non-negative seed")
         _check_int("ids", self.ids, 2, 4999, "one train and one test identity; 4-digit pids")
         _check_int("cameras", self.cameras, 2, 9, "Market names hold one camera digit")
+        if self.id_cameras is None:
+            object.__setattr__(self, "id_cameras", (2, min(DEFAULT_ID_CAMERAS[1], int(self.cameras))))
         # upper bounds keep a typo from asking for gigabytes: every camera's background is
         # 2 * width * supersample by height * supersample, and JPEG stops at 65535 anyway
         _check_int("width", self.width, 16, MAX_WIDTH, "re-ID person crops are small")
@@ -158,11 +165,5 @@ class SynthConfig:
 
 
 def synth_config(options: dict) -> SynthConfig:
-    """A SynthConfig from config-file or command-line options (YAML lists for the tuple fields).
-    Left unset, id_cameras is capped at the set's cameras (each identity appears in at most as many
-    cameras as the set has), so `cameras: 2` alone is a valid set, the same as `dpm-reid synth --cameras 2`."""
-    options = {key: tuple(value) if isinstance(value, list) else value for key, value in options.items()}
-    if "id_cameras" not in options and isinstance(options.get("cameras"), int):
-        low, high = SynthConfig.id_cameras
-        options["id_cameras"] = (low, max(low, min(high, options["cameras"])))
-    return SynthConfig(**options)
+    """A SynthConfig from config-file or command-line options (YAML lists for the tuple fields)."""
+    return SynthConfig(**{key: tuple(value) if isinstance(value, list) else value for key, value in options.items()})

@@ -152,7 +152,7 @@ class _Staging:
     folders of generations that were killed (their lock free, or none: an older version's) are removed first."""
 
     def __init__(self, out: Path):
-        prefix = f".{out.name}.partial-"
+        prefix = f".{out.name[:200]}.partial-"  # cut: 24 more characters made a valid long name too long
         for name in {path.name.removesuffix(".lock") for path in out.parent.glob(glob.escape(prefix) + "*")}:
             _remove_if_abandoned(out.parent / name)
         self.folder = out.parent / f"{prefix}{uuid.uuid4().hex[:8]}"
