@@ -285,6 +285,22 @@ class SavedFeatures:
     distance: str
 
 
+def _check_model_fields(where: str, model: str, distance: str, has_masks: bool) -> None:
+    """A file's model, distance and masks agree as save_features_npz writes them: a DPM file without masks failed
+    later, naming no file; a baseline's file labelled cosine was ranked by euclidean distances."""
+    if distance != resolve_distance("auto", model):
+        raise ExportError(
+            f"{where}: distance {distance!r} is not model {model}'s test distance {resolve_distance('auto', model)!r}"
+        )
+    if get_recipe(model).test_masks != has_masks:
+        problem = (
+            "needs its features' channel masks, and the file holds no masks array"
+            if not has_masks
+            else "has no channel masks, and the file holds a masks array"
+        )
+        raise ExportError(f"{where}: model {model} {problem}")
+
+
 def load_features_npz(path, argument: str = "path") -> SavedFeatures:
     """A file of :func:`save_features_npz` (``dpm-reid extract``), checked; an
     :class:`ExportError` naming ``argument`` and the file otherwise."""
@@ -314,17 +330,7 @@ def load_features_npz(path, argument: str = "path") -> SavedFeatures:
     model, distance = str(arrays["model"]), str(arrays["distance"])
     if model not in RECIPES:
         raise ExportError(f"{where}: model {model!r} is not one of {', '.join(RECIPES)}")
-    if distance != resolve_distance("auto", model):  # what save_features_npz writes: rank_features ranked by another
-        raise ExportError(
-            f"{where}: distance {distance!r} is not model {model}'s test distance {resolve_distance('auto', model)!r}"
-        )
-    if get_recipe(model).test_masks != ("masks" in arrays):  # a DPM file without them failed later, unnamed
-        problem = (
-            "needs its features' channel masks, and the file holds no masks array"
-            if get_recipe(model).test_masks
-            else "has no channel masks, and the file holds a masks array"
-        )
-        raise ExportError(f"{where}: model {model} {problem}")
+    _check_model_fields(where, model, distance, "masks" in arrays)
     features = arrays["features"]
     if features.ndim != 2 or features.dtype.kind != "f" or 0 in features.shape:
         raise ExportError(

@@ -177,6 +177,13 @@ def sampler_kinds_used(config: dict) -> list:
 def _key_readers(config: dict, recipe) -> list:
     """(keys, when they are read, what this config has instead) for the keys this config does not read, of those
     that only some choices read."""
+    rules = _training_and_evaluation_rules(config) + _model_and_data_rules(config, recipe)
+    return [(keys, when, instead) for keys, when, used, instead in rules if not used]
+
+
+def _training_and_evaluation_rules(config: dict) -> list:
+    """(keys, when they are read, whether this config reads them, what it has instead): optimizer, schedules,
+    pre-training, samplers and the evaluation's switches."""
     pretrain = config["pretrain"]["epochs"] > 0
     optimizer, evaluation = config["solver"]["optimizer"], config["eval"]
     schedules = sorted({config["solver"]["schedule"]} | ({config["pretrain"]["schedule"]} if pretrain else set()))
@@ -228,10 +235,16 @@ def _key_readers(config: dict, recipe) -> list:
             f"it is {evaluation['protocol']}",
         ),
     ]
-    # (dataset.synth / generate are left out: a synthetic config switched to a real set by an override keeps them)
+    return rules
+
+
+def _model_and_data_rules(config: dict, recipe) -> list:
+    """_training_and_evaluation_rules' for the model's keys (another model's, Eq. 4's, pretrained_partial) and the
+    masks' folder. (dataset.synth / generate are left out: a synthetic config switched to a real set by an
+    override keeps them.)"""
     data = config["dataset"]
     masks = data["with_masks"] if data["with_masks"] is not None else recipe.uses_masks
-    rules += [
+    rules = [
         (
             ("model.pretrained_partial",),
             "with model.pretrained",
@@ -260,7 +273,7 @@ def _key_readers(config: dict, recipe) -> list:
                 f"model.name is {recipe.name}",
             )
         )
-    return [(keys, when, instead) for keys, when, used, instead in rules if not used]
+    return rules
 
 
 def unread_keys(config: dict) -> set:
