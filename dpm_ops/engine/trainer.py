@@ -279,7 +279,7 @@ class Trainer:
             state = load_checkpoint(path, model_name=self.model_name)
         except CheckpointError as error:
             earlier = [file.name for file in run_checkpoints(self.output_dir) if file.name != path.name]
-            if not earlier:
+            if not earlier or not isinstance(error.__cause__, WeightsError):  # an unreadable file, not another model's
                 raise
             raise CheckpointError(
                 f"{error}; to resume from an earlier checkpoint, copy one of {', '.join(earlier)} (in {path.parent}) "
