@@ -54,6 +54,12 @@ def test_schedule_sets_every_group_and_resumes():
     poly = LRSchedule(other, "poly", 10, base_lr=0.008).state_dict()
     with pytest.raises(ValueError, match="power"):
         LRSchedule(other, "poly", 10, base_lr=0.008, power=0.9).load_state_dict(poly)
+    # the settings a kind does not read may differ: a run whose config held them (accepted, never used, before
+    # the config refused them) resumes without them
+    LRSchedule(other, "poly", 10, base_lr=0.008, warmup=3, min_lr_factor=0.1).load_state_dict(poly)
+    LRSchedule(other, "warmup_cosine", 150, base_lr=0.008, warmup=5, power=0.9).load_state_dict(sch.state_dict())
+    constant = LRSchedule(other, "constant", 10, base_lr=0.008, warmup=2, power=2.0).state_dict()
+    LRSchedule(other, "constant", 10, base_lr=0.008).load_state_dict(constant)
     with pytest.raises(ValueError, match="schedule"):
         LRSchedule(other, "step", 10, base_lr=0.008)
     for foreign in (None, [], {"kind": "poly"}):  # an AttributeError / KeyError before

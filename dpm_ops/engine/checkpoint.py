@@ -20,11 +20,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import gc
 import os
 import shutil
 import signal
 import threading
 import uuid
+import weakref
 from pathlib import Path
 from typing import Any, Optional
 
@@ -173,8 +175,10 @@ class RunFolder:
             self._lock.close()
             raise in_use from None
         status = os.fstat(self._lock.fileno())
-        self._identity = (status.st_dev, status.st_ino)
-        self._held.add(self._identity)
+        identity = (status.st_dev, status.st_ino)
+        self._held.add(identity)
+        # given up by release(), or when this object is collected (a Trainer built, never run, then dropped)
+        self._forget = weakref.finalize(self, self._held.discard, identity)
         checkpoints = path / "checkpoints"
         if checkpoints.exists() and not checkpoints.is_dir():  # found after the first epoch, otherwise
             self.release()
@@ -190,11 +194,14 @@ class RunFolder:
     @classmethod
     def held_here(cls, lock: Path) -> bool:
         """Whether a run of this process holds the lock file ``lock``: then no other handle of it may be opened
-        and closed here (POSIX drops a process's record locks on a file when it closes any handle of it)."""
+        and closed here (POSIX drops a process's record locks on a file when it closes any handle of it). A
+        dropped run that only a reference cycle keeps is collected first."""
         try:
             status = os.stat(lock)
         except OSError:
             return False
+        if (status.st_dev, status.st_ino) in cls._held:
+            gc.collect()
         return (status.st_dev, status.st_ino) in cls._held
 
     # what a run writes besides its checkpoints and logs (rewritten from the start): its results
@@ -222,7 +229,7 @@ class RunFolder:
         return removed
 
     def release(self) -> None:
-        self._held.discard(self._identity)
+        self._forget()
         self._lock.close()  # closing releases the lock; the empty file stays (removing it would race)
 
 
