@@ -626,3 +626,17 @@ def test_eval_choices_that_need_the_model_or_data_are_checked_before_training(tm
         with pytest.raises(ConfigError, match=f"^config section eval: {message}"):
             train(config, tmp_path / "run")
         assert not (tmp_path / "run" / "train_log.jsonl").exists()
+
+
+def test_a_run_whose_config_held_an_unread_key_resumes(tmp_path, tiny_root):
+    """Before unread keys were refused, a warmup_cosine run with solver.poly_power 0.9 trained (the key ignored)
+    and saved the schedule's power: no config resumed it (the key is refused now, and without it the schedule's
+    settings differed)."""
+    train(config_for(tmp_path, tiny_root, overrides=["train.stop_after_iters=2"]), tmp_path / "run")
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    state["config"]["solver"]["poly_power"] = 0.9  # as the earlier version saved such a run
+    for schedule in state["training"]["schedules"].values():
+        schedule["power"] = 0.9
+    torch.save(state, last)
+    assert train(config_for(tmp_path, tiny_root), tmp_path / "run", resume=True)["finished"]
