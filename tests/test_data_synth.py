@@ -640,5 +640,7 @@ def test_config_edge_cases_and_a_long_output_name(tmp_path):
     assert SynthConfig().id_cameras == (2, 4) and SynthConfig(cameras=9, id_cameras=(3, 5)).id_cameras == (3, 5)
     with pytest.raises(SynthOptionError, match=r"^distractors must be a finite .*, got an integer of 401 digits$"):
         SynthConfig(distractors=10**400)
+    with pytest.raises(SynthOptionError, match=r"^hidden_range must .*, got \(0.1, an integer of over 600 digits\)$"):
+        SynthConfig(hidden_range=(0.1, 10**5000))
     out = generate_synthetic_dataset(tmp_path / ("d" * 235), tiny_synth_config(ids=4), progress=False)
     assert len(build_dataset("synthetic", out).train) > 0

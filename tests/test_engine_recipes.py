@@ -118,3 +118,6 @@ def test_a_new_models_required_and_free_options():
     with pytest.raises(ValueError, match="^Required takes no option 'widht'; its options: width, depth"):
         construct_model(Required, 10, 0, widht=8)
     assert model_option_defaults(Free) == {} and construct_model(Free, 10, 0, anything=1).options == {"anything": 1}
+    # what a wrapped part requires, its wrapper gives it: no option (MaskReID's head's level_channels)
+    with pytest.raises(ValueError, match="^MaskReID takes no option 'level_channels'"):
+        construct_model(MODELS["maskreid"], 10, 0, level_channels=[64])

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from dpm_ops.models.weights import WeightsError, read_torch_file
-from dpm_ops.ops._checks import quote
+from dpm_ops.ops._checks import first_line, quote
 
 from .pictures import PICTURES
 
@@ -231,11 +231,6 @@ class RunFolder:
     def release(self) -> None:
         self._forget()
         self._lock.close()  # closing releases the lock; the empty file stays (removing it would race)
-
-
-def first_line(error: BaseException) -> str:
-    """An exception's first line (its type's name when it says nothing), for one-line messages."""
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 @contextlib.contextmanager

@@ -45,7 +45,10 @@ def model_option_defaults(model_class: type[nn.Module]) -> dict:
     defaults = {name: None if p.default is p.empty else p.default for name, p in _options(model_class).items()}
     passes_to = getattr(model_class, "passes_options_to", None)
     if passes_to is not None and _has_var_keyword(model_class):
-        return {**model_option_defaults(passes_to), **defaults}
+        # what the part requires, the class gives it (MaskReID its head's level_channels): no option of the class
+        required = {name for name, p in _options(passes_to).items() if p.default is p.empty}
+        part = {name: value for name, value in model_option_defaults(passes_to).items() if name not in required}
+        return {**part, **defaults}
     return defaults
 
 

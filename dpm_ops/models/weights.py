@@ -40,6 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dpm_ops.ops._checks import first_line
+
 from ._checks import MAX_IMAGE_SIDE, check_int_list
 from .resnet import MaskReIDResNet50
 from .vit import ViTReID
@@ -99,15 +101,15 @@ ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archive format (since torch 1.6); olde
 
 
 def check_archive(path: Union[str, os.PathLike]) -> None:
-    """A WeightsError naming ``path`` when torch.save's archive is cut short or a record's bytes differ from
-    the CRC-32 written with them: torch.load checks neither, and a flipped bit in a tensor loaded as a wrong
-    weight without a word. Reads the file once more; records saved without a CRC (0, under
-    ``torch.serialization.set_crc32_options(False)``) and files of the older format have nothing to check. An
-    index damaged in a way Python's zipfile cannot read (a name's encoding, a version field) is left to
-    torch.load, which reads such a file or names it: those raised zipfile's own errors, naming no file."""
+    """A WeightsError naming ``path`` when torch.save's archive is cut short, its index cannot be read, or a
+    record cannot be read or differs from the CRC-32 written with it: torch.load checks no CRC, and a flipped bit
+    in a tensor (or in a record's header: torch then read from a shifted offset) loaded as a wrong weight without
+    a word. Reads the file once more; records saved without a CRC (0, under
+    ``torch.serialization.set_crc32_options(False)``) and files of the older format have nothing to check."""
     with open(path, "rb") as handle:
         if handle.read(len(ZIP_MAGIC)) != ZIP_MAGIC:
             return
+    damaged = f"{os.fspath(path)} is damaged"
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, EOFError):
@@ -115,8 +117,8 @@ def check_archive(path: Union[str, os.PathLike]) -> None:
             f"{os.fspath(path)} is cut short: its archive has no readable end (a copy or a write that did not "
             "finish, or damage there)"
         ) from None
-    except Exception:  # see above
-        return
+    except Exception as error:  # a damaged index reads as anything (a name's encoding, a version field)
+        raise WeightsError(f"{damaged}: its archive's index cannot be read ({type(error).__name__})") from None
     with archive:
         for record in archive.infolist():
             if record.CRC == 0:
@@ -125,15 +127,11 @@ def check_archive(path: Union[str, os.PathLike]) -> None:
                 with archive.open(record) as data:
                     while data.read(1 << 24):  # the CRC is compared at the record's end
                         pass
-            except zipfile.BadZipFile as error:
-                if not str(error).startswith("Bad CRC-32"):
-                    return  # a damaged local header: torch.load's to read or name
+            except Exception as error:  # a CRC mismatch (zipfile.BadZipFile), or a header that does not read
                 raise WeightsError(
-                    f"{os.fspath(path)} is damaged: record {record.filename} does not match the checksum torch.save "
-                    f"wrote with it ({error}); the file changed after it was written (a disk or copy error)"
+                    f"{damaged}: record {record.filename} does not read back as torch.save wrote it "
+                    f"({first_line(error)}); the file changed after it was written (a disk or copy error)"
                 ) from None
-            except Exception:  # as for the index
-                return
 
 
 def read_torch_file(path: Union[str, os.PathLike], *, weights_only: bool = True, map_location="cpu"):

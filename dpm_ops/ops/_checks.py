@@ -56,6 +56,11 @@ def values_hidden() -> bool:
     return any(interpreter.key() == vmap for interpreter in retrieve_all_functorch_interpreters())
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's first line (its type's name when it says nothing), for one-line messages."""
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
 def quote(value: Any) -> str:
     """``value`` as an error message shows it: its repr, cut to QUOTE_CHARS characters, built in a time bounded
     whatever the value (the whole repr of a config list nested through YAML aliases ran to 358 MB)."""

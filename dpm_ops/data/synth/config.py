@@ -146,7 +146,7 @@ class SynthConfig:
             and all(_is_real(v) for v in hidden)
             and 0.0 < hidden[0] < hidden[1] < 1.0
         ):
-            raise SynthOptionError("hidden_range", f"must satisfy 0 < low < high < 1, got {hidden!r}")
+            raise SynthOptionError("hidden_range", f"must satisfy 0 < low < high < 1, got {quote(hidden)}")
         # numpy numbers pass the checks but not json.dumps: the manifest write failed after every image was drawn
         for field in dataclasses.fields(self):
             object.__setattr__(self, field.name, _plain(getattr(self, field.name)))
