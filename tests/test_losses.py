@@ -448,8 +448,31 @@ def test_arcface_logits_take_one_class_label_per_row():
     ):
         with pytest.raises(ValueError, match=rf"^arcface_logits: {message}$"):
             arcface_logits(cosine, bad)
-        with pytest.raises(ValueError, match=rf"^arcface_logits: {message}$"):
+        with pytest.raises(ValueError, match=rf"^masked_arcface_logits: {message}$"):
             masked_arcface_logits(torch.randn(4, 5), torch.rand(4, 5), torch.randn(3, 5), bad)
+
+
+def test_arcface_logits_take_finite_cosines():
+    """NaN / inf gave NaN / inf logits, a cosine of 2 a target logit above a perfect match's (52.7 for 26.3)."""
+    labels = torch.tensor([0])
+    for value, message in (
+        (float("nan"), "cosine contains non-finite values"),
+        (float("inf"), "cosine contains non-finite values"),
+        (2.0, r"cosine must hold cosines, in \[-1, 1\], got values in \[0.2, 2\]"),
+    ):
+        with pytest.raises(ValueError, match=rf"^arcface_logits: {message}"):
+            arcface_logits(torch.tensor([[value, 0.2]]), labels)
+    arcface_logits(torch.tensor([[1.005, -1.005]]).bfloat16(), labels)  # rounding past 1 is a cosine still
+
+
+def test_the_id_cross_entropy_of_half_precision_logits_is_fp32():
+    """Outside autocast, bf16 logits gave a bf16 cross entropy (29.0 for 28.88)."""
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(8, 700, generator=generator) * 10).bfloat16()
+    features, labels = torch.randn(8, 16, generator=generator).bfloat16(), torch.arange(8) // 2
+    terms = BaselineReIDLoss().terms(ViTBaselineTrainOutput(logits, features), labels)
+    assert terms["id"].dtype == torch.float32
+    torch.testing.assert_close(terms["id"], F.cross_entropy(logits.float(), labels))
 
 
 @pytest.mark.parametrize("make", [DPMLoss, BaselineReIDLoss])

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dpm_ops._precision import at_least_fp32
 from dpm_ops.ops._checks import MAX_COEFFICIENT, check_finite, check_label_range, check_labels, check_real
 
 from .arcface import masked_arcface_cross_entropy
@@ -50,7 +51,7 @@ def _cross_entropy(loss: str, logits: torch.Tensor, labels, name: str = "logits"
     check_labels(loss, labels, logits, of=name)
     check_label_range(loss, labels, logits.shape[1])
     check_finite(loss, **{name: logits})
-    return F.cross_entropy(logits, labels)
+    return F.cross_entropy(at_least_fp32(logits), labels)  # bf16 logits outside autocast: a bf16 loss (29 for 28.88)
 
 
 class DPMLoss(nn.Module):

@@ -27,6 +27,7 @@ from ._checks import (
     check_number,
     check_real,
     check_tensors,
+    values_hidden,
 )
 from .masked_cosine import masked_cosine
 
@@ -63,6 +64,27 @@ def arcface_logits(
     # gather / scatter took labels for fewer rows silently (the rest kept no margin), past K an error
     check_labels("arcface_logits", labels, cosine, of="cosine logits")
     check_label_range("arcface_logits", labels, cosine.shape[1])
+    return _margin_logits(check_cosines("arcface_logits", cosine), labels, scale, margin, easy_margin, clamp_eps)
+
+
+# How far past [-1, 1] a computed cosine may round (bf16 rounds 1 - 2^-9 up to ~1 + 4e-3)
+COSINE_SLACK = 1e-2
+
+
+def check_cosines(op: str, cosine: torch.Tensor) -> torch.Tensor:
+    """``cosine`` once its values are finite cosines (one sync, skipped where values are hidden): NaN gave NaN
+    logits, and a value past 1 a target logit above a perfect match's."""
+    if cosine.numel() and not values_hidden():
+        low, high = torch.stack(torch.aminmax(cosine.detach())).tolist()
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError(f"{op}: cosine contains non-finite values (NaN or inf)")
+        if low < -1 - COSINE_SLACK or high > 1 + COSINE_SLACK:
+            raise ValueError(f"{op}: cosine must hold cosines, in [-1, 1], got values in [{low:.4g}, {high:.4g}]")
+    return cosine
+
+
+def _margin_logits(cosine, labels, scale, margin, easy_margin, clamp_eps) -> torch.Tensor:
+    """arcface_logits of checked arguments."""
     cosine = at_least_fp32(cosine)
     target_cos = cosine.gather(1, labels.view(-1, 1)).squeeze(1)
     # Flat at sin = 0 (cos = ±1 with clamp_eps = 0), as the kernels: sqrt's infinite slope times the
@@ -98,7 +120,9 @@ def masked_arcface_logits(
         cosine = masked_cosine(*common_at_least_fp32(features, mask, weight), eps=1e-12, backend=backend)
         if labels is None:
             return scale * cosine
-        return arcface_logits(cosine, labels, scale, margin, easy_margin, clamp_eps)
+        check_labels("masked_arcface_logits", labels, cosine, of="features")
+        check_label_range("masked_arcface_logits", labels, cosine.shape[1])
+        return _margin_logits(cosine, labels, scale, margin, easy_margin, clamp_eps)
 
 
 def masked_arcface_reference(
