@@ -164,7 +164,8 @@ def _assemble(
     listed_train = bool(train)  # test-only sets have none
     train, query, gallery = ([r for r in split if r.pid != JUNK_PID] for split in (train, query, gallery))
     for split_name, split in (("train", train), ("query", query), ("gallery", gallery)):
-        if not split and (split_name != "train" or listed_train) and (split_name == "train" or test_splits):
+        required = listed_train if split_name == "train" else test_splits
+        if not split and required:
             raise DatasetError(f"{name}: the {split_name} split of {dataset_dir} is empty (junk images aside)")
     if expected_counts:
         _check_counts(name, {"train": train, "query": query, "gallery": gallery}, expected_counts, check_counts)

@@ -6,7 +6,6 @@ model's recipe (:mod:`.recipes`)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 from pathlib import Path
@@ -361,8 +360,10 @@ def evaluate_with_config(
     pictures=None,
     progress=True,
     log: Callable[[str], None] = print,
+    record: Optional[dict] = None,
 ) -> Optional[dict]:
-    """``evaluate_model`` with the config's ``eval`` section. Features are extracted under
+    """``evaluate_model`` with the config's ``eval`` section (``record``: its metrics.json entries). Features are
+    extracted under
     ``eval.amp`` (fp32 by default), never under the training's ``solver.amp``: the official code
     trains under fp16 autocast and tests in fp32."""
     from . import evaluator
@@ -391,6 +392,7 @@ def evaluate_with_config(
         out_dir=str(out_dir) if out_dir is not None and info.is_main else None,
         pictures=ev["pictures"] if pictures is None else pictures,
         progress=progress,
+        record=record,
     )
     was_training = model.training
     metrics = evaluator.evaluate_model(model, splits, **options)  # every rank extracts a shard; rank 0 ranks
@@ -420,11 +422,8 @@ def evaluate_checkpoint(
     splits = load_splits(config, train_images=False)
     check_model_fits_data(model_args, config, splits, f"checkpoint {weights}")
     model = model.to(device)
-    metrics = evaluate_with_config(model, splits, config, device=device, out_dir=output, progress=progress)
-    if metrics is not None:  # rank 0: metrics.json names the weights it scored (evaluations of several sit apart)
-        from . import evaluator
-
-        record = json.loads((output / "metrics.json").read_text(encoding="utf-8"))
-        record["settings"]["weights"] = str(Path(weights).resolve())
-        evaluator.write_json_atomic(str(output / "metrics.json"), record)
-    return metrics, output
+    # metrics.json names the weights it scored: evaluations of several checkpoints sit apart
+    record = {"weights": str(Path(weights).resolve())}
+    return evaluate_with_config(
+        model, splits, config, device=device, out_dir=output, progress=progress, record=record
+    ), output

@@ -32,7 +32,7 @@ from dpm_ops.evaluation import PROTOCOLS
 from dpm_ops.evaluation.query_expansion import check_aqe
 from dpm_ops.evaluation.rank import MAX_REPEATS
 from dpm_ops.evaluation._inputs import check_count
-from dpm_ops.ops._checks import check_flag
+from dpm_ops.ops._checks import check_flag, quote
 
 from .checkpoint import atomic_write
 from .extraction import (
@@ -117,6 +117,7 @@ def evaluate_model(
     out_dir: Optional[str] = None,
     pictures: bool = True,
     progress: bool = True,
+    record: Optional[dict] = None,
 ) -> Optional[dict]:
     """Evaluate ``model`` on ``splits.query`` against ``splits.gallery``.
 
@@ -137,7 +138,8 @@ def evaluate_model(
     (clean/occluded: query subsets against the same gallery, present when the dataset labels
     occlusion), each with rank1, rank5, rank10, mAP, mINP (percent), num_query, num_valid and the
     CMC curve ``cmc`` (max_rank values, percent). With ``out_dir``: writes ``metrics.json`` (atomically;
-    the metrics plus a ``settings`` entry) and, with ``pictures``, cmc.png, ranked_best.png,
+    the metrics plus a ``settings`` entry, to which ``record``'s entries are added: ``dpm-reid eval`` records its
+    weights file there) and, with ``pictures``, cmc.png, ranked_best.png,
     ranked_worst.png and (DPM) masks.png. Under torch.distributed every rank calls it; rank 0 returns the
     metrics, others None."""
     recipe = get_recipe(model_name)
@@ -148,7 +150,7 @@ def evaluate_model(
     method, k1, k2, lambda_value = check_reranking(rerank, k1, k2, lambda_value, metric)
     expansion = _check_aqe(aqe, splits)
     flip, roc = check_flag(None, "flip", flip), check_flag(None, "roc", roc)
-    _check_late_options(device, out_dir, pictures, progress)
+    _check_late_options(device, out_dir, pictures, progress, record)
     transform = recipe.test_transform(image_size)
     common = dict(batch_size=batch_size, num_workers=num_workers, device=device, amp_dtype=amp_dtype, flip=flip)
     common.update(progress=progress)
@@ -162,10 +164,10 @@ def evaluate_model(
     metrics = rank_metrics(distmat, query, gallery, subsets, max_rank, protocol, num_repeats, seed, roc)
     if out_dir is not None:
         protocol_options = dict(max_rank=max_rank, protocol=protocol, multi_query=multi_query)
-        if protocol == "cuhk03":
-            protocol_options.update(num_repeats=num_repeats, seed=seed)
+        protocol_options.update(dict(num_repeats=num_repeats, seed=seed) if protocol == "cuhk03" else {})
         settings = _settings(model_name, splits.name, metric, recipe.test_input_size(image_size), amp_dtype, scoring)
         settings.update(num_query=len(query), num_gallery=len(gallery), flip=flip, roc=roc, **protocol_options)
+        settings.update(record or {})
         context = dict(model=model, splits=splits, model_name=model_name, transform=transform, device=device)
         _write_outputs(out_dir, metrics, settings, pictures, (distmat, query, gallery, subsets), context)
     return metrics
@@ -221,8 +223,10 @@ def _check_aqe(aqe, splits) -> Optional[dict]:
     return expansion
 
 
-def _check_late_options(device, out_dir, pictures, progress) -> None:
+def _check_late_options(device, out_dir, pictures, progress, record) -> None:
     """What the writing would check after the extraction (minutes on a real dataset): now."""
+    if record is not None and not (isinstance(record, dict) and all(isinstance(key, str) for key in record)):
+        raise ValueError(f"record must be a dict of named entries for metrics.json's settings, got {quote(record)}")
     check_flag(None, "pictures", pictures)
     check_flag(None, "progress", progress)
     as_device(device)

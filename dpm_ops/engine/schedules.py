@@ -24,6 +24,9 @@ from dpm_ops.ops._checks import check_int, check_real
 
 SCHEDULES = ("warmup_cosine", "poly", "constant")
 _WARMUP_COSINE = ("warmup", "warmup_init", "lr_min")  # the settings warmup_cosine alone reads
+# the settings each kind leaves unread: a resumed run compares only the others (a run whose config held another
+# kind's, kept and never used, resumes)
+_UNREAD = {"warmup_cosine": ("power",), "poly": _WARMUP_COSINE, "constant": ("power", *_WARMUP_COSINE)}
 
 
 def warmup_cosine_lr(value: float, t: int, total: int, warmup: int, warmup_init: float, lr_min: float) -> float:
@@ -104,9 +107,7 @@ class LRSchedule:
                 f"LRSchedule: a state must be the dict of LRSchedule.state_dict(), got {type(state).__name__}"
             )
         mine = self.state_dict()
-        # only the settings this kind reads: a run whose config held another kind's (kept, never used) resumes
-        unread = {"warmup_cosine": ("power",), "poly": _WARMUP_COSINE, "constant": ("power", *_WARMUP_COSINE)}
-        differ = [k for k in mine if k != "t" and k not in unread[self.kind] and state.get(k) != mine[k]]
+        differ = [k for k in mine if k != "t" and k not in _UNREAD[self.kind] and state.get(k) != mine[k]]
         if differ:
             raise ValueError(f"schedule settings differ from the checkpoint's: {', '.join(differ)}")
         self.step(state["t"])

@@ -62,7 +62,7 @@ def plot_cmc(metrics_or_cmc, out_png, *, title: Optional[str] = None) -> str:
     ax.set_xlabel("rank")
     ax.set_ylabel("matching rate (%)")
     longest = max(len(c) for c in curves.values())
-    ax.set_xlim(1, longest) if longest > 1 else ax.set_xlim(0.5, 1.5)  # one rank: (1, 1) was a degenerate axis
+    ax.set_xlim((1, longest) if longest > 1 else (0.5, 1.5))  # one rank: (1, 1) was a degenerate axis
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right")
     ax.set_title(title or "CMC")

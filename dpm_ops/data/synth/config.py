@@ -114,7 +114,8 @@ class SynthConfig:
         _check_int("ids", self.ids, 2, 4999, "one train and one test identity; 4-digit pids")
         _check_int("cameras", self.cameras, 2, 9, "Market names hold one camera digit")
         if self.id_cameras is None:
-            object.__setattr__(self, "id_cameras", (2, min(DEFAULT_ID_CAMERAS[1], int(self.cameras))))
+            low, high = DEFAULT_ID_CAMERAS
+            object.__setattr__(self, "id_cameras", (low, min(high, int(self.cameras))))
         # upper bounds keep a typo from asking for gigabytes: every camera's background is
         # 2 * width * supersample by height * supersample, and JPEG stops at 65535 anyway
         _check_int("width", self.width, 16, MAX_WIDTH, "re-ID person crops are small")
