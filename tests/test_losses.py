@@ -366,7 +366,11 @@ def test_loss_modules_check_their_options_when_built(build, needle):
 # ---------------------------------------------------------------- DPM total (dpm.md §6) and the baseline
 
 
+LABELS = torch.tensor([0, 0, 1, 1, 2, 2, 4, 4])
+
+
 def fake_dpm_output(batch=8, classes=5, dim=12, heads=12, patches=30, seed=0):
+    """A DPMTrainOutput of a model called with LABELS (``margin_labels``)."""
     generator = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
@@ -378,6 +382,7 @@ def fake_dpm_output(batch=8, classes=5, dim=12, heads=12, patches=30, seed=0):
         randn(batch, dim),
         torch.rand(batch, dim, generator=generator, **DOUBLE),
         randn(batch, heads, patches),
+        LABELS[:batch],
     )
 
 
@@ -388,7 +393,7 @@ def test_dpm_loss_combines_terms_per_spec(hem_weight):
     output = fake_dpm_output()
 
     def ours(plain, masked, feature, hem_logits):  # the mask enters through masked_logits only
-        return DPMLoss(hem_weight=hem_weight)(DPMTrainOutput(plain, masked, feature, output.mask, hem_logits), labels)
+        return DPMLoss(hem_weight=hem_weight)(DPMTrainOutput(plain, masked, feature, output.mask, hem_logits, labels), labels)
 
     def reference(plain, masked, feature, hem_logits):
         id_loss = (
@@ -414,6 +419,17 @@ def test_dpm_loss_defaults_terms_and_outer_weights():
     branches = DPMLoss(plain_weight=0.25, masked_weight=0.75)(output, labels)
     expected = 0.25 * terms["id_plain"] + 0.75 * terms["id_masked"] + 0.1 * terms["hem"] + terms["triplet"]
     torch.testing.assert_close(branches, expected)
+
+
+def test_dpm_loss_refuses_logits_without_the_margin_of_its_labels():
+    # A train output made without labels has no ArcFace margin in masked_logits, one made with other labels
+    # has it on other targets: either trained a different loss, silently.
+    output = fake_dpm_output()
+    with pytest.raises(ValueError, match=r"^DPMLoss: the output's masked_logits carry no ArcFace margin"):
+        DPMLoss()(output._replace(margin_labels=None), LABELS)
+    with pytest.raises(ValueError, match=r"^DPMLoss: labels must be those the model was called with"):
+        DPMLoss()(output, LABELS.flip(0))
+    torch.testing.assert_close(DPMLoss()(output, LABELS.clone()), DPMLoss()(output, LABELS))
 
 
 def test_dpm_loss_from_loss_inputs_takes_the_models_margin_and_the_branch_weights():

@@ -164,7 +164,7 @@ def test_models_losses_data_evaluation(tmp_path, monkeypatch, capsys):
     )
 
     out = ns["out"]
-    assert out._fields == ("plain_logits", "masked_logits", "feature", "mask", "hem_logits")
+    assert out._fields == ("plain_logits", "masked_logits", "feature", "mask", "hem_logits", "margin_labels")
     assert out.plain_logits.shape == out.masked_logits.shape == (4, 702)
     terms = DPMLoss().terms(out, pids)
     weighted = 0.5 * terms["id_plain"] + 0.5 * terms["id_masked"] + 0.1 * terms["hem"] + terms["triplet"]

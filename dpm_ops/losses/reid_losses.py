@@ -18,7 +18,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dpm_ops._precision import at_least_fp32
-from dpm_ops.ops._checks import MAX_COEFFICIENT, check_finite, check_label_range, check_labels, check_real
+from dpm_ops.ops._checks import (
+    MAX_COEFFICIENT,
+    check_finite,
+    check_label_range,
+    check_labels,
+    check_real,
+    values_hidden,
+)
 
 from .arcface import masked_arcface_cross_entropy
 from ._options import backend_of_fused, check_backend_name
@@ -36,6 +43,20 @@ def _check_output(loss: str, output, fields: tuple, expected: str) -> None:
     if len(set(batches.values())) > 1:
         held = ", ".join(f"{field} {batch}" for field, batch in batches.items())
         raise ValueError(f"{loss}: the output's tensors must hold one batch, got {held} samples")
+
+
+def _check_margin_labels(margin_labels, labels) -> None:
+    """The ArcFace margin of ``masked_logits`` sits on the targets of the labels the model was called with: a
+    call without labels (no margin) or with others trained a silently different loss."""
+    if margin_labels is None:
+        raise ValueError(
+            "DPMLoss: the output's masked_logits carry no ArcFace margin (the model was called without labels): "
+            "call it as model(images, cam_label, labels)"
+        )
+    if margin_labels is labels or values_hidden():
+        return
+    if margin_labels.shape != labels.shape or not torch.equal(margin_labels.to(labels.device), labels):
+        raise ValueError("DPMLoss: labels must be those the model was called with (its ArcFace margin's targets)")
 
 
 def _cross_entropy(loss: str, logits: torch.Tensor, labels, name: str = "logits") -> torch.Tensor:
@@ -105,6 +126,7 @@ class DPMLoss(nn.Module):
                 "id_plain": _cross_entropy("DPMLoss", output.plain_logits, labels, "plain_logits"),
                 "id_masked": _cross_entropy("DPMLoss", output.masked_logits, labels, "masked_logits"),
             }
+            _check_margin_labels(getattr(output, "margin_labels", None), labels)
         terms["hem"] = hem_loss(output.hem_logits, backend=self.backend)
         terms["triplet"] = batch_hard_soft_margin_triplet(output.feature, labels, backend=self.backend)
         return terms

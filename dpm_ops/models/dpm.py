@@ -120,6 +120,7 @@ class DPMTrainOutput(NamedTuple):
     feature: torch.Tensor  # (B, C) pre-BN CLS feature (triplet loss, test descriptor)
     mask: torch.Tensor  # (B, C) soft channel mask
     hem_logits: torch.Tensor  # (B, heads, N) last block's pre-softmax CLS->patch logits
+    margin_labels: Optional[torch.Tensor] = None  # the labels given to forward (None: no margin; DPMLoss refuses)
 
 
 class DPMLossInputs(NamedTuple):
@@ -261,7 +262,7 @@ class DPM(nn.Module):
             bn_feature, mask, self.classifier.weight, labels, self.arcface_scale, self.arcface_margin, self.easy_margin
         )
         return DPMTrainOutput(
-            self.classifier(bn_feature), masked_logits, features.cls_feature, mask, features.cls_logits
+            self.classifier(bn_feature), masked_logits, features.cls_feature, mask, features.cls_logits, labels
         )
 
     def optimizer_param_groups(self, **options) -> DPMParamGroups:
