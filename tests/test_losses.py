@@ -393,7 +393,9 @@ def test_dpm_loss_combines_terms_per_spec(hem_weight):
     output = fake_dpm_output()
 
     def ours(plain, masked, feature, hem_logits):  # the mask enters through masked_logits only
-        return DPMLoss(hem_weight=hem_weight)(DPMTrainOutput(plain, masked, feature, output.mask, hem_logits, labels), labels)
+        return DPMLoss(hem_weight=hem_weight)(
+            DPMTrainOutput(plain, masked, feature, output.mask, hem_logits, labels), labels
+        )
 
     def reference(plain, masked, feature, hem_logits):
         id_loss = (
