@@ -491,6 +491,10 @@ def test_param_groups_follow_spec():
         is_bias = group["name"] == "biases"
         assert group["lr"] == pytest.approx(0.016 if is_bias else 0.008)
         assert all(names[id(p)].endswith(".bias") == is_bias for p in group["params"])
+    # the official make_optimizer decays the mask generator's weights by WEIGHT_DECAY_BIAS too
+    split = model.optimizer_param_groups(weight_decay=1e-4, weight_decay_bias=0.0)
+    assert [g["weight_decay"] for g in split.main] == [1e-4, 0.0]
+    assert [g["weight_decay"] for g in split.mask_generator] == [0.0, 0.0]
     with torch.device("meta"):
         full = build_model("dpm", 702, 8)
     full_groups = full.optimizer_param_groups()
@@ -794,3 +798,24 @@ def test_the_largest_vits_are_within_the_bounds():
 
     checked_vit_options("vit", embed_dim=1664, depth=48, num_heads=16, mlp_ratio=64 / 13)  # ViT-G/14: 1.8 B weights
     checked_vit_options("vit", img_size=(4096, 4096), patch_size=32, stride=32, depth=64)  # 128 x 128 patches
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_the_dpm_recipe_weighs_its_summed_hem_term_by_the_processes(monkeypatch, world_size):
+    """HEM is summed over the batch and DDP averages the ranks' gradients: on two processes each rank's half
+    weighed half as much as in one process of the whole batch (the mean-reduced terms were unchanged)."""
+    from dpm_ops.engine import distributed, load_config
+    from dpm_ops.engine.recipes import dpm as dpm_recipe
+    from dpm_ops.engine.recipes import get_recipe
+
+    monkeypatch.setattr(distributed, "current", lambda: distributed.DistInfo(world_size=world_size))
+    made = []
+    monkeypatch.setattr(dpm_recipe, "DPMLoss", lambda *weights: made.append(DPMLoss(*weights)) or made[-1])
+    config = load_config("synthetic_dpm")
+    get_recipe("dpm").build_stages(tiny_dpm(), config, {"pk": 4})
+    (criterion,) = made
+    assert criterion.hem_weight == pytest.approx(config["loss"]["hem_weight"] * world_size)
+    assert (criterion.id_weight, criterion.triplet_weight) == (
+        config["loss"]["id_weight"],
+        config["loss"]["triplet_weight"],
+    )

@@ -267,9 +267,13 @@ class DPM(nn.Module):
 
     def optimizer_param_groups(self, **options) -> DPMParamGroups:
         """Groups for DPM's two SGD optimizers (momentum 0.9 is the optimizer's argument); ``options``
-        are ``sgd_param_groups``'s (base_lr, weight_decay, bias_lr_factor, weight_decay_bias)."""
+        are ``sgd_param_groups``'s (base_lr, weight_decay, bias_lr_factor, weight_decay_bias). As the
+        official code, every mask-generator parameter, weights included, decays by ``weight_decay_bias``."""
         mask_params = {id(p) for p in self.mask_generator.parameters()}
         main = [(n, p) for n, p in self.named_parameters() if id(p) not in mask_params]
+        mask_options = dict(options)
+        if options.get("weight_decay_bias") is not None:  # official make_optimizer: weights too, in Moptimizer
+            mask_options["weight_decay"] = options["weight_decay_bias"]
         return DPMParamGroups(
-            sgd_param_groups(main, **options), sgd_param_groups(self.mask_generator.named_parameters(), **options)
+            sgd_param_groups(main, **options), sgd_param_groups(self.mask_generator.named_parameters(), **mask_options)
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dpm_ops.losses import DPMLoss
 from dpm_ops.models import DPM
 
+from .. import distributed
 from .base import StepContext, ViTRecipe, loss_record, make_optimizer, param_group_options, scheduled_stage
 
 
@@ -44,8 +45,11 @@ class DPMRecipe(ViTRecipe):
         mask_lr = solver["mask_lr"] if solver["mask_lr"] is not None else solver["base_lr"]
         mask = make_optimizer(config, model.optimizer_param_groups(base_lr=mask_lr, **common).mask_generator)
         loss = config["loss"]
+        # HEM is summed over the batch; DDP averages the ranks' gradients, which divided its weight by the
+        # number of processes: times world_size, a rank's share weighs as in one process of the whole batch
+        hem_weight = loss["hem_weight"] * distributed.current().world_size
         criterion = DPMLoss(
-            loss["hem_weight"], loss["id_weight"], loss["triplet_weight"], loss["plain_weight"], loss["masked_weight"]
+            hem_weight, loss["id_weight"], loss["triplet_weight"], loss["plain_weight"], loss["masked_weight"]
         )
         two_pass = solver["two_pass"]
 
