@@ -1029,6 +1029,37 @@ def test_masks_in_an_alpha_channel_and_label_images(tmp_path):
         read_mask(str(tmp_path / "labels.png"))
 
 
+def test_palette_masks_cutouts_given_as_images_and_voc_label_maps(tmp_path):
+    """A palette cutout's transparency and an RGBA cutout given as a PIL image were read by brightness; a VOC
+    label map (the segmentation network's argmax) by its colours' brightness: car and train pixels were the
+    person's foreground, a dark person was background."""
+    from dpm_ops.data.image_io import VOC_PALETTE, as_mask
+    from dpm_ops.data.transforms import build_transforms
+
+    person = np.zeros((16, 8), bool)
+    person[4:12, 2:6] = True
+    colours = np.random.RandomState(0).randint(0, 60, (16, 8, 3)).astype(np.uint8)  # a dark person, dark ground
+    cutout = Image.fromarray(np.dstack([colours, person.astype(np.uint8) * 255]), "RGBA")
+    assert np.array_equal(np.asarray(as_mask(cutout, "m")) > 0, person)
+    cutout.quantize(32).save(tmp_path / "palette_cutout.png")  # transparency kept as the palette's tRNS
+    assert np.array_equal(np.asarray(read_mask(str(tmp_path / "palette_cutout.png"))) > 0, person)
+    labels = np.where(person, 15, 0).astype(np.uint8)  # VOC: 15 person, 7 car, 19 train, 255 void
+    labels[:2], labels[-2:], labels[4, 0] = 7, 19, 255
+    label_map = Image.fromarray(labels, "P")
+    label_map.putpalette(VOC_PALETTE)
+    label_map.save(tmp_path / "voc.png")
+    assert np.array_equal(np.asarray(read_mask(str(tmp_path / "voc.png"))) > 0, person)
+    assert np.array_equal(np.asarray(as_mask(label_map, "m")) > 0, person)
+    davis = Image.fromarray(person.astype(np.uint8), "P")  # an object mask in the same palette: index 1
+    davis.putpalette(VOC_PALETTE)
+    assert np.array_equal(np.asarray(as_mask(davis, "m")) > 0, person)
+    # a same-size 0 / 1 'L' mask given to pair() was thresholded to all background, unchecked
+    with pytest.raises(DatasetError, match=r"mask given to pair\(\) holds values 0\.\.1: a label image\?"):
+        build_transforms("maskreid", train=False).pair(
+            Image.fromarray(colours), Image.fromarray(person.astype(np.uint8))
+        )
+
+
 def test_a_count_warning_points_at_the_callers_line(tmp_path):
     make_market_tree(tmp_path)
     with warnings.catch_warnings(record=True) as caught:

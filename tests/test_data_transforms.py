@@ -147,6 +147,20 @@ def test_random_erasing_area_fill_and_probability():
     assert torch.equal(whole(torch.zeros(3, 8, 8), generator(0)), torch.zeros(3, 8, 8))
 
 
+def test_random_erasing_noise_follows_the_pipelines_scale():
+    """MaskReID's pipeline works in grey levels (std 1/255): timm's N(0, 1) noise erased to a flat grey patch."""
+    tensor = torch.zeros((3, 64, 32))
+    erase = RandomErasing(1.0, area=(0.3, 0.3), noise_std=(2.0, 2.0, 2.0))
+    noise = erase(tensor, generator(0))
+    assert 1.6 < noise[noise != 0].std().item() < 2.4
+    maskreid = build_transforms("maskreid", train=True, erasing=1.0)
+    (erasing,) = [step for step in maskreid.transforms if isinstance(step, RandomErasing)]
+    assert erasing.noise_std == pytest.approx((127.5, 127.5, 127.5))  # DPM's N(0, 1) at std 0.5, in grey levels
+    for bad in ((1.0, 1.0), (1.0, 0.0, 1.0), "1"):
+        with pytest.raises(ValueError, match=r"^RandomErasing: noise_std must"):
+            RandomErasing(noise_std=bad)
+
+
 def test_random_erasing_count_splits_the_area_and_rand_fills_per_channel():
     tensor = torch.full((3, 200, 200), 5.0)
     erase = RandomErasing(1.0, area=(0.03, 0.03), mode="rand", max_count=3)

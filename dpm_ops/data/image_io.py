@@ -14,6 +14,9 @@ from .errors import DatasetError, DatasetNotFoundError
 # A mask pixel is foreground when its 8-bit value is at least this (1-bit PNGs read as 0/255).
 MASK_THRESHOLD = 128
 
+# Pascal VOC's label maps (what an FCN trained on it gives): 21 classes, the person is class 15.
+VOC_CLASSES, VOC_PERSON = 21, 15
+
 # Greyscale modes holding 16-bit samples (PNG / TIFF); "I" is what 32-bit integer files open as.
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
@@ -100,14 +103,43 @@ def read_mask(path: str, expected_size: tuple[int, int] | None = None) -> Image.
     return _binary(mask, path, expected_size)
 
 
+def _voc_colour(index: int) -> tuple[int, int, int]:
+    """Pascal VOC's label colour of class ``index``: its bits spread over the channels' high bits."""
+    rgb = [0, 0, 0]
+    for shift in range(7, -1, -1):
+        for channel in range(3):
+            rgb[channel] |= ((index >> channel) & 1) << shift
+        index >>= 3
+    return rgb[0], rgb[1], rgb[2]
+
+
+VOC_PALETTE = [value for index in range(VOC_CLASSES) for value in _voc_colour(index)]
+
+
 def _mask_levels(mask: Image.Image) -> Image.Image:
     """A mask's 'L' levels: its alpha channel where it has transparency (a cutout: RGB holds the person's pixels,
-    whose grey levels were read as the mask), else its grey levels."""
+    whose grey levels were read as the mask; a palette image's transparency too), the person class of a label
+    map in VOC's palette (the segmentation network's argmax: car or train colours read as bright as a person's),
+    else its grey levels."""
+    if mask.mode in ("P", "PA"):
+        if mask.mode == "PA" or "transparency" in mask.info:
+            mask = mask.convert("RGBA")
+        elif (mask.getpalette() or [])[: len(VOC_PALETTE)] == VOC_PALETTE:
+            return _voc_foreground(mask)
     if "A" in mask.getbands():
         alpha = mask.getchannel("A")
         if alpha.getextrema()[0] < 255:
             return alpha
     return mask.convert("L")
+
+
+def _voc_foreground(mask: Image.Image) -> Image.Image:
+    """A VOC-palette label map's person pixels (class 15); one holding class 1 alone (DAVIS-style object masks
+    share the palette: index 1 is the object) its class-1 pixels. 0 is background, 255 VOC's "void" border."""
+    labels = np.asarray(mask)
+    classes = set(np.unique(labels).tolist()) - {0, 255}
+    foreground = labels == (1 if classes == {1} else VOC_PERSON)
+    return Image.fromarray(foreground.astype(np.uint8) * 255, "L")
 
 
 def _array(value: np.ndarray, name: str, kind: str, dtypes: tuple, channels: tuple) -> np.ndarray:
@@ -146,6 +178,8 @@ def as_mask(mask, name: str, expected_size: tuple[int, int] | None = None) -> Im
         return _binary(
             Image.fromarray(values.astype(np.uint8) * 255 if values.dtype == np.bool_ else values), name, expected_size
         )
-    if isinstance(mask, Image.Image):
-        return _binary(_to_8bit(mask, name, "mask").convert("L"), name, expected_size)
+    if isinstance(mask, Image.Image):  # read as a file's pixels are (an RGBA cutout was read by its brightness)
+        if 0 in mask.size:
+            raise ValueError(f"{name} is an empty mask ({mask.width} x {mask.height} pixels)")
+        return _binary(_mask_levels(_to_8bit(mask, name, "mask")), name, expected_size)
     raise ValueError(f"{name} must be a mask path, a PIL image or a bool / uint8 array, got {type(mask).__name__}")

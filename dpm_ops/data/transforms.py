@@ -35,6 +35,7 @@ from dpm_ops.ops._checks import (
     check_known_options,
     check_real,
     is_integer,
+    quote,
 )
 
 from .image_io import as_mask, as_rgb
@@ -106,8 +107,9 @@ class Compose(Transform):
 
     def pair(self, image, mask, generator=None):
         image = self._rgb(image)
-        if not (isinstance(mask, Image.Image) and mask.mode == "L" and mask.size == image.size):
-            mask = as_mask(mask, "given to pair()", image.size)  # another size was stretched to the image's silently
+        # every mask read as the files are: another size was stretched to the image's, a 0 / 1 'L' label
+        # image thresholded to all background, silently
+        mask = as_mask(mask, "given to pair()", image.size)
         for transform in self.transforms:
             image, mask = transform.pair(image, mask, generator)
         return image, mask
@@ -279,6 +281,7 @@ class RandomErasing(Transform):
     each of area U(area) * image area / count and log-uniform aspect ratio in ``aspect``, trying up
     to ``attempts`` times per rectangle to fit it inside the image. ``mode``: ``"pixel"`` fills with
     per-pixel N(0, 1) noise, ``"rand"`` with one N(0, 1) value per channel, ``"const"`` with 0.
+    ``noise_std`` scales the noise per channel (1: timm's, for data normalised to about unit spread).
     """
 
     def __init__(
@@ -289,6 +292,7 @@ class RandomErasing(Transform):
         mode: str = "pixel",
         max_count: int = 1,
         attempts: int = 10,
+        noise_std: Sequence[float] = (1.0, 1.0, 1.0),
     ):
         if mode not in ("pixel", "rand", "const"):
             raise ValueError(f"RandomErasing: mode must be 'pixel', 'rand' or 'const', got {mode!r}")
@@ -299,6 +303,9 @@ class RandomErasing(Transform):
         self.mode = mode
         self.max_count = check_int("RandomErasing", "max_count", max_count, 1)
         self.attempts = check_int("RandomErasing", "attempts", attempts, 1)
+        if not (isinstance(noise_std, (tuple, list)) and len(noise_std) == 3):
+            raise ValueError(f"RandomErasing: noise_std must hold 3 values (R, G, B), got {quote(noise_std)}")
+        self.noise_std = tuple(check_real("RandomErasing", "noise_std", v, 0, low_open=True) for v in noise_std)
 
     def __call__(self, tensor, generator=None):
         if torch.rand((), generator=generator).item() >= self.probability:
@@ -323,11 +330,15 @@ class RandomErasing(Transform):
         return tensor
 
     def _fill(self, channels, height, width, dtype, generator) -> torch.Tensor:
-        if self.mode == "pixel":
-            return torch.randn((channels, height, width), generator=generator, dtype=dtype)
-        if self.mode == "rand":
-            return torch.randn((channels, 1, 1), generator=generator, dtype=dtype)
-        return torch.zeros((channels, 1, 1), dtype=dtype)
+        if self.mode == "const":
+            return torch.zeros((channels, 1, 1), dtype=dtype)
+        size = (channels, height, width) if self.mode == "pixel" else (channels, 1, 1)
+        noise = torch.randn(size, generator=generator, dtype=dtype)
+        return (
+            noise
+            if self.noise_std == (1.0, 1.0, 1.0)
+            else noise * torch.tensor(self.noise_std, dtype=dtype).view(-1, 1, 1)
+        )
 
 
 def _checked_range(name: str, value) -> tuple[float, float]:
@@ -393,8 +404,9 @@ def maskreid_train_transforms(
         ToTensor(),
         Normalize(mean, std),
     ]
-    if erasing > 0:
-        steps.append(RandomErasing(probability=erasing, mode="pixel"))
+    if erasing > 0:  # DPM's noise in grey levels (N(0, 1) at its std 0.5: 127.5), whatever this pipeline's scale
+        noise_std = tuple(dpm / own for dpm, own in zip(DPM_STD, std))
+        steps.append(RandomErasing(probability=erasing, mode="pixel", noise_std=noise_std))
     return Compose(steps)
 
 
