@@ -2,6 +2,7 @@
 ValueError naming the argument, on every backend, or a defined correct answer; never a crash, a
 torch TypeError / IndexError or a silently wrong number."""
 
+import math
 import functools
 import warnings
 
@@ -243,10 +244,14 @@ def test_eps_must_be_a_normal_number_of_the_compute_dtype(backend, dtype, least)
     x, mask, protos, logits = (t.to(device) for t in (x, mask, protos, logits))
     cosine = functools.partial(masked_cosine, x, mask, protos)
     hem = functools.partial(hem_loss, logits)
-    for call, op in ((cosine, "masked_cosine"), (hem, "hem_loss")):
-        with pytest.raises(ValueError, match=f"^{op}: eps must be finite and >= {least}, the smallest normal"):
-            call(eps=torch.finfo(dtype).tiny / 4, backend=backend)
-        at_least = dict(eps=torch.finfo(dtype).tiny)
+    # masked_cosine's eps floors norms computed from their squares: at least the square root (below it a tiny row's
+    # norm underflowed to 0 and the smaller eps took its place: cosines of -4e4)
+    sqrt_least = f"{math.sqrt(torch.finfo(dtype).tiny):.6g}"
+    for call, op, floor in ((cosine, "masked_cosine", True), (hem, "hem_loss", False)):
+        message = f"{sqrt_least}, the square root of the smallest normal" if floor else f"{least}, the smallest normal"
+        with pytest.raises(ValueError, match=f"^{op}: eps must be finite and >= {message}"):
+            call(eps=(math.sqrt(torch.finfo(dtype).tiny) if floor else torch.finfo(dtype).tiny) / 4, backend=backend)
+        at_least = dict(eps=math.sqrt(torch.finfo(dtype).tiny) if floor else torch.finfo(dtype).tiny)
         got, expected = call(**at_least, backend=backend), call(**at_least, backend="reference")
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -549,7 +554,11 @@ def _raw_op_cases(device):
         ("masked_cosine", (x, x[:3], x, 1e-12), "masked_cosine: mask must have the shape of x"),
         ("masked_cosine", (x, x, x[:, :3], 1e-12), "masked_cosine: protos must have C = 4 columns like x, got 3"),
         ("masked_cosine", (x, x, x, 0.0), "masked_cosine: eps must be"),
-        ("masked_cosine", (x, x, x, 1e-40), "masked_cosine: eps must be finite and >= 1.17549e-38, the smallest"),
+        (
+            "masked_cosine",
+            (x, x, x, 1e-40),
+            "masked_cosine: eps must be finite and >= 1.0842e-19, the square root of the smallest normal",
+        ),
         ("masked_cosine", (x, x.double(), x, 1e-12), "masked_cosine: x, mask and protos must share one dtype"),
         (
             "hierarchical_mask_pool",

@@ -167,6 +167,29 @@ def test_pooled_values_do_not_depend_on_the_mask_scale(backend, mode, dtype, sca
     assert bool((expected != 0).any())
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype, small", [(torch.float16, 1e-9), (torch.float32, 1e-60), (torch.float64, 1e-300)])
+def test_max_pools_over_every_cell_of_a_positive_weight(backend, dtype, small):
+    """Max mode takes the cells of weight w > 0: float16 maps had their weights in float16, where one below 6e-8
+    of the sample's largest was 0 (and float32 ones below 1e-45): its cell was left out."""
+    if dtype == torch.float16 and backend in ("cuda", "triton") and not torch.cuda.is_available():
+        pytest.skip("fp16 GPU kernels run on GPU")
+    device = device_for(backend)
+    features = [torch.tensor([[[[0.0, 5.0]]]], dtype=dtype, device=device)]
+    mask = torch.tensor([[[[1.0, small]]]], dtype=torch.float64, device=device)
+    assert hierarchical_mask_pool(features, mask, "max", backend=backend).tolist() == [[5.0]]
+    (average,) = hierarchical_mask_pool(features, mask, "avg", backend=backend).flatten().tolist()
+    assert 0 <= average < 1e-37  # 5 x the small weight; for float32 at most 5 x its smallest normal
+
+
+def test_reference_resizes_a_half_precision_mask_in_float32():
+    """A float16 mask's area averages underflowed to 0 in float16 (the kernels resize in float32)."""
+    mask = torch.zeros(1, 1, 1, 8192, dtype=torch.float16)
+    mask[..., 0], mask[..., 4096] = 1.0, 1e-4
+    x = torch.tensor([[[[0.0, 5.0]]]], dtype=torch.float16)
+    assert hierarchical_mask_pool_reference([x], mask, "max").tolist() == [[5.0]]
+
+
 def test_reference_computes_half_precision_in_float32():
     """fp16 maps whose weighted sums exceed float16's range pool as in float32 (the kernels' rule)."""
     x = torch.full((1, 2, 4, 4), 60000.0, dtype=torch.float16)

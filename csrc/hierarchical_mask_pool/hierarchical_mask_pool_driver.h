@@ -42,7 +42,9 @@ inline bool check_inputs(at::TensorList features, const std::optional<at::Tensor
                           m.size(3) > 0,
                       "hierarchical_mask_pool: mask must be (B, 1, H, W) with B = ", first.size(0), ", got ",
                       m.sizes());
-    TORCH_CHECK_VALUE(m.scalar_type() == first.scalar_type() && m.device() == first.device(),
+    // the features' dtype or their compute type (float16 maps' weights in float32: small ones survive)
+    const bool dtype_ok = m.scalar_type() == first.scalar_type() || m.scalar_type() == compute_type(first.scalar_type());
+    TORCH_CHECK_VALUE(dtype_ok && m.device() == first.device(),
                       "hierarchical_mask_pool: mask must share dtype and device with the features");
   }
   return mode == "max";

@@ -56,9 +56,11 @@ inline void check_inputs(const at::Tensor& x, const at::Tensor& mask, const at::
   TORCH_CHECK_VALUE(mask.device() == x.device() && protos.device() == x.device(),
               "masked_cosine: x, mask and protos must be on one device, got ", x.device(), ", ",
               mask.device(), ", ", protos.device());
-  const double least_eps = smallest_normal(x.scalar_type());
+  // eps floors norms computed from their squares: below the square root of the smallest normal number a norm
+  // underflows to 0 and a smaller eps takes its place
+  const double least_eps = std::sqrt(smallest_normal(x.scalar_type()));
   TORCH_CHECK_VALUE(eps >= least_eps && std::isfinite(eps), "masked_cosine: eps must be finite and >= ", least_eps,
-                    ", the smallest normal ", compute_type(x.scalar_type()), " number, got ", eps);
+                    ", the square root of the smallest normal ", compute_type(x.scalar_type()), " number, got ", eps);
 }
 
 // The backward's grad and out (B, K) in x's dtype, den_sq (B, K) in its compute type, as the forward gives them.

@@ -288,16 +288,20 @@ def check_number(op: str, name: str, value, positive: bool = False) -> float:
     return float(value)
 
 
-def check_eps(op: str, eps, dtype: torch.dtype) -> float:
-    """A norm's eps (its floor, or an addend of its square) for input of `dtype`: finite and at least the
-    smallest normal number of the compute dtype (1.2e-38 in float32, where the kernels compute): a subnormal
-    eps may be flushed to 0, and a zero row divided by it (NaN)."""
+def check_eps(op: str, eps, dtype: torch.dtype, floors_a_norm: bool = False) -> float:
+    """A norm's eps for input of `dtype`: an addend of its square, at least the smallest normal number of the
+    compute dtype (1.2e-38 in float32, where the kernels compute: a subnormal eps may be flushed to 0, and a
+    zero row divided by it, NaN); with ``floors_a_norm`` the norm's floor, at least that number's square root
+    (1.1e-19 in float32): a norm below it, computed from its square, underflowed to 0 and took a smaller floor's
+    place (cosines of -4e4 at eps 1e-30)."""
     value = check_number(op, "eps", eps, positive=True)
     compute = compute_dtype(dtype)
     least = torch.finfo(compute).tiny
+    what = f"the smallest normal {str(compute).removeprefix('torch.')} number"
+    if floors_a_norm:
+        least, what = math.sqrt(least), f"the square root of {what} (norms are computed from their squares)"
     if value < least:
-        name = str(compute).removeprefix("torch.")
-        raise ValueError(f"{op}: eps must be finite and >= {least:.6g}, the smallest normal {name} number, got {eps!r}")
+        raise ValueError(f"{op}: eps must be finite and >= {least:.6g}, {what}, got {eps!r}")
     return value
 
 

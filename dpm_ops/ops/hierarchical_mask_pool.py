@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import _backend
+from .._precision import compute_dtype
 from ._checks import check_finite, check_from_forward, check_nonnegative, check_result_finite, values_hidden
 from ._declare import declare
 from .hierarchical_mask_pool_reference import hierarchical_mask_pool_reference
@@ -68,13 +69,14 @@ def check_hierarchical_mask_pool_args(features, mask, mode) -> None:
 
 
 def _check_op_args(features, mask, mode) -> None:
-    """The op's arguments: the function's, with the mask already in the features' dtype (the function
-    converts it to normalised weights)."""
+    """The op's arguments: the function's, with the mask already in the features' dtype or their compute dtype
+    (the function passes its normalised weights in the latter)."""
     check_hierarchical_mask_pool_args(features, mask, mode)
-    if mask is not None and mask.dtype != features[0].dtype:
+    dtype = features[0].dtype
+    if mask is not None and mask.dtype not in (dtype, compute_dtype(dtype)):
         raise ValueError(
             "hierarchical_mask_pool: mask must share dtype and device with the features (the op takes the weights "
-            f"in their {features[0].dtype}), got {mask.dtype}"
+            f"in their {dtype} or {compute_dtype(dtype)}), got {mask.dtype}"
         )
 
 
@@ -145,7 +147,7 @@ def hierarchical_mask_pool(
         mask = mask.detach().to(torch.float64)
         check_finite("hierarchical_mask_pool", mask=mask)
         check_nonnegative("hierarchical_mask_pool", mask=mask)
-        mask = _normalized_weights(mask).to(features[0].dtype)
+        mask = _weights_in(compute_dtype(features[0].dtype), _normalized_weights(mask))
     # The mask, small, is checked up front (also in magnitude: it weighs the sums). The maps: a max
     # can skip a NaN (the Triton kernel's does), so max mode checks them before; every average sums
     # all of its map's values (a NaN or inf times a zero weight is NaN), so avg mode finds NaN, inf
@@ -174,6 +176,14 @@ def _normalized_weights(mask: torch.Tensor) -> torch.Tensor:
     mask, largest = mask * lift, largest * lift
     mantissa, _ = torch.frexp(largest)  # largest = mantissa * 2^exponent, mantissa in [0.5, 1)
     return mask * torch.where(largest > 0, 2 * mantissa / largest, 1.0)  # exactly 2^(1 - exponent)
+
+
+def _weights_in(dtype: torch.dtype, weights: torch.Tensor) -> torch.Tensor:
+    """The float64 weights in the kernels' compute dtype (float16 maps' weights in float16 dropped every weight
+    below 6e-8 of the sample's largest: cells a max pools over, w > 0, were left out), a weight too small for
+    it raised to its smallest normal: still > 0, and nothing an average would see."""
+    cast = weights.to(dtype)
+    return torch.where((cast == 0) & (weights > 0), torch.finfo(dtype).tiny, cast)
 
 
 def _check_unweighted_samples(named: dict, mask: torch.Tensor) -> None:

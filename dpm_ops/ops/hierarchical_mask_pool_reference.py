@@ -28,7 +28,7 @@ def hierarchical_mask_pool_reference(features, mask=None, mode: str = "avg") -> 
         if mask is None:
             vectors.append(x.amax((2, 3)) if mode == "max" else x.mean((2, 3)))
             continue
-        w = resize_mask(mask.detach(), x.shape[-2:]).to(x.dtype)
+        w = resize_mask(mask.detach().to(x.dtype), x.shape[-2:])  # a float16 mask's small averages underflowed
         total = w.sum((2, 3))  # (B, 1)
         if mode == "max":
             v = x.masked_fill(w <= 0, float("-inf")).amax((2, 3))

@@ -40,7 +40,7 @@ def check_masked_cosine_args(x, mask, protos, eps, op: str = "masked_cosine", na
         raise ValueError(f"{op}: {together} must share one dtype, got {x.dtype}, {mask.dtype}, {protos.dtype}")
     if mask.device != x.device or protos.device != x.device:
         raise ValueError(f"{op}: {together} must be on one device, got {x.device}, {mask.device}, {protos.device}")
-    check_eps(op, eps, x.dtype)
+    check_eps(op, eps, x.dtype, floors_a_norm=True)
 
 
 def _check_backward_args(grad, x, mask, protos, out, den_sq, eps) -> None:
