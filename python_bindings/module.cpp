@@ -11,9 +11,12 @@
 
 TORCH_LIBRARY(dpm_ops, m) {}
 
-// The engine the certified search's int8 GEMM runs on now, "amx" or "onednn" (csrc/knn/knn_int8_gemm_amx.h).
+// The engine the certified search's int8 GEMM runs on now, "amx" or "onednn" (torch's), None where torch's
+// is not exact in this process (csrc/knn/knn_int8_gemm_amx.h: stage 1 does not run).
 static PyObject* int8_gemm(PyObject*, PyObject*) {
-  return PyUnicode_FromString(dpm_ops::knn::amx_int8_usable() ? "amx" : "onednn");
+  if (dpm_ops::knn::amx_int8_usable()) return PyUnicode_FromString("amx");
+  if (dpm_ops::knn::int_mm_exact()) return PyUnicode_FromString("onednn");
+  Py_RETURN_NONE;
 }
 static PyMethodDef module_methods[] = {{"int8_gemm", int8_gemm, METH_NOARGS, nullptr}, {nullptr, nullptr, 0, nullptr}};
 

@@ -445,6 +445,52 @@ def test_auto_strategy_resolution():
         _use_certified("certified", "reference", 1, 1, 1)
 
 
+def test_auto_leaves_the_int8_gemm_where_it_is_a_scalar_loop():
+    """torch's int8 GEMM runs on oneDNN's VNNI kernels only with torch.backends.mkldnn enabled (and AVX-512
+    VNNI): elsewhere a scalar loop, and "auto" ran 7-16x slower than the direct path."""
+    from dpm_ops.ops.knn import int8_gemm_is_fast
+
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert int8_gemm_is_fast() == (int8_gemm_engine() == "amx")
+
+
+_INEXACT_ONEDNN = (
+    "import torch; from dpm_ops.ops import knn, int8_gemm_engine; g = torch.Generator().manual_seed(1); "
+    "a, b = (torch.randint(-127, 128, (64, 128), generator=g, dtype=torch.int8) for _ in range(2)); "
+    "exact = torch.equal(torch._int_mm(a, b.t()), (a.double() @ b.double().t()).int()); "
+    "x, y = torch.rand(40, 64, generator=g), torch.rand(600, 64, generator=g); "
+    "same = all(torch.equal(p, q) for p, q in zip(knn(x, y, 5, strategy='certified'), knn(x, y, 5, strategy='direct'))); "
+    "print(exact, int8_gemm_engine(), same)"
+)
+
+
+def test_an_inexact_int8_gemm_is_not_used():
+    """oneDNN held below VNNI (ONEDNN_MAX_CPU_ISA=AVX2, a common tuning setting) gives int8 sums that are not
+    exact: stage 1's bounds did not hold and every row of uniform features got wrong neighbours. Its int8 GEMM is
+    probed once: inexact, the certified search runs the direct path and int8_gemm_engine() says None."""
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", DPM_OPS_AMX="0")
+    result = subprocess.run([sys.executable, "-c", _INEXACT_ONEDNN], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    exact, engine, same = result.stdout.split()
+    assert engine == ("onednn" if exact == "True" else "None") and same == "True", result.stdout
+
+
+def test_a_row_too_small_for_an_int8_scale_falls_back_alone():
+    """A float32 row whose largest value lies below 127 / FLT_MAX (3.7e-37) had an infinite inverse scale: its
+    zeros quantised to NaN and the whole call ran the direct path. Now its level is merely coarse."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 64, generator=g), torch.randn(500, 64, generator=g)
+    y[3] = torch.randn(64, generator=g) * 1e-37
+    y[4, :32] = 0.0
+    y[4, 32:] = 1e-38
+    values, indices, counts = torch.ops.dpm_ops.knn_certified(x, y, 5, "sqeuclidean")
+    if int8_gemm_engine() is not None:
+        assert bool((counts >= 0).all())  # stage 1 ran for every row
+    direct = torch.ops.dpm_ops.knn(x, y, 5, "sqeuclidean")
+    assert torch.equal(indices, direct[1])
+    torch.testing.assert_close(values, direct[0], rtol=1e-6, atol=1e-5)
+
+
 _BOUNDS_SUM = (
     "import torch, dpm_ops; g = torch.Generator().manual_seed(3); "
     "x, y = torch.randn(64, 96, generator=g), torch.randn(500, 96, generator=g); "

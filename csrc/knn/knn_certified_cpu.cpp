@@ -678,7 +678,8 @@ std::tuple<at::Tensor, at::Tensor> knn_certified_bounds_cpu(const at::Tensor& x,
   AT_DISPATCH_FLOATING_TYPES(type, "knn_certified_bounds", [&] {
     const auto xq = Stage1Rows<scalar_t>::make(xs), yq = Stage1Rows<scalar_t>::make(ys);
     TORCH_CHECK_VALUE(xq && yq,
-                      "knn_certified_bounds: rows too large (norm > 2^60) or too long (D > 133000) for the bound");
+                      "knn_certified_bounds: rows too large (norm > 2^60) or too long (D > 133000) for the bound, "
+                      "or no exact int8 GEMM in this process (dpm_ops.ops.int8_gemm_engine() is None)");
     Stage1Scratch<scalar_t> s(M, N);
     const int32_t* dots = s.gemm(*xq, 0, M, *yq, 0, N);
     const scalar_t none = std::numeric_limits<scalar_t>::infinity();

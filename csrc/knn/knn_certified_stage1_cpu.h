@@ -53,6 +53,11 @@ template <typename A> struct QuantisedRow {
   A scale;
   double norm2, residual2;
 };
+// 1 / scale, at most `largest` (A's largest finite value): a row whose largest magnitude lies below
+// 127 / largest (3.7e-37 in fp32) had an infinite inverse, its zeros quantised to NaN, and its measured
+// residual past its norm sent the whole call to the direct path. Any inverse is sound: the residual is measured.
+inline double inverse_scale(double scale, double largest) { return scale > 0 ? std::min(1 / scale, largest) : 0; }
+
 template <typename A>
 [[gnu::always_inline]] inline QuantisedRow<A> quantise_row_body(const A* __restrict x, int64_t D,
                                                                 int8_t* __restrict q) {
@@ -69,7 +74,7 @@ template <typename A>
   // measured), so the division may be a multiplication, and in A. The levels and the sums are
   // separate loops so that both vectorise.
   const A sr = A(double(largest) / 127);
-  const A inverse = sr > A(0) ? A(1 / double(sr)) : A(0);
+  const A inverse = A(inverse_scale(double(sr), double(std::numeric_limits<A>::max())));
   for (t = 0; t < D; ++t) q[t] = int8_t(std::min(A(127), std::max(A(-127), std::nearbyint(x[t] * inverse))));
   constexpr int kSumLanes = 8;
   double norm2[kSumLanes] = {}, residual2[kSumLanes] = {};
@@ -101,7 +106,7 @@ DPM_OPS_AVX512_TARGET inline QuantisedRow<float> quantise_row_fp32_avx512(const 
   __m512 top = _mm512_setzero_ps();
   for (int64_t t = 0; t < D; t += 16) top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail(t), x + t)));
   const float sr = float(double(_mm512_reduce_max_ps(top)) / 127);
-  const __m512 inverse = _mm512_set1_ps(sr > 0.0f ? float(1 / double(sr)) : 0.0f);
+  const __m512 inverse = _mm512_set1_ps(float(inverse_scale(sr, std::numeric_limits<float>::max())));
   const __m512d scale = _mm512_set1_pd(sr);
   __m512d norm2 = _mm512_setzero_pd(), residual2 = _mm512_setzero_pd();
   for (int64_t t = 0; t < D; t += 16) {
@@ -150,7 +155,7 @@ template <typename A> struct Stage1Rows {
   // sums, a norm above 2^60 or not finite): the caller then runs the direct path.
   static std::optional<Stage1Rows> make(const Operand& xs) {
     const int64_t N = xs.rows.size(0), D = xs.rows.size(1);
-    if (D > kMaxInt8Dim) return std::nullopt;
+    if (D > kMaxInt8Dim || !(amx_int8_usable() || int_mm_exact())) return std::nullopt;
     const double gamma = D * std::ldexp(1.0, -24) / (1 - D * std::ldexp(1.0, -24));
     const double g = gamma + std::ldexp(1.0, -19);
     Stage1Rows s;

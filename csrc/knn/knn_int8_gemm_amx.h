@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -65,6 +66,35 @@ inline bool amx_int8_usable() {
   if (!amx_int8_supported()) return false;
   const char* choice = std::getenv("DPM_OPS_AMX");
   return choice == nullptr || std::strcmp(choice, "0") != 0;
+}
+
+// Whether at::_int_mm gives exact int32 sums in this process, where stage 1 runs on it. torch runs it on
+// oneDNN, and oneDNN held below VNNI (ONEDNN_MAX_CPU_ISA=AVX2 or AVX512_CORE, a common tuning setting) runs
+// kernels whose sums are not exact (random +-127 levels came out off by thousands: wrong neighbours, bounds
+// that did not hold). Probed once per setting of torch's mkldnn switch (off, torch's own loop is exact), on
+// random levels at the layout stage 1 passes (the column side transposed).
+inline bool int_mm_exact() {
+  static std::atomic<int> known[2] = {-1, -1};
+  std::atomic<int>& state = known[at::globalContext().userEnabledMkldnn() ? 1 : 0];
+  if (state.load() < 0) {
+    constexpr int64_t kRows = 64, kDepth = 128;
+    at::Tensor a = at::empty({kRows, kDepth}, at::kChar), b = at::empty({kRows, kDepth}, at::kChar);
+    int8_t *pa = a.data_ptr<int8_t>(), *pb = b.data_ptr<int8_t>();
+    uint32_t seed = 12345;  // a linear congruential generator's top bytes, -127..127
+    const auto level = [&seed] { return seed = seed * 1664525u + 1013904223u, int8_t(int(seed >> 24) % 255 - 127); };
+    for (int64_t i = 0; i < kRows * kDepth; ++i) pa[i] = level(), pb[i] = level();
+    const at::Tensor got = at::_int_mm(a, b.t()).contiguous();
+    const int32_t* g = got.const_data_ptr<int32_t>();
+    bool exact = true;
+    for (int64_t r = 0; r < kRows && exact; ++r)
+      for (int64_t c = 0; c < kRows && exact; ++c) {
+        int32_t dot = 0;
+        for (int64_t t = 0; t < kDepth; ++t) dot += int32_t(pa[r * kDepth + t]) * int32_t(pb[c * kDepth + t]);
+        exact = g[r * kRows + c] == dot;
+      }
+    state.store(exact ? 1 : 0);
+  }
+  return state.load() == 1;
 }
 
 #ifdef DPM_OPS_AMX_BUILD

@@ -93,19 +93,24 @@ def check_certified_runs(strategy, name: str, op: str = "knn") -> None:
 
 
 def int8_gemm_is_fast() -> bool:
-    """Whether this CPU has int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI or AMX), on which the
-    certified search's stage-1 GEMM runs (int8_gemm_engine(): "amx", the library's own AMX tile
-    kernel, else "onednn", torch's int8 GEMM): ~4x faster than the fp32 GEMM on an AMD EPYC Zen 4 core
-    (oneDNN, VNNI: 434 against 94 GOP/s), ~25x on the Intel Xeon of the README (AMX: ~4.7 TOP/s
-    against ~170 GFLOP/s)."""
-    capability = torch._C._cpu._get_cpu_capability()
-    return any(capability.get(name) for name in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    """Whether the certified search's stage-1 GEMM runs on int8 dot-product instructions here
+    (int8_gemm_engine(): "amx", the library's own AMX tile kernel, or "onednn", torch's int8 GEMM, which
+    takes oneDNN's VNNI kernels where the CPU has AVX-512 VNNI and torch.backends.mkldnn is enabled, and
+    otherwise, AVX-VNNI alone included, a scalar loop that made "auto" 7-16x slower than the direct path):
+    ~4x faster than the fp32 GEMM on an AMD EPYC Zen 4 core (oneDNN, VNNI: 434 against 94 GOP/s), ~25x on
+    the Intel Xeon of the README (AMX: ~4.7 TOP/s against ~170 GFLOP/s)."""
+    engine = int8_gemm_engine()
+    if engine != "onednn":
+        return engine == "amx"
+    return bool(torch._C._cpu._get_cpu_capability().get("avx512_vnni")) and torch.backends.mkldnn.enabled
 
 
 def int8_gemm_engine():
     """Which int8 GEMM the certified search's stage 1 runs on this CPU now: "amx" (the library's AMX tile
     kernel, csrc/knn/knn_int8_gemm_amx.h) or "onednn" (torch's; also where the environment says
-    DPM_OPS_AMX=0, read at each call); None without the C++ extension."""
+    DPM_OPS_AMX=0, read at each call); None where torch's is not exact in this process (oneDNN held below
+    VNNI, e.g. ONEDNN_MAX_CPU_ISA=AVX2: the certified search then runs the direct path) or without the C++
+    extension."""
     module = _backend._EXTENSION[0]
     return None if module is None else module.int8_gemm()
 
