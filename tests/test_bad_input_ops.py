@@ -597,6 +597,36 @@ def _raw_op_cases(device):
         ("batch_hard_triplet", (x, labels.int(), False), "batch_hard_triplet: labels must be int64"),
         ("batch_hard_triplet", (x.half(), labels, False), "batch_hard_triplet: features must be float32 or float64"),
         ("batch_hard_triplet", (x, labels[:2], False), "batch_hard_triplet: labels must be 1-D of length B = 5"),
+        # the checks the C++ ops lacked and their twins made (a NaN or a number, silently)
+        ("hem_loss", (lg[:, :, :0], 1e-6, "sum"), "hem_loss: cls_logits must have at least one head and one patch"),
+        ("hem_loss", (lg[:0], 1e-6, "mean"), r"hem_loss: cls_logits must hold at least one sample \(B >= 1\)"),
+        ("batch_hard_triplet", (x[:0], labels[:0], False), "batch_hard_triplet: features must hold at least one"),
+        (
+            "masked_arcface_ce",
+            (x[:0], x[:0], x[:3], labels[:0], *arcface),
+            "masked_arcface_cross_entropy: features must hold at least one sample",
+        ),
+        (
+            "masked_arcface_ce",
+            (x, x, x[:3], labels, -30.0, 0.5, False, 1e-7, 0.5, 0.5, False),
+            r"masked_arcface_cross_entropy: scale must be a finite number in \(0, 1e\+06\], got -30",
+        ),
+        (
+            "masked_arcface_ce",
+            (x, x, x[:3], labels, 30.0, 0.5, False, 1e-7, -0.5, 0.5, False),
+            r"masked_arcface_cross_entropy: plain_weight must be a finite number in \[0, 1e\+06\], got -0.5",
+        ),
+        (
+            "masked_arcface_ce",
+            (x.where(labels[:, None] != 1, float("nan")), x, x[:3], labels, *arcface),
+            "contains non-finite values",
+        ),
+        ("maskreid_ranking_loss", (x[:0], labels[:0], 0.15, 2.0, "literal", "hardest"), "embeddings must hold at"),
+        (
+            "maskreid_ranking_loss",
+            (x, labels, 0.15, -2.0, "literal", "hardest"),
+            r"maskreid_ranking_loss: lam must be a finite number in \[0, 1e\+06\], got -2",
+        ),
     ]
 
 
@@ -609,3 +639,22 @@ def test_raw_ops_check_their_arguments_on_every_kind(backend, case):
     name, arguments, message = _raw_op_cases(device_for(backend))[case]
     with pytest.raises(ValueError, match=message):
         op_for(name, backend)(*arguments)
+
+
+@pytest.mark.parametrize("backend", backend_params("cpp", "triton"))
+def test_raw_knn_ops_compute_in_the_rows_compute_dtype(backend):
+    """The C++ ops compute in the compute dtype of their rows; the Triton twins ran float16 and float64 rows in
+    float16 (distances returned in float16 where the fake said float64) and failed on float16 alone."""
+    device = device_for(backend)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 5, generator=g).half().to(device), torch.randn(9, 5, generator=g).double().to(device)
+    values, indices = op_for("knn", backend)(x, y, 3, "euclidean")
+    expected = torch.ops.dpm_ops.knn(x.cpu().double(), y.cpu(), 3, "euclidean")
+    assert values.dtype == torch.float64 and torch.equal(indices.cpu(), expected[1])
+    torch.testing.assert_close(values.cpu(), expected[0])
+    for metric in ("euclidean", "cosine"):
+        values, indices = op_for("knn", backend)(x, x, 3, metric)
+        expected = torch.ops.dpm_ops.knn(x.cpu().float(), x.cpu().float(), 3, metric)
+        assert values.dtype == torch.float32 and torch.equal(indices.cpu(), expected[1])
+    values = op_for("self_knn", backend)(x, 3, "sqeuclidean", False, 0)[0]
+    assert values.dtype == torch.float32

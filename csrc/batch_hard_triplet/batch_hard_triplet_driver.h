@@ -9,6 +9,7 @@
 
 #include <tuple>
 
+#include "../common/argument_checks.h"
 #include "../common/no_autocast.h"
 #include "batch_hard_triplet_math.h"
 
@@ -24,6 +25,7 @@ inline void check_inputs(const at::Tensor& features, const at::Tensor& labels) {
                     labels.sizes());
   TORCH_CHECK_VALUE(labels.scalar_type() == at::kLong && labels.device() == features.device(),
                     "batch_hard_triplet: labels must be int64 on the features' device");
+  check_batch("batch_hard_triplet", "features", features);
 }
 
 // Per anchor: the mined pairs and their distances (ap, an), and whether each pair is live.

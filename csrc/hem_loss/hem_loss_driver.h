@@ -7,6 +7,7 @@
 #include <cmath>
 #include <string>
 
+#include "../common/argument_checks.h"
 #include "../common/backward_checks.h"
 #include "../common/compute_type.h"
 
@@ -16,7 +17,9 @@ namespace dpm_ops::hem {
 inline bool check_inputs(const at::Tensor& cls_logits, double eps, const std::string& reduction) {
   TORCH_CHECK_VALUE(cls_logits.dim() == 3, "hem_loss: cls_logits must be 3-D (B, heads, N), got ",
                     cls_logits.dim(), "-D");
-  TORCH_CHECK_VALUE(cls_logits.size(1) > 0, "hem_loss: cls_logits must have at least one head, got shape ",
+  // no token: no attention to diversify (it gave 0.67)
+  TORCH_CHECK_VALUE(cls_logits.size(1) > 0 && cls_logits.size(2) > 0,
+                    "hem_loss: cls_logits must have at least one head and one patch token, got shape ",
                     cls_logits.sizes());
   TORCH_CHECK_VALUE(at::isFloatingType(cls_logits.scalar_type()), "hem_loss: cls_logits must be floating point, got ",
                     cls_logits.scalar_type());
@@ -25,13 +28,11 @@ inline bool check_inputs(const at::Tensor& cls_logits, double eps, const std::st
                     ", the smallest normal ", compute_type(cls_logits.scalar_type()), " number, got ", eps);
   TORCH_CHECK_VALUE(reduction == "sum" || reduction == "mean",
                     "hem_loss: reduction must be 'sum' (official) or 'mean', got '", reduction, "'");
+  if (reduction == "mean") check_batch("hem_loss", "cls_logits", cls_logits);  // the sum of none is 0
   return reduction == "mean";
 }
 
-// The reduction's weight per sample; the mean of no sample is NaN, like torch's.
-inline double sample_weight(int64_t batch, bool mean) {
-  if (!mean) return 1.0;
-  return batch > 0 ? 1.0 / double(batch) : std::nan("");
-}
+// The reduction's weight per sample (a mean has a batch of one or more: check_inputs).
+inline double sample_weight(int64_t batch, bool mean) { return mean ? 1.0 / double(batch) : 1.0; }
 
 }  // namespace dpm_ops::hem

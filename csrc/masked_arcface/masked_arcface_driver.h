@@ -8,6 +8,7 @@
 
 #include <tuple>
 
+#include "../common/argument_checks.h"
 #include "../common/no_autocast.h"
 #include "../masked_cosine/masked_cosine_driver.h"
 #include "masked_arcface_math.h"
@@ -34,7 +35,14 @@ inline void check_inputs(const at::Tensor& features, const at::Tensor& mask, con
   TORCH_CHECK_VALUE(labels.scalar_type() == at::kLong && labels.device() == features.device(),
                     "masked_arcface_cross_entropy: labels must be int64 on the features' device, got ",
                     labels.scalar_type(), " on ", labels.device());
+  check_batch("masked_arcface_cross_entropy", "features", features);
   TORCH_CHECK_VALUE(weight.size(0) > 0, "masked_arcface_cross_entropy: weight must have at least one class");
+  // scale <= 0 flips or flattens the logits; a negative branch weight rewards the loss
+  check_coefficient("masked_arcface_cross_entropy", "scale", p.scale, /*positive=*/true);
+  TORCH_CHECK_VALUE(std::isfinite(p.margin), "masked_arcface_cross_entropy: margin must be a finite number, got ",
+                    p.margin);
+  check_coefficient("masked_arcface_cross_entropy", "plain_weight", p.plain_weight);
+  check_coefficient("masked_arcface_cross_entropy", "masked_weight", p.masked_weight);
   TORCH_CHECK_VALUE(p.clamp_eps >= 0 && p.clamp_eps < 1,
                     "masked_arcface_cross_entropy: clamp_eps must lie in [0, 1), got ", p.clamp_eps);
 }

@@ -7,6 +7,7 @@
 
 #include <string>
 
+#include "../common/argument_checks.h"
 #include "../common/backward_checks.h"
 #include "../common/compute_type.h"
 #include "../common/no_autocast.h"
@@ -27,7 +28,7 @@ inline Options<double> parse_options(double alpha, double lam, const std::string
                     "maskreid_ranking_loss: neg_mode does not apply to pos_mode 'eq4' (no margin, no hinge): leave it "
                     "'literal', got '", neg_mode, "'");
   TORCH_CHECK_VALUE(std::isfinite(alpha), "maskreid_ranking_loss: alpha must be finite, got ", alpha);
-  TORCH_CHECK_VALUE(std::isfinite(lam), "maskreid_ranking_loss: lam must be finite, got ", lam);
+  check_coefficient("maskreid_ranking_loss", "lam", lam);  // a negative pull pushes positives apart
   const PosMode mode = pos_mode == "hardest" ? PosMode::kHardest
                        : pos_mode == "all_eq5" ? PosMode::kAllEq5 : PosMode::kEq4;
   return Options<double>{alpha, lam, neg_mode == "violating_only", mode};
@@ -46,6 +47,7 @@ inline void check_inputs(const at::Tensor& embeddings, const at::Tensor& labels)
   TORCH_CHECK_VALUE(labels.device() == embeddings.device(),
                     "maskreid_ranking_loss: embeddings and labels must be on one device, got ",
                     embeddings.device(), ", ", labels.device());
+  check_batch("maskreid_ranking_loss", "embeddings", embeddings);
 }
 
 // dL/dX = grad · coef X (coef = G + Gᵀ from the forward), in the embeddings' dtype. The same ATen

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .._precision import compute_dtype
 from ..ops._checks import KNN_GPU_MAX_K, check_knn_gpu_k
 from ..ops.knn_certified import TIE_MARGIN, normalized_order, raw_neighbours
 from ..ops.knn_reference import COSINE_EPS, pairwise_distance_reference
@@ -243,9 +244,11 @@ def _scan(x: torch.Tensor, y: torch.Tensor, k: int, metric: str, self_pairs: boo
 
 @on_input_device
 def knn_forward(x: torch.Tensor, y: torch.Tensor, k: int, metric: str):
-    """x (M, D), y (N, D) of one float dtype (float32 or float64), 1 <= k <= min(N, 256)."""
+    """x (M, D), y (N, D), 1 <= k <= min(N, 256); computed in their compute dtype, as the C++ op (a direct call
+    with float16 and float64 rows ran in float16)."""
     check_knn_gpu_k(k, "Triton")
-    return _scan(x, y, k, metric, False, 0)[:2]
+    dtype = compute_dtype(x, y)
+    return _scan(x.to(dtype), y.to(dtype), k, metric, False, 0)[:2]
 
 
 @on_input_device
@@ -264,9 +267,10 @@ def _full_rows(x: torch.Tensor, metric: str, rows: torch.Tensor) -> torch.Tensor
 
 @on_input_device
 def self_knn_forward(x: torch.Tensor, k: int, metric: str, normalize: bool, cross_rows: int):
-    """dpm_ops::self_knn's Triton twin (x float32 or float64): one scan of the full distance matrix's
+    """dpm_ops::self_knn's Triton twin: one scan of the full distance matrix's
     rows (no GEMM tile is shared between programs' lists, as on CUDA); with `normalize` it keeps k + 4
     raw neighbours and orders them as the other backends (ops/knn_certified.normalized_order)."""
+    x = x.to(compute_dtype(x))  # as the C++ op: half rows in float32
     n = x.shape[0]
     m = raw_neighbours(n, k, normalize)
     if m > KNN_GPU_MAX_K:  # the message of csrc/knn/knn_cuda.cpp
