@@ -137,3 +137,17 @@ def scored(folder, weights) -> dict:
     record = json.loads((Path(folder) / "metrics.json").read_text())
     assert record["settings"].pop("weights") == str(Path(weights).resolve())
     return record
+
+
+def run_with_file_size_limit(argv: list, limit: int, **options):
+    """``argv`` in a subprocess whose files cannot grow past ``limit`` bytes (RLIMIT_FSIZE, SIGXFSZ ignored): a
+    write past it fails with EFBIG, as a full disk's with ENOSPC, without a small file system to fill."""
+    import resource
+    import signal
+    import subprocess
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    return subprocess.run(argv, preexec_fn=limited, capture_output=True, text=True, timeout=600, **options)

@@ -644,3 +644,23 @@ def test_config_edge_cases_and_a_long_output_name(tmp_path):
         SynthConfig(hidden_range=(0.1, 10**5000))
     out = generate_synthetic_dataset(tmp_path / ("d" * 235), tiny_synth_config(ids=4), progress=False)
     assert len(build_dataset("synthetic", out).train) > 0
+
+
+def test_a_failed_write_names_the_set_and_keeps_the_earlier_one(tmp_path):
+    """A full disk while the images were written printed "--out: No space left on device: None" (Pillow's error
+    names no file), and named nothing when a run generated its set; the earlier set stays, no staging is left."""
+    import sys
+
+    from engine_utils import run_with_file_size_limit, synth_argv
+
+    out = tmp_path / "set"
+    generate_synthetic_dataset(out, tiny_synth_config(), progress=False)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    argv = [sys.executable, "-m", "dpm_ops", *synth_argv(out), "--force"]
+    result = run_with_file_size_limit(argv, 200, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"dpm-reid synth: error: --out: writing the synthetic set {out} failed: File too large"
+    ), result.stderr[-2000:]
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]

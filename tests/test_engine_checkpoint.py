@@ -525,3 +525,77 @@ def test_any_flipped_bit_loads_the_same_weights_or_is_one_checkpoint_error(tmp_p
             for key, tensor in written["model"].items():  # a loaded file holds what was written
                 assert torch.equal(loaded["model"][key], tensor), (position, bit, key)
     assert outcomes == {"loaded", "refused"}
+
+
+_FAILED_WRITES = """
+import sys, torch
+from pathlib import Path
+from dpm_ops.engine.checkpoint import atomic_write_text, make_checkpoint, save_checkpoint
+folder = Path(sys.argv[1])
+big = make_checkpoint("dpm", {}, {}, {"weight": torch.zeros(100_000)})
+for write in (lambda: save_checkpoint(folder / "last.pt", big), lambda: atomic_write_text(folder / "config.yaml", "x" * 100_000)):
+    try:
+        write()
+    except OSError as error:
+        print(error)
+"""
+
+
+def test_a_failed_write_names_its_file_and_keeps_the_earlier_one(tmp_path):
+    """A full disk's error named no file ("[Errno 28] No space left on device"), or the hidden temporary's: the
+    close of the temporary flushed again and its error replaced the first (torch's "unexpected pos" lost too)."""
+    from dpm_ops.engine.checkpoint import atomic_write_text, make_checkpoint, save_checkpoint
+    from engine_utils import run_with_file_size_limit
+
+    save_checkpoint(tmp_path / "last.pt", make_checkpoint("dpm", {}, {}, {"weight": torch.ones(3)}))
+    atomic_write_text(tmp_path / "config.yaml", "kept: 1\n")
+    result = run_with_file_size_limit([sys.executable, "-c", _FAILED_WRITES, str(tmp_path)], 32_768)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint_line, config_line = result.stdout.splitlines()
+    assert (
+        checkpoint_line.endswith(f": '{tmp_path / 'last.pt'}'") and "writing the checkpoint failed" in checkpoint_line
+    )
+    assert config_line == f"[Errno 27] File too large: '{tmp_path / 'config.yaml'}'"
+    assert torch.equal(torch.load(tmp_path / "last.pt")["model"]["weight"], torch.ones(3))
+    assert (tmp_path / "config.yaml").read_text() == "kept: 1\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "last.pt"]  # no temporary left
+
+
+def test_a_run_folder_removed_during_the_run_is_noticed(tmp_path):
+    """A run whose folder was deleted recreated it at its next write, its logs went to deleted files, and a second
+    run could start in it (the lock held was the deleted file's)."""
+    import shutil
+
+    (tmp_path / "run").mkdir()
+    folder = checkpoint.RunFolder(tmp_path / "run", resume=False, overwrite=False)
+    try:
+        folder.check_held()
+        shutil.rmtree(tmp_path / "run")
+        with pytest.raises(checkpoint.CheckpointError, match=r"run was removed or replaced during the run"):
+            folder.check_held()
+        (tmp_path / "run").mkdir()
+        checkpoint.RunFolder(tmp_path / "run", resume=False, overwrite=False).release()  # another run's lock file
+        with pytest.raises(checkpoint.CheckpointError, match=r"run was removed or replaced during the run"):
+            folder.check_held()
+    finally:
+        folder.release()
+
+
+def test_run_log_close_names_the_file_it_could_not_flush_and_closes_both(tmp_path):
+    from dpm_ops.engine.run_log import RunLog
+
+    log = RunLog(tmp_path, None, enabled=True)
+    log.open(None)
+    text = log._text
+
+    class FullDisk:
+        name = text.name
+
+        def close(self):
+            text.close()
+            raise OSError(28, "No space left on device")
+
+    jsonl, log._text = log._jsonl, FullDisk()
+    with pytest.raises(OSError, match=re.escape(f"No space left on device: '{tmp_path / 'train.log'}'")):
+        log.close()
+    assert jsonl.closed and text.closed and log._text is None

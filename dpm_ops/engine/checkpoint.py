@@ -61,6 +61,18 @@ def _temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name[:200]}.{uuid.uuid4().hex[:12]}{TEMPORARY_SUFFIX}")
 
 
+@contextlib.contextmanager
+def naming(path: str | os.PathLike):
+    """An OSError of the block names ``path``: a full disk's was "[Errno 28] No space left on device", no file
+    (or the hidden temporary's name)."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno is None:
+            raise
+        raise OSError(error.errno, error.strerror, str(path)) from error
+
+
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call ``write(binary_file)`` on a temporary file next to ``path``, then move it into place.
 
@@ -69,20 +81,26 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     and logs next to it, and a run folder is usually shared; whoever wants it private sets a
     umask (077) or the folder's permissions, and then every file follows."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_name(path)
-    # "x": never another's file (outside the try: a name in use is not ours to remove); the umask's mode
-    handle = open(tmp, "xb")
-    try:
-        with handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temporary_name(path)
+        # "x": never another's file (outside the try: a name in use is not ours to remove); the umask's mode
+        handle = open(tmp, "xb")
+        try:
+            try:
+                write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            except BaseException:
+                with contextlib.suppress(OSError):  # closing flushes the rest again: its error replaced the first
+                    handle.close()
+                raise
+            handle.close()
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
     _fsync_dir(path.parent)
     return path
 
@@ -227,6 +245,16 @@ class RunFolder:
             evaluation.rmdir()
         self.earlier = []
         return removed
+
+    def check_held(self) -> None:
+        """A CheckpointError when the folder's lock file is no longer the one this run locked: the folder was
+        removed (or replaced) during the run, whose writes recreated it silently while its logs went to deleted
+        files, and a second run could start in it."""
+        with contextlib.suppress(OSError):
+            status, held = os.stat(self.path / self.LOCK), os.fstat(self._lock.fileno())
+            if (status.st_dev, status.st_ino) == (held.st_dev, held.st_ino):
+                return
+        raise CheckpointError(f"{self.path} was removed or replaced during the run: it stops rather than write there")
 
     def release(self) -> None:
         self._forget()

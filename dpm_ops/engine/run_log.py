@@ -10,7 +10,7 @@ from typing import Optional
 
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, atomic_write_text
+from .checkpoint import CheckpointError, atomic_write_text, naming
 
 
 class RunLog:
@@ -36,10 +36,18 @@ class RunLog:
         self._text = open(self.output_dir / "train.log", "a" if resume_step is not None else "w", encoding="utf-8")
 
     def close(self) -> None:
-        for handle in (self._jsonl, self._text):
+        """Both files closed; the first one's failure to flush (a full disk) raised after, naming it."""
+        handles, self._jsonl, self._text = (self._jsonl, self._text), None, None
+        failed = None
+        for handle in handles:
             if handle is not None:
-                handle.close()
-        self._jsonl = self._text = None
+                try:
+                    with naming(handle.name):
+                        handle.close()
+                except OSError as error:
+                    failed = failed or error
+        if failed is not None:
+            raise failed
 
     def message(self, text: str) -> None:
         """A line in train.log and on the stream."""
@@ -52,15 +60,17 @@ class RunLog:
         """One logged step: its JSONL record and a train.log line (not echoed: the progress bar shows it)."""
         if self._jsonl is None:
             return
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        with naming(self._jsonl.name):
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
         terms = " ".join(f"{k[5:]} {v:.4f}" for k, v in record.items() if k.startswith("loss/"))
         self._write_text(f"{where} step {record['step']} lr {record['lr']:.3e} loss {record['loss']:.4f} ({terms})")
 
     def _write_text(self, text: str) -> None:
         if self._text is not None:
-            self._text.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
-            self._text.flush()
+            with naming(self._text.name):
+                self._text.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+                self._text.flush()
 
 
 def _logged_steps(jsonl: Path) -> list[tuple[str, int]]:

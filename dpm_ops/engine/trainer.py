@@ -243,6 +243,7 @@ class Trainer:
         rng = distributed.all_gather_object(capture_rng_state())
         if not self.dist.is_main:
             return
+        self.run_folder.check_held()
         training = self._training_state(at, epoch_done)
         training["rng"] = rng
         state = make_checkpoint(
@@ -450,6 +451,7 @@ class Trainer:
                 }
             metrics = self.evaluate(out_dir=self.output_dir)
             if self.dist.is_main:
+                self.run_folder.check_held()
                 final = make_checkpoint(
                     self.model_name, self.model_args, self.recorded_config, self.model.state_dict(), metrics=metrics
                 )
@@ -464,9 +466,11 @@ class Trainer:
                 "output_dir": str(self.output_dir),
             }
         finally:
-            self.run_log.close()
-            if self.run_folder is not None:
-                self.run_folder.release()
+            try:
+                self.run_log.close()  # may fail (a full disk): the folder is released all the same
+            finally:
+                if self.run_folder is not None:
+                    self.run_folder.release()
 
     @property
     def recorded_config(self) -> dict:

@@ -80,7 +80,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"dpm-reid synth: error: --out: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # a path the system refuses (a name too long), a full disk
-        print(f"dpm-reid synth: error: --out: {error.strerror or error}: {error.filename}", file=sys.stderr)
+        where = f": {error.filename}" if error.filename else ""
+        print(f"dpm-reid synth: error: --out: {error.strerror or error}{where}", file=sys.stderr)
         return 2
     manifest = read_synthetic_manifest(str(out))
     counts = manifest["counts"]

@@ -120,7 +120,10 @@ def generate_synthetic_dataset(
         why = f"{blocking} is a file" if blocking is not None else error.strerror or error
         raise DatasetError(f"cannot create the output folder {out}: {why}") from error
     with staging:
-        _write_set(staging.folder, out, jobs, pids, identities, cameras, config, progress, force)
+        try:
+            _write_set(staging.folder, out, jobs, pids, identities, cameras, config, progress, force)
+        except OSError as error:  # a full disk: Pillow's error names no file, the staged one none the user knows
+            raise DatasetError(f"writing the synthetic set {out} failed: {error.strerror or error}") from error
     return out
 
 
