@@ -68,10 +68,6 @@ def _operands(x_t, y_t, metric):
     return _Operand(x_t, metric, dtype), _Operand(y_t, metric, dtype)
 
 
-def _check_pair(op, x, y, metric, names=("x", "y")):
-    return _operands(*_check_tensors(op, x, y, metric, names), metric)
-
-
 def pairwise_distance(x, y, metric: str = "euclidean"):
     """(M, N) distances between the rows of x (M, D) and y (N, D); numpy in, numpy out.
 
