@@ -14,10 +14,10 @@ from .._precision import compute_dtype, sqrt_flat_at_zero
 from ..ops._checks import KNN_GPU_MAX_K, check_euclidean_scale
 from ..ops.knn import check_strategy
 from ..ops.knn import knn as knn_op
+from ..ops.knn_reference import METRICS
 from . import _inputs
 from ._select import TIE_MARGIN, RunningSmallest, resolve_smallest
 
-METRICS = ("euclidean", "sqeuclidean", "cosine")
 TILE_ROWS = 1024
 TILE_COLUMNS = 4096
 
