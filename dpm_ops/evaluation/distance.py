@@ -48,18 +48,19 @@ def finish_distance(raw: torch.Tensor, metric: str) -> torch.Tensor:
     return raw.sqrt_() if metric == "euclidean" else raw
 
 
-def _check_tensors(op, x, y, metric, names=("x", "y")):
+def _check_tensors(op, x, y, metric, names=("x", "y"), arithmetic=None):
     """x and y as checked 2-D float tensors; `names`: what the messages call them (the compat drop-ins
-    pass their peers' argument names)."""
+    pass their peers' argument names); `arithmetic`: the dtype the caller computes in, whatever the inputs'
+    (the float32 re-ranking pipelines; None: the inputs' compute dtype)."""
     _inputs.check_choice("metric", metric, METRICS)
-    x_t = _inputs.as_floats(op, names[0], x, 2, vectors=True)
-    y_t = _inputs.as_floats(op, names[1], y, 2, device=x_t.device, vectors=True)
+    x_t = _inputs.as_floats(op, names[0], x, 2, vectors=True, arithmetic=arithmetic)
+    y_t = _inputs.as_floats(op, names[1], y, 2, device=x_t.device, vectors=True, arithmetic=arithmetic)
     if x_t.shape[1] != y_t.shape[1]:
         raise ValueError(
             f"{names[0]} and {names[1]} must have the same feature dimension, got {x_t.shape[1]} and {y_t.shape[1]}"
         )
     if metric != "cosine":
-        check_euclidean_scale(op, compute_dtype(x_t, y_t), **{names[0]: x_t, names[1]: y_t})
+        check_euclidean_scale(op, arithmetic or compute_dtype(x_t, y_t), **{names[0]: x_t, names[1]: y_t})
     return x_t, y_t
 
 
