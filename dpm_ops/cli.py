@@ -184,7 +184,7 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=2,
         help="example batch the graph is traced with (2..256; the batch axis stays dynamic; "
-        "the check runs at N and N+1)",
+        "the check runs at N and N+1, at 255 and 256 for N=256)",
     )
     ex.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
     ex.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")

@@ -38,7 +38,7 @@ from dpm_ops.ops._checks import (
     quote,
 )
 
-from .image_io import as_mask, as_rgb
+from .image_io import MASK_THRESHOLD, as_mask, as_rgb
 
 DPM_MEAN = (0.5, 0.5, 0.5)
 DPM_STD = (0.5, 0.5, 0.5)
@@ -255,7 +255,7 @@ class ToTensor(Transform):
         return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
 
     def pair(self, image, mask, generator=None):
-        foreground = np.array(mask.convert("L"), dtype=np.uint8) >= 128
+        foreground = np.array(mask.convert("L"), dtype=np.uint8) >= MASK_THRESHOLD
         return self(image), torch.from_numpy(foreground).float().unsqueeze(0)
 
 

@@ -31,7 +31,7 @@ from dpm_ops.data import ReIDSplits
 from dpm_ops.evaluation import PROTOCOLS
 from dpm_ops.evaluation.query_expansion import check_aqe
 from dpm_ops.evaluation.rank import MAX_REPEATS
-from dpm_ops.evaluation._inputs import check_count
+from dpm_ops.evaluation._inputs import check_choice, check_count
 from dpm_ops.ops._checks import check_flag, quote
 
 from .checkpoint import atomic_write
@@ -235,18 +235,18 @@ def _check_late_options(device, out_dir, pictures, progress, record) -> None:
 
 
 def _check_options(splits, model_name, max_rank, batch_size, protocol, num_repeats, seed, multi_query) -> None:
+    """Checked before the extraction (minutes on a real dataset): evaluate_rank and pool_multi_query check protocol
+    and the pooling mode again, but only after it."""
     check_count("max_rank", max_rank, 10, why=" (Rank-10 is reported)")
     check_count("batch_size", batch_size, 1)
     if not splits.query or not splits.gallery:
         raise ValueError(f"splits {splits.name!r} has an empty query or gallery list")
     if get_recipe(model_name).uses_masks and splits.mask_paths is None:
         raise ValueError(f"{model_name} needs foreground masks: load {splits.name!r} with with_masks=True")
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    check_choice("protocol", protocol, PROTOCOLS)
     check_count("num_repeats", num_repeats, 1, MAX_REPEATS)
     check_count("seed", seed, 0)
-    if multi_query not in MULTI_QUERY:
-        raise ValueError(f"multi_query must be one of {MULTI_QUERY}, got {multi_query!r}")
+    check_choice("multi_query", multi_query, MULTI_QUERY)
     if multi_query != "off" and splits.multi_query is None:
         raise ValueError(
             f"multi_query={multi_query!r} needs the multi-query pools of {splits.name!r} "

@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from ._select import sort_by_value_then_index
+
 _HASHED_VALUES = 64
 _CHUNK_ELEMENTS = 1 << 22  # tie_copies compares a chunk of rows' lists pairwise: (rows, M, M) booleans
 
@@ -75,10 +77,7 @@ def tie_copies(values: torch.Tensor, indices: torch.Tensor, groups: Optional[tor
         same = row_member[:, :, None] == row_member[:, None, :]
         row_values = torch.where(same, values[chunk, None, :], torch.inf).amin(dim=2)
         row_values[own[chunk]] = 0
-        by_index = row_indices.argsort(dim=1)
-        row_values, row_indices = row_values.gather(1, by_index), row_indices.gather(1, by_index)
-        by_value = row_values.argsort(dim=1, stable=True)
-        values[chunk], indices[chunk] = row_values.gather(1, by_value), row_indices.gather(1, by_value)
+        values[chunk], indices[chunk] = sort_by_value_then_index(row_values, row_indices)
     shared = torch.bincount(groups, minlength=len(groups))[groups] > 1
     full = (own.all(dim=1) & shared).nonzero().squeeze(1)
     for group in groups[full].unique().tolist():

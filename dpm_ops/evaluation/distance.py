@@ -14,10 +14,10 @@ from .._precision import compute_dtype, sqrt_flat_at_zero
 from ..ops._checks import KNN_GPU_MAX_K, check_euclidean_scale
 from ..ops.knn import check_strategy
 from ..ops.knn import knn as knn_op
+from ..ops.knn_reference import METRICS
 from . import _inputs
 from ._select import TIE_MARGIN, RunningSmallest, resolve_smallest
 
-METRICS = ("euclidean", "sqeuclidean", "cosine")
 TILE_ROWS = 1024
 TILE_COLUMNS = 4096
 
@@ -48,28 +48,25 @@ def finish_distance(raw: torch.Tensor, metric: str) -> torch.Tensor:
     return raw.sqrt_() if metric == "euclidean" else raw
 
 
-def _check_tensors(op, x, y, metric, names=("x", "y")):
+def _check_tensors(op, x, y, metric, names=("x", "y"), arithmetic=None):
     """x and y as checked 2-D float tensors; `names`: what the messages call them (the compat drop-ins
-    pass their peers' argument names)."""
+    pass their peers' argument names); `arithmetic`: the dtype the caller computes in, whatever the inputs'
+    (the float32 re-ranking pipelines; None: the inputs' compute dtype)."""
     _inputs.check_choice("metric", metric, METRICS)
-    x_t = _inputs.as_floats(op, names[0], x, 2, vectors=True)
-    y_t = _inputs.as_floats(op, names[1], y, 2, device=x_t.device, vectors=True)
+    x_t = _inputs.as_floats(op, names[0], x, 2, vectors=True, arithmetic=arithmetic)
+    y_t = _inputs.as_floats(op, names[1], y, 2, device=x_t.device, vectors=True, arithmetic=arithmetic)
     if x_t.shape[1] != y_t.shape[1]:
         raise ValueError(
             f"{names[0]} and {names[1]} must have the same feature dimension, got {x_t.shape[1]} and {y_t.shape[1]}"
         )
     if metric != "cosine":
-        check_euclidean_scale(op, compute_dtype(x_t, y_t), **{names[0]: x_t, names[1]: y_t})
+        check_euclidean_scale(op, arithmetic or compute_dtype(x_t, y_t), **{names[0]: x_t, names[1]: y_t})
     return x_t, y_t
 
 
 def _operands(x_t, y_t, metric):
     dtype = compute_dtype(x_t, y_t)
     return _Operand(x_t, metric, dtype), _Operand(y_t, metric, dtype)
-
-
-def _check_pair(op, x, y, metric, names=("x", "y")):
-    return _operands(*_check_tensors(op, x, y, metric, names), metric)
 
 
 def pairwise_distance(x, y, metric: str = "euclidean"):

@@ -26,6 +26,7 @@ from . import _inputs
 from ._copies import copy_groups, tie_copies
 from ._inputs import RERANK_DEFAULTS, check_rerank_parameters
 from ._select import TIE_MARGIN
+from .distance import _check_tensors
 
 # The reference's defaults (Market-1501: k1 26, k2 7; VeRi-776: 60, 10) and its blend weight.
 GNN_K1, GNN_K2 = RERANK_DEFAULTS["gnn"]
@@ -34,10 +35,7 @@ GNN_LAMBDA = 0.3
 
 def _pooled_unit_rows(qf, gf):
     """(the pooled rows L2-normalised (N, D) float32, Q)."""
-    query = _inputs.as_floats("gnn_rerank", "qf", qf, 2, vectors=True, arithmetic=torch.float32)
-    gallery = _inputs.as_floats("gnn_rerank", "gf", gf, 2, device=query.device, vectors=True, arithmetic=torch.float32)
-    if query.shape[1] != gallery.shape[1]:
-        raise ValueError(f"qf and gf must have the same feature dimension, got {query.shape[1]} and {gallery.shape[1]}")
+    query, gallery = _check_tensors("gnn_rerank", qf, gf, "cosine", ("qf", "gf"), arithmetic=torch.float32)
     x = torch.cat([query, gallery]).float()
     norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
     zero = torch.nonzero(norms[:, 0] == 0).flatten()

@@ -56,7 +56,7 @@ from ..ops.kreciprocal_reference import (
     softmax_weights,
 )
 from ._select import TIE_MARGIN, RunningSmallest, resolve_smallest, smallest_in_rows
-from .distance import raw_distance
+from .distance import _check_tensors, raw_distance
 
 INPUTS = ("euclidean", "squared")
 ORIENTATIONS = ("reference", "rows")
@@ -479,13 +479,7 @@ def rerank_features(qf, gf, k1: int = 20, k2: int = 6, lambda_value: float = 0.3
     k1, k2, lambda_value = check_rerank_parameters(k1, k2, lambda_value)
     check_strategy(strategy, "rerank_features")
     # The pipeline is float32 (as the reference) whatever the features' dtype.
-    query = _inputs.as_floats("rerank_features", "qf", qf, 2, vectors=True, arithmetic=torch.float32)
-    gallery = _inputs.as_floats(
-        "rerank_features", "gf", gf, 2, device=query.device, vectors=True, arithmetic=torch.float32
-    )
-    check_euclidean_scale("rerank_features", torch.float32, qf=query, gf=gallery)
+    query, gallery = _check_tensors("rerank_features", qf, gf, "euclidean", ("qf", "gf"), arithmetic=torch.float32)
     check_certified_runs(strategy, _backend.resolve(None, query.device), "rerank_features")
-    if query.shape[1] != gallery.shape[1]:
-        raise ValueError(f"qf and gf must have the same feature dimension, got {query.shape[1]} and {gallery.shape[1]}")
     source = _FeatureDistances(query, gallery, strategy)
     return _inputs.like_input(_rerank(source, k1, k2, lambda_value), qf)

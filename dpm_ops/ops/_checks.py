@@ -325,6 +325,16 @@ def is_integer(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def is_finite_real(value) -> bool:
+    """A finite int or float, numpy's too (not a bool); an int past float's range (10**400) is none."""
+    if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # float() of an int past float's range
+        return False
+
+
 def _owner(op: Optional[str]) -> str:
     """A message's prefix: the op or class that checks, none for the evaluation API (names alone)."""
     return f"{op}: " if op else ""

@@ -30,6 +30,7 @@ from ._checks import KNN_GPU_MAX_K, check_knn_gpu_k
 from ._declare import lazy
 from .knn import check_knn_args, check_self_knn_args
 from .knn_reference import COSINE_EPS, compute_dtype, pairwise_distance_reference
+from .kreciprocal_reference import row_chunks
 
 U32 = 2.0**-24
 # Rounding x (fp32, or fp64 -> fp32 -> bf16: the double rounding's 2^-23) to bf16, nearest even.
@@ -123,11 +124,6 @@ def candidate_cap(k: int, n: int) -> int:
     return min(n, max(MIN_CAP, CAP_PER_K * k))
 
 
-def _row_chunks(count: int, per_row: int):
-    step = max(1, _CHUNK_ELEMENTS // max(1, per_row))
-    return [(r, min(count, r + step)) for r in range(0, count, step)]
-
-
 def candidate_distances(x, y, x_norms, y_norms, rows, candidates, counts, metric: str, self_pairs: bool):
     """dpm_ops::knn_certified_candidate_distances in torch ops (its CPU kernel, the model of the CUDA and
     Triton kernels): distances (R, C) of rows `rows` of x to their first `counts` candidate columns of y
@@ -158,7 +154,7 @@ def exact_rows(xo: Operand, yo: Operand, rows, metric: str, self_pairs: bool):
     n = yo.rows.shape[0]
     out = torch.empty((len(rows), n), dtype=xo.rows.dtype, device=xo.rows.device)
     with ieee_fp32_matmuls():
-        for r0, r1 in _row_chunks(len(rows), n):
+        for r0, r1 in row_chunks(len(rows), n, _CHUNK_ELEMENTS):
             row = rows[r0:r1]
             d = distance(xo.rows[row] @ yo.rows.T, xo.norms[row, None], yo.norms[None, :], metric)
             if self_pairs:
@@ -237,7 +233,7 @@ def candidates_torch(x, y, x_norms, y_norms, x_scales, y_scales, k: int, cap: in
     It writes every bound and makes some 16 temporaries of their size (docs/certified_knn.md): the CUDA
     kernel reads the dot products twice instead."""
     parts = []
-    for r0, r1 in _row_chunks(x.shape[0], y.shape[0]):
+    for r0, r1 in row_chunks(x.shape[0], y.shape[0], _CHUNK_ELEMENTS):
         rows = slice(r0, r1)
         lower, upper = stage1_bounds(
             x[rows], y, x_norms[rows], y_norms, x_scales[rows], y_scales, metric, r0 if self_pairs else None
@@ -319,7 +315,7 @@ def _stage2(backend, xo, yo, near, near_count, k, cap, metric, self_pairs, value
 def _exact(xo, yo, rows, k, metric, self_pairs, values, indices, row_max=None):
     """The fallback rows' first k (and row maxima) from their full distance rows."""
     n = yo.rows.shape[0]
-    for r0, r1 in _row_chunks(len(rows), n):
+    for r0, r1 in row_chunks(len(rows), n, _CHUNK_ELEMENTS):
         row = rows[r0:r1]
         d = exact_rows(xo, yo, row, metric, self_pairs)
         values[row], indices[row] = select(d, torch.arange(n, device=d.device).expand_as(d), k)
@@ -367,7 +363,7 @@ def normalized_order(raw_values, raw_indices, row_max, k, full_rows: Callable):
     values, indices = raw_by_index.gather(1, order[:, :k]), by_index.gather(1, order[:, :k])
     if m < n:
         undecided = (keys[:, k - 1] >= raw_values[:, m - 1] / scale).nonzero().squeeze(1)
-        for r0, r1 in _row_chunks(len(undecided), n):
+        for r0, r1 in row_chunks(len(undecided), n, _CHUNK_ELEMENTS):
             row = undecided[r0:r1]
             d = full_rows(row)
             order = torch.sort(d / scale[row, None], dim=1, stable=True).indices[:, :k]

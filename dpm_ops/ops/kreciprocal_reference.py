@@ -24,8 +24,9 @@ _MEMBERSHIP_BUDGET = 1 << 26  # bytes of the membership bitmap
 _FEATURE_PAIR_CHUNK = 1 << 12  # pairs whose distance is computed from the features at a time
 
 
-def _row_chunks(num_rows: int, elements_per_row: int):
-    step = max(1, _ELEMENT_BUDGET // max(1, elements_per_row))
+def row_chunks(num_rows: int, elements_per_row: int, budget: int):
+    """(start, stop) of consecutive row chunks, each of at most `budget` elements (at least one row)."""
+    step = max(1, budget // max(1, elements_per_row))
     for start in range(0, num_rows, step):
         yield start, min(start + step, num_rows)
 
@@ -35,7 +36,7 @@ def reciprocal_neighbours(neighbours: torch.Tensor, k: int):
     forward = neighbours[:, : k + 1]
     width = forward.shape[1]
     reciprocal = torch.empty(forward.shape, dtype=torch.bool, device=forward.device)
-    for start, stop in _row_chunks(len(forward), width * width):
+    for start, stop in row_chunks(len(forward), width * width, _ELEMENT_BUDGET):
         items = torch.arange(start, stop, device=forward.device)
         backward = forward[forward[start:stop]]  # (rows, width, width)
         reciprocal[start:stop] = (backward == items[:, None, None]).any(dim=2)
@@ -107,7 +108,7 @@ def query_expansion(rows, cols, values, sources: torch.Tensor, num_items: int):
     num_sources = sources.shape[1]
     out_rows, out_cols, out_values = [], [], []
     average_row = max(1, len(rows) // num_items)
-    for start, stop in _row_chunks(num_items, num_sources * average_row * 4):
+    for start, stop in row_chunks(num_items, num_sources * average_row * 4, _ELEMENT_BUDGET):
         block = sources[start:stop].reshape(-1)
         segment, position = expand_segments(row_starts[block], row_counts[block])
         owner = start + torch.div(segment, num_sources, rounding_mode="floor")
@@ -139,7 +140,7 @@ def jaccard_blend_(out: torch.Tensor, rows, cols, values, lambda_value: float) -
     query_row_starts = torch.searchsorted(rows, torch.arange(num_query + 1, device=rows.device))
 
     keep, jaccard_weight = lambda_value, 1 - lambda_value
-    for start, stop in _row_chunks(num_query, num_gallery):
+    for start, stop in row_chunks(num_query, num_gallery, _ELEMENT_BUDGET):
         first, last = query_row_starts[start].item(), query_row_starts[stop].item()
         entry_rows, entry_cols, entry_values = rows[first:last], cols[first:last], values[first:last]
         entry, position = expand_segments(column_starts[entry_cols], column_counts[entry_cols])

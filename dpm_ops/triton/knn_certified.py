@@ -260,7 +260,7 @@ CANDIDATE_BLOCK_C = 64
 CANDIDATE_BLOCK_D = 64
 
 
-@triton.jit(do_not_specialize=["C", "N"])
+@triton.jit(do_not_specialize=["C"])
 def _candidate_kernel(
     x_ptr,
     y_ptr,
@@ -271,7 +271,6 @@ def _candidate_kernel(
     count_ptr,
     out_ptr,
     C,
-    N,
     D,
     SELF: tl.constexpr,
     METRIC: tl.constexpr,
@@ -319,7 +318,6 @@ def candidate_distances(x_rows, y_rows, x_norms, y_norms, rows, candidates, coun
         counts.to(torch.int32).contiguous(),
         out,
         C,
-        y_rows.shape[0],
         x_rows.shape[1],
         SELF=self_pairs,
         METRIC=_METRIC_IDS[metric],

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Mapping, Optional
 
 import numpy as np
 
+from ..ops._checks import is_finite_real
 from ._common import _array, _check_out_png, _new_figure, _save
 
 
@@ -94,16 +94,6 @@ def read_jsonl(path) -> list[dict]:
     return records
 
 
-def _is_number(value) -> bool:
-    """A finite int or float (not a bool); an int past float's range (10**400) is none."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:
-        return False
-
-
 def plot_loss_curves(jsonl_path, out_png, *, title: Optional[str] = None) -> str:
     """Plot every loss field (``loss`` and ``loss/<component>``) of the trainer's
     ``train_log.jsonl`` against ``step``, and ``lr`` on a second y axis, to ``out_png``
@@ -115,14 +105,14 @@ def plot_loss_curves(jsonl_path, out_png, *, title: Optional[str] = None) -> str
     lr_steps, lrs = [], []
     for record in records:
         step = record["step"]
-        if not _is_number(step):
+        if not is_finite_real(step):
             raise ValueError(f"{jsonl_path}: step must be a number, got {step!r}")
         for key, value in record.items():
-            if (key == "loss" or key.startswith("loss/")) and _is_number(value):
+            if (key == "loss" or key.startswith("loss/")) and is_finite_real(value):
                 series.setdefault(key, ([], []))
                 series[key][0].append(step)
                 series[key][1].append(value)
-        if _is_number(record.get("lr")):
+        if is_finite_real(record.get("lr")):
             lr_steps.append(step)
             lrs.append(record["lr"])
     if not series:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional
 
 import numpy as np
 
-from dpm_ops.ops._checks import quote
+from dpm_ops.ops._checks import is_finite_real, is_integer, quote
 
 
 class SynthOptionError(ValueError):
@@ -19,21 +18,8 @@ class SynthOptionError(ValueError):
         self.option, self.problem = option, problem
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:  # an int past float's range (10**400)
-        return False
-
-
 def _check_int(name: str, value, low: int, high: Optional[int], why: str = "") -> None:
-    if not _is_int(value) or value < low or (high is not None and value > high):
+    if not is_integer(value) or value < low or (high is not None and value > high):
         wanted = f"in {low}..{high}" if high is not None else f">= {low}"
         raise SynthOptionError(name, f"must be an integer {wanted}{f' ({why})' if why else ''}, got {quote(value)}")
 
@@ -42,7 +28,7 @@ def _plain(value):
     """A checked option as Python's own int / float (numpy's too), lists and tuples element by element."""
     if isinstance(value, (list, tuple)):
         return type(value)(_plain(v) for v in value)
-    if _is_int(value):
+    if is_integer(value):
         return int(value)
     return float(value) if isinstance(value, np.floating) else value
 
@@ -51,7 +37,7 @@ def _check_int_range(name: str, value, low: int, high: Optional[int]) -> None:
     if not (
         isinstance(value, (tuple, list))
         and len(value) == 2
-        and all(map(_is_int, value))
+        and all(map(is_integer, value))
         and low <= value[0] <= value[1]
         and (high is None or value[1] <= high)
     ):
@@ -60,7 +46,7 @@ def _check_int_range(name: str, value, low: int, high: Optional[int]) -> None:
 
 
 def _check_float(name: str, value, wanted: str, ok) -> None:
-    if not _is_real(value) or not ok(value):
+    if not is_finite_real(value) or not ok(value):
         raise SynthOptionError(name, f"must be {wanted}, got {quote(value)}")
 
 
@@ -144,7 +130,7 @@ class SynthConfig:
         if not (
             isinstance(hidden, (tuple, list))
             and len(hidden) == 2
-            and all(_is_real(v) for v in hidden)
+            and all(is_finite_real(v) for v in hidden)
             and 0.0 < hidden[0] < hidden[1] < 1.0
         ):
             raise SynthOptionError("hidden_range", f"must satisfy 0 < low < high < 1, got {quote(hidden)}")
