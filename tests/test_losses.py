@@ -498,7 +498,13 @@ def test_reid_losses_name_their_bad_weights_labels_and_outputs(make):
     # The cross entropies of the model's logits took torch's errors: a float label "expected target dtype",
     # one past the classes an IndexError (on CUDA a device-side assert), too few a batch_size mismatch.
     name = make.__name__
-    for weight, value in (("id_weight", -1.0), ("triplet_weight", float("nan")), ("id_weight", "1")):
+    # an int past float's range (10**400) compared below inf and escaped as float()'s OverflowError
+    for weight, value in (
+        ("id_weight", -1.0),
+        ("triplet_weight", float("nan")),
+        ("id_weight", "1"),
+        ("id_weight", 10**400),
+    ):
         with pytest.raises(ValueError, match=rf"^{name}: {weight} must be a finite number"):
             make(**{weight: value})
     output = fake_dpm_output() if make is DPMLoss else ViTBaselineTrainOutput(*fake_dpm_output()[:3:2])

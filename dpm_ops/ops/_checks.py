@@ -2,6 +2,7 @@
 lives here once, with one message, so every op and backend reports a bad argument the same way."""
 
 import dataclasses
+import contextlib
 import math
 import numbers
 import reprlib
@@ -279,13 +280,14 @@ def check_euclidean_scale(op: str, arithmetic: torch.dtype, **tensors) -> None:
 def check_number(op: str, name: str, value, positive: bool = False) -> float:
     """A finite real number (not a bool; > 0 when `positive`), as a float; else a ValueError naming it."""
     if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not -math.inf < value < math.inf  # NaN fails too; math.isfinite takes no SymFloat (torch.compile dynamic)
-        or (positive and not value > 0)
+        not isinstance(value, bool)
+        and isinstance(value, numbers.Real)
+        and -math.inf < value < math.inf  # NaN fails too; math.isfinite takes no SymFloat (torch.compile dynamic)
+        and (not positive or value > 0)
     ):
-        raise ValueError(f"{op}: {name} must be a finite number{' > 0' if positive else ''}, got {quote(value)}")
-    return float(value)
+        with contextlib.suppress(OverflowError):  # an int past float's range (10**400) compares below inf
+            return float(value)
+    raise ValueError(f"{op}: {name} must be a finite number{' > 0' if positive else ''}, got {quote(value)}")
 
 
 def check_eps(op: str, eps, dtype: torch.dtype, floors_a_norm: bool = False) -> float:
