@@ -928,6 +928,22 @@ def test_pictures_of_a_model_without_channel_masks(splits, tmp_path):
     assert os.listdir(tmp_path) == ["metrics.json"]
 
 
+def test_a_picture_that_fails_to_write_leaves_no_earlier_one_beside_the_new_metrics(splits, tmp_path, monkeypatch):
+    """A full disk while the ranked lists were drawn kept the earlier evaluation's ranked_*.png beside the new
+    metrics.json, as if they were its."""
+    from dpm_ops import visualize
+
+    evaluate_with_pictures(splits, "vit_baseline", tmp_path)
+
+    def full_disk(*args, out_png, **kwargs):
+        raise OSError(28, "No space left on device", out_png)
+
+    monkeypatch.setattr(visualize, "plot_ranked_lists", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        evaluate_with_pictures(splits, "vit_baseline", tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["cmc.png", "metrics.json"]  # the new evaluation's, nothing earlier
+
+
 def test_mask_examples_are_spread_half_occluded():
     assert _mask_examples(None, 10, 4).tolist() == [0, 3, 6, 9]
     assert _mask_examples(None, 3, 8).tolist() == [0, 1, 2]

@@ -175,13 +175,15 @@ def evaluate_model(
 
 def _write_outputs(out_dir, metrics, settings, pictures, ranking, context) -> None:
     """metrics.json (atomically, with its ``settings``) and, with ``pictures``, the ranking's pictures; an earlier
-    evaluation's pictures that these do not replace are removed (they sat beside the new metrics as theirs)."""
+    evaluation's pictures are removed first (they sat beside the new metrics as theirs, also where a new one
+    failed to write: a full disk)."""
     os.makedirs(out_dir, exist_ok=True)
     write_json_atomic(os.path.join(out_dir, "metrics.json"), {**metrics, "settings": settings})
-    written = write_pictures(out_dir, metrics, *ranking, **context) if pictures else []
-    for stale in {os.path.join(out_dir, name) for name in PICTURES} - set(written):
+    for earlier in PICTURES:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(stale)
+            os.unlink(os.path.join(out_dir, earlier))
+    if pictures:
+        write_pictures(out_dir, metrics, *ranking, **context)
 
 
 def _settings(model_name, dataset, metric, image_size, amp_dtype, scoring) -> dict:

@@ -33,21 +33,19 @@ def write_pictures(
     device="cpu",
     num_queries: int = 8,
     top_k: int = 10,
-) -> list[str]:
+) -> None:
     """cmc.png, ranked_best.png, ranked_worst.png and, for a model with channel masks (DPM),
     masks.png in ``out_dir``."""
     from dpm_ops import visualize  # matplotlib only when pictures are asked for
 
-    written = [os.path.join(out_dir, CMC_PICTURE)]
     dataset = f" on {splits.name}" if splits is not None else ""
-    visualize.plot_cmc(metrics, written[-1], title=f"CMC: {model_name}{dataset}")
+    visualize.plot_cmc(metrics, os.path.join(out_dir, CMC_PICTURE), title=f"CMC: {model_name}{dataset}")
     occluded = None
     if subsets:
         occluded = np.zeros(len(query), dtype=bool)
         occluded[subsets["occluded"].numpy()] = True
     dist_np = distmat.detach().float().cpu().numpy()
     for which in ("best", "worst"):
-        written.append(os.path.join(out_dir, f"ranked_{which}.png"))
         visualize.plot_ranked_lists(
             query.paths,
             gallery.paths,
@@ -56,7 +54,7 @@ def write_pictures(
             gallery.pids.numpy(),
             query.camids.numpy(),
             gallery.camids.numpy(),
-            out_png=written[-1],
+            out_png=os.path.join(out_dir, f"ranked_{which}.png"),
             which=which,
             num_queries=num_queries,
             top_k=top_k,
@@ -67,17 +65,15 @@ def write_pictures(
         token_maps = dpm_token_maps(
             model, [query.paths[i] for i in rows], query.camids[rows], query.masks[rows], transform, device
         )
-        written.append(os.path.join(out_dir, MASKS_PICTURE))
         visualize.plot_mask_heatmaps(
             [query.paths[i] for i in rows],
             query.masks[rows].numpy(),
-            written[-1],
+            os.path.join(out_dir, MASKS_PICTURE),
             token_maps=token_maps,
             all_masks=query.masks.numpy(),
             occluded=None if occluded is None else occluded[rows],
             all_occluded=occluded,
         )
-    return written
 
 
 def _mask_examples(occluded: Optional[np.ndarray], num_query: int, count: int) -> np.ndarray:
