@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from dpm_ops._backend import forced_backend
-from dpm_ops.engine.checkpoint import TEMPORARY_SUFFIX, _fsync_dir, atomic_write
+from dpm_ops.engine.checkpoint import TEMPORARY_SUFFIX, _fsync_dir, atomic_write, naming
 from dpm_ops.engine.extraction import _check_image_size
 from dpm_ops.engine.recipes import RECIPES, get_recipe, recipe_name_of
 from dpm_ops.evaluation._inputs import check_count
@@ -233,7 +233,7 @@ def export_onnx(
     # Written and checked beside `path`, then moved into place: a failed check leaves the file that was there (it
     # was replaced by the graph that failed), and the weights of a model past 2 GB, in <name>.data beside it, move
     # with the file that names them.
-    with _staging(path) as folder:
+    with _staging(path) as folder, naming(path, folder / path.name):  # a write error named the hidden staged file
         staged = folder / path.name
         if weight_bytes > _PROTOBUF_LIMIT:
             program.save(str(staged), external_data=True)

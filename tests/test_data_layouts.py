@@ -1053,6 +1053,18 @@ def test_palette_masks_cutouts_given_as_images_and_voc_label_maps(tmp_path):
     davis = Image.fromarray(person.astype(np.uint8), "P")  # an object mask in the same palette: index 1
     davis.putpalette(VOC_PALETTE)
     assert np.array_equal(np.asarray(as_mask(davis, "m")) > 0, person)
+    short = Image.fromarray(np.where(labels == 255, 0, labels).astype(np.uint8), "P")
+    short.putpalette(VOC_PALETTE[: 3 * 20])  # a palette up to the classes the map uses: still VOC's colours
+    assert np.array_equal(np.asarray(as_mask(short, "m")) > 0, person)
+    # two objects, or one of another class: no person, no lone object; refused rather than read as nothing
+    for objects in (person.astype(np.uint8) + np.eye(16, 8, dtype=np.uint8) * 2, person.astype(np.uint8) * 2):
+        other = Image.fromarray(objects, "P")
+        other.putpalette(VOC_PALETTE)
+        with pytest.raises(DatasetError, match=r"mask m is a label map in VOC's palette of classes \[.*\], without"):
+            as_mask(other, "m")
+    void = Image.fromarray(person.astype(np.uint8) * 255, "P")  # 0 / 255 indices hold no class: grey levels
+    void.putpalette(VOC_PALETTE)
+    assert np.array_equal(np.asarray(as_mask(void, "m")) > 0, person)
     # a same-size 0 / 1 'L' mask given to pair() was thresholded to all background, unchecked
     with pytest.raises(DatasetError, match=r"mask given to pair\(\) holds values 0\.\.1: a label image\?"):
         build_transforms("maskreid", train=False).pair(

@@ -159,6 +159,10 @@ def test_random_erasing_noise_follows_the_pipelines_scale():
     for bad in ((1.0, 1.0), (1.0, 0.0, 1.0), "1"):
         with pytest.raises(ValueError, match=r"^RandomErasing: noise_std must"):
             RandomErasing(noise_std=bad)
+    with pytest.raises(
+        ValueError, match=r"^RandomErasing: noise_std holds 3 values \(R, G, B\), the tensor \(1, 8, 8\)"
+    ):
+        erase(torch.zeros(1, 8, 8), generator(0))
 
 
 def test_random_erasing_count_splits_the_area_and_rand_fills_per_channel():

@@ -559,6 +559,11 @@ def test_a_failed_write_names_its_file_and_keeps_the_earlier_one(tmp_path):
     assert torch.equal(torch.load(tmp_path / "last.pt")["model"]["weight"], torch.ones(3))
     assert (tmp_path / "config.yaml").read_text() == "kept: 1\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "last.pt"]  # no temporary left
+    # another file's error stays its own: the folder that is a file, not the metrics.json that does not exist
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(FileExistsError) as error:
+        atomic_write_text(tmp_path / "afile" / "metrics.json", "{}")
+    assert error.value.filename == str(tmp_path / "afile")
 
 
 def test_a_run_folder_removed_during_the_run_is_noticed(tmp_path):

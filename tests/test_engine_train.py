@@ -676,3 +676,20 @@ def test_a_run_whose_folder_is_removed_stops_at_its_next_checkpoint(tmp_path, ti
     with pytest.raises(CheckpointError, match=r"/run was removed or replaced during the run: it stops"):
         train(config, tmp_path / "run", hooks=[RemoveFolder()])
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_run_whose_folder_is_removed_before_its_evaluation_writes_nothing_there(tmp_path, tiny_root, monkeypatch):
+    """The final evaluation recreated the removed folder and wrote metrics.json (another run's, had one started
+    there) before the final checkpoint's check said no."""
+    save = Trainer.save
+
+    def save_then_remove(trainer, at, epoch_done, **kwargs):  # the folder removed after the last epoch's checkpoint
+        save(trainer, at, epoch_done, **kwargs)
+        if epoch_done:
+            shutil.rmtree(tmp_path / "run")
+
+    monkeypatch.setattr(Trainer, "save", save_then_remove)
+    config = config_for(tmp_path, tiny_root, overrides=["solver.epochs=1", "solver.warmup_epochs=0"])
+    with pytest.raises(CheckpointError, match=r"/run was removed or replaced during the run: it stops"):
+        train(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

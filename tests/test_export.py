@@ -750,3 +750,27 @@ def test_the_largest_batch_exports_and_checks(tmp_path):
     model, size = tiny_model("maskreid")
     result = export_onnx(model, tmp_path / "model.onnx", image_size=size, batch=MAX_EXAMPLE_BATCH, check=True)
     assert result.checked_batches == (MAX_EXAMPLE_BATCH - 1, MAX_EXAMPLE_BATCH)
+
+
+_FULL_DISK_EXPORT = """
+import sys
+sys.path.insert(0, "tests")
+from test_export import tiny_model
+from dpm_ops.export import export_onnx
+model, size = tiny_model("vit_baseline")
+try:
+    export_onnx(model, sys.argv[1], image_size=size, check=False)
+except OSError as error:
+    print(error.filename)
+"""
+
+
+def test_a_failed_export_write_names_the_output_and_keeps_the_earlier_file(tmp_path):
+    """A full disk named the hidden staged file (<out>.XXXX.tmp/<name>), a path the user never gave."""
+    from engine_utils import run_with_file_size_limit
+
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"an earlier export")
+    result = run_with_file_size_limit([sys.executable, "-c", _FULL_DISK_EXPORT, str(out)], 16_384)
+    assert result.returncode == 0 and result.stdout.strip() == str(out), result.stdout + result.stderr[-3000:]
+    assert out.read_bytes() == b"an earlier export" and os.listdir(tmp_path) == ["model.onnx"]

@@ -14,8 +14,8 @@ from .errors import DatasetError, DatasetNotFoundError
 # A mask pixel is foreground when its 8-bit value is at least this (1-bit PNGs read as 0/255).
 MASK_THRESHOLD = 128
 
-# Pascal VOC's label maps (what an FCN trained on it gives): 21 classes, the person is class 15.
-VOC_CLASSES, VOC_PERSON = 21, 15
+# Pascal VOC's label maps (what an FCN trained on it gives): the person is class 15.
+VOC_PERSON = 15
 
 # Greyscale modes holding 16-bit samples (PNG / TIFF); "I" is what 32-bit integer files open as.
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -99,7 +99,7 @@ def read_mask(path: str, expected_size: tuple[int, int] | None = None) -> Image.
     expected_size is the (width, height) of the image it belongs to.
     """
     with decoded(path, "mask") as mask:
-        mask = _mask_levels(mask)
+        mask = _mask_levels(mask, path)
     return _binary(mask, path, expected_size)
 
 
@@ -113,19 +113,21 @@ def _voc_colour(index: int) -> tuple[int, int, int]:
     return rgb[0], rgb[1], rgb[2]
 
 
-VOC_PALETTE = [value for index in range(VOC_CLASSES) for value in _voc_colour(index)]
+VOC_PALETTE = [value for index in range(256) for value in _voc_colour(index)]  # 255: VOC's "void" border
 
 
-def _mask_levels(mask: Image.Image) -> Image.Image:
+def _mask_levels(mask: Image.Image, name: str) -> Image.Image:
     """A mask's 'L' levels: its alpha channel where it has transparency (a cutout: RGB holds the person's pixels,
-    whose grey levels were read as the mask; a palette image's transparency too), the person class of a label
-    map in VOC's palette (the segmentation network's argmax: car or train colours read as bright as a person's),
-    else its grey levels."""
+    whose grey levels were read as the mask; a palette image's transparency too), the person of a label map in
+    VOC's palette (the segmentation network's argmax: car or train colours read as bright as a person's), else
+    its grey levels."""
     if mask.mode in ("P", "PA"):
         if mask.mode == "PA" or "transparency" in mask.info:
             mask = mask.convert("RGBA")
-        elif (mask.getpalette() or [])[: len(VOC_PALETTE)] == VOC_PALETTE:
-            return _voc_foreground(mask)
+        else:
+            foreground = _voc_foreground(mask, name)
+            if foreground is not None:
+                return foreground
     if "A" in mask.getbands():
         alpha = mask.getchannel("A")
         if alpha.getextrema()[0] < 255:
@@ -133,12 +135,25 @@ def _mask_levels(mask: Image.Image) -> Image.Image:
     return mask.convert("L")
 
 
-def _voc_foreground(mask: Image.Image) -> Image.Image:
-    """A VOC-palette label map's person pixels (class 15); one holding class 1 alone (DAVIS-style object masks
-    share the palette: index 1 is the object) its class-1 pixels. 0 is background, 255 VOC's "void" border."""
+def _voc_foreground(mask: Image.Image, name: str) -> Image.Image | None:
+    """A label map's foreground where every index it uses has VOC's colour: its person pixels (class 15), or,
+    holding class 1 alone, those (DAVIS-style object masks share the palette: index 1 is the object); None where
+    it is no such map or holds no class (0, background, and 255, VOC's "void", alone: read by grey level). Other
+    classes without the person are refused: which is the foreground?"""
     labels = np.asarray(mask)
-    classes = set(np.unique(labels).tolist()) - {0, 255}
-    foreground = labels == (1 if classes == {1} else VOC_PERSON)
+    used = np.unique(labels).tolist()
+    palette = mask.getpalette() or []
+    if any(palette[3 * index : 3 * index + 3] != VOC_PALETTE[3 * index : 3 * index + 3] for index in used):
+        return None
+    classes = set(used) - {0, 255}
+    if not classes:
+        return None
+    if VOC_PERSON not in classes and classes != {1}:
+        raise DatasetError(
+            f"mask {name} is a label map in VOC's palette of classes {sorted(classes)}, without the person "
+            f"({VOC_PERSON}) or a lone object (1): which is the foreground? A mask is 0 / 255 (or 1-bit, or bool)"
+        )
+    foreground = labels == (VOC_PERSON if VOC_PERSON in classes else 1)
     return Image.fromarray(foreground.astype(np.uint8) * 255, "L")
 
 
@@ -181,5 +196,5 @@ def as_mask(mask, name: str, expected_size: tuple[int, int] | None = None) -> Im
     if isinstance(mask, Image.Image):  # read as a file's pixels are (an RGBA cutout was read by its brightness)
         if 0 in mask.size:
             raise ValueError(f"{name} is an empty mask ({mask.width} x {mask.height} pixels)")
-        return _binary(_mask_levels(_to_8bit(mask, name, "mask")), name, expected_size)
+        return _binary(_mask_levels(_to_8bit(mask, name, "mask"), name), name, expected_size)
     raise ValueError(f"{name} must be a mask path, a PIL image or a bool / uint8 array, got {type(mask).__name__}")

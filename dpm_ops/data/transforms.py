@@ -308,6 +308,8 @@ class RandomErasing(Transform):
         self.noise_std = tuple(check_real("RandomErasing", "noise_std", v, 0, low_open=True) for v in noise_std)
 
     def __call__(self, tensor, generator=None):
+        if self.noise_std != (1.0, 1.0, 1.0) and tensor.shape[0] != 3:  # else a raw broadcast error, sometimes
+            raise ValueError(f"RandomErasing: noise_std holds 3 values (R, G, B), the tensor {tuple(tensor.shape)} not")
         if torch.rand((), generator=generator).item() >= self.probability:
             return tensor
         tensor = tensor.clone()

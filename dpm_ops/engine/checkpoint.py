@@ -62,15 +62,15 @@ def _temporary_name(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def naming(path: str | os.PathLike):
-    """An OSError of the block names ``path``: a full disk's was "[Errno 28] No space left on device", no file
-    (or the hidden temporary's name)."""
+def naming(path: str | os.PathLike, *aliases: str | os.PathLike):
+    """An OSError of the block that names no file, or one of ``aliases`` (a hidden temporary), names ``path``: a
+    full disk's was "[Errno 28] No space left on device", no file. Another file's stays its own."""
     try:
         yield
     except OSError as error:
-        if error.errno is None:
-            raise
-        raise OSError(error.errno, error.strerror, str(path)) from error
+        if error.errno is not None and (error.filename is None or str(error.filename) in map(str, aliases)):
+            error.filename = str(path)
+        raise
 
 
 def atomic_write(path: str | os.PathLike, write) -> Path:
@@ -81,9 +81,9 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     and logs next to it, and a run folder is usually shared; whoever wants it private sets a
     umask (077) or the folder's permissions, and then every file follows."""
     path = Path(path)
-    with naming(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _temporary_name(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_name(path)
+    with naming(path, tmp):
         # "x": never another's file (outside the try: a name in use is not ours to remove); the umask's mode
         handle = open(tmp, "xb")
         try:

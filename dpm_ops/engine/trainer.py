@@ -426,6 +426,8 @@ class Trainer:
 
     def evaluate(self, out_dir: Optional[Path] = None, pictures: Optional[bool] = None) -> Optional[dict]:
         """Metrics on rank 0 (None on the other ranks), of the model rank 0 saves."""
+        if out_dir is not None and self.run_folder is not None:  # rank 0: before it writes there
+            self.run_folder.check_held()
         distributed.broadcast_buffers(self.model)
         return evaluate_with_config(
             self.model,
@@ -443,12 +445,7 @@ class Trainer:
             self.setup()
             finished = self.fit()
             if not finished:
-                return {
-                    "finished": False,
-                    "global_step": self.global_step,
-                    "metrics": None,
-                    "output_dir": str(self.output_dir),
-                }
+                return self._result(False, None)
             metrics = self.evaluate(out_dir=self.output_dir)
             if self.dist.is_main:
                 self.run_folder.check_held()
@@ -459,18 +456,16 @@ class Trainer:
                 self._write_config()  # the config of final.pt and metrics.json
                 self._plot_losses()
                 self.log(f"final weights: {self.checkpoint_dir / 'final.pt'}")
-            return {
-                "finished": True,
-                "global_step": self.global_step,
-                "metrics": metrics,
-                "output_dir": str(self.output_dir),
-            }
+            return self._result(True, metrics)
         finally:
             try:
                 self.run_log.close()  # may fail (a full disk): the folder is released all the same
             finally:
                 if self.run_folder is not None:
                     self.run_folder.release()
+
+    def _result(self, finished: bool, metrics: Optional[dict]) -> dict:
+        return dict(finished=finished, global_step=self.global_step, metrics=metrics, output_dir=str(self.output_dir))
 
     @property
     def recorded_config(self) -> dict:
