@@ -42,7 +42,8 @@ at::Tensor hem_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& cls_
   const c10::cuda::CUDAGuard guard(cls_logits.device());
   const at::Tensor a = cls_logits.contiguous();
   const Dtype dtype = checked_dtype(a);
-  const at::Tensor g = grad.to(compute_type(a.scalar_type())).contiguous();
+  // the loss's gradient may lie on any device (the CPU, another GPU): the kernel reads it on the logits'
+  const at::Tensor g = grad.to(a.device(), compute_type(a.scalar_type())).contiguous();
   at::Tensor grad_a = at::empty_like(a);
   cuda::backward(dtype, g.const_data_ptr(), a.const_data_ptr(), a.size(0), a.size(1), a.size(2), eps,
                  sample_weight(a.size(0), mean), grad_a.data_ptr(), current_stream());

@@ -115,7 +115,7 @@ def hem_loss_backward(grad: torch.Tensor, cls_logits: torch.Tensor, eps: float, 
     _hem_sample_kernel[(B,)](
         a,
         scratch,
-        grad.reshape(1),
+        grad.reshape(1).to(scratch),  # a loss's gradient may lie on any device (another GPU, the CPU)
         out,
         H,
         N,
