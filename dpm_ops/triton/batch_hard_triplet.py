@@ -96,6 +96,8 @@ def loss_and_grad(features, labels, with_grad):
     pos_term = pos_coef[:, None] * (x - x[pos_idx])
     neg_term = neg_coef[:, None] * (x - x[neg_safe])
     grad = pos_term + neg_term
+    # anchors share hardest positives / negatives: on CUDA index_add_ adds them with atomics, in any order (the
+    # last bits may differ between runs; the CUDA backend's kernel, the default there, is deterministic)
     grad.index_add_(0, pos_idx, -pos_term)
     grad.index_add_(0, neg_safe, -neg_term)
     return loss, grad
