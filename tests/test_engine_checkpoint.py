@@ -564,6 +564,11 @@ def test_a_failed_write_names_its_file_and_keeps_the_earlier_one(tmp_path):
     with pytest.raises(FileExistsError) as error:
         atomic_write_text(tmp_path / "afile" / "metrics.json", "{}")
     assert error.value.filename == str(tmp_path / "afile")
+    # os.replace's error names the temporary and the destination: "path -> path" after the renaming
+    (tmp_path / "folder" / "inside").mkdir(parents=True)
+    with pytest.raises(OSError) as error:
+        atomic_write_text(tmp_path / "folder", "{}")
+    assert str(error.value).endswith(f": '{tmp_path / 'folder'}'") and "->" not in str(error.value)
 
 
 def test_a_run_folder_removed_during_the_run_is_noticed(tmp_path):
@@ -584,6 +589,7 @@ def test_a_run_folder_removed_during_the_run_is_noticed(tmp_path):
             folder.check_held()
     finally:
         folder.release()
+    folder.check_held()  # released: no longer the run's to check (an evaluation after the run)
 
 
 def test_run_log_close_names_the_file_it_could_not_flush_and_closes_both(tmp_path):

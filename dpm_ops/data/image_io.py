@@ -99,7 +99,7 @@ def read_mask(path: str, expected_size: tuple[int, int] | None = None) -> Image.
     expected_size is the (width, height) of the image it belongs to.
     """
     with decoded(path, "mask") as mask:
-        mask = _mask_levels(mask, path)
+        mask = _mask_levels(mask)
     return _binary(mask, path, expected_size)
 
 
@@ -116,7 +116,7 @@ def _voc_colour(index: int) -> tuple[int, int, int]:
 VOC_PALETTE = [value for index in range(256) for value in _voc_colour(index)]  # 255: VOC's "void" border
 
 
-def _mask_levels(mask: Image.Image, name: str) -> Image.Image:
+def _mask_levels(mask: Image.Image) -> Image.Image:
     """A mask's 'L' levels: its alpha channel where it has transparency (a cutout: RGB holds the person's pixels,
     whose grey levels were read as the mask; a palette image's transparency too), the person of a label map in
     VOC's palette (the segmentation network's argmax: car or train colours read as bright as a person's), else
@@ -125,7 +125,7 @@ def _mask_levels(mask: Image.Image, name: str) -> Image.Image:
         if mask.mode == "PA" or "transparency" in mask.info:
             mask = mask.convert("RGBA")
         else:
-            foreground = _voc_foreground(mask, name)
+            foreground = _voc_foreground(mask)
             if foreground is not None:
                 return foreground
     if "A" in mask.getbands():
@@ -135,25 +135,18 @@ def _mask_levels(mask: Image.Image, name: str) -> Image.Image:
     return mask.convert("L")
 
 
-def _voc_foreground(mask: Image.Image, name: str) -> Image.Image | None:
-    """A label map's foreground where every index it uses has VOC's colour: its person pixels (class 15), or,
-    holding class 1 alone, those (DAVIS-style object masks share the palette: index 1 is the object); None where
-    it is no such map or holds no class (0, background, and 255, VOC's "void", alone: read by grey level). Other
-    classes without the person are refused: which is the foreground?"""
+def _voc_foreground(mask: Image.Image) -> Image.Image | None:
+    """A label map's foreground where each class index it uses (0, background, and 255, VOC's "void" border,
+    aside: a palette of the 21 classes has no 255th colour) has VOC's colour: its person pixels (class 15, the
+    spec's argmax == person: none in a crop of other classes alone), or, holding class 1 alone, those (DAVIS-style
+    object masks share the palette: index 1 is the object). None where it is no such map or holds no class (read
+    by grey level, as a 0 / 255 mask)."""
     labels = np.asarray(mask)
-    used = np.unique(labels).tolist()
+    classes = set(np.unique(labels).tolist()) - {0, 255}
     palette = mask.getpalette() or []
-    if any(palette[3 * index : 3 * index + 3] != VOC_PALETTE[3 * index : 3 * index + 3] for index in used):
+    if not classes or any(palette[3 * c : 3 * c + 3] != VOC_PALETTE[3 * c : 3 * c + 3] for c in classes):
         return None
-    classes = set(used) - {0, 255}
-    if not classes:
-        return None
-    if VOC_PERSON not in classes and classes != {1}:
-        raise DatasetError(
-            f"mask {name} is a label map in VOC's palette of classes {sorted(classes)}, without the person "
-            f"({VOC_PERSON}) or a lone object (1): which is the foreground? A mask is 0 / 255 (or 1-bit, or bool)"
-        )
-    foreground = labels == (VOC_PERSON if VOC_PERSON in classes else 1)
+    foreground = labels == (1 if classes == {1} else VOC_PERSON)
     return Image.fromarray(foreground.astype(np.uint8) * 255, "L")
 
 
@@ -196,5 +189,5 @@ def as_mask(mask, name: str, expected_size: tuple[int, int] | None = None) -> Im
     if isinstance(mask, Image.Image):  # read as a file's pixels are (an RGBA cutout was read by its brightness)
         if 0 in mask.size:
             raise ValueError(f"{name} is an empty mask ({mask.width} x {mask.height} pixels)")
-        return _binary(_mask_levels(_to_8bit(mask, name, "mask"), name), name, expected_size)
+        return _binary(_mask_levels(_to_8bit(mask, name, "mask")), name, expected_size)
     raise ValueError(f"{name} must be a mask path, a PIL image or a bool / uint8 array, got {type(mask).__name__}")

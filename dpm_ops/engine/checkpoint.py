@@ -68,8 +68,11 @@ def naming(path: str | os.PathLike, *aliases: str | os.PathLike):
     try:
         yield
     except OSError as error:
-        if error.errno is not None and (error.filename is None or str(error.filename) in map(str, aliases)):
+        names = {str(path), *map(str, aliases)}
+        if error.errno is not None and (error.filename is None or str(error.filename) in names):
             error.filename = str(path)
+            if error.filename2 is not None and str(error.filename2) in names:  # os.replace(tmp, path): "path -> path"
+                del error.filename2
         raise
 
 
@@ -250,6 +253,8 @@ class RunFolder:
         """A CheckpointError when the folder's lock file is no longer the one this run locked: the folder was
         removed (or replaced) during the run, whose writes recreated it silently while its logs went to deleted
         files, and a second run could start in it."""
+        if self._lock.closed:  # released: the folder is no longer this run's
+            return
         with contextlib.suppress(OSError):
             status, held = os.stat(self.path / self.LOCK), os.fstat(self._lock.fileno())
             if (status.st_dev, status.st_ino) == (held.st_dev, held.st_ino):

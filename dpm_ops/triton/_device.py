@@ -10,13 +10,13 @@ def _first_device(args):
     for arg in args:
         if isinstance(arg, (list, tuple)):  # the pooling launchers take a list of feature maps
             arg = next((t for t in arg if isinstance(t, torch.Tensor)), None)
-        if isinstance(arg, torch.Tensor) and arg.dim() > 0:  # not a loss's gradient: a number, on any device
+        if isinstance(arg, torch.Tensor):
             return arg.device
     return None
 
 
 def on_input_device(launcher):
-    """`launcher` run with its first tensor argument's CUDA device current (0-dim ones skipped)."""
+    """`launcher` run with its first tensor argument's CUDA device current."""
 
     @functools.wraps(launcher)
     def launch(*args, **kwargs):

@@ -104,8 +104,13 @@ def hem_loss_forward(cls_logits: torch.Tensor, eps: float, reduction: str) -> to
     return per_sample.sum() * _weight(B, reduction)
 
 
-@on_input_device
 def hem_loss_backward(grad: torch.Tensor, cls_logits: torch.Tensor, eps: float, reduction: str) -> torch.Tensor:
+    """The launch on the logits' device: the loss's gradient, a number, may lie on any (the CPU, another GPU)."""
+    return _backward(cls_logits, grad, eps, reduction)
+
+
+@on_input_device
+def _backward(cls_logits: torch.Tensor, grad: torch.Tensor, eps: float, reduction: str) -> torch.Tensor:
     B, H, N = cls_logits.shape
     out = torch.empty_like(cls_logits, memory_format=torch.contiguous_format)
     if out.numel() == 0:
@@ -115,7 +120,7 @@ def hem_loss_backward(grad: torch.Tensor, cls_logits: torch.Tensor, eps: float, 
     _hem_sample_kernel[(B,)](
         a,
         scratch,
-        grad.reshape(1).to(scratch),  # a loss's gradient may lie on any device (another GPU, the CPU)
+        grad.reshape(1).to(scratch),
         out,
         H,
         N,
