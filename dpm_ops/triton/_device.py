@@ -15,12 +15,13 @@ def _first_device(args):
     return None
 
 
-def on_input_device(launcher):
-    """`launcher` run with its first tensor argument's CUDA device current."""
+def on_input_device(launcher, device_of: int = 0):
+    """`launcher` run with the CUDA device current of its first tensor argument from position `device_of` on
+    (1 for a backward whose first, a loss's gradient, is a number that may lie on any device)."""
 
     @functools.wraps(launcher)
     def launch(*args, **kwargs):
-        device = _first_device(args)
+        device = _first_device(args[device_of:])
         if device is None or device.type != "cuda":
             return launcher(*args, **kwargs)
         with torch.cuda.device(device):

@@ -9,6 +9,8 @@ matmul precision (triton/_precision.py is for the GEMM-sized kernels): a (heads 
 sample is little work next to streaming the logits.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -104,13 +106,8 @@ def hem_loss_forward(cls_logits: torch.Tensor, eps: float, reduction: str) -> to
     return per_sample.sum() * _weight(B, reduction)
 
 
+@functools.partial(on_input_device, device_of=1)  # the logits' device: the gradient may lie on any
 def hem_loss_backward(grad: torch.Tensor, cls_logits: torch.Tensor, eps: float, reduction: str) -> torch.Tensor:
-    """The launch on the logits' device: the loss's gradient, a number, may lie on any (the CPU, another GPU)."""
-    return _backward(cls_logits, grad, eps, reduction)
-
-
-@on_input_device
-def _backward(cls_logits: torch.Tensor, grad: torch.Tensor, eps: float, reduction: str) -> torch.Tensor:
     B, H, N = cls_logits.shape
     out = torch.empty_like(cls_logits, memory_format=torch.contiguous_format)
     if out.numel() == 0:
