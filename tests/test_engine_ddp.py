@@ -189,3 +189,39 @@ def test_one_process_nccl_training_on_cuda(tmp_path):
     log = (run / "train.log").read_text()
     assert "device cuda" in log and "amp torch.bfloat16" in log and "1 process(es)" in log, log
     assert {"all", "clean", "occluded"} <= set(json.loads((run / "metrics.json").read_text()))
+
+
+_GLOBAL_TRIPLET = """
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from dpm_ops.engine.distributed import cleanup, gather_batch, init_distributed
+from dpm_ops.losses import batch_hard_soft_margin_triplet
+
+rank = init_distributed(torch.device("cpu")).rank
+torch.manual_seed(0)
+model, single = torch.nn.Linear(8, 6).double(), torch.nn.Linear(8, 6).double()
+single.load_state_dict(model.state_dict())
+x, labels = torch.randn(16, 8, dtype=torch.float64), torch.arange(4).repeat_interleave(4)  # 4 ids x 4
+share = slice(8 * rank, 8 * rank + 8)  # the P x K batch split over the ranks: 2 ids each
+ddp = DistributedDataParallel(model)
+loss = batch_hard_soft_margin_triplet(*gather_batch(ddp(x[share]), labels[share]))
+loss.backward()
+whole = batch_hard_soft_margin_triplet(single(x), labels)  # one process of the whole batch
+whole.backward()
+same = torch.allclose(loss, whole) and all(
+    torch.allclose(a.grad, b.grad, rtol=1e-12, atol=1e-12) for a, b in zip(model.parameters(), single.parameters())
+)
+print(f"rank {rank}: {same}")
+cleanup()
+"""
+
+
+def test_the_triplet_mines_over_the_whole_batch_under_ddp(tmp_path):
+    """Each rank mined its own share of the P x K batch (half the identities on two processes): another loss and
+    other gradients than one process of the whole batch. The shares are gathered (gather_batch) and the gradient
+    of each rank's own rows summed, so DDP's average is the single process's gradient."""
+    script = tmp_path / "global_triplet.py"
+    script.write_text(_GLOBAL_TRIPLET)
+    result = torchrun(cwd=tmp_path, program=(str(script),))
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert sorted(result.stdout.split("\n")[:-1]) == ["rank 0: True", "rank 1: True"], result.stdout

@@ -610,3 +610,15 @@ def test_loss_helpers_check_their_arguments():
     ):
         with pytest.raises(ValueError, match=f"^sgd_param_groups: {message}"):
             sgd_param_groups(model.named_parameters(), **options)
+
+
+@pytest.mark.parametrize("make", [DPMLoss, BaselineReIDLoss])
+def test_the_triplet_mines_over_the_batch_triplet_batch_gives(make):
+    output = fake_dpm_output() if make is DPMLoss else ViTBaselineTrainOutput(*fake_dpm_output()[:3:2])
+    doubled = make(triplet_batch=lambda f, l: (torch.cat([f, f + 1]), torch.cat([l, l + 5])))
+    expected = batch_hard_soft_margin_triplet(
+        torch.cat([output.feature, output.feature + 1]), torch.cat([LABELS, LABELS + 5])
+    )
+    torch.testing.assert_close(doubled.terms(output, LABELS)["triplet"], expected)
+    with pytest.raises(ValueError, match=rf"^{make.__name__}: triplet_batch must be None or a callable, got int$"):
+        make(triplet_batch=3)

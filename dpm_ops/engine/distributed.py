@@ -130,3 +130,31 @@ def mean_across_ranks(values: dict[str, float], device: torch.device) -> dict[st
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class _GatherRows(torch.autograd.Function):
+    """Every rank's rows, in rank order; the gradient of this rank's own, summed over the ranks (each computes
+    the same loss of the whole batch: DDP's average of them is a single process's gradient)."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor) -> torch.Tensor:
+        shares = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+        dist.all_gather(shares, rows.contiguous())
+        ctx.share = (dist.get_rank() * rows.shape[0], rows.shape[0])
+        return torch.cat(shares)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.narrow(0, *ctx.share)
+
+
+def gather_batch(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole batch's features (differentiable) and labels from every rank's share of it (equal shares, as the
+    P x K sampler splits it): a triplet loss mines over all of it, as one process of the whole batch does."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return features, labels
+    shares = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
+    dist.all_gather(shares, labels.contiguous())
+    return _GatherRows.apply(features), torch.cat(shares)

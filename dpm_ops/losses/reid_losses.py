@@ -11,7 +11,7 @@ CE, batch-hard triplet) where available, with the same values and gradients as `
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -43,6 +43,16 @@ def _check_output(loss: str, output, fields: tuple, expected: str) -> None:
     if len(set(batches.values())) > 1:
         held = ", ".join(f"{field} {batch}" for field, batch in batches.items())
         raise ValueError(f"{loss}: the output's tensors must hold one batch, got {held} samples")
+
+
+def _check_triplet_batch(loss: str, triplet_batch) -> Callable:
+    """``triplet_batch(features, labels)``: the batch the triplet mines over (under DDP the whole batch from every
+    rank's share, engine.distributed.gather_batch); by default the features and labels given."""
+    if triplet_batch is None:
+        return lambda features, labels: (features, labels)
+    if not callable(triplet_batch):
+        raise ValueError(f"{loss}: triplet_batch must be None or a callable, got {type(triplet_batch).__name__}")
+    return triplet_batch
 
 
 def _check_margin_labels(margin_labels, labels) -> None:
@@ -85,8 +95,10 @@ class DPMLoss(nn.Module):
         masked_weight: float = 0.5,
         backend: Optional[str] = None,
         fused: Optional[bool] = None,
+        triplet_batch: Optional[Callable] = None,
     ):
         super().__init__()
+        self.triplet_batch = _check_triplet_batch("DPMLoss", triplet_batch)
         if fused is not None:
             backend = backend_of_fused(fused, "DPMLoss", backend is not None)
         self.hem_weight, self.id_weight, self.triplet_weight, self.plain_weight, self.masked_weight = (
@@ -128,7 +140,9 @@ class DPMLoss(nn.Module):
             }
             _check_margin_labels(getattr(output, "margin_labels", None), labels)
         terms["hem"] = hem_loss(output.hem_logits, backend=self.backend)
-        terms["triplet"] = batch_hard_soft_margin_triplet(output.feature, labels, backend=self.backend)
+        terms["triplet"] = batch_hard_soft_margin_triplet(
+            *self.triplet_batch(output.feature, labels), backend=self.backend
+        )
         return terms
 
     def total(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -153,8 +167,15 @@ class DPMLoss(nn.Module):
 class BaselineReIDLoss(nn.Module):
     """ViT baseline: ``id_w·CE(logits) + tri_w·L_TRI`` (no label smoothing, soft-margin triplet)."""
 
-    def __init__(self, id_weight: float = 1.0, triplet_weight: float = 1.0, backend: Optional[str] = None):
+    def __init__(
+        self,
+        id_weight: float = 1.0,
+        triplet_weight: float = 1.0,
+        backend: Optional[str] = None,
+        triplet_batch: Optional[Callable] = None,
+    ):
         super().__init__()
+        self.triplet_batch = _check_triplet_batch("BaselineReIDLoss", triplet_batch)
         self.id_weight = check_real("BaselineReIDLoss", "id_weight", id_weight, 0, MAX_COEFFICIENT)
         self.triplet_weight = check_real("BaselineReIDLoss", "triplet_weight", triplet_weight, 0, MAX_COEFFICIENT)
         self.backend = check_backend_name("BaselineReIDLoss", backend)
@@ -164,7 +185,9 @@ class BaselineReIDLoss(nn.Module):
         _check_output("BaselineReIDLoss", output, ("logits", "feature"), "ViTBaselineTrainOutput")
         return {
             "id": _cross_entropy("BaselineReIDLoss", output.logits, labels),
-            "triplet": batch_hard_soft_margin_triplet(output.feature, labels, backend=self.backend),
+            "triplet": batch_hard_soft_margin_triplet(
+                *self.triplet_batch(output.feature, labels), backend=self.backend
+            ),
         }
 
     def total(self, t: dict[str, torch.Tensor]) -> torch.Tensor:

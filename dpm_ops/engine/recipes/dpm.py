@@ -49,7 +49,12 @@ class DPMRecipe(ViTRecipe):
         # number of processes: times world_size, a rank's share weighs as in one process of the whole batch
         hem_weight = loss["hem_weight"] * distributed.current().world_size
         criterion = DPMLoss(
-            hem_weight, loss["id_weight"], loss["triplet_weight"], loss["plain_weight"], loss["masked_weight"]
+            hem_weight,
+            loss["id_weight"],
+            loss["triplet_weight"],
+            loss["plain_weight"],
+            loss["masked_weight"],
+            triplet_batch=distributed.gather_batch,  # under DDP it mines over every rank's share
         )
         two_pass = solver["two_pass"]
 

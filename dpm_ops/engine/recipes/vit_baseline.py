@@ -6,6 +6,7 @@ from __future__ import annotations
 from dpm_ops.losses import BaselineReIDLoss
 from dpm_ops.models import ViTBaseline
 
+from .. import distributed
 from .base import StepContext, ViTRecipe, loss_record, make_optimizer, param_group_options, scheduled_stage
 
 
@@ -18,7 +19,11 @@ class ViTBaselineRecipe(ViTRecipe):
         main = make_optimizer(
             config, model.optimizer_param_groups(base_lr=config["solver"]["base_lr"], **param_group_options(config))
         )
-        criterion = BaselineReIDLoss(config["loss"]["id_weight"], config["loss"]["triplet_weight"])
+        criterion = BaselineReIDLoss(
+            config["loss"]["id_weight"],
+            config["loss"]["triplet_weight"],
+            triplet_batch=distributed.gather_batch,  # under DDP it mines over every rank's share
+        )
 
         def step(ctx: StepContext, batch: dict) -> dict:
             _, terms, total = self.train_forward(ctx, batch, criterion, main)
