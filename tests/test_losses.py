@@ -3,6 +3,7 @@ value and gradient. The brute forces loop the way the official code or the paper
 they share no code with dpm_ops.losses."""
 
 import math
+import pickle
 
 import pytest
 import torch
@@ -622,3 +623,4 @@ def test_the_triplet_mines_over_the_batch_triplet_batch_gives(make):
     torch.testing.assert_close(doubled.terms(output, LABELS)["triplet"], expected)
     with pytest.raises(ValueError, match=rf"^{make.__name__}: triplet_batch must be None or a callable, got int$"):
         make(triplet_batch=3)
+    assert pickle.loads(pickle.dumps(make())).triplet_weight == 1.0  # torch.save of a module, other processes

@@ -145,7 +145,7 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
+        grad = grad.clone(memory_format=torch.contiguous_format)  # summed in place: never the consumer's tensor
         dist.all_reduce(grad)
         return grad.narrow(0, *ctx.share)
 

@@ -45,11 +45,15 @@ def _check_output(loss: str, output, fields: tuple, expected: str) -> None:
         raise ValueError(f"{loss}: the output's tensors must hold one batch, got {held} samples")
 
 
+def _same_batch(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return features, labels  # a module function: the losses pickle (torch.save of a module, other processes)
+
+
 def _check_triplet_batch(loss: str, triplet_batch) -> Callable:
     """``triplet_batch(features, labels)``: the batch the triplet mines over (under DDP the whole batch from every
     rank's share, engine.distributed.gather_batch); by default the features and labels given."""
     if triplet_batch is None:
-        return lambda features, labels: (features, labels)
+        return _same_batch
     if not callable(triplet_batch):
         raise ValueError(f"{loss}: triplet_batch must be None or a callable, got {type(triplet_batch).__name__}")
     return triplet_batch

@@ -127,7 +127,7 @@ class Recipe:
     train_input_defaults: dict = {"padding": 10, "erasing": 0.5, "color_jitter": False}
     eval_time_options: tuple = ()  # model options that change only eval mode: `dpm-reid eval` takes the config's
     min_classes: int = 1  # the fewest classes the model takes (0: it can be built without a classifier)
-    # its loss has a batch-hard triplet term (loss.triplet_weight) on each process's share of the P x K batches
+    # its loss has a batch-hard triplet term (loss.triplet_weight) on the P x K batches (every process's share)
     triplet_on_pk: bool = False
     # the loss / solver keys of one model that its stages read (another model's, off its default, is refused)
     config_keys: tuple = ()
