@@ -810,7 +810,9 @@ def test_the_dpm_recipe_weighs_its_summed_hem_term_by_the_processes(monkeypatch,
 
     monkeypatch.setattr(distributed, "current", lambda: distributed.DistInfo(world_size=world_size))
     made = []
-    monkeypatch.setattr(dpm_recipe, "DPMLoss", lambda *weights: made.append(DPMLoss(*weights)) or made[-1])
+    monkeypatch.setattr(
+        dpm_recipe, "DPMLoss", lambda *weights, **options: made.append(DPMLoss(*weights, **options)) or made[-1]
+    )
     config = load_config("synthetic_dpm")
     get_recipe("dpm").build_stages(tiny_dpm(), config, {"pk": 4})
     (criterion,) = made
