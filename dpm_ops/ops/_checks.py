@@ -1,8 +1,8 @@
 """Input checks shared by the ops' Python entry points and the evaluation API: each kind of check
 lives here once, with one message, so every op and backend reports a bad argument the same way."""
 
-import dataclasses
 import contextlib
+import dataclasses
 import math
 import numbers
 import reprlib
