@@ -13,7 +13,8 @@ Targets, as ratios to eager (issue: GPU half):
   TF32: Triton (one pass: both dot products from the same tiles on tensor cores, C written once)
   >= 70% of the tensor-core roofline and >= 1.5x eager (two cuBLAS GEMMs + element passes); CUDA
   (cuBLAS GEMMs + one fused epilogue: eager's GEMMs without its element passes) >= 1.0x eager, its
-  roofline fraction reported. fwd+bwd at the training shape (launch-bound): never slower than eager.
+  roofline fraction reported. fwd+bwd at the training shape (launch-bound): never slower than eager (in
+  bf16 both multiply fp32 operands there: the kernels' passes of a gradient, as eager's reference).
 """
 
 import contextlib

@@ -238,10 +238,67 @@ def test_cuda_reduced_precision_gradients(backend, dtype):
     assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
     trained, den_sq = op_for("masked_cosine_train", backend)(x.detach(), mask.detach(), protos.detach(), 1e-12)
-    assert trained.dtype == dtype and den_sq.dtype == torch.float32
-    torch.testing.assert_close(trained, out.detach())
+    assert trained.dtype == den_sq.dtype == torch.float32  # kept unrounded for the backward
+    assert torch.equal(trained.to(dtype), out.detach())
     for got, want in zip(grads, expected_grads):
         assert ((got.float() - want).norm() / want.norm()).item() < 2e-2
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("path", ["train", "recompute"])
+def test_half_gradients_are_rounded_once(backend, dtype, path):
+    """fp16 / bf16 gradients are the fp32 computation's, rounded once, as the reference's: the backward
+    takes C unrounded (kept by the training op, or recomputed) and its GEMMs take fp32 operands. From the
+    cosine rounded to the input dtype, or bf16 operands (CUDA, Triton), the mask's and prototypes'
+    gradients, differences of terms of size ~1 that nearly cancel where a feature lies close to the
+    prototypes' direction, were 3-4x the reference's error (float64 truth)."""
+    if backend == "triton" and dtype == torch.bfloat16 and not torch.cuda.is_available():
+        pytest.skip("bf16 tl.dot needs a GPU: the Triton interpreter multiplies its bit patterns")
+    if backend == "triton" and path == "train":
+        pytest.skip("the Triton backend has no training op: its backward always recomputes C")
+    device = device_for(backend)
+    gen = torch.Generator().manual_seed(3)
+    protos = torch.randn(2, 256, generator=gen)
+    x = protos[0] + 0.02 * torch.randn(32, 256, generator=gen)
+    mask = 0.5 + 0.5 * torch.rand(32, 256, generator=gen)
+    grad = torch.randn(32, 2, generator=gen).to(dtype)
+    inputs = [t.to(dtype).to(device) for t in (x, mask, protos)]
+    truth = [t.detach().cpu().double().requires_grad_() for t in inputs]
+    want = torch.autograd.grad(masked_cosine_reference(*truth), truth, grad.double())
+
+    def gradients(name, op):
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        if name == "reference":
+            out = masked_cosine_reference(*leaves)
+        elif path == "train":
+            out = op_for("masked_cosine_train", name)(*leaves, 1e-12)[0].to(dtype)
+        else:
+            out = op_for(op, name)(*leaves, 1e-12)
+        return torch.autograd.grad(out, leaves, grad.to(device))
+
+    reference = gradients("reference", None)
+    got = gradients(backend, "masked_cosine")
+    for name, g, r, w in zip(("x", "mask", "protos"), got, reference, want):
+        error, reference_error = ((t.cpu().double() - w).norm() / w.norm() for t in (g, r))
+        assert error <= 1.25 * reference_error, (name, error.item(), reference_error.item())
+
+
+@pytest.mark.parametrize("backend", backend_params("cpp", "cuda", "triton"))
+def test_half_backward_takes_the_cosine_rounded_or_not(backend):
+    """The backward op takes grad and out in the inputs' dtype (masked_cosine's) or their compute dtype
+    (masked_cosine_train's): a rounded out is recomputed, so both give the same gradients; other dtypes are
+    refused, naming both."""
+    x, mask, protos = make_inputs(5, 7, 24, torch.float16, device_for(backend), seed=4)
+    backward = op_for("masked_cosine_backward", backend)
+    exact = masked_cosine_reference(*(t.float() for t in (x, mask, protos)))
+    grad = torch.randn(5, 7, generator=torch.Generator().manual_seed(5)).half().float().to(x.device)
+    from_rounded = backward(grad.half(), x, mask, protos, exact.half(), None, 1e-12)
+    from_exact = backward(grad, x, mask, protos, exact, None, 1e-12)
+    for a, b in zip(from_rounded, from_exact):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)  # one float16 rounding
+    with pytest.raises(ValueError, match="out must be (torch.float16|Half) or (torch.float32|Float) as the forward"):
+        backward(grad, x, mask, protos, exact.double(), None, 1e-12)
 
 
 @pytest.mark.parametrize("backend", backend_params("reference", "cpp"))

@@ -6,14 +6,23 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <string>
+
 namespace dpm_ops {
 
+// `dtypes`: the one the forward gives, or the few a backward takes (e.g. rounded or not).
 inline void check_from_forward(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape,
-                               at::ScalarType dtype, const at::Device& device) {
+                               at::ArrayRef<at::ScalarType> dtypes, const at::Device& device) {
   TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have the forward's shape ", shape, ", got ",
                     t.sizes());
-  TORCH_CHECK_VALUE(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, " as the forward gives it, got ",
-                    t.scalar_type());
+  if (std::find(dtypes.begin(), dtypes.end(), t.scalar_type()) == dtypes.end()) {
+    std::string expected;
+    for (const at::ScalarType dtype : dtypes) {
+      expected += (expected.empty() ? "" : " or ") + std::string(c10::toString(dtype));
+    }
+    TORCH_CHECK_VALUE(false, op, ": ", name, " must be ", expected, " as the forward gives it, got ", t.scalar_type());
+  }
   TORCH_CHECK_VALUE(t.device() == device, op, ": ", name, " must be on ", device, " with the forward's inputs, got ",
                     t.device());
 }

@@ -74,7 +74,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(const at::Ten
   const NoAutocastGuard no_autocast;  // the GEMMs below stay in the features' dtype under autocast
   const int64_t B = features.size(0), K = weight.size(0);
   const bool with_plain = p.plain_weight != 0;
-  const masked_cosine::Prepared prep = masked_cosine::prepare<Kernels>(features, mask, weight, kEps);
+  const masked_cosine::Prepared prep =
+      masked_cosine::prepare<Kernels>(features, mask, weight, kEps, Kernels::operand_type(features.scalar_type()));
   at::Tensor row_loss = at::empty({B}, features.options());
   at::Tensor grad_features, grad_mask, up, vp, grad_weight_plain;
   if (with_grad) {

@@ -25,7 +25,7 @@ struct CudaKernels {
   }
   static void backward_coefs(const at::Tensor& grad, const at::Tensor& out, const at::Tensor& den_sq, double eps,
                              at::Tensor& g_num, at::Tensor& h) {
-    cuda::backward_coefs(dtype_of(grad), grad.const_data_ptr(), out.const_data_ptr(), den_sq.const_data_ptr(),
+    cuda::backward_coefs(dtype_of(den_sq), grad.const_data_ptr(), out.const_data_ptr(), den_sq.const_data_ptr(),
                          den_sq.numel(), eps, g_num.data_ptr(), h.data_ptr(), current_stream());
   }
   static void query_rows_backward(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& inv,
@@ -47,11 +47,16 @@ std::tuple<at::Tensor, at::Tensor> masked_cosine_train_cuda(const at::Tensor& x,
                                                             const at::Tensor& protos, double eps) {
   check_inputs(x, mask, protos, eps);
   const c10::cuda::CUDAGuard guard(x.device());
-  return forward<CudaKernels>(x.contiguous(), mask.contiguous(), protos.contiguous(), eps);
+  return forward<CudaKernels>(x.contiguous(), mask.contiguous(), protos.contiguous(), eps,
+                              accumulation_operands(x.scalar_type()));
 }
 
 at::Tensor masked_cosine_cuda(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& protos, double eps) {
-  return std::get<0>(masked_cosine_train_cuda(x, mask, protos, eps));
+  check_inputs(x, mask, protos, eps);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto [cosine, den_sq] = forward<CudaKernels>(x.contiguous(), mask.contiguous(), protos.contiguous(), eps,
+                                               CudaKernels::operand_type(x.scalar_type()));
+  return cosine.to(x.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_cosine_backward_cuda(const at::Tensor& grad,
@@ -64,8 +69,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_cosine_backward_cuda(const
   check_inputs(x, mask, protos, eps);
   check_backward_inputs(grad, x, protos, out, den_sq);
   const c10::cuda::CUDAGuard guard(x.device());
-  return backward<CudaKernels>(grad.contiguous(), x.contiguous(), mask.contiguous(), protos.contiguous(),
-                               out.contiguous(), den_sq, eps);
+  return backward<CudaKernels>(grad, x.contiguous(), mask.contiguous(), protos.contiguous(), out, den_sq, eps);
 }
 
 }  // namespace

@@ -20,8 +20,8 @@ void prepare_rows(Dtype dtype, Dtype operand, const void* v, const void* mult, i
 // In place over n elements of `acc` (kFloat or kDouble): num = num / max(sqrt(den_sq), eps).
 void cosine_epilogue(Dtype acc, void* num, const void* den_sq, int64_t n, double eps, cudaStream_t stream);
 
-// g_num = g / max(den, eps), h = g*C/den^2 (0 where den <= eps); grad and out in `dtype`.
-void backward_coefs(Dtype dtype, const void* grad, const void* out, const void* den_sq, int64_t n, double eps,
+// g_num = g / max(den, eps), h = g*C/den^2 (0 where den <= eps); all n-element arrays in `acc`.
+void backward_coefs(Dtype acc, const void* grad, const void* out, const void* den_sq, int64_t n, double eps,
                     void* g_num, void* h, cudaStream_t stream);
 
 // grad_x (through the normalisation) and grad_mask from u = G_num Ph and v = H Ph^2.

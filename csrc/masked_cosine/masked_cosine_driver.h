@@ -1,7 +1,7 @@
 // The masked cosine as GEMMs plus fused row/element passes, written once for any device.
 //
 // `Kernels` supplies the element and row passes for one device (CPU loops or CUDA
-// kernels, both built on masked_cosine_math.h) and the dtype of the GEMM operands
+// kernels, both built on masked_cosine_math.h) and the dtype of its forward's GEMM operands
 // (Kernels::operand_type); the GEMMs go to ATen (MKL / cuBLAS: why and with which precision,
 // common/gemm.h). Products and intermediates are held in the accumulation type (fp32, or fp64
 // for fp64 inputs).
@@ -17,10 +17,11 @@
 #include <cmath>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace dpm_ops::masked_cosine {
 
-// The prepared operands of both GEMMs (in Kernels::operand_type) and the inverse norms (in the
+// The prepared operands of both GEMMs (in the operand dtype the caller picks) and the inverse norms (in the
 // accumulation type).
 struct Prepared {
   at::Tensor query_scaled;  // xh * m            (B, C)
@@ -31,11 +32,16 @@ struct Prepared {
   at::Tensor proto_inv;     // 1/max(|p|, eps)   (K)
 };
 
-// GEMM operand policies of the Kernels structs. In the accumulation type: exact fp32 / fp64
+// GEMM operand policies of the Kernels structs' forwards. In the accumulation type: exact fp32 / fp64
 // operands (the CPU: MKL has no faster reduced-precision path to trade for). In the input dtype:
-// bf16 operands for tensor cores, products in fp32 (CUDA); fp16's range is too narrow for the
+// bf16 operands for tensor cores, products in fp32 (CUDA: masked_cosine's forward, e.g. an evaluation's
+// distances); fp16's range is too narrow for the
 // operands (mask values below 2^-7 square into subnormals, and xh*m too for small masks), so fp16
 // inputs take fp32 operands (the Triton kernels do the same).
+// The passes of a gradient (the training forward, whose C and den^2 the backward reuses, and the backward) take
+// accumulation-type operands on every device: the mask's and prototypes' gradients are differences of nearly
+// equal terms where a feature lies close to the prototypes' direction, and bf16 operands put them 4x the
+// reference's rounding off (training shapes: the GEMMs are small).
 inline at::ScalarType accumulation_operands(at::ScalarType input) { return compute_type(input); }
 inline at::ScalarType input_operands(at::ScalarType input) { return input == at::kHalf ? at::kFloat : input; }
 
@@ -63,20 +69,24 @@ inline void check_inputs(const at::Tensor& x, const at::Tensor& mask, const at::
                     ", the square root of the smallest normal ", compute_type(x.scalar_type()), " number, got ", eps);
 }
 
-// The backward's grad and out (B, K) in x's dtype, den_sq (B, K) in its compute type, as the forward gives them.
+// The backward's grad and out (B, K) in x's dtype (masked_cosine's) or its compute type (masked_cosine_train's),
+// den_sq (B, K) in the compute type, as the forward gives them.
 inline void check_backward_inputs(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& protos,
                                   const at::Tensor& out, const std::optional<at::Tensor>& den_sq) {
   const int64_t shape[] = {x.size(0), protos.size(0)};
   const char* op = "masked_cosine_backward";
-  check_from_forward(op, "grad", grad, shape, x.scalar_type(), x.device());
-  check_from_forward(op, "out", out, shape, x.scalar_type(), x.device());
-  if (den_sq.has_value()) check_from_forward(op, "den_sq", *den_sq, shape, compute_type(x.scalar_type()), x.device());
+  const at::ScalarType input = x.scalar_type(), compute = compute_type(input);
+  const std::vector<at::ScalarType> either = input == compute ? std::vector{input} : std::vector{input, compute};
+  check_from_forward(op, "grad", grad, shape, either, x.device());
+  check_from_forward(op, "out", out, shape, either, x.device());
+  if (den_sq.has_value()) check_from_forward(op, "den_sq", *den_sq, shape, compute, x.device());
 }
 
 template <class Kernels>
-Prepared prepare(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& protos, double eps) {
+Prepared prepare(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& protos, double eps,
+                 at::ScalarType operand_type) {
   const auto opts = x.options().dtype(compute_type(x.scalar_type()));
-  const auto operand = x.options().dtype(Kernels::operand_type(x.scalar_type()));
+  const auto operand = x.options().dtype(operand_type);
   const int64_t B = x.size(0), K = protos.size(0), C = x.size(1);
   Prepared p{at::empty({B, C}, operand), at::empty({B, C}, operand), at::empty({B}, opts),
              at::empty({K, C}, operand), at::empty({K, C}, operand), at::empty({K}, opts)};
@@ -85,37 +95,41 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& 
   return p;
 }
 
-// Forward through two GEMMs: C = ((Xh*M) Ph^T) / max(sqrt(M^2 (Ph^2)^T), eps).
-// Returns (C in the input dtype, den^2 in the accumulation dtype).
-template <class Kernels>
-std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& protos,
-                                           double eps) {
-  const NoAutocastGuard no_autocast;
-  const Prepared p = prepare<Kernels>(x, mask, protos, eps);
+// C = num / max(den, eps) (in place: num becomes C), num = (Xh*M) Ph^T, den^2 = M^2 (Ph^2)^T.
+template <class Kernels> at::Tensor cosine_of(const Prepared& p, const at::Tensor& den_sq, double eps) {
   at::Tensor num = mm_acc(p.query_scaled, p.proto_hat.t());
-  at::Tensor den_sq = mm_acc(p.mask_sq, p.proto_hat_sq.t());
-  Kernels::cosine_epilogue(num, den_sq, eps);  // in place: num becomes C
-  return {num.to(x.scalar_type()), den_sq};
+  Kernels::cosine_epilogue(num, den_sq, eps);
+  return num;
 }
 
-// Backward from the forward output `out` and, when the training forward kept it, den^2;
-// without it den^2 is recomputed (one GEMM) rather than kept alive since the forward.
+// Forward through two GEMMs on `operand_type` operands. Returns (C, den^2), both in the accumulation dtype:
+// masked_cosine answers C in the input dtype, the training variant keeps both for the backward.
+template <class Kernels>
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& protos,
+                                           double eps, at::ScalarType operand_type) {
+  const NoAutocastGuard no_autocast;
+  const Prepared p = prepare<Kernels>(x, mask, protos, eps, operand_type);
+  at::Tensor den_sq = mm_acc(p.mask_sq, p.proto_hat_sq.t());
+  return {cosine_of<Kernels>(p, den_sq, eps), den_sq};
+}
+
+// Backward from the forward output `out` and, when the training forward kept it, den^2; without it den^2 is
+// recomputed (one GEMM) rather than kept alive since the forward. An `out` rounded to a half dtype is
+// recomputed too (one GEMM): the denominator's coefficient h = g*C/den^2 from a rounded C put the mask's and
+// prototypes' gradients, differences of such terms, several times the dtype's rounding off.
 template <class Kernels>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad, const at::Tensor& x,
                                                         const at::Tensor& mask, const at::Tensor& protos,
                                                         const at::Tensor& out,
                                                         const std::optional<at::Tensor>& saved_den_sq, double eps) {
   const NoAutocastGuard no_autocast;
-  const Prepared p = prepare<Kernels>(x, mask, protos, eps);
+  const Prepared p = prepare<Kernels>(x, mask, protos, eps, accumulation_operands(x.scalar_type()));
+  const at::ScalarType acc = p.query_inv.scalar_type();
   const at::Tensor den_sq = saved_den_sq.has_value() ? saved_den_sq->contiguous()
                                                      : mm_acc(p.mask_sq, p.proto_hat_sq.t());
+  const at::Tensor cosine = out.scalar_type() == acc ? out.contiguous() : cosine_of<Kernels>(p, den_sq, eps);
   at::Tensor g_num = at::empty_like(den_sq), h = at::empty_like(den_sq);
-  Kernels::backward_coefs(grad, out, den_sq, eps, g_num, h);
-  // The coefficients enter the GEMMs in the operand type (bf16 has fp32's range, fp16 inputs have
-  // fp32 operands); `.to` is a no-op where the types already agree.
-  const at::ScalarType operand = p.query_scaled.scalar_type();
-  g_num = g_num.to(operand);
-  h = h.to(operand);
+  Kernels::backward_coefs(grad.to(acc).contiguous(), cosine, den_sq, eps, g_num, h);
 
   const at::Tensor u = mm_acc(g_num, p.proto_hat), v = mm_acc(h, p.proto_hat_sq);
   const at::Tensor up = mm_acc(g_num.t(), p.query_scaled), vp = mm_acc(h.t(), p.mask_sq);

@@ -47,12 +47,12 @@ __global__ void cosine_epilogue_kernel(A* __restrict__ num, const A* __restrict_
     num[i] = cosine(num[i], den_sq[i], eps);
 }
 
-template <typename T, typename A>
-__global__ void backward_coefs_kernel(const T* __restrict__ grad, const T* __restrict__ out,
+template <typename A>
+__global__ void backward_coefs_kernel(const A* __restrict__ grad, const A* __restrict__ out,
                                       const A* __restrict__ den_sq, int64_t n, A eps, A* __restrict__ g_num,
                                       A* __restrict__ h) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const auto coef = backward_coef(to_acc<A>(grad[i]), to_acc<A>(out[i]), den_sq[i], eps);
+    const auto coef = backward_coef(grad[i], out[i], den_sq[i], eps);
     g_num[i] = coef.g_num;
     h[i] = coef.h;
   }
@@ -132,15 +132,13 @@ void cosine_epilogue(Dtype acc, void* num, const void* den_sq, int64_t n, double
   });
 }
 
-void backward_coefs(Dtype dtype, const void* grad, const void* out, const void* den_sq, int64_t n, double eps,
+void backward_coefs(Dtype acc, const void* grad, const void* out, const void* den_sq, int64_t n, double eps,
                     void* g_num, void* h, cudaStream_t stream) {
   if (n == 0) return;
-  launch_typed(dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    using A = acc_t<T>;
-    backward_coefs_kernel<T, A><<<blocks_for(n, kRowThreads), kRowThreads, 0, stream>>>(
-        typed<T>(grad), typed<T>(out), typed<A>(den_sq), n, A(eps),
-        typed<A>(g_num), typed<A>(h));
+  launch_computed(acc, [&](auto tag) {
+    using A = typename decltype(tag)::type;
+    backward_coefs_kernel<A><<<blocks_for(n, kRowThreads), kRowThreads, 0, stream>>>(
+        typed<A>(grad), typed<A>(out), typed<A>(den_sq), n, A(eps), typed<A>(g_num), typed<A>(h));
   });
 }
 

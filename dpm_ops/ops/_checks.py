@@ -118,14 +118,17 @@ def check_batch(op: str, name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{op}: {name} must hold at least one sample (B >= 1), got shape {tuple(t.shape)}")
 
 
-def check_from_forward(op: str, name: str, t, shape, dtype: torch.dtype, device: torch.device) -> None:
+def check_from_forward(op: str, name: str, t, shape, dtype, device: torch.device) -> None:
     """A backward op's gradient or saved tensor as its forward gives it (csrc/common/backward_checks.h's
-    check for the C++ ops): a direct torch.ops call may pass any, and the kernels read it as the forward's."""
+    check for the C++ ops): a direct torch.ops call may pass any, and the kernels read it as the forward's.
+    `dtype`: the one the forward gives, or a tuple of the few a backward takes."""
     check_tensors(op, **{name: t})
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{op}: {name} must have the forward's shape {list(shape)}, got {list(t.shape)}")
-    if t.dtype != dtype:
-        raise ValueError(f"{op}: {name} must be {dtype} as the forward gives it, got {t.dtype}")
+    dtypes = dict.fromkeys(dtype if isinstance(dtype, tuple) else (dtype,))
+    if t.dtype not in dtypes:
+        expected = " or ".join(str(d) for d in dtypes)
+        raise ValueError(f"{op}: {name} must be {expected} as the forward gives it, got {t.dtype}")
     if t.device != device:
         raise ValueError(f"{op}: {name} must be on {device} with the forward's inputs, got {t.device}")
 

@@ -3,9 +3,9 @@
     C[b,k] = < n(x_b), n(m_b ⊙ n(p_k)) >,  n(v) = v / max(||v||, eps)
 
 (each feature against each prototype, the prototype masked by the feature's own mask). Declared
-ops: ``masked_cosine``, ``masked_cosine_train`` (also returns den^2, which its backward reuses: the
-path taken when a gradient is needed; C++ only) and ``masked_cosine_backward``, with C++ kernels
-for CPU and CUDA and Triton twins; the reference (masked_cosine_reference.py) is differentiated by
+ops: ``masked_cosine``, ``masked_cosine_train`` (C and den^2 in the compute dtype, which its backward
+reuses: the path taken when a gradient is needed; C++ only) and ``masked_cosine_backward``, with C++
+kernels for CPU and CUDA and Triton twins; the reference (masked_cosine_reference.py) is differentiated by
 torch itself.
 """
 
@@ -44,11 +44,13 @@ def check_masked_cosine_args(x, mask, protos, eps, op: str = "masked_cosine", na
 
 
 def _check_backward_args(grad, x, mask, protos, out, den_sq, eps) -> None:
-    """The backward's forward inputs, then grad and out (B, K) in x's dtype, den_sq in its compute dtype."""
+    """The backward's forward inputs, then grad and out (B, K) in x's dtype (masked_cosine's) or its compute
+    dtype (masked_cosine_train's), den_sq in the compute dtype."""
     check_masked_cosine_args(x, mask, protos, eps)
     shape, op = (x.shape[0], protos.shape[0]), "masked_cosine_backward"
-    check_from_forward(op, "grad", grad, shape, x.dtype, x.device)
-    check_from_forward(op, "out", out, shape, x.dtype, x.device)
+    either = (x.dtype, compute_dtype(x.dtype))
+    check_from_forward(op, "grad", grad, shape, either, x.device)
+    check_from_forward(op, "out", out, shape, either, x.device)
     if den_sq is not None:
         check_from_forward(op, "den_sq", den_sq, shape, compute_dtype(x.dtype), x.device)
 
@@ -58,7 +60,8 @@ def _fake_forward(x, mask, protos, eps=1e-12):
 
 
 def _fake_train_forward(x, mask, protos, eps=1e-12):
-    return _fake_forward(x, mask, protos), x.new_empty((x.shape[0], protos.shape[0]), dtype=compute_dtype(x.dtype))
+    shape, dtype = (x.shape[0], protos.shape[0]), compute_dtype(x.dtype)
+    return x.new_empty(shape, dtype=dtype), x.new_empty(shape, dtype=dtype)
 
 
 def _fake_backward(grad, x, mask, protos, out, den_sq, eps):
@@ -91,8 +94,9 @@ def _autograd(backward_op, ctx, grad, *_grad_den_sq):
 
 
 def _triton_backward(grad, x, mask, protos, out, den_sq, eps):
-    # The Triton backward always recomputes den^2 (only masked_cosine, never the train op, reaches it).
-    return _TRITON_BACKWARD(grad, x, mask, protos, out, eps)
+    # The Triton backward recomputes C and den^2 in one tile pass (only masked_cosine, never the train op,
+    # reaches it: its output may be rounded to a half dtype).
+    return _TRITON_BACKWARD(grad, x, mask, protos, eps)
 
 
 _TRITON_BACKWARD = lazy("triton.masked_cosine:masked_cosine_backward")
@@ -116,8 +120,9 @@ MASKED_COSINE = declare(
     setup_context=_setup_context,
     autograd=_autograd,
 )
-# The training variant also returns den^2 (B, K) in the compute dtype, which its backward reuses
-# instead of recomputing it with a GEMM: the path taken when a gradient is needed (C++ kernels only).
+# The training variant returns C and den^2 (B, K) in the compute dtype, which its backward reuses instead
+# of recomputing them with GEMMs (a C rounded to float16 / bfloat16 put the gradients several roundings
+# off): the path taken when a gradient is needed (C++ kernels only).
 MASKED_COSINE_TRAIN = declare(
     "masked_cosine_train",
     "(Tensor x, Tensor mask, Tensor protos, float eps=1e-12) -> (Tensor, Tensor)",
@@ -146,7 +151,7 @@ def masked_cosine(
         and (x.requires_grad or mask.requires_grad or protos.requires_grad)
     )
     if keep_den:
-        return MASKED_COSINE_TRAIN.run(name, x, mask, protos, eps)[0]
+        return MASKED_COSINE_TRAIN.run(name, x, mask, protos, eps)[0].to(x.dtype)
     return MASKED_COSINE.run(name, x, mask, protos, eps)
 
 

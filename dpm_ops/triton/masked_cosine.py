@@ -5,11 +5,15 @@ per (B-tile, K-tile) streams C in chunks, normalises its prototype tile ph = p/|
 and accumulates both dot products, num = ph·a and den² = (ph*ph)·m², then writes C once. The tile
 is held transposed (prototypes as rows): ph and ph² are the dots' first operand, which tensor
 cores take from registers, while a and m² go straight from memory to shared memory.
-Backward: the same kernel in "coefficient" mode turns the upstream gradient into
+Backward: the same kernel in "coefficient" mode recomputes C (the forward's output may be rounded to
+fp16 / bf16, which put the gradients several roundings off) and turns the upstream gradient into
 g_num = g/den' and h = g*C/den² (fp32/fp64, (B,K)); one more kernel streams those against the
 prepared prototypes (for x and mask) and queries (for protos); the cheap row-normalisation
 backward then runs in torch.
-Dot precision (IEEE, TF32 or fp16/bf16 tensor cores; fp32/fp64 accumulation): triton/_precision.py.
+Dot precision (IEEE, TF32 or fp16/bf16 tensor cores; fp32/fp64 accumulation): triton/_precision.py; the
+backward of fp16 / bf16 inputs takes fp32 operands, as fp32 inputs (the mask's and prototypes' gradients
+are differences of nearly equal terms where a feature lies close to the prototypes' direction: bf16
+operands put them 4x the reference's rounding off; training shapes, small dots).
 """
 
 import torch
@@ -35,7 +39,7 @@ def _masked_cosine_tile_kernel(
     m2_ptr,
     p_ptr,
     inv_p_ptr,
-    out_ptr,
+    out_ptr,  # the forward's C; unused in coefficient mode
     grad_ptr,
     g_num_ptr,
     h_ptr,
@@ -73,16 +77,16 @@ def _masked_cosine_tile_kernel(
         num = dot(ph, tl.trans(a), num, PRECISION, in_t)
         den_sq = dot(ph * ph, tl.trans(m2), den_sq, PRECISION, in_t)
     den = sqrt_rn(den_sq)
+    cos = div_rn(num, tl.maximum(den, eps))
     offs = rows_b[None, :].to(tl.int64) * K + rows_k[:, None]
     omask = in_k[:, None] & in_b[None, :]
     if COEFS:
         g = tl.load(grad_ptr + offs, mask=omask, other=0.0).to(acc_t)
-        c_out = tl.load(out_ptr + offs, mask=omask, other=0.0).to(acc_t)
-        g_num, h = _cosine_grads(g, c_out, den, den_sq, eps)
+        g_num, h = _cosine_grads(g, cos, den, den_sq, eps)
         tl.store(g_num_ptr + offs, g_num, mask=omask)
         tl.store(h_ptr + offs, h, mask=omask)
     else:
-        tl.store(out_ptr + offs, div_rn(num, tl.maximum(den, eps)).to(out_ptr.dtype.element_ty), mask=omask)
+        tl.store(out_ptr + offs, cos.to(out_ptr.dtype.element_ty), mask=omask)
 
 
 @triton.jit
@@ -181,16 +185,16 @@ def _operand_precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float16 else dot_precision(dtype)
 
 
-def _prepared(v: torch.Tensor, inv: torch.Tensor, mask: torch.Tensor | None = None):
+def _prepared(v: torch.Tensor, inv: torch.Tensor, mask: torch.Tensor | None = None, operand=None):
     """(v̂ ⊙ mask, mask²) with v̂ = v * inv (rows), or (v̂, v̂²) without a mask: the dots' operands,
-    computed in the accumulation dtype and stored in the dots' operand dtype (_operand_dtype)."""
+    computed in the accumulation dtype and stored in `operand` (default: the forward's, _operand_dtype)."""
     v_hat = v.to(inv.dtype) * inv[:, None]
     if mask is None:
         first, second = v_hat, v_hat * v_hat
     else:
         m = mask.to(inv.dtype)
         first, second = v_hat * m, m * m
-    operand = _operand_dtype(v.dtype)
+    operand = operand or _operand_dtype(v.dtype)
     return first.to(operand).contiguous(), second.to(operand).contiguous()
 
 
@@ -202,11 +206,10 @@ def _normalize_backward(grad_hat: torch.Tensor, v: torch.Tensor, inv: torch.Tens
     return torch.where(clamped, grad_hat, grad_hat - v_hat * along) * inv[:, None]
 
 
-def _tiles(a, m2, protos, inv_p, out, grad, g_num, h, eps, coefs):
+def _tiles(a, m2, protos, inv_p, out, grad, g_num, h, eps, precision, coefs):
     """The tile kernel over (B, K), forward (coefs=False) or coefficient mode."""
     B, C = a.shape
     K = protos.shape[0]
-    precision = _operand_precision(protos.dtype)
     blocks = _tile_blocks(precision, a.element_size(), coefs)
     grid = (triton.cdiv(B, blocks["BLOCK_B"]), triton.cdiv(K, blocks["BLOCK_K"]))
     _masked_cosine_tile_kernel[grid](
@@ -237,32 +240,31 @@ def masked_cosine_forward(x: torch.Tensor, mask: torch.Tensor, protos: torch.Ten
     if out.numel() == 0:
         return out
     a, m2 = _prepared(x, _inv_norm(x, eps), mask)
-    _tiles(a, m2, protos.contiguous(), _inv_norm(protos, eps), out, out, out, out, eps, coefs=False)
+    precision = _operand_precision(x.dtype)
+    _tiles(a, m2, protos.contiguous(), _inv_norm(protos, eps), out, out, out, out, eps, precision, coefs=False)
     return out
 
 
 @on_input_device
-def masked_cosine_backward(grad, x, mask, protos, out, eps):
+def masked_cosine_backward(grad, x, mask, protos, eps):
     B, C = x.shape
     K = protos.shape[0]
     if B == 0 or K == 0:
         return torch.zeros_like(x), torch.zeros_like(mask), torch.zeros_like(protos)
-    grad, x, mask, protos, out = (t.contiguous() for t in (grad, x, mask, protos, out))
+    grad, x, mask, protos = (t.contiguous() for t in (grad, x, mask, protos))
     acc = compute_dtype(x.dtype)
+    precision = dot_precision(acc)
     inv_x, inv_p = _inv_norm(x, eps), _inv_norm(protos, eps)
-    a, m2 = _prepared(x, inv_x, mask)
+    a, m2 = _prepared(x, inv_x, mask, acc)
     g_num = torch.empty((B, K), dtype=acc, device=x.device)
     h = torch.empty_like(g_num)
-    _tiles(a, m2, protos, inv_p, out, grad, g_num, h, eps, coefs=True)
-    # The coefficients stay fp32 (h = g*C/den^2 passes fp16's 65504 for small masks), streamed against
-    # the prepared operands: fp16 inputs on TF32 tensor cores, as in the tiles.
-    precision = _operand_precision(x.dtype)
+    _tiles(a, m2, protos, inv_p, grad, grad, g_num, h, eps, precision, coefs=True)
     blocks = _coef_blocks(precision)
 
     def grid(rows):
         return (triton.cdiv(rows, blocks["BLOCK_R"]), triton.cdiv(C, blocks["BLOCK_C"]))
 
-    ph, ph_sq = _prepared(protos, inv_p)
+    ph, ph_sq = _prepared(protos, inv_p, None, acc)
     grad_xh = torch.empty((B, C), dtype=acc, device=x.device)
     grad_m = torch.empty_like(grad_xh)
     _coef_grad_kernel[grid(B)](

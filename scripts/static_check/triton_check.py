@@ -320,10 +320,11 @@ class Case:
     dtype: str
     precision: str  # torch.set_float32_matmul_precision during the launch
     run: object
+    operands: str  # the dtype its dots multiply in: the inputs' (`dtype`), or fp32 for a pass that takes it on purpose
 
     @property
     def low_precision(self) -> bool:
-        return self.dtype == "bf16" or (self.dtype == "fp32" and self.precision == "high")
+        return self.operands == "bf16" or (self.operands == "fp32" and self.precision == "high")
 
 
 # Workloads (README's datasets): DPM trains Occluded-Duke's 702 identities with batches of 64 and
@@ -358,13 +359,15 @@ def cases(mods: dict) -> list:
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
     out = []
 
-    def add(op, label, dtype_names, make):
-        """make(dtype) -> a callable running the launcher; fp32 GEMM-shaped cases run in TF32 mode too."""
+    def add(op, label, dtype_names, make, fp32_operands=False):
+        """make(dtype) -> a callable running the launcher; fp32 GEMM-shaped cases run in TF32 mode too.
+        `fp32_operands`: the launcher multiplies fp16 / bf16 inputs' operands in fp32, as fp32 inputs'."""
         for d in dtype_names:
-            precisions = ("highest", "high") if op in GEMM_OPS and d == "fp32" else ("highest",)
+            operands = "fp32" if fp32_operands and d in ("fp16", "bf16") else d
+            precisions = ("highest", "high") if op in GEMM_OPS and operands == "fp32" else ("highest",)
             for p in precisions:
                 mode = " tf32" if p == "high" else ""
-                out.append(Case(f"{op} {label} {d}{mode}", op, d, p, make(dtypes[d])))
+                out.append(Case(f"{op} {label} {d}{mode}", op, d, p, make(dtypes[d]), operands))
 
     def t(*shape, dtype=torch.float32):
         return torch.empty(shape, dtype=dtype, device="meta")
@@ -386,9 +389,10 @@ def cases(mods: dict) -> list:
         MASKED_COSINE_FLOATS,
         lambda d: (
             lambda: mc.masked_cosine_backward(
-                t(B, K, dtype=d), t(B, C, dtype=d), t(B, C, dtype=d), t(K, C, dtype=d), t(B, K, dtype=d), 1e-12
+                t(B, K, dtype=d), t(B, C, dtype=d), t(B, C, dtype=d), t(K, C, dtype=d), 1e-12
             )
         ),
+        fp32_operands=True,
     )
 
     knn = mods["knn"]
@@ -456,14 +460,9 @@ def cases(mods: dict) -> list:
                     )
 
                 # bf16 GEMM either way: the fp32 cases are held to tensor-core instructions (GEMM_OPS)
+                operands = "bf16" if d == "fp32" else d
                 out.append(
-                    Case(
-                        f"knn_certified {label} k{k} {metric} {d}",
-                        "knn_certified",
-                        "bf16" if d == "fp32" else d,
-                        "highest",
-                        run,
-                    )
+                    Case(f"knn_certified {label} k{k} {metric} {d}", "knn_certified", d, "highest", run, operands)
                 )
 
     # Stage 2's candidate distances: every certified row of self_knn at Market / MSMT17 scale, the cap's width.
@@ -485,7 +484,8 @@ def cases(mods: dict) -> list:
                         self_pairs,
                     )
 
-                out.append(Case(f"knn_certified stage 2 {label} C256 {metric} {d}", "knn_certified", d, "highest", run))
+                name = f"knn_certified stage 2 {label} C256 {metric} {d}"
+                out.append(Case(name, "knn_certified", d, "highest", run, d))
 
     arc = mods["masked_arcface"]
     for label, easy, plain_weight in (
