@@ -24,7 +24,7 @@ template <typename A> DPM_HD A cosine(A num, A den_sq, A eps) {
 // so that, with Xh, Ph the normalised rows and M the mask,
 //   grad_xh = m * (G_num @ Ph),   grad_m = xh * (G_num @ Ph) - m * (H @ Ph^2),
 //   grad_ph = G_num^T @ (Xh*M) - ph * (H^T @ M^2).
-// Taking C (the forward output) instead of num lets the backward skip one GEMM.
+// Taking C (the forward output, unrounded) instead of num lets the backward skip one GEMM.
 template <typename A> struct BackwardCoef {
   A g_num;
   A h;
