@@ -442,6 +442,19 @@ def test_forward_mode_through_a_kernel_raises_and_the_reference_has_it(name):
     torch.testing.assert_close(forward, (gradient * tangent).sum())
 
 
+@pytest.mark.parametrize("backend", backend_params("cpp", "triton"))
+@pytest.mark.parametrize("name", sorted(ONE_INPUT_CALLS))
+def test_torch_func_grad_through_a_kernel_raises_naming_the_op(name, backend):
+    """torch's autograd of a custom op does not run under torch.func.grad: its RuntimeError asked for an
+    autograd.Function's setup_context, naming neither the op nor a way out. The reference differentiates there."""
+    call, primal = ONE_INPUT_CALLS[name]
+    with pytest.raises(RuntimeError, match=rf"^dpm_ops.{name}(_train)?: the fused kernels' gradients do not run under"):
+        torch.func.grad(lambda t: call(t, backend).sum())(primal)
+    leaf = primal.clone().requires_grad_()
+    (gradient,) = torch.autograd.grad(call(leaf, backend).sum(), leaf)
+    torch.testing.assert_close(torch.func.grad(lambda t: call(t, "reference").sum())(primal), gradient)
+
+
 @pytest.mark.parametrize("backend", ["reference", None])
 def test_vmap_over_the_ops_equals_a_loop(backend):
     """The value checks' .tolist() was an internal error under torch.func.vmap (batched tensors have no storage):
