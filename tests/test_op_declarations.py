@@ -470,3 +470,40 @@ def test_vmap_over_the_ops_equals_a_loop(backend):
         torch.func.vmap(lambda t: batch_hard_triplet(t, labels, backend=backend))(batch),
         torch.stack([batch_hard_triplet(t, labels, backend=backend) for t in batch]),
     )
+
+
+def _thread_count_calls():
+    """name -> call(t) of the C++ op on one differentiable float32 input t (300, 257): sizes that split the
+    kernels' OpenMP loops into several chunks."""
+    gen = torch.Generator().manual_seed(11)
+    mask, protos = torch.rand(300, 257, generator=gen), torch.randn(701, 257, generator=gen)
+    labels = torch.arange(300) % 75
+    pool_mask = torch.rand(12, 1, 514, 2, generator=gen)
+    return {
+        "masked_cosine": lambda t: masked_cosine(t, mask, protos, backend="cpp"),
+        "masked_arcface_ce": lambda t: masked_arcface_ce(t, mask, protos, labels, backend="cpp"),
+        "batch_hard_triplet": lambda t: batch_hard_triplet(t, labels, backend="cpp"),
+        "maskreid_ranking_loss": lambda t: maskreid_ranking_loss(
+            t / t.norm(dim=1, keepdim=True), labels, backend="cpp"
+        ),
+        "hem_loss": lambda t: hem_loss(t.view(60, 5, 257), backend="cpp"),
+        "hierarchical_mask_pool": lambda t: hierarchical_mask_pool([t.view(12, 25, 257, 1)], pool_mask, backend="cpp"),
+    }
+
+
+@pytest.mark.skipif(not _backend.backends()["cpp"][0], reason="needs the C++ extension")
+@pytest.mark.parametrize("name", sorted(_thread_count_calls()))
+def test_cpu_kernels_give_the_same_bits_for_any_thread_count(name):
+    """The C++ kernels sum in fixed orders (no atomics): values and gradients do not depend on the thread count."""
+    call, previous = _thread_count_calls()[name], torch.get_num_threads()
+    primal = torch.randn(300, 257, generator=torch.Generator().manual_seed(12))
+    results = []
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            leaf = primal.clone().requires_grad_()
+            out = call(leaf)
+            results.append((out.detach(), *torch.autograd.grad(out.sum(), leaf)))
+    finally:
+        torch.set_num_threads(previous)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
