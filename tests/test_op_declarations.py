@@ -472,6 +472,19 @@ def test_vmap_over_the_ops_equals_a_loop(backend):
     )
 
 
+@pytest.mark.parametrize("backend", backend_params("cpp", "triton"))
+@pytest.mark.parametrize("name", ["batch_hard_triplet", "masked_arcface_ce"])
+def test_backward_through_a_vmap_of_a_fused_loss(name, backend):
+    """The fused losses compute their gradients in the forward when autograd may ask for them: a batched tensor's
+    requires_grad is False under vmap, so a backward through it raised ("called with with_grad=False")."""
+    call, primal = ONE_INPUT_CALLS[name]
+    batch = torch.stack([primal, 2 * primal])
+    leaf, reference_leaf = batch.clone().requires_grad_(), batch.clone().requires_grad_()
+    (got,) = torch.autograd.grad(torch.vmap(lambda t: call(t, backend))(leaf).sum(), leaf)
+    (want,) = torch.autograd.grad(sum(call(t, "reference") for t in reference_leaf), reference_leaf)
+    torch.testing.assert_close(got, want)
+
+
 def _thread_count_calls():
     """name -> call(t) of the C++ op on one differentiable float32 input t (300, 257): sizes that split the
     kernels' OpenMP loops into several chunks."""

@@ -91,6 +91,17 @@ def _refuse_functorch_grad(name: str, args) -> None:
         )
 
 
+def gradient_wanted(*tensors: torch.Tensor) -> bool:
+    """Whether autograd may ask for the gradients of `tensors` (the fused losses compute them in their forward only
+    then): grad mode on and one of them requiring grad, or under torch.func.vmap, whose batched tensors never say
+    they do while the tensors mapped over may (a backward through the vmap raised: "called with with_grad=False")."""
+    if not torch.is_grad_enabled():
+        return False
+    if any(t.requires_grad for t in tensors):
+        return True
+    return not torch.compiler.is_compiling() and torch._C._functorch.TransformType.Vmap in functorch_transforms()
+
+
 def twin_name(name: str) -> str:
     """The Triton twin of ``<op>`` is ``<op>_triton``, of ``<op>_backward`` ``<op>_triton_backward``."""
     stem, backward, _ = name.partition("_backward")

@@ -25,7 +25,7 @@ from ._checks import (
     check_labels,
     check_real,
 )
-from ._declare import declare
+from ._declare import declare, gradient_wanted
 from .masked_arcface_reference import check_arcface_options, masked_arcface_reference
 from .masked_cosine import check_masked_cosine_args
 
@@ -136,5 +136,5 @@ def masked_arcface_ce(
         check_label_range("masked_arcface_cross_entropy", labels, weight.shape[0])
         return MASKED_ARCFACE_CE.run(name, *args)
     # Gradients are computed in the forward pass, so only when autograd will ask for them.
-    with_grad = torch.is_grad_enabled() and (features.requires_grad or mask.requires_grad or weight.requires_grad)
+    with_grad = gradient_wanted(features, mask, weight)
     return MASKED_ARCFACE_CE.run(name, *args, with_grad)[0]
