@@ -41,12 +41,6 @@ def backends(*names):
     return st.sampled_from(usable)
 
 
-def interpreter_can_run(backend: str, dtype: torch.dtype) -> bool:
-    """False for bf16 on the Triton interpreter (no GPU): its tl.dot multiplies bf16 bit patterns
-    (triton-lang/triton#11584), a limit of the interpreter, not of the kernels."""
-    return not (backend == "triton" and dtype == torch.bfloat16 and not torch.cuda.is_available())
-
-
 @st.composite
 def tensors(draw, shape, dtype, scales=SCALES, poison_rate: int = 6, positive: bool = False):
     """A tensor of `shape` and `dtype`: normal values times a drawn scale, with (1 in

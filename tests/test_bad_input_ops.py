@@ -2,8 +2,9 @@
 ValueError naming the argument, on every backend, or a defined correct answer; never a crash, a
 torch TypeError / IndexError or a silently wrong number."""
 
-import math
+import fractions
 import functools
+import math
 import warnings
 
 import numpy as np
@@ -39,6 +40,15 @@ def poisoned(t: torch.Tensor, value: float) -> torch.Tensor:
 
 def labels4():
     return torch.tensor([0, 0, 1, 1])
+
+
+_GEN = torch.Generator().manual_seed(0)
+ARCFACE_INPUTS = (
+    torch.randn(4, 6, generator=_GEN),
+    torch.rand(4, 6, generator=_GEN),
+    torch.randn(3, 6, generator=_GEN),
+    torch.tensor([0, 1, 2, 0]),
+)
 
 
 # One call per op, with its float inputs by name: every one gets the same NaN / inf check, and the
@@ -215,6 +225,26 @@ def test_unfused_arcface_label_out_of_range():
 def test_numbers_of_the_wrong_kind(call, name, value):
     with pytest.raises(ValueError, match=f"{name} must be a finite number"):
         call(value)
+
+
+@pytest.mark.parametrize(
+    "call, value",
+    [
+        (lambda v, b: masked_cosine(torch.randn(2, 3), torch.rand(2, 3), torch.randn(4, 3), eps=v, backend=b), 1e-6),
+        (lambda v, b: masked_arcface_ce(*ARCFACE_INPUTS, scale=30 * v, backend=b), 1),
+        (lambda v, b: maskreid_ranking_loss(torch.eye(4, 3), labels4(), alpha=v, backend=b), 0.15),
+        (lambda v, b: maskreid_ranking_loss(torch.eye(4, 3), labels4(), lam=v, backend=b), 2),
+    ],
+)
+@pytest.mark.parametrize("backend", ALL)
+def test_numbers_of_other_real_types(call, value, backend):
+    """The checks take any numbers.Real; the reference was given it as it came: a fractions.Fraction was a TypeError
+    there (clamp_min's, a Tensor's operator), numpy's scalars stayed numpy's."""
+    torch.manual_seed(0)
+    expected = call(value, "reference")
+    for number in (fractions.Fraction(value), np.float32(value)):
+        torch.manual_seed(0)
+        torch.testing.assert_close(call(number, backend), expected)
 
 
 @pytest.mark.parametrize(

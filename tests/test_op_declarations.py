@@ -442,6 +442,19 @@ def test_forward_mode_through_a_kernel_raises_and_the_reference_has_it(name):
     torch.testing.assert_close(forward, (gradient * tangent).sum())
 
 
+@pytest.mark.parametrize("backend", backend_params("cpp", "triton"))
+@pytest.mark.parametrize("name", sorted(ONE_INPUT_CALLS))
+def test_torch_func_grad_through_a_kernel_raises_naming_the_op(name, backend):
+    """torch's autograd of a custom op does not run under torch.func.grad: its RuntimeError asked for an
+    autograd.Function's setup_context, naming neither the op nor a way out. The reference differentiates there."""
+    call, primal = ONE_INPUT_CALLS[name]
+    with pytest.raises(RuntimeError, match=rf"^dpm_ops.{name}(_train)?: the fused kernels' gradients do not run under"):
+        torch.func.grad(lambda t: call(t, backend).sum())(primal)
+    leaf = primal.clone().requires_grad_()
+    (gradient,) = torch.autograd.grad(call(leaf, backend).sum(), leaf)
+    torch.testing.assert_close(torch.func.grad(lambda t: call(t, "reference").sum())(primal), gradient)
+
+
 @pytest.mark.parametrize("backend", ["reference", None])
 def test_vmap_over_the_ops_equals_a_loop(backend):
     """The value checks' .tolist() was an internal error under torch.func.vmap (batched tensors have no storage):
@@ -457,3 +470,53 @@ def test_vmap_over_the_ops_equals_a_loop(backend):
         torch.func.vmap(lambda t: batch_hard_triplet(t, labels, backend=backend))(batch),
         torch.stack([batch_hard_triplet(t, labels, backend=backend) for t in batch]),
     )
+
+
+@pytest.mark.parametrize("backend", backend_params("cpp", "triton"))
+@pytest.mark.parametrize("name", ["batch_hard_triplet", "masked_arcface_ce"])
+def test_backward_through_a_vmap_of_a_fused_loss(name, backend):
+    """The fused losses compute their gradients in the forward when autograd may ask for them: a batched tensor's
+    requires_grad is False under vmap, so a backward through it raised ("called with with_grad=False")."""
+    call, primal = ONE_INPUT_CALLS[name]
+    batch = torch.stack([primal, 2 * primal])
+    leaf, reference_leaf = batch.clone().requires_grad_(), batch.clone().requires_grad_()
+    (got,) = torch.autograd.grad(torch.vmap(lambda t: call(t, backend))(leaf).sum(), leaf)
+    (want,) = torch.autograd.grad(sum(call(t, "reference") for t in reference_leaf), reference_leaf)
+    torch.testing.assert_close(got, want)
+
+
+def _thread_count_calls():
+    """name -> call(t) of the C++ op on one differentiable float32 input t (300, 257): sizes that split the
+    kernels' OpenMP loops into several chunks."""
+    gen = torch.Generator().manual_seed(11)
+    mask, protos = torch.rand(300, 257, generator=gen), torch.randn(701, 257, generator=gen)
+    labels = torch.arange(300) % 75
+    pool_mask = torch.rand(12, 1, 514, 2, generator=gen)
+    return {
+        "masked_cosine": lambda t: masked_cosine(t, mask, protos, backend="cpp"),
+        "masked_arcface_ce": lambda t: masked_arcface_ce(t, mask, protos, labels, backend="cpp"),
+        "batch_hard_triplet": lambda t: batch_hard_triplet(t, labels, backend="cpp"),
+        "maskreid_ranking_loss": lambda t: maskreid_ranking_loss(
+            t / t.norm(dim=1, keepdim=True), labels, backend="cpp"
+        ),
+        "hem_loss": lambda t: hem_loss(t.view(60, 5, 257), backend="cpp"),
+        "hierarchical_mask_pool": lambda t: hierarchical_mask_pool([t.view(12, 25, 257, 1)], pool_mask, backend="cpp"),
+    }
+
+
+@pytest.mark.skipif(not _backend.backends()["cpp"][0], reason="needs the C++ extension")
+@pytest.mark.parametrize("name", sorted(_thread_count_calls()))
+def test_cpu_kernels_give_the_same_bits_for_any_thread_count(name):
+    """The C++ kernels sum in fixed orders (no atomics): values and gradients do not depend on the thread count."""
+    call, previous = _thread_count_calls()[name], torch.get_num_threads()
+    primal = torch.randn(300, 257, generator=torch.Generator().manual_seed(12))
+    results = []
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            leaf = primal.clone().requires_grad_()
+            out = call(leaf)
+            results.append((out.detach(), *torch.autograd.grad(out.sum(), leaf)))
+    finally:
+        torch.set_num_threads(previous)
+    assert all(torch.equal(a, b) for a, b in zip(*results))

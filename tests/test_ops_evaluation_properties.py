@@ -28,7 +28,6 @@ from tests._strategies import (
     assert_close,
     backends,
     dtypes,
-    interpreter_can_run,
     is_tame,
     labels,
     outcome,
@@ -51,7 +50,6 @@ def largest(t: torch.Tensor, dim=-1) -> float:
     data=st.data(), b=sizes(), k=sizes(), c=sizes(), dtype=dtypes(), backend=backends(*KERNELS), arccos=st.booleans()
 )
 def test_masked_cosine(data, b, k, c, dtype, backend, arccos):
-    assume(interpreter_can_run(backend, dtype))
     x, mask, protos = (
         data.draw(tensors(shape, dtype, positive=name == "mask"), label=name)
         for name, shape in (("x", (b, c)), ("mask", (b, c)), ("protos", (k, c)))
@@ -102,7 +100,6 @@ def test_batch_hard_triplet(data, b, c, dtype, backend, fused):
     reduction=st.sampled_from(["sum", "mean"]),
 )
 def test_hem_loss(data, b, heads, n, dtype, backend, reduction):
-    assume(interpreter_can_run(backend, dtype))
     logits = data.draw(tensors((b, heads, n), dtype), label="cls_logits")
     got = outcome(lambda: ops.hem_loss(logits, reduction=reduction, backend=backend))
     if got is None:
@@ -122,7 +119,6 @@ def test_hem_loss(data, b, heads, n, dtype, backend, reduction):
     pos_mode=st.sampled_from(POS_MODES),
 )
 def test_maskreid_ranking_loss(data, b, d, dtype, backend, neg_mode, pos_mode):
-    assume(interpreter_can_run(backend, dtype))
     assume(pos_mode != "eq4" or neg_mode == "literal")  # neg_mode does not apply to Eq. 4 (a ValueError)
     embeddings = data.draw(tensors((b, d), dtype), label="embeddings")
     ids = data.draw(labels(b), label="labels")
@@ -150,7 +146,6 @@ def test_maskreid_ranking_loss(data, b, d, dtype, backend, neg_mode, pos_mode):
     masked=st.booleans(),
 )
 def test_hierarchical_mask_pool(data, b, c, h, w, dtype, backend, mode, masked):
-    assume(interpreter_can_run(backend, dtype))
     features = data.draw(tensors((b, c, h, w), dtype), label="features")
     mask = data.draw(tensors((b, 1, 2 * h, w + 1), dtype, positive=True), label="mask") if masked else None
     got = outcome(lambda: ops.hierarchical_mask_pool([features], mask, mode, backend=backend))

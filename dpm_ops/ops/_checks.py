@@ -49,12 +49,16 @@ def values_hidden() -> bool:
     have no storage: the checks' .tolist() was an internal error)."""
     if torch.compiler.is_compiling():
         return True
-    if torch._C._functorch.peek_interpreter_stack() is None:  # no functorch transform active
-        return False
+    return torch._C._functorch.TransformType.Vmap in functorch_transforms()
+
+
+def functorch_transforms() -> set:
+    """The torch.func transforms active here (torch._C._functorch.TransformType: Vmap, Grad, Jvp, ...)."""
+    if torch._C._functorch.peek_interpreter_stack() is None:  # none
+        return set()
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
-    vmap = torch._C._functorch.TransformType.Vmap
-    return any(interpreter.key() == vmap for interpreter in retrieve_all_functorch_interpreters())
+    return {interpreter.key() for interpreter in retrieve_all_functorch_interpreters()}
 
 
 def first_line(error: BaseException) -> str:

@@ -26,6 +26,7 @@ import torch
 
 from .. import _backend  # noqa: F401  (loads the extension: its kernels register before the schemas are defined)
 from .._precision import without_autocast
+from ._checks import functorch_transforms
 
 LIBRARY = torch.library.Library("dpm_ops", "FRAGMENT")
 DECLARED: dict = {}  # name -> Op, in declaration order (what tests/test_op_declarations.py walks)
@@ -55,6 +56,8 @@ class Op:
         """The op of the resolved `backend` (a name of _backend.resolve) on `args`."""
         if backend != "reference":
             _refuse_forward_mode(self.name, args)
+            if self.autograd is not None:
+                _refuse_functorch_grad(self.name, args)
             return self.kernel(backend)(*args)
         if self.reference is None:  # a backward or variant op: its forward's reference is differentiated
             raise ValueError(f"{self.name} has no reference of its own")
@@ -72,6 +75,31 @@ def _refuse_forward_mode(name: str, args) -> None:
             f"dpm_ops.{name}: the fused kernels have no forward-mode derivative (torch.func.jvp, "
             "torch.autograd.forward_ad); use backend='reference'"
         )
+
+
+def _refuse_functorch_grad(name: str, args) -> None:
+    """A RuntimeError naming the op for inputs that need grad under torch.func.grad (vjp, jacrev, hessian):
+    torch's autograd of a custom op (register_autograd) does not run under its grad transform, whose error
+    ("an autograd.Function ... must override the setup_context staticmethod") named neither the op nor a way out.
+    Not looked at while compiling: Dynamo cannot trace the transforms' stack."""
+    if torch.compiler.is_compiling() or torch._C._functorch.TransformType.Grad not in functorch_transforms():
+        return
+    if torch.is_grad_enabled() and any(t.requires_grad for t in _tensors(args)):
+        raise RuntimeError(
+            f"dpm_ops.{name}: the fused kernels' gradients do not run under torch.func.grad (vjp, jacrev); "
+            "use backend='reference', or torch.autograd.grad"
+        )
+
+
+def gradient_wanted(*tensors: torch.Tensor) -> bool:
+    """Whether autograd may ask for the gradients of `tensors` (the fused losses compute them in their forward only
+    then): grad mode on and one of them requiring grad, or under torch.func.vmap, whose batched tensors never say
+    they do while the tensors mapped over may (a backward through the vmap raised: "called with with_grad=False")."""
+    if not torch.is_grad_enabled():
+        return False
+    if any(t.requires_grad for t in tensors):
+        return True
+    return not torch.compiler.is_compiling() and torch._C._functorch.TransformType.Vmap in functorch_transforms()
 
 
 def twin_name(name: str) -> str:

@@ -17,7 +17,7 @@ import torch
 
 from .. import _backend
 from ._checks import check_batch, check_finite_rows, check_labels
-from ._declare import declare
+from ._declare import declare, gradient_wanted
 from .batch_hard_triplet_reference import batch_hard_triplet_reference
 
 
@@ -78,5 +78,5 @@ def batch_hard_triplet(features: torch.Tensor, labels: torch.Tensor, backend: Op
     name = _backend.resolve(backend, features.device)
     if name == "reference":
         return BATCH_HARD_TRIPLET.run(name, features, labels)
-    with_grad = torch.is_grad_enabled() and features.requires_grad
+    with_grad = gradient_wanted(features)
     return BATCH_HARD_TRIPLET.run(name, features, labels, with_grad)[0]

@@ -25,7 +25,7 @@ from ._checks import (
     check_labels,
     check_real,
 )
-from ._declare import declare
+from ._declare import declare, gradient_wanted
 from .masked_arcface_reference import check_arcface_options, masked_arcface_reference
 from .masked_cosine import check_masked_cosine_args
 
@@ -129,24 +129,12 @@ def masked_arcface_ce(
     )
     name = _backend.resolve(backend, features.device)
     check_finite_rows("masked_arcface_cross_entropy", features=features, mask=mask, weight=weight)
+    # as Python numbers on every backend (a fractions.Fraction, a numbers.Real, was a TypeError in the reference)
+    options = (float(scale), float(margin), bool(easy_margin), float(clamp_eps), float(plain_weight))
+    args = (features, mask, weight, labels, *options, float(masked_weight))
     if name == "reference":  # the kernels check the labels' range themselves (the C++ CPU kernel in its own pass)
         check_label_range("masked_arcface_cross_entropy", labels, weight.shape[0])
-        return MASKED_ARCFACE_CE.run(
-            name, features, mask, weight, labels, scale, margin, easy_margin, clamp_eps, plain_weight, masked_weight
-        )
+        return MASKED_ARCFACE_CE.run(name, *args)
     # Gradients are computed in the forward pass, so only when autograd will ask for them.
-    with_grad = torch.is_grad_enabled() and (features.requires_grad or mask.requires_grad or weight.requires_grad)
-    args = (
-        features,
-        mask,
-        weight,
-        labels,
-        float(scale),
-        float(margin),
-        bool(easy_margin),
-        float(clamp_eps),
-        float(plain_weight),
-        float(masked_weight),
-        with_grad,
-    )
-    return MASKED_ARCFACE_CE.run(name, *args)[0]
+    with_grad = gradient_wanted(features, mask, weight)
+    return MASKED_ARCFACE_CE.run(name, *args, with_grad)[0]

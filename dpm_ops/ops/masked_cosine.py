@@ -142,6 +142,7 @@ def masked_cosine(
     (default: by device, see dpm_ops.backends()).
     """
     check_masked_cosine_args(x, mask, protos, eps)
+    eps = float(eps)  # a Python float on every backend (a fractions.Fraction was a TypeError in the reference)
     name = _backend.resolve(backend, x.device)
     if name != "cpp":  # the C++ CPU kernel applies the same check inside its first pass, for free
         check_finite_rows("masked_cosine", x=x, mask=mask, protos=protos)

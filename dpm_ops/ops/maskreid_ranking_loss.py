@@ -161,6 +161,6 @@ def maskreid_ranking_loss(
     max_norm = None if pos_mode == "eq4" else exp_safe_norm(compute_dtype(embeddings.dtype), alpha, len(embeddings))
     check_finite_rows("maskreid_ranking_loss", max_norm=max_norm, embeddings=embeddings)
     name = _backend.resolve(backend, embeddings.device)
-    if name == "reference":
-        return MASKREID_RANKING_LOSS.run(name, embeddings, labels, alpha, lam, neg_mode, pos_mode)
-    return MASKREID_RANKING_LOSS.run(name, embeddings, labels, float(alpha), float(lam), neg_mode, pos_mode)[0]
+    # as Python floats on every backend (a fractions.Fraction, a numbers.Real, was a TypeError in the reference)
+    result = MASKREID_RANKING_LOSS.run(name, embeddings, labels, float(alpha), float(lam), neg_mode, pos_mode)
+    return result if name == "reference" else result[0]

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._backend import triton_interpreted
 from .._precision import compute_dtype
 from ._device import on_input_device
 from ._precision import COMPILE_OPTIONS, div_rn, dot, dot_precision, scalar_as, sqrt_rn
@@ -174,14 +175,23 @@ def _inv_norm(v: torch.Tensor, eps: float) -> torch.Tensor:
     return v.to(compute_dtype(v.dtype)).norm(dim=1).clamp_min(eps).reciprocal()
 
 
+def _interpreted_bf16(dtype: torch.dtype) -> bool:
+    """bf16 under the Triton interpreter, whose bf16 tl.dot multiplies the values' bit patterns
+    (triton-lang/triton#11584: cosines of 3e5): its operands are fp32, multiplied in IEEE fp32 instead."""
+    return dtype == torch.bfloat16 and triton_interpreted()
+
+
 def _operand_dtype(dtype: torch.dtype) -> torch.dtype:
     """The prepared operands' dtype: the input dtype, except fp16, whose range is too narrow for
     them (mask values below 2^-7 square into subnormals, and x̂ ⊙ mask too for small masks): fp16
-    inputs take fp32 operands on TF32 tensor cores (_operand_precision), as bf16 has fp32's range."""
-    return torch.float32 if dtype == torch.float16 else dtype
+    inputs take fp32 operands on TF32 tensor cores (_operand_precision), as bf16 has fp32's range
+    (bf16 under the interpreter: fp32 operands too, _interpreted_bf16)."""
+    return torch.float32 if dtype == torch.float16 or _interpreted_bf16(dtype) else dtype
 
 
 def _operand_precision(dtype: torch.dtype) -> str:
+    if _interpreted_bf16(dtype):
+        return "ieee"
     return "tf32" if dtype == torch.float16 else dot_precision(dtype)
 
 
