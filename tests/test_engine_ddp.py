@@ -225,3 +225,80 @@ def test_the_triplet_mines_over_the_whole_batch_under_ddp(tmp_path):
     result = torchrun(cwd=tmp_path, program=(str(script),))
     assert result.returncode == 0, result.stderr[-5000:]
     assert sorted(result.stdout.split("\n")[:-1]) == ["rank 0: True", "rank 1: True"], result.stdout
+
+
+_GLOBAL_RANKING = """
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from dpm_ops.engine.distributed import cleanup, gather_batch, init_distributed, mean_across_ranks
+from dpm_ops.losses import MaskReIDRankingLoss
+
+rank = init_distributed(torch.device("cpu")).rank
+torch.manual_seed(0)
+x, labels = torch.randn(16, 8, dtype=torch.float64), torch.arange(4).repeat_interleave(4)  # 4 ids x 4
+share = slice(8 * rank, 8 * rank + 8)  # the P x K batch split over the ranks: 2 ids each
+report = open(f"rank{rank}.txt", "w")  # not stdout: the ranks share it (their lines interleaved)
+for pos_mode, neg_mode, backend in (
+    ("hardest", "literal", None),
+    ("all_eq5", "violating_only", "reference"),
+    ("eq4", "literal", None),
+):
+    model, single = torch.nn.Linear(8, 6).double(), torch.nn.Linear(8, 6).double()
+    single.load_state_dict(model.state_dict())
+    options = dict(pos_mode=pos_mode, neg_mode=neg_mode, backend=backend)
+    ddp = DistributedDataParallel(model)
+    loss = MaskReIDRankingLoss(ranking_batch=gather_batch, **options)(F.normalize(ddp(x[share])), labels[share])
+    loss.backward()
+    whole = MaskReIDRankingLoss(**options)(F.normalize(single(x)), labels)  # one process of the whole batch
+    whole.backward()
+    own = MaskReIDRankingLoss(**options)(F.normalize(single(x[share])), labels[share])  # the rank's share alone
+    logged = mean_across_ranks({"loss": loss.item()}, torch.device("cpu"))["loss"]  # what the log hook writes
+    error = max((a.grad - b.grad).abs().max().item() for a, b in zip(model.parameters(), single.parameters()))
+    same = torch.allclose(loss, whole, rtol=1e-14, atol=0) and logged == loss.item() and error < 1e-12
+    report.write(f"{pos_mode}: {same}, {bool(torch.isclose(own, whole, rtol=1e-3))}, {error:.1e}\\n")
+report.close()
+cleanup()
+"""
+
+
+def test_the_maskreid_ranking_loss_mines_over_the_whole_batch_under_ddp(tmp_path):
+    """As the triplet (above): each rank ranked its share of the P x K batch alone (another loss: fewer negatives,
+    other hardest positives). Gathered, every rank computes the whole batch's loss (a mean over its anchors): the
+    gradient of each rank's rows summed over the ranks, DDP's average is one process's gradient, and the logged
+    mean over the ranks is that loss."""
+    script = tmp_path / "global_ranking.py"
+    script.write_text(_GLOBAL_RANKING)
+    result = torchrun(cwd=tmp_path, program=(str(script),))
+    assert result.returncode == 0, result.stderr[-5000:]
+    for report in ((tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)):
+        # True: the same loss, logged value and gradients (the largest difference last); False: a share alone
+        # gives another loss, so the comparison can fail
+        lines = [line.rsplit(", ", 1)[0] for line in report.splitlines()]
+        assert lines == [f"{mode}: True, False" for mode in ("hardest", "all_eq5", "eq4")], report
+
+
+@pytest.mark.parametrize("kind", ["pk", "maskreid"])
+def test_the_maskreid_recipe_gathers_its_p_x_k_batches_alone(monkeypatch, kind):
+    """A P x K batch is split over the ranks: its ranking loss mines over every rank's share. A MaskReID batch is a
+    whole ranking problem on each rank (the sampler deals out whole batches): gathered, each rank's anchors would be
+    ranked against the other ranks' batches too, another loss than one process's."""
+    from dpm_ops.engine import distributed, load_config
+    from dpm_ops.engine.recipes import get_recipe
+    from dpm_ops.engine.recipes import maskreid as maskreid_recipe
+    from dpm_ops.losses import MaskReIDRankingLoss
+    from dpm_ops.losses._options import same_batch
+    from dpm_ops.models import build_model
+
+    made = []
+    monkeypatch.setattr(
+        maskreid_recipe,
+        "MaskReIDRankingLoss",
+        lambda **options: made.append(MaskReIDRankingLoss(**options)) or made[-1],
+    )
+    config = load_config("maskreid_market1501", [f"sampler.kind={kind}", "pretrain.epochs=0"])
+    model = build_model("maskreid", 0, 0, stem_channels=4, base_width=4, embed_dim=16)
+    get_recipe("maskreid").build_stages(model, config, {kind: 4})
+    (ranking,) = made
+    assert ranking.ranking_batch is (distributed.gather_batch if kind == "pk" else same_batch)
+    assert (ranking.alpha, ranking.lam, ranking.pos_mode) == (0.15, 2.0, "hardest")
