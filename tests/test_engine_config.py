@@ -667,6 +667,14 @@ def test_sampler_keys_of_an_unused_sampler_and_a_triplet_without_negatives_are_r
     assert len(build_sampler("pk", maskreid, pids, 0, 1)) > 0
 
 
+def test_sync_bn_is_a_flag():
+    assert (
+        load_config(None)["train"]["sync_bn"] is False and load_config(None, ["train.sync_bn=true"])["train"]["sync_bn"]
+    )
+    with pytest.raises(ConfigError, match=r"^config key train.sync_bn: expected bool, got 'syncBN'$"):
+        load_config(None, ["train.sync_bn=syncBN"])
+
+
 def test_a_ranking_stage_on_pk_batches_of_one_identity_is_refused():
     """MaskReID's ranking loss on P x K batches of one identity had no negative: its ranking term a silent 0 (Eq. 4's
     whole loss). Under DDP it mines over the whole batch, as the triplet: one identity per process is enough."""

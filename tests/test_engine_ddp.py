@@ -94,6 +94,10 @@ def test_input_errors_under_torchrun_are_one_line_and_do_not_hang(tmp_path):
         (["solver.base_lr=-1"], "solver.base_lr: expected a value > 0"),
         ([], "dataset root not found"),
         (["--output", str(tmp_path / "file" / "run")], "cannot create the folder"),
+        (
+            ["train.sync_bn=true"],
+            "config key train.sync_bn: torch's SyncBatchNorm trains on CUDA devices only, and these 2",
+        ),
     ):
         result = torchrun("train", "--config", str(config), *overrides, cwd=tmp_path, timeout=120)
         errors = [line for line in result.stderr.splitlines() if line.startswith("dpm-reid: error: ")]
@@ -302,3 +306,87 @@ def test_the_maskreid_recipe_gathers_its_p_x_k_batches_alone(monkeypatch, kind):
     (ranking,) = made
     assert ranking.ranking_batch is (distributed.gather_batch if kind == "pk" else same_batch)
     assert (ranking.alpha, ranking.lam, ranking.pos_mode) == (0.15, 2.0, "hardest")
+
+
+_SYNC_BN = """
+import sys, torch
+from torch.nn.modules.batchnorm import _BatchNorm
+from dpm_ops.engine import load_config, trainer as trainer_module
+from dpm_ops.engine.builders import build_model_from_args, evaluate_with_config
+
+def refusal(call):
+    try:
+        call()
+    except ValueError as error:
+        return str(error)
+    return "accepted"
+
+# On CPU torch refuses DDP of SyncBatchNorm layers and their train-mode forward (the reason train.sync_bn is refused
+# there): the refusal lifted, the wrapper recording what it was given, the rest of the setup runs.
+ddp, wrapped = torch.nn.parallel.DistributedDataParallel, []
+trainer_module.check_sync_bn = lambda *args: None
+report = []
+for path, output in zip(sys.argv[1::2], sys.argv[2::2]):
+    trainer = trainer_module.Trainer(load_config(path, ["train.sync_bn=true"]), output)
+    torch.nn.parallel.DistributedDataParallel = lambda module, **options: wrapped.append(module) or module
+    trainer.setup()
+    torch.nn.parallel.DistributedDataParallel = ddp
+    model, fresh = trainer.model, build_model_from_args(trainer.model_name, trainer.model_args)  # as export's
+    norms = [type(m).__name__ for m in model.modules() if isinstance(m, _BatchNorm)]
+    optimized = {id(p) for s in trainer.stages for o in s.optimizers.values() for g in o.param_groups for p in g["params"]}
+    for norm in (m for m in model.modules() if isinstance(m, _BatchNorm)):  # statistics a checkpoint must carry
+        norm.running_mean.add_(0.1), norm.running_var.mul_(2.0)
+    fresh.load_state_dict(model.state_dict())  # strict: the same keys and shapes
+    metrics = trainer.evaluate()  # eval mode: the running statistics, nothing synced (rank 0's; the other's None)
+    same = metrics == evaluate_with_config(fresh, trainer.splits, trainer.config, device=trainer.device, log=print)
+    sync = next(m for m in model.modules() if isinstance(m, torch.nn.SyncBatchNorm)).train()
+    refused = refusal(lambda: ddp(model)), refusal(lambda: sync(torch.randn(4, sync.num_features)))
+    report.append(
+        f"{wrapped[-1] is model} {set(norms)} {len(norms) == sum(isinstance(m, _BatchNorm) for m in fresh.modules())} "
+        f"{0 < len(optimized) and optimized <= {id(p) for p in model.parameters()}} {same}; {refused}"
+    )
+    if trainer.run_folder is not None:
+        trainer.run_folder.release()
+with open(f"rank{trainer.dist.rank}.txt", "w") as file:  # not stdout: the ranks share it
+    file.write("\\n".join(report))
+trainer_module.distributed.cleanup()
+"""
+
+
+def test_sync_bn_converts_the_batchnorm_layers_and_keeps_the_state_dict(tmp_path):
+    """train.sync_bn under torchrun: every BatchNorm layer of the model made SyncBatchNorm before DDP wraps it, with
+    the parameters the optimizers hold, a state dict that a plain model of the checkpoint's arguments takes (final.pt,
+    eval, export), and an evaluation (eval mode: the running statistics) that is that plain model's. torch runs
+    neither the DDP wrapper nor the train-mode forward of SyncBatchNorm on CPU (why the option is refused there,
+    checked here so that a torch lifting it shows): the whole batch's statistics need a GPU per process to test."""
+    script, paths = tmp_path / "sync_bn.py", []
+    script.write_text(_SYNC_BN)
+    for model in ("dpm", "maskreid"):
+        config = tiny_config(tmp_path / f"set_{model}", model, dataset={"with_masks": True})
+        paths += [str(write_config(tmp_path / f"{model}.yaml", config)), str(tmp_path / f"run_{model}")]
+    result = torchrun(*paths, cwd=tmp_path, program=(str(script),))
+    assert result.returncode == 0, result.stderr[-8000:]
+    refused = "('SyncBatchNorm layers only work with GPU modules', 'SyncBatchNorm expected input tensor to be on GPU"
+    for report in ((tmp_path / f"rank{rank}.txt").read_text().splitlines() for rank in range(2)):
+        assert len(report) == 2, report
+        assert all(line.startswith(f"True {{'SyncBatchNorm'}} True True True; {refused}") for line in report), report
+
+
+def test_sync_bn_is_refused_on_cpu_under_torchrun_alone():
+    """torch's SyncBatchNorm trains CUDA tensors only: on CPU its DDP wrapper, then its first train-mode forward,
+    failed after the data was read. One process has the whole batch's statistics already: it keeps its BatchNorm."""
+    from dpm_ops.engine import ConfigError, load_config
+    from dpm_ops.engine.builders import check_sync_bn
+    from dpm_ops.engine.distributed import DistInfo, data_parallel
+
+    config = load_config("synthetic_dpm", ["train.sync_bn=true"])
+    with pytest.raises(
+        ConfigError,
+        match=r"^config key train.sync_bn: torch's SyncBatchNorm trains on CUDA devices only, and these 2 processes "
+        r"train on cpu: set train.sync_bn=false, or train.device=cuda$",
+    ):
+        check_sync_bn(config, torch.device("cpu"), DistInfo(1, 2, 1, "gloo"))
+    check_sync_bn(config, torch.device("cuda", 1), DistInfo(1, 2, 1, "nccl"))
+    check_sync_bn(config, torch.device("cpu"), DistInfo())
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    assert data_parallel(model, torch.device("cpu"), True, False) is model and type(model[1]) is torch.nn.BatchNorm1d

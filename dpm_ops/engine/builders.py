@@ -65,6 +65,17 @@ def init_run_device(config: dict) -> tuple[torch.device, distributed.DistInfo]:
     return device, info
 
 
+def check_sync_bn(config: dict, device: torch.device, info: distributed.DistInfo) -> None:
+    """train.sync_bn under torchrun needs CUDA: on CPU torch's DDP refuses a model with SyncBatchNorm layers, and
+    SyncBatchNorm a train-mode forward in a process group (tracebacks once the data was read). A single process
+    has the whole batch: it keeps its BatchNorm layers (distributed.data_parallel)."""
+    if config["train"]["sync_bn"] and info.enabled and device.type != "cuda":
+        raise ConfigError(
+            f"config key train.sync_bn: torch's SyncBatchNorm trains on CUDA devices only, and these "
+            f"{info.world_size} processes train on {device.type}: set train.sync_bn=false, or train.device=cuda"
+        )
+
+
 def resolve_amp(setting: str, device: torch.device) -> Optional[torch.dtype]:
     """auto: bf16 autocast on CUDA (no scaler needed), full precision on CPU."""
     if setting == "auto":
