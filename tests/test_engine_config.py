@@ -667,6 +667,32 @@ def test_sampler_keys_of_an_unused_sampler_and_a_triplet_without_negatives_are_r
     assert len(build_sampler("pk", maskreid, pids, 0, 1)) > 0
 
 
+def test_sync_bn_is_a_flag():
+    assert (
+        load_config(None)["train"]["sync_bn"] is False and load_config(None, ["train.sync_bn=true"])["train"]["sync_bn"]
+    )
+    with pytest.raises(ConfigError, match=r"^config key train.sync_bn: expected bool, got 'syncBN'$"):
+        load_config(None, ["train.sync_bn=syncBN"])
+
+
+def test_a_ranking_stage_on_pk_batches_of_one_identity_is_refused():
+    """MaskReID's ranking loss on P x K batches of one identity had no negative: its ranking term a silent 0 (Eq. 4's
+    whole loss). Under DDP it mines over the whole batch, as the triplet: one identity per process is enough."""
+    from dpm_ops.engine.builders import build_sampler
+
+    pids = [i // 4 for i in range(240)]
+    one_id = load_config("maskreid_market1501", ["sampler.kind=pk", "sampler.num_ids=1"])
+    for world_size in (1, 2):
+        with pytest.raises(
+            ConfigError,
+            match=r"^config key sampler.num_ids: 1 identity per batch, and the ranking loss \(sampler.kind pk\) "
+            r"takes each anchor's negative from another: set sampler.num_ids >= 2, or sampler.kind=maskreid$",
+        ):
+            build_sampler("pk", one_id, pids, 0, world_size)
+    ranking_on_pk = load_config("maskreid_market1501", ["sampler.kind=pk", "sampler.num_ids=2"])
+    assert len(build_sampler("pk", ranking_on_pk, pids, 1, 2)) > 0  # one identity per process
+
+
 def test_an_override_is_given_once():
     """A key given twice took the last value silently."""
     from dpm_ops.engine import ConfigError, load_config

@@ -94,6 +94,10 @@ def test_input_errors_under_torchrun_are_one_line_and_do_not_hang(tmp_path):
         (["solver.base_lr=-1"], "solver.base_lr: expected a value > 0"),
         ([], "dataset root not found"),
         (["--output", str(tmp_path / "file" / "run")], "cannot create the folder"),
+        (
+            ["train.sync_bn=true"],
+            "config key train.sync_bn: torch's SyncBatchNorm trains on CUDA devices only, and these 2",
+        ),
     ):
         result = torchrun("train", "--config", str(config), *overrides, cwd=tmp_path, timeout=120)
         errors = [line for line in result.stderr.splitlines() if line.startswith("dpm-reid: error: ")]
@@ -211,7 +215,9 @@ whole.backward()
 same = torch.allclose(loss, whole) and all(
     torch.allclose(a.grad, b.grad, rtol=1e-12, atol=1e-12) for a, b in zip(model.parameters(), single.parameters())
 )
-print(f"rank {rank}: {same}")
+with open(f"rank{rank}.txt", "w") as report:  # not stdout: the ranks share it (their lines may interleave)
+    report.write(str(same))
+del ddp  # DDP's reducer holds the process group: alive, its gloo threads outlived cleanup (an abort)
 cleanup()
 """
 
@@ -224,4 +230,166 @@ def test_the_triplet_mines_over_the_whole_batch_under_ddp(tmp_path):
     script.write_text(_GLOBAL_TRIPLET)
     result = torchrun(cwd=tmp_path, program=(str(script),))
     assert result.returncode == 0, result.stderr[-5000:]
-    assert sorted(result.stdout.split("\n")[:-1]) == ["rank 0: True", "rank 1: True"], result.stdout
+    assert [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)] == ["True", "True"]
+
+
+_GLOBAL_RANKING = """
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from dpm_ops.engine.distributed import cleanup, gather_batch, init_distributed, mean_across_ranks
+from dpm_ops.losses import MaskReIDRankingLoss
+
+rank = init_distributed(torch.device("cpu")).rank
+torch.manual_seed(0)
+x, labels = torch.randn(16, 8, dtype=torch.float64), torch.arange(4).repeat_interleave(4)  # 4 ids x 4
+share = slice(8 * rank, 8 * rank + 8)  # the P x K batch split over the ranks: 2 ids each
+report = open(f"rank{rank}.txt", "w")  # not stdout: the ranks share it (their lines interleaved)
+for pos_mode, neg_mode, backend in (
+    ("hardest", "literal", None),
+    ("all_eq5", "violating_only", "reference"),
+    ("eq4", "literal", None),
+):
+    model, single = torch.nn.Linear(8, 6).double(), torch.nn.Linear(8, 6).double()
+    single.load_state_dict(model.state_dict())
+    options = dict(pos_mode=pos_mode, neg_mode=neg_mode, backend=backend)
+    ddp = DistributedDataParallel(model)
+    loss = MaskReIDRankingLoss(ranking_batch=gather_batch, **options)(F.normalize(ddp(x[share])), labels[share])
+    loss.backward()
+    whole = MaskReIDRankingLoss(**options)(F.normalize(single(x)), labels)  # one process of the whole batch
+    whole.backward()
+    own = MaskReIDRankingLoss(**options)(F.normalize(single(x[share])), labels[share])  # the rank's share alone
+    logged = mean_across_ranks({"loss": loss.item()}, torch.device("cpu"))["loss"]  # what the log hook writes
+    error = max((a.grad - b.grad).abs().max().item() for a, b in zip(model.parameters(), single.parameters()))
+    same = torch.allclose(loss, whole, rtol=1e-14, atol=0) and logged == loss.item() and error < 1e-12
+    report.write(f"{pos_mode}: {same}, {bool(torch.isclose(own, whole, rtol=1e-3))}, {error:.1e}\\n")
+report.close()
+del ddp  # DDP's reducer holds the process group: alive, its gloo threads outlived cleanup (an abort)
+cleanup()
+"""
+
+
+def test_the_maskreid_ranking_loss_mines_over_the_whole_batch_under_ddp(tmp_path):
+    """As the triplet (above): each rank ranked its share of the P x K batch alone (another loss: fewer negatives,
+    other hardest positives). Gathered, every rank computes the whole batch's loss (a mean over its anchors): the
+    gradient of each rank's rows summed over the ranks, DDP's average is one process's gradient, and the logged
+    mean over the ranks is that loss."""
+    script = tmp_path / "global_ranking.py"
+    script.write_text(_GLOBAL_RANKING)
+    result = torchrun(cwd=tmp_path, program=(str(script),))
+    assert result.returncode == 0, result.stderr[-5000:]
+    for report in ((tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)):
+        # True: the same loss, logged value and gradients (the largest difference last); False: a share alone
+        # gives another loss, so the comparison can fail
+        lines = [line.rsplit(", ", 1)[0] for line in report.splitlines()]
+        assert lines == [f"{mode}: True, False" for mode in ("hardest", "all_eq5", "eq4")], report
+
+
+@pytest.mark.parametrize("kind", ["pk", "maskreid"])
+def test_the_maskreid_recipe_gathers_its_p_x_k_batches_alone(monkeypatch, kind):
+    """A P x K batch is split over the ranks: its ranking loss mines over every rank's share. A MaskReID batch is a
+    whole ranking problem on each rank (the sampler deals out whole batches): gathered, each rank's anchors would be
+    ranked against the other ranks' batches too, another loss than one process's."""
+    from dpm_ops.engine import distributed, load_config
+    from dpm_ops.engine.recipes import get_recipe
+    from dpm_ops.engine.recipes import maskreid as maskreid_recipe
+    from dpm_ops.losses import MaskReIDRankingLoss
+    from dpm_ops.losses._options import same_batch
+    from dpm_ops.models import build_model
+
+    made = []
+    monkeypatch.setattr(
+        maskreid_recipe,
+        "MaskReIDRankingLoss",
+        lambda **options: made.append(MaskReIDRankingLoss(**options)) or made[-1],
+    )
+    config = load_config("maskreid_market1501", [f"sampler.kind={kind}", "pretrain.epochs=0"])
+    model = build_model("maskreid", 0, 0, stem_channels=4, base_width=4, embed_dim=16)
+    get_recipe("maskreid").build_stages(model, config, {kind: 4})
+    (ranking,) = made
+    assert ranking.ranking_batch is (distributed.gather_batch if kind == "pk" else same_batch)
+    assert (ranking.alpha, ranking.lam, ranking.pos_mode) == (0.15, 2.0, "hardest")
+
+
+_SYNC_BN = """
+import sys, torch
+from torch.nn.modules.batchnorm import _BatchNorm
+from dpm_ops.engine import load_config, trainer as trainer_module
+from dpm_ops.engine.builders import build_model_from_args, evaluate_with_config
+
+def refusal(call):
+    try:
+        call()
+    except ValueError as error:
+        return str(error)
+    return "accepted"
+
+# On CPU torch refuses DDP of SyncBatchNorm layers and their train-mode forward (the reason train.sync_bn is refused
+# there): the refusal lifted, the wrapper recording what it was given, the rest of the setup runs.
+ddp, wrapped = torch.nn.parallel.DistributedDataParallel, []
+trainer_module.check_sync_bn = lambda *args: None
+report = []
+for path, output in zip(sys.argv[1::2], sys.argv[2::2]):
+    trainer = trainer_module.Trainer(load_config(path, ["train.sync_bn=true"]), output)
+    torch.nn.parallel.DistributedDataParallel = lambda module, **options: wrapped.append(module) or module
+    trainer.setup()
+    torch.nn.parallel.DistributedDataParallel = ddp
+    model, fresh = trainer.model, build_model_from_args(trainer.model_name, trainer.model_args)  # as export's
+    norms = [type(m).__name__ for m in model.modules() if isinstance(m, _BatchNorm)]
+    optimized = {id(p) for s in trainer.stages for o in s.optimizers.values() for g in o.param_groups for p in g["params"]}
+    for norm in (m for m in model.modules() if isinstance(m, _BatchNorm)):  # statistics a checkpoint must carry
+        norm.running_mean.add_(0.1), norm.running_var.mul_(2.0)
+    fresh.load_state_dict(model.state_dict())  # strict: the same keys and shapes
+    metrics = trainer.evaluate()  # eval mode: the running statistics, nothing synced (rank 0's; the other's None)
+    same = metrics == evaluate_with_config(fresh, trainer.splits, trainer.config, device=trainer.device, log=print)
+    sync = next(m for m in model.modules() if isinstance(m, torch.nn.SyncBatchNorm)).train()
+    refused = refusal(lambda: ddp(model)), refusal(lambda: sync(torch.randn(4, sync.num_features)))
+    report.append(
+        f"{wrapped[-1] is model} {set(norms)} {len(norms) == sum(isinstance(m, _BatchNorm) for m in fresh.modules())} "
+        f"{0 < len(optimized) and optimized <= {id(p) for p in model.parameters()}} {same}; {refused}"
+    )
+    if trainer.run_folder is not None:
+        trainer.run_folder.release()
+with open(f"rank{trainer.dist.rank}.txt", "w") as file:  # not stdout: the ranks share it
+    file.write("\\n".join(report))
+trainer_module.distributed.cleanup()
+"""
+
+
+def test_sync_bn_converts_the_batchnorm_layers_and_keeps_the_state_dict(tmp_path):
+    """train.sync_bn under torchrun: every BatchNorm layer of the model made SyncBatchNorm before DDP wraps it, with
+    the parameters the optimizers hold, a state dict that a plain model of the checkpoint's arguments takes (final.pt,
+    eval, export), and an evaluation (eval mode: the running statistics) that is that plain model's. torch runs
+    neither the DDP wrapper nor the train-mode forward of SyncBatchNorm on CPU (why the option is refused there,
+    checked here so that a torch lifting it shows): the whole batch's statistics need a GPU per process to test."""
+    script, paths = tmp_path / "sync_bn.py", []
+    script.write_text(_SYNC_BN)
+    for model in ("dpm", "maskreid"):
+        config = tiny_config(tmp_path / f"set_{model}", model, dataset={"with_masks": True})
+        paths += [str(write_config(tmp_path / f"{model}.yaml", config)), str(tmp_path / f"run_{model}")]
+    result = torchrun(*paths, cwd=tmp_path, program=(str(script),))
+    assert result.returncode == 0, result.stderr[-8000:]
+    refused = "('SyncBatchNorm layers only work with GPU modules', 'SyncBatchNorm expected input tensor to be on GPU"
+    for report in ((tmp_path / f"rank{rank}.txt").read_text().splitlines() for rank in range(2)):
+        assert len(report) == 2, report
+        assert all(line.startswith(f"True {{'SyncBatchNorm'}} True True True; {refused}") for line in report), report
+
+
+def test_sync_bn_is_refused_on_cpu_under_torchrun_alone():
+    """torch's SyncBatchNorm trains CUDA tensors only: on CPU its DDP wrapper, then its first train-mode forward,
+    failed after the data was read. One process has the whole batch's statistics already: it keeps its BatchNorm."""
+    from dpm_ops.engine import ConfigError, load_config
+    from dpm_ops.engine.builders import check_sync_bn
+    from dpm_ops.engine.distributed import DistInfo, data_parallel
+
+    config = load_config("synthetic_dpm", ["train.sync_bn=true"])
+    with pytest.raises(
+        ConfigError,
+        match=r"^config key train.sync_bn: torch's SyncBatchNorm trains on CUDA devices only, and these 2 processes "
+        r"train on cpu: set train.sync_bn=false, or train.device=cuda$",
+    ):
+        check_sync_bn(config, torch.device("cpu"), DistInfo(1, 2, 1, "gloo"))
+    check_sync_bn(config, torch.device("cuda", 1), DistInfo(1, 2, 1, "nccl"))
+    check_sync_bn(config, torch.device("cpu"), DistInfo())
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    assert data_parallel(model, torch.device("cpu"), True, False) is model and type(model[1]) is torch.nn.BatchNorm1d

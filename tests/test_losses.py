@@ -624,3 +624,14 @@ def test_the_triplet_mines_over_the_batch_triplet_batch_gives(make):
     with pytest.raises(ValueError, match=rf"^{make.__name__}: triplet_batch must be None or a callable, got int$"):
         make(triplet_batch=3)
     assert pickle.loads(pickle.dumps(make())).triplet_weight == 1.0  # torch.save of a module, other processes
+
+
+def test_the_ranking_loss_mines_over_the_batch_ranking_batch_gives():
+    embeddings = F.normalize(torch.randn(8, 6, generator=torch.Generator().manual_seed(0)))
+    doubled = MaskReIDRankingLoss(ranking_batch=lambda e, l: (torch.cat([e, -e]), torch.cat([l, l + 5])), lam=1.0)
+    expected = maskreid_ranking_loss(torch.cat([embeddings, -embeddings]), torch.cat([LABELS, LABELS + 5]), lam=1.0)
+    torch.testing.assert_close(doubled(embeddings, LABELS), expected)
+    assert not torch.allclose(expected, maskreid_ranking_loss(embeddings, LABELS, lam=1.0))  # another batch's loss
+    with pytest.raises(ValueError, match=r"^MaskReIDRankingLoss: ranking_batch must be None or a callable, got int$"):
+        MaskReIDRankingLoss(ranking_batch=3)
+    assert pickle.loads(pickle.dumps(MaskReIDRankingLoss())).lam == 2.0  # torch.save of a module, other processes

@@ -65,6 +65,17 @@ def init_run_device(config: dict) -> tuple[torch.device, distributed.DistInfo]:
     return device, info
 
 
+def check_sync_bn(config: dict, device: torch.device, info: distributed.DistInfo) -> None:
+    """train.sync_bn under torchrun needs CUDA: on CPU torch's DDP refuses a model with SyncBatchNorm layers, and
+    SyncBatchNorm a train-mode forward in a process group (tracebacks once the data was read). A single process
+    has the whole batch: it keeps its BatchNorm layers (distributed.data_parallel)."""
+    if config["train"]["sync_bn"] and info.enabled and device.type != "cuda":
+        raise ConfigError(
+            f"config key train.sync_bn: torch's SyncBatchNorm trains on CUDA devices only, and these "
+            f"{info.world_size} processes train on {device.type}: set train.sync_bn=false, or train.device=cuda"
+        )
+
+
 def resolve_amp(setting: str, device: torch.device) -> Optional[torch.dtype]:
     """auto: bf16 autocast on CUDA (no scaler needed), full precision on CPU."""
     if setting == "auto":
@@ -182,13 +193,13 @@ def _without_verification(name: str) -> dict:
 
 def build_sampler(kind: str, config: dict, pids: list, rank: int, world_size: int):
     s, seed = config["sampler"], config["train"]["seed"]
-    triplet = config["loss"]["triplet_weight"]
-    # the triplet mines over the whole batch, every process's share (distributed.gather_batch)
-    if kind == "pk" and get_recipe(config["model"]["name"]).triplet_on_pk and triplet and s["num_ids"] < 2:
-        raise ConfigError(  # it trained with the triplet term silently 0: no anchor had a negative
-            f"config key sampler.num_ids: {s['num_ids']} identity per batch, and the triplet loss "
-            f"(loss.triplet_weight {triplet}) takes each anchor's negative from another: set sampler.num_ids >= 2, "
-            "or loss.triplet_weight=0"
+    # the triplet / ranking loss mines over the whole batch, every process's share (distributed.gather_batch)
+    mining = get_recipe(config["model"]["name"]).pk_negatives_loss(config) if kind == "pk" else None
+    if mining and s["num_ids"] < 2:
+        loss, otherwise = mining
+        raise ConfigError(  # it trained with that term silently 0: no anchor had a negative
+            f"config key sampler.num_ids: {s['num_ids']} identity per batch, and {loss} takes each anchor's "
+            f"negative from another: set sampler.num_ids >= 2, or {otherwise}"
         )
     try:
         if kind == "pk":

@@ -170,6 +170,9 @@ SCHEMA: dict = {
         "deterministic": _f(False, bool),
         # torch.compile (inductor) of the model the train steps call, with this mode; off: eager
         "compile": _f("off", str, ("off", "default", "max-autotune-no-cudagraphs")),
+        # torchrun: BatchNorm layers as SyncBatchNorm, the whole batch's statistics rather than each rank's share's
+        # (fast-reid's MODEL.BACKBONE.NORM "syncBN"); CUDA only (torch's); a single process has the whole batch
+        "sync_bn": _f(False, bool),
     },
     "eval": {
         "batch_size": _f(256, int, bounds=Bounds(1, 65536)),  # images per test batch

@@ -105,11 +105,25 @@ def all_gather_object(obj: Any) -> list:
     return gathered
 
 
+def data_parallel(model: torch.nn.Module, device: torch.device, sync_bn: bool, find_unused: bool) -> torch.nn.Module:
+    """What the train steps call: ``model`` itself in a single process, its DDP wrapper under torchrun. ``sync_bn``:
+    its BatchNorm layers made SyncBatchNorm first (the whole batch's statistics in a train-mode forward, not the
+    rank's share's), replaced in place with the same parameters and buffers: the optimizers built on ``model``,
+    its state dict's keys and its eval mode (the running statistics) stay."""
+    if not current().enabled:
+        return model
+    if sync_bn:
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # in place: the model is no BatchNorm layer itself
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=find_unused
+    )
+
+
 def broadcast_buffers(module: torch.nn.Module, source: int = 0) -> None:
     """Give every rank rank ``source``'s buffers (BatchNorm running statistics). DDP broadcasts them at
     the start of each forward, so after the last one every rank holds the statistics of its own
-    batches; evaluation, which shards the test set over the ranks, must use the ones that rank 0's
-    checkpoints save. No-op in a single process."""
+    batches (SyncBatchNorm's: the whole batch's, the same on every rank); evaluation, which shards the
+    test set over the ranks, must use the ones that rank 0's checkpoints save. No-op in a single process."""
     if not (dist.is_available() and dist.is_initialized()):
         return
     for buffer in module.buffers():

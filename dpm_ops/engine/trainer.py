@@ -28,7 +28,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn as nn
 from tqdm import tqdm
 
 from dpm_ops.data import ImageDataset, build_dataloader
@@ -41,6 +40,7 @@ from .builders import (
     build_sampler,
     check_model_fits_data,
     check_model_options,
+    check_sync_bn,
     evaluate_with_config,
     init_run_device,
     load_splits,
@@ -110,6 +110,7 @@ class Trainer:
         self.model_name = config["model"]["name"]
         self.recipe = get_recipe(self.model_name)
         self.device, self.dist = init_run_device(config)
+        check_sync_bn(config, self.device, self.dist)
         self.run_folder = None
         if self.dist.is_main:  # only rank 0 writes files
             make_output_folder(self.output_dir, "output_dir")
@@ -184,13 +185,8 @@ class Trainer:
         self._build_data()
         self.stages = self.recipe.build_stages(self.model, self.config, {k: len(s) for k, s in self.samplers.items()})
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.ddp_model = self.model
-        if self.dist.enabled:
-            self.ddp_model = nn.parallel.DistributedDataParallel(
-                self.model,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=self.recipe.find_unused_parameters(self.model_args),
-            )
+        unused = self.recipe.find_unused_parameters(self.model_args)
+        self.ddp_model = distributed.data_parallel(self.model, self.device, self.config["train"]["sync_bn"], unused)
         mode = self.config["train"]["compile"]
         # checkpoints and evaluation keep using self.model: its state dict, eval mode uncompiled
         step_model = self.ddp_model if mode == "off" else torch.compile(self.ddp_model, mode=mode)

@@ -1,5 +1,5 @@
 """What the loss modules share: ``backend=`` (the ops' keyword) with the deprecated ``fused=`` mapped
-onto it, and an nn.Module that holds a loss function's keyword options.
+onto it, an nn.Module that holds a loss function's keyword options, and the batch a mining loss mines over.
 
 ``fused=`` predates the ops' ``backend=``; it is accepted for one release with a DeprecationWarning:
 ``fused=True`` is the default ``backend=None`` (by device), ``fused=False`` is ``backend="reference"``.
@@ -11,7 +11,7 @@ import functools
 import inspect
 import os
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import torch.nn as nn
 
@@ -48,6 +48,20 @@ def accepts_fused(function):
         return function(*args, **kwargs)
 
     return loss
+
+
+def same_batch(features, labels) -> tuple:
+    return features, labels  # a module function: the losses pickle (torch.save of a module, other processes)
+
+
+def check_batch_option(owner: str, name: str, batch) -> Callable:
+    """``batch(features, labels)``: the batch a loss mines over (under DDP the whole batch from every rank's share,
+    engine.distributed.gather_batch); by default (None) the features and labels given."""
+    if batch is None:
+        return same_batch
+    if not callable(batch):
+        raise ValueError(f"{owner}: {name} must be None or a callable, got {type(batch).__name__}")
+    return batch
 
 
 def check_backend_name(owner: str, backend) -> Optional[str]:

@@ -22,23 +22,34 @@ Options (the paper's text is ambiguous):
   the closed-form gradient; the plain-torch reference where no kernel backend is available);
   ``backend="reference"``: the plain-torch reference (``dpm_ops.ops.maskreid_ranking_loss_reference``).
   ``maskreid_ranking_loss`` is that op (its signature), also taking the deprecated ``fused=``.
+* ``MaskReIDRankingLoss(ranking_batch=...)``: a callable giving the batch it mines over, as the triplet's
+  ``triplet_batch=`` (the recipe passes ``engine.distributed.gather_batch`` on P x K batches: under DDP the
+  whole batch, every rank's share); by default the one given.
 """
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
+import torch
+
 from ..ops.maskreid_ranking_loss import maskreid_ranking_loss as fused_maskreid_ranking_loss
 from ..ops.maskreid_ranking_loss import check_ranking_options
-from ._options import LossModule, accepts_fused
+from ._options import LossModule, accepts_fused, check_batch_option
 
 maskreid_ranking_loss = accepts_fused(fused_maskreid_ranking_loss)
 
 
 class MaskReIDRankingLoss(LossModule):
     """Eq. 5 with the paper's α = 0.15, λ = 2 on L2-normalised embeddings (or Eq. 4: ``pos_mode="eq4"``);
-    options: ``maskreid_ranking_loss``'s."""
+    options: ``maskreid_ranking_loss``'s, and ``ranking_batch`` (the batch it mines over)."""
 
     loss_function = staticmethod(maskreid_ranking_loss)
 
-    def __init__(self, **options):
+    def __init__(self, *, ranking_batch: Optional[Callable] = None, **options):
         super().__init__(**options)
         check_ranking_options(self.alpha, self.lam, self.neg_mode, self.pos_mode)  # now, not at the first batch
+        self.ranking_batch = check_batch_option("MaskReIDRankingLoss", "ranking_batch", ranking_batch)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.loss_function(*self.ranking_batch(embeddings, labels), **self.options())

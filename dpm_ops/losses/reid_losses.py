@@ -28,7 +28,7 @@ from dpm_ops.ops._checks import (
 )
 
 from .arcface import masked_arcface_cross_entropy
-from ._options import backend_of_fused, check_backend_name
+from ._options import backend_of_fused, check_backend_name, check_batch_option
 from .hem import hem_loss
 from .triplet import batch_hard_soft_margin_triplet
 
@@ -43,20 +43,6 @@ def _check_output(loss: str, output, fields: tuple, expected: str) -> None:
     if len(set(batches.values())) > 1:
         held = ", ".join(f"{field} {batch}" for field, batch in batches.items())
         raise ValueError(f"{loss}: the output's tensors must hold one batch, got {held} samples")
-
-
-def _same_batch(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return features, labels  # a module function: the losses pickle (torch.save of a module, other processes)
-
-
-def _check_triplet_batch(loss: str, triplet_batch) -> Callable:
-    """``triplet_batch(features, labels)``: the batch the triplet mines over (under DDP the whole batch from every
-    rank's share, engine.distributed.gather_batch); by default the features and labels given."""
-    if triplet_batch is None:
-        return _same_batch
-    if not callable(triplet_batch):
-        raise ValueError(f"{loss}: triplet_batch must be None or a callable, got {type(triplet_batch).__name__}")
-    return triplet_batch
 
 
 def _check_margin_labels(margin_labels, labels) -> None:
@@ -102,7 +88,7 @@ class DPMLoss(nn.Module):
         triplet_batch: Optional[Callable] = None,
     ):
         super().__init__()
-        self.triplet_batch = _check_triplet_batch("DPMLoss", triplet_batch)
+        self.triplet_batch = check_batch_option("DPMLoss", "triplet_batch", triplet_batch)
         if fused is not None:
             backend = backend_of_fused(fused, "DPMLoss", backend is not None)
         self.hem_weight, self.id_weight, self.triplet_weight, self.plain_weight, self.masked_weight = (
@@ -179,7 +165,7 @@ class BaselineReIDLoss(nn.Module):
         triplet_batch: Optional[Callable] = None,
     ):
         super().__init__()
-        self.triplet_batch = _check_triplet_batch("BaselineReIDLoss", triplet_batch)
+        self.triplet_batch = check_batch_option("BaselineReIDLoss", "triplet_batch", triplet_batch)
         self.id_weight = check_real("BaselineReIDLoss", "id_weight", id_weight, 0, MAX_COEFFICIENT)
         self.triplet_weight = check_real("BaselineReIDLoss", "triplet_weight", triplet_weight, 0, MAX_COEFFICIENT)
         self.backend = check_backend_name("BaselineReIDLoss", backend)

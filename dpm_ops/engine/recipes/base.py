@@ -127,10 +127,13 @@ class Recipe:
     train_input_defaults: dict = {"padding": 10, "erasing": 0.5, "color_jitter": False}
     eval_time_options: tuple = ()  # model options that change only eval mode: `dpm-reid eval` takes the config's
     min_classes: int = 1  # the fewest classes the model takes (0: it can be built without a classifier)
-    # its loss has a batch-hard triplet term (loss.triplet_weight) on the P x K batches (every process's share)
-    triplet_on_pk: bool = False
     # the loss / solver keys of one model that its stages read (another model's, off its default, is refused)
     config_keys: tuple = ()
+
+    def pk_negatives_loss(self, config: dict) -> Optional[tuple[str, str]]:
+        """(the loss, how else to leave it out) where a loss of the P x K batches takes each anchor's negatives from
+        the batch's other identities (under DDP from the whole batch: distributed.gather_batch); None otherwise."""
+        return None
 
     def option_defaults(self) -> dict:
         """The model options the config accepts, with their defaults."""
@@ -219,7 +222,9 @@ class ViTRecipe(Recipe):
     """The ViT models (DPM, the baseline): images and camera ids in; the position embedding fixes
     the input size."""
 
-    triplet_on_pk = True
+    def pk_negatives_loss(self, config: dict) -> Optional[tuple[str, str]]:
+        weight = config["loss"]["triplet_weight"]  # the batch-hard triplet
+        return (f"the triplet loss (loss.triplet_weight {weight})", "loss.triplet_weight=0") if weight else None
 
     @staticmethod
     def train_forward(ctx: StepContext, batch: dict, criterion: nn.Module, optimizer) -> tuple:

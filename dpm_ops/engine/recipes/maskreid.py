@@ -16,6 +16,7 @@ from dpm_ops.losses import MaskReIDRankingLoss
 from dpm_ops.models import MaskReID, MaskReIDResNet50
 from dpm_ops.models.param_groups import sgd_param_groups
 
+from .. import distributed
 from .base import Recipe, StepContext, loss_record, make_optimizer, param_group_options, scheduled_stage
 
 # DGD / MaskReID test geometry: resize, then centre crop of (resize - margin)
@@ -35,6 +36,11 @@ class MaskReIDRecipe(Recipe):
     sampler_kinds = ("pk", "maskreid")
     has_pretrain_stage = True
     min_classes = 0  # the softmax head exists only for the pre-training stage
+
+    def pk_negatives_loss(self, config: dict):
+        if config["sampler"]["kind"] != "pk":  # the pre-training's softmax alone takes them: no negatives
+            return None
+        return "the ranking loss (sampler.kind pk)", "sampler.kind=maskreid"
 
     def model_options(self, config: dict) -> dict:
         return dict(config["model"]["options"])  # no img_size: convolutional, any input size
@@ -86,12 +92,15 @@ class MaskReIDRecipe(Recipe):
         # the softmax head is not trained by the ranking loss
         params = [(n, p) for n, p in model.named_parameters() if ".classifier." not in f".{n}"]
         ranking_optimizer = make_optimizer(config, sgd_param_groups(params, config["solver"]["base_lr"], **common))
-        loss = config["loss"]
+        loss, kind = config["loss"], config["sampler"]["kind"]
         ranking = MaskReIDRankingLoss(
             alpha=loss["ranking_alpha"],
             lam=loss["ranking_lambda"],
             neg_mode=loss["ranking_neg_mode"],
             pos_mode=loss["ranking_pos_mode"],
+            # under DDP a P x K batch is split over the ranks: it mines over every rank's share; a MaskReID batch
+            # is one ranking problem, each rank's own (gathered, the ranks' problems would mine one another's)
+            ranking_batch=distributed.gather_batch if kind == "pk" else None,
         )
 
         def ranking_step(ctx: StepContext, batch: dict) -> dict:
@@ -103,9 +112,7 @@ class MaskReIDRecipe(Recipe):
             return loss_record(loss, {"ranking": loss})
 
         stages.append(
-            scheduled_stage(
-                config, "ranking", {"main": ranking_optimizer}, config["sampler"]["kind"], iters_per_epoch, ranking_step
-            )
+            scheduled_stage(config, "ranking", {"main": ranking_optimizer}, kind, iters_per_epoch, ranking_step)
         )
         return stages
 
