@@ -186,7 +186,7 @@ def _parser() -> argparse.ArgumentParser:
         help="example batch the graph is traced with (2..256; the batch axis stays dynamic; "
         "the check runs at N and N+1, at 255 and 256 for N=256)",
     )
-    ex.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
+    ex.add_argument("--opset", type=int, default=None, help="ONNX opset, 18..23 (default 18)")
     ex.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
     ex.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
