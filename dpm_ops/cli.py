@@ -67,6 +67,7 @@ class _VersionAction(argparse.Action):
 
 
 RERANK_METHODS = ("kreciprocal", "gnn")  # dpm_ops.evaluation.RERANK_METHODS (tested), without importing torch
+DISTANCES = ("auto", "euclidean", "cosine", "masked_arccos")  # dpm_ops.engine.scoring.DISTANCES (tested)
 AQE_DEFAULTS = {"k": 5, "alpha": 3.0, "times": 1}  # dpm_ops.evaluation.query_expansion.AQE_DEFAULTS (tested)
 
 
@@ -104,6 +105,7 @@ def _add_rank_parser(sub) -> None:
     rk.add_argument(
         "--distance",
         default="auto",
+        choices=DISTANCES,  # checked before the .npz files are read
         help="auto (the model's test distance: DPM's masked arccos, else euclidean), euclidean, cosine, masked_arccos",
     )
     rk.add_argument(
@@ -256,6 +258,7 @@ def _export(args) -> int:
         DEFAULT_OPSET,
         MAX_EXAMPLE_BATCH,
         ExportError,
+        check_export_modules,
         check_int,
         check_opset,
         check_output_path,
@@ -267,6 +270,10 @@ def _export(args) -> int:
     if args.opset is not None:
         check_opset("--opset", args.opset)
     check_output_path(args.out, "--out", ".onnx", _inputs(args, "config", "weights"))
+    try:
+        check_export_modules(not args.no_check, "the check of the exported file (--no-check leaves it out)")
+    except ImportError as error:
+        raise ExportError(str(error)) from error
     resolve_device("cpu")  # exported (and checked) on the CPU: a DPM_OPS_BACKEND that cannot run there is named now
     config, model = _checkpoint_model(args)  # the graph does not depend on the device
     if config["eval"]["flip"]:  # taken and left out of the graph: its features differed from extract's
@@ -274,17 +281,14 @@ def _export(args) -> int:
             "eval.flip: the ONNX graph is the plain eval forward, without flip test-time augmentation; leave it off "
             "(and average the features of the mirrored images yourself for it)"
         )
-    try:
-        result = export_onnx(
-            model,
-            args.out,
-            image_size=tuple(config["input"]["size"]),
-            batch=args.batch,
-            opset=DEFAULT_OPSET if args.opset is None else args.opset,
-            check=not args.no_check,
-        )
-    except ImportError as error:  # onnxscript, or onnxruntime for the check (--no-check skips it)
-        raise ExportError(str(error)) from error
+    result = export_onnx(
+        model,
+        args.out,
+        image_size=tuple(config["input"]["size"]),
+        batch=args.batch,
+        opset=DEFAULT_OPSET if args.opset is None else args.opset,
+        check=not args.no_check,
+    )
     print(
         f"wrote {result.path} (opset {result.opset}): inputs {', '.join(result.input_names)} -> outputs "
         f"{', '.join(result.output_names)}, batch axis dynamic, images {result.image_size[0]}x{result.image_size[1]}"

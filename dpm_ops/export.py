@@ -200,9 +200,7 @@ def export_onnx(
     check = check_flag("check", check)
     rtol = check_rtol(rtol)  # before the export: a bad tolerance would only be found after it, beside the file
     path = check_output_path(path, "path", ".onnx")
-    _require("onnxscript", "the ONNX export")  # torch's exporter imports it; fail before the long part
-    if check:
-        _require("onnxruntime", "check=True")
+    check_export_modules(check)
     named_example = _example_inputs(model, kind, size, batch, seed=0)
     input_names, output_names = list(named_example), list(get_recipe(kind).export_outputs)
     example = tuple(named_example.values())
@@ -291,6 +289,14 @@ def _quiet_exporter():
             yield
     finally:
         registry_log.setLevel(level)
+
+
+def check_export_modules(check: bool, check_name: str = "check=True") -> None:
+    """ImportError unless the optional modules are there: onnxscript (torch's exporter imports it), onnxruntime
+    for the check (`check_name`: what turns it on); found before the long part."""
+    _require("onnxscript", "the ONNX export")
+    if check:
+        _require("onnxruntime", check_name)
 
 
 def _require(module: str, needed_for: str):

@@ -732,6 +732,8 @@ def test_warnings_are_one_line():
         # a mistyped option: the command's help lists its options (was "see dpm-reid --help")
         (["train", "--config", "c", "--bogus"], "unrecognized arguments: --bogus"),
         (["rank", "--query", "q.npz", "--gallery", "g.npz", "--k3", "2"], "unrecognized arguments: --k3 2"),
+        # before the files are read (missing here), named as the flag
+        (["rank", "--query", "q.npz", "--gallery", "g.npz", "--distance", "foo"], "--distance: invalid choice: 'foo'"),
         (["configs", "--all"], "unrecognized arguments: --all"),
     ],
 )

@@ -236,12 +236,13 @@ def test_evaluation_keys():
             load_config(None, [override])
 
 
-def test_the_command_lines_rerank_methods_and_aqe_defaults_are_the_librarys():
+def test_the_command_lines_rerank_methods_distances_and_aqe_defaults_are_the_librarys():
     from dpm_ops import cli
+    from dpm_ops.engine.scoring import DISTANCES
     from dpm_ops.evaluation import RERANK_METHODS
     from dpm_ops.evaluation.query_expansion import AQE_DEFAULTS
 
-    assert cli.RERANK_METHODS == RERANK_METHODS and cli.AQE_DEFAULTS == AQE_DEFAULTS
+    assert cli.RERANK_METHODS == RERANK_METHODS and cli.AQE_DEFAULTS == AQE_DEFAULTS and cli.DISTANCES == DISTANCES
 
 
 def test_ranking_modes_are_the_ops():

@@ -704,7 +704,11 @@ def test_cli_export_and_extract_errors_are_one_line(tmp_path, tiny_set, capsys, 
     )
     with monkeypatch.context() as patch:
         patch.setitem(sys.modules, "onnxruntime", None)
-        assert_one_line_error(capsys, export(*common, "--out", str(tmp_path / "m.onnx")), "needs onnxruntime")
+        assert_one_line_error(
+            capsys,
+            export(*common, "--out", str(tmp_path / "m.onnx")),
+            "the check of the exported file (--no-check leaves it out) needs onnxruntime",
+        )
 
     def extract(images, out=tmp_path / "f.npz"):
         return main(["extract", *common, "--images", str(images), "--out", str(out)])
