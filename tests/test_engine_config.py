@@ -668,6 +668,27 @@ def test_sampler_keys_of_an_unused_sampler_and_a_triplet_without_negatives_are_r
     assert len(build_sampler("pk", maskreid, pids, 0, 1)) > 0
 
 
+def test_a_mining_loss_without_positives_is_refused():
+    """sampler.num_instances of 1 gave the triplet no positive (each anchor its own, pushing the negatives alone) and
+    MaskReID's ranking loss on P x K batches no anchor (a silent 0); ID losses alone take it."""
+    from dpm_ops.engine.builders import build_sampler
+
+    pids = [i // 4 for i in range(240)]
+    for name, overrides, loss, otherwise in (
+        ("synthetic_dpm", [], r"the triplet loss \(loss.triplet_weight 1.0\)", "loss.triplet_weight=0"),
+        ("maskreid_market1501", ["sampler.kind=pk"], r"the ranking loss \(sampler.kind pk\)", "sampler.kind=maskreid"),
+    ):
+        config = load_config(name, [*overrides, "sampler.num_instances=1"])
+        with pytest.raises(
+            ConfigError,
+            match=rf"^config key sampler.num_instances: 1 image per identity, and {loss} takes each anchor's positive "
+            rf"from another image of its identity: set sampler.num_instances >= 2, or {otherwise}$",
+        ):
+            build_sampler("pk", config, pids, 0, 1)
+    id_losses_only = load_config("synthetic_dpm", ["sampler.num_instances=1", "loss.triplet_weight=0"])
+    assert {len(batch) for batch in build_sampler("pk", id_losses_only, pids, 0, 1)} == {16}
+
+
 def test_sync_bn_is_a_flag():
     assert (
         load_config(None)["train"]["sync_bn"] is False and load_config(None, ["train.sync_bn=true"])["train"]["sync_bn"]

@@ -194,12 +194,19 @@ def _without_verification(name: str) -> dict:
 def build_sampler(kind: str, config: dict, pids: list, rank: int, world_size: int):
     s, seed = config["sampler"], config["train"]["seed"]
     # the triplet / ranking loss mines over the whole batch, every process's share (distributed.gather_batch)
-    mining = get_recipe(config["model"]["name"]).pk_negatives_loss(config) if kind == "pk" else None
-    if mining and s["num_ids"] < 2:
+    mining = get_recipe(config["model"]["name"]).pk_mining_loss(config) if kind == "pk" else None
+    if mining and min(s["num_ids"], s["num_instances"]) < 2:
         loss, otherwise = mining
-        raise ConfigError(  # it trained with that term silently 0: no anchor had a negative
-            f"config key sampler.num_ids: {s['num_ids']} identity per batch, and {loss} takes each anchor's "
-            f"negative from another: set sampler.num_ids >= 2, or {otherwise}"
+        # without negatives that term trained as a silent 0; without positives the ranking loss too (no anchor),
+        # the triplet as a push of the negatives alone (the anchor its own positive)
+        key, count, source = (
+            ("num_ids", "identity per batch", "negative from another")
+            if s["num_ids"] < 2
+            else ("num_instances", "image per identity", "positive from another image of its identity")
+        )
+        raise ConfigError(
+            f"config key sampler.{key}: {s[key]} {count}, and {loss} takes each anchor's {source}: "
+            f"set sampler.{key} >= 2, or {otherwise}"
         )
     try:
         if kind == "pk":

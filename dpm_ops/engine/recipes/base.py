@@ -130,9 +130,10 @@ class Recipe:
     # the loss / solver keys of one model that its stages read (another model's, off its default, is refused)
     config_keys: tuple = ()
 
-    def pk_negatives_loss(self, config: dict) -> Optional[tuple[str, str]]:
-        """(the loss, how else to leave it out) where a loss of the P x K batches takes each anchor's negatives from
-        the batch's other identities (under DDP from the whole batch: distributed.gather_batch); None otherwise."""
+    def pk_mining_loss(self, config: dict) -> Optional[tuple[str, str]]:
+        """(the loss, how else to leave it out) where a loss of the P x K batches mines each anchor's positives (its
+        identity's other images) and negatives (the other identities) in the batch (under DDP the whole batch:
+        distributed.gather_batch); None otherwise."""
         return None
 
     def option_defaults(self) -> dict:
@@ -222,7 +223,7 @@ class ViTRecipe(Recipe):
     """The ViT models (DPM, the baseline): images and camera ids in; the position embedding fixes
     the input size."""
 
-    def pk_negatives_loss(self, config: dict) -> Optional[tuple[str, str]]:
+    def pk_mining_loss(self, config: dict) -> Optional[tuple[str, str]]:
         weight = config["loss"]["triplet_weight"]  # the batch-hard triplet
         return (f"the triplet loss (loss.triplet_weight {weight})", "loss.triplet_weight=0") if weight else None
 

@@ -37,7 +37,7 @@ class MaskReIDRecipe(Recipe):
     has_pretrain_stage = True
     min_classes = 0  # the softmax head exists only for the pre-training stage
 
-    def pk_negatives_loss(self, config: dict):
+    def pk_mining_loss(self, config: dict):
         if config["sampler"]["kind"] != "pk":  # the pre-training's softmax alone takes them: no negatives
             return None
         return "the ranking loss (sampler.kind pk)", "sampler.kind=maskreid"
