@@ -1,16 +1,17 @@
 """The CLI's paths and run folders: empty or undecodable paths, outputs that would replace a run's files,
-system errors named by their argument, and the ends of a command (Ctrl-C while starting, a reader that
-leaves the pipe)."""
+system errors named by their argument, a dataset folder of query and gallery images alone, and the ends of a
+command (Ctrl-C while starting, a reader that leaves the pipe)."""
 
 import fcntl
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 from dpm_ops.cli import main
-from engine_utils import tiny_config, write_config
-from test_cli import _fresh_checkpoint, assert_one_line_error, tiny_set  # noqa: F401 (the fixture)
+from engine_utils import scored, tiny_config, write_config
+from test_cli import _fresh_checkpoint, _set_cameras, assert_one_line_error, tiny_set  # noqa: F401 (the fixture)
 
 
 @pytest.mark.parametrize(
@@ -66,6 +67,77 @@ def test_eval_never_writes_into_a_training_run(tmp_path, tiny_set, capsys):  # n
     with open(busy / ".run.lock") as handle:  # released: the folder may be used
         fcntl.lockf(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
     assert not (busy / "metrics.json").exists()
+
+
+def _test_splits_alone(dataset, folder, *, masks=False, manifest=False):
+    """A copy of the query and gallery folders of ``dataset`` (with their mask trees; its manifest), no train
+    folder."""
+    names = ["query", "bounding_box_test"]
+    for name in names + ([f"{name}_seg" for name in names] if masks else []):
+        shutil.copytree(dataset / name, folder / name)
+    if manifest:
+        shutil.copy(dataset / "synthetic.json", folder)
+    return folder
+
+
+MINE = ["dataset.name=market1501", "dataset.check_counts=off"]  # a folder of one's own images (README)
+
+
+@pytest.mark.parametrize("model", ["dpm", "maskreid"])
+def test_eval_scores_query_and_gallery_images_alone(tmp_path, tiny_set, model):  # noqa: F811
+    """eval builds its model from the checkpoint (its classes and cameras) but read the train split: a folder of
+    query and gallery images alone was refused ("no *.jpg images in .../bounding_box_train", or the layout's
+    missing folder). MaskReID reads the test images' masks, and no train mask."""
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_set, model, eval={"max_rank": 10}))
+    weights = _fresh_checkpoint(tmp_path, config)
+
+    def evaluate(output, *overrides):
+        argv = ["eval", "--config", str(config), "--weights", str(weights), "--output", str(tmp_path / output)]
+        assert main([*argv, *overrides]) == 0
+        return scored(tmp_path / output, weights)
+
+    full = evaluate("full")
+    masks = model == "maskreid"
+    # the synthetic loader on the copy: its manifest's query and gallery counts still checked ("error")
+    alone = _test_splits_alone(tiny_set, tmp_path / "synthetic_test", masks=masks, manifest=True)
+    assert evaluate("synthetic_test", f"dataset.root={alone}") == full
+    mine = _test_splits_alone(tiny_set, tmp_path / "mine", masks=masks)
+    assert evaluate("mine", *MINE, f"dataset.root={mine}")["all"] == full["all"]  # Market names no occlusion
+    (mine / "bounding_box_train").mkdir()  # an empty train folder is not read either
+    assert evaluate("mine_empty_train", *MINE, f"dataset.root={mine}")["all"] == full["all"]
+
+
+def _one_camera(state):
+    """A model trained on one camera: no camera embedding."""
+    state["model_args"].update(num_cameras=1)
+    del state["model"]["backbone.sie_embed"]
+
+
+def test_a_test_set_alone_needs_the_checkpoints_cameras(tmp_path, tiny_set, capsys):  # noqa: F811
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_set, "dpm", eval={"max_rank": 10}))
+    mine = _test_splits_alone(tiny_set, tmp_path / "mine")
+    overrides = [*MINE, f"dataset.root={mine}"]
+
+    def evaluate(weights, *more):
+        return main(
+            ["eval", "--config", str(config), "--weights", str(weights), "--output", str(tmp_path / "ev"), *more]
+        )
+
+    # a test camera beyond the checkpoint's camera embedding: one line, before the extraction
+    two = _fresh_checkpoint(tmp_path, config, _set_cameras(2), name="two.pt")
+    code = evaluate(two, *overrides)
+    assert_one_line_error(capsys, code, str(two), "has 2 camera embeddings (SIE", "camera ids up to 2 (3 cameras)")
+    assert not (tmp_path / "ev" / "metrics.json").exists()
+    # one training camera: no embedding, the test cameras are not read (it was refused as "1 camera embeddings")
+    one = _fresh_checkpoint(tmp_path, config, _one_camera, name="one.pt")
+    assert evaluate(one) == 0 and evaluate(one, *overrides) == 0
+    # training still needs a train split, absent or empty
+    train = ["train", "--config", str(config), "--output", str(tmp_path / "run"), *overrides]
+    capsys.readouterr()
+    code = main(train)
+    assert_one_line_error(capsys, code, "Market-1501: no folder with bounding_box_train", "lacks bounding_box_train")
+    (mine / "bounding_box_train").mkdir()
+    assert_one_line_error(capsys, main(train), f"no *.jpg images in {mine / 'bounding_box_train'}")
 
 
 def test_run_folder_problems_are_named_before_training(tmp_path, tiny_set, capsys):  # noqa: F811

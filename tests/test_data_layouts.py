@@ -802,12 +802,12 @@ def test_a_run_decodes_every_image_it_reads_before_training(tmp_path):
     write_truncated_jpeg(tmp_path / "Occluded_REID" / "whole_body_images" / "002" / "002_03.tif")
     with pytest.raises(DatasetError, match=r"unreadable image: .*002_03\.tif"):
         load_splits(run_config(root, *test_set))
-    # an evaluation lists the train split but never reads its images, so it does not decode them
+    # an evaluation never reads the train split, so it does not decode its images
     write_image(victim)
     write_truncated_jpeg(root / "bounding_box_train" / "0007_c6s4_002452_02.jpg")
     with pytest.raises(DatasetError, match=r"unreadable image: .*0007_c6s4_002452_02\.jpg"):
         load_splits(run_config(root))
-    assert len(load_splits(run_config(root), train_images=False).train) == 3
+    assert load_splits(run_config(root), train_split=False).train == []
 
 
 @pytest.mark.filterwarnings("ignore::dpm_ops.data.DatasetCountWarning")
@@ -1124,3 +1124,63 @@ def test_a_train_set_tested_on_another_needs_its_train_split_alone(tmp_path):
     alone = build_dataset("synthetic", synthetic, test_splits=False)  # its manifest's train count is exact
     assert alone.train and not alone.query and not alone.gallery
     assert all("test_splits" in datasets_module.dataset_options(name) for name in ("market1501", "cuhk03_np", "msmt17"))
+
+
+def test_an_evaluation_reads_the_test_splits_alone(tmp_path):
+    """`dpm-reid eval` builds its model from the checkpoint, yet a folder of query and gallery images was refused:
+    the loaders required the train folder (and a non-empty one), load_splits a train split."""
+    import shutil
+
+    from dpm_ops.data.synth import generate_synthetic_dataset
+    from dpm_ops.engine.builders import load_splits
+    from engine_utils import tiny_synth_config
+
+    full = load_quietly("market1501", make_market_tree(tmp_path / "full"))
+    root = make_market_tree(tmp_path)
+    shutil.rmtree(root / "bounding_box_train")
+    with pytest.raises(DatasetNotFoundError, match="lacks bounding_box_train"):
+        load_splits(run_config(root, "dataset.check_counts=off"))  # training needs it
+    for train_folder in ("absent", "empty"):
+        if train_folder == "empty":
+            (root / "bounding_box_train").mkdir()
+            with pytest.raises(DatasetError, match="no \\*.jpg images in .*bounding_box_train"):
+                load_splits(run_config(root, "dataset.check_counts=off"))
+        alone = load_splits(run_config(root, "dataset.check_counts=off"), train_split=False)
+        assert alone.train == [] and alone.num_train_pids == 0 and alone.num_cams == 6
+        assert [(r.pid, r.camid) for r in alone.query + alone.gallery] == [
+            (r.pid, r.camid) for r in full.query + full.gallery
+        ]
+        # the counts checked are those of the splits read: query first, never train
+        with pytest.raises(DatasetError, match=r"^market1501 query: found 2 ids / 2 images"):
+            load_splits(run_config(root, "dataset.check_counts=error"), train_split=False)
+    # a test-only set as the dataset itself: scored, not trained on
+    make_occluded_reid_tree(tmp_path / "Occluded_REID")
+    occluded = run_config(tmp_path / "Occluded_REID", "dataset.name=occluded_reid", "dataset.check_counts=off")
+    assert len(load_splits(occluded, train_split=False).query) == 6
+    with pytest.raises(DatasetError, match="has no training images .*dpm-reid eval scores"):
+        load_splits(occluded)
+    # dataset.test_name: the train set is not read (here it is not there at all), nor the test set's own train split
+    test_set = [f"dataset.test_root={tmp_path}", "dataset.test_name=occluded_reid", "dataset.check_counts=off"]
+    tested = load_splits(run_config(tmp_path / "nowhere", "dataset.name=market", *test_set), train_split=False)
+    assert tested.name == "market1501->occluded_reid" and tested.train == [] and len(tested.gallery) == 6
+    test_only = make_market_tree(tmp_path / "test_only")
+    shutil.rmtree(test_only / "bounding_box_train")
+    other = [f"dataset.test_root={test_only}", "dataset.test_name=market1501", "dataset.check_counts=off"]
+    trained = load_splits(run_config(make_market_tree(tmp_path / "train"), *other))
+    assert len(trained.train) == 3 and trained.query[0].path.startswith(str(test_only))
+    # every loader with a train split takes train_split=False: the test splits alone, counted as such
+    msmt = make_msmt_tree(tmp_path / "msmt")
+    for name in ("list_train.txt", "list_val.txt"):
+        (msmt / name).unlink()
+    assert [len(getattr(load_quietly("msmt17", msmt, train_split=False), s)) for s in ("train", "gallery")] == [0, 2]
+    synthetic = generate_synthetic_dataset(tmp_path / "synth", tiny_synth_config(), progress=False)
+    shutil.rmtree(synthetic / "bounding_box_train")
+    alone = build_dataset("synthetic", synthetic, train_split=False)  # its manifest's test counts are exact
+    assert not alone.train and alone.query and alone.gallery
+    assert all("train_split" in datasets_module.dataset_options(n) for n in ("market1501", "cuhk03_np", "msmt17"))
+    for options, needle in (
+        (dict(train_split=False, test_splits=False), "leave nothing to load"),
+        (dict(train_split="no"), "train_split must be True or False, got 'no'"),
+    ):
+        with pytest.raises(DatasetError, match=needle):
+            build_dataset("synthetic", synthetic, **options)

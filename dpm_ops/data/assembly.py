@@ -36,6 +36,15 @@ def check_count_policy(policy) -> None:
         raise DatasetError(f"check_counts must be one of {COUNT_POLICIES}, got {quote(policy)}")
 
 
+def check_wanted_splits(train_split: bool, test_splits: bool) -> None:
+    """A loader's ``train_split`` / ``test_splits``: each True or False ("no" read as true), not both False."""
+    for flag, value in (("train_split", train_split), ("test_splits", test_splits)):
+        if not isinstance(value, bool):
+            raise DatasetError(f"dataset option {flag} must be True or False, got {quote(value)}")
+    if not (train_split or test_splits):
+        raise DatasetError("train_split=False and test_splits=False leave nothing to load")
+
+
 _HERE = os.path.dirname(os.path.abspath(__file__))  # a count warning points past the loaders, at their caller
 
 
@@ -151,14 +160,18 @@ def _assemble(
     occluded_paths: Optional[frozenset[str]] = None,
     multi_query: Optional[list[ImageRecord]] = None,
     unused: Sequence[str] = (),
+    train_split: bool = True,
     test_splits: bool = True,
 ) -> ReIDSplits:
     """Drop junk, relabel train, check counts, attach masks: the common tail of every loader. ``unused``: images
     in the splits' folders that no split takes (MSMT17's val without include_val), whose masks may be there.
-    ``test_splits=False``: the train split alone (query and gallery not read: a run tested on another set)."""
+    ``test_splits=False``: the train split alone (query and gallery not read: a run tested on another set);
+    ``train_split=False``: query and gallery alone (an evaluation, whose model comes from its checkpoint). The
+    counts checked are those of the splits read."""
     check_count_policy(check_counts)
-    if not test_splits:
-        expected_counts = {"train": expected_counts["train"]} if expected_counts else None
+    read = {"train": train_split, "query": test_splits, "gallery": test_splits}
+    if expected_counts:
+        expected_counts = {split: counts for split, counts in expected_counts.items() if read[split]} or None
     all_images = sorted({r.path for r in (*train, *query, *gallery, *(multi_query or ()))})
     junk = sum(r.pid == JUNK_PID for r in (*train, *query, *gallery))
     listed_train = bool(train)  # test-only sets have none

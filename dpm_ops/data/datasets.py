@@ -15,6 +15,9 @@ Rules shared by every loader:
   emits a :class:`DatasetCountWarning` naming the split, expected and found; ``"error"`` raises
   :class:`DatasetError`; ``"off"`` skips the check. The synthetic set defaults to ``"error"``
   because its manifest states its exact counts.
+* ``train_split=False`` (query and gallery alone: an evaluation, whose model comes from its checkpoint) and
+  ``test_splits=False`` (the train split alone: a run tested on another set) leave a split's folders unread:
+  they may be absent, and only the splits read are counted. The test-only sets have no train split to leave.
 * ``with_masks=True`` attaches the MaskReID foreground masks (layout in :mod:`.masks`) and checks
   that they mirror the images one to one.
 * ``verify_images=True`` (the default) decodes every image of every split, and its mask (which must
@@ -34,7 +37,7 @@ from typing import Callable, Optional
 
 from dpm_ops.ops._checks import check_known_options, quote
 
-from .assembly import _assemble, check_count_policy, row_loader
+from .assembly import _assemble, check_count_policy, check_wanted_splits, row_loader
 from .errors import DatasetError, DatasetNotFoundError
 from .layouts import MARKET_LOADERS, PUBLISHED_COUNTS, load_cuhk03_np, load_synthetic
 from .parsing import MSMT17_CAMERAS, find_dataset_dir, parse_msmt_list, parse_pid_index_folder
@@ -159,6 +162,7 @@ def load_msmt17(
     mask_root: Optional[str] = None,
     check_counts: str = "warn",
     verify_images: bool = True,
+    train_split: bool = True,
     test_splits: bool = True,
 ) -> ReIDSplits:
     """MSMT17 (V1 or V2): ``MSMT17_V1/{train,test}/`` (V2: ``mask_train_v2``, ``mask_test_v2``) plus
@@ -167,16 +171,15 @@ def load_msmt17(
     The camera (1-15) is the third ``_`` field of the name. ``include_val`` merges ``list_val``
     into train (TransReID's choice; 32,621 train images) — turn it off for the 30,248-image split.
     """
+    check_wanted_splits(train_split, test_splits)
     tried = []
     for version, (train_folder, test_folder) in MSMT17_VERSIONS.items():
+        wanted = ((train_folder, train_split), (test_folder, test_splits), ("list_train.txt", train_split))
+        wanted += tuple((f"list_{split}.txt", test_splits) for split in ("query", "gallery"))
+        required = [entry for entry, read in wanted if read]
         try:
             dataset_dir = find_dataset_dir(
-                root,
-                ["", version, f"msmt17/{version}", f"MSMT17/{version}"],
-                (train_folder, test_folder, "list_train.txt", "list_query.txt", "list_gallery.txt")
-                if test_splits
-                else (train_folder, "list_train.txt"),
-                "MSMT17",
+                root, ["", version, f"msmt17/{version}", f"MSMT17/{version}"], required, "MSMT17"
             )
             break
         except DatasetNotFoundError as error:
@@ -185,9 +188,10 @@ def load_msmt17(
         raise DatasetNotFoundError(" | ".join(tried))
 
     train_dir, test_dir = (os.path.join(dataset_dir, folder) for folder in (train_folder, test_folder))
-    train = parse_msmt_list(os.path.join(dataset_dir, "list_train.txt"), train_dir)
+    train = parse_msmt_list(os.path.join(dataset_dir, "list_train.txt"), train_dir) if train_split else []
     val_list = os.path.join(dataset_dir, "list_val.txt")
-    val = parse_msmt_list(val_list, train_dir) if include_val or os.path.exists(val_list) else []  # optional without
+    read_val = train_split and (include_val or os.path.exists(val_list))  # optional without include_val
+    val = parse_msmt_list(val_list, train_dir) if read_val else []
     if include_val:
         twice = sorted({r.path for r in train} & {r.path for r in val})
         if twice:
@@ -212,6 +216,7 @@ def load_msmt17(
         mask_root=mask_root,
         verify_images=verify_images,
         unused=() if include_val else tuple(r.path for r in val),  # their masks mirror the folder too
+        train_split=train_split,
         test_splits=test_splits,
     )
 
@@ -242,14 +247,15 @@ _ALIASES = {
 }
 
 
-def _canonical(name: str) -> str:
+def canonical_dataset_name(name: str) -> str:
+    """The registry's name of ``name`` (an alias as ``market`` or ``Market-1501``: ``market1501``)."""
     key = name.strip().lower().replace("-", "_")
     return _ALIASES.get(key, key)
 
 
 def register_dataset(name: str, loader: Callable[..., ReIDSplits]) -> None:
     """Add a loader ``loader(root, **kw) -> ReIDSplits`` under ``name``."""
-    key = _canonical(name)
+    key = canonical_dataset_name(name)
     if key in _LOADERS:
         raise ValueError(f"dataset {name!r} is already registered")
     _LOADERS[key] = loader
@@ -261,7 +267,7 @@ def available_datasets() -> list[str]:
 
 def dataset_options(name: str) -> frozenset[str]:
     """The keyword options the loader of dataset ``name`` takes (``camids``, ``multi_query``, ...)."""
-    key = _canonical(name) if isinstance(name, str) else None
+    key = canonical_dataset_name(name) if isinstance(name, str) else None
     if key not in _LOADERS:
         raise DatasetError(f"unknown dataset {name!r}; available: {', '.join(available_datasets())}")
     loader = _LOADERS[key]
@@ -278,7 +284,7 @@ def build_dataset(name: str, root: str, **kwargs) -> ReIDSplits:
     Market-1501, paid once before any long work. ``verify_images=False`` skips it.
     """
     options = dataset_options(name)  # an unknown name: a DatasetError naming the available ones
-    parameters = inspect.signature(_LOADERS[_canonical(name)]).parameters.values()
+    parameters = inspect.signature(_LOADERS[canonical_dataset_name(name)]).parameters.values()
     takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters)  # a registered loader's **options
     if not takes_any:
         check_known_options(f"dataset {name!r}", kwargs, sorted(options), DatasetError)
@@ -286,7 +292,7 @@ def build_dataset(name: str, root: str, **kwargs) -> ReIDSplits:
         raise DatasetError(f"dataset root must be a folder path, got {root!r}")
     if "check_counts" in kwargs:  # before the folders are parsed
         check_count_policy(kwargs["check_counts"])
-    for flag in ("with_masks", "multi_query", "verify_images", "include_val"):
+    for flag in ("with_masks", "multi_query", "verify_images", "include_val", "train_split", "test_splits"):
         if flag in kwargs and not isinstance(kwargs[flag], bool):  # "no" would read as true
             raise DatasetError(f"dataset option {flag} must be True or False, got {kwargs[flag]!r}")
-    return _LOADERS[_canonical(name)](root, **kwargs)
+    return _LOADERS[canonical_dataset_name(name)](root, **kwargs)

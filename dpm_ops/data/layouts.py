@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 from dpm_ops.ops._checks import is_integer, quote
 
-from .assembly import _assemble, row_loader
+from .assembly import _assemble, check_wanted_splits, row_loader
 from .errors import DatasetError, DatasetNotFoundError
 from .parsing import (
     JUNK_PID,
@@ -54,16 +54,18 @@ def _load_market_style(
     ),
     multi_query_folder: Optional[str] = None,
     distractors: bool = False,
+    train_split: bool = True,
     test_splits: bool = True,
     **assembly_options,
 ) -> ReIDSplits:
-    """Parses the Market-style folders (``test_splits=False``: the train folder alone); ``assembly_options`` are
-    ``_assemble``'s (expected_counts, check_counts, with_masks, mask_root, verify_images). With ``distractors``, pid
-    0 marks gallery images of no identity: one in train or query is an error (a query of pid 0 was scored with the
-    distractors as its matches)."""
+    """Parses the Market-style folders (``test_splits=False``: the train folder alone; ``train_split=False``: query
+    and gallery alone); ``assembly_options`` are ``_assemble``'s (expected_counts, check_counts, with_masks,
+    mask_root, verify_images). With ``distractors``, pid 0 marks gallery images of no identity: one in train or query
+    is an error (a query of pid 0 was scored with the distractors as its matches)."""
+    wanted = _market_folders(train_split, test_splits)
     train, query, gallery = (
-        parse_market_folder(os.path.join(dataset_dir, folder), suffix, num_cams) if test_splits or not i else []
-        for i, folder in enumerate(MARKET_FOLDERS)
+        parse_market_folder(os.path.join(dataset_dir, folder), suffix, num_cams) if folder in wanted else []
+        for folder in MARKET_FOLDERS
     )
     for folder, records in zip(MARKET_FOLDERS[:2], (train, query) if distractors else ()):
         stray = next((r.path for r in records if r.pid == 0), None)
@@ -88,9 +90,17 @@ def _load_market_style(
         num_cams=num_cams,
         occluded_paths=occluded(train, query, gallery),
         multi_query=multi_query,
+        train_split=train_split,
         test_splits=test_splits,
         **assembly_options,
     )
+
+
+def _market_folders(train_split: bool, test_splits: bool) -> tuple[str, ...]:
+    """The Market folders a load reads: an evaluation (``train_split=False``) reads no train folder, which may be
+    absent; a run tested on another set (``test_splits=False``) no query and gallery folders."""
+    check_wanted_splits(train_split, test_splits)
+    return (MARKET_FOLDERS[:1] if train_split else ()) + (MARKET_FOLDERS[1:] if test_splits else ())
 
 
 CUHK03_VARIANTS = ("labeled", "detected")  # the box source: hand-drawn or DPM-detected
@@ -180,9 +190,10 @@ def _load_market_layout(
     check_counts: str = "warn",
     verify_images: bool = True,
     multi_query: bool = False,
+    train_split: bool = True,
     test_splits: bool = True,
 ) -> ReIDSplits:
-    folders = MARKET_FOLDERS if test_splits else MARKET_FOLDERS[:1]  # a run tested on another set reads train alone
+    folders = _market_folders(train_split, test_splits)
     dataset_dir = find_dataset_dir(root, layout.folders, folders, layout.title)
     _check_folder_name(layout, dataset_dir)
     every_query = layout.every_query_occluded
@@ -199,6 +210,7 @@ def _load_market_layout(
         occluded=lambda train, query, gallery: frozenset(r.path for r in query) if every_query else None,
         multi_query_folder=layout.multi_query_folder if multi_query else None,
         distractors=layout.distractors,
+        train_split=train_split,
         test_splits=test_splits,
     )
 
@@ -240,6 +252,7 @@ def load_cuhk03_np(
     mask_root: Optional[str] = None,
     check_counts: str = "warn",
     verify_images: bool = True,
+    train_split: bool = True,
     test_splits: bool = True,
 ) -> ReIDSplits:
     """CUHK03-NP: ``cuhk03-np/{labeled,detected}/{bounding_box_train,query,bounding_box_test}/*.png``,
@@ -251,7 +264,7 @@ def load_cuhk03_np(
     if variant not in CUHK03_VARIANTS:
         raise DatasetError(f"CUHK03-NP variant must be 'labeled' or 'detected', got {variant!r}")
     options = dict(with_masks=with_masks, mask_root=mask_root, check_counts=check_counts, verify_images=verify_images)
-    options["test_splits"] = test_splits
+    options.update(train_split=train_split, test_splits=test_splits)
     return MARKET_LOADERS[f"cuhk03_np_{variant}"](root, **options)
 
 
@@ -289,13 +302,14 @@ def load_synthetic(
     mask_root: Optional[str] = None,
     check_counts: str = "error",
     verify_images: bool = True,
+    train_split: bool = True,
     test_splits: bool = True,
 ) -> ReIDSplits:
     """A set written by :mod:`dpm_ops.data.synth`: Market layout plus ``synthetic.json``.
 
     The manifest gives the camera count, the exact split counts and which images are occluded.
     """
-    folders = MARKET_FOLDERS if test_splits else MARKET_FOLDERS[:1]
+    folders = _market_folders(train_split, test_splits)
     dataset_dir = find_dataset_dir(root, [""], (*folders, SYNTHETIC_MANIFEST), "synthetic dataset")
     num_cams, expected, occluded = _synthetic_manifest(dataset_dir)
     return _load_market_style(
@@ -309,5 +323,6 @@ def load_synthetic(
         mask_root=mask_root,
         verify_images=verify_images,
         occluded=lambda train, query, gallery: occluded,
+        train_split=train_split,
         test_splits=test_splits,
     )

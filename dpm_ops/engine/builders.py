@@ -17,7 +17,7 @@ import torch.nn as nn
 from dpm_ops import _backend
 from dpm_ops.data import DatasetError, MaskReIDBatchSampler, RandomIdentityBatchSampler, ReIDSplits, build_dataset
 from dpm_ops.data.assembly import check_query_matches, verify_splits
-from dpm_ops.data.datasets import dataset_options
+from dpm_ops.data.datasets import canonical_dataset_name, dataset_options
 from dpm_ops.models.weights import WeightsError, trained_state_dict
 
 from . import distributed
@@ -129,66 +129,80 @@ def _check_eval_section(config: dict, splits: ReIDSplits) -> None:
         raise ConfigError(f"config section eval: {error}") from None
 
 
-def load_splits(config: dict, *, train_images: bool = True) -> ReIDSplits:
+def load_splits(config: dict, *, train_split: bool = True) -> ReIDSplits:
     """Train split of ``dataset``, query/gallery of ``dataset`` or of ``dataset.test_name``
     (with its ``dataset.test_camids``); the test set's gt_bbox pools with ``eval.multi_query``.
 
+    ``train_split=False`` (an evaluation: the checkpoint fixes the model's classes and cameras): the test set alone,
+    the train split neither read nor needed, so a folder of query and gallery images is scored; a loader that
+    takes no ``train_split`` option lists its own, which is not decoded. The test set's own train split is never
+    read, nor are a train set's query and gallery when ``dataset.test_name`` names another.
+
     Checked here, before any long work: the query/gallery can be evaluated (some query has a
-    match), and every image the run reads (with its mask) decodes: the train split's only with
-    ``train_images`` (an evaluation lists the train split for its ids and cameras, never reads it)."""
+    match), and every image the run reads (with its mask) decodes."""
     data = config["dataset"]
     with_masks = (
         data["with_masks"] if data["with_masks"] is not None else get_recipe(config["model"]["name"]).uses_masks
     )
-    options = dict(with_masks=with_masks, mask_root=data["mask_root"])
-    if data["check_counts"] != "warn" or data["name"].lower() not in ("synthetic", "synth"):
-        options["check_counts"] = data["check_counts"]
-    if data["test_name"] and "test_splits" in dataset_options(data["name"]):  # its own query / gallery are not used
-        options["test_splits"] = False
     test_options = {"multi_query": True} if config["eval"]["multi_query"] != "off" else {}
     if data["test_camids"] is not None:
         test_options["camids"] = tuple(data["test_camids"])
-    splits = build_dataset(
-        data["name"],
-        os.path.expanduser(data["root"]),
-        **options,
-        **_without_verification(data["name"]),
-        **({} if data["test_name"] else test_options),
-    )
-    test = splits
+    test = None
     if data["test_name"]:
-        test = build_dataset(
-            data["test_name"],
-            os.path.expanduser(data["test_root"] or data["root"]),
-            with_masks=with_masks,
-            mask_root=data["mask_root"],
-            check_counts=data["check_counts"],
-            **_without_verification(data["test_name"]),
-            **test_options,
+        root = data["test_root"] or data["root"]
+        options = dict(train_split=False, check_counts=data["check_counts"], **test_options)
+        test = _build_dataset(data, data["test_name"], root, with_masks, **options)
+    if train_split or test is None:
+        counts = {"check_counts": data["check_counts"]}
+        if data["check_counts"] == "warn" and data["name"].lower() in ("synthetic", "synth"):
+            counts = {}  # the synthetic loader's default, "error": its manifest states its exact counts
+        wanted = dict(train_split=train_split, test_splits=test is None, **counts)
+        splits = _build_dataset(
+            data, data["name"], data["root"], with_masks, **wanted, **({} if test else test_options)
         )
-        mask_paths = None
-        if with_masks:
-            mask_paths = {**(splits.mask_paths or {}), **(test.mask_paths or {})}
-        splits = dataclasses.replace(
-            splits,
-            name=f"{splits.name}->{test.name}",
-            query=test.query,
-            gallery=test.gallery,
-            mask_paths=mask_paths,
-            occluded_paths=test.occluded_paths,
-            multi_query=test.multi_query,
+    if test is not None:
+        splits = _tested_on(splits, test, with_masks) if train_split else _test_set_alone(data["name"], test)
+    if train_split and not splits.train:
+        raise DatasetError(
+            f"dataset {data['name']} at {data['root']} has no training images (training needs a train split; "
+            "dpm-reid eval scores a set of query and gallery images alone)"
         )
-    if not splits.train:
-        raise DatasetError(f"dataset {data['name']} at {data['root']} has no training images")
-    check_query_matches(test)  # names the test set's own root
-    verify_splits(splits, train=train_images)
+    check_query_matches(test or splits)  # names the test set's own root
+    verify_splits(splits, train=train_split)
     return splits
 
 
-def _without_verification(name: str) -> dict:
-    """Loader options that skip its own image check: load_splits decodes only what the run reads
-    (not the query/gallery of a train set tested on another), once."""
-    return {"verify_images": False} if "verify_images" in dataset_options(name) else {}
+def _build_dataset(data: dict, name: str, root: str, with_masks: bool, **options) -> ReIDSplits:
+    """build_dataset of ``name`` at ``root`` with the dataset section's masks. ``train_split`` / ``test_splits``
+    False (a split not read) go to a loader that takes them, one that does not reads its own; the loader's own image
+    check is skipped: load_splits decodes only what the run reads (not the query/gallery of a train set tested on
+    another), once."""
+    accepted = dataset_options(name)
+    for key in ("train_split", "test_splits"):
+        if options.get(key, True) or key not in accepted:
+            options.pop(key, None)
+    if "verify_images" in accepted:
+        options["verify_images"] = False
+    return build_dataset(name, os.path.expanduser(root), with_masks=with_masks, mask_root=data["mask_root"], **options)
+
+
+def _tested_on(splits: ReIDSplits, test: ReIDSplits, with_masks: bool) -> ReIDSplits:
+    """The train split of ``splits`` with the query and gallery of ``test`` (``dataset.test_name``)."""
+    mask_paths = {**(splits.mask_paths or {}), **(test.mask_paths or {})} if with_masks else None
+    return dataclasses.replace(
+        splits,
+        name=f"{splits.name}->{test.name}",
+        query=test.query,
+        gallery=test.gallery,
+        mask_paths=mask_paths,
+        occluded_paths=test.occluded_paths,
+        multi_query=test.multi_query,
+    )
+
+
+def _test_set_alone(train_name: str, test: ReIDSplits) -> ReIDSplits:
+    """An evaluation's ``dataset.test_name`` set, named as a run trained on ``train_name`` and tested on it."""
+    return dataclasses.replace(test, name=f"{canonical_dataset_name(train_name)}->{test.name}", train=[])
 
 
 def build_sampler(kind: str, config: dict, pids: list, rank: int, world_size: int):
@@ -254,7 +268,7 @@ def check_model_fits_data(model_args: dict, config: dict, splits: ReIDSplits, so
     _check_eval_section(config, splits)
     num_cameras = model_args["num_cameras"]
     highest = max((r.camid for r in (*splits.query, *splits.gallery)), default=-1)
-    if num_cameras and highest >= num_cameras:
+    if num_cameras > 1 and highest >= num_cameras:  # one training camera: no embedding, the camera is not read
         raise ConfigError(
             f"{source} has {num_cameras} camera embeddings (SIE, one per training camera) but the "
             f"test set {splits.name} has camera ids up to {highest} ({highest + 1} cameras); evaluate "
@@ -437,7 +451,7 @@ def evaluate_checkpoint(
     device, info = init_run_device(config)
     progress = config["train"]["progress"] and info.is_main
     prepare_synthetic(config, progress=progress)
-    splits = load_splits(config, train_images=False)
+    splits = load_splits(config, train_split=False)
     check_model_fits_data(model_args, config, splits, f"checkpoint {weights}")
     model = model.to(device)
     # metrics.json names the weights it scored: evaluations of several checkpoints sit apart
