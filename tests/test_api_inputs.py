@@ -94,7 +94,7 @@ def test_model_parts_check_what_they_are_given():
     error; HierarchicalMaskGenerator took num_levels 0 and met the wrong tokens with raw conv / unflatten errors;
     resize_pos_embed read a 2-D embedding as one of fewer tokens; unknown options named neither the class nor
     its options."""
-    from dpm_ops.losses import MaskedArcFaceLoss
+    from dpm_ops.losses import MaskedArcFaceLoss, MaskReIDRankingLoss
     from dpm_ops.models import DPM, HierarchicalMaskGenerator, SkippedFusionHead, resize_pos_embed
 
     head = SkippedFusionHead([4, 8, 16], embed_dim=8).eval()
@@ -130,6 +130,8 @@ def test_model_parts_check_what_they_are_given():
         TypeError, match=r"MaskedArcFaceLoss: got an unexpected keyword argument 's' \(its options: scale,"
     ):
         MaskedArcFaceLoss(s=30)
+    with pytest.raises(TypeError, match=r"MaskReIDRankingLoss: .*'foo' \(its options: alpha, .*, ranking_batch\)$"):
+        MaskReIDRankingLoss(foo=1)  # the module's own option listed too
     with pytest.raises(
         TypeError, match=r"dpm: got an unexpected keyword argument 'foo' \(the backbone's options: img_size"
     ):

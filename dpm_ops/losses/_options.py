@@ -76,6 +76,7 @@ class LossModule(nn.Module):
     every call. The function's signature is the one list of the options and their defaults."""
 
     loss_function = None  # set by each subclass (a staticmethod)
+    module_options: tuple = ()  # a subclass's own keyword options, beside the function's
 
     def __init__(self, **options):
         super().__init__()
@@ -85,7 +86,8 @@ class LossModule(nn.Module):
             bound = inspect.signature(self.loss_function).bind_partial(**options)
         except TypeError as error:  # an unknown option: bind's message named neither the loss nor its options
             parameters = inspect.signature(self.loss_function).parameters.values()
-            known = ", ".join(p.name for p in parameters if p.default is not inspect.Parameter.empty)
+            known = [p.name for p in parameters if p.default is not inspect.Parameter.empty]
+            known = ", ".join([*known, *self.module_options])
             raise TypeError(f"{type(self).__name__}: {error} (its options: {known})") from None
         bound.apply_defaults()
         check_backend_name(type(self).__name__, bound.arguments.get("backend"))

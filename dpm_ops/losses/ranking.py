@@ -45,6 +45,7 @@ class MaskReIDRankingLoss(LossModule):
     options: ``maskreid_ranking_loss``'s, and ``ranking_batch`` (the batch it mines over)."""
 
     loss_function = staticmethod(maskreid_ranking_loss)
+    module_options = ("ranking_batch",)
 
     def __init__(self, *, ranking_batch: Optional[Callable] = None, **options):
         super().__init__(**options)
