@@ -502,7 +502,7 @@ def test_self_knn_normalize_is_a_flag(backend):
     """Before: normalize="no" (any truthy value) ran the normalised order."""
     x = torch.randn(6, 3)
     for value in ("no", 1, None):
-        with pytest.raises(ValueError, match=f"^knn: normalize must be True or False, got {value!r}$"):
+        with pytest.raises(ValueError, match=f"^self_knn: normalize must be True or False, got {value!r}$"):
             self_knn(x, 2, normalize=value, backend=backend)
     for got, expected in zip(
         self_knn(x, 2, normalize=np.bool_(True), backend=backend), self_knn(x, 2, normalize=True, backend=backend)
@@ -577,10 +577,12 @@ def _raw_op_cases(device):
         ("knn", (x, x[:, :3], 2, "euclidean"), "knn: x and y must have the same feature dimension"),
         ("knn", (x, x, 2, "cityblock"), "knn: metric must be one of"),
         ("knn", (x, x.long(), 2, "euclidean"), "knn: y must be floating point"),
-        ("self_knn", (x, 0, "sqeuclidean", False, 0), r"knn: k must"),
-        ("self_knn", (x, 2, "sqeuclidean", False, 7), "knn: cross_rows must"),
+        ("self_knn", (x, 0, "sqeuclidean", False, 0), r"self_knn: k must"),
+        ("self_knn", (x, 2, "sqeuclidean", False, 7), "self_knn: cross_rows must"),
+        ("self_knn", (x, 2, "cityblock", False, 0), "self_knn: metric must be one of"),
+        ("self_knn", (x.long(), 2, "sqeuclidean", False, 0), "self_knn: x must be floating point"),
         ("knn_certified", (x, x, 6, "euclidean"), r"knn: k must"),
-        ("self_knn_certified", (x, 2, "sqeuclidean", True, 9), "knn: cross_rows must"),
+        ("self_knn_certified", (x, 2, "sqeuclidean", True, 9), "self_knn: cross_rows must"),
         ("masked_cosine", (x, x[:3], x, 1e-12), "masked_cosine: mask must have the shape of x"),
         ("masked_cosine", (x, x, x[:, :3], 1e-12), "masked_cosine: protos must have C = 4 columns like x, got 3"),
         ("masked_cosine", (x, x, x, 0.0), "masked_cosine: eps must be"),

@@ -228,7 +228,7 @@ struct SelfKnnCall {
   int64_t m;  // candidates kept per row: with normalisation the order (value / row max) is known only at the end
   at::Tensor values, indices, row_max, cross;
   SelfKnnCall(const at::Tensor& x, int64_t k, c10::string_view metric_name, bool normalize, int64_t cross_rows)
-      : metric(parse_metric(metric_name)), type(compute_type(x.scalar_type())), xs(x, metric, type),
+      : metric(parse_metric(metric_name, "self_knn")), type(compute_type(x.scalar_type())), xs(x, metric, type),
         m(normalize ? std::min(x.size(0), k + kTieMargin) : k) {
     const int64_t N = x.size(0);
     const at::TensorOptions options = xs.rows.options();

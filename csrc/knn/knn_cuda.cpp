@@ -76,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> self_knn_cuda(const a
   const int64_t N = x.size(0);
   const c10::cuda::CUDAGuard guard(x.device());
   const NoAutocastGuard no_autocast;
-  const Metric metric = parse_metric(metric_name);
+  const Metric metric = parse_metric(metric_name, "self_knn");
   const at::ScalarType type = compute_type(x.scalar_type());
   const Operand xs(x, metric, type, gemm_type(x, x, type));
   const int64_t m = normalize ? std::min(N, k + kTieMargin) : k;

@@ -35,16 +35,17 @@ inline at::Tensor squared_row_norms(const at::Tensor& rows) {
   return norms;
 }
 
-inline Metric parse_metric(c10::string_view name) {
+// `op`: the op the message names (knn or self_knn).
+inline Metric parse_metric(c10::string_view name, const char* op = "knn") {
   if (name == "euclidean") return Metric::kEuclidean;
   if (name == "sqeuclidean") return Metric::kSqEuclidean;
   if (name == "cosine") return Metric::kCosine;
-  TORCH_CHECK_VALUE(false, "knn: metric must be one of euclidean, sqeuclidean, cosine, got ", name);
+  TORCH_CHECK_VALUE(false, op, ": metric must be one of euclidean, sqeuclidean, cosine, got ", name);
 }
 
-inline void check_features(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.dim() == 2, "knn: ", name, " must be 2-D (rows, features), got ", t.dim(), "-D");
-  TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), "knn: ", name, " must be floating point, got ",
+inline void check_features(const at::Tensor& t, const char* name, const char* op = "knn") {
+  TORCH_CHECK_VALUE(t.dim() == 2, op, ": ", name, " must be 2-D (rows, features), got ", t.dim(), "-D");
+  TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be floating point, got ",
                     t.scalar_type());
 }
 
@@ -57,7 +58,7 @@ inline void check_knn_args(const at::Tensor& x, const at::Tensor& y, int64_t k) 
 }
 
 inline void check_self_knn_args(const at::Tensor& x, int64_t k, int64_t cross_rows) {
-  check_features(x, "x");
+  check_features(x, "x", "self_knn");
   const int64_t N = x.size(0);
   TORCH_CHECK_VALUE(k >= 1 && k <= N, "self_knn: k must be in [1, rows of x = ", N, "], got ", k);
   TORCH_CHECK_VALUE(cross_rows >= 0 && cross_rows <= N, "self_knn: cross_rows must be in [0, ", N, "], got ",

@@ -30,24 +30,24 @@ from ._declare import declare
 from .knn_reference import COSINE_EPS, METRICS, knn_reference, self_knn_reference
 
 
-def _check_tensor(name, t):
+def _check_tensor(name, t, op="knn"):
     if not isinstance(t, torch.Tensor):
-        raise ValueError(f"knn: {name} must be a torch.Tensor, got {type(t).__name__}")
+        raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.is_meta:
-        raise ValueError(f"knn: {name} must hold data (a CPU or CUDA tensor), got a meta tensor")
+        raise ValueError(f"{op}: {name} must hold data (a CPU or CUDA tensor), got a meta tensor")
     if t.dim() != 2:
-        raise ValueError(f"knn: {name} must be 2-D (rows, features), got shape {tuple(t.shape)}")
+        raise ValueError(f"{op}: {name} must be 2-D (rows, features), got shape {tuple(t.shape)}")
     if not t.is_floating_point():
-        raise ValueError(f"knn: {name} must be floating point, got {t.dtype}")
+        raise ValueError(f"{op}: {name} must be floating point, got {t.dtype}")
 
 
-def _check_k(k, limit, what):
-    check_int("knn", "k", k, 1, limit, why=f" (the number of rows of {what})")
+def _check_k(k, limit, what, op="knn"):
+    check_int(op, "k", k, 1, limit, why=f" (the number of rows of {what})")
 
 
-def _check_metric(metric):
+def _check_metric(metric, op="knn"):
     if metric not in METRICS:
-        raise ValueError(f"knn: metric must be one of {METRICS}, got {metric!r}")
+        raise ValueError(f"{op}: metric must be one of {METRICS}, got {metric!r}")
 
 
 def check_knn_args(x, y, k, metric="euclidean") -> None:
@@ -64,11 +64,11 @@ def check_knn_args(x, y, k, metric="euclidean") -> None:
 
 def check_self_knn_args(x, k, metric="sqeuclidean", normalize=False, cross_rows=0) -> bool:
     """The self_knn ops' arguments (as check_knn_args); returns normalize as a bool."""
-    _check_tensor("x", x)
-    _check_k(k, x.shape[0], "x")
-    _check_metric(metric)
-    normalize = check_flag("knn", "normalize", normalize)
-    check_int("knn", "cross_rows", cross_rows, 0, x.shape[0])
+    _check_tensor("x", x, "self_knn")
+    _check_k(k, x.shape[0], "x", "self_knn")
+    _check_metric(metric, "self_knn")
+    normalize = check_flag("self_knn", "normalize", normalize)
+    check_int("self_knn", "cross_rows", cross_rows, 0, x.shape[0])
     return normalize
 
 
@@ -367,8 +367,8 @@ def self_knn(
     cross block's tiles from the compute-dtype GEMM (they are returned in full anyway).
     """
     normalize = check_self_knn_args(x, k, metric, normalize, cross_rows)
-    check_strategy(strategy)
-    check_finite_rows("knn", x=x)
+    check_strategy(strategy, "self_knn")
+    check_finite_rows("self_knn", x=x)
     if metric != "cosine":
         check_euclidean_scale("knn", compute_dtype(x), x=x)
     x = x.detach()  # no gradient on any backend, rather than the kernels' silently missing one
