@@ -370,7 +370,7 @@ def self_knn(
     check_strategy(strategy, "self_knn")
     check_finite_rows("self_knn", x=x)
     if metric != "cosine":
-        check_euclidean_scale("knn", compute_dtype(x), x=x)
+        check_euclidean_scale("self_knn", compute_dtype(x), x=x)
     x = x.detach()  # no gradient on any backend, rather than the kernels' silently missing one
     name = _backend.resolve(backend, x.device)
     if _use_certified(strategy, name, x.shape[0], x.shape[0] // 2, x.shape[1]):  # half the GEMM
