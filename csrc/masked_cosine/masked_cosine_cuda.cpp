@@ -43,20 +43,22 @@ struct CudaKernels {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> masked_cosine_train_cuda(const at::Tensor& x, const at::Tensor& mask,
-                                                            const at::Tensor& protos, double eps) {
+// (C, den^2) in the accumulation type, from GEMMs on `operand` operands.
+std::tuple<at::Tensor, at::Tensor> checked_forward(const at::Tensor& x, const at::Tensor& mask,
+                                                   const at::Tensor& protos, double eps, at::ScalarType operand) {
   check_inputs(x, mask, protos, eps);
   const c10::cuda::CUDAGuard guard(x.device());
-  return forward<CudaKernels>(x.contiguous(), mask.contiguous(), protos.contiguous(), eps,
-                              accumulation_operands(x.scalar_type()));
+  return forward<CudaKernels>(x.contiguous(), mask.contiguous(), protos.contiguous(), eps, operand);
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_cosine_train_cuda(const at::Tensor& x, const at::Tensor& mask,
+                                                            const at::Tensor& protos, double eps) {
+  return checked_forward(x, mask, protos, eps, accumulation_operands(x.scalar_type()));
 }
 
 at::Tensor masked_cosine_cuda(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& protos, double eps) {
-  check_inputs(x, mask, protos, eps);
-  const c10::cuda::CUDAGuard guard(x.device());
-  auto [cosine, den_sq] = forward<CudaKernels>(x.contiguous(), mask.contiguous(), protos.contiguous(), eps,
-                                               CudaKernels::operand_type(x.scalar_type()));
-  return cosine.to(x.scalar_type());
+  const at::ScalarType operand = CudaKernels::operand_type(x.scalar_type());
+  return std::get<0>(checked_forward(x, mask, protos, eps, operand)).to(x.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_cosine_backward_cuda(const at::Tensor& grad,
