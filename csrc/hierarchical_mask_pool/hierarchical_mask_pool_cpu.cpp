@@ -67,7 +67,7 @@ struct CpuKernels {
           const LevelDesc& d = p.level[i % p.count];
           const scalar_t* plane = mp + b * H * W;
           scalar_t* out = wp + b * p.total_hw + d.weight_offset;
-          scalar_t sum = 0;
+          RowSum sum = 0;
           for (int64_t h = 0; h < d.height; ++h)
             for (int64_t w = 0; w < d.width; ++w) {
               const scalar_t v = area_weight<scalar_t>([&](int64_t k) { return plane[k]; }, H, W, d.height,
@@ -75,7 +75,7 @@ struct CpuKernels {
               out[h * d.width + w] = v;
               sum += v;
             }
-          sp[i] = sum;
+          sp[i] = static_cast<scalar_t>(sum);
         }
       });
     });
@@ -113,15 +113,15 @@ struct CpuKernels {
               }
             v = any ? best : scalar_t(0);
           } else {
-            scalar_t sum = 0;
+            RowSum sum = 0;
             if (w) {
               _Pragma("omp simd reduction(+ : sum)")
-              for (int64_t i = 0; i < row.hw; ++i) sum += w[i] * x[i];
+              for (int64_t i = 0; i < row.hw; ++i) sum += RowSum(w[i]) * RowSum(x[i]);
             } else {
               _Pragma("omp simd reduction(+ : sum)")
-              for (int64_t i = 0; i < row.hw; ++i) sum += x[i];
+              for (int64_t i = 0; i < row.hw; ++i) sum += RowSum(x[i]);
             }
-            v = safe_divide(sum, sp ? sp[row.b * p.count + row.level] : scalar_t(row.hw));
+            v = static_cast<scalar_t>(safe_divide(sum, sp ? RowSum(sp[row.b * p.count + row.level]) : RowSum(row.hw)));
           }
           op[row.out_index] = v;
         });

@@ -33,7 +33,7 @@ __global__ void resize_mask_kernel(const T* __restrict__ mask, int64_t H, int64_
   const LevelDesc& d = p.level[blockIdx.x % p.count];
   const T* plane = mask + b * H * W;
   const int64_t cells = d.height * d.width;
-  A sum = A(0);
+  RowSum sum = 0;
   for (int64_t i = threadIdx.x; i < cells; i += blockDim.x) {
     const A v = area_weight<A>([&](int64_t k) { return to_acc<A>(plane[k]); }, H, W, d.height, d.width,
                                i / d.width, i % d.width);
@@ -41,7 +41,7 @@ __global__ void resize_mask_kernel(const T* __restrict__ mask, int64_t H, int64_
     sum += v;
   }
   sum = block_sum(sum);
-  if (threadIdx.x == 0) sums[blockIdx.x] = sum;
+  if (threadIdx.x == 0) sums[blockIdx.x] = static_cast<A>(sum);
 }
 
 struct RowView {
@@ -79,9 +79,9 @@ pool_kernel(LevelPack p, const A* __restrict__ weights, const A* __restrict__ su
       best = warp_max(best);
       v = total > A(0) ? best : A(0);  // total > 0 iff some cell is selected (weights are >= 0)
     } else {
-      A sum = A(0);
-      for (int64_t i = lane; i < row.hw; i += 32) sum += weight(i) * to_acc<A>(x[i]);
-      v = safe_divide(warp_sum(sum), total);
+      RowSum sum = 0;
+      for (int64_t i = lane; i < row.hw; i += 32) sum += RowSum(weight(i)) * RowSum(to_acc<A>(x[i]));
+      v = static_cast<A>(safe_divide(warp_sum(sum), RowSum(total)));
     }
     if (lane == 0) out[row.out_index] = from_acc<T>(v);
   } else {
