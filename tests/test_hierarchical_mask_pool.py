@@ -278,15 +278,16 @@ def test_large_shape(backend):
         )
 
 
-@pytest.mark.parametrize("backend", backend_params("cpp", "cuda"))
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("masked", [False, True])
 def test_large_map_average_is_correctly_rounded(backend, masked):
-    # One 1024 x 1024 map a row: summed in fp32 in order (a SIMD or warp lane's share of the cells),
-    # the average was 2e-5 off float64 truth; the fp64 row sums leave the final rounding alone.
+    # A 512 x 512 map: summed in fp32 in order (a SIMD or warp lane's share of the cells, the Triton
+    # kernel's tiles), the average was up to 23 ulp off float64 truth (2e-5 at 2048 x 2048); the rows'
+    # fp64 sums leave the final rounding alone.
     device = device_for(backend)
     gen = torch.Generator().manual_seed(3)
-    x = torch.rand(1, 2, 1024, 1024, generator=gen) + 1.0
-    mask = torch.rand(1, 1, 1024, 1024, generator=gen) if masked else None
+    x = torch.rand(1, 1, 512, 512, generator=gen) + 1.0
+    mask = torch.rand(1, 1, 512, 512, generator=gen) if masked else None
     got = hierarchical_mask_pool([x.to(device)], None if mask is None else mask.to(device), "avg", backend=backend)
     truth = hierarchical_mask_pool_reference([x.double()], None if mask is None else mask.double(), "avg")
     assert ((got.cpu().double() - truth).abs() / truth).max() <= 2 * torch.finfo(torch.float32).eps

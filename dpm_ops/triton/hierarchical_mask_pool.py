@@ -78,7 +78,7 @@ def _pool_kernel(
     cells = tl.arange(0, BLOCK_HW)
     if not BACKWARD:
         best = tl.full((BLOCK_R,), float("-inf"), acc_t)
-        acc = tl.zeros((BLOCK_R,), dtype=acc_t)
+        acc = tl.zeros((BLOCK_R,), dtype=tl.float64)  # the tiles' sums in fp64, as the C++ and CUDA kernels' rows
         for c0 in range(0, hw, BLOCK_HW):
             c = c0 + cells
             m2 = in_rows[:, None] & (c < hw)[None, :]
@@ -88,11 +88,11 @@ def _pool_kernel(
                 cand = tl.where(w > 0, x, float("-inf"))
                 best = tl.maximum(best, tl.max(cand, axis=1), propagate_nan=tl.PropagateNan.ALL)
             else:
-                acc += tl.sum(w * x, axis=1)
+                acc += tl.sum(w * x, axis=1).to(tl.float64)
         if MAX_MODE:
             v = tl.where(total > 0, best, 0.0)
         else:
-            v = tl.where(total > 0, div_rn(acc, tl.where(total > 0, total, 1.0)), 0.0)
+            v = tl.where(total > 0, div_rn(acc, tl.where(total > 0, total, 1.0).to(tl.float64)), 0.0)
         tl.store(out_ptr + out_idx, v.to(elem_t), mask=in_rows)
     else:
         gx_ptr = tl.load(d + 1).to(tl.pointer_type(elem_t), bitcast=True)
@@ -121,9 +121,11 @@ def _pool_kernel(
 
 
 def _weights(features, mask, acc):
-    """Packed resized mask (B, Σ H_l W_l) and its per-(b, level) sums (B, L), in `acc`."""
+    """Packed resized mask (B, Σ H_l W_l) and its per-(b, level) sums (B, L), in `acc` (summed in fp64, as the
+    C++ and CUDA kernels sum them)."""
     resized = [resize_mask(mask.to(acc), f.shape[-2:]).flatten(1) for f in features]
-    return torch.cat(resized, 1).contiguous(), torch.stack([r.sum(1) for r in resized], 1).contiguous()
+    sums = torch.stack([r.sum(1, dtype=torch.float64) for r in resized], 1).to(acc)
+    return torch.cat(resized, 1).contiguous(), sums.contiguous()
 
 
 def _launch(features, grads, mask, mode, out, grad):
