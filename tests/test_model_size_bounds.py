@@ -26,6 +26,22 @@ TOO_WIDE = [
         dict(embed_dim=1536, num_heads=8, depth=64, mlp_ratio=1.0, mask_tap_blocks=list(range(64)), stride=16),
         r"a mask generator of 64 levels at embed_dim = 1536: about 2.78e\+09 weights",
     ),
+    # each part within the bound alone, not together (three parts just under it allocated three times it)
+    (
+        "dpm",
+        dict(embed_dim=4096, num_heads=8, depth=8, mask_tap_blocks=[3, 5, 7]),
+        r"its backbone, mask generator and classifier together: about 2.99e\+09 weights",
+    ),
+    (
+        "vit_baseline",
+        dict(embed_dim=4096, num_heads=8, depth=8, num_classes=450_000),
+        r"its backbone and classifier together: about 3.46e\+09 weights",
+    ),
+    (
+        "maskreid_resnet50",
+        dict(width=512, layers=[3, 4, 12, 3], embed_dim=8192, num_classes=200_000),
+        r"its trunk and classifier together: about 3.43e\+09 weights",
+    ),
 ]
 
 
@@ -36,10 +52,12 @@ def test_widths_past_the_bounds_are_refused_before_anything_is_built(monkeypatch
 
     built = []
     monkeypatch.setattr(torch.nn.Module, "__init__", lambda self, *args, **kwargs: built.append(type(self)))
+    options = dict(options)
+    num_classes = options.pop("num_classes", 1)
     with pytest.raises(ValueError, match=rf"^{name}: {message}"):
-        build_model(name, 1, **options)
+        build_model(name, num_classes, **options)
     with pytest.raises(ConfigError, match=rf"^config key model.options: {name}: {message}"):
-        build_model_from_args(name, {"num_classes": 1, "num_cameras": 0, "options": options})
+        build_model_from_args(name, {"num_classes": num_classes, "num_cameras": 0, "options": options})
     assert built == []
 
 

@@ -39,19 +39,28 @@ def check_choice(model: str, name: str, value, choices: Sequence, why: str = "")
         raise ValueError(f"{model}: {name} must be {wanted}{why}, got {quote(value)}")
 
 
-def check_classifier(model: str, num_classes: int, width: int) -> None:
+def check_classifier(model: str, num_classes: int, width: int) -> float:
     """check_weights of a (num_classes, width) classifier: 10^8 classes allocated (and zeroed) 12.8 GB before
     anything said no."""
-    check_weights(model, num_classes * width, f"a classifier of num_classes = {num_classes} at width {width}")
+    return check_weights(model, num_classes * width, f"a classifier of num_classes = {num_classes} at width {width}")
 
 
-def check_weights(model: str, weights: float, source: str) -> None:
-    """A ValueError when ``weights``, a model's weight count estimated from its options (``source`` names
-    them), is over MAX_WEIGHTS."""
+def check_weights(model: str, weights: float, source: str) -> float:
+    """``weights``, a model's weight count estimated from its options (``source`` names them), or a ValueError
+    when it is over MAX_WEIGHTS."""
     if weights > MAX_WEIGHTS:
         raise ValueError(
             f"{model}: {source}: about {weights:.3g} weights, more than the {MAX_WEIGHTS:.0e} a model may have"
         )
+    return weights
+
+
+def check_total_weights(model: str, **parts: float) -> None:
+    """check_weights of a model's parts together (each was checked alone: three parts just under the bound
+    would have allocated three times it)."""
+    names = [name.replace("_", " ") for name in parts]
+    listed = ", ".join(names[:-1]) + f" and {names[-1]}"
+    check_weights(model, sum(parts.values()), f"its {listed} together")
 
 
 def check_images(

@@ -35,6 +35,7 @@ from ._checks import (
     check_real,
     check_train_batch,
     check_classifier,
+    check_total_weights,
     check_weights,
     quote,
 )
@@ -160,15 +161,17 @@ def check_dpm_options(
 ) -> None:
     """ValueError naming the first of DPM's options (its backbone's included) out of range."""
     check_int("dpm", "num_classes", num_classes, 1, why=" (the classifier's weights are the prototypes)")
-    vit = checked_vit_options("dpm", num_cameras=num_cameras, **backbone_options)
+    vit, backbone = checked_vit_options("dpm", num_cameras=num_cameras, **backbone_options)
     depth = vit["depth"]
     check_int_list(
         "dpm", "mask_tap_blocks", mask_tap_blocks, 0, depth - 1, distinct=True, why=f" (blocks of depth = {depth})"
     )
     # the mask generator's 3x3 convs (levels C -> 2C, 2C -> C, C -> C) and attfc, beside the backbone's weights
     width, levels = vit["embed_dim"], len(mask_tap_blocks)
-    check_weights("dpm", width**2 * (18 * levels + 28), f"a mask generator of {levels} levels at embed_dim = {width}")
-    check_classifier("dpm", num_classes, width)
+    source = f"a mask generator of {levels} levels at embed_dim = {width}"
+    generator = check_weights("dpm", width**2 * (18 * levels + 28), source)
+    classifier = check_classifier("dpm", num_classes, width)
+    check_total_weights("dpm", backbone=backbone, mask_generator=generator, classifier=classifier)
     check_real("dpm", "arcface_scale", arcface_scale, 0, MAX_COEFFICIENT, low_open=True)
     # cos(theta + m) must fall as the angle theta grows over [0, pi/2] (and easy_margin's range): m < pi/2
     check_real("dpm", "arcface_margin", arcface_margin, 0, math.pi / 2, high_open=True, why=" (radians, below pi/2)")

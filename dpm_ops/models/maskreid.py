@@ -86,23 +86,26 @@ class InceptionB(nn.Module):
         return torch.cat([self.branch1(x), self.branch2(x), self.branch3(x)], 1)
 
 
-def check_head_options(model: str, *, embed_dim, skip, fuse_levels, level_norm, num_classes) -> None:
-    """ValueError naming the first of SkippedFusionHead's options out of range."""
+def check_head_options(model: str, *, embed_dim, skip, fuse_levels, level_norm, num_classes) -> float:
+    """ValueError naming the first of SkippedFusionHead's options out of range, else its classifier's weight
+    count."""
     check_int(model, "embed_dim", embed_dim, 1, MAX_EMBED_DIM)
     check_choice(model, "skip", skip, SKIP_MODES)
     check_flag(model, "fuse_levels", fuse_levels)
     check_choice(model, "level_norm", level_norm, LEVEL_NORMS)
     check_int(model, "num_classes", num_classes, 0, why=" (0: no softmax head)")
-    check_classifier(model, num_classes, embed_dim)
+    return check_classifier(model, num_classes, embed_dim)
 
 
-def checked_head_options(model: str, **options) -> None:
-    """check_head_options of SkippedFusionHead's keyword options, its defaults filled in: what a model
-    built on the head checks before allocating anything. An unknown option is a TypeError, as in the
+def checked_head_options(model: str, **options) -> float:
+    """check_head_options of SkippedFusionHead's keyword options, its defaults filled in (its classifier's weight
+    count): what a model built on the head checks before allocating anything. An unknown option is a TypeError, as in the
     constructor."""
     bound = inspect.signature(SkippedFusionHead).bind_partial(**options)
     bound.apply_defaults()
-    check_head_options(model, **{name: value for name, value in bound.arguments.items() if name != "level_channels"})
+    return check_head_options(
+        model, **{name: value for name, value in bound.arguments.items() if name != "level_channels"}
+    )
 
 
 class MaskReIDTrainOutput(NamedTuple):

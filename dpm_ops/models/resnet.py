@@ -17,22 +17,22 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from ._checks import check_choice, check_image_pair, check_int, check_int_list, check_weights
+from ._checks import check_choice, check_image_pair, check_int, check_int_list, check_total_weights, check_weights
 from .maskreid import SkippedFusionHead, checked_head_options
 
 MAX_BLOCKS = 64  # a stage's bottlenecks: ResNet-152's layer3 has 36
 MAX_WIDTH = 512  # the stem's width: torchvision's 64, Wide ResNet's bottlenecks 128
 
 
-def check_resnet_options(model: str, last_stride, layers, width) -> None:
-    """ValueError naming the first of ResNet50's options out of range."""
+def check_resnet_options(model: str, last_stride, layers, width) -> float:
+    """ValueError naming the first of ResNet50's options out of range, else its estimated weight count."""
     # 2: torchvision's ResNet-50; 1: the re-ID choice (layer4 at 1/16). Larger strides skip pixels.
     check_choice(model, "last_stride", last_stride, (1, 2))
     layers = check_int_list(model, "layers", layers, 1, MAX_BLOCKS, length=4, why=" (blocks of layer1..layer4)")
     width = check_int(model, "width", width, 1, MAX_WIDTH)
     # a bottleneck of width w: 1x1 4w -> w, 3x3 w -> w, 1x1 w -> 4w, 17 w^2 weights; the stages double w
     weights = sum(blocks * 17 * (width * 2**stage) ** 2 for stage, blocks in enumerate(layers))
-    check_weights(model, weights, f"layers {list(layers)} at width {width}")
+    return check_weights(model, weights, f"layers {list(layers)} at width {width}")
 
 
 class Bottleneck(nn.Module):
@@ -131,8 +131,9 @@ class MaskReIDResNet50(nn.Module):
         width: int = 64,
         **head_options,
     ):
-        check_resnet_options("maskreid_resnet50", last_stride, layers, width)
-        checked_head_options("maskreid_resnet50", num_classes=num_classes, **head_options)
+        trunk = check_resnet_options("maskreid_resnet50", last_stride, layers, width)
+        classifier = checked_head_options("maskreid_resnet50", num_classes=num_classes, **head_options)
+        check_total_weights("maskreid_resnet50", trunk=trunk, classifier=classifier)
         super().__init__()
         self.trunk = ResNet50(last_stride, layers, width)
         self.masked_stem = ResNetStem(width)

@@ -170,8 +170,9 @@ def check_vit_options(
     norm_eps,
     num_cameras,
     sie_coef,
-) -> None:
-    """ValueError naming the first of ViTReID's options out of range; ``model`` prefixes the message."""
+) -> float:
+    """ValueError naming the first of ViTReID's options out of range (``model`` prefixes the message), else the
+    backbone's weight count estimated from them."""
     patch_size = check_int(model, "patch_size", patch_size, 1, MAX_IMAGE_SIDE)
     # stride > patch_size would skip pixels between patches: TransReID's patches touch or overlap
     stride = check_int(model, "stride", stride, 1, patch_size, why=" (at most patch_size)")
@@ -207,12 +208,12 @@ def check_vit_options(
         depth * embed_dim * (4 + 2 * mlp_ratio) + 3 * patch_size**2 + grid[0] * grid[1] + 1 + num_cameras
     )
     source = f"embed_dim = {embed_dim}, depth = {depth}, mlp_ratio = {mlp_ratio:g}, patch_size = {patch_size}"
-    check_weights(model, weights, f"{source}, {grid[0]}x{grid[1]} patches and {num_cameras} cameras")
+    return check_weights(model, weights, f"{source}, {grid[0]}x{grid[1]} patches and {num_cameras} cameras")
 
 
-def checked_vit_options(model: str, **options) -> dict:
-    """ViTReID's keyword options with its defaults filled in, after check_vit_options: what a model
-    built on ViTReID checks before allocating anything. An unknown option is a TypeError, as in the
+def checked_vit_options(model: str, **options) -> tuple[dict, float]:
+    """ViTReID's keyword options with its defaults filled in, and the backbone's estimated weight count, after
+    check_vit_options: what a model built on ViTReID checks before allocating anything. An unknown option is a TypeError, as in the
     constructor, naming the model and the backbone's options (bind's own named neither)."""
     try:
         bound = inspect.signature(ViTReID).bind(**options)
@@ -220,8 +221,7 @@ def checked_vit_options(model: str, **options) -> dict:
         known = ", ".join(inspect.signature(ViTReID).parameters)
         raise TypeError(f"{model}: {error} (the backbone's options: {known})") from None
     bound.apply_defaults()
-    check_vit_options(model, **bound.arguments)
-    return bound.arguments
+    return bound.arguments, check_vit_options(model, **bound.arguments)
 
 
 class ViTReID(nn.Module):

@@ -9,7 +9,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 
-from ._checks import check_classifier, check_int, check_train_batch
+from ._checks import check_classifier, check_int, check_total_weights, check_train_batch
 from .param_groups import bnneck, sgd_param_groups
 from .vit import ViTReID, checked_vit_options
 
@@ -26,8 +26,9 @@ class ViTBaseline(nn.Module):
 
     def __init__(self, num_classes: int, num_cameras: int = 0, **backbone_options):
         check_int("vit_baseline", "num_classes", num_classes, 1, why=" (the ID loss's classes)")
-        vit = checked_vit_options("vit_baseline", num_cameras=num_cameras, **backbone_options)
-        check_classifier("vit_baseline", num_classes, vit["embed_dim"])
+        vit, backbone = checked_vit_options("vit_baseline", num_cameras=num_cameras, **backbone_options)
+        classifier = check_classifier("vit_baseline", num_classes, vit["embed_dim"])
+        check_total_weights("vit_baseline", backbone=backbone, classifier=classifier)
         super().__init__()
         self.backbone = ViTReID(num_cameras=num_cameras, **backbone_options)
         embed_dim = self.backbone.embed_dim
