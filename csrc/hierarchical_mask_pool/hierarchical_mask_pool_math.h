@@ -17,8 +17,8 @@ namespace dpm_ops::hierarchical_mask_pool {
 
 // The sums over a row's cells (its resized mask, its weighted values) are taken in fp64 for every
 // input dtype: in fp32, in order (a SIMD lane's or a warp lane's share), a 2048 x 2048 map's average
-// was 1e-4 off (torch's pairwise mean: 1e-7). The loops are bound by memory, so the wider adds cost
-// nothing measurable.
+// was 1e-4 off (torch's pairwise mean: 1e-7), and maps near fp32's largest values overflowed (their
+// average is within range). The loops are bound by memory, so the wider adds cost nothing measurable.
 using RowSum = double;
 
 // One level of the packed launch. Rows are (level, b, c) flattened, level-major.

@@ -151,8 +151,9 @@ def hierarchical_mask_pool(
     # The mask, small, is checked up front (also in magnitude: it weighs the sums). The maps: a max
     # can skip a NaN (the Triton kernel's does), so max mode checks them before; every average sums
     # all of its map's values (a NaN or inf times a zero weight is NaN), so avg mode finds NaN, inf
-    # and overflow in its small (B, sum C_l) output instead of a second pass over the maps; only a
-    # sample with an all-zero mask, pooled to 0 without a sum, has its maps checked on their own.
+    # and overflow (the reference's fp32 sums; the kernels' are fp64) in its small (B, sum C_l) output
+    # instead of a second pass over the maps; only a sample with an all-zero mask, pooled to 0 without
+    # a sum, has its maps checked on their own.
     named = {f"features[{i}]": f for i, f in enumerate(features)}
     if mode == "max":
         check_finite("hierarchical_mask_pool", **named)

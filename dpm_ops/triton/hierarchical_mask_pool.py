@@ -78,7 +78,7 @@ def _pool_kernel(
     cells = tl.arange(0, BLOCK_HW)
     if not BACKWARD:
         best = tl.full((BLOCK_R,), float("-inf"), acc_t)
-        acc = tl.zeros((BLOCK_R,), dtype=tl.float64)  # the tiles' sums in fp64, as the C++ and CUDA kernels' rows
+        acc = tl.zeros((BLOCK_R,), dtype=tl.float64)  # in fp64, as the C++ and CUDA kernels' rows
         for c0 in range(0, hw, BLOCK_HW):
             c = c0 + cells
             m2 = in_rows[:, None] & (c < hw)[None, :]
@@ -88,7 +88,7 @@ def _pool_kernel(
                 cand = tl.where(w > 0, x, float("-inf"))
                 best = tl.maximum(best, tl.max(cand, axis=1), propagate_nan=tl.PropagateNan.ALL)
             else:
-                acc += tl.sum(w * x, axis=1).to(tl.float64)
+                acc += tl.sum(w.to(tl.float64) * x.to(tl.float64), axis=1)
         if MAX_MODE:
             v = tl.where(total > 0, best, 0.0)
         else:
