@@ -3,13 +3,14 @@
 Default: CUDA tensors go to the CUDA kernel (or Triton when the extension has no CUDA), CPU tensors
 to the C++ kernel (or the reference when the extension is missing). `backend=` on an op, or the
 environment variable DPM_OPS_BACKEND, forces one; a forced backend that cannot run raises.
-``with forced_backend(name):`` forces one for every op called inside (e.g. the plain-torch
+``with forced_backend(name):`` forces one for every op the thread calls inside (e.g. the plain-torch
 reference while a model is exported to ONNX, where the fused ops have no ONNX translation).
 """
 
 import contextlib
 import importlib.util
 import os
+import threading
 
 import torch
 
@@ -55,26 +56,34 @@ def backends() -> dict:
     return dict(_AVAILABILITY)
 
 
-# Set by forced_backend(): plain module state, read by resolve() like the environment variable.
-_FORCED = None
+# Set by forced_backend(), per thread as torch's own modes (no_grad, autocast): a block in one thread (an ONNX
+# export in a serving process) must not switch the ops other threads run, nor, overlapping with a block in
+# another thread, restore that one's backend. torch.compile guards on the attribute read by getattr (a subclass's
+# class attribute went unguarded: compiled code kept running the backend it was compiled with).
+_FORCED = threading.local()
 
 
 @contextlib.contextmanager
 def forced_backend(backend: str):
-    """Within the block, ops called without ``backend=`` run ``backend`` (it overrides DPM_OPS_BACKEND)."""
-    global _FORCED
+    """Within the block, ops called without ``backend=`` in this thread run ``backend`` (it overrides
+    DPM_OPS_BACKEND); other threads are not affected."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    previous, _FORCED = _FORCED, backend
+    previous, _FORCED.backend = _forced(), backend
     try:
         yield
     finally:
-        _FORCED = previous
+        _FORCED.backend = previous
+
+
+def _forced():
+    """This thread's forced_backend, or None."""
+    return getattr(_FORCED, "backend", None)
 
 
 def requested(backend=None):
     """The backend asked for: `backend`, else forced_backend's, else DPM_OPS_BACKEND's; None for the default."""
-    return backend or _FORCED or os.environ.get(ENV_VAR) or None
+    return backend or _forced() or os.environ.get(ENV_VAR) or None
 
 
 def resolve(backend, device: torch.device) -> str:
@@ -87,7 +96,7 @@ def resolve(backend, device: torch.device) -> str:
                 if available[default][0]:
                     return default
         return "cpp" if available["cpp"][0] else "reference"
-    if backend or _FORCED:
+    if backend or _forced():
         return _checked(name, device)
     try:
         return _checked(name, device)

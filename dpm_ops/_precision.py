@@ -6,6 +6,7 @@ import it."""
 
 import contextlib
 import functools
+import threading
 
 import torch
 
@@ -66,17 +67,35 @@ def cuda_fp32_matmul_is_tf32() -> bool:
     return torch.backends.cuda.matmul.fp32_precision == "tf32"
 
 
+_SETTINGS_LOCK = threading.Lock()
+_OVERRIDDEN: dict = {}  # (id(owner), name) -> [blocks open, the value before the first]
+
+
+@contextlib.contextmanager
+def process_setting(owner, name: str, value):
+    """``owner.name = value`` (a process-wide torch setting) inside the block. Blocks open at once in several threads
+    share one save, by the first to enter, and one restore, by the last to leave: each block's own save and restore
+    gave a thread still inside another's block the value from before it, and the last to leave kept `value` for good."""
+    key = (id(owner), name)
+    with _SETTINGS_LOCK:
+        held = _OVERRIDDEN.setdefault(key, [0, getattr(owner, name)])
+        held[0] += 1
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        with _SETTINGS_LOCK:
+            held[0] -= 1
+            if held[0] == 0:
+                setattr(owner, name, _OVERRIDDEN.pop(key)[1])
+
+
 @contextlib.contextmanager
 def ieee_fp32_matmuls():
     """fp32 matmuls in IEEE precision inside the block: cuBLAS without TF32, oneDNN without its bf16 / TF32 modes
     (set_float32_matmul_precision("medium") runs CPU matmuls in bf16 passes). Through the fp32_precision API, as
-    cuda_fp32_matmul_is_tf32; the settings are process-wide, so matmuls other threads run meanwhile see them too."""
-    settings = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
-    before = [setting.fp32_precision for setting in settings]
-    for setting in settings:
-        setting.fp32_precision = "ieee"
-    try:
-        yield
-    finally:
-        for setting, precision in zip(settings, before):
-            setting.fp32_precision = precision
+    cuda_fp32_matmul_is_tf32; the settings are process-wide (process_setting), so matmuls other threads run meanwhile
+    see them too."""
+    with process_setting(torch.backends.cuda.matmul, "fp32_precision", "ieee"):
+        with process_setting(torch.backends.mkldnn.matmul, "fp32_precision", "ieee"):
+            yield

@@ -5,6 +5,7 @@ The tests set the availability table per test (as tests/cuda_emulation does), so
 any machine; resolve() reads only the device's type, so a CUDA device needs no GPU here."""
 
 import importlib.util
+import threading
 import types
 
 import pytest
@@ -118,6 +119,45 @@ def test_forced_backend_blocks_nest(make_available):
             assert _backend.resolve(None, CPU) == "cpp"
         assert _backend.resolve(None, CPU) == "reference"
     assert _backend.resolve(None, CPU) == "cpp"
+
+
+def test_forced_backend_is_per_thread(make_available):
+    # A block in one thread (an ONNX export in a serving process) leaves the ops of other threads alone, as
+    # torch's own modes (no_grad, autocast) do; with one process-wide value, blocks overlapping in two threads
+    # also restored each other's backend, and the last to leave kept the other's for good.
+    make_available("cpp")
+    entered, left = threading.Barrier(2), threading.Barrier(2)
+    seen = {}
+
+    def block(name, leave_first):
+        with _backend.forced_backend(name):
+            entered.wait()
+            seen[name] = _backend.resolve(None, CPU)
+            if not leave_first:
+                left.wait()
+        if leave_first:
+            left.wait()
+        seen[name, "after"] = _backend.resolve(None, CPU)
+
+    with _backend.forced_backend("reference"):
+        threads = [threading.Thread(target=block, args=args) for args in (("reference", True), ("cpp", False))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert _backend.resolve(None, CPU) == "reference"  # this thread's block, whatever the others did
+    assert seen == {"reference": "reference", "cpp": "cpp", ("reference", "after"): "cpp", ("cpp", "after"): "cpp"}
+    assert _backend.resolve(None, CPU) == "cpp"
+
+
+def test_compiled_code_sees_the_forced_backend():
+    # torch.compile guards on this thread's forced backend: code compiled outside a block is recompiled inside it
+    compiled = torch.compile(lambda x: x + (_backend.requested() == "reference"), fullgraph=True, backend="eager")
+    x = torch.zeros(1)
+    assert compiled(x).item() == 0
+    with _backend.forced_backend("reference"):
+        assert compiled(x).item() == 1
+    assert compiled(x).item() == 0
 
 
 @pytest.mark.skipif(EMULATED_CUDA, reason="the CUDA emulator runs backend 'cuda' on CPU tensors")

@@ -3,7 +3,6 @@
 // candidates (knn_certified_stage1_cpu.h), recomputed in the compute type (docs/certified_knn.md).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <atomic>
@@ -352,7 +351,7 @@ void knn_certified_pass(const Operand& xs, const Operand& ys, const Stage1Rows<A
   column_edges.push_back(Ny);
   const std::optional<AmxColumnPanels> packed = yq.column_panels(column_edges);
   const AmxColumnPanels* panels = packed ? &*packed : nullptr;
-  parallel_tasks((M + kRowBlock - 1) / kRowBlock, omp_get_max_threads(), make_scratch,
+  parallel_tasks((M + kRowBlock - 1) / kRowBlock, at::get_num_threads(), make_scratch,
                  [&](Stage1Scratch<A>& s, int64_t block) {
     const int64_t r0 = block * kRowBlock, nr = std::min(kRowBlock, M - r0);
     RowBounds<A> bounds(nr, k);
@@ -446,7 +445,7 @@ void self_knn_certified_impl(const Operand& xs, const Stage1Rows<A>& xq, int64_t
   const std::vector<std::pair<int64_t, int64_t>> tiles = upper_tiles(num_edges);
   const std::optional<AmxColumnPanels> packed = xq.column_panels(edges);
   const AmxColumnPanels* panels = packed ? &*packed : nullptr;
-  const int num_threads = omp_get_max_threads();
+  const int num_threads = at::get_num_threads();
   RowBounds<A> bounds(N, m);
   std::vector<CertifiedLog<A>> logs;
   logs.reserve(num_threads);

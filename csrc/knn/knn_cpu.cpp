@@ -9,7 +9,6 @@
 // The certified two-stage search is knn_certified_cpu.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <limits>
@@ -36,7 +35,7 @@ void knn_impl(const Operand& xs, const Operand& ys, int64_t k, Metric metric, at
     return Scratch{at::empty({kRowBlock * std::min(kColumnBlock, Ny)}, xs.rows.options()),
                    std::vector<SortedList<A>>(kRowBlock)};
   };
-  parallel_tasks((M + kRowBlock - 1) / kRowBlock, omp_get_max_threads(), make_scratch, [&](Scratch& s, int64_t block) {
+  parallel_tasks((M + kRowBlock - 1) / kRowBlock, at::get_num_threads(), make_scratch, [&](Scratch& s, int64_t block) {
     const int64_t r0 = block * kRowBlock, nr = std::min(kRowBlock, M - r0);
     for (int64_t r = 0; r < nr; ++r)
       s.lists[r] = SortedList<A>{out_values + (r0 + r) * k, out_indices + (r0 + r) * k, 0, int(k)};
@@ -86,7 +85,7 @@ void knn_row_sort_impl(const Operand& xs, const Operand& ys, int64_t k, Metric m
     return Scratch{at::empty({block_rows * Ny}, xs.rows.options()), std::vector<int64_t>(Ny)};
   };
   const int64_t num_blocks = (M + block_rows - 1) / block_rows;
-  parallel_tasks(num_blocks, omp_get_max_threads(), make_scratch, [&](Scratch& s, int64_t block) {
+  parallel_tasks(num_blocks, at::get_num_threads(), make_scratch, [&](Scratch& s, int64_t block) {
     const int64_t r0 = block * block_rows, nr = std::min(block_rows, M - r0);
     at::Tensor tile = tile_view(s.buffer, nr, Ny);
     at::mm_out(tile, xs.rows.narrow(0, r0, nr), ys.rows.t());
@@ -118,7 +117,7 @@ void self_knn_direct(const Operand& xs, int64_t k, int64_t m, Metric metric, boo
   // Diagonal tiles first: each row then holds candidates from its own tile (re-ID data ordered
   // by identity keeps most neighbours there) before the off-diagonal tiles stream past.
   const std::vector<std::pair<int64_t, int64_t>> tiles = upper_tiles((N + kSelfTile - 1) / kSelfTile);
-  const int num_threads = omp_get_max_threads();
+  const int num_threads = at::get_num_threads();
   std::vector<ThreadLists<A>> state;
   state.reserve(num_threads);
   for (int t = 0; t < num_threads; ++t) state.emplace_back(N, m);

@@ -33,7 +33,9 @@ constexpr int64_t kProbe = 32;         // columns tested together before any lis
 // call ATen (at::empty, at::mm_out) from those threads: each thread takes the caller's thread-local
 // state (grad mode, dispatch-key exclusions, autocast), and the first exception thrown is rethrown
 // on the calling thread after the region (it must not escape an OpenMP thread; the task that threw
-// is abandoned).
+// is abandoned). `threads` is at::get_num_threads(), torch.set_num_threads's count, which it applies to a
+// calling thread at its first parallel op: omp_get_max_threads() in a thread that had run none (a
+// service's request thread) was OpenMP's default, every core, whatever torch.set_num_threads said.
 template <class MakeScratch, class Task>
 void parallel_tasks(int64_t count, int threads, MakeScratch make_scratch, Task task) {
   const at::ThreadLocalState caller_state;

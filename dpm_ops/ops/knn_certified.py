@@ -15,7 +15,6 @@ the two stages' kernels, and the one copy of it serves both GPU backends (a C++ 
 every step).
 """
 
-import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .._precision import ieee_fp32_matmuls, without_autocast
+from .._precision import ieee_fp32_matmuls, process_setting, without_autocast
 from ._checks import KNN_GPU_MAX_K, check_knn_gpu_k
 from ._declare import lazy
 from .knn import check_knn_args, check_self_knn_args
@@ -169,17 +168,11 @@ def select(d, candidates, k: int):
     return values[:, :k], candidates.gather(1, order[:, :k])
 
 
-@contextlib.contextmanager
 def _fp32_reductions():
     """cuBLAS's bf16 GEMMs keep their split-K reductions in fp32 inside the block (the bound's accumulation
     model). allow_bf16_reduced_precision_reduction is process-wide, switched off for the block (as
     ieee_fp32_matmuls)."""
-    matmul = torch.backends.cuda.matmul
-    before, matmul.allow_bf16_reduced_precision_reduction = matmul.allow_bf16_reduced_precision_reduction, False
-    try:
-        yield
-    finally:
-        matmul.allow_bf16_reduced_precision_reduction = before
+    return process_setting(torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction", False)
 
 
 def _bf16_gemm(a, b):
