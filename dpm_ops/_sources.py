@@ -45,12 +45,28 @@ def cuda_arch_flags() -> list:
     ]
 
 
+# DPM_OPS_SANITIZE=1: the C++ code under AddressSanitizer and the checks of undefined behaviour
+# (signed overflow, shifts, array bounds, misaligned or null accesses; not vptr: torch is built without
+# RTTI checks) and of float-to-int overflow (not among GCC's "undefined"), each report ending the
+# process, its source lines named (-g1). Loading it needs the sanitizer's runtime preloaded
+# (scripts/sanitize_cpu.sh).
+SANITIZE_FLAGS = [
+    "-fsanitize=address,undefined,float-cast-overflow",
+    "-fno-sanitize=vptr",
+    "-fno-sanitize-recover=undefined,float-cast-overflow",
+    "-fno-omit-frame-pointer",
+    "-fno-wrapv",  # setup.py's compiler takes Python's -fwrapv, under which signed overflow is no error
+    "-g1",
+]
+
+
 def compile_flags(with_cuda: bool) -> dict:
     defines = ["-DDPM_OPS_WITH_CUDA"] if with_cuda else []
+    sanitize = SANITIZE_FLAGS if os.environ.get("DPM_OPS_SANITIZE") == "1" else []
     return {
         # -g0: Python's build flags ask for debug info, which doubles the compile time of the
         # template-heavy kernels (torch adds its own -std)
-        "cxx": ["-O3", "-g0", "-fopenmp"] + defines,
+        "cxx": ["-O3", "-g0", "-fopenmp"] + defines + sanitize,
         "nvcc": ["-O3"] + defines + cuda_arch_flags(),
-        "ldflags": ["-fopenmp"],
+        "ldflags": ["-fopenmp"] + sanitize,
     }
