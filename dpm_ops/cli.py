@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM: what a shell or scheduler reports for a process SIGTERM ended
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -226,12 +227,16 @@ def _resume_hint(args) -> str:
 
 def _train(args) -> int:
     from dpm_ops.engine import load_config, make_output_folder, train
+    from dpm_ops.engine.preemption import PreemptionHook
 
     config = load_config(args.config, args.overrides)
     output = make_output_folder(args.output or _default_output(args.config), "--output")
     result = train(config, output, resume=args.resume, overwrite=args.overwrite)
     if result["finished"] and result["metrics"] is not None:
         print(f"run folder: {output}")
+    if (result["stop_reason"] or "").startswith(PreemptionHook.REASON):  # every rank
+        print(f"dpm-reid: {result['stop_reason']} (resume with --resume)", file=sys.stderr)
+        return EXIT_TERMINATED
     return 0
 
 

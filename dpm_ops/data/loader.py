@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
@@ -104,6 +105,12 @@ class DecodedImages(ImageDataset):
         return self.images[index], None if self.masks is None else self.masks[index]
 
 
+def _ignore_sigterm(worker_id: int) -> None:
+    """A worker outlives a SIGTERM sent to the whole process group (SLURM's scancel and preemption): the training
+    process stops after its step (engine/preemption.py), which needs the batches; it ends its workers itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def build_dataloader(
     dataset: ImageDataset,
     *,
@@ -125,6 +132,7 @@ def build_dataloader(
         pin_memory=pin_memory,
         persistent_workers=persistent_workers and num_workers > 0,
         generator=generator,
+        worker_init_fn=_ignore_sigterm if num_workers > 0 else None,
     )
     if batch_sampler is not None:
         return DataLoader(dataset, batch_sampler=batch_sampler, **common)

@@ -119,6 +119,15 @@ def data_parallel(model: torch.nn.Module, device: torch.device, sync_bn: bool, f
     )
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on any rank (one small all-reduce; ``flag`` itself in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    held = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(held, op=dist.ReduceOp.MAX)
+    return bool(held.item())
+
+
 def broadcast_buffers(module: torch.nn.Module, source: int = 0) -> None:
     """Give every rank rank ``source``'s buffers (BatchNorm running statistics). DDP broadcasts them at
     the start of each forward, so after the last one every rank holds the statistics of its own

@@ -1,6 +1,6 @@
 """The training loop's position and its hooks: logging, checkpoints, periodic evaluation and the stop
 (:class:`~.trainer.Trainer` runs them after every step and epoch, in that order, with the user's hooks
-between logging and checkpoints)."""
+between logging and checkpoints, and preemption.py's SIGTERM stop after the checkpoints)."""
 
 from __future__ import annotations
 
@@ -94,7 +94,8 @@ class PeriodicEvalHook(Hook):
     def after_epoch(self, trainer, at):
         period = trainer.config["train"]["eval_period"]
         last = at.stage_index == len(trainer.stages) - 1 and at.epoch == at.stage.epochs
-        if period and at.run_epoch % period == 0 and not last:
+        # a run stopping (SIGTERM) leaves it to its resumption, as a kill during it would
+        if period and at.run_epoch % period == 0 and not last and trainer.stop_reason is None:
             rng = capture_rng_state()  # evaluation must not shift the training's random streams
             trainer.evaluate(out_dir=self.folder(trainer, at), pictures=False)
             restore_rng_state(rng)

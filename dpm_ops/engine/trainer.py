@@ -65,6 +65,7 @@ from .checkpoint import (
 from .config import ConfigError, check_config, current_choice, defaults, dump_config
 from .config_checks import sampler_kinds_used, unread_keys
 from .hooks import CheckpointHook, Hook, LogHook, PeriodicEvalHook, Position, StopHook, TrainingDiverged
+from .preemption import PreemptionHook
 from .recipes import StepContext, get_recipe
 from .run_log import RunLog
 
@@ -119,8 +120,10 @@ class Trainer:
         self.run_log = RunLog(self.output_dir, log_stream if log_stream is not None else sys.stdout, self.dist.is_main)
         self.progress = config["train"]["progress"] and self.dist.is_main
         # ``hooks`` run after the step is logged, before it may be checkpointed
-        self.hooks: list[Hook] = [LogHook(), *hooks, CheckpointHook(), PeriodicEvalHook(), StopHook()]
+        self.preemption = PreemptionHook()
+        self.hooks: list[Hook] = [LogHook(), *hooks, CheckpointHook(), self.preemption, PeriodicEvalHook(), StopHook()]
         self.global_step = 0
+        self.saved_step: Optional[int] = None  # the step of the last checkpoint written
         self._finished_epoch: Optional[tuple[int, int]] = None  # (stage, epoch) a resumed checkpoint ended
         self.stop_reason: Optional[str] = None
         self.bar = None
@@ -237,6 +240,7 @@ class Trainer:
             raise self.diverged("the weights hold NaN or inf")
         # every rank's RNG state (a collective call: all ranks get here together)
         rng = distributed.all_gather_object(capture_rng_state())
+        self.saved_step = self.global_step  # every rank (rank 0 writes, or fails the run)
         if not self.dist.is_main:
             return
         self.run_folder.check_held()
@@ -439,7 +443,8 @@ class Trainer:
     def run(self) -> dict:
         try:
             self.setup()
-            finished = self.fit()
+            with self.preemption.handling():  # the loop alone: elsewhere SIGTERM ends the process at once, as before
+                finished = self.fit()
             if not finished:
                 return self._result(False, None)
             metrics = self.evaluate(out_dir=self.output_dir)
@@ -461,7 +466,8 @@ class Trainer:
                     self.run_folder.release()
 
     def _result(self, finished: bool, metrics: Optional[dict]) -> dict:
-        return dict(finished=finished, global_step=self.global_step, metrics=metrics, output_dir=str(self.output_dir))
+        run = dict(finished=finished, global_step=self.global_step, metrics=metrics, output_dir=str(self.output_dir))
+        return {**run, "stop_reason": self.stop_reason}
 
     @property
     def recorded_config(self) -> dict:
@@ -483,9 +489,10 @@ class Trainer:
 def train(
     config: dict, output_dir: str | os.PathLike, *, resume: bool = False, overwrite: bool = False, **kwargs
 ) -> dict:
-    """Train (or resume) and evaluate; returns {"finished", "global_step", "metrics", "output_dir"}.
-    A folder that holds an earlier run's checkpoints is refused unless `resume` (continue it) or
-    `overwrite` (start over: its checkpoints and results are removed); one run at a time per folder."""
+    """Train (or resume) and evaluate; returns {"finished", "global_step", "metrics", "output_dir", "stop_reason"}
+    (None when finished; a SIGTERM stops the run after its step, last.pt written there). A folder that holds an
+    earlier run's checkpoints is refused unless `resume` (continue it) or `overwrite` (start over: its checkpoints
+    and results are removed); one run at a time per folder."""
     if not isinstance(config, dict) or "model" not in config:
         raise ConfigError(f"train: config must be a dict from load_config, got {type(config).__name__}")
     return Trainer(config, output_dir, resume=resume, overwrite=overwrite, **kwargs).run()
