@@ -64,6 +64,17 @@ def test_sigterm_stops_after_its_step_with_a_checkpoint_there_and_the_resume_is_
     assert json.loads((tmp_path / "stopped" / "eval_epoch_001" / "metrics.json").read_text())
 
 
+def test_a_sigterm_handler_of_the_callers_own_is_left_in_charge(tmp_path, tiny_root):
+    config = config_for(tmp_path, tiny_root)
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        result = train(config, tmp_path / "run", hooks=[SigtermAt(2)])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert result["finished"] and received == [signal.SIGTERM]
+
+
 def sigterm_the_job(tmp_path, root, launcher: list) -> tuple[int, str, Path]:
     """Start ``launcher + dpm-reid train`` (a long run, two DataLoader workers) in a session of its own, and send its
     whole process group SIGTERM, as SLURM's scancel does, once two steps are logged; its exit code and stderr."""

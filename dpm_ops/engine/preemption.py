@@ -1,7 +1,8 @@
 """A graceful stop on SIGTERM: what a cluster sends before it kills a job (SLURM's scancel, its preemption and
 time limit with ``--signal``, Kubernetes' pod eviction; torchrun forwards it to every rank). The run finishes its
 step, writes ``last.pt`` there and stops (every rank at the same step), so that ``--resume`` loses no work; without
-it the process died at once, losing everything since the last checkpoint. A second SIGTERM kills at once."""
+it the process died at once, losing everything since the last checkpoint. A second SIGTERM kills at once. Under
+torchrun the ranks agree on it with one small all-reduce per step."""
 
 from __future__ import annotations
 
@@ -26,10 +27,11 @@ class PreemptionHook(Hook):
 
     @contextlib.contextmanager
     def handling(self) -> Iterator[None]:
-        """SIGTERM sets ``received`` inside the block (the main thread's handler, restored after; elsewhere, or where
-        SIGTERM is ignored, nothing changes)."""
+        """SIGTERM sets ``received`` inside the block (the main thread's handler, restored after). Elsewhere, or where
+        the process does not take SIGTERM's default action (ignored, or a handler of the caller's own), nothing
+        changes."""
         previous = signal.getsignal(signal.SIGTERM)
-        if threading.current_thread() is not threading.main_thread() or previous in (signal.SIG_IGN, None):
+        if threading.current_thread() is not threading.main_thread() or previous is not signal.SIG_DFL:
             yield
             return
 
