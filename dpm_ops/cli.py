@@ -1,6 +1,6 @@
 """The ``dpm-reid`` command (also ``python -m dpm_ops``).
 
-    dpm-reid train --config synthetic_dpm [--output DIR] [--resume | --overwrite] [key=value ...]
+    dpm-reid train --config synthetic_dpm [--output DIR] [--resume | --auto-resume | --overwrite] [key=value ...]
     dpm-reid eval  --config synthetic_dpm --weights runs/synthetic_dpm/checkpoints/final.pt
     dpm-reid export --config synthetic_dpm --weights CKPT --out model.onnx [--batch N] [--opset N]
     dpm-reid extract --config synthetic_dpm --weights CKPT --images DIR --out features.npz [--camera N]
@@ -155,6 +155,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--output", type=path_argument, help="run folder (default: runs/<config name>)")
     start = train.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true", help="continue from <output>/checkpoints/last.pt")
+    start.add_argument("--auto-resume", action="store_true", help="--resume where there is a last.pt, else start")
     start.add_argument(
         "--overwrite",
         action="store_true",
@@ -231,7 +232,8 @@ def _train(args) -> int:
 
     config = load_config(args.config, args.overrides)
     output = make_output_folder(args.output or _default_output(args.config), "--output")
-    result = train(config, output, resume=args.resume, overwrite=args.overwrite)
+    resume = "auto" if args.auto_resume else args.resume
+    result = train(config, output, resume=resume, overwrite=args.overwrite)
     if result["finished"] and result["metrics"] is not None:
         print(f"run folder: {output}")
     if (result["stop_reason"] or "").startswith(PreemptionHook.REASON):  # every rank

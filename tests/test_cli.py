@@ -725,6 +725,10 @@ def test_warnings_are_one_line():
             ["train", "--config", "c", "--resume", "--overwrite"],
             "argument --overwrite: not allowed with argument --resume",
         ),
+        (
+            ["train", "--config", "c", "--auto-resume", "--resume"],
+            "argument --resume: not allowed with argument --auto-resume",
+        ),
         (["eval", "--config", "c"], "the following arguments are required: --weights"),
         (["export", "--config", "c", "--weights", "w"], "the following arguments are required: --out"),
         (["extract", "--config", "c", "--weights", "w", "--out", "f.npz"], "required: --images"),

@@ -439,7 +439,7 @@ def test_the_trainer_checks_its_config_and_arguments_before_any_work(tmp_path):
         (dict(hooks=[object()]), "hooks must be a list of Hook instances"),
         (dict(hooks=[Hook]), "hooks must be a list of Hook instances"),  # the class, not one
         (dict(hooks=None), "hooks must be a list of Hook instances"),
-        (dict(resume="no"), "resume must be True or False, got 'no'"),
+        (dict(resume="no"), "resume must be True, False or 'auto', got 'no'"),
         (dict(overwrite=1), "overwrite must be True or False, got 1"),
     ]:
         with pytest.raises(ValueError, match=re.escape(needle)):

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from dpm_ops.data.synth import generate_synthetic_dataset
+from dpm_ops.cli import main
 from dpm_ops.engine import Hook, load_checkpoint, load_config, train
 from engine_utils import tiny_config, tiny_synth_config, write_config
 
@@ -73,6 +74,23 @@ def test_a_sigterm_handler_of_the_callers_own_is_left_in_charge(tmp_path, tiny_r
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert result["finished"] and received == [signal.SIGTERM]
+
+
+def test_auto_resume_starts_a_new_run_and_continues_a_stopped_one(tmp_path, tiny_root):
+    """--auto-resume, for the command line a scheduler runs again when it requeues the job: without a last.pt it
+    starts (as without the flag), with one it resumes (as --resume); a folder holding checkpoints but no last.pt
+    stays refused (a run there, not one to go on with)."""
+    config = write_config(tmp_path / "dpm.yaml", tiny_config(tiny_root, "dpm"))
+    run = tmp_path / "run"
+    argv = ["train", "--config", str(config), "--output", str(run), "--auto-resume"]
+    assert main([*argv, "train.stop_after_iters=3", "train.checkpoint_every_iters=2"]) == 0
+    assert progress(run)["global_step"] == 2
+    assert main(argv) == 0
+    assert "resumed from" in (run / "train.log").read_text() and (run / "checkpoints" / "final.pt").is_file()
+    steps = [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, len(steps) + 1))  # one record a step: the stopped run's log, continued
+    (run / "checkpoints" / "last.pt").unlink()
+    assert main(argv) == 2  # final.pt is a run's: refused, not overwritten
 
 
 def sigterm_the_job(tmp_path, root, launcher: list) -> tuple[int, str, Path]:

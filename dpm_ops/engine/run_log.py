@@ -49,6 +49,14 @@ class RunLog:
         if failed is not None:
             raise failed
 
+    def plot_losses(self) -> None:
+        """loss_curves.png beside train_log.jsonl (rank 0, after the run)."""
+        from dpm_ops.visualize import plot_loss_curves
+
+        jsonl = self.output_dir / "train_log.jsonl"
+        if jsonl.is_file() and jsonl.stat().st_size:
+            plot_loss_curves(str(jsonl), str(self.output_dir / "loss_curves.png"))
+
     def message(self, text: str) -> None:
         """A line in train.log and on the stream."""
         if not self.enabled:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from dpm_ops.data import ImageDataset, build_dataloader
 from dpm_ops.models import WeightsError, load_pretrained
-from dpm_ops.ops._checks import check_flag
+from dpm_ops.ops._checks import check_flag, quote
 
 from . import distributed
 from .builders import (
@@ -97,8 +97,9 @@ class Trainer:
         hooks = list(hooks) if isinstance(hooks, (list, tuple)) else hooks
         if not isinstance(hooks, list) or not all(isinstance(hook, Hook) for hook in hooks):
             raise ValueError(f"hooks must be a list of Hook instances (dpm_ops.engine.hooks.Hook), got {hooks!r}")
-        for name, flag in (("resume", resume), ("overwrite", overwrite)):
-            check_flag(None, name, flag)
+        if not (isinstance(resume, (bool, np.bool_)) or (isinstance(resume, str) and resume == "auto")):
+            raise ValueError(f"resume must be True, False or 'auto', got {quote(resume)}")
+        check_flag(None, "overwrite", overwrite)
         if resume and overwrite:  # the CLI's flags exclude each other; here resume silently won
             raise ValueError("resume and overwrite exclude each other: continue the run, or start it over")
         binary = isinstance(log_stream, (io.RawIOBase, io.BufferedIOBase))  # failed at the first line logged
@@ -107,10 +108,12 @@ class Trainer:
                 f"log_stream must be a text stream (sys.stdout, open(path, 'w')), got {type(log_stream).__name__}"
             )
         self.output_dir = Path(output_dir)
-        self.resume = resume
         self.model_name = config["model"]["name"]
         self.recipe = get_recipe(self.model_name)
         self.device, self.dist = init_run_device(config)
+        if resume == "auto":  # a scheduler's requeued job: rank 0's folder decides, for every rank
+            resume = distributed.all_gather_object((self.checkpoint_dir / "last.pt").is_file())[0]
+        self.resume = resume
         check_sync_bn(config, self.device, self.dist)
         self.run_folder = None
         if self.dist.is_main:  # only rank 0 writes files
@@ -455,7 +458,7 @@ class Trainer:
                 )
                 save_checkpoint(self.checkpoint_dir / "final.pt", final)
                 self._write_config()  # the config of final.pt and metrics.json
-                self._plot_losses()
+                self.run_log.plot_losses()
                 self.log(f"final weights: {self.checkpoint_dir / 'final.pt'}")
             return self._result(True, metrics)
         finally:
@@ -478,21 +481,14 @@ class Trainer:
     def _write_config(self) -> None:
         atomic_write_text(self.output_dir / "config.yaml", dump_config(self.recorded_config))
 
-    def _plot_losses(self) -> None:
-        from dpm_ops.visualize import plot_loss_curves
-
-        jsonl = self.output_dir / "train_log.jsonl"
-        if jsonl.is_file() and jsonl.stat().st_size:
-            plot_loss_curves(str(jsonl), str(self.output_dir / "loss_curves.png"))
-
 
 def train(
     config: dict, output_dir: str | os.PathLike, *, resume: bool = False, overwrite: bool = False, **kwargs
 ) -> dict:
     """Train (or resume) and evaluate; returns {"finished", "global_step", "metrics", "output_dir", "stop_reason"}
     (None when finished; a SIGTERM stops the run after its step, last.pt written there). A folder that holds an
-    earlier run's checkpoints is refused unless `resume` (continue it) or `overwrite` (start over: its checkpoints
-    and results are removed); one run at a time per folder."""
+    earlier run's checkpoints is refused unless `resume` (continue it; "auto": where it has a last.pt, else start)
+    or `overwrite` (start over: its checkpoints and results are removed); one run at a time per folder."""
     if not isinstance(config, dict) or "model" not in config:
         raise ConfigError(f"train: config must be a dict from load_config, got {type(config).__name__}")
     return Trainer(config, output_dir, resume=resume, overwrite=overwrite, **kwargs).run()
