@@ -92,7 +92,9 @@ def _pool_kernel(
         if MAX_MODE:
             v = tl.where(total > 0, best, 0.0)
         else:
-            v = tl.where(total > 0, div_rn(acc, tl.where(total > 0, total, 1.0).to(tl.float64)), 0.0)
+            # rounded to the compute dtype first, as the C++ and CUDA kernels round (and the interpreter's bf16 store
+            # of an fp64 value gave 0 or inf)
+            v = tl.where(total > 0, div_rn(acc, tl.where(total > 0, total, 1.0).to(tl.float64)), 0.0).to(acc_t)
         tl.store(out_ptr + out_idx, v.to(elem_t), mask=in_rows)
     else:
         gx_ptr = tl.load(d + 1).to(tl.pointer_type(elem_t), bitcast=True)
