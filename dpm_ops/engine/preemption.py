@@ -54,8 +54,11 @@ class PreemptionHook(Hook):
             return  # an epoch's last step: after_epoch, after the epoch's checkpoint
         if trainer.saved_step != trainer.global_step:
             trainer.save(at, epoch_done=False)
-        trainer.stop_reason = f"{self.REASON} after {trainer.global_step} iterations: last.pt written there"
+        self._stop(trainer)
 
     def after_epoch(self, trainer, at):
         if self._stopping(trainer):
-            trainer.stop_reason = f"{self.REASON} after {trainer.global_step} iterations: last.pt written there"
+            self._stop(trainer)  # after the epoch's checkpoint
+
+    def _stop(self, trainer) -> None:
+        trainer.stop_reason = f"{self.REASON} after {trainer.global_step} iterations: last.pt written there"
