@@ -3,7 +3,7 @@
 # DPM_OPS_SANITIZE=1 (dpm_ops/_sources.py), so an out-of-bounds access, a use after free, a signed or
 # float-to-int overflow, a bad shift or a misaligned access in a kernel ends the run with a report.
 # The sanitized build goes to its own cache (dpm_ops compiles it on import, DPM_OPS_JIT=1): the
-# installed dpm_ops/_C stays as it is. About 4 min on 2 cores.
+# installed dpm_ops/_C stays as it is. About 2.5 min on 2 cores (CI: 131-142 s).
 #   scripts/sanitize_cpu.sh [pytest arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."
