@@ -2,6 +2,7 @@
 Dataset / DataLoader helpers. The synthetic set's generator is :mod:`dpm_ops.data.synth` (imported
 on demand, so ``python -m dpm_ops.data.synth`` runs cleanly); its loader is ``build_dataset("synthetic", root)``."""
 
+from .combined import combine_datasets
 from .datasets import (
     available_datasets,
     build_dataset,
@@ -33,6 +34,7 @@ __all__ = [
     "build_dataloader",
     "build_dataset",
     "build_transforms",
+    "combine_datasets",
     "load_cuhk03_np",
     "load_dukemtmc_reid",
     "load_market1501",

@@ -159,6 +159,7 @@ def _assemble(
     verify_images: bool,
     occluded_paths: Optional[frozenset[str]] = None,
     multi_query: Optional[list[ImageRecord]] = None,
+    distractor_pids: frozenset[int] = frozenset(),
     unused: Sequence[str] = (),
     train_split: bool = True,
     test_splits: bool = True,
@@ -199,6 +200,7 @@ def _assemble(
         occluded_paths=occluded_paths,
         junk_dropped=junk,
         multi_query=multi_query,
+        distractor_pids=distractor_pids,
     )
     if verify_images:
         verify_splits(splits)

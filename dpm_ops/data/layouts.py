@@ -90,6 +90,7 @@ def _load_market_style(
         num_cams=num_cams,
         occluded_paths=occluded(train, query, gallery),
         multi_query=multi_query,
+        distractor_pids=frozenset({0}) if distractors else frozenset(),
         train_split=train_split,
         test_splits=test_splits,
         **assembly_options,

@@ -38,6 +38,8 @@ class ReIDSplits:
     # Market-1501's hand-drawn gt_bbox boxes, the multi-query pools (every id, original pids);
     # None unless the loader was asked for them
     multi_query: Optional[list[ImageRecord]] = None
+    # gallery pids that mark images of no identity (Market-1501's 0): never trained on as an identity
+    distractor_pids: frozenset[int] = frozenset()
 
     @property
     def num_train_pids(self) -> int:

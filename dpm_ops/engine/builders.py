@@ -17,6 +17,7 @@ import torch.nn as nn
 from dpm_ops import _backend
 from dpm_ops.data import DatasetError, MaskReIDBatchSampler, RandomIdentityBatchSampler, ReIDSplits, build_dataset
 from dpm_ops.data.assembly import check_query_matches, verify_splits
+from dpm_ops.data.combined import combine_datasets, combined_name
 from dpm_ops.data.datasets import canonical_dataset_name, dataset_options
 from dpm_ops.models.weights import WeightsError, trained_state_dict
 
@@ -32,6 +33,7 @@ from .checkpoint import (
     read_checkpoint_file,
 )
 from .config import ConfigError, check_config, check_device_name
+from .config_checks import source_names
 from .recipes import get_recipe
 
 
@@ -91,7 +93,7 @@ def prepare_synthetic(config: dict, *, progress: bool = True) -> None:
     """Generate the synthetic set at ``dataset.root`` if it is absent (rank 0; others wait). A set
     generated with other ``dataset.synth`` options is a DatasetError, never reused or replaced."""
     data = config["dataset"]
-    if data["name"].lower() not in ("synthetic", "synth") or not data["generate"]:
+    if not _trains_on_synthetic(data) or not data["generate"]:
         return
     from dpm_ops.data.synth import check_synthetic_dataset, generate_synthetic_dataset, synth_config
 
@@ -105,6 +107,10 @@ def prepare_synthetic(config: dict, *, progress: bool = True) -> None:
         print(f"dpm-reid: generating the synthetic dataset in {root} (absent)", file=sys.stderr)
         generate_synthetic_dataset(root, wanted, progress=progress)
     distributed.barrier()
+
+
+def _trains_on_synthetic(data: dict) -> bool:
+    return [canonical_dataset_name(name) for name in source_names(data)] == ["synthetic"]
 
 
 def _eval_scoring(ev: dict) -> dict:
@@ -130,8 +136,9 @@ def _check_eval_section(config: dict, splits: ReIDSplits) -> None:
 
 
 def load_splits(config: dict, *, train_split: bool = True) -> ReIDSplits:
-    """Train split of ``dataset``, query/gallery of ``dataset`` or of ``dataset.test_name``
-    (with its ``dataset.test_camids``); the test set's gt_bbox pools with ``eval.multi_query``.
+    """Train split of ``dataset`` (of each dataset of a list, combined: :func:`combine_datasets`, with their query
+    and gallery under ``dataset.combineall``), query/gallery of ``dataset`` or of ``dataset.test_name`` (with its
+    ``dataset.test_camids``); the test set's gt_bbox pools with ``eval.multi_query``.
 
     ``train_split=False`` (an evaluation: the checkpoint fixes the model's classes and cameras): the test set alone,
     the train split neither read nor needed, so a folder of query and gallery images is scored; a loader that
@@ -152,16 +159,23 @@ def load_splits(config: dict, *, train_split: bool = True) -> ReIDSplits:
         root = data["test_root"] or data["root"]
         options = dict(train_split=False, check_counts=data["check_counts"], **test_options)
         test = _build_dataset(data, data["test_name"], root, with_masks, **options)
-    if train_split or test is None:
-        counts = {"check_counts": data["check_counts"]}
-        if data["check_counts"] == "warn" and data["name"].lower() in ("synthetic", "synth"):
-            counts = {}  # the synthetic loader's default, "error": its manifest states its exact counts
+    counts = {"check_counts": data["check_counts"]}
+    if data["check_counts"] == "warn" and _trains_on_synthetic(data):
+        counts = {}  # the synthetic loader's default, "error": its manifest states its exact counts
+    combined = len(source_names(data)) > 1 or data["combineall"]
+    if combined:
+        test = _numbered_as_trained(data, test)
+    if combined and train_split:
+        wanted = dict(test_splits=data["combineall"], **counts)
+        sources = [_build_dataset(data, name, data["root"], with_masks, **wanted) for name in source_names(data)]
+        splits = combine_datasets(sources, combineall=data["combineall"])
+    elif train_split or test is None:
         wanted = dict(train_split=train_split, test_splits=test is None, **counts)
         splits = _build_dataset(
             data, data["name"], data["root"], with_masks, **wanted, **({} if test else test_options)
         )
     if test is not None:
-        splits = _tested_on(splits, test, with_masks) if train_split else _test_set_alone(data["name"], test)
+        splits = _tested_on(splits, test, with_masks) if train_split else _test_set_alone(data, test)
     if train_split and not splits.train:
         raise DatasetError(
             f"dataset {data['name']} at {data['root']} has no training images (training needs a train split; "
@@ -170,6 +184,30 @@ def load_splits(config: dict, *, train_split: bool = True) -> ReIDSplits:
     check_query_matches(test or splits)  # names the test set's own root
     verify_splits(splits, train=train_split)
     return splits
+
+
+def _numbered_as_trained(data: dict, test: ReIDSplits) -> ReIDSplits:
+    """``test`` with its cameras numbered as a set combined of ``dataset.name``'s datasets numbers them where it is
+    one of them (after the cameras of those before it, whose train folders are listed to count them), so that the
+    model's camera embeddings (SIE) are its own."""
+    names = [canonical_dataset_name(name) for name in source_names(data)]
+    tested = canonical_dataset_name(data["test_name"])
+    if tested not in names[1:]:
+        return test
+    listed = dict(with_masks=False, test_splits=False, check_counts="off")
+    before = source_names(data)[: names.index(tested)]
+    first = sum(_build_dataset(data, name, data["root"], **listed).num_cams for name in before)
+
+    def shifted(records):
+        return records if records is None else [r._replace(camid=r.camid + first) for r in records]
+
+    return dataclasses.replace(
+        test,
+        query=shifted(test.query),
+        gallery=shifted(test.gallery),
+        multi_query=shifted(test.multi_query),
+        num_cams=test.num_cams + first,
+    )
 
 
 def _build_dataset(data: dict, name: str, root: str, with_masks: bool, **options) -> ReIDSplits:
@@ -200,9 +238,10 @@ def _tested_on(splits: ReIDSplits, test: ReIDSplits, with_masks: bool) -> ReIDSp
     )
 
 
-def _test_set_alone(train_name: str, test: ReIDSplits) -> ReIDSplits:
-    """An evaluation's ``dataset.test_name`` set, named as a run trained on ``train_name`` and tested on it."""
-    return dataclasses.replace(test, name=f"{canonical_dataset_name(train_name)}->{test.name}", train=[])
+def _test_set_alone(data: dict, test: ReIDSplits) -> ReIDSplits:
+    """An evaluation's ``dataset.test_name`` set, named as a run trained on ``dataset.name`` and tested on it."""
+    trained = combined_name([canonical_dataset_name(name) for name in source_names(data)], data["combineall"])
+    return dataclasses.replace(test, name=f"{trained}->{test.name}", train=[])
 
 
 def build_sampler(kind: str, config: dict, pids: list, rank: int, world_size: int):

@@ -55,7 +55,7 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 @dataclasses.dataclass(frozen=True)
 class Field:
-    type: Any  # a type, a tuple of types, or "size" / "mapping" / "camid_pair" / "device" pseudo types
+    type: Any  # a type, a tuple of types, or "size" / "mapping" / "camid_pair" / "device" / "names" pseudo types
     default: Any
     choices: Optional[tuple] = None
     nullable: bool = False
@@ -79,8 +79,11 @@ SCHEMA: dict = {
         "pretrained_partial": _f(False, bool),
     },
     "dataset": {
-        "name": _f("synthetic", str),
-        "root": _f("~/.cache/dpm_ops/synthetic", str),
+        # a dataset, or a list of datasets trained on as one (fast-reid's DATASETS.NAMES, torchreid's sources)
+        "name": _f("synthetic", "names"),
+        "root": _f("~/.cache/dpm_ops/synthetic", str),  # the dataset's folder or one holding it (each of them)
+        # train on the query and gallery identities too (torchreid's / fast-reid's combineall)
+        "combineall": _f(False, bool),
         # evaluate on another dataset's query/gallery (DPM: train Market-1501, test Occluded-REID)
         "test_name": _f(None, str, nullable=True),
         "test_root": _f(None, str, nullable=True),  # None: same as root
@@ -267,6 +270,8 @@ def _check_value(key: str, field: Field, value: Any) -> Any:
         return [int(v) for v in value]
     if kind == "device":
         return check_device_name(f"config key {key}", value)
+    if kind == "names":
+        return _checked_names(key, value)
     if kind is str and isinstance(value, bool) and field.choices:
         if ("on" if value else "off") not in field.choices:
             raise ConfigError(
@@ -303,6 +308,21 @@ def _check_value(key: str, field: Field, value: Any) -> Any:
     if field.choices is not None and value not in field.choices:
         raise ConfigError(f"config key {key}: {quote(value)} is not one of {', '.join(map(str, field.choices))}")
     return value
+
+
+MAX_SOURCES = 16  # datasets trained on as one
+
+
+def _checked_names(key: str, value: Any) -> Any:
+    """A dataset name, or a list of 2..MAX_SOURCES different ones (a list of one is its name)."""
+    if isinstance(value, (list, tuple)):
+        if not 1 <= len(value) <= MAX_SOURCES:
+            raise ConfigError(
+                f"config key {key}: expected a dataset name or a list of 1 to {MAX_SOURCES}, got {quote(value)}"
+            )
+        names = [_check_value(key, Field(str, None), name) for name in value]
+        return names[0] if len(names) == 1 else names
+    return _check_value(key, Field(str, None), value)
 
 
 def current_choice(section: str, key: str, value: Any) -> Any:

@@ -140,6 +140,7 @@ def validate(config: dict) -> None:
     _check_train_resize(config, recipe)
     _check_eval_distance(config)
     _check_synth_options(config)
+    _check_sources(config, recipe)
     _check_dataset_options(config)
     if config["pretrain"]["epochs"] and not recipe.has_pretrain_stage:
         raise ConfigError(f"config key pretrain.epochs: softmax pre-training is MaskReID's; model is {name}")
@@ -331,6 +332,53 @@ def _check_synth_options(config: dict) -> None:
         synth_config(config["dataset"]["synth"])
     except SynthOptionError as error:
         raise ConfigError(f"config key dataset.synth.{error.option}: {error.problem}") from error
+
+
+def source_names(data: dict) -> list[str]:
+    """The datasets a run trains on: config key dataset.name, one name or a list."""
+    return list(data["name"]) if isinstance(data["name"], list) else [data["name"]]
+
+
+def _check_sources(config: dict, recipe) -> None:
+    """Several datasets (dataset.name a list) and combineall train on a set that has no test split of its own:
+    they are tested on dataset.test_name (combineall: a set it did not train on)."""
+    from dpm_ops.data.datasets import canonical_dataset_name
+
+    data = config["dataset"]
+    names = source_names(data)
+    if len(names) == 1 and not data["combineall"]:
+        return
+    canonical = [canonical_dataset_name(name) for name in names]
+    if len(names) > 1:
+        for index, key in enumerate(canonical):
+            if key in canonical[:index]:
+                first = names[canonical.index(key)]
+                alias = f" ({quote(names[index])})" if names[index] != first else ""
+                raise ConfigError(f"config key dataset.name: {quote(first)} is listed twice{alias}")
+        if "synthetic" in canonical:
+            raise ConfigError(
+                "config key dataset.name: the synthetic set trains alone (its folder is dataset.root itself, "
+                f"where the other datasets are looked for), got {names}"
+            )
+        masks = data["with_masks"] if data["with_masks"] is not None else recipe.uses_masks
+        if masks and data["mask_root"] is not None:
+            raise ConfigError(
+                "config key dataset.mask_root: with several datasets each one's masks sit in its own folder "
+                "(the _seg mirrors of its image folders, which a mask_root would hold once for them all)"
+            )
+    if not data["test_name"]:
+        raise ConfigError(
+            "config key dataset.combineall: a run that trains on its datasets' query and gallery is tested on "
+            "another set, dataset.test_name; set it"
+            if data["combineall"]
+            else f"config key dataset.name: a run trained on {len(names)} datasets is tested on the one "
+            "dataset.test_name names; set it"
+        )
+    if data["combineall"] and canonical_dataset_name(data["test_name"]) in canonical:
+        raise ConfigError(
+            f"config key dataset.test_name: {quote(data['test_name'])} is trained on with dataset.combineall "
+            "(its query and gallery identities too): test on a dataset not in dataset.name"
+        )
 
 
 def _check_dataset_options(config: dict) -> None:
