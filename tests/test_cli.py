@@ -360,7 +360,8 @@ def _fresh_checkpoint(tmp_path, config_path, edit=None, name="final.pt"):
 
     from dpm_ops.engine import load_config
     from dpm_ops.engine.checkpoint import make_checkpoint
-    from dpm_ops.engine.builders import build_model_from_args, load_splits, model_arguments
+    from dpm_ops.engine.builders import build_model_from_args, model_arguments
+    from dpm_ops.engine.splits import load_splits
 
     config = load_config(str(config_path))
     args = model_arguments(config, load_splits(config))

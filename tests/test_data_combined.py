@@ -4,13 +4,22 @@ run of them trained and evaluated end to end."""
 
 import json
 import os
+import shutil
 import warnings
 
 import pytest
-from dpm_ops.data import DatasetCountWarning, DatasetError, ReIDSplits, build_dataset, combine_datasets
+from dpm_ops.data import (
+    DatasetCountWarning,
+    DatasetError,
+    DatasetNotFoundError,
+    ReIDSplits,
+    build_dataset,
+    combine_datasets,
+)
 from dpm_ops.data.synth import generate_synthetic_dataset
 from dpm_ops.engine import ConfigError, load_checkpoint, load_config, train
-from dpm_ops.engine.builders import evaluate_checkpoint, load_splits
+from dpm_ops.engine.builders import evaluate_checkpoint
+from dpm_ops.engine.splits import load_splits
 from engine_utils import scored, tiny_config, tiny_synth_config, write_config
 from test_data_layouts import make_duke_tree, make_market_tree, make_occluded_reid_tree, write_mask
 
@@ -121,8 +130,12 @@ def test_the_test_set_is_numbered_as_trained_where_it_is_a_source(market_and_duk
         cameras[test, train_split] = sorted({r.camid for r in (*splits.query, *splits.gallery)})
     assert cameras["dukemtmc", True] == cameras["dukemtmc", False] == [6 + 0, 6 + 1, 6 + 2, 6 + 6, 6 + 7]
     assert cameras["market1501", True] == cameras["market1501", False] == [0, 1, 2, 3]
+    shutil.rmtree(root / "Market-1501-v15.09.15" / "bounding_box_train")
+    assert load_splits(config(root, sources, "dataset.test_name=market"), train_split=False).query
+    with pytest.raises(DatasetNotFoundError, match="dataset.test_name dukemtmc follows market1501 in dataset.name: "):
+        load_splits(config(root, sources, "dataset.test_name=dukemtmc"), train_split=False)
     make_duke_tree(root / "Occluded_Duke")
-    splits = load_splits(config(root, sources, "dataset.test_name=occluded_duke"))
+    splits = load_splits(config(root, sources, "dataset.test_name=occluded_duke"), train_split=False)
     assert sorted({r.camid for r in splits.query}) == [1, 6]
 
 

@@ -133,7 +133,7 @@ def test_market_multi_query_reads_gt_bbox(tmp_path):
 @pytest.mark.filterwarnings("ignore::dpm_ops.data.DatasetCountWarning")
 def test_config_reaches_the_test_set_options(tmp_path):
     from dpm_ops.engine.config import load_config
-    from dpm_ops.engine.builders import load_splits
+    from dpm_ops.engine.splits import load_splits
 
     root = make_market_tree(tmp_path)
     make_occluded_reid_tree(tmp_path / "Occluded_REID")
@@ -574,7 +574,7 @@ def test_masks_mirror_the_image_tree_one_to_one(tmp_path):
 @pytest.mark.filterwarnings("ignore::dpm_ops.data.DatasetCountWarning")
 def test_a_run_tested_on_another_set_has_the_masks_of_both(tmp_path):
     # MaskReID trained on one set and tested on another reads the train set's masks and the test set's
-    from dpm_ops.engine.builders import load_splits
+    from dpm_ops.engine.splits import load_splits
 
     train_root, test_root = make_market_tree(tmp_path / "train"), make_market_tree(tmp_path / "test")
     add_masks(train_root)
@@ -788,7 +788,7 @@ def run_config(root, *overrides):
 
 @pytest.mark.filterwarnings("ignore::dpm_ops.data.DatasetCountWarning")
 def test_a_run_decodes_every_image_it_reads_before_training(tmp_path):
-    from dpm_ops.engine.builders import load_splits
+    from dpm_ops.engine.splits import load_splits
 
     root = make_market_tree(tmp_path)
     victim = root / "query" / "0005_c3s2_000301_00.jpg"
@@ -813,7 +813,7 @@ def test_a_run_decodes_every_image_it_reads_before_training(tmp_path):
 @pytest.mark.filterwarnings("ignore::dpm_ops.data.DatasetCountWarning")
 def test_a_test_set_without_any_match_is_refused_at_load(tmp_path):
     # Before: "no query has a match in the gallery" from evaluate_rank, after the whole training.
-    from dpm_ops.engine.builders import load_splits
+    from dpm_ops.engine.splits import load_splits
 
     train = ["0002_c1s1_000451_03.jpg", "0002_c2s1_000551_01.jpg"]
     one_camera = make_market_tree(
@@ -1099,7 +1099,7 @@ def test_a_train_set_tested_on_another_needs_its_train_split_alone(tmp_path):
     import shutil
 
     from dpm_ops.data.synth import generate_synthetic_dataset
-    from dpm_ops.engine.builders import load_splits
+    from dpm_ops.engine.splits import load_splits
     from engine_utils import tiny_synth_config
 
     root = make_market_tree(tmp_path)
@@ -1132,7 +1132,7 @@ def test_an_evaluation_reads_the_test_splits_alone(tmp_path):
     import shutil
 
     from dpm_ops.data.synth import generate_synthetic_dataset
-    from dpm_ops.engine.builders import load_splits
+    from dpm_ops.engine.splits import load_splits
     from engine_utils import tiny_synth_config
 
     full = load_quietly("market1501", make_market_tree(tmp_path / "full"))

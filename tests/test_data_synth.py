@@ -188,7 +188,7 @@ def test_an_interrupted_generation_leaves_nothing_behind(tmp_path, monkeypatch):
 
 
 def test_a_run_refuses_a_set_of_other_dataset_synth_options(tmp_path, capsys):
-    from dpm_ops.engine.builders import prepare_synthetic
+    from dpm_ops.engine.splits import prepare_synthetic
     from dpm_ops.engine.config import load_config
     from engine_utils import TINY_SYNTH
 
@@ -215,7 +215,7 @@ def test_a_run_refuses_a_set_of_other_dataset_synth_options(tmp_path, capsys):
 def test_a_run_checks_a_synthetic_sets_counts_unless_told_off(tiny_set, tmp_path):
     # the manifest's counts are exact, so the config's default ("warn", for partial copies of the published
     # sets) reads a synthetic set in error mode; dataset.check_counts=off reads a set with an image missing
-    from dpm_ops.engine.builders import load_splits
+    from dpm_ops.engine.splits import load_splits
     from dpm_ops.engine.config import load_config
 
     root = tmp_path / "set"

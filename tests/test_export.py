@@ -30,7 +30,8 @@ from dpm_ops.engine import RECIPES, load_config
 from dpm_ops.engine.checkpoint import make_checkpoint, save_checkpoint
 from dpm_ops.engine.evaluator import evaluate_model
 from dpm_ops.engine.extraction import eval_transform
-from dpm_ops.engine.builders import build_model_from_args, load_splits, model_arguments
+from dpm_ops.engine.builders import build_model_from_args, model_arguments
+from dpm_ops.engine.splits import load_splits
 from dpm_ops.compat.torchreid import FeatureExtractor
 from dpm_ops.data.image_io import read_image, read_mask
 from dpm_ops.data.masks import mask_path_for

@@ -12,7 +12,7 @@ import torch
 
 from dpm_ops.cli import main
 from dpm_ops.engine import load_config
-from dpm_ops.engine.builders import load_splits
+from dpm_ops.engine.splits import load_splits
 from dpm_ops.engine.evaluator import evaluate_model
 from dpm_ops.engine.scoring import rank_metrics
 from dpm_ops.evaluation import alpha_query_expansion, evaluate_rank, gnn_rerank, pairwise_distance, rerank_features

@@ -24,7 +24,7 @@ from benchmarks.reference import peers
 from conftest import README, readme_python_blocks, readme_section
 from dpm_ops.cli import main
 from dpm_ops.engine import CheckpointError, load_checkpoint, load_config
-from dpm_ops.engine.builders import load_splits
+from dpm_ops.engine.splits import load_splits
 from dpm_ops.engine.evaluator import evaluate_model
 from dpm_ops.evaluation import evaluate_rank as dpm_evaluate_rank
 from dpm_ops.evaluation import pairwise_distance

@@ -43,11 +43,10 @@ from .builders import (
     check_sync_bn,
     evaluate_with_config,
     init_run_device,
-    load_splits,
     model_arguments,
-    prepare_synthetic,
     resolve_amp,
 )
+from .splits import load_splits, prepare_synthetic
 from .checkpoint import (
     CheckpointError,
     atomic_write_text,

@@ -1,0 +1,158 @@
+"""The data a run reads, from its config's dataset section: the synthetic set generated where it is absent
+(:func:`prepare_synthetic`), the train split of one dataset or of several combined and the test set
+(:func:`load_splits`), every image decoded before any long work."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+from dpm_ops.data import DatasetError, ReIDSplits, build_dataset
+from dpm_ops.data.assembly import check_query_matches, verify_splits
+from dpm_ops.data.combined import combine_datasets, combined_name
+from dpm_ops.data.datasets import canonical_dataset_name, dataset_options
+
+from . import distributed
+from .config_checks import source_names
+from .recipes import get_recipe
+
+
+def prepare_synthetic(config: dict, *, progress: bool = True) -> None:
+    """Generate the synthetic set at ``dataset.root`` if it is absent (rank 0; others wait). A set
+    generated with other ``dataset.synth`` options is a DatasetError, never reused or replaced."""
+    data = config["dataset"]
+    if not _trains_on_synthetic(data) or not data["generate"]:
+        return
+    from dpm_ops.data.synth import check_synthetic_dataset, generate_synthetic_dataset, synth_config
+
+    root = Path(os.path.expanduser(data["root"]))
+    wanted = synth_config(data["synth"])  # dataset.synth was checked by load_config
+    # every rank checks (a manifest read), so that a mismatch stops them all before the barrier
+    present = check_synthetic_dataset(
+        root, wanted, option_prefix="dataset.synth.", elsewhere="set another dataset.root"
+    )
+    if distributed.current().is_main and not present:
+        print(f"dpm-reid: generating the synthetic dataset in {root} (absent)", file=sys.stderr)
+        generate_synthetic_dataset(root, wanted, progress=progress)
+    distributed.barrier()
+
+
+def _trains_on_synthetic(data: dict) -> bool:
+    return [canonical_dataset_name(name) for name in source_names(data)] == ["synthetic"]
+
+
+def load_splits(config: dict, *, train_split: bool = True) -> ReIDSplits:
+    """Train split of ``dataset`` (of each dataset of a list, combined: :func:`combine_datasets`, with their query
+    and gallery under ``dataset.combineall``), query/gallery of ``dataset`` or of ``dataset.test_name`` (with its
+    ``dataset.test_camids``); the test set's gt_bbox pools with ``eval.multi_query``.
+
+    ``train_split=False`` (an evaluation: the checkpoint fixes the model's classes and cameras): the test set alone,
+    the train split neither read nor needed, so a folder of query and gallery images is scored; a loader that
+    takes no ``train_split`` option lists its own, which is not decoded. The test set's own train split is never
+    read, nor are a train set's query and gallery when ``dataset.test_name`` names another.
+
+    Checked here, before any long work: the query/gallery can be evaluated (some query has a
+    match), and every image the run reads (with its mask) decodes."""
+    data = config["dataset"]
+    with_masks = (
+        data["with_masks"] if data["with_masks"] is not None else get_recipe(config["model"]["name"]).uses_masks
+    )
+    test_options = {"multi_query": True} if config["eval"]["multi_query"] != "off" else {}
+    if data["test_camids"] is not None:
+        test_options["camids"] = tuple(data["test_camids"])
+    test = None
+    if data["test_name"]:
+        root = data["test_root"] or data["root"]
+        options = dict(train_split=False, check_counts=data["check_counts"], **test_options)
+        test = _build_dataset(data, data["test_name"], root, with_masks, **options)
+    counts = {"check_counts": data["check_counts"]}
+    if data["check_counts"] == "warn" and _trains_on_synthetic(data):
+        counts = {}  # the synthetic loader's default, "error": its manifest states its exact counts
+    combined = len(source_names(data)) > 1 or data["combineall"]
+    if combined:
+        test = _numbered_as_trained(data, test)
+    if combined and train_split:
+        wanted = dict(test_splits=data["combineall"], **counts)
+        sources = [_build_dataset(data, name, data["root"], with_masks, **wanted) for name in source_names(data)]
+        splits = combine_datasets(sources, combineall=data["combineall"])
+    elif train_split or test is None:
+        wanted = dict(train_split=train_split, test_splits=test is None, **counts)
+        splits = _build_dataset(
+            data, data["name"], data["root"], with_masks, **wanted, **({} if test else test_options)
+        )
+    if test is not None:
+        splits = _tested_on(splits, test, with_masks) if train_split else _test_set_alone(data, test)
+    if train_split and not splits.train:
+        raise DatasetError(
+            f"dataset {data['name']} at {data['root']} has no training images (training needs a train split; "
+            "dpm-reid eval scores a set of query and gallery images alone)"
+        )
+    check_query_matches(test or splits)  # names the test set's own root
+    verify_splits(splits, train=train_split)
+    return splits
+
+
+def _numbered_as_trained(data: dict, test: ReIDSplits) -> ReIDSplits:
+    """``test`` with its cameras numbered as a set combined of ``dataset.name``'s datasets numbers them where it is
+    one of them (after the cameras of those before it, whose train folders are listed to count them), so that the
+    model's camera embeddings (SIE) are its own."""
+    names = [canonical_dataset_name(name) for name in source_names(data)]
+    tested = canonical_dataset_name(data["test_name"])
+    if tested not in names[1:]:
+        return test
+    listed = dict(with_masks=False, test_splits=False, check_counts="off")
+    before = source_names(data)[: names.index(tested)]
+    try:
+        first = sum(_build_dataset(data, name, data["root"], **listed).num_cams for name in before)
+    except DatasetError as error:  # dpm-reid eval reads no train split but these
+        raise type(error)(
+            f"dataset.test_name {data['test_name']} follows {', '.join(before)} in dataset.name: its cameras are "
+            f"numbered after theirs, counted from their train folders: {error}"
+        ) from None
+
+    def shifted(records):
+        return records if records is None else [r._replace(camid=r.camid + first) for r in records]
+
+    return dataclasses.replace(
+        test,
+        query=shifted(test.query),
+        gallery=shifted(test.gallery),
+        multi_query=shifted(test.multi_query),
+        num_cams=test.num_cams + first,
+    )
+
+
+def _build_dataset(data: dict, name: str, root: str, with_masks: bool, **options) -> ReIDSplits:
+    """build_dataset of ``name`` at ``root`` with the dataset section's masks. ``train_split`` / ``test_splits``
+    False (a split not read) go to a loader that takes them, one that does not reads its own; the loader's own image
+    check is skipped: load_splits decodes only what the run reads (not the query/gallery of a train set tested on
+    another), once."""
+    accepted = dataset_options(name)
+    for key in ("train_split", "test_splits"):
+        if options.get(key, True) or key not in accepted:
+            options.pop(key, None)
+    if "verify_images" in accepted:
+        options["verify_images"] = False
+    return build_dataset(name, os.path.expanduser(root), with_masks=with_masks, mask_root=data["mask_root"], **options)
+
+
+def _tested_on(splits: ReIDSplits, test: ReIDSplits, with_masks: bool) -> ReIDSplits:
+    """The train split of ``splits`` with the query and gallery of ``test`` (``dataset.test_name``)."""
+    mask_paths = {**(splits.mask_paths or {}), **(test.mask_paths or {})} if with_masks else None
+    return dataclasses.replace(
+        splits,
+        name=f"{splits.name}->{test.name}",
+        query=test.query,
+        gallery=test.gallery,
+        mask_paths=mask_paths,
+        occluded_paths=test.occluded_paths,
+        multi_query=test.multi_query,
+    )
+
+
+def _test_set_alone(data: dict, test: ReIDSplits) -> ReIDSplits:
+    """An evaluation's ``dataset.test_name`` set, named as a run trained on ``dataset.name`` and tested on it."""
+    trained = combined_name([canonical_dataset_name(name) for name in source_names(data)], data["combineall"])
+    return dataclasses.replace(test, name=f"{trained}->{test.name}", train=[])
