@@ -38,6 +38,7 @@ from typing import Callable, Optional
 from dpm_ops.ops._checks import check_known_options, quote
 
 from .assembly import _assemble, check_count_policy, check_wanted_splits, row_loader
+from .dgd import DGD_LOADERS
 from .errors import DatasetError, DatasetNotFoundError
 from .layouts import MARKET_LOADERS, PUBLISHED_COUNTS, load_cuhk03_np, load_synthetic
 from .parsing import MSMT17_CAMERAS, find_dataset_dir, parse_msmt_list, parse_pid_index_folder
@@ -231,6 +232,7 @@ _LOADERS: dict[str, Callable[..., ReIDSplits]] = {
     "cuhk03_np": load_cuhk03_np,
     "msmt17": load_msmt17,
     "synthetic": load_synthetic,
+    **DGD_LOADERS,
 }
 
 _ALIASES = {

@@ -167,16 +167,19 @@ def parse_msmt_list(list_path: str, image_dir: str) -> list[ImageRecord]:
     return records
 
 
-def read_synthetic_manifest(dataset_dir: str) -> dict:
-    path = os.path.join(dataset_dir, SYNTHETIC_MANIFEST)
+def read_json(path: str, what: str, missing_hint: str = "") -> object:
+    """The JSON file ``path`` (``what`` names it in errors: missing, not JSON, unreadable)."""
     try:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
     except FileNotFoundError as error:
-        raise DatasetNotFoundError(
-            f"not a synthetic dataset, {path} is missing (generate one with `dpm-reid synth --out DIR`)"
-        ) from error
+        raise DatasetNotFoundError(f"{what} not found: {path}{missing_hint}") from error
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DatasetError(f"corrupt synthetic manifest {path}: {error}") from error
+        raise DatasetError(f"corrupt {what} {path}: {error}") from error
     except OSError as error:  # a folder of that name, an unreadable file
-        raise DatasetError(f"cannot read the synthetic manifest {path}: {error.strerror}") from error
+        raise DatasetError(f"cannot read the {what} {path}: {error.strerror}") from error
+
+
+def read_synthetic_manifest(dataset_dir: str) -> dict:
+    hint = " (not a synthetic dataset: generate one with `dpm-reid synth --out DIR`)"
+    return read_json(os.path.join(dataset_dir, SYNTHETIC_MANIFEST), "synthetic manifest", hint)

@@ -1,0 +1,172 @@
+"""The small datasets of DGD's joint single-task learning (JSTL; Xiao et al., CVPR 2016), in the uniform format its
+``data/format_*.py`` scripts write: the set MaskReID's softmax stage trains on (3DPeS, CUHK01, CUHK03, i-LIDS, PRID,
+VIPeR and Shinpuhkan merged; maskreid.md §5) and its Table 1 tests on.
+
+A formatted dataset is a folder (``external/exp/datasets/<viper, prid, ...>`` in DGD's scripts) holding
+``meta.json`` (``name``, ``num_cameras``, ``identities``: per person, per camera, the image files relative to the
+folder, ``cam_<c>/<person:05d>_<n:05d>.<ext>``) and ``split.json`` (``trainval``, ``test_probe``, ``test_gallery``:
+person indices). The scripts draw the split at random, unseeded, once: reading their ``split.json`` gives DGD's split,
+which no seed could rebuild.
+
+The splits, as DGD's ``tools/make_lists_id_training.py`` lists them: train = every image of the trainval persons
+(DGD keeps 20% of them apart for Caffe's validation; its evaluation trains its metric on both, as here); query = the
+first half of a probe person's cameras (camera 0 of a two-camera set), gallery = the other half, plus every image of
+the gallery-only persons (PRID's 549 camera-B persons). Rank-1 as DGD reports it is the single-gallery-shot CMC
+(``eval.protocol: cuhk03``; DGD averages 100 draws).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+from dpm_ops.ops._checks import is_integer, quote
+
+from .assembly import _assemble, check_wanted_splits, row_loader
+from .errors import DatasetError, DatasetNotFoundError
+from .parsing import find_dataset_dir, read_json
+from .records import ImageRecord, ReIDSplits
+
+DGD_FILES = ("meta.json", "split.json")
+SPLIT_KEYS = ("trainval", "test_probe", "test_gallery")
+
+
+@dataclasses.dataclass(frozen=True)
+class DGDLayout:
+    """One dataset of DGD's format: one row, one public loader."""
+
+    name: str  # registry name
+    title: str  # meta.json's "name", as DGD's script writes it
+    folder: str  # the folder DGD's scripts write it to
+    num_cams: int
+
+    @property
+    def about(self) -> str:  # the loader's docstring
+        return f"""{self.title} in DGD's format: ``{self.folder}/{{meta.json,split.json,cam_*/}}`` with DGD's split.
+
+    ``root`` may be the folder or the one holding it (DGD's ``external/exp/datasets``). See :mod:`dpm_ops.data.dgd`.
+    """
+
+
+DGD_LAYOUTS = (
+    DGDLayout("dgd_3dpes", "3DPeS", "3dpes", 2),
+    DGDLayout("dgd_cuhk01", "cuhk01", "cuhk01", 2),
+    DGDLayout("dgd_cuhk03", "cuhk03", "cuhk03", 2),  # labeled and detected boxes merged, the five pairs tiled as one
+    DGDLayout("dgd_ilids", "i-LIDS", "ilids", 2),
+    DGDLayout("dgd_prid", "PRID", "prid", 2),
+    DGDLayout("dgd_viper", "VIPeR", "viper", 2),
+    DGDLayout("dgd_shinpuhkan", "Shinpuhkan", "shinpuhkan", 16),  # trainval only: no test split
+)
+
+
+def _load_dgd_layout(
+    layout: DGDLayout,
+    root: str,
+    *,
+    with_masks: bool = False,
+    mask_root: Optional[str] = None,
+    check_counts: str = "warn",
+    verify_images: bool = True,
+    train_split: bool = True,
+    test_splits: bool = True,
+) -> ReIDSplits:
+    check_wanted_splits(train_split, test_splits)
+    dataset_dir = find_dataset_dir(root, ("", layout.folder), DGD_FILES, f"{layout.title} (DGD's format)")
+    persons = _read_meta(layout, dataset_dir)
+    split = _read_split(dataset_dir, len(persons))
+    half = {person: len(persons[person]) // 2 for person in split["test_probe"]}  # DGD's probe views
+
+    def records(person: int, cameras: range) -> list[ImageRecord]:
+        return [
+            ImageRecord(os.path.join(dataset_dir, file), person, camera)
+            for camera in cameras
+            for file in persons[person][camera]
+        ]
+
+    def every(person: int) -> range:
+        return range(len(persons[person]))
+
+    train = [r for p in split["trainval"] for r in records(p, every(p))] if train_split else []
+    query, gallery = [], []
+    if test_splits:
+        query = [r for p in split["test_probe"] for r in records(p, range(half[p]))]
+        gallery = [r for p in split["test_gallery"] for r in records(p, every(p)[half.get(p, 0) :])]
+    in_split = {p for key in SPLIT_KEYS for p in split[key]}
+    unused = [r.path for p in range(len(persons)) if p not in in_split for r in records(p, every(p))]
+    return _assemble(
+        layout.name,
+        dataset_dir,
+        train=train,
+        query=query,
+        gallery=gallery,
+        num_cams=layout.num_cams,
+        expected_counts=None,  # split.json's draw decides them
+        check_counts=check_counts,
+        with_masks=with_masks,
+        mask_root=mask_root,
+        verify_images=verify_images,
+        unused=unused,
+        train_split=train_split,
+        test_splits=test_splits,
+    )
+
+
+def _read_meta(layout: DGDLayout, dataset_dir: str) -> list[list[list[str]]]:
+    """meta.json's identities, checked: the layout's dataset and cameras, every file once, in its camera's folder,
+    named for its person, present."""
+    path = os.path.join(dataset_dir, "meta.json")
+    meta = read_json(path, "DGD meta file")
+    if not isinstance(meta, dict) or meta.get("name") != layout.title:
+        found = meta.get("name") if isinstance(meta, dict) else meta
+        raise DatasetError(f"{path}: expected the meta file of {layout.title} (its name), got {quote(found)}")
+    if meta.get("num_cameras") != layout.num_cams or not isinstance(meta.get("identities"), list):
+        raise DatasetError(f"{path}: expected num_cameras {layout.num_cams} and a list of identities")
+    seen = set()
+    for person, cameras in enumerate(meta["identities"]):
+        if not isinstance(cameras, list) or len(cameras) > layout.num_cams:
+            raise DatasetError(f"{path}: identity {person} must list at most {layout.num_cams} cameras' files")
+        for camera, files in enumerate(cameras):
+            for file in files if isinstance(files, list) else [files]:
+                _check_file(path, dataset_dir, person, camera, file, seen)
+    return meta["identities"]
+
+
+def _check_file(meta_path: str, dataset_dir: str, person: int, camera: int, file, seen: set) -> None:
+    where = f"{meta_path}: identity {person}, camera {camera}"
+    folder, _, name = file.partition("/") if isinstance(file, str) else ("", "", "")
+    stem = os.path.splitext(name)[0].split("_")
+    if folder != f"cam_{camera}" or len(stem) != 2 or not stem[0].isascii() or not stem[0].isdigit():
+        raise DatasetError(f"{where}: expected 'cam_{camera}/<person>_<n>.<ext>', got {quote(file)}")
+    if int(stem[0]) != person:
+        raise DatasetError(f"{where}: {file} is named for identity {int(stem[0])}")
+    if file in seen:
+        raise DatasetError(f"{where}: {file} is listed twice")
+    seen.add(file)
+    if not os.path.isfile(os.path.join(dataset_dir, file)):
+        raise DatasetNotFoundError(f"{where}: image not found: {os.path.join(dataset_dir, file)}")
+
+
+def _read_split(dataset_dir: str, num_persons: int) -> dict[str, list[int]]:
+    """split.json's person lists, checked as DGD's scripts assume: persons of the meta file, each listed once, no
+    trainval person tested, every probe person in the gallery."""
+    path = os.path.join(dataset_dir, "split.json")
+    split = read_json(path, "DGD split file")
+    if not isinstance(split, dict) or any(not isinstance(split.get(key), list) for key in SPLIT_KEYS):
+        raise DatasetError(f"{path}: expected lists {', '.join(SPLIT_KEYS)}")
+    for key in SPLIT_KEYS:
+        bad = next((p for p in split[key] if not is_integer(p) or not 0 <= p < num_persons), None)
+        if bad is not None:
+            raise DatasetError(f"{path}: {key} holds {quote(bad)}, not an identity of meta.json (0..{num_persons - 1})")
+        if len(set(split[key])) != len(split[key]):
+            raise DatasetError(f"{path}: {key} lists an identity twice")
+    tested = set(split["test_probe"]) | set(split["test_gallery"])
+    both = sorted(set(split["trainval"]) & tested)
+    if both:
+        raise DatasetError(f"{path}: identity {both[0]} is in trainval and in the test split")
+    if not set(split["test_probe"]) <= set(split["test_gallery"]):
+        raise DatasetError(f"{path}: every test_probe identity must be in test_gallery (its matches)")
+    return {key: [int(p) for p in split[key]] for key in SPLIT_KEYS}
+
+
+DGD_LOADERS = {layout.name: row_loader(_load_dgd_layout, layout) for layout in DGD_LAYOUTS}

@@ -1,0 +1,212 @@
+"""DGD's uniform format (the JSTL datasets MaskReID's softmax stage trains on): folders written as DGD's
+data/format_*.py scripts write them, read into DGD's train / probe / gallery lists, every inconsistency named."""
+
+import json
+import os
+
+import pytest
+from PIL import Image
+
+from dpm_ops.data import DatasetError, DatasetNotFoundError, build_dataset, combine_datasets
+from dpm_ops.data.masks import mask_path_for
+from dpm_ops.engine import ConfigError, load_config
+from dpm_ops.engine.splits import load_splits
+
+
+def write_dgd(folder, name, identities, split, *, num_cameras=2, suffix=".bmp", masks=False):
+    """A dataset in DGD's format: ``identities[person][camera]`` is that camera's image count; files
+    ``cam_<c>/<person:05d>_<n:05d><suffix>`` numbered per camera, as format_viper.py / format_prid.py name them."""
+    listed = []
+    for person, cameras in enumerate(identities):
+        listed.append([])
+        for camera, count in enumerate(cameras):
+            files = [f"cam_{camera}/{person:05d}_{n:05d}{suffix}" for n in range(count)]
+            for n, file in enumerate(files):
+                path = folder / file
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (8, 16), (40 * camera, 10 * person % 256, 7 * n)).save(path)
+                if masks:
+                    mask = mask_path_for(str(path), str(folder))
+                    os.makedirs(os.path.dirname(mask), exist_ok=True)
+                    Image.new("L", (8, 16), 255).save(mask)
+            listed[-1].append(files)
+    meta = {"name": name, "shot": "multiple", "num_cameras": num_cameras, "identities": listed}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    (folder / "split.json").write_text(json.dumps(split))
+    return folder
+
+
+def viper(root, **options):
+    """Six persons, one image per camera; DGD's random half: trainval 0, 2, 4, test 1, 3, 5."""
+    split = {"trainval": [0, 2, 4], "test_probe": [1, 3, 5], "test_gallery": [1, 3, 5]}
+    return write_dgd(root / "viper", "VIPeR", [[1, 1]] * 6, split, **options)
+
+
+def prid(root):
+    """format_prid.py's shape: probe persons 0, 1 (one image a camera); trainval 2 (both cameras, multi-shot) and
+    3 (camera A only); gallery-only persons 4, 5 (camera B alone)."""
+    identities = [[1, 1], [1, 1], [3, 2], [2, 0], [0, 1], [0, 1]]
+    split = {"trainval": [2, 3], "test_probe": [0, 1], "test_gallery": [0, 1, 4, 5]}
+    return write_dgd(root / "prid", "PRID", identities, split, suffix=".png")
+
+
+def listing(records):
+    return sorted((os.path.relpath(r.path, os.path.dirname(os.path.dirname(r.path))), r.pid, r.camid) for r in records)
+
+
+def test_viper_splits_as_dgd_lists_them(tmp_path):
+    viper(tmp_path)
+    data = build_dataset("dgd_viper", tmp_path)  # the folder holding viper/, as DGD's external/exp/datasets
+    assert data.name == "dgd_viper" and data.num_cams == 2 and data.root == str(tmp_path / "viper")
+    assert listing(data.train) == [
+        ("cam_0/00000_00000.bmp", 0, 0),
+        ("cam_0/00002_00000.bmp", 1, 0),
+        ("cam_0/00004_00000.bmp", 2, 0),
+        ("cam_1/00000_00000.bmp", 0, 1),
+        ("cam_1/00002_00000.bmp", 1, 1),
+        ("cam_1/00004_00000.bmp", 2, 1),
+    ]
+    assert data.train_pid_map == {0: 0, 2: 1, 4: 2}
+    # the probe: the first half of a person's cameras (camera 0); the gallery: the other half
+    assert listing(data.query) == [(f"cam_0/{p:05d}_00000.bmp", p, 0) for p in (1, 3, 5)]
+    assert listing(data.gallery) == [(f"cam_1/{p:05d}_00000.bmp", p, 1) for p in (1, 3, 5)]
+    assert build_dataset("dgd_viper", tmp_path / "viper").query == data.query  # the folder itself
+
+
+def test_prid_gallery_only_persons_and_one_camera_persons(tmp_path):
+    prid(tmp_path)
+    data = build_dataset("dgd_prid", tmp_path)
+    assert sorted((r.pid, r.camid) for r in data.train) == [(0, 0)] * 3 + [(0, 1)] * 2 + [(1, 0)] * 2
+    assert sorted((r.pid, r.camid) for r in data.query) == [(0, 0), (1, 0)]
+    assert sorted((r.pid, r.camid) for r in data.gallery) == [(0, 1), (1, 1), (4, 1), (5, 1)]
+    alone = build_dataset("dgd_prid", tmp_path, train_split=False)
+    assert alone.train == [] and alone.query == data.query and alone.gallery == data.gallery
+    assert build_dataset("dgd_prid", tmp_path, test_splits=False).train == data.train
+
+
+def test_shinpuhkan_trains_only(tmp_path):
+    split = {"trainval": [0, 1], "test_probe": [], "test_gallery": []}
+    write_dgd(tmp_path / "shinpuhkan", "Shinpuhkan", [[2] * 16, [1, 0, 3]], split, num_cameras=16, suffix=".jpg")
+    with pytest.raises(DatasetError, match="dgd_shinpuhkan: the query split of .* is empty"):
+        build_dataset("dgd_shinpuhkan", tmp_path)
+    data = build_dataset("dgd_shinpuhkan", tmp_path, test_splits=False)
+    assert (
+        data.num_cams == 16 and len(data.train) == 32 + 4 and sorted({r.camid for r in data.train}) == list(range(16))
+    )
+
+
+def test_masks_mirror_the_camera_folders(tmp_path):
+    """Masks in ``cam_<c>_seg/``; those of a person in no split are no orphans (DGD's PRID leaves none out, a
+    hand-made split may)."""
+    split = {"trainval": [0, 2, 4], "test_probe": [1, 3], "test_gallery": [1, 3]}
+    folder = write_dgd(tmp_path / "viper", "VIPeR", [[1, 1]] * 6, split, masks=True)
+    data = build_dataset("dgd_viper", tmp_path, with_masks=True)
+    assert data.mask_paths[data.train[0].path] == str(folder / "cam_0_seg" / "00000_00000.png")
+    assert len(data.mask_paths) == 10 and not any("00005_" in path for path in data.mask_paths)
+    os.remove(data.mask_paths[data.query[0].path])
+    with pytest.raises(DatasetNotFoundError, match="1 image\\(s\\) have no mask"):
+        build_dataset("dgd_viper", tmp_path, with_masks=True)
+
+
+def edit(path, change):
+    record = json.loads(path.read_text())
+    change(record)
+    path.write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: m.update(name="PRID"), "expected the meta file of VIPeR \\(its name\\), got 'PRID'"),
+        (lambda m: m.update(num_cameras=3), "expected num_cameras 2 and a list of identities"),
+        (lambda m: m.update(identities={}), "expected num_cameras 2 and a list of identities"),
+        (lambda m: m["identities"].append([[], [], []]), "identity 6 must list at most 2 cameras' files"),
+        (
+            lambda m: m["identities"][1].__setitem__(0, ["cam_1/00001_00000.bmp"]),
+            "identity 1, camera 0: expected 'cam_0/",
+        ),
+        (
+            lambda m: m["identities"][1].__setitem__(0, ["cam_0/00002_00000.bmp"]),
+            "cam_0/00002_00000.bmp is named for identity 2",
+        ),
+        (
+            lambda m: m["identities"][1].__setitem__(0, ["cam_0/x_00000.bmp"]),
+            "expected 'cam_0/<person>_<n>.<ext>', got 'cam_0/x_00000.bmp'",
+        ),
+        (
+            lambda m: m["identities"][1].__setitem__(0, ["cam_0/00001_00000.bmp"] * 2),
+            "cam_0/00001_00000.bmp is listed twice",
+        ),
+        (
+            lambda m: m["identities"][1].__setitem__(0, ["cam_0/00001_00007.bmp"]),
+            "image not found: .*cam_0/00001_00007.bmp",
+        ),
+        (lambda m: m["identities"][1].__setitem__(0, [3]), "expected 'cam_0/<person>_<n>.<ext>', got 3"),
+    ],
+)
+def test_a_meta_file_that_does_not_describe_the_folder_is_named(tmp_path, change, message):
+    folder = viper(tmp_path)
+    edit(folder / "meta.json", change)
+    with pytest.raises(DatasetError, match=message):
+        build_dataset("dgd_viper", tmp_path)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda s: s.pop("test_probe"), "expected lists trainval, test_probe, test_gallery"),
+        (lambda s: s["trainval"].append(6), "trainval holds 6, not an identity of meta.json \\(0..5\\)"),
+        (lambda s: s["trainval"].append(True), "trainval holds True"),
+        (lambda s: s["trainval"].append(0), "trainval lists an identity twice"),
+        (lambda s: s["trainval"].append(1), "identity 1 is in trainval and in the test split"),
+        (lambda s: s["test_gallery"].remove(3), "every test_probe identity must be in test_gallery"),
+    ],
+)
+def test_a_split_file_dgd_would_not_have_written_is_named(tmp_path, change, message):
+    folder = viper(tmp_path)
+    edit(folder / "split.json", change)
+    with pytest.raises(DatasetError, match=message):
+        build_dataset("dgd_viper", tmp_path)
+
+
+def test_missing_or_unreadable_files_are_named(tmp_path):
+    folder = viper(tmp_path)
+    with pytest.raises(DatasetNotFoundError, match="VIPeR \\(DGD's format\\): no folder with meta.json, split.json"):
+        build_dataset("dgd_viper", folder / "cam_0")
+    with pytest.raises(DatasetError, match="expected the meta file of PRID \\(its name\\), got 'VIPeR'"):
+        build_dataset("dgd_prid", folder)  # another dataset's folder
+    (folder / "split.json").write_text("{")
+    with pytest.raises(DatasetError, match="corrupt DGD split file .*split.json: Expecting"):
+        build_dataset("dgd_viper", tmp_path)
+    (folder / "split.json").unlink()
+    (folder / "split.json").mkdir()
+    with pytest.raises(DatasetError, match="cannot read the DGD split file .*split.json: Is a directory"):
+        build_dataset("dgd_viper", tmp_path)
+
+
+def test_the_jstl_merge_trains_on_every_dataset_and_tests_on_one(tmp_path):
+    """DGD's JSTL order (3DPeS, CUHK01, CUHK03, i-LIDS, PRID, VIPeR, Shinpuhkan) as one training set, tested on
+    VIPeR: its cameras follow the 2 x 5 cameras of the datasets before it."""
+    viper(tmp_path)
+    prid(tmp_path)
+    split = {"trainval": [0], "test_probe": [1], "test_gallery": [1]}
+    for name, title in (("3dpes", "3DPeS"), ("cuhk01", "cuhk01"), ("cuhk03", "cuhk03"), ("ilids", "i-LIDS")):
+        write_dgd(tmp_path / name, title, [[2, 2], [1, 1]], split, suffix=".jpg")
+    write_dgd(
+        tmp_path / "shinpuhkan",
+        "Shinpuhkan",
+        [[1] * 16],
+        {"trainval": [0], "test_probe": [], "test_gallery": []},
+        num_cameras=16,
+    )
+    names = ["dgd_3dpes", "dgd_cuhk01", "dgd_cuhk03", "dgd_ilids", "dgd_prid", "dgd_viper", "dgd_shinpuhkan"]
+    overrides = [f"dataset.name=[{','.join(names)}]", f"dataset.root={tmp_path}", "dataset.test_name=dgd_viper"]
+    config = load_config(None, [*overrides, "eval.protocol=cuhk03"])
+    splits = load_splits(config)
+    assert splits.name == "+".join(names) + "->dgd_viper"
+    assert splits.num_train_pids == 4 * 1 + 2 + 3 + 1 and splits.num_cams == 6 * 2 + 16
+    assert sorted({r.camid for r in splits.query}) == [10] and sorted({r.camid for r in splits.gallery}) == [11]
+    loaded = [build_dataset(name, tmp_path, test_splits=False) for name in names]
+    assert combine_datasets(loaded).train == splits.train
+    with pytest.raises(ConfigError, match="dataset.name: a run trained on 7 datasets is tested on the one"):
+        load_config(None, [f"dataset.name=[{','.join(names)}]"])
