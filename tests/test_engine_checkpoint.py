@@ -428,7 +428,7 @@ def test_the_trainer_checks_its_config_and_arguments_before_any_work(tmp_path):
             "config key solver.optimizer: 'lion' is not one of sgd, adamw",
         ),
         (lambda c: c["solver"].update(epocs=1), "unknown config key 'solver.epocs' in the config given"),
-        (lambda c: c["solver"].update(epochs=-1), "config key solver.epochs: expected a value >= 1, got -1"),
+        (lambda c: c["solver"].update(epochs=-1), "config key solver.epochs: expected a value >= 0, got -1"),
         (lambda c: c.pop("solver"), "config has no solver section (a dict): start from load_config"),
         (lambda c: c["train"].update(seed="x"), "config key train.seed: expected int, got 'x'"),
     ]:

@@ -21,6 +21,7 @@ PAPER_CONFIGS = [
     "dpm_market1501",
     "maskreid_market1501",
     "maskreid_dukemtmc",
+    "maskreid_jstl",
     "vit_baseline_occluded_duke",
     "vit_baseline_dukemtmc",
     "vit_baseline_market1501",
@@ -65,6 +66,16 @@ def test_paper_values():
     )
     assert mr["loss"]["ranking_alpha"] == 0.15 and mr["loss"]["ranking_lambda"] == 2.0
     assert mr["pretrain"]["epochs"] > 0 and mr["input"]["size"] == [144, 56]
+    jstl = load_config("maskreid_jstl")  # stage 1: softmax alone on DGD's JSTL merge, in its order (maskreid.md §5)
+    assert jstl["dataset"]["name"] == [f"dgd_{name}" for name in "3dpes cuhk01 cuhk03 ilids prid viper".split()] + [
+        "dgd_shinpuhkan"
+    ]
+    assert jstl["solver"]["epochs"] == 0 and jstl["pretrain"]["epochs"] > 0 and jstl["pretrain"]["base_lr"] == 0.1
+    assert jstl["solver"]["weight_decay"] == 5e-4 and jstl["eval"]["protocol"] == "cuhk03"
+    assert jstl["eval"]["cuhk03_repeats"] == 100 and jstl["input"] == {**mr["input"]}
+    # stage 2 from its weights: the Market config without its own pre-training takes them as they are
+    second = load_config("maskreid_market1501", ["pretrain.epochs=0", "model.pretrained=runs/maskreid_jstl/final.pt"])
+    assert second["model"]["options"] == jstl["model"]["options"]
 
 
 def test_overrides_are_typed():
@@ -319,7 +330,8 @@ def test_a_builtin_name_is_never_taken_for_a_missing_path(tmp_path):
         ("solver.momentum=1.0", "solver.momentum: expected a value in [0, 1)"),
         ("solver.warmup_factor=0", "solver.warmup_factor: expected a value in (0, 1]"),
         ("solver.mask_lr=-0.1", "solver.mask_lr: expected a value > 0"),
-        ("solver.epochs=0", "solver.epochs: expected a value >= 1"),
+        ("solver.epochs=-1", "solver.epochs: expected a value >= 0"),
+        ("solver.epochs=0", "solver.epochs: 0 trains nothing; it is for MaskReID's softmax pre-training alone"),
         ("pretrain.base_lr=-1", "pretrain.base_lr: expected a value > 0"),
         ("loss.hem_weight=.nan", "loss.hem_weight: expected a finite number"),
         ("loss.triplet_weight=-1", "loss.triplet_weight: expected a value >= 0"),

@@ -12,7 +12,16 @@ import torch
 import torch.nn.functional as F
 
 from dpm_ops.data.synth import generate_synthetic_dataset
-from dpm_ops.engine import CheckpointError, Hook, Trainer, TrainingDiverged, load_checkpoint, load_config, train
+from dpm_ops.engine import (
+    CheckpointError,
+    ConfigError,
+    Hook,
+    Trainer,
+    TrainingDiverged,
+    load_checkpoint,
+    load_config,
+    train,
+)
 from dpm_ops.engine.run_log import RunLog
 from dpm_ops.losses import MaskReIDRankingLoss
 from engine_utils import flip_a_tensor_bit, tiny_config, tiny_synth_config, write_config
@@ -288,6 +297,35 @@ def test_maskreid_softmax_then_ranking(tmp_path, tiny_root):
     assert "loss/softmax" in records[0] and "loss/ranking" in records[-1]
     assert records[-1]["epoch"] == 2  # epochs count on across the stages
     assert {"all", "clean", "occluded"} <= set(result["metrics"])
+
+
+def test_maskreid_softmax_stage_alone_then_ranking_from_its_weights(tmp_path, tiny_root, monkeypatch):
+    """The paper's two runs (maskreid.md §5): softmax alone (solver.epochs 0: Table 1's runs on the JSTL merge,
+    MaskReID_soft), then the ranking stage started from its weights (model.pretrained, no softmax head)."""
+    settings = tiny_config(tiny_root, "maskreid")
+    settings.update(solver={"epochs": 0}, sampler={"kind": "pk", "num_ids": 4, "num_instances": 2})
+    softmax = load_config(str(write_config(tmp_path / "softmax.yaml", settings)))
+    first = train(softmax, tmp_path / "softmax")
+    records = read_jsonl(tmp_path / "softmax" / "train_log.jsonl")
+    assert first["finished"] and all("loss/softmax" in r and "loss/ranking" not in r for r in records)
+    assert records[-1]["epoch"] == 1 and {"all", "clean", "occluded"} <= set(first["metrics"])
+    weights = tmp_path / "softmax" / "checkpoints" / "final.pt"
+    trunk = {k: v for k, v in load_checkpoint(weights)["model"].items() if ".classifier." not in f".{k}"}
+    ranking = config_for(
+        tmp_path, tiny_root, "maskreid", [f"model.pretrained={weights}"], pretrain={"epochs": 0}, solver={"epochs": 1}
+    )
+    started, fit = {}, Trainer.fit
+
+    def recording_fit(trainer):  # the weights the ranking stage starts from
+        started.update({k: v.clone() for k, v in trainer.model.state_dict().items()})
+        return fit(trainer)
+
+    monkeypatch.setattr(Trainer, "fit", recording_fit)
+    second = train(ranking, tmp_path / "ranking")
+    assert second["finished"] and "loss/ranking" in read_jsonl(tmp_path / "ranking" / "train_log.jsonl")[0]
+    assert started.keys() == trunk.keys() and all(torch.equal(started[k], trunk[k]) for k in trunk)
+    with pytest.raises(ConfigError, match="solver.epochs: 0 trains nothing; it is for MaskReID's softmax pre"):
+        config_for(tmp_path, tiny_root, "dpm", ["solver.epochs=0"])
 
 
 @pytest.mark.parametrize("model", ["dpm", "maskreid"])

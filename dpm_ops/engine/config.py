@@ -140,7 +140,8 @@ SCHEMA: dict = {
         "momentum": _f(0.9, float, bounds=Bounds(0, 1, high_open=True)),
         "weight_decay": _f(1e-4, float, bounds=NON_NEGATIVE),
         "weight_decay_bias": _f(None, float, nullable=True, bounds=NON_NEGATIVE),  # None: same as weight_decay
-        "epochs": _f(150, int, bounds=AT_LEAST_1),
+        # 0: MaskReID's softmax pre-training alone (its Table 1 runs and MaskReID_soft), no ranking stage
+        "epochs": _f(150, int, bounds=NON_NEGATIVE),
         "schedule": _f("warmup_cosine", str, ("warmup_cosine", "poly", "constant")),
         "warmup_epochs": _f(5, int, bounds=NON_NEGATIVE),
         # warmup starts at warmup_factor · base_lr

@@ -135,6 +135,11 @@ def validate(config: dict) -> None:
             f"config key sampler.kind: model {name} trains on "
             f"{' or '.join(SAMPLER_NAMES[k] for k in recipe.sampler_kinds)}; not '{kind}'"
         )
+    if not config["solver"]["epochs"] and not config["pretrain"]["epochs"]:
+        raise ConfigError(
+            "config key solver.epochs: 0 trains nothing; it is for MaskReID's softmax pre-training alone "
+            "(pretrain.epochs > 0)"
+        )
     _resolve_train_input(config, recipe)
     _check_keys_are_read(config, recipe)
     _check_train_resize(config, recipe)
@@ -171,8 +176,8 @@ def _resolve_train_input(config: dict, recipe) -> None:
 
 def sampler_kinds_used(config: dict) -> list:
     """The samplers the run's stages draw from: sampler.kind, and pretrain.sampler with a pre-training stage."""
-    pretrain = config["pretrain"]["sampler"] if config["pretrain"]["epochs"] > 0 else config["sampler"]["kind"]
-    return sorted({config["sampler"]["kind"], pretrain})
+    main = {config["sampler"]["kind"]} if config["solver"]["epochs"] > 0 else set()
+    return sorted(main | ({config["pretrain"]["sampler"]} if config["pretrain"]["epochs"] > 0 else set()))
 
 
 def _key_readers(config: dict, recipe) -> list:
@@ -185,9 +190,11 @@ def _key_readers(config: dict, recipe) -> list:
 def _training_and_evaluation_rules(config: dict) -> list:
     """(keys, when they are read, whether this config reads them, what it has instead): optimizer, schedules,
     pre-training, samplers and the evaluation's switches."""
-    pretrain = config["pretrain"]["epochs"] > 0
+    pretrain, main = config["pretrain"]["epochs"] > 0, config["solver"]["epochs"] > 0
     optimizer, evaluation = config["solver"]["optimizer"], config["eval"]
-    schedules = sorted({config["solver"]["schedule"]} | ({config["pretrain"]["schedule"]} if pretrain else set()))
+    schedules = sorted(
+        ({config["solver"]["schedule"]} if main else set()) | ({config["pretrain"]["schedule"]} if pretrain else set())
+    )
     samplers = sampler_kinds_used(config)
     in_use = f"the schedules here are {', '.join(schedules)}"
     rules = [

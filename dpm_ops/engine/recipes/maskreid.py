@@ -1,7 +1,8 @@
 """MaskReID (arXiv 1804.03864 v1, training and test) and its ResNet-50 variant: raw + foreground-masked inputs;
 ``pretrain.epochs`` of softmax (ID cross-entropy) pre-training, then ``solver.epochs`` of the ranking
 loss (Eq. 5) on the ``sampler.kind`` batches (1 id x 10 + 54 singles), each stage with its own SGD
-and schedule; Euclidean distance of the (unit-length) 256-d descriptor at test.
+and schedule (``solver.epochs: 0``: the softmax stage alone); Euclidean distance of the (unit-length) 256-d
+descriptor at test.
 
 Both networks share this recipe: they differ only in the trunk (``MaskReIDRecipe.model_class``).
 """
@@ -89,6 +90,8 @@ class MaskReIDRecipe(Recipe):
                     section="pretrain",
                 )
             )
+        if config["solver"]["epochs"] == 0:  # the softmax stage alone (the paper's Table 1 runs, MaskReID_soft)
+            return stages
         # the softmax head is not trained by the ranking loss
         params = [(n, p) for n, p in model.named_parameters() if ".classifier." not in f".{n}"]
         ranking_optimizer = make_optimizer(config, sgd_param_groups(params, config["solver"]["base_lr"], **common))
