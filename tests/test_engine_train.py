@@ -328,6 +328,30 @@ def test_maskreid_softmax_stage_alone_then_ranking_from_its_weights(tmp_path, ti
         config_for(tmp_path, tiny_root, "dpm", ["solver.epochs=0"])
 
 
+def test_maskreid_triplet_stage_mines_the_whole_p_x_k_batch(tmp_path, tiny_root, monkeypatch):
+    """loss.maskreid_loss triplet (Table 2's MaskReID_trip): the stage after the pre-training trains the batch-hard
+    soft-margin triplet on the embedding of P x K batches, gathered over the ranks (here one: the batch itself)."""
+    from dpm_ops.engine import distributed
+
+    gathered, gather = [], distributed.gather_batch
+    monkeypatch.setattr(distributed, "gather_batch", lambda *args: gathered.append(len(args[1])) or gather(*args))
+    settings = tiny_config(tiny_root, "maskreid")
+    settings["sampler"] = {"kind": "pk", "num_ids": 4, "num_instances": 2}
+    settings["loss"] = {"maskreid_loss": "triplet"}
+    result = train(load_config(str(write_config(tmp_path / "trip.yaml", settings))), tmp_path / "run")
+    records = read_jsonl(tmp_path / "run" / "train_log.jsonl")
+    triplet = [r for r in records if "loss/triplet" in r]
+    assert result["finished"] and triplet and not any("loss/ranking" in r for r in records)
+    assert "loss/softmax" in records[0] and "triplet epoch 1 iter 1/5" in (tmp_path / "run" / "train.log").read_text()
+    assert gathered == [8] * len(triplet)  # every triplet step, on the whole 4 x 2 batch
+    with pytest.raises(ConfigError, match="sampler.kind: loss.maskreid_loss triplet mines each anchor's hardest"):
+        config_for(tmp_path, tiny_root, "maskreid", ["loss.maskreid_loss=triplet"])
+    with pytest.raises(
+        ConfigError, match="loss.ranking_alpha: read only by the ranking loss's Eq. 5 .*maskreid_loss is"
+    ):
+        load_config(str(tmp_path / "trip.yaml"), ["loss.ranking_alpha=0.1"])
+
+
 @pytest.mark.parametrize("model", ["dpm", "maskreid"])
 def test_compiled_train_steps_follow_eager(tmp_path, tiny_root, model, monkeypatch):
     """train.compile: the steps call torch.compile's module (here its aot_eager backend: inductor's

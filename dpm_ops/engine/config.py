@@ -126,6 +126,8 @@ SCHEMA: dict = {
         "triplet_weight": _f(1.0, float, bounds=NON_NEGATIVE),
         "plain_weight": _f(0.5, float, bounds=NON_NEGATIVE),
         "masked_weight": _f(0.5, float, bounds=NON_NEGATIVE),
+        # MaskReID's stage after the pre-training: its ranking loss, or Table 2's MaskReID_trip (batch-hard triplet)
+        "maskreid_loss": _f("ranking", str, ("ranking", "triplet")),
         # MaskReID ranking loss: Eq. 5 (pos_mode hardest | all_eq5), or Eq. 4 (eq4: no alpha, lambda, neg_mode)
         "ranking_alpha": _f(0.15, float, bounds=NON_NEGATIVE),
         "ranking_lambda": _f(2.0, float, bounds=NON_NEGATIVE),  # 0: Table 4's ablation without the pull

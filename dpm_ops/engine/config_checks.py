@@ -135,6 +135,15 @@ def validate(config: dict) -> None:
             f"config key sampler.kind: model {name} trains on "
             f"{' or '.join(SAMPLER_NAMES[k] for k in recipe.sampler_kinds)}; not '{kind}'"
         )
+    if (
+        kind == "maskreid"
+        and "loss.maskreid_loss" in recipe.config_keys
+        and config["loss"]["maskreid_loss"] != "ranking"
+    ):
+        raise ConfigError(
+            "config key sampler.kind: loss.maskreid_loss triplet mines each anchor's hardest positive and negative in "
+            "P x K batches (sampler.kind pk); MaskReID's batches give one identity positives"
+        )
     if not config["solver"]["epochs"] and not config["pretrain"]["epochs"]:
         raise ConfigError(
             "config key solver.epochs: 0 trains nothing; it is for MaskReID's softmax pre-training alone "
@@ -262,13 +271,21 @@ def _model_and_data_rules(config: dict, recipe) -> list:
         (("dataset.mask_root",), "with masks (dataset.with_masks, or a model that reads them)", masks, "none are read"),
     ]
     if "loss.ranking_pos_mode" in recipe.config_keys:  # Eq. 4 has no margin, no pull and no hinge
-        pos_mode = config["loss"]["ranking_pos_mode"]
+        pos_mode, main_loss = config["loss"]["ranking_pos_mode"], config["loss"]["maskreid_loss"]
         rules.append(
             (
                 ("loss.ranking_alpha", "loss.ranking_lambda", "loss.ranking_neg_mode"),
                 "by the ranking loss's Eq. 5 (loss.ranking_pos_mode hardest or all_eq5)",
-                pos_mode != "eq4",
-                f"it is {pos_mode}",
+                pos_mode != "eq4" and main_loss == "ranking",
+                f"it is {pos_mode}" if pos_mode == "eq4" else "loss.maskreid_loss is triplet",
+            )
+        )
+        rules.append(
+            (
+                ("loss.ranking_pos_mode",),
+                "by the ranking loss (loss.maskreid_loss ranking)",
+                main_loss == "ranking",
+                "loss.maskreid_loss is triplet",
             )
         )
     for key in sorted({key for other in RECIPES.values() for key in other.config_keys} - set(recipe.config_keys)):

@@ -1,6 +1,7 @@
 """MaskReID (arXiv 1804.03864 v1, training and test) and its ResNet-50 variant: raw + foreground-masked inputs;
 ``pretrain.epochs`` of softmax (ID cross-entropy) pre-training, then ``solver.epochs`` of the ranking
-loss (Eq. 5) on the ``sampler.kind`` batches (1 id x 10 + 54 singles), each stage with its own SGD
+loss (Eq. 5) on the ``sampler.kind`` batches (1 id x 10 + 54 singles) or, ``loss.maskreid_loss: triplet``, the
+batch-hard soft-margin triplet on P x K batches (Table 2's MaskReID_trip), each stage with its own SGD
 and schedule (``solver.epochs: 0``: the softmax stage alone); Euclidean distance of the (unit-length) 256-d
 descriptor at test.
 
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from dpm_ops.data import build_transforms, masked_image
-from dpm_ops.losses import MaskReIDRankingLoss
+from dpm_ops.losses import MaskReIDRankingLoss, batch_hard_soft_margin_triplet
 from dpm_ops.models import MaskReID, MaskReIDResNet50
 from dpm_ops.models.param_groups import sgd_param_groups
 
@@ -27,7 +28,13 @@ TEST_MARGIN = (16, 8)
 
 class MaskReIDRecipe(Recipe):
     name = "maskreid"
-    config_keys = ("loss.ranking_alpha", "loss.ranking_lambda", "loss.ranking_neg_mode", "loss.ranking_pos_mode")
+    config_keys = (
+        "loss.maskreid_loss",
+        "loss.ranking_alpha",
+        "loss.ranking_lambda",
+        "loss.ranking_neg_mode",
+        "loss.ranking_pos_mode",
+    )
     model_class = MaskReID
     transform_recipe = "maskreid"
     default_test_size = TEST_CROP
@@ -41,6 +48,8 @@ class MaskReIDRecipe(Recipe):
     def pk_mining_loss(self, config: dict):
         if config["sampler"]["kind"] != "pk":  # the pre-training's softmax alone takes them: no negatives
             return None
+        if config["loss"]["maskreid_loss"] == "triplet":
+            return "the triplet loss (loss.maskreid_loss triplet)", "loss.maskreid_loss=ranking"
         return "the ranking loss (sampler.kind pk)", "sampler.kind=maskreid"
 
     def model_options(self, config: dict) -> dict:
@@ -92,31 +101,39 @@ class MaskReIDRecipe(Recipe):
             )
         if config["solver"]["epochs"] == 0:  # the softmax stage alone (the paper's Table 1 runs, MaskReID_soft)
             return stages
-        # the softmax head is not trained by the ranking loss
+        # the softmax head is not trained by the ranking (or triplet) loss
         params = [(n, p) for n, p in model.named_parameters() if ".classifier." not in f".{n}"]
-        ranking_optimizer = make_optimizer(config, sgd_param_groups(params, config["solver"]["base_lr"], **common))
+        main_optimizer = make_optimizer(config, sgd_param_groups(params, config["solver"]["base_lr"], **common))
         loss, kind = config["loss"], config["sampler"]["kind"]
-        ranking = MaskReIDRankingLoss(
-            alpha=loss["ranking_alpha"],
-            lam=loss["ranking_lambda"],
-            neg_mode=loss["ranking_neg_mode"],
-            pos_mode=loss["ranking_pos_mode"],
-            # under DDP a P x K batch is split over the ranks: it mines over every rank's share; a MaskReID batch
-            # is one ranking problem, each rank's own (gathered, the ranks' problems would mine one another's)
-            ranking_batch=distributed.gather_batch if kind == "pk" else None,
-        )
+        if loss["maskreid_loss"] == "triplet":  # Table 2's MaskReID_trip: Hermans' batch-hard soft-margin triplet
+            term = "triplet"
 
-        def ranking_step(ctx: StepContext, batch: dict) -> dict:
+            def criterion(embedding, pids):  # under DDP it mines over every rank's share, as one process would
+                return batch_hard_soft_margin_triplet(*distributed.gather_batch(embedding, pids))
+
+        else:
+            term, criterion = (
+                "ranking",
+                MaskReIDRankingLoss(
+                    alpha=loss["ranking_alpha"],
+                    lam=loss["ranking_lambda"],
+                    neg_mode=loss["ranking_neg_mode"],
+                    pos_mode=loss["ranking_pos_mode"],
+                    # under DDP a P x K batch is split over the ranks: it mines over every rank's share; a MaskReID batch
+                    # is one ranking problem, each rank's own (gathered, the ranks' problems would mine one another's)
+                    ranking_batch=distributed.gather_batch if kind == "pk" else None,
+                ),
+            )
+
+        def main_step(ctx: StepContext, batch: dict) -> dict:
             images, masked, pids = ctx.to_device(batch, "image", "masked", "pid")
-            ranking_optimizer.zero_grad(set_to_none=True)
+            main_optimizer.zero_grad(set_to_none=True)
             with ctx.autocast():
-                loss = ranking(ctx.model(images, masked).embedding, pids)
-            ctx.backward_step(loss, ranking_optimizer)
-            return loss_record(loss, {"ranking": loss})
+                value = criterion(ctx.model(images, masked).embedding, pids)
+            ctx.backward_step(value, main_optimizer)
+            return loss_record(value, {term: value})
 
-        stages.append(
-            scheduled_stage(config, "ranking", {"main": ranking_optimizer}, kind, iters_per_epoch, ranking_step)
-        )
+        stages.append(scheduled_stage(config, term, {"main": main_optimizer}, kind, iters_per_epoch, main_step))
         return stages
 
     def test_transform(self, image_size):
