@@ -8,6 +8,7 @@ import shutil
 import warnings
 
 import pytest
+from PIL import Image
 from dpm_ops.data import (
     DatasetCountWarning,
     DatasetError,
@@ -229,3 +230,76 @@ def test_a_run_on_two_datasets_trains_and_evaluates_as_dpm_reid_eval_scores_it(t
     assert record["settings"]["dataset"] == trained["settings"]["dataset"] == "market1501+dukemtmc->dukemtmc"
     assert record["all"] == trained["all"] and record["all"] == result["metrics"]["all"]
     assert 0 < record["all"]["mAP"] <= 100
+
+
+def test_several_test_sets_each_with_its_own_cameras_and_checks(market_and_duke):
+    """dataset.test_name a list (fast-reid's DATASETS.TESTS): the first is the splits' query and gallery, the others
+    more_tests, each checked and numbered as the model trained (Duke after Market's cameras)."""
+    root, _, _ = market_and_duke
+    make_duke_tree(root / "Occluded_Duke")
+    sources = "dataset.name=[market1501, dukemtmc]"
+    for train_split in (True, False):
+        splits = load_splits(
+            config(root, sources, "dataset.test_name=[occluded_duke,dukemtmc]"), train_split=train_split
+        )
+        (duke,) = splits.more_tests
+        assert (splits.name, duke.name) == ("market1501+dukemtmc->occluded_duke", "market1501+dukemtmc->dukemtmc")
+        assert sorted({r.camid for r in splits.query}) == [1, 6] and duke.more_tests == ()
+        assert sorted({r.camid for r in duke.query}) == [6 + 1, 6 + 6] and duke.train == splits.train
+        assert "and market1501+dukemtmc->dukemtmc" in splits.summary()
+    with pytest.raises(ConfigError, match="dataset.test_name: 'dukemtmc' is listed twice \\('duke'\\)"):
+        config(root, sources, "dataset.test_name=[dukemtmc, occluded_duke, duke]")
+    (root / "Occluded_Duke" / "query" / "0005_c2_f0046985.jpg").unlink()
+    (root / "Occluded_Duke" / "query" / "0009_c7_f0100000.jpg").unlink()
+    with pytest.raises(
+        DatasetError, match="no \\*.jpg images in .*Occluded_Duke.query"
+    ):  # the second test set is loaded and checked too
+        load_splits(config(root, sources, "dataset.test_name=[dukemtmc, occluded_duke]"))
+
+
+def test_two_names_of_one_test_set_are_refused(tmp_path):
+    for variant in ("labeled", "detected"):
+        for folder in ("bounding_box_train", "query", "bounding_box_test"):
+            name = {"query": "0001_c1_00.png"}.get(folder, "0001_c2_01.png")
+            image = tmp_path / "cuhk03-np" / variant / folder / name
+            image.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 16)).save(image)
+    overrides = [f"dataset.root={tmp_path}", "dataset.check_counts=off", "dataset.name=cuhk03_np_detected"]
+    overrides.append("dataset.test_name=[cuhk03_np, cuhk03_np_labeled]")
+    with pytest.raises(DatasetError, match="test_name: cuhk03_np and cuhk03_np_labeled are the same test set, cuhk"):
+        load_splits(load_config(None, overrides))
+
+
+def test_a_run_tested_on_two_sets_writes_each_and_their_metrics_json(tmp_path, two_synthetic_sets):
+    """Each set evaluated into test_<set>/ (metrics.json, pictures); the run's metrics.json holds them by name,
+    as final.pt and train() do; dpm-reid eval gives the same; a later evaluation on one set, and --overwrite,
+    leave no earlier test_<set>/ folder to pass for theirs."""
+    settings = tiny_config(two_synthetic_sets)
+    settings["dataset"] = {
+        "name": ["market1501", "dukemtmc"],
+        "root": str(two_synthetic_sets),
+        "test_name": ["dukemtmc", "market1501"],
+        "check_counts": "off",
+    }
+    settings["solver"]["epochs"] = 1
+    settings["eval"]["pictures"] = True
+    run_config = load_config(str(write_config(tmp_path / "two.yaml", settings)))
+    run = tmp_path / "run"
+    result = train(run_config, run)
+    record = json.loads((run / "metrics.json").read_text())
+    assert list(record) == list(result["metrics"]) == ["dukemtmc", "market1501"]
+    for name in record:
+        own = json.loads((run / f"test_{name}" / "metrics.json").read_text())
+        assert record[name] == own and own["settings"]["dataset"] == f"market1501+dukemtmc->{name}"
+        assert own["all"] == result["metrics"][name]["all"] and (run / f"test_{name}" / "ranked_best.png").is_file()
+    assert load_checkpoint(run / "checkpoints" / "final.pt")["metrics"] == result["metrics"]
+    metrics, output = evaluate_checkpoint(load_config(str(run / "config.yaml")), run / "checkpoints" / "final.pt")
+    scored_twice = json.loads((output / "metrics.json").read_text())
+    assert {name: scored_twice[name]["all"] for name in scored_twice} == {n: record[n]["all"] for n in record}
+    assert metrics == result["metrics"]
+    alone = load_config(str(run / "config.yaml"), ["dataset.test_name=market1501"])
+    evaluate_checkpoint(alone, run / "checkpoints" / "final.pt")
+    assert sorted(p.name for p in output.iterdir() if p.is_dir()) == []  # the two test_<set>/ of the earlier one
+    assert json.loads((output / "metrics.json").read_text())["all"] == record["market1501"]["all"]
+    train(run_config, run, overwrite=True)
+    assert sorted(p.name for p in run.glob("test_*")) == ["test_dukemtmc", "test_market1501"]

@@ -73,6 +73,7 @@ def test_paper_values():
     assert jstl["solver"]["epochs"] == 0 and jstl["pretrain"]["epochs"] > 0 and jstl["pretrain"]["base_lr"] == 0.1
     assert jstl["solver"]["weight_decay"] == 5e-4 and jstl["eval"]["protocol"] == "cuhk03"
     assert jstl["eval"]["cuhk03_repeats"] == 100 and jstl["input"] == {**mr["input"]}
+    assert jstl["dataset"]["test_name"] == [f"dgd_{name}" for name in "viper prid 3dpes ilids cuhk01 cuhk03".split()]
     # stage 2 from its weights: the Market config without its own pre-training takes them as they are
     second = load_config("maskreid_market1501", ["pretrain.epochs=0", "model.pretrained=runs/maskreid_jstl/final.pt"])
     assert second["model"]["options"] == jstl["model"]["options"]

@@ -40,6 +40,9 @@ class ReIDSplits:
     multi_query: Optional[list[ImageRecord]] = None
     # gallery pids that mark images of no identity (Market-1501's 0): never trained on as an identity
     distractor_pids: frozenset[int] = frozenset()
+    # a run tested on several sets (dataset.test_name a list): the sets after the first, each as this one (its name,
+    # query, gallery, masks, occlusion labels), the train split shared
+    more_tests: tuple["ReIDSplits", ...] = ()
 
     @property
     def num_train_pids(self) -> int:
@@ -64,4 +67,6 @@ class ReIDSplits:
         if self.occluded_paths is not None:
             occluded_queries = sum(r.path in self.occluded_paths for r in self.query)
             lines.append(f"  occluded queries: {occluded_queries} / {len(self.query)}")
+        for test in self.more_tests:  # their query and gallery lines
+            lines += [f"and {test.name} ({test.root})", *test.summary().splitlines()[3:]]
         return "\n".join(lines)

@@ -5,7 +5,9 @@ model's recipe (:mod:`.recipes`)."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -166,16 +168,17 @@ def check_model_fits_data(model_args: dict, config: dict, splits: ReIDSplits, so
     camera of the training set) and the eval section's choices (_check_eval_section). ``source`` names the
     model's origin in the message."""
     check_input_size(model_args, config, source)
-    _check_eval_section(config, splits)
     num_cameras = model_args["num_cameras"]
-    highest = max((r.camid for r in (*splits.query, *splits.gallery)), default=-1)
-    if num_cameras > 1 and highest >= num_cameras:  # one training camera: no embedding, the camera is not read
-        raise ConfigError(
-            f"{source} has {num_cameras} camera embeddings (SIE, one per training camera) but the "
-            f"test set {splits.name} has camera ids up to {highest} ({highest + 1} cameras); evaluate "
-            f"on a set with at most {num_cameras} cameras, or map a one-camera-per-split set with "
-            "dataset.test_camids"
-        )
+    for test in (splits, *splits.more_tests):
+        _check_eval_section(config, test)
+        highest = max((r.camid for r in (*test.query, *test.gallery)), default=-1)
+        if num_cameras > 1 and highest >= num_cameras:  # one training camera: no embedding, the camera is not read
+            raise ConfigError(
+                f"{source} has {num_cameras} camera embeddings (SIE, one per training camera) but the "
+                f"test set {test.name} has camera ids up to {highest} ({highest + 1} cameras); evaluate "
+                f"on a set with at most {num_cameras} cameras, or map a one-camera-per-split set with "
+                "dataset.test_camids"
+            )
 
 
 def eval_model_arguments(name: str, checkpoint_args: dict, config: dict) -> dict:
@@ -296,9 +299,38 @@ def evaluate_with_config(
     record: Optional[dict] = None,
 ) -> Optional[dict]:
     """``evaluate_model`` with the config's ``eval`` section (``record``: its metrics.json entries). Features are
-    extracted under
-    ``eval.amp`` (fp32 by default), never under the training's ``solver.amp``: the official code
-    trains under fp16 autocast and tests in fp32."""
+    extracted under ``eval.amp`` (fp32 by default), never under the training's ``solver.amp``: the official code
+    trains under fp16 autocast and tests in fp32.
+
+    A run tested on several sets (``splits.more_tests``): each one evaluated in turn into ``out_dir/test_<set>/``
+    (its metrics.json and pictures), then ``out_dir/metrics.json`` holds each one's metrics.json under the set's
+    name (written last; an earlier evaluation's ``test_*`` folders of other sets removed): the metrics returned
+    are ``{set: metrics}``."""
+    tests, main = (splits, *splits.more_tests), distributed.current().is_main
+    options = dict(device=device, pictures=pictures, progress=progress, log=log, record=record)
+    if len(tests) == 1:
+        results, folders = _evaluate_test_set(model, splits, config, out_dir=out_dir, **options), {}
+    else:
+        names = [test.name.rsplit("->", 1)[-1] for test in tests]  # each set's own name (load_splits: all different)
+        folders = {name: None if out_dir is None else Path(out_dir) / f"test_{name}" for name in names}
+        results = {
+            name: _evaluate_test_set(model, test, config, out_dir=folders[name], **options)
+            for test, name in zip(tests, folders)
+        }
+    if out_dir is not None and main:
+        from .evaluator import write_json_atomic
+
+        for stale in set(Path(out_dir).glob("test_*")) - set(folders.values()):
+            if (stale / "metrics.json").is_file():  # an earlier evaluation's, of a set not tested now
+                shutil.rmtree(stale)
+        if folders:
+            saved = {name: json.loads((folder / "metrics.json").read_text("utf-8")) for name, folder in folders.items()}
+            write_json_atomic(str(Path(out_dir) / "metrics.json"), saved)
+    return results if main else None
+
+
+def _evaluate_test_set(model, splits, config, *, device, out_dir, pictures, progress, log, record) -> Optional[dict]:
+    """One test set's evaluation (evaluate_with_config)."""
     from . import evaluator
 
     ev = config["eval"]

@@ -230,14 +230,16 @@ class RunFolder:
     EVALUATION = "eval"  # `dpm-reid eval`'s folder for the run's checkpoints: metrics.json and PICTURES
 
     def remove_earlier_run(self) -> list[Path]:
-        """With overwrite: the earlier run's checkpoints and results (periodic evaluations, metrics, pictures, and
-        the files `dpm-reid eval` of its checkpoints wrote in <run>/eval), removed once the new run has set up (a
+        """With overwrite: the earlier run's checkpoints and results (periodic evaluations, metrics, pictures, those of
+        each test set, and the files `dpm-reid eval` of its checkpoints wrote in <run>/eval), removed once the new run has set up (a
         run that fails on bad input leaves them), so none passes for the new run's. Other files stay."""
         if not self.earlier:
             return []
         evaluation = self.path / self.EVALUATION
         results = [self.path / name for name in self.RESULTS] + sorted(self.path.glob("eval_epoch_[0-9]*"))
         results += [evaluation / name for name in ("metrics.json", *PICTURES)]
+        # a run tested on several sets: each one's metrics.json and pictures in test_<set>/
+        results += [found.parent for folder in (self.path, evaluation) for found in folder.glob("test_*/metrics.json")]
         removed = [*self.earlier, *(path for path in results if path.exists())]
         for path in removed:
             if path.is_dir() and not path.is_symlink():

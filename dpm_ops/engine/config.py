@@ -84,8 +84,9 @@ SCHEMA: dict = {
         "root": _f("~/.cache/dpm_ops/synthetic", str),  # the dataset's folder or one holding it (each of them)
         # train on the query and gallery identities too (torchreid's / fast-reid's combineall)
         "combineall": _f(False, bool),
-        # evaluate on another dataset's query/gallery (DPM: train Market-1501, test Occluded-REID)
-        "test_name": _f(None, str, nullable=True),
+        # evaluate on another dataset's query/gallery (DPM: train Market-1501, test Occluded-REID), or on each of a
+        # list (fast-reid's DATASETS.TESTS, torchreid's targets)
+        "test_name": _f(None, "names", nullable=True),
         "test_root": _f(None, str, nullable=True),  # None: same as root
         # [query camid, gallery camid] of a test set with one camera per split (occluded_reid,
         # partial_reid); None: the loader's (0, 1). DPM's Occluded-REID convention is [0, 2].

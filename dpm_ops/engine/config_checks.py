@@ -363,22 +363,37 @@ def source_names(data: dict) -> list[str]:
     return list(data["name"]) if isinstance(data["name"], list) else [data["name"]]
 
 
+def test_names(data: dict) -> list[str]:
+    """The datasets a run is tested on by name (config key dataset.test_name, one name or a list); [] for the query
+    and gallery of the one it trains on."""
+    value = data["test_name"]
+    return [] if value is None else list(value) if isinstance(value, list) else [value]
+
+
+def _check_distinct(key: str, names: list[str]) -> list[str]:
+    """The registry's names of ``names``; a name listed twice (under an alias too) is an error naming ``key``."""
+    from dpm_ops.data.datasets import canonical_dataset_name
+
+    canonical = [canonical_dataset_name(name) for name in names]
+    for index, name in enumerate(canonical):
+        if name in canonical[:index]:
+            first = names[canonical.index(name)]
+            alias = f" ({quote(names[index])})" if names[index] != first else ""
+            raise ConfigError(f"config key {key}: {quote(first)} is listed twice{alias}")
+    return canonical
+
+
 def _check_sources(config: dict, recipe) -> None:
     """Several datasets (dataset.name a list) and combineall train on a set that has no test split of its own:
     they are tested on dataset.test_name (combineall: a set it did not train on)."""
-    from dpm_ops.data.datasets import canonical_dataset_name
 
     data = config["dataset"]
-    names = source_names(data)
+    names, tests = source_names(data), test_names(data)
+    tested = _check_distinct("dataset.test_name", tests)
     if len(names) == 1 and not data["combineall"]:
         return
-    canonical = [canonical_dataset_name(name) for name in names]
+    canonical = _check_distinct("dataset.name", names)
     if len(names) > 1:
-        for index, key in enumerate(canonical):
-            if key in canonical[:index]:
-                first = names[canonical.index(key)]
-                alias = f" ({quote(names[index])})" if names[index] != first else ""
-                raise ConfigError(f"config key dataset.name: {quote(first)} is listed twice{alias}")
         if "synthetic" in canonical:
             raise ConfigError(
                 "config key dataset.name: the synthetic set trains alone (its folder is dataset.root itself, "
@@ -390,7 +405,7 @@ def _check_sources(config: dict, recipe) -> None:
                 "config key dataset.mask_root: with several datasets each one's masks sit in its own folder "
                 "(the _seg mirrors of its image folders, which a mask_root would hold once for them all)"
             )
-    if not data["test_name"]:
+    if not tests:
         raise ConfigError(
             "config key dataset.combineall: a run that trains on its datasets' query and gallery is tested on "
             "another set, dataset.test_name; set it"
@@ -398,9 +413,10 @@ def _check_sources(config: dict, recipe) -> None:
             else f"config key dataset.name: a run trained on {len(names)} datasets is tested on the one "
             "dataset.test_name names; set it"
         )
-    if data["combineall"] and canonical_dataset_name(data["test_name"]) in canonical:
+    trained = next((test for test, key in zip(tests, tested) if key in canonical), None)
+    if data["combineall"] and trained is not None:
         raise ConfigError(
-            f"config key dataset.test_name: {quote(data['test_name'])} is trained on with dataset.combineall "
+            f"config key dataset.test_name: {quote(trained)} is trained on with dataset.combineall "
             "(its query and gallery identities too): test on a dataset not in dataset.name"
         )
 
@@ -413,7 +429,6 @@ def _check_dataset_options(config: dict) -> None:
     data = config["dataset"]
     if data["test_root"] is not None and not data["test_name"]:  # it was ignored: the metrics were dataset.root's
         raise ConfigError("config key dataset.test_root: set dataset.test_name (the test set read from that folder)")
-    test_name = data["test_name"] or data["name"]
     wanted = []
     if data["test_camids"] is not None:
         if not data["test_name"]:
@@ -424,9 +439,10 @@ def _check_dataset_options(config: dict) -> None:
     if config["eval"]["multi_query"] != "off":
         wanted.append(("eval.multi_query", "multi_query", "market1501's gt_bbox/ pools"))
     for key, option, needs in wanted:
-        try:
-            options = dataset_options(test_name)
-        except DatasetError:
-            return  # an unregistered name: build_dataset reports it when the data is loaded
-        if option not in options:
-            raise ConfigError(f"config key {key}: the test set {test_name} has no such option; it needs {needs}")
+        for test_name in test_names(data) or [data["name"]]:  # a list of sources has a test_name
+            try:
+                options = dataset_options(test_name)
+            except DatasetError:
+                continue  # an unregistered name: build_dataset reports it when the data is loaded
+            if option not in options:
+                raise ConfigError(f"config key {key}: the test set {test_name} has no such option; it needs {needs}")

@@ -15,7 +15,7 @@ from dpm_ops.data.combined import combine_datasets, combined_name
 from dpm_ops.data.datasets import canonical_dataset_name, dataset_options
 
 from . import distributed
-from .config_checks import source_names
+from .config_checks import source_names, test_names
 from .recipes import get_recipe
 
 
@@ -46,14 +46,15 @@ def _trains_on_synthetic(data: dict) -> bool:
 def load_splits(config: dict, *, train_split: bool = True) -> ReIDSplits:
     """Train split of ``dataset`` (of each dataset of a list, combined: :func:`combine_datasets`, with their query
     and gallery under ``dataset.combineall``), query/gallery of ``dataset`` or of ``dataset.test_name`` (with its
-    ``dataset.test_camids``); the test set's gt_bbox pools with ``eval.multi_query``.
+    ``dataset.test_camids``); the test set's gt_bbox pools with ``eval.multi_query``. A list of test sets: the first
+    as one, the others in ``more_tests``, each with the train split.
 
     ``train_split=False`` (an evaluation: the checkpoint fixes the model's classes and cameras): the test set alone,
     the train split neither read nor needed, so a folder of query and gallery images is scored; a loader that
     takes no ``train_split`` option lists its own, which is not decoded. The test set's own train split is never
     read, nor are a train set's query and gallery when ``dataset.test_name`` names another.
 
-    Checked here, before any long work: the query/gallery can be evaluated (some query has a
+    Checked here, before any long work: each query/gallery can be evaluated (some query has a
     match), and every image the run reads (with its mask) decodes."""
     data = config["dataset"]
     with_masks = (
@@ -62,53 +63,60 @@ def load_splits(config: dict, *, train_split: bool = True) -> ReIDSplits:
     test_options = {"multi_query": True} if config["eval"]["multi_query"] != "off" else {}
     if data["test_camids"] is not None:
         test_options["camids"] = tuple(data["test_camids"])
-    test = None
-    if data["test_name"]:
-        root = data["test_root"] or data["root"]
-        options = dict(train_split=False, check_counts=data["check_counts"], **test_options)
-        test = _build_dataset(data, data["test_name"], root, with_masks, **options)
+    options = dict(train_split=False, check_counts=data["check_counts"], **test_options)
+    root = data["test_root"] or data["root"]
+    tests = [
+        _numbered_as_trained(data, name, _build_dataset(data, name, root, with_masks, **options))
+        for name in test_names(data)
+    ]
+    loaded = [test.name for test in tests]
+    twice = next((name for index, name in enumerate(loaded) if name in loaded[:index]), None)
+    if twice is not None:  # their metrics would share one entry and folder
+        given = [given for given, name in zip(test_names(data), loaded) if name == twice]
+        raise DatasetError(f"config key dataset.test_name: {' and '.join(given)} are the same test set, {twice}")
     counts = {"check_counts": data["check_counts"]}
     if data["check_counts"] == "warn" and _trains_on_synthetic(data):
         counts = {}  # the synthetic loader's default, "error": its manifest states its exact counts
-    combined = len(source_names(data)) > 1 or data["combineall"]
-    if combined:
-        test = _numbered_as_trained(data, test)
-    if combined and train_split:
+    if train_split and (len(source_names(data)) > 1 or data["combineall"]):
         wanted = dict(test_splits=data["combineall"], **counts)
         sources = [_build_dataset(data, name, data["root"], with_masks, **wanted) for name in source_names(data)]
         splits = combine_datasets(sources, combineall=data["combineall"])
-    elif train_split or test is None:
-        wanted = dict(train_split=train_split, test_splits=test is None, **counts)
+    elif train_split or not tests:
+        wanted = dict(train_split=train_split, test_splits=not tests, **counts)
         splits = _build_dataset(
-            data, data["name"], data["root"], with_masks, **wanted, **({} if test else test_options)
+            data, data["name"], data["root"], with_masks, **wanted, **({} if tests else test_options)
         )
-    if test is not None:
-        splits = _tested_on(splits, test, with_masks) if train_split else _test_set_alone(data, test)
+    if tests:
+        made = [_tested_on(splits, test, with_masks) if train_split else _test_set_alone(data, test) for test in tests]
+        splits = dataclasses.replace(made[0], more_tests=tuple(made[1:]))
     if train_split and not splits.train:
         raise DatasetError(
             f"dataset {data['name']} at {data['root']} has no training images (training needs a train split; "
             "dpm-reid eval scores a set of query and gallery images alone)"
         )
-    check_query_matches(test or splits)  # names the test set's own root
+    for test in tests or [splits]:
+        check_query_matches(test)  # names the test set's own root
     verify_splits(splits, train=train_split)
+    for test in splits.more_tests:
+        verify_splits(test, train=False)
     return splits
 
 
-def _numbered_as_trained(data: dict, test: ReIDSplits) -> ReIDSplits:
-    """``test`` with its cameras numbered as a set combined of ``dataset.name``'s datasets numbers them where it is
-    one of them (after the cameras of those before it, whose train folders are listed to count them), so that the
-    model's camera embeddings (SIE) are its own."""
-    names = [canonical_dataset_name(name) for name in source_names(data)]
-    tested = canonical_dataset_name(data["test_name"])
+def _numbered_as_trained(data: dict, name: str, test: ReIDSplits) -> ReIDSplits:
+    """The test set ``name`` with its cameras numbered as a set combined of ``dataset.name``'s datasets numbers them
+    where it is one of them (after the cameras of those before it, whose train folders are listed to count them), so
+    that the model's camera embeddings (SIE) are its own."""
+    names = [canonical_dataset_name(source) for source in source_names(data)]
+    tested = canonical_dataset_name(name)
     if tested not in names[1:]:
         return test
     listed = dict(with_masks=False, test_splits=False, check_counts="off")
     before = source_names(data)[: names.index(tested)]
     try:
-        first = sum(_build_dataset(data, name, data["root"], **listed).num_cams for name in before)
+        first = sum(_build_dataset(data, source, data["root"], **listed).num_cams for source in before)
     except DatasetError as error:  # dpm-reid eval reads no train split but these
         raise type(error)(
-            f"dataset.test_name {data['test_name']} follows {', '.join(before)} in dataset.name: its cameras are "
+            f"dataset.test_name {name} follows {', '.join(before)} in dataset.name: its cameras are "
             f"numbered after theirs, counted from their train folders: {error}"
         ) from None
 
