@@ -301,5 +301,13 @@ def test_a_run_tested_on_two_sets_writes_each_and_their_metrics_json(tmp_path, t
     evaluate_checkpoint(alone, run / "checkpoints" / "final.pt")
     assert sorted(p.name for p in output.iterdir() if p.is_dir()) == []  # the two test_<set>/ of the earlier one
     assert json.loads((output / "metrics.json").read_text())["all"] == record["market1501"]["all"]
+    again = train(load_config(str(run / "config.yaml"), ["dataset.test_name=market1501"]), run, resume=True)
+    assert again["metrics"]["all"] == record["market1501"]["all"] and not list(run.glob("test_*"))  # evaluated again
+    assert json.loads((run / "metrics.json").read_text())["settings"]["dataset"] == "market1501+dukemtmc->market1501"
     train(run_config, run, overwrite=True)
     assert sorted(p.name for p in run.glob("test_*")) == ["test_dukemtmc", "test_market1501"]
+    (run / "test_notes").mkdir()
+    (run / "test_notes.txt").write_text("mine")
+    stopped = load_config(str(run / "config.yaml"), ["train.stop_after_iters=1"])
+    assert not train(stopped, run, overwrite=True)["finished"]  # the earlier run's test_<set>/ go with its checkpoints
+    assert sorted(p.name for p in run.glob("test_*")) == ["test_notes", "test_notes.txt"]

@@ -74,8 +74,10 @@ RESUME_FREE_KEYS = {
     ("train", "progress"),
     ("train", "device"),
     ("train", "compile"),
+    ("dataset", "test_name"),
+    ("dataset", "test_root"),
     ("dataset", "test_camids"),
-}  # test cameras: evaluation only
+}  # the test sets and their cameras: evaluation only
 RESUME_FREE_SECTIONS = {"eval", "dataloader"}
 
 
