@@ -3,6 +3,7 @@ the layouts themselves (timm 0.4 ViT, official DPM §1.3, torchvision ResNet-50)
 modules, so a renamed parameter on our side fails these tests."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -245,6 +246,24 @@ def test_classifiers_are_never_required_of_a_pretrained_file():
     assert report.missing and all("classifier." in key for key in report.missing)
 
 
+@pytest.mark.parametrize("model_name", ["maskreid", "dpm"])
+def test_a_classifier_of_other_classes_is_left_out_and_any_other_shape_refused(model_name):
+    """A run's weights start one on another set (MaskReID's JSTL softmax stage, then Market-1501's): its classifier
+    of the first set's identities is dropped, as torchreid's and fast-reid's loaders skip it; a trunk of another
+    shape is still an error."""
+    options = dict(stem_channels=4, base_width=4) if model_name == "maskreid" else dict(stride=11, **TINY_DPM)
+    torch.manual_seed(0)
+    first = build_model(model_name, CLASSES + 3, CAMERAS, **options).state_dict()
+    model = build_model(model_name, CLASSES, CAMERAS, **options)
+    report = load_pretrained(model, first)
+    heads = sorted(key for key in first if ".classifier." in f".{key}")
+    assert heads and report.dropped == heads and report.missing == heads and report.unexpected == []
+    assert all(torch.equal(model.state_dict()[key], first[key]) for key in report.loaded)
+    trunk = next(key for key in first if first[key].dim() == 4)
+    with pytest.raises(WeightsError, match=f"checkpoint key '{re.escape(trunk)}' -> model key .* does not match"):
+        load_pretrained(model, {**first, trunk: first[trunk][:1]})
+
+
 def test_official_dpm_checkpoint(tmp_path):
     checkpoint = official_dpm_checkpoint()
     path = tmp_path / "transformer_150.pth"
@@ -289,12 +308,14 @@ def test_a_position_embedding_of_no_known_grid_names_the_file_and_key():
 
 
 def test_shape_mismatch_names_the_key():
-    model = build_model("dpm", CLASSES, 8, stride=11, **TINY_DPM)  # 8 cameras, checkpoint has 3
-    with pytest.raises(ValueError, match=r"base\.sie_embed"):
-        load_pretrained(model, official_dpm_checkpoint())
-    wrong_classes = build_model("dpm", CLASSES + 1, CAMERAS, stride=11, **TINY_DPM)
-    with pytest.raises(ValueError, match=r"classifier\.weight"):
-        load_pretrained(wrong_classes, official_dpm_checkpoint())
+    """A model for another set (its classes, its cameras) starts from the official weights without their classifier
+    and camera embedding; a tensor of the network itself of another shape is refused, named."""
+    model = build_model("dpm", CLASSES + 1, 8, stride=11, **TINY_DPM)  # 8 cameras, checkpoint has 3
+    report = load_pretrained(model, official_dpm_checkpoint())
+    assert report.dropped == ["base.fc.bias", "base.fc.weight", "base.sie_embed", "classifier.weight"]
+    checkpoint = {**official_dpm_checkpoint(), "bottleneck.weight": torch.ones(C + 1)}
+    with pytest.raises(ValueError, match=r"'bottleneck\.weight' -> model key 'bottleneck\.weight': shape"):
+        load_pretrained(model, checkpoint)
     with pytest.raises(ValueError, match="cannot be loaded"):
         load_pretrained(model, torchvision_resnet_checkpoint())
 

@@ -159,7 +159,8 @@ class Trainer:
                 report = load_pretrained(self.model, path, partial=config["model"]["pretrained_partial"])
             except WeightsError as error:
                 raise CheckpointError(f"config key model.pretrained: {error}") from error
-            self.log(f"pretrained {path}: layout {report.layout}, {len(report.loaded)} tensors loaded")
+            heads = f"; left out: {', '.join(report.dropped)}" if report.dropped else ""  # e.g. another set's classes
+            self.log(f"pretrained {path}: layout {report.layout}, {len(report.loaded)} tensors loaded{heads}")
         self.model.to(self.device)
         self.model.train()
 

@@ -12,7 +12,10 @@ Layouts recognised (after unwrapping a ``'model'`` / ``'state_dict'`` entry and 
   1000-way ``base.fc`` is dropped.
 * ``torchvision_resnet50``: into ``MaskReIDResNet50``: ``fc`` dropped, everything under ``trunk``,
   and ``conv1`` / ``bn1`` also into the masked stream's stem.
-* ``native``: a state dict of the model itself.
+* ``native``: a state dict of the model itself (e.g. a run's ``final.pt``, to start another from).
+
+In every layout, a classifier of another number of classes or an SIE camera embedding of another number of cameras
+(another training set's identities or cameras) is dropped, as torchreid's and fast-reid's loaders skip them.
 
 :func:`trained_state_dict` reads a whole trained model (``native`` or ``dpm_official``) for evaluation.
 
@@ -210,6 +213,11 @@ def backbone_keys(model: nn.Module) -> list[str]:
     return [k for k in own if "classifier." not in f".{k}"]
 
 
+def _of_the_training_set(key: str) -> bool:
+    """A model tensor sized by its training set: the classifier (one row per identity), the SIE camera embedding."""
+    return ".classifier." in f".{key}" or key.endswith("sie_embed")
+
+
 def _detect_layout(state: StateDict) -> str:
     if any(k.startswith("base.") for k in state):
         return "dpm_official"
@@ -338,6 +346,9 @@ def load_pretrained(
                     tensor = resize_pos_embed(tensor, backbone.grid_size)
                 except ValueError as error:
                     raise WeightsError(f"{name}: checkpoint key {key!r}: {error}") from error
+            if tensor.shape != own[target].shape and _of_the_training_set(target):
+                dropped.append(key)  # another training set's identities or cameras (as the peers skip them)
+                continue
             if tensor.shape != own[target].shape:
                 raise WeightsError(
                     f"{name}: checkpoint key {key!r} -> model key {target!r}: shape "
