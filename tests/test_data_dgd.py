@@ -103,6 +103,10 @@ def test_masks_mirror_the_camera_folders(tmp_path):
     data = build_dataset("dgd_viper", tmp_path, with_masks=True)
     assert data.mask_paths[data.train[0].path] == str(folder / "cam_0_seg" / "00000_00000.png")
     assert len(data.mask_paths) == 10 and not any("00005_" in path for path in data.mask_paths)
+    # a load of some splits alone: the others' masks, in the same camera folders, are no orphans either
+    tested = build_dataset("dgd_viper", tmp_path, with_masks=True, train_split=False)
+    assert len(tested.mask_paths) == 4 and tested.mask_paths[data.query[0].path] == data.mask_paths[data.query[0].path]
+    assert len(build_dataset("dgd_viper", tmp_path, with_masks=True, test_splits=False).mask_paths) == 6
     os.remove(data.mask_paths[data.query[0].path])
     with pytest.raises(DatasetNotFoundError, match="1 image\\(s\\) have no mask"):
         build_dataset("dgd_viper", tmp_path, with_masks=True)

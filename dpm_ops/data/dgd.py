@@ -92,8 +92,8 @@ def _load_dgd_layout(
     if test_splits:
         query = [r for p in split["test_probe"] for r in records(p, range(half[p]))]
         gallery = [r for p in split["test_gallery"] for r in records(p, every(p)[half.get(p, 0) :])]
-    in_split = {p for key in SPLIT_KEYS for p in split[key]}
-    unused = [r.path for p in range(len(persons)) if p not in in_split for r in records(p, every(p))]
+    read = {r.path for r in (*train, *query, *gallery)}  # the masks of the others share their camera folders
+    unused = [r.path for p in range(len(persons)) for r in records(p, every(p)) if r.path not in read]
     return _assemble(
         layout.name,
         dataset_dir,
