@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+import torch
 from PIL import Image
 
 from dpm_ops.data import DatasetError, DatasetNotFoundError, build_dataset, combine_datasets
@@ -214,3 +215,31 @@ def test_the_jstl_merge_trains_on_every_dataset_and_tests_on_one(tmp_path):
     assert combine_datasets(loaded).train == splits.train
     with pytest.raises(ConfigError, match="dataset.name: a run trained on 7 datasets is tested on the one"):
         load_config(None, [f"dataset.name=[{','.join(names)}]"])
+
+
+def test_maskreid_trains_on_a_jstl_merge_with_masks_and_tests_on_each_set(tmp_path):
+    """The maskreid_jstl pipeline in small: MaskReID's softmax stage alone on two DGD-format sets with their masks,
+    tested on both (each set's test split, its masks read alone), then dpm-reid eval gives the same metrics."""
+    from dpm_ops.engine import train
+    from dpm_ops.engine.builders import evaluate_checkpoint
+    from engine_utils import tiny_config, write_config
+
+    split = {"trainval": [0, 1, 2, 3], "test_probe": [4, 5, 6], "test_gallery": [4, 5, 6]}
+    for name, title in (("viper", "VIPeR"), ("cuhk01", "cuhk01")):
+        write_dgd(tmp_path / name, title, [[2, 2]] * 7, split, masks=True)
+    settings = tiny_config(tmp_path, "maskreid")
+    settings["dataset"] = {
+        "name": ["dgd_cuhk01", "dgd_viper"],
+        "root": str(tmp_path),
+        "test_name": ["dgd_cuhk01", "dgd_viper"],
+    }
+    settings["sampler"] = {"kind": "pk", "num_ids": 4, "num_instances": 2}
+    settings["solver"] = {"epochs": 0}
+    settings["eval"].update(protocol="cuhk03", cuhk03_repeats=100)
+    result = train(load_config(str(write_config(tmp_path / "jstl.yaml", settings))), tmp_path / "run")
+    assert result["finished"] and list(result["metrics"]) == ["dgd_cuhk01", "dgd_viper"]
+    run = tmp_path / "run"
+    metrics, _ = evaluate_checkpoint(load_config(str(run / "config.yaml")), run / "checkpoints" / "final.pt")
+    assert metrics == result["metrics"]
+    args = torch.load(run / "checkpoints" / "final.pt", weights_only=True)["model_args"]
+    assert args["num_classes"] == 8  # four trainval persons of each set
