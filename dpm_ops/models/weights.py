@@ -213,6 +213,20 @@ def backbone_keys(model: nn.Module) -> list[str]:
     return [k for k in own if "classifier." not in f".{k}"]
 
 
+def _pos_embed_for(backbone: nn.Module, tensor: torch.Tensor, where: str, target: str) -> torch.Tensor:
+    """A checkpoint's position embedding resized to ``backbone``'s patch grid: one embedding (leading 1) of the CLS
+    slot and at least one patch token, of the model's width; anything else a WeightsError naming ``where``."""
+    width = backbone.pos_embed.shape[-1]
+    if tensor.dim() != 3 or tensor.shape[0] != 1 or tensor.shape[1] < 2 or tensor.shape[-1] != width:
+        raise WeightsError(
+            f"{where} -> {target!r}: shape {tuple(tensor.shape)} cannot be resized to {tuple(backbone.pos_embed.shape)}"
+        )
+    try:
+        return resize_pos_embed(tensor, backbone.grid_size)
+    except ValueError as error:
+        raise WeightsError(f"{where}: {error}") from error
+
+
 def _of_the_training_set(key: str) -> bool:
     """A model tensor sized by its training set: the classifier (one row per identity), the SIE camera embedding."""
     return ".classifier." in f".{key}" or key.endswith("sie_embed")
@@ -331,21 +345,7 @@ def load_pretrained(
                 unexpected.append(key)
                 continue
             if is_vit and target == "backbone.pos_embed" and tensor.shape != own[target].shape:
-                # one embedding (leading 1) of the CLS slot and at least one patch token, of the model's width
-                if (
-                    tensor.dim() != 3
-                    or tensor.shape[0] != 1
-                    or tensor.shape[1] < 2
-                    or tensor.shape[-1] != own[target].shape[-1]
-                ):
-                    raise WeightsError(
-                        f"{name}: checkpoint key {key!r} -> {target!r}: shape "
-                        f"{tuple(tensor.shape)} cannot be resized to {tuple(own[target].shape)}"
-                    )
-                try:
-                    tensor = resize_pos_embed(tensor, backbone.grid_size)
-                except ValueError as error:
-                    raise WeightsError(f"{name}: checkpoint key {key!r}: {error}") from error
+                tensor = _pos_embed_for(backbone, tensor, f"{name}: checkpoint key {key!r}", target)
             if tensor.shape != own[target].shape and _of_the_training_set(target):
                 dropped.append(key)  # another training set's identities or cameras (as the peers skip them)
                 continue
