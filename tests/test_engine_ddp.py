@@ -393,3 +393,27 @@ def test_sync_bn_is_refused_on_cpu_under_torchrun_alone():
     check_sync_bn(config, torch.device("cpu"), DistInfo())
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
     assert data_parallel(model, torch.device("cpu"), True, False) is model and type(model[1]) is torch.nn.BatchNorm1d
+
+
+def test_two_processes_evaluate_several_test_sets_as_one_does(tmp_path):
+    """dataset.test_name a list under torchrun: every rank evaluates each set in turn (a collective extraction each),
+    rank 0 alone writes the test_<set>/ folders and the metrics.json of them all, the same as one process writes."""
+    from dpm_ops.data.synth import generate_synthetic_dataset
+    from engine_utils import tiny_synth_config
+
+    for folder, seed in (("Market-1501-v15.09.15", 3), ("DukeMTMC-reID", 11)):
+        generate_synthetic_dataset(tmp_path / "sets" / folder, tiny_synth_config(seed=seed), progress=False)
+    settings = tiny_config(tmp_path / "sets")
+    settings["dataset"] = {"name": "market1501", "root": str(tmp_path / "sets"), "check_counts": "off"}
+    settings["dataset"]["test_name"] = ["dukemtmc", "market1501"]
+    settings["solver"]["epochs"] = 1
+    config = write_config(tmp_path / "two_tests.yaml", settings)
+    assert main(["train", "--config", str(config), "--output", str(tmp_path / "run")]) == 0
+    weights = tmp_path / "run" / "checkpoints" / "final.pt"
+    evaluated = torchrun("eval", "--config", str(config), "--weights", str(weights), "--output", "ddp", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr[-8000:]
+    assert evaluated.stdout.count("mINP") == 2, evaluated.stdout  # rank 0's table of each set
+    assert main(["eval", "--config", str(config), "--weights", str(weights), "--output", str(tmp_path / "one")]) == 0
+    two, one = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("ddp", "one"))
+    assert list(two) == ["dukemtmc", "market1501"] and two == one
+    assert all((tmp_path / "ddp" / f"test_{name}" / "metrics.json").is_file() for name in two)
