@@ -157,7 +157,7 @@ def test_combineall_config_trains_on_the_test_identities_and_is_tested_elsewhere
     [
         (
             ["dataset.name=[market1501, dukemtmc]"],
-            "dataset.name: a run trained on 2 datasets is tested on the one dataset.test_name names",
+            "dataset.name: a run trained on 2 datasets is tested on the set \\(or the list of sets\\) dataset.test_name names",
         ),
         (
             ["dataset.combineall=true", "dataset.name=market1501"],

@@ -213,7 +213,9 @@ def test_the_jstl_merge_trains_on_every_dataset_and_tests_on_one(tmp_path):
     assert sorted({r.camid for r in splits.query}) == [10] and sorted({r.camid for r in splits.gallery}) == [11]
     loaded = [build_dataset(name, tmp_path, test_splits=False) for name in names]
     assert combine_datasets(loaded).train == splits.train
-    with pytest.raises(ConfigError, match="dataset.name: a run trained on 7 datasets is tested on the one"):
+    with pytest.raises(
+        ConfigError, match="dataset.name: a run trained on 7 datasets is tested on the set \\(or the list"
+    ):
         load_config(None, [f"dataset.name=[{','.join(names)}]"])
 
 

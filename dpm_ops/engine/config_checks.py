@@ -363,7 +363,7 @@ def source_names(data: dict) -> list[str]:
     return list(data["name"]) if isinstance(data["name"], list) else [data["name"]]
 
 
-def test_names(data: dict) -> list[str]:
+def tested_names(data: dict) -> list[str]:
     """The datasets a run is tested on by name (config key dataset.test_name, one name or a list); [] for the query
     and gallery of the one it trains on."""
     value = data["test_name"]
@@ -386,9 +386,8 @@ def _check_distinct(key: str, names: list[str]) -> list[str]:
 def _check_sources(config: dict, recipe) -> None:
     """Several datasets (dataset.name a list) and combineall train on a set that has no test split of its own:
     they are tested on dataset.test_name (combineall: a set it did not train on)."""
-
     data = config["dataset"]
-    names, tests = source_names(data), test_names(data)
+    names, tests = source_names(data), tested_names(data)
     tested = _check_distinct("dataset.test_name", tests)
     if len(names) == 1 and not data["combineall"]:
         return
@@ -410,8 +409,8 @@ def _check_sources(config: dict, recipe) -> None:
             "config key dataset.combineall: a run that trains on its datasets' query and gallery is tested on "
             "another set, dataset.test_name; set it"
             if data["combineall"]
-            else f"config key dataset.name: a run trained on {len(names)} datasets is tested on the one "
-            "dataset.test_name names; set it"
+            else f"config key dataset.name: a run trained on {len(names)} datasets is tested on the set (or the "
+            "list of sets) dataset.test_name names; set it"
         )
     trained = next((test for test, key in zip(tests, tested) if key in canonical), None)
     if data["combineall"] and trained is not None:
@@ -439,7 +438,7 @@ def _check_dataset_options(config: dict) -> None:
     if config["eval"]["multi_query"] != "off":
         wanted.append(("eval.multi_query", "multi_query", "market1501's gt_bbox/ pools"))
     for key, option, needs in wanted:
-        for test_name in test_names(data) or [data["name"]]:  # a list of sources has a test_name
+        for test_name in tested_names(data) or [data["name"]]:  # a list of sources has a test_name
             try:
                 options = dataset_options(test_name)
             except DatasetError:

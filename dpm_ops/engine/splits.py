@@ -15,7 +15,7 @@ from dpm_ops.data.combined import combine_datasets, combined_name
 from dpm_ops.data.datasets import canonical_dataset_name, dataset_options
 
 from . import distributed
-from .config_checks import source_names, test_names
+from .config_checks import source_names, tested_names
 from .recipes import get_recipe
 
 
@@ -67,12 +67,12 @@ def load_splits(config: dict, *, train_split: bool = True) -> ReIDSplits:
     root = data["test_root"] or data["root"]
     tests = [
         _numbered_as_trained(data, name, _build_dataset(data, name, root, with_masks, **options))
-        for name in test_names(data)
+        for name in tested_names(data)
     ]
     loaded = [test.name for test in tests]
     twice = next((name for index, name in enumerate(loaded) if name in loaded[:index]), None)
     if twice is not None:  # their metrics would share one entry and folder
-        given = [given for given, name in zip(test_names(data), loaded) if name == twice]
+        given = [given for given, name in zip(tested_names(data), loaded) if name == twice]
         raise DatasetError(f"config key dataset.test_name: {' and '.join(given)} are the same test set, {twice}")
     counts = {"check_counts": data["check_counts"]}
     if data["check_counts"] == "warn" and _trains_on_synthetic(data):
