@@ -8,7 +8,8 @@ with hooks (:mod:`.hooks`) for logging, checkpoints, periodic evaluation and the
 Outputs in the run folder (rank 0 only): ``train.log`` and ``train_log.jsonl`` (:mod:`.run_log`),
 ``config.yaml``, ``checkpoints/last.pt`` (every ``train.checkpoint_every_iters`` iterations and at
 each epoch end), ``checkpoints/epoch_NNN.pt`` (every ``train.checkpoint_period`` epochs),
-``checkpoints/final.pt`` (weights only), ``metrics.json`` and the evaluation pictures.
+``checkpoints/final.pt`` (weights only), ``metrics.json`` and the evaluation pictures (tested on several sets:
+``metrics.json`` holds each one's by name, each in ``test_<set>/`` with its pictures, and so do the metrics returned).
 
 Resuming (``resume=True``) restores the model, optimizers, schedules, scaler, the python / numpy /
 torch (/ CUDA) RNG states of every rank and the sampler position, so a killed run continues with
