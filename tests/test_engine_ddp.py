@@ -412,7 +412,8 @@ def test_two_processes_evaluate_several_test_sets_as_one_does(tmp_path):
     weights = tmp_path / "run" / "checkpoints" / "final.pt"
     evaluated = torchrun("eval", "--config", str(config), "--weights", str(weights), "--output", "ddp", cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-8000:]
-    assert evaluated.stdout.count("mINP") == 2, evaluated.stdout  # rank 0's table of each set
+    assert evaluated.stdout.count("mINP") == 3, evaluated.stdout  # rank 0's table of each set, and of them all
+    assert "all queries of each of the 2 test sets:" in evaluated.stdout
     assert main(["eval", "--config", str(config), "--weights", str(weights), "--output", str(tmp_path / "one")]) == 0
     two, one = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("ddp", "one"))
     assert list(two) == ["dukemtmc", "market1501"] and two == one

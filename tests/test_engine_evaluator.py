@@ -848,6 +848,15 @@ def test_format_metrics_table():
     # queries without a match are left out of the scores: counted as scored, and said (they were counted silently)
     lines = format_metrics_table({"all": {**row, "num_valid": 9}, "clean": clean}).splitlines()
     assert lines[2].split()[-1] == "9" and lines[-1] == "(3 of 12 all queries have no match in the gallery: left out)"
+    # a row per test set (evaluate_with_config's summary of several): each set's left-out queries said, names wider
+    sets = {"occluded_duke": {**row, "num_valid": 9}, "market1501": clean, "dgd_viper": {**row, "num_valid": 11}}
+    lines = format_metrics_table(sets, label="test set").splitlines()
+    assert lines[0].split()[:3] == ["test", "set", "Rank-1"] and lines[2].split()[:2] == ["occluded_duke", "50.0"]
+    assert len({len(line) for line in lines[:5]}) == 1  # the columns aligned past the longest name
+    assert lines[5:] == [
+        "(3 of 12 occluded_duke queries have no match in the gallery: left out)",
+        "(1 of 12 dgd_viper queries have no match in the gallery: left out)",
+    ]
     with pytest.raises(ValueError, match="no subset"):
         format_metrics_table({"settings": {}})
     with pytest.raises(ValueError, match="malformed"):

@@ -306,6 +306,8 @@ def evaluate_with_config(
     (its metrics.json and pictures), then ``out_dir/metrics.json`` holds each one's metrics.json under the set's
     name (written last; an earlier evaluation's ``test_*`` folders of other sets removed): the metrics returned
     are ``{set: metrics}``."""
+    from . import evaluator
+
     tests, main = (splits, *splits.more_tests), distributed.current().is_main
     options = dict(device=device, pictures=pictures, progress=progress, log=log, record=record)
     if len(tests) == 1:
@@ -317,15 +319,16 @@ def evaluate_with_config(
             name: _evaluate_test_set(model, test, config, out_dir=folders[name], **options)
             for test, name in zip(tests, folders)
         }
+        if main:
+            table = evaluator.format_metrics_table({name: m["all"] for name, m in results.items()}, label="test set")
+            log(f"all queries of each of the {len(tests)} test sets:\n{table}")
     if out_dir is not None and main:
-        from .evaluator import write_json_atomic
-
         for stale in set(Path(out_dir).glob("test_*")) - set(folders.values()):
             if (stale / "metrics.json").is_file():  # an earlier evaluation's, of a set not tested now
                 shutil.rmtree(stale)
         if folders:
             saved = {name: json.loads((folder / "metrics.json").read_text("utf-8")) for name, folder in folders.items()}
-            write_json_atomic(str(Path(out_dir) / "metrics.json"), saved)
+            evaluator.write_json_atomic(str(Path(out_dir) / "metrics.json"), saved)
     return results if main else None
 
 

@@ -189,34 +189,34 @@ def rank_metrics(
     return metrics
 
 
-def format_metrics_table(metrics: dict) -> str:
+def format_metrics_table(metrics: dict, label: str = "queries") -> str:
     """A plain-text table: one row per query subset (``all``, ``clean``, ``occluded``, ...),
     columns Rank-1 / Rank-5 / Rank-10 / mAP / mINP (percent), the number of queries scored and, where
     the metrics have them, the TPRs at fast-reid's FPRs (percent); a last line counts the queries left
-    out for want of a match (the scores are over the others)."""
+    out for want of a match (the scores are over the others). ``label`` names the rows' column: another one
+    (``"test set"``: a row per set's ``all`` queries) counts each row's left-out queries."""
     if not isinstance(metrics, dict):
         raise ValueError(f"metrics must be the dict evaluate_model returns, got {type(metrics).__name__}")
     rows = [(name, values) for name, values in metrics.items() if isinstance(values, dict) and "mAP" in values]
     if not rows:
         raise ValueError("metrics holds no subset (a dict with rank1 / rank5 / rank10 / mAP / mINP / num_query)")
+    width = max(10, len(label) + 2, *(len(name) + 2 for name, _ in rows))
     fprs = list(dict.fromkeys(fpr for _, values in rows for fpr in values.get("tpr_at_fpr", {})))
-    header = f"{'queries':<10}{'Rank-1':>8}{'Rank-5':>8}{'Rank-10':>9}{'mAP':>8}{'mINP':>8}{'#queries':>10}"
+    header = f"{label:<{width}}{'Rank-1':>8}{'Rank-5':>8}{'Rank-10':>9}{'mAP':>8}{'mINP':>8}{'#queries':>10}"
     header += "".join(f"{'TPR@' + fpr:>11}" for fpr in fprs)
     lines = [header, "-" * len(header)]
     for name, values in rows:
         try:
             tprs = values.get("tpr_at_fpr", {})
             lines.append(
-                f"{name:<10}{values['rank1']:>8.1f}{values['rank5']:>8.1f}{values['rank10']:>9.1f}"
+                f"{name:<{width}}{values['rank1']:>8.1f}{values['rank5']:>8.1f}{values['rank10']:>9.1f}"
                 f"{values['mAP']:>8.1f}{values['mINP']:>8.1f}{values.get('num_valid', values['num_query']):>10d}"
                 + "".join(f"{tprs[fpr]:>11.1f}" if fpr in tprs else f"{'-':>11}" for fpr in fprs)
             )
         except (AttributeError, KeyError, TypeError, ValueError) as error:
             raise ValueError(f"metrics[{name!r}] is malformed: {error!r}") from error
-    _, first = rows[0]
-    left_out = first["num_query"] - first.get("num_valid", first["num_query"])
-    if left_out:
-        lines.append(
-            f"({left_out} of {first['num_query']} {rows[0][0]} queries have no match in the gallery: left out)"
-        )
+    for name, values in rows[:1] if label == "queries" else rows:  # subsets of one query set: its all row
+        left_out = values["num_query"] - values.get("num_valid", values["num_query"])
+        if left_out:
+            lines.append(f"({left_out} of {values['num_query']} {name} queries have no match in the gallery: left out)")
     return "\n".join(lines)
