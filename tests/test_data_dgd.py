@@ -126,27 +126,25 @@ def edit(path, change):
         (lambda m: m.update(num_cameras=3), "expected num_cameras 2 and a list of identities"),
         (lambda m: m.update(identities={}), "expected num_cameras 2 and a list of identities"),
         (lambda m: m["identities"].append([[], [], []]), "identity 6 must list at most 2 cameras' files"),
-        (
-            lambda m: m["identities"][1].__setitem__(0, ["cam_1/00001_00000.bmp"]),
-            "identity 1, camera 0: expected 'cam_0/",
-        ),
+        (lambda m: m["identities"][1].__setitem__(0, "cam_0/00001_00000.bmp"), "identity 1, view 0: expected a list"),
+        (lambda m: m["identities"][1].__setitem__(0, ["cam_2/00001_00000.bmp"]), "expected 'cam_<camera below 2>/"),
         (
             lambda m: m["identities"][1].__setitem__(0, ["cam_0/00002_00000.bmp"]),
             "cam_0/00002_00000.bmp is named for identity 2",
         ),
         (
             lambda m: m["identities"][1].__setitem__(0, ["cam_0/x_00000.bmp"]),
-            "expected 'cam_0/<person>_<n>.<ext>', got 'cam_0/x_00000.bmp'",
+            "identity 1, view 0: expected 'cam_<camera below 2>/<person>_<n>.<ext>', got 'cam_0/x_00000.bmp'",
         ),
         (
-            lambda m: m["identities"][1].__setitem__(0, ["cam_0/00001_00000.bmp"] * 2),
-            "cam_0/00001_00000.bmp is listed twice",
+            lambda m: m["identities"][1].__setitem__(1, ["cam_1/00001_00000.bmp"] * 2),
+            "cam_1/00001_00000.bmp is listed twice",
         ),
         (
             lambda m: m["identities"][1].__setitem__(0, ["cam_0/00001_00007.bmp"]),
             "image not found: .*cam_0/00001_00007.bmp",
         ),
-        (lambda m: m["identities"][1].__setitem__(0, [3]), "expected 'cam_0/<person>_<n>.<ext>', got 3"),
+        (lambda m: m["identities"][1].__setitem__(0, [3]), "expected 'cam_<camera below 2>/<person>_<n>.<ext>', got 3"),
     ],
 )
 def test_a_meta_file_that_does_not_describe_the_folder_is_named(tmp_path, change, message):
@@ -154,6 +152,25 @@ def test_a_meta_file_that_does_not_describe_the_folder_is_named(tmp_path, change
     edit(folder / "meta.json", change)
     with pytest.raises(DatasetError, match=message):
         build_dataset("dgd_viper", tmp_path)
+
+
+def test_the_cameras_are_the_folders_and_each_view_one_camera(tmp_path):
+    """Shinpuhkan's script lists a person's cameras in the order it meets them: the camera is the cam_<c>/ folder, not
+    the view's place in the list. A view of two cameras, or two views of one, is refused."""
+    split = {"trainval": [0], "test_probe": [1], "test_gallery": [1]}
+    folder = write_dgd(tmp_path / "viper", "VIPeR", [[1, 1], [1, 1]], split)
+    Image.new("RGB", (8, 16)).save(folder / "cam_1" / "00000_00001.bmp")
+    edit(folder / "meta.json", lambda m: m["identities"].__setitem__(0, [["cam_1/00000_00000.bmp"]]))
+    assert [(r.camid, os.path.basename(r.path)) for r in build_dataset("dgd_viper", tmp_path).train] == [
+        (1, "00000_00000.bmp")
+    ]
+    for views in (
+        [["cam_0/00000_00000.bmp", "cam_1/00000_00000.bmp"]],
+        [["cam_1/00000_00000.bmp"], ["cam_1/00000_00001.bmp"]],
+    ):
+        edit(folder / "meta.json", lambda m: m["identities"].__setitem__(0, views))
+        with pytest.raises(DatasetError, match="identity 0: each view must hold the files of one camera of its own"):
+            build_dataset("dgd_viper", tmp_path)
 
 
 @pytest.mark.parametrize(

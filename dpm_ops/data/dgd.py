@@ -75,13 +75,13 @@ def _load_dgd_layout(
     dataset_dir = find_dataset_dir(root, ("", layout.folder), DGD_FILES, f"{layout.title} (DGD's format)")
     persons = _read_meta(layout, dataset_dir)
     split = _read_split(dataset_dir, len(persons))
-    half = {person: len(persons[person]) // 2 for person in split["test_probe"]}  # DGD's probe views
+    half = {person: len(persons[person]) // 2 for person in split["test_probe"]}  # DGD's probe: the first views
 
-    def records(person: int, cameras: range) -> list[ImageRecord]:
+    def records(person: int, views: range) -> list[ImageRecord]:
         return [
             ImageRecord(os.path.join(dataset_dir, file), person, camera)
-            for camera in cameras
-            for file in persons[person][camera]
+            for view in views
+            for file, camera in persons[person][view]
         ]
 
     def every(person: int) -> range:
@@ -112,9 +112,10 @@ def _load_dgd_layout(
     )
 
 
-def _read_meta(layout: DGDLayout, dataset_dir: str) -> list[list[list[str]]]:
-    """meta.json's identities, checked: the layout's dataset and cameras, every file once, in its camera's folder,
-    named for its person, present."""
+def _read_meta(layout: DGDLayout, dataset_dir: str) -> list[list[list[tuple[str, int]]]]:
+    """meta.json's identities as (file, camera) per person and view, checked: the layout's dataset and cameras; each
+    view one camera's files (in its ``cam_<c>/`` folder: the camera, since Shinpuhkan's script lists a person's
+    cameras in the order it meets them), a camera per view; every file once, named for its person, present."""
     path = os.path.join(dataset_dir, "meta.json")
     meta = read_json(path, "DGD meta file")
     if not isinstance(meta, dict) or meta.get("name") != layout.title:
@@ -122,29 +123,38 @@ def _read_meta(layout: DGDLayout, dataset_dir: str) -> list[list[list[str]]]:
         raise DatasetError(f"{path}: expected the meta file of {layout.title} (its name), got {quote(found)}")
     if meta.get("num_cameras") != layout.num_cams or not isinstance(meta.get("identities"), list):
         raise DatasetError(f"{path}: expected num_cameras {layout.num_cams} and a list of identities")
-    seen = set()
-    for person, cameras in enumerate(meta["identities"]):
-        if not isinstance(cameras, list) or len(cameras) > layout.num_cams:
+    seen, persons = set(), []
+    for person, views in enumerate(meta["identities"]):
+        if not isinstance(views, list) or len(views) > layout.num_cams:
             raise DatasetError(f"{path}: identity {person} must list at most {layout.num_cams} cameras' files")
-        for camera, files in enumerate(cameras):
-            for file in files if isinstance(files, list) else [files]:
-                _check_file(path, dataset_dir, person, camera, file, seen)
-    return meta["identities"]
+        persons.append([])
+        for view, files in enumerate(views):
+            where = f"{path}: identity {person}, view {view}"
+            if not isinstance(files, list):
+                raise DatasetError(f"{where}: expected a list of files, got {quote(files)}")
+            persons[-1].append([_checked_file(where, dataset_dir, person, layout.num_cams, f, seen) for f in files])
+        cameras = [{camera for _, camera in view} for view in persons[-1] if view]
+        if any(len(view) > 1 for view in cameras) or len(set().union(*cameras)) < len(cameras):
+            raise DatasetError(f"{path}: identity {person}: each view must hold the files of one camera of its own")
+    return persons
 
 
-def _check_file(meta_path: str, dataset_dir: str, person: int, camera: int, file, seen: set) -> None:
-    where = f"{meta_path}: identity {person}, camera {camera}"
+def _checked_file(where: str, dataset_dir: str, person: int, num_cams: int, file, seen: set) -> tuple[str, int]:
+    """(``file``, its camera): in a ``cam_<c>/`` folder of a camera below ``num_cams``, named for ``person``, listed
+    once, present."""
     folder, _, name = file.partition("/") if isinstance(file, str) else ("", "", "")
     stem = os.path.splitext(name)[0].split("_")
-    if folder != f"cam_{camera}" or len(stem) != 2 or not stem[0].isascii() or not stem[0].isdigit():
-        raise DatasetError(f"{where}: expected 'cam_{camera}/<person>_<n>.<ext>', got {quote(file)}")
-    if int(stem[0]) != person:
-        raise DatasetError(f"{where}: {file} is named for identity {int(stem[0])}")
+    numbers = (folder[len("cam_") :], stem[0]) if folder.startswith("cam_") and len(stem) == 2 else ("", "")
+    if not all(number.isascii() and number.isdigit() for number in numbers) or int(numbers[0]) >= num_cams:
+        raise DatasetError(f"{where}: expected 'cam_<camera below {num_cams}>/<person>_<n>.<ext>', got {quote(file)}")
+    if int(numbers[1]) != person:
+        raise DatasetError(f"{where}: {file} is named for identity {int(numbers[1])}")
     if file in seen:
         raise DatasetError(f"{where}: {file} is listed twice")
     seen.add(file)
     if not os.path.isfile(os.path.join(dataset_dir, file)):
         raise DatasetNotFoundError(f"{where}: image not found: {os.path.join(dataset_dir, file)}")
+    return file, int(numbers[0])
 
 
 def _read_split(dataset_dir: str, num_persons: int) -> dict[str, list[int]]:
