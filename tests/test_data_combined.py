@@ -301,6 +301,9 @@ def test_a_run_tested_on_two_sets_writes_each_and_their_metrics_json(tmp_path, t
     evaluate_checkpoint(alone, run / "checkpoints" / "final.pt")
     assert sorted(p.name for p in output.iterdir() if p.is_dir()) == []  # the two test_<set>/ of the earlier one
     assert json.loads((output / "metrics.json").read_text())["all"] == record["market1501"]["all"]
+    assert (output / "cmc.png").is_file()  # one set's pictures beside its metrics.json ...
+    evaluate_checkpoint(load_config(str(run / "config.yaml")), run / "checkpoints" / "final.pt")
+    assert not (output / "cmc.png").exists() and (output / "test_market1501" / "cmc.png").is_file()  # ... or theirs
     again = train(load_config(str(run / "config.yaml"), ["dataset.test_name=market1501"]), run, resume=True)
     assert again["metrics"]["all"] == record["market1501"]["all"] and not list(run.glob("test_*"))  # evaluated again
     assert json.loads((run / "metrics.json").read_text())["settings"]["dataset"] == "market1501+dukemtmc->market1501"

@@ -30,6 +30,7 @@ from .checkpoint import (
     read_checkpoint_file,
 )
 from .config import ConfigError, check_config, check_device_name
+from .pictures import PICTURES
 from .recipes import get_recipe
 from .splits import load_splits, prepare_synthetic
 
@@ -327,6 +328,8 @@ def evaluate_with_config(
             if (stale / "metrics.json").is_file():  # an earlier evaluation's, of a set not tested now
                 shutil.rmtree(stale)
         if folders:
+            for earlier in PICTURES:  # an earlier evaluation's of one set: not this one's
+                (Path(out_dir) / earlier).unlink(missing_ok=True)
             saved = {name: json.loads((folder / "metrics.json").read_text("utf-8")) for name, folder in folders.items()}
             evaluator.write_json_atomic(str(Path(out_dir) / "metrics.json"), saved)
     return results if main else None
