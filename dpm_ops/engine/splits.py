@@ -5,9 +5,11 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 from dpm_ops.data import DatasetError, ReIDSplits, build_dataset
 from dpm_ops.data.assembly import check_query_matches, verify_splits
@@ -65,10 +67,7 @@ def load_splits(config: dict, *, train_split: bool = True) -> ReIDSplits:
         test_options["camids"] = tuple(data["test_camids"])
     options = dict(train_split=False, check_counts=data["check_counts"], **test_options)
     root = data["test_root"] or data["root"]
-    tests = [
-        _numbered_as_trained(data, name, _build_dataset(data, name, root, with_masks, **options))
-        for name in tested_names(data)
-    ]
+    tests = [_build_dataset(data, name, root, with_masks, **options) for name in tested_names(data)]
     loaded = [test.name for test in tests]
     twice = next((name for index, name in enumerate(loaded) if name in loaded[:index]), None)
     if twice is not None:  # their metrics would share one entry and folder
@@ -77,6 +76,7 @@ def load_splits(config: dict, *, train_split: bool = True) -> ReIDSplits:
     counts = {"check_counts": data["check_counts"]}
     if data["check_counts"] == "warn" and _trains_on_synthetic(data):
         counts = {}  # the synthetic loader's default, "error": its manifest states its exact counts
+    sources = None
     if train_split and (len(source_names(data)) > 1 or data["combineall"]):
         wanted = dict(test_splits=data["combineall"], **counts)
         sources = [_build_dataset(data, name, data["root"], with_masks, **wanted) for name in source_names(data)]
@@ -86,6 +86,8 @@ def load_splits(config: dict, *, train_split: bool = True) -> ReIDSplits:
         splits = _build_dataset(
             data, data["name"], data["root"], with_masks, **wanted, **({} if tests else test_options)
         )
+    first = _first_cameras(data, sources)
+    tests = [_shifted_cameras(test, first.get(name, 0)) for name, test in zip(tested_names(data), tests)]
     if tests:
         made = [_tested_on(splits, test, with_masks) if train_split else _test_set_alone(data, test) for test in tests]
         splits = dataclasses.replace(made[0], more_tests=tuple(made[1:]))
@@ -102,23 +104,35 @@ def load_splits(config: dict, *, train_split: bool = True) -> ReIDSplits:
     return splits
 
 
-def _numbered_as_trained(data: dict, name: str, test: ReIDSplits) -> ReIDSplits:
-    """The test set ``name`` with its cameras numbered as a set combined of ``dataset.name``'s datasets numbers them
-    where it is one of them (after the cameras of those before it, whose train folders are listed to count them), so
-    that the model's camera embeddings (SIE) are its own."""
+def _first_cameras(data: dict, sources: Optional[list[ReIDSplits]]) -> dict[str, int]:
+    """The first camera of each test set that is one of ``dataset.name``'s datasets after the first, as a set combined
+    of them numbers its cameras (after the cameras of those before it), so that the model's camera embeddings (SIE)
+    are its own. ``sources``: those datasets loaded (a training run); None (an evaluation): the train folders of the
+    ones needed are listed to count their cameras, once each."""
     names = [canonical_dataset_name(source) for source in source_names(data)]
-    tested = canonical_dataset_name(name)
-    if tested not in names[1:]:
+    keys = {name: canonical_dataset_name(name) for name in tested_names(data)}
+    position = {name: names.index(key) for name, key in keys.items() if key in names[1:]}
+    if not position:
+        return {}
+    if sources is None:
+        before = source_names(data)[: max(position.values())]
+        listed = dict(with_masks=False, test_splits=False, check_counts="off")
+        try:
+            sources = [_build_dataset(data, source, data["root"], **listed) for source in before]
+        except DatasetError as error:  # dpm-reid eval reads no train split but these
+            last = max(position, key=position.get)
+            raise type(error)(
+                f"dataset.test_name {last} follows {', '.join(before)} in dataset.name: its cameras are "
+                f"numbered after theirs, counted from their train folders: {error}"
+            ) from None
+    firsts = list(itertools.accumulate((source.num_cams for source in sources), initial=0))
+    return {name: firsts[at] for name, at in position.items()}
+
+
+def _shifted_cameras(test: ReIDSplits, first: int) -> ReIDSplits:
+    """``test`` with its camera ids ``first`` and on."""
+    if not first:
         return test
-    listed = dict(with_masks=False, test_splits=False, check_counts="off")
-    before = source_names(data)[: names.index(tested)]
-    try:
-        first = sum(_build_dataset(data, source, data["root"], **listed).num_cams for source in before)
-    except DatasetError as error:  # dpm-reid eval reads no train split but these
-        raise type(error)(
-            f"dataset.test_name {name} follows {', '.join(before)} in dataset.name: its cameras are "
-            f"numbered after theirs, counted from their train folders: {error}"
-        ) from None
 
     def shifted(records):
         return records if records is None else [r._replace(camid=r.camid + first) for r in records]
