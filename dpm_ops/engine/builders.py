@@ -28,6 +28,8 @@ from .checkpoint import (
     load_model_state,
     make_output_folder,
     read_checkpoint_file,
+    SET_FOLDER_PREFIX,
+    tested_set_folders,
 )
 from .config import ConfigError, check_config, check_device_name
 from .pictures import PICTURES
@@ -315,7 +317,7 @@ def evaluate_with_config(
         results, folders = _evaluate_test_set(model, splits, config, out_dir=out_dir, **options), {}
     else:
         names = [test.name.rsplit("->", 1)[-1] for test in tests]  # each set's own name (load_splits: all different)
-        folders = {name: None if out_dir is None else Path(out_dir) / f"test_{name}" for name in names}
+        folders = {name: None if out_dir is None else Path(out_dir) / f"{SET_FOLDER_PREFIX}{name}" for name in names}
         results = {
             name: _evaluate_test_set(model, test, config, out_dir=folders[name], **options)
             for test, name in zip(tests, folders)
@@ -324,9 +326,8 @@ def evaluate_with_config(
             table = evaluator.format_metrics_table({name: m["all"] for name, m in results.items()}, label="test set")
             log(f"all queries of each of the {len(tests)} test sets:\n{table}")
     if out_dir is not None and main:
-        for stale in set(Path(out_dir).glob("test_*")) - set(folders.values()):
-            if (stale / "metrics.json").is_file():  # an earlier evaluation's, of a set not tested now
-                shutil.rmtree(stale)
+        for stale in set(tested_set_folders(Path(out_dir))) - set(folders.values()):  # of a set not tested now
+            shutil.rmtree(stale)
         if folders:
             for earlier in PICTURES:  # an earlier evaluation's of one set: not this one's
                 (Path(out_dir) / earlier).unlink(missing_ok=True)

@@ -168,6 +168,14 @@ def check_not_a_run_folder(path: Path, name: str) -> None:
                 raise CheckpointError(f"{name} {path} is in use by a training run; choose another folder") from None
 
 
+SET_FOLDER_PREFIX = "test_"  # an evaluation on several test sets writes each one's results in test_<set>/
+
+
+def tested_set_folders(out_dir: Path) -> list[Path]:
+    """The test sets' folders an evaluation wrote in ``out_dir`` (those holding a metrics.json: not a user's own)."""
+    return sorted(found.parent for found in out_dir.glob(f"{SET_FOLDER_PREFIX}*/metrics.json"))
+
+
 class RunFolder:
     """A training run's hold on its output folder, taken before any work starts: an exclusive lock
     on ``.run.lock`` (a second run into the same folder is refused while the first lives), and a
@@ -238,8 +246,7 @@ class RunFolder:
         evaluation = self.path / self.EVALUATION
         results = [self.path / name for name in self.RESULTS] + sorted(self.path.glob("eval_epoch_[0-9]*"))
         results += [evaluation / name for name in ("metrics.json", *PICTURES)]
-        # a run tested on several sets: each one's metrics.json and pictures in test_<set>/
-        results += [found.parent for folder in (self.path, evaluation) for found in folder.glob("test_*/metrics.json")]
+        results += [*tested_set_folders(self.path), *tested_set_folders(evaluation)]
         removed = [*self.earlier, *(path for path in results if path.exists())]
         for path in removed:
             if path.is_dir() and not path.is_symlink():
