@@ -32,7 +32,6 @@ from .checkpoint import (
     tested_set_folders,
 )
 from .config import ConfigError, check_config, check_device_name
-from .pictures import PICTURES
 from .recipes import get_recipe
 from .splits import load_splits, prepare_synthetic
 
@@ -329,8 +328,7 @@ def evaluate_with_config(
         for stale in set(tested_set_folders(Path(out_dir))) - set(folders.values()):  # of a set not tested now
             shutil.rmtree(stale)
         if folders:
-            for earlier in PICTURES:  # an earlier evaluation's of one set: not this one's
-                (Path(out_dir) / earlier).unlink(missing_ok=True)
+            evaluator.remove_pictures(out_dir)  # an earlier evaluation's of one set
             saved = {name: json.loads((folder / "metrics.json").read_text("utf-8")) for name, folder in folders.items()}
             evaluator.write_json_atomic(str(Path(out_dir) / "metrics.json"), saved)
     return results if main else None

@@ -179,11 +179,16 @@ def _write_outputs(out_dir, metrics, settings, pictures, ranking, context) -> No
     failed to write: a full disk)."""
     os.makedirs(out_dir, exist_ok=True)
     write_json_atomic(os.path.join(out_dir, "metrics.json"), {**metrics, "settings": settings})
+    remove_pictures(out_dir)
+    if pictures:
+        write_pictures(out_dir, metrics, *ranking, **context)
+
+
+def remove_pictures(out_dir) -> None:
+    """An earlier evaluation's pictures in ``out_dir`` (they would pass for those of the metrics.json written now)."""
     for earlier in PICTURES:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(out_dir, earlier))
-    if pictures:
-        write_pictures(out_dir, metrics, *ranking, **context)
 
 
 def _settings(model_name, dataset, metric, image_size, amp_dtype, scoring) -> dict:
