@@ -210,7 +210,7 @@ def backbone_keys(model: nn.Module) -> list[str]:
         return [k for k in own if k.startswith("backbone.") and k != "backbone.sie_embed"]
     if isinstance(model, MaskReIDResNet50):
         return [k for k in own if k.startswith("trunk.")]
-    return [k for k in own if "classifier." not in f".{k}"]
+    return [k for k in own if not _is_classifier(k)]
 
 
 def _pos_embed_for(backbone: nn.Module, tensor: torch.Tensor, where: str, target: str) -> torch.Tensor:
@@ -227,9 +227,14 @@ def _pos_embed_for(backbone: nn.Module, tensor: torch.Tensor, where: str, target
         raise WeightsError(f"{where}: {error}") from error
 
 
+def _is_classifier(key: str) -> bool:
+    """A tensor of a classifier (DPM's and the ViT baseline's ``classifier``, MaskReID's ``head.classifier``)."""
+    return ".classifier." in f".{key}"
+
+
 def _of_the_training_set(key: str) -> bool:
     """A model tensor sized by its training set: the classifier (one row per identity), the SIE camera embedding."""
-    return ".classifier." in f".{key}" or key.endswith("sie_embed")
+    return _is_classifier(key) or key.endswith("sie_embed")
 
 
 def _detect_layout(state: StateDict) -> str:
