@@ -318,7 +318,8 @@ MAX_SOURCES = 16  # datasets trained on as one
 
 
 def _checked_names(key: str, value: Any) -> Any:
-    """A dataset name, or a list of 2..MAX_SOURCES different ones (a list of one is its name)."""
+    """A dataset name, or a list of 1..MAX_SOURCES of them (a list of one is its name; config_checks refuses a name
+    listed twice)."""
     if isinstance(value, (list, tuple)):
         if not 1 <= len(value) <= MAX_SOURCES:
             raise ConfigError(

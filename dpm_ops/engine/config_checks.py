@@ -358,16 +358,20 @@ def _check_synth_options(config: dict) -> None:
         raise ConfigError(f"config key dataset.synth.{error.option}: {error.problem}") from error
 
 
+def _listed(value) -> list[str]:
+    """A config value of dataset names (one name or a list; None: none) as a list."""
+    return [] if value is None else list(value) if isinstance(value, list) else [value]
+
+
 def source_names(data: dict) -> list[str]:
     """The datasets a run trains on: config key dataset.name, one name or a list."""
-    return list(data["name"]) if isinstance(data["name"], list) else [data["name"]]
+    return _listed(data["name"])
 
 
 def tested_names(data: dict) -> list[str]:
     """The datasets a run is tested on by name (config key dataset.test_name, one name or a list); [] for the query
     and gallery of the one it trains on."""
-    value = data["test_name"]
-    return [] if value is None else list(value) if isinstance(value, list) else [value]
+    return _listed(data["test_name"])
 
 
 def _check_distinct(key: str, names: list[str]) -> list[str]:
