@@ -77,23 +77,18 @@ def _load_dgd_layout(
     split = _read_split(dataset_dir, len(persons))
     half = {person: len(persons[person]) // 2 for person in split["test_probe"]}  # DGD's probe: the first views
 
-    def records(person: int, views: range) -> list[ImageRecord]:
-        return [
-            ImageRecord(os.path.join(dataset_dir, file), person, camera)
-            for view in views
-            for file, camera in persons[person][view]
-        ]
+    def records(person: int, first: int = 0, stop: Optional[int] = None) -> list[ImageRecord]:
+        """The images of ``person``'s views ``first`` to ``stop`` (all by default)."""
+        views = persons[person][first:stop]
+        return [ImageRecord(os.path.join(dataset_dir, file), person, camera) for view in views for file, camera in view]
 
-    def every(person: int) -> range:
-        return range(len(persons[person]))
-
-    train = [r for p in split["trainval"] for r in records(p, every(p))] if train_split else []
+    train = [r for p in split["trainval"] for r in records(p)] if train_split else []
     query, gallery = [], []
     if test_splits:
-        query = [r for p in split["test_probe"] for r in records(p, range(half[p]))]
-        gallery = [r for p in split["test_gallery"] for r in records(p, every(p)[half.get(p, 0) :])]
+        query = [r for p in split["test_probe"] for r in records(p, stop=half[p])]
+        gallery = [r for p in split["test_gallery"] for r in records(p, first=half.get(p, 0))]
     read = {r.path for r in (*train, *query, *gallery)}  # the masks of the others share their camera folders
-    unused = [r.path for p in range(len(persons)) for r in records(p, every(p)) if r.path not in read]
+    unused = [r.path for p in range(len(persons)) for r in records(p) if r.path not in read]
     return _assemble(
         layout.name,
         dataset_dir,
