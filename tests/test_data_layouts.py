@@ -873,10 +873,12 @@ def test_registry_names_errors_and_registration(tmp_path):
         "cuhk03_np_detected",
         "msmt17",
         "synthetic",
+        "viper",
+        "prid",
     ):
         assert name in names
-    with pytest.raises(DatasetError, match=r"unknown dataset 'viper'; available: .*market1501"):
-        build_dataset("viper", tmp_path)
+    with pytest.raises(DatasetError, match=r"unknown dataset 'caviar'; available: .*market1501"):
+        build_dataset("caviar", tmp_path)
 
     def load_custom(root, **kwargs):
         return ("custom", root, kwargs)

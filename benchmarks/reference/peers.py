@@ -57,13 +57,16 @@ def missing_reason(package: str):
     return None
 
 
-def _load(name: str, path: Path):
+def _load(name: str, path: Path, provided: dict = {}):  # noqa: B006 (read, never changed)
+    """The file at ``path`` run as a module, the peers' packages blocked; ``provided``: modules its imports get
+    by their full names (files of a peer loaded this way, standing for their package's import path)."""
     spec = importlib.util.spec_from_file_location(f"_peer_{name}", path)
     module = importlib.util.module_from_spec(spec)
-    blocked = {package: sys.modules.get(package) for package in VERSIONS}
+    blocked = {package: sys.modules.get(package) for package in (*VERSIONS, *provided)}
     try:
         for package in VERSIONS:  # None in sys.modules: importing the package raises ImportError
             sys.modules[package] = None
+        sys.modules.update(provided)  # found in sys.modules: their parent packages are never imported
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "Cython evaluation is unavailable"
             spec.loader.exec_module(module)
@@ -85,6 +88,25 @@ def load(name: str):
     if reason:
         pytest.skip(reason)
     return _load(name, package_dir(package) / relative)
+
+
+@functools.cache
+def torchreid_dataset(module: str):
+    """torchreid's dataset module ``module`` ("viper", "grid", "ilids", "prid", "cuhk01", "cuhk02"), run from its
+    file with the two files it imports as the modules it names: utils/tools.py (``read_json``, ``write_json``,
+    for ``torchreid.reid.utils``, whose ``__init__`` imports cv2 and torchvision) and data/datasets/dataset.py
+    (``ImageDataset``). Skips the calling test when torchreid (or GRID's scipy) is not installed."""
+    reason = missing_reason("torchreid")
+    if reason:
+        pytest.skip(reason)
+    if module == "grid" and importlib.util.find_spec("scipy") is None:
+        pytest.skip(f"scipy is not installed ({INSTALL_HINT})")
+    reid = package_dir("torchreid") / "reid"
+    tools = _load("torchreid_tools", reid / "utils/tools.py")
+    provided = {"torchreid.reid.utils": tools, "torchreid.reid.utils.tools": tools}
+    base = _load("torchreid_dataset_base", reid / "data/datasets/dataset.py", provided)
+    provided["torchreid.reid.data.datasets.dataset"] = base
+    return _load(f"torchreid_{module}", reid / f"data/datasets/image/{module}.py", provided)
 
 
 @functools.cache

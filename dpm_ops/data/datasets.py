@@ -43,6 +43,7 @@ from .errors import DatasetError, DatasetNotFoundError
 from .layouts import MARKET_LOADERS, PUBLISHED_COUNTS, load_cuhk03_np, load_synthetic
 from .parsing import MSMT17_CAMERAS, find_dataset_dir, parse_msmt_list, parse_pid_index_folder
 from .records import ReIDSplits
+from .torchreid_sets import SMALL_SET_LOADERS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,6 +234,7 @@ _LOADERS: dict[str, Callable[..., ReIDSplits]] = {
     "msmt17": load_msmt17,
     "synthetic": load_synthetic,
     **DGD_LOADERS,
+    **SMALL_SET_LOADERS,
 }
 
 _ALIASES = {
@@ -246,6 +248,8 @@ _ALIASES = {
     "cuhk03np": "cuhk03_np",
     "msmt": "msmt17",
     "synth": "synthetic",
+    "prid2011": "prid",
+    "i_lids": "ilids",
 }
 
 

@@ -425,9 +425,15 @@ def _check_sources(config: dict, recipe) -> None:
 
 
 def _check_dataset_options(config: dict) -> None:
-    """dataset.test_camids and eval.multi_query need a test set whose loader takes them."""
+    """dataset.test_camids and eval.multi_query need a test set whose loader takes them, dataset.split_id a set."""
     from dpm_ops.data.datasets import dataset_options
     from dpm_ops.data.errors import DatasetError
+
+    def takes(name: str, option: str) -> bool:
+        try:
+            return option in dataset_options(name)
+        except DatasetError:
+            return True  # an unregistered name: build_dataset reports it when the data is loaded
 
     data = config["dataset"]
     if data["test_root"] is not None and not data["test_name"]:  # it was ignored: the metrics were dataset.root's
@@ -443,9 +449,11 @@ def _check_dataset_options(config: dict) -> None:
         wanted.append(("eval.multi_query", "multi_query", "market1501's gt_bbox/ pools"))
     for key, option, needs in wanted:
         for test_name in tested_names(data) or [data["name"]]:  # a list of sources has a test_name
-            try:
-                options = dataset_options(test_name)
-            except DatasetError:
-                continue  # an unregistered name: build_dataset reports it when the data is loaded
-            if option not in options:
+            if not takes(test_name, option):
                 raise ConfigError(f"config key {key}: the test set {test_name} has no such option; it needs {needs}")
+    names = [*source_names(data), *tested_names(data)]
+    if data["split_id"] is not None and not any(takes(name, "split_id") for name in names):
+        raise ConfigError(
+            f"config key dataset.split_id: {', '.join(names)} has no random splits to pick from "
+            "(viper, grid, ilids, prid, cuhk01 have)"
+        )

@@ -152,6 +152,8 @@ def _build_dataset(data: dict, name: str, root: str, with_masks: bool, **options
     check is skipped: load_splits decodes only what the run reads (not the query/gallery of a train set tested on
     another), once."""
     accepted = dataset_options(name)
+    if data["split_id"] is not None and "split_id" in accepted:
+        options["split_id"] = data["split_id"]
     for key in ("train_split", "test_splits"):
         if options.get(key, True) or key not in accepted:
             options.pop(key, None)

@@ -1,0 +1,493 @@
+"""torchreid's small datasets with their split protocols: VIPeR, GRID, i-LIDS, PRID2011 (single shot), CUHK01 and
+CUHK02, in the folders torchreid reads (``<root>/viper/VIPeR/cam_a/``, ...; ``root`` may also be the dataset's own
+folder). ``split_id`` picks one of the random splits in the split file torchreid keeps in the dataset folder
+(``splits.json``; PRID's ``splits_single_shot.json``): a paper's number is the mean over the splits, a run each.
+
+* A split file torchreid wrote is read as it is: the train, query and gallery lists, ids and cameras of torchreid's
+  own loader, split by split. Its paths are absolute where torchreid ran; each is read as the same file of this
+  dataset folder (a copy moved or mounted elsewhere reads), which must be there, on the camera its name says.
+* Where there is none, the splits are drawn as torchreid draws them but from a seeded generator (torchreid's draws
+  are unseeded) and written where torchreid looks, in its format: torchreid then reads the same splits, and so
+  does every later run. A folder that cannot be written is a warning, the same draw made each time.
+* GRID's ten splits are its own partitions (``underground_reid/features_and_partitions.mat``, read with scipy, which
+  only the first load needs). CUHK02's split is fixed (P1-P4 train, P5 test: camera 1 query, camera 2 gallery).
+
+Kept from torchreid: VIPeR's and CUHK01's splits come in pairs sharing a train split, query and gallery cameras
+swapped (20 splits of 10 draws; their test ids numbered in draw order); i-LIDS tests one random image pair per test
+person (its "camera" is the image's place in the person's sequence, 8 at most); PRID's gallery adds the 549
+persons of camera B alone and GRID's the 775 images of no one (pid 0): distractors (``distractor_pids``), left out of
+``combineall``. Train labels are 0..N-1 in the order of the original ids, as torchreid numbers them (its CUHK02
+numbers them in the iteration order of a set of strings, which changes with each Python process).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+import warnings
+from typing import Callable, Optional
+
+import numpy as np
+
+from dpm_ops.ops._checks import is_integer, quote
+
+from .._stack import stacklevel_outside
+
+from .assembly import _assemble, check_wanted_splits, row_loader
+from .errors import DatasetError, DatasetNotFoundError
+from .parsing import find_dataset_dir, list_images, read_json
+from .records import ImageRecord
+
+SPLIT_SEED = 0  # the generator of splits drawn here (torchreid's draws are unseeded)
+_HERE = os.path.dirname(os.path.abspath(__file__))  # a warning points past the loaders, at their caller
+DRAWS = 10  # torchreid's random splits per dataset (VIPeR's and CUHK01's each used twice, cameras swapped)
+
+
+@dataclasses.dataclass(frozen=True)
+class SmallSet:
+    """One of torchreid's small datasets: one row, one public loader."""
+
+    name: str  # registry name
+    title: str
+    folder: str  # torchreid's folder under root
+    image_folders: tuple[str, ...]  # under the dataset folder; a folder's index is its camera where names hold none
+    suffix: str
+    name_pattern: str  # a file name's stem: the pid, then the 1-based camera or image index where names hold it
+    num_cams: int
+    split_file: Optional[str]  # None: a fixed split
+    published: Optional[dict] = None  # every split's (ids, images) where they are fixed
+    distractor_pids: frozenset = frozenset()
+    first_pid: int = 0  # the pid of a name's first person, numbered 0 (CUHK01's 1: torchreid's pids are 0-based)
+    views_per_camera: int = 1  # images of a camera a name's image number counts (CUHK01: 1-2 camera 0, 3-4 camera 1)
+
+    @property
+    def about(self) -> str:  # the loader's docstring
+        where = f"``{self.folder}/{{{','.join(self.image_folders)}}}/``"
+        split = f"split ``split_id`` of ``{self.split_file}``" if self.split_file else "its fixed split"
+        return f"""{self.title} as torchreid reads it: {where}, {split}. See :mod:`dpm_ops.data.torchreid_sets`.
+
+    ``root`` may be the ``{self.folder}`` folder or the one holding it.
+    """
+
+
+def _load_small_set(
+    layout: SmallSet,
+    root: str,
+    *,
+    split_id: int = 0,
+    with_masks: bool = False,
+    mask_root: Optional[str] = None,
+    check_counts: str = "warn",
+    verify_images: bool = True,
+    train_split: bool = True,
+    test_splits: bool = True,
+):
+    check_wanted_splits(train_split, test_splits)
+    if not is_integer(split_id) or split_id < 0:
+        raise DatasetError(f"{layout.title}: split_id must be an integer >= 0, got {quote(split_id)}")
+    candidates = dict.fromkeys(("", layout.folder, os.path.basename(layout.folder)))  # cuhk02/Dataset, Dataset
+    dataset_dir = find_dataset_dir(root, candidates, layout.image_folders, layout.title)
+    files = [list_images(os.path.join(dataset_dir, folder), layout.suffix) for folder in layout.image_folders]
+    images = _Images(layout, dataset_dir, files)
+    where = dataset_dir
+    if layout.split_file is None:
+        train, query, gallery = _cuhk02_split(images)
+    else:
+        splits = _split_file(layout, images)
+        if split_id >= len(splits):
+            raise DatasetError(
+                f"{layout.title}: split_id {split_id} is past the splits of {images.split_path} (0..{len(splits) - 1})"
+            )
+        where = f"{images.split_path}, split {split_id}"
+        train, query, gallery = READERS[layout.name](images, splits[split_id], where)
+    _check_apart(where, train, query, gallery)
+    if not train_split:
+        train = []
+    if not test_splits:
+        query, gallery = [], []
+    read = {r.path for r in (*train, *query, *gallery)}
+    return _assemble(
+        layout.name,
+        dataset_dir,
+        train=train,
+        query=query,
+        gallery=gallery,
+        num_cams=layout.num_cams,
+        expected_counts=layout.published,
+        check_counts=check_counts,
+        with_masks=with_masks,
+        mask_root=mask_root,
+        verify_images=verify_images,
+        distractor_pids=layout.distractor_pids,
+        unused=[path for folder in files for path in folder if path not in read],  # their masks may be there
+        train_split=train_split,
+        test_splits=test_splits,
+    )
+
+
+class _Images:
+    """The images of a dataset folder, each with the pid and camera its name (or folder) gives."""
+
+    def __init__(self, layout: SmallSet, dataset_dir: str, files: list[list[str]]):
+        self.layout, self.dataset_dir, self.files = layout, dataset_dir, files
+        self.split_path = os.path.join(dataset_dir, layout.split_file) if layout.split_file else None
+        pattern = re.compile(layout.name_pattern)
+        self.identity: dict[str, tuple[int, int]] = {}  # path -> (pid, camera)
+        for camera, paths in enumerate(files):
+            for path in paths:
+                match = pattern.fullmatch(os.path.splitext(os.path.basename(path))[0])
+                if match is None:
+                    raise DatasetError(f"{layout.title}: cannot read a person from the file name {path}")
+                self.identity[path] = _identity(layout, match.groups(), camera, path)
+        self.by_place = {(folder, os.path.basename(path)): path for folder, paths in enumerate(files) for path in paths}
+
+    def record(self, path: str, pid: Optional[int] = None) -> ImageRecord:
+        """``path``'s record, with the pid its name gives or ``pid``."""
+        named, camera = self.identity[path]
+        return ImageRecord(path, named if pid is None else pid, camera)
+
+    def resolve(self, stored, where: str) -> str:
+        """The image of this folder that a split file's path (written where torchreid ran) or name stands for."""
+        parts = re.split(r"[\\/]", stored) if isinstance(stored, str) else []
+        for folder, relative in enumerate(self.layout.image_folders):
+            tail = relative.split("/")
+            bare_name = len(parts) == 1 and len(self.layout.image_folders) == 1  # i-LIDS's split file
+            if bare_name or parts[-len(tail) - 1 : -1] == tail:
+                path = self.by_place.get((folder, parts[-1]))
+                if path is None:
+                    wanted = os.path.join(self.dataset_dir, relative, parts[-1])
+                    raise DatasetNotFoundError(f"{where}: {quote(stored)} is not here: no image {wanted}")
+                return path
+        folders = " or ".join(self.layout.image_folders)
+        raise DatasetError(f"{where}: expected an image of {folders}, got {quote(stored)}")
+
+
+def _identity(layout: SmallSet, fields: tuple[str, ...], folder: int, path: str) -> tuple[int, int]:
+    """(pid, 0-based camera) from a name's fields: the camera is the folder's unless the name holds it (or the
+    image's number, ``views_per_camera`` of them a camera)."""
+    pid = int(fields[0]) - layout.first_pid
+    if len(fields) == 1:
+        return pid, folder
+    number, limit = int(fields[1]), layout.num_cams * layout.views_per_camera
+    if not 1 <= number <= limit:
+        raise DatasetError(f"{layout.title}: camera / image {number} outside 1..{limit} in {path}")
+    return pid, (number - 1) // layout.views_per_camera
+
+
+def _split_file(layout: SmallSet, images: _Images) -> list:
+    """The splits of the split file; where there is none, drawn as torchreid draws them (seeded) and written."""
+    path = images.split_path
+    if not os.path.exists(path):
+        drawn = DRAWERS[layout.name](images, np.random.default_rng(SPLIT_SEED))
+        if not _write_new(path, drawn):
+            return json.loads(json.dumps(drawn))  # as read from the file
+    splits = read_json(path, f"{layout.title} split file")
+    if not isinstance(splits, list) or not splits or not all(isinstance(split, dict) for split in splits):
+        raise DatasetError(f"{path}: expected a list of splits (torchreid's split file), got {quote(splits)}")
+    return splits
+
+
+def _write_new(path: str, splits: list) -> bool:
+    """Write ``splits`` as torchreid does (its ``write_json``) unless another load (the same draw) or torchreid wrote
+    the file first: created whole, never replacing one. False, with a warning, where the folder is not writable."""
+    try:
+        handle = tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), suffix=".tmp", delete=False)
+    except OSError as error:
+        warnings.warn(
+            f"cannot write the split file {path} ({error.strerror}): its splits are drawn again, the same, at "
+            "each load; torchreid would draw others",
+            stacklevel=stacklevel_outside(_HERE),
+        )
+        return False
+    try:
+        with handle:
+            json.dump(splits, handle, indent=4, separators=(",", ": "))
+        os.link(handle.name, path)  # an error where the file is there
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(handle.name)
+    return True
+
+
+def _entries(split: dict, key: str, where: str) -> list:
+    if not isinstance(split.get(key), list):
+        raise DatasetError(f"{where}: expected a list {key!r}, got {quote(split.get(key))}")
+    return split[key]
+
+
+def _read_records(images: _Images, split: dict, where: str):
+    """VIPeR's, GRID's and CUHK01's splits: lists of [path, pid, camera], each path an image of this folder, on the
+    camera its name (or folder) says."""
+    lists = []
+    for key in ("train", "query", "gallery"):
+        records = []
+        for entry in _entries(split, key, where):
+            if not (isinstance(entry, list) and len(entry) == 3 and is_integer(entry[1]) and entry[1] >= 0):
+                raise DatasetError(f"{where}: {key} entries must be [path, pid, camera], got {quote(entry)}")
+            record = images.record(images.resolve(entry[0], f"{where}, {key}"), int(entry[1]))
+            if entry[2] != record.camid:
+                raise DatasetError(f"{where}: {key} puts {entry[0]} on camera {quote(entry[2])}, not {record.camid}")
+            records.append(record)
+        lists.append(records)
+    return lists
+
+
+def _read_names(images: _Images, split: dict, where: str):
+    """i-LIDS's splits: lists of image names, the pid and camera in each name."""
+    return [
+        [images.record(images.resolve(name, f"{where}, {key}")) for name in _entries(split, key, where)]
+        for key in ("train", "query", "gallery")
+    ]
+
+
+def _read_prid(images: _Images, split: dict, where: str):
+    """PRID's splits: train and test pids of the 200 persons both cameras saw; the gallery adds camera B's others."""
+
+    def image(camera: int, pid) -> ImageRecord:
+        path = images.by_place.get((camera, f"person_{pid:04d}.png"))
+        if path is None:
+            folder = os.path.join(images.dataset_dir, images.layout.image_folders[camera])
+            raise DatasetNotFoundError(f"{where}: no image of person {pid} in {folder}")
+        return images.record(path)
+
+    lists = {key: _entries(split, key, where) for key in ("train", "test")}
+    for key, pids in lists.items():
+        bad = next((pid for pid in pids if not is_integer(pid) or not 1 <= pid <= PRID_BOTH), None)
+        if bad is not None:
+            raise DatasetError(f"{where}: {key} holds {quote(bad)}, not one of the persons 1..{PRID_BOTH}")
+    train = [image(camera, int(pid)) for pid in lists["train"] for camera in (0, 1)]
+    query = [image(0, int(pid)) for pid in lists["test"]]
+    gallery = [image(1, int(pid)) for pid in (*lists["test"], *range(PRID_BOTH + 1, PRID_LAST + 1))]
+    return train, query, gallery
+
+
+def _check_apart(where: str, train: list[ImageRecord], query: list[ImageRecord], gallery: list[ImageRecord]) -> None:
+    """No image twice in a split, nor trained on and tested."""
+    for key, records in (("train", train), ("query", query), ("gallery", gallery)):
+        paths = [r.path for r in records]
+        if len(set(paths)) != len(paths):
+            raise DatasetError(f"{where}: {key} lists an image twice")
+    tested = {r.path for r in (*query, *gallery)}
+    both = next((r.path for r in train if r.path in tested), None)
+    if both is not None:
+        raise DatasetError(f"{where}: {both} is in the train split and tested")
+
+
+def _two_ways(train: list, test_a: list, test_b: list, num_train: int, num_test: int) -> list[dict]:
+    """A draw's two splits, as torchreid lists them: camera A queries, then camera B."""
+    counts = {"num_train_pids": num_train, "num_query_pids": num_test, "num_gallery_pids": num_test}
+    return [
+        {"train": train, "query": test_a, "gallery": test_b, **counts},
+        {"train": train, "query": test_b, "gallery": test_a, **counts},
+    ]
+
+
+def _draw_viper(images: _Images, rng: np.random.Generator) -> list[dict]:
+    """torchreid's VIPeR draw: half the persons (the i-th images of the two cameras, sorted) train, the others are
+    tested, numbered in draw order."""
+    cam_a, cam_b = images.files
+    if [images.identity[p][0] for p in cam_a] != [images.identity[p][0] for p in cam_b]:
+        raise DatasetError(
+            f"{images.layout.title}: the two cameras' images do not pair up by name in {images.dataset_dir} "
+            f"({len(cam_a)} and {len(cam_b)} images)"
+        )
+    count, splits = len(cam_a), []
+    for _ in range(DRAWS):
+        order = [int(i) for i in rng.permutation(count)]
+        train = [
+            [path, pid, cam]
+            for pid, i in enumerate(order[: count // 2])
+            for cam, path in enumerate((cam_a[i], cam_b[i]))
+        ]
+        test = list(enumerate(order[count // 2 :]))
+        test_a, test_b = ([[files[i], pid, cam] for pid, i in test] for cam, files in enumerate((cam_a, cam_b)))
+        splits += _two_ways(train, test_a, test_b, count // 2, len(test))
+    return splits
+
+
+def _draw_cuhk01(images: _Images, rng: np.random.Generator) -> list[dict]:
+    """torchreid's CUHK01 draw: half the persons train (labelled in pid order), the others are tested."""
+    (paths,) = images.files
+    pids = sorted({images.identity[path][0] for path in paths})
+    splits = []
+    for _ in range(DRAWS):
+        order = rng.permutation(len(pids))
+        label = {pid: index for index, pid in enumerate(sorted(pids[i] for i in order[: len(pids) // 2]))}
+        train, tested = [], ([], [])
+        for path in paths:
+            pid, camera = images.identity[path]
+            if pid in label:
+                train.append([path, label[pid], camera])
+            else:
+                tested[camera].append([path, pid, camera])
+        splits += _two_ways(train, *tested, len(label), len(pids) - len(label))
+    return splits
+
+
+def _draw_ilids(images: _Images, rng: np.random.Generator) -> list[dict]:
+    """torchreid's i-LIDS draw: half the persons (rounded down) train, every other one tested on two of its images,
+    drawn: one the query, the other the gallery."""
+    (paths,) = images.files
+    named: dict[int, list[str]] = {}
+    for path in paths:
+        named.setdefault(images.identity[path][0], []).append(os.path.basename(path))
+    pids = sorted(named)
+    alone = next((pid for pid in pids if len(named[pid]) < 2), None)
+    if alone is not None:
+        raise DatasetError(
+            f"{images.layout.title}: person {alone} has one image in {images.dataset_dir} (a test needs two)"
+        )
+    splits = []
+    for _ in range(DRAWS):
+        order = [pids[i] for i in rng.permutation(len(pids))]
+        train_pids, test_pids = order[: len(pids) // 2], order[len(pids) // 2 :]
+        pairs = [[named[pid][i] for i in rng.choice(len(named[pid]), 2, replace=False)] for pid in test_pids]
+        train = [name for pid in train_pids for name in named[pid]]
+        splits.append({"train": train, "query": [q for q, _ in pairs], "gallery": [g for _, g in pairs]})
+    return splits
+
+
+def _draw_prid(images: _Images, rng: np.random.Generator) -> list[dict]:
+    """torchreid's PRID draw: 100 of the 200 persons both cameras saw train, the others are tested."""
+    persons = np.arange(1, PRID_BOTH + 1)
+    splits = []
+    for _ in range(DRAWS):
+        train = sorted(int(pid) for pid in rng.choice(persons, PRID_BOTH // 2, replace=False))
+        splits.append({"train": train, "test": [int(pid) for pid in persons if pid not in train]})
+    return splits
+
+
+def _draw_grid(images: _Images, rng: np.random.Generator) -> list[dict]:
+    """GRID's own ten partitions (no draw): each split's 125 train persons from features_and_partitions.mat, as
+    torchreid reads them; the other persons' probe images are the query, their gallery images the gallery."""
+    path = os.path.join(images.dataset_dir, "underground_reid", "features_and_partitions.mat")
+    if not os.path.isfile(path):
+        raise DatasetNotFoundError(f"GRID: neither the split file {images.split_path} nor the partitions {path}")
+    try:
+        from scipy.io import loadmat
+        from scipy.io.matlab import MatReadError
+    except ImportError:
+        raise DatasetError(
+            f"GRID: reading its partitions {path} (once, to write {images.split_path}) needs scipy (pip install scipy)"
+        ) from None
+    try:
+        partitions = loadmat(path)["trainIdxAll"][0]
+        trained = [[int(i) for i in partitions[draw][0][0][2][0]] for draw in range(DRAWS)]
+    except (KeyError, IndexError, TypeError, ValueError, OSError, MatReadError) as error:
+        raise DatasetError(f"{path}: expected GRID's ten partitions (trainIdxAll): {error}") from None
+    splits = []
+    for train_pids in trained:
+        label = {pid: index for index, pid in enumerate(train_pids)}
+        lists = {"train": [], "query": [], "gallery": []}
+        for tested, paths in zip(("query", "gallery"), images.files):
+            for path in paths:
+                pid, camera = images.identity[path]
+                lists["train" if pid in label else tested].append([path, label.get(pid, pid), camera])
+        counts = {"num_train_pids": len(label), "num_query_pids": 125, "num_gallery_pids": 900}  # torchreid's
+        splits.append({**lists, **counts})
+    return splits
+
+
+def _cuhk02_split(images: _Images):
+    """CUHK02's fixed split: the persons of pairs P1-P4 train (labelled pair by pair, each pair's in pid order),
+    pair P5 tested, camera 1 the query and camera 2 the gallery."""
+    train, first = [], 0
+    for pair in range(4):
+        paths = [*images.files[2 * pair], *images.files[2 * pair + 1]]
+        label = {pid: first + index for index, pid in enumerate(sorted({images.identity[p][0] for p in paths}))}
+        train += [images.record(path, label[images.identity[path][0]]) for path in paths]
+        first += len(label)
+    return train, [images.record(path) for path in images.files[8]], [images.record(path) for path in images.files[9]]
+
+
+PRID_BOTH, PRID_LAST = 200, 749  # persons 1..200 are seen by both cameras, 201..749 by camera B alone
+
+SMALL_SETS = (
+    SmallSet(
+        "viper",
+        "VIPeR",
+        "viper",
+        ("VIPeR/cam_a", "VIPeR/cam_b"),
+        ".bmp",
+        r"([0-9]+)_.*",
+        2,
+        "splits.json",
+        {"train": (316, 632), "query": (316, 316), "gallery": (316, 316)},
+    ),
+    SmallSet(
+        "grid",
+        "GRID",
+        "grid",
+        ("underground_reid/probe", "underground_reid/gallery"),
+        ".jpeg",
+        r"([0-9]+)_([0-9]+)_.*",
+        8,
+        "splits.json",
+        distractor_pids=frozenset({0}),
+    ),
+    SmallSet(
+        "ilids",
+        "i-LIDS",
+        "ilids",
+        ("i-LIDS_Pedestrian/Persons",),
+        ".jpg",
+        r"([0-9]{4})([0-9]{3})",
+        8,
+        "splits.json",
+        {"query": (60, 60), "gallery": (60, 60)},
+    ),
+    SmallSet(
+        "prid",
+        "PRID2011",
+        "prid2011",
+        ("prid_2011/single_shot/cam_a", "prid_2011/single_shot/cam_b"),
+        ".png",
+        r"person_([0-9]+)",
+        2,
+        "splits_single_shot.json",
+        {"train": (100, 200), "query": (100, 100), "gallery": (649, 649)},
+        distractor_pids=frozenset(range(PRID_BOTH + 1, PRID_LAST + 1)),
+    ),
+    SmallSet(
+        "cuhk01",
+        "CUHK01",
+        "cuhk01",
+        ("campus",),
+        ".png",
+        r"([0-9]{4})([0-9]{3})",
+        2,
+        "splits.json",
+        {"train": (485, 1940), "query": (486, 972), "gallery": (486, 972)},
+        first_pid=1,
+        views_per_camera=2,
+    ),
+    SmallSet(
+        "cuhk02",
+        "CUHK02",
+        "cuhk02/Dataset",
+        tuple(f"P{pair}/cam{camera}" for pair in range(1, 6) for camera in (1, 2)),
+        ".png",
+        r"([0-9]+)_.*",
+        10,
+        None,
+    ),
+)
+READERS: dict[str, Callable] = {
+    "viper": _read_records,
+    "grid": _read_records,
+    "cuhk01": _read_records,
+    "ilids": _read_names,
+    "prid": _read_prid,
+}
+DRAWERS: dict[str, Callable] = {
+    "viper": _draw_viper,
+    "grid": _draw_grid,
+    "cuhk01": _draw_cuhk01,
+    "ilids": _draw_ilids,
+    "prid": _draw_prid,
+}
+SMALL_SET_LOADERS = {layout.name: row_loader(_load_small_set, layout) for layout in SMALL_SETS}
