@@ -92,15 +92,17 @@ def load(name: str):
 
 @functools.cache
 def torchreid_dataset(module: str):
-    """torchreid's dataset module ``module`` ("viper", "grid", "ilids", "prid", "cuhk01", "cuhk02"), run from its
+    """torchreid's dataset module ``module`` ("viper", "grid", "ilids", "prid", "cuhk01", "cuhk02", "cuhk03"), run from its
     file with the two files it imports as the modules it names: utils/tools.py (``read_json``, ``write_json``,
     for ``torchreid.reid.utils``, whose ``__init__`` imports cv2 and torchvision) and data/datasets/dataset.py
-    (``ImageDataset``). Skips the calling test when torchreid (or GRID's scipy) is not installed."""
+    (``ImageDataset``). Skips the calling test when torchreid (or what the module reads files with) is not installed."""
     reason = missing_reason("torchreid")
     if reason:
         pytest.skip(reason)
-    if module == "grid" and importlib.util.find_spec("scipy") is None:
-        pytest.skip(f"scipy is not installed ({INSTALL_HINT})")
+    needs = {"grid": ("scipy",), "cuhk03": ("h5py", "imageio", "scipy")}.get(module, ())
+    for package in needs:  # what the module imports to read the release's files
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"{package} is not installed ({INSTALL_HINT})")
     reid = package_dir("torchreid") / "reid"
     tools = _load("torchreid_tools", reid / "utils/tools.py")
     provided = {"torchreid.reid.utils": tools, "torchreid.reid.utils.tools": tools}

@@ -38,6 +38,7 @@ from typing import Callable, Optional
 from dpm_ops.ops._checks import check_known_options, quote
 
 from .assembly import _assemble, check_count_policy, check_wanted_splits, row_loader
+from .cuhk03_release import CUHK03_LOADERS
 from .dgd import DGD_LOADERS
 from .errors import DatasetError, DatasetNotFoundError
 from .layouts import MARKET_LOADERS, PUBLISHED_COUNTS, load_cuhk03_np, load_synthetic
@@ -235,6 +236,7 @@ _LOADERS: dict[str, Callable[..., ReIDSplits]] = {
     "synthetic": load_synthetic,
     **DGD_LOADERS,
     **SMALL_SET_LOADERS,
+    **CUHK03_LOADERS,
 }
 
 _ALIASES = {
@@ -250,6 +252,7 @@ _ALIASES = {
     "synth": "synthetic",
     "prid2011": "prid",
     "i_lids": "ilids",
+    "cuhk03": "cuhk03_detected",  # torchreid's default
 }
 
 

@@ -57,17 +57,22 @@ class SmallSet:
     suffix: str
     name_pattern: str  # a file name's stem: the pid, then the 1-based camera or image index where names hold it
     num_cams: int
-    split_file: Optional[str]  # None: a fixed split
+    split_file: Optional[str]  # None: one fixed split
+    read: Callable  # (images, split, where) -> (train, query, gallery) records of a split of the split file
+    draw: Optional[Callable] = None  # (images, rng) -> the splits of a split file written where there is none
+    # (layout, root) -> the dataset folder, its images and split files made first where absent (CUHK03's, from its .mat)
+    locate: Optional[Callable] = None
     published: Optional[dict] = None  # every split's (ids, images) where they are fixed
     distractor_pids: frozenset = frozenset()
     first_pid: int = 0  # the pid of a name's first person, numbered 0 (CUHK01's 1: torchreid's pids are 0-based)
+    module: str = "torchreid_sets"  # the module of dpm_ops.data whose docstring tells more
     views_per_camera: int = 1  # images of a camera a name's image number counts (CUHK01: 1-2 camera 0, 3-4 camera 1)
 
     @property
     def about(self) -> str:  # the loader's docstring
         where = f"``{self.folder}/{{{','.join(self.image_folders)}}}/``"
         split = f"split ``split_id`` of ``{self.split_file}``" if self.split_file else "its fixed split"
-        return f"""{self.title} as torchreid reads it: {where}, {split}. See :mod:`dpm_ops.data.torchreid_sets`.
+        return f"""{self.title} as torchreid reads it: {where}, {split}. See :mod:`dpm_ops.data.{self.module}`.
 
     ``root`` may be the ``{self.folder}`` folder or the one holding it.
     """
@@ -88,21 +93,17 @@ def _load_small_set(
     check_wanted_splits(train_split, test_splits)
     if not is_integer(split_id) or split_id < 0:
         raise DatasetError(f"{layout.title}: split_id must be an integer >= 0, got {quote(split_id)}")
-    candidates = dict.fromkeys(("", layout.folder, os.path.basename(layout.folder)))  # cuhk02/Dataset, Dataset
-    dataset_dir = find_dataset_dir(root, candidates, layout.image_folders, layout.title)
+    dataset_dir = (layout.locate or find_small_set)(layout, root)
     files = [list_images(os.path.join(dataset_dir, folder), layout.suffix) for folder in layout.image_folders]
     images = _Images(layout, dataset_dir, files)
-    where = dataset_dir
-    if layout.split_file is None:
-        train, query, gallery = _cuhk02_split(images)
-    else:
-        splits = _split_file(layout, images)
-        if split_id >= len(splits):
-            raise DatasetError(
-                f"{layout.title}: split_id {split_id} is past the splits of {images.split_path} (0..{len(splits) - 1})"
-            )
-        where = f"{images.split_path}, split {split_id}"
-        train, query, gallery = READERS[layout.name](images, splits[split_id], where)
+    splits = _split_file(layout, images) if layout.split_file else [{}]
+    if split_id >= len(splits):
+        raise DatasetError(
+            f"{layout.title}: split_id {split_id} is past the splits of {images.split_path or dataset_dir} "
+            f"(0..{len(splits) - 1})"
+        )
+    where = f"{images.split_path}, split {split_id}" if layout.split_file else dataset_dir
+    train, query, gallery = layout.read(images, splits[split_id], where)
     _check_apart(where, train, query, gallery)
     if not train_split:
         train = []
@@ -126,6 +127,12 @@ def _load_small_set(
         train_split=train_split,
         test_splits=test_splits,
     )
+
+
+def find_small_set(layout: SmallSet, root: str) -> str:
+    """The dataset folder: ``root`` or its folder of the dataset's name (CUHK02's ``cuhk02/Dataset`` or ``Dataset``)."""
+    candidates = dict.fromkeys(("", layout.folder, os.path.basename(layout.folder)))
+    return find_dataset_dir(root, candidates, layout.image_folders, layout.title)
 
 
 class _Images:
@@ -180,8 +187,8 @@ def _identity(layout: SmallSet, fields: tuple[str, ...], folder: int, path: str)
 def _split_file(layout: SmallSet, images: _Images) -> list:
     """The splits of the split file; where there is none, drawn as torchreid draws them (seeded) and written."""
     path = images.split_path
-    if not os.path.exists(path):
-        drawn = DRAWERS[layout.name](images, np.random.default_rng(SPLIT_SEED))
+    if not os.path.exists(path) and layout.draw is not None:
+        drawn = layout.draw(images, np.random.default_rng(SPLIT_SEED))
         if not _write_new(path, drawn):
             return json.loads(json.dumps(drawn))  # as read from the file
     splits = read_json(path, f"{layout.title} split file")
@@ -392,7 +399,7 @@ def _draw_grid(images: _Images, rng: np.random.Generator) -> list[dict]:
     return splits
 
 
-def _cuhk02_split(images: _Images):
+def _read_cuhk02(images: _Images, split: dict, where: str):
     """CUHK02's fixed split: the persons of pairs P1-P4 train (labelled pair by pair, each pair's in pid order),
     pair P5 tested, camera 1 the query and camera 2 the gallery."""
     train, first = [], 0
@@ -416,7 +423,9 @@ SMALL_SETS = (
         r"([0-9]+)_.*",
         2,
         "splits.json",
-        {"train": (316, 632), "query": (316, 316), "gallery": (316, 316)},
+        _read_records,
+        _draw_viper,
+        published={"train": (316, 632), "query": (316, 316), "gallery": (316, 316)},
     ),
     SmallSet(
         "grid",
@@ -427,6 +436,8 @@ SMALL_SETS = (
         r"([0-9]+)_([0-9]+)_.*",
         8,
         "splits.json",
+        _read_records,
+        _draw_grid,
         distractor_pids=frozenset({0}),
     ),
     SmallSet(
@@ -438,7 +449,9 @@ SMALL_SETS = (
         r"([0-9]{4})([0-9]{3})",
         8,
         "splits.json",
-        {"query": (60, 60), "gallery": (60, 60)},
+        _read_names,
+        _draw_ilids,
+        published={"query": (60, 60), "gallery": (60, 60)},
     ),
     SmallSet(
         "prid",
@@ -449,7 +462,9 @@ SMALL_SETS = (
         r"person_([0-9]+)",
         2,
         "splits_single_shot.json",
-        {"train": (100, 200), "query": (100, 100), "gallery": (649, 649)},
+        _read_prid,
+        _draw_prid,
+        published={"train": (100, 200), "query": (100, 100), "gallery": (649, 649)},
         distractor_pids=frozenset(range(PRID_BOTH + 1, PRID_LAST + 1)),
     ),
     SmallSet(
@@ -461,7 +476,9 @@ SMALL_SETS = (
         r"([0-9]{4})([0-9]{3})",
         2,
         "splits.json",
-        {"train": (485, 1940), "query": (486, 972), "gallery": (486, 972)},
+        _read_records,
+        _draw_cuhk01,
+        published={"train": (485, 1940), "query": (486, 972), "gallery": (486, 972)},
         first_pid=1,
         views_per_camera=2,
     ),
@@ -474,20 +491,7 @@ SMALL_SETS = (
         r"([0-9]+)_.*",
         10,
         None,
+        _read_cuhk02,
     ),
 )
-READERS: dict[str, Callable] = {
-    "viper": _read_records,
-    "grid": _read_records,
-    "cuhk01": _read_records,
-    "ilids": _read_names,
-    "prid": _read_prid,
-}
-DRAWERS: dict[str, Callable] = {
-    "viper": _draw_viper,
-    "grid": _draw_grid,
-    "cuhk01": _draw_cuhk01,
-    "ilids": _draw_ilids,
-    "prid": _draw_prid,
-}
 SMALL_SET_LOADERS = {layout.name: row_loader(_load_small_set, layout) for layout in SMALL_SETS}

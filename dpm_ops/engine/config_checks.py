@@ -455,5 +455,5 @@ def _check_dataset_options(config: dict) -> None:
     if data["split_id"] is not None and not any(takes(name, "split_id") for name in names):
         raise ConfigError(
             f"config key dataset.split_id: {', '.join(names)} has no random splits to pick from "
-            "(viper, grid, ilids, prid, cuhk01 have)"
+            "(viper, grid, ilids, prid, cuhk01, cuhk03_classic_labeled / _detected have)"
         )
