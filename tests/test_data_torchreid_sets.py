@@ -298,10 +298,10 @@ def test_masks_of_the_images_no_split_reads_are_not_orphans(tmp_path):
     assert not train_only.query and len(train_only.mask_paths) == 200
 
 
-def test_a_run_trains_and_tests_on_the_split_dataset_split_id_names(tmp_path):
+def test_a_run_trains_and_tests_on_the_split_dataset_split_id_names(tmp_path, capsys):
     """A DPM run on VIPeR's split 3 (drawn here and written) trains on its train persons and is tested on its
-    query and gallery; dpm-reid eval of the run gives the same metrics. dataset.split_id on sets without random
-    splits is an error line."""
+    query and gallery; dpm-reid eval of the run gives the same metrics, and refuses another split (whose test
+    persons it trained on). dataset.split_id on sets without random splits is an error line."""
     import torch
 
     from dpm_ops.engine import train
@@ -319,6 +319,14 @@ def test_a_run_trains_and_tests_on_the_split_dataset_split_id_names(tmp_path):
     metrics, _ = evaluate_checkpoint(load_config(str(run / "config.yaml")), run / "checkpoints" / "final.pt")
     assert metrics == result["metrics"]
     assert torch.load(run / "checkpoints" / "final.pt", weights_only=True)["model_args"]["num_classes"] == 6
+    other = load_config(str(run / "config.yaml"), ["dataset.split_id=4"])  # split 4's test persons trained on in 3
+    with pytest.raises(DatasetError, match=r"final.pt trained on split 3 of viper: testing it on split 4 scores"):
+        evaluate_checkpoint(other, run / "checkpoints" / "final.pt")
+    from dpm_ops.cli import main
+
+    argv = ["eval", "--config", str(run / "config.yaml"), "--weights", str(run / "checkpoints" / "final.pt")]
+    assert main([*argv, "dataset.split_id=0"]) == 2
+    assert "dpm-reid: error: checkpoint" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="dataset.split_id: market1501, dukemtmc has no random splits to pick"):
         load_config(None, ["dataset.name=market1501", "dataset.test_name=dukemtmc", "dataset.split_id=1"])
     load_config(None, ["dataset.name=market1501", "dataset.test_name=viper", "dataset.split_id=1"])  # the test set's

@@ -33,7 +33,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, check_config, check_device_name
 from .recipes import get_recipe
-from .splits import load_splits, prepare_synthetic
+from .splits import check_split_untrained, load_splits, prepare_synthetic
 
 
 def resolve_device(name: str, argument: str = "config key train.device") -> torch.device:
@@ -233,8 +233,9 @@ def model_from_checkpoint(state: dict, config: dict, path: str | os.PathLike) ->
     return model.eval()
 
 
-def trained_model(config: dict, weights: str | os.PathLike) -> tuple[nn.Module, dict]:
-    """The model that ``weights`` holds, in eval mode on the CPU, and its model arguments.
+def trained_model(config: dict, weights: str | os.PathLike) -> tuple[nn.Module, dict, Optional[dict]]:
+    """The model that ``weights`` holds, in eval mode on the CPU, its model arguments and the config it was trained
+    with (a training checkpoint's; None for a state dict).
 
     ``weights`` is a training checkpoint (its model, with the config's eval-time options) or a bare
     state dict of the config's model: ``torch.save(model.state_dict())`` of a dpm_ops model trained
@@ -248,7 +249,7 @@ def trained_model(config: dict, weights: str | os.PathLike) -> tuple[nn.Module, 
     name = config["model"]["name"]
     if is_training_checkpoint(contents, weights):
         state = checked_checkpoint(weights, contents, model_name=name)
-        return model_from_checkpoint(state, config, weights), state["model_args"]
+        return model_from_checkpoint(state, config, weights), state["model_args"], state["config"]
     try:
         state_dict = trained_state_dict(contents, str(weights))
     except WeightsError as error:
@@ -268,7 +269,7 @@ def trained_model(config: dict, weights: str | os.PathLike) -> tuple[nn.Module, 
         built = {k: t for k, t in model.state_dict().items() if _is_classifier(k)}
         state_dict = {**state_dict, **built}
     load_model_state(model, state_dict, weights, built_from="the config's model.options and input.size")
-    return model.eval(), args
+    return model.eval(), args, None
 
 
 def _is_classifier(key: str) -> bool:
@@ -279,7 +280,7 @@ def _is_classifier(key: str) -> bool:
 def checkpoint_model(config: dict, weights: str | os.PathLike) -> nn.Module:
     """The model of ``weights`` (trained_model's: a checkpoint of the config's model at its
     input.size, or a bare state dict), in eval mode on the CPU: what `dpm-reid export` and `extract` run."""
-    model, model_args = trained_model(config, weights)
+    model, model_args, _ = trained_model(config, weights)
     check_input_size(model_args, config, f"checkpoint {weights}")
     return model
 
@@ -381,7 +382,8 @@ def evaluate_checkpoint(
     """`dpm-reid eval`: checkpoint ``weights`` on the config's test set (under torchrun too), with
     metrics.json and pictures in ``output`` (default: ``eval/`` beside the run's checkpoints folder).
     Returns (the metrics on rank 0, else None; the output folder)."""
-    model, model_args = trained_model(config, weights)
+    model, model_args, trained_config = trained_model(config, weights)
+    check_split_untrained(config, trained_config, f"checkpoint {weights}")
     weights_folder = Path(weights).resolve().parent
     run_folder = weights_folder.parent if weights_folder.name == "checkpoints" else weights_folder
     output = make_output_folder(output or run_folder / "eval", "--output")

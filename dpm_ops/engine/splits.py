@@ -104,6 +104,25 @@ def load_splits(config: dict, *, train_split: bool = True) -> ReIDSplits:
     return splits
 
 
+def check_split_untrained(config: dict, trained: Optional[dict], source: str) -> None:
+    """An evaluation of a model ``trained`` (its config; None: unknown) on a set it trained on a split of: the same
+    split (``dataset.split_id``), whose test persons it never saw; another split's would be persons it trained on,
+    scored as if unseen."""
+    if trained is None:
+        return
+    data, was = config["dataset"], trained["dataset"]
+    sources = {canonical_dataset_name(name) for name in source_names(was)}
+    for name in tested_names(data) or source_names(data):
+        if canonical_dataset_name(name) not in sources or "split_id" not in dataset_options(name):
+            continue
+        chosen, trained_on = data["split_id"] or 0, was.get("split_id") or 0
+        if chosen != trained_on:
+            raise DatasetError(
+                f"{source} trained on split {trained_on} of {name}: testing it on split {chosen} scores persons it "
+                f"trained on (set dataset.split_id={trained_on})"
+            )
+
+
 def _first_cameras(data: dict, sources: Optional[list[ReIDSplits]]) -> dict[str, int]:
     """The first camera of each test set that is one of ``dataset.name``'s datasets after the first, as a set combined
     of them numbers its cameras (after the cameras of those before it), so that the model's camera embeddings (SIE)
