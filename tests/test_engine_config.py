@@ -249,7 +249,7 @@ def test_evaluation_keys():
 
 
 def test_the_command_lines_rerank_methods_distances_and_aqe_defaults_are_the_librarys():
-    from dpm_ops import cli
+    from dpm_ops import cli_rank as cli
     from dpm_ops.engine.scoring import DISTANCES
     from dpm_ops.evaluation import RERANK_METHODS
     from dpm_ops.evaluation.query_expansion import AQE_DEFAULTS
