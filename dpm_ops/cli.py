@@ -5,6 +5,7 @@
     dpm-reid export --config synthetic_dpm --weights CKPT --out model.onnx [--batch N] [--opset N]
     dpm-reid extract --config synthetic_dpm --weights CKPT --images DIR --out features.npz [--camera N]
     dpm-reid rank --query query.npz --gallery gallery.npz [--aqe] [--rerank [kreciprocal|gnn]] [--roc] [--out F]
+    dpm-reid summary runs/viper_split0 runs/viper_split1 ... [--out summary.json]
     dpm-reid synth --out DIR [--ids N ...]
     dpm-reid configs
     dpm-reid --version
@@ -95,6 +96,12 @@ def _version() -> str:
     return f"dpm-reid {dpm_ops.__version__} (torch {torch.__version__}; backends: {', '.join(usable)})"
 
 
+def _add_summary_parser(sub) -> None:
+    sm = sub.add_parser("summary", help="mean and std of the metrics of several runs (a dataset's splits, a run each)")
+    sm.add_argument("runs", nargs="+", type=path_argument, help="run folders, evaluation folders or metrics.json files")
+    sm.add_argument("--out", type=path_argument, help="also write the summary to this .json file")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="dpm-reid",
@@ -104,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(
         dest="command",
         required=True,
-        metavar="{train,eval,export,extract,rank,synth,configs}",
+        metavar="{train,eval,export,extract,rank,summary,synth,configs}",
         parser_class=_CommandParser,
     )
     parser.commands = sub.choices  # name -> its parser, whose error names its own --help
@@ -167,6 +174,7 @@ def _parser() -> argparse.ArgumentParser:
     fx.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.batch_size=64")
 
     add_rank_parser(sub)
+    _add_summary_parser(sub)
 
     sub.add_parser(
         "synth", help="generate the synthetic occluded re-ID dataset (see `dpm-reid synth -h`)", add_help=False
@@ -297,6 +305,23 @@ def _extract(args) -> int:
     return 0
 
 
+def _summary(args) -> int:
+    from dpm_ops.engine.evaluator import write_json_atomic
+    from dpm_ops.engine.summary import format_summary, summarize_runs
+    from dpm_ops.export import check_output_path
+
+    read = {f"run {run}": Path(run, "metrics.json") if Path(run).is_dir() else run for run in args.runs}
+    out = None if args.out is None else check_output_path(args.out, "--out", ".json", read)
+    if out is not None and out.name == "metrics.json":  # read as a run's metrics by eval, summary and the trainer
+        raise ValueError(f"--out {out}: a summary is not a metrics.json; give it another name")
+    summary = summarize_runs(args.runs)
+    print(format_summary(summary))
+    if out is not None:
+        write_json_atomic(out, summary)
+        print(f"summary written to {out}")
+    return 0
+
+
 def _inputs(args, *names: str) -> dict:
     """The files the command reads, by flag: an --out that is one of them is refused."""
     return {f"--{name}": getattr(args, name) for name in names}
@@ -364,7 +389,14 @@ def _main(argv: list) -> int:
     from dpm_ops.engine.checkpoint import first_line
     from dpm_ops.export import OnnxCheckError
 
-    commands = {"train": _train, "eval": _eval, "export": _export, "extract": _extract, "rank": rank}
+    commands = {
+        "train": _train,
+        "eval": _eval,
+        "export": _export,
+        "extract": _extract,
+        "rank": rank,
+        "summary": _summary,
+    }
     formatwarning = warnings.formatwarning
     try:
         with warnings.catch_warnings():

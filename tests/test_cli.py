@@ -718,7 +718,7 @@ def test_warnings_are_one_line():
 @pytest.mark.parametrize(
     "argv, needle",
     [
-        ([], "the following arguments are required: {train,eval,export,extract,rank,synth,configs}"),
+        ([], "the following arguments are required: {train,eval,export,extract,rank,summary,synth,configs}"),
         (["train"], "the following arguments are required: --config"),
         (["eval", "--weights", "w"], "the following arguments are required: --config"),
         (["export", "--weights", "w", "--out", "m.onnx"], "the following arguments are required: --config"),
