@@ -37,7 +37,7 @@ def test_the_mean_and_sample_std_of_each_metric(tmp_path, capsys):
         assert entry["std"] == pytest.approx(values[:, index].std(ddof=1))
         assert entry["values"] == list(values[:, index])
     table = format_summary(summary)
-    assert "split2 (split 2)" in table and table.splitlines()[0] == "viper, all queries:"
+    assert f"{runs[2]} (split 2)" in table and table.splitlines()[0] == "viper, all queries:"
     assert table.splitlines()[-2].split() == ["mean", *(f"{v:.1f}" for v in values.mean(0))]
     out = tmp_path / "summary.json"
     assert main(["summary", *map(str, runs), "--out", str(out)]) == 0

@@ -111,9 +111,10 @@ def _statistics(values: list[float]) -> dict:
 
 
 def format_summary(summary: dict) -> str:
-    """A table per test set and subset: a row per run (its split where known), then the mean and the std."""
+    """A table per test set and subset: a row per run (as given, with its split where known), then the mean and the
+    std."""
     names = [
-        f"{Path(name).name or name}" + (f" (split {split})" if split is not None else "")
+        name + (f" (split {split})" if split is not None else "")
         for name, split in zip(summary["runs"], summary["split_ids"])
     ]
     width = max(10, *(len(name) + 2 for name in names))
