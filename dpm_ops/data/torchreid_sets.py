@@ -16,8 +16,9 @@ Kept from torchreid: VIPeR's and CUHK01's splits come in pairs sharing a train s
 swapped (20 splits of 10 draws; their test ids numbered in draw order); i-LIDS tests one random image pair per test
 person (its "camera" is the image's place in the person's sequence, 8 at most); PRID's gallery adds the 549
 persons of camera B alone and GRID's the 775 images of no one (pid 0): distractors (``distractor_pids``), left out of
-``combineall``. Train labels are 0..N-1 in the order of the original ids, as torchreid numbers them (its CUHK02
-numbers them in the iteration order of a set of strings, which changes with each Python process).
+``combineall``. Train labels are the split file's, or 0..N-1 in the order of the ids where it lists the persons' own
+(i-LIDS, PRID), as torchreid numbers them (its CUHK02 numbers them in the iteration order of a set of strings,
+which changes with each Python process). torchreid's CUHK03 is :mod:`dpm_ops.data.cuhk03_release`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ import numpy as np
 from dpm_ops.ops._checks import is_integer, quote
 
 from .._stack import stacklevel_outside
-
 from .assembly import _assemble, check_wanted_splits, row_loader
 from .errors import DatasetError, DatasetNotFoundError
 from .parsing import find_dataset_dir, list_images, read_json
