@@ -40,10 +40,10 @@ from .assembly import _assemble, check_wanted_splits, row_loader
 from .errors import DatasetError, DatasetNotFoundError
 from .parsing import find_dataset_dir, list_images, read_json
 from .records import ImageRecord
+from .torchreid_draws import PRID_BOTH, PRID_LAST, draw_cuhk01, draw_grid, draw_ilids, draw_prid, draw_viper
 
 SPLIT_SEED = 0  # the generator of splits drawn here (torchreid's draws are unseeded)
 _HERE = os.path.dirname(os.path.abspath(__file__))  # a warning points past the loaders, at their caller
-DRAWS = 10  # torchreid's random splits per dataset (VIPeR's and CUHK01's each used twice, cameras swapped)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +95,7 @@ def _load_small_set(
         raise DatasetError(f"{layout.title}: split_id must be an integer >= 0, got {quote(split_id)}")
     dataset_dir = (layout.locate or find_small_set)(layout, root)
     files = [list_images(os.path.join(dataset_dir, folder), layout.suffix) for folder in layout.image_folders]
-    images = _Images(layout, dataset_dir, files)
+    images = SmallSetImages(layout, dataset_dir, files)
     splits = _split_file(layout, images) if layout.split_file else [{}]
     if split_id >= len(splits):
         raise DatasetError(
@@ -135,7 +135,7 @@ def find_small_set(layout: SmallSet, root: str) -> str:
     return find_dataset_dir(root, candidates, layout.image_folders, layout.title)
 
 
-class _Images:
+class SmallSetImages:
     """The images of a dataset folder, each with the pid and camera its name (or folder) gives."""
 
     def __init__(self, layout: SmallSet, dataset_dir: str, files: list[list[str]]):
@@ -184,7 +184,7 @@ def _identity(layout: SmallSet, fields: tuple[str, ...], folder: int, path: str)
     return pid, (number - 1) // layout.views_per_camera
 
 
-def _split_file(layout: SmallSet, images: _Images) -> list:
+def _split_file(layout: SmallSet, images: SmallSetImages) -> list:
     """The splits of the split file; where there is none, drawn as torchreid draws them (seeded) and written."""
     path = images.split_path
     if not os.path.exists(path) and layout.draw is not None:
@@ -226,7 +226,7 @@ def _entries(split: dict, key: str, where: str) -> list:
     return split[key]
 
 
-def _read_records(images: _Images, split: dict, where: str):
+def _read_records(images: SmallSetImages, split: dict, where: str):
     """VIPeR's, GRID's and CUHK01's splits: lists of [path, pid, camera], each path an image of this folder, on the
     camera its name (or folder) says."""
     lists = []
@@ -243,7 +243,7 @@ def _read_records(images: _Images, split: dict, where: str):
     return lists
 
 
-def _read_names(images: _Images, split: dict, where: str):
+def _read_names(images: SmallSetImages, split: dict, where: str):
     """i-LIDS's splits: lists of image names, the pid and camera in each name."""
     return [
         [images.record(images.resolve(name, f"{where}, {key}")) for name in _entries(split, key, where)]
@@ -251,7 +251,7 @@ def _read_names(images: _Images, split: dict, where: str):
     ]
 
 
-def _read_prid(images: _Images, split: dict, where: str):
+def _read_prid(images: SmallSetImages, split: dict, where: str):
     """PRID's splits: train and test pids of the 200 persons both cameras saw; the gallery adds camera B's others."""
 
     def image(camera: int, pid) -> ImageRecord:
@@ -284,122 +284,7 @@ def _check_apart(where: str, train: list[ImageRecord], query: list[ImageRecord],
         raise DatasetError(f"{where}: {both} is in the train split and tested")
 
 
-def _two_ways(train: list, test_a: list, test_b: list, num_train: int, num_test: int) -> list[dict]:
-    """A draw's two splits, as torchreid lists them: camera A queries, then camera B."""
-    counts = {"num_train_pids": num_train, "num_query_pids": num_test, "num_gallery_pids": num_test}
-    return [
-        {"train": train, "query": test_a, "gallery": test_b, **counts},
-        {"train": train, "query": test_b, "gallery": test_a, **counts},
-    ]
-
-
-def _draw_viper(images: _Images, rng: np.random.Generator) -> list[dict]:
-    """torchreid's VIPeR draw: half the persons (the i-th images of the two cameras, sorted) train, the others are
-    tested, numbered in draw order."""
-    cam_a, cam_b = images.files
-    if [images.identity[p][0] for p in cam_a] != [images.identity[p][0] for p in cam_b]:
-        raise DatasetError(
-            f"{images.layout.title}: the two cameras' images do not pair up by name in {images.dataset_dir} "
-            f"({len(cam_a)} and {len(cam_b)} images)"
-        )
-    count, splits = len(cam_a), []
-    for _ in range(DRAWS):
-        order = [int(i) for i in rng.permutation(count)]
-        train = [
-            [path, pid, cam]
-            for pid, i in enumerate(order[: count // 2])
-            for cam, path in enumerate((cam_a[i], cam_b[i]))
-        ]
-        test = list(enumerate(order[count // 2 :]))
-        test_a, test_b = ([[files[i], pid, cam] for pid, i in test] for cam, files in enumerate((cam_a, cam_b)))
-        splits += _two_ways(train, test_a, test_b, count // 2, len(test))
-    return splits
-
-
-def _draw_cuhk01(images: _Images, rng: np.random.Generator) -> list[dict]:
-    """torchreid's CUHK01 draw: half the persons train (labelled in pid order), the others are tested."""
-    (paths,) = images.files
-    pids = sorted({images.identity[path][0] for path in paths})
-    splits = []
-    for _ in range(DRAWS):
-        order = rng.permutation(len(pids))
-        label = {pid: index for index, pid in enumerate(sorted(pids[i] for i in order[: len(pids) // 2]))}
-        train, tested = [], ([], [])
-        for path in paths:
-            pid, camera = images.identity[path]
-            if pid in label:
-                train.append([path, label[pid], camera])
-            else:
-                tested[camera].append([path, pid, camera])
-        splits += _two_ways(train, *tested, len(label), len(pids) - len(label))
-    return splits
-
-
-def _draw_ilids(images: _Images, rng: np.random.Generator) -> list[dict]:
-    """torchreid's i-LIDS draw: half the persons (rounded down) train, every other one tested on two of its images,
-    drawn: one the query, the other the gallery."""
-    (paths,) = images.files
-    named: dict[int, list[str]] = {}
-    for path in paths:
-        named.setdefault(images.identity[path][0], []).append(os.path.basename(path))
-    pids = sorted(named)
-    alone = next((pid for pid in pids if len(named[pid]) < 2), None)
-    if alone is not None:
-        raise DatasetError(
-            f"{images.layout.title}: person {alone} has one image in {images.dataset_dir} (a test needs two)"
-        )
-    splits = []
-    for _ in range(DRAWS):
-        order = [pids[i] for i in rng.permutation(len(pids))]
-        train_pids, test_pids = order[: len(pids) // 2], order[len(pids) // 2 :]
-        pairs = [[named[pid][i] for i in rng.choice(len(named[pid]), 2, replace=False)] for pid in test_pids]
-        train = [name for pid in train_pids for name in named[pid]]
-        splits.append({"train": train, "query": [q for q, _ in pairs], "gallery": [g for _, g in pairs]})
-    return splits
-
-
-def _draw_prid(images: _Images, rng: np.random.Generator) -> list[dict]:
-    """torchreid's PRID draw: 100 of the 200 persons both cameras saw train, the others are tested."""
-    persons = np.arange(1, PRID_BOTH + 1)
-    splits = []
-    for _ in range(DRAWS):
-        train = sorted(int(pid) for pid in rng.choice(persons, PRID_BOTH // 2, replace=False))
-        splits.append({"train": train, "test": [int(pid) for pid in persons if pid not in train]})
-    return splits
-
-
-def _draw_grid(images: _Images, rng: np.random.Generator) -> list[dict]:
-    """GRID's own ten partitions (no draw): each split's 125 train persons from features_and_partitions.mat, as
-    torchreid reads them; the other persons' probe images are the query, their gallery images the gallery."""
-    path = os.path.join(images.dataset_dir, "underground_reid", "features_and_partitions.mat")
-    if not os.path.isfile(path):
-        raise DatasetNotFoundError(f"GRID: neither the split file {images.split_path} nor the partitions {path}")
-    try:
-        from scipy.io import loadmat
-        from scipy.io.matlab import MatReadError
-    except ImportError:
-        raise DatasetError(
-            f"GRID: reading its partitions {path} (once, to write {images.split_path}) needs scipy (pip install scipy)"
-        ) from None
-    try:
-        partitions = loadmat(path)["trainIdxAll"][0]
-        trained = [[int(i) for i in partitions[draw][0][0][2][0]] for draw in range(DRAWS)]
-    except (KeyError, IndexError, TypeError, ValueError, OSError, MatReadError) as error:
-        raise DatasetError(f"{path}: expected GRID's ten partitions (trainIdxAll): {error}") from None
-    splits = []
-    for train_pids in trained:
-        label = {pid: index for index, pid in enumerate(train_pids)}
-        lists = {"train": [], "query": [], "gallery": []}
-        for tested, paths in zip(("query", "gallery"), images.files):
-            for path in paths:
-                pid, camera = images.identity[path]
-                lists["train" if pid in label else tested].append([path, label.get(pid, pid), camera])
-        counts = {"num_train_pids": len(label), "num_query_pids": 125, "num_gallery_pids": 900}  # torchreid's
-        splits.append({**lists, **counts})
-    return splits
-
-
-def _read_cuhk02(images: _Images, split: dict, where: str):
+def _read_cuhk02(images: SmallSetImages, split: dict, where: str):
     """CUHK02's fixed split: the persons of pairs P1-P4 train (labelled pair by pair, each pair's in pid order),
     pair P5 tested, camera 1 the query and camera 2 the gallery."""
     train, first = [], 0
@@ -410,8 +295,6 @@ def _read_cuhk02(images: _Images, split: dict, where: str):
         first += len(label)
     return train, [images.record(path) for path in images.files[8]], [images.record(path) for path in images.files[9]]
 
-
-PRID_BOTH, PRID_LAST = 200, 749  # persons 1..200 are seen by both cameras, 201..749 by camera B alone
 
 SMALL_SETS = (
     SmallSet(
@@ -424,7 +307,7 @@ SMALL_SETS = (
         2,
         "splits.json",
         _read_records,
-        _draw_viper,
+        draw_viper,
         published={"train": (316, 632), "query": (316, 316), "gallery": (316, 316)},
     ),
     SmallSet(
@@ -437,7 +320,7 @@ SMALL_SETS = (
         8,
         "splits.json",
         _read_records,
-        _draw_grid,
+        draw_grid,
         distractor_pids=frozenset({0}),
     ),
     SmallSet(
@@ -450,7 +333,7 @@ SMALL_SETS = (
         8,
         "splits.json",
         _read_names,
-        _draw_ilids,
+        draw_ilids,
         published={"query": (60, 60), "gallery": (60, 60)},
     ),
     SmallSet(
@@ -463,7 +346,7 @@ SMALL_SETS = (
         2,
         "splits_single_shot.json",
         _read_prid,
-        _draw_prid,
+        draw_prid,
         published={"train": (100, 200), "query": (100, 100), "gallery": (649, 649)},
         distractor_pids=frozenset(range(PRID_BOTH + 1, PRID_LAST + 1)),
     ),
@@ -477,7 +360,7 @@ SMALL_SETS = (
         2,
         "splits.json",
         _read_records,
-        _draw_cuhk01,
+        draw_cuhk01,
         published={"train": (485, 1940), "query": (486, 972), "gallery": (486, 972)},
         first_pid=1,
         views_per_camera=2,
