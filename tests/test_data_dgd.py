@@ -88,12 +88,13 @@ def test_prid_gallery_only_persons_and_one_camera_persons(tmp_path):
 def test_shinpuhkan_trains_only(tmp_path):
     split = {"trainval": [0, 1], "test_probe": [], "test_gallery": []}
     write_dgd(tmp_path / "shinpuhkan", "Shinpuhkan", [[2] * 16, [1, 0, 3]], split, num_cameras=16, suffix=".jpg")
-    with pytest.raises(DatasetError, match="dgd_shinpuhkan: the query split of .* is empty"):
-        build_dataset("dgd_shinpuhkan", tmp_path)
-    data = build_dataset("dgd_shinpuhkan", tmp_path, test_splits=False)
+    with pytest.raises(DatasetError, match=r"Shinpuhkan \(DGD's format\) has no test split \(it trains only\)"):
+        build_dataset("dgd_shinpuhkan", tmp_path, train_split=False)
+    data = build_dataset("dgd_shinpuhkan", tmp_path)  # no query or gallery to read
     assert (
         data.num_cams == 16 and len(data.train) == 32 + 4 and sorted({r.camid for r in data.train}) == list(range(16))
     )
+    assert data.train_only and not data.query and build_dataset("dgd_shinpuhkan", tmp_path, test_splits=False) == data
 
 
 def test_masks_mirror_the_camera_folders(tmp_path):

@@ -10,6 +10,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from benchmarks.reference import peers
@@ -63,6 +64,12 @@ def make_set(root, name: str):
         _images(root, [f"{folder}/cam_b/person_{p:04d}.png" for p in range(1, 750)], ".png")
     elif name == "cuhk01":
         _images(root, [f"cuhk01/campus/{p:04d}{n:03d}.png" for p in range(1, 11) for n in range(1, 5)], ".png")
+    elif name == "cuhksysu":  # torchreid's folder; fast-reid's is cuhk_sysu
+        _images(
+            root,
+            [f"cuhksysu/cropped_images/p{p}_s{1000 + 3 * p + n}_{n}.jpg" for p in (7, 12, 31) for n in (1, 2)],
+            ".jpg",
+        )
     elif name == "cuhk02":
         names = [
             f"cuhk02/Dataset/P{pair}/cam{c}/{pair * 100 + p:04d}_{n}.png"
@@ -302,8 +309,6 @@ def test_a_run_trains_and_tests_on_the_split_dataset_split_id_names(tmp_path, ca
     """A DPM run on VIPeR's split 3 (drawn here and written) trains on its train persons and is tested on its
     query and gallery; dpm-reid eval of the run gives the same metrics, and refuses another split (whose test
     persons it trained on). dataset.split_id on sets without random splits is an error line."""
-    import torch
-
     from dpm_ops.engine import train
     from dpm_ops.engine.builders import evaluate_checkpoint
     from dpm_ops.engine.config import ConfigError, load_config
@@ -327,6 +332,75 @@ def test_a_run_trains_and_tests_on_the_split_dataset_split_id_names(tmp_path, ca
     argv = ["eval", "--config", str(run / "config.yaml"), "--weights", str(run / "checkpoints" / "final.pt")]
     assert main([*argv, "dataset.split_id=0"]) == 2
     assert "dpm-reid: error: checkpoint" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="dataset.split_id: market1501, dukemtmc has no random splits to pick"):
-        load_config(None, ["dataset.name=market1501", "dataset.test_name=dukemtmc", "dataset.split_id=1"])
+    with pytest.raises(ConfigError, match="dataset.split_id: the test set dukemtmc has no random splits to pick"):
+        load_config(None, ["dataset.name=viper", "dataset.test_name=dukemtmc", "dataset.split_id=1"])
     load_config(None, ["dataset.name=market1501", "dataset.test_name=viper", "dataset.split_id=1"])  # the test set's
+
+
+def test_cuhksysu_trains_only_and_joins_a_combineall_run(tmp_path):
+    root = make_set(tmp_path, "cuhksysu")
+    splits = build_dataset("cuhksysu", str(root), check_counts="off")
+    assert splits.train_only and not splits.query and splits.num_cams == 1 and {r.camid for r in splits.train} == {0}
+    assert [splits.train_pid_map[p] for p in (7, 12, 31)] == [0, 1, 2] and len(splits.train) == 6
+    module = peers.torchreid_dataset("cuhksysu")
+    theirs = module.CUHKSYSU(root=str(root), verbose=False)  # labels in a set's order of strings: compared as groups
+    groups = {tuple(sorted(p for p, label, *_ in theirs.train if label == n)) for n in {r[1] for r in theirs.train}}
+    assert groups == {tuple(sorted(r.path for r in splits.train if r.pid == n)) for n in range(3)}
+    with pytest.raises(DatasetError, match="CUHK-SYSU has no test split"):
+        build_dataset("cuhksysu", str(root), train_split=False)
+    (root / "cuhksysu").rename(root / "cuhk_sysu")  # fast-reid's folder name
+    moved = build_dataset("cuhksysu", str(root), check_counts="off")
+    assert [os.path.basename(r.path) for r in moved.train] == [os.path.basename(r.path) for r in splits.train]
+
+
+def test_the_domain_generalization_protocol(tmp_path):
+    """Train on every image of several sets (combineall, CUHK-SYSU's train-only crops among them), test on the small
+    sets' split 1 each, as the domain-generalization papers' protocol does; the runs of two splits summarized."""
+    from dpm_ops.engine import load_config, train
+    from dpm_ops.engine.summary import summarize_runs
+    from engine_utils import tiny_config, write_config
+
+    root = tmp_path / "data"
+    for name in ("cuhk01", "cuhksysu", "viper", "prid"):
+        make_set(root, name)
+    for split in (1, 3):
+        settings = tiny_config(tmp_path, "vit_baseline", solver={"epochs": 1, "warmup_epochs": 0})
+        settings["dataset"] = {
+            "name": ["cuhk01", "cuhksysu"],
+            "combineall": True,
+            "test_name": ["viper", "prid"],
+            "root": str(root),
+            "split_id": split,
+            "check_counts": "off",
+        }
+        result = train(load_config(str(write_config(tmp_path / f"dg{split}.yaml", settings))), tmp_path / f"dg{split}")
+        assert list(result["metrics"]) == ["viper", "prid"] and result["finished"]
+    # split_id is the test sets': a source not tested keeps its first split (CUHK01's split file has 20)
+    from dpm_ops.engine.splits import _build_dataset
+
+    data = load_config(str(tmp_path / "dg3.yaml"))["dataset"]
+    source = _build_dataset(data, "cuhk01", str(root), False, check_counts="off")
+    assert source.train == build_dataset("cuhk01", str(root), split_id=0, check_counts="off").train
+    summary = summarize_runs([tmp_path / "dg1", tmp_path / "dg3"])
+    assert summary["split_ids"] == [1, 3] and list(summary["sets"]) == ["viper", "prid"]
+    args = torch.load(tmp_path / "dg1" / "checkpoints" / "final.pt", weights_only=True)["model_args"]
+    assert args["num_classes"] == 10 + 3  # every CUHK01 person (train, query and gallery ones) and CUHK-SYSU's
+
+
+def test_an_evaluation_tests_only_splits_whose_persons_the_model_never_trained_on():
+    """A source the run did not test trained on its first split, a tested one on dataset.split_id's."""
+    from dpm_ops.engine.config import load_config
+    from dpm_ops.engine.splits import check_split_untrained
+
+    def config(*overrides):
+        return load_config(None, list(overrides))
+
+    untested = config("dataset.name=[viper,cuhk01]", "dataset.test_name=prid", "dataset.split_id=4")
+    check_split_untrained(config("dataset.name=viper"), untested, "ckpt")
+    with pytest.raises(DatasetError, match="ckpt trained on split 0 of viper: testing it on split 4 scores persons"):
+        check_split_untrained(config("dataset.name=viper", "dataset.split_id=4"), untested, "ckpt")
+    tested = config("dataset.name=viper", "dataset.split_id=4")
+    check_split_untrained(config("dataset.name=viper", "dataset.split_id=4"), tested, "ckpt")
+    check_split_untrained(config("dataset.name=prid"), tested, "ckpt")  # a set it never trained on: any split
+    with pytest.raises(DatasetError, match="trained on split 4 of viper: testing it on split 0"):
+        check_split_untrained(config("dataset.name=market1501", "dataset.test_name=viper"), tested, "ckpt")

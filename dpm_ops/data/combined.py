@@ -20,7 +20,7 @@ def combine_datasets(sources: list[ReIDSplits] | tuple[ReIDSplits, ...], *, comb
     ``combineall`` also trains on each source's query and gallery identities, labelled after its train ones in
     the order of their pids (an identity in both splits is one label); distractor images (Market-1501's pid 0,
     ``distractor_pids``) are left out: torchreid's and fast-reid's ``combineall``. It needs the sources loaded
-    with their query and gallery.
+    with their query and gallery (a set without a test split, ``train_only``, adds its train split).
 
     The result has no query or gallery: a combined set is tested on another one (``dataset.test_name``).
     Its ``train_pid_map`` maps each label to itself (the sources' original pids collide)."""
@@ -31,7 +31,7 @@ def combine_datasets(sources: list[ReIDSplits] | tuple[ReIDSplits, ...], *, comb
     if repeated is not None:
         raise DatasetError(f"combine_datasets: {repeated} is given twice (its images would count twice)")
     if combineall:
-        untested = next((s.name for s in sources if not (s.query and s.gallery)), None)
+        untested = next((s.name for s in sources if not (s.query and s.gallery or s.train_only)), None)
         if untested is not None:
             raise DatasetError(f"combine_datasets with combineall: {untested} was loaded without its query and gallery")
     with_masks = [s.mask_paths is not None for s in sources]

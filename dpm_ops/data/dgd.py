@@ -76,6 +76,10 @@ def _load_dgd_layout(
     persons = _read_meta(layout, dataset_dir)
     split = _read_split(dataset_dir, len(persons))
     half = {person: len(persons[person]) // 2 for person in split["test_probe"]}  # DGD's probe: the first views
+    train_only = not (split["test_probe"] or split["test_gallery"])  # Shinpuhkan's: every person trains
+    if train_only and not train_split:
+        raise DatasetError(f"{layout.title} (DGD's format) has no test split (it trains only): test on another set")
+    test_splits = test_splits and not train_only
 
     def records(person: int, first: int = 0, stop: Optional[int] = None) -> list[ImageRecord]:
         """The images of ``person``'s views ``first`` to ``stop`` (all by default)."""
@@ -89,7 +93,7 @@ def _load_dgd_layout(
         gallery = [r for p in split["test_gallery"] for r in records(p, first=half.get(p, 0))]
     read = {r.path for r in (*train, *query, *gallery)}  # the masks of the others share their camera folders
     unused = [r.path for p in range(len(persons)) for r in records(p) if r.path not in read]
-    return _assemble(
+    splits = _assemble(
         layout.name,
         dataset_dir,
         train=train,
@@ -105,6 +109,7 @@ def _load_dgd_layout(
         train_split=train_split,
         test_splits=test_splits,
     )
+    return dataclasses.replace(splits, train_only=train_only)
 
 
 def _read_meta(layout: DGDLayout, dataset_dir: str) -> list[list[list[tuple[str, int]]]]:

@@ -1,5 +1,5 @@
-"""torchreid's small datasets with their split protocols: VIPeR, GRID, i-LIDS, PRID2011 (single shot), CUHK01 and
-CUHK02, in the folders torchreid reads (``<root>/viper/VIPeR/cam_a/``, ...; ``root`` may also be the dataset's own
+"""torchreid's small datasets with their split protocols: VIPeR, GRID, i-LIDS, PRID2011 (single shot), CUHK01,
+CUHK02 and CUHK-SYSU's person crops (which train only), in the folders torchreid reads (``<root>/viper/VIPeR/cam_a/``, ...; ``root`` may also be the dataset's own
 folder). ``split_id`` picks one of the random splits in the split file torchreid keeps in the dataset folder
 (``splits.json``; PRID's ``splits_single_shot.json``): a paper's number is the mean over the splits, a run each.
 
@@ -17,8 +17,8 @@ swapped (20 splits of 10 draws; their test ids numbered in draw order); i-LIDS t
 person (its "camera" is the image's place in the person's sequence, 8 at most); PRID's gallery adds the 549
 persons of camera B alone and GRID's the 775 images of no one (pid 0): distractors (``distractor_pids``), left out of
 ``combineall``. Train labels are the split file's, or 0..N-1 in the order of the ids where it lists the persons' own
-(i-LIDS, PRID), as torchreid numbers them (its CUHK02 numbers them in the iteration order of a set of strings,
-which changes with each Python process). torchreid's CUHK03 is :mod:`dpm_ops.data.cuhk03_release`.
+(i-LIDS, PRID), as torchreid numbers them (its CUHK02 and CUHK-SYSU number them in the iteration order of a set of
+strings, which changes with each Python process). torchreid's CUHK03 is :mod:`dpm_ops.data.cuhk03_release`.
 """
 
 from __future__ import annotations
@@ -65,6 +65,8 @@ class SmallSet:
     published: Optional[dict] = None  # every split's (ids, images) where they are fixed
     distractor_pids: frozenset = frozenset()
     first_pid: int = 0  # the pid of a name's first person, numbered 0 (CUHK01's 1: torchreid's pids are 0-based)
+    train_only: bool = False  # no test split: query and gallery are never read (a test of it is an error)
+    other_folders: tuple[str, ...] = ()  # other names of its folder under root (fast-reid's)
     module: str = "torchreid_sets"  # the module of dpm_ops.data whose docstring tells more
     views_per_camera: int = 1  # images of a camera a name's image number counts (CUHK01: 1-2 camera 0, 3-4 camera 1)
 
@@ -93,6 +95,8 @@ def _load_small_set(
     check_wanted_splits(train_split, test_splits)
     if not is_integer(split_id) or split_id < 0:
         raise DatasetError(f"{layout.title}: split_id must be an integer >= 0, got {quote(split_id)}")
+    if layout.train_only and not train_split:
+        raise DatasetError(f"{layout.title} has no test split (it trains only): test on another set")
     dataset_dir = (layout.locate or find_small_set)(layout, root)
     files = [list_images(os.path.join(dataset_dir, folder), layout.suffix) for folder in layout.image_folders]
     images = SmallSetImages(layout, dataset_dir, files)
@@ -110,7 +114,7 @@ def _load_small_set(
     if not test_splits:
         query, gallery = [], []
     read = {r.path for r in (*train, *query, *gallery)}
-    return _assemble(
+    splits = _assemble(
         layout.name,
         dataset_dir,
         train=train,
@@ -125,13 +129,15 @@ def _load_small_set(
         distractor_pids=layout.distractor_pids,
         unused=[path for folder in files for path in folder if path not in read],  # their masks may be there
         train_split=train_split,
-        test_splits=test_splits,
+        test_splits=test_splits and not layout.train_only,
     )
+    return dataclasses.replace(splits, train_only=layout.train_only)
 
 
 def find_small_set(layout: SmallSet, root: str) -> str:
-    """The dataset folder: ``root`` or its folder of the dataset's name (CUHK02's ``cuhk02/Dataset`` or ``Dataset``)."""
-    candidates = dict.fromkeys(("", layout.folder, os.path.basename(layout.folder)))
+    """The dataset folder: ``root`` or its folder of the dataset's name (CUHK02's ``cuhk02/Dataset`` or ``Dataset``,
+    CUHK-SYSU's ``cuhksysu`` or fast-reid's ``cuhk_sysu``)."""
+    candidates = dict.fromkeys(("", layout.folder, os.path.basename(layout.folder), *layout.other_folders))
     return find_dataset_dir(root, candidates, layout.image_folders, layout.title)
 
 
@@ -284,6 +290,11 @@ def _check_apart(where: str, train: list[ImageRecord], query: list[ImageRecord],
         raise DatasetError(f"{where}: {both} is in the train split and tested")
 
 
+def _read_train_only(images: SmallSetImages, split: dict, where: str):
+    """A set that trains only (CUHK-SYSU's crops): every image, its person from its name, on camera 0."""
+    return [images.record(path) for paths in images.files for path in paths], [], []
+
+
 def _read_cuhk02(images: SmallSetImages, split: dict, where: str):
     """CUHK02's fixed split: the persons of pairs P1-P4 train (labelled pair by pair, each pair's in pid order),
     pair P5 tested, camera 1 the query and camera 2 the gallery."""
@@ -376,5 +387,22 @@ SMALL_SETS = (
         None,
         _read_cuhk02,
     ),
+    SmallSet(
+        "cuhksysu",
+        "CUHK-SYSU",
+        "cuhksysu",
+        ("cropped_images",),
+        ".jpg",
+        r"p([0-9]+)_s[0-9]+(?:_[0-9]+)*",  # p<person>_s<scene>_<n>: one camera (torchreid's and fast-reid's 0)
+        1,
+        None,
+        _read_train_only,
+        published={"train": (11934, 34574)},
+        train_only=True,
+        other_folders=("cuhk_sysu",),
+    ),
 )
-SMALL_SET_LOADERS = {layout.name: row_loader(_load_small_set, layout) for layout in SMALL_SETS}
+SMALL_SET_LOADERS = {  # a set with one fixed split takes no split_id (dataset.split_id picks the others')
+    layout.name: row_loader(_load_small_set, layout, omit=() if layout.split_file else ("split_id",))
+    for layout in SMALL_SETS
+}

@@ -91,7 +91,8 @@ SCHEMA: dict = {
         # [query camid, gallery camid] of a test set with one camera per split (occluded_reid,
         # partial_reid); None: the loader's (0, 1). DPM's Occluded-REID convention is [0, 2].
         "test_camids": _f(None, "camid_pair", nullable=True),
-        # which of the splits of a set that has several (torchreid's viper, grid, ilids, prid, cuhk01, cuhk03 classic)
+        # which split of a test set that has several to test on (torchreid's viper, grid, ilids, prid, cuhk01, cuhk03
+        # classic; a set trained on and tested trains on it too)
         "split_id": _f(None, int, nullable=True, bounds=NON_NEGATIVE),  # None: the loader's, 0
         "with_masks": _f(None, bool, nullable=True),  # None: masks iff the model is MaskReID
         "mask_root": _f(None, str, nullable=True),

@@ -451,9 +451,9 @@ def _check_dataset_options(config: dict) -> None:
         for test_name in tested_names(data) or [data["name"]]:  # a list of sources has a test_name
             if not takes(test_name, option):
                 raise ConfigError(f"config key {key}: the test set {test_name} has no such option; it needs {needs}")
-    names = [*source_names(data), *tested_names(data)]
+    names = tested_names(data) or source_names(data)  # the sets tested: the splits it picks
     if data["split_id"] is not None and not any(takes(name, "split_id") for name in names):
         raise ConfigError(
-            f"config key dataset.split_id: {', '.join(names)} has no random splits to pick from "
+            f"config key dataset.split_id: the test set {', '.join(names)} has no random splits to pick from "
             "(viper, grid, ilids, prid, cuhk01, cuhk03_classic_labeled / _detected have)"
         )

@@ -115,7 +115,8 @@ def check_split_untrained(config: dict, trained: Optional[dict], source: str) ->
     for name in tested_names(data) or source_names(data):
         if canonical_dataset_name(name) not in sources or "split_id" not in dataset_options(name):
             continue
-        chosen, trained_on = data["split_id"] or 0, was.get("split_id") or 0
+        chosen = data["split_id"] or 0
+        trained_on = (was.get("split_id") or 0) if _tested(was, name) else 0  # its first split where untested
         if chosen != trained_on:
             raise DatasetError(
                 f"{source} trained on split {trained_on} of {name}: testing it on split {chosen} scores persons it "
@@ -171,7 +172,7 @@ def _build_dataset(data: dict, name: str, root: str, with_masks: bool, **options
     check is skipped: load_splits decodes only what the run reads (not the query/gallery of a train set tested on
     another), once."""
     accepted = dataset_options(name)
-    if data["split_id"] is not None and "split_id" in accepted:
+    if data["split_id"] is not None and "split_id" in accepted and _tested(data, name):
         options["split_id"] = data["split_id"]
     for key in ("train_split", "test_splits"):
         if options.get(key, True) or key not in accepted:
@@ -179,6 +180,14 @@ def _build_dataset(data: dict, name: str, root: str, with_masks: bool, **options
     if "verify_images" in accepted:
         options["verify_images"] = False
     return build_dataset(name, os.path.expanduser(root), with_masks=with_masks, mask_root=data["mask_root"], **options)
+
+
+def _tested(data: dict, name: str) -> bool:
+    """Whether the run tests on ``name``: one of dataset.test_name, or the dataset it trains on where none is given.
+    dataset.split_id picks the split of these (a source also tested trains on the same split, so that it is never
+    tested on persons it trained on; the others, combineall's sources among them, on their first)."""
+    tested = tested_names(data)
+    return not tested or canonical_dataset_name(name) in {canonical_dataset_name(test) for test in tested}
 
 
 def _tested_on(splits: ReIDSplits, test: ReIDSplits, with_masks: bool) -> ReIDSplits:
