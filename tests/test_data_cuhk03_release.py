@@ -124,8 +124,10 @@ def test_the_extraction_writes_what_torchreid_writes(tmp_path):
         written = (ours / "cuhk03" / file.name).read_text().replace(str(ours), str(theirs))
         assert json.loads(written) == json.loads(file.read_text()), file.name
     assert loaded == torchreid_lists(ours, "cuhk03_classic_labeled", 3)  # torchreid reads ours (nothing re-made)
-    splits = build_dataset("cuhk03", str(ours), check_counts="off")  # torchreid's default: detected, new split
+    splits = build_dataset("cuhk03_detected", str(ours), check_counts="off")  # torchreid's default
     assert splits.name == "cuhk03_detected" and {r.camid for r in splits.query} == {0, 1}
+    with pytest.raises(DatasetError, match="'CUHK03' is ambiguous: torchreid's cuhk03 is cuhk03_detected, fast-reid"):
+        build_dataset("CUHK03", str(ours))
     assert not list((ours / "cuhk03").rglob("*.tmp*"))
 
 

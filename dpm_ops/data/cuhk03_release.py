@@ -4,7 +4,8 @@ beside the split files ``splits_classic_{labeled,detected}.json`` (the release's
 persons, each a split whose query and gallery are both the test persons' images: ``eval.protocol: cuhk03``) and
 ``splits_new_{labeled,detected}.json`` (the 767/700 split of ``cuhk03_new_protocol_config_{labeled,detected}.mat``).
 
-Datasets ``cuhk03_detected`` (torchreid's default, also ``cuhk03``), ``cuhk03_labeled`` (fast-reid's default) and
+Datasets ``cuhk03_detected`` (torchreid's default), ``cuhk03_labeled`` (fast-reid's; ``cuhk03`` alone is an error
+naming both) and
 ``cuhk03_classic_detected`` / ``cuhk03_classic_labeled`` (``split_id`` 0..19). A folder torchreid or fast-reid
 extracted is read as it is, their lists (tested against torchreid's loader). Where its images or split files are
 absent they are extracted here as torchreid extracts them (h5py reads the release, scipy the new protocol's files;

@@ -252,8 +252,9 @@ _ALIASES = {
     "synth": "synthetic",
     "prid2011": "prid",
     "i_lids": "ilids",
-    "cuhk03": "cuhk03_detected",  # torchreid's default
 }
+# names that mean one set to one peer and another to the other: named, not guessed
+_AMBIGUOUS = {"cuhk03": "torchreid's cuhk03 is cuhk03_detected, fast-reid's cuhk03_labeled (or their classic splits)"}
 
 
 def canonical_dataset_name(name: str) -> str:
@@ -278,6 +279,8 @@ def dataset_options(name: str) -> frozenset[str]:
     """The keyword options the loader of dataset ``name`` takes (``camids``, ``multi_query``, ...)."""
     key = canonical_dataset_name(name) if isinstance(name, str) else None
     if key not in _LOADERS:
+        if key in _AMBIGUOUS:
+            raise DatasetError(f"dataset {name!r} is ambiguous: {_AMBIGUOUS[key]}; name the one meant")
         raise DatasetError(f"unknown dataset {name!r}; available: {', '.join(available_datasets())}")
     loader = _LOADERS[key]
     keywords = getattr(loader, "keywords", None) or {}  # functools.partial: its bound options are fixed
