@@ -454,6 +454,7 @@ def _check_dataset_options(config: dict) -> None:
     names = tested_names(data) or source_names(data)  # the sets tested: the splits it picks
     if data["split_id"] is not None and not any(takes(name, "split_id") for name in names):
         raise ConfigError(
-            f"config key dataset.split_id: the test set {', '.join(names)} has no random splits to pick from "
+            f"config key dataset.split_id: the test set{'s' * (len(names) > 1)} {', '.join(names)} "
+            f"{'have' if len(names) > 1 else 'has'} no random splits to pick from "
             "(viper, grid, ilids, prid, cuhk01, cuhk03_classic_labeled / _detected have)"
         )
