@@ -100,14 +100,13 @@ def _load_small_set(
     dataset_dir = (layout.locate or find_small_set)(layout, root)
     files = [list_images(os.path.join(dataset_dir, folder), layout.suffix) for folder in layout.image_folders]
     images = SmallSetImages(layout, dataset_dir, files)
-    splits = _split_file(layout, images) if layout.split_file else [{}]
-    if split_id >= len(splits):
+    listed = _split_file(layout, images) if layout.split_file else [{}]  # the split file's splits
+    if split_id >= len(listed):
         raise DatasetError(
-            f"{layout.title}: split_id {split_id} is past the splits of {images.split_path or dataset_dir} "
-            f"(0..{len(splits) - 1})"
+            f"{layout.title}: split_id {split_id} is past the splits of {images.split_path} (0..{len(listed) - 1})"
         )
     where = f"{images.split_path}, split {split_id}" if layout.split_file else dataset_dir
-    train, query, gallery = layout.read(images, splits[split_id], where)
+    train, query, gallery = layout.read(images, listed[split_id], where)
     _check_apart(where, train, query, gallery)
     if not train_split:
         train = []
@@ -165,9 +164,9 @@ class SmallSetImages:
     def resolve(self, stored, where: str) -> str:
         """The image of this folder that a split file's path (written where torchreid ran) or name stands for."""
         parts = re.split(r"[\\/]", stored) if isinstance(stored, str) else []
+        bare_name = len(parts) == 1 and len(self.layout.image_folders) == 1  # i-LIDS's split file
         for folder, relative in enumerate(self.layout.image_folders):
             tail = relative.split("/")
-            bare_name = len(parts) == 1 and len(self.layout.image_folders) == 1  # i-LIDS's split file
             if bare_name or parts[-len(tail) - 1 : -1] == tail:
                 path = self.by_place.get((folder, parts[-1]))
                 if path is None:
