@@ -1,7 +1,7 @@
 """The ``dpm-reid`` command (also ``python -m dpm_ops``).
 
     dpm-reid train --config synthetic_dpm [--output DIR] [--resume | --auto-resume | --overwrite] [key=value ...]
-    dpm-reid eval  --config synthetic_dpm --weights runs/synthetic_dpm/checkpoints/final.pt
+    dpm-reid eval  --config synthetic_dpm --weights runs/synthetic_dpm/checkpoints/final.pt [--splits 0-9]
     dpm-reid export --config synthetic_dpm --weights CKPT --out model.onnx [--batch N] [--opset N]
     dpm-reid extract --config synthetic_dpm --weights CKPT --images DIR --out features.npz [--camera N]
     dpm-reid rank --query query.npz --gallery gallery.npz [--aqe] [--rerank [kreciprocal|gnn]] [--roc] [--out F]
@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 from .cli_rank import add_rank_parser, rank
 
 EXIT_USAGE = 2
+MAX_SPLITS = 100  # --splits: torchreid's sets have 10 or 20
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM: what a shell or scheduler reports for a process SIGTERM ended
 
@@ -57,6 +58,20 @@ def path_argument(text: str) -> str:
     except UnicodeEncodeError:
         raise argparse.ArgumentTypeError(f"expected a UTF-8 path, got {text!r}") from None
     return text
+
+
+def split_list(text: str) -> list[int]:
+    """``--splits``: split ids and ranges, ``0-9`` or ``0,2,5`` or ``0-3,7`` (at most MAX_SPLITS)."""
+    ids = []
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        if not (first.isascii() and first.isdigit() and (not dash or last.isascii() and last.isdigit())):
+            raise argparse.ArgumentTypeError(f"expected split ids and ranges such as 0-9 or 0,2,5, got {text!r}")
+        stop = int(last) if dash else int(first)
+        if stop < int(first) or len(ids) + stop - int(first) >= MAX_SPLITS:
+            raise argparse.ArgumentTypeError(f"expected increasing ranges of at most {MAX_SPLITS} splits, got {text!r}")
+        ids += range(int(first), stop + 1)
+    return ids
 
 
 class _VersionAction(argparse.Action):
@@ -96,6 +111,31 @@ def _version() -> str:
     return f"dpm-reid {dpm_ops.__version__} (torch {torch.__version__}; backends: {', '.join(usable)})"
 
 
+def _add_eval_parser(sub) -> None:
+    ev = sub.add_parser("eval", help="evaluate a checkpoint on the config's dataset")
+    ev.add_argument("--config", required=True, type=path_argument, help="YAML file or built-in config name")
+    ev.add_argument(
+        "--weights",
+        required=True,
+        type=path_argument,
+        help="a checkpoint of `dpm-reid train` (final.pt, last.pt), or a state dict of the config's model "
+        "(torch.save(model.state_dict()), the official DPM release)",
+    )
+    ev.add_argument(
+        "--output",
+        type=path_argument,
+        help="folder for metrics.json and pictures (default: <run>/eval for <run>/checkpoints/*.pt, else eval/ "
+        "beside the weights)",
+    )
+    ev.add_argument(
+        "--splits",
+        type=split_list,
+        help="evaluate these splits of the test sets (dataset.split_id), e.g. 0-9 or 0,2,5: each into "
+        "<output>/split_<id>, then their mean and std (summary.json)",
+    )
+    ev.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.rerank=true")
+
+
 def _add_summary_parser(sub) -> None:
     sm = sub.add_parser("summary", help="mean and std of the metrics of several runs (a dataset's splits, a run each)")
     sm.add_argument("runs", nargs="+", type=path_argument, help="run folders, evaluation folders or metrics.json files")
@@ -129,22 +169,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. solver.epochs=5")
 
-    ev = sub.add_parser("eval", help="evaluate a checkpoint on the config's dataset")
-    ev.add_argument("--config", required=True, type=path_argument, help="YAML file or built-in config name")
-    ev.add_argument(
-        "--weights",
-        required=True,
-        type=path_argument,
-        help="a checkpoint of `dpm-reid train` (final.pt, last.pt), or a state dict of the config's model "
-        "(torch.save(model.state_dict()), the official DPM release)",
-    )
-    ev.add_argument(
-        "--output",
-        type=path_argument,
-        help="folder for metrics.json and pictures (default: <run>/eval for <run>/checkpoints/*.pt, else eval/ "
-        "beside the weights)",
-    )
-    ev.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.rerank=true")
+    _add_eval_parser(sub)
 
     ex = sub.add_parser("export", help="export a checkpoint's test-time model to ONNX, checked by onnxruntime")
     _add_checkpoint_arguments(ex)
@@ -212,8 +237,16 @@ def _train(args) -> int:
 def _eval(args) -> int:
     from dpm_ops.engine import evaluate_checkpoint, load_config
 
-    metrics, output = evaluate_checkpoint(load_config(args.config, args.overrides), args.weights, args.output)
-    if metrics is not None:  # rank 0
+    config = load_config(args.config, args.overrides)
+    metrics, output = evaluate_checkpoint(config, args.weights, args.output, split_ids=args.splits)
+    if metrics is not None and args.splits:  # rank 0
+        from dpm_ops.engine.summary import format_summary
+
+        print(format_summary(metrics))
+        print(
+            f"splits' metrics written to {output}/split_<id>/metrics.json, their summary to {output / 'summary.json'}"
+        )
+    elif metrics is not None:
         print(f"metrics written to {output / 'metrics.json'}")
     return 0
 

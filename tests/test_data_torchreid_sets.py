@@ -353,38 +353,58 @@ def test_cuhksysu_trains_only_and_joins_a_combineall_run(tmp_path):
     assert [os.path.basename(r.path) for r in moved.train] == [os.path.basename(r.path) for r in splits.train]
 
 
-def test_the_domain_generalization_protocol(tmp_path):
-    """Train on every image of several sets (combineall, CUHK-SYSU's train-only crops among them), test on the small
-    sets' split 1 each, as the domain-generalization papers' protocol does; the runs of two splits summarized."""
+def test_the_domain_generalization_protocol(tmp_path, capsys):
+    """Train once on every image of several sets (combineall, CUHK-SYSU's train-only crops among them), then test on
+    the small sets' splits, each evaluated and summarized (dpm-reid eval --splits), as the domain-generalization
+    papers' protocol does."""
+    from dpm_ops.cli import main
     from dpm_ops.engine import load_config, train
-    from dpm_ops.engine.summary import summarize_runs
+    from dpm_ops.engine.splits import _build_dataset
     from engine_utils import tiny_config, write_config
 
     root = tmp_path / "data"
     for name in ("cuhk01", "cuhksysu", "viper", "prid"):
         make_set(root, name)
-    for split in (1, 3):
-        settings = tiny_config(tmp_path, "vit_baseline", solver={"epochs": 1, "warmup_epochs": 0})
-        settings["dataset"] = {
-            "name": ["cuhk01", "cuhksysu"],
-            "combineall": True,
-            "test_name": ["viper", "prid"],
-            "root": str(root),
-            "split_id": split,
-            "check_counts": "off",
-        }
-        result = train(load_config(str(write_config(tmp_path / f"dg{split}.yaml", settings))), tmp_path / f"dg{split}")
-        assert list(result["metrics"]) == ["viper", "prid"] and result["finished"]
-    # split_id is the test sets': a source not tested keeps its first split (CUHK01's split file has 20)
-    from dpm_ops.engine.splits import _build_dataset
-
-    data = load_config(str(tmp_path / "dg3.yaml"))["dataset"]
-    source = _build_dataset(data, "cuhk01", str(root), False, check_counts="off")
-    assert source.train == build_dataset("cuhk01", str(root), split_id=0, check_counts="off").train
-    summary = summarize_runs([tmp_path / "dg1", tmp_path / "dg3"])
-    assert summary["split_ids"] == [1, 3] and list(summary["sets"]) == ["viper", "prid"]
-    args = torch.load(tmp_path / "dg1" / "checkpoints" / "final.pt", weights_only=True)["model_args"]
+    settings = tiny_config(tmp_path, "vit_baseline", solver={"epochs": 1, "warmup_epochs": 0})
+    settings["dataset"] = {
+        "name": ["cuhk01", "cuhksysu"],
+        "combineall": True,
+        "test_name": ["viper", "prid"],
+        "root": str(root),
+        "split_id": 1,
+        "check_counts": "off",
+    }
+    config = load_config(str(write_config(tmp_path / "dg.yaml", settings)))
+    result = train(config, tmp_path / "dg")
+    assert list(result["metrics"]) == ["viper", "prid"] and result["finished"]
+    args = torch.load(tmp_path / "dg" / "checkpoints" / "final.pt", weights_only=True)["model_args"]
     assert args["num_classes"] == 10 + 3  # every CUHK01 person (train, query and gallery ones) and CUHK-SYSU's
+    # split_id is the test sets': a source not tested keeps its first split (CUHK01's split file has 20)
+    source = _build_dataset(config["dataset"], "cuhk01", str(root), False, check_counts="off")
+    assert source.train == build_dataset("cuhk01", str(root), split_id=0, check_counts="off").train
+
+    argv = [
+        "eval",
+        "--config",
+        str(tmp_path / "dg" / "config.yaml"),
+        "--weights",
+        str(tmp_path / "dg/checkpoints/final.pt"),
+    ]
+    assert main([*argv, "--splits", "0-2", "--output", str(tmp_path / "splits")]) == 0
+    assert "viper, all queries:" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "splits" / "summary.json").read_text())
+    assert summary["split_ids"] == [0, 1, 2] and list(summary["sets"]) == ["viper", "prid"]
+    split_1 = json.loads((tmp_path / "splits" / "split_1" / "metrics.json").read_text())
+    assert {name: split_1[name]["all"] for name in split_1} == {name: m["all"] for name, m in result["metrics"].items()}
+    assert summary["sets"]["prid"]["all"]["mAP"]["values"][1] == result["metrics"]["prid"]["all"]["mAP"]
+    for splits, message in (("3", "two or more different splits"), ("0-25", "PRID2011: split_id 10 is past the splits of")):
+        assert main([*argv, "--splits", splits, "--output", str(tmp_path / "bad")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "split_0").exists()  # every split loaded before any is scored
+    for text in ("a-b", "3-1", "0-1000"):
+        with pytest.raises(SystemExit) as stopped:
+            main([*argv, "--splits", text])
+        assert stopped.value.code == 2 and "argument --splits: expected" in capsys.readouterr().err
 
 
 def test_an_evaluation_tests_only_splits_whose_persons_the_model_never_trained_on():

@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -17,6 +17,7 @@ import torch.nn as nn
 from dpm_ops import _backend
 from dpm_ops.data import MaskReIDBatchSampler, RandomIdentityBatchSampler, ReIDSplits
 from dpm_ops.models.weights import WeightsError, trained_state_dict
+from dpm_ops.ops._checks import is_integer, quote
 
 from . import distributed
 from .checkpoint import (
@@ -34,6 +35,7 @@ from .checkpoint import (
 from .config import ConfigError, check_config, check_device_name
 from .recipes import get_recipe
 from .splits import check_split_untrained, load_splits, prepare_synthetic
+from .summary import summarize_runs
 
 
 def resolve_device(name: str, argument: str = "config key train.device") -> torch.device:
@@ -377,13 +379,23 @@ def _evaluate_test_set(model, splits, config, *, device, out_dir, pictures, prog
 
 
 def evaluate_checkpoint(
-    config: dict, weights: str | os.PathLike, output: Optional[str | os.PathLike] = None
+    config: dict,
+    weights: str | os.PathLike,
+    output: Optional[str | os.PathLike] = None,
+    *,
+    split_ids: Optional[Sequence[int]] = None,
 ) -> tuple[Optional[dict], Path]:
     """`dpm-reid eval`: checkpoint ``weights`` on the config's test set (under torchrun too), with
     metrics.json and pictures in ``output`` (default: ``eval/`` beside the run's checkpoints folder).
-    Returns (the metrics on rank 0, else None; the output folder)."""
+    Returns (the metrics on rank 0, else None; the output folder).
+
+    ``split_ids`` (``--splits``): the test sets' splits (``dataset.split_id``), each evaluated into
+    ``output/split_<id>/``, every one loaded and checked first; returns their summary (``summarize_runs``: mean and
+    std over the splits), also written to ``output/summary.json``."""
     model, model_args, trained_config = trained_model(config, weights)
-    check_split_untrained(config, trained_config, f"checkpoint {weights}")
+    configs = [config] if split_ids is None else [_with_split(config, split) for split in _checked_ids(split_ids)]
+    for each in configs:
+        check_split_untrained(each, trained_config, f"checkpoint {weights}")
     weights_folder = Path(weights).resolve().parent
     run_folder = weights_folder.parent if weights_folder.name == "checkpoints" else weights_folder
     output = make_output_folder(output or run_folder / "eval", "--output")
@@ -391,11 +403,37 @@ def evaluate_checkpoint(
     device, info = init_run_device(config)
     progress = config["train"]["progress"] and info.is_main
     prepare_synthetic(config, progress=progress)
-    splits = load_splits(config, train_split=False)
-    check_model_fits_data(model_args, config, splits, f"checkpoint {weights}")
+    tests = [load_splits(each, train_split=False) for each in configs]
+    for each, splits in zip(configs, tests):
+        check_model_fits_data(model_args, each, splits, f"checkpoint {weights}")
     model = model.to(device)
     # metrics.json names the weights it scored: evaluations of several checkpoints sit apart
     record = {"weights": str(Path(weights).resolve())}
-    return evaluate_with_config(
-        model, splits, config, device=device, out_dir=output, progress=progress, record=record
-    ), output
+    if split_ids is None:
+        return evaluate_with_config(
+            model, tests[0], config, device=device, out_dir=output, progress=progress, record=record
+        ), output
+    folders = [output / f"split_{each['dataset']['split_id']}" for each in configs]
+    for each, splits, folder in zip(configs, tests, folders):
+        evaluate_with_config(model, splits, each, device=device, out_dir=folder, progress=progress, record=record)
+    if not info.is_main:
+        return None, output
+    from .evaluator import write_json_atomic
+
+    summary = summarize_runs(folders, split_ids=[each["dataset"]["split_id"] for each in configs])
+    write_json_atomic(str(output / "summary.json"), summary)
+    return summary, output
+
+
+def _checked_ids(split_ids) -> list[int]:
+    """``split_ids``: two or more different split ids (``--splits``)."""
+    if isinstance(split_ids, (str, bytes)) or not all(is_integer(s) and s >= 0 for s in split_ids):
+        raise ConfigError(f"--splits must be split ids >= 0, got {quote(split_ids)}")
+    if len(split_ids) < 2 or len(set(split_ids)) < len(split_ids):
+        raise ConfigError(f"--splits must name two or more different splits, got {quote(list(split_ids))}")
+    return [int(s) for s in split_ids]
+
+
+def _with_split(config: dict, split_id: int) -> dict:
+    """``config`` testing split ``split_id`` (checked: a test set must have splits)."""
+    return check_config({**config, "dataset": {**config["dataset"], "split_id": split_id}})

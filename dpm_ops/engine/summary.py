@@ -59,16 +59,16 @@ def _split_id(folder: Path) -> Optional[int]:
     return None
 
 
-def summarize_runs(paths: Sequence[str | os.PathLike]) -> dict:
+def summarize_runs(paths: Sequence[str | os.PathLike], split_ids: Optional[Sequence[int]] = None) -> dict:
     """``{"runs": [...], "split_ids": [...], "sets": {set: {subset: {metric: {"mean", "std", "values"}}}}}`` of
-    two or more runs (``read_run``'s paths): every subset (all, clean, occluded) that each run has; ``std`` the
-    sample standard deviation (n - 1)."""
+    two or more runs (``read_run``'s paths; ``split_ids``: their splits, where their folders do not say): every
+    subset (all, clean, occluded) that each run has; ``std`` the sample standard deviation (n - 1)."""
     if isinstance(paths, (str, os.PathLike)) or len(paths) < 2:
         raise SummaryError(f"give two or more runs to summarize, got {quote(paths)}")
     runs = [read_run(path) for path in paths]
     names = [str(path) for path in paths]
     _check_alike(names, [sets for sets, _ in runs])
-    split_ids = [split for _, split in runs]
+    split_ids = list(split_ids) if split_ids is not None else [split for _, split in runs]
     for index, split in enumerate(split_ids):
         if split is not None and split in split_ids[:index]:
             first = names[split_ids.index(split)]
