@@ -397,7 +397,12 @@ def test_the_domain_generalization_protocol(tmp_path, capsys):
     split_1 = json.loads((tmp_path / "splits" / "split_1" / "metrics.json").read_text())
     assert {name: split_1[name]["all"] for name in split_1} == {name: m["all"] for name, m in result["metrics"].items()}
     assert summary["sets"]["prid"]["all"]["mAP"]["values"][1] == result["metrics"]["prid"]["all"]["mAP"]
-    for splits, message in (("3", "two or more different splits"), ("0-25", "PRID2011: split_id 10 is past the splits of")):
+    assert main(["summary", *(str(tmp_path / "splits" / f"split_{s}") for s in (2, 0))]) == 0  # ids from the names
+    assert "split_0 (split 0)" in capsys.readouterr().out
+    for splits, message in (
+        ("3", "two or more different splits"),
+        ("0-25", "PRID2011: split_id 10 is past the splits of"),
+    ):
         assert main([*argv, "--splits", splits, "--output", str(tmp_path / "bad")]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "bad" / "split_0").exists()  # every split loaded before any is scored

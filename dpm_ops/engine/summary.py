@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -48,7 +49,11 @@ def read_run(path: str | os.PathLike) -> tuple[dict, Optional[int]]:
 
 
 def _split_id(folder: Path) -> Optional[int]:
-    """The run's dataset.split_id (config.yaml beside metrics.json, or the run's, above an evaluation's folder)."""
+    """The split a folder scored: ``split_<id>`` (``dpm-reid eval --splits``), else the dataset.split_id of its
+    run's config.yaml (beside metrics.json, or above an evaluation's folder)."""
+    named = re.fullmatch(r"split_([0-9]+)", folder.name)
+    if named:
+        return int(named.group(1))
     for config in (folder / "config.yaml", folder.parent / "config.yaml"):
         try:
             data = yaml.safe_load(config.read_text(encoding="utf-8"))
