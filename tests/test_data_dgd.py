@@ -14,7 +14,7 @@ from dpm_ops.engine import ConfigError, load_config
 from dpm_ops.engine.splits import load_splits
 
 
-def write_dgd(folder, name, identities, split, *, num_cameras=2, suffix=".bmp", masks=False):
+def write_dgd(folder, name, identities, split, *, num_cameras=2, suffix=".bmp", masks=False, shot="multiple"):
     """A dataset in DGD's format: ``identities[person][camera]`` is that camera's image count; files
     ``cam_<c>/<person:05d>_<n:05d><suffix>`` numbered per camera, as format_viper.py / format_prid.py name them."""
     listed = []
@@ -31,7 +31,7 @@ def write_dgd(folder, name, identities, split, *, num_cameras=2, suffix=".bmp", 
                     os.makedirs(os.path.dirname(mask), exist_ok=True)
                     Image.new("L", (8, 16), 255).save(mask)
             listed[-1].append(files)
-    meta = {"name": name, "shot": "multiple", "num_cameras": num_cameras, "identities": listed}
+    meta = {"name": name, "shot": shot, "num_cameras": num_cameras, "identities": listed}
     (folder / "meta.json").write_text(json.dumps(meta))
     (folder / "split.json").write_text(json.dumps(split))
     return folder
@@ -57,7 +57,9 @@ def listing(records):
 
 def test_viper_splits_as_dgd_lists_them(tmp_path):
     viper(tmp_path)
-    data = build_dataset("dgd_viper", tmp_path)  # the folder holding viper/, as DGD's external/exp/datasets
+    data = build_dataset(
+        "dgd_viper", tmp_path, val_ratio=0
+    )  # the folder holding viper/, as DGD's external/exp/datasets
     assert data.name == "dgd_viper" and data.num_cams == 2 and data.root == str(tmp_path / "viper")
     assert listing(data.train) == [
         ("cam_0/00000_00000.bmp", 0, 0),
@@ -76,13 +78,13 @@ def test_viper_splits_as_dgd_lists_them(tmp_path):
 
 def test_prid_gallery_only_persons_and_one_camera_persons(tmp_path):
     prid(tmp_path)
-    data = build_dataset("dgd_prid", tmp_path)
+    data = build_dataset("dgd_prid", tmp_path, val_ratio=0)
     assert sorted((r.pid, r.camid) for r in data.train) == [(0, 0)] * 3 + [(0, 1)] * 2 + [(1, 0)] * 2
     assert sorted((r.pid, r.camid) for r in data.query) == [(0, 0), (1, 0)]
     assert sorted((r.pid, r.camid) for r in data.gallery) == [(0, 1), (1, 1), (4, 1), (5, 1)]
     alone = build_dataset("dgd_prid", tmp_path, train_split=False)
     assert alone.train == [] and alone.query == data.query and alone.gallery == data.gallery
-    assert build_dataset("dgd_prid", tmp_path, test_splits=False).train == data.train
+    assert build_dataset("dgd_prid", tmp_path, test_splits=False, val_ratio=0).train == data.train
 
 
 def test_shinpuhkan_trains_only(tmp_path):
@@ -90,11 +92,12 @@ def test_shinpuhkan_trains_only(tmp_path):
     write_dgd(tmp_path / "shinpuhkan", "Shinpuhkan", [[2] * 16, [1, 0, 3]], split, num_cameras=16, suffix=".jpg")
     with pytest.raises(DatasetError, match=r"Shinpuhkan \(DGD's format\) has no test split \(it trains only\)"):
         build_dataset("dgd_shinpuhkan", tmp_path, train_split=False)
-    data = build_dataset("dgd_shinpuhkan", tmp_path)  # no query or gallery to read
+    data = build_dataset("dgd_shinpuhkan", tmp_path, val_ratio=0)  # no query or gallery to read
     assert (
         data.num_cams == 16 and len(data.train) == 32 + 4 and sorted({r.camid for r in data.train}) == list(range(16))
     )
-    assert data.train_only and not data.query and build_dataset("dgd_shinpuhkan", tmp_path, test_splits=False) == data
+    assert data.train_only and not data.query
+    assert build_dataset("dgd_shinpuhkan", tmp_path, test_splits=False, val_ratio=0) == data
 
 
 def test_masks_mirror_the_camera_folders(tmp_path):
@@ -102,13 +105,13 @@ def test_masks_mirror_the_camera_folders(tmp_path):
     hand-made split may)."""
     split = {"trainval": [0, 2, 4], "test_probe": [1, 3], "test_gallery": [1, 3]}
     folder = write_dgd(tmp_path / "viper", "VIPeR", [[1, 1]] * 6, split, masks=True)
-    data = build_dataset("dgd_viper", tmp_path, with_masks=True)
+    data = build_dataset("dgd_viper", tmp_path, with_masks=True, val_ratio=0)
     assert data.mask_paths[data.train[0].path] == str(folder / "cam_0_seg" / "00000_00000.png")
     assert len(data.mask_paths) == 10 and not any("00005_" in path for path in data.mask_paths)
     # a load of some splits alone: the others' masks, in the same camera folders, are no orphans either
     tested = build_dataset("dgd_viper", tmp_path, with_masks=True, train_split=False)
     assert len(tested.mask_paths) == 4 and tested.mask_paths[data.query[0].path] == data.mask_paths[data.query[0].path]
-    assert len(build_dataset("dgd_viper", tmp_path, with_masks=True, test_splits=False).mask_paths) == 6
+    assert len(build_dataset("dgd_viper", tmp_path, with_masks=True, test_splits=False, val_ratio=0).mask_paths) == 6
     os.remove(data.mask_paths[data.query[0].path])
     with pytest.raises(DatasetNotFoundError, match="1 image\\(s\\) have no mask"):
         build_dataset("dgd_viper", tmp_path, with_masks=True)
@@ -263,3 +266,38 @@ def test_maskreid_trains_on_a_jstl_merge_with_masks_and_tests_on_each_set(tmp_pa
     assert metrics == result["metrics"]
     args = torch.load(run / "checkpoints" / "final.pt", weights_only=True)["model_args"]
     assert args["num_classes"] == 8  # four trainval persons of each set
+
+
+def test_the_validation_part_dgd_keeps_apart(tmp_path):
+    """make_lists_id_training.py's --val-ratio 0.2: of a single-shot set, int(0.2 x 10) x 2 = 4 of the 10 trainval
+    persons give one of their two views (all 10 still train); of a multi-shot set, int(0.2 x 20) = 4 of its 20
+    images. Drawn seeded (DGD's is unseeded): the same each load; their masks are no orphans; 0 keeps none apart."""
+    split = {"trainval": list(range(10)), "test_probe": [10, 11], "test_gallery": [10, 11]}
+    write_dgd(tmp_path / "viper", "VIPeR", [[1, 1]] * 12, split, shot="single", masks=True)
+    single = build_dataset("dgd_viper", tmp_path, with_masks=True)
+    assert len(single.train) == 20 - 4 and single.num_train_pids == 10
+    assert sum(1 for pid in range(10) if sum(r.pid == pid for r in single.train) == 1) == 4
+    assert build_dataset("dgd_viper", tmp_path, with_masks=True).train == single.train
+    assert len(build_dataset("dgd_viper", tmp_path, val_ratio=0).train) == 20
+    split = {"trainval": list(range(5)), "test_probe": [5], "test_gallery": [5]}
+    write_dgd(tmp_path / "ilids", "i-LIDS", [[2, 2]] * 6, split, suffix=".jpg")
+    assert len(build_dataset("dgd_ilids", tmp_path).train) == 20 - 4
+    assert len(build_dataset("dgd_ilids", tmp_path, val_ratio=0.5).train) == 20 - 10
+    for bad in (1.0, -0.1, "0.2", float("nan")):
+        with pytest.raises(DatasetError, match="i-LIDS: val_ratio must be a number in \\[0, 1\\)"):
+            build_dataset("dgd_ilids", tmp_path, val_ratio=bad)
+    edit(tmp_path / "ilids" / "meta.json", lambda meta: meta.pop("shot"))
+    with pytest.raises(DatasetError, match="meta.json: expected shot 'single' or 'multiple', got None"):
+        build_dataset("dgd_ilids", tmp_path)
+
+
+def test_dataset_val_ratio_reaches_the_dgd_sources(tmp_path):
+    from dpm_ops.engine.splits import load_splits
+
+    split = {"trainval": list(range(5)), "test_probe": [5], "test_gallery": [5]}
+    write_dgd(tmp_path / "ilids", "i-LIDS", [[2, 2]] * 6, split, suffix=".jpg")
+    overrides = ["dataset.name=dgd_ilids", f"dataset.root={tmp_path}", "eval.protocol=cuhk03"]
+    assert len(load_splits(load_config(None, overrides)).train) == 16
+    assert len(load_splits(load_config(None, [*overrides, "dataset.val_ratio=0"])).train) == 20
+    with pytest.raises(ConfigError, match="dataset.val_ratio: market1501 keeps no validation part apart"):
+        load_config(None, ["dataset.name=market1501", "dataset.val_ratio=0"])

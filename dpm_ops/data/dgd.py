@@ -8,8 +8,10 @@ folder, ``cam_<c>/<person:05d>_<n:05d>.<ext>``) and ``split.json`` (``trainval``
 person indices). The scripts draw the split at random, unseeded, once: reading their ``split.json`` gives DGD's split,
 which no seed could rebuild.
 
-The splits, as DGD's ``tools/make_lists_id_training.py`` lists them: train = every image of the trainval persons
-(DGD keeps 20% of them apart for Caffe's validation; its evaluation trains its metric on both, as here); query = the
+The splits, as DGD's ``tools/make_lists_id_training.py`` lists them: train = the trainval persons' images but those
+it keeps apart for Caffe's validation (``val_ratio``, its ``--val-ratio`` 0.2: of a single-shot set, 2 x 20% of the
+persons each give the second half of their shuffled views; of a multi-shot one, 20% of the images; drawn here from
+a seeded generator, DGD's draw being unseeded; ``val_ratio=0`` trains on all of trainval); query = the
 first half of a probe person's cameras (camera 0 of a two-camera set), gallery = the other half, plus every image of
 the gallery-only persons (PRID's 549 camera-B persons). Rank-1 as DGD reports it is the single-gallery-shot CMC
 (``eval.protocol: cuhk03``; DGD averages 100 draws).
@@ -21,7 +23,9 @@ import dataclasses
 import os
 from typing import Optional
 
-from dpm_ops.ops._checks import is_integer, quote
+import numpy as np
+
+from dpm_ops.ops._checks import is_finite_real, is_integer, quote
 
 from .assembly import _assemble, check_wanted_splits, row_loader
 from .errors import DatasetError, DatasetNotFoundError
@@ -30,6 +34,9 @@ from .records import ImageRecord, ReIDSplits
 
 DGD_FILES = ("meta.json", "split.json")
 SPLIT_KEYS = ("trainval", "test_probe", "test_gallery")
+SHOTS = ("single", "multiple")  # meta.json's shot: one image a camera per person, or several
+DGD_VAL_RATIO = 0.2  # make_lists_id_training.py's --val-ratio default
+VALIDATION_SEED = 0  # the generator of the validation draw (DGD's is unseeded)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,12 +75,15 @@ def _load_dgd_layout(
     mask_root: Optional[str] = None,
     check_counts: str = "warn",
     verify_images: bool = True,
+    val_ratio: float = DGD_VAL_RATIO,
     train_split: bool = True,
     test_splits: bool = True,
 ) -> ReIDSplits:
     check_wanted_splits(train_split, test_splits)
+    if not is_finite_real(val_ratio) or not 0 <= val_ratio < 1:
+        raise DatasetError(f"{layout.title}: val_ratio must be a number in [0, 1), got {quote(val_ratio)}")
     dataset_dir = find_dataset_dir(root, ("", layout.folder), DGD_FILES, f"{layout.title} (DGD's format)")
-    persons = _read_meta(layout, dataset_dir)
+    persons, shot = _read_meta(layout, dataset_dir)
     split = _read_split(dataset_dir, len(persons))
     half = {person: len(persons[person]) // 2 for person in split["test_probe"]}  # DGD's probe: the first views
     train_only = not (split["test_probe"] or split["test_gallery"])  # Shinpuhkan's: every person trains
@@ -86,7 +96,12 @@ def _load_dgd_layout(
         views = persons[person][first:stop]
         return [ImageRecord(os.path.join(dataset_dir, file), person, camera) for view in views for file, camera in view]
 
-    train = [r for p in split["trainval"] for r in records(p)] if train_split else []
+    train = []
+    if train_split:
+        held_out = {
+            os.path.join(dataset_dir, file) for file in _validation(persons, split["trainval"], shot, val_ratio)
+        }
+        train = [r for p in split["trainval"] for r in records(p) if r.path not in held_out]
     query, gallery = [], []
     if test_splits:
         query = [r for p in split["test_probe"] for r in records(p, stop=half[p])]
@@ -112,10 +127,24 @@ def _load_dgd_layout(
     return dataclasses.replace(splits, train_only=train_only)
 
 
-def _read_meta(layout: DGDLayout, dataset_dir: str) -> list[list[list[tuple[str, int]]]]:
-    """meta.json's identities as (file, camera) per person and view, checked: the layout's dataset and cameras; each
-    view one camera's files (in its ``cam_<c>/`` folder: the camera, since Shinpuhkan's script lists a person's
-    cameras in the order it meets them), a camera per view; every file once, named for its person, present."""
+def _validation(persons: list, trainval: list[int], shot: str, ratio: float) -> set[str]:
+    """The files of trainval that DGD's make_lists_id_training.py keeps apart for Caffe's validation: of a single-shot
+    set, ``int(ratio * persons) * 2`` persons each give the second half of their shuffled views (keeping the first
+    half); of a multi-shot set, ``int(ratio * images)`` images."""
+    rng = np.random.default_rng(VALIDATION_SEED)
+    if shot == "single":
+        chosen = [trainval[i] for i in rng.permutation(len(trainval))[: int(len(trainval) * ratio) * 2]]
+        views = [[persons[p][i] for i in rng.permutation(len(persons[p]))] for p in chosen]
+        return {file for shuffled in views for view in shuffled[len(shuffled) // 2 :] for file, _ in view}
+    files = [file for p in trainval for view in persons[p] for file, _ in view]
+    return {files[i] for i in rng.permutation(len(files))[: int(len(files) * ratio)]}
+
+
+def _read_meta(layout: DGDLayout, dataset_dir: str) -> tuple[list[list[list[tuple[str, int]]]], str]:
+    """meta.json's identities as (file, camera) per person and view, and its shot ("single", "multiple"), checked:
+    the layout's dataset and cameras; each view one camera's files (in its ``cam_<c>/`` folder: the camera, since
+    Shinpuhkan's script lists a person's cameras in the order it meets them), a camera per view; every file once,
+    named for its person, present."""
     path = os.path.join(dataset_dir, "meta.json")
     meta = read_json(path, "DGD meta file")
     if not isinstance(meta, dict) or meta.get("name") != layout.title:
@@ -123,6 +152,8 @@ def _read_meta(layout: DGDLayout, dataset_dir: str) -> list[list[list[tuple[str,
         raise DatasetError(f"{path}: expected the meta file of {layout.title} (its name), got {quote(found)}")
     if meta.get("num_cameras") != layout.num_cams or not isinstance(meta.get("identities"), list):
         raise DatasetError(f"{path}: expected num_cameras {layout.num_cams} and a list of identities")
+    if meta.get("shot") not in SHOTS:
+        raise DatasetError(f"{path}: expected shot 'single' or 'multiple', got {quote(meta.get('shot'))}")
     seen, persons = set(), []
     for person, views in enumerate(meta["identities"]):
         if not isinstance(views, list) or len(views) > layout.num_cams:
@@ -136,7 +167,7 @@ def _read_meta(layout: DGDLayout, dataset_dir: str) -> list[list[list[tuple[str,
         cameras = [{camera for _, camera in view} for view in persons[-1] if view]
         if any(len(view) > 1 for view in cameras) or len(set().union(*cameras)) < len(cameras):
             raise DatasetError(f"{path}: identity {person}: each view must hold the files of one camera of its own")
-    return persons
+    return persons, meta["shot"]
 
 
 def _checked_file(where: str, dataset_dir: str, person: int, num_cams: int, file, seen: set) -> tuple[str, int]:

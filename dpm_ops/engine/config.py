@@ -94,6 +94,9 @@ SCHEMA: dict = {
         # which split of a test set that has several to test on (torchreid's viper, grid, ilids, prid, cuhk01, cuhk03
         # classic; a set trained on and tested trains on it too)
         "split_id": _f(None, int, nullable=True, bounds=NON_NEGATIVE),  # None: the loader's, 0
+        # the share of a DGD-format set's trainval kept apart as DGD keeps it for Caffe's validation (not trained on);
+        # None: DGD's 0.2, 0: train on all of trainval
+        "val_ratio": _f(None, float, nullable=True, bounds=Bounds(0, 1, high_open=True)),
         "with_masks": _f(None, bool, nullable=True),  # None: masks iff the model is MaskReID
         "mask_root": _f(None, str, nullable=True),
         "check_counts": _f("warn", str, ("warn", "error", "off")),

@@ -425,7 +425,8 @@ def _check_sources(config: dict, recipe) -> None:
 
 
 def _check_dataset_options(config: dict) -> None:
-    """dataset.test_camids and eval.multi_query need a test set whose loader takes them, dataset.split_id a set."""
+    """dataset.test_camids and eval.multi_query need a test set whose loader takes them, dataset.split_id a set
+    with splits, dataset.val_ratio a DGD-format source."""
     from dpm_ops.data.datasets import dataset_options
     from dpm_ops.data.errors import DatasetError
 
@@ -451,6 +452,11 @@ def _check_dataset_options(config: dict) -> None:
         for test_name in tested_names(data) or [data["name"]]:  # a list of sources has a test_name
             if not takes(test_name, option):
                 raise ConfigError(f"config key {key}: the test set {test_name} has no such option; it needs {needs}")
+    if data["val_ratio"] is not None and not any(takes(name, "val_ratio") for name in source_names(data)):
+        raise ConfigError(
+            f"config key dataset.val_ratio: {', '.join(source_names(data))} keeps no validation part apart (the "
+            "DGD-format sets dgd_* do)"
+        )
     names = tested_names(data) or source_names(data)  # the sets tested: the splits it picks
     if data["split_id"] is not None and not any(takes(name, "split_id") for name in names):
         raise ConfigError(

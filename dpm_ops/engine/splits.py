@@ -174,6 +174,8 @@ def _build_dataset(data: dict, name: str, root: str, with_masks: bool, **options
     accepted = dataset_options(name)
     if data["split_id"] is not None and "split_id" in accepted and _tested(data, name):
         options["split_id"] = data["split_id"]
+    if data["val_ratio"] is not None and "val_ratio" in accepted:
+        options["val_ratio"] = data["val_ratio"]
     for key in ("train_split", "test_splits"):
         if options.get(key, True) or key not in accepted:
             options.pop(key, None)
