@@ -299,5 +299,5 @@ def test_dataset_val_ratio_reaches_the_dgd_sources(tmp_path):
     overrides = ["dataset.name=dgd_ilids", f"dataset.root={tmp_path}", "eval.protocol=cuhk03"]
     assert len(load_splits(load_config(None, overrides)).train) == 16
     assert len(load_splits(load_config(None, [*overrides, "dataset.val_ratio=0"])).train) == 20
-    with pytest.raises(ConfigError, match="dataset.val_ratio: market1501 keeps no validation part apart"):
+    with pytest.raises(ConfigError, match="dataset.val_ratio: read only with a DGD-format set .*keeps a validation"):
         load_config(None, ["dataset.name=market1501", "dataset.val_ratio=0"])

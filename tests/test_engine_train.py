@@ -705,6 +705,22 @@ def test_a_run_whose_config_held_an_unread_key_resumes(tmp_path, tiny_root):
     assert train(config_for(tmp_path, tiny_root), tmp_path / "run", resume=True)["finished"]
 
 
+def test_a_checkpoint_older_than_a_key_resumes_with_what_runs_did_before_it(tmp_path, tiny_root):
+    """A checkpoint saved before dataset.val_ratio existed: a run that does not read it resumes; the value of a run
+    that reads it is what runs did before it (Field.before: DGD's trainval trained whole, 0.0), not its default."""
+    from dpm_ops.engine.config import saved_choice
+
+    train(config_for(tmp_path, tiny_root, overrides=["train.stop_after_iters=2"]), tmp_path / "run")
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    del state["config"]["dataset"]["val_ratio"]  # as the earlier version saved it
+    torch.save(state, last)
+    assert train(config_for(tmp_path, tiny_root), tmp_path / "run", resume=True)["finished"]
+    assert saved_choice(state["config"], "dataset", "val_ratio") == 0.0
+    assert saved_choice(state["config"], "dataset", "split_id") is None  # no before: the default
+    assert saved_choice({"loss": {"ranking_pos_mode": "all"}}, "loss", "ranking_pos_mode") == "all_eq5"  # renamed
+
+
 def test_a_log_that_cannot_be_flushed_still_releases_the_run_folder(tmp_path, tiny_root, monkeypatch):
     """Closing train.log on a full disk raised before the folder was released: a retry in the same process (a
     notebook) was refused as "in use by another training run"."""

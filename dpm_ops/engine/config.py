@@ -53,6 +53,9 @@ FLOAT32_MAX = 3.4028234663852886e38
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
+DEFAULT = object()  # Field.before: the key's default
+
+
 @dataclasses.dataclass(frozen=True)
 class Field:
     type: Any  # a type, a tuple of types, or "size" / "mapping" / "camid_pair" / "device" / "names" pseudo types
@@ -61,10 +64,12 @@ class Field:
     nullable: bool = False
     renamed: Optional[dict] = None  # old choice -> its new name, refused with that name
     bounds: Optional[Bounds] = None  # numbers only; floats must also be finite
+    # what runs did before the key existed, where that is not its default (a checkpoint's config without it)
+    before: Any = DEFAULT
 
 
-def _f(default, type_=None, choices=None, nullable=False, renamed=None, bounds=None) -> Field:
-    return Field(type_ if type_ is not None else type(default), default, choices, nullable, renamed, bounds)
+def _f(default, type_=None, choices=None, nullable=False, renamed=None, bounds=None, before=DEFAULT) -> Field:
+    return Field(type_ if type_ is not None else type(default), default, choices, nullable, renamed, bounds, before)
 
 
 # The schema. Defaults are DPM's Occluded-Duke recipe (official configs/OCC_Duke/dpm.yml) where a key concerns DPM.
@@ -96,7 +101,7 @@ SCHEMA: dict = {
         "split_id": _f(None, int, nullable=True, bounds=NON_NEGATIVE),  # None: the loader's, 0
         # the share of a DGD-format set's trainval kept apart as DGD keeps it for Caffe's validation (not trained on);
         # None: DGD's 0.2, 0: train on all of trainval
-        "val_ratio": _f(None, float, nullable=True, bounds=Bounds(0, 1, high_open=True)),
+        "val_ratio": _f(None, float, nullable=True, bounds=Bounds(0, 1, high_open=True), before=0.0),
         "with_masks": _f(None, bool, nullable=True),  # None: masks iff the model is MaskReID
         "mask_root": _f(None, str, nullable=True),
         "check_counts": _f("warn", str, ("warn", "error", "off")),
@@ -334,6 +339,15 @@ def _checked_names(key: str, value: Any) -> Any:
         names = [_check_value(key, Field(str, None), name) for name in value]
         return names[0] if len(names) == 1 else names
     return _check_value(key, Field(str, None), value)
+
+
+def saved_choice(saved: dict, section: str, key: str) -> Any:
+    """The value of section.key that a saved (checkpoint) config ran with, under its current name; for a key newer
+    than the config, what runs did before it existed (its ``before``, else its default)."""
+    if key in saved.get(section, {}):
+        return current_choice(section, key, saved[section][key])
+    field = SCHEMA[section][key]
+    return copy.deepcopy(field.default if field.before is DEFAULT else field.before)
 
 
 def current_choice(section: str, key: str, value: Any) -> Any:

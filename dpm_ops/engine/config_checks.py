@@ -269,6 +269,12 @@ def _model_and_data_rules(config: dict, recipe) -> list:
             "it is null",
         ),
         (("dataset.mask_root",), "with masks (dataset.with_masks, or a model that reads them)", masks, "none are read"),
+        (
+            ("dataset.val_ratio",),
+            "with a DGD-format set (dgd_*) among dataset.name",
+            any(_takes(name, "val_ratio") for name in source_names(data)),
+            "none of its datasets keeps a validation part apart",
+        ),
     ]
     if "loss.ranking_pos_mode" in recipe.config_keys:  # Eq. 4 has no margin, no pull and no hinge
         pos_mode, main_loss = config["loss"]["ranking_pos_mode"], config["loss"]["maskreid_loss"]
@@ -424,18 +430,21 @@ def _check_sources(config: dict, recipe) -> None:
         )
 
 
-def _check_dataset_options(config: dict) -> None:
-    """dataset.test_camids and eval.multi_query need a test set whose loader takes them, dataset.split_id a set
-    with splits, dataset.val_ratio a DGD-format source."""
+def _takes(name: str, option: str) -> bool:
+    """Whether the loader of dataset ``name`` takes ``option`` (an unregistered name: yes, build_dataset reports it
+    when the data is loaded)."""
     from dpm_ops.data.datasets import dataset_options
     from dpm_ops.data.errors import DatasetError
 
-    def takes(name: str, option: str) -> bool:
-        try:
-            return option in dataset_options(name)
-        except DatasetError:
-            return True  # an unregistered name: build_dataset reports it when the data is loaded
+    try:
+        return option in dataset_options(name)
+    except DatasetError:
+        return True
 
+
+def _check_dataset_options(config: dict) -> None:
+    """dataset.test_camids and eval.multi_query need a test set whose loader takes them, dataset.split_id a set
+    with splits."""
     data = config["dataset"]
     if data["test_root"] is not None and not data["test_name"]:  # it was ignored: the metrics were dataset.root's
         raise ConfigError("config key dataset.test_root: set dataset.test_name (the test set read from that folder)")
@@ -450,15 +459,10 @@ def _check_dataset_options(config: dict) -> None:
         wanted.append(("eval.multi_query", "multi_query", "market1501's gt_bbox/ pools"))
     for key, option, needs in wanted:
         for test_name in tested_names(data) or [data["name"]]:  # a list of sources has a test_name
-            if not takes(test_name, option):
+            if not _takes(test_name, option):
                 raise ConfigError(f"config key {key}: the test set {test_name} has no such option; it needs {needs}")
-    if data["val_ratio"] is not None and not any(takes(name, "val_ratio") for name in source_names(data)):
-        raise ConfigError(
-            f"config key dataset.val_ratio: {', '.join(source_names(data))} keeps no validation part apart (the "
-            "DGD-format sets dgd_* do)"
-        )
     names = tested_names(data) or source_names(data)  # the sets tested: the splits it picks
-    if data["split_id"] is not None and not any(takes(name, "split_id") for name in names):
+    if data["split_id"] is not None and not any(_takes(name, "split_id") for name in names):
         raise ConfigError(
             f"config key dataset.split_id: the test set{'s' * (len(names) > 1)} {', '.join(names)} "
             f"{'have' if len(names) > 1 else 'has'} no random splits to pick from "

@@ -62,7 +62,7 @@ from .checkpoint import (
     run_checkpoints,
     save_checkpoint,
 )
-from .config import ConfigError, check_config, current_choice, defaults, dump_config
+from .config import ConfigError, check_config, dump_config, saved_choice
 from .config_checks import sampler_kinds_used, unread_keys
 from .hooks import CheckpointHook, Hook, LogHook, PeriodicEvalHook, Position, StopHook, TrainingDiverged
 from .preemption import PreemptionHook
@@ -260,7 +260,7 @@ class Trainer:
         save_checkpoint(self.checkpoint_dir / "last.pt", state)
 
     def _check_resume_config(self, saved: dict) -> None:
-        default_config, unread = defaults(), unread_keys(self.config)
+        unread = unread_keys(self.config)
         for section, values in self.config.items():
             if section in RESUME_FREE_SECTIONS:
                 continue
@@ -269,8 +269,7 @@ class Trainer:
                     continue  # a key the run does not read: earlier checkpoints stored any value there
                 if section == "input" and value is None:
                     continue  # a key the recipe does not use (earlier checkpoints stored a default)
-                # a key newer than the checkpoint: it trained with what is now the default
-                old = current_choice(section, key, saved.get(section, {}).get(key, default_config[section][key]))
+                old = saved_choice(saved, section, key)  # a key newer than the checkpoint: what runs did before it
                 if old != value:
                     raise CheckpointError(
                         f"--resume: config key {section}.{key} is {value!r} but the checkpoint was trained with "
