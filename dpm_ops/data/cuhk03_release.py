@@ -5,13 +5,12 @@ persons, each a split whose query and gallery are both the test persons' images:
 ``splits_new_{labeled,detected}.json`` (the 767/700 split of ``cuhk03_new_protocol_config_{labeled,detected}.mat``).
 
 Datasets ``cuhk03_detected`` (torchreid's default), ``cuhk03_labeled`` (fast-reid's; ``cuhk03`` alone is an error
-naming both) and
-``cuhk03_classic_detected`` / ``cuhk03_classic_labeled`` (``split_id`` 0..19). A folder torchreid or fast-reid
-extracted is read as it is, their lists (tested against torchreid's loader). Where its images or split files are
-absent they are extracted here as torchreid extracts them (h5py reads the release, scipy the new protocol's files;
-once, a few minutes for the 28,194 images), each image written whole, the split files as torchreid writes them;
-one load extracts while any other waits. The camera is the view of the person's camera pair (0 or 1): persons are
-numbered over the pairs, so no two pairs' views meet in a ranking.
+naming both) and ``cuhk03_classic_detected`` / ``cuhk03_classic_labeled`` (``split_id`` 0..19). A folder torchreid
+or fast-reid extracted is read as it is, their lists (tested against torchreid's loader). Where its images or split
+files are absent they are extracted here as torchreid extracts them (h5py reads the release, scipy the new
+protocol's files; once, a few minutes for the 28,194 images), each image written whole, the split files as torchreid
+writes them; one load extracts while any other waits. The camera is the view of the person's camera pair (0 or
+1): persons are numbered over the pairs, so no two pairs' views meet in a ranking.
 """
 
 from __future__ import annotations
@@ -23,10 +22,10 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
+from .assembly import row_loader
 from .errors import DatasetError, DatasetNotFoundError
 from .parsing import find_dataset_dir
 from .torchreid_sets import SmallSet, _load_small_set, _read_records, _write_new
-from .assembly import row_loader
 
 RELEASE = "cuhk03_release/cuhk-03.mat"
 KINDS = ("labeled", "detected")
@@ -54,10 +53,6 @@ def _locate(layout: SmallSet, root: str) -> str:
     return dataset_dir
 
 
-def _split_files(dataset_dir: str) -> list[str]:
-    return [os.path.join(dataset_dir, f"splits_{split}_{kind}.json") for split in ("classic", "new") for kind in KINDS]
-
-
 def _extract(dataset_dir: str) -> None:
     """What torchreid's ``preprocess_split`` writes, where absent: the images of both kinds, the classic split files,
     and the new ones of the protocol files present; one process at a time (a lock file), the others then find it
@@ -65,6 +60,7 @@ def _extract(dataset_dir: str) -> None:
     try:
         import h5py
         from scipy.io import loadmat
+        from scipy.io.matlab import MatReadError
     except ImportError:
         raise DatasetError(
             f"CUHK03: extracting {os.path.join(dataset_dir, RELEASE)} needs h5py and scipy (pip install h5py scipy)"
@@ -88,7 +84,11 @@ def _extract(dataset_dir: str) -> None:
             _write_new(os.path.join(dataset_dir, f"splits_classic_{kind}.json"), _classic_splits(persons[kind], tests))
             protocol = os.path.join(dataset_dir, f"cuhk03_new_protocol_config_{kind}.mat")
             if os.path.isfile(protocol):
-                new = _new_split(loadmat(protocol), os.path.join(dataset_dir, f"images_{kind}"), protocol)
+                try:
+                    config = loadmat(protocol)
+                except (OSError, ValueError, MatReadError) as error:
+                    raise DatasetError(f"{protocol}: not a MATLAB file scipy reads: {error}") from None
+                new = _new_split(config, os.path.join(dataset_dir, f"images_{kind}"), protocol)
                 _write_new(os.path.join(dataset_dir, f"splits_new_{kind}.json"), [new])
 
 
@@ -112,9 +112,9 @@ def _extract_images(mat, kind: str, folder: str) -> list[tuple[int, int, list[st
                     continue
                 view = 1 if index <= 5 else 2  # images 1-5 are the pair's first camera, 6-10 its second
                 path = os.path.join(folder, f"{pair}_{person:03d}_{view}_{index:02d}.png")
-                if not os.path.isfile(path):
-                    Image.fromarray(image).save(path + ".tmp.png")
-                    os.replace(path + ".tmp.png", path)
+                if not os.path.isfile(path):  # written whole: a .partial file left by a kill is no image here
+                    Image.fromarray(image).save(path + ".partial", format="PNG")
+                    os.replace(path + ".partial", path)
                 paths.append(path)
             if not paths:
                 raise DatasetError(f"CUHK03: pair {pair}, person {person} has no {kind} image in the release")

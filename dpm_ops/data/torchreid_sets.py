@@ -1,7 +1,8 @@
 """torchreid's small datasets with their split protocols: VIPeR, GRID, i-LIDS, PRID2011 (single shot), CUHK01,
-CUHK02 and CUHK-SYSU's person crops (which train only), in the folders torchreid reads (``<root>/viper/VIPeR/cam_a/``, ...; ``root`` may also be the dataset's own
-folder). ``split_id`` picks one of the random splits in the split file torchreid keeps in the dataset folder
-(``splits.json``; PRID's ``splits_single_shot.json``): a paper's number is the mean over the splits, a run each.
+CUHK02 and CUHK-SYSU's person crops (which train only), in the folders torchreid reads (``<root>/viper/VIPeR/cam_a/``,
+...; ``root`` may also be the dataset's own folder). ``split_id`` picks one of the random splits in the split file
+torchreid keeps in the dataset folder (``splits.json``; PRID's ``splits_single_shot.json``): a paper's number is the
+mean over the splits, a run each.
 
 * A split file torchreid wrote is read as it is: the train, query and gallery lists, ids and cameras of torchreid's
   own loader, split by split. Its paths are absolute where torchreid ran; each is read as the same file of this
