@@ -92,10 +92,10 @@ def load(name: str):
 
 @functools.cache
 def torchreid_dataset(module: str):
-    """torchreid's dataset module ``module`` ("viper", "grid", "ilids", "prid", "cuhk01", "cuhk02", "cuhk03"), run from its
-    file with the two files it imports as the modules it names: utils/tools.py (``read_json``, ``write_json``,
-    for ``torchreid.reid.utils``, whose ``__init__`` imports cv2 and torchvision) and data/datasets/dataset.py
-    (``ImageDataset``). Skips the calling test when torchreid (or what the module reads files with) is not installed."""
+    """torchreid's dataset module ``module`` ("viper", "grid", "cuhk03", ...), run from its file with the two files it
+    imports as the modules it names: utils/tools.py (``read_json``, ``write_json``, for ``torchreid.reid.utils``,
+    whose ``__init__`` imports cv2 and torchvision) and data/datasets/dataset.py (``ImageDataset``). Skips the
+    calling test when torchreid (or what the module reads files with: scipy, h5py, imageio) is not installed."""
     reason = missing_reason("torchreid")
     if reason:
         pytest.skip(reason)
