@@ -429,3 +429,7 @@ def test_an_evaluation_tests_only_splits_whose_persons_the_model_never_trained_o
     check_split_untrained(config("dataset.name=prid"), tested, "ckpt")  # a set it never trained on: any split
     with pytest.raises(DatasetError, match="trained on split 4 of viper: testing it on split 0"):
         check_split_untrained(config("dataset.name=market1501", "dataset.test_name=viper"), tested, "ckpt")
+    whole = config("dataset.name=[viper,cuhk01]", "dataset.combineall=true", "dataset.test_name=prid")
+    check_split_untrained(config("dataset.name=prid", "dataset.split_id=7"), whole, "ckpt")
+    with pytest.raises(DatasetError, match=r"ckpt trained on every image of cuhk01 \(dataset.combineall\)"):
+        check_split_untrained(config("dataset.name=cuhk01"), whole, "ckpt")

@@ -107,13 +107,19 @@ def load_splits(config: dict, *, train_split: bool = True) -> ReIDSplits:
 def check_split_untrained(config: dict, trained: Optional[dict], source: str) -> None:
     """An evaluation of a model ``trained`` (its config; None: unknown) on a set it trained on a split of: the same
     split (``dataset.split_id``), whose test persons it never saw; another split's would be persons it trained on,
-    scored as if unseen."""
+    scored as if unseen, and so would any of a set it trained on whole (``dataset.combineall``)."""
     if trained is None:
         return
     data, was = config["dataset"], trained["dataset"]
     sources = {canonical_dataset_name(name) for name in source_names(was)}
     for name in tested_names(data) or source_names(data):
-        if canonical_dataset_name(name) not in sources or "split_id" not in dataset_options(name):
+        if canonical_dataset_name(name) not in sources:
+            continue
+        if was["combineall"]:
+            raise DatasetError(
+                f"{source} trained on every image of {name} (dataset.combineall): test it on a set it did not train on"
+            )
+        if "split_id" not in dataset_options(name):
             continue
         chosen = data["split_id"] or 0
         trained_on = (was.get("split_id") or 0) if _tested(was, name) else 0  # its first split where untested
