@@ -427,7 +427,7 @@ def evaluate_checkpoint(
 
 def _checked_ids(split_ids) -> list[int]:
     """``split_ids``: two or more different split ids (``--splits``)."""
-    if isinstance(split_ids, (str, bytes)) or not all(is_integer(s) and s >= 0 for s in split_ids):
+    if not isinstance(split_ids, (list, tuple, range)) or not all(is_integer(s) and s >= 0 for s in split_ids):
         raise ConfigError(f"--splits must be split ids >= 0, got {quote(split_ids)}")
     if len(split_ids) < 2 or len(set(split_ids)) < len(split_ids):
         raise ConfigError(f"--splits must name two or more different splits, got {quote(list(split_ids))}")
