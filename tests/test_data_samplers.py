@@ -9,12 +9,23 @@ import pytest
 import torch
 from PIL import Image
 
-from dpm_ops.data import ImageDataset, ImageRecord, MaskReIDBatchSampler, RandomIdentityBatchSampler, build_dataloader
+from dpm_ops.data import (
+    ImageDataset,
+    ImageRecord,
+    MaskReIDBatchSampler,
+    RandomIdentityBatchSampler,
+    SourceBalancedBatchSampler,
+    build_dataloader,
+)
 from dpm_ops.data.transforms import dpm_train_transforms
 
 # pid -> number of images: a mix of rich identities and ones with fewer than K = 4 images
 IMAGES_PER_PID = {10: 9, 11: 4, 12: 1, 13: 2, 14: 6, 15: 5, 16: 8, 17: 3, 18: 4, 19: 12}
 PIDS = [pid for pid, count in IMAGES_PER_PID.items() for _ in range(count)]
+
+
+# a set combined of two datasets (combine_datasets' labels): 3 identities, then 9 with more images
+TWO_SOURCES = [pid for pid in range(3) for _ in range(2)] + [pid for pid in range(3, 12) for _ in range(5)]
 
 
 def flat(batches):
@@ -70,6 +81,7 @@ def test_deterministic_by_seed_and_epoch():
     [
         lambda: RandomIdentityBatchSampler(PIDS, num_ids=2, num_instances=4, seed=7),
         lambda: MaskReIDBatchSampler(PIDS, num_positives=3, num_negatives=4, seed=7),
+        lambda: SourceBalancedBatchSampler(TWO_SOURCES, (0, 3), num_ids=2, num_instances=2, seed=7),
     ],
 )
 def test_resume_mid_epoch_continues_exactly(make):
@@ -330,3 +342,39 @@ def test_maskreid_default_epoch_must_leave_every_process_a_batch():
     with pytest.raises(ValueError, match=r"one batch per identity \(3\) leaves some of the 4 processes no batch"):
         MaskReIDBatchSampler(pids, num_positives=2, num_negatives=1, rank=0, world_size=4)
     assert len(MaskReIDBatchSampler(pids, num_positives=2, num_negatives=1, batches_per_epoch=4, world_size=4)) == 1
+
+
+def test_source_balanced_batches_take_each_datasets_share():
+    """num_ids / 2 identities of each dataset per batch, in turn (so a rank's share holds both); an epoch uses the
+    larger dataset's chunks once, the smaller one's drawn again as they run out."""
+    sampler = SourceBalancedBatchSampler(TWO_SOURCES, (0, 3), num_ids=4, num_instances=2, seed=3)
+    batches = flat(list(sampler))
+    chunks_of_larger = 9 * (5 // 2)
+    assert len(batches) == chunks_of_larger // 2 == len(sampler)
+    for batch in batches:
+        pids = [TWO_SOURCES[index] for index in batch]
+        identities = list(dict.fromkeys(pids))
+        assert len(batch) == 8 and [pid >= 3 for pid in identities] == [False, True, False, True]
+        assert all(pids.count(pid) == 2 for pid in identities)
+    larger = Counter(TWO_SOURCES[i] for batch in batches for i in batch if TWO_SOURCES[i] >= 3)
+    assert sum(larger.values()) == chunks_of_larger * 2  # each of its chunks once
+    shares = [SourceBalancedBatchSampler(TWO_SOURCES, (0, 3), 4, 2, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    for whole, first, second in zip(batches, *(flat(list(share)) for share in shares)):
+        assert first + second == whole and {TWO_SOURCES[i] >= 3 for i in first} == {False, True}
+    plan = sampler.state_dict()["plan"]
+    assert plan["source_labels"] == [0, 3] and plan["sampler"] == "SourceBalancedBatchSampler"
+
+
+@pytest.mark.parametrize(
+    "starts, num_ids, message",
+    [
+        ((0,), 4, r"increasing first labels of 2\+ datasets"),
+        ((1, 3), 4, "increasing first labels"),
+        ((0, 3, 3), 6, "increasing first labels"),
+        ((0, 3), 3, "num_ids=3 is not divisible by the 2 datasets"),
+        ((0, 3), 8, "dataset 0 has 3 identities, fewer than its share of a batch, 4"),
+    ],
+)
+def test_source_balanced_sampling_refuses_what_it_cannot_balance(starts, num_ids, message):
+    with pytest.raises(ValueError, match=message):
+        SourceBalancedBatchSampler(TWO_SOURCES, starts, num_ids=num_ids, num_instances=2)

@@ -433,3 +433,35 @@ def test_an_evaluation_tests_only_splits_whose_persons_the_model_never_trained_o
     check_split_untrained(config("dataset.name=prid", "dataset.split_id=7"), whole, "ckpt")
     with pytest.raises(DatasetError, match=r"ckpt trained on every image of cuhk01 \(dataset.combineall\)"):
         check_split_untrained(config("dataset.name=cuhk01"), whole, "ckpt")
+
+
+def test_batches_balanced_over_the_datasets_trained_on(tmp_path):
+    """sampler.balance_sources: each P x K batch takes num_ids / 2 identities of CUHK01 and of CUHK-SYSU."""
+    from dpm_ops.data import SourceBalancedBatchSampler, combine_datasets
+    from dpm_ops.engine import load_config, train
+    from dpm_ops.engine.builders import build_sampler
+    from dpm_ops.engine.config import ConfigError
+    from engine_utils import tiny_config, write_config
+
+    root = tmp_path / "data"
+    for name in ("cuhk01", "cuhksysu", "viper"):
+        make_set(root, name)
+    loaded = [build_dataset(name, str(root), check_counts="off", test_splits=False) for name in ("cuhk01", "cuhksysu")]
+    combined = combine_datasets(loaded)
+    assert combined.source_labels == (0, 5)  # CUHK01's split 0 trains 5 persons
+    settings = tiny_config(tmp_path, "vit_baseline", solver={"epochs": 1, "warmup_epochs": 0})
+    settings["dataset"] = {
+        "name": ["cuhk01", "cuhksysu"],
+        "test_name": "viper",
+        "root": str(root),
+        "check_counts": "off",
+    }
+    settings["sampler"] = {"kind": "pk", "num_ids": 4, "num_instances": 2, "balance_sources": True}
+    config = load_config(str(write_config(tmp_path / "balanced.yaml", settings)))
+    sampler = build_sampler("pk", config, [r.pid for r in combined.train], 0, 1, combined.source_labels)
+    assert isinstance(sampler, SourceBalancedBatchSampler)
+    for batch in sampler:
+        assert sorted(combined.train[ref.index].pid >= 5 for ref in batch) == [False] * 4 + [True] * 4
+    assert train(config, tmp_path / "run")["finished"]
+    with pytest.raises(ConfigError, match="sampler.balance_sources: read only by P x K batches of several datasets"):
+        load_config(None, ["dataset.name=viper", "sampler.balance_sources=true"])

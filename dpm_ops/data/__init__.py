@@ -16,7 +16,7 @@ from .layouts import load_cuhk03_np, load_dukemtmc_reid, load_market1501, load_o
 from .loader import DecodedImages, ImageDataset, build_dataloader
 from .masks import mask_path_for
 from .records import ImageRecord, ReIDSplits
-from .samplers import MaskReIDBatchSampler, RandomIdentityBatchSampler, SampleRef
+from .samplers import MaskReIDBatchSampler, RandomIdentityBatchSampler, SampleRef, SourceBalancedBatchSampler
 from .transforms import build_transforms, masked_image
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "RandomIdentityBatchSampler",
     "ReIDSplits",
     "SampleRef",
+    "SourceBalancedBatchSampler",
     "available_datasets",
     "build_dataloader",
     "build_dataset",

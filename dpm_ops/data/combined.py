@@ -39,7 +39,9 @@ def combine_datasets(sources: list[ReIDSplits] | tuple[ReIDSplits, ...], *, comb
         raise DatasetError("combine_datasets: some sources were loaded with masks and some without")
     train: list[ImageRecord] = []
     label_offset = camera_offset = 0
+    starts = []
     for source in sources:
+        starts.append(label_offset)
         records = _identities(source, combineall)
         if not records:
             raise DatasetError(
@@ -57,6 +59,7 @@ def combine_datasets(sources: list[ReIDSplits] | tuple[ReIDSplits, ...], *, comb
         gallery=[],
         num_cams=camera_offset,
         train_pid_map={label: label for label in range(label_offset)},
+        source_labels=tuple(starts),
         mask_paths={k: v for s in sources for k, v in s.mask_paths.items()} if all(with_masks) else None,
         junk_dropped=sum(s.junk_dropped for s in sources),
     )

@@ -40,6 +40,8 @@ class ReIDSplits:
     multi_query: Optional[list[ImageRecord]] = None
     # gallery pids that mark images of no identity (Market-1501's 0): never trained on as an identity
     distractor_pids: frozenset[int] = frozenset()
+    # the first train label of each dataset of a set combined of several (combine_datasets); () for one dataset
+    source_labels: tuple[int, ...] = ()
     # a set with no test split of its own (CUHK-SYSU's crops, DGD's Shinpuhkan): combineall trains on its train split
     train_only: bool = False
     # a run tested on several sets (dataset.test_name a list): the sets after the first, each as this one (its name,

@@ -203,15 +203,21 @@ class RandomIdentityBatchSampler(_EpochBatchSampler):
         self.num_ids = num_ids
         self.num_instances = num_instances
 
-    def _global_batches(self, rng: np.random.Generator) -> list[list[int]]:
+    def _identity_chunks(self, pids, rng: np.random.Generator) -> dict[int, list[list[int]]]:
+        """Each identity's images shuffled (padded with replacement to ``num_instances``) and cut into chunks."""
         chunks: dict[int, list[list[int]]] = {}
-        for pid, indices in self.groups.items():
+        for pid in pids:
+            indices = self.groups[pid]
             if len(indices) < self.num_instances:
                 pool = rng.choice(indices, size=self.num_instances, replace=True).tolist()
             else:
                 pool = rng.permutation(indices).tolist()
             usable = len(pool) - len(pool) % self.num_instances
             chunks[pid] = [pool[i : i + self.num_instances] for i in range(0, usable, self.num_instances)]
+        return chunks
+
+    def _global_batches(self, rng: np.random.Generator) -> list[list[int]]:
+        chunks = self._identity_chunks(self.groups, rng)
         available = list(chunks)
         batches = []
         while len(available) >= self.num_ids:
@@ -223,6 +229,63 @@ class RandomIdentityBatchSampler(_EpochBatchSampler):
     def _split_for_rank(self, batches: list[list[SampleRef]]) -> list[list[SampleRef]]:
         share = (self.num_ids // self.world_size) * self.num_instances
         return [batch[self.rank * share : (self.rank + 1) * share] for batch in batches]
+
+
+class SourceBalancedBatchSampler(RandomIdentityBatchSampler):
+    """P x K batches of a set combined of several datasets (``source_labels``: the first label of each), each batch
+    ``num_ids / datasets`` identities of every dataset (fast-reid's set-weighted sampling, with equal weights):
+    large datasets no longer crowd the small ones out of the batches.
+
+    Chunks as :class:`RandomIdentityBatchSampler`'s; an epoch uses the chunks of the dataset with the most once, the
+    others' chunks drawn anew whenever fewer than their share of identities has chunks left. A batch lists the
+    datasets' identities in turn (one of each, then the next of each), so that each rank's share mixes them."""
+
+    def __init__(
+        self,
+        pids: Sequence[int],
+        source_labels: Sequence[int],
+        num_ids: int = 16,
+        num_instances: int = 4,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        super().__init__(pids, num_ids, num_instances, seed, rank, world_size)
+        starts = list(source_labels) if isinstance(source_labels, (list, tuple)) else None
+        if not starts or len(starts) < 2 or starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
+            raise ValueError(f"source_labels must be the increasing first labels of 2+ datasets, from 0, got {starts}")
+        bounds = [*starts[1:], max(self.groups) + 1]
+        self.sources = [[pid for pid in sorted(self.groups) if low <= pid < high] for low, high in zip(starts, bounds)]
+        if self.num_ids % len(self.sources):
+            raise ValueError(f"num_ids={self.num_ids} is not divisible by the {len(self.sources)} datasets")
+        short = next((i for i, pids in enumerate(self.sources) if len(pids) < self.num_ids // len(self.sources)), None)
+        if short is not None:
+            raise ValueError(
+                f"dataset {short} has {len(self.sources[short])} identities, fewer than its share of a batch, "
+                f"{self.num_ids // len(self.sources)}"
+            )
+        self.source_labels = tuple(starts)
+
+    def _global_batches(self, rng: np.random.Generator) -> list[list[int]]:
+        share = self.num_ids // len(self.sources)
+        chunks = [self._identity_chunks(pids, rng) for pids in self.sources]
+        lead = max(range(len(chunks)), key=lambda i: sum(map(len, chunks[i].values())))  # the most chunks
+        batches = []
+        while True:
+            picked = []
+            for source, pids in enumerate(self.sources):
+                available = [pid for pid in pids if chunks[source][pid]]
+                if len(available) < share:
+                    if source == lead:
+                        return batches
+                    chunks[source] = self._identity_chunks(pids, rng)
+                    available = list(pids)
+                chosen = rng.choice(len(available), size=share, replace=False)
+                picked.append([chunks[source][available[i]].pop(0) for i in chosen])
+            batches.append([index for turn in zip(*picked) for chunk in turn for index in chunk])
+
+    def _plan(self) -> dict:
+        return {**super()._plan(), "source_labels": list(self.source_labels)}
 
 
 class MaskReIDBatchSampler(_EpochBatchSampler):

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from dpm_ops import _backend
-from dpm_ops.data import MaskReIDBatchSampler, RandomIdentityBatchSampler, ReIDSplits
+from dpm_ops.data import MaskReIDBatchSampler, RandomIdentityBatchSampler, ReIDSplits, SourceBalancedBatchSampler
 from dpm_ops.models.weights import WeightsError, trained_state_dict
 from dpm_ops.ops._checks import is_integer, quote
 
@@ -112,7 +112,9 @@ def _check_eval_section(config: dict, splits: ReIDSplits) -> None:
         raise ConfigError(f"config section eval: {error}") from None
 
 
-def build_sampler(kind: str, config: dict, pids: list, rank: int, world_size: int):
+def build_sampler(kind: str, config: dict, pids: list, rank: int, world_size: int, source_labels: tuple = ()):
+    """The batch sampler of ``kind`` ("pk", "maskreid") for the train labels ``pids`` (``source_labels``: the first
+    label of each dataset of a combined set, for sampler.balance_sources)."""
     s, seed = config["sampler"], config["train"]["seed"]
     # the triplet / ranking loss mines over the whole batch, every process's share (distributed.gather_batch)
     mining = get_recipe(config["model"]["name"]).pk_mining_loss(config) if kind == "pk" else None
@@ -130,6 +132,10 @@ def build_sampler(kind: str, config: dict, pids: list, rank: int, world_size: in
             f"set sampler.{key} >= 2, or {otherwise}"
         )
     try:
+        if kind == "pk" and s["balance_sources"]:
+            return SourceBalancedBatchSampler(
+                pids, source_labels, s["num_ids"], s["num_instances"], seed=seed, rank=rank, world_size=world_size
+            )
         if kind == "pk":
             return RandomIdentityBatchSampler(
                 pids, s["num_ids"], s["num_instances"], seed=seed, rank=rank, world_size=world_size

@@ -123,6 +123,8 @@ SCHEMA: dict = {
         # a batch's parts: far past these a batch no longer fits in memory (K = 10^6 made 2,000,000-image batches)
         "num_ids": _f(16, int, bounds=Bounds(1, 4096)),  # P x K: identities per (global) batch
         "num_instances": _f(4, int, bounds=Bounds(1, 4096)),  # 1: ID losses only (no positive pair)
+        # P x K batches with num_ids / n identities of each of the n datasets of dataset.name (a list)
+        "balance_sources": _f(False, bool),
         "num_positives": _f(10, int, bounds=Bounds(2, 4096)),  # MaskReID: 1 id x 10 + 54 singles
         "num_negatives": _f(54, int, bounds=Bounds(1, 4096)),
         "batches_per_epoch": _f(None, int, nullable=True, bounds=Bounds(1, MAX_BATCHES_PER_EPOCH)),

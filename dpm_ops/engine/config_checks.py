@@ -233,6 +233,12 @@ def _training_and_evaluation_rules(config: dict) -> list:
             f"the batches here are {', '.join(samplers)}",
         ),
         (
+            ("sampler.balance_sources",),
+            "by P x K batches of several datasets (sampler.kind pk, dataset.name a list)",
+            "pk" in samplers and len(source_names(config["dataset"])) > 1,
+            f"the batches here are {', '.join(samplers)} of {', '.join(source_names(config['dataset']))}",
+        ),
+        (
             ("sampler.num_positives", "sampler.num_negatives", "sampler.batches_per_epoch"),
             "by MaskReID's batches (sampler.kind maskreid; a P x K epoch is one pass over the identities)",
             "maskreid" in samplers,

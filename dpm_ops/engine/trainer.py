@@ -171,7 +171,7 @@ class Trainer:
         mask_paths = self.splits.mask_paths if recipe.uses_masks else None
         self.dataset = ImageDataset(self.splits.train, recipe.train_transform(config), mask_paths)
         self.samplers = {
-            kind: build_sampler(kind, config, pids, self.dist.rank, self.dist.world_size)
+            kind: build_sampler(kind, config, pids, self.dist.rank, self.dist.world_size, self.splits.source_labels)
             for kind in sampler_kinds_used(config)
         }
         self.loaders = {
