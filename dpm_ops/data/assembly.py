@@ -163,13 +163,16 @@ def _assemble(
     unused: Sequence[str] = (),
     train_split: bool = True,
     test_splits: bool = True,
+    train_only: bool = False,
 ) -> ReIDSplits:
     """Drop junk, relabel train, check counts, attach masks: the common tail of every loader. ``unused``: images
     in the splits' folders that no split takes (MSMT17's val without include_val), whose masks may be there.
     ``test_splits=False``: the train split alone (query and gallery not read: a run tested on another set);
-    ``train_split=False``: query and gallery alone (an evaluation, whose model comes from its checkpoint). The
+    ``train_split=False``: query and gallery alone (an evaluation, whose model comes from its checkpoint);
+    ``train_only``: a set without a test split (its query and gallery never read, whatever ``test_splits``). The
     counts checked are those of the splits read."""
     check_count_policy(check_counts)
+    test_splits = test_splits and not train_only
     read = {"train": train_split, "query": test_splits, "gallery": test_splits}
     if expected_counts:
         expected_counts = {split: counts for split, counts in expected_counts.items() if read[split]} or None
@@ -201,6 +204,7 @@ def _assemble(
         junk_dropped=junk,
         multi_query=multi_query,
         distractor_pids=distractor_pids,
+        train_only=train_only,
     )
     if verify_images:
         verify_splits(splits)

@@ -89,7 +89,6 @@ def _load_dgd_layout(
     train_only = not (split["test_probe"] or split["test_gallery"])  # Shinpuhkan's: every person trains
     if train_only and not train_split:
         raise DatasetError(f"{layout.title} (DGD's format) has no test split (it trains only): test on another set")
-    test_splits = test_splits and not train_only
 
     def records(person: int, first: int = 0, stop: Optional[int] = None) -> list[ImageRecord]:
         """The images of ``person``'s views ``first`` to ``stop`` (all by default)."""
@@ -108,7 +107,7 @@ def _load_dgd_layout(
         gallery = [r for p in split["test_gallery"] for r in records(p, first=half.get(p, 0))]
     read = {r.path for r in (*train, *query, *gallery)}  # the masks of the others share their camera folders
     unused = [r.path for p in range(len(persons)) for r in records(p) if r.path not in read]
-    splits = _assemble(
+    return _assemble(
         layout.name,
         dataset_dir,
         train=train,
@@ -123,8 +122,8 @@ def _load_dgd_layout(
         unused=unused,
         train_split=train_split,
         test_splits=test_splits,
+        train_only=train_only,
     )
-    return dataclasses.replace(splits, train_only=train_only)
 
 
 def _validation(persons: list, trainval: list[int], shot: str, ratio: float) -> set[str]:

@@ -114,7 +114,7 @@ def _load_small_set(
     if not test_splits:
         query, gallery = [], []
     read = {r.path for r in (*train, *query, *gallery)}
-    splits = _assemble(
+    return _assemble(
         layout.name,
         dataset_dir,
         train=train,
@@ -129,9 +129,9 @@ def _load_small_set(
         distractor_pids=layout.distractor_pids,
         unused=[path for folder in files for path in folder if path not in read],  # their masks may be there
         train_split=train_split,
-        test_splits=test_splits and not layout.train_only,
+        test_splits=test_splits,
+        train_only=layout.train_only,
     )
-    return dataclasses.replace(splits, train_only=layout.train_only)
 
 
 def find_small_set(layout: SmallSet, root: str) -> str:
